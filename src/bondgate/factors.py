@@ -1,0 +1,122 @@
+"""How a layer dimension is split into MPO legs.
+
+Policy (used whenever the caller gives no factors):
+
+1. Take the most balanced exact factorization of ``n`` into ``d`` factors (smallest largest factor,
+   then largest smallest factor). Accept it when its largest factor is at most ``2 * n**(1/d)``.
+2. Otherwise ``n`` has a large prime factor (62 = 2*31, 777 = 3*7*37, 30522 = 2*3*5087) and any exact
+   split leaves one huge leg, which makes that core as big as a dense slice of the matrix. We **pad**
+   instead: the smallest ``n' > n`` whose balanced factorization has its largest factor at most
+   ``1.5 * n'**(1/d)``. Padding is chosen over uneven factors because a padded leg costs at most a few
+   percent of extra weights (62 -> 64, 777 -> 784, 30522 -> 30720), while an uneven leg (31 or 5087)
+   multiplies a core's size by that prime. The padded input columns only ever see zeros (the input is
+   zero-padded) and the padded output rows are sliced off, so nothing padded reaches an output.
+3. Order: input factors descending, output factors ascending. For a left-to-right contraction the
+   cost of core k is proportional to ``r_{k-1} r_k / (prod_{i<k} m_i * prod_{i>k} n_i)`` (see
+   ``prior-art.md`` C1), so large input legs first and large output legs last keep the middle cores,
+   where the bonds are widest, cheap; it also keeps ``m_k * n_k`` balanced, which keeps the maximal
+   bond ranks balanced.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+__all__ = ["balanced_factors", "choose_factors", "factorize_shape"]
+
+
+def _validate(n: int, d: int) -> None:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"dimension must be a positive integer, got {n!r}")
+    if not isinstance(d, int) or isinstance(d, bool) or d < 1:
+        raise ValueError(f"num_cores must be a positive integer, got {d!r}")
+
+
+@lru_cache(maxsize=4096)
+def balanced_factors(n: int, d: int) -> tuple[int, ...]:
+    """The most balanced factorization of ``n`` into exactly ``d`` factors (ascending, 1s allowed)."""
+    _validate(n, d)
+    best: tuple[int, ...] | None = None
+
+    def key(f: tuple[int, ...]) -> tuple[int, int]:
+        return (max(f), -min(f))
+
+    def rec(rest: int, k: int, lo: int, acc: tuple[int, ...]) -> None:
+        nonlocal best
+        if k == 1:
+            if rest >= lo:
+                cand = acc + (rest,)
+                if best is None or key(cand) < key(best):
+                    best = cand
+            return
+        # factors ascending: the next one is at most rest**(1/k)
+        hi = int(round(rest ** (1.0 / k))) + 1
+        for f in range(lo, hi + 1):
+            if rest % f == 0 and f ** k <= rest:
+                rec(rest // f, k - 1, f, acc + (f,))
+
+    rec(n, d, 1, ())
+    assert best is not None and math.prod(best) == n
+    return best
+
+
+def choose_factors(n: int, d: int, max_pad: float = 0.25) -> tuple[int, tuple[int, ...]]:
+    """Pick ``(padded_n, factors)`` for one dimension, ascending factors (see the module policy).
+
+    ``padded_n >= n`` and ``prod(factors) == padded_n``; ``padded_n == n`` unless ``n`` has a prime
+    factor too large for a balanced split.
+    """
+    _validate(n, d)
+    f = balanced_factors(n, d)
+    if d == 1 or max(f) <= 2.0 * n ** (1.0 / d):
+        return n, f
+    for m in range(n + 1, int(n * (1 + max_pad)) + 2):
+        g = balanced_factors(m, d)
+        if max(g) <= 1.5 * m ** (1.0 / d):
+            return m, g
+    return n, f  # pragma: no cover - a power of two always exists within +100%
+
+
+def factorize_shape(
+    out_features: int,
+    in_features: int,
+    num_cores: int,
+    out_factors: tuple[int, ...] | list[int] | None = None,
+    in_factors: tuple[int, ...] | list[int] | None = None,
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Return ``(out_factors, in_factors)`` for a ``(out_features, in_features)`` matrix.
+
+    Given factors must multiply exactly to their dimension; missing ones follow the module policy
+    with ``len(given factors)`` cores (or ``num_cores``). Auto factors may pad (product > dim).
+    """
+    d = num_cores
+    for name, fac in (("out_factors", out_factors), ("in_factors", in_factors)):
+        if fac is not None:
+            fac = tuple(fac)
+            if not fac or any((not isinstance(f, int)) or isinstance(f, bool) or f < 1 for f in fac):
+                raise ValueError(f"{name} must be a non-empty sequence of positive integers, got {fac!r}")
+            if d != len(fac) and (out_factors is None or in_factors is None or name == "out_factors"):
+                d = len(fac)
+    if out_factors is not None and in_factors is not None and len(out_factors) != len(in_factors):
+        raise ValueError(
+            f"in_factors {tuple(in_factors)} and out_factors {tuple(out_factors)} must have the same length"
+            " (one input and one output leg per core)"
+        )
+    _validate(out_features, d)
+    _validate(in_features, d)
+    if out_factors is not None:
+        out_f = tuple(out_factors)
+        if math.prod(out_f) != out_features:
+            raise ValueError(
+                f"out_factors {out_f} multiply to {math.prod(out_f)}, but out_features is {out_features}"
+            )
+    else:
+        out_f = choose_factors(out_features, d)[1]  # ascending
+    if in_factors is not None:
+        in_f = tuple(in_factors)
+        if math.prod(in_f) != in_features:
+            raise ValueError(f"in_factors {in_f} multiply to {math.prod(in_f)}, but in_features is {in_features}")
+    else:
+        in_f = tuple(reversed(choose_factors(in_features, d)[1]))  # descending
+    return out_f, in_f

@@ -1,0 +1,387 @@
+"""Matrix-product operators: TT-SVD, reconstruction, canonical form and truncation.
+
+An MPO of a matrix ``W`` of shape ``(out_features, in_features)`` (the ``nn.Linear.weight`` layout) is a
+chain of cores ``G_k`` of shape ``(r_{k-1}, out_k, in_k, r_k)`` with ``r_0 = r_d = 1`` and
+
+    W[(o_1..o_d), (i_1..i_d)] = G_1[:, o_1, i_1, :] @ G_2[:, o_2, i_2, :] @ ... @ G_d[:, o_d, i_d, :]
+
+where ``(o_1..o_d)`` and ``(i_1..i_d)`` are row-major multi-indices. When a dimension is padded (see
+:mod:`bondgate.factors`), the MPO represents the zero-padded matrix and :meth:`MPO.to_matrix` returns
+the leading ``(out_features, in_features)`` block.
+
+Why not ``tensorly.decomposition.tensor_train_matrix``: it takes fixed ranks only, cannot truncate to
+a tolerance and does not report the discarded weight, which the error report and the budget allocator
+need. Our TT-SVD is the same algorithm (Oseledets 2011) with those additions; the tests cross-check
+the reconstruction against ``tensorly.tt_matrix_to_matrix``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .factors import factorize_shape
+
+__all__ = ["MPO"]
+
+BondSpec = int | Sequence[int | None] | None
+
+
+def _check_matrix(W: torch.Tensor) -> torch.Tensor:
+    if not isinstance(W, torch.Tensor):
+        try:
+            W = torch.as_tensor(W)
+        except Exception as exc:  # noqa: BLE001 - re-raised with context
+            raise TypeError(f"expected a 2-D tensor or array, got {type(W).__name__}") from exc
+    if W.ndim != 2:
+        raise ValueError(f"expected a 2-D matrix of shape (out_features, in_features), got shape {tuple(W.shape)}")
+    if not W.is_floating_point():
+        raise TypeError(f"expected a floating-point matrix, got dtype {W.dtype}")
+    if W.numel() == 0:
+        raise ValueError(f"cannot decompose an empty matrix of shape {tuple(W.shape)}")
+    if not torch.isfinite(W).all():
+        raise ValueError("the matrix contains NaN or Inf values; refusing to decompose it")
+    return W
+
+
+def _bond_caps(max_bond: BondSpec, nbonds: int) -> list[int | None]:
+    if max_bond is None:
+        return [None] * nbonds
+    if isinstance(max_bond, bool):
+        raise TypeError("max_bond must be an int, a sequence of ints/None, or None")
+    if isinstance(max_bond, numbers.Integral):
+        caps: list[int | None] = [int(max_bond)] * nbonds
+    elif isinstance(max_bond, Sequence) and not isinstance(max_bond, str):
+        caps = [None if c is None else int(c) if isinstance(c, numbers.Integral) and not isinstance(c, bool) else c
+                for c in max_bond]
+    else:
+        raise TypeError(f"max_bond must be an int, a sequence of ints/None, or None; got {max_bond!r}")
+    if len(caps) != nbonds:
+        raise ValueError(f"max_bond has {len(caps)} entries but the MPO has {nbonds} bonds")
+    for c in caps:
+        if c is not None and (isinstance(c, bool) or not isinstance(c, int)):
+            raise TypeError(f"max_bond entries must be ints or None, got {c!r}")
+        if c is not None and c < 1:
+            raise ValueError(f"max_bond must be >= 1, got {c}")
+    return caps
+
+
+def _check_tol(tol: float | None) -> None:
+    if tol is None:
+        return
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (0.0 <= float(tol) < 1.0):
+        raise ValueError(f"tol is a relative Frobenius error and must lie in [0, 1), got {tol!r}")
+
+
+def _keep_rank(S: torch.Tensor, cap: int | None, allowed_sq: float | None) -> int:
+    """Smallest rank whose discarded squared mass fits ``allowed_sq``, then capped by ``cap``."""
+    r = S.numel()
+    if allowed_sq is not None:
+        tail = torch.flip(torch.cumsum(torch.flip(S.double() ** 2, [0]), 0), [0])  # tail[j] = sum S[j:]^2
+        ok = (tail <= allowed_sq).nonzero()
+        r = int(ok[0]) if ok.numel() else r
+    if cap is not None:
+        r = min(r, cap)
+    return max(r, 1)
+
+
+@dataclass
+class MPO:
+    """A matrix-product operator of an ``(out_features, in_features)`` matrix.
+
+    Attributes:
+        cores: list of ``d`` tensors, core ``k`` of shape ``(r_{k-1}, out_k, in_k, r_k)``.
+        out_features, in_features: the true (unpadded) matrix shape.
+        error: relative Frobenius error ``||W - W_mpo||_F / ||W||_F`` against the matrix it was built
+            from (exact when ``error_exact``; otherwise an upper bound).
+        bond_spectra: per bond, the Schmidt (singular) values of the MPO across that cut, descending,
+            when the MPO is in canonical form; ``None`` otherwise.
+    """
+
+    cores: list[torch.Tensor]
+    out_features: int
+    in_features: int
+    error: float = 0.0
+    error_exact: bool = True
+    bond_spectra: list[torch.Tensor] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.cores:
+            raise ValueError("an MPO needs at least one core")
+        prev = 1
+        for k, c in enumerate(self.cores):
+            if c.ndim != 4:
+                raise ValueError(f"core {k} must have 4 dims (r_prev, out_k, in_k, r_next), got {tuple(c.shape)}")
+            if c.shape[0] != prev:
+                raise ValueError(f"core {k} has left bond {c.shape[0]}, expected {prev}")
+            prev = c.shape[3]
+        if prev != 1:
+            raise ValueError(f"the last core must have right bond 1, got {prev}")
+        if self.padded_out < self.out_features or self.padded_in < self.in_features:
+            raise ValueError(
+                f"factors {self.out_factors} x {self.in_factors} cannot hold a "
+                f"({self.out_features}, {self.in_features}) matrix"
+            )
+
+    # ------------------------------------------------------------------ shape facts
+    @property
+    def num_cores(self) -> int:
+        return len(self.cores)
+
+    @property
+    def out_factors(self) -> tuple[int, ...]:
+        return tuple(int(c.shape[1]) for c in self.cores)
+
+    @property
+    def in_factors(self) -> tuple[int, ...]:
+        return tuple(int(c.shape[2]) for c in self.cores)
+
+    @property
+    def padded_out(self) -> int:
+        return math.prod(self.out_factors)
+
+    @property
+    def padded_in(self) -> int:
+        return math.prod(self.in_factors)
+
+    @property
+    def bond_dims(self) -> tuple[int, ...]:
+        """Inner bond dimensions ``(r_1, ..., r_{d-1})``."""
+        return tuple(int(c.shape[3]) for c in self.cores[:-1])
+
+    @property
+    def num_params(self) -> int:
+        return sum(c.numel() for c in self.cores)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.cores[0].dtype
+
+    def max_bond_dims(self) -> tuple[int, ...]:
+        """The largest useful rank at each cut: ``min(prod of legs on the left, on the right)``."""
+        sizes = [o * i for o, i in zip(self.out_factors, self.in_factors)]
+        return tuple(min(math.prod(sizes[: k + 1]), math.prod(sizes[k + 1 :])) for k in range(len(sizes) - 1))
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_matrix(
+        cls,
+        W: torch.Tensor,
+        num_cores: int = 4,
+        in_factors: Sequence[int] | None = None,
+        out_factors: Sequence[int] | None = None,
+        max_bond: BondSpec = None,
+        tol: float | None = None,
+    ) -> "MPO":
+        """Decompose ``W`` (shape ``(out_features, in_features)``) by TT-SVD.
+
+        Args:
+            num_cores: number of cores ``d`` (ignored when factors are given; their length wins).
+            in_factors / out_factors: leg sizes per core; must multiply exactly to the dimension.
+                Chosen by :func:`bondgate.factors.factorize_shape` when omitted (may pad).
+            max_bond: cap on every bond (int) or per bond (sequence of ``d-1`` ints/None).
+            tol: relative Frobenius tolerance on the whole matrix: the result satisfies
+                ``||W - W_mpo|| <= tol * ||W||``. The unused part of each bond's share of the budget
+                is passed on to the next bond. With ``max_bond`` as well, the caps are hard and win:
+                the error may then exceed ``tol`` (``error`` reports it).
+
+        The SVDs run in float64; cores are returned in ``W``'s dtype, in left-canonical form with
+        every bond's channels ordered by decreasing Schmidt value (see :meth:`canonicalize`).
+        """
+        W = _check_matrix(W)
+        _check_tol(tol)
+        if not isinstance(num_cores, int) or isinstance(num_cores, bool) or num_cores < 1:
+            raise ValueError(f"num_cores must be a positive integer, got {num_cores!r}")
+        N, M = W.shape
+        out_f, in_f = factorize_shape(N, M, num_cores, out_factors, in_factors)
+        d = len(out_f)
+        caps = _bond_caps(max_bond, d - 1)
+        Np, Mp = math.prod(out_f), math.prod(in_f)
+
+        A = W.detach().to(torch.float64)
+        if (Np, Mp) != (N, M):
+            A = torch.nn.functional.pad(A, (0, Mp - M, 0, Np - N))
+        # (o_1..o_d, i_1..i_d) -> (o_1, i_1, o_2, i_2, ...)
+        T = A.reshape(*out_f, *in_f).permute(*[j for k in range(d) for j in (k, d + k)])
+        norm_sq = float((A * A).sum())
+        budget_sq = None if tol is None else (float(tol) ** 2) * norm_sq
+
+        cores: list[torch.Tensor] = []
+        discarded_sq = 0.0
+        C = T.reshape(1, -1)
+        r_prev = 1
+        for k in range(d - 1):
+            C = C.reshape(r_prev * out_f[k] * in_f[k], -1)
+            U, S, Vh = torch.linalg.svd(C, full_matrices=False)
+            allowed = None if budget_sq is None else max(budget_sq - discarded_sq, 0.0) / (d - 1 - k)
+            r = _keep_rank(S, caps[k], allowed)
+            discarded_sq += float((S[r:] ** 2).sum())
+            cores.append(U[:, :r].reshape(r_prev, out_f[k], in_f[k], r))
+            C = S[:r, None] * Vh[:r]
+            r_prev = r
+        cores.append(C.reshape(r_prev, out_f[-1], in_f[-1], 1))
+
+        mpo = cls(cores, out_features=N, in_features=M).canonicalize()
+        w_norm = math.sqrt(norm_sq)
+        if (Np, Mp) == (N, M):
+            # TT-SVD errors of successive steps are mutually orthogonal, so this sum is exact.
+            mpo.error = math.sqrt(discarded_sq) / w_norm if w_norm > 0 else 0.0
+        else:
+            # Padded: part of the discarded mass may sit in the padded block, which is sliced off.
+            diff = mpo.to_matrix() - A[:N, :M]
+            mpo.error = float(torch.linalg.norm(diff)) / w_norm if w_norm > 0 else 0.0
+        mpo.error_exact = True
+        mpo.cores = [c.to(W.dtype) for c in mpo.cores]
+        return mpo
+
+    @classmethod
+    def random(
+        cls,
+        out_features: int,
+        in_features: int,
+        bond: BondSpec = 8,
+        num_cores: int = 4,
+        in_factors: Sequence[int] | None = None,
+        out_factors: Sequence[int] | None = None,
+        dtype: torch.dtype = torch.float32,
+        generator: torch.Generator | None = None,
+    ) -> "MPO":
+        """A random MPO whose matrix entries have the variance of ``nn.Linear``'s default init.
+
+        ``nn.Linear`` draws ``W ~ U(-1/sqrt(in), 1/sqrt(in))``, i.e. ``Var(W_ij) = 1 / (3 in)``. With
+        i.i.d. zero-mean Gaussian cores, ``Var(W_ij) = prod_k s_k^2 * prod_k r_k`` and the entries are
+        uncorrelated, so choosing ``s_k^2 = (1/(3 in))^(1/d) / sqrt(r_{k-1} r_k)`` reproduces the
+        dense layer's output variance for any input (unlike plain ``torch.randn`` cores, whose
+        output variance grows like ``prod_k r_k``).
+        """
+        out_f, in_f = factorize_shape(out_features, in_features, num_cores, out_factors, in_factors)
+        d = len(out_f)
+        caps = _bond_caps(bond, d - 1)
+        sizes = [o * i for o, i in zip(out_f, in_f)]
+        ranks = [1]
+        for k in range(d - 1):
+            full = min(math.prod(sizes[: k + 1]), math.prod(sizes[k + 1 :]))
+            ranks.append(full if caps[k] is None else min(caps[k], full))
+        ranks.append(1)
+        # Variance is set for the true fan-in: padded input columns only ever multiply zeros.
+        per_core = (1.0 / (3.0 * in_features)) ** (1.0 / d)
+        cores = []
+        for k in range(d):
+            std = math.sqrt(per_core / math.sqrt(ranks[k] * ranks[k + 1]))
+            shape = (ranks[k], out_f[k], in_f[k], ranks[k + 1])
+            cores.append(torch.randn(shape, dtype=dtype, generator=generator) * std)
+        return cls(cores, out_features, in_features, error=float("nan"), error_exact=False)
+
+    # ------------------------------------------------------------------ dense view
+    def to_tensor(self) -> torch.Tensor:
+        """The full (padded) operator as a tensor of shape ``(out_1..out_d, in_1..in_d)``."""
+        d = self.num_cores
+        acc = self.cores[0].reshape(self.out_factors[0] * self.in_factors[0], -1)  # (o1 i1, r1)
+        for k in range(1, d):
+            c = self.cores[k]
+            acc = (acc @ c.reshape(c.shape[0], -1)).reshape(-1, c.shape[3])  # (... o_k i_k, r_k)
+        T = acc.reshape([s for k in range(d) for s in (self.out_factors[k], self.in_factors[k])])
+        return T.permute(*range(0, 2 * d, 2), *range(1, 2 * d, 2))
+
+    def to_matrix(self) -> torch.Tensor:
+        """The represented matrix, shape ``(out_features, in_features)`` (padding removed)."""
+        W = self.to_tensor().reshape(self.padded_out, self.padded_in)
+        return W[: self.out_features, : self.in_features]
+
+    # ------------------------------------------------------------------ gauge and truncation
+    def canonicalize(self) -> "MPO":
+        """Left-canonical form with Schmidt-ordered bonds; returns a new MPO (same matrix).
+
+        A right-to-left QR sweep makes every core right-orthogonal, then a left-to-right SVD sweep makes
+        cores ``1..d-1`` left-orthogonal. At the SVD of cut ``k`` everything left of it is
+        left-orthonormal and everything right of it right-orthonormal, so its singular values are the
+        exact Schmidt values of the operator across that cut and its channels come out sorted by them;
+        later steps never rotate an earlier bond. Hence slicing bond ``k`` to its first ``w`` channels
+        (keeping the others) is the Eckart-Young optimal rank-``w`` cut, with error
+        ``sqrt(sum(bond_spectra[k][w:]**2))``. Rank-deficient bonds shrink to their true rank.
+        """
+        return self._sweep(caps=[None] * (self.num_cores - 1), tol=None)[0]
+
+    def truncate(self, max_bond: BondSpec = None, tol: float | None = None) -> "MPO":
+        """A smaller MPO: bond caps and/or a relative tolerance on this MPO's own matrix.
+
+        Truncation happens in a canonical sweep, so the discarded Schmidt mass is exactly the error
+        against this MPO. ``error`` of the result is against the original matrix: exact if this MPO
+        was exact, otherwise the triangle-inequality bound.
+        """
+        _check_tol(tol)
+        caps = _bond_caps(max_bond, self.num_cores - 1)
+        out, rel = self._sweep(caps=caps, tol=tol)
+        out.error = self.error + rel if self.error > 0 else rel
+        out.error_exact = self.error == 0 and self.error_exact
+        return out
+
+    def _sweep(self, caps: list[int | None], tol: float | None) -> tuple["MPO", float]:
+        dtype = self.dtype
+        cores = [c.detach().to(torch.float64) for c in self.cores]
+        d = len(cores)
+        for k in range(d - 1, 0, -1):  # right-orthogonalize
+            c = cores[k]
+            r0 = c.shape[0]
+            Q, R = torch.linalg.qr(c.reshape(r0, -1).T)  # c = R^T Q^T
+            cores[k] = Q.T.reshape(-1, *c.shape[1:])
+            cores[k - 1] = torch.tensordot(cores[k - 1], R.T, dims=([3], [0]))
+        norm_sq = float((cores[0] ** 2).sum())
+        budget_sq = None if tol is None else (tol**2) * norm_sq
+        discarded_sq = 0.0
+        spectra = []
+        for k in range(d - 1):  # left-to-right SVD sweep
+            c = cores[k]
+            U, S, Vh = torch.linalg.svd(c.reshape(-1, c.shape[3]), full_matrices=False)
+            allowed = None if budget_sq is None else max(budget_sq - discarded_sq, 0.0) / (d - 1 - k)
+            r = S.numel() if caps[k] is None and allowed is None else _keep_rank(S, caps[k], allowed)
+            discarded_sq += float((S[r:] ** 2).sum())
+            spectra.append(S[:r].clone())
+            cores[k] = U[:, :r].reshape(*c.shape[:3], r)
+            cores[k + 1] = torch.tensordot(S[:r, None] * Vh[:r], cores[k + 1], dims=([1], [0]))
+        out = MPO(
+            [c.to(dtype) for c in cores],
+            self.out_features,
+            self.in_features,
+            error=self.error,
+            error_exact=self.error_exact,
+            bond_spectra=spectra,
+        )
+        rel = math.sqrt(discarded_sq / norm_sq) if norm_sq > 0 else 0.0
+        return out, rel
+
+    def slice_bonds(self, widths: Sequence[int]) -> "MPO":
+        """Keep the first ``widths[k]`` channels of every bond ``k`` (a view, no copy)."""
+        if len(widths) != self.num_cores - 1:
+            raise ValueError(f"need {self.num_cores - 1} widths, got {len(widths)}")
+        w = [1, *widths, 1]
+        for k, (wk, rk) in enumerate(zip(widths, self.bond_dims)):
+            if not 1 <= wk <= rk:
+                raise ValueError(f"width {wk} for bond {k} is outside [1, {rk}]")
+        cores = [c[: w[k], :, :, : w[k + 1]] for k, c in enumerate(self.cores)]
+        return MPO(cores, self.out_features, self.in_features, error=float("nan"), error_exact=False)
+
+    # ------------------------------------------------------------------ cost
+    def flops(self, batch: int = 1) -> int:
+        """FLOPs (2 per multiply-add) of the FLOP-minimal contraction with ``batch`` input rows.
+
+        This is the cost model's optimum for the math object; :meth:`bondgate.MPOLinear.flops` gives the
+        FLOPs of the plan a layer actually runs.
+        """
+        from .planner import min_flops  # local import: planner is the only module that knows paths
+
+        return min_flops(self.out_factors, self.in_factors, self.bond_dims, batch)
+
+    def to(self, *args, **kwargs) -> "MPO":
+        return MPO(
+            [c.to(*args, **kwargs) for c in self.cores],
+            self.out_features,
+            self.in_features,
+            self.error,
+            self.error_exact,
+            self.bond_spectra,
+        )

@@ -1,0 +1,461 @@
+"""Contraction planning for MPO layers: build candidate plans once, pick the fastest, cache the choice.
+
+A forward pass contracts the input ``x`` (``B`` rows, reshaped to ``(B, in_1..in_d)``) with the cores.
+Every way of doing so is a *plan*:
+
+* ``groups``: a partition of the cores into contiguous runs that are pre-contracted (merged) first.
+  Singletons mean no merging; one group holding every core is the reconstructed dense weight.
+* ``path``: the pairwise contraction order over ``[x, group_0, group_1, ...]`` (opt_einsum format),
+  compiled once into an ``opt_einsum.contract_expression``.
+* ``executor``: ``"aten"`` runs the whole path in one ``torch.ops.aten.einsum(..., path=...)`` call
+  (one C++ dispatch, no Python between steps); ``"opt_einsum"`` runs the compiled expression step by
+  step (tensordot/BLAS dispatch per step). Which is faster depends on the shapes, so both are timed.
+* ``cached``: pre-contracted groups are kept between calls (speed mode, inference only). With the
+  all-cores group this is the classic "cache the dense weight" fallback.
+
+Candidates are: FLOP-optimal paths from several opt_einsum optimizers (``optimal``/``dp`` under the
+flops, size, write and combo objectives, ``greedy``, ``branch-2``), the left-to-right and
+right-to-left sweeps, merged neighbouring cores, and rebuild-then-GEMM. FLOP-optimal is not
+time-optimal on a CPU (thin GEMMs and permutes dominate), so by default (``select="time"``) the
+candidates that survive a FLOP and memory screen are timed on the real shapes and the fastest wins
+(autotuning); ``select="flops"`` picks by the FLOP model alone (deterministic, no timing).
+
+Choices are cached per key ``(row bucket, factors, bond dims, dtype, device, policy, grad)`` where the
+row bucket is ``B.bit_length()`` (powers of two), so nothing is planned on the hot path after the first
+call for a key, and layers of the same shape share one plan.
+
+Memory: in memory mode (``cache_dense=False``) a plan is admissible only if none of its intermediates
+exceeds ``max(dense weight, 4 * (input + output activations))`` elements; rebuild-then-GEMM always is,
+so there is always a candidate.
+"""
+
+from __future__ import annotations
+
+import math
+import string
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import opt_einsum as oe
+import torch
+
+__all__ = [
+    "PlanPolicy",
+    "MEMORY",
+    "SPEED",
+    "ContractionPlan",
+    "get_plan",
+    "min_flops",
+    "clear_plan_cache",
+    "plan_cache_info",
+    "row_bucket",
+]
+
+
+@dataclass(frozen=True)
+class PlanPolicy:
+    """How plans are chosen.
+
+    Args:
+        cache_dense: allow keeping pre-contracted cores between calls (the dense weight, or merged
+            neighbouring cores) in inference. ``False`` = memory mode, ``True`` = speed mode.
+        select: ``"time"`` (autotune: time the screened candidates on the actual shapes) or ``"flops"``
+            (pick the fewest FLOPs; no timing).
+        flop_slack: candidates with more than ``flop_slack`` x the minimal FLOPs are not timed
+            (the cached dense weight in speed mode is always timed).
+        tune_seconds: rough wall-clock budget for timing one key.
+    """
+
+    cache_dense: bool = False
+    select: str = "time"
+    flop_slack: float = 4.0
+    tune_seconds: float = 0.3
+
+    def __post_init__(self) -> None:
+        if self.select not in ("time", "flops"):
+            raise ValueError(f"select must be 'time' or 'flops', got {self.select!r}")
+        if not self.flop_slack >= 1.0:
+            raise ValueError(f"flop_slack must be >= 1, got {self.flop_slack!r}")
+
+
+MEMORY = PlanPolicy(cache_dense=False)
+SPEED = PlanPolicy(cache_dense=True)
+
+
+def row_bucket(rows: int) -> int:
+    """Plans are shared by row counts with the same bit length: 1, 2-3, 4-7, 8-15, ..."""
+    return int(rows).bit_length()
+
+
+# ---------------------------------------------------------------------------------------------- letters
+@dataclass(frozen=True)
+class _Letters:
+    """Subscripts of one MPO contraction: batch ``Z``, in legs, out legs, inner bonds."""
+
+    d: int
+
+    @property
+    def ins(self) -> str:
+        return string.ascii_lowercase[: self.d]
+
+    @property
+    def outs(self) -> str:
+        return string.ascii_lowercase[self.d : 2 * self.d]
+
+    @property
+    def bonds(self) -> str:  # bond k sits between core k and core k+1
+        return string.ascii_uppercase[: self.d - 1]
+
+    def group(self, lo: int, hi: int) -> str:
+        """Subscripts of cores lo..hi (inclusive) contracted together: left bond, outs, ins, right bond."""
+        left = self.bonds[lo - 1] if lo > 0 else ""
+        right = self.bonds[hi] if hi < self.d - 1 else ""
+        return left + self.outs[lo : hi + 1] + self.ins[lo : hi + 1] + right
+
+    @property
+    def x(self) -> str:
+        return "Z" + self.ins
+
+    @property
+    def y(self) -> str:
+        return "Z" + self.outs
+
+
+def squeeze_core(core: torch.Tensor, k: int, d: int) -> torch.Tensor:
+    """Drop the unit boundary bonds: first core ``(o, i, r)``, last ``(r, o, i)``, middle unchanged."""
+    if k == d - 1:
+        core = core.squeeze(3)
+    if k == 0:
+        core = core.squeeze(0)
+    return core
+
+
+# ---------------------------------------------------------------------------------------------- plans
+@dataclass
+class ContractionPlan:
+    """One executable way to compute ``y = x @ W_mpo.T``; built by :func:`get_plan`.
+
+    Attributes: ``name``; ``groups`` (merged core runs); ``path`` (over ``[x, *groups]``);
+    ``equation``; ``executor``; ``cached`` (groups kept between calls); ``flops`` and
+    ``peak_elements`` (largest intermediate, in elements) at ``planned_rows`` rows;
+    ``time_us`` (measured median, autotune only); ``candidates`` (what was timed, for inspection).
+    """
+
+    name: str
+    groups: tuple[tuple[int, int], ...]
+    path: tuple[tuple[int, ...], ...]
+    equation: str
+    executor: str
+    cached: bool
+    flops: int
+    peak_elements: int
+    planned_rows: int
+    out_factors: tuple[int, ...]
+    in_factors: tuple[int, ...]
+    ranks: tuple[int, ...]
+    time_us: float | None = None
+    candidates: list[dict] = field(default_factory=list, repr=False)
+    _group_exprs: list = field(default_factory=list, repr=False)
+    _expr: object = field(default=None, repr=False)
+    _flat_path: list[int] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        self._padded_in = math.prod(self.in_factors)
+        # True when the plan multiplies by the reconstructed dense weight (a plain attribute: hot path).
+        self.dense = len(self.groups) == 1 and self.groups[0] == (0, len(self.out_factors) - 1)
+
+
+    # ----------------------------------------------------------------- execution
+    def group_operands(self, cores: Sequence[torch.Tensor], out_features: int | None = None,
+                       in_features: int | None = None) -> list[torch.Tensor]:
+        """Pre-contract the groups (one tensor per group). For a dense plan the single operand is the
+        weight ``(out_features, in_features)`` with any padding removed."""
+        d = len(cores)
+        sq = [squeeze_core(c, k, d) for k, c in enumerate(cores)]
+        ops = []
+        for (lo, hi), expr in zip(self.groups, self._group_exprs):
+            ops.append(sq[lo] if expr is None else expr(*sq[lo : hi + 1], backend="torch"))
+        if self.dense:  # (o_1..o_d, i_1..i_d) -> (N', M') -> (N, M)
+            W = ops[0].reshape(math.prod(self.out_factors), self._padded_in)
+            n = W.shape[0] if out_features is None else out_features
+            m = W.shape[1] if in_features is None else in_features
+            ops[0] = W if (n, m) == tuple(W.shape) else W[:n, :m]
+        return ops
+
+    def run(self, x2d: torch.Tensor, ops: Sequence[torch.Tensor], out_features: int,
+            bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x2d``: ``(B, in_features)``; ``ops`` from :meth:`group_operands`; returns ``(B, out_features)``."""
+        if self.dense:
+            return torch.nn.functional.linear(x2d, ops[0], bias)
+        pad = self._padded_in - x2d.shape[1]
+        if pad:
+            x2d = torch.nn.functional.pad(x2d, (0, pad))
+        xs = x2d.reshape(x2d.shape[0], *self.in_factors)
+        if self.executor == "aten":
+            y = torch.ops.aten.einsum(self.equation, [xs, *ops], path=self._flat_path)
+        else:
+            y = self._expr(xs, *ops, backend="torch")
+        y = y.reshape(x2d.shape[0], -1)
+        if y.shape[1] != out_features:
+            y = y[:, :out_features]
+        if bias is not None:
+            y = y + bias
+        return y
+
+    def describe(self) -> dict:
+        """A plain-dict summary (what :meth:`bondgate.MPOLinear.plan` shows)."""
+        return {
+            "name": self.name,
+            "executor": self.executor,
+            "groups": self.groups,
+            "path": self.path,
+            "equation": self.equation,
+            "cached": self.cached,
+            "flops": self.flops,
+            "peak_elements": self.peak_elements,
+            "planned_rows": self.planned_rows,
+            "time_us": self.time_us,
+        }
+
+    def __str__(self) -> str:
+        t = f", {self.time_us:.1f} us" if self.time_us is not None else ""
+        return (
+            f"ContractionPlan({self.name} via {self.executor}, rows={self.planned_rows}, "
+            f"flops={self.flops:,}, peak={self.peak_elements:,} elems{t})"
+        )
+
+
+def _group_sets(d: int) -> list[tuple[str, tuple[tuple[int, int], ...]]]:
+    """Core partitions to consider: none merged, each neighbouring pair, all pairs, all cores."""
+    out: list[tuple[str, tuple[tuple[int, int], ...]]] = [("cores", tuple((k, k) for k in range(d)))]
+    if d >= 3:
+        for k in range(d - 1):
+            g = [(j, j) for j in range(k)] + [(k, k + 1)] + [(j, j) for j in range(k + 2, d)]
+            out.append((f"merge{k}{k + 1}", tuple(g)))
+    if d >= 4:
+        g = [(k, min(k + 1, d - 1)) for k in range(0, d, 2)]
+        out.append(("pairs", tuple(g)))
+    if d >= 2:
+        out.append(("dense", ((0, d - 1),)))
+    return out
+
+
+def _chain(n_ops: int, order: Sequence[int]) -> list[tuple[int, int]]:
+    """opt_einsum path that accumulates operands in ``order`` (results go to the end of the list)."""
+    ids: list = list(range(n_ops))
+    acc = order[0]
+    path = []
+    for o in order[1:]:
+        i, j = sorted((ids.index(acc), ids.index(o)))
+        path.append((i, j))
+        ids.pop(j)
+        ids.pop(i)
+        acc = ("t", len(path))
+        ids.append(acc)
+    return path
+
+
+def _core_shapes(out_f, in_f, ranks) -> list[tuple[int, ...]]:
+    d = len(out_f)
+    r = [1, *ranks, 1]
+    shapes = []
+    for k in range(d):
+        s = (r[k], out_f[k], in_f[k], r[k + 1])
+        if k == d - 1:
+            s = s[:3]
+        if k == 0:
+            s = s[1:]
+        shapes.append(s)
+    return shapes
+
+
+def _group_shape(shapes, lo, hi, d, out_f, in_f, ranks) -> tuple[int, ...]:
+    if lo == hi:
+        return shapes[lo]
+    r = [1, *ranks, 1]
+    s = ([r[lo]] if lo > 0 else []) + list(out_f[lo : hi + 1]) + list(in_f[lo : hi + 1])
+    return tuple(s + ([r[hi + 1]] if hi < d - 1 else []))
+
+
+def _build_candidates(out_f, in_f, ranks, rows, policy: PlanPolicy, grad: bool) -> list[ContractionPlan]:
+    d = len(out_f)
+    L = _Letters(d)
+    shapes = _core_shapes(out_f, in_f, ranks)
+    N, M = math.prod(out_f), math.prod(in_f)
+    x_shape = (rows, *in_f)
+    act_limit = max(N * M, 4 * rows * (N + M))
+    cache_ok = policy.cache_dense and not grad
+    cands: list[ContractionPlan] = []
+    for gname, groups in _group_sets(d) if d > 1 else [("dense", ((0, 0),))]:
+        gexprs, gshapes, gsubs = [], [], []
+        g_flops, g_peak = 0, 0
+        for lo, hi in groups:
+            sub = L.group(lo, hi)
+            gsubs.append(sub)
+            gshapes.append(_group_shape(shapes, lo, hi, d, out_f, in_f, ranks))
+            if lo == hi:
+                gexprs.append(None)
+                continue
+            eq = ",".join(L.group(k, k) for k in range(lo, hi + 1)) + "->" + sub
+            chain = _chain(hi - lo + 1, range(hi - lo + 1))
+            gexprs.append(oe.contract_expression(eq, *shapes[lo : hi + 1], optimize=chain))
+            _, info = oe.contract_path(eq, *shapes[lo : hi + 1], optimize=chain, shapes=True)
+            g_flops += int(info.opt_cost)
+            g_peak = max(g_peak, int(info.largest_intermediate))
+        cached_variants = [False, True] if cache_ok and any(lo != hi for lo, hi in groups) else [False]
+        if gname == "dense":
+            flops = 2 * rows * N * M
+            for cached in cached_variants:
+                peak = max(N * M, g_peak if not cached else 0)
+                cands.append(
+                    ContractionPlan(
+                        name="dense-cached" if cached else "rebuild+gemm",
+                        groups=groups, path=(), equation="", executor="linear", cached=cached,
+                        flops=flops + (0 if cached else g_flops), peak_elements=peak, planned_rows=rows,
+                        out_factors=tuple(out_f), in_factors=tuple(in_f), ranks=tuple(ranks),
+                        _group_exprs=gexprs,
+                    )
+                )
+            continue
+        eq = ",".join([L.x, *gsubs]) + "->" + L.y
+        n_ops = 1 + len(groups)
+        paths: dict[tuple, str] = {}
+        optimizers = {
+            "optimal": "optimal" if n_ops <= 6 else "dp",
+            "dp-size": oe.DynamicProgramming(minimize="size"),
+            "dp-write": oe.DynamicProgramming(minimize="write"),
+            "dp-combo": oe.DynamicProgramming(minimize="combo"),
+            "greedy": "greedy",
+            "branch-2": "branch-2",
+        }
+        for oname, opt in optimizers.items():
+            p, _ = oe.contract_path(eq, x_shape, *gshapes, optimize=opt, shapes=True)
+            paths.setdefault(tuple(map(tuple, p)), oname)
+        paths.setdefault(tuple(_chain(n_ops, range(n_ops))), "l2r")
+        paths.setdefault(tuple(_chain(n_ops, [0, *range(n_ops - 1, 0, -1)])), "r2l")
+        for p, pname in paths.items():
+            _, info = oe.contract_path(eq, x_shape, *gshapes, optimize=list(p), shapes=True)
+            peak_main = int(info.largest_intermediate)
+            expr = oe.contract_expression(eq, x_shape, *gshapes, optimize=list(p))
+            for cached in cached_variants:
+                peak = max(peak_main, 0 if cached else g_peak)
+                for executor in ("aten", "opt_einsum"):
+                    cands.append(
+                        ContractionPlan(
+                            name=f"{gname}/{pname}" + ("/cached" if cached else ""),
+                            groups=groups, path=p, equation=eq, executor=executor, cached=cached,
+                            flops=int(info.opt_cost) + (0 if cached else g_flops), peak_elements=peak,
+                            planned_rows=rows, out_factors=tuple(out_f), in_factors=tuple(in_f),
+                            ranks=tuple(ranks), _group_exprs=gexprs, _expr=expr,
+                            _flat_path=[i for pair in p for i in pair],
+                        )
+                    )
+    if not policy.cache_dense:
+        admissible = [c for c in cands if c.peak_elements <= act_limit]
+        cands = admissible or [c for c in cands if c.name == "rebuild+gemm"]
+    return cands
+
+
+def _time_call(fn, budget_s: float, min_reps: int = 3, max_reps: int = 200) -> float:
+    fn()  # warm-up (allocator, BLAS thread pools)
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    reps = int(min(max_reps, max(min_reps, budget_s / max(first, 1e-7))))
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    ts.sort()
+    return ts[len(ts) // 2] * 1e6
+
+
+def _autotune(cands: list[ContractionPlan], out_f, in_f, ranks, rows, dtype, device, policy) -> ContractionPlan:
+    min_fl = min(c.flops for c in cands)
+    screened = [c for c in cands if c.flops <= policy.flop_slack * min_fl or c.name == "dense-cached"]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    d = len(out_f)
+    r = [1, *ranks, 1]
+    cores = [
+        torch.randn((r[k], out_f[k], in_f[k], r[k + 1]), generator=gen, dtype=torch.float32).to(dtype=dtype, device=device)
+        for k in range(d)
+    ]
+    M, N = math.prod(in_f), math.prod(out_f)
+    x = torch.randn((rows, M), generator=gen, dtype=torch.float32).to(dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    per = policy.tune_seconds / max(len(screened), 1)
+    with torch.no_grad():
+        ops_cache: dict[tuple, list[torch.Tensor]] = {}
+        for c in screened:
+            key = c.groups
+            if c.cached and key not in ops_cache:
+                ops_cache[key] = c.group_operands(cores)
+
+            def fn(c=c):
+                ops = ops_cache[c.groups] if c.cached else c.group_operands(cores)
+                c.run(x, ops, N)
+                sync()
+
+            c.time_us = _time_call(fn, per)
+        # second round on the front-runners: timing noise on a shared CPU is large
+        front = sorted(screened, key=lambda c: c.time_us)[:3]
+        for c in front:
+
+            def fn(c=c):
+                ops = ops_cache[c.groups] if c.cached else c.group_operands(cores)
+                c.run(x, ops, N)
+                sync()
+
+            c.time_us = min(c.time_us, _time_call(fn, per * 2))
+    best = min(screened, key=lambda c: c.time_us)
+    best.candidates = [
+        {"name": c.name, "executor": c.executor, "flops": c.flops, "peak_elements": c.peak_elements,
+         "time_us": c.time_us}
+        for c in sorted(screened, key=lambda c: c.time_us)
+    ]
+    return best
+
+
+_PLAN_CACHE: dict[tuple, ContractionPlan] = {}
+
+
+def get_plan(
+    out_factors: Sequence[int],
+    in_factors: Sequence[int],
+    ranks: Sequence[int],
+    rows: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    policy: PlanPolicy = MEMORY,
+    grad: bool = False,
+) -> ContractionPlan:
+    """The cached plan for this shape and row bucket, planning (and autotuning) it on first use."""
+    device = torch.device(device)
+    key = (row_bucket(rows), tuple(out_factors), tuple(in_factors), tuple(ranks), dtype, device, policy, grad)
+    plan = _PLAN_CACHE.get(key)
+    if plan is None:
+        cands = _build_candidates(tuple(out_factors), tuple(in_factors), tuple(ranks), max(int(rows), 1), policy, grad)
+        if policy.select == "flops" or len(cands) == 1:
+            plan = min(cands, key=lambda c: (c.flops, c.peak_elements, c.executor != "aten"))
+        else:
+            plan = _autotune(cands, out_factors, in_factors, ranks, max(int(rows), 1), dtype, device, policy)
+        _PLAN_CACHE[key] = plan
+    return plan
+
+
+def clear_plan_cache() -> None:
+    """Forget every cached plan (e.g. after changing thread counts)."""
+    _PLAN_CACHE.clear()
+
+
+def plan_cache_info() -> dict:
+    return {"plans": len(_PLAN_CACHE)}
+
+
+def min_flops(out_factors, in_factors, ranks, rows: int) -> int:
+    """FLOPs of the FLOP-minimal plan without caching (the MPO's intrinsic cost at ``rows``)."""
+    cands = _build_candidates(tuple(out_factors), tuple(in_factors), tuple(ranks), max(int(rows), 1),
+                              PlanPolicy(cache_dense=True, select="flops"), grad=True)
+    return min(c.flops for c in cands)

@@ -1,0 +1,22 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tests point the data loaders at the shared data folder that sits beside the repository.
+SHARED = Path(os.environ.get("BONDGATE_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
+DATA = SHARED / "data"
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    if not DATA.exists():
+        pytest.skip(f"shared data not found at {DATA}")
+    return DATA

@@ -1,0 +1,86 @@
+"""Bad input gets a clear ValueError/TypeError naming the problem, never a silent wrong result."""
+
+import pytest
+import torch
+from torch import nn
+
+from bondgate import MPO, MPOLinear, PlanPolicy
+
+
+def test_input_last_dim_mismatch():
+    layer = MPOLinear(64, 32, max_bond=4)
+    with pytest.raises(ValueError, match="last dimension 64"):
+        layer(torch.randn(8, 63))
+    with pytest.raises(ValueError, match="last dimension 64"):
+        layer(torch.randn(2, 4, 32))  # same numel as (1, 64) rows: must not be silently reshaped
+
+
+@pytest.mark.parametrize("bad", [0, -3, [4, 0, 4]])
+def test_max_bond_below_one(bad):
+    with pytest.raises(ValueError, match="max_bond must be >= 1"):
+        MPO.from_matrix(torch.randn(64, 64), max_bond=bad)
+    with pytest.raises(ValueError, match="max_bond must be >= 1"):
+        MPOLinear.from_linear(nn.Linear(64, 64), max_bond=bad)
+
+
+def test_max_bond_wrong_length_or_type():
+    with pytest.raises(ValueError, match="3 bonds"):
+        MPO.from_matrix(torch.randn(64, 64), num_cores=4, max_bond=[4, 4])
+    with pytest.raises(TypeError, match="max_bond"):
+        MPO.from_matrix(torch.randn(64, 64), max_bond=2.5)
+
+
+@pytest.mark.parametrize("tol", [-0.1, 1.0, 3, float("nan")])
+def test_tol_outside_unit_interval(tol):
+    with pytest.raises(ValueError, match=r"tol .* \[0, 1\)"):
+        MPO.from_matrix(torch.randn(16, 16), tol=tol)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_matrix(value):
+    W = torch.randn(32, 32)
+    W[3, 5] = value
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        MPO.from_matrix(W)
+    lin = nn.Linear(32, 32)
+    with torch.no_grad():
+        lin.weight[0, 0] = value
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        MPOLinear.from_linear(lin)
+
+
+def test_factors_product_mismatch():
+    with pytest.raises(ValueError, match=r"in_factors \(4, 4, 4\) multiply to 64, but in_features is 62"):
+        MPO.from_matrix(torch.randn(64, 62), in_factors=(4, 4, 4))
+    with pytest.raises(ValueError, match="out_factors"):
+        MPO.from_matrix(torch.randn(64, 64), out_factors=(4, 4, 2))
+    with pytest.raises(ValueError, match="same length"):
+        MPO.from_matrix(torch.randn(64, 64), out_factors=(8, 8), in_factors=(4, 4, 4))
+    with pytest.raises(ValueError, match="positive integers"):
+        MPO.from_matrix(torch.randn(64, 64), in_factors=(8, 0, 8))
+
+
+def test_wrong_dtype_mix():
+    layer = MPOLinear(32, 16, max_bond=4)
+    with pytest.raises(TypeError, match="dtype torch.float64 does not match"):
+        layer(torch.randn(3, 32, dtype=torch.float64))
+    layer(torch.randn(3, 32))  # the planned path still works afterwards
+    with pytest.raises(TypeError, match="dtype"):  # a cached plan must not hide the check
+        layer(torch.randn(3, 32, dtype=torch.float64))
+    with pytest.raises(TypeError, match="floating-point"):
+        MPO.from_matrix(torch.ones(8, 8, dtype=torch.int64))
+
+
+def test_bad_shapes_and_modules():
+    with pytest.raises(ValueError, match="2-D"):
+        MPO.from_matrix(torch.randn(4, 4, 4))
+    with pytest.raises(ValueError, match="empty"):
+        MPO.from_matrix(torch.randn(0, 4))
+    with pytest.raises(TypeError, match="nn.Linear"):
+        MPOLinear.from_linear(nn.Conv1d(3, 3, 1))
+    with pytest.raises(ValueError, match="num_cores"):
+        MPO.from_matrix(torch.randn(8, 8), num_cores=0)
+    with pytest.raises(ValueError, match="policy"):
+        MPOLinear(8, 8, policy="fast")
+    with pytest.raises(ValueError, match="select"):
+        PlanPolicy(select="guess")

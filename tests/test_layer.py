@@ -1,0 +1,167 @@
+"""MPOLinear as a drop-in nn.Linear: workshop case, shapes, dtypes, gradients, training, caching."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from bondgate import MPO, MPOLinear
+
+
+def test_workshop_case_in_one_line():
+    lin = nn.Linear(256, 256)
+    layer = MPOLinear.from_linear(lin, max_bond=32, num_cores=4)
+    assert layer.num_params == 16_896
+    assert layer.bond_dims == (16, 32, 16)
+    x = torch.randn(50, 256)
+    assert torch.allclose(layer(x), layer.to_linear()(x), atol=1e-5)
+
+
+def test_exact_decomposition_reproduces_linear():
+    lin = nn.Linear(96, 80)
+    layer = MPOLinear.from_linear(lin, num_cores=3)
+    x = torch.randn(7, 96)
+    assert torch.allclose(layer(x), lin(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["memory", "speed"])
+def test_leading_dims_and_no_bias(policy):
+    lin = nn.Linear(62, 40, bias=False)
+    layer = MPOLinear.from_linear(lin, num_cores=3, policy=policy)
+    assert layer.bias is None
+    x = torch.randn(2, 3, 5, 62)
+    y = layer(x)
+    assert y.shape == (2, 3, 5, 40)
+    assert torch.allclose(y, lin(x), atol=1e-5)
+    assert layer(torch.randn(62)).shape == (40,)  # a single vector, like nn.Linear
+
+
+def test_padded_layer_outputs_only_real_rows():
+    lin = nn.Linear(777, 62)
+    layer = MPOLinear.from_linear(lin, max_bond=8)
+    mpo = layer.to_mpo()
+    assert (mpo.padded_out, mpo.padded_in) == (64, 784)
+    x = torch.randn(9, 777)
+    full = mpo.to_tensor().reshape(64, 784)
+    ref = nn.functional.pad(x, (0, 7)) @ full.T
+    y = layer(x)
+    assert y.shape == (9, 62)
+    assert torch.allclose(y - lin.bias, ref[:, :62], atol=1e-5)
+
+
+def test_dtype_and_state_dict_round_trip():
+    layer = MPOLinear(48, 36, max_bond=4, num_cores=2)
+    x = torch.randn(4, 48)
+    y32 = layer(x)
+    layer64 = layer.double()
+    assert layer64.cores[0].dtype == torch.float64
+    assert torch.allclose(layer64(x.double()).float(), y32, atol=1e-5)
+    other = MPOLinear(48, 36, max_bond=4, num_cores=2, dtype=torch.float64)
+    other.load_state_dict(layer64.state_dict())
+    assert torch.equal(other(x.double()), layer64(x.double()))
+
+
+def test_gradcheck_cores_and_input():
+    torch.manual_seed(1)
+    layer = MPOLinear(12, 10, max_bond=3, num_cores=3, in_factors=(3, 2, 2), out_factors=(2, 5, 1),
+                      dtype=torch.float64)
+    names = [n for n, _ in layer.named_parameters()]
+    x = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+    params = [p.detach().clone().requires_grad_(True) for p in layer.parameters()]
+
+    def f(x, *ps):  # the layer as a pure function of its input and all its parameters
+        return torch.func.functional_call(layer, dict(zip(names, ps)), (x,))
+
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-6)
+
+
+def test_functional_call_swaps_are_seen_in_speed_mode():
+    layer = MPOLinear(64, 32, max_bond=4, num_cores=2, policy="speed")
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        y = layer(x)  # fills the dense cache
+        swapped = {n: p * 3 if n.startswith("cores.0") else p for n, p in layer.named_parameters()}
+        y3 = torch.func.functional_call(layer, swapped, (x,))
+        assert torch.allclose(y3 - layer.bias, 3 * (y - layer.bias), atol=1e-5)
+        assert torch.equal(layer(x), y)  # and the original parameters are back
+
+
+def test_training_lowers_loss_and_every_core_learns():
+    torch.manual_seed(0)
+    teacher = nn.Linear(64, 48)
+    student = MPOLinear(64, 48, max_bond=8, num_cores=3)
+    opt = torch.optim.Adam(student.parameters(), lr=3e-3)
+    x = torch.randn(512, 64)
+    target = teacher(x).detach()
+    before = [c.detach().clone() for c in student.cores]
+    first = None
+    for _ in range(150):
+        loss = nn.functional.mse_loss(student(x), target)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        assert all(c.grad is not None and c.grad.abs().sum() > 0 for c in student.cores)
+        opt.step()
+    assert loss.item() < 0.5 * first
+    assert all(not torch.equal(b, c) for b, c in zip(before, student.cores))
+
+
+def test_fresh_init_matches_linear_output_variance():
+    x = torch.randn(2048, 256)
+    ratios = []
+    for seed in range(8):
+        torch.manual_seed(seed)
+        lin = nn.Linear(256, 256, bias=False)
+        mpo = MPOLinear(256, 256, bias=False, max_bond=16)
+        with torch.no_grad():
+            ratios.append((mpo(x).var() / lin(x).var()).item())
+    assert sum(ratios) / len(ratios) == pytest.approx(1.0, rel=0.2)
+
+
+def test_speed_mode_cache_follows_in_place_updates():
+    layer = MPOLinear.from_linear(nn.Linear(256, 256), max_bond=32, policy="speed")
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        y0 = layer(x)
+        layer.cores[1].mul_(2.0)  # in-place edit after the cache was filled
+        y1 = layer(x)
+    assert torch.allclose(y1 - layer.bias, 2 * (y0 - layer.bias), atol=1e-5)
+    # an optimizer step is seen too
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(x).sum().backward()
+    opt.step()
+    with torch.no_grad():
+        expected = x @ layer.weight_matrix().T + layer.bias
+        assert torch.allclose(layer(x), expected, atol=1e-4)
+
+
+def test_memory_mode_never_caches_and_respects_memory_bound():
+    layer = MPOLinear(1024, 1024, max_bond=16, policy="memory")
+    for rows in (1, 64, 512):
+        plan = layer.plan(rows)
+        assert not plan.cached
+        limit = max(1024 * 1024, 4 * rows * (1024 + 1024))
+        assert plan.peak_elements <= limit
+        assert plan.flops > 0
+
+
+def test_plan_is_inspectable_and_not_replanned():
+    layer = MPOLinear(256, 256, max_bond=16)
+    x = torch.randn(64, 256)
+    layer(x)
+    info = layer.plan(64).describe()
+    assert set(info) >= {"name", "path", "flops", "peak_elements", "executor"}
+    plan_obj = layer._plans[(64).bit_length() << 1 | True]
+    layer(torch.randn(100, 256))  # same bucket (64..127)
+    assert layer._plans[(64).bit_length() << 1 | True] is plan_obj
+    assert layer.flops(64) == layer.plan(64).flops
+
+
+def test_num_params_formula():
+    layer = MPOLinear(384, 1536, max_bond=16, num_cores=3)
+    r = [1, *layer.bond_dims, 1]
+    expected = sum(r[k] * o * i * r[k + 1] for k, (o, i) in enumerate(zip(layer.out_factors, layer.in_factors)))
+    assert layer.num_params == expected
+    assert layer.num_params == MPO(list(c.detach() for c in layer.cores), 1536, 384).num_params
+    assert math.prod(layer.in_factors) == 384 and math.prod(layer.out_factors) == 1536

@@ -1,0 +1,154 @@
+"""The MPO math: exact TT-SVD, truncation errors, canonical form, factor policy."""
+
+import math
+
+import pytest
+import tensorly as tl
+import torch
+
+from bondgate import MPO, choose_factors, factorize_shape
+
+SHAPES = [(256, 256), (62, 256), (384, 1536), (1536, 384), (1000, 777), (1024, 4096)]
+
+
+def rel(a, b):
+    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_exact_without_truncation(shape):
+    W = torch.randn(*shape, dtype=torch.float64)
+    mpo = MPO.from_matrix(W)
+    assert mpo.to_matrix().shape == shape
+    assert rel(mpo.to_matrix(), W) < 1e-10
+    assert mpo.error < 1e-10
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kw", [{"max_bond": 8}, {"tol": 0.5}, {"max_bond": 12, "tol": 0.9}])
+def test_reported_error_is_the_true_error(shape, kw):
+    W = torch.randn(*shape, dtype=torch.float64)
+    mpo = MPO.from_matrix(W, **kw)
+    true = rel(mpo.to_matrix(), W)
+    assert mpo.error == pytest.approx(true, rel=1e-6)
+    if "tol" in kw and "max_bond" not in kw:  # with both, the cap is hard and may cost more than tol
+        assert true <= kw["tol"] + 1e-12
+    if "max_bond" in kw:
+        assert max(mpo.bond_dims) <= kw["max_bond"]
+
+
+def _unfolding(W, out_f, in_f, k):
+    d = len(out_f)
+    T = W.reshape(*out_f, *in_f).permute(*[j for i in range(d) for j in (i, d + i)])
+    left = math.prod(o * i for o, i in zip(out_f[: k + 1], in_f[: k + 1]))
+    return T.reshape(left, -1)
+
+
+@pytest.mark.parametrize("bond", [0, 1, 2])
+def test_single_bond_truncation_is_eckart_young(bond):
+    W = torch.randn(256, 256, dtype=torch.float64)
+    caps = [None, None, None]
+    caps[bond] = 5
+    mpo = MPO.from_matrix(W, num_cores=4, max_bond=caps)
+    s = torch.linalg.svdvals(_unfolding(W, (4,) * 4, (4,) * 4, bond))
+    expected = float(torch.sqrt((s[5:] ** 2).sum()) / torch.linalg.norm(W))
+    assert mpo.bond_dims[bond] == 5
+    assert rel(mpo.to_matrix(), W) == pytest.approx(expected, rel=1e-9)
+    assert mpo.error == pytest.approx(expected, rel=1e-9)
+
+
+def test_canonical_form_and_schmidt_ordering():
+    W = torch.randn(384, 1536, dtype=torch.float64)
+    mpo = MPO.from_matrix(W, max_bond=16)
+    for c in mpo.cores[:-1]:
+        Q = c.reshape(-1, c.shape[3])
+        assert torch.allclose(Q.T @ Q, torch.eye(Q.shape[1], dtype=Q.dtype), atol=1e-10)
+    for k, s in enumerate(mpo.bond_spectra):
+        assert s.numel() == mpo.bond_dims[k]
+        assert bool((s[:-1] >= s[1:] - 1e-12).all())
+        # Schmidt values of the MPO across cut k = singular values of its k-th unfolding
+        sv = torch.linalg.svdvals(_unfolding(mpo.to_matrix(), mpo.out_factors, mpo.in_factors, k))
+        assert torch.allclose(s, sv[: s.numel()], rtol=1e-8, atol=1e-10)
+    # slicing one bond to a prefix costs exactly its discarded Schmidt mass (relative to the MPO)
+    k, w = 1, 6
+    widths = list(mpo.bond_dims)
+    widths[k] = w
+    sliced = mpo.slice_bonds(widths)
+    err = torch.linalg.norm(sliced.to_matrix() - mpo.to_matrix())
+    assert float(err) == pytest.approx(float(torch.sqrt((mpo.bond_spectra[k][w:] ** 2).sum())), rel=1e-8)
+
+
+def test_truncate_existing_mpo():
+    W = torch.randn(256, 256, dtype=torch.float64)
+    exact = MPO.from_matrix(W)
+    small = exact.truncate(max_bond=8)
+    direct = MPO.from_matrix(W, max_bond=8)
+    assert small.bond_dims == (8, 8, 8)
+    assert small.error == pytest.approx(rel(small.to_matrix(), W), rel=1e-6)
+    # canonical sweep truncation is at least as good as one-pass TT-SVD here (both near-optimal)
+    assert small.error <= direct.error * 1.05
+
+
+def test_matches_tensorly_reconstruction():
+    W = torch.randn(96, 120, dtype=torch.float64)
+    mpo = MPO.from_matrix(W, num_cores=3, max_bond=7)
+    tl.set_backend("pytorch")
+    try:
+        ref = tl.tt_matrix_to_matrix([c for c in mpo.cores])
+    finally:
+        tl.set_backend("numpy")
+    assert torch.allclose(ref, mpo.to_matrix(), atol=1e-12)
+
+
+def test_params_and_bonds():
+    mpo = MPO.from_matrix(torch.randn(256, 256), num_cores=4, max_bond=32)
+    assert mpo.bond_dims == (16, 32, 16)
+    assert mpo.num_params == 16 * 16 + 16 * 16 * 32 + 32 * 16 * 16 + 16 * 16 == 16_896
+    assert mpo.max_bond_dims() == (16, 256, 16)
+
+
+def test_float32_input_keeps_dtype():
+    W = torch.randn(64, 48)
+    mpo = MPO.from_matrix(W, num_cores=3)
+    assert mpo.dtype == torch.float32
+    assert rel(mpo.to_matrix(), W) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "n,d,expected",
+    [(256, 4, (256, (4, 4, 4, 4))), (62, 4, (64, (2, 2, 4, 4))), (777, 4, (784, (4, 4, 7, 7))),
+     (1000, 4, (1000, (5, 5, 5, 8))), (1536, 3, (1536, (8, 12, 16))), (1, 3, (1, (1, 1, 1)))],
+)
+def test_factor_policy(n, d, expected):
+    assert choose_factors(n, d) == expected
+
+
+@pytest.mark.parametrize("n", [30522, 50257, 9973, 4099])
+def test_large_primes_are_padded_a_little(n):
+    padded, f = choose_factors(n, 4)
+    assert math.prod(f) == padded and n <= padded <= n * 1.02
+    assert max(f) <= 1.5 * padded ** 0.25
+
+
+def test_factorize_shape_orders_legs():
+    out_f, in_f = factorize_shape(1536, 384, 3)
+    assert out_f == (8, 12, 16) and in_f == (8, 8, 6)
+    assert factorize_shape(256, 256, 4, out_factors=(2, 8, 4, 4)) == ((2, 8, 4, 4), (4, 4, 4, 4))
+
+
+def test_padded_mpo_never_leaks():
+    W = torch.randn(62, 777, dtype=torch.float64)
+    mpo = MPO.from_matrix(W, max_bond=6)
+    assert (mpo.padded_out, mpo.padded_in) == (64, 784)
+    full = mpo.to_tensor().reshape(64, 784)
+    assert torch.equal(mpo.to_matrix(), full[:62, :777])
+    assert mpo.error == pytest.approx(rel(mpo.to_matrix(), W), rel=1e-6)
+
+
+def test_random_mpo_matches_linear_init_variance():
+    vals = []
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        vals.append(MPO.random(256, 384, bond=16, generator=g).to_matrix().var().item())
+    expected = 1.0 / (3 * 384)  # nn.Linear: U(-1/sqrt(in), 1/sqrt(in))
+    assert sum(vals) / len(vals) == pytest.approx(expected, rel=0.15)

@@ -1,0 +1,61 @@
+"""Every candidate plan computes the same product; the cache and policies behave."""
+
+import pytest
+import torch
+
+from bondgate import MPO, MPOLinear, PlanPolicy, clear_plan_cache
+from bondgate.planner import _build_candidates, get_plan, plan_cache_info
+
+
+@pytest.mark.parametrize("shape,d,bond,rows", [((256, 256), 4, 8, 3), ((62, 777), 3, 5, 17), ((40, 24), 2, 3, 1),
+                                               ((30, 20), 1, None, 4)])
+def test_all_candidates_agree(shape, d, bond, rows):
+    W = torch.randn(*shape, dtype=torch.float64)
+    mpo = MPO.from_matrix(W, num_cores=d, max_bond=bond)
+    x = torch.randn(rows, shape[1], dtype=torch.float64)
+    ref = x @ mpo.to_matrix().T
+    cands = _build_candidates(mpo.out_factors, mpo.in_factors, mpo.bond_dims, rows,
+                              PlanPolicy(cache_dense=True), grad=False)
+    names = {c.name for c in cands}
+    if d >= 2:
+        assert {"rebuild+gemm", "dense-cached"} <= names
+    if d >= 3:
+        assert any(n.endswith("/l2r") for n in names) and any(n.startswith("merge") for n in names)
+    for c in cands:
+        y = c.run(x, c.group_operands(mpo.cores, shape[0], shape[1]), shape[0])
+        assert y.shape == (rows, shape[0])
+        assert torch.allclose(y, ref, atol=1e-10), c.name
+
+
+def test_memory_policy_screens_big_intermediates():
+    cands = _build_candidates((4, 4, 8, 8), (8, 8, 4, 4), (32, 64, 32), 2048, PlanPolicy(cache_dense=False), False)
+    limit = max(1024 * 1024, 4 * 2048 * 2048)
+    assert cands and all(c.peak_elements <= limit and not c.cached for c in cands)
+
+
+def test_plans_are_cached_per_bucket_and_shared():
+    clear_plan_cache()
+    a = MPOLinear(128, 128, max_bond=8)
+    b = MPOLinear(128, 128, max_bond=8)
+    with torch.no_grad():
+        a(torch.randn(5, 128))
+        n = plan_cache_info()["plans"]
+        b(torch.randn(6, 128))  # same bucket (4..7), same shape: no new plan
+        assert plan_cache_info()["plans"] == n
+        b(torch.randn(9, 128))
+        assert plan_cache_info()["plans"] == n + 1
+    p1 = get_plan(a.out_factors, a.in_factors, a.bond_dims, 5, torch.float32, torch.device("cpu"))
+    assert p1 is get_plan(a.out_factors, a.in_factors, a.bond_dims, 7, torch.float32, torch.device("cpu"))
+
+
+def test_flops_policy_is_deterministic_and_minimal():
+    layer = MPOLinear(256, 256, max_bond=8, policy=PlanPolicy(select="flops"))
+    p = layer.plan(64)
+    assert p.time_us is None
+    assert p.flops == layer.to_mpo().flops(64)
+
+
+def test_speed_mode_picks_dense_for_big_batches_of_wide_bonds():
+    # rank 64 on a 256x256 layer has more FLOPs than dense at any batch: the cached weight must win
+    layer = MPOLinear(256, 256, max_bond=64, policy=PlanPolicy(cache_dense=True, select="flops"))
+    assert layer.plan(512).name == "dense-cached"

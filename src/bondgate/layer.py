@@ -115,6 +115,42 @@ class MPOLinear(nn.Module):
         layer = cls.from_mpo(mpo.to(device=W.device), linear.bias, policy=policy)
         return layer
 
+    def spec(self) -> dict:
+        """JSON-serializable structure of this layer (everything but the tensors)."""
+        return {
+            "type": type(self).__name__,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "in_factors": list(self.in_factors),
+            "out_factors": list(self.out_factors),
+            "bond_dims": list(self.bond_dims),
+            "bias": self.bias is not None,
+            "policy": "speed" if self._policy.cache_dense else "memory",
+            "dtype": str(self._core_tuple()[0].dtype).removeprefix("torch."),
+            "error": None if math.isnan(self.error) else self.error,
+        }
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "MPOLinear":
+        """An uninitialized layer with the structure of :meth:`spec` (fill it with ``load_state_dict``)."""
+        need = {"in_features", "out_features", "in_factors", "out_factors", "bond_dims", "bias"}
+        missing = need - set(spec)
+        if missing:
+            raise ValueError(f"layer spec is missing {sorted(missing)}")
+        dtype = getattr(torch, spec.get("dtype", "float32"), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"unknown dtype {spec.get('dtype')!r} in layer spec")
+        out_f, in_f = tuple(spec["out_factors"]), tuple(spec["in_factors"])
+        r = [1, *spec["bond_dims"], 1]
+        if len(r) != len(out_f) + 1 or len(in_f) != len(out_f):
+            raise ValueError(f"inconsistent layer spec: factors {out_f} x {in_f} with bonds {spec['bond_dims']}")
+        cores = [torch.zeros(r[k], out_f[k], in_f[k], r[k + 1], dtype=dtype) for k in range(len(out_f))]
+        mpo = MPO(cores, int(spec["out_features"]), int(spec["in_features"]))
+        bias = torch.zeros(int(spec["out_features"]), dtype=dtype) if spec["bias"] else None
+        layer = cls.from_mpo(mpo, bias, policy=spec.get("policy", "memory"))
+        layer.error = float("nan") if spec.get("error") is None else float(spec["error"])
+        return layer
+
     def to_mpo(self) -> MPO:
         """The weight as a detached :class:`MPO`."""
         return MPO([c.detach() for c in self.cores], self.out_features, self.in_features,

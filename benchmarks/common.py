@@ -1,0 +1,79 @@
+"""Shared helpers for the benchmark scripts: machine/version banner and interleaved timing."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def machine_info() -> dict:
+    """What the numbers were measured on."""
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    for mod in ("bondgate", "opt_einsum", "tensorly", "tltorch", "transformers", "numpy"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - optional packages
+            pass
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name()
+    return info
+
+
+def banner(info: dict) -> str:
+    return " | ".join(f"{k}={v}" for k, v in info.items())
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 5, min_time: float = 0.05,
+                     min_reps: int = 3, sync: Callable[[], None] | None = None) -> dict[str, float]:
+    """Median seconds per call for each function, measured in interleaved rounds.
+
+    Every round times every function once (``reps`` calls, enough to last ``min_time``), so slow drifts
+    of a shared machine hit all variants alike; the result is the median over rounds.
+    """
+    sync = sync or (lambda: None)
+    reps: dict[str, int] = {}
+    for name, fn in fns.items():  # warm up and size the repetition count
+        fn()
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        one = time.perf_counter() - t0
+        reps[name] = max(min_reps, int(min_time / max(one, 1e-7)))
+    samples: dict[str, list[float]] = {n: [] for n in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            n = reps[name]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            sync()
+            samples[name].append((time.perf_counter() - t0) / n)
+    return {n: statistics.median(s) for n, s in samples.items()}
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1, default=str))

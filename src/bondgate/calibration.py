@@ -1,0 +1,296 @@
+"""Activation-aware (calibrated) decomposition.
+
+What matters is the error a layer makes on real inputs, ``||(W - W_mpo) X||``, not on the raw weight.
+With input mean ``mu`` and centered covariance ``Sigma`` (over calibration rows), and the bias
+re-fitted as ``b' = b + (W - W_mpo) mu``, the expected squared output error per row is
+``tr(E Sigma E^T)`` with ``E = W - W_mpo``. This module
+
+1. collects ``mu``, ``Sigma`` (and the uncentered second moment) for many layers in one pass
+   (:func:`collect_input_stats`), skipping padding tokens when the batch carries an attention mask;
+2. approximates ``Sigma`` by a Kronecker product over the MPO's input legs, ``Sigma ~ S_1^2 x ... x S_d^2``
+   (:func:`kron_whiteners`): TT-SVD of ``W (S_1 x ... x S_d)`` then ``S_k^{-1}`` folded into core ``k``'s
+   input leg keeps the MPO structure and bond dimensions exactly (a full whitening matrix would not);
+3. refines the cores on the exact objective ``tr(E Sigma E^T)`` with L-BFGS (:func:`refine_cores`) —
+   closed-form ALS is out of reach here because one core's normal equations have
+   ``(r_{k-1} in_k r_k)^2`` entries (36,000^2 for a 384x1536 layer at half its weights);
+4. measures how much each layer's output moves the model's output (:func:`layer_sensitivity`), so the
+   budget allocator can weight layer errors by their effect on the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["InputStats", "collect_input_stats", "kron_whiteners", "refine_cores", "layer_sensitivity",
+           "run_model", "model_output"]
+
+
+@dataclass
+class InputStats:
+    """Input statistics of one layer over the calibration rows (float64, CPU).
+
+    ``mean``: ``(in,)``; ``second``: uncentered ``E[x x^T]``, ``(in, in)``; ``rows``: row count.
+    """
+
+    mean: torch.Tensor
+    second: torch.Tensor
+    rows: int
+
+    @property
+    def cov(self) -> torch.Tensor:
+        """Centered covariance ``E[x x^T] - mu mu^T``."""
+        return self.second - torch.outer(self.mean, self.mean)
+
+
+def run_model(model: nn.Module, batch) -> object:
+    """Call ``model`` on one calibration item: a dict is passed as keyword arguments, a tuple/list
+    positionally, anything else as the single positional argument."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def model_output(out) -> torch.Tensor:
+    """The tensor a model's output is judged by: ``logits`` or ``last_hidden_state`` of a transformers
+    output, the first tensor of a tuple, or the tensor itself."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in ("logits", "last_hidden_state"):
+        val = getattr(out, key, None) if not isinstance(out, Mapping) else out.get(key)
+        if isinstance(val, torch.Tensor):
+            return val
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"cannot find an output tensor in {type(out).__name__}")
+
+
+def _row_mask(batch, x: torch.Tensor) -> torch.Tensor | None:
+    """Boolean row selector dropping padding tokens, when the batch has a matching attention mask."""
+    if isinstance(batch, Mapping) and "attention_mask" in batch and x.dim() == 3:
+        m = batch["attention_mask"]
+        if isinstance(m, torch.Tensor) and m.shape == x.shape[:2]:
+            return m.reshape(-1).bool()
+    return None
+
+
+def _layer_input(module: nn.Module, inputs: tuple) -> torch.Tensor:
+    return inputs[0]
+
+
+@torch.no_grad()
+def collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable,
+                        max_rows: int | None = None, progress: bool = False) -> dict[str, InputStats]:
+    """One pass of ``data`` through ``model``, accumulating each listed module's input statistics.
+
+    ``data`` yields model inputs (see :func:`run_model`). Rows are the flattened leading dims of a
+    module's input; padding rows are dropped when the batch has an ``attention_mask``.
+    """
+    sums: dict[str, torch.Tensor] = {}
+    seconds: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {n: 0 for n in modules}
+    current: dict = {}
+
+    def hook_for(name: str) -> Callable:
+        def hook(mod, inputs):
+            x = _layer_input(mod, inputs)
+            x2 = x.detach().reshape(-1, x.shape[-1])
+            keep = _row_mask(current.get("batch"), x)
+            if keep is not None:
+                x2 = x2[keep]
+            x2 = x2.to(torch.float64).cpu()
+            if name not in sums:
+                sums[name] = torch.zeros(x2.shape[1], dtype=torch.float64)
+                seconds[name] = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float64)
+            sums[name] += x2.sum(0)
+            seconds[name] += x2.T @ x2
+            counts[name] += x2.shape[0]
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in modules.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        it = data
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(data, desc="calibration", leave=False)
+        for batch in it:
+            current["batch"] = batch
+            run_model(model, batch)
+            if max_rows is not None and min(counts.values(), default=0) >= max_rows:
+                break
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    out = {}
+    for name in modules:
+        if counts[name] == 0:
+            raise ValueError(f"module {name!r} saw no calibration rows: is it used by the model's forward?")
+        n = counts[name]
+        out[name] = InputStats(mean=sums[name] / n, second=seconds[name] / n, rows=n)
+    return out
+
+
+def kron_whiteners(cov: torch.Tensor, in_factors: Sequence[int], damping: float = 1e-2
+                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-input-leg square roots ``S_k`` (and inverses) with ``S_1^2 x ... x S_d^2 ~ cov``.
+
+    ``cov``: ``(in, in)``, zero-padded to ``prod(in_factors)``. Each leg's factor is the partial trace of
+    ``cov`` over the other legs (the mode-k second moment), damped by ``damping`` x its mean diagonal
+    so dead channels stay invertible, and scaled so the Kronecker product has ``cov``'s trace.
+    """
+    M = math.prod(in_factors)
+    C = cov.to(torch.float64)
+    if C.shape[0] < M:
+        C = torch.nn.functional.pad(C, (0, M - C.shape[0], 0, M - C.shape[0]))
+    d = len(in_factors)
+    T = C.reshape(*in_factors, *in_factors)
+    letters = "abcdefghijklmnop"[:d]
+    total = float(torch.diagonal(C).sum())
+    factors = []
+    for k in range(d):
+        row = letters
+        col = "".join(letters[j] if j != k else "z" for j in range(d))
+        Ck = torch.einsum(f"{row}{col}->{letters[k]}z", T)
+        Ck = Ck / max(float(torch.diagonal(Ck).mean()), 1e-300)
+        Ck = Ck + damping * torch.eye(in_factors[k], dtype=C.dtype)
+        factors.append(Ck)
+    # scale so that tr(kron) == tr(cov): tr(kron) = prod_k tr(C_k)
+    scale = (total / math.prod(float(torch.diagonal(c).sum()) for c in factors)) if total > 0 else 1.0
+    S, S_inv = [], []
+    for k, Ck in enumerate(factors):
+        Ck = Ck * scale ** (1.0 / d)
+        evals, evecs = torch.linalg.eigh(Ck)
+        evals = evals.clamp_min(evals.max() * 1e-12)
+        S.append((evecs * evals.sqrt()) @ evecs.T)
+        S_inv.append((evecs * evals.rsqrt()) @ evecs.T)
+    return S, S_inv
+
+
+def apply_leg_maps(W: torch.Tensor, maps: Sequence[torch.Tensor], in_factors: Sequence[int]) -> torch.Tensor:
+    """``W @ (A_1 x ... x A_d)`` for a ``(out, prod(in_factors))`` matrix, leg by leg."""
+    N = W.shape[0]
+    T = W.reshape(N, *in_factors)
+    for k, A in enumerate(maps):
+        T = torch.movedim(torch.tensordot(T, A.to(T.dtype), dims=([k + 1], [0])), -1, k + 1)
+    return T.reshape(N, -1)
+
+
+def fold_into_cores(cores: Sequence[torch.Tensor], maps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Apply ``A_k`` to core ``k``'s input leg: ``G_k[a, o, i, b] <- sum_j G_k[a, o, j, b] A_k[j, i]``."""
+    return [torch.einsum("aojb,ji->aoib", c, A.to(c.dtype)) for c, A in zip(cores, maps)]
+
+
+def weighted_error(W: torch.Tensor, W_hat: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    """``tr(E cov E^T)`` with ``E = W - W_hat``: expected squared output error per row."""
+    E = W - W_hat
+    return ((E @ cov) * E).sum()
+
+
+def refine_cores(cores: Sequence[torch.Tensor], W: torch.Tensor, cov: torch.Tensor, out_features: int,
+                 in_features: int, steps: int = 50) -> tuple[list[torch.Tensor], float, float]:
+    """L-BFGS on ``tr((W - W_mpo) cov (W - W_mpo)^T)`` over the cores (float64).
+
+    Returns ``(cores, error_before, error_after)``; never returns worse cores than it was given.
+    """
+    from .mpo import MPO
+
+    W = W.to(torch.float64)
+    cov = cov.to(torch.float64)
+    params = [c.detach().to(torch.float64).clone().requires_grad_(True) for c in cores]
+    # Normalize the objective so L-BFGS's tolerances mean the same thing for every layer.
+    scale = float(((W @ cov) * W).sum()).__abs__() or 1.0
+
+    def loss_fn() -> torch.Tensor:
+        W_hat = MPO(params, out_features, in_features).to_matrix()
+        return weighted_error(W, W_hat, cov) / scale
+
+    with torch.no_grad():
+        before = float(loss_fn())
+    if steps > 0:
+        opt = torch.optim.LBFGS(params, max_iter=steps, history_size=20, line_search_fn="strong_wolfe",
+                                tolerance_grad=1e-10, tolerance_change=1e-12)
+
+        def closure():
+            opt.zero_grad()
+            loss = loss_fn()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    with torch.no_grad():
+        after = float(loss_fn())
+    if not after <= before:  # NaN or worse: keep the input
+        return [c.detach().to(torch.float64) for c in cores], before * scale, before * scale
+    return [p.detach() for p in params], before * scale, after * scale
+
+
+def layer_sensitivity(model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable, probes: int = 4,
+                      max_batches: int | None = None, seed: int = 0) -> dict[str, float]:
+    """How strongly each module's output moves the model's output, per unit of output error.
+
+    For random unit probes ``r`` of the model output ``f``, ``E_r ||d<r, f>/dy_l||^2 = ||J_l||_F^2 / dim(f)``
+    (``J_l`` the Jacobian of ``f`` w.r.t. layer ``l``'s output ``y_l``). We return its mean per output
+    element of ``y_l``, so ``sensitivity * E||dy_l||^2`` estimates ``E||df||^2`` up to one global factor.
+    """
+    grads: dict[str, float] = {n: 0.0 for n in modules}
+    elems: dict[str, int] = {n: 0 for n in modules}
+    outs: dict[str, torch.Tensor] = {}
+
+    def hook_for(name):
+        def hook(mod, inputs, output):
+            if output.requires_grad:
+                output.retain_grad()
+            outs[name] = output
+
+        return hook
+
+    gen = torch.Generator().manual_seed(seed)
+    handles = [m.register_forward_hook(hook_for(n)) for n, m in modules.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        for bi, batch in enumerate(data):
+            if max_batches is not None and bi >= max_batches:
+                break
+            for _ in range(probes):
+                outs.clear()
+                model.zero_grad(set_to_none=True)
+                with torch.enable_grad():
+                    f = model_output(run_model(model, batch))
+                    r = torch.randn(f.shape, generator=gen).to(f)
+                    r = r / r.norm()
+                    (f * r).sum().backward()
+                for n, y in outs.items():
+                    if y.grad is not None:
+                        grads[n] += float((y.grad.double() ** 2).sum())
+                        elems[n] += y.numel()
+    finally:
+        for h in handles:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return {n: (grads[n] / elems[n] if elems[n] else 0.0) for n in modules}
+
+
+@contextlib.contextmanager
+def _no_param_grads(model: nn.Module):
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)

@@ -1,0 +1,359 @@
+"""Model surgery: find a model's dense layers, factor them into MPOs under a budget, swap them in.
+
+``compress(model, config, calibration)`` modifies ``model`` in place and returns it, with a
+:class:`CompressionReport` attached as ``model.bondgate_report``. Per targeted layer it
+
+1. takes the weight ``W`` (``nn.Linear.weight``, or ``Conv1D.weight.T`` for transformers' GPT-2 layers),
+2. with calibration data, whitens it by a Kronecker-factored input covariance
+   (:mod:`bondgate.calibration`), so that the TT-SVD truncates what matters for real activations,
+3. decomposes it exactly into a canonical MPO whose bond spectra tell what each channel costs,
+4. lets the allocator (:mod:`bondgate.allocation`) spread the global budget over all bonds of all layers,
+   weighting each layer by how much its output moves the model's output,
+5. truncates, undoes the whitening inside the input-leg cores, refines the cores on the exact
+   activation-weighted error and re-fits the bias for the mean shift,
+6. swaps in an :class:`~bondgate.MPOLinear`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .allocation import LayerSpectrum, allocate, mpo_params, uniform_cap
+from .calibration import (InputStats, apply_leg_maps, collect_input_stats, fold_into_cores, kron_whiteners,
+                          layer_sensitivity, refine_cores)
+from .factors import factorize_shape
+from .layer import MPOLinear
+from .mpo import MPO
+
+__all__ = ["CompressionConfig", "CompressionReport", "LayerReport", "compress", "find_targets"]
+
+log = logging.getLogger("bondgate")
+
+
+@dataclass
+class CompressionConfig:
+    """What to compress and how much (PEFT-style: plain data, JSON-serializable).
+
+    Budget, exactly one of:
+        param_ratio: keep this fraction of the targeted layers' weights (0 < r <= 1).
+        max_bond: cap every bond of every layer.
+        tol: per-layer relative error tolerance (on the whitened weight with calibration data).
+    Selection:
+        target_modules: ``None`` = every ``nn.Linear`` / ``Conv1D``; a string = regex that must match the
+            full module name; a list = names, each matching a module name exactly or as its dotted suffix.
+        exclude: same forms, removed from the selection.
+    Method:
+        num_cores: cores per MPO. allocation: ``"global"`` (greedy over all bonds of all layers) or
+        ``"uniform"`` (one bond cap for every layer, plain TT-SVD; the classic baseline).
+        calibrate: use calibration data (whitening, refinement, bias correction, sensitivity) when given.
+        refine_steps: L-BFGS iterations on the activation-weighted error per layer (0 = off).
+        sensitivity: weight layers by their effect on the model output (needs calibration data).
+        damping: relative ridge on each input-leg covariance.
+        policy: ``"memory"`` or ``"speed"`` for the new layers' kernels.
+        max_calibration_rows: stop the statistics pass once every layer has seen this many rows.
+    """
+
+    param_ratio: float | None = None
+    max_bond: int | None = None
+    tol: float | None = None
+    target_modules: str | list[str] | None = None
+    exclude: str | list[str] | None = None
+    num_cores: int = 3
+    allocation: str = "global"
+    calibrate: bool = True
+    refine_steps: int = 30
+    sensitivity: bool = True
+    damping: float = 1e-2
+    policy: str = "memory"
+    max_calibration_rows: int | None = 200_000
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("param_ratio", "max_bond", "tol") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one budget: param_ratio, max_bond or tol (got {given or 'none'})")
+        if self.param_ratio is not None and not (0.0 < float(self.param_ratio) <= 1.0):
+            raise ValueError(f"param_ratio must lie in (0, 1], got {self.param_ratio!r}")
+        if self.max_bond is not None and (isinstance(self.max_bond, bool) or not isinstance(self.max_bond, int)
+                                          or self.max_bond < 1):
+            raise ValueError(f"max_bond must be an integer >= 1, got {self.max_bond!r}")
+        if self.tol is not None and not (0.0 <= float(self.tol) < 1.0):
+            raise ValueError(f"tol must lie in [0, 1), got {self.tol!r}")
+        if isinstance(self.num_cores, bool) or not isinstance(self.num_cores, int) or self.num_cores < 1:
+            raise ValueError(f"num_cores must be a positive integer, got {self.num_cores!r}")
+        if self.allocation not in ("global", "uniform"):
+            raise ValueError(f"allocation must be 'global' or 'uniform', got {self.allocation!r}")
+        if self.policy not in ("memory", "speed"):
+            raise ValueError(f"policy must be 'memory' or 'speed', got {self.policy!r}")
+        if self.refine_steps < 0 or self.damping < 0:
+            raise ValueError("refine_steps and damping must be >= 0")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LayerReport:
+    """One row of the compression report (errors are relative; FLOPs at ``rows`` input rows)."""
+
+    name: str
+    kind: str
+    out_features: int
+    in_features: int
+    status: str = "compressed"
+    out_factors: tuple[int, ...] = ()
+    in_factors: tuple[int, ...] = ()
+    bond_dims: tuple[int, ...] = ()
+    params_before: int = 0
+    params_after: int = 0
+    weight_error: float | None = None
+    output_error: float | None = None
+    flops_dense: int = 0
+    flops_mpo: int = 0
+
+
+@dataclass
+class CompressionReport:
+    """Per-layer results of :func:`compress` plus totals; ``print(report)`` shows a table."""
+
+    layers: list[LayerReport] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+    flop_rows: int = 128
+
+    @property
+    def compressed(self) -> list[LayerReport]:
+        return [r for r in self.layers if r.status == "compressed"]
+
+    @property
+    def params_before(self) -> int:
+        return sum(r.params_before for r in self.layers if r.status != "skipped")
+
+    @property
+    def params_after(self) -> int:
+        return sum(r.params_after for r in self.layers if r.status != "skipped")
+
+    @property
+    def ratio(self) -> float:
+        return self.params_after / max(self.params_before, 1)
+
+    def to_dict(self) -> dict:
+        return {"config": self.config, "flop_rows": self.flop_rows, "params_before": self.params_before,
+                "params_after": self.params_after, "ratio": self.ratio,
+                "layers": [asdict(r) for r in self.layers]}
+
+    def table(self) -> str:
+        """Markdown table, one row per targeted layer, with a totals row."""
+        head = ("| layer | shape (out x in) | factors (out / in) | bonds | weights | kept | "
+                "weight err | output err | FLOPs vs dense |\n|---|---|---|---|---|---|---|---|---|")
+        rows = [head]
+        for r in self.layers:
+            if r.status != "compressed":
+                rows.append(f"| {r.name} | {r.out_features}x{r.in_features} | {r.status} | | {r.params_before:,} | "
+                            f"{r.params_after / max(r.params_before, 1):.1%} | | | |")
+                continue
+            fmt = (lambda v: "-" if v is None else f"{v:.4f}")
+            rows.append(
+                f"| {r.name} | {r.out_features}x{r.in_features} | {'x'.join(map(str, r.out_factors))} / "
+                f"{'x'.join(map(str, r.in_factors))} | {','.join(map(str, r.bond_dims))} | "
+                f"{r.params_before:,} -> {r.params_after:,} | {r.params_after / r.params_before:.1%} | "
+                f"{fmt(r.weight_error)} | {fmt(r.output_error)} | {r.flops_mpo / max(r.flops_dense, 1):.2f}x |")
+        rows.append(f"| **total** | | | | {self.params_before:,} -> {self.params_after:,} | {self.ratio:.1%} | | | |")
+        return "\n".join(rows)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+# ---------------------------------------------------------------------------------------------- targets
+def _is_conv1d(m: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): ``y = x @ W + b`` with ``W`` of shape ``(in, out)``."""
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None
+
+
+def _dense_weight(m: nn.Module) -> torch.Tensor:
+    """The weight in ``(out, in)`` layout."""
+    return m.weight.detach().T if _is_conv1d(m) else m.weight.detach()
+
+
+def _matches(name: str, spec: str | Sequence[str] | None) -> bool:
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == s or name.endswith("." + s) for s in spec)
+
+
+def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """``(targets, skipped)``: modules to compress by name, and skipped ones with the reason."""
+    owners: dict[int, list[str]] = {}
+    for name, mod in model.named_modules():
+        for pname, p in mod.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append(f"{name}.{pname}" if name else pname)
+    targets, skipped = {}, {}
+    for name, mod in model.named_modules():
+        if not name or not (isinstance(mod, nn.Linear) or _is_conv1d(mod)) or isinstance(mod, MPOLinear):
+            continue
+        if config.target_modules is not None and not _matches(name, config.target_modules):
+            continue
+        if _matches(name, config.exclude):
+            continue
+        w = mod.weight
+        if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.dim() != 2:
+            skipped[name] = f"weight is not a floating-point matrix ({type(w).__name__})"
+            continue
+        tied = [o for o in owners.get(id(w), []) if o != f"{name}.weight"]
+        if tied:
+            skipped[name] = f"weight is tied to {', '.join(tied)}; compressing it would untie them"
+            continue
+        if not torch.isfinite(w).all():
+            skipped[name] = "weight contains NaN/Inf"
+            continue
+        W = _dense_weight(mod)
+        out_f, in_f = factorize_shape(W.shape[0], W.shape[1], config.num_cores)
+        smallest = mpo_params([o * i for o, i in zip(out_f, in_f)], [1] * (len(out_f) - 1))
+        if smallest >= W.numel():
+            skipped[name] = f"no {len(out_f)}-core MPO of a {W.shape[0]}x{W.shape[1]} matrix is smaller than it"
+            continue
+        targets[name] = mod
+    if not targets:
+        log.warning("compress: no layer to compress (skipped: %s)", skipped or "none matched")
+    for name, why in skipped.items():
+        log.info("compress: skipping %s: %s", name, why)
+    return targets, skipped
+
+
+# ---------------------------------------------------------------------------------------------- compress
+@dataclass
+class _Work:
+    name: str
+    module: nn.Module
+    W: torch.Tensor  # (out, in) float64
+    bias: torch.Tensor | None
+    out_f: tuple[int, ...]
+    in_f: tuple[int, ...]
+    stats: InputStats | None = None
+    S_inv: list[torch.Tensor] | None = None
+    exact: MPO | None = None  # canonical MPO of the (whitened, padded) weight
+    weight: float = 1.0
+
+    @property
+    def cov(self) -> torch.Tensor | None:
+        if self.stats is None:
+            return None
+        return self.stats.cov if self.bias is not None else self.stats.second
+
+    def whitened_padded(self, S: list[torch.Tensor] | None) -> torch.Tensor:
+        Np, Mp = math.prod(self.out_f), math.prod(self.in_f)
+        Wp = torch.nn.functional.pad(self.W, (0, Mp - self.W.shape[1], 0, Np - self.W.shape[0]))
+        return Wp if S is None else apply_leg_maps(Wp, S, self.in_f)
+
+
+def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable | None = None,
+             progress: bool = True) -> nn.Module:
+    """Replace the targeted dense layers of ``model`` by MPO layers, in place; returns ``model``.
+
+    ``calibration``: optional iterable of model inputs (tensors, tuples, or dicts of keyword arguments
+    such as tokenized batches); a few hundred rows per layer are enough. The report is attached as
+    ``model.bondgate_report``.
+    """
+    from tqdm.auto import tqdm
+
+    if not isinstance(config, CompressionConfig):
+        raise TypeError(f"config must be a CompressionConfig, got {type(config).__name__}")
+    targets, skipped = find_targets(model, config)
+    report = CompressionReport(config=config.to_dict())
+    data = list(calibration) if (calibration is not None and config.calibrate) else None
+    if data is not None and not data:
+        raise ValueError("calibration data is empty")
+
+    stats = collect_input_stats(model, targets, data, config.max_calibration_rows, progress) if data and targets else {}
+    sens = {}
+    if data and targets and config.sensitivity and config.param_ratio is not None and config.allocation == "global":
+        sens = layer_sensitivity(model, targets, data[: max(1, min(len(data), 8))])
+
+    works: list[_Work] = []
+    for name, mod in targets.items():
+        W = _dense_weight(mod).to(torch.float64).cpu()
+        out_f, in_f = factorize_shape(W.shape[0], W.shape[1], config.num_cores)
+        b = getattr(mod, "bias", None)
+        works.append(_Work(name, mod, W, None if b is None else b.detach().to(torch.float64).cpu(), out_f, in_f,
+                           stats.get(name), weight=sens.get(name, 1.0)))
+
+    widths: dict[str, list[int] | None] = {}
+    bar = (lambda it, desc: tqdm(it, desc=desc, leave=False)) if progress else (lambda it, desc: it)
+    if config.param_ratio is not None:
+        for w in bar(works, "decompose"):
+            S = None
+            if w.cov is not None:
+                S, w.S_inv = kron_whiteners(w.cov, w.in_f, config.damping)
+            w.exact = MPO.from_matrix(w.whitened_padded(S), in_factors=w.in_f, out_factors=w.out_f)
+        spectra = [LayerSpectrum([o * i for o, i in zip(w.out_f, w.in_f)], w.exact.bond_spectra or [], w.weight,
+                                 w.W.numel()) for w in works]
+        budget = int(config.param_ratio * sum(w.W.numel() for w in works))
+        if config.allocation == "global":
+            for w, wid in zip(works, allocate(spectra, budget)):
+                widths[w.name] = wid
+        else:
+            cap = uniform_cap(spectra, budget)
+            for w, s in zip(works, spectra):
+                widths[w.name] = [min(cap, f) for f in s.full_widths]
+
+    for w in bar(works, "compress"):
+        wid = widths.get(w.name, [])
+        if config.param_ratio is not None and wid is None:
+            report.layers.append(LayerReport(w.name, type(w.module).__name__, w.W.shape[0], w.W.shape[1],
+                                             status="kept dense (budget)", params_before=w.W.numel(),
+                                             params_after=w.W.numel()))
+            continue
+        if config.param_ratio is not None:
+            mpo_w = w.exact.truncate(max_bond=list(wid))
+        else:
+            S = None
+            if w.cov is not None:
+                S, w.S_inv = kron_whiteners(w.cov, w.in_f, config.damping)
+            mpo_w = MPO.from_matrix(w.whitened_padded(S), in_factors=w.in_f, out_factors=w.out_f,
+                                    max_bond=config.max_bond, tol=config.tol)
+        cores = mpo_w.cores if w.S_inv is None else fold_into_cores(mpo_w.cores, w.S_inv)
+        if w.cov is not None and config.refine_steps > 0:
+            cores, _, _ = refine_cores(cores, w.W, w.cov, w.W.shape[0], w.W.shape[1], config.refine_steps)
+        mpo = MPO([c.to(torch.float64) for c in cores], w.W.shape[0], w.W.shape[1])
+        W_hat = mpo.to_matrix()
+        bias = w.bias
+        if bias is not None and w.stats is not None:
+            bias = bias + (w.W - W_hat) @ w.stats.mean  # absorb the mean shift of the output
+        mpo.error = float(torch.linalg.norm(w.W - W_hat) / torch.linalg.norm(w.W).clamp_min(1e-300))
+        mpo.error_exact = True
+        ref = w.module.weight
+        layer = MPOLinear.from_mpo(mpo.to(dtype=ref.dtype, device=ref.device),
+                                   None if bias is None else bias.to(dtype=ref.dtype, device=ref.device),
+                                   policy=config.policy)
+        model.set_submodule(w.name, layer)
+        report.layers.append(_layer_report(w, mpo, W_hat, bias, report.flop_rows))
+    for name, why in skipped.items():
+        mod = model.get_submodule(name)
+        n = mod.weight.numel() if isinstance(getattr(mod, "weight", None), torch.Tensor) else 0
+        report.layers.append(LayerReport(name, type(mod).__name__, 0, 0, status=f"skipped: {why}",
+                                         params_before=n, params_after=n))
+    model.bondgate_report = report
+    return model
+
+
+def _layer_report(w: _Work, mpo: MPO, W_hat: torch.Tensor, bias: torch.Tensor | None, rows: int) -> LayerReport:
+    out_err = None
+    if w.stats is not None:  # E||(W - W_hat) x + (b - b')||^2 / E||W x + b||^2 over the calibration rows
+        E = w.W - W_hat
+        num = float(((E @ w.cov) * E).sum())  # with a bias, its re-fit removes the mean term exactly
+        b0 = w.bias if w.bias is not None else torch.zeros(w.W.shape[0], dtype=torch.float64)
+        den = float(((w.W @ w.stats.second) * w.W).sum() + 2 * b0 @ (w.W @ w.stats.mean) + b0 @ b0)
+        out_err = math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
+    return LayerReport(
+        name=w.name, kind=type(w.module).__name__, out_features=w.W.shape[0], in_features=w.W.shape[1],
+        out_factors=mpo.out_factors, in_factors=mpo.in_factors, bond_dims=mpo.bond_dims,
+        params_before=w.W.numel(), params_after=mpo.num_params, weight_error=mpo.error, output_error=out_err,
+        flops_dense=2 * rows * w.W.numel(), flops_mpo=mpo.flops(rows))

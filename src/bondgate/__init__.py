@@ -1,6 +1,7 @@
 """bondgate: compress PyTorch models into matrix-product operators, gate their bonds per input,
 and run them through a planned contraction kernel."""
 
+from .baselines import LowRankLinear, latency, magnitude_prune, quantize_int8, size_on_disk, svd_compress
 from .factors import choose_factors, factorize_shape
 from .layer import MPOLinear
 from .mpo import MPO
@@ -17,4 +18,10 @@ __all__ = [
     "choose_factors",
     "factorize_shape",
     "clear_plan_cache",
+    "LowRankLinear",
+    "svd_compress",
+    "magnitude_prune",
+    "quantize_int8",
+    "size_on_disk",
+    "latency",
 ]

@@ -1,0 +1,640 @@
+"""Baselines a user would pick instead of an MPO, compared at equal stored size.
+
+Each compressor takes a model and a target selection, works on a deep copy (the input is never
+modified) and returns the new model plus a per-layer report:
+
+* :func:`svd_compress` -- truncated SVD, each targeted layer becomes a :class:`LowRankLinear`;
+* :func:`magnitude_prune` -- keep the largest ``|w|`` entries, zero the rest (real zeros);
+* :func:`quantize_int8` -- ``torch.ao`` dynamic int8 quantization (weights int8, activations fp32).
+
+"Equal stored size" means the same number of stored weight values in the targeted layers (biases
+excluded, as in :attr:`bondgate.MPOLinear.num_params`); :func:`mpo_budget` reads those numbers off an
+MPO model so a baseline can be matched to it layer by layer. :func:`size_on_disk` and :func:`latency`
+measure what a user would ship and wait for.
+
+Targets: ``None`` selects every ``nn.Linear`` and HF ``transformers.pytorch_utils.Conv1D`` (GPT-2's
+linear layer, weight stored ``(in, out)``), except layers whose weight is tied to another module (an
+LM head tied to the embedding: pruning it in place would prune the embedding, replacing it would
+untie and grow the model) and, for the replacing baselines (SVD, int8), layers inside torch's
+``nn.MultiheadAttention`` / ``nn.Transformer*`` modules (their fused fast paths read the children's
+``.weight`` tensors directly; even plain ``quantize_dynamic`` breaks ``nn.TransformerEncoderLayer``).
+A callable ``(name, module) -> bool`` filters those candidates; a list of module names selects
+exactly those and raises if one cannot be compressed. Skipped layers are listed in ``info["skipped"]``.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+import os
+import statistics
+import struct
+import sys
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .layer import MPOLinear
+
+__all__ = [
+    "LowRankLinear",
+    "svd_compress",
+    "magnitude_prune",
+    "quantize_int8",
+    "mpo_budget",
+    "stored_bytes",
+    "size_on_disk",
+    "sparse_state_dict",
+    "load_sparse_state_dict",
+    "latency",
+]
+
+Target = None | str | Callable[[str, nn.Module], bool] | Iterable[str]
+
+_CSR_META_KEY = "bondgate.csr"  # safetensors metadata: JSON {state_dict key: dense shape}
+
+
+# ---------------------------------------------------------------------------------------- layer helpers
+def _conv1d_type() -> type | None:
+    # A model can only hold a Conv1D if transformers.pytorch_utils is already imported, so looking it
+    # up in sys.modules avoids importing transformers (seconds) for plain PyTorch models.
+    mod = sys.modules.get("transformers.pytorch_utils")
+    return getattr(mod, "Conv1D", None)
+
+
+def _is_conv1d(m: nn.Module) -> bool:
+    conv1d = _conv1d_type()
+    return conv1d is not None and isinstance(m, conv1d)
+
+
+def _is_dense_layer(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or _is_conv1d(m)
+
+
+def _weight_matrix(m: nn.Module) -> torch.Tensor:
+    """The detached weight in ``nn.Linear`` layout ``(out_features, in_features)``."""
+    if isinstance(m, nn.Linear):
+        return m.weight.detach()
+    if _is_conv1d(m):
+        return m.weight.detach().T  # Conv1D computes x @ W + b with W of shape (in, out)
+    raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(m).__name__}")
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    return (t.device, t.untyped_storage().data_ptr())
+
+
+def _view_key(t: torch.Tensor) -> tuple:
+    return (*_storage_key(t), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at ``name`` in ``root``; returns the (possibly new) root."""
+    if name == "":
+        return new
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent), child, new)
+    return root
+
+
+def _aliases(model: nn.Module) -> dict[int, list[str]]:
+    names: dict[int, list[str]] = defaultdict(list)
+    for name, m in model.named_modules(remove_duplicate=False):
+        names[id(m)].append(name)
+    return names
+
+
+# torch's own attention/transformer modules read their children's ``.weight`` tensors directly (fused
+# fast paths), so a child swapped for a module without a plain weight tensor breaks them.
+_READS_CHILD_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
+                        nn.TransformerEncoder, nn.TransformerDecoder, nn.Transformer)
+
+
+def _weight_reader(model: nn.Module, names: list[str]) -> str | None:
+    for name in names:
+        parts = name.split(".") if name else []
+        for i in range(len(parts)):
+            anc = model.get_submodule(".".join(parts[:i]))
+            if isinstance(anc, _READS_CHILD_WEIGHTS):
+                return type(anc).__name__
+    return None
+
+
+def _select(model: nn.Module, target: Target, replace: bool) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """``({name: layer} to compress, {name: reason} skipped)``; see the module docstring."""
+    owners: dict[tuple, set[int]] = defaultdict(set)
+    for m in model.modules():
+        for t in (*m._parameters.values(), *m._buffers.values()):
+            if t is not None and t.numel() > 0:
+                owners[_storage_key(t)].add(id(m))
+    aliases = _aliases(model)
+
+    explicit = target is not None and not callable(target)
+    if explicit:
+        names = [target] if isinstance(target, str) else list(target)
+        candidates = []
+        for name in names:
+            try:
+                m = model.get_submodule(name)
+            except AttributeError as exc:
+                raise KeyError(f"no submodule named {name!r} in {type(model).__name__}") from exc
+            if not _is_dense_layer(m):
+                raise TypeError(f"{name!r} is a {type(m).__name__}, not an nn.Linear or transformers Conv1D")
+            candidates.append((name, m))
+    else:
+        candidates = [(n, m) for n, m in model.named_modules() if _is_dense_layer(m)]
+        if target is not None:
+            candidates = [(n, m) for n, m in candidates if target(n, m)]
+
+    selected: dict[str, nn.Module] = {}
+    skipped: dict[str, str] = {}
+    for name, m in candidates:
+        reason = None
+        if len(owners[_storage_key(m.weight)]) > 1:
+            reason = "weight is tied to another module"
+        elif replace and (reader := _weight_reader(model, aliases[id(m)])):
+            reason = f"its ancestor {reader} reads the layer's .weight directly, so it cannot be replaced"
+        if reason is None:
+            selected[name] = m
+        elif explicit:
+            raise ValueError(f"cannot compress {name!r}: {reason}")
+        else:
+            skipped[name] = reason
+    return selected, skipped
+
+
+def _budgets(
+    model: nn.Module, param_ratio: float | None, params: Mapping[str, int] | None, target: Target, replace: bool
+) -> tuple[dict[str, nn.Module], dict[str, int], dict[str, str]]:
+    if (param_ratio is None) == (params is None):
+        raise ValueError("give exactly one of param_ratio or params")
+    if params is not None:
+        if target is not None:
+            raise ValueError("params already names the layers; do not pass target as well")
+        selected, skipped = _select(model, list(params), replace)
+        budgets = {}
+        for name, n in params.items():
+            if int(n) != n or n < 0:
+                raise ValueError(f"params[{name!r}] must be a non-negative integer, got {n!r}")
+            budgets[name] = int(n)
+        return selected, budgets, skipped
+    if not param_ratio >= 0:
+        raise ValueError(f"param_ratio must be >= 0, got {param_ratio!r}")
+    selected, skipped = _select(model, target, replace)
+    budgets = {n: math.floor(param_ratio * m.weight.numel() + 0.5) for n, m in selected.items()}
+    return selected, budgets, skipped
+
+
+def _totals(layers: dict[str, dict], skipped: dict[str, str]) -> dict[str, Any]:
+    return {
+        "layers": layers,
+        "skipped": skipped,
+        "dense_params": sum(d["dense_params"] for d in layers.values()),
+        "params": sum(d["params"] for d in layers.values()),
+    }
+
+
+def mpo_budget(model: nn.Module) -> dict[str, int]:
+    """``{name: num_params}`` of every :class:`MPOLinear` in ``model`` (core weights, bias excluded).
+
+    Pass it as ``params=`` to :func:`svd_compress` / :func:`magnitude_prune` on the dense model the MPO
+    model was made from, so each baseline layer stores as many weights as its MPO counterpart.
+    """
+    return {name: m.num_params for name, m in model.named_modules() if isinstance(m, MPOLinear)}
+
+
+# ---------------------------------------------------------------------------------------- low rank
+class LowRankLinear(nn.Module):
+    """``y = (x @ V.T) @ U.T + b`` with ``U`` of shape ``(out_features, rank)`` and ``V`` of shape
+    ``(rank, in_features)``; accepts inputs ``(*, in_features)`` like ``nn.Linear``.
+
+    ``num_params = rank * (in_features + out_features)`` (bias excluded). ``error`` is the relative
+    Frobenius error of ``U @ V`` against the layer it was built from (``nan`` if built fresh).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not 1 <= rank <= min(in_features, out_features):
+            raise ValueError(f"rank must lie in [1, {min(in_features, out_features)}], got {rank}")
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        kw = {"device": device, "dtype": dtype or torch.get_default_dtype()}
+        # Var(V) = 1/(3 in), Var(U) = 1/rank  =>  Var((U V)_ij) = 1/(3 in), nn.Linear's default.
+        u_bound = math.sqrt(3 / rank)
+        self.U = nn.Parameter(torch.empty(out_features, rank, **kw).uniform_(-u_bound, u_bound))
+        bound = 1.0 / math.sqrt(in_features)
+        self.V = nn.Parameter(torch.empty(rank, in_features, **kw).uniform_(-bound, bound))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **kw).uniform_(-bound, bound))
+        else:
+            self.register_parameter("bias", None)
+        self.error: float = float("nan")
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, rank: int) -> "LowRankLinear":
+        """Best rank-``rank`` approximation (Eckart-Young) of an ``nn.Linear`` or HF ``Conv1D``.
+
+        The SVD ``W = P diag(s) Q^T`` is cut to ``rank`` and ``sqrt(s)`` goes into both factors
+        (``U = P sqrt(s)``, ``V = sqrt(s) Q^T``) so neither factor carries all the scale.
+        """
+        W = _weight_matrix(linear)
+        out_f, in_f = W.shape
+        layer = cls(in_f, out_f, rank, bias=linear.bias is not None, device=W.device, dtype=W.dtype)
+        # float64 SVD: the discarded tail of a float32 SVD is noisy, and fp16/bf16 have no SVD kernel.
+        P, s, Qh = torch.linalg.svd(W.to(torch.float64), full_matrices=False)
+        root = s[:rank].sqrt()
+        with torch.no_grad():
+            layer.U.copy_(P[:, :rank] * root)
+            layer.V.copy_(root[:, None] * Qh[:rank])
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias.detach())
+        total = float(s.square().sum())
+        layer.error = math.sqrt(float(s[rank:].square().sum()) / total) if total > 0 else 0.0
+        return layer
+
+    @property
+    def rank(self) -> int:
+        return int(self.U.shape[1])
+
+    @property
+    def num_params(self) -> int:
+        """Stored weights, ``rank * (in_features + out_features)`` (bias excluded)."""
+        return self.U.numel() + self.V.numel()
+
+    def weight_matrix(self) -> torch.Tensor:
+        """``U @ V``, shape ``(out_features, in_features)``."""
+        return self.U @ self.V
+
+    def to_linear(self) -> nn.Linear:
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.U.device, dtype=self.U.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(self.weight_matrix())
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(nn.functional.linear(x, self.V), self.U, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"bias={self.bias is not None}, params={self.num_params:,}")
+
+
+def svd_compress(
+    model: nn.Module,
+    param_ratio: float | None = None,
+    params: Mapping[str, int] | None = None,
+    target: Target = None,
+    *,
+    rank: int | Mapping[str, int] | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Replace targeted layers of a copy of ``model`` by truncated-SVD :class:`LowRankLinear` layers.
+
+    Give one of: ``param_ratio`` (each layer keeps about that fraction of its ``out*in`` weights),
+    ``params`` (``{layer name: weights to store}``, e.g. :func:`mpo_budget`), or ``rank`` (an int for
+    every targeted layer, clipped to ``min(out, in)``, or ``{name: rank}``).
+
+    With a budget ``n`` the rank is ``max(1, n // (in + out))``, so a layer never stores more than its
+    budget unless even rank 1 does. If the budget covers the dense ``out*in`` weights, or the rank
+    reaches ``min(out, in)``, or the factors would store at least as much as the dense weight, the
+    layer stays dense (lossless and no larger). An explicit ``rank`` is always honoured.
+
+    Returns ``(new_model, info)``; ``info["layers"][name]`` holds ``kind`` (``"low_rank"`` or
+    ``"dense"``), ``shape`` ``(out, in)``, ``rank``, ``budget``, ``params``, ``dense_params`` and
+    ``error`` (relative Frobenius weight error); ``info["params"]`` / ``["dense_params"]`` sum them.
+    """
+    given = sum(a is not None for a in (param_ratio, params, rank))
+    if given != 1:
+        raise ValueError("give exactly one of param_ratio, params or rank")
+    new = copy.deepcopy(model)
+    if rank is not None:
+        if isinstance(rank, Mapping):
+            if target is not None:
+                raise ValueError("rank already names the layers; do not pass target as well")
+            selected, skipped = _select(new, list(rank), replace=True)
+            ranks = {n: int(r) for n, r in rank.items()}
+        else:
+            selected, skipped = _select(new, target, replace=True)
+            ranks = {n: int(rank) for n in selected}
+        budgets: dict[str, int | None] = dict.fromkeys(selected)
+    else:
+        selected, budgets, skipped = _budgets(new, param_ratio, params, target, replace=True)
+        ranks = {}
+
+    aliases = _aliases(new)
+    layers: dict[str, dict] = {}
+    for name, m in selected.items():
+        out_f, in_f = _weight_matrix(m).shape
+        dense, full = out_f * in_f, min(out_f, in_f)
+        budget = budgets[name]
+        if budget is None:
+            k = ranks[name]
+            if k < 1:
+                raise ValueError(f"rank for {name!r} must be >= 1, got {k}")
+            k = min(k, full)
+        else:
+            k = max(1, budget // (in_f + out_f))
+            if budget >= dense or k >= full or k * (in_f + out_f) >= dense:
+                k = None
+        entry = {"shape": (out_f, in_f), "budget": budget, "dense_params": dense}
+        if k is None:
+            entry.update(kind="dense", rank=None, params=dense, error=0.0)
+        else:
+            low = LowRankLinear.from_linear(m, k)
+            for alias in aliases[id(m)]:
+                new = _set_module(new, alias, low)
+            entry.update(kind="low_rank", rank=k, params=low.num_params, error=low.error)
+        layers[name] = entry
+    return new, _totals(layers, skipped)
+
+
+# ---------------------------------------------------------------------------------------- pruning
+def magnitude_prune(
+    model: nn.Module,
+    param_ratio: float | None = None,
+    params: Mapping[str, int] | None = None,
+    target: Target = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Zero all but the ``budget`` largest-``|w|`` weights of each targeted layer in a copy of ``model``.
+
+    Budgets: ``param_ratio`` (``round(ratio * numel)`` per layer) or ``params`` (``{name: n}``, e.g.
+    :func:`mpo_budget`). Ties in ``|w|`` keep the entry with the lower flat index of the stored weight,
+    so the result is deterministic and the non-zero count is exactly the budget (unless the weight
+    already had fewer non-zeros). The zeros are written into the weight itself: no
+    ``torch.nn.utils.prune`` masks or hooks remain, and the layers stay dense modules (no speed-up;
+    see :func:`size_on_disk` with ``sparse=`` for the storage cost of the non-zeros).
+
+    Returns ``(new_model, info)``; ``info["layers"][name]`` holds ``budget``, ``params`` (non-zeros
+    kept), ``dense_params``, ``density`` and ``error`` (relative Frobenius weight error).
+    """
+    new = copy.deepcopy(model)
+    selected, budgets, skipped = _budgets(new, param_ratio, params, target, replace=False)
+    layers: dict[str, dict] = {}
+    for name, m in selected.items():
+        w = m.weight
+        numel = w.numel()
+        budget = min(budgets[name], numel)
+        flat = w.detach().reshape(-1)
+        # Stable descending sort keeps equal |w| in index order, i.e. lower index wins ties.
+        order = torch.sort(flat.abs(), descending=True, stable=True).indices
+        drop = torch.ones(numel, dtype=torch.bool, device=w.device)
+        drop[order[:budget]] = False
+        total = float(flat.double().square().sum())
+        removed = float(flat[drop].double().square().sum())
+        with torch.no_grad():
+            w.masked_fill_(drop.view_as(w), 0)
+        nnz = int(torch.count_nonzero(w))
+        layers[name] = {
+            "shape": tuple(_weight_matrix(m).shape),
+            "budget": budgets[name],
+            "dense_params": numel,
+            "params": nnz,
+            "density": nnz / numel,
+            "error": math.sqrt(removed / total) if total > 0 else 0.0,
+        }
+    return new, _totals(layers, skipped)
+
+
+# ---------------------------------------------------------------------------------------- int8
+def _conv1d_to_linear(conv: nn.Module) -> nn.Linear:
+    W = conv.weight.detach()  # (in, out)
+    lin = nn.Linear(W.shape[0], W.shape[1], bias=conv.bias is not None, device=W.device, dtype=W.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(W.T)
+        if conv.bias is not None:
+            lin.bias.copy_(conv.bias.detach())
+    return lin
+
+
+def quantize_int8(model: nn.Module, target: Target = None) -> nn.Module:
+    """Dynamic int8 quantization of a copy of ``model`` with ``torch.ao.quantization.quantize_dynamic``.
+
+    Weights are stored int8 (per-tensor affine scale/zero point), activations are quantized on the
+    fly per batch, outputs are fp32. HF ``Conv1D`` is not an ``nn.Linear`` (``quantize_dynamic``
+    matches exact module types and would leave GPT-2's layers in fp32), so targeted ``Conv1D`` layers
+    are first converted to the equivalent ``nn.Linear`` (weight transposed) and then quantized.
+    Targets follow the module docstring; ``target=None`` differs from the bare
+    ``quantize_dynamic(m, {nn.Linear})`` in leaving tied layers (an LM head; ``quantize_dynamic``
+    would copy a tied head into an untied int8 one) and layers inside ``nn.Transformer*`` modules
+    (which ``quantize_dynamic`` breaks) in fp32.
+
+    Caveats: CPU only (fbgemm/x86/qnnpack engines), fp32 models only, inference only (the result is
+    in eval mode and has no gradients), :class:`LowRankLinear` / :class:`MPOLinear` are left as they
+    are. ``torch.ao.quantization`` warns that it is deprecated in favour of ``torchao``; the warning
+    is silenced here since this is the baseline users run today.
+    """
+    new = copy.deepcopy(model)
+    selected, _ = _select(new, target, replace=True)
+    if not selected:
+        return new.eval()
+    aliases = _aliases(new)
+    names: set[str] = set()
+    for name, m in selected.items():
+        lin = _conv1d_to_linear(m) if _is_conv1d(m) else m
+        for alias in aliases[id(m)]:
+            new = _set_module(new, alias, lin)
+            names.add(alias)
+    wrapped = "" in names  # quantize_dynamic converts children only, so a bare layer needs a parent
+    if wrapped:
+        new, names = nn.Sequential(new), {"0"}
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor", category=UserWarning)
+        new = quantize_dynamic(new, names, dtype=torch.qint8, inplace=True)
+    return new[0] if wrapped else new
+
+
+# ---------------------------------------------------------------------------------------- sizes
+def _is_quantized(model: nn.Module) -> bool:
+    return any(not isinstance(t, torch.Tensor) or t.is_quantized for t in model.state_dict().values())
+
+
+def sparse_state_dict(
+    model: nn.Module, sparse: bool | Iterable[str] = False
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` ready for ``safetensors.torch.save``: contiguous CPU clones of the
+    state dict, tied tensors (same storage view) stored once under their first key.
+
+    ``sparse``: ``True`` stores every ``nn.Linear`` / ``Conv1D`` weight (tied ones excepted) in CSR
+    form, an iterable of module names stores those (e.g. ``info["layers"]`` of
+    :func:`magnitude_prune`). A CSR weight ``key`` with stored 2-D shape ``(rows, cols)`` becomes
+    ``key.csr_values`` (nnz, weight dtype), ``key.csr_col_indices`` (nnz, int32) and
+    ``key.csr_crow_indices`` (rows + 1, int32); its shape goes into the metadata.
+    """
+    if sparse is True:
+        layers, _ = _select(model, None, replace=False)
+    elif sparse is False:
+        layers = {}
+    else:
+        layers, _ = _select(model, list(sparse), replace=False)
+    csr_views = {_view_key(m.weight) for m in layers.values()}
+
+    tensors: dict[str, torch.Tensor] = {}
+    shapes: dict[str, list[int]] = {}
+    seen: set[tuple] = set()
+    for key, t in model.state_dict().items():
+        vk = _view_key(t)
+        if vk in seen and t.numel() > 0:  # empty tensors may all report data_ptr 0
+            continue
+        seen.add(vk)
+        t = t.detach().to("cpu")
+        if vk in csr_views:
+            if t.ndim != 2 or t.count_nonzero() >= 2**31:
+                raise ValueError(f"cannot store {key} (shape {tuple(t.shape)}) as int32-indexed CSR")
+            rows, cols = t.nonzero(as_tuple=True)  # row-major order, as CSR needs
+            counts = torch.bincount(rows, minlength=t.shape[0])
+            crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+            tensors[f"{key}.csr_values"] = t[rows, cols].contiguous()
+            tensors[f"{key}.csr_col_indices"] = cols.to(torch.int32)
+            tensors[f"{key}.csr_crow_indices"] = crow.to(torch.int32)
+            shapes[key] = list(t.shape)
+        else:
+            tensors[key] = t.clone(memory_format=torch.contiguous_format)
+    metadata = {"format": "pt"}
+    if shapes:
+        metadata[_CSR_META_KEY] = json.dumps(shapes)
+    return tensors, metadata
+
+
+def load_sparse_state_dict(data: bytes | str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a file (or its bytes) written from :func:`sparse_state_dict`; CSR weights come back dense."""
+    from safetensors.torch import load
+
+    if not isinstance(data, bytes):
+        with open(data, "rb") as f:
+            data = f.read()
+    # safetensors layout: u64 little-endian header length, JSON header (with "__metadata__"), data.
+    (n,) = struct.unpack("<Q", data[:8])
+    meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+    tensors = load(data)
+    for key, shape in json.loads(meta.get(_CSR_META_KEY, "{}")).items():
+        crow = tensors.pop(f"{key}.csr_crow_indices").long()
+        col = tensors.pop(f"{key}.csr_col_indices").long()
+        values = tensors.pop(f"{key}.csr_values")
+        dense = values.new_zeros(shape)
+        dense[torch.repeat_interleave(torch.arange(shape[0]), crow.diff()), col] = values
+        tensors[key] = dense
+    return tensors
+
+
+def _serialize(model: nn.Module, sparse: bool | Iterable[str]) -> bytes:
+    if _is_quantized(model):
+        # Dynamic int8 layers keep packed params (not plain tensors), which safetensors cannot hold;
+        # their native format is torch.save. This is only used to measure the baseline's size:
+        # bondgate's own checkpoints are safetensors + JSON and never pickle.
+        if sparse is not False:
+            raise ValueError("sparse storage is not supported for quantized models")
+        buf = io.BytesIO()
+        torch.save(model.state_dict(), buf)
+        return buf.getvalue()
+    from safetensors.torch import save
+
+    tensors, metadata = sparse_state_dict(model, sparse)
+    return save(tensors, metadata)
+
+
+def stored_bytes(model: nn.Module, sparse: bool | Iterable[str] = False) -> int:
+    """Bytes of the model's state dict as shipped: a safetensors file (tied weights once), pruned
+    weights in CSR when ``sparse`` selects them (see :func:`sparse_state_dict`); dynamic int8 models
+    as their ``torch.save`` state dict."""
+    return len(_serialize(model, sparse))
+
+
+def size_on_disk(model: nn.Module, path: str | os.PathLike | None = None, sparse: bool | Iterable[str] = False) -> int:
+    """Like :func:`stored_bytes`; with ``path`` the file is also written there and its size returned.
+
+    Compare a pruned model both ways: ``sparse=False`` (the zeros stored densely, what
+    ``save_file(model.state_dict())`` gives) and ``sparse=info["layers"]`` (the non-zeros in CSR:
+    8 bytes per fp32 non-zero plus 4 bytes per row).
+    """
+    data = _serialize(model, sparse)
+    if path is None:
+        return len(data)
+    with open(path, "wb") as f:
+        f.write(data)
+    return os.path.getsize(path)
+
+
+# ---------------------------------------------------------------------------------------- latency
+def _quantile(sorted_x: list[float], q: float) -> float:
+    pos = q * (len(sorted_x) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_x) - 1)
+    return sorted_x[lo] + (sorted_x[hi] - sorted_x[lo]) * (pos - lo)
+
+
+def latency(
+    model: nn.Module,
+    example_inputs: Any,
+    reps: int = 50,
+    warmup: int = 5,
+    threads: int | None = None,
+) -> dict[str, float]:
+    """Wall time of ``model(example_inputs)`` in seconds per call, under ``torch.inference_mode()``.
+
+    ``example_inputs``: a tensor, a tuple/list of positional arguments, or a dict of keyword
+    arguments. The model runs in eval mode (its train/eval flags are restored afterwards); with
+    ``threads`` the intra-op thread count is set for the measurement and restored. CUDA is
+    synchronized around each call. Returns ``median``, ``p10``, ``p90``, ``mean``, ``min`` (seconds),
+    ``reps`` and ``threads`` (the count in effect).
+    """
+    if reps < 1 or warmup < 0:
+        raise ValueError(f"need reps >= 1 and warmup >= 0, got reps={reps}, warmup={warmup}")
+    if isinstance(example_inputs, Mapping):
+        args, kwargs = (), dict(example_inputs)
+    elif isinstance(example_inputs, (tuple, list)):
+        args, kwargs = tuple(example_inputs), {}
+    else:
+        args, kwargs = (example_inputs,), {}
+    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+    cuda = any(t.is_cuda for t in tensors) or any(p.is_cuda for p in model.parameters())
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    flags = [(m, m.training) for m in model.modules()]
+    old_threads = torch.get_num_threads()
+    times: list[float] = []
+    try:
+        if threads is not None:
+            torch.set_num_threads(int(threads))
+        model.eval()
+        with torch.inference_mode():
+            for i in range(warmup + reps):
+                sync()
+                t0 = time.perf_counter()
+                model(*args, **kwargs)
+                sync()
+                if i >= warmup:
+                    times.append(time.perf_counter() - t0)
+        used = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old_threads)
+        for m, training in flags:
+            m.training = training
+    times.sort()
+    return {
+        "median": statistics.median(times),
+        "p10": _quantile(times, 0.1),
+        "p90": _quantile(times, 0.9),
+        "mean": statistics.fmean(times),
+        "min": times[0],
+        "reps": reps,
+        "threads": used,
+    }

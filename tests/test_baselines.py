@@ -1,0 +1,391 @@
+"""Baselines at equal stored size: low-rank SVD, magnitude pruning, dynamic int8, sizes, latency."""
+
+import copy
+import io
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from bondgate import (
+    LowRankLinear,
+    MPOLinear,
+    latency,
+    magnitude_prune,
+    quantize_int8,
+    size_on_disk,
+    svd_compress,
+)
+from bondgate.baselines import load_sparse_state_dict, mpo_budget, stored_bytes
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(48, 96), nn.ReLU(), nn.Linear(96, 40), nn.ReLU(), nn.Linear(40, 12))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+def _snapshot(model: nn.Module) -> tuple[dict, list]:
+    return copy.deepcopy(model.state_dict()), [(n, type(m)) for n, m in model.named_modules()]
+
+
+def _assert_unchanged(model: nn.Module, snap: tuple[dict, list]) -> None:
+    state, structure = snap
+    assert [(n, type(m)) for n, m in model.named_modules()] == structure
+    now = model.state_dict()
+    assert now.keys() == state.keys()
+    assert all(torch.equal(now[k], v) for k, v in state.items())
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=100, n_positions=32,
+                                  bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 100, (2, 10))
+    return model, ids
+
+
+def _conv1d_names(model: nn.Module) -> list[str]:
+    from transformers.pytorch_utils import Conv1D
+
+    return [n for n, m in model.named_modules() if isinstance(m, Conv1D)]
+
+
+# ------------------------------------------------------------------------------------ LowRankLinear
+def test_low_rank_full_rank_reproduces_linear():
+    lin = nn.Linear(40, 24)
+    layer = LowRankLinear.from_linear(lin, rank=24)
+    x = torch.randn(3, 5, 40)
+    assert torch.allclose(layer(x), lin(x), atol=1e-5)
+    assert layer.error < 1e-6
+    assert torch.allclose(layer.to_linear().weight, lin.weight, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 5, 17])
+def test_low_rank_param_count(k):
+    layer = LowRankLinear.from_linear(nn.Linear(40, 24), rank=k)
+    assert layer.U.shape == (24, k) and layer.V.shape == (k, 40)
+    assert layer.num_params == k * (40 + 24)
+    assert sum(p.numel() for n, p in layer.named_parameters() if n != "bias") == k * 64
+    assert layer(torch.randn(7, 40)).shape == (7, 24)
+
+
+def test_low_rank_without_bias_and_bad_rank():
+    lin = nn.Linear(10, 6, bias=False)
+    layer = LowRankLinear.from_linear(lin, rank=6)
+    assert layer.bias is None
+    assert torch.allclose(layer(torch.ones(2, 10)), lin(torch.ones(2, 10)), atol=1e-5)
+    with pytest.raises(ValueError):
+        LowRankLinear.from_linear(lin, rank=7)
+    with pytest.raises(ValueError):
+        LowRankLinear.from_linear(lin, rank=0)
+
+
+@pytest.mark.parametrize("k", [1, 8, 20])
+def test_svd_error_is_eckart_young(k):
+    W = torch.randn(30, 50, dtype=torch.float64)
+    lin = nn.Linear(50, 30, dtype=torch.float64)
+    with torch.no_grad():
+        lin.weight.copy_(W)
+    layer = LowRankLinear.from_linear(lin, rank=k)
+    s = torch.linalg.svdvals(W)
+    bound = float(s[k:].norm())
+    err = float(torch.linalg.norm(W - layer.weight_matrix().detach()))
+    assert err == pytest.approx(bound, rel=1e-10)
+    assert layer.error == pytest.approx(bound / float(s.norm()), rel=1e-10)
+    # sqrt(s) split: both factors carry the same column/row norms.
+    assert torch.allclose(layer.U.norm(dim=0), layer.V.norm(dim=1))
+
+
+def test_low_rank_accepts_conv1d():
+    transformers = pytest.importorskip("transformers")
+    conv = transformers.pytorch_utils.Conv1D(24, 40)  # nf=out=24, nx=in=40; weight (40, 24)
+    layer = LowRankLinear.from_linear(conv, rank=24)
+    assert (layer.in_features, layer.out_features) == (40, 24)
+    x = torch.randn(4, 40)
+    assert torch.allclose(layer(x), conv(x), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ svd_compress
+def test_svd_compress_ratio_picks_floor_rank_and_leaves_input():
+    model = _mlp()
+    snap = _snapshot(model)
+    new, info = svd_compress(model, param_ratio=0.25)
+    _assert_unchanged(model, snap)
+    # 48x96: budget 1152 -> rank 1152 // 144 = 8; 96x40: 960 // 136 = 7; 40x12: 120 // 52 = 2
+    assert [info["layers"][n]["rank"] for n in ("0", "2", "4")] == [8, 7, 2]
+    assert all(isinstance(new[i], LowRankLinear) for i in (0, 2, 4))
+    assert info["params"] == 8 * 144 + 7 * 136 + 2 * 52
+    assert all(d["params"] <= d["budget"] for d in info["layers"].values())
+    assert info["dense_params"] == 48 * 96 + 96 * 40 + 40 * 12
+
+
+def test_svd_compress_keeps_dense_when_rank_reaches_full():
+    model = _mlp()
+    new, info = svd_compress(model, param_ratio=1.0)
+    assert all(d["kind"] == "dense" for d in info["layers"].values())
+    assert all(type(new[i]) is nn.Linear for i in (0, 2, 4))
+    x = torch.randn(3, 48)
+    assert torch.equal(new(x), model(x))
+    # Linear(40, 12): dense 480 weights, rank r stores 52 r; Linear(96, 40): rank r stores 136 r.
+    _, info = svd_compress(model, params={"4": 480, "2": 3801})
+    assert info["layers"]["4"]["kind"] == "dense" and info["layers"]["4"]["params"] == 480
+    assert info["layers"]["2"]["rank"] == 27 and info["layers"]["2"]["params"] == 3672
+    _, info = svd_compress(model, params={"4": 479, "2": 3})
+    assert info["layers"]["4"]["rank"] == 9 and info["layers"]["4"]["params"] == 468
+    assert info["layers"]["2"]["rank"] == 1  # rank >= 1 even when the budget is below one rank
+    assert set(info["layers"]) == {"2", "4"}
+
+
+def test_svd_compress_params_match_an_mpo_model():
+    model = _mlp()
+    mpo_model = copy.deepcopy(model)
+    mpo_model[0] = MPOLinear.from_linear(model[0], max_bond=4, num_cores=2)
+    budget = mpo_budget(mpo_model)
+    assert budget == {"0": mpo_model[0].num_params}
+    new, info = svd_compress(model, params=budget)
+    layer = info["layers"]["0"]
+    assert layer["budget"] == mpo_model[0].num_params
+    assert layer["rank"] == max(1, layer["budget"] // 144)
+    assert type(new[2]) is nn.Linear  # untargeted layers untouched
+
+
+def test_svd_compress_targets():
+    model = _mlp()
+    _, info = svd_compress(model, param_ratio=0.3, target=["2"])
+    assert set(info["layers"]) == {"2"}
+    _, info = svd_compress(model, param_ratio=0.3, target=lambda name, m: m.out_features > 20)
+    assert set(info["layers"]) == {"0", "2"}
+    with pytest.raises(KeyError):
+        svd_compress(model, param_ratio=0.3, target=["9"])
+    with pytest.raises(TypeError):
+        svd_compress(model, param_ratio=0.3, target=["1"])  # ReLU
+    with pytest.raises(ValueError):
+        svd_compress(model, param_ratio=0.3, params={"0": 100})
+    with pytest.raises(ValueError):
+        svd_compress(model, params={"0": 100}, target=["0"])
+
+
+def test_replacing_baselines_skip_torch_transformer_layers():
+    # nn.TransformerEncoderLayer's fast path reads linear1.weight etc. directly: even the bare
+    # quantize_dynamic breaks it, so SVD and int8 leave layers inside torch's transformer modules alone.
+    model = nn.Sequential(nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, batch_first=True),
+                          nn.Linear(32, 32)).eval()
+    x = torch.randn(2, 5, 32)
+    new, info = svd_compress(model, param_ratio=0.3)
+    assert set(info["skipped"]) == {"0.self_attn.out_proj", "0.linear1", "0.linear2"}
+    assert set(info["layers"]) == {"1"} and isinstance(new[1], LowRankLinear)
+    with torch.inference_mode():
+        assert new(x).shape == (2, 5, 32)
+        q = quantize_int8(model)
+        assert _rel(q(x), model(x)) < 0.05
+    with pytest.raises(ValueError, match="TransformerEncoderLayer"):
+        svd_compress(model, param_ratio=0.3, target=["0.linear1"])
+    _, info = magnitude_prune(model, param_ratio=0.3)  # pruning keeps the modules, so it may go in
+    assert set(info["layers"]) == {"0.self_attn.out_proj", "0.linear1", "0.linear2", "1"}
+
+
+def test_svd_compress_bare_linear_is_replaced():
+    lin = nn.Linear(64, 64)
+    new, info = svd_compress(lin, rank=4)
+    assert isinstance(new, LowRankLinear) and new.num_params == 4 * 128
+    assert isinstance(lin, nn.Linear)
+
+
+def test_svd_compress_gpt2_conv1d_full_rank_matches(gpt2):
+    model, ids = gpt2
+    snap = _snapshot(model)
+    ref = model(ids).logits
+    convs = _conv1d_names(model)
+    assert len(convs) == 8
+    new, info = svd_compress(model, rank=64)  # every GPT-2 Conv1D here has min(in, out) = 64
+    _assert_unchanged(model, snap)
+    assert set(info["layers"]) == set(convs)
+    assert info["skipped"] == {"lm_head": "weight is tied to another module"}
+    assert all(isinstance(new.get_submodule(n), LowRankLinear) for n in convs)
+    assert _conv1d_names(new) == []
+    c_attn = new.transformer.h[0].attn.c_attn
+    assert (c_attn.in_features, c_attn.out_features) == (64, 192)
+    assert torch.allclose(new(ids).logits, ref, atol=1e-4)
+    assert new.lm_head.weight is new.transformer.wte.weight  # tie survives
+
+
+def test_svd_compress_gpt2_conv1d_budget(gpt2):
+    model, ids = gpt2
+    new, info = svd_compress(model, param_ratio=0.5)
+    # c_attn 64->192: 6144 // 256 = 24; c_proj 64->64: 2048 // 128 = 16; c_fc / mlp.c_proj: 8192 // 320 = 25
+    ranks = {n.split("h.0.")[-1]: d["rank"] for n, d in info["layers"].items() if ".h.0." in n}
+    assert ranks == {"attn.c_attn": 24, "attn.c_proj": 16, "mlp.c_fc": 25, "mlp.c_proj": 25}
+    conv = model.transformer.h[1].mlp.c_fc
+    low = new.transformer.h[1].mlp.c_fc
+    s = torch.linalg.svdvals(conv.weight.detach().double())
+    err = torch.linalg.norm(conv.weight.detach().T.double() - low.weight_matrix().detach().double())
+    assert float(err) == pytest.approx(float(s[25:].norm()), rel=1e-4)
+    assert torch.isfinite(new(ids).logits).all()
+
+
+# ------------------------------------------------------------------------------------ magnitude_prune
+@pytest.mark.parametrize("ratio", [0.0, 0.1, 0.37, 1.0])
+def test_magnitude_prune_keeps_exact_budget_of_largest(ratio):
+    model = _mlp()
+    snap = _snapshot(model)
+    new, info = magnitude_prune(model, param_ratio=ratio)
+    _assert_unchanged(model, snap)
+    for name in ("0", "2", "4"):
+        w_old, w_new = model.get_submodule(name).weight, new.get_submodule(name).weight
+        budget = math.floor(ratio * w_old.numel() + 0.5)
+        kept = w_new != 0
+        assert int(kept.sum()) == budget == info["layers"][name]["params"]
+        assert torch.equal(w_new[kept], w_old[kept])  # survivors unchanged
+        if 0 < budget < w_old.numel():
+            assert w_old[kept].abs().min() >= w_old[~kept].abs().max()
+        removed = float(w_old[~kept].detach().double().norm() / w_old.detach().double().norm())
+        assert info["layers"][name]["error"] == pytest.approx(removed, abs=1e-12)
+    assert new[0].bias is not None and torch.equal(new[0].bias, model[0].bias)
+    # Real zeros, no torch.nn.utils.prune reparametrization left behind.
+    assert set(dict(new.named_parameters())) == set(dict(model.named_parameters()))
+    assert not any(m._forward_pre_hooks for m in new.modules())
+    assert list(new.buffers()) == []
+
+
+def test_magnitude_prune_ties_are_deterministic():
+    lin = nn.Linear(4, 5)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([1.0, -1.0, 0.5, 1.0] * 5).reshape(5, 4))
+    new, info = magnitude_prune(lin, params={"": 7})
+    # 15 entries tie at |w| = 1; the 7 with the lowest flat index survive.
+    flat = new.weight.detach().reshape(-1)
+    survivors = torch.nonzero(flat).flatten().tolist()
+    assert survivors == [0, 1, 3, 4, 5, 7, 8]
+    again, _ = magnitude_prune(lin, params={"": 7})
+    assert torch.equal(again.weight, new.weight)
+
+
+def test_magnitude_prune_params_dict_and_gpt2(gpt2):
+    model, ids = gpt2
+    name = "transformer.h.1.mlp.c_fc"
+    new, info = magnitude_prune(model, params={name: 1000})
+    assert set(info["layers"]) == {name}
+    assert int(torch.count_nonzero(new.get_submodule(name).weight)) == 1000
+    assert torch.equal(new.transformer.h[0].mlp.c_fc.weight, model.transformer.h[0].mlp.c_fc.weight)
+    _, info = magnitude_prune(model, param_ratio=0.2)
+    assert set(info["layers"]) == set(_conv1d_names(model)) and "lm_head" in info["skipped"]
+    with pytest.raises(ValueError, match="tied"):
+        magnitude_prune(model, params={"lm_head": 10})  # would prune the embedding too
+
+
+# ------------------------------------------------------------------------------------ quantize_int8
+def test_quantize_int8_mlp_close_to_fp32():
+    model = _mlp().eval()
+    snap = _snapshot(model)
+    q = quantize_int8(model)
+    _assert_unchanged(model, snap)
+    from torch.ao.nn.quantized.dynamic import Linear as DynLinear
+
+    assert sum(isinstance(m, DynLinear) for m in q.modules()) == 3
+    x = torch.randn(16, 48)
+    with torch.inference_mode():
+        assert _rel(q(x), model(x)) < 0.05
+
+
+def test_quantize_int8_converts_gpt2_conv1d(gpt2):
+    model, ids = gpt2
+    from torch.ao.nn.quantized.dynamic import Linear as DynLinear
+    from torch.ao.quantization import quantize_dynamic
+
+    # The documented caveat: quantize_dynamic matches nn.Linear by exact type, so Conv1D stays fp32.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
+        bare = quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    assert len(_conv1d_names(bare)) == 8
+    q = quantize_int8(model)
+    assert _conv1d_names(q) == [] and _conv1d_names(model) != []
+    assert sum(isinstance(m, DynLinear) for m in q.modules()) == 8
+    assert type(q.lm_head) is nn.Linear and q.lm_head.weight is q.transformer.wte.weight
+    with torch.inference_mode():
+        assert _rel(q(ids).logits, model(ids).logits) < 0.05
+
+
+def test_quantize_int8_bare_linear():
+    lin = nn.Linear(32, 16)
+    q = quantize_int8(lin)
+    from torch.ao.nn.quantized.dynamic import Linear as DynLinear
+
+    assert isinstance(q, DynLinear)
+    x = torch.randn(4, 32)
+    assert _rel(q(x), lin(x)) < 0.05
+
+
+# ------------------------------------------------------------------------------------ sizes
+def test_size_of_fp32_linear():
+    n = size_on_disk(nn.Linear(256, 256))
+    assert 262_144 + 1_024 <= n < 262_144 + 4_096
+
+
+def test_size_of_low_rank_model():
+    new, _ = svd_compress(nn.Sequential(nn.Linear(256, 256)), rank=16)
+    n = stored_bytes(new)
+    assert 16 * 512 * 4 + 1_024 <= n < 16 * 512 * 4 + 1_024 + 1_024
+
+
+def test_csr_size_of_pruned_layer(tmp_path):
+    model = nn.Sequential(nn.Linear(256, 256))
+    pruned, info = magnitude_prune(model, param_ratio=0.1)
+    nnz = info["layers"]["0"]["params"]
+    assert nnz == 6_554
+    dense = size_on_disk(pruned)
+    csr = size_on_disk(pruned, sparse=True)
+    payload = nnz * (4 + 4) + 257 * 4 + 256 * 4  # values + col indices + row pointers + bias
+    assert payload <= csr < payload + 1_024
+    assert dense >= 262_144 and csr < 0.22 * dense
+    assert size_on_disk(pruned, sparse=info["layers"]) == csr
+    path = tmp_path / "pruned.safetensors"
+    assert size_on_disk(pruned, path, sparse=True) == csr == path.stat().st_size
+    back = load_sparse_state_dict(path)
+    assert back.keys() == pruned.state_dict().keys()
+    assert all(torch.equal(back[k], v) for k, v in pruned.state_dict().items())
+
+
+def test_int8_model_is_over_3x_smaller():
+    model = nn.Sequential(nn.Linear(1024, 1024))
+    q = quantize_int8(model)
+    fp32, int8 = stored_bytes(model), stored_bytes(q)
+    assert fp32 > 3 * int8
+    assert int8 > 1024 * 1024
+    buf = io.BytesIO()
+    torch.save(q.state_dict(), buf)
+    assert int8 == len(buf.getvalue())
+    with pytest.raises(ValueError):
+        stored_bytes(q, sparse=True)
+
+
+def test_tied_weights_are_stored_once(gpt2):
+    model, _ = gpt2
+    unique = sum(p.numel() for p in model.parameters())  # parameters() already dedups the tie
+    n = stored_bytes(model)
+    assert 4 * unique <= n < 4 * unique + 8_192
+    assert n < 4 * (unique + model.lm_head.weight.numel())
+
+
+# ------------------------------------------------------------------------------------ latency
+def test_latency_reports_and_restores():
+    model = _mlp()
+    model[1].train(False)
+    before = [m.training for m in model.modules()]
+    threads = torch.get_num_threads()
+    out = latency(model, torch.randn(8, 48), reps=9, warmup=2, threads=1)
+    assert set(out) >= {"median", "p10", "p90", "mean", "min", "reps", "threads"}
+    assert 0 < out["min"] <= out["p10"] <= out["median"] <= out["p90"] < 1.0
+    assert out["reps"] == 9 and out["threads"] == 1
+    assert torch.get_num_threads() == threads
+    assert [m.training for m in model.modules()] == before
+    assert latency(model, (torch.randn(2, 48),), reps=2, warmup=0)["reps"] == 2
+    kwargs = {"input1": torch.randn(1, 3), "input2": torch.randn(1, 3)}
+    assert latency(nn.Bilinear(3, 3, 2), kwargs, reps=1)["reps"] == 1

@@ -1,0 +1,281 @@
+"""Healing a compressed model: train the student against its dense teacher.
+
+:class:`DistillLoss` combines what a user can match without labels — every hidden state (relative
+MSE over real tokens), the logits (temperature-scaled KL), the mean-pooled embedding (cosine) — with
+the task loss when the batch carries labels. :func:`distill` is a plain loop with AdamW, warmup +
+cosine decay, gradient clipping, a wall-clock budget, periodic evaluation, early stopping that
+restores the best weights, and a tqdm bar. For multi-process training use
+:class:`DistillationTrainer`, a ``transformers.Trainer`` whose ``compute_loss`` is the same loss
+(``torchrun`` / ``accelerate`` then handle the processes).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .calibration import model_output, run_model
+
+__all__ = ["DistillLoss", "DistillResult", "distill", "DistillationTrainer"]
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over tokens of ``x`` ``(B, T, ...)``, counting only ``mask == 1`` positions."""
+    if mask is None or x.dim() < 2 or mask.shape != x.shape[:2]:
+        return x.mean()
+    m = mask.to(x.dtype).reshape(*mask.shape, *([1] * (x.dim() - 2)))
+    return (x * m).sum() / (m.sum() * math.prod(x.shape[2:])).clamp_min(1.0)
+
+
+@dataclass
+class DistillLoss:
+    """Weights of the loss terms (0 disables a term).
+
+    hidden: relative MSE ``||h_s - h_t||^2 / mean(h_t^2)`` averaged over all hidden states (needs a
+        model that returns ``hidden_states``; transformers models are asked for them automatically).
+    logits: ``T^2 * KL(softmax(z_t/T) || softmax(z_s/T))`` per token.
+    pooled: ``1 - cos`` between mask-mean-pooled last hidden states (sentence embeddings).
+    output: relative MSE between the model outputs when they are plain tensors (e.g. an MLP).
+    task: the student's own ``loss`` (transformers models compute it when the batch has ``labels``).
+    """
+
+    hidden: float = 1.0
+    logits: float = 0.0
+    pooled: float = 0.0
+    output: float = 0.0
+    task: float = 0.0
+    temperature: float = 2.0
+
+    def wants_hidden(self) -> bool:
+        return self.hidden > 0 or self.pooled > 0
+
+    def __call__(self, student_out, teacher_out, batch=None) -> tuple[torch.Tensor, dict[str, float]]:
+        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+        terms: dict[str, torch.Tensor] = {}
+        if self.hidden > 0:
+            hs, ht = getattr(student_out, "hidden_states", None), getattr(teacher_out, "hidden_states", None)
+            if hs is None or ht is None:
+                raise ValueError("DistillLoss(hidden>0) needs outputs with hidden_states")
+            per = [_masked_mean((a - b) ** 2, mask) / _masked_mean(b**2, mask).clamp_min(1e-12)
+                   for a, b in zip(hs[1:], ht[1:])]  # hs[0] is the embedding output: not compressed
+            terms["hidden"] = torch.stack(per).mean()
+        if self.logits > 0:
+            zs, zt = model_output(student_out), model_output(teacher_out)
+            T = self.temperature
+            kl = torch.nn.functional.kl_div(torch.log_softmax(zs / T, -1), torch.log_softmax(zt / T, -1),
+                                            log_target=True, reduction="none").sum(-1)
+            terms["logits"] = _masked_mean(kl, mask) * T * T
+        if self.pooled > 0:
+            hs, ht = student_out.hidden_states[-1], teacher_out.hidden_states[-1]
+            m = (mask if mask is not None else torch.ones(hs.shape[:2], device=hs.device)).unsqueeze(-1).to(hs.dtype)
+            ps, pt = (hs * m).sum(1) / m.sum(1), (ht * m).sum(1) / m.sum(1)
+            terms["pooled"] = (1 - torch.nn.functional.cosine_similarity(ps, pt, dim=-1)).mean()
+        if self.output > 0:
+            ys, yt = model_output(student_out), model_output(teacher_out)
+            terms["output"] = ((ys - yt) ** 2).mean() / (yt**2).mean().clamp_min(1e-12)
+        if self.task > 0:
+            loss = getattr(student_out, "loss", None)
+            if loss is None:
+                raise ValueError("DistillLoss(task>0) needs a student output with .loss (pass labels)")
+            terms["task"] = loss
+        if not terms:
+            raise ValueError("DistillLoss has every weight at 0")
+        weights = {"hidden": self.hidden, "logits": self.logits, "pooled": self.pooled, "output": self.output,
+                   "task": self.task}
+        total = sum(weights[k] * v for k, v in terms.items())
+        return total, {k: float(v.detach()) for k, v in terms.items()}
+
+
+def _call(model: nn.Module, batch, want_hidden: bool):
+    if want_hidden and isinstance(batch, Mapping) and hasattr(model, "config"):
+        return model(**batch, output_hidden_states=True)
+    return run_model(model, batch)
+
+
+@dataclass
+class DistillResult:
+    steps: int = 0
+    seconds: float = 0.0
+    best_metric: float | None = None
+    best_step: int | None = None
+    history: list[dict] = field(default_factory=list)
+    stopped: str = ""
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    data: Iterable,
+    *,
+    loss: DistillLoss | Callable | None = None,
+    steps: int | None = None,
+    epochs: int | None = None,
+    max_minutes: float | None = None,
+    lr: float = 1e-4,
+    weight_decay: float = 0.0,
+    warmup: float = 0.05,
+    grad_clip: float | None = 1.0,
+    eval_fn: Callable[[nn.Module], float] | None = None,
+    eval_every: int = 200,
+    higher_is_better: bool = True,
+    patience: int | None = 5,
+    log_every: int = 50,
+    progress: bool = True,
+    seed: int = 0,
+) -> DistillResult:
+    """Train ``student`` to imitate ``teacher`` on ``data`` (an iterable of batches, re-iterated per epoch).
+
+    Stops at ``steps``, after ``epochs``, after ``max_minutes`` of wall time, or when ``eval_fn``
+    (called every ``eval_every`` steps and at the end; higher is better unless ``higher_is_better``
+    is False) has not improved for ``patience`` evaluations. With ``eval_fn`` the best weights are
+    restored at the end. The learning-rate schedule (linear warmup, cosine decay) is planned against
+    ``steps``, or ``epochs * len(data)``, or — with only a time budget — the step rate measured over
+    the first 20 steps.
+    """
+    from tqdm.auto import tqdm
+
+    if steps is None and epochs is None and max_minutes is None:
+        raise ValueError("give at least one of steps, epochs, max_minutes")
+    loss = loss or DistillLoss()
+    want_hidden = isinstance(loss, DistillLoss) and loss.wants_hidden()
+    torch.manual_seed(seed)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    params = [p for p in student.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the student has no trainable parameters")
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    planned = steps
+    if planned is None and epochs is not None and hasattr(data, "__len__"):
+        planned = epochs * len(data)
+
+    def lr_at(step: int, total: int | None) -> float:
+        if total is None:
+            return lr
+        w = max(1, int(warmup * total))
+        if step < w:
+            return lr * (step + 1) / w
+        return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - w) / max(1, total - w))))
+
+    res = DistillResult()
+    best_state = None
+
+    def evaluate(step: int) -> bool:
+        """Returns True when patience is exhausted."""
+        nonlocal best_state
+        if eval_fn is None:
+            return False
+        student.eval()
+        with torch.no_grad():
+            metric = float(eval_fn(student))
+        student.train()
+        res.history.append({"step": step, "metric": metric, "seconds": time.perf_counter() - t0})
+        better = res.best_metric is None or (metric > res.best_metric if higher_is_better else metric < res.best_metric)
+        if better:
+            res.best_metric, res.best_step = metric, step
+            best_state = copy.deepcopy(student.state_dict())
+        evals_since = sum(1 for h in res.history if h["step"] > (res.best_step or 0))
+        return patience is not None and evals_since >= patience
+
+    t0 = time.perf_counter()
+    student.train()
+    bar = tqdm(total=planned, desc="distill", disable=not progress, leave=False)
+    step, epoch, running = 0, 0, {}
+    if eval_fn is not None:
+        evaluate(0)
+    done = False
+    while not done:
+        for batch in data:
+            if planned is None and max_minutes is not None and step == 20:
+                rate = 20 / (time.perf_counter() - t0)
+                planned = max(21, int(rate * max_minutes * 60))
+                bar.total = planned
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, planned)
+            with torch.no_grad():
+                t_out = _call(teacher, batch, want_hidden)
+            s_out = _call(student, batch, want_hidden)
+            total, parts = loss(s_out, t_out, batch)
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            opt.step()
+            step += 1
+            for k, v in parts.items():
+                running[k] = 0.9 * running.get(k, v) + 0.1 * v
+            bar.update(1)
+            if step % log_every == 0:
+                bar.set_postfix({k: f"{v:.4g}" for k, v in running.items()})
+                res.history.append({"step": step, "loss": dict(running), "seconds": time.perf_counter() - t0})
+            if eval_fn is not None and step % eval_every == 0 and evaluate(step):
+                res.stopped = "early stopping"
+                done = True
+            elif steps is not None and step >= steps:
+                res.stopped, done = "steps", True
+            elif max_minutes is not None and time.perf_counter() - t0 >= 60 * max_minutes:
+                res.stopped, done = "time budget", True
+            if done:
+                break
+        epoch += 1
+        if epochs is not None and epoch >= epochs and not done:
+            res.stopped, done = "epochs", True
+    bar.close()
+    if eval_fn is not None and (not res.history or res.history[-1].get("step") != step or "metric" not in res.history[-1]):
+        evaluate(step)
+    if best_state is not None:
+        student.load_state_dict(best_state)
+    student.eval()
+    res.steps, res.seconds = step, time.perf_counter() - t0
+    return res
+
+
+def _make_trainer_class():
+    from transformers import Trainer
+
+    class DistillationTrainer(Trainer):
+        """``transformers.Trainer`` that trains the (compressed) model against ``teacher``.
+
+        ``DistillationTrainer(model=student, teacher=teacher, distill_loss=DistillLoss(...), args=...,
+        train_dataset=..., data_collator=...)``; everything else is the stock Trainer (DDP under
+        ``torchrun``, accelerate, checkpoints, resume).
+        """
+
+        def __init__(self, *args, teacher: nn.Module, distill_loss: DistillLoss | None = None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.teacher = teacher.eval()
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
+            self.distill_loss = distill_loss or DistillLoss()
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            want = self.distill_loss.wants_hidden()
+            if self.teacher is not None:
+                dev = next(model.parameters()).device
+                if next(self.teacher.parameters()).device != dev:
+                    self.teacher.to(dev)
+            with torch.no_grad():
+                t_out = _call(self.teacher, inputs, want)
+            s_out = _call(model, inputs, want)
+            total, _ = self.distill_loss(s_out, t_out, inputs)
+            return (total, s_out) if return_outputs else total
+
+    return DistillationTrainer
+
+
+def __getattr__(name: str):
+    if name == "DistillationTrainer":  # built on first use so that transformers stays optional
+        cls = _make_trainer_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(name)

@@ -2,14 +2,18 @@
 and run them through a planned contraction kernel."""
 
 from .baselines import LowRankLinear, latency, magnitude_prune, quantize_int8, size_on_disk, svd_compress
+from .distill import DistillLoss, distill
 from .factors import choose_factors, factorize_shape
+from .io import from_pretrained, load, register_layer_type, save, save_pretrained
 from .layer import MPOLinear
 from .mpo import MPO
 from .planner import MEMORY, SPEED, PlanPolicy, clear_plan_cache
+from .surgery import CompressionConfig, CompressionReport, compress
 
 __version__ = "0.1.0"
 
 __all__ = [
+    # the MPO core
     "MPO",
     "MPOLinear",
     "PlanPolicy",
@@ -18,6 +22,18 @@ __all__ = [
     "choose_factors",
     "factorize_shape",
     "clear_plan_cache",
+    # whole models
+    "CompressionConfig",
+    "CompressionReport",
+    "compress",
+    "DistillLoss",
+    "distill",
+    "save",
+    "load",
+    "save_pretrained",
+    "from_pretrained",
+    "register_layer_type",
+    # baselines
     "LowRankLinear",
     "svd_compress",
     "magnitude_prune",
@@ -25,3 +41,11 @@ __all__ = [
     "size_on_disk",
     "latency",
 ]
+
+
+def __getattr__(name: str):
+    if name == "DistillationTrainer":  # needs transformers: built on first access
+        from .distill import DistillationTrainer
+
+        return DistillationTrainer
+    raise AttributeError(f"module 'bondgate' has no attribute {name!r}")

@@ -1,0 +1,716 @@
+"""Save and load compressed models without pickle.
+
+A bondgate checkpoint is a directory holding
+
+* ``model.safetensors``: the model's full ``state_dict``. Tensors that are the same view of the same
+  storage (tied weights, e.g. ``lm_head.weight`` / ``transformer.wte.weight``) are stored once;
+  the other names are listed in ``bondgate.json`` under ``tensor_aliases``.
+* ``bondgate.json``: format name and version, bondgate/torch versions, how to rebuild the model
+  (``architecture``), the structure of every bondgate layer (``layers``: qualified module name ->
+  ``layer.spec()``), the compression report (if any) and the sha256 and size of the weights file.
+* for Hugging Face models, ``config.json`` (and the tokenizer files when a tokenizer is given).
+
+:func:`load` rebuilds the dense skeleton (from the transformers class named in the JSON, from the
+JSON description of an ``nn.Sequential``, or from a model the caller constructs), swaps in the
+bondgate layers and copies the tensors. Nothing is ever unpickled, and every check runs before a
+caller-supplied model is modified.
+
+The directory is *not* a Hugging Face checkpoint: ``AutoModel.from_pretrained`` cannot read it,
+because the compressed layers do not exist in the original architecture.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .layer import MPOLinear
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "LAYER_TYPES",
+    "register_layer_type",
+    "save",
+    "load",
+    "save_pretrained",
+    "from_pretrained",
+    "read_metadata",
+]
+
+FORMAT_NAME = "bondgate-checkpoint"
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+META_NAME = "bondgate.json"
+
+#: bondgate layer classes that checkpoints may hold, keyed by ``spec()["type"]``.
+LAYER_TYPES: dict[str, type[nn.Module]] = {}
+
+
+def register_layer_type(cls: type[nn.Module], name: str | None = None) -> type[nn.Module]:
+    """Register a layer class implementing ``spec() -> dict`` and ``from_spec(spec) -> layer``.
+
+    ``name`` (default ``cls.__name__``) must equal the ``"type"`` its ``spec()`` reports. Returns
+    ``cls``, so it can be used as a class decorator.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"register_layer_type expects an nn.Module subclass, got {cls!r}")
+    if not callable(getattr(cls, "spec", None)) or not callable(getattr(cls, "from_spec", None)):
+        raise TypeError(f"{cls.__name__} must implement spec() and the classmethod from_spec(spec)")
+    name = cls.__name__ if name is None else name
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"layer type name must be a non-empty string, got {name!r}")
+    old = LAYER_TYPES.get(name)
+    if old is not None and old is not cls:
+        raise ValueError(f"layer type {name!r} is already registered to {old.__module__}.{old.__qualname__}")
+    LAYER_TYPES[name] = cls
+    return cls
+
+
+register_layer_type(MPOLinear)
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def _hf_base() -> type | None:
+    """``transformers.PreTrainedModel`` if transformers is already imported (else no model can be one)."""
+    if "transformers" not in sys.modules:
+        return None
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return None
+    return PreTrainedModel
+
+
+def _import_transformers():
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ImportError("this checkpoint holds a Hugging Face transformers model; install transformers") from exc
+    return transformers
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _module_device(module: nn.Module) -> torch.device | None:
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return None
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _short(names: Iterable[str], n: int = 8) -> str:
+    names = sorted(names)
+    return repr(names[:n])[:-1] + (f", ... ({len(names)} in all)]" if len(names) > n else "]")
+
+
+# ---------------------------------------------------------------------------------------- layers
+def _collect_layers(model: nn.Module) -> tuple[dict[str, dict], dict[str, str]]:
+    """``({name: spec}, {alias name: canonical name})`` of the registered layers, outermost only."""
+    registered = tuple(LAYER_TYPES.values())
+    layers: dict[str, dict] = {}
+    aliases: dict[str, str] = {}
+    first: dict[int, str] = {}
+
+    def visit(mod: nn.Module, path: str) -> None:
+        if isinstance(mod, registered):
+            if id(mod) in first:
+                aliases[path] = first[id(mod)]
+                return
+            spec = mod.spec()
+            kind = spec.get("type") if isinstance(spec, dict) else None
+            if LAYER_TYPES.get(kind) is not type(mod):
+                raise ValueError(
+                    f"module {path or '<root>'!r} is a {type(mod).__name__} whose spec() type is {kind!r}, which is "
+                    f"not registered to that class; call bondgate.register_layer_type({type(mod).__name__})"
+                )
+            first[id(mod)] = path
+            layers[path] = spec
+            return  # a registered layer rebuilds its own children
+        for name, child in mod._modules.items():
+            if child is not None:
+                visit(child, _join(path, name))
+
+    visit(model, "")
+    return layers, aliases
+
+
+def _build_layers(meta: dict) -> dict[str, nn.Module]:
+    """One fresh layer per canonical name in ``meta["layers"]``, aliases mapped to the same instance."""
+    built: dict[str, nn.Module] = {}
+    for name, spec in meta["layers"].items():
+        try:
+            layer = LAYER_TYPES[spec["type"]].from_spec(spec)
+        except (ValueError, TypeError, KeyError, IndexError, RuntimeError, MemoryError) as exc:
+            raise ValueError(f"invalid spec for layer {name!r} in {META_NAME}: {exc}") from exc
+        if not isinstance(layer, nn.Module):
+            raise ValueError(f"{spec['type']}.from_spec returned {type(layer).__name__}, not an nn.Module")
+        built[name] = layer
+    for alias, target in meta["layer_aliases"].items():
+        built[alias] = built[target]
+    return built
+
+
+# ---------------------------------------------------------------------------------------- nn.Sequential
+# Each entry: class, (argument, JSON type, default) list read from / passed to the constructor.
+_SEQ_LAYERS: dict[str, tuple[type[nn.Module], tuple[tuple[str, str, Any], ...]]] = {
+    "Linear": (nn.Linear, (("in_features", "int", None), ("out_features", "int", None), ("bias", "bool", True))),
+    "ReLU": (nn.ReLU, (("inplace", "bool", False),)),
+    "GELU": (nn.GELU, (("approximate", "str", "none"),)),
+    "Tanh": (nn.Tanh, ()),
+    "Sigmoid": (nn.Sigmoid, ()),
+    "Identity": (nn.Identity, ()),
+    "Dropout": (nn.Dropout, (("p", "float", 0.5), ("inplace", "bool", False))),
+    "LayerNorm": (nn.LayerNorm, (("normalized_shape", "ints", None), ("eps", "float", 1e-5),
+                                 ("elementwise_affine", "bool", True), ("bias", "bool", True))),
+    "Flatten": (nn.Flatten, (("start_dim", "int", 1), ("end_dim", "int", -1))),
+}
+
+
+def _seq_args(mod: nn.Module, kind: str) -> dict[str, Any]:
+    if kind == "Linear":
+        return {"in_features": mod.in_features, "out_features": mod.out_features, "bias": mod.bias is not None}
+    if kind == "LayerNorm":
+        return {"normalized_shape": list(mod.normalized_shape), "eps": float(mod.eps),
+                "elementwise_affine": bool(mod.elementwise_affine),
+                "bias": mod.bias is not None if mod.elementwise_affine else True}
+    if kind == "Dropout":
+        return {"p": float(mod.p), "inplace": bool(mod.inplace)}
+    return {arg: getattr(mod, arg) for arg, _, _ in _SEQ_LAYERS[kind][1]}
+
+
+def _describe_sequential(model: nn.Module, layer_names: set[str]) -> dict | None:
+    """JSON description of a plain ``nn.Sequential`` tree, or ``None`` if it holds anything else."""
+    seen: dict[int, str] = {}
+
+    def describe(mod: nn.Module, path: str) -> dict | None:
+        if id(mod) in seen:  # the same module at two places: rebuild it once and share it
+            return {"type": "ref", "target": seen[id(mod)]}
+        seen[id(mod)] = path
+        if path in layer_names:
+            return {"type": "bondgate"}
+        kind = type(mod).__name__
+        if type(mod) is nn.Sequential:
+            items = []
+            for name, child in mod._modules.items():
+                d = describe(child, _join(path, name)) if child is not None else None
+                if d is None:
+                    return None
+                items.append([name, d])
+            return {"type": "Sequential", "layers": items}
+        if kind in _SEQ_LAYERS and type(mod) is _SEQ_LAYERS[kind][0]:
+            return {"type": kind, **_seq_args(mod, kind)}
+        return None
+
+    if type(model) is not nn.Sequential:
+        return None
+    desc = describe(model, "")
+    return None if desc is None else {"kind": "sequential", **{k: v for k, v in desc.items() if k != "type"}}
+
+
+def _json_arg(value: Any, typ: str, where: str) -> Any:
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "str": isinstance(value, str),
+        "ints": isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
+    }[typ]
+    if not ok:
+        raise ValueError(f"{where} must be of type {typ}, got {value!r}")
+    return float(value) if typ == "float" else value
+
+
+def _build_sequential(desc: dict) -> nn.Module:
+    built: dict[str, nn.Module] = {}
+
+    def build(d: Any, path: str) -> nn.Module:
+        where = f"architecture entry {path or '<root>'!r}"
+        if not isinstance(d, dict) or not isinstance(d.get("type"), str):
+            raise ValueError(f"{where} must be an object with a 'type'")
+        kind = d["type"]
+        if kind == "ref":
+            target = d.get("target")
+            if target not in built:
+                raise ValueError(f"{where} refers to {target!r}, which is not an earlier module")
+            return built[target]
+        if kind == "bondgate":
+            mod: nn.Module = nn.Identity()  # placeholder, replaced from `layers`
+        elif kind == "Sequential":
+            items = d.get("layers")
+            if not isinstance(items, list):
+                raise ValueError(f"{where}: a Sequential needs a 'layers' list")
+            mod = nn.Sequential()
+            built[path] = mod
+            for item in items:
+                if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str) and item[0]
+                        and "." not in item[0]):
+                    raise ValueError(f"{where}: each entry of 'layers' must be [name, description], got {item!r}")
+                mod.add_module(item[0], build(item[1], _join(path, item[0])))
+            return mod
+        elif kind in _SEQ_LAYERS:
+            cls, params = _SEQ_LAYERS[kind]
+            unknown = set(d) - {"type"} - {p for p, _, _ in params}
+            if unknown:
+                raise ValueError(f"{where}: unknown arguments {sorted(unknown)} for {kind}")
+            kwargs = {}
+            for arg, typ, default in params:
+                if arg not in d and default is None:
+                    raise ValueError(f"{where}: {kind} needs {arg!r}")
+                kwargs[arg] = _json_arg(d.get(arg, default), typ, f"{where} {kind}.{arg}")
+            try:
+                mod = cls(**kwargs)
+            except (ValueError, TypeError, RuntimeError) as exc:
+                raise ValueError(f"{where}: cannot build {kind}({kwargs}): {exc}") from exc
+        else:
+            raise ValueError(f"{where}: unknown layer type {kind!r}; known: {sorted(_SEQ_LAYERS)}")
+        built[path] = mod
+        return mod
+
+    return build({"type": "Sequential", "layers": desc.get("layers")}, "")
+
+
+# ---------------------------------------------------------------------------------------- save
+def _describe(model: nn.Module, layer_names: set[str]) -> dict:
+    hf = _hf_base()
+    if hf is not None and isinstance(model, hf):
+        import transformers
+
+        name = type(model).__name__
+        if getattr(transformers, name, None) is type(model):
+            return {"kind": "transformers", "class": name, "transformers_version": transformers.__version__,
+                    "attn_implementation": getattr(model.config, "_attn_implementation", None)}
+        # custom (e.g. remote-code) classes cannot be rebuilt by name
+        return {"kind": "module", "class": _qualname(type(model))}
+    if "" in layer_names:
+        return {"kind": "bondgate_layer"}
+    seq = _describe_sequential(model, layer_names)
+    if seq is not None:
+        return seq
+    return {"kind": "module", "class": _qualname(type(model))}
+
+
+def _dedup_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors to store, {alias key: stored key})`` from ``model.state_dict()``."""
+    stored: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for key, t in model.state_dict().items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"state_dict entry {key!r} is a {type(t).__name__}; bondgate checkpoints hold tensors only")
+        if t.numel() > 0:  # empty tensors all report data_ptr 0
+            ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            if ident in seen:
+                aliases[key] = seen[ident]
+                continue
+            seen[ident] = key
+        stored[key] = t
+    # safetensors refuses tensors that share memory or view a larger storage: give those their own copy.
+    out: dict[str, torch.Tensor] = {}
+    ptr_count: dict[int, int] = {}
+    cpu = {k: t.detach().to("cpu") for k, t in stored.items()}
+    for t in cpu.values():
+        ptr_count[t.untyped_storage().data_ptr()] = ptr_count.get(t.untyped_storage().data_ptr(), 0) + 1
+    for k, t in cpu.items():
+        own = (t.is_contiguous() and t.storage_offset() == 0
+               and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+               and ptr_count[t.untyped_storage().data_ptr()] == 1)
+        out[k] = t if own else t.contiguous().clone()
+    return out, aliases
+
+
+def _report_dict(model: nn.Module, report: Any) -> dict | None:
+    report = getattr(model, "bondgate_report", None) if report is None else report
+    if report is None:
+        return None
+    if hasattr(report, "to_dict"):
+        report = report.to_dict()
+    if not isinstance(report, dict):
+        raise TypeError(f"report must be a dict or have .to_dict(), got {type(report).__name__}")
+    try:
+        json.dumps(report)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"the report is not JSON-serializable: {exc}") from exc
+    return report
+
+
+def save(model: nn.Module, directory: str | os.PathLike, *, report: Any = None, tokenizer: Any = None) -> Path:
+    """Write ``model`` (compressed or not) to ``directory`` as a bondgate checkpoint; return its path.
+
+    ``report`` (a dict or an object with ``.to_dict()``) defaults to ``model.bondgate_report``.
+    ``tokenizer`` (anything with ``save_pretrained``) is saved beside it. Existing files of the same
+    names are overwritten.
+    """
+    from . import __version__
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"save expects an nn.Module, got {type(model).__name__}")
+    directory = Path(directory)
+    layers, layer_aliases = _collect_layers(model)
+    arch = _describe(model, set(layers))
+    tensors, tensor_aliases = _dedup_state(model)
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "bondgate_version": __version__,
+        "torch_version": torch.__version__,
+        "architecture": arch,
+        "layers": layers,
+        "layer_aliases": layer_aliases,
+        "tensor_aliases": tensor_aliases,
+        "report": _report_dict(model, report),
+    }
+    try:
+        json.dumps(meta)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"checkpoint metadata is not JSON-serializable (check the layers' spec()): {exc}") from exc
+    if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
+        raise TypeError(f"tokenizer must have save_pretrained(), got {type(tokenizer).__name__}")
+
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = directory / WEIGHTS_NAME
+    tmp = directory / (WEIGHTS_NAME + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, weights)
+    hf = _hf_base()
+    if hf is not None and isinstance(model, hf):
+        model.config.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    meta["weights"] = {"file": WEIGHTS_NAME, "bytes": weights.stat().st_size, "sha256": _sha256(weights)}
+    # the JSON goes last: a save interrupted earlier leaves no JSON matching the new weights
+    tmp_meta = directory / (META_NAME + ".tmp")
+    tmp_meta.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp_meta, directory / META_NAME)
+    return directory
+
+
+# ---------------------------------------------------------------------------------------- load
+_KINDS = {"transformers", "sequential", "module", "bondgate_layer"}
+
+
+def _check_str_map(value: Any, field: str) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ValueError(f"{META_NAME}: {field!r} must map strings to strings")
+    return value
+
+
+def read_metadata(directory: str | os.PathLike) -> dict:
+    """Read and validate ``bondgate.json`` of a checkpoint directory (no tensors are read)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {directory}")
+    path = directory / META_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{META_NAME} not found in checkpoint directory: {path}")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    if meta.get("format") != FORMAT_NAME:
+        raise ValueError(f"unknown checkpoint format {meta.get('format')!r} in {path} (expected {FORMAT_NAME!r})")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        raise ValueError(f"unsupported checkpoint format version {version!r} in {path}; "
+                         f"this bondgate reads version {FORMAT_VERSION}")
+    missing = {"architecture", "layers", "weights"} - set(meta)
+    if missing:
+        raise ValueError(f"{path} is missing the fields {sorted(missing)}")
+    meta.setdefault("layer_aliases", {})
+    meta.setdefault("tensor_aliases", {})
+    meta.setdefault("report", None)
+
+    arch = meta["architecture"]
+    if not isinstance(arch, dict) or arch.get("kind") not in _KINDS:
+        kind = arch.get("kind") if isinstance(arch, dict) else arch
+        raise ValueError(f"{path}: unknown architecture kind {kind!r}; expected one of {sorted(_KINDS)}")
+    if arch["kind"] in ("transformers", "module") and not isinstance(arch.get("class"), str):
+        raise ValueError(f"{path}: architecture of kind {arch['kind']!r} needs a 'class' string")
+
+    layers = meta["layers"]
+    if not isinstance(layers, dict):
+        raise ValueError(f"{path}: 'layers' must be an object")
+    for name, spec in layers.items():
+        if not isinstance(spec, dict) or "type" not in spec:
+            raise ValueError(f"{path}: the spec of layer {name!r} must be an object with a 'type'")
+        if spec["type"] not in LAYER_TYPES:
+            raise ValueError(f"unknown layer type {spec['type']!r} for module {name!r} in {path}; "
+                             f"registered types: {sorted(LAYER_TYPES)} (see bondgate.register_layer_type)")
+    for alias, target in _check_str_map(meta["layer_aliases"], "layer_aliases").items():
+        if target not in layers or alias in layers:
+            raise ValueError(f"{path}: layer alias {alias!r} -> {target!r} does not point to a saved layer")
+    names = {*layers, *meta["layer_aliases"]}
+    for name in names:
+        parts = name.split(".")
+        outer = [p for p in ("", *(".".join(parts[:i]) for i in range(1, len(parts)))) if p in names and p != name]
+        if outer:
+            raise ValueError(f"{path}: layer {name!r} lies inside layer {outer[0]!r}")
+    _check_str_map(meta["tensor_aliases"], "tensor_aliases")
+    if arch["kind"] == "bondgate_layer" and "" not in layers:
+        raise ValueError(f"{path}: a checkpoint of kind 'bondgate_layer' needs the layer '' in 'layers'")
+
+    w = meta["weights"]
+    if not (isinstance(w, dict) and isinstance(w.get("sha256"), str) and len(w["sha256"]) == 64
+            and isinstance(w.get("bytes"), int) and not isinstance(w["bytes"], bool)):
+        raise ValueError(f"{path}: 'weights' must hold 'sha256' (64 hex digits) and 'bytes' (an int)")
+    return meta
+
+
+def _read_tensors(directory: Path, meta: dict) -> dict[str, torch.Tensor]:
+    """All tensors of the checkpoint (aliases included, sharing their target's tensor), on the CPU."""
+    path = directory / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    size, want = path.stat().st_size, meta["weights"]["bytes"]
+    if size != want:
+        raise ValueError(f"corrupt or truncated checkpoint: {path} has {size} bytes, {META_NAME} records {want}")
+    sha, want_sha = _sha256(path), meta["weights"]["sha256"].lower()
+    if sha != want_sha:
+        raise ValueError(f"corrupt or truncated checkpoint: sha256 of {path} is {sha}, {META_NAME} records {want_sha}")
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise ValueError(f"corrupt or truncated checkpoint: cannot read {path}: {exc}") from exc
+    stored = set(tensors)
+    for alias, target in meta["tensor_aliases"].items():
+        if target not in stored or alias in stored:
+            raise ValueError(f"{META_NAME}: tensor alias {alias!r} -> {target!r} does not point to a stored tensor")
+        tensors[alias] = tensors[target]
+    return tensors
+
+
+def _transformers_skeleton(directory: Path, arch: dict) -> nn.Module:
+    transformers = _import_transformers()
+    name = arch["class"]
+    # Only public names of the transformers namespace that are model classes: nothing else is imported.
+    cls = None
+    if name.isidentifier() and not name.startswith("_"):
+        try:
+            cls = getattr(transformers, name, None)
+        except Exception:  # noqa: BLE001 - the lazy module may fail to import an optional backend
+            cls = None
+    if cls is None:
+        raise ValueError(f"unknown transformers class {name!r} in {META_NAME}")
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)) or cls.config_class is None:
+        raise ValueError(f"{name!r} in {META_NAME} is not a transformers model class (PreTrainedModel subclass)")
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"config.json not found in checkpoint directory: {config_path}")
+    try:
+        config = cls.config_class.from_pretrained(str(directory))
+    except (ValueError, OSError, TypeError) as exc:
+        raise ValueError(f"cannot read {config_path} as a {cls.config_class.__name__}: {exc}") from exc
+    attn = arch.get("attn_implementation")
+    with torch.random.fork_rng(devices=[]):  # building initializes weights; keep the caller's RNG stream
+        if isinstance(attn, str):
+            try:
+                return cls._from_config(config, attn_implementation=attn)
+            except (ValueError, ImportError) as exc:
+                warnings.warn(f"attention implementation {attn!r} unavailable ({exc}); using the default",
+                              stacklevel=3)
+        return cls._from_config(config)
+
+
+def _virtual_state(model: nn.Module, new: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """The ``state_dict(keep_vars=True)`` that ``model`` would have after swapping in ``new``."""
+    if "" in new:
+        return dict(new[""].state_dict(keep_vars=True))
+    state = {}
+    for key, t in model.state_dict(keep_vars=True).items():
+        parts = key.split(".")
+        if not any(".".join(parts[:i]) in new for i in range(1, len(parts))):
+            state[key] = t
+    for name, layer in new.items():
+        state.update(layer.state_dict(prefix=name + ".", keep_vars=True))
+    return state
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+def _tensor_ident(t: torch.Tensor) -> tuple | None:
+    if t.numel() == 0:
+        return None
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+
+
+def _validate(state: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], meta: dict,
+              adapt_dtypes: bool) -> None:
+    missing, unexpected = set(state) - set(tensors), set(tensors) - set(state)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the model: missing keys {_short(missing)}, "
+                         f"unexpected keys {_short(unexpected)}")
+    for key, t in state.items():
+        src = tensors[key]
+        if tuple(src.shape) != tuple(t.shape):
+            raise ValueError(f"shape mismatch for {key!r}: checkpoint has {tuple(src.shape)}, "
+                             f"model expects {tuple(t.shape)}")
+        if src.dtype != t.dtype:
+            if adapt_dtypes and src.is_floating_point() and t.is_floating_point():
+                t.data = t.data.to(src.dtype)  # our own skeleton: follow the saved precision
+            else:
+                raise ValueError(f"dtype mismatch for {key!r}: checkpoint has {src.dtype}, model has {t.dtype}")
+    # A tie in the model that the checkpoint does not share would make the copies overwrite each other.
+    aliases = meta["tensor_aliases"]
+    groups: dict[tuple, list[str]] = {}
+    for key, t in state.items():
+        ident = _tensor_ident(t)
+        if ident is not None:
+            groups.setdefault(ident, []).append(key)
+    for keys in groups.values():
+        roots = {aliases.get(k, k) for k in keys}
+        if len(roots) > 1:
+            raise ValueError(f"the model ties {_short(keys)} but the checkpoint stores them as separate tensors")
+
+
+def _tie(model: nn.Module, key: str, target_key: str) -> None:
+    """Make ``key`` refer to the same parameter/buffer object as ``target_key`` (checkpoint ties)."""
+    def owner(k: str) -> tuple[nn.Module, str]:
+        mod, _, name = k.rpartition(".")
+        return model.get_submodule(mod), name
+
+    m, name = owner(key)
+    tm, tname = owner(target_key)
+    if name in m._parameters and tname in tm._parameters:
+        if m._parameters[name] is not tm._parameters[tname]:
+            m._parameters[name] = tm._parameters[tname]
+    elif name in m._buffers and tname in tm._buffers:
+        if m._buffers[name] is not tm._buffers[tname]:
+            m._buffers[name] = tm._buffers[tname]
+
+
+def load(directory: str | os.PathLike, model: nn.Module | None = None, *,
+         map_location: str | torch.device = "cpu") -> nn.Module:
+    """Load a checkpoint written by :func:`save`; returns the model in eval mode.
+
+    Without ``model`` the skeleton is rebuilt from the checkpoint (transformers models, plain
+    ``nn.Sequential`` trees and bare bondgate layers) and moved to ``map_location``. With ``model``
+    (required for any other module: pass a freshly constructed *dense* instance), its modules named
+    in the checkpoint are replaced by bondgate layers (placed on the device of the module they
+    replace) and all tensors are loaded into it in place; ``map_location`` is then unused. Every
+    check (JSON, file integrity, keys, shapes, dtypes) runs before ``model`` is modified, so a
+    failed load leaves it untouched.
+
+    Raises:
+        FileNotFoundError: the directory, ``bondgate.json``, ``model.safetensors`` or ``config.json``
+            is missing.
+        ValueError: unknown format/version/layer type/class, corrupt or truncated weights, or a
+            checkpoint that does not fit the model (key, shape or dtype).
+    """
+    directory = Path(directory)
+    meta = read_metadata(directory)
+    tensors = _read_tensors(directory, meta)
+    new = _build_layers(meta)
+    arch = meta["architecture"]
+    built = model is None
+    if built:
+        if arch["kind"] == "transformers":
+            model = _transformers_skeleton(directory, arch)
+        elif arch["kind"] == "sequential":
+            with torch.random.fork_rng(devices=[]):
+                model = _build_sequential(arch)
+        elif arch["kind"] == "bondgate_layer":
+            model = new[""]
+        else:
+            raise ValueError(f"this checkpoint holds a {arch['class']}, which bondgate cannot rebuild by itself; "
+                             f"pass model=<a freshly constructed dense instance> to load()")
+    elif not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    elif "" in new:
+        raise ValueError("this checkpoint holds a single bondgate layer; call load() without model=")
+
+    for name in new:
+        if name == "":
+            continue
+        parent, _, child = name.rpartition(".")
+        try:
+            owner = model.get_submodule(parent)
+        except AttributeError:
+            owner = None
+        if owner is None or owner._modules.get(child) is None:
+            raise ValueError(f"the checkpoint replaces module {name!r}, but the model has no such module")
+        if not built:
+            device = _module_device(owner._modules[child])
+            if device is not None:
+                new[name].to(device)
+
+    _validate(_virtual_state(model, new), tensors, meta, adapt_dtypes=built)
+
+    # ---- everything is checked: modify the model. With keys, shapes and dtypes verified the copy
+    # cannot fail for a data reason; should it fail anyway, at least the module swaps are undone.
+    if "" not in new:
+        old = {name: model.get_submodule(name) for name in new}
+        try:
+            for name, layer in new.items():
+                _set_submodule(model, name, layer)
+            model.load_state_dict(tensors, strict=True)
+        except BaseException:
+            for name, mod in old.items():
+                _set_submodule(model, name, mod)
+            raise
+    else:
+        model.load_state_dict(tensors, strict=True)
+    for alias, target in meta["tensor_aliases"].items():
+        _tie(model, alias, target)
+    if built:
+        model.to(map_location)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------- HF aliases
+def save_pretrained(model: nn.Module, directory: str | os.PathLike, tokenizer: Any = None, *,
+                    report: Any = None) -> Path:
+    """:func:`save` for a (compressed) Hugging Face ``PreTrainedModel``.
+
+    The directory is a bondgate checkpoint (config.json + model.safetensors + bondgate.json), not a
+    Hugging Face one: read it back with :func:`from_pretrained`, not ``AutoModel.from_pretrained``.
+    """
+    hf = _hf_base()
+    if hf is None or not isinstance(model, hf):
+        raise TypeError(f"save_pretrained expects a transformers PreTrainedModel, got {type(model).__name__}; "
+                        f"use bondgate.save for other models")
+    return save(model, directory, report=report, tokenizer=tokenizer)
+
+
+def from_pretrained(directory: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Load a checkpoint written by :func:`save_pretrained` (the transformers model, in eval mode).
+
+    Tokenizer files, if saved, load with ``AutoTokenizer.from_pretrained(directory)``.
+    """
+    meta = read_metadata(directory)
+    if meta["architecture"]["kind"] != "transformers":
+        raise TypeError(f"{directory} holds a {meta['architecture']['kind']!r} checkpoint, not a transformers "
+                        f"model; use bondgate.load")
+    return load(directory, map_location=map_location)

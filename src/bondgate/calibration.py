@@ -208,7 +208,8 @@ def refine_cores(cores: Sequence[torch.Tensor], W: torch.Tensor, cov: torch.Tens
 
     W = W.to(torch.float64)
     cov = cov.to(torch.float64)
-    params = [c.detach().to(torch.float64).clone().requires_grad_(True) for c in cores]
+    params = [c.detach().to(torch.float64).clone(memory_format=torch.contiguous_format).requires_grad_(True)
+              for c in cores]
     # Normalize the objective so L-BFGS's tolerances mean the same thing for every layer.
     scale = float(((W @ cov) * W).sum()).__abs__() or 1.0
 

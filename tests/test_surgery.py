@@ -1,0 +1,170 @@
+"""Whole-model compression: targets, budgets, calibration, allocation, report."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from bondgate import CompressionConfig, MPOLinear, compress
+from bondgate.allocation import LayerSpectrum, allocate, mpo_params, uniform_cap
+from bondgate.calibration import collect_input_stats, kron_whiteners, layer_sensitivity
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(62, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 1))
+
+
+def linear_weights(model):
+    return sum(m.num_params if isinstance(m, MPOLinear) else m.weight.numel()
+               for m in model.modules() if isinstance(m, (nn.Linear, MPOLinear)))
+
+
+def test_whole_mlp_to_ten_percent():
+    model = mlp()
+    before = linear_weights(model)
+    x = torch.randn(512, 62)
+    compress(model, CompressionConfig(param_ratio=0.10, num_cores=3), calibration=[x[:256], x[256:]], progress=False)
+    rep = model.bondgate_report
+    assert linear_weights(model) <= 0.10 * before
+    assert linear_weights(model) >= 0.09 * before  # the budget is used, not wasted
+    assert rep.params_after == linear_weights(model) and rep.params_before == before
+    assert isinstance(model[2], MPOLinear)
+    assert model(x).shape == (512, 1)
+    assert "total" in rep.table() and rep.to_dict()["ratio"] == pytest.approx(rep.ratio)
+
+
+def test_targets_regex_list_exclude_and_skips():
+    model = mlp()
+    compress(model, CompressionConfig(max_bond=8, target_modules=["2"]), progress=False)
+    assert isinstance(model[2], MPOLinear) and isinstance(model[0], nn.Linear)
+    model = mlp()
+    compress(model, CompressionConfig(max_bond=8, target_modules=r"\d", exclude=["4"]), progress=False)
+    assert isinstance(model[0], MPOLinear) and isinstance(model[4], nn.Linear)
+    # a 1x256 output layer cannot shrink below its dense size with 3 cores at bond 1? it can: check skip logic
+    tiny = nn.Sequential(nn.Linear(3, 2))
+    compress(tiny, CompressionConfig(max_bond=1), progress=False)
+    assert isinstance(tiny[0], nn.Linear)
+    assert tiny.bondgate_report.layers[0].status.startswith("skipped: no 3-core MPO")
+
+
+def test_calibration_lowers_output_error_on_anisotropic_inputs():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 64)
+    scales = torch.logspace(-2, 1, 64)[torch.randperm(64)]
+    x = torch.randn(2048, 64) * scales + 0.5
+    y = lin(x).detach()
+
+    def out_err(cal):
+        model = nn.Sequential(nn.Linear(64, 64))
+        model[0].load_state_dict(lin.state_dict())
+        compress(model, CompressionConfig(param_ratio=0.3, num_cores=2), calibration=cal, progress=False)
+        with torch.no_grad():
+            return float((model(x) - y).norm() / y.norm())
+
+    plain, calibrated = out_err(None), out_err([x])
+    assert calibrated < 0.7 * plain
+
+
+def test_reported_output_error_matches_measurement():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(96, 48))
+    x = torch.randn(1024, 96) * torch.linspace(0.1, 3, 96)
+    y = model(x).detach()
+    compress(model, CompressionConfig(param_ratio=0.4, num_cores=2), calibration=[x], progress=False)
+    with torch.no_grad():
+        measured = float(((model(x) - y) ** 2).sum() / (y**2).sum()) ** 0.5
+    assert model.bondgate_report.layers[0].output_error == pytest.approx(measured, rel=1e-3)
+
+
+def test_global_allocation_beats_uniform():
+    torch.manual_seed(0)
+    # one layer is nearly low-rank, the other is not: a uniform cap wastes weights on the first
+    a = (torch.randn(128, 6) @ torch.randn(6, 128)) + 0.01 * torch.randn(128, 128)
+    b = torch.randn(128, 128)
+    errs = {}
+    for alloc in ("global", "uniform"):
+        model = nn.Sequential(nn.Linear(128, 128), nn.Linear(128, 128))
+        with torch.no_grad():
+            model[0].weight.copy_(a)
+            model[1].weight.copy_(b)
+        compress(model, CompressionConfig(param_ratio=0.3, num_cores=2, allocation=alloc), progress=False)
+        errs[alloc] = sum((r.weight_error * w.norm()) ** 2 for r, w in zip(model.bondgate_report.layers, (a, b)))
+    assert errs["global"] < 0.9 * errs["uniform"]
+
+
+def test_allocator_budget_and_dense_fallback():
+    spectra = [LayerSpectrum([16, 16], [torch.linspace(1, 0.01, 16)], 1.0, 256),
+               LayerSpectrum([64, 64], [torch.linspace(10, 1, 64)], 1.0, 4096)]
+    for budget in (200, 1000, 3000):
+        widths = allocate(spectra, budget)
+        used = sum(s.dense_params if w is None else mpo_params(s.leg_sizes, w) for s, w in zip(spectra, widths))
+        assert used <= budget
+    # a generous budget keeps the small layer dense (its full MPO is as big as the matrix)
+    assert allocate(spectra, 4096 + 256)[0] is None
+    with pytest.raises(ValueError, match="below the smallest"):
+        allocate(spectra, 10)
+    cap = uniform_cap(spectra, 1000)
+    assert sum(mpo_params(s.leg_sizes, [min(cap, f) for f in s.full_widths]) for s in spectra) <= 1000
+
+
+def test_kron_whiteners_are_exact_for_kronecker_covariances():
+    torch.manual_seed(0)
+    A = torch.randn(4, 4, dtype=torch.float64)
+    B = torch.randn(3, 3, dtype=torch.float64)
+    C = torch.kron(A @ A.T + torch.eye(4), B @ B.T + torch.eye(3))
+    S, S_inv = kron_whiteners(C, (4, 3), damping=0.0)
+    K = torch.kron(S[0] @ S[0], S[1] @ S[1])
+    assert torch.allclose(K, C, rtol=1e-8, atol=1e-8)
+    assert torch.allclose(S[0] @ S_inv[0], torch.eye(4, dtype=torch.float64), atol=1e-10)
+
+
+def test_stats_skip_padding_rows():
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x, attention_mask=None):
+            return self.lin(x)
+
+    toy = Toy()
+    x = torch.ones(2, 3, 4)
+    x[0, 2] = 100.0  # a padding position
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    st = collect_input_stats(toy, {"lin": toy.lin}, [{"x": x, "attention_mask": mask}])["lin"]
+    assert st.rows == 5 and torch.allclose(st.mean, torch.ones(4, dtype=torch.float64))
+
+
+def test_sensitivity_sees_dead_branches():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8))
+    with torch.no_grad():
+        model[2].weight[:, :4] = 0  # half of layer 1's outputs never reach the model output
+        model[2].weight[:, 4:] *= 10
+    s = layer_sensitivity(model, {"0": model[0], "1": model[1], "2": model[2]}, [torch.randn(16, 8)], probes=8)
+    assert s["2"] > 0 and s["1"] > 0 and math.isfinite(s["0"])
+
+
+@pytest.mark.parametrize("kw,match", [({}, "exactly one budget"), ({"param_ratio": 0.5, "max_bond": 4}, "exactly one"),
+                                      ({"param_ratio": 1.5}, "param_ratio"), ({"max_bond": 0}, "max_bond"),
+                                      ({"tol": 1.0}, "tol"), ({"max_bond": 4, "allocation": "smart"}, "allocation"),
+                                      ({"max_bond": 4, "num_cores": 0}, "num_cores")])
+def test_bad_config(kw, match):
+    with pytest.raises(ValueError, match=match):
+        CompressionConfig(**kw)
+
+
+def test_gpt2_conv1d_and_tied_head():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=100, n_positions=32)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 100, (4, 16))
+    ref = model(ids).logits
+    compress(model, CompressionConfig(tol=1e-6, num_cores=2), progress=False)
+    names = {r.name: r.status for r in model.bondgate_report.layers}
+    assert names["lm_head"].startswith("skipped: weight is tied")
+    assert isinstance(model.transformer.h[0].attn.c_attn, MPOLinear)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    torch.testing.assert_close(model(ids).logits, ref, rtol=1e-3, atol=1e-3)

@@ -59,3 +59,21 @@ def test_speed_mode_picks_dense_for_big_batches_of_wide_bonds():
     # rank 64 on a 256x256 layer has more FLOPs than dense at any batch: the cached weight must win
     layer = MPOLinear(256, 256, max_bond=64, policy=PlanPolicy(cache_dense=True, select="flops"))
     assert layer.plan(512).name == "dense-cached"
+
+
+def test_saved_plan_choices_make_a_reloaded_layer_bit_exact():
+    layer = MPOLinear(96, 80, max_bond=6, num_cores=3)
+    layer._pinned = {"3:0": "rebuild+gemm|linear"}  # pretend the autotuner picked this in "another process"
+    x = torch.randn(5, 96)
+    with torch.no_grad():
+        y = layer(x)
+    spec = layer.spec()
+    assert spec["plans"]["3:0"] == "rebuild+gemm|linear"
+    clear_plan_cache()
+    twin = MPOLinear.from_spec(spec)
+    twin.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        assert torch.equal(twin(x), y)
+    assert twin.plan(5).id == "rebuild+gemm|linear"
+    with pytest.raises(ValueError, match="plans"):
+        MPOLinear.from_spec({**spec, "plans": {"3:0": 7}})

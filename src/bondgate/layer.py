@@ -128,6 +128,9 @@ class MPOLinear(nn.Module):
             "policy": "speed" if self._policy.cache_dense else "memory",
             "dtype": str(self._core_tuple()[0].dtype).removeprefix("torch."),
             "error": None if math.isnan(self.error) else self.error,
+            # plans used so far, "<row bucket>:<grad>" -> plan id: a loaded copy runs the same
+            # contractions, so its outputs are bit-identical to this layer's
+            "plans": {**self._pinned, **{f"{k >> 1}:{k & 1}": p.id for k, (p, _) in self._plans.items()}},
         }
 
     @classmethod
@@ -149,6 +152,10 @@ class MPOLinear(nn.Module):
         bias = torch.zeros(int(spec["out_features"]), dtype=dtype) if spec["bias"] else None
         layer = cls.from_mpo(mpo, bias, policy=spec.get("policy", "memory"))
         layer.error = float("nan") if spec.get("error") is None else float(spec["error"])
+        plans = spec.get("plans") or {}
+        if not isinstance(plans, dict) or not all(isinstance(v, str) for v in plans.values()):
+            raise ValueError("layer spec 'plans' must map '<bucket>:<grad>' to plan ids")
+        layer._pinned = dict(plans)
         return layer
 
     def to_mpo(self) -> MPO:
@@ -196,6 +203,7 @@ class MPOLinear(nn.Module):
     @policy.setter
     def policy(self, value: str | PlanPolicy) -> None:
         self._policy = _policy(value)
+        self._pinned = {}
         self._reset_caches()
 
     def plan(self, batch: int = 1, grad: bool = False) -> ContractionPlan:
@@ -205,8 +213,9 @@ class MPOLinear(nn.Module):
         ``.describe()`` gives a dict and ``.candidates`` what the autotuner timed.
         """
         c0 = self._core_tuple()[0]
+        prefer = self._pinned.get(f"{max(int(batch), 1).bit_length()}:{int(grad)}")
         return get_plan(self.out_factors, self.in_factors, self.bond_dims, batch, c0.dtype, c0.device,
-                        self._policy, grad)
+                        self._policy, grad, prefer=prefer)
 
     def flops(self, batch: int = 1) -> int:
         """FLOPs of the plan actually used for ``batch`` rows (bias add excluded)."""
@@ -214,6 +223,8 @@ class MPOLinear(nn.Module):
 
     # ------------------------------------------------------------------ caches
     def _reset_caches(self) -> None:
+        if "_pinned" not in self.__dict__:
+            self._pinned: dict[str, str] = {}
         self._plans: dict[int, tuple[ContractionPlan, list | None]] = {}
         self._ops_cache: dict[tuple, list] = {}  # groups -> [version sum, operands, cores]
 
@@ -242,6 +253,7 @@ class MPOLinear(nn.Module):
         """Replace the cores (e.g. after truncation); shapes may change."""
         mpo = MPO([c.detach() for c in cores], self.out_features, self.in_features)
         self.cores = nn.ParameterList([nn.Parameter(c.clone()) for c in mpo.cores])
+        self._pinned = {}
         self._reset_caches()
 
     # ------------------------------------------------------------------ forward

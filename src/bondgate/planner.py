@@ -160,6 +160,11 @@ class ContractionPlan:
     _expr: object = field(default=None, repr=False)
     _flat_path: list[int] = field(default_factory=list, repr=False)
 
+    @property
+    def id(self) -> str:
+        """Identifies this plan among the candidates of its key (stable across processes)."""
+        return f"{self.name}|{self.executor}"
+
     def __post_init__(self) -> None:
         self._padded_in = math.prod(self.in_factors)
         # True when the plan multiplies by the reconstructed dense weight (a plain attribute: hot path).
@@ -430,10 +435,27 @@ def get_plan(
     device: torch.device,
     policy: PlanPolicy = MEMORY,
     grad: bool = False,
+    prefer: str | None = None,
 ) -> ContractionPlan:
-    """The cached plan for this shape and row bucket, planning (and autotuning) it on first use."""
+    """The cached plan for this shape and row bucket, planning (and autotuning) it on first use.
+
+    ``prefer``: a plan id (``plan.id``, e.g. ``"cores/optimal|aten"``) to use if it is a candidate for
+    this key — how a loaded checkpoint reproduces the plans, hence the exact floating-point results,
+    of the process that saved it.
+    """
     device = torch.device(device)
     key = (row_bucket(rows), tuple(out_factors), tuple(in_factors), tuple(ranks), dtype, device, policy, grad)
+    if prefer is not None:
+        pkey = (*key, prefer)
+        plan = _PLAN_CACHE.get(pkey)
+        if plan is None:
+            cands = _build_candidates(tuple(out_factors), tuple(in_factors), tuple(ranks), max(int(rows), 1),
+                                      policy, grad)
+            plan = next((c for c in cands if c.id == prefer), None)
+            if plan is not None:
+                _PLAN_CACHE[pkey] = plan
+        if plan is not None:
+            return plan
     plan = _PLAN_CACHE.get(key)
     if plan is None:
         cands = _build_candidates(tuple(out_factors), tuple(in_factors), tuple(ranks), max(int(rows), 1), policy, grad)

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .allocation import LayerSpectrum, allocate, mpo_params, uniform_cap
+from .allocation import LayerSpectrum, allocate, mpo_params, tolerance_menu, uniform_cap
 from .calibration import (InputStats, apply_leg_maps, collect_input_stats, fold_into_cores, kron_whiteners,
                           layer_sensitivity, refine_cores)
 from .factors import factorize_shape
@@ -54,7 +54,9 @@ class CompressionConfig:
         ``"uniform"`` (one bond cap for every layer, plain TT-SVD; the classic baseline).
         calibrate: use calibration data (whitening, refinement, bias correction, sensitivity) when given.
         refine_steps: L-BFGS iterations on the activation-weighted error per layer (0 = off).
-        sensitivity: weight layers by their effect on the model output (needs calibration data).
+        layer_weighting: how the global allocation weighs one layer's squared output error against
+            another's: ``"sensitivity"`` (measured effect on the model output; needs calibration data),
+            ``"relative"`` (relative output error: every layer counts the same), ``"absolute"``.
         damping: relative ridge on each input-leg covariance.
         policy: ``"memory"`` or ``"speed"`` for the new layers' kernels.
         max_calibration_rows: stop the statistics pass once every layer has seen this many rows.
@@ -69,7 +71,7 @@ class CompressionConfig:
     allocation: str = "global"
     calibrate: bool = True
     refine_steps: int = 30
-    sensitivity: bool = True
+    layer_weighting: str = "relative"
     damping: float = 1e-2
     policy: str = "memory"
     max_calibration_rows: int | None = 200_000
@@ -89,6 +91,8 @@ class CompressionConfig:
             raise ValueError(f"num_cores must be a positive integer, got {self.num_cores!r}")
         if self.allocation not in ("global", "uniform"):
             raise ValueError(f"allocation must be 'global' or 'uniform', got {self.allocation!r}")
+        if self.layer_weighting not in ("sensitivity", "relative", "absolute"):
+            raise ValueError(f"layer_weighting must be 'sensitivity', 'relative' or 'absolute', got {self.layer_weighting!r}")
         if self.policy not in ("memory", "speed"):
             raise ValueError(f"policy must be 'memory' or 'speed', got {self.policy!r}")
         if self.refine_steps < 0 or self.damping < 0:
@@ -274,7 +278,8 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable 
 
     stats = collect_input_stats(model, targets, data, config.max_calibration_rows, progress) if data and targets else {}
     sens = {}
-    if data and targets and config.sensitivity and config.param_ratio is not None and config.allocation == "global":
+    if data and targets and config.layer_weighting == "sensitivity" and config.param_ratio is not None \
+            and config.allocation == "global":
         sens = layer_sensitivity(model, targets, data[: max(1, min(len(data), 8))])
 
     works: list[_Work] = []
@@ -293,13 +298,20 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable 
             if w.cov is not None:
                 S, w.S_inv = kron_whiteners(w.cov, w.in_f, config.damping)
             w.exact = MPO.from_matrix(w.whitened_padded(S), in_factors=w.in_f, out_factors=w.out_f)
-        spectra = [LayerSpectrum([o * i for o, i in zip(w.out_f, w.in_f)], w.exact.bond_spectra or [], w.weight,
-                                 w.W.numel()) for w in works]
         budget = int(config.param_ratio * sum(w.W.numel() for w in works))
         if config.allocation == "global":
-            for w, wid in zip(works, allocate(spectra, budget)):
-                widths[w.name] = wid
+            menus = []
+            for w in works:
+                menu = tolerance_menu(w.exact, w.W.numel())
+                norm_sq = float((w.exact.bond_spectra[0] ** 2).sum()) if w.exact.bond_spectra else 1.0
+                menu.weight = {"relative": 1.0 / max(norm_sq, 1e-300), "absolute": 1.0,
+                               "sensitivity": w.weight}[config.layer_weighting]
+                menus.append(menu)
+            for w, wid in zip(works, allocate(menus, budget)):
+                widths[w.name] = None if wid is None else list(wid)
         else:
+            spectra = [LayerSpectrum([o * i for o, i in zip(w.out_f, w.in_f)], w.exact.bond_spectra or [],
+                                     w.weight, w.W.numel()) for w in works]
             cap = uniform_cap(spectra, budget)
             for w, s in zip(works, spectra):
                 widths[w.name] = [min(cap, f) for f in s.full_widths]

@@ -4,6 +4,7 @@ and run them through a planned contraction kernel."""
 from .baselines import LowRankLinear, latency, magnitude_prune, quantize_int8, size_on_disk, svd_compress
 from .distill import DistillLoss, distill
 from .factors import choose_factors, factorize_shape
+from .gating import GatedMPOLinear, GatingConfig, gate, gating_report, set_budget, set_mode
 from .io import from_pretrained, load, register_layer_type, save, save_pretrained
 from .layer import MPOLinear
 from .mpo import MPO
@@ -33,6 +34,13 @@ __all__ = [
     "save_pretrained",
     "from_pretrained",
     "register_layer_type",
+    # per-input bond gating
+    "GatingConfig",
+    "GatedMPOLinear",
+    "gate",
+    "set_mode",
+    "set_budget",
+    "gating_report",
     # baselines
     "LowRankLinear",
     "svd_compress",

@@ -92,6 +92,13 @@ class DistillLoss:
         return total, {k: float(v.detach()) for k, v in terms.items()}
 
 
+def aux_losses(model: nn.Module) -> torch.Tensor | None:
+    """Sum of the auxiliary losses modules report for their last forward (e.g. a gating budget penalty)."""
+    losses = [a for m in model.modules() if hasattr(m, "bondgate_aux_loss") for a in [m.bondgate_aux_loss()]
+              if a is not None]
+    return torch.stack(losses).sum() if losses else None
+
+
 def _call(model: nn.Module, batch, want_hidden: bool):
     if want_hidden and isinstance(batch, Mapping) and hasattr(model, "config"):
         return model(**batch, output_hidden_states=True)
@@ -206,6 +213,10 @@ def distill(
                 t_out = _call(teacher, batch, want_hidden)
             s_out = _call(student, batch, want_hidden)
             total, parts = loss(s_out, t_out, batch)
+            aux = aux_losses(student)
+            if aux is not None:
+                total = total + aux
+                parts["aux"] = float(aux.detach())
             opt.zero_grad(set_to_none=True)
             total.backward()
             if grad_clip:
@@ -268,6 +279,9 @@ def _make_trainer_class():
                 t_out = _call(self.teacher, inputs, want)
             s_out = _call(model, inputs, want)
             total, _ = self.distill_loss(s_out, t_out, inputs)
+            aux = aux_losses(model)
+            if aux is not None:
+                total = total + aux
             return (total, s_out) if return_outputs else total
 
     return DistillationTrainer

@@ -200,8 +200,11 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str,
         for pname, p in mod.named_parameters(recurse=False):
             owners.setdefault(id(p), []).append(f"{name}.{pname}" if name else pname)
     targets, skipped = {}, {}
+    inside_mpo = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, MPOLinear) and n)
     for name, mod in model.named_modules():
         if not name or not (isinstance(mod, nn.Linear) or _is_conv1d(mod)) or isinstance(mod, MPOLinear):
+            continue
+        if name.startswith(inside_mpo):  # e.g. a gating controller: part of an MPO layer, not a target
             continue
         if config.target_modules is not None and not _matches(name, config.target_modules):
             continue

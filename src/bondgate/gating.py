@@ -1,0 +1,428 @@
+"""Per-input bond gating: a tiny controller picks, for every input row, how much of each bond to use.
+
+The cores of an :class:`~bondgate.MPOLinear` are canonical, so every bond's channels are sorted by
+Schmidt value and keeping a prefix of each bond is the best truncation of that size. A gated layer
+offers a few *levels* (fractions of every bond, e.g. 25/50/75/100%); level ``l`` is the MPO with
+cores sliced to ``[:w_{k-1}(l), :, :, :w_k(l)]``.
+
+Inference (``eval()``): the controller scores the levels for each row; rows are grouped by their level
+and each group is contracted with the sliced cores through the planner (one cached plan per level and
+row bucket). Nothing is masked: a row at 50% width really runs the smaller contraction.
+
+Training: ``mode="nested"`` samples a random level per row (nested dropout / Matryoshka), which makes
+every prefix a good truncation; ``mode="gate"`` trains the controller with a straight-through
+Gumbel-max estimator: the forward pass uses the sampled (hard) level of each row — the same value as
+inference — while the gradient flows through the softmax of the level scores, with every level's
+output computed so the controller sees what each choice would have given. A budget penalty on the
+expected FLOPs (reported by :meth:`GatedMPOLinear.bondgate_aux_loss`, which :func:`bondgate.distill`
+adds to its loss) pulls the average toward the budget. After training, :func:`set_budget` calibrates
+one global price ``lam`` on inputs so that the average FLOPs per row hit any budget exactly — the
+budget can be changed at inference without retraining.
+
+FLOPs of a level are those of the cheapest plan contracting ONE row with the level's cores
+(:func:`bondgate.planner.min_flops` at 1 row): the per-row compute that the bond widths control. At
+large row counts the planner may run a narrow MPO as rebuild-the-weight + GEMM, whose cost no longer
+depends on the width; ``benchmarks/gating.py`` measures where the saving shows up in wall-clock time.
+The controller's own ``2 * (in_features + 1) * levels`` FLOPs per row are added to every row.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .calibration import run_model
+from .io import register_layer_type
+from .layer import MPOLinear
+from .planner import get_plan, min_flops
+
+__all__ = ["GatingConfig", "GatedMPOLinear", "gate", "set_mode", "set_budget", "gating_report", "average_flops",
+           "width_error_curve"]
+
+_VERSION = operator.attrgetter("_version")
+COST_ROWS = 1  # a level's FLOPs per row: the cheapest plan contracting one row
+
+
+@dataclass
+class GatingConfig:
+    """``budget``: target average FLOPs per row as a fraction of the full-width FLOPs (controller
+    included); ``levels``: kept fraction of every bond, strictly increasing in (0, 1];
+    ``target_modules``: which MPO layers (regex on the full name, or a list of names/suffixes; None =
+    all); ``temperature``: Gumbel-softmax temperature; ``penalty``: weight of the squared budget gap."""
+
+    budget: float = 0.5
+    levels: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
+    target_modules: str | list[str] | None = None
+    temperature: float = 1.0
+    penalty: float = 5.0
+
+    def __post_init__(self) -> None:
+        _check_budget(self.budget)
+        lv = tuple(float(v) for v in self.levels)
+        if not lv:
+            raise ValueError("levels must not be empty")
+        if any(not (0.0 < v <= 1.0) for v in lv):
+            raise ValueError(f"levels are fractions of each bond and must lie in (0, 1], got {lv}")
+        if any(b <= a for a, b in zip(lv, lv[1:])):
+            raise ValueError(f"levels must be strictly increasing (sorted, no duplicates), got {lv}")
+        self.levels = lv
+        if self.temperature <= 0 or self.penalty < 0:
+            raise ValueError("temperature must be > 0 and penalty >= 0")
+
+
+def _check_budget(budget: float) -> None:
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not (0.0 < float(budget) <= 1.0):
+        raise ValueError(f"budget is a fraction of the full-width FLOPs and must lie in (0, 1], got {budget!r}")
+
+
+class GateController(nn.Module):
+    """Scores the levels of one row from its direction ``x / |x|`` and its log-norm: ``(B, in) -> (B, L)``.
+
+    Costs ``2 * (in + 1) * L`` FLOPs per row (plus the norm), about 1% of a 384-wide MPO layer.
+    """
+
+    def __init__(self, in_features: int, levels: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(in_features + 1, levels)
+        nn.init.zeros_(self.proj.weight)
+        with torch.no_grad():  # start by preferring wide levels: gating begins close to the full MPO
+            self.proj.bias.copy_(torch.linspace(-1.0, 1.0, levels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return self.proj(torch.cat([x / norm * math.sqrt(x.shape[-1]), norm.log()], dim=-1))
+
+
+def _widths(bonds: Sequence[int], frac: float) -> tuple[int, ...]:
+    return tuple(max(1, min(r, math.ceil(frac * r - 1e-9))) for r in bonds)
+
+
+@register_layer_type
+class GatedMPOLinear(MPOLinear):
+    """An :class:`~bondgate.MPOLinear` whose bond widths are chosen per input row by a controller.
+
+    ``mode``: ``"gate"`` (controller), ``"nested"`` (random level per row when training; full width
+    in eval), ``"full"`` (the static MPO), or a float ``f`` (static prefix truncation to ``f`` of every
+    bond, the baseline gating must beat). Buffers: ``budget_lambda`` (price of a FLOP fraction in score
+    units, set by :func:`set_budget`), ``level_counts`` (rows routed to each level in eval since the
+    last :func:`gating_report` reset).
+    """
+
+    def _init_gating(self, levels: Sequence[float], temperature: float, penalty: float, budget: float) -> None:
+        self.levels = tuple(float(v) for v in levels)
+        self.temperature, self.penalty, self.budget = float(temperature), float(penalty), float(budget)
+        c0 = self._core_tuple()[0]
+        self.controller = GateController(self.in_features, len(self.levels)).to(device=c0.device, dtype=c0.dtype)
+        self.register_buffer("budget_lambda", torch.zeros((), dtype=torch.float64, device=c0.device))
+        self.register_buffer("level_counts", torch.zeros(len(self.levels), dtype=torch.float64, device=c0.device))
+        self.mode: str | float = "gate"
+        self.record = True
+        self._refresh_costs()
+        self._aux: torch.Tensor | None = None
+        self._slices: dict[int, list] = {}
+
+    def _refresh_costs(self) -> None:
+        full = self.bond_dims
+        self.level_widths = [_widths(full, f) for f in self.levels]
+        self.full_cost = min_flops(self.out_factors, self.in_factors, full, COST_ROWS) / COST_ROWS
+        self.level_cost = [min_flops(self.out_factors, self.in_factors, w, COST_ROWS) / COST_ROWS
+                           for w in self.level_widths]
+        self.controller_cost = 2.0 * (self.in_features + 1) * len(self.levels) + 3.0 * self.in_features
+
+    @classmethod
+    def from_mpo_linear(cls, layer: MPOLinear, config: GatingConfig) -> "GatedMPOLinear":
+        g = cls.from_mpo(layer.to_mpo(), None if layer.bias is None else layer.bias.detach(), policy=layer.policy)
+        g._init_gating(config.levels, config.temperature, config.penalty, config.budget)
+        return g
+
+    # ------------------------------------------------------------------ structure for checkpoints
+    def spec(self) -> dict:
+        spec = super().spec()
+        spec.update({"levels": list(self.levels), "temperature": self.temperature, "penalty": self.penalty,
+                     "budget": self.budget, "mode": self.mode})
+        return spec
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "GatedMPOLinear":
+        if "levels" not in spec:
+            raise ValueError("GatedMPOLinear spec is missing 'levels'")
+        layer = super().from_spec(spec)
+        GatingConfig(budget=spec.get("budget", 0.5), levels=tuple(spec["levels"]))  # validates
+        layer._init_gating(spec["levels"], spec.get("temperature", 1.0), spec.get("penalty", 5.0),
+                           spec.get("budget", 0.5))
+        mode = spec.get("mode", "gate")
+        layer.mode = float(mode) if isinstance(mode, (int, float)) else str(mode)
+        return layer
+
+    # ------------------------------------------------------------------ kernels
+    def _level_cores(self, widths: tuple[int, ...], cache: bool) -> list[torch.Tensor]:
+        """Cores sliced to ``widths``; kept contiguous between calls in inference (version-checked)."""
+        cores = self._core_tuple()
+        w = [1, *widths, 1]
+        if not cache:
+            return [c[: w[k], :, :, : w[k + 1]] for k, c in enumerate(cores)]
+        key = hash(widths)
+        versions = sum(map(_VERSION, cores))
+        hit = self._slices.get(key)
+        if hit is None or hit[0] != versions or not all(map(operator.is_, cores, hit[2])):
+            sliced = [c.detach()[: w[k], :, :, : w[k + 1]].contiguous() for k, c in enumerate(cores)]
+            hit = self._slices[key] = (versions, sliced, cores)
+        return hit[1]
+
+    def width_output(self, x2d: torch.Tensor, widths: tuple[int, ...]) -> torch.Tensor:
+        """``x2d @ W(widths).T`` (no bias) through the planner; differentiable when grad is enabled."""
+        if widths == self.bond_dims:
+            cores = list(self._core_tuple())
+        else:
+            cores = self._level_cores(widths, cache=not torch.is_grad_enabled())
+        grad = torch.is_grad_enabled() and (cores[0].requires_grad or x2d.requires_grad)
+        c0 = cores[0]
+        plan = get_plan(self.out_factors, self.in_factors, widths, x2d.shape[0], c0.dtype, c0.device,
+                        self._policy, grad)
+        return plan.run(x2d, plan.group_operands(cores, self.out_features, self.in_features), self.out_features)
+
+    def grouped_output(self, x2d: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        """Rows grouped by level, each group contracted with its sliced cores (the inference path)."""
+        if x2d.shape[0] == 1:
+            return self.width_output(x2d, self.level_widths[int(levels[0])])
+        counts = torch.bincount(levels, minlength=len(self.levels)).tolist()
+        present = [lv for lv, n in enumerate(counts) if n]
+        if len(present) == 1:
+            return self.width_output(x2d, self.level_widths[present[0]])
+        order = torch.argsort(levels, stable=True)
+        xs = x2d.index_select(0, order)
+        parts, start = [], 0
+        for lv, n in enumerate(counts):
+            if n:
+                parts.append(self.width_output(xs[start:start + n], self.level_widths[lv]))
+                start += n
+        y_sorted = torch.cat(parts, 0)
+        return torch.empty_like(y_sorted).index_copy_(0, order, y_sorted) if not y_sorted.requires_grad \
+            else torch.zeros_like(y_sorted).index_copy(0, order, y_sorted)
+
+    def decide(self, x2d: torch.Tensor) -> torch.Tensor:
+        """Inference decisions: ``argmax(score - lam * relative cost)`` per row, ``(B,)`` level indices."""
+        scores = self.controller(x2d).to(torch.float64)
+        rel = torch.tensor(self.level_cost, dtype=torch.float64, device=scores.device) / self.full_cost
+        return torch.argmax(scores - self.budget_lambda * rel, dim=-1)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
+        """``levels`` (optional, ``(rows,)`` indices into ``self.levels``) overrides the controller."""
+        mode = self.mode
+        if mode == "full" and levels is None:
+            return super().forward(x)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"GatedMPOLinear expected input with last dimension {self.in_features}, "
+                             f"got shape {tuple(x.shape)}")
+        x2d = x.reshape(-1, self.in_features)
+        if levels is not None:
+            levels = levels.reshape(-1).to(device=x2d.device, dtype=torch.long)
+            if levels.shape[0] != x2d.shape[0] or (levels.numel() and not (0 <= int(levels.min()) and
+                                                                            int(levels.max()) < len(self.levels))):
+                raise ValueError(f"levels must be {x2d.shape[0]} indices in [0, {len(self.levels)})")
+            y = self.grouped_output(x2d, levels) if not self.training else self._soft_route(
+                x2d, torch.nn.functional.one_hot(levels, len(self.levels)).to(x2d.dtype))
+        elif isinstance(mode, float):
+            y = self.width_output(x2d, _widths(self.bond_dims, mode))
+        elif self.training and mode == "nested":
+            lv = torch.randint(len(self.levels), (x2d.shape[0],), device=x2d.device)
+            y = self.grouped_output(x2d, lv)
+        elif self.training and mode == "gate":
+            y = self._train_gate(x2d)
+        elif mode == "nested":  # eval of a nested-trained model without a controller: full width
+            return super().forward(x)
+        else:
+            lv = self.decide(x2d)
+            if self.record:
+                self.level_counts += torch.bincount(lv, minlength=len(self.levels)).to(self.level_counts)
+            y = self.grouped_output(x2d, lv)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _soft_route(self, x2d: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """``sum_l q[:, l] * y_l`` with every level's output computed (training form)."""
+        outs = torch.stack([self.width_output(x2d, w) for w in self.level_widths], 1)  # (B, L, out)
+        return (q.unsqueeze(-1) * outs).sum(1)
+
+    def _train_gate(self, x2d: torch.Tensor) -> torch.Tensor:
+        scores = self.controller(x2d)
+        gumbel = -torch.empty_like(scores).exponential_().log()
+        soft = torch.softmax((scores + gumbel) / self.temperature, -1)
+        hard = torch.nn.functional.one_hot(soft.argmax(-1), len(self.levels)).to(soft)
+        q = hard + soft - soft.detach()  # value: the sampled level; gradient: the softmax
+        probs = torch.softmax(scores / self.temperature, -1)
+        cost = torch.tensor(self.level_cost, dtype=probs.dtype, device=probs.device) / self.full_cost
+        expected = (probs * cost).sum(-1).mean() + self.controller_cost / self.full_cost
+        self._aux = self.penalty * (expected - self.budget) ** 2
+        return self._soft_route(x2d, q)
+
+    def bondgate_aux_loss(self) -> torch.Tensor | None:
+        """The budget penalty of the last training forward (consumed: returns it once)."""
+        aux, self._aux = self._aux, None
+        return aux
+
+    def _reset_caches(self) -> None:
+        super()._reset_caches()
+        if "_slices" in self.__dict__:
+            self._slices = {}
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", levels={self.levels}, mode={self.mode!r}"
+
+
+# ---------------------------------------------------------------------------------------------- model API
+def _gated_layers(model: nn.Module) -> list[tuple[str, GatedMPOLinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, GatedMPOLinear)]
+
+
+def gate(model: nn.Module, config: GatingConfig) -> nn.Module:
+    """Replace the model's MPO layers by gated ones, in place; returns ``model``.
+
+    The controllers start untrained (preferring wide levels); train them with :func:`set_mode`
+    ``"nested"`` then ``"gate"`` and :func:`bondgate.distill`, then call :func:`set_budget`.
+    """
+    from .surgery import _matches
+
+    if not isinstance(config, GatingConfig):
+        raise TypeError(f"config must be a GatingConfig, got {type(config).__name__}")
+    names = [n for n, m in model.named_modules() if isinstance(m, MPOLinear) and not isinstance(m, GatedMPOLinear)
+             and (config.target_modules is None or _matches(n, config.target_modules))]
+    if not names:
+        raise ValueError("gate: the model has no MPO layers to gate (run bondgate.compress first)")
+    for n in names:
+        layer = model.get_submodule(n) if n else model
+        g = GatedMPOLinear.from_mpo_linear(layer, config)
+        g.train(layer.training)
+        if n:
+            model.set_submodule(n, g)
+        else:
+            raise ValueError("gate: pass a model containing MPO layers, not a bare MPOLinear")
+    return model
+
+
+def set_mode(model: nn.Module, mode: str | float) -> nn.Module:
+    """``"gate"``, ``"nested"``, ``"full"`` or a width fraction in (0, 1] (static truncation) for every gated layer."""
+    if isinstance(mode, str) and mode not in ("gate", "nested", "full"):
+        raise ValueError(f"mode must be 'gate', 'nested', 'full' or a fraction, got {mode!r}")
+    if not isinstance(mode, str):
+        _check_budget(mode)
+        mode = float(mode)
+    layers = _gated_layers(model)
+    if not layers:
+        raise ValueError("the model has no gated layers (call bondgate.gate first)")
+    for _, m in layers:
+        m.mode = mode
+        for p in m.controller.parameters():
+            p.requires_grad_(mode == "gate")
+    return model
+
+
+@torch.no_grad()
+def _collect_scores(model: nn.Module, data: Iterable) -> dict[str, torch.Tensor]:
+    layers = _gated_layers(model)
+    scores: dict[str, list[torch.Tensor]] = {n: [] for n, _ in layers}
+    handles = []
+    for n, m in layers:
+        def hook(mod, inputs, n=n):
+            x = inputs[0].reshape(-1, mod.in_features)
+            scores[n].append(mod.controller(x).to(torch.float64).cpu())
+        handles.append(m.register_forward_pre_hook(hook))
+    was = model.training
+    model.eval()
+    try:
+        for batch in data:
+            run_model(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    return {n: torch.cat(v) for n, v in scores.items() if v}
+
+
+def _flops_at(layers, scores, lam: float) -> float:
+    used = full = 0.0
+    for n, m in layers:
+        s = scores[n]
+        rel = torch.tensor(m.level_cost, dtype=torch.float64) / m.full_cost
+        lv = torch.argmax(s - lam * rel, -1)
+        used += float(torch.tensor(m.level_cost, dtype=torch.float64)[lv].sum()) + m.controller_cost * s.shape[0]
+        full += m.full_cost * s.shape[0]
+    return used / full
+
+
+def set_budget(model: nn.Module, budget: float, data: Iterable) -> float:
+    """Calibrate the shared price ``lam`` so that the average FLOPs per row on ``data`` (model inputs)
+    equal ``budget`` x full width (controllers included). Returns the achieved fraction."""
+    _check_budget(budget)
+    layers = _gated_layers(model)
+    if not layers:
+        raise ValueError("the model has no gated layers (call bondgate.gate first)")
+    scores = _collect_scores(model, data)
+    layers = [(n, m) for n, m in layers if n in scores]
+    lo, hi = -1e3, 1e3  # achieved FLOPs fall as lam rises
+    if _flops_at(layers, scores, hi) > budget:
+        lam = hi
+    elif _flops_at(layers, scores, lo) <= budget:
+        lam = lo
+    else:
+        for _ in range(100):
+            mid = 0.5 * (lo + hi)
+            if _flops_at(layers, scores, mid) > budget:
+                lo = mid
+            else:
+                hi = mid
+        # of the two sides of the step, take the one closer to the budget
+        lam = lo if abs(_flops_at(layers, scores, lo) - budget) < abs(_flops_at(layers, scores, hi) - budget) else hi
+    for _, m in layers:
+        m.budget_lambda.fill_(lam)
+        m.budget = float(budget)
+    return _flops_at(layers, scores, lam)
+
+
+def average_flops(model: nn.Module, reset: bool = False) -> float:
+    """Average FLOPs per row over the rows seen in eval since the last reset, as a fraction of full width."""
+    used = full = 0.0
+    for _, m in _gated_layers(model):
+        n = float(m.level_counts.sum())
+        used += float((m.level_counts * torch.tensor(m.level_cost, dtype=torch.float64,
+                                                     device=m.level_counts.device)).sum()) + m.controller_cost * n
+        full += m.full_cost * n
+        if reset:
+            m.level_counts.zero_()
+    return used / full if full else float("nan")
+
+
+def gating_report(model: nn.Module, reset: bool = False) -> list[dict]:
+    """Per gated layer: level histogram (fraction of rows since the last reset), average FLOPs per row
+    vs full width, the controller's cost as a fraction of the layer's full-width FLOPs, and ``lam``."""
+    rows = []
+    for n, m in _gated_layers(model):
+        counts = m.level_counts.clone()
+        tot = float(counts.sum())
+        hist = (counts / tot).tolist() if tot else [0.0] * len(m.levels)
+        avg = (float((counts * torch.tensor(m.level_cost, dtype=torch.float64, device=counts.device)).sum()) / tot
+               + m.controller_cost) / m.full_cost if tot else float("nan")
+        rows.append({"name": n, "levels": list(m.levels), "histogram": hist, "rows": int(tot),
+                     "avg_flops_fraction": avg, "full_flops_per_row": m.full_cost,
+                     "controller_fraction": m.controller_cost / m.full_cost, "lambda": float(m.budget_lambda),
+                     "bond_dims": list(m.bond_dims), "level_widths": [list(w) for w in m.level_widths]})
+        if reset:
+            m.level_counts.zero_()
+    return rows
+
+
+def width_error_curve(layer: MPOLinear, fractions: Sequence[float] = (0.25, 0.5, 0.75, 1.0)) -> list[float]:
+    """Relative weight error of keeping each fraction of every bond (should fall monotonically)."""
+    W = layer.weight_matrix().detach()
+    out = []
+    for f in fractions:
+        mpo = layer.to_mpo().slice_bonds(_widths(layer.bond_dims, f))
+        out.append(float(torch.linalg.norm(mpo.to_matrix() - W) / torch.linalg.norm(W).clamp_min(1e-30)))
+    return out

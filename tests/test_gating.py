@@ -1,0 +1,155 @@
+"""Per-input bond gating: equivalence of the training and inference paths, budget, save/load, errors."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import bondgate
+from bondgate import GatedMPOLinear, GatingConfig, MPOLinear, gate, gating_report, set_budget, set_mode
+from bondgate.gating import average_flops, width_error_curve
+
+
+def model_with_mpo(seed=0):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(96, 96), nn.ReLU(), nn.Linear(96, 80))
+    net[2] = MPOLinear.from_linear(net[2], max_bond=12, num_cores=3)
+    return net
+
+
+def gated_layer():
+    net = gate(model_with_mpo(), GatingConfig(levels=(0.25, 0.5, 0.75, 1.0)))
+    return net, net[2]
+
+
+@pytest.mark.parametrize("case", ["all_levels", "one_level", "empty_groups", "single_row"])
+def test_grouped_inference_equals_training_forward(case):
+    net, layer = gated_layer()
+    rows = 1 if case == "single_row" else 37
+    x = torch.randn(rows, 96)
+    levels = {"all_levels": torch.arange(rows) % 4, "one_level": torch.full((rows,), 2),
+              "empty_groups": torch.where(torch.arange(rows) % 3 == 0, 0, 3), "single_row": torch.tensor([1])}[case]
+    layer.eval()
+    with torch.no_grad():
+        y_inf = layer(x, levels=levels)
+    layer.train()
+    y_train = layer(x, levels=levels)
+    torch.testing.assert_close(y_train.detach(), y_inf, rtol=1e-5, atol=1e-5)
+    # and each row equals the product with its own sliced MPO
+    for i in range(rows):
+        w = layer.level_widths[int(levels[i])]
+        ref = x[i] @ layer.to_mpo().slice_bonds(w).to_matrix().T + layer.bias
+        torch.testing.assert_close(y_inf[i], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_full_width_row_equals_static_mpo():
+    net, layer = gated_layer()
+    static = model_with_mpo()[2]
+    x = torch.randn(9, 96)
+    layer.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x, levels=torch.full((9,), 3)), static(x), rtol=1e-6, atol=1e-6)
+        set_mode(net, "full")
+        assert torch.equal(layer(x), static(x))
+
+
+def test_nested_training_makes_every_prefix_good_and_monotone():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(96, 96), nn.Tanh(), nn.Linear(96, 80))
+    student = copy.deepcopy(teacher)
+    student[2] = MPOLinear.from_linear(student[2], max_bond=16, num_cores=3)
+    gate(student, GatingConfig())
+    set_mode(student, "nested")
+    data = [torch.randn(128, 96) for _ in range(10)]
+    held = torch.randn(512, 96)
+
+    def errs():
+        out = []
+        with torch.no_grad():
+            for lv in range(4):
+                y = student[2](torch.tanh(student[0](held)), levels=torch.full((512,), lv))
+                t = teacher[2](torch.tanh(teacher[0](held)))
+                out.append(float((y - t).norm() / t.norm()))
+        return out
+
+    before = errs()
+    bondgate.distill(student, teacher, data, loss=bondgate.DistillLoss(hidden=0, output=1.0), epochs=20, lr=2e-3,
+                     progress=False)
+    after = errs()
+    assert all(a <= b + 1e-6 for a, b in zip(after[1:], after[:-1]))  # error falls with width
+    assert after[0] < before[0] and after[1] < before[1]  # the thin prefixes learned
+    curve = width_error_curve(student[2])
+    assert curve[-1] < 1e-6 and all(a >= b - 1e-9 for a, b in zip(curve, curve[1:]))
+
+
+def test_controller_training_and_budget_on_held_out_rows():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(96, 96), nn.Tanh(), nn.Linear(96, 80))
+    student = copy.deepcopy(teacher)
+    student[2] = MPOLinear.from_linear(student[2], max_bond=16, num_cores=3)
+    gate(student, GatingConfig(budget=0.5))
+    set_mode(student, "gate")
+    # easy rows (small inputs) and hard rows (large inputs): the controller can tell them apart
+    def batch(n):
+        scale = torch.where(torch.rand(n, 1) < 0.5, 0.1, 3.0)
+        return torch.randn(n, 96) * scale
+    res = bondgate.distill(student, teacher, [batch(128) for _ in range(10)],
+                           loss=bondgate.DistillLoss(hidden=0, output=1.0), epochs=10, lr=3e-3, progress=False)
+    assert any("aux" in h.get("loss", {}) for h in res.history) or res.steps == 100
+    achieved = set_budget(student, 0.5, [batch(256) for _ in range(4)])
+    assert achieved == pytest.approx(0.5, abs=0.05)
+    student.eval()
+    gating_report(student, reset=True)
+    with torch.no_grad():
+        for _ in range(4):
+            student(batch(256))  # held-out rows
+    assert average_flops(student) == pytest.approx(0.5, rel=0.05)
+    rep = gating_report(student)[0]
+    assert rep["rows"] == 1024 and abs(sum(rep["histogram"]) - 1) < 1e-9
+    assert rep["controller_fraction"] < 0.05
+
+
+def test_controller_cost_is_small_for_a_real_layer():
+    layer = GatedMPOLinear.from_mpo_linear(MPOLinear.from_linear(nn.Linear(384, 1536), max_bond=48),
+                                           GatingConfig())
+    assert layer.controller_cost / layer.full_cost <= 0.05
+    assert layer.level_cost == sorted(layer.level_cost) and layer.level_cost[-1] == pytest.approx(layer.full_cost)
+
+
+def test_save_load_reproduces_decisions_and_outputs(tmp_path):
+    net, layer = gated_layer()
+    with torch.no_grad():
+        layer.controller.proj.weight.normal_()
+    set_budget(net, 0.6, [torch.randn(64, 96)])
+    net.eval()
+    x = torch.randn(50, 96)
+    with torch.no_grad():
+        h = torch.relu(net[0](x))
+        lv = layer.decide(h)
+        y = net(x)
+    assert len(set(lv.tolist())) > 1
+    bondgate.save(net, tmp_path / "g")
+    back = bondgate.load(tmp_path / "g")
+    assert isinstance(back[2], GatedMPOLinear)
+    with torch.no_grad():
+        assert torch.equal(back[2].decide(torch.relu(back[0](x))), lv)
+        assert torch.equal(back(x), y)
+
+
+@pytest.mark.parametrize("kw,match", [({"budget": 0.0}, "budget"), ({"budget": 1.5}, "budget"),
+                                      ({"levels": ()}, "empty"), ({"levels": (0.5, 0.25, 1.0)}, "increasing"),
+                                      ({"levels": (0.5, 0.5)}, "increasing"), ({"levels": (0.0, 1.0)}, r"\(0, 1\]")])
+def test_bad_configs(kw, match):
+    with pytest.raises(ValueError, match=match):
+        GatingConfig(**kw)
+
+
+def test_gating_needs_mpo_layers():
+    with pytest.raises(ValueError, match="no MPO layers"):
+        gate(nn.Sequential(nn.Linear(4, 4)), GatingConfig())
+    with pytest.raises(ValueError, match="no gated layers"):
+        set_budget(nn.Sequential(nn.Linear(4, 4)), 0.5, [torch.randn(2, 4)])
+    net, layer = gated_layer()
+    with pytest.raises(ValueError, match="levels must be"):
+        layer(torch.randn(3, 96), levels=torch.tensor([0, 1, 7]))

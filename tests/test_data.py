@@ -1,0 +1,285 @@
+"""Dataset loaders (bondgate.data) and a smoke test of examples/bank_mlp.py. Nothing here downloads."""
+
+import dataclasses
+import functools
+import hashlib
+import io
+import json
+import sys
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from bondgate import data as bd
+
+pytest.importorskip("pandas")
+pytest.importorskip("sklearn")
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch):
+    """Only file:// URLs may be opened, so a resolver bug cannot turn into a download."""
+    real = urllib.request.urlopen
+
+    def guarded(url, *args, **kwargs):
+        if not str(getattr(url, "full_url", url)).startswith("file:"):
+            raise AssertionError(f"test tried to download {url}")
+        return real(url, *args, **kwargs)
+
+    monkeypatch.setattr(bd.urllib.request, "urlopen", guarded)
+
+
+@functools.lru_cache(maxsize=1)
+def _bank(root: str) -> bd.BankMarketing:
+    return bd.load_bank_marketing(root, download=False)
+
+
+@pytest.fixture
+def bank(data_dir) -> bd.BankMarketing:
+    return _bank(str(data_dir))
+
+
+# ------------------------------------------------------------------------------------ bank marketing
+def test_bank_shapes_and_splits(bank):
+    # 41,188 rows -> test ceil(0.2 n) = 8,238; the remaining 32,950 -> valid 6,590, train 26,360.
+    assert bank.X_train.shape == (26360, 62)
+    assert bank.X_valid.shape == (6590, 62)
+    assert bank.X_test.shape == (8238, 62)
+    assert bank.y_train.shape == (26360,) and bank.y_valid.shape == (6590,) and bank.y_test.shape == (8238,)
+    for t in (bank.X_train, bank.y_train, bank.X_valid, bank.y_valid, bank.X_test, bank.y_test):
+        assert t.dtype == torch.float32
+    assert len(bank.feature_names) == 62 == bank.num_features
+    assert "duration" not in bank.feature_names
+    assert bank.feature_names[:9] == list(bd.BANK_NUMERIC)
+    assert {"job_admin.", "poutcome_success", "month_dec", "day_of_week_fri"} <= set(bank.feature_names)
+
+
+def test_bank_values(bank):
+    X = torch.cat([bank.X_train, bank.X_valid, bank.X_test])
+    y = torch.cat([bank.y_train, bank.y_valid, bank.y_test])
+    assert X.min() == 0 and X.max() == 1
+    # min-max over the full table: every numeric column reaches both 0 and 1 somewhere
+    assert torch.all(X[:, :9].amin(0) == 0) and torch.all(X[:, :9].amax(0) == 1)
+    # one-hot blocks: each row has exactly one 1 per categorical column (10 in all)
+    assert torch.all(X[:, 9:].sum(1) == 10)
+    assert set(y.unique().tolist()) == {0.0, 1.0}
+    assert y.sum().item() == 4640
+    for part in (bank.y_train, bank.y_valid, bank.y_test):
+        assert part.mean().item() == pytest.approx(0.113, abs=0.006)
+
+
+def test_bank_split_is_deterministic(data_dir):
+    again = bd.load_bank_marketing(data_dir / "bank-marketing" / "bank-additional-full.csv", download=False)
+    first = _bank(str(data_dir))
+    assert torch.equal(again.X_test, first.X_test) and torch.equal(again.y_valid, first.y_valid)
+
+
+# ------------------------------------------------------------------------------------ text corpora
+def test_stsb_dev(data_dir):
+    pairs = bd.load_stsb(data_dir, split="dev")
+    assert len(pairs) == 1500
+    assert all(isinstance(a, str) and isinstance(b, str) and 0.0 <= s <= 5.0 for a, b, s in pairs)
+    assert pairs[0] == ("A man with a hard hat is dancing.", "A man wearing a hard hat is dancing.", 5.0)
+    # quotes inside a field must not be treated as CSV quoting
+    assert ("A woman posing by a pillar with a U2 sign.",
+            'a woman is standing by a pillar where "u2" is written.', 4.2) in pairs
+    assert sum('"' in a or '"' in b for a, b, _ in pairs) > 50
+
+
+def test_stsb_train_and_bad_split(data_dir):
+    assert len(bd.load_stsb(data_dir, split="train")) == 5749
+    with pytest.raises(ValueError, match="train"):
+        bd.load_stsb(data_dir, split="test")
+
+
+def test_text_corpora(data_dir):
+    wiki = bd.load_text("wikitext-2", "valid", data_dir)
+    assert wiki.count("\n") == 3760 and len(wiki.split()) == 213886
+    ptb = bd.load_text("ptb", "valid", data_dir)
+    assert ptb.count("\n") == 3370 and len(ptb.split()) == 70390
+    assert bd.load_text("ptb", "test", data_dir / "ptb")  # dataset folder works as path too
+    with pytest.raises(ValueError, match="split"):
+        bd.load_text("wikitext-2", "test", data_dir)
+    with pytest.raises(ValueError, match="unknown corpus"):
+        bd.load_text("wikitext-103", "valid", data_dir)
+
+
+# ------------------------------------------------------------------------------------ resolver
+REL = "stsb/sts-dev.tsv"
+
+
+def _put(root: Path, text: str, rel: str = REL) -> Path:
+    p = root / rel
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(text)
+    return p
+
+
+def test_resolver_order(tmp_path, monkeypatch):
+    explicit, env, cache = tmp_path / "explicit", tmp_path / "env", tmp_path / "cache"
+    monkeypatch.setenv("BONDGATE_DATA", str(env))
+    monkeypatch.setenv("BONDGATE_CACHE", str(cache))
+    assert bd.cache_dir() == cache
+    p_exp, p_env, p_cache = _put(explicit, "explicit"), _put(env, "env"), _put(cache, "cache")
+
+    assert bd.resolve(REL, p_exp) == p_exp  # the file itself
+    assert bd.resolve(REL, explicit) == p_exp  # a root laid out like shared/data
+    assert bd.resolve(REL, p_exp.parent) == p_exp  # the dataset's own folder
+    assert bd.resolve(REL) == p_env
+    p_env.unlink()
+    assert bd.resolve(REL) == p_cache
+    monkeypatch.delenv("BONDGATE_DATA")
+    assert bd.resolve(REL) == p_cache
+
+
+def test_explicit_path_does_not_fall_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("BONDGATE_DATA", str(tmp_path / "env"))
+    _put(tmp_path / "env", "env")
+    missing = tmp_path / "nowhere.tsv"
+    with pytest.raises(FileNotFoundError, match="nowhere.tsv"):
+        bd.resolve(REL, missing)
+
+
+def test_default_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.delenv("BONDGATE_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert bd.cache_dir() == tmp_path / ".cache" / "bondgate"
+
+
+def test_not_found_download_false(tmp_path, monkeypatch):
+    monkeypatch.delenv("BONDGATE_DATA", raising=False)
+    monkeypatch.setenv("BONDGATE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError) as err:
+        bd.load_bank_marketing(download=False)
+    msg = str(err.value)
+    assert bd.BANK_FILE in msg and str(tmp_path / "cache") in msg
+    assert "download=False" in msg and "BONDGATE_DATA" in msg
+    assert not (tmp_path / "cache").exists()
+
+
+def test_not_found_without_known_url(tmp_path, monkeypatch):
+    monkeypatch.setenv("BONDGATE_DATA", str(tmp_path / "empty"))
+    monkeypatch.setenv("BONDGATE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError, match="no public download"):
+        bd.load_text("ptb", "train")
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "empty")):
+        bd.load_stsb()
+
+
+def _nested_zip(path: Path, csv: bytes) -> None:
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w") as zf:
+        zf.writestr("__MACOSX/bank-additional/._bank-additional-full.csv", b"junk")
+        zf.writestr("bank-additional/bank-additional-full.csv", csv)
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("bank-additional.zip", inner.getvalue())
+        zf.writestr("bank-full.csv", b"other file")
+
+
+def test_download_unpacks_nested_zip_and_checks_sha(tmp_path, monkeypatch):
+    # A local file:// archive with the UCI layout exercises the download path without a network.
+    csv = b'"age";"y"\n30;"no"\n'
+    archive = tmp_path / "bank+marketing.zip"
+    _nested_zip(archive, csv)
+    monkeypatch.delenv("BONDGATE_DATA", raising=False)
+    monkeypatch.setenv("BONDGATE_CACHE", str(tmp_path / "cache"))
+    good = bd._Remote(archive.as_uri(), bd.BANK_MEMBERS, hashlib.sha256(csv).hexdigest())
+
+    monkeypatch.setitem(bd.REMOTES, bd.BANK_FILE, dataclasses.replace(good, sha256="0" * 64))
+    with pytest.raises(OSError, match="checksum mismatch"):
+        bd.resolve(bd.BANK_FILE)
+    assert not list((tmp_path / "cache").rglob("*.csv*"))  # nothing (not even a .part) left behind
+
+    monkeypatch.setitem(bd.REMOTES, bd.BANK_FILE, good)
+    got = bd.resolve(bd.BANK_FILE)
+    assert got == tmp_path / "cache" / bd.BANK_FILE and got.read_bytes() == csv
+    assert bd.resolve(bd.BANK_FILE, download=False) == got  # now served from the cache
+
+
+def test_real_remote_is_registered():
+    r = bd.REMOTES[bd.BANK_FILE]
+    assert r.url == "https://archive.ics.uci.edu/static/public/222/bank+marketing.zip"
+    assert r.sha256 == "74adfc578bf77a7ff4bb1ba4a9f8709d9e3c6907342959c2c8416847e0afb4d8"
+
+
+def test_shared_bank_file_matches_checksum(data_dir):
+    p = data_dir / bd.BANK_FILE
+    assert hashlib.sha256(p.read_bytes()).hexdigest() == bd.BANK_SHA256
+
+
+# ------------------------------------------------------------------------------------ examples/bank_mlp.py
+@pytest.fixture
+def bank_mlp():
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import bank_mlp
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    return bank_mlp
+
+
+def test_bank_mlp_trains(bank, bank_mlp):
+    small = dataclasses.replace(bank, X_train=bank.X_train[:2000], y_train=bank.y_train[:2000])
+    model = bank_mlp.build_mlp(seed=0)
+    assert bank_mlp.count_params(model) == 82177
+    # lr 1e-3 rather than the recipe's 1e-4 so that 2 short epochs learn something robustly
+    hist = bank_mlp.train(model, small, lr=1e-3, epochs=2, patience=20, seed=0)
+    assert hist["epochs_run"] == 2 and len(hist["train_loss"]) == 2
+    m = bank_mlp.evaluate(model, bank.X_test, bank.y_test)
+    assert set(m) == {"accuracy", "recall", "precision", "roc_auc", "loss"}
+    assert m["roc_auc"] > 0.6
+    # the best epoch's weights were restored
+    assert bank_mlp._loss(model, bank.X_valid, bank.y_valid) == pytest.approx(hist["best_valid_loss"], rel=1e-6)
+
+
+def test_early_stopping_restores_best(bank, bank_mlp):
+    small = dataclasses.replace(bank, X_train=bank.X_train[:256], y_train=bank.y_train[:256],
+                                X_valid=bank.X_valid[:256], y_valid=bank.y_valid[:256])
+    model = bank_mlp.build_mlp(seed=1)
+    hist = bank_mlp.train(model, small, lr=3e-2, epochs=40, patience=2, seed=1)  # lr high enough to overfit
+    assert hist["epochs_run"] == hist["best_epoch"] + 2 or hist["epochs_run"] == 40
+    assert hist["best_valid_loss"] == min(hist["valid_loss"])
+    assert bank_mlp._loss(model, small.X_valid, small.y_valid) == pytest.approx(hist["best_valid_loss"], rel=1e-6)
+
+
+def test_bank_mlp_mpo_middle(bank, bank_mlp):
+    from bondgate import MPOLinear
+
+    model = bank_mlp.build_mlp(seed=0)
+    X = bank.X_test[:512]
+    chi32 = bank_mlp.mpo_middle(model, max_bond=32)
+    layer = chi32[bank_mlp.MIDDLE]
+    assert isinstance(layer, MPOLinear) and layer.bond_dims == (16, 32, 16)
+    assert layer.num_params == 16896
+    assert bank_mlp.count_params(chi32) == 82177 - 65536 + 16896
+    assert isinstance(model[bank_mlp.MIDDLE], torch.nn.Linear)  # the original is untouched
+
+    exact = bank_mlp.mpo_middle(model, max_bond=None)
+    with torch.no_grad():
+        assert torch.allclose(exact(X), model(X), atol=1e-4, rtol=0)
+
+
+def test_compress_whole_model_placeholder(bank_mlp):
+    with pytest.raises(NotImplementedError, match="waiting for bondgate.compress"):
+        bank_mlp.compress_whole_model(bank_mlp.build_mlp(), 0.5)
+
+
+def test_bank_mlp_cli(data_dir, bank_mlp, tmp_path, capsys, monkeypatch):
+    from bondgate import PlanPolicy
+
+    # pick contraction plans by FLOPs: autotuning every row bucket would dominate this test's time
+    monkeypatch.setattr(bank_mlp, "MPO_POLICY", PlanPolicy(select="flops"))
+    out = tmp_path / "res.json"
+    bank_mlp.main(["--seeds", "0", "1", "--epochs", "1", "--max-train-rows", "300", "--mpo-middle",
+                   "--max-bond", "8", "--data", str(data_dir), "--no-download", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert "torch=" in text and "cpu_count=" in text and "±" in text
+    res = json.loads(out.read_text())
+    assert set(res["summary"]) == {"baseline", "mpo-middle chi=8 (before ft)", "mpo-middle chi=8 (after ft)"}
+    assert [r["seed"] for r in res["runs"]] == [0, 1]
+    assert res["runs"][0]["mpo"]["bond_dims"] == [8, 8, 8]

@@ -108,7 +108,8 @@ def _call(model: nn.Module, batch, want_hidden: bool):
 @dataclass
 class DistillResult:
     steps: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of the whole call
+    eval_seconds: float = 0.0  # of which spent in eval_fn
     best_metric: float | None = None
     best_step: int | None = None
     history: list[dict] = field(default_factory=list)
@@ -138,7 +139,8 @@ def distill(
 ) -> DistillResult:
     """Train ``student`` to imitate ``teacher`` on ``data`` (an iterable of batches, re-iterated per epoch).
 
-    Stops at ``steps``, after ``epochs``, after ``max_minutes`` of wall time, or when ``eval_fn``
+    Stops at ``steps``, after ``epochs``, after ``max_minutes`` of training wall time (time spent in
+    ``eval_fn`` is not counted; ``DistillResult.eval_seconds`` reports it), or when ``eval_fn``
     (called every ``eval_every`` steps and at the end; higher is better unless ``higher_is_better``
     is False) has not improved for ``patience`` evaluations. With ``eval_fn`` the best weights are
     restored at the end. The learning-rate schedule (linear warmup, cosine decay) is planned against
@@ -182,10 +184,12 @@ def distill(
         nonlocal best_state
         if eval_fn is None:
             return False
+        te = time.perf_counter()
         student.eval()
         with torch.no_grad():
             metric = float(eval_fn(student))
         student.train()
+        res.eval_seconds += time.perf_counter() - te
         res.history.append({"step": step, "metric": metric, "seconds": time.perf_counter() - t0})
         better = res.best_metric is None or (metric > res.best_metric if higher_is_better else metric < res.best_metric)
         if better:
@@ -204,7 +208,7 @@ def distill(
     while not done:
         for batch in data:
             if planned is None and max_minutes is not None and step == 20:
-                rate = 20 / (time.perf_counter() - t0)
+                rate = 20 / (time.perf_counter() - t0 - res.eval_seconds)
                 planned = max(21, int(rate * max_minutes * 60))
                 bar.total = planned
             for g in opt.param_groups:
@@ -234,7 +238,7 @@ def distill(
                 done = True
             elif steps is not None and step >= steps:
                 res.stopped, done = "steps", True
-            elif max_minutes is not None and time.perf_counter() - t0 >= 60 * max_minutes:
+            elif max_minutes is not None and time.perf_counter() - t0 - res.eval_seconds >= 60 * max_minutes:
                 res.stopped, done = "time budget", True
             if done:
                 break

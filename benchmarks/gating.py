@@ -1,0 +1,294 @@
+"""Per-input bond gating: quality vs FLOPs against static prefix truncation, and wall-clock time.
+
+For a compressed + healed model (a bondgate checkpoint from examples/minilm_stsb.py heal or
+examples/gpt2_compress.py heal):
+
+1. nested training: distill with a random bond level per row, so every prefix is a good truncation
+   (the per-layer "error vs kept width" curves are reported and must fall monotonically);
+2. controller training: distill with the straight-through Gumbel controllers and the budget penalty;
+3. frontier: for average-FLOPs budgets 25/50/75% of full width, calibrate the shared price on train
+   inputs, evaluate on held-out data (STS-B dev / WikiText-2 validation), and compare with static
+   prefix truncation of every bond to the width that costs the same FLOPs (same nested-trained cores);
+4. wall-clock (``speed``): per layer, gated (controller included) vs full-width MPO vs dense nn.Linear
+   at 1, 32 and 256 rows of real activations, with every level's own timing.
+
+    python benchmarks/gating.py minilm --checkpoint runs/minilm-50
+    python benchmarks/gating.py gpt2 --checkpoint runs/gpt2-wt2-50
+    python benchmarks/gating.py speed --checkpoint runs/gating-minilm
+
+Writes benchmarks/results/gating_<model>.{json,md,png} and gating_speed.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "examples"))
+from common import banner, machine_info, time_interleaved, write_json  # noqa: E402
+
+import bondgate as bg  # noqa: E402
+from bondgate.gating import (GatedMPOLinear, _gated_layers, _widths, average_flops, gating_report,  # noqa: E402
+                             width_error_curve)
+from bondgate.data import load_stsb  # noqa: E402
+from bondgate.planner import min_flops  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+BUDGETS = (0.25, 0.5, 0.75)
+
+
+def static_fraction(model, budget: float) -> float:
+    """Width fraction ``f`` whose static truncation costs ``budget`` x the full-width FLOPs (all layers)."""
+    layers = [m for _, m in _gated_layers(model)]
+    full = sum(m.full_cost for m in layers)
+
+    def cost(f):
+        return sum(min_flops(m.out_factors, m.in_factors, _widths(m.bond_dims, f), 1) for m in layers) / full
+
+    lo, hi = 1e-3, 1.0
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if cost(mid) < budget else (lo, mid)
+    return lo if abs(cost(lo) - budget) <= abs(cost(hi) - budget) else hi
+
+
+def static_flops(model, f: float) -> float:
+    layers = [m for _, m in _gated_layers(model)]
+    return sum(min_flops(m.out_factors, m.in_factors, _widths(m.bond_dims, f), 1) for m in layers) / sum(
+        m.full_cost for m in layers)
+
+
+def train_gating(student, teacher, batches, loss, nested_minutes, gate_minutes, budget, lr, progress=True):
+    bg.gate(student, bg.GatingConfig(budget=budget))
+    log = {}
+    if nested_minutes > 0:
+        bg.set_mode(student, "nested")
+        r = bg.distill(student, teacher, batches, loss=loss, max_minutes=nested_minutes, lr=lr, progress=progress)
+        log["nested"] = {"steps": r.steps, "seconds": r.seconds}
+    bg.set_mode(student, "gate")
+    r = bg.distill(student, teacher, batches[::-1], loss=loss, max_minutes=gate_minutes, lr=lr, progress=progress)
+    log["gate"] = {"steps": r.steps, "seconds": r.seconds}
+    return log
+
+
+def frontier(student, evaluate, calib, higher_is_better: bool) -> list[dict]:
+    rows = []
+    bg.set_mode(student, "full")
+    full_q = evaluate(student)
+    rows.append({"budget": 1.0, "kind": "full width", "quality": full_q, "flops": 1.0})
+    for b in BUDGETS:
+        bg.set_mode(student, "gate")
+        achieved_train = bg.set_budget(student, b, calib)
+        gating_report(student, reset=True)
+        q = evaluate(student)
+        held = average_flops(student)
+        hist = [r["histogram"] for r in gating_report(student)]
+        f = static_fraction(student, b)
+        bg.set_mode(student, f)
+        qs = evaluate(student)
+        margin = (q - qs) if higher_is_better else (qs - q)
+        rows.append({"budget": b, "kind": "gated", "quality": q, "flops": held, "flops_calibration": achieved_train,
+                     "static_fraction": f, "static_quality": qs, "static_flops": static_flops(student, f),
+                     "margin_vs_static": margin, "histograms": hist})
+        print(rows[-1]["budget"], f"gated {q:.3f} @ {held:.3f} FLOPs | static {qs:.3f} @ f={f:.3f}", flush=True)
+    bg.set_mode(student, "gate")
+    return rows
+
+
+def width_curves(student) -> dict:
+    return {n: width_error_curve(m) for n, m in _gated_layers(student)}
+
+
+def report(name: str, info: dict, rows: list[dict], curves: dict, extra: dict, metric: str) -> None:
+    write_json(RESULTS / f"gating_{name}.json", {"machine": info, "rows": rows, "width_error_curves": curves,
+                                                  **extra})
+    lines = [f"Machine: {banner(info)}", "", f"Metric: {metric}", "",
+             "| budget (avg FLOPs / full) | gated | FLOPs on held-out rows | static prefix (width f) | static "
+             "FLOPs | gated - static |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["kind"] == "full width":
+            lines.append(f"| 1.00 (full width) | {r['quality']:.3f} | 1.000 | - | - | - |")
+            continue
+        lines.append(f"| {r['budget']:.2f} | {r['quality']:.3f} | {r['flops']:.3f} | {r['static_quality']:.3f} "
+                     f"(f={r['static_fraction']:.2f}) | {r['static_flops']:.3f} | {r['margin_vs_static']:+.3f} |")
+    mono = all(all(a >= b - 1e-9 for a, b in zip(c, c[1:])) for c in curves.values())
+    lines += ["", f"Error-vs-kept-width curves (25/50/75/100% of every bond) fall monotonically in every layer: "
+              f"{mono}", ""]
+    for n, c in list(curves.items())[:6]:
+        lines.append(f"- {n}: " + ", ".join(f"{v:.3f}" for v in c))
+    (RESULTS / f"gating_{name}.md").write_text("\n".join(lines) + "\n")
+    plot(name, rows, metric)
+    print("\n".join(lines))
+
+
+def plot(name: str, rows: list[dict], metric: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = [r for r in rows if r["kind"] == "gated"]
+    full = next(r for r in rows if r["kind"] == "full width")
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([r["flops"] for r in g] + [1.0], [r["quality"] for r in g] + [full["quality"]], "o-", label="gated")
+    ax.plot([r["static_flops"] for r in g] + [1.0], [r["static_quality"] for r in g] + [full["quality"]], "s--",
+            label="static prefix")
+    ax.set_xlabel("average FLOPs / full-width FLOPs")
+    ax.set_ylabel(metric)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"gating_{name}.png", dpi=110)
+
+
+# ---------------------------------------------------------------------------------------------- models
+def run_minilm(args) -> None:
+    import minilm_stsb as ms
+
+    info = machine_info()
+    print(banner(info), flush=True)
+    teacher, tok = ms.load_minilm()
+    student = bg.load(args.checkpoint)
+    pool = ms.unlabeled_sentences(seed=3)
+    batches = ms.batches(tok, pool[: args.train_sentences], batch=32)
+    calib = ms.batches(tok, pool[args.train_sentences: args.train_sentences + 512], batch=32)
+    dev = load_stsb(split="dev")
+    log = train_gating(student, teacher, batches, bg.DistillLoss(hidden=1.0, pooled=1.0), args.nested_minutes,
+                       args.gate_minutes, 0.5, args.lr, not args.no_progress)
+    rows = frontier(student, lambda m: ms.stsb_score(m, tok, dev), calib, True)
+    bg.save_pretrained(student, ROOT / "runs" / "gating-minilm", tokenizer=tok)
+    report("minilm", info, rows, width_curves(student), {"training": log, "args": vars(args)},
+           "STS-B dev Spearman x100")
+
+
+def run_gpt2(args) -> None:
+    import gpt2_compress as gc
+    import gpt2_wikitext as lm
+
+    info = machine_info()
+    print(banner(info), flush=True)
+    teacher, tok = lm.load_model(args.teacher)
+    student = bg.load(args.checkpoint)
+    train, valid = gc.data(tok, teacher.config.n_positions)
+    batches = [{"input_ids": b} for b in gc.as_batches(train, 16, seed=4)]
+    calib = [{"input_ids": b} for b in gc.as_batches(train, 16, seed=5)[:16]]
+    log = train_gating(student, teacher, batches, bg.DistillLoss(hidden=1.0, logits=1.0, temperature=1.0),
+                       args.nested_minutes, args.gate_minutes, 0.5, args.lr, not args.no_progress)
+    valid = valid[: args.valid_blocks] if args.valid_blocks else valid
+    rows = frontier(student, lambda m: lm.evaluate_ppl(m, valid), calib, False)
+    bg.save_pretrained(student, ROOT / "runs" / "gating-gpt2", tokenizer=tok)
+    report("gpt2", info, rows, width_curves(student), {"training": log, "args": vars(args)},
+           "WikiText-2 validation perplexity (lower is better)")
+
+
+# ---------------------------------------------------------------------------------------------- speed
+@torch.no_grad()
+def run_speed(args) -> None:
+    import minilm_stsb as ms
+
+    torch.set_num_threads(args.threads)
+    info = machine_info()
+    print(banner(info), flush=True)
+    model = bg.load(args.checkpoint)
+    _, tok = ms.load_minilm()
+    calib = ms.batches(tok, ms.unlabeled_sentences(seed=6)[:512], batch=32)
+    bg.set_mode(model, "gate")
+    print("calibrated FLOPs fraction:", bg.set_budget(model, args.budget, calib), flush=True)
+    acts: dict[str, list[torch.Tensor]] = {}
+    layers = dict(_gated_layers(model))
+    names = [n for n in layers if any(n.endswith(s) for s in args.layers)] or list(layers)[:3]
+    hooks = [layers[n].register_forward_pre_hook(lambda m, i, n=n: acts.setdefault(n, []).append(
+        i[0].reshape(-1, m.in_features))) for n in names]
+    model.eval()
+    for b in calib[:8]:
+        model(**b)
+    for h in hooks:
+        h.remove()
+    cells = []
+    for n in names:
+        layer = layers[n]
+        X = torch.cat(acts[n])
+        X = X[torch.randperm(X.shape[0], generator=torch.Generator().manual_seed(0))]
+        full = bg.MPOLinear.from_mpo(layer.to_mpo(), layer.bias.detach(), policy="memory")
+        dense = full.to_linear()
+        for B in args.rows:
+            xs = [X[i * B:(i + 1) * B] for i in range(min(32, X.shape[0] // B))]
+            it = {"i": 0}
+
+            def nxt():
+                it["i"] = (it["i"] + 1) % len(xs)
+                return xs[it["i"]]
+
+            fns = {"dense": lambda: dense(nxt()), "mpo_full": lambda: full(nxt()), "gated": lambda: layer(nxt())}
+            for lv, w in enumerate(layer.level_widths):
+                fns[f"level{lv}"] = (lambda w=w: layer.width_output(nxt(), w))
+            t = time_interleaved(fns, rounds=args.rounds, min_time=0.05)
+            gating_report(model, reset=True)
+            for x in xs:
+                layer(x)
+            rep = next(r for r in gating_report(model) if r["name"] == n)
+            cells.append({"layer": n, "rows": B, "us": {k: v * 1e6 for k, v in t.items()},
+                          "speedup_vs_full": t["mpo_full"] / t["gated"], "histogram": rep["histogram"],
+                          "avg_flops_fraction": rep["avg_flops_fraction"], "bond_dims": list(layer.bond_dims),
+                          "level_widths": [list(w) for w in layer.level_widths],
+                          "full_width_plan": full.plan(B).id})
+            print(n, B, {k: round(v * 1e6) for k, v in t.items()}, f"speedup {cells[-1]['speedup_vs_full']:.2f}x",
+                  flush=True)
+    write_json(RESULTS / "gating_speed.json", {"machine": info, "budget": args.budget, "cells": cells})
+    lines = [f"Machine: {banner(info)}", "", f"Budget {args.budget} (average FLOPs / full width), memory mode, "
+             f"{args.threads} threads, real activations of each layer; times in microseconds per call.", "",
+             "| layer | rows | dense | full-width MPO | gated (incl. controller) | speedup vs full | levels: 25/50/75/100% "
+             "| level histogram |", "|---|---|---|---|---|---|---|---|"]
+    for c in cells:
+        u = c["us"]
+        lv = " / ".join(f"{u[f'level{i}']:.0f}" for i in range(len(c["level_widths"])))
+        hist = " / ".join(f"{h:.2f}" for h in c["histogram"])
+        lines.append(f"| {c['layer']} | {c['rows']} | {u['dense']:.0f} | {u['mpo_full']:.0f} | {u['gated']:.0f} | "
+                     f"{c['speedup_vs_full']:.2f}x | {lv} | {hist} |")
+    (RESULTS / "gating_speed.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-progress", action="store_true")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("minilm")
+    m.add_argument("--checkpoint", default=str(ROOT / "runs" / "minilm-50"))
+    m.add_argument("--nested-minutes", type=float, default=10)
+    m.add_argument("--gate-minutes", type=float, default=10)
+    m.add_argument("--lr", type=float, default=5e-5)
+    m.add_argument("--train-sentences", type=int, default=60000)
+    g = sub.add_parser("gpt2")
+    g.add_argument("--checkpoint", default=str(ROOT / "runs" / "gpt2-wt2-50"))
+    g.add_argument("--teacher", default=str(ROOT / "runs" / "gpt2-wt2"))
+    g.add_argument("--nested-minutes", type=float, default=8)
+    g.add_argument("--gate-minutes", type=float, default=8)
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--valid-blocks", type=int, default=0)
+    s = sub.add_parser("speed")
+    s.add_argument("--checkpoint", default=str(ROOT / "runs" / "gating-minilm"))
+    s.add_argument("--budget", type=float, default=0.5)
+    s.add_argument("--rows", type=int, nargs="+", default=[1, 32, 256])
+    s.add_argument("--rounds", type=int, default=5)
+    s.add_argument("--layers", nargs="+", default=["layer.0.attention.self.query", "layer.0.intermediate.dense",
+                                                    "layer.0.output.dense"])
+    args = ap.parse_args(argv)
+    if args.cmd != "speed":
+        torch.set_num_threads(args.threads)
+    {"minilm": run_minilm, "gpt2": run_gpt2, "speed": run_speed}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -33,6 +33,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+if (ROOT.parent / "shared" / "data").exists():  # a checkout beside the shared data: use it
+    os.environ.setdefault("BONDGATE_DATA", str(ROOT.parent / "shared" / "data"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "examples"))
 from common import banner, machine_info, time_interleaved, write_json  # noqa: E402

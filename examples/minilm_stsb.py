@@ -28,6 +28,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+if (ROOT.parent / "shared" / "data").exists():  # a checkout beside the shared data: use it
+    os.environ.setdefault("BONDGATE_DATA", str(ROOT.parent / "shared" / "data"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import banner, machine_info, write_json  # noqa: E402
 

@@ -7,6 +7,8 @@ import torch
 # Tests point the data loaders at the shared data folder that sits beside the repository.
 SHARED = Path(os.environ.get("BONDGATE_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 DATA = SHARED / "data"
+if DATA.exists():  # the library's loaders find the shared data through $BONDGATE_DATA, like a user's data root
+    os.environ.setdefault("BONDGATE_DATA", str(DATA))
 
 
 @pytest.fixture(autouse=True)

@@ -146,6 +146,7 @@ def cmd_heal(args) -> None:
     probe = valid[: args.probe_blocks]
     res = bg.distill(student, dense, [{"input_ids": b} for b in batches[args.calibration_batches:]],
                      loss=bg.DistillLoss(hidden=1.0, logits=1.0, temperature=1.0), max_minutes=args.minutes,
+                     budget_clock=args.clock,
                      lr=args.lr, eval_fn=lambda m: lm.evaluate_ppl(m, probe), higher_is_better=False,
                      eval_every=args.eval_every, patience=args.patience, progress=not args.no_progress)
     after = lm.evaluate_ppl(student, valid)
@@ -154,7 +155,8 @@ def cmd_heal(args) -> None:
     result = {"machine": info, "ratio": args.ratio, "weights": block_weights(student),
               "dense_weights": block_weights(dense), "dense_ppl": dense_ppl, "ppl_before": before,
               "ppl_after": after, "ppl_ratio": after / dense_ppl, "compress_seconds": compress_s,
-              "distill_seconds": res.seconds - res.eval_seconds, "steps": res.steps, "stopped": res.stopped,
+              "distill_seconds": res.seconds - res.eval_seconds, "distill_budget_seconds": res.budget_seconds,
+              "budget_clock": args.clock, "steps": res.steps, "stopped": res.stopped,
               "history": res.history, "args": vars(args), "checkpoint": str(out_dir)}
     write_json(RESULTS / f"gpt2_heal_{int(args.ratio * 100)}.json", result)
     print({k: v for k, v in result.items() if k not in ("history", "machine")})
@@ -175,6 +177,8 @@ def main(argv=None) -> None:
     h.add_argument("--ratio", type=float, default=0.5)
     h.add_argument("--minutes", type=float, default=15.0)
     h.add_argument("--lr", type=float, default=3e-4)
+    h.add_argument("--clock", choices=["wall", "cpu"], default="cpu",
+                   help="budget clock: cpu = process CPU time / threads (fair on a shared machine)")
     h.add_argument("--batch", type=int, default=16)
     h.add_argument("--calibration-batches", type=int, default=16)
     h.add_argument("--eval-every", type=int, default=100)

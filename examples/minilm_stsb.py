@@ -209,7 +209,7 @@ def cmd_heal(args) -> None:
     train = batches(tok, pool[args.calibration:], batch=args.batch)
     probe = dev[: args.probe_pairs]  # early stopping on a slice of dev; the full dev score is reported
     res = bg.distill(student, dense, train, loss=bg.DistillLoss(hidden=1.0, pooled=1.0), max_minutes=args.minutes,
-                     lr=args.lr, eval_fn=lambda m: stsb_score(m, tok, probe), eval_every=args.eval_every,
+                     budget_clock=args.clock, lr=args.lr, eval_fn=lambda m: stsb_score(m, tok, probe), eval_every=args.eval_every,
                      patience=args.patience, progress=not args.no_progress)
     after = stsb_score(student, tok, dev)
     train_s = res.seconds - res.eval_seconds
@@ -218,7 +218,8 @@ def cmd_heal(args) -> None:
     bg.save_pretrained(student, out_dir, tokenizer=tok)
     result = {"machine": info, "ratio": args.ratio, "weights": linear_weights(student),
               "dense_weights": linear_weights(dense), "stsb_before": before, "stsb_after": after,
-              "compress_seconds": compress_s, "distill_seconds": train_s, "steps": res.steps, "stopped": res.stopped,
+              "compress_seconds": compress_s, "distill_seconds": train_s, "distill_budget_seconds": res.budget_seconds,
+              "budget_clock": args.clock, "steps": res.steps, "stopped": res.stopped,
               "history": res.history, "args": vars(args), "checkpoint": str(out_dir)}
     write_json(RESULTS / f"minilm_heal_{int(args.ratio * 100)}.json", result)
     print(json.dumps({k: v for k, v in result.items() if k not in ("history", "machine")}, indent=1, default=str))
@@ -239,6 +240,8 @@ def main(argv=None) -> None:
     h.add_argument("--ratio", type=float, default=0.5)
     h.add_argument("--minutes", type=float, default=30.0)
     h.add_argument("--lr", type=float, default=1e-4)
+    h.add_argument("--clock", choices=["wall", "cpu"], default="cpu",
+                   help="budget clock: cpu = process CPU time / threads (fair on a shared machine)")
     h.add_argument("--batch", type=int, default=32)
     h.add_argument("--calibration", type=int, default=512)
     h.add_argument("--eval-every", type=int, default=300)

@@ -110,6 +110,7 @@ class DistillResult:
     steps: int = 0
     seconds: float = 0.0  # wall time of the whole call
     eval_seconds: float = 0.0  # of which spent in eval_fn
+    budget_seconds: float = 0.0  # training time on the budget clock (wall, or CPU time / threads)
     best_metric: float | None = None
     best_step: int | None = None
     history: list[dict] = field(default_factory=list)
@@ -125,6 +126,7 @@ def distill(
     steps: int | None = None,
     epochs: int | None = None,
     max_minutes: float | None = None,
+    budget_clock: str = "wall",
     lr: float = 1e-4,
     weight_decay: float = 0.0,
     warmup: float = 0.05,
@@ -142,7 +144,9 @@ def distill(
     Stops at ``steps``, after ``epochs``, after ``max_minutes`` of training wall time (time spent in
     ``eval_fn`` is not counted; ``DistillResult.eval_seconds`` reports it), or when ``eval_fn``
     (called every ``eval_every`` steps and at the end; higher is better unless ``higher_is_better``
-    is False) has not improved for ``patience`` evaluations. With ``eval_fn`` the best weights are
+    is False) has not improved for ``patience`` evaluations. ``budget_clock="cpu"`` measures the time
+    budget as process CPU time divided by torch's thread count, i.e. the wall time the same work takes
+    on an otherwise idle machine — a fair budget when other jobs share the CPU. With ``eval_fn`` the best weights are
     restored at the end. The learning-rate schedule (linear warmup, cosine decay) is planned against
     ``steps``, or ``epochs * len(data)``, or — with only a time budget — the step rate measured over
     the first 20 steps.
@@ -151,6 +155,10 @@ def distill(
 
     if steps is None and epochs is None and max_minutes is None:
         raise ValueError("give at least one of steps, epochs, max_minutes")
+    if budget_clock not in ("wall", "cpu"):
+        raise ValueError(f"budget_clock must be 'wall' or 'cpu', got {budget_clock!r}")
+    threads = max(torch.get_num_threads(), 1)
+    clock = time.perf_counter if budget_clock == "wall" else (lambda: time.process_time() / threads)
     loss = loss or DistillLoss()
     want_hidden = isinstance(loss, DistillLoss) and loss.wants_hidden()
     torch.manual_seed(seed)
@@ -184,12 +192,13 @@ def distill(
         nonlocal best_state
         if eval_fn is None:
             return False
-        te = time.perf_counter()
+        te, ce = time.perf_counter(), clock()
         student.eval()
         with torch.no_grad():
             metric = float(eval_fn(student))
         student.train()
         res.eval_seconds += time.perf_counter() - te
+        eval_budget[0] += clock() - ce
         res.history.append({"step": step, "metric": metric, "seconds": time.perf_counter() - t0})
         better = res.best_metric is None or (metric > res.best_metric if higher_is_better else metric < res.best_metric)
         if better:
@@ -198,7 +207,12 @@ def distill(
         evals_since = sum(1 for h in res.history if h["step"] > (res.best_step or 0))
         return patience is not None and evals_since >= patience
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), clock()
+    eval_budget = [0.0]  # evaluation time on the budget clock (not charged to the budget)
+
+    def spent() -> float:
+        return clock() - c0 - eval_budget[0]
+
     student.train()
     bar = tqdm(total=planned, desc="distill", disable=not progress, leave=False)
     step, epoch, running = 0, 0, {}
@@ -208,7 +222,7 @@ def distill(
     while not done:
         for batch in data:
             if planned is None and max_minutes is not None and step == 20:
-                rate = 20 / (time.perf_counter() - t0 - res.eval_seconds)
+                rate = 20 / max(spent(), 1e-9)
                 planned = max(21, int(rate * max_minutes * 60))
                 bar.total = planned
             for g in opt.param_groups:
@@ -238,7 +252,7 @@ def distill(
                 done = True
             elif steps is not None and step >= steps:
                 res.stopped, done = "steps", True
-            elif max_minutes is not None and time.perf_counter() - t0 - res.eval_seconds >= 60 * max_minutes:
+            elif max_minutes is not None and spent() >= 60 * max_minutes:
                 res.stopped, done = "time budget", True
             if done:
                 break
@@ -252,6 +266,7 @@ def distill(
         student.load_state_dict(best_state)
     student.eval()
     res.steps, res.seconds = step, time.perf_counter() - t0
+    res.budget_seconds = spent()
     return res
 
 

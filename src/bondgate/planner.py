@@ -70,7 +70,7 @@ class PlanPolicy:
     cache_dense: bool = False
     select: str = "time"
     flop_slack: float = 4.0
-    tune_seconds: float = 0.3
+    tune_seconds: float = 0.15
 
     def __post_init__(self) -> None:
         if self.select not in ("time", "flops"):
@@ -362,12 +362,13 @@ def _build_candidates(out_f, in_f, ranks, rows, policy: PlanPolicy, grad: bool) 
     return cands
 
 
-def _time_call(fn, budget_s: float, min_reps: int = 3, max_reps: int = 200) -> float:
-    fn()  # warm-up (allocator, BLAS thread pools)
+def _time_call(fn, budget_s: float, max_reps: int = 50) -> float:
+    """Median microseconds of ``fn`` over as many calls as fit ``budget_s`` (at least one, after a
+    warm-up call whose time decides the repetition count)."""
     t0 = time.perf_counter()
-    fn()
+    fn()  # warm-up (allocator, BLAS thread pools); its time sizes the repetitions
     first = time.perf_counter() - t0
-    reps = int(min(max_reps, max(min_reps, budget_s / max(first, 1e-7))))
+    reps = int(min(max_reps, max(1, budget_s / max(first, 1e-7))))
     ts = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -377,9 +378,16 @@ def _time_call(fn, budget_s: float, min_reps: int = 3, max_reps: int = 200) -> f
     return ts[len(ts) // 2] * 1e6
 
 
+TUNE_MAX_ROWS = 4096  # larger row counts are timed on this many rows: the ranking is set by then
+
+
 def _autotune(cands: list[ContractionPlan], out_f, in_f, ranks, rows, dtype, device, policy) -> ContractionPlan:
+    """Time the screened candidates, cheapest FLOPs first, within ``policy.tune_seconds`` (soft):
+    a candidate whose first call is 4x slower than the best so far is not repeated, and once three
+    times the budget is spent the remaining candidates are left untimed."""
     min_fl = min(c.flops for c in cands)
-    screened = [c for c in cands if c.flops <= policy.flop_slack * min_fl or c.name == "dense-cached"]
+    screened = sorted((c for c in cands if c.flops <= policy.flop_slack * min_fl or c.name == "dense-cached"),
+                      key=lambda c: (c.flops, c.executor != "aten"))
     gen = torch.Generator(device="cpu").manual_seed(0)
     d = len(out_f)
     r = [1, *ranks, 1]
@@ -388,37 +396,42 @@ def _autotune(cands: list[ContractionPlan], out_f, in_f, ranks, rows, dtype, dev
         for k in range(d)
     ]
     M, N = math.prod(in_f), math.prod(out_f)
-    x = torch.randn((rows, M), generator=gen, dtype=torch.float32).to(dtype=dtype, device=device)
+    x = torch.randn((min(rows, TUNE_MAX_ROWS), M), generator=gen, dtype=torch.float32).to(dtype=dtype, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     per = policy.tune_seconds / max(len(screened), 1)
+    start = time.perf_counter()
+    ops_cache: dict[tuple, list[torch.Tensor]] = {}
+
+    def runner(c: ContractionPlan):
+        def fn():
+            ops = ops_cache[c.groups] if c.cached else c.group_operands(cores)
+            c.run(x, ops, N)
+            sync()
+
+        return fn
+
     with torch.no_grad():
-        ops_cache: dict[tuple, list[torch.Tensor]] = {}
+        best_us = float("inf")
         for c in screened:
-            key = c.groups
-            if c.cached and key not in ops_cache:
-                ops_cache[key] = c.group_operands(cores)
-
-            def fn(c=c):
-                ops = ops_cache[c.groups] if c.cached else c.group_operands(cores)
-                c.run(x, ops, N)
-                sync()
-
-            c.time_us = _time_call(fn, per)
+            if time.perf_counter() - start > 3 * policy.tune_seconds and best_us < float("inf"):
+                break
+            if c.cached and c.groups not in ops_cache:
+                ops_cache[c.groups] = c.group_operands(cores)
+            fn = runner(c)
+            t0 = time.perf_counter()
+            fn()
+            first_us = (time.perf_counter() - t0) * 1e6
+            c.time_us = first_us if first_us > 4 * best_us else _time_call(fn, per)
+            best_us = min(best_us, c.time_us)
+        timed = [c for c in screened if c.time_us is not None]
         # second round on the front-runners: timing noise on a shared CPU is large
-        front = sorted(screened, key=lambda c: c.time_us)[:3]
-        for c in front:
-
-            def fn(c=c):
-                ops = ops_cache[c.groups] if c.cached else c.group_operands(cores)
-                c.run(x, ops, N)
-                sync()
-
-            c.time_us = min(c.time_us, _time_call(fn, per * 2))
-    best = min(screened, key=lambda c: c.time_us)
+        for c in sorted(timed, key=lambda c: c.time_us)[:3]:
+            c.time_us = min(c.time_us, _time_call(runner(c), per * 2))
+    best = min(timed, key=lambda c: c.time_us)
     best.candidates = [
         {"name": c.name, "executor": c.executor, "flops": c.flops, "peak_elements": c.peak_elements,
          "time_us": c.time_us}
-        for c in sorted(screened, key=lambda c: c.time_us)
+        for c in sorted(timed, key=lambda c: c.time_us)
     ]
     return best
 

@@ -158,15 +158,22 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-# ------------------------------------------------------------------------------------------------
-# PLACEHOLDER — whole-model compression is not wired yet.
-def compress_whole_model(model: nn.Module, param_ratio: float) -> nn.Module:
-    """Compress every Linear of ``model`` to about ``param_ratio`` of its parameters (NOT IMPLEMENTED).
+def linear_weights(model: nn.Module) -> int:
+    """Weight values stored by the linear layers (dense or MPO), biases excluded."""
+    return sum(m.num_params if isinstance(m, MPOLinear) else m.weight.numel()
+               for m in model.modules() if isinstance(m, (nn.Linear, MPOLinear)))
 
-    To be wired to ``bondgate.compress`` by the lead once that API exists.
-    """
-    raise NotImplementedError("waiting for bondgate.compress")
-# ------------------------------------------------------------------------------------------------
+
+def compress_whole_model(model: nn.Module, param_ratio: float, calibration: torch.Tensor,
+                         num_cores: int = 3) -> nn.Module:
+    """A copy of ``model`` with ALL its linear layers (62-wide input included) compressed by
+    ``bondgate.compress`` to ``param_ratio`` of their weights, calibrated on ``calibration`` rows."""
+    import bondgate
+
+    out = copy.deepcopy(model)
+    cfg = bondgate.CompressionConfig(param_ratio=param_ratio, num_cores=num_cores, policy=MPO_POLICY)
+    bondgate.compress(out, cfg, calibration=[calibration], progress=False)
+    return out
 
 
 def machine_info() -> dict:
@@ -230,6 +237,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="also replace the middle layer by an MPO, evaluate, fine-tune, evaluate")
     ap.add_argument("--max-bond", type=int, default=32, help="bond cap for --mpo-middle (0 = exact)")
     ap.add_argument("--ft-lr", type=float, default=1e-5, help="Adam learning rate for fine-tuning")
+    ap.add_argument("--whole", type=float, default=None, metavar="RATIO",
+                    help="also compress ALL linear layers to RATIO of their weights (e.g. 0.1) and fine-tune")
+    ap.add_argument("--whole-ft-lr", type=float, default=1e-4, help="fine-tuning learning rate for --whole")
     ap.add_argument("--data", default=None, help="bank-additional-full.csv or a data root (else resolver)")
     ap.add_argument("--no-download", action="store_true", help="fail instead of downloading the data")
     ap.add_argument("--max-train-rows", type=int, default=None,
@@ -256,6 +266,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.mpo_middle:
         stages[f"{mpo_name} (before ft)"] = []
         stages[f"{mpo_name} (after ft)"] = []
+    whole_name = f"whole model {args.whole:.0%} of linear weights" if args.whole else ""
+    if args.whole:
+        stages[f"{whole_name} (before ft)"] = []
+        stages[f"{whole_name} (after ft)"] = []
     params: dict[str, int] = {}
     runs = []
     for seed in args.seeds:
@@ -283,6 +297,22 @@ def main(argv: list[str] | None = None) -> dict:
                   f"rel. weight error {layer.error:.4f}; auc before ft {before['roc_auc']:.4f}, after "
                   f"{after['roc_auc']:.4f} (best epoch {ft['best_epoch']}/{ft['epochs_run']}, "
                   f"{ft['seconds']:.1f}s)", flush=True)
+        if args.whole:
+            wmodel = compress_whole_model(model, args.whole, data.X_train[:4096])
+            before = evaluate(wmodel, data.X_test, data.y_test)
+            ft = train(wmodel, data, args.whole_ft_lr, args.epochs, args.patience, seed, args.batch_size,
+                       args.verbose)
+            after = evaluate(wmodel, data.X_test, data.y_test)
+            for key, val in ((f"{whole_name} (before ft)", before), (f"{whole_name} (after ft)", after)):
+                stages[key].append(val)
+                params[key] = count_params(wmodel)
+            rep = wmodel.bondgate_report
+            run["whole"] = {"param_ratio": args.whole, "linear_weights": linear_weights(wmodel),
+                            "dense_linear_weights": linear_weights(model), "report": rep.to_dict(),
+                            "before_ft": before, "after_ft": {**after, **_hist_facts(ft)}}
+            print(f"seed {seed}: {whole_name}: {linear_weights(wmodel):,} of {linear_weights(model):,} linear "
+                  f"weights; auc before ft {before['roc_auc']:.4f}, after {after['roc_auc']:.4f} "
+                  f"(best epoch {ft['best_epoch']}/{ft['epochs_run']})", flush=True)
         runs.append(run)
 
     wall = time.perf_counter() - t_start

@@ -264,9 +264,16 @@ def test_bank_mlp_mpo_middle(bank, bank_mlp):
         assert torch.allclose(exact(X), model(X), atol=1e-4, rtol=0)
 
 
-def test_compress_whole_model_placeholder(bank_mlp):
-    with pytest.raises(NotImplementedError, match="waiting for bondgate.compress"):
-        bank_mlp.compress_whole_model(bank_mlp.build_mlp(), 0.5)
+def test_compress_whole_model_to_ten_percent(bank_mlp):
+    model = bank_mlp.build_mlp(seed=0)
+    x = torch.rand(512, 62)
+    small = bank_mlp.compress_whole_model(model, 0.10, x)
+    dense_w = bank_mlp.linear_weights(model)
+    assert dense_w == 62 * 256 + 256 * 256 + 256
+    assert 0.08 * dense_w <= bank_mlp.linear_weights(small) <= 0.10 * dense_w
+    assert all(not isinstance(m, torch.nn.Linear) for m in small.modules()) or small.bondgate_report.layers
+    with torch.no_grad():
+        assert small(x).shape == (512, 1) and torch.isfinite(small(x)).all()
 
 
 def test_bank_mlp_cli(data_dir, bank_mlp, tmp_path, capsys, monkeypatch):

@@ -100,7 +100,10 @@ def aux_losses(model: nn.Module) -> torch.Tensor | None:
 
 
 def _call(model: nn.Module, batch, want_hidden: bool):
-    if want_hidden and isinstance(batch, Mapping) and hasattr(model, "config"):
+    # A DDP / DataParallel wrapper hides the transformers model's ``config``; call the wrapper anyway
+    # (it synchronizes gradients) but recognize the model inside it.
+    inner = model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
+    if want_hidden and isinstance(batch, Mapping) and hasattr(inner, "config"):
         return model(**batch, output_hidden_states=True)
     return run_model(model, batch)
 
@@ -280,6 +283,10 @@ def _make_trainer_class():
         train_dataset=..., data_collator=...)``; everything else is the stock Trainer (DDP under
         ``torchrun``, accelerate, checkpoints, resume).
         """
+
+        # compute_loss returns a per-batch mean and ignores num_items_in_batch, so the stock Trainer must divide
+        # it by the gradient-accumulation steps even when the batch carries labels.
+        loss_is_scaled_for_ga = False
 
         def __init__(self, *args, teacher: nn.Module, distill_loss: DistillLoss | None = None, **kwargs):
             super().__init__(*args, **kwargs)

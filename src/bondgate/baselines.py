@@ -31,7 +31,6 @@ import math
 import os
 import statistics
 import struct
-import sys
 import time
 import warnings
 from collections import defaultdict
@@ -42,6 +41,7 @@ import torch
 from torch import nn
 
 from .layer import MPOLinear
+from .surgery import dense_weight, is_conv1d
 
 __all__ = [
     "LowRankLinear",
@@ -62,29 +62,8 @@ _CSR_META_KEY = "bondgate.csr"  # safetensors metadata: JSON {state_dict key: de
 
 
 # ---------------------------------------------------------------------------------------- layer helpers
-def _conv1d_type() -> type | None:
-    # A model can only hold a Conv1D if transformers.pytorch_utils is already imported, so looking it
-    # up in sys.modules avoids importing transformers (seconds) for plain PyTorch models.
-    mod = sys.modules.get("transformers.pytorch_utils")
-    return getattr(mod, "Conv1D", None)
-
-
-def _is_conv1d(m: nn.Module) -> bool:
-    conv1d = _conv1d_type()
-    return conv1d is not None and isinstance(m, conv1d)
-
-
 def _is_dense_layer(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or _is_conv1d(m)
-
-
-def _weight_matrix(m: nn.Module) -> torch.Tensor:
-    """The detached weight in ``nn.Linear`` layout ``(out_features, in_features)``."""
-    if isinstance(m, nn.Linear):
-        return m.weight.detach()
-    if _is_conv1d(m):
-        return m.weight.detach().T  # Conv1D computes x @ W + b with W of shape (in, out)
-    raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(m).__name__}")
+    return isinstance(m, nn.Linear) or is_conv1d(m)
 
 
 def _storage_key(t: torch.Tensor) -> tuple:
@@ -251,7 +230,7 @@ class LowRankLinear(nn.Module):
         The SVD ``W = P diag(s) Q^T`` is cut to ``rank`` and ``sqrt(s)`` goes into both factors
         (``U = P sqrt(s)``, ``V = sqrt(s) Q^T``) so neither factor carries all the scale.
         """
-        W = _weight_matrix(linear)
+        W = dense_weight(linear)
         out_f, in_f = W.shape
         layer = cls(in_f, out_f, rank, bias=linear.bias is not None, device=W.device, dtype=W.dtype)
         # float64 SVD: the discarded tail of a float32 SVD is noisy, and fp16/bf16 have no SVD kernel.
@@ -340,7 +319,7 @@ def svd_compress(
     aliases = _aliases(new)
     layers: dict[str, dict] = {}
     for name, m in selected.items():
-        out_f, in_f = _weight_matrix(m).shape
+        out_f, in_f = dense_weight(m).shape
         dense, full = out_f * in_f, min(out_f, in_f)
         budget = budgets[name]
         if budget is None:
@@ -401,7 +380,7 @@ def magnitude_prune(
             w.masked_fill_(drop.view_as(w), 0)
         nnz = int(torch.count_nonzero(w))
         layers[name] = {
-            "shape": tuple(_weight_matrix(m).shape),
+            "shape": tuple(dense_weight(m).shape),
             "budget": budgets[name],
             "dense_params": numel,
             "params": nnz,
@@ -446,7 +425,7 @@ def quantize_int8(model: nn.Module, target: Target = None) -> nn.Module:
     aliases = _aliases(new)
     names: set[str] = set()
     for name, m in selected.items():
-        lin = _conv1d_to_linear(m) if _is_conv1d(m) else m
+        lin = _conv1d_to_linear(m) if is_conv1d(m) else m
         for alias in aliases[id(m)]:
             new = _set_module(new, alias, lin)
             names.add(alias)

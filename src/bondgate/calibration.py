@@ -19,7 +19,6 @@ re-fitted as ``b' = b + (W - W_mpo) mu``, the expected squared output error per 
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -283,15 +282,3 @@ def layer_sensitivity(model: nn.Module, modules: Mapping[str, nn.Module], data: 
         model.zero_grad(set_to_none=True)
         model.train(was_training)
     return {n: (grads[n] / elems[n] if elems[n] else 0.0) for n in modules}
-
-
-@contextlib.contextmanager
-def _no_param_grads(model: nn.Module):
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, f in flags:
-            p.requires_grad_(f)

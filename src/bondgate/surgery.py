@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -175,14 +176,21 @@ class CompressionReport:
 
 
 # ---------------------------------------------------------------------------------------------- targets
-def _is_conv1d(m: nn.Module) -> bool:
+def is_conv1d(m: nn.Module) -> bool:
     """transformers' ``Conv1D`` (GPT-2): ``y = x @ W + b`` with ``W`` of shape ``(in, out)``."""
-    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None
+    # A model can only hold a Conv1D if transformers.pytorch_utils is already imported, so looking it
+    # up in sys.modules avoids importing transformers (seconds) for plain PyTorch models.
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return conv1d is not None and isinstance(m, conv1d)
 
 
-def _dense_weight(m: nn.Module) -> torch.Tensor:
-    """The weight in ``(out, in)`` layout."""
-    return m.weight.detach().T if _is_conv1d(m) else m.weight.detach()
+def dense_weight(m: nn.Module) -> torch.Tensor:
+    """The detached weight of an ``nn.Linear`` or ``Conv1D`` in ``(out_features, in_features)`` layout."""
+    if isinstance(m, nn.Linear):
+        return m.weight.detach()
+    if is_conv1d(m):
+        return m.weight.detach().T
+    raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(m).__name__}")
 
 
 def _matches(name: str, spec: str | Sequence[str] | None) -> bool:
@@ -202,7 +210,7 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str,
     targets, skipped = {}, {}
     inside_mpo = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, MPOLinear) and n)
     for name, mod in model.named_modules():
-        if not name or not (isinstance(mod, nn.Linear) or _is_conv1d(mod)) or isinstance(mod, MPOLinear):
+        if not name or not (isinstance(mod, nn.Linear) or is_conv1d(mod)) or isinstance(mod, MPOLinear):
             continue
         if name.startswith(inside_mpo):  # e.g. a gating controller: part of an MPO layer, not a target
             continue
@@ -221,7 +229,7 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str,
         if not torch.isfinite(w).all():
             skipped[name] = "weight contains NaN/Inf"
             continue
-        W = _dense_weight(mod)
+        W = dense_weight(mod)
         out_f, in_f = factorize_shape(W.shape[0], W.shape[1], config.num_cores)
         smallest = mpo_params([o * i for o, i in zip(out_f, in_f)], [1] * (len(out_f) - 1))
         if smallest >= W.numel():
@@ -287,7 +295,7 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable 
 
     works: list[_Work] = []
     for name, mod in targets.items():
-        W = _dense_weight(mod).to(torch.float64).cpu()
+        W = dense_weight(mod).to(torch.float64).cpu()
         out_f, in_f = factorize_shape(W.shape[0], W.shape[1], config.num_cores)
         b = getattr(mod, "bias", None)
         works.append(_Work(name, mod, W, None if b is None else b.detach().to(torch.float64).cpu(), out_f, in_f,

@@ -145,7 +145,9 @@ def test_inspect_prints_the_layer_table_from_metadata(compressed, capsys):
     assert main(["inspect", str(out)]) == 0
     stdout = capsys.readouterr().out
     meta = read_metadata(out)
-    assert len(meta["layers"]) == 12
+    # the global allocation may keep some of the 12 targeted layers dense; the metadata lists exactly the MPO ones
+    mpo_names = {n for n, m in bondgate.load(out).named_modules() if isinstance(m, MPOLinear)}
+    assert 1 <= len(mpo_names) <= 12 and set(meta["layers"]) == mpo_names
     for name in meta["layers"]:
         assert f"| {name} |" in stdout
     assert "| **total** |" in stdout and "weight err" in stdout and "source model:" in stdout

@@ -39,9 +39,8 @@ sys.path.insert(0, str(ROOT / "examples"))
 from common import banner, machine_info, time_interleaved, write_json  # noqa: E402
 
 import bondgate as bg  # noqa: E402
-from bondgate.gating import (_gated_layers, _widths, average_flops, gating_report,  # noqa: E402
-                             width_error_curve)
 from bondgate.data import load_stsb  # noqa: E402
+from bondgate.gating import _gated_layers, _widths, average_flops, gating_report, width_error_curve  # noqa: E402
 from bondgate.planner import min_flops  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"

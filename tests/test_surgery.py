@@ -6,8 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from bondgate import CompressionConfig, MPOLinear, compress
-from bondgate import MPO
+from bondgate import MPO, CompressionConfig, MPOLinear, compress
 from bondgate.allocation import LayerSpectrum, allocate, mpo_params, tolerance_menu, uniform_cap
 from bondgate.calibration import collect_input_stats, kron_whiteners, layer_sensitivity
 

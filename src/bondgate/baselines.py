@@ -424,7 +424,7 @@ def quantize_int8(model: nn.Module, target: Target = None) -> nn.Module:
         return new.eval()
     aliases = _aliases(new)
     names: set[str] = set()
-    for name, m in selected.items():
+    for m in selected.values():
         lin = _conv1d_to_linear(m) if is_conv1d(m) else m
         for alias in aliases[id(m)]:
             new = _set_module(new, alias, lin)

@@ -168,7 +168,7 @@ def kron_whiteners(cov: torch.Tensor, in_factors: Sequence[int], damping: float 
     # scale so that tr(kron) == tr(cov): tr(kron) = prod_k tr(C_k)
     scale = (total / math.prod(float(torch.diagonal(c).sum()) for c in factors)) if total > 0 else 1.0
     S, S_inv = [], []
-    for k, Ck in enumerate(factors):
+    for Ck in factors:
         Ck = Ck * scale ** (1.0 / d)
         evals, evecs = torch.linalg.eigh(Ck)
         evals = evals.clamp_min(evals.max() * 1e-12)

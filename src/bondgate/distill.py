@@ -22,7 +22,7 @@ from torch import nn
 
 from .calibration import model_output, run_model
 
-__all__ = ["DistillLoss", "DistillResult", "distill", "DistillationTrainer"]
+__all__ = ["DistillLoss", "DistillResult", "distill", "DistillationTrainer"]  # noqa: F822 (built lazily by __getattr__)
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -27,8 +27,15 @@ import torch
 from torch import nn
 
 from .allocation import LayerSpectrum, allocate, mpo_params, tolerance_menu, uniform_cap
-from .calibration import (InputStats, apply_leg_maps, collect_input_stats, fold_into_cores, kron_whiteners,
-                          layer_sensitivity, refine_cores)
+from .calibration import (
+    InputStats,
+    apply_leg_maps,
+    collect_input_stats,
+    fold_into_cores,
+    kron_whiteners,
+    layer_sensitivity,
+    refine_cores,
+)
 from .factors import factorize_shape
 from .layer import MPOLinear
 from .mpo import MPO

@@ -154,7 +154,10 @@ def distill(
     ``steps``, or ``epochs * len(data)``, or — with only a time budget — the step rate measured over
     the first 20 steps.
     """
-    from tqdm.auto import tqdm
+    if progress:  # tqdm.auto picks the notebook widget, which warns when ipywidgets is missing
+        from tqdm.auto import tqdm
+    else:
+        from tqdm import tqdm
 
     if steps is None and epochs is None and max_minutes is None:
         raise ValueError("give at least one of steps, epochs, max_minutes")

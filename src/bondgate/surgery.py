@@ -284,7 +284,8 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable 
     such as tokenized batches); a few hundred rows per layer are enough. The report is attached as
     ``model.bondgate_report``.
     """
-    from tqdm.auto import tqdm
+    if progress:
+        from tqdm.auto import tqdm
 
     if not isinstance(config, CompressionConfig):
         raise TypeError(f"config must be a CompressionConfig, got {type(config).__name__}")

@@ -51,6 +51,21 @@ def test_early_stopping_restores_the_best_weights():
     assert output_gap(student, teacher, held_out) >= 0  # model still runs
 
 
+def test_patience_counts_evaluations_not_loss_logs():
+    teacher, student, data = teacher_student()
+    calls = []
+
+    def metric(model):
+        calls.append(1)
+        return [0.0, 1.0, 0.5, 0.4, 0.3, 0.2, 0.1][min(len(calls) - 1, 6)]  # best at the 2nd evaluation
+
+    res = distill(student, teacher, data, loss=DistillLoss(hidden=0, output=1.0), steps=1000, lr=1e-3,
+                  eval_fn=metric, eval_every=4, log_every=1, patience=3, progress=False)
+    # evaluations at steps 0, 4 (best), 8, 12, 16: three without improvement after step 4 -> stop at 16
+    assert res.stopped == "early stopping" and res.best_step == 4 and res.steps == 16
+    assert len(calls) == 5
+
+
 def test_time_budget_stops():
     teacher, student, data = teacher_student()
     res = distill(student, teacher, data * 1000, loss=DistillLoss(hidden=0, output=1.0), max_minutes=0.02,

@@ -210,7 +210,8 @@ def distill(
         if better:
             res.best_metric, res.best_step = metric, step
             best_state = copy.deepcopy(student.state_dict())
-        evals_since = sum(1 for h in res.history if h["step"] > (res.best_step or 0))
+        # history also holds the loss logs: count evaluations only
+        evals_since = sum(1 for h in res.history if "metric" in h and h["step"] > (res.best_step or 0))
         return patience is not None and evals_since >= patience
 
     t0, c0 = time.perf_counter(), clock()

@@ -142,7 +142,7 @@ def compress_method(name: str, dense, calib, ratio: float):
 
 def latency_ms(model, tok, sentences, threads: int) -> float:
     enc = dict(tok(sentences[:32], padding=True, truncation=True, max_length=128, return_tensors="pt"))
-    return 1e3 * bg.latency(model, (enc,), reps=10, warmup=2, threads=threads)["median"]
+    return 1e3 * bg.latency(model, enc, reps=10, warmup=2, threads=threads)["median"]
 
 
 def cmd_eval(args) -> None:

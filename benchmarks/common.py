@@ -22,6 +22,7 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),  # PASSIVE slows small ops
     }
     try:
         with open("/proc/cpuinfo") as f:

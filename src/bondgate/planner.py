@@ -382,12 +382,15 @@ TUNE_MAX_ROWS = 4096  # larger row counts are timed on this many rows: the ranki
 
 
 def _autotune(cands: list[ContractionPlan], out_f, in_f, ranks, rows, dtype, device, policy) -> ContractionPlan:
-    """Time the screened candidates, cheapest FLOPs first, within ``policy.tune_seconds`` (soft):
+    """Time the screened candidates, dense anchors then cheapest FLOPs first, within ``policy.tune_seconds`` (soft):
     a candidate whose first call is 4x slower than the best so far is not repeated, and once three
     times the budget is spent the remaining candidates are left untimed."""
     min_fl = min(c.flops for c in cands)
-    screened = sorted((c for c in cands if c.flops <= policy.flop_slack * min_fl or c.name == "dense-cached"),
-                      key=lambda c: (c.flops, c.executor != "aten"))
+    # the dense anchors are timed first, whatever their FLOPs: then the time cap can never leave the
+    # planner with only factored plans that are slower than a plain GEMM (large row counts)
+    anchors = ("dense-cached", "rebuild+gemm")
+    screened = sorted((c for c in cands if c.flops <= policy.flop_slack * min_fl or c.name in anchors),
+                      key=lambda c: (c.name not in anchors, c.flops, c.executor != "aten"))
     gen = torch.Generator(device="cpu").manual_seed(0)
     d = len(out_f)
     r = [1, *ranks, 1]

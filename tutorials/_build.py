@@ -549,6 +549,7 @@ import time
 
 import matplotlib.pyplot as plt
 import torch
+import torch.utils.benchmark as benchmark
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
@@ -733,20 +734,15 @@ short; `python benchmarks/gating.py minilm` runs the same comparison on a transf
 ## 6. Wall-clock time: gated vs full width
 
 FLOPs are not seconds. Below, the same compressed model at full width and gated at budget 0.5, and the
-dense teacher, timed on 1 row and on 256 rows (median of repeated calls, `time.perf_counter`). The
+dense teacher, timed on 1 row and on 256 rows (median of repeated calls, `torch.utils.benchmark`). The
 gated layer sorts rows by level and runs one contraction per level, so it pays off when the bonds are
 wide enough that the smaller contractions dominate the bookkeeping; with bonds this small the
 overhead can win.
 '''),
     code('''
-def median_time(fn, reps=30):
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+def median_time(fn):
+    """Median seconds per call, timed by torch.utils.benchmark (warm-up and repetition included)."""
+    return benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.1).median
 
 
 bg.set_budget(student, 0.5, calib)
@@ -1076,17 +1072,17 @@ promising ones once, caches the winner per row-count bucket (1, 2–3, 4–7, 8�
 """) + [
     code('''
 %matplotlib inline
-import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
+import torch.utils.benchmark as benchmark
 from torch import nn
 
 import bondgate as bg
 
 torch.manual_seed(0)
-REPS = 10 if QUICK else 50
+MIN_RUN = 0.05 if QUICK else 0.2  # seconds of timing per measurement
 '''),
     md('''
 ## 1. One layer, several row counts
@@ -1167,15 +1163,9 @@ def workshop_einsum(x):
     return y.reshape(x.shape[0], -1) + layer.bias
 
 
-def median_us(fn, x, reps=REPS):
-    fn(x)
-    fn(x)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - t)
-    return 1e6 * sorted(times)[len(times) // 2]
+def median_us(fn, x):
+    """Median microseconds per call, timed by torch.utils.benchmark."""
+    return 1e6 * benchmark.Timer("fn(x)", globals={"fn": fn, "x": x}).blocked_autorange(min_run_time=MIN_RUN).median
 
 
 x = torch.randn(4, 1024)

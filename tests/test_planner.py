@@ -21,6 +21,8 @@ def test_all_candidates_agree(shape, d, bond, rows):
         assert {"rebuild+gemm", "dense-cached"} <= names
     if d >= 3:
         assert any(n.endswith("/l2r") for n in names) and any(n.startswith("merge") for n in names)
+    if d >= 2:
+        assert {c.executor for c in cands if not c.dense} == {"aten", "tensordot"}
     for c in cands:
         y = c.run(x, c.group_operands(mpo.cores, shape[0], shape[1]), shape[0])
         assert y.shape == (rows, shape[0])

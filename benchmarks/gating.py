@@ -5,10 +5,16 @@ examples/gpt2_compress.py heal):
 
 1. nested training: distill with a random bond level per row, so every prefix is a good truncation
    (the per-layer "error vs kept width" curves are reported and must fall monotonically);
-2. controller training: distill with the straight-through Gumbel controllers and the budget penalty;
-3. frontier: for average-FLOPs budgets 25/50/75% of full width, calibrate the shared price on train
-   inputs, evaluate on held-out data (STS-B dev / WikiText-2 validation), and compare with static
-   prefix truncation of every bond to the width that costs the same FLOPs (same nested-trained cores);
+2. controllers: ``--controller linear`` (default) distills with straight-through Gumbel probes and the
+   budget penalty (which also trains the cores); ``--controller error`` instead fits each layer's error
+   predictor in closed form on train inputs (:func:`bondgate.fit_controllers`; the cores are not touched
+   again); ``--controller oracle`` is a diagnostic upper bound for error-based
+   routing: every row's exact per-level output error ``|D_l x|^2`` decides (it costs more than the
+   layer itself, so its FLOPs are not a real saving; the FLOPs column still counts the error controller's);
+3. frontier: for average-FLOPs budgets 25/50/75% of full width, calibrate the price(s) on train
+   inputs (``--per-layer``: one price per layer, each layer at the budget; default: one shared
+   price), evaluate on held-out data (STS-B dev / WikiText-2 validation), and compare with static
+   prefix truncation of every bond to the width that costs the same FLOPs (same cores);
 4. wall-clock (``speed``): per layer, gated (controller included) vs full-width MPO vs dense nn.Linear
    at 1, 32 and 256 rows of real activations, with every level's own timing.
 
@@ -16,14 +22,16 @@ examples/gpt2_compress.py heal):
     python benchmarks/gating.py gpt2 --checkpoint runs/gpt2-wt2-50
     python benchmarks/gating.py speed --checkpoint runs/gating-minilm
 
-Writes benchmarks/results/gating_<model>.{json,md,png} and gating_speed.{json,md}.
+Writes benchmarks/results/gating_<model>_<controller>.{json,md,png} and gating_speed.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -67,27 +75,80 @@ def static_flops(model, f: float) -> float:
         m.full_cost for m in layers)
 
 
-def train_gating(student, teacher, batches, loss, nested_minutes, gate_minutes, budget, lr, progress=True):
-    bg.gate(student, bg.GatingConfig(budget=budget))
+class ExactError(torch.nn.Module):
+    """Scores the levels by minus each row's exact output error relative to the layer's mean output energy."""
+
+    def __init__(self, layer, ref: float) -> None:
+        super().__init__()
+        mpo = layer.to_mpo()
+        W = mpo.to_matrix().detach()
+        self.D = [W - mpo.slice_bonds(w).to_matrix().detach() for w in layer.level_widths]
+        self.ref = ref
+
+    def forward(self, x):
+        return -torch.stack([(x @ D.T).pow(2).sum(-1) for D in self.D], -1) / self.ref
+
+
+@torch.no_grad()
+def install_oracles(student, calib) -> None:
+    energy: dict[str, list[float]] = {}
+
+    def hook_for(n):
+        def hook(mod, inputs):
+            x = inputs[0].reshape(-1, mod.in_features)
+            energy.setdefault(n, []).append(float((x @ mod.weight_matrix().T).pow(2).sum(-1).mean()))
+        return hook
+
+    layers = _gated_layers(student)
+    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in layers]
+    bg.set_mode(student, "full")
+    student.eval()
+    for b in calib:
+        bg.calibration.run_model(student, b)
+    for h in handles:
+        h.remove()
+    for n, m in layers:
+        m.controller = ExactError(m, statistics.mean(energy[n]))
+
+
+def train_gating(student, teacher, batches, calib, loss, args, budget=0.5, progress=True):
+    kind = "error" if args.controller == "oracle" else args.controller
+    bg.gate(student, bg.GatingConfig(budget=budget, controller=kind))
     log = {}
-    if nested_minutes > 0:
+    if args.nested_minutes > 0:
         bg.set_mode(student, "nested")
-        r = bg.distill(student, teacher, batches, loss=loss, max_minutes=nested_minutes, lr=lr, progress=progress)
+        r = bg.distill(student, teacher, batches, loss=loss, max_minutes=args.nested_minutes, lr=args.lr,
+                       progress=progress)
         log["nested"] = {"steps": r.steps, "seconds": r.seconds}
+        if args.nested_out:  # the nested-trained cores, for other controllers: --checkpoint DIR --nested-minutes 0
+            bg.save(student, args.nested_out)
     bg.set_mode(student, "gate")
-    r = bg.distill(student, teacher, batches[::-1], loss=loss, max_minutes=gate_minutes, lr=lr, progress=progress)
-    log["gate"] = {"steps": r.steps, "seconds": r.seconds}
+    if args.controller == "oracle":
+        install_oracles(student, calib)
+        bg.set_mode(student, "gate")
+    elif args.controller == "error":
+        t0 = time.perf_counter()
+        fit = bg.fit_controllers(student, calib)
+        log["fit_controllers"] = {"seconds": time.perf_counter() - t0, "layers": fit,
+                                  "min_r2": min(min(f["r2"]) for f in fit),
+                                  "median_r2": statistics.median(v for f in fit for v in f["r2"][:-1])}
+        print(f"controllers fitted: median R^2 of per-row errors {log['fit_controllers']['median_r2']:.3f}, "
+              f"min {log['fit_controllers']['min_r2']:.3f}", flush=True)
+    else:
+        r = bg.distill(student, teacher, batches[::-1], loss=loss, max_minutes=args.gate_minutes, lr=args.lr,
+                       progress=progress)
+        log["gate"] = {"steps": r.steps, "seconds": r.seconds}
     return log
 
 
-def frontier(student, evaluate, calib, higher_is_better: bool) -> list[dict]:
+def frontier(student, evaluate, calib, higher_is_better: bool, per_layer: bool = False) -> list[dict]:
     rows = []
     bg.set_mode(student, "full")
     full_q = evaluate(student)
     rows.append({"budget": 1.0, "kind": "full width", "quality": full_q, "flops": 1.0})
     for b in BUDGETS:
         bg.set_mode(student, "gate")
-        achieved_train = bg.set_budget(student, b, calib)
+        achieved_train = bg.set_budget(student, b, calib, per_layer=per_layer)
         gating_report(student, reset=True)
         q = evaluate(student)
         held = average_flops(student)
@@ -162,11 +223,12 @@ def run_minilm(args) -> None:
     batches = ms.batches(tok, pool[: args.train_sentences], batch=32)
     calib = ms.batches(tok, pool[args.train_sentences: args.train_sentences + 512], batch=32)
     dev = load_stsb(split="dev")[: args.dev_pairs or None]
-    log = train_gating(student, teacher, batches, bg.DistillLoss(hidden=1.0, pooled=1.0), args.nested_minutes,
-                       args.gate_minutes, 0.5, args.lr, not args.no_progress)
-    rows = frontier(student, lambda m: ms.stsb_score(m, tok, dev), calib, True)
-    bg.save_pretrained(student, args.out, tokenizer=tok)
-    report("minilm", info, rows, width_curves(student), {"training": log, "args": vars(args)},
+    log = train_gating(student, teacher, batches, calib, bg.DistillLoss(hidden=1.0, pooled=1.0), args,
+                       progress=not args.no_progress)
+    rows = frontier(student, lambda m: ms.stsb_score(m, tok, dev), calib, True, args.per_layer)
+    if args.controller != "oracle":  # the exact-error diagnostic is not a savable controller
+        bg.save_pretrained(student, args.out, tokenizer=tok)
+    report(f"minilm_{args.controller}", info, rows, width_curves(student), {"training": log, "args": vars(args)},
            "STS-B dev Spearman x100")
 
 
@@ -181,12 +243,13 @@ def run_gpt2(args) -> None:
     train, valid = gc.data(tok, teacher.config.n_positions)
     batches = [{"input_ids": b} for b in gc.as_batches(train, 16, seed=4)]
     calib = [{"input_ids": b} for b in gc.as_batches(train, 16, seed=5)[:16]]
-    log = train_gating(student, teacher, batches, bg.DistillLoss(hidden=1.0, logits=1.0, temperature=1.0),
-                       args.nested_minutes, args.gate_minutes, 0.5, args.lr, not args.no_progress)
+    log = train_gating(student, teacher, batches, calib, bg.DistillLoss(hidden=1.0, logits=1.0, temperature=1.0),
+                       args, progress=not args.no_progress)
     valid = valid[: args.valid_blocks] if args.valid_blocks else valid
-    rows = frontier(student, lambda m: lm.evaluate_ppl(m, valid), calib, False)
-    bg.save_pretrained(student, args.out, tokenizer=tok)
-    report("gpt2", info, rows, width_curves(student), {"training": log, "args": vars(args)},
+    rows = frontier(student, lambda m: lm.evaluate_ppl(m, valid), calib, False, args.per_layer)
+    if args.controller != "oracle":  # the exact-error diagnostic is not a savable controller
+        bg.save_pretrained(student, args.out, tokenizer=tok)
+    report(f"gpt2_{args.controller}", info, rows, width_curves(student), {"training": log, "args": vars(args)},
            "WikiText-2 validation perplexity (lower is better)")
 
 
@@ -273,7 +336,10 @@ def main(argv=None) -> None:
     m.add_argument("--train-sentences", type=int, default=60000)
     m.add_argument("--dev-pairs", type=int, default=0, help="0 = all 1500 (a smaller number is for smoke tests)")
     m.add_argument("--out", default=str(ROOT / "runs" / "gating-minilm"))
-    g = sub.add_parser("gpt2")
+    for p in (m, g := sub.add_parser("gpt2")):
+        p.add_argument("--controller", choices=["linear", "error", "oracle"], default="linear")
+        p.add_argument("--per-layer", action="store_true", help="one price per layer (default: one shared price)")
+        p.add_argument("--nested-out", default=None, help="also save the model right after nested training")
     g.add_argument("--checkpoint", default=str(ROOT / "runs" / "gpt2-wt2-50"))
     g.add_argument("--teacher", default=str(ROOT / "runs" / "gpt2-wt2"))
     g.add_argument("--nested-minutes", type=float, default=8)

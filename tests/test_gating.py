@@ -88,7 +88,7 @@ def test_controller_training_and_budget_on_held_out_rows():
     teacher = nn.Sequential(nn.Linear(96, 96), nn.Tanh(), nn.Linear(96, 80))
     student = copy.deepcopy(teacher)
     student[2] = MPOLinear.from_linear(student[2], max_bond=16, num_cores=3)
-    gate(student, GatingConfig(budget=0.5))
+    gate(student, GatingConfig(budget=0.5, controller="linear"))  # the Gumbel-trained probe
     set_mode(student, "gate")
     # easy rows (small inputs) and hard rows (large inputs): the controller can tell them apart
     def batch(n):
@@ -110,15 +110,58 @@ def test_controller_training_and_budget_on_held_out_rows():
     assert rep["controller_fraction"] < 0.05
 
 
+def _anisotropic_rows(n, gen, d=96):
+    """Rows whose scale and direction vary: a few strong directions, log-normal norms."""
+    basis = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(7)))[0]
+    spectrum = torch.logspace(0, -1.5, d)
+    z = torch.randn(n, d, generator=gen) * spectrum
+    return (z @ basis.T) * torch.exp(torch.randn(n, 1, generator=gen))
+
+
+def test_error_controller_predicts_errors_and_beats_static_truncation():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Identity(), nn.Identity(), MPOLinear.from_linear(nn.Linear(96, 80), max_bond=16,
+                                                                             num_cores=3))
+    gate(net, GatingConfig(levels=(0.25, 0.5, 0.75, 1.0), controller="error", rank=8))
+    layer = net[2]
+    gen = torch.Generator().manual_seed(1)
+    fit = bondgate.fit_controllers(net, [_anisotropic_rows(256, gen) for _ in range(8)])
+    assert fit[0]["rows"] == 2048 and fit[0]["r2"][-1] == 1.0
+    assert min(fit[0]["r2"][:-1]) > 0.9, fit  # per-row errors are predicted, not just their mean
+    held = _anisotropic_rows(4096, gen)
+    W = layer.weight_matrix().detach()
+    for budget in (0.3, 0.5, 0.75):
+        achieved = set_budget(net, budget, [_anisotropic_rows(512, gen) for _ in range(4)])
+        assert achieved == pytest.approx(budget, abs=0.02)
+        net.eval()
+        gating_report(net, reset=True)
+        with torch.no_grad():
+            y = net(held)
+        assert average_flops(net) == pytest.approx(budget, rel=0.05)  # held-out rows
+        err_gated = float((y - layer.bias.detach() - held @ W.T).pow(2).sum())
+        # static truncation with the same FLOPs on these rows (the FLOP cost is linear between widths)
+        costs = [c / layer.full_cost for c in layer.level_cost]
+        lo = max(i for i, c in enumerate(costs) if c <= average_flops(net))
+        errs = [float((held @ (layer.to_mpo().slice_bonds(w).to_matrix() - W).T).pow(2).sum())
+                for w in layer.level_widths]
+        hi = min(lo + 1, len(costs) - 1)
+        t = 0.0 if hi == lo else (average_flops(net) - costs[lo]) / (costs[hi] - costs[lo])
+        err_static = (1 - t) * errs[lo] + t * errs[hi]  # best static mix of the two neighbouring widths
+        assert err_gated < 0.9 * err_static, (budget, err_gated, err_static)
+
+
 def test_controller_cost_is_small_for_a_real_layer():
-    layer = GatedMPOLinear.from_mpo_linear(MPOLinear.from_linear(nn.Linear(384, 1536), max_bond=48),
-                                           GatingConfig())
-    assert layer.controller_cost / layer.full_cost <= 0.05
+    for kind in ("linear", "error"):
+        layer = GatedMPOLinear.from_mpo_linear(MPOLinear.from_linear(nn.Linear(384, 1536), max_bond=48),
+                                               GatingConfig(controller=kind))
+        assert layer.controller_cost / layer.full_cost <= 0.05, kind
     assert layer.level_cost == sorted(layer.level_cost) and layer.level_cost[-1] == pytest.approx(layer.full_cost)
 
 
-def test_save_load_reproduces_decisions_and_outputs(tmp_path):
-    net, layer = gated_layer()
+@pytest.mark.parametrize("kind", ["linear", "error"])
+def test_save_load_reproduces_decisions_and_outputs(tmp_path, kind):
+    net = gate(model_with_mpo(), GatingConfig(levels=(0.25, 0.5, 0.75, 1.0), controller=kind))
+    layer = net[2]
     with torch.no_grad():
         layer.controller.proj.weight.normal_()
     set_budget(net, 0.6, [torch.randn(64, 96)])
@@ -131,7 +174,7 @@ def test_save_load_reproduces_decisions_and_outputs(tmp_path):
     assert len(set(lv.tolist())) > 1
     bondgate.save(net, tmp_path / "g")
     back = bondgate.load(tmp_path / "g")
-    assert isinstance(back[2], GatedMPOLinear)
+    assert isinstance(back[2], GatedMPOLinear) and back[2].controller_kind == kind
     with torch.no_grad():
         assert torch.equal(back[2].decide(torch.relu(back[0](x))), lv)
         assert torch.equal(back(x), y)
@@ -139,7 +182,8 @@ def test_save_load_reproduces_decisions_and_outputs(tmp_path):
 
 @pytest.mark.parametrize("kw,match", [({"budget": 0.0}, "budget"), ({"budget": 1.5}, "budget"),
                                       ({"levels": ()}, "empty"), ({"levels": (0.5, 0.25, 1.0)}, "increasing"),
-                                      ({"levels": (0.5, 0.5)}, "increasing"), ({"levels": (0.0, 1.0)}, r"\(0, 1\]")])
+                                      ({"levels": (0.5, 0.5)}, "increasing"), ({"levels": (0.0, 1.0)}, r"\(0, 1\]"),
+                                      ({"controller": "mlp"}, "controller"), ({"rank": 0}, "rank")])
 def test_bad_configs(kw, match):
     with pytest.raises(ValueError, match=match):
         GatingConfig(**kw)
@@ -150,6 +194,25 @@ def test_gating_needs_mpo_layers():
         gate(nn.Sequential(nn.Linear(4, 4)), GatingConfig())
     with pytest.raises(ValueError, match="no gated layers"):
         set_budget(nn.Sequential(nn.Linear(4, 4)), 0.5, [torch.randn(2, 4)])
+    with pytest.raises(ValueError, match="controller='error'"):
+        bondgate.fit_controllers(gate(model_with_mpo(), GatingConfig()), [torch.randn(2, 96)])
     net, layer = gated_layer()
+    with pytest.raises(ValueError, match="rounds"):
+        set_budget(net, 0.5, [torch.randn(2, 96)], rounds=0)
     with pytest.raises(ValueError, match="levels must be"):
         layer(torch.randn(3, 96), levels=torch.tensor([0, 1, 7]))
+
+
+def test_regating_swaps_the_controller_and_keeps_the_cores():
+    net = gate(model_with_mpo(), GatingConfig(controller="linear"))
+    cores = [c.detach().clone() for c in net[2].cores]
+    x = torch.randn(7, 96)
+    set_mode(net, "full")
+    with torch.no_grad():
+        before = net(x)
+    gate(net, GatingConfig(controller="error", levels=(0.5, 1.0)))
+    assert isinstance(net[2], GatedMPOLinear) and net[2].controller_kind == "error" and net[2].levels == (0.5, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(cores, net[2].cores))
+    set_mode(net, "full")
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), before)

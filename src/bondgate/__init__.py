@@ -4,7 +4,7 @@ and run them through a planned contraction kernel."""
 from .baselines import LowRankLinear, latency, magnitude_prune, quantize_int8, size_on_disk, svd_compress
 from .distill import DistillLoss, distill
 from .factors import choose_factors, factorize_shape
-from .gating import GatedMPOLinear, GatingConfig, gate, gating_report, set_budget, set_mode
+from .gating import GatedMPOLinear, GatingConfig, fit_controllers, gate, gating_report, set_budget, set_mode
 from .io import from_pretrained, load, register_layer_type, save, save_pretrained
 from .layer import MPOLinear
 from .mpo import MPO
@@ -40,6 +40,7 @@ __all__ = [
     "gate",
     "set_mode",
     "set_budget",
+    "fit_controllers",
     "gating_report",
     # baselines
     "LowRankLinear",

@@ -19,6 +19,12 @@ adds to its loss) pulls the average toward the budget. After training, :func:`se
 one global price ``lam`` on inputs so that the average FLOPs per row hit any budget exactly — the
 budget can be changed at inference without retraining.
 
+Two controllers: ``"linear"`` (default) is the probe above, trained with the Gumbel estimator;
+``"error"`` predicts every level's output error for the row, ``|(W - W_l) x|^2``, from a few squared
+projections of ``x`` and is fitted in closed form by :func:`fit_controllers` on calibration inputs (no
+training, seconds); the decision then minimizes predicted error + ``lam`` x FLOPs per row, i.e. spends
+the budget where the truncation error is largest.
+
 FLOPs of a level are those of the cheapest plan contracting ONE row with the level's cores
 (:func:`bondgate.planner.min_flops` at 1 row): the per-row compute that the bond widths control. At
 large row counts the planner may run a narrow MPO as rebuild-the-weight + GEMM, whose cost no longer
@@ -41,8 +47,8 @@ from .io import register_layer_type
 from .layer import MPOLinear
 from .planner import get_plan, min_flops
 
-__all__ = ["GatingConfig", "GatedMPOLinear", "gate", "set_mode", "set_budget", "gating_report", "average_flops",
-           "width_error_curve"]
+__all__ = ["GatingConfig", "GatedMPOLinear", "gate", "set_mode", "set_budget", "fit_controllers", "gating_report",
+           "average_flops", "width_error_curve"]
 
 _VERSION = operator.attrgetter("_version")
 COST_ROWS = 1  # a level's FLOPs per row: the cheapest plan contracting one row
@@ -53,13 +59,18 @@ class GatingConfig:
     """``budget``: target average FLOPs per row as a fraction of the full-width FLOPs (controller
     included); ``levels``: kept fraction of every bond, strictly increasing in (0, 1];
     ``target_modules``: which MPO layers (regex on the full name, or a list of names/suffixes; None =
-    all); ``temperature``: Gumbel-softmax temperature; ``penalty``: weight of the squared budget gap."""
+    all); ``temperature``: Gumbel-softmax temperature; ``penalty``: weight of the squared budget gap;
+    ``controller``: ``"linear"`` (a linear probe trained with the Gumbel estimator in ``mode="gate"``)
+    or ``"error"`` (predicts each level's output error from ``rank`` squared projections of the input,
+    fitted in closed form by :func:`fit_controllers`, no training)."""
 
     budget: float = 0.5
     levels: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
     target_modules: str | list[str] | None = None
     temperature: float = 1.0
     penalty: float = 5.0
+    controller: str = "linear"
+    rank: int = 8
 
     def __post_init__(self) -> None:
         _check_budget(self.budget)
@@ -73,6 +84,10 @@ class GatingConfig:
         self.levels = lv
         if self.temperature <= 0 or self.penalty < 0:
             raise ValueError("temperature must be > 0 and penalty >= 0")
+        if self.controller not in CONTROLLERS:
+            raise ValueError(f"controller must be one of {sorted(CONTROLLERS)}, got {self.controller!r}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"rank must be a positive int, got {self.rank!r}")
 
 
 def _check_budget(budget: float) -> None:
@@ -98,6 +113,42 @@ class GateController(nn.Module):
         return self.proj(torch.cat([x / norm * math.sqrt(x.shape[-1]), norm.log()], dim=-1))
 
 
+class ErrorController(nn.Module):
+    """Predicts, for each row ``x``, the squared output error of every level relative to the layer's mean
+    output energy, and scores the levels by minus that: ``(B, in) -> (B, L)``.
+
+    ``err_l(x) = sum_j coef[l, j] * (u_j . x)^2 + coef[l, rank] * |x|^2``: the error of level ``l`` is the
+    quadratic form ``|D_l x|^2`` with ``D_l = W - W_l``; the ``u_j`` (rows of ``proj``) are its dominant
+    directions and the last term covers the rest. The decision ``argmax(score - lam * cost)`` then picks,
+    per row, the level that minimizes ``error + lam * FLOPs``. Costs ``2 * in * (rank + 1) + 2 * (rank + 1) * L``
+    FLOPs per row. Until :func:`fit_controllers` runs, it prefers wide levels (error ~ 1 - level).
+    """
+
+    def __init__(self, in_features: int, levels: Sequence[float], rank: int = 8) -> None:
+        super().__init__()
+        self.rank = int(rank)
+        self.proj = nn.Linear(in_features, self.rank, bias=False)
+        nn.init.zeros_(self.proj.weight)
+        coef = torch.zeros(len(levels), self.rank + 1)
+        coef[:, -1] = torch.tensor([1.0 - v for v in levels]) / in_features
+        self.coef = nn.Parameter(coef)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.proj(x)
+        feats = torch.cat([z * z, (x * x).sum(-1, keepdim=True)], -1)
+        return -(feats @ self.coef.T)
+
+    def cost(self, in_features: int) -> float:
+        return 2.0 * in_features * (self.rank + 1) + 2.0 * (self.rank + 1) * self.coef.shape[0]
+
+
+def _linear_cost(in_features: int, levels: int) -> float:
+    return 2.0 * (in_features + 1) * levels + 3.0 * in_features
+
+
+CONTROLLERS = {"error", "linear"}
+
+
 def _widths(bonds: Sequence[int], frac: float) -> tuple[int, ...]:
     return tuple(max(1, min(r, math.ceil(frac * r - 1e-9))) for r in bonds)
 
@@ -113,11 +164,15 @@ class GatedMPOLinear(MPOLinear):
     last :func:`gating_report` reset).
     """
 
-    def _init_gating(self, levels: Sequence[float], temperature: float, penalty: float, budget: float) -> None:
+    def _init_gating(self, levels: Sequence[float], temperature: float, penalty: float, budget: float,
+                     controller: str = "linear", rank: int = 8) -> None:
         self.levels = tuple(float(v) for v in levels)
         self.temperature, self.penalty, self.budget = float(temperature), float(penalty), float(budget)
+        self.controller_kind, self.controller_rank = controller, min(int(rank), self.in_features)
         c0 = self._core_tuple()[0]
-        self.controller = GateController(self.in_features, len(self.levels)).to(device=c0.device, dtype=c0.dtype)
+        ctrl = (ErrorController(self.in_features, self.levels, self.controller_rank) if controller == "error"
+                else GateController(self.in_features, len(self.levels)))
+        self.controller = ctrl.to(device=c0.device, dtype=c0.dtype)
         self.register_buffer("budget_lambda", torch.zeros((), dtype=torch.float64, device=c0.device))
         self.register_buffer("level_counts", torch.zeros(len(self.levels), dtype=torch.float64, device=c0.device))
         self.mode: str | float = "gate"
@@ -132,19 +187,23 @@ class GatedMPOLinear(MPOLinear):
         self.full_cost = min_flops(self.out_factors, self.in_factors, full, COST_ROWS) / COST_ROWS
         self.level_cost = [min_flops(self.out_factors, self.in_factors, w, COST_ROWS) / COST_ROWS
                            for w in self.level_widths]
-        self.controller_cost = 2.0 * (self.in_features + 1) * len(self.levels) + 3.0 * self.in_features
+        ctrl = self.controller
+        self.controller_cost = (ctrl.cost(self.in_features) if isinstance(ctrl, ErrorController)
+                                else _linear_cost(self.in_features, len(self.levels)))
 
     @classmethod
     def from_mpo_linear(cls, layer: MPOLinear, config: GatingConfig) -> "GatedMPOLinear":
         g = cls.from_mpo(layer.to_mpo(), None if layer.bias is None else layer.bias.detach(), policy=layer.policy)
-        g._init_gating(config.levels, config.temperature, config.penalty, config.budget)
+        g._init_gating(config.levels, config.temperature, config.penalty, config.budget, config.controller,
+                       config.rank)
         return g
 
     # ------------------------------------------------------------------ structure for checkpoints
     def spec(self) -> dict:
         spec = super().spec()
         spec.update({"levels": list(self.levels), "temperature": self.temperature, "penalty": self.penalty,
-                     "budget": self.budget, "mode": self.mode})
+                     "budget": self.budget, "mode": self.mode, "controller": self.controller_kind,
+                     "controller_rank": self.controller_rank})
         return spec
 
     @classmethod
@@ -152,9 +211,11 @@ class GatedMPOLinear(MPOLinear):
         if "levels" not in spec:
             raise ValueError("GatedMPOLinear spec is missing 'levels'")
         layer = super().from_spec(spec)
-        GatingConfig(budget=spec.get("budget", 0.5), levels=tuple(spec["levels"]))  # validates
+        # checkpoints written before the error controller existed hold the linear one
+        kind, rank = spec.get("controller", "linear"), spec.get("controller_rank", 8)
+        GatingConfig(budget=spec.get("budget", 0.5), levels=tuple(spec["levels"]), controller=kind, rank=rank)
         layer._init_gating(spec["levels"], spec.get("temperature", 1.0), spec.get("penalty", 5.0),
-                           spec.get("budget", 0.5))
+                           spec.get("budget", 0.5), kind, rank)
         mode = spec.get("mode", "gate")
         layer.mode = float(mode) if isinstance(mode, (int, float)) else str(mode)
         return layer
@@ -286,13 +347,15 @@ def gate(model: nn.Module, config: GatingConfig) -> nn.Module:
     """Replace the model's MPO layers by gated ones, in place; returns ``model``.
 
     The controllers start untrained (preferring wide levels); train them with :func:`set_mode`
-    ``"nested"`` then ``"gate"`` and :func:`bondgate.distill`, then call :func:`set_budget`.
+    ``"nested"`` then ``"gate"`` and :func:`bondgate.distill` (``controller="linear"``) or fit them with
+    :func:`fit_controllers` (``controller="error"``), then call :func:`set_budget`. Gating an already
+    gated model replaces its controllers and levels and keeps the (e.g. nested-trained) cores.
     """
     from .surgery import _matches
 
     if not isinstance(config, GatingConfig):
         raise TypeError(f"config must be a GatingConfig, got {type(config).__name__}")
-    names = [n for n, m in model.named_modules() if isinstance(m, MPOLinear) and not isinstance(m, GatedMPOLinear)
+    names = [n for n, m in model.named_modules() if isinstance(m, MPOLinear)
              and (config.target_modules is None or _matches(n, config.target_modules))]
     if not names:
         raise ValueError("gate: the model has no MPO layers to gate (run bondgate.compress first)")
@@ -357,33 +420,147 @@ def _flops_at(layers, scores, lam: float) -> float:
     return used / full
 
 
-def set_budget(model: nn.Module, budget: float, data: Iterable) -> float:
-    """Calibrate the shared price ``lam`` so that the average FLOPs per row on ``data`` (model inputs)
-    equal ``budget`` x full width (controllers included). Returns the achieved fraction."""
+def _calibrate_lambda(layers, scores, budget: float) -> float:
+    lo, hi = -1e3, 1e3  # achieved FLOPs fall as lam rises
+    if _flops_at(layers, scores, hi) > budget:
+        return hi
+    if _flops_at(layers, scores, lo) <= budget:
+        return lo
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if _flops_at(layers, scores, mid) > budget:
+            lo = mid
+        else:
+            hi = mid
+    # of the two sides of the step, take the one closer to the budget
+    return lo if abs(_flops_at(layers, scores, lo) - budget) < abs(_flops_at(layers, scores, hi) - budget) else hi
+
+
+def set_budget(model: nn.Module, budget: float, data: Iterable, per_layer: bool = False, rounds: int = 3) -> float:
+    """Calibrate the price ``lam`` so that the average FLOPs per row on ``data`` (model inputs) equal
+    ``budget`` x full width (controllers included). Returns the achieved fraction (all layers).
+
+    A layer's inputs, hence its controller's scores, depend on the widths the layers before it used,
+    i.e. on ``lam`` itself; so scoring and calibration alternate for ``rounds`` rounds (a fixed-point
+    iteration started from the current prices), and ``data`` must be re-iterable (a list of batches).
+
+    ``per_layer=False``: one price shared by all layers, so compute moves to the layers whose rows
+    gain most from it (scores must be comparable across layers, as the error controller's relative
+    errors are). ``per_layer=True``: every layer gets its own price and meets the budget by itself, like
+    static truncation does; only the split between rows of a layer is decided per input.
+    """
     _check_budget(budget)
     layers = _gated_layers(model)
     if not layers:
         raise ValueError("the model has no gated layers (call bondgate.gate first)")
-    scores = _collect_scores(model, data)
-    layers = [(n, m) for n, m in layers if n in scores]
-    lo, hi = -1e3, 1e3  # achieved FLOPs fall as lam rises
-    if _flops_at(layers, scores, hi) > budget:
-        lam = hi
-    elif _flops_at(layers, scores, lo) <= budget:
-        lam = lo
-    else:
-        for _ in range(100):
-            mid = 0.5 * (lo + hi)
-            if _flops_at(layers, scores, mid) > budget:
-                lo = mid
-            else:
-                hi = mid
-        # of the two sides of the step, take the one closer to the budget
-        lam = lo if abs(_flops_at(layers, scores, lo) - budget) < abs(_flops_at(layers, scores, hi) - budget) else hi
-    for _, m in layers:
-        m.budget_lambda.fill_(lam)
-        m.budget = float(budget)
-    return _flops_at(layers, scores, lam)
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    data = list(data)
+    for _ in range(rounds):
+        scores = _collect_scores(model, data)
+        layers = [(n, m) for n, m in layers if n in scores]
+        groups = [[nm] for nm in layers] if per_layer else [layers]
+        for group in groups:
+            lam = _calibrate_lambda(group, scores, budget)
+            for _, m in group:
+                m.budget_lambda.fill_(lam)
+                m.budget = float(budget)
+    return _flops_at_lambdas(layers, scores)
+
+
+def _flops_at_lambdas(layers, scores) -> float:
+    used = full = 0.0
+    for n, m in layers:
+        u = _flops_at([(n, m)], scores, float(m.budget_lambda))
+        used += u * m.full_cost * scores[n].shape[0]
+        full += m.full_cost * scores[n].shape[0]
+    return used / full
+
+
+@torch.no_grad()
+def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256, max_rows: int = 8192,
+                    seed: int = 0) -> list[dict]:
+    """Fit every error controller in closed form on the layer inputs that ``data`` (model inputs) produces.
+
+    On rows ``x`` sampled from the full-width model's layer inputs (``rows_per_batch`` per batch, at most
+    ``max_rows``): the target of level ``l`` is ``|D_l x|^2 / mean|W x|^2`` with ``D_l = W - W_l``;
+    ``proj`` holds the top-``rank`` eigenvectors of ``sum_l D_l^T D_l / mean target_l`` (the directions
+    along which the errors vary most) and ``coef[l]`` a non-negative least-squares fit of the target on
+    ``[(u_j . x)^2, |x|^2]``. Returns, per layer, the rows used and the R^2 of the per-row error
+    prediction of each level (1.0 for the full level, whose error is zero). Call :func:`set_budget` after.
+    """
+    from scipy.optimize import nnls
+
+    layers = [(n, m) for n, m in _gated_layers(model) if m.controller_kind == "error"]
+    if not layers:
+        raise ValueError("fit_controllers: the model has no gated layers with controller='error'")
+    gen = torch.Generator().manual_seed(seed)
+    rows: dict[str, list[torch.Tensor]] = {n: [] for n, _ in layers}
+    count = dict.fromkeys(rows, 0)
+
+    def hook_for(n):
+        def hook(mod, inputs):
+            if count[n] >= max_rows:
+                return
+            x = inputs[0].detach().reshape(-1, mod.in_features)
+            take = torch.randperm(x.shape[0], generator=gen)[: min(rows_per_batch, max_rows - count[n])]
+            rows[n].append(x[take.to(x.device)].to("cpu", torch.float64))
+            count[n] += take.numel()
+        return hook
+
+    modes = [m.mode for _, m in layers]
+    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in layers]
+    was = model.training
+    model.eval()
+    try:
+        for _, m in layers:  # the inputs of the full-width model
+            m.mode = "full"
+        for batch in data:
+            run_model(model, batch)
+            if all(c >= max_rows for c in count.values()):
+                break
+    finally:
+        for h in handles:
+            h.remove()
+        for (_, m), mode in zip(layers, modes):
+            m.mode = mode
+        model.train(was)
+    report = []
+    for n, m in layers:
+        if not rows[n]:
+            raise ValueError(f"fit_controllers: layer {n!r} saw no input rows (does data reach it?)")
+        X = torch.cat(rows[n])
+        mpo = m.to_mpo()
+        W = mpo.to_matrix().to(torch.float64)
+        ref = float((X @ W.T).pow(2).sum(1).mean()) or 1.0
+        targets, G = [], torch.zeros(m.in_features, m.in_features, dtype=torch.float64)
+        for w in m.level_widths:
+            if w == m.bond_dims:
+                targets.append(torch.zeros(X.shape[0], dtype=torch.float64))
+                continue
+            D = W - mpo.slice_bonds(w).to_matrix().to(torch.float64)
+            t = (X @ D.T).pow(2).sum(1) / ref
+            targets.append(t)
+            G += D.T @ D / max(float(t.mean()) * ref, 1e-30)
+        ctrl = m.controller
+        U = torch.linalg.eigh(G).eigenvectors[:, -ctrl.rank:].T  # (rank, in)
+        feats = torch.cat([(X @ U.T).pow(2), X.pow(2).sum(1, keepdim=True)], 1)
+        scale = feats.pow(2).mean(0).sqrt().clamp_min(1e-30)
+        coef, r2 = [], []
+        for t in targets:
+            if not bool(t.any()):
+                coef.append(torch.zeros(feats.shape[1], dtype=torch.float64))
+                r2.append(1.0)
+                continue
+            c, _ = nnls((feats / scale).numpy(), t.numpy())
+            c = torch.from_numpy(c) / scale
+            pred = feats @ c
+            r2.append(float(1 - (pred - t).pow(2).sum() / (t - t.mean()).pow(2).sum().clamp_min(1e-30)))
+            coef.append(c)
+        ctrl.proj.weight.copy_(U.to(ctrl.proj.weight))
+        ctrl.coef.copy_(torch.stack(coef).to(ctrl.coef))
+        report.append({"name": n, "rows": int(X.shape[0]), "r2": r2})
+    return report
 
 
 def average_flops(model: nn.Module, reset: bool = False) -> float:

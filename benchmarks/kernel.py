@@ -10,7 +10,7 @@ For every cell (layer shape x uniform bond r x input rows B), fp32, all variants
 * ``bg_memory``       bondgate ``MPOLinear`` in memory mode (never keeps a dense weight);
 * ``bg_speed``        bondgate ``MPOLinear`` in speed mode (may keep the dense weight / merged cores).
 
-Run:  python benchmarks/kernel.py            (full grid, ~15 min on 2 cores)
+Run:  python benchmarks/kernel.py --rounds 9 (full grid, ~12 min on 2 cores; the README figures)
       python benchmarks/kernel.py --quick    (a few cells, for a smoke test)
 Writes benchmarks/results/kernel.{json,md,png}.
 """

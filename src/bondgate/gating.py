@@ -187,6 +187,7 @@ class GatedMPOLinear(MPOLinear):
         self.full_cost = min_flops(self.out_factors, self.in_factors, full, COST_ROWS) / COST_ROWS
         self.level_cost = [min_flops(self.out_factors, self.in_factors, w, COST_ROWS) / COST_ROWS
                            for w in self.level_widths]
+        self._rel_cost: dict[torch.device, torch.Tensor] = {}
         ctrl = self.controller
         self.controller_cost = (ctrl.cost(self.in_features) if isinstance(ctrl, ErrorController)
                                 else _linear_cost(self.in_features, len(self.levels)))
@@ -237,21 +238,26 @@ class GatedMPOLinear(MPOLinear):
 
     def width_output(self, x2d: torch.Tensor, widths: tuple[int, ...]) -> torch.Tensor:
         """``x2d @ W(widths).T`` (no bias) through the planner; differentiable when grad is enabled."""
-        if widths == self.bond_dims:
-            cores = list(self._core_tuple())
-        else:
-            cores = self._level_cores(widths, cache=not torch.is_grad_enabled())
-        grad = torch.is_grad_enabled() and (cores[0].requires_grad or x2d.requires_grad)
-        c0 = cores[0]
-        plan = get_plan(self.out_factors, self.in_factors, widths, x2d.shape[0], c0.dtype, c0.device,
-                        self._policy, grad)
+        enabled = torch.is_grad_enabled()
+        c0 = next(iter(self._core_params.values()))
+        grad = enabled and (c0.requires_grad or x2d.requires_grad)
+        key = (widths, x2d.shape[0].bit_length(), grad)
+        entry = self._level_plans.get(key)  # per layer: no planner key to build on the hot path
+        if entry is None:
+            plan = get_plan(self.out_factors, self.in_factors, widths, x2d.shape[0], c0.dtype, c0.device,
+                            self._policy, grad)
+            entry = self._level_plans[key] = (plan, widths == self.bond_dims)
+        plan, is_full = entry
+        cores = list(self._core_tuple()) if is_full else self._level_cores(widths, cache=not enabled)
         return plan.run(x2d, plan.group_operands(cores, self.out_features, self.in_features), self.out_features)
 
-    def grouped_output(self, x2d: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-        """Rows grouped by level, each group contracted with its sliced cores (the inference path)."""
+    def grouped_output(self, x2d: torch.Tensor, levels: torch.Tensor, counts: list[int] | None = None) -> torch.Tensor:
+        """Rows grouped by level, each group contracted with its sliced cores (the inference path).
+        ``counts``: rows per level, if the caller has them already."""
         if x2d.shape[0] == 1:
             return self.width_output(x2d, self.level_widths[int(levels[0])])
-        counts = torch.bincount(levels, minlength=len(self.levels)).tolist()
+        if counts is None:
+            counts = torch.bincount(levels, minlength=len(self.levels)).tolist()
         present = [lv for lv, n in enumerate(counts) if n]
         if len(present) == 1:
             return self.width_output(x2d, self.level_widths[present[0]])
@@ -269,7 +275,10 @@ class GatedMPOLinear(MPOLinear):
     def decide(self, x2d: torch.Tensor) -> torch.Tensor:
         """Inference decisions: ``argmax(score - lam * relative cost)`` per row, ``(B,)`` level indices."""
         scores = self.controller(x2d).to(torch.float64)
-        rel = torch.tensor(self.level_cost, dtype=torch.float64, device=scores.device) / self.full_cost
+        rel = self._rel_cost.get(scores.device)
+        if rel is None:
+            rel = self._rel_cost[scores.device] = torch.tensor(self.level_cost, dtype=torch.float64,
+                                                               device=scores.device) / self.full_cost
         return torch.argmax(scores - self.budget_lambda * rel, dim=-1)
 
     # ------------------------------------------------------------------ forward
@@ -300,9 +309,10 @@ class GatedMPOLinear(MPOLinear):
             return super().forward(x)
         else:
             lv = self.decide(x2d)
+            counts = torch.bincount(lv, minlength=len(self.levels))
             if self.record:
-                self.level_counts += torch.bincount(lv, minlength=len(self.levels)).to(self.level_counts)
-            y = self.grouped_output(x2d, lv)
+                self.level_counts += counts
+            y = self.grouped_output(x2d, lv, counts.tolist() if x2d.shape[0] > 1 else None)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -331,6 +341,7 @@ class GatedMPOLinear(MPOLinear):
 
     def _reset_caches(self) -> None:
         super()._reset_caches()
+        self._level_plans: dict[tuple, tuple] = {}
         if "_slices" in self.__dict__:
             self._slices = {}
 

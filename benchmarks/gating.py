@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 from common import banner, machine_info, time_interleaved, write_json  # noqa: E402
 
 import bondgate as bg  # noqa: E402
+from bondgate.calibration import capture_inputs  # noqa: E402
 from bondgate.data import load_stsb  # noqa: E402
 from bondgate.gating import _gated_layers, _widths, average_flops, gating_report, width_error_curve  # noqa: E402
 from bondgate.planner import min_flops  # noqa: E402
@@ -89,24 +90,16 @@ class ExactError(torch.nn.Module):
         return -torch.stack([(x @ D.T).pow(2).sum(-1) for D in self.D], -1) / self.ref
 
 
-@torch.no_grad()
 def install_oracles(student, calib) -> None:
     energy: dict[str, list[float]] = {}
 
-    def hook_for(n):
-        def hook(mod, inputs):
-            x = inputs[0].reshape(-1, mod.in_features)
-            energy.setdefault(n, []).append(float((x @ mod.weight_matrix().T).pow(2).sum(-1).mean()))
-        return hook
+    def measure(n, mod, x, batch):
+        x = x.reshape(-1, mod.in_features)
+        energy.setdefault(n, []).append(float((x @ mod.weight_matrix().T).pow(2).sum(-1).mean()))
 
     layers = _gated_layers(student)
-    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in layers]
     bg.set_mode(student, "full")
-    student.eval()
-    for b in calib:
-        bg.calibration.run_model(student, b)
-    for h in handles:
-        h.remove()
+    capture_inputs(student, dict(layers), calib, measure)
     for n, m in layers:
         m.controller = ExactError(m, statistics.mean(energy[n]))
 

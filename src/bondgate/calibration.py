@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 __all__ = ["InputStats", "collect_input_stats", "kron_whiteners", "refine_cores", "layer_sensitivity",
-           "run_model", "model_output"]
+           "run_model", "model_output", "capture_inputs"]
 
 
 @dataclass
@@ -85,32 +85,17 @@ def _layer_input(module: nn.Module, inputs: tuple) -> torch.Tensor:
 
 
 @torch.no_grad()
-def collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable,
-                        max_rows: int | None = None, progress: bool = False) -> dict[str, InputStats]:
-    """One pass of ``data`` through ``model``, accumulating each listed module's input statistics.
-
-    ``data`` yields model inputs (see :func:`run_model`). Rows are the flattened leading dims of a
-    module's input; padding rows are dropped when the batch has an ``attention_mask``.
-    """
-    sums: dict[str, torch.Tensor] = {}
-    seconds: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {n: 0 for n in modules}
+def capture_inputs(model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable,
+                   on_input: Callable[[str, nn.Module, torch.Tensor, object], None],
+                   done: Callable[[], bool] | None = None, progress: bool = False) -> None:
+    """Run ``data`` through ``model`` in eval mode (its mode is restored after), calling
+    ``on_input(name, module, x, batch)`` with each listed module's input ``x`` as it is computed;
+    stops early once ``done()`` is true after a batch."""
     current: dict = {}
 
     def hook_for(name: str) -> Callable:
         def hook(mod, inputs):
-            x = _layer_input(mod, inputs)
-            x2 = x.detach().reshape(-1, x.shape[-1])
-            keep = _row_mask(current.get("batch"), x)
-            if keep is not None:
-                x2 = x2[keep]
-            x2 = x2.to(torch.float64).cpu()
-            if name not in sums:
-                sums[name] = torch.zeros(x2.shape[1], dtype=torch.float64)
-                seconds[name] = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float64)
-            sums[name] += x2.sum(0)
-            seconds[name] += x2.T @ x2
-            counts[name] += x2.shape[0]
+            on_input(name, mod, _layer_input(mod, inputs).detach(), current.get("batch"))
 
         return hook
 
@@ -126,12 +111,40 @@ def collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], data
         for batch in it:
             current["batch"] = batch
             run_model(model, batch)
-            if max_rows is not None and min(counts.values(), default=0) >= max_rows:
+            if done is not None and done():
                 break
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
+
+
+def collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable,
+                        max_rows: int | None = None, progress: bool = False) -> dict[str, InputStats]:
+    """One pass of ``data`` through ``model``, accumulating each listed module's input statistics.
+
+    ``data`` yields model inputs (see :func:`run_model`). Rows are the flattened leading dims of a
+    module's input; padding rows are dropped when the batch has an ``attention_mask``.
+    """
+    sums: dict[str, torch.Tensor] = {}
+    seconds: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {n: 0 for n in modules}
+
+    def accumulate(name, mod, x, batch):
+        x2 = x.reshape(-1, x.shape[-1])
+        keep = _row_mask(batch, x)
+        if keep is not None:
+            x2 = x2[keep]
+        x2 = x2.to(torch.float64).cpu()
+        if name not in sums:
+            sums[name] = torch.zeros(x2.shape[1], dtype=torch.float64)
+            seconds[name] = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float64)
+        sums[name] += x2.sum(0)
+        seconds[name] += x2.T @ x2
+        counts[name] += x2.shape[0]
+
+    capture_inputs(model, modules, data, accumulate,
+                   None if max_rows is None else (lambda: min(counts.values(), default=0) >= max_rows), progress)
     out = {}
     for name in modules:
         if counts[name] == 0:

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .calibration import run_model
+from .calibration import capture_inputs
 from .io import register_layer_type
 from .layer import MPOLinear
 from .planner import get_plan, min_flops
@@ -398,34 +398,23 @@ def set_mode(model: nn.Module, mode: str | float) -> nn.Module:
     return model
 
 
-@torch.no_grad()
 def _collect_scores(model: nn.Module, data: Iterable) -> dict[str, torch.Tensor]:
-    layers = _gated_layers(model)
-    scores: dict[str, list[torch.Tensor]] = {n: [] for n, _ in layers}
-    handles = []
-    for n, m in layers:
-        def hook(mod, inputs, n=n):
-            x = inputs[0].reshape(-1, mod.in_features)
-            scores[n].append(mod.controller(x).to(torch.float64).cpu())
-        handles.append(m.register_forward_pre_hook(hook))
-    was = model.training
-    model.eval()
-    try:
-        for batch in data:
-            run_model(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
-    return {n: torch.cat(v) for n, v in scores.items() if v}
+    scores: dict[str, list[torch.Tensor]] = {}
+
+    def score(name, mod, x, batch):
+        scores.setdefault(name, []).append(mod.controller(x.reshape(-1, mod.in_features)).to(torch.float64).cpu())
+
+    capture_inputs(model, dict(_gated_layers(model)), data, score)
+    return {n: torch.cat(v) for n, v in scores.items()}
 
 
-def _flops_at(layers, scores, lam: float) -> float:
+def _flops_at(layers, scores, lam: float | None = None) -> float:
+    """Average FLOPs fraction of ``layers`` on the scored rows at price ``lam`` (None: each layer's own)."""
     used = full = 0.0
     for n, m in layers:
         s = scores[n]
         rel = torch.tensor(m.level_cost, dtype=torch.float64) / m.full_cost
-        lv = torch.argmax(s - lam * rel, -1)
+        lv = torch.argmax(s - (float(m.budget_lambda) if lam is None else lam) * rel, -1)
         used += float(torch.tensor(m.level_cost, dtype=torch.float64)[lv].sum()) + m.controller_cost * s.shape[0]
         full += m.full_cost * s.shape[0]
     return used / full
@@ -470,22 +459,12 @@ def set_budget(model: nn.Module, budget: float, data: Iterable, per_layer: bool 
     for _ in range(rounds):
         scores = _collect_scores(model, data)
         layers = [(n, m) for n, m in layers if n in scores]
-        groups = [[nm] for nm in layers] if per_layer else [layers]
-        for group in groups:
+        for group in [[nm] for nm in layers] if per_layer else [layers]:
             lam = _calibrate_lambda(group, scores, budget)
             for _, m in group:
                 m.budget_lambda.fill_(lam)
                 m.budget = float(budget)
-    return _flops_at_lambdas(layers, scores)
-
-
-def _flops_at_lambdas(layers, scores) -> float:
-    used = full = 0.0
-    for n, m in layers:
-        u = _flops_at([(n, m)], scores, float(m.budget_lambda))
-        used += u * m.full_cost * scores[n].shape[0]
-        full += m.full_cost * scores[n].shape[0]
-    return used / full
+    return _flops_at(layers, scores)
 
 
 @torch.no_grad()
@@ -509,33 +488,22 @@ def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256,
     rows: dict[str, list[torch.Tensor]] = {n: [] for n, _ in layers}
     count = dict.fromkeys(rows, 0)
 
-    def hook_for(n):
-        def hook(mod, inputs):
-            if count[n] >= max_rows:
-                return
-            x = inputs[0].detach().reshape(-1, mod.in_features)
-            take = torch.randperm(x.shape[0], generator=gen)[: min(rows_per_batch, max_rows - count[n])]
-            rows[n].append(x[take.to(x.device)].to("cpu", torch.float64))
-            count[n] += take.numel()
-        return hook
+    def sample(n, mod, x, batch):
+        if count[n] >= max_rows:
+            return
+        x = x.reshape(-1, mod.in_features)
+        take = torch.randperm(x.shape[0], generator=gen)[: min(rows_per_batch, max_rows - count[n])]
+        rows[n].append(x[take.to(x.device)].to("cpu", torch.float64))
+        count[n] += take.numel()
 
     modes = [m.mode for _, m in layers]
-    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in layers]
-    was = model.training
-    model.eval()
     try:
         for _, m in layers:  # the inputs of the full-width model
             m.mode = "full"
-        for batch in data:
-            run_model(model, batch)
-            if all(c >= max_rows for c in count.values()):
-                break
+        capture_inputs(model, dict(layers), data, sample, lambda: all(c >= max_rows for c in count.values()))
     finally:
-        for h in handles:
-            h.remove()
         for (_, m), mode in zip(layers, modes):
             m.mode = mode
-        model.train(was)
     report = []
     for n, m in layers:
         if not rows[n]:

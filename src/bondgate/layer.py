@@ -279,9 +279,7 @@ class MPOLinear(nn.Module):
             # detects any in-place write; identity detects swapped-in tensors.
             versions = sum(map(_VERSION, cores))
             if slot[0] != versions or not all(map(operator.is_, cores, slot[2])):
-                with torch.no_grad():  # contiguous: a pre-contracted group is often a permuted view
-                    slot[1] = [o.contiguous() for o in plan.group_operands(cores, self.out_features,
-                                                                           self.in_features)]
+                slot[1] = plan.cache_operands(cores, self.out_features, self.in_features)
                 slot[0], slot[2] = versions, cores
             ops = slot[1]
         else:

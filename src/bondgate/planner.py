@@ -192,6 +192,13 @@ class ContractionPlan:
             ops[0] = W if (n, m) == tuple(W.shape) else W[:n, :m]
         return ops
 
+    def cache_operands(self, cores: Sequence[torch.Tensor], out_features: int | None = None,
+                       in_features: int | None = None) -> list[torch.Tensor]:
+        """:meth:`group_operands` to keep between calls: detached and contiguous (a pre-contracted group is
+        often a permuted view, which would be re-strided on every call)."""
+        with torch.no_grad():
+            return [o.contiguous() for o in self.group_operands(cores, out_features, in_features)]
+
     def run(self, x2d: torch.Tensor, ops: Sequence[torch.Tensor], out_features: int,
             bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x2d``: ``(B, in_features)``; ``ops`` from :meth:`group_operands`; returns ``(B, out_features)``."""
@@ -456,7 +463,7 @@ def _autotune(cands: list[ContractionPlan], out_f, in_f, ranks, rows, dtype, dev
             if time.perf_counter() - start > 3 * policy.tune_seconds and best_us < float("inf") and i >= must:
                 break
             if c.cached and c.groups not in ops_cache:
-                ops_cache[c.groups] = [o.contiguous() for o in c.group_operands(cores)]
+                ops_cache[c.groups] = c.cache_operands(cores)
             fn = runner(c)
             t0 = time.perf_counter()
             fn()

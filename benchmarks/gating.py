@@ -8,7 +8,9 @@ examples/gpt2_compress.py heal):
 2. controllers: ``--controller linear`` (default) distills with straight-through Gumbel probes and the
    budget penalty (which also trains the cores); ``--controller error`` instead fits each layer's error
    predictor in closed form on train inputs (:func:`bondgate.fit_controllers`; the cores are not touched
-   again); ``--controller oracle`` is a diagnostic upper bound for error-based
+   again) — ``--objective model`` (default) weights the error by its effect on the model (GPT-2: the LM
+   loss's Fisher; MiniLM: random probes of the pooled embedding), ``--objective layer`` uses the layer's
+   own relative error; ``--levels N`` re-gates with N evenly spaced levels first; ``--controller oracle`` is a diagnostic upper bound for error-based
    routing: every row's exact per-level output error ``|D_l x|^2`` decides (it costs more than the
    layer itself, so its FLOPs are not a real saving; the FLOPs column still counts the error controller's);
 3. frontier: for average-FLOPs budgets 25/50/75% of full width, calibrate the price(s) on train
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import sys
 import time
@@ -70,6 +73,16 @@ def static_fraction(model, budget: float) -> float:
     return lo if abs(cost(lo) - budget) <= abs(cost(hi) - budget) else hi
 
 
+def layer_fraction(m, flops: float) -> float:
+    """Width fraction whose static truncation of layer ``m`` costs ``flops`` x its full-width FLOPs."""
+    lo, hi = 1e-3, 1.0
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        c = min_flops(m.out_factors, m.in_factors, _widths(m.bond_dims, mid), 1) / m.full_cost
+        lo, hi = (mid, hi) if c < flops else (lo, mid)
+    return hi
+
+
 def static_flops(model, f: float) -> float:
     layers = [m for _, m in _gated_layers(model)]
     return sum(min_flops(m.out_factors, m.in_factors, _widths(m.bond_dims, f), 1) for m in layers) / sum(
@@ -104,7 +117,7 @@ def install_oracles(student, calib) -> None:
         m.controller = ExactError(m, statistics.mean(energy[n]))
 
 
-def train_gating(student, teacher, batches, calib, loss, args, budget=0.5, progress=True):
+def train_gating(student, teacher, batches, calib, loss, args, budget=0.5, progress=True, sensitivity_loss=None):
     kind = "error" if args.controller == "oracle" else args.controller
     bg.gate(student, bg.GatingConfig(budget=budget, controller=kind))
     log = {}
@@ -115,13 +128,17 @@ def train_gating(student, teacher, batches, calib, loss, args, budget=0.5, progr
         log["nested"] = {"steps": r.steps, "seconds": r.seconds}
         if args.nested_out:  # the nested-trained cores, for other controllers: --checkpoint DIR --nested-minutes 0
             bg.save(student, args.nested_out)
+    if args.levels:  # finer levels: keeps the cores, replaces the controllers
+        bg.gate(student, bg.GatingConfig(budget=budget, controller=kind,
+                                         levels=tuple((i + 1) / args.levels for i in range(args.levels))))
     bg.set_mode(student, "gate")
     if args.controller == "oracle":
         install_oracles(student, calib)
         bg.set_mode(student, "gate")
     elif args.controller == "error":
         t0 = time.perf_counter()
-        fit = bg.fit_controllers(student, calib)
+        fit = bg.fit_controllers(student, calib, objective=args.objective,
+                                 loss=sensitivity_loss if args.objective == "model" else None)
         log["fit_controllers"] = {"seconds": time.perf_counter() - t0, "layers": fit,
                                   "min_r2": min(min(f["r2"]) for f in fit),
                                   "median_r2": statistics.median(v for f in fit for v in f["r2"][:-1])}
@@ -135,25 +152,34 @@ def train_gating(student, teacher, batches, calib, loss, args, budget=0.5, progr
 
 
 def frontier(student, evaluate, calib, higher_is_better: bool, per_layer: bool = False) -> list[dict]:
+    """Gated vs static prefix truncation at the FLOPs the gated model used on the held-out rows; also each
+    layer truncated to the constant width that costs what that layer used ("per-layer static"), which
+    separates the gain of allocating compute across layers from that of choosing it per row."""
     rows = []
     bg.set_mode(student, "full")
     full_q = evaluate(student)
     rows.append({"budget": 1.0, "kind": "full width", "quality": full_q, "flops": 1.0})
+    better = (lambda a, b: a - b) if higher_is_better else (lambda a, b: b - a)
     for b in BUDGETS:
         bg.set_mode(student, "gate")
         achieved_train = bg.set_budget(student, b, calib, per_layer=per_layer)
         gating_report(student, reset=True)
         q = evaluate(student)
         held = average_flops(student)
-        hist = [r["histogram"] for r in gating_report(student)]
-        f = static_fraction(student, b)
+        rep = gating_report(student)
+        f = static_fraction(student, held)
         bg.set_mode(student, f)
         qs = evaluate(student)
-        margin = (q - qs) if higher_is_better else (qs - q)
+        for (_, m), r in zip(_gated_layers(student), rep):
+            m.mode = layer_fraction(m, max(r["avg_flops_fraction"] - r["controller_fraction"], 1e-3))
+        ql = evaluate(student)
         rows.append({"budget": b, "kind": "gated", "quality": q, "flops": held, "flops_calibration": achieved_train,
                      "static_fraction": f, "static_quality": qs, "static_flops": static_flops(student, f),
-                     "margin_vs_static": margin, "histograms": hist})
-        print(rows[-1]["budget"], f"gated {q:.3f} @ {held:.3f} FLOPs | static {qs:.3f} @ f={f:.3f}", flush=True)
+                     "margin_vs_static": better(q, qs), "layer_static_quality": ql,
+                     "margin_vs_layer_static": better(q, ql), "histograms": [r["histogram"] for r in rep],
+                     "layer_fractions": [m.mode for _, m in _gated_layers(student)]})
+        print(rows[-1]["budget"], f"gated {q:.3f} @ {held:.3f} FLOPs | static {qs:.3f} @ f={f:.3f} | "
+              f"per-layer static {ql:.3f}", flush=True)
     bg.set_mode(student, "gate")
     return rows
 
@@ -167,13 +193,16 @@ def report(name: str, info: dict, rows: list[dict], curves: dict, extra: dict, m
                                                   **extra})
     lines = [f"Machine: {banner(info)}", "", f"Metric: {metric}", "",
              "| budget (avg FLOPs / full) | gated | FLOPs on held-out rows | static prefix (width f) | static "
-             "FLOPs | gated - static |", "|---|---|---|---|---|---|"]
+             "FLOPs | gated vs static (+ = gated better) | per-layer static, same per-layer FLOPs | gated vs "
+             "per-layer static |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["kind"] == "full width":
-            lines.append(f"| 1.00 (full width) | {r['quality']:.3f} | 1.000 | - | - | - |")
+            lines.append(f"| 1.00 (full width) | {r['quality']:.3f} | 1.000 | - | - | - | - | - |")
             continue
         lines.append(f"| {r['budget']:.2f} | {r['quality']:.3f} | {r['flops']:.3f} | {r['static_quality']:.3f} "
-                     f"(f={r['static_fraction']:.2f}) | {r['static_flops']:.3f} | {r['margin_vs_static']:+.3f} |")
+                     f"(f={r['static_fraction']:.2f}) | {r['static_flops']:.3f} | {r['margin_vs_static']:+.3f} | "
+                     f"{r.get('layer_static_quality', float('nan')):.3f} | "
+                     f"{r.get('margin_vs_layer_static', float('nan')):+.3f} |")
     mono = all(all(a >= b - 1e-9 for a, b in zip(c, c[1:])) for c in curves.values())
     lines += ["", f"Error-vs-kept-width curves (25/50/75/100% of every bond) fall monotonically in every layer: "
               f"{mono}", ""]
@@ -205,6 +234,13 @@ def plot(name: str, rows: list[dict], metric: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- models
+def result_name(model: str, args) -> str:
+    name = f"{model}_{args.controller}"
+    if args.controller == "error" and args.objective == "model":
+        name += "_model"
+    return name + (f"_L{args.levels}" if args.levels else "")
+
+
 def run_minilm(args) -> None:
     import minilm_stsb as ms
 
@@ -214,14 +250,24 @@ def run_minilm(args) -> None:
     student = bg.load(args.checkpoint)
     pool = ms.unlabeled_sentences(seed=3)
     batches = ms.batches(tok, pool[: args.train_sentences], batch=32)
-    calib = ms.batches(tok, pool[args.train_sentences: args.train_sentences + 512], batch=32)
+    # calibration (prices, error fits): STS-B train sentences, the task's own distribution (no labels used)
+    sts = [s for a, b, _ in load_stsb(split="train") for s in (a, b)]
+    random.Random(7).shuffle(sts)
+    calib = ms.batches(tok, sts[:512], batch=32)
     dev = load_stsb(split="dev")[: args.dev_pairs or None]
+    gen = torch.Generator().manual_seed(0)
+
+    def embedding_probe(out, batch):  # random probes of the normalized mean-pooled embedding (what STS-B scores)
+        h, mask = out.last_hidden_state, batch["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
+        e = torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1)
+        return (e * torch.randn(e.shape, generator=gen)).sum()
+
     log = train_gating(student, teacher, batches, calib, bg.DistillLoss(hidden=1.0, pooled=1.0), args,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, sensitivity_loss=embedding_probe)
     rows = frontier(student, lambda m: ms.stsb_score(m, tok, dev), calib, True, args.per_layer)
     if args.controller != "oracle":  # the exact-error diagnostic is not a savable controller
         bg.save_pretrained(student, args.out, tokenizer=tok)
-    report(f"minilm_{args.controller}", info, rows, width_curves(student), {"training": log, "args": vars(args)},
+    report(result_name("minilm", args), info, rows, width_curves(student), {"training": log, "args": vars(args)},
            "STS-B dev Spearman x100")
 
 
@@ -236,13 +282,19 @@ def run_gpt2(args) -> None:
     train, valid = gc.data(tok, teacher.config.n_positions)
     batches = [{"input_ids": b} for b in gc.as_batches(train, 16, seed=4)]
     calib = [{"input_ids": b} for b in gc.as_batches(train, 16, seed=5)[:16]]
+
+    def nll(out, batch):  # the LM loss on train blocks: its diagonal Fisher weights each output channel
+        ids, logits = batch["input_ids"], out.logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                                 ids[:, 1:].reshape(-1))
+
     log = train_gating(student, teacher, batches, calib, bg.DistillLoss(hidden=1.0, logits=1.0, temperature=1.0),
-                       args, progress=not args.no_progress)
+                       args, progress=not args.no_progress, sensitivity_loss=nll)
     valid = valid[: args.valid_blocks] if args.valid_blocks else valid
     rows = frontier(student, lambda m: lm.evaluate_ppl(m, valid), calib, False, args.per_layer)
     if args.controller != "oracle":  # the exact-error diagnostic is not a savable controller
         bg.save_pretrained(student, args.out, tokenizer=tok)
-    report(f"gpt2_{args.controller}", info, rows, width_curves(student), {"training": log, "args": vars(args)},
+    report(result_name("gpt2", args), info, rows, width_curves(student), {"training": log, "args": vars(args)},
            "WikiText-2 validation perplexity (lower is better)")
 
 
@@ -304,8 +356,9 @@ def run_speed(args) -> None:
     write_json(RESULTS / "gating_speed.json", {"machine": info, "budget": args.budget, "cells": cells})
     lines = [f"Machine: {banner(info)}", "", f"Budget {args.budget} (average FLOPs / full width), memory mode, "
              f"{args.threads} threads, real activations of each layer; times in microseconds per call.", "",
-             "| layer | rows | dense | full-width MPO | gated (incl. controller) | speedup vs full | levels: 25/50/75/100% "
-             "| level histogram |", "|---|---|---|---|---|---|---|---|"]
+             "| layer | rows | dense | full-width MPO | gated (incl. controller) | speedup vs full | each level alone: "
+             + "/".join(f"{100 * v:.0f}" for v in next(iter(layers.values())).levels)
+             + "% | level histogram |", "|---|---|---|---|---|---|---|---|"]
     for c in cells:
         u = c["us"]
         lv = " / ".join(f"{u[f'level{i}']:.0f}" for i in range(len(c["level_widths"])))
@@ -333,6 +386,11 @@ def main(argv=None) -> None:
         p.add_argument("--controller", choices=["linear", "error", "oracle"], default="linear")
         p.add_argument("--per-layer", action="store_true", help="one price per layer (default: one shared price)")
         p.add_argument("--nested-out", default=None, help="also save the model right after nested training")
+        p.add_argument("--levels", type=int, default=0,
+                       help="re-gate with N evenly spaced levels 1/N..1 before the controllers (0: keep 25/50/75/100%%)")
+        p.add_argument("--objective", choices=["layer", "model"], default="model",
+                       help="error controller target: the layer's own relative error, or its effect on the model "
+                            "(LM loss Fisher for GPT-2, embedding probes for MiniLM)")
     g.add_argument("--checkpoint", default=str(ROOT / "runs" / "gpt2-wt2-50"))
     g.add_argument("--teacher", default=str(ROOT / "runs" / "gpt2-wt2"))
     g.add_argument("--nested-minutes", type=float, default=8)

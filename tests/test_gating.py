@@ -216,3 +216,81 @@ def test_regating_swaps_the_controller_and_keeps_the_cores():
     set_mode(net, "full")
     with torch.no_grad():
         torch.testing.assert_close(net(x), before)
+
+
+class _TwoBranches(nn.Module):
+    """Two MPO layers on the same input; the first one's output counts 30x more in the model output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.a = MPOLinear.from_linear(nn.Linear(96, 80), max_bond=16, num_cores=3)
+        self.b = MPOLinear.from_linear(nn.Linear(96, 80), max_bond=16, num_cores=3)
+
+    def forward(self, x):
+        return torch.cat([30.0 * self.a(x), self.b(x)], -1)
+
+
+def test_output_sensitivity_is_the_squared_gradient_per_channel():
+    from bondgate.calibration import output_sensitivity
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(12, 10), nn.Linear(10, 5, bias=False))
+    net[0].weight.requires_grad_(False)
+    c = torch.randn(5)
+    s = output_sensitivity(net, {"0": net[0]}, [torch.randn(7, 12), torch.randn(3, 12)],
+                           loss=lambda out, batch: (out * c).sum())
+    expect = (net[1].weight.detach().T @ c).double().pow(2)  # d(c . A y)/dy = A^T c for every row
+    torch.testing.assert_close(s["0"], expect, rtol=1e-6, atol=1e-12)
+    assert net[0].weight.grad is None and net[1].weight.grad is None and not net[0].weight.requires_grad
+    # random probes of the output: E = diag(A^T A) / dim(f) on average
+    probe = output_sensitivity(net, {"0": net[0]}, [torch.randn(64, 12)] * 8, probes=64)["0"]
+    A = net[1].weight.detach().double()
+    gn = (A * A).sum(0) / (64 * 5)
+    assert float((probe / gn).mean()) == pytest.approx(1.0, rel=0.15)
+
+
+def test_model_objective_spends_flops_where_the_model_output_is_sensitive():
+    gen = torch.Generator().manual_seed(1)
+    calib = [_anisotropic_rows(256, gen) for _ in range(4)]
+    held = _anisotropic_rows(2048, gen)
+    with torch.no_grad():
+        ref = _TwoBranches()(held)
+    errs, widths = {}, {}
+    for objective in ("layer", "model"):
+        net = gate(_TwoBranches(), GatingConfig(controller="error", levels=tuple(i / 8 for i in range(1, 9))))
+        fit = bondgate.fit_controllers(net, calib, objective=objective)
+        assert min(min(f["r2"][:-1]) for f in fit) > 0.8, fit
+        set_budget(net, 0.5, calib)
+        net.eval()
+        gating_report(net, reset=True)
+        with torch.no_grad():
+            errs[objective] = float((net(held) - ref).pow(2).sum())
+        assert average_flops(net) == pytest.approx(0.5, rel=0.05)
+        widths[objective] = [sum(h * v for h, v in zip(r["histogram"], r["levels"])) for r in gating_report(net)]
+    # the layer objective treats both layers alike; the model objective widens the 30x-amplified one
+    assert widths["model"][0] > widths["layer"][0] + 0.1 and widths["model"][1] < widths["layer"][1]
+    assert errs["model"] < 0.7 * errs["layer"], errs
+
+
+def test_fit_controllers_bad_objective():
+    net = gate(model_with_mpo(), GatingConfig(controller="error"))
+    with pytest.raises(ValueError, match="objective"):
+        bondgate.fit_controllers(net, [torch.randn(4, 96)], objective="task")
+    with pytest.raises(ValueError, match="loss"):
+        bondgate.fit_controllers(net, [torch.randn(4, 96)], loss=lambda out, batch: out.sum())
+
+
+def test_level_counts_cover_single_rows_batches_and_checkpoints():
+    net, layer = gated_layer()
+    set_budget(net, 0.5, [torch.randn(64, 96)])
+    net.eval()
+    gating_report(net, reset=True)
+    with torch.no_grad():
+        for _ in range(5):
+            net(torch.randn(1, 96))  # the one-row path counts in Python
+        net(torch.randn(7, 96))
+    assert float(layer.state_dict()["level_counts"].sum()) == 12  # pending counts reach the checkpoint
+    with torch.no_grad():
+        net(torch.randn(1, 96))
+    assert gating_report(net)[0]["rows"] == 13

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 __all__ = ["InputStats", "collect_input_stats", "kron_whiteners", "refine_cores", "layer_sensitivity",
-           "run_model", "model_output", "capture_inputs"]
+           "run_model", "model_output", "capture_inputs", "output_sensitivity"]
 
 
 @dataclass
@@ -249,6 +249,66 @@ def refine_cores(cores: Sequence[torch.Tensor], W: torch.Tensor, cov: torch.Tens
     return [p.detach() for p in params], before * scale, after * scale
 
 
+def output_sensitivity(model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable,
+                       loss: Callable[[object, object], torch.Tensor] | None = None, probes: int = 4,
+                       max_batches: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Per module and output channel ``j``, the mean over rows of ``(d s / d y_j)^2``: how much an error in
+    that channel of the module's output ``y`` moves a scalar ``s`` of the model. ``(out,)`` float64 each.
+
+    ``loss=None``: ``s = <r, f>`` for random unit probes ``r`` of the model output ``f`` (``probes`` per
+    batch), so the weights are the diagonal of the Gauss-Newton matrix ``J^T J / dim(f)`` and
+    ``sum_j w_j e_j^2`` estimates how far an output error ``e`` moves ``f``. ``loss(output, batch)``: ``s``
+    is that loss (one pass per batch), and the weights are the diagonal empirical Fisher of the layer
+    output. Parameters get no gradients (only the layer outputs are differentiated).
+    """
+    sums: dict[str, torch.Tensor] = {}
+    rows: dict[str, int] = {n: 0 for n in modules}
+    outs: dict[str, torch.Tensor] = {}
+
+    def hook_for(name):
+        def hook(mod, inputs, output):
+            outs[name] = output
+
+        return hook
+
+    gen = torch.Generator().manual_seed(seed)
+    handles = [m.register_forward_hook(hook_for(n)) for n, m in modules.items()]
+    frozen = [p for m in modules.values() for p in m.parameters() if not p.requires_grad]
+    for p in frozen:  # the outputs must be part of a graph
+        p.requires_grad_(True)
+    was_training = model.training
+    model.eval()
+    try:
+        for bi, batch in enumerate(data):
+            if max_batches is not None and bi >= max_batches:
+                break
+            for _ in range(1 if loss is not None else probes):
+                outs.clear()
+                with torch.enable_grad():
+                    out = run_model(model, batch)
+                    if loss is not None:
+                        s = loss(out, batch)
+                    else:
+                        f = model_output(out)
+                        r = torch.randn(f.shape, generator=gen).to(f)
+                        s = (f * r / r.norm()).sum()
+                    names = [n for n, y in outs.items() if y.requires_grad]
+                    grads = torch.autograd.grad(s, [outs[n] for n in names], allow_unused=True)
+                for n, g in zip(names, grads):
+                    if g is None:
+                        continue
+                    g = g.detach().reshape(-1, g.shape[-1]).double()
+                    sums[n] = sums.get(n, 0) + (g * g).sum(0).cpu()
+                    rows[n] += g.shape[0]
+    finally:
+        for h in handles:
+            h.remove()
+        for p in frozen:
+            p.requires_grad_(False)
+        model.train(was_training)
+    return {n: sums[n] / rows[n] for n in modules if rows[n]}
+
+
 def layer_sensitivity(model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable, probes: int = 4,
                       max_batches: int | None = None, seed: int = 0) -> dict[str, float]:
     """How strongly each module's output moves the model's output, per unit of output error.
@@ -257,41 +317,5 @@ def layer_sensitivity(model: nn.Module, modules: Mapping[str, nn.Module], data: 
     (``J_l`` the Jacobian of ``f`` w.r.t. layer ``l``'s output ``y_l``). We return its mean per output
     element of ``y_l``, so ``sensitivity * E||dy_l||^2`` estimates ``E||df||^2`` up to one global factor.
     """
-    grads: dict[str, float] = {n: 0.0 for n in modules}
-    elems: dict[str, int] = {n: 0 for n in modules}
-    outs: dict[str, torch.Tensor] = {}
-
-    def hook_for(name):
-        def hook(mod, inputs, output):
-            if output.requires_grad:
-                output.retain_grad()
-            outs[name] = output
-
-        return hook
-
-    gen = torch.Generator().manual_seed(seed)
-    handles = [m.register_forward_hook(hook_for(n)) for n, m in modules.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        for bi, batch in enumerate(data):
-            if max_batches is not None and bi >= max_batches:
-                break
-            for _ in range(probes):
-                outs.clear()
-                model.zero_grad(set_to_none=True)
-                with torch.enable_grad():
-                    f = model_output(run_model(model, batch))
-                    r = torch.randn(f.shape, generator=gen).to(f)
-                    r = r / r.norm()
-                    (f * r).sum().backward()
-                for n, y in outs.items():
-                    if y.grad is not None:
-                        grads[n] += float((y.grad.double() ** 2).sum())
-                        elems[n] += y.numel()
-    finally:
-        for h in handles:
-            h.remove()
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
-    return {n: (grads[n] / elems[n] if elems[n] else 0.0) for n in modules}
+    w = output_sensitivity(model, modules, data, probes=probes, max_batches=max_batches, seed=seed)
+    return {n: (float(w[n].mean()) if n in w else 0.0) for n in modules}

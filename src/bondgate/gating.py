@@ -23,7 +23,9 @@ Two controllers: ``"linear"`` (default) is the probe above, trained with the Gum
 ``"error"`` predicts every level's output error for the row, ``|(W - W_l) x|^2``, from a few squared
 projections of ``x`` and is fitted in closed form by :func:`fit_controllers` on calibration inputs (no
 training, seconds); the decision then minimizes predicted error + ``lam`` x FLOPs per row, i.e. spends
-the budget where the truncation error is largest.
+the budget where the truncation error is largest. With ``fit_controllers(..., objective="model")`` that
+error is weighted per output channel by its effect on the model's output or loss and priced in absolute
+FLOPs, so one shared price trades compute between layers as well as between rows.
 
 FLOPs of a level are those of the cheapest plan contracting ONE row with the level's cores
 (:func:`bondgate.planner.min_flops` at 1 row): the per-row compute that the bond widths control. At
@@ -36,7 +38,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -133,10 +135,19 @@ class ErrorController(nn.Module):
         coef[:, -1] = torch.tensor([1.0 - v for v in levels]) / in_features
         self.coef = nn.Parameter(coef)
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """``[(u_j . x)^2, |x|^2]``, ``(B, rank + 1)``."""
+        return torch.cat([self.proj(x), x.norm(dim=-1, keepdim=True)], -1).square()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.proj(x)
-        feats = torch.cat([z * z, (x * x).sum(-1, keepdim=True)], -1)
-        return -(feats @ self.coef.T)
+        return -(self.features(x) @ self.coef.T)
+
+    def coef_t(self) -> torch.Tensor:
+        """``coef.T`` detached and contiguous, ``(rank + 1, L)``; cached until ``coef`` changes."""
+        hit = self.__dict__.get("_coef_t")
+        if hit is None or hit[0] is not self.coef or hit[1] != self.coef._version:
+            hit = self._coef_t = (self.coef, self.coef._version, self.coef.detach().T.contiguous())
+        return hit[2]
 
     def cost(self, in_features: int) -> float:
         return 2.0 * in_features * (self.rank + 1) + 2.0 * (self.rank + 1) * self.coef.shape[0]
@@ -177,6 +188,7 @@ class GatedMPOLinear(MPOLinear):
         self.register_buffer("level_counts", torch.zeros(len(self.levels), dtype=torch.float64, device=c0.device))
         self.mode: str | float = "gate"
         self.record = True
+        self._pending = [0] * len(self.levels)  # rows per level not yet added to level_counts (no tensor op per call)
         self._refresh_costs()
         self._aux: torch.Tensor | None = None
         self._slices: dict[int, list] = {}
@@ -187,7 +199,7 @@ class GatedMPOLinear(MPOLinear):
         self.full_cost = min_flops(self.out_factors, self.in_factors, full, COST_ROWS) / COST_ROWS
         self.level_cost = [min_flops(self.out_factors, self.in_factors, w, COST_ROWS) / COST_ROWS
                            for w in self.level_widths]
-        self._rel_cost: dict[torch.device, torch.Tensor] = {}
+        self._price: dict[torch.device, tuple] = {}
         ctrl = self.controller
         self.controller_cost = (ctrl.cost(self.in_features) if isinstance(ctrl, ErrorController)
                                 else _linear_cost(self.in_features, len(self.levels)))
@@ -274,12 +286,22 @@ class GatedMPOLinear(MPOLinear):
 
     def decide(self, x2d: torch.Tensor) -> torch.Tensor:
         """Inference decisions: ``argmax(score - lam * relative cost)`` per row, ``(B,)`` level indices."""
-        scores = self.controller(x2d).to(torch.float64)
-        rel = self._rel_cost.get(scores.device)
-        if rel is None:
-            rel = self._rel_cost[scores.device] = torch.tensor(self.level_cost, dtype=torch.float64,
-                                                               device=scores.device) / self.full_cost
-        return torch.argmax(scores - self.budget_lambda * rel, dim=-1)
+        ctrl = self.controller
+        key = (x2d.device, x2d.dtype)
+        price = self._price.get(key)
+        if price is None or price[0] != self.budget_lambda._version:  # re-priced by set_budget: rebuild
+            rel = torch.tensor(self.level_cost, dtype=torch.float64, device=x2d.device) / self.full_cost
+            price = self._price[key] = (self.budget_lambda._version, (self.budget_lambda * rel).to(x2d.dtype))
+        if isinstance(ctrl, ErrorController):  # argmin of predicted error + price, in one addmm
+            return torch.argmin(torch.addmm(price[1], ctrl.features(x2d), ctrl.coef_t()), -1)
+        return torch.argmax(ctrl(x2d) - price[1], dim=-1)
+
+    def scores(self, x2d: torch.Tensor) -> torch.Tensor:
+        """The controller's level scores in float64, ``(B, L)``: what :meth:`decide` compares with the price."""
+        ctrl = self.controller
+        if isinstance(ctrl, ErrorController):
+            return -(ctrl.features(x2d) @ ctrl.coef_t()).to(torch.float64)
+        return ctrl(x2d).to(torch.float64)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
@@ -307,12 +329,17 @@ class GatedMPOLinear(MPOLinear):
             y = self._train_gate(x2d)
         elif mode == "nested":  # eval of a nested-trained model without a controller: full width
             return super().forward(x)
+        elif x2d.shape[0] == 1:  # one row: no grouping, one Python int
+            i = int(self.decide(x2d))
+            if self.record:
+                self._pending[i] += 1
+            y = self.width_output(x2d, self.level_widths[i])
         else:
             lv = self.decide(x2d)
-            counts = torch.bincount(lv, minlength=len(self.levels))
+            counts = torch.bincount(lv, minlength=len(self.levels)).tolist()
             if self.record:
-                self.level_counts += counts
-            y = self.grouped_output(x2d, lv, counts.tolist() if x2d.shape[0] > 1 else None)
+                self._pending = [a + b for a, b in zip(self._pending, counts)]
+            y = self.grouped_output(x2d, lv, counts)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -334,6 +361,18 @@ class GatedMPOLinear(MPOLinear):
         self._aux = self.penalty * (expected - self.budget) ** 2
         return self._soft_route(x2d, q)
 
+    def flush_counts(self) -> torch.Tensor:
+        """``level_counts`` including the rows routed since the last flush."""
+        if any(self._pending):
+            self.level_counts += torch.tensor(self._pending, dtype=self.level_counts.dtype,
+                                              device=self.level_counts.device)
+            self._pending = [0] * len(self.levels)
+        return self.level_counts
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.flush_counts()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
     def bondgate_aux_loss(self) -> torch.Tensor | None:
         """The budget penalty of the last training forward (consumed: returns it once)."""
         aux, self._aux = self._aux, None
@@ -343,7 +382,7 @@ class GatedMPOLinear(MPOLinear):
         super()._reset_caches()
         self._level_plans: dict[tuple, tuple] = {}
         if "_slices" in self.__dict__:
-            self._slices = {}
+            self._slices, self._price = {}, {}
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", levels={self.levels}, mode={self.mode!r}"
@@ -402,7 +441,7 @@ def _collect_scores(model: nn.Module, data: Iterable) -> dict[str, torch.Tensor]
     scores: dict[str, list[torch.Tensor]] = {}
 
     def score(name, mod, x, batch):
-        scores.setdefault(name, []).append(mod.controller(x.reshape(-1, mod.in_features)).to(torch.float64).cpu())
+        scores.setdefault(name, []).append(mod.scores(x.reshape(-1, mod.in_features)).cpu())
 
     capture_inputs(model, dict(_gated_layers(model)), data, score)
     return {n: torch.cat(v) for n, v in scores.items()}
@@ -469,24 +508,42 @@ def set_budget(model: nn.Module, budget: float, data: Iterable, per_layer: bool 
 
 @torch.no_grad()
 def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256, max_rows: int = 8192,
-                    seed: int = 0) -> list[dict]:
+                    seed: int = 0, objective: str = "layer",
+                    loss: Callable[[object, object], torch.Tensor] | None = None) -> list[dict]:
     """Fit every error controller in closed form on the layer inputs that ``data`` (model inputs) produces.
 
     On rows ``x`` sampled from the full-width model's layer inputs (``rows_per_batch`` per batch, at most
-    ``max_rows``): the target of level ``l`` is ``|D_l x|^2 / mean|W x|^2`` with ``D_l = W - W_l``;
-    ``proj`` holds the top-``rank`` eigenvectors of ``sum_l D_l^T D_l / mean target_l`` (the directions
+    ``max_rows``), with ``D_l = W - W_l`` the part of the weight that level ``l`` drops, the target of
+    level ``l`` is
+
+    - ``objective="layer"``: ``|D_l x|^2 / mean|W x|^2``, the layer's own relative output error;
+    - ``objective="model"``: ``sum_j s_j (D_l x)_j^2`` with ``s_j`` the sensitivity of output channel
+      ``j`` (:func:`bondgate.calibration.output_sensitivity`: random probes of the model output, or the
+      diagonal Fisher of ``loss(output, batch)`` if given), i.e. the predicted change of the model output
+      (or loss) — in the same units for every layer. It is divided by the layer's share of the FLOPs, so
+      one price (:func:`set_budget`, ``per_layer=False``) buys the largest loss reduction per FLOP
+      across the whole model.
+
+    ``proj`` holds the top-``rank`` eigenvectors of ``sum_l D_l^T S D_l / mean target_l`` (the directions
     along which the errors vary most) and ``coef[l]`` a non-negative least-squares fit of the target on
     ``[(u_j . x)^2, |x|^2]``. Returns, per layer, the rows used and the R^2 of the per-row error
     prediction of each level (1.0 for the full level, whose error is zero). Call :func:`set_budget` after.
     """
     from scipy.optimize import nnls
 
+    from .calibration import output_sensitivity
+
+    if objective not in ("layer", "model"):
+        raise ValueError(f"objective must be 'layer' or 'model', got {objective!r}")
+    if loss is not None and objective != "model":
+        raise ValueError("loss is only used with objective='model'")
     layers = [(n, m) for n, m in _gated_layers(model) if m.controller_kind == "error"]
     if not layers:
         raise ValueError("fit_controllers: the model has no gated layers with controller='error'")
     gen = torch.Generator().manual_seed(seed)
     rows: dict[str, list[torch.Tensor]] = {n: [] for n, _ in layers}
     count = dict.fromkeys(rows, 0)
+    data = list(data)
 
     def sample(n, mod, x, batch):
         if count[n] >= max_rows:
@@ -498,41 +555,55 @@ def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256,
 
     modes = [m.mode for _, m in layers]
     try:
-        for _, m in layers:  # the inputs of the full-width model
+        for _, m in layers:  # the inputs (and sensitivities) of the full-width model
             m.mode = "full"
         capture_inputs(model, dict(layers), data, sample, lambda: all(c >= max_rows for c in count.values()))
+        sens = output_sensitivity(model, dict(layers), data, loss=loss) if objective == "model" else {}
     finally:
         for (_, m), mode in zip(layers, modes):
             m.mode = mode
-    report = []
+    fits = []
     for n, m in layers:
         if not rows[n]:
             raise ValueError(f"fit_controllers: layer {n!r} saw no input rows (does data reach it?)")
         X = torch.cat(rows[n])
         mpo = m.to_mpo()
         W = mpo.to_matrix().to(torch.float64)
-        ref = float((X @ W.T).pow(2).sum(1).mean()) or 1.0
+        if objective == "model":
+            s, scale = sens[n].to(torch.float64), sum(lm.full_cost for _, lm in layers) / len(layers) / m.full_cost
+        else:
+            s, scale = None, 1.0 / (float((X @ W.T).pow(2).sum(1).mean()) or 1.0)
         targets, G = [], torch.zeros(m.in_features, m.in_features, dtype=torch.float64)
         for w in m.level_widths:
             if w == m.bond_dims:
                 targets.append(torch.zeros(X.shape[0], dtype=torch.float64))
                 continue
             D = W - mpo.slice_bonds(w).to_matrix().to(torch.float64)
-            t = (X @ D.T).pow(2).sum(1) / ref
+            E = (X @ D.T).pow(2)
+            t = (E.sum(1) if s is None else E @ s) * scale
             targets.append(t)
-            G += D.T @ D / max(float(t.mean()) * ref, 1e-30)
+            SD = D if s is None else D * s.sqrt()[:, None]
+            G += SD.T @ SD / max(float(t.mean()) / scale, 1e-300)
+        fits.append((n, m, X, targets, G))
+    # one global unit for the scores (the price's search range is fixed); relative per layer already for "layer"
+    unit = 1.0
+    if objective == "model":
+        unit = sum(float(t[0].mean()) for *_, t, _ in fits) / len(fits) or 1.0
+    report = []
+    for n, m, X, targets, G in fits:
         ctrl = m.controller
         U = torch.linalg.eigh(G).eigenvectors[:, -ctrl.rank:].T  # (rank, in)
         feats = torch.cat([(X @ U.T).pow(2), X.pow(2).sum(1, keepdim=True)], 1)
-        scale = feats.pow(2).mean(0).sqrt().clamp_min(1e-30)
+        fscale = feats.pow(2).mean(0).sqrt().clamp_min(1e-30)
         coef, r2 = [], []
         for t in targets:
+            t = t / unit
             if not bool(t.any()):
                 coef.append(torch.zeros(feats.shape[1], dtype=torch.float64))
                 r2.append(1.0)
                 continue
-            c, _ = nnls((feats / scale).numpy(), t.numpy())
-            c = torch.from_numpy(c) / scale
+            c, _ = nnls((feats / fscale).numpy(), t.numpy())
+            c = torch.from_numpy(c) / fscale
             pred = feats @ c
             r2.append(float(1 - (pred - t).pow(2).sum() / (t - t.mean()).pow(2).sum().clamp_min(1e-30)))
             coef.append(c)
@@ -546,7 +617,7 @@ def average_flops(model: nn.Module, reset: bool = False) -> float:
     """Average FLOPs per row over the rows seen in eval since the last reset, as a fraction of full width."""
     used = full = 0.0
     for _, m in _gated_layers(model):
-        n = float(m.level_counts.sum())
+        n = float(m.flush_counts().sum())
         used += float((m.level_counts * torch.tensor(m.level_cost, dtype=torch.float64,
                                                      device=m.level_counts.device)).sum()) + m.controller_cost * n
         full += m.full_cost * n
@@ -560,7 +631,7 @@ def gating_report(model: nn.Module, reset: bool = False) -> list[dict]:
     vs full width, the controller's cost as a fraction of the layer's full-width FLOPs, and ``lam``."""
     rows = []
     for n, m in _gated_layers(model):
-        counts = m.level_counts.clone()
+        counts = m.flush_counts().clone()
         tot = float(counts.sum())
         hist = (counts / tot).tolist() if tot else [0.0] * len(m.levels)
         avg = (float((counts * torch.tensor(m.level_cost, dtype=torch.float64, device=counts.device)).sum()) / tot

@@ -58,29 +58,24 @@ RESULTS = ROOT / "benchmarks" / "results"
 BUDGETS = (0.25, 0.5, 0.75)
 
 
-def static_fraction(model, budget: float) -> float:
-    """Width fraction ``f`` whose static truncation costs ``budget`` x the full-width FLOPs (all layers)."""
-    layers = [m for _, m in _gated_layers(model)]
-    full = sum(m.full_cost for m in layers)
-
-    def cost(f):
-        return sum(min_flops(m.out_factors, m.in_factors, _widths(m.bond_dims, f), 1) for m in layers) / full
-
+def _bisect_fraction(cost, target: float) -> float:
+    """Width fraction ``f`` in (0, 1] with ``cost(f)`` closest to ``target`` (``cost`` increases with ``f``)."""
     lo, hi = 1e-3, 1.0
     for _ in range(40):
         mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if cost(mid) < budget else (lo, mid)
-    return lo if abs(cost(lo) - budget) <= abs(cost(hi) - budget) else hi
+        lo, hi = (mid, hi) if cost(mid) < target else (lo, mid)
+    return lo if abs(cost(lo) - target) <= abs(cost(hi) - target) else hi
+
+
+def static_fraction(model, budget: float) -> float:
+    """Width fraction ``f`` whose static truncation costs ``budget`` x the full-width FLOPs (all layers)."""
+    return _bisect_fraction(lambda f: static_flops(model, f), budget)
 
 
 def layer_fraction(m, flops: float) -> float:
     """Width fraction whose static truncation of layer ``m`` costs ``flops`` x its full-width FLOPs."""
-    lo, hi = 1e-3, 1.0
-    for _ in range(40):
-        mid = 0.5 * (lo + hi)
-        c = min_flops(m.out_factors, m.in_factors, _widths(m.bond_dims, mid), 1) / m.full_cost
-        lo, hi = (mid, hi) if c < flops else (lo, mid)
-    return hi
+    return _bisect_fraction(lambda f: min_flops(m.out_factors, m.in_factors, _widths(m.bond_dims, f), 1)
+                            / m.full_cost, flops)
 
 
 def static_flops(model, f: float) -> float:

@@ -199,7 +199,8 @@ class GatedMPOLinear(MPOLinear):
         self.full_cost = min_flops(self.out_factors, self.in_factors, full, COST_ROWS) / COST_ROWS
         self.level_cost = [min_flops(self.out_factors, self.in_factors, w, COST_ROWS) / COST_ROWS
                            for w in self.level_widths]
-        self._price: dict[torch.device, tuple] = {}
+        self.rel_cost = torch.tensor(self.level_cost, dtype=torch.float64) / self.full_cost  # (L,), CPU
+        self._price: dict[tuple, tuple] = {}
         ctrl = self.controller
         self.controller_cost = (ctrl.cost(self.in_features) if isinstance(ctrl, ErrorController)
                                 else _linear_cost(self.in_features, len(self.levels)))
@@ -290,8 +291,8 @@ class GatedMPOLinear(MPOLinear):
         key = (x2d.device, x2d.dtype)
         price = self._price.get(key)
         if price is None or price[0] != self.budget_lambda._version:  # re-priced by set_budget: rebuild
-            rel = torch.tensor(self.level_cost, dtype=torch.float64, device=x2d.device) / self.full_cost
-            price = self._price[key] = (self.budget_lambda._version, (self.budget_lambda * rel).to(x2d.dtype))
+            price = self._price[key] = (self.budget_lambda._version,
+                                        (self.budget_lambda * self.rel_cost.to(x2d.device)).to(x2d.dtype))
         if isinstance(ctrl, ErrorController):  # argmin of predicted error + price, in one addmm
             return torch.argmin(torch.addmm(price[1], ctrl.features(x2d), ctrl.coef_t()), -1)
         return torch.argmax(ctrl(x2d) - price[1], dim=-1)
@@ -356,7 +357,7 @@ class GatedMPOLinear(MPOLinear):
         hard = torch.nn.functional.one_hot(soft.argmax(-1), len(self.levels)).to(soft)
         q = hard + soft - soft.detach()  # value: the sampled level; gradient: the softmax
         probs = torch.softmax(scores / self.temperature, -1)
-        cost = torch.tensor(self.level_cost, dtype=probs.dtype, device=probs.device) / self.full_cost
+        cost = self.rel_cost.to(probs)
         expected = (probs * cost).sum(-1).mean() + self.controller_cost / self.full_cost
         self._aux = self.penalty * (expected - self.budget) ** 2
         return self._soft_route(x2d, q)
@@ -372,6 +373,10 @@ class GatedMPOLinear(MPOLinear):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         self.flush_counts()
         super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._pending = [0] * len(self.levels)  # the loaded counts replace everything routed before
+        super()._load_from_state_dict(*args, **kwargs)
 
     def bondgate_aux_loss(self) -> torch.Tensor | None:
         """The budget penalty of the last training forward (consumed: returns it once)."""
@@ -452,9 +457,8 @@ def _flops_at(layers, scores, lam: float | None = None) -> float:
     used = full = 0.0
     for n, m in layers:
         s = scores[n]
-        rel = torch.tensor(m.level_cost, dtype=torch.float64) / m.full_cost
-        lv = torch.argmax(s - (float(m.budget_lambda) if lam is None else lam) * rel, -1)
-        used += float(torch.tensor(m.level_cost, dtype=torch.float64)[lv].sum()) + m.controller_cost * s.shape[0]
+        lv = torch.argmax(s - (float(m.budget_lambda) if lam is None else lam) * m.rel_cost, -1)
+        used += float(m.rel_cost[lv].sum()) * m.full_cost + m.controller_cost * s.shape[0]
         full += m.full_cost * s.shape[0]
     return used / full
 
@@ -618,8 +622,7 @@ def average_flops(model: nn.Module, reset: bool = False) -> float:
     used = full = 0.0
     for _, m in _gated_layers(model):
         n = float(m.flush_counts().sum())
-        used += float((m.level_counts * torch.tensor(m.level_cost, dtype=torch.float64,
-                                                     device=m.level_counts.device)).sum()) + m.controller_cost * n
+        used += float((m.level_counts.cpu() * m.rel_cost).sum()) * m.full_cost + m.controller_cost * n
         full += m.full_cost * n
         if reset:
             m.level_counts.zero_()
@@ -634,7 +637,7 @@ def gating_report(model: nn.Module, reset: bool = False) -> list[dict]:
         counts = m.flush_counts().clone()
         tot = float(counts.sum())
         hist = (counts / tot).tolist() if tot else [0.0] * len(m.levels)
-        avg = (float((counts * torch.tensor(m.level_cost, dtype=torch.float64, device=counts.device)).sum()) / tot
+        avg = (float((counts.cpu() * m.rel_cost).sum()) * m.full_cost / tot
                + m.controller_cost) / m.full_cost if tot else float("nan")
         rows.append({"name": n, "levels": list(m.levels), "histogram": hist, "rows": int(tot),
                      "avg_flops_fraction": avg, "full_flops_per_row": m.full_cost,

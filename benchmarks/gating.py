@@ -30,6 +30,7 @@ Writes benchmarks/results/gating_<model>_<controller>.{json,md,png} and gating_s
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import random
 import statistics
@@ -146,37 +147,69 @@ def train_gating(student, teacher, batches, calib, loss, args, budget=0.5, progr
     return log
 
 
-def frontier(student, evaluate, calib, higher_is_better: bool, per_layer: bool = False) -> list[dict]:
+def frontier(student, evaluate, calib, higher_is_better: bool, per_layer: bool = False, metric=float,
+             interval=None) -> list[dict]:
     """Gated vs static prefix truncation at the FLOPs the gated model used on the held-out rows; also each
     layer truncated to the constant width that costs what that layer used ("per-layer static"), which
-    separates the gain of allocating compute across layers from that of choosing it per row."""
+    separates the gain of allocating compute across layers from that of choosing it per row.
+
+    ``evaluate(model)`` gives predictions, ``metric(predictions)`` the score; ``interval(a, b)``, if given,
+    a 95% interval of ``metric(a) - metric(b)`` over resamples of the held-out items (paired bootstrap)."""
     rows = []
     bg.set_mode(student, "full")
-    full_q = evaluate(student)
+    full_q = metric(evaluate(student))
     rows.append({"budget": 1.0, "kind": "full width", "quality": full_q, "flops": 1.0})
-    better = (lambda a, b: a - b) if higher_is_better else (lambda a, b: b - a)
+    sign = 1.0 if higher_is_better else -1.0
+
+    def margin(a, b):  # (+ = gated better, its 95% interval or None)
+        ci = interval(a, b) if interval else None
+        return sign * (metric(a) - metric(b)), (None if ci is None else sorted(sign * v for v in ci))
+
     for b in BUDGETS:
         bg.set_mode(student, "gate")
         achieved_train = bg.set_budget(student, b, calib, per_layer=per_layer)
         gating_report(student, reset=True)
-        q = evaluate(student)
+        pg = evaluate(student)
         held = average_flops(student)
         rep = gating_report(student)
         f = static_fraction(student, held)
         bg.set_mode(student, f)
-        qs = evaluate(student)
+        ps = evaluate(student)
         for (_, m), r in zip(_gated_layers(student), rep):
             m.mode = layer_fraction(m, max(r["avg_flops_fraction"] - r["controller_fraction"], 1e-3))
-        ql = evaluate(student)
+        pl = evaluate(student)
+        q, qs, ql = metric(pg), metric(ps), metric(pl)
+        (ms_, ci_s), (ml, ci_l) = margin(pg, ps), margin(pg, pl)
         rows.append({"budget": b, "kind": "gated", "quality": q, "flops": held, "flops_calibration": achieved_train,
                      "static_fraction": f, "static_quality": qs, "static_flops": static_flops(student, f),
-                     "margin_vs_static": better(q, qs), "layer_static_quality": ql,
-                     "margin_vs_layer_static": better(q, ql), "histograms": [r["histogram"] for r in rep],
+                     "margin_vs_static": ms_, "margin_vs_static_ci95": ci_s, "layer_static_quality": ql,
+                     "margin_vs_layer_static": ml, "margin_vs_layer_static_ci95": ci_l,
+                     "histograms": [r["histogram"] for r in rep],
                      "layer_fractions": [m.mode for _, m in _gated_layers(student)]})
-        print(rows[-1]["budget"], f"gated {q:.3f} @ {held:.3f} FLOPs | static {qs:.3f} @ f={f:.3f} | "
-              f"per-layer static {ql:.3f}", flush=True)
+        print(rows[-1]["budget"], f"gated {q:.3f} @ {held:.3f} FLOPs | static {qs:.3f} @ f={f:.3f} "
+              f"(margin {ms_:+.3f}, 95% {ci_s}) | per-layer static {ql:.3f}", flush=True)
     bg.set_mode(student, "gate")
     return rows
+
+
+def spearman_difference_interval(gold: torch.Tensor, resamples: int = 2000, seed: int = 0):
+    """Paired bootstrap over STS-B pairs: 95% percentile interval of Spearman(a) - Spearman(b), x100."""
+    import numpy as np
+    from scipy.stats import rankdata
+
+    idx = np.random.default_rng(seed).integers(0, len(gold), size=(resamples, len(gold)))
+    g = np.asarray(gold, dtype=np.float64)[idx]
+
+    def rho(pred):  # Spearman per resample: Pearson of average ranks
+        ra, rb = rankdata(np.asarray(pred, dtype=np.float64)[idx], axis=1), rankdata(g, axis=1)
+        ra, rb = ra - ra.mean(1, keepdims=True), rb - rb.mean(1, keepdims=True)
+        return 100 * (ra * rb).sum(1) / np.sqrt((ra * ra).sum(1) * (rb * rb).sum(1))
+
+    def interval(a, b):
+        d = rho(a) - rho(b)
+        return float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))
+
+    return interval
 
 
 def width_curves(student) -> dict:
@@ -190,14 +223,17 @@ def report(name: str, info: dict, rows: list[dict], curves: dict, extra: dict, m
              "| budget (avg FLOPs / full) | gated | FLOPs on held-out rows | static prefix (width f) | static "
              "FLOPs | gated vs static (+ = gated better) | per-layer static, same per-layer FLOPs | gated vs "
              "per-layer static |", "|---|---|---|---|---|---|---|---|"]
+    if any(r.get("margin_vs_static_ci95") for r in rows):
+        lines[2] += " Brackets: 95% paired-bootstrap interval of the margin over the held-out items."
     for r in rows:
         if r["kind"] == "full width":
             lines.append(f"| 1.00 (full width) | {r['quality']:.3f} | 1.000 | - | - | - | - | - |")
             continue
         lines.append(f"| {r['budget']:.2f} | {r['quality']:.3f} | {r['flops']:.3f} | {r['static_quality']:.3f} "
-                     f"(f={r['static_fraction']:.2f}) | {r['static_flops']:.3f} | {r['margin_vs_static']:+.3f} | "
+                     f"(f={r['static_fraction']:.2f}) | {r['static_flops']:.3f} | "
+                     f"{r['margin_vs_static']:+.3f}{_ci(r.get('margin_vs_static_ci95'))} | "
                      f"{r.get('layer_static_quality', float('nan')):.3f} | "
-                     f"{r.get('margin_vs_layer_static', float('nan')):+.3f} |")
+                     f"{r.get('margin_vs_layer_static', float('nan')):+.3f}{_ci(r.get('margin_vs_layer_static_ci95'))} |")
     mono = all(all(a >= b - 1e-9 for a, b in zip(c, c[1:])) for c in curves.values())
     lines += ["", f"Error-vs-kept-width curves (25/50/75/100% of every bond) fall monotonically in every layer: "
               f"{mono}", ""]
@@ -206,6 +242,10 @@ def report(name: str, info: dict, rows: list[dict], curves: dict, extra: dict, m
     (RESULTS / f"gating_{name}.md").write_text("\n".join(lines) + "\n")
     plot(name, rows, metric)
     print("\n".join(lines))
+
+
+def _ci(ci) -> str:
+    return "" if ci is None else f" [{ci[0]:+.2f}, {ci[1]:+.2f}]"
 
 
 def plot(name: str, rows: list[dict], metric: str) -> None:
@@ -259,7 +299,14 @@ def run_minilm(args) -> None:
 
     log = train_gating(student, teacher, batches, calib, bg.DistillLoss(hidden=1.0, pooled=1.0), args,
                        progress=not args.no_progress, sensitivity_loss=embedding_probe)
-    rows = frontier(student, lambda m: ms.stsb_score(m, tok, dev), calib, True, args.per_layer)
+    gold = torch.tensor([p[2] for p in dev], dtype=torch.float64)
+
+    def cosines(m):  # one prediction per dev pair: the paired bootstrap resamples pairs
+        a, b = ms.embed(m, tok, [p[0] for p in dev]), ms.embed(m, tok, [p[1] for p in dev])
+        return torch.nn.functional.cosine_similarity(a, b)
+
+    rows = frontier(student, cosines, calib, True, args.per_layer, metric=lambda c: 100 * ms.spearman(c, gold),
+                    interval=spearman_difference_interval(gold))
     if args.controller != "oracle":  # the exact-error diagnostic is not a savable controller
         bg.save_pretrained(student, args.out, tokenizer=tok)
     report(result_name("minilm", args), info, rows, width_curves(student), {"training": log, "args": vars(args)},
@@ -294,8 +341,26 @@ def run_gpt2(args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- speed
+LIMITS = {"no limit": None, "<=2 groups": 2, "1 group": 1}  # max_groups settings timed
+
+
+class SideBySide(torch.nn.Module):
+    """Layers side by side, each fed its own recorded input rows: ``forward(**{key: x})`` runs every layer
+    on one call of rows, so ``set_budget`` prices the whole set on calls of the timed size."""
+
+    def __init__(self, layers: dict[str, torch.nn.Module]) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleDict({k.replace(".", "_"): m for k, m in layers.items()})
+
+    def forward(self, **xs: torch.Tensor) -> list[torch.Tensor]:
+        return [self.layers[k](x) for k, x in xs.items()]
+
+
 @torch.no_grad()
 def run_speed(args) -> None:
+    """All gated layers of the model, each on calls of ``B`` of its real input rows, priced together (one
+    shared price, as in the quality runs) so that the average FLOPs per row over all of them is
+    ``--budget`` of full width, calibrated on one half of the rows and timed on the other half."""
     import minilm_stsb as ms
 
     torch.set_num_threads(args.threads)
@@ -303,63 +368,93 @@ def run_speed(args) -> None:
     print(banner(info), flush=True)
     model = bg.load(args.checkpoint)
     _, tok = ms.load_minilm()
-    calib = ms.batches(tok, ms.unlabeled_sentences(seed=6)[:512], batch=32)
+    sentences = ms.unlabeled_sentences(seed=6)[: args.sentences]
     bg.set_mode(model, "gate")
-    print("calibrated FLOPs fraction:", bg.set_budget(model, args.budget, calib), flush=True)
-    acts: dict[str, list[torch.Tensor]] = {}
     layers = dict(_gated_layers(model))
-    names = [n for n in layers if any(n.endswith(s) for s in args.layers)] or list(layers)[:3]
-    hooks = [layers[n].register_forward_pre_hook(lambda m, i, n=n: acts.setdefault(n, []).append(
-        i[0].reshape(-1, m.in_features))) for n in names]
-    model.eval()
-    for b in calib[:8]:
-        model(**b)
-    for h in hooks:
-        h.remove()
+    acts: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    for mod in layers.values():  # inputs of the full-width model
+        mod.mode = "full"
+    capture_inputs(model, layers, ms.batches(tok, sentences, batch=32),
+                   lambda n, m, x, batch: acts[n].append(x[batch["attention_mask"].bool()]))
+    bg.set_mode(model, "gate")
+    X = {n: torch.cat(v) for n, v in acts.items()}
+    rows = min(x.shape[0] for x in X.values())
+    perm = torch.randperm(rows, generator=torch.Generator().manual_seed(0))
+    X = {n: x[:rows][perm] for n, x in X.items()}
+    half = rows // 2
+    key = {n: n.replace(".", "_") for n in layers}
+    full = {n: bg.MPOLinear.from_mpo(m.to_mpo(), m.bias.detach(), policy="memory") for n, m in layers.items()}
+    dense = {n: f.to_linear() for n, f in full.items()}
+    shown = [n for n in layers if any(n.endswith(s) for s in args.layers)]
     cells = []
-    for n in names:
-        layer = layers[n]
-        X = torch.cat(acts[n])
-        X = X[torch.randperm(X.shape[0], generator=torch.Generator().manual_seed(0))]
-        full = bg.MPOLinear.from_mpo(layer.to_mpo(), layer.bias.detach(), policy="memory")
-        dense = full.to_linear()
-        for B in args.rows:
-            xs = [X[i * B:(i + 1) * B] for i in range(min(32, X.shape[0] // B))]
-            it = {"i": 0}
+    for B in args.rows:
+        calib = [{key[n]: x[i:i + B] for n, x in X.items()} for i in range(0, min(half, 256 * B) - B + 1, B)]
+        calls = [{key[n]: x[half + i * B:half + (i + 1) * B] for n, x in X.items()}
+                 for i in range(min(32, (rows - half) // B))]
+        it = {"i": 0}
 
-            def nxt():
-                it["i"] = (it["i"] + 1) % len(xs)
-                return xs[it["i"]]
+        def nxt():
+            it["i"] = (it["i"] + 1) % len(calls)
+            return calls[it["i"]]
 
-            for x in xs:  # plan every (level, group-size bucket) first: autotuning is not part of the timing
-                layer(x)
-            fns = {"dense": lambda: dense(nxt()), "mpo_full": lambda: full(nxt()), "gated": lambda: layer(nxt())}
-            for lv, w in enumerate(layer.level_widths):
-                fns[f"level{lv}"] = (lambda w=w: layer.width_output(nxt(), w))
-            t = time_interleaved(fns, rounds=args.rounds, min_time=0.05)
-            gating_report(model, reset=True)
-            for x in xs:
-                layer(x)
-            rep = next(r for r in gating_report(model) if r["name"] == n)
-            cells.append({"layer": n, "rows": B, "us": {k: v * 1e6 for k, v in t.items()},
-                          "speedup_vs_full": t["mpo_full"] / t["gated"], "histogram": rep["histogram"],
-                          "avg_flops_fraction": rep["avg_flops_fraction"], "bond_dims": list(layer.bond_dims),
-                          "level_widths": [list(w) for w in layer.level_widths],
-                          "full_width_plan": full.plan(B).id})
-            print(n, B, {k: round(v * 1e6) for k, v in t.items()}, f"speedup {cells[-1]['speedup_vs_full']:.2f}x",
-                  flush=True)
-    write_json(RESULTS / "gating_speed.json", {"machine": info, "budget": args.budget, "cells": cells})
-    lines = [f"Machine: {banner(info)}", "", f"Budget {args.budget} (average FLOPs / full width), memory mode, "
-             f"{args.threads} threads, real activations of each layer; times in microseconds per call.", "",
-             "| layer | rows | dense | full-width MPO | gated (incl. controller) | speedup vs full | each level alone: "
-             + "/".join(f"{100 * v:.0f}" for v in next(iter(layers.values())).levels)
-             + "% | level histogram |", "|---|---|---|---|---|---|---|---|"]
+        fns = {"dense": lambda: [dense[n](nxt()[key[n]]) for n in layers],
+               "mpo_full": lambda: [full[n](nxt()[key[n]]) for n in layers]}
+        variants, flops, per_layer = {}, {}, {}
+        for label, k in LIMITS.items():
+            v = variants[label] = SideBySide({n: copy.deepcopy(m) for n, m in layers.items()}).eval()
+            bg.set_budget(v, args.budget, calib, max_groups=k)
+            gating_report(v, reset=True)
+            for c in calls:  # plans every (level, group-size bucket): autotuning is not part of the timing
+                v(**c)
+            flops[label] = average_flops(v)
+            per_layer[label] = {r["name"].removeprefix("layers.").replace("_", "."): r for r in gating_report(v)}
+            fns[f"gated {label}"] = (lambda v=v: v(**nxt()))
+        for n in shown:  # the shown layers alone: dense, full width, each level, each gated variant
+            fns[f"{n}|dense"] = (lambda n=n: dense[n](nxt()[key[n]]))
+            fns[f"{n}|mpo_full"] = (lambda n=n: full[n](nxt()[key[n]]))
+            for lv, w in enumerate(layers[n].level_widths):
+                fns[f"{n}|level{lv}"] = (lambda n=n, w=w: layers[n].width_output(nxt()[key[n]], w))
+            for label, v in variants.items():
+                fns[f"{n}|gated {label}"] = (lambda n=n, v=v: v.layers[key[n]](nxt()[key[n]]))
+        t = {k: s * 1e6 for k, s in time_interleaved(fns, rounds=args.rounds, min_time=0.05).items()}
+        cell = {"rows": B, "us": t, "flops": flops, "calibration_calls": len(calib), "timed_calls": len(calls),
+                "speedup_vs_full": {lb: t["mpo_full"] / t[f"gated {lb}"] for lb in LIMITS},
+                "layers": {n: {"flops": {lb: per_layer[lb][n]["avg_flops_fraction"] for lb in LIMITS},
+                               "histograms": {lb: per_layer[lb][n]["histogram"] for lb in LIMITS},
+                               "bond_dims": list(layers[n].bond_dims),
+                               "level_widths": [list(w) for w in layers[n].level_widths],
+                               "full_width_plan": full[n].plan(B).id} for n in shown}}
+        cells.append(cell)
+        print(B, {k: round(v) for k, v in t.items() if "|" not in k},
+              {lb: f"{cell['speedup_vs_full'][lb]:.2f}x @ {flops[lb]:.3f}" for lb in LIMITS}, flush=True)
+    write_json(RESULTS / "gating_speed.json", {"machine": info, "budget": args.budget, "layers": list(layers),
+                                               "cells": cells})
+    lines = [f"Machine: {banner(info)}", "",
+             f"All {len(layers)} gated layers of `{args.checkpoint}` with one shared price so that their average "
+             f"FLOPs per row is {args.budget} of full width (controllers included), priced on calls of the timed "
+             "row count (one half of each layer's real input rows, padding dropped) and timed on calls from the "
+             f"other half; memory mode, {args.threads} threads; microseconds per call. `max_groups`: distinct levels "
+             "allowed per call. The FLOPs column is measured on the timed calls.", "",
+             "**All gated layers together** (one call = every layer on its B rows):", "",
+             "| rows | dense | full-width MPO | " + " | ".join(f"gated, {lb} (speedup, FLOPs)" for lb in LIMITS) + " |",
+             "|---|---|---|" + "---|" * len(LIMITS)]
     for c in cells:
         u = c["us"]
-        lv = " / ".join(f"{u[f'level{i}']:.0f}" for i in range(len(c["level_widths"])))
-        hist = " / ".join(f"{h:.2f}" for h in c["histogram"])
-        lines.append(f"| {c['layer']} | {c['rows']} | {u['dense']:.0f} | {u['mpo_full']:.0f} | {u['gated']:.0f} | "
-                     f"{c['speedup_vs_full']:.2f}x | {lv} | {hist} |")
+        g = " | ".join(f"{u[f'gated {lb}']:.0f} ({c['speedup_vs_full'][lb]:.2f}x, {c['flops'][lb]:.2f})"
+                       for lb in LIMITS)
+        lines.append(f"| {c['rows']} | {u['dense']:.0f} | {u['mpo_full']:.0f} | {g} |")
+    lv_names = "/".join(f"{100 * v:.0f}" for v in next(iter(layers.values())).levels)
+    lines += ["", "**Single layers** under the same price (their FLOPs fraction is what the shared price gave them):", "",
+              "| layer | rows | dense | full-width MPO | " + " | ".join(f"gated, {lb} (speedup, FLOPs)" for lb in LIMITS)
+              + f" | each level alone: {lv_names}% |", "|---|---|---|---|" + "---|" * len(LIMITS) + "---|"]
+    for c in cells:
+        u = c["us"]
+        for n, info_n in c["layers"].items():
+            full_us = u[f"{n}|mpo_full"]
+            g = " | ".join(f"{u[f'{n}|gated {lb}']:.0f} ({full_us / u[f'{n}|gated {lb}']:.2f}x, "
+                           f"{info_n['flops'][lb]:.2f})" for lb in LIMITS)
+            lv = " / ".join(f"{u[f'{n}|level{i}']:.0f}" for i in range(len(info_n["level_widths"])))
+            lines.append(f"| {n} | {c['rows']} | {u[f'{n}|dense']:.0f} | {full_us:.0f} | {g} | {lv} |")
     (RESULTS / "gating_speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -398,6 +493,7 @@ def main(argv=None) -> None:
     s.add_argument("--budget", type=float, default=0.5)
     s.add_argument("--rows", type=int, nargs="+", default=[1, 32, 256])
     s.add_argument("--rounds", type=int, default=5)
+    s.add_argument("--sentences", type=int, default=512, help="real sentences whose layer inputs are timed")
     s.add_argument("--layers", nargs="+", default=["layer.0.attention.self.query", "layer.0.intermediate.dense",
                                                     "layer.0.output.dense"])
     args = ap.parse_args(argv)

@@ -294,3 +294,58 @@ def test_level_counts_cover_single_rows_batches_and_checkpoints():
     with torch.no_grad():
         net(torch.randn(1, 96))
     assert gating_report(net)[0]["rows"] == 13
+
+
+def test_route_with_max_groups_is_the_best_subset_of_levels():
+    import itertools
+
+    from bondgate.gating import route
+
+    gen = torch.Generator().manual_seed(0)
+    obj = torch.rand(40, 6, generator=gen, dtype=torch.float64)
+    assert torch.equal(route(obj), obj.argmin(-1))
+    for k in (1, 2, 3):
+        lv = route(obj, max_groups=k)
+        assert len(set(lv.tolist())) <= k
+        total = float(obj.gather(1, lv[:, None]).sum())
+        brute = min(float(obj[:, list(s)].min(-1).values.sum()) for s in itertools.combinations(range(6), k))
+        assert total == pytest.approx(brute, rel=1e-12)
+        assert total >= float(obj.min(-1).values.sum())  # the limit can only cost objective
+    assert torch.equal(route(obj[:2], max_groups=2), obj[:2].argmin(-1))  # fewer rows than groups: free
+
+
+@pytest.mark.parametrize("kind", ["linear", "error"])
+def test_max_groups_limits_levels_per_call_and_keeps_the_budget(tmp_path, kind):
+    gen = torch.Generator().manual_seed(2)
+    net = nn.Sequential(nn.Identity(), nn.Identity(), MPOLinear.from_linear(nn.Linear(96, 80), max_bond=16,
+                                                                             num_cores=3))
+    gate(net, GatingConfig(levels=tuple(i / 8 for i in range(1, 9)), controller=kind))
+    layer = net[2]
+    if kind == "error":
+        bondgate.fit_controllers(net, [_anisotropic_rows(256, gen) for _ in range(4)])
+    else:
+        with torch.no_grad():
+            layer.controller.proj.weight.normal_(generator=gen)
+    calib = [_anisotropic_rows(32, gen) for _ in range(128)]  # the budget is met per call: many calls
+    held = [_anisotropic_rows(32, gen) for _ in range(128)]
+    achieved = set_budget(net, 0.5, calib, max_groups=2)
+    assert layer.max_groups == 2 and achieved == pytest.approx(0.5, abs=0.03)
+    net.eval()
+    gating_report(net, reset=True)
+    with torch.no_grad():
+        for x in held:
+            lv = layer.decide(x)
+            assert len(set(lv.tolist())) <= 2
+            torch.testing.assert_close(net(x), layer(x, levels=lv))  # forward runs exactly these decisions
+    if kind == "error":  # held-out calls of the same size (a random linear probe's per-call picks are too lumpy)
+        assert average_flops(net) == pytest.approx(0.5, rel=0.05)
+    bondgate.save(net, tmp_path / "g")
+    loaded = bondgate.load(tmp_path / "g")
+    assert loaded[2].max_groups == 2
+    with torch.no_grad():
+        assert torch.equal(loaded[2].decide(held[0]), layer.decide(held[0]))
+    set_budget(net, 0.5, calib)  # no limit unless asked again
+    assert layer.max_groups is None
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="max_groups"):
+            set_budget(net, 0.5, calib, max_groups=bad)

@@ -7,7 +7,11 @@ cores sliced to ``[:w_{k-1}(l), :, :, :w_k(l)]``.
 
 Inference (``eval()``): the controller scores the levels for each row; rows are grouped by their level
 and each group is contracted with the sliced cores through the planner (one cached plan per level and
-row bucket). Nothing is masked: a row at 50% width really runs the smaller contraction.
+row bucket). Nothing is masked: a row at 50% width really runs the smaller contraction. Every level
+present in a call is a separate contraction with a fixed cost of its own, so for batched inference
+``set_budget(..., max_groups=k)`` lets each call use at most ``k`` levels, the ``k`` that serve its rows
+best (:func:`route`; ``k=1`` gives every row of a call one width, i.e. per-input routing when a call
+is one input's tokens).
 
 Training: ``mode="nested"`` samples a random level per row (nested dropout / Matryoshka), which makes
 every prefix a good truncation; ``mode="gate"`` trains the controller with a straight-through
@@ -36,6 +40,8 @@ The controller's own ``2 * (in_features + 1) * levels`` FLOPs per row are added 
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import operator
 from collections.abc import Callable, Iterable, Sequence
@@ -50,7 +56,7 @@ from .layer import MPOLinear
 from .planner import get_plan, min_flops
 
 __all__ = ["GatingConfig", "GatedMPOLinear", "gate", "set_mode", "set_budget", "fit_controllers", "gating_report",
-           "average_flops", "width_error_curve"]
+           "average_flops", "width_error_curve", "route"]
 
 _VERSION = operator.attrgetter("_version")
 COST_ROWS = 1  # a level's FLOPs per row: the cheapest plan contracting one row
@@ -164,6 +170,39 @@ def _widths(bonds: Sequence[int], frac: float) -> tuple[int, ...]:
     return tuple(max(1, min(r, math.ceil(frac * r - 1e-9))) for r in bonds)
 
 
+def _check_max_groups(k) -> int | None:
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise ValueError(f"max_groups must be None (no limit) or a positive int, got {k!r}")
+    return k
+
+
+@functools.lru_cache(maxsize=64)
+def _subsets(levels: int, k: int) -> torch.Tensor:
+    """Every ``k``-subset of ``range(levels)``, ``(C(levels, k), k)``."""
+    return torch.tensor(list(itertools.combinations(range(levels), k)), dtype=torch.long)
+
+
+def route(objective: torch.Tensor, max_groups: int | None = None) -> torch.Tensor:
+    """Levels for the rows of one call: ``objective`` ``(B, L)`` is what each row would pay at each level
+    (predicted error + price x FLOPs); returns ``(B,)`` indices.
+
+    Unconstrained (``max_groups=None``) every row takes its own argmin. With ``max_groups=k`` the call
+    uses at most ``k`` distinct levels: the ``k``-subset of levels with the least total objective (exact,
+    by enumerating the ``C(L, k)`` subsets) and each row's best level within it. Why: every level present
+    in a batch is a separate contraction, and at tens to hundreds of rows the fixed cost of each (a few
+    small GEMMs and permutes) eats the saving of routing rows finely.
+    """
+    lv = objective.argmin(-1)
+    L = objective.shape[-1]
+    if max_groups is None or max_groups >= L or objective.shape[0] <= max_groups:
+        return lv
+    if int(torch.count_nonzero(torch.bincount(lv, minlength=L))) <= max_groups:
+        return lv
+    subsets = _subsets(L, max_groups).to(objective.device)  # (S, k)
+    best = subsets[objective[:, subsets].amin(-1).sum(0).argmin()]  # (B, S, k) -> (S,) -> (k,)
+    return best[objective[:, best].argmin(-1)]
+
+
 @register_layer_type
 class GatedMPOLinear(MPOLinear):
     """An :class:`~bondgate.MPOLinear` whose bond widths are chosen per input row by a controller.
@@ -187,6 +226,7 @@ class GatedMPOLinear(MPOLinear):
         self.register_buffer("budget_lambda", torch.zeros((), dtype=torch.float64, device=c0.device))
         self.register_buffer("level_counts", torch.zeros(len(self.levels), dtype=torch.float64, device=c0.device))
         self.mode: str | float = "gate"
+        self.max_groups: int | None = None  # distinct levels per forward call in inference (set_budget)
         self.record = True
         self._pending = [0] * len(self.levels)  # rows per level not yet added to level_counts (no tensor op per call)
         self._refresh_costs()
@@ -217,7 +257,7 @@ class GatedMPOLinear(MPOLinear):
         spec = super().spec()
         spec.update({"levels": list(self.levels), "temperature": self.temperature, "penalty": self.penalty,
                      "budget": self.budget, "mode": self.mode, "controller": self.controller_kind,
-                     "controller_rank": self.controller_rank})
+                     "controller_rank": self.controller_rank, "max_groups": self.max_groups})
         return spec
 
     @classmethod
@@ -232,6 +272,7 @@ class GatedMPOLinear(MPOLinear):
                            spec.get("budget", 0.5), kind, rank)
         mode = spec.get("mode", "gate")
         layer.mode = float(mode) if isinstance(mode, (int, float)) else str(mode)
+        layer.max_groups = _check_max_groups(spec.get("max_groups"))
         return layer
 
     # ------------------------------------------------------------------ kernels
@@ -286,16 +327,20 @@ class GatedMPOLinear(MPOLinear):
             else torch.zeros_like(y_sorted).index_copy(0, order, y_sorted)
 
     def decide(self, x2d: torch.Tensor) -> torch.Tensor:
-        """Inference decisions: ``argmax(score - lam * relative cost)`` per row, ``(B,)`` level indices."""
+        """Inference decisions, ``(B,)`` level indices: per row the level minimizing predicted error +
+        ``lam`` x relative cost (``argmax(score - lam * cost)``), with at most ``max_groups`` distinct
+        levels in the call if that is set (see :func:`route`)."""
         ctrl = self.controller
         key = (x2d.device, x2d.dtype)
         price = self._price.get(key)
         if price is None or price[0] != self.budget_lambda._version:  # re-priced by set_budget: rebuild
             price = self._price[key] = (self.budget_lambda._version,
                                         (self.budget_lambda * self.rel_cost.to(x2d.device)).to(x2d.dtype))
-        if isinstance(ctrl, ErrorController):  # argmin of predicted error + price, in one addmm
-            return torch.argmin(torch.addmm(price[1], ctrl.features(x2d), ctrl.coef_t()), -1)
-        return torch.argmax(ctrl(x2d) - price[1], dim=-1)
+        if isinstance(ctrl, ErrorController):  # predicted error + price, in one addmm
+            objective = torch.addmm(price[1], ctrl.features(x2d), ctrl.coef_t())
+        else:
+            objective = price[1] - ctrl(x2d)
+        return route(objective, self.max_groups)
 
     def scores(self, x2d: torch.Tensor) -> torch.Tensor:
         """The controller's level scores in float64, ``(B, L)``: what :meth:`decide` compares with the price."""
@@ -442,24 +487,27 @@ def set_mode(model: nn.Module, mode: str | float) -> nn.Module:
     return model
 
 
-def _collect_scores(model: nn.Module, data: Iterable) -> dict[str, torch.Tensor]:
+def _collect_scores(model: nn.Module, data: Iterable) -> dict[str, list[torch.Tensor]]:
+    """Per gated layer, its controller's scores of the rows of each forward call (calls kept apart:
+    ``max_groups`` applies per call)."""
     scores: dict[str, list[torch.Tensor]] = {}
 
     def score(name, mod, x, batch):
         scores.setdefault(name, []).append(mod.scores(x.reshape(-1, mod.in_features)).cpu())
 
     capture_inputs(model, dict(_gated_layers(model)), data, score)
-    return {n: torch.cat(v) for n, v in scores.items()}
+    return scores
 
 
 def _flops_at(layers, scores, lam: float | None = None) -> float:
     """Average FLOPs fraction of ``layers`` on the scored rows at price ``lam`` (None: each layer's own)."""
     used = full = 0.0
     for n, m in layers:
-        s = scores[n]
-        lv = torch.argmax(s - (float(m.budget_lambda) if lam is None else lam) * m.rel_cost, -1)
-        used += float(m.rel_cost[lv].sum()) * m.full_cost + m.controller_cost * s.shape[0]
-        full += m.full_cost * s.shape[0]
+        price = (float(m.budget_lambda) if lam is None else lam) * m.rel_cost
+        for s in scores[n]:
+            lv = route(price - s, m.max_groups)
+            used += float(m.rel_cost[lv].sum()) * m.full_cost + m.controller_cost * s.shape[0]
+            full += m.full_cost * s.shape[0]
     return used / full
 
 
@@ -479,7 +527,8 @@ def _calibrate_lambda(layers, scores, budget: float) -> float:
     return lo if abs(_flops_at(layers, scores, lo) - budget) < abs(_flops_at(layers, scores, hi) - budget) else hi
 
 
-def set_budget(model: nn.Module, budget: float, data: Iterable, per_layer: bool = False, rounds: int = 3) -> float:
+def set_budget(model: nn.Module, budget: float, data: Iterable, per_layer: bool = False, rounds: int = 3,
+               max_groups: int | None = None) -> float:
     """Calibrate the price ``lam`` so that the average FLOPs per row on ``data`` (model inputs) equal
     ``budget`` x full width (controllers included). Returns the achieved fraction (all layers).
 
@@ -491,16 +540,25 @@ def set_budget(model: nn.Module, budget: float, data: Iterable, per_layer: bool 
     gain most from it (scores must be comparable across layers, as the error controller's relative
     errors are). ``per_layer=True``: every layer gets its own price and meets the budget by itself, like
     static truncation does; only the split between rows of a layer is decided per input.
+
+    ``max_groups``: at most this many distinct levels per forward call in inference (None: no limit; see
+    :func:`route`), for batched inference where each extra group costs a separate contraction.
+    Calibration routes ``data``'s own batches under the same limit, so batch it like the inference inputs.
     """
     _check_budget(budget)
+    _check_max_groups(max_groups)
     layers = _gated_layers(model)
     if not layers:
         raise ValueError("the model has no gated layers (call bondgate.gate first)")
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     data = list(data)
+    for _, m in layers:
+        m.max_groups = max_groups
     for _ in range(rounds):
         scores = _collect_scores(model, data)
+        if max_groups is None:  # calls need not be kept apart
+            scores = {n: [torch.cat(v)] for n, v in scores.items()}
         layers = [(n, m) for n, m in layers if n in scores]
         for group in [[nm] for nm in layers] if per_layer else [layers]:
             lam = _calibrate_lambda(group, scores, budget)

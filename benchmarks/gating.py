@@ -224,7 +224,7 @@ def report(name: str, info: dict, rows: list[dict], curves: dict, extra: dict, m
              "FLOPs | gated vs static (+ = gated better) | per-layer static, same per-layer FLOPs | gated vs "
              "per-layer static |", "|---|---|---|---|---|---|---|---|"]
     if any(r.get("margin_vs_static_ci95") for r in rows):
-        lines[2] += " Brackets: 95% paired-bootstrap interval of the margin over the held-out items."
+        lines[2] += ". Brackets: 95% paired-bootstrap interval of the margin over the held-out items."
     for r in rows:
         if r["kind"] == "full width":
             lines.append(f"| 1.00 (full width) | {r['quality']:.3f} | 1.000 | - | - | - | - | - |")
@@ -273,7 +273,7 @@ def result_name(model: str, args) -> str:
     name = f"{model}_{args.controller}"
     if args.controller == "error" and args.objective == "model":
         name += "_model"
-    return name + (f"_L{args.levels}" if args.levels else "")
+    return name + (f"_L{args.levels}" if args.levels else "") + (f"_{args.tag}" if args.tag else "")
 
 
 def run_minilm(args) -> None:
@@ -478,6 +478,7 @@ def main(argv=None) -> None:
         p.add_argument("--nested-out", default=None, help="also save the model right after nested training")
         p.add_argument("--levels", type=int, default=0,
                        help="re-gate with N evenly spaced levels 1/N..1 before the controllers (0: keep 25/50/75/100%%)")
+        p.add_argument("--tag", default="", help="suffix of the result files (e.g. the checkpoint's name)")
         p.add_argument("--objective", choices=["layer", "model"], default="model",
                        help="error controller target: the layer's own relative error, or its effect on the model "
                             "(LM loss Fisher for GPT-2, embedding probes for MiniLM)")

@@ -288,7 +288,7 @@ def run_minilm(args) -> None:
     # calibration (prices, error fits): STS-B train sentences, the task's own distribution (no labels used)
     sts = [s for a, b, _ in load_stsb(split="train") for s in (a, b)]
     random.Random(7).shuffle(sts)
-    calib = ms.batches(tok, sts[:512], batch=32)
+    calib = ms.batches(tok, sts[: args.calib_sentences], batch=32)
     dev = load_stsb(split="dev")[: args.dev_pairs or None]
     gen = torch.Generator().manual_seed(0)
 
@@ -471,6 +471,8 @@ def main(argv=None) -> None:
     m.add_argument("--lr", type=float, default=5e-5)
     m.add_argument("--train-sentences", type=int, default=60000)
     m.add_argument("--dev-pairs", type=int, default=0, help="0 = all 1500 (a smaller number is for smoke tests)")
+    m.add_argument("--calib-sentences", type=int, default=512,
+                   help="STS-B train sentences for the prices and the controller fits")
     m.add_argument("--out", default=str(ROOT / "runs" / "gating-minilm"))
     for p in (m, g := sub.add_parser("gpt2")):
         p.add_argument("--controller", choices=["linear", "error", "oracle"], default="linear")

@@ -369,11 +369,9 @@ def run_speed(args) -> None:
     model = bg.load(args.checkpoint)
     _, tok = ms.load_minilm()
     sentences = ms.unlabeled_sentences(seed=6)[: args.sentences]
-    bg.set_mode(model, "gate")
     layers = dict(_gated_layers(model))
     acts: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
-    for mod in layers.values():  # inputs of the full-width model
-        mod.mode = "full"
+    bg.set_mode(model, "full")  # inputs of the full-width model
     capture_inputs(model, layers, ms.batches(tok, sentences, batch=32),
                    lambda n, m, x, batch: acts[n].append(x[batch["attention_mask"].bool()]))
     bg.set_mode(model, "gate")
@@ -407,7 +405,8 @@ def run_speed(args) -> None:
             for c in calls:  # plans every (level, group-size bucket): autotuning is not part of the timing
                 v(**c)
             flops[label] = average_flops(v)
-            per_layer[label] = {r["name"].removeprefix("layers.").replace("_", "."): r for r in gating_report(v)}
+            name = {f"layers.{k}": n for n, k in key.items()}  # SideBySide's module names -> the model's
+            per_layer[label] = {name[r["name"]]: r for r in gating_report(v)}
             fns[f"gated {label}"] = (lambda v=v: v(**nxt()))
         for n in shown:  # the shown layers alone: dense, full width, each level, each gated variant
             fns[f"{n}|dense"] = (lambda n=n: dense[n](nxt()[key[n]]))

@@ -677,13 +677,9 @@ def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256,
 
 def average_flops(model: nn.Module, reset: bool = False) -> float:
     """Average FLOPs per row over the rows seen in eval since the last reset, as a fraction of full width."""
-    used = full = 0.0
-    for _, m in _gated_layers(model):
-        n = float(m.flush_counts().sum())
-        used += float((m.level_counts.cpu() * m.rel_cost).sum()) * m.full_cost + m.controller_cost * n
-        full += m.full_cost * n
-        if reset:
-            m.level_counts.zero_()
+    rows = [r for r in gating_report(model, reset=reset) if r["rows"]]
+    full = sum(r["full_flops_per_row"] * r["rows"] for r in rows)
+    used = sum(r["avg_flops_fraction"] * r["full_flops_per_row"] * r["rows"] for r in rows)
     return used / full if full else float("nan")
 
 

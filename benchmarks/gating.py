@@ -341,7 +341,10 @@ def run_gpt2(args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- speed
-LIMITS = {"no limit": None, "<=2 groups": 2, "1 group": 1}  # max_groups settings timed
+# variants timed: (max_groups, price the levels at the FLOPs of a B-row call instead of one row: cost_rows=B)
+LIMITS = {"no limit": (None, False), "<=2 groups": (2, False), "1 group": (1, False),
+          "1 group, B-row FLOPs": (1, True)}
+ONE_GROUP = [lb for lb, (k, _) in LIMITS.items() if k == 1]  # one level per call: broken down layer by layer
 
 
 class SideBySide(torch.nn.Module):
@@ -398,9 +401,9 @@ def run_speed(args) -> None:
         fns = {"dense": lambda: [dense[n](nxt()[key[n]]) for n in layers],
                "mpo_full": lambda: [full[n](nxt()[key[n]]) for n in layers]}
         variants, flops, per_layer = {}, {}, {}
-        for label, k in LIMITS.items():
+        for label, (k, at_b) in LIMITS.items():
             v = variants[label] = SideBySide({n: copy.deepcopy(m) for n, m in layers.items()}).eval()
-            bg.set_budget(v, args.budget, calib, max_groups=k)
+            bg.set_budget(v, args.budget, calib, max_groups=k, cost_rows=B if at_b else 1)
             gating_report(v, reset=True)
             for c in calls:  # plans every (level, group-size bucket): autotuning is not part of the timing
                 v(**c)
@@ -408,15 +411,37 @@ def run_speed(args) -> None:
             name = {f"layers.{k}": n for n, k in key.items()}  # SideBySide's module names -> the model's
             per_layer[label] = {name[r["name"]]: r for r in gating_report(v)}
             fns[f"gated {label}"] = (lambda v=v: v(**nxt()))
-        for n in shown:  # the shown layers alone: dense, full width, each level, each gated variant
+        for n in layers:  # every layer alone: dense, full width, each level, controllers, gated variants
             fns[f"{n}|dense"] = (lambda n=n: dense[n](nxt()[key[n]]))
             fns[f"{n}|mpo_full"] = (lambda n=n: full[n](nxt()[key[n]]))
-            for lv, w in enumerate(layers[n].level_widths):
-                fns[f"{n}|level{lv}"] = (lambda n=n, w=w: layers[n].width_output(nxt()[key[n]], w))
+            for lv, w in enumerate(layers[n].level_widths):  # plus the bias, as the full-width MPO and gated layers do
+                fns[f"{n}|level{lv}"] = (lambda n=n, w=w: layers[n].width_output(nxt()[key[n]], w) + layers[n].bias)
             for label, v in variants.items():
-                fns[f"{n}|gated {label}"] = (lambda n=n, v=v: v.layers[key[n]](nxt()[key[n]]))
+                if n in shown or label in ONE_GROUP:
+                    fns[f"{n}|gated {label}"] = (lambda n=n, v=v: v.layers[key[n]](nxt()[key[n]]))
+                if label in ONE_GROUP:
+                    fns[f"{n}|decide {label}"] = (lambda n=n, v=v: v.layers[key[n]].decide(nxt()[key[n]]))
         t = {k: s * 1e6 for k, s in time_interleaved(fns, rounds=args.rounds, min_time=0.05).items()}
+        # With one level per call, every timed call runs exactly one level on all its rows, so the level
+        # times weighted by the routed rows are what the gated layer would cost with a free controller.
+        # The FLOPs budget counts a row at one-row cost (the per-row sweep, quadratic in the bonds); a call of B
+        # rows runs the plan that is cheapest for B rows, which often merges cores first (cost linear in the
+        # bonds, or a rebuilt weight and a GEMM that the bonds do not change): its FLOPs are what the call does.
+        fl = {n: [min_flops(m.out_factors, m.in_factors, w, B) for w in (*m.level_widths, m.bond_dims)]
+              for n, m in layers.items()}  # cheapest plan for a B-row call, each level then full width
+        alone = {part: sum(t[f"{n}|{part}"] for n in layers) for part in ("dense", "mpo_full")}
+        for lb in ONE_GROUP:
+            hist = {n: per_layer[lb][n]["histogram"] for n in layers}
+            alone[lb] = {
+                "gated": sum(t[f"{n}|gated {lb}"] for n in layers),
+                "decide": sum(t[f"{n}|decide {lb}"] for n in layers),
+                "levels only": sum(sum(c * t[f"{n}|level{lv}"] for lv, c in enumerate(h)) / sum(h)
+                                   for n, h in hist.items()),
+                "flops at B rows": sum(sum(c * f for c, f in zip(h, fl[n])) / sum(h) for n, h in hist.items())
+                / sum(f[-1] for f in fl.values()),
+            }
         cell = {"rows": B, "us": t, "flops": flops, "calibration_calls": len(calib), "timed_calls": len(calls),
+                "layers_alone_us": alone,
                 "speedup_vs_full": {lb: t["mpo_full"] / t[f"gated {lb}"] for lb in LIMITS},
                 "layers": {n: {"flops": {lb: per_layer[lb][n]["avg_flops_fraction"] for lb in LIMITS},
                                "histograms": {lb: per_layer[lb][n]["histogram"] for lb in LIMITS},
@@ -433,7 +458,10 @@ def run_speed(args) -> None:
              f"FLOPs per row is {args.budget} of full width (controllers included), priced on calls of the timed "
              "row count (one half of each layer's real input rows, padding dropped) and timed on calls from the "
              f"other half; memory mode, {args.threads} threads; microseconds per call. `max_groups`: distinct levels "
-             "allowed per call. The FLOPs column is measured on the timed calls.", "",
+             "allowed per call. The FLOPs column is measured on the timed calls; it counts a row at its one-row "
+             "cost (the per-row sweep, quadratic in the bonds), except in the `B-row FLOPs` variant "
+             "(`set_budget(..., cost_rows=B)`), which prices and counts every level at the FLOPs of the cheapest "
+             "plan for a B-row call.", "",
              "**All gated layers together** (one call = every layer on its B rows):", "",
              "| rows | dense | full-width MPO | " + " | ".join(f"gated, {lb} (speedup, FLOPs)" for lb in LIMITS) + " |",
              "|---|---|---|" + "---|" * len(LIMITS)]
@@ -442,6 +470,20 @@ def run_speed(args) -> None:
         g = " | ".join(f"{u[f'gated {lb}']:.0f} ({c['speedup_vs_full'][lb]:.2f}x, {c['flops'][lb]:.2f})"
                        for lb in LIMITS)
         lines.append(f"| {c['rows']} | {u['dense']:.0f} | {u['mpo_full']:.0f} | {g} |")
+    lines += ["", f"**Where the time goes** (one level per call; each of the {len(layers)} layers timed alone on the same "
+              "calls, times summed): the gated layers' controllers (`decide`) and their levels alone with the same "
+              "routing, i.e. what the gated model would cost if choosing the level were free. Last column: the FLOPs that "
+              "a call of B rows executes (cheapest plan of each level at B rows) relative to full width: the budget "
+              "counts every row at its one-row cost, which at many rows is not what the plans do.", "",
+              "| rows, variant | dense | full-width MPO | gated (speedup) | its controllers | its levels alone "
+              "(speedup: the bound for a free controller) | FLOPs a B-row call executes |", "|---|---|---|---|---|---|---|"]
+    for c in cells:
+        a = c["layers_alone_us"]
+        for lb in ONE_GROUP:
+            g = a[lb]
+            lines.append(f"| {c['rows']}, {lb} | {a['dense']:.0f} | {a['mpo_full']:.0f} | {g['gated']:.0f} "
+                         f"({a['mpo_full'] / g['gated']:.2f}x) | {g['decide']:.0f} | {g['levels only']:.0f} "
+                         f"({a['mpo_full'] / g['levels only']:.2f}x) | {g['flops at B rows']:.2f} |")
     lv_names = "/".join(f"{100 * v:.0f}" for v in next(iter(layers.values())).levels)
     lines += ["", "**Single layers** under the same price (their FLOPs fraction is what the shared price gave them):", "",
               "| layer | rows | dense | full-width MPO | " + " | ".join(f"gated, {lb} (speedup, FLOPs)" for lb in LIMITS)

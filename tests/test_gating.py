@@ -9,6 +9,7 @@ from torch import nn
 import bondgate
 from bondgate import GatedMPOLinear, GatingConfig, MPOLinear, gate, gating_report, set_budget, set_mode
 from bondgate.gating import average_flops, width_error_curve
+from bondgate.planner import min_flops
 
 
 def model_with_mpo(seed=0):
@@ -349,3 +350,39 @@ def test_max_groups_limits_levels_per_call_and_keeps_the_budget(tmp_path, kind):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="max_groups"):
             set_budget(net, 0.5, calib, max_groups=bad)
+
+
+def test_cost_rows_prices_levels_at_the_call_size_and_keeps_the_budget(tmp_path):
+    gen = torch.Generator().manual_seed(3)
+    net = nn.Sequential(MPOLinear.from_linear(nn.Linear(96, 80), max_bond=16, num_cores=3))
+    gate(net, GatingConfig(levels=tuple(i / 8 for i in range(1, 9)), controller="error"))
+    layer = net[0]
+    bondgate.fit_controllers(net, [_anisotropic_rows(256, gen) for _ in range(4)])
+    one_row = layer.rel_cost.clone()
+    calib = [_anisotropic_rows(64, gen) for _ in range(64)]
+    held = [_anisotropic_rows(64, gen) for _ in range(64)]
+    achieved = set_budget(net, 0.5, calib, cost_rows=64, max_groups=1)
+    assert layer.cost_rows == 64 and achieved == pytest.approx(0.5, abs=0.03)
+    # a level's cost is the cheapest plan for a 64-row call, per row
+    for w, c in zip(layer.level_widths, layer.level_cost):
+        assert c == pytest.approx(min_flops(layer.out_factors, layer.in_factors, w, 64) / 64)
+    # merged plans amortize over the rows: thin levels save less of the full width's cost than at one row
+    assert torch.all(layer.rel_cost[:-1] > one_row[:-1]) and float(layer.rel_cost[-1]) == 1.0
+    net.eval()
+    gating_report(net, reset=True)
+    with torch.no_grad():
+        for x in held:
+            net(x)
+    report = gating_report(net)[0]
+    assert report["cost_rows"] == 64
+    assert average_flops(net) == pytest.approx(0.5, rel=0.05)  # counted at the same call size
+    bondgate.save(net, tmp_path / "g")
+    loaded = bondgate.load(tmp_path / "g")
+    assert loaded[0].cost_rows == 64 and torch.equal(loaded[0].rel_cost, layer.rel_cost)
+    with torch.no_grad():
+        assert torch.equal(loaded[0].decide(held[0]), layer.decide(held[0]))
+    set_budget(net, 0.5, calib)  # back to one-row costs unless asked again
+    assert layer.cost_rows == 1 and torch.equal(layer.rel_cost, one_row)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="cost_rows"):
+            set_budget(net, 0.5, calib, cost_rows=bad)

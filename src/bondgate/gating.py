@@ -59,7 +59,6 @@ __all__ = ["GatingConfig", "GatedMPOLinear", "gate", "set_mode", "set_budget", "
            "average_flops", "width_error_curve", "route"]
 
 _VERSION = operator.attrgetter("_version")
-COST_ROWS = 1  # a level's FLOPs per row: the cheapest plan contracting one row
 
 
 @dataclass
@@ -170,6 +169,12 @@ def _widths(bonds: Sequence[int], frac: float) -> tuple[int, ...]:
     return tuple(max(1, min(r, math.ceil(frac * r - 1e-9))) for r in bonds)
 
 
+def _check_cost_rows(rows) -> int:
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise ValueError(f"cost_rows must be a positive int (rows per call the FLOPs are counted at), got {rows!r}")
+    return rows
+
+
 def _check_max_groups(k) -> int | None:
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise ValueError(f"max_groups must be None (no limit) or a positive int, got {k!r}")
@@ -215,7 +220,7 @@ class GatedMPOLinear(MPOLinear):
     """
 
     def _init_gating(self, levels: Sequence[float], temperature: float, penalty: float, budget: float,
-                     controller: str = "linear", rank: int = 8) -> None:
+                     controller: str = "linear", rank: int = 8, cost_rows: int = 1) -> None:
         self.levels = tuple(float(v) for v in levels)
         self.temperature, self.penalty, self.budget = float(temperature), float(penalty), float(budget)
         self.controller_kind, self.controller_rank = controller, min(int(rank), self.in_features)
@@ -227,6 +232,7 @@ class GatedMPOLinear(MPOLinear):
         self.register_buffer("level_counts", torch.zeros(len(self.levels), dtype=torch.float64, device=c0.device))
         self.mode: str | float = "gate"
         self.max_groups: int | None = None  # distinct levels per forward call in inference (set_budget)
+        self.cost_rows = _check_cost_rows(cost_rows)  # FLOPs per row counted for calls of this many rows
         self.record = True
         self._pending = [0] * len(self.levels)  # rows per level not yet added to level_counts (no tensor op per call)
         self._refresh_costs()
@@ -234,11 +240,11 @@ class GatedMPOLinear(MPOLinear):
         self._slices: dict[int, list] = {}
 
     def _refresh_costs(self) -> None:
-        full = self.bond_dims
+        """Per-row FLOPs of every level: the cheapest plan for a call of ``cost_rows`` rows, per row."""
+        full, rows = self.bond_dims, self.cost_rows
         self.level_widths = [_widths(full, f) for f in self.levels]
-        self.full_cost = min_flops(self.out_factors, self.in_factors, full, COST_ROWS) / COST_ROWS
-        self.level_cost = [min_flops(self.out_factors, self.in_factors, w, COST_ROWS) / COST_ROWS
-                           for w in self.level_widths]
+        self.full_cost = min_flops(self.out_factors, self.in_factors, full, rows) / rows
+        self.level_cost = [min_flops(self.out_factors, self.in_factors, w, rows) / rows for w in self.level_widths]
         self.rel_cost = torch.tensor(self.level_cost, dtype=torch.float64) / self.full_cost  # (L,), CPU
         self._price: dict[tuple, tuple] = {}
         ctrl = self.controller
@@ -257,7 +263,8 @@ class GatedMPOLinear(MPOLinear):
         spec = super().spec()
         spec.update({"levels": list(self.levels), "temperature": self.temperature, "penalty": self.penalty,
                      "budget": self.budget, "mode": self.mode, "controller": self.controller_kind,
-                     "controller_rank": self.controller_rank, "max_groups": self.max_groups})
+                     "controller_rank": self.controller_rank, "max_groups": self.max_groups,
+                     "cost_rows": self.cost_rows})
         return spec
 
     @classmethod
@@ -269,7 +276,7 @@ class GatedMPOLinear(MPOLinear):
         kind, rank = spec.get("controller", "linear"), spec.get("controller_rank", 8)
         GatingConfig(budget=spec.get("budget", 0.5), levels=tuple(spec["levels"]), controller=kind, rank=rank)
         layer._init_gating(spec["levels"], spec.get("temperature", 1.0), spec.get("penalty", 5.0),
-                           spec.get("budget", 0.5), kind, rank)
+                           spec.get("budget", 0.5), kind, rank, spec.get("cost_rows", 1))
         mode = spec.get("mode", "gate")
         layer.mode = float(mode) if isinstance(mode, (int, float)) else str(mode)
         layer.max_groups = _check_max_groups(spec.get("max_groups"))
@@ -528,7 +535,7 @@ def _calibrate_lambda(layers, scores, budget: float) -> float:
 
 
 def set_budget(model: nn.Module, budget: float, data: Iterable, per_layer: bool = False, rounds: int = 3,
-               max_groups: int | None = None) -> float:
+               max_groups: int | None = None, cost_rows: int = 1) -> float:
     """Calibrate the price ``lam`` so that the average FLOPs per row on ``data`` (model inputs) equal
     ``budget`` x full width (controllers included). Returns the achieved fraction (all layers).
 
@@ -544,9 +551,19 @@ def set_budget(model: nn.Module, budget: float, data: Iterable, per_layer: bool 
     ``max_groups``: at most this many distinct levels per forward call in inference (None: no limit; see
     :func:`route`), for batched inference where each extra group costs a separate contraction.
     Calibration routes ``data``'s own batches under the same limit, so batch it like the inference inputs.
+
+    ``cost_rows``: the call size at which a row's FLOPs are counted (the cheapest plan for that many rows,
+    per row). The default 1 is the per-row sweep, whose cost is quadratic in the bonds (halving every bond
+    cuts it ~4x). A call of many rows is cheaper per row with plans that merge cores or rebuild the weight
+    and run one GEMM, and those barely shrink with the bonds: at 256 rows a quarter-width level can still
+    cost ~75% of full width. For batched inference pass the batch size, so that the budget counts the FLOPs
+    the calls actually execute. (Error controllers fitted with ``objective="model"`` weigh each layer by its
+    share of the FLOPs as counted when they were fitted: for a shared price at a new ``cost_rows``, call
+    ``set_budget`` with it once, then :func:`fit_controllers`, then ``set_budget`` again.)
     """
     _check_budget(budget)
     _check_max_groups(max_groups)
+    _check_cost_rows(cost_rows)
     layers = _gated_layers(model)
     if not layers:
         raise ValueError("the model has no gated layers (call bondgate.gate first)")
@@ -555,6 +572,9 @@ def set_budget(model: nn.Module, budget: float, data: Iterable, per_layer: bool 
     data = list(data)
     for _, m in layers:
         m.max_groups = max_groups
+        if m.cost_rows != cost_rows:
+            m.cost_rows = cost_rows
+            m._refresh_costs()
     for _ in range(rounds):
         scores = _collect_scores(model, data)
         if max_groups is None:  # calls need not be kept apart
@@ -694,7 +714,7 @@ def gating_report(model: nn.Module, reset: bool = False) -> list[dict]:
         avg = (float((counts.cpu() * m.rel_cost).sum()) * m.full_cost / tot
                + m.controller_cost) / m.full_cost if tot else float("nan")
         rows.append({"name": n, "levels": list(m.levels), "histogram": hist, "rows": int(tot),
-                     "avg_flops_fraction": avg, "full_flops_per_row": m.full_cost,
+                     "avg_flops_fraction": avg, "full_flops_per_row": m.full_cost, "cost_rows": m.cost_rows,
                      "controller_fraction": m.controller_cost / m.full_cost, "lambda": float(m.budget_lambda),
                      "bond_dims": list(m.bond_dims), "level_widths": [list(w) for w in m.level_widths]})
         if reset:

@@ -383,6 +383,8 @@ def test_cost_rows_prices_levels_at_the_call_size_and_keeps_the_budget(tmp_path)
         assert torch.equal(loaded[0].decide(held[0]), layer.decide(held[0]))
     set_budget(net, 0.5, calib)  # back to one-row costs unless asked again
     assert layer.cost_rows == 1 and torch.equal(layer.rel_cost, one_row)
+    with pytest.warns(UserWarning, match="calibration calls have 64 rows"):  # priced for calls of another size
+        set_budget(net, 0.5, calib, cost_rows=256)
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="cost_rows"):
             set_budget(net, 0.5, calib, cost_rows=bad)

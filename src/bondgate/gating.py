@@ -44,6 +44,7 @@ import functools
 import itertools
 import math
 import operator
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -534,6 +535,16 @@ def _calibrate_lambda(layers, scores, budget: float) -> float:
     return lo if abs(_flops_at(layers, scores, lo) - budget) < abs(_flops_at(layers, scores, hi) - budget) else hi
 
 
+def _warn_call_size(scores: dict[str, list[torch.Tensor]], cost_rows: int) -> None:
+    """Warn when the calibration calls are not about ``cost_rows`` rows: the FLOPs would be counted for
+    calls of another size than the ones priced on."""
+    rows = sorted(s.shape[0] for v in scores.values() for s in v)
+    median = rows[len(rows) // 2] if rows else cost_rows
+    if not cost_rows / 2 <= median <= 2 * cost_rows:
+        warnings.warn(f"set_budget(cost_rows={cost_rows}) but the calibration calls have {median} rows per layer "
+                      "(median): batch the data like the inference calls the FLOPs are counted for", stacklevel=3)
+
+
 def set_budget(model: nn.Module, budget: float, data: Iterable, per_layer: bool = False, rounds: int = 3,
                max_groups: int | None = None, cost_rows: int = 1) -> float:
     """Calibrate the price ``lam`` so that the average FLOPs per row on ``data`` (model inputs) equal
@@ -575,8 +586,10 @@ def set_budget(model: nn.Module, budget: float, data: Iterable, per_layer: bool 
         if m.cost_rows != cost_rows:
             m.cost_rows = cost_rows
             m._refresh_costs()
-    for _ in range(rounds):
+    for r in range(rounds):
         scores = _collect_scores(model, data)
+        if r == 0 and cost_rows > 1:
+            _warn_call_size(scores, cost_rows)
         if max_groups is None:  # calls need not be kept apart
             scores = {n: [torch.cat(v)] for n, v in scores.items()}
         layers = [(n, m) for n, m in layers if n in scores]

@@ -17,8 +17,11 @@ examples/gpt2_compress.py heal):
    inputs (``--per-layer``: one price per layer, each layer at the budget; default: one shared
    price), evaluate on held-out data (STS-B dev / WikiText-2 validation), and compare with static
    prefix truncation of every bond to the width that costs the same FLOPs (same cores);
-4. wall-clock (``speed``): per layer, gated (controller included) vs full-width MPO vs dense nn.Linear
-   at 1, 32 and 256 rows of real activations, with every level's own timing.
+4. wall-clock (``speed``): all gated layers together and each alone, gated (controller included; no limit,
+   <= 2 or 1 level per call, and 1 level priced at the FLOPs of a B-row call, ``cost_rows=B``) vs full-width
+   MPO vs dense nn.Linear at 1, 32 and 256 rows of real activations; every level's own timing, the
+   controllers' time, the levels alone with the same routing (the bound for a free controller) and the
+   FLOPs the B-row calls execute.
 
     python benchmarks/gating.py minilm --checkpoint runs/minilm-50
     python benchmarks/gating.py gpt2 --checkpoint runs/gpt2-wt2-50
@@ -473,7 +476,7 @@ def run_speed(args) -> None:
     lines += ["", f"**Where the time goes** (one level per call; each of the {len(layers)} layers timed alone on the same "
               "calls, times summed): the gated layers' controllers (`decide`) and their levels alone with the same "
               "routing, i.e. what the gated model would cost if choosing the level were free. Last column: the FLOPs that "
-              "a call of B rows executes (cheapest plan of each level at B rows) relative to full width: the budget "
+              "a call of B rows executes (cheapest plan of each level at B rows) relative to full width; one-row pricing "
               "counts every row at its one-row cost, which at many rows is not what the plans do.", "",
               "| rows, variant | dense | full-width MPO | gated (speedup) | its controllers | its levels alone "
               "(speedup: the bound for a free controller) | FLOPs a B-row call executes |", "|---|---|---|---|---|---|---|"]

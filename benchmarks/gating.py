@@ -351,12 +351,16 @@ ONE_GROUP = [lb for lb, (k, _) in LIMITS.items() if k == 1]  # one level per cal
 
 
 class SideBySide(torch.nn.Module):
-    """Layers side by side, each fed its own recorded input rows: ``forward(**{key: x})`` runs every layer
-    on one call of rows, so ``set_budget`` prices the whole set on calls of the timed size."""
+    """Layers side by side, each fed its own recorded input rows: ``forward(**{key(name): x})`` runs every
+    layer on one call of rows, so ``set_budget`` prices the whole set on calls of the timed size."""
 
     def __init__(self, layers: dict[str, torch.nn.Module]) -> None:
         super().__init__()
-        self.layers = torch.nn.ModuleDict({k.replace(".", "_"): m for k, m in layers.items()})
+        self.layers = torch.nn.ModuleDict({self.key(n): m for n, m in layers.items()})
+
+    @staticmethod
+    def key(name: str) -> str:  # ModuleDict keys cannot hold dots
+        return name.replace(".", "_")
 
     def forward(self, **xs: torch.Tensor) -> list[torch.Tensor]:
         return [self.layers[k](x) for k, x in xs.items()]
@@ -386,7 +390,8 @@ def run_speed(args) -> None:
     perm = torch.randperm(rows, generator=torch.Generator().manual_seed(0))
     X = {n: x[:rows][perm] for n, x in X.items()}
     half = rows // 2
-    key = {n: n.replace(".", "_") for n in layers}
+    key = {n: SideBySide.key(n) for n in layers}
+    name = {f"layers.{k}": n for n, k in key.items()}  # SideBySide's module names -> the model's
     full = {n: bg.MPOLinear.from_mpo(m.to_mpo(), m.bias.detach(), policy="memory") for n, m in layers.items()}
     dense = {n: f.to_linear() for n, f in full.items()}
     shown = [n for n in layers if any(n.endswith(s) for s in args.layers)]
@@ -411,7 +416,6 @@ def run_speed(args) -> None:
             for c in calls:  # plans every (level, group-size bucket): autotuning is not part of the timing
                 v(**c)
             flops[label] = average_flops(v)
-            name = {f"layers.{k}": n for n, k in key.items()}  # SideBySide's module names -> the model's
             per_layer[label] = {name[r["name"]]: r for r in gating_report(v)}
             fns[f"gated {label}"] = (lambda v=v: v(**nxt()))
         for n in layers:  # every layer alone: dense, full width, each level, controllers, gated variants
@@ -427,11 +431,12 @@ def run_speed(args) -> None:
         t = {k: s * 1e6 for k, s in time_interleaved(fns, rounds=args.rounds, min_time=0.05).items()}
         # With one level per call, every timed call runs exactly one level on all its rows, so the level
         # times weighted by the routed rows are what the gated layer would cost with a free controller.
-        # The FLOPs budget counts a row at one-row cost (the per-row sweep, quadratic in the bonds); a call of B
-        # rows runs the plan that is cheapest for B rows, which often merges cores first (cost linear in the
-        # bonds, or a rebuilt weight and a GEMM that the bonds do not change): its FLOPs are what the call does.
-        fl = {n: [min_flops(m.out_factors, m.in_factors, w, B) for w in (*m.level_widths, m.bond_dims)]
-              for n, m in layers.items()}  # cheapest plan for a B-row call, each level then full width
+        # One-row pricing counts a row at its one-row cost (the per-row sweep, quadratic in the bonds); a call of
+        # B rows runs the plan that is cheapest for B rows, which often merges cores first (cost linear in the
+        # bonds, or a rebuilt weight and a GEMM that the bonds do not change). Those per-row FLOPs (each level,
+        # then full width) are what the layers priced with cost_rows=B hold.
+        at_b = variants[next(lb for lb, (_, b) in LIMITS.items() if b)].layers
+        fl = {n: [*at_b[key[n]].level_cost, at_b[key[n]].full_cost] for n in layers}
         alone = {part: sum(t[f"{n}|{part}"] for n in layers) for part in ("dense", "mpo_full")}
         for lb in ONE_GROUP:
             hist = {n: per_layer[lb][n]["histogram"] for n in layers}

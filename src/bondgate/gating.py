@@ -44,6 +44,7 @@ import functools
 import itertools
 import math
 import operator
+import statistics
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -94,8 +95,7 @@ class GatingConfig:
             raise ValueError("temperature must be > 0 and penalty >= 0")
         if self.controller not in CONTROLLERS:
             raise ValueError(f"controller must be one of {sorted(CONTROLLERS)}, got {self.controller!r}")
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"rank must be a positive int, got {self.rank!r}")
+        _positive_int(self.rank, "rank")
 
 
 def _check_budget(budget: float) -> None:
@@ -170,16 +170,13 @@ def _widths(bonds: Sequence[int], frac: float) -> tuple[int, ...]:
     return tuple(max(1, min(r, math.ceil(frac * r - 1e-9))) for r in bonds)
 
 
-def _check_cost_rows(rows) -> int:
-    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
-        raise ValueError(f"cost_rows must be a positive int (rows per call the FLOPs are counted at), got {rows!r}")
-    return rows
-
-
-def _check_max_groups(k) -> int | None:
-    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-        raise ValueError(f"max_groups must be None (no limit) or a positive int, got {k!r}")
-    return k
+def _positive_int(value, name: str, none_ok: bool = False):
+    """``value`` if it is a positive int (or None when ``none_ok``), else a ValueError naming ``name``."""
+    if value is None and none_ok:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be {'None or ' if none_ok else ''}a positive int, got {value!r}")
+    return value
 
 
 @functools.lru_cache(maxsize=64)
@@ -233,7 +230,7 @@ class GatedMPOLinear(MPOLinear):
         self.register_buffer("level_counts", torch.zeros(len(self.levels), dtype=torch.float64, device=c0.device))
         self.mode: str | float = "gate"
         self.max_groups: int | None = None  # distinct levels per forward call in inference (set_budget)
-        self.cost_rows = _check_cost_rows(cost_rows)  # FLOPs per row counted for calls of this many rows
+        self.cost_rows = _positive_int(cost_rows, "cost_rows")  # FLOPs per row counted for calls of this many rows
         self.record = True
         self._pending = [0] * len(self.levels)  # rows per level not yet added to level_counts (no tensor op per call)
         self._refresh_costs()
@@ -280,7 +277,7 @@ class GatedMPOLinear(MPOLinear):
                            spec.get("budget", 0.5), kind, rank, spec.get("cost_rows", 1))
         mode = spec.get("mode", "gate")
         layer.mode = float(mode) if isinstance(mode, (int, float)) else str(mode)
-        layer.max_groups = _check_max_groups(spec.get("max_groups"))
+        layer.max_groups = _positive_int(spec.get("max_groups"), "max_groups", none_ok=True)
         return layer
 
     # ------------------------------------------------------------------ kernels
@@ -538,8 +535,7 @@ def _calibrate_lambda(layers, scores, budget: float) -> float:
 def _warn_call_size(scores: dict[str, list[torch.Tensor]], cost_rows: int) -> None:
     """Warn when the calibration calls are not about ``cost_rows`` rows: the FLOPs would be counted for
     calls of another size than the ones priced on."""
-    rows = sorted(s.shape[0] for v in scores.values() for s in v)
-    median = rows[len(rows) // 2] if rows else cost_rows
+    median = statistics.median_low([s.shape[0] for v in scores.values() for s in v] or [cost_rows])
     if not cost_rows / 2 <= median <= 2 * cost_rows:
         warnings.warn(f"set_budget(cost_rows={cost_rows}) but the calibration calls have {median} rows per layer "
                       "(median): batch the data like the inference calls the FLOPs are counted for", stacklevel=3)
@@ -573,8 +569,8 @@ def set_budget(model: nn.Module, budget: float, data: Iterable, per_layer: bool 
     ``set_budget`` with it once, then :func:`fit_controllers`, then ``set_budget`` again.)
     """
     _check_budget(budget)
-    _check_max_groups(max_groups)
-    _check_cost_rows(cost_rows)
+    _positive_int(max_groups, "max_groups", none_ok=True)
+    _positive_int(cost_rows, "cost_rows")
     layers = _gated_layers(model)
     if not layers:
         raise ValueError("the model has no gated layers (call bondgate.gate first)")

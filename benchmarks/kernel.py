@@ -132,7 +132,7 @@ def run_cell(n_in: int, n_out: int, r: int, B: int, rounds: int, min_time: float
         "plan_memory": pm.name + "/" + pm.executor, "plan_speed": ps.name + "/" + ps.executor,
         "plan_ms": {k: v * 1e3 for k, v in plan_s.items()},
         "stored_bytes": {"dense": 4 * n_in * n_out, "mpo": 4 * mpo.num_params,
-                         "speed_cache": 4 * n_in * n_out if ps.cached and ps.dense else 0},
+                         "memory_cache": mem.cache_nbytes, "speed_cache": spd.cache_nbytes},
         "peak_bytes_memory": 4 * pm.peak_elements, "peak_bytes_speed": 4 * ps.peak_elements,
         "memory_limit_bytes": 4 * max(n_in * n_out, 4 * act),
         "flops": {"dense": 2 * B * n_in * n_out, "bg_memory": pm.flops, "bg_speed": ps.flops},
@@ -162,23 +162,27 @@ def summarize(cells: list[dict]) -> dict:
         "speed_mode_worst_ratio_vs_dense": max(c["speed_vs_dense"] for c in cells),
         "speed_mode_faster_than_dense_where_an_mpo_plan_is": f"{sum(faster_ok)}/{len(faster_ok)}",
         "memory_mode_peak_within_limit": f"{sum(mem_ok)}/{len(mem_ok)}",
+        "memory_mode_keeps_at_most_one_copy_of_the_cores":
+            f"{sum(c['stored_bytes']['memory_cache'] <= c['stored_bytes']['mpo'] for c in cells)}/{len(cells)}",
     }
 
 
 def markdown(cells: list[dict], summary: dict, info: dict) -> str:
     lines = ["# Kernel benchmark", "", f"Machine: {banner(info)}", "",
              "Times in microseconds per call (median of interleaved rounds), fp32. "
-             "`mem/best` = bondgate memory mode / fastest other MPO variant; `spd/dense` = speed mode / nn.Linear.",
+             "`mem/best` = bondgate memory mode / fastest other MPO variant; `spd/dense` = speed mode / nn.Linear; "
+             "`kept MB (mem)`: what memory mode keeps between calls besides the cores (their sweep layout, if that plan won).",
              "", "| in x out | r | B | dense | einsum | sweep | tltorch fact | tltorch recon | bg memory | bg speed |"
-             " mem/best | spd/dense | plan (memory) | peak MB (mem) | limit MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             " mem/best | spd/dense | plan (memory) | peak MB (mem) | limit MB | kept MB (mem) | cores MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in cells:
         t = c["us"]
         lines.append(
             f"| {c['in']}x{c['out']} | {c['r']} | {c['B']} | {t['dense']:.0f} | {t['einsum']:.0f} | {t['sweep']:.0f} | "
             f"{t['tltorch_fact']:.0f} | {t['tltorch_recon']:.0f} | {t['bg_memory']:.0f} | {t['bg_speed']:.0f} | "
             f"{c['mem_vs_best_mpo']:.2f} | {c['speed_vs_dense']:.2f} | {c['plan_memory']} | "
-            f"{c['peak_bytes_memory'] / 2**20:.1f} | {c['memory_limit_bytes'] / 2**20:.1f} |")
+            f"{c['peak_bytes_memory'] / 2**20:.1f} | {c['memory_limit_bytes'] / 2**20:.1f} | "
+            f"{c['stored_bytes']['memory_cache'] / 2**20:.2f} | {c['stored_bytes']['mpo'] / 2**20:.2f} |")
     lines += ["", "## Summary", ""] + [f"- {k}: {v}" for k, v in summary.items()]
     return "\n".join(lines) + "\n"
 

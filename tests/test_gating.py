@@ -345,6 +345,14 @@ def test_max_groups_limits_levels_per_call_and_keeps_the_budget(tmp_path, kind):
     assert loaded[2].max_groups == 2
     with torch.no_grad():
         assert torch.equal(loaded[2].decide(held[0]), layer.decide(held[0]))
+    set_budget(net, 0.5, calib, max_groups=1)  # one level per call: the forward skips the grouping
+    gating_report(net, reset=True)
+    with torch.no_grad():
+        for x in held[:8]:
+            lv = layer.decide(x)
+            assert len(set(lv.tolist())) == 1 and lv.shape == (32,)
+            torch.testing.assert_close(net(x), layer(x, levels=lv))
+    assert gating_report(net)[0]["rows"] == 8 * 32
     set_budget(net, 0.5, calib)  # no limit unless asked again
     assert layer.max_groups is None
     for bad in (0, -1, 1.5, True):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bondgate import MPO, MPOLinear, PlanPolicy, clear_plan_cache
-from bondgate.planner import _build_candidates, get_plan, plan_cache_info
+from bondgate.planner import _build_candidates, get_plan, plan_cache_info, sweep_matrix, sweep_views
 
 
 @pytest.mark.parametrize("shape,d,bond,rows", [((256, 256), 4, 8, 3), ((62, 777), 3, 5, 17), ((40, 24), 2, 3, 1),
@@ -22,7 +22,8 @@ def test_all_candidates_agree(shape, d, bond, rows):
     if d >= 3:
         assert any(n.endswith("/l2r") for n in names) and any(n.startswith("merge") for n in names)
     if d >= 2:
-        assert {c.executor for c in cands if not c.dense} == {"aten", "tensordot"}
+        assert {c.executor for c in cands if not c.dense} == {"aten", "tensordot", "sweep"}
+        assert {"cores/sweep-l2r", "cores/sweep-r2l", "cores/sweep-l2r/cached"} <= names
     for c in cands:
         y = c.run(x, c.group_operands(mpo.cores, shape[0], shape[1]), shape[0])
         assert y.shape == (rows, shape[0])
@@ -32,7 +33,28 @@ def test_all_candidates_agree(shape, d, bond, rows):
 def test_memory_policy_screens_big_intermediates():
     cands = _build_candidates((4, 4, 8, 8), (8, 8, 4, 4), (32, 64, 32), 2048, PlanPolicy(cache_dense=False), False)
     limit = max(1024 * 1024, 4 * 2048 * 2048)
-    assert cands and all(c.peak_elements <= limit and not c.cached for c in cands)
+    # memory mode keeps nothing between calls but the cores' sweep layout (never a pre-contracted group)
+    assert cands and all(c.peak_elements <= limit and (not c.cached or c.executor == "sweep") for c in cands)
+    few_rows = _build_candidates((4, 4, 8, 8), (8, 8, 4, 4), (32, 64, 32), 2, PlanPolicy(cache_dense=False), False)
+    assert any(c.cached and c.executor == "sweep" for c in few_rows)
+    assert not any(c.cached for c in _build_candidates((4, 8), (8, 4), (8,), 4, PlanPolicy(), grad=True))
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_sweep_views_are_the_narrower_mpo(reverse):
+    # a prefix of every bond, taken as views of the full-width sweep matrices, is the MPO with sliced cores
+    W = torch.randn(62, 777, dtype=torch.float64)  # both sides padded to the factor products
+    mpo = MPO.from_matrix(W, num_cores=3, max_bond=9)
+    mats = [sweep_matrix(c, reverse) for c in (mpo.cores[::-1] if reverse else mpo.cores)]
+    x = torch.randn(5, 777, dtype=torch.float64)
+    for widths in [(1, 1), (3, 7), mpo.bond_dims]:
+        w = [1, *widths, 1]
+        sliced = MPO([c[: w[k], :, :, : w[k + 1]] for k, c in enumerate(mpo.cores)], 62, 777)
+        plan = next(c for c in _build_candidates(mpo.out_factors, mpo.in_factors, widths, 5, PlanPolicy(), False)
+                    if c.name == f"cores/sweep-{'r2l' if reverse else 'l2r'}/cached")
+        views = sweep_views(mats, mpo.out_factors, mpo.in_factors, widths, reverse)
+        assert all(v.data_ptr() == m.data_ptr() for v, m in zip(views, mats))  # no copies
+        assert torch.allclose(plan.run(x, views, 62), x @ sliced.to_matrix().T, atol=1e-10)
 
 
 def test_plans_are_cached_per_bucket_and_shared():

@@ -55,7 +55,7 @@ from torch import nn
 from .calibration import capture_inputs
 from .io import register_layer_type
 from .layer import MPOLinear
-from .planner import get_plan, min_flops
+from .planner import get_plan, min_flops, sweep_matrix, sweep_views
 
 __all__ = ["GatingConfig", "GatedMPOLinear", "gate", "set_mode", "set_budget", "fit_controllers", "gating_report",
            "average_flops", "width_error_curve", "route"]
@@ -117,7 +117,7 @@ class GateController(nn.Module):
             self.proj.bias.copy_(torch.linspace(-1.0, 1.0, levels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        norm = x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
         return self.proj(torch.cat([x / norm * math.sqrt(x.shape[-1]), norm.log()], dim=-1))
 
 
@@ -143,7 +143,9 @@ class ErrorController(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """``[(u_j . x)^2, |x|^2]``, ``(B, rank + 1)``."""
-        return torch.cat([self.proj(x), x.norm(dim=-1, keepdim=True)], -1).square()
+        # F.linear and vector_norm, not self.proj(x) and x.norm: a one-row decision is a few us of op overheads
+        proj = torch.nn.functional.linear(x, self.proj.weight)
+        return torch.cat([proj, torch.linalg.vector_norm(x, dim=-1, keepdim=True)], -1).square()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return -(self.features(x) @ self.coef.T)
@@ -195,6 +197,8 @@ def route(objective: torch.Tensor, max_groups: int | None = None) -> torch.Tenso
     in a batch is a separate contraction, and at tens to hundreds of rows the fixed cost of each (a few
     small GEMMs and permutes) eats the saving of routing rows finely.
     """
+    if max_groups == 1:  # the one level with the least total objective: what the subset search below gives
+        return objective.sum(0).argmin().expand(objective.shape[0])
     lv = objective.argmin(-1)
     L = objective.shape[-1]
     if max_groups is None or max_groups >= L or objective.shape[0] <= max_groups:
@@ -235,7 +239,7 @@ class GatedMPOLinear(MPOLinear):
         self._pending = [0] * len(self.levels)  # rows per level not yet added to level_counts (no tensor op per call)
         self._refresh_costs()
         self._aux: torch.Tensor | None = None
-        self._slices: dict[int, list] = {}
+        self._slices: dict = {}  # inference operands: sliced cores, sweep matrices and their views
 
     def _refresh_costs(self) -> None:
         """Per-row FLOPs of every level: the cheapest plan for a call of ``cost_rows`` rows, per row."""
@@ -287,12 +291,11 @@ class GatedMPOLinear(MPOLinear):
         w = [1, *widths, 1]
         if not cache:
             return [c[: w[k], :, :, : w[k + 1]] for k, c in enumerate(cores)]
-        key = hash(widths)
         versions = sum(map(_VERSION, cores))
-        hit = self._slices.get(key)
+        hit = self._slices.get(("cores", widths))
         if hit is None or hit[0] != versions or not all(map(operator.is_, cores, hit[2])):
             sliced = [c.detach()[: w[k], :, :, : w[k + 1]].contiguous() for k, c in enumerate(cores)]
-            hit = self._slices[key] = (versions, sliced, cores)
+            hit = self._slices[("cores", widths)] = (versions, sliced, cores)
         return hit[1]
 
     def width_output(self, x2d: torch.Tensor, widths: tuple[int, ...]) -> torch.Tensor:
@@ -307,8 +310,34 @@ class GatedMPOLinear(MPOLinear):
                             self._policy, grad)
             entry = self._level_plans[key] = (plan, widths == self.bond_dims)
         plan, is_full = entry
+        if plan.executor == "sweep" and not enabled:
+            return plan.run(x2d, self._sweep_views(widths, plan.reverse), self.out_features)
         cores = list(self._core_tuple()) if is_full else self._level_cores(widths, cache=not enabled)
         return plan.run(x2d, plan.group_operands(cores, self.out_features, self.in_features), self.out_features)
+
+    @property
+    def cache_nbytes(self) -> int:
+        """Bytes kept between inference calls besides the parameters: the full-width kernel's operands,
+        one copy of the cores per sweep direction the levels use (their views share it), and the
+        contiguous sliced cores of levels whose fastest plan is not a sweep."""
+        own = sum(t.numel() * t.element_size() for key, (_, ops, _) in self._slices.items()
+                  if key[0] != "views" for t in ops)
+        return super().cache_nbytes + own
+
+    def _sweep_views(self, widths: tuple[int, ...], reverse: bool) -> list[torch.Tensor]:
+        """Inference operands of a sweep plan at ``widths``: views of ONE copy of the full-width cores in
+        the sweep's matrix layout (per direction), so the levels share it instead of holding slices."""
+        cores = self._core_tuple()
+        versions = sum(map(_VERSION, cores))
+        hit = self._slices.get(("views", widths, reverse))
+        if hit is None or hit[0] != versions or not all(map(operator.is_, cores, hit[2])):
+            full = self._slices.get(("sweep", reverse))
+            if full is None or full[0] != versions or not all(map(operator.is_, cores, full[2])):
+                mats = [sweep_matrix(c.detach(), reverse).contiguous() for c in (cores[::-1] if reverse else cores)]
+                full = self._slices[("sweep", reverse)] = (versions, mats, cores)
+            views = sweep_views(full[1], self.out_factors, self.in_factors, widths, reverse)
+            hit = self._slices[("views", widths, reverse)] = (versions, views, cores)
+        return hit[1]
 
     def grouped_output(self, x2d: torch.Tensor, levels: torch.Tensor, counts: list[int] | None = None) -> torch.Tensor:
         """Rows grouped by level, each group contracted with its sliced cores (the inference path).
@@ -380,10 +409,10 @@ class GatedMPOLinear(MPOLinear):
             y = self._train_gate(x2d)
         elif mode == "nested":  # eval of a nested-trained model without a controller: full width
             return super().forward(x)
-        elif x2d.shape[0] == 1:  # one row: no grouping, one Python int
-            i = int(self.decide(x2d))
+        elif x2d.shape[0] == 1 or self.max_groups == 1:  # one level for the call: no grouping, one Python int
+            i = int(self.decide(x2d)[0])
             if self.record:
-                self._pending[i] += 1
+                self._pending[i] += x2d.shape[0]
             y = self.width_output(x2d, self.level_widths[i])
         else:
             lv = self.decide(x2d)

@@ -43,9 +43,11 @@ class MPOLinear(nn.Module):
     (``1 / (3 in_features)``), see :meth:`bondgate.MPO.random`; the bias follows ``nn.Linear``.
 
     Args:
-        policy: ``"memory"`` (never keep a dense weight; default) or ``"speed"`` (inference may keep
-            the reconstructed weight or merged cores when that measured faster), or a
-            :class:`bondgate.planner.PlanPolicy`.
+        policy: ``"memory"`` (never keep a dense weight or merged cores; default) or ``"speed"``
+            (inference may keep the reconstructed weight or merged cores when that measured faster), or
+            a :class:`bondgate.planner.PlanPolicy`. Either may keep, for inference, one copy of the cores
+            in the matrix layout of the planner's sweep (as many elements as the cores) when that plan
+            is the fastest.
     """
 
     def __init__(
@@ -217,6 +219,12 @@ class MPOLinear(nn.Module):
         return get_plan(self.out_factors, self.in_factors, self.bond_dims, batch, c0.dtype, c0.device,
                         self._policy, grad, prefer=prefer)
 
+    @property
+    def cache_nbytes(self) -> int:
+        """Bytes kept between inference calls besides the parameters: pre-contracted cores or the dense
+        weight (speed mode), the cores in the sweep's matrix layout (either mode)."""
+        return sum(t.numel() * t.element_size() for _, ops, _ in self._ops_cache.values() if ops for t in ops)
+
     def flops(self, batch: int = 1) -> int:
         """FLOPs of the plan actually used for ``batch`` rows (bias add excluded)."""
         return self.plan(batch).flops
@@ -226,7 +234,7 @@ class MPOLinear(nn.Module):
         if "_pinned" not in self.__dict__:
             self._pinned: dict[str, str] = {}
         self._plans: dict[int, tuple[ContractionPlan, list | None]] = {}
-        self._ops_cache: dict[tuple, list] = {}  # groups -> [version sum, operands, cores]
+        self._ops_cache: dict[tuple, list] = {}  # plan.operand_key -> [version sum, operands, cores]
 
     def _core_tuple(self) -> tuple[torch.Tensor, ...]:
         # Read the ParameterList's own dict (not a cached tuple) so that parameter swaps such as
@@ -298,7 +306,7 @@ class MPOLinear(nn.Module):
     def _new_entry(self, x: torch.Tensor, rows: int, grad: bool) -> tuple[ContractionPlan, list | None]:
         self._check_dtype(x)
         plan = self.plan(rows, grad)
-        slot = self._ops_cache.setdefault(plan.groups, [-1, None, ()]) if plan.cached else None
+        slot = self._ops_cache.setdefault(plan.operand_key, [-1, None, ()]) if plan.cached else None
         return plan, slot
 
     def _check_dtype(self, x: torch.Tensor) -> None:

@@ -12,9 +12,15 @@ Every way of doing so is a *plan*:
   (one C++ dispatch, no Python between steps); ``"tensordot"`` runs the path as a precompiled list of
   ``torch.tensordot`` calls (every pairwise step of an MPO contraction is a pure tensordot: each index
   appears in exactly two places), which skips opt_einsum's per-call parsing and dispatch (~30% of the
-  time of a one-row call). Which is faster depends on the shapes, so both are timed.
+  time of a one-row call). ``"sweep"`` runs the left-to-right (or right-to-left) sweep as one
+  ``torch.mm`` per core with the cores pre-arranged as matrices ``[(r_out, out_k), (r_in, in_k)]``
+  (:func:`sweep_matrix`): no core is permuted on the call, only the small running state, and since
+  each bond is the outer index of its rows or columns, a prefix of the bonds (a narrower MPO, as
+  bond gating uses) is a strided view of the same matrices (:func:`sweep_views`). Which executor is
+  fastest depends on the shapes, so all are timed.
 * ``cached``: pre-contracted groups are kept between calls (speed mode, inference only). With the
-  all-cores group this is the classic "cache the dense weight" fallback.
+  all-cores group this is the classic "cache the dense weight" fallback. A cached sweep keeps the
+  cores' matrix layout (as many elements as the cores) and is allowed in memory mode too.
 
 Candidates are: FLOP-optimal paths from several opt_einsum optimizers (``optimal``/``dp`` under the
 flops, size, write and combo objectives, ``greedy``, ``branch-2``), the left-to-right and
@@ -29,7 +35,8 @@ call for a key, and layers of the same shape share one plan.
 
 Memory: in memory mode (``cache_dense=False``) a plan is admissible only if none of its intermediates
 exceeds ``max(dense weight, 4 * (input + output activations))`` elements; rebuild-then-GEMM always is,
-so there is always a candidate.
+so there is always a candidate. What a memory-mode layer may keep between inference calls is at most
+one copy of its cores in the sweep's layout, never a dense weight.
 """
 
 from __future__ import annotations
@@ -53,6 +60,8 @@ __all__ = [
     "clear_plan_cache",
     "plan_cache_info",
     "row_bucket",
+    "sweep_matrix",
+    "sweep_views",
 ]
 
 
@@ -134,6 +143,26 @@ def squeeze_core(core: torch.Tensor, k: int, d: int) -> torch.Tensor:
     return core
 
 
+def sweep_matrix(core: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    """Core ``(r_left, out, in, r_right)`` as the matrix one sweep step multiplies with:
+    ``[(r_right, out), (r_left, in)]`` left to right, ``[(r_left, out), (r_right, in)]`` right to left."""
+    a, o, i, b = core.shape
+    if reverse:
+        return core.permute(0, 1, 3, 2).reshape(a * o, b * i)
+    return core.permute(3, 1, 0, 2).reshape(b * o, a * i)
+
+
+def sweep_views(mats: Sequence[torch.Tensor], out_factors: Sequence[int], in_factors: Sequence[int],
+                widths: Sequence[int], reverse: bool = False) -> list[torch.Tensor]:
+    """The sweep matrices of the MPO whose bonds keep the first ``widths`` channels, as views of the
+    full-width ones ``mats`` (processing order, from :func:`sweep_matrix`): every bond is the outer
+    index of its rows or columns, so a prefix of the bond is a prefix of the rows or columns."""
+    d = len(mats)
+    order = range(d - 1, -1, -1) if reverse else range(d)
+    w = [1, *(tuple(widths)[::-1] if reverse else widths), 1]
+    return [A[: w[s + 1] * out_factors[k], : w[s] * in_factors[k]] for s, (A, k) in enumerate(zip(mats, order))]
+
+
 # ---------------------------------------------------------------------------------------------- plans
 @dataclass
 class ContractionPlan:
@@ -173,6 +202,18 @@ class ContractionPlan:
         self.dense = len(self.groups) == 1 and self.groups[0] == (0, len(self.out_factors) - 1)
         if self.executor == "tensordot":
             self._steps, self._perm = _tensordot_program(self.equation, self.path)
+        if self.executor == "sweep":
+            self.reverse = self.name.split("/")[1] == "sweep-r2l"
+            order = range(len(self.in_factors) - 1, -1, -1) if self.reverse else range(len(self.in_factors))
+            bonds = [1, *(self.ranks[::-1] if self.reverse else self.ranks), 1]
+            # per step (processing order): (rows of the state matrix, out factor, bond after the step)
+            self._sweep = [(bonds[s] * self.in_factors[k], self.out_factors[k], bonds[s + 1])
+                           for s, k in enumerate(order)]
+
+    @property
+    def operand_key(self) -> tuple:
+        """Plans with equal keys take the same operands (what a layer's operand cache is keyed by)."""
+        return (self.groups, self.executor == "sweep" and self.reverse, self.executor == "sweep")
 
 
     # ----------------------------------------------------------------- execution
@@ -181,6 +222,8 @@ class ContractionPlan:
         """Pre-contract the groups (one tensor per group). For a dense plan the single operand is the
         weight ``(out_features, in_features)`` with any padding removed."""
         d = len(cores)
+        if self.executor == "sweep":
+            return [sweep_matrix(c, self.reverse) for c in (cores[::-1] if self.reverse else cores)]
         sq = [squeeze_core(c, k, d) for k, c in enumerate(cores)]
         ops = []
         for (lo, hi), expr in zip(self.groups, self._group_exprs):
@@ -207,6 +250,11 @@ class ContractionPlan:
         pad = self._padded_in - x2d.shape[1]
         if pad:
             x2d = torch.nn.functional.pad(x2d, (0, pad))
+        if self.executor == "sweep":
+            y = self._run_sweep(x2d, ops)
+            if y.shape[1] != out_features:
+                y = y[:, :out_features]
+            return y if bias is None else y + bias
         xs = x2d.reshape(x2d.shape[0], *self.in_factors)
         if self.executor == "aten":
             y = torch.ops.aten.einsum(self.equation, [xs, *ops], path=self._flat_path)
@@ -222,6 +270,23 @@ class ContractionPlan:
         if bias is not None:
             y = y + bias
         return y
+
+    def _run_sweep(self, x2d: torch.Tensor, ops: Sequence[torch.Tensor]) -> torch.Tensor:
+        # The state before step s is (r, in_k, ..., B, out_done): the step's mm contracts its leading
+        # (r, in_k) with the core matrix, and one permute moves the new out factor to the end.
+        B, d = x2d.shape[0], len(ops)
+        if self.reverse:
+            state = x2d.reshape(B, *self.in_factors).permute(*range(d, 0, -1), 0)
+        else:
+            state = x2d.t()
+        done = 1
+        for A, (k_rows, m, r_next) in zip(ops, self._sweep):
+            P = torch.mm(A, state.reshape(k_rows, -1))  # (r_next * m, rest * B * done)
+            state = P.view(r_next, m, -1, done).permute(0, 2, 3, 1)
+            done *= m
+        if self.reverse:  # out factors were appended last to first
+            return state.reshape(B, *self.out_factors[::-1]).permute(0, *range(d, 0, -1)).reshape(B, done)
+        return state.reshape(B, done)
 
     def describe(self) -> dict:
         """A plain-dict summary (what :meth:`bondgate.MPOLinear.plan` shows)."""
@@ -378,6 +443,20 @@ def _build_candidates(out_f, in_f, ranks, rows, policy: PlanPolicy, grad: bool) 
             paths.setdefault(tuple(map(tuple, p)), oname)
         paths.setdefault(tuple(_chain(n_ops, range(n_ops))), "l2r")
         paths.setdefault(tuple(_chain(n_ops, [0, *range(n_ops - 1, 0, -1)])), "r2l")
+        sweeps = {tuple(_chain(n_ops, range(n_ops))): "sweep-l2r",
+                  tuple(_chain(n_ops, [0, *range(n_ops - 1, 0, -1)])): "sweep-r2l"} if gname == "cores" else {}
+        for p, sname in sweeps.items():  # the same contractions as l2r / r2l, one mm per core
+            _, info = oe.contract_path(eq, x_shape, *gshapes, optimize=list(p), shapes=True)
+            for cached in [False, True] if not grad else [False]:
+                cands.append(
+                    ContractionPlan(
+                        name=f"{gname}/{sname}" + ("/cached" if cached else ""),
+                        groups=groups, path=p, equation=eq, executor="sweep", cached=cached,
+                        flops=int(info.opt_cost), peak_elements=int(info.largest_intermediate),
+                        planned_rows=rows, out_factors=tuple(out_f), in_factors=tuple(in_f),
+                        ranks=tuple(ranks), _group_exprs=gexprs,
+                    )
+                )
         for p, pname in paths.items():
             _, info = oe.contract_path(eq, x_shape, *gshapes, optimize=list(p), shapes=True)
             peak_main = int(info.largest_intermediate)
@@ -448,7 +527,7 @@ def _autotune(cands: list[ContractionPlan], out_f, in_f, ranks, rows, dtype, dev
 
     def runner(c: ContractionPlan):
         def fn():
-            ops = ops_cache[c.groups] if c.cached else c.group_operands(cores)
+            ops = ops_cache[c.operand_key] if c.cached else c.group_operands(cores)
             c.run(x, ops, N)
             sync()
 
@@ -462,8 +541,8 @@ def _autotune(cands: list[ContractionPlan], out_f, in_f, ranks, rows, dtype, dev
         for i, c in enumerate(screened):
             if time.perf_counter() - start > 3 * policy.tune_seconds and best_us < float("inf") and i >= must:
                 break
-            if c.cached and c.groups not in ops_cache:
-                ops_cache[c.groups] = c.cache_operands(cores)
+            if c.cached and c.operand_key not in ops_cache:
+                ops_cache[c.operand_key] = c.cache_operands(cores)
             fn = runner(c)
             t0 = time.perf_counter()
             fn()

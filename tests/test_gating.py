@@ -24,8 +24,17 @@ def gated_layer():
     return net, net[2]
 
 
+@pytest.mark.parametrize("executor", ["autotuned", "sweep-l2r", "sweep-r2l"])
 @pytest.mark.parametrize("case", ["all_levels", "one_level", "empty_groups", "single_row"])
-def test_grouped_inference_equals_training_forward(case):
+def test_grouped_inference_equals_training_forward(case, executor, monkeypatch):
+    if executor != "autotuned":  # every level through the sweep: inference runs on views of one core copy
+        from bondgate.planner import SPEED, _build_candidates
+
+        def sweep_plan(out_f, in_f, ranks, rows, dtype, device, policy, grad):  # SPEED: not memory-screened
+            return next(c for c in _build_candidates(tuple(out_f), tuple(in_f), tuple(ranks), rows, SPEED, grad)
+                        if c.name == f"cores/{executor}")
+
+        monkeypatch.setattr(bondgate.gating, "get_plan", sweep_plan)
     net, layer = gated_layer()
     rows = 1 if case == "single_row" else 37
     x = torch.randn(rows, 96)
@@ -34,6 +43,8 @@ def test_grouped_inference_equals_training_forward(case):
     layer.eval()
     with torch.no_grad():
         y_inf = layer(x, levels=levels)
+    if executor != "autotuned":  # one copy of the cores in the sweep's layout, whatever the levels used
+        assert layer.cache_nbytes == 4 * layer.num_params
     layer.train()
     y_train = layer(x, levels=levels)
     torch.testing.assert_close(y_train.detach(), y_inf, rtol=1e-5, atol=1e-5)
@@ -42,6 +53,18 @@ def test_grouped_inference_equals_training_forward(case):
         w = layer.level_widths[int(levels[i])]
         ref = x[i] @ layer.to_mpo().slice_bonds(w).to_matrix().T + layer.bias
         torch.testing.assert_close(y_inf[i], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_gated_layer_built_under_inference_mode_runs_and_follows_edits():
+    with torch.inference_mode():  # inference tensors: no version counters, so nothing cached is reused
+        net, layer = gated_layer()
+        layer.eval()
+        x, lv = torch.randn(5, 96), torch.tensor([0, 1, 2, 3, 0])
+        ref = torch.stack([x[i] @ layer.to_mpo().slice_bonds(layer.level_widths[int(lv[i])]).to_matrix().T
+                           for i in range(5)]) + layer.bias
+        torch.testing.assert_close(layer(x, levels=lv), ref, rtol=1e-4, atol=1e-4)
+        layer.cores[0].mul_(2.0)
+        torch.testing.assert_close(layer(x, levels=lv), 2 * (ref - layer.bias) + layer.bias, rtol=1e-4, atol=1e-4)
 
 
 def test_full_width_row_equals_static_mpo():

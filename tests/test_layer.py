@@ -136,6 +136,26 @@ def test_speed_mode_cache_follows_in_place_updates():
         assert torch.allclose(layer(x), expected, atol=1e-4)
 
 
+@pytest.mark.parametrize("policy", ["memory", "speed"])
+def test_kept_sweep_layout_follows_in_place_updates_and_inference_tensors(policy):
+    # the cores' sweep layout is what either policy may keep between inference calls (pinned here: 3 rows)
+    mpo = MPO.from_matrix(torch.randn(80, 96), num_cores=3, max_bond=8)
+    x = torch.randn(3, 96)
+    layer = MPOLinear.from_mpo(mpo, policy=policy)
+    layer._pinned = {"2:0": "cores/sweep-l2r/cached|sweep"}
+    with torch.no_grad():
+        y0 = layer(x)
+        assert layer.plan(3).id == "cores/sweep-l2r/cached|sweep" and layer.cache_nbytes == 4 * layer.num_params
+        layer.cores[1].mul_(2.0)  # in-place edit after the layout was kept
+        assert torch.allclose(layer(x), 2 * y0, atol=1e-5)
+    with torch.inference_mode():  # inference tensors have no version counter: nothing kept is reused
+        frozen = MPOLinear.from_mpo(mpo, policy=policy)
+        frozen._pinned = {"2:0": "cores/sweep-l2r/cached|sweep"}
+        assert torch.allclose(frozen(x), x @ mpo.to_matrix().T, atol=1e-5)
+        frozen.cores[1].mul_(2.0)
+        assert torch.allclose(frozen(x), 2 * (x @ mpo.to_matrix().T), atol=1e-5)
+
+
 def test_memory_mode_never_caches_and_respects_memory_bound():
     layer = MPOLinear(1024, 1024, max_bond=16, policy="memory")
     for rows in (1, 64, 512):

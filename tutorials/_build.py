@@ -1104,9 +1104,10 @@ MIN_RUN = 0.05 if QUICK else 0.2  # seconds of timing per measurement
 
 A 1024×1024 layer (1,048,576 weights) as a 4-core MPO with bonds capped at 32: cores of shape
 `(r_{k-1}, out_k, in_k, r_k)`. `layer.plan(rows)` returns the plan used for that many rows: its name
-(`cores/...`: contract the input with the cores one by one along an optimized path; `merge..`: merge two
-neighbouring cores first; `dense`: rebuild `W` and do one matrix product), FLOPs, the largest
-intermediate tensor (`peak`, in elements) and the measured time.
+(`cores/...`: contract the input with the cores one by one along an optimized path, where
+`cores/sweep-l2r|sweep` runs the left-to-right sweep as one matrix product per core with the cores kept
+pre-arranged as matrices; `merge..`: merge two neighbouring cores first; `dense`: rebuild `W` and do one
+matrix product), FLOPs, the largest intermediate tensor (`peak`, in elements) and the measured time.
 '''),
     code('''
 layer = bg.MPOLinear.from_linear(nn.Linear(1024, 1024), max_bond=32, num_cores=4)
@@ -1147,8 +1148,11 @@ for chi in (4, 8, 16, 32, 64):
     md('''
 ## 3. Memory mode and speed mode
 
-`bg.MEMORY` (the default, `PlanPolicy(cache_dense=False)`) never keeps anything but the cores: the
-weights stay compressed in RAM. `bg.SPEED` (`cache_dense=True`) lets inference keep pre-contracted pieces
+`bg.MEMORY` (the default, `PlanPolicy(cache_dense=False)`) never keeps a dense weight or merged cores:
+the weights stay compressed in RAM. The one thing it may keep between inference calls is the cores a
+second time, pre-arranged as the sweep's matrices (`cached=True` on a `sweep` plan; as many elements as
+the cores, `layer.cache_nbytes` says how many bytes), because re-arranging them on every call costs more
+than the multiplication at small row counts. `bg.SPEED` (`cache_dense=True`) lets inference keep pre-contracted pieces
 between calls (merged cores, or the whole rebuilt `W`) when that measured faster; the cache is dropped
 as soon as the cores change (an optimizer step, `load_state_dict`). Pass the policy to the constructor,
 to `from_linear`, or to `bg.CompressionConfig(policy="speed")`.
@@ -1157,7 +1161,12 @@ to `from_linear`, or to `bg.CompressionConfig(policy="speed")`.
 fast = bg.MPOLinear.from_mpo(layer.to_mpo(), layer.bias.detach(), policy=bg.SPEED)
 for rows in (1, 256):
     pm, ps = layer.plan(rows), fast.plan(rows)
-    print(f"{rows:>4} rows | memory: {pm.id:<24} cached={pm.cached} | speed: {ps.id:<24} cached={ps.cached}")
+    with torch.inference_mode():
+        layer(torch.randn(rows, 1024))  # a first call fills what each mode keeps
+        fast(torch.randn(rows, 1024))
+    print(f"{rows:>4} rows | memory: {pm.id:<30} cached={pm.cached!s:<5} | speed: {ps.id:<30} cached={ps.cached}")
+print(f"kept between calls: memory mode {layer.cache_nbytes / 2**20:.2f} MB, speed mode {fast.cache_nbytes / 2**20:.2f} MB "
+      f"(cores {4 * layer.num_params / 2**20:.2f} MB, dense weight {4 * 1024 * 1024 / 2**20:.2f} MB)")
 '''),
     md('''
 ## 4. Timing: dense vs MPO (both modes) vs the workshop's single einsum

@@ -7,7 +7,9 @@ cores sliced to ``[:w_{k-1}(l), :, :, :w_k(l)]``.
 
 Inference (``eval()``): the controller scores the levels for each row; rows are grouped by their level
 and each group is contracted with the sliced cores through the planner (one cached plan per level and
-row bucket). Nothing is masked: a row at 50% width really runs the smaller contraction. Every level
+row bucket; when that plan is the planner's sweep, its operands are views of one copy of the full-width
+cores in the sweep's matrix layout, since a bond prefix is a prefix of those matrices' rows and columns).
+Nothing is masked: a row at 50% width really runs the smaller contraction. Every level
 present in a call is a separate contraction with a fixed cost of its own, so for batched inference
 ``set_budget(..., max_groups=k)`` lets each call use at most ``k`` levels, the ``k`` that serve its rows
 best (:func:`route`; ``k=1`` gives every row of a call one width, i.e. per-input routing when a call
@@ -43,7 +45,6 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import operator
 import statistics
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -54,13 +55,11 @@ from torch import nn
 
 from .calibration import capture_inputs
 from .io import register_layer_type
-from .layer import MPOLinear
+from .layer import MPOLinear, core_versions, is_fresh
 from .planner import get_plan, min_flops, sweep_matrix, sweep_views
 
 __all__ = ["GatingConfig", "GatedMPOLinear", "gate", "set_mode", "set_budget", "fit_controllers", "gating_report",
            "average_flops", "width_error_curve", "route"]
-
-_VERSION = operator.attrgetter("_version")
 
 
 @dataclass
@@ -291,9 +290,9 @@ class GatedMPOLinear(MPOLinear):
         w = [1, *widths, 1]
         if not cache:
             return [c[: w[k], :, :, : w[k + 1]] for k, c in enumerate(cores)]
-        versions = sum(map(_VERSION, cores))
+        versions = core_versions(cores)
         hit = self._slices.get(("cores", widths))
-        if hit is None or hit[0] != versions or not all(map(operator.is_, cores, hit[2])):
+        if not is_fresh(hit, cores, versions):
             sliced = [c.detach()[: w[k], :, :, : w[k + 1]].contiguous() for k, c in enumerate(cores)]
             hit = self._slices[("cores", widths)] = (versions, sliced, cores)
         return hit[1]
@@ -328,11 +327,11 @@ class GatedMPOLinear(MPOLinear):
         """Inference operands of a sweep plan at ``widths``: views of ONE copy of the full-width cores in
         the sweep's matrix layout (per direction), so the levels share it instead of holding slices."""
         cores = self._core_tuple()
-        versions = sum(map(_VERSION, cores))
+        versions = core_versions(cores)
         hit = self._slices.get(("views", widths, reverse))
-        if hit is None or hit[0] != versions or not all(map(operator.is_, cores, hit[2])):
+        if not is_fresh(hit, cores, versions):
             full = self._slices.get(("sweep", reverse))
-            if full is None or full[0] != versions or not all(map(operator.is_, cores, full[2])):
+            if not is_fresh(full, cores, versions):
                 mats = [sweep_matrix(c.detach(), reverse).contiguous() for c in (cores[::-1] if reverse else cores)]
                 full = self._slices[("sweep", reverse)] = (versions, mats, cores)
             views = sweep_views(full[1], self.out_factors, self.in_factors, widths, reverse)

@@ -23,6 +23,21 @@ __all__ = ["MPOLinear"]
 _VERSION = operator.attrgetter("_version")
 
 
+def core_versions(cores: Sequence[torch.Tensor]) -> int:
+    """Sum of the cores' version counters (every in-place write bumps one; they only grow), or -1 when
+    the cores have none (inference tensors, made under ``torch.inference_mode``)."""
+    try:
+        return sum(map(_VERSION, cores))
+    except RuntimeError:
+        return -1
+
+
+def is_fresh(hit, cores: Sequence[torch.Tensor], versions: int) -> bool:
+    """Whether a cache entry ``(versions, operands, cores)`` was built from these very tensors, unmodified
+    since. Operands built from inference tensors are never reused: their in-place writes cannot be seen."""
+    return hit is not None and versions >= 0 and hit[0] == versions and all(map(operator.is_, cores, hit[2]))
+
+
 def _policy(policy: str | PlanPolicy) -> PlanPolicy:
     if isinstance(policy, PlanPolicy):
         return policy
@@ -285,8 +300,8 @@ class MPOLinear(nn.Module):
         if slot is not None:  # pre-contracted operands kept between calls (speed mode, inference)
             # Valid while the same tensors are unmodified: version counters only grow, so their sum
             # detects any in-place write; identity detects swapped-in tensors.
-            versions = sum(map(_VERSION, cores))
-            if slot[0] != versions or not all(map(operator.is_, cores, slot[2])):
+            versions = core_versions(cores)
+            if not is_fresh(slot, cores, versions):
                 slot[1] = plan.cache_operands(cores, self.out_features, self.in_features)
                 slot[0], slot[2] = versions, cores
             ops = slot[1]

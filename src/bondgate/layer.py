@@ -297,7 +297,7 @@ class MPOLinear(nn.Module):
         if entry is None:
             entry = self._plans[key] = self._new_entry(x, x2d.shape[0], grad)
         plan, slot = entry
-        if slot is not None:  # pre-contracted operands kept between calls (speed mode, inference)
+        if slot is not None:  # operands kept between inference calls (pre-contracted, or the sweep's layout)
             # Valid while the same tensors are unmodified: version counters only grow, so their sum
             # detects any in-place write; identity detects swapped-in tensors.
             versions = core_versions(cores)

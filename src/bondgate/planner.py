@@ -187,6 +187,7 @@ class ContractionPlan:
     in_factors: tuple[int, ...]
     ranks: tuple[int, ...]
     time_us: float | None = None
+    reverse: bool = False  # sweep executor: right to left
     candidates: list[dict] = field(default_factory=list, repr=False)
     _group_exprs: list = field(default_factory=list, repr=False)
     _flat_path: list[int] = field(default_factory=list, repr=False)
@@ -203,7 +204,6 @@ class ContractionPlan:
         if self.executor == "tensordot":
             self._steps, self._perm = _tensordot_program(self.equation, self.path)
         if self.executor == "sweep":
-            self.reverse = self.name.split("/")[1] == "sweep-r2l"
             order = range(len(self.in_factors) - 1, -1, -1) if self.reverse else range(len(self.in_factors))
             bonds = [1, *(self.ranks[::-1] if self.reverse else self.ranks), 1]
             # per step (processing order): (rows of the state matrix, out factor, bond after the step)
@@ -213,7 +213,7 @@ class ContractionPlan:
     @property
     def operand_key(self) -> tuple:
         """Plans with equal keys take the same operands (what a layer's operand cache is keyed by)."""
-        return (self.groups, self.executor == "sweep" and self.reverse, self.executor == "sweep")
+        return (self.groups, self.executor == "sweep", self.reverse)  # aten and tensordot share operands
 
 
     # ----------------------------------------------------------------- execution
@@ -441,20 +441,19 @@ def _build_candidates(out_f, in_f, ranks, rows, policy: PlanPolicy, grad: bool) 
         for oname, opt in optimizers.items():
             p, _ = oe.contract_path(eq, x_shape, *gshapes, optimize=opt, shapes=True)
             paths.setdefault(tuple(map(tuple, p)), oname)
-        paths.setdefault(tuple(_chain(n_ops, range(n_ops))), "l2r")
-        paths.setdefault(tuple(_chain(n_ops, [0, *range(n_ops - 1, 0, -1)])), "r2l")
-        sweeps = {tuple(_chain(n_ops, range(n_ops))): "sweep-l2r",
-                  tuple(_chain(n_ops, [0, *range(n_ops - 1, 0, -1)])): "sweep-r2l"} if gname == "cores" else {}
-        for p, sname in sweeps.items():  # the same contractions as l2r / r2l, one mm per core
+        l2r, r2l = tuple(_chain(n_ops, range(n_ops))), tuple(_chain(n_ops, [0, *range(n_ops - 1, 0, -1)]))
+        paths.setdefault(l2r, "l2r")
+        paths.setdefault(r2l, "r2l")
+        for p, reverse in ((l2r, False), (r2l, True)) if gname == "cores" else ():
             _, info = oe.contract_path(eq, x_shape, *gshapes, optimize=list(p), shapes=True)
-            for cached in [False, True] if not grad else [False]:
+            for cached in [False, True] if not grad else [False]:  # the same contractions, one mm per core
                 cands.append(
                     ContractionPlan(
-                        name=f"{gname}/{sname}" + ("/cached" if cached else ""),
+                        name=f"{gname}/sweep-{'r2l' if reverse else 'l2r'}" + ("/cached" if cached else ""),
                         groups=groups, path=p, equation=eq, executor="sweep", cached=cached,
                         flops=int(info.opt_cost), peak_elements=int(info.largest_intermediate),
                         planned_rows=rows, out_factors=tuple(out_f), in_factors=tuple(in_f),
-                        ranks=tuple(ranks), _group_exprs=gexprs,
+                        ranks=tuple(ranks), reverse=reverse, _group_exprs=gexprs,
                     )
                 )
         for p, pname in paths.items():

@@ -30,6 +30,20 @@ def test_all_candidates_agree(shape, d, bond, rows):
         assert torch.allclose(y, ref, atol=1e-10), c.name
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_sweep_executor_trains_like_the_reference(reverse):
+    # grad mode re-arranges the cores on each call; the gradients reach the cores and the input
+    mpo = MPO.from_matrix(torch.randn(62, 777, dtype=torch.float64), num_cores=3, max_bond=6)
+    plan = next(c for c in _build_candidates(mpo.out_factors, mpo.in_factors, mpo.bond_dims, 4,
+                                             PlanPolicy(cache_dense=True), grad=True)
+                if c.executor == "sweep" and c.reverse == reverse)
+    assert not plan.cached
+    cores = [c.clone().requires_grad_() for c in mpo.cores]
+    x = torch.randn(4, 777, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, *cs: plan.run(x, plan.group_operands(cs, 62, 777), 62),
+                                    (x, *cores), eps=1e-6, atol=1e-6)
+
+
 def test_memory_policy_screens_big_intermediates():
     cands = _build_candidates((4, 4, 8, 8), (8, 8, 4, 4), (32, 64, 32), 2048, PlanPolicy(cache_dense=False), False)
     limit = max(1024 * 1024, 4 * 2048 * 2048)

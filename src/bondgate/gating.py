@@ -56,7 +56,7 @@ from torch import nn
 from .calibration import capture_inputs
 from .io import register_layer_type
 from .layer import MPOLinear, core_versions, is_fresh
-from .planner import get_plan, min_flops, sweep_matrix, sweep_views
+from .planner import get_plan, min_flops, sweep_views
 
 __all__ = ["GatingConfig", "GatedMPOLinear", "gate", "set_mode", "set_budget", "fit_controllers", "gating_report",
            "average_flops", "width_error_curve", "route"]
@@ -290,11 +290,16 @@ class GatedMPOLinear(MPOLinear):
         w = [1, *widths, 1]
         if not cache:
             return [c[: w[k], :, :, : w[k + 1]] for k, c in enumerate(cores)]
+        return self._kept(("cores", widths),
+                          lambda cs: [c.detach()[: w[k], :, :, : w[k + 1]].contiguous() for k, c in enumerate(cs)])
+
+    def _kept(self, key: tuple, build: Callable) -> list[torch.Tensor]:
+        """``build(cores)``, kept in ``_slices[key]`` between inference calls while the cores are unchanged."""
+        cores = self._core_tuple()
         versions = core_versions(cores)
-        hit = self._slices.get(("cores", widths))
+        hit = self._slices.get(key)
         if not is_fresh(hit, cores, versions):
-            sliced = [c.detach()[: w[k], :, :, : w[k + 1]].contiguous() for k, c in enumerate(cores)]
-            hit = self._slices[("cores", widths)] = (versions, sliced, cores)
+            hit = self._slices[key] = (versions, build(cores), cores)
         return hit[1]
 
     def width_output(self, x2d: torch.Tensor, widths: tuple[int, ...]) -> torch.Tensor:
@@ -310,7 +315,7 @@ class GatedMPOLinear(MPOLinear):
             entry = self._level_plans[key] = (plan, widths == self.bond_dims)
         plan, is_full = entry
         if plan.executor == "sweep" and not enabled:
-            return plan.run(x2d, self._sweep_views(widths, plan.reverse), self.out_features)
+            return plan.run(x2d, self._sweep_views(plan, widths), self.out_features)
         cores = list(self._core_tuple()) if is_full else self._level_cores(widths, cache=not enabled)
         return plan.run(x2d, plan.group_operands(cores, self.out_features, self.in_features), self.out_features)
 
@@ -323,20 +328,13 @@ class GatedMPOLinear(MPOLinear):
                   if key[0] != "views" for t in ops)
         return super().cache_nbytes + own
 
-    def _sweep_views(self, widths: tuple[int, ...], reverse: bool) -> list[torch.Tensor]:
+    def _sweep_views(self, plan, widths: tuple[int, ...]) -> list[torch.Tensor]:
         """Inference operands of a sweep plan at ``widths``: views of ONE copy of the full-width cores in
         the sweep's matrix layout (per direction), so the levels share it instead of holding slices."""
-        cores = self._core_tuple()
-        versions = core_versions(cores)
-        hit = self._slices.get(("views", widths, reverse))
-        if not is_fresh(hit, cores, versions):
-            full = self._slices.get(("sweep", reverse))
-            if not is_fresh(full, cores, versions):
-                mats = [sweep_matrix(c.detach(), reverse).contiguous() for c in (cores[::-1] if reverse else cores)]
-                full = self._slices[("sweep", reverse)] = (versions, mats, cores)
-            views = sweep_views(full[1], self.out_factors, self.in_factors, widths, reverse)
-            hit = self._slices[("views", widths, reverse)] = (versions, views, cores)
-        return hit[1]
+        rev = plan.reverse
+        # the sweep layout does not depend on the bonds: the level's plan lays out the full-width cores too
+        return self._kept(("views", widths, rev), lambda _: sweep_views(
+            self._kept(("sweep", rev), plan.cache_operands), self.out_factors, self.in_factors, widths, rev))
 
     def grouped_output(self, x2d: torch.Tensor, levels: torch.Tensor, counts: list[int] | None = None) -> torch.Tensor:
         """Rows grouped by level, each group contracted with its sliced cores (the inference path).

@@ -253,19 +253,15 @@ class ContractionPlan:
             x2d = torch.nn.functional.pad(x2d, (0, pad))
         if self.executor == "sweep":
             y = self._run_sweep(x2d, ops)
-            if y.shape[1] != out_features:
-                y = y[:, :out_features]
-            return y if bias is None else y + bias
-        xs = x2d.reshape(x2d.shape[0], *self.in_factors)
-        if self.executor == "aten":
-            y = torch.ops.aten.einsum(self.equation, [xs, *ops], path=self._flat_path)
+        elif self.executor == "aten":
+            xs = x2d.reshape(x2d.shape[0], *self.in_factors)
+            y = torch.ops.aten.einsum(self.equation, [xs, *ops], path=self._flat_path).reshape(x2d.shape[0], -1)
         else:
-            stack = [xs, *ops]
+            stack = [x2d.reshape(x2d.shape[0], *self.in_factors), *ops]
             for i, j, dims in self._steps:  # i < j: pop j first so that i keeps its position
                 b = stack.pop(j)
                 stack.append(torch.tensordot(stack.pop(i), b, dims=dims))
-            y = stack[0].permute(self._perm)
-        y = y.reshape(x2d.shape[0], -1)
+            y = stack[0].permute(self._perm).reshape(x2d.shape[0], -1)
         if y.shape[1] != out_features:
             y = y[:, :out_features]
         if bias is not None:

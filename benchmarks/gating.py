@@ -16,7 +16,8 @@ examples/gpt2_compress.py heal):
 3. frontier: for average-FLOPs budgets 25/50/75% of full width, calibrate the price(s) on train
    inputs (``--per-layer``: one price per layer, each layer at the budget; default: one shared
    price), evaluate on held-out data (STS-B dev / WikiText-2 validation), and compare with static
-   prefix truncation of every bond to the width that costs the same FLOPs (same cores);
+   prefix truncation of every bond to the width that costs the same FLOPs (same cores); ``--track G``
+   lets the prices follow the held-out calls online (a fixed price drifts when they differ from train);
 4. wall-clock (``speed``): all gated layers together and each alone, gated (controller included; no limit,
    <= 2 or 1 level per call, and 1 level priced at the FLOPs of a B-row call, ``cost_rows=B``) vs full-width
    MPO vs dense nn.Linear at 1, 32 and 256 rows of real activations; every level's own timing, the
@@ -151,13 +152,15 @@ def train_gating(student, teacher, batches, calib, loss, args, budget=0.5, progr
 
 
 def frontier(student, evaluate, calib, higher_is_better: bool, per_layer: bool = False, metric=float,
-             interval=None) -> list[dict]:
+             interval=None, track: float = 0.0) -> list[dict]:
     """Gated vs static prefix truncation at the FLOPs the gated model used on the held-out rows; also each
     layer truncated to the constant width that costs what that layer used ("per-layer static"), which
     separates the gain of allocating compute across layers from that of choosing it per row.
 
     ``evaluate(model)`` gives predictions, ``metric(predictions)`` the score; ``interval(a, b)``, if given,
-    a 95% interval of ``metric(a) - metric(b)`` over resamples of the held-out items (paired bootstrap)."""
+    a 95% interval of ``metric(a) - metric(b)`` over resamples of the held-out items (paired bootstrap).
+    ``track``: the prices follow the held-out calls online (``set_budget(..., track=)``), starting from the
+    calibrated ones; the static baselines are matched to the FLOPs the gated model then used."""
     rows = []
     bg.set_mode(student, "full")
     full_q = metric(evaluate(student))
@@ -170,7 +173,7 @@ def frontier(student, evaluate, calib, higher_is_better: bool, per_layer: bool =
 
     for b in BUDGETS:
         bg.set_mode(student, "gate")
-        achieved_train = bg.set_budget(student, b, calib, per_layer=per_layer)
+        achieved_train = bg.set_budget(student, b, calib, per_layer=per_layer, track=track)
         gating_report(student, reset=True)
         pg = evaluate(student)
         held = average_flops(student)
@@ -222,7 +225,11 @@ def width_curves(student) -> dict:
 def report(name: str, info: dict, rows: list[dict], curves: dict, extra: dict, metric: str) -> None:
     write_json(RESULTS / f"gating_{name}.json", {"machine": info, "rows": rows, "width_error_curves": curves,
                                                   **extra})
-    lines = [f"Machine: {banner(info)}", "", f"Metric: {metric}", "",
+    args = extra.get("args", {})
+    prices = (f"Prices: calibrated on train inputs, then corrected online on the held-out calls "
+              f"(`track={args['track']:g}`)" if args.get("track") else "Prices: calibrated on train inputs, fixed")
+    prices += " (one per layer)." if args.get("per_layer") else " (one shared by all layers)."
+    lines = [f"Machine: {banner(info)}", "", f"Metric: {metric}", "", prices, "",
              "| budget (avg FLOPs / full) | gated | FLOPs on held-out rows | static prefix (width f) | static "
              "FLOPs | gated vs static (+ = gated better) | per-layer static, same per-layer FLOPs | gated vs "
              "per-layer static |", "|---|---|---|---|---|---|---|---|"]
@@ -276,7 +283,8 @@ def result_name(model: str, args) -> str:
     name = f"{model}_{args.controller}"
     if args.controller == "error" and args.objective == "model":
         name += "_model"
-    return name + (f"_L{args.levels}" if args.levels else "") + (f"_{args.tag}" if args.tag else "")
+    name += (f"_L{args.levels}" if args.levels else "") + (f"_{args.tag}" if args.tag else "")
+    return name + (f"_track{args.track:g}" if args.track else "")
 
 
 def run_minilm(args) -> None:
@@ -309,7 +317,7 @@ def run_minilm(args) -> None:
         return torch.nn.functional.cosine_similarity(a, b)
 
     rows = frontier(student, cosines, calib, True, args.per_layer, metric=lambda c: 100 * ms.spearman(c, gold),
-                    interval=spearman_difference_interval(gold))
+                    interval=spearman_difference_interval(gold), track=args.track)
     if args.controller != "oracle":  # the exact-error diagnostic is not a savable controller
         bg.save_pretrained(student, args.out, tokenizer=tok)
     report(result_name("minilm", args), info, rows, width_curves(student), {"training": log, "args": vars(args)},
@@ -336,7 +344,7 @@ def run_gpt2(args) -> None:
     log = train_gating(student, teacher, batches, calib, bg.DistillLoss(hidden=1.0, logits=1.0, temperature=1.0),
                        args, progress=not args.no_progress, sensitivity_loss=nll)
     valid = valid[: args.valid_blocks] if args.valid_blocks else valid
-    rows = frontier(student, lambda m: lm.evaluate_ppl(m, valid), calib, False, args.per_layer)
+    rows = frontier(student, lambda m: lm.evaluate_ppl(m, valid), calib, False, args.per_layer, track=args.track)
     if args.controller != "oracle":  # the exact-error diagnostic is not a savable controller
         bg.save_pretrained(student, args.out, tokenizer=tok)
     report(result_name("gpt2", args), info, rows, width_curves(student), {"training": log, "args": vars(args)},
@@ -526,6 +534,8 @@ def main(argv=None) -> None:
     for p in (m, g := sub.add_parser("gpt2")):
         p.add_argument("--controller", choices=["linear", "error", "oracle"], default="linear")
         p.add_argument("--per-layer", action="store_true", help="one price per layer (default: one shared price)")
+        p.add_argument("--track", type=float, default=0.0,
+                       help="gain of the online price correction on the held-out calls (0: calibrated prices fixed)")
         p.add_argument("--nested-out", default=None, help="also save the model right after nested training")
         p.add_argument("--levels", type=int, default=0,
                        help="re-gate with N evenly spaced levels 1/N..1 before the controllers (0: keep 25/50/75/100%%)")

@@ -419,3 +419,78 @@ def test_cost_rows_prices_levels_at_the_call_size_and_keeps_the_budget(tmp_path)
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="cost_rows"):
             set_budget(net, 0.5, calib, cost_rows=bad)
+
+
+def _shifted_setup(per_layer):
+    """Two error-gated layers priced on calibration rows; held-out rows are 3x larger, so every
+    predicted error is 9x larger and a fixed price buys wider levels than the budget."""
+    net = gate(_TwoBranches(), GatingConfig(controller="error", levels=tuple(i / 8 for i in range(1, 9))))
+    gen = torch.Generator().manual_seed(5)
+    calib = [_anisotropic_rows(256, gen) for _ in range(4)]
+    bondgate.fit_controllers(net, calib, objective="model")
+    stream = [3.0 * _anisotropic_rows(32, gen) for _ in range(80)]
+    return net, calib, stream
+
+
+def _stream_flops(net, stream):
+    net.eval()
+    gating_report(net, reset=True)
+    with torch.no_grad():
+        for x in stream:
+            net(x)
+    return average_flops(net)
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_price_tracking_holds_the_budget_on_shifted_inputs(per_layer):
+    net, calib, stream = _shifted_setup(per_layer)
+    assert set_budget(net, 0.5, calib, per_layer=per_layer) == pytest.approx(0.5, abs=0.02)
+    fixed = _stream_flops(net, stream)
+    assert fixed > 0.5 * 1.1, fixed  # the shift: a fixed price misses the budget
+    lam0 = [float(m.budget_lambda) for m in (net.a, net.b)]
+    assert set_budget(net, 0.5, calib, per_layer=per_layer, track=0.5) == pytest.approx(0.5, abs=0.02)
+    assert [float(m.budget_lambda) for m in (net.a, net.b)] == lam0  # calibration ran at fixed prices
+    _stream_flops(net, stream[:40])  # the price settles (the excess spent meanwhile is ~log(price ratio) / track)
+    tracked = _stream_flops(net, stream[40:])
+    assert tracked == pytest.approx(0.5, rel=0.03), (fixed, tracked)
+    lam = [float(m.budget_lambda) for m in (net.a, net.b)]
+    assert all(b > a for a, b in zip(lam0, lam))  # the price rose to pay for the harder rows
+    assert [r["track"] for r in gating_report(net)] == [0.5, 0.5]
+    assert [r["lambda"] for r in gating_report(net)] == lam
+    if not per_layer:
+        assert lam[0] == lam[1] and net.a._tracker is net.b._tracker  # one shared price
+    else:
+        assert net.a._tracker is not net.b._tracker
+        for r in gating_report(net):  # each layer meets the budget by itself
+            assert r["avg_flops_fraction"] == pytest.approx(0.5, rel=0.05)
+    set_budget(net, 0.5, calib, per_layer=per_layer)  # track=0: fixed prices again
+    assert net.a._tracker is None and _stream_flops(net, stream) == fixed
+    assert [r["track"] for r in gating_report(net)] == [0.0, 0.0]
+
+
+def test_tracked_model_save_load_continues_the_same_decisions(tmp_path):
+    net, calib, stream = _shifted_setup(False)
+    set_budget(net, 0.5, calib, track=0.5)
+    lam0 = float(net.a.budget_lambda)
+    _stream_flops(net, stream[:10])
+    assert float(net.a.budget_lambda) > lam0  # the price has moved
+    bondgate.save(net, tmp_path / "t")
+    back = bondgate.load(tmp_path / "t", model=_TwoBranches())
+    assert back.a._tracker is back.b._tracker and back.a._tracker is not net.a._tracker
+    with torch.no_grad():
+        for x in stream[10:30]:  # the same prices, hence the same decisions and outputs, call after call
+            assert torch.equal(net(x), back(x))
+    assert float(back.a.budget_lambda) == float(net.a.budget_lambda) > lam0  # ... and kept moving alike
+    spec = back.a.spec()["track"]
+    assert spec == {"rate": 0.5, "scale": net.a._tracker.scale, "shared": True}
+
+
+def test_bad_track_values():
+    net, layer = gated_layer()
+    for bad in (-0.1, float("nan"), True, "0.5", 11.0):
+        with pytest.raises(ValueError, match="track"):
+            set_budget(net, 0.5, [torch.randn(8, 96)], track=bad)
+    spec = layer.spec()
+    spec["track"] = {"rate": 0.5}
+    with pytest.raises(ValueError, match="track"):
+        GatedMPOLinear.from_spec(spec)

@@ -665,6 +665,11 @@ print(f"nested: {r1.steps} steps, gate: {r2.steps} steps, {time.perf_counter() -
 cost per row equals `budget` × the full-width cost; it can be changed at any time without retraining.
 `bg.gating_report(model)` then shows, per layer, the fraction of rows that went to each level and the
 average FLOPs per row relative to full width (controller included).
+
+A calibrated price holds the budget on inputs like the calibration data. If the inputs served later differ
+(harder rows pick wider levels), `bg.set_budget(model, budget, data, track=0.5)` also corrects the price
+online after every forward call, so that the average over the calls stays at the budget; decisions then
+depend on the calls before (the price is state, saved with the model).
 '''),
     code('''
 calib = list(data.X_valid[:2048].split(256))

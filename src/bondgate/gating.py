@@ -23,7 +23,9 @@ output computed so the controller sees what each choice would have given. A budg
 expected FLOPs (reported by :meth:`GatedMPOLinear.bondgate_aux_loss`, which :func:`bondgate.distill`
 adds to its loss) pulls the average toward the budget. After training, :func:`set_budget` calibrates
 one global price ``lam`` on inputs so that the average FLOPs per row hit any budget exactly — the
-budget can be changed at inference without retraining.
+budget can be changed at inference without retraining. A fixed price holds the budget on inputs like the
+calibration data; ``set_budget(..., track=g)`` adds a :class:`PriceTracker` that corrects the price online
+from the FLOPs the inference calls spend, so that their average stays at the budget on shifted inputs too.
 
 Two controllers: ``"linear"`` (default) is the probe above, trained with the Gumbel estimator;
 ``"error"`` predicts every level's output error for the row, ``|(W - W_l) x|^2``, from a few squared
@@ -59,7 +61,7 @@ from .layer import MPOLinear, core_versions, is_fresh
 from .planner import get_plan, min_flops, sweep_views
 
 __all__ = ["GatingConfig", "GatedMPOLinear", "gate", "set_mode", "set_budget", "fit_controllers", "gating_report",
-           "average_flops", "width_error_curve", "route"]
+           "average_flops", "width_error_curve", "route", "PriceTracker"]
 
 
 @dataclass
@@ -100,6 +102,12 @@ class GatingConfig:
 def _check_budget(budget: float) -> None:
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not (0.0 < float(budget) <= 1.0):
         raise ValueError(f"budget is a fraction of the full-width FLOPs and must lie in (0, 1], got {budget!r}")
+
+
+def _check_track(rate: float) -> None:
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (0.0 <= float(rate) <= 10.0):
+        raise ValueError(f"track is the gain of the online price correction and must lie in [0, 10] "
+                         f"(0: fixed price), got {rate!r}")
 
 
 class GateController(nn.Module):
@@ -209,6 +217,57 @@ def route(objective: torch.Tensor, max_groups: int | None = None) -> torch.Tenso
     return best[objective[:, best].argmin(-1)]
 
 
+class PriceTracker:
+    """Online correction of the price of a group of gated layers (all of a model's, or one layer), so
+    that the FLOPs of the inference calls average to the budget on *any* input stream.
+
+    A price calibrated by :func:`set_budget` meets the budget on inputs like its calibration data; on
+    inputs whose rows are easier or harder the controllers choose narrower or wider levels and the
+    average drifts (STS-B dev vs train sentences: 6-8%). The tracker is an integral controller: after each
+    round (every layer of the group has reported one call, or one reports a second time) it multiplies
+    the group's price ``budget_lambda`` by ``exp(rate * step)``, ``step = (used - budget * full) /
+    (budget * typical_full)`` being the round's excess FLOPs relative to a typical round's budget
+    (``typical_full``: running mean of the rounds' full-width FLOPs); a price <= 0 (possible with the
+    linear controller) moves by ``rate * step * scale`` instead, ``scale`` the calibrated price's size.
+    The sum of the steps is the excess accumulated over the whole stream, so the price settles only when
+    that excess stays bounded, i.e. when the average over the stream is the budget. Multiplicative,
+    because the price is in units of the controllers' errors: inputs with 3x larger errors need a ~3x
+    price. Decisions then depend on the calls before: the price is state (saved with the model), not a
+    function of the input alone.
+    """
+
+    def __init__(self, layers: Sequence["GatedMPOLinear"], budget: float, rate: float, scale: float) -> None:
+        self.layers, self.budget, self.rate, self.scale = list(layers), float(budget), float(rate), float(scale)
+        self.used = self.full = 0.0
+        self.seen: set[int] = set()
+        self.rounds, self.typical_full = 0, 0.0
+
+    def report(self, layer: "GatedMPOLinear", used: float, rows: int) -> None:
+        """One inference call of ``layer``: ``used`` FLOPs (levels and controller) for ``rows`` rows."""
+        if id(layer) in self.seen:
+            self.step()
+        self.seen.add(id(layer))
+        self.used += used
+        self.full += layer.full_cost * rows
+        if len(self.seen) == len(self.layers):
+            self.step()
+
+    def step(self) -> None:
+        if self.full > 0:
+            self.rounds += 1
+            self.typical_full += (self.full - self.typical_full) / min(self.rounds, 100)
+            step = self.rate * (self.used - self.budget * self.full) / (self.budget * self.typical_full)
+            lam = float(self.layers[0].budget_lambda)
+            lam = lam * math.exp(step) if lam > 0 else lam + step * self.scale
+            for m in self.layers:
+                m.budget_lambda.fill_(lam)
+        self.used = self.full = 0.0
+        self.seen.clear()
+
+    def spec(self) -> dict:
+        return {"rate": self.rate, "scale": self.scale, "shared": len(self.layers) > 1}
+
+
 @register_layer_type
 class GatedMPOLinear(MPOLinear):
     """An :class:`~bondgate.MPOLinear` whose bond widths are chosen per input row by a controller.
@@ -239,6 +298,8 @@ class GatedMPOLinear(MPOLinear):
         self._refresh_costs()
         self._aux: torch.Tensor | None = None
         self._slices: dict = {}  # inference operands: sliced cores, sweep matrices and their views
+        self._tracker: PriceTracker | None = None  # set_budget(track=...): online price correction
+        self._track_spec: dict | None = None  # a loaded checkpoint's tracker, until relinked
 
     def _refresh_costs(self) -> None:
         """Per-row FLOPs of every level: the cheapest plan for a call of ``cost_rows`` rows, per row."""
@@ -265,7 +326,8 @@ class GatedMPOLinear(MPOLinear):
         spec.update({"levels": list(self.levels), "temperature": self.temperature, "penalty": self.penalty,
                      "budget": self.budget, "mode": self.mode, "controller": self.controller_kind,
                      "controller_rank": self.controller_rank, "max_groups": self.max_groups,
-                     "cost_rows": self.cost_rows})
+                     "cost_rows": self.cost_rows,
+                     "track": self._tracker.spec() if self._tracker is not None else self._track_spec})
         return spec
 
     @classmethod
@@ -281,7 +343,24 @@ class GatedMPOLinear(MPOLinear):
         mode = spec.get("mode", "gate")
         layer.mode = float(mode) if isinstance(mode, (int, float)) else str(mode)
         layer.max_groups = _positive_int(spec.get("max_groups"), "max_groups", none_ok=True)
+        track = spec.get("track")
+        if track is not None:
+            if not isinstance(track, dict) or set(track) != {"rate", "scale", "shared"}:
+                raise ValueError(f"invalid 'track' entry {track!r}")
+            _check_track(track["rate"])
+            layer._track_spec = dict(track)
         return layer
+
+    @staticmethod
+    def after_load(model: nn.Module) -> None:
+        """Re-create the price trackers of a loaded model (one shared by the layers saved with a shared one)."""
+        layers = [m for _, m in _gated_layers(model) if m._track_spec is not None]
+        shared = [m for m in layers if m._track_spec["shared"]]
+        for group in ([shared] if shared else []) + [[m] for m in layers if not m._track_spec["shared"]]:
+            t = group[0]._track_spec
+            tracker = PriceTracker(group, group[0].budget, t["rate"], t["scale"])
+            for m in group:
+                m._tracker, m._track_spec = tracker, None
 
     # ------------------------------------------------------------------ kernels
     def _level_cores(self, widths: tuple[int, ...], cache: bool) -> list[torch.Tensor]:
@@ -408,14 +487,21 @@ class GatedMPOLinear(MPOLinear):
             return super().forward(x)
         elif x2d.shape[0] == 1 or self.max_groups == 1:  # one level for the call: no grouping, one Python int
             i = int(self.decide(x2d)[0])
+            rows = x2d.shape[0]
             if self.record:
-                self._pending[i] += x2d.shape[0]
+                self._pending[i] += rows
+            if self._tracker is not None:
+                self._tracker.report(self, (self.level_cost[i] + self.controller_cost) * rows, rows)
             y = self.width_output(x2d, self.level_widths[i])
         else:
             lv = self.decide(x2d)
             counts = torch.bincount(lv, minlength=len(self.levels)).tolist()
             if self.record:
                 self._pending = [a + b for a, b in zip(self._pending, counts)]
+            if self._tracker is not None:
+                rows = x2d.shape[0]
+                used = sum(c * f for c, f in zip(counts, self.level_cost)) + self.controller_cost * rows
+                self._tracker.report(self, used, rows)
             y = self.grouped_output(x2d, lv, counts)
         if self.bias is not None:
             y = y + self.bias
@@ -568,7 +654,7 @@ def _warn_call_size(scores: dict[str, list[torch.Tensor]], cost_rows: int) -> No
 
 
 def set_budget(model: nn.Module, budget: float, data: Iterable, per_layer: bool = False, rounds: int = 3,
-               max_groups: int | None = None, cost_rows: int = 1) -> float:
+               max_groups: int | None = None, cost_rows: int = 1, track: float = 0.0) -> float:
     """Calibrate the price ``lam`` so that the average FLOPs per row on ``data`` (model inputs) equal
     ``budget`` x full width (controllers included). Returns the achieved fraction (all layers).
 
@@ -593,10 +679,17 @@ def set_budget(model: nn.Module, budget: float, data: Iterable, per_layer: bool 
     the calls actually execute. (Error controllers fitted with ``objective="model"`` weigh each layer by its
     share of the FLOPs as counted when they were fitted: for a shared price at a new ``cost_rows``, call
     ``set_budget`` with it once, then :func:`fit_controllers`, then ``set_budget`` again.)
+
+    ``track``: gain of an online price correction (:class:`PriceTracker`; 0 = the calibrated price stays
+    fixed). A fixed price meets the budget on inputs like ``data``; with ``track > 0`` (0.5 is a good
+    start) every inference call moves the price against the FLOPs spent over or under the budget, so the
+    average over the calls that follow is the budget even when their inputs differ from ``data``, at the
+    price of decisions that depend on the calls before. Saved with the model.
     """
     _check_budget(budget)
     _positive_int(max_groups, "max_groups", none_ok=True)
     _positive_int(cost_rows, "cost_rows")
+    _check_track(track)
     layers = _gated_layers(model)
     if not layers:
         raise ValueError("the model has no gated layers (call bondgate.gate first)")
@@ -604,6 +697,7 @@ def set_budget(model: nn.Module, budget: float, data: Iterable, per_layer: bool 
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     data = list(data)
     for _, m in layers:
+        m._tracker = m._track_spec = None  # calibration runs at fixed prices
         m.max_groups = max_groups
         if m.cost_rows != cost_rows:
             m.cost_rows = cost_rows
@@ -620,6 +714,12 @@ def set_budget(model: nn.Module, budget: float, data: Iterable, per_layer: bool 
             for _, m in group:
                 m.budget_lambda.fill_(lam)
                 m.budget = float(budget)
+    if track > 0:
+        for group in [[m] for _, m in layers] if per_layer else [[m for _, m in layers]]:
+            scale = max(abs(float(group[0].budget_lambda)), 1e-6)  # steps relative to the calibrated price
+            tracker = PriceTracker(group, budget, track, scale)
+            for m in group:
+                m._tracker = tracker
     return _flops_at(layers, scores)
 
 
@@ -740,7 +840,8 @@ def average_flops(model: nn.Module, reset: bool = False) -> float:
 
 def gating_report(model: nn.Module, reset: bool = False) -> list[dict]:
     """Per gated layer: level histogram (fraction of rows since the last reset), average FLOPs per row
-    vs full width, the controller's cost as a fraction of the layer's full-width FLOPs, and ``lam``."""
+    vs full width, the controller's cost as a fraction of the layer's full-width FLOPs, ``lam`` (its
+    current value) and ``track`` (the gain of its online price correction, 0 if the price is fixed)."""
     rows = []
     for n, m in _gated_layers(model):
         counts = m.flush_counts().clone()
@@ -751,6 +852,7 @@ def gating_report(model: nn.Module, reset: bool = False) -> list[dict]:
         rows.append({"name": n, "levels": list(m.levels), "histogram": hist, "rows": int(tot),
                      "avg_flops_fraction": avg, "full_flops_per_row": m.full_cost, "cost_rows": m.cost_rows,
                      "controller_fraction": m.controller_cost / m.full_cost, "lambda": float(m.budget_lambda),
+                     "track": m._tracker.rate if m._tracker is not None else 0.0,
                      "bond_dims": list(m.bond_dims), "level_widths": [list(w) for w in m.level_widths]})
         if reset:
             m.level_counts.zero_()

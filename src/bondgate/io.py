@@ -60,7 +60,8 @@ def register_layer_type(cls: type[nn.Module], name: str | None = None) -> type[n
     """Register a layer class implementing ``spec() -> dict`` and ``from_spec(spec) -> layer``.
 
     ``name`` (default ``cls.__name__``) must equal the ``"type"`` its ``spec()`` reports. Returns
-    ``cls``, so it can be used as a class decorator.
+    ``cls``, so it can be used as a class decorator. An optional static ``after_load(model)`` is called
+    once per loaded model holding the type, after its weights are in (state shared between layers).
     """
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise TypeError(f"register_layer_type expects an nn.Module subclass, got {cls!r}")
@@ -684,6 +685,9 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *,
         model.load_state_dict(tensors, strict=True)
     for alias, target in meta["tensor_aliases"].items():
         _tie(model, alias, target)
+    for cls in {type(m) for m in new.values()}:  # model-level state of a layer type (gating's price trackers)
+        if callable(getattr(cls, "after_load", None)):
+            cls.after_load(model)
     if built:
         model.to(map_location)
     return model.eval()

@@ -472,17 +472,18 @@ def test_tracked_model_save_load_continues_the_same_decisions(tmp_path):
     net, calib, stream = _shifted_setup(False)
     set_budget(net, 0.5, calib, track=0.5)
     lam0 = float(net.a.budget_lambda)
-    _stream_flops(net, stream[:10])
+    _stream_flops(net, [x[: 8 + 3 * i] for i, x in enumerate(stream[:10])])  # calls of different sizes
     assert float(net.a.budget_lambda) > lam0  # the price has moved
     bondgate.save(net, tmp_path / "t")
     back = bondgate.load(tmp_path / "t", model=_TwoBranches())
     assert back.a._tracker is back.b._tracker and back.a._tracker is not net.a._tracker
+    assert back.a.spec()["track"] == net.a.spec()["track"] == {
+        "rate": 0.5, "scale": net.a._tracker.scale, "shared": True, "rounds": 10,
+        "typical_full": net.a._tracker.typical_full}
     with torch.no_grad():
-        for x in stream[10:30]:  # the same prices, hence the same decisions and outputs, call after call
-            assert torch.equal(net(x), back(x))
+        for i, x in enumerate(stream[10:30]):  # the same prices, hence the same decisions and outputs, call after call
+            assert torch.equal(net(x[: 5 + 2 * i]), back(x[: 5 + 2 * i]))
     assert float(back.a.budget_lambda) == float(net.a.budget_lambda) > lam0  # ... and kept moving alike
-    spec = back.a.spec()["track"]
-    assert spec == {"rate": 0.5, "scale": net.a._tracker.scale, "shared": True}
 
 
 def test_bad_track_values():
@@ -490,7 +491,9 @@ def test_bad_track_values():
     for bad in (-0.1, float("nan"), True, "0.5", 11.0):
         with pytest.raises(ValueError, match="track"):
             set_budget(net, 0.5, [torch.randn(8, 96)], track=bad)
-    spec = layer.spec()
-    spec["track"] = {"rate": 0.5}
-    with pytest.raises(ValueError, match="track"):
-        GatedMPOLinear.from_spec(spec)
+    good = {"rate": 0.5, "scale": 1.0, "shared": False, "rounds": 3, "typical_full": 10.0}
+    for bad in ({"rate": 0.5}, {**good, "rate": -1.0}, {**good, "scale": float("nan")}, {**good, "rounds": -2}):
+        spec = {**layer.spec(), "track": bad}
+        with pytest.raises(ValueError, match="track"):
+            GatedMPOLinear.from_spec(spec)
+    assert GatedMPOLinear.from_spec({**layer.spec(), "track": good})._track_spec == good

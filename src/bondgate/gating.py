@@ -232,15 +232,16 @@ class PriceTracker:
     The sum of the steps is the excess accumulated over the whole stream, so the price settles only when
     that excess stays bounded, i.e. when the average over the stream is the budget. Multiplicative,
     because the price is in units of the controllers' errors: inputs with 3x larger errors need a ~3x
-    price. Decisions then depend on the calls before: the price is state (saved with the model), not a
-    function of the input alone.
+    price. Decisions then depend on the calls before: the price is state (saved with the model, with the
+    tracker's running mean; a round in progress when saving is dropped), not a function of the input alone.
     """
 
-    def __init__(self, layers: Sequence["GatedMPOLinear"], budget: float, rate: float, scale: float) -> None:
+    def __init__(self, layers: Sequence["GatedMPOLinear"], budget: float, rate: float, scale: float,
+                 rounds: int = 0, typical_full: float = 0.0) -> None:
         self.layers, self.budget, self.rate, self.scale = list(layers), float(budget), float(rate), float(scale)
         self.used = self.full = 0.0
         self.seen: set[int] = set()
-        self.rounds, self.typical_full = 0, 0.0
+        self.rounds, self.typical_full = int(rounds), float(typical_full)
 
     def report(self, layer: "GatedMPOLinear", used: float, rows: int) -> None:
         """One inference call of ``layer``: ``used`` FLOPs (levels and controller) for ``rows`` rows."""
@@ -265,7 +266,8 @@ class PriceTracker:
         self.seen.clear()
 
     def spec(self) -> dict:
-        return {"rate": self.rate, "scale": self.scale, "shared": len(self.layers) > 1}
+        return {"rate": self.rate, "scale": self.scale, "shared": len(self.layers) > 1, "rounds": self.rounds,
+                "typical_full": self.typical_full}
 
 
 @register_layer_type
@@ -345,7 +347,9 @@ class GatedMPOLinear(MPOLinear):
         layer.max_groups = _positive_int(spec.get("max_groups"), "max_groups", none_ok=True)
         track = spec.get("track")
         if track is not None:
-            if not isinstance(track, dict) or set(track) != {"rate", "scale", "shared"}:
+            if (not isinstance(track, dict) or set(track) != {"rate", "scale", "shared", "rounds", "typical_full"}
+                    or not all(isinstance(track[k], (int, float)) and math.isfinite(track[k]) and track[k] >= 0
+                               for k in ("scale", "rounds", "typical_full"))):
                 raise ValueError(f"invalid 'track' entry {track!r}")
             _check_track(track["rate"])
             layer._track_spec = dict(track)
@@ -358,7 +362,7 @@ class GatedMPOLinear(MPOLinear):
         shared = [m for m in layers if m._track_spec["shared"]]
         for group in ([shared] if shared else []) + [[m] for m in layers if not m._track_spec["shared"]]:
             t = group[0]._track_spec
-            tracker = PriceTracker(group, group[0].budget, t["rate"], t["scale"])
+            tracker = PriceTracker(group, group[0].budget, t["rate"], t["scale"], t["rounds"], t["typical_full"])
             for m in group:
                 m._tracker, m._track_spec = tracker, None
 

@@ -667,9 +667,10 @@ cost per row equals `budget` × the full-width cost; it can be changed at any ti
 average FLOPs per row relative to full width (controller included).
 
 A calibrated price holds the budget on inputs like the calibration data. If the inputs served later differ
-(harder rows pick wider levels), `bg.set_budget(model, budget, data, track=0.5)` also corrects the price
+(harder rows pick wider levels), `bg.set_budget(model, budget, data, track=0.05)` also corrects the price
 online after every forward call, so that the average over the calls stays at the budget; decisions then
-depend on the calls before (the price is state, saved with the model).
+depend on the calls before (the price is state, saved with the model). Keep the gain small: the tracker is
+meant to follow a shift of the inputs over many calls, not to make every call spend the same.
 '''),
     code('''
 calib = list(data.X_valid[:2048].split(256))

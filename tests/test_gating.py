@@ -497,4 +497,4 @@ def test_bad_track_values():
         spec = {**layer.spec(), "track": bad}
         with pytest.raises(ValueError, match="track"):
             GatedMPOLinear.from_spec(spec)
-    assert GatedMPOLinear.from_spec({**layer.spec(), "track": good})._track_spec == good
+    assert GatedMPOLinear.from_spec({**layer.spec(), "track": good}).spec()["track"] == good

@@ -237,8 +237,9 @@ class PriceTracker:
     """
 
     def __init__(self, layers: Sequence["GatedMPOLinear"], budget: float, rate: float, scale: float,
-                 rounds: int = 0, typical_full: float = 0.0) -> None:
+                 shared: bool, rounds: int = 0, typical_full: float = 0.0) -> None:
         self.layers, self.budget, self.rate, self.scale = list(layers), float(budget), float(rate), float(scale)
+        self.shared = bool(shared)  # one price for all of a model's gated layers (else one per layer)
         self.used = self.full = 0.0
         self.seen: set[int] = set()
         self.rounds, self.typical_full = int(rounds), float(typical_full)
@@ -266,7 +267,7 @@ class PriceTracker:
         self.seen.clear()
 
     def spec(self) -> dict:
-        return {"rate": self.rate, "scale": self.scale, "shared": len(self.layers) > 1, "rounds": self.rounds,
+        return {"rate": self.rate, "scale": self.scale, "shared": self.shared, "rounds": self.rounds,
                 "typical_full": self.typical_full}
 
 
@@ -301,7 +302,6 @@ class GatedMPOLinear(MPOLinear):
         self._aux: torch.Tensor | None = None
         self._slices: dict = {}  # inference operands: sliced cores, sweep matrices and their views
         self._tracker: PriceTracker | None = None  # set_budget(track=...): online price correction
-        self._track_spec: dict | None = None  # a loaded checkpoint's tracker, until relinked
 
     def _refresh_costs(self) -> None:
         """Per-row FLOPs of every level: the cheapest plan for a call of ``cost_rows`` rows, per row."""
@@ -329,7 +329,7 @@ class GatedMPOLinear(MPOLinear):
                      "budget": self.budget, "mode": self.mode, "controller": self.controller_kind,
                      "controller_rank": self.controller_rank, "max_groups": self.max_groups,
                      "cost_rows": self.cost_rows,
-                     "track": self._tracker.spec() if self._tracker is not None else self._track_spec})
+                     "track": None if self._tracker is None else self._tracker.spec()})
         return spec
 
     @classmethod
@@ -352,19 +352,20 @@ class GatedMPOLinear(MPOLinear):
                                for k in ("scale", "rounds", "typical_full"))):
                 raise ValueError(f"invalid 'track' entry {track!r}")
             _check_track(track["rate"])
-            layer._track_spec = dict(track)
+            # a shared tracker holds this layer alone until after_load joins it with the model's other layers
+            layer._tracker = PriceTracker([layer], layer.budget, track["rate"], track["scale"], track["shared"],
+                                          track["rounds"], track["typical_full"])
         return layer
 
     @staticmethod
     def after_load(model: nn.Module) -> None:
-        """Re-create the price trackers of a loaded model (one shared by the layers saved with a shared one)."""
-        layers = [m for _, m in _gated_layers(model) if m._track_spec is not None]
-        shared = [m for m in layers if m._track_spec["shared"]]
-        for group in ([shared] if shared else []) + [[m] for m in layers if not m._track_spec["shared"]]:
-            t = group[0]._track_spec
-            tracker = PriceTracker(group, group[0].budget, t["rate"], t["scale"], t["rounds"], t["typical_full"])
-            for m in group:
-                m._tracker, m._track_spec = tracker, None
+        """Join the shared price trackers of a loaded model's layers into one (per-layer ones stay apart)."""
+        shared = [m for _, m in _gated_layers(model) if m._tracker is not None and m._tracker.shared]
+        if shared:
+            t = shared[0]._tracker
+            tracker = PriceTracker(shared, t.budget, t.rate, t.scale, True, t.rounds, t.typical_full)
+            for m in shared:
+                m._tracker = tracker
 
     # ------------------------------------------------------------------ kernels
     def _level_cores(self, widths: tuple[int, ...], cache: bool) -> list[torch.Tensor]:
@@ -704,7 +705,7 @@ def set_budget(model: nn.Module, budget: float, data: Iterable, per_layer: bool 
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     data = list(data)
     for _, m in layers:
-        m._tracker = m._track_spec = None  # calibration runs at fixed prices
+        m._tracker = None  # calibration runs at fixed prices
         m.max_groups = max_groups
         if m.cost_rows != cost_rows:
             m.cost_rows = cost_rows
@@ -724,7 +725,7 @@ def set_budget(model: nn.Module, budget: float, data: Iterable, per_layer: bool 
     if track > 0:
         for group in [[m] for _, m in layers] if per_layer else [[m for _, m in layers]]:
             scale = max(abs(float(group[0].budget_lambda)), 1e-6)  # steps relative to the calibrated price
-            tracker = PriceTracker(group, budget, track, scale)
+            tracker = PriceTracker(group, budget, track, scale, shared=not per_layer)
             for m in group:
                 m._tracker = tracker
     return _flops_at(layers, scores)

@@ -441,8 +441,9 @@ def _build_candidates(out_f, in_f, ranks, rows, policy: PlanPolicy, grad: bool) 
         l2r, r2l = tuple(_chain(n_ops, range(n_ops))), tuple(_chain(n_ops, [0, *range(n_ops - 1, 0, -1)]))
         paths.setdefault(l2r, "l2r")
         paths.setdefault(r2l, "r2l")
+        infos = {p: oe.contract_path(eq, x_shape, *gshapes, optimize=list(p), shapes=True)[1] for p in paths}
         for p, reverse in ((l2r, False), (r2l, True)) if gname == "cores" else ():
-            _, info = oe.contract_path(eq, x_shape, *gshapes, optimize=list(p), shapes=True)
+            info = infos[p]
             for cached in [False, True] if not grad else [False]:  # the same contractions, one mm per core
                 cands.append(
                     ContractionPlan(
@@ -454,7 +455,7 @@ def _build_candidates(out_f, in_f, ranks, rows, policy: PlanPolicy, grad: bool) 
                     )
                 )
         for p, pname in paths.items():
-            _, info = oe.contract_path(eq, x_shape, *gshapes, optimize=list(p), shapes=True)
+            info = infos[p]
             peak_main = int(info.largest_intermediate)
             for cached in cached_variants:
                 peak = max(peak_main, 0 if cached else g_peak)

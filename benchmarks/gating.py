@@ -28,7 +28,7 @@ examples/gpt2_compress.py heal):
     python benchmarks/gating.py gpt2 --checkpoint runs/gpt2-wt2-50
     python benchmarks/gating.py speed --checkpoint runs/gating-minilm
 
-Writes benchmarks/results/gating_<model>_<controller>.{json,md,png} and gating_speed.{json,md}.
+Writes benchmarks/results/gating_<model>_<controller>.{json,md,png} and gating_speed[_<tag>].{json,md}.
 """
 
 from __future__ import annotations
@@ -467,7 +467,8 @@ def run_speed(args) -> None:
         cells.append(cell)
         print(B, {k: round(v) for k, v in t.items() if "|" not in k},
               {lb: f"{cell['speedup_vs_full'][lb]:.2f}x @ {flops[lb]:.3f}" for lb in LIMITS}, flush=True)
-    write_json(RESULTS / "gating_speed.json", {"machine": info, "budget": args.budget, "layers": list(layers),
+    stem = "gating_speed" + (f"_{args.tag}" if args.tag else "")
+    write_json(RESULTS / f"{stem}.json", {"machine": info, "budget": args.budget, "layers": list(layers),
                                                "cells": cells})
     lines = [f"Machine: {banner(info)}", "",
              f"All {len(layers)} gated layers of `{args.checkpoint}` with one shared price so that their average "
@@ -512,7 +513,7 @@ def run_speed(args) -> None:
                            f"{info_n['flops'][lb]:.2f})" for lb in LIMITS)
             lv = " / ".join(f"{u[f'{n}|level{i}']:.0f}" for i in range(len(info_n["level_widths"])))
             lines.append(f"| {n} | {c['rows']} | {u[f'{n}|dense']:.0f} | {full_us:.0f} | {g} | {lv} |")
-    (RESULTS / "gating_speed.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -558,6 +559,7 @@ def main(argv=None) -> None:
     s.add_argument("--sentences", type=int, default=512, help="real sentences whose layer inputs are timed")
     s.add_argument("--layers", nargs="+", default=["layer.0.attention.self.query", "layer.0.intermediate.dense",
                                                     "layer.0.output.dense"])
+    s.add_argument("--tag", default="", help="suffix of the result files (gating_speed_<tag>.*)")
     args = ap.parse_args(argv)
     if args.cmd != "speed":
         torch.set_num_threads(args.threads)

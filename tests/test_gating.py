@@ -202,6 +202,10 @@ def test_save_load_reproduces_decisions_and_outputs(tmp_path, kind):
     with torch.no_grad():
         assert torch.equal(back[2].decide(torch.relu(back[0](x))), lv)
         assert torch.equal(back(x), y)
+        # one-row calls take the one-level path (no routing tensors): the same level as decide, the same output
+        for row in h[:10].split(1):
+            assert layer._one_level(row) == int(layer.decide(row)[0])
+            assert torch.equal(layer(row), layer(row, levels=layer.decide(row)))
 
 
 @pytest.mark.parametrize("kw,match", [({"budget": 0.0}, "budget"), ({"budget": 1.5}, "budget"),

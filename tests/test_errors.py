@@ -84,3 +84,14 @@ def test_bad_shapes_and_modules():
         MPOLinear(8, 8, policy="fast")
     with pytest.raises(ValueError, match="select"):
         PlanPolicy(select="guess")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_calibration_data(value):
+    import bondgate
+
+    mlp = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    bad = torch.randn(32, 64)
+    bad[4, 7] = value
+    with pytest.raises(ValueError, match="non-finite calibration inputs"):
+        bondgate.compress(mlp, bondgate.CompressionConfig(param_ratio=0.5), calibration=[bad], progress=False)

@@ -217,6 +217,52 @@ def test_bad_configs(kw, match):
         GatingConfig(**kw)
 
 
+@pytest.mark.parametrize("kind", ["linear", "error"])
+def test_no_rows_and_bad_calibration_data(kind):
+    net = gate(model_with_mpo(), GatingConfig(controller=kind))
+    layer = net[2]
+    with pytest.raises(ValueError, match="no input rows"):
+        set_budget(net, 0.5, [])
+    nan = torch.randn(16, 96)
+    nan[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="non-finite controller scores"):
+        set_budget(net, 0.5, [nan])
+    if kind == "error":
+        with pytest.raises(ValueError, match="non-finite inputs"):
+            bondgate.fit_controllers(net, [nan])
+    set_budget(net, 0.5, [torch.randn(64, 96)])
+    for training in (False, True):
+        net.train(training)
+        for mode in ("gate", "nested", "full", 0.5):
+            bondgate.set_mode(net, mode)
+            for max_groups in (None, 1, 2):
+                layer.max_groups = max_groups
+                y = net(torch.randn(0, 96))
+                assert y.shape == (0, 80)
+    net.eval()
+    bondgate.set_mode(net, "gate")
+    assert layer(torch.randn(2, 0, 96), levels=torch.zeros(0, dtype=torch.long)).shape == (2, 0, 80)
+    for bad in (0.0, 1.5, True, "fast"):
+        with pytest.raises(ValueError, match="mode"):
+            bondgate.set_mode(net, bad)
+
+
+def test_set_budget_warns_about_gated_layers_the_data_does_not_reach():
+    class TwoPaths(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = MPOLinear.from_linear(nn.Linear(96, 80), max_bond=8, num_cores=3)
+            self.unused = MPOLinear.from_linear(nn.Linear(96, 80), max_bond=8, num_cores=3)
+
+        def forward(self, x):
+            return self.used(x)
+
+    net = gate(TwoPaths(), GatingConfig(controller="error"))
+    with pytest.warns(UserWarning, match=r"1 gated layer\(s\) saw no rows and keep their price: \['unused'\]"):
+        set_budget(net, 0.5, [torch.randn(32, 96)])
+    assert float(net.unused.budget_lambda) == 0.0 and float(net.used.budget_lambda) != 0.0
+
+
 def test_gating_needs_mpo_layers():
     with pytest.raises(ValueError, match="no MPO layers"):
         gate(nn.Sequential(nn.Linear(4, 4)), GatingConfig())

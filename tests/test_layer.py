@@ -37,6 +37,24 @@ def test_leading_dims_and_no_bias(policy):
     assert layer(torch.randn(62)).shape == (40,)  # a single vector, like nn.Linear
 
 
+@pytest.mark.parametrize("policy", ["memory", "speed"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_no_rows_give_an_empty_output_like_linear(policy, bias):
+    lin = nn.Linear(64, 48, bias=bias)
+    layer = MPOLinear.from_linear(lin, max_bond=8, policy=policy)
+    for shape in [(0, 64), (3, 0, 64), (0, 5, 64)]:
+        x = torch.randn(shape, requires_grad=True)
+        y = layer(x)
+        assert y.shape == lin(x).shape == (*shape[:-1], 48) and y.dtype == x.dtype
+        layer.zero_grad(set_to_none=True)
+        y.sum().backward()  # an empty batch still runs through training code: zero gradients, as for a dense layer
+        assert x.grad is not None and x.grad.shape == x.shape
+        assert all(p.grad is not None and not p.grad.any() for p in layer.parameters())
+    with torch.no_grad():
+        assert layer(torch.randn(0, 64)).shape == (0, 48)
+    assert layer(torch.randn(4, 64)).shape == (4, 48)  # and the layer works on rows afterwards
+
+
 def test_padded_layer_outputs_only_real_rows():
     lin = nn.Linear(777, 62)
     layer = MPOLinear.from_linear(lin, max_bond=8)

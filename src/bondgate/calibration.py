@@ -149,6 +149,8 @@ def collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], data
     for name in modules:
         if counts[name] == 0:
             raise ValueError(f"module {name!r} saw no calibration rows: is it used by the model's forward?")
+        if not bool(torch.isfinite(seconds[name]).all()):
+            raise ValueError(f"module {name!r} got non-finite calibration inputs (NaN or inf): check the data")
         n = counts[name]
         out[name] = InputStats(mean=sums[name] / n, second=seconds[name] / n, rows=n)
     return out

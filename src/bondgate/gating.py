@@ -342,8 +342,7 @@ class GatedMPOLinear(MPOLinear):
         GatingConfig(budget=spec.get("budget", 0.5), levels=tuple(spec["levels"]), controller=kind, rank=rank)
         layer._init_gating(spec["levels"], spec.get("temperature", 1.0), spec.get("penalty", 5.0),
                            spec.get("budget", 0.5), kind, rank, spec.get("cost_rows", 1))
-        mode = spec.get("mode", "gate")
-        layer.mode = float(mode) if isinstance(mode, (int, float)) else str(mode)
+        layer.mode = _check_mode(spec.get("mode", "gate"))
         layer.max_groups = _positive_int(spec.get("max_groups"), "max_groups", none_ok=True)
         track = spec.get("track")
         if track is not None:
@@ -483,6 +482,8 @@ class GatedMPOLinear(MPOLinear):
             raise ValueError(f"GatedMPOLinear expected input with last dimension {self.in_features}, "
                              f"got shape {tuple(x.shape)}")
         x2d = x.reshape(-1, self.in_features)
+        if not x2d.shape[0]:
+            return self._no_rows(x)
         if levels is not None:
             levels = levels.reshape(-1).to(device=x2d.device, dtype=torch.long)
             if levels.shape[0] != x2d.shape[0] or (levels.numel() and not (0 <= int(levels.min()) and
@@ -601,13 +602,19 @@ def gate(model: nn.Module, config: GatingConfig) -> nn.Module:
     return model
 
 
+def _check_mode(mode) -> str | float:
+    if isinstance(mode, str):
+        if mode not in ("gate", "nested", "full"):
+            raise ValueError(f"mode must be 'gate', 'nested', 'full' or a fraction, got {mode!r}")
+        return mode
+    if isinstance(mode, bool) or not isinstance(mode, (int, float)) or not 0.0 < mode <= 1.0:
+        raise ValueError(f"a static mode is the kept fraction of every bond and must lie in (0, 1], got {mode!r}")
+    return float(mode)
+
+
 def set_mode(model: nn.Module, mode: str | float) -> nn.Module:
     """``"gate"``, ``"nested"``, ``"full"`` or a width fraction in (0, 1] (static truncation) for every gated layer."""
-    if isinstance(mode, str) and mode not in ("gate", "nested", "full"):
-        raise ValueError(f"mode must be 'gate', 'nested', 'full' or a fraction, got {mode!r}")
-    if not isinstance(mode, str):
-        _check_budget(mode)
-        mode = float(mode)
+    mode = _check_mode(mode)
     layers = _gated_layers(model)
     if not layers:
         raise ValueError("the model has no gated layers (call bondgate.gate first)")
@@ -656,6 +663,20 @@ def _calibrate_lambda(layers, scores, budget: float) -> float:
             hi = mid
     # of the two sides of the step, take the one closer to the budget
     return lo if abs(_flops_at(layers, scores, lo) - budget) < abs(_flops_at(layers, scores, hi) - budget) else hi
+
+
+def _check_scores(scores: dict[str, list[torch.Tensor]], layers) -> None:
+    """Calibration needs rows, and finite scores: a NaN would silently pick some price."""
+    seen = {n for n, v in scores.items() if any(s.shape[0] for s in v)}
+    if not seen:
+        raise ValueError("set_budget: data gave the gated layers no input rows (does it reach them?)")
+    missed = [n for n, _ in layers if n not in seen]
+    if missed:
+        warnings.warn(f"set_budget: {len(missed)} gated layer(s) saw no rows and keep their price: {missed[:3]}",
+                      stacklevel=3)
+    for n, v in scores.items():
+        if not all(bool(torch.isfinite(s).all()) for s in v):
+            raise ValueError(f"set_budget: layer {n!r} got non-finite controller scores (NaN or inf in its inputs)")
 
 
 def _warn_call_size(scores: dict[str, list[torch.Tensor]], cost_rows: int) -> None:
@@ -721,8 +742,10 @@ def set_budget(model: nn.Module, budget: float, data: Iterable, per_layer: bool 
             m._refresh_costs()
     for r in range(rounds):
         scores = _collect_scores(model, data)
-        if r == 0 and cost_rows > 1:
-            _warn_call_size(scores, cost_rows)
+        if r == 0:
+            _check_scores(scores, layers)
+            if cost_rows > 1:
+                _warn_call_size(scores, cost_rows)
         if max_groups is None:  # calls need not be kept apart
             scores = {n: [torch.cat(v)] for n, v in scores.items()}
         layers = [(n, m) for n, m in layers if n in scores]
@@ -801,6 +824,8 @@ def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256,
         if not rows[n]:
             raise ValueError(f"fit_controllers: layer {n!r} saw no input rows (does data reach it?)")
         X = torch.cat(rows[n])
+        if not bool(torch.isfinite(X).all()):
+            raise ValueError(f"fit_controllers: layer {n!r} got non-finite inputs (NaN or inf)")
         mpo = m.to_mpo()
         W = mpo.to_matrix().to(torch.float64)
         if objective == "model":

@@ -291,6 +291,8 @@ class MPOLinear(nn.Module):
             )
         flat = x.dim() != 2
         x2d = x.reshape(-1, self.in_features) if flat else x
+        if not x2d.shape[0]:
+            return self._no_rows(x)
         grad = torch.is_grad_enabled() and (cores[0].requires_grad or x.requires_grad)
         key = x2d.shape[0].bit_length() << 1 | grad  # (planner.row_bucket(rows), grad) packed in an int
         entry = self._plans.get(key)
@@ -317,6 +319,17 @@ class MPOLinear(nn.Module):
             self._check_dtype(x)
             raise
         return y.reshape(*x.shape[:-1], self.out_features) if flat else y
+
+    def _no_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The output of an input with no rows, ``(*x.shape[:-1], out_features)``, as ``nn.Linear`` gives it
+        (the kernels' reshapes cannot infer a size from zero elements). When a gradient is wanted, through
+        the rebuilt weight, so that the cores and the input get (zero) gradients as a dense layer's would."""
+        self._check_dtype(x)
+        bias = self._parameters["bias"]
+        if torch.is_grad_enabled() and (x.requires_grad or any(c.requires_grad for c in self._core_tuple())):
+            return torch.nn.functional.linear(x, self.weight_matrix(), bias)
+        y = x.new_zeros(*x.shape[:-1], self.out_features)
+        return y if bias is None else y + bias
 
     def _new_entry(self, x: torch.Tensor, rows: int, grad: bool) -> tuple[ContractionPlan, list | None]:
         self._check_dtype(x)

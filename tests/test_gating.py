@@ -548,3 +548,12 @@ def test_bad_track_values():
         with pytest.raises(ValueError, match="track"):
             GatedMPOLinear.from_spec(spec)
     assert GatedMPOLinear.from_spec({**layer.spec(), "track": good}).spec()["track"] == good
+
+
+def test_saved_mode_is_validated_on_load():
+    _, layer = gated_layer()
+    for bad in (5.0, 0.0, "fast", None):
+        with pytest.raises(ValueError, match="mode"):
+            GatedMPOLinear.from_spec({**layer.spec(), "mode": bad})
+    for good in ("nested", "full", 0.5, 1):
+        assert GatedMPOLinear.from_spec({**layer.spec(), "mode": good}).mode == good

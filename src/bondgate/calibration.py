@@ -311,6 +311,74 @@ def output_sensitivity(model: nn.Module, modules: Mapping[str, nn.Module], data:
     return {n: sums[n] / rows[n] for n in modules if rows[n]}
 
 
+def row_sensitivity(model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable,
+                    loss: Callable[[object, object], torch.Tensor] | None = None, probes: int = 4,
+                    rows_per_batch: int = 256, max_rows: int = 8192, seed: int = 0
+                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per module, rows ``x`` sampled from its input (``(n, in)`` float64, at most ``rows_per_batch`` per batch
+    and ``max_rows`` in all) and each sampled row's own output sensitivity ``(d s / d y_j)^2`` averaged over
+    ``probes`` backward passes (``(n, out)`` float32): the per-row counterpart of :func:`output_sensitivity`,
+    whose channel weights average over rows. ``s`` is a random unit probe of the model output, or
+    ``loss(output, batch)`` if given (a loss that draws a random probe itself, or ``probes=1`` for a
+    deterministic one). Padding rows get zero sensitivity: nothing downstream reads them.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    seen: dict[str, tuple] = {}
+    xs: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
+    gs: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
+    count = dict.fromkeys(modules, 0)
+
+    def hook_for(name):
+        def hook(mod, inputs, output):
+            seen[name] = (inputs[0], output)
+
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(n)) for n, m in modules.items()]
+    frozen = [p for m in modules.values() for p in m.parameters() if not p.requires_grad]
+    for p in frozen:  # the outputs must be part of a graph
+        p.requires_grad_(True)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in data:
+            if all(c >= max_rows for c in count.values()):
+                break
+            take: dict[str, torch.Tensor] = {}
+            acc: dict[str, torch.Tensor] = {}
+            for _ in range(probes):
+                seen.clear()
+                with torch.enable_grad():
+                    out = run_model(model, batch)
+                    if loss is not None:
+                        s = loss(out, batch)
+                    else:
+                        f = model_output(out)
+                        r = torch.randn(f.shape, generator=gen).to(f)
+                        s = (f * r / r.norm()).sum()
+                    names = [n for n, (_, y) in seen.items() if y.requires_grad and count[n] < max_rows]
+                    grads = torch.autograd.grad(s, [seen[n][1] for n in names], allow_unused=True)
+                for n, g in zip(names, grads):
+                    x2 = seen[n][0].detach().reshape(-1, seen[n][0].shape[-1])
+                    if n not in take:  # the same rows in every pass of this batch
+                        take[n] = torch.randperm(x2.shape[0], generator=gen)[: min(rows_per_batch, max_rows - count[n])]
+                        xs[n].append(x2[take[n].to(x2.device)].to("cpu", torch.float64))
+                        acc[n] = torch.zeros(take[n].numel(), seen[n][1].shape[-1], dtype=torch.float64)
+                    if g is not None:
+                        g = g.detach().reshape(-1, g.shape[-1])[take[n].to(g.device)]
+                        acc[n] += g.to("cpu", torch.float64).square()
+            for n, a in acc.items():
+                gs[n].append((a / probes).float())
+                count[n] += a.shape[0]
+    finally:
+        for h in handles:
+            h.remove()
+        for p in frozen:
+            p.requires_grad_(False)
+        model.train(was_training)
+    return {n: (torch.cat(xs[n]), torch.cat(gs[n])) for n in modules if xs[n]}
+
+
 def layer_sensitivity(model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable, probes: int = 4,
                       max_batches: int | None = None, seed: int = 0) -> dict[str, float]:
     """How strongly each module's output moves the model's output, per unit of output error.

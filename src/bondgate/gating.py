@@ -855,7 +855,9 @@ def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256,
             if s is None:
                 t = E.sum(1) * scale
             else:
-                t = ((E * row_sens[n].double()).sum(1) if row_weights else E @ s) * scale
+                t = E @ s * scale
+                if row_weights:  # each row's share of the sensitivity (mean 1), less noisy than its per-channel values
+                    t = t * (row_sens[n].double().sum(1) / s.sum().clamp_min(1e-300))
             targets.append(t)
             if row_weights:  # the error's quadratic form changes with the row: where the rows with large targets lie
                 G += (X * (t / max(float(t.mean()), 1e-300))[:, None]).T @ X / X.shape[0]

@@ -117,10 +117,7 @@ def install_oracles(student, calib) -> None:
         m.controller = ExactError(m, statistics.mean(energy[n]))
 
 
-def train_gating(student, teacher, batches, calib, loss, args, budget=0.5, progress=True, sensitivity_loss=None,
-                 probes=4):
-    """``probes``: backward passes per batch for per-row sensitivities (``--row-weights``): several for a
-    random-probe ``sensitivity_loss``, one for a deterministic loss."""
+def train_gating(student, teacher, batches, calib, loss, args, budget=0.5, progress=True, sensitivity_loss=None):
     kind = "error" if args.controller == "oracle" else args.controller
     bg.gate(student, bg.GatingConfig(budget=budget, controller=kind))
     log = {}
@@ -141,8 +138,7 @@ def train_gating(student, teacher, batches, calib, loss, args, budget=0.5, progr
     elif args.controller == "error":
         t0 = time.perf_counter()
         fit = bg.fit_controllers(student, calib, objective=args.objective,
-                                 loss=sensitivity_loss if args.objective == "model" else None,
-                                 row_weights=args.row_weights, probes=probes)
+                                 loss=sensitivity_loss if args.objective == "model" else None)
         log["fit_controllers"] = {"seconds": time.perf_counter() - t0, "layers": fit,
                                   "min_r2": min(min(f["r2"]) for f in fit),
                                   "median_r2": statistics.median(v for f in fit for v in f["r2"][:-1])}
@@ -286,7 +282,7 @@ def plot(name: str, rows: list[dict], metric: str) -> None:
 def result_name(model: str, args) -> str:
     name = f"{model}_{args.controller}"
     if args.controller == "error" and args.objective == "model":
-        name += "_model" + ("_rows" if args.row_weights else "")
+        name += "_model"
     name += (f"_L{args.levels}" if args.levels else "") + (f"_{args.tag}" if args.tag else "")
     return name + (f"_track{args.track:g}" if args.track else "")
 
@@ -346,7 +342,7 @@ def run_gpt2(args) -> None:
                                                  ids[:, 1:].reshape(-1))
 
     log = train_gating(student, teacher, batches, calib, bg.DistillLoss(hidden=1.0, logits=1.0, temperature=1.0),
-                       args, progress=not args.no_progress, sensitivity_loss=nll, probes=1)
+                       args, progress=not args.no_progress, sensitivity_loss=nll)
     valid = valid[: args.valid_blocks] if args.valid_blocks else valid
     rows = frontier(student, lambda m: lm.evaluate_ppl(m, valid), calib, False, args.per_layer, track=args.track)
     if args.controller != "oracle":  # the exact-error diagnostic is not a savable controller
@@ -545,9 +541,6 @@ def main(argv=None) -> None:
         p.add_argument("--levels", type=int, default=0,
                        help="re-gate with N evenly spaced levels 1/N..1 before the controllers (0: keep 25/50/75/100%%)")
         p.add_argument("--tag", default="", help="suffix of the result files (e.g. the checkpoint's name)")
-        p.add_argument("--row-weights", action="store_true",
-                       help="with --objective model: weigh each row's error by its own sensitivity (fit_controllers("
-                            "row_weights=True)) instead of the mean over rows")
         p.add_argument("--objective", choices=["layer", "model"], default="model",
                        help="error controller target: the layer's own relative error, or its effect on the model "
                             "(LM loss Fisher for GPT-2, embedding probes for MiniLM)")

@@ -347,52 +347,6 @@ def test_model_objective_spends_flops_where_the_model_output_is_sensitive():
     assert errs["model"] < 0.7 * errs["layer"], errs
 
 
-class _FirstToken(nn.Module):
-    """Reads only the first token's output: the other rows of the gated layer matter to nothing."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.layer = MPOLinear.from_linear(nn.Linear(96, 80), max_bond=12, num_cores=3)
-
-    def forward(self, x):
-        return self.layer(x)[:, 0]
-
-
-def _first_token_batch(gen, n=32):
-    """First tokens in the first 48 input dims, the others in the last 48: a controller can tell them apart."""
-    x = torch.randn(n, 4, 96, generator=gen) * torch.exp(torch.randn(n, 4, 1, generator=gen))
-    x[:, 0, 48:] = 0
-    x[:, 1:, :48] = 0
-    return x
-
-
-def test_row_weights_spend_the_budget_on_the_rows_the_output_reads():
-    gen = torch.Generator().manual_seed(4)
-    calib = [_first_token_batch(gen) for _ in range(8)]
-    held = [_first_token_batch(gen) for _ in range(8)]
-    errors, narrow = {}, {}
-    for row_weights in (False, True):
-        net = gate(_FirstToken(), GatingConfig(controller="error", levels=tuple(i / 8 for i in range(1, 9))))
-        bondgate.fit_controllers(net, calib, objective="model", row_weights=row_weights)
-        set_budget(net, 0.5, calib)
-        net.eval()
-        gating_report(net, reset=True)
-        with torch.no_grad():
-            err = sum(float((net(x) - net.layer(x, levels=torch.full((x.shape[0] * 4,), 7))[:, 0]).square().sum())
-                      for x in held)
-            ref = sum(float(net.layer(x, levels=torch.full((x.shape[0] * 4,), 7))[:, 0].square().sum()) for x in held)
-            others = torch.cat([x[:, 1:].reshape(-1, 96) for x in held])
-            narrow[row_weights] = float((net.layer.decide(others) == 0).float().mean())
-        assert average_flops(net) == pytest.approx(0.5, abs=0.05)
-        errors[row_weights] = err / ref
-    # the unread rows go to the narrowest level and the first tokens get their FLOPs: a smaller output error
-    assert narrow[True] > narrow[False] + 0.1  # measured 0.64 vs 0.50
-    assert errors[True] < 0.2 * errors[False]  # measured 0.0005 vs 0.033
-    with pytest.raises(ValueError, match="row_weights"):
-        bondgate.fit_controllers(net, calib, objective="layer", row_weights=True)
-
-
 def test_fit_controllers_bad_objective():
     net = gate(model_with_mpo(), GatingConfig(controller="error"))
     with pytest.raises(ValueError, match="objective"):

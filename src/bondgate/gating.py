@@ -766,8 +766,7 @@ def set_budget(model: nn.Module, budget: float, data: Iterable, per_layer: bool 
 @torch.no_grad()
 def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256, max_rows: int = 8192,
                     seed: int = 0, objective: str = "layer",
-                    loss: Callable[[object, object], torch.Tensor] | None = None, row_weights: bool = False,
-                    probes: int = 4) -> list[dict]:
+                    loss: Callable[[object, object], torch.Tensor] | None = None) -> list[dict]:
     """Fit every error controller in closed form on the layer inputs that ``data`` (model inputs) produces.
 
     On rows ``x`` sampled from the full-width model's layer inputs (``rows_per_batch`` per batch, at most
@@ -780,26 +779,21 @@ def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256,
       diagonal Fisher of ``loss(output, batch)`` if given), i.e. the predicted change of the model output
       (or loss) — in the same units for every layer. It is divided by the layer's share of the FLOPs, so
       one price (:func:`set_budget`, ``per_layer=False``) buys the largest loss reduction per FLOP
-      across the whole model. With ``row_weights=True`` the sensitivity is each row's own,
-      ``sum_j s_j(x) (D_l x)_j^2`` (:func:`bondgate.calibration.row_sensitivity`, ``probes`` backward passes
-      per batch): rows the model output depends on more (in attention, through the other rows; in a
-      mean-pooled embedding, those of short inputs) count more, and rows nothing reads (padding) not at all.
+      across the whole model.
 
     ``proj`` holds the top-``rank`` eigenvectors of ``sum_l D_l^T S D_l / mean target_l`` (the directions
-    along which the errors vary most; with ``row_weights``, of ``sum_l E[target_l(x) x x^T] / mean target_l``,
-    the directions of the rows whose errors count) and ``coef[l]`` a non-negative least-squares fit of the target on
+    along which the errors vary most) and ``coef[l]`` a non-negative least-squares fit of the target on
     ``[(u_j . x)^2, |x|^2]``. Returns, per layer, the rows used and the R^2 of the per-row error
     prediction of each level (1.0 for the full level, whose error is zero). Call :func:`set_budget` after.
     """
     from scipy.optimize import nnls
 
-    from .calibration import output_sensitivity, row_sensitivity
+    from .calibration import output_sensitivity
 
     if objective not in ("layer", "model"):
         raise ValueError(f"objective must be 'layer' or 'model', got {objective!r}")
-    if (loss is not None or row_weights) and objective != "model":
-        raise ValueError("loss and row_weights are only used with objective='model'")
-    _positive_int(probes, "probes")
+    if loss is not None and objective != "model":
+        raise ValueError("loss is only used with objective='model'")
     layers = [(n, m) for n, m in _gated_layers(model) if m.controller_kind == "error"]
     if not layers:
         raise ValueError("fit_controllers: the model has no gated layers with controller='error'")
@@ -820,15 +814,8 @@ def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256,
     try:
         for _, m in layers:  # the inputs (and sensitivities) of the full-width model
             m.mode = "full"
-        row_sens: dict[str, torch.Tensor] = {}
-        if row_weights:
-            for n, (x, g) in row_sensitivity(model, dict(layers), data, loss=loss, probes=probes,
-                                             rows_per_batch=rows_per_batch, max_rows=max_rows, seed=seed).items():
-                rows[n], row_sens[n] = [x], g
-            sens = {n: g.double().mean(0) for n, g in row_sens.items()}
-        else:
-            capture_inputs(model, dict(layers), data, sample, lambda: all(c >= max_rows for c in count.values()))
-            sens = output_sensitivity(model, dict(layers), data, loss=loss) if objective == "model" else {}
+        capture_inputs(model, dict(layers), data, sample, lambda: all(c >= max_rows for c in count.values()))
+        sens = output_sensitivity(model, dict(layers), data, loss=loss) if objective == "model" else {}
     finally:
         for (_, m), mode in zip(layers, modes):
             m.mode = mode
@@ -852,18 +839,10 @@ def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256,
                 continue
             D = W - mpo.slice_bonds(w).to_matrix().to(torch.float64)
             E = (X @ D.T).pow(2)
-            if s is None:
-                t = E.sum(1) * scale
-            else:
-                t = E @ s * scale
-                if row_weights:  # each row's share of the sensitivity (mean 1), less noisy than its per-channel values
-                    t = t * (row_sens[n].double().sum(1) / s.sum().clamp_min(1e-300))
+            t = (E.sum(1) if s is None else E @ s) * scale
             targets.append(t)
-            if row_weights:  # the error's quadratic form changes with the row: where the rows with large targets lie
-                G += (X * (t / max(float(t.mean()), 1e-300))[:, None]).T @ X / X.shape[0]
-            else:
-                SD = D if s is None else D * s.sqrt()[:, None]
-                G += SD.T @ SD / max(float(t.mean()) / scale, 1e-300)
+            SD = D if s is None else D * s.sqrt()[:, None]
+            G += SD.T @ SD / max(float(t.mean()) / scale, 1e-300)
         fits.append((n, m, X, targets, G))
     # one global unit for the scores (the price's search range is fixed); relative per layer already for "layer"
     unit = 1.0

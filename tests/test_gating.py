@@ -242,6 +242,8 @@ def test_no_rows_and_bad_calibration_data(kind):
     net.eval()
     bondgate.set_mode(net, "gate")
     assert layer(torch.randn(2, 0, 96), levels=torch.zeros(0, dtype=torch.long)).shape == (2, 0, 80)
+    with pytest.raises(ValueError, match="levels must be 0 indices"):
+        layer(torch.randn(0, 96), levels=torch.zeros(3, dtype=torch.long))
     for bad in (0.0, 1.5, True, "fast"):
         with pytest.raises(ValueError, match="mode"):
             bondgate.set_mode(net, bad)

@@ -482,13 +482,14 @@ class GatedMPOLinear(MPOLinear):
             raise ValueError(f"GatedMPOLinear expected input with last dimension {self.in_features}, "
                              f"got shape {tuple(x.shape)}")
         x2d = x.reshape(-1, self.in_features)
-        if not x2d.shape[0]:
-            return self._no_rows(x)
         if levels is not None:
             levels = levels.reshape(-1).to(device=x2d.device, dtype=torch.long)
             if levels.shape[0] != x2d.shape[0] or (levels.numel() and not (0 <= int(levels.min()) and
                                                                             int(levels.max()) < len(self.levels))):
                 raise ValueError(f"levels must be {x2d.shape[0]} indices in [0, {len(self.levels)})")
+        if not x2d.shape[0]:
+            return self._no_rows(x)
+        if levels is not None:
             y = self.grouped_output(x2d, levels) if not self.training else self._soft_route(
                 x2d, torch.nn.functional.one_hot(levels, len(self.levels)).to(x2d.dtype))
         elif isinstance(mode, float):

@@ -40,12 +40,6 @@ RESULTS = ROOT / "benchmarks" / "results"
 SAMPLE = 32
 
 
-def objective_ops(layer, x: torch.Tensor, price: torch.Tensor) -> torch.Tensor:
-    """What ``decide`` computes for one level per call: the summed objective's argmin."""
-    ctrl = layer.controller
-    return torch.addmm(price, ctrl.features(x), ctrl.coef_t()).sum(0).argmin()
-
-
 @torch.no_grad()
 def main() -> None:
     import minilm_stsb as ms
@@ -88,10 +82,9 @@ def main() -> None:
             regret.append(float(total[pick] - total.min()) / spread if spread > 0 else 0.0)
             same += pick == int(total.argmin())
             worst += pick == int(total.argmax())
-        price = (lam * m.rel_cost).to(X.dtype)
-        x = calls[half]
-        t = time_interleaved({"all": lambda: objective_ops(m, x, price),
-                              "sample": lambda: objective_ops(m, x[::stride], price)}, rounds=5)
+        m.budget_lambda.fill_(lam)
+        x = calls[half]  # the layer's own one-level decision, on all rows and on the sample
+        t = time_interleaved({"all": lambda: m._one_level(x), "sample": lambda: m._one_level(x[::stride])}, rounds=5)
         regret.sort()
         rows.append({"layer": n, "in_features": m.in_features, "calls": len(regret), "same_pick": same / len(regret),
                      "median_regret": regret[len(regret) // 2], "max_regret": regret[-1],

@@ -426,7 +426,7 @@ def _build_candidates(out_f, in_f, ranks, rows, policy: PlanPolicy, grad: bool) 
             continue
         eq = ",".join([L.x, *gsubs]) + "->" + L.y
         n_ops = 1 + len(groups)
-        paths: dict[tuple, str] = {}
+        paths: dict[tuple, tuple[str, object]] = {}  # path -> (name, opt_einsum PathInfo)
         optimizers = {
             "optimal": "optimal" if n_ops <= 6 else "dp",
             "dp-size": oe.DynamicProgramming(minimize="size"),
@@ -436,14 +436,14 @@ def _build_candidates(out_f, in_f, ranks, rows, policy: PlanPolicy, grad: bool) 
             "branch-2": "branch-2",
         }
         for oname, opt in optimizers.items():
-            p, _ = oe.contract_path(eq, x_shape, *gshapes, optimize=opt, shapes=True)
-            paths.setdefault(tuple(map(tuple, p)), oname)
+            p, info = oe.contract_path(eq, x_shape, *gshapes, optimize=opt, shapes=True)
+            paths.setdefault(tuple(map(tuple, p)), (oname, info))
         l2r, r2l = tuple(_chain(n_ops, range(n_ops))), tuple(_chain(n_ops, [0, *range(n_ops - 1, 0, -1)]))
-        paths.setdefault(l2r, "l2r")
-        paths.setdefault(r2l, "r2l")
-        infos = {p: oe.contract_path(eq, x_shape, *gshapes, optimize=list(p), shapes=True)[1] for p in paths}
+        for p, pname in ((l2r, "l2r"), (r2l, "r2l")):
+            if p not in paths:
+                paths[p] = (pname, oe.contract_path(eq, x_shape, *gshapes, optimize=list(p), shapes=True)[1])
         for p, reverse in ((l2r, False), (r2l, True)) if gname == "cores" else ():
-            info = infos[p]
+            info = paths[p][1]
             for cached in [False, True] if not grad else [False]:  # the same contractions, one mm per core
                 cands.append(
                     ContractionPlan(
@@ -454,8 +454,7 @@ def _build_candidates(out_f, in_f, ranks, rows, policy: PlanPolicy, grad: bool) 
                         ranks=tuple(ranks), reverse=reverse, _group_exprs=gexprs,
                     )
                 )
-        for p, pname in paths.items():
-            info = infos[p]
+        for p, (pname, info) in paths.items():
             peak_main = int(info.largest_intermediate)
             for cached in cached_variants:
                 peak = max(peak_main, 0 if cached else g_peak)

@@ -435,7 +435,8 @@ def run_speed(args) -> None:
                 if n in shown or label in ONE_GROUP:
                     fns[f"{n}|gated {label}"] = (lambda n=n, v=v: v.layers[key[n]](nxt()[key[n]]))
                 if label in ONE_GROUP:
-                    fns[f"{n}|decide {label}"] = (lambda n=n, v=v: v.layers[key[n]].decide(nxt()[key[n]]))
+                    # what a one-level call runs to choose its level (decide would also build a (B,) tensor)
+                    fns[f"{n}|decide {label}"] = (lambda n=n, v=v: v.layers[key[n]]._one_level(nxt()[key[n]]))
         t = {k: s * 1e6 for k, s in time_interleaved(fns, rounds=args.rounds, min_time=0.05).items()}
         # With one level per call, every timed call runs exactly one level on all its rows, so the level
         # times weighted by the routed rows are what the gated layer would cost with a free controller.
@@ -488,7 +489,7 @@ def run_speed(args) -> None:
                        for lb in LIMITS)
         lines.append(f"| {c['rows']} | {u['dense']:.0f} | {u['mpo_full']:.0f} | {g} |")
     lines += ["", f"**Where the time goes** (one level per call; each of the {len(layers)} layers timed alone on the same "
-              "calls, times summed): the gated layers' controllers (`decide`) and their levels alone with the same "
+              "calls, times summed): the gated layers' controllers (the one-level decision, `_one_level`) and their levels alone with the same "
               "routing, i.e. what the gated model would cost if choosing the level were free. Last column: the FLOPs that "
               "a call of B rows executes (cheapest plan of each level at B rows) relative to full width; one-row pricing "
               "counts every row at its one-row cost, which at many rows is not what the plans do.", "",

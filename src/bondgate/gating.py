@@ -464,7 +464,7 @@ class GatedMPOLinear(MPOLinear):
     def _host_level(self, x2d: torch.Tensor) -> int | None:
         """The error controller's decision for ONE row on the CPU, in numpy: the same objective as
         :meth:`_objective` (up to float rounding), but numpy's ~0.5 us per operation against torch's ~1.5 us
-        halves the controller's time of a one-row call (~11 -> ~5 us). ``None`` where it does not apply
+        halves the controller's time of a one-row call (~11 -> ~6 us). ``None`` where it does not apply
         (the linear controller, dtypes other than float32/64, parameters made in inference mode)."""
         ctrl = self._modules["controller"]
         if not isinstance(ctrl, ErrorController) or x2d.dtype not in (torch.float32, torch.float64):
@@ -483,6 +483,8 @@ class GatedMPOLinear(MPOLinear):
             hit = self._host = (key, w, c, ops)
         u, coef, norm_coef = hit[3]
         x = x2d.numpy()[0]
+        # numpy's BLAS has its own thread pool, which must stay idle beside torch's: matrix-vector products of
+        # this size run on one thread (OpenBLAS 0.3.31: same time with the pool limited to 1, up to 8 x 16384)
         z = u @ x
         return int(((z * z) @ coef + (x @ x) * norm_coef + self._price_vector(x2d).numpy()).argmin())
 

@@ -208,15 +208,17 @@ def test_save_load_reproduces_decisions_and_outputs(tmp_path, kind):
             assert torch.equal(layer(row), layer(row, levels=layer.decide(row)))
 
 
-def test_one_row_host_decision_matches_the_torch_objective():
+@pytest.mark.parametrize("kind", ["error", "linear"])
+def test_one_row_host_decision_matches_the_torch_objective(kind):
     """One-row CPU calls decide in numpy (_host_level): the same level as the torch objective, re-read
     whenever the price or the controller changes, and not used where it does not apply."""
-    net = gate(model_with_mpo(), GatingConfig(levels=(0.125, 0.25, 0.5, 0.75, 1.0), controller="error"))
+    net = gate(model_with_mpo(), GatingConfig(levels=(0.125, 0.25, 0.5, 0.75, 1.0), controller=kind))
     layer = net[2]
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         layer.controller.proj.weight.normal_(generator=gen)
-        layer.controller.coef.uniform_(0.0, 0.01, generator=gen)
+        second = layer.controller.coef if kind == "error" else layer.controller.proj.bias
+        second.uniform_(0.0, 0.01 if kind == "error" else 1.0, generator=gen)
     net.eval()
 
     def agree(lay, rows):
@@ -233,17 +235,16 @@ def test_one_row_host_decision_matches_the_torch_objective():
         assert len(set(seen[-1])) > 2, seen[-1]
     assert seen[0] != seen[1]
     with torch.no_grad():
-        layer.controller.coef[:, -1] *= 3.0  # an in-place edit of the controller
-        agree(layer, rows)
-        layer.controller.coef = nn.Parameter(layer.controller.coef * 0.5)  # a new parameter object
-        agree(layer, rows)
+        before = agree(layer, rows)
+        second.mul_(3.0)  # an in-place edit of the controller
+        assert agree(layer, rows) != before
+        layer.controller.proj.weight = nn.Parameter(layer.controller.proj.weight * -1.0)  # a new parameter
+        assert agree(layer, rows) != before
         agree(copy.deepcopy(layer).double(), rows.double())
         # the layer's own one-row forward uses it: the same output as routing the row explicitly
         for row in rows[:20].split(1):
             assert torch.equal(layer(row), layer(row, levels=layer.decide(row)))
         assert layer._host_level(rows[:1].bfloat16()) is None
-    linear = gate(model_with_mpo(), GatingConfig(controller="linear"))[2]
-    assert linear._host_level(rows[:1]) is None
 
 
 @pytest.mark.parametrize("kw,match", [({"budget": 0.0}, "budget"), ({"budget": 1.5}, "budget"),

@@ -52,6 +52,7 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -127,6 +128,21 @@ class GateController(nn.Module):
         norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
         return self.proj(torch.cat([x / norm * math.sqrt(x.shape[-1]), norm.log()], dim=-1))
 
+    def host_params(self) -> tuple[torch.Tensor, ...]:
+        proj = self._modules["proj"]._parameters  # direct dict reads: nn.Module.__getattr__ is ~0.5 us each
+        return proj["weight"], proj["bias"]
+
+    def host_operands(self, dtype: torch.dtype) -> list:
+        w, b = self.host_params()
+        return [t.detach().to(dtype).contiguous().numpy() for t in (w[:, :-1], w[:, -1], b)]
+
+    @staticmethod
+    def host_cost(ops: list, x):
+        """Minus the scores of one row ``x`` (numpy, ``(in,)``) from :meth:`host_operands`: ``(L,)``."""
+        w, w_norm, b = ops
+        norm = max(float(np.sqrt(x @ x)), 1e-12)
+        return -((w @ x) * (math.sqrt(x.shape[0]) / norm) + w_norm * math.log(norm) + b)
+
 
 class ErrorController(nn.Module):
     """Predicts, for each row ``x``, the squared output error of every level relative to the layer's mean
@@ -156,6 +172,20 @@ class ErrorController(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return -(self.features(x) @ self.coef.T)
+
+    def host_params(self) -> tuple[torch.Tensor, ...]:
+        return self._modules["proj"]._parameters["weight"], self._parameters["coef"]
+
+    def host_operands(self, dtype: torch.dtype) -> list:
+        w, c = self.host_params()
+        return [t.detach().to(dtype).contiguous().numpy() for t in (w, c[:, : self.rank].T, c[:, self.rank])]
+
+    @staticmethod
+    def host_cost(ops: list, x):
+        """The predicted errors of one row ``x`` (numpy, ``(in,)``) from :meth:`host_operands`: ``(L,)``."""
+        u, coef, norm_coef = ops
+        z = u @ x
+        return (z * z) @ coef + (x @ x) * norm_coef
 
     def coef_t(self) -> torch.Tensor:
         """``coef.T`` detached and contiguous, ``(rank + 1, L)``; cached until ``coef`` changes."""
@@ -462,31 +492,25 @@ class GatedMPOLinear(MPOLinear):
         return int((objective if x2d.shape[0] == 1 else objective.sum(0)).argmin())
 
     def _host_level(self, x2d: torch.Tensor) -> int | None:
-        """The error controller's decision for ONE row on the CPU, in numpy: the same objective as
-        :meth:`_objective` (up to float rounding), but numpy's ~0.5 us per operation against torch's ~1.5 us
-        halves the controller's time of a one-row call (~11 -> ~6 us). ``None`` where it does not apply
-        (the linear controller, dtypes other than float32/64, parameters made in inference mode)."""
-        ctrl = self._modules["controller"]
-        if not isinstance(ctrl, ErrorController) or x2d.dtype not in (torch.float32, torch.float64):
+        """The controller's decision for ONE row on the CPU, in numpy: the same objective as :meth:`_objective`
+        (up to float rounding), but numpy's ~0.5 us per operation against torch's ~1.5 us halves the decision's
+        time of a one-row call (~11 -> ~6 us). ``None`` where it does not apply (dtypes other than
+        float32/64, parameters made in inference mode)."""
+        if x2d.dtype not in (torch.float32, torch.float64):
             return None
-        # direct dict reads: nn.Module.__getattr__ costs ~0.5 us each, a tenth of this whole decision
-        w, c = ctrl._modules["proj"]._parameters["weight"], ctrl._parameters["coef"]
+        ctrl = self._modules["controller"]
+        params = ctrl.host_params()
         try:
-            key = (w._version, c._version, x2d.dtype)
+            key = (*(p._version for p in params), x2d.dtype)
         except RuntimeError:  # inference tensors have no version counter: a stale copy could not be seen
             return None
         hit = self._host
-        if hit is None or hit[0] != key or hit[1] is not w or hit[2] is not c:
-            r = ctrl.rank
+        if hit is None or hit[0] != key or hit[1][0] is not params[0] or hit[1][1] is not params[1]:
             with torch.no_grad():
-                ops = [t.detach().to(x2d.dtype).contiguous().numpy() for t in (w, c[:, :r].T, c[:, r])]
-            hit = self._host = (key, w, c, ops)
-        u, coef, norm_coef = hit[3]
-        x = x2d.numpy()[0]
+                hit = self._host = (key, params, ctrl.host_operands(x2d.dtype))
         # numpy's BLAS has its own thread pool, which must stay idle beside torch's: matrix-vector products of
         # this size run on one thread (OpenBLAS 0.3.31: same time with the pool limited to 1, up to 8 x 16384)
-        z = u @ x
-        return int(((z * z) @ coef + (x @ x) * norm_coef + self._price_vector(x2d).numpy()).argmin())
+        return int((ctrl.host_cost(hit[2], x2d.numpy()[0]) + self._price_vector(x2d).numpy()).argmin())
 
     def _price_vector(self, x2d: torch.Tensor) -> torch.Tensor:
         """``(L,)``: ``lam`` x each level's relative FLOPs in ``x2d``'s dtype; kept until the price changes."""

@@ -13,7 +13,9 @@ Nothing is masked: a row at 50% width really runs the smaller contraction. Every
 present in a call is a separate contraction with a fixed cost of its own, so for batched inference
 ``set_budget(..., max_groups=k)`` lets each call use at most ``k`` levels, the ``k`` that serve its rows
 best (:func:`route`; ``k=1`` gives every row of a call one width, i.e. per-input routing when a call
-is one input's tokens).
+is one input's tokens). A call that takes one level (one row, or ``k=1``) takes it as a Python int, and a
+one-row call on the CPU computes the controller's handful of numbers in numpy, whose per-operation
+overhead is a third of torch's: at one row, dispatch rather than arithmetic is what a decision costs.
 
 Training: ``mode="nested"`` samples a random level per row (nested dropout / Matryoshka), which makes
 every prefix a good truncation; ``mode="gate"`` trains the controller with a straight-through

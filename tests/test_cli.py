@@ -153,6 +153,19 @@ def test_inspect_prints_the_layer_table_from_metadata(compressed, capsys):
     assert "| **total** |" in stdout and "weight err" in stdout and "source model:" in stdout
 
 
+def test_inspect_summarizes_the_gating_setup(compressed, tmp_path, capsys):
+    model = bondgate.load(compressed[3])
+    bondgate.gate(model, bondgate.GatingConfig(budget=0.6, levels=(0.5, 1.0), controller="error"))
+    bondgate.save(model, tmp_path / "gated")
+    assert main(["inspect", str(tmp_path / "gated")]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("gated:")]
+    n = len(read_metadata(tmp_path / "gated")["layers"])
+    assert lines == [f"gated: {n} of {n} layers: levels 50/100% | controller=error | mode=gate | budget=0.6 | "
+                     "max_groups=None | cost_rows=1 | price tracking off"]
+    assert main(["inspect", str(compressed[3])]) == 0  # an ungated checkpoint has no such line
+    assert "gated:" not in capsys.readouterr().out
+
+
 def test_bench_prints_both_latencies(compressed, tiny_dir, capsys):
     out = compressed[3]
     assert main(["bench", str(out), "--dense", str(tiny_dir), "--batch", "2", "--seq", "16", "--reps", "3",

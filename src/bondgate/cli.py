@@ -481,7 +481,28 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print()
     print(f"{len(meta['layers'])} bondgate layers; targeted weights: {before:,} -> {after:,} "
           f"(ratio {after / max(before, 1):.3f})")
+    for line in _gating_lines(meta["layers"]):
+        print(line)
     return 0
+
+
+def _gating_lines(layers: dict) -> list[str]:
+    """One line per distinct gating setup among the checkpoint's gated layers (from their specs)."""
+    setups: dict[str, int] = {}
+    for spec in layers.values():
+        if not isinstance(spec, dict) or spec.get("type") != "GatedMPOLinear":
+            continue
+        try:
+            levels = "/".join(f"{100 * float(v):g}" for v in spec.get("levels", ())) + "%"
+        except (TypeError, ValueError):
+            levels = repr(spec.get("levels"))
+        track = spec.get("track")
+        track = f"rate {track.get('rate')}" if isinstance(track, dict) else "off"
+        key = (f"levels {levels} | controller={spec.get('controller', 'linear')} | mode={spec.get('mode')} | "
+               f"budget={spec.get('budget')} | max_groups={spec.get('max_groups')} | "
+               f"cost_rows={spec.get('cost_rows', 1)} | price tracking {track}")
+        setups[key] = setups.get(key, 0) + 1
+    return [f"gated: {n} of {len(layers)} layers: {key}" for key, n in setups.items()]
 
 
 # ---------------------------------------------------------------------------------------------- bench

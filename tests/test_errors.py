@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+import bondgate
 from bondgate import MPO, MPOLinear, PlanPolicy
 
 
@@ -69,6 +70,23 @@ def test_wrong_dtype_mix():
         layer(torch.randn(3, 32, dtype=torch.float64))
     with pytest.raises(TypeError, match="floating-point"):
         MPO.from_matrix(torch.ones(8, 8, dtype=torch.int64))
+    # a gated layer says the same in every mode and routing path, before a decision is counted
+    gated = bondgate.gate(nn.Sequential(MPOLinear(32, 16, max_bond=4)),
+                          bondgate.GatingConfig(controller="error", levels=(0.5, 1.0)))[0].eval()
+    for mode, rows in (("gate", 1), ("gate", 5), (0.5, 3), ("full", 3)):
+        bondgate.set_mode(gated, mode)
+        with pytest.raises(TypeError, match="dtype torch.float64 does not match"), torch.no_grad():
+            gated(torch.randn(rows, 32, dtype=torch.float64))
+    assert sum(gated._pending) == 0
+    bondgate.set_mode(gated, "gate")
+    for rows in (1, 3):  # under autocast the kernel runs in the cores' dtype, whatever the input's
+        x = torch.randn(rows, 32)
+        with torch.no_grad():
+            ref = gated(x)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = gated(x)
+                assert gated(x.bfloat16()).dtype == torch.bfloat16
+        assert y.dtype == torch.bfloat16 and torch.equal(y, ref.bfloat16())
 
 
 def test_bad_shapes_and_modules():

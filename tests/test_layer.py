@@ -208,3 +208,22 @@ def test_num_params_formula():
     assert layer.num_params == expected
     assert layer.num_params == MPO(list(c.detach() for c in layer.cores), 1536, 384).num_params
     assert math.prod(layer.in_factors) == 384 and math.prod(layer.out_factors) == 1536
+
+
+@pytest.mark.parametrize("policy", ["memory", "speed"])
+def test_autocast_runs_the_kernel_in_the_cores_dtype(policy):
+    # the plans mix ops autocast casts (mm) with ones it does not (tensordot): they used to meet in two dtypes
+    layer = MPOLinear(32, 16, max_bond=4, policy=policy)
+    for rows in (1, 3, 300):
+        x = torch.randn(rows, 32)
+        with torch.no_grad():
+            ref, ref16 = layer(x), layer(x.bfloat16().float())
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y, y16 = layer(x), layer(x.bfloat16())
+        assert y.dtype == y16.dtype == torch.bfloat16  # autocast's dtype, as nn.Linear gives
+        assert torch.equal(y, ref.bfloat16()) and torch.equal(y16, ref16.bfloat16())
+    x = torch.randn(8, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = layer(x).float().pow(2).sum()
+    loss.backward()
+    assert x.grad is not None and all(c.grad is not None and c.grad.dtype == torch.float32 for c in layer.cores)

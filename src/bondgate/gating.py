@@ -542,6 +542,8 @@ class GatedMPOLinear(MPOLinear):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
         """``levels`` (optional, ``(rows,)`` indices into ``self.levels``) overrides the controller."""
+        if torch.is_autocast_enabled("cpu" if x.is_cpu else x.device.type):
+            return self._under_autocast(x, levels)
         mode = self.mode
         if mode == "full" and levels is None:
             return super().forward(x)
@@ -556,6 +558,8 @@ class GatedMPOLinear(MPOLinear):
                 raise ValueError(f"levels must be {x2d.shape[0]} indices in [0, {len(self.levels)})")
         if not x2d.shape[0]:
             return self._no_rows(x)
+        if x.dtype != next(iter(self._core_params.values())).dtype:  # a clear TypeError, before a decision is counted
+            self._check_dtype(x)
         if levels is not None:
             y = self.grouped_output(x2d, levels) if not self.training else self._soft_route(
                 x2d, torch.nn.functional.one_hot(levels, len(self.levels)).to(x2d.dtype))

@@ -52,7 +52,8 @@ class MPOLinear(nn.Module):
     """``y = x @ W.T + b`` with ``W`` (shape ``(out_features, in_features)``) stored as MPO cores.
 
     Accepts inputs of shape ``(*, in_features)`` like ``nn.Linear``. ``cores[k]`` is an
-    ``nn.Parameter`` of shape ``(r_{k-1}, out_k, in_k, r_k)``.
+    ``nn.Parameter`` of shape ``(r_{k-1}, out_k, in_k, r_k)``. Inputs must have the cores' dtype, except
+    inside ``torch.autocast``, where the contraction runs in the cores' dtype and the output has autocast's.
 
     A freshly constructed layer is initialized so that ``Var(W_ij)`` equals ``nn.Linear``'s default
     (``1 / (3 in_features)``), see :meth:`bondgate.MPO.random`; the bias follows ``nn.Linear``.
@@ -284,6 +285,8 @@ class MPOLinear(nn.Module):
         # Hot path: every line here runs per call (a B=1 GEMV takes ~10 us), so no reshapes of 2-D
         # inputs, no planning after the first call per row bucket, and dtype errors are diagnosed
         # only when the kernel raises.
+        if torch.is_autocast_enabled("cpu" if x.is_cpu else x.device.type):
+            return self._under_autocast(x)
         cores = tuple(self._core_params.values())
         if x.shape[-1] != self.in_features:
             raise ValueError(
@@ -339,8 +342,17 @@ class MPOLinear(nn.Module):
 
     def _check_dtype(self, x: torch.Tensor) -> None:
         dtype = self._core_tuple()[0].dtype
-        if x.dtype != dtype and not torch.is_autocast_enabled():
+        if x.dtype != dtype:
             raise TypeError(f"input dtype {x.dtype} does not match the layer's dtype {dtype}")
+
+    def _under_autocast(self, x: torch.Tensor, *args) -> torch.Tensor:
+        """``forward`` inside ``torch.autocast``: the plans mix operations autocast casts (``mm``) with ones it
+        does not (``tensordot``, opt_einsum's merges), which would meet in two dtypes, so the kernel runs with
+        autocast off, in the cores' dtype; the output takes autocast's dtype, as ``nn.Linear``'s does."""
+        device = x.device.type
+        with torch.autocast(device, enabled=False):
+            y = self.forward(x.to(self._core_tuple()[0].dtype), *args)
+        return y.to(torch.get_autocast_dtype(device))
 
     def extra_repr(self) -> str:
         return (

@@ -206,6 +206,24 @@ def test_save_load_reproduces_decisions_and_outputs(tmp_path, kind):
         for row in h[:10].split(1):
             assert layer._one_level(row) == int(layer.decide(row)[0])
             assert torch.equal(layer(row), layer(row, levels=layer.decide(row)))
+    with torch.inference_mode():  # loaded in inference mode, as a server may: no version counters to cache by
+        frozen = bondgate.load(tmp_path / "g")
+        assert torch.equal(frozen(x), y) and torch.equal(frozen(x[:1]), back(x[:1]))
+    # and then used outside it: its buffers (inference tensors) are replaced before being written
+    assert gating_report(frozen, reset=True)[0]["rows"] > 0 and gating_report(frozen)[0]["rows"] == 0
+    assert set_budget(frozen, 0.3, [torch.randn(64, 96)]) == pytest.approx(0.3, abs=0.05)
+    with torch.no_grad():
+        assert frozen(x).shape == y.shape and gating_report(frozen)[0]["rows"] == 50
+
+
+def test_calibration_passes_stay_out_of_the_report():
+    net = gate(model_with_mpo(), GatingConfig(controller="error")).eval()
+    bondgate.fit_controllers(net, [torch.randn(64, 96)])
+    set_budget(net, 0.4, [torch.randn(64, 96)], rounds=3)  # three forward passes over 64 rows
+    assert gating_report(net)[0]["rows"] == 0 and net[2].record
+    with torch.no_grad():
+        net(torch.randn(10, 96))
+    assert gating_report(net)[0]["rows"] == 10
 
 
 @pytest.mark.parametrize("kind", ["error", "linear"])
@@ -245,6 +263,11 @@ def test_one_row_host_decision_matches_the_torch_objective(kind):
         for row in rows[:20].split(1):
             assert torch.equal(layer(row), layer(row, levels=layer.decide(row)))
         assert layer._host_level(rows[:1].bfloat16()) is None
+    with torch.inference_mode():  # a copy made here has no version counters: the torch path decides
+        frozen = copy.deepcopy(layer)
+        assert frozen._host_level(rows[:1]) is None
+        for r in (rows[:1], rows[:7]):
+            assert torch.equal(frozen(r), layer(r))
 
 
 @pytest.mark.parametrize("kw,match", [({"budget": 0.0}, "budget"), ({"budget": 1.5}, "budget"),

@@ -191,9 +191,13 @@ class ErrorController(nn.Module):
 
     def coef_t(self) -> torch.Tensor:
         """``coef.T`` detached and contiguous, ``(rank + 1, L)``; cached until ``coef`` changes."""
+        coef = self.coef
+        version = _version(coef)
+        if version is None:
+            return coef.detach().T.contiguous()
         hit = self.__dict__.get("_coef_t")
-        if hit is None or hit[0] is not self.coef or hit[1] != self.coef._version:
-            hit = self._coef_t = (self.coef, self.coef._version, self.coef.detach().T.contiguous())
+        if hit is None or hit[0] is not coef or hit[1] != version:
+            hit = self._coef_t = (coef, version, coef.detach().T.contiguous())
         return hit[2]
 
     def cost(self, in_features: int) -> float:
@@ -202,6 +206,11 @@ class ErrorController(nn.Module):
     def _apply(self, fn, recurse: bool = True):  # .to() / .double() swap coef's data without a version bump
         self.__dict__.pop("_coef_t", None)
         return super()._apply(fn, recurse)
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """``t``'s version counter, or ``None`` for an inference tensor (it has none: keep nothing built from it)."""
+    return None if t.is_inference() else t._version
 
 
 def _linear_cost(in_features: int, levels: int) -> float:
@@ -298,7 +307,7 @@ class PriceTracker:
             lam = float(self.layers[0].budget_lambda)
             lam = lam * math.exp(step) if lam > 0 else lam + step * self.scale
             for m in self.layers:
-                m.budget_lambda.fill_(lam)
+                m._buffer("budget_lambda").fill_(lam)
         self.used = self.full = 0.0
         self.seen.clear()
 
@@ -502,10 +511,9 @@ class GatedMPOLinear(MPOLinear):
             return None
         ctrl = self._modules["controller"]
         params = ctrl.host_params()
-        try:
-            key = (*(p._version for p in params), x2d.dtype)
-        except RuntimeError:  # inference tensors have no version counter: a stale copy could not be seen
+        if any(p.is_inference() for p in params):  # no version counter: a stale copy could not be seen
             return None
+        key = (*(p._version for p in params), x2d.dtype)
         hit = self._host
         if hit is None or hit[0] != key or hit[1][0] is not params[0] or hit[1][1] is not params[1]:
             with torch.no_grad():
@@ -516,12 +524,15 @@ class GatedMPOLinear(MPOLinear):
 
     def _price_vector(self, x2d: torch.Tensor) -> torch.Tensor:
         """``(L,)``: ``lam`` x each level's relative FLOPs in ``x2d``'s dtype; kept until the price changes."""
+        lam = self._buffers["budget_lambda"]
+        version = _version(lam)
+        if version is None:
+            return (lam * self.rel_cost.to(x2d.device)).to(x2d.dtype)
         key = (x2d.device, x2d.dtype)
         price = self._price.get(key)
-        lam = self._buffers["budget_lambda"]
-        if price is None or price[0] != lam._version:  # re-priced by set_budget: rebuild
-            price = self._price[key] = (lam._version, (lam * self.rel_cost.to(x2d.device)).to(x2d.dtype))
-        return price[1]
+        if price is None or price[0] is not lam or price[1] != version:  # re-priced (set_budget): rebuild
+            price = self._price[key] = (lam, version, (lam * self.rel_cost.to(x2d.device)).to(x2d.dtype))
+        return price[2]
 
     def _objective(self, x2d: torch.Tensor) -> torch.Tensor:
         """``(B, L)``: each row's predicted error at each level (minus the linear controller's score) plus
@@ -616,10 +627,18 @@ class GatedMPOLinear(MPOLinear):
     def flush_counts(self) -> torch.Tensor:
         """``level_counts`` including the rows routed since the last flush."""
         if any(self._pending):
-            self.level_counts += torch.tensor(self._pending, dtype=self.level_counts.dtype,
-                                              device=self.level_counts.device)
+            counts = self._buffer("level_counts")
+            counts += torch.tensor(self._pending, dtype=counts.dtype, device=counts.device)
             self._pending = [0] * len(self.levels)
         return self.level_counts
+
+    def _buffer(self, name: str) -> torch.Tensor:
+        """Buffer ``name`` to write in place: one made in inference mode (a model loaded there) cannot be
+        written outside it, so it is first replaced by a normal copy."""
+        t = self._buffers[name]
+        if t.is_inference() and not torch.is_inference_mode_enabled():
+            t = self._buffers[name] = t.clone()
+        return t
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         self.flush_counts()
@@ -707,7 +726,15 @@ def _collect_scores(model: nn.Module, data: Iterable) -> dict[str, list[torch.Te
     def score(name, mod, x, batch):
         scores.setdefault(name, []).append(mod.scores(x.reshape(-1, mod.in_features)).cpu())
 
-    capture_inputs(model, dict(_gated_layers(model)), data, score)
+    layers = dict(_gated_layers(model))
+    recording = {n: m.record for n, m in layers.items()}
+    for m in layers.values():  # calibration passes are not inference traffic: keep them out of gating_report
+        m.record = False
+    try:
+        capture_inputs(model, layers, data, score)
+    finally:
+        for n, m in layers.items():
+            m.record = recording[n]
     return scores
 
 
@@ -826,7 +853,7 @@ def set_budget(model: nn.Module, budget: float, data: Iterable, per_layer: bool 
         for group in [[nm] for nm in layers] if per_layer else [layers]:
             lam = _calibrate_lambda(group, scores, budget)
             for _, m in group:
-                m.budget_lambda.fill_(lam)
+                m._buffer("budget_lambda").fill_(lam)
                 m.budget = float(budget)
     if track > 0:
         for group in [[m] for _, m in layers] if per_layer else [[m for _, m in layers]]:
@@ -971,7 +998,7 @@ def gating_report(model: nn.Module, reset: bool = False) -> list[dict]:
                      "track": m._tracker.rate if m._tracker is not None else 0.0,
                      "bond_dims": list(m.bond_dims), "level_widths": [list(w) for w in m.level_widths]})
         if reset:
-            m.level_counts.zero_()
+            m._buffer("level_counts").zero_()
     return rows
 
 

@@ -124,6 +124,10 @@ def test_sequential_round_trip_bit_exact(tmp_path):
     assert loaded[2].spec() == model[2].spec()
     with torch.no_grad():
         assert torch.equal(loaded(x), y)
+    with torch.inference_mode():  # loaded where a server would: normal tensors, so kept operands are reused
+        served = bondgate.load(out)
+        assert not any(p.is_inference() for p in served.parameters())
+        assert torch.equal(served(x), y)
 
 
 def test_sequential_shared_module_and_report(tmp_path):

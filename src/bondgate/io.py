@@ -612,6 +612,8 @@ def _tie(model: nn.Module, key: str, target_key: str) -> None:
             m._buffers[name] = tm._buffers[tname]
 
 
+@torch.inference_mode(False)  # called inside inference mode (a server), it still makes normal tensors,
+# which keep version counters: the layers' kept operands are then reused between calls, not rebuilt on each
 def load(directory: str | os.PathLike, model: nn.Module | None = None, *,
          map_location: str | torch.device = "cpu") -> nn.Module:
     """Load a checkpoint written by :func:`save`; returns the model in eval mode.

@@ -633,8 +633,8 @@ class GatedMPOLinear(MPOLinear):
         return self.level_counts
 
     def _buffer(self, name: str) -> torch.Tensor:
-        """Buffer ``name`` to write in place: one made in inference mode (a model loaded there) cannot be
-        written outside it, so it is first replaced by a normal copy."""
+        """Buffer ``name`` to write in place: one made in inference mode (e.g. by a ``deepcopy`` there) cannot
+        be written outside it, so it is first replaced by a normal copy."""
         t = self._buffers[name]
         if t.is_inference() and not torch.is_inference_mode_enabled():
             t = self._buffers[name] = t.clone()

@@ -49,6 +49,19 @@ def test_targets_regex_list_exclude_and_skips():
     assert tiny.bondgate_report.layers[0].status.startswith("skipped: no 3-core MPO")
 
 
+def test_compress_inside_inference_mode_matches_and_trains():
+    # calibrated refinement needs autograd, and the new layers must be trainable: neither works on inference tensors
+    x = torch.randn(256, 62)
+    model, ref = mlp(), mlp()
+    with torch.inference_mode():
+        compress(model, CompressionConfig(param_ratio=0.3), calibration=[x], progress=False)
+    compress(ref, CompressionConfig(param_ratio=0.3), calibration=[x], progress=False)
+    assert not any(p.is_inference() for p in model.parameters())
+    assert torch.equal(model(x), ref(x))
+    model(x).sum().backward()
+    assert all(p.grad is not None for p in model[2].parameters())
+
+
 def test_calibration_lowers_output_error_on_anisotropic_inputs():
     torch.manual_seed(0)
     lin = nn.Linear(64, 64)

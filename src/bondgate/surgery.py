@@ -276,6 +276,8 @@ class _Work:
         return Wp if S is None else apply_leg_maps(Wp, S, self.in_f)
 
 
+@torch.inference_mode(False)  # inside inference mode the refinement's autograd and the new layers'
+# trainable parameters would be impossible (inference tensors): compress makes normal tensors there too
 def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable | None = None,
              progress: bool = True) -> nn.Module:
     """Replace the targeted dense layers of ``model`` by MPO layers, in place; returns ``model``.

@@ -33,6 +33,16 @@ def test_distill_closes_the_gap_to_the_teacher():
     assert all(not p.requires_grad for p in teacher.parameters())
 
 
+@pytest.mark.parametrize("ambient", [torch.no_grad, torch.inference_mode])
+def test_distill_trains_whatever_the_callers_grad_mode(ambient):
+    teacher, student, data = teacher_student()
+    before = output_gap(student, teacher, data)
+    with ambient():
+        res = distill(student, teacher, data, loss=DistillLoss(hidden=0, output=1.0), epochs=10, lr=3e-3,
+                      progress=False)
+    assert res.steps == 10 * len(data) and output_gap(student, teacher, data) < 0.7 * before
+
+
 def test_early_stopping_restores_the_best_weights():
     teacher, student, data = teacher_student()
     held_out = [torch.randn(64, 32) for _ in range(2)]

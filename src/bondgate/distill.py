@@ -120,6 +120,8 @@ class DistillResult:
     stopped: str = ""
 
 
+@torch.inference_mode(False)  # a training loop: it trains whatever grad mode the caller is in
+@torch.enable_grad()
 def distill(
     student: nn.Module,
     teacher: nn.Module,

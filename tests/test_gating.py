@@ -219,6 +219,17 @@ def test_save_load_reproduces_decisions_and_outputs(tmp_path, kind):
         assert copied(x).shape == y.shape and gating_report(copied)[0]["rows"] == 50
 
 
+def test_fit_controllers_gives_the_same_fit_in_any_grad_mode():
+    fits = []
+    for ambient in (torch.enable_grad, torch.no_grad, torch.inference_mode):  # the model objective needs autograd
+        net = gate(model_with_mpo(), GatingConfig(controller="error")).eval()
+        data = [torch.randn(64, 96, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+        with ambient():
+            bondgate.fit_controllers(net, data, objective="model", loss=lambda out, batch: out.pow(2).mean())
+        fits.append(net[2].controller.coef.detach().clone())
+    assert all(torch.allclose(fits[0], f) for f in fits[1:]) and fits[0].abs().sum() > 0
+
+
 def test_calibration_passes_stay_out_of_the_report():
     net = gate(model_with_mpo(), GatingConfig(controller="error")).eval()
     bondgate.fit_controllers(net, [torch.randn(64, 96)])

@@ -60,7 +60,7 @@ from torch import nn
 
 from .calibration import capture_inputs
 from .io import register_layer_type
-from .layer import MPOLinear, core_versions, is_fresh
+from .layer import MPOLinear, core_versions, is_fresh, outside_inference_mode
 from .planner import get_plan, min_flops, sweep_views
 
 __all__ = ["GatingConfig", "GatedMPOLinear", "gate", "set_mode", "set_budget", "fit_controllers", "gating_report",
@@ -865,6 +865,7 @@ def set_budget(model: nn.Module, budget: float, data: Iterable, per_layer: bool 
 
 
 @torch.no_grad()
+@outside_inference_mode  # the model objective's sensitivities need autograd
 def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256, max_rows: int = 8192,
                     seed: int = 0, objective: str = "layer",
                     loss: Callable[[object, object], torch.Tensor] | None = None) -> list[dict]:

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layer import MPOLinear
+from .layer import MPOLinear, outside_inference_mode
 
 __all__ = [
     "FORMAT_NAME",
@@ -612,8 +612,8 @@ def _tie(model: nn.Module, key: str, target_key: str) -> None:
             m._buffers[name] = tm._buffers[tname]
 
 
-@torch.inference_mode(False)  # called inside inference mode (a server), it still makes normal tensors,
-# which keep version counters: the layers' kept operands are then reused between calls, not rebuilt on each
+@outside_inference_mode  # loaded inside inference mode (a server), the model still gets normal tensors, whose
+# version counters let the layers reuse their kept operands between calls instead of rebuilding them on each
 def load(directory: str | os.PathLike, model: nn.Module | None = None, *,
          map_location: str | torch.device = "cpu") -> nn.Module:
     """Load a checkpoint written by :func:`save`; returns the model in eval mode.

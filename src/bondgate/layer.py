@@ -8,9 +8,10 @@ in-place update (optimizer step, ``load_state_dict``) invalidates it.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -30,6 +31,21 @@ def core_versions(cores: Sequence[torch.Tensor]) -> int:
         return sum(map(_VERSION, cores))
     except RuntimeError:
         return -1
+
+
+def outside_inference_mode(fn: Callable) -> Callable:
+    """Decorator: ``fn``, called inside ``torch.inference_mode``, runs outside it under ``torch.no_grad`` (the
+    grad mode inference mode implies), so that the tensors it makes are normal ones — with version counters
+    for the layers' kept operands, trainable as parameters, and differentiable where ``fn`` enables grad."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if not torch.is_inference_mode_enabled():
+            return fn(*args, **kwargs)
+        with torch.inference_mode(False), torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def is_fresh(hit, cores: Sequence[torch.Tensor], versions: int) -> bool:

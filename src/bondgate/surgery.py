@@ -37,7 +37,7 @@ from .calibration import (
     refine_cores,
 )
 from .factors import factorize_shape
-from .layer import MPOLinear
+from .layer import MPOLinear, outside_inference_mode
 from .mpo import MPO
 
 __all__ = ["CompressionConfig", "CompressionReport", "LayerReport", "compress", "find_targets"]
@@ -276,8 +276,7 @@ class _Work:
         return Wp if S is None else apply_leg_maps(Wp, S, self.in_f)
 
 
-@torch.inference_mode(False)  # inside inference mode the refinement's autograd and the new layers'
-# trainable parameters would be impossible (inference tensors): compress makes normal tensors there too
+@outside_inference_mode  # inside inference mode the refinement's autograd and trainable new layers are impossible
 def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable | None = None,
              progress: bool = True) -> nn.Module:
     """Replace the targeted dense layers of ``model`` by MPO layers, in place; returns ``model``.

@@ -192,8 +192,8 @@ class ErrorController(nn.Module):
     def coef_t(self) -> torch.Tensor:
         """``coef.T`` detached and contiguous, ``(rank + 1, L)``; cached until ``coef`` changes."""
         coef = self.coef
-        version = _version(coef)
-        if version is None:
+        version = core_versions((coef,))
+        if version < 0:  # an inference tensor: nothing built from it is kept
             return coef.detach().T.contiguous()
         hit = self.__dict__.get("_coef_t")
         if hit is None or hit[0] is not coef or hit[1] != version:
@@ -206,11 +206,6 @@ class ErrorController(nn.Module):
     def _apply(self, fn, recurse: bool = True):  # .to() / .double() swap coef's data without a version bump
         self.__dict__.pop("_coef_t", None)
         return super()._apply(fn, recurse)
-
-
-def _version(t: torch.Tensor) -> int | None:
-    """``t``'s version counter, or ``None`` for an inference tensor (it has none: keep nothing built from it)."""
-    return None if t.is_inference() else t._version
 
 
 def _linear_cost(in_features: int, levels: int) -> float:
@@ -495,7 +490,7 @@ class GatedMPOLinear(MPOLinear):
     def _one_level(self, x2d: torch.Tensor) -> int:
         """The level of a call that takes one (one row, or ``max_groups=1``): what :meth:`decide` gives every
         row, without building the ``(B,)`` tensor (a one-row call is ~100 us, and each op here is ~1-2 us)."""
-        if x2d.shape[0] == 1 and x2d.device.type == "cpu" and not x2d.requires_grad:
+        if x2d.shape[0] == 1 and x2d.is_cpu and not x2d.requires_grad:
             level = self._host_level(x2d)
             if level is not None:
                 return level
@@ -511,9 +506,10 @@ class GatedMPOLinear(MPOLinear):
             return None
         ctrl = self._modules["controller"]
         params = ctrl.host_params()
-        if any(p.is_inference() for p in params):  # no version counter: a stale copy could not be seen
+        versions = core_versions(params)
+        if versions < 0:  # inference tensors have no version counter: a stale copy could not be seen
             return None
-        key = (*(p._version for p in params), x2d.dtype)
+        key = (versions, x2d.dtype)
         hit = self._host
         if hit is None or hit[0] != key or hit[1][0] is not params[0] or hit[1][1] is not params[1]:
             with torch.no_grad():
@@ -525,8 +521,8 @@ class GatedMPOLinear(MPOLinear):
     def _price_vector(self, x2d: torch.Tensor) -> torch.Tensor:
         """``(L,)``: ``lam`` x each level's relative FLOPs in ``x2d``'s dtype; kept until the price changes."""
         lam = self._buffers["budget_lambda"]
-        version = _version(lam)
-        if version is None:
+        version = core_versions((lam,))
+        if version < 0:  # an inference tensor: nothing built from it is kept
             return (lam * self.rel_cost.to(x2d.device)).to(x2d.dtype)
         key = (x2d.device, x2d.dtype)
         price = self._price.get(key)

@@ -1,0 +1,115 @@
+"""Does gating or static truncation stay closer to the model it approximates? (MiniLM, STS-B dev sentences)
+
+The error controllers minimize a model's deviation from its full-width MPO; STS-B Spearman is what point 3 of
+the gating issue scores. This puts both side by side for a gated MiniLM checkpoint of ``benchmarks/gating.py``
+(controllers already fitted; saved with ``--out``): for budgets 25/50/75%, prices calibrated on the same 512
+STS-B train sentences as there, and static truncation at the FLOPs the gated model used on the dev sentences,
+
+* the mean squared distance of the normalized mean-pooled embeddings (what STS-B scores with cosines) to the
+  full-width MPO's and to the dense teacher's (all-MiniLM-L6-v2), over the 3000 dev sentences;
+* STS-B dev Spearman x100 (the same figures as ``gating.py``'s for that checkpoint and pricing).
+
+    python benchmarks/gating_fidelity.py --checkpoint runs/gating-minilm25-perlayer-L16 --per-layer --tag m25_perlayer_L16
+
+Writes benchmarks/results/gating_fidelity_<tag>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+if (ROOT.parent / "shared" / "data").exists():
+    os.environ.setdefault("BONDGATE_DATA", str(ROOT.parent / "shared" / "data"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "examples"))
+from common import banner, machine_info, write_json  # noqa: E402
+from gating import BUDGETS, static_fraction  # noqa: E402
+
+import bondgate as bg  # noqa: E402
+from bondgate.data import load_stsb  # noqa: E402
+from bondgate.gating import average_flops  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="a gated MiniLM saved by benchmarks/gating.py --out")
+    ap.add_argument("--per-layer", action="store_true", help="one price per layer (as the run that made it)")
+    ap.add_argument("--calib-sentences", type=int, default=512)
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    import minilm_stsb as ms
+
+    torch.set_num_threads(args.threads)
+    info = machine_info()
+    print(banner(info), flush=True)
+    teacher, tok = ms.load_minilm()
+    model = bg.load(args.checkpoint).eval()
+    sts = [s for a, b, _ in load_stsb(split="train") for s in (a, b)]
+    random.Random(7).shuffle(sts)  # the calibration set of benchmarks/gating.py
+    calib = ms.batches(tok, sts[: args.calib_sentences], batch=32)
+    dev = load_stsb(split="dev")
+    n = len(dev)
+    sents = [p[0] for p in dev] + [p[1] for p in dev]
+    gold = torch.tensor([p[2] for p in dev], dtype=torch.float64)
+
+    def embed(m) -> torch.Tensor:
+        return torch.nn.functional.normalize(ms.embed(m, tok, sents), dim=-1)
+
+    def spearman(e: torch.Tensor) -> float:
+        return 100 * ms.spearman(torch.nn.functional.cosine_similarity(e[:n], e[n:]), gold)
+
+    def dist(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).pow(2).sum(-1).mean())
+
+    with torch.no_grad():
+        e_teacher = embed(teacher)
+        bg.set_mode(model, "full")
+        e_full = embed(model)
+    rows = [{"kind": "teacher", "spearman": spearman(e_teacher), "to_teacher": 0.0, "to_full": dist(e_teacher, e_full)},
+            {"kind": "full width", "spearman": spearman(e_full), "to_teacher": dist(e_full, e_teacher), "to_full": 0.0}]
+    for b in BUDGETS:
+        bg.set_mode(model, "gate")
+        bg.set_budget(model, b, calib, per_layer=args.per_layer)
+        bg.gating_report(model, reset=True)
+        with torch.no_grad():
+            e_gated = embed(model)
+        held = average_flops(model)
+        f = static_fraction(model, held)
+        bg.set_mode(model, f)
+        with torch.no_grad():
+            e_static = embed(model)
+        for kind, e in (("gated", e_gated), ("static", e_static)):
+            rows.append({"kind": kind, "budget": b, "flops": held, "static_fraction": f, "spearman": spearman(e),
+                         "to_full": dist(e, e_full), "to_teacher": dist(e, e_teacher)})
+        print(rows[-2], rows[-1], flush=True)
+    name = "gating_fidelity" + (f"_{args.tag}" if args.tag else "")
+    write_json(RESULTS / f"{name}.json", {"machine": info, "args": vars(args), "rows": rows})
+    lines = [f"Machine: {banner(info)}", "",
+             f"Checkpoint `{args.checkpoint}`, prices {'per layer' if args.per_layer else 'shared'}, calibrated on "
+             f"{args.calib_sentences} STS-B train sentences; {2 * n} STS-B dev sentences. Distances: mean "
+             "|e - e_ref|^2 of the normalized mean-pooled embeddings (2 - 2 cos; 0 = identical).", "",
+             "| model | FLOPs / full width | STS-B dev Spearman x100 | distance to full-width MPO | distance to teacher |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        label = r["kind"] if "budget" not in r else (
+            f"{r['kind']} at {r['budget']:.0%}" + (f" (width f={r['static_fraction']:.2f})" if r["kind"] == "static" else ""))
+        flops = "-" if r["kind"] == "teacher" else f"{r.get('flops', 1.0):.3f}"
+        lines.append(f"| {label} | {flops} | {r['spearman']:.3f} | {r['to_full']:.4f} | {r['to_teacher']:.4f} |")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -302,12 +302,12 @@ def run_minilm(args) -> None:
     random.Random(7).shuffle(sts)
     calib = ms.batches(tok, sts[: args.calib_sentences], batch=32)
     if args.eval_split == "dev":
-        dev = load_stsb(split="dev")[: args.dev_pairs or None]
+        pairs = load_stsb(split="dev")[: args.dev_pairs or None]
     else:  # a second check: STS-B train pairs (labels used only to score) that share no sentence with calib
         seen = set(sts[: args.calib_sentences])
-        dev = [p for p in load_stsb(split="train") if p[0] not in seen and p[1] not in seen]
-        random.Random(11).shuffle(dev)
-        dev = dev[: args.dev_pairs or 1500]
+        pairs = [p for p in load_stsb(split="train") if p[0] not in seen and p[1] not in seen]
+        random.Random(11).shuffle(pairs)
+        pairs = pairs[: args.dev_pairs or 1500]
     gen = torch.Generator().manual_seed(0)
 
     def embedding_probe(out, batch):  # random probes of the normalized mean-pooled embedding (what STS-B scores)
@@ -317,10 +317,10 @@ def run_minilm(args) -> None:
 
     log = train_gating(student, teacher, batches, calib, bg.DistillLoss(hidden=1.0, pooled=1.0), args,
                        progress=not args.no_progress, sensitivity_loss=embedding_probe)
-    gold = torch.tensor([p[2] for p in dev], dtype=torch.float64)
+    gold = torch.tensor([p[2] for p in pairs], dtype=torch.float64)
 
-    def cosines(m):  # one prediction per dev pair: the paired bootstrap resamples pairs
-        a, b = ms.embed(m, tok, [p[0] for p in dev]), ms.embed(m, tok, [p[1] for p in dev])
+    def cosines(m):  # one prediction per pair: the paired bootstrap resamples pairs
+        a, b = ms.embed(m, tok, [p[0] for p in pairs]), ms.embed(m, tok, [p[1] for p in pairs])
         return torch.nn.functional.cosine_similarity(a, b)
 
     rows = frontier(student, cosines, calib, True, args.per_layer, metric=lambda c: 100 * ms.spearman(c, gold),

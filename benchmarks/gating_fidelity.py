@@ -17,28 +17,20 @@ Writes benchmarks/results/gating_fidelity_<tag>.{json,md}.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-if (ROOT.parent / "shared" / "data").exists():
-    os.environ.setdefault("BONDGATE_DATA", str(ROOT.parent / "shared" / "data"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT / "examples"))
 from common import banner, machine_info, write_json  # noqa: E402
-from gating import BUDGETS, static_fraction  # noqa: E402
+
+# importing gating sets up the offline hub, the shared data and the examples/ path, as every benchmark does
+from gating import BUDGETS, RESULTS, static_fraction  # noqa: E402
 
 import bondgate as bg  # noqa: E402
 from bondgate.data import load_stsb  # noqa: E402
 from bondgate.gating import average_flops  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results"
 
 
 def main(argv=None) -> None:

@@ -60,7 +60,7 @@ from torch import nn
 
 from .calibration import capture_inputs
 from .io import register_layer_type
-from .layer import MPOLinear, core_versions, is_fresh, outside_inference_mode
+from .layer import MPOLinear, core_versions, kept, outside_inference_mode
 from .planner import get_plan, min_flops, sweep_views
 
 __all__ = ["GatingConfig", "GatedMPOLinear", "gate", "set_mode", "set_budget", "fit_controllers", "gating_report",
@@ -192,19 +192,13 @@ class ErrorController(nn.Module):
     def coef_t(self) -> torch.Tensor:
         """``coef.T`` detached and contiguous, ``(rank + 1, L)``; cached until ``coef`` changes."""
         coef = self.coef
-        version = core_versions((coef,))
-        if version < 0:  # an inference tensor: nothing built from it is kept
-            return coef.detach().T.contiguous()
-        hit = self.__dict__.get("_coef_t")
-        if hit is None or hit[0] is not coef or hit[1] != version:
-            hit = self._coef_t = (coef, version, coef.detach().T.contiguous())
-        return hit[2]
+        return kept(self.__dict__.setdefault("_kept", {}), "coef_t", (coef,), lambda: coef.detach().T.contiguous())
 
     def cost(self, in_features: int) -> float:
         return 2.0 * in_features * (self.rank + 1) + 2.0 * (self.rank + 1) * self.coef.shape[0]
 
     def _apply(self, fn, recurse: bool = True):  # .to() / .double() swap coef's data without a version bump
-        self.__dict__.pop("_coef_t", None)
+        self.__dict__.pop("_kept", None)
         return super()._apply(fn, recurse)
 
 
@@ -351,7 +345,7 @@ class GatedMPOLinear(MPOLinear):
         self.level_cost = [min_flops(self.out_factors, self.in_factors, w, rows) / rows for w in self.level_widths]
         self.rel_cost = torch.tensor(self.level_cost, dtype=torch.float64) / self.full_cost  # (L,), CPU
         self._price: dict[tuple, tuple] = {}
-        self._host: tuple | None = None  # the one-row numpy decision's operands (see _host_level)
+        self._host: dict = {}  # the one-row numpy decision's operands and price per dtype (see _host_level)
         ctrl = self.controller
         self.controller_cost = (ctrl.cost(self.in_features) if isinstance(ctrl, ErrorController)
                                 else _linear_cost(self.in_features, len(self.levels)))
@@ -420,11 +414,7 @@ class GatedMPOLinear(MPOLinear):
     def _kept(self, key: tuple, build: Callable) -> list[torch.Tensor]:
         """``build(cores)``, kept in ``_slices[key]`` between inference calls while the cores are unchanged."""
         cores = self._core_tuple()
-        versions = core_versions(cores)
-        hit = self._slices.get(key)
-        if not is_fresh(hit, cores, versions):
-            hit = self._slices[key] = (versions, build(cores), cores)
-        return hit[1]
+        return kept(self._slices, key, cores, lambda: build(cores))
 
     def width_output(self, x2d: torch.Tensor, widths: tuple[int, ...]) -> torch.Tensor:
         """``x2d @ W(widths).T`` (no bias) through the planner; differentiable when grad is enabled."""
@@ -505,30 +495,20 @@ class GatedMPOLinear(MPOLinear):
         if x2d.dtype not in (torch.float32, torch.float64):
             return None
         ctrl = self._modules["controller"]
-        params = ctrl.host_params()
-        versions = core_versions(params)
-        if versions < 0:  # inference tensors have no version counter: a stale copy could not be seen
+        source = (*ctrl.host_params(), self._buffers["budget_lambda"])
+        if core_versions(source) < 0:  # inference tensors have no version counter: a stale copy could not be seen
             return None
-        key = (versions, x2d.dtype)
-        hit = self._host
-        if hit is None or hit[0] != key or hit[1][0] is not params[0] or hit[1][1] is not params[1]:
-            with torch.no_grad():
-                hit = self._host = (key, params, ctrl.host_operands(x2d.dtype))
+        ops, price = kept(self._host, x2d.dtype, source,
+                          lambda: (ctrl.host_operands(x2d.dtype), self._price_vector(x2d).numpy()))
         # numpy's BLAS has its own thread pool, which must stay idle beside torch's: matrix-vector products of
         # this size run on one thread (OpenBLAS 0.3.31: same time with the pool limited to 1, up to 8 x 16384)
-        return int((ctrl.host_cost(hit[2], x2d.numpy()[0]) + self._price_vector(x2d).numpy()).argmin())
+        return int((ctrl.host_cost(ops, x2d.numpy()[0]) + price).argmin())
 
     def _price_vector(self, x2d: torch.Tensor) -> torch.Tensor:
         """``(L,)``: ``lam`` x each level's relative FLOPs in ``x2d``'s dtype; kept until the price changes."""
-        lam = self._buffers["budget_lambda"]
-        version = core_versions((lam,))
-        if version < 0:  # an inference tensor: nothing built from it is kept
-            return (lam * self.rel_cost.to(x2d.device)).to(x2d.dtype)
-        key = (x2d.device, x2d.dtype)
-        price = self._price.get(key)
-        if price is None or price[0] is not lam or price[1] != version:  # re-priced (set_budget): rebuild
-            price = self._price[key] = (lam, version, (lam * self.rel_cost.to(x2d.device)).to(x2d.dtype))
-        return price[2]
+        lam = self._buffers["budget_lambda"]  # re-priced (set_budget) in place or replaced: rebuilt
+        return kept(self._price, (x2d.device, x2d.dtype), (lam,),
+                    lambda: (lam * self.rel_cost.to(x2d.device)).to(x2d.dtype))
 
     def _objective(self, x2d: torch.Tensor) -> torch.Tensor:
         """``(B, L)``: each row's predicted error at each level (minus the linear controller's score) plus
@@ -653,7 +633,7 @@ class GatedMPOLinear(MPOLinear):
         super()._reset_caches()
         self._level_plans: dict[tuple, tuple] = {}
         if "_slices" in self.__dict__:
-            self._slices, self._price, self._host = {}, {}, None
+            self._slices, self._price, self._host = {}, {}, {}
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", levels={self.levels}, mode={self.mode!r}"

@@ -54,6 +54,16 @@ def is_fresh(hit, cores: Sequence[torch.Tensor], versions: int) -> bool:
     return hit is not None and versions >= 0 and hit[0] == versions and all(map(operator.is_, cores, hit[2]))
 
 
+def kept(cache: dict, key, tensors: Sequence[torch.Tensor], build: Callable[[], object]):
+    """``build()``, kept in ``cache[key]`` as an entry ``(versions, value, tensors)`` while ``tensors`` are these
+    very tensors, unmodified since (:func:`is_fresh`); rebuilt on every call for inference tensors."""
+    versions = core_versions(tensors)
+    hit = cache.get(key)
+    if not is_fresh(hit, tensors, versions):
+        hit = cache[key] = (versions, build(), tuple(tensors))
+    return hit[1]
+
+
 def _policy(policy: str | PlanPolicy) -> PlanPolicy:
     if isinstance(policy, PlanPolicy):
         return policy

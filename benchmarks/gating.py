@@ -124,8 +124,8 @@ def train_gating(student, teacher, batches, calib, loss, args, budget=0.5, progr
     if args.nested_minutes > 0:
         bg.set_mode(student, "nested")
         r = bg.distill(student, teacher, batches, loss=loss, max_minutes=args.nested_minutes, lr=args.lr,
-                       progress=progress)
-        log["nested"] = {"steps": r.steps, "seconds": r.seconds}
+                       progress=progress, sandwich=args.sandwich)
+        log["nested"] = {"steps": r.steps, "seconds": r.seconds, "sandwich": args.sandwich}
         if args.nested_out:  # the nested-trained cores, for other controllers: --checkpoint DIR --nested-minutes 0
             bg.save(student, args.nested_out)
     if args.levels:  # finer levels: keeps the cores, replaces the controllers
@@ -551,6 +551,8 @@ def main(argv=None) -> None:
         p.add_argument("--track", type=float, default=0.0,
                        help="gain of the online price correction on the held-out calls (0: calibrated prices fixed)")
         p.add_argument("--nested-out", default=None, help="also save the model right after nested training")
+        p.add_argument("--sandwich", action="store_true",
+                       help="nested training also trains the full width every step (distill(sandwich=True))")
         p.add_argument("--levels", type=int, default=0,
                        help="re-gate with N evenly spaced levels 1/N..1 before the controllers (0: keep 25/50/75/100%%)")
         p.add_argument("--tag", default="", help="suffix of the result files (e.g. the checkpoint's name)")

@@ -65,12 +65,27 @@ def main(argv=None) -> None:
     def dist(a: torch.Tensor, b: torch.Tensor) -> float:
         return float((a - b).pow(2).sum(-1).mean())
 
+    def centered(e: torch.Tensor) -> torch.Tensor:  # without the direction all sentences share
+        return torch.nn.functional.normalize(e - e.mean(0), dim=-1)
+
+    def cdist(a: torch.Tensor, b: torch.Tensor) -> float:
+        return dist(centered(a), centered(b))
+
+    def agreement(a: torch.Tensor, b: torch.Tensor) -> float:  # Spearman x100 between the pairs' cosines
+        ca = torch.nn.functional.cosine_similarity(a[:n], a[n:]).double()
+        return 100 * ms.spearman(ca, torch.nn.functional.cosine_similarity(b[:n], b[n:]).double())
+
+    def versus(e: torch.Tensor) -> dict:
+        return {"to_full": dist(e, e_full), "to_teacher": dist(e, e_teacher), "c_to_full": cdist(e, e_full),
+                "c_to_teacher": cdist(e, e_teacher), "agree_full": agreement(e, e_full),
+                "agree_teacher": agreement(e, e_teacher)}
+
     with torch.no_grad():
         e_teacher = embed(teacher)
         bg.set_mode(model, "full")
         e_full = embed(model)
-    rows = [{"kind": "teacher", "spearman": spearman(e_teacher), "to_teacher": 0.0, "to_full": dist(e_teacher, e_full)},
-            {"kind": "full width", "spearman": spearman(e_full), "to_teacher": dist(e_full, e_teacher), "to_full": 0.0}]
+    rows = [{"kind": "teacher", "spearman": spearman(e_teacher), **versus(e_teacher)},
+            {"kind": "full width", "spearman": spearman(e_full), **versus(e_full)}]
     for b in BUDGETS:
         bg.set_mode(model, "gate")
         bg.set_budget(model, b, calib, per_layer=args.per_layer)
@@ -84,23 +99,39 @@ def main(argv=None) -> None:
             e_static = embed(model)
         for kind, e in (("gated", e_gated), ("static", e_static)):
             rows.append({"kind": kind, "budget": b, "flops": held, "static_fraction": f, "spearman": spearman(e),
-                         "to_full": dist(e, e_full), "to_teacher": dist(e, e_teacher)})
+                         **versus(e)})
         print(rows[-2], rows[-1], flush=True)
     name = "gating_fidelity" + (f"_{args.tag}" if args.tag else "")
     write_json(RESULTS / f"{name}.json", {"machine": info, "args": vars(args), "rows": rows})
+    text = table(info, vars(args), rows, n)
+    (RESULTS / f"{name}.md").write_text(text)
+    print(text)
+
+
+def table(info: dict, args: dict, rows: list[dict], n: int) -> str:
+    """The markdown report of one run (rows as in its JSON)."""
+    centered = "c_to_full" in rows[0]  # runs before the centered / agreement columns lack them
     lines = [f"Machine: {banner(info)}", "",
-             f"Checkpoint `{args.checkpoint}`, prices {'per layer' if args.per_layer else 'shared'}, calibrated on "
-             f"{args.calib_sentences} STS-B train sentences; {2 * n} STS-B dev sentences. Distances: mean "
-             "|e - e_ref|^2 of the normalized mean-pooled embeddings (2 - 2 cos; 0 = identical).", "",
-             "| model | FLOPs / full width | STS-B dev Spearman x100 | distance to full-width MPO | distance to teacher |",
-             "|---|---|---|---|---|"]
+             f"Checkpoint `{args['checkpoint']}`, prices {'per layer' if args['per_layer'] else 'shared'}, calibrated "
+             f"on {args['calib_sentences']} STS-B train sentences; {2 * n} STS-B dev sentences. Distances: mean "
+             "|e - e_ref|^2 of the normalized mean-pooled embeddings (2 - 2 cos; 0 = identical)"
+             + ("; centered: the same after subtracting each model's mean embedding over the dev sentences and "
+                "normalizing again; agreement: Spearman x100 between the dev pairs' cosines and the reference's "
+                "(what STS-B ranks)." if centered else "."), "",
+             "| model | FLOPs / full width | STS-B dev Spearman x100 | distance to full-width MPO | distance to teacher |"
+             + (" centered, to full width | centered, to teacher | agreement with full width | agreement with teacher |"
+                if centered else ""),
+             "|---|---|---|---|---|" + ("---|---|---|---|" if centered else "")]
     for r in rows:
         label = r["kind"] if "budget" not in r else (
             f"{r['kind']} at {r['budget']:.0%}" + (f" (width f={r['static_fraction']:.2f})" if r["kind"] == "static" else ""))
         flops = "-" if r["kind"] == "teacher" else f"{r.get('flops', 1.0):.3f}"
-        lines.append(f"| {label} | {flops} | {r['spearman']:.3f} | {r['to_full']:.4f} | {r['to_teacher']:.4f} |")
-    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        cells = [label, flops, f"{r['spearman']:.3f}", f"{r['to_full']:.4f}", f"{r['to_teacher']:.4f}"]
+        if centered:
+            cells += [f"{r['c_to_full']:.4f}", f"{r['c_to_teacher']:.4f}", f"{r['agree_full']:.2f}",
+                      f"{r['agree_teacher']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

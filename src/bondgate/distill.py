@@ -143,6 +143,7 @@ def distill(
     log_every: int = 50,
     progress: bool = True,
     seed: int = 0,
+    sandwich: bool = False,
 ) -> DistillResult:
     """Train ``student`` to imitate ``teacher`` on ``data`` (an iterable of batches, re-iterated per epoch).
 
@@ -155,6 +156,13 @@ def distill(
     restored at the end. The learning-rate schedule (linear warmup, cosine decay) is planned against
     ``steps``, or ``epochs * len(data)``, or — with only a time budget — the step rate measured over
     the first 20 steps.
+
+    ``sandwich=True`` (for gated layers in ``"nested"`` mode, :func:`bondgate.set_mode`): every step
+    also runs the student with all gated layers at full width and adds that loss — the sandwich rule of
+    slimmable networks. Nested training alone draws each layer's width per row independently, so the
+    whole model at full width is almost never trained and drifts below its own truncations; the error
+    controllers approximate the full width, so it should stay the best configuration. Doubles the cost
+    of a step.
     """
     if progress:  # tqdm.auto picks the notebook widget, which warns when ipywidgets is missing
         from tqdm.auto import tqdm
@@ -168,6 +176,12 @@ def distill(
     threads = max(torch.get_num_threads(), 1)
     clock = time.perf_counter if budget_clock == "wall" else (lambda: time.process_time() / threads)
     loss = loss or DistillLoss()
+    full_width = None
+    if sandwich:
+        from .gating import full_width, nested_layers
+
+        if not nested_layers(student):
+            raise ValueError("sandwich=True needs gated layers in 'nested' mode (bondgate.set_mode(model, 'nested'))")
     want_hidden = isinstance(loss, DistillLoss) and loss.wants_hidden()
     torch.manual_seed(seed)
     teacher.eval()
@@ -240,6 +254,11 @@ def distill(
                 t_out = _call(teacher, batch, want_hidden)
             s_out = _call(student, batch, want_hidden)
             total, parts = loss(s_out, t_out, batch)
+            if full_width is not None:
+                with full_width(student):
+                    full_total, _ = loss(_call(student, batch, want_hidden), t_out, batch)
+                parts["full_width"] = float(full_total.detach())
+                total = total + full_total
             aux = aux_losses(student)
             if aux is not None:
                 total = total + aux

@@ -46,6 +46,7 @@ The controller's own ``2 * (in_features + 1) * levels`` FLOPs per row are added 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
@@ -694,6 +695,25 @@ def set_mode(model: nn.Module, mode: str | float) -> nn.Module:
     return model
 
 
+def nested_layers(model: nn.Module) -> list[GatedMPOLinear]:
+    """The gated layers of ``model`` in ``"nested"`` mode."""
+    return [m for _, m in _gated_layers(model) if m.mode == "nested"]
+
+
+@contextlib.contextmanager
+def full_width(model: nn.Module):
+    """Run every gated layer of ``model`` at full width inside the ``with`` block (modes restored after)."""
+    layers = [m for _, m in _gated_layers(model)]
+    modes = [m.mode for m in layers]
+    try:
+        for m in layers:
+            m.mode = "full"
+        yield model
+    finally:
+        for m, mode in zip(layers, modes):
+            m.mode = mode
+
+
 def _collect_scores(model: nn.Module, data: Iterable) -> dict[str, list[torch.Tensor]]:
     """Per gated layer, its controller's scores of the rows of each forward call (calls kept apart:
     ``max_groups`` applies per call)."""
@@ -888,15 +908,9 @@ def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256,
         rows[n].append(x[take.to(x.device)].to("cpu", torch.float64))
         count[n] += take.numel()
 
-    modes = [m.mode for _, m in layers]
-    try:
-        for _, m in layers:  # the inputs (and sensitivities) of the full-width model
-            m.mode = "full"
+    with full_width(model):  # the inputs (and sensitivities) of the full-width model
         capture_inputs(model, dict(layers), data, sample, lambda: all(c >= max_rows for c in count.values()))
         sens = output_sensitivity(model, dict(layers), data, loss=loss) if objective == "model" else {}
-    finally:
-        for (_, m), mode in zip(layers, modes):
-            m.mode = mode
     fits = []
     for n, m in layers:
         if not rows[n]:

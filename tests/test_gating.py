@@ -149,6 +149,31 @@ def test_sandwich_needs_nested_layers_and_full_width_restores_modes():
     assert [student[i].mode for i in (0, 2, 4)] == [0.5] * 3
 
 
+def test_distillation_trainer_sandwich_adds_the_full_width_loss(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+    from transformers import TrainingArguments
+
+    teacher, student = _three_layer_nested()
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    loss = bondgate.DistillLoss(hidden=0, output=1.0)
+    x = torch.randn(64, 96)
+    plain = bondgate.DistillationTrainer(model=student, teacher=teacher, distill_loss=loss, args=args)
+    sandwich = bondgate.DistillationTrainer(model=student, teacher=teacher, distill_loss=loss, args=args, sandwich=True)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        nested = float(plain.compute_loss(student, x))
+        torch.manual_seed(1)
+        both = float(sandwich.compute_loss(student, x))
+        t = teacher(x)
+        with bondgate.gating.full_width(student):
+            full = float(loss(student(x), t)[0])
+    assert full < nested and both == pytest.approx(nested + full, rel=1e-6)
+    set_mode(student, "full")
+    with pytest.raises(ValueError, match="sandwich=True needs gated layers in 'nested' mode"):
+        bondgate.DistillationTrainer(model=student, teacher=teacher, args=args, sandwich=True)
+
+
 def test_controller_training_and_budget_on_held_out_rows():
     torch.manual_seed(0)
     teacher = nn.Sequential(nn.Linear(96, 96), nn.Tanh(), nn.Linear(96, 80))

@@ -108,6 +108,32 @@ def _call(model: nn.Module, batch, want_hidden: bool):
     return run_model(model, batch)
 
 
+def _check_sandwich(student: nn.Module) -> None:
+    from .gating import nested_layers
+
+    if not nested_layers(student):
+        raise ValueError("sandwich=True needs gated layers in 'nested' mode (bondgate.set_mode(model, 'nested'))")
+
+
+def _step_loss(student: nn.Module, batch, t_out, loss: Callable, want_hidden: bool, sandwich: bool):
+    """One step's loss: the student's, its modules' auxiliary losses, and (``sandwich``) the loss of the same
+    batch with every gated layer at full width. Returns ``(total, parts, student output)``."""
+    s_out = _call(student, batch, want_hidden)
+    total, parts = loss(s_out, t_out, batch)
+    aux = aux_losses(student)  # of this forward, before the full-width pass
+    if aux is not None:
+        total = total + aux
+        parts["aux"] = float(aux.detach())
+    if sandwich:
+        from .gating import full_width
+
+        with full_width(student):
+            full_total, _ = loss(_call(student, batch, want_hidden), t_out, batch)
+        parts["full_width"] = float(full_total.detach())
+        total = total + full_total
+    return total, parts, s_out
+
+
 @dataclass
 class DistillResult:
     steps: int = 0
@@ -176,12 +202,8 @@ def distill(
     threads = max(torch.get_num_threads(), 1)
     clock = time.perf_counter if budget_clock == "wall" else (lambda: time.process_time() / threads)
     loss = loss or DistillLoss()
-    full_width = None
     if sandwich:
-        from .gating import full_width, nested_layers
-
-        if not nested_layers(student):
-            raise ValueError("sandwich=True needs gated layers in 'nested' mode (bondgate.set_mode(model, 'nested'))")
+        _check_sandwich(student)
     want_hidden = isinstance(loss, DistillLoss) and loss.wants_hidden()
     torch.manual_seed(seed)
     teacher.eval()
@@ -252,17 +274,7 @@ def distill(
                 g["lr"] = lr_at(step, planned)
             with torch.no_grad():
                 t_out = _call(teacher, batch, want_hidden)
-            s_out = _call(student, batch, want_hidden)
-            total, parts = loss(s_out, t_out, batch)
-            if full_width is not None:
-                with full_width(student):
-                    full_total, _ = loss(_call(student, batch, want_hidden), t_out, batch)
-                parts["full_width"] = float(full_total.detach())
-                total = total + full_total
-            aux = aux_losses(student)
-            if aux is not None:
-                total = total + aux
-                parts["aux"] = float(aux.detach())
+            total, parts, _ = _step_loss(student, batch, t_out, loss, want_hidden, sandwich)
             opt.zero_grad(set_to_none=True)
             total.backward()
             if grad_clip:
@@ -305,7 +317,7 @@ def _make_trainer_class():
         """``transformers.Trainer`` that trains the (compressed) model against ``teacher``.
 
         ``DistillationTrainer(model=student, teacher=teacher, distill_loss=DistillLoss(...), args=...,
-        train_dataset=..., data_collator=...)``; everything else is the stock Trainer (DDP under
+        train_dataset=..., data_collator=...)``; ``sandwich=True`` as in :func:`distill`; everything else is the stock Trainer (DDP under
         ``torchrun``, accelerate, checkpoints, resume).
         """
 
@@ -313,12 +325,16 @@ def _make_trainer_class():
         # it by the gradient-accumulation steps even when the batch carries labels.
         loss_is_scaled_for_ga = False
 
-        def __init__(self, *args, teacher: nn.Module, distill_loss: DistillLoss | None = None, **kwargs):
+        def __init__(self, *args, teacher: nn.Module, distill_loss: DistillLoss | None = None,
+                     sandwich: bool = False, **kwargs):
             super().__init__(*args, **kwargs)
             self.teacher = teacher.eval()
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
             self.distill_loss = distill_loss or DistillLoss()
+            if sandwich:
+                _check_sandwich(self.model)
+            self.sandwich = sandwich
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             want = self.distill_loss.wants_hidden()
@@ -328,11 +344,7 @@ def _make_trainer_class():
                     self.teacher.to(dev)
             with torch.no_grad():
                 t_out = _call(self.teacher, inputs, want)
-            s_out = _call(model, inputs, want)
-            total, _ = self.distill_loss(s_out, t_out, inputs)
-            aux = aux_losses(model)
-            if aux is not None:
-                total = total + aux
+            total, _, s_out = _step_loss(model, inputs, t_out, self.distill_loss, want, self.sandwich)
             return (total, s_out) if return_outputs else total
 
     return DistillationTrainer

@@ -18,7 +18,9 @@ one-row call on the CPU computes the controller's handful of numbers in numpy, w
 overhead is a third of torch's: at one row, dispatch rather than arithmetic is what a decision costs.
 
 Training: ``mode="nested"`` samples a random level per row (nested dropout / Matryoshka), which makes
-every prefix a good truncation; ``mode="gate"`` trains the controller with a straight-through
+every prefix a good truncation — with ``distill(..., sandwich=True)`` the whole model also trains at full
+width every step, without which the full width, which the error controllers approximate, falls below its
+own truncations; ``mode="gate"`` trains the controller with a straight-through
 Gumbel-max estimator: the forward pass uses the sampled (hard) level of each row — the same value as
 inference — while the gradient flows through the softmax of the level scores, with every level's
 output computed so the controller sees what each choice would have given. A budget penalty on the

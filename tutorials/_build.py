@@ -637,7 +637,8 @@ controller (one small linear map from the row to a score per level: about 1% of 
 Training follows `benchmarks/gating.py`:
 
 1. **nested** (`bg.set_mode(model, "nested")`): every row gets a random level, so every prefix learns
-   to be a good model on its own (nested dropout / Matryoshka training);
+   to be a good model on its own (nested dropout / Matryoshka training); `sandwich=True` also trains
+   the whole model at full width every step, which the random levels alone almost never do;
 2. **gate** (`bg.set_mode(model, "gate")`): the controllers learn which rows can go narrow, with a
    straight-through Gumbel estimator and a penalty pulling the average cost toward the budget.
 
@@ -653,7 +654,7 @@ print(f"{len(gated)} gated layers; levels {gated[0].levels}; level widths of the
 
 t0 = time.perf_counter()
 bg.set_mode(student, "nested")
-r1 = bg.distill(student, teacher, batches, loss=loss, steps=NESTED_STEPS, lr=1e-3, progress=False)
+r1 = bg.distill(student, teacher, batches, loss=loss, steps=NESTED_STEPS, lr=1e-3, progress=False, sandwich=True)
 bg.set_mode(student, "gate")
 r2 = bg.distill(student, teacher, batches[::-1], loss=loss, steps=GATE_STEPS, lr=1e-3, progress=False)
 print(f"nested: {r1.steps} steps, gate: {r2.steps} steps, {time.perf_counter() - t0:.0f} s")

@@ -7,6 +7,8 @@ STS-B train sentences as there, and static truncation at the FLOPs the gated mod
 
 * the mean squared distance of the normalized mean-pooled embeddings (what STS-B scores with cosines) to the
   full-width MPO's and to the dense teacher's (all-MiniLM-L6-v2), over the 3000 dev sentences;
+* the same distances after centering (each model's mean embedding over the dev sentences subtracted), and the
+  agreement (Spearman) of the dev pairs' cosines with the full width's and the teacher's — what STS-B ranks;
 * STS-B dev Spearman x100 (the same figures as ``gating.py``'s for that checkpoint and pricing).
 
     python benchmarks/gating_fidelity.py --checkpoint runs/gating-minilm25-perlayer-L16 --per-layer --tag m25_perlayer_L16
@@ -59,8 +61,11 @@ def main(argv=None) -> None:
     def embed(m) -> torch.Tensor:
         return torch.nn.functional.normalize(ms.embed(m, tok, sents), dim=-1)
 
+    def pair_cos(e: torch.Tensor) -> torch.Tensor:  # (pairs,): what STS-B ranks
+        return torch.nn.functional.cosine_similarity(e[:n], e[n:]).double()
+
     def spearman(e: torch.Tensor) -> float:
-        return 100 * ms.spearman(torch.nn.functional.cosine_similarity(e[:n], e[n:]), gold)
+        return 100 * ms.spearman(pair_cos(e), gold)
 
     def dist(a: torch.Tensor, b: torch.Tensor) -> float:
         return float((a - b).pow(2).sum(-1).mean())
@@ -72,8 +77,7 @@ def main(argv=None) -> None:
         return dist(centered(a), centered(b))
 
     def agreement(a: torch.Tensor, b: torch.Tensor) -> float:  # Spearman x100 between the pairs' cosines
-        ca = torch.nn.functional.cosine_similarity(a[:n], a[n:]).double()
-        return 100 * ms.spearman(ca, torch.nn.functional.cosine_similarity(b[:n], b[n:]).double())
+        return 100 * ms.spearman(pair_cos(a), pair_cos(b))
 
     def versus(e: torch.Tensor) -> dict:
         return {"to_full": dist(e, e_full), "to_teacher": dist(e, e_teacher), "c_to_full": cdist(e, e_full),
@@ -110,26 +114,21 @@ def main(argv=None) -> None:
 
 def table(info: dict, args: dict, rows: list[dict], n: int) -> str:
     """The markdown report of one run (rows as in its JSON)."""
-    centered = "c_to_full" in rows[0]  # runs before the centered / agreement columns lack them
     lines = [f"Machine: {banner(info)}", "",
              f"Checkpoint `{args['checkpoint']}`, prices {'per layer' if args['per_layer'] else 'shared'}, calibrated "
              f"on {args['calib_sentences']} STS-B train sentences; {2 * n} STS-B dev sentences. Distances: mean "
-             "|e - e_ref|^2 of the normalized mean-pooled embeddings (2 - 2 cos; 0 = identical)"
-             + ("; centered: the same after subtracting each model's mean embedding over the dev sentences and "
-                "normalizing again; agreement: Spearman x100 between the dev pairs' cosines and the reference's "
-                "(what STS-B ranks)." if centered else "."), "",
+             "|e - e_ref|^2 of the normalized mean-pooled embeddings (2 - 2 cos; 0 = identical); centered: the same "
+             "after subtracting each model's mean embedding over the dev sentences and normalizing again; agreement: "
+             "Spearman x100 between the dev pairs' cosines and the reference's (what STS-B ranks).", "",
              "| model | FLOPs / full width | STS-B dev Spearman x100 | distance to full-width MPO | distance to teacher |"
-             + (" centered, to full width | centered, to teacher | agreement with full width | agreement with teacher |"
-                if centered else ""),
-             "|---|---|---|---|---|" + ("---|---|---|---|" if centered else "")]
+             " centered, to full width | centered, to teacher | agreement with full width | agreement with teacher |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         label = r["kind"] if "budget" not in r else (
             f"{r['kind']} at {r['budget']:.0%}" + (f" (width f={r['static_fraction']:.2f})" if r["kind"] == "static" else ""))
         flops = "-" if r["kind"] == "teacher" else f"{r.get('flops', 1.0):.3f}"
-        cells = [label, flops, f"{r['spearman']:.3f}", f"{r['to_full']:.4f}", f"{r['to_teacher']:.4f}"]
-        if centered:
-            cells += [f"{r['c_to_full']:.4f}", f"{r['c_to_teacher']:.4f}", f"{r['agree_full']:.2f}",
-                      f"{r['agree_teacher']:.2f}"]
+        cells = [label, flops, f"{r['spearman']:.3f}", f"{r['to_full']:.4f}", f"{r['to_teacher']:.4f}",
+                 f"{r['c_to_full']:.4f}", f"{r['c_to_teacher']:.4f}", f"{r['agree_full']:.2f}", f"{r['agree_teacher']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

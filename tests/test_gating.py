@@ -702,3 +702,34 @@ def test_saved_mode_is_validated_on_load():
             GatedMPOLinear.from_spec({**layer.spec(), "mode": bad})
     for good in ("nested", "full", 0.5, 1):
         assert GatedMPOLinear.from_spec({**layer.spec(), "mode": good}).mode == good
+
+
+@pytest.mark.parametrize("executor", ["autotuned", "sweep-l2r"])
+def test_gated_eval_operands_never_go_stale_after_data_writes(executor, monkeypatch):
+    # Issue 18.2: the sliced cores, the sweep layout and its views, and the controller's host copy are kept
+    # between inference calls; writes through .data must reach them
+    if executor != "autotuned":
+        from bondgate.planner import SPEED, _build_candidates
+
+        def sweep_plan(out_f, in_f, ranks, rows, dtype, device, policy, grad):
+            return next(c for c in _build_candidates(tuple(out_f), tuple(in_f), tuple(ranks), rows, SPEED, grad)
+                        if c.name == f"cores/{executor}")
+
+        monkeypatch.setattr(bondgate.gating, "get_plan", sweep_plan)
+    net, layer = gated_layer()
+    layer.eval()
+    x = torch.randn(37, 96)
+    levels = torch.arange(37) % 4
+    with torch.no_grad():
+        layer(x, levels=levels)
+        layer(x[:1])  # one-row decision: keeps the controller's numpy operands
+        layer.cores[1].data.mul_(-2.0)
+        layer.controller.proj.weight.data.normal_()
+        y = layer(x, levels=levels)
+        one_row = layer._one_level(x[:1])
+        want_level = int(layer._objective(x[:1]).argmin())
+    for i in range(37):
+        w = layer.level_widths[int(levels[i])]
+        ref = x[i] @ layer.to_mpo().slice_bonds(w).to_matrix().T + layer.bias
+        torch.testing.assert_close(y[i], ref, rtol=1e-4, atol=1e-4)
+    assert one_row == want_level

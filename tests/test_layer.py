@@ -227,3 +227,52 @@ def test_autocast_runs_the_kernel_in_the_cores_dtype(policy):
         loss = layer(x).float().pow(2).sum()
     loss.backward()
     assert x.grad is not None and all(c.grad is not None and c.grad.dtype == torch.float32 for c in layer.cores)
+
+
+CACHED_PLANS = ["dense-cached|linear", "cores/sweep-l2r/cached|sweep", "cores/sweep-r2l/cached|sweep",
+                "merge01/optimal/cached|aten", "merge12/optimal/cached|tensordot"]
+
+
+def _write_data_mul(layer):
+    layer.cores[1].data.mul_(2.0)
+
+
+def _write_data_assign(layer):
+    layer.cores[0].data = layer.cores[0].detach() * -1.5
+
+
+def _write_data_copy(layer):
+    layer.cores[2].data.copy_(torch.randn_like(layer.cores[2]))
+
+
+def _write_after_assign_load(layer):
+    # load_state_dict(assign=True) puts new (plain) parameters in; a .data write on them must be seen too
+    layer.load_state_dict({k: v.clone() for k, v in layer.state_dict().items()}, assign=True)
+    layer(torch.randn(3, 96))  # fill the kept operands from the new parameters
+    layer.cores[1].data.mul_(-3.0)
+
+
+def _write_plain_parameter_swap(layer):
+    # a user swaps in a plain nn.Parameter: its .data writes cannot be seen, so its operands are never kept
+    layer.cores[1] = nn.Parameter(layer.cores[1].detach().clone())
+    layer(torch.randn(3, 96))
+    layer.cores[1].data.mul_(2.0)
+
+
+@pytest.mark.parametrize("write", [_write_data_mul, _write_data_assign, _write_data_copy, _write_after_assign_load,
+                                   _write_plain_parameter_swap])
+@pytest.mark.parametrize("plan_id", CACHED_PLANS)
+def test_kept_operands_never_go_stale_after_data_writes(plan_id, write):
+    # Issue 18.2: writes through .data used to bypass the version counters (p.data.mul_(2) -> 94% error in speed mode)
+    torch.manual_seed(0)
+    layer = MPOLinear.from_mpo(MPO.from_matrix(torch.randn(80, 96), num_cores=3, max_bond=6), torch.randn(80),
+                               policy="speed")
+    layer._pinned = {"2:0": plan_id}  # every call below has 3 rows (bucket 2)
+    x = torch.randn(3, 96)
+    with torch.no_grad():
+        layer(x)
+        assert layer.plan(3).id == plan_id and layer.cache_nbytes > 0
+        write(layer)
+        got = layer(x)
+        want = layer.to_linear()(x)
+    assert float((got - want).norm() / want.norm()) < 1e-5

@@ -63,7 +63,7 @@ from torch import nn
 
 from .calibration import capture_inputs
 from .io import register_layer_type
-from .layer import MPOLinear, core_versions, kept, outside_inference_mode
+from .layer import MPOLinear, core_versions, kept, outside_inference_mode, track_parameters
 from .planner import get_plan, min_flops, sweep_views
 
 __all__ = ["GatingConfig", "GatedMPOLinear", "gate", "set_mode", "set_budget", "fit_controllers", "gating_report",
@@ -327,7 +327,7 @@ class GatedMPOLinear(MPOLinear):
         c0 = self._core_tuple()[0]
         ctrl = (ErrorController(self.in_features, self.levels, self.controller_rank) if controller == "error"
                 else GateController(self.in_features, len(self.levels)))
-        self.controller = ctrl.to(device=c0.device, dtype=c0.dtype)
+        self.controller = track_parameters(ctrl.to(device=c0.device, dtype=c0.dtype))
         self.register_buffer("budget_lambda", torch.zeros((), dtype=torch.float64, device=c0.device))
         self.register_buffer("level_counts", torch.zeros(len(self.levels), dtype=torch.float64, device=c0.device))
         self.mode: str | float = "gate"

@@ -15,13 +15,47 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.autograd.graph import increment_version
 
 from .mpo import MPO, BondSpec
 from .planner import MEMORY, SPEED, ContractionPlan, PlanPolicy, get_plan
 
-__all__ = ["MPOLinear"]
+__all__ = ["MPOLinear", "TrackedParameter"]
 
 _VERSION = operator.attrgetter("_version")
+_DATA = torch._C.TensorBase.data  # the C descriptor behind Tensor.data
+
+
+class TrackedParameter(nn.Parameter):
+    """An ``nn.Parameter`` whose writes through ``.data`` are seen by the operands a layer keeps between calls.
+
+    The kept operands (the cores in the sweep's layout, speed mode's dense weight, gating's sliced cores) are
+    rebuilt when a version counter moves, and every in-place write bumps one — except a write through a plain
+    parameter's ``.data``, which is an alias with a counter of its own (``p.data.mul_(2)`` would leave a stale
+    dense weight behind). Here ``.data`` is ``p.detach()``, which shares the counter, and ``p.data = t`` bumps it.
+    Writes that bypass torch altogether (a numpy view of the storage, DLPack) cannot be seen: call
+    :meth:`MPOLinear.refresh` after those.
+    """
+
+    @property
+    def data(self) -> torch.Tensor:
+        return self.detach()
+
+    @data.setter
+    def data(self, value: torch.Tensor) -> None:
+        _DATA.__set__(self, value)
+        if not self.is_inference():
+            increment_version(self)
+
+
+def track_parameters(module: nn.Module) -> nn.Module:
+    """Make every plain ``nn.Parameter`` of ``module`` (recursively) a :class:`TrackedParameter` sharing its data
+    and version counter (what torch builds anew, e.g. ``load_state_dict(assign=True)``, is a plain one)."""
+    for m in module.modules():
+        for name, p in m._parameters.items():
+            if type(p) is nn.Parameter:
+                m._parameters[name] = TrackedParameter(p.detach(), p.requires_grad)
+    return module
 
 
 def core_versions(cores: Sequence[torch.Tensor]) -> int:
@@ -50,18 +84,30 @@ def outside_inference_mode(fn: Callable) -> Callable:
 
 def is_fresh(hit, cores: Sequence[torch.Tensor], versions: int) -> bool:
     """Whether a cache entry ``(versions, operands, cores)`` was built from these very tensors, unmodified
-    since. Operands built from inference tensors are never reused: their in-place writes cannot be seen."""
+    since. An entry built from tensors whose writes cannot all be seen (:func:`stamp`) is never fresh."""
     return hit is not None and versions >= 0 and hit[0] == versions and all(map(operator.is_, cores, hit[2]))
+
+
+def stamp(tensors: Sequence[torch.Tensor]) -> int:
+    """The versions to store with operands built from ``tensors`` now: their :func:`core_versions`, or -1 (never
+    reused) when a write could go unseen — inference tensors have no counter, and a plain ``nn.Parameter``'s
+    ``.data`` writes bypass it (a :class:`TrackedParameter`'s do not; plain tensors such as buffers count)."""
+    if any(isinstance(t, nn.Parameter) and not isinstance(t, TrackedParameter) for t in tensors):
+        return -1
+    return core_versions(tensors)
 
 
 def kept(cache: dict, key, tensors: Sequence[torch.Tensor], build: Callable[[], object]):
     """``build()``, kept in ``cache[key]`` as an entry ``(versions, value, tensors)`` while ``tensors`` are these
-    very tensors, unmodified since (:func:`is_fresh`); rebuilt on every call for inference tensors."""
-    versions = core_versions(tensors)
+    very tensors, unmodified since (:func:`is_fresh`); rebuilt on every call when their writes cannot all be seen."""
     hit = cache.get(key)
-    if not is_fresh(hit, tensors, versions):
-        hit = cache[key] = (versions, build(), tuple(tensors))
+    if not is_fresh(hit, tensors, core_versions(tensors)):
+        hit = cache[key] = (stamp(tensors), build(), tuple(tensors))
     return hit[1]
+
+
+def _retrack(module: nn.Module, incompatible_keys) -> None:
+    track_parameters(module)
 
 
 def _policy(policy: str | PlanPolicy) -> PlanPolicy:
@@ -110,10 +156,10 @@ class MPOLinear(nn.Module):
         mpo = MPO.random(out_features, in_features, max_bond, num_cores, in_factors, out_factors, dtype=dtype)
         self.in_features = int(in_features)
         self.out_features = int(out_features)
-        self.cores = nn.ParameterList([nn.Parameter(c.to(device)) for c in mpo.cores])
+        self.cores = nn.ParameterList([TrackedParameter(c.to(device)) for c in mpo.cores])
         if bias:
             bound = 1.0 / math.sqrt(in_features)
-            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype).uniform_(-bound, bound))
+            self.bias = TrackedParameter(torch.empty(out_features, device=device, dtype=dtype).uniform_(-bound, bound))
         else:
             self.register_parameter("bias", None)
         self._policy = _policy(policy)
@@ -127,11 +173,11 @@ class MPOLinear(nn.Module):
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = mpo.in_features, mpo.out_features
-        layer.cores = nn.ParameterList([nn.Parameter(c.detach().clone()) for c in mpo.cores])
+        layer.cores = nn.ParameterList([TrackedParameter(c.detach().clone()) for c in mpo.cores])
         if bias is not None:
             if bias.shape != (mpo.out_features,):
                 raise ValueError(f"bias must have shape ({mpo.out_features},), got {tuple(bias.shape)}")
-            layer.bias = nn.Parameter(bias.detach().clone().to(mpo.dtype))
+            layer.bias = TrackedParameter(bias.detach().clone().to(mpo.dtype))
         else:
             layer.register_parameter("bias", None)
         layer._policy = _policy(policy)
@@ -275,6 +321,8 @@ class MPOLinear(nn.Module):
     def _reset_caches(self) -> None:
         if "_pinned" not in self.__dict__:
             self._pinned: dict[str, str] = {}
+            # load_state_dict(assign=True) puts plain parameters in, after this module's own hook has run
+            self.register_load_state_dict_post_hook(_retrack)
         self._plans: dict[int, tuple[ContractionPlan, list | None]] = {}
         self._ops_cache: dict[tuple, list] = {}  # plan.operand_key -> [version sum, operands, cores]
 
@@ -292,6 +340,7 @@ class MPOLinear(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):  # .to(), .half(), .cuda() ...
         out = super()._apply(fn, recurse)
+        track_parameters(self)  # torch may have made new, plain parameters
         self._reset_caches()
         return out
 
@@ -299,10 +348,15 @@ class MPOLinear(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         self._reset_caches()
 
+    def refresh(self) -> None:
+        """Drop every operand kept between calls. Only needed after a write that bypasses torch (through a
+        numpy view or DLPack): torch's in-place writes, ``.data`` included, are seen (:class:`TrackedParameter`)."""
+        self._reset_caches()
+
     def set_cores(self, cores: Sequence[torch.Tensor]) -> None:
         """Replace the cores (e.g. after truncation); shapes may change."""
         mpo = MPO([c.detach() for c in cores], self.out_features, self.in_features)
-        self.cores = nn.ParameterList([nn.Parameter(c.clone()) for c in mpo.cores])
+        self.cores = nn.ParameterList([TrackedParameter(c.clone()) for c in mpo.cores])
         self._pinned = {}
         self._reset_caches()
 
@@ -331,10 +385,9 @@ class MPOLinear(nn.Module):
         if slot is not None:  # operands kept between inference calls (pre-contracted, or the sweep's layout)
             # Valid while the same tensors are unmodified: version counters only grow, so their sum
             # detects any in-place write; identity detects swapped-in tensors.
-            versions = core_versions(cores)
-            if not is_fresh(slot, cores, versions):
+            if not is_fresh(slot, cores, core_versions(cores)):
                 slot[1] = plan.cache_operands(cores, self.out_features, self.in_features)
-                slot[0], slot[2] = versions, cores
+                slot[0], slot[2] = stamp(cores), cores
             ops = slot[1]
         else:
             ops = plan.group_operands(cores, self.out_features, self.in_features)

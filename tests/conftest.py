@@ -22,3 +22,12 @@ def data_dir() -> Path:
     if not DATA.exists():
         pytest.skip(f"shared data not found at {DATA}")
     return DATA
+
+
+#: every device test runs on the CPU, and on CUDA where one is present (skipped otherwise)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    return torch.device(request.param)

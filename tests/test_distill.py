@@ -112,3 +112,39 @@ def test_hidden_logit_and_pooled_terms_on_a_transformer():
     s2 = student(**batch, output_hidden_states=True)
     assert heal(s2, t, batch)[0] < 0.5 * heal(s, t, batch)[0]
     assert res.steps == 30
+
+
+def test_distill_with_empty_or_exhausted_data_returns():
+    # Issue 18.3: an empty iterable, or a generator exhausted after its first epoch, used to loop forever
+    teacher, student, data = teacher_student()
+    with pytest.raises(ValueError, match="no batches"):
+        distill(student, teacher, [], steps=10, progress=False)
+    with pytest.warns(UserWarning, match="one-shot iterator"):
+        res = distill(student, teacher, (x for x in data), loss=DistillLoss(hidden=0, output=1.0), steps=100,
+                      progress=False)
+    assert res.steps == len(data) and res.stopped == "data exhausted"
+
+
+@pytest.mark.parametrize("kw, match", [({"steps": 0}, "steps"), ({"steps": -3}, "steps"), ({"epochs": 0}, "epochs"),
+                                       ({"steps": 2.5}, "steps"), ({"max_minutes": 0}, "max_minutes"),
+                                       ({"max_minutes": float("nan")}, "max_minutes"), ({}, "at least one")])
+def test_distill_rejects_nonsense_lengths(kw, match):
+    teacher, student, data = teacher_student()
+    with pytest.raises(ValueError, match=match):
+        distill(student, teacher, data, progress=False, **kw)
+
+
+def test_distill_stops_on_a_nan_loss_before_the_weights_are_touched():
+    teacher, student, data = teacher_student()
+    bad = [*data[:3], torch.full((64, 32), float("nan")), *data[3:]]
+    with pytest.raises(FloatingPointError, match="step 4"):
+        distill(student, teacher, bad, loss=DistillLoss(hidden=0, output=1.0), steps=20, lr=1e-3, progress=False)
+    assert all(bool(torch.isfinite(p).all()) for p in student.parameters())
+
+
+def test_distill_moves_batches_to_the_models_device(device):
+    teacher, student, data = teacher_student()
+    teacher.to(device)
+    student.to(device)
+    res = distill(student, teacher, data, loss=DistillLoss(hidden=0, output=1.0), steps=3, progress=False)  # CPU data
+    assert res.steps == 3 and next(student.parameters()).device.type == device.type

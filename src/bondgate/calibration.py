@@ -19,6 +19,7 @@ re-fitted as ``b' = b + (W - W_mpo) mu``, the expected squared output error per 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -47,9 +48,40 @@ class InputStats:
         return self.second - torch.outer(self.mean, self.mean)
 
 
+def to_device(obj, device: torch.device | None):
+    """``obj`` (a tensor, or dicts / tuples / lists / model outputs of them) with every tensor on ``device``
+    (None: unchanged). Containers are rebuilt only where something moved."""
+    if device is None:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.device == device else obj.to(device, non_blocking=True)
+    if isinstance(obj, Mapping):
+        moved = {k: to_device(v, device) for k, v in obj.items()}
+        if all(moved[k] is v for k, v in obj.items()):
+            return obj
+        try:  # dict, transformers' BatchEncoding and ModelOutput take their items as keyword arguments
+            return type(obj)(**moved)
+        except TypeError:
+            return moved
+    if isinstance(obj, (tuple, list)):
+        moved = [to_device(v, device) for v in obj]
+        if all(a is b for a, b in zip(moved, obj)):
+            return obj
+        return type(obj)(moved) if not hasattr(obj, "_fields") else type(obj)(*moved)  # namedtuple
+    return obj
+
+
+def model_device(model: nn.Module) -> torch.device | None:
+    """The device of the model's first parameter (or buffer): where its inputs must be."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return None
+
+
 def run_model(model: nn.Module, batch) -> object:
-    """Call ``model`` on one calibration item: a dict is passed as keyword arguments, a tuple/list
-    positionally, anything else as the single positional argument."""
+    """Call ``model`` on one calibration item, moved to the model's device: a dict is passed as keyword
+    arguments, a tuple/list positionally, anything else as the single positional argument."""
+    batch = to_device(batch, model_device(model))
     if isinstance(batch, Mapping):
         return model(**batch)
     if isinstance(batch, (tuple, list)):

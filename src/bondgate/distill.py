@@ -14,13 +14,14 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .calibration import model_output, run_model
+from .calibration import model_device, model_output, run_model, to_device
 
 __all__ = ["DistillLoss", "DistillResult", "distill", "DistillationTrainer"]  # noqa: F822 (built lazily by __getattr__)
 
@@ -104,8 +105,8 @@ def _call(model: nn.Module, batch, want_hidden: bool):
     # (it synchronizes gradients) but recognize the model inside it.
     inner = model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
     if want_hidden and isinstance(batch, Mapping) and hasattr(inner, "config"):
-        return model(**batch, output_hidden_states=True)
-    return run_model(model, batch)
+        return model(**to_device(batch, model_device(inner)), output_hidden_states=True)
+    return run_model(model, batch)  # moves the batch to the model's device
 
 
 def _check_sandwich(student: nn.Module) -> None:
@@ -119,6 +120,8 @@ def _step_loss(student: nn.Module, batch, t_out, loss: Callable, want_hidden: bo
     """One step's loss: the student's, its modules' auxiliary losses, and (``sandwich``) the loss of the same
     batch with every gated layer at full width. Returns ``(total, parts, student output)``."""
     s_out = _call(student, batch, want_hidden)
+    device = model_device(student)
+    batch, t_out = to_device(batch, device), to_device(t_out, device)  # a teacher may sit on another device
     total, parts = loss(s_out, t_out, batch)
     aux = aux_losses(student)  # of this forward, before the full-width pass
     if aux is not None:
@@ -197,6 +200,15 @@ def distill(
 
     if steps is None and epochs is None and max_minutes is None:
         raise ValueError("give at least one of steps, epochs, max_minutes")
+    for name, value in (("steps", steps), ("epochs", epochs)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if max_minutes is not None and (isinstance(max_minutes, bool) or not isinstance(max_minutes, (int, float))
+                                    or not math.isfinite(max_minutes) or max_minutes <= 0):
+        raise ValueError(f"max_minutes must be a positive finite number, got {max_minutes!r}")
+    if isinstance(data, Iterator) and (epochs or 0) != 1:
+        warnings.warn("distill: data is a one-shot iterator, so it can be read for one epoch only; pass a list or "
+                      "a DataLoader to train for more", stacklevel=2)
     if budget_clock not in ("wall", "cpu"):
         raise ValueError(f"budget_clock must be 'wall' or 'cpu', got {budget_clock!r}")
     threads = max(torch.get_num_threads(), 1)
@@ -265,7 +277,9 @@ def distill(
         evaluate(0)
     done = False
     while not done:
+        seen = 0
         for batch in data:
+            seen += 1
             if planned is None and max_minutes is not None and step == 20:
                 rate = 20 / max(spent(), 1e-9)
                 planned = max(21, int(rate * max_minutes * 60))
@@ -275,6 +289,12 @@ def distill(
             with torch.no_grad():
                 t_out = _call(teacher, batch, want_hidden)
             total, parts, _ = _step_loss(student, batch, t_out, loss, want_hidden, sandwich)
+            if not bool(torch.isfinite(total.detach())):  # before the step: the weights stay those of the last good one
+                bar.close()
+                raise FloatingPointError(f"distill: the loss is {float(total)} at step {step + 1} "
+                                         f"({', '.join(f'{k}={v:.4g}' for k, v in parts.items())}); the student "
+                                         f"keeps the weights of step {step}. Lower lr, check the data for NaN/inf, "
+                                         f"or train in a wider dtype")
             opt.zero_grad(set_to_none=True)
             total.backward()
             if grad_clip:
@@ -297,7 +317,15 @@ def distill(
             if done:
                 break
         epoch += 1
-        if epochs is not None and epoch >= epochs and not done:
+        if not seen and not done:
+            bar.close()
+            if epoch == 1:
+                raise ValueError("distill: data yielded no batches")
+            # a one-shot iterator (a generator) is exhausted after one pass: stop instead of looping forever
+            warnings.warn(f"distill: data yielded no batches in epoch {epoch} (a one-shot iterator?); stopping "
+                          f"after {step} steps", stacklevel=2)
+            res.stopped, done = "data exhausted", True
+        elif epochs is not None and epoch >= epochs and not done:
             res.stopped, done = "epochs", True
     bar.close()
     if eval_fn is not None and (not res.history or res.history[-1].get("step") != step or "metric" not in res.history[-1]):

@@ -196,3 +196,90 @@ def test_gpt2_conv1d_and_tied_head():
     assert isinstance(model.transformer.h[0].attn.c_attn, MPOLinear)
     assert model.lm_head.weight is model.transformer.wte.weight
     torch.testing.assert_close(model(ids).logits, ref, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("kw, err, match", [
+    ({"param_ratio": "0.5"}, TypeError, "param_ratio must be a number"),
+    ({"tol": "0.1"}, TypeError, "tol must be a number"),
+    ({"param_ratio": float("nan")}, ValueError, "param_ratio"),
+    ({"param_ratio": 0.5, "damping": float("inf")}, ValueError, "damping"),
+    ({"param_ratio": 0.5, "refine_steps": 2.5}, TypeError, "refine_steps"),
+    ({"param_ratio": 0.5, "target_modules": "(unclosed"}, ValueError, "regular expression"),
+    ({"param_ratio": 0.5, "target_modules": 3}, TypeError, "target_modules"),
+    ({"param_ratio": 0.5, "max_calibration_rows": 0}, ValueError, "max_calibration_rows"),
+])
+def test_bad_config_types_are_clear_errors(kw, err, match):
+    # Issue 18.7: CompressionConfig(param_ratio="0.5") was accepted and failed deep inside compress()
+    with pytest.raises(err, match=match):
+        CompressionConfig(**kw)
+
+
+@pytest.mark.parametrize("calib", [torch.zeros(64, 62), torch.ones(64, 62)])
+def test_calibration_that_does_not_vary_is_refused(calib):
+    # Issue 18.7: all-zero calibration gave a 0.91 weight error reported as a 0.0000 output error
+    model = mlp()
+    with pytest.raises(ValueError, match="all zero or do not vary"):
+        compress(model, CompressionConfig(param_ratio=0.5), calibration=[calib], progress=False)
+    assert isinstance(model[0], nn.Linear)  # nothing was swapped
+
+
+def test_a_layer_registered_under_two_names_stays_shared():
+    # Issue 18.4: a Linear reachable as `shared` and as `again` became two separate layers (one of them dense)
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 64)
+    model = nn.Module()
+    model.shared, model.again, model.out = lin, lin, nn.Linear(64, 8)
+    compress(model, CompressionConfig(max_bond=8), progress=False)
+    assert isinstance(model.shared, MPOLinear) and model.again is model.shared
+    row = next(r for r in model.bondgate_report.layers if r.name == "shared")
+    assert row.aliases == ["again"]
+    assert model.bondgate_report.params_before == 64 * 64 + 64 * 8  # the shared weight counted once
+
+
+class ScaledLinear(nn.Linear):  # a subclass with its own forward: what it adds must not be dropped
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_linear_subclasses_with_own_forward_and_mha_out_proj_are_skipped_with_a_warning():
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.attn = nn.MultiheadAttention(64, 4, batch_first=True)
+    model.scaled = ScaledLinear(64, 64)
+    model.plain = nn.Linear(64, 64)
+    x = torch.randn(2, 5, 64)
+    with pytest.warns(UserWarning) as record:
+        compress(model, CompressionConfig(max_bond=8), progress=False)
+    messages = " ".join(str(w.message) for w in record)
+    assert "attn.out_proj" in messages and "scaled" in messages and "overrides forward" in messages
+    assert type(model.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert type(model.scaled) is ScaledLinear and isinstance(model.plain, MPOLinear)
+    assert model.attn(x, x, x)[0].shape == (2, 5, 64)  # still runs
+    status = {r.name: r.status for r in model.bondgate_report.layers}
+    assert status["scaled"].startswith("skipped: its class") and status["attn.out_proj"].startswith("skipped")
+
+
+def test_frozen_layers_stay_frozen_and_modes_are_kept():
+    model = mlp()
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    model[2].bias.requires_grad_(False)
+    model.eval()
+    compress(model, CompressionConfig(max_bond=8), progress=False)
+    assert not any(p.requires_grad for p in model[0].parameters())
+    assert all(c.requires_grad for c in model[2].cores) and not model[2].bias.requires_grad
+    assert all(p.requires_grad for p in model[4].parameters()) and not model[2].training
+
+
+def test_compressing_twice_keeps_the_first_report():
+    model = mlp()
+    compress(model, CompressionConfig(max_bond=8, target_modules=["0"]), progress=False)
+    compress(model, CompressionConfig(max_bond=4, target_modules=["2"]), progress=False)
+    rep = model.bondgate_report
+    by_name = {r.name: r for r in rep.layers}
+    assert by_name["0"].status == "compressed" and by_name["2"].status == "compressed"
+    assert max(by_name["0"].bond_dims) == 8 and max(by_name["2"].bond_dims) == 4
+    assert rep.params_after == model[0].num_params + model[2].num_params
+    assert [c["max_bond"] for c in rep.history] == [8] and rep.config["max_bond"] == 4
+    compress(model, CompressionConfig(max_bond=4, target_modules=["2"]), progress=False)  # nothing left to do
+    assert {r.name for r in model.bondgate_report.layers} >= {"0", "2"}

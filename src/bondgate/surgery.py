@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import re
 import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -85,6 +87,24 @@ class CompressionConfig:
     max_calibration_rows: int | None = 200_000
 
     def __post_init__(self) -> None:
+        for name in ("param_ratio", "tol", "damping"):
+            value = getattr(self, name)
+            if value is not None and not _is_number(value):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+        for name in ("refine_steps", "max_calibration_rows"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        for name in ("target_modules", "exclude"):
+            value = getattr(self, name)
+            if not (value is None or isinstance(value, str)
+                    or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value))):
+                raise TypeError(f"{name} must be None, a regex string or a list of module names, got {value!r}")
+            if isinstance(value, str):
+                try:
+                    re.compile(value)
+                except re.error as exc:
+                    raise ValueError(f"{name} is not a valid regular expression: {value!r} ({exc})") from None
         given = [k for k in ("param_ratio", "max_bond", "tol") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one budget: param_ratio, max_bond or tol (got {given or 'none'})")
@@ -103,8 +123,11 @@ class CompressionConfig:
             raise ValueError(f"layer_weighting must be 'sensitivity', 'relative' or 'absolute', got {self.layer_weighting!r}")
         if self.policy not in ("memory", "speed"):
             raise ValueError(f"policy must be 'memory' or 'speed', got {self.policy!r}")
-        if self.refine_steps < 0 or self.damping < 0:
-            raise ValueError("refine_steps and damping must be >= 0")
+        if self.refine_steps < 0 or not (0 <= self.damping < math.inf):
+            raise ValueError(f"refine_steps and damping must be >= 0 (damping finite), got {self.refine_steps!r} "
+                             f"and {self.damping!r}")
+        if self.max_calibration_rows is not None and self.max_calibration_rows < 1:
+            raise ValueError(f"max_calibration_rows must be None or >= 1, got {self.max_calibration_rows!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -128,6 +151,7 @@ class LayerReport:
     output_error: float | None = None
     flops_dense: int = 0
     flops_mpo: int = 0
+    aliases: list[str] = field(default_factory=list)  # other names of the same (shared) layer
 
 
 @dataclass
@@ -137,6 +161,7 @@ class CompressionReport:
     layers: list[LayerReport] = field(default_factory=list)
     config: dict = field(default_factory=dict)
     flop_rows: int = 128
+    history: list[dict] = field(default_factory=list)  # configs of earlier compress() calls on the same model
 
     @property
     def compressed(self) -> list[LayerReport]:
@@ -155,7 +180,8 @@ class CompressionReport:
         return self.params_after / max(self.params_before, 1)
 
     def to_dict(self) -> dict:
-        return {"config": self.config, "flop_rows": self.flop_rows, "params_before": self.params_before,
+        return {"config": self.config, "history": self.history, "flop_rows": self.flop_rows,
+                "params_before": self.params_before,
                 "params_after": self.params_after, "ratio": self.ratio,
                 "layers": [asdict(r) for r in self.layers]}
 
@@ -180,6 +206,10 @@ class CompressionReport:
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 # ---------------------------------------------------------------------------------------------- targets
@@ -208,14 +238,34 @@ def _matches(name: str, spec: str | Sequence[str] | None) -> bool:
     return any(name == s or name.endswith("." + s) for s in spec)
 
 
+def module_names(model: nn.Module) -> dict[int, list[str]]:
+    """Every name each module is registered under (a module shared by two parents has two), by ``id``."""
+    names: dict[int, list[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(mod), []).append(name)
+    return names
+
+
+def _own_forward(mod: nn.Module) -> bool:
+    """Whether ``mod``'s class replaces the ``forward`` of the dense layer it derives from (a LoRA-style wrapper,
+    a quantized linear ...): swapping it for an MPO layer would drop whatever that forward adds."""
+    base = nn.Linear if isinstance(mod, nn.Linear) else sys.modules["transformers.pytorch_utils"].Conv1D
+    return type(mod).forward is not base.forward
+
+
 def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str, nn.Module], dict[str, str]]:
-    """``(targets, skipped)``: modules to compress by name, and skipped ones with the reason."""
+    """``(targets, skipped)``: modules to compress by name, and skipped ones with the reason.
+
+    A module registered under several names is listed once, under its first (see :func:`module_names`).
+    Layers whose class has a forward of its own, and ``nn.MultiheadAttention``'s ``out_proj`` (whose weight
+    the attention reads directly), are skipped with a warning."""
     owners: dict[int, list[str]] = {}
     for name, mod in model.named_modules():
         for pname, p in mod.named_parameters(recurse=False):
             owners.setdefault(id(p), []).append(f"{name}.{pname}" if name else pname)
     targets, skipped = {}, {}
     inside_mpo = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, MPOLinear) and n)
+    read_directly = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     for name, mod in model.named_modules():
         if not name or not (isinstance(mod, nn.Linear) or is_conv1d(mod)) or isinstance(mod, MPOLinear):
             continue
@@ -224,6 +274,16 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str,
         if config.target_modules is not None and not _matches(name, config.target_modules):
             continue
         if _matches(name, config.exclude):
+            continue
+        why = None
+        if id(mod) in read_directly:
+            why = "nn.MultiheadAttention reads out_proj.weight directly, so an MPO layer cannot replace it"
+        elif _own_forward(mod):
+            why = (f"its class {type(mod).__qualname__} overrides forward(); an MPO layer would drop what that forward "
+                   f"adds (exclude it, or compress the plain layer inside it)")
+        if why is not None:
+            skipped[name] = why
+            warnings.warn(f"compress: skipping {name}: {why}", stacklevel=3)
             continue
         w = mod.weight
         if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.dim() != 2:
@@ -292,11 +352,13 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable 
         raise TypeError(f"config must be a CompressionConfig, got {type(config).__name__}")
     targets, skipped = find_targets(model, config)
     report = CompressionReport(config=config.to_dict())
+    names = module_names(model)
     data = list(calibration) if (calibration is not None and config.calibrate) else None
     if data is not None and not data:
         raise ValueError("calibration data is empty")
 
     stats = collect_input_stats(model, targets, data, config.max_calibration_rows, progress) if data and targets else {}
+    _check_stats(stats, targets)
     sens = {}
     if data and targets and config.layer_weighting == "sensitivity" and config.param_ratio is not None \
             and config.allocation == "global":
@@ -365,15 +427,46 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable 
         layer = MPOLinear.from_mpo(mpo.to(dtype=ref.dtype, device=ref.device),
                                    None if bias is None else bias.to(dtype=ref.dtype, device=ref.device),
                                    policy=config.policy)
-        model.set_submodule(w.name, layer)
+        for c in layer.cores:  # a frozen layer stays frozen
+            c.requires_grad_(ref.requires_grad)
+        if layer.bias is not None:
+            layer.bias.requires_grad_(w.module.bias.requires_grad)
+        layer.train(w.module.training)
+        for name in names[id(w.module)]:  # a layer registered under several names stays one (shared) layer
+            model.set_submodule(name, layer)
         report.layers.append(_layer_report(w, mpo, W_hat, bias, report.flop_rows))
+        report.layers[-1].aliases = names[id(w.module)][1:]
     for name, why in skipped.items():
         mod = model.get_submodule(name)
         n = mod.weight.numel() if isinstance(getattr(mod, "weight", None), torch.Tensor) else 0
         report.layers.append(LayerReport(name, type(mod).__name__, 0, 0, status=f"skipped: {why}",
                                          params_before=n, params_after=n))
+    previous = getattr(model, "bondgate_report", None)
+    if isinstance(previous, CompressionReport):  # compressing again: the layers compressed before stay reported
+        now = {r.name for r in report.layers}
+        report.layers = [r for r in previous.layers if r.name not in now] + report.layers
+        report.history = [*previous.history, previous.config]
     model.bondgate_report = report
     return model
+
+
+def _check_stats(stats: dict[str, InputStats], targets: dict[str, nn.Module]) -> None:
+    """Whitening by activations that do not vary would throw the whole weight away (the TT-SVD of ``W S`` with
+    ``S ~ 0``) while reporting a zero output error: refuse such calibration data."""
+    dead = []
+    for name, st in stats.items():
+        has_bias = getattr(targets[name], "bias", None) is not None
+        energy = float((st.cov if has_bias else st.second).diagonal().sum())
+        if not energy > 1e-12 * max(float(st.second.diagonal().sum()), 1e-30):
+            dead.append(name)
+    if dead:
+        raise ValueError(f"the calibration data gives {len(dead)} layer(s) inputs that are all zero or do not vary "
+                         f"between rows ({_short_list(dead)}): whitening by them would discard the weights. Pass real "
+                         f"model inputs, or CompressionConfig(calibrate=False)")
+
+
+def _short_list(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
 
 
 def _layer_report(w: _Work, mpo: MPO, W_hat: torch.Tensor, bias: torch.Tensor | None, rows: int) -> LayerReport:

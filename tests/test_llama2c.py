@@ -1,0 +1,331 @@
+"""bondgate.llama2c: the llama2.c stories260K checkpoint and tok512 tokenizer, loaded into transformers."""
+
+import copy
+import math
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import SHARED
+
+pytest.importorskip("transformers")
+
+from bondgate.llama2c import (  # noqa: E402
+    Llama2cTokenizer,
+    load_llama2c,
+    read_llama2c_header,
+    split_stories,
+    tinystories_perplexity,
+)
+
+MODEL_DIR = SHARED / "models" / "stories260K"
+BIN = MODEL_DIR / "stories260K.bin"
+TOK = MODEL_DIR / "tok512.bin"
+SAMPLE = MODEL_DIR / "tinystories_sample.txt"
+GREEDY_PREFIX = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park"
+# Measured with this loader on the 5 stories of tinystories_sample.txt (llama2.c reports val loss 1.297,
+# ppl 3.66, on the TinyStories validation set).
+SAMPLE_PPL = 3.548
+SAMPLE_TOKENS = 1804
+
+
+@pytest.fixture(scope="module")
+def files():
+    missing = [p for p in (BIN, TOK, SAMPLE) if not p.is_file()]
+    if missing:
+        pytest.skip(f"stories260K files not found (set BONDGATE_SHARED): {', '.join(map(str, missing))}")
+    return BIN, TOK, SAMPLE
+
+
+@pytest.fixture(scope="module")
+def model(files):
+    return load_llama2c(files[0])
+
+
+@pytest.fixture(scope="module")
+def tok(files):
+    return Llama2cTokenizer(files[1], vocab_size=512)
+
+
+@pytest.fixture(scope="module")
+def greedy(model):
+    out = model.generate(torch.tensor([[1]]), do_sample=False, max_new_tokens=40, pad_token_id=2)
+    return out[0].tolist()
+
+
+# ------------------------------------------------------------------------------------------- model
+def test_config_and_parameter_count(model):
+    c = model.config
+    assert (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers) == (512, 64, 172, 5)
+    assert (c.num_attention_heads, c.num_key_value_heads, c.max_position_embeddings) == (8, 4, 512)
+    assert c.rms_norm_eps == 1e-5 and c.tie_word_embeddings and (c.bos_token_id, c.eos_token_id) == (1, 2)
+    assert not model.training
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    # SOURCE.md's 260,032: all weights, the tied embedding/classifier once, not the stored rotary tables.
+    assert sum(p.numel() for p in model.parameters()) == 260_032
+    # the file is exactly header + those weights + the two (512, 4) rotary tables
+    assert BIN.stat().st_size == 28 + 4 * (260_032 + 2 * 512 * 4)
+
+
+def _raw_arrays(path):
+    """The checkpoint parsed independently of the module, straight from the llama2.c layout."""
+    data = path.read_bytes()
+    dim, hid, L, nh, nkv, vocab, seq = struct.unpack("<7i", data[:28])
+    hs = dim // nh
+    flat = np.frombuffer(data, dtype="<f4", offset=28)
+    shapes = [("emb", (vocab, dim)), ("rms_att", (L, dim)), ("wq", (L, nh * hs, dim)), ("wk", (L, nkv * hs, dim)),
+              ("wv", (L, nkv * hs, dim)), ("wo", (L, dim, nh * hs)), ("rms_ffn", (L, dim)), ("w1", (L, hid, dim)),
+              ("w2", (L, dim, hid)), ("w3", (L, hid, dim)), ("rms_final", (dim,)), ("cos", (seq, hs // 2)),
+              ("sin", (seq, hs // 2))]
+    out, off = {}, 0
+    for name, shape in shapes:
+        n = math.prod(shape)
+        out[name] = torch.from_numpy(flat[off:off + n].reshape(shape).copy())
+        off += n
+    assert off == len(flat)
+    return out, (nh, nkv, hs)
+
+
+def _llama2c_forward(w, heads, tokens):
+    """llama2.c's forward (run.c): interleaved-pair rotary from the stored tables, GQA head h -> kv h // kv_mul."""
+    nh, nkv, hs = heads
+    T = len(tokens)
+
+    def rms(x, g):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * g
+
+    def rope(q):
+        a, b = q.view(T, -1, hs // 2, 2).unbind(-1)
+        c, s = w["cos"][:T, None], w["sin"][:T, None]
+        return torch.stack([a * c - b * s, a * s + b * c], -1).reshape(T, -1, hs)
+
+    x = w["emb"][tokens]
+    mask = torch.ones(T, T, dtype=torch.bool).tril()
+    for layer in range(w["wq"].shape[0]):
+        xb = rms(x, w["rms_att"][layer])
+        q = rope((xb @ w["wq"][layer].T).view(T, nh, hs))
+        k = rope((xb @ w["wk"][layer].T).view(T, nkv, hs)).repeat_interleave(nh // nkv, 1)
+        v = (xb @ w["wv"][layer].T).view(T, nkv, hs).repeat_interleave(nh // nkv, 1)
+        att = torch.einsum("thd,shd->hts", q, k) / math.sqrt(hs)
+        att = att.masked_fill(~mask, float("-inf")).softmax(-1)
+        x = x + torch.einsum("hts,shd->thd", att, v).reshape(T, -1) @ w["wo"][layer].T
+        xb = rms(x, w["rms_ffn"][layer])
+        x = x + (torch.nn.functional.silu(xb @ w["w1"][layer].T) * (xb @ w["w3"][layer].T)) @ w["w2"][layer].T
+    return rms(x, w["rms_final"]) @ w["emb"].T
+
+
+def test_logits_match_a_direct_llama2c_forward(model, tok, files):
+    w, heads = _raw_arrays(files[0])
+    tokens = torch.tensor(tok.encode(split_stories(files[2].read_text(encoding="utf-8"))[1])[:96])
+    ref = _llama2c_forward(w, heads, tokens)
+    with torch.no_grad():
+        got = model(tokens[None], use_cache=False).logits[0]
+    assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), (got - ref).abs().max()
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_greedy_generation_matches_source_and_no_cache_loop(model, tok, greedy):
+    text = tok.decode(greedy)
+    assert greedy[0] == 1 and len(greedy) == 41
+    assert text.startswith(GREEDY_PREFIX), text
+    # the same greedy tokens, one full forward per step, no KV cache
+    ids = [1]
+    with torch.no_grad():
+        for _ in range(40):
+            logits = model(torch.tensor([ids]), use_cache=False).logits[0, -1]
+            ids.append(int(logits.argmax()))
+    assert ids == greedy
+
+
+def test_bfloat16_load(files):
+    m = load_llama2c(files[0], dtype=torch.bfloat16)
+    assert {p.dtype for p in m.parameters()} == {torch.bfloat16} and not m.training
+
+
+def test_import_does_not_load_transformers():
+    code = "import sys, bondgate, bondgate.llama2c; sys.exit('transformers' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# --------------------------------------------------------------------------------------- tokenizer
+def test_tokenizer_basics(tok, greedy):
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (512, 1, 2)
+    assert tok.encode("Once upon a time") == greedy[:5]
+    assert tok.encode("Once upon a time", bos=False, eos=True) == greedy[1:5] + [2]
+    assert tok.encode("") == [1] and tok.encode("", bos=False) == []
+    assert tok.encode("\n", bos=False) == [tok.encode(" ", bos=False)[0], 0x0A + 3]  # newline: byte fallback
+    assert tok.pieces[0x0A + 3] == b"<0x0A>"
+    assert tok.decode([1, 0x0A + 3]) == "\n"
+    assert tok.decode(torch.tensor([1, 0xC3 + 3, 0xBC + 3])) == "ü"  # bytes reassembled into UTF-8
+    assert tok.decode(tok.encode("hi", bos=False)) == " hi"  # no BOS: the dummy space stays (as run.c)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tok.decode([512])
+
+
+@pytest.mark.parametrize("text", [
+    "Once upon a time",
+    " leading space, double  space and trailing ",
+    "Line one\nLine two\n\n\tTabbed <0x0A> literal",
+    "Grüße aus Zürich — “quotes” 🙂 中文 café ñ €",
+])
+def test_round_trip(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.decode(tok.encode(text, eos=True)) == text
+
+
+def test_round_trip_sample(tok, files):
+    text = files[2].read_text(encoding="utf-8")
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert len(ids) < len(text) / 1.5  # BPE merges happened
+
+
+def _naive_merge(tok, ids):
+    """llama2.c's merge loop verbatim: rescan for the best pair (strict >, leftmost), merge, repeat."""
+    ids = list(ids)
+    while True:
+        best, best_i, best_id = -1e10, -1, -1
+        for i in range(len(ids) - 1):
+            m = tok._ids.get(tok.pieces[ids[i]] + tok.pieces[ids[i + 1]])
+            if m is not None and tok.scores[m] > best:
+                best, best_i, best_id = tok.scores[m], i, m
+        if best_i < 0:
+            return ids
+        ids[best_i:best_i + 2] = [best_id]
+
+
+def test_heap_merge_equals_llama2c_loop(tok, files):
+    texts = split_stories(files[2].read_text(encoding="utf-8"))[:2] + ["aaaaaaa bbbb the the  thethe", "é\n\n ü"]
+    for text in texts:
+        got = tok.encode(text, bos=False)
+        chars = [tok._ids.get(b" ")]
+        for ch in text:
+            b = ch.encode()
+            chars += [tok._ids[b]] if b in tok._ids else [x + 3 for x in b]
+        assert got == _naive_merge(tok, chars)
+
+
+# -------------------------------------------------------------------------------------- perplexity
+def test_sample_perplexity(model, tok, files):
+    assert len(split_stories(files[2].read_text(encoding="utf-8"))) == 5
+    ppl, n = tinystories_perplexity(model, tok, files[2])
+    assert n == SAMPLE_TOKENS
+    assert SAMPLE_PPL - 0.01 < ppl < SAMPLE_PPL + 0.01
+    # the text itself and the path as a str give the same figures
+    assert tinystories_perplexity(model, tok, str(files[2])) == (ppl, n)
+    assert tinystories_perplexity(model, tok, files[2].read_text(encoding="utf-8")) == (ppl, n)
+    # 128-token windows (the stories have 223..457 tokens): every token still predicted once, with less
+    # context (measured: ppl 3.93)
+    ppl128, n128 = tinystories_perplexity(model, tok, files[2], block=128)
+    assert n128 == n and 1.05 * ppl < ppl128 < 1.2 * ppl
+    # each story is scored on its own: the count is the sum over stories of their tokens after BOS
+    assert n == sum(len(tok.encode(s)) - 1 for s in split_stories(files[2].read_text(encoding="utf-8")))
+
+
+def test_shuffled_weights_are_much_worse(model, tok, files):
+    bad = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in bad.parameters():
+            p.copy_(p.flatten()[torch.randperm(p.numel(), generator=g)].view_as(p))
+    ppl, _ = tinystories_perplexity(model, tok, files[2])
+    bad_ppl, _ = tinystories_perplexity(bad, tok, files[2])
+    assert bad_ppl > 10 * ppl
+
+
+def test_perplexity_errors(model, tok):
+    with pytest.raises(ValueError, match="no stories"):
+        tinystories_perplexity(model, tok, "\n<|endoftext|>\n  ")
+    with pytest.raises(ValueError, match="block"):
+        tinystories_perplexity(model, tok, "Once upon a time.", block=1)
+
+
+# ---------------------------------------------------------------------------------------- bad files
+def _header(data, **changes):
+    names = ["dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len"]
+    values = dict(zip(names, struct.unpack("<7i", data[:28])))
+    values.update(changes)
+    return struct.pack("<7i", *(values[k] for k in names)) + data[28:]
+
+
+@pytest.mark.parametrize("case, match", [
+    ("truncated", "truncated llama2.c checkpoint"),
+    ("dim0", r"dimensions must be positive: dim=0"),
+    ("negative_layers", r"n_layers=-5"),
+    ("heads", "not divisible by n_heads"),
+    ("kv_heads", "not divisible by n_kv_heads"),
+    ("huge", "truncated llama2.c checkpoint"),
+    ("extra", "4 trailing bytes"),
+    ("unshared_without_wcls", "truncated"),
+    ("nan", r"non-finite .* in wq"),
+    ("inf", r"non-finite .* in token_embedding_table"),
+    ("rope", "rotary tables"),
+    ("magic", "version 1"),
+    ("tiny", "too short"),
+])
+def test_corrupt_checkpoint(files, tmp_path, case, match):
+    data = files[0].read_bytes()
+    floats = 28 // 4
+    if case == "truncated":
+        data = data[:-1000]
+    elif case == "dim0":
+        data = _header(data, dim=0)
+    elif case == "negative_layers":
+        data = _header(data, n_layers=-5)
+    elif case == "heads":
+        data = _header(data, n_heads=7)
+    elif case == "kv_heads":
+        data = _header(data, n_kv_heads=3)
+    elif case == "huge":  # must be caught by the size check, not by a failed allocation
+        data = _header(data, dim=1 << 20, n_layers=1 << 20)
+    elif case == "extra":
+        data = data + b"\0\0\0\0"
+    elif case == "unshared_without_wcls":
+        data = _header(data, vocab_size=-512)
+    elif case in ("nan", "inf", "rope"):
+        arr = bytearray(data)
+        index = {"nan": floats + 512 * 64 + 5 * 64 + 10,  # inside wq
+                 "inf": floats + 3,  # inside the embedding
+                 "rope": floats + 260_032 + 4 * 7}[case]  # inside freq_cis_real
+        value = {"nan": float("nan"), "inf": float("inf"), "rope": 0.5}[case]
+        struct.pack_into("<f", arr, 4 * index, value)
+        data = bytes(arr)
+    elif case == "magic":
+        data = struct.pack("<Ii", 0x616B3432, 1) + data[8:]
+    elif case == "tiny":
+        data = data[:10]
+    path = tmp_path / "bad.bin"
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match=match):
+        load_llama2c(path)
+
+
+def test_header_reader(files):
+    h = read_llama2c_header(files[0])
+    assert (h.dim, h.hidden_dim, h.n_layers, h.n_heads, h.n_kv_heads, h.vocab_size, h.seq_len) == \
+        (64, 172, 5, 8, 4, 512, 512)
+    assert h.shared_classifier and h.head_size == 8 and h.file_size() == files[0].stat().st_size
+
+
+def test_corrupt_tokenizer(files, tmp_path):
+    data = files[1].read_bytes()
+    path = tmp_path / "tok.bin"
+    cases = [
+        (data[:-3], None, "truncated llama2.c tokenizer: token 511 needs"),  # cut inside the last token
+        (data[:2], None, "too short"),
+        (struct.pack("<i", 0) + data[4:], None, "max_token_length=0"),
+        (data[:4] + struct.pack("<fi", 0.0, 99) + data[12:], None, "token 0 has length 99"),
+        (data[:4] + struct.pack("<fi", float("nan"), 5) + data[12:], None, "score nan"),
+        (data + b"\0\0\0\0\x07\0\0\0ab", None, "truncated"),  # a 13th byte record cut short
+        (data, 513, "512 tokens, expected 513"),  # cut at a token boundary: caught with the model's vocab size
+        (data, 400, "trailing bytes"),
+        (data[:44], None, "at least 259"),  # <unk>, BOS, EOS only (4 + 13 + 13 + 14 bytes)
+        (data[:44] + struct.pack("<fi", 0.0, 3) + b"abc" + data[44 + 14:], None, "token 3 is b'abc'"),  # not <0x00>
+    ]
+    for blob, vocab_size, match in cases:
+        path.write_bytes(blob)
+        with pytest.raises(ValueError, match=match):
+            Llama2cTokenizer(path, vocab_size=vocab_size)

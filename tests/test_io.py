@@ -82,10 +82,13 @@ def assert_untouched(model: nn.Module, snapshot) -> None:
     assert [type(m) for m in model.modules()] == types
 
 
-def edit_json(directory: Path, edit) -> None:
+def edit_json(directory: Path, edit, restamp: bool = True) -> None:
+    """Edit bondgate.json; with ``restamp`` its own checksum is re-recorded, so only the content is wrong."""
     path = directory / "bondgate.json"
     meta = json.loads(path.read_text())
     edit(meta)
+    if restamp and "meta_sha256" in meta:
+        meta["meta_sha256"] = bondgate.io._meta_sha256(meta)
     path.write_text(json.dumps(meta))
 
 
@@ -113,7 +116,7 @@ def test_sequential_round_trip_bit_exact(tmp_path):
     assert out == tmp_path / "mlp"
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "bondgate.json"}
     meta = json.loads((out / "bondgate.json").read_text())
-    assert meta["format"] == "bondgate-checkpoint" and meta["format_version"] == 1
+    assert meta["format"] == "bondgate-checkpoint" and meta["format_version"] == 2
     assert meta["architecture"]["kind"] == "sequential"
     assert meta["layers"] == {"2": model[2].spec()}
     assert meta["weights"]["bytes"] == (out / "model.safetensors").stat().st_size
@@ -281,6 +284,8 @@ def test_package_imports_transformers_lazily():
             node = stack.pop()
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
                 continue
+            if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+                continue  # for type checkers only: never runs
             if isinstance(node, ast.Import):
                 yield from (a.name for a in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
@@ -372,7 +377,7 @@ def test_unknown_layer_type(mlp_ckpt):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("format_version", 2, "unsupported checkpoint format version 2"),
+    ("format_version", 3, "unsupported checkpoint format version 3"),
     ("format", "pickle", "unknown checkpoint format 'pickle'"),
 ])
 def test_unknown_format_or_version(mlp_ckpt, field, value, message):
@@ -483,3 +488,150 @@ def test_shared_parameter_tie_is_restored(tmp_path):
     x = torch.randn(4, 8)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+# ---------------------------------------------------------------------------------------- issue 18: trust
+class FailingTokenizer:
+    def save_pretrained(self, directory):
+        (Path(directory) / "tokenizer.json").write_text("{}")  # a half-written save
+        raise OSError("disk full (simulated)")
+
+
+def test_save_over_a_checkpoint_is_atomic(tmp_path):
+    # Issue 18.1: a failing tokenizer save used to leave a checkpoint that no longer loaded
+    model = mlp().eval()
+    x = torch.randn(4, 62)
+    out = bondgate.save(model, tmp_path / "ckpt")
+    (out / "README.md").write_text("my notes")  # a file of the user's: carried over by later saves
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    other = mlp().eval()
+    with pytest.raises(OSError, match="disk full"):
+        bondgate.save(other, out, tokenizer=FailingTokenizer())
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # byte for byte the old checkpoint
+    assert torch.equal(bondgate.load(out)(x), model(x))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary directory left behind
+    bondgate.save(other, out)  # a successful save replaces it, and keeps the user's file
+    assert torch.equal(bondgate.load(out)(x), other(x)) and (out / "README.md").read_text() == "my notes"
+
+
+def test_save_failing_while_writing_weights_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    model = mlp().eval()
+    out = bondgate.save(model, tmp_path / "ckpt")
+
+    def broken(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 10)
+        raise KeyboardInterrupt  # interrupted mid-write
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(KeyboardInterrupt):
+        bondgate.save(mlp(), out)
+    monkeypatch.undo()
+    x = torch.randn(3, 62)
+    assert torch.equal(bondgate.load(out)(x), model(x))
+
+
+@pytest.mark.parametrize("ambient", ["normal", "no_grad", "inference_mode"])
+def test_failed_load_into_a_model_built_in_any_mode_leaves_it_untouched(mlp_ckpt, ambient):
+    # Issue 18.1: a model built under torch.inference_mode holds inference tensors, which the copy could not write
+    # outside inference mode: a failed load left its dense layers half-overwritten
+    mode = {"normal": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[ambient]
+    with mode():
+        user = dense_mlp()
+    snap = state_snapshot(user)
+    edit_json(mlp_ckpt, lambda m: m["layers"]["2"].update(bond_dims=[8, 8, 8]))  # does not fit
+    with pytest.raises(ValueError, match="shape mismatch"):
+        bondgate.load(mlp_ckpt, model=user)
+    assert_untouched(user, snap)
+    good = bondgate.save(mlp().eval(), mlp_ckpt.parent / "good")
+    with mode():
+        loaded = bondgate.load(good, model=user)  # and a good checkpoint loads into it
+    x = torch.randn(2, 62)
+    with torch.no_grad():  # inference tensors (the model's dense layers) cannot enter autograd
+        assert torch.equal(loaded(x), bondgate.load(good)(x))
+
+
+@pytest.mark.parametrize("target", ["bondgate.json", "config.json"])
+def test_checksums_cover_the_metadata_and_the_config(tmp_path, target):
+    if target == "config.json" and BertModel is None:
+        pytest.skip("transformers is not installed")
+    out = bondgate.save(tiny_bert() if target == "config.json" else mlp(), tmp_path / "ckpt")
+    path = out / target
+    meta = json.loads(path.read_text())
+    if target == "config.json":
+        meta["hidden_act"] = "relu"  # a valid config, silently a different model
+    else:
+        meta["layers"]["2"]["policy"] = "speed"
+    path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="checksum|sha256"):
+        bondgate.load(out)
+
+
+def test_shapes_are_checked_before_anything_is_allocated(mlp_ckpt):
+    # Issue 18.5: a 14 KB JSON naming bond dims of 10^5 must not allocate 2 GB: run the load in a process whose
+    # address space cannot grow by 1 GB, so an allocation would fail with a MemoryError, not a ValueError
+    edit_json(mlp_ckpt, lambda m: m["layers"]["2"].update(bond_dims=[100_000, 100_000, 100_000]))
+    code = f"""
+import resource, sys
+vm = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmSize:')) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + 2**30, resource.RLIM_INFINITY))
+import bondgate
+try:
+    bondgate.load({str(mlp_ckpt)!r})
+except ValueError as exc:
+    print('ValueError:', exc)
+"""
+    import subprocess
+
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs /proc")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "ValueError: shape mismatch for '2.cores.0'" in res.stdout, res.stderr[-2000:]
+
+
+def test_non_finite_weights_are_refused(mlp_ckpt):
+    rewrite_weights(mlp_ckpt, lambda t: t["2.cores.1"].view(-1).__setitem__(3, float("nan")))
+    with pytest.raises(ValueError, match="'2.cores.1' holds NaN"):
+        bondgate.load(mlp_ckpt)
+    user = dense_mlp()
+    snap = state_snapshot(user)
+    with pytest.raises(ValueError, match="NaN"):
+        bondgate.load(mlp_ckpt, model=user)
+    assert_untouched(user, snap)
+
+
+def test_load_into_a_model_checks_the_replaced_layers_sizes(tmp_path):
+    # the checkpoint's tensors all belong to the layer it replaces: only the sizes of the model's own layer tell
+    out = bondgate.save(nn.Sequential(MPOLinear.from_linear(nn.Linear(64, 48), max_bond=4)), tmp_path / "one")
+    user = nn.Sequential(nn.Linear(64, 32))
+    snap = state_snapshot(user)
+    with pytest.raises(ValueError, match="out_features 32 in the model, 48 in the checkpoint"):
+        bondgate.load(out, model=user)
+    assert_untouched(user, snap)
+    assert isinstance(bondgate.load(out, model=nn.Sequential(nn.Linear(64, 48)))[0], MPOLinear)
+
+
+@needs_hf
+def test_huge_config_fails_before_building_the_model(tmp_path):
+    out = bondgate.save(tiny_bert(), tmp_path / "bert")
+    cfg = json.loads((out / "config.json").read_text())
+    cfg.update(hidden_size=8192, intermediate_size=65536, num_hidden_layers=48, num_attention_heads=64)
+    (out / "config.json").write_text(json.dumps(cfg))
+    edit_json(out, lambda m: m["files"]["config.json"].update(bytes=(out / "config.json").stat().st_size,
+                                                              sha256=_sha256(out / "config.json")))
+    with pytest.raises(ValueError, match="shape mismatch|does not fit"):
+        bondgate.load(out)  # 48 layers of 8192 would be ~100 GB: built on the meta device, then refused
+
+
+def test_version_1_checkpoints_still_load(mlp_ckpt):
+    x = torch.randn(3, 62)
+    want = bondgate.load(mlp_ckpt)(x)
+
+    def downgrade(m):
+        m["format_version"] = 1
+        for key in ("files", "meta_sha256"):
+            m.pop(key)
+
+    edit_json(mlp_ckpt, downgrade, restamp=False)
+    assert torch.equal(bondgate.load(mlp_ckpt)(x), want)

@@ -7,13 +7,17 @@ A bondgate checkpoint is a directory holding
   the other names are listed in ``bondgate.json`` under ``tensor_aliases``.
 * ``bondgate.json``: format name and version, bondgate/torch versions, how to rebuild the model
   (``architecture``), the structure of every bondgate layer (``layers``: qualified module name ->
-  ``layer.spec()``), the compression report (if any) and the sha256 and size of the weights file.
+  ``layer.spec()``), the compression report (if any), the sha256 and size of the weights file and of
+  every other file (``files``), and the sha256 of its own content (``meta_sha256``).
 * for Hugging Face models, ``config.json`` (and the tokenizer files when a tokenizer is given).
 
-:func:`load` rebuilds the dense skeleton (from the transformers class named in the JSON, from the
-JSON description of an ``nn.Sequential``, or from a model the caller constructs), swaps in the
-bondgate layers and copies the tensors. Nothing is ever unpickled, and every check runs before a
-caller-supplied model is modified.
+:func:`save` writes the whole directory beside the target and swaps it in with one rename, so an existing
+checkpoint survives any failure (a tokenizer that cannot save, a full disk, a crash). :func:`load` verifies
+every checksum, then builds the layers and the skeleton on the ``meta`` device and compares their shapes and
+dtypes with the weights file's header before anything is allocated, refuses non-finite weights, then rebuilds
+the dense skeleton (from the transformers class named in the JSON, from the JSON description of an
+``nn.Sequential``, or from a model the caller constructs), swaps in the bondgate layers and copies the tensors.
+Nothing is ever unpickled, and every check runs before a caller-supplied model is modified.
 
 The directory is *not* a Hugging Face checkpoint: ``AutoModel.from_pretrained`` cannot read it,
 because the compressed layers do not exist in the original architecture.
@@ -21,10 +25,14 @@ because the compressed layers do not exist in the original architecture.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -48,7 +56,8 @@ __all__ = [
 ]
 
 FORMAT_NAME = "bondgate-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: checksums of every file and of bondgate.json itself (version 1 is still read)
+READ_VERSIONS = (1, 2)
 WEIGHTS_NAME = "model.safetensors"
 META_NAME = "bondgate.json"
 
@@ -160,12 +169,14 @@ def _collect_layers(model: nn.Module) -> tuple[dict[str, dict], dict[str, str]]:
     return layers, aliases
 
 
-def _build_layers(meta: dict) -> dict[str, nn.Module]:
-    """One fresh layer per canonical name in ``meta["layers"]``, aliases mapped to the same instance."""
+def _build_layers(meta: dict, device: str | None = None) -> dict[str, nn.Module]:
+    """One fresh layer per canonical name in ``meta["layers"]``, aliases mapped to the same instance
+    (``device="meta"``: shapes only, nothing allocated)."""
     built: dict[str, nn.Module] = {}
     for name, spec in meta["layers"].items():
         try:
-            layer = LAYER_TYPES[spec["type"]].from_spec(spec)
+            with torch.device(device) if device else contextlib.nullcontext():
+                layer = LAYER_TYPES[spec["type"]].from_spec(spec)
         except (ValueError, TypeError, KeyError, IndexError, RuntimeError, MemoryError) as exc:
             raise ValueError(f"invalid spec for layer {name!r} in {META_NAME}: {exc}") from exc
         if not isinstance(layer, nn.Module):
@@ -394,22 +405,89 @@ def save(model: nn.Module, directory: str | os.PathLike, *, report: Any = None, 
 
     from safetensors.torch import save_file
 
-    directory.mkdir(parents=True, exist_ok=True)
-    weights = directory / WEIGHTS_NAME
-    tmp = directory / (WEIGHTS_NAME + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, weights)
-    hf = _hf_base()
-    if hf is not None and isinstance(model, hf):
-        model.config.save_pretrained(directory)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
-    meta["weights"] = {"file": WEIGHTS_NAME, "bytes": weights.stat().st_size, "sha256": _sha256(weights)}
-    # the JSON goes last: a save interrupted earlier leaves no JSON matching the new weights
-    tmp_meta = directory / (META_NAME + ".tmp")
-    tmp_meta.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp_meta, directory / META_NAME)
+    if directory.is_symlink():  # write beside what the link points to, and keep the link
+        directory = directory.resolve()
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory} exists and is not a directory")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    # Everything is written into a fresh directory beside the target and swapped in at the end: until then the
+    # old checkpoint (if any) is untouched, whatever fails.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".saving", dir=directory.parent))
+    try:
+        weights = tmp / WEIGHTS_NAME
+        save_file(tensors, str(weights), metadata={"format": "pt"})
+        hf = _hf_base()
+        if hf is not None and isinstance(model, hf):
+            model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        meta["weights"] = {"file": WEIGHTS_NAME, "bytes": weights.stat().st_size, "sha256": _sha256(weights)}
+        meta["files"] = {rel: {"bytes": (tmp / rel).stat().st_size, "sha256": _sha256(tmp / rel)}
+                         for rel in _files(tmp) if rel != WEIGHTS_NAME}
+        meta["meta_sha256"] = _meta_sha256(meta)
+        (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        _swap_in(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return directory
+
+
+def _files(root: Path) -> list[str]:
+    """Relative paths of the files under ``root`` (posix separators), sorted."""
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def _meta_sha256(meta: dict) -> str:
+    """sha256 of ``meta``'s content without its own checksum (key order and whitespace do not matter)."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically exchange two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    """Put the finished checkpoint ``new`` at ``target``. Files of an existing ``target`` that the new checkpoint
+    does not write (a README, tokenizer files of an earlier save) are carried over, as an in-place overwrite
+    would have kept them; then the two directories trade places in one atomic exchange where the OS offers it,
+    else by two renames (the old one is restored if the second fails)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    if not target.exists():
+        os.chmod(new, 0o777 & ~umask)
+        os.rename(new, target)
+        return
+    os.chmod(new, target.stat().st_mode & 0o7777)
+    for old in target.iterdir():
+        if (new / old.name).exists() or old.name.endswith(".tmp"):
+            continue
+        if old.is_dir() and not old.is_symlink():
+            shutil.copytree(old, new / old.name, symlinks=True)
+        else:
+            shutil.copy2(old, new / old.name, follow_symlinks=False)
+    if _exchange(new, target):
+        shutil.rmtree(new, ignore_errors=True)  # `new` now holds the old checkpoint
+        return
+    backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    os.rmdir(backup)
+    os.rename(target, backup)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        os.rename(backup, target)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------- load
@@ -439,9 +517,23 @@ def read_metadata(directory: str | os.PathLike) -> dict:
     if meta.get("format") != FORMAT_NAME:
         raise ValueError(f"unknown checkpoint format {meta.get('format')!r} in {path} (expected {FORMAT_NAME!r})")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION or isinstance(version, bool):
+    if version not in READ_VERSIONS or isinstance(version, bool):
         raise ValueError(f"unsupported checkpoint format version {version!r} in {path}; "
-                         f"this bondgate reads version {FORMAT_VERSION}")
+                         f"this bondgate reads versions {list(READ_VERSIONS)}")
+    if version >= 2:
+        want = meta.get("meta_sha256")
+        if not isinstance(want, str) or want != _meta_sha256(meta):
+            raise ValueError(f"corrupt checkpoint: the content of {path} does not match its checksum (meta_sha256); "
+                             f"was it edited by hand or damaged?")
+        files = meta.get("files")
+        if not (isinstance(files, dict) and all(
+                isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("sha256"), str)
+                and isinstance(v.get("bytes"), int) and not isinstance(v["bytes"], bool) for k, v in files.items())):
+            raise ValueError(f"{path}: 'files' must map file names to their 'bytes' and 'sha256'")
+        for rel in files:
+            if rel.startswith("/") or ".." in Path(rel).parts or "\\" in rel:
+                raise ValueError(f"{path}: file name {rel!r} leaves the checkpoint directory")
+    meta.setdefault("files", {})
     missing = {"architecture", "layers", "weights"} - set(meta)
     if missing:
         raise ValueError(f"{path} is missing the fields {sorted(missing)}")
@@ -485,17 +577,74 @@ def read_metadata(directory: str | os.PathLike) -> dict:
     return meta
 
 
-def _read_tensors(directory: Path, meta: dict) -> dict[str, torch.Tensor]:
-    """All tensors of the checkpoint (aliases included, sharing their target's tensor), on the CPU."""
+def _verify_file(path: Path, record: dict) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path} (listed in {META_NAME})")
+    size, want = path.stat().st_size, record["bytes"]
+    if size != want:
+        raise ValueError(f"corrupt or truncated checkpoint: {path} has {size} bytes, {META_NAME} records {want}")
+    sha, want_sha = _sha256(path), record["sha256"].lower()
+    if sha != want_sha:
+        raise ValueError(f"corrupt or truncated checkpoint: sha256 of {path} is {sha}, {META_NAME} records {want_sha}")
+
+
+def _verify_files(directory: Path, meta: dict) -> None:
+    """Size and sha256 of the weights file and of every other file the checkpoint lists (config.json, the
+    tokenizer's), before any of them is read."""
     path = directory / WEIGHTS_NAME
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    size, want = path.stat().st_size, meta["weights"]["bytes"]
-    if size != want:
-        raise ValueError(f"corrupt or truncated checkpoint: {path} has {size} bytes, {META_NAME} records {want}")
-    sha, want_sha = _sha256(path), meta["weights"]["sha256"].lower()
-    if sha != want_sha:
-        raise ValueError(f"corrupt or truncated checkpoint: sha256 of {path} is {sha}, {META_NAME} records {want_sha}")
+    _verify_file(path, meta["weights"])
+    for rel, record in meta["files"].items():
+        _verify_file(directory / rel, record)
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def _weights_header(directory: Path, meta: dict) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+    """``{key: (shape, dtype)}`` of every tensor the checkpoint holds (aliases included), read from the
+    safetensors header alone: no tensor data is read or allocated."""
+    path = directory / WEIGHTS_NAME
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= path.stat().st_size - 8:
+                raise ValueError(f"header length {n} does not fit the file")
+            header = json.loads(f.read(n))
+        entries = {k: (tuple(int(d) for d in v["shape"]), _ST_DTYPES.get(v["dtype"]))
+                   for k, v in header.items() if k != "__metadata__"}
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"corrupt checkpoint: cannot read the header of {path}: {exc}") from exc
+    for alias, target in meta["tensor_aliases"].items():
+        if target not in entries or alias in entries:
+            raise ValueError(f"{META_NAME}: tensor alias {alias!r} -> {target!r} does not point to a stored tensor")
+        entries[alias] = entries[target]
+    return entries
+
+
+def _check_against_header(state: dict[str, torch.Tensor], header: dict, adapt_dtypes: bool) -> None:
+    """Keys, shapes and (unless ``adapt_dtypes``) dtypes of a model's state (meta tensors will do) against the
+    weights file's header: what :func:`load` checks before it allocates the skeleton."""
+    missing, unexpected = set(state) - set(header), set(header) - set(state)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the model: missing keys {_short(missing)}, "
+                         f"unexpected keys {_short(unexpected)}")
+    for key, t in state.items():
+        shape, dtype = header[key]
+        if shape != tuple(t.shape):
+            raise ValueError(f"shape mismatch for {key!r}: checkpoint has {shape}, model expects {tuple(t.shape)}")
+        if dtype is not None and dtype != t.dtype and not (adapt_dtypes and dtype.is_floating_point
+                                                            and t.dtype.is_floating_point):
+            raise ValueError(f"dtype mismatch for {key!r}: checkpoint has {dtype}, model has {t.dtype}")
+
+
+def _read_tensors(directory: Path, meta: dict) -> dict[str, torch.Tensor]:
+    """All tensors of the checkpoint (aliases included, sharing their target's tensor), on the CPU; the
+    files must have been verified (:func:`_verify_files`)."""
+    path = directory / WEIGHTS_NAME
     from safetensors.torch import load_file
 
     try:
@@ -540,6 +689,55 @@ def _transformers_skeleton(directory: Path, arch: dict) -> nn.Module:
                 warnings.warn(f"attention implementation {attn!r} unavailable ({exc}); using the default",
                               stacklevel=3)
         return cls._from_config(config)
+
+
+def _skeleton(directory: Path, arch: dict, device: str | None = None) -> nn.Module:
+    """The dense model the checkpoint's layers go into, rebuilt from its description (on ``device``)."""
+    with torch.device(device) if device else contextlib.nullcontext():
+        if arch["kind"] == "transformers":
+            return _transformers_skeleton(directory, arch)
+        with torch.random.fork_rng(devices=[]):  # building initializes weights; keep the caller's RNG stream
+            return _build_sequential(arch)
+
+
+def _features(mod: nn.Module) -> dict[str, int]:
+    """The sizes a module's replacement must keep (``in_features``, ``out_features``, ``num_embeddings``,
+    ``embedding_dim``), as far as the module tells them."""
+    sizes = {k: getattr(mod, k) for k in ("in_features", "out_features", "num_embeddings", "embedding_dim")
+             if isinstance(getattr(mod, k, None), int)}
+    w = getattr(mod, "weight", None)
+    if not sizes and type(mod).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2:
+        sizes = {"in_features": int(w.shape[0]), "out_features": int(w.shape[1])}  # transformers' Conv1D: (in, out)
+    return sizes
+
+
+def _check_replaced(model: nn.Module, shells: dict[str, nn.Module], meta: dict) -> None:
+    """Every module the checkpoint replaces exists, and has the sizes of the layer that replaces it."""
+    for name, shell in shells.items():
+        if name == "":
+            continue
+        parent, _, child = name.rpartition(".")
+        try:
+            owner = model.get_submodule(parent)
+        except AttributeError:
+            owner = None
+        old = None if owner is None else owner._modules.get(child)
+        if old is None:
+            raise ValueError(f"the checkpoint replaces module {name!r}, but the model has no such module")
+        have, want = _features(old), _features(shell)
+        wrong = {k: (have[k], want[k]) for k in have.keys() & want.keys() if have[k] != want[k]}
+        if wrong:
+            raise ValueError(f"module {name!r} of the model ({type(old).__name__}) does not fit the checkpoint's layer: "
+                             + ", ".join(f"{k} {a} in the model, {b} in the checkpoint" for k, (a, b) in wrong.items()))
+
+
+def _check_finite(state: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
+    """Parameters must be finite: a NaN weight would only show up as NaN outputs much later."""
+    for key, t in state.items():
+        src = tensors.get(key)
+        if isinstance(t, nn.Parameter) and src is not None and src.is_floating_point() \
+                and not bool(torch.isfinite(src).all()):
+            raise ValueError(f"corrupt checkpoint: parameter {key!r} holds NaN or inf values")
 
 
 def _virtual_state(model: nn.Module, new: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
@@ -634,57 +832,56 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *,
     """
     directory = Path(directory)
     meta = read_metadata(directory)
-    tensors = _read_tensors(directory, meta)
-    new = _build_layers(meta)
+    _verify_files(directory, meta)
+    header = _weights_header(directory, meta)
     arch = meta["architecture"]
     built = model is None
-    if built:
-        if arch["kind"] == "transformers":
-            model = _transformers_skeleton(directory, arch)
-        elif arch["kind"] == "sequential":
-            with torch.random.fork_rng(devices=[]):
-                model = _build_sequential(arch)
-        elif arch["kind"] == "bondgate_layer":
-            model = new[""]
-        else:
-            raise ValueError(f"this checkpoint holds a {arch['class']}, which bondgate cannot rebuild by itself; "
-                             f"pass model=<a freshly constructed dense instance> to load()")
-    elif not isinstance(model, nn.Module):
+    if not built and not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    elif "" in new:
+    if built and arch["kind"] == "module":
+        raise ValueError(f"this checkpoint holds a {arch['class']}, which bondgate cannot rebuild by itself; "
+                         f"pass model=<a freshly constructed dense instance> to load()")
+    if not built and "" in meta["layers"]:
         raise ValueError("this checkpoint holds a single bondgate layer; call load() without model=")
 
-    for name in new:
-        if name == "":
-            continue
-        parent, _, child = name.rpartition(".")
-        try:
-            owner = model.get_submodule(parent)
-        except AttributeError:
-            owner = None
-        if owner is None or owner._modules.get(child) is None:
-            raise ValueError(f"the checkpoint replaces module {name!r}, but the model has no such module")
-        if not built:
-            device = _module_device(owner._modules[child])
+    # Shapes first, on the meta device: a checkpoint that does not fit allocates nothing (a 14 KB JSON
+    # naming a 2 GB core, or a config.json describing a huge model, fails here).
+    shells = _build_layers(meta, device="meta")
+    skeleton = model if not built else shells[""] if arch["kind"] == "bondgate_layer" else _skeleton(
+        directory, arch, device="meta")
+    _check_replaced(skeleton, shells, meta)
+    _check_against_header(_virtual_state(skeleton, shells), header, adapt_dtypes=built)
+
+    tensors = _read_tensors(directory, meta)
+    new = _build_layers(meta)
+    if built:
+        model = new[""] if arch["kind"] == "bondgate_layer" else _skeleton(directory, arch)
+    if not built:
+        for name in new:
+            device = _module_device(model.get_submodule(name))
             if device is not None:
                 new[name].to(device)
-
     _validate(_virtual_state(model, new), tensors, meta, adapt_dtypes=built)
 
-    # ---- everything is checked: modify the model. With keys, shapes and dtypes verified the copy
-    # cannot fail for a data reason; should it fail anyway, at least the module swaps are undone.
-    if "" not in new:
-        old = {name: model.get_submodule(name) for name in new}
-        try:
-            for name, layer in new.items():
-                _set_submodule(model, name, layer)
+    _check_finite(_virtual_state(model, new), tensors)
+
+    # ---- everything is checked: modify the model. With keys, shapes, dtypes and values verified the copy
+    # cannot fail for a data reason; should it fail anyway, at least the module swaps are undone. A model
+    # built under torch.inference_mode holds inference tensors, which only take writes inside it.
+    frozen = any(t.is_inference() for t in model.state_dict().values())
+    with torch.inference_mode(frozen):
+        if "" not in new:
+            old = {name: model.get_submodule(name) for name in new}
+            try:
+                for name, layer in new.items():
+                    _set_submodule(model, name, layer)
+                model.load_state_dict(tensors, strict=True)
+            except BaseException:
+                for name, mod in old.items():
+                    _set_submodule(model, name, mod)
+                raise
+        else:
             model.load_state_dict(tensors, strict=True)
-        except BaseException:
-            for name, mod in old.items():
-                _set_submodule(model, name, mod)
-            raise
-    else:
-        model.load_state_dict(tensors, strict=True)
     for alias, target in meta["tensor_aliases"].items():
         _tie(model, alias, target)
     for cls in {type(m) for m in new.values()}:  # model-level state of a layer type (gating's price trackers)

@@ -8,6 +8,7 @@ in-place update (optimizer step, ``load_state_dict``) invalidates it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import operator
@@ -110,14 +111,28 @@ def _retrack(module: nn.Module, incompatible_keys) -> None:
     track_parameters(module)
 
 
-def _policy(policy: str | PlanPolicy) -> PlanPolicy:
+def _policy(policy: str | dict | PlanPolicy) -> PlanPolicy:
+    """A :class:`PlanPolicy` from a policy, its name, or its fields as a dict (how :meth:`MPOLinear.spec` saves a
+    non-default one)."""
     if isinstance(policy, PlanPolicy):
         return policy
     if policy == "memory":
         return MEMORY
     if policy == "speed":
         return SPEED
+    if isinstance(policy, dict):
+        try:
+            return PlanPolicy(**policy)
+        except TypeError as exc:
+            raise ValueError(f"invalid plan policy {policy!r}: {exc}") from None
     raise ValueError(f"policy must be 'memory', 'speed' or a PlanPolicy, got {policy!r}")
+
+
+def _policy_spec(policy: PlanPolicy) -> str | dict:
+    for name, known in (("memory", MEMORY), ("speed", SPEED)):
+        if policy == known:
+            return name
+    return dataclasses.asdict(policy)
 
 
 class MPOLinear(nn.Module):
@@ -215,7 +230,7 @@ class MPOLinear(nn.Module):
             "out_factors": list(self.out_factors),
             "bond_dims": list(self.bond_dims),
             "bias": self.bias is not None,
-            "policy": "speed" if self._policy.cache_dense else "memory",
+            "policy": _policy_spec(self._policy),
             "dtype": str(self._core_tuple()[0].dtype).removeprefix("torch."),
             "error": None if math.isnan(self.error) else self.error,
             # plans used so far, "<row bucket>:<grad>" -> plan id: a loaded copy runs the same

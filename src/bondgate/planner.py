@@ -86,9 +86,15 @@ class PlanPolicy:
     tune_seconds: float = 0.15
 
     def __post_init__(self) -> None:
+        if not isinstance(self.cache_dense, bool):
+            raise ValueError(f"cache_dense must be a bool, got {self.cache_dense!r}")
+        if isinstance(self.tune_seconds, bool) or not isinstance(self.tune_seconds, (int, float)) \
+                or not 0 <= self.tune_seconds < math.inf:
+            raise ValueError(f"tune_seconds must be a finite number >= 0, got {self.tune_seconds!r}")
         if self.select not in ("time", "flops"):
             raise ValueError(f"select must be 'time' or 'flops', got {self.select!r}")
-        if not self.flop_slack >= 1.0:
+        if isinstance(self.flop_slack, bool) or not isinstance(self.flop_slack, (int, float)) \
+                or not 1.0 <= self.flop_slack < math.inf:
             raise ValueError(f"flop_slack must be >= 1, got {self.flop_slack!r}")
 
 

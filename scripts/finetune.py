@@ -8,7 +8,8 @@ Trainer / accelerate do the process handling (DDP; gloo on CPU, nccl on GPU).
     torchrun --nproc_per_node=2 --standalone scripts/finetune.py --task encoder --student runs/minilm-50 \\
         --output-dir runs/ft-minilm
     python scripts/finetune.py --task lm --student runs/gpt2-wt2-50 --teacher runs/gpt2-wt2 --output-dir runs/ft-gpt2
-    ... add --resume to continue from the last checkpoint-<step> in --output-dir
+    ... add --resume to continue from the newest good checkpoint-<step> in --output-dir (corrupt or incomplete
+    newer ones are skipped with a warning and renamed to checkpoint-<step>.corrupt)
 
 Tasks:
   encoder  sentence encoder (default teacher: the packaged all-MiniLM-L6-v2). Data: unlabeled STS-B train
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -43,62 +45,178 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG_ENV = "BONDGATE_FT_DEBUG_DIR"  # test aid: per-rank record of steps, parameter hash and files written
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+PROG = "finetune.py"
 
 
 # ---------------------------------------------------------------------------------------- arguments
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line on stderr (exit code 2), like the bondgate CLI's."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {_one_line(message)} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _one_line(message: object) -> str:
+    return " ".join(str(message).split())
+
+
+def _number(kind: type, low: float, high: float | None = None, *, low_open: bool = False) -> Callable[[str], Any]:
+    """An argparse ``type``: parses ``kind`` (int or float; a float must be finite) and checks ``low <= value``
+    (``low < value`` if ``low_open``) and ``value <= high``; argparse prefixes the message with the flag.
+
+    A local twin of ``bondgate.cli._number``: that one is private to the CLI module (not in its ``__all__``), and
+    importing ``bondgate.cli`` would import torch and all of bondgate before the arguments are even parsed, while this
+    script keeps its top level (and ``--help``) on the standard library."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+        if value < low or (low_open and value == low) or (high is not None and value > high):
+            rule = (f"{'>' if low_open else '>='} {low}" if high is None
+                    else f"lie in {'(' if low_open else '['}{low}, {high}]")
+            raise argparse.ArgumentTypeError(f"must {'be ' if high is None else ''}{rule}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in some messages
+    return parse
+
+
+def _directory(holds: str | None = None, what: str = "directory") -> Callable[[str], str]:
+    """An argparse ``type``: an existing directory (holding the file ``holds``, if given)."""
+
+    def parse(text: str) -> str:
+        path = Path(text)
+        if not path.is_dir():
+            raise argparse.ArgumentTypeError(f"{what} {text!r} does not exist"
+                                             + (" (it is a file)" if path.exists() else ""))
+        if holds is not None and not (path / holds).is_file():
+            raise argparse.ArgumentTypeError(f"{text!r} holds no {holds}: not a {what}")
+        return text
+
+    parse.__name__ = "directory"
+    return parse
+
+
+POSITIVE_INT = _number(int, 1)
+COUNT = _number(int, 0)  # 0 has a documented meaning (no evaluation / evaluate only at the end)
+# Tokens per sentence: [CLS] + at least one token + [SEP]; below 3 the tokenizer keeps no text or, at 1, silently
+# ignores the truncation.
+MIN_LENGTH = 3
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", choices=("encoder", "lm"), required=True, help="what the student is (see above)")
-    ap.add_argument("--student", required=True, help="bondgate checkpoint directory of the compressed student "
+    ap.add_argument("--student", required=True, type=_directory("bondgate.json", "bondgate checkpoint directory"),
+                    help="bondgate checkpoint directory of the compressed student "
                     "(bondgate.save_pretrained(..., tokenizer=tok)); its tokenizer is used for the data")
-    ap.add_argument("--teacher", default=None, help="Hugging Face model directory of the dense teacher "
+    ap.add_argument("--teacher", default=None, type=_directory("config.json", "Hugging Face model directory"),
+                    help="Hugging Face model directory of the dense teacher "
                     "(encoder default: the packaged all-MiniLM-L6-v2; required for --task lm)")
     ap.add_argument("--output-dir", required=True, help="checkpoints, log.jsonl and final/ go here")
-    ap.add_argument("--max-steps", type=int, default=1000,
+    ap.add_argument("--max-steps", type=POSITIVE_INT, default=1000,
                     help="optimizer steps; the learning-rate schedule (5%% warmup, cosine) is planned on it "
                          "(default %(default)s)")
-    ap.add_argument("--minutes", type=float, default=None,
+    ap.add_argument("--minutes", type=_number(float, 0, low_open=True), default=None,
                     help="stop (with a checkpoint) after this much wall-clock time in training; all ranks stop "
                          "at the same step")
-    ap.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default %(default)s)")
-    ap.add_argument("--batch-size", type=int, default=32, help="batch size per device/process (default %(default)s)")
-    ap.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default %(default)s)")
-    ap.add_argument("--save-steps", type=int, default=500, help="checkpoint every N steps (default %(default)s)")
-    ap.add_argument("--eval-steps", type=int, default=None,
+    ap.add_argument("--lr", type=_number(float, 0, low_open=True), default=1e-4,
+                    help="peak learning rate (default %(default)s)")
+    ap.add_argument("--batch-size", type=POSITIVE_INT, default=32,
+                    help="batch size per device/process (default %(default)s)")
+    ap.add_argument("--grad-accum", type=POSITIVE_INT, default=1,
+                    help="gradient accumulation steps (default %(default)s)")
+    ap.add_argument("--save-steps", type=POSITIVE_INT, default=500,
+                    help="checkpoint every N steps (default %(default)s)")
+    ap.add_argument("--eval-steps", type=COUNT, default=None,
                     help="evaluate every N steps (default: --save-steps; 0: only at the end)")
-    ap.add_argument("--logging-steps", type=int, default=50, help="log every N steps (default %(default)s)")
-    ap.add_argument("--eval-pairs", type=int, default=500,
-                    help="encoder: STS-B dev pairs to evaluate on (0: no evaluation; default %(default)s)")
-    ap.add_argument("--eval-blocks", type=int, default=200,
-                    help="lm: validation blocks to evaluate on (0: no evaluation; default %(default)s)")
+    ap.add_argument("--logging-steps", type=POSITIVE_INT, default=50, help="log every N steps (default %(default)s)")
+    ap.add_argument("--eval-pairs", type=COUNT, default=None,
+                    help="encoder: STS-B dev pairs to evaluate on (0: no evaluation; default 500)")
+    ap.add_argument("--eval-blocks", type=COUNT, default=None,
+                    help="lm: validation blocks to evaluate on (0: no evaluation; default 200)")
     ap.add_argument("--resume", action="store_true",
-                    help="continue from the last checkpoint-<step> in --output-dir (error if there is none)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of Trainer and data shuffling (default %(default)s)")
-    ap.add_argument("--max-length", type=int, default=128,
-                    help="encoder: tokens per sentence (default %(default)s); lm: unused, blocks are "
-                         "config.n_positions tokens")
-    ap.add_argument("--limit-sentences", type=int, default=None,
+                    help="continue from the newest good checkpoint-<step> in --output-dir (corrupt or incomplete "
+                         "ones are skipped with a warning and moved aside; error if there is no good one)")
+    ap.add_argument("--seed", type=_number(int, 0, 2**32 - 1), default=0,
+                    help="seed of Trainer and data shuffling (default %(default)s)")
+    ap.add_argument("--max-length", type=_number(int, MIN_LENGTH), default=None,
+                    help="encoder: tokens per sentence, at most the student's max_position_embeddings (default "
+                         "128); lm: not accepted, blocks are config.n_positions tokens")
+    ap.add_argument("--limit-sentences", type=POSITIVE_INT, default=None,
                     help="use only N training sentences (encoder: of the shuffled pool) or the first N "
                          "WikiText-2 lines (lm); for tests")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default: torch's)")
-    ap.add_argument("--data-dir", default=None, help="data root laid out like shared/data (default: "
-                    "$BONDGATE_DATA, else ../shared/data beside the repository)")
-    ap.add_argument("--crash-after-step", type=int, default=None,
+    ap.add_argument("--threads", type=POSITIVE_INT, default=None,
+                    help="torch CPU threads per process (default: torch's)")
+    ap.add_argument("--data-dir", type=_directory(what="data directory"), default=None,
+                    help="data root laid out like shared/data (default: $BONDGATE_DATA, else ../shared/data beside "
+                         "the repository)")
+    ap.add_argument("--crash-after-step", type=POSITIVE_INT, default=None,
                     help="testing aid: exit with an error right after this step, as if the job were killed")
     args = ap.parse_args(argv)
+
+    # combinations: an error where a flag could not take effect, a warning where it is valid but likely unintended
     if args.task == "lm" and args.teacher is None:
         ap.error("--task lm needs --teacher (the dense model directory)")
-    for name in ("max_steps", "batch_size", "grad_accum", "save_steps", "logging_steps"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    for flag, task in (("eval_pairs", "encoder"), ("eval_blocks", "lm"), ("max_length", "encoder")):
+        if getattr(args, flag) is not None and args.task != task:
+            ap.error(f"--{flag.replace('_', '-')} applies to --task {task} only, not --task {args.task}")
+    defaults = {"eval_pairs": 500, "eval_blocks": 200, "max_length": 128}
+    for flag, value in defaults.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
+    n_eval = args.eval_pairs if args.task == "encoder" else args.eval_blocks
+    if args.eval_steps is not None and n_eval == 0:
+        ap.error(f"--eval-steps {args.eval_steps}: there is no evaluation to schedule "
+                 f"(--{'eval-pairs' if args.task == 'encoder' else 'eval-blocks'} is 0)")
+    if args.crash_after_step is not None and args.crash_after_step > args.max_steps:
+        ap.error(f"--crash-after-step {args.crash_after_step} would never happen: --max-steps is {args.max_steps}")
+    if args.task == "encoder":
+        limit = _max_positions(Path(args.student))
+        if limit is not None and args.max_length > limit:
+            ap.error(f"--max-length {args.max_length} exceeds the student's max_position_embeddings ({limit})")
+    if args.data_dir is None:
+        env = os.environ.get("BONDGATE_DATA")
+        args.data_dir = env or str(ROOT.parent / "shared" / "data")
+        if not Path(args.data_dir).is_dir():
+            ap.error(f"data directory {args.data_dir} ({'$BONDGATE_DATA' if env else 'the default'}) does not "
+                     f"exist; pass --data-dir")
     out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        ap.error(f"--output-dir {out} is a file")
     last = last_checkpoint(out)
     if args.resume and last is None:
         ap.error(f"--resume: no checkpoint-<step> directory in {out}; run once without --resume first")
     if not args.resume and last is not None:
         ap.error(f"{out} already holds {last.name}; pass --resume to continue from it or choose another --output-dir")
-    args.resume_from = last if args.resume else None
+    args.resume_from = last if args.resume else None  # main() replaces it by the newest good checkpoint
+    for flag, every, what in (("--save-steps", args.save_steps, "no checkpoint before the end of training"),
+                              ("--eval-steps", args.eval_steps or 0, "evaluation only at the end"),
+                              ("--logging-steps", args.logging_steps, "no per-step training loss is logged")):
+        if every > args.max_steps:
+            _warn(f"{flag} {every} > --max-steps {args.max_steps}: {what}")
     return args
+
+
+def _max_positions(student: Path) -> int | None:
+    """``max_position_embeddings`` of the student's config.json (None if it has none)."""
+    try:
+        value = json.loads((student / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) else None
+
+
+def _warn(message: str) -> None:
+    """One warning line on stderr, from rank 0 only (torchrun sets $RANK)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def last_checkpoint(out: Path) -> Path | None:
@@ -172,7 +290,10 @@ def lm_task(args: argparse.Namespace, tok, model) -> Task:
 
     block = model.config.n_positions
     lines = list(lm.iter_lines(load_text("wikitext-2", "train")))
-    blocks = lm.encode_blocks(lines[: args.limit_sentences] if args.limit_sentences else lines, tok, block)
+    try:
+        blocks = lm.encode_blocks(lines[: args.limit_sentences] if args.limit_sentences else lines, tok, block)
+    except ValueError as exc:  # too little text for one block: only a small --limit-sentences gets here
+        raise SystemExit(f"{PROG}: error: --limit-sentences {args.limit_sentences}: {_one_line(exc)}") from None
     evaluate, valid = None, None
     if args.eval_blocks > 0:
         valid = lm.encode_blocks(load_text("wikitext-2", "valid"), tok, block)[: args.eval_blocks]
@@ -369,6 +490,167 @@ def check_resumable(checkpoint: Path, model) -> list[str]:
     return sorted(k for k in state if k not in shapes)
 
 
+# ---------------------------------------------------------------------------------------- resume: which checkpoint
+# What Trainer writes into checkpoint-<step>/, in this order: the model (config.json, model.safetensors, tokenizer
+# files; rank 0), optimizer.pt and scheduler.pt (rank 0), scaler.pt (mixed precision only), one RNG state per process
+# (rng_state.pth, or rng_state_<rank>.pth under torchrun), and last trainer_state.json (rank 0). On resume it needs all
+# of them: a missing or unreadable trainer_state.json or model.safetensors is a traceback, but a missing optimizer.pt or
+# scheduler.pt (fresh Adam moments, the schedule restarted at warmup) or RNG file is only a log line.
+_RNG = re.compile(r"^rng_state(?:_(\d+))?\.pth$")
+
+
+class CheckpointProblem(Exception):
+    """A checkpoint that Trainer could not resume from exactly; the message says which file and why."""
+
+
+def _json_file(path: Path) -> Any:
+    if not path.is_file():
+        raise CheckpointProblem(f"{path.name} is missing")
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CheckpointProblem(f"{path.name} is not valid JSON ({_one_line(exc)})") from None
+
+
+def _check_safetensors(path: Path) -> None:
+    """Header parse and size: the 8-byte header length, the JSON header, and a file exactly as long as the tensors'
+    data offsets say (what ``safetensors`` checks when it opens a file, without reading any tensor)."""
+    if not path.is_file():
+        raise CheckpointProblem(f"{path.name} is missing")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little") if size >= 8 else None
+        if n is None or 8 + n > size:
+            raise CheckpointProblem(f"{path.name} is truncated ({size} bytes, shorter than its header)")
+        try:
+            header = json.loads(f.read(n))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+            raise CheckpointProblem(f"{path.name} has an invalid header ({_one_line(exc)[:120]})") from None
+    if size != 8 + n + end:
+        raise CheckpointProblem(f"{path.name} is truncated ({size} of {8 + n + end} bytes)" if size < 8 + n + end
+                                else f"{path.name} has {size - 8 - n - end} bytes beyond its tensors")
+
+
+def _check_torch_file(path: Path, keys: tuple[str, ...] = (), rng: bool = False) -> None:
+    """Loads ``path`` as Trainer will (``torch.load(..., weights_only=True)``, RNG states under transformers'
+    ``safe_globals`` numpy allowlist), memory-mapped so that a large optimizer.pt costs its pickle, not its tensors."""
+    import contextlib
+
+    import torch
+
+    if not path.is_file():
+        raise CheckpointProblem(f"{path.name} is missing")
+    if path.stat().st_size == 0:
+        raise CheckpointProblem(f"{path.name} is empty")
+    if rng:
+        from transformers.trainer_pt_utils import safe_globals
+    try:
+        with safe_globals() if rng else contextlib.nullcontext():
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError, ...
+        raise CheckpointProblem(f"{path.name} cannot be loaded ({_one_line(exc)[:120]})") from None
+    if not isinstance(obj, dict) or not set(keys) <= set(obj):
+        raise CheckpointProblem(f"{path.name} does not hold the expected state (keys {list(keys)})")
+
+
+def checkpoint_world_size(checkpoint: Path) -> int | None:
+    """How many processes wrote ``checkpoint``: the world size of the last ``start`` / ``resume`` event in
+    ``log.jsonl`` before its step (later runs overwrite a checkpoint they reach again); else what its RNG files say
+    (rng_state.pth: 1; rng_state_<r>.pth: at least the highest r + 1); None if neither tells."""
+    step = int(_CHECKPOINT.match(checkpoint.name).group(1))
+    size = None
+    try:
+        lines = (checkpoint.parent / "log.jsonl").read_text(encoding="utf-8").splitlines()
+    except (OSError, ValueError):
+        lines = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a crash
+        if (isinstance(rec, dict) and rec.get("event") in ("start", "resume") and isinstance(rec.get("step"), int)
+                and rec["step"] < step and isinstance(rec.get("world_size"), int)):
+            size = rec["world_size"]
+    if size is None:
+        ranks = [m.group(1) for p in checkpoint.iterdir() if (m := _RNG.match(p.name))]
+        size = 1 if None in ranks else (max(map(int, ranks)) + 1 if ranks else None)
+    return size
+
+
+def check_checkpoint_files(checkpoint: Path) -> None:
+    """Raise :class:`CheckpointProblem` if ``checkpoint`` is corrupt or incomplete: cheap checks of every file Trainer
+    reads on resume (JSON parse, safetensors header and size, presence and non-zero size, ``torch.load`` of the
+    optimizer / scheduler / RNG files as Trainer loads them). Whether the weights fit the student is
+    :func:`check_resumable`'s job."""
+    step = int(_CHECKPOINT.match(checkpoint.name).group(1))
+    state = _json_file(checkpoint / "trainer_state.json")  # written last: missing = the save did not finish
+    if not isinstance(state, dict) or state.get("global_step") != step:
+        got = state.get("global_step") if isinstance(state, dict) else state
+        raise CheckpointProblem(f"trainer_state.json says global_step {got!r}, not {step}")
+    from transformers import TrainerState
+
+    try:
+        TrainerState(**state)
+    except TypeError as exc:
+        raise CheckpointProblem(f"trainer_state.json is not a Trainer state ({_one_line(exc)[:120]})") from None
+    if (checkpoint / "config.json").exists():  # Trainer reads it (a version check) before the weights
+        _json_file(checkpoint / "config.json")
+    index = checkpoint / "model.safetensors.index.json"
+    if index.exists():
+        meta = _json_file(index)
+        weight_map = meta.get("weight_map") if isinstance(meta, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointProblem(f"{index.name} has no weight_map")
+        shards = sorted(set(map(str, weight_map.values())))
+    else:
+        shards = ["model.safetensors"]
+    for name in shards:
+        _check_safetensors(checkpoint / name)
+    _check_torch_file(checkpoint / "optimizer.pt", ("state", "param_groups"))
+    _check_torch_file(checkpoint / "scheduler.pt")
+    if (checkpoint / "scaler.pt").exists():
+        _check_torch_file(checkpoint / "scaler.pt")
+    writers = checkpoint_world_size(checkpoint)
+    if writers is None:
+        raise CheckpointProblem("it holds no rng_state*.pth (Trainer writes one per process)")
+    needed = ["rng_state.pth"] if writers == 1 else [f"rng_state_{r}.pth" for r in range(writers)]
+    extra = [p.name for p in checkpoint.iterdir() if _RNG.match(p.name) and p.name not in needed]
+    for name in needed:
+        if not (checkpoint / name).is_file():
+            raise CheckpointProblem(f"{name} is missing (written by {writers} process{'es' if writers > 1 else ''})")
+    for name in [*needed, *sorted(extra)]:
+        _check_torch_file(checkpoint / name, ("python", "numpy", "cpu"), rng=True)
+
+
+def choose_checkpoint(out: Path) -> tuple[Path, dict[str, str]]:
+    """The newest ``checkpoint-<step>`` in ``out`` that passes :func:`check_checkpoint_files`, and the newer ones it
+    skipped (name -> why); a one-line ``SystemExit`` if none is good."""
+    found = sorted(((int(m.group(1)), p) for p in out.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))),
+                   reverse=True)
+    skipped: dict[str, str] = {}
+    for _, path in found:
+        try:
+            check_checkpoint_files(path)
+        except (CheckpointProblem, OSError) as exc:  # OSError: the directory changed under us
+            skipped[path.name] = _one_line(exc)
+            continue
+        return path, skipped
+    raise SystemExit(f"{PROG}: error: --resume: no usable checkpoint in {out}: "
+                     + "; ".join(f"{name}: {why}" for name, why in skipped.items()))
+
+
+def set_aside(checkpoint: Path) -> Path:
+    """Renames a bad checkpoint to ``<name>.corrupt`` (kept for inspection; no longer a ``checkpoint-<step>``, so
+    neither --resume nor Trainer, which rewrites ``checkpoint-<step>`` when training gets there again, mixes its
+    files with new ones)."""
+    target, i = checkpoint.with_name(f"{checkpoint.name}.corrupt"), 1
+    while target.exists():
+        target, i = checkpoint.with_name(f"{checkpoint.name}.corrupt{i}"), i + 1
+    checkpoint.rename(target)
+    return target
+
+
 def load_teacher(args: argparse.Namespace):
     from transformers import AutoModel, AutoModelForCausalLM
 
@@ -385,8 +667,7 @@ def load_teacher(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     args = parse_args(argv)
-    data_dir = args.data_dir or os.environ.get("BONDGATE_DATA") or ROOT.parent / "shared" / "data"
-    os.environ["BONDGATE_DATA"] = str(data_dir)
+    os.environ["BONDGATE_DATA"] = args.data_dir
     for p in (ROOT / "benchmarks", ROOT / "examples"):  # the example modules build the data and metrics
         if str(p) not in sys.path:
             sys.path.insert(0, str(p))
@@ -401,6 +682,28 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.output_dir)
+    rank0 = os.environ.get("RANK", "0") == "0"  # set by torchrun
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    skipped: dict[str, str] = {}
+    if args.resume_from is not None:  # before anything is loaded: a run with no good checkpoint fails fast
+        args.resume_from, skipped = choose_checkpoint(out)
+        for name, why in skipped.items():  # every rank chose the same; rank 0 alone moves the bad ones aside
+            moved = ""
+            if rank0:
+                try:
+                    moved = f"; moved it to {set_aside(out / name).name}"
+                except OSError as exc:
+                    moved = f"; could not move it aside ({_one_line(exc)}), training will write into it"
+            _warn(f"--resume: {name} is corrupt or incomplete ({why}); resuming from {args.resume_from.name} "
+                  f"instead{moved}")
+        writers = checkpoint_world_size(args.resume_from)
+        if writers != world_size:
+            _warn(f"--resume: {args.resume_from.name} was written by {writers} process(es), this run has {world_size}: "
+                  f"Trainer cannot restore every RNG state, so the run does not go on exactly as it would have")
+        planned = json.loads((args.resume_from / "trainer_state.json").read_text(encoding="utf-8")).get("max_steps")
+        if planned != args.max_steps:
+            _warn(f"--resume: {args.resume_from.name} was planned for --max-steps {planned}, this run for "
+                  f"{args.max_steps}: the learning-rate schedule changes from here on")
     cb = _callbacks()
     recorder = cb.RankRecorder(out, Path(os.environ[DEBUG_ENV])) if os.environ.get(DEBUG_ENV) else None
 
@@ -408,13 +711,21 @@ def main(argv: list[str] | None = None) -> None:
     # The skeleton (MPOLinear layers with the saved core shapes, tied embeddings) always comes from the bondgate
     # checkpoint; on --resume Trainer then overwrites its weights with those of the Trainer checkpoint.
     student = bg.load(args.student).train()
+    if args.resume_from is not None:
+        try:
+            tied = check_resumable(args.resume_from, student)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"{PROG}: error: {_one_line(exc)}") from None
+        if tied and rank0:
+            print(f"resuming from {args.resume_from}; {tied} are tied to stored tensors, so Trainer's warning about "
+                  f"them as missing keys is harmless", flush=True)
     teacher = load_teacher(args)
     if teacher.config.vocab_size != student.config.vocab_size:
         raise SystemExit(f"teacher vocabulary ({teacher.config.vocab_size}) != student vocabulary "
                          f"({student.config.vocab_size}): --teacher does not match --student")
     task = TASKS[args.task](args, tok, student)
 
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # set by torchrun
+    distributed = world_size > 1
     eval_steps = args.save_steps if args.eval_steps is None else args.eval_steps
     periodic_eval = task.evaluate is not None and eval_steps > 0
     targs = TrainingArguments(
@@ -459,12 +770,7 @@ def main(argv: list[str] | None = None) -> None:
                             else int(_CHECKPOINT.match(args.resume_from.name).group(1)),
                             "world_size": targs.world_size, "device": str(targs.device),
                             "train_examples": len(task.train), "elapsed_s": round(time.time() - t0, 3),
-                            "args": vars(args)})
-    if args.resume_from is not None:
-        tied = check_resumable(args.resume_from, student)
-        if tied and trainer.is_world_process_zero():
-            print(f"resuming from {args.resume_from}; {tied} are tied to stored tensors, so Trainer's warning about "
-                  f"them as missing keys is harmless", flush=True)
+                            **({"skipped": skipped} if skipped else {}), "args": vars(args)})
     trainer.train(resume_from_checkpoint=str(args.resume_from) if args.resume_from else None)
     if task.evaluate is not None and not (periodic_eval and trainer.state.global_step % eval_steps == 0):
         trainer.evaluate()

@@ -3,6 +3,7 @@ and run them through a planned contraction kernel."""
 
 from .baselines import LowRankLinear, latency, magnitude_prune, quantize_int8, size_on_disk, svd_compress
 from .distill import DistillLoss, distill
+from .embedding import MPOEmbedding
 from .factors import choose_factors, factorize_shape
 from .gating import GatedMPOLinear, GatingConfig, fit_controllers, gate, gating_report, set_budget, set_mode
 from .io import from_pretrained, load, register_layer_type, save, save_pretrained
@@ -17,6 +18,7 @@ __all__ = [
     # the MPO core
     "MPO",
     "MPOLinear",
+    "MPOEmbedding",
     "PlanPolicy",
     "MEMORY",
     "SPEED",

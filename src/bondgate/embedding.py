@@ -1,0 +1,275 @@
+"""``MPOEmbedding``: an ``nn.Embedding`` whose table is a matrix-product operator, looked up row by row.
+
+The table ``E`` (shape ``(num_embeddings, embedding_dim)``) is stored with :class:`bondgate.MPOLinear`'s
+convention: out legs = the vocabulary (padded by :mod:`bondgate.factors` when it has a large prime factor),
+in legs = the embedding dimension. So an ``MPOLinear`` holding the same cores computes ``h @ E.T``, a tied
+LM head (:meth:`MPOEmbedding.as_linear`).
+
+A lookup splits each distinct id (``torch.unique``: repeated tokens cost once) into mixed-radix digits
+``(o_1..o_d)`` and multiplies the chain ``G_1[:, o_1] @ G_2[:, o_2] @ ... @ G_d[:, o_d]`` for all tokens at
+once: at core ``k`` the tokens are grouped by ``o_k`` and each group is one matmul with the slice
+``G_k[:, o_k]`` (no per-token copy of a slice, never the table). Cost per distinct token:
+``sum_k prod(in_<k) r_{k-1} in_k r_k`` multiply-adds and ``prod(in_<=k) r_k`` numbers of intermediate
+(4096 for a 30522 x 384 table at bonds 64, ten times a row). Without autograd the tokens go in chunks
+that keep the intermediates under ~2**20 numbers; with it they are all kept for the backward pass.
+
+Not supported, because the table has no per-row storage: ``max_norm`` (renormalizes rows in place),
+``sparse`` (per-row gradients) and ``scale_grad_by_freq``. ``padding_idx`` is supported for a zero row
+(nn.Embedding's default): the lookup returns exact zeros there and those positions send no gradient, as
+in ``nn.Embedding``. The MPO's own row for ``padding_idx`` is only approximately zero and it moves when
+training updates the shared cores; the forward masks it, but the tied head (:meth:`as_linear`) and
+:meth:`weight_matrix` see it.
+
+Frequency weighting (``counts`` in :meth:`MPOEmbedding.from_embedding`): minimizing
+``sum_v counts[v] * ||E[v] - E_mpo[v]||^2`` means decomposing ``diag(w) E`` with ``w = sqrt(counts)`` and
+undoing ``diag(w)`` afterwards. The undo stays inside the MPO at the same bonds only when ``w`` is a
+Kronecker product ``w_1(o_1) * ... * w_d(o_d)`` over the vocabulary digits (each factor then divides one
+core's out leg). A general diagonal is itself an MPO whose bond ``k`` has the rank of ``w`` reshaped to
+``(prod(out_<=k), prod(out_>k))`` (Zipf counts: full rank), and multiplying it in multiplies the bonds. So
+we weight by the best Kronecker-separable fit of ``log sqrt(counts + 1)`` (least squares: main effects over
+the digits), which is undone exactly; the result is TT-SVD-quasi-optimal in that separable weighted norm,
+and the non-separable rest of the frequencies is ignored. It helps when frequency follows the id order,
+as in BPE/WordPiece vocabularies, roughly sorted by frequency (the leading digit captures that trend).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .factors import factorize_shape
+from .io import register_layer_type
+from .layer import MPOLinear, TrackedParameter
+from .mpo import MPO, BondSpec
+from .planner import PlanPolicy
+
+__all__ = ["MPOEmbedding", "lookup"]
+
+
+def lookup(cores: Sequence[torch.Tensor], ids: torch.Tensor, embedding_dim: int) -> torch.Tensor:
+    """Rows ``ids`` (1-D int64, ``0 <= id < padded vocabulary``) of the MPO's table: ``(len(ids), embedding_dim)``.
+
+    Differentiable w.r.t. the cores (shape ``(r_{k-1}, out_k, in_k, r_k)``); never builds the table. At core
+    ``k`` the running products ``acc`` (T, prod(in_<k), r_{k-1}) are sorted by the digit ``o_k`` and each
+    group is one matmul with ``G_k[:, o_k]``; ``perm`` tracks which token each row of ``acc`` belongs to.
+    """
+    digits, rem = [], ids
+    for c in reversed(cores):
+        digits.append(rem % c.shape[1])
+        rem = rem // c.shape[1]
+    T = ids.numel()
+    acc, perm = cores[0].new_ones(T, 1, 1), torch.arange(T, device=ids.device)
+    for core, digit in zip(cores, reversed(digits)):
+        (_, n, r), (_, o, i, s) = acc.shape, core.shape
+        d = digit[perm]
+        order = torch.argsort(d)
+        perm, sizes = perm[order], torch.bincount(d, minlength=o).tolist()
+        parts = acc.index_select(0, order).split(sizes)
+        # unbind: one backward node stacks the slices' gradients (o slicings would each add a full-size zero)
+        outs = [p.reshape(-1, r) @ g.reshape(r, i * s) for p, g, k in zip(parts, core.unbind(1), sizes) if k or not T]
+        acc = torch.cat(outs).reshape(T, n * i, s)
+    rows = acc.reshape(T, acc.shape[1])[:, :embedding_dim]
+    return rows.new_empty(rows.shape).index_copy(0, perm, rows)  # back to the order of ids
+
+
+class MPOEmbedding(nn.Module):
+    """``nn.Embedding(num_embeddings, embedding_dim)`` with the table stored as MPO cores.
+
+    ``forward(ids)``: integer ids of any shape -> ``(*ids.shape, embedding_dim)`` in the cores' dtype.
+    ``cores[k]`` is an ``nn.Parameter`` of shape ``(r_{k-1}, out_k, in_k, r_k)``; ``prod(out_k) >=
+    num_embeddings``, ``prod(in_k) >= embedding_dim``. A fresh layer draws entries of variance 1 (like
+    ``nn.Embedding``'s ``N(0, 1)``).
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, max_bond: BondSpec = 8, num_cores: int = 3,
+                 padding_idx: int | None = None, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        mpo = MPO.random(num_embeddings, embedding_dim, max_bond, num_cores, dtype=dtype or torch.get_default_dtype())
+        mpo.cores[0] = mpo.cores[0] * math.sqrt(3 * embedding_dim)  # MPO.random has Var 1/(3 in); nn.Embedding 1
+        self._setup(mpo.to(device), padding_idx)
+
+    def _setup(self, mpo: MPO, padding_idx: int | None) -> None:
+        n = mpo.out_features
+        if padding_idx is not None:
+            if not -n <= padding_idx < n:
+                raise ValueError(f"padding_idx must be within num_embeddings ({n}), got {padding_idx}")
+            padding_idx %= n
+        self.num_embeddings, self.embedding_dim, self.padding_idx = n, mpo.in_features, padding_idx
+        self.cores = nn.ParameterList([TrackedParameter(c.detach().clone()) for c in mpo.cores])
+        self.error: float = mpo.error  # relative Frobenius error of the table vs. the one it was built from
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_mpo(cls, mpo: MPO, padding_idx: int | None = None) -> "MPOEmbedding":
+        """Wrap an :class:`MPO` of the table (out = vocabulary, in = embedding dim); cores are copied."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._setup(mpo, padding_idx)
+        return layer
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, max_bond: BondSpec = None, tol: float | None = None,
+                       num_cores: int = 3, counts: torch.Tensor | None = None) -> "MPOEmbedding":
+        """Decompose a trained ``nn.Embedding`` by TT-SVD (see :meth:`bondgate.MPO.from_matrix`).
+
+        ``counts``: optional token frequencies, shape ``(num_embeddings,)``, to weight the squared error of
+        each row by its frequency (through the separable fit described in the module docstring); ``tol``
+        then bounds the weighted error. ``error`` is always the plain relative Frobenius error of the table.
+        """
+        if not isinstance(emb, nn.Embedding):
+            raise TypeError(f"from_embedding expects an nn.Embedding, got {type(emb).__name__}")
+        for attr, bad in (("max_norm", emb.max_norm is not None), ("sparse", emb.sparse),
+                          ("scale_grad_by_freq", emb.scale_grad_by_freq)):
+            if bad:
+                raise ValueError(f"MPOEmbedding does not support {attr}={getattr(emb, attr)!r}: the MPO has no "
+                                 "per-row storage to renormalize or update sparsely")
+        E = emb.weight.detach()
+        if emb.padding_idx is not None and E[emb.padding_idx].any():
+            raise ValueError(f"the row of padding_idx={emb.padding_idx} is nonzero; MPOEmbedding supports only a "
+                             "zero padding row (its lookup returns zeros there)")
+        if counts is None:
+            mpo = MPO.from_matrix(E, num_cores=num_cores, max_bond=max_bond, tol=tol)
+        else:
+            mpo = _weighted_mpo(E, counts, num_cores, max_bond, tol)
+        return cls.from_mpo(mpo.to(device=E.device), emb.padding_idx)
+
+    def as_linear(self, bias: bool = False, policy: str | PlanPolicy = "memory") -> MPOLinear:
+        """A tied head ``h -> h @ E.T`` (``(*, embedding_dim) -> (*, num_embeddings)``) sharing this layer's
+        ``cores`` ParameterList (the same Parameter objects). ``bias``: a zero-initialized bias of its own.
+        Calling ``set_cores`` on either layer unties them."""
+        c0 = self.cores[0]
+        head = MPOLinear.from_mpo(self.to_mpo(), c0.new_zeros(self.num_embeddings) if bias else None, policy=policy)
+        head.cores = self.cores
+        head.error = self.error
+        return head
+
+    @staticmethod
+    def after_load(model: nn.Module) -> None:
+        """After :func:`bondgate.load`: the checkpoint ties the head's cores to the embedding's one Parameter
+        at a time; make the tied ``MPOLinear`` share the embedding's very ``ParameterList`` again."""
+        embs = {tuple(map(id, m.cores)): m for m in model.modules() if isinstance(m, MPOEmbedding)}
+        for m in model.modules():
+            emb = embs.get(tuple(map(id, m.cores))) if isinstance(m, MPOLinear) else None
+            if emb is not None and m.cores is not emb.cores:
+                m.cores = emb.cores
+
+    def spec(self) -> dict:
+        """JSON-serializable structure of this layer (everything but the tensors)."""
+        return {"type": type(self).__name__, "num_embeddings": self.num_embeddings,
+                "embedding_dim": self.embedding_dim, "out_factors": list(self.out_factors),
+                "in_factors": list(self.in_factors), "bond_dims": list(self.bond_dims),
+                "padding_idx": self.padding_idx, "dtype": str(self.cores[0].dtype).removeprefix("torch."),
+                "error": None if math.isnan(self.error) else self.error}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "MPOEmbedding":
+        """An uninitialized layer with the structure of :meth:`spec` (fill it with ``load_state_dict``)."""
+        missing = {"num_embeddings", "embedding_dim", "out_factors", "in_factors", "bond_dims"} - set(spec)
+        if missing:
+            raise ValueError(f"layer spec is missing {sorted(missing)}")
+        dtype = getattr(torch, spec.get("dtype", "float32"), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"unknown dtype {spec.get('dtype')!r} in layer spec")
+        out_f, in_f, r = spec["out_factors"], spec["in_factors"], [1, *spec["bond_dims"], 1]
+        if len(in_f) != len(out_f) or len(r) != len(out_f) + 1:
+            raise ValueError(f"inconsistent layer spec: factors {out_f} x {in_f} with bonds {spec['bond_dims']}")
+        cores = [torch.zeros(r[k], out_f[k], in_f[k], r[k + 1], dtype=dtype) for k in range(len(out_f))]
+        mpo = MPO(cores, int(spec["num_embeddings"]), int(spec["embedding_dim"]),
+                  error=float("nan") if spec.get("error") is None else float(spec["error"]))
+        return cls.from_mpo(mpo, spec.get("padding_idx"))
+
+    def to_mpo(self) -> MPO:
+        return MPO([c.detach() for c in self.cores], self.num_embeddings, self.embedding_dim,
+                   error=self.error, error_exact=False)
+
+    def weight_matrix(self) -> torch.Tensor:
+        """The dense table ``(num_embeddings, embedding_dim)`` as the MPO holds it (for tests and export; the
+        ``padding_idx`` row is not masked). Differentiable w.r.t. the cores."""
+        return MPO(list(self.cores), self.num_embeddings, self.embedding_dim).to_matrix()
+
+    def to_embedding(self) -> nn.Embedding:
+        """An ``nn.Embedding`` with the reconstructed table; its lookups equal this layer's."""
+        c0 = self.cores[0]
+        emb = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx, device=c0.device, dtype=c0.dtype)
+        with torch.no_grad():
+            emb.weight.copy_(self.weight_matrix())
+            if self.padding_idx is not None:
+                emb.weight[self.padding_idx] = 0
+        return emb
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def out_factors(self) -> tuple[int, ...]:
+        return tuple(int(c.shape[1]) for c in self.cores)
+
+    @property
+    def in_factors(self) -> tuple[int, ...]:
+        return tuple(int(c.shape[2]) for c in self.cores)
+
+    @property
+    def bond_dims(self) -> tuple[int, ...]:
+        return tuple(int(c.shape[3]) for c in self.cores[:-1])
+
+    @property
+    def num_params(self) -> int:
+        return sum(c.numel() for c in self.cores)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if not isinstance(ids, torch.Tensor):
+            raise TypeError(f"MPOEmbedding expects a tensor of integer ids, got {type(ids).__name__}")
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise TypeError(f"MPOEmbedding expects integer ids (torch.long or torch.int), got dtype {ids.dtype}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
+            raise IndexError(f"index out of range: ids must lie in [0, {self.num_embeddings}), "
+                             f"got min {int(ids.min())}, max {int(ids.max())}")
+        uniq, inverse = torch.unique(ids.long(), return_inverse=True)  # repeated tokens are computed once
+        cores = list(self.cores)
+        # Intermediates hold prod(in_<=k) * r_k numbers per token; without autograd (which keeps them anyway),
+        # chunk the tokens so that they stay under ~2**20 numbers.
+        chunk = uniq.numel()
+        if not (torch.is_grad_enabled() and any(c.requires_grad for c in cores)):
+            width = per_token = 1
+            for c in cores:
+                width *= c.shape[2]
+                per_token = max(per_token, width * c.shape[3])
+            chunk = 2**20 // per_token
+        rows = torch.cat([lookup(cores, u, self.embedding_dim) for u in uniq.split(max(chunk, 1))])
+        if self.padding_idx is not None:
+            rows = rows.masked_fill((uniq == self.padding_idx)[:, None], 0)
+        return rows[inverse]
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}, "
+                f"out_factors={self.out_factors}, in_factors={self.in_factors}, bond_dims={self.bond_dims}, "
+                f"params={self.num_params:,}")
+
+
+def _weighted_mpo(E: torch.Tensor, counts: torch.Tensor, num_cores: int, max_bond: BondSpec,
+                  tol: float | None) -> MPO:
+    """TT-SVD of ``diag(w) E`` with ``w`` the Kronecker-separable fit of ``sqrt(counts + 1)``, undone exactly
+    by dividing each core's out leg by its factor of ``w``."""
+    N, M = E.shape
+    counts = torch.as_tensor(counts, dtype=torch.float64, device=E.device)
+    if counts.shape != (N,) or not torch.isfinite(counts).all() or (counts < 0).any():
+        raise ValueError(f"counts must be {N} finite non-negative frequencies, got shape {tuple(counts.shape)}")
+    out_f = factorize_shape(N, M, num_cores)[0]
+    d, logw = len(out_f), 0.5 * torch.log1p(counts)
+    # padded rows are zero in E, so their weight is free: give them the mean
+    grid = torch.cat([logw, logw.new_full((math.prod(out_f) - N,), float(logw.mean()))]).reshape(out_f)
+    # main effects: the least-squares additive fit of log w over the digits (exact on a complete grid)
+    legs = [(grid.mean(dim=[j for j in range(d) if j != k]) if d > 1 else grid) - grid.mean() for k in range(d)]
+    w = sum(a.reshape([-1 if j == k else 1 for j in range(d)]) for k, a in enumerate(legs))
+    W = torch.nn.functional.pad(E.double(), (0, 0, 0, math.prod(out_f) - N)) * w.reshape(-1, 1).exp()
+    mpo = MPO.from_matrix(W, num_cores=num_cores, out_factors=out_f, max_bond=max_bond, tol=tol)
+    cores = [c / a.exp()[None, :, None, None] for c, a in zip(mpo.cores, legs)]
+    out = MPO(cores, N, M).canonicalize()
+    out.error = float(torch.linalg.norm(out.to_matrix() - E.double()) / torch.linalg.norm(E.double()).clamp_min(1e-300))
+    return out.to(E.dtype)
+
+
+register_layer_type(MPOEmbedding)

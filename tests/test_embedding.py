@@ -1,0 +1,207 @@
+import pytest
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+import bondgate
+from bondgate.embedding import MPOEmbedding, lookup
+from bondgate.mpo import MPO
+from bondgate.planner import PlanPolicy
+
+FLOPS = PlanPolicy(select="flops")  # no autotuning of the tied heads' plans: keeps the tests fast
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
+
+
+@pytest.mark.parametrize("shape", [(1000, 32), (1009, 48), (2 * 3 * 509, 24)])  # exact, prime, 2*3*prime
+def test_exact_decomposition_reproduces_lookups(shape):
+    emb = nn.Embedding(*shape)
+    m = MPOEmbedding.from_embedding(emb)
+    assert m.error < 1e-6
+    ids = torch.arange(shape[0])
+    assert rel(m(ids), emb(ids)) < 1e-5
+    assert rel(m.to_embedding()(ids), emb(ids)) < 1e-5
+    if shape[0] != 1000:
+        assert m.cores[0].shape[1] * m.cores[1].shape[1] * m.cores[2].shape[1] > shape[0]  # padded vocabulary
+
+
+@pytest.mark.parametrize("kw", [{"max_bond": 6}, {"tol": 0.4}])
+def test_reported_error_is_table_error(kw):
+    emb = nn.Embedding(1009, 48)
+    m = MPOEmbedding.from_embedding(emb, **kw)
+    err = rel(m.weight_matrix().detach(), emb.weight.detach())
+    assert 0.05 < err < 1 and m.error == pytest.approx(err, rel=1e-4)
+    if "tol" in kw:
+        assert m.error <= 0.4 + 1e-6
+    ids = torch.randint(0, 1009, (50,))
+    assert rel(m(ids), m.weight_matrix()[ids]) < 1e-5
+
+
+def test_forward_never_builds_the_table(monkeypatch):
+    mpo = MPO.random(2_000_000, 64, bond=4, num_cores=3)  # a 512 MB table, 12k parameters
+    m = MPOEmbedding.from_mpo(mpo)
+    monkeypatch.setattr(MPO, "to_tensor", lambda self: pytest.fail("forward rebuilt the table"))
+    ids = torch.tensor([[0, 1_999_999, 123_456, 123_456], [777_777, 5, 0, 1_000_000]])
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        y = m(ids)
+    allocated = sum(max(e.self_cpu_memory_usage, 0) for e in prof.events())
+    assert 0 < allocated < 2_000_000 * 64 * 4 / 1000
+    # independent reference: the chain product of the cores' slices at each id's digits
+    for t, v in zip(ids.flatten().tolist(), y.reshape(-1, 64)):
+        o = [t // (125 * 128), t // 128 % 125, t % 128]
+        g = [c[:, ok] for c, ok in zip(mpo.cores, o)]  # (r, in_k, r')
+        ref = torch.einsum("aib,bjc,ckd->ijk", *g).reshape(64)
+        assert rel(v, ref) < 1e-5
+
+
+def test_chunked_inference_matches_training_path():
+    m = MPOEmbedding.from_mpo(MPO.random(5000, 64, bond=32, num_cores=3))  # 512 numbers per token: 2048 a chunk
+    ids = torch.randperm(5000)[:4500]
+    with torch.no_grad():
+        y = m(ids)
+    assert torch.allclose(y, m(ids), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(y[:5], m.weight_matrix()[ids[:5]], rtol=1e-5, atol=1e-6)
+
+
+def test_id_edge_cases():
+    emb = nn.Embedding(100, 12)
+    m = MPOEmbedding.from_embedding(emb, max_bond=4)
+    W = m.weight_matrix().detach()
+    ids = torch.tensor([[3, 3, 99], [0, 3, 99]])
+    assert torch.allclose(m(ids), W[ids], atol=1e-6)
+    assert torch.equal(m(ids)[0, 0], m(ids)[1, 1])
+    assert torch.allclose(m(ids.int()), W[ids], atol=1e-6)
+    assert m(torch.tensor(7)).shape == (12,) and torch.allclose(m(torch.tensor(7)), W[7], atol=1e-6)
+    for shape in [(0,), (2, 0)]:
+        y = m(torch.zeros(shape, dtype=torch.long))
+        assert y.shape == (*shape, 12)
+        y.sum().backward()  # differentiable with no tokens: zero gradients
+        assert all(c.grad is not None and not c.grad.any() for c in m.cores)
+    for bad in [torch.tensor([-1]), torch.tensor([100]), torch.tensor([[5, 1000]])]:
+        with pytest.raises(IndexError, match="out of range"):
+            m(bad)
+    for bad in [torch.tensor([1.0]), torch.tensor([True])]:
+        with pytest.raises(TypeError, match="integer ids"):
+            m(bad)
+
+
+def test_unsupported_embedding_options_and_padding_idx():
+    for kw in [{"max_norm": 1.0}, {"sparse": True}, {"scale_grad_by_freq": True}]:
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            MPOEmbedding.from_embedding(nn.Embedding(50, 8, **kw))
+    emb = nn.Embedding(50, 8, padding_idx=3)
+    with torch.no_grad():
+        emb.weight[3] = 1.0
+    with pytest.raises(ValueError, match="padding_idx"):
+        MPOEmbedding.from_embedding(emb)
+    emb = nn.Embedding(50, 8, padding_idx=-1)  # nn.Embedding stores 49
+    m = MPOEmbedding.from_embedding(emb, max_bond=3)  # the MPO's row 49 is then not zero
+    assert m.padding_idx == 49 and m.weight_matrix()[49].abs().max() > 1e-3
+    ids = torch.tensor([49, 2, 49])
+    y = m(ids)
+    assert torch.equal(y[0], torch.zeros(8)) and y[1].abs().sum() > 0
+    m(torch.tensor([49, 49])).pow(2).sum().backward()  # padding positions send no gradient
+    assert all(not c.grad.any() for c in m.cores)
+    assert torch.allclose(m.to_embedding()(ids), y, atol=1e-6)
+    assert MPOEmbedding.from_spec(m.spec()).padding_idx == 49
+
+
+def test_gradients_match_dense_reference():
+    mpo = MPO.random(30, 6, bond=3, num_cores=3, dtype=torch.float64)
+    cores = [c.requires_grad_() for c in mpo.cores]
+    ids = torch.tensor([0, 7, 7, 29, 13])
+    assert torch.autograd.gradcheck(lambda *c: lookup(c, ids, 6), cores)
+    m = MPOEmbedding.from_mpo(mpo)
+    w = torch.randn(5, 6, dtype=torch.float64)
+    (m(ids) * w).sum().backward()
+    ref = [c.detach().clone().requires_grad_() for c in mpo.cores]
+    (MPO(ref, 30, 6).to_matrix()[ids] * w).sum().backward()
+    for c, r in zip(m.cores, ref):
+        assert torch.allclose(c.grad, r.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_tied_head_equality_and_shared_gradients():
+    m = MPOEmbedding.from_embedding(nn.Embedding(1009, 48), max_bond=16)
+    head = m.as_linear(policy=FLOPS)
+    assert head.cores is m.cores and all(a is b for a, b in zip(head.cores, m.cores))
+    assert head.bias is None and m.as_linear(bias=True).bias.shape == (1009,)
+    h = torch.randn(4, 3, 48)
+    assert rel(head(h), h @ m.weight_matrix().T) < 1e-5
+    ids = torch.randint(0, 1009, (4, 3))
+
+    def grads(use_emb: bool, use_head: bool) -> list[torch.Tensor]:
+        m.zero_grad(set_to_none=True)
+        loss = (m(ids).pow(2).sum() if use_emb else 0) + (head(h).pow(2).sum() if use_head else 0)
+        loss.backward()
+        return [c.grad.clone() for c in m.cores]
+
+    g_emb, g_head, g_both = grads(True, False), grads(False, True), grads(True, True)
+    for a, b, c in zip(g_emb, g_head, g_both):
+        assert a.abs().sum() > 0 and b.abs().sum() > 0
+        assert torch.allclose(a + b, c, rtol=1e-4, atol=1e-4)
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab: int = 300, dim: int = 16) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.mix = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mix(self.emb(ids))))
+
+
+def test_tied_model_save_load_roundtrip(tmp_path):
+    model = TinyLM()
+    model.emb = MPOEmbedding.from_embedding(model.emb, max_bond=8)
+    model.head = model.emb.as_linear(policy=FLOPS)
+    ids = torch.randint(0, 300, (3, 5))
+    y = model(ids)
+    bondgate.save(model, tmp_path)
+    meta = bondgate.io.read_metadata(tmp_path)
+    assert {k: v for k, v in meta["tensor_aliases"].items() if "cores" in k} == {
+        f"head.cores.{k}": f"emb.cores.{k}" for k in range(3)}  # stored once
+    loaded = bondgate.load(tmp_path, model=TinyLM())
+    assert isinstance(loaded.emb, MPOEmbedding) and loaded.head.cores is loaded.emb.cores
+    assert torch.equal(loaded(ids), y.detach())
+    for k, t in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], t), k
+    (loaded(ids).sum()).backward()  # one set of parameters, trained by both uses
+    assert len(list(loaded.parameters())) == 3 + 2
+
+
+def test_sequential_save_load_roundtrip(tmp_path):
+    m = MPOEmbedding.from_embedding(nn.Embedding(1009, 48, padding_idx=0), max_bond=8)
+    seq = nn.Sequential(m, nn.Linear(48, 4))
+    ids = torch.randint(0, 1009, (2, 9))
+    bondgate.save(seq, tmp_path)
+    loaded = bondgate.load(tmp_path)
+    assert isinstance(loaded[0], MPOEmbedding) and loaded[0].padding_idx == 0
+    assert loaded[0].error == m.error and loaded[0].spec() == m.spec()
+    assert torch.equal(loaded(ids), seq(ids))
+
+
+def test_counts_weighting_favours_frequent_rows():
+    emb = nn.Embedding(4096, 64)
+    E = emb.weight.detach()
+    counts = 1e6 / torch.arange(1.0, 4097.0) ** 1.1 * torch.rand(4096).mul(2).exp()  # Zipf over ids, noisy
+
+    def weighted_error(m: MPOEmbedding) -> float:
+        d2 = (m.weight_matrix().detach() - E).pow(2).sum(1)
+        return float((d2 * counts).sum() / (E.pow(2).sum(1) * counts).sum()) ** 0.5
+
+    plain = MPOEmbedding.from_embedding(emb, max_bond=16)
+    weighted = MPOEmbedding.from_embedding(emb, max_bond=16, counts=counts)
+    assert weighted.bond_dims == plain.bond_dims
+    assert weighted_error(weighted) < 0.85 * weighted_error(plain)  # measured 0.76 vs 0.94
+    assert weighted.error == pytest.approx(rel(weighted.weight_matrix().detach(), E), rel=1e-4)
+    assert plain.error <= weighted.error  # the price: the plain error grows a little
+    exact = MPOEmbedding.from_embedding(nn.Embedding(1009, 48), counts=torch.rand(1009) * 100)  # padded vocab
+    assert exact.error < 1e-6
+    with pytest.raises(ValueError, match="counts"):
+        MPOEmbedding.from_embedding(emb, counts=-torch.ones(4096))

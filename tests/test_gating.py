@@ -733,3 +733,30 @@ def test_gated_eval_operands_never_go_stale_after_data_writes(executor, monkeypa
         ref = x[i] @ layer.to_mpo().slice_bonds(w).to_matrix().T + layer.bias
         torch.testing.assert_close(y[i], ref, rtol=1e-4, atol=1e-4)
     assert one_row == want_level
+
+
+@pytest.mark.parametrize("kw, match", [({"temperature": float("nan")}, "temperature must be a finite"),
+                                       ({"penalty": float("nan")}, "penalty must be a finite"),
+                                       ({"temperature": float("inf")}, "temperature"),
+                                       ({"temperature": "1"}, "temperature"),
+                                       ({"budget": float("nan")}, "budget"),
+                                       ({"target_modules": "[bad"}, "regular expression")])
+def test_nan_and_malformed_gating_configs_are_clear_errors(kw, match):
+    # Issue 18.7: NaN temperature/penalty passed the `<= 0` checks
+    with pytest.raises(ValueError, match=match):
+        GatingConfig(**kw)
+
+
+def test_gate_regex_matching_nothing_names_the_layers():
+    with pytest.raises(ValueError, match=r"matches none of the model's 1 MPO layers \(2\)"):
+        gate(model_with_mpo(), GatingConfig(target_modules=r"encoder\..*"))
+
+
+@pytest.mark.parametrize("levels", [torch.tensor([0.0, 1.0, 2.0]), torch.tensor([0.5, 1.5, 2.5]),
+                                    torch.tensor([True, False, True]), [0, 1, 2]])
+def test_level_overrides_must_be_integer_tensors(levels):
+    # Issue 18.7: float level indices were silently truncated to integers
+    net, layer = gated_layer()
+    layer.eval()
+    with pytest.raises(TypeError, match="levels must be an integer tensor"):
+        layer(torch.randn(3, 96), levels=levels)

@@ -276,3 +276,25 @@ def test_kept_operands_never_go_stale_after_data_writes(plan_id, write):
         got = layer(x)
         want = layer.to_linear()(x)
     assert float((got - want).norm() / want.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("bad, err, match", [
+    (torch.tensor(3.0), ValueError, r"last dimension 96, got shape \(\)"),
+    ([[0.0] * 96], TypeError, "got list .*torch.as_tensor"),
+    ("numpy", TypeError, "got ndarray .*torch.from_numpy"),
+    (torch.randn(2, 95), ValueError, r"last dimension 96, got shape \(2, 95\)"),
+])
+def test_bad_inputs_are_clear_errors(gated, bad, err, match):
+    # Issue 18.7: a 0-d tensor, a list or a numpy array gave IndexError/AttributeError tracebacks from inside forward
+    import numpy as np
+
+    import bondgate
+
+    layer = MPOLinear.from_linear(nn.Linear(96, 80), max_bond=4)
+    if gated:
+        layer = bondgate.gate(nn.Sequential(layer), bondgate.GatingConfig())[0].eval()
+    if isinstance(bad, str):
+        bad = np.zeros((2, 96), dtype=np.float32)
+    with pytest.raises(err, match=match):
+        layer(bad)

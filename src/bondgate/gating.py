@@ -63,8 +63,9 @@ from torch import nn
 
 from .calibration import capture_inputs
 from .io import register_layer_type
-from .layer import MPOLinear, core_versions, kept, outside_inference_mode, track_parameters
+from .layer import MPOLinear, bad_input, core_versions, kept, outside_inference_mode, track_parameters
 from .planner import get_plan, min_flops, sweep_views
+from .surgery import _matches, check_selector
 
 __all__ = ["GatingConfig", "GatedMPOLinear", "gate", "set_mode", "set_budget", "fit_controllers", "gating_report",
            "average_flops", "width_error_curve", "route", "PriceTracker"]
@@ -98,8 +99,13 @@ class GatingConfig:
         if any(b <= a for a, b in zip(lv, lv[1:])):
             raise ValueError(f"levels must be strictly increasing (sorted, no duplicates), got {lv}")
         self.levels = lv
+        for name in ("temperature", "penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if self.temperature <= 0 or self.penalty < 0:
-            raise ValueError("temperature must be > 0 and penalty >= 0")
+            raise ValueError(f"temperature must be > 0 and penalty >= 0, got {self.temperature!r} and {self.penalty!r}")
+        check_selector(self.target_modules, "target_modules")
         if self.controller not in CONTROLLERS:
             raise ValueError(f"controller must be one of {sorted(CONTROLLERS)}, got {self.controller!r}")
         _positive_int(self.rank, "rank")
@@ -532,17 +538,20 @@ class GatedMPOLinear(MPOLinear):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
         """``levels`` (optional, ``(rows,)`` indices into ``self.levels``) overrides the controller."""
+        if not isinstance(x, torch.Tensor) or not x.dim() or x.shape[-1] != self.in_features:
+            raise bad_input(self, x)
         if torch.is_autocast_enabled("cpu" if x.is_cpu else x.device.type):
             return self._under_autocast(x, levels)
         mode = self.mode
         if mode == "full" and levels is None:
             return super().forward(x)
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"GatedMPOLinear expected input with last dimension {self.in_features}, "
-                             f"got shape {tuple(x.shape)}")
         flat = x.dim() != 2
         x2d = x.reshape(-1, self.in_features) if flat else x
         if levels is not None:
+            if not isinstance(levels, torch.Tensor) or levels.is_floating_point() or levels.is_complex() \
+                    or levels.dtype == torch.bool:
+                raise TypeError(f"levels must be an integer tensor of indices into {self.levels}, got "
+                                f"{levels.dtype if isinstance(levels, torch.Tensor) else type(levels).__name__}")
             levels = levels.reshape(-1).to(device=x2d.device, dtype=torch.long)
             if levels.shape[0] != x2d.shape[0] or (levels.numel() and not (0 <= int(levels.min()) and
                                                                             int(levels.max()) < len(self.levels))):
@@ -655,14 +664,16 @@ def gate(model: nn.Module, config: GatingConfig) -> nn.Module:
     :func:`fit_controllers` (``controller="error"``), then call :func:`set_budget`. Gating an already
     gated model replaces its controllers and levels and keeps the (e.g. nested-trained) cores.
     """
-    from .surgery import _matches
-
     if not isinstance(config, GatingConfig):
         raise TypeError(f"config must be a GatingConfig, got {type(config).__name__}")
-    names = [n for n, m in model.named_modules() if isinstance(m, MPOLinear)
-             and (config.target_modules is None or _matches(n, config.target_modules))]
-    if not names:
+    mpo = [n for n, m in model.named_modules() if isinstance(m, MPOLinear)]
+    names = [n for n in mpo if config.target_modules is None or _matches(n, config.target_modules)]
+    if not mpo:
         raise ValueError("gate: the model has no MPO layers to gate (run bondgate.compress first)")
+    if not names:
+        raise ValueError(f"gate: target_modules={config.target_modules!r} matches none of the model's {len(mpo)} MPO "
+                         f"layers ({', '.join(mpo[:4])}{', ...' if len(mpo) > 4 else ''}); a string is a regex that "
+                         f"must match the whole name, a list holds names or dotted suffixes")
     for n in names:
         layer = model.get_submodule(n) if n else model
         g = GatedMPOLinear.from_mpo_linear(layer, config)

@@ -107,6 +107,16 @@ def kept(cache: dict, key, tensors: Sequence[torch.Tensor], build: Callable[[], 
     return hit[1]
 
 
+def bad_input(layer: nn.Module, x) -> Exception:
+    """The error for an input that is not a ``(*, in_features)`` tensor (a list, a numpy array, a 0-d tensor)."""
+    name, want = type(layer).__name__, f"a torch.Tensor of shape (*, {layer.in_features})"
+    if isinstance(x, torch.Tensor):
+        return ValueError(f"{name} expected input with last dimension {layer.in_features}, got shape {tuple(x.shape)}")
+    hint = " (convert it with torch.from_numpy or torch.as_tensor)" if hasattr(x, "__array__") or isinstance(
+        x, (list, tuple)) else ""
+    return TypeError(f"{name} expects {want}, got {type(x).__name__}{hint}")
+
+
 def _retrack(module: nn.Module, incompatible_keys) -> None:
     track_parameters(module)
 
@@ -380,13 +390,11 @@ class MPOLinear(nn.Module):
         # Hot path: every line here runs per call (a B=1 GEMV takes ~10 us), so no reshapes of 2-D
         # inputs, no planning after the first call per row bucket, and dtype errors are diagnosed
         # only when the kernel raises.
+        if not isinstance(x, torch.Tensor) or not x.dim() or x.shape[-1] != self.in_features:
+            raise bad_input(self, x)
         if torch.is_autocast_enabled("cpu" if x.is_cpu else x.device.type):
             return self._under_autocast(x)
         cores = tuple(self._core_params.values())
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"MPOLinear expected input with last dimension {self.in_features}, got shape {tuple(x.shape)}"
-            )
         flat = x.dim() != 2
         x2d = x.reshape(-1, self.in_features) if flat else x
         if not x2d.shape[0]:

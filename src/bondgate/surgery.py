@@ -95,16 +95,8 @@ class CompressionConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-        for name in ("target_modules", "exclude"):
-            value = getattr(self, name)
-            if not (value is None or isinstance(value, str)
-                    or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value))):
-                raise TypeError(f"{name} must be None, a regex string or a list of module names, got {value!r}")
-            if isinstance(value, str):
-                try:
-                    re.compile(value)
-                except re.error as exc:
-                    raise ValueError(f"{name} is not a valid regular expression: {value!r} ({exc})") from None
+        check_selector(self.target_modules, "target_modules")
+        check_selector(self.exclude, "exclude")
         given = [k for k in ("param_ratio", "max_bond", "tol") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one budget: param_ratio, max_bond or tol (got {given or 'none'})")
@@ -206,6 +198,18 @@ class CompressionReport:
 
     def __str__(self) -> str:
         return self.table()
+
+
+def check_selector(value, name: str) -> None:
+    """A module selector is None, a regex (matched against whole names) or a list of names / dotted suffixes."""
+    if not (value is None or isinstance(value, str)
+            or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value))):
+        raise TypeError(f"{name} must be None, a regex string or a list of module names, got {value!r}")
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"{name} is not a valid regular expression: {value!r} ({exc})") from None
 
 
 def _is_number(value) -> bool:

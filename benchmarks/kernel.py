@@ -12,6 +12,7 @@ For every cell (layer shape x uniform bond r x input rows B), fp32, all variants
 
 Run:  python benchmarks/kernel.py --rounds 9 (full grid, ~12 min on 2 cores; the README figures)
       python benchmarks/kernel.py --quick    (a few cells, for a smoke test)
+      python benchmarks/kernel.py --device cuda --rounds 3   (the grid on a GPU: benchmarks/gpu_check.sh)
 Writes benchmarks/results/kernel.{json,md,png}.
 """
 
@@ -92,25 +93,30 @@ def tltorch_layer(lin: torch.nn.Linear, mpo: bg.MPO, implementation: str):
             implementation=implementation)
 
 
-def run_cell(n_in: int, n_out: int, r: int, B: int, rounds: int, min_time: float) -> dict:
+def run_cell(n_in: int, n_out: int, r: int, B: int, rounds: int, min_time: float,
+             device: torch.device | None = None) -> dict:
+    device = device or torch.device("cpu")
     g = torch.Generator().manual_seed(0)
     mpo = bg.MPO.random(n_out, n_in, bond=r, num_cores=4, generator=g)
     W = mpo.to_matrix()
     lin = torch.nn.Linear(n_in, n_out, bias=False)
     with torch.no_grad():
         lin.weight.copy_(W)
-    x = torch.randn(B, n_in, generator=g)
-    mem = bg.MPOLinear.from_mpo(mpo, policy="memory")
-    spd = bg.MPOLinear.from_mpo(mpo, policy="speed")
+    x = torch.randn(B, n_in, generator=g).to(device)
+    mem = bg.MPOLinear.from_mpo(mpo, policy="memory").to(device)
+    spd = bg.MPOLinear.from_mpo(mpo, policy="speed").to(device)
+    tl_fact, tl_recon = (tltorch_layer(lin, mpo, impl).to(device) for impl in ("factorized", "reconstructed"))
+    lin, mpo = lin.to(device), mpo.to(device)
     fns = {
         "dense": lambda: lin(x),
         "einsum": (lambda f: lambda: f(x))(workshop_einsum(mpo)),
         "sweep": (lambda f: lambda: f(x))(sweep(mpo)),
-        "tltorch_fact": (lambda m: lambda: m(x))(tltorch_layer(lin, mpo, "factorized")),
-        "tltorch_recon": (lambda m: lambda: m(x))(tltorch_layer(lin, mpo, "reconstructed")),
+        "tltorch_fact": lambda: tl_fact(x),
+        "tltorch_recon": lambda: tl_recon(x),
         "bg_memory": lambda: mem(x),
         "bg_speed": lambda: spd(x),
     }
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
     with torch.inference_mode():
         ref = lin(x)
         plan_s = {}
@@ -122,11 +128,11 @@ def run_cell(n_in: int, n_out: int, r: int, B: int, rounds: int, min_time: float
             err = float((fn() - ref).norm() / ref.norm().clamp_min(1e-30))
             if err > 1e-3:
                 raise AssertionError(f"{name} disagrees with dense at {n_in}x{n_out} r={r} B={B}: rel err {err:.2e}")
-        times = time_interleaved(fns, rounds=rounds, min_time=min_time)
+        times = time_interleaved(fns, rounds=rounds, min_time=min_time, sync=sync)
     pm, ps = mem.plan(B), spd.plan(B)
     act = B * (n_in + n_out)
     return {
-        "in": n_in, "out": n_out, "r": r, "B": B, "bond_dims": mpo.bond_dims,
+        "in": n_in, "out": n_out, "r": r, "B": B, "device": device.type, "bond_dims": mpo.bond_dims,
         "in_factors": mpo.in_factors, "out_factors": mpo.out_factors,
         "us": {k: v * 1e6 for k, v in times.items()},
         "plan_memory": pm.name + "/" + pm.executor, "plan_speed": ps.name + "/" + ps.executor,
@@ -225,6 +231,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--min-time", type=float, default=0.05, help="seconds per variant per round")
     ap.add_argument("--quick", action="store_true", help="3 cells only")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (results get a _cuda suffix)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -236,14 +243,14 @@ def main() -> None:
     cells = []
     t0 = time.time()
     for n_in, n_out, r, B in grid:
-        c = run_cell(n_in, n_out, r, B, args.rounds, args.min_time)
+        c = run_cell(n_in, n_out, r, B, args.rounds, args.min_time, torch.device(args.device))
         cells.append(c)
         t = c["us"]
         print(f"{n_in}x{n_out} r={r} B={B}: dense {t['dense']:.0f}us  best-other-mpo "
               f"{min(t[v] for v in MPO_VARIANTS):.0f}us  bg-mem {t['bg_memory']:.0f}us ({c['plan_memory']})  "
               f"bg-speed {t['bg_speed']:.0f}us ({c['plan_speed']})  [{time.time() - t0:.0f}s]", flush=True)
     summary = summarize(cells)
-    stem = "kernel_quick" if args.quick else "kernel"
+    stem = ("kernel_quick" if args.quick else "kernel") + ("" if args.device == "cpu" else f"_{args.device}")
     write_json(args.out / f"{stem}.json", {"machine": info, "summary": summary, "cells": cells})
     (args.out / f"{stem}.md").write_text(markdown(cells, summary, info))
     plot(cells, args.out / f"{stem}.png")

@@ -760,3 +760,73 @@ def test_level_overrides_must_be_integer_tensors(levels):
     layer.eval()
     with pytest.raises(TypeError, match="levels must be an integer tensor"):
         layer(torch.randn(3, 96), levels=levels)
+
+
+# ---------------------------------------------------------------------------------------- issue 18.8: devices
+def test_gated_layer_on_each_device_fits_budgets_and_matches_its_levels(device):
+    # fit_controllers collects rows on the CPU (float64) while the layer's weight lives on the device
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Identity(), MPOLinear.from_linear(nn.Linear(96, 80), max_bond=12, num_cores=3))
+    gate(net, GatingConfig(controller="error"))
+    net.to(device)
+    gen = torch.Generator().manual_seed(1)
+    data = [_anisotropic_rows(128, gen) for _ in range(4)]  # CPU batches: moved to the model's device
+    fit = bondgate.fit_controllers(net, data)
+    assert min(fit[0]["r2"][:-1]) > 0.5
+    assert set_budget(net, 0.5, data) == pytest.approx(0.5, abs=0.05)
+    net.eval()
+    layer = net[1]
+    x = _anisotropic_rows(40, gen).to(device)
+    with torch.no_grad():
+        y = net(x)
+        levels = layer.decide(x)
+    for i in range(0, 40, 7):
+        w = layer.level_widths[int(levels[i])]
+        ref = x[i] @ layer.to_mpo().slice_bonds(w).to_matrix().T + layer.bias
+        torch.testing.assert_close(y[i], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_gating_buffers_keep_float64_under_a_dtype_cast():
+    # Issue 18.8: .to(torch.bfloat16) turned the price and the level counts into bf16 (a count stops at 256)
+    net = gate(model_with_mpo(), GatingConfig(controller="error"))
+    set_budget(net, 0.5, [torch.randn(64, 96)])
+    layer = net[2]
+    layer.level_counts.fill_(1000.0)
+    lam = float(layer.budget_lambda)
+    net.to(torch.bfloat16)
+    assert layer.budget_lambda.dtype == layer.level_counts.dtype == torch.float64
+    assert float(layer.budget_lambda) == lam and float(layer.level_counts[0]) == 1000.0
+    assert layer.cores[0].dtype == torch.bfloat16 and layer.controller.coef.dtype == torch.bfloat16
+    net.eval()
+    with torch.no_grad():
+        assert net(torch.randn(3, 96, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("path", ["grouped", "one_group", "override", "nested_train", "static"])
+def test_gated_forward_reads_the_device_at_most_once_per_call(path, monkeypatch):
+    # Issue 18.8: on a GPU every device read is a host sync. Routing rows to kernels of different shapes needs the
+    # rows per level on the host, so a gated call may wait for the device once (bondgate.gating.to_host), no more;
+    # every other value it needs is kept on the host
+    net = gate(model_with_mpo(), GatingConfig(controller="error"))
+    set_budget(net, 0.5, [torch.randn(64, 96)], max_groups=1 if path == "one_group" else None, track=0.05)
+    layer = net[2]
+    if path == "static":
+        set_mode(net, 0.5)
+    reads = []
+    real = bondgate.gating.to_host
+    monkeypatch.setattr(bondgate.gating, "to_host", lambda t: reads.append(1) or real(t))
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: pytest.fail("a .item() in the gated forward"))
+    monkeypatch.setattr(torch.Tensor, "__int__", lambda t: pytest.fail("an int(tensor) in the gated forward"))
+    monkeypatch.setattr(torch.Tensor, "__float__", lambda t: pytest.fail("a float(tensor) in the gated forward"))
+    if path == "nested_train":
+        set_mode(net, "nested")
+        net.train()
+    else:
+        net.eval()
+    x = torch.randn(37, 96)
+    levels = torch.arange(37) % 4 if path == "override" else None
+    for call in range(3):
+        reads.clear()
+        with torch.no_grad():
+            layer(x, levels=levels)
+        assert len(reads) == (0 if path == "static" else 1), (path, call)

@@ -160,7 +160,7 @@ def test_kept_sweep_layout_follows_in_place_updates_and_inference_tensors(policy
     mpo = MPO.from_matrix(torch.randn(80, 96), num_cores=3, max_bond=8)
     x = torch.randn(3, 96)
     layer = MPOLinear.from_mpo(mpo, policy=policy)
-    layer._pinned = {"2:0": "cores/sweep-l2r/cached|sweep"}
+    layer._pinned = {"cpu:float32:2:0": "cores/sweep-l2r/cached|sweep"}
     with torch.no_grad():
         y0 = layer(x)
         assert layer.plan(3).id == "cores/sweep-l2r/cached|sweep" and layer.cache_nbytes == 4 * layer.num_params
@@ -168,7 +168,7 @@ def test_kept_sweep_layout_follows_in_place_updates_and_inference_tensors(policy
         assert torch.allclose(layer(x), 2 * y0, atol=1e-5)
     with torch.inference_mode():  # inference tensors have no version counter: nothing kept is reused
         frozen = MPOLinear.from_mpo(mpo, policy=policy)
-        frozen._pinned = {"2:0": "cores/sweep-l2r/cached|sweep"}
+        frozen._pinned = {"cpu:float32:2:0": "cores/sweep-l2r/cached|sweep"}
         assert torch.allclose(frozen(x), x @ mpo.to_matrix().T, atol=1e-5)
         frozen.cores[1].mul_(2.0)
         assert torch.allclose(frozen(x), 2 * (x @ mpo.to_matrix().T), atol=1e-5)
@@ -267,7 +267,7 @@ def test_kept_operands_never_go_stale_after_data_writes(plan_id, write):
     torch.manual_seed(0)
     layer = MPOLinear.from_mpo(MPO.from_matrix(torch.randn(80, 96), num_cores=3, max_bond=6), torch.randn(80),
                                policy="speed")
-    layer._pinned = {"2:0": plan_id}  # every call below has 3 rows (bucket 2)
+    layer._pinned = {"cpu:float32:2:0": plan_id}  # every call below has 3 rows (bucket 2)
     x = torch.randn(3, 96)
     with torch.no_grad():
         layer(x)
@@ -298,3 +298,23 @@ def test_bad_inputs_are_clear_errors(gated, bad, err, match):
         bad = np.zeros((2, 96), dtype=np.float32)
     with pytest.raises(err, match=match):
         layer(bad)
+
+
+@pytest.mark.parametrize("policy", ["memory", "speed"])
+def test_layer_on_each_device_matches_linear_trains_and_reloads(device, policy, tmp_path):
+    import bondgate
+
+    torch.manual_seed(0)
+    layer = MPOLinear.from_linear(nn.Linear(96, 80), max_bond=8, policy=policy).to(device)
+    for rows in (1, 7, 300):
+        x = torch.randn(rows, 96, device=device)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), layer.to_linear()(x), rtol=1e-4, atol=1e-4)
+    loss = layer(torch.randn(16, 96, device=device)).square().mean()
+    loss.backward()
+    assert all(c.grad is not None and c.grad.device.type == device.type for c in layer.cores)
+    out = bondgate.save(nn.Sequential(layer), tmp_path / "ckpt")
+    loaded = bondgate.load(out, map_location=device)
+    x = torch.randn(5, 96, device=device)
+    with torch.no_grad():
+        assert loaded[0].cores[0].device.type == device.type and torch.equal(loaded(x), layer(x))

@@ -101,12 +101,12 @@ def test_speed_mode_picks_dense_for_big_batches_of_wide_bonds():
 
 def test_saved_plan_choices_make_a_reloaded_layer_bit_exact():
     layer = MPOLinear(96, 80, max_bond=6, num_cores=3)
-    layer._pinned = {"3:0": "rebuild+gemm|linear"}  # pretend the autotuner picked this in "another process"
+    layer._pinned = {"cpu:float32:3:0": "rebuild+gemm|linear"}  # pretend the autotuner picked this in "another process"
     x = torch.randn(5, 96)
     with torch.no_grad():
         y = layer(x)
     spec = layer.spec()
-    assert spec["plans"]["3:0"] == "rebuild+gemm|linear"
+    assert spec["plans"]["cpu:float32:3:0"] == "rebuild+gemm|linear"
     clear_plan_cache()
     twin = MPOLinear.from_spec(spec)
     twin.load_state_dict(layer.state_dict())
@@ -115,3 +115,19 @@ def test_saved_plan_choices_make_a_reloaded_layer_bit_exact():
     assert twin.plan(5).id == "rebuild+gemm|linear"
     with pytest.raises(ValueError, match="plans"):
         MPOLinear.from_spec({**spec, "plans": {"3:0": 7}})
+
+
+def test_pinned_plans_are_keyed_by_device_and_dtype():
+    # Issue 18.8: a plan the autotuner chose for float32 on the CPU is no choice for float64, or for a GPU
+    flops = PlanPolicy(select="flops")
+    layer = MPOLinear(96, 80, max_bond=6, num_cores=3, policy=flops)
+    unpinned = layer.plan(5).id
+    assert unpinned != "rebuild+gemm|linear"  # at 5 rows the factored plans have fewer FLOPs
+    layer._pinned = {"cpu:float32:3:0": "rebuild+gemm|linear"}
+    assert layer.plan(5).id == "rebuild+gemm|linear"
+    spec = layer.spec()
+    twin64 = MPOLinear.from_spec({**spec, "dtype": "float64"})
+    assert twin64._pinned == {"cpu:float32:3:0": "rebuild+gemm|linear"}  # kept for a float32 copy ...
+    assert twin64.plan(5).id == unpinned  # ... but not used by this float64 one
+    legacy = MPOLinear.from_spec({**spec, "plans": {"3:0": "rebuild+gemm|linear"}})  # format before the keys
+    assert legacy._pinned == {"cpu:float32:3:0": "rebuild+gemm|linear"} and legacy.plan(5).id == "rebuild+gemm|linear"

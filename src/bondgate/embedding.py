@@ -99,7 +99,8 @@ class MPOEmbedding(nn.Module):
                 raise ValueError(f"padding_idx must be within num_embeddings ({n}), got {padding_idx}")
             padding_idx %= n
         self.num_embeddings, self.embedding_dim, self.padding_idx = n, mpo.in_features, padding_idx
-        self.cores = nn.ParameterList([TrackedParameter(c.detach().clone()) for c in mpo.cores])
+        contiguous = torch.contiguous_format
+        self.cores = nn.ParameterList([TrackedParameter(c.detach().clone(memory_format=contiguous)) for c in mpo.cores])
         self.error: float = mpo.error  # relative Frobenius error of the table vs. the one it was built from
 
     # ------------------------------------------------------------------ construction

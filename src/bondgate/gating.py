@@ -237,6 +237,13 @@ def _subsets(levels: int, k: int) -> torch.Tensor:
     return torch.tensor(list(itertools.combinations(range(levels), k)), dtype=torch.long)
 
 
+def to_host(t: torch.Tensor) -> list:
+    """``t.tolist()``: the one place the gated forward reads a device tensor on the host. Routing rows to
+    kernels of different shapes needs the rows per level on the host, so an inference call of a gated layer
+    waits for the device exactly once (on a GPU, a host sync), here."""
+    return t.tolist()
+
+
 def route(objective: torch.Tensor, max_groups: int | None = None) -> torch.Tensor:
     """Levels for the rows of one call: ``objective`` ``(B, L)`` is what each row would pay at each level
     (predicted error + price x FLOPs); returns ``(B,)`` indices.
@@ -253,7 +260,9 @@ def route(objective: torch.Tensor, max_groups: int | None = None) -> torch.Tenso
     L = objective.shape[-1]
     if max_groups is None or max_groups >= L or objective.shape[0] <= max_groups:
         return lv
-    if int(torch.count_nonzero(torch.bincount(lv, minlength=L))) <= max_groups:
+    # the argmin already uses few enough levels: the best subset would give it anyway (checked on the CPU
+    # only: on a GPU the check would cost a host sync, and the subset search gives the same result)
+    if objective.is_cpu and int(torch.count_nonzero(torch.bincount(lv, minlength=L))) <= max_groups:
         return lv
     subsets = _subsets(L, max_groups).to(objective.device)  # (S, k)
     best = subsets[objective[:, subsets].amin(-1).sum(0).argmin()]  # (B, S, k) -> (S,) -> (k,)
@@ -286,6 +295,7 @@ class PriceTracker:
         self.used = self.full = 0.0
         self.seen: set[int] = set()
         self.rounds, self.typical_full = int(rounds), float(typical_full)
+        self.lam: float | None = None  # the group's price, once read
 
     def report(self, layer: "GatedMPOLinear", used: float, rows: int) -> None:
         """One inference call of ``layer``: ``used`` FLOPs (levels and controller) for ``rows`` rows."""
@@ -302,8 +312,9 @@ class PriceTracker:
             self.rounds += 1
             self.typical_full += (self.full - self.typical_full) / min(self.rounds, 100)
             step = self.rate * (self.used - self.budget * self.full) / (self.budget * self.typical_full)
-            lam = float(self.layers[0].budget_lambda)
-            lam = lam * math.exp(step) if lam > 0 else lam + step * self.scale
+            # the tracker keeps the price on the host (read from the buffer once): no device read per round
+            lam = self.lam if self.lam is not None else float(self.layers[0].budget_lambda)
+            self.lam = lam = lam * math.exp(step) if lam > 0 else lam + step * self.scale
             for m in self.layers:
                 m._buffer("budget_lambda").fill_(lam)
         self.used = self.full = 0.0
@@ -409,6 +420,9 @@ class GatedMPOLinear(MPOLinear):
             tracker = PriceTracker(shared, t.budget, t.rate, t.scale, True, t.rounds, t.typical_full)
             for m in shared:
                 m._tracker = tracker
+        for _, m in _gated_layers(model):  # the loaded price, read once here rather than in an inference call
+            if m._tracker is not None:
+                m._tracker.lam = float(m.budget_lambda)
 
     # ------------------------------------------------------------------ kernels
     def _level_cores(self, widths: tuple[int, ...], cache: bool) -> list[torch.Tensor]:
@@ -462,10 +476,8 @@ class GatedMPOLinear(MPOLinear):
     def grouped_output(self, x2d: torch.Tensor, levels: torch.Tensor, counts: list[int] | None = None) -> torch.Tensor:
         """Rows grouped by level, each group contracted with its sliced cores (the inference path).
         ``counts``: rows per level, if the caller has them already."""
-        if x2d.shape[0] == 1:
-            return self.width_output(x2d, self.level_widths[int(levels[0])])
         if counts is None:
-            counts = torch.bincount(levels, minlength=len(self.levels)).tolist()
+            counts = to_host(torch.bincount(levels, minlength=len(self.levels)))
         present = [lv for lv, n in enumerate(counts) if n]
         if len(present) == 1:
             return self.width_output(x2d, self.level_widths[present[0]])
@@ -494,7 +506,7 @@ class GatedMPOLinear(MPOLinear):
             if level is not None:
                 return level
         objective = self._objective(x2d)
-        return int((objective if x2d.shape[0] == 1 else objective.sum(0)).argmin())
+        return to_host((objective if x2d.shape[0] == 1 else objective.sum(0)).argmin())
 
     def _host_level(self, x2d: torch.Tensor) -> int | None:
         """The controller's decision for ONE row on the CPU, in numpy: the same objective as :meth:`_objective`
@@ -553,15 +565,18 @@ class GatedMPOLinear(MPOLinear):
                 raise TypeError(f"levels must be an integer tensor of indices into {self.levels}, got "
                                 f"{levels.dtype if isinstance(levels, torch.Tensor) else type(levels).__name__}")
             levels = levels.reshape(-1).to(device=x2d.device, dtype=torch.long)
-            if levels.shape[0] != x2d.shape[0] or (levels.numel() and not (0 <= int(levels.min()) and
-                                                                            int(levels.max()) < len(self.levels))):
-                raise ValueError(f"levels must be {x2d.shape[0]} indices in [0, {len(self.levels)})")
+            L = len(self.levels)
+            if levels.shape[0] == x2d.shape[0] and levels.numel():  # range and rows per level: one host read
+                lo, hi, *counts = to_host(torch.cat([torch.stack(torch.aminmax(levels)),
+                                                     torch.bincount(levels.clamp(0, L - 1), minlength=L)]))
+            if levels.shape[0] != x2d.shape[0] or (levels.numel() and not 0 <= lo <= hi < L):
+                raise ValueError(f"levels must be {x2d.shape[0]} indices in [0, {L})")
         if not x2d.shape[0]:
             return self._no_rows(x)
         if x.dtype != next(iter(self._core_params.values())).dtype:  # a clear TypeError, before a decision is counted
             self._check_dtype(x)
         if levels is not None:
-            y = self.grouped_output(x2d, levels) if not self.training else self._soft_route(
+            y = self.grouped_output(x2d, levels, counts) if not self.training else self._soft_route(
                 x2d, torch.nn.functional.one_hot(levels, len(self.levels)).to(x2d.dtype))
         elif isinstance(mode, float):
             y = self.width_output(x2d, _widths(self.bond_dims, mode))
@@ -582,7 +597,7 @@ class GatedMPOLinear(MPOLinear):
             y = self.width_output(x2d, self.level_widths[i])
         else:
             lv = self.decide(x2d)
-            counts = torch.bincount(lv, minlength=len(self.levels)).tolist()
+            counts = to_host(torch.bincount(lv, minlength=len(self.levels)))
             if self.record:
                 self._pending = [a + b for a, b in zip(self._pending, counts)]
             if self._tracker is not None:
@@ -635,6 +650,15 @@ class GatedMPOLinear(MPOLinear):
     def _load_from_state_dict(self, *args, **kwargs):
         self._pending = [0] * len(self.levels)  # the loaded counts replace everything routed before
         super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to(torch.bfloat16) casts every floating buffer; the price and the level counts stay float64 (a bf16
+        # count stops growing at 256, a bf16 price moves the budget), only their device follows the layer
+        kept64 = {n: self._buffers[n] for n in ("budget_lambda", "level_counts") if n in self._buffers}
+        out = super()._apply(fn, recurse)
+        for n, t in kept64.items():
+            self._buffers[n] = t.to(device=self._buffers[n].device, dtype=torch.float64)
+        return out
 
     def bondgate_aux_loss(self) -> torch.Tensor | None:
         """The budget penalty of the last training forward (consumed: returns it once)."""
@@ -868,6 +892,7 @@ def set_budget(model: nn.Module, budget: float, data: Iterable, per_layer: bool 
         for group in [[m] for _, m in layers] if per_layer else [[m for _, m in layers]]:
             scale = max(abs(float(group[0].budget_lambda)), 1e-6)  # steps relative to the calibrated price
             tracker = PriceTracker(group, budget, track, scale, shared=not per_layer)
+            tracker.lam = float(group[0].budget_lambda)
             for m in group:
                 m._tracker = tracker
     return _flops_at(layers, scores)
@@ -931,10 +956,11 @@ def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256,
         X = torch.cat(rows[n])
         if not bool(torch.isfinite(X).all()):
             raise ValueError(f"fit_controllers: layer {n!r} got non-finite inputs (NaN or inf)")
-        mpo = m.to_mpo()
-        W = mpo.to_matrix().to(torch.float64)
+        mpo = m.to_mpo().to(device="cpu", dtype=torch.float64)  # the fit runs on the CPU in float64, like X
+        W = mpo.to_matrix()
         if objective == "model":
-            s, scale = sens[n].to(torch.float64), sum(lm.full_cost for _, lm in layers) / len(layers) / m.full_cost
+            s = sens[n].to("cpu", torch.float64)
+            scale = sum(lm.full_cost for _, lm in layers) / len(layers) / m.full_cost
         else:
             s, scale = None, 1.0 / (float((X @ W.T).pow(2).sum(1).mean()) or 1.0)
         targets, G = [], torch.zeros(m.in_features, m.in_features, dtype=torch.float64)
@@ -942,7 +968,7 @@ def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256,
             if w == m.bond_dims:
                 targets.append(torch.zeros(X.shape[0], dtype=torch.float64))
                 continue
-            D = W - mpo.slice_bonds(w).to_matrix().to(torch.float64)
+            D = W - mpo.slice_bonds(w).to_matrix()
             E = (X @ D.T).pow(2)
             t = (E.sum(1) if s is None else E @ s) * scale
             targets.append(t)

@@ -181,7 +181,7 @@ class MPOLinear(nn.Module):
         mpo = MPO.random(out_features, in_features, max_bond, num_cores, in_factors, out_factors, dtype=dtype)
         self.in_features = int(in_features)
         self.out_features = int(out_features)
-        self.cores = nn.ParameterList([TrackedParameter(c.to(device)) for c in mpo.cores])
+        self.cores = nn.ParameterList([TrackedParameter(c.to(device).contiguous()) for c in mpo.cores])
         if bias:
             bound = 1.0 / math.sqrt(in_features)
             self.bias = TrackedParameter(torch.empty(out_features, device=device, dtype=dtype).uniform_(-bound, bound))
@@ -194,11 +194,12 @@ class MPOLinear(nn.Module):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_mpo(cls, mpo: MPO, bias: torch.Tensor | None = None, policy: str | PlanPolicy = "memory") -> "MPOLinear":
-        """Wrap an :class:`MPO` (its cores become parameters; ``bias`` shape ``(out_features,)``)."""
+        """Wrap an :class:`MPO` (contiguous copies of its cores become parameters — a checkpoint's copy then has
+        the same memory layout, hence the same floating-point results; ``bias`` shape ``(out_features,)``)."""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = mpo.in_features, mpo.out_features
-        layer.cores = nn.ParameterList([TrackedParameter(c.detach().clone()) for c in mpo.cores])
+        layer.cores = nn.ParameterList([TrackedParameter(c.detach().clone(memory_format=torch.contiguous_format)) for c in mpo.cores])
         if bias is not None:
             if bias.shape != (mpo.out_features,):
                 raise ValueError(f"bias must have shape ({mpo.out_features},), got {tuple(bias.shape)}")
@@ -243,9 +244,9 @@ class MPOLinear(nn.Module):
             "policy": _policy_spec(self._policy),
             "dtype": str(self._core_tuple()[0].dtype).removeprefix("torch."),
             "error": None if math.isnan(self.error) else self.error,
-            # plans used so far, "<row bucket>:<grad>" -> plan id: a loaded copy runs the same
-            # contractions, so its outputs are bit-identical to this layer's
-            "plans": {**self._pinned, **{f"{k >> 1}:{k & 1}": p.id for k, (p, _) in self._plans.items()}},
+            # plans used so far, "<device type>:<dtype>:<row bucket>:<grad>" -> plan id: a loaded copy on the
+            # same kind of device runs the same contractions, so its outputs are bit-identical to this layer's
+            "plans": {**self._pinned, **{self._pin_key(k >> 1, k & 1): p.id for k, (p, _) in self._plans.items()}},
         }
 
     @classmethod
@@ -268,10 +269,18 @@ class MPOLinear(nn.Module):
         layer = cls.from_mpo(mpo, bias, policy=spec.get("policy", "memory"))
         layer.error = float("nan") if spec.get("error") is None else float(spec["error"])
         plans = spec.get("plans") or {}
-        if not isinstance(plans, dict) or not all(isinstance(v, str) for v in plans.values()):
-            raise ValueError("layer spec 'plans' must map '<bucket>:<grad>' to plan ids")
-        layer._pinned = dict(plans)
+        if not isinstance(plans, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in plans.items()):
+            raise ValueError("layer spec 'plans' must map '<device type>:<dtype>:<bucket>:<grad>' to plan ids")
+        # checkpoints before plans were keyed by device and dtype were written on the CPU
+        layer._pinned = {k if k.count(":") == 3 else f"cpu:{dtype}:{k}".replace("torch.", ""): v
+                         for k, v in plans.items()}
         return layer
+
+    def _pin_key(self, bucket: int, grad: bool | int) -> str:
+        """Key of a pinned plan (``bucket``: :func:`~bondgate.planner.row_bucket`): a plan tuned for one device
+        type and dtype is no choice for another."""
+        c0 = self._core_tuple()[0]
+        return f"{c0.device.type}:{str(c0.dtype).removeprefix('torch.')}:{bucket}:{int(grad)}"
 
     def to_mpo(self) -> MPO:
         """The weight as a detached :class:`MPO`."""
@@ -328,7 +337,7 @@ class MPOLinear(nn.Module):
         ``.describe()`` gives a dict and ``.candidates`` what the autotuner timed.
         """
         c0 = self._core_tuple()[0]
-        prefer = self._pinned.get(f"{max(int(batch), 1).bit_length()}:{int(grad)}")
+        prefer = self._pinned.get(self._pin_key(max(int(batch), 1).bit_length(), grad))
         return get_plan(self.out_factors, self.in_factors, self.bond_dims, batch, c0.dtype, c0.device,
                         self._policy, grad, prefer=prefer)
 
@@ -381,7 +390,7 @@ class MPOLinear(nn.Module):
     def set_cores(self, cores: Sequence[torch.Tensor]) -> None:
         """Replace the cores (e.g. after truncation); shapes may change."""
         mpo = MPO([c.detach() for c in cores], self.out_features, self.in_features)
-        self.cores = nn.ParameterList([TrackedParameter(c.clone()) for c in mpo.cores])
+        self.cores = nn.ParameterList([TrackedParameter(c.clone(memory_format=torch.contiguous_format)) for c in mpo.cores])
         self._pinned = {}
         self._reset_caches()
 

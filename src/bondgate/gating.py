@@ -552,6 +552,8 @@ class GatedMPOLinear(MPOLinear):
         """``levels`` (optional, ``(rows,)`` indices into ``self.levels``) overrides the controller."""
         if not isinstance(x, torch.Tensor) or not x.dim() or x.shape[-1] != self.in_features:
             raise bad_input(self, x)
+        if torch.compiler.is_compiling():
+            return self._compiled_forward(x, levels)
         if torch.is_autocast_enabled("cpu" if x.is_cpu else x.device.type):
             return self._under_autocast(x, levels)
         mode = self.mode
@@ -609,6 +611,32 @@ class GatedMPOLinear(MPOLinear):
         if bias is not None:
             y = y + bias
         return y.reshape(*x.shape[:-1], self.out_features) if flat else y
+
+    def _compiled_forward(self, x: torch.Tensor, levels: torch.Tensor | None) -> torch.Tensor:
+        """``forward`` under torch.compile / torch.export. A width fixed for every row (``"full"``, a static
+        fraction, ``"nested"`` in eval) traces like an :class:`~bondgate.MPOLinear` at those bonds. Routing rows
+        by the controller (``"gate"``, nested training, ``levels``) is data-dependent control flow: under
+        torch.compile it runs eagerly (a graph break), and torch.export refuses it."""
+        mode = self.mode
+        if levels is None and (mode == "full" or isinstance(mode, float) or (mode == "nested" and not self.training)):
+            widths = _widths(self.bond_dims, mode) if isinstance(mode, float) else self.bond_dims
+            if widths == self.bond_dims:
+                return self._traced_forward(x, tuple(self._core_params.values()), self._traced)
+            traced = self._traced_widths.get(widths)
+            if traced is None:
+                traced = self._traced_widths[widths] = self._traced_sweep(widths)
+            w = [1, *widths, 1]
+            cores = [c[: w[k], :, :, : w[k + 1]] for k, c in enumerate(self._core_params.values())]
+            return self._traced_forward(x, cores, traced)
+        if torch.compiler.is_exporting():
+            raise RuntimeError(f"a GatedMPOLinear in mode {mode!r} routes rows by its controller (data-dependent "
+                               f"shapes) and cannot be exported; bondgate.set_mode(model, 'full') or a fixed "
+                               f"fraction first")
+        return self._eager_forward(x, levels)
+
+    @torch.compiler.disable
+    def _eager_forward(self, x: torch.Tensor, levels: torch.Tensor | None) -> torch.Tensor:
+        return self.forward(x, levels)
 
     def _soft_route(self, x2d: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """``sum_l q[:, l] * y_l`` with every level's output computed (training form)."""
@@ -668,6 +696,7 @@ class GatedMPOLinear(MPOLinear):
     def _reset_caches(self) -> None:
         super()._reset_caches()
         self._level_plans: dict[tuple, tuple] = {}
+        self._traced_widths: dict[tuple, tuple] = {}  # widths -> the traced forward's sweep (see _compiled_forward)
         if "_slices" in self.__dict__:
             self._slices, self._price, self._host = {}, {}, {}
 

@@ -19,7 +19,18 @@ from torch import nn
 from torch.autograd.graph import increment_version
 
 from .mpo import MPO, BondSpec
-from .planner import MEMORY, SPEED, ContractionPlan, PlanPolicy, get_plan
+from .planner import (
+    MAX_CORES,
+    MEMORY,
+    SPEED,
+    ContractionPlan,
+    PlanPolicy,
+    get_plan,
+    run_sweep,
+    sweep_flops,
+    sweep_matrix,
+    sweep_steps,
+)
 
 __all__ = ["MPOLinear", "TrackedParameter"]
 
@@ -40,6 +51,8 @@ class TrackedParameter(nn.Parameter):
 
     @property
     def data(self) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # tracers read .data to lift parameters: give them the plain alias
+            return _DATA.__get__(self)
         return self.detach()
 
     @data.setter
@@ -178,6 +191,9 @@ class MPOLinear(nn.Module):
     ) -> None:
         super().__init__()
         dtype = dtype or torch.get_default_dtype()
+        if num_cores > MAX_CORES:
+            raise ValueError(f"an MPO layer has at most {MAX_CORES} cores (torch.einsum has 52 index letters), "
+                             f"got {num_cores}")
         mpo = MPO.random(out_features, in_features, max_bond, num_cores, in_factors, out_factors, dtype=dtype)
         self.in_features = int(in_features)
         self.out_features = int(out_features)
@@ -196,6 +212,9 @@ class MPOLinear(nn.Module):
     def from_mpo(cls, mpo: MPO, bias: torch.Tensor | None = None, policy: str | PlanPolicy = "memory") -> "MPOLinear":
         """Wrap an :class:`MPO` (contiguous copies of its cores become parameters — a checkpoint's copy then has
         the same memory layout, hence the same floating-point results; ``bias`` shape ``(out_features,)``)."""
+        if mpo.num_cores > MAX_CORES:
+            raise ValueError(f"an MPO layer has at most {MAX_CORES} cores (torch.einsum has 52 index letters), "
+                             f"got {mpo.num_cores}")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = mpo.in_features, mpo.out_features
@@ -359,18 +378,22 @@ class MPOLinear(nn.Module):
             self.register_load_state_dict_post_hook(_retrack)
         self._plans: dict[int, tuple[ContractionPlan, list | None]] = {}
         self._ops_cache: dict[tuple, list] = {}  # plan.operand_key -> [version sum, operands, cores]
+        self._traced = self._traced_sweep(self.bond_dims) if "cores" in self._modules else None
+
+    @property
+    def _core_params(self) -> dict[str, torch.Tensor]:
+        # The ParameterList's own dict, looked up on every call (never a cached reference or tuple): parameter
+        # swaps such as torch.func.functional_call, or torch.export replacing the dict while it traces, are always
+        # seen; it is also ~10x faster than iterating the list.
+        return self._modules["cores"]._parameters
 
     def _core_tuple(self) -> tuple[torch.Tensor, ...]:
-        # Read the ParameterList's own dict (not a cached tuple) so that parameter swaps such as
-        # torch.func.functional_call are always seen; it is also ~10x faster than iterating the list.
         return tuple(self._core_params.values())
 
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
-        if name == "cores":
-            super().__setattr__("_core_params", value._parameters)
-            if "_plans" in self.__dict__:
-                self._reset_caches()
+        if name == "cores" and "_plans" in self.__dict__:
+            self._reset_caches()
 
     def _apply(self, fn, recurse: bool = True):  # .to(), .half(), .cuda() ...
         out = super()._apply(fn, recurse)
@@ -394,6 +417,32 @@ class MPOLinear(nn.Module):
         self._pinned = {}
         self._reset_caches()
 
+    # ------------------------------------------------------------------ traced forward (torch.compile / export)
+    def _traced_sweep(self, ranks: Sequence[int]) -> tuple[bool, list]:
+        """The contraction a traced forward runs at bonds ``ranks``: the sweep in its cheaper direction (its cost is
+        linear in the rows, so one choice serves every row count), as ``(reverse, steps)``."""
+        out_f, in_f = self.out_factors, self.in_factors
+        reverse = sweep_flops(out_f, in_f, ranks, True) < sweep_flops(out_f, in_f, ranks, False)
+        return reverse, sweep_steps(out_f, in_f, ranks, reverse)
+
+    def _traced_forward(self, x: torch.Tensor, cores: Sequence[torch.Tensor], traced: tuple[bool, list]) -> torch.Tensor:
+        """``forward`` while torch.compile or torch.export traces it: no planning, autotuning or kept operands
+        (they are Python-side state a graph cannot hold), only tensor ops on static factors with a dynamic number
+        of rows — the sweep, with the cores laid out as matrices inside the graph (the compiler fuses that)."""
+        reverse, steps = traced
+        x2d = x.reshape(-1, self.in_features)
+        pad = math.prod(self.in_factors) - self.in_features
+        if pad:
+            x2d = torch.nn.functional.pad(x2d, (0, pad))
+        mats = [sweep_matrix(c, reverse) for c in (cores[::-1] if reverse else cores)]
+        y = run_sweep(x2d, mats, steps, self.out_factors, self.in_factors, reverse)
+        if y.shape[1] != self.out_features:
+            y = y[:, : self.out_features]
+        bias = self._parameters["bias"]
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Hot path: every line here runs per call (a B=1 GEMV takes ~10 us), so no reshapes of 2-D
@@ -401,6 +450,8 @@ class MPOLinear(nn.Module):
         # only when the kernel raises.
         if not isinstance(x, torch.Tensor) or not x.dim() or x.shape[-1] != self.in_features:
             raise bad_input(self, x)
+        if torch.compiler.is_compiling():
+            return self._traced_forward(x, tuple(self._core_params.values()), self._traced)
         if torch.is_autocast_enabled("cpu" if x.is_cpu else x.device.type):
             return self._under_autocast(x)
         cores = tuple(self._core_params.values())

@@ -108,23 +108,31 @@ def row_bucket(rows: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- letters
+MAX_CORES = 17  # torch.einsum takes the 52 ASCII letters: one batch index + d in, d out and d - 1 bond indices
+
+
 @dataclass(frozen=True)
 class _Letters:
-    """Subscripts of one MPO contraction: batch ``Z``, in legs, out legs, inner bonds."""
+    """Subscripts of one MPO contraction: batch, in legs, out legs, inner bonds (3d letters of the 52)."""
 
     d: int
 
+    def __post_init__(self) -> None:
+        if self.d > MAX_CORES:
+            raise ValueError(f"an MPO layer has at most {MAX_CORES} cores (torch.einsum has 52 index letters), "
+                             f"got {self.d}")
+
     @property
     def ins(self) -> str:
-        return string.ascii_lowercase[: self.d]
+        return string.ascii_letters[1 : 1 + self.d]
 
     @property
     def outs(self) -> str:
-        return string.ascii_lowercase[self.d : 2 * self.d]
+        return string.ascii_letters[1 + self.d : 1 + 2 * self.d]
 
     @property
     def bonds(self) -> str:  # bond k sits between core k and core k+1
-        return string.ascii_uppercase[: self.d - 1]
+        return string.ascii_letters[1 + 2 * self.d : 3 * self.d]
 
     def group(self, lo: int, hi: int) -> str:
         """Subscripts of cores lo..hi (inclusive) contracted together: left bond, outs, ins, right bond."""
@@ -134,11 +142,11 @@ class _Letters:
 
     @property
     def x(self) -> str:
-        return "Z" + self.ins
+        return "a" + self.ins
 
     @property
     def y(self) -> str:
-        return "Z" + self.outs
+        return "a" + self.outs
 
 
 def squeeze_core(core: torch.Tensor, k: int, d: int) -> torch.Tensor:
@@ -168,6 +176,53 @@ def sweep_views(mats: Sequence[torch.Tensor], out_factors: Sequence[int], in_fac
     order = range(d - 1, -1, -1) if reverse else range(d)
     w = [1, *(tuple(widths)[::-1] if reverse else widths), 1]
     return [A[: w[s + 1] * out_factors[k], : w[s] * in_factors[k]] for s, (A, k) in enumerate(zip(mats, order))]
+
+
+def sweep_steps(out_factors: Sequence[int], in_factors: Sequence[int], ranks: Sequence[int],
+                reverse: bool = False) -> list[tuple[int, int, int]]:
+    """Per sweep step (processing order): (rows of the state matrix, out factor, bond after the step)."""
+    d = len(in_factors)
+    order = range(d - 1, -1, -1) if reverse else range(d)
+    bonds = [1, *(tuple(ranks)[::-1] if reverse else ranks), 1]
+    return [(bonds[s] * in_factors[k], out_factors[k], bonds[s + 1]) for s, k in enumerate(order)]
+
+
+def run_sweep(x2d: torch.Tensor, mats: Sequence[torch.Tensor], steps: Sequence[tuple[int, int, int]],
+              out_factors: Sequence[int], in_factors: Sequence[int], reverse: bool = False) -> torch.Tensor:
+    """``x2d`` ``(B, prod(in_factors))`` through the sweep: one ``torch.mm`` per core with the cores as matrices
+    (:func:`sweep_matrix`, processing order) and :func:`sweep_steps`; returns ``(B, prod(out_factors))``.
+    Plain tensor ops on static factors: traceable by torch.compile and torch.export with a dynamic ``B``."""
+    # The state before step s is (r, in_k, ..., B, out_done): the step's mm contracts its leading
+    # (r, in_k) with the core matrix, and one permute moves the new out factor to the end.
+    B, d = x2d.shape[0], len(mats)
+    if reverse:
+        state = x2d.reshape(B, *in_factors).permute(*range(d, 0, -1), 0)
+    else:
+        state = x2d.t()
+    # explicit sizes, no -1: a traced B stays one symbol (inferred sizes make torch.export guard on B)
+    r_prev, rest, done = 1, math.prod(in_factors), 1
+    for A, (k_rows, m, r_next) in zip(mats, steps):
+        rest //= k_rows // r_prev  # the input legs still to contract
+        P = torch.mm(A, state.reshape(k_rows, rest * B * done))  # (r_next * m, rest * B * done)
+        state = P.view(r_next, m, rest * B, done).permute(0, 2, 3, 1)
+        done *= m
+        r_prev = r_next
+    if reverse:  # out factors were appended last to first
+        return state.reshape(B, *tuple(out_factors)[::-1]).permute(0, *range(d, 0, -1)).reshape(B, done)
+    return state.reshape(B, done)
+
+
+def sweep_flops(out_factors: Sequence[int], in_factors: Sequence[int], ranks: Sequence[int], reverse: bool) -> int:
+    """FLOPs per input row of a sweep. Every step is linear in the rows, so the cheaper direction at one row is
+    the cheaper one at any row count."""
+    d = len(in_factors)
+    order = range(d - 1, -1, -1) if reverse else range(d)
+    left, done, total = list(in_factors), 1, 0
+    for (k_rows, m, r_next), k in zip(sweep_steps(out_factors, in_factors, ranks, reverse), order):
+        left[k] = 1  # step k's mm: (r_next * m, k_rows) @ (k_rows, rest of the input legs * done outputs)
+        total += 2 * r_next * m * k_rows * math.prod(left) * done
+        done *= m
+    return total
 
 
 # ---------------------------------------------------------------------------------------------- plans
@@ -211,11 +266,7 @@ class ContractionPlan:
         if self.executor == "tensordot":
             self._steps, self._perm = _tensordot_program(self.equation, self.path)
         if self.executor == "sweep":
-            order = range(len(self.in_factors) - 1, -1, -1) if self.reverse else range(len(self.in_factors))
-            bonds = [1, *(self.ranks[::-1] if self.reverse else self.ranks), 1]
-            # per step (processing order): (rows of the state matrix, out factor, bond after the step)
-            self._sweep = [(bonds[s] * self.in_factors[k], self.out_factors[k], bonds[s + 1])
-                           for s, k in enumerate(order)]
+            self._sweep = sweep_steps(self.out_factors, self.in_factors, self.ranks, self.reverse)
 
     @property
     def operand_key(self) -> tuple:
@@ -275,21 +326,7 @@ class ContractionPlan:
         return y
 
     def _run_sweep(self, x2d: torch.Tensor, ops: Sequence[torch.Tensor]) -> torch.Tensor:
-        # The state before step s is (r, in_k, ..., B, out_done): the step's mm contracts its leading
-        # (r, in_k) with the core matrix, and one permute moves the new out factor to the end.
-        B, d = x2d.shape[0], len(ops)
-        if self.reverse:
-            state = x2d.reshape(B, *self.in_factors).permute(*range(d, 0, -1), 0)
-        else:
-            state = x2d.t()
-        done = 1
-        for A, (k_rows, m, r_next) in zip(ops, self._sweep):
-            P = torch.mm(A, state.reshape(k_rows, -1))  # (r_next * m, rest * B * done)
-            state = P.view(r_next, m, -1, done).permute(0, 2, 3, 1)
-            done *= m
-        if self.reverse:  # out factors were appended last to first
-            return state.reshape(B, *self.out_factors[::-1]).permute(0, *range(d, 0, -1)).reshape(B, done)
-        return state.reshape(B, done)
+        return run_sweep(x2d, ops, self._sweep, self.out_factors, self.in_factors, self.reverse)
 
     def describe(self) -> dict:
         """A plain-dict summary (what :meth:`bondgate.MPOLinear.plan` shows)."""
@@ -341,7 +378,7 @@ def _tensordot_program(equation: str, path) -> tuple[list, list[int]]:
 def _group_sets(d: int) -> list[tuple[str, tuple[tuple[int, int], ...]]]:
     """Core partitions to consider: none merged, each neighbouring pair, all pairs, all cores."""
     out: list[tuple[str, tuple[tuple[int, int], ...]]] = [("cores", tuple((k, k) for k in range(d)))]
-    if d >= 3:
+    if 3 <= d <= 8:  # (with more cores, merging one pair changes little and multiplies the planning time)
         for k in range(d - 1):
             g = [(j, j) for j in range(k)] + [(k, k + 1)] + [(j, j) for j in range(k + 2, d)]
             out.append((f"merge{k}{k + 1}", tuple(g)))
@@ -441,6 +478,8 @@ def _build_candidates(out_f, in_f, ranks, rows, policy: PlanPolicy, grad: bool) 
             "greedy": "greedy",
             "branch-2": "branch-2",
         }
+        if n_ops > 9:  # many cores: the exhaustive searches take ~1 s per group set; keep the fast ones
+            optimizers = {k: optimizers[k] for k in ("dp-size", "greedy")}
         for oname, opt in optimizers.items():
             p, info = oe.contract_path(eq, x_shape, *gshapes, optimize=opt, shapes=True)
             paths.setdefault(tuple(map(tuple, p)), (oname, info))

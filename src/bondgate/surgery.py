@@ -41,6 +41,7 @@ from .calibration import (
 from .factors import factorize_shape
 from .layer import MPOLinear, outside_inference_mode
 from .mpo import MPO
+from .planner import MAX_CORES
 
 __all__ = ["CompressionConfig", "CompressionReport", "LayerReport", "compress", "find_targets"]
 
@@ -107,8 +108,9 @@ class CompressionConfig:
             raise ValueError(f"max_bond must be an integer >= 1, got {self.max_bond!r}")
         if self.tol is not None and not (0.0 <= float(self.tol) < 1.0):
             raise ValueError(f"tol must lie in [0, 1), got {self.tol!r}")
-        if isinstance(self.num_cores, bool) or not isinstance(self.num_cores, int) or self.num_cores < 1:
-            raise ValueError(f"num_cores must be a positive integer, got {self.num_cores!r}")
+        if isinstance(self.num_cores, bool) or not isinstance(self.num_cores, int) or not 1 <= self.num_cores <= MAX_CORES:
+            raise ValueError(f"num_cores must be an integer in [1, {MAX_CORES}] (torch.einsum has 52 index letters), "
+                             f"got {self.num_cores!r}")
         if self.allocation not in ("global", "uniform"):
             raise ValueError(f"allocation must be 'global' or 'uniform', got {self.allocation!r}")
         if self.layer_weighting not in ("sensitivity", "relative", "absolute"):

@@ -1,0 +1,146 @@
+"""torch.compile, torch.export and ONNX (issue 18.6): compressed models trace with no graph break, with a dynamic
+number of rows, and match eager; gated layers trace at fixed widths and refuse export while they route."""
+
+import importlib.util
+
+import pytest
+import torch
+from torch import nn
+
+import bondgate
+from bondgate import CompressionConfig, GatingConfig, MPOLinear, compress
+
+transformers = pytest.importorskip("transformers")
+needs_onnx = pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime")),
+                                reason="onnx, onnxscript and onnxruntime are not installed")
+DYNAMIC = torch.export.Dim.DYNAMIC
+
+
+def tiny_gpt2(layers: int = 2):
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=layers, n_embd=64, n_head=2, vocab_size=100, n_positions=64,
+                                  bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    compress(model, CompressionConfig(max_bond=8, num_cores=3), progress=False)
+    return model
+
+
+def mlp(gated: bool = False):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(32, 96), nn.GELU(), MPOLinear.from_linear(nn.Linear(96, 80), max_bond=8, num_cores=3),
+                        nn.ReLU(), MPOLinear.from_linear(nn.Linear(80, 62), max_bond=6, num_cores=3))  # 62: padded
+    if gated:
+        bondgate.gate(net, GatingConfig())
+    return net.eval()
+
+
+def test_compressed_gpt2_forward_has_no_graph_break():
+    model = tiny_gpt2()
+    ids = torch.randint(0, 100, (2, 16))
+    explained = torch._dynamo.explain(model)(ids)
+    assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]  # was 39
+
+
+def _compiled_gpt2_matches_eager_and_generates(backend: str) -> None:
+    model = tiny_gpt2(layers=1)
+    ids = torch.randint(0, 100, (2, 10))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        want_logits = {n: model(ids[:, :n]).logits for n in (10, 7)}
+        want_tokens = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    model.forward = torch.compile(model.forward, backend=backend, dynamic=True)
+    with torch.no_grad():
+        for n, want in want_logits.items():  # two sequence lengths: one graph with a symbolic length
+            torch.testing.assert_close(model(ids[:, :n]).logits, want, rtol=1e-5, atol=1e-5)
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)  # with the KV cache
+    assert torch.equal(got, want_tokens)
+
+
+def test_compiled_gpt2_with_dynamic_shapes_matches_eager_and_generates():
+    _compiled_gpt2_matches_eager_and_generates("aot_eager")  # traced and functionalized like inductor's input
+
+
+@pytest.mark.slow
+def test_inductor_compiled_gpt2_matches_eager_and_generates():
+    _compiled_gpt2_matches_eager_and_generates("inductor")  # builds C++ kernels: ~1.5 min on 2 cores
+
+
+@pytest.mark.parametrize("batch", [1, 3, 64])
+def test_export_with_a_dynamic_batch_matches_eager(batch):
+    net = mlp()
+    ep = torch.export.export(net, (torch.randn(5, 32),), dynamic_shapes=({0: DYNAMIC},))
+    x = torch.randn(batch, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), net(x), rtol=1e-5, atol=1e-5)
+    ep2 = torch.export.export(net, (torch.randn(5, 32),), dynamic_shapes=({0: DYNAMIC},))  # twice: nothing left over
+    with torch.no_grad():
+        torch.testing.assert_close(ep2.module()(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_export_of_a_compressed_gpt2_matches_eager():
+    model = tiny_gpt2(layers=1)
+    ids = torch.randint(0, 100, (2, 12))
+    ep = torch.export.export(model, (), {"input_ids": ids, "use_cache": False},
+                             dynamic_shapes={"input_ids": {0: DYNAMIC, 1: DYNAMIC}, "use_cache": None})
+    other = torch.randint(0, 100, (3, 9))
+    with torch.no_grad():
+        got = ep.module()(input_ids=other, use_cache=False).logits
+        torch.testing.assert_close(got, model(other, use_cache=False).logits, rtol=1e-5, atol=1e-5)
+
+
+@needs_onnx
+def test_onnx_export_runs_in_onnxruntime_and_matches_eager(tmp_path):
+    import onnxruntime
+
+    net = mlp()
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(net, (torch.randn(5, 32),), str(path), dynamo=True, dynamic_shapes=({0: DYNAMIC},))
+    session = onnxruntime.InferenceSession(str(path))
+    for batch in (1, 5, 33):
+        x = torch.randn(batch, 32)
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(got), net(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["full", 0.5])
+def test_gated_layers_at_fixed_widths_trace_without_breaks_and_export(mode):
+    net = mlp(gated=True)
+    bondgate.set_mode(net, mode)
+    x = torch.randn(7, 32)
+    with torch.no_grad():
+        want = net(x)
+    assert torch._dynamo.explain(net)(x).graph_break_count == 0
+    ep = torch.export.export(net, (x,), dynamic_shapes=({0: DYNAMIC},))
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_routing_gated_layers_compile_with_a_break_and_refuse_export():
+    net = mlp(gated=True)
+    bondgate.set_mode(net, "gate")
+    x = torch.randn(7, 32)
+    with torch.no_grad():
+        want = net(x)
+        got = torch.compile(net, backend="aot_eager")(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="cannot be exported.*set_mode"):
+        torch.export.export(net, (x,))
+
+
+@pytest.mark.parametrize("cores", [14, 17])
+def test_many_cores_work_up_to_the_einsum_alphabet(cores):
+    torch.manual_seed(0)
+    lin = nn.Linear(2**12, 8)  # legs of size 1 fill up the cores
+    layer = MPOLinear.from_linear(lin, max_bond=2, num_cores=cores, policy=bondgate.PlanPolicy(select="flops"))
+    assert len(layer.cores) == cores
+    x = torch.randn(3, 2**12)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer.to_linear()(x), rtol=1e-4, atol=1e-4)
+
+
+def test_too_many_cores_is_a_clear_error():
+    with pytest.raises(ValueError, match="at most 17 cores"):
+        MPOLinear(2**18, 4, num_cores=18)
+    with pytest.raises(ValueError, match=r"num_cores must be an integer in \[1, 17\]"):
+        CompressionConfig(max_bond=2, num_cores=18)

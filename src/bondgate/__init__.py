@@ -1,6 +1,7 @@
 """bondgate: compress PyTorch models into matrix-product operators, gate their bonds per input,
 and run them through a planned contraction kernel."""
 
+from . import hf  # noqa: F401 - registers the transformers integration once transformers loads its quantizers
 from .baselines import LowRankLinear, latency, magnitude_prune, quantize_int8, size_on_disk, svd_compress
 from .distill import DistillLoss, distill
 from .embedding import MPOEmbedding

@@ -735,7 +735,9 @@ def gate(model: nn.Module, config: GatingConfig) -> nn.Module:
             model.set_submodule(n, g)
         else:
             raise ValueError("gate: pass a model containing MPO layers, not a bare MPOLinear")
-    return model
+    from .hf import attach
+
+    return attach(model)  # a transformers model: config.quantization_config records the layers for save_pretrained
 
 
 def _check_mode(mode) -> str | float:

@@ -19,8 +19,9 @@ the dense skeleton (from the transformers class named in the JSON, from the JSON
 ``nn.Sequential``, or from a model the caller constructs), swaps in the bondgate layers and copies the tensors.
 Nothing is ever unpickled, and every check runs before a caller-supplied model is modified.
 
-The directory is *not* a Hugging Face checkpoint: ``AutoModel.from_pretrained`` cannot read it,
-because the compressed layers do not exist in the original architecture.
+For a transformers model, ``config.json`` also holds a ``quantization_config`` (``quant_method: "bondgate"``)
+describing the layers, so that ``AutoModel.from_pretrained`` reads the directory too once bondgate is imported
+(see :mod:`bondgate.hf`); without bondgate, transformers refuses it with an error that says so.
 """
 
 from __future__ import annotations
@@ -418,7 +419,11 @@ def save(model: nn.Module, directory: str | os.PathLike, *, report: Any = None, 
         save_file(tensors, str(weights), metadata={"format": "pt"})
         hf = _hf_base()
         if hf is not None and isinstance(model, hf):
+            from . import hf as bondgate_hf
+
+            bondgate_hf.attach(model)  # config.json records the layers (quantization_config) for from_pretrained
             model.config.save_pretrained(tmp)
+            bondgate_hf.mark_config(tmp / "config.json")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         meta["weights"] = {"file": WEIGHTS_NAME, "bytes": weights.stat().st_size, "sha256": _sha256(weights)}
@@ -494,10 +499,32 @@ def _swap_in(new: Path, target: Path) -> None:
 _KINDS = {"transformers", "sequential", "module", "bondgate_layer"}
 
 
-def _check_str_map(value: Any, field: str) -> dict[str, str]:
+def _check_str_map(value: Any, field: str, where: str = META_NAME) -> dict[str, str]:
     if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-        raise ValueError(f"{META_NAME}: {field!r} must map strings to strings")
+        raise ValueError(f"{where}: {field!r} must map strings to strings")
     return value
+
+
+def _check_layers(layers: Any, layer_aliases: Any, where: str) -> None:
+    """``layers`` maps module names to specs of registered types, ``layer_aliases`` second names to saved layers,
+    and no layer lies inside another (``where``: the file named in the errors)."""
+    if not isinstance(layers, dict):
+        raise ValueError(f"{where}: 'layers' must be an object")
+    for name, spec in layers.items():
+        if not isinstance(spec, dict) or "type" not in spec:
+            raise ValueError(f"{where}: the spec of layer {name!r} must be an object with a 'type'")
+        if spec["type"] not in LAYER_TYPES:
+            raise ValueError(f"unknown layer type {spec['type']!r} for module {name!r} in {where}; "
+                             f"registered types: {sorted(LAYER_TYPES)} (see bondgate.register_layer_type)")
+    for alias, target in _check_str_map(layer_aliases, "layer_aliases", where).items():
+        if target not in layers or alias in layers:
+            raise ValueError(f"{where}: layer alias {alias!r} -> {target!r} does not point to a saved layer")
+    names = {*layers, *layer_aliases}
+    for name in names:
+        parts = name.split(".")
+        outer = [p for p in ("", *(".".join(parts[:i]) for i in range(1, len(parts)))) if p in names and p != name]
+        if outer:
+            raise ValueError(f"{where}: layer {name!r} lies inside layer {outer[0]!r}")
 
 
 def read_metadata(directory: str | os.PathLike) -> dict:
@@ -549,23 +576,7 @@ def read_metadata(directory: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: architecture of kind {arch['kind']!r} needs a 'class' string")
 
     layers = meta["layers"]
-    if not isinstance(layers, dict):
-        raise ValueError(f"{path}: 'layers' must be an object")
-    for name, spec in layers.items():
-        if not isinstance(spec, dict) or "type" not in spec:
-            raise ValueError(f"{path}: the spec of layer {name!r} must be an object with a 'type'")
-        if spec["type"] not in LAYER_TYPES:
-            raise ValueError(f"unknown layer type {spec['type']!r} for module {name!r} in {path}; "
-                             f"registered types: {sorted(LAYER_TYPES)} (see bondgate.register_layer_type)")
-    for alias, target in _check_str_map(meta["layer_aliases"], "layer_aliases").items():
-        if target not in layers or alias in layers:
-            raise ValueError(f"{path}: layer alias {alias!r} -> {target!r} does not point to a saved layer")
-    names = {*layers, *meta["layer_aliases"]}
-    for name in names:
-        parts = name.split(".")
-        outer = [p for p in ("", *(".".join(parts[:i]) for i in range(1, len(parts)))) if p in names and p != name]
-        if outer:
-            raise ValueError(f"{path}: layer {name!r} lies inside layer {outer[0]!r}")
+    _check_layers(layers, meta["layer_aliases"], str(path))
     _check_str_map(meta["tensor_aliases"], "tensor_aliases")
     if arch["kind"] == "bondgate_layer" and "" not in layers:
         raise ValueError(f"{path}: a checkpoint of kind 'bondgate_layer' needs the layer '' in 'layers'")
@@ -889,6 +900,11 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *,
             cls.after_load(model)
     if built:
         model.to(map_location)
+    hf = _hf_base()
+    if hf is not None and isinstance(model, hf):
+        from .hf import attach
+
+        attach(model)  # model.save_pretrained (transformers') writes a directory from_pretrained reads back
     return model.eval()
 
 
@@ -897,8 +913,9 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, tokenizer: A
                     report: Any = None) -> Path:
     """:func:`save` for a (compressed) Hugging Face ``PreTrainedModel``.
 
-    The directory is a bondgate checkpoint (config.json + model.safetensors + bondgate.json), not a
-    Hugging Face one: read it back with :func:`from_pretrained`, not ``AutoModel.from_pretrained``.
+    The directory is a bondgate checkpoint (config.json + model.safetensors + bondgate.json): read it back with
+    :func:`from_pretrained`, or with ``AutoModel.from_pretrained`` (and so sentence-transformers) in a process that
+    imported bondgate (:mod:`bondgate.hf`).
     """
     hf = _hf_base()
     if hf is None or not isinstance(model, hf):

@@ -453,7 +453,9 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable 
         report.layers = [r for r in previous.layers if r.name not in now] + report.layers
         report.history = [*previous.history, previous.config]
     model.bondgate_report = report
-    return model
+    from .hf import attach
+
+    return attach(model)  # a transformers model: config.quantization_config records the layers for save_pretrained
 
 
 def _check_stats(stats: dict[str, InputStats], targets: dict[str, nn.Module]) -> None:

@@ -1,0 +1,548 @@
+"""Hugging Face transformers integration: ``AutoModel.from_pretrained`` reads compressed models.
+
+A compressed transformers model (after :func:`bondgate.compress`, :func:`bondgate.gate` or :func:`bondgate.load`)
+carries ``model.config.quantization_config``: a :class:`BondgateConfig` (``quant_method: "bondgate"``) bound to
+the model by a weak reference, whose ``to_dict()`` describes the model's bondgate layers *as they are when it is
+called* (``{module name: layer.spec()}``, the second names of layers registered twice, and the ties between
+their tensors). So whatever writes ``config.json`` — :func:`bondgate.save_pretrained`, transformers' own
+``model.save_pretrained`` (which sentence-transformers' ``save`` and the Trainer call) — records the current
+structure. Copying the model binds the copy's config to the copy; a config copied alone keeps a snapshot.
+
+Reading: ``from_pretrained`` looks ``quant_method`` up in transformers' registry of quantizers, where bondgate
+registers ``"bondgate"``. Its quantizer, before the weights are loaded, replaces each named module of the freshly
+built (meta-device) dense model by an empty layer of its spec — in the dtype ``from_pretrained`` loads the model
+in, as transformers casts dense layers — and checks the weight files' headers against those layers: a missing,
+unexpected or misshapen key of a bondgate layer is a ``ValueError``, never a randomly initialized layer.
+transformers then loads the tensors by key as for any model; afterwards each layer is rebuilt by its class
+(``from_spec`` + ``load_state_dict``, as :func:`bondgate.load` does, so non-persistent state, parameter tracking
+and kept operands are right), the ties are restored, the layer types' ``after_load`` hooks run, and the model
+comes back in eval mode as an ordinary transformers model, not a "quantized" one: it can be trained (Trainer),
+cast (``.half()``), compiled and saved again, like a freshly compressed one.
+
+**Registration in a fresh process**: ``import bondgate`` must come before ``from_pretrained``, in any order with
+``import transformers``. Importing bondgate does not import transformers: it registers at once if transformers'
+quantizer registry is already imported, and otherwise when it gets imported (an import hook on
+``transformers.quantizers.auto``). :func:`register` does it explicitly.
+
+**Without bondgate**, transformers 5.x merely *warns* about an unknown ``quant_method`` and would build the dense
+architecture with random layers where the compressed ones were. A directory written by
+:func:`bondgate.save_pretrained` therefore also names, as ``transformers_weights`` in ``config.json``, a weights
+file that says what is missing (:data:`NEEDS_BONDGATE`): without bondgate, ``from_pretrained`` raises a
+``ValueError`` quoting it; bondgate's quantizer clears it before the weight files are looked up. transformers'
+own ``save_pretrained`` drops that field from ``config.json``, so a directory it writes reloads right with bondgate
+imported but, without it, gets only transformers' warnings (the unknown quantization type and the load report).
+A tied MPO head (:meth:`MPOEmbedding.as_linear`) is saved by :func:`bondgate.save_pretrained` only: transformers'
+``save_pretrained`` refuses tensors shared outside the model's declared tied weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.abc
+import json
+import re
+import sys
+import warnings
+import weakref
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import io as _io
+
+__all__ = ["QUANT_METHOD", "CONFIG_VERSION", "NEEDS_BONDGATE", "Unsupported", "register", "attach", "mark_config"]
+
+QUANT_METHOD = "bondgate"
+CONFIG_VERSION = 1  # of the ``quantization_config`` entry; bondgate refuses newer ones
+#: ``transformers_weights`` of a ``config.json`` written by bondgate: not a safetensors name, so transformers
+#: without bondgate raises a ValueError quoting it (bondgate's quantizer removes it before the files are resolved).
+NEEDS_BONDGATE = ("bondgate-compressed model: `import bondgate` (pip install bondgate) before from_pretrained; "
+                  "without it transformers would build the dense layers with random weights")
+_AUTO = "transformers.quantizers.auto"
+_CLASSES: dict[str, type] = {}
+
+
+# ---------------------------------------------------------------------------------------- registration
+class Unsupported(ImportError):
+    """transformers is missing, or too old for the integration (bondgate.save/load still work without it)."""
+
+
+def register() -> None:
+    """Register ``quant_method="bondgate"`` with transformers (idempotent). ``import bondgate`` arranges it.
+
+    Raises :class:`Unsupported` without transformers, or with one older than its quantizer plug-in hooks (5.x).
+    """
+    try:
+        from transformers.quantizers import auto
+        from transformers.quantizers.base import HfQuantizer
+    except ImportError as exc:
+        raise Unsupported("bondgate.hf.register needs transformers; install it") from exc
+    if not (hasattr(auto, "register_quantizer") and hasattr(HfQuantizer, "update_attn_implementation")):
+        import transformers
+
+        raise Unsupported(f"transformers {transformers.__version__} lacks the quantizer hooks bondgate's "
+                          f"from_pretrained integration needs (transformers 5); use bondgate.from_pretrained")
+    classes = _define()
+    for mapping, name, decorator in ((auto.AUTO_QUANTIZATION_CONFIG_MAPPING, "BondgateConfig",
+                                      auto.register_quantization_config),
+                                     (auto.AUTO_QUANTIZER_MAPPING, "BondgateHfQuantizer", auto.register_quantizer)):
+        cls, have = classes[name], mapping.get(QUANT_METHOD)
+        if have is cls:
+            continue
+        if have is None:
+            decorator(QUANT_METHOD)(cls)
+        elif getattr(have, "__module__", None) == __name__:
+            mapping[QUANT_METHOD] = cls  # an earlier import of this module (reloaded)
+        else:
+            raise ValueError(f"quant_method {QUANT_METHOD!r} is already registered to {have.__module__}.{have.__name__}")
+
+
+def _register_quietly() -> None:
+    try:
+        register()
+    except Unsupported:
+        pass  # attach() warns when it matters: when a transformers model gets bondgate layers
+    except Exception as exc:  # noqa: BLE001 - an import hook must never break the import it watches
+        warnings.warn(f"bondgate could not register its transformers integration ({exc}); compressed models will "
+                      f"not load through from_pretrained", stacklevel=2)
+
+
+class _ImportHook(importlib.abc.MetaPathFinder):
+    """Registers bondgate once transformers' quantizer registry (:data:`_AUTO`) has been imported."""
+
+    busy = False
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _AUTO or self.busy:
+            return None
+        self.busy = True
+        try:
+            spec = next((s for f in sys.meta_path if f is not self and hasattr(f, "find_spec")
+                         for s in [f.find_spec(fullname, path, target)] if s is not None), None)
+        finally:
+            self.busy = False
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        spec.loader = _RegisteringLoader(spec.loader)
+        return spec
+
+
+class _RegisteringLoader(importlib.abc.Loader):
+    def __init__(self, loader) -> None:
+        self.loader = loader
+
+    def __getattr__(self, name):  # get_source, get_filename, ... of the real loader
+        if name == "loader":
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self.loader.exec_module(module)
+        _uninstall()
+        _register_quietly()
+
+
+def _uninstall() -> None:
+    sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "_ImportHook" or
+                        getattr(type(f), "__module__", None) != __name__]
+
+
+def _install() -> None:
+    """Register now if transformers' quantizer registry is loaded, else when it is (``import bondgate``)."""
+    _uninstall()
+    if _AUTO in sys.modules:
+        _register_quietly()
+    elif sys.modules.get("transformers", ...) is not None:  # None: imports of transformers are blocked
+        sys.meta_path.insert(0, _ImportHook())
+
+
+# ---------------------------------------------------------------------------------------- classes
+def _define() -> dict[str, type]:
+    """The config and quantizer classes (they subclass transformers' classes, so they are built on first use)."""
+    if _CLASSES:
+        return _CLASSES
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.utils.quantization_config import QuantizationConfigMixin
+
+    class BondgateConfig(QuantizationConfigMixin):
+        """``quantization_config`` of a model with bondgate layers: their specs, computed from the bound model
+        whenever it is serialized (a snapshot once the model is gone or in a loaded config)."""
+
+        def __init__(self, layers: dict | None = None, layer_aliases: dict | None = None,
+                     tensor_aliases: dict | None = None, format_version: int = CONFIG_VERSION,
+                     bondgate_version: str | None = None, quant_method: str = QUANT_METHOD, **kwargs: Any) -> None:
+            self.quant_method = QUANT_METHOD
+            self.format_version = format_version
+            self.bondgate_version = bondgate_version
+            self.layers = dict(layers or {})
+            self.layer_aliases = dict(layer_aliases or {})
+            self.tensor_aliases = dict(tensor_aliases or {})
+            self._model: weakref.ref | None = None
+
+        def bind(self, model: nn.Module) -> "BondgateConfig":
+            self._model = weakref.ref(model)
+            self.refresh()
+            return self
+
+        @property
+        def model(self) -> nn.Module | None:
+            return None if self._model is None else self._model()
+
+        def refresh(self) -> None:
+            """Recompute the specs from the bound model (a no-op when there is none)."""
+            from . import __version__
+
+            model = self.model
+            if model is not None:
+                self.layers, self.layer_aliases = _io._collect_layers(model)
+                self.tensor_aliases = _layer_ties(model, self.layers, self.layer_aliases)
+                self.format_version, self.bondgate_version = CONFIG_VERSION, __version__
+
+        def to_dict(self) -> dict[str, Any]:
+            self.refresh()
+            return {"quant_method": QUANT_METHOD, "format_version": self.format_version,
+                    "bondgate_version": self.bondgate_version, "layers": copy.deepcopy(self.layers),
+                    "layer_aliases": dict(self.layer_aliases), "tensor_aliases": dict(self.tensor_aliases)}
+
+        def __iter__(self):
+            yield from self.to_dict().items()
+
+        def __deepcopy__(self, memo: dict) -> "BondgateConfig":
+            # Copying the model: the copy of its config is bound to the copy of the model. A config copied alone
+            # (e.g. to build another model from it) keeps the layers as they are now, bound to nothing, as
+            # transformers' quantization configs stick to copies of their model's config.
+            model = self.model
+            new = type(self).from_dict(self.to_dict())
+            if model is not None and id(model) in memo:
+                new._model = weakref.ref(memo[id(model)])
+            return new
+
+        def __reduce__(self):
+            return _config_from_dict, (self.to_dict(),)
+
+    class BondgateHfQuantizer(HfQuantizer):
+        """Rebuilds a bondgate model inside ``from_pretrained`` (see the module docstring)."""
+
+        requires_calibration = False
+
+        def __init__(self, quantization_config, **kwargs: Any) -> None:
+            super().__init__(quantization_config, **kwargs)
+            _check_config(quantization_config)
+            self._plan: dict[str, Any] = {}
+            self._dtype: torch.dtype | None = None
+
+        def update_dtype(self, dtype):
+            self._dtype = dtype  # from_pretrained(dtype=...), or "auto"'s choice: the layers follow it as dense ones do
+            return dtype
+
+        def update_attn_implementation(self, config):
+            # the first hook that sees the model's config, before the weight files are looked up
+            if getattr(config, "transformers_weights", None) == NEEDS_BONDGATE:
+                del config.transformers_weights  # the weights are found by their usual names
+            return config
+
+        def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs: Any):
+            self._plan = _prepare(model, self.quantization_config, checkpoint_files, self._dtype)
+            return model
+
+        def _process_model_after_weight_loading(self, model, **kwargs: Any):
+            _finish(model, self._plan)
+            self._plan = {}
+            return model
+
+        def postprocess_model(self, model, **kwargs: Any):
+            # An ordinary model afterwards, as after bondgate.compress: not "quantized" (transformers would refuse
+            # .half() and Trainer), no hf_quantizer (save_pretrained would ask it for the state dict)
+            self._process_model_after_weight_loading(model, **kwargs)
+            for attr in ("hf_quantizer", "is_quantized", "quantization_method"):
+                model.__dict__.pop(attr, None)
+            attach(model)
+            return model
+
+        def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
+            return True
+
+        @property
+        def is_trainable(self) -> bool:
+            return True
+
+        @property
+        def is_qat_trainable(self) -> bool:
+            return True
+
+        @property
+        def is_compileable(self) -> bool:
+            return True
+
+    for cls in (BondgateConfig, BondgateHfQuantizer):
+        cls.__module__, cls.__qualname__ = __name__, cls.__name__
+        _CLASSES[cls.__name__] = cls
+    return _CLASSES
+
+
+def __getattr__(name: str):
+    if name in ("BondgateConfig", "BondgateHfQuantizer"):
+        return _define()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _config_from_dict(d: dict):
+    return _define()["BondgateConfig"].from_dict(d)
+
+
+def _is_ours(qc: Any) -> bool:
+    quant = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    return quant == QUANT_METHOD
+
+
+def _check_config(qc: Any) -> None:
+    where = "quantization_config of config.json"
+    version = getattr(qc, "format_version", None)
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= CONFIG_VERSION:
+        raise ValueError(f"{where}: unsupported bondgate format_version {version!r}; this bondgate reads up to "
+                         f"{CONFIG_VERSION} (upgrade bondgate)")
+    _io._check_layers(qc.layers, qc.layer_aliases, where)
+    _io._check_str_map(qc.tensor_aliases, "tensor_aliases", where)
+
+
+# ---------------------------------------------------------------------------------------- binding
+def attach(model: nn.Module) -> nn.Module:
+    """Keep ``model.config.quantization_config`` a :class:`BondgateConfig` bound to ``model`` while it holds
+    bondgate layers (removed when it holds none). For transformers models only; others are returned unchanged."""
+    hf = _io._hf_base()
+    if hf is None or not isinstance(model, hf):
+        return model
+    config = model.config
+    if getattr(config, "transformers_weights", None) == NEEDS_BONDGATE:  # read by bondgate.load: not for reuse
+        del config.transformers_weights
+    current = getattr(config, "quantization_config", None)
+    if current is not None and not _is_ours(current):
+        warnings.warn(f"{type(model).__name__} carries a {getattr(current, 'quant_method', current)!r} "
+                      f"quantization_config, so its bondgate layers are not recorded in config.json: only "
+                      f"bondgate.load will read them back", stacklevel=2)
+        return model
+    layers, _ = _io._collect_layers(model)
+    if not layers:
+        if current is not None:
+            del config.quantization_config
+        return model
+    try:
+        register()
+    except Unsupported as exc:
+        warnings.warn(f"{exc}: config.json will not describe the bondgate layers", stacklevel=2)
+        return model
+    if not (isinstance(current, _define()["BondgateConfig"]) and current.model is model):
+        config.quantization_config = _define()["BondgateConfig"]().bind(model)
+    return model
+
+
+def mark_config(path: str | Path) -> None:
+    """Add :data:`NEEDS_BONDGATE` to a ``config.json`` holding a bondgate ``quantization_config``."""
+    path = Path(path)
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(data, dict) and _is_ours(data.get("quantization_config")):
+        data["transformers_weights"] = NEEDS_BONDGATE
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _under(key: str, names) -> str | None:
+    """The name in ``names`` that ``key`` (a state-dict key) lies under, if any."""
+    parts = key.split(".")
+    return next((n for n in (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)) if n in names), None)
+
+
+def _layer_ties(model: nn.Module, layers: dict, layer_aliases: dict) -> dict[str, str]:
+    """``{key: tied key}`` for tensors of bondgate layers that are one tensor under several keys (a tied MPO head),
+    keys under a layer's second name left out (the layer itself is shared)."""
+    first: dict[tuple, str] = {}
+    ties: dict[str, str] = {}
+    for key, t in model.state_dict(keep_vars=True).items():
+        if _under(key, layer_aliases) is not None:
+            continue
+        ident = ("id", id(t)) if t.is_meta or t.numel() == 0 else _io._tensor_ident(t)
+        if ident in first:
+            if _under(key, layers) is not None and _under(first[ident], layers) is not None:
+                ties[key] = first[ident]
+        else:
+            first[ident] = key
+    return ties
+
+
+# ---------------------------------------------------------------------------------------- loading
+def _resolve(model: nn.Module, name: str) -> str | None:
+    """``name`` (a module name of the saved model) in ``model``, allowing for transformers' base-model prefix."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    for cand in (name, name[len(prefix) + 1:] if prefix and name.startswith(prefix + ".") else None,
+                 f"{prefix}.{name}" if prefix else None):
+        if cand:
+            parent, _, child = cand.rpartition(".")
+            with contextlib.suppress(AttributeError):
+                if model.get_submodule(parent)._modules.get(child) is not None:
+                    return cand
+    return None
+
+
+def _header(files) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]] | None:
+    """``{key: (shape, dtype)}`` over the safetensors checkpoint files (``None`` if some are not safetensors)."""
+    if not files or not all(str(f).endswith(".safetensors") for f in files):
+        return None
+    from safetensors import safe_open
+
+    out = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                sl = st.get_slice(k)
+                out[k] = (tuple(sl.get_shape()), _io._ST_DTYPES.get(sl.get_dtype()))
+    return out
+
+
+def _in_dtype(spec: dict, dtype: torch.dtype | None) -> dict:
+    """``spec`` with its floating ``dtype`` replaced by ``dtype`` (a floating one), as transformers casts dense layers."""
+    have = getattr(torch, spec.get("dtype") or "", None) if isinstance(spec.get("dtype"), str) else None
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point and isinstance(have, torch.dtype) \
+            and have.is_floating_point and have != dtype:
+        return {**spec, "dtype": str(dtype).removeprefix("torch.")}
+    return spec
+
+
+def _prepare(model: nn.Module, qc: Any, checkpoint_files, dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """Swap empty bondgate layers (meta device) into ``model`` and check the checkpoint's keys for them."""
+    where = f"{type(model).__name__}.from_pretrained"
+    specs = {name: _in_dtype(spec, dtype) for name, spec in qc.layers.items()}
+    names = {}
+    for name in [*qc.layers, *qc.layer_aliases]:
+        found = _resolve(model, name)
+        if found is None:
+            raise ValueError(f"{where}: the checkpoint's quantization_config replaces module {name!r}, which this "
+                             f"model does not have (load it with the class it was saved from)")
+        names[name] = found
+    # one empty layer per name, even for a layer's second name: transformers fills the keys it finds missing with
+    # empty tensors, which in a shared layer would overwrite the loaded ones (_finish shares the rebuilt layer)
+    every = {**specs, **{alias: specs[target] for alias, target in qc.layer_aliases.items()}}
+    shells = _io._build_layers({"layers": every, "layer_aliases": {}}, device="meta")
+    shells = {names[n]: layer for n, layer in shells.items()}
+    _io._check_replaced(model, shells, {})
+    for name, layer in shells.items():
+        layer.train(model.training)
+        _io._set_submodule(model, name, layer)
+        # Some models' _init_weights reach into a child's weight (GPT-2: attn.c_proj.weight); give the empty layer
+        # a stand-in that transformers' guarded init functions skip (it goes with the layer after loading).
+        sizes = _io._features(layer)
+        shape = (sizes.get("out_features", sizes.get("num_embeddings")), sizes.get("in_features",
+                                                                                    sizes.get("embedding_dim")))
+        if None not in shape and not hasattr(layer, "weight"):
+            stand_in = torch.empty(shape, device="meta")
+            stand_in._is_hf_initialized = True
+            object.__setattr__(layer, "weight", stand_in)
+
+    # tie groups among the layers' keys: one tensor under several keys (a layer's second name, a tied head)
+    own = {k: t for k, t in model.state_dict(keep_vars=True).items() if _under(k, shells) is not None}
+    root = {k: k for k in own}
+    for alias in qc.layer_aliases:
+        a, c = names[alias], names[qc.layer_aliases[alias]]
+        for k in own:
+            if _under(k, shells) == a:
+                root[k] = c + k[len(a):]
+    for key, target in qc.tensor_aliases.items():
+        k, t = (_map_key(model, x, own) for x in (key, target))
+        if k is None or t is None:
+            raise ValueError(f"{where}: tensor alias {key!r} -> {target!r} does not name keys of the bondgate layers")
+        root[k] = root[t]
+    groups: dict[str, list[str]] = {}
+    for k in own:
+        groups.setdefault(root[k], []).append(k)
+
+    header = _header(checkpoint_files)
+    source = {r: members[0] for r, members in groups.items()}  # the key each group is loaded from
+    if header is not None:
+        present: dict[str, tuple] = {}
+        unexpected = []
+        for k, meta in header.items():
+            mk = _map_key(model, k, own)
+            if mk is not None:
+                present[mk] = meta
+            elif any(_under(c, shells) is not None for c in _candidates(model, k)):
+                unexpected.append(k)
+        missing = [r for r, members in groups.items() if not any(m in present for m in members)]
+        if missing or unexpected:
+            raise ValueError(f"{where}: the checkpoint does not match its bondgate layers: missing keys "
+                             f"{_io._short(missing)}, unexpected keys {_io._short(unexpected)}")
+        for k, (shape, saved) in present.items():
+            t = own[k]  # floating tensors are cast to the layer's dtype, as transformers does for dense ones
+            if shape != tuple(t.shape) or (saved is not None and saved != t.dtype
+                                           and not (saved.is_floating_point and t.dtype.is_floating_point)):
+                raise ValueError(f"{where}: {k!r} is {saved} {list(shape)} in the checkpoint, but its bondgate layer "
+                                 f"expects {t.dtype} {list(t.shape)}")
+        source = {r: next(m for m in members if m in present) for r, members in groups.items()}
+    # the other keys of a group are filled from its source: not "missing" in transformers' load report
+    skipped = {k for r, members in groups.items() for k in members if k != source[r]}
+    ignore = model.__dict__.get("_keys_to_ignore_on_load_missing")  # restored by _finish
+    model._keys_to_ignore_on_load_missing = set(model._keys_to_ignore_on_load_missing or ()) | {
+        f"^{re.escape(k)}$" for k in skipped}
+    return {"names": names, "layers": specs, "layer_aliases": qc.layer_aliases, "groups": groups,
+            "source": source, "ignore": ignore}
+
+
+def _candidates(model: nn.Module, key: str) -> list[str]:
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    cands = [key]
+    if prefix:
+        cands += [key[len(prefix) + 1:]] if key.startswith(prefix + ".") else [f"{prefix}.{key}"]
+    return cands
+
+
+def _map_key(model: nn.Module, key: str, keys) -> str | None:
+    return next((c for c in _candidates(model, key) if c in keys), None)
+
+
+def _finish(model: nn.Module, plan: dict[str, Any]) -> None:
+    """Replace the loaded empty layers by layers built by their classes, holding the loaded tensors."""
+    if not plan:
+        return
+    if plan["ignore"] is None:
+        del model._keys_to_ignore_on_load_missing
+    else:
+        model._keys_to_ignore_on_load_missing = plan["ignore"]
+    names, groups, source = plan["names"], plan["groups"], plan["source"]
+    state = model.state_dict(keep_vars=True)
+    value = {}
+    for r, members in groups.items():
+        t = state[source[r]]
+        if t.is_meta or not getattr(t, "_is_hf_initialized", False):
+            raise ValueError(f"{type(model).__name__}.from_pretrained: {source[r]!r} of a bondgate layer was not "
+                             f"loaded from the checkpoint")
+        for k in members:
+            value[k] = t.detach()
+    fresh: dict[str, nn.Module] = {}
+    for name, spec in plan["layers"].items():
+        mname = names[name]
+        prefix = mname + "."
+        sd = {k[len(prefix):]: v for k, v in value.items() if _under(k, names.values()) == mname}
+        # built on the CPU and moved, as bondgate.load does: a layer's own non-tensor state stays where it expects
+        with torch.device("cpu"):
+            layer = _io.LAYER_TYPES[spec["type"]].from_spec(spec)
+        layer.load_state_dict(sd, strict=True)
+        if sd:
+            layer.to(next(iter(sd.values())).device)
+        fresh[mname] = layer.train(model.get_submodule(mname).training)
+    for alias, target in plan["layer_aliases"].items():
+        fresh[names[alias]] = fresh[names[target]]
+    for name, layer in fresh.items():
+        _io._set_submodule(model, name, layer)
+    for r, members in groups.items():
+        for k in members:
+            if k != r:
+                _io._tie(model, k, r)
+    for cls in {type(m) for m in fresh.values()}:
+        if callable(getattr(cls, "after_load", None)):
+            cls.after_load(model)
+
+
+_install()

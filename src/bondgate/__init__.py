@@ -2,15 +2,17 @@
 and run them through a planned contraction kernel."""
 
 from . import hf  # noqa: F401 - registers the transformers integration once transformers loads its quantizers
-from .baselines import LowRankLinear, latency, magnitude_prune, quantize_int8, size_on_disk, svd_compress
+from .baselines import latency, magnitude_prune, quantize_int8, size_on_disk, svd_compress
 from .distill import DistillLoss, distill
 from .embedding import MPOEmbedding
 from .factors import choose_factors, factorize_shape
 from .gating import GatedMPOLinear, GatingConfig, fit_controllers, gate, gating_report, set_budget, set_mode
 from .io import from_pretrained, load, register_layer_type, save, save_pretrained
 from .layer import MPOLinear
+from .lowrank import LowRankLinear
 from .mpo import MPO
 from .planner import MEMORY, SPEED, PlanPolicy, clear_plan_cache
+from .quant import quantize_mpo
 from .surgery import CompressionConfig, CompressionReport, compress
 
 __version__ = "0.1.0"
@@ -37,6 +39,8 @@ __all__ = [
     "save_pretrained",
     "from_pretrained",
     "register_layer_type",
+    # int8 MPO cores
+    "quantize_mpo",
     # per-input bond gating
     "GatingConfig",
     "GatedMPOLinear",

@@ -1,25 +1,27 @@
-"""Spread a global weight budget over many MPO layers.
+"""Spread a global weight budget — and optionally a time or FLOP budget — over many layers.
 
-Each layer offers a menu of truncations of its (whitened) canonical MPO — one per tolerance on a
-geometric grid, each with its weight count and its exact squared error, plus "stay dense" (all its
-weights, no error). :func:`allocate` picks one entry per layer minimizing ``sum_l alpha_l * err_l``
-subject to ``sum_l params_l <= budget`` by the Lagrangian (equal-slope) rule of rate-distortion
-theory: every layer takes the entry minimizing ``alpha_l * err + lam * params``, and ``lam`` is
-bisected until the budget is met; the leftover is then spent greedily on the best error-per-weight
-upgrades. Moving along a tolerance curve keeps each layer's bonds balanced; a per-channel greedy
-over single bonds does not (it cuts the cheapest bond to width 1 because each of its channels frees
-``n_k r_{k+1}`` weights, which destroys the layer).
+Each layer offers a menu of what it can become, each entry with its weight count, its exact squared error (on the
+whitened weight) and, for a second budget, its cost (predicted seconds or FLOPs per call, :mod:`bondgate.latency`):
+truncations of its canonical MPO (one per tolerance on a geometric grid), truncations of its SVD (a low-rank pair,
+:func:`lowrank_menu`), and "stay dense" (all its weights, no error). :func:`allocate` picks one entry per layer
+minimizing ``sum_l alpha_l * err_l`` subject to ``sum_l params_l <= budget`` (and ``sum_l cost_l <= cost_budget``)
+by the Lagrangian (equal-slope) rule of rate-distortion theory: every layer takes the entry minimizing
+``alpha_l * err + lam * params + mu * cost``; ``lam`` is bisected until the weights fit, and ``mu`` (outside it)
+until the cost fits; the leftover is then spent greedily on the best error-per-weight upgrades that keep both
+budgets. Moving along a tolerance curve keeps each MPO's bonds balanced; a per-channel greedy over single bonds
+does not (it cuts the cheapest bond to width 1 because each of its channels frees ``n_k r_{k+1}`` weights, which
+destroys the layer).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LayerSpectrum", "LayerMenu", "allocate", "uniform_cap", "mpo_params"]
+__all__ = ["LayerSpectrum", "LayerMenu", "allocate", "uniform_cap", "mpo_params", "tolerance_menu", "lowrank_menu"]
 
 
 @dataclass
@@ -46,19 +48,40 @@ def mpo_params(leg_sizes: Sequence[int], widths: Sequence[int]) -> int:
     return sum(r[k] * leg_sizes[k] * r[k + 1] for k in range(len(leg_sizes)))
 
 
+#: what a menu entry makes of the layer: ``None`` keeps it dense, a tuple of bond widths makes it an MPO, an int
+#: rank makes it a low-rank pair
+Choice = tuple[int, ...] | int | None
+
+
 @dataclass
 class LayerMenu:
-    """The truncations one layer can take: ``params[j]``, squared error ``errors[j]``, ``widths[j]``
-    (``None`` = keep the layer dense), and the layer's error weight ``weight``. With ``leg_sizes`` and
-    ``spectra`` (Schmidt values per bond) the allocator can also grow single bonds to use up the
-    budget that the discrete menu leaves over."""
+    """The forms one layer can take: ``params[j]``, squared error ``errors[j]``, ``widths[j]`` (a
+    :data:`Choice`: ``None`` = keep the layer dense, bond widths = MPO, an int = low-rank of that rank), and the
+    layer's error weight ``weight``. ``costs[j]``: the entry's cost for a second budget (seconds or FLOPs per call;
+    ``cost_of(widths)`` prices MPO widths off the menu). With ``leg_sizes`` and ``spectra`` (Schmidt values per
+    bond) the allocator can also grow single bonds of an MPO to use up the budget that the menu leaves over."""
 
     params: list[int]
     errors: list[float]
-    widths: list[tuple[int, ...] | None]
+    widths: list[Choice]
     weight: float = 1.0
     leg_sizes: Sequence[int] | None = None
     spectra: Sequence[torch.Tensor] | None = None
+    costs: list[float] | None = None
+    cost_of: Callable[[Sequence[int]], float] | None = None
+    sv2: Sequence[float] | None = None  # squared singular values, for growing a low-rank entry one rank at a time
+    rank_cost: Callable[[int], float] | None = None  # the cost of a rank off the menu
+    rank_params: int = 0  # weights per rank (in + out)
+
+    def extend(self, other: "LayerMenu") -> "LayerMenu":
+        """This menu with ``other``'s entries appended (its dense entry, if any, dropped: this one has it); costs
+        are set afterwards, for the whole menu."""
+        keep = [j for j, w in enumerate(other.widths) if w is not None]
+        self.params += [other.params[j] for j in keep]
+        self.errors += [other.errors[j] for j in keep]
+        self.widths += [other.widths[j] for j in keep]
+        self.sv2, self.rank_params = other.sv2 or self.sv2, other.rank_params or self.rank_params
+        return self
 
 
 def tolerance_menu(mpo, dense_params: int, grid: Sequence[float] | None = None) -> LayerMenu:
@@ -85,54 +108,116 @@ def tolerance_menu(mpo, dense_params: int, grid: Sequence[float] | None = None) 
     return LayerMenu(params, errors, widths, leg_sizes=legs, spectra=spectra)
 
 
-def _pick(menus: Sequence[LayerMenu], lam: float) -> list[int]:
-    return [min(range(len(m.params)), key=lambda j: (m.weight * m.errors[j] + lam * m.params[j], m.params[j]))
-            for m in menus]
+def lowrank_menu(singular_values: torch.Tensor, out_features: int, in_features: int,
+                 max_entries: int = 40) -> LayerMenu:
+    """Truncated SVDs of a (whitened) weight with these singular values: rank ``k`` stores ``k (in + out)``
+    weights and its squared error is ``sum_{i >= k} s_i^2`` (Eckart-Young, exact). Ranks on a geometric grid,
+    only those storing fewer weights than the dense layer; plus the dense entry."""
+    s2 = singular_values.double().square()
+    tail = torch.flip(torch.cumsum(torch.flip(s2, [0]), 0), [0]).tolist() + [0.0]  # tail[k] = sum_{i >= k}
+    top = min(len(s2), (out_features * in_features - 1) // (out_features + in_features))
+    ranks = sorted({max(1, round(top ** (j / (max_entries - 1)))) for j in range(max_entries)} & set(range(1, top + 1)))
+    return LayerMenu([out_features * in_features] + [k * (out_features + in_features) for k in ranks],
+                     [0.0] + [tail[k] for k in ranks], [None, *ranks], sv2=s2.tolist(),
+                     rank_params=out_features + in_features)
 
 
-def allocate(menus: Sequence[LayerMenu], budget: int) -> list[tuple[int, ...] | None]:
-    """Bond widths per layer (``None`` = keep dense) with total params ``<= budget`` and minimal weighted
-    error (see the module doc). Raises ``ValueError`` when even the smallest entries do not fit.
-    """
-    floor = sum(min(m.params) for m in menus)
-    if budget < floor:
-        raise ValueError(f"budget of {budget:,} weights is below the smallest possible MPOs ({floor:,} weights)")
+def _pick(menus: Sequence[LayerMenu], lam: float, mu: float = 0.0) -> list[int]:
+    def score(m: LayerMenu, j: int) -> tuple:
+        cost = m.costs[j] if mu and m.costs is not None else 0.0
+        return m.weight * m.errors[j] + lam * m.params[j] + mu * cost, m.params[j]
+
+    return [min(range(len(m.params)), key=lambda j: score(m, j)) for m in menus]
+
+
+def _fit_params(menus: Sequence[LayerMenu], budget: int, mu: float) -> tuple[list[int], float]:
+    """The choice (and its ``lam``) meeting the weight budget at cost price ``mu``, by bisection on ``lam``."""
 
     def total(choice):
         return sum(m.params[j] for m, j in zip(menus, choice))
 
     lo, hi = 0.0, 1.0
-    while total(_pick(menus, hi)) > budget and hi < 1e300:  # find a lam that fits
+    while total(_pick(menus, hi, mu)) > budget and hi < 1e300:  # find a lam that fits
         hi *= 10.0
-    choice = _pick(menus, hi)
+    choice = _pick(menus, hi, mu)
     for _ in range(200):  # bisect in log space between "too many params" and "fits"
         mid = math.sqrt(lo * hi) if lo > 0 else hi / 1e6
-        c = _pick(menus, mid)
+        c = _pick(menus, mid, mu)
         if total(c) <= budget:
             hi, choice = mid, c
         else:
             lo = mid
         if hi / max(lo, 1e-300) < 1 + 1e-9:
             break
-    left = budget - total(choice)
-    # 1) menu upgrades with the best weighted-error decrease per extra weight that still fit
+    return choice, hi
+
+
+def _cost(menus: Sequence[LayerMenu], choice: Sequence[int]) -> float:
+    return sum(m.costs[j] for m, j in zip(menus, choice))
+
+
+def allocate(menus: Sequence[LayerMenu], budget: int, cost_budget: float | None = None) -> list[Choice]:
+    """One :data:`Choice` per layer (``None`` = keep dense, bond widths = MPO, an int = low-rank) with total params
+    ``<= budget``, total cost ``<= cost_budget`` (when given; every menu needs ``costs``) and minimal weighted
+    error (see the module doc). Raises ``ValueError`` when even the smallest entries do not fit.
+    """
+    floor = sum(min(m.params) for m in menus)
+    if budget < floor:
+        raise ValueError(f"budget of {budget:,} weights is below the smallest possible MPOs ({floor:,} weights)")
+    mu = 0.0
+    choice, _ = _fit_params(menus, budget, mu)
+    if cost_budget is not None:
+        if any(m.costs is None for m in menus):
+            raise ValueError("a cost budget needs the cost of every menu entry")
+        cheapest = sum(min(c for c, p in zip(m.costs, m.params)) for m in menus)
+        if cheapest > cost_budget:
+            raise ValueError(f"the cost budget {cost_budget:.4g} is below the cheapest forms of these layers "
+                             f"({cheapest:.4g})")
+        if _cost(menus, choice) > cost_budget:  # raise the price of cost until the choice fits both budgets
+            lo, hi = 0.0, 1.0
+            while _cost(menus, _fit_params(menus, budget, hi)[0]) > cost_budget and hi < 1e300:
+                hi *= 10.0
+            choice = _fit_params(menus, budget, hi)[0]
+            for _ in range(100):
+                mid = math.sqrt(lo * hi) if lo > 0 else hi / 1e6
+                c = _fit_params(menus, budget, mid)[0]
+                if _cost(menus, c) <= cost_budget:
+                    hi, choice = mid, c
+                else:
+                    lo = mid
+                if hi / max(lo, 1e-300) < 1 + 1e-6:
+                    break
+    left = budget - sum(m.params[j] for m, j in zip(menus, choice))
+    spare = math.inf if cost_budget is None else cost_budget - _cost(menus, choice)
+    # 1) menu upgrades with the best weighted-error decrease per extra weight that still fit both budgets
     while True:
         best = None
         for li, (m, j) in enumerate(zip(menus, choice)):
             for k in range(len(m.params)):
                 extra, gain = m.params[k] - m.params[j], m.weight * (m.errors[j] - m.errors[k])
-                if 0 < extra <= left and gain > 0 and (best is None or gain / extra > best[0]):
-                    best = (gain / extra, li, k, extra)
+                more = 0.0 if cost_budget is None else m.costs[k] - m.costs[j]
+                if 0 < extra <= left and more <= spare and gain > 0 and (best is None or gain / extra > best[0]):
+                    best = (gain / extra, li, k, extra, more)
         if best is None:
             break
-        _, li, k, extra = best
-        choice[li], left = k, left - extra
-    widths = [None if m.widths[j] is None else list(m.widths[j]) for m, j in zip(menus, choice)]
-    # 2) single-channel growth of any bond (next Schmidt value gained per weight added)
+        _, li, k, extra, more = best
+        choice[li], left, spare = k, left - extra, spare - more
+    picked = [m.widths[j] for m, j in zip(menus, choice)]
+    widths = [list(w) if isinstance(w, tuple) else w for w in picked]
+    # 2) single-channel growth of an MPO's bond (next Schmidt value gained per weight added), or of a low-rank
+    # layer's rank (next singular value)
     while True:
         best = None
         for li, (m, w) in enumerate(zip(menus, widths)):
-            if w is None or m.spectra is None or m.leg_sizes is None:
+            if isinstance(w, int) and m.sv2 is not None and w < len(m.sv2) \
+                    and (w + 1) * m.rank_params < m.params[0]:  # still smaller than dense
+                more = 0.0 if cost_budget is None else (m.rank_cost(w + 1) - m.rank_cost(w) if m.rank_cost else None)
+                gain = m.weight * m.sv2[w]
+                if more is not None and m.rank_params <= left and more <= spare \
+                        and (best is None or gain / m.rank_params > best[0]):
+                    best = (gain / m.rank_params, li, None, m.rank_params, more)
+                continue
+            if not isinstance(w, list) or m.spectra is None or m.leg_sizes is None:
                 continue
             r = [1, *w, 1]
             for k, s in enumerate(m.spectra):
@@ -140,14 +225,22 @@ def allocate(menus: Sequence[LayerMenu], budget: int) -> list[tuple[int, ...] | 
                     continue
                 extra = m.leg_sizes[k] * r[k] + m.leg_sizes[k + 1] * r[k + 2]
                 gain = m.weight * float(s[w[k]]) ** 2
-                if extra <= left and (best is None or gain / extra > best[0]):
-                    best = (gain / extra, li, k, extra)
+                more = 0.0
+                if cost_budget is not None:
+                    if m.cost_of is None:
+                        continue
+                    more = m.cost_of([*w[:k], w[k] + 1, *w[k + 1:]]) - m.cost_of(w)
+                if extra <= left and more <= spare and (best is None or gain / extra > best[0]):
+                    best = (gain / extra, li, k, extra, more)
         if best is None:
             break
-        _, li, k, extra = best
-        widths[li][k] += 1
-        left -= extra
-    return [None if w is None else tuple(w) for w in widths]
+        _, li, k, extra, more = best
+        if k is None:
+            widths[li] += 1
+        else:
+            widths[li][k] += 1
+        left, spare = left - extra, spare - more
+    return [tuple(w) if isinstance(w, list) else w for w in widths]
 
 
 def uniform_cap(layers: Sequence[LayerSpectrum], budget: int) -> int:

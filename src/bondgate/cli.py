@@ -344,7 +344,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
         target = args.target if args.target is not None else _default_target(model)
         config = CompressionConfig(**budget, target_modules=target, exclude=args.exclude,
-                                   num_cores=args.num_cores, policy=args.policy)
+                                   num_cores=args.num_cores, policy=args.policy,
+                                   max_latency_ratio=args.max_latency_ratio, flops_ratio=args.flops_ratio)
         targets = _find_targets(model, config)
         if not targets:
             what = f"matches --target {target!r}" if target is not None else "in this model"
@@ -423,6 +424,14 @@ def _layer_rows(meta: dict) -> tuple[list[list[str]], int, int]:
                 before, after = before + n, after + n
             shape = f"{rep.get('out_features')}x{rep.get('in_features')}" if rep.get("out_features") else "?"
             rows.append([name, shape, str(rep.get("status", "?")), "", f"{n:,}", "100.0%", "-", "-"])
+            continue
+        if spec.get("type") == "LowRankLinear" and all(k in spec for k in ("rank", "in_features", "out_features")):
+            n_before = int(spec["out_features"]) * int(spec["in_features"])
+            n_after = int(spec["rank"]) * (int(spec["out_features"]) + int(spec["in_features"]))
+            before, after = before + n_before, after + n_after
+            rows.append([name, f"{spec['out_features']}x{spec['in_features']}", "low-rank", f"rank {spec['rank']}",
+                         f"{n_before:,} -> {n_after:,}", f"{n_after / max(n_before, 1):.1%}",
+                         _fmt_err(rep.get("weight_error", spec.get("error"))), _fmt_err(rep.get("output_error"))])
             continue
         try:
             out_f, in_f = [int(v) for v in spec["out_factors"]], [int(v) for v in spec["in_factors"]]
@@ -652,9 +661,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=_regex, metavar="REGEX",
                    help="compress the Linear/Conv1D layers whose full name matches REGEX (default: see above)")
     p.add_argument("--exclude", type=_regex, metavar="REGEX", help="leave the layers matching REGEX dense")
-    p.add_argument("--policy", choices=("memory", "speed"), default="memory",
-                   help="kernel policy of the MPO layers: memory (never hold more than the cores) or speed "
-                        "(may cache pre-contracted cores, up to the dense weight, at inference) (default: memory)")
+    p.add_argument("--policy", choices=("auto", "memory", "speed"), default="auto",
+                   help="kernel policy of the MPO layers: memory (never hold more than the cores), speed (may cache "
+                        "pre-contracted cores, up to the dense weight, at inference) or auto (speed for the layers "
+                        "whose factored kernels are slower than dense, so the model is never slower; default)")
+    cost = p.add_mutually_exclusive_group()
+    cost.add_argument("--max-latency-ratio", type=_number(float, 0, low_open=True, what="max latency ratio"),
+                      metavar="L", help="also keep the compressed layers' predicted time per call within L x dense: "
+                      "each layer becomes an MPO, a low-rank pair or stays dense (time measured on this machine)")
+    cost.add_argument("--flops-ratio", type=_number(float, 0, low_open=True, what="flops ratio"), metavar="F",
+                      help="the same with FLOPs (deterministic)")
     p.add_argument("--out", metavar="DIR",
                    help="output directory (default: ./bondgate-<model name>); an existing bondgate checkpoint "
                         "there is overwritten, any other non-empty directory is refused")

@@ -291,7 +291,7 @@ def distill(
             total, parts, _ = _step_loss(student, batch, t_out, loss, want_hidden, sandwich)
             if not bool(torch.isfinite(total.detach())):  # before the step: the weights stay those of the last good one
                 bar.close()
-                raise FloatingPointError(f"distill: the loss is {float(total)} at step {step + 1} "
+                raise FloatingPointError(f"distill: the loss is {float(total.detach())} at step {step + 1} "
                                          f"({', '.join(f'{k}={v:.4g}' for k, v in parts.items())}); the student "
                                          f"keeps the weights of step {step}. Lower lr, check the data for NaN/inf, "
                                          f"or train in a wider dtype")

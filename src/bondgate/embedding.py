@@ -42,9 +42,10 @@ from torch import nn
 
 from .factors import factorize_shape
 from .io import register_layer_type
-from .layer import MPOLinear, TrackedParameter
+from .layer import MPOLinear, TrackedParameter, kept, outside_inference_mode
 from .mpo import MPO, BondSpec
 from .planner import PlanPolicy
+from .quant import check_quant, fake_quant_cores, load_quantized_cores, register_state_dict_hook
 
 __all__ = ["MPOEmbedding", "lookup"]
 
@@ -81,8 +82,11 @@ class MPOEmbedding(nn.Module):
     ``forward(ids)``: integer ids of any shape -> ``(*ids.shape, embedding_dim)`` in the cores' dtype.
     ``cores[k]`` is an ``nn.Parameter`` of shape ``(r_{k-1}, out_k, in_k, r_k)``; ``prod(out_k) >=
     num_embeddings``, ``prod(in_k) >= embedding_dim``. A fresh layer draws entries of variance 1 (like
-    ``nn.Embedding``'s ``N(0, 1)``).
+    ``nn.Embedding``'s ``N(0, 1)``). :meth:`quantize_` ``("int8")`` looks rows up in fake-quantized cores and
+    saves the cores as int8 (see :mod:`bondgate.quant`).
     """
+
+    _quant: str | None = None
 
     def __init__(self, num_embeddings: int, embedding_dim: int, max_bond: BondSpec = 8, num_cores: int = 3,
                  padding_idx: int | None = None, device: torch.device | str | None = None,
@@ -102,6 +106,7 @@ class MPOEmbedding(nn.Module):
         contiguous = torch.contiguous_format
         self.cores = nn.ParameterList([TrackedParameter(c.detach().clone(memory_format=contiguous)) for c in mpo.cores])
         self.error: float = mpo.error  # relative Frobenius error of the table vs. the one it was built from
+        self._quant_cache: dict = {}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -146,7 +151,7 @@ class MPOEmbedding(nn.Module):
         head = MPOLinear.from_mpo(self.to_mpo(), c0.new_zeros(self.num_embeddings) if bias else None, policy=policy)
         head.cores = self.cores
         head.error = self.error
-        return head
+        return head.quantize_(self._quant)  # tied cores are quantized alike
 
     @staticmethod
     def after_load(model: nn.Module) -> None:
@@ -164,7 +169,8 @@ class MPOEmbedding(nn.Module):
                 "embedding_dim": self.embedding_dim, "out_factors": list(self.out_factors),
                 "in_factors": list(self.in_factors), "bond_dims": list(self.bond_dims),
                 "padding_idx": self.padding_idx, "dtype": str(self.cores[0].dtype).removeprefix("torch."),
-                "error": None if math.isnan(self.error) else self.error}
+                "error": None if math.isnan(self.error) else self.error,
+                **({"quant": self._quant} if self._quant is not None else {})}
 
     @classmethod
     def from_spec(cls, spec: dict) -> "MPOEmbedding":
@@ -181,16 +187,19 @@ class MPOEmbedding(nn.Module):
         cores = [torch.zeros(r[k], out_f[k], in_f[k], r[k + 1], dtype=dtype) for k in range(len(out_f))]
         mpo = MPO(cores, int(spec["num_embeddings"]), int(spec["embedding_dim"]),
                   error=float("nan") if spec.get("error") is None else float(spec["error"]))
-        return cls.from_mpo(mpo, spec.get("padding_idx"))
+        layer = cls.from_mpo(mpo, spec.get("padding_idx"))
+        return layer.quantize_(spec["quant"]) if spec.get("quant") is not None else layer
 
     def to_mpo(self) -> MPO:
+        """The table as a detached :class:`MPO` (of a quantized layer: its full-precision master cores)."""
         return MPO([c.detach() for c in self.cores], self.num_embeddings, self.embedding_dim,
                    error=self.error, error_exact=False)
 
     def weight_matrix(self) -> torch.Tensor:
         """The dense table ``(num_embeddings, embedding_dim)`` as the MPO holds it (for tests and export; the
-        ``padding_idx`` row is not masked). Differentiable w.r.t. the cores."""
-        return MPO(list(self.cores), self.num_embeddings, self.embedding_dim).to_matrix()
+        ``padding_idx`` row is not masked; of a quantized layer, from the fake-quantized cores). Differentiable
+        w.r.t. the cores."""
+        return MPO(self._lookup_cores(), self.num_embeddings, self.embedding_dim).to_matrix()
 
     def to_embedding(self) -> nn.Embedding:
         """An ``nn.Embedding`` with the reconstructed table; its lookups equal this layer's."""
@@ -219,6 +228,49 @@ class MPOEmbedding(nn.Module):
     def num_params(self) -> int:
         return sum(c.numel() for c in self.cores)
 
+    # ------------------------------------------------------------------ quantization
+    @property
+    def quant(self) -> str | None:
+        """``None`` (full precision) or ``"int8"`` (see :meth:`quantize_`)."""
+        return self._quant
+
+    @quant.setter
+    def quant(self, mode: str | None) -> None:
+        self.quantize_(mode)
+
+    def quantize_(self, mode: str | None = "int8") -> "MPOEmbedding":
+        """Quantize the cores in place (``"int8"``, see :mod:`bondgate.quant`; ``None``: back to full precision);
+        returns the layer. As :meth:`bondgate.MPOLinear.quantize_`: full-precision master cores, lookups in the
+        fake-quantized ones (straight-through gradient when training), int8 cores + fp32 scales in the state dict.
+        A tied head (:meth:`as_linear`) must be quantized alike (:func:`bondgate.quantize_mpo` does both)."""
+        mode = check_quant(mode)
+        if mode is not None:
+            register_state_dict_hook(self)
+        self._quant = mode
+        self._quant_cache = {}
+        return self
+
+    def _lookup_cores(self) -> list[torch.Tensor]:
+        """The cores lookups use: the parameters, or their fake-quantized values (kept between calls without
+        autograd, version-checked) when the layer is quantized."""
+        cores = tuple(self.cores)
+        if self._quant is None:
+            return list(cores)
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(c.requires_grad for c in cores)):
+            return list(fake_quant_cores(cores))
+        return list(kept(self._quant_cache, "cores", cores, lambda: _kept_fake_quant(cores)))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        load_quantized_cores(self, state_dict, prefix, error_msgs)  # int8 cores + scales -> dequantized cores
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._quant_cache = {}
+
+    def _apply(self, fn, recurse: bool = True):
+        self._quant_cache = {}  # holds the old tensors
+        return super()._apply(fn, recurse)
+
     # ------------------------------------------------------------------ forward
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if not isinstance(ids, torch.Tensor):
@@ -229,11 +281,11 @@ class MPOEmbedding(nn.Module):
             raise IndexError(f"index out of range: ids must lie in [0, {self.num_embeddings}), "
                              f"got min {int(ids.min())}, max {int(ids.max())}")
         uniq, inverse = torch.unique(ids.long(), return_inverse=True)  # repeated tokens are computed once
-        cores = list(self.cores)
+        cores = self._lookup_cores()
         # Intermediates hold prod(in_<=k) * r_k numbers per token; without autograd (which keeps them anyway),
         # chunk the tokens so that they stay under ~2**20 numbers.
         chunk = uniq.numel()
-        if not (torch.is_grad_enabled() and any(c.requires_grad for c in cores)):
+        if not (torch.is_grad_enabled() and any(c.requires_grad for c in self.cores)):
             width = per_token = 1
             for c in cores:
                 width *= c.shape[2]
@@ -247,7 +299,13 @@ class MPOEmbedding(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}, "
                 f"out_factors={self.out_factors}, in_factors={self.in_factors}, bond_dims={self.bond_dims}, "
-                f"params={self.num_params:,}")
+                f"params={self.num_params:,}" + (f", quant={self._quant}" if self._quant is not None else ""))
+
+
+@outside_inference_mode  # tensors with version counters, like the parameters
+def _kept_fake_quant(cores) -> tuple[torch.Tensor, ...]:
+    with torch.no_grad():
+        return fake_quant_cores(cores)
 
 
 def _weighted_mpo(E: torch.Tensor, counts: torch.Tensor, num_cores: int, max_bond: BondSpec,

@@ -375,6 +375,7 @@ class GatedMPOLinear(MPOLinear):
         g = cls.from_mpo(layer.to_mpo(), None if layer.bias is None else layer.bias.detach(), policy=layer.policy)
         g._init_gating(config.levels, config.temperature, config.penalty, config.budget, config.controller,
                        config.rank)
+        g.quantize_(layer.quant)  # int8 cores stay int8 when gated
         return g
 
     # ------------------------------------------------------------------ structure for checkpoints

@@ -415,6 +415,10 @@ def _in_dtype(spec: dict, dtype: torch.dtype | None) -> dict:
 def _prepare(model: nn.Module, qc: Any, checkpoint_files, dtype: torch.dtype | None = None) -> dict[str, Any]:
     """Swap empty bondgate layers (meta device) into ``model`` and check the checkpoint's keys for them."""
     where = f"{type(model).__name__}.from_pretrained"
+    quantized = [name for name, spec in qc.layers.items() if spec.get("quant")]
+    if quantized:  # transformers would load int8 cores and their scales into fp32 parameters by key
+        raise ValueError(f"{where}: this checkpoint has int8-quantized MPO cores ({', '.join(quantized[:3])}...); "
+                         f"load it with bondgate.from_pretrained(dir) (AutoModel.from_pretrained does not read them)")
     specs = {name: _in_dtype(spec, dtype) for name, spec in qc.layers.items()}
     names = {}
     for name in [*qc.layers, *qc.layer_aliases]:

@@ -31,6 +31,7 @@ from .planner import (
     sweep_matrix,
     sweep_steps,
 )
+from .quant import check_quant, fake_quant_cores, load_quantized_cores, register_state_dict_hook
 
 __all__ = ["MPOLinear", "TrackedParameter"]
 
@@ -174,7 +175,12 @@ class MPOLinear(nn.Module):
             a :class:`bondgate.planner.PlanPolicy`. Either may keep, for inference, one copy of the cores
             in the matrix layout of the planner's sweep (as many elements as the cores) when that plan
             is the fastest.
+
+    Quantization: :meth:`quantize_` ``("int8")`` runs the forward on fake-quantized cores (per-channel int8,
+    :mod:`bondgate.quant`) with fp32 master cores, and saves the cores as int8 (``quant`` tells the mode).
     """
+
+    _quant: str | None = None  # the class default: layers built before quantization existed are not quantized
 
     def __init__(
         self,
@@ -261,11 +267,12 @@ class MPOLinear(nn.Module):
             "bond_dims": list(self.bond_dims),
             "bias": self.bias is not None,
             "policy": _policy_spec(self._policy),
-            "dtype": str(self._core_tuple()[0].dtype).removeprefix("torch."),
+            "dtype": str(self._masters()[0].dtype).removeprefix("torch."),
             "error": None if math.isnan(self.error) else self.error,
             # plans used so far, "<device type>:<dtype>:<row bucket>:<grad>" -> plan id: a loaded copy on the
             # same kind of device runs the same contractions, so its outputs are bit-identical to this layer's
             "plans": {**self._pinned, **{self._pin_key(k >> 1, k & 1): p.id for k, (p, _) in self._plans.items()}},
+            **({"quant": self._quant} if self._quant is not None else {}),
         }
 
     @classmethod
@@ -293,25 +300,29 @@ class MPOLinear(nn.Module):
         # checkpoints before plans were keyed by device and dtype were written on the CPU
         layer._pinned = {k if k.count(":") == 3 else f"cpu:{dtype}:{k}".replace("torch.", ""): v
                          for k, v in plans.items()}
+        if spec.get("quant") is not None:
+            layer.quantize_(spec["quant"])
         return layer
 
     def _pin_key(self, bucket: int, grad: bool | int) -> str:
         """Key of a pinned plan (``bucket``: :func:`~bondgate.planner.row_bucket`): a plan tuned for one device
         type and dtype is no choice for another."""
-        c0 = self._core_tuple()[0]
+        c0 = self._masters()[0]
         return f"{c0.device.type}:{str(c0.dtype).removeprefix('torch.')}:{bucket}:{int(grad)}"
 
     def to_mpo(self) -> MPO:
-        """The weight as a detached :class:`MPO`."""
+        """The weight as a detached :class:`MPO` (of a quantized layer: its full-precision master cores)."""
         return MPO([c.detach() for c in self.cores], self.out_features, self.in_features,
                    error=self.error, error_exact=False)
 
     def weight_matrix(self) -> torch.Tensor:
-        """The dense weight ``(out_features, in_features)``, differentiable w.r.t. the cores."""
+        """The dense weight ``(out_features, in_features)``, differentiable w.r.t. the cores (of a quantized layer:
+        the weight its forward uses, from the fake-quantized cores)."""
         return MPO(list(self._core_tuple()), self.out_features, self.in_features).to_matrix()
 
     def to_linear(self) -> nn.Linear:
-        """An ``nn.Linear`` with the reconstructed weight (same dtype/device)."""
+        """An ``nn.Linear`` with the reconstructed weight (same dtype/device; of a quantized layer, the fake-quantized
+        weight, in full precision)."""
         c0 = self.cores[0]
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=c0.device, dtype=c0.dtype)
@@ -324,20 +335,20 @@ class MPOLinear(nn.Module):
     # ------------------------------------------------------------------ facts
     @property
     def out_factors(self) -> tuple[int, ...]:
-        return tuple(int(c.shape[1]) for c in self._core_tuple())
+        return tuple(int(c.shape[1]) for c in self._masters())
 
     @property
     def in_factors(self) -> tuple[int, ...]:
-        return tuple(int(c.shape[2]) for c in self._core_tuple())
+        return tuple(int(c.shape[2]) for c in self._masters())
 
     @property
     def bond_dims(self) -> tuple[int, ...]:
-        return tuple(int(c.shape[3]) for c in self._core_tuple()[:-1])
+        return tuple(int(c.shape[3]) for c in self._masters()[:-1])
 
     @property
     def num_params(self) -> int:
         """Weights held by the cores (the bias, ``out_features`` more, is not counted)."""
-        return sum(c.numel() for c in self._core_tuple())
+        return sum(c.numel() for c in self._masters())
 
     @property
     def policy(self) -> PlanPolicy:
@@ -355,7 +366,7 @@ class MPOLinear(nn.Module):
         ``print(layer.plan(64))`` shows the path, FLOPs and peak intermediate size;
         ``.describe()`` gives a dict and ``.candidates`` what the autotuner timed.
         """
-        c0 = self._core_tuple()[0]
+        c0 = self._masters()[0]
         prefer = self._pinned.get(self._pin_key(max(int(batch), 1).bit_length(), grad))
         return get_plan(self.out_factors, self.in_factors, self.bond_dims, batch, c0.dtype, c0.device,
                         self._policy, grad, prefer=prefer)
@@ -363,8 +374,10 @@ class MPOLinear(nn.Module):
     @property
     def cache_nbytes(self) -> int:
         """Bytes kept between inference calls besides the parameters: pre-contracted cores or the dense
-        weight (speed mode), the cores in the sweep's matrix layout (either mode)."""
-        return sum(t.numel() * t.element_size() for _, ops, _ in self._ops_cache.values() if ops for t in ops)
+        weight (speed mode), the cores in the sweep's matrix layout (either mode); a quantized layer whose plan
+        contracts the cores directly also keeps their fake-quantized values (one copy of the cores)."""
+        caches = (*self._ops_cache.values(), *self._quant_cache.values())
+        return sum(t.numel() * t.element_size() for _, ops, _ in caches if ops for t in ops)
 
     def flops(self, batch: int = 1) -> int:
         """FLOPs of the plan actually used for ``batch`` rows (bias add excluded)."""
@@ -378,6 +391,7 @@ class MPOLinear(nn.Module):
             self.register_load_state_dict_post_hook(_retrack)
         self._plans: dict[int, tuple[ContractionPlan, list | None]] = {}
         self._ops_cache: dict[tuple, list] = {}  # plan.operand_key -> [version sum, operands, cores]
+        self._quant_cache: dict = {}  # the fake-quantized cores kept for inference (see _fake_quantized)
         self._traced = self._traced_sweep(self.bond_dims) if "cores" in self._modules else None
 
     @property
@@ -387,8 +401,56 @@ class MPOLinear(nn.Module):
         # seen; it is also ~10x faster than iterating the list.
         return self._modules["cores"]._parameters
 
-    def _core_tuple(self) -> tuple[torch.Tensor, ...]:
+    def _masters(self) -> tuple[torch.Tensor, ...]:
+        """The core parameters (of a quantized layer: the full-precision masters); for shapes, dtype and device."""
         return tuple(self._core_params.values())
+
+    def _core_tuple(self) -> tuple[torch.Tensor, ...]:
+        """The cores the forward computes with: the parameters, or their fake-quantized values when the layer is
+        quantized (what gating's sliced cores and kept operands are built from)."""
+        cores = tuple(self._core_params.values())
+        return cores if self._quant is None else self._fake_quantized(cores)
+
+    def _fake_quantized(self, cores: tuple[torch.Tensor, ...], keep: bool = True) -> tuple[torch.Tensor, ...]:
+        """``fake_quant`` of ``cores``: recomputed (straight-through gradient) when autograd needs it or a tracer runs,
+        else kept between calls (``keep``) while the master cores are these very tensors, unmodified."""
+        if not keep:  # for operands the caller keeps (inference only)
+            with torch.no_grad():
+                return fake_quant_cores(cores)
+        hit = self._quant_cache.get("cores")  # per call in inference: the kept ones, without building a closure
+        if hit is not None and not torch.is_grad_enabled() and is_fresh(hit, cores, core_versions(cores)):
+            return hit[1]
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(c.requires_grad for c in cores)):
+            return fake_quant_cores(cores)
+        return kept(self._quant_cache, "cores", cores, lambda: _kept_fake_quant(cores))
+
+    @property
+    def quant(self) -> str | None:
+        """``None`` (full precision) or ``"int8"`` (see :meth:`quantize_`)."""
+        return self._quant
+
+    @quant.setter
+    def quant(self, mode: str | None) -> None:
+        self.quantize_(mode)
+
+    def quantize_(self, mode: str | None = "int8") -> "MPOLinear":
+        """Quantize the cores in place (``"int8"``: symmetric, one scale per ``(r_left, out)`` slice of each core, see
+        :mod:`bondgate.quant`) or, with ``None``, go back to full precision; returns the layer.
+
+        The parameters stay full-precision *master* cores; the forward (eager, torch.compile and export) uses
+        ``fake_quant(master)``: recomputed per training call with a straight-through gradient to the masters
+        (quantization-aware training, e.g. :func:`bondgate.distill`), kept between inference calls.
+        ``state_dict()`` holds the cores as int8 plus ``cores.<k>_scale`` fp32 scales ``(r_left, out)``; loading
+        such a dict sets the masters to the dequantized values, which quantize to themselves, so a saved and
+        reloaded layer computes bit-identical outputs. The bias stays in full precision. A tied head shares its
+        cores with an :class:`~bondgate.MPOEmbedding`: quantize both (:func:`bondgate.quantize_mpo`).
+        """
+        mode = check_quant(mode)
+        if mode is not None:
+            register_state_dict_hook(self)
+        self._quant = mode
+        self._reset_caches()
+        return self
 
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
@@ -401,8 +463,11 @@ class MPOLinear(nn.Module):
         self._reset_caches()
         return out
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        load_quantized_cores(self, state_dict, prefix, error_msgs)  # int8 cores + scales -> dequantized cores
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
         self._reset_caches()
 
     def refresh(self) -> None:
@@ -430,6 +495,8 @@ class MPOLinear(nn.Module):
         (they are Python-side state a graph cannot hold), only tensor ops on static factors with a dynamic number
         of rows — the sweep, with the cores laid out as matrices inside the graph (the compiler fuses that)."""
         reverse, steps = traced
+        if self._quant is not None:
+            cores = self._traced_quant(cores)
         x2d = x.reshape(-1, self.in_features)
         pad = math.prod(self.in_factors) - self.in_features
         if pad:
@@ -442,6 +509,13 @@ class MPOLinear(nn.Module):
         if bias is not None:
             y = y + bias
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _traced_quant(self, cores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The fake-quantized cores of a traced forward. ``cores`` are the parameters or prefix slices of them (a gated
+        layer at a fixed width): the scales belong to the full cores, so those are quantized and then sliced, as the
+        eager forward slices the fake-quantized cores."""
+        full = fake_quant_cores(tuple(self._core_params.values()))
+        return [f if f.shape == c.shape else f[: c.shape[0], :, :, : c.shape[3]] for f, c in zip(full, cores)]
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -469,11 +543,13 @@ class MPOLinear(nn.Module):
             # Valid while the same tensors are unmodified: version counters only grow, so their sum
             # detects any in-place write; identity detects swapped-in tensors.
             if not is_fresh(slot, cores, core_versions(cores)):
-                slot[1] = plan.cache_operands(cores, self.out_features, self.in_features)
-                slot[0], slot[2] = stamp(cores), cores
+                src = cores if self._quant is None else self._fake_quantized(cores, keep=False)
+                slot[1] = plan.cache_operands(src, self.out_features, self.in_features)
+                slot[0], slot[2] = stamp(cores), cores  # keyed on the master cores
             ops = slot[1]
         else:
-            ops = plan.group_operands(cores, self.out_features, self.in_features)
+            ops = plan.group_operands(cores if self._quant is None else self._fake_quantized(cores),
+                                      self.out_features, self.in_features)
         bias = self._parameters["bias"]  # not self.bias: nn.Module.__getattr__ costs ~0.4 us per call
         try:
             if plan.dense:
@@ -491,7 +567,7 @@ class MPOLinear(nn.Module):
         the rebuilt weight, so that the cores and the input get (zero) gradients as a dense layer's would."""
         self._check_dtype(x)
         bias = self._parameters["bias"]
-        if torch.is_grad_enabled() and (x.requires_grad or any(c.requires_grad for c in self._core_tuple())):
+        if torch.is_grad_enabled() and (x.requires_grad or any(c.requires_grad for c in self._masters())):
             return torch.nn.functional.linear(x, self.weight_matrix(), bias)
         y = x.new_zeros(*x.shape[:-1], self.out_features)
         return y if bias is None else y + bias
@@ -503,7 +579,7 @@ class MPOLinear(nn.Module):
         return plan, slot
 
     def _check_dtype(self, x: torch.Tensor) -> None:
-        dtype = self._core_tuple()[0].dtype
+        dtype = self._masters()[0].dtype
         if x.dtype != dtype:
             raise TypeError(f"input dtype {x.dtype} does not match the layer's dtype {dtype}")
 
@@ -513,7 +589,7 @@ class MPOLinear(nn.Module):
         autocast off, in the cores' dtype; the output takes autocast's dtype, as ``nn.Linear``'s does."""
         device = x.device.type
         with torch.autocast(device, enabled=False):
-            y = self.forward(x.to(self._core_tuple()[0].dtype), *args)
+            y = self.forward(x.to(self._masters()[0].dtype), *args)
         return y.to(torch.get_autocast_dtype(device))
 
     def extra_repr(self) -> str:
@@ -521,4 +597,11 @@ class MPOLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"in_factors={self.in_factors}, out_factors={self.out_factors}, bond_dims={self.bond_dims}, "
             f"params={self.num_params:,}, policy={'speed' if self._policy.cache_dense else 'memory'}"
+            + (f", quant={self._quant}" if self._quant is not None else "")
         )
+
+
+@outside_inference_mode  # tensors with version counters: operands kept from them (gating's) can be reused
+def _kept_fake_quant(cores: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    with torch.no_grad():
+        return fake_quant_cores(cores)

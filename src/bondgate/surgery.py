@@ -28,7 +28,16 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .allocation import LayerSpectrum, allocate, mpo_params, tolerance_menu, uniform_cap
+from .allocation import (
+    Choice,
+    LayerMenu,
+    LayerSpectrum,
+    allocate,
+    lowrank_menu,
+    mpo_params,
+    tolerance_menu,
+    uniform_cap,
+)
 from .calibration import (
     InputStats,
     apply_leg_maps,
@@ -39,9 +48,12 @@ from .calibration import (
     refine_cores,
 )
 from .factors import factorize_shape
+from .latency import KindTimes, calibrate, calibrate_dense, full_widths, lowrank_flops, measure, mpo_flops
 from .layer import MPOLinear, outside_inference_mode
+from .lowrank import LowRankLinear
 from .mpo import MPO
 from .planner import MAX_CORES
+from .quant import check_quant, fake_quant
 
 __all__ = ["CompressionConfig", "CompressionReport", "LayerReport", "compress", "find_targets"]
 
@@ -69,8 +81,23 @@ class CompressionConfig:
             another's: ``"sensitivity"`` (measured effect on the model output; needs calibration data),
             ``"relative"`` (relative output error: every layer counts the same), ``"absolute"``.
         damping: relative ridge on each input-leg covariance.
-        policy: ``"memory"`` or ``"speed"`` for the new layers' kernels.
+        policy: the new MPO layers' kernels: ``"memory"`` (never keep a dense weight), ``"speed"`` (keep it where
+            that is faster), or ``"auto"`` (default): speed for the layers whose factored plans (autotuned) are slower
+            than the dense layer at 1 or ``deploy_rows`` rows, memory for the others — so the compressed model is not
+            slower than the dense one; the report says which each layer got (and the µs the decision saw).
         max_calibration_rows: stop the statistics pass once every layer has seen this many rows.
+        quantize: ``None`` (default) or ``"int8"``: every new MPO layer is quantized (per-channel int8 cores,
+            :meth:`bondgate.MPOLinear.quantize_`; saved as int8: ~3.5-3.9x fewer bytes, scales included). Its
+            reported errors and its bias re-fit include the quantization. Biases, low-rank layers and layers kept
+            dense stay in full precision (for dense layers see :func:`bondgate.quantize_int8`);
+            :func:`bondgate.quantize_mpo` quantizes the MPO layers of a model compressed before.
+    Latency (with ``param_ratio`` and global allocation; see :mod:`bondgate.latency`):
+        kinds: the forms a layer may take besides staying dense: ``"mpo"`` and/or ``"lowrank"`` (two factors,
+            ``U @ V``). Default: ``("mpo",)``, or ``("mpo", "lowrank")`` when a time or FLOP budget is given.
+        max_latency_ratio: the targeted layers' predicted time per call at ``deploy_rows`` rows must be at most this
+            fraction of the dense layers' (time measured on this machine: not deterministic).
+        flops_ratio: the same with FLOPs (deterministic). Give at most one of the two.
+        deploy_rows: the rows per layer call (tokens of a batch) the time, FLOPs and ``"auto"`` policy are judged at.
     """
 
     param_ratio: float | None = None
@@ -84,10 +111,16 @@ class CompressionConfig:
     refine_steps: int = 30
     layer_weighting: str = "relative"
     damping: float = 1e-2
-    policy: str = "memory"
+    policy: str = "auto"
     max_calibration_rows: int | None = 200_000
+    kinds: tuple[str, ...] | None = None
+    max_latency_ratio: float | None = None
+    flops_ratio: float | None = None
+    deploy_rows: int = 128
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
+        check_quant(self.quantize)
         for name in ("param_ratio", "tol", "damping"):
             value = getattr(self, name)
             if value is not None and not _is_number(value):
@@ -115,13 +148,47 @@ class CompressionConfig:
             raise ValueError(f"allocation must be 'global' or 'uniform', got {self.allocation!r}")
         if self.layer_weighting not in ("sensitivity", "relative", "absolute"):
             raise ValueError(f"layer_weighting must be 'sensitivity', 'relative' or 'absolute', got {self.layer_weighting!r}")
-        if self.policy not in ("memory", "speed"):
-            raise ValueError(f"policy must be 'memory' or 'speed', got {self.policy!r}")
+        if self.policy not in ("auto", "memory", "speed"):
+            raise ValueError(f"policy must be 'auto', 'memory' or 'speed', got {self.policy!r}")
+        if self.kinds is not None:
+            kinds = (self.kinds,) if isinstance(self.kinds, str) else tuple(self.kinds)
+            if not kinds or not set(kinds) <= {"mpo", "lowrank"} or len(set(kinds)) != len(kinds):
+                raise ValueError(f"kinds must be a non-empty selection of 'mpo' and 'lowrank', got {self.kinds!r}")
+            self.kinds = kinds
+        for name in ("max_latency_ratio", "flops_ratio"):
+            value = getattr(self, name)
+            if value is not None and (not _is_number(value) or not 0 < value < math.inf):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if self.max_latency_ratio is not None and self.flops_ratio is not None:
+            raise ValueError("give at most one of max_latency_ratio and flops_ratio")
+        if self.cost_budget is not None and (self.param_ratio is None or self.allocation != "global"):
+            raise ValueError("max_latency_ratio / flops_ratio need param_ratio with allocation='global'")
+        if isinstance(self.deploy_rows, bool) or not isinstance(self.deploy_rows, numbers.Integral) \
+                or self.deploy_rows < 1:
+            raise ValueError(f"deploy_rows must be a positive int, got {self.deploy_rows!r}")
+        if self.kinds is not None and self.kinds != ("mpo",) and self.param_ratio is None:
+            raise ValueError("kinds other than 'mpo' need a param_ratio budget")
         if self.refine_steps < 0 or not (0 <= self.damping < math.inf):
             raise ValueError(f"refine_steps and damping must be >= 0 (damping finite), got {self.refine_steps!r} "
                              f"and {self.damping!r}")
         if self.max_calibration_rows is not None and self.max_calibration_rows < 1:
             raise ValueError(f"max_calibration_rows must be None or >= 1, got {self.max_calibration_rows!r}")
+
+    @property
+    def cost_budget(self) -> tuple[str, float] | None:
+        """``("time" | "flops", ratio)`` when a latency or FLOP budget is set."""
+        if self.max_latency_ratio is not None:
+            return "time", float(self.max_latency_ratio)
+        if self.flops_ratio is not None:
+            return "flops", float(self.flops_ratio)
+        return None
+
+    @property
+    def forms(self) -> tuple[str, ...]:
+        """The forms the allocation may give a layer (see ``kinds``)."""
+        if self.kinds is not None:
+            return self.kinds
+        return ("mpo", "lowrank") if self.cost_budget is not None else ("mpo",)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -146,6 +213,13 @@ class LayerReport:
     flops_dense: int = 0
     flops_mpo: int = 0
     aliases: list[str] = field(default_factory=list)  # other names of the same (shared) layer
+    form: str = "mpo"  # "mpo" | "lowrank" | "dense"
+    rank: int | None = None  # low-rank layers
+    policy: str | None = None  # the MPO layer's kernel policy ("memory" | "speed")
+    time_pred_us: float | None = None  # predicted time per call at the report's rows (with a time budget)
+    time_us: float | None = None  # measured, at deploy_rows rows per call
+    time_dense_us: float | None = None  # the dense layer, measured the same way
+    quant: str | None = None  # the MPO cores' quantization ("int8"), None for full precision
 
 
 @dataclass
@@ -181,21 +255,33 @@ class CompressionReport:
 
     def table(self) -> str:
         """Markdown table, one row per targeted layer, with a totals row."""
-        head = ("| layer | shape (out x in) | factors (out / in) | bonds | weights | kept | "
-                "weight err | output err | FLOPs vs dense |\n|---|---|---|---|---|---|---|---|---|")
-        rows = [head]
+        timed = any(r.time_us is not None for r in self.layers)
+        head = ("| layer | shape (out x in) | form | factors (out / in) | bonds / rank | weights | kept | "
+                "weight err | output err | FLOPs vs dense |" + (" kernel | µs pred / meas / dense |" if timed else ""))
+        rows = [head, "|---" * (head.count("|") - 1) + "|"]
+        us = (lambda v: "-" if v is None else f"{v:.0f}")
         for r in self.layers:
             if r.status != "compressed":
-                rows.append(f"| {r.name} | {r.out_features}x{r.in_features} | {r.status} | | {r.params_before:,} | "
-                            f"{r.params_after / max(r.params_before, 1):.1%} | | | |")
+                rows.append(f"| {r.name} | {r.out_features}x{r.in_features} | {r.status} | | | {r.params_before:,} | "
+                            f"{r.params_after / max(r.params_before, 1):.1%} | | | |" + (" | |" if timed else ""))
                 continue
             fmt = (lambda v: "-" if v is None else f"{v:.4f}")
+            factors = (f"{'x'.join(map(str, r.out_factors))} / {'x'.join(map(str, r.in_factors))}"
+                       if r.form == "mpo" else "")
+            bonds = ",".join(map(str, r.bond_dims)) if r.form == "mpo" else f"rank {r.rank}"
             rows.append(
-                f"| {r.name} | {r.out_features}x{r.in_features} | {'x'.join(map(str, r.out_factors))} / "
-                f"{'x'.join(map(str, r.in_factors))} | {','.join(map(str, r.bond_dims))} | "
+                f"| {r.name} | {r.out_features}x{r.in_features} | {r.form}{' ' + r.quant if r.quant else ''} | "
+                f"{factors} | {bonds} | "
                 f"{r.params_before:,} -> {r.params_after:,} | {r.params_after / r.params_before:.1%} | "
-                f"{fmt(r.weight_error)} | {fmt(r.output_error)} | {r.flops_mpo / max(r.flops_dense, 1):.2f}x |")
-        rows.append(f"| **total** | | | | {self.params_before:,} -> {self.params_after:,} | {self.ratio:.1%} | | | |")
+                f"{fmt(r.weight_error)} | {fmt(r.output_error)} | {r.flops_mpo / max(r.flops_dense, 1):.2f}x |"
+                + (f" {r.policy or '-'} | {us(r.time_pred_us)} / {us(r.time_us)} / {us(r.time_dense_us)} |"
+                   if timed else ""))
+        total = f"| **total** | | | | | {self.params_before:,} -> {self.params_after:,} | {self.ratio:.1%} | | | |"
+        if timed:
+            meas = [r for r in self.compressed if r.time_us is not None and r.time_dense_us is not None]
+            t, td = sum(r.time_us for r in meas), sum(r.time_dense_us for r in meas)
+            total += f" | {us(t)} / {us(td)} = {t / max(td, 1e-9):.2f}x of dense |"
+        rows.append(total)
         return "\n".join(rows)
 
     def __str__(self) -> str:
@@ -328,6 +414,7 @@ class _Work:
     stats: InputStats | None = None
     S_inv: list[torch.Tensor] | None = None
     exact: MPO | None = None  # canonical MPO of the (whitened, padded) weight
+    svd: tuple | None = None  # SVD of the covariance-whitened weight, for low-rank forms (_whitened_svd)
     weight: float = 1.0
 
     @property
@@ -378,25 +465,42 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable 
         works.append(_Work(name, mod, W, None if b is None else b.detach().to(torch.float64).cpu(), out_f, in_f,
                            stats.get(name), weight=sens.get(name, 1.0)))
 
-    widths: dict[str, list[int] | None] = {}
+    widths: dict[str, Choice] = {}
     bar = (lambda it, desc: tqdm(it, desc=desc, leave=False)) if progress else (lambda it, desc: it)
+    cost = config.cost_budget
+    times: dict[str, KindTimes] = {}
     if config.param_ratio is not None:
         for w in bar(works, "decompose"):
             S = None
             if w.cov is not None:
                 S, w.S_inv = kron_whiteners(w.cov, w.in_f, config.damping)
-            w.exact = MPO.from_matrix(w.whitened_padded(S), in_factors=w.in_f, out_factors=w.out_f)
+            if "mpo" in config.forms:
+                w.exact = MPO.from_matrix(w.whitened_padded(S), in_factors=w.in_f, out_factors=w.out_f)
+            if "lowrank" in config.forms:
+                w.svd = _whitened_svd(w, config.damping)
         budget = int(config.param_ratio * sum(w.W.numel() for w in works))
         if config.allocation == "global":
             menus = []
-            for w in works:
-                menu = tolerance_menu(w.exact, w.W.numel())
-                norm_sq = float((w.exact.bond_spectra[0] ** 2).sum()) if w.exact.bond_spectra else 1.0
+            for w in bar(works, "menus"):
+                menu = tolerance_menu(w.exact, w.W.numel()) if w.exact is not None else None
+                if w.svd is not None:
+                    low = lowrank_menu(w.svd[1], *w.W.shape)
+                    menu = low if menu is None else menu.extend(low)
+                # the squared norm of the whitened weight: the relative weighting's unit
+                norm_sq = (float(w.svd[1].square().sum()) if w.svd is not None
+                           else float((w.exact.bond_spectra[0] ** 2).sum()) if w.exact.bond_spectra else 1.0)
                 menu.weight = {"relative": 1.0 / max(norm_sq, 1e-300), "absolute": 1.0,
                                "sensitivity": w.weight}[config.layer_weighting]
+                if cost is not None:
+                    if cost[0] == "time":
+                        times[w.name] = _kind_times(w, config)
+                    _price(menu, w, config, times.get(w.name))
                 menus.append(menu)
-            for w, wid in zip(works, allocate(menus, budget)):
-                widths[w.name] = None if wid is None else list(wid)
+            cost_budget = None
+            if cost is not None:
+                cost_budget = cost[1] * sum(m.costs[0] for m in menus)  # entry 0 of every menu: stay dense
+            for w, wid in zip(works, allocate(menus, budget, cost_budget)):
+                widths[w.name] = list(wid) if isinstance(wid, tuple) else wid
         else:
             spectra = [LayerSpectrum([o * i for o, i in zip(w.out_f, w.in_f)], w.exact.bond_spectra or [],
                                      w.weight, w.W.numel()) for w in works]
@@ -409,39 +513,62 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable 
         if config.param_ratio is not None and wid is None:
             report.layers.append(LayerReport(w.name, type(w.module).__name__, w.W.shape[0], w.W.shape[1],
                                              status="kept dense (budget)", params_before=w.W.numel(),
-                                             params_after=w.W.numel()))
+                                             params_after=w.W.numel(), form="dense"))
             continue
-        if config.param_ratio is not None:
-            mpo_w = w.exact.truncate(max_bond=list(wid))
-        else:
-            S = None
-            if w.cov is not None:
-                S, w.S_inv = kron_whiteners(w.cov, w.in_f, config.damping)
-            mpo_w = MPO.from_matrix(w.whitened_padded(S), in_factors=w.in_f, out_factors=w.out_f,
-                                    max_bond=config.max_bond, tol=config.tol)
-        cores = mpo_w.cores if w.S_inv is None else fold_into_cores(mpo_w.cores, w.S_inv)
-        if w.cov is not None and config.refine_steps > 0:
-            cores, _, _ = refine_cores(cores, w.W, w.cov, w.W.shape[0], w.W.shape[1], config.refine_steps)
-        mpo = MPO([c.to(torch.float64) for c in cores], w.W.shape[0], w.W.shape[1])
-        W_hat = mpo.to_matrix()
-        bias = w.bias
-        if bias is not None and w.stats is not None:
-            bias = bias + (w.W - W_hat) @ w.stats.mean  # absorb the mean shift of the output
-        mpo.error = float(torch.linalg.norm(w.W - W_hat) / torch.linalg.norm(w.W).clamp_min(1e-300))
-        mpo.error_exact = True
         ref = w.module.weight
-        layer = MPOLinear.from_mpo(mpo.to(dtype=ref.dtype, device=ref.device),
-                                   None if bias is None else bias.to(dtype=ref.dtype, device=ref.device),
-                                   policy=config.policy)
-        for c in layer.cores:  # a frozen layer stays frozen
-            c.requires_grad_(ref.requires_grad)
+        if isinstance(wid, int):  # a low-rank pair
+            layer, W_hat, bias = _build_lowrank(w, wid)
+            row = _lowrank_report(w, layer, W_hat, bias, report.flop_rows)
+        else:
+            if config.param_ratio is not None:
+                mpo_w = w.exact.truncate(max_bond=list(wid))
+            else:
+                S = None
+                if w.cov is not None:
+                    S, w.S_inv = kron_whiteners(w.cov, w.in_f, config.damping)
+                mpo_w = MPO.from_matrix(w.whitened_padded(S), in_factors=w.in_f, out_factors=w.out_f,
+                                        max_bond=config.max_bond, tol=config.tol)
+            cores = mpo_w.cores if w.S_inv is None else fold_into_cores(mpo_w.cores, w.S_inv)
+            if w.cov is not None and config.refine_steps > 0:
+                cores, _, _ = refine_cores(cores, w.W, w.cov, w.W.shape[0], w.W.shape[1], config.refine_steps)
+            mpo = MPO([c.to(torch.float64) for c in cores], w.W.shape[0], w.W.shape[1])
+            if config.quantize is not None:  # on the grid of the layer's dtype: the errors and bias re-fit include it
+                mpo = MPO([fake_quant(c.to(ref.dtype)).to(torch.float64) for c in mpo.cores], *w.W.shape)
+            W_hat = mpo.to_matrix()
+            bias = w.bias
+            if bias is not None and w.stats is not None:
+                bias = bias + (w.W - W_hat) @ w.stats.mean  # absorb the mean shift of the output
+            mpo.error = float(torch.linalg.norm(w.W - W_hat) / torch.linalg.norm(w.W).clamp_min(1e-300))
+            mpo.error_exact = True
+            layer = MPOLinear.from_mpo(mpo.to(dtype=ref.dtype, device=ref.device),
+                                       None if bias is None else bias.to(dtype=ref.dtype, device=ref.device),
+                                       policy="memory" if config.policy == "auto" else config.policy)
+            layer.quantize_(config.quantize)
+            row = _layer_report(w, mpo, W_hat, bias, report.flop_rows)
+            row.quant = config.quantize
+            if config.policy == "auto":
+                policy, mpo_us, dense_us = _auto_policy(layer, config.deploy_rows)
+                layer.policy = policy
+                row.time_dense_us = dense_us
+                row.time_us = min(mpo_us, dense_us) if policy == "speed" and mpo_us is not None else mpo_us
+            row.policy = "speed" if layer.policy.cache_dense else "memory"
+        layer = layer.to(dtype=ref.dtype, device=ref.device)
+        for p in layer.parameters():  # a frozen layer stays frozen
+            p.requires_grad_(ref.requires_grad)
         if layer.bias is not None:
             layer.bias.requires_grad_(w.module.bias.requires_grad)
+        if cost is not None:  # a time or FLOP budget: measure what the budget bought
+            row.time_us = measure(layer, config.deploy_rows) * 1e6
+            row.time_dense_us = calibrate_dense(*w.W.shape, config.deploy_rows, ref.dtype, ref.device) * 1e6
+            if w.name in times:
+                t = times[w.name]
+                row.time_pred_us = 1e6 * (t.lowrank_s(*w.W.shape, wid) if isinstance(wid, int) else
+                                          min(t.mpo_s(w.out_f, w.in_f, wid), t.dense_s))
         layer.train(w.module.training)
         for name in names[id(w.module)]:  # a layer registered under several names stays one (shared) layer
             model.set_submodule(name, layer)
-        report.layers.append(_layer_report(w, mpo, W_hat, bias, report.flop_rows))
-        report.layers[-1].aliases = names[id(w.module)][1:]
+        row.aliases = names[id(w.module)][1:]
+        report.layers.append(row)
     for name, why in skipped.items():
         mod = model.get_submodule(name)
         n = mod.weight.numel() if isinstance(getattr(mod, "weight", None), torch.Tensor) else 0
@@ -456,6 +583,101 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable 
     from .hf import attach
 
     return attach(model)  # a transformers model: config.quantization_config records the layers for save_pretrained
+
+
+def _whitened_svd(w: _Work, damping: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(P, s, Qh, C_isqrt)``: the SVD of the weight whitened by its full input covariance, ``W C^(1/2) = P s Qh``
+    (plain ``W`` without calibration; ``C_isqrt`` then None). Its rank-``k`` truncation, un-whitened, is the
+    rank-``k`` layer with the least expected output error (Eckart-Young in the output metric), and
+    ``sum_{i >= k} s_i^2`` is that error: the low-rank menu's entries are exact."""
+    if w.cov is None:
+        P, s, Qh = torch.linalg.svd(w.W, full_matrices=False)
+        return P, s, Qh, None
+    C = w.cov
+    evals, evecs = torch.linalg.eigh(C + damping * float(C.diagonal().mean()) * torch.eye(C.shape[0], dtype=C.dtype))
+    evals = evals.clamp_min(1e-30)
+    sqrt, isqrt = (evecs * evals.sqrt()) @ evecs.T, (evecs * evals.rsqrt()) @ evecs.T
+    P, s, Qh = torch.linalg.svd(w.W @ sqrt, full_matrices=False)
+    return P, s, Qh, isqrt
+
+
+def _build_lowrank(w: _Work, rank: int) -> tuple[LowRankLinear, torch.Tensor, torch.Tensor | None]:
+    """The rank-``rank`` layer of :func:`_whitened_svd` (``sqrt(s)`` in both factors), its matrix and bias (the
+    mean shift of the output absorbed, as for an MPO)."""
+    P, s, Qh, isqrt = w.svd
+    root = s[:rank].sqrt()
+    U, V = P[:, :rank] * root, root[:, None] * Qh[:rank]
+    if isqrt is not None:
+        V = V @ isqrt
+    W_hat = U @ V
+    bias = w.bias
+    if bias is not None and w.stats is not None:
+        bias = bias + (w.W - W_hat) @ w.stats.mean
+    ref = w.module.weight
+    layer = LowRankLinear.from_factors(U.to(ref), V.to(ref), None if bias is None else bias.to(ref))
+    layer.error = float(torch.linalg.norm(w.W - W_hat) / torch.linalg.norm(w.W).clamp_min(1e-300))
+    return layer, W_hat, bias
+
+
+def _kind_times(w: _Work, config: CompressionConfig) -> KindTimes:
+    ref = w.module.weight
+    full = w.exact.bond_dims if w.exact is not None else full_widths(w.out_f, w.in_f)
+    return calibrate(w.W.shape[0], w.W.shape[1], w.out_f, w.in_f, full, config.deploy_rows, ref.dtype, ref.device)
+
+
+def _price(menu: LayerMenu, w: _Work, config: CompressionConfig, times: KindTimes | None) -> None:
+    """Each entry's cost per call at ``deploy_rows``: seconds (``times``) or FLOPs. An MPO slower than the dense
+    layer costs the dense layer's time under the speed / auto policies (its plans may keep the dense weight)."""
+    out_features, in_features = w.W.shape
+    rows, fallback = config.deploy_rows, config.policy != "memory"
+    if times is not None:
+        dense = times.dense_s
+
+        def mpo(widths):
+            t = times.mpo_s(w.out_f, w.in_f, widths)
+            return min(t, dense) if fallback else t
+
+        def low(rank):
+            return times.lowrank_s(out_features, in_features, rank)
+    else:
+        dense = 2.0 * rows * out_features * in_features
+
+        def mpo(widths):
+            f = float(mpo_flops(w.out_f, w.in_f, widths, rows))
+            return min(f, dense) if fallback else f
+
+        def low(rank):
+            return float(lowrank_flops(out_features, in_features, rank, rows))
+
+    menu.costs = [dense if c is None else low(c) if isinstance(c, int) else mpo(c) for c in menu.widths]
+    menu.cost_of, menu.rank_cost = mpo, low
+
+
+def _auto_policy(layer: MPOLinear, rows: int) -> tuple[str, float | None, float | None]:
+    """``("speed" | "memory", MPO µs, dense µs at rows)``: speed if the layer's memory-mode plan is slower (or, when
+    not timed, costlier in FLOPs) than its dense layer at 1 or ``rows`` rows."""
+    p = layer.cores[0]
+    policy, times = "memory", (None, None)
+    for r in (rows, 1):
+        plan = layer.plan(r)
+        if plan.time_us is not None:
+            dense_us = 1e6 * calibrate_dense(layer.out_features, layer.in_features, min(r, 4096), p.dtype, p.device)
+            if r == rows:
+                times = (plan.time_us, dense_us)
+            slower = plan.time_us > dense_us
+        else:
+            slower = plan.flops > 2 * r * layer.out_features * layer.in_features
+        if slower:
+            policy = "speed"
+    return (policy, *times)
+
+
+def _lowrank_report(w: _Work, layer: LowRankLinear, W_hat: torch.Tensor, bias: torch.Tensor | None,
+                    rows: int) -> LayerReport:
+    row = _layer_report(w, None, W_hat, bias, rows)
+    row.form, row.rank, row.params_after, row.weight_error = "lowrank", layer.rank, layer.num_params, layer.error
+    row.flops_mpo = lowrank_flops(*w.W.shape, layer.rank, rows)
+    return row
 
 
 def _check_stats(stats: dict[str, InputStats], targets: dict[str, nn.Module]) -> None:
@@ -477,7 +699,8 @@ def _short_list(names: list[str], n: int = 5) -> str:
     return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
 
 
-def _layer_report(w: _Work, mpo: MPO, W_hat: torch.Tensor, bias: torch.Tensor | None, rows: int) -> LayerReport:
+def _layer_report(w: _Work, mpo: MPO | None, W_hat: torch.Tensor, bias: torch.Tensor | None,
+                  rows: int) -> LayerReport:
     out_err = None
     if w.stats is not None:  # E||(W - W_hat) x + (b - b')||^2 / E||W x + b||^2 over the calibration rows
         E = w.W - W_hat
@@ -485,8 +708,10 @@ def _layer_report(w: _Work, mpo: MPO, W_hat: torch.Tensor, bias: torch.Tensor | 
         b0 = w.bias if w.bias is not None else torch.zeros(w.W.shape[0], dtype=torch.float64)
         den = float(((w.W @ w.stats.second) * w.W).sum() + 2 * b0 @ (w.W @ w.stats.mean) + b0 @ b0)
         out_err = math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
-    return LayerReport(
-        name=w.name, kind=type(w.module).__name__, out_features=w.W.shape[0], in_features=w.W.shape[1],
-        out_factors=mpo.out_factors, in_factors=mpo.in_factors, bond_dims=mpo.bond_dims,
-        params_before=w.W.numel(), params_after=mpo.num_params, weight_error=mpo.error, output_error=out_err,
-        flops_dense=2 * rows * w.W.numel(), flops_mpo=mpo.flops(rows))
+    report = LayerReport(name=w.name, kind=type(w.module).__name__, out_features=w.W.shape[0],
+                         in_features=w.W.shape[1], params_before=w.W.numel(), output_error=out_err,
+                         flops_dense=2 * rows * w.W.numel())
+    if mpo is not None:
+        report.out_factors, report.in_factors, report.bond_dims = mpo.out_factors, mpo.in_factors, mpo.bond_dims
+        report.params_after, report.weight_error, report.flops_mpo = mpo.num_params, mpo.error, mpo.flops(rows)
+    return report

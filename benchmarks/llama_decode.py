@@ -1,0 +1,154 @@
+"""LLaMA-shape decode benchmark: tokens/s of HF ``generate()`` (greedy, KV cache) at batch 1, 4, 16 for a
+LlamaForCausalLM with LLaMA's layer widths (hidden 2048, intermediate 5632, 32 heads, 4 KV heads: GQA, SwiGLU,
+RMSNorm), random weights (speed does not depend on the values), as
+
+* ``dense``     fp32;
+* ``int8``      torch's dynamic int8 quantization of the block layers (``bondgate.quantize_int8``);
+* ``mpo``       the block layers compressed to ``--ratio`` of their weights (``bondgate.compress``, default policy
+                ``auto``: an MPO layer whose factored kernels are slower than dense keeps the dense weight);
+* ``mpo_int8``  the same with int8 cores (``bondgate.quantize_mpo``);
+* ``gated``     the MPO model with per-token bond gating (error controllers fitted on random prompts, one shared
+                price calibrated for a ``--budget`` fraction of the full-width FLOPs, ``cost_rows`` = the batch).
+
+Only the blocks' linear layers are compressed; the embedding and LM head stay dense (``--vocab`` sets their size).
+Variants are timed in interleaved rounds; the figure is the median tokens/s (new tokens of all sequences / wall
+time of the ``generate`` call, prefill of a ``--prompt``-token prompt included).
+
+Run:  python benchmarks/llama_decode.py                      (2 layers; ~15 min on 2 cores)
+Writes benchmarks/results/llama_decode.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import banner, machine_info, write_json  # noqa: E402
+
+import bondgate  # noqa: E402
+
+BLOCKS = r"model\.layers\..*"
+
+
+def build_dense(layers: int, vocab: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers, num_attention_heads=32,
+                      num_key_value_heads=4, vocab_size=vocab, max_position_embeddings=512, rms_norm_eps=1e-5,
+                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def prompts(batch: int, length: int, vocab: int, seed: int) -> torch.Tensor:
+    return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def build_variants(dense, args) -> dict:
+    variants = {"dense": dense}
+    if "int8" in args.variants:
+        variants["int8"] = bondgate.quantize_int8(dense, target=BLOCKS)
+    if {"mpo", "mpo_int8", "gated"} & set(args.variants):
+        t0 = time.perf_counter()
+        mpo = bondgate.compress(copy.deepcopy(dense), bondgate.CompressionConfig(
+            param_ratio=args.ratio, target_modules=BLOCKS, calibrate=False, num_cores=args.num_cores,
+            deploy_rows=max(args.batches)), progress=not args.no_progress)
+        print(f"compressed in {time.perf_counter() - t0:.0f} s", flush=True)
+        print(mpo.bondgate_report.table(), flush=True)
+        if "mpo" in args.variants:
+            variants["mpo"] = mpo
+        if "mpo_int8" in args.variants:
+            variants["mpo_int8"] = bondgate.quantize_mpo(copy.deepcopy(mpo), "int8")
+        if "gated" in args.variants:
+            gated = bondgate.gate(copy.deepcopy(mpo), bondgate.GatingConfig(controller="error",
+                                                                            levels=(0.25, 0.5, 0.75, 1.0)))
+            data = [{"input_ids": prompts(4, 32, args.vocab, 100 + i)} for i in range(4)]
+            bondgate.fit_controllers(gated, data)
+            got = bondgate.set_budget(gated, args.budget, data)
+            print(f"gated: {got:.3f} of the full-width FLOPs on the calibration prompts", flush=True)
+            variants["gated"] = gated
+    return {k: v.eval() for k, v in variants.items() if k in args.variants}
+
+
+def decode(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    with torch.inference_mode():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--ratio", type=float, default=0.25, help="kept fraction of the block layers' weights")
+    ap.add_argument("--num-cores", type=int, default=3)
+    ap.add_argument("--budget", type=float, default=0.5, help="gated: average FLOPs fraction of the full width")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--prompt", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--variants", nargs="+", default=["dense", "int8", "mpo", "mpo_int8", "gated"])
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    info = machine_info()
+    print(banner(info), flush=True)
+
+    dense = build_dense(args.layers, args.vocab)
+    variants = build_variants(dense, args)
+    sizes = {k: bondgate.size_on_disk(m) for k, m in variants.items()}
+    block_params = {k: sum(p.numel() for n, p in m.named_parameters() if n.startswith("model.layers."))
+                    for k, m in variants.items()}
+    results: dict[str, dict[int, list[float]]] = {k: {b: [] for b in args.batches} for k in variants}
+    for b in args.batches:
+        ids = prompts(b, args.prompt, args.vocab, seed=b)
+        for model in variants.values():  # warm-up: plans, autotuning, allocator
+            out = decode(model, ids, args.new_tokens)
+            assert out.shape == (b, args.prompt + args.new_tokens), out.shape
+        for r in range(args.rounds):
+            for name, model in variants.items():
+                t0 = time.perf_counter()
+                decode(model, ids, args.new_tokens)
+                results[name][b].append(b * args.new_tokens / (time.perf_counter() - t0))
+            print(f"batch {b} round {r}: " + "  ".join(f"{k} {v[b][-1]:.1f}" for k, v in results.items()), flush=True)
+    tps = {k: {b: statistics.median(v) for b, v in per.items()} for k, per in results.items()}
+    gating = None
+    if "gated" in variants:
+        gating = bondgate.gating.average_flops(variants["gated"])
+    write_json(args.out / f"llama_decode{args.tag}.json", {
+        "machine": info, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "tokens_per_s": tps, "samples": results, "size_bytes": sizes, "block_params": block_params,
+        "gated_flops_fraction": gating,
+        "report": variants["mpo"].bondgate_report.to_dict() if "mpo" in variants else None})
+    lines = [f"# LLaMA-shape decode ({args.layers} layers, hidden 2048, intermediate 5632, vocab {args.vocab})", "",
+             f"Machine: {banner(info)}", "",
+             f"`python benchmarks/llama_decode.py --layers {args.layers} --ratio {args.ratio} --budget {args.budget}`; "
+             f"greedy generate, prompt {args.prompt} tokens, {args.new_tokens} new tokens, median of {args.rounds} "
+             "interleaved rounds; tokens/s counts the new tokens of all sequences.", "",
+             "| variant | block weights | size on disk (MB) | " + " | ".join(f"tok/s @ {b}" for b in args.batches)
+             + " | " + " | ".join(f"vs dense @ {b}" for b in args.batches) + " |",
+             "|---" * (3 + 2 * len(args.batches)) + "|"]
+    for k in variants:
+        lines.append(f"| {k} | {block_params[k]:,} | {sizes[k] / 1e6:.1f} | "
+                     + " | ".join(f"{tps[k][b]:.1f}" for b in args.batches) + " | "
+                     + " | ".join(f"{tps[k][b] / tps['dense'][b]:.2f}x" for b in args.batches) + " |")
+    if "gated" in variants and "mpo" in variants:
+        lines += ["", "gated vs full-width MPO: " + ", ".join(
+            f"{tps['gated'][b] / tps['mpo'][b]:.2f}x at batch {b}" for b in args.batches)
+            + f" (average FLOPs fraction of the gated layers over the timed calls: {gating:.3f})"]
+    (args.out / f"llama_decode{args.tag}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

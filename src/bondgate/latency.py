@@ -1,0 +1,163 @@
+"""What a layer costs per call, by factorization: the FLOPs and the predicted and measured time of a dense layer, a
+low-rank pair ``U @ V`` and an MPO, at the row count a model is deployed with. :func:`bondgate.compress` spends
+a latency or FLOP budget with these (``CompressionConfig(max_latency_ratio=..., flops_ratio=...)``) and picks
+each MPO layer's kernel policy by them (``policy="auto"``).
+
+Time model, per kind: ``t = overhead + flops / throughput``, both fitted on this machine from two timed layers of
+that kind at the layer's own shape and row count (one dense timing suffices). An MPO is timed through the planner
+(its memory-mode plan, autotuned), so its throughput includes the thin GEMMs and permutes that make an MPO slower
+than its FLOPs suggest. Predictions are approximate; :func:`measure` gives the real time of a built layer.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["mpo_flops", "lowrank_flops", "full_widths", "KindTimes", "calibrate", "calibrate_dense", "measure"]
+
+
+def _sweep(out_f: Sequence[int], in_f: Sequence[int], widths: Sequence[int], rows: int) -> int:
+    from .planner import sweep_flops
+
+    return rows * min(sweep_flops(out_f, in_f, widths, False), sweep_flops(out_f, in_f, widths, True))
+
+
+def mpo_flops(out_f: Sequence[int], in_f: Sequence[int], widths: Sequence[int], rows: int) -> int:
+    """FLOPs of an MPO layer's call of ``rows`` rows: the cheaper sweep, or rebuilding the weight and one GEMM
+    (what the planner falls back to at large row counts). Closed form, cheap enough for every menu entry."""
+    r = [1, *widths, 1]
+    rebuild, acc = 0, out_f[0] * in_f[0] * r[1]
+    for k in range(1, len(out_f)):
+        rebuild += 2 * acc * out_f[k] * in_f[k] * r[k + 1]
+        acc = acc // r[k] * out_f[k] * in_f[k] * r[k + 1]
+    return min(_sweep(out_f, in_f, widths, rows), rebuild + 2 * rows * math.prod(out_f) * math.prod(in_f))
+
+
+def lowrank_flops(out_features: int, in_features: int, rank: int, rows: int) -> int:
+    return 2 * rows * rank * (in_features + out_features)
+
+
+def full_widths(out_f: Sequence[int], in_f: Sequence[int]) -> tuple[int, ...]:
+    """The bond widths of an exact MPO with these factors (the rank bound across each cut)."""
+    legs = [o * i for o, i in zip(out_f, in_f)]
+    return tuple(min(math.prod(legs[: k + 1]), math.prod(legs[k + 1 :])) for k in range(len(legs) - 1))
+
+
+def _median_seconds(fn: Callable[[], object], sync: Callable[[], None], min_time: float = 0.02,
+                    rounds: int = 5) -> float:
+    fn()
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    reps = max(1, int(min_time / max(time.perf_counter() - t0, 1e-7)))
+    samples = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync()
+        samples.append((time.perf_counter() - t0) / reps)
+    return statistics.median(samples)
+
+
+def measure(layer: nn.Module, rows: int, dtype: torch.dtype | None = None, device: torch.device | None = None,
+            min_time: float = 0.02) -> float:
+    """Median seconds of one inference call of ``layer`` on ``rows`` random rows (eval, no grad; plans made first)."""
+    p = next(layer.parameters())
+    dtype, device = dtype or p.dtype, device or p.device
+    x = torch.randn(rows, layer.in_features, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    was = layer.training
+    layer.eval()
+    try:
+        with torch.no_grad():
+            return _median_seconds(lambda: layer(x), sync, min_time)
+    finally:
+        layer.train(was)
+
+
+@dataclass
+class KindTimes:
+    """Fitted time model of one layer shape at ``rows`` rows: seconds of the dense layer, and
+    ``(overhead seconds, FLOPs per second)`` of its low-rank and MPO forms."""
+
+    rows: int
+    dense_s: float
+    dense_flops: int
+    lowrank: tuple[float, float]
+    mpo: tuple[float, float]
+
+    def lowrank_s(self, out_features: int, in_features: int, rank: int) -> float:
+        a, thr = self.lowrank
+        return a + lowrank_flops(out_features, in_features, rank, self.rows) / thr
+
+    def mpo_s(self, out_f: Sequence[int], in_f: Sequence[int], widths: Sequence[int]) -> float:
+        a, thr = self.mpo
+        return a + mpo_flops(out_f, in_f, widths, self.rows) / thr
+
+
+def _fit(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """``(overhead, throughput)`` of ``t = a + flops / thr`` through two (flops, seconds) points (clamped sane)."""
+    (f0, t0), (f1, t1) = sorted(points)
+    if f1 > f0 and t1 > t0:
+        thr = (f1 - f0) / (t1 - t0)
+        return max(t0 - f0 / thr, 0.0), thr
+    return 0.0, f1 / max(t1, 1e-9)  # noise made the line fall: no overhead, the larger point's throughput
+
+
+@functools.lru_cache(maxsize=256)
+def calibrate_dense(out_features: int, in_features: int, rows: int, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu") -> float:
+    """Median seconds of a dense layer's call (``F.linear``) of ``rows`` rows (cached per shape)."""
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, in_features, generator=gen).to(device=device, dtype=dtype)
+    W = torch.randn(out_features, in_features, generator=gen).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        return _median_seconds(lambda: torch.nn.functional.linear(x, W), sync)
+
+
+@functools.lru_cache(maxsize=256)
+def _calibrate(out_features: int, in_features: int, out_f: tuple[int, ...], in_f: tuple[int, ...],
+               full_widths: tuple[int, ...], rows: int, dtype: torch.dtype, device: torch.device) -> KindTimes:
+    from .layer import MPOLinear
+    from .lowrank import LowRankLinear
+    from .mpo import MPO
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, in_features, generator=gen).to(device=device, dtype=dtype)
+    dense_s = calibrate_dense(out_features, in_features, rows, dtype, device)
+    with torch.no_grad():
+        lr_points, mpo_points = [], []
+        top = min(out_features, in_features)
+        for rank in sorted({max(1, top // 16), max(2, top // 4)}):
+            lr = LowRankLinear(in_features, out_features, rank, bias=False, device=device, dtype=dtype).eval()
+            lr_points.append((lowrank_flops(out_features, in_features, rank, rows), _median_seconds(lambda: lr(x), sync)))
+        for frac in (0.125, 0.5):
+            widths = tuple(max(1, math.ceil(frac * w)) for w in full_widths)
+            mpo = MPO.random(math.prod(out_f), math.prod(in_f), list(widths), in_factors=in_f, out_factors=out_f,
+                             dtype=dtype, generator=gen)
+            layer = MPOLinear.from_mpo(MPO(mpo.cores, out_features, in_features)).to(device).eval()
+            mpo_points.append((mpo_flops(out_f, in_f, widths, rows), _median_seconds(lambda: layer(x), sync)))
+    if len(lr_points) == 1:
+        lr_points.append((2 * lr_points[0][0], 2 * lr_points[0][1]))
+    return KindTimes(rows, dense_s, 2 * rows * out_features * in_features, _fit(lr_points), _fit(mpo_points))
+
+
+def calibrate(out_features: int, in_features: int, out_f: Sequence[int], in_f: Sequence[int],
+              full_widths: Sequence[int], rows: int, dtype: torch.dtype = torch.float32,
+              device: torch.device | str = "cpu") -> KindTimes:
+    """The fitted :class:`KindTimes` of a layer shape (cached per shape, row count, dtype and device)."""
+    return _calibrate(int(out_features), int(in_features), tuple(out_f), tuple(in_f), tuple(full_widths),
+                      int(rows), dtype, torch.device(device))

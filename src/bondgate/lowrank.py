@@ -1,0 +1,139 @@
+"""``LowRankLinear``: a dense layer as two factors, ``W = U @ V`` — the simplest factorized layer, and the one
+whose FLOPs equal its weights at any row count (``2 B rank (in + out)``). :func:`bondgate.compress` uses it where
+a layer's latency budget favours two GEMMs over an MPO contraction; :func:`bondgate.svd_compress` is the baseline.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .io import register_layer_type
+
+__all__ = ["LowRankLinear"]
+
+
+class LowRankLinear(nn.Module):
+    """``y = (x @ V.T) @ U.T + b`` with ``U`` of shape ``(out_features, rank)`` and ``V`` of shape
+    ``(rank, in_features)``; accepts inputs ``(*, in_features)`` like ``nn.Linear``.
+
+    ``num_params = rank * (in_features + out_features)`` (bias excluded). ``error`` is the relative
+    Frobenius error of ``U @ V`` against the layer it was built from (``nan`` if built fresh).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not 1 <= rank <= min(in_features, out_features):
+            raise ValueError(f"rank must lie in [1, {min(in_features, out_features)}], got {rank}")
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        kw = {"device": device, "dtype": dtype or torch.get_default_dtype()}
+        # Var(V) = 1/(3 in), Var(U) = 1/rank  =>  Var((U V)_ij) = 1/(3 in), nn.Linear's default.
+        u_bound = math.sqrt(3 / rank)
+        self.U = nn.Parameter(torch.empty(out_features, rank, **kw).uniform_(-u_bound, u_bound))
+        bound = 1.0 / math.sqrt(in_features)
+        self.V = nn.Parameter(torch.empty(rank, in_features, **kw).uniform_(-bound, bound))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **kw).uniform_(-bound, bound))
+        else:
+            self.register_parameter("bias", None)
+        self.error: float = float("nan")
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, rank: int) -> "LowRankLinear":
+        """Best rank-``rank`` approximation (Eckart-Young) of an ``nn.Linear`` or HF ``Conv1D``.
+
+        The SVD ``W = P diag(s) Q^T`` is cut to ``rank`` and ``sqrt(s)`` goes into both factors
+        (``U = P sqrt(s)``, ``V = sqrt(s) Q^T``) so neither factor carries all the scale.
+        """
+        from .surgery import dense_weight  # surgery builds low-rank layers: import at call time
+
+        W = dense_weight(linear)
+        out_f, in_f = W.shape
+        layer = cls(in_f, out_f, rank, bias=linear.bias is not None, device=W.device, dtype=W.dtype)
+        # float64 SVD: the discarded tail of a float32 SVD is noisy, and fp16/bf16 have no SVD kernel.
+        P, s, Qh = torch.linalg.svd(W.to(torch.float64), full_matrices=False)
+        root = s[:rank].sqrt()
+        with torch.no_grad():
+            layer.U.copy_(P[:, :rank] * root)
+            layer.V.copy_(root[:, None] * Qh[:rank])
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias.detach())
+        total = float(s.square().sum())
+        layer.error = math.sqrt(float(s[rank:].square().sum()) / total) if total > 0 else 0.0
+        return layer
+
+    @classmethod
+    def from_factors(cls, U: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None) -> "LowRankLinear":
+        """A layer holding ``U`` ``(out, rank)`` and ``V`` ``(rank, in)`` (copied), and ``bias`` ``(out,)``."""
+        if U.dim() != 2 or V.dim() != 2 or U.shape[1] != V.shape[0]:
+            raise ValueError(f"factors must be (out, rank) and (rank, in), got {tuple(U.shape)} and {tuple(V.shape)}")
+        layer = cls(V.shape[1], U.shape[0], U.shape[1], bias=bias is not None, device=U.device, dtype=U.dtype)
+        with torch.no_grad():
+            layer.U.copy_(U)
+            layer.V.copy_(V)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+    @property
+    def rank(self) -> int:
+        return int(self.U.shape[1])
+
+    @property
+    def num_params(self) -> int:
+        """Stored weights, ``rank * (in_features + out_features)`` (bias excluded)."""
+        return self.U.numel() + self.V.numel()
+
+    def weight_matrix(self) -> torch.Tensor:
+        """``U @ V``, shape ``(out_features, in_features)``."""
+        return self.U @ self.V
+
+    def to_linear(self) -> nn.Linear:
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.U.device, dtype=self.U.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(self.weight_matrix())
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(nn.functional.linear(x, self.V), self.U, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"bias={self.bias is not None}, params={self.num_params:,}")
+
+    def spec(self) -> dict:
+        """JSON-serializable structure (everything but the tensors), for :func:`bondgate.save`."""
+        return {"type": type(self).__name__, "in_features": self.in_features, "out_features": self.out_features,
+                "rank": self.rank, "bias": self.bias is not None,
+                "dtype": str(self.U.dtype).removeprefix("torch."),
+                "error": None if math.isnan(self.error) else self.error}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "LowRankLinear":
+        """An uninitialized layer with the structure of :meth:`spec` (fill it with ``load_state_dict``)."""
+        missing = {"in_features", "out_features", "rank", "bias"} - set(spec)
+        if missing:
+            raise ValueError(f"layer spec is missing {sorted(missing)}")
+        dtype = getattr(torch, spec.get("dtype", "float32"), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"unknown dtype {spec.get('dtype')!r} in layer spec")
+        layer = cls(int(spec["in_features"]), int(spec["out_features"]), int(spec["rank"]), bias=bool(spec["bias"]),
+                    dtype=dtype)
+        layer.error = float("nan") if spec.get("error") is None else float(spec["error"])
+        return layer
+
+
+register_layer_type(LowRankLinear)

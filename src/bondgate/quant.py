@@ -1,0 +1,213 @@
+"""Symmetric per-channel int8 quantization of MPO cores: smaller checkpoints, and quantization-aware training.
+
+A core ``G`` of shape ``(r_left, out, in, r_right)`` gets one fp32 scale per ``(r_left, out)`` slice (the rows of
+the right-to-left sweep's matrix layout): ``s = max|G[a, o]| / 127``, ``q = round(G / s)`` in ``[-127, 127]``.
+Among the channel choices, measured as the relative error of the reconstructed matrix (TT-SVD and random MPOs of
+384 x 1536 at bonds 32 with 3-4 cores; real stories260K layers at bonds 16), it is the best one whose scales cost
+nothing on disk: 0.9-1.3 % against 1.3-1.9 % per ``r_right`` slice and 1.5-2.5 % per tensor (the scales: 0.5 % of
+the values). TT-SVD leaves the cores left-canonical with the Schmidt values in the next core's ``r_left`` index,
+which a per-``(r_left, out)`` scale follows. Per ``(r_left, out, in)`` is ~30 % more accurate, but its scales would
+add a fifth to the int8 bytes; rebalancing the bond gauge before quantizing gained nothing.
+
+Exactness. Each scale is rounded *up* to 17 significant bits (power-of-two scales for float16/bfloat16 cores), so
+that ``q * s`` is exactly representable in the cores' dtype: dequantizing gives the values the fake-quantized
+forward computes bit for bit, and fake quantization is idempotent (``fake_quant(dequantize(*quantize(G)))`` equals
+``dequantize(*quantize(G))``). That is what makes a quantized layer saved as int8 and loaded back (fp32 master
+cores = the dequantized values) bit-identical to the saved one. All-zero channels get scale 0 (and zeros back).
+
+Layers: ``MPOLinear.quantize_("int8")`` / ``MPOEmbedding.quantize_("int8")`` (or :func:`quantize_mpo` for a whole
+model) keep fp32 *master* cores and run the forward on ``fake_quant(master)`` — recomputed per call when training,
+with a straight-through (identity) gradient to the masters, so :func:`bondgate.distill` heals the quantization
+error; kept between calls (version-checked) in inference. Their ``state_dict()`` holds the cores as int8 tensors
+plus ``cores.<k>_scale`` fp32 scales of shape ``(r_left, out)``; ``load_state_dict`` turns such entries back into
+master cores (any MPO layer reads them, quantized or not). Only the MPO cores are quantized: biases, gating
+controllers and every non-MPO layer stay in their dtype (for dense ``nn.Linear`` layers see
+:func:`bondgate.quantize_int8`).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+__all__ = ["QUANT_MODES", "SCALE_SUFFIX", "quantize", "dequantize", "fake_quant", "quantize_mpo", "check_quant"]
+
+#: the quantization modes an MPO layer accepts (besides ``None``: full precision)
+QUANT_MODES = ("int8",)
+#: suffix of a core's scale in a quantized layer's state dict: ``cores.0`` (int8) and ``cores.0_scale`` (fp32)
+SCALE_SUFFIX = "_scale"
+QMAX = 127
+_CHANNEL_DIMS = (2, 3)  # reduced over: one scale per (r_left, out)
+
+
+def check_quant(mode) -> str | None:
+    """``mode`` if it is a valid quantization mode (``None`` or ``"int8"``), else a ``ValueError``."""
+    if mode is None or (isinstance(mode, str) and mode in QUANT_MODES):
+        return mode
+    raise ValueError(f"quantization must be None or one of {list(QUANT_MODES)}, got {mode!r}")
+
+
+def _check_core(core) -> None:
+    if not isinstance(core, torch.Tensor) or core.dim() != 4 or not core.is_floating_point():
+        what = f"{core.dtype} tensor of shape {tuple(core.shape)}" if isinstance(core, torch.Tensor) else type(core).__name__
+        raise ValueError(f"expected a floating-point MPO core of shape (r_left, out, in, r_right), got {what}")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _scales(core: torch.Tensor) -> torch.Tensor:
+    """fp32 scales ``(r_left, out, 1, 1)`` of a (detached) core: ``max|G[a, o]| / 127`` rounded up to the bits that
+    keep ``q * s`` exact in the core's dtype (17 for float32/64, power-of-two scales for 16-bit floats)."""
+    amax = core.abs().amax(dim=_CHANNEL_DIMS, keepdim=True)
+    s = (amax.to(_compute_dtype(core.dtype)) / QMAX).float()
+    drop = 7 if torch.finfo(core.dtype).eps <= 2.0**-23 else 23  # low significand bits of the fp32 scale to clear
+    mask = (1 << drop) - 1
+    # s >= 0: as an int32 its bits grow with its value, so rounding the integer up rounds the float up
+    # (a carry out of the significand moves to the next power of two, as it should)
+    return ((s.view(torch.int32) + mask) & ~mask).view(torch.float32)
+
+
+def _qdq(core: torch.Tensor) -> torch.Tensor:
+    """``dequantize(*quantize(core))`` without the int8 tensor (no autograd: pass a detached core)."""
+    ct = _compute_dtype(core.dtype)
+    s = _scales(core).to(ct)
+    q = torch.round(core.to(ct) / torch.where(s > 0, s, 1)).clamp_(-QMAX, QMAX)
+    return q.mul_(s).add_(0.0).to(core.dtype)  # + 0.0: -0.0 -> 0.0, as the int8 round trip gives
+
+
+def quantize(core: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, scale)``: ``q`` int8 of the core's shape, ``scale`` fp32 ``(r_left, out)``; ``core ~ q * scale[:, :, None,
+    None]`` with ``|core - q * scale| <= scale / 2`` elementwise. Raises ``ValueError`` on NaN or infinite values."""
+    _check_core(core)
+    core = core.detach()
+    if core.device.type != "meta" and not bool(torch.isfinite(core).all()):
+        raise ValueError("cannot quantize a core holding NaN or infinite values")
+    return _quantize(core)
+
+
+def _quantize(core: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    s = _scales(core)
+    ct = _compute_dtype(core.dtype)
+    q = torch.round(core.to(ct) / torch.where(s > 0, s, 1).to(ct)).clamp_(-QMAX, QMAX).to(torch.int8)
+    return q, s.reshape(s.shape[:2])
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The core ``q * scale[:, :, None, None]`` in ``dtype`` (exact: see the module docstring)."""
+    ct = _compute_dtype(dtype)
+    return (q.to(ct) * scale.to(ct)[:, :, None, None]).to(dtype)
+
+
+def fake_quant(core: torch.Tensor) -> torch.Tensor:
+    """``dequantize(*quantize(core))`` with a straight-through gradient: the backward pass hands the incoming
+    gradient to ``core`` unchanged (quantization-aware training of the fp32 master cores). Plain tensor ops,
+    traceable by torch.compile and torch.export; no finiteness check (NaN cores give NaN, as unquantized)."""
+    dq = _qdq(core.detach())
+    if core.requires_grad and torch.is_grad_enabled():
+        return dq + (core - core.detach())  # value: dq exactly (x - x = 0); gradient: the identity
+    return dq
+
+
+def fake_quant_cores(cores: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    return tuple(map(fake_quant, cores))
+
+
+# ---------------------------------------------------------------------------------------- state dicts
+# The int8 tensors handed out per master core, weakly: two layers sharing a core (a tied MPO head) hand out the
+# same tensor within one state_dict() call, which checkpoints then store once; nothing outlives the caller's dict.
+_HANDED_OUT = WeakIdKeyDictionary()
+
+
+def _version(t: torch.Tensor) -> int:
+    if isinstance(t, nn.Parameter) and type(t) is nn.Parameter:  # writes through .data bypass its counter
+        return -1
+    try:
+        return t._version
+    except RuntimeError:  # inference tensor
+        return -1
+
+
+def int8_state(core: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize(core)`` for a state dict, the same tensors for the same unmodified core while they are alive."""
+    version = _version(core)
+    hit = _HANDED_OUT.get(core)
+    if hit is not None and version >= 0 and hit[0] == version:
+        q, s = hit[1](), hit[2]()
+        if q is not None and s is not None and (q._version, s._version) == hit[3]:  # nobody wrote into them
+            return q, s
+    q, s = quantize(core)
+    if version >= 0:
+        _HANDED_OUT[core] = (version, weakref.ref(q), weakref.ref(s), (q._version, s._version))
+    return q, s
+
+
+def state_dict_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """State-dict post-hook of a quantized MPO layer: its cores as int8 plus ``<key>_scale`` fp32 scales."""
+    if getattr(module, "_quant", None) is None:
+        return
+    for name, core in module._modules["cores"]._parameters.items():
+        key = f"{prefix}cores.{name}"
+        if key in state_dict and core is not None:
+            state_dict[key], state_dict[key + SCALE_SUFFIX] = int8_state(core)
+
+
+def register_state_dict_hook(module: nn.Module) -> None:
+    """Register :func:`state_dict_hook` on ``module`` once (it does nothing while the layer is not quantized)."""
+    if not any(h is state_dict_hook for h in module._state_dict_hooks.values()):
+        module.register_state_dict_post_hook(state_dict_hook)
+
+
+def load_quantized_cores(module: nn.Module, state_dict: dict, prefix: str, error_msgs: list[str]) -> None:
+    """Before an MPO layer loads ``state_dict``: replace int8 cores and their ``_scale`` entries by dequantized
+    cores of the layer's dtype (in place; ``load_state_dict`` works on its own copy of the dict)."""
+    for name, master in module._modules["cores"]._parameters.items():
+        key = f"{prefix}cores.{name}"
+        skey = key + SCALE_SUFFIX
+        q = state_dict.get(key)
+        if skey not in state_dict:
+            if isinstance(q, torch.Tensor) and q.dtype == torch.int8:
+                error_msgs.append(f"{key!r} is an int8 core without its scales {skey!r}")
+                del state_dict[key]
+            continue
+        scale = state_dict.pop(skey)
+        if not isinstance(q, torch.Tensor):
+            error_msgs.append(f"{skey!r} holds scales for a missing core {key!r}")
+            continue
+        problem = None
+        if q.dtype != torch.int8 or q.dim() != 4:
+            problem = f"{key!r} must be a 4-D int8 core next to its scales, got {q.dtype} {tuple(q.shape)}"
+        elif not isinstance(scale, torch.Tensor) or not scale.is_floating_point() \
+                or tuple(scale.shape) != tuple(q.shape[:2]):
+            what = f"{scale.dtype} {tuple(scale.shape)}" if isinstance(scale, torch.Tensor) else type(scale).__name__
+            problem = f"{skey!r} must be floating-point scales of shape {tuple(q.shape[:2])}, got {what}"
+        elif scale.device.type != "meta" and not bool((torch.isfinite(scale) & (scale >= 0)).all()):
+            problem = f"{skey!r} holds negative, NaN or infinite scales"
+        if problem is not None:
+            error_msgs.append(problem)
+            del state_dict[key]
+            continue
+        state_dict[key] = dequantize(q, scale, master.dtype if master is not None else torch.float32)
+
+
+# ---------------------------------------------------------------------------------------- models
+def quantize_mpo(model: nn.Module, mode: str | None = "int8") -> nn.Module:
+    """Quantize every MPO layer of ``model`` in place (``MPOLinear`` and its gated subclass, ``MPOEmbedding``;
+    ``mode=None`` goes back to full precision); returns ``model``. Biases, controllers and non-MPO layers are
+    not quantized (dense ``nn.Linear`` layers: :func:`bondgate.quantize_int8`). The master cores stay in full
+    precision until saved: a checkpoint holds them as int8."""
+    from .embedding import MPOEmbedding
+    from .layer import MPOLinear
+
+    check_quant(mode)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize_mpo expects an nn.Module, got {type(model).__name__}")
+    for m in model.modules():
+        if isinstance(m, (MPOLinear, MPOEmbedding)):
+            m.quantize_(mode)
+    return model

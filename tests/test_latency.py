@@ -1,0 +1,157 @@
+"""Latency-aware compression (issue 19.1): per-layer choice of MPO, low-rank or dense under weight and FLOP/time
+budgets, the auto kernel policy, and the costs the report shows. No timing assertions: speed is for benchmarks."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import bondgate
+from bondgate import CompressionConfig, LowRankLinear, MPOLinear, compress
+from bondgate.allocation import allocate, lowrank_menu
+from bondgate.latency import full_widths, lowrank_flops, mpo_flops
+
+
+def structured_model():
+    """Layer 'lowrank' is exactly rank 8; layer 'kron' is exactly a Kronecker product (an MPO with bond 1 after
+    the right factorization); 'noise' is a random matrix."""
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    lr = nn.Linear(256, 256)
+    with torch.no_grad():
+        lr.weight.copy_(torch.randn(256, 8) @ torch.randn(8, 256) / 16)
+    kron = nn.Linear(256, 256)
+    with torch.no_grad():
+        kron.weight.copy_(torch.kron(torch.kron(torch.randn(4, 8), torch.randn(8, 4)), torch.randn(8, 8)) / 4)
+    model.add_module("lowrank", lr)
+    model.add_module("kron", kron)
+    model.add_module("noise", nn.Linear(256, 256))
+    return model
+
+
+def test_each_layer_takes_the_form_that_fits_its_structure():
+    model = structured_model()
+    x = torch.randn(512, 256)
+    with torch.no_grad():
+        want = {n: m(x) for n, m in model.named_children()}
+    compress(model, CompressionConfig(param_ratio=0.4, kinds=("mpo", "lowrank"), calibrate=False, policy="memory",
+                                      num_cores=3), progress=False)
+    rows = {r.name: r for r in model.bondgate_report.layers}
+    assert isinstance(model.lowrank, LowRankLinear) and rows["lowrank"].form == "lowrank"
+    assert rows["lowrank"].rank >= 8 and rows["lowrank"].weight_error < 1e-6
+    assert isinstance(model.kron, MPOLinear) and rows["kron"].weight_error < 1e-6
+    assert model.bondgate_report.params_after <= 0.4 * 3 * 256 * 256
+    with torch.no_grad():  # the two structured layers are exact; the budget went to the random one
+        for name in ("lowrank", "kron"):
+            got = getattr(model, name)(x)
+            assert float((got - want[name]).norm() / want[name].norm()) < 1e-5
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.6])
+def test_flops_budget_is_met_and_spent(ratio):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(384, 1536), nn.GELU(), nn.Linear(1536, 384), nn.GELU(), nn.Linear(384, 384))
+    x = torch.randn(512, 384) @ torch.diag(torch.logspace(0, -1.5, 384))
+    cfg = CompressionConfig(param_ratio=0.5, flops_ratio=ratio, policy="memory", deploy_rows=64, refine_steps=0)
+    assert cfg.forms == ("mpo", "lowrank")
+    compress(model, cfg, calibration=[x], progress=False)
+    rep = model.bondgate_report
+    flops = dense = 0
+    for r in rep.layers:
+        m = model.get_submodule(r.name)
+        dense += 2 * 64 * r.out_features * r.in_features
+        if isinstance(m, LowRankLinear):
+            flops += lowrank_flops(m.out_features, m.in_features, m.rank, 64)
+        elif isinstance(m, MPOLinear):
+            flops += mpo_flops(m.out_factors, m.in_factors, m.bond_dims, 64)
+        else:
+            flops += 2 * 64 * r.out_features * r.in_features
+    assert flops <= ratio * dense * (1 + 1e-9)
+    assert flops >= 0.9 * ratio * dense or rep.params_after >= 0.95 * 0.5 * rep.params_before  # budgets used
+    assert rep.params_after <= 0.5 * rep.params_before
+    assert all(r.time_us is not None and r.time_dense_us is not None for r in rep.compressed)  # measured, reported
+    assert "µs pred / meas / dense" in rep.table()
+
+
+def test_allocator_respects_both_budgets_and_trades_error_for_cost():
+    # two layers with identical spectra; layer 1's entries cost 10x more: the cost budget moves weights to layer 0
+    sv = torch.logspace(0, -2, 64)
+    menus = []
+    for price in (1.0, 10.0):
+        m = lowrank_menu(sv, 64, 64)
+        m.costs = [price * p for p in m.params]
+        m.rank_cost = (lambda p: lambda k: p * k * 128)(price)
+        menus.append(m)
+    budget = 2 * 32 * 128
+    free = allocate(menus, budget)
+    assert free[0] == free[1]  # no cost budget: symmetric
+    cost_budget = 0.05 * sum(m.costs[0] for m in menus)
+    costly = allocate(menus, budget, cost_budget=cost_budget)
+    assert all(isinstance(c, int) for c in costly)  # both low-rank, ranks grown one by one
+    assert sum(m.rank_cost(k) for m, k in zip(menus, costly)) <= cost_budget * (1 + 1e-9)
+    assert costly[0] > costly[1]  # the cheap layer got the weights
+    with pytest.raises(ValueError, match="below the cheapest"):
+        allocate(menus, budget, cost_budget=1.0)
+
+
+def test_auto_policy_keeps_the_dense_weight_where_the_mpo_costs_more():
+    from bondgate.surgery import _auto_policy
+
+    # a wide-bond MPO of a small layer has far more FLOPs than the dense layer at any row count: speed mode
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(96, 96))
+    compress(model, CompressionConfig(max_bond=64, num_cores=3), progress=False)
+    row = model.bondgate_report.layers[0]
+    assert row.policy == "speed" and model[0].policy.cache_dense
+    assert row.time_us is not None and row.time_dense_us is not None  # what the decision saw, reported
+    # a bond-2 MPO of a 4096x4096 layer reads 0.01% of the dense weight: memory mode (a margin no load can flip)
+    thin = MPOLinear(4096, 4096, max_bond=2, num_cores=3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a shared CPU a 2-thread pool's barriers can cost more than these tiny kernels
+    try:
+        bondgate.clear_plan_cache()
+        policy, mpo_us, dense_us = _auto_policy(thin, 8)
+    finally:
+        torch.set_num_threads(threads)
+        bondgate.clear_plan_cache()
+    assert policy == "memory" and mpo_us < dense_us
+    assert CompressionConfig(max_bond=4).policy == "auto"
+
+
+def test_lowrank_layers_save_and_load_bit_exactly(tmp_path):
+    model = structured_model()
+    compress(model, CompressionConfig(param_ratio=0.3, kinds=("lowrank",), calibrate=False, policy="memory"),
+             progress=False)
+    assert all(isinstance(m, LowRankLinear) for m in model.children())
+    x = torch.randn(7, 256)
+    loaded = bondgate.load(bondgate.save(model, tmp_path / "ckpt"), model=structured_model())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"param_ratio": 0.5, "kinds": ("tucker",)}, "kinds"),
+    ({"param_ratio": 0.5, "kinds": ()}, "kinds"),
+    ({"param_ratio": 0.5, "flops_ratio": 0.0}, "flops_ratio"),
+    ({"param_ratio": 0.5, "max_latency_ratio": float("nan")}, "max_latency_ratio"),
+    ({"param_ratio": 0.5, "flops_ratio": 0.5, "max_latency_ratio": 0.5}, "at most one"),
+    ({"max_bond": 4, "flops_ratio": 0.5}, "need param_ratio"),
+    ({"param_ratio": 0.5, "flops_ratio": 0.5, "allocation": "uniform"}, "need param_ratio"),
+    ({"param_ratio": 0.5, "deploy_rows": 0}, "deploy_rows"),
+    ({"param_ratio": 0.5, "policy": "fast"}, "policy"),
+])
+def test_bad_latency_configs(kw, match):
+    with pytest.raises(ValueError, match=match):
+        CompressionConfig(**kw)
+
+
+def test_mpo_flops_model_matches_the_planner():
+    from bondgate.planner import min_flops
+
+    for out_f, in_f, widths in [((4, 8, 12), (8, 12, 16), (8, 8)), ((8, 8), (8, 8), (16,)), ((2, 3, 4), (4, 3, 2), (6, 6))]:
+        for rows in (1, 64, 4096):
+            model, planner = mpo_flops(out_f, in_f, widths, rows), min_flops(out_f, in_f, widths, rows)
+            assert planner <= model <= 1.6 * planner  # the closed form ignores merged-core paths: never below
+    assert full_widths((4, 8, 12), (8, 12, 16)) == (32, 192)
+    assert math.prod((4, 8, 12)) == 384

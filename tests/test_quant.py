@@ -1,0 +1,367 @@
+"""int8 MPO cores (issue 19.3): per-channel quantization, the fake-quantized forward (eager, kept, traced), QAT
+through the straight-through gradient, int8 checkpoints that reload bit-exactly, and compress(quantize="int8")."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import bondgate
+from bondgate import (
+    MPO,
+    CompressionConfig,
+    GatingConfig,
+    MPOEmbedding,
+    MPOLinear,
+    PlanPolicy,
+    compress,
+    distill,
+    quantize_mpo,
+)
+from bondgate.factors import factorize_shape
+from bondgate.gating import _widths
+from bondgate.quant import dequantize, fake_quant, quantize
+
+# plans by FLOPs (no autotuning): deterministic, and quick on a busy machine. MEMORY contracts the cores (with the
+# fake-quantized cores kept between inference calls); SPEED keeps the dense weight (built from them) instead.
+MEMORY = PlanPolicy(select="flops")
+SPEED = PlanPolicy(cache_dense=True, select="flops")
+
+
+def quantized_matrix(layer: MPOLinear) -> torch.Tensor:
+    """The weight of the int8 cores, built from quantize/dequantize alone (not from the layer's forward code)."""
+    cores = [dequantize(*quantize(c), c.dtype) for c in layer.cores]
+    return MPO(cores, layer.out_features, layer.in_features).to_matrix()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+# ---------------------------------------------------------------------------------------- quantize / dequantize
+def test_quantize_error_bound_and_per_channel_scales():
+    core = torch.randn(3, 4, 5, 6)
+    core[1, 2] *= 1e-3  # a quiet channel: its own scale keeps its relative precision
+    core[2, 0] = 0.0  # an all-zero channel
+    q, s = quantize(core)
+    assert q.dtype == torch.int8 and q.shape == core.shape and int(q.abs().max()) <= 127
+    assert s.dtype == torch.float32 and s.shape == (3, 4)
+    amax = core.abs().amax(dim=(2, 3))
+    assert s[2, 0] == 0 and (q[2, 0] == 0).all()
+    nz = amax > 0
+    assert (s[nz] >= amax[nz] / 127).all() and (s[nz] <= amax[nz] / 127 * (1 + 2**-15)).all()
+    assert (q.abs().amax(dim=(2, 3))[nz] == 127).all()  # every channel uses the full range
+    dq = dequantize(q, s)
+    assert torch.isfinite(dq).all() and (dq[2, 0] == 0).all()
+    err = (core - dq).abs()
+    assert (err <= s[:, :, None, None] / 2 * (1 + 1e-6)).all()
+    quiet = rel(dq[1, 2], core[1, 2])
+    assert quiet < 0.01, quiet  # a per-tensor scale would round this channel to zero
+    assert torch.equal(fake_quant(core), dq)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        quantize(torch.full((1, 2, 2, 1), float("nan")))
+    with pytest.raises(ValueError, match="MPO core"):
+        quantize(torch.randn(4, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_fake_quant_is_exact_and_idempotent(dtype):
+    # q * scale is representable in the cores' dtype: dequantizing what was saved gives the forward's values, and
+    # quantizing those again changes nothing (a reloaded layer is bit-identical)
+    core = torch.randn(4, 3, 5, 6, dtype=torch.float64).to(dtype)
+    dq = fake_quant(core)
+    assert dq.dtype == dtype
+    assert torch.equal(dequantize(*quantize(core), dtype), dq)
+    assert torch.equal(fake_quant(dq), dq)
+    assert rel(dq.double(), core.double()) < 0.012
+
+
+def test_fake_quant_gradient_is_straight_through():
+    core = torch.randn(2, 3, 4, 5, requires_grad=True)
+    g = torch.randn(2, 3, 4, 5)
+    out = fake_quant(core)
+    assert torch.equal(out.detach(), fake_quant(core.detach()))
+    (out * g).sum().backward()
+    assert torch.equal(core.grad, g)
+
+
+# ---------------------------------------------------------------------------------------- the layer
+@pytest.mark.parametrize("policy", [MEMORY, SPEED], ids=["memory", "speed"])
+@pytest.mark.parametrize("rows", [1, 64])
+def test_quantized_layer_computes_the_int8_matrix(policy, rows):
+    torch.manual_seed(1)
+    layer = MPOLinear(384, 256, max_bond=24, num_cores=3, policy=policy)  # random cores: no SVD to wait for
+    fp32 = copy.deepcopy(layer)
+    assert layer.quantize_("int8") is layer and layer.quant == "int8" and "quant=int8" in repr(layer)
+    x = torch.randn(rows, 384)
+    Wq = quantized_matrix(layer)
+    with torch.no_grad():
+        want = x @ Wq.T + layer.bias
+        for _ in range(3):  # planning, then the operands kept between calls
+            y = layer(x)
+            torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+        err = rel(y, fp32(x))
+    assert 1e-4 < err < 0.02, err  # ~1 %: int8 is not free, but close
+    # memory mode keeps the fake-quantized cores (one copy of the cores), speed mode only the dense weight built
+    # from them
+    assert layer.cache_nbytes == (4 * layer.num_params if policy is MEMORY else 4 * 384 * 256)
+    torch.testing.assert_close(layer.weight_matrix().detach(), Wq)
+    # the kept operands follow an in-place update of the master cores
+    with torch.no_grad():
+        layer.cores[1].mul_(-0.5)
+        torch.testing.assert_close(layer(x), x @ quantized_matrix(layer).T + layer.bias, atol=1e-5, rtol=1e-5)
+    # and dropping the quantization gives the master cores back
+    layer.quantize_(None)
+    assert layer.quant is None and "quant" not in layer.spec()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), x @ layer.weight_matrix().T + layer.bias, atol=1e-5, rtol=1e-5)
+    assert all(t.dtype == torch.float32 for t in layer.state_dict().values())
+
+
+def test_quantized_layer_under_inference_mode_keeps_its_operands():
+    layer = MPOLinear.from_linear(nn.Linear(128, 64), max_bond=16, policy=MEMORY).quantize_()
+    x = torch.randn(5, 128)
+    with torch.no_grad():
+        want = layer(x)
+    with torch.inference_mode():
+        y1 = layer(x)
+        kept = dict(layer._quant_cache), {k: v[1] for k, v in layer._ops_cache.items()}
+        y2 = layer(x)
+        assert torch.equal(y1, want) and torch.equal(y2, want)
+        assert all(v[1] is kept[0][k][1] for k, v in layer._quant_cache.items())
+
+
+def test_qat_with_distill_heals_the_quantized_student():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 16))
+    student = nn.Sequential(MPOLinear.from_linear(teacher[0], max_bond=4, num_cores=2, policy=MEMORY), nn.Tanh(),
+                            MPOLinear.from_linear(teacher[2], max_bond=4, num_cores=2, policy=MEMORY))
+    quantize_mpo(student)
+    layers = [m for m in student.modules() if isinstance(m, MPOLinear)]
+    assert layers and all(m.quant == "int8" for m in layers)
+    data = [torch.randn(64, 32) for _ in range(4)]
+
+    def gap():
+        with torch.no_grad():
+            return sum(float((student(x) - teacher(x)).pow(2).mean()) for x in data) / len(data)
+
+    masters = [c.detach().clone() for m in layers for c in m.cores]
+    before = gap()
+    distill(student, teacher, data, loss=bondgate.DistillLoss(hidden=0, output=1.0), epochs=10, lr=3e-3,
+            progress=False)
+    after = gap()
+    assert after < 0.7 * before, (before, after)
+    assert any(not torch.equal(a, c) for a, c in zip(masters, (c for m in layers for c in m.cores)))
+    assert all(m.quant == "int8" for m in layers)
+    # gradients reach every master core through the fake quantization
+    student.zero_grad()
+    student(data[0]).pow(2).sum().backward()
+    assert all(c.grad is not None and c.grad.abs().sum() > 0 for m in layers for c in m.cores)
+
+
+def test_gated_layer_slices_the_quantized_cores():
+    torch.manual_seed(2)
+    model = nn.Sequential(MPOLinear.from_linear(nn.Linear(96, 64), max_bond=16, policy=MEMORY))
+    bondgate.gate(model, GatingConfig(budget=0.5))
+    quantize_mpo(model)
+    g = model[0].eval()
+    assert g.quant == "int8" and g.spec()["quant"] == "int8"
+    x = torch.randn(6, 96)
+    fq = [fake_quant(c) for c in g.cores]
+    for frac in (0.5, 1.0):
+        bondgate.set_mode(model, frac)
+        widths = [1, *_widths(g.bond_dims, frac), 1]
+        Wq = MPO([c[: widths[k], :, :, : widths[k + 1]] for k, c in enumerate(fq)], 64, 96).to_matrix()
+        with torch.no_grad():
+            for _ in range(2):
+                torch.testing.assert_close(g(x), x @ Wq.T + g.bias, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # gating's kept operands are rebuilt when the masters change
+        g.cores[0].mul_(2)
+        Wq = MPO([fake_quant(c) for c in g.cores], 64, 96).to_matrix()
+        torch.testing.assert_close(g(x), x @ Wq.T + g.bias, atol=1e-5, rtol=1e-5)
+
+
+def test_quantized_embedding_and_tied_head():
+    torch.manual_seed(3)
+    emb = MPOEmbedding.from_embedding(nn.Embedding(300, 48), max_bond=12)
+    head = emb.as_linear(policy=MEMORY)
+    emb.quantize_()
+    assert head.quant is None and emb.as_linear().quant == "int8"
+    head.quantize_()
+    ids = torch.randint(0, 300, (4, 7))
+    table = MPO([fake_quant(c) for c in emb.cores], 300, 48).to_matrix()
+    with torch.no_grad():
+        torch.testing.assert_close(emb(ids), table[ids], atol=1e-6, rtol=1e-6)
+        h = torch.randn(3, 48)
+        torch.testing.assert_close(head(h), h @ table.T, atol=1e-5, rtol=1e-5)
+    # training the lookup reaches the masters straight through
+    emb(ids).sum().backward()
+    assert all(c.grad is not None and c.grad.abs().sum() > 0 for c in emb.cores)
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+def _model() -> nn.Sequential:
+    torch.manual_seed(4)
+    emb = MPOEmbedding.from_embedding(nn.Embedding(512, 64), max_bond=16)
+    model = nn.Sequential(emb, MPOLinear.from_linear(nn.Linear(64, 256), max_bond=32, policy=MEMORY), nn.ReLU(),
+                          MPOLinear.from_linear(nn.Linear(256, 64), max_bond=32, policy=SPEED), nn.ReLU(),
+                          emb.as_linear(policy=MEMORY))
+    gated = nn.Sequential(model[3])
+    bondgate.gate(gated, GatingConfig(budget=0.5))
+    model[3] = gated[0]
+    return model.eval()
+
+
+def _header(path) -> dict:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return {k: v for k, v in json.loads(f.read(n)).items() if k != "__metadata__"}
+
+
+def test_save_load_roundtrip_is_bit_exact_with_int8_cores(tmp_path):
+    model = _model()
+    assert type(model[3]).__name__ == "GatedMPOLinear"
+    bondgate.save(model, tmp_path / "fp32")
+    quantize_mpo(model)
+    ids = torch.randint(0, 512, (3, 9))
+    with torch.no_grad():
+        want = model(ids)
+        bondgate.set_mode(model, 0.5)
+        want_half = model(ids)
+        bondgate.set_mode(model, "gate")
+    bondgate.save(model, tmp_path / "int8")
+    loaded = bondgate.load(tmp_path / "int8")
+    assert [type(m).__name__ for m in loaded] == [type(m).__name__ for m in model]
+    assert all(m.quant == "int8" for m in loaded if isinstance(m, (MPOLinear, MPOEmbedding)))
+    assert loaded[5].cores is loaded[0].cores  # the tied head is tied again
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), want)
+        bondgate.set_mode(loaded, 0.5)
+        assert torch.equal(loaded(ids), want_half)
+    # the master cores are the dequantized values: they quantize to themselves
+    for a, b in zip(loaded[1].cores, model[1].cores):
+        assert torch.equal(a, fake_quant(b)) and torch.equal(fake_quant(a), a)
+
+    # on disk: the cores are int8 (the tied head's stored once), with fp32 scales (r_left, out)
+    header = _header(tmp_path / "int8" / "model.safetensors")
+    cores = {k: v for k, v in header.items() if ".cores." in k and not k.endswith("_scale")}
+    assert cores and all(v["dtype"] == "I8" for v in cores.values())
+    assert all(header[k + "_scale"]["dtype"] == "F32" and header[k + "_scale"]["shape"] == v["shape"][:2]
+               for k, v in cores.items())
+    assert not any(k.startswith("5.") for k in header)
+    tensors = load_file(tmp_path / "int8" / "model.safetensors")
+    assert tensors["1.cores.0"].dtype == torch.int8 and tensors["1.bias"].dtype == torch.float32
+    assert meta_layers(tmp_path / "int8")["1"]["quant"] == "int8"
+
+    # ~4x smaller for the cores: the file shrinks by ~3/4 of their fp32 bytes
+    fp32_header = _header(tmp_path / "fp32" / "model.safetensors")
+    core_bytes = sum(4 * _numel(v["shape"]) for k, v in fp32_header.items() if ".cores." in k)
+    int8_bytes = sum((1 if v["dtype"] == "I8" else 4) * _numel(v["shape"]) for k, v in header.items()
+                     if ".cores." in k)
+    assert core_bytes / int8_bytes > 3.5, core_bytes / int8_bytes  # the scales: 1 fp32 per (r_left, out) slice
+    saved = os.path.getsize(tmp_path / "fp32" / "model.safetensors") - os.path.getsize(
+        tmp_path / "int8" / "model.safetensors")
+    assert saved > 0.7 * core_bytes, (saved, core_bytes)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def meta_layers(directory) -> dict:
+    return json.loads((directory / "bondgate.json").read_text())["layers"]
+
+
+def test_quantized_state_dict_loads_into_any_mpo_layer_and_refuses_bad_scales():
+    layer = MPOLinear.from_linear(nn.Linear(64, 48), max_bond=8, policy=MEMORY).quantize_()
+    sd = layer.state_dict()
+    assert sd["cores.0"].dtype == torch.int8 and sd["cores.0_scale"].shape == layer.cores[0].shape[:2]
+    assert layer.state_dict()["cores.0"] is sd["cores.0"]  # one int8 tensor per unmodified core (tied cores: one)
+    sd["cores.0"].add_(1)  # a write into a handed-out tensor is not handed out again
+    assert torch.equal(layer.state_dict()["cores.0"], quantize(layer.cores[0])[0])
+    sd = layer.state_dict()
+    plain = MPOLinear.from_spec({**layer.spec(), "quant": None})
+    assert plain.quant is None
+    plain.load_state_dict(sd)  # an unquantized layer reads it: the dequantized cores
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        assert plain.quant is None and torch.equal(plain(x), layer(x))
+    bad = dict(sd, **{"cores.1_scale": sd["cores.1_scale"][:1]})
+    with pytest.raises(RuntimeError, match="scales of shape"):
+        plain.load_state_dict(bad)
+    bad = dict(sd, **{"cores.1_scale": -sd["cores.1_scale"]})
+    with pytest.raises(RuntimeError, match="negative, NaN"):
+        plain.load_state_dict(bad)
+    bad = {k: v for k, v in sd.items() if k != "cores.2_scale"}
+    with pytest.raises(RuntimeError, match="without its scales"):
+        plain.load_state_dict(bad)
+    with pytest.raises(ValueError, match="quantization must be"):
+        layer.quantize_("int4")
+
+
+# ---------------------------------------------------------------------------------------- compress
+def structured_mlp() -> nn.Sequential:
+    """An MLP whose hidden weights are low-bond MPOs (a random dense layer does not compress)."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 8))
+    with torch.no_grad():
+        for i, (n, m) in ((0, (128, 64)), (2, (128, 128))):
+            out_f, in_f = factorize_shape(n, m, 3)
+            W = MPO.random(n, m, 6, 3, in_factors=in_f, out_factors=out_f).to_matrix()
+            model[i].weight.copy_(W)
+    return model
+
+
+def test_compress_quantizes_the_new_layers():
+    model = structured_mlp()
+    ref = copy.deepcopy(model)
+    calib = [torch.randn(64, 64) for _ in range(2)]
+    compress(model, CompressionConfig(max_bond=16, quantize="int8", policy="memory", refine_steps=2,
+                                      target_modules=["0", "2"]), calib, progress=False)
+    layers = [m for m in model.modules() if isinstance(m, MPOLinear)]
+    assert len(layers) == 2 and all(m.quant == "int8" for m in layers)
+    rep = model.bondgate_report
+    assert rep.config["quantize"] == "int8"
+    assert all(r.quant == "int8" for r in rep.compressed) and "mpo int8" in rep.table()
+    x = torch.randn(16, 64)
+    with torch.no_grad():
+        err = rel(model(x), ref(x))
+        assert err < 0.05, err  # the bonds hold the weights: what is left is int8's ~1 %
+        for m in layers:  # the masters lie on the int8 grid already, and the reported error is the layer's
+            assert all(torch.equal(fake_quant(c), c) for c in m.cores)
+    for r in rep.compressed:
+        W = ref.get_submodule(r.name).weight.detach()
+        got = rel(model.get_submodule(r.name).weight_matrix().detach(), W)
+        assert 1e-3 < got < 0.05 and r.weight_error == pytest.approx(got, rel=1e-3)
+    for bad in ("int4", True, 8):
+        with pytest.raises(ValueError, match="quantization must be"):
+            CompressionConfig(param_ratio=0.5, quantize=bad)
+
+
+# ---------------------------------------------------------------------------------------- torch.compile
+def test_compiled_quantized_layer_has_no_graph_breaks():
+    torch._dynamo.reset()
+    layer = MPOLinear.from_linear(nn.Linear(96, 80), max_bond=12, policy=MEMORY).quantize_()
+    x = torch.randn(7, 96)
+    explained = torch._dynamo.explain(layer)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    compiled = torch.compile(layer, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), layer(x), atol=1e-5, rtol=1e-5)
+    compiled(x).sum().backward()  # and it trains: straight through to the masters
+    assert all(c.grad is not None and c.grad.abs().sum() > 0 for c in layer.cores)
+    # torch.export with a dynamic number of rows runs the fake quantization inside the graph too
+    ep = torch.export.export(layer.eval(), (x,), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
+    with torch.no_grad():
+        for rows in (3, 33):
+            xr = torch.randn(rows, 96)
+            torch.testing.assert_close(ep.module()(xr), layer(xr), atol=1e-5, rtol=1e-5)

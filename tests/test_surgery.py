@@ -283,3 +283,32 @@ def test_compressing_twice_keeps_the_first_report():
     assert [c["max_bond"] for c in rep.history] == [8] and rep.config["max_bond"] == 4
     compress(model, CompressionConfig(max_bond=4, target_modules=["2"]), progress=False)  # nothing left to do
     assert {r.name for r in model.bondgate_report.layers} >= {"0", "2"}
+
+
+def test_embeddings_and_a_tied_head_become_one_mpo_table(tmp_path):
+    # Issue 19.2: compress(embeddings=True) turns tables into MPOEmbeddings and a tied LM head into the table's MPO head
+    import bondgate
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=1000, n_positions=32,
+                                  bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 1000, (2, 12))
+    with torch.no_grad():
+        ref = model(ids).logits
+    compress(model, CompressionConfig(tol=1e-7, embeddings=True, num_cores=3, target_modules=["wte", "c_fc"],
+                                      policy="memory"), progress=False)
+    wte, head = model.transformer.wte, model.lm_head
+    assert isinstance(wte, bondgate.MPOEmbedding) and isinstance(head, MPOLinear) and head.cores is wte.cores
+    rows = {r.name: r for r in model.bondgate_report.layers}
+    assert rows["transformer.wte"].kind == "Embedding" and rows["transformer.wte"].aliases == ["lm_head"]
+    with torch.no_grad():
+        got = model(ids).logits
+    assert float((got - ref).norm() / ref.norm()) < 1e-4  # exact decomposition: the same model
+    loaded = bondgate.from_pretrained(bondgate.save_pretrained(model, tmp_path / "gpt2"))
+    assert loaded.lm_head.cores is loaded.transformer.wte.cores
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, got)
+    with pytest.raises(TypeError, match="embeddings must be a bool"):
+        CompressionConfig(max_bond=4, embeddings="yes")

@@ -47,6 +47,7 @@ from .calibration import (
     layer_sensitivity,
     refine_cores,
 )
+from .embedding import MPOEmbedding
 from .factors import factorize_shape
 from .latency import KindTimes, calibrate, calibrate_dense, full_widths, lowrank_flops, measure, mpo_flops
 from .layer import MPOLinear, outside_inference_mode
@@ -72,6 +73,10 @@ class CompressionConfig:
         target_modules: ``None`` = every ``nn.Linear`` / ``Conv1D``; a string = regex that must match the
             full module name; a list = names, each matching a module name exactly or as its dotted suffix.
         exclude: same forms, removed from the selection.
+        embeddings: also compress the selected ``nn.Embedding`` tables into :class:`~bondgate.MPOEmbedding` (row
+            lookup, never the full table) under the same budget; an LM head tied to such a table becomes its
+            tied MPO head (:meth:`~bondgate.MPOEmbedding.as_linear`). Embeddings are not calibrated (their input is
+            a token id) and cost nothing in a time/FLOP budget.
     Method:
         num_cores: cores per MPO. allocation: ``"global"`` (greedy over all bonds of all layers) or
         ``"uniform"`` (one bond cap for every layer, plain TT-SVD; the classic baseline).
@@ -113,6 +118,7 @@ class CompressionConfig:
     damping: float = 1e-2
     policy: str = "auto"
     max_calibration_rows: int | None = 200_000
+    embeddings: bool = False
     kinds: tuple[str, ...] | None = None
     max_latency_ratio: float | None = None
     flops_ratio: float | None = None
@@ -148,6 +154,8 @@ class CompressionConfig:
             raise ValueError(f"allocation must be 'global' or 'uniform', got {self.allocation!r}")
         if self.layer_weighting not in ("sensitivity", "relative", "absolute"):
             raise ValueError(f"layer_weighting must be 'sensitivity', 'relative' or 'absolute', got {self.layer_weighting!r}")
+        if not isinstance(self.embeddings, bool):
+            raise TypeError(f"embeddings must be a bool, got {self.embeddings!r}")
         if self.policy not in ("auto", "memory", "speed"):
             raise ValueError(f"policy must be 'auto', 'memory' or 'speed', got {self.policy!r}")
         if self.kinds is not None:
@@ -319,7 +327,9 @@ def dense_weight(m: nn.Module) -> torch.Tensor:
         return m.weight.detach()
     if is_conv1d(m):
         return m.weight.detach().T
-    raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(m).__name__}")
+    if isinstance(m, nn.Embedding):  # the table (num_embeddings, embedding_dim): MPOEmbedding's convention
+        return m.weight.detach()
+    raise TypeError(f"expected nn.Linear, nn.Embedding or transformers Conv1D, got {type(m).__name__}")
 
 
 def _matches(name: str, spec: str | Sequence[str] | None) -> bool:
@@ -359,7 +369,8 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str,
     inside_mpo = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, MPOLinear) and n)
     read_directly = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     for name, mod in model.named_modules():
-        if not name or not (isinstance(mod, nn.Linear) or is_conv1d(mod)) or isinstance(mod, MPOLinear):
+        emb = config.embeddings and type(mod) is nn.Embedding
+        if not name or not (isinstance(mod, nn.Linear) or is_conv1d(mod) or emb) or isinstance(mod, MPOLinear):
             continue
         if name.startswith(inside_mpo):  # e.g. a gating controller: part of an MPO layer, not a target
             continue
@@ -368,7 +379,13 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str,
         if _matches(name, config.exclude):
             continue
         why = None
-        if id(mod) in read_directly:
+        if emb:
+            bad = [a for a in ("max_norm", "sparse", "scale_grad_by_freq") if getattr(mod, a)]
+            if bad:
+                why = f"an MPO table cannot do {', '.join(bad)}"
+            elif mod.padding_idx is not None and bool(mod.weight[mod.padding_idx].any()):
+                why = f"its padding row ({mod.padding_idx}) is not zero"
+        elif id(mod) in read_directly:
             why = "nn.MultiheadAttention reads out_proj.weight directly, so an MPO layer cannot replace it"
         elif _own_forward(mod):
             why = (f"its class {type(mod).__qualname__} overrides forward(); an MPO layer would drop what that forward "
@@ -382,6 +399,8 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str,
             skipped[name] = f"weight is not a floating-point matrix ({type(w).__name__})"
             continue
         tied = [o for o in owners.get(id(w), []) if o != f"{name}.weight"]
+        if emb and all(isinstance(model.get_submodule(o.rpartition(".")[0]), nn.Linear) for o in tied):
+            tied = []  # LM heads tied to the table: they become its tied MPO head
         if tied:
             skipped[name] = f"weight is tied to {', '.join(tied)}; compressing it would untie them"
             continue
@@ -418,6 +437,10 @@ class _Work:
     weight: float = 1.0
 
     @property
+    def is_embedding(self) -> bool:
+        return isinstance(self.module, nn.Embedding)
+
+    @property
     def cov(self) -> torch.Tensor | None:
         if self.stats is None:
             return None
@@ -450,12 +473,13 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable 
     if data is not None and not data:
         raise ValueError("calibration data is empty")
 
-    stats = collect_input_stats(model, targets, data, config.max_calibration_rows, progress) if data and targets else {}
-    _check_stats(stats, targets)
+    linear = {n: m for n, m in targets.items() if not isinstance(m, nn.Embedding)}  # embeddings' input: token ids
+    stats = collect_input_stats(model, linear, data, config.max_calibration_rows, progress) if data and linear else {}
+    _check_stats(stats, linear)
     sens = {}
-    if data and targets and config.layer_weighting == "sensitivity" and config.param_ratio is not None \
+    if data and linear and config.layer_weighting == "sensitivity" and config.param_ratio is not None \
             and config.allocation == "global":
-        sens = layer_sensitivity(model, targets, data[: max(1, min(len(data), 8))])
+        sens = layer_sensitivity(model, linear, data[: max(1, min(len(data), 8))])
 
     works: list[_Work] = []
     for name, mod in targets.items():
@@ -474,9 +498,9 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable 
             S = None
             if w.cov is not None:
                 S, w.S_inv = kron_whiteners(w.cov, w.in_f, config.damping)
-            if "mpo" in config.forms:
+            if "mpo" in config.forms or w.is_embedding:
                 w.exact = MPO.from_matrix(w.whitened_padded(S), in_factors=w.in_f, out_factors=w.out_f)
-            if "lowrank" in config.forms:
+            if "lowrank" in config.forms and not w.is_embedding:
                 w.svd = _whitened_svd(w, config.damping)
         budget = int(config.param_ratio * sum(w.W.numel() for w in works))
         if config.allocation == "global":
@@ -491,7 +515,10 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable 
                            else float((w.exact.bond_spectra[0] ** 2).sum()) if w.exact.bond_spectra else 1.0)
                 menu.weight = {"relative": 1.0 / max(norm_sq, 1e-300), "absolute": 1.0,
                                "sensitivity": w.weight}[config.layer_weighting]
-                if cost is not None:
+                if cost is not None and w.is_embedding:
+                    menu.costs = [0.0] * len(menu.params)  # a lookup: outside the time/FLOP budget
+                    menu.cost_of = lambda widths: 0.0
+                elif cost is not None:
                     if cost[0] == "time":
                         times[w.name] = _kind_times(w, config)
                     _price(menu, w, config, times.get(w.name))
@@ -499,6 +526,8 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable 
             cost_budget = None
             if cost is not None:
                 cost_budget = cost[1] * sum(m.costs[0] for m in menus)  # entry 0 of every menu: stay dense
+                if cost_budget <= 0:
+                    raise ValueError("a time or FLOP budget needs linear layers among the targets")
             for w, wid in zip(works, allocate(menus, budget, cost_budget)):
                 widths[w.name] = list(wid) if isinstance(wid, tuple) else wid
         else:
@@ -516,6 +545,10 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable 
                                              params_after=w.W.numel(), form="dense"))
             continue
         ref = w.module.weight
+        if w.is_embedding:
+            layer, row = _build_embedding(model, w, wid, config, report.flop_rows, names)
+            report.layers.append(row)
+            continue
         if isinstance(wid, int):  # a low-rank pair
             layer, W_hat, bias = _build_lowrank(w, wid)
             row = _lowrank_report(w, layer, W_hat, bias, report.flop_rows)
@@ -571,6 +604,8 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable 
         report.layers.append(row)
     for name, why in skipped.items():
         mod = model.get_submodule(name)
+        if isinstance(mod, MPOLinear) and why.startswith("weight is tied"):
+            why = "tied to a compressed embedding: its MPO head shares the table's cores"
         n = mod.weight.numel() if isinstance(getattr(mod, "weight", None), torch.Tensor) else 0
         report.layers.append(LayerReport(name, type(mod).__name__, 0, 0, status=f"skipped: {why}",
                                          params_before=n, params_after=n))
@@ -670,6 +705,41 @@ def _auto_policy(layer: MPOLinear, rows: int) -> tuple[str, float | None, float 
         if slower:
             policy = "speed"
     return (policy, *times)
+
+
+def _build_embedding(model: nn.Module, w: _Work, wid, config: CompressionConfig, rows: int,
+                     names: dict[int, list[str]]) -> tuple[MPOEmbedding, LayerReport]:
+    """The :class:`MPOEmbedding` of a table at the allocated widths (or the config's bond cap / tolerance), swapped
+    in at every name, and every ``nn.Linear`` head tied to the table swapped for its tied MPO head."""
+    if config.param_ratio is not None:
+        mpo = w.exact.truncate(max_bond=list(wid))
+    else:
+        mpo = MPO.from_matrix(w.W, in_factors=w.in_f, out_factors=w.out_f, max_bond=config.max_bond, tol=config.tol)
+    W_hat = mpo.to_matrix()
+    mpo.error = float(torch.linalg.norm(w.W - W_hat) / torch.linalg.norm(w.W).clamp_min(1e-300))
+    ref = w.module.weight
+    layer = MPOEmbedding.from_mpo(mpo.to(dtype=ref.dtype, device=ref.device), w.module.padding_idx)
+    layer.quantize_(config.quantize)
+    for p in layer.parameters():
+        p.requires_grad_(ref.requires_grad)
+    layer.train(w.module.training)
+    heads = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and m.weight is ref]
+    for name in names[id(w.module)]:
+        model.set_submodule(name, layer)
+    for _, head in heads:
+        tied = layer.as_linear(bias=head.bias is not None)
+        if head.bias is not None:
+            with torch.no_grad():
+                tied.bias.copy_(head.bias)
+        tied.quantize_(config.quantize)
+        tied.train(head.training)
+        for alias in names[id(head)]:
+            model.set_submodule(alias, tied)
+    row = _layer_report(w, mpo, W_hat, None, rows)
+    row.kind, row.quant = "Embedding", config.quantize
+    row.flops_mpo = row.flops_dense = 0  # a lookup
+    row.aliases = names[id(w.module)][1:] + [n for n, _ in heads]  # other names, and tied heads sharing the cores
+    return layer, row
 
 
 def _lowrank_report(w: _Work, layer: LowRankLinear, W_hat: torch.Tensor, bias: torch.Tensor | None,

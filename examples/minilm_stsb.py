@@ -120,7 +120,7 @@ def encoder_target(name: str, module) -> bool:
 
 def compress_ours(dense, calib, ratio: float, **kw):
     m = copy.deepcopy(dense)
-    cfg = bg.CompressionConfig(param_ratio=ratio, target_modules=TARGET, **kw)
+    cfg = bg.CompressionConfig(param_ratio=ratio, **{"target_modules": TARGET, **kw})
     bg.compress(m, cfg, calibration=calib, progress=False)
     return m
 
@@ -202,7 +202,10 @@ def cmd_heal(args) -> None:
     pool = unlabeled_sentences()
     calib = batches(tok, pool[:args.calibration])
     t0 = time.time()
-    student = compress_ours(dense, calib, args.ratio)
+    extra = {}
+    if args.embeddings:  # the word embedding table too (an MPOEmbedding), under the same budget
+        extra = {"embeddings": True, "target_modules": TARGET + r"|embeddings\.word_embeddings"}
+    student = compress_ours(dense, calib, args.ratio, quantize="int8" if args.int8 else None, **extra)
     compress_s = time.time() - t0
     before = stsb_score(student, tok, dev)
     print(f"ratio {args.ratio}: compressed in {compress_s:.0f}s, STS-B before healing {before:.2f}", flush=True)
@@ -214,14 +217,17 @@ def cmd_heal(args) -> None:
     after = stsb_score(student, tok, dev)
     train_s = res.seconds - res.eval_seconds
     print(f"after {res.steps} steps / {res.seconds / 60:.1f} min ({res.stopped}): STS-B {after:.2f}", flush=True)
-    out_dir = Path(args.out or ROOT / "runs" / f"minilm-{int(args.ratio * 100)}")
+    tag = f"{int(args.ratio * 100)}" + ("-emb" if args.embeddings else "") + ("-int8" if args.int8 else "")
+    out_dir = Path(args.out or ROOT / "runs" / f"minilm-{tag}")
     bg.save_pretrained(student, out_dir, tokenizer=tok)
     result = {"machine": info, "ratio": args.ratio, "weights": linear_weights(student),
+              "model_bytes": (out_dir / "model.safetensors").stat().st_size,
+              "dense_model_bytes": bg.size_on_disk(dense), "report": student.bondgate_report.to_dict(),
               "dense_weights": linear_weights(dense), "stsb_before": before, "stsb_after": after,
               "compress_seconds": compress_s, "distill_seconds": train_s, "distill_budget_seconds": res.budget_seconds,
               "budget_clock": args.clock, "steps": res.steps, "stopped": res.stopped,
               "history": res.history, "args": vars(args), "checkpoint": str(out_dir)}
-    write_json(RESULTS / f"minilm_heal_{int(args.ratio * 100)}.json", result)
+    write_json(RESULTS / f"minilm_heal_{tag}.json", result)
     print(json.dumps({k: v for k, v in result.items() if k not in ("history", "machine")}, indent=1, default=str))
 
 
@@ -247,6 +253,8 @@ def main(argv=None) -> None:
     h.add_argument("--eval-every", type=int, default=300)
     h.add_argument("--probe-pairs", type=int, default=500)
     h.add_argument("--patience", type=int, default=4)
+    h.add_argument("--embeddings", action="store_true", help="compress the word embedding table too")
+    h.add_argument("--int8", action="store_true", help="int8 MPO cores (quantization-aware healing)")
     h.add_argument("--out", default=None)
     h.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)

@@ -312,3 +312,21 @@ def test_embeddings_and_a_tied_head_become_one_mpo_table(tmp_path):
         assert torch.equal(loaded(ids).logits, got)
     with pytest.raises(TypeError, match="embeddings must be a bool"):
         CompressionConfig(max_bond=4, embeddings="yes")
+
+
+def test_a_trained_nonzero_padding_row_is_kept_and_looked_up():
+    # BERT's [PAD] row is trained (nonzero): the MPO table must reproduce it, not skip the table or zero the row
+    import bondgate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(64, 16, padding_idx=0), nn.Linear(16, 4))
+    with torch.no_grad():
+        model[0].weight[0].normal_()
+    ids = torch.tensor([[0, 5, 0, 9]])
+    with torch.no_grad():
+        ref = model(ids)
+    compress(model, CompressionConfig(tol=1e-7, embeddings=True, num_cores=2, target_modules=["0"]), progress=False)
+    assert isinstance(model[0], bondgate.MPOEmbedding)
+    with torch.no_grad():
+        got = model(ids)
+    assert float((got - ref).norm() / ref.norm()) < 1e-4

@@ -383,8 +383,6 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str,
             bad = [a for a in ("max_norm", "sparse", "scale_grad_by_freq") if getattr(mod, a)]
             if bad:
                 why = f"an MPO table cannot do {', '.join(bad)}"
-            elif mod.padding_idx is not None and bool(mod.weight[mod.padding_idx].any()):
-                why = f"its padding row ({mod.padding_idx}) is not zero"
         elif id(mod) in read_directly:
             why = "nn.MultiheadAttention reads out_proj.weight directly, so an MPO layer cannot replace it"
         elif _own_forward(mod):
@@ -718,7 +716,12 @@ def _build_embedding(model: nn.Module, w: _Work, wid, config: CompressionConfig,
     W_hat = mpo.to_matrix()
     mpo.error = float(torch.linalg.norm(w.W - W_hat) / torch.linalg.norm(w.W).clamp_min(1e-300))
     ref = w.module.weight
-    layer = MPOEmbedding.from_mpo(mpo.to(dtype=ref.dtype, device=ref.device), w.module.padding_idx)
+    pad = w.module.padding_idx
+    if pad is not None and bool(ref[pad].any()):
+        # a trained padding row that is not zero (BERT's [PAD]): looked up like any row, as nn.Embedding does; only
+        # its frozen gradient is not kept (an MPO has no per-row storage to freeze)
+        pad = None
+    layer = MPOEmbedding.from_mpo(mpo.to(dtype=ref.dtype, device=ref.device), pad)
     layer.quantize_(config.quantize)
     for p in layer.parameters():
         p.requires_grad_(ref.requires_grad)

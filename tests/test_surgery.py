@@ -330,3 +330,26 @@ def test_a_trained_nonzero_padding_row_is_kept_and_looked_up():
     with torch.no_grad():
         got = model(ids)
     assert float((got - ref).norm() / ref.norm()) < 1e-4
+
+
+def test_a_vocabulary_with_a_large_prime_factor_is_padded_and_cropped():
+    # BERT's 30522 = 2 * 3 * 5087 is padded to a factorizable size; rows beyond the vocabulary never show
+    import bondgate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(1018, 12), nn.Linear(12, 4))  # 1018 = 2 * 509
+    table = model[0].weight.detach().clone()
+    ids = torch.tensor([[0, 1017, 5]])
+    compress(model, CompressionConfig(param_ratio=0.5, embeddings=True, num_cores=2, target_modules=["0"]),
+             progress=False)
+    emb = model[0]
+    assert isinstance(emb, bondgate.MPOEmbedding) and emb.num_embeddings == 1018
+    E = emb.weight_matrix()
+    assert E.shape == (1018, 12)
+    row = model.bondgate_report.layers[0]
+    err = float((E - table).norm() / table.norm())
+    assert row.weight_error == pytest.approx(err, rel=1e-4) and 0 < err < 1
+    with torch.no_grad():
+        assert torch.allclose(emb(ids), E[ids], atol=1e-6)
+    with pytest.raises(IndexError):
+        model(torch.tensor([[1018]]))

@@ -713,6 +713,7 @@ def _build_embedding(model: nn.Module, w: _Work, wid, config: CompressionConfig,
         mpo = w.exact.truncate(max_bond=list(wid))
     else:
         mpo = MPO.from_matrix(w.W, in_factors=w.in_f, out_factors=w.out_f, max_bond=config.max_bond, tol=config.tol)
+    mpo = MPO(mpo.cores, *w.W.shape)  # the exact MPO was built on the padded table (a vocabulary like 30522)
     W_hat = mpo.to_matrix()
     mpo.error = float(torch.linalg.norm(w.W - W_hat) / torch.linalg.norm(w.W).clamp_min(1e-300))
     ref = w.module.weight

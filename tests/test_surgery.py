@@ -344,7 +344,7 @@ def test_a_vocabulary_with_a_large_prime_factor_is_padded_and_cropped():
              progress=False)
     emb = model[0]
     assert isinstance(emb, bondgate.MPOEmbedding) and emb.num_embeddings == 1018
-    E = emb.weight_matrix()
+    E = emb.weight_matrix().detach()
     assert E.shape == (1018, 12)
     row = model.bondgate_report.layers[0]
     err = float((E - table).norm() / table.norm())

@@ -139,6 +139,24 @@ def test_gpt2_keeps_its_lm_head_and_reads_a_calibration_file(tmp_path):
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
 
 
+def test_compress_with_embeddings_and_int8_cores(tiny_dir, tmp_path):
+    out = tmp_path / "emb-int8"
+    code, stdout, stderr = run(["compress", "--model", str(tiny_dir), "--ratio", "0.5", "--embeddings",
+                                "--embedding-ratio", "0.25", "--int8", "--out", str(out), "--calibration-size", "8",
+                                "--no-progress", "--threads", "1"])
+    assert code == 0, stderr
+    loaded = bondgate.load(out)
+    table = loaded.embeddings.word_embeddings
+    assert isinstance(table, bondgate.MPOEmbedding) and table.quant == "int8"
+    assert 0.2 < table.num_params / (30522 * 64) <= 0.25
+    assert isinstance(loaded.embeddings.position_embeddings, nn.Embedding)  # only the token table
+    mpo = [m for m in loaded.modules() if isinstance(m, MPOLinear)]
+    assert mpo and all(m.quant == "int8" for m in mpo)
+    code, _, stderr = run(["compress", "--model", str(tiny_dir), "--ratio", "0.5", "--embedding-ratio", "2",
+                           "--out", str(tmp_path / "bad")])
+    assert code == 2 and "embedding ratio" in stderr
+
+
 # ---------------------------------------------------------------------------------------- inspect / bench
 def test_inspect_prints_the_layer_table_from_metadata(compressed, capsys):
     out = compressed[3]

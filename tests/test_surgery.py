@@ -1,5 +1,6 @@
 """Whole-model compression: targets, budgets, calibration, allocation, report."""
 
+import copy
 import math
 
 import pytest
@@ -353,3 +354,29 @@ def test_a_vocabulary_with_a_large_prime_factor_is_padded_and_cropped():
         assert torch.allclose(emb(ids), E[ids], atol=1e-6)
     with pytest.raises(IndexError):
         model(torch.tensor([[1018]]))
+
+
+def test_embedding_tables_get_their_own_share_of_the_budget():
+    # one shared budget stripped MiniLM's 30522x384 table to 0.7% of its weights (error 0.99): a table's relative
+    # error is not comparable with a linear layer's calibrated output error, so tables are allocated apart
+    import bondgate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(512, 32), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+    calib = [torch.randint(0, 512, (8, 16)) for _ in range(4)]
+    for ratio, e_ratio in [(0.5, None), (0.5, 0.25), (0.3, 0.8)]:
+        m = copy.deepcopy(model)
+        compress(m, CompressionConfig(param_ratio=ratio, embedding_ratio=e_ratio, embeddings=True, num_cores=2),
+                 calibration=calib, progress=False)
+        rows = {r.name: r for r in m.bondgate_report.layers}
+        want = ratio if e_ratio is None else e_ratio
+        assert isinstance(m[0], bondgate.MPOEmbedding)
+        assert 0.8 * want < rows["0"].params_after / (512 * 32) <= want
+        lin = sum(rows[n].params_after for n in ("1", "3"))
+        assert lin <= ratio * 2 * 32 * 32
+    with pytest.raises(ValueError, match="embedding_ratio must lie in"):
+        CompressionConfig(param_ratio=0.5, embedding_ratio=1.5)
+    with pytest.raises(ValueError, match="needs a param_ratio"):
+        CompressionConfig(max_bond=4, embedding_ratio=0.5)
+    with pytest.raises(TypeError, match="embedding_ratio must be a number"):
+        CompressionConfig(param_ratio=0.5, embedding_ratio="0.5")

@@ -343,9 +343,18 @@ def cmd_compress(args: argparse.Namespace) -> int:
         print(f"model: {name} ({type(model).__name__}) from {model_dir}")
 
         target = args.target if args.target is not None else _default_target(model)
+        if args.embeddings:  # the input token table too (and an LM head tied to it)
+            table = model.get_input_embeddings()
+            table_name = next(n for n, m in model.named_modules() if m is table)
+            if target is None:
+                target = [*_find_targets(model, CompressionConfig(param_ratio=1.0)), table_name]
+            else:
+                target = f"(?:{target})|{re.escape(table_name)}"
         config = CompressionConfig(**budget, target_modules=target, exclude=args.exclude,
                                    num_cores=args.num_cores, policy=args.policy,
-                                   max_latency_ratio=args.max_latency_ratio, flops_ratio=args.flops_ratio)
+                                   max_latency_ratio=args.max_latency_ratio, flops_ratio=args.flops_ratio,
+                                   embeddings=args.embeddings, embedding_ratio=args.embedding_ratio,
+                                   quantize="int8" if args.int8 else None)
         targets = _find_targets(model, config)
         if not targets:
             what = f"matches --target {target!r}" if target is not None else "in this model"
@@ -661,6 +670,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=_regex, metavar="REGEX",
                    help="compress the Linear/Conv1D layers whose full name matches REGEX (default: see above)")
     p.add_argument("--exclude", type=_regex, metavar="REGEX", help="leave the layers matching REGEX dense")
+    p.add_argument("--embeddings", action="store_true",
+                   help="also compress the input token embedding table (and an LM head tied to it) into an MPO table")
+    p.add_argument("--embedding-ratio", type=_number(float, 0, 1, low_open=True, what="embedding ratio"),
+                   metavar="R", help="with --ratio and --embeddings: the fraction of the table's weights it keeps "
+                   "(default: --ratio)")
+    p.add_argument("--int8", action="store_true", help="int8 MPO cores (about 4x fewer bytes on disk)")
     p.add_argument("--policy", choices=("auto", "memory", "speed"), default="auto",
                    help="kernel policy of the MPO layers: memory (never hold more than the cores), speed (may cache "
                         "pre-contracted cores, up to the dense weight, at inference) or auto (speed for the layers "

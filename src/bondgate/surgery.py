@@ -74,9 +74,13 @@ class CompressionConfig:
             full module name; a list = names, each matching a module name exactly or as its dotted suffix.
         exclude: same forms, removed from the selection.
         embeddings: also compress the selected ``nn.Embedding`` tables into :class:`~bondgate.MPOEmbedding` (row
-            lookup, never the full table) under the same budget; an LM head tied to such a table becomes its
-            tied MPO head (:meth:`~bondgate.MPOEmbedding.as_linear`). Embeddings are not calibrated (their input is
-            a token id) and cost nothing in a time/FLOP budget.
+            lookup, never the full table); an LM head tied to such a table becomes its tied MPO head
+            (:meth:`~bondgate.MPOEmbedding.as_linear`). Embeddings are not calibrated (their input is a token id)
+            and cost nothing in a time/FLOP budget.
+        embedding_ratio: with ``param_ratio``: the fraction of the embedding tables' weights they keep (default: the
+            same ``param_ratio``). The tables get their own share of the budget instead of competing with the linear
+            layers: a table's relative error is not comparable with a linear layer's calibrated output error (it
+            feeds every layer), and one shared budget would strip it to almost nothing.
     Method:
         num_cores: cores per MPO. allocation: ``"global"`` (greedy over all bonds of all layers) or
         ``"uniform"`` (one bond cap for every layer, plain TT-SVD; the classic baseline).
@@ -119,6 +123,7 @@ class CompressionConfig:
     policy: str = "auto"
     max_calibration_rows: int | None = 200_000
     embeddings: bool = False
+    embedding_ratio: float | None = None
     kinds: tuple[str, ...] | None = None
     max_latency_ratio: float | None = None
     flops_ratio: float | None = None
@@ -142,6 +147,13 @@ class CompressionConfig:
             raise ValueError(f"give exactly one budget: param_ratio, max_bond or tol (got {given or 'none'})")
         if self.param_ratio is not None and not (0.0 < float(self.param_ratio) <= 1.0):
             raise ValueError(f"param_ratio must lie in (0, 1], got {self.param_ratio!r}")
+        if self.embedding_ratio is not None:
+            if not _is_number(self.embedding_ratio):
+                raise TypeError(f"embedding_ratio must be a number, got {self.embedding_ratio!r}")
+            if not (0.0 < float(self.embedding_ratio) <= 1.0):
+                raise ValueError(f"embedding_ratio must lie in (0, 1], got {self.embedding_ratio!r}")
+            if self.param_ratio is None:
+                raise ValueError("embedding_ratio needs a param_ratio budget")
         if self.max_bond is not None and (isinstance(self.max_bond, bool) or not isinstance(self.max_bond, int)
                                           or self.max_bond < 1):
             raise ValueError(f"max_bond must be an integer >= 1, got {self.max_bond!r}")
@@ -501,6 +513,14 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable 
             if "lowrank" in config.forms and not w.is_embedding:
                 w.svd = _whitened_svd(w, config.damping)
         budget = int(config.param_ratio * sum(w.W.numel() for w in works))
+        if config.allocation == "global" and any(w.is_embedding for w in works):
+            # tables and linear layers are allocated separately (see CompressionConfig.embedding_ratio)
+            e_ratio = config.param_ratio if config.embedding_ratio is None else config.embedding_ratio
+            groups = [([w for w in works if not w.is_embedding], config.param_ratio),
+                      ([w for w in works if w.is_embedding], e_ratio)]
+            groups = [(g, int(r * sum(w.W.numel() for w in g))) for g, r in groups if g]
+        else:
+            groups = [(works, budget)]
         if config.allocation == "global":
             menus = []
             for w in bar(works, "menus"):
@@ -521,13 +541,18 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable 
                         times[w.name] = _kind_times(w, config)
                     _price(menu, w, config, times.get(w.name))
                 menus.append(menu)
-            cost_budget = None
-            if cost is not None:
-                cost_budget = cost[1] * sum(m.costs[0] for m in menus)  # entry 0 of every menu: stay dense
-                if cost_budget <= 0:
-                    raise ValueError("a time or FLOP budget needs linear layers among the targets")
-            for w, wid in zip(works, allocate(menus, budget, cost_budget)):
-                widths[w.name] = list(wid) if isinstance(wid, tuple) else wid
+            if cost is not None and all(w.is_embedding for w in works):
+                raise ValueError("a time or FLOP budget needs linear layers among the targets")
+            menu_of = {w.name: m for w, m in zip(works, menus)}
+            for group, group_budget in groups:
+                gm = [menu_of[w.name] for w in group]
+                cost_budget = None
+                if cost is not None and not group[0].is_embedding:
+                    cost_budget = cost[1] * sum(m.costs[0] for m in gm)  # entry 0 of every menu: stay dense
+                    if cost_budget <= 0:
+                        raise ValueError("a time or FLOP budget needs linear layers among the targets")
+                for w, wid in zip(group, allocate(gm, group_budget, cost_budget)):
+                    widths[w.name] = list(wid) if isinstance(wid, tuple) else wid
         else:
             spectra = [LayerSpectrum([o * i for o, i in zip(w.out_f, w.in_f)], w.exact.bond_spectra or [],
                                      w.weight, w.W.numel()) for w in works]

@@ -10,7 +10,8 @@ RMSNorm), random weights (speed does not depend on the values), as
 * ``gated``     the MPO model with per-token bond gating (error controllers fitted on random prompts, one shared
                 price calibrated for a ``--budget`` fraction of the full-width FLOPs, ``cost_rows`` = the batch).
 
-Only the blocks' linear layers are compressed; the embedding and LM head stay dense (``--vocab`` sets their size).
+The targets are every linear layer: the blocks' and the LM head (``--no-head``: the blocks only; the head is 2048 x
+``--vocab``, 43% of the weights a decode step reads with 2 layers); the embedding table stays dense (a lookup).
 Variants are timed in interleaved rounds; the figure is the median tokens/s (new tokens of all sequences / wall
 time of the ``generate`` call, prefill of a ``--prompt``-token prompt included).
 
@@ -35,6 +36,7 @@ from common import banner, machine_info, write_json  # noqa: E402
 import bondgate  # noqa: E402
 
 BLOCKS = r"model\.layers\..*"
+HEAD = r"lm_head"
 
 
 def build_dense(layers: int, vocab: int, seed: int = 0):
@@ -54,11 +56,11 @@ def prompts(batch: int, length: int, vocab: int, seed: int) -> torch.Tensor:
 def build_variants(dense, args) -> dict:
     variants = {"dense": dense}
     if "int8" in args.variants:
-        variants["int8"] = bondgate.quantize_int8(dense, target=BLOCKS)
+        variants["int8"] = bondgate.quantize_int8(dense, target=args.target)
     if {"mpo", "mpo_int8", "gated"} & set(args.variants):
         t0 = time.perf_counter()
         mpo = bondgate.compress(copy.deepcopy(dense), bondgate.CompressionConfig(
-            param_ratio=args.ratio, target_modules=BLOCKS, calibrate=False, num_cores=args.num_cores,
+            param_ratio=args.ratio, target_modules=args.target, calibrate=False, num_cores=args.num_cores,
             deploy_rows=max(args.batches)), progress=not args.no_progress)
         print(f"compressed in {time.perf_counter() - t0:.0f} s", flush=True)
         print(mpo.bondgate_report.table(), flush=True)
@@ -96,10 +98,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variants", nargs="+", default=["dense", "int8", "mpo", "mpo_int8", "gated"])
+    ap.add_argument("--no-head", dest="head", action="store_false", help="leave the LM head dense")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args()
+    args.target = BLOCKS + ("|" + HEAD if args.head else "")
     torch.set_num_threads(args.threads)
     info = machine_info()
     print(banner(info), flush=True)
@@ -132,7 +136,8 @@ def main() -> None:
         "report": variants["mpo"].bondgate_report.to_dict() if "mpo" in variants else None})
     lines = [f"# LLaMA-shape decode ({args.layers} layers, hidden 2048, intermediate 5632, vocab {args.vocab})", "",
              f"Machine: {banner(info)}", "",
-             f"`python benchmarks/llama_decode.py --layers {args.layers} --ratio {args.ratio} --budget {args.budget}`; "
+             f"`python benchmarks/llama_decode.py --layers {args.layers} --ratio {args.ratio} --budget {args.budget}"
+             f"{'' if args.head else ' --no-head'}` (targets `{args.target}`); "
              f"greedy generate, prompt {args.prompt} tokens, {args.new_tokens} new tokens, median of {args.rounds} "
              "interleaved rounds; tokens/s counts the new tokens of all sequences.", "",
              "| variant | block weights | size on disk (MB) | " + " | ".join(f"tok/s @ {b}" for b in args.batches)

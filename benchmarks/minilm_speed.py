@@ -1,0 +1,106 @@
+"""Is the default-compressed MiniLM ever slower than dense? Forward latency at 1, 32 and 256 sentences.
+
+    python benchmarks/minilm_speed.py                 # ~6 min on 2 cores
+
+Variants: ``dense`` (fp32), ``bondgate`` (``bondgate.compress`` at ``--ratio`` of the encoder's linear weights with
+the defaults: calibrated, policy ``auto`` judged at ``deploy_rows`` = the tokens of a 32-sentence batch),
+``bondgate int8`` (the same with int8 cores) and ``int8 dynamic`` (torch's dynamic quantization of the same layers,
+for reference). Inputs: STS-B dev sentences, padded per batch (max 128 tokens). Timing: median of interleaved
+rounds (every variant once per round), ``--threads`` threads, in ``torch.inference_mode``.
+
+Writes benchmarks/results/minilm_speed.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "examples"))
+from common import banner, machine_info, time_interleaved, write_json  # noqa: E402
+
+import bondgate as bg  # noqa: E402
+
+
+def main(argv=None) -> dict:
+    import minilm_stsb as ms
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32, 256])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--calibration", type=int, default=512)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    info = machine_info()
+    print(banner(info), flush=True)
+
+    dense, tok = ms.load_minilm()
+    dense.eval()
+    dev = ms.load_stsb(split="dev")
+    sents = [s for p in dev for s in p[:2]]
+    calib = ms.batches(tok, ms.unlabeled_sentences(args.calibration, seed=1))
+    inputs = {b: dict(tok(sents[:b], padding=True, truncation=True, max_length=128, return_tensors="pt"))
+              for b in args.batches}
+    rows32 = int(inputs[32]["attention_mask"].numel()) if 32 in inputs else 128
+    variants = {"dense": dense}
+    t0 = time.perf_counter()
+    for name, kw in [("bondgate", {}), ("bondgate int8", {"quantize": "int8"})]:
+        m = copy.deepcopy(dense)
+        bg.compress(m, bg.CompressionConfig(param_ratio=args.ratio, target_modules=ms.TARGET, deploy_rows=rows32,
+                                            **kw), calibration=calib, progress=False)
+        variants[name] = m.eval()
+    compress_s = time.perf_counter() - t0
+    variants["int8 dynamic"] = bg.quantize_int8(dense, target=ms.TARGET)
+    report = variants["bondgate"].bondgate_report
+    policies = {}
+    for r in report.layers:
+        key = r.form if r.form != "mpo" else f"mpo ({r.policy})"
+        policies[key] = policies.get(key, 0) + 1
+    print(f"compressed in {compress_s:.0f} s; layer forms: {policies}", flush=True)
+
+    def runner(model, x):
+        @torch.inference_mode()
+        def run():
+            model(**x)
+        return run
+
+    times = {}
+    for b in args.batches:
+        times[b] = time_interleaved({k: runner(m, inputs[b]) for k, m in variants.items()}, rounds=args.rounds,
+                                    min_time=0.3)
+        print(f"{b} sentences ({tuple(inputs[b]['input_ids'].shape)}): "
+              + "  ".join(f"{k} {1e3 * v:.2f} ms ({v / times[b]['dense']:.2f}x)" for k, v in times[b].items()),
+              flush=True)
+    sizes = {k: bg.size_on_disk(m) for k, m in variants.items()}
+    out = {"machine": info, "args": vars(args), "deploy_rows": rows32, "policies": policies, "times_s": times,
+           "sizes": sizes, "shapes": {b: list(inputs[b]["input_ids"].shape) for b in args.batches},
+           "report": report.to_dict()}
+    write_json(ROOT / "benchmarks" / "results" / "minilm_speed.json", out)
+    lines = [f"Machine: {banner(info)}", "", f"Command: `python benchmarks/minilm_speed.py {' '.join(argv or sys.argv[1:])}`",
+             "", f"all-MiniLM-L6-v2, encoder linear layers at {args.ratio} of their weights (defaults: policy auto "
+             f"judged at deploy_rows={rows32}); bondgate layer forms: {policies}. Median of {args.rounds} interleaved "
+             f"rounds, {args.threads} threads.", "",
+             "| variant | size on disk (MB) | " + " | ".join(f"{b} sentences (ms) | vs dense" for b in args.batches) + " |",
+             "|---|---|" + "---|---|" * len(args.batches)]
+    for k in variants:
+        lines.append(f"| {k} | {sizes[k] / 1e6:.1f} | " + " | ".join(
+            f"{1e3 * times[b][k]:.2f} | {times[b][k] / times[b]['dense']:.2f}x" for b in args.batches) + " |")
+    (ROOT / "benchmarks" / "results" / "minilm_speed.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -830,3 +830,31 @@ def test_gated_forward_reads_the_device_at_most_once_per_call(path, monkeypatch)
         with torch.no_grad():
             layer(x, levels=levels)
         assert len(reads) == (0 if path == "static" else 1), (path, call)
+
+
+@pytest.mark.parametrize("executor", ["dense", "tensordot"])
+def test_gated_eval_keeps_each_levels_precontracted_operands(executor, monkeypatch):
+    # a LLaMA-shape decode ran 15x slower gated than full-width: every inference call re-contracted the level's
+    # groups (for a dense plan: rebuilt the whole weight). They are kept now, like the full-width layer's
+    from bondgate.planner import SPEED, ContractionPlan, _build_candidates
+
+    def pick(out_f, in_f, ranks, rows, dtype, device, policy, grad):
+        cands = _build_candidates(tuple(out_f), tuple(in_f), tuple(ranks), rows, SPEED, grad)
+        return next(c for c in cands if (c.dense if executor == "dense" else c.executor == "tensordot" and not c.dense))
+
+    monkeypatch.setattr(bondgate.gating, "get_plan", pick)
+    net, layer = gated_layer()
+    layer.eval()
+    calls = []
+    real = ContractionPlan.group_operands
+    monkeypatch.setattr(ContractionPlan, "group_operands", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    x = torch.randn(5, 96)
+    with torch.no_grad():
+        for level in range(4):
+            layer(x, levels=torch.full((5,), level))
+        first = len(calls)
+        for level in range(4):
+            y = layer(x, levels=torch.full((5,), level))
+    assert first == 4 and len(calls) == first  # built once per level, then kept
+    ref = x @ layer.to_mpo().slice_bonds(layer.level_widths[3]).to_matrix().T + layer.bias
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)

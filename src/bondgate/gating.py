@@ -452,16 +452,23 @@ class GatedMPOLinear(MPOLinear):
                             self._policy, grad)
             entry = self._level_plans[key] = (plan, widths == self.bond_dims)
         plan, is_full = entry
-        if plan.executor == "sweep" and not enabled:
-            return plan.run(x2d, self._sweep_views(plan, widths), self.out_features)
-        cores = list(self._core_tuple()) if is_full else self._level_cores(widths, cache=not enabled)
+        if not enabled:
+            if plan.executor == "sweep":
+                return plan.run(x2d, self._sweep_views(plan, widths), self.out_features)
+            # the level's pre-contracted groups, kept between inference calls (rebuilding them every call cost
+            # a decode step more than the contraction itself)
+            return plan.run(x2d, self._kept(("ops", widths, plan.operand_key), lambda cs: plan.cache_operands(
+                cs if is_full else self._level_cores(widths, cache=False), self.out_features, self.in_features)),
+                self.out_features)
+        cores = list(self._core_tuple()) if is_full else self._level_cores(widths, cache=False)
         return plan.run(x2d, plan.group_operands(cores, self.out_features, self.in_features), self.out_features)
 
     @property
     def cache_nbytes(self) -> int:
         """Bytes kept between inference calls besides the parameters: the full-width kernel's operands,
         one copy of the cores per sweep direction the levels use (their views share it), and the
-        contiguous sliced cores of levels whose fastest plan is not a sweep."""
+        pre-contracted operands of levels whose fastest plan is not a sweep (up to a dense weight per level
+        whose plan is dense)."""
         own = sum(t.numel() * t.element_size() for key, (_, ops, _) in self._slices.items()
                   if key[0] != "views" for t in ops)
         return super().cache_nbytes + own

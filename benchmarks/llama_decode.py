@@ -3,7 +3,7 @@ LlamaForCausalLM with LLaMA's layer widths (hidden 2048, intermediate 5632, 32 h
 RMSNorm), random weights (speed does not depend on the values), as
 
 * ``dense``     fp32;
-* ``int8``      torch's dynamic int8 quantization of the block layers (``bondgate.quantize_int8``);
+* ``int8``      torch's dynamic int8 quantization of the same target layers (``bondgate.quantize_int8``);
 * ``mpo``       the target layers compressed to ``--ratio`` of their weights (``bondgate.compress`` with one bond
                 cap for every layer, ``allocation="uniform"``: random weights have flat spectra, on which the global
                 allocation's choices are arbitrary (it gave the LM head 1.1% and two layers 2.8%); default policy
@@ -17,8 +17,10 @@ The targets are every linear layer: the blocks' and the LM head (``--no-head``: 
 Variants are timed in interleaved rounds; the figure is the median tokens/s (new tokens of all sequences / wall
 time of the ``generate`` call, prefill of a ``--prompt``-token prompt included).
 
-Run:  python benchmarks/llama_decode.py                      (2 layers; ~15 min on 2 cores)
-Writes benchmarks/results/llama_decode.{json,md}.
+Run:  python benchmarks/llama_decode.py                      (2 layers; ~12 min on 2 cores)
+      python benchmarks/llama_decode.py --allocation global --kinds mpo lowrank --max-latency-ratio 0.5 --tag _latency
+      (latency-aware: each layer an MPO, a low-rank pair or dense, predicted time <= 0.5 x dense at the largest batch)
+Writes benchmarks/results/llama_decode{TAG}.{json,md}.
 """
 
 from __future__ import annotations
@@ -64,12 +66,15 @@ def build_variants(dense, args) -> dict:
         t0 = time.perf_counter()
         mpo = bondgate.compress(copy.deepcopy(dense), bondgate.CompressionConfig(
             param_ratio=args.ratio, target_modules=args.target, calibrate=False, num_cores=args.num_cores,
-            allocation="uniform",
+            allocation=args.allocation, kinds=args.kinds, max_latency_ratio=args.max_latency_ratio,
             deploy_rows=max(args.batches)), progress=not args.no_progress)
         print(f"compressed in {time.perf_counter() - t0:.0f} s", flush=True)
         print(mpo.bondgate_report.table(), flush=True)
         if "mpo" in args.variants:
             variants["mpo"] = mpo
+        if not any(isinstance(m, bondgate.MPOLinear) for m in mpo.modules()):
+            print("no MPO layer was chosen (low-rank / dense only): skipping mpo_int8 and gated", flush=True)
+            args.variants = [v for v in args.variants if v not in ("mpo_int8", "gated")]
         if "mpo_int8" in args.variants:
             variants["mpo_int8"] = bondgate.quantize_mpo(copy.deepcopy(mpo), "int8")
         if "gated" in args.variants:
@@ -103,6 +108,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variants", nargs="+", default=["dense", "int8", "mpo", "mpo_int8", "gated"])
     ap.add_argument("--no-head", dest="head", action="store_false", help="leave the LM head dense")
+    ap.add_argument("--allocation", choices=["uniform", "global"], default="uniform")
+    ap.add_argument("--kinds", nargs="+", choices=["mpo", "lowrank"], default=None,
+                    help="CompressionConfig.kinds (forms a layer may take; needs --allocation global)")
+    ap.add_argument("--max-latency-ratio", type=float, default=None,
+                    help="CompressionConfig.max_latency_ratio at deploy_rows = the largest batch (needs global)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
@@ -141,7 +151,10 @@ def main() -> None:
     lines = [f"# LLaMA-shape decode ({args.layers} layers, hidden 2048, intermediate 5632, vocab {args.vocab})", "",
              f"Machine: {banner(info)}", "",
              f"`python benchmarks/llama_decode.py --layers {args.layers} --ratio {args.ratio} --budget {args.budget}"
-             f"{'' if args.head else ' --no-head'}` (targets `{args.target}`); "
+             f"{'' if args.head else ' --no-head'} --allocation {args.allocation}"
+             f"{' --kinds ' + ' '.join(args.kinds) if args.kinds else ''}"
+             f"{' --max-latency-ratio ' + str(args.max_latency_ratio) if args.max_latency_ratio else ''}"
+             f" --batches {' '.join(map(str, args.batches))}` (targets `{args.target}`); "
              f"greedy generate, prompt {args.prompt} tokens, {args.new_tokens} new tokens, median of {args.rounds} "
              "interleaved rounds; tokens/s counts the new tokens of all sequences.", "",
              "| variant | block weights | size on disk (MB) | " + " | ".join(f"tok/s @ {b}" for b in args.batches)

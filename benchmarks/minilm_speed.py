@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
                                             **kw), calibration=calib, progress=False)
         variants[name] = m.eval()
     compress_s = time.perf_counter() - t0
-    variants["int8 dynamic"] = bg.quantize_int8(dense, target=ms.TARGET)
+    variants["int8 dynamic"] = bg.quantize_int8(dense, target=ms.encoder_target)
     report = variants["bondgate"].bondgate_report
     policies = {}
     for r in report.layers:

@@ -42,10 +42,10 @@ from torch import nn
 
 from .factors import factorize_shape
 from .io import register_layer_type
-from .layer import MPOLinear, TrackedParameter, kept, outside_inference_mode
+from .layer import MPOLinear, TrackedParameter, fake_quantized_cores
 from .mpo import MPO, BondSpec
 from .planner import PlanPolicy
-from .quant import check_quant, fake_quant_cores, load_quantized_cores, register_state_dict_hook
+from .quant import check_quant, load_quantized_cores, register_state_dict_hook
 
 __all__ = ["MPOEmbedding", "lookup"]
 
@@ -254,11 +254,7 @@ class MPOEmbedding(nn.Module):
         """The cores lookups use: the parameters, or their fake-quantized values (kept between calls without
         autograd, version-checked) when the layer is quantized."""
         cores = tuple(self.cores)
-        if self._quant is None:
-            return list(cores)
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(c.requires_grad for c in cores)):
-            return list(fake_quant_cores(cores))
-        return list(kept(self._quant_cache, "cores", cores, lambda: _kept_fake_quant(cores)))
+        return list(cores if self._quant is None else fake_quantized_cores(self._quant_cache, cores))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -300,12 +296,6 @@ class MPOEmbedding(nn.Module):
         return (f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}, "
                 f"out_factors={self.out_factors}, in_factors={self.in_factors}, bond_dims={self.bond_dims}, "
                 f"params={self.num_params:,}" + (f", quant={self._quant}" if self._quant is not None else ""))
-
-
-@outside_inference_mode  # tensors with version counters, like the parameters
-def _kept_fake_quant(cores) -> tuple[torch.Tensor, ...]:
-    with torch.no_grad():
-        return fake_quant_cores(cores)
 
 
 def _weighted_mpo(E: torch.Tensor, counts: torch.Tensor, num_cores: int, max_bond: BondSpec,

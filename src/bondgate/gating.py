@@ -426,14 +426,10 @@ class GatedMPOLinear(MPOLinear):
                 m._tracker.lam = float(m.budget_lambda)
 
     # ------------------------------------------------------------------ kernels
-    def _level_cores(self, widths: tuple[int, ...], cache: bool) -> list[torch.Tensor]:
-        """Cores sliced to ``widths``; kept contiguous between calls in inference (version-checked)."""
-        cores = self._core_tuple()
+    def _level_cores(self, widths: tuple[int, ...]) -> list[torch.Tensor]:
+        """Cores sliced to ``widths`` (views; inference keeps the operands built from them, see width_output)."""
         w = [1, *widths, 1]
-        if not cache:
-            return [c[: w[k], :, :, : w[k + 1]] for k, c in enumerate(cores)]
-        return self._kept(("cores", widths),
-                          lambda cs: [c.detach()[: w[k], :, :, : w[k + 1]].contiguous() for k, c in enumerate(cs)])
+        return [c[: w[k], :, :, : w[k + 1]] for k, c in enumerate(self._core_tuple())]
 
     def _kept(self, key: tuple, build: Callable) -> list[torch.Tensor]:
         """``build(cores)``, kept in ``_slices[key]`` between inference calls while the cores are unchanged."""
@@ -458,9 +454,9 @@ class GatedMPOLinear(MPOLinear):
             # the level's pre-contracted groups, kept between inference calls (rebuilding them every call cost
             # a decode step more than the contraction itself)
             return plan.run(x2d, self._kept(("ops", widths, plan.operand_key), lambda cs: plan.cache_operands(
-                cs if is_full else self._level_cores(widths, cache=False), self.out_features, self.in_features)),
+                cs if is_full else self._level_cores(widths), self.out_features, self.in_features)),
                 self.out_features)
-        cores = list(self._core_tuple()) if is_full else self._level_cores(widths, cache=False)
+        cores = list(self._core_tuple()) if is_full else self._level_cores(widths)
         return plan.run(x2d, plan.group_operands(cores, self.out_features, self.in_features), self.out_features)
 
     @property

@@ -417,12 +417,7 @@ class MPOLinear(nn.Module):
         if not keep:  # for operands the caller keeps (inference only)
             with torch.no_grad():
                 return fake_quant_cores(cores)
-        hit = self._quant_cache.get("cores")  # per call in inference: the kept ones, without building a closure
-        if hit is not None and not torch.is_grad_enabled() and is_fresh(hit, cores, core_versions(cores)):
-            return hit[1]
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(c.requires_grad for c in cores)):
-            return fake_quant_cores(cores)
-        return kept(self._quant_cache, "cores", cores, lambda: _kept_fake_quant(cores))
+        return fake_quantized_cores(self._quant_cache, cores)
 
     @property
     def quant(self) -> str | None:
@@ -599,6 +594,17 @@ class MPOLinear(nn.Module):
             f"params={self.num_params:,}, policy={'speed' if self._policy.cache_dense else 'memory'}"
             + (f", quant={self._quant}" if self._quant is not None else "")
         )
+
+
+def fake_quantized_cores(cache: dict, cores: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """``fake_quant`` of ``cores`` (an MPO layer's or table's): recomputed with a straight-through gradient when
+    autograd needs it or a tracer runs, else kept in ``cache`` between calls while ``cores`` are unmodified."""
+    hit = cache.get("cores")  # per call in inference: the kept ones, without building a closure
+    if hit is not None and not torch.is_grad_enabled() and is_fresh(hit, cores, core_versions(cores)):
+        return hit[1]
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(c.requires_grad for c in cores)):
+        return fake_quant_cores(cores)
+    return kept(cache, "cores", cores, lambda: _kept_fake_quant(cores))
 
 
 @outside_inference_mode  # tensors with version counters: operands kept from them (gating's) can be reused

@@ -9,6 +9,8 @@ RMSNorm), random weights (speed does not depend on the values), as
                 allocation's choices are arbitrary (it gave the LM head 1.1% and two layers 2.8%); default policy
                 ``auto``: an MPO layer whose factored kernels are slower than dense keeps the dense weight);
 * ``mpo_int8``  the same with int8 cores (``bondgate.quantize_mpo``);
+* ``lowrank_int8`` with ``--kinds lowrank``: the low-rank pairs' two factors as ``nn.Linear`` layers
+                (``LowRankLinear.to_linears``) through the same dynamic int8 quantization;
 * ``gated``     the MPO model with per-token bond gating (error controllers fitted on random prompts, one shared
                 price calibrated for a ``--budget`` fraction of the full-width FLOPs, ``cost_rows`` = the batch).
 
@@ -19,6 +21,7 @@ time of the ``generate`` call, prefill of a ``--prompt``-token prompt included).
 
 Run:  python benchmarks/llama_decode.py                      (2 layers; ~12 min on 2 cores)
       python benchmarks/llama_decode.py --allocation global --kinds mpo lowrank --max-latency-ratio 0.5 --tag _latency
+      python benchmarks/llama_decode.py --allocation uniform --kinds lowrank --variants dense int8 mpo lowrank_int8 --tag _lowrank
       (latency-aware: each layer an MPO, a low-rank pair or dense, predicted time <= 0.5 x dense at the largest batch)
 Writes benchmarks/results/llama_decode{TAG}.{json,md}.
 """
@@ -72,6 +75,14 @@ def build_variants(dense, args) -> dict:
         print(mpo.bondgate_report.table(), flush=True)
         if "mpo" in args.variants:
             variants["mpo"] = mpo
+        if "lowrank_int8" in args.variants:  # the low-rank pairs' factors through torch's dynamic int8
+            low = copy.deepcopy(mpo)
+            for name, m in list(low.named_modules()):
+                if isinstance(m, bondgate.LowRankLinear):
+                    low.set_submodule(name, m.to_linears())
+            variants["lowrank_int8"] = bondgate.quantize_int8(
+                low, target=lambda name, _: re.fullmatch(args.target, name.rpartition(".")[0]) is not None
+                or re.fullmatch(args.target, name) is not None)
         if not any(isinstance(m, bondgate.MPOLinear) for m in mpo.modules()):
             print("no MPO layer was chosen (low-rank / dense only): skipping mpo_int8 and gated", flush=True)
             args.variants = [v for v in args.variants if v not in ("mpo_int8", "gated")]
@@ -164,6 +175,12 @@ def main() -> None:
         lines.append(f"| {k} | {block_params[k]:,} | {sizes[k] / 1e6:.1f} | "
                      + " | ".join(f"{tps[k][b]:.1f}" for b in args.batches) + " | "
                      + " | ".join(f"{tps[k][b] / tps['dense'][b]:.2f}x" for b in args.batches) + " |")
+    if "mpo" in variants:
+        forms: dict[str, int] = {}
+        for r in variants["mpo"].bondgate_report.layers:
+            forms[r.form] = forms.get(r.form, 0) + 1
+        lines += ["", "`mpo` variant's layers by form: " + ", ".join(f"{v} {k}" for k, v in sorted(forms.items()))
+                  + " (a `lowrank` layer is a pair of factors, `LowRankLinear`)"]
     if "gated" in variants and "mpo" in variants:
         lines += ["", "gated vs full-width MPO: " + ", ".join(
             f"{tps['gated'][b] / tps['mpo'][b]:.2f}x at batch {b}" for b in args.batches)

@@ -203,8 +203,10 @@ def cmd_heal(args) -> None:
     calib = batches(tok, pool[:args.calibration])
     t0 = time.time()
     extra = {}
-    if args.embeddings:  # the word embedding table too (an MPOEmbedding), under the same budget
-        extra = {"embeddings": True, "target_modules": TARGET + r"|embeddings\.word_embeddings"}
+    if args.embeddings:  # the word embedding table too (an MPOEmbedding), fitted to the calibration ids' frequencies
+        extra = {"embeddings": True, "target_modules": TARGET + r"|embeddings\.word_embeddings",
+                 "embedding_ratio": args.embedding_ratio, "embedding_form": args.embedding_form,
+                 "embedding_rows": args.embedding_rows}
     student = compress_ours(dense, calib, args.ratio, quantize="int8" if args.int8 else None, **extra)
     compress_s = time.time() - t0
     before = stsb_score(student, tok, dev)
@@ -217,7 +219,7 @@ def cmd_heal(args) -> None:
     after = stsb_score(student, tok, dev)
     train_s = res.seconds - res.eval_seconds
     print(f"after {res.steps} steps / {res.seconds / 60:.1f} min ({res.stopped}): STS-B {after:.2f}", flush=True)
-    tag = f"{int(args.ratio * 100)}" + ("-emb" if args.embeddings else "") + ("-int8" if args.int8 else "")
+    tag = f"{int(args.ratio * 100)}" + ("-emb" if args.embeddings else "") + ("-int8" if args.int8 else "") + args.tag
     out_dir = Path(args.out or ROOT / "runs" / f"minilm-{tag}")
     bg.save_pretrained(student, out_dir, tokenizer=tok)
     result = {"machine": info, "ratio": args.ratio, "weights": linear_weights(student),
@@ -255,6 +257,10 @@ def main(argv=None) -> None:
     h.add_argument("--patience", type=int, default=4)
     h.add_argument("--embeddings", action="store_true", help="compress the word embedding table too")
     h.add_argument("--int8", action="store_true", help="int8 MPO cores (quantization-aware healing)")
+    h.add_argument("--embedding-ratio", type=float, default=None, help="the table's share of its weights")
+    h.add_argument("--embedding-form", choices=["mpo", "lowrank"], default="mpo")
+    h.add_argument("--embedding-rows", type=int, default=0, help="exact rows kept for the most frequent ids")
+    h.add_argument("--tag", default="", help="suffix of the result files")
     h.add_argument("--out", default=None)
     h.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)

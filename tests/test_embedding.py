@@ -205,3 +205,83 @@ def test_counts_weighting_favours_frequent_rows():
     assert exact.error < 1e-6
     with pytest.raises(ValueError, match="counts"):
         MPOEmbedding.from_embedding(emb, counts=-torch.ones(4096))
+
+
+def _zipf_counts(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    counts = 1e5 / torch.arange(1.0, n + 1) ** 1.2
+    return counts[torch.randperm(n, generator=g)].round()  # frequency unrelated to the id order
+
+
+def test_lowrank_form_is_the_exact_frequency_weighted_svd():
+    # one digit holds the whole id, so the row weights divide one factor exactly: the result must be the optimum
+    # of sum_v (c_v + 1) ||E_v - E_hat_v||^2 at the rank (Eckart-Young on diag(w) E), not an approximation of it
+    torch.manual_seed(0)
+    emb, counts = nn.Embedding(600, 24), _zipf_counts(600)
+    E, w = emb.weight.detach().double(), (counts.double() + 1).sqrt()
+    P, s, Qh = torch.linalg.svd(E * w[:, None], full_matrices=False)
+    best = ((P[:, :6] * s[:6]) @ Qh[:6]) / w[:, None]
+    m = MPOEmbedding.from_embedding(emb, max_bond=6, counts=counts, form="lowrank")
+    assert m.out_factors == (600, 1) and m.in_factors == (1, 24) and m.bond_dims == (6,) and m.num_params == 6 * 624
+    assert rel(m.weight_matrix().double(), best) < 1e-5
+
+    def werr(mm):
+        return float(((mm.weight_matrix().detach().double() - E).square().sum(1) * (counts + 1)).sum()) ** 0.5
+
+    plain = MPOEmbedding.from_embedding(emb, max_bond=6, form="lowrank")
+    assert werr(m) < 0.8 * werr(plain)
+    assert m.error == pytest.approx(rel(m.weight_matrix(), emb.weight), rel=1e-4) and m.error > plain.error
+    ids = torch.randint(0, 600, (7, 5))
+    assert rel(m(ids), m.weight_matrix()[ids]) < 1e-5  # the gather path of the first core
+    with pytest.raises(ValueError, match="form"):
+        MPOEmbedding.from_embedding(emb, form="tucker")
+
+
+@pytest.mark.parametrize("form", ["mpo", "lowrank"])
+def test_kept_rows_are_exact_train_and_count_as_weights(form):
+    torch.manual_seed(0)
+    emb, counts = nn.Embedding(1009, 16), _zipf_counts(1009)
+    m = MPOEmbedding.from_embedding(emb, max_bond=4, counts=counts, form=form, keep_rows=40)
+    kept = torch.sort(-counts, stable=True).indices[:40]
+    assert torch.equal(m.kept_ids, kept.sort().values)
+    assert torch.equal(m(kept), emb(kept))  # exact rows
+    others = torch.tensor([i for i in range(1009) if i not in set(kept.tolist())])
+    assert 0.05 < rel(m(others), emb(others)) < 1  # the factors' approximation
+    assert m.num_params == sum(c.numel() for c in m.cores) + 40 * 16
+    assert m.error == pytest.approx(rel(m.weight_matrix(), emb.weight), rel=1e-4)
+    ids = torch.cat([kept[:5], others[:5], kept[:2]]).reshape(3, 4)
+    out = m(ids)
+    assert torch.equal(out, m.weight_matrix()[ids]) or rel(out, m.weight_matrix()[ids]) < 1e-6
+    out.square().sum().backward()
+    assert m.kept_rows.grad is not None and m.kept_rows.grad.abs().sum() > 0
+    assert all(c.grad is not None and c.grad.abs().sum() > 0 for c in m.cores)
+    assert "kept_rows=40" in repr(m)
+    with pytest.raises(ValueError, match="tied MPO head"):
+        m.as_linear()
+    with pytest.raises(ValueError, match="needs counts"):
+        MPOEmbedding.from_embedding(emb, max_bond=4, keep_rows=3)
+    with pytest.raises(ValueError, match="distinct"):
+        m.keep_rows_(torch.tensor([1, 1]), torch.zeros(2, 16))
+    with pytest.raises(ValueError, match="shape"):
+        m.keep_rows_(torch.tensor([1, 2]), torch.zeros(3, 16))
+
+
+def test_kept_rows_save_as_int8_and_reload_bit_exactly(tmp_path):
+    torch.manual_seed(0)
+    emb = nn.Embedding(1009, 16)
+    model = nn.Sequential(MPOEmbedding.from_embedding(emb, max_bond=4, counts=_zipf_counts(1009), form="lowrank",
+                                                      keep_rows=40), nn.Linear(16, 4))
+    model[0].quantize_("int8")
+    ids = torch.randint(0, 1009, (6, 9))
+    want = model(ids)
+    sd = model.state_dict()
+    assert sd["0.kept_rows"].dtype == torch.int8 and sd["0.kept_rows_scale"].shape == (40,)
+    bondgate.save(model, tmp_path / "ck")
+    loaded = bondgate.load(tmp_path / "ck")
+    assert torch.equal(loaded(ids), want) and torch.equal(loaded[0].kept_ids, model[0].kept_ids)
+    assert abs(rel(model[0](model[0].kept_ids), emb(model[0].kept_ids)) - 0.005) < 0.005  # int8 rows: < 1%
+    bad = {k: v.clone() for k, v in sd.items()}
+    bad["0.kept_ids"] = bad["0.kept_ids"].flip(0)  # not increasing: the lookup's binary search would be wrong
+    fresh = nn.Sequential(MPOEmbedding.from_spec(model[0].spec()), nn.Linear(16, 4))
+    with pytest.raises(RuntimeError, match="kept_ids"):
+        fresh.load_state_dict(bad)

@@ -155,3 +155,19 @@ def test_mpo_flops_model_matches_the_planner():
             assert planner <= model <= 1.6 * planner  # the closed form ignores merged-core paths: never below
     assert full_widths((4, 8, 12), (8, 12, 16)) == (32, 192)
     assert math.prod((4, 8, 12)) == 384
+
+
+def test_lowrank_pair_as_two_linears_and_through_dynamic_int8():
+    import bondgate
+
+    torch.manual_seed(0)
+    dense = nn.Linear(48, 40)
+    low = bondgate.LowRankLinear.from_linear(dense, 8)
+    seq = low.to_linears()
+    x = torch.randn(5, 48)
+    assert [tuple(m.weight.shape) for m in seq] == [(8, 48), (40, 8)] and seq[0].bias is None
+    assert torch.allclose(seq(x), low(x), atol=1e-6)
+    q = bondgate.quantize_int8(nn.Sequential(seq))
+    out = q(x)
+    err = float((out - low(x)).norm() / low(x).norm())
+    assert 1e-5 < err < 0.05  # int8 factors: close, not equal

@@ -67,7 +67,11 @@ def test_quantize_error_bound_and_per_channel_scales():
     with pytest.raises(ValueError, match="NaN or infinite"):
         quantize(torch.full((1, 2, 2, 1), float("nan")))
     with pytest.raises(ValueError, match="MPO core"):
-        quantize(torch.randn(4, 4))
+        quantize(torch.randn(4, 4, 4))
+    rows = torch.randn(5, 7) * torch.tensor([1.0, 1e-3, 1.0, 5.0, 0.0])[:, None]  # a table: one scale per row
+    q, s = quantize(rows)
+    assert s.shape == (5,) and s[4] == 0 and (q.abs().amax(dim=1)[:4] == 127).all()
+    assert rel(dequantize(q, s)[1], rows[1]) < 0.01 and torch.equal(fake_quant(rows), dequantize(q, s))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])

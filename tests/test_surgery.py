@@ -380,3 +380,91 @@ def test_embedding_tables_get_their_own_share_of_the_budget():
         CompressionConfig(max_bond=4, embedding_ratio=0.5)
     with pytest.raises(TypeError, match="embedding_ratio must be a number"):
         CompressionConfig(param_ratio=0.5, embedding_ratio="0.5")
+
+
+def test_tables_fit_the_calibration_ids_and_keep_their_most_frequent_rows():
+    import bondgate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(512, 32), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+    probs = 1.0 / torch.arange(1.0, 513) ** 1.1
+    calib = [torch.multinomial(probs, 8 * 16, replacement=True).reshape(8, 16) for _ in range(4)]
+    counts = torch.bincount(torch.cat([c.reshape(-1) for c in calib]), minlength=512).double()
+    cfg = dict(param_ratio=0.5, embeddings=True, embedding_ratio=0.4, embedding_form="lowrank", num_cores=2)
+    plain = copy.deepcopy(model)
+    compress(plain, CompressionConfig(**cfg), progress=False)  # no data: no weighting
+    m = copy.deepcopy(model)
+    compress(m, CompressionConfig(**cfg, embedding_rows=20), calibration=calib, progress=False)
+    emb = m[0]
+    assert isinstance(emb, bondgate.MPOEmbedding) and emb.out_factors == (512, 1)
+    assert torch.equal(emb.kept_ids, torch.sort(-counts, stable=True).indices[:20].sort().values)
+    row = {r.name: r for r in m.bondgate_report.layers}["0"]
+    assert row.params_after == emb.num_params <= 0.4 * 512 * 32 and row.params_after > 0.3 * 512 * 32
+
+    def on_calibration_ids(mm):  # the table's error where the data looks it up
+        E, W = model[0].weight.detach(), mm[0].weight_matrix().detach()
+        return float((counts * (W - E).square().sum(1)).sum() / (counts * E.square().sum(1)).sum()) ** 0.5
+
+    assert on_calibration_ids(m) == pytest.approx(row.output_error, rel=1e-3)
+    assert on_calibration_ids(m) < 0.7 * on_calibration_ids(plain)  # measured 0.43 vs 0.72
+    tied = nn.Sequential(nn.Embedding(512, 32), nn.Linear(32, 512, bias=False))
+    tied[1].weight = tied[0].weight
+    with pytest.raises(ValueError, match="tied to an LM head"):
+        compress(tied, CompressionConfig(**cfg, embedding_rows=4), calibration=calib, progress=False)
+    with pytest.raises(ValueError, match="needs calibration data"):
+        compress(copy.deepcopy(model), CompressionConfig(**cfg, embedding_rows=4), progress=False)
+    with pytest.raises(ValueError, match="whole budget"):
+        compress(copy.deepcopy(model), CompressionConfig(**cfg, embedding_rows=300), calibration=calib,
+                 progress=False)
+    with pytest.raises(ValueError, match="embeddings=True"):
+        CompressionConfig(param_ratio=0.5, embedding_rows=4)
+    with pytest.raises(ValueError, match="embedding_form"):
+        CompressionConfig(param_ratio=0.5, embedding_form="tt")
+
+
+def test_int8_compression_quantizes_the_layers_it_keeps_dense(tmp_path):
+    import bondgate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 64))
+    with torch.no_grad():  # a near-low-rank layer the budget compresses; the others it keeps dense
+        model[2].weight.copy_(torch.randn(64, 4) @ torch.randn(4, 256) / 16)
+    calib = [torch.randn(32, 64) for _ in range(4)]
+    m = copy.deepcopy(model)
+    compress(m, CompressionConfig(param_ratio=0.6, quantize="int8", num_cores=2), calibration=calib, progress=False)
+    rows = {r.name: r for r in m.bondgate_report.layers}
+    kept = [n for n, r in rows.items() if r.status.startswith("kept dense")]
+    assert kept and all(rows[n].status == "kept dense (budget), int8" and rows[n].quant == "int8" for n in kept)
+    for n in kept:
+        layer = m.get_submodule(n)
+        assert isinstance(layer, bondgate.MPOLinear) and len(layer.cores) == 1 and layer.quant == "int8"
+        x = torch.randn(16, layer.in_features)
+        ref = model.get_submodule(n)
+        assert 1e-4 < rel(layer(x), ref(x)) < 0.02  # int8 per output channel
+    x = torch.randn(8, 64)
+    bondgate.save(m, tmp_path / "q")
+    assert torch.equal(bondgate.load(tmp_path / "q")(x), m(x))
+    # fp32: ~4 bytes per weight; int8: ~1 (plus scales and biases)
+    assert bondgate.size_on_disk(m) < 0.4 * bondgate.size_on_disk(model)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
+
+
+def test_uniform_lowrank_gives_every_layer_the_same_fraction():
+    import bondgate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 48), nn.ReLU(), nn.Linear(48, 8))
+    calib = [torch.randn(32, 64) for _ in range(4)]
+    compress(model, CompressionConfig(param_ratio=0.25, kinds=("lowrank",), allocation="uniform"),
+             calibration=calib, progress=False)
+    for name, (m, n) in {"0": (96, 64), "2": (48, 96)}.items():
+        layer = model.get_submodule(name)
+        assert isinstance(layer, bondgate.LowRankLinear) and layer.rank == int(0.25 * m * n // (m + n))
+    # 48 -> 8: rank 1 would keep 56 of 384 weights (the rule gives int(0.25 * 384 / 56) = 1): compressed too
+    assert isinstance(model[4], bondgate.LowRankLinear) and model[4].rank == 1
+    rows = {r.name: r for r in model.bondgate_report.layers}
+    assert all(rows[n].form == "lowrank" and rows[n].params_after <= 0.25 * rows[n].params_before for n in rows)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["InputStats", "collect_input_stats", "kron_whiteners", "refine_cores", "layer_sensitivity",
+__all__ = ["InputStats", "collect_input_stats", "collect_token_counts", "kron_whiteners", "refine_cores", "layer_sensitivity",
            "run_model", "model_output", "capture_inputs", "output_sensitivity"]
 
 
@@ -186,6 +186,29 @@ def collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], data
         n = counts[name]
         out[name] = InputStats(mean=sums[name] / n, second=seconds[name] / n, rows=n)
     return out
+
+
+def collect_token_counts(model: nn.Module, tables: Mapping[str, nn.Module], data: Iterable,
+                         progress: bool = False) -> dict[str, torch.Tensor]:
+    """How often each row of each listed embedding table is looked up over ``data`` (float64 ``(num_embeddings,)``
+    per table, CPU): the calibration statistic of a table, whose input is a one-hot id (its "covariance" is the
+    diagonal of these counts). Ids at padding positions are not counted when the batch has an ``attention_mask``."""
+    counts = {n: torch.zeros(m.weight.shape[0], dtype=torch.float64) for n, m in tables.items()}
+
+    def count(name, mod, ids, batch):
+        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+        if isinstance(mask, torch.Tensor) and mask.shape == ids.shape:
+            ids = ids[mask.bool()]
+        ids = ids.reshape(-1).long().cpu()
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= counts[name].numel()):
+            raise ValueError(f"table {name!r} got ids outside [0, {counts[name].numel()}) from the calibration data")
+        counts[name] += torch.bincount(ids, minlength=counts[name].numel()).double()
+
+    capture_inputs(model, tables, data, count, None, progress)
+    for name, c in counts.items():
+        if not c.sum() > 0:
+            raise ValueError(f"table {name!r} saw no calibration ids: is it used by the model's forward?")
+    return counts
 
 
 def kron_whiteners(cov: torch.Tensor, in_factors: Sequence[int], damping: float = 1e-2

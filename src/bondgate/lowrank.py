@@ -107,6 +107,19 @@ class LowRankLinear(nn.Module):
                 lin.bias.copy_(self.bias)
         return lin
 
+    def to_linears(self) -> nn.Sequential:
+        """The same map as two plain layers, ``Sequential(Linear(in, rank, bias=False), Linear(rank, out))``
+        (copies): for tools that only know ``nn.Linear``, e.g. ``bondgate.quantize_int8`` of the factors."""
+        kw = {"device": self.U.device, "dtype": self.U.dtype}
+        first = nn.Linear(self.in_features, self.rank, bias=False, **kw)
+        second = nn.Linear(self.rank, self.out_features, bias=self.bias is not None, **kw)
+        with torch.no_grad():
+            first.weight.copy_(self.V)
+            second.weight.copy_(self.U)
+            if self.bias is not None:
+                second.bias.copy_(self.bias)
+        return nn.Sequential(first, second)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(nn.functional.linear(x, self.V), self.U, self.bias)
 

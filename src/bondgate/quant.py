@@ -41,7 +41,12 @@ QUANT_MODES = ("int8",)
 #: suffix of a core's scale in a quantized layer's state dict: ``cores.0`` (int8) and ``cores.0_scale`` (fp32)
 SCALE_SUFFIX = "_scale"
 QMAX = 127
-_CHANNEL_DIMS = (2, 3)  # reduced over: one scale per (r_left, out)
+
+
+def _lead(t: torch.Tensor) -> int:
+    """How many leading dims index the channels: 2 for a core (one scale per ``(r_left, out)``), 1 for a plain
+    table of rows (an :class:`~bondgate.MPOEmbedding`'s kept rows: one scale per row)."""
+    return 2 if t.dim() == 4 else 1
 
 
 def check_quant(mode) -> str | None:
@@ -52,9 +57,10 @@ def check_quant(mode) -> str | None:
 
 
 def _check_core(core) -> None:
-    if not isinstance(core, torch.Tensor) or core.dim() != 4 or not core.is_floating_point():
+    if not isinstance(core, torch.Tensor) or core.dim() not in (2, 4) or not core.is_floating_point():
         what = f"{core.dtype} tensor of shape {tuple(core.shape)}" if isinstance(core, torch.Tensor) else type(core).__name__
-        raise ValueError(f"expected a floating-point MPO core of shape (r_left, out, in, r_right), got {what}")
+        raise ValueError(f"expected a floating-point MPO core of shape (r_left, out, in, r_right) or a table of rows, "
+                         f"got {what}")
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -62,9 +68,10 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _scales(core: torch.Tensor) -> torch.Tensor:
-    """fp32 scales ``(r_left, out, 1, 1)`` of a (detached) core: ``max|G[a, o]| / 127`` rounded up to the bits that
-    keep ``q * s`` exact in the core's dtype (17 for float32/64, power-of-two scales for 16-bit floats)."""
-    amax = core.abs().amax(dim=_CHANNEL_DIMS, keepdim=True)
+    """fp32 scales ``(r_left, out, 1, 1)`` of a (detached) core (``(rows, 1)`` of a table): ``max|G[a, o]| / 127``
+    rounded up to the bits that keep ``q * s`` exact in the core's dtype (17 for float32/64, power-of-two scales for
+    16-bit floats)."""
+    amax = core.abs().amax(dim=tuple(range(_lead(core), core.dim())), keepdim=True)
     s = (amax.to(_compute_dtype(core.dtype)) / QMAX).float()
     drop = 7 if torch.finfo(core.dtype).eps <= 2.0**-23 else 23  # low significand bits of the fp32 scale to clear
     mask = (1 << drop) - 1
@@ -95,13 +102,14 @@ def _quantize(core: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = _scales(core)
     ct = _compute_dtype(core.dtype)
     q = torch.round(core.to(ct) / torch.where(s > 0, s, 1).to(ct)).clamp_(-QMAX, QMAX).to(torch.int8)
-    return q, s.reshape(s.shape[:2])
+    return q, s.reshape(s.shape[:_lead(core)])
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The core ``q * scale[:, :, None, None]`` in ``dtype`` (exact: see the module docstring)."""
+    """The core ``q * scale[:, :, None, None]`` (a table: ``q * scale[:, None]``) in ``dtype`` (exact: see the module
+    docstring)."""
     ct = _compute_dtype(dtype)
-    return (q.to(ct) * scale.to(ct)[:, :, None, None]).to(dtype)
+    return (q.to(ct) * scale.to(ct).reshape(*scale.shape, *[1] * (q.dim() - scale.dim()))).to(dtype)
 
 
 def fake_quant(core: torch.Tensor) -> torch.Tensor:
@@ -147,12 +155,21 @@ def int8_state(core: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, s
 
 
+def _quantized_params(module: nn.Module) -> dict[str, tuple[torch.Tensor | None, int]]:
+    """The tensors of an MPO layer that are stored as int8, by state-dict key: ``{key: (tensor, ndim)}`` — its cores
+    (4-D) and, in an :class:`~bondgate.MPOEmbedding`, its kept rows (2-D)."""
+    out = {f"cores.{n}": (c, 4) for n, c in module._modules["cores"]._parameters.items()}
+    if module._parameters.get("kept_rows") is not None:
+        out["kept_rows"] = (module._parameters["kept_rows"], 2)
+    return out
+
+
 def state_dict_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
     """State-dict post-hook of a quantized MPO layer: its cores as int8 plus ``<key>_scale`` fp32 scales."""
     if getattr(module, "_quant", None) is None:
         return
-    for name, core in module._modules["cores"]._parameters.items():
-        key = f"{prefix}cores.{name}"
+    for name, (core, _) in _quantized_params(module).items():
+        key = prefix + name
         if key in state_dict and core is not None:
             state_dict[key], state_dict[key + SCALE_SUFFIX] = int8_state(core)
 
@@ -166,8 +183,8 @@ def register_state_dict_hook(module: nn.Module) -> None:
 def load_quantized_cores(module: nn.Module, state_dict: dict, prefix: str, error_msgs: list[str]) -> None:
     """Before an MPO layer loads ``state_dict``: replace int8 cores and their ``_scale`` entries by dequantized
     cores of the layer's dtype (in place; ``load_state_dict`` works on its own copy of the dict)."""
-    for name, master in module._modules["cores"]._parameters.items():
-        key = f"{prefix}cores.{name}"
+    for name, (master, ndim) in _quantized_params(module).items():
+        key = prefix + name
         skey = key + SCALE_SUFFIX
         q = state_dict.get(key)
         if skey not in state_dict:
@@ -180,12 +197,12 @@ def load_quantized_cores(module: nn.Module, state_dict: dict, prefix: str, error
             error_msgs.append(f"{skey!r} holds scales for a missing core {key!r}")
             continue
         problem = None
-        if q.dtype != torch.int8 or q.dim() != 4:
-            problem = f"{key!r} must be a 4-D int8 core next to its scales, got {q.dtype} {tuple(q.shape)}"
+        if q.dtype != torch.int8 or q.dim() != ndim:
+            problem = f"{key!r} must be a {ndim}-D int8 tensor next to its scales, got {q.dtype} {tuple(q.shape)}"
         elif not isinstance(scale, torch.Tensor) or not scale.is_floating_point() \
-                or tuple(scale.shape) != tuple(q.shape[:2]):
+                or tuple(scale.shape) != tuple(q.shape[:_lead(q)]):
             what = f"{scale.dtype} {tuple(scale.shape)}" if isinstance(scale, torch.Tensor) else type(scale).__name__
-            problem = f"{skey!r} must be floating-point scales of shape {tuple(q.shape[:2])}, got {what}"
+            problem = f"{skey!r} must be floating-point scales of shape {tuple(q.shape[:_lead(q)])}, got {what}"
         elif scale.device.type != "meta" and not bool((torch.isfinite(scale) & (scale >= 0)).all()):
             problem = f"{skey!r} holds negative, NaN or infinite scales"
         if problem is not None:

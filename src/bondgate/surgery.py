@@ -42,12 +42,13 @@ from .calibration import (
     InputStats,
     apply_leg_maps,
     collect_input_stats,
+    collect_token_counts,
     fold_into_cores,
     kron_whiteners,
     layer_sensitivity,
     refine_cores,
 )
-from .embedding import MPOEmbedding
+from .embedding import MPOEmbedding, most_frequent, row_weight_legs, table_factors, unweight, weight_table
 from .factors import factorize_shape
 from .latency import KindTimes, calibrate, calibrate_dense, full_widths, lowrank_flops, measure, mpo_flops
 from .layer import MPOLinear, outside_inference_mode
@@ -81,9 +82,16 @@ class CompressionConfig:
             same ``param_ratio``). The tables get their own share of the budget instead of competing with the linear
             layers: a table's relative error is not comparable with a linear layer's calibrated output error (it
             feeds every layer), and one shared budget would strip it to almost nothing.
+        embedding_form: ``"mpo"`` (``num_cores`` cores) or ``"lowrank"`` (two factors ``A @ B``). With calibration
+            data a table is fitted to the ids' frequencies there (rows weighted by ``sqrt(count + 1)``): exactly for
+            ``"lowrank"``, through a separable fit for ``"mpo"`` (see :mod:`bondgate.embedding`).
+        embedding_rows: keep the exact rows of this many most frequent ids per table (counted on the calibration
+            data, which it needs) beside the factors; they count against the table's budget. Not for a table tied
+            to an LM head.
     Method:
         num_cores: cores per MPO. allocation: ``"global"`` (greedy over all bonds of all layers) or
-        ``"uniform"`` (one bond cap for every layer, plain TT-SVD; the classic baseline).
+        ``"uniform"`` (one bond cap for every layer, plain TT-SVD; the classic baseline; with
+        ``kinds=("lowrank",)``: every layer a low-rank pair at ``param_ratio`` of its weights).
         calibrate: use calibration data (whitening, refinement, bias correction, sensitivity) when given.
         refine_steps: L-BFGS iterations on the activation-weighted error per layer (0 = off).
         layer_weighting: how the global allocation weighs one layer's squared output error against
@@ -97,8 +105,9 @@ class CompressionConfig:
         max_calibration_rows: stop the statistics pass once every layer has seen this many rows.
         quantize: ``None`` (default) or ``"int8"``: every new MPO layer is quantized (per-channel int8 cores,
             :meth:`bondgate.MPOLinear.quantize_`; saved as int8: ~3.5-3.9x fewer bytes, scales included). Its
-            reported errors and its bias re-fit include the quantization. Biases, low-rank layers and layers kept
-            dense stay in full precision (for dense layers see :func:`bondgate.quantize_int8`);
+            reported errors and its bias re-fit include the quantization. Linear layers the budget keeps dense
+            become one-core int8 MPO layers (per-output-channel int8 weights), so bytes follow the weight budget.
+            Biases and low-rank layers stay in full precision (for dense layers see :func:`bondgate.quantize_int8`);
             :func:`bondgate.quantize_mpo` quantizes the MPO layers of a model compressed before.
     Latency (with ``param_ratio`` and global allocation; see :mod:`bondgate.latency`):
         kinds: the forms a layer may take besides staying dense: ``"mpo"`` and/or ``"lowrank"`` (two factors,
@@ -124,6 +133,8 @@ class CompressionConfig:
     max_calibration_rows: int | None = 200_000
     embeddings: bool = False
     embedding_ratio: float | None = None
+    embedding_form: str = "mpo"
+    embedding_rows: int = 0
     kinds: tuple[str, ...] | None = None
     max_latency_ratio: float | None = None
     flops_ratio: float | None = None
@@ -168,6 +179,13 @@ class CompressionConfig:
             raise ValueError(f"layer_weighting must be 'sensitivity', 'relative' or 'absolute', got {self.layer_weighting!r}")
         if not isinstance(self.embeddings, bool):
             raise TypeError(f"embeddings must be a bool, got {self.embeddings!r}")
+        if self.embedding_form not in ("mpo", "lowrank"):
+            raise ValueError(f"embedding_form must be 'mpo' or 'lowrank', got {self.embedding_form!r}")
+        if isinstance(self.embedding_rows, bool) or not isinstance(self.embedding_rows, numbers.Integral) \
+                or self.embedding_rows < 0:
+            raise ValueError(f"embedding_rows must be an int >= 0, got {self.embedding_rows!r}")
+        if self.embedding_rows and not self.embeddings:
+            raise ValueError("embedding_rows needs embeddings=True")
         if self.policy not in ("auto", "memory", "speed"):
             raise ValueError(f"policy must be 'auto', 'memory' or 'speed', got {self.policy!r}")
         if self.kinds is not None:
@@ -445,6 +463,9 @@ class _Work:
     exact: MPO | None = None  # canonical MPO of the (whitened, padded) weight
     svd: tuple | None = None  # SVD of the covariance-whitened weight, for low-rank forms (_whitened_svd)
     weight: float = 1.0
+    counts: torch.Tensor | None = None  # a table's id frequencies over the calibration data
+    legs: list[torch.Tensor] | None = None  # a table's row weights (see bondgate.embedding.row_weight_legs)
+    kept: torch.Tensor | None = None  # a table's kept ids (exact rows)
 
     @property
     def is_embedding(self) -> bool:
@@ -455,6 +476,13 @@ class _Work:
         if self.stats is None:
             return None
         return self.stats.cov if self.bias is not None else self.stats.second
+
+    def table_target(self) -> torch.Tensor:
+        """What a table's MPO is fitted to: the table, kept rows zeroed, rows weighted by frequency, padded."""
+        E = self.W if self.kept is None else self.W.index_fill(0, self.kept, 0.0)
+        if self.legs is not None:
+            return weight_table(E, self.legs, self.out_f)
+        return torch.nn.functional.pad(E, (0, 0, 0, math.prod(self.out_f) - E.shape[0]))
 
     def whitened_padded(self, S: list[torch.Tensor] | None) -> torch.Tensor:
         Np, Mp = math.prod(self.out_f), math.prod(self.in_f)
@@ -486,6 +514,16 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable 
     linear = {n: m for n, m in targets.items() if not isinstance(m, nn.Embedding)}  # embeddings' input: token ids
     stats = collect_input_stats(model, linear, data, config.max_calibration_rows, progress) if data and linear else {}
     _check_stats(stats, linear)
+    tables = {n: m for n, m in targets.items() if isinstance(m, nn.Embedding)}
+    token_counts = collect_token_counts(model, tables, data, progress) if data and tables else {}
+    if config.embedding_rows and tables:
+        if not token_counts:
+            raise ValueError("embedding_rows needs calibration data (it keeps the most frequent ids' rows)")
+        tied = [n for n, m in tables.items() if any(type(h) is nn.Linear and h.weight is m.weight
+                                                    for h in model.modules())]
+        if tied:
+            raise ValueError(f"embedding_rows cannot keep rows of {', '.join(tied)}: tied to an LM head, whose MPO "
+                             "head would miss them (exclude the table or set embedding_rows=0)")
     sens = {}
     if data and linear and config.layer_weighting == "sensitivity" and config.param_ratio is not None \
             and config.allocation == "global":
@@ -494,10 +532,18 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable 
     works: list[_Work] = []
     for name, mod in targets.items():
         W = dense_weight(mod).to(torch.float64).cpu()
-        out_f, in_f = factorize_shape(W.shape[0], W.shape[1], config.num_cores)
+        if isinstance(mod, nn.Embedding):
+            out_f, in_f = table_factors(W.shape[0], W.shape[1], config.num_cores, config.embedding_form)
+        else:
+            out_f, in_f = factorize_shape(W.shape[0], W.shape[1], config.num_cores)
         b = getattr(mod, "bias", None)
         works.append(_Work(name, mod, W, None if b is None else b.detach().to(torch.float64).cpu(), out_f, in_f,
                            stats.get(name), weight=sens.get(name, 1.0)))
+        counts = token_counts.get(name)
+        if counts is not None:
+            works[-1].counts, works[-1].legs = counts, row_weight_legs(counts, out_f)
+            if config.embedding_rows:
+                works[-1].kept = most_frequent(counts, min(config.embedding_rows, W.shape[0]))
 
     widths: dict[str, Choice] = {}
     bar = (lambda it, desc: tqdm(it, desc=desc, leave=False)) if progress else (lambda it, desc: it)
@@ -508,7 +554,9 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable 
             S = None
             if w.cov is not None:
                 S, w.S_inv = kron_whiteners(w.cov, w.in_f, config.damping)
-            if "mpo" in config.forms or w.is_embedding:
+            if w.is_embedding:
+                w.exact = MPO.from_matrix(w.table_target(), in_factors=w.in_f, out_factors=w.out_f)
+            elif "mpo" in config.forms:
                 w.exact = MPO.from_matrix(w.whitened_padded(S), in_factors=w.in_f, out_factors=w.out_f)
             if "lowrank" in config.forms and not w.is_embedding:
                 w.svd = _whitened_svd(w, config.damping)
@@ -518,7 +566,11 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable 
             e_ratio = config.param_ratio if config.embedding_ratio is None else config.embedding_ratio
             groups = [([w for w in works if not w.is_embedding], config.param_ratio),
                       ([w for w in works if w.is_embedding], e_ratio)]
-            groups = [(g, int(r * sum(w.W.numel() for w in g))) for g, r in groups if g]
+            groups = [(g, int(r * sum(w.W.numel() for w in g)) - sum(w.kept.numel() * w.W.shape[1] for w in g
+                                                                       if w.kept is not None)) for g, r in groups if g]
+            if any(b <= 0 for _, b in groups):
+                raise ValueError(f"embedding_rows={config.embedding_rows} kept rows take the tables' whole budget: "
+                                 "raise embedding_ratio or keep fewer rows")
         else:
             groups = [(works, budget)]
         if config.allocation == "global":
@@ -554,18 +606,29 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable 
                 for w, wid in zip(group, allocate(gm, group_budget, cost_budget)):
                     widths[w.name] = list(wid) if isinstance(wid, tuple) else wid
         else:
+            capped = [w for w in works if w.exact is not None]
+            for w in works:
+                if w.exact is None:  # kinds=("lowrank",): every layer the same fraction of its weights
+                    m, n = w.W.shape
+                    rank = int(config.param_ratio * m * n // (m + n))
+                    widths[w.name] = rank if 1 <= rank < min(m, n) else None
             spectra = [LayerSpectrum([o * i for o, i in zip(w.out_f, w.in_f)], w.exact.bond_spectra or [],
-                                     w.weight, w.W.numel()) for w in works]
-            cap = uniform_cap(spectra, budget)
-            for w, s in zip(works, spectra):
-                widths[w.name] = [min(cap, f) for f in s.full_widths]
+                                     w.weight, w.W.numel()) for w in capped]
+            if spectra:
+                cap = uniform_cap(spectra, int(config.param_ratio * sum(w.W.numel() for w in capped)))
+                for w, s in zip(capped, spectra):
+                    widths[w.name] = [min(cap, f) for f in s.full_widths]
 
     for w in bar(works, "compress"):
         wid = widths.get(w.name, [])
         if config.param_ratio is not None and wid is None:
-            report.layers.append(LayerReport(w.name, type(w.module).__name__, w.W.shape[0], w.W.shape[1],
-                                             status="kept dense (budget)", params_before=w.W.numel(),
-                                             params_after=w.W.numel(), form="dense"))
+            row = LayerReport(w.name, type(w.module).__name__, w.W.shape[0], w.W.shape[1],
+                              status="kept dense (budget)", params_before=w.W.numel(),
+                              params_after=w.W.numel(), form="dense")
+            report.layers.append(row)
+            if config.quantize is not None and not w.is_embedding:  # bytes follow the weight budget
+                row.status, row.quant = f"kept dense (budget), {config.quantize}", config.quantize
+                _swap(model, w, names, _dense_quantized(w, config.quantize))
             continue
         ref = w.module.weight
         if w.is_embedding:
@@ -620,9 +683,7 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable 
                 t = times[w.name]
                 row.time_pred_us = 1e6 * (t.lowrank_s(*w.W.shape, wid) if isinstance(wid, int) else
                                           min(t.mpo_s(w.out_f, w.in_f, wid), t.dense_s))
-        layer.train(w.module.training)
-        for name in names[id(w.module)]:  # a layer registered under several names stays one (shared) layer
-            model.set_submodule(name, layer)
+        _swap(model, w, names, layer)
         row.aliases = names[id(w.module)][1:]
         report.layers.append(row)
     for name, why in skipped.items():
@@ -641,6 +702,33 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable 
     from .hf import attach
 
     return attach(model)  # a transformers model: config.quantization_config records the layers for save_pretrained
+
+
+def _swap(model: nn.Module, w: _Work, names: dict[int, list[str]], layer: nn.Module) -> None:
+    """Put ``layer`` in the place of ``w.module`` under every name it has (a shared layer stays one layer), in
+    the dense layer's mode."""
+    layer.train(w.module.training)
+    for name in names[id(w.module)]:
+        model.set_submodule(name, layer)
+
+
+def _dense_quantized(w: _Work, mode: str) -> MPOLinear:
+    """A layer kept dense, quantized: a one-core MPO layer (per-output-channel scales), bias re-fit to the mean
+    shift of the output as for a compressed layer."""
+    ref = w.module.weight
+    core = fake_quant(w.W.reshape(1, *w.W.shape, 1).to(ref.dtype)).to(torch.float64)
+    bias = w.bias
+    if bias is not None and w.stats is not None:
+        bias = bias + (w.W - core[0, :, :, 0]) @ w.stats.mean
+    mpo = MPO([core], *w.W.shape)
+    layer = MPOLinear.from_mpo(mpo.to(dtype=ref.dtype, device=ref.device),
+                               None if bias is None else bias.to(dtype=ref.dtype, device=ref.device), policy="memory")
+    layer.quantize_(mode)
+    for p in layer.parameters():
+        p.requires_grad_(ref.requires_grad)
+    if layer.bias is not None:
+        layer.bias.requires_grad_(w.module.bias.requires_grad)
+    return layer
 
 
 def _whitened_svd(w: _Work, damping: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -737,9 +825,13 @@ def _build_embedding(model: nn.Module, w: _Work, wid, config: CompressionConfig,
     if config.param_ratio is not None:
         mpo = w.exact.truncate(max_bond=list(wid))
     else:
-        mpo = MPO.from_matrix(w.W, in_factors=w.in_f, out_factors=w.out_f, max_bond=config.max_bond, tol=config.tol)
-    mpo = MPO(mpo.cores, *w.W.shape)  # the exact MPO was built on the padded table (a vocabulary like 30522)
+        mpo = MPO.from_matrix(w.table_target(), in_factors=w.in_f, out_factors=w.out_f, max_bond=config.max_bond,
+                              tol=config.tol)
+    # the MPO was fitted to the padded (a vocabulary like 30522), row-weighted table
+    mpo = unweight(mpo, w.legs, *w.W.shape) if w.legs is not None else MPO(mpo.cores, *w.W.shape)
     W_hat = mpo.to_matrix()
+    if w.kept is not None:
+        W_hat[w.kept] = w.W[w.kept]
     mpo.error = float(torch.linalg.norm(w.W - W_hat) / torch.linalg.norm(w.W).clamp_min(1e-300))
     ref = w.module.weight
     pad = w.module.padding_idx
@@ -748,6 +840,8 @@ def _build_embedding(model: nn.Module, w: _Work, wid, config: CompressionConfig,
         # its frozen gradient is not kept (an MPO has no per-row storage to freeze)
         pad = None
     layer = MPOEmbedding.from_mpo(mpo.to(dtype=ref.dtype, device=ref.device), pad)
+    if w.kept is not None:
+        layer.keep_rows_(w.kept, ref.detach()[w.kept.to(ref.device)])
     layer.quantize_(config.quantize)
     for p in layer.parameters():
         p.requires_grad_(ref.requires_grad)
@@ -766,6 +860,10 @@ def _build_embedding(model: nn.Module, w: _Work, wid, config: CompressionConfig,
             model.set_submodule(alias, tied)
     row = _layer_report(w, mpo, W_hat, None, rows)
     row.kind, row.quant = "Embedding", config.quantize
+    row.params_after = layer.num_params
+    if w.counts is not None:  # the error on the calibration data's ids: rows weighted by their counts
+        num = float((w.counts * (w.W - W_hat).square().sum(1)).sum())
+        row.output_error = math.sqrt(num / max(float((w.counts * w.W.square().sum(1)).sum()), 1e-300))
     row.flops_mpo = row.flops_dense = 0  # a lookup
     row.aliases = names[id(w.module)][1:] + [n for n, _ in heads]  # other names, and tied heads sharing the cores
     return layer, row

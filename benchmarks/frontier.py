@@ -10,6 +10,10 @@ Methods, each applied to a copy of the dense model in this run:
                                   policy ``auto``: MPO / dense kernels chosen per layer for speed);
 * ``bondgate int8``               the same with int8 cores (``quantize="int8"``);
 * ``bondgate int8 + embeddings``  the embedding table (and a tied LM head) compressed too, under the same budget.
+* ``bondgate int8 + fitted table``  the table as two low-rank factors fitted to the calibration text's token
+                                  frequencies (``embedding_form="lowrank"``), at 0.8x the linear layers' ``ratio``,
+                                  with the exact rows of the 1024 most frequent tokens kept (MiniLM; stories260K's
+                                  table is tied to its LM head: no kept rows).
 
 plus ``healed`` points: checkpoints saved by the healing scripts (``--healed``; by default every ``runs/minilm-*``
 and ``runs/stories260K-*`` found), re-loaded and re-measured here. Every other point is zero-shot (no training
@@ -56,7 +60,8 @@ from common import banner, machine_info, time_interleaved, write_json  # noqa: E
 import bondgate as bg  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-METHODS = ["svd", "magnitude prune", "bondgate", "bondgate int8", "bondgate int8 + embeddings"]
+METHODS = ["svd", "magnitude prune", "bondgate", "bondgate int8", "bondgate int8 + embeddings",
+           "bondgate int8 + fitted table"]
 
 
 # ----------------------------------------------------------------------------------------------- subjects
@@ -72,6 +77,7 @@ class MiniLM:
         self.dev = ms.load_stsb(split="dev")
         self.calib = ms.batches(self.tok, ms.unlabeled_sentences(args.calibration, seed=1))
         self.target, self.embedding = ms.TARGET, r"embeddings\.word_embeddings"
+        self.kept_rows = 1024
         sents = [p[0] for p in self.dev[:32]]
         self.example = dict(self.tok(sents, padding=True, truncation=True, max_length=128, return_tensors="pt"))
         self.latency_unit = "ms per 32 sentences"
@@ -101,6 +107,7 @@ class Stories:
                                       self.sample.read_text(encoding="utf-8"))
         self.calib = sc.story_batches(stories, 16)
         self.target, self.embedding = sc.TARGET, r"model\.embed_tokens"
+        self.kept_rows = 0  # the table is tied to the LM head
         self.latency_unit, self.new_tokens = "ms per generated token (batch 1)", 32
 
     def quality(self, model) -> float:
@@ -132,8 +139,10 @@ def build(subject, method: str, ratio: float | None):
     kw: dict = {"param_ratio": ratio, "target_modules": subject.target}
     if "int8" in method:
         kw["quantize"] = "int8"
-    if "embeddings" in method:
+    if "embeddings" in method or "table" in method:
         kw.update(embeddings=True, target_modules=f"{subject.target}|{subject.embedding}")
+    if "fitted table" in method:
+        kw.update(embedding_form="lowrank", embedding_ratio=0.8 * ratio, embedding_rows=subject.kept_rows)
     model = copy.deepcopy(dense)
     bg.compress(model, bg.CompressionConfig(**kw), calibration=subject.calib, progress=False)
     return model, {}
@@ -215,7 +224,7 @@ def plot(out: dict, path: Path) -> None:
     subjects = out["subjects"]
     fig, axes = plt.subplots(len(subjects), 2, figsize=(12, 4.5 * len(subjects)), squeeze=False)
     markers = {"dense": "*", "int8 dynamic": "D", "svd": "v", "magnitude prune": "x", "bondgate": "o",
-               "bondgate int8": "s", "bondgate int8 + embeddings": "P"}
+               "bondgate int8": "s", "bondgate int8 + embeddings": "P", "bondgate int8 + fitted table": "X"}
     for (ax_size, ax_lat), subj in zip(axes, subjects):
         rows = [r for r in out["rows"] if r["subject"] == subj["name"]]
         for method in dict.fromkeys(r["method"] for r in rows):

@@ -157,6 +157,21 @@ def test_compress_with_embeddings_and_int8_cores(tiny_dir, tmp_path):
     assert code == 2 and "embedding ratio" in stderr
 
 
+def test_compress_a_lowrank_table_with_kept_rows(tiny_dir, tmp_path):
+    out = tmp_path / "emb-low"
+    code, stdout, stderr = run(["compress", "--model", str(tiny_dir), "--ratio", "0.5", "--embeddings",
+                                "--embedding-ratio", "0.25", "--embedding-form", "lowrank", "--embedding-rows", "50",
+                                "--int8", "--out", str(out), "--calibration-size", "8", "--no-progress",
+                                "--threads", "1"])
+    assert code == 0, stderr
+    table = bondgate.load(out).embeddings.word_embeddings
+    assert isinstance(table, bondgate.MPOEmbedding) and table.out_factors == (30522, 1)
+    assert table.kept_ids.numel() == 50 and table.quant == "int8" and table.num_params <= 0.25 * 30522 * 64
+    code, _, stderr = run(["compress", "--model", str(tiny_dir), "--ratio", "0.5", "--embeddings",
+                           "--embedding-rows", "-1", "--out", str(tmp_path / "bad")])
+    assert code == 2 and "embedding rows" in stderr
+
+
 # ---------------------------------------------------------------------------------------- inspect / bench
 def test_inspect_prints_the_layer_table_from_metadata(compressed, capsys):
     out = compressed[3]

@@ -317,3 +317,27 @@ def test_int8_checkpoints_refuse_automodel_loudly_and_load_with_bondgate(tmp_pat
         transformers.AutoModel.from_pretrained(out)
     with torch.no_grad():
         assert torch.equal(bondgate.from_pretrained(out)(ids).last_hidden_state, want)
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_lowrank_table_with_kept_rows_round_trips(tmp_path, quantize):
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=2, intermediate_size=128,
+                                  vocab_size=100, max_position_embeddings=32)
+    model = transformers.BertModel(cfg).eval()
+    calib = [{"input_ids": torch.randint(0, 100, (4, 12))} for _ in range(3)]
+    bondgate.compress(model, bondgate.CompressionConfig(
+        param_ratio=0.5, embeddings=True, embedding_form="lowrank", embedding_rows=10, quantize=quantize,
+        target_modules=r"encoder\..*|embeddings\.word_embeddings", policy="memory"), calibration=calib, progress=False)
+    table = model.embeddings.word_embeddings
+    assert isinstance(table, MPOEmbedding) and table.kept_ids.numel() == 10
+    ids = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        want = model(ids).last_hidden_state
+    out = bondgate.save_pretrained(model, tmp_path / "m")
+    loaded = (transformers.AutoModel if quantize is None else bondgate).from_pretrained(out)
+    assert torch.equal(loaded.embeddings.word_embeddings.kept_ids, table.kept_ids)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).last_hidden_state, want)

@@ -354,6 +354,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                                    num_cores=args.num_cores, policy=args.policy,
                                    max_latency_ratio=args.max_latency_ratio, flops_ratio=args.flops_ratio,
                                    embeddings=args.embeddings, embedding_ratio=args.embedding_ratio,
+                                   embedding_form=args.embedding_form, embedding_rows=args.embedding_rows,
                                    quantize="int8" if args.int8 else None)
         targets = _find_targets(model, config)
         if not targets:
@@ -675,7 +676,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding-ratio", type=_number(float, 0, 1, low_open=True, what="embedding ratio"),
                    metavar="R", help="with --ratio and --embeddings: the fraction of the table's weights it keeps "
                    "(default: --ratio)")
-    p.add_argument("--int8", action="store_true", help="int8 MPO cores (about 4x fewer bytes on disk)")
+    p.add_argument("--embedding-form", choices=("mpo", "lowrank"), default="mpo",
+                   help="with --embeddings: the table as an MPO (default) or two low-rank factors; either is fitted "
+                        "to how often the calibration text uses each token")
+    p.add_argument("--embedding-rows", type=_number(int, 0, what="embedding rows"), default=0, metavar="K",
+                   help="with --embeddings: keep the exact rows of the K tokens the calibration text uses most "
+                        "(not for a table tied to the LM head)")
+    p.add_argument("--int8", action="store_true",
+                   help="int8 MPO cores, and int8 weights for the layers the budget keeps dense (about 4x fewer bytes)")
     p.add_argument("--policy", choices=("auto", "memory", "speed"), default="auto",
                    help="kernel policy of the MPO layers: memory (never hold more than the cores), speed (may cache "
                         "pre-contracted cores, up to the dense weight, at inference) or auto (speed for the layers "

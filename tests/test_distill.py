@@ -148,3 +148,28 @@ def test_distill_moves_batches_to_the_models_device(device):
     student.to(device)
     res = distill(student, teacher, data, loss=DistillLoss(hidden=0, output=1.0), steps=3, progress=False)  # CPU data
     assert res.steps == 3 and next(student.parameters()).device.type == device.type
+
+
+def test_time_budgeted_schedule_is_replanned_when_the_first_steps_are_slow():
+    # the first 20 steps (plan autotuning, allocator warm-up) are slower than the rest; a schedule planned from them
+    # alone ended at learning rate 0 halfway through MiniLM's 40-minute heal (2055 steps, planned ~900)
+    import time
+
+    teacher, student, data = teacher_student()
+
+    class SlowStart:
+        def __init__(self):
+            self.served = 0
+
+        def __iter__(self):
+            for x in data:
+                self.served += 1
+                if self.served <= 20:
+                    time.sleep(0.03)
+                yield x
+
+    res = distill(student, teacher, SlowStart(), loss=DistillLoss(hidden=0, output=1.0), max_minutes=0.04,
+                  budget_clock="wall", progress=False)
+    assert res.stopped == "time budget" and res.steps > 60
+    # planned from the first 20 steps alone: ~20 * 2.4 s / 0.6 s = 80 steps, a fraction of those run
+    assert abs((res.planned_steps or 0) - res.steps) <= 0.2 * res.steps, (res.planned_steps, res.steps)

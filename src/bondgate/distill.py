@@ -147,6 +147,7 @@ class DistillResult:
     best_step: int | None = None
     history: list[dict] = field(default_factory=list)
     stopped: str = ""
+    planned_steps: int | None = None  # the length the learning-rate schedule was last planned for
 
 
 @torch.inference_mode(False)  # a training loop: it trains whatever grad mode the caller is in
@@ -183,8 +184,9 @@ def distill(
     budget as process CPU time divided by torch's thread count, i.e. the wall time the same work takes
     on an otherwise idle machine — a fair budget when other jobs share the CPU. With ``eval_fn`` the best weights are
     restored at the end. The learning-rate schedule (linear warmup, cosine decay) is planned against
-    ``steps``, or ``epochs * len(data)``, or — with only a time budget — the step rate measured over
-    the first 20 steps.
+    ``steps``, or ``epochs * len(data)``, or — with only a time budget — the steps the remaining time allows at
+    the step rate measured since the last re-plan (first at step 20, then every 50 steps: the first steps are
+    slower, and a plan from them alone ended the schedule, at learning rate 0, halfway through the budget).
 
     ``sandwich=True`` (for gated layers in ``"nested"`` mode, :func:`bondgate.set_mode`): every step
     also runs the student with all gated layers at full width and adds that loss — the sandwich rule of
@@ -273,6 +275,8 @@ def distill(
     student.train()
     bar = tqdm(total=planned, desc="distill", disable=not progress, leave=False)
     step, epoch, running = 0, 0, {}
+    timed = planned is None and max_minutes is not None
+    mark = (0, 0.0)  # (step, budget seconds) at the last re-plan
     if eval_fn is not None:
         evaluate(0)
     done = False
@@ -280,9 +284,10 @@ def distill(
         seen = 0
         for batch in data:
             seen += 1
-            if planned is None and max_minutes is not None and step == 20:
-                rate = 20 / max(spent(), 1e-9)
-                planned = max(21, int(rate * max_minutes * 60))
+            if timed and step >= 20 and (step == 20 or step % 50 == 0):
+                now = spent()
+                rate = (step - mark[0]) / max(now - mark[1], 1e-9)
+                planned, mark = max(step + 1, int(step + rate * (60 * max_minutes - now))), (step, now)
                 bar.total = planned
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, planned)
@@ -333,7 +338,7 @@ def distill(
     if best_state is not None:
         student.load_state_dict(best_state)
     student.eval()
-    res.steps, res.seconds = step, time.perf_counter() - t0
+    res.steps, res.seconds, res.planned_steps = step, time.perf_counter() - t0, planned
     res.budget_seconds = spent()
     return res
 

@@ -131,3 +131,20 @@ def test_pinned_plans_are_keyed_by_device_and_dtype():
     assert twin64.plan(5).id == unpinned  # ... but not used by this float64 one
     legacy = MPOLinear.from_spec({**spec, "plans": {"3:0": "rebuild+gemm|linear"}})  # format before the keys
     assert legacy._pinned == {"cpu:float32:3:0": "rebuild+gemm|linear"} and legacy.plan(5).id == "rebuild+gemm|linear"
+
+
+def test_a_pinned_plan_is_the_same_path_whatever_rows_plan_it():
+    # a reloaded layer plans its pinned id at the rows of its first call; built at those rows, "cores/optimal" could
+    # take another contraction path than in the saving process (first call 7 rows vs 5: same bucket, other rounding)
+    torch.manual_seed(0)
+    layer = MPOLinear.from_linear(torch.nn.Linear(96, 80), max_bond=8)
+    args = (layer.out_factors, layer.in_factors, layer.bond_dims)
+    ids = [c.id for c in _build_candidates(*args, 4, PlanPolicy(), False)]
+    assert len(ids) > 3
+    for pid in ids:
+        clear_plan_cache()
+        a = get_plan(*args, 5, torch.float32, torch.device("cpu"), prefer=pid)
+        clear_plan_cache()
+        b = get_plan(*args, 7, torch.float32, torch.device("cpu"), prefer=pid)
+        assert a.id == b.id == pid and a.path == b.path and a.planned_rows == b.planned_rows == 4
+    clear_plan_cache()

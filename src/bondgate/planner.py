@@ -630,12 +630,15 @@ def get_plan(
     """
     device = torch.device(device)
     key = (row_bucket(rows), tuple(out_factors), tuple(in_factors), tuple(ranks), dtype, device, policy, grad)
+    # Every plan of a bucket is built for its smallest row count (1, 2, 4, 8, ...), not for the rows of the call
+    # that planned it first: a contraction path depends on the rows, so a checkpoint's pinned plan id would
+    # otherwise name a different path (different rounding) in a process whose first call had other rows.
+    rows = 1 << (row_bucket(max(int(rows), 1)) - 1)
     if prefer is not None:
         pkey = (*key, prefer)
         plan = _PLAN_CACHE.get(pkey)
         if plan is None:
-            cands = _build_candidates(tuple(out_factors), tuple(in_factors), tuple(ranks), max(int(rows), 1),
-                                      policy, grad)
+            cands = _build_candidates(tuple(out_factors), tuple(in_factors), tuple(ranks), rows, policy, grad)
             plan = next((c for c in cands if c.id == prefer), None)
             if plan is not None:
                 _PLAN_CACHE[pkey] = plan
@@ -643,11 +646,11 @@ def get_plan(
             return plan
     plan = _PLAN_CACHE.get(key)
     if plan is None:
-        cands = _build_candidates(tuple(out_factors), tuple(in_factors), tuple(ranks), max(int(rows), 1), policy, grad)
+        cands = _build_candidates(tuple(out_factors), tuple(in_factors), tuple(ranks), rows, policy, grad)
         if policy.select == "flops" or len(cands) == 1:
             plan = min(cands, key=lambda c: (c.flops, c.peak_elements, c.executor != "aten"))
         else:
-            plan = _autotune(cands, out_factors, in_factors, ranks, max(int(rows), 1), dtype, device, policy)
+            plan = _autotune(cands, out_factors, in_factors, ranks, rows, dtype, device, policy)
         _PLAN_CACHE[key] = plan
     return plan
 

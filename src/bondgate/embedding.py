@@ -187,24 +187,14 @@ class MPOEmbedding(nn.Module):
             raise ValueError(f"keep_rows must be an int in [0, {E.shape[0]}], got {keep_rows!r}")
         if keep_rows and counts is None:
             raise ValueError("keep_rows needs counts (it keeps the most frequent ids' rows)")
-        kept = None
-        if keep_rows:
-            kept = most_frequent(counts, keep_rows)
-            E = E.index_fill(0, kept.to(E.device), 0.0)  # the MPO fits the other rows
-        if counts is None:  # (from_matrix pads the vocabulary itself)
-            mpo = MPO.from_matrix(E, num_cores=len(out_f), in_factors=in_f if form == "lowrank" else None,
-                                  out_factors=out_f if form == "lowrank" else None, max_bond=max_bond, tol=tol)
-        else:
-            legs = row_weight_legs(counts, out_f)
-            mpo = MPO.from_matrix(weight_table(E.double(), legs, out_f), out_factors=out_f, in_factors=in_f,
-                                  max_bond=max_bond, tol=tol)
-            mpo = unweight(mpo, legs, *E.shape).to(E.dtype)
-        layer = cls.from_mpo(mpo.to(device=E.device), emb.padding_idx)
-        full = emb.weight.detach()
+        kept = most_frequent(counts, keep_rows) if keep_rows else None
+        legs = None if counts is None else row_weight_legs(counts, out_f)
+        mpo = MPO.from_matrix(table_target(E.double(), out_f, in_f, legs, kept), out_factors=out_f, in_factors=in_f,
+                              max_bond=max_bond, tol=tol)
+        layer = cls.from_mpo(table_mpo(mpo, legs, *E.shape).to(device=E.device, dtype=E.dtype), emb.padding_idx)
         if kept is not None:
-            layer.keep_rows_(kept, full[kept.to(full.device)])
-        if counts is not None:
-            layer.error = table_error(layer, full)
+            layer.keep_rows_(kept, E[kept.to(E.device)])
+        layer.error = table_error(layer, E)
         return layer
 
     def as_linear(self, bias: bool = False, policy: str | PlanPolicy = "memory") -> MPOLinear:
@@ -382,9 +372,10 @@ class MPOEmbedding(nn.Module):
                 per_token = max(per_token, width * c.shape[3])
             chunk = 2**20 // per_token
         rows = torch.cat([lookup(cores, u, self.embedding_dim) for u in uniq.split(max(chunk, 1))])
-        if hit is not None:  # kept rows first, then the MPO's, back in the order of uniq
-            where = torch.cat([hit.nonzero().reshape(-1), (~hit).nonzero().reshape(-1)])
-            rows, uniq = torch.cat([kept.to(rows.dtype), rows])[torch.argsort(where)], uniq_all
+        if hit is not None:  # the kept rows and the MPO's, in the order of uniq
+            merged = rows.new_empty(hit.shape[0], rows.shape[1])
+            merged[hit], merged[~hit] = kept.to(rows.dtype), rows
+            rows, uniq = merged, uniq_all
         if self.padding_idx is not None:
             rows = rows.masked_fill((uniq == self.padding_idx)[:, None], 0)
         return rows[inverse]
@@ -429,17 +420,27 @@ def row_weight_legs(counts: torch.Tensor, out_factors: Sequence[int]) -> list[to
     return [(grid.mean(dim=[j for j in range(d) if j != k]) if d > 1 else grid) - grid.mean() for k in range(d)]
 
 
-def weight_table(E: torch.Tensor, legs: Sequence[torch.Tensor], out_factors: Sequence[int]) -> torch.Tensor:
-    """``diag(w) E`` padded to ``prod(out_factors)`` rows, ``w`` the product of the legs' factors."""
+def table_target(E: torch.Tensor, out_factors: Sequence[int], in_factors: Sequence[int],
+                 legs: Sequence[torch.Tensor] | None = None, kept: torch.Tensor | None = None) -> torch.Tensor:
+    """What a table's MPO is fitted to: ``E`` with the ``kept`` rows zeroed, rows weighted by ``diag(w)`` (``w`` the
+    product of the legs' factors, when given), zero-padded to ``(prod(out_factors), prod(in_factors))``."""
+    if kept is not None:
+        E = E.index_fill(0, kept.to(E.device), 0.0)  # the MPO fits the other rows
+    (N, M), Np, Mp = E.shape, math.prod(out_factors), math.prod(in_factors)
+    E = torch.nn.functional.pad(E, (0, Mp - M, 0, Np - N))
+    if legs is None:
+        return E
     d = len(legs)
     logw = sum(a.reshape([-1 if j == k else 1 for j in range(d)]) for k, a in enumerate(legs)).reshape(-1, 1)
-    pad = math.prod(out_factors) - E.shape[0]
-    return torch.nn.functional.pad(E, (0, 0, 0, pad)) * logw.exp().to(E)
+    return E * logw.exp().to(E)
 
 
-def unweight(mpo: MPO, legs: Sequence[torch.Tensor], num_embeddings: int, embedding_dim: int) -> MPO:
-    """The MPO of ``diag(w) E`` turned into a canonical one of ``E`` (each core's out leg divided by its factor,
-    then re-canonicalized: same bonds or smaller); its ``error`` is ``nan`` until set from the table."""
+def table_mpo(mpo: MPO, legs: Sequence[torch.Tensor] | None, num_embeddings: int, embedding_dim: int) -> MPO:
+    """The MPO fitted to :func:`table_target` as one of the table: padded rows cropped and, with ``legs``, each
+    core's out leg divided by its factor of ``w`` (then re-canonicalized: same bonds or smaller). Its ``error``
+    is ``nan`` until set from the table."""
+    if legs is None:
+        return MPO(mpo.cores, num_embeddings, embedding_dim)
     cores = [c / a.exp().to(c)[None, :, None, None] for c, a in zip(mpo.cores, legs)]
     out = MPO(cores, num_embeddings, embedding_dim).canonicalize()
     out.error, out.error_exact = float("nan"), False

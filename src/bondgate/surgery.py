@@ -48,7 +48,7 @@ from .calibration import (
     layer_sensitivity,
     refine_cores,
 )
-from .embedding import MPOEmbedding, most_frequent, row_weight_legs, table_factors, unweight, weight_table
+from .embedding import MPOEmbedding, most_frequent, row_weight_legs, table_factors, table_mpo, table_target
 from .factors import factorize_shape
 from .latency import KindTimes, calibrate, calibrate_dense, full_widths, lowrank_flops, measure, mpo_flops
 from .layer import MPOLinear, outside_inference_mode
@@ -478,11 +478,20 @@ class _Work:
         return self.stats.cov if self.bias is not None else self.stats.second
 
     def table_target(self) -> torch.Tensor:
-        """What a table's MPO is fitted to: the table, kept rows zeroed, rows weighted by frequency, padded."""
-        E = self.W if self.kept is None else self.W.index_fill(0, self.kept, 0.0)
-        if self.legs is not None:
-            return weight_table(E, self.legs, self.out_f)
-        return torch.nn.functional.pad(E, (0, 0, 0, math.prod(self.out_f) - E.shape[0]))
+        return table_target(self.W, self.out_f, self.in_f, self.legs, self.kept)
+
+    def refit_bias(self, W_hat: torch.Tensor) -> torch.Tensor | None:
+        """The bias with the output's mean shift ``(W - W_hat) mu`` over the calibration rows absorbed."""
+        if self.bias is None or self.stats is None:
+            return self.bias
+        return self.bias + (self.W - W_hat) @ self.stats.mean
+
+    def freeze_like(self, layer: nn.Module) -> None:
+        """A frozen dense layer stays frozen: ``layer``'s weights (and bias) take its ``requires_grad``."""
+        for p in layer.parameters():
+            p.requires_grad_(self.module.weight.requires_grad)
+        if getattr(layer, "bias", None) is not None and self.module.bias is not None:
+            layer.bias.requires_grad_(self.module.bias.requires_grad)
 
     def whitened_padded(self, S: list[torch.Tensor] | None) -> torch.Tensor:
         Np, Mp = math.prod(self.out_f), math.prod(self.in_f)
@@ -519,8 +528,7 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable 
     if config.embedding_rows and tables:
         if not token_counts:
             raise ValueError("embedding_rows needs calibration data (it keeps the most frequent ids' rows)")
-        tied = [n for n, m in tables.items() if any(type(h) is nn.Linear and h.weight is m.weight
-                                                    for h in model.modules())]
+        tied = [n for n, m in tables.items() if _tied_heads(model, m)]
         if tied:
             raise ValueError(f"embedding_rows cannot keep rows of {', '.join(tied)}: tied to an LM head, whose MPO "
                              "head would miss them (exclude the table or set embedding_rows=0)")
@@ -654,9 +662,7 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable 
             if config.quantize is not None:  # on the grid of the layer's dtype: the errors and bias re-fit include it
                 mpo = MPO([fake_quant(c.to(ref.dtype)).to(torch.float64) for c in mpo.cores], *w.W.shape)
             W_hat = mpo.to_matrix()
-            bias = w.bias
-            if bias is not None and w.stats is not None:
-                bias = bias + (w.W - W_hat) @ w.stats.mean  # absorb the mean shift of the output
+            bias = w.refit_bias(W_hat)
             mpo.error = float(torch.linalg.norm(w.W - W_hat) / torch.linalg.norm(w.W).clamp_min(1e-300))
             mpo.error_exact = True
             layer = MPOLinear.from_mpo(mpo.to(dtype=ref.dtype, device=ref.device),
@@ -672,10 +678,7 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable 
                 row.time_us = min(mpo_us, dense_us) if policy == "speed" and mpo_us is not None else mpo_us
             row.policy = "speed" if layer.policy.cache_dense else "memory"
         layer = layer.to(dtype=ref.dtype, device=ref.device)
-        for p in layer.parameters():  # a frozen layer stays frozen
-            p.requires_grad_(ref.requires_grad)
-        if layer.bias is not None:
-            layer.bias.requires_grad_(w.module.bias.requires_grad)
+        w.freeze_like(layer)
         if cost is not None:  # a time or FLOP budget: measure what the budget bought
             row.time_us = measure(layer, config.deploy_rows) * 1e6
             row.time_dense_us = calibrate_dense(*w.W.shape, config.deploy_rows, ref.dtype, ref.device) * 1e6
@@ -717,17 +720,12 @@ def _dense_quantized(w: _Work, mode: str) -> MPOLinear:
     shift of the output as for a compressed layer."""
     ref = w.module.weight
     core = fake_quant(w.W.reshape(1, *w.W.shape, 1).to(ref.dtype)).to(torch.float64)
-    bias = w.bias
-    if bias is not None and w.stats is not None:
-        bias = bias + (w.W - core[0, :, :, 0]) @ w.stats.mean
+    bias = w.refit_bias(core[0, :, :, 0])
     mpo = MPO([core], *w.W.shape)
     layer = MPOLinear.from_mpo(mpo.to(dtype=ref.dtype, device=ref.device),
                                None if bias is None else bias.to(dtype=ref.dtype, device=ref.device), policy="memory")
     layer.quantize_(mode)
-    for p in layer.parameters():
-        p.requires_grad_(ref.requires_grad)
-    if layer.bias is not None:
-        layer.bias.requires_grad_(w.module.bias.requires_grad)
+    w.freeze_like(layer)
     return layer
 
 
@@ -756,9 +754,7 @@ def _build_lowrank(w: _Work, rank: int) -> tuple[LowRankLinear, torch.Tensor, to
     if isqrt is not None:
         V = V @ isqrt
     W_hat = U @ V
-    bias = w.bias
-    if bias is not None and w.stats is not None:
-        bias = bias + (w.W - W_hat) @ w.stats.mean
+    bias = w.refit_bias(W_hat)
     ref = w.module.weight
     layer = LowRankLinear.from_factors(U.to(ref), V.to(ref), None if bias is None else bias.to(ref))
     layer.error = float(torch.linalg.norm(w.W - W_hat) / torch.linalg.norm(w.W).clamp_min(1e-300))
@@ -828,7 +824,7 @@ def _build_embedding(model: nn.Module, w: _Work, wid, config: CompressionConfig,
         mpo = MPO.from_matrix(w.table_target(), in_factors=w.in_f, out_factors=w.out_f, max_bond=config.max_bond,
                               tol=config.tol)
     # the MPO was fitted to the padded (a vocabulary like 30522), row-weighted table
-    mpo = unweight(mpo, w.legs, *w.W.shape) if w.legs is not None else MPO(mpo.cores, *w.W.shape)
+    mpo = table_mpo(mpo, w.legs, *w.W.shape)
     W_hat = mpo.to_matrix()
     if w.kept is not None:
         W_hat[w.kept] = w.W[w.kept]
@@ -843,10 +839,9 @@ def _build_embedding(model: nn.Module, w: _Work, wid, config: CompressionConfig,
     if w.kept is not None:
         layer.keep_rows_(w.kept, ref.detach()[w.kept.to(ref.device)])
     layer.quantize_(config.quantize)
-    for p in layer.parameters():
-        p.requires_grad_(ref.requires_grad)
+    w.freeze_like(layer)
     layer.train(w.module.training)
-    heads = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and m.weight is ref]
+    heads = _tied_heads(model, w.module)
     for name in names[id(w.module)]:
         model.set_submodule(name, layer)
     for _, head in heads:
@@ -867,6 +862,11 @@ def _build_embedding(model: nn.Module, w: _Work, wid, config: CompressionConfig,
     row.flops_mpo = row.flops_dense = 0  # a lookup
     row.aliases = names[id(w.module)][1:] + [n for n, _ in heads]  # other names, and tied heads sharing the cores
     return layer, row
+
+
+def _tied_heads(model: nn.Module, table: nn.Embedding) -> list[tuple[str, nn.Linear]]:
+    """The plain ``nn.Linear`` heads of ``model`` whose weight is ``table``'s (tied LM heads)."""
+    return [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and m.weight is table.weight]
 
 
 def _lowrank_report(w: _Work, layer: LowRankLinear, W_hat: torch.Tensor, bias: torch.Tensor | None,

@@ -11,8 +11,10 @@ RMSNorm), random weights (speed does not depend on the values), as
 * ``mpo_int8``  the same with int8 cores (``bondgate.quantize_mpo``);
 * ``lowrank_int8`` with ``--kinds lowrank``: the low-rank pairs' two factors as ``nn.Linear`` layers
                 (``LowRankLinear.to_linears``) through the same dynamic int8 quantization;
-* ``gated``     the MPO model with per-token bond gating (error controllers fitted on random prompts, one shared
-                price calibrated for a ``--budget`` fraction of the full-width FLOPs, ``cost_rows`` = the batch).
+* ``gated``     the ``mpo`` model with per-token bond gating (error controllers fitted on random prompts, one shared
+                price calibrated for a ``--budget`` fraction of the full-width FLOPs); with ``--kinds lowrank``
+                the low-rank pairs are gated by rank prefix (2-core MPOs whose bond is the rank) and run the
+                nested-prefix kernel.
 
 The targets are every linear layer: the blocks' and the LM head (``--no-head``: the blocks only; the head is 2048 x
 ``--vocab``, 43% of the weights a decode step reads with 2 layers); the embedding table stays dense (a lookup).
@@ -84,8 +86,8 @@ def build_variants(dense, args) -> dict:
                 low, target=lambda name, _: re.fullmatch(args.target, name.rpartition(".")[0]) is not None
                 or re.fullmatch(args.target, name) is not None)
         if not any(isinstance(m, bondgate.MPOLinear) for m in mpo.modules()):
-            print("no MPO layer was chosen (low-rank / dense only): skipping mpo_int8 and gated", flush=True)
-            args.variants = [v for v in args.variants if v not in ("mpo_int8", "gated")]
+            print("no MPO layer was chosen (low-rank / dense only): skipping mpo_int8", flush=True)
+            args.variants = [v for v in args.variants if v != "mpo_int8"]
         if "mpo_int8" in args.variants:
             variants["mpo_int8"] = bondgate.quantize_mpo(copy.deepcopy(mpo), "int8")
         if "gated" in args.variants:
@@ -93,7 +95,7 @@ def build_variants(dense, args) -> dict:
                                                                             levels=(0.25, 0.5, 0.75, 1.0)))
             data = [{"input_ids": prompts(4, 32, args.vocab, 100 + i)} for i in range(4)]
             bondgate.fit_controllers(gated, data)
-            got = bondgate.set_budget(gated, args.budget, data)
+            got = bondgate.set_budget(gated, args.budget, data, max_groups=args.max_groups)
             print(f"gated: {got:.3f} of the full-width FLOPs on the calibration prompts", flush=True)
             variants["gated"] = gated
     return {k: v.eval() for k, v in variants.items() if k in args.variants}
@@ -112,6 +114,8 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=0.25, help="kept fraction of the block layers' weights")
     ap.add_argument("--num-cores", type=int, default=3)
     ap.add_argument("--budget", type=float, default=0.5, help="gated: average FLOPs fraction of the full width")
+    ap.add_argument("--max-groups", type=int, default=None, help="gated: at most this many distinct levels per "
+                    "call (set_budget max_groups; default: each token its own level)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -139,21 +143,24 @@ def main() -> None:
     block_params = {k: sum(p.numel() for n, p in m.named_parameters() if n.startswith("model.layers."))
                     for k, m in variants.items()}
     results: dict[str, dict[int, list[float]]] = {k: {b: [] for b in args.batches} for k in variants}
+    gating_by_batch: dict[int, float] = {}
     for b in args.batches:
         ids = prompts(b, args.prompt, args.vocab, seed=b)
         for model in variants.values():  # warm-up: plans, autotuning, allocator
             out = decode(model, ids, args.new_tokens)
             assert out.shape == (b, args.prompt + args.new_tokens), out.shape
+        if "gated" in variants:  # the FLOPs fraction of this batch's timed calls only
+            bondgate.gating.average_flops(variants["gated"], reset=True)
         for r in range(args.rounds):
             for name, model in variants.items():
                 t0 = time.perf_counter()
                 decode(model, ids, args.new_tokens)
                 results[name][b].append(b * args.new_tokens / (time.perf_counter() - t0))
             print(f"batch {b} round {r}: " + "  ".join(f"{k} {v[b][-1]:.1f}" for k, v in results.items()), flush=True)
+        if "gated" in variants:
+            gating_by_batch[b] = bondgate.gating.average_flops(variants["gated"], reset=True)
     tps = {k: {b: statistics.median(v) for b, v in per.items()} for k, per in results.items()}
-    gating = None
-    if "gated" in variants:
-        gating = bondgate.gating.average_flops(variants["gated"])
+    gating = gating_by_batch or None
     write_json(args.out / f"llama_decode{args.tag}.json", {
         "machine": info, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "tokens_per_s": tps, "samples": results, "size_bytes": sizes, "block_params": block_params,
@@ -162,6 +169,7 @@ def main() -> None:
     lines = [f"# LLaMA-shape decode ({args.layers} layers, hidden 2048, intermediate 5632, vocab {args.vocab})", "",
              f"Machine: {banner(info)}", "",
              f"`python benchmarks/llama_decode.py --layers {args.layers} --ratio {args.ratio} --budget {args.budget}"
+             f"{' --max-groups ' + str(args.max_groups) if args.max_groups else ''}"
              f"{'' if args.head else ' --no-head'} --allocation {args.allocation}"
              f"{' --kinds ' + ' '.join(args.kinds) if args.kinds else ''}"
              f"{' --max-latency-ratio ' + str(args.max_latency_ratio) if args.max_latency_ratio else ''}"
@@ -182,9 +190,10 @@ def main() -> None:
         lines += ["", "`mpo` variant's layers by form: " + ", ".join(f"{v} {k}" for k, v in sorted(forms.items()))
                   + " (a `lowrank` layer is a pair of factors, `LowRankLinear`)"]
     if "gated" in variants and "mpo" in variants:
-        lines += ["", "gated vs full-width MPO: " + ", ".join(
+        lines += ["", "gated vs full width (the ungated `mpo` variant): " + ", ".join(
             f"{tps['gated'][b] / tps['mpo'][b]:.2f}x at batch {b}" for b in args.batches)
-            + f" (average FLOPs fraction of the gated layers over the timed calls: {gating:.3f})"]
+            + " (average FLOPs fraction of the gated layers over the timed calls, controllers included: "
+            + ", ".join(f"{gating[b]:.3f} at batch {b}" for b in args.batches) + ")"]
     (args.out / f"llama_decode{args.tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -409,7 +409,7 @@ def test_set_budget_warns_about_gated_layers_the_data_does_not_reach():
 
 
 def test_gating_needs_mpo_layers():
-    with pytest.raises(ValueError, match="no MPO layers"):
+    with pytest.raises(ValueError, match="no MPO or low-rank layers"):
         gate(nn.Sequential(nn.Linear(4, 4)), GatingConfig())
     with pytest.raises(ValueError, match="no gated layers"):
         set_budget(nn.Sequential(nn.Linear(4, 4)), 0.5, [torch.randn(2, 4)])
@@ -748,7 +748,7 @@ def test_nan_and_malformed_gating_configs_are_clear_errors(kw, match):
 
 
 def test_gate_regex_matching_nothing_names_the_layers():
-    with pytest.raises(ValueError, match=r"matches none of the model's 1 MPO layers \(2\)"):
+    with pytest.raises(ValueError, match=r"matches none of the model's 1 MPO or low-rank layers \(2\)"):
         gate(model_with_mpo(), GatingConfig(target_modules=r"encoder\..*"))
 
 
@@ -858,3 +858,63 @@ def test_gated_eval_keeps_each_levels_precontracted_operands(executor, monkeypat
     assert first == 4 and len(calls) == first  # built once per level, then kept
     ref = x @ layer.to_mpo().slice_bonds(layer.level_widths[3]).to_matrix().T + layer.bias
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["linear", "error"])
+def test_lowrank_pairs_are_gated_by_rank_prefix_with_the_nested_kernel(tmp_path, kind):
+    """A low-rank pair gates as the 2-core MPO (out, 1) x (1, in) whose bond is the rank: a level keeps the
+    leading ranks. The nested-prefix inference kernel (rows sorted by level, each rank block applied to the
+    rows that need it) must equal each row's own prefix, the training path, and survive save/load."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(96, 96), nn.ReLU(), nn.Linear(96, 80))
+    pair = bondgate.LowRankLinear.from_linear(net[2], 20)
+    net[2] = pair
+    x = torch.randn(41, 96)
+    with torch.no_grad():
+        h = torch.relu(net[0](x))
+        y_pair = pair(h)
+        as_mpo = pair.to_mpo_linear()
+        assert as_mpo.in_factors == (1, 96) and as_mpo.out_factors == (80, 1) and as_mpo.bond_dims == (20,)
+        assert torch.allclose(as_mpo(h), y_pair, atol=1e-5)
+    gate(net, GatingConfig(levels=(0.25, 0.5, 0.75, 1.0), controller=kind))
+    layer = net[2]
+    assert isinstance(layer, GatedMPOLinear) and layer._rank_form
+    assert layer.bond_dims == (20,) and [w[0] for w in layer.level_widths] == [5, 10, 15, 20]
+    # FLOPs per row of a level: 2 x rank x (in + out)
+    assert layer.level_cost == pytest.approx([2 * r * (96 + 80) for r in (5, 10, 15, 20)], rel=0.02)
+    lv = torch.randint(0, 4, (41,), generator=torch.Generator().manual_seed(1))
+    lv[:3] = torch.tensor([0, 3, 3])
+    with torch.no_grad():
+        ref = torch.stack([nn.functional.linear(nn.functional.linear(h[i], pair.V[:r]), pair.U[:, :r], pair.bias)
+                           for i, r in enumerate((5 * (lv + 1)).tolist())])
+        layer.eval()
+        assert torch.allclose(layer(h, levels=lv), ref, atol=1e-5)
+        assert torch.allclose(layer(h, levels=torch.full((41,), 3)), y_pair, atol=1e-5)
+        assert torch.allclose(layer(h, levels=torch.full((41,), 1)),
+                              nn.functional.linear(nn.functional.linear(h, pair.V[:10]), pair.U[:, :10], pair.bias),
+                              atol=1e-5)
+        no_top = lv.clamp(max=2)  # the widest level absent: its block is never read
+        ref2 = torch.stack([nn.functional.linear(nn.functional.linear(h[i], pair.V[:r]), pair.U[:, :r], pair.bias)
+                            for i, r in enumerate((5 * (no_top + 1)).tolist())])
+        assert torch.allclose(layer(h, levels=no_top), ref2, atol=1e-5)
+    layer.train()
+    assert torch.allclose(layer(h, levels=lv), ref, atol=1e-5)  # the training path (grad) agrees
+    # decisions, budget and save/load as for any gated layer
+    calib = [torch.randn(64, 96)]
+    if kind == "error":
+        bondgate.fit_controllers(net, calib)
+    else:
+        with torch.no_grad():
+            layer.controller.proj.weight.normal_()
+    budget = 0.75 if kind == "error" else 0.5  # the error controller alone costs ~0.25 of this small layer
+    assert set_budget(net, budget, calib) == pytest.approx(budget, abs=0.1)
+    net.eval()
+    with torch.no_grad():
+        y = net(x)
+        decided = layer.decide(h)
+    assert len(set(decided.tolist())) > 1
+    bondgate.save(net, tmp_path / "g")
+    back = bondgate.load(tmp_path / "g")
+    assert back[2]._rank_form
+    with torch.no_grad():
+        assert torch.equal(back(x), y) and torch.equal(back(x[:1]), net(x[:1]))

@@ -355,6 +355,8 @@ class GatedMPOLinear(MPOLinear):
         self._refresh_costs()
         self._aux: torch.Tensor | None = None
         self._slices: dict = {}  # inference operands: sliced cores, sweep matrices and their views
+        # a low-rank pair U V as a 2-core MPO (out, 1) x (1, in): inference runs the nested-prefix kernel
+        self._rank_form = (self.in_factors == (1, self.in_features) and self.out_factors == (self.out_features, 1))
         self._tracker: PriceTracker | None = None  # set_budget(track=...): online price correction
 
     def _refresh_costs(self) -> None:
@@ -439,6 +441,9 @@ class GatedMPOLinear(MPOLinear):
     def width_output(self, x2d: torch.Tensor, widths: tuple[int, ...]) -> torch.Tensor:
         """``x2d @ W(widths).T`` (no bias) through the planner; differentiable when grad is enabled."""
         enabled = torch.is_grad_enabled()
+        if not enabled and self._rank_form:  # two matmuls on contiguous prefixes of V and U.T; nothing to plan
+            V, Ut = self._rank_operands()
+            return torch.mm(torch.nn.functional.linear(x2d, V[: widths[0]]), Ut[: widths[0]])
         c0 = next(iter(self._core_params.values()))
         grad = enabled and (c0.requires_grad or x2d.requires_grad)
         key = (widths, x2d.shape[0].bit_length(), grad)
@@ -477,6 +482,36 @@ class GatedMPOLinear(MPOLinear):
         return self._kept(("views", widths, rev), lambda _: sweep_views(
             self._kept(("sweep", rev), plan.cache_operands), self.out_factors, self.in_factors, widths, rev))
 
+    def _rank_operands(self) -> list[torch.Tensor]:
+        """``[V, U.T]`` of a rank-form layer, ``(rank, in)`` and ``(rank, out)``, contiguous: every level's
+        prefix ``[:r]`` and every block ``[a:b]`` of the rank is a contiguous row range of both."""
+        def build(cores):
+            r = cores[1].shape[0]
+            return [cores[1].reshape(r, self.in_features).contiguous(),
+                    cores[0].reshape(self.out_features, r).t().contiguous()]
+        return self._kept(("rank",), build)
+
+    def _rank_grouped(self, x2d: torch.Tensor, levels: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Nested-prefix kernel of a rank-form layer: rows sorted by level, highest first; rank block ``k``
+        (the ranks that level ``k`` adds to level ``k - 1``) multiplies only the leading rows whose level is
+        ``>= k``. Each weight block is read once (as by the widest row alone) and each row costs the FLOPs of
+        its own level, where per-level groups would read the shared leading blocks once per group."""
+        V, Ut = self._rank_operands()
+        order = torch.argsort(levels, descending=True, stable=True)
+        xs = x2d.index_select(0, order)
+        rows, lo, y = x2d.shape[0], 0, None
+        for lv, n in enumerate(counts):
+            hi = self.level_widths[lv][0]
+            if rows and hi > lo:
+                h = torch.nn.functional.linear(xs[:rows], V[lo:hi])
+                if y is None:
+                    y = torch.mm(h, Ut[lo:hi])
+                else:
+                    y[:rows].addmm_(h, Ut[lo:hi])
+                lo = hi
+            rows -= n
+        return torch.empty_like(y).index_copy_(0, order, y)
+
     def grouped_output(self, x2d: torch.Tensor, levels: torch.Tensor, counts: list[int] | None = None) -> torch.Tensor:
         """Rows grouped by level, each group contracted with its sliced cores (the inference path).
         ``counts``: rows per level, if the caller has them already."""
@@ -485,6 +520,8 @@ class GatedMPOLinear(MPOLinear):
         present = [lv for lv, n in enumerate(counts) if n]
         if len(present) == 1:
             return self.width_output(x2d, self.level_widths[present[0]])
+        if self._rank_form and not torch.is_grad_enabled():
+            return self._rank_grouped(x2d, levels, counts)
         order = torch.argsort(levels, stable=True)
         xs = x2d.index_select(0, order)
         parts, start = [], 0
@@ -714,7 +751,8 @@ def _gated_layers(model: nn.Module) -> list[tuple[str, GatedMPOLinear]]:
 
 
 def gate(model: nn.Module, config: GatingConfig) -> nn.Module:
-    """Replace the model's MPO layers by gated ones, in place; returns ``model``.
+    """Replace the model's MPO layers (and low-rank pairs, as 2-core MPOs whose bond is the rank) by gated
+    ones, in place; returns ``model``.
 
     The controllers start untrained (preferring wide levels); train them with :func:`set_mode`
     ``"nested"`` then ``"gate"`` and :func:`bondgate.distill` (``controller="linear"``) or fit them with
@@ -723,22 +761,26 @@ def gate(model: nn.Module, config: GatingConfig) -> nn.Module:
     """
     if not isinstance(config, GatingConfig):
         raise TypeError(f"config must be a GatingConfig, got {type(config).__name__}")
-    mpo = [n for n, m in model.named_modules() if isinstance(m, MPOLinear)]
+    from .lowrank import LowRankLinear
+
+    mpo = [n for n, m in model.named_modules() if isinstance(m, (MPOLinear, LowRankLinear))]
     names = [n for n in mpo if config.target_modules is None or _matches(n, config.target_modules)]
     if not mpo:
-        raise ValueError("gate: the model has no MPO layers to gate (run bondgate.compress first)")
+        raise ValueError("gate: the model has no MPO or low-rank layers to gate (run bondgate.compress first)")
     if not names:
         raise ValueError(f"gate: target_modules={config.target_modules!r} matches none of the model's {len(mpo)} MPO "
-                         f"layers ({', '.join(mpo[:4])}{', ...' if len(mpo) > 4 else ''}); a string is a regex that "
-                         f"must match the whole name, a list holds names or dotted suffixes")
+                         f"or low-rank layers ({', '.join(mpo[:4])}{', ...' if len(mpo) > 4 else ''}); a string is a "
+                         f"regex that must match the whole name, a list holds names or dotted suffixes")
     for n in names:
-        layer = model.get_submodule(n) if n else model
-        g = GatedMPOLinear.from_mpo_linear(layer, config)
-        g.train(layer.training)
-        if n:
-            model.set_submodule(n, g)
-        else:
+        if not n:
             raise ValueError("gate: pass a model containing MPO layers, not a bare MPOLinear")
+        layer = model.get_submodule(n)
+        # a low-rank pair U V is the 2-core MPO (out, 1) x (1, in) whose bond is the rank: gated, its levels keep a
+        # prefix of the rank (the SVD's leading directions) and run the nested-prefix kernel
+        mpo_layer = layer.to_mpo_linear() if isinstance(layer, LowRankLinear) else layer
+        g = GatedMPOLinear.from_mpo_linear(mpo_layer, config)
+        g.train(layer.training)
+        model.set_submodule(n, g)
     from .hf import attach
 
     return attach(model)  # a transformers model: config.quantization_config records the layers for save_pretrained

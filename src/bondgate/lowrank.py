@@ -120,6 +120,20 @@ class LowRankLinear(nn.Module):
                 second.bias.copy_(self.bias)
         return nn.Sequential(first, second)
 
+    def to_mpo_linear(self, policy: str = "speed"):
+        """The same map as a 2-core :class:`~bondgate.MPOLinear` whose bond is the rank: legs
+        ``(out_features, 1) x (1, in_features)``, cores ``U`` as ``(1, out, 1, rank)`` and ``V`` as
+        ``(rank, 1, in, 1)`` (copies). :func:`bondgate.gate` uses it to gate the rank per input row."""
+        from .layer import MPOLinear
+        from .mpo import MPO
+
+        U, V = self.U.detach(), self.V.detach()
+        mpo = MPO([U.reshape(1, self.out_features, 1, self.rank), V.reshape(self.rank, 1, self.in_features, 1)],
+                  self.out_features, self.in_features, error=0.0 if math.isnan(self.error) else self.error)
+        layer = MPOLinear.from_mpo(mpo, None if self.bias is None else self.bias.detach(), policy=policy)
+        layer.error = self.error
+        return layer.requires_grad_(self.U.requires_grad)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(nn.functional.linear(x, self.V), self.U, self.bias)
 

@@ -47,11 +47,13 @@ def banner(info: dict) -> str:
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 5, min_time: float = 0.05,
-                     min_reps: int = 3, sync: Callable[[], None] | None = None) -> dict[str, float]:
+                     min_reps: int = 3, sync: Callable[[], None] | None = None,
+                     samples_out: dict[str, list[float]] | None = None) -> dict[str, float]:
     """Median seconds per call for each function, measured in interleaved rounds.
 
     Every round times every function once (``reps`` calls, enough to last ``min_time``), so slow drifts
-    of a shared machine hit all variants alike; the result is the median over rounds.
+    of a shared machine hit all variants alike; the result is the median over rounds. ``samples_out``
+    (a dict) receives each function's per-round times, in round order (for paired ratios).
     """
     sync = sync or (lambda: None)
     reps: dict[str, int] = {}
@@ -72,6 +74,8 @@ def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 5, min_
                 fn()
             sync()
             samples[name].append((time.perf_counter() - t0) / n)
+    if samples_out is not None:
+        samples_out.update(samples)
     return {n: statistics.median(s) for n, s in samples.items()}
 
 

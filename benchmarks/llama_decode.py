@@ -95,7 +95,7 @@ def build_variants(dense, args) -> dict:
                                                                             levels=(0.25, 0.5, 0.75, 1.0)))
             data = [{"input_ids": prompts(4, 32, args.vocab, 100 + i)} for i in range(4)]
             bondgate.fit_controllers(gated, data)
-            got = bondgate.set_budget(gated, args.budget, data, max_groups=args.max_groups)
+            got = bondgate.set_budget(gated, args.budget, data, max_groups=args.max_groups, track=args.track)
             print(f"gated: {got:.3f} of the full-width FLOPs on the calibration prompts", flush=True)
             variants["gated"] = gated
     return {k: v.eval() for k, v in variants.items() if k in args.variants}
@@ -116,6 +116,8 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=0.5, help="gated: average FLOPs fraction of the full width")
     ap.add_argument("--max-groups", type=int, default=None, help="gated: at most this many distinct levels per "
                     "call (set_budget max_groups; default: each token its own level)")
+    ap.add_argument("--track", type=float, default=0.0, help="gated: set_budget track (online price correction "
+                    "holding the budget on the decode tokens; 0 = the price calibrated on the prompts stays)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -170,10 +172,12 @@ def main() -> None:
              f"Machine: {banner(info)}", "",
              f"`python benchmarks/llama_decode.py --layers {args.layers} --ratio {args.ratio} --budget {args.budget}"
              f"{' --max-groups ' + str(args.max_groups) if args.max_groups else ''}"
+             f"{' --track ' + str(args.track) if args.track else ''}"
              f"{'' if args.head else ' --no-head'} --allocation {args.allocation}"
              f"{' --kinds ' + ' '.join(args.kinds) if args.kinds else ''}"
              f"{' --max-latency-ratio ' + str(args.max_latency_ratio) if args.max_latency_ratio else ''}"
-             f" --batches {' '.join(map(str, args.batches))}` (targets `{args.target}`); "
+             f" --batches {' '.join(map(str, args.batches))} --variants {' '.join(args.variants)}"
+             f"{' --tag ' + args.tag if args.tag else ''}` (targets `{args.target}`); "
              f"greedy generate, prompt {args.prompt} tokens, {args.new_tokens} new tokens, median of {args.rounds} "
              "interleaved rounds; tokens/s counts the new tokens of all sequences.", "",
              "| variant | block weights | size on disk (MB) | " + " | ".join(f"tok/s @ {b}" for b in args.batches)

@@ -2,11 +2,13 @@
 
     python benchmarks/minilm_speed.py                 # ~6 min on 2 cores
 
-Variants: ``dense`` (fp32), ``bondgate`` (``bondgate.compress`` at ``--ratio`` of the encoder's linear weights with
+Variants: ``dense`` (fp32), ``dense copy`` (a second copy of the dense model: the control, whose ratio to ``dense``
+is this machine's noise floor), ``bondgate`` (``bondgate.compress`` at ``--ratio`` of the encoder's linear weights with
 the defaults: calibrated, policy ``auto`` judged at ``deploy_rows`` = the tokens of a 32-sentence batch),
 ``bondgate int8`` (the same with int8 cores) and ``int8 dynamic`` (torch's dynamic quantization of the same layers,
 for reference). Inputs: STS-B dev sentences, padded per batch (max 128 tokens). Timing: median of interleaved
-rounds (every variant once per round), ``--threads`` threads, in ``torch.inference_mode``.
+rounds (every variant once per round), ``--threads`` threads, in ``torch.inference_mode``; besides the ratio of
+medians, the per-round paired ratios (variant / dense of the same round): median and range.
 
 Writes benchmarks/results/minilm_speed.{json,md}.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -54,7 +57,7 @@ def main(argv=None) -> dict:
     inputs = {b: dict(tok(sents[:b], padding=True, truncation=True, max_length=128, return_tensors="pt"))
               for b in args.batches}
     rows32 = int(inputs[32]["attention_mask"].numel()) if 32 in inputs else 128
-    variants = {"dense": dense}
+    variants = {"dense": dense, "dense copy": copy.deepcopy(dense).eval()}
     t0 = time.perf_counter()
     for name, kw in [("bondgate", {}), ("bondgate int8", {"quantize": "int8"})]:
         m = copy.deepcopy(dense)
@@ -76,15 +79,18 @@ def main(argv=None) -> dict:
             model(**x)
         return run
 
-    times = {}
+    times, paired = {}, {}
     for b in args.batches:
+        samples: dict[str, list[float]] = {}
         times[b] = time_interleaved({k: runner(m, inputs[b]) for k, m in variants.items()}, rounds=args.rounds,
-                                    min_time=0.3)
+                                    min_time=0.3, samples_out=samples)
+        paired[b] = {k: sorted(t / d for t, d in zip(v, samples["dense"])) for k, v in samples.items()}
         print(f"{b} sentences ({tuple(inputs[b]['input_ids'].shape)}): "
               + "  ".join(f"{k} {1e3 * v:.2f} ms ({v / times[b]['dense']:.2f}x)" for k, v in times[b].items()),
               flush=True)
     sizes = {k: bg.size_on_disk(m) for k, m in variants.items()}
     out = {"machine": info, "args": vars(args), "deploy_rows": rows32, "policies": policies, "times_s": times,
+           "paired_ratios": paired,
            "sizes": sizes, "shapes": {b: list(inputs[b]["input_ids"].shape) for b in args.batches},
            "report": report.to_dict()}
     write_json(ROOT / "benchmarks" / "results" / "minilm_speed.json", out)
@@ -97,6 +103,14 @@ def main(argv=None) -> dict:
     for k in variants:
         lines.append(f"| {k} | {sizes[k] / 1e6:.1f} | " + " | ".join(
             f"{1e3 * times[b][k]:.2f} | {times[b][k] / times[b]['dense']:.2f}x" for b in args.batches) + " |")
+    lines += ["", f"Per-round paired ratios (time / dense time of the same round), median [min, max] of {args.rounds}:",
+              "", "| variant | " + " | ".join(f"{b} sentences" for b in args.batches) + " |",
+              "|---|" + "---|" * len(args.batches)]
+    for k in variants:
+        if k != "dense":
+            lines.append(f"| {k} | " + " | ".join(
+                f"{statistics.median(paired[b][k]):.3f} [{paired[b][k][0]:.3f}, {paired[b][k][-1]:.3f}]"
+                for b in args.batches) + " |")
     (ROOT / "benchmarks" / "results" / "minilm_speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return out

@@ -334,6 +334,10 @@ class GatedMPOLinear(MPOLinear):
     bond, the baseline gating must beat). Buffers: ``budget_lambda`` (price of a FLOP fraction in score
     units, set by :func:`set_budget`), ``level_counts`` (rows routed to each level in eval since the
     last :func:`gating_report` reset).
+
+    A gated low-rank pair (:meth:`bondgate.LowRankLinear.to_mpo_linear`: legs ``(out, 1) x (1, in)``, the bond
+    is the rank) keeps a prefix of the rank per row; its inference runs two matmuls per level on contiguous
+    prefixes, and a call whose rows take several levels runs the nested-prefix kernel (:meth:`_rank_grouped`).
     """
 
     def _init_gating(self, levels: Sequence[float], temperature: float, penalty: float, budget: float,

@@ -64,6 +64,7 @@ from torch import nn
 from .calibration import capture_inputs
 from .io import register_layer_type
 from .layer import MPOLinear, bad_input, core_versions, kept, outside_inference_mode, track_parameters
+from .lowrank import LowRankLinear
 from .planner import get_plan, min_flops, sweep_views
 from .surgery import _matches, check_selector
 
@@ -765,8 +766,6 @@ def gate(model: nn.Module, config: GatingConfig) -> nn.Module:
     """
     if not isinstance(config, GatingConfig):
         raise TypeError(f"config must be a GatingConfig, got {type(config).__name__}")
-    from .lowrank import LowRankLinear
-
     mpo = [n for n, m in model.named_modules() if isinstance(m, (MPOLinear, LowRankLinear))]
     names = [n for n in mpo if config.target_modules is None or _matches(n, config.target_modules)]
     if not mpo:

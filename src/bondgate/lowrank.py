@@ -129,9 +129,9 @@ class LowRankLinear(nn.Module):
 
         U, V = self.U.detach(), self.V.detach()
         mpo = MPO([U.reshape(1, self.out_features, 1, self.rank), V.reshape(self.rank, 1, self.in_features, 1)],
-                  self.out_features, self.in_features, error=0.0 if math.isnan(self.error) else self.error)
+                  self.out_features, self.in_features)
         layer = MPOLinear.from_mpo(mpo, None if self.bias is None else self.bias.detach(), policy=policy)
-        layer.error = self.error
+        layer.error = self.error  # nan when the pair was not fitted to a layer
         return layer.requires_grad_(self.U.requires_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

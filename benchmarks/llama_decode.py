@@ -12,7 +12,8 @@ RMSNorm), random weights (speed does not depend on the values), as
 * ``lowrank_int8`` with ``--kinds lowrank``: the low-rank pairs' two factors as ``nn.Linear`` layers
                 (``LowRankLinear.to_linears``) through the same dynamic int8 quantization;
 * ``gated``     the ``mpo`` model with per-token bond gating (error controllers fitted on random prompts, one shared
-                price calibrated for a ``--budget`` fraction of the full-width FLOPs); with ``--kinds lowrank``
+                price calibrated for a ``--budget`` fraction of the full-width FLOPs; several budgets: one variant
+                ``gated@B`` each, from the same fitted controllers); with ``--kinds lowrank``
                 the low-rank pairs are gated by rank prefix (2-core MPOs whose bond is the rank) and run the
                 nested-prefix kernel.
 
@@ -24,6 +25,7 @@ time of the ``generate`` call, prefill of a ``--prompt``-token prompt included).
 Run:  python benchmarks/llama_decode.py                      (2 layers; ~12 min on 2 cores)
       python benchmarks/llama_decode.py --allocation global --kinds mpo lowrank --max-latency-ratio 0.5 --tag _latency
       python benchmarks/llama_decode.py --allocation uniform --kinds lowrank --variants dense int8 mpo lowrank_int8 --tag _lowrank
+      python benchmarks/llama_decode.py --allocation uniform --kinds lowrank --variants dense mpo gated --budget 0.5 0.4 0.3 --max-groups 1 --track 0.05 --tag _lowrank_gated_budgets
       (latency-aware: each layer an MPO, a low-rank pair or dense, predicted time <= 0.5 x dense at the largest batch)
 Writes benchmarks/results/llama_decode{TAG}.{json,md}.
 """
@@ -95,10 +97,20 @@ def build_variants(dense, args) -> dict:
                                                                             levels=(0.25, 0.5, 0.75, 1.0)))
             data = [{"input_ids": prompts(4, 32, args.vocab, 100 + i)} for i in range(4)]
             bondgate.fit_controllers(gated, data)
-            got = bondgate.set_budget(gated, args.budget, data, max_groups=args.max_groups, track=args.track)
-            print(f"gated: {got:.3f} of the full-width FLOPs on the calibration prompts", flush=True)
-            variants["gated"] = gated
-    return {k: v.eval() for k, v in variants.items() if k in args.variants}
+            for budget in args.budget:  # one fitted model, a price per budget
+                model = gated if len(args.budget) == 1 else copy.deepcopy(gated)
+                got = bondgate.set_budget(model, budget, data, max_groups=args.max_groups, track=args.track)
+                print(f"{gated_name(args, budget)}: {got:.3f} of the full-width FLOPs on the calibration prompts",
+                      flush=True)
+                variants[gated_name(args, budget)] = model
+    keep = [v for v in args.variants if v != "gated"] + [gated_name(args, b) for b in args.budget
+                                                         if "gated" in args.variants]
+    return {k: v.eval() for k, v in variants.items() if k in keep}
+
+
+def gated_name(args, budget: float) -> str:
+    """``gated`` for one budget, ``gated@B`` for each of several."""
+    return "gated" if len(args.budget) == 1 else f"gated@{budget:g}"
 
 
 def decode(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
@@ -113,7 +125,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--ratio", type=float, default=0.25, help="kept fraction of the block layers' weights")
     ap.add_argument("--num-cores", type=int, default=3)
-    ap.add_argument("--budget", type=float, default=0.5, help="gated: average FLOPs fraction of the full width")
+    ap.add_argument("--budget", type=float, nargs="+", default=[0.5], help="gated: average FLOPs fraction of the "
+                    "full width (several: one gated variant per budget, named gated@B)")
     ap.add_argument("--max-groups", type=int, default=None, help="gated: at most this many distinct levels per "
                     "call (set_budget max_groups; default: each token its own level)")
     ap.add_argument("--track", type=float, default=0.0, help="gated: set_budget track (online price correction "
@@ -151,18 +164,19 @@ def main() -> None:
         for model in variants.values():  # warm-up: plans, autotuning, allocator
             out = decode(model, ids, args.new_tokens)
             assert out.shape == (b, args.prompt + args.new_tokens), out.shape
-        if "gated" in variants:  # the FLOPs fraction of this batch's timed calls only
-            bondgate.gating.average_flops(variants["gated"], reset=True)
+        gated = [k for k in variants if k.startswith("gated")]
+        for k in gated:  # the FLOPs fraction of this batch's timed calls only
+            bondgate.gating.average_flops(variants[k], reset=True)
         for r in range(args.rounds):
             for name, model in variants.items():
                 t0 = time.perf_counter()
                 decode(model, ids, args.new_tokens)
                 results[name][b].append(b * args.new_tokens / (time.perf_counter() - t0))
             print(f"batch {b} round {r}: " + "  ".join(f"{k} {v[b][-1]:.1f}" for k, v in results.items()), flush=True)
-        if "gated" in variants:
-            gating_by_batch[b] = bondgate.gating.average_flops(variants["gated"], reset=True)
+        for k in gated:
+            gating_by_batch.setdefault(k, {})[b] = bondgate.gating.average_flops(variants[k], reset=True)
     tps = {k: {b: statistics.median(v) for b, v in per.items()} for k, per in results.items()}
-    gating = gating_by_batch or None
+    gating = gating_by_batch or None  # {variant: {batch: FLOPs fraction}}
     write_json(args.out / f"llama_decode{args.tag}.json", {
         "machine": info, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "tokens_per_s": tps, "samples": results, "size_bytes": sizes, "block_params": block_params,
@@ -170,7 +184,8 @@ def main() -> None:
         "report": variants["mpo"].bondgate_report.to_dict() if "mpo" in variants else None})
     lines = [f"# LLaMA-shape decode ({args.layers} layers, hidden 2048, intermediate 5632, vocab {args.vocab})", "",
              f"Machine: {banner(info)}", "",
-             f"`python benchmarks/llama_decode.py --layers {args.layers} --ratio {args.ratio} --budget {args.budget}"
+             f"`python benchmarks/llama_decode.py --layers {args.layers} --ratio {args.ratio} --budget "
+             f"{' '.join(f'{b:g}' for b in args.budget)}"
              f"{' --max-groups ' + str(args.max_groups) if args.max_groups else ''}"
              f"{' --track ' + str(args.track) if args.track else ''}"
              f"{'' if args.head else ' --no-head'} --allocation {args.allocation}"
@@ -193,11 +208,12 @@ def main() -> None:
             forms[r.form] = forms.get(r.form, 0) + 1
         lines += ["", "`mpo` variant's layers by form: " + ", ".join(f"{v} {k}" for k, v in sorted(forms.items()))
                   + " (a `lowrank` layer is a pair of factors, `LowRankLinear`)"]
-    if "gated" in variants and "mpo" in variants:
-        lines += ["", "gated vs full width (the ungated `mpo` variant): " + ", ".join(
-            f"{tps['gated'][b] / tps['mpo'][b]:.2f}x at batch {b}" for b in args.batches)
-            + " (average FLOPs fraction of the gated layers over the timed calls, controllers included: "
-            + ", ".join(f"{gating[b]:.3f} at batch {b}" for b in args.batches) + ")"]
+    for k in gating or {}:
+        if "mpo" in variants:
+            lines += ["", f"{k} vs full width (the ungated `mpo` variant): " + ", ".join(
+                f"{tps[k][b] / tps['mpo'][b]:.2f}x at batch {b}" for b in args.batches)
+                + " (average FLOPs fraction of the gated layers over the timed calls, controllers included: "
+                + ", ".join(f"{gating[k][b]:.3f} at batch {b}" for b in args.batches) + ")"]
     (args.out / f"llama_decode{args.tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -68,12 +68,13 @@ def load(model_dir: Path = MODEL_DIR):
 
 
 def block_weights(model) -> int:
-    """Stored weight values of the blocks' linear layers (``model.layers.*``; MPO cores count as stored)."""
+    """Stored weight values of the blocks' linear layers (``model.layers.*``; MPO cores and low-rank factors count
+    as stored)."""
     total = 0
     for name, mod in model.named_modules():
         if not name.startswith("model.layers.") or ".controller" in name:
             continue
-        if isinstance(mod, bg.MPOLinear):
+        if isinstance(mod, (bg.MPOLinear, bg.LowRankLinear)):
             total += mod.num_params
         elif isinstance(mod, torch.nn.Linear):
             total += mod.weight.numel()
@@ -205,11 +206,12 @@ def story_perplexity(model, stories: list[list[int]], batch: int = 16) -> float:
 
 # ---------------------------------------------------------------------------------------------- pipeline
 def compress(dense, calib: list[dict], ratio: float, num_cores: int, weighting: str = "relative",
-             refine_steps: int = 30):
+             refine_steps: int = 30, kinds: list[str] | None = None):
     # distill() freezes its teacher's parameters and compress() keeps a frozen layer frozen: unfreeze the copy
     student = copy.deepcopy(dense).requires_grad_(True)
     bg.compress(student, bg.CompressionConfig(param_ratio=ratio, target_modules=TARGET, num_cores=num_cores,
-                                              layer_weighting=weighting, refine_steps=refine_steps),
+                                              layer_weighting=weighting, refine_steps=refine_steps,
+                                              kinds=kinds),
                 calibration=calib, progress=False)
     return student
 
@@ -273,7 +275,7 @@ def run(args) -> dict:
     rows, best = [], None
     for weighting, nc in [(w, n) for w in args.weighting for n in args.num_cores]:
         t0 = time.perf_counter()
-        student = compress(dense, calib, args.ratio, nc, weighting, args.refine_steps)
+        student = compress(dense, calib, args.ratio, nc, weighting, args.refine_steps, args.kinds)
         compress_s = time.perf_counter() - t0
         report = student.bondgate_report
         before = tinystories_perplexity(student, tok, sample).perplexity
@@ -376,6 +378,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--weighting", nargs="+", default=["relative"], choices=["relative", "sensitivity", "absolute"],
                     help="CompressionConfig.layer_weighting (each is tried)")
     ap.add_argument("--refine-steps", type=int, default=30)
+    ap.add_argument("--kinds", nargs="+", choices=["mpo", "lowrank"], default=None,
+                    help="CompressionConfig.kinds: the forms a layer may take (default: MPO)")
     # 512 = the model's context, as llama2.c trained it. Rows of 128 tokens (the default before) never show the student
     # a position past 127, while the evaluation scores whole stories (~360 tokens, up to 512) from BOS: with 128 the
     # validation perplexity rose from step ~1700 on while the training loss kept falling.

@@ -171,3 +171,26 @@ def test_lowrank_pair_as_two_linears_and_through_dynamic_int8():
     out = q(x)
     err = float((out - low(x)).norm() / low(x).norm())
     assert 1e-5 < err < 0.05  # int8 factors: close, not equal
+
+
+def test_lowrank_u_is_held_transposed_through_copies_and_loads(tmp_path):
+    """U (out, rank) is stored as a contiguous (rank, out) matrix (the faster BLAS layout for few rows); the layout
+    survives from_linear, deepcopy, dtype moves, save/load and load_state_dict(assign=True), and the map is U @ V."""
+    import copy
+
+    import bondgate
+
+    torch.manual_seed(0)
+    dense = nn.Linear(48, 40)
+    low = bondgate.LowRankLinear.from_linear(dense, 8)
+    x = torch.randn(5, 48)
+    assert low.U.shape == (40, 8) and low.U.t().is_contiguous() and low.V.is_contiguous()
+    assert torch.allclose(low(x), x @ (low.U @ low.V).T + dense.bias, atol=1e-6)
+    for other in (copy.deepcopy(low), copy.deepcopy(low).double().float()):
+        assert other.U.t().is_contiguous() and torch.equal(other(x), low(x))
+    fresh = bondgate.LowRankLinear(48, 40, 8)
+    fresh.load_state_dict({k: v.clone().contiguous() for k, v in low.state_dict().items()}, assign=True)
+    assert fresh.U.t().is_contiguous() and fresh.U.requires_grad and torch.equal(fresh(x), low(x))
+    model = nn.Sequential(low)
+    loaded = bondgate.load(bondgate.save(model, tmp_path / "ckpt"), model=nn.Sequential(nn.Linear(48, 40)))
+    assert loaded[0].U.t().is_contiguous() and torch.equal(loaded[0](x), low(x))

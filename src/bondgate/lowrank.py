@@ -15,6 +15,23 @@ from .io import register_layer_type
 __all__ = ["LowRankLinear"]
 
 
+def _u_parameter(U: torch.Tensor, requires_grad: bool = True) -> nn.Parameter:
+    """``U`` ``(out, rank)`` held as the transpose of a contiguous ``(rank, out)`` tensor (strides ``(1, out)``).
+
+    ``linear(h, U)`` then multiplies by a contiguous ``(rank, out)`` matrix: with few rows and a wide output this is
+    up to 2x faster than ``U``'s own row-major layout on CPU BLAS (a 32000 x 2048 rank-481 LM head, one row: ~3 ms
+    against ~7 ms), and it is the layout the gated rank form reads, so gated and ungated pairs run the same kernel.
+    ``copy_``, ``.to``, ``deepcopy`` and ``load_state_dict`` keep the layout."""
+    return nn.Parameter(U.detach().t().contiguous().t(), requires_grad=requires_grad)
+
+
+def _keep_u_layout(module: "LowRankLinear", _incompatible) -> None:
+    """After ``load_state_dict(assign=True)`` (which puts the loaded tensor in as it is): restore ``U``'s layout."""
+    U = module.U
+    if not U.t().is_contiguous():
+        module.U = _u_parameter(U, U.requires_grad)
+
+
 class LowRankLinear(nn.Module):
     """``y = (x @ V.T) @ U.T + b`` with ``U`` of shape ``(out_features, rank)`` and ``V`` of shape
     ``(rank, in_features)``; accepts inputs ``(*, in_features)`` like ``nn.Linear``.
@@ -39,7 +56,7 @@ class LowRankLinear(nn.Module):
         kw = {"device": device, "dtype": dtype or torch.get_default_dtype()}
         # Var(V) = 1/(3 in), Var(U) = 1/rank  =>  Var((U V)_ij) = 1/(3 in), nn.Linear's default.
         u_bound = math.sqrt(3 / rank)
-        self.U = nn.Parameter(torch.empty(out_features, rank, **kw).uniform_(-u_bound, u_bound))
+        self.U = _u_parameter(torch.empty(out_features, rank, **kw).uniform_(-u_bound, u_bound))
         bound = 1.0 / math.sqrt(in_features)
         self.V = nn.Parameter(torch.empty(rank, in_features, **kw).uniform_(-bound, bound))
         if bias:
@@ -47,6 +64,7 @@ class LowRankLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.error: float = float("nan")
+        self.register_load_state_dict_post_hook(_keep_u_layout)
 
     @classmethod
     def from_linear(cls, linear: nn.Module, rank: int) -> "LowRankLinear":

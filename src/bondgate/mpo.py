@@ -121,6 +121,9 @@ class MPO:
             prev = c.shape[3]
         if prev != 1:
             raise ValueError(f"the last core must have right bond 1, got {prev}")
+        if self.out_features < 1 or self.in_features < 1:
+            raise ValueError(f"an MPO holds a matrix with at least one row and column, got "
+                             f"({self.out_features}, {self.in_features})")
         if self.padded_out < self.out_features or self.padded_in < self.in_features:
             raise ValueError(
                 f"factors {self.out_factors} x {self.in_factors} cannot hold a "

@@ -344,6 +344,15 @@ def test_one_row_host_decision_matches_the_torch_objective(kind):
         for row in rows[:20].split(1):
             assert torch.equal(layer(row), layer(row, levels=layer.decide(row)))
         assert layer._host_level(rows[:1].bfloat16()) is None
+    set_budget(net, 0.5, [torch.relu(net[0](torch.randn(128, 96, generator=gen)))], track=0.5)
+    with torch.no_grad():  # the online tracker moves the price every call: the host price follows it
+        prices = set()
+        for r in rows[:30].split(1):
+            net(torch.randn(1, 96, generator=gen))
+            prices.add(float(layer.budget_lambda))
+            h = torch.relu(net[0](r))
+            assert layer._host_level(h) == int(layer._objective(h).argmin())
+        assert len(prices) > 10
     with torch.inference_mode():  # a copy made here has no version counters: the torch path decides
         frozen = copy.deepcopy(layer)
         assert frozen._host_level(rows[:1]) is None

@@ -19,8 +19,9 @@ def _u_parameter(U: torch.Tensor, requires_grad: bool = True) -> nn.Parameter:
     """``U`` ``(out, rank)`` held as the transpose of a contiguous ``(rank, out)`` tensor (strides ``(1, out)``).
 
     ``linear(h, U)`` then multiplies by a contiguous ``(rank, out)`` matrix: with few rows and a wide output this is
-    up to 2x faster than ``U``'s own row-major layout on CPU BLAS (a 32000 x 2048 rank-481 LM head, one row: ~3 ms
-    against ~7 ms), and it is the layout the gated rank form reads, so gated and ungated pairs run the same kernel.
+    up to 2x faster than ``U``'s own row-major layout on CPU BLAS (a 32000 x 2048 rank-481 LM head, one row), and
+    the LLaMA-shape decode of ``benchmarks/llama_decode.py`` (low-rank 25%, batch 1) went from 48.6 to 70.9 tok/s;
+    it is also the layout the gated rank form reads, so gated and ungated pairs run the same kernel.
     ``copy_``, ``.to``, ``deepcopy`` and ``load_state_dict`` keep the layout."""
     return nn.Parameter(U.detach().t().contiguous().t(), requires_grad=requires_grad)
 

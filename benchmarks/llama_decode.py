@@ -24,9 +24,10 @@ time of the ``generate`` call, prefill of a ``--prompt``-token prompt included).
 
 Run:  python benchmarks/llama_decode.py                      (2 layers; ~12 min on 2 cores)
       python benchmarks/llama_decode.py --allocation global --kinds mpo lowrank --max-latency-ratio 0.5 --tag _latency
-      python benchmarks/llama_decode.py --allocation uniform --kinds lowrank --variants dense int8 mpo lowrank_int8 --tag _lowrank
-      python benchmarks/llama_decode.py --allocation uniform --kinds lowrank --variants dense mpo gated --budget 0.5 0.4 0.3 --max-groups 1 --track 0.05 --tag _lowrank_gated_budgets
       (latency-aware: each layer an MPO, a low-rank pair or dense, predicted time <= 0.5 x dense at the largest batch)
+      python benchmarks/llama_decode.py --allocation uniform --kinds lowrank --variants dense int8 mpo lowrank_int8 --tag _lowrank
+      python benchmarks/llama_decode.py --allocation uniform --kinds lowrank --variants dense int8 mpo lowrank_int8 gated --budget 0.5 0.4 0.3 --max-groups 1 --track 0.05 --tag _lowrank_budgets
+      (low-rank 25%, its int8 factors, and gated at three FLOPs budgets, one level per call, price held on the decode tokens)
 Writes benchmarks/results/llama_decode{TAG}.{json,md}.
 """
 

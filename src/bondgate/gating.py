@@ -238,9 +238,6 @@ def _subsets(levels: int, k: int) -> torch.Tensor:
     return torch.tensor(list(itertools.combinations(range(levels), k)), dtype=torch.long)
 
 
-_NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
-
-
 def to_host(t: torch.Tensor) -> list:
     """``t.tolist()``: the one place the gated forward reads a device tensor on the host. Routing rows to
     kernels of different shapes needs the rows per level on the host, so an inference call of a gated layer
@@ -572,7 +569,7 @@ class GatedMPOLinear(MPOLinear):
         ops = kept(self._host, ("ops", x2d.dtype), source[:-1], lambda: ctrl.host_operands(x2d.dtype))
         # what _price_vector computes (float64 product, then the dtype), in numpy: ~1 us against torch's ~10
         price = kept(self._host, ("price", x2d.dtype), source[-1:], lambda: (
-            float(source[-1]) * self.rel_cost.numpy()).astype(_NP_DTYPES[x2d.dtype]))
+            float(source[-1]) * self.rel_cost.numpy()).astype(x2d.numpy().dtype))
         # numpy's BLAS has its own thread pool, which must stay idle beside torch's: matrix-vector products of
         # this size run on one thread (OpenBLAS 0.3.31: same time with the pool limited to 1, up to 8 x 16384)
         return int((ctrl.host_cost(ops, x2d.numpy()[0]) + price).argmin())

@@ -216,6 +216,20 @@ def compress(dense, calib: list[dict], ratio: float, num_cores: int, weighting: 
     return student
 
 
+def resumed(path: str):
+    """A student saved by this script (``bondgate.save``), every parameter trainable."""
+    student = bg.load(path).requires_grad_(True)
+    if not any(isinstance(m, (bg.MPOLinear, bg.LowRankLinear)) for m in student.modules()):
+        raise SystemExit(f"{path} holds no compressed layer: not a student of this script")
+    return student
+
+
+def cores_of(student) -> int:
+    """MPO cores per layer of a student (2 for a low-rank pair)."""
+    return max((len(m.cores) if isinstance(m, bg.MPOLinear) else 2) for m in student.modules()
+               if isinstance(m, (bg.MPOLinear, bg.LowRankLinear)))
+
+
 def warm_up(student, batch: dict) -> None:
     """One forward/backward pass of ``student`` on a training batch, gradients dropped.
 
@@ -261,8 +275,9 @@ def run(args) -> dict:
         raise SystemExit(f"too few stories ({len(stories)} kept of {len(raw)}) for {args.calib_stories} calibration "
                          f"+ {args.valid_stories} validation stories")
     calib = story_batches(calib_st, 16, seed=args.seed)
-    train = (packed_batches(train_st, args.block, args.batch, seed=args.seed) if args.block
-             else story_batches(train_st, args.batch, seed=args.seed))
+    shuffle = args.seed if args.shuffle_seed is None else args.shuffle_seed
+    train = (packed_batches(train_st, args.block, args.batch, seed=shuffle) if args.block
+             else story_batches(train_st, args.batch, seed=shuffle))
     data = {"generated": len(raw), "kept": len(stories), "dropped": dropped,
             "tokens": sum(map(len, stories)), "calibration_stories": len(calib_st),
             "calibration_tokens": sum(map(len, calib_st)), "validation_stories": len(valid_st),
@@ -273,14 +288,20 @@ def run(args) -> dict:
     print(f"data: {data}; dense ppl on the generated validation stories {dense_valid:.4f}", flush=True)
 
     rows, best = [], None
-    for weighting, nc in [(w, n) for w in args.weighting for n in args.num_cores]:
+    configs = [("resumed", 0)] if args.resume else [(w, n) for w in args.weighting for n in args.num_cores]
+    for weighting, nc in configs:
         t0 = time.perf_counter()
-        student = compress(dense, calib, args.ratio, nc, weighting, args.refine_steps, args.kinds)
+        if args.resume:  # a saved student, healed further (a new schedule from --lr down, on the same data)
+            student = resumed(args.resume)
+            nc, report = cores_of(student), None
+        else:
+            student = compress(dense, calib, args.ratio, nc, weighting, args.refine_steps, args.kinds)
+            report = student.bondgate_report
         compress_s = time.perf_counter() - t0
-        report = student.bondgate_report
         before = tinystories_perplexity(student, tok, sample).perplexity
         before_valid = story_perplexity(student, valid_st)
-        print(f"{nc} cores, {weighting}: {block_weights(student):,} block weights ({report.ratio:.4f}), compressed in "
+        print(f"{nc} cores, {weighting}: {block_weights(student):,} block weights "
+              f"({block_weights(student) / block_weights(dense):.4f}), {'loaded' if args.resume else 'compressed'} in "
               f"{compress_s:.1f}s; sample ppl before healing {before:.3f} (validation {before_valid:.3f})", flush=True)
         res = heal(student, dense, train, args, valid_st)
         after = tinystories_perplexity(student, tok, sample).perplexity
@@ -291,7 +312,8 @@ def run(args) -> dict:
                "ppl_vs_dense": after / dense_ppl, "compress_seconds": compress_s,
                "distill_seconds": res.seconds - res.eval_seconds, "distill_budget_seconds": res.budget_seconds,
                "steps": res.steps, "stopped": res.stopped, "best_step": res.best_step,
-               "history": res.history, "layers": report.to_dict()["layers"], "table": report.table()}
+               "history": res.history, "layers": report.to_dict()["layers"] if report else None,
+               "table": report.table() if report else f"(the layers of the student loaded from `{args.resume}`)"}
         rows.append(row)
         print(f"{nc} cores, {weighting}: after {res.steps} steps ({row['distill_seconds'] / 60:.1f} min wall, "
               f"{res.budget_seconds / 60:.1f} min {args.clock}; best step {res.best_step}): sample ppl "
@@ -371,6 +393,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=str(ROOT / "runs" / "stories260K-50"), help="where to save the best model "
                     "('' = do not save)")
     ap.add_argument("--tag", default="compress", help="results name: benchmarks/results/stories_TAG.{json,md} ('' = write none)")
+    ap.add_argument("--resume", default="", help="heal a student saved by this script (its --out folder) further "
+                    "instead of compressing: one row, --num-cores / --weighting / --ratio unused")
+    ap.add_argument("--shuffle-seed", type=int, default=None, help="order of the training rows (default: --seed; "
+                    "a resumed heal on the same stories may want a new order)")
     ap.add_argument("--model-dir", default=str(MODEL_DIR))
     ap.add_argument("--max-len", type=int, default=None, help="longest generated story (default: the model's 512)")
     ap.add_argument("--calib-stories", type=int, default=64)

@@ -106,3 +106,8 @@ def test_compress_and_heal(setup, tmp_path):
     bg.save(student, tmp_path / "s")
     again = bg.load(tmp_path / "s")
     assert tinystories_perplexity(again, tok, sample).perplexity == pytest.approx(after, rel=1e-5)
+    # --resume: the saved student, trainable again, as the script heals it further
+    resumed = sc.resumed(str(tmp_path / "s"))
+    assert sc.cores_of(resumed) == 2 and sc.block_weights(resumed) == sc.block_weights(student)
+    assert all(p.requires_grad for p in resumed.parameters())
+    assert tinystories_perplexity(resumed, tok, sample).perplexity == pytest.approx(after, rel=1e-5)

@@ -15,7 +15,11 @@ RMSNorm), random weights (speed does not depend on the values), as
                 price calibrated for a ``--budget`` fraction of the full-width FLOPs; several budgets: one variant
                 ``gated@B`` each, from the same fitted controllers); with ``--kinds lowrank``
                 the low-rank pairs are gated by rank prefix (2-core MPOs whose bond is the rank) and run the
-                nested-prefix kernel.
+                nested-prefix kernel;
+* ``static``    (with ``gated``) the gated model with every bond cut to the ``--budget`` fraction for every token
+                (``set_mode(model, B)``; ``static@B`` per budget): no controller, no decision — for a low-rank pair
+                exactly ``B`` of the full-width FLOPs, so ``gated@B`` vs ``static@B`` is what the decisions cost or
+                gain in time at the same FLOPs, and ``static@B`` vs ``mpo`` is the most a ``B`` budget can give.
 
 The targets are every linear layer: the blocks' and the LM head (``--no-head``: the blocks only; the head is 2048 x
 ``--vocab``, 43% of the weights a decode step reads with 2 layers); the embedding table stays dense (a lookup).
@@ -28,6 +32,8 @@ Run:  python benchmarks/llama_decode.py                      (2 layers; ~12 min 
       python benchmarks/llama_decode.py --allocation uniform --kinds lowrank --variants dense int8 mpo lowrank_int8 --tag _lowrank
       python benchmarks/llama_decode.py --allocation uniform --kinds lowrank --variants dense int8 mpo lowrank_int8 gated --budget 0.5 0.4 0.3 --max-groups 1 --track 0.05 --tag _lowrank_budgets
       (low-rank 25%, its int8 factors, and gated at three FLOPs budgets, one level per call, price held on the decode tokens)
+      python benchmarks/llama_decode.py --allocation uniform --kinds lowrank --variants dense mpo gated static --budget 0.5 0.4 0.3 --max-groups 1 --track 0.05 --tag _lowrank_static
+      (gated against static truncation at the same FLOPs: what the decisions cost in time)
 Writes benchmarks/results/llama_decode{TAG}.{json,md}.
 """
 
@@ -104,14 +110,29 @@ def build_variants(dense, args) -> dict:
                 print(f"{gated_name(args, budget)}: {got:.3f} of the full-width FLOPs on the calibration prompts",
                       flush=True)
                 variants[gated_name(args, budget)] = model
-    keep = [v for v in args.variants if v != "gated"] + [gated_name(args, b) for b in args.budget
-                                                         if "gated" in args.variants]
+                if "static" in args.variants:
+                    variants[gated_name(args, budget, "static")] = bondgate.set_mode(copy.deepcopy(gated), budget)
+    keep = [v for v in args.variants if v not in ("gated", "static")] + [
+        gated_name(args, b, kind) for kind in ("gated", "static") if kind in args.variants for b in args.budget]
     return {k: v.eval() for k, v in variants.items() if k in keep}
 
 
-def gated_name(args, budget: float) -> str:
-    """``gated`` for one budget, ``gated@B`` for each of several."""
-    return "gated" if len(args.budget) == 1 else f"gated@{budget:g}"
+def gated_name(args, budget: float, kind: str = "gated") -> str:
+    """``gated`` (``static``) for one budget, ``gated@B`` (``static@B``) for each of several."""
+    return kind if len(args.budget) == 1 else f"{kind}@{budget:g}"
+
+
+def static_fraction(model) -> float:
+    """FLOPs per row of a model whose gated layers all run one static width (``set_mode(model, f)``), as a
+    fraction of their full width (one-row plans, as gating counts them; no controller runs)."""
+    from bondgate.gating import _gated_layers, _widths
+    from bondgate.planner import min_flops
+
+    used = full = 0.0
+    for _, m in _gated_layers(model):
+        used += min_flops(m.out_factors, m.in_factors, _widths(m.bond_dims, m.mode), 1)
+        full += m.full_cost
+    return used / full
 
 
 def decode(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
@@ -148,6 +169,8 @@ def main() -> None:
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args()
+    if "static" in args.variants and "gated" not in args.variants:
+        ap.error("the static variants are cut from the gated model: --variants needs gated too")
     args.target = BLOCKS + ("|" + HEAD if args.head else "")
     torch.set_num_threads(args.threads)
     info = machine_info()
@@ -177,6 +200,10 @@ def main() -> None:
         for k in gated:
             gating_by_batch.setdefault(k, {})[b] = bondgate.gating.average_flops(variants[k], reset=True)
     tps = {k: {b: statistics.median(v) for b, v in per.items()} for k, per in results.items()}
+    for k, m in variants.items():  # a static width: the same FLOPs at every batch
+        if k.startswith("static"):
+            frac = static_fraction(m)
+            gating_by_batch[k] = {b: frac for b in args.batches}
     gating = gating_by_batch or None  # {variant: {batch: FLOPs fraction}}
     write_json(args.out / f"llama_decode{args.tag}.json", {
         "machine": info, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -202,7 +229,8 @@ def main() -> None:
     for k in variants:
         lines.append(f"| {k} | {block_params[k]:,} | {sizes[k] / 1e6:.1f} | "
                      + " | ".join(f"{tps[k][b]:.1f}" for b in args.batches) + " | "
-                     + " | ".join(f"{tps[k][b] / tps['dense'][b]:.2f}x" for b in args.batches) + " |")
+                     + " | ".join(f"{tps[k][b] / tps['dense'][b]:.2f}x" if "dense" in tps else "-"
+                                  for b in args.batches) + " |")
     if "mpo" in variants:
         forms: dict[str, int] = {}
         for r in variants["mpo"].bondgate_report.layers:
@@ -211,10 +239,11 @@ def main() -> None:
                   + " (a `lowrank` layer is a pair of factors, `LowRankLinear`)"]
     for k in gating or {}:
         if "mpo" in variants:
+            what = ("FLOPs fraction of the static width" if k.startswith("static") else
+                    "average FLOPs fraction of the gated layers over the timed calls, controllers included")
             lines += ["", f"{k} vs full width (the ungated `mpo` variant): " + ", ".join(
                 f"{tps[k][b] / tps['mpo'][b]:.2f}x at batch {b}" for b in args.batches)
-                + " (average FLOPs fraction of the gated layers over the timed calls, controllers included: "
-                + ", ".join(f"{gating[k][b]:.3f} at batch {b}" for b in args.batches) + ")"]
+                + f" ({what}: " + ", ".join(f"{gating[k][b]:.3f} at batch {b}" for b in args.batches) + ")"]
     (args.out / f"llama_decode{args.tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

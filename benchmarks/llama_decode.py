@@ -125,11 +125,11 @@ def gated_name(args, budget: float, kind: str = "gated") -> str:
 def static_fraction(model) -> float:
     """FLOPs per row of a model whose gated layers all run one static width (``set_mode(model, f)``), as a
     fraction of their full width (one-row plans, as gating counts them; no controller runs)."""
-    from bondgate.gating import _gated_layers, _widths
+    from bondgate.gating import _widths  # the widths set_mode(model, f) runs
     from bondgate.planner import min_flops
 
     used = full = 0.0
-    for _, m in _gated_layers(model):
+    for m in (m for m in model.modules() if isinstance(m, bondgate.GatedMPOLinear)):
         used += min_flops(m.out_factors, m.in_factors, _widths(m.bond_dims, m.mode), 1)
         full += m.full_cost
     return used / full

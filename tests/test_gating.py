@@ -288,10 +288,11 @@ def test_save_load_reproduces_decisions_and_outputs(tmp_path, kind):
 
 
 @pytest.mark.parametrize("rank_form", [False, True])
-def test_a_pickled_model_keeps_its_operands_between_calls(rank_form):
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_pickled_model_keeps_its_operands_between_calls(rank_form, legacy, monkeypatch):
     """torch.save of a whole model (pickle): the parameters come back tracked, so the operands a layer keeps
     between inference calls are reused (with plain parameters every call rebuilt them: a gated decode step 8x
-    slower)."""
+    slower). ``legacy``: a file written when TrackedParameter still pickled as a plain parameter."""
     import io
 
     net = model_with_mpo()
@@ -300,7 +301,10 @@ def test_a_pickled_model_keeps_its_operands_between_calls(rank_form):
     net = gate(net, GatingConfig(levels=(0.25, 0.5, 0.75, 1.0), controller="error")).eval()
     set_budget(net, 0.5, [torch.randn(64, 96)])
     buf = io.BytesIO()
-    torch.save(net, buf)
+    with monkeypatch.context() as m:
+        if legacy:
+            m.setattr(TrackedParameter, "__reduce_ex__", nn.Parameter.__reduce_ex__)
+        torch.save(net, buf)
     buf.seek(0)
     back = torch.load(buf, weights_only=False)
     layer = back[2]

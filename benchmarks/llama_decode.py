@@ -107,17 +107,17 @@ def build_variants(dense, args) -> dict:
             for budget in args.budget:  # one fitted model, a price per budget
                 model = gated if len(args.budget) == 1 else copy.deepcopy(gated)
                 got = bondgate.set_budget(model, budget, data, max_groups=args.max_groups, track=args.track)
-                print(f"{gated_name(args, budget)}: {got:.3f} of the full-width FLOPs on the calibration prompts",
+                print(f"{variant_name(args, budget)}: {got:.3f} of the full-width FLOPs on the calibration prompts",
                       flush=True)
-                variants[gated_name(args, budget)] = model
+                variants[variant_name(args, budget)] = model
                 if "static" in args.variants:
-                    variants[gated_name(args, budget, "static")] = bondgate.set_mode(copy.deepcopy(gated), budget)
+                    variants[variant_name(args, budget, "static")] = bondgate.set_mode(copy.deepcopy(gated), budget)
     keep = [v for v in args.variants if v not in ("gated", "static")] + [
-        gated_name(args, b, kind) for kind in ("gated", "static") if kind in args.variants for b in args.budget]
+        variant_name(args, b, kind) for kind in ("gated", "static") if kind in args.variants for b in args.budget]
     return {k: v.eval() for k, v in variants.items() if k in keep}
 
 
-def gated_name(args, budget: float, kind: str = "gated") -> str:
+def variant_name(args, budget: float, kind: str = "gated") -> str:
     """``gated`` (``static``) for one budget, ``gated@B`` (``static@B``) for each of several."""
     return kind if len(args.budget) == 1 else f"{kind}@{budget:g}"
 

@@ -1,6 +1,7 @@
 """Per-input bond gating: equivalence of the training and inference paths, budget, save/load, errors."""
 
 import copy
+import io
 
 import pytest
 import torch
@@ -293,8 +294,6 @@ def test_a_pickled_model_keeps_its_operands_between_calls(rank_form, legacy, mon
     """torch.save of a whole model (pickle): the parameters come back tracked, so the operands a layer keeps
     between inference calls are reused (with plain parameters every call rebuilt them: a gated decode step 8x
     slower). ``legacy``: a file written when TrackedParameter still pickled as a plain parameter."""
-    import io
-
     net = model_with_mpo()
     if rank_form:
         net[2] = bondgate.LowRankLinear.from_linear(nn.Linear(96, 80), rank=24).to_mpo_linear()

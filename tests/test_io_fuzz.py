@@ -102,18 +102,14 @@ def test_damaged_checkpoints_load_identically_or_fail_clearly(built, damage):
 
 
 @pytest.mark.parametrize("field", ["in_features", "out_features"])
-def test_layer_spec_edited_to_zero_features_fails_clearly(field):
+def test_layer_spec_edited_to_zero_features_fails_clearly(field, tmp_path):
     """Found by the fuzz test above: a re-stamped spec with ``in_features = 0`` loaded, and the layer refused every
     input. An MPO must hold a matrix of at least one row and column."""
     model = nn.Sequential(MPOLinear.from_linear(nn.Linear(6, 6, bias=False), max_bond=1, num_cores=2, policy=FLOPS))
-    tmp = Path(tempfile.mkdtemp())
-    try:
-        out = bondgate.save(model, tmp / "ckpt")
-        meta = json.loads((out / "bondgate.json").read_text())
-        next(iter(meta["layers"].values()))[field] = 0
-        meta["meta_sha256"] = _meta_sha256(meta)
-        (out / "bondgate.json").write_text(json.dumps(meta))
-        with pytest.raises(ValueError, match="at least one row and column"):
-            bondgate.load(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    out = bondgate.save(model, tmp_path / "ckpt")
+    meta = json.loads((out / "bondgate.json").read_text())
+    next(iter(meta["layers"].values()))[field] = 0
+    meta["meta_sha256"] = _meta_sha256(meta)
+    (out / "bondgate.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="at least one row and column"):
+        bondgate.load(out)

@@ -24,7 +24,9 @@ RMSNorm), random weights (speed does not depend on the values), as
 The targets are every linear layer: the blocks' and the LM head (``--no-head``: the blocks only; the head is 2048 x
 ``--vocab``, 43% of the weights a decode step reads with 2 layers); the embedding table stays dense (a lookup).
 Variants are timed in interleaved rounds; the figure is the median tokens/s (new tokens of all sequences / wall
-time of the ``generate`` call, prefill of a ``--prompt``-token prompt included).
+time of the ``generate`` call, prefill of a ``--prompt``-token prompt included). The length is not forced
+(``--min-new-tokens`` forces it, as results before 2026-12-04 did, at a vocabulary scan per step); every call is
+checked to have generated ``--new-tokens`` tokens in every sequence.
 
 Run:  python benchmarks/llama_decode.py                      (2 layers; ~12 min on 2 cores)
       python benchmarks/llama_decode.py --allocation global --kinds mpo lowrank --max-latency-ratio 0.5 --tag _latency
@@ -135,10 +137,23 @@ def static_fraction(model) -> float:
     return used / full
 
 
-def decode(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+def decode(model, ids: torch.Tensor, new_tokens: int, min_new_tokens: bool = False) -> torch.Tensor:
+    """Greedy ``generate`` of ``new_tokens`` after ``ids`` (batch, prompt) -> (batch, prompt + new_tokens).
+
+    By default the length is not forced: ``min_new_tokens`` adds logits processors that scan the whole vocabulary
+    for the end-of-sequence id at every step (0.5 ms of a 2-layer step at batch 1), which a deployment that stops
+    at EOS does not pay. Instead the output is checked: a sequence that ended early would leave padded steps in
+    the timing, and is an error."""
     with torch.inference_mode():
-        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                              min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens if min_new_tokens else None, do_sample=False,
+                             use_cache=True, pad_token_id=0)
+    eos = model.generation_config.eos_token_id
+    if out.shape != (ids.shape[0], ids.shape[1] + new_tokens) or (eos is not None and bool(
+            torch.isin(out[:, ids.shape[1]:], torch.tensor(eos)).any())):
+        raise RuntimeError(f"a sequence ended before {new_tokens} new tokens (output {tuple(out.shape)}): its padded "
+                           "steps would count as tokens; rerun with --min-new-tokens")
+    return out
 
 
 def main() -> None:
@@ -157,6 +172,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--min-new-tokens", action="store_true", help="force the length with generate's min_new_tokens "
+                    "(how results before 2026-12-04 were measured; adds a vocabulary scan per step)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variants", nargs="+", default=["dense", "int8", "mpo", "mpo_int8", "gated"])
     ap.add_argument("--no-head", dest="head", action="store_false", help="leave the LM head dense")
@@ -186,15 +203,14 @@ def main() -> None:
     for b in args.batches:
         ids = prompts(b, args.prompt, args.vocab, seed=b)
         for model in variants.values():  # warm-up: plans, autotuning, allocator
-            out = decode(model, ids, args.new_tokens)
-            assert out.shape == (b, args.prompt + args.new_tokens), out.shape
+            decode(model, ids, args.new_tokens, args.min_new_tokens)
         gated = [k for k in variants if k.startswith("gated")]
         for k in gated:  # the FLOPs fraction of this batch's timed calls only
             bondgate.gating.average_flops(variants[k], reset=True)
         for r in range(args.rounds):
             for name, model in variants.items():
                 t0 = time.perf_counter()
-                decode(model, ids, args.new_tokens)
+                decode(model, ids, args.new_tokens, args.min_new_tokens)
                 results[name][b].append(b * args.new_tokens / (time.perf_counter() - t0))
             print(f"batch {b} round {r}: " + "  ".join(f"{k} {v[b][-1]:.1f}" for k, v in results.items()), flush=True)
         for k in gated:
@@ -220,8 +236,10 @@ def main() -> None:
              f"{' --kinds ' + ' '.join(args.kinds) if args.kinds else ''}"
              f"{' --max-latency-ratio ' + str(args.max_latency_ratio) if args.max_latency_ratio else ''}"
              f" --batches {' '.join(map(str, args.batches))} --variants {' '.join(args.variants)}"
+             f"{' --min-new-tokens' if args.min_new_tokens else ''}"
              f"{' --tag ' + args.tag if args.tag else ''}` (targets `{args.target}`); "
-             f"greedy generate, prompt {args.prompt} tokens, {args.new_tokens} new tokens, median of {args.rounds} "
+             f"greedy generate, prompt {args.prompt} tokens, {args.new_tokens} new tokens"
+             f"{' (forced by min_new_tokens)' if args.min_new_tokens else ' (checked: no sequence ended early)'}, median of {args.rounds} "
              "interleaved rounds; tokens/s counts the new tokens of all sequences.", "",
              "| variant | block weights | size on disk (MB) | " + " | ".join(f"tok/s @ {b}" for b in args.batches)
              + " | " + " | ".join(f"vs dense @ {b}" for b in args.batches) + " |",

@@ -14,9 +14,13 @@ Methods, each applied to a copy of the dense model in this run:
                                   frequencies (``embedding_form="lowrank"``), at 0.8x the linear layers' ``ratio``,
                                   with the exact rows of the 1024 most frequent tokens kept (MiniLM; stories260K's
                                   table is tied to its LM head: no kept rows).
+* ``bondgate int8 + fitted table, int8 kernels``  that model converted by ``bondgate.deploy_int8`` for CPU
+                                  inference with torch's dynamic int8 kernels (each layer timed at the subject's rows
+                                  per call, kept where int8 is not faster); size = the bondgate checkpoint it is
+                                  converted from after loading.
 
 plus ``healed`` points: checkpoints saved by the healing scripts (``--healed``; by default every ``runs/minilm-*``
-and ``runs/stories260K-*`` found), re-loaded and re-measured here. Every other point is zero-shot (no training
+and ``runs/stories260K-*`` found), re-loaded and re-measured here, each also converted with ``deploy_int8``. Every other point is zero-shot (no training
 after compression): the healed points had minutes of distillation the baselines did not get.
 
 Subjects:
@@ -60,8 +64,9 @@ from common import banner, machine_info, time_interleaved, write_json  # noqa: E
 import bondgate as bg  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+KERNELS = ", int8 kernels"  # a method name ending so: the model of the method before it, through deploy_int8
 METHODS = ["svd", "magnitude prune", "bondgate", "bondgate int8", "bondgate int8 + embeddings",
-           "bondgate int8 + fitted table"]
+           "bondgate int8 + fitted table", "bondgate int8 + fitted table" + KERNELS]
 
 
 # ----------------------------------------------------------------------------------------------- subjects
@@ -80,6 +85,7 @@ class MiniLM:
         self.kept_rows = 1024
         sents = [p[0] for p in self.dev[:32]]
         self.example = dict(self.tok(sents, padding=True, truncation=True, max_length=128, return_tensors="pt"))
+        self.rows = self.example["input_ids"].numel()  # rows per linear-layer call
         self.latency_unit = "ms per 32 sentences"
 
     def quality(self, model) -> float:
@@ -109,6 +115,7 @@ class Stories:
         self.target, self.embedding = sc.TARGET, r"model\.embed_tokens"
         self.kept_rows = 0  # the table is tied to the LM head
         self.latency_unit, self.new_tokens = "ms per generated token (batch 1)", 32
+        self.rows = 1
 
     def quality(self, model) -> float:
         return self.ppl(model, self.tok, self.sample).perplexity
@@ -125,6 +132,9 @@ class Stories:
 
 # -------------------------------------------------------------------------------------------------- methods
 def build(subject, method: str, ratio: float | None):
+    if method.endswith(KERNELS):
+        model, extra = build(subject, method.removesuffix(KERNELS), ratio)
+        return bg.deploy_int8(model, rows=subject.rows), {**extra, "shipped": model}
     dense = subject.dense
     target = lambda name, _: re.fullmatch(subject.target, name) is not None  # noqa: E731 - baselines take a callable
     if method == "dense":
@@ -148,7 +158,8 @@ def build(subject, method: str, ratio: float | None):
     return model, {}
 
 
-def healed_points(subject, dirs: list[Path]) -> list[tuple[str, torch.nn.Module]]:
+def healed_points(subject, dirs: list[Path]) -> list[tuple[str, torch.nn.Module, torch.nn.Module]]:
+    """``(name, model to measure, model whose checkpoint is shipped)`` per healed checkpoint and its int8 kernels."""
     out = []
     for d in dirs:
         try:
@@ -156,7 +167,8 @@ def healed_points(subject, dirs: list[Path]) -> list[tuple[str, torch.nn.Module]
         except Exception as e:  # noqa: BLE001 - a stale or foreign run dir is reported, not fatal
             print(f"skipping {d}: {e}", flush=True)
             continue
-        out.append((f"healed {d.name}", model))
+        out.append((f"healed {d.name}", model, model))
+        out.append((f"healed {d.name}{KERNELS}", bg.deploy_int8(model, rows=subject.rows), model))
     return out
 
 
@@ -170,7 +182,8 @@ def measure_subject(subject, args) -> list[dict]:
         model.eval()
         key = method if ratio is None else f"{method} @ {ratio:g}"
         row = {"subject": subject.name, "method": method, "ratio": ratio, "healed": False, "build_seconds": build_s,
-               "bytes": bg.size_on_disk(model, sparse=extra.get("sparse", False)), "quality": subject.quality(model)}
+               "bytes": bg.size_on_disk(extra.get("shipped", model), sparse=extra.get("sparse", False)),
+               "quality": subject.quality(model)}
         if hasattr(model, "bondgate_report"):
             row["report_ratio"] = model.bondgate_report.ratio
         rows.append(row)
@@ -178,10 +191,10 @@ def measure_subject(subject, args) -> list[dict]:
         print(f"[{subject.name}] {key}: {row['bytes'] / 1e6:.2f} MB, {subject.metric} {row['quality']:.3f} "
               f"({build_s:.0f} s)", flush=True)
     dirs = [Path(d) for d in args.healed] if args.healed is not None else sorted((ROOT / "runs").glob(subject.healed_glob))
-    for key, model in healed_points(subject, [d for d in dirs if d.is_dir()]):
-        row = {"subject": subject.name, "method": key, "ratio": getattr(getattr(model, "bondgate_report", None),
+    for key, model, shipped in healed_points(subject, [d for d in dirs if d.is_dir()]):
+        row = {"subject": subject.name, "method": key, "ratio": getattr(getattr(shipped, "bondgate_report", None),
                                                                          "ratio", None),
-               "healed": True, "bytes": bg.size_on_disk(model), "quality": subject.quality(model)}
+               "healed": True, "bytes": bg.size_on_disk(shipped), "quality": subject.quality(model)}
         rows.append(row)
         models[key] = model
         print(f"[{subject.name}] {key}: {row['bytes'] / 1e6:.2f} MB, {subject.metric} {row['quality']:.3f}", flush=True)

@@ -3,6 +3,7 @@ and run them through a planned contraction kernel."""
 
 from . import hf  # noqa: F401 - registers the transformers integration once transformers loads its quantizers
 from .baselines import latency, magnitude_prune, quantize_int8, size_on_disk, svd_compress
+from .deploy import deploy_int8
 from .distill import DistillLoss, distill
 from .embedding import MPOEmbedding
 from .factors import choose_factors, factorize_shape
@@ -39,8 +40,9 @@ __all__ = [
     "save_pretrained",
     "from_pretrained",
     "register_layer_type",
-    # int8 MPO cores
+    # int8 MPO cores, int8 kernels
     "quantize_mpo",
+    "deploy_int8",
     # per-input bond gating
     "GatingConfig",
     "GatedMPOLinear",

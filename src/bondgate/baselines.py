@@ -344,16 +344,26 @@ def quantize_int8(model: nn.Module, target: Target = None) -> nn.Module:
         for alias in aliases[id(m)]:
             new = _set_module(new, alias, lin)
             names.add(alias)
+    return quantize_dynamic(new, names)
+
+
+def quantize_dynamic(model: nn.Module, names: Iterable[str], per_channel: bool = False) -> nn.Module:
+    """``torch.ao.quantization.quantize_dynamic`` of the ``nn.Linear`` layers ``names`` of ``model``, in place
+    (a bare layer, ``names == {""}``, is returned as a new module); weights int8 per tensor, or per output
+    channel with ``per_channel``. Silences torch's deprecation warnings (see :func:`quantize_int8`)."""
+    from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig
+    from torch.ao.quantization import quantize_dynamic as _quantize_dynamic
+
+    names = set(names)
     wrapped = "" in names  # quantize_dynamic converts children only, so a bare layer needs a parent
     if wrapped:
-        new, names = nn.Sequential(new), {"0"}
-    from torch.ao.quantization import quantize_dynamic
-
+        model, names = nn.Sequential(model), {"0"}
+    qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor", category=UserWarning)
-        new = quantize_dynamic(new, names, dtype=torch.qint8, inplace=True)
-    return new[0] if wrapped else new
+        warnings.filterwarnings("ignore", message=r"torch\.quantize_per_(tensor|channel)", category=UserWarning)
+        model = _quantize_dynamic(model, {n: qconfig for n in names}, dtype=torch.qint8, inplace=True)
+    return model[0] if wrapped else model
 
 
 # ---------------------------------------------------------------------------------------- sizes

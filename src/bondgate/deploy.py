@@ -1,0 +1,132 @@
+"""CPU deployment with int8 matrix products: :func:`deploy_int8`.
+
+An int8 checkpoint (``compress(..., quantize="int8")``) stores int8 cores, but an :class:`MPOLinear` computes in
+floating point (from the dequantized cores, or in speed mode from their product), so on disk it is smaller than
+torch's dynamic int8 model while at run time it is no faster than fp32. :func:`deploy_int8` turns a loaded model
+into one that runs torch's dynamic int8 kernels (fbgemm / x86 / qnnpack: int8 weights, activations quantized on
+the fly per call, fp32 out): ship the small bondgate checkpoint, convert after loading.
+
+Each bondgate layer becomes the plain layers that compute the same map, then ``quantize_dynamic`` with int8
+weights per output channel:
+
+* ``MPOLinear``: one layer holding its dense weight ``W`` (of a quantized layer, the product of the int8 cores,
+  which is not itself on an int8 grid: it is quantized again, per output channel);
+* ``LowRankLinear``: its two factors ``x -> V x -> U (V x)``, or one layer holding ``U V`` where that is faster;
+* plain ``nn.Linear`` / HF ``Conv1D`` layers (``dense=True``), as :func:`bondgate.quantize_int8` does but per
+  output channel.
+
+With ``rows`` every candidate is timed on ``rows`` random rows against the layer as it is, and a layer whose
+int8 form is not faster stays as it is (at widths of 64 the per-call activation quantization costs more than it
+saves). Gated layers (their bond widths change per input), embeddings and tied layers are left alone. The
+result is for inference: eval mode, the int8 layers without gradients, not savable with :func:`bondgate.save` (keep the bondgate
+checkpoint and convert again after loading). Numerics: the activations' per-call quantization and the second
+rounding of an int8 MPO's weight change the outputs slightly; measure the quality after converting
+(``benchmarks/frontier.py`` does).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .baselines import _aliases, _conv1d_to_linear, _select, _set_module, latency, quantize_dynamic
+from .gating import GatedMPOLinear
+from .layer import MPOLinear
+from .lowrank import LowRankLinear
+from .surgery import is_conv1d
+
+__all__ = ["Int8Choice", "deploy_int8"]
+
+
+@dataclass
+class Int8Choice:
+    """What :func:`deploy_int8` did with one layer: ``form`` it had (``"mpo"``, ``"lowrank"``, ``"dense"``),
+    ``chosen`` form (``"int8"``, ``"int8 factors"``, ``"int8 product"`` or ``"kept"``) and, when timed, the
+    microseconds per call at ``rows`` rows as it was and of each int8 candidate."""
+
+    form: str
+    chosen: str
+    us: float | None = None
+    int8_us: dict[str, float] | None = None
+
+
+def _int8(layer: nn.Module) -> nn.Module:
+    """Dynamic int8 (per output channel) copy of an ``nn.Linear`` or a ``Sequential`` of them."""
+    layer = copy.deepcopy(layer)
+    if isinstance(layer, nn.Sequential):
+        return quantize_dynamic(layer, [str(i) for i in range(len(layer))], per_channel=True)
+    return quantize_dynamic(layer, [""], per_channel=True)
+
+
+def _seconds(layer: nn.Module, rows: int, in_features: int) -> float:
+    # the fastest of 20 calls: another process on the cores only ever adds time, so the minimum compares the
+    # two kernels where a median would compare the moments the scheduler gave them
+    return latency(layer, torch.randn(rows, in_features), reps=20, warmup=3)["min"]
+
+
+def _candidates(m: nn.Module) -> tuple[str, dict[str, nn.Module]]:
+    """``(form, {int8 candidate: the plain layers it quantizes})``, the first candidate the untimed choice."""
+    if isinstance(m, MPOLinear):
+        return "mpo", {"int8": m.to_linear()}
+    if isinstance(m, LowRankLinear):
+        return "lowrank", {"int8 factors": m.to_linears(), "int8 product": m.to_linear()}
+    return "dense", {"int8": _conv1d_to_linear(m) if is_conv1d(m) else m}
+
+
+def _check(model: nn.Module, rows: int | None) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"deploy_int8 expects an nn.Module, got {type(model).__name__}")
+    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+        raise ValueError(f"rows must be a positive int or None, got {rows!r}")
+    bad = {(p.device.type, p.dtype) for p in model.parameters()} - {("cpu", torch.float32)}
+    if bad:
+        raise ValueError(f"deploy_int8 needs an fp32 model on the CPU (torch's dynamic int8 kernels), got "
+                         f"parameters as {sorted(f'{d}/{t}' for d, t in bad)}")
+    if torch.backends.quantized.engine == "none":
+        raise RuntimeError("this torch build has no quantized engine (fbgemm / x86 / qnnpack)")
+
+
+def deploy_int8(model: nn.Module, rows: int | None = 32, dense: bool = True) -> nn.Module:
+    """A copy of ``model`` whose linear layers run torch's dynamic int8 kernels on the CPU (see the module docs).
+
+    Args:
+        model: an fp32 CPU model (a compressed one, or any); not modified.
+        rows: rows per layer call (tokens of a batch) to time each layer at, keeping the fastest of its form as
+            it is and its int8 candidates; ``None``: convert without timing (MPO -> int8 dense weight,
+            low-rank -> int8 factors, dense -> int8).
+        dense: also convert the plain ``nn.Linear`` / ``Conv1D`` layers (tied ones, and those inside torch's
+            fused ``nn.Transformer*`` / ``nn.MultiheadAttention`` modules, are left as they are).
+
+    Returns the copy in eval mode; ``copy.bondgate_int8`` maps each candidate layer's name to its
+    :class:`Int8Choice`.
+    """
+    _check(model, rows)
+    new = copy.deepcopy(model).eval()
+    aliases = _aliases(new)
+    layers = {n: m for n, m in new.named_modules()
+              if isinstance(m, (MPOLinear, LowRankLinear)) and not isinstance(m, GatedMPOLinear)}
+    if dense:
+        layers.update(_select(new, None, replace=True)[0])
+    report: dict[str, Int8Choice] = {}
+    for name, m in layers.items():
+        form, plain = _candidates(m)
+        int8 = {k: _int8(p) for k, p in plain.items()}
+        if rows is None:
+            chosen = next(iter(int8))
+            choice = Int8Choice(form, chosen)
+        else:
+            in_features = m.weight.shape[0] if is_conv1d(m) else m.in_features
+            us = _seconds(m, rows, in_features) * 1e6
+            int8_us = {k: _seconds(q, rows, in_features) * 1e6 for k, q in int8.items()}
+            best = min(int8_us, key=int8_us.get)
+            chosen = best if int8_us[best] < us else "kept"
+            choice = Int8Choice(form, chosen, us, int8_us)
+        report[name] = choice
+        if chosen != "kept":
+            for alias in aliases[id(m)]:
+                new = _set_module(new, alias, int8[chosen])
+    new.bondgate_int8 = report
+    return new

@@ -1,0 +1,126 @@
+"""deploy_int8: bondgate layers (and plain ones) as torch dynamic int8 layers, for CPU inference."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+import bondgate as bg
+
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(96, 128), nn.ReLU(), nn.Linear(128, 96), nn.ReLU(), nn.Linear(96, 10))
+
+
+def _int8_layers(model: nn.Module) -> int:
+    return sum(isinstance(m, DynamicLinear) for m in model.modules())
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / a.norm())
+
+
+@pytest.mark.parametrize("kinds", ["mpo", "lowrank"])
+def test_every_layer_becomes_int8_and_computes_the_same_map(kinds):
+    model = bg.compress(_mlp(), bg.CompressionConfig(param_ratio=0.5, kinds=kinds, quantize="int8"), progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(64, 96)
+    with torch.no_grad():
+        ref = model(x)
+    deployed = bg.deploy_int8(model, rows=None)
+    forms = {n: c.form for n, c in deployed.bondgate_int8.items()}
+    assert set(forms) == {"0", "2", "4"}
+    assert forms["0"] == forms["2"] == ("mpo" if kinds == "mpo" else "lowrank")
+    # no bondgate layer is left, and a low-rank pair keeps its two factors (rank x (in + out) int8 weights)
+    assert not any(isinstance(m, (bg.MPOLinear, bg.LowRankLinear)) for m in deployed.modules())
+    assert _int8_layers(deployed) == (3 if kinds == "mpo" else 5)
+    if kinds == "lowrank":
+        first, second = deployed[0]
+        assert (first.in_features, second.out_features) == (96, 128) and first.out_features == model[0].rank
+    with torch.no_grad():
+        out = deployed(x)
+    assert _rel(ref, out) < 0.03  # activations quantized per call + the weights rounded again per channel
+    assert not deployed.training
+    # the input model is untouched
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert isinstance(model[0], bg.MPOLinear if kinds == "mpo" else bg.LowRankLinear)
+    again = bg.deploy_int8(deployed, rows=None)  # nothing left to convert
+    assert again.bondgate_int8 == {} and _int8_layers(again) == _int8_layers(deployed)
+
+
+def test_timed_choice_keeps_a_layer_where_int8_is_not_faster():
+    model = bg.compress(_mlp(), bg.CompressionConfig(param_ratio=0.5, kinds=("mpo", "lowrank")), progress=False)
+    deployed = bg.deploy_int8(model, rows=8)
+    for name, choice in deployed.bondgate_int8.items():
+        assert choice.us > 0 and choice.int8_us and all(t > 0 for t in choice.int8_us.values())
+        fastest = min(choice.int8_us, key=choice.int8_us.get)
+        if choice.int8_us[fastest] < choice.us:
+            assert choice.chosen == fastest
+            assert not isinstance(deployed.get_submodule(name), (bg.MPOLinear, bg.LowRankLinear, nn.Linear))
+        else:
+            assert choice.chosen == "kept"
+            assert type(deployed.get_submodule(name)) is type(model.get_submodule(name))
+        if choice.form == "lowrank":
+            assert set(choice.int8_us) == {"int8 factors", "int8 product"}
+
+
+def test_plain_layers_only_when_asked_and_gated_layers_stay():
+    model = _mlp()
+    assert _int8_layers(bg.deploy_int8(model, rows=None)) == 3
+    assert _int8_layers(bg.deploy_int8(model, rows=None, dense=False)) == 0
+    c = bg.compress(_mlp(), bg.CompressionConfig(param_ratio=0.5, kinds="mpo"), progress=False)
+    gated = bg.gate(c, bg.GatingConfig(levels=(0.5, 1.0)))
+    deployed = bg.deploy_int8(gated, rows=None)
+    n_gated = sum(isinstance(m, bg.GatedMPOLinear) for m in gated.modules())
+    assert n_gated and sum(isinstance(m, bg.GatedMPOLinear) for m in deployed.modules()) == n_gated
+    gated_names = {n for n, m in gated.named_modules() if isinstance(m, bg.GatedMPOLinear)}
+    assert gated_names and not gated_names & set(deployed.bondgate_int8)
+
+
+def test_tied_layers_and_shared_modules():
+    emb = nn.Embedding(50, 32)
+    head = nn.Linear(32, 50, bias=False)
+    head.weight = emb.weight
+    shared = nn.Linear(32, 32)
+    model = nn.ModuleDict({"emb": emb, "a": shared, "b": shared, "head": head})
+    deployed = bg.deploy_int8(model, rows=None)
+    assert deployed["head"].weight is deployed["emb"].weight  # tied: left in fp32
+    assert isinstance(deployed["a"], DynamicLinear) and deployed["a"] is deployed["b"]
+
+
+def test_conv1d_is_converted():
+    Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    torch.manual_seed(0)
+    conv = Conv1D(48, 32)  # nf=48 outputs, nx=32 inputs; weight (32, 48)
+    nn.init.normal_(conv.bias)
+    model = nn.Sequential(conv)
+    x = torch.randn(5, 32)
+    deployed = bg.deploy_int8(model, rows=None)
+    assert isinstance(deployed[0], DynamicLinear)
+    with torch.no_grad():
+        assert _rel(model(x), deployed(x)) < 0.03
+
+
+def test_a_bare_layer():
+    layer = bg.MPOLinear.from_linear(nn.Linear(64, 48), num_cores=2)
+    deployed = bg.deploy_int8(layer, rows=None)
+    assert isinstance(deployed, DynamicLinear) and set(deployed.bondgate_int8) == {""}
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert _rel(layer(x), deployed(x)) < 0.03
+
+
+@pytest.mark.parametrize("rows", [0, -1, True, 2.0, "8"])
+def test_bad_rows(rows):
+    with pytest.raises(ValueError, match="rows"):
+        bg.deploy_int8(_mlp(), rows=rows)
+
+
+def test_bad_inputs():
+    with pytest.raises(TypeError, match="nn.Module"):
+        bg.deploy_int8(torch.zeros(3))
+    with pytest.raises(ValueError, match="fp32 model on the CPU"):
+        bg.deploy_int8(copy.deepcopy(_mlp()).double())

@@ -5,8 +5,10 @@
 Variants: ``dense`` (fp32), ``dense copy`` (a second copy of the dense model: the control, whose ratio to ``dense``
 is this machine's noise floor), ``bondgate`` (``bondgate.compress`` at ``--ratio`` of the encoder's linear weights with
 the defaults: calibrated, policy ``auto`` judged at ``deploy_rows`` = the tokens of a 32-sentence batch),
-``bondgate int8`` (the same with int8 cores) and ``int8 dynamic`` (torch's dynamic quantization of the same layers,
-for reference). Inputs: STS-B dev sentences, padded per batch (max 128 tokens). Timing: median of interleaved
+``bondgate int8`` (the same with int8 cores), ``bondgate int8, int8 kernels`` (that model through
+``bondgate.deploy_int8`` at ``deploy_rows``: torch's dynamic int8 kernels; its size is the checkpoint it is converted
+from) and ``int8 dynamic`` (torch's dynamic quantization of the same layers, for reference). Quality: STS-B dev
+Spearman x100 of each variant. Inputs: STS-B dev sentences, padded per batch (max 128 tokens). Timing: median of interleaved
 rounds (every variant once per round), ``--threads`` threads, in ``torch.inference_mode``; besides the ratio of
 medians, the per-round paired ratios (variant / dense of the same round): median and range.
 
@@ -21,6 +23,7 @@ import os
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -65,7 +68,10 @@ def main(argv=None) -> dict:
                                             **kw), calibration=calib, progress=False)
         variants[name] = m.eval()
     compress_s = time.perf_counter() - t0
+    variants["bondgate int8, int8 kernels"] = bg.deploy_int8(variants["bondgate int8"], rows=rows32)
     variants["int8 dynamic"] = bg.quantize_int8(dense, target=ms.encoder_target)
+    kernels = dict(Counter(c.chosen for c in variants["bondgate int8, int8 kernels"].bondgate_int8.values()))
+    print(f"deploy_int8 at {rows32} rows: {kernels}", flush=True)
     report = variants["bondgate"].bondgate_report
     policies = {}
     for r in report.layers:
@@ -88,20 +94,24 @@ def main(argv=None) -> dict:
         print(f"{b} sentences ({tuple(inputs[b]['input_ids'].shape)}): "
               + "  ".join(f"{k} {1e3 * v:.2f} ms ({v / times[b]['dense']:.2f}x)" for k, v in times[b].items()),
               flush=True)
-    sizes = {k: bg.size_on_disk(m) for k, m in variants.items()}
+    shipped = {"bondgate int8, int8 kernels": variants["bondgate int8"]}
+    sizes = {k: bg.size_on_disk(shipped.get(k, m)) for k, m in variants.items()}
+    quality = {k: ms.stsb_score(m, tok, dev) for k, m in variants.items() if k != "dense copy"}
+    quality["dense copy"] = quality["dense"]
     out = {"machine": info, "args": vars(args), "deploy_rows": rows32, "policies": policies, "times_s": times,
-           "paired_ratios": paired,
+           "paired_ratios": paired, "int8_kernels": kernels, "quality": quality,
            "sizes": sizes, "shapes": {b: list(inputs[b]["input_ids"].shape) for b in args.batches},
            "report": report.to_dict()}
     write_json(ROOT / "benchmarks" / "results" / "minilm_speed.json", out)
     lines = [f"Machine: {banner(info)}", "", f"Command: `python benchmarks/minilm_speed.py {' '.join(argv or sys.argv[1:])}`",
              "", f"all-MiniLM-L6-v2, encoder linear layers at {args.ratio} of their weights (defaults: policy auto "
-             f"judged at deploy_rows={rows32}); bondgate layer forms: {policies}. Median of {args.rounds} interleaved "
-             f"rounds, {args.threads} threads.", "",
-             "| variant | size on disk (MB) | " + " | ".join(f"{b} sentences (ms) | vs dense" for b in args.batches) + " |",
-             "|---|---|" + "---|---|" * len(args.batches)]
+             f"judged at deploy_rows={rows32}); bondgate layer forms: {policies}; deploy_int8 of the int8 model: "
+             f"{kernels}. Median of {args.rounds} interleaved rounds, {args.threads} threads. Quality: STS-B dev "
+             "Spearman x100.", "",
+             "| variant | size on disk (MB) | quality | " + " | ".join(f"{b} sentences (ms) | vs dense" for b in args.batches) + " |",
+             "|---|---|---|" + "---|---|" * len(args.batches)]
     for k in variants:
-        lines.append(f"| {k} | {sizes[k] / 1e6:.1f} | " + " | ".join(
+        lines.append(f"| {k} | {sizes[k] / 1e6:.1f} | {quality[k]:.3f} | " + " | ".join(
             f"{1e3 * times[b][k]:.2f} | {times[b][k] / times[b]['dense']:.2f}x" for b in args.batches) + " |")
     lines += ["", f"Per-round paired ratios (time / dense time of the same round), median [min, max] of {args.rounds}:",
               "", "| variant | " + " | ".join(f"{b} sentences" for b in args.batches) + " |",

@@ -113,20 +113,19 @@ def deploy_int8(model: nn.Module, rows: int | None = 32, dense: bool = True) -> 
     report: dict[str, Int8Choice] = {}
     for name, m in layers.items():
         form, plain = _candidates(m)
-        int8 = {k: _int8(p) for k, p in plain.items()}
         if rows is None:
-            chosen = next(iter(int8))
-            choice = Int8Choice(form, chosen)
+            chosen, lin = next(iter(plain.items()))
+            report[name], q = Int8Choice(form, chosen), _int8(lin)
         else:
             in_features = m.weight.shape[0] if is_conv1d(m) else m.in_features
+            int8 = {k: _int8(p) for k, p in plain.items()}
             us = _seconds(m, rows, in_features) * 1e6
             int8_us = {k: _seconds(q, rows, in_features) * 1e6 for k, q in int8.items()}
             best = min(int8_us, key=int8_us.get)
             chosen = best if int8_us[best] < us else "kept"
-            choice = Int8Choice(form, chosen, us, int8_us)
-        report[name] = choice
-        if chosen != "kept":
+            report[name], q = Int8Choice(form, chosen, us, int8_us), int8.get(chosen)
+        if q is not None:
             for alias in aliases[id(m)]:
-                new = _set_module(new, alias, int8[chosen])
+                new = _set_module(new, alias, q)
     new.bondgate_int8 = report
     return new

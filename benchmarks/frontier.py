@@ -20,8 +20,9 @@ Methods, each applied to a copy of the dense model in this run:
                                   converted from after loading.
 
 plus ``healed`` points: checkpoints saved by the healing scripts (``--healed``; by default every ``runs/minilm-*``
-and ``runs/stories260K-*`` found), re-loaded and re-measured here, each also converted with ``deploy_int8``. Every other point is zero-shot (no training
-after compression): the healed points had minutes of distillation the baselines did not get.
+and ``runs/stories260K-*`` found), re-loaded and re-measured here, each also converted with ``deploy_int8``.
+Every other point is zero-shot (no training after compression): the healed points had minutes of distillation the
+baselines did not get.
 
 Subjects:
 

@@ -54,8 +54,7 @@ class Int8Choice:
 
 
 def _int8(layer: nn.Module) -> nn.Module:
-    """Dynamic int8 (per output channel) copy of an ``nn.Linear`` or a ``Sequential`` of them."""
-    layer = copy.deepcopy(layer)
+    """An ``nn.Linear`` or a ``Sequential`` of them (a fresh copy: converted in place) as dynamic int8, per channel."""
     if isinstance(layer, nn.Sequential):
         return quantize_dynamic(layer, [str(i) for i in range(len(layer))], per_channel=True)
     return quantize_dynamic(layer, [""], per_channel=True)
@@ -68,12 +67,12 @@ def _seconds(layer: nn.Module, rows: int, in_features: int) -> float:
 
 
 def _candidates(m: nn.Module) -> tuple[str, dict[str, nn.Module]]:
-    """``(form, {int8 candidate: the plain layers it quantizes})``, the first candidate the untimed choice."""
+    """``(form, {int8 candidate: fresh plain layers to quantize})``, the first candidate the untimed choice."""
     if isinstance(m, MPOLinear):
         return "mpo", {"int8": m.to_linear()}
     if isinstance(m, LowRankLinear):
         return "lowrank", {"int8 factors": m.to_linears(), "int8 product": m.to_linear()}
-    return "dense", {"int8": _conv1d_to_linear(m) if is_conv1d(m) else m}
+    return "dense", {"int8": _conv1d_to_linear(m) if is_conv1d(m) else copy.deepcopy(m)}
 
 
 def _check(model: nn.Module, rows: int | None) -> None:

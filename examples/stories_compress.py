@@ -96,7 +96,8 @@ def generate_stories(model, n: int, seed: int, batch: int = 32, max_len: int | N
     while len(stories) < n:
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (), generator=gen)))  # generate() draws from the global RNG
         k = min(batch, n - len(stories))
-        out = model.generate(torch.full((k, 1), BOS_ID), do_sample=True, temperature=temperature, top_k=top_k,
+        bos = torch.full((k, 1), BOS_ID, device=next(model.parameters()).device)
+        out = model.generate(bos, do_sample=True, temperature=temperature, top_k=top_k,
                              top_p=top_p, max_new_tokens=max_len - 1, eos_token_id=BOS_ID, pad_token_id=PAD_ID, **extra)
         for row in out.tolist():
             end = row.index(BOS_ID, 1) if BOS_ID in row[1:] else len(row)
@@ -195,7 +196,9 @@ def packed_batches(stories: list[list[int]], block: int, batch: int, seed: int =
 def story_perplexity(model, stories: list[list[int]], batch: int = 16) -> float:
     """Perplexity over token-id stories, each from its BOS (every token after BOS predicted once)."""
     nll, count = 0.0, 0
+    device = next(model.parameters()).device
     for b in story_batches(stories, batch):
+        b = {k: v.to(device) for k, v in b.items()}
         logits = model(**b, use_cache=False).logits[:, :-1].float()
         target = b["input_ids"][:, 1:].masked_fill(b["attention_mask"][:, 1:] == 0, -100)
         nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
@@ -207,13 +210,15 @@ def story_perplexity(model, stories: list[list[int]], batch: int = 16) -> float:
 # ---------------------------------------------------------------------------------------------- pipeline
 def compress(dense, calib: list[dict], ratio: float, num_cores: int, weighting: str = "relative",
              refine_steps: int = 30, kinds: list[str] | None = None):
+    """A compressed copy of ``dense``, on ``dense``'s device (the factorization itself runs on the CPU)."""
+    device = next(dense.parameters()).device
     # distill() freezes its teacher's parameters and compress() keeps a frozen layer frozen: unfreeze the copy
-    student = copy.deepcopy(dense).requires_grad_(True)
+    student = copy.deepcopy(dense).cpu().requires_grad_(True)
     bg.compress(student, bg.CompressionConfig(param_ratio=ratio, target_modules=TARGET, num_cores=num_cores,
                                               layer_weighting=weighting, refine_steps=refine_steps,
                                               kinds=kinds),
                 calibration=calib, progress=False)
-    return student
+    return student.to(device)
 
 
 def resumed(path: str):
@@ -238,7 +243,8 @@ def warm_up(student, batch: dict) -> None:
     time-budgeted run plans its learning-rate schedule: the schedule would end after about half the budget and
     the rest would train at learning rate 0."""
     student.train()
-    student(**batch, output_hidden_states=True).logits.float().sum().backward()
+    device = next(student.parameters()).device
+    student(**{k: v.to(device) for k, v in batch.items()}, output_hidden_states=True).logits.float().sum().backward()
     student.zero_grad(set_to_none=True)
 
 
@@ -255,10 +261,12 @@ def heal(student, dense, train: list[dict], args, valid_stories: list[list[int]]
 
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     info = machine_info()
     print(banner(info), flush=True)
     t_all = time.perf_counter()
     dense, tok, sample = load(Path(args.model_dir))
+    dense.to(device)
     sample_text = sample.read_text(encoding="utf-8")
     dense_ppl, n_tokens = tinystories_perplexity(dense, tok, sample)
     print(f"dense: sample ppl {dense_ppl:.4f} over {n_tokens} tokens; block weights {block_weights(dense):,}",
@@ -292,7 +300,7 @@ def run(args) -> dict:
     for weighting, nc in configs:
         t0 = time.perf_counter()
         if args.resume:  # a saved student, healed further (a new schedule from --lr down, on the same data)
-            student = resumed(args.resume)
+            student = resumed(args.resume).to(device)
             nc, report = cores_of(student), None
         else:
             student = compress(dense, calib, args.ratio, nc, weighting, args.refine_steps, args.kinds)
@@ -325,8 +333,8 @@ def run(args) -> dict:
            "dense_valid_ppl": dense_valid, "dense_block_weights": block_weights(dense), "data": data, "rows": rows}
     if args.out:
         row, student = best
-        bg.save(student, args.out)
-        reloaded = bg.load(args.out)
+        bg.save(student.cpu(), args.out)
+        reloaded = bg.load(args.out)  # on the CPU, whatever --device trained it
         ppl_reloaded = tinystories_perplexity(reloaded, tok, sample).perplexity
         assert abs(ppl_reloaded - row["ppl_after"]) <= 1e-4 * row["ppl_after"], (ppl_reloaded, row["ppl_after"])
         out["saved"] = {"path": str(args.out), "num_cores": row["num_cores"], "weighting": row["weighting"],
@@ -358,7 +366,7 @@ def markdown(out: dict) -> str:
                      f"Generation took {d['generate_seconds']:.0f} s."), "",
              f"Healing: `DistillLoss(hidden={a['hidden']}, logits={a['logits']}, temperature={a['temperature']})`, "
              f"AdamW lr {a['lr']}, warmup {a['warmup']}, batch {a['batch']}, {a['minutes']} min on the "
-             f"{a['clock']} clock, {a['threads']} thread(s); the weights of the step with the best validation "
+             f"{a['clock']} clock, {a['threads']} thread(s), on {a.get('device', 'cpu')}; the weights of the step with the best validation "
              f"perplexity (evaluated every {a['eval_every']} steps) are kept.", "",
              "| cores | layer weighting | block weights | ratio | sample ppl before healing | after healing | vs dense "
              "| validation ppl before / after | steps (best) | compress s | distill min (budget clock / wall) |",
@@ -390,6 +398,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--stories-cache", default="", help="JSON file the generated stories are saved to, and read "
                     "back from when samples / seed / max-len / gen-batch match")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="where to generate, heal and measure (cuda: use --clock wall); "
+                    "the factorization runs on the CPU and the saved model is re-scored there")
     ap.add_argument("--out", default=str(ROOT / "runs" / "stories260K-50"), help="where to save the best model "
                     "('' = do not save)")
     ap.add_argument("--tag", default="compress", help="results name: benchmarks/results/stories_TAG.{json,md} ('' = write none)")

@@ -398,7 +398,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--stories-cache", default="", help="JSON file the generated stories are saved to, and read "
                     "back from when samples / seed / max-len / gen-batch match")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--device", default="cpu", help="where to generate, heal and measure (cuda: use --clock wall); "
+    ap.add_argument("--device", default="cpu", help="where to generate, heal and measure; "
                     "the factorization runs on the CPU and the saved model is re-scored there")
     ap.add_argument("--out", default=str(ROOT / "runs" / "stories260K-50"), help="where to save the best model "
                     "('' = do not save)")
@@ -427,12 +427,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--hidden", type=float, default=1.0, help="weight of the hidden-state loss")
     ap.add_argument("--logits", type=float, default=1.0, help="weight of the logits KL")
     ap.add_argument("--temperature", type=float, default=1.0, help="KL temperature")
-    ap.add_argument("--clock", choices=["wall", "cpu"], default="cpu",
-                    help="budget clock: cpu = process CPU time / threads (fair on a shared machine)")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default=None,
+                    help="budget clock: cpu = process CPU time / threads (fair on a shared machine; the default on "
+                    "--device cpu), wall (the default on a GPU, where the CPU clock does not count the work)")
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--log-every", type=int, default=25)
     args = ap.parse_args(argv)
     args.argv = " ".join(sys.argv[1:] if argv is None else argv)
+    if args.clock is None:
+        args.clock = "cpu" if torch.device(args.device).type == "cpu" else "wall"
     if not args.out:
         args.out = None
     return run(args)

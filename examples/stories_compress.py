@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import banner, machine_info, write_json  # noqa: E402
 
 import bondgate as bg  # noqa: E402
+from bondgate.calibration import model_device, to_device  # noqa: E402
 from bondgate.llama2c import (  # noqa: E402
     BOS_ID,
     Llama2cTokenizer,
@@ -96,7 +97,7 @@ def generate_stories(model, n: int, seed: int, batch: int = 32, max_len: int | N
     while len(stories) < n:
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (), generator=gen)))  # generate() draws from the global RNG
         k = min(batch, n - len(stories))
-        bos = torch.full((k, 1), BOS_ID, device=next(model.parameters()).device)
+        bos = torch.full((k, 1), BOS_ID, device=model_device(model))
         out = model.generate(bos, do_sample=True, temperature=temperature, top_k=top_k,
                              top_p=top_p, max_new_tokens=max_len - 1, eos_token_id=BOS_ID, pad_token_id=PAD_ID, **extra)
         for row in out.tolist():
@@ -196,9 +197,9 @@ def packed_batches(stories: list[list[int]], block: int, batch: int, seed: int =
 def story_perplexity(model, stories: list[list[int]], batch: int = 16) -> float:
     """Perplexity over token-id stories, each from its BOS (every token after BOS predicted once)."""
     nll, count = 0.0, 0
-    device = next(model.parameters()).device
+    device = model_device(model)
     for b in story_batches(stories, batch):
-        b = {k: v.to(device) for k, v in b.items()}
+        b = to_device(b, device)
         logits = model(**b, use_cache=False).logits[:, :-1].float()
         target = b["input_ids"][:, 1:].masked_fill(b["attention_mask"][:, 1:] == 0, -100)
         nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
@@ -211,7 +212,7 @@ def story_perplexity(model, stories: list[list[int]], batch: int = 16) -> float:
 def compress(dense, calib: list[dict], ratio: float, num_cores: int, weighting: str = "relative",
              refine_steps: int = 30, kinds: list[str] | None = None):
     """A compressed copy of ``dense``, on ``dense``'s device (the factorization itself runs on the CPU)."""
-    device = next(dense.parameters()).device
+    device = model_device(dense)
     # distill() freezes its teacher's parameters and compress() keeps a frozen layer frozen: unfreeze the copy
     student = copy.deepcopy(dense).cpu().requires_grad_(True)
     bg.compress(student, bg.CompressionConfig(param_ratio=ratio, target_modules=TARGET, num_cores=num_cores,
@@ -243,8 +244,7 @@ def warm_up(student, batch: dict) -> None:
     time-budgeted run plans its learning-rate schedule: the schedule would end after about half the budget and
     the rest would train at learning rate 0."""
     student.train()
-    device = next(student.parameters()).device
-    student(**{k: v.to(device) for k, v in batch.items()}, output_hidden_states=True).logits.float().sum().backward()
+    student(**to_device(batch, model_device(student)), output_hidden_states=True).logits.float().sum().backward()
     student.zero_grad(set_to_none=True)
 
 

@@ -210,14 +210,14 @@ def story_perplexity(model, stories: list[list[int]], batch: int = 16) -> float:
 
 # ---------------------------------------------------------------------------------------------- pipeline
 def compress(dense, calib: list[dict], ratio: float, num_cores: int, weighting: str = "relative",
-             refine_steps: int = 30, kinds: list[str] | None = None):
+             refine_steps: int = 30, kinds: list[str] | None = None, allocation: str = "global"):
     """A compressed copy of ``dense``, on ``dense``'s device (the factorization itself runs on the CPU)."""
     device = model_device(dense)
     # distill() freezes its teacher's parameters and compress() keeps a frozen layer frozen: unfreeze the copy
     student = copy.deepcopy(dense).cpu().requires_grad_(True)
     bg.compress(student, bg.CompressionConfig(param_ratio=ratio, target_modules=TARGET, num_cores=num_cores,
                                               layer_weighting=weighting, refine_steps=refine_steps,
-                                              kinds=kinds),
+                                              kinds=kinds, allocation=allocation),
                 calibration=calib, progress=False)
     return student.to(device)
 
@@ -303,7 +303,8 @@ def run(args) -> dict:
             student = resumed(args.resume).to(device)
             nc, report = cores_of(student), None
         else:
-            student = compress(dense, calib, args.ratio, nc, weighting, args.refine_steps, args.kinds)
+            student = compress(dense, calib, args.ratio, nc, weighting, args.refine_steps, args.kinds,
+                               args.allocation)
             report = student.bondgate_report
         compress_s = time.perf_counter() - t0
         before = tinystories_perplexity(student, tok, sample).perplexity
@@ -413,6 +414,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--valid-stories", type=int, default=40)
     ap.add_argument("--weighting", nargs="+", default=["relative"], choices=["relative", "sensitivity", "absolute"],
                     help="CompressionConfig.layer_weighting (each is tried)")
+    ap.add_argument("--allocation", choices=["global", "uniform"], default="global",
+                    help="CompressionConfig.allocation: one budget over all bonds, or one bond cap for every layer")
     ap.add_argument("--refine-steps", type=int, default=30)
     ap.add_argument("--kinds", nargs="+", choices=["mpo", "lowrank"], default=None,
                     help="CompressionConfig.kinds: the forms a layer may take (default: MPO)")

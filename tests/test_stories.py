@@ -113,6 +113,22 @@ def test_compress_and_heal(setup, tmp_path):
     assert tinystories_perplexity(resumed, tok, sample).perplexity == pytest.approx(after, rel=1e-5)
 
 
+def test_uniform_allocation(setup):
+    """``--allocation uniform``: every block layer factored with one bond cap, none kept dense."""
+    import bondgate as bg
+
+    sc, dense, tok, sample, raw = setup
+    stories, _ = sc.clean_stories(raw, tok, sample.read_text(encoding="utf-8"))
+    student = sc.compress(dense, sc.story_batches(stories[:6], 6), ratio=0.5, num_cores=2, refine_steps=0,
+                          allocation="uniform")
+    layers = [m for n, m in student.named_modules() if n.startswith("model.layers.") and isinstance(m, bg.MPOLinear)]
+    assert len(layers) == 35 and not any(isinstance(m, torch.nn.Linear) for m in student.model.layers.modules())
+    # one cap for all: a layer's bond is the cap or, where its reshaped matrix has fewer rows/columns, its full rank
+    cap = max(m.bond_dims[0] for m in layers)
+    assert all(m.bond_dims[0] == min(cap, *m.to_mpo().max_bond_dims()) for m in layers)
+    assert 0.45 < sc.block_weights(student) / 226_560 <= 0.5
+
+
 def test_script_end_to_end(sc, tmp_path):
     """The script's whole pipeline on a tiny budget: generate, clean, compress, heal, save, reload on the CPU."""
     threads = torch.get_num_threads()

@@ -164,6 +164,25 @@ def clean_stories(stories: list[list[int]], tok, sample_text: str, min_tokens: i
     return kept, dropped
 
 
+def split(stories: list[list[int]], calib: int, valid: int) -> tuple[list, list, list]:
+    """``(calibration, validation, training)`` stories: the first ``calib``, the next ``valid`` (held out), and the
+    calibration stories plus all the rest."""
+    calib_st, valid_st = stories[:calib], stories[calib:calib + valid]
+    train_st = calib_st + stories[calib + valid:]
+    if len(train_st) <= len(calib_st) or not valid_st:
+        raise SystemExit(f"too few stories ({len(stories)} kept) for {calib} calibration + {valid} validation stories")
+    return calib_st, valid_st, train_st
+
+
+def healing_data(dense, tok, sample: Path, args) -> tuple[list, list, list[dict]]:
+    """``(calibration stories, validation stories, training batches)`` as :func:`run` prepares them (``args``:
+    samples, seed, max_len, gen_batch, stories_cache, calib_stories, valid_stories, block, batch), for the
+    ablations in ``benchmarks/`` that heal other students on the same data."""
+    stories, _ = clean_stories(load_or_generate(dense, args)[0], tok, sample.read_text(encoding="utf-8"))
+    calib_st, valid_st, train_st = split(stories, args.calib_stories, args.valid_stories)
+    return calib_st, valid_st, packed_batches(train_st, args.block, args.batch, seed=args.seed)
+
+
 def story_batches(stories: list[list[int]], batch: int, seed: int = 0) -> list[dict]:
     """Per-story batches (each story from its BOS, as the evaluation scores them): stories of similar length
     padded together with an ``attention_mask``; the batch order is shuffled."""
@@ -276,12 +295,7 @@ def run(args) -> dict:
     raw, cached = load_or_generate(dense, args)
     stories, dropped = clean_stories(raw, tok, sample_text)
     gen_s = time.perf_counter() - t0
-    calib_st = stories[: args.calib_stories]
-    valid_st = stories[args.calib_stories: args.calib_stories + args.valid_stories]
-    train_st = calib_st + stories[args.calib_stories + args.valid_stories:]
-    if len(train_st) <= len(calib_st) or not valid_st:
-        raise SystemExit(f"too few stories ({len(stories)} kept of {len(raw)}) for {args.calib_stories} calibration "
-                         f"+ {args.valid_stories} validation stories")
+    calib_st, valid_st, train_st = split(stories, args.calib_stories, args.valid_stories)
     calib = story_batches(calib_st, 16, seed=args.seed)
     shuffle = args.seed if args.shuffle_seed is None else args.shuffle_seed
     train = (packed_batches(train_st, args.block, args.batch, seed=shuffle) if args.block

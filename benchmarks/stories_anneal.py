@@ -45,9 +45,38 @@ def factor(W: torch.Tensor, out_f, in_f, bonds) -> MPO:
     return MPO(m.cores, out_features=N, in_features=M)
 
 
-def data_args(args) -> argparse.Namespace:
-    """The stories, split and rows of ``examples/stories_compress.py`` (seed 0, 512-token rows, 4 per step)."""
-    return argparse.Namespace(**vars(args), seed=0, gen_batch=256, block=512, batch=4)
+def setup(ap: argparse.ArgumentParser, argv) -> tuple:
+    """The arguments the stories ablations share, parsed; ``(args, machine info, (dense, tokenizer, sample path),
+    (calibration stories, validation stories, training batches))`` with the stories, split and rows of
+    ``examples/stories_compress.py`` (seed 0, 512-token rows, 4 per step)."""
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--steps", type=int, default=None, help="a budget in steps instead of --minutes (tests)")
+    ap.add_argument("--samples", type=int, default=4096, help="as examples/stories_compress.py")
+    ap.add_argument("--stories-cache", default=str(ROOT / "runs" / "stories_4096.json"))
+    ap.add_argument("--max-len", type=int, default=None)
+    ap.add_argument("--calib-stories", type=int, default=64)
+    ap.add_argument("--valid-stories", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    info = machine_info()
+    print(banner(info), flush=True)
+    dense, tok, sample = sc.load()
+    data = argparse.Namespace(**vars(args), seed=0, gen_batch=256, block=512, batch=4)
+    return args, info, (dense, tok, sample), sc.healing_data(dense, tok, sample, data)
+
+
+def report(out: dict, script: str, body: str, tag: str) -> None:
+    """Print the result (machine, command, ``body``, perplexities); with ``tag`` also write
+    ``benchmarks/results/stories_TAG.{json,md}``."""
+    md = (f"Machine: {banner(out['machine'])}\n\nCommand: `python benchmarks/{script} {out['argv']}`\n\n{body} "
+          f"**sample ppl {out['sample_ppl']:.4f}** ({out['sample_ppl'] / out['dense_ppl'] - 1:+.1%} vs dense "
+          f"{out['dense_ppl']:.4f}), validation {out['valid_ppl']:.4f}.\n")
+    print(md)
+    if tag:
+        write_json(ROOT / "benchmarks" / "results" / f"stories_{tag}.json", out)
+        (ROOT / "benchmarks" / "results" / f"stories_{tag}.md").write_text(md)
 
 
 def main(argv=None) -> dict:
@@ -55,22 +84,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--minutes", type=float, default=20.0, help="whole budget (annealing + healing), CPU clock")
     ap.add_argument("--anneal", type=float, default=0.5, help="fraction of the budget spent annealing")
     ap.add_argument("--ratio", type=float, default=0.5)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--samples", type=int, default=4096, help="as examples/stories_compress.py")
-    ap.add_argument("--stories-cache", default=str(ROOT / "runs" / "stories_4096.json"))
-    ap.add_argument("--max-len", type=int, default=None)
-    ap.add_argument("--calib-stories", type=int, default=64)
-    ap.add_argument("--valid-stories", type=int, default=100)
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tag", default="anneal")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    info = machine_info()
-    print(banner(info), flush=True)
-
-    dense, tok, sample = sc.load()
-    calib_st, valid_st, train = sc.healing_data(dense, tok, sample, data_args(args))
+    args, info, (dense, tok, sample), (calib_st, valid_st, train) = setup(ap, argv)
     one_shot = sc.compress(dense, sc.story_batches(calib_st, 16, seed=0), args.ratio, 2)
     plan = {r.name: (r.out_factors, r.in_factors, r.bond_dims)
             for r in one_shot.bondgate_report.layers if r.status == "compressed"}
@@ -86,7 +101,7 @@ def main(argv=None) -> dict:
     budget, clock = args.minutes * 60, (lambda: time.process_time() / args.threads)
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
     t0, left, step, converted = clock(), 1.0, 0, None
-    while (f := (clock() - t0) / budget) < 1:
+    while (f := step / args.steps if args.steps else (clock() - t0) / budget) < 1:
         batch = train[step % len(train)]
         for g in opt.param_groups:
             g["lr"] = lr_at(f)
@@ -127,17 +142,12 @@ def main(argv=None) -> dict:
            "valid_ppl": sc.story_perplexity(student, valid_st)}
     if converted is None:
         raise SystemExit("the budget ended before the annealing did")
-    md = (f"Machine: {banner(info)}\n\nCommand: `python benchmarks/stories_anneal.py {out['argv']}`\n\n"
-          f"stories260K at {args.ratio:.0%} of the block weights ({out['block_weights']:,}; one-shot allocation "
-          f"{out['one_shot_block_weights']:,}, sample ppl {out['one_shot_ppl']:.1f} before healing), {args.minutes} min CPU clock, {step} steps: annealed for "
-          f"{args.anneal:.0%} of the budget, factored at step {converted['step']} (sample ppl there "
-          f"{converted['sample_ppl']:.3f}), then healed. **Sample ppl {out['sample_ppl']:.4f}** "
-          f"({out['sample_ppl'] / out['dense_ppl'] - 1:+.1%} vs dense {out['dense_ppl']:.4f}), validation "
-          f"{out['valid_ppl']:.4f}.\n")
-    print(md)
-    if args.tag:
-        write_json(ROOT / "benchmarks" / "results" / f"stories_{args.tag}.json", out)
-        (ROOT / "benchmarks" / "results" / f"stories_{args.tag}.md").write_text(md)
+    budget_text = f"{step} steps" if args.steps else f"{args.minutes} min CPU clock, {step} steps"
+    body = (f"stories260K at {args.ratio:.0%} of the block weights ({out['block_weights']:,}; one-shot allocation "
+            f"{out['one_shot_block_weights']:,}, sample ppl {out['one_shot_ppl']:.1f} before healing), {budget_text}: "
+            f"annealed for {args.anneal:.0%} of the budget, factored at step {converted['step']} (sample ppl there "
+            f"{converted['sample_ppl']:.3f}), then healed:")
+    report(out, "stories_anneal.py", body, args.tag)
     return out
 
 

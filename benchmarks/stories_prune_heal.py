@@ -27,8 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "examples"))
 import stories_compress as sc  # noqa: E402
-from common import banner, machine_info, write_json  # noqa: E402
-from stories_anneal import data_args  # noqa: E402
+from stories_anneal import report, setup  # noqa: E402
 
 from bondgate.baselines import magnitude_prune  # noqa: E402
 from bondgate.llama2c import tinystories_perplexity  # noqa: E402
@@ -38,21 +37,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=20.0)
     ap.add_argument("--ratio", type=float, default=0.5, help="fraction of the block weights kept non-zero")
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--samples", type=int, default=4096, help="as examples/stories_compress.py")
-    ap.add_argument("--stories-cache", default=str(ROOT / "runs" / "stories_4096.json"))
-    ap.add_argument("--max-len", type=int, default=None)
-    ap.add_argument("--calib-stories", type=int, default=64)
-    ap.add_argument("--valid-stories", type=int, default=100)
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tag", default="prune_heal")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    info = machine_info()
-    print(banner(info), flush=True)
-
-    dense, tok, sample = sc.load()
-    _, valid_st, train = sc.healing_data(dense, tok, sample, data_args(args))
+    args, info, (dense, tok, sample), (_, valid_st, train) = setup(ap, argv)
 
     student, pruned = magnitude_prune(dense, param_ratio=args.ratio,
                                      target=[n for n, _ in dense.named_modules() if re.fullmatch(sc.TARGET, n)])
@@ -64,7 +50,7 @@ def main(argv=None) -> dict:
     print(f"pruned to {pruned['params']:,} non-zero block weights: sample ppl {before:.3f}", flush=True)
     heal_args = argparse.Namespace(hidden=1.0, logits=1.0, temperature=1.0, minutes=args.minutes, clock="cpu",
                                    lr=args.lr, warmup=0.05, eval_every=200, log_every=50, seed=0)
-    res = sc.heal(student, dense, train, heal_args, valid_st)
+    res = sc.heal(student, dense, train, heal_args, valid_st, steps=args.steps)
     for name in pruned["layers"]:
         prune.remove(student.get_submodule(name), "weight")
     nonzero = sum(int(torch.count_nonzero(student.get_submodule(n).weight)) for n in pruned["layers"])
@@ -75,16 +61,10 @@ def main(argv=None) -> dict:
            "sample_ppl": tinystories_perplexity(student, tok, sample).perplexity,
            "valid_ppl": sc.story_perplexity(student, valid_st)}
     assert nonzero <= pruned["params"], (nonzero, pruned["params"])  # the mask held
-    md = (f"Machine: {banner(info)}\n\nCommand: `python benchmarks/stories_prune_heal.py {out['argv']}`\n\n"
-          f"stories260K, magnitude pruning to {nonzero:,} non-zero block weights of {out['dense_block_weights']:,} "
-          f"(sample ppl {before:.3f} before healing), healed {args.minutes} min on the CPU clock, {res.steps} steps "
-          f"(best {res.best_step}): **sample ppl {out['sample_ppl']:.4f}** "
-          f"({out['sample_ppl'] / out['dense_ppl'] - 1:+.1%} vs dense {out['dense_ppl']:.4f}), validation "
-          f"{out['valid_ppl']:.4f}.\n")
-    print(md)
-    if args.tag:
-        write_json(ROOT / "benchmarks" / "results" / f"stories_{args.tag}.json", out)
-        (ROOT / "benchmarks" / "results" / f"stories_{args.tag}.md").write_text(md)
+    body = (f"stories260K, magnitude pruning to {nonzero:,} non-zero block weights of "
+            f"{out['dense_block_weights']:,} (sample ppl {before:.3f} before healing), healed "
+            f"{'' if args.steps else f'{args.minutes} min on the CPU clock, '}{res.steps} steps (best {res.best_step}):")
+    report(out, "stories_prune_heal.py", body, args.tag)
     return out
 
 

@@ -8,11 +8,16 @@ model the way ``examples/stories_compress.py`` heals the MPO student (same stori
 pruning mask held fixed (``torch.nn.utils.prune``: pruned weights get no update). ``--ratio`` counts non-zero
 weights; a sparse format also stores their positions, so the bytes of this model are more than ``--ratio`` of
 dense (the frontier counts them). Writes ``benchmarks/results/stories_prune_heal.{json,md}``.
+
+``--mpo-share s``: factors plus a sparse residual — each layer is first a 2-core MPO with the largest bond that
+stores at most ``s`` of its weights, and the residual ``W - W_mpo`` is magnitude-pruned to the rest of the
+layer's ``--ratio``; both parts heal.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import re
 import sys
@@ -27,41 +32,78 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "examples"))
 import stories_compress as sc  # noqa: E402
-from stories_anneal import report, setup  # noqa: E402
+from stories_anneal import factor, report, setup  # noqa: E402
 
+import bondgate as bg  # noqa: E402
 from bondgate.baselines import magnitude_prune  # noqa: E402
+from bondgate.factors import factorize_shape  # noqa: E402
 from bondgate.llama2c import tinystories_perplexity  # noqa: E402
+
+
+class FactorsPlusSparse(torch.nn.Module):
+    """``y = mpo(x) + residual(x)``: an MPO layer beside a (to be pruned) dense residual."""
+
+    def __init__(self, W: torch.Tensor, share: float) -> None:
+        super().__init__()
+        N, M = W.shape
+        (o1, o2), (i1, i2) = legs = factorize_shape(N, M, 2)
+        mpo = None
+        for r in range(1, min(o1 * i1, o2 * i2) + 1):  # the largest bond within the share
+            candidate = factor(W, *legs, [r])
+            if candidate.num_params > share * W.numel():
+                break
+            mpo = candidate
+        if mpo is None:
+            raise ValueError(f"no MPO of a {N}x{M} layer stores at most {share} of its weights")
+        self.mpo = bg.MPOLinear.from_mpo(mpo)
+        self.residual = torch.nn.Linear(M, N, bias=False)
+        with torch.no_grad():
+            self.residual.weight.copy_(W - self.mpo.weight_matrix())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mpo(x) + self.residual(x)
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=20.0)
     ap.add_argument("--ratio", type=float, default=0.5, help="fraction of the block weights kept non-zero")
+    ap.add_argument("--mpo-share", type=float, default=0.0, help="fraction of each layer's weights in MPO factors")
     ap.add_argument("--tag", default="prune_heal")
     args, info, (dense, tok, sample), (_, valid_st, train) = setup(ap, argv)
 
-    student, pruned = magnitude_prune(dense, param_ratio=args.ratio,
-                                     target=[n for n, _ in dense.named_modules() if re.fullmatch(sc.TARGET, n)])
+    targets = [n for n, _ in dense.named_modules() if re.fullmatch(sc.TARGET, n)]
+    budgets, factored = {n: round(args.ratio * dense.get_submodule(n).weight.numel()) for n in targets}, 0
+    hybrid = copy.deepcopy(dense)
+    if args.mpo_share:
+        for name in targets:
+            layer = FactorsPlusSparse(dense.get_submodule(name).weight.detach(), args.mpo_share)
+            parent, leaf = name.rsplit(".", 1)
+            setattr(hybrid.get_submodule(parent), leaf, layer)
+            factored += layer.mpo.num_params
+            budgets[f"{name}.residual"] = budgets.pop(name) - layer.mpo.num_params
+    student, pruned = magnitude_prune(hybrid, params=budgets)
     student.requires_grad_(True)
     for name in pruned["layers"]:
         layer = student.get_submodule(name)
         prune.custom_from_mask(layer, "weight", layer.weight.detach() != 0)
     before = tinystories_perplexity(student, tok, sample).perplexity
-    print(f"pruned to {pruned['params']:,} non-zero block weights: sample ppl {before:.3f}", flush=True)
+    print(f"{factored:,} weights in MPO factors + {pruned['params']:,} non-zero: sample ppl {before:.3f}", flush=True)
     heal_args = argparse.Namespace(hidden=1.0, logits=1.0, temperature=1.0, minutes=args.minutes, clock="cpu",
                                    lr=args.lr, warmup=0.05, eval_every=200, log_every=50, seed=0)
     res = sc.heal(student, dense, train, heal_args, valid_st, steps=args.steps)
     for name in pruned["layers"]:
         prune.remove(student.get_submodule(name), "weight")
-    nonzero = sum(int(torch.count_nonzero(student.get_submodule(n).weight)) for n in pruned["layers"])
+    nonzero = sum(int(torch.count_nonzero(student.get_submodule(n).weight)) for n in pruned["layers"]) + factored
     out = {"machine": info, "args": vars(args), "argv": " ".join(sys.argv[1:] if argv is None else argv),
            "dense_ppl": tinystories_perplexity(dense, tok, sample).perplexity, "ppl_before": before,
            "nonzero_block_weights": nonzero, "dense_block_weights": sc.block_weights(dense),
            "steps": res.steps, "best_step": res.best_step,
            "sample_ppl": tinystories_perplexity(student, tok, sample).perplexity,
            "valid_ppl": sc.story_perplexity(student, valid_st)}
-    assert nonzero <= pruned["params"], (nonzero, pruned["params"])  # the mask held
-    body = (f"stories260K, magnitude pruning to {nonzero:,} non-zero block weights of "
+    assert nonzero <= pruned["params"] + factored, (nonzero, pruned["params"])  # the mask held
+    what = f"{factored:,} in 2-core MPO factors + a pruned residual" if factored else "magnitude pruning"
+    body = (f"stories260K, {what}: {nonzero:,} stored block weights of "
             f"{out['dense_block_weights']:,} (sample ppl {before:.3f} before healing), healed "
             f"{'' if args.steps else f'{args.minutes} min on the CPU clock, '}{res.steps} steps (best {res.best_step}):")
     report(out, "stories_prune_heal.py", body, args.tag)

@@ -151,7 +151,7 @@ def test_script_end_to_end(sc, tmp_path):
 TINY = ["--samples", "48", "--max-len", "96", "--calib-stories", "8", "--valid-stories", "8", "--tag", ""]
 
 
-def _benchmark(name: str, tmp_path, steps: int) -> dict:
+def _benchmark(name: str, tmp_path, steps: int, *extra: str) -> dict:
     """``benchmarks/NAME.py`` run on :data:`TINY` stories for ``steps``; torch's thread count restored."""
     import importlib.util
 
@@ -160,7 +160,7 @@ def _benchmark(name: str, tmp_path, steps: int) -> dict:
     spec.loader.exec_module(module)
     threads = torch.get_num_threads()
     try:
-        return module.main(TINY + ["--stories-cache", str(tmp_path / "st.json"), "--steps", str(steps)])
+        return module.main(TINY + ["--stories-cache", str(tmp_path / "st.json"), "--steps", str(steps), *extra])
     finally:
         torch.set_num_threads(threads)
 
@@ -179,3 +179,10 @@ def test_prune_heal_baseline(sc, tmp_path):
     out = _benchmark("stories_prune_heal", tmp_path, 6)
     assert out["nonzero_block_weights"] <= 226_560 // 2 and out["steps"] > 0
     assert out["sample_ppl"] < out["ppl_before"], out  # measured 43.5 -> 12.2 after 6 steps
+
+
+def test_factors_plus_sparse_baseline(sc, tmp_path):
+    """``--mpo-share``: each layer an MPO within the share plus a pruned residual; the total stays in budget."""
+    out = _benchmark("stories_prune_heal", tmp_path, 6, "--mpo-share", "0.25")
+    assert 0.49 < out["nonzero_block_weights"] / 226_560 <= 0.5 and out["steps"] == 6
+    assert out["sample_ppl"] < out["ppl_before"] / 2, out  # measured 176 -> 35.8 after 6 steps

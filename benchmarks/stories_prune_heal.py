@@ -47,14 +47,11 @@ class FactorsPlusSparse(torch.nn.Module):
         super().__init__()
         N, M = W.shape
         (o1, o2), (i1, i2) = legs = factorize_shape(N, M, 2)
-        mpo = None
-        for r in range(1, min(o1 * i1, o2 * i2) + 1):  # the largest bond within the share
-            candidate = factor(W, *legs, [r])
-            if candidate.num_params > share * W.numel():
-                break
-            mpo = candidate
-        if mpo is None:
+        # a 2-core MPO of bond r stores r * (o1*i1 + o2*i2) weights: the largest bond within the share, directly
+        r = min(int(share * W.numel()) // (o1 * i1 + o2 * i2), o1 * i1, o2 * i2)
+        if r < 1:
             raise ValueError(f"no MPO of a {N}x{M} layer stores at most {share} of its weights")
+        mpo = factor(W, *legs, [r])
         self.mpo = bg.MPOLinear.from_mpo(mpo)
         self.residual = torch.nn.Linear(M, N, bias=False)
         with torch.no_grad():

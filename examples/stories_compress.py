@@ -175,9 +175,9 @@ def split(stories: list[list[int]], calib: int, valid: int) -> tuple[list, list,
 
 
 def healing_data(dense, tok, sample: Path, args) -> tuple[list, list, list[dict]]:
-    """``(calibration stories, validation stories, training batches)`` as :func:`run` prepares them (``args``:
-    samples, seed, max_len, gen_batch, stories_cache, calib_stories, valid_stories, block, batch), for the
-    ablations in ``benchmarks/`` that heal other students on the same data."""
+    """``(calibration stories, validation stories, training batches)`` as :func:`run` prepares them with packed rows
+    (``args``: samples, seed, max_len, gen_batch, stories_cache, calib_stories, valid_stories, block > 0, batch), for
+    the ablations in ``benchmarks/`` that heal other students on the same data."""
     stories, _ = clean_stories(load_or_generate(dense, args)[0], tok, sample.read_text(encoding="utf-8"))
     calib_st, valid_st, train_st = split(stories, args.calib_stories, args.valid_stories)
     return calib_st, valid_st, packed_batches(train_st, args.block, args.batch, seed=args.seed)

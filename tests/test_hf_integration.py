@@ -142,6 +142,26 @@ def test_tied_mpo_head_is_restored(tmp_path):
     assert_same_model(loaded, model, lambda m: m(input_ids=ids).logits, ref)
 
 
+def test_compressed_table_under_transformers_own_tie(tmp_path):
+    """compress(embeddings=True) on a model whose config ties the LM head to the table (transformers' default):
+    the head becomes the table's MPO head, and AutoModelForCausalLM reads it back with nothing missing."""
+    cfg = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=97, n_positions=16, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 97, (4, 12), generator=torch.Generator().manual_seed(0))
+    bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5, embeddings=True),
+                      calibration=[{"input_ids": ids}], progress=False)
+    assert isinstance(model.transformer.wte, MPOEmbedding) and model.lm_head.cores is model.transformer.wte.cores
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    tied = dict(model.all_tied_weights_keys)
+    loaded, info = AutoModelForCausalLM.from_pretrained(bondgate.save_pretrained(model, tmp_path / "bg"),
+                                                        output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert loaded.lm_head.cores is loaded.transformer.wte.cores
+    assert loaded.all_tied_weights_keys == tied  # as the compressed model had it
+    assert_same_model(loaded, model, lambda m: m(input_ids=ids).logits, ref)
+
+
 def test_layer_under_two_names_stays_one_layer(tmp_path):
     cfg = BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128,
                      vocab_size=100, max_position_embeddings=32)

@@ -601,6 +601,25 @@ def test_non_finite_weights_are_refused(mlp_ckpt):
     assert_untouched(user, snap)
 
 
+def test_save_refuses_what_load_would_refuse(tmp_path, monkeypatch):
+    model = mlp()
+    with torch.no_grad():
+        model[0].bias[2] = float("inf")
+    with pytest.raises(ValueError, match="cannot save: parameter '0.bias' holds NaN or inf"):
+        bondgate.save(model, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.iterdir())  # nothing written
+    # the working directory (or a parent) cannot be swapped out as a whole
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    for target in (".", "sub/..", str(work), ".."):
+        with pytest.raises(ValueError, match="working directory or one of its parents"):
+            bondgate.save(mlp(), target)
+    assert sorted(p.name for p in work.iterdir()) == ["sub"]
+    assert bondgate.save(mlp(), "sub/../ckpt").resolve() == work / "ckpt"
+    assert isinstance(bondgate.load(work / "ckpt")[2], MPOLinear)
+
+
 def test_load_into_a_model_checks_the_replaced_layers_sizes(tmp_path):
     # the checkpoint's tensors all belong to the layer it replaces: only the sizes of the model's own layer tell
     out = bondgate.save(nn.Sequential(MPOLinear.from_linear(nn.Linear(64, 48), max_bond=4)), tmp_path / "one")

@@ -1,6 +1,7 @@
 """Whole-model compression: targets, budgets, calibration, allocation, report."""
 
 import copy
+import json
 import math
 
 import pytest
@@ -284,6 +285,54 @@ def test_compressing_twice_keeps_the_first_report():
     assert [c["max_bond"] for c in rep.history] == [8] and rep.config["max_bond"] == 4
     compress(model, CompressionConfig(max_bond=4, target_modules=["2"]), progress=False)  # nothing left to do
     assert {r.name for r in model.bondgate_report.layers} >= {"0", "2"}
+
+
+def test_report_totals_leave_skipped_layers_out_and_survive_load(tmp_path):
+    import bondgate
+
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc, self.head = nn.Embedding(100, 64), nn.Linear(64, 64), nn.Linear(64, 100, bias=False)
+            self.head.weight = self.emb.weight  # a tied head: skipped (compressing it would untie it)
+
+        def forward(self, ids):
+            return self.head(torch.relu(self.fc(self.emb(ids))))
+
+    model = TiedLM()
+    compress(model, CompressionConfig(param_ratio=0.5), calibration=[torch.randint(0, 100, (8, 16))], progress=False)
+    rep = model.bondgate_report
+    by_name = {r.name: r for r in rep.layers}
+    assert by_name["head"].status.startswith("skipped: weight is tied")
+    assert (by_name["head"].out_features, by_name["head"].in_features) == (100, 64)
+    assert rep.params_before == 64 * 64 and rep.params_after == model.fc.num_params  # the targeted layer only
+    assert rep.ratio <= 0.5
+    loaded = bondgate.load(bondgate.save(model, tmp_path / "a"), model=TiedLM())
+    assert loaded.bondgate_report.to_dict() == rep.to_dict()  # load -> train -> save keeps the report
+    bondgate.save(loaded, tmp_path / "b")
+    assert bondgate.io.read_metadata(tmp_path / "b")["report"] == json.loads(json.dumps(rep.to_dict()))
+
+
+def test_a_bond_cap_above_the_dense_size_warns_and_an_empty_target_reads_as_nothing(caplog):
+    model = nn.Sequential(nn.Linear(128, 7))
+    with pytest.warns(UserWarning, match=r"at max_bond=12, 1 layer\(s\) hold more weights than dense \(0: 896 -> 1,024\)"):
+        compress(model, CompressionConfig(max_bond=12), progress=False)
+    assert model.bondgate_report.ratio == pytest.approx(1024 / 896)
+    model = nn.Sequential(nn.Linear(128, 7))
+    compress(model, CompressionConfig(param_ratio=0.5, target_modules="nothing"), progress=False)
+    assert "no layer to compress" in caplog.text
+    assert model.bondgate_report.ratio == 1.0 and "| 0 -> 0 | - |" in str(model.bondgate_report)
+
+
+def test_compress_restores_every_submodules_mode():
+    model = nn.Sequential(nn.Linear(16, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 64), nn.Dropout(0.5),
+                          nn.Linear(64, 4)).train()
+    model[1].eval()  # a frozen BatchNorm, a disabled Dropout: calibration's eval() must not turn them back on
+    model[4].eval()
+    compress(model, CompressionConfig(param_ratio=0.5, layer_weighting="sensitivity"), calibration=[torch.randn(64, 16)],
+             progress=False)
+    assert isinstance(model[3], MPOLinear)
+    assert [m.training for m in model] == [True, False, True, True, False, True]
 
 
 def test_embeddings_and_a_tied_head_become_one_mpo_table(tmp_path):

@@ -19,9 +19,10 @@ re-fitted as ``b' = b + (W - W_mpo) mu``, the expected squared output error per 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -103,6 +104,19 @@ def model_output(out) -> torch.Tensor:
     raise TypeError(f"cannot find an output tensor in {type(out).__name__}")
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model.eval()`` for the block, then every submodule's own train/eval flag back (``model.train(was)``
+    would put a frozen BatchNorm or a disabled Dropout back into training)."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
 def _row_mask(batch, x: torch.Tensor) -> torch.Tensor | None:
     """Boolean row selector dropping padding tokens, when the batch has a matching attention mask."""
     if isinstance(batch, Mapping) and "attention_mask" in batch and x.dim() == 3:
@@ -132,23 +146,21 @@ def capture_inputs(model: nn.Module, modules: Mapping[str, nn.Module], data: Ite
         return hook
 
     handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in modules.items()]
-    was_training = model.training
-    model.eval()
     try:
-        it = data
-        if progress:
-            from tqdm.auto import tqdm
+        with eval_mode(model):
+            it = data
+            if progress:
+                from tqdm.auto import tqdm
 
-            it = tqdm(data, desc="calibration", leave=False)
-        for batch in it:
-            current["batch"] = batch
-            run_model(model, batch)
-            if done is not None and done():
-                break
+                it = tqdm(data, desc="calibration", leave=False)
+            for batch in it:
+                current["batch"] = batch
+                run_model(model, batch)
+                if done is not None and done():
+                    break
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
 
 
 def collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable,
@@ -333,36 +345,34 @@ def output_sensitivity(model: nn.Module, modules: Mapping[str, nn.Module], data:
     frozen = [p for m in modules.values() for p in m.parameters() if not p.requires_grad]
     for p in frozen:  # the outputs must be part of a graph
         p.requires_grad_(True)
-    was_training = model.training
-    model.eval()
     try:
-        for bi, batch in enumerate(data):
-            if max_batches is not None and bi >= max_batches:
-                break
-            for _ in range(1 if loss is not None else probes):
-                outs.clear()
-                with torch.enable_grad():
-                    out = run_model(model, batch)
-                    if loss is not None:
-                        s = loss(out, batch)
-                    else:
-                        f = model_output(out)
-                        r = torch.randn(f.shape, generator=gen).to(f)
-                        s = (f * r / r.norm()).sum()
-                    names = [n for n, y in outs.items() if y.requires_grad]
-                    grads = torch.autograd.grad(s, [outs[n] for n in names], allow_unused=True)
-                for n, g in zip(names, grads):
-                    if g is None:
-                        continue
-                    g = g.detach().reshape(-1, g.shape[-1]).double()
-                    sums[n] = sums.get(n, 0) + (g * g).sum(0).cpu()
-                    rows[n] += g.shape[0]
+        with eval_mode(model):
+            for bi, batch in enumerate(data):
+                if max_batches is not None and bi >= max_batches:
+                    break
+                for _ in range(1 if loss is not None else probes):
+                    outs.clear()
+                    with torch.enable_grad():
+                        out = run_model(model, batch)
+                        if loss is not None:
+                            s = loss(out, batch)
+                        else:
+                            f = model_output(out)
+                            r = torch.randn(f.shape, generator=gen).to(f)
+                            s = (f * r / r.norm()).sum()
+                        names = [n for n, y in outs.items() if y.requires_grad]
+                        grads = torch.autograd.grad(s, [outs[n] for n in names], allow_unused=True)
+                    for n, g in zip(names, grads):
+                        if g is None:
+                            continue
+                        g = g.detach().reshape(-1, g.shape[-1]).double()
+                        sums[n] = sums.get(n, 0) + (g * g).sum(0).cpu()
+                        rows[n] += g.shape[0]
     finally:
         for h in handles:
             h.remove()
         for p in frozen:
             p.requires_grad_(False)
-        model.train(was_training)
     return {n: sums[n] / rows[n] for n in modules if rows[n]}
 
 

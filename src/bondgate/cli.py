@@ -494,12 +494,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print("|" + "---|" * len(head))
     for row in rows:
         print("| " + " | ".join(row) + " |")
-    print(f"| **total** | | | | {before:,} -> {after:,} | {after / max(before, 1):.1%} | | |")
+    kept = f"{after / before:.1%}" if before else "-"
+    print(f"| **total** | | | | {before:,} -> {after:,} | {kept} | | |")
     for alias, target in meta["layer_aliases"].items():
         print(f"shared layer: {alias} is {target}")
     print()
     print(f"{len(meta['layers'])} bondgate layers; targeted weights: {before:,} -> {after:,} "
-          f"(ratio {after / max(before, 1):.3f})")
+          + (f"(ratio {after / before:.3f})" if before else "(no layer targeted)"))
     for line in _gating_lines(meta["layers"]):
         print(line)
     return 0

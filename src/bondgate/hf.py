@@ -485,13 +485,18 @@ def _prepare(model: nn.Module, qc: Any, checkpoint_files, dtype: torch.dtype | N
                 raise ValueError(f"{where}: {k!r} is {saved} {list(shape)} in the checkpoint, but its bondgate layer "
                                  f"expects {t.dtype} {list(t.shape)}")
         source = {r: next(m for m in members if m in present) for r, members in groups.items()}
+    # transformers' own ties (a tied LM head: lm_head.weight -> the token table's weight) name weights the bondgate
+    # layers do not have; their cores are tied by the groups above instead. Set aside until _finish.
+    tied = getattr(model, "all_tied_weights_keys", None)
+    untied = {t: tied.pop(t) for t, src in list(tied.items()) if _under(t, shells) is not None
+              or _under(src, shells) is not None} if isinstance(tied, dict) else {}
     # the other keys of a group are filled from its source: not "missing" in transformers' load report
     skipped = {k for r, members in groups.items() for k in members if k != source[r]}
     ignore = model.__dict__.get("_keys_to_ignore_on_load_missing")  # restored by _finish
     model._keys_to_ignore_on_load_missing = set(model._keys_to_ignore_on_load_missing or ()) | {
         f"^{re.escape(k)}$" for k in skipped}
     return {"names": names, "layers": specs, "layer_aliases": qc.layer_aliases, "groups": groups,
-            "source": source, "ignore": ignore}
+            "source": source, "ignore": ignore, "untied": untied}
 
 
 def _candidates(model: nn.Module, key: str) -> list[str]:
@@ -514,6 +519,8 @@ def _finish(model: nn.Module, plan: dict[str, Any]) -> None:
         del model._keys_to_ignore_on_load_missing
     else:
         model._keys_to_ignore_on_load_missing = plan["ignore"]
+    if plan["untied"]:  # as a freshly compressed model has them
+        model.all_tied_weights_keys.update(plan["untied"])
     names, groups, source = plan["names"], plan["groups"], plan["source"]
     state = model.state_dict(keep_vars=True)
     value = {}

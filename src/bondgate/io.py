@@ -386,6 +386,9 @@ def save(model: nn.Module, directory: str | os.PathLike, *, report: Any = None, 
     layers, layer_aliases = _collect_layers(model)
     arch = _describe(model, set(layers))
     tensors, tensor_aliases = _dedup_state(model)
+    bad = _nonfinite(model.state_dict(keep_vars=True), tensors)
+    if bad is not None:  # load() refuses such a checkpoint, so it must not be written
+        raise ValueError(f"cannot save: parameter {bad!r} holds NaN or inf values (diverged training?)")
     meta = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -406,8 +409,11 @@ def save(model: nn.Module, directory: str | os.PathLike, *, report: Any = None, 
 
     from safetensors.torch import save_file
 
-    if directory.is_symlink():  # write beside what the link points to, and keep the link
-        directory = directory.resolve()
+    if directory.is_symlink() or directory.name in ("", ".", "..") or ".." in directory.parts:
+        directory = directory.resolve()  # a link: write beside what it points to, and keep the link
+    if directory == Path.cwd().resolve() or directory in Path.cwd().resolve().parents:
+        raise ValueError(f"cannot save into {directory}: it is the working directory or one of its parents (a "
+                         "checkpoint directory is replaced as a whole); give a subdirectory")
     if directory.exists() and not directory.is_dir():
         raise FileExistsError(f"{directory} exists and is not a directory")
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -742,13 +748,21 @@ def _check_replaced(model: nn.Module, shells: dict[str, nn.Module], meta: dict) 
                              + ", ".join(f"{k} {a} in the model, {b} in the checkpoint" for k, (a, b) in wrong.items()))
 
 
-def _check_finite(state: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
-    """Parameters must be finite: a NaN weight would only show up as NaN outputs much later."""
+def _nonfinite(state: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> str | None:
+    """The first parameter of ``state`` whose values in ``tensors`` are not all finite, else None."""
     for key, t in state.items():
         src = tensors.get(key)
         if isinstance(t, nn.Parameter) and src is not None and src.is_floating_point() \
                 and not bool(torch.isfinite(src).all()):
-            raise ValueError(f"corrupt checkpoint: parameter {key!r} holds NaN or inf values")
+            return key
+    return None
+
+
+def _check_finite(state: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
+    """Parameters must be finite: a NaN weight would only show up as NaN outputs much later."""
+    key = _nonfinite(state, tensors)
+    if key is not None:
+        raise ValueError(f"corrupt checkpoint: parameter {key!r} holds NaN or inf values")
 
 
 def _virtual_state(model: nn.Module, new: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
@@ -900,12 +914,26 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *,
             cls.after_load(model)
     if built:
         model.to(map_location)
+    _attach_report(model, meta.get("report"))
     hf = _hf_base()
     if hf is not None and isinstance(model, hf):
         from .hf import attach
 
         attach(model)  # model.save_pretrained (transformers') writes a directory from_pretrained reads back
     return model.eval()
+
+
+def _attach_report(model: nn.Module, report: Any) -> None:
+    """The saved compression report back on ``model.bondgate_report``, so that load -> train -> save keeps it.
+    A report that is not :func:`compress`'s (``save(..., report=any dict)``) is left in the file only."""
+    from .surgery import CompressionReport
+
+    if isinstance(report, dict) and isinstance(report.get("layers"), list) \
+            and all(isinstance(r, dict) for r in report["layers"]):
+        try:
+            model.bondgate_report = CompressionReport.from_dict(report)
+        except (TypeError, ValueError):
+            pass
 
 
 # ---------------------------------------------------------------------------------------- HF aliases

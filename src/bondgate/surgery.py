@@ -23,7 +23,7 @@ import re
 import sys
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import nn
@@ -275,15 +275,26 @@ class CompressionReport:
 
     @property
     def params_before(self) -> int:
-        return sum(r.params_before for r in self.layers if r.status != "skipped")
+        return sum(r.params_before for r in self.layers if not r.status.startswith("skipped"))
 
     @property
     def params_after(self) -> int:
-        return sum(r.params_after for r in self.layers if r.status != "skipped")
+        return sum(r.params_after for r in self.layers if not r.status.startswith("skipped"))
 
     @property
     def ratio(self) -> float:
-        return self.params_after / max(self.params_before, 1)
+        """Targeted weights kept (1.0 when no layer was targeted: nothing changed)."""
+        return self.params_after / self.params_before if self.params_before else 1.0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CompressionReport:
+        """The report :meth:`to_dict` wrote (fields this version does not know are ignored)."""
+        known = {f.name for f in fields(LayerReport)}
+        tuples = ("out_factors", "in_factors", "bond_dims")
+        layers = [LayerReport(**{k: tuple(v) if k in tuples else v for k, v in r.items() if k in known})
+                  for r in d.get("layers", [])]
+        return cls(layers=layers, config=dict(d.get("config", {})), flop_rows=int(d.get("flop_rows", 128)),
+                   history=list(d.get("history", [])))
 
     def to_dict(self) -> dict:
         return {"config": self.config, "history": self.history, "flop_rows": self.flop_rows,
@@ -314,7 +325,8 @@ class CompressionReport:
                 f"{fmt(r.weight_error)} | {fmt(r.output_error)} | {r.flops_mpo / max(r.flops_dense, 1):.2f}x |"
                 + (f" {r.policy or '-'} | {us(r.time_pred_us)} / {us(r.time_us)} / {us(r.time_dense_us)} |"
                    if timed else ""))
-        total = f"| **total** | | | | | {self.params_before:,} -> {self.params_after:,} | {self.ratio:.1%} | | | |"
+        kept = f"{self.ratio:.1%}" if self.params_before else "-"
+        total = f"| **total** | | | | | {self.params_before:,} -> {self.params_after:,} | {kept} | | | |"
         if timed:
             meas = [r for r in self.compressed if r.time_us is not None and r.time_dense_us is not None]
             t, td = sum(r.time_us for r in meas), sum(r.time_dense_us for r in meas)
@@ -360,6 +372,14 @@ def dense_weight(m: nn.Module) -> torch.Tensor:
     if isinstance(m, nn.Embedding):  # the table (num_embeddings, embedding_dim): MPOEmbedding's convention
         return m.weight.detach()
     raise TypeError(f"expected nn.Linear, nn.Embedding or transformers Conv1D, got {type(m).__name__}")
+
+
+def _shape(m: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a (possibly skipped) layer, ``(0, 0)`` when it has none."""
+    try:
+        return tuple(dense_weight(m).shape)
+    except TypeError:
+        return int(getattr(m, "out_features", 0)), int(getattr(m, "in_features", 0))
 
 
 def _matches(name: str, spec: str | Sequence[str] | None) -> bool:
@@ -689,12 +709,20 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable 
         _swap(model, w, names, layer)
         row.aliases = names[id(w.module)][1:]
         report.layers.append(row)
+    grown = [r for r in report.layers if r.params_after > r.params_before]
+    if grown and config.param_ratio is None:  # max_bond / tol set no size budget: say when they buy nothing
+        budget = f"max_bond={config.max_bond}" if config.max_bond is not None else f"tol={config.tol}"
+        warnings.warn(f"compress: at {budget}, {len(grown)} layer(s) hold more weights than dense ("
+                      + ", ".join(f"{r.name}: {r.params_before:,} -> {r.params_after:,}" for r in grown[:3])
+                      + (", ..." if len(grown) > 3 else "") + "); give a smaller budget or param_ratio", stacklevel=3)
     for name, why in skipped.items():
         mod = model.get_submodule(name)
         if isinstance(mod, MPOLinear) and why.startswith("weight is tied"):
             why = "tied to a compressed embedding: its MPO head shares the table's cores"
-        n = mod.weight.numel() if isinstance(getattr(mod, "weight", None), torch.Tensor) else 0
-        report.layers.append(LayerReport(name, type(mod).__name__, 0, 0, status=f"skipped: {why}",
+        w = getattr(mod, "weight", None)
+        n = w.numel() if isinstance(w, torch.Tensor) else 0
+        out_f, in_f = _shape(mod)
+        report.layers.append(LayerReport(name, type(mod).__name__, out_f, in_f, status=f"skipped: {why}",
                                          params_before=n, params_after=n))
     previous = getattr(model, "bondgate_report", None)
     if isinstance(previous, CompressionReport):  # compressing again: the layers compressed before stay reported

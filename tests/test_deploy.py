@@ -91,6 +91,21 @@ def test_tied_layers_and_shared_modules():
     assert isinstance(deployed["a"], DynamicLinear) and deployed["a"] is deployed["b"]
 
 
+def test_a_tied_mpo_head_gets_its_own_int8_weight_and_the_table_keeps_its_cores():
+    torch.manual_seed(0)
+    emb = nn.Embedding(60, 32)
+    model = nn.ModuleDict({"emb": bg.MPOEmbedding.from_embedding(emb, max_bond=8)})
+    model["head"] = model["emb"].as_linear()
+    assert model["head"].cores is model["emb"].cores
+    deployed = bg.deploy_int8(model, rows=None)
+    assert isinstance(deployed["head"], DynamicLinear) and isinstance(deployed["emb"], bg.MPOEmbedding)
+    assert deployed.bondgate_int8["head"].form == "mpo"
+    ids, x = torch.randint(0, 60, (4, 7)), torch.randn(9, 32)
+    with torch.no_grad():
+        assert torch.equal(deployed["emb"](ids), model["emb"](ids))
+        assert _rel(model["head"](x), deployed["head"](x)) < 0.03
+
+
 def test_conv1d_is_converted():
     Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
     torch.manual_seed(0)

@@ -125,9 +125,92 @@ def test_distill_with_empty_or_exhausted_data_returns():
     assert res.steps == len(data) and res.stopped == "data exhausted"
 
 
+def test_a_nan_score_is_never_the_best():
+    # a collapsed zero-shot model can score NaN (Spearman of constant outputs): the training after it must count
+    teacher, student, data = teacher_student()
+    scores = iter([float("nan"), 0.1, 0.2, 0.3])
+    res = distill(student, teacher, data, loss=DistillLoss(hidden=0, output=1.0), steps=15, eval_fn=lambda m: next(scores),
+                  eval_every=5, patience=2, progress=False)
+    assert res.stopped == "steps" and res.best_step == 15 and res.best_metric == 0.3
+
+
+class _Out:
+    def __init__(self, hidden_states):
+        self.hidden_states = hidden_states
+
+
+def test_loss_refuses_outputs_that_do_not_correspond():
+    h = [torch.randn(2, 5, 8) for _ in range(3)]
+    with pytest.raises(ValueError, match="student returns 2 hidden states, the teacher 3"):
+        DistillLoss()(_Out(h[:2]), _Out(h))
+    with pytest.raises(ValueError, match=r"hidden state 1 has shape \(2, 5, 4\)"):
+        DistillLoss(pooled=1.0)(_Out([h[0], h[1][..., :4], h[2]]), _Out(h))
+    with pytest.raises(ValueError, match=r"output has shape \(8, 1\), the teacher's \(8, 4\)"):
+        DistillLoss(hidden=0, output=1.0)(torch.randn(8, 1), torch.randn(8, 4))
+    with pytest.raises(ValueError, match="distill asks transformers models for them when the batches are dicts"):
+        DistillLoss()(torch.randn(8, 4), torch.randn(8, 4))
+    # a row without a real token has no embedding to match: the pooled term skips it instead of going NaN
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]])
+    ht = [torch.randn(2, 5, 8) for _ in range(3)]
+    total, parts = DistillLoss(hidden=1.0, pooled=1.0)(_Out([x + 0.1 for x in ht]), _Out(ht), {"attention_mask": mask})
+    assert torch.isfinite(total) and parts["pooled"] > 0
+    one, _ = DistillLoss(hidden=0, pooled=1.0)(_Out([x[:1] + 0.1 for x in ht]), _Out([x[:1] for x in ht]),
+                                               {"attention_mask": mask[:1]})
+    assert parts["pooled"] == pytest.approx(float(one))
+
+
+@pytest.mark.parametrize("kw, match", [({"hidden": -1.0}, "hidden must be a finite number >= 0"),
+                                       ({"logits": float("nan")}, "logits"), ({"temperature": 0.0}, "temperature"),
+                                       ({"temperature": -2.0}, "temperature")])
+def test_loss_rejects_nonsense_weights(kw, match):
+    with pytest.raises(ValueError, match=match):
+        DistillLoss(**kw)
+
+
+def test_time_budget_schedule_warms_up_on_the_budget_clock(monkeypatch):
+    # the first steps ran at the full rate when only a time budget was given (no step plan before step 20)
+    teacher, student, data = teacher_student()
+    lrs = []
+    step = torch.optim.AdamW.step
+
+    def record(self, *a, **k):
+        lrs.append(self.param_groups[0]["lr"])
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    res = distill(student, teacher, data * 1000, loss=DistillLoss(hidden=0, output=1.0), max_minutes=0.01, lr=1e-3,
+                  warmup=0.2, budget_clock="wall", progress=False)
+    assert res.stopped == "time budget" and len(lrs) == res.steps > 10
+    assert lrs[0] <= 1e-4 and max(lrs) > 0.9e-3 and lrs[-1] < 0.1e-3  # warmed up, reached lr, decayed
+    peak = lrs.index(max(lrs))
+    assert all(a <= b for a, b in zip(lrs[:peak], lrs[1:peak + 1]))  # rises without a drop
+
+
+def test_a_nan_gradient_stops_before_the_weights_are_touched():
+    teacher, student, data = teacher_student()
+
+    class Sqrt(nn.Module):  # d sqrt(x)/dx is infinite at 0: a finite loss, a NaN gradient
+        def __init__(self):
+            super().__init__()
+            self.g = nn.Parameter(torch.zeros(()))
+
+        def forward(self, y):
+            return y + 0 * self.g.sqrt()
+
+    model = nn.Sequential(student, Sqrt())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(FloatingPointError, match="gradient norm is nan at step 1"):
+        distill(model, teacher, data, loss=DistillLoss(hidden=0, output=1.0), steps=5, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("kw, match", [({"steps": 0}, "steps"), ({"steps": -3}, "steps"), ({"epochs": 0}, "epochs"),
                                        ({"steps": 2.5}, "steps"), ({"max_minutes": 0}, "max_minutes"),
-                                       ({"max_minutes": float("nan")}, "max_minutes"), ({}, "at least one")])
+                                       ({"max_minutes": float("nan")}, "max_minutes"), ({}, "at least one"),
+                                       ({"steps": 5, "eval_every": 0}, "eval_every"),
+                                       ({"steps": 5, "log_every": 0}, "log_every"),
+                                       ({"steps": 5, "patience": 0}, "patience"),
+                                       ({"steps": 5, "warmup": 1.0}, "warmup"), ({"steps": 5, "lr": 0.0}, "lr")])
 def test_distill_rejects_nonsense_lengths(kw, match):
     teacher, student, data = teacher_student()
     with pytest.raises(ValueError, match=match):

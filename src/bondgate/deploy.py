@@ -17,7 +17,9 @@ weights per output channel:
 
 With ``rows`` every candidate is timed on ``rows`` random rows against the layer as it is, and a layer whose
 int8 form is not faster stays as it is (at widths of 64 the per-call activation quantization costs more than it
-saves). Gated layers (their bond widths change per input), embeddings and tied layers are left alone. The
+saves). Gated layers (their bond widths change per input), embeddings and tied dense layers are left alone; a
+tied MPO head (``compress(embeddings=True)``) is converted like any MPO layer: the table keeps its cores for the
+lookup, the head gets its own int8 weight (``vocab x dim`` bytes), since the copy is for inference only. The
 result is for inference: eval mode, the int8 layers without gradients, not savable with :func:`bondgate.save` (keep the bondgate
 checkpoint and convert again after loading). Numerics: the activations' per-call quantization and the second
 rounding of an int8 MPO's weight change the outputs slightly; measure the quality after converting

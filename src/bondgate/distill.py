@@ -38,8 +38,9 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 class DistillLoss:
     """Weights of the loss terms (0 disables a term).
 
-    hidden: relative MSE ``||h_s - h_t||^2 / mean(h_t^2)`` averaged over all hidden states (needs a
-        model that returns ``hidden_states``; transformers models are asked for them automatically).
+    hidden: relative MSE ``||h_s - h_t||^2 / mean(h_t^2)`` averaged over all hidden states, paired layer by
+        layer (needs a model that returns ``hidden_states``; :func:`distill` asks transformers models for them
+        when the batches are dicts of model inputs).
     logits: ``T^2 * KL(softmax(z_t/T) || softmax(z_s/T))`` per token.
     pooled: ``1 - cos`` between mask-mean-pooled last hidden states (sentence embeddings).
     output: relative MSE between the model outputs when they are plain tensors (e.g. an MLP).
@@ -53,6 +54,14 @@ class DistillLoss:
     task: float = 0.0
     temperature: float = 2.0
 
+    def __post_init__(self) -> None:
+        for name in ("hidden", "logits", "pooled", "output", "task", "temperature"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"DistillLoss.{name} must be a finite number >= 0, got {v!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"DistillLoss.temperature must be > 0, got {self.temperature!r}")
+
     def wants_hidden(self) -> bool:
         return self.hidden > 0 or self.pooled > 0
 
@@ -60,25 +69,26 @@ class DistillLoss:
         mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
         terms: dict[str, torch.Tensor] = {}
         if self.hidden > 0:
-            hs, ht = getattr(student_out, "hidden_states", None), getattr(teacher_out, "hidden_states", None)
-            if hs is None or ht is None:
-                raise ValueError("DistillLoss(hidden>0) needs outputs with hidden_states")
+            hs, ht = _hidden_states(student_out, teacher_out, "hidden")
             per = [_masked_mean((a - b) ** 2, mask) / _masked_mean(b**2, mask).clamp_min(1e-12)
                    for a, b in zip(hs[1:], ht[1:])]  # hs[0] is the embedding output: not compressed
             terms["hidden"] = torch.stack(per).mean()
         if self.logits > 0:
-            zs, zt = model_output(student_out), model_output(teacher_out)
+            zs, zt = _same_shape(model_output(student_out), model_output(teacher_out), "logits")
             T = self.temperature
             kl = torch.nn.functional.kl_div(torch.log_softmax(zs / T, -1), torch.log_softmax(zt / T, -1),
                                             log_target=True, reduction="none").sum(-1)
             terms["logits"] = _masked_mean(kl, mask) * T * T
         if self.pooled > 0:
-            hs, ht = student_out.hidden_states[-1], teacher_out.hidden_states[-1]
+            hs, ht = (h[-1] for h in _hidden_states(student_out, teacher_out, "pooled"))
             m = (mask if mask is not None else torch.ones(hs.shape[:2], device=hs.device)).unsqueeze(-1).to(hs.dtype)
-            ps, pt = (hs * m).sum(1) / m.sum(1), (ht * m).sum(1) / m.sum(1)
-            terms["pooled"] = (1 - torch.nn.functional.cosine_similarity(ps, pt, dim=-1)).mean()
+            n = m.sum(1).clamp_min(1.0)
+            ps, pt = (hs * m).sum(1) / n, (ht * m).sum(1) / n
+            rows = m.sum((1, 2)) > 0  # a row with no real token has no embedding to match
+            terms["pooled"] = (1 - torch.nn.functional.cosine_similarity(ps[rows], pt[rows], dim=-1)).sum() \
+                / rows.sum().clamp_min(1)
         if self.output > 0:
-            ys, yt = model_output(student_out), model_output(teacher_out)
+            ys, yt = _same_shape(model_output(student_out), model_output(teacher_out), "output")
             terms["output"] = ((ys - yt) ** 2).mean() / (yt**2).mean().clamp_min(1e-12)
         if self.task > 0:
             loss = getattr(student_out, "loss", None)
@@ -91,6 +101,27 @@ class DistillLoss:
                    "task": self.task}
         total = sum(weights[k] * v for k, v in terms.items())
         return total, {k: float(v.detach()) for k, v in terms.items()}
+
+
+def _hidden_states(student_out, teacher_out, term: str) -> tuple:
+    hs, ht = getattr(student_out, "hidden_states", None), getattr(teacher_out, "hidden_states", None)
+    if hs is None or ht is None:
+        raise ValueError(f"DistillLoss({term}>0) needs outputs with hidden_states: distill asks transformers models "
+                         f"for them when the batches are dicts of model inputs (a plain tensor batch is passed "
+                         f"positionally); pass dicts, or use DistillLoss(hidden=0, logits=1) / output=1")
+    if len(hs) != len(ht):
+        raise ValueError(f"DistillLoss({term}>0): the student returns {len(hs)} hidden states, the teacher "
+                         f"{len(ht)}; they are matched layer by layer, so the models must have the same depth")
+    for i, (a, b) in enumerate(zip(hs, ht)):
+        _same_shape(a, b, f"hidden state {i}")
+    return hs, ht
+
+
+def _same_shape(a: torch.Tensor, b: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if a.shape != b.shape:  # broadcasting would compare unrelated entries without a word
+        raise ValueError(f"DistillLoss: the student's {what} has shape {tuple(a.shape)}, the teacher's "
+                         f"{tuple(b.shape)}")
+    return a, b
 
 
 def aux_losses(model: nn.Module) -> torch.Tensor | None:
@@ -183,10 +214,12 @@ def distill(
     is False) has not improved for ``patience`` evaluations. ``budget_clock="cpu"`` measures the time
     budget as process CPU time divided by torch's thread count, i.e. the wall time the same work takes
     on an otherwise idle machine — a fair budget when other jobs share the CPU. With ``eval_fn`` the best weights are
-    restored at the end. The learning-rate schedule (linear warmup, cosine decay) is planned against
-    ``steps``, or ``epochs * len(data)``, or — with only a time budget — the steps the remaining time allows at
-    the step rate measured since the last re-plan (first at step 20, then every 50 steps: the first steps are
-    slower, and a plan from them alone ended the schedule, at learning rate 0, halfway through the budget).
+    restored at the end. The learning-rate schedule (linear warmup over the first ``warmup`` fraction, cosine
+    decay) runs over ``steps``, or ``epochs * len(data)``, or — with only a time budget — over the budget clock
+    itself (a step count planned from the first steps would be wrong: they are slower). The progress bar's
+    total, and ``DistillResult.planned_steps``, estimate the steps the remaining time allows at the step rate
+    measured since the last estimate (first at step 20, then every 50 steps). A NaN ``eval_fn`` score never counts as the best; a non-finite loss or gradient norm stops
+    with a ``FloatingPointError`` before the weights are touched.
 
     ``sandwich=True`` (for gated layers in ``"nested"`` mode, :func:`bondgate.set_mode`): every step
     also runs the student with all gated layers at full width and adds that loss — the sandwich rule of
@@ -211,6 +244,14 @@ def distill(
     if isinstance(data, Iterator) and (epochs or 0) != 1:
         warnings.warn("distill: data is a one-shot iterator, so it can be read for one epoch only; pass a list or "
                       "a DataLoader to train for more", stacklevel=2)
+    for name, value in (("eval_every", eval_every), ("log_every", log_every), ("patience", patience)):
+        if (value is not None or name != "patience") and (isinstance(value, bool) or not isinstance(value, int)
+                                                           or value < 1):
+            raise ValueError(f"{name} must be a positive int{' or None' if name == 'patience' else ''}, got {value!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not 0 <= warmup < 1:
+        raise ValueError(f"warmup must be a fraction in [0, 1), got {warmup!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
     if budget_clock not in ("wall", "cpu"):
         raise ValueError(f"budget_clock must be 'wall' or 'cpu', got {budget_clock!r}")
     threads = max(torch.get_num_threads(), 1)
@@ -235,6 +276,11 @@ def distill(
         planned = epochs * len(data)
 
     def lr_at(step: int, total: int | None) -> float:
+        if timed:  # only a time budget: the schedule runs on the budget clock (a step count is only estimated)
+            f = min(1.0, spent() / (60 * max_minutes))
+            if f < warmup:
+                return lr * max(f / warmup, 0.01)
+            return lr * 0.5 * (1 + math.cos(math.pi * (f - warmup) / max(1e-12, 1 - warmup)))
         if total is None:
             return lr
         w = max(1, int(warmup * total))
@@ -258,7 +304,8 @@ def distill(
         res.eval_seconds += time.perf_counter() - te
         eval_budget[0] += clock() - ce
         res.history.append({"step": step, "metric": metric, "seconds": time.perf_counter() - t0})
-        better = res.best_metric is None or (metric > res.best_metric if higher_is_better else metric < res.best_metric)
+        better = math.isfinite(metric) and (res.best_metric is None or (
+            metric > res.best_metric if higher_is_better else metric < res.best_metric))  # NaN is never the best
         if better:
             res.best_metric, res.best_step = metric, step
             best_state = copy.deepcopy(student.state_dict())
@@ -302,8 +349,13 @@ def distill(
                                          f"or train in a wider dtype")
             opt.zero_grad(set_to_none=True)
             total.backward()
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf)
+            if not bool(torch.isfinite(norm)):  # a finite loss can still have NaN gradients (sqrt at 0, ...)
+                bar.close()
+                raise FloatingPointError(f"distill: the gradient norm is {float(norm)} at step {step + 1} (loss "
+                                         f"{float(total.detach()):.4g}); the student keeps the weights of step "
+                                         f"{step}. Look for an operation with an infinite derivative in the model, "
+                                         f"or train in a wider dtype")
             opt.step()
             step += 1
             for k, v in parts.items():

@@ -186,6 +186,27 @@ def test_inspect_prints_the_layer_table_from_metadata(compressed, capsys):
     assert "| **total** |" in stdout and "weight err" in stdout and "source model:" in stdout
 
 
+def test_inspect_shows_a_compressed_table_and_matches_the_report_totals(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(405, 32), nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
+    cfg = bondgate.CompressionConfig(param_ratio=0.5, target_modules="0|1|3", embeddings=True,
+                                     embedding_form="lowrank", embedding_rows=10,
+                                     policy="memory")  # no autotuning: keeps it fast
+    bondgate.compress(model, cfg, calibration=[torch.randint(0, 405, (8, 16))], progress=False)
+    report, table = model.bondgate_report, model[0]
+    assert isinstance(table, bondgate.MPOEmbedding)
+    bondgate.save(model, tmp_path / "emb")
+    assert main(["inspect", str(tmp_path / "emb")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    row = next(ln for ln in lines if ln.startswith("| 0 |")).split(" | ")
+    # the table's rank-r factors plus its 10 exact rows, as in the report
+    assert row[1:5] == ["405x32", "405x1 / 1x32 + 10 kept rows", str(table.bond_dims[0]),
+                        f"{405 * 32:,} -> {table.num_params:,}"]
+    total = next(ln for ln in lines if ln.startswith("| **total** |"))
+    assert f"| {report.params_before:,} -> {report.params_after:,} |" in total
+    assert report.params_before == 405 * 32 + 2 * 2048
+
+
 def test_inspect_summarizes_the_gating_setup(compressed, tmp_path, capsys):
     model = bondgate.load(compressed[3])
     bondgate.gate(model, bondgate.GatingConfig(budget=0.6, levels=(0.5, 1.0), controller="error"))

@@ -5,6 +5,7 @@ import functools
 import hashlib
 import io
 import json
+import re
 import sys
 import urllib.request
 import zipfile
@@ -109,6 +110,34 @@ def test_text_corpora(data_dir):
         bd.load_text("wikitext-103", "valid", data_dir)
 
 
+def test_stsb_reads_crlf_and_names_the_file_and_line_of_bad_input(tmp_path):
+    p = tmp_path / REL
+    p.parent.mkdir(parents=True)
+    p.write_bytes(b"score\tsentence1\tsentence2\r\n4.0\tA cat. \tA dog.\r\n1.5\tB.\tC.\r\n")
+    assert bd.load_stsb(tmp_path) == [("A cat. ", "A dog.", 4.0), ("B.", "C.", 1.5)]  # trailing space kept
+    p.write_text("score\tsentence1\tsentence2\n4.0\tA cat.\tA dog.\nx\tA b.\tC d.\n")
+    with pytest.raises(ValueError, match=re.escape(f"{p}:3: score 'x' is not a number")):
+        bd.load_stsb(tmp_path)
+    p.write_bytes(b"score\tsentence1\tsentence2\n4.0\tA \xe9 cat.\tA dog.\n")  # latin-1
+    with pytest.raises(ValueError, match=re.escape(f"{p}:2: not UTF-8 text (byte 0xe9 at offset 32)")):
+        bd.load_stsb(tmp_path)
+
+
+def test_bank_csv_errors_name_the_file_and_the_expected_format(tmp_path):
+    csv = tmp_path / bd.BANK_FILE
+    csv.parent.mkdir(parents=True)
+    csv.write_text("")
+    with pytest.raises(ValueError, match=re.escape(f"{csv}: cannot read it as a table")) as err:
+        bd.load_bank_marketing(tmp_path, download=False)
+    assert "';'-separated" in str(err.value)
+    csv.write_text("age,job,y\n30,admin,no\n")
+    with pytest.raises(ValueError, match=re.escape(f"{csv}: one column 'age,job,y', so it looks ','-separated")):
+        bd.load_bank_marketing(tmp_path, download=False)
+    csv.write_text("age;job;y\n30;admin;no\n")
+    with pytest.raises(ValueError, match=re.escape(f"{csv}: no column(s) 'duration', 'campaign'")):
+        bd.load_bank_marketing(tmp_path, download=False)
+
+
 # ------------------------------------------------------------------------------------ resolver
 REL = "stsb/sts-dev.tsv"
 
@@ -169,6 +198,25 @@ def test_not_found_without_known_url(tmp_path, monkeypatch):
         bd.load_text("ptb", "train")
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "empty")):
         bd.load_stsb()
+
+
+def test_failed_download_lists_the_places_searched(tmp_path, monkeypatch):
+    monkeypatch.setenv("BONDGATE_DATA", str(tmp_path / "typo"))
+    monkeypatch.setenv("BONDGATE_CACHE", str(tmp_path / "cache"))
+    tried = []
+
+    def refused(remote: bd._Remote, dest: Path) -> None:
+        tried.append(dest)
+        raise OSError(f"could not download {remote.url}: connection refused")
+
+    monkeypatch.setattr(bd, "_download", refused)
+    with pytest.raises(FileNotFoundError) as err:
+        bd.load_bank_marketing()
+    msg, cached = str(err.value), tmp_path / "cache" / bd.BANK_FILE
+    assert tried == [cached]  # the search order is kept: the download comes last
+    assert f"$BONDGATE_DATA: {tmp_path / 'typo' / bd.BANK_FILE}; cache: {cached}" in msg
+    assert f"could not download {bd.BANK_URL}: connection refused" in msg
+    assert isinstance(err.value.__cause__, OSError)
 
 
 def _nested_zip(path: Path, csv: bytes) -> None:

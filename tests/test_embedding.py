@@ -207,6 +207,19 @@ def test_counts_weighting_favours_frequent_rows():
         MPOEmbedding.from_embedding(emb, counts=-torch.ones(4096))
 
 
+@pytest.mark.parametrize("n, keep_rows", [(58, 0), (5, 0), (58, 1), (70, 0), (52, 2)])
+def test_counts_must_have_one_entry_per_row(n, keep_rows):
+    # 53 rows pad to a 60-row MPO: a length check against the padded size let 58 (or 5) counts through
+    emb = nn.Embedding(53, 12)
+    with pytest.raises(ValueError, match=rf"num_embeddings=53 .*got shape \({n},\)") as info:
+        MPOEmbedding.from_embedding(emb, counts=torch.ones(n), keep_rows=keep_rows)
+    assert "60" not in str(info.value)
+    with pytest.raises(ValueError, match="num_embeddings=53"):
+        MPOEmbedding.from_embedding(emb, counts=torch.full((53,), float("nan")))
+    m = MPOEmbedding.from_embedding(emb, counts=torch.arange(53.0), keep_rows=1)
+    assert m.kept_ids.tolist() == [52]
+
+
 def _zipf_counts(n: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     counts = 1e5 / torch.arange(1.0, n + 1) ** 1.2

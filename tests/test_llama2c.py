@@ -243,6 +243,17 @@ def test_perplexity_errors(model, tok):
         tinystories_perplexity(model, tok, "Once upon a time.", block=1)
 
 
+def test_a_mistyped_path_is_not_scored_as_text(model, tok, files, tmp_path):
+    typo = str(files[2]).replace("sample", "sampel")
+    for missing in (typo, "tinystories_sampel.txt", tmp_path / "missing.txt"):
+        with pytest.raises(FileNotFoundError, match=r"no such file: .*(sampel|missing)\.txt"):
+            tinystories_perplexity(model, tok, missing)
+    # text stays text: spaces and no separator, or no file suffix at the end
+    for text in ("Lily wrote her name on a note called note.txt", "Tom and/or Lily went home.", "Hi"):
+        ppl, n = tinystories_perplexity(model, tok, text)
+        assert n == len(tok.encode(text)) - 1 and math.isfinite(ppl)
+
+
 # ---------------------------------------------------------------------------------------- bad files
 def _header(data, **changes):
     names = ["dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len"]

@@ -446,14 +446,20 @@ def _layer_rows(meta: dict) -> tuple[list[list[str]], int, int]:
         try:
             out_f, in_f = [int(v) for v in spec["out_factors"]], [int(v) for v in spec["in_factors"]]
             bonds = [int(v) for v in spec["bond_dims"]]
-            n_before = int(spec["out_features"]) * int(spec["in_features"])
             n_after = mpo_params([o * i for o, i in zip(out_f, in_f)], bonds)
+            extra = ""
+            if "num_embeddings" in spec:  # an MPOEmbedding: a table of num_embeddings rows, plus its exact kept rows
+                n_out, n_in, k = int(spec["num_embeddings"]), int(spec["embedding_dim"]), int(spec.get("kept_rows", 0))
+                n_after, extra = n_after + k * n_in, f" + {k:,} kept rows" if k else ""
+            else:
+                n_out, n_in = int(spec["out_features"]), int(spec["in_features"])
+            n_before = n_out * n_in
         except (KeyError, TypeError, ValueError):  # a custom registered layer type: show what is known
             rows.append([name, "?", str(spec.get("type")), "?", "?", "?", "-", "-"])
             continue
         before, after = before + n_before, after + n_after
-        rows.append([name, f"{spec['out_features']}x{spec['in_features']}",
-                     f"{'x'.join(map(str, out_f))} / {'x'.join(map(str, in_f))}", ",".join(map(str, bonds)),
+        rows.append([name, f"{n_out}x{n_in}",
+                     f"{'x'.join(map(str, out_f))} / {'x'.join(map(str, in_f))}{extra}", ",".join(map(str, bonds)),
                      f"{n_before:,} -> {n_after:,}", f"{n_after / max(n_before, 1):.1%}",
                      _fmt_err(rep.get("weight_error", spec.get("error"))), _fmt_err(rep.get("output_error"))])
     return rows, before, after

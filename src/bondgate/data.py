@@ -81,8 +81,8 @@ def resolve(relpath: str, path: str | os.PathLike | None = None, *, download: bo
     """Find the data file ``relpath`` (e.g. ``"stsb/sts-dev.tsv"``); see the module docstring for the order.
 
     Raises:
-        FileNotFoundError: the file is in none of the places, and could not or may not be downloaded.
-            The message lists every place that was looked at.
+        FileNotFoundError: the file is in none of the places, and could not or may not be downloaded (a
+            failed download or checksum is the cause). The message lists every place that was looked at.
     """
     name = Path(relpath).name
     if path is not None:
@@ -108,19 +108,22 @@ def resolve(relpath: str, path: str | os.PathLike | None = None, *, download: bo
         return cached
     looked.append(f"cache: {cached}")
 
-    remote = REMOTES.get(relpath)
+    remote, cause = REMOTES.get(relpath), None
     if remote is None:
         reason = "no public download is known for this file (see its SOURCE.md)"
     elif not download:
         reason = f"download=False, so it was not fetched from {remote.url}"
     else:
-        _download(remote, cached)
-        return cached
+        try:
+            _download(remote, cached)
+            return cached
+        except OSError as exc:  # say where we looked too: a mistyped BONDGATE_DATA shows up here
+            reason, cause = f"Downloading it into the cache failed: {exc}", exc
     raise FileNotFoundError(
         f"{relpath} not found. Looked in: " + "; ".join(looked) + f". {reason}. Pass the file's path, "
         "or set BONDGATE_DATA to a folder laid out like the shared data root "
         f"(<root>/{relpath})."
-    )
+    ) from cause
 
 
 def _download(remote: _Remote, dest: Path) -> None:
@@ -198,7 +201,19 @@ def load_bank_marketing(path: str | os.PathLike | None = None, *, download: bool
                           "pip install 'bondgate[data]'") from exc
 
     csv = resolve(BANK_FILE, path, download=download)
-    df = pd.read_csv(csv, sep=";")
+    expected = "the unmodified UCI bank-additional-full.csv: ';'-separated, a header row, then one row per call"
+    try:
+        df = pd.read_csv(csv, sep=";")
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{csv}: cannot read it as a table ({exc}); expected {expected}") from exc
+    missing = [c for c in ("y", "duration", *BANK_NUMERIC, *BANK_CATEGORICAL) if c not in df.columns]
+    if len(df.columns) == 1 and "," in str(df.columns[0]):
+        raise ValueError(f"{csv}: one column {str(df.columns[0])[:60]!r}, so it looks ','-separated; "
+                         f"expected {expected}")
+    if missing:
+        raise ValueError(f"{csv}: no column(s) {', '.join(map(repr, missing))}; expected {expected}")
+    if df.empty:
+        raise ValueError(f"{csv}: a header but no rows; expected {expected}")
     df = df.drop(columns="duration")
     y = (df.pop("y") == "yes").to_numpy()
     df = pd.get_dummies(df, columns=list(BANK_CATEGORICAL))
@@ -222,7 +237,13 @@ def load_bank_marketing(path: str | os.PathLike | None = None, *, download: bool
 # ---------------------------------------------------------------------------------------- text
 def _read_text(p: Path) -> str:
     # Decode bytes ourselves: no newline translation, so the text is byte-faithful to the file.
-    return p.read_bytes().decode("utf-8")
+    blob = p.read_bytes()
+    try:
+        return blob.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = blob.count(b"\n", 0, exc.start) + 1
+        raise ValueError(f"{p}:{line}: not UTF-8 text (byte 0x{blob[exc.start]:02x} at offset {exc.start}); "
+                         "save the file as UTF-8") from exc
 
 
 def load_stsb(path: str | os.PathLike | None = None, split: str = "dev") -> list[tuple[str, str, float]]:
@@ -235,7 +256,7 @@ def load_stsb(path: str | os.PathLike | None = None, split: str = "dev") -> list
     if split not in STSB_SPLITS:
         raise ValueError(f"STS-B split must be one of {STSB_SPLITS}, got {split!r}")
     p = resolve(f"stsb/sts-{split}.tsv", path, download=False)
-    lines = _read_text(p).split("\n")
+    lines = [line.removesuffix("\r") for line in _read_text(p).split("\n")]  # "\r": Windows line ends
     if lines and lines[-1] == "":
         lines.pop()
     if not lines or lines[0].split("\t") != ["score", "sentence1", "sentence2"]:
@@ -245,7 +266,10 @@ def load_stsb(path: str | os.PathLike | None = None, split: str = "dev") -> list
         fields = line.split("\t")
         if len(fields) != 3:
             raise ValueError(f"{p}:{lineno}: expected 3 tab-separated fields, got {len(fields)}")
-        score = float(fields[0])
+        try:
+            score = float(fields[0])
+        except ValueError:
+            raise ValueError(f"{p}:{lineno}: score {fields[0]!r} is not a number") from None
         if not 0.0 <= score <= 5.0:
             raise ValueError(f"{p}:{lineno}: score {score} outside [0, 5]")
         pairs.append((fields[1], fields[2], score))

@@ -187,6 +187,11 @@ class MPOEmbedding(nn.Module):
             raise ValueError(f"keep_rows must be an int in [0, {E.shape[0]}], got {keep_rows!r}")
         if keep_rows and counts is None:
             raise ValueError("keep_rows needs counts (it keeps the most frequent ids' rows)")
+        if counts is not None:
+            counts = torch.as_tensor(counts, dtype=torch.float64).cpu()
+            if counts.shape != (E.shape[0],) or not torch.isfinite(counts).all() or (counts < 0).any():
+                raise ValueError(f"counts must be num_embeddings={E.shape[0]} finite non-negative frequencies "
+                                 f"(one per row), got shape {tuple(counts.shape)}")
         kept = most_frequent(counts, keep_rows) if keep_rows else None
         legs = None if counts is None else row_weight_legs(counts, out_f)
         mpo = MPO.from_matrix(table_target(E.double(), out_f, in_f, legs, kept), out_factors=out_f, in_factors=in_f,

@@ -38,6 +38,7 @@ from __future__ import annotations
 import heapq
 import math
 import os
+import re
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -456,13 +457,28 @@ def split_stories(text: str, separator: str = STORY_SEPARATOR) -> list[str]:
     return [s.strip() for s in text.split(separator) if s.strip()]
 
 
+# A file suffix: a dot, a letter, then up to 7 letters/digits (".txt", ".json"; not "3.14" or "end.").
+_FILE_SUFFIX = re.compile(r"\.[A-Za-z][A-Za-z0-9]{0,7}$")
+
+
+def _looks_like_path(text: str) -> bool:
+    """One line ending in a file suffix, with a path separator or no spaces (``data/sampel.txt``, ``a.txt``)."""
+    return ("\n" not in text and _FILE_SUFFIX.search(text) is not None
+            and ("/" in text or os.sep in text or " " not in text))
+
+
 def _read_source(text_or_path: str | os.PathLike) -> str:
     if isinstance(text_or_path, os.PathLike):
+        if not Path(text_or_path).is_file():
+            raise FileNotFoundError(f"no such file: {os.fspath(text_or_path)}")
         return Path(text_or_path).read_text(encoding="utf-8")
     if not isinstance(text_or_path, str):
         raise TypeError(f"expected text or a path, got {type(text_or_path).__name__}")
     if "\n" not in text_or_path and len(text_or_path) < 4096 and Path(text_or_path).is_file():
         return Path(text_or_path).read_text(encoding="utf-8")
+    if _looks_like_path(text_or_path):  # most likely a mistyped path: scoring it as a story would mislead
+        raise FileNotFoundError(f"no such file: {text_or_path} (it looks like a path, so it is not scored as "
+                                "text; pass an existing file, or the text itself)")
     return text_or_path
 
 
@@ -483,6 +499,8 @@ def tinystories_perplexity(model: torch.nn.Module, tokenizer: Llama2cTokenizer, 
     loader returns it in eval mode).
 
     Raises:
+        FileNotFoundError: a ``Path`` that does not exist, or a ``str`` that looks like a file path (one line
+            ending in a suffix such as ``.txt``, with a path separator or no spaces) but names no file.
         ValueError: no story in the text, or ``block < 2``.
     """
     stories = split_stories(_read_source(text_or_path), separator)

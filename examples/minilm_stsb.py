@@ -146,10 +146,16 @@ def latency_ms(model, tok, sentences, threads: int) -> float:
 
 
 def cmd_eval(args) -> None:
+    torch.set_num_threads(args.threads)
     model, tok = load_minilm()
     if args.checkpoint:
         model = bg.load(args.checkpoint)
-    print(f"STS-B dev Spearman x100: {stsb_score(model, tok, load_stsb(split='dev')):.2f}")
+    dev = load_stsb(split="dev")
+    print(f"STS-B dev Spearman x100: {stsb_score(model, tok, dev):.2f}")
+    if args.int8_kernels:  # as benchmarks/frontier.py deploys it: each layer timed at one 32-sentence batch's rows
+        enc = tok([p[0] for p in dev[:32]], padding=True, truncation=True, max_length=128, return_tensors="pt")
+        deployed = bg.deploy_int8(model, rows=enc["input_ids"].numel())
+        print(f"with int8 kernels (deploy_int8): STS-B dev Spearman x100: {stsb_score(deployed, tok, dev):.2f}")
 
 
 def cmd_compare(args) -> None:
@@ -239,6 +245,7 @@ def main(argv=None) -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("eval", help="STS-B dev score of the dense model or a bondgate checkpoint")
     e.add_argument("--checkpoint", default=None)
+    e.add_argument("--int8-kernels", action="store_true", help="also score it converted by bondgate.deploy_int8")
     c = sub.add_parser("compare", help="ours vs baselines at equal encoder weights, before healing")
     c.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25])
     c.add_argument("--methods", nargs="+", default=["bondgate", "tt-svd uniform", "svd", "magnitude prune",

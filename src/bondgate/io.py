@@ -410,7 +410,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, report: Any = None, 
     from safetensors.torch import save_file
 
     if directory.is_symlink() or directory.name in ("", ".", "..") or ".." in directory.parts:
-        directory = directory.resolve()  # a link: write beside what it points to, and keep the link
+        directory = directory.resolve()  # a link: write beside what it points to (the link stays); "..": its parent
     if directory == Path.cwd().resolve() or directory in Path.cwd().resolve().parents:
         raise ValueError(f"cannot save into {directory}: it is the working directory or one of its parents (a "
                          "checkpoint directory is replaced as a whole); give a subdirectory")

@@ -235,6 +235,19 @@ def test_bench_defaults_to_the_recorded_source_model(compressed, tiny_dir, capsy
     assert f"dense: {tiny_dir.resolve()}" in stdout and "source recorded at compress time" in stdout
 
 
+def test_bench_against_another_model_shows_no_ratio(compressed, tmp_path, capsys):
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                     vocab_size=30522)
+    other = save_with_minilm_tokenizer(BertModel(cfg).eval(), tmp_path / "other")
+    assert main(["bench", str(compressed[3]), "--dense", str(other), "--batch", "1", "--seq", "8", "--reps", "1",
+                 "--threads", "1"]) == 0
+    stdout = capsys.readouterr().out
+    assert "differs from the compressed one's config (hidden_size, num_hidden_layers)" in stdout
+    assert "| dense |" in stdout and "size, speed: not compared" in stdout and "speed: dense / compressed" not in stdout
+
+
 # ---------------------------------------------------------------------------------------- errors and help
 @pytest.mark.parametrize("argv, code", [
     ([], 2),

@@ -581,9 +581,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"dense: {dense_dir} ({type(dense).__name__}; {why})")
         shape_keys = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "n_embd", "n_layer")
         diff = [k for k in shape_keys if getattr(dense.config, k, None) != getattr(comp.config, k, None)]
-        if diff or type(dense) is not type(comp):
+        other = bool(diff) or type(dense) is not type(comp)
+        if other:
             print(f"note: the dense model differs from the compressed one's config ({', '.join(diff) or 'class'}); "
-                  f"the comparison may be meaningless")
+                  f"its times are shown, but no ratio: pass the compressed model's source with --dense DIR")
         inputs = _bench_inputs([dense.config, comp.config], args.batch, args.seq)
         print(f"inputs: {args.batch} x {args.seq} random token ids (seed 0) with an attention mask of ones; "
               f"{_n(args.threads, 'thread')}, {_n(args.reps, 'rep')} after 5 warm-up calls, torch.inference_mode()")
@@ -599,6 +600,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         t = lat[key]
         print(f"| {key} | {_mb(sizes[key])} | {_ms(t['median'])} | {_ms(t['p10'])} | {_ms(t['p90'])} |")
     print()
+    if other:  # a ratio against another model would headline a speed-up that compression did not make
+        print("size, speed: not compared (the dense model is not the compressed one's source)")
+        return 0
     print(f"size: compressed / dense = {sizes['compressed'] / sizes['dense']:.3f}")
     print(f"speed: dense / compressed median = {lat['dense']['median'] / lat['compressed']['median']:.2f} "
           f"(compressed is {_speed(lat['dense']['median'], lat['compressed']['median'])})")

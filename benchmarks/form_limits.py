@@ -58,8 +58,7 @@ def mpo2_error(W: torch.Tensor, share: float, perms: int = 0, seed: int = 0) -> 
     r = int(share * W.numel() // (o1 * i1 + o2 * i2))
 
     def err(M: torch.Tensor) -> float:
-        P = torch.zeros(o1 * o2, i1 * i2, dtype=torch.float64)
-        P[: M.shape[0], : M.shape[1]] = M
+        P = torch.nn.functional.pad(M, (0, i1 * i2 - M.shape[1], 0, o1 * o2 - M.shape[0]))  # bondgate's padding
         R = P.reshape(o1, o2, i1, i2).permute(0, 2, 1, 3).reshape(o1 * i1, o2 * i2)
         return tail(torch.linalg.svdvals(R), r)
 

@@ -75,8 +75,7 @@ def main(argv=None) -> dict:
     if args.mpo_share:
         for name in targets:
             layer = FactorsPlusSparse(dense.get_submodule(name).weight.detach(), args.mpo_share)
-            parent, leaf = name.rsplit(".", 1)
-            setattr(hybrid.get_submodule(parent), leaf, layer)
+            hybrid.set_submodule(name, layer)
             factored += layer.mpo.num_params
             budgets[f"{name}.residual"] = budgets.pop(name) - layer.mpo.num_params
     student, pruned = magnitude_prune(hybrid, params=budgets)

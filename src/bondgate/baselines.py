@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .calibration import eval_mode
 from .layer import MPOLinear
 from .lowrank import LowRankLinear
 from .surgery import dense_weight, is_conv1d
@@ -512,14 +513,12 @@ def latency(
     cuda = any(t.is_cuda for t in tensors) or any(p.is_cuda for p in model.parameters())
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
-    flags = [(m, m.training) for m in model.modules()]
     old_threads = torch.get_num_threads()
     times: list[float] = []
     try:
         if threads is not None:
             torch.set_num_threads(int(threads))
-        model.eval()
-        with torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             for i in range(warmup + reps):
                 sync()
                 t0 = time.perf_counter()
@@ -530,8 +529,6 @@ def latency(
         used = torch.get_num_threads()
     finally:
         torch.set_num_threads(old_threads)
-        for m, training in flags:
-            m.training = training
     times.sort()
     return {
         "median": statistics.median(times),

@@ -244,9 +244,8 @@ def distill(
     if isinstance(data, Iterator) and (epochs or 0) != 1:
         warnings.warn("distill: data is a one-shot iterator, so it can be read for one epoch only; pass a list or "
                       "a DataLoader to train for more", stacklevel=2)
-    for name, value in (("eval_every", eval_every), ("log_every", log_every), ("patience", patience)):
-        if (value is not None or name != "patience") and (isinstance(value, bool) or not isinstance(value, int)
-                                                           or value < 1):
+    for name, value in (("eval_every", eval_every), ("log_every", log_every), ("patience", 1 if patience is None else patience)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int{' or None' if name == 'patience' else ''}, got {value!r}")
     if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not 0 <= warmup < 1:
         raise ValueError(f"warmup must be a fraction in [0, 1), got {warmup!r}")

@@ -411,7 +411,8 @@ def save(model: nn.Module, directory: str | os.PathLike, *, report: Any = None, 
 
     if directory.is_symlink() or directory.name in ("", ".", "..") or ".." in directory.parts:
         directory = directory.resolve()  # a link: write beside what it points to (the link stays); "..": its parent
-    if directory == Path.cwd().resolve() or directory in Path.cwd().resolve().parents:
+    cwd = Path.cwd().resolve()
+    if directory == cwd or directory in cwd.parents:
         raise ValueError(f"cannot save into {directory}: it is the working directory or one of its parents (a "
                          "checkpoint directory is replaced as a whole); give a subdirectory")
     if directory.exists() and not directory.is_dir():

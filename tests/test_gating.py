@@ -962,3 +962,141 @@ def test_lowrank_pairs_are_gated_by_rank_prefix_with_the_nested_kernel(tmp_path,
     assert back[2]._rank_form
     with torch.no_grad():
         assert torch.equal(back(x), y) and torch.equal(back(x[:1]), net(x[:1]))
+
+
+# ---------------------------------------------------------------------------------- review fixes (gating)
+def _error_gated(seed=0, scale=1.0):
+    """A fitted error-controlled model and model inputs ``(64, 96)`` (``scale`` x standard normal)."""
+    net = gate(model_with_mpo(seed), GatingConfig(controller="error", levels=(0.25, 0.5, 1.0)))
+    gen = torch.Generator().manual_seed(seed)
+    data = [scale * torch.randn(64, 96, generator=gen) for _ in range(4)]
+    net.eval()
+    bondgate.fit_controllers(net, data)
+    return net, data
+
+
+def test_set_cores_with_new_bonds_moves_the_levels():
+    net, layer = gated_layer()
+    mpo = bondgate.MPO.from_matrix(torch.randn(80, 96), num_cores=3, max_bond=20)
+    layer.set_cores(mpo.cores)
+    assert layer.level_widths[-1] == layer.bond_dims == mpo.bond_dims
+    assert layer.full_cost == min_flops(layer.out_factors, layer.in_factors, layer.bond_dims, 1)
+    ref = MPOLinear.from_mpo(mpo, layer.bias.detach())
+    x = torch.randn(5, 96)
+    layer.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x, levels=torch.full((5,), 3)), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_gate_keeps_a_shared_layer_shared_and_the_layers_own_parameters():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = self.second = MPOLinear.from_linear(nn.Linear(64, 64), max_bond=8, num_cores=3)
+
+        def forward(self, x):
+            return self.second(torch.relu(self.first(x)))
+
+    m = Twice().requires_grad_(False)
+    cores = list(m.first.cores)
+    gate(m, GatingConfig())
+    assert isinstance(m.first, GatedMPOLinear) and m.first is m.second
+    assert all(a is b for a, b in zip(m.first.cores, cores))  # the very parameters: an optimizer keeps them
+    assert not any(p.requires_grad for p in m.first.cores) and not m.first.bias.requires_grad  # frozen stays frozen
+
+
+def test_gate_keeps_an_lm_head_tied_to_its_compressed_table():
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.mid = nn.Embedding(512, 64), nn.Linear(64, 64)
+            self.head = nn.Linear(64, 512, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(torch.relu(self.mid(self.emb(ids))))
+
+    torch.manual_seed(0)
+    model = LM()
+    calib = [torch.randint(512, (8, 16)) for _ in range(4)]
+    bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5, embeddings=True), calibration=calib,
+                      progress=False)
+    assert model.head.cores is model.emb.cores
+    gate(model, GatingConfig())
+    assert isinstance(model.head, GatedMPOLinear) and model.head.cores is model.emb.cores
+    set_mode(model, "nested")
+    model.train()
+    model(calib[0]).logsumexp(-1).mean().backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert all(a is b for a, b in zip(model.head.cores, model.emb.cores))
+
+
+@pytest.mark.parametrize("max_groups", [1, 2])
+def test_a_nan_row_does_not_choose_the_level_of_the_other_rows(max_groups):
+    net, data = _error_gated()
+    set_budget(net, 0.6, data, max_groups=max_groups)
+    with torch.no_grad():
+        x = torch.relu(net[0](data[0][:8]))  # the gated layer's inputs
+    bad = x.clone()
+    bad[0] = float("nan")
+    with torch.no_grad():
+        y, y_bad = net[2](x), net[2](bad)
+        assert net[2].decide(bad)[1:].tolist() == net[2].decide(x)[1:].tolist()
+    assert torch.isnan(y_bad[0]).all()
+    torch.testing.assert_close(y_bad[1:], y[1:], rtol=1e-5, atol=1e-5)  # before the fix: off by ~1
+
+
+def test_error_controller_decides_alike_in_float16_for_large_rows():
+    net, data = _error_gated(scale=100.0)
+    layer = net[2]
+    set_budget(net, 0.5, data)
+    half = copy.deepcopy(layer).half()
+    with torch.no_grad():
+        x = torch.relu(net[0](100.0 * torch.randn(16, 96)))  # |x| in the hundreds: |x|^2 overflows float16
+        assert x.norm(dim=1).min() > 256
+        lv32, lv16 = layer.decide(x), half.decide(x.half())
+        assert torch.isfinite(half._objective(x.half())).all()
+    assert (lv32 == lv16).float().mean() >= 0.9 and len(set(lv32.tolist())) > 1
+
+
+def test_price_tracker_goes_on_from_a_loaded_price():
+    import math
+
+    net, data = _error_gated()
+    other = copy.deepcopy(net)
+    set_budget(other, 0.3, data)
+    set_budget(net, 0.9, data, track=0.05)
+    loaded = float(other[2].budget_lambda)
+    assert abs(math.log(loaded / float(net[2].budget_lambda))) > 0.3
+    net.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        net(torch.randn(16, 96))
+    assert abs(math.log(float(net[2].budget_lambda) / loaded)) < 0.1  # one small step from the loaded price
+
+
+def test_fit_controllers_rejects_non_positive_row_counts():
+    net, data = _error_gated()
+    for kw in ({"rows_per_batch": 0}, {"max_rows": -1}):
+        with pytest.raises(ValueError, match="positive int"):
+            bondgate.fit_controllers(net, [torch.randn(8, 96)], **kw)
+
+
+def test_gate_inside_inference_mode_then_fit_outside():
+    net = model_with_mpo()
+    with torch.inference_mode():
+        gate(net, GatingConfig(controller="error", levels=(0.5, 1.0)))
+    assert not net[2].controller.coef.is_inference()
+    fit = bondgate.fit_controllers(net, [torch.randn(64, 96) for _ in range(2)])
+    assert fit[0]["rows"] > 0
+
+
+def test_calibration_passes_are_not_inference_traffic():
+    net, data = _error_gated()
+    set_budget(net, 0.5, data, track=0.05)
+    net.insert(3, nn.ReLU())
+    net.append(nn.Linear(80, 64))
+    price = float(net[2].budget_lambda)
+    bondgate.compress(net, bondgate.CompressionConfig(param_ratio=0.5, target_modules=["4"]),
+                      calibration=[torch.randn(32, 96) for _ in range(4)], progress=False)
+    assert float(net[2].budget_lambda) == price
+    assert sum(r["rows"] for r in gating_report(net)) == 0

@@ -148,3 +148,14 @@ def test_a_pinned_plan_is_the_same_path_whatever_rows_plan_it():
         b = get_plan(*args, 7, torch.float32, torch.device("cpu"), prefer=pid)
         assert a.id == b.id == pid and a.path == b.path and a.planned_rows == b.planned_rows == 4
     clear_plan_cache()
+
+
+def test_layer_flops_count_the_rows_of_the_call_not_of_its_bucket():
+    layer = MPOLinear.from_mpo(MPO.from_matrix(torch.randn(64, 64), num_cores=3, max_bond=8))
+    plan = layer.plan(100)
+    assert plan.planned_rows == 64 and layer.flops(64) == layer.plan(64).flops
+    assert layer.flops(100) == plan.flops_at(100) > plan.flops  # 100 rows cost more than the 64 it was planned at
+    for p in _build_candidates((4, 4, 4), (4, 4, 4), (8, 8), 64, PlanPolicy(), grad=False):
+        # the x-independent part (merging cores) stays, the rest grows with the rows
+        per_row = (p.flops_at(128) - p.flops) / 64
+        assert per_row > 0 and p.flops_at(256) == p.flops + 192 * per_row, p.name

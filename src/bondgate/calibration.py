@@ -104,6 +104,25 @@ def model_output(out) -> torch.Tensor:
     raise TypeError(f"cannot find an output tensor in {type(out).__name__}")
 
 
+_passes = 0  # calibration passes running now (see calibration_pass)
+
+
+@contextlib.contextmanager
+def calibration_pass() -> Iterator[None]:
+    """Marks the block as a calibration pass, which is not inference traffic: gated layers leave it out of
+    their routing counts and online price tracking (:func:`in_calibration_pass`)."""
+    global _passes
+    _passes += 1
+    try:
+        yield
+    finally:
+        _passes -= 1
+
+
+def in_calibration_pass() -> bool:
+    return _passes > 0
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """``model.eval()`` for the block, then every submodule's own train/eval flag back (``model.train(was)``
@@ -147,7 +166,7 @@ def capture_inputs(model: nn.Module, modules: Mapping[str, nn.Module], data: Ite
 
     handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in modules.items()]
     try:
-        with eval_mode(model):
+        with eval_mode(model), calibration_pass():
             it = data
             if progress:
                 from tqdm.auto import tqdm
@@ -346,7 +365,7 @@ def output_sensitivity(model: nn.Module, modules: Mapping[str, nn.Module], data:
     for p in frozen:  # the outputs must be part of a graph
         p.requires_grad_(True)
     try:
-        with eval_mode(model):
+        with eval_mode(model), calibration_pass():
             for bi, batch in enumerate(data):
                 if max_batches is not None and bi >= max_batches:
                     break

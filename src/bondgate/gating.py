@@ -61,12 +61,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .calibration import capture_inputs
+from .calibration import capture_inputs, in_calibration_pass
 from .io import register_layer_type
 from .layer import MPOLinear, bad_input, core_versions, kept, outside_inference_mode, track_parameters
 from .lowrank import LowRankLinear
 from .planner import get_plan, min_flops, sweep_views
-from .surgery import _matches, check_selector
+from .surgery import _matches, check_selector, module_names
 
 __all__ = ["GatingConfig", "GatedMPOLinear", "gate", "set_mode", "set_budget", "fit_controllers", "gating_report",
            "average_flops", "width_error_curve", "route", "PriceTracker"]
@@ -177,13 +177,18 @@ class ErrorController(nn.Module):
         self.coef = nn.Parameter(coef)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """``[(u_j . x)^2, |x|^2]``, ``(B, rank + 1)``."""
+        """``[(u_j . x)^2, |x|^2]``, ``(B, rank + 1)``; float32 for float16/bfloat16 ``x`` (in float16, ``|x|^2``
+        overflows once ``|x| > 256``: every level would look infinitely bad)."""
+        w = self.proj.weight
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x, w = x.float(), w.float()
         # F.linear and vector_norm, not self.proj(x) and x.norm: a one-row decision is a few us of op overheads
-        proj = torch.nn.functional.linear(x, self.proj.weight)
+        proj = torch.nn.functional.linear(x, w)
         return torch.cat([proj, torch.linalg.vector_norm(x, dim=-1, keepdim=True)], -1).square()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return -(self.features(x) @ self.coef.T)
+        f = self.features(x)
+        return -(f @ self.coef.T.to(f.dtype))
 
     def host_params(self) -> tuple[torch.Tensor, ...]:
         return self._modules["proj"]._parameters["weight"], self._parameters["coef"]
@@ -256,7 +261,7 @@ def route(objective: torch.Tensor, max_groups: int | None = None) -> torch.Tenso
     small GEMMs and permutes) eats the saving of routing rows finely.
     """
     if max_groups == 1:  # the one level with the least total objective: what the subset search below gives
-        return objective.sum(0).argmin().expand(objective.shape[0])
+        return _total(objective).argmin().expand(objective.shape[0])
     lv = objective.argmin(-1)
     L = objective.shape[-1]
     if max_groups is None or max_groups >= L or objective.shape[0] <= max_groups:
@@ -266,8 +271,14 @@ def route(objective: torch.Tensor, max_groups: int | None = None) -> torch.Tenso
     if objective.is_cpu and int(torch.count_nonzero(torch.bincount(lv, minlength=L))) <= max_groups:
         return lv
     subsets = _subsets(L, max_groups).to(objective.device)  # (S, k)
-    best = subsets[objective[:, subsets].amin(-1).sum(0).argmin()]  # (B, S, k) -> (S,) -> (k,)
+    best = subsets[_total(objective[:, subsets].amin(-1)).argmin()]  # (B, S, k) -> (B, S) -> (S,) -> (k,)
     return best[objective[:, best].argmin(-1)]
+
+
+def _total(objective: torch.Tensor) -> torch.Tensor:
+    """``objective.sum(0)`` over the rows whose objective is finite: a NaN/inf row (its output is NaN anyway)
+    must not choose the level of the call's other rows."""
+    return torch.where(objective.isfinite().all(-1, keepdim=True), objective, 0).sum(0)
 
 
 class PriceTracker:
@@ -334,7 +345,8 @@ class GatedMPOLinear(MPOLinear):
     in eval), ``"full"`` (the static MPO), or a float ``f`` (static prefix truncation to ``f`` of every
     bond, the baseline gating must beat). Buffers: ``budget_lambda`` (price of a FLOP fraction in score
     units, set by :func:`set_budget`), ``level_counts`` (rows routed to each level in eval since the
-    last :func:`gating_report` reset).
+    last :func:`gating_report` reset; read it through :meth:`flush_counts` or :func:`gating_report`: a call adds
+    its rows to the buffer lazily, to spare a tensor op per call).
 
     A gated low-rank pair (:meth:`bondgate.LowRankLinear.to_mpo_linear`: legs ``(out, 1) x (1, in)``, the bond
     is the rank) keeps a prefix of the rank per row; its inference runs two matmuls per level on contiguous
@@ -360,13 +372,15 @@ class GatedMPOLinear(MPOLinear):
         self._refresh_costs()
         self._aux: torch.Tensor | None = None
         self._slices: dict = {}  # inference operands: sliced cores, sweep matrices and their views
-        # a low-rank pair U V as a 2-core MPO (out, 1) x (1, in): inference runs the nested-prefix kernel
-        self._rank_form = (self.in_factors == (1, self.in_features) and self.out_factors == (self.out_features, 1))
         self._tracker: PriceTracker | None = None  # set_budget(track=...): online price correction
 
     def _refresh_costs(self) -> None:
-        """Per-row FLOPs of every level: the cheapest plan for a call of ``cost_rows`` rows, per row."""
+        """Per-row FLOPs of every level: the cheapest plan for a call of ``cost_rows`` rows, per row. Rerun
+        whenever the bonds change (:meth:`_reset_caches`): the levels are fractions of the current bonds."""
         full, rows = self.bond_dims, self.cost_rows
+        self._costed = (full, self.out_factors, self.in_factors)
+        # a low-rank pair U V as a 2-core MPO (out, 1) x (1, in): inference runs the nested-prefix kernel
+        self._rank_form = (self.in_factors == (1, self.in_features) and self.out_factors == (self.out_features, 1))
         self.level_widths = [_widths(full, f) for f in self.levels]
         self.full_cost = min_flops(self.out_factors, self.in_factors, full, rows) / rows
         self.level_cost = [min_flops(self.out_factors, self.in_factors, w, rows) / rows for w in self.level_widths]
@@ -380,6 +394,10 @@ class GatedMPOLinear(MPOLinear):
     @classmethod
     def from_mpo_linear(cls, layer: MPOLinear, config: GatingConfig) -> "GatedMPOLinear":
         g = cls.from_mpo(layer.to_mpo(), None if layer.bias is None else layer.bias.detach(), policy=layer.policy)
+        # the layer's very parameters, not copies: a head tied to its table's cores stays tied, frozen cores stay
+        # frozen, an optimizer built before gating still holds them
+        g.cores, g.bias = layer.cores, layer.bias
+        g.error = layer.error
         g._init_gating(config.levels, config.temperature, config.penalty, config.budget, config.controller,
                        config.rank)
         g.quantize_(layer.quant)  # int8 cores stay int8 when gated
@@ -552,7 +570,7 @@ class GatedMPOLinear(MPOLinear):
             if level is not None:
                 return level
         objective = self._objective(x2d)
-        return to_host((objective if x2d.shape[0] == 1 else objective.sum(0)).argmin())
+        return to_host((objective if x2d.shape[0] == 1 else _total(objective)).argmin())
 
     def _host_level(self, x2d: torch.Tensor) -> int | None:
         """The controller's decision for ONE row on the CPU, in numpy: the same objective as :meth:`_objective`
@@ -574,26 +592,28 @@ class GatedMPOLinear(MPOLinear):
         # this size run on one thread (OpenBLAS 0.3.31: same time with the pool limited to 1, up to 8 x 16384)
         return int((ctrl.host_cost(ops, x2d.numpy()[0]) + price).argmin())
 
-    def _price_vector(self, x2d: torch.Tensor) -> torch.Tensor:
-        """``(L,)``: ``lam`` x each level's relative FLOPs in ``x2d``'s dtype; kept until the price changes."""
+    def _price_vector(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``(L,)``: ``lam`` x each level's relative FLOPs in ``dtype``; kept until the price changes."""
         lam = self._buffers["budget_lambda"]  # re-priced (set_budget) in place or replaced: rebuilt
-        return kept(self._price, (x2d.device, x2d.dtype), (lam,),
-                    lambda: (lam * self.rel_cost.to(x2d.device)).to(x2d.dtype))
+        return kept(self._price, (device, dtype), (lam,), lambda: (lam * self.rel_cost.to(device)).to(dtype))
 
     def _objective(self, x2d: torch.Tensor) -> torch.Tensor:
         """``(B, L)``: each row's predicted error at each level (minus the linear controller's score) plus
         ``lam`` x the level's relative FLOPs."""
         ctrl = self.controller
-        price = self._price_vector(x2d)
         if isinstance(ctrl, ErrorController):  # predicted error + price, in one addmm
-            return torch.addmm(price, ctrl.features(x2d), ctrl.coef_t())
-        return price - ctrl(x2d)
+            f = ctrl.features(x2d)  # float32 for a half-precision x2d
+            coef = ctrl.coef_t()
+            return torch.addmm(self._price_vector(x2d.device, f.dtype), f, coef if coef.dtype == f.dtype
+                               else coef.to(f.dtype))
+        return self._price_vector(x2d.device, x2d.dtype) - ctrl(x2d)
 
     def scores(self, x2d: torch.Tensor) -> torch.Tensor:
         """The controller's level scores in float64, ``(B, L)``: what :meth:`decide` compares with the price."""
         ctrl = self.controller
         if isinstance(ctrl, ErrorController):
-            return -(ctrl.features(x2d) @ ctrl.coef_t()).to(torch.float64)
+            f = ctrl.features(x2d)
+            return -(f @ ctrl.coef_t().to(f.dtype)).to(torch.float64)
         return ctrl(x2d).to(torch.float64)
 
     # ------------------------------------------------------------------ forward
@@ -641,20 +661,22 @@ class GatedMPOLinear(MPOLinear):
         elif x2d.shape[0] == 1 or self.max_groups == 1:  # one level for the call: no grouping, one Python int
             i = self._one_level(x2d)
             rows = x2d.shape[0]
-            if self.record:
-                self._pending[i] += rows
-            if self._tracker is not None:
-                self._tracker.report(self, (self.level_cost[i] + self.controller_cost) * rows, rows)
+            if (self.record or self._tracker is not None) and not in_calibration_pass():  # traffic: counted
+                if self.record:
+                    self._pending[i] += rows
+                if self._tracker is not None:
+                    self._tracker.report(self, (self.level_cost[i] + self.controller_cost) * rows, rows)
             y = self.width_output(x2d, self.level_widths[i])
         else:
             lv = self.decide(x2d)
             counts = to_host(torch.bincount(lv, minlength=len(self.levels)))
-            if self.record:
-                self._pending = [a + b for a, b in zip(self._pending, counts)]
-            if self._tracker is not None:
-                rows = x2d.shape[0]
-                used = sum(c * f for c, f in zip(counts, self.level_cost)) + self.controller_cost * rows
-                self._tracker.report(self, used, rows)
+            if (self.record or self._tracker is not None) and not in_calibration_pass():  # traffic: counted
+                if self.record:
+                    self._pending = [a + b for a, b in zip(self._pending, counts)]
+                if self._tracker is not None:
+                    rows = x2d.shape[0]
+                    used = sum(c * f for c, f in zip(counts, self.level_cost)) + self.controller_cost * rows
+                    self._tracker.report(self, used, rows)
             y = self.grouped_output(x2d, lv, counts)
         bias = self._parameters["bias"]  # not self.bias: nn.Module.__getattr__ costs ~0.5 us per read
         if bias is not None:
@@ -690,7 +712,7 @@ class GatedMPOLinear(MPOLinear):
     def _soft_route(self, x2d: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """``sum_l q[:, l] * y_l`` with every level's output computed (training form)."""
         outs = torch.stack([self.width_output(x2d, w) for w in self.level_widths], 1)  # (B, L, out)
-        return (q.unsqueeze(-1) * outs).sum(1)
+        return (q.to(outs.dtype).unsqueeze(-1) * outs).sum(1)
 
     def _train_gate(self, x2d: torch.Tensor) -> torch.Tensor:
         scores = self.controller(x2d)
@@ -727,6 +749,8 @@ class GatedMPOLinear(MPOLinear):
     def _load_from_state_dict(self, *args, **kwargs):
         self._pending = [0] * len(self.levels)  # the loaded counts replace everything routed before
         super()._load_from_state_dict(*args, **kwargs)
+        if self._tracker is not None:
+            self._tracker.lam = None  # the tracker goes on from the loaded price, not its own copy
 
     def _apply(self, fn, recurse: bool = True):
         # .to(torch.bfloat16) casts every floating buffer; the price and the level counts stay float64 (a bf16
@@ -748,6 +772,8 @@ class GatedMPOLinear(MPOLinear):
         self._traced_widths: dict[tuple, tuple] = {}  # widths -> the traced forward's sweep (see _compiled_forward)
         if "_slices" in self.__dict__:
             self._slices, self._price, self._host = {}, {}, {}
+            if self._costed != (self.bond_dims, self.out_factors, self.in_factors):  # set_cores with new shapes
+                self._refresh_costs()
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", levels={self.levels}, mode={self.mode!r}"
@@ -758,6 +784,7 @@ def _gated_layers(model: nn.Module) -> list[tuple[str, GatedMPOLinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, GatedMPOLinear)]
 
 
+@outside_inference_mode  # controllers made inside inference_mode could never be fitted or trained
 def gate(model: nn.Module, config: GatingConfig) -> nn.Module:
     """Replace the model's MPO layers (and low-rank pairs, as 2-core MPOs whose bond is the rank) by gated
     ones, in place; returns ``model``.
@@ -769,6 +796,7 @@ def gate(model: nn.Module, config: GatingConfig) -> nn.Module:
     """
     if not isinstance(config, GatingConfig):
         raise TypeError(f"config must be a GatingConfig, got {type(config).__name__}")
+    names_of = module_names(model)  # a layer shared by two parents is gated once and stays shared
     mpo = [n for n, m in model.named_modules() if isinstance(m, (MPOLinear, LowRankLinear))]
     names = [n for n in mpo if config.target_modules is None or _matches(n, config.target_modules)]
     if not mpo:
@@ -786,7 +814,8 @@ def gate(model: nn.Module, config: GatingConfig) -> nn.Module:
         mpo_layer = layer.to_mpo_linear() if isinstance(layer, LowRankLinear) else layer
         g = GatedMPOLinear.from_mpo_linear(mpo_layer, config)
         g.train(layer.training)
-        model.set_submodule(n, g)
+        for alias in names_of[id(layer)]:
+            model.set_submodule(alias, g)
     from .hf import attach
 
     return attach(model)  # a transformers model: config.quantization_config records the layers for save_pretrained
@@ -842,15 +871,7 @@ def _collect_scores(model: nn.Module, data: Iterable) -> dict[str, list[torch.Te
     def score(name, mod, x, batch):
         scores.setdefault(name, []).append(mod.scores(x.reshape(-1, mod.in_features)).cpu())
 
-    layers = dict(_gated_layers(model))
-    recording = {n: m.record for n, m in layers.items()}
-    for m in layers.values():  # calibration passes are not inference traffic: keep them out of gating_report
-        m.record = False
-    try:
-        capture_inputs(model, layers, data, score)
-    finally:
-        for n, m in layers.items():
-            m.record = recording[n]
+    capture_inputs(model, dict(_gated_layers(model)), data, score)  # a calibration pass: not counted as traffic
     return scores
 
 
@@ -1013,6 +1034,8 @@ def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256,
         raise ValueError(f"objective must be 'layer' or 'model', got {objective!r}")
     if loss is not None and objective != "model":
         raise ValueError("loss is only used with objective='model'")
+    _positive_int(rows_per_batch, "rows_per_batch")
+    _positive_int(max_rows, "max_rows")
     layers = [(n, m) for n, m in _gated_layers(model) if m.controller_kind == "error"]
     if not layers:
         raise ValueError("fit_controllers: the model has no gated layers with controller='error'")

@@ -389,8 +389,8 @@ class MPOLinear(nn.Module):
         return sum(t.numel() * t.element_size() for _, ops, _ in caches if ops for t in ops)
 
     def flops(self, batch: int = 1) -> int:
-        """FLOPs of the plan actually used for ``batch`` rows (bias add excluded)."""
-        return self.plan(batch).flops
+        """FLOPs of the plan actually used, for a call of ``batch`` rows (bias add excluded)."""
+        return self.plan(batch).flops_at(batch)
 
     # ------------------------------------------------------------------ caches
     def _reset_caches(self) -> None:

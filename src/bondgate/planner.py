@@ -251,6 +251,8 @@ class ContractionPlan:
     time_us: float | None = None
     reverse: bool = False  # sweep executor: right to left
     candidates: list[dict] = field(default_factory=list, repr=False)
+    group_flops: int = 0  # merging the core runs into groups (included in ``flops`` unless ``cached``)
+    group_shapes: tuple[tuple[int, ...], ...] = ()
     _group_exprs: list = field(default_factory=list, repr=False)
     _flat_path: list[int] = field(default_factory=list, repr=False)
 
@@ -258,6 +260,19 @@ class ContractionPlan:
     def id(self) -> str:
         """Identifies this plan among the candidates of its key (stable across processes)."""
         return f"{self.name}|{self.executor}"
+
+    def flops_at(self, rows: int) -> int:
+        """FLOPs of this plan for a call of ``rows`` rows (``flops`` is at ``planned_rows``, the smallest row
+        count of its bucket: up to 2x fewer)."""
+        rows = max(int(rows), 1)
+        if rows == self.planned_rows:
+            return self.flops
+        merge = 0 if self.cached else self.group_flops
+        if self.dense:
+            return 2 * rows * math.prod(self.out_factors) * self._padded_in + merge
+        info = oe.contract_path(self.equation, (rows, *self.in_factors), *self.group_shapes, optimize=list(self.path),
+                                shapes=True)[1]
+        return int(info.opt_cost) + merge
 
     def __post_init__(self) -> None:
         self._padded_in = math.prod(self.in_factors)
@@ -463,7 +478,7 @@ def _build_candidates(out_f, in_f, ranks, rows, policy: PlanPolicy, grad: bool) 
                         groups=groups, path=(), equation="", executor="linear", cached=cached,
                         flops=flops + (0 if cached else g_flops), peak_elements=peak, planned_rows=rows,
                         out_factors=tuple(out_f), in_factors=tuple(in_f), ranks=tuple(ranks),
-                        _group_exprs=gexprs,
+                        group_flops=g_flops, group_shapes=tuple(gshapes), _group_exprs=gexprs,
                     )
                 )
             continue
@@ -496,7 +511,8 @@ def _build_candidates(out_f, in_f, ranks, rows, policy: PlanPolicy, grad: bool) 
                         groups=groups, path=p, equation=eq, executor="sweep", cached=cached,
                         flops=int(info.opt_cost), peak_elements=int(info.largest_intermediate),
                         planned_rows=rows, out_factors=tuple(out_f), in_factors=tuple(in_f),
-                        ranks=tuple(ranks), reverse=reverse, _group_exprs=gexprs,
+                        ranks=tuple(ranks), reverse=reverse, group_flops=g_flops, group_shapes=tuple(gshapes),
+                        _group_exprs=gexprs,
                     )
                 )
         for p, (pname, info) in paths.items():
@@ -510,8 +526,8 @@ def _build_candidates(out_f, in_f, ranks, rows, policy: PlanPolicy, grad: bool) 
                             groups=groups, path=p, equation=eq, executor=executor, cached=cached,
                             flops=int(info.opt_cost) + (0 if cached else g_flops), peak_elements=peak,
                             planned_rows=rows, out_factors=tuple(out_f), in_factors=tuple(in_f),
-                            ranks=tuple(ranks), _group_exprs=gexprs,
-                            _flat_path=[i for pair in p for i in pair],
+                            ranks=tuple(ranks), group_flops=g_flops, group_shapes=tuple(gshapes),
+                            _group_exprs=gexprs, _flat_path=[i for pair in p for i in pair],
                         )
                     )
     if not policy.cache_dense:

@@ -831,12 +831,14 @@ def _auto_policy(layer: MPOLinear, rows: int) -> tuple[str, float | None, float 
     for r in (rows, 1):
         plan = layer.plan(r)
         if plan.time_us is not None:
-            dense_us = 1e6 * calibrate_dense(layer.out_features, layer.in_features, min(r, 4096), p.dtype, p.device)
+            # at the rows the plan was timed at (its bucket's smallest count), not r
+            dense_us = 1e6 * calibrate_dense(layer.out_features, layer.in_features, min(plan.planned_rows, 4096),
+                                             p.dtype, p.device)
             if r == rows:
                 times = (plan.time_us, dense_us)
             slower = plan.time_us > dense_us
         else:
-            slower = plan.flops > 2 * r * layer.out_features * layer.in_features
+            slower = plan.flops_at(r) > 2 * r * layer.out_features * layer.in_features
         if slower:
             policy = "speed"
     return (policy, *times)

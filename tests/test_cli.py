@@ -261,6 +261,9 @@ def test_bench_against_another_model_shows_no_ratio(compressed, tmp_path, capsys
     (["compress", "--model", "{tmp}", "--calibration", "{tmp}/missing.txt"], 1),
     (["compress", "--model", "{tmp}/bare"], 1),  # no tokenizer files
     (["compress", "--model", "{tmp}", "--out", "{tmp}"], 1),
+    (["compress", "--model", "{tmp}", "--out", "{tmp}/config.json/out"], 1),  # before compressing, not after
+    (["compress", "--model", "{tmp}", "--embedding-ratio", "0.1", "--out", "{tmp}/o"], 1),  # needs --embeddings
+    (["compress", "--model", "{tmp}", "--embedding-form", "lowrank", "--out", "{tmp}/o"], 1),
     (["inspect", "{tmp}"], 1),
     (["inspect", "{tmp}/missing"], 1),
     (["bench", "{tmp}"], 1),

@@ -139,3 +139,15 @@ def test_bad_inputs():
         bg.deploy_int8(torch.zeros(3))
     with pytest.raises(ValueError, match="fp32 model on the CPU"):
         bg.deploy_int8(copy.deepcopy(_mlp()).double())
+
+
+@pytest.mark.parametrize("controller", ["linear", "error"])
+def test_gated_layers_controllers_are_not_converted(controller):
+    c = bg.compress(_mlp(), bg.CompressionConfig(param_ratio=0.5, kinds="mpo"), progress=False)
+    gated = bg.gate(c, bg.GatingConfig(levels=(0.5, 1.0), controller=controller)).eval()
+    deployed = bg.deploy_int8(gated, rows=None)
+    assert not any(".controller" in n for n in deployed.bondgate_int8)
+    x = torch.randn(4, 96)
+    with torch.no_grad():  # one row (the host decision reads the controller's weight) and a batch
+        for rows in (x[:1], x):
+            assert deployed(rows).shape[0] == rows.shape[0]

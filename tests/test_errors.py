@@ -113,3 +113,16 @@ def test_non_finite_calibration_data(value):
     bad[4, 7] = value
     with pytest.raises(ValueError, match="non-finite calibration inputs"):
         bondgate.compress(mlp, bondgate.CompressionConfig(param_ratio=0.5), calibration=[bad], progress=False)
+
+
+def test_lowrank_from_factors_checks_the_bias_shape():
+    U, V = torch.randn(16, 4), torch.randn(4, 8)
+    for bias in (torch.zeros(1), torch.zeros(()), torch.zeros(8)):
+        with pytest.raises(ValueError, match=r"bias must have shape \(16,\)"):
+            bondgate.LowRankLinear.from_factors(U, V, bias)
+
+
+@pytest.mark.parametrize("field", [{"embedding_ratio": 0.1}, {"embedding_form": "lowrank"}, {"embedding_rows": 4}])
+def test_embedding_options_without_embeddings_are_refused(field):
+    with pytest.raises(ValueError, match=f"{next(iter(field))} needs embeddings=True"):
+        bondgate.CompressionConfig(param_ratio=0.5, **field)

@@ -654,3 +654,46 @@ def test_version_1_checkpoints_still_load(mlp_ckpt):
 
     edit_json(mlp_ckpt, downgrade, restamp=False)
     assert torch.equal(bondgate.load(mlp_ckpt)(x), want)
+
+
+# ---------------------------------------------------------------------------------------- int8 values (review)
+def _int8_ckpt(tmp_path: Path) -> tuple[nn.Sequential, Path]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(62, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 1))
+    bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.3, quantize="int8", target_modules="2"),
+                      calibration=[torch.randn(64, 62)], progress=False)
+    return model, bondgate.save(model, tmp_path / "int8")
+
+
+@pytest.mark.parametrize("value, match", [(-1.0, "negative"), (float("nan"), "negative, NaN"),
+                                          (1e38, "overflow float32")])
+def test_bad_int8_scales_are_refused_before_the_model_is_touched(tmp_path, value, match):
+    _, path = _int8_ckpt(tmp_path)
+
+    def damage(t):
+        t["2.cores.1_scale"][0, 0] = value
+        t["2.cores.1"][0, 0] = 127  # so that a huge scale overflows
+
+    rewrite_weights(path, damage)
+    torch.manual_seed(1)
+    user = nn.Sequential(nn.Linear(62, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 1))
+    before = {k: v.clone() for k, v in user.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        bondgate.load(path, model=user)
+    assert all(torch.equal(v, before[k]) for k, v in user.state_dict().items())  # untouched, dense layers too
+    with pytest.raises(ValueError, match=match):
+        bondgate.load(path)
+
+
+def test_save_names_a_nan_core_of_an_int8_layer(tmp_path):
+    model, _ = _int8_ckpt(tmp_path)
+    with torch.no_grad():
+        model[2].cores[1][0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"parameter '2\.cores\.1' holds NaN"):
+        bondgate.save(model, tmp_path / "again")
+
+
+def test_from_pretrained_on_a_directory_transformers_wrote_says_why(tmp_path):
+    (tmp_path / "config.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(FileNotFoundError, match="not written by bondgate.save_pretrained.*int8"):
+        bondgate.from_pretrained(tmp_path)

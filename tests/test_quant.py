@@ -369,3 +369,13 @@ def test_compiled_quantized_layer_has_no_graph_breaks():
         for rows in (3, 33):
             xr = torch.randn(rows, 96)
             torch.testing.assert_close(ep.module()(xr), layer(xr), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_values_near_the_dtypes_largest_stay_finite(dtype):
+    big = torch.finfo(dtype).max
+    core = torch.tensor([big, 1.0, -big / 3]).reshape(1, 1, 3, 1).to(dtype)
+    q, s = quantize(core)
+    back, fq = dequantize(q, s, dtype), fake_quant(core)
+    assert torch.isfinite(back).all() and torch.equal(back, fq)
+    assert float((back.float() - core.float()).abs().max()) <= float(s.max())  # within one step (clamped channel)

@@ -320,11 +320,33 @@ def _check_out(out: Path, model_dir: Path) -> None:
                          f"refusing to write into it")
 
 
+def _check_out_writable(out: Path) -> None:
+    """Before minutes of compression: ``--out`` (or its nearest existing parent, where it will be made) must be a
+    directory this process can write, and not one ``bondgate.save`` refuses (the working directory or above)."""
+    here = Path.cwd().resolve()
+    if out.resolve() in (here, *here.parents):
+        raise ValueError(f"--out: {out} is the working directory or one above it; choose a new directory")
+    base = out
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir():
+        raise NotADirectoryError(f"--out: {base} is not a directory, so {out} cannot be made")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out: {base} is not writable")
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     """``bondgate compress``: compress, report, measure and save."""
     model_dir, name = _dense_model_dir(args.model, "--model")
     out = Path(args.out).expanduser() if args.out else Path.cwd() / f"bondgate-{name}"
     _check_out(out, model_dir)
+    _check_out_writable(out)
+    if not args.embeddings:
+        given = [flag for flag, on in (("--embedding-ratio", args.embedding_ratio is not None),
+                                       ("--embedding-form", args.embedding_form != "mpo"),
+                                       ("--embedding-rows", bool(args.embedding_rows))) if on]
+        if given:
+            raise ValueError(f"{', '.join(given)} needs --embeddings")
     _check_tokenizer_files(model_dir)
     lines, source = _calibration_lines(args.calibration, args.calibration_size)
     budget = ({"param_ratio": args.ratio} if args.ratio is not None else

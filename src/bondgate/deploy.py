@@ -109,8 +109,9 @@ def deploy_int8(model: nn.Module, rows: int | None = 32, dense: bool = True) -> 
     aliases = _aliases(new)
     layers = {n: m for n, m in new.named_modules()
               if isinstance(m, (MPOLinear, LowRankLinear)) and not isinstance(m, GatedMPOLinear)}
-    if dense:
-        layers.update(_select(new, None, replace=True)[0])
+    if dense:  # not the plain layers inside a bondgate layer (a gated layer's controller reads its weight)
+        owners = tuple(n + "." for n, m in new.named_modules() if isinstance(m, (MPOLinear, LowRankLinear)))
+        layers.update({n: m for n, m in _select(new, None, replace=True)[0].items() if not n.startswith(owners)})
     report: dict[str, Int8Choice] = {}
     for name, m in layers.items():
         form, plain = _candidates(m)

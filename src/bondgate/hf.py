@@ -32,7 +32,9 @@ file that says what is missing (:data:`NEEDS_BONDGATE`): without bondgate, ``fro
 own ``save_pretrained`` drops that field from ``config.json``, so a directory it writes reloads right with bondgate
 imported but, without it, gets only transformers' warnings (the unknown quantization type and the load report).
 A tied MPO head (:meth:`MPOEmbedding.as_linear`) is saved by :func:`bondgate.save_pretrained` only: transformers'
-``save_pretrained`` refuses tensors shared outside the model's declared tied weights.
+``save_pretrained`` refuses tensors shared outside the model's declared tied weights. **int8 cores** are not read
+by ``from_pretrained`` at all (it would load the int8 values into float parameters): :func:`_prepare` refuses them,
+and such a model is saved with :func:`bondgate.save_pretrained` and loaded with :func:`bondgate.from_pretrained`.
 """
 
 from __future__ import annotations
@@ -417,8 +419,10 @@ def _prepare(model: nn.Module, qc: Any, checkpoint_files, dtype: torch.dtype | N
     where = f"{type(model).__name__}.from_pretrained"
     quantized = [name for name, spec in qc.layers.items() if spec.get("quant")]
     if quantized:  # transformers would load int8 cores and their scales into fp32 parameters by key
-        raise ValueError(f"{where}: this checkpoint has int8-quantized MPO cores ({', '.join(quantized[:3])}...); "
-                         f"load it with bondgate.from_pretrained(dir) (AutoModel.from_pretrained does not read them)")
+        raise ValueError(f"{where}: this checkpoint has int8-quantized MPO cores ({', '.join(quantized[:3])}...), "
+                         f"which transformers cannot read; a directory written by bondgate.save_pretrained loads with "
+                         f"bondgate.from_pretrained(dir) (int8 models must be saved that way: one written by "
+                         f"transformers' own save_pretrained has no bondgate.json and cannot be read back)")
     specs = {name: _in_dtype(spec, dtype) for name, spec in qc.layers.items()}
     names = {}
     for name in [*qc.layers, *qc.layer_aliases]:

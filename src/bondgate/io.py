@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from .layer import MPOLinear, outside_inference_mode
+from .quant import SCALE_SUFFIX, scale_problem
 
 __all__ = [
     "FORMAT_NAME",
@@ -385,10 +386,12 @@ def save(model: nn.Module, directory: str | os.PathLike, *, report: Any = None, 
     directory = Path(directory)
     layers, layer_aliases = _collect_layers(model)
     arch = _describe(model, set(layers))
-    tensors, tensor_aliases = _dedup_state(model)
-    bad = _nonfinite(model.state_dict(keep_vars=True), tensors)
+    # before the state dict is made (an int8 layer's would fail to quantize a NaN core without naming it)
+    params = dict(model.named_parameters())
+    bad = _nonfinite(params, params)
     if bad is not None:  # load() refuses such a checkpoint, so it must not be written
         raise ValueError(f"cannot save: parameter {bad!r} holds NaN or inf values (diverged training?)")
+    tensors, tensor_aliases = _dedup_state(model)
     meta = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -754,16 +757,26 @@ def _nonfinite(state: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor])
     for key, t in state.items():
         src = tensors.get(key)
         if isinstance(t, nn.Parameter) and src is not None and src.is_floating_point() \
-                and not bool(torch.isfinite(src).all()):
+                and src.device.type != "meta" and not bool(torch.isfinite(src).all()):
             return key
     return None
 
 
-def _check_finite(state: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
-    """Parameters must be finite: a NaN weight would only show up as NaN outputs much later."""
+def _check_finite(state: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], new: dict[str, nn.Module]) -> None:
+    """Parameters must be finite: a NaN weight would only show up as NaN outputs much later. Of an int8 core of
+    the layers ``new``, its scales and the values they give in the layer's dtype (checked here, before the model is
+    touched)."""
     key = _nonfinite(state, tensors)
     if key is not None:
         raise ValueError(f"corrupt checkpoint: parameter {key!r} holds NaN or inf values")
+    dtypes = {f"{name}.{k}".lstrip("."): p.dtype for name, layer in new.items() for k, p in layer.named_parameters()}
+    for skey, scale in tensors.items():
+        dtype = dtypes.get(skey.removesuffix(SCALE_SUFFIX)) if skey.endswith(SCALE_SUFFIX) else None
+        q = tensors.get(skey.removesuffix(SCALE_SUFFIX))
+        if dtype is not None and isinstance(q, torch.Tensor) and q.dtype == torch.int8:
+            problem = scale_problem(skey, q, scale, dtype)
+            if problem is not None:
+                raise ValueError(f"corrupt checkpoint: {problem}")
 
 
 def _virtual_state(model: nn.Module, new: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
@@ -889,7 +902,7 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *,
                 new[name].to(device)
     _validate(_virtual_state(model, new), tensors, meta, adapt_dtypes=built)
 
-    _check_finite(_virtual_state(model, new), tensors)
+    _check_finite(_virtual_state(model, new), tensors, new)
 
     # ---- everything is checked: modify the model. With keys, shapes, dtypes and values verified the copy
     # cannot fail for a data reason; should it fail anyway, at least the module swaps are undone. A model
@@ -944,7 +957,8 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, tokenizer: A
 
     The directory is a bondgate checkpoint (config.json + model.safetensors + bondgate.json): read it back with
     :func:`from_pretrained`, or with ``AutoModel.from_pretrained`` (and so sentence-transformers) in a process that
-    imported bondgate (:mod:`bondgate.hf`).
+    imported bondgate (:mod:`bondgate.hf`) — except a model with int8 cores, which only :func:`from_pretrained`
+    reads (transformers would load the int8 values into float parameters).
     """
     hf = _hf_base()
     if hf is None or not isinstance(model, hf):
@@ -958,6 +972,12 @@ def from_pretrained(directory: str | os.PathLike, *, map_location: str | torch.d
 
     Tokenizer files, if saved, load with ``AutoTokenizer.from_pretrained(directory)``.
     """
+    path = Path(directory)
+    if path.is_dir() and not (path / META_NAME).is_file() and (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no {META_NAME}: it was not written by bondgate.save_pretrained (a dense "
+                                f"model loads with transformers; a compressed one saved by transformers' own "
+                                f"save_pretrained loads with AutoModel.from_pretrained after import bondgate, unless "
+                                f"it has int8 cores, which only bondgate.save_pretrained can save)")
     meta = read_metadata(directory)
     if meta["architecture"]["kind"] != "transformers":
         raise TypeError(f"{directory} holds a {meta['architecture']['kind']!r} checkpoint, not a transformers "

@@ -94,8 +94,13 @@ class LowRankLinear(nn.Module):
     @classmethod
     def from_factors(cls, U: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None) -> "LowRankLinear":
         """A layer holding ``U`` ``(out, rank)`` and ``V`` ``(rank, in)`` (copied), and ``bias`` ``(out,)``."""
-        if U.dim() != 2 or V.dim() != 2 or U.shape[1] != V.shape[0]:
-            raise ValueError(f"factors must be (out, rank) and (rank, in), got {tuple(U.shape)} and {tuple(V.shape)}")
+        if not all(isinstance(t, torch.Tensor) for t in (U, V)) or U.dim() != 2 or V.dim() != 2 \
+                or U.shape[1] != V.shape[0]:
+            shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in (U, V)]
+            raise ValueError(f"factors must be tensors (out, rank) and (rank, in), got {shapes[0]} and {shapes[1]}")
+        if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (U.shape[0],)):
+            what = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise ValueError(f"bias must have shape ({U.shape[0]},), got {what}")
         layer = cls(V.shape[1], U.shape[0], U.shape[1], bias=bias is not None, device=U.device, dtype=U.dtype)
         with torch.no_grad():
             layer.U.copy_(U)

@@ -80,12 +80,23 @@ def _scales(core: torch.Tensor) -> torch.Tensor:
     return ((s.view(torch.int32) + mask) & ~mask).view(torch.float32)
 
 
+def _levels(core: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``round(core / s)`` on the int8 grid, in the compute dtype. In a 16-bit float the power-of-two scale can
+    round a value near the dtype's largest up past it (65504 -> 64 x 1024 = 65536 = inf in float16): such channels
+    are clamped to the largest level whose value is finite."""
+    ct = _compute_dtype(core.dtype)
+    s = s.to(ct)
+    q = torch.round(core.to(ct) / torch.where(s > 0, s, 1))
+    if torch.finfo(core.dtype).bits == 16:
+        top = torch.floor(torch.finfo(core.dtype).max / torch.where(s > 0, s, 1)).clamp_(max=QMAX)
+        return torch.minimum(torch.maximum(q, -top), top)
+    return q.clamp_(-QMAX, QMAX)
+
+
 def _qdq(core: torch.Tensor) -> torch.Tensor:
     """``dequantize(*quantize(core))`` without the int8 tensor (no autograd: pass a detached core)."""
-    ct = _compute_dtype(core.dtype)
-    s = _scales(core).to(ct)
-    q = torch.round(core.to(ct) / torch.where(s > 0, s, 1)).clamp_(-QMAX, QMAX)
-    return q.mul_(s).add_(0.0).to(core.dtype)  # + 0.0: -0.0 -> 0.0, as the int8 round trip gives
+    s = _scales(core)
+    return _levels(core, s).mul_(s.to(_compute_dtype(core.dtype))).add_(0.0).to(core.dtype)  # + 0.0: -0.0 -> 0.0
 
 
 def quantize(core: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,9 +111,7 @@ def quantize(core: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _quantize(core: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = _scales(core)
-    ct = _compute_dtype(core.dtype)
-    q = torch.round(core.to(ct) / torch.where(s > 0, s, 1).to(ct)).clamp_(-QMAX, QMAX).to(torch.int8)
-    return q, s.reshape(s.shape[:_lead(core)])
+    return _levels(core, s).to(torch.int8), s.reshape(s.shape[:_lead(core)])
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -203,13 +212,25 @@ def load_quantized_cores(module: nn.Module, state_dict: dict, prefix: str, error
                 or tuple(scale.shape) != tuple(q.shape[:_lead(q)]):
             what = f"{scale.dtype} {tuple(scale.shape)}" if isinstance(scale, torch.Tensor) else type(scale).__name__
             problem = f"{skey!r} must be floating-point scales of shape {tuple(q.shape[:_lead(q)])}, got {what}"
-        elif scale.device.type != "meta" and not bool((torch.isfinite(scale) & (scale >= 0)).all()):
-            problem = f"{skey!r} holds negative, NaN or infinite scales"
+        else:
+            problem = scale_problem(skey, q, scale, master.dtype if master is not None else torch.float32)
         if problem is not None:
             error_msgs.append(problem)
             del state_dict[key]
             continue
         state_dict[key] = dequantize(q, scale, master.dtype if master is not None else torch.float32)
+
+
+def scale_problem(skey: str, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> str | None:
+    """What is wrong with the values of int8 core ``q`` and its scales (stored as ``skey``) for a layer of ``dtype``:
+    a negative, NaN or infinite scale, or one so large that a core value is not finite in ``dtype``; else None."""
+    if scale.device.type == "meta":
+        return None
+    if not bool((torch.isfinite(scale) & (scale >= 0)).all()):
+        return f"{skey!r} holds negative, NaN or infinite scales"
+    if not bool(torch.isfinite(dequantize(q, scale, dtype)).all()):
+        return f"{skey!r} holds scales so large that the core's values overflow {str(dtype).removeprefix('torch.')}"
+    return None
 
 
 # ---------------------------------------------------------------------------------------- models

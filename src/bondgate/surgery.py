@@ -184,8 +184,11 @@ class CompressionConfig:
         if isinstance(self.embedding_rows, bool) or not isinstance(self.embedding_rows, numbers.Integral) \
                 or self.embedding_rows < 0:
             raise ValueError(f"embedding_rows must be an int >= 0, got {self.embedding_rows!r}")
-        if self.embedding_rows and not self.embeddings:
-            raise ValueError("embedding_rows needs embeddings=True")
+        unused = [f for f, on in (("embedding_ratio", self.embedding_ratio is not None),
+                                  ("embedding_form", self.embedding_form != "mpo"),
+                                  ("embedding_rows", bool(self.embedding_rows))) if on]
+        if unused and not self.embeddings:  # else silently ignored
+            raise ValueError(f"{', '.join(unused)} needs embeddings=True")
         if self.policy not in ("auto", "memory", "speed"):
             raise ValueError(f"policy must be 'auto', 'memory' or 'speed', got {self.policy!r}")
         if self.kinds is not None:

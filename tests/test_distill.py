@@ -256,3 +256,20 @@ def test_time_budgeted_schedule_is_replanned_when_the_first_steps_are_slow():
     assert res.stopped == "time budget" and res.steps > 60
     # planned from the first 20 steps alone: ~20 * 2.4 s / 0.6 s = 80 steps, a fraction of those run
     assert abs((res.planned_steps or 0) - res.steps) <= 0.2 * res.steps, (res.planned_steps, res.steps)
+
+
+def test_masked_hidden_loss_with_a_float16_teacher():
+    """tokens x hidden past float16's largest (65504): the masked mean's count must not overflow."""
+    gen = torch.Generator().manual_seed(0)
+    student = [torch.randn(2, 300, 256, generator=gen) for _ in range(2)]  # [0]: the embeddings, not compared
+    teacher = [torch.randn(2, 300, 256, generator=gen).half() for _ in range(2)]
+    batch = {"attention_mask": torch.ones(2, 300, dtype=torch.long)}
+
+    class Out(dict):
+        def __getattr__(self, k):
+            return self[k]
+
+    loss = DistillLoss(hidden=1.0, logits=0.0)
+    _, half = loss(Out(hidden_states=student), Out(hidden_states=teacher), batch)
+    _, full = loss(Out(hidden_states=student), Out(hidden_states=[t.float() for t in teacher]), batch)
+    assert half["hidden"] == pytest.approx(full["hidden"], rel=1e-3) and half["hidden"] > 0

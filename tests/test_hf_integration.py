@@ -158,8 +158,14 @@ def test_compressed_table_under_transformers_own_tie(tmp_path):
                                                         output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert loaded.lm_head.cores is loaded.transformer.wte.cores
-    assert loaded.all_tied_weights_keys == tied  # as the compressed model had it
+    assert loaded.all_tied_weights_keys == tied == {}  # as the compressed model had it: no ties of missing weights
     assert_same_model(loaded, model, lambda m: m(input_ids=ids).logits, ref)
+    for m in (model, loaded):  # transformers' tie_weights (resize_token_embeddings, accelerate, Trainer) works
+        assert not m.config.tie_word_embeddings
+        m.tie_weights()
+        assert m.lm_head.cores is m.transformer.wte.cores
+        with torch.no_grad():
+            torch.testing.assert_close(m(input_ids=ids).logits, ref, rtol=0, atol=0)
 
 
 def test_layer_under_two_names_stays_one_layer(tmp_path):
@@ -361,3 +367,19 @@ def test_lowrank_table_with_kept_rows_round_trips(tmp_path, quantize):
     assert torch.equal(loaded.embeddings.word_embeddings.kept_ids, table.kept_ids)
     with torch.no_grad():
         assert torch.equal(loaded(ids).last_hidden_state, want)
+
+
+def test_automodel_reads_the_base_of_a_compressed_causal_lm(tmp_path):
+    """AutoModel (no head) from a compressed GPT2LMHeadModel checkpoint: the head's MPO layer is left out, as
+    transformers leaves out a dense head's weight; the base model's outputs are the compressed model's."""
+    cfg = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=97, n_positions=16, bos_token_id=0, eos_token_id=0,
+                     tie_word_embeddings=False)
+    model = GPT2LMHeadModel(cfg).eval()
+    bondgate.compress(model, SMALL, progress=False)
+    assert isinstance(model.lm_head, MPOLinear)
+    ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
+    base = AutoModel.from_pretrained(bondgate.save_pretrained(model, tmp_path / "bg"))
+    assert type(base).__name__ == "GPT2Model" and isinstance(base.h[0].mlp.c_fc, MPOLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(base(input_ids=ids).last_hidden_state,
+                                   model.transformer(input_ids=ids).last_hidden_state, rtol=0, atol=0)

@@ -517,3 +517,70 @@ def test_uniform_lowrank_gives_every_layer_the_same_fraction():
     assert isinstance(model[4], bondgate.LowRankLinear) and model[4].rank == 1
     rows = {r.name: r for r in model.bondgate_report.layers}
     assert all(rows[n].form == "lowrank" and rows[n].params_after <= 0.25 * rows[n].params_before for n in rows)
+
+
+# ---------------------------------------------------------------------------------------- review fixes (compress)
+def _mlp_to_1() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(62, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 1))
+
+
+def test_a_time_budget_handles_a_layer_with_one_output():
+    model = _mlp_to_1()
+    compress(model, CompressionConfig(param_ratio=0.3, max_latency_ratio=0.8), calibration=[torch.randn(32, 62)],
+             progress=False)
+    assert model.bondgate_report.layers
+
+
+def test_no_budget_is_spent_growing_a_layer_without_error():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 64))
+    with torch.no_grad():
+        model[4].weight.zero_()
+    compress(model, CompressionConfig(param_ratio=0.6, policy="memory", calibrate=False), progress=False)
+    row = next(r for r in model.bondgate_report.layers if r.name == "4")
+    assert row.weight_error == 0 and max(row.bond_dims) == 1
+
+
+def test_a_tiny_lowrank_uniform_budget_keeps_rank_one_not_dense():
+    model = _mlp_to_1()
+    compress(model, CompressionConfig(param_ratio=0.01, kinds="lowrank", allocation="uniform"), progress=False)
+    rows = {r.name: r for r in model.bondgate_report.layers}
+    assert rows["0"].rank == rows["2"].rank == 1 and model.bondgate_report.ratio < 0.05
+
+
+def test_sensitivity_weighting_needs_calibration_data():
+    with pytest.raises(ValueError, match="sensitivity' needs calibration data"):
+        compress(_mlp_to_1(), CompressionConfig(param_ratio=0.5, layer_weighting="sensitivity"), progress=False)
+
+
+def test_a_meta_model_is_refused_clearly():
+    with torch.device("meta"):
+        model = _mlp_to_1()
+    with pytest.raises(ValueError, match="meta device"):
+        compress(model, CompressionConfig(param_ratio=0.5), progress=False)
+
+
+def test_skipped_rows_say_their_form_and_subclassed_tables_with_a_forward_are_skipped_loudly():
+    class Scaled(nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids) * 8.0
+
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.mid = Scaled(300, 64), nn.Linear(64, 64)
+            self.head = nn.Linear(64, 64)
+            self.tied = nn.Linear(64, 64)
+            self.tied.weight = self.head.weight
+
+        def forward(self, ids):
+            return self.tied(self.head(self.mid(self.emb(ids))))
+
+    model = LM()
+    with pytest.warns(UserWarning, match="skipping emb: its class .*Scaled overrides forward"):
+        compress(model, CompressionConfig(param_ratio=0.5, embeddings=True),
+                 calibration=[torch.randint(300, (4, 8))], progress=False)
+    rows = {r.name: r for r in model.bondgate_report.layers}
+    assert rows["emb"].status.startswith("skipped") and rows["emb"].form == "dense"
+    assert rows["tied"].status.startswith("skipped: weight is tied") and rows["tied"].form == "dense"

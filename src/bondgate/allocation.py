@@ -230,7 +230,7 @@ def allocate(menus: Sequence[LayerMenu], budget: int, cost_budget: float | None 
                     if m.cost_of is None:
                         continue
                     more = m.cost_of([*w[:k], w[k] + 1, *w[k + 1:]]) - m.cost_of(w)
-                if extra <= left and more <= spare and (best is None or gain / extra > best[0]):
+                if gain > 0 and extra <= left and more <= spare and (best is None or gain / extra > best[0]):
                     best = (gain / extra, li, k, extra, more)
         if best is None:
             break

@@ -31,7 +31,9 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask is None or x.dim() < 2 or mask.shape != x.shape[:2]:
         return x.mean()
     m = mask.to(x.dtype).reshape(*mask.shape, *([1] * (x.dim() - 2)))
-    return (x * m).sum() / (m.sum() * math.prod(x.shape[2:])).clamp_min(1.0)
+    # the count in float32 at least: tokens x hidden passes float16's 65504 in one small batch (0 / inf = NaN)
+    count = mask.sum(dtype=torch.promote_types(x.dtype, torch.float32)) * math.prod(x.shape[2:])
+    return (x * m).sum(dtype=count.dtype) / count.clamp_min(1.0)
 
 
 @dataclass

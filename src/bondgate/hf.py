@@ -334,6 +334,7 @@ def attach(model: nn.Module) -> nn.Module:
         if current is not None:
             del config.quantization_config
         return model
+    _drop_weight_ties(model, layers)
     try:
         register()
     except Unsupported as exc:
@@ -342,6 +343,31 @@ def attach(model: nn.Module) -> nn.Module:
     if not (isinstance(current, _define()["BondgateConfig"]) and current.model is model):
         config.quantization_config = _define()["BondgateConfig"]().bind(model)
     return model
+
+
+def _drop_weight_ties(model: nn.Module, layers: dict) -> None:
+    """transformers' ties of ``weight`` keys under bondgate layers (a tied LM head: ``lm_head.weight`` -> the token
+    table's ``weight``) name tensors those layers do not have: ``model.tie_weights()`` would fail on them (it is
+    also called by ``resize_token_embeddings``, accelerate, the Trainer). A table's MPO head shares the table's cores
+    itself, so these ties are dropped, and ``tie_word_embeddings`` cleared where a compressed table carried it
+    (``tie_weights()`` re-derives the ties from the config)."""
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if isinstance(tied, dict):
+        for key, src in list(tied.items()):
+            if _under(key, layers) is not None or _under(src, layers) is not None:
+                del tied[key]
+    get_input = getattr(model, "get_input_embeddings", None)
+    try:
+        table = get_input() if callable(get_input) else None
+    except (NotImplementedError, AttributeError):
+        table = None
+    from .embedding import MPOEmbedding
+
+    if isinstance(table, MPOEmbedding):
+        config = model.config
+        for cfg in {id(c): c for c in (config, getattr(config, "get_text_config", lambda: config)())}.values():
+            if getattr(cfg, "tie_word_embeddings", False):
+                cfg.tie_word_embeddings = False
 
 
 def mark_config(path: str | Path) -> None:
@@ -423,17 +449,27 @@ def _prepare(model: nn.Module, qc: Any, checkpoint_files, dtype: torch.dtype | N
                          f"which transformers cannot read; a directory written by bondgate.save_pretrained loads with "
                          f"bondgate.from_pretrained(dir) (int8 models must be saved that way: one written by "
                          f"transformers' own save_pretrained has no bondgate.json and cannot be read back)")
-    specs = {name: _in_dtype(spec, dtype) for name, spec in qc.layers.items()}
+    # a head-less class (AutoModel) reading a checkpoint of a model with a head: the head's layers are left out,
+    # as transformers leaves out a dense head's weights
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    headless = bool(prefix) and getattr(model, "base_model", None) is model \
+        and any(n.startswith(prefix + ".") for n in qc.layers)  # saved from a model around this base
+    dropped = {n for n in [*qc.layers, *qc.layer_aliases]
+               if headless and not n.startswith(prefix + ".") and _resolve(model, n) is None}
+    layer_aliases = {a: t for a, t in qc.layer_aliases.items() if a not in dropped}
+    tensor_aliases = {k: t for k, t in qc.tensor_aliases.items()
+                      if _under(k, dropped) is None and _under(t, dropped) is None}
+    specs = {name: _in_dtype(spec, dtype) for name, spec in qc.layers.items() if name not in dropped}
     names = {}
-    for name in [*qc.layers, *qc.layer_aliases]:
+    for name in [*specs, *layer_aliases]:
         found = _resolve(model, name)
-        if found is None:
+        if found is None or layer_aliases.get(name) in dropped:
             raise ValueError(f"{where}: the checkpoint's quantization_config replaces module {name!r}, which this "
                              f"model does not have (load it with the class it was saved from)")
         names[name] = found
     # one empty layer per name, even for a layer's second name: transformers fills the keys it finds missing with
     # empty tensors, which in a shared layer would overwrite the loaded ones (_finish shares the rebuilt layer)
-    every = {**specs, **{alias: specs[target] for alias, target in qc.layer_aliases.items()}}
+    every = {**specs, **{alias: specs[target] for alias, target in layer_aliases.items()}}
     shells = _io._build_layers({"layers": every, "layer_aliases": {}}, device="meta")
     shells = {names[n]: layer for n, layer in shells.items()}
     _io._check_replaced(model, shells, {})
@@ -453,12 +489,12 @@ def _prepare(model: nn.Module, qc: Any, checkpoint_files, dtype: torch.dtype | N
     # tie groups among the layers' keys: one tensor under several keys (a layer's second name, a tied head)
     own = {k: t for k, t in model.state_dict(keep_vars=True).items() if _under(k, shells) is not None}
     root = {k: k for k in own}
-    for alias in qc.layer_aliases:
-        a, c = names[alias], names[qc.layer_aliases[alias]]
+    for alias in layer_aliases:
+        a, c = names[alias], names[layer_aliases[alias]]
         for k in own:
             if _under(k, shells) == a:
                 root[k] = c + k[len(a):]
-    for key, target in qc.tensor_aliases.items():
+    for key, target in tensor_aliases.items():
         k, t = (_map_key(model, x, own) for x in (key, target))
         if k is None or t is None:
             raise ValueError(f"{where}: tensor alias {key!r} -> {target!r} does not name keys of the bondgate layers")
@@ -499,7 +535,7 @@ def _prepare(model: nn.Module, qc: Any, checkpoint_files, dtype: torch.dtype | N
     ignore = model.__dict__.get("_keys_to_ignore_on_load_missing")  # restored by _finish
     model._keys_to_ignore_on_load_missing = set(model._keys_to_ignore_on_load_missing or ()) | {
         f"^{re.escape(k)}$" for k in skipped}
-    return {"names": names, "layers": specs, "layer_aliases": qc.layer_aliases, "groups": groups,
+    return {"names": names, "layers": specs, "layer_aliases": layer_aliases, "groups": groups,
             "source": source, "ignore": ignore, "untied": untied}
 
 
@@ -523,8 +559,6 @@ def _finish(model: nn.Module, plan: dict[str, Any]) -> None:
         del model._keys_to_ignore_on_load_missing
     else:
         model._keys_to_ignore_on_load_missing = plan["ignore"]
-    if plan["untied"]:  # as a freshly compressed model has them
-        model.all_tied_weights_keys.update(plan["untied"])
     names, groups, source = plan["names"], plan["groups"], plan["source"]
     state = model.state_dict(keep_vars=True)
     value = {}

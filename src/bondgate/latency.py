@@ -141,7 +141,7 @@ def _calibrate(out_features: int, in_features: int, out_f: tuple[int, ...], in_f
     with torch.no_grad():
         lr_points, mpo_points = [], []
         top = min(out_features, in_features)
-        for rank in sorted({max(1, top // 16), max(2, top // 4)}):
+        for rank in sorted({max(1, top // 16), min(top, max(2, top // 4))}):  # a 1-wide layer has rank 1 only
             lr = LowRankLinear(in_features, out_features, rank, bias=False, device=device, dtype=dtype).eval()
             lr_points.append((lowrank_flops(out_features, in_features, rank, rows), _median_seconds(lambda: lr(x), sync)))
         for frac in (0.125, 0.5):

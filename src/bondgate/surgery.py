@@ -258,7 +258,7 @@ class LayerReport:
     rank: int | None = None  # low-rank layers
     policy: str | None = None  # the MPO layer's kernel policy ("memory" | "speed")
     time_pred_us: float | None = None  # predicted time per call at the report's rows (with a time budget)
-    time_us: float | None = None  # measured, at deploy_rows rows per call
+    time_us: float | None = None  # measured at the plan's rows: the smallest count of deploy_rows' power-of-two bucket
     time_dense_us: float | None = None  # the dense layer, measured the same way
     quant: str | None = None  # the MPO cores' quantization ("int8"), None for full precision
 
@@ -404,7 +404,8 @@ def module_names(model: nn.Module) -> dict[int, list[str]]:
 def _own_forward(mod: nn.Module) -> bool:
     """Whether ``mod``'s class replaces the ``forward`` of the dense layer it derives from (a LoRA-style wrapper,
     a quantized linear ...): swapping it for an MPO layer would drop whatever that forward adds."""
-    base = nn.Linear if isinstance(mod, nn.Linear) else sys.modules["transformers.pytorch_utils"].Conv1D
+    base = nn.Linear if isinstance(mod, nn.Linear) else nn.Embedding if isinstance(mod, nn.Embedding) else \
+        sys.modules["transformers.pytorch_utils"].Conv1D
     return type(mod).forward is not base.forward
 
 
@@ -422,7 +423,7 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str,
     inside_mpo = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, MPOLinear) and n)
     read_directly = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     for name, mod in model.named_modules():
-        emb = config.embeddings and type(mod) is nn.Embedding
+        emb = config.embeddings and isinstance(mod, nn.Embedding)  # subclasses too: skipped below if they add a forward
         if not name or not (isinstance(mod, nn.Linear) or is_conv1d(mod) or emb) or isinstance(mod, MPOLinear):
             continue
         if name.startswith(inside_mpo):  # e.g. a gating controller: part of an MPO layer, not a target
@@ -432,10 +433,9 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str,
         if _matches(name, config.exclude):
             continue
         why = None
-        if emb:
+        if emb and any(getattr(mod, a) for a in ("max_norm", "sparse", "scale_grad_by_freq")):
             bad = [a for a in ("max_norm", "sparse", "scale_grad_by_freq") if getattr(mod, a)]
-            if bad:
-                why = f"an MPO table cannot do {', '.join(bad)}"
+            why = f"an MPO table cannot do {', '.join(bad)}"
         elif id(mod) in read_directly:
             why = "nn.MultiheadAttention reads out_proj.weight directly, so an MPO layer cannot replace it"
         elif _own_forward(mod):
@@ -455,6 +455,9 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str,
         if tied:
             skipped[name] = f"weight is tied to {', '.join(tied)}; compressing it would untie them"
             continue
+        if w.is_meta:
+            raise ValueError(f"compress: {name}.weight is on the meta device (no values to factor); materialize the "
+                             f"model first (e.g. load its weights, or model.to_empty(device='cpu') and load_state_dict)")
         if not torch.isfinite(w).all():
             skipped[name] = "weight contains NaN/Inf"
             continue
@@ -556,6 +559,8 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable 
             raise ValueError(f"embedding_rows cannot keep rows of {', '.join(tied)}: tied to an LM head, whose MPO "
                              "head would miss them (exclude the table or set embedding_rows=0)")
     sens = {}
+    if not data and linear and config.layer_weighting == "sensitivity":
+        raise ValueError("layer_weighting='sensitivity' needs calibration data (the sensitivities are measured on it)")
     if data and linear and config.layer_weighting == "sensitivity" and config.param_ratio is not None \
             and config.allocation == "global":
         sens = layer_sensitivity(model, linear, data[: max(1, min(len(data), 8))])
@@ -641,8 +646,9 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable 
             for w in works:
                 if w.exact is None:  # kinds=("lowrank",): every layer the same fraction of its weights
                     m, n = w.W.shape
-                    rank = int(config.param_ratio * m * n // (m + n))
-                    widths[w.name] = rank if 1 <= rank < min(m, n) else None
+                    # at least rank 1 (a tiny budget must not leave the layer dense); dense where the rank saves nothing
+                    rank = max(1, int(config.param_ratio * m * n // (m + n)))
+                    widths[w.name] = rank if rank < min(m, n) else None
             spectra = [LayerSpectrum([o * i for o, i in zip(w.out_f, w.in_f)], w.exact.bond_spectra or [],
                                      w.weight, w.W.numel()) for w in capped]
             if spectra:
@@ -726,7 +732,8 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable 
         n = w.numel() if isinstance(w, torch.Tensor) else 0
         out_f, in_f = _shape(mod)
         report.layers.append(LayerReport(name, type(mod).__name__, out_f, in_f, status=f"skipped: {why}",
-                                         params_before=n, params_after=n))
+                                         params_before=n, params_after=n,
+                                         form="mpo" if isinstance(mod, MPOLinear) else "dense"))
     previous = getattr(model, "bondgate_report", None)
     if isinstance(previous, CompressionReport):  # compressing again: the layers compressed before stay reported
         now = {r.name for r in report.layers}

@@ -152,3 +152,9 @@ def test_random_mpo_matches_linear_init_variance():
         vals.append(MPO.random(256, 384, bond=16, generator=g).to_matrix().var().item())
     expected = 1.0 / (3 * 384)  # nn.Linear: U(-1/sqrt(in), 1/sqrt(in))
     assert sum(vals) / len(vals) == pytest.approx(expected, rel=0.15)
+
+
+@pytest.mark.parametrize("n, d", [(41, 4), (13, 3), (37, 4), (113, 5), (257, 6)])
+def test_small_primes_in_many_cores_are_padded_not_left_as_one_leg(n, d):
+    padded, legs = choose_factors(n, d)
+    assert padded >= n and math.prod(legs) == padded and max(legs) <= 1.5 * padded ** (1 / d)

@@ -584,3 +584,44 @@ def test_skipped_rows_say_their_form_and_subclassed_tables_with_a_forward_are_sk
     rows = {r.name: r for r in model.bondgate_report.layers}
     assert rows["emb"].status.startswith("skipped") and rows["emb"].form == "dense"
     assert rows["tied"].status.startswith("skipped: weight is tied") and rows["tied"].form == "dense"
+
+
+def test_global_allocation_meets_a_budget_only_bond_one_mpos_fit():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 32))
+    compress(model, CompressionConfig(param_ratio=0.02, policy="memory"), progress=False)
+    report = model.bondgate_report
+    assert report.params_after <= 0.02 * report.params_before and all(r.form == "mpo" for r in report.layers)
+
+
+def test_a_table_whose_rows_embedding_rows_all_keeps_stays_dense():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok, self.typ, self.lin = nn.Embedding(1000, 64), nn.Embedding(2, 64), nn.Linear(64, 64)
+
+        def forward(self, ids, types):
+            return self.lin(self.tok(ids) + self.typ(types))
+
+    torch.manual_seed(0)
+    model = M()
+    compress(model, CompressionConfig(param_ratio=0.3, embeddings=True, embedding_rows=50),
+             calibration=[(torch.randint(0, 1000, (8, 32)), torch.randint(0, 2, (8, 32)))], progress=False)
+    rows = {r.name: r for r in model.bondgate_report.layers}
+    assert type(model.typ) is nn.Embedding and rows["typ"].status.startswith("skipped: embedding_rows=50")
+    assert type(model.tok).__name__ == "MPOEmbedding"
+
+
+@pytest.mark.filterwarnings("ignore:compress. at tol")  # an exact layer at tol=0.001 holds more than dense
+def test_a_bfloat16_layer_reports_the_error_of_its_bfloat16_cores():
+    torch.manual_seed(0)
+    W = torch.randn(256, 256).to(torch.bfloat16)
+    mpo = MPO.from_matrix(W, num_cores=3)  # exact in float64, not in bfloat16
+    actual = float((MPO([c.double() for c in mpo.cores], 256, 256).to_matrix() - W.double()).norm() / W.double().norm())
+    assert mpo.error == pytest.approx(actual, rel=1e-9) and mpo.error > 1e-3
+    model = nn.Sequential(nn.Linear(256, 256).to(torch.bfloat16))
+    dense = model[0].weight.detach().double().clone()
+    compress(model, CompressionConfig(tol=0.001, calibrate=False, policy="memory"), progress=False)
+    cores = MPO([c.detach().double() for c in model[0].cores], 256, 256).to_matrix()
+    actual = float((cores - dense).norm() / dense.norm())
+    assert model.bondgate_report.layers[0].weight_error == pytest.approx(actual, rel=1e-6)

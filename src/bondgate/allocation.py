@@ -96,8 +96,8 @@ def tolerance_menu(mpo, dense_params: int, grid: Sequence[float] | None = None) 
     params, errors, widths = [dense_params], [0.0], [None]
     seen = set()
     rc = mpo.right_orthogonal_cores()
-    for t in grid:
-        cut = mpo.truncate(tol=t, right_orthogonal=rc)
+    # the tolerances, then every bond at 1: the smallest MPO of this layer, so that a budget it fits is met
+    for cut in (*(mpo.truncate(tol=t, right_orthogonal=rc) for t in grid), mpo.truncate(max_bond=1, right_orthogonal=rc)):
         if cut.bond_dims in seen:
             continue
         seen.add(cut.bond_dims)
@@ -163,7 +163,8 @@ def allocate(menus: Sequence[LayerMenu], budget: int, cost_budget: float | None 
     """
     floor = sum(min(m.params) for m in menus)
     if budget < floor:
-        raise ValueError(f"budget of {budget:,} weights is below the smallest possible MPOs ({floor:,} weights)")
+        raise ValueError(f"budget of {budget:,} weights is below the smallest possible factored layers ({floor:,} "
+                         f"weights)")
     mu = 0.0
     choice, _ = _fit_params(menus, budget, mu)
     if cost_budget is not None:

@@ -75,6 +75,11 @@ def choose_factors(n: int, d: int, max_pad: float = 0.25) -> tuple[int, tuple[in
         g = balanced_factors(m, d)
         if max(g) <= 1.5 * m ** (1.0 / d):
             return m, g
+    # small n in many cores (41 in 4: 41 -> (1, 1, 1, 41)): more padding rather than a leg that is all of n
+    for m in range(int(n * (1 + max_pad)) + 2, 2 * n + 1):
+        g = balanced_factors(m, d)
+        if max(g) <= 1.5 * m ** (1.0 / d):
+            return m, g
     return n, f  # pragma: no cover - a power of two always exists within +100%
 
 

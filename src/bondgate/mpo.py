@@ -193,7 +193,8 @@ class MPO:
                 the error may then exceed ``tol`` (``error`` reports it).
 
         The SVDs run in float64; cores are returned in ``W``'s dtype, in left-canonical form with
-        every bond's channels ordered by decreasing Schmidt value (see :meth:`canonicalize`).
+        every bond's channels ordered by decreasing Schmidt value (see :meth:`canonicalize`). In a 16-bit
+        dtype ``error`` includes the cores' rounding (so it may exceed ``tol``).
         """
         W = _check_matrix(W)
         _check_tol(tol)
@@ -239,6 +240,9 @@ class MPO:
             mpo.error = float(torch.linalg.norm(diff)) / w_norm if w_norm > 0 else 0.0
         mpo.error_exact = True
         mpo.cores = [c.to(W.dtype) for c in mpo.cores]
+        if torch.finfo(W.dtype).bits < 32 and w_norm > 0:  # the rounding of 16-bit cores is part of the error
+            diff = MPO([c.to(torch.float64) for c in mpo.cores], N, M).to_matrix() - A[:N, :M]
+            mpo.error = float(torch.linalg.norm(diff)) / w_norm
         return mpo
 
     @classmethod
@@ -305,7 +309,8 @@ class MPO:
         exact Schmidt values of the operator across that cut and its channels come out sorted by them;
         later steps never rotate an earlier bond. Hence slicing bond ``k`` to its first ``w`` channels
         (keeping the others) is the Eckart-Young optimal rank-``w`` cut, with error
-        ``sqrt(sum(bond_spectra[k][w:]**2))``. Rank-deficient bonds shrink to their true rank.
+        ``sqrt(sum(bond_spectra[k][w:]**2))``. Every Schmidt value is kept, numerically zero ones too (a
+        rank-deficient bond keeps its width): :meth:`truncate` with a ``tol`` above rounding drops them.
         """
         return self._sweep(caps=[None] * (self.num_cores - 1), tol=None)[0]
 

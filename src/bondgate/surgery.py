@@ -96,13 +96,17 @@ class CompressionConfig:
         refine_steps: L-BFGS iterations on the activation-weighted error per layer (0 = off).
         layer_weighting: how the global allocation weighs one layer's squared output error against
             another's: ``"sensitivity"`` (measured effect on the model output; needs calibration data),
-            ``"relative"`` (relative output error: every layer counts the same), ``"absolute"``.
+            ``"relative"`` (error relative to the layer's whitened weight, ``||W S||^2`` with ``S`` the whitening
+            the factorization uses — Kronecker-factored per input leg for an MPO, the full input covariance for a
+            low-rank pair — an approximation of the layer's output energy ``tr(W C W^T)``, not that energy itself),
+            ``"absolute"``.
         damping: relative ridge on each input-leg covariance.
         policy: the new MPO layers' kernels: ``"memory"`` (never keep a dense weight), ``"speed"`` (keep it where
             that is faster), or ``"auto"`` (default): speed for the layers whose factored plans (autotuned) are slower
             than the dense layer at 1 or ``deploy_rows`` rows, memory for the others — so the compressed model is not
             slower than the dense one; the report says which each layer got (and the µs the decision saw).
-        max_calibration_rows: stop the statistics pass once every layer has seen this many rows.
+        max_calibration_rows: stop the statistics pass once every layer has seen this many rows. The calibration
+            iterable itself is read in full (and held, since later passes re-read it): pass a finite, sized one.
         quantize: ``None`` (default) or ``"int8"``: every new MPO layer is quantized (per-channel int8 cores,
             :meth:`bondgate.MPOLinear.quantize_`; saved as int8: ~3.5-3.9x fewer bytes, scales included). Its
             reported errors and its bias re-fit include the quantization. Linear layers the budget keeps dense
@@ -551,6 +555,10 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable 
     _check_stats(stats, linear)
     tables = {n: m for n, m in targets.items() if isinstance(m, nn.Embedding)}
     token_counts = collect_token_counts(model, tables, data, progress) if data and tables else {}
+    for n, m in list(tables.items()) if config.embedding_rows else ():
+        if m.num_embeddings <= config.embedding_rows:  # every row kept exactly: factors would only add weights
+            skipped[n] = f"embedding_rows={config.embedding_rows} would keep all its {m.num_embeddings} rows"
+            del tables[n], targets[n]
     if config.embedding_rows and tables:
         if not token_counts:
             raise ValueError("embedding_rows needs calibration data (it keeps the most frequent ids' rows)")
@@ -687,7 +695,8 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable 
             cores = mpo_w.cores if w.S_inv is None else fold_into_cores(mpo_w.cores, w.S_inv)
             if w.cov is not None and config.refine_steps > 0:
                 cores, _, _ = refine_cores(cores, w.W, w.cov, w.W.shape[0], w.W.shape[1], config.refine_steps)
-            mpo = MPO([c.to(torch.float64) for c in cores], w.W.shape[0], w.W.shape[1])
+            # on the grid of the layer's dtype: the errors and the bias re-fit are those of the cores it gets
+            mpo = MPO([c.to(ref.dtype).to(torch.float64) for c in cores], w.W.shape[0], w.W.shape[1])
             if config.quantize is not None:  # on the grid of the layer's dtype: the errors and bias re-fit include it
                 mpo = MPO([fake_quant(c.to(ref.dtype)).to(torch.float64) for c in mpo.cores], *w.W.shape)
             W_hat = mpo.to_matrix()

@@ -276,9 +276,10 @@ def route(objective: torch.Tensor, max_groups: int | None = None) -> torch.Tenso
 
 
 def _total(objective: torch.Tensor) -> torch.Tensor:
-    """``objective.sum(0)`` over the rows whose objective is finite: a NaN/inf row (its output is NaN anyway)
-    must not choose the level of the call's other rows."""
-    return torch.where(objective.isfinite().all(-1, keepdim=True), objective, 0).sum(0)
+    """``objective.sum(0)`` without its non-finite entries: the row of a NaN/inf input (NaN or inf at every level;
+    its output is NaN anyway) must not choose the level of the call's other rows. One op (~1.5 us) where masking
+    whole rows took three (~7 us), on the path of every multi-row call with ``max_groups``."""
+    return objective.nan_to_num(0.0, 0.0, 0.0).sum(0)
 
 
 class PriceTracker:

@@ -389,3 +389,24 @@ def test_latency_reports_and_restores():
     assert latency(model, (torch.randn(2, 48),), reps=2, warmup=0)["reps"] == 2
     kwargs = {"input1": torch.randn(1, 3), "input2": torch.randn(1, 3)}
     assert latency(nn.Bilinear(3, 3, 2), kwargs, reps=1)["reps"] == 1
+
+
+def test_mpo_budget_counts_lowrank_layers_and_refuses_an_uncompressed_model():
+    model = _mlp()
+    mixed = copy.deepcopy(model)
+    mixed[0] = MPOLinear.from_linear(model[0], max_bond=4, num_cores=2)
+    mixed[2] = LowRankLinear.from_linear(model[2], rank=3)
+    assert mpo_budget(mixed) == {"0": mixed[0].num_params, "2": mixed[2].num_params}
+    with pytest.raises(ValueError, match="no MPOLinear or LowRankLinear"):
+        mpo_budget(model)
+
+
+def test_pruning_refuses_nan_weights_and_ratios_must_be_finite():
+    model = _mlp()
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"0\.weight holds NaN"):
+        magnitude_prune(model, param_ratio=0.5)
+    for fn in (magnitude_prune, svd_compress):
+        with pytest.raises(ValueError, match="finite"):
+            fn(_mlp(), param_ratio=float("inf"))

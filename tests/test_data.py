@@ -338,3 +338,26 @@ def test_bank_mlp_cli(data_dir, bank_mlp, tmp_path, capsys, monkeypatch):
     assert set(res["summary"]) == {"baseline", "mpo-middle chi=8 (before ft)", "mpo-middle chi=8 (after ft)"}
     assert [r["seed"] for r in res["runs"]] == [0, 1]
     assert res["runs"][0]["mpo"]["bond_dims"] == [8, 8, 8]
+
+
+def test_a_file_of_another_split_is_refused_and_bom_and_blank_tails_are_read(tmp_path, data_dir):
+    with pytest.raises(ValueError, match="is the sts-dev.tsv file, but sts-train.tsv was asked for"):
+        bd.load_stsb(data_dir / "stsb" / "sts-dev.tsv", split="train")
+    with pytest.raises(ValueError, match="is the wiki.valid.tokens file"):
+        bd.load_text("wikitext-2", "train", data_dir / "wikitext-2" / "wiki.valid.tokens")
+    p = tmp_path / REL
+    p.parent.mkdir(parents=True)
+    p.write_bytes(b"\xef\xbb\xbfscore\tsentence1\tsentence2\r\n4.0\tA.\tB.\r\n\r\n\r\n")  # BOM, blank lines at the end
+    assert bd.load_stsb(tmp_path) == [("A.", "B.", 4.0)]
+
+
+def test_bank_rows_with_empty_cells_or_other_labels_are_refused(tmp_path, data_dir):
+    src = bd.resolve(bd.BANK_FILE, data_dir / "bank-marketing", download=False).read_text().splitlines()
+    csv = tmp_path / bd.BANK_FILE
+    csv.parent.mkdir(parents=True)
+    csv.write_text("\n".join([src[0], ";" + src[1].split(";", 1)[1], *src[2:50]]) + "\n")  # row 2: no age
+    with pytest.raises(ValueError, match=re.escape(f"{csv}:2: empty cell in column 'age'")):
+        bd.load_bank_marketing(tmp_path, download=False)
+    csv.write_text("\n".join([src[0], *(line.rsplit(";", 1)[0] + ';"No"' for line in src[1:50])]) + "\n")
+    with pytest.raises(ValueError, match="column 'y' must hold 'yes' or 'no'"):
+        bd.load_bank_marketing(tmp_path, download=False)

@@ -166,8 +166,8 @@ def _budgets(
                 raise ValueError(f"params[{name!r}] must be a non-negative integer, got {n!r}")
             budgets[name] = int(n)
         return selected, budgets, skipped
-    if not param_ratio >= 0:
-        raise ValueError(f"param_ratio must be >= 0, got {param_ratio!r}")
+    if not 0 <= param_ratio < math.inf:
+        raise ValueError(f"param_ratio must be a finite number >= 0, got {param_ratio!r}")
     selected, skipped = _select(model, target, replace)
     budgets = {n: math.floor(param_ratio * m.weight.numel() + 0.5) for n, m in selected.items()}
     return selected, budgets, skipped
@@ -183,12 +183,18 @@ def _totals(layers: dict[str, dict], skipped: dict[str, str]) -> dict[str, Any]:
 
 
 def mpo_budget(model: nn.Module) -> dict[str, int]:
-    """``{name: num_params}`` of every :class:`MPOLinear` in ``model`` (core weights, bias excluded).
+    """``{name: num_params}`` of every compressed linear layer in ``model`` — :class:`MPOLinear` and
+    :class:`~bondgate.LowRankLinear` (the weights they store, bias excluded).
 
     Pass it as ``params=`` to :func:`svd_compress` / :func:`magnitude_prune` on the dense model the MPO
-    model was made from, so each baseline layer stores as many weights as its MPO counterpart.
+    model was made from, so each baseline layer stores as many weights as its counterpart. Compressed tables
+    (:class:`~bondgate.MPOEmbedding`) have no baseline here and are not listed. Raises ``ValueError`` when the model
+    has no compressed linear layer (an empty budget would leave the baseline dense without a word).
     """
-    return {name: m.num_params for name, m in model.named_modules() if isinstance(m, MPOLinear)}
+    budget = {name: m.num_params for name, m in model.named_modules() if isinstance(m, (MPOLinear, LowRankLinear))}
+    if not budget:
+        raise ValueError("mpo_budget: the model has no MPOLinear or LowRankLinear layers (compress it first)")
+    return budget
 
 
 def svd_compress(
@@ -286,6 +292,8 @@ def magnitude_prune(
         numel = w.numel()
         budget = min(budgets[name], numel)
         flat = w.detach().reshape(-1)
+        if not bool(torch.isfinite(flat).all()):  # a NaN sorts as the largest and makes the error NaN
+            raise ValueError(f"magnitude_prune: {name + '.' if name else ''}weight holds NaN or inf values")
         # Stable descending sort keeps equal |w| in index order, i.e. lower index wins ties.
         order = torch.sort(flat.abs(), descending=True, stable=True).indices
         drop = torch.ones(numel, dtype=torch.bool, device=w.device)

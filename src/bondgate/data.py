@@ -71,6 +71,9 @@ REMOTES: dict[str, _Remote] = {BANK_FILE: _Remote(BANK_URL, BANK_MEMBERS, BANK_S
 
 
 # ---------------------------------------------------------------------------------------- resolver
+_KNOWN_FILES = {f"sts-{s}.tsv" for s in STSB_SPLITS} | {Path(f).name for fs in TEXT_FILES.values() for f in fs.values()}
+
+
 def cache_dir() -> Path:
     """The download cache: ``$BONDGATE_CACHE`` if set, else ``~/.cache/bondgate``."""
     env = os.environ.get("BONDGATE_CACHE")
@@ -87,6 +90,9 @@ def resolve(relpath: str, path: str | os.PathLike | None = None, *, download: bo
     name = Path(relpath).name
     if path is not None:
         p = Path(path).expanduser()
+        if p.is_file() and p.name != name and p.name in _KNOWN_FILES:  # e.g. the dev file asked for as train
+            raise ValueError(f"{p} is the {p.name} file, but {name} was asked for (the split comes from the file "
+                             f"when a file is given: pass its folder, or the file of that split)")
         candidates = [p] if not p.is_dir() else [p / relpath, p / name]
         for c in candidates:
             if c.is_file():
@@ -215,6 +221,13 @@ def load_bank_marketing(path: str | os.PathLike | None = None, *, download: bool
     if df.empty:
         raise ValueError(f"{csv}: a header but no rows; expected {expected}")
     df = df.drop(columns="duration")
+    empty = df.columns[df.isna().any()].tolist()
+    if empty:  # a NaN would pass into X silently
+        row = int(df[empty[0]].isna().to_numpy().argmax()) + 2
+        raise ValueError(f"{csv}:{row}: empty cell in column {empty[0]!r} (columns with empty cells: {empty})")
+    labels = set(df["y"].unique()) - {"yes", "no"}
+    if labels:
+        raise ValueError(f"{csv}: column 'y' must hold 'yes' or 'no', found {sorted(map(str, labels))[:5]}")
     y = (df.pop("y") == "yes").to_numpy()
     df = pd.get_dummies(df, columns=list(BANK_CATEGORICAL))
     for col in BANK_NUMERIC:
@@ -236,10 +249,11 @@ def load_bank_marketing(path: str | os.PathLike | None = None, *, download: bool
 
 # ---------------------------------------------------------------------------------------- text
 def _read_text(p: Path) -> str:
-    # Decode bytes ourselves: no newline translation, so the text is byte-faithful to the file.
+    # Decode bytes ourselves: no newline translation, so the text is byte-faithful to the file (but for a BOM,
+    # which editors that save "UTF-8" put first).
     blob = p.read_bytes()
     try:
-        return blob.decode("utf-8")
+        return blob.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = blob.count(b"\n", 0, exc.start) + 1
         raise ValueError(f"{p}:{line}: not UTF-8 text (byte 0x{blob[exc.start]:02x} at offset {exc.start}); "
@@ -257,7 +271,7 @@ def load_stsb(path: str | os.PathLike | None = None, split: str = "dev") -> list
         raise ValueError(f"STS-B split must be one of {STSB_SPLITS}, got {split!r}")
     p = resolve(f"stsb/sts-{split}.tsv", path, download=False)
     lines = [line.removesuffix("\r") for line in _read_text(p).split("\n")]  # "\r": Windows line ends
-    if lines and lines[-1] == "":
+    while lines and lines[-1] == "":  # trailing blank lines
         lines.pop()
     if not lines or lines[0].split("\t") != ["score", "sentence1", "sentence2"]:
         raise ValueError(f"{p}: expected the header 'score<TAB>sentence1<TAB>sentence2'")

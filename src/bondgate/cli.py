@@ -323,9 +323,12 @@ def _check_out(out: Path, model_dir: Path) -> None:
 def _check_out_writable(out: Path) -> None:
     """Before minutes of compression: ``--out`` (or its nearest existing parent, where it will be made) must be a
     directory this process can write, and not one ``bondgate.save`` refuses (the working directory or above)."""
-    here = Path.cwd().resolve()
-    if out.resolve() in (here, *here.parents):
-        raise ValueError(f"--out: {out} is the working directory or one above it; choose a new directory")
+    from .io import save_target
+
+    try:
+        save_target(out)
+    except ValueError as exc:
+        raise ValueError(f"--out: {exc}") from exc
     base = out
     while not base.exists():
         base = base.parent

@@ -412,12 +412,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, report: Any = None, 
 
     from safetensors.torch import save_file
 
-    if directory.is_symlink() or directory.name in ("", ".", "..") or ".." in directory.parts:
-        directory = directory.resolve()  # a link: write beside what it points to (the link stays); "..": its parent
-    cwd = Path.cwd().resolve()
-    if directory == cwd or directory in cwd.parents:
-        raise ValueError(f"cannot save into {directory}: it is the working directory or one of its parents (a "
-                         "checkpoint directory is replaced as a whole); give a subdirectory")
+    directory = save_target(directory)
     if directory.exists() and not directory.is_dir():
         raise FileExistsError(f"{directory} exists and is not a directory")
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -750,6 +745,18 @@ def _check_replaced(model: nn.Module, shells: dict[str, nn.Module], meta: dict) 
         if wrong:
             raise ValueError(f"module {name!r} of the model ({type(old).__name__}) does not fit the checkpoint's layer: "
                              + ", ".join(f"{k} {a} in the model, {b} in the checkpoint" for k, (a, b) in wrong.items()))
+
+
+def save_target(directory: Path) -> Path:
+    """The directory :func:`save` writes for ``directory`` (a link or ``..`` resolved); ``ValueError`` for the working
+    directory or one of its parents (a checkpoint directory is replaced as a whole)."""
+    if directory.is_symlink() or directory.name in ("", ".", "..") or ".." in directory.parts:
+        directory = directory.resolve()  # a link: write beside what it points to (the link stays); "..": its parent
+    cwd = Path.cwd().resolve()
+    if directory == cwd or directory in cwd.parents:
+        raise ValueError(f"cannot save into {directory}: it is the working directory or one of its parents (a "
+                         "checkpoint directory is replaced as a whole); give a subdirectory")
+    return directory
 
 
 def _nonfinite(state: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> str | None:

@@ -437,8 +437,8 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str,
         if _matches(name, config.exclude):
             continue
         why = None
-        if emb and any(getattr(mod, a) for a in ("max_norm", "sparse", "scale_grad_by_freq")):
-            bad = [a for a in ("max_norm", "sparse", "scale_grad_by_freq") if getattr(mod, a)]
+        bad = [a for a in ("max_norm", "sparse", "scale_grad_by_freq") if getattr(mod, a)] if emb else []
+        if bad:
             why = f"an MPO table cannot do {', '.join(bad)}"
         elif id(mod) in read_directly:
             why = "nn.MultiheadAttention reads out_proj.weight directly, so an MPO layer cannot replace it"

@@ -14,6 +14,7 @@ from .lowrank import LowRankLinear
 from .mpo import MPO
 from .planner import MEMORY, SPEED, PlanPolicy, clear_plan_cache
 from .quant import quantize_mpo
+from .recurrent import Recurrent
 from .surgery import CompressionConfig, CompressionReport, compress
 
 __version__ = "0.1.0"
@@ -23,6 +24,7 @@ __all__ = [
     "MPO",
     "MPOLinear",
     "MPOEmbedding",
+    "Recurrent",
     "PlanPolicy",
     "MEMORY",
     "SPEED",

@@ -718,8 +718,10 @@ def _skeleton(directory: Path, arch: dict, device: str | None = None) -> nn.Modu
 
 def _features(mod: nn.Module) -> dict[str, int]:
     """The sizes a module's replacement must keep (``in_features``, ``out_features``, ``num_embeddings``,
-    ``embedding_dim``), as far as the module tells them."""
-    sizes = {k: getattr(mod, k) for k in ("in_features", "out_features", "num_embeddings", "embedding_dim")
+    ``embedding_dim``; a recurrent module's ``input_size``, ``hidden_size``, ``num_layers``), as far as the module
+    tells them."""
+    sizes = {k: getattr(mod, k) for k in ("in_features", "out_features", "num_embeddings", "embedding_dim",
+                                          "input_size", "hidden_size", "num_layers")
              if isinstance(getattr(mod, k, None), int)}
     w = getattr(mod, "weight", None)
     if not sizes and type(mod).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2:

@@ -56,6 +56,7 @@ from .lowrank import LowRankLinear
 from .mpo import MPO
 from .planner import MAX_CORES
 from .quant import check_quant, fake_quant
+from .recurrent import Recurrent, reroll, unroll
 
 __all__ = ["CompressionConfig", "CompressionReport", "LayerReport", "compress", "find_targets"]
 
@@ -426,15 +427,18 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str,
     targets, skipped = {}, {}
     inside_mpo = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, MPOLinear) and n)
     read_directly = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    recurrent = {n for n, m in model.named_modules() if isinstance(m, Recurrent)}
     for name, mod in model.named_modules():
         emb = config.embeddings and isinstance(mod, nn.Embedding)  # subclasses too: skipped below if they add a forward
         if not name or not (isinstance(mod, nn.Linear) or is_conv1d(mod) or emb) or isinstance(mod, MPOLinear):
             continue
         if name.startswith(inside_mpo):  # e.g. a gating controller: part of an MPO layer, not a target
             continue
-        if config.target_modules is not None and not _matches(name, config.target_modules):
+        parent = name.rpartition(".")[0] if name.rpartition(".")[0] in recurrent else None  # selected with it
+        if config.target_modules is not None and not _matches(name, config.target_modules) \
+                and not (parent is not None and _matches(parent, config.target_modules)):
             continue
-        if _matches(name, config.exclude):
+        if _matches(name, config.exclude) or (parent is not None and _matches(parent, config.exclude)):
             continue
         why = None
         bad = [a for a in ("max_norm", "sparse", "scale_grad_by_freq") if getattr(mod, a)] if emb else []
@@ -537,13 +541,41 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable 
     ``calibration``: optional iterable of model inputs (tensors, tuples, or dicts of keyword arguments
     such as tokenized batches); a few hundred rows per layer are enough. The report is attached as
     ``model.bondgate_report``.
+
+    Targeted ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` modules (selected by their own name or their projections'
+    names, see :mod:`bondgate.recurrent`) become :class:`~bondgate.Recurrent` modules whose weight matrices
+    (``lstm.ih_l0``, ``lstm.hh_l0`` ...) are compressed like any linear layer; one whose matrices all stay dense
+    is given back as torch's module (its rows then read ``lstm.weight_ih_l0`` ...).
     """
+    if not isinstance(config, CompressionConfig):
+        raise TypeError(f"config must be a CompressionConfig, got {type(config).__name__}")
+
+    def selected(name: str, projections: list[str]) -> bool:
+        if _matches(name, config.exclude):
+            return False
+        return config.target_modules is None or any(_matches(n, config.target_modules) for n in (name, *projections))
+
+    converted, rnn_skipped = unroll(model, selected)
+    try:
+        _compress(model, config, calibration, progress, rnn_skipped)
+    except BaseException:
+        reroll(model, converted, force=True)
+        raise
+    back = reroll(model, converted)
+    for row in model.bondgate_report.layers:
+        parent, _, child = row.name.rpartition(".")
+        if parent in back:
+            row.name, row.kind = f"{parent}.weight_{child}", type(converted[parent]).__name__
+    return model
+
+
+def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable | None, progress: bool,
+              extra_skipped: dict[str, str]) -> None:
     if progress:
         from tqdm.auto import tqdm
 
-    if not isinstance(config, CompressionConfig):
-        raise TypeError(f"config must be a CompressionConfig, got {type(config).__name__}")
     targets, skipped = find_targets(model, config)
+    skipped.update(extra_skipped)
     report = CompressionReport(config=config.to_dict())
     names = module_names(model)
     data = list(calibration) if (calibration is not None and config.calibrate) else None
@@ -751,7 +783,7 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable 
     model.bondgate_report = report
     from .hf import attach
 
-    return attach(model)  # a transformers model: config.quantization_config records the layers for save_pretrained
+    attach(model)  # a transformers model: config.quantization_config records the layers for save_pretrained
 
 
 def _swap(model: nn.Module, w: _Work, names: dict[int, list[str]], layer: nn.Module) -> None:

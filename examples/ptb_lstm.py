@@ -1,0 +1,286 @@
+"""A recurrent language model, compressed: 2-layer LSTM on Penn Treebank (the "Deep Learning from Scratch 2" model).
+
+1. ``train``: word-level LSTM LM (tied input/output embeddings, dropout), trained for ``--minutes`` on PTB train with
+   Adam on windows of ``--bptt`` tokens, saved with ``bondgate.save``.
+2. ``compress``: loads it, compresses the LSTM's weight matrices (``nn.LSTM`` -> :class:`bondgate.Recurrent`,
+   whose ``ih_l*`` / ``hh_l*`` projections become MPO layers) to ``--ratio`` of their weights with calibration on PTB
+   train, heals the student by distillation from the dense model (KL to the teacher's next-token distribution plus
+   the task loss) for ``--minutes``, and reports PTB **valid** perplexity, weights, bytes on disk and eval speed
+   against the dense model, in ``benchmarks/results/ptb_lstm<tag>.{json,md}``.
+
+Perplexity is measured over the whole valid stream in ``--eval-batch`` columns, the hidden state carried from one
+window to the next. The test split is never read. Examples::
+
+    python examples/ptb_lstm.py train --minutes 20 --out runs/ptb-lstm
+    python examples/ptb_lstm.py compress --dense runs/ptb-lstm --ratio 0.5 --minutes 15 --tag _50
+
+The functions are imported by the tests: ``sys.path.insert(0, "<repo>/examples"); import ptb_lstm``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import bondgate
+from bondgate.data import load_text
+from bondgate.io import read_metadata
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------- data
+class Vocab:
+    """Word ids of a PTB-style corpus (the words of the train split, ``<eos>`` at each line end)."""
+
+    def __init__(self, text: str) -> None:
+        words = sorted({w for line in text.splitlines() for w in line.split()} | {"<eos>"})
+        self.itos = words
+        self.stoi = {w: i for i, w in enumerate(words)}
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def encode(self, text: str) -> torch.Tensor:
+        """All ids of ``text`` in order, ``<eos>`` after every non-empty line; unknown words -> ``<unk>``."""
+        unk = self.stoi.get("<unk>")
+        ids = []
+        for line in text.splitlines():
+            words = line.split()
+            if not words:
+                continue
+            for w in words:
+                i = self.stoi.get(w, unk)
+                if i is None:
+                    raise ValueError(f"word {w!r} is not in the vocabulary and there is no <unk>")
+                ids.append(i)
+            ids.append(self.stoi["<eos>"])
+        return torch.tensor(ids, dtype=torch.long)
+
+
+def windows(ids: torch.Tensor, length: int, batch: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """One epoch of training batches: ``{"ids": (batch, length), "targets": (batch, length)}`` (next tokens),
+    from non-overlapping windows in a shuffled order."""
+    n = (ids.numel() - 1) // length
+    starts = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) * length
+    out = []
+    for k in range(0, n - batch + 1, batch):
+        s = starts[k: k + batch, None] + torch.arange(length)
+        out.append({"ids": ids[s], "targets": ids[s + 1]})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- model
+@dataclass
+class LMOutput:
+    logits: torch.Tensor  # (batch, length, vocab)
+    loss: torch.Tensor | None = None  # mean next-token cross entropy (nats) when targets are given
+    hidden: tuple | None = None  # the LSTM state after the last token
+
+
+class LSTMLM(nn.Module):
+    """Embedding -> dropout -> 2-layer LSTM -> dropout -> linear head tied to the embedding."""
+
+    def __init__(self, vocab: int, dim: int = 256, layers: int = 2, dropout: float = 0.3) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.drop = nn.Dropout(dropout)
+        self.rnn = nn.LSTM(dim, dim, layers, batch_first=True, dropout=dropout)
+        self.head = nn.Linear(dim, vocab)
+        self.head.weight = self.embed.weight
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None, hidden: tuple | None = None) -> LMOutput:
+        h, hidden = self.rnn(self.drop(self.embed(ids)), hidden)
+        logits = self.head(self.drop(h))
+        loss = None if targets is None else nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return LMOutput(logits, loss, hidden)
+
+
+def build(vocab: int, dim: int = 256, layers: int = 2, dropout: float = 0.3, seed: int = 0) -> LSTMLM:
+    torch.manual_seed(seed)
+    return LSTMLM(vocab, dim, layers, dropout)
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, ids: torch.Tensor, batch: int = 10, bptt: int = 70) -> float:
+    """exp(mean next-token cross entropy) over ``ids`` laid out in ``batch`` columns, state carried across windows."""
+    was = model.training
+    model.eval()
+    cols = ids[: (ids.numel() // batch) * batch].view(batch, -1)
+    total, count, hidden = 0.0, 0, None
+    for s in range(0, cols.shape[1] - 1, bptt):
+        x, y = cols[:, s: s + bptt], cols[:, s + 1: s + 1 + bptt]
+        x = x[:, : y.shape[1]]
+        out = model(x, y, hidden)
+        hidden = out.hidden
+        total += float(out.loss) * y.numel()
+        count += y.numel()
+    model.train(was)
+    return math.exp(total / count)
+
+
+# ---------------------------------------------------------------------------------------------- steps
+def train_dense(model: LSTMLM, train_ids: torch.Tensor, minutes: float, bptt: int = 35, batch: int = 32,
+                lr: float = 2e-3, progress: bool = True, log=print) -> dict:
+    """Adam with a cosine schedule over ``minutes`` of CPU time (process time / threads: fair on a shared machine)."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    threads = max(torch.get_num_threads(), 1)
+    start, budget = time.process_time(), minutes * 60
+    model.train()
+    steps, epoch = 0, 0
+    while True:
+        for b in windows(train_ids, bptt, batch, seed=epoch):
+            used = (time.process_time() - start) / threads
+            if used >= budget:
+                return {"steps": steps, "epochs": epoch, "cpu_minutes": used / 60}
+            for g in opt.param_groups:
+                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * used / budget))
+            loss = model(b["ids"], b["targets"]).loss
+            opt.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            opt.step()
+            steps += 1
+            if progress and steps % 200 == 0:
+                log(f"step {steps} epoch {epoch} loss {loss.item():.3f} ({used / 60:.1f} min)")
+        epoch += 1
+
+
+def _size_bytes(model: nn.Module, path: Path) -> int:
+    bondgate.save(model, path)
+    return sum(f.stat().st_size for f in path.iterdir())
+
+
+def _eval_speed(models: dict[str, nn.Module], ids: torch.Tensor, rows: int, length: int) -> dict[str, float]:
+    """Tokens/s of one forward over ``rows`` sequences of ``length`` tokens, interleaved rounds (median)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import time_interleaved
+
+    x = ids[: rows * length].view(rows, length)
+    fns = {}
+    for name, m in models.items():
+        m.eval()
+        fns[name] = (lambda m=m: m(x))
+    with torch.inference_mode():
+        secs = time_interleaved(fns, rounds=5)
+    return {k: rows * length / v for k, v in secs.items()}
+
+
+def compress_and_heal(dense: LSTMLM, vocab: Vocab, train_ids: torch.Tensor, valid_ids: torch.Tensor, ratio: float,
+                      minutes: float, calib_batches: int = 16, bptt: int = 35, batch: int = 32, lr: float = 1e-3,
+                      progress: bool = True, target: str = "rnn") -> tuple[nn.Module, dict]:
+    """Compress ``dense``'s LSTM to ``ratio`` of its weights, heal it by distillation; returns (student, figures)."""
+    dense.eval()
+    data = windows(train_ids, bptt, batch, seed=123)
+    calib = [{"ids": b["ids"]} for b in data[:calib_batches]]
+    student = copy.deepcopy(dense)
+    t0 = time.perf_counter()
+    bondgate.compress(student, bondgate.CompressionConfig(param_ratio=ratio, target_modules=[target]),
+                      calibration=calib, progress=progress)
+    figures = {"compress_seconds": time.perf_counter() - t0,
+               "report": student.bondgate_report.to_dict(),
+               "ppl_compressed": perplexity(student, valid_ids)}
+    if minutes > 0:
+        res = bondgate.distill(student, dense, data, loss=bondgate.DistillLoss(hidden=0, logits=1.0, task=1.0,
+                                                                             temperature=1.0),
+                               max_minutes=minutes, budget_clock="cpu", lr=lr, progress=progress, log_every=200,
+                               patience=None, eval_fn=None)
+        figures["heal_steps"] = res.steps
+    figures["ppl_healed"] = perplexity(student, valid_ids)
+    return student, figures
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def _corpus(data: str | None) -> tuple[Vocab, torch.Tensor, torch.Tensor]:
+    train_text = load_text("ptb", "train", data)
+    vocab = Vocab(train_text)
+    return vocab, vocab.encode(train_text), vocab.encode(load_text("ptb", "valid", data))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train the dense LSTM LM and save it")
+    t.add_argument("--minutes", type=float, default=20.0, help="CPU-time budget (process time / threads)")
+    t.add_argument("--dim", type=int, default=256)
+    t.add_argument("--out", default="runs/ptb-lstm")
+    c = sub.add_parser("compress", help="compress the saved dense model's LSTM, heal it, report valid perplexity")
+    c.add_argument("--dense", default="runs/ptb-lstm")
+    c.add_argument("--ratio", type=float, default=0.5, help="fraction of the LSTM's weights kept")
+    c.add_argument("--minutes", type=float, default=15.0, help="healing budget (CPU time); 0 = no healing")
+    c.add_argument("--tag", default="")
+    c.add_argument("--out", default=None, help="save the healed model here")
+    for q in (t, c):
+        q.add_argument("--data", default=None, help="data root (default: $BONDGATE_DATA or the cache)")
+        q.add_argument("--threads", type=int, default=None)
+        q.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    vocab, train_ids, valid_ids = _corpus(args.data)
+    if args.cmd == "train":
+        model = build(len(vocab), args.dim)
+        info = train_dense(model, train_ids, args.minutes, progress=not args.no_progress)
+        ppl = perplexity(model, valid_ids)
+        print(f"dense: valid perplexity {ppl:.2f} after {info['steps']} steps ({info['cpu_minutes']:.1f} CPU min)")
+        bondgate.save(model.eval(), args.out, report={"valid_ppl": ppl, "dim": args.dim, **info})
+        return 0
+    meta = read_metadata(args.dense)
+    dim = int(meta["report"]["dim"])
+    dense = bondgate.load(args.dense, model=build(len(vocab), dim))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import banner, machine_info
+
+    info = machine_info()
+    ppl_dense = perplexity(dense, valid_ids)
+    student, fig = compress_and_heal(dense, vocab, train_ids, valid_ids, args.ratio, args.minutes,
+                                     progress=not args.no_progress)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        bytes_dense = _size_bytes(dense, Path(tmp) / "dense")
+        bytes_student = _size_bytes(student, Path(tmp) / "student")
+    speed = {rows: _eval_speed({"dense": dense, "compressed": student}, valid_ids, rows, 35) for rows in (1, 32)}
+    rep = student.bondgate_report
+    result = {"machine": info, "ratio": args.ratio, "heal_minutes": args.minutes, "ppl_dense": ppl_dense, **fig,
+              "lstm_weights_before": rep.params_before, "lstm_weights_after": rep.params_after,
+              "model_weights_dense": sum(p.numel() for p in dense.parameters()),
+              "model_weights_compressed": sum(p.numel() for p in student.parameters()),
+              "bytes_dense": bytes_dense, "bytes_compressed": bytes_student,
+              "tokens_per_s": {str(k): v for k, v in speed.items()}}
+    out = ROOT / "benchmarks" / "results" / f"ptb_lstm{args.tag}"
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
+    lines = [f"# PTB LSTM LM, LSTM weights at {args.ratio:.0%}, healed {args.minutes:g} CPU min", "",
+             f"`python examples/ptb_lstm.py compress --ratio {args.ratio} --minutes {args.minutes:g}"
+             f"{' --tag ' + args.tag if args.tag else ''}`", "", banner(info), "",
+             "| model | LSTM weights | all weights | bytes on disk | valid ppl |", "|---|---|---|---|---|",
+             f"| dense | {rep.params_before:,} | {result['model_weights_dense']:,} | {bytes_dense:,} | {ppl_dense:.2f} |",
+             f"| compressed, before healing | {rep.params_after:,} | {result['model_weights_compressed']:,} | "
+             f"{bytes_student:,} | {fig['ppl_compressed']:.2f} |",
+             f"| compressed, healed | {rep.params_after:,} | {result['model_weights_compressed']:,} | {bytes_student:,} | "
+             f"{fig['ppl_healed']:.2f} |", "",
+             "Eval forward, tokens/s (35-token sequences, median of 5 interleaved rounds):", "",
+             "| sequences | dense | compressed | ratio |", "|---|---|---|---|"]
+    for rows, s in speed.items():
+        lines.append(f"| {rows} | {s['dense']:.0f} | {s['compressed']:.0f} | {s['compressed'] / s['dense']:.2f}x |")
+    lines += ["", str(rep)]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    if args.out:
+        bondgate.save(student, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,465 @@
+"""Recurrent layers (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``) with every weight matrix a module of its own.
+
+torch's recurrent modules keep their weights as flat parameters fed to one fused kernel, so there is no
+``nn.Linear`` for :func:`bondgate.compress` to replace. :class:`Recurrent` computes the same function with
+each matrix an ordinary layer, named after the torch parameter it holds::
+
+    ih_l{k}[_reverse]   the input projection of layer k   (gates * hidden, input)   weight_ih_l{k} + bias_ih_l{k}
+    hh_l{k}[_reverse]   the recurrent projection           (gates * hidden, hidden)  weight_hh_l{k} + bias_hh_l{k}
+    hr_l{k}[_reverse]   an LSTM's output projection        (proj_size, hidden)       weight_hr_l{k}, no bias
+
+(gates: 4 for an LSTM, in torch's order i, f, g, o; 3 for a GRU, r, z, n; 1 for an RNN). Any of them can then
+be an :class:`~bondgate.MPOLinear`, a :class:`~bondgate.LowRankLinear` or a gated layer. The input projection
+runs once for the whole sequence (``length * batch`` rows, where a factored layer pays off); the recurrent one
+runs per time step on ``batch`` rows. :func:`bondgate.compress` converts the recurrent modules it targets and
+puts back torch's fused module where every matrix stays dense.
+
+Inputs and outputs are torch's: ``(L, N, H_in)`` (``(N, L, H_in)`` with ``batch_first``), unbatched ``(L, H_in)``,
+or a ``PackedSequence``; ``hx`` (an ``(h_0, c_0)`` pair for an LSTM) is ``(D * num_layers, N, H_out)``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from .io import LAYER_TYPES, register_layer_type
+
+__all__ = ["Recurrent", "RECURRENT_TYPES", "unroll", "reroll"]
+
+#: torch modules :class:`Recurrent` replaces, by mode.
+RECURRENT_TYPES: dict[str, type[nn.RNNBase]] = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN": nn.RNN}
+_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+
+
+def _projection_names(num_layers: int, bidirectional: bool, proj_size: int) -> list[str]:
+    return [f"{kind}_l{k}{sfx}" for k in range(num_layers) for sfx in (("", "_reverse") if bidirectional else ("",))
+            for kind in (("ih", "hh", "hr") if proj_size else ("ih", "hh"))]
+
+
+def _stamp(params) -> tuple | None:
+    """Identity, storage and version of each parameter (``None`` for inference tensors, which have no version)."""
+    try:
+        return tuple((id(p), p.data_ptr(), p.dtype, p._version) for p in params)
+    except RuntimeError:
+        return None
+
+
+def _linear_spec(layer: nn.Linear) -> dict:
+    return {"type": "Linear", "in_features": layer.in_features, "out_features": layer.out_features,
+            "bias": layer.bias is not None, "dtype": str(layer.weight.dtype).removeprefix("torch.")}
+
+
+def _size(layer: nn.Module, attr: str) -> int | None:
+    value = getattr(layer, attr, None)
+    return value if isinstance(value, int) else None
+
+
+class Recurrent(nn.Module):
+    """A multi-layer LSTM / GRU / Elman RNN whose weight matrices are separate modules (see the module doc).
+
+    Built by :meth:`from_torch` (sharing the torch module's parameters) or like ``nn.LSTM``; ``forward`` has
+    torch's signature and results (to float rounding).
+    """
+
+    def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 proj_size: int = 0, nonlinearity: str = "tanh", dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if mode not in _GATES:
+            raise ValueError(f"mode must be one of {sorted(_GATES)}, got {mode!r}")
+        for name, value, low in (("input_size", input_size, 1), ("hidden_size", hidden_size, 1),
+                                 ("num_layers", num_layers, 1), ("proj_size", proj_size, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if proj_size and (mode != "LSTM" or proj_size >= hidden_size):
+            raise ValueError(f"proj_size needs mode='LSTM' and proj_size < hidden_size, got {proj_size} "
+                             f"(mode {mode!r}, hidden_size {hidden_size})")
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        if not (isinstance(dropout, (int, float)) and 0 <= dropout <= 1):
+            raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
+        self.fused = True
+        self.mode, self.input_size, self.hidden_size, self.num_layers = mode, input_size, hidden_size, num_layers
+        self.bias, self.batch_first, self.dropout = bool(bias), bool(batch_first), float(dropout)
+        self.bidirectional, self.proj_size, self.nonlinearity = bool(bidirectional), proj_size, nonlinearity
+        gates = _GATES[mode] * hidden_size
+        out = proj_size or hidden_size
+        for k in range(num_layers):
+            in_k = input_size if k == 0 else out * self.num_directions
+            for sfx in self._suffixes:
+                setattr(self, f"ih_l{k}{sfx}", nn.Linear(in_k, gates, bias=bias, dtype=dtype))
+                setattr(self, f"hh_l{k}{sfx}", nn.Linear(out, gates, bias=bias, dtype=dtype))
+                if proj_size:
+                    setattr(self, f"hr_l{k}{sfx}", nn.Linear(hidden_size, proj_size, bias=False, dtype=dtype))
+
+    def _shell(self) -> nn.RNNBase:
+        """torch's module of the same structure, on the meta device (its parameters are passed per call)."""
+        shell = self.__dict__.get("_shell_module")
+        if shell is None:  # kept out of _modules: no parameters, no state_dict entries, never moved
+            with torch.device("meta"):
+                shell = self.__dict__["_shell_module"] = self._torch_module()
+        return shell
+
+    def _torch_module(self) -> nn.RNNBase:
+        kwargs: dict[str, Any] = dict(num_layers=self.num_layers, bias=self.bias, batch_first=self.batch_first,
+                                      dropout=self.dropout, bidirectional=self.bidirectional)
+        if self.mode == "LSTM":
+            kwargs["proj_size"] = self.proj_size
+        if self.mode == "RNN":
+            kwargs["nonlinearity"] = self.nonlinearity
+        return RECURRENT_TYPES[self.mode](self.input_size, self.hidden_size, **kwargs)
+
+    def _dense_weights(self) -> dict[str, torch.Tensor] | None:
+        """torch's flat parameters (``weight_ih_l0`` ...) from the projections, or ``None`` when a projection cannot
+        give its dense weight (a gated layer, whose width depends on the input, or another module) or has hooks
+        (calibration and user hooks must see each call)."""
+        from .layer import MPOLinear
+        from .lowrank import LowRankLinear
+
+        layers = [getattr(self, n) for n in self.projection_names()]
+        if any(type(m) not in (nn.Linear, MPOLinear, LowRankLinear) or m._forward_hooks or m._forward_pre_hooks
+               for m in layers) or nn.modules.module._global_forward_hooks \
+                or nn.modules.module._global_forward_pre_hooks:
+            return None
+        grad = torch.is_grad_enabled()
+        key = _stamp(self.parameters()) if not grad else None
+        cached = self.__dict__.get("_dense_cache")
+        if key is not None and cached is not None and cached[0] == key:
+            return cached[1]
+        weights: dict[str, torch.Tensor] = {}
+        for name, layer in zip(self.projection_names(), layers):
+            kind, _, rest = name.partition("_")
+            weights[f"weight_{kind}_{rest}"] = layer.weight if type(layer) is nn.Linear else layer.weight_matrix()
+            if layer.bias is not None:
+                weights[f"bias_{kind}_{rest}"] = layer.bias
+        # inference: kept until a parameter changes (the memory of the dense weights, for torch's fused kernel)
+        self.__dict__["_dense_cache"] = None if key is None else (key, weights)
+        return weights
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    @property
+    def _suffixes(self) -> tuple[str, ...]:
+        return ("", "_reverse") if self.bidirectional else ("",)
+
+    @property
+    def output_size(self) -> int:
+        """Features of one direction's output (``proj_size`` or ``hidden_size``)."""
+        return self.proj_size or self.hidden_size
+
+    def projection_names(self) -> list[str]:
+        """The names of the weight-matrix modules, in torch's parameter order."""
+        return _projection_names(self.num_layers, self.bidirectional, self.proj_size)
+
+    def extra_repr(self) -> str:
+        s = f"{self.mode}, {self.input_size}, {self.hidden_size}, num_layers={self.num_layers}"
+        for name, default in (("bias", True), ("batch_first", False), ("dropout", 0.0), ("bidirectional", False),
+                              ("proj_size", 0)):
+            if getattr(self, name) != default:
+                s += f", {name}={getattr(self, name)}"
+        return s + (f", nonlinearity={self.nonlinearity!r}" if self.mode == "RNN" and self.nonlinearity != "tanh"
+                    else "")
+
+    # ------------------------------------------------------------------ conversion
+    @classmethod
+    def from_torch(cls, rnn: nn.RNNBase) -> Recurrent:
+        """The same network as ``rnn`` (an ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``), holding ``rnn``'s very
+        parameters (no copy: ``requires_grad`` and optimizer state carry over; ``rnn`` itself is left as is)."""
+        mode = next((m for m, t in RECURRENT_TYPES.items() if isinstance(rnn, t)), None)
+        if mode is None:
+            raise TypeError(f"expected an nn.LSTM, nn.GRU or nn.RNN, got {type(rnn).__name__}")
+        nonlinearity = getattr(rnn, "nonlinearity", "tanh")
+        with torch.device("meta"):  # the Linear shells get rnn's parameters below: allocate nothing
+            new = cls(mode, rnn.input_size, rnn.hidden_size, rnn.num_layers, rnn.bias, rnn.batch_first,
+                      float(rnn.dropout), rnn.bidirectional, getattr(rnn, "proj_size", 0), nonlinearity)
+        for name in new.projection_names():
+            kind, _, rest = name.partition("_")
+            layer = getattr(new, name)
+            layer.weight = getattr(rnn, f"weight_{kind}_{rest}")
+            if layer.bias is not None:
+                layer.bias = getattr(rnn, f"bias_{kind}_{rest}")
+        new.train(rnn.training)
+        return new
+
+    def to_torch(self) -> nn.RNNBase:
+        """The fused torch module, holding this module's parameters; every projection must be a plain
+        ``nn.Linear`` (``TypeError`` otherwise: a factored layer has no dense weight to give)."""
+        factored = [n for n in self.projection_names() if type(getattr(self, n)) is not nn.Linear]
+        if factored:
+            raise TypeError(f"to_torch needs plain nn.Linear projections; {', '.join(factored)} are not")
+        with torch.device("meta"):
+            rnn = self._torch_module()
+        for name in self.projection_names():
+            kind, _, rest = name.partition("_")
+            layer = getattr(self, name)
+            rnn._parameters[f"weight_{kind}_{rest}"] = layer.weight
+            if layer.bias is not None:
+                rnn._parameters[f"bias_{kind}_{rest}"] = layer.bias
+        rnn._init_flat_weights()
+        rnn.train(self.training)
+        return rnn
+
+    # ------------------------------------------------------------------ checkpoints
+    def spec(self) -> dict:
+        """JSON-serializable structure, with each projection's own spec, for :func:`bondgate.save`."""
+        projections = {}
+        for name in self.projection_names():
+            layer = getattr(self, name)
+            if type(layer) is nn.Linear:
+                projections[name] = _linear_spec(layer)
+            elif LAYER_TYPES.get(getattr(layer, "spec", lambda: {})().get("type")) is type(layer):
+                projections[name] = layer.spec()
+            else:
+                raise ValueError(f"cannot save projection {name} of a Recurrent: a {type(layer).__name__} is neither "
+                                 f"an nn.Linear nor a registered bondgate layer (see bondgate.register_layer_type)")
+        return {"type": "Recurrent", "mode": self.mode, "input_size": self.input_size,
+                "hidden_size": self.hidden_size, "num_layers": self.num_layers, "bias": self.bias,
+                "batch_first": self.batch_first, "dropout": self.dropout, "bidirectional": self.bidirectional,
+                "proj_size": self.proj_size, "nonlinearity": self.nonlinearity, "projections": projections}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> Recurrent:
+        """An uninitialized module with the structure of :meth:`spec` (fill it with ``load_state_dict``)."""
+        keys = ("mode", "input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
+                "bidirectional", "proj_size", "nonlinearity", "projections")
+        missing = [k for k in keys if k not in spec]
+        if missing:
+            raise ValueError(f"Recurrent spec is missing {missing}")
+        new = cls(*(spec[k] for k in keys[:-1]))
+        projections = spec["projections"]
+        if not isinstance(projections, dict) or set(projections) != set(new.projection_names()):
+            raise ValueError(f"Recurrent spec must describe the projections {new.projection_names()}")
+        for name, sub in projections.items():
+            shell = getattr(new, name)
+            if not isinstance(sub, dict) or sub.get("type") not in ("Linear", *LAYER_TYPES) \
+                    or sub.get("type") == "Recurrent":
+                raise ValueError(f"projection {name}: unknown layer type {sub.get('type') if isinstance(sub, dict) else sub!r}")
+            if sub["type"] == "Linear":
+                dtype = getattr(torch, str(sub.get("dtype", "float32")), None)
+                if not isinstance(dtype, torch.dtype):
+                    raise ValueError(f"projection {name}: unknown dtype {sub.get('dtype')!r}")
+                layer = nn.Linear(int(sub["in_features"]), int(sub["out_features"]), bias=bool(sub["bias"]),
+                                  dtype=dtype)
+            else:
+                layer = LAYER_TYPES[sub["type"]].from_spec(sub)
+            have = (_size(layer, "in_features"), _size(layer, "out_features"))
+            if have != (shell.in_features, shell.out_features) or \
+                    (getattr(layer, "bias", None) is not None) != (shell.bias is not None):
+                raise ValueError(f"projection {name}: a {shell.out_features}x{shell.in_features} layer "
+                                 f"{'with' if shell.bias is not None else 'without'} bias expected, the spec gives "
+                                 f"{have[1]}x{have[0]}")
+            setattr(new, name, layer)
+        return new
+
+    @staticmethod
+    def after_load(model: nn.Module) -> None:
+        """Model-level state of the layer types inside (a gated projection's shared price tracker)."""
+        inner = {type(m) for r in model.modules() if isinstance(r, Recurrent) for m in r.children()}
+        for cls in inner:
+            if cls is not Recurrent and callable(getattr(cls, "after_load", None)):
+                cls.after_load(model)
+
+    # ------------------------------------------------------------------ forward
+    def _check(self, x: torch.Tensor, hx: Any, batch: int) -> None:
+        if x.size(-1) != self.input_size:
+            raise ValueError(f"input has {x.size(-1)} features, this {self.mode} expects input_size={self.input_size}")
+        want_h = (self.num_layers * self.num_directions, batch, self.output_size)
+        want_c = (self.num_layers * self.num_directions, batch, self.hidden_size)
+        if self.mode == "LSTM":
+            if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+                raise ValueError("an LSTM's hx must be a pair (h_0, c_0)")
+            pairs = [("h_0", hx[0], want_h), ("c_0", hx[1], want_c)]
+        else:
+            pairs = [("hx", hx, want_h)]
+        for what, t, want in pairs:
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != want:
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{what} must have shape {want}, got {got}")
+
+    def _cell(self, gi: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None, hh: nn.Module,
+              hr: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One time step from the precomputed input projection ``gi`` (N, gates*H)."""
+        gh = hh(h)
+        if self.mode == "LSTM":
+            i, f, g, o = (gi + gh).chunk(4, dim=-1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            return (h if hr is None else hr(h)), c
+        if self.mode == "GRU":
+            ir, iz, i_n = gi.chunk(3, dim=-1)
+            hr_, hz, h_n = gh.chunk(3, dim=-1)
+            r, z = torch.sigmoid(ir + hr_), torch.sigmoid(iz + hz)
+            n = torch.tanh(i_n + r * h_n)
+            return n + z * (h - n), None
+        pre = gi + gh
+        return (torch.tanh(pre) if self.nonlinearity == "tanh" else torch.relu(pre)), None
+
+    def _direction(self, x: torch.Tensor, lengths: torch.Tensor | None, h: torch.Tensor, c: torch.Tensor | None,
+                   k: int, sfx: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One layer, one direction over ``x`` (L, N, F), time-major and already reversed for ``_reverse``."""
+        L, N = x.shape[0], x.shape[1]
+        gi = getattr(self, f"ih_l{k}{sfx}")(x.reshape(L * N, -1)).reshape(L, N, -1)
+        hh = getattr(self, f"hh_l{k}{sfx}")
+        hr = getattr(self, f"hr_l{k}{sfx}") if self.proj_size else None
+        outs = []
+        for t in range(L):
+            h_new, c_new = self._cell(gi[t], h, c, hh, hr)
+            if lengths is not None:  # a packed batch: sequences that have ended keep their state, output zeros
+                live = (lengths > t).unsqueeze(1)
+                h = torch.where(live, h_new, h)
+                c = None if c is None else torch.where(live, c_new, c)
+                outs.append(torch.where(live, h_new, torch.zeros_like(h_new)))
+            else:
+                h, c = h_new, c_new
+                outs.append(h)
+        return torch.stack(outs), h, c
+
+    def forward(self, input: torch.Tensor | PackedSequence, hx: Any = None):
+        """torch's ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` forward: ``(output, h_n)``, ``(output, (h_n, c_n))``.
+
+        With ``fused`` (default) and projections that are ``nn.Linear``, ``MPOLinear`` or ``LowRankLinear`` without
+        hooks, it runs torch's fused kernel on their dense weights (rebuilt per call when training, so gradients
+        reach the cores; kept between inference calls until a parameter changes): the weights are reused at every
+        time step, so one rebuild per sequence is cheaper than a factored product per step. Otherwise (gated
+        projections, hooks, ``fused = False``) it steps through time in Python, each projection called as a module.
+        """
+        weights = self._dense_weights() if self.fused else None
+        if weights is not None:
+            shell = self._shell()
+            shell.train(self.training)
+            return torch.func.functional_call(shell, weights, (input,) if hx is None else (input, hx))
+        packed = isinstance(input, PackedSequence)
+        lengths = None
+        if packed:
+            sorted_indices, unsorted_indices = input.sorted_indices, input.unsorted_indices
+            x, lengths = pad_packed_sequence(input, batch_first=False)
+            lengths = lengths.to(x.device)
+            batched = True
+        else:
+            if not isinstance(input, torch.Tensor) or input.dim() not in (2, 3):
+                raise ValueError(f"input must be a 2-D (unbatched) or 3-D tensor or a PackedSequence, got "
+                                 f"{tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__}")
+            batched = input.dim() == 3
+            x = input if batched else input.unsqueeze(1)
+            if batched and self.batch_first:
+                x = x.transpose(0, 1)
+            if hx is not None and not batched:
+                hx = tuple(t.unsqueeze(1) for t in hx) if self.mode == "LSTM" and isinstance(hx, (tuple, list)) \
+                    else hx.unsqueeze(1) if isinstance(hx, torch.Tensor) else hx
+        L, N = x.shape[0], x.shape[1]
+        D = self.num_directions
+        if hx is None:
+            h0 = x.new_zeros(self.num_layers * D, N, self.output_size)
+            hx = (h0, x.new_zeros(self.num_layers * D, N, self.hidden_size)) if self.mode == "LSTM" else h0
+        self._check(x, hx, N)
+        h0, c0 = (hx[0], hx[1]) if self.mode == "LSTM" else (hx, None)
+        if lengths is not None:
+            # time index of step t of each sequence read backwards (padding stays in place): an involution
+            t = torch.arange(L, device=x.device).unsqueeze(1)
+            rev = torch.where(t < lengths, lengths - 1 - t, t)
+        h_n, c_n = [], []
+        for k in range(self.num_layers):
+            outs = []
+            for d, sfx in enumerate(self._suffixes):
+                i = k * D + d
+                c = None if c0 is None else c0[i]
+                if d == 0:
+                    seq = x
+                elif lengths is None:
+                    seq = x.flip(0)
+                else:
+                    seq = x.gather(0, rev.unsqueeze(2).expand_as(x))
+                out, h, c = self._direction(seq, lengths, h0[i], c, k, sfx)
+                if d == 1:
+                    out = out.flip(0) if lengths is None else out.gather(0, rev.unsqueeze(2).expand_as(out))
+                outs.append(out)
+                h_n.append(h)
+                if c is not None:
+                    c_n.append(c)
+            x = outs[0] if D == 1 else torch.cat(outs, dim=2)
+            if self.dropout and self.training and k < self.num_layers - 1:
+                x = F.dropout(x, self.dropout, training=True)
+        h_n = torch.stack(h_n)
+        hidden: Any = (h_n, torch.stack(c_n)) if self.mode == "LSTM" else h_n
+        if packed:
+            order = sorted_indices if sorted_indices is not None else torch.arange(N, device=x.device)
+            data = pack_padded_sequence(x.index_select(1, order), lengths.index_select(0, order).cpu(),
+                                        enforce_sorted=True)
+            return PackedSequence(data.data, data.batch_sizes, sorted_indices, unsorted_indices), hidden
+        if not batched:
+            x = x.squeeze(1)
+            hidden = tuple(t.squeeze(1) for t in hidden) if self.mode == "LSTM" else hidden.squeeze(1)
+        elif self.batch_first:
+            x = x.transpose(0, 1)
+        return x, hidden
+
+
+register_layer_type(Recurrent)
+
+
+def _names(model: nn.Module) -> dict[int, list[str]]:
+    names: dict[int, list[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(mod), []).append(name)
+    return names
+
+
+def _put(model: nn.Module, names: list[str], module: nn.Module) -> None:
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, module)
+
+
+def unroll(model: nn.Module, select: Callable[[str, list[str]], bool]) -> tuple[dict[str, nn.RNNBase], dict[str, str]]:
+    """Replace, in place, the ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` modules of ``model`` that ``select(name, shell)``
+    accepts (given its name and the full names its projections will have) by :class:`Recurrent` modules holding the same parameters. Returns ``(converted, skipped)``:
+    the original modules by name (for :func:`reroll`), and the modules left alone with the reason."""
+    converted: dict[str, nn.RNNBase] = {}
+    skipped: dict[str, str] = {}
+    names = _names(model)
+    for name, mod in list(model.named_modules()):
+        if not name or not isinstance(mod, tuple(RECURRENT_TYPES.values())):
+            continue
+        base = next(t for t in RECURRENT_TYPES.values() if isinstance(mod, t))
+        projections = _projection_names(mod.num_layers, mod.bidirectional, getattr(mod, "proj_size", 0))
+        if not select(name, [f"{name}.{p}" for p in projections]):
+            continue
+        why = None
+        if type(mod).forward is not base.forward:
+            why = (f"its class {type(mod).__qualname__} overrides forward(); a Recurrent would drop what that forward "
+                   "adds")
+        elif parametrize.is_parametrized(mod):
+            why = "its weights are parametrized (weight norm, spectral norm ...)"
+        if why is not None:
+            skipped[name] = why
+            warnings.warn(f"compress: skipping {name}: {why}", stacklevel=3)
+            continue
+        _put(model, names[id(mod)], Recurrent.from_torch(mod))
+        converted[name] = mod
+    return converted, skipped
+
+
+def reroll(model: nn.Module, converted: dict[str, nn.RNNBase], force: bool = False) -> list[str]:
+    """Put back the original module of every :class:`Recurrent` that :func:`unroll` made and whose projections all
+    stayed plain ``nn.Linear`` (torch's fused kernel is faster), or of every one with ``force``; returns their
+    names."""
+    back = []
+    names = _names(model)
+    for name, original in converted.items():
+        new = model.get_submodule(name)
+        if isinstance(new, Recurrent) and (force or all(type(getattr(new, n)) is nn.Linear
+                                                        for n in new.projection_names())):
+            _put(model, names[id(new)], original)
+            back.append(name)
+    return back
+

@@ -1,0 +1,249 @@
+"""bondgate.Recurrent: nn.LSTM / nn.GRU / nn.RNN with separate projection modules, and compressing them."""
+
+import copy
+import itertools
+import json
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import bondgate
+from bondgate.recurrent import Recurrent
+
+CASES = [(mode, layers, bidir, proj) for mode, layers, bidir, proj in
+         itertools.product(("LSTM", "GRU", "RNN"), (1, 2), (False, True), (0, 3)) if not (proj and mode != "LSTM")]
+
+
+def _outputs(out) -> list[torch.Tensor]:
+    y, hidden = out
+    y = y.data if isinstance(y, nn.utils.rnn.PackedSequence) else y
+    return [y, *(hidden if isinstance(hidden, tuple) else (hidden,))]
+
+
+def _max_diff(a, b) -> float:
+    return max((u - v).abs().max().item() for u, v in zip(_outputs(a), _outputs(b), strict=True))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("mode,layers,bidir,proj", CASES)
+def test_matches_torch(mode, layers, bidir, proj, fused):
+    torch.manual_seed(0)
+    kw = {"num_layers": layers, "bidirectional": bidir, **({"proj_size": proj} if proj else {})}
+    D, H = (2 if bidir else 1), 7
+    for batch_first, bias in ((False, True), (True, False)):
+        ref = getattr(nn, mode)(5, H, batch_first=batch_first, bias=bias, **kw).double()
+        rec = Recurrent.from_torch(ref)
+        rec.fused = fused
+        x = torch.randn(4, 6, 5, dtype=torch.float64)  # (L, N) or (N, L)
+        N = 4 if batch_first else 6
+        h0 = torch.randn(layers * D, N, proj or H, dtype=torch.float64)
+        hx = (h0, torch.randn(layers * D, N, H, dtype=torch.float64)) if mode == "LSTM" else h0
+        assert _max_diff(ref(x), rec(x)) < 1e-12
+        assert _max_diff(ref(x, hx), rec(x, hx)) < 1e-12
+        xu = torch.randn(6, 5, dtype=torch.float64)  # unbatched
+        assert _max_diff(ref(xu), rec(xu)) < 1e-12
+        # variable lengths (packed, unsorted): ended sequences keep their state, the reverse direction starts at
+        # each sequence's own end
+        lengths = torch.tensor([6, 2, 5, 3])
+        xp = torch.randn(4, 6, 5, dtype=torch.float64) if batch_first else torch.randn(6, 4, 5, dtype=torch.float64)
+        packed = pack_padded_sequence(xp, lengths, batch_first=batch_first, enforce_sorted=False)
+        a, b = ref(packed), rec(packed)
+        assert torch.equal(a[0].batch_sizes, b[0].batch_sizes)
+        assert torch.equal(a[0].sorted_indices, b[0].sorted_indices)
+        assert _max_diff(a, b) < 1e-12
+
+
+def test_gradients_match_torch_and_shared_parameters():
+    torch.manual_seed(0)
+    ref = nn.LSTM(6, 8, 2, bidirectional=True).double()
+    rec = Recurrent.from_torch(ref)
+    assert {id(p) for p in rec.parameters()} == {id(p) for p in ref.parameters()}  # no copies
+    x = torch.randn(5, 3, 6, dtype=torch.float64)
+    ref(x)[0].square().sum().backward()
+    want = [p.grad.clone() for p in ref.parameters()]
+    for fused in (True, False):
+        ref.zero_grad()
+        rec.fused = fused
+        rec(x)[0].square().sum().backward()
+        assert max((p.grad - g).abs().max().item() for p, g in zip(ref.parameters(), want)) < 1e-12
+
+
+def test_to_torch_round_trip_and_dropout_only_in_training():
+    torch.manual_seed(0)
+    rec = Recurrent("GRU", 4, 6, num_layers=3, dropout=0.5)
+    back = rec.to_torch()
+    x = torch.randn(5, 2, 4)
+    rec.eval(), back.eval()
+    assert _max_diff(rec(x), back(x)) == 0
+    rec.train()
+    for fused in (True, False):
+        rec.fused = fused
+        torch.manual_seed(1)
+        a = rec(x)[0]
+        torch.manual_seed(2)
+        assert (a - rec(x)[0]).abs().max() > 1e-3  # dropout between layers draws per call
+
+
+def test_bad_input_errors():
+    rec = Recurrent("LSTM", 4, 6, num_layers=2)
+    rec.fused = False
+    with pytest.raises(ValueError, match="input_size=4"):
+        rec(torch.randn(3, 2, 5))
+    with pytest.raises(ValueError, match=r"h_0 must have shape \(2, 2, 6\)"):
+        rec(torch.randn(3, 2, 4), (torch.zeros(1, 2, 6), torch.zeros(2, 2, 6)))
+    with pytest.raises(ValueError, match="pair"):
+        rec(torch.randn(3, 2, 4), torch.zeros(2, 2, 6))
+    with pytest.raises(ValueError, match="2-D .* or 3-D"):
+        rec(torch.randn(4))
+    with pytest.raises(ValueError, match="proj_size"):
+        Recurrent("GRU", 4, 6, proj_size=2)
+    with pytest.raises(ValueError, match="mode"):
+        Recurrent("LSTMCell", 4, 6)
+
+
+class LM(nn.Module):
+    def __init__(self, vocab=60, dim=32, mode="LSTM"):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.rnn = getattr(nn, mode)(dim, dim, 2, batch_first=True)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, ids):
+        return self.head(self.rnn(self.emb(ids))[0])
+
+
+def _lm(mode="LSTM"):
+    torch.manual_seed(0)
+    return LM(mode=mode).eval(), [torch.randint(0, 60, (4, 12)) for _ in range(3)]
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_compress_lstm_lm_and_save_load(tmp_path, mode):
+    model, data = _lm(mode)
+    ref = model(data[0])
+    c = bondgate.compress(copy.deepcopy(model), bondgate.CompressionConfig(param_ratio=0.5, target_modules=["rnn"]),
+                          calibration=data, progress=False)
+    assert isinstance(c.rnn, Recurrent)
+    rows = {r.name: r for r in c.bondgate_report.layers}
+    assert set(rows) == {"rnn.ih_l0", "rnn.hh_l0", "rnn.ih_l1", "rnn.hh_l1"}
+    assert c.bondgate_report.params_before == sum(p.numel() for n, p in model.rnn.named_parameters() if "weight" in n)
+    assert 0.4 < c.bondgate_report.ratio <= 0.5
+    assert any(isinstance(m, bondgate.MPOLinear) for m in c.rnn.children())
+    out = c(data[0])
+    err = ((out - ref).norm() / ref.norm()).item()
+    assert 1e-4 < err < 0.5  # compressed (not the identity), but still the same network
+    bondgate.save(c, tmp_path / "ck")
+    meta = json.loads((tmp_path / "ck" / "bondgate.json").read_text())
+    assert meta["layers"]["rnn"]["type"] == "Recurrent"
+    fresh, _ = _lm(mode)
+    loaded = bondgate.load(tmp_path / "ck", model=fresh)
+    assert isinstance(loaded.rnn, Recurrent)
+    assert torch.equal(loaded(data[0]), out)
+    # a model of another size is refused before it is touched
+    other = LM(mode=mode)
+    other.rnn = getattr(nn, mode)(32, 16, 2, batch_first=True)
+    with pytest.raises(ValueError, match="hidden_size 16 in the model, 32 in the checkpoint"):
+        bondgate.load(tmp_path / "ck", model=other)
+    assert type(other.rnn) is getattr(nn, mode)
+
+
+def test_training_reaches_the_cores():
+    model, data = _lm()
+    c = bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.4, target_modules=["rnn"]),
+                          calibration=data, progress=False)
+    c.train()
+    mpo = next(m for m in c.rnn.children() if isinstance(m, bondgate.MPOLinear))
+    before = [p.detach().clone() for p in mpo.parameters()]
+    opt = torch.optim.SGD(c.parameters(), lr=0.1)
+    loss = nn.functional.cross_entropy(c(data[0]).flatten(0, 1), data[1].flatten())
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mpo.parameters())
+    opt.step()
+    c.eval()
+    assert any(not torch.equal(a, b) for a, b in zip(before, mpo.parameters()))
+    # the inference cache of dense weights follows the update
+    with torch.no_grad():
+        y1 = c(data[0])
+        c.rnn.fused = False
+        y2 = c(data[0])
+    assert (y1 - y2).abs().max() < 1e-5
+
+
+def test_selection_and_dense_leftovers():
+    model, data = _lm()
+    # excluded: torch's module stays
+    c = bondgate.compress(copy.deepcopy(model), bondgate.CompressionConfig(param_ratio=0.5, exclude=["rnn"]),
+                          calibration=data, progress=False)
+    assert type(c.rnn) is nn.LSTM and [r.name for r in c.bondgate_report.layers] == ["head"]
+    # one projection by its name
+    c = bondgate.compress(copy.deepcopy(model), bondgate.CompressionConfig(param_ratio=0.5, target_modules=["hh_l1"]),
+                          calibration=data, progress=False)
+    assert isinstance(c.rnn, Recurrent) and isinstance(c.rnn.hh_l1, bondgate.MPOLinear)
+    assert type(c.rnn.ih_l0) is nn.Linear
+    # a budget that keeps every projection dense gives torch's module back, its rows named after its parameters
+    c = bondgate.compress(copy.deepcopy(model), bondgate.CompressionConfig(param_ratio=1.0, target_modules=["rnn"]),
+                          calibration=data, progress=False)
+    assert type(c.rnn) is nn.LSTM
+    assert sorted(r.name for r in c.bondgate_report.layers) == ["rnn.weight_hh_l0", "rnn.weight_hh_l1",
+                                                               "rnn.weight_ih_l0", "rnn.weight_ih_l1"]
+    assert torch.equal(c(data[0]), model(data[0]))
+
+
+def test_failed_compress_gives_torch_module_back():
+    model, data = _lm()
+    lstm = model.rnn
+    with pytest.raises(IndexError):  # an id beyond the table: the calibration pass fails inside the model
+        bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5), calibration=[torch.full((2, 3), 999)],
+                          progress=False)
+    assert model.rnn is lstm
+
+
+def test_subclass_with_own_forward_is_skipped():
+    class MyLSTM(nn.LSTM):
+        def forward(self, x, hx=None):
+            return super().forward(x * 2, hx)
+
+    model, data = _lm()
+    model.rnn = MyLSTM(32, 32, 2, batch_first=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        c = bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5), calibration=data, progress=False)
+    assert type(c.rnn) is MyLSTM
+    assert any("overrides forward" in str(w.message) for w in caught)
+    assert any(r.name == "rnn" and r.status.startswith("skipped") for r in c.bondgate_report.layers)
+
+
+def test_gated_projections_loop_and_save(tmp_path):
+    model, data = _lm()
+    c = bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5, target_modules=["rnn"]),
+                          calibration=data, progress=False)
+    bondgate.gate(c, bondgate.GatingConfig())
+    assert any(isinstance(m, bondgate.GatedMPOLinear) for m in c.rnn.children())
+    assert c.rnn._dense_weights() is None  # a gated width depends on the input: stepped through time
+    bondgate.set_mode(c, "full")
+    full = c(data[0])
+    bondgate.save(c, tmp_path / "g")
+    fresh, _ = _lm()
+    loaded = bondgate.load(tmp_path / "g", model=fresh)
+    bondgate.set_mode(loaded, "full")
+    assert torch.allclose(loaded(data[0]), full, atol=1e-6)
+
+
+def test_corrupt_spec_is_refused():
+    rec = Recurrent("LSTM", 4, 6)
+    spec = rec.spec()
+    bad = copy.deepcopy(spec)
+    del bad["projections"]["hh_l0"]
+    with pytest.raises(ValueError, match="projections"):
+        Recurrent.from_spec(bad)
+    bad = copy.deepcopy(spec)
+    bad["projections"]["hh_l0"]["in_features"] = 5
+    with pytest.raises(ValueError, match="hh_l0"):
+        Recurrent.from_spec(bad)
+    bad = copy.deepcopy(spec)
+    bad["projections"]["ih_l0"]["type"] = "Recurrent"
+    with pytest.raises(ValueError, match="unknown layer type"):
+        Recurrent.from_spec(bad)

@@ -340,3 +340,64 @@ def test_corrupt_tokenizer(files, tmp_path):
         path.write_bytes(blob)
         with pytest.raises(ValueError, match=match):
             Llama2cTokenizer(path, vocab_size=vocab_size)
+
+
+# ------------------------------------------------------------------------------------------- review fixes
+def test_one_long_story_line_and_a_byte_order_mark(model, tok, files, tmp_path):
+    stories = split_stories(files[2].read_text(encoding="utf-8"))
+    line = " ".join(stories[0].split())  # one paragraph: longer than a file name may be
+    assert 255 < len(line.encode()) < 4096
+    direct = tinystories_perplexity(model, tok, line)
+    assert direct.n_tokens > 100
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbf" + files[2].read_bytes())
+    assert tinystories_perplexity(model, tok, bom) == tinystories_perplexity(model, tok, files[2])
+    assert tinystories_perplexity(model, tok, "\ufeff" + line) == direct
+
+
+def test_generate_stops_at_the_end_of_a_story(model):
+    torch.manual_seed(0)
+    out = model.generate(torch.ones(4, 1, dtype=torch.long), do_sample=True, max_new_tokens=400)
+    ended = 0
+    for row in out.tolist():
+        if 1 in row[1:]:  # a story ended with BOS: only padding after it
+            end = row.index(1, 1)
+            assert set(row[end + 1:]) <= {0}
+            ended += 1
+    assert ended >= 2
+
+
+def test_saved_dtype_survives_automodel(model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import bondgate
+
+    m = copy.deepcopy(model)
+    # the embedding table first in the file, then its gated tied head's float64 price: the first tensor
+    bondgate.compress(m, bondgate.CompressionConfig(param_ratio=0.75, num_cores=2, refine_steps=0, embeddings=True),
+                      progress=False)
+    bondgate.gate(m, bondgate.GatingConfig(budget=0.5))
+    m.config.dtype = None  # a model built from a config that names no dtype
+    bondgate.save_pretrained(m, tmp_path / "g")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "g")
+    assert {p.dtype for p in back.parameters()} == {torch.float32}
+
+
+def test_bad_arguments(files, tok, model):
+    with pytest.raises(TypeError, match="floating dtype"):
+        load_llama2c(files[0], dtype="float16")
+    with pytest.raises(TypeError, match="floating dtype"):
+        load_llama2c(files[0], dtype=torch.complex64)
+    with pytest.raises(ValueError, match="vocab_size must be an int >= 259"):
+        Llama2cTokenizer(files[1], vocab_size=0)
+    with pytest.raises(ValueError, match="more tokens than vocab_size=300"):
+        Llama2cTokenizer(files[1], vocab_size=300)
+    with pytest.raises(TypeError, match="must be ints"):
+        tok.decode([1.7])
+    with pytest.raises(TypeError, match="must be ints"):
+        tok.decode([True, 400])
+    assert tok.decode([torch.tensor(1), np.int64(400)]) == tok.decode([1, 400])
+    small = copy.deepcopy(model)
+    small.config.vocab_size = 300
+    with pytest.raises(ValueError, match="512 tokens, the model only 300"):
+        tinystories_perplexity(small, tok, "Once upon a time there was a cat.")

@@ -427,6 +427,8 @@ def save(model: nn.Module, directory: str | os.PathLike, *, report: Any = None, 
             from . import hf as bondgate_hf
 
             bondgate_hf.attach(model)  # config.json records the layers (quantization_config) for from_pretrained
+            if getattr(model.config, "dtype", None) is None:  # else transformers loads in the first tensor's dtype
+                model.config.dtype = model.dtype              # (a gated layer's float64 price, say)
             model.config.save_pretrained(tmp)
             bondgate_hf.mark_config(tmp / "config.json")
         if tokenizer is not None:

@@ -70,6 +70,7 @@ RMS_NORM_EPS = 1e-5
 ROPE_THETA = 10000.0
 BOS_ID = 1
 EOS_ID = 2
+PAD_ID = 0  # <unk>: what generate() pads finished rows of a batch with
 STORY_SEPARATOR = "<|endoftext|>"
 
 
@@ -212,7 +213,8 @@ def load_llama2c(path: str | os.PathLike, dtype: torch.dtype = torch.float32) ->
     The config has ``vocab_size``, ``hidden_size=dim``, ``intermediate_size=hidden_dim``, the layer and head
     counts of the header, ``max_position_embeddings=seq_len``, ``rms_norm_eps=1e-5``, rope theta 10000,
     ``tie_word_embeddings`` when the header's vocab size is positive (the classifier is the embedding), and
-    BOS/EOS ids 1/2. The weights are read as float32 and cast to ``dtype``. The rotary tables stored in the
+    BOS/EOS ids 1/2. ``generate()`` stops at BOS or EOS (llama2.c's models end a story with BOS) and pads with
+    id 0. The weights are read as float32 and cast to ``dtype``. The rotary tables stored in the
     file are only checked (they must match theta 10000): Hugging Face recomputes them.
 
     Raises:
@@ -221,6 +223,9 @@ def load_llama2c(path: str | os.PathLike, dtype: torch.dtype = torch.float32) ->
     """
     import transformers
 
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype.itemsize >= 2):
+        raise TypeError(f"dtype must be a torch floating dtype of 16 bits or more (torch.float32, torch.bfloat16, "
+                        f"torch.float16, torch.float64), got {dtype!r}")
     path = Path(path)
     header = read_llama2c_header(path)  # checks the size before anything is allocated
     flat = np.fromfile(path, dtype="<f4", count=header.n_floats(), offset=HEADER_BYTES)
@@ -270,6 +275,10 @@ def load_llama2c(path: str | os.PathLike, dtype: torch.dtype = torch.float32) ->
             target.copy_(value)
     if header.shared_classifier and model.lm_head.weight is not model.model.embed_tokens.weight:
         model.tie_weights()
+    # llama2.c's models end a story with BOS (run.c stops there), never with EOS: generate() stops at either
+    model.generation_config.eos_token_id = [BOS_ID, EOS_ID]
+    model.generation_config.pad_token_id = PAD_ID
+    model.config.dtype = dtype  # saved in config.json: transformers then loads it in this dtype, whatever it reads first
     return model.to(dtype).eval()
 
 
@@ -291,6 +300,10 @@ class Llama2cTokenizer:
     """
 
     def __init__(self, path: str | os.PathLike, vocab_size: int | None = None) -> None:
+        if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)
+                                       or vocab_size < 259):
+            raise ValueError(f"vocab_size must be an int >= 259 (<unk>, BOS, EOS and 256 byte tokens), got "
+                             f"{vocab_size!r}")
         path = Path(path)
         data = path.read_bytes()
         if len(data) < 4:
@@ -321,7 +334,8 @@ class Llama2cTokenizer:
         if vocab_size is not None and len(pieces) != vocab_size:
             raise ValueError(f"{path}: truncated llama2.c tokenizer: {len(pieces)} tokens, expected {vocab_size}")
         if off != len(data):
-            raise ValueError(f"{path}: {len(data) - off} trailing bytes after {len(pieces)} tokens")
+            more = f" (more tokens than vocab_size={vocab_size}?)" if vocab_size is not None else ""
+            raise ValueError(f"{path}: {len(data) - off} trailing bytes after {len(pieces)} tokens{more}")
         if len(pieces) < 259:
             raise ValueError(f"{path}: truncated llama2.c tokenizer: {len(pieces)} tokens, a sentencepiece "
                              "byte-fallback vocabulary has at least 259 (<unk>, BOS, EOS, 256 bytes)")
@@ -427,6 +441,10 @@ class Llama2cTokenizer:
         out = bytearray()
         prev = None
         for t in ids:
+            if isinstance(t, torch.Tensor) and t.dim() == 0 and not t.is_floating_point() and t.dtype != torch.bool:
+                t = int(t)
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+                raise TypeError(f"token ids must be ints, got {type(t).__name__} {t!r}")
             t = int(t)
             if not 0 <= t < self.vocab_size:
                 raise ValueError(f"token id {t} is outside the vocabulary (size {self.vocab_size})")
@@ -454,6 +472,7 @@ class Perplexity(NamedTuple):
 
 def split_stories(text: str, separator: str = STORY_SEPARATOR) -> list[str]:
     """The stories of a TinyStories dump: split at ``separator``, strip surrounding whitespace, drop empties."""
+    text = text.removeprefix("\ufeff")  # a byte-order mark is not part of the first story
     return [s.strip() for s in text.split(separator) if s.strip()]
 
 
@@ -467,15 +486,22 @@ def _looks_like_path(text: str) -> bool:
             and ("/" in text or os.sep in text or " " not in text))
 
 
+def _is_file(name: str) -> bool:
+    try:
+        return Path(name).is_file()
+    except (OSError, ValueError):  # a name no file system accepts (a part over 255 bytes, a NUL): text
+        return False
+
+
 def _read_source(text_or_path: str | os.PathLike) -> str:
     if isinstance(text_or_path, os.PathLike):
         if not Path(text_or_path).is_file():
             raise FileNotFoundError(f"no such file: {os.fspath(text_or_path)}")
-        return Path(text_or_path).read_text(encoding="utf-8")
+        return Path(text_or_path).read_text(encoding="utf-8-sig")
     if not isinstance(text_or_path, str):
         raise TypeError(f"expected text or a path, got {type(text_or_path).__name__}")
-    if "\n" not in text_or_path and len(text_or_path) < 4096 and Path(text_or_path).is_file():
-        return Path(text_or_path).read_text(encoding="utf-8")
+    if "\n" not in text_or_path and len(text_or_path) < 4096 and _is_file(text_or_path):
+        return Path(text_or_path).read_text(encoding="utf-8-sig")  # a byte-order mark is not text
     if _looks_like_path(text_or_path):  # most likely a mistyped path: scoring it as a story would mislead
         raise FileNotFoundError(f"no such file: {text_or_path} (it looks like a path, so it is not scored as "
                                 "text; pass an existing file, or the text itself)")
@@ -511,6 +537,10 @@ def tinystories_perplexity(model: torch.nn.Module, tokenizer: Llama2cTokenizer, 
     if block < 2:
         raise ValueError(f"block must be at least 2 tokens, got {block}")
     device = next(model.parameters()).device
+    model_vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(model_vocab, int) and tokenizer.vocab_size > model_vocab:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model only {model_vocab}: "
+                         "they do not belong together")
     nll, count = 0.0, 0
     with torch.no_grad():
         for story in stories:

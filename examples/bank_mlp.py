@@ -248,6 +248,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("-v", "--verbose", action="store_true", help="print every epoch")
     args = ap.parse_args(argv)
+    for flag, value in (("--threads", args.threads), ("--max-train-rows", args.max_train_rows)):
+        if value is not None and value < 1:
+            ap.error(f"{flag} must be >= 1, got {value}")
+    if args.whole is not None and not 0 < args.whole <= 1:
+        ap.error(f"--whole must lie in (0, 1], got {args.whole}")
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -1,13 +1,14 @@
 """Compress the GPT-2-architecture LM trained by ``gpt2_wikitext.py`` and heal it by distillation.
 
     python examples/gpt2_wikitext.py train --minutes 18 --out runs/gpt2-wt2     # the dense model first
-    python examples/gpt2_compress.py compare --model runs/gpt2-wt2              # ours vs baselines, no healing
-    python examples/gpt2_compress.py heal --model runs/gpt2-wt2 --ratio 0.5 --minutes 15
+    python examples/gpt2_compress.py --model runs/gpt2-wt2 compare              # ours vs baselines, no healing
+    python examples/gpt2_compress.py --model runs/gpt2-wt2 heal --ratio 0.5 --minutes 15
 
 Targets: the Conv1D layers of the transformer blocks (attention c_attn/c_proj, MLP c_fc/c_proj); the
 LM head is tied to the embedding and stays dense. Quality = WikiText-2 validation perplexity exactly as
 ``gpt2_wikitext.evaluate_ppl`` computes it. Calibration and distillation use train blocks only.
-Results go to benchmarks/results/gpt2_*.{json,md}.
+Results go to benchmarks/results/gpt2_*.{json,md} (``compare --tag T`` writes gpt2_compareT.*: a trial run
+leaves the published table alone).
 """
 
 from __future__ import annotations
@@ -115,15 +116,15 @@ def cmd_compare(args) -> None:
                          "latency_ms": 1e3 * bg.latency(m, lat_in, reps=10, threads=args.threads)["median"],
                          "compress_s": secs})
             print(rows[-1], flush=True)
-    write_json(RESULTS / "gpt2_compare.json", {"machine": info, "rows": rows, "valid_blocks": int(valid.shape[0])})
+    write_json(RESULTS / f"gpt2_compare{args.tag}.json", {"machine": info, "rows": rows, "valid_blocks": int(valid.shape[0])})
     lines = [f"Machine: {banner(info)}", "", f"Validation blocks: {int(valid.shape[0])} x {block} tokens.", "",
              "| method | target ratio | block linear weights | val perplexity | size on disk (MB) | "
-             "latency, 8x128 tokens (ms) |", "|---|---|---|---|---|---|"]
+             f"latency, 8x{block} tokens (ms) |", "|---|---|---|---|---|---|"]
     for r in rows:
         w = "-" if r["weights"] is None else f"{r['weights']:,}"
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
         lines.append(f"| {r['method']} | {ratio} | {w} | {r['ppl']:.2f} | {r['mb']:.1f} | {r['latency_ms']:.0f} |")
-    (RESULTS / "gpt2_compare.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"gpt2_compare{args.tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -173,6 +174,7 @@ def main(argv=None) -> None:
                                                      "int8 dynamic"])
     c.add_argument("--calibration-batches", type=int, default=16)
     c.add_argument("--valid-blocks", type=int, default=0, help="0 = all")
+    c.add_argument("--tag", default="", help="suffix of the results files (default: the published gpt2_compare.*)")
     h = sub.add_parser("heal")
     h.add_argument("--ratio", type=float, default=0.5)
     h.add_argument("--minutes", type=float, default=15.0)

@@ -42,7 +42,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # 
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast  # noqa: E402
 
 EOS_TOKEN = "<|endoftext|>"
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2"
+# $BONDGATE_DATA (as bondgate's loaders read it), else the shared data beside the checkout
+DEFAULT_DATA_DIR = (Path(os.environ["BONDGATE_DATA"]) if os.environ.get("BONDGATE_DATA")
+                    else Path(__file__).resolve().parents[1].parent / "shared" / "data") / "wikitext-2"
 
 
 # --------------------------------------------------------------------------------------------- data

@@ -410,3 +410,34 @@ def test_pruning_refuses_nan_weights_and_ratios_must_be_finite():
     for fn in (magnitude_prune, svd_compress):
         with pytest.raises(ValueError, match="finite"):
             fn(_mlp(), param_ratio=float("inf"))
+
+
+def test_latency_leaves_a_gated_model_as_it_was():
+    import bondgate as bg
+
+    torch.manual_seed(0)
+    m = nn.Sequential(bg.MPOLinear.from_linear(nn.Linear(64, 64), max_bond=8, num_cores=3), nn.ReLU(), nn.Linear(64, 1))
+    bg.gate(m, bg.GatingConfig(budget=0.5))
+    calib = [torch.randn(32, 64) for _ in range(4)]
+    bg.set_budget(m, 0.5, calib, track=0.05)
+    m.eval()
+    x = torch.randn(16, 64) * 3  # shifted inputs: each call moves the tracked price
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    tracker = vars(m[0]._tracker).copy()
+    bg.latency(m, x, reps=20, warmup=2)
+    after = m.state_dict()
+    assert [k for k in before if not torch.equal(before[k], after[k])] == []
+    assert {k: v for k, v in vars(m[0]._tracker).items() if k != "seen"} == \
+        {k: v for k, v in tracker.items() if k != "seen"}
+    with torch.no_grad():
+        m(x)  # ... while an ordinary call still does
+    assert not torch.equal(before["0.budget_lambda"], m.state_dict()["0.budget_lambda"])
+
+
+def test_latency_and_quantize_int8_argument_checks():
+    lin = nn.Linear(8, 8)
+    for kwargs in ({"threads": 0}, {"reps": 2.0}, {"reps": 0}, {"warmup": -1}):
+        with pytest.raises(ValueError, match="must be an int"):
+            latency(lin, torch.randn(2, 8), **kwargs)
+    with pytest.raises(ValueError, match="needs float32 layers"):
+        quantize_int8(nn.Sequential(nn.Linear(8, 8)).to(torch.bfloat16))

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from .calibration import eval_mode
+from .gating import preserved_state
 from .layer import MPOLinear
 from .lowrank import LowRankLinear
 from .surgery import dense_weight, is_conv1d
@@ -346,6 +347,10 @@ def quantize_int8(model: nn.Module, target: Target = None) -> nn.Module:
     selected, _ = _select(new, target, replace=True)
     if not selected:
         return new.eval()
+    wrong = {n: p.dtype for n, m in selected.items() for p in m.parameters() if p.dtype != torch.float32}
+    if wrong:  # torch's dynamic int8 layers compute in float32: a bf16 bias would fail on every call
+        name, dtype = next(iter(wrong.items()))
+        raise ValueError(f"quantize_int8 needs float32 layers; {name} is {dtype} (convert with model.float() first)")
     aliases = _aliases(new)
     names: set[str] = set()
     for m in selected.values():
@@ -504,13 +509,15 @@ def latency(
     """Wall time of ``model(example_inputs)`` in seconds per call, under ``torch.inference_mode()``.
 
     ``example_inputs``: a tensor, a tuple/list of positional arguments, or a dict of keyword
-    arguments. The model runs in eval mode (its train/eval flags are restored afterwards); with
+    arguments. The model runs in eval mode (its train/eval flags are restored afterwards, and so is the routing state
+    of gated layers: their price and level counts are as before the timing calls); with
     ``threads`` the intra-op thread count is set for the measurement and restored. CUDA is
     synchronized around each call. Returns ``median``, ``p10``, ``p90``, ``mean``, ``min`` (seconds),
     ``reps`` and ``threads`` (the count in effect).
     """
-    if reps < 1 or warmup < 0:
-        raise ValueError(f"need reps >= 1 and warmup >= 0, got reps={reps}, warmup={warmup}")
+    for name, value, low in (("reps", reps, 1), ("warmup", warmup, 0), ("threads", 1 if threads is None else threads, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     if isinstance(example_inputs, Mapping):
         args, kwargs = (), dict(example_inputs)
     elif isinstance(example_inputs, (tuple, list)):
@@ -526,7 +533,7 @@ def latency(
     try:
         if threads is not None:
             torch.set_num_threads(int(threads))
-        with eval_mode(model), torch.inference_mode():
+        with eval_mode(model), preserved_state(model), torch.inference_mode():
             for i in range(warmup + reps):
                 sync()
                 t0 = time.perf_counter()

@@ -54,7 +54,7 @@ import itertools
 import math
 import statistics
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -781,6 +781,32 @@ class GatedMPOLinear(MPOLinear):
 
 
 # ---------------------------------------------------------------------------------------------- model API
+@contextlib.contextmanager
+def preserved_state(model: nn.Module) -> Iterator[None]:
+    """Calls inside leave the gated layers' routing state as it was: each layer's price and level counts, and its
+    price tracker's round and running mean (for measurements, such as :func:`bondgate.latency`, that must not
+    count as traffic; unlike a calibration pass, the calls still pay the tracking)."""
+    layers = [m for _, m in _gated_layers(model)]
+    saved = []
+    for m in layers:
+        m.flush_counts()
+        saved.append({n: b.detach().clone() for n, b in m._buffers.items() if n in ("budget_lambda", "level_counts")})
+    trackers = {id(m._tracker): m._tracker for m in layers if m._tracker is not None}
+    tracked = {k: (dict(vars(t)), set(t.seen)) for k, t in trackers.items()}
+    try:
+        yield
+    finally:
+        with torch.no_grad(), torch.inference_mode(False):
+            for m, buffers in zip(layers, saved):
+                m._pending = [0] * len(m.levels)
+                for n, b in buffers.items():
+                    m._buffers[n].copy_(b)
+        for k, t in trackers.items():
+            state, seen = tracked[k]
+            vars(t).update(state)
+            t.seen = seen
+
+
 def _gated_layers(model: nn.Module) -> list[tuple[str, GatedMPOLinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, GatedMPOLinear)]
 

@@ -32,7 +32,12 @@ def _sweep(out_f: Sequence[int], in_f: Sequence[int], widths: Sequence[int], row
 
 def mpo_flops(out_f: Sequence[int], in_f: Sequence[int], widths: Sequence[int], rows: int) -> int:
     """FLOPs of an MPO layer's call of ``rows`` rows: the cheaper sweep, or rebuilding the weight and one GEMM
-    (what the planner falls back to at large row counts). Closed form, cheap enough for every menu entry."""
+    (what the planner falls back to at large row counts). Closed form, cheap enough for every menu entry.
+
+    An upper bound on the planner's cost: its plans also contract cores with each other before the input
+    (``planner.min_flops``, ~5 ms per call, too slow for a menu), which for 4 or more cores, or uneven factors, can
+    be cheaper (measured: 1.0x-1.1x for 3 cores, 1.3x-1.9x for 4 cores at 1-16 rows). A FLOP budget is then met with
+    that margin, and a time budget's fitted throughput absorbs part of it."""
     r = [1, *widths, 1]
     rebuild, acc = 0, out_f[0] * in_f[0] * r[1]
     for k in range(1, len(out_f)):

@@ -247,3 +247,19 @@ def test_corrupt_spec_is_refused():
     bad["projections"]["ih_l0"]["type"] = "Recurrent"
     with pytest.raises(ValueError, match="unknown layer type"):
         Recurrent.from_spec(bad)
+
+
+def test_cli_inspect_lists_the_factored_projections(tmp_path, capsys):
+    from bondgate.cli import main
+
+    model, data = _lm()
+    c = bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5, target_modules=["rnn"]),
+                          calibration=data, progress=False)
+    bondgate.save(c, tmp_path / "ck")
+    assert main(["inspect", str(tmp_path / "ck")]) == 0
+    out = capsys.readouterr().out
+    rep = c.bondgate_report
+    assert f"targeted weights: {rep.params_before:,} -> {rep.params_after:,}" in out
+    for name in ("rnn.ih_l0", "rnn.hh_l1"):
+        assert f"| {name} | 128x32 | " in out
+    assert "| rnn | ?" not in out

@@ -443,16 +443,30 @@ def _fmt_err(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
 
 
+def _flat_layers(layers: dict) -> dict:
+    """The checkpoint's layer specs with a container's own layers (a ``Recurrent``'s factored projections) listed
+    under their full names in its place (its plain ``nn.Linear`` projections are in the report as kept dense)."""
+    flat = {}
+    for name, spec in layers.items():
+        inner = spec.get("projections") if isinstance(spec, dict) else None
+        if isinstance(inner, dict):
+            flat.update({f"{name}.{k}": v for k, v in inner.items() if isinstance(v, dict) and v.get("type") != "Linear"})
+        else:
+            flat[name] = spec
+    return flat
+
+
 def _layer_rows(meta: dict) -> tuple[list[list[str]], int, int]:
     """Table rows ``[name, shape, factors, bonds, weights, kept, weight err, output err]`` and weight totals."""
     from .allocation import mpo_params
 
     report = meta.get("report") if isinstance(meta.get("report"), dict) else {}
     rep_rows = {r.get("name"): r for r in report.get("layers", []) if isinstance(r, dict)}
-    order = [*rep_rows, *(n for n in meta["layers"] if n not in rep_rows)]
+    layers = _flat_layers(meta["layers"])
+    order = [*rep_rows, *(n for n in layers if n not in rep_rows)]
     rows, before, after = [], 0, 0
     for name in order:
-        spec, rep = meta["layers"].get(name), rep_rows.get(name, {})
+        spec, rep = layers.get(name), rep_rows.get(name, {})
         if spec is None:  # in the report only: kept dense (counted, as in the report's totals) or skipped
             n = int(rep.get("params_before") or 0)
             if not str(rep.get("status", "")).startswith("skipped"):
@@ -530,9 +544,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for alias, target in meta["layer_aliases"].items():
         print(f"shared layer: {alias} is {target}")
     print()
-    print(f"{len(meta['layers'])} bondgate layers; targeted weights: {before:,} -> {after:,} "
+    print(f"{len(_flat_layers(meta['layers']))} bondgate layers; targeted weights: {before:,} -> {after:,} "
           + (f"(ratio {after / before:.3f})" if before else "(no layer targeted)"))
-    for line in _gating_lines(meta["layers"]):
+    for line in _gating_lines(_flat_layers(meta["layers"])):
         print(line)
     return 0
 

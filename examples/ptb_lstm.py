@@ -6,7 +6,8 @@
    whose ``ih_l*`` / ``hh_l*`` projections become MPO layers) to ``--ratio`` of their weights with calibration on PTB
    train, heals the student by distillation from the dense model (KL to the teacher's next-token distribution plus
    the task loss) for ``--minutes``, and reports PTB **valid** perplexity, weights, bytes on disk and eval speed
-   against the dense model, in ``benchmarks/results/ptb_lstm<tag>.{json,md}``.
+   against the dense model, in ``benchmarks/results/ptb_lstm<tag>.{json,md}``; beside it, truncated SVD and
+   magnitude pruning of the same matrices at the same weights per matrix (before healing).
 
 Perplexity is measured over the whole valid stream in ``--eval-batch`` columns, the hidden state carried from one
 window to the next. The test split is never read. Examples::
@@ -177,6 +178,17 @@ def _eval_speed(models: dict[str, nn.Module], ids: torch.Tensor, rows: int, leng
     return {k: rows * length / v for k, v in secs.items()}
 
 
+def baselines(dense: LSTMLM, student: nn.Module, valid_ids: torch.Tensor) -> dict[str, float]:
+    """Valid perplexity of truncated SVD and magnitude pruning of the dense LSTM's matrices, each storing as many
+    weights per matrix as the student's (no healing)."""
+    unrolled = copy.deepcopy(dense)
+    unrolled.rnn = bondgate.Recurrent.from_torch(unrolled.rnn)  # the matrices as modules, for the baselines
+    budget = bondgate.baselines.mpo_budget(student)
+    svd, _ = bondgate.svd_compress(unrolled, params=budget)
+    pruned, _ = bondgate.magnitude_prune(unrolled, params=budget)
+    return {"svd": perplexity(svd, valid_ids), "magnitude prune": perplexity(pruned, valid_ids)}
+
+
 def compress_and_heal(dense: LSTMLM, vocab: Vocab, train_ids: torch.Tensor, valid_ids: torch.Tensor, ratio: float,
                       minutes: float, calib_batches: int = 16, bptt: int = 35, batch: int = 32, lr: float = 1e-3,
                       progress: bool = True, target: str = "rnn") -> tuple[nn.Module, dict]:
@@ -190,7 +202,8 @@ def compress_and_heal(dense: LSTMLM, vocab: Vocab, train_ids: torch.Tensor, vali
                       calibration=calib, progress=progress)
     figures = {"compress_seconds": time.perf_counter() - t0,
                "report": student.bondgate_report.to_dict(),
-               "ppl_compressed": perplexity(student, valid_ids)}
+               "ppl_compressed": perplexity(student, valid_ids),
+               "baselines": baselines(dense, student, valid_ids)}
     if minutes > 0:
         res = bondgate.distill(student, dense, data, loss=bondgate.DistillLoss(hidden=0, logits=1.0, task=1.0,
                                                                              temperature=1.0),
@@ -268,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
              f"| dense | {rep.params_before:,} | {result['model_weights_dense']:,} | {bytes_dense:,} | {ppl_dense:.2f} |",
              f"| compressed, before healing | {rep.params_after:,} | {result['model_weights_compressed']:,} | "
              f"{bytes_student:,} | {fig['ppl_compressed']:.2f} |",
+             f"| truncated SVD, same weights per matrix, no healing | {rep.params_after:,} | | | "
+             f"{fig['baselines']['svd']:.2f} |",
+             f"| magnitude pruning, same non-zeros per matrix, no healing | {rep.params_after:,} | | | "
+             f"{fig['baselines']['magnitude prune']:.2f} |",
              f"| compressed, healed | {rep.params_after:,} | {result['model_weights_compressed']:,} | {bytes_student:,} | "
              f"{fig['ppl_healed']:.2f} |", "",
              "Eval forward, tokens/s (35-token sequences, median of 5 interleaved rounds):", "",

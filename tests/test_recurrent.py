@@ -263,3 +263,16 @@ def test_cli_inspect_lists_the_factored_projections(tmp_path, capsys):
     for name in ("rnn.ih_l0", "rnn.hh_l1"):
         assert f"| {name} | 128x32 | " in out
     assert "| rnn | ?" not in out
+
+
+def test_a_bare_lstm_says_how_and_from_torch_compresses():
+    torch.manual_seed(0)
+    lstm = nn.LSTM(16, 32)
+    x = torch.randn(6, 3, 16)
+    with pytest.warns(UserWarning, match="Recurrent.from_torch"):
+        bondgate.compress(lstm, bondgate.CompressionConfig(param_ratio=0.5), calibration=[x], progress=False)
+    rec = bondgate.compress(Recurrent.from_torch(copy.deepcopy(lstm)), bondgate.CompressionConfig(param_ratio=0.5),
+                            calibration=[x], progress=False)
+    assert isinstance(rec.hh_l0, bondgate.MPOLinear) or isinstance(rec.ih_l0, bondgate.MPOLinear)
+    err = (rec(x)[0] - lstm(x)[0]).norm() / lstm(x)[0].norm()
+    assert 0 < err < 0.5

@@ -428,7 +428,12 @@ def unroll(model: nn.Module, select: Callable[[str, list[str]], bool]) -> tuple[
     skipped: dict[str, str] = {}
     names = _names(model)
     for name, mod in list(model.named_modules()):
-        if not name or not isinstance(mod, tuple(RECURRENT_TYPES.values())):
+        if not isinstance(mod, tuple(RECURRENT_TYPES.values())):
+            continue
+        if not name:
+            why = "a bare recurrent module cannot be replaced in place: compress bondgate.Recurrent.from_torch(it)"
+            skipped[name] = why
+            warnings.warn(f"compress: {why}", stacklevel=3)
             continue
         base = next(t for t in RECURRENT_TYPES.values() if isinstance(mod, t))
         projections = _projection_names(mod.num_layers, mod.bidirectional, getattr(mod, "proj_size", 0))

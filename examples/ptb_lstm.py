@@ -9,8 +9,8 @@
    against the dense model, in ``benchmarks/results/ptb_lstm<tag>.{json,md}``; beside it, truncated SVD and
    magnitude pruning of the same matrices at the same weights per matrix (before healing).
 
-Perplexity is measured over the whole valid stream in ``--eval-batch`` columns, the hidden state carried from one
-window to the next. The test split is never read. Examples::
+Perplexity is measured over the whole valid stream laid out in 10 columns, read in windows of 70 tokens, the hidden
+state carried from one window to the next. The test split is never read. Examples::
 
     python examples/ptb_lstm.py train --minutes 20 --out runs/ptb-lstm
     python examples/ptb_lstm.py compress --dense runs/ptb-lstm --ratio 0.5 --minutes 15 --tag _50

@@ -276,3 +276,121 @@ def test_a_bare_lstm_says_how_and_from_torch_compresses():
     assert isinstance(rec.hh_l0, bondgate.MPOLinear) or isinstance(rec.ih_l0, bondgate.MPOLinear)
     err = (rec(x)[0] - lstm(x)[0]).norm() / lstm(x)[0].norm()
     assert 0 < err < 0.5
+
+
+# ------------------------------------------------------------------------------------------- review fixes
+def _compressed_lm(**cfg):
+    model, data = _lm()
+    c = bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5, target_modules=["rnn"], **cfg),
+                          calibration=data, progress=False)
+    return c.eval(), data
+
+
+def _fused_and_loop(m, x):
+    with torch.no_grad():
+        m.rnn.fused = True
+        a = m(x)
+        m.rnn.fused = False
+        b = m(x)
+        m.rnn.fused = True
+    return a, b
+
+
+def test_kept_dense_weights_follow_quantization_and_writes():
+    c, data = _compressed_lm()
+    with torch.no_grad():
+        before = c(data[0])
+    bondgate.quantize_mpo(c)  # changes the weights, not the master cores
+    a, b = _fused_and_loop(c, data[0])
+    assert (a - before).abs().max() > 1e-5 and (a - b).abs().max() < 1e-5
+    mpo = next(m for m in c.rnn.children() if isinstance(m, bondgate.MPOLinear))
+    mpo.cores[0].data.mul_(0.5)  # a write through .data
+    a, b = _fused_and_loop(c, data[0])
+    assert (a - b).abs().max() < 1e-5
+    low, data = _compressed_lm(kinds=("lowrank",), allocation="uniform")
+    lr = next(m for m in low.rnn.children() if isinstance(m, bondgate.LowRankLinear))
+    with torch.no_grad():
+        before = low(data[0])
+        lr.U.data.mul_(2)  # a plain parameter's .data write: no counter moves
+    a, b = _fused_and_loop(low, data[0])
+    assert (a - before).abs().max() > 1e-4 and (a - b).abs().max() < 1e-5
+
+
+def test_attributes_changed_after_a_call_are_read_and_copies_leave_the_caches():
+    torch.manual_seed(0)
+    ref = nn.LSTM(5, 7, 2)
+    rec = Recurrent.from_torch(ref)
+    x = torch.randn(4, 3, 5)
+    with torch.no_grad():
+        rec(x)
+        ref.batch_first = rec.batch_first = True
+        assert _max_diff(ref(x), rec(x)) < 1e-6
+    c, data = _compressed_lm()
+    with torch.no_grad():
+        c(data[0])
+    assert c.rnn.__dict__.get("_dense_cache")
+    assert "_dense_cache" not in copy.deepcopy(c.rnn).__dict__
+    c.rnn.flatten_parameters()  # nn.LSTM's cuDNN idiom: a no-op
+
+
+def test_packed_batches_feed_real_tokens_only():
+    c, _ = _compressed_lm()
+    seen = {}
+    for name in ("ih_l0", "hh_l0"):
+        getattr(c.rnn, name).register_forward_hook(
+            lambda m, i, o, name=name: seen.__setitem__(name, seen.get(name, 0) + i[0].shape[0]))
+    lengths = torch.tensor([5, 2, 7])
+    x = torch.randn(3, 7, 32)
+    c.rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+    assert seen == {"ih_l0": 14, "hh_l0": 14}  # hooks: the loop path
+
+
+def test_hooked_lstm_is_skipped_and_a_sequence_needs_a_step():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.LSTM(8, 8)
+            self.b = nn.LSTM(8, 8)
+
+        def forward(self, x):
+            return self.b(self.a(x)[0])[0]
+
+    m = Two()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m.b = torch.nn.utils.weight_norm(m.b, "weight_hh_l0")
+        bondgate.compress(m, bondgate.CompressionConfig(param_ratio=0.5), calibration=[torch.randn(4, 2, 8)],
+                          progress=False)
+    assert isinstance(m.a, Recurrent) and type(m.b) is nn.LSTM
+    assert any(r.name == "b" and "hooks" in r.status for r in m.bondgate_report.layers)
+    rec = Recurrent("LSTM", 3, 5)
+    rec.fused = False
+    assert rec(torch.randn(4, 0, 3))[0].shape == (4, 0, 5)
+    with pytest.raises(ValueError, match="sequence length 0"):
+        rec(torch.randn(0, 2, 3))
+
+
+def test_load_refuses_another_recurrent_structure(tmp_path):
+    c, data = _compressed_lm()
+    bondgate.save(c, tmp_path / "ck")
+    for rnn, what in ((nn.GRU(32, 32, 2, batch_first=True), "cell GRU in the model, LSTM in the checkpoint"),
+                      (nn.LSTM(32, 32, 2, bidirectional=True, batch_first=True), "bidirectional True"),
+                      (nn.LSTM(32, 32, 2), "batch_first False in the model, True in the checkpoint")):
+        fresh, _ = _lm()
+        fresh.rnn = rnn
+        with pytest.raises(ValueError, match=what):
+            bondgate.load(tmp_path / "ck", model=fresh)
+        assert fresh.rnn is rnn
+
+
+@pytest.mark.parametrize("key,value", [("bias", "no"), ("batch_first", "yes"), ("dropout", True),
+                                       ("num_layers", "2"), ("proj_size", 0.0)])
+def test_spec_values_of_the_wrong_type_are_refused(key, value):
+    spec = Recurrent("LSTM", 4, 6).spec()
+    spec[key] = value
+    with pytest.raises(ValueError, match="wrong type"):
+        Recurrent.from_spec(spec)
+    spec = Recurrent("LSTM", 4, 6).spec()
+    spec["projections"]["ih_l0"]["in_features"] = 4.5
+    with pytest.raises(ValueError, match="int in_features"):
+        Recurrent.from_spec(spec)

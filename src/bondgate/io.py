@@ -718,13 +718,16 @@ def _skeleton(directory: Path, arch: dict, device: str | None = None) -> nn.Modu
             return _build_sequential(arch)
 
 
-def _features(mod: nn.Module) -> dict[str, int]:
+def _features(mod: nn.Module) -> dict[str, Any]:
     """The sizes a module's replacement must keep (``in_features``, ``out_features``, ``num_embeddings``,
-    ``embedding_dim``; a recurrent module's ``input_size``, ``hidden_size``, ``num_layers``), as far as the module
-    tells them."""
+    ``embedding_dim``; a recurrent module's ``input_size``, ``hidden_size``, ``num_layers`` and structure, see
+    :func:`bondgate.recurrent.structure`), as far as the module tells them."""
     sizes = {k: getattr(mod, k) for k in ("in_features", "out_features", "num_embeddings", "embedding_dim",
                                           "input_size", "hidden_size", "num_layers")
              if isinstance(getattr(mod, k, None), int)}
+    from .recurrent import structure
+
+    sizes.update(structure(mod))  # a recurrent module: also its cell, bias, batch_first, bidirectional, proj_size
     w = getattr(mod, "weight", None)
     if not sizes and type(mod).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2:
         sizes = {"in_features": int(w.shape[0]), "out_features": int(w.shape[1])}  # transformers' Conv1D: (in, out)

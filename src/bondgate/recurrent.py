@@ -32,24 +32,24 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from .io import LAYER_TYPES, register_layer_type
 
-__all__ = ["Recurrent", "RECURRENT_TYPES", "unroll", "reroll"]
+__all__ = ["Recurrent", "RECURRENT_TYPES", "structure", "unroll", "reroll"]
 
 #: torch modules :class:`Recurrent` replaces, by mode.
 RECURRENT_TYPES: dict[str, type[nn.RNNBase]] = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN": nn.RNN}
 _GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
 
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _projection_names(num_layers: int, bidirectional: bool, proj_size: int) -> list[str]:
     return [f"{kind}_l{k}{sfx}" for k in range(num_layers) for sfx in (("", "_reverse") if bidirectional else ("",))
             for kind in (("ih", "hh", "hr") if proj_size else ("ih", "hh"))]
-
-
-def _stamp(params) -> tuple | None:
-    """Identity, storage and version of each parameter (``None`` for inference tensors, which have no version)."""
-    try:
-        return tuple((id(p), p.data_ptr(), p.dtype, p._version) for p in params)
-    except RuntimeError:
-        return None
 
 
 def _linear_spec(layer: nn.Linear) -> dict:
@@ -101,12 +101,26 @@ class Recurrent(nn.Module):
                     setattr(self, f"hr_l{k}{sfx}", nn.Linear(hidden_size, proj_size, bias=False, dtype=dtype))
 
     def _shell(self) -> nn.RNNBase:
-        """torch's module of the same structure, on the meta device (its parameters are passed per call)."""
-        shell = self.__dict__.get("_shell_module")
-        if shell is None:  # kept out of _modules: no parameters, no state_dict entries, never moved
+        """torch's module of the same structure, on the meta device (its parameters are passed per call); rebuilt
+        when an attribute it reads changes (``batch_first``, ``dropout`` ...)."""
+        config = self._config()
+        kept = self.__dict__.get("_shell_module")
+        if kept is None or kept[0] != config:  # kept out of _modules: no parameters, no state_dict entries
             with torch.device("meta"):
-                shell = self.__dict__["_shell_module"] = self._torch_module()
-        return shell
+                kept = self.__dict__["_shell_module"] = (config, self._torch_module())
+        return kept[1]
+
+    def _config(self) -> tuple:
+        return (self.mode, self.input_size, self.hidden_size, self.num_layers, self.bias, self.batch_first,
+                float(self.dropout), self.bidirectional, self.proj_size, self.nonlinearity)
+
+    def __getstate__(self) -> dict:
+        # copies and pickles leave out the per-process caches (the dense weights would outweigh the model)
+        state = super().__getstate__()
+        return {k: v for k, v in state.items() if k not in ("_shell_module", "_dense_cache")}
+
+    def flatten_parameters(self) -> None:
+        """Nothing to do (``nn.LSTM``'s cuDNN weight layout); here so that code calling it keeps working."""
 
     def _torch_module(self) -> nn.RNNBase:
         kwargs: dict[str, Any] = dict(num_layers=self.num_layers, bias=self.bias, batch_first=self.batch_first,
@@ -121,7 +135,7 @@ class Recurrent(nn.Module):
         """torch's flat parameters (``weight_ih_l0`` ...) from the projections, or ``None`` when a projection cannot
         give its dense weight (a gated layer, whose width depends on the input, or another module) or has hooks
         (calibration and user hooks must see each call)."""
-        from .layer import MPOLinear
+        from .layer import MPOLinear, kept
         from .lowrank import LowRankLinear
 
         layers = [getattr(self, n) for n in self.projection_names()]
@@ -130,18 +144,21 @@ class Recurrent(nn.Module):
                 or nn.modules.module._global_forward_pre_hooks:
             return None
         grad = torch.is_grad_enabled()
-        key = _stamp(self.parameters()) if not grad else None
-        cached = self.__dict__.get("_dense_cache")
-        if key is not None and cached is not None and cached[0] == key:
-            return cached[1]
+        cache = self.__dict__.setdefault("_dense_cache", {})
         weights: dict[str, torch.Tensor] = {}
         for name, layer in zip(self.projection_names(), layers):
             kind, _, rest = name.partition("_")
-            weights[f"weight_{kind}_{rest}"] = layer.weight if type(layer) is nn.Linear else layer.weight_matrix()
+            if type(layer) is nn.Linear:
+                w = layer.weight
+            elif type(layer) is MPOLinear and not grad:
+                # an MPO's dense weight is kept between inference calls while its cores are unmodified (every write
+                # to a core is seen, .data included); the key holds the quantization, which changes the weight
+                w = kept(cache, (name, layer._quant), tuple(layer.cores), layer.weight_matrix)
+            else:  # training, or a low-rank pair (plain parameters: untracked .data writes): rebuilt per call
+                w = layer.weight_matrix()
+            weights[f"weight_{kind}_{rest}"] = w
             if layer.bias is not None:
                 weights[f"bias_{kind}_{rest}"] = layer.bias
-        # inference: kept until a parameter changes (the memory of the dense weights, for torch's fused kernel)
-        self.__dict__["_dense_cache"] = None if key is None else (key, weights)
         return weights
 
     @property
@@ -235,6 +252,14 @@ class Recurrent(nn.Module):
         missing = [k for k in keys if k not in spec]
         if missing:
             raise ValueError(f"Recurrent spec is missing {missing}")
+        wrong = [k for k, ok in (("mode", isinstance(spec["mode"], str)),
+                                 ("nonlinearity", isinstance(spec["nonlinearity"], str)),
+                                 *((k, isinstance(spec[k], bool)) for k in ("bias", "batch_first", "bidirectional")),
+                                 ("dropout", _number(spec["dropout"])),
+                                 *((k, _int(spec[k])) for k in ("input_size", "hidden_size", "num_layers",
+                                                                 "proj_size"))) if not ok]
+        if wrong:
+            raise ValueError(f"Recurrent spec has values of the wrong type for {wrong}")
         new = cls(*(spec[k] for k in keys[:-1]))
         projections = spec["projections"]
         if not isinstance(projections, dict) or set(projections) != set(new.projection_names()):
@@ -245,6 +270,10 @@ class Recurrent(nn.Module):
                     or sub.get("type") == "Recurrent":
                 raise ValueError(f"projection {name}: unknown layer type {sub.get('type') if isinstance(sub, dict) else sub!r}")
             if sub["type"] == "Linear":
+                if not (_int(sub.get("in_features")) and _int(sub.get("out_features"))
+                        and isinstance(sub.get("bias"), bool)):
+                    raise ValueError(f"projection {name}: a Linear needs int in_features / out_features and a bool "
+                                     f"bias, got {sub}")
                 dtype = getattr(torch, str(sub.get("dtype", "float32")), None)
                 if not isinstance(dtype, torch.dtype):
                     raise ValueError(f"projection {name}: unknown dtype {sub.get('dtype')!r}")
@@ -308,20 +337,32 @@ class Recurrent(nn.Module):
                    k: int, sfx: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """One layer, one direction over ``x`` (L, N, F), time-major and already reversed for ``_reverse``."""
         L, N = x.shape[0], x.shape[1]
-        gi = getattr(self, f"ih_l{k}{sfx}")(x.reshape(L * N, -1)).reshape(L, N, -1)
+        ih = getattr(self, f"ih_l{k}{sfx}")
         hh = getattr(self, f"hh_l{k}{sfx}")
         hr = getattr(self, f"hr_l{k}{sfx}") if self.proj_size else None
         outs = []
-        for t in range(L):
-            h_new, c_new = self._cell(gi[t], h, c, hh, hr)
-            if lengths is not None:  # a packed batch: sequences that have ended keep their state, output zeros
-                live = (lengths > t).unsqueeze(1)
-                h = torch.where(live, h_new, h)
-                c = None if c is None else torch.where(live, c_new, c)
-                outs.append(torch.where(live, h_new, torch.zeros_like(h_new)))
-            else:
-                h, c = h_new, c_new
+        if lengths is None:
+            gi = ih(x.reshape(L * N, x.shape[-1])).reshape(L, N, _GATES[self.mode] * self.hidden_size)
+            for t in range(L):
+                h, c = self._cell(gi[t], h, c, hh, hr)
                 outs.append(h)
+            return torch.stack(outs), h, c
+        # a packed batch: the projections see real tokens only (calibration statistics, gated FLOPs count rows);
+        # sequences that have ended keep their state and output zeros
+        real = torch.arange(L, device=x.device).unsqueeze(1) < lengths  # (L, N)
+        gi_real = ih(x[real])
+        gi = gi_real.new_zeros(L, N, gi_real.shape[-1])
+        gi[real] = gi_real
+        for t in range(L):
+            live = real[t].nonzero().squeeze(1)
+            if live.numel() == N:
+                h, c = self._cell(gi[t], h, c, hh, hr)
+                outs.append(h)
+                continue
+            h_live, c_live = self._cell(gi[t, live], h[live], None if c is None else c[live], hh, hr)
+            h = h.index_copy(0, live, h_live)
+            c = None if c is None else c.index_copy(0, live, c_live)
+            outs.append(h.new_zeros(h.shape).index_copy(0, live, h_live))
         return torch.stack(outs), h, c
 
     def forward(self, input: torch.Tensor | PackedSequence, hx: Any = None):
@@ -358,6 +399,8 @@ class Recurrent(nn.Module):
                     else hx.unsqueeze(1) if isinstance(hx, torch.Tensor) else hx
         L, N = x.shape[0], x.shape[1]
         D = self.num_directions
+        if L == 0:
+            raise ValueError(f"input has sequence length 0; a {self.mode} needs at least one time step")
         if hx is None:
             h0 = x.new_zeros(self.num_layers * D, N, self.output_size)
             hx = (h0, x.new_zeros(self.num_layers * D, N, self.hidden_size)) if self.mode == "LSTM" else h0
@@ -407,6 +450,20 @@ class Recurrent(nn.Module):
 register_layer_type(Recurrent)
 
 
+def structure(mod: nn.Module) -> dict[str, Any]:
+    """What replacing a recurrent module (torch's or a :class:`Recurrent`) must keep besides its sizes: the cell
+    (``LSTM``, ``GRU``, ``RNN_TANH``, ``RNN_RELU``), ``bias``, ``batch_first``, ``bidirectional``, ``proj_size``;
+    empty for any other module."""
+    if isinstance(mod, Recurrent):
+        mode = mod.mode if mod.mode != "RNN" else f"RNN_{mod.nonlinearity.upper()}"
+    elif isinstance(mod, nn.RNNBase):
+        mode = mod.mode
+    else:
+        return {}
+    return {"cell": mode, "bias": bool(mod.bias), "batch_first": bool(mod.batch_first),
+            "bidirectional": bool(mod.bidirectional), "proj_size": int(getattr(mod, "proj_size", 0))}
+
+
 def _names(model: nn.Module) -> dict[int, list[str]]:
     names: dict[int, list[str]] = {}
     for name, mod in model.named_modules(remove_duplicate=False):
@@ -445,11 +502,20 @@ def unroll(model: nn.Module, select: Callable[[str, list[str]], bool]) -> tuple[
                    "adds")
         elif parametrize.is_parametrized(mod):
             why = "its weights are parametrized (weight norm, spectral norm ...)"
+        elif mod._forward_hooks or mod._forward_pre_hooks:
+            why = "it has forward hooks (torch.nn.utils.weight_norm, a user hook ...), which a Recurrent would not run"
+        elif not all(isinstance(mod._parameters.get(n), nn.Parameter) for n in mod._flat_weights_names):
+            why = "its weights are not all plain parameters"
         if why is not None:
             skipped[name] = why
             warnings.warn(f"compress: skipping {name}: {why}", stacklevel=3)
             continue
-        _put(model, names[id(mod)], Recurrent.from_torch(mod))
+        try:
+            _put(model, names[id(mod)], Recurrent.from_torch(mod))
+        except BaseException:
+            _put(model, names[id(mod)], mod)
+            reroll(model, converted, force=True)
+            raise
         converted[name] = mod
     return converted, skipped
 

@@ -13,7 +13,8 @@ Perplexity is measured over the whole valid stream laid out in 10 columns, read 
 state carried from one window to the next. The test split is never read. Examples::
 
     python examples/ptb_lstm.py train --minutes 20 --out runs/ptb-lstm
-    python examples/ptb_lstm.py compress --dense runs/ptb-lstm --ratio 0.5 --minutes 15 --tag _50
+    python examples/ptb_lstm.py compress --dense runs/ptb-lstm --ratio 0.5 --minutes 15 --tag _50 --out runs/ptb-lstm-50
+    python examples/ptb_lstm.py control --steps 2948 --tag _50   # the same healing on dense and on SVD
 
 The functions are imported by the tests: ``sys.path.insert(0, "<repo>/examples"); import ptb_lstm``.
 """
@@ -178,6 +179,17 @@ def _eval_speed(models: dict[str, nn.Module], ids: torch.Tensor, rows: int, leng
     return {k: rows * length / v for k, v in secs.items()}
 
 
+def heal(student: nn.Module, teacher: nn.Module, data: list, lr: float = 1e-3, minutes: float | None = None,
+         steps: int | None = None, progress: bool = True) -> int:
+    """Distill ``student`` from ``teacher`` (KL to its next-token distribution + the task loss, cosine schedule) for
+    ``minutes`` of CPU time or ``steps`` steps; returns the steps taken."""
+    res = bondgate.distill(student, teacher, data, loss=bondgate.DistillLoss(hidden=0, logits=1.0, task=1.0,
+                                                                           temperature=1.0),
+                           max_minutes=minutes, steps=steps, budget_clock="cpu", lr=lr, progress=progress,
+                           log_every=200, patience=None, eval_fn=None)
+    return res.steps
+
+
 def baselines(dense: LSTMLM, student: nn.Module, valid_ids: torch.Tensor) -> dict[str, float]:
     """Valid perplexity of truncated SVD and magnitude pruning of the dense LSTM's matrices, each storing as many
     weights per matrix as the student's (no healing)."""
@@ -205,11 +217,7 @@ def compress_and_heal(dense: LSTMLM, vocab: Vocab, train_ids: torch.Tensor, vali
                "ppl_compressed": perplexity(student, valid_ids),
                "baselines": baselines(dense, student, valid_ids)}
     if minutes > 0:
-        res = bondgate.distill(student, dense, data, loss=bondgate.DistillLoss(hidden=0, logits=1.0, task=1.0,
-                                                                             temperature=1.0),
-                               max_minutes=minutes, budget_clock="cpu", lr=lr, progress=progress, log_every=200,
-                               patience=None, eval_fn=None)
-        figures["heal_steps"] = res.steps
+        figures["heal_steps"] = heal(student, dense, data, lr, minutes=minutes, progress=progress)
     figures["ppl_healed"] = perplexity(student, valid_ids)
     return student, figures
 
@@ -234,7 +242,13 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--minutes", type=float, default=15.0, help="healing budget (CPU time); 0 = no healing")
     c.add_argument("--tag", default="")
     c.add_argument("--out", default=None, help="save the healed model here")
-    for q in (t, c):
+    k = sub.add_parser("control", help="the same healing recipe for as many steps on the dense model and on "
+                       "truncated SVD at the compressed model's weights per matrix")
+    k.add_argument("--dense", default="runs/ptb-lstm")
+    k.add_argument("--compressed", default="runs/ptb-lstm-50", help="the compressed model (its weights per matrix)")
+    k.add_argument("--steps", type=int, required=True, help="healing steps (the compress run's heal_steps)")
+    k.add_argument("--tag", default="")
+    for q in (t, c, k):
         q.add_argument("--data", default=None, help="data root (default: $BONDGATE_DATA or the cache)")
         q.add_argument("--threads", type=int, default=None)
         q.add_argument("--no-progress", action="store_true")
@@ -256,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     from common import banner, machine_info
 
     info = machine_info()
+    if args.cmd == "control":
+        return control(args, dense, vocab, train_ids, valid_ids, info, banner(info))
     ppl_dense = perplexity(dense, valid_ids)
     student, fig = compress_and_heal(dense, vocab, train_ids, valid_ids, args.ratio, args.minutes,
                                      progress=not args.no_progress)
@@ -296,6 +312,34 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines))
     if args.out:
         bondgate.save(student, args.out)
+    return 0
+
+
+def control(args, dense: LSTMLM, vocab: Vocab, train_ids: torch.Tensor, valid_ids: torch.Tensor, info: dict,
+            machine: str) -> int:
+    """What healing alone buys: the compress run's recipe and steps applied to the dense model itself and to
+    truncated SVD at the compressed model's weights per matrix."""
+    data = windows(train_ids, 35, 32, seed=123)  # compress_and_heal's batches
+    compressed = bondgate.load(args.compressed, model=build(len(vocab), dense.embed.embedding_dim))
+    unrolled = copy.deepcopy(dense)
+    unrolled.rnn = bondgate.Recurrent.from_torch(unrolled.rnn)
+    svd, _ = bondgate.svd_compress(unrolled, params=bondgate.baselines.mpo_budget(compressed))
+    rows = {"dense": perplexity(dense, valid_ids), "compressed (loaded)": perplexity(compressed, valid_ids)}
+    for name, student in (("dense, healed the same way", copy.deepcopy(dense)), ("truncated SVD, healed", svd)):
+        before = perplexity(student, valid_ids)
+        steps = heal(student, dense, data, steps=args.steps, progress=not args.no_progress)
+        rows[name] = perplexity(student, valid_ids)
+        rows[name + " (before)"] = before
+        print(f"{name}: {before:.2f} -> {rows[name]:.2f} after {steps} steps", flush=True)
+    out = ROOT / "benchmarks" / "results" / f"ptb_lstm_control{args.tag}"
+    out.with_suffix(".json").write_text(json.dumps({"machine": info, "steps": args.steps, "valid_ppl": rows},
+                                                   indent=1))
+    lines = [f"# PTB LSTM LM: the healing recipe alone ({args.steps} steps)", "",
+             f"`python examples/ptb_lstm.py control --steps {args.steps}{' --tag ' + args.tag if args.tag else ''}`",
+             "", machine, "", "| model | valid ppl |", "|---|---|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in rows.items()]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
     return 0
 
 

@@ -164,18 +164,20 @@ def _size_bytes(model: nn.Module, path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir())
 
 
-def _eval_speed(models: dict[str, nn.Module], ids: torch.Tensor, rows: int, length: int) -> dict[str, float]:
+def _eval_speed(models: dict[str, nn.Module], ids: torch.Tensor, rows: int, length: int,
+                rounds: int = 5) -> dict[str, float]:
     """Tokens/s of one forward over ``rows`` sequences of ``length`` tokens, interleaved rounds (median)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from common import time_interleaved
 
-    x = ids[: rows * length].view(rows, length)
+    x = ids[: rows * length]
+    x = x.view(rows, length, *x.shape[1:])  # token ids, or (tokens, features) inputs
     fns = {}
     for name, m in models.items():
         m.eval()
         fns[name] = (lambda m=m: m(x))
     with torch.inference_mode():
-        secs = time_interleaved(fns, rounds=5)
+        secs = time_interleaved(fns, rounds=rounds)
     return {k: rows * length / v for k, v in secs.items()}
 
 
@@ -248,7 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--compressed", default="runs/ptb-lstm-50", help="the compressed model (its weights per matrix)")
     k.add_argument("--steps", type=int, required=True, help="healing steps (the compress run's heal_steps)")
     k.add_argument("--tag", default="")
-    for q in (t, c, k):
+    v = sub.add_parser("speed", help="eval tokens/s of the dense and the compressed model (interleaved rounds)")
+    v.add_argument("--dense", default="runs/ptb-lstm")
+    v.add_argument("--compressed", default="runs/ptb-lstm-50")
+    v.add_argument("--rounds", type=int, default=15)
+    v.add_argument("--tag", default="")
+    for q in (t, c, k, v):
         q.add_argument("--data", default=None, help="data root (default: $BONDGATE_DATA or the cache)")
         q.add_argument("--threads", type=int, default=None)
         q.add_argument("--no-progress", action="store_true")
@@ -272,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info()
     if args.cmd == "control":
         return control(args, dense, vocab, train_ids, valid_ids, info, banner(info))
+    if args.cmd == "speed":
+        return speed_report(args, dense, vocab, valid_ids, info, banner(info))
     ppl_dense = perplexity(dense, valid_ids)
     student, fig = compress_and_heal(dense, vocab, train_ids, valid_ids, args.ratio, args.minutes,
                                      progress=not args.no_progress)
@@ -313,6 +322,41 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         bondgate.save(student, args.out)
     return 0
+
+
+def speed_report(args, dense: LSTMLM, vocab: Vocab, valid_ids: torch.Tensor, info: dict, machine: str) -> int:
+    """Eval forward tokens/s of the dense and the compressed model, and of their LSTMs alone."""
+    compressed = bondgate.load(args.compressed, model=build(len(vocab), dense.embed.embedding_dim))
+    lines = [f"# PTB LSTM LM: eval speed, dense vs compressed ({args.rounds} interleaved rounds, median)", "",
+             f"`python examples/ptb_lstm.py speed --rounds {args.rounds}{' --tag ' + args.tag if args.tag else ''}`",
+             "", machine, "", "| sequences x 35 tokens | part | dense tok/s | compressed tok/s | ratio |",
+             "|---|---|---|---|---|"]
+    result = {}
+    for rows in (1, 32):
+        whole = _eval_speed({"dense": dense, "compressed": compressed}, valid_ids, rows, 35, args.rounds)
+        x = dense.embed(valid_ids[: rows * 35].view(rows, 35)).detach()
+        lstm = _eval_speed({"dense": _First(dense.rnn), "compressed": _First(compressed.rnn)}, x.flatten(0, 1), rows,
+                           35, args.rounds)
+        for part, r in (("whole model", whole), ("LSTM only", lstm)):
+            result[f"{rows} {part}"] = r
+            lines.append(f"| {rows} | {part} | {r['dense']:.0f} | {r['compressed']:.0f} | "
+                         f"{r['compressed'] / r['dense']:.3f}x |")
+    out = ROOT / "benchmarks" / "results" / f"ptb_lstm_speed{args.tag}"
+    out.with_suffix(".json").write_text(json.dumps({"machine": info, "tokens_per_s": result}, indent=1))
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+class _First(nn.Module):
+    """A recurrent module's output sequence only."""
+
+    def __init__(self, rnn: nn.Module) -> None:
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rnn(x)[0]
 
 
 def control(args, dense: LSTMLM, vocab: Vocab, train_ids: torch.Tensor, valid_ids: torch.Tensor, info: dict,

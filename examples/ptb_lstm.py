@@ -205,20 +205,24 @@ def baselines(dense: LSTMLM, student: nn.Module, valid_ids: torch.Tensor) -> dic
 
 def compress_and_heal(dense: LSTMLM, vocab: Vocab, train_ids: torch.Tensor, valid_ids: torch.Tensor, ratio: float,
                       minutes: float, calib_batches: int = 16, bptt: int = 35, batch: int = 32, lr: float = 1e-3,
-                      progress: bool = True, target: str = "rnn") -> tuple[nn.Module, dict]:
+                      progress: bool = True, target: str = "rnn", steps: int | None = None,
+                      kinds: list[str] | None = None) -> tuple[nn.Module, dict]:
     """Compress ``dense``'s LSTM to ``ratio`` of its weights, heal it by distillation; returns (student, figures)."""
     dense.eval()
     data = windows(train_ids, bptt, batch, seed=123)
     calib = [{"ids": b["ids"]} for b in data[:calib_batches]]
     student = copy.deepcopy(dense)
     t0 = time.perf_counter()
-    bondgate.compress(student, bondgate.CompressionConfig(param_ratio=ratio, target_modules=[target]),
+    bondgate.compress(student, bondgate.CompressionConfig(param_ratio=ratio, target_modules=[target],
+                                                          kinds=tuple(kinds) if kinds else None),
                       calibration=calib, progress=progress)
     figures = {"compress_seconds": time.perf_counter() - t0,
                "report": student.bondgate_report.to_dict(),
                "ppl_compressed": perplexity(student, valid_ids),
                "baselines": baselines(dense, student, valid_ids)}
-    if minutes > 0:
+    if steps:
+        figures["heal_steps"] = heal(student, dense, data, lr, steps=steps, progress=progress)
+    elif minutes > 0:
         figures["heal_steps"] = heal(student, dense, data, lr, minutes=minutes, progress=progress)
     figures["ppl_healed"] = perplexity(student, valid_ids)
     return student, figures
@@ -242,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--dense", default="runs/ptb-lstm")
     c.add_argument("--ratio", type=float, default=0.5, help="fraction of the LSTM's weights kept")
     c.add_argument("--minutes", type=float, default=15.0, help="healing budget (CPU time); 0 = no healing")
+    c.add_argument("--steps", type=int, default=None, help="heal for this many steps instead of --minutes")
+    c.add_argument("--kinds", nargs="+", default=None, choices=["mpo", "lowrank"],
+                   help="the forms a matrix may take (CompressionConfig.kinds; default: MPO only)")
     c.add_argument("--tag", default="")
     c.add_argument("--out", default=None, help="save the healed model here")
     k = sub.add_parser("control", help="the same healing recipe for as many steps on the dense model and on "
@@ -283,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         return speed_report(args, dense, vocab, valid_ids, info, banner(info))
     ppl_dense = perplexity(dense, valid_ids)
     student, fig = compress_and_heal(dense, vocab, train_ids, valid_ids, args.ratio, args.minutes,
-                                     progress=not args.no_progress)
+                                     progress=not args.no_progress, steps=args.steps, kinds=args.kinds)
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -291,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         bytes_student = _size_bytes(student, Path(tmp) / "student")
     speed = {rows: _eval_speed({"dense": dense, "compressed": student}, valid_ids, rows, 35) for rows in (1, 32)}
     rep = student.bondgate_report
-    result = {"machine": info, "ratio": args.ratio, "heal_minutes": args.minutes, "ppl_dense": ppl_dense, **fig,
+    result = {"machine": info, "ratio": args.ratio, "heal_minutes": None if args.steps else args.minutes,
+              "kinds": args.kinds, "ppl_dense": ppl_dense, **fig,
               "lstm_weights_before": rep.params_before, "lstm_weights_after": rep.params_after,
               "model_weights_dense": sum(p.numel() for p in dense.parameters()),
               "model_weights_compressed": sum(p.numel() for p in student.parameters()),
@@ -299,9 +307,11 @@ def main(argv: list[str] | None = None) -> int:
               "tokens_per_s": {str(k): v for k, v in speed.items()}}
     out = ROOT / "benchmarks" / "results" / f"ptb_lstm{args.tag}"
     out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
-    lines = [f"# PTB LSTM LM, LSTM weights at {args.ratio:.0%}, healed {args.minutes:g} CPU min", "",
-             f"`python examples/ptb_lstm.py compress --ratio {args.ratio} --minutes {args.minutes:g}"
-             f"{' --tag ' + args.tag if args.tag else ''}`", "", banner(info), "",
+    healed = f"{args.steps} steps" if args.steps else f"{args.minutes:g} CPU min"
+    flags = (f" --steps {args.steps}" if args.steps else f" --minutes {args.minutes:g}") + \
+        (f" --kinds {' '.join(args.kinds)}" if args.kinds else "") + (f" --tag {args.tag}" if args.tag else "")
+    lines = [f"# PTB LSTM LM, LSTM weights at {args.ratio:.0%}, healed {healed}", "",
+             f"`python examples/ptb_lstm.py compress --ratio {args.ratio}{flags}`", "", banner(info), "",
              "| model | LSTM weights | all weights | bytes on disk | valid ppl |", "|---|---|---|---|---|",
              f"| dense | {rep.params_before:,} | {result['model_weights_dense']:,} | {bytes_dense:,} | {ppl_dense:.2f} |",
              f"| compressed, before healing | {rep.params_after:,} | {result['model_weights_compressed']:,} | "

@@ -394,3 +394,19 @@ def test_spec_values_of_the_wrong_type_are_refused(key, value):
     spec["projections"]["ih_l0"]["in_features"] = 4.5
     with pytest.raises(ValueError, match="int in_features"):
         Recurrent.from_spec(spec)
+
+
+def test_inference_runner_follows_replaced_tensors_and_stays_out_of_copies():
+    c, data = _compressed_lm()
+    with torch.no_grad():
+        c(data[0])
+    assert "_runner_module" in c.rnn.__dict__ and "_runner_module" not in copy.deepcopy(c.rnn).__dict__
+    mpo = next(n for n in c.rnn.projection_names() if isinstance(getattr(c.rnn, n), bondgate.MPOLinear))
+    bias = getattr(c.rnn, mpo).bias
+    bias.data = bias.data * 3  # new storage under the same parameter
+    a, b = _fused_and_loop(c, data[0])
+    assert (a - b).abs().max() < 1e-5
+    with torch.no_grad():
+        c.rnn.hh_l0.bias.mul_(0.5)  # an in-place write: the runner shares the storage
+    a, b = _fused_and_loop(c, data[0])
+    assert (a - b).abs().max() < 1e-5

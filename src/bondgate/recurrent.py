@@ -20,6 +20,7 @@ or a ``PackedSequence``; ``hx`` (an ``(h_0, c_0)`` pair for an LSTM) is ``(D * n
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -47,9 +48,10 @@ def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _projection_names(num_layers: int, bidirectional: bool, proj_size: int) -> list[str]:
-    return [f"{kind}_l{k}{sfx}" for k in range(num_layers) for sfx in (("", "_reverse") if bidirectional else ("",))
-            for kind in (("ih", "hh", "hr") if proj_size else ("ih", "hh"))]
+@functools.lru_cache(maxsize=64)
+def _projection_names(num_layers: int, bidirectional: bool, proj_size: int) -> tuple[str, ...]:
+    return tuple(f"{kind}_l{k}{sfx}" for k in range(num_layers) for sfx in (("", "_reverse") if bidirectional else ("",))
+            for kind in (("ih", "hh", "hr") if proj_size else ("ih", "hh")))
 
 
 def _linear_spec(layer: nn.Linear) -> dict:
@@ -106,8 +108,30 @@ class Recurrent(nn.Module):
         config = self._config()
         kept = self.__dict__.get("_shell_module")
         if kept is None or kept[0] != config:  # kept out of _modules: no parameters, no state_dict entries
-            with torch.device("meta"):
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch's construction warnings (dropout with one layer) were given
                 kept = self.__dict__["_shell_module"] = (config, self._torch_module())
+        return kept[1]
+
+    def _runner(self, weights: dict[str, torch.Tensor]) -> nn.RNNBase | None:
+        """At inference, torch's module holding ``weights`` (rebuilt when one of them or the structure changes), so
+        that a call costs what the dense module's does (``functional_call`` adds ~60 us per call); ``None`` when
+        gradients are on or a weight is rebuilt per call (a low-rank pair)."""
+        if torch.is_grad_enabled():
+            return None
+        from .lowrank import LowRankLinear
+
+        if any(type(self._modules[n]) is LowRankLinear for n in self.projection_names()):
+            return None
+        key = (self._config(), tuple((id(w), w.data_ptr(), w.dtype) for w in weights.values()))
+        kept = self.__dict__.get("_runner_module")
+        if kept is None or kept[0] != key:
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                rnn = self._torch_module()
+            for name, w in weights.items():  # RNNBase.__setattr__ keeps its flat weight list in step
+                setattr(rnn, name, nn.Parameter(w.detach(), requires_grad=False))  # shares storage
+            kept = self.__dict__["_runner_module"] = (key, rnn)
         return kept[1]
 
     def _config(self) -> tuple:
@@ -117,7 +141,7 @@ class Recurrent(nn.Module):
     def __getstate__(self) -> dict:
         # copies and pickles leave out the per-process caches (the dense weights would outweigh the model)
         state = super().__getstate__()
-        return {k: v for k, v in state.items() if k not in ("_shell_module", "_dense_cache")}
+        return {k: v for k, v in state.items() if k not in ("_shell_module", "_dense_cache", "_runner_module")}
 
     def flatten_parameters(self) -> None:
         """Nothing to do (``nn.LSTM``'s cuDNN weight layout); here so that code calling it keeps working."""
@@ -138,7 +162,8 @@ class Recurrent(nn.Module):
         from .layer import MPOLinear, kept
         from .lowrank import LowRankLinear
 
-        layers = [getattr(self, n) for n in self.projection_names()]
+        names = self.projection_names()
+        layers = [self._modules[n] for n in names]
         if any(type(m) not in (nn.Linear, MPOLinear, LowRankLinear) or m._forward_hooks or m._forward_pre_hooks
                for m in layers) or nn.modules.module._global_forward_hooks \
                 or nn.modules.module._global_forward_pre_hooks:
@@ -146,14 +171,14 @@ class Recurrent(nn.Module):
         grad = torch.is_grad_enabled()
         cache = self.__dict__.setdefault("_dense_cache", {})
         weights: dict[str, torch.Tensor] = {}
-        for name, layer in zip(self.projection_names(), layers):
+        for name, layer in zip(names, layers):
             kind, _, rest = name.partition("_")
             if type(layer) is nn.Linear:
                 w = layer.weight
             elif type(layer) is MPOLinear and not grad:
                 # an MPO's dense weight is kept between inference calls while its cores are unmodified (every write
                 # to a core is seen, .data included); the key holds the quantization, which changes the weight
-                w = kept(cache, (name, layer._quant), tuple(layer.cores), layer.weight_matrix)
+                w = kept(cache, (name, layer._quant), tuple(layer._core_params.values()), layer.weight_matrix)
             else:  # training, or a low-rank pair (plain parameters: untracked .data writes): rebuilt per call
                 w = layer.weight_matrix()
             weights[f"weight_{kind}_{rest}"] = w
@@ -174,7 +199,7 @@ class Recurrent(nn.Module):
         """Features of one direction's output (``proj_size`` or ``hidden_size``)."""
         return self.proj_size or self.hidden_size
 
-    def projection_names(self) -> list[str]:
+    def projection_names(self) -> tuple[str, ...]:
         """The names of the weight-matrix modules, in torch's parameter order."""
         return _projection_names(self.num_layers, self.bidirectional, self.proj_size)
 
@@ -263,7 +288,7 @@ class Recurrent(nn.Module):
         new = cls(*(spec[k] for k in keys[:-1]))
         projections = spec["projections"]
         if not isinstance(projections, dict) or set(projections) != set(new.projection_names()):
-            raise ValueError(f"Recurrent spec must describe the projections {new.projection_names()}")
+            raise ValueError(f"Recurrent spec must describe the projections {list(new.projection_names())}")
         for name, sub in projections.items():
             shell = getattr(new, name)
             if not isinstance(sub, dict) or sub.get("type") not in ("Linear", *LAYER_TYPES) \
@@ -376,9 +401,14 @@ class Recurrent(nn.Module):
         """
         weights = self._dense_weights() if self.fused else None
         if weights is not None:
+            args = (input,) if hx is None else (input, hx)
+            runner = self._runner(weights)
+            if runner is not None:  # inference on kept weights: torch's module holding them, called directly
+                runner.train(self.training)
+                return runner(*args)
             shell = self._shell()
             shell.train(self.training)
-            return torch.func.functional_call(shell, weights, (input,) if hx is None else (input, hx))
+            return torch.func.functional_call(shell, weights, args)
         packed = isinstance(input, PackedSequence)
         lengths = None
         if packed:

@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .io import LAYER_TYPES, register_layer_type
+from .io import LAYER_TYPES, _set_submodule, register_layer_type
 
 __all__ = ["Recurrent", "RECURRENT_TYPES", "structure", "unroll", "reroll"]
 
@@ -52,6 +52,11 @@ def _number(v: Any) -> bool:
 def _projection_names(num_layers: int, bidirectional: bool, proj_size: int) -> tuple[str, ...]:
     return tuple(f"{kind}_l{k}{sfx}" for k in range(num_layers) for sfx in (("", "_reverse") if bidirectional else ("",))
             for kind in (("ih", "hh", "hr") if proj_size else ("ih", "hh")))
+
+
+def _param_names(projection: str) -> tuple[str, str]:
+    """torch's weight and bias names of a projection: ``ih_l0_reverse`` -> ``weight_ih_l0_reverse``, ``bias_...``."""
+    return f"weight_{projection}", f"bias_{projection}"
 
 
 def _linear_spec(layer: nn.Linear) -> dict:
@@ -108,9 +113,7 @@ class Recurrent(nn.Module):
         config = self._config()
         kept = self.__dict__.get("_shell_module")
         if kept is None or kept[0] != config:  # kept out of _modules: no parameters, no state_dict entries
-            with torch.device("meta"), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch's construction warnings (dropout with one layer) were given
-                kept = self.__dict__["_shell_module"] = (config, self._torch_module())
+            kept = self.__dict__["_shell_module"] = (config, self._torch_module())
         return kept[1]
 
     def _runner(self, weights: dict[str, torch.Tensor]) -> nn.RNNBase | None:
@@ -125,13 +128,9 @@ class Recurrent(nn.Module):
             return None
         key = (self._config(), tuple((id(w), w.data_ptr(), w.dtype) for w in weights.values()))
         kept = self.__dict__.get("_runner_module")
-        if kept is None or kept[0] != key:
-            with torch.device("meta"), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                rnn = self._torch_module()
-            for name, w in weights.items():  # RNNBase.__setattr__ keeps its flat weight list in step
-                setattr(rnn, name, nn.Parameter(w.detach(), requires_grad=False))  # shares storage
-            kept = self.__dict__["_runner_module"] = (key, rnn)
+        if kept is None or kept[0] != key:  # detach: shares the storage
+            kept = self.__dict__["_runner_module"] = (key, self._torch_module({k: w.detach() for k, w in
+                                                                                 weights.items()}))
         return kept[1]
 
     def _config(self) -> tuple:
@@ -146,14 +145,21 @@ class Recurrent(nn.Module):
     def flatten_parameters(self) -> None:
         """Nothing to do (``nn.LSTM``'s cuDNN weight layout); here so that code calling it keeps working."""
 
-    def _torch_module(self) -> nn.RNNBase:
+    def _torch_module(self, tensors: dict[str, torch.Tensor] | None = None) -> nn.RNNBase:
+        """torch's module of this structure, built on the meta device, holding ``tensors`` (torch's parameter
+        names: ``weight_ih_l0`` ...) as its parameters; RNNBase.__setattr__ keeps its flat weight list in step."""
         kwargs: dict[str, Any] = dict(num_layers=self.num_layers, bias=self.bias, batch_first=self.batch_first,
                                       dropout=self.dropout, bidirectional=self.bidirectional)
         if self.mode == "LSTM":
             kwargs["proj_size"] = self.proj_size
         if self.mode == "RNN":
             kwargs["nonlinearity"] = self.nonlinearity
-        return RECURRENT_TYPES[self.mode](self.input_size, self.hidden_size, **kwargs)
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's construction warnings (dropout with one layer) were given
+            rnn = RECURRENT_TYPES[self.mode](self.input_size, self.hidden_size, **kwargs)
+        for name, t in (tensors or {}).items():
+            setattr(rnn, name, t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False))
+        return rnn
 
     def _dense_weights(self) -> dict[str, torch.Tensor] | None:
         """torch's flat parameters (``weight_ih_l0`` ...) from the projections, or ``None`` when a projection cannot
@@ -172,7 +178,7 @@ class Recurrent(nn.Module):
         cache = self.__dict__.setdefault("_dense_cache", {})
         weights: dict[str, torch.Tensor] = {}
         for name, layer in zip(names, layers):
-            kind, _, rest = name.partition("_")
+            weight, bias = _param_names(name)
             if type(layer) is nn.Linear:
                 w = layer.weight
             elif type(layer) is MPOLinear and not grad:
@@ -181,9 +187,9 @@ class Recurrent(nn.Module):
                 w = kept(cache, (name, layer._quant), tuple(layer._core_params.values()), layer.weight_matrix)
             else:  # training, or a low-rank pair (plain parameters: untracked .data writes): rebuilt per call
                 w = layer.weight_matrix()
-            weights[f"weight_{kind}_{rest}"] = w
+            weights[weight] = w
             if layer.bias is not None:
-                weights[f"bias_{kind}_{rest}"] = layer.bias
+                weights[bias] = layer.bias
         return weights
 
     @property
@@ -225,11 +231,11 @@ class Recurrent(nn.Module):
             new = cls(mode, rnn.input_size, rnn.hidden_size, rnn.num_layers, rnn.bias, rnn.batch_first,
                       float(rnn.dropout), rnn.bidirectional, getattr(rnn, "proj_size", 0), nonlinearity)
         for name in new.projection_names():
-            kind, _, rest = name.partition("_")
+            weight, bias = _param_names(name)
             layer = getattr(new, name)
-            layer.weight = getattr(rnn, f"weight_{kind}_{rest}")
+            layer.weight = getattr(rnn, weight)
             if layer.bias is not None:
-                layer.bias = getattr(rnn, f"bias_{kind}_{rest}")
+                layer.bias = getattr(rnn, bias)
         new.train(rnn.training)
         return new
 
@@ -239,15 +245,13 @@ class Recurrent(nn.Module):
         factored = [n for n in self.projection_names() if type(getattr(self, n)) is not nn.Linear]
         if factored:
             raise TypeError(f"to_torch needs plain nn.Linear projections; {', '.join(factored)} are not")
-        with torch.device("meta"):
-            rnn = self._torch_module()
+        tensors = {}
         for name in self.projection_names():
-            kind, _, rest = name.partition("_")
-            layer = getattr(self, name)
-            rnn._parameters[f"weight_{kind}_{rest}"] = layer.weight
-            if layer.bias is not None:
-                rnn._parameters[f"bias_{kind}_{rest}"] = layer.bias
-        rnn._init_flat_weights()
+            weight, bias = _param_names(name)
+            tensors[weight] = self._modules[name].weight
+            if self._modules[name].bias is not None:
+                tensors[bias] = self._modules[name].bias
+        rnn = self._torch_module(tensors)
         rnn.train(self.training)
         return rnn
 
@@ -494,26 +498,20 @@ def structure(mod: nn.Module) -> dict[str, Any]:
             "bidirectional": bool(mod.bidirectional), "proj_size": int(getattr(mod, "proj_size", 0))}
 
 
-def _names(model: nn.Module) -> dict[int, list[str]]:
-    names: dict[int, list[str]] = {}
-    for name, mod in model.named_modules(remove_duplicate=False):
-        names.setdefault(id(mod), []).append(name)
-    return names
-
-
 def _put(model: nn.Module, names: list[str], module: nn.Module) -> None:
     for name in names:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, module)
+        _set_submodule(model, name, module)
 
 
 def unroll(model: nn.Module, select: Callable[[str, list[str]], bool]) -> tuple[dict[str, nn.RNNBase], dict[str, str]]:
     """Replace, in place, the ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` modules of ``model`` that ``select(name, shell)``
     accepts (given its name and the full names its projections will have) by :class:`Recurrent` modules holding the same parameters. Returns ``(converted, skipped)``:
     the original modules by name (for :func:`reroll`), and the modules left alone with the reason."""
+    from .surgery import module_names  # surgery imports this module
+
     converted: dict[str, nn.RNNBase] = {}
     skipped: dict[str, str] = {}
-    names = _names(model)
+    names = module_names(model)
     for name, mod in list(model.named_modules()):
         if not isinstance(mod, tuple(RECURRENT_TYPES.values())):
             continue
@@ -554,8 +552,10 @@ def reroll(model: nn.Module, converted: dict[str, nn.RNNBase], force: bool = Fal
     """Put back the original module of every :class:`Recurrent` that :func:`unroll` made and whose projections all
     stayed plain ``nn.Linear`` (torch's fused kernel is faster), or of every one with ``force``; returns their
     names."""
+    from .surgery import module_names
+
     back = []
-    names = _names(model)
+    names = module_names(model)
     for name, original in converted.items():
         new = model.get_submodule(name)
         if isinstance(new, Recurrent) and (force or all(type(getattr(new, n)) is nn.Linear

@@ -25,6 +25,7 @@ import argparse
 import copy
 import json
 import math
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -267,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--threads", type=int, default=None)
         q.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    # the command as given, for the reports (every flag that shaped the figures, --compressed and --out included)
+    args.command = "python examples/ptb_lstm.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     vocab, train_ids, valid_ids = _corpus(args.data)
@@ -308,10 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     out = ROOT / "benchmarks" / "results" / f"ptb_lstm{args.tag}"
     out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
     healed = f"{args.steps} steps" if args.steps else f"{args.minutes:g} CPU min"
-    flags = (f" --steps {args.steps}" if args.steps else f" --minutes {args.minutes:g}") + \
-        (f" --kinds {' '.join(args.kinds)}" if args.kinds else "") + (f" --tag {args.tag}" if args.tag else "")
     lines = [f"# PTB LSTM LM, LSTM weights at {args.ratio:.0%}, healed {healed}", "",
-             f"`python examples/ptb_lstm.py compress --ratio {args.ratio}{flags}`", "", banner(info), "",
+             f"`{args.command}`", "", banner(info), "",
              "| model | LSTM weights | all weights | bytes on disk | valid ppl |", "|---|---|---|---|---|",
              f"| dense | {rep.params_before:,} | {result['model_weights_dense']:,} | {bytes_dense:,} | {ppl_dense:.2f} |",
              f"| compressed, before healing | {rep.params_after:,} | {result['model_weights_compressed']:,} | "
@@ -338,7 +339,7 @@ def speed_report(args, dense: LSTMLM, vocab: Vocab, valid_ids: torch.Tensor, inf
     """Eval forward tokens/s of the dense and the compressed model, and of their LSTMs alone."""
     compressed = bondgate.load(args.compressed, model=build(len(vocab), dense.embed.embedding_dim))
     lines = [f"# PTB LSTM LM: eval speed, dense vs compressed ({args.rounds} interleaved rounds, median)", "",
-             f"`python examples/ptb_lstm.py speed --rounds {args.rounds}{' --tag ' + args.tag if args.tag else ''}`",
+             f"`{args.command}`",
              "", machine, "", "Tokens/s; *stepped* is the compressed LSTM stepping through time in Python (its path "
              "when a projection is gated or hooked) instead of torch's fused kernel on its dense weights.", "",
              "| sequences x 35 tokens | part | dense | compressed | ratio | compressed, stepped | ratio |",
@@ -394,7 +395,7 @@ def control(args, dense: LSTMLM, vocab: Vocab, train_ids: torch.Tensor, valid_id
     out.with_suffix(".json").write_text(json.dumps({"machine": info, "steps": args.steps, "valid_ppl": rows},
                                                    indent=1))
     lines = [f"# PTB LSTM LM: the healing recipe alone ({args.steps} steps)", "",
-             f"`python examples/ptb_lstm.py control --steps {args.steps}{' --tag ' + args.tag if args.tag else ''}`",
+             f"`{args.command}`",
              "", machine, "", "| model | valid ppl |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in rows.items()]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

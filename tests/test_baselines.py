@@ -88,6 +88,29 @@ def test_low_rank_without_bias_and_bad_rank():
         LowRankLinear.from_linear(lin, rank=0)
 
 
+def test_low_rank_parameters_are_tracked_through_copies_moves_and_loads(tmp_path):
+    """U, V and the bias are TrackedParameters (a write through .data moves their version counter), also after
+    deepcopy, pickling, dtype moves, load_state_dict(assign=True) and bondgate.load: what lets Recurrent keep
+    U @ V between inference calls."""
+    import copy
+    import pickle
+
+    import bondgate
+    from bondgate.layer import TrackedParameter
+
+    low = LowRankLinear.from_linear(nn.Linear(12, 10), 4)
+    fresh = LowRankLinear(12, 10, 4)
+    fresh.load_state_dict({k: v.clone() for k, v in low.state_dict().items()}, assign=True)
+    loaded = bondgate.load(bondgate.save(nn.Sequential(low), tmp_path / "ckpt"),
+                           model=nn.Sequential(nn.Linear(12, 10)))[0]
+    for layer in (low, copy.deepcopy(low), pickle.loads(pickle.dumps(low)), copy.deepcopy(low).double(), fresh,
+                  loaded):
+        assert all(type(p) is TrackedParameter for p in layer.parameters()), layer
+        before = layer.V._version
+        layer.V.data.mul_(2)
+        assert layer.V._version > before
+
+
 @pytest.mark.parametrize("k", [1, 8, 20])
 def test_svd_error_is_eckart_young(k):
     W = torch.randn(30, 50, dtype=torch.float64)

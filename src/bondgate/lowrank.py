@@ -11,11 +11,12 @@ import torch
 from torch import nn
 
 from .io import register_layer_type
+from .layer import TrackedParameter, track_parameters
 
 __all__ = ["LowRankLinear"]
 
 
-def _u_parameter(U: torch.Tensor, requires_grad: bool = True) -> nn.Parameter:
+def _u_parameter(U: torch.Tensor, requires_grad: bool = True) -> TrackedParameter:
     """``U`` ``(out, rank)`` held as the transpose of a contiguous ``(rank, out)`` tensor (strides ``(1, out)``).
 
     ``linear(h, U)`` then multiplies by a contiguous ``(rank, out)`` matrix: with few rows and a wide output this is
@@ -23,14 +24,16 @@ def _u_parameter(U: torch.Tensor, requires_grad: bool = True) -> nn.Parameter:
     the LLaMA-shape decode of ``benchmarks/llama_decode.py`` (low-rank 25%, batch 1) went from 48.6 to 70.9 tok/s;
     it is also the layout the gated rank form reads, so gated and ungated pairs run the same kernel.
     ``copy_``, ``.to``, ``deepcopy`` and ``load_state_dict`` keep the layout."""
-    return nn.Parameter(U.detach().t().contiguous().t(), requires_grad=requires_grad)
+    return TrackedParameter(U.detach().t().contiguous().t(), requires_grad=requires_grad)
 
 
 def _keep_u_layout(module: "LowRankLinear", _incompatible) -> None:
-    """After ``load_state_dict(assign=True)`` (which puts the loaded tensor in as it is): restore ``U``'s layout."""
+    """After ``load_state_dict(assign=True)`` (which puts the loaded tensors in as they are): restore ``U``'s layout
+    and make the new parameters tracked ones."""
     U = module.U
     if not U.t().is_contiguous():
         module.U = _u_parameter(U, U.requires_grad)
+    track_parameters(module)
 
 
 class LowRankLinear(nn.Module):
@@ -39,6 +42,9 @@ class LowRankLinear(nn.Module):
 
     ``num_params = rank * (in_features + out_features)`` (bias excluded). ``error`` is the relative
     Frobenius error of ``U @ V`` against the layer it was built from (``nan`` if built fresh).
+
+    The parameters are :class:`~bondgate.layer.TrackedParameter` s (every write is seen, ``.data`` included), so that a
+    consumer of the dense ``U @ V`` (:class:`bondgate.Recurrent`'s fused path) can keep it between inference calls.
     """
 
     def __init__(
@@ -59,9 +65,9 @@ class LowRankLinear(nn.Module):
         u_bound = math.sqrt(3 / rank)
         self.U = _u_parameter(torch.empty(out_features, rank, **kw).uniform_(-u_bound, u_bound))
         bound = 1.0 / math.sqrt(in_features)
-        self.V = nn.Parameter(torch.empty(rank, in_features, **kw).uniform_(-bound, bound))
+        self.V = TrackedParameter(torch.empty(rank, in_features, **kw).uniform_(-bound, bound))
         if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, **kw).uniform_(-bound, bound))
+            self.bias = TrackedParameter(torch.empty(out_features, **kw).uniform_(-bound, bound))
         else:
             self.register_parameter("bias", None)
         self.error: float = float("nan")
@@ -160,6 +166,15 @@ class LowRankLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(nn.functional.linear(x, self.V), self.U, self.bias)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        track_parameters(self)  # a layer pickled before its parameters were tracked ones holds plain parameters
+
+    def _apply(self, fn, recurse: bool = True):  # .to(), .half(), .cuda() ...
+        out = super()._apply(fn, recurse)
+        track_parameters(self)  # torch may have made new, plain parameters
+        return out
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "

@@ -119,12 +119,8 @@ class Recurrent(nn.Module):
     def _runner(self, weights: dict[str, torch.Tensor]) -> nn.RNNBase | None:
         """At inference, torch's module holding ``weights`` (rebuilt when one of them or the structure changes), so
         that a call costs what the dense module's does (``functional_call`` adds ~60 us per call); ``None`` when
-        gradients are on or a weight is rebuilt per call (a low-rank pair)."""
+        gradients are on."""
         if torch.is_grad_enabled():
-            return None
-        from .lowrank import LowRankLinear
-
-        if any(type(self._modules[n]) is LowRankLinear for n in self.projection_names()):
             return None
         key = (self._config(), tuple((id(w), w.data_ptr(), w.dtype) for w in weights.values()))
         kept = self.__dict__.get("_runner_module")
@@ -181,11 +177,14 @@ class Recurrent(nn.Module):
             weight, bias = _param_names(name)
             if type(layer) is nn.Linear:
                 w = layer.weight
-            elif type(layer) is MPOLinear and not grad:
-                # an MPO's dense weight is kept between inference calls while its cores are unmodified (every write
-                # to a core is seen, .data included); the key holds the quantization, which changes the weight
-                w = kept(cache, (name, layer._quant), tuple(layer._core_params.values()), layer.weight_matrix)
-            else:  # training, or a low-rank pair (plain parameters: untracked .data writes): rebuilt per call
+            elif not grad:
+                # the dense weight is kept between inference calls while the factors are unmodified (every write to
+                # a TrackedParameter is seen, .data included; a plain parameter assigned by the user is rebuilt per
+                # call); the key holds an MPO's quantization, which changes the weight
+                factors, quant = ((tuple(layer._core_params.values()), layer._quant) if type(layer) is MPOLinear
+                                  else ((layer.U, layer.V), None))
+                w = kept(cache, (name, quant), factors, layer.weight_matrix)
+            else:  # training: rebuilt per call, so that gradients reach the factors
                 w = layer.weight_matrix()
             weights[weight] = w
             if layer.bias is not None:

@@ -259,8 +259,15 @@ def _write_plain_parameter_swap(layer):
     layer.cores[1].data.mul_(2.0)
 
 
+def _write_inference_tensor_assign(layer):
+    # .data = a tensor made under inference_mode: the parameter becomes an inference tensor (no version counter)
+    with torch.inference_mode():
+        t = layer.cores[1].detach() * 2.0
+    layer.cores[1].data = t
+
+
 @pytest.mark.parametrize("write", [_write_data_mul, _write_data_assign, _write_data_copy, _write_after_assign_load,
-                                   _write_plain_parameter_swap])
+                                   _write_plain_parameter_swap, _write_inference_tensor_assign])
 @pytest.mark.parametrize("plan_id", CACHED_PLANS)
 def test_kept_operands_never_go_stale_after_data_writes(plan_id, write):
     # Issue 18.2: writes through .data used to bypass the version counters (p.data.mul_(2) -> 94% error in speed mode)
@@ -318,3 +325,107 @@ def test_layer_on_each_device_matches_linear_trains_and_reloads(device, policy, 
     x = torch.randn(5, 96, device=device)
     with torch.no_grad():
         assert loaded[0].cores[0].device.type == device.type and torch.equal(loaded(x), layer(x))
+
+
+# ------------------------------------------------------------------------------------------- review fixes
+@pytest.mark.parametrize("policy", ["memory", "speed"])
+def test_a_frozen_first_core_leaves_the_other_cores_trainable(policy):
+    # the forward decided "no gradient" from cores[0] alone: cores[1:] got none (kept, detached operands)
+    torch.manual_seed(0)
+    layer = MPOLinear(64, 64, max_bond=8, num_cores=3, policy=policy, bias=False)
+    layer.cores[0].requires_grad_(False)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        layer(x)  # an inference call first keeps operands
+    layer(x).pow(2).sum().backward()
+    got = [c.grad.clone() for c in layer.cores[1:]]
+    for c in layer.cores:
+        c.grad = None
+    (x @ layer.weight_matrix().T).pow(2).sum().backward()
+    for g, c in zip(got, layer.cores[1:], strict=True):
+        assert torch.allclose(g, c.grad, rtol=1e-4, atol=1e-5) and c.grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("policy", ["memory", "speed"])
+def test_copies_and_pickles_never_reuse_the_originals_kept_operands(policy):
+    # a copy's parameters start new version counters: the operands copied with their stamps matched again after as
+    # many writes (torch.optim.swa_utils.AveragedModel gave outputs 3.2 away from its parameters'), and a pickle
+    # carried them (speed mode: the dense weight)
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    layer = MPOLinear.from_mpo(MPO.from_matrix(torch.randn(80, 96), num_cores=3, max_bond=6), torch.randn(80),
+                               policy=policy)
+    x = torch.randn(3, 96)
+    before = len(pickle.dumps(layer))
+    with torch.no_grad():
+        for c in layer.cores:
+            c.mul_(1.0)  # one write each: versions (1, 1, 1) when the operands are kept
+        layer(x)
+        assert layer.cache_nbytes > 0
+        for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+            for c in twin.cores:
+                c.mul_(2.0)  # the twin's counters reach (1, 1, 1) too
+            assert torch.allclose(twin(x), twin.to_linear()(x), atol=1e-4)
+    assert len(pickle.dumps(layer)) < before + 1024
+
+
+def test_a_pickled_tracked_parameter_loads_with_torch_loads_default(tmp_path):
+    torch.manual_seed(0)
+    layer = MPOLinear(12, 10, max_bond=3, num_cores=2)
+    torch.save(layer.state_dict(keep_vars=True), tmp_path / "sd.pt")
+    loaded = torch.load(tmp_path / "sd.pt")  # weights_only=True (torch's default)
+    assert all(torch.equal(loaded[k], v) for k, v in layer.state_dict().items())
+
+
+def test_a_core_given_new_bonds_through_data_is_replanned():
+    torch.manual_seed(0)
+    layer = MPOLinear(60, 70, max_bond=6, num_cores=3)
+    x = torch.randn(5, 60)
+    with torch.no_grad():
+        layer(x)
+        c0, c1 = layer.cores[0].detach(), layer.cores[1].detach()
+        layer.cores[0].data = c0[..., :3].clone()
+        layer.cores[1].data = c1[:3].clone()  # manual truncation of bond 0 from 6 to 3
+        assert layer.bond_dims == (3, 6)
+        assert torch.allclose(layer(x), layer.to_linear()(x), atol=1e-5)
+        layer.cores[1].data = c1[:2].clone()  # left bond 2 against core 0's right bond 3
+        with pytest.raises(ValueError, match="core 1 has left bond 2, expected 3"):
+            layer(x)
+
+
+def test_clear_plan_cache_makes_existing_layers_plan_again():
+    from bondgate import clear_plan_cache
+    from bondgate.planner import plan_cache_info
+
+    layer = MPOLinear(48, 40, max_bond=4, num_cores=3)
+    x = torch.randn(8, 48)
+    with torch.no_grad():
+        layer(x)
+        clear_plan_cache()
+        assert plan_cache_info()["plans"] == 0 and not layer._plans
+        layer(x)  # plans again (it ran its own table's old plan)
+    assert plan_cache_info()["plans"] == 1 and layer.plan(8) is layer._plans[(8).bit_length() << 1][0]
+
+
+def test_first_call_inside_vmap_plans_without_torch_random():
+    # the autotuner drew its timing operands with torch.randn, which vmap refuses ("random operation")
+    from torch.func import vmap
+
+    torch.manual_seed(0)
+    layer = MPOLinear(12, 10, max_bond=3, num_cores=3)
+    X = torch.randn(7, 5, 12)
+    with torch.no_grad():
+        y = vmap(layer)(X)
+    assert torch.allclose(y, X @ layer.weight_matrix().T + layer.bias, atol=1e-5)
+
+
+def test_memory_mode_does_not_time_a_dense_rebuild_its_flops_screen_out():
+    # timing the rebuild+GEMM anchor first made a wide memory-mode layer's first call build its whole dense weight
+    from bondgate.planner import PlanPolicy
+
+    memory = MPOLinear(1024, 1024, max_bond=8, num_cores=4, policy=PlanPolicy(cache_dense=False, tune_seconds=0.05))
+    speed = MPOLinear(1024, 1024, max_bond=8, num_cores=4, policy=PlanPolicy(cache_dense=True, tune_seconds=0.05))
+    assert "rebuild+gemm" not in {c["name"] for c in memory.plan(1).candidates}
+    assert "dense-cached" in {c["name"] for c in speed.plan(1).candidates}

@@ -50,7 +50,7 @@ from torch import nn
 
 from .factors import factorize_shape
 from .io import register_layer_type
-from .layer import MPOLinear, TrackedParameter, fake_quantized_cores
+from .layer import MPOLinear, TrackedParameter, fake_quantized_cores, without_kept
 from .mpo import MPO, BondSpec
 from .planner import PlanPolicy
 from .quant import check_quant, load_quantized_cores, register_state_dict_hook
@@ -350,6 +350,10 @@ class MPOEmbedding(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         self._quant_cache, self._rows_cache = {}, {}  # hold the old tensors
         return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        # copies and pickles leave the kept fake-quantized cores out (see MPOLinear.__getstate__)
+        return without_kept(super().__getstate__(), ("_quant_cache", "_rows_cache"))
 
     # ------------------------------------------------------------------ forward
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

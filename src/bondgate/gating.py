@@ -469,7 +469,7 @@ class GatedMPOLinear(MPOLinear):
             V, Ut = self._rank_operands()
             return torch.mm(torch.nn.functional.linear(x2d, V[: widths[0]]), Ut[: widths[0]])
         c0 = next(iter(self._core_params.values()))
-        grad = enabled and (c0.requires_grad or x2d.requires_grad)
+        grad = enabled and (x2d.requires_grad or any(c.requires_grad for c in self._core_params.values()))
         key = (widths, x2d.shape[0].bit_length(), grad)
         entry = self._level_plans.get(key)  # per layer: no planner key to build on the hot path
         if entry is None:
@@ -766,6 +766,8 @@ class GatedMPOLinear(MPOLinear):
         """The budget penalty of the last training forward (consumed: returns it once)."""
         aux, self._aux = self._aux, None
         return aux
+
+    _KEPT = (*MPOLinear._KEPT, "_level_plans", "_traced_widths", "_slices", "_price", "_host")
 
     def _reset_caches(self) -> None:
         super()._reset_caches()

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import math
 import operator
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -47,7 +48,9 @@ class TrackedParameter(nn.Parameter):
     parameter's ``.data``, which is an alias with a counter of its own (``p.data.mul_(2)`` would leave a stale
     dense weight behind). Here ``.data`` is ``p.detach()``, which shares the counter, and ``p.data = t`` bumps it.
     Writes that bypass torch altogether (a numpy view of the storage, DLPack) cannot be seen: call
-    :meth:`MPOLinear.refresh` after those.
+    :meth:`MPOLinear.refresh` after those. The one difference from a plain parameter: an in-place write through
+    ``.data`` between a forward and its backward is caught by autograd ("modified by an inplace operation"), as
+    any in-place write to a saved tensor is; clip or edit weights after ``backward()`` or before the forward.
     """
 
     @property
@@ -58,9 +61,11 @@ class TrackedParameter(nn.Parameter):
 
     @data.setter
     def data(self, value: torch.Tensor) -> None:
-        _DATA.__set__(self, value)
+        # bumped before the swap: after it the parameter may be an inference tensor (``value`` made under
+        # torch.inference_mode), which cannot bump; stamp() then never reuses what is built from it
         if not self.is_inference():
             increment_version(self)
+        _DATA.__set__(self, value)
 
     def __reduce_ex__(self, proto):
         # nn.Parameter pickles (torch.save of a whole model, multiprocessing) as a plain parameter, whose stamp
@@ -70,6 +75,11 @@ class TrackedParameter(nn.Parameter):
 
 def _rebuild_tracked(data: torch.Tensor, requires_grad: bool) -> TrackedParameter:
     return TrackedParameter(data, requires_grad)
+
+
+# torch.load's default weights_only unpickler loads only allow-listed globals: a pickled TrackedParameter
+# (``torch.save(layer.state_dict(keep_vars=True))``, ``torch.save(layer.cores[0])``) loads as nn.Parameter's does
+torch.serialization.add_safe_globals([_rebuild_tracked, TrackedParameter])
 
 
 def track_parameters(module: nn.Module) -> nn.Module:
@@ -116,7 +126,7 @@ def stamp(tensors: Sequence[torch.Tensor]) -> int:
     """The versions to store with operands built from ``tensors`` now: their :func:`core_versions`, or -1 (never
     reused) when a write could go unseen — inference tensors have no counter, and a plain ``nn.Parameter``'s
     ``.data`` writes bypass it (a :class:`TrackedParameter`'s do not; plain tensors such as buffers count)."""
-    if any(isinstance(t, nn.Parameter) and not isinstance(t, TrackedParameter) for t in tensors):
+    if any((isinstance(t, nn.Parameter) and not isinstance(t, TrackedParameter)) or t.is_inference() for t in tensors):
         return -1
     return core_versions(tensors)
 
@@ -128,6 +138,21 @@ def kept(cache: dict, key, tensors: Sequence[torch.Tensor], build: Callable[[], 
     if not is_fresh(hit, tensors, core_versions(tensors)):
         hit = cache[key] = (stamp(tensors), build(), tuple(tensors))
     return hit[1]
+
+
+_LIVE_LAYERS: weakref.WeakSet = weakref.WeakSet()  # every MPOLinear, for clear_plan_cache
+
+
+def forget_layer_plans() -> None:
+    """Drop every live layer's plans and kept operands (:func:`bondgate.clear_plan_cache`)."""
+    for layer in list(_LIVE_LAYERS):
+        layer._reset_caches()
+
+
+def without_kept(state: dict, names: Sequence[str]) -> dict:
+    """A module's ``__getstate__`` with the caches ``names`` emptied (for copies and pickles: what is kept between
+    calls belongs to this process's parameter objects and their version counters)."""
+    return {k: ({} if k in names else v) for k, v in state.items()}
 
 
 def bad_input(layer: nn.Module, x) -> Exception:
@@ -181,9 +206,9 @@ class MPOLinear(nn.Module):
     Args:
         policy: ``"memory"`` (never keep a dense weight or merged cores; default) or ``"speed"``
             (inference may keep the reconstructed weight or merged cores when that measured faster), or
-            a :class:`bondgate.planner.PlanPolicy`. Either may keep, for inference, one copy of the cores
-            in the matrix layout of the planner's sweep (as many elements as the cores) when that plan
-            is the fastest.
+            a :class:`bondgate.planner.PlanPolicy`. Either may keep, for inference, a copy of the cores
+            in the matrix layout of the planner's sweep (as many elements as the cores; one per sweep
+            direction the row buckets' plans use) when that plan is the fastest.
 
     Quantization: :meth:`quantize_` ``("int8")`` runs the forward on fake-quantized cores (per-channel int8,
     :mod:`bondgate.quant`) with fp32 master cores, and saves the cores as int8 (``quant`` tells the mode).
@@ -399,6 +424,7 @@ class MPOLinear(nn.Module):
             # load_state_dict(assign=True) puts plain parameters in, after this module's own hook has run
             self.register_load_state_dict_post_hook(_retrack)
         self._plans: dict[int, tuple[ContractionPlan, list | None]] = {}
+        _LIVE_LAYERS.add(self)
         self._ops_cache: dict[tuple, list] = {}  # plan.operand_key -> [version sum, operands, cores]
         self._quant_cache: dict = {}  # the fake-quantized cores kept for inference (see _fake_quantized)
         self._traced = self._traced_sweep(self.bond_dims) if "cores" in self._modules else None
@@ -461,9 +487,19 @@ class MPOLinear(nn.Module):
         if name == "cores" and "_plans" in self.__dict__:
             self._reset_caches()
 
+    # what _reset_caches empties: operands, plans and fake-quantized cores kept between calls
+    _KEPT: tuple[str, ...] = ("_plans", "_ops_cache", "_quant_cache")
+
+    def __getstate__(self) -> dict:
+        # copies and pickles leave the kept operands out: a copy's parameters start new version counters, so the
+        # stamps copied along would match again after as many writes (stale outputs); in a pickle they would
+        # also outweigh the cores (speed mode keeps the dense weight)
+        return without_kept(super().__getstate__(), self._KEPT)
+
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         track_parameters(self)  # one pickled before TrackedParameter pickled as itself holds plain parameters
+        self._reset_caches()  # a layer pickled before __getstate__ left the kept operands out holds them
 
     def _apply(self, fn, recurse: bool = True):  # .to(), .half(), .cuda() ...
         out = super()._apply(fn, recurse)
@@ -541,33 +577,47 @@ class MPOLinear(nn.Module):
         x2d = x.reshape(-1, self.in_features) if flat else x
         if not x2d.shape[0]:
             return self._no_rows(x)
-        grad = torch.is_grad_enabled() and (cores[0].requires_grad or x.requires_grad)
+        # any core: a user may freeze some cores and train the others
+        grad = torch.is_grad_enabled() and (x.requires_grad or any(c.requires_grad for c in cores))
         key = x2d.shape[0].bit_length() << 1 | grad  # (planner.row_bucket(rows), grad) packed in an int
         entry = self._plans.get(key)
         if entry is None:
             entry = self._plans[key] = self._new_entry(x, x2d.shape[0], grad)
         plan, slot = entry
-        if slot is not None:  # operands kept between inference calls (pre-contracted, or the sweep's layout)
-            # Valid while the same tensors are unmodified: version counters only grow, so their sum
-            # detects any in-place write; identity detects swapped-in tensors.
-            if not is_fresh(slot, cores, core_versions(cores)):
-                src = cores if self._quant is None else self._fake_quantized(cores, keep=False)
-                slot[1] = plan.cache_operands(src, self.out_features, self.in_features)
-                slot[0], slot[2] = stamp(cores), cores  # keyed on the master cores
-            ops = slot[1]
-        else:
-            ops = plan.group_operands(cores if self._quant is None else self._fake_quantized(cores),
-                                      self.out_features, self.in_features)
         bias = self._parameters["bias"]  # not self.bias: nn.Module.__getattr__ costs ~0.4 us per call
         try:
+            if slot is not None:  # operands kept between inference calls (pre-contracted, or the sweep's layout)
+                # Valid while the same tensors are unmodified: version counters only grow, so their sum
+                # detects any in-place write; identity detects swapped-in tensors.
+                if not is_fresh(slot, cores, core_versions(cores)):
+                    src = cores if self._quant is None else self._fake_quantized(cores, keep=False)
+                    slot[1] = plan.cache_operands(src, self.out_features, self.in_features)
+                    slot[0], slot[2] = stamp(cores), cores  # keyed on the master cores
+                ops = slot[1]
+            else:
+                ops = plan.group_operands(cores if self._quant is None else self._fake_quantized(cores),
+                                          self.out_features, self.in_features)
             if plan.dense:
                 y = torch.nn.functional.linear(x2d, ops[0], bias)
             else:
                 y = plan.run(x2d, ops, self.out_features, bias)
         except RuntimeError:
             self._check_dtype(x)
+            if self._replan_reshaped(plan):
+                return self.forward(x)
             raise
         return y.reshape(*x.shape[:-1], self.out_features) if flat else y
+
+    def _replan_reshaped(self, plan: ContractionPlan) -> bool:
+        """After a failed call: whether the cores' shapes differ from ``plan``'s (a core given a new shape through
+        ``.data``), in which case the plans are dropped, once the new shapes are checked to form an MPO of this
+        layer's size (a clear error otherwise)."""
+        mpo = MPO([c.detach() for c in self._masters()], self.out_features, self.in_features)  # raises if inconsistent
+        if (plan.out_factors, plan.in_factors, plan.ranks) == (mpo.out_factors, mpo.in_factors, mpo.bond_dims):
+            return False
+        self._pinned = {}
+        self._reset_caches()
+        return True
 
     def _no_rows(self, x: torch.Tensor) -> torch.Tensor:
         """The output of an input with no rows, ``(*x.shape[:-1], out_features)``, as ``nn.Linear`` gives it

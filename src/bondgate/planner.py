@@ -35,8 +35,9 @@ call for a key, and layers of the same shape share one plan.
 
 Memory: in memory mode (``cache_dense=False``) a plan is admissible only if none of its intermediates
 exceeds ``max(dense weight, 4 * (input + output activations))`` elements; rebuild-then-GEMM always is,
-so there is always a candidate. What a memory-mode layer may keep between inference calls is at most
-one copy of its cores in the sweep's layout, never a dense weight.
+so there is always a candidate. What a memory-mode layer may keep between inference calls is its cores in
+the sweeps' matrix layout — one copy per sweep direction its row buckets' plans use (at most two) — never a
+dense weight.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import opt_einsum as oe
 import torch
 
@@ -204,7 +206,7 @@ def run_sweep(x2d: torch.Tensor, mats: Sequence[torch.Tensor], steps: Sequence[t
     for A, (k_rows, m, r_next) in zip(mats, steps):
         rest //= k_rows // r_prev  # the input legs still to contract
         P = torch.mm(A, state.reshape(k_rows, rest * B * done))  # (r_next * m, rest * B * done)
-        state = P.view(r_next, m, rest * B, done).permute(0, 2, 3, 1)
+        state = P.view(r_next, m, rest, B, done).permute(0, 2, 3, 4, 1)  # B a dim of its own: no symbolic split
         done *= m
         r_prev = r_next
     if reverse:  # out factors were appended last to first
@@ -563,20 +565,24 @@ def _autotune(cands: list[ContractionPlan], out_f, in_f, ranks, rows, dtype, dev
     min_fl = min(c.flops for c in cands)
     # the dense anchors are timed first, whatever their FLOPs: then the time cap can never leave the
     # planner with only factored plans that are slower than a plain GEMM (large row counts)
-    anchors = ("dense-cached", "rebuild+gemm")
+    # (speed mode only: in memory mode a dense rebuild is the last resort, screened by its FLOPs like the others —
+    # timing it first made a wide layer's first call build its whole dense weight, 1 GiB at 16384 x 16384)
+    anchors = ("dense-cached", "rebuild+gemm") if policy.cache_dense else ()
     # then by FLOPs in 10% bands (a cached merge saves <1% of the FLOPs and is often slower), aten first
     screened = sorted((c for c in cands if c.flops <= policy.flop_slack * min_fl or c.name in anchors),
                       key=lambda c: (c.name not in anchors, int(math.log(max(c.flops, 1)) / math.log(1.1)),
                                      c.executor != "aten", c.cached, c.flops))
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    d = len(out_f)
+    # random operands from numpy: a first call can happen inside torch.func.vmap (jacfwd, hessian), which refuses
+    # torch's random functions; torch ops on these plain tensors run unbatched there
+    rng = np.random.default_rng(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)).to(dtype=dtype, device=device)
+
     r = [1, *ranks, 1]
-    cores = [
-        torch.randn((r[k], out_f[k], in_f[k], r[k + 1]), generator=gen, dtype=torch.float32).to(dtype=dtype, device=device)
-        for k in range(d)
-    ]
+    cores = [rand(r[k], out_f[k], in_f[k], r[k + 1]) for k in range(len(out_f))]
     M, N = math.prod(in_f), math.prod(out_f)
-    x = torch.randn((min(rows, TUNE_MAX_ROWS), M), generator=gen, dtype=torch.float32).to(dtype=dtype, device=device)
+    x = rand(min(rows, TUNE_MAX_ROWS), M)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     per = policy.tune_seconds / max(len(screened), 1)
     start = time.perf_counter()
@@ -672,8 +678,12 @@ def get_plan(
 
 
 def clear_plan_cache() -> None:
-    """Forget every cached plan (e.g. after changing thread counts)."""
+    """Forget every cached plan (e.g. after changing thread counts), the layers' own tables included: each layer
+    plans again at its next call (its pinned plans, from a checkpoint, stay pinned)."""
+    from .layer import forget_layer_plans  # layer.py builds on this module
+
     _PLAN_CACHE.clear()
+    forget_layer_plans()
 
 
 def plan_cache_info() -> dict:

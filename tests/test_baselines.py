@@ -464,3 +464,26 @@ def test_latency_and_quantize_int8_argument_checks():
             latency(lin, torch.randn(2, 8), **kwargs)
     with pytest.raises(ValueError, match="needs float32 layers"):
         quantize_int8(nn.Sequential(nn.Linear(8, 8)).to(torch.bfloat16))
+
+
+def test_paired_latency_interleaves_the_models_rounds_in_alternating_order():
+    from bondgate.baselines import paired_latency
+
+    calls = []
+
+    class Probe(nn.Module):
+        def __init__(self, tag):
+            super().__init__()
+            self.tag = tag
+
+        def forward(self, x):
+            calls.append(self.tag)
+            return x
+
+    out = paired_latency({"a": Probe("A"), "b": Probe("B")}, torch.zeros(1), reps=6, rounds=3, warmup=1, threads=1)
+    assert "".join(calls) == "AB" + "AABB" + "BBAA" + "AABB"
+    assert set(out) == {"a", "b"} and all(r["reps"] == 6 and r["min"] <= r["median"] <= r["p90"] for r in out.values())
+    with pytest.raises(ValueError, match="rounds"):
+        paired_latency({"a": Probe("A")}, torch.zeros(1), rounds=0)
+    with pytest.raises(ValueError, match="mapping"):
+        paired_latency([Probe("A")], torch.zeros(1))

@@ -200,8 +200,10 @@ def test_inspect_shows_a_compressed_table_and_matches_the_report_totals(tmp_path
     lines = capsys.readouterr().out.splitlines()
     row = next(ln for ln in lines if ln.startswith("| 0 |")).split(" | ")
     # the table's rank-r factors plus its 10 exact rows, as in the report
-    assert row[1:5] == ["405x32", "405x1 / 1x32 + 10 kept rows", str(table.bond_dims[0]),
+    # a two-factor table (embedding_form="lowrank") reads as what it is: low-rank, its bond the rank
+    assert row[1:5] == ["405x32", "low-rank + 10 kept rows", f"rank {table.bond_dims[0]}",
                         f"{405 * 32:,} -> {table.num_params:,}"]
+    assert f"| lowrank |  | rank {table.bond_dims[0]} |" in str(report)
     total = next(ln for ln in lines if ln.startswith("| **total** |"))
     assert f"| {report.params_before:,} -> {report.params_after:,} |" in total
     assert report.params_before == 405 * 32 + 2 * 2048
@@ -266,6 +268,8 @@ def test_bench_against_another_model_shows_no_ratio(compressed, tmp_path, capsys
     (["compress", "--model", "{tmp}", "--embedding-form", "lowrank", "--out", "{tmp}/o"], 1),
     (["inspect", "{tmp}"], 1),
     (["inspect", "{tmp}/missing"], 1),
+    (["compress", "--num-cores", "1"], 2),  # a 1-core MPO is the dense matrix: every layer was skipped
+    (["compress", "--num-cores", "18"], 2),  # past torch.einsum's alphabet: refused when parsing, not after loading
     (["bench", "{tmp}"], 1),
 ])
 def test_errors_are_one_line_with_the_right_code(argv, code, tmp_path, capsys):
@@ -279,6 +283,38 @@ def test_errors_are_one_line_with_the_right_code(argv, code, tmp_path, capsys):
     lines = captured.err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("bondgate: error: "), captured.err
     assert captured.out == ""
+
+
+def test_a_file_given_as_a_directory_is_named_as_such(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x", encoding="utf-8")
+    for argv in (["compress", "--model", str(tmp_path / "afile")], ["inspect", str(tmp_path / "afile")]):
+        assert main(argv) == 1
+        assert "is a file" in capsys.readouterr().err
+
+
+def test_when_every_selected_layer_is_skipped_the_reasons_are_given(tiny_dir, tmp_path, monkeypatch):
+    # the CLI said "no compressible layer matches --target" when the target matched and find_targets skipped them all
+    import bondgate.surgery as surgery
+
+    monkeypatch.setattr(surgery, "find_targets", lambda model, config: ({}, {"a": "why one", "b": "why two"}))
+    code, _, stderr = run(["compress", "--model", str(tiny_dir), "--out", str(tmp_path / "o")])
+    assert code == 1 and "all 2 selected layers are skipped: why one; why two" in stderr
+
+
+def test_cost_budgets_are_shown_and_library_warnings_are_one_line(tiny_dir, tmp_path):
+    out = tmp_path / "fr"
+    code, stdout, stderr = run(["compress", "--model", str(tiny_dir), "--flops-ratio", "0.5", "--policy", "memory",
+                                "--out", str(out), "--calibration-size", "8", "--no-progress", "--threads", "1"])
+    assert code == 0, stderr
+    assert "budget: param_ratio=0.5, flops_ratio=0.5 |" in stdout
+    assert "reps in 5 interleaved rounds: dense" in stdout
+    code, stdout, _ = run(["inspect", str(out)])
+    assert code == 0 and "config: param_ratio=0.5, flops_ratio=0.5 |" in stdout
+    code, _, stderr = run(["compress", "--model", str(tiny_dir), "--max-bond", "100000", "--policy", "memory",
+                           "--out", str(tmp_path / "big"), "--calibration-size", "8", "--no-progress",
+                           "--threads", "1"])
+    assert code == 0 and "bondgate: warning: compress: at max_bond=100000" in stderr
+    assert "UserWarning" not in stderr and "return fn(" not in stderr
 
 
 def test_debug_re_raises(tmp_path):

@@ -57,6 +57,7 @@ __all__ = [
     "sparse_state_dict",
     "load_sparse_state_dict",
     "latency",
+    "paired_latency",
 ]
 
 Target = None | str | Callable[[str, nn.Module], bool] | Iterable[str]
@@ -513,11 +514,30 @@ def latency(
     of gated layers: their price and level counts are as before the timing calls); with
     ``threads`` the intra-op thread count is set for the measurement and restored. CUDA is
     synchronized around each call. Returns ``median``, ``p10``, ``p90``, ``mean``, ``min`` (seconds),
-    ``reps`` and ``threads`` (the count in effect).
+    ``reps`` and ``threads`` (the count in effect). To compare models, :func:`paired_latency`.
     """
-    for name, value, low in (("reps", reps, 1), ("warmup", warmup, 0), ("threads", 1 if threads is None else threads, 1)):
+    return paired_latency({"model": model}, example_inputs, reps=reps, rounds=1, warmup=warmup,
+                          threads=threads)["model"]
+
+
+def paired_latency(
+    models: Mapping[str, nn.Module],
+    example_inputs: Any,
+    reps: int = 50,
+    rounds: int = 5,
+    warmup: int = 5,
+    threads: int | None = None,
+) -> dict[str, dict[str, float]]:
+    """:func:`latency` of each model on the same inputs, its ``reps`` calls spread over ``rounds`` interleaved
+    rounds (in alternating order), so that a slow stretch of a shared machine hits every model alike — two
+    measurements taken one after the other can differ by more than the models do. Returns, per name, the dict
+    :func:`latency` returns, over all of that model's calls (each model first gets ``warmup`` untimed calls)."""
+    for name, value, low in (("reps", reps, 1), ("rounds", rounds, 1), ("warmup", warmup, 0),
+                             ("threads", 1 if threads is None else threads, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if not isinstance(models, Mapping) or not models or not all(isinstance(m, nn.Module) for m in models.values()):
+        raise ValueError("models must be a non-empty mapping of names to nn.Modules")
     if isinstance(example_inputs, Mapping):
         args, kwargs = (), dict(example_inputs)
     elif isinstance(example_inputs, (tuple, list)):
@@ -525,32 +545,40 @@ def latency(
     else:
         args, kwargs = (example_inputs,), {}
     tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
-    cuda = any(t.is_cuda for t in tensors) or any(p.is_cuda for p in model.parameters())
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
 
-    old_threads = torch.get_num_threads()
-    times: list[float] = []
-    try:
-        if threads is not None:
-            torch.set_num_threads(int(threads))
+    def timed(model: nn.Module, calls: int, untimed: int) -> list[float]:
+        cuda = any(t.is_cuda for t in tensors) or any(p.is_cuda for p in model.parameters())
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        times = []
         with eval_mode(model), preserved_state(model), torch.inference_mode():
-            for i in range(warmup + reps):
+            for i in range(untimed + calls):
                 sync()
                 t0 = time.perf_counter()
                 model(*args, **kwargs)
                 sync()
-                if i >= warmup:
+                if i >= untimed:
                     times.append(time.perf_counter() - t0)
+        return times
+
+    rounds = min(rounds, reps)
+    per_round = [reps // rounds + (r < reps % rounds) for r in range(rounds)]
+    names = list(models)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    old_threads = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(int(threads))
+        for n in names:
+            timed(models[n], 0, warmup)
+        for r, calls in enumerate(per_round):
+            for n in names if r % 2 == 0 else names[::-1]:
+                times[n] += timed(models[n], calls, 0)
         used = torch.get_num_threads()
     finally:
         torch.set_num_threads(old_threads)
-    times.sort()
-    return {
-        "median": statistics.median(times),
-        "p10": _quantile(times, 0.1),
-        "p90": _quantile(times, 0.9),
-        "mean": statistics.fmean(times),
-        "min": times[0],
-        "reps": reps,
-        "threads": used,
-    }
+    out = {}
+    for n, t in times.items():
+        t.sort()
+        out[n] = {"median": statistics.median(t), "p10": _quantile(t, 0.1), "p90": _quantile(t, 0.9),
+                  "mean": statistics.fmean(t), "min": t[0], "reps": reps, "threads": used}
+    return out

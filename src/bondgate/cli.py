@@ -24,6 +24,7 @@ import re
 import sys
 import textwrap
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -43,7 +44,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
                    "tokenizer.model", "sentencepiece.bpe.model")
 CALIBRATION_BATCH = 32
 CALIBRATION_MAX_TOKENS = 128
+MAX_CORES = 17  # planner.MAX_CORES (torch.einsum's 52 letters), here so that parsing needs no torch import
 COMPRESS_LATENCY_REPS = 20
+LATENCY_ROUNDS = 5  # dense and compressed alternate: a slow stretch of a shared machine hits both alike
 
 __all__ = ["main", "build_parser"]
 
@@ -55,6 +58,10 @@ def _one_line(message: str) -> str:
 
 def _fail(message: str) -> None:
     print(f"{PROG}: error: {_one_line(message)}", file=sys.stderr)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"{PROG}: warning: {_one_line(str(message))}", file=sys.stderr if file is None else file)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -197,6 +204,8 @@ def _dense_model_dir(arg: str | None, option: str) -> tuple[Path, str]:
     if arg is None:
         return _packaged_model_dir(), PACKAGED_MODEL
     path = Path(arg).expanduser()
+    if path.exists() and not path.is_dir():
+        raise FileNotFoundError(f"{option}: {path} is a file; give a local Hugging Face model directory")
     if not path.is_dir():
         raise FileNotFoundError(f"{option}: model directory not found: {path} (bondgate runs offline and never "
                                 f"downloads: give a local Hugging Face model directory)")
@@ -225,15 +234,16 @@ def _max_positions(config: Any) -> int | None:
     return None
 
 
-def _find_targets(model: Any, config: Any) -> dict:
-    """``find_targets`` without its log lines: the CLI reports an empty selection itself, on one line."""
+def _find_targets(model: Any, config: Any) -> tuple[dict, dict]:
+    """``find_targets`` (targets, skipped with the reason) without its log lines: the CLI reports an empty selection
+    itself, on one line."""
     from .surgery import find_targets
 
     log = logging.getLogger("bondgate")
     old = log.disabled
     log.disabled = True
     try:
-        return find_targets(model, config)[0]
+        return find_targets(model, config)
     finally:
         log.disabled = old
 
@@ -242,7 +252,7 @@ def _default_target(model: Any) -> str | None:
     """The first of :data:`DEFAULT_TARGETS` that selects a compressible layer, else ``None`` (all layers)."""
     from .surgery import CompressionConfig
 
-    names = list(_find_targets(model, CompressionConfig(param_ratio=1.0)))
+    names = list(_find_targets(model, CompressionConfig(param_ratio=1.0))[0])
     for pattern in DEFAULT_TARGETS:
         if any(re.fullmatch(pattern, n) for n in names):
             return pattern
@@ -358,7 +368,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     with _torch_threads(args.threads):
         _transformers()
-        from .baselines import latency, size_on_disk
+        from .baselines import paired_latency, size_on_disk
         from .io import save_pretrained
         from .surgery import CompressionConfig, compress
 
@@ -372,7 +382,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
             table = model.get_input_embeddings()
             table_name = next(n for n, m in model.named_modules() if m is table)
             if target is None:
-                target = [*_find_targets(model, CompressionConfig(param_ratio=1.0)), table_name]
+                target = [*_find_targets(model, CompressionConfig(param_ratio=1.0))[0], table_name]
             else:
                 target = f"(?:{target})|{re.escape(table_name)}"
         config = CompressionConfig(**budget, target_modules=target, exclude=args.exclude,
@@ -381,16 +391,22 @@ def cmd_compress(args: argparse.Namespace) -> int:
                                    embeddings=args.embeddings, embedding_ratio=args.embedding_ratio,
                                    embedding_form=args.embedding_form, embedding_rows=args.embedding_rows,
                                    quantize="int8" if args.int8 else None)
-        targets = _find_targets(model, config)
+        targets, skipped = _find_targets(model, config)
         if not targets:
-            what = f"matches --target {target!r}" if target is not None else "in this model"
+            if skipped:  # the selection matched, but every layer in it is skipped: say why, not "no match"
+                reasons = sorted(set(skipped.values()))
+                raise ValueError(f"all {len(skipped)} selected layers are skipped: " + "; ".join(reasons[:3])
+                                 + (f" (and {len(reasons) - 3} more reasons)" if len(reasons) > 3 else ""))
+            what = f"matches --target '{target}'" if isinstance(target, str) else "in this model"
             raise ValueError(f"no compressible Linear/Conv1D layer {what}"
-                             + (f" outside --exclude {args.exclude!r}" if args.exclude else ""))
+                             + (f" outside --exclude '{args.exclude}'" if args.exclude else ""))
         n_target = sum(m.weight.numel() for m in targets.values())
         how = "given" if args.target is not None else "default for this model" if target else "every Linear/Conv1D"
         print(f"targets: {target or '(all)'} ({how}): {len(targets)} layers, {n_target:,} weights"
               + (f", excluding {args.exclude}" if args.exclude else ""))
-        print("budget: " + ", ".join(f"{k}={v}" for k, v in budget.items())
+        cost = {k: v for k, v in (("max_latency_ratio", args.max_latency_ratio), ("flops_ratio", args.flops_ratio))
+                if v is not None}
+        print("budget: " + ", ".join(f"{k}={v}" for k, v in {**budget, **cost}.items())
               + f" | num_cores={args.num_cores} | policy={args.policy}")
 
         max_tokens = min(CALIBRATION_MAX_TOKENS, _max_positions(model.config) or CALIBRATION_MAX_TOKENS)
@@ -402,7 +418,6 @@ def cmd_compress(args: argparse.Namespace) -> int:
         bench_batch = batches[0]  # the first (up to) 32 calibration sentences
         bench_shape = tuple(bench_batch["input_ids"].shape)
         dense_bytes = size_on_disk(model)
-        dense_lat = latency(model, bench_batch, reps=COMPRESS_LATENCY_REPS, threads=args.threads)
 
         t0 = time.perf_counter()
         compress(model, config, calibration=batches, progress=not args.no_progress)
@@ -413,13 +428,17 @@ def cmd_compress(args: argparse.Namespace) -> int:
         print()
 
         comp_bytes = size_on_disk(model)
-        comp_lat = latency(model, bench_batch, reps=COMPRESS_LATENCY_REPS, threads=args.threads)
+        # the dense model again, from disk, so that both are timed in the same interleaved rounds
+        lat = paired_latency({"dense": _load_dense(model_dir), "compressed": model}, bench_batch,
+                             reps=COMPRESS_LATENCY_REPS, rounds=LATENCY_ROUNDS, threads=args.threads)
+        dense_lat, comp_lat = lat["dense"], lat["compressed"]
         print(f"targeted weights: {report.params_before:,} -> {report.params_after:,} "
               f"(ratio {report.ratio:.3f}, {report.ratio:.1%} kept)")
         print(f"size on disk: dense {_mb(dense_bytes)} -> compressed {_mb(comp_bytes)} "
               f"(ratio {comp_bytes / dense_bytes:.3f})")
         print(f"latency, median per batch of {bench_shape[0]} sentences x {bench_shape[1]} tokens, "
-              f"{_n(args.threads, 'thread')}, {COMPRESS_LATENCY_REPS} reps: dense {_ms(dense_lat['median'])} -> "
+              f"{_n(args.threads, 'thread')}, {COMPRESS_LATENCY_REPS} reps in {LATENCY_ROUNDS} interleaved rounds: "
+              f"dense {_ms(dense_lat['median'])} -> "
               f"compressed {_ms(comp_lat['median'])} ({_speed(dense_lat['median'], comp_lat['median'])})")
 
         saved = report.to_dict()
@@ -490,6 +509,13 @@ def _layer_rows(meta: dict) -> tuple[list[list[str]], int, int]:
             if "num_embeddings" in spec:  # an MPOEmbedding: a table of num_embeddings rows, plus its exact kept rows
                 n_out, n_in, k = int(spec["num_embeddings"]), int(spec["embedding_dim"]), int(spec.get("kept_rows", 0))
                 n_after, extra = n_after + k * n_in, f" + {k:,} kept rows" if k else ""
+                if len(bonds) == 1 and out_f[1] == 1 and in_f[0] == 1:  # embedding_form="lowrank": a factor pair
+                    before, after = before + n_out * n_in, after + n_after
+                    rows.append([name, f"{n_out}x{n_in}", "low-rank" + extra, f"rank {bonds[0]}",
+                                 f"{n_out * n_in:,} -> {n_after:,}", f"{n_after / max(n_out * n_in, 1):.1%}",
+                                 _fmt_err(rep.get("weight_error", spec.get("error"))),
+                                 _fmt_err(rep.get("output_error"))])
+                    continue
             else:
                 n_out, n_in = int(spec["out_features"]), int(spec["in_features"])
             n_before = n_out * n_in
@@ -525,7 +551,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print(f"source model: {report['source_model']}")
         cfg = report.get("config") or {}
         if cfg:
-            budget = ", ".join(f"{k}={cfg[k]}" for k in ("param_ratio", "max_bond", "tol") if cfg.get(k) is not None)
+            budget = ", ".join(f"{k}={cfg[k]}" for k in ("param_ratio", "max_bond", "tol", "max_latency_ratio",
+                                                          "flops_ratio") if cfg.get(k) is not None)
             print(f"config: {budget} | num_cores={cfg.get('num_cores')} | allocation={cfg.get('allocation')} | "
                   f"policy={cfg.get('policy')} | target={cfg.get('target_modules')} | exclude={cfg.get('exclude')}")
     else:
@@ -610,7 +637,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     with _torch_threads(args.threads):
         _transformers()
-        from .baselines import latency, size_on_disk
+        from .baselines import paired_latency, size_on_disk
         from .io import load
 
         print(_versions_line())
@@ -626,11 +653,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
                   f"its times are shown, but no ratio: pass the compressed model's source with --dense DIR")
         inputs = _bench_inputs([dense.config, comp.config], args.batch, args.seq)
         print(f"inputs: {args.batch} x {args.seq} random token ids (seed 0) with an attention mask of ones; "
-              f"{_n(args.threads, 'thread')}, {_n(args.reps, 'rep')} after 5 warm-up calls, torch.inference_mode()")
+              f"{_n(args.threads, 'thread')}, {_n(args.reps, 'rep')} in {min(LATENCY_ROUNDS, args.reps)} interleaved "
+              f"rounds after 5 warm-up calls, torch.inference_mode()")
 
         sizes = {"dense": size_on_disk(dense), "compressed": size_on_disk(comp)}
-        lat = {"dense": latency(dense, inputs, reps=args.reps, threads=args.threads),
-               "compressed": latency(comp, inputs, reps=args.reps, threads=args.threads)}
+        lat = paired_latency({"dense": dense, "compressed": comp}, inputs, reps=args.reps,
+                             rounds=min(LATENCY_ROUNDS, args.reps), threads=args.threads)
 
     print()
     print("| model | size on disk | median | p10 | p90 |")
@@ -712,8 +740,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="cap every bond dimension of every layer at N")
     budget.add_argument("--tol", type=_number(float, 0, 1, high_open=True, what="tol"), metavar="T",
                         help="per-layer relative error tolerance, in [0, 1)")
-    p.add_argument("--num-cores", type=_number(int, 1, what="num cores"), default=3, metavar="D",
-                   help="cores per MPO (default: 3)")
+    p.add_argument("--num-cores", type=_number(int, 2, MAX_CORES, what="num cores"), default=3, metavar="D",
+                   help=f"cores per MPO, 2 to {MAX_CORES} (default: 3)")
     p.add_argument("--calibration", metavar="FILE",
                    help="UTF-8 text file, one calibration sample per non-empty line (default: built-in English)")
     p.add_argument("--calibration-size", type=_number(int, 1, what="calibration size"), default=256,
@@ -804,7 +832,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help / --version (0) or a usage error, already reported (2)
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            # a library warning (e.g. layers larger than dense) as one line, not Python's source-line format
+            warnings.showwarning = _show_warning
+            return args.func(args)
     except KeyboardInterrupt:
         if args.debug:
             raise

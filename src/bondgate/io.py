@@ -538,6 +538,8 @@ def read_metadata(directory: str | os.PathLike) -> dict:
     """Read and validate ``bondgate.json`` of a checkpoint directory (no tensors are read)."""
     directory = Path(directory)
     if not directory.is_dir():
+        if directory.exists():
+            raise FileNotFoundError(f"{directory} is a file, not a checkpoint directory")
         raise FileNotFoundError(f"checkpoint directory not found: {directory}")
     path = directory / META_NAME
     if not path.is_file():

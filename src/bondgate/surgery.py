@@ -936,6 +936,8 @@ def _build_embedding(model: nn.Module, w: _Work, wid, config: CompressionConfig,
             model.set_submodule(alias, tied)
     row = _layer_report(w, mpo, W_hat, None, rows)
     row.kind, row.quant = "Embedding", config.quantize
+    if config.embedding_form == "lowrank":  # two cores (vocab, 1) x (1, dim): a factor pair, its bond the rank
+        row.form, row.rank = "lowrank", mpo.bond_dims[0]
     row.params_after = layer.num_params
     if w.counts is not None:  # the error on the calibration data's ids: rows weighted by their counts
         num = float((w.counts * (w.W - W_hat).square().sum(1)).sum())

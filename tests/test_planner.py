@@ -159,3 +159,17 @@ def test_layer_flops_count_the_rows_of_the_call_not_of_its_bucket():
         # the x-independent part (merging cores) stays, the rest grows with the rows
         per_row = (p.flops_at(128) - p.flops) / 64
         assert per_row > 0 and p.flops_at(256) == p.flops + 192 * per_row, p.name
+
+
+def test_speed_mode_keeps_the_dense_weight_unless_a_factored_plan_wins_by_the_margin():
+    # factored plans a few percent faster in tuning ran slower in the model (MiniLM, 256 sentences: 1.08x dense)
+    from types import SimpleNamespace
+
+    from bondgate.planner import DENSE_MARGIN, fastest
+
+    dense = SimpleNamespace(name="dense-cached", time_us=100.0)
+    close = SimpleNamespace(name="merge01/optimal/cached", time_us=100.0 * (1 - DENSE_MARGIN) + 0.5)
+    clear = SimpleNamespace(name="cores/optimal", time_us=90.0)
+    assert fastest([dense, close]) is dense
+    assert fastest([close, dense, clear]) is clear
+    assert fastest([close, clear]) is clear  # memory mode: no dense weight to keep

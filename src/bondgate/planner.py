@@ -27,7 +27,8 @@ flops, size, write and combo objectives, ``greedy``, ``branch-2``), the left-to-
 right-to-left sweeps, merged neighbouring cores, and rebuild-then-GEMM. FLOP-optimal is not
 time-optimal on a CPU (thin GEMMs and permutes dominate), so by default (``select="time"``) the
 candidates that survive a FLOP and memory screen are timed on the real shapes and the fastest wins
-(autotuning); ``select="flops"`` picks by the FLOP model alone (deterministic, no timing).
+(autotuning; in speed mode the cached dense weight stays unless a factored plan is at least 5% faster);
+``select="flops"`` picks by the FLOP model alone (deterministic, no timing).
 
 Choices are cached per key ``(row bucket, factors, bond dims, dtype, device, policy, grad)`` where the
 row bucket is ``B.bit_length()`` (powers of two), so nothing is planned on the hot path after the first
@@ -555,6 +556,9 @@ def _time_call(fn, budget_s: float, max_reps: int = 50) -> float:
 
 
 TUNE_MAX_ROWS = 4096  # larger row counts are timed on this many rows: the ranking is set by then
+# speed mode keeps the dense weight unless a factored plan times at least this much faster: wins of a few percent
+# at large row counts were noise on a shared CPU (MiniLM at 256 sentences ran 1.08x dense with such picks)
+DENSE_MARGIN = 0.05
 FINALISTS, FINAL_ROUNDS = 5, 3
 
 
@@ -565,11 +569,12 @@ def _autotune(cands: list[ContractionPlan], out_f, in_f, ranks, rows, dtype, dev
     min_fl = min(c.flops for c in cands)
     # the dense anchors are timed first, whatever their FLOPs: then the time cap can never leave the
     # planner with only factored plans that are slower than a plain GEMM (large row counts)
-    # (speed mode only: in memory mode a dense rebuild is the last resort, screened by its FLOPs like the others —
-    # timing it first made a wide layer's first call build its whole dense weight, 1 GiB at 16384 x 16384)
-    anchors = ("dense-cached", "rebuild+gemm") if policy.cache_dense else ()
+    # (in memory mode only when their FLOPs pass the screen like the others': unscreened, a wide layer's first
+    # one-row call built its whole dense weight to time it, 1 GiB at 16384 x 16384)
+    anchors = ("dense-cached", "rebuild+gemm")
     # then by FLOPs in 10% bands (a cached merge saves <1% of the FLOPs and is often slower), aten first
-    screened = sorted((c for c in cands if c.flops <= policy.flop_slack * min_fl or c.name in anchors),
+    screened = sorted((c for c in cands if c.flops <= policy.flop_slack * min_fl
+                       or (c.name in anchors and policy.cache_dense)),
                       key=lambda c: (c.name not in anchors, int(math.log(max(c.flops, 1)) / math.log(1.1)),
                                      c.executor != "aten", c.cached, c.flops))
     # random operands from numpy: a first call can happen inside torch.func.vmap (jacfwd, hessian), which refuses
@@ -621,12 +626,23 @@ def _autotune(cands: list[ContractionPlan], out_f, in_f, ranks, rows, dtype, dev
         for _ in range(FINAL_ROUNDS):
             for c in front:
                 c.time_us = min(c.time_us, _time_call(runner(c), per * 2))
-    best = min(timed, key=lambda c: c.time_us)
+    best = fastest(timed)
     best.candidates = [
         {"name": c.name, "executor": c.executor, "flops": c.flops, "peak_elements": c.peak_elements,
          "time_us": c.time_us}
         for c in sorted(timed, key=lambda c: c.time_us)
     ]
+    return best
+
+
+def fastest(timed: Sequence[ContractionPlan]) -> ContractionPlan:
+    """The timed plan to use: the fastest, except that the cached dense weight (speed mode) is kept unless the
+    fastest factored plan beats it by :data:`DENSE_MARGIN` — a win inside the timing noise is no win, and the dense
+    plan is ``nn.Linear``'s own GEMM."""
+    best = min(timed, key=lambda c: c.time_us)
+    dense = next((c for c in timed if c.name == "dense-cached"), None)
+    if dense is not None and best.time_us > (1 - DENSE_MARGIN) * dense.time_us:
+        return dense
     return best
 
 

@@ -99,6 +99,9 @@ def encode_blocks(
 
     Returns a LongTensor of shape (n_blocks, block_size); the trailing < block_size tokens are dropped."""
     eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(f"the tokenizer ({type(tokenizer).__name__}) has no eos_token: blocks are lines joined by it; "
+                         f"use a causal-LM tokenizer or set tokenizer.eos_token")
     ids = array("l")  # compact int64 buffer instead of a list of Python ints
     batch: list[str] = []
 

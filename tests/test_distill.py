@@ -1,6 +1,7 @@
 """Healing by distillation: the loss terms and the training loop."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -273,3 +274,52 @@ def test_masked_hidden_loss_with_a_float16_teacher():
     _, half = loss(Out(hidden_states=student), Out(hidden_states=teacher), batch)
     _, full = loss(Out(hidden_states=student), Out(hidden_states=[t.float() for t in teacher]), batch)
     assert half["hidden"] == pytest.approx(full["hidden"], rel=1e-3) and half["hidden"] > 0
+
+
+def test_distillation_trainer_reports_an_eval_loss_on_unlabelled_data(tmp_path):
+    # the stock prediction_step computes a loss only for batches with labels: distillation data (none) gave no
+    # eval_loss, and load_best_model_at_end failed on the missing metric
+    transformers = pytest.importorskip("transformers")
+    import bondgate
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32)
+    teacher = transformers.GPT2LMHeadModel(cfg).eval()
+    student = copy.deepcopy(teacher)
+    compress(student, CompressionConfig(param_ratio=0.5, policy="memory"), progress=False)
+    ds = [{"input_ids": torch.randint(0, 64, (12,))} for _ in range(8)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True,
+                                          per_device_eval_batch_size=4, disable_tqdm=True)
+    trainer = bondgate.DistillationTrainer(model=student, teacher=teacher, args=args, eval_dataset=ds,
+                                           distill_loss=DistillLoss(hidden=0, logits=1.0))
+    metrics = trainer.evaluate()
+    losses = []
+    with torch.no_grad():
+        for i in (0, 4):  # the two eval batches; the Trainer averages their losses
+            ids = torch.stack([d["input_ids"] for d in ds[i:i + 4]])
+            losses.append(float(DistillLoss(hidden=0, logits=1.0)(student(ids), teacher(ids))[0]))
+    assert math.isfinite(metrics["eval_loss"]) and metrics["eval_loss"] > 0
+    assert metrics["eval_loss"] == pytest.approx(sum(losses) / 2, rel=1e-4)
+
+
+def test_distillation_trainer_checkpoints_hold_int8_layers_masters(tmp_path):
+    # resuming from an int8 checkpoint rounded the masters to the int8 grid (resumed and straight runs diverged)
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    import bondgate
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32)
+    teacher = transformers.GPT2LMHeadModel(cfg).eval()
+    student = copy.deepcopy(teacher)
+    compress(student, CompressionConfig(param_ratio=0.5, policy="memory", quantize="int8"), progress=False)
+    ds = [{"input_ids": torch.randint(0, 64, (12,))} for _ in range(8)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=1,
+                                          save_steps=1, per_device_train_batch_size=4, disable_tqdm=True)
+    bondgate.DistillationTrainer(model=student, teacher=teacher, args=args, train_dataset=ds,
+                                 distill_loss=DistillLoss(hidden=0, logits=1.0)).train()
+    saved = load_file(str(next(tmp_path.glob("checkpoint-1/*.safetensors"))))
+    mpo = {n: m for n, m in student.named_modules() if isinstance(m, bondgate.MPOLinear)}
+    assert mpo and all(torch.equal(saved[f"{n}.cores.0"], m.cores[0].detach()) for n, m in mpo.items())
+    assert student.state_dict()[f"{next(iter(mpo))}.cores.0"].dtype == torch.int8  # outside checkpoints: int8

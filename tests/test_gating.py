@@ -1100,3 +1100,25 @@ def test_calibration_passes_are_not_inference_traffic():
                       calibration=[torch.randn(32, 96) for _ in range(4)], progress=False)
     assert float(net[2].budget_lambda) == price
     assert sum(r["rows"] for r in gating_report(net)) == 0
+
+
+def test_a_budget_penalty_without_gradient_is_an_error_not_a_silent_zero():
+    # reentrant activation checkpointing runs the forward under no_grad: the penalty reached the loss without a graph
+    # and the controllers got ~0 budget gradient (3.55 -> 0.0098) in silence
+    from torch.utils.checkpoint import checkpoint
+
+    from bondgate.distill import aux_losses
+
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64))
+    bondgate.compress(body, bondgate.CompressionConfig(param_ratio=0.4), progress=False)
+    gate(body, GatingConfig(budget=0.3))
+    set_mode(body, "gate")
+    body.train()
+    x = torch.randn(32, 64, requires_grad=True)
+    y = checkpoint(body, x, use_reentrant=False)
+    (y.pow(2).mean() + aux_losses(body)).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in body.named_parameters() if "controller" in n)
+    checkpoint(body, x, use_reentrant=True)
+    with pytest.raises(RuntimeError, match="use_reentrant=False"):
+        aux_losses(body)

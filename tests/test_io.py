@@ -374,6 +374,9 @@ def test_unknown_layer_type(mlp_ckpt):
     edit_json(mlp_ckpt, lambda m: m["layers"]["2"].update(type="os.system"))
     with pytest.raises(ValueError, match="unknown layer type 'os.system' for module '2'"):
         bondgate.load(mlp_ckpt)
+    edit_json(mlp_ckpt, lambda m: m["layers"]["2"].update(type=[]))  # a list: was TypeError "unhashable type"
+    with pytest.raises(ValueError, match=r"unknown layer type \[\] for module '2'"):
+        bondgate.load(mlp_ckpt)
 
 
 @pytest.mark.parametrize("field, value, message", [

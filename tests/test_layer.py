@@ -429,3 +429,27 @@ def test_memory_mode_does_not_time_a_dense_rebuild_its_flops_screen_out():
     speed = MPOLinear(1024, 1024, max_bond=8, num_cores=4, policy=PlanPolicy(cache_dense=True, tune_seconds=0.05))
     assert "rebuild+gemm" not in {c["name"] for c in memory.plan(1).candidates}
     assert "dense-cached" in {c["name"] for c in speed.plan(1).candidates}
+
+
+@pytest.mark.parametrize("policy, quant", [("memory", None), ("speed", None), ("memory", "int8")])
+def test_kept_operands_follow_a_fused_optimizer_step(policy, quant):
+    # AdamW(fused=True) (transformers.Trainer's default) updates parameters without moving their version counters:
+    # evaluation after a step ran on the weights before it (0.35 off), and int8 state dicts were the old ones
+    torch.manual_seed(0)
+    layer = MPOLinear(64, 64, max_bond=8, num_cores=2, policy=policy)
+    if quant:
+        layer.quantize_(quant)
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2, fused=True)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        layer(x)  # keeps operands
+        before = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer(x).pow(2).sum().backward()
+    opt.step()
+    fresh = MPOLinear(64, 64, max_bond=8, num_cores=2, policy=policy)
+    if quant:
+        fresh.quantize_(quant)
+    fresh.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(layer(x), fresh(x), atol=1e-5)
+        assert any(not torch.equal(before[k], v) for k, v in layer.state_dict().items())

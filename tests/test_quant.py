@@ -379,3 +379,21 @@ def test_values_near_the_dtypes_largest_stay_finite(dtype):
     back, fq = dequantize(q, s, dtype), fake_quant(core)
     assert torch.isfinite(back).all() and torch.equal(back, fq)
     assert float((back.float() - core.float()).abs().max()) <= float(s.max())  # within one step (clamped channel)
+
+
+def test_master_state_holds_the_full_precision_masters_and_loads_them_exactly():
+    # an int8 state dict restores the masters only to the int8 grid: a resumed training run lost its sub-level updates
+    from bondgate.quant import master_state
+
+    torch.manual_seed(0)
+    layer = bondgate.MPOLinear(32, 24, max_bond=4, num_cores=2).quantize_("int8")
+    assert layer.state_dict()["cores.0"].dtype == torch.int8
+    with master_state():
+        sd = layer.state_dict()
+    assert sd["cores.0"].dtype == torch.float32 and "cores.0_scale" not in sd
+    fresh = bondgate.MPOLinear(32, 24, max_bond=4, num_cores=2).quantize_("int8")
+    fresh.load_state_dict(sd)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.cores, layer.cores, strict=True))
+    rounded = bondgate.MPOLinear(32, 24, max_bond=4, num_cores=2).quantize_("int8")
+    rounded.load_state_dict(layer.state_dict())
+    assert not all(torch.equal(a, b) for a, b in zip(rounded.cores, layer.cores, strict=True))

@@ -430,8 +430,27 @@ def _make_trainer_class():
                     self.teacher.to(dev)
             with torch.no_grad():
                 t_out = _call(self.teacher, inputs, want)
-            total, _, s_out = _step_loss(model, inputs, t_out, self.distill_loss, want, self.sandwich)
+            total, _, s_out = _step_loss(model, inputs, t_out, self.distill_loss, want,
+                                         self.sandwich and model.training)
             return (total, s_out) if return_outputs else total
+
+        def _save_checkpoint(self, model, trial, *args, **kwargs):
+            # checkpoints to resume from hold int8 layers' full-precision masters (an int8 checkpoint rounds them)
+            from .quant import master_state
+
+            with master_state():
+                return super()._save_checkpoint(model, trial, *args, **kwargs)
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            # the stock step computes a loss only for batches with labels; distillation data usually has none, and
+            # then evaluation reported no eval_loss (load_best_model_at_end failed on the missing metric): the
+            # distillation loss is the eval loss here
+            if any(k in inputs for k in self.label_names):
+                return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+            inputs = self._prepare_inputs(inputs)
+            with torch.no_grad():
+                loss = self.compute_loss(model, inputs)
+            return loss.detach(), None, None
 
     return DistillationTrainer
 

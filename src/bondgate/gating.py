@@ -765,6 +765,14 @@ class GatedMPOLinear(MPOLinear):
     def bondgate_aux_loss(self) -> torch.Tensor | None:
         """The budget penalty of the last training forward (consumed: returns it once)."""
         aux, self._aux = self._aux, None
+        if aux is not None and not aux.requires_grad and torch.is_grad_enabled() \
+                and any(p.requires_grad for p in self.controller.parameters()):
+            # asked for to train on, but made without grad: reentrant activation checkpointing runs the forward
+            # under no_grad and the recomputation's penalty never reaches the loss (the controllers got ~0 gradient)
+            raise RuntimeError("the gating budget penalty of the last forward has no gradient (the forward ran "
+                               "without grad, e.g. under reentrant activation checkpointing): use "
+                               "torch.utils.checkpoint with use_reentrant=False (transformers: "
+                               "gradient_checkpointing_kwargs={'use_reentrant': False}, its default)")
         return aux
 
     _KEPT = (*MPOLinear._KEPT, "_level_plans", "_traced_widths", "_slices", "_price", "_host")

@@ -520,7 +520,7 @@ def _check_layers(layers: Any, layer_aliases: Any, where: str) -> None:
     for name, spec in layers.items():
         if not isinstance(spec, dict) or "type" not in spec:
             raise ValueError(f"{where}: the spec of layer {name!r} must be an object with a 'type'")
-        if spec["type"] not in LAYER_TYPES:
+        if not isinstance(spec["type"], str) or spec["type"] not in LAYER_TYPES:
             raise ValueError(f"unknown layer type {spec['type']!r} for module {name!r} in {where}; "
                              f"registered types: {sorted(LAYER_TYPES)} (see bondgate.register_layer_type)")
     for alias, target in _check_str_map(layer_aliases, "layer_aliases", where).items():

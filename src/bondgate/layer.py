@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 from torch.autograd.graph import increment_version
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .mpo import MPO, BondSpec
 from .planner import (
@@ -75,6 +76,20 @@ class TrackedParameter(nn.Parameter):
 
 def _rebuild_tracked(data: torch.Tensor, requires_grad: bool) -> TrackedParameter:
     return TrackedParameter(data, requires_grad)
+
+
+def _bump_after_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """After any optimizer step: move the version counters of the TrackedParameters it updates. Fused optimizers
+    (``torch.optim.AdamW(fused=True)``, transformers.Trainer's default ``adamw_torch_fused``) write parameters without
+    moving them, which left the operands layers keep between inference calls on the old weights (an eval after a
+    step measured a model 0.35 away from its parameters); one bump per step costs a loop over the parameters."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if isinstance(p, TrackedParameter) and not p.is_inference():
+                increment_version(p)
+
+
+register_optimizer_step_post_hook(_bump_after_step)
 
 
 # torch.load's default weights_only unpickler loads only allow-listed globals: a pickled TrackedParameter

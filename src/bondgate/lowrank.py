@@ -45,6 +45,9 @@ class LowRankLinear(nn.Module):
 
     The parameters are :class:`~bondgate.layer.TrackedParameter` s (every write is seen, ``.data`` included), so that a
     consumer of the dense ``U @ V`` (:class:`bondgate.Recurrent`'s fused path) can keep it between inference calls.
+    ``U`` is held transposed (a contiguous ``(rank, out)`` matrix, see ``_u_parameter``): code that flattens
+    parameters with ``.view(-1)``, such as ``torch.nn.utils.parameters_to_vector``, needs ``.reshape(-1)`` here
+    (``torch.cat([p.reshape(-1) for p in model.parameters()])``).
     """
 
     def __init__(

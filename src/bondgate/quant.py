@@ -27,8 +27,9 @@ controllers and every non-MPO layer stay in their dtype (for dense ``nn.Linear``
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -173,9 +174,26 @@ def _quantized_params(module: nn.Module) -> dict[str, tuple[torch.Tensor | None,
     return out
 
 
+_MASTER_STATE = [0]  # depth of master_state() contexts
+
+
+@contextlib.contextmanager
+def master_state() -> Iterator[None]:
+    """Inside, quantized layers' state dicts hold their full-precision master cores instead of int8 cores + scales:
+    for training checkpoints, which a resumed run must continue from exactly (int8 cores restore the masters only to
+    the int8 grid: updates below half a level are lost at every resume). ``load_state_dict`` takes either form;
+    :class:`bondgate.DistillationTrainer` writes its checkpoints this way (its final ``save_model`` stays int8)."""
+    _MASTER_STATE[0] += 1
+    try:
+        yield
+    finally:
+        _MASTER_STATE[0] -= 1
+
+
 def state_dict_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    """State-dict post-hook of a quantized MPO layer: its cores as int8 plus ``<key>_scale`` fp32 scales."""
-    if getattr(module, "_quant", None) is None:
+    """State-dict post-hook of a quantized MPO layer: its cores as int8 plus ``<key>_scale`` fp32 scales (the
+    masters themselves inside :func:`master_state`)."""
+    if getattr(module, "_quant", None) is None or _MASTER_STATE[0]:
         return
     for name, (core, _) in _quantized_params(module).items():
         key = prefix + name

@@ -276,18 +276,23 @@ def test_masked_hidden_loss_with_a_float16_teacher():
     assert half["hidden"] == pytest.approx(full["hidden"], rel=1e-3) and half["hidden"] > 0
 
 
+def _tiny_gpt2_student(transformers, quantize=None):
+    """A 1-layer GPT-2 teacher, its copy compressed to half, and 8 unlabelled 12-token rows."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32)
+    teacher = transformers.GPT2LMHeadModel(cfg).eval()
+    student = copy.deepcopy(teacher)
+    compress(student, CompressionConfig(param_ratio=0.5, policy="memory", quantize=quantize), progress=False)
+    return teacher, student, [{"input_ids": torch.randint(0, 64, (12,))} for _ in range(8)]
+
+
 def test_distillation_trainer_reports_an_eval_loss_on_unlabelled_data(tmp_path):
     # the stock prediction_step computes a loss only for batches with labels: distillation data (none) gave no
     # eval_loss, and load_best_model_at_end failed on the missing metric
     transformers = pytest.importorskip("transformers")
     import bondgate
 
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32)
-    teacher = transformers.GPT2LMHeadModel(cfg).eval()
-    student = copy.deepcopy(teacher)
-    compress(student, CompressionConfig(param_ratio=0.5, policy="memory"), progress=False)
-    ds = [{"input_ids": torch.randint(0, 64, (12,))} for _ in range(8)]
+    teacher, student, ds = _tiny_gpt2_student(transformers)
     args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True,
                                           per_device_eval_batch_size=4, disable_tqdm=True)
     trainer = bondgate.DistillationTrainer(model=student, teacher=teacher, args=args, eval_dataset=ds,
@@ -309,12 +314,7 @@ def test_distillation_trainer_checkpoints_hold_int8_layers_masters(tmp_path):
 
     import bondgate
 
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32)
-    teacher = transformers.GPT2LMHeadModel(cfg).eval()
-    student = copy.deepcopy(teacher)
-    compress(student, CompressionConfig(param_ratio=0.5, policy="memory", quantize="int8"), progress=False)
-    ds = [{"input_ids": torch.randint(0, 64, (12,))} for _ in range(8)]
+    teacher, student, ds = _tiny_gpt2_student(transformers, quantize="int8")
     args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=1,
                                           save_steps=1, per_device_train_batch_size=4, disable_tqdm=True)
     bondgate.DistillationTrainer(model=student, teacher=teacher, args=args, train_dataset=ds,

@@ -493,40 +493,31 @@ def _layer_rows(meta: dict) -> tuple[list[list[str]], int, int]:
             shape = f"{rep.get('out_features')}x{rep.get('in_features')}" if rep.get("out_features") else "?"
             rows.append([name, shape, str(rep.get("status", "?")), "", f"{n:,}", "100.0%", "-", "-"])
             continue
-        if spec.get("type") == "LowRankLinear" and all(k in spec for k in ("rank", "in_features", "out_features")):
-            n_before = int(spec["out_features"]) * int(spec["in_features"])
-            n_after = int(spec["rank"]) * (int(spec["out_features"]) + int(spec["in_features"]))
-            before, after = before + n_before, after + n_after
-            rows.append([name, f"{spec['out_features']}x{spec['in_features']}", "low-rank", f"rank {spec['rank']}",
-                         f"{n_before:,} -> {n_after:,}", f"{n_after / max(n_before, 1):.1%}",
-                         _fmt_err(rep.get("weight_error", spec.get("error"))), _fmt_err(rep.get("output_error"))])
-            continue
         try:
-            out_f, in_f = [int(v) for v in spec["out_factors"]], [int(v) for v in spec["in_factors"]]
-            bonds = [int(v) for v in spec["bond_dims"]]
-            n_after = mpo_params([o * i for o, i in zip(out_f, in_f)], bonds)
-            extra = ""
-            if "num_embeddings" in spec:  # an MPOEmbedding: a table of num_embeddings rows, plus its exact kept rows
-                n_out, n_in, k = int(spec["num_embeddings"]), int(spec["embedding_dim"]), int(spec.get("kept_rows", 0))
-                n_after, extra = n_after + k * n_in, f" + {k:,} kept rows" if k else ""
-                if len(bonds) == 1 and out_f[1] == 1 and in_f[0] == 1:  # embedding_form="lowrank": a factor pair
-                    before, after = before + n_out * n_in, after + n_after
-                    rows.append([name, f"{n_out}x{n_in}", "low-rank" + extra, f"rank {bonds[0]}",
-                                 f"{n_out * n_in:,} -> {n_after:,}", f"{n_after / max(n_out * n_in, 1):.1%}",
-                                 _fmt_err(rep.get("weight_error", spec.get("error"))),
-                                 _fmt_err(rep.get("output_error"))])
-                    continue
+            if spec.get("type") == "LowRankLinear":
+                n_out, n_in, rank = int(spec["out_features"]), int(spec["in_features"]), int(spec["rank"])
+                n_after, form, bonds = rank * (n_out + n_in), "low-rank", f"rank {rank}"
             else:
-                n_out, n_in = int(spec["out_features"]), int(spec["in_features"])
-            n_before = n_out * n_in
+                out_f, in_f = [int(v) for v in spec["out_factors"]], [int(v) for v in spec["in_factors"]]
+                ranks = [int(v) for v in spec["bond_dims"]]
+                n_after = mpo_params([o * i for o, i in zip(out_f, in_f)], ranks)
+                form, bonds = f"{'x'.join(map(str, out_f))} / {'x'.join(map(str, in_f))}", ",".join(map(str, ranks))
+                if "num_embeddings" in spec:  # an MPOEmbedding: num_embeddings rows, plus its exact kept rows
+                    n_out, n_in = int(spec["num_embeddings"]), int(spec["embedding_dim"])
+                    k = int(spec.get("kept_rows", 0))
+                    if len(ranks) == 1 and out_f[1] == 1 and in_f[0] == 1:  # embedding_form="lowrank": a factor pair
+                        form, bonds = "low-rank", f"rank {ranks[0]}"
+                    n_after, form = n_after + k * n_in, form + (f" + {k:,} kept rows" if k else "")
+                else:
+                    n_out, n_in = int(spec["out_features"]), int(spec["in_features"])
         except (KeyError, TypeError, ValueError):  # a custom registered layer type: show what is known
             rows.append([name, "?", str(spec.get("type")), "?", "?", "?", "-", "-"])
             continue
+        n_before = n_out * n_in
         before, after = before + n_before, after + n_after
-        rows.append([name, f"{n_out}x{n_in}",
-                     f"{'x'.join(map(str, out_f))} / {'x'.join(map(str, in_f))}{extra}", ",".join(map(str, bonds)),
-                     f"{n_before:,} -> {n_after:,}", f"{n_after / max(n_before, 1):.1%}",
-                     _fmt_err(rep.get("weight_error", spec.get("error"))), _fmt_err(rep.get("output_error"))])
+        rows.append([name, f"{n_out}x{n_in}", form, bonds, f"{n_before:,} -> {n_after:,}",
+                     f"{n_after / max(n_before, 1):.1%}", _fmt_err(rep.get("weight_error", spec.get("error"))),
+                     _fmt_err(rep.get("output_error"))])
     return rows, before, after
 
 

@@ -50,7 +50,7 @@ from torch import nn
 
 from .factors import factorize_shape
 from .io import register_layer_type
-from .layer import MPOLinear, TrackedParameter, fake_quantized_cores, without_kept
+from .layer import MPOLinear, TrackedParameter, fake_quantized_cores, replica_without_kept, without_kept
 from .mpo import MPO, BondSpec
 from .planner import PlanPolicy
 from .quant import check_quant, load_quantized_cores, register_state_dict_hook
@@ -351,9 +351,14 @@ class MPOEmbedding(nn.Module):
         self._quant_cache, self._rows_cache = {}, {}  # hold the old tensors
         return super()._apply(fn, recurse)
 
+    _KEPT = ("_quant_cache", "_rows_cache")  # the fake-quantized cores and kept rows kept between calls
+
+    def _replicate_for_data_parallel(self):
+        return replica_without_kept(super()._replicate_for_data_parallel(), self._KEPT)
+
     def __getstate__(self) -> dict:
         # copies and pickles leave the kept fake-quantized cores out (see MPOLinear.__getstate__)
-        return without_kept(super().__getstate__(), ("_quant_cache", "_rows_cache"))
+        return without_kept(super().__getstate__(), self._KEPT)
 
     # ------------------------------------------------------------------ forward
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

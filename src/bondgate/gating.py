@@ -53,6 +53,7 @@ import functools
 import itertools
 import math
 import statistics
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -63,13 +64,24 @@ from torch import nn
 
 from .calibration import capture_inputs, in_calibration_pass
 from .io import register_layer_type
-from .layer import MPOLinear, bad_input, core_versions, kept, outside_inference_mode, track_parameters
+from .layer import (
+    MPOLinear,
+    bad_input,
+    core_versions,
+    kept,
+    outside_inference_mode,
+    own_param,
+    replica_without_kept,
+    track_parameters,
+)
 from .lowrank import LowRankLinear
 from .planner import get_plan, min_flops, sweep_views
 from .surgery import _matches, check_selector, module_names
 
 __all__ = ["GatingConfig", "GatedMPOLinear", "gate", "set_mode", "set_budget", "fit_controllers", "gating_report",
            "average_flops", "width_error_curve", "route", "PriceTracker"]
+
+_REPLICA_LOCK = threading.Lock()  # nn.DataParallel's replicas report to their layer from threads
 
 
 @dataclass
@@ -141,8 +153,8 @@ class GateController(nn.Module):
         return self.proj(torch.cat([x / norm * math.sqrt(x.shape[-1]), norm.log()], dim=-1))
 
     def host_params(self) -> tuple[torch.Tensor, ...]:
-        proj = self._modules["proj"]._parameters  # direct dict reads: nn.Module.__getattr__ is ~0.5 us each
-        return proj["weight"], proj["bias"]
+        proj = self._modules["proj"]  # direct dict reads: nn.Module.__getattr__ is ~0.5 us each
+        return own_param(proj, "weight"), own_param(proj, "bias")
 
     def host_operands(self, dtype: torch.dtype) -> list:
         w, b = self.host_params()
@@ -191,7 +203,7 @@ class ErrorController(nn.Module):
         return -(f @ self.coef.T.to(f.dtype))
 
     def host_params(self) -> tuple[torch.Tensor, ...]:
-        return self._modules["proj"]._parameters["weight"], self._parameters["coef"]
+        return own_param(self._modules["proj"], "weight"), own_param(self, "coef")
 
     def host_operands(self, dtype: torch.dtype) -> list:
         w, c = self.host_params()
@@ -215,6 +227,9 @@ class ErrorController(nn.Module):
     def _apply(self, fn, recurse: bool = True):  # .to() / .double() swap coef's data without a version bump
         self.__dict__.pop("_kept", None)
         return super()._apply(fn, recurse)
+
+    def _replicate_for_data_parallel(self):
+        return replica_without_kept(super()._replicate_for_data_parallel(), ("_kept",))
 
 
 def _linear_cost(in_features: int, levels: int) -> float:
@@ -661,28 +676,46 @@ class GatedMPOLinear(MPOLinear):
             return super().forward(x)
         elif x2d.shape[0] == 1 or self.max_groups == 1:  # one level for the call: no grouping, one Python int
             i = self._one_level(x2d)
-            rows = x2d.shape[0]
             if (self.record or self._tracker is not None) and not in_calibration_pass():  # traffic: counted
-                if self.record:
-                    self._pending[i] += rows
-                if self._tracker is not None:
-                    self._tracker.report(self, (self.level_cost[i] + self.controller_cost) * rows, rows)
+                self._count(i, None, x2d.shape[0])
             y = self.width_output(x2d, self.level_widths[i])
         else:
             lv = self.decide(x2d)
             counts = to_host(torch.bincount(lv, minlength=len(self.levels)))
             if (self.record or self._tracker is not None) and not in_calibration_pass():  # traffic: counted
-                if self.record:
-                    self._pending = [a + b for a, b in zip(self._pending, counts)]
-                if self._tracker is not None:
-                    rows = x2d.shape[0]
-                    used = sum(c * f for c, f in zip(counts, self.level_cost)) + self.controller_cost * rows
-                    self._tracker.report(self, used, rows)
+                self._count(None, counts, x2d.shape[0])
             y = self.grouped_output(x2d, lv, counts)
-        bias = self._parameters["bias"]  # not self.bias: nn.Module.__getattr__ costs ~0.5 us per read
+        bias = own_param(self, "bias")
         if bias is not None:
             y = y + bias
         return y.reshape(*x.shape[:-1], self.out_features) if flat else y
+
+    def _count(self, level: int | None, counts: list[int] | None, rows: int) -> None:
+        """One inference call's traffic: its ``rows`` per level (all at ``level``, or ``counts`` rows per level) into
+        the level counts, its FLOPs to the price tracker."""
+        origin = self.__dict__.get("_origin")
+        if origin is not None:  # an nn.DataParallel replica (one thread per device): counted on the layer itself
+            with _REPLICA_LOCK:
+                origin._count(level, counts, rows)
+            return
+        if level is not None:
+            if self.record:
+                self._pending[level] += rows
+            used = (self.level_cost[level] + self.controller_cost) * rows
+        else:
+            if self.record:
+                self._pending = [a + b for a, b in zip(self._pending, counts)]
+            used = sum(c * f for c, f in zip(counts, self.level_cost)) + self.controller_cost * rows
+        if self._tracker is not None:
+            self._tracker.report(self, used, rows)
+
+    def _replicate_for_data_parallel(self):
+        # nn.DataParallel replicates the model for every call and runs the replicas in threads, on row shards: they
+        # count their traffic and report their budget penalty's terms to this layer (where the loss reads them)
+        replica = super()._replicate_for_data_parallel()
+        replica.__dict__["_origin"] = self  # not a submodule: __dict__, not setattr
+        self._aux, self._aux_parts = None, []
+        return replica
 
     def _compiled_forward(self, x: torch.Tensor, levels: torch.Tensor | None) -> torch.Tensor:
         """``forward`` under torch.compile / torch.export. A width fixed for every row (``"full"``, a static
@@ -724,7 +757,12 @@ class GatedMPOLinear(MPOLinear):
         probs = torch.softmax(scores / self.temperature, -1)
         cost = self.rel_cost.to(probs)
         expected = (probs * cost).sum(-1).mean() + self.controller_cost / self.full_cost
-        self._aux = self.penalty * (expected - self.budget) ** 2
+        origin = self.__dict__.get("_origin")
+        if origin is None:
+            self._aux = self.penalty * (expected - self.budget) ** 2
+        else:  # an nn.DataParallel replica: the penalty is of the whole batch's expected cost (bondgate_aux_loss)
+            with _REPLICA_LOCK:
+                origin._aux_parts.append((expected, x2d.shape[0]))
         return self._soft_route(x2d, q)
 
     def flush_counts(self) -> torch.Tensor:
@@ -765,6 +803,11 @@ class GatedMPOLinear(MPOLinear):
     def bondgate_aux_loss(self) -> torch.Tensor | None:
         """The budget penalty of the last training forward (consumed: returns it once)."""
         aux, self._aux = self._aux, None
+        parts = self.__dict__.pop("_aux_parts", None)
+        if parts:  # from nn.DataParallel's replicas: each shard's mean expected cost and rows
+            device = parts[0][0].device
+            expected = sum(e.to(device) * n for e, n in parts) / sum(n for _, n in parts)
+            aux = self.penalty * (expected - self.budget) ** 2
         if aux is not None and not aux.requires_grad and torch.is_grad_enabled() \
                 and any(p.requires_grad for p in self.controller.parameters()):
             # asked for to train on, but made without grad: reentrant activation checkpointing runs the forward

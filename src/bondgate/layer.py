@@ -170,6 +170,25 @@ def without_kept(state: dict, names: Sequence[str]) -> dict:
     return {k: ({} if k in names else v) for k, v in state.items()}
 
 
+def replica_without_kept(replica: nn.Module, names: Sequence[str]) -> nn.Module:
+    """An ``nn.DataParallel`` replica (``_replicate_for_data_parallel``, which copies the module's ``__dict__``
+    shallowly) with caches ``names`` of its own: replicas are made for every call, each holds copies of the
+    parameters on its device and runs in a thread of its own, so the operands and plan slots the module keeps
+    are not theirs to read or write."""
+    for name in names:
+        if name in replica.__dict__:
+            replica.__dict__[name] = {}
+    return replica
+
+
+def own_param(module: nn.Module, name: str) -> torch.Tensor | None:
+    """``module``'s parameter ``name`` read from its dict (``nn.Module.__getattr__`` costs ~0.4 us per read); in an
+    ``nn.DataParallel`` replica, whose parameters are plain attributes (its dict keeps only the ``None`` ones),
+    the attribute."""
+    params = module._parameters
+    return params[name] if name in params else module.__dict__[name]
+
+
 def bad_input(layer: nn.Module, x) -> Exception:
     """The error for an input that is not a ``(*, in_features)`` tensor (a list, a numpy array, a 0-d tensor)."""
     name, want = type(layer).__name__, f"a torch.Tensor of shape (*, {layer.in_features})"
@@ -449,7 +468,10 @@ class MPOLinear(nn.Module):
         # The ParameterList's own dict, looked up on every call (never a cached reference or tuple): parameter
         # swaps such as torch.func.functional_call, or torch.export replacing the dict while it traces, are always
         # seen; it is also ~10x faster than iterating the list.
-        return self._modules["cores"]._parameters
+        cores = self._modules["cores"]
+        params = cores._parameters
+        # an nn.DataParallel replica's list holds its cores (copies on its device) as plain attributes
+        return params if params else {k: cores.__dict__[k] for k in map(str, range(len(cores)))}
 
     def _masters(self) -> tuple[torch.Tensor, ...]:
         """The core parameters (of a quantized layer: the full-precision masters); for shapes, dtype and device."""
@@ -499,11 +521,15 @@ class MPOLinear(nn.Module):
 
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
-        if name == "cores" and "_plans" in self.__dict__:
+        # (nn.DataParallel's replicate() sets a replica's cores before their parameters: it kept nothing)
+        if name == "cores" and "_plans" in self.__dict__ and not self.__dict__.get("_is_replica"):
             self._reset_caches()
 
     # what _reset_caches empties: operands, plans and fake-quantized cores kept between calls
     _KEPT: tuple[str, ...] = ("_plans", "_ops_cache", "_quant_cache")
+
+    def _replicate_for_data_parallel(self):
+        return replica_without_kept(super()._replicate_for_data_parallel(), self._KEPT)
 
     def __getstate__(self) -> dict:
         # copies and pickles leave the kept operands out: a copy's parameters start new version counters, so the
@@ -564,7 +590,7 @@ class MPOLinear(nn.Module):
         y = run_sweep(x2d, mats, steps, self.out_factors, self.in_factors, reverse)
         if y.shape[1] != self.out_features:
             y = y[:, : self.out_features]
-        bias = self._parameters["bias"]
+        bias = own_param(self, "bias")
         if bias is not None:
             y = y + bias
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -599,7 +625,7 @@ class MPOLinear(nn.Module):
         if entry is None:
             entry = self._plans[key] = self._new_entry(x, x2d.shape[0], grad)
         plan, slot = entry
-        bias = self._parameters["bias"]  # not self.bias: nn.Module.__getattr__ costs ~0.4 us per call
+        bias = own_param(self, "bias")
         try:
             if slot is not None:  # operands kept between inference calls (pre-contracted, or the sweep's layout)
                 # Valid while the same tensors are unmodified: version counters only grow, so their sum
@@ -639,7 +665,7 @@ class MPOLinear(nn.Module):
         (the kernels' reshapes cannot infer a size from zero elements). When a gradient is wanted, through
         the rebuilt weight, so that the cores and the input get (zero) gradients as a dense layer's would."""
         self._check_dtype(x)
-        bias = self._parameters["bias"]
+        bias = own_param(self, "bias")
         if torch.is_grad_enabled() and (x.requires_grad or any(c.requires_grad for c in self._masters())):
             return torch.nn.functional.linear(x, self.weight_matrix(), bias)
         y = x.new_zeros(*x.shape[:-1], self.out_features)

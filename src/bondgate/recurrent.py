@@ -133,10 +133,20 @@ class Recurrent(nn.Module):
         return (self.mode, self.input_size, self.hidden_size, self.num_layers, self.bias, self.batch_first,
                 float(self.dropout), self.bidirectional, self.proj_size, self.nonlinearity)
 
+    _CACHES = ("_shell_module", "_dense_cache", "_runner_module")
+
     def __getstate__(self) -> dict:
         # copies and pickles leave out the per-process caches (the dense weights would outweigh the model)
         state = super().__getstate__()
-        return {k: v for k, v in state.items() if k not in ("_shell_module", "_dense_cache", "_runner_module")}
+        return {k: v for k, v in state.items() if k not in self._CACHES}
+
+    def _replicate_for_data_parallel(self):
+        # nn.DataParallel's replicas (one per device and call, run in threads) build their own: a shared shell would
+        # have its parameters swapped by two threads' functional_call at once
+        replica = super()._replicate_for_data_parallel()
+        for name in self._CACHES:
+            replica.__dict__.pop(name, None)
+        return replica
 
     def flatten_parameters(self) -> None:
         """Nothing to do (``nn.LSTM``'s cuDNN weight layout); here so that code calling it keeps working."""

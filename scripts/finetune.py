@@ -716,7 +716,8 @@ def main(argv: list[str] | None = None) -> None:
             tied = check_resumable(args.resume_from, student)
         except (OSError, ValueError) as exc:
             raise SystemExit(f"{PROG}: error: {_one_line(exc)}") from None
-        if tied and rank0:
+        # checkpoints of older versions (no bondgate.json) go through Trainer's own loader, which warns about these
+        if tied and rank0 and not (args.resume_from / "bondgate.json").is_file():
             print(f"resuming from {args.resume_from}; {tied} are tied to stored tensors, so Trainer's warning about "
                   f"them as missing keys is harmless", flush=True)
     teacher = load_teacher(args)

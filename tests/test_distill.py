@@ -323,3 +323,42 @@ def test_distillation_trainer_checkpoints_hold_int8_layers_masters(tmp_path):
     mpo = {n: m for n, m in student.named_modules() if isinstance(m, bondgate.MPOLinear)}
     assert mpo and all(torch.equal(saved[f"{n}.cores.0"], m.cores[0].detach()) for n, m in mpo.items())
     assert student.state_dict()[f"{next(iter(mpo))}.cores.0"].dtype == torch.int8  # outside checkpoints: int8
+
+
+def test_distillation_trainer_writes_bondgate_checkpoints_that_resume_and_load(tmp_path):
+    # transformers' save_pretrained refused a table compressed with its tied head (shared tensors: the first
+    # checkpoint crashed training) and wrote int8 cores that neither bondgate.from_pretrained nor transformers read
+    transformers = pytest.importorskip("transformers")
+    import bondgate
+
+    def run(out, steps, resume=None):
+        torch.manual_seed(0)
+        cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32)
+        teacher = transformers.GPT2LMHeadModel(cfg).eval()
+        student = copy.deepcopy(teacher)
+        compress(student, CompressionConfig(param_ratio=0.5, embeddings=True, quantize="int8"), progress=False)
+        assert student.lm_head.cores is student.transformer.wte.cores  # the tied MPO head
+        ds = [{"input_ids": torch.randint(0, 64, (12,))} for _ in range(8)]
+        args = transformers.TrainingArguments(output_dir=str(out), report_to=[], use_cpu=True, max_steps=steps,
+                                              save_steps=1, per_device_train_batch_size=4, disable_tqdm=True,
+                                              learning_rate=1e-3)
+        trainer = bondgate.DistillationTrainer(model=student, teacher=teacher, args=args, train_dataset=ds,
+                                               distill_loss=DistillLoss(hidden=0, logits=1.0))
+        trainer.train(resume_from_checkpoint=resume)
+        with bondgate.quant.master_state():
+            return trainer, {k: v.clone() for k, v in student.state_dict().items()}
+
+    trainer, straight = run(tmp_path / "a", 2)
+    trainer.save_model(str(tmp_path / "a" / "final"))
+    ids = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        want = trainer.model.eval()(ids).logits
+        for d in ("checkpoint-1", "checkpoint-2", "final"):  # masters in checkpoints, int8 in the final model
+            assert (tmp_path / "a" / d / "bondgate.json").is_file()
+            loaded = bondgate.from_pretrained(tmp_path / "a" / d)
+            assert loaded.lm_head.cores is loaded.transformer.wte.cores
+            if d != "checkpoint-1":
+                assert torch.equal(loaded(ids).logits, want), d
+    _, resumed = run(tmp_path / "b", 2, resume=str(tmp_path / "a" / "checkpoint-1"))
+    assert resumed.keys() == straight.keys()
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)  # exact: the masters were restored

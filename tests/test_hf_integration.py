@@ -311,6 +311,13 @@ def test_broken_weights_fail_through_from_pretrained(tmp_path, writer, breakage,
     else:
         tensors[key] = tensors[key].reshape(-1).clone()
     save_file(tensors, str(path), metadata={"format": "pt"})
+    if writer == "bondgate":  # re-recorded: the checksum check would refuse the file before the key checks
+        with pytest.raises(ValueError, match="corrupt or truncated"):
+            AutoModel.from_pretrained(out)
+        meta = json.loads((out / "bondgate.json").read_text())
+        meta["weights"].update(bytes=path.stat().st_size, sha256=_sha256(path))
+        meta["meta_sha256"] = bondgate.io._meta_sha256(meta)
+        (out / "bondgate.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=message):
         AutoModel.from_pretrained(out)
 
@@ -383,3 +390,17 @@ def test_automodel_reads_the_base_of_a_compressed_causal_lm(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(base(input_ids=ids).last_hidden_state,
                                    model.transformer(input_ids=ids).last_hidden_state, rtol=0, atol=0)
+
+
+def test_automodel_checks_the_checksums_bondgate_save_pretrained_wrote(tmp_path):
+    # a damaged core loaded through AutoModel as NaN weights without a word (bondgate.load refused it)
+    model = tiny_gpt2()
+    out = bondgate.save_pretrained(model, tmp_path / "gpt2")
+    assert isinstance(AutoModelForCausalLM.from_pretrained(out).transformer.h[0].mlp.c_fc, MPOLinear)
+    tensors = load_file(str(out / "model.safetensors"))
+    key = next(k for k in tensors if ".cores." in k)
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] = float("nan")
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="sha256"):
+        AutoModelForCausalLM.from_pretrained(out)

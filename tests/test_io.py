@@ -700,3 +700,61 @@ def test_from_pretrained_on_a_directory_transformers_wrote_says_why(tmp_path):
     (tmp_path / "config.json").write_text("{}", encoding="utf-8")
     with pytest.raises(FileNotFoundError, match="not written by bondgate.save_pretrained.*int8"):
         bondgate.from_pretrained(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------- saving over, forms
+def test_save_over_a_directory_replaces_the_checkpoint_and_links_the_rest(tmp_path):
+    # an earlier checkpoint's weights were carried over (a dense model's 8 shards shipped beside the compressed
+    # one), and everything else was copied (a Trainer output directory's checkpoints: gigabytes)
+    out = tmp_path / "out"
+    (out / "checkpoint-500").mkdir(parents=True)
+    (out / "checkpoint-500" / "optimizer.pt").write_bytes(b"x" * 4096)
+    for name in ("model-00001-of-00002.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "config.json", "generation_config.json"):
+        (out / name).write_text("stale")
+    (out / "README.md").write_text("my notes")
+    inode = (out / "checkpoint-500" / "optimizer.pt").stat().st_ino
+    model = mlp().eval()
+    bondgate.save(model, out)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "bondgate.json", "checkpoint-500",
+                                                     "model.safetensors"]
+    assert (out / "README.md").read_text() == "my notes"
+    assert (out / "checkpoint-500" / "optimizer.pt").stat().st_ino == inode  # linked, not copied
+    x = torch.randn(3, 62)
+    assert torch.equal(bondgate.load(out)(x), model(x))
+
+
+def test_a_checkpoint_saved_inside_master_state_loads_its_masters():
+    # bondgate.load refused it ("missing keys [..._scale]"), while load_state_dict took either form
+    import tempfile
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16))
+    bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5, quantize="int8"), progress=False)
+    with torch.no_grad():  # masters off the int8 grid, as training leaves them
+        for p in model.parameters():
+            p.add_(1e-4 * torch.randn_like(p))
+    with tempfile.TemporaryDirectory() as d:
+        with bondgate.quant.master_state():
+            bondgate.save(model, Path(d) / "ckpt")
+        assert load_file(str(Path(d) / "ckpt" / "model.safetensors"))["0.cores.0"].dtype == torch.float32
+        loaded = bondgate.load(Path(d) / "ckpt")
+    with bondgate.quant.master_state():
+        assert loaded.state_dict().keys() == model.state_dict().keys()
+        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    x = torch.randn(4, 32)
+    assert torch.equal(loaded(x), model.eval()(x))
+
+
+@needs_hf
+def test_generation_config_travels_with_the_checkpoint(tmp_path):
+    model = tiny_gpt2()
+    model.generation_config.max_new_tokens = 5
+    model.generation_config.repetition_penalty = 1.5
+    ids = torch.tensor([[1, 2, 3]])
+    want = model.generate(ids, do_sample=False)
+    out = bondgate.save_pretrained(model, tmp_path / "gpt2")
+    assert (out / "generation_config.json").is_file()
+    loaded = bondgate.from_pretrained(out)
+    assert loaded.generation_config.max_new_tokens == 5 and loaded.generation_config.repetition_penalty == 1.5
+    assert torch.equal(loaded.generate(ids, do_sample=False), want) and want.shape[1] == 8

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -396,6 +398,18 @@ def distill(
     return res
 
 
+def _load_bondgate_state(model: nn.Module, directory: str | os.PathLike | None) -> bool:
+    """Load the weights of a bondgate checkpoint in ``directory`` into ``model`` in place (its parameters stay the
+    optimizer's), checksums verified, tied tensors included, every key required; False when ``directory`` is not a
+    bondgate checkpoint."""
+    from .io import META_NAME, read_state
+
+    if directory is None or not (Path(directory) / META_NAME).is_file():
+        return False
+    model.load_state_dict(read_state(directory), strict=True)
+    return True
+
+
 def _make_trainer_class():
     from transformers import Trainer
 
@@ -440,6 +454,37 @@ def _make_trainer_class():
 
             with master_state():
                 return super()._save_checkpoint(model, trial, *args, **kwargs)
+
+        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+            # a bondgate checkpoint (bondgate.json beside the weights): transformers' save_pretrained refuses a table
+            # compressed with its tied head (shared tensors) and writes int8 cores that nothing reads back;
+            # bondgate.from_pretrained / bondgate.load read this one. A state_dict handed in (FSDP, DeepSpeed: the
+            # model's own parameters are sharded) goes the stock way.
+            from .io import LAYER_TYPES, save_files
+
+            model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+            registered = tuple(LAYER_TYPES.values())
+            if state_dict is not None or not any(isinstance(m, registered) for m in model.modules()):
+                return super()._save(output_dir, state_dict=state_dict)
+            if not self.args.should_save:
+                return None
+            output_dir = output_dir if output_dir is not None else self.args.output_dir
+            tokenizer = self.processing_class if self.processing_class is not None else getattr(
+                self.data_collator, "tokenizer", None)
+            # file by file: under torchrun the other ranks write their RNG states into the checkpoint meanwhile
+            save_files(model, output_dir, tokenizer=tokenizer if callable(getattr(tokenizer, "save_pretrained", None))
+                       else None)
+            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))  # as the stock _save
+            return None
+
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+            if not _load_bondgate_state(model if model is not None else self.model, resume_from_checkpoint):
+                super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+
+        def _load_best_model(self) -> None:
+            if self.is_deepspeed_enabled or self.is_fsdp_enabled or not _load_bondgate_state(
+                    self.model, self.state.best_model_checkpoint):
+                super()._load_best_model()
 
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
             # the stock step computes a loss only for batches with labels; distillation data usually has none, and

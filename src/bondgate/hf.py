@@ -416,6 +416,18 @@ def _resolve(model: nn.Module, name: str) -> str | None:
     return None
 
 
+def _verify_checkpoint(files) -> None:
+    """Files written by :func:`bondgate.save_pretrained` come with ``bondgate.json``, which holds their checksums:
+    they are checked as :func:`bondgate.load` checks them (a damaged core would load as NaN weights, in silence).
+    A directory transformers' own ``save_pretrained`` wrote has no ``bondgate.json`` (nor do hub downloads, which
+    fetch only the files transformers asks for)."""
+    if not files:
+        return
+    directory = Path(files[0]).parent
+    if (directory / _io.META_NAME).is_file():
+        _io.verify_checkpoint(directory)
+
+
 def _header(files) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]] | None:
     """``{key: (shape, dtype)}`` over the safetensors checkpoint files (``None`` if some are not safetensors)."""
     if not files or not all(str(f).endswith(".safetensors") for f in files):
@@ -449,6 +461,7 @@ def _prepare(model: nn.Module, qc: Any, checkpoint_files, dtype: torch.dtype | N
                          f"which transformers cannot read; a directory written by bondgate.save_pretrained loads with "
                          f"bondgate.from_pretrained(dir) (int8 models must be saved that way: one written by "
                          f"transformers' own save_pretrained has no bondgate.json and cannot be read back)")
+    _verify_checkpoint(checkpoint_files)
     # a head-less class (AutoModel) reading a checkpoint of a model with a head: the head's layers are left out,
     # as transformers leaves out a dense head's weights
     prefix = getattr(model, "base_model_prefix", "") or ""

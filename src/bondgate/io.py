@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from .layer import MPOLinear, outside_inference_mode
-from .quant import SCALE_SUFFIX, scale_problem
+from .quant import SCALE_SUFFIX, master_state, scale_problem
 
 __all__ = [
     "FORMAT_NAME",
@@ -376,8 +376,11 @@ def save(model: nn.Module, directory: str | os.PathLike, *, report: Any = None, 
     """Write ``model`` (compressed or not) to ``directory`` as a bondgate checkpoint; return its path.
 
     ``report`` (a dict or an object with ``.to_dict()``) defaults to ``model.bondgate_report``.
-    ``tokenizer`` (anything with ``save_pretrained``) is saved beside it. Existing files of the same
-    names are overwritten.
+    ``tokenizer`` (anything with ``save_pretrained``) is saved beside it. Saving into an existing directory replaces
+    its checkpoint — weights files (``*.safetensors``, ``pytorch_model*.bin`` and their indexes), ``config.json``,
+    ``generation_config.json`` and ``bondgate.json`` — and keeps everything else (a README, tokenizer files, a
+    Trainer's ``checkpoint-*`` directories); the new checkpoint appears in one step, the old one stays intact if the
+    save fails.
     """
     from . import __version__
 
@@ -431,6 +434,9 @@ def save(model: nn.Module, directory: str | os.PathLike, *, report: Any = None, 
                 model.config.dtype = model.dtype              # (a gated layer's float64 price, say)
             model.config.save_pretrained(tmp)
             bondgate_hf.mark_config(tmp / "config.json")
+            if callable(getattr(model, "can_generate", None)) and model.can_generate() \
+                    and getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(tmp)  # as transformers' save_pretrained does
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         meta["weights"] = {"file": WEIGHTS_NAME, "bytes": weights.stat().st_size, "sha256": _sha256(weights)}
@@ -442,6 +448,23 @@ def save(model: nn.Module, directory: str | os.PathLike, *, report: Any = None, 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return directory
+
+
+def save_files(model: nn.Module, directory: str | os.PathLike, *, tokenizer: Any = None) -> Path:
+    """:func:`save`, its files then moved into ``directory`` one by one (``os.replace``; ``bondgate.json``, which
+    holds the others' checksums, last) instead of the directory being swapped in whole: for a directory that other
+    processes write into meanwhile (a Trainer checkpoint, where every rank adds its RNG state). Other files stay;
+    a reader in between sees old and new files, which the checksums refuse."""
+    directory = Path(directory).resolve()  # (not replaced whole: the working directory will do)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".saving", dir=directory.parent))
+    try:
+        written = save(model, tmp / "checkpoint", tokenizer=tokenizer)
+        for path in sorted(written.iterdir(), key=lambda p: p.name == META_NAME):
+            os.replace(path, directory / path.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return directory
 
 
@@ -469,11 +492,27 @@ def _exchange(a: Path, b: Path) -> bool:
     return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
+#: files of an earlier checkpoint in the target directory that a new save does not carry over: weights and configs
+#: describing another model (a dense model's shards would ship beside the compressed one, and transformers would
+#: read an index or config.json that no longer matches)
+_STALE = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model*.bin.index.json",
+          "tf_model.h5", "flax_model.msgpack", "config.json", "generation_config.json", META_NAME)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """A hard link (no data copied: a Trainer's output directory holds gigabytes of checkpoints), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
 def _swap_in(new: Path, target: Path) -> None:
-    """Put the finished checkpoint ``new`` at ``target``. Files of an existing ``target`` that the new checkpoint
-    does not write (a README, tokenizer files of an earlier save) are carried over, as an in-place overwrite
-    would have kept them; then the two directories trade places in one atomic exchange where the OS offers it,
-    else by two renames (the old one is restored if the second fails)."""
+    """Put the finished checkpoint ``new`` at ``target``. Entries of an existing ``target`` that the new checkpoint
+    does not write (a README, tokenizer files of an earlier save, a Trainer's ``checkpoint-*`` directories) are
+    carried over, as hard links where the file system allows, except an earlier checkpoint's weights and configs
+    (:data:`_STALE`); then the two directories trade places in one atomic exchange where the OS offers it, else by
+    two renames (the old one is restored if the second fails)."""
     umask = os.umask(0)
     os.umask(umask)
     if not target.exists():
@@ -485,9 +524,13 @@ def _swap_in(new: Path, target: Path) -> None:
         if (new / old.name).exists() or old.name.endswith(".tmp"):
             continue
         if old.is_dir() and not old.is_symlink():
-            shutil.copytree(old, new / old.name, symlinks=True)
-        else:
+            shutil.copytree(old, new / old.name, symlinks=True, copy_function=_link_or_copy)
+        elif any(old.match(pattern) for pattern in _STALE):
+            continue
+        elif old.is_symlink():
             shutil.copy2(old, new / old.name, follow_symlinks=False)
+        else:
+            _link_or_copy(str(old), str(new / old.name))
     if _exchange(new, target):
         shutil.rmtree(new, ignore_errors=True)  # `new` now holds the old checkpoint
         return
@@ -661,6 +704,21 @@ def _check_against_header(state: dict[str, torch.Tensor], header: dict, adapt_dt
             raise ValueError(f"dtype mismatch for {key!r}: checkpoint has {dtype}, model has {t.dtype}")
 
 
+def verify_checkpoint(directory: str | os.PathLike) -> dict:
+    """``bondgate.json`` of the checkpoint in ``directory`` once every file it lists has its recorded size and
+    sha256 (a ``ValueError`` naming the first that does not)."""
+    meta = read_metadata(directory)
+    _verify_files(Path(directory), meta)
+    return meta
+
+
+def read_state(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict a checkpoint holds (tied tensors under each of their names), its files' checksums verified:
+    for ``model.load_state_dict`` into the model it was saved from (a Trainer resuming), where :func:`load` would
+    build new layers."""
+    return _read_tensors(Path(directory), verify_checkpoint(directory))
+
+
 def _read_tensors(directory: Path, meta: dict) -> dict[str, torch.Tensor]:
     """All tensors of the checkpoint (aliases included, sharing their target's tensor), on the CPU; the
     files must have been verified (:func:`_verify_files`)."""
@@ -701,14 +759,22 @@ def _transformers_skeleton(directory: Path, arch: dict) -> nn.Module:
     except (ValueError, OSError, TypeError) as exc:
         raise ValueError(f"cannot read {config_path} as a {cls.config_class.__name__}: {exc}") from exc
     attn = arch.get("attn_implementation")
+    model = None
     with torch.random.fork_rng(devices=[]):  # building initializes weights; keep the caller's RNG stream
         if isinstance(attn, str):
             try:
-                return cls._from_config(config, attn_implementation=attn)
+                model = cls._from_config(config, attn_implementation=attn)
             except (ValueError, ImportError) as exc:
                 warnings.warn(f"attention implementation {attn!r} unavailable ({exc}); using the default",
                               stacklevel=3)
-        return cls._from_config(config)
+        if model is None:
+            model = cls._from_config(config)
+    if (directory / "generation_config.json").is_file() and model.can_generate():
+        try:  # generate()'s settings (max_new_tokens, eos, penalties ...), as from_pretrained reads them
+            model.generation_config = transformers.GenerationConfig.from_pretrained(str(directory))
+        except (ValueError, OSError, TypeError) as exc:
+            raise ValueError(f"cannot read {directory / 'generation_config.json'}: {exc}") from exc
+    return model
 
 
 def _skeleton(directory: Path, arch: dict, device: str | None = None) -> nn.Module:
@@ -809,6 +875,17 @@ def _virtual_state(model: nn.Module, new: dict[str, nn.Module]) -> dict[str, tor
     return state
 
 
+def _saved_form(model: nn.Module, new: dict[str, nn.Module], header: dict):
+    """Which state-dict form the weights file holds: :func:`bondgate.quant.master_state` when its keys are those of
+    the int8 layers' full-precision masters (a checkpoint saved inside it, as training checkpoints are) rather than
+    of their int8 cores and scales, else a null context."""
+    if set(_virtual_state(model, new)) != set(header):
+        with master_state():
+            if set(_virtual_state(model, new)) == set(header):
+                return master_state
+    return contextlib.nullcontext
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent), child, module)
@@ -886,8 +963,7 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *,
             checkpoint that does not fit the model (key, shape or dtype).
     """
     directory = Path(directory)
-    meta = read_metadata(directory)
-    _verify_files(directory, meta)
+    meta = verify_checkpoint(directory)
     header = _weights_header(directory, meta)
     arch = meta["architecture"]
     built = model is None
@@ -905,7 +981,10 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *,
     skeleton = model if not built else shells[""] if arch["kind"] == "bondgate_layer" else _skeleton(
         directory, arch, device="meta")
     _check_replaced(skeleton, shells, meta)
-    _check_against_header(_virtual_state(skeleton, shells), header, adapt_dtypes=built)
+    # int8 layers' tensors as int8 cores + scales, or their full-precision masters (saved inside master_state)
+    saved_form = _saved_form(skeleton, shells, header)
+    with saved_form():
+        _check_against_header(_virtual_state(skeleton, shells), header, adapt_dtypes=built)
 
     tensors = _read_tensors(directory, meta)
     new = _build_layers(meta)
@@ -916,9 +995,9 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *,
             device = _module_device(model.get_submodule(name))
             if device is not None:
                 new[name].to(device)
-    _validate(_virtual_state(model, new), tensors, meta, adapt_dtypes=built)
-
-    _check_finite(_virtual_state(model, new), tensors, new)
+    with saved_form():
+        _validate(_virtual_state(model, new), tensors, meta, adapt_dtypes=built)
+        _check_finite(_virtual_state(model, new), tensors, new)
 
     # ---- everything is checked: modify the model. With keys, shapes, dtypes and values verified the copy
     # cannot fail for a data reason; should it fail anyway, at least the module swaps are undone. A model

@@ -158,3 +158,53 @@ def test_too_many_cores_is_a_clear_error():
         MPOLinear(2**18, 4, num_cores=18)
     with pytest.raises(ValueError, match=r"num_cores must be an integer in \[1, 17\]"):
         CompressionConfig(max_bond=2, num_cores=18)
+
+
+def test_export_of_compressed_embeddings_matches_eager():
+    # MPOEmbedding's lookup (dedup, digit groups) failed export: GuardOnDataDependentSymNode
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=100, n_positions=64)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    compress(model, CompressionConfig(max_bond=8, num_cores=3, embeddings=True, quantize="int8"), progress=False)
+    assert isinstance(model.transformer.wte, bondgate.MPOEmbedding)
+    ids = torch.randint(0, 100, (2, 12))
+    ep = torch.export.export(model, (), {"input_ids": ids, "use_cache": False},
+                             dynamic_shapes={"input_ids": {0: DYNAMIC, 1: DYNAMIC}, "use_cache": None})
+    other = torch.randint(0, 100, (3, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(input_ids=other, use_cache=False).logits,
+                                   model(other, use_cache=False).logits, rtol=1e-5, atol=1e-5)
+        with pytest.raises(RuntimeError, match="index out of range"):  # as eager refuses it, not a wrong row
+            ep.module()(input_ids=torch.tensor([[5, 100]]), use_cache=False)
+
+
+@pytest.mark.parametrize("kind", ["mpo", "lowrank", "kept_rows"])
+def test_compressed_table_compiles_and_exports_like_eager(kind):
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(500, 24, padding_idx=7)
+    kw = {"lowrank": {"form": "lowrank"}, "kept_rows": {"counts": torch.rand(500), "keep_rows": 30}}.get(kind, {})
+    table = bondgate.MPOEmbedding.from_embedding(emb, max_bond=6, **kw)
+    ids = torch.randint(0, 500, (4, 11))
+    ids[0, :3] = 7
+    with torch.no_grad():
+        want = table(ids)
+        assert torch.equal(torch.compile(table)(ids), want)
+        ep = torch.export.export(table, (ids,), dynamic_shapes=({0: DYNAMIC, 1: DYNAMIC},))
+        torch.testing.assert_close(ep.module()(ids), want, rtol=1e-6, atol=1e-6)
+        assert ep.module()(ids)[0, :3].abs().max() == 0  # padding rows
+
+
+@needs_onnx
+def test_onnx_export_of_a_compressed_table_runs_in_onnxruntime(tmp_path):
+    import onnxruntime
+
+    torch.manual_seed(0)
+    table = bondgate.MPOEmbedding.from_embedding(torch.nn.Embedding(300, 16), max_bond=6).eval()
+    path = tmp_path / "table.onnx"
+    torch.onnx.export(table, (torch.randint(0, 300, (2, 5)),), str(path), dynamo=True,
+                      dynamic_shapes=({0: DYNAMIC, 1: DYNAMIC},))
+    session = onnxruntime.InferenceSession(str(path))
+    ids = torch.randint(0, 300, (3, 7))
+    got = session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), table(ids), rtol=1e-5, atol=1e-5)

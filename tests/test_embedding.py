@@ -298,3 +298,13 @@ def test_kept_rows_save_as_int8_and_reload_bit_exactly(tmp_path):
     fresh = nn.Sequential(MPOEmbedding.from_spec(model[0].spec()), nn.Linear(16, 4))
     with pytest.raises(RuntimeError, match="kept_ids"):
         fresh.load_state_dict(bad)
+
+
+def test_no_dense_weight_attribute_says_why():
+    # transformers' resize_token_embeddings read .weight: "'MPOEmbedding' object has no attribute 'weight'"
+    m = MPOEmbedding.from_embedding(nn.Embedding(50, 8), max_bond=4)
+    assert not hasattr(m, "weight")  # still an AttributeError: hasattr-style probes keep working
+    with pytest.raises(AttributeError, match="before compressing"):
+        _ = m.weight
+    with pytest.raises(AttributeError, match="no attribute 'weights'"):
+        _ = m.weights

@@ -74,6 +74,32 @@ def test_flops_budget_is_met_and_spent(ratio):
     assert "µs pred / meas / dense" in rep.table()
 
 
+def test_layers_kept_dense_count_in_the_reported_totals(monkeypatch):
+    # the timed total summed compressed rows only (0.27x "of dense" where all targeted layers measured 0.46x), and
+    # kept-dense rows had no FLOPs; a measured time past max_latency_ratio is now said
+    import bondgate.surgery as surgery
+
+    monkeypatch.setattr(surgery, "calibrate_dense", lambda out_f, in_f, rows, dtype, device: 1e-9 * out_f * in_f)
+    monkeypatch.setattr(surgery, "measure", lambda layer, rows: 1e-9 * 512 * 512)  # as slow as a dense 512x512
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 256))
+    with torch.no_grad():
+        model[2].weight.copy_(torch.randn(512, 4) @ torch.randn(4, 512))  # rank 4: cheap to keep
+    cfg = CompressionConfig(param_ratio=0.5, max_latency_ratio=0.6, kinds=("mpo",), policy="memory", refine_steps=0)
+    with pytest.warns(UserWarning, match="max_latency_ratio=0.6, but the compressed layers measured"):
+        compress(model, cfg, calibration=[torch.randn(256, 256)], progress=False)
+    rep = model.bondgate_report
+    kept = [r for r in rep.layers if r.status.startswith("kept dense")]
+    assert kept and rep.compressed
+    for r in kept:
+        assert r.flops_dense == r.flops_mpo == 2 * rep.flop_rows * r.out_features * r.in_features
+        assert r.time_us == r.time_dense_us == pytest.approx(1e-3 * r.out_features * r.in_features)
+    t, td = rep.measured_times()
+    assert td == pytest.approx(1e-3 * sum(r.out_features * r.in_features for r in rep.layers))
+    assert t == pytest.approx(sum(r.time_us for r in rep.layers))
+    assert rep.table().splitlines()[-1].endswith(f"= {t / td:.2f}x of dense |")
+
+
 def test_allocator_respects_both_budgets_and_trades_error_for_cost():
     # two layers with identical spectra; layer 1's entries cost 10x more: the cost budget moves weights to layer 0
     sv = torch.logspace(0, -2, 64)

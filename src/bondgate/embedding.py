@@ -87,6 +87,26 @@ def lookup(cores: Sequence[torch.Tensor], ids: torch.Tensor, embedding_dim: int)
     return rows.new_empty(rows.shape).index_copy(0, perm, rows)  # back to the order of ids
 
 
+def traced_lookup(cores: Sequence[torch.Tensor], ids: torch.Tensor, embedding_dim: int) -> torch.Tensor:
+    """:func:`lookup` for ``torch.export`` (and ONNX through it): no data-dependent shapes — every token gathers its
+    own slice of each core (``T * r_{k-1} * in_k * r_k`` numbers per core; a core with one output digit, as a
+    low-rank table's second, is one shared matmul) instead of the tokens being sorted into groups by digit."""
+    digits, rem = [], ids
+    for c in reversed(cores):
+        digits.append(rem % c.shape[1])
+        rem = rem // c.shape[1]
+    digits.reverse()
+    T = ids.shape[0]
+    acc = cores[0][0].index_select(0, digits[0])  # (T, in_0, r_1)
+    for core, digit in zip(cores[1:], digits[1:]):
+        r, o, i, s = core.shape
+        if o == 1:
+            acc = (acc.reshape(-1, r) @ core.reshape(r, i * s)).reshape(T, -1, s)
+        else:  # (T, r, i * s): token t's slice G_k[:, o_k(t)]
+            acc = torch.bmm(acc, core.index_select(1, digit).transpose(0, 1).reshape(T, r, i * s)).reshape(T, -1, s)
+    return acc.reshape(T, -1)[:, :embedding_dim]
+
+
 class MPOEmbedding(nn.Module):
     """``nn.Embedding(num_embeddings, embedding_dim)`` with the table stored as MPO cores.
 
@@ -360,12 +380,27 @@ class MPOEmbedding(nn.Module):
         # copies and pickles leave the kept fake-quantized cores out (see MPOLinear.__getstate__)
         return without_kept(super().__getstate__(), self._KEPT)
 
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name != "weight":
+                raise
+        # code written for nn.Embedding (transformers' resize_token_embeddings) reads .weight: say why there is none
+        raise AttributeError("MPOEmbedding has no dense 'weight': its table is factored (rows are looked up from the "
+                             "cores). Resize or edit the table before compressing it (resize_token_embeddings "
+                             "included); weight_matrix() builds the dense table, to_embedding() an nn.Embedding")
+
     # ------------------------------------------------------------------ forward
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if not isinstance(ids, torch.Tensor):
             raise TypeError(f"MPOEmbedding expects a tensor of integer ids, got {type(ids).__name__}")
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise TypeError(f"MPOEmbedding expects integer ids (torch.long or torch.int), got dtype {ids.dtype}")
+        if torch.compiler.is_exporting():
+            return self._exported_forward(ids)
+        if torch.compiler.is_compiling():
+            return self._eager_forward(ids)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
             raise IndexError(f"index out of range: ids must lie in [0, {self.num_embeddings}), "
                              f"got min {int(ids.min())}, max {int(ids.max())}")
@@ -393,6 +428,28 @@ class MPOEmbedding(nn.Module):
         if self.padding_idx is not None:
             rows = rows.masked_fill((uniq == self.padding_idx)[:, None], 0)
         return rows[inverse]
+
+    @torch.compiler.disable
+    def _eager_forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Under torch.compile: the lookup above, run eagerly (one graph break). It deduplicates the tokens and
+        groups them by digit, shapes that depend on the ids' values; traced instead, every token would gather its
+        own core slices (:func:`traced_lookup`), far more memory for a training batch."""
+        return self.forward(ids)
+
+    def _exported_forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """``forward`` under torch.export (and ONNX export): :func:`traced_lookup` over every token (no dedup), kept
+        rows chosen with ``torch.where``, the id range checked by an assertion in the graph."""
+        flat = ids.reshape(-1).long()
+        torch._assert_async(((flat >= 0) & (flat < self.num_embeddings)).all(),
+                            f"index out of range: ids must lie in [0, {self.num_embeddings})")
+        rows = traced_lookup(self._lookup_cores(), flat, self.embedding_dim)
+        if self.kept_ids is not None:
+            pos = torch.searchsorted(self.kept_ids, flat).clamp(max=self.kept_ids.numel() - 1)
+            hit = self.kept_ids[pos] == flat
+            rows = torch.where(hit[:, None], self._kept_rows()[pos].to(rows.dtype), rows)
+        if self.padding_idx is not None:
+            rows = rows.masked_fill((flat == self.padding_idx)[:, None], 0)
+        return rows.reshape(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}, "

@@ -294,6 +294,12 @@ class CompressionReport:
         """Targeted weights kept (1.0 when no layer was targeted: nothing changed)."""
         return self.params_after / self.params_before if self.params_before else 1.0
 
+    def measured_times(self) -> tuple[float, float]:
+        """Summed measured µs per call of the timed layers (layers kept dense included, at their dense time) and of
+        their dense originals."""
+        meas = [r for r in self.layers if r.time_us is not None and r.time_dense_us is not None]
+        return sum(r.time_us for r in meas), sum(r.time_dense_us for r in meas)
+
     @classmethod
     def from_dict(cls, d: dict) -> CompressionReport:
         """The report :meth:`to_dict` wrote (fields this version does not know are ignored)."""
@@ -336,8 +342,7 @@ class CompressionReport:
         kept = f"{self.ratio:.1%}" if self.params_before else "-"
         total = f"| **total** | | | | | {self.params_before:,} -> {self.params_after:,} | {kept} | | | |"
         if timed:
-            meas = [r for r in self.compressed if r.time_us is not None and r.time_dense_us is not None]
-            t, td = sum(r.time_us for r in meas), sum(r.time_dense_us for r in meas)
+            t, td = self.measured_times()
             total += f" | {us(t)} / {us(td)} = {t / max(td, 1e-9):.2f}x of dense |"
         rows.append(total)
         return "\n".join(rows)
@@ -699,10 +704,17 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
     for w in bar(works, "compress"):
         wid = widths.get(w.name, [])
         if config.param_ratio is not None and wid is None:
+            flops = 2 * report.flop_rows * w.W.numel()
             row = LayerReport(w.name, type(w.module).__name__, w.W.shape[0], w.W.shape[1],
                               status="kept dense (budget)", params_before=w.W.numel(),
-                              params_after=w.W.numel(), form="dense")
+                              params_after=w.W.numel(), form="dense", flops_dense=flops, flops_mpo=flops)
             report.layers.append(row)
+            if cost is not None and not w.is_embedding:  # its time counts in the budget's totals
+                ref = w.module.weight
+                row.time_us = row.time_dense_us = calibrate_dense(*w.W.shape, config.deploy_rows, ref.dtype,
+                                                                  ref.device) * 1e6
+                if w.name in times:
+                    row.time_pred_us = 1e6 * times[w.name].dense_s
             if config.quantize is not None and not w.is_embedding:  # bytes follow the weight budget
                 row.status, row.quant = f"kept dense (budget), {config.quantize}", config.quantize
                 _swap(model, w, names, _dense_quantized(w, config.quantize))
@@ -759,6 +771,13 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
         _swap(model, w, names, layer)
         row.aliases = names[id(w.module)][1:]
         report.layers.append(row)
+    if cost is not None and cost[0] == "time":
+        t, td = report.measured_times()
+        if td > 0 and t > 1.1 * cost[1] * td:  # the budget holds for predicted times: say when measured ones differ
+            warnings.warn(f"compress: max_latency_ratio={cost[1]:g}, but the compressed layers measured "
+                          f"{t / td:.2f}x the dense layers' time at deploy_rows={config.deploy_rows} (predicted "
+                          f"times, which the budget holds, are in the report's µs column); a loaded machine or a "
+                          f"cost model fitted on another one moves them", stacklevel=3)
     grown = [r for r in report.layers if r.params_after > r.params_before]
     if grown and config.param_ratio is None:  # max_bond / tol set no size budget: say when they buy nothing
         budget = f"max_bond={config.max_bond}" if config.max_bond is not None else f"tol={config.tol}"

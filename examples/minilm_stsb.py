@@ -18,6 +18,7 @@ import copy
 import json
 import os
 import random
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -131,6 +132,8 @@ def compress_method(name: str, dense, calib, ratio: float):
         return compress_ours(dense, calib, ratio)
     if name == "tt-svd uniform":
         return compress_ours(dense, None, ratio, allocation="uniform", calibrate=False)
+    if name == "uniform, calibrated":  # the same bond cap everywhere, factored on the calibration activations
+        return compress_ours(dense, calib, ratio, allocation="uniform")
     if name == "svd":
         return bg.svd_compress(dense, param_ratio=ratio, target=encoder_target)[0]
     if name == "magnitude prune":
@@ -187,15 +190,15 @@ def cmd_compare(args) -> None:
             size[method] = row["mb"]
     out = {"machine": info, "dense_weights": rows[0]["weights"], "rows": rows,
            "calibration_sentences": args.calibration}
-    write_json(RESULTS / "minilm_compare.json", out)
-    lines = [f"Machine: {banner(info)}", "",
+    write_json(RESULTS / f"minilm_compare{args.tag}.json", out)
+    lines = [f"Machine: {banner(info)}", "", f"Command: `python examples/minilm_stsb.py {shlex.join(sys.argv[1:])}`", "",
              "| method | target ratio | encoder linear weights | STS-B dev Spearman x100 | size on disk (MB) | "
              "latency, 32 sentences (ms) |", "|---|---|---|---|---|---|"]
     for r in rows:
         w = "-" if r["weights"] is None else f"{r['weights']:,}"
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
         lines.append(f"| {r['method']} | {ratio} | {w} | {r['stsb']:.2f} | {r['mb']:.1f} | {r['latency_ms']:.0f} |")
-    (RESULTS / "minilm_compare.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"minilm_compare{args.tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -249,7 +252,10 @@ def main(argv=None) -> None:
     c = sub.add_parser("compare", help="ours vs baselines at equal encoder weights, before healing")
     c.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25])
     c.add_argument("--methods", nargs="+", default=["bondgate", "tt-svd uniform", "svd", "magnitude prune",
-                                                     "int8 dynamic"])
+                                                     "int8 dynamic"],
+                   choices=["bondgate", "tt-svd uniform", "uniform, calibrated", "svd", "magnitude prune",
+                            "int8 dynamic"])
+    c.add_argument("--tag", default="", help="suffix of the result files (minilm_compare<tag>.json / .md)")
     c.add_argument("--calibration", type=int, default=512, help="calibration sentences")
     h = sub.add_parser("heal", help="compress with bondgate, distill from the dense model, evaluate, save")
     h.add_argument("--ratio", type=float, default=0.5)

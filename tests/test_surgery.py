@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import bondgate
 from bondgate import MPO, CompressionConfig, MPOLinear, compress
 from bondgate.allocation import LayerSpectrum, allocate, mpo_params, tolerance_menu, uniform_cap
 from bondgate.calibration import collect_input_stats, kron_whiteners, layer_sensitivity
@@ -594,6 +595,26 @@ def test_global_allocation_meets_a_budget_only_bond_one_mpos_fit():
     assert report.params_after <= 0.02 * report.params_before and all(r.form == "mpo" for r in report.layers)
 
 
+def test_bond_one_mpos_are_a_last_resort():
+    # with bond-1 entries free to pick, MiniLM at 25% went from 80.36 to 76.89 STS-B dev: their predicted errors, near
+    # the whole layer's like those of the grid's largest tolerance, do not show how much less they keep once refined
+    from bondgate.allocation import LayerMenu
+
+    def menu():  # dense; a grid entry; a bond-1 entry that looks the best buy per weight
+        return LayerMenu([1000, 200, 20], [0.0, 0.96, 0.99], [None, (10, 10), (1, 1)], last_resort=[False, False, True])
+
+    # by the predicted errors, one layer dense and the other at bond 1 (0.99) beats both at the grid's entry (1.92)
+    assert allocate([menu(), menu()], 1020) == [(10, 10), (10, 10)]
+    assert allocate([menu(), menu()], 400) == [(10, 10), (10, 10)]
+    assert allocate([menu(), menu()], 300) == [(10, 10), (1, 1)]  # below what the others reach: used
+    assert allocate([menu(), menu()], 40) == [(1, 1), (1, 1)]
+    with pytest.raises(ValueError, match="below the smallest"):
+        allocate([menu(), menu()], 39)
+    mpo = MPO.from_matrix(torch.randn(64, 64, dtype=torch.float64), num_cores=3)
+    m = tolerance_menu(mpo, 64 * 64)
+    assert m.last_resort == [w == (1, 1) for w in m.widths] and m.last_resort[-1]
+
+
 def test_a_table_whose_rows_embedding_rows_all_keeps_stays_dense():
     class M(nn.Module):
         def __init__(self):
@@ -625,3 +646,48 @@ def test_a_bfloat16_layer_reports_the_error_of_its_bfloat16_cores():
     cores = MPO([c.detach().double() for c in model[0].cores], 256, 256).to_matrix()
     actual = float((cores - dense).norm() / dense.norm())
     assert model.bondgate_report.layers[0].weight_error == pytest.approx(actual, rel=1e-6)
+
+
+def test_numpy_numbers_in_the_config_become_python_numbers(tmp_path):
+    # refine_steps=np.int64(5) compressed, then save() failed (int64 is not JSON); max_bond=np.int64(8) was refused
+    import numpy as np
+
+    cfg = CompressionConfig(param_ratio=np.float64(0.5), refine_steps=np.int64(5), deploy_rows=np.int32(64),
+                            num_cores=np.int64(2), damping=np.float32(1e-3))
+    assert [type(v) for v in (cfg.param_ratio, cfg.refine_steps, cfg.deploy_rows, cfg.num_cores, cfg.damping)] == \
+        [float, int, int, int, float]
+    assert type(CompressionConfig(max_bond=np.int64(8)).max_bond) is int
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16))
+    compress(model, cfg, calibration=[torch.randn(64, 32)], progress=False)
+    bondgate.save(model, tmp_path / "ckpt")
+    assert bondgate.load(tmp_path / "ckpt").bondgate_report.config["refine_steps"] == 5
+
+
+def test_common_calibration_mistakes_are_named():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    def mlp():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+
+    x, y = torch.randn(128, 32), torch.randint(0, 8, (128,))
+    # an (inputs, labels) loader: "forward() takes 2 positional arguments but 3 were given", nothing more
+    with pytest.raises(TypeError, match=r"list of 2, passed as 2 positional arguments.*inputs only"):
+        compress(mlp(), CompressionConfig(param_ratio=0.5), calibration=DataLoader(TensorDataset(x, y), batch_size=64),
+                 progress=False)
+    # a NaN weight (that layer is skipped) blamed the finite data of the layer after it
+    model = mlp()
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"module '4' got non-finite calibration inputs.*NaN/inf parameters \(2.weight\)"):
+        compress(model, CompressionConfig(param_ratio=0.5), calibration=[x], progress=False)
+    # one tensor is one batch (it was iterated row by row: token ids reached the model as 1-D rows)
+    model, calls = mlp(), []
+    model.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape))
+    compress(model, CompressionConfig(param_ratio=0.5), calibration=x, progress=False)
+    assert calls and set(calls) == {torch.Size([128, 32])}
+    # a listed target that matches nothing is likely a typo
+    with pytest.warns(UserWarning, match=r"target_modules \['fc_typo'\] match no module"):
+        compress(mlp(), CompressionConfig(param_ratio=0.5, target_modules=["2", "fc_typo"]), calibration=[x],
+                 progress=False)

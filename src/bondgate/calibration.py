@@ -86,7 +86,14 @@ def run_model(model: nn.Module, batch) -> object:
     if isinstance(batch, Mapping):
         return model(**batch)
     if isinstance(batch, (tuple, list)):
-        return model(*batch)
+        try:
+            return model(*batch)
+        except TypeError as exc:  # the usual cause: a dataset of (inputs, labels) pairs
+            if len(batch) > 1 and "positional argument" in str(exc):
+                raise TypeError(f"{exc} (a calibration item is a {type(batch).__name__} of {len(batch)}, passed as "
+                                f"{len(batch)} positional arguments: for a dataset of (inputs, labels) pairs give the "
+                                f"inputs only, e.g. [x for x, _ in loader])") from exc
+            raise
     return model(batch)
 
 
@@ -213,7 +220,10 @@ def collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], data
         if counts[name] == 0:
             raise ValueError(f"module {name!r} saw no calibration rows: is it used by the model's forward?")
         if not bool(torch.isfinite(seconds[name]).all()):
-            raise ValueError(f"module {name!r} got non-finite calibration inputs (NaN or inf): check the data")
+            bad = [n for n, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+            cause = (f"the model has NaN/inf parameters ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}), "
+                     f"which the forward spreads" if bad else "check the data")
+            raise ValueError(f"module {name!r} got non-finite calibration inputs (NaN or inf): {cause}")
         n = counts[name]
         out[name] = InputStats(mean=sums[name] / n, second=seconds[name] / n, rows=n)
     return out

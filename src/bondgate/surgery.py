@@ -147,6 +147,15 @@ class CompressionConfig:
     quantize: str | None = None
 
     def __post_init__(self) -> None:
+        # numpy scalars (a sweep over np.linspace / np.arange) become Python numbers: the config is saved as JSON
+        for name in ("max_bond", "num_cores", "refine_steps", "max_calibration_rows", "embedding_rows", "deploy_rows"):
+            value = getattr(self, name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                setattr(self, name, int(value))
+        for name in ("param_ratio", "tol", "damping", "embedding_ratio", "max_latency_ratio", "flops_ratio"):
+            value = getattr(self, name)
+            if _is_number(value) and not isinstance(value, int):
+                setattr(self, name, float(value))
         check_quant(self.quantize)
         for name in ("param_ratio", "tol", "damping"):
             value = getattr(self, name)
@@ -481,6 +490,11 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str,
             skipped[name] = f"no {len(out_f)}-core MPO of a {W.shape[0]}x{W.shape[1]} matrix is smaller than it"
             continue
         targets[name] = mod
+    if isinstance(config.target_modules, (list, tuple)):  # a name that matches no module is likely a typo
+        names = [n for n, _ in model.named_modules()]
+        unmatched = [s for s in config.target_modules if not any(_matches(n, [s]) for n in names)]
+        if unmatched:
+            warnings.warn(f"compress: target_modules {unmatched} match no module of the model", stacklevel=3)
     if not targets:
         log.warning("compress: no layer to compress (skipped: %s)", skipped or "none matched")
     for name, why in skipped.items():
@@ -544,7 +558,8 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable 
     """Replace the targeted dense layers of ``model`` by MPO layers, in place; returns ``model``.
 
     ``calibration``: optional iterable of model inputs (tensors, tuples, or dicts of keyword arguments
-    such as tokenized batches); a few hundred rows per layer are enough. The report is attached as
+    such as tokenized batches; a tuple is passed as positional arguments, so give inputs without labels; a
+    single tensor is one batch); a few hundred rows per layer are enough. The report is attached as
     ``model.bondgate_report``.
 
     Targeted ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` modules (selected by their own name or their projections'
@@ -583,6 +598,8 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
     skipped.update(extra_skipped)
     report = CompressionReport(config=config.to_dict())
     names = module_names(model)
+    if isinstance(calibration, torch.Tensor):  # one batch (iterating it would feed the model row by row)
+        calibration = [calibration]
     data = list(calibration) if (calibration is not None and config.calibrate) else None
     if data is not None and not data:
         raise ValueError("calibration data is empty")

@@ -60,6 +60,26 @@ def _fail(message: str) -> None:
     print(f"{PROG}: error: {_one_line(message)}", file=sys.stderr)
 
 
+#: the library's parameter names in its error messages, as the flags a CLI user gave
+_FLAGS = {"param_ratio": "--ratio", "max_bond": "--max-bond", "tol": "--tol", "num_cores": "--num-cores",
+          "target_modules": "--target", "exclude": "--exclude", "embeddings": "--embeddings",
+          "embedding_ratio": "--embedding-ratio", "embedding_form": "--embedding-form",
+          "embedding_rows": "--embedding-rows", "policy": "--policy", "max_latency_ratio": "--max-latency-ratio",
+          "flops_ratio": "--flops-ratio", "quantize": "--int8"}
+
+
+def _as_flags(message: str) -> str:
+    """``message`` with ``name=value`` of a :data:`_FLAGS` parameter as ``--flag value``, and its bare underscored
+    names as flags (plain words such as "policy" are left alone)."""
+    message = re.sub(r"\bembeddings=True\b", "--embeddings", message)  # switches: the flag alone
+    message = re.sub(r"\bquantize=['\"]int8['\"]", "--int8", message)
+    for name, flag in _FLAGS.items():
+        message = re.sub(rf"\b{name}=", f"{flag} ", message)
+        if "_" in name:
+            message = re.sub(rf"\b{name}\b", flag, message)
+    return message
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"{PROG}: warning: {_one_line(str(message))}", file=sys.stderr if file is None else file)
 
@@ -839,7 +859,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, OSError, RuntimeError, ImportError) as exc:
         if args.debug:
             raise
-        _fail(str(exc) or type(exc).__name__)
+        _fail(_as_flags(str(exc)) or type(exc).__name__)
         return 1
 
 

@@ -491,6 +491,9 @@ def test_int8_compression_quantizes_the_layers_it_keeps_dense(tmp_path):
         x = torch.randn(16, layer.in_features)
         ref = model.get_submodule(n)
         assert 1e-4 < rel(layer(x), ref(x)) < 0.02  # int8 per output channel
+        W, W_hat = ref.weight.detach().double(), layer.weight_matrix().detach().double()
+        assert rows[n].weight_error == pytest.approx(float((W - W_hat).norm() / W.norm()), rel=1e-4)
+        assert 1e-4 < rows[n].output_error < 0.02  # was None
     x = torch.randn(8, 64)
     bondgate.save(m, tmp_path / "q")
     assert torch.equal(bondgate.load(tmp_path / "q")(x), m(x))

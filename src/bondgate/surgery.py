@@ -734,7 +734,10 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
                     row.time_pred_us = 1e6 * times[w.name].dense_s
             if config.quantize is not None and not w.is_embedding:  # bytes follow the weight budget
                 row.status, row.quant = f"kept dense (budget), {config.quantize}", config.quantize
-                _swap(model, w, names, _dense_quantized(w, config.quantize))
+                layer, W_hat, bias = _dense_quantized(w, config.quantize)
+                row.output_error = _layer_report(w, None, W_hat, bias, report.flop_rows).output_error
+                row.weight_error = float(torch.linalg.norm(w.W - W_hat) / torch.linalg.norm(w.W).clamp_min(1e-300))
+                _swap(model, w, names, layer)
             continue
         ref = w.module.weight
         if w.is_embedding:
@@ -830,9 +833,9 @@ def _swap(model: nn.Module, w: _Work, names: dict[int, list[str]], layer: nn.Mod
         model.set_submodule(name, layer)
 
 
-def _dense_quantized(w: _Work, mode: str) -> MPOLinear:
+def _dense_quantized(w: _Work, mode: str) -> tuple[MPOLinear, torch.Tensor, torch.Tensor | None]:
     """A layer kept dense, quantized: a one-core MPO layer (per-output-channel scales), bias re-fit to the mean
-    shift of the output as for a compressed layer."""
+    shift of the output as for a compressed layer; with its weight and bias (float64) for the report's errors."""
     ref = w.module.weight
     core = fake_quant(w.W.reshape(1, *w.W.shape, 1).to(ref.dtype)).to(torch.float64)
     bias = w.refit_bias(core[0, :, :, 0])
@@ -841,7 +844,7 @@ def _dense_quantized(w: _Work, mode: str) -> MPOLinear:
                                None if bias is None else bias.to(dtype=ref.dtype, device=ref.device), policy="memory")
     layer.quantize_(mode)
     w.freeze_like(layer)
-    return layer
+    return layer, core[0, :, :, 0], bias
 
 
 def _whitened_svd(w: _Work, damping: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -78,9 +78,18 @@ def test_layers_kept_dense_count_in_the_reported_totals(monkeypatch):
     # the timed total summed compressed rows only (0.27x "of dense" where all targeted layers measured 0.46x), and
     # kept-dense rows had no FLOPs; a measured time past max_latency_ratio is now said
     import bondgate.surgery as surgery
+    from bondgate.latency import KindTimes
 
+    # machine-independent times: predicted ones proportional to FLOPs (1 ns per dense weight), every compressed layer
+    # measured as slow as a dense 512x512 one (more than the budget allows)
+    def predicted(out_features, in_features, out_f, in_f, full, rows, dtype, device):
+        thr = 2.0 * rows / 1e-9
+        return KindTimes(rows, 1e-9 * out_features * in_features, 2 * rows * out_features * in_features,
+                         (0.0, thr), (0.0, thr))
+
+    monkeypatch.setattr(surgery, "calibrate", predicted)
     monkeypatch.setattr(surgery, "calibrate_dense", lambda out_f, in_f, rows, dtype, device: 1e-9 * out_f * in_f)
-    monkeypatch.setattr(surgery, "measure", lambda layer, rows: 1e-9 * 512 * 512)  # as slow as a dense 512x512
+    monkeypatch.setattr(surgery, "measure", lambda layer, rows: 1e-9 * 512 * 512)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 256))
     with torch.no_grad():

@@ -1122,3 +1122,87 @@ def test_a_budget_penalty_without_gradient_is_an_error_not_a_silent_zero():
     checkpoint(body, x, use_reentrant=True)
     with pytest.raises(RuntimeError, match="use_reentrant=False"):
         aux_losses(body)
+
+
+def test_set_budget_is_all_or_nothing_and_takes_one_batch():
+    # a call that raised left the tracker dropped and max_groups / cost_rows replaced (0.506 -> 0.567 of full FLOPs
+    # on the same traffic afterwards); one dict or tensor batch was iterated (its keys / rows went to the model)
+    net = gate(model_with_mpo(), GatingConfig(controller="error"))
+    data = [torch.randn(64, 96) for _ in range(3)]
+    bondgate.fit_controllers(net, data)
+    set_budget(net, 0.5, data, track=0.05)
+    layer = net[2]
+    before = (layer._tracker, layer.max_groups, layer.cost_rows, float(layer.budget_lambda), layer.level_cost)
+    bad = [torch.randn(8, 96), torch.randn(8, 95)]  # the second batch does not fit the model
+    with pytest.raises(RuntimeError):
+        set_budget(net, 0.3, bad, max_groups=1, cost_rows=64)
+    assert (layer._tracker, layer.max_groups, layer.cost_rows, float(layer.budget_lambda), layer.level_cost) == before
+    one = set_budget(net, 0.4, data[0])
+    assert one == set_budget(net, 0.4, [data[0]])
+    with pytest.raises(TypeError, match="iterable of model inputs"):
+        set_budget(net, 0.4, 3)
+
+
+def test_an_unreachable_budget_warns_and_the_tracked_price_stays_bounded():
+    # budgets below the cheapest levels returned ~0.14 without a word; the tracker then grew the price to inf
+    net = gate(model_with_mpo(), GatingConfig(controller="error"))
+    data = [torch.randn(64, 96) for _ in range(3)]
+    bondgate.fit_controllers(net, data)
+    net.eval()
+    with pytest.warns(UserWarning, match="budget of 0.01 is out of reach"):
+        got = set_budget(net, 0.01, data, track=0.5)
+    assert got > 0.05
+    with torch.no_grad():
+        for _ in range(300):
+            net(torch.randn(1, 96))
+    assert float(net[2].budget_lambda) == bondgate.gating.PRICE_BOUND
+    with torch.no_grad():  # and it comes down again once the budget is reachable
+        net[2]._tracker.budget = 0.9
+        for _ in range(50):
+            net(torch.randn(4, 96))
+    assert float(net[2].budget_lambda) < bondgate.gating.PRICE_BOUND
+
+
+def test_a_copy_made_mid_round_tracks_its_own_layers():
+    # the copy's tracker held the original layers' ids as the round in progress: its rounds closed at the wrong layer
+    torch.manual_seed(0)
+    net = nn.Sequential(MPOLinear.from_linear(nn.Linear(64, 64), max_bond=16), nn.ReLU(),
+                        MPOLinear.from_linear(nn.Linear(64, 64), max_bond=16))
+    gate(net, GatingConfig(controller="error"))
+    net.eval()
+    data = [torch.randn(32, 64) for _ in range(3)]
+    bondgate.fit_controllers(net, data)
+    set_budget(net, 0.5, data, track=0.05)
+    with torch.no_grad():
+        net[0](torch.randn(4, 64))  # one layer of two: a round in progress
+    twin = copy.deepcopy(net)
+    tracker = twin[0]._tracker
+    assert tracker is twin[2]._tracker and not tracker.seen and tracker.layers == [twin[0], twin[2]]
+    rounds = tracker.rounds
+    with torch.no_grad():
+        for k in range(1, 4):
+            twin(torch.randn(4, 64))
+            assert tracker.rounds == rounds + k and not tracker.seen  # a round per forward, closed at its end
+
+
+def test_padding_rows_are_left_out_of_fitting_and_pricing():
+    class Masked(nn.Module):  # takes transformers-style keyword batches
+        def __init__(self):
+            super().__init__()
+            self.net = model_with_mpo()
+
+        def forward(self, x, attention_mask=None):
+            return self.net(x)
+
+    torch.manual_seed(0)
+    real = torch.randn(4, 6, 96)
+    padded = torch.cat([real, 50 * torch.randn(4, 10, 96)], 1)  # pad positions with wild values
+    mask = torch.cat([torch.ones(4, 6), torch.zeros(4, 10)], 1).long()
+    got = []
+    for batch in ({"x": real}, {"x": padded, "attention_mask": mask}):
+        model = Masked()
+        gate(model, GatingConfig(controller="error"))
+        bondgate.fit_controllers(model, [batch])
+        got.append((set_budget(model, 0.5, [batch]), float(model.net[2].budget_lambda),
+                    model.net[2].controller.coef.detach().clone()))
+    assert got[0][:2] == pytest.approx(got[1][:2], rel=1e-9) and torch.allclose(got[0][2], got[1][2])

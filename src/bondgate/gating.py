@@ -49,20 +49,21 @@ The controller's own ``2 * (in_features + 1) * levels`` FLOPs per row are added 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import itertools
 import math
 import statistics
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from .calibration import capture_inputs, in_calibration_pass
+from .calibration import _row_mask, capture_inputs, in_calibration_pass
 from .io import register_layer_type
 from .layer import (
     MPOLinear,
@@ -82,6 +83,9 @@ __all__ = ["GatingConfig", "GatedMPOLinear", "gate", "set_mode", "set_budget", "
            "average_flops", "width_error_curve", "route", "PriceTracker"]
 
 _REPLICA_LOCK = threading.Lock()  # nn.DataParallel's replicas report to their layer from threads
+#: prices beyond this change no decision (every row at the cheapest or the widest level): the calibration's search
+#: range and the online tracker's bound (it would otherwise grow without limit while a budget is out of reach)
+PRICE_BOUND = 1e3
 
 
 @dataclass
@@ -342,7 +346,8 @@ class PriceTracker:
             step = self.rate * (self.used - self.budget * self.full) / (self.budget * self.typical_full)
             # the tracker keeps the price on the host (read from the buffer once): no device read per round
             lam = self.lam if self.lam is not None else float(self.layers[0].budget_lambda)
-            self.lam = lam = lam * math.exp(step) if lam > 0 else lam + step * self.scale
+            lam = lam * math.exp(step) if lam > 0 else lam + step * self.scale
+            self.lam = lam = min(max(lam, -PRICE_BOUND), PRICE_BOUND)
             for m in self.layers:
                 m._buffer("budget_lambda").fill_(lam)
         self.used = self.full = 0.0
@@ -351,6 +356,15 @@ class PriceTracker:
     def spec(self) -> dict:
         return {"rate": self.rate, "scale": self.scale, "shared": self.shared, "rounds": self.rounds,
                 "typical_full": self.typical_full}
+
+    def __deepcopy__(self, memo: dict) -> "PriceTracker":
+        # a round in progress is dropped, as when saving: it is recorded by the layers' ids, which a copy does not have
+        new = PriceTracker.__new__(PriceTracker)
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        new.used = new.full = 0.0
+        new.seen = set()
+        return new
 
 
 @register_layer_type
@@ -949,7 +963,9 @@ def _collect_scores(model: nn.Module, data: Iterable) -> dict[str, list[torch.Te
     scores: dict[str, list[torch.Tensor]] = {}
 
     def score(name, mod, x, batch):
-        scores.setdefault(name, []).append(mod.scores(x.reshape(-1, mod.in_features)).cpu())
+        keep = _row_mask(batch, x)  # padding rows (attention_mask 0) left out, as compress' statistics leave them
+        x2 = x.reshape(-1, mod.in_features)
+        scores.setdefault(name, []).append(mod.scores(x2 if keep is None else x2[keep.to(x2.device)]).cpu())
 
     capture_inputs(model, dict(_gated_layers(model)), data, score)  # a calibration pass: not counted as traffic
     return scores
@@ -968,7 +984,7 @@ def _flops_at(layers, scores, lam: float | None = None) -> float:
 
 
 def _calibrate_lambda(layers, scores, budget: float) -> float:
-    lo, hi = -1e3, 1e3  # achieved FLOPs fall as lam rises
+    lo, hi = -PRICE_BOUND, PRICE_BOUND  # achieved FLOPs fall as lam rises
     if _flops_at(layers, scores, hi) > budget:
         return hi
     if _flops_at(layers, scores, lo) <= budget:
@@ -1013,7 +1029,11 @@ def set_budget(model: nn.Module, budget: float, data: Iterable, per_layer: bool 
 
     A layer's inputs, hence its controller's scores, depend on the widths the layers before it used,
     i.e. on ``lam`` itself; so scoring and calibration alternate for ``rounds`` rounds (a fixed-point
-    iteration started from the current prices), and ``data`` must be re-iterable (a list of batches).
+    iteration started from the current prices), and ``data`` must be re-iterable (a list of batches; one tensor
+    or dict is one batch). Rows at padding positions (``attention_mask`` 0 in a dict batch) are left out, as
+    :func:`bondgate.compress` leaves them out of its statistics; at inference padded rows are routed and counted
+    like any other. A call that raises leaves the model's prices and settings as they were; a budget the
+    cheapest levels cannot reach warns (the return value is what was reached).
 
     ``per_layer=False``: one price shared by all layers, so compute moves to the layers whose rows
     gain most from it (scores must be comparable across layers, as the error controller's relative
@@ -1051,7 +1071,39 @@ def set_budget(model: nn.Module, budget: float, data: Iterable, per_layer: bool 
         raise ValueError("the model has no gated layers (call bondgate.gate first)")
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
-    data = list(data)
+    data = _batches(data, "set_budget")
+    with _restored_on_error([m for _, m in layers]):
+        return _set_budget(model, layers, budget, data, per_layer, rounds, max_groups, cost_rows, track)
+
+
+def _batches(data, who: str) -> list:
+    """``data`` as a list of model inputs: one tensor or one dict of keyword arguments is one batch (iterating it
+    would feed the model its rows or its key names)."""
+    if isinstance(data, (torch.Tensor, Mapping)):
+        return [data]
+    if not isinstance(data, Iterable):
+        raise TypeError(f"{who}: data must be an iterable of model inputs (batches), got {type(data).__name__}")
+    return list(data)
+
+
+@contextlib.contextmanager
+def _restored_on_error(layers: Sequence["GatedMPOLinear"]) -> Iterator[None]:
+    """A call that raises leaves the layers' routing settings as they were (price, budget, tracker, max_groups,
+    cost_rows): a caller who catches the error goes on with the model it had."""
+    saved = [(m, m._tracker, m.max_groups, m.cost_rows, m.budget, m.budget_lambda.clone()) for m in layers]
+    try:
+        yield
+    except BaseException:
+        for m, tracker, groups, rows, budget, lam in saved:
+            m._tracker, m.max_groups, m.budget = tracker, groups, budget
+            if m.cost_rows != rows:
+                m.cost_rows = rows
+                m._refresh_costs()
+            m._buffer("budget_lambda").copy_(lam)
+        raise
+
+
+def _set_budget(model, layers, budget, data, per_layer, rounds, max_groups, cost_rows, track) -> float:
     for _, m in layers:
         m._tracker = None  # calibration runs at fixed prices
         m.max_groups = max_groups
@@ -1079,7 +1131,12 @@ def set_budget(model: nn.Module, budget: float, data: Iterable, per_layer: bool 
             tracker.lam = float(group[0].budget_lambda)
             for m in group:
                 m._tracker = tracker
-    return _flops_at(layers, scores)
+    achieved = _flops_at(layers, scores)
+    if achieved > 1.02 * budget:
+        warnings.warn(f"set_budget: a budget of {budget:g} is out of reach on this data: with every row at its "
+                      f"cheapest level the gated layers spend {achieved:.3f} of full width (controllers included)",
+                      stacklevel=3)
+    return achieved
 
 
 @torch.no_grad()
@@ -1090,7 +1147,8 @@ def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256,
     """Fit every error controller in closed form on the layer inputs that ``data`` (model inputs) produces.
 
     On rows ``x`` sampled from the full-width model's layer inputs (``rows_per_batch`` per batch, at most
-    ``max_rows``), with ``D_l = W - W_l`` the part of the weight that level ``l`` drops, the target of
+    ``max_rows``; padding rows of a dict batch with an ``attention_mask`` left out; one tensor or dict is one
+    batch), with ``D_l = W - W_l`` the part of the weight that level ``l`` drops, the target of
     level ``l`` is
 
     - ``objective="layer"``: ``|D_l x|^2 / mean|W x|^2``, the layer's own relative output error;
@@ -1122,12 +1180,15 @@ def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256,
     gen = torch.Generator().manual_seed(seed)
     rows: dict[str, list[torch.Tensor]] = {n: [] for n, _ in layers}
     count = dict.fromkeys(rows, 0)
-    data = list(data)
+    data = _batches(data, "fit_controllers")
 
     def sample(n, mod, x, batch):
         if count[n] >= max_rows:
             return
+        keep = _row_mask(batch, x)  # no padding rows
         x = x.reshape(-1, mod.in_features)
+        if keep is not None:
+            x = x[keep.to(x.device)]
         take = torch.randperm(x.shape[0], generator=gen)[: min(rows_per_batch, max_rows - count[n])]
         rows[n].append(x[take.to(x.device)].to("cpu", torch.float64))
         count[n] += take.numel()

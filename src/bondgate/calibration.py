@@ -79,6 +79,16 @@ def model_device(model: nn.Module) -> torch.device | None:
     return None
 
 
+def as_batches(data, who: str) -> list:
+    """``data`` as a list of model inputs (read in full: later passes re-read it): one tensor or one dict of keyword
+    arguments is one batch (iterating it would feed the model its rows or its key names)."""
+    if isinstance(data, (torch.Tensor, Mapping)):
+        return [data]
+    if not isinstance(data, Iterable):
+        raise TypeError(f"{who}: data must be an iterable of model inputs (batches), got {type(data).__name__}")
+    return list(data)
+
+
 def run_model(model: nn.Module, batch) -> object:
     """Call ``model`` on one calibration item, moved to the model's device: a dict is passed as keyword
     arguments, a tuple/list positionally, anything else as the single positional argument."""

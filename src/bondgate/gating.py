@@ -56,14 +56,14 @@ import math
 import statistics
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from .calibration import _row_mask, capture_inputs, in_calibration_pass
+from .calibration import _row_mask, as_batches, capture_inputs, in_calibration_pass
 from .io import register_layer_type
 from .layer import (
     MPOLinear,
@@ -1071,19 +1071,9 @@ def set_budget(model: nn.Module, budget: float, data: Iterable, per_layer: bool 
         raise ValueError("the model has no gated layers (call bondgate.gate first)")
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
-    data = _batches(data, "set_budget")
+    data = as_batches(data, "set_budget")
     with _restored_on_error([m for _, m in layers]):
         return _set_budget(model, layers, budget, data, per_layer, rounds, max_groups, cost_rows, track)
-
-
-def _batches(data, who: str) -> list:
-    """``data`` as a list of model inputs: one tensor or one dict of keyword arguments is one batch (iterating it
-    would feed the model its rows or its key names)."""
-    if isinstance(data, (torch.Tensor, Mapping)):
-        return [data]
-    if not isinstance(data, Iterable):
-        raise TypeError(f"{who}: data must be an iterable of model inputs (batches), got {type(data).__name__}")
-    return list(data)
 
 
 @contextlib.contextmanager
@@ -1180,7 +1170,7 @@ def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256,
     gen = torch.Generator().manual_seed(seed)
     rows: dict[str, list[torch.Tensor]] = {n: [] for n, _ in layers}
     count = dict.fromkeys(rows, 0)
-    data = _batches(data, "fit_controllers")
+    data = as_batches(data, "fit_controllers")
 
     def sample(n, mod, x, batch):
         if count[n] >= max_rows:

@@ -41,6 +41,7 @@ from .allocation import (
 from .calibration import (
     InputStats,
     apply_leg_maps,
+    as_batches,
     collect_input_stats,
     collect_token_counts,
     fold_into_cores,
@@ -533,6 +534,10 @@ class _Work:
     def table_target(self) -> torch.Tensor:
         return table_target(self.W, self.out_f, self.in_f, self.legs, self.kept)
 
+    def weight_error(self, W_hat: torch.Tensor) -> float:
+        """``||W - W_hat|| / ||W||``: the relative error of the weight the layer gets."""
+        return float(torch.linalg.norm(self.W - W_hat) / torch.linalg.norm(self.W).clamp_min(1e-300))
+
     def refit_bias(self, W_hat: torch.Tensor) -> torch.Tensor | None:
         """The bias with the output's mean shift ``(W - W_hat) mu`` over the calibration rows absorbed."""
         if self.bias is None or self.stats is None:
@@ -598,9 +603,7 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
     skipped.update(extra_skipped)
     report = CompressionReport(config=config.to_dict())
     names = module_names(model)
-    if isinstance(calibration, torch.Tensor):  # one batch (iterating it would feed the model row by row)
-        calibration = [calibration]
-    data = list(calibration) if (calibration is not None and config.calibrate) else None
+    data = as_batches(calibration, "compress") if (calibration is not None and config.calibrate) else None
     if data is not None and not data:
         raise ValueError("calibration data is empty")
 
@@ -736,7 +739,7 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
                 row.status, row.quant = f"kept dense (budget), {config.quantize}", config.quantize
                 layer, W_hat, bias = _dense_quantized(w, config.quantize)
                 row.output_error = _layer_report(w, None, W_hat, bias, report.flop_rows).output_error
-                row.weight_error = float(torch.linalg.norm(w.W - W_hat) / torch.linalg.norm(w.W).clamp_min(1e-300))
+                row.weight_error = w.weight_error(W_hat)
                 _swap(model, w, names, layer)
             continue
         ref = w.module.weight
@@ -765,7 +768,7 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
                 mpo = MPO([fake_quant(c.to(ref.dtype)).to(torch.float64) for c in mpo.cores], *w.W.shape)
             W_hat = mpo.to_matrix()
             bias = w.refit_bias(W_hat)
-            mpo.error = float(torch.linalg.norm(w.W - W_hat) / torch.linalg.norm(w.W).clamp_min(1e-300))
+            mpo.error = w.weight_error(W_hat)
             mpo.error_exact = True
             layer = MPOLinear.from_mpo(mpo.to(dtype=ref.dtype, device=ref.device),
                                        None if bias is None else bias.to(dtype=ref.dtype, device=ref.device),
@@ -875,7 +878,7 @@ def _build_lowrank(w: _Work, rank: int) -> tuple[LowRankLinear, torch.Tensor, to
     bias = w.refit_bias(W_hat)
     ref = w.module.weight
     layer = LowRankLinear.from_factors(U.to(ref), V.to(ref), None if bias is None else bias.to(ref))
-    layer.error = float(torch.linalg.norm(w.W - W_hat) / torch.linalg.norm(w.W).clamp_min(1e-300))
+    layer.error = w.weight_error(W_hat)
     return layer, W_hat, bias
 
 
@@ -948,7 +951,7 @@ def _build_embedding(model: nn.Module, w: _Work, wid, config: CompressionConfig,
     W_hat = mpo.to_matrix()
     if w.kept is not None:
         W_hat[w.kept] = w.W[w.kept]
-    mpo.error = float(torch.linalg.norm(w.W - W_hat) / torch.linalg.norm(w.W).clamp_min(1e-300))
+    mpo.error = w.weight_error(W_hat)
     ref = w.module.weight
     pad = w.module.padding_idx
     if pad is not None and bool(ref[pad].any()):

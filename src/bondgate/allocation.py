@@ -1,7 +1,7 @@
 """Spread a global weight budget — and optionally a time or FLOP budget — over many layers.
 
 Each layer offers a menu of what it can become, each entry with its weight count, its exact squared error (on the
-whitened weight) and, for a second budget, its cost (predicted seconds or FLOPs per call, :mod:`bondgate.latency`):
+whitened weight) and, for a second budget, its cost (predicted seconds or FLOPs per call, :mod:`bondgate.costmodel`):
 truncations of its canonical MPO (one per tolerance on a geometric grid), truncations of its SVD (a low-rank pair,
 :func:`lowrank_menu`), and "stay dense" (all its weights, no error). :func:`allocate` picks one entry per layer
 minimizing ``sum_l alpha_l * err_l`` subject to ``sum_l params_l <= budget`` (and ``sum_l cost_l <= cost_budget``)

@@ -49,9 +49,9 @@ from .calibration import (
     layer_sensitivity,
     refine_cores,
 )
+from .costmodel import KindTimes, calibrate, calibrate_dense, full_widths, lowrank_flops, measure, mpo_flops
 from .embedding import MPOEmbedding, most_frequent, row_weight_legs, table_factors, table_mpo, table_target
 from .factors import factorize_shape
-from .latency import KindTimes, calibrate, calibrate_dense, full_widths, lowrank_flops, measure, mpo_flops
 from .layer import MPOLinear, outside_inference_mode
 from .lowrank import LowRankLinear
 from .mpo import MPO
@@ -115,7 +115,7 @@ class CompressionConfig:
             become one-core int8 MPO layers (per-output-channel int8 weights), so bytes follow the weight budget.
             Biases and low-rank layers stay in full precision (for dense layers see :func:`bondgate.quantize_int8`);
             :func:`bondgate.quantize_mpo` quantizes the MPO layers of a model compressed before.
-    Latency (with ``param_ratio`` and global allocation; see :mod:`bondgate.latency`):
+    Latency (with ``param_ratio`` and global allocation; see :mod:`bondgate.costmodel`):
         kinds: the forms a layer may take besides staying dense: ``"mpo"`` and/or ``"lowrank"`` (two factors,
             ``U @ V``). Default: ``("mpo",)``, or ``("mpo", "lowrank")`` when a time or FLOP budget is given.
         max_latency_ratio: the targeted layers' predicted time per call at ``deploy_rows`` rows must be at most this

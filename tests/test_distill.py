@@ -31,7 +31,7 @@ def test_distill_closes_the_gap_to_the_teacher():
     res = distill(student, teacher, data, loss=DistillLoss(hidden=0, output=1.0), epochs=40, lr=3e-3, progress=False)
     assert res.steps == 40 * len(data) and res.stopped == "epochs"
     assert output_gap(student, teacher, held_out) < 0.5 * before
-    assert all(not p.requires_grad for p in teacher.parameters())
+    assert all(p.requires_grad for p in teacher.parameters())  # left as it was (it runs under no_grad)
 
 
 @pytest.mark.parametrize("ambient", [torch.no_grad, torch.inference_mode])
@@ -364,3 +364,75 @@ def test_distillation_trainer_writes_bondgate_checkpoints_that_resume_and_load(t
     _, resumed = run(tmp_path / "b", 2, resume=str(tmp_path / "a" / "checkpoint-1"))
     assert resumed.keys() == straight.keys()
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)  # exact: the masters were restored
+
+
+def test_encoder_decoder_outputs_match_both_streams_with_their_own_masks():
+    # An encoder-decoder returns encoder_hidden_states and decoder_hidden_states (no hidden_states): the default
+    # loss refused it, and its logits (decoder positions) were masked with the encoder's attention_mask.
+    outputs = pytest.importorskip("transformers.modeling_outputs")
+    torch.manual_seed(0)
+    B, S, T, H, V = 2, 5, 5, 4, 7  # equal lengths: an encoder mask would fit the decoder's logits by shape
+
+    def out(enc, dec, logits):
+        return outputs.Seq2SeqLMOutput(logits=logits, encoder_last_hidden_state=enc[-1],
+                                       encoder_hidden_states=tuple(enc), decoder_hidden_states=tuple(dec))
+
+    enc_t, dec_t = [torch.randn(B, S, H) for _ in range(3)], [torch.randn(B, T, H) for _ in range(3)]
+    enc_s, dec_s = [h + 0.1 * torch.randn_like(h) for h in enc_t], [h + 0.3 * torch.randn_like(h) for h in dec_t]
+    z_t = torch.randn(B, T, V)
+    z_s = z_t.clone()
+    z_s[:, 3:] += torch.randn(B, 2, V)  # the student differs only where the decoder mask is 0
+    enc_mask, dec_mask = torch.ones(B, S, dtype=torch.long), torch.ones(B, T, dtype=torch.long)
+    enc_mask[0, 2:] = 0
+    dec_mask[:, 3:] = 0
+    batch = {"attention_mask": enc_mask, "decoder_attention_mask": dec_mask}
+
+    def rel(a, b, m):
+        w = m.unsqueeze(-1).float()
+        return float(((a - b) ** 2 * w).sum() / (b**2 * w).sum())
+
+    expected = [rel(a, b, enc_mask) for a, b in zip(enc_s[1:], enc_t[1:])]
+    expected += [rel(a, b, dec_mask) for a, b in zip(dec_s[1:], dec_t[1:])]
+    _, parts = DistillLoss(hidden=1.0, logits=1.0, pooled=1.0)(out(enc_s, dec_s, z_s), out(enc_t, dec_t, z_t), batch)
+    assert parts["hidden"] == pytest.approx(sum(expected) / 4, rel=1e-5)
+    assert parts["logits"] == pytest.approx(0.0, abs=1e-6)  # masked by decoder_attention_mask, not the encoder's
+    pooled = lambda h: (h * enc_mask.unsqueeze(-1)).sum(1) / enc_mask.sum(1, keepdim=True)  # noqa: E731
+    cos = torch.nn.functional.cosine_similarity(pooled(enc_s[-1]), pooled(enc_t[-1]), dim=-1)
+    assert parts["pooled"] == pytest.approx(float((1 - cos).mean()), rel=1e-5)  # the encoder's sentence embedding
+
+
+def test_distill_heals_an_encoder_decoder_with_the_default_loss():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BartConfig(vocab_size=60, d_model=32, encoder_layers=1, decoder_layers=1,
+                                  encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                                  decoder_ffn_dim=64, max_position_embeddings=32, dropout=0.0, init_std=0.3)
+    torch.manual_seed(0)
+    teacher = transformers.BartForConditionalGeneration(cfg).eval()
+    student = copy.deepcopy(teacher)
+    data = [{"input_ids": torch.randint(3, 60, (4, 10)), "decoder_input_ids": torch.randint(3, 60, (4, 6))}
+            for _ in range(4)]
+    compress(student, CompressionConfig(param_ratio=0.4, num_cores=2), calibration=data, progress=False)
+    loss = DistillLoss()
+    with torch.no_grad():
+        before = loss(student(**data[0], output_hidden_states=True), teacher(**data[0], output_hidden_states=True),
+                      data[0])[0]
+    distill(student, teacher, data * 10, steps=40, lr=1e-3, progress=False)
+    with torch.no_grad():
+        after = loss(student(**data[0], output_hidden_states=True), teacher(**data[0], output_hidden_states=True),
+                     data[0])[0]
+    assert after < 0.8 * before
+
+
+def test_distill_leaves_the_teacher_as_it_was():
+    # distill froze the teacher's parameters and left it in eval mode for good: a model copied from it afterwards
+    # had no trainable parameters ("the student has no trainable parameters" on the next distill).
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(16, 32), nn.Dropout(0.1), nn.ReLU(), nn.Linear(32, 8))
+    teacher.train()
+    teacher[1].eval()  # a submodule's own flag must come back too
+    teacher[0].weight.requires_grad_(False)
+    student = compress(copy.deepcopy(teacher), CompressionConfig(param_ratio=0.5, num_cores=2), progress=False)
+    distill(student, teacher, [torch.randn(8, 16) for _ in range(3)], steps=3, loss=DistillLoss(hidden=0, output=1),
+            progress=False)
+    assert [m.training for m in teacher.modules()] == [True, True, False, True, True]
+    assert [p.requires_grad for p in teacher.parameters()] == [False, True, True, True]

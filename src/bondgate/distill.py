@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .calibration import model_device, model_output, run_model, to_device
+from .calibration import eval_mode, model_device, model_output, run_model, to_device
 
 __all__ = ["DistillLoss", "DistillResult", "distill", "DistillationTrainer"]  # noqa: F822 (built lazily by __getattr__)
 
@@ -44,9 +44,11 @@ class DistillLoss:
 
     hidden: relative MSE ``||h_s - h_t||^2 / mean(h_t^2)`` averaged over all hidden states, paired layer by
         layer (needs a model that returns ``hidden_states``; :func:`distill` asks transformers models for them
-        when the batches are dicts of model inputs).
-    logits: ``T^2 * KL(softmax(z_t/T) || softmax(z_s/T))`` per token.
-    pooled: ``1 - cos`` between mask-mean-pooled last hidden states (sentence embeddings).
+        when the batches are dicts of model inputs). An encoder-decoder's encoder and decoder states are both
+        matched, each over its own mask (``attention_mask``, ``decoder_attention_mask``).
+    logits: ``T^2 * KL(softmax(z_t/T) || softmax(z_s/T))`` per token (an encoder-decoder's: per decoder token).
+    pooled: ``1 - cos`` between mask-mean-pooled last hidden states (sentence embeddings; an encoder-decoder's
+        encoder states).
     output: relative MSE between the model outputs when they are plain tensors (e.g. an MLP).
     task: the student's own ``loss`` (transformers models compute it when the batch has ``labels``).
     """
@@ -70,11 +72,14 @@ class DistillLoss:
         return self.hidden > 0 or self.pooled > 0
 
     def __call__(self, student_out, teacher_out, batch=None) -> tuple[torch.Tensor, dict[str, float]]:
-        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+        masks = batch if isinstance(batch, Mapping) else {}
+        seq2seq = _is_seq2seq(teacher_out)
+        # an encoder-decoder's logits are the decoder's positions: the encoder's attention_mask does not fit them
+        out_mask = masks.get("decoder_attention_mask") if seq2seq else masks.get("attention_mask")
         terms: dict[str, torch.Tensor] = {}
         if self.hidden > 0:
-            hs, ht = _hidden_states(student_out, teacher_out, "hidden")
             per = [_masked_mean((a - b) ** 2, mask) / _masked_mean(b**2, mask).clamp_min(1e-12)
+                   for hs, ht, mask in _hidden_states(student_out, teacher_out, "hidden", masks)
                    for a, b in zip(hs[1:], ht[1:])]  # hs[0] is the embedding output: not compressed
             terms["hidden"] = torch.stack(per).mean()
         if self.logits > 0:
@@ -82,9 +87,10 @@ class DistillLoss:
             T = self.temperature
             kl = torch.nn.functional.kl_div(torch.log_softmax(zs / T, -1), torch.log_softmax(zt / T, -1),
                                             log_target=True, reduction="none").sum(-1)
-            terms["logits"] = _masked_mean(kl, mask) * T * T
+            terms["logits"] = _masked_mean(kl, out_mask) * T * T
         if self.pooled > 0:
-            hs, ht = (h[-1] for h in _hidden_states(student_out, teacher_out, "pooled"))
+            hs, ht, mask = _hidden_states(student_out, teacher_out, "pooled", masks)[0]  # an encoder's, if two
+            hs, ht = hs[-1], ht[-1]
             m = (mask if mask is not None else torch.ones(hs.shape[:2], device=hs.device)).unsqueeze(-1).to(hs.dtype)
             n = m.sum(1).clamp_min(1.0)
             ps, pt = (hs * m).sum(1) / n, (ht * m).sum(1) / n
@@ -107,18 +113,41 @@ class DistillLoss:
         return total, {k: float(v.detach()) for k, v in terms.items()}
 
 
-def _hidden_states(student_out, teacher_out, term: str) -> tuple:
-    hs, ht = getattr(student_out, "hidden_states", None), getattr(teacher_out, "hidden_states", None)
-    if hs is None or ht is None:
-        raise ValueError(f"DistillLoss({term}>0) needs outputs with hidden_states: distill asks transformers models "
-                         f"for them when the batches are dicts of model inputs (a plain tensor batch is passed "
-                         f"positionally); pass dicts, or use DistillLoss(hidden=0, logits=1) / output=1")
-    if len(hs) != len(ht):
-        raise ValueError(f"DistillLoss({term}>0): the student returns {len(hs)} hidden states, the teacher "
-                         f"{len(ht)}; they are matched layer by layer, so the models must have the same depth")
-    for i, (a, b) in enumerate(zip(hs, ht)):
-        _same_shape(a, b, f"hidden state {i}")
-    return hs, ht
+def _is_seq2seq(out) -> bool:
+    """An encoder-decoder's output (transformers' ``Seq2Seq*Output``): its hidden states come in two streams."""
+    return _field(out, "encoder_last_hidden_state") is not None
+
+
+def _field(out, name: str):
+    try:
+        return getattr(out, name, None)
+    except KeyError:  # a dict-like output whose __getattr__ reads its keys
+        return None
+
+
+def _hidden_states(student_out, teacher_out, term: str, masks: Mapping) -> list[tuple]:
+    """``[(student states, teacher states, attention mask)]``: one stream, or an encoder-decoder's encoder and
+    decoder streams (the decoder's mask is ``decoder_attention_mask``)."""
+    if _is_seq2seq(teacher_out):
+        keys = [("encoder_hidden_states", "attention_mask"), ("decoder_hidden_states", "decoder_attention_mask")]
+    else:
+        keys = [("hidden_states", "attention_mask")]
+    streams = []
+    for key, mask_key in keys:
+        hs, ht = _field(student_out, key), _field(teacher_out, key)
+        if hs is None or ht is None:
+            have = list(teacher_out.keys()) if isinstance(teacher_out, Mapping) else type(teacher_out).__name__
+            raise ValueError(f"DistillLoss({term}>0) needs outputs with {key} (the teacher's output has {have}): "
+                             f"distill asks transformers models for them when the batches are dicts of model inputs "
+                             f"(output_hidden_states=True; a plain tensor batch is passed positionally); "
+                             f"otherwise use DistillLoss(hidden=0, logits=1) / output=1, or a loss of your own")
+        if len(hs) != len(ht):
+            raise ValueError(f"DistillLoss({term}>0): the student returns {len(hs)} {key.replace('_', ' ')}, the teacher "
+                             f"{len(ht)}; they are matched layer by layer, so the models must have the same depth")
+        for i, (a, b) in enumerate(zip(hs, ht)):
+            _same_shape(a, b, f"{key.replace('_states', ' state').replace('_', ' ')} {i}")
+        streams.append((hs, ht, masks.get(mask_key)))
+    return streams
 
 
 def _same_shape(a: torch.Tensor, b: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,6 +240,7 @@ def distill(
     sandwich: bool = False,
 ) -> DistillResult:
     """Train ``student`` to imitate ``teacher`` on ``data`` (an iterable of batches, re-iterated per epoch).
+    The teacher runs in eval mode under ``no_grad``; its parameters and train/eval flags are left as they were.
 
     Stops at ``steps``, after ``epochs``, after ``max_minutes`` of training wall time (time spent in
     ``eval_fn`` is not counted; ``DistillResult.eval_seconds`` reports it), or when ``eval_fn``
@@ -264,138 +294,137 @@ def distill(
         _check_sandwich(student)
     want_hidden = isinstance(loss, DistillLoss) and loss.wants_hidden()
     torch.manual_seed(seed)
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    params = [p for p in student.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the student has no trainable parameters")
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-    planned = steps
-    if planned is None and epochs is not None and hasattr(data, "__len__"):
-        planned = epochs * len(data)
+    # the teacher runs under no_grad in eval mode; its parameters and train/eval flags are left as they were
+    with eval_mode(teacher):
+        params = [p for p in student.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the student has no trainable parameters")
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+        planned = steps
+        if planned is None and epochs is not None and hasattr(data, "__len__"):
+            planned = epochs * len(data)
 
-    def lr_at(step: int, total: int | None) -> float:
-        if timed:  # only a time budget: the schedule runs on the budget clock (a step count is only estimated)
-            f = min(1.0, spent() / (60 * max_minutes))
-            if f < warmup:
-                return lr * max(f / warmup, 0.01)
-            return lr * 0.5 * (1 + math.cos(math.pi * (f - warmup) / max(1e-12, 1 - warmup)))
-        if total is None:
-            return lr
-        w = max(1, int(warmup * total))
-        if step < w:
-            return lr * (step + 1) / w
-        return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - w) / max(1, total - w))))
+        def lr_at(step: int, total: int | None) -> float:
+            if timed:  # only a time budget: the schedule runs on the budget clock (a step count is only estimated)
+                f = min(1.0, spent() / (60 * max_minutes))
+                if f < warmup:
+                    return lr * max(f / warmup, 0.01)
+                return lr * 0.5 * (1 + math.cos(math.pi * (f - warmup) / max(1e-12, 1 - warmup)))
+            if total is None:
+                return lr
+            w = max(1, int(warmup * total))
+            if step < w:
+                return lr * (step + 1) / w
+            return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - w) / max(1, total - w))))
 
-    res = DistillResult()
-    best_state = None
+        res = DistillResult()
+        best_state = None
 
-    def evaluate(step: int) -> bool:
-        """Returns True when patience is exhausted."""
-        nonlocal best_state
-        if eval_fn is None:
-            return False
-        te, ce = time.perf_counter(), clock()
-        student.eval()
-        with torch.no_grad():
-            metric = float(eval_fn(student))
-        student.train()
-        res.eval_seconds += time.perf_counter() - te
-        eval_budget[0] += clock() - ce
-        res.history.append({"step": step, "metric": metric, "seconds": time.perf_counter() - t0})
-        better = math.isfinite(metric) and (res.best_metric is None or (
-            metric > res.best_metric if higher_is_better else metric < res.best_metric))  # NaN is never the best
-        if better:
-            res.best_metric, res.best_step = metric, step
-            best_state = copy.deepcopy(student.state_dict())
-        # history also holds the loss logs: count evaluations only
-        evals_since = sum(1 for h in res.history if "metric" in h and h["step"] > (res.best_step or 0))
-        return patience is not None and evals_since >= patience
-
-    t0, c0 = time.perf_counter(), clock()
-    eval_budget = [0.0]  # evaluation time on the budget clock (not charged to the budget)
-
-    def spent() -> float:
-        return clock() - c0 - eval_budget[0]
-
-    student.train()
-    bar = tqdm(total=planned, desc="distill", disable=not progress, leave=False)
-    step, epoch, running = 0, 0, {}
-    timed = planned is None and max_minutes is not None
-    mark = (0, 0.0)  # (step, budget seconds) at the last re-plan
-    if eval_fn is not None:
-        evaluate(0)
-    done = False
-    while not done:
-        seen = 0
-        for batch in data:
-            seen += 1
-            if timed and step >= 20 and (step == 20 or step % 50 == 0):
-                now = spent()
-                rate = (step - mark[0]) / max(now - mark[1], 1e-9)
-                planned, mark = max(step + 1, int(step + rate * (60 * max_minutes - now))), (step, now)
-                bar.total = planned
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, planned)
+        def evaluate(step: int) -> bool:
+            """Returns True when patience is exhausted."""
+            nonlocal best_state
+            if eval_fn is None:
+                return False
+            te, ce = time.perf_counter(), clock()
+            student.eval()
             with torch.no_grad():
-                t_out = _call(teacher, batch, want_hidden)
-            total, parts, _ = _step_loss(student, batch, t_out, loss, want_hidden, sandwich)
-            if not bool(torch.isfinite(total.detach())):  # before the step: the weights stay those of the last good one
+                metric = float(eval_fn(student))
+            student.train()
+            res.eval_seconds += time.perf_counter() - te
+            eval_budget[0] += clock() - ce
+            res.history.append({"step": step, "metric": metric, "seconds": time.perf_counter() - t0})
+            better = math.isfinite(metric) and (res.best_metric is None or (
+                metric > res.best_metric if higher_is_better else metric < res.best_metric))  # NaN is never the best
+            if better:
+                res.best_metric, res.best_step = metric, step
+                best_state = copy.deepcopy(student.state_dict())
+            # history also holds the loss logs: count evaluations only
+            evals_since = sum(1 for h in res.history if "metric" in h and h["step"] > (res.best_step or 0))
+            return patience is not None and evals_since >= patience
+
+        t0, c0 = time.perf_counter(), clock()
+        eval_budget = [0.0]  # evaluation time on the budget clock (not charged to the budget)
+
+        def spent() -> float:
+            return clock() - c0 - eval_budget[0]
+
+        student.train()
+        bar = tqdm(total=planned, desc="distill", disable=not progress, leave=False)
+        step, epoch, running = 0, 0, {}
+        timed = planned is None and max_minutes is not None
+        mark = (0, 0.0)  # (step, budget seconds) at the last re-plan
+        if eval_fn is not None:
+            evaluate(0)
+        done = False
+        while not done:
+            seen = 0
+            for batch in data:
+                seen += 1
+                if timed and step >= 20 and (step == 20 or step % 50 == 0):
+                    now = spent()
+                    rate = (step - mark[0]) / max(now - mark[1], 1e-9)
+                    planned, mark = max(step + 1, int(step + rate * (60 * max_minutes - now))), (step, now)
+                    bar.total = planned
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(step, planned)
+                with torch.no_grad():
+                    t_out = _call(teacher, batch, want_hidden)
+                total, parts, _ = _step_loss(student, batch, t_out, loss, want_hidden, sandwich)
+                if not bool(torch.isfinite(total.detach())):  # before the step: the weights stay those of the last good one
+                    bar.close()
+                    raise FloatingPointError(f"distill: the loss is {float(total.detach())} at step {step + 1} "
+                                             f"({', '.join(f'{k}={v:.4g}' for k, v in parts.items())}); the student "
+                                             f"keeps the weights of step {step}. Lower lr, check the data for NaN/inf, "
+                                             f"or train in a wider dtype")
+                opt.zero_grad(set_to_none=True)
+                total.backward()
+                norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf)
+                if not bool(torch.isfinite(norm)):  # a finite loss can still have NaN gradients (sqrt at 0, ...)
+                    bar.close()
+                    raise FloatingPointError(f"distill: the gradient norm is {float(norm)} at step {step + 1} (loss "
+                                             f"{float(total.detach()):.4g}); the student keeps the weights of step "
+                                             f"{step}. Look for an operation with an infinite derivative in the model, "
+                                             f"or train in a wider dtype")
+                opt.step()
+                step += 1
+                for k, v in parts.items():
+                    running[k] = 0.9 * running.get(k, v) + 0.1 * v
+                bar.update(1)
+                if step % log_every == 0:
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in running.items()})
+                    res.history.append({"step": step, "loss": dict(running), "seconds": time.perf_counter() - t0})
+                if eval_fn is not None and step % eval_every == 0 and evaluate(step):
+                    res.stopped = "early stopping"
+                    done = True
+                elif steps is not None and step >= steps:
+                    res.stopped, done = "steps", True
+                elif max_minutes is not None and spent() >= 60 * max_minutes:
+                    res.stopped, done = "time budget", True
+                if done:
+                    break
+            epoch += 1
+            if not seen and not done:
                 bar.close()
-                raise FloatingPointError(f"distill: the loss is {float(total.detach())} at step {step + 1} "
-                                         f"({', '.join(f'{k}={v:.4g}' for k, v in parts.items())}); the student "
-                                         f"keeps the weights of step {step}. Lower lr, check the data for NaN/inf, "
-                                         f"or train in a wider dtype")
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf)
-            if not bool(torch.isfinite(norm)):  # a finite loss can still have NaN gradients (sqrt at 0, ...)
-                bar.close()
-                raise FloatingPointError(f"distill: the gradient norm is {float(norm)} at step {step + 1} (loss "
-                                         f"{float(total.detach()):.4g}); the student keeps the weights of step "
-                                         f"{step}. Look for an operation with an infinite derivative in the model, "
-                                         f"or train in a wider dtype")
-            opt.step()
-            step += 1
-            for k, v in parts.items():
-                running[k] = 0.9 * running.get(k, v) + 0.1 * v
-            bar.update(1)
-            if step % log_every == 0:
-                bar.set_postfix({k: f"{v:.4g}" for k, v in running.items()})
-                res.history.append({"step": step, "loss": dict(running), "seconds": time.perf_counter() - t0})
-            if eval_fn is not None and step % eval_every == 0 and evaluate(step):
-                res.stopped = "early stopping"
-                done = True
-            elif steps is not None and step >= steps:
-                res.stopped, done = "steps", True
-            elif max_minutes is not None and spent() >= 60 * max_minutes:
-                res.stopped, done = "time budget", True
-            if done:
-                break
-        epoch += 1
-        if not seen and not done:
-            bar.close()
-            if epoch == 1:
-                raise ValueError("distill: data yielded no batches")
-            # a one-shot iterator (a generator) is exhausted after one pass: stop instead of looping forever
-            warnings.warn(f"distill: data yielded no batches in epoch {epoch} (a one-shot iterator?); stopping "
-                          f"after {step} steps", stacklevel=2)
-            res.stopped, done = "data exhausted", True
-        elif epochs is not None and epoch >= epochs and not done:
-            res.stopped, done = "epochs", True
-    bar.close()
-    if eval_fn is not None and (not res.history or res.history[-1].get("step") != step or "metric" not in res.history[-1]):
-        evaluate(step)
-    if best_state is not None:
-        student.load_state_dict(best_state)
-    student.eval()
-    res.steps, res.seconds, res.planned_steps = step, time.perf_counter() - t0, planned
-    res.budget_seconds = spent()
-    return res
+                if epoch == 1:
+                    raise ValueError("distill: data yielded no batches")
+                # a one-shot iterator (a generator) is exhausted after one pass: stop instead of looping forever
+                warnings.warn(f"distill: data yielded no batches in epoch {epoch} (a one-shot iterator?); stopping "
+                              f"after {step} steps", stacklevel=2)
+                res.stopped, done = "data exhausted", True
+            elif epochs is not None and epoch >= epochs and not done:
+                res.stopped, done = "epochs", True
+        bar.close()
+        if eval_fn is not None and (not res.history or res.history[-1].get("step") != step or "metric" not in res.history[-1]):
+            evaluate(step)
+        if best_state is not None:
+            student.load_state_dict(best_state)
+        student.eval()
+        res.steps, res.seconds, res.planned_steps = step, time.perf_counter() - t0, planned
+        res.budget_seconds = spent()
+        return res
 
 
 def _load_bondgate_state(model: nn.Module, directory: str | os.PathLike | None) -> bool:

@@ -391,8 +391,8 @@ def _layer_ties(model: nn.Module, layers: dict, layer_aliases: dict) -> dict[str
     first: dict[tuple, str] = {}
     ties: dict[str, str] = {}
     for key, t in model.state_dict(keep_vars=True).items():
-        if _under(key, layer_aliases) is not None:
-            continue
+        if _under(key, layer_aliases) is not None or not isinstance(t, torch.Tensor):
+            continue  # torch's int8 layers (deploy_int8) put their packed weights' dtype in the state dict
         ident = ("id", id(t)) if t.is_meta or t.numel() == 0 else _io._tensor_ident(t)
         if ident in first:
             if _under(key, layers) is not None and _under(first[ident], layers) is not None:

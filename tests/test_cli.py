@@ -378,3 +378,54 @@ def test_default_minilm_compress(tmp_path):
     loaded = bondgate.load(tmp_path / "minilm")
     assert 0 < sum(isinstance(m, MPOLinear) for m in loaded.modules()) <= 36
 
+
+
+class _TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.mid = nn.Embedding(400, 32), nn.Linear(32, 32)
+        self.head = nn.Linear(32, 400, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.mid(self.emb(ids))))
+
+
+def test_inspect_counts_a_tied_head_once_and_checks_the_weights_file(tmp_path, capsys):
+    # the tied MPO head (its cores are the table's) was listed as a second 400x32 layer and counted in the totals
+    torch.manual_seed(0)
+    model = _TiedLM()
+    bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5, embeddings=True, policy="memory"),
+                      calibration=[torch.randint(0, 400, (4, 16))], progress=False)
+    report = model.bondgate_report
+    assert model.head.cores is model.emb.cores
+    out = bondgate.save(model, tmp_path / "tied")
+    assert main(["inspect", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    head = next(ln for ln in lines if ln.startswith("| head |"))
+    assert "tied to emb" in head and "0 of its own" in head
+    total = next(ln for ln in lines if ln.startswith("| **total** |"))
+    assert f"| {report.params_before:,} -> {report.params_after:,} |" in total
+    assert report.params_before == 400 * 32 + 32 * 32
+    emb_row = next(ln for ln in str(report).splitlines() if ln.startswith("| emb |"))
+    assert emb_row.endswith("| - |")  # FLOPs vs dense: a lookup has none (was "0.00x")
+    # a cut or missing weights file is an error, not a clean bill of health
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert main(["inspect", str(out)]) == 1
+    assert "has 100 bytes" in capsys.readouterr().err
+    weights.unlink()
+    assert main(["inspect", str(out)]) == 1
+    assert "is missing" in capsys.readouterr().err
+
+
+def test_inspect_describes_a_layer_kept_dense_with_int8_weights():
+    from bondgate.cli import _layer_rows
+
+    spec = {"type": "MPOLinear", "in_features": 8, "out_features": 8, "in_factors": [8], "out_factors": [8],
+            "bond_dims": [], "quant": "int8"}
+    for status, form in [("kept dense (budget)", "kept dense (budget), int8"),
+                         ("kept dense (budget), int8", "kept dense (budget), int8"), (None, "kept dense, int8")]:
+        meta = {"layers": {"a": spec}, "report": {"layers": [{"name": "a", "status": status}]} if status else None}
+        rows, before, after = _layer_rows(meta)
+        assert rows[0][2:5] == [form, "", "64 -> 64"] and before == after == 64

@@ -758,3 +758,18 @@ def test_generation_config_travels_with_the_checkpoint(tmp_path):
     loaded = bondgate.from_pretrained(out)
     assert loaded.generation_config.max_new_tokens == 5 and loaded.generation_config.repetition_penalty == 1.5
     assert torch.equal(loaded.generate(ids, do_sample=False), want) and want.shape[1] == 8
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_files_follow_the_umask(tmp_path, umask):
+    # safetensors writes its file 0600: the weights were unreadable to the group / others that could read the rest
+    old = os.umask(umask)
+    try:
+        path = bondgate.save(mlp(), tmp_path / "ckpt")
+        bondgate.save(mlp(), path)  # overwriting keeps the same modes
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in path.iterdir()}
+    assert modes == {name: 0o666 & ~umask for name in modes} and "model.safetensors" in modes
+    assert path.stat().st_mode & 0o777 == 0o777 & ~umask

@@ -503,9 +503,17 @@ def _layer_rows(meta: dict) -> tuple[list[list[str]], int, int]:
     rep_rows = {r.get("name"): r for r in report.get("layers", []) if isinstance(r, dict)}
     layers = _flat_layers(meta["layers"])
     order = [*rep_rows, *(n for n in layers if n not in rep_rows)]
+    # a tied MPO LM head stores no tensor of its own: its cores are the table's (tensor aliases)
+    aliases = meta.get("tensor_aliases") if isinstance(meta.get("tensor_aliases"), dict) else {}
+    tied = {k.rsplit(".cores.", 1)[0]: v.rsplit(".cores.", 1)[0] for k, v in aliases.items()
+            if isinstance(k, str) and isinstance(v, str) and ".cores." in k and ".cores." in v}
     rows, before, after = [], 0, 0
     for name in order:
         spec, rep = layers.get(name), rep_rows.get(name, {})
+        if name in tied and isinstance(spec, dict):
+            shape = f"{spec.get('out_features', '?')}x{spec.get('in_features', '?')}"
+            rows.append([name, shape, f"tied to {tied[name]} (its cores)", "", "0 of its own", "-", "-", "-"])
+            continue
         if spec is None:  # in the report only: kept dense (counted, as in the report's totals) or skipped
             n = int(rep.get("params_before") or 0)
             if not str(rep.get("status", "")).startswith("skipped"):
@@ -530,6 +538,9 @@ def _layer_rows(meta: dict) -> tuple[list[list[str]], int, int]:
                     n_after, form = n_after + k * n_in, form + (f" + {k:,} kept rows" if k else "")
                 else:
                     n_out, n_in = int(spec["out_features"]), int(spec["in_features"])
+                    if len(ranks) == 0:  # one core: a layer kept dense (stored as a bondgate layer, int8 weights)
+                        status, quant = str(rep.get("status") or "kept dense"), spec.get("quant")
+                        form = f"{status}, {quant}" if quant and quant not in status else status
         except (KeyError, TypeError, ValueError):  # a custom registered layer type: show what is known
             rows.append([name, "?", str(spec.get("type")), "?", "?", "?", "-", "-"])
             continue
@@ -556,7 +567,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         model += f" (transformers {arch['transformers_version']})"
     print(f"model: {model}")
     weights = meta["weights"]
-    print(f"weights file: {weights.get('file', 'model.safetensors')}, {_mb(weights['bytes'])}")
+    file = directory / str(weights.get("file", "model.safetensors"))
+    print(f"weights file: {file.name}, {_mb(weights['bytes'])}")
+    # metadata only, but a missing or cut weights file is worth an error (bondgate.load also checks the checksums)
+    if not file.is_file():
+        print(f"error: the weights file {file} is missing", file=sys.stderr)
+        return 1
+    if file.stat().st_size != weights["bytes"]:
+        print(f"error: {file} has {file.stat().st_size:,} bytes, bondgate.json records {weights['bytes']:,} "
+              f"(a truncated or replaced file)", file=sys.stderr)
+        return 1
     if report:
         if report.get("source_model"):
             print(f"source model: {report['source_model']}")
@@ -582,7 +602,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for alias, target in meta["layer_aliases"].items():
         print(f"shared layer: {alias} is {target}")
     print()
-    print(f"{len(_flat_layers(meta['layers']))} bondgate layers; targeted weights: {before:,} -> {after:,} "
+    n = len(_flat_layers(meta["layers"]))
+    print(f"{n} bondgate layer{'s' if n != 1 else ''}; targeted weights: {before:,} -> {after:,} "
           + (f"(ratio {after / before:.3f})" if before else "(no layer targeted)"))
     for line in _gating_lines(_flat_layers(meta["layers"])):
         print(line)
@@ -775,8 +796,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8 MPO cores, and int8 weights for the layers the budget keeps dense (about 4x fewer bytes)")
     p.add_argument("--policy", choices=("auto", "memory", "speed"), default="auto",
                    help="kernel policy of the MPO layers: memory (never hold more than the cores), speed (may cache "
-                        "pre-contracted cores, up to the dense weight, at inference) or auto (speed for the layers "
-                        "whose factored kernels are slower than dense, so the model is never slower; default)")
+                        "pre-contracted cores, up to the dense weight, at inference) or auto (speed for the layers, a "
+                        "tied MPO LM head included, whose factored kernels are slower than dense, so that those "
+                        "layers are never slower; a compressed table's lookups cost more than a dense table's; "
+                        "default)")
     cost = p.add_mutually_exclusive_group()
     cost.add_argument("--max-latency-ratio", type=_number(float, 0, low_open=True, what="max latency ratio"),
                       metavar="L", help="also keep the compressed layers' predicted time per call within L x dense: "

@@ -1250,7 +1250,7 @@ def average_flops(model: nn.Module, reset: bool = False) -> float:
 
 def gating_report(model: nn.Module, reset: bool = False) -> list[dict]:
     """Per gated layer: level histogram (fraction of rows since the last reset), average FLOPs per row
-    vs full width, the controller's cost as a fraction of the layer's full-width FLOPs, ``lam`` (its
+    vs full width, the controller's cost as a fraction of the layer's full-width FLOPs, ``lambda`` (its
     current value) and ``track`` (the gain of its online price correction, 0 if the price is fixed)."""
     rows = []
     for n, m in _gated_layers(model):

@@ -443,6 +443,23 @@ def _header(files) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]] | No
     return out
 
 
+def _as_loaded(model: nn.Module, header: dict | None) -> dict | None:
+    """``header`` under the names transformers loads its keys by: its conversion mapping renames the keys of
+    checkpoints it saved in an older layout (transformers' own ``save_pretrained`` of a ViT writes
+    ``vit.encoder.layer.0.intermediate.dense.*`` for the module ``vit.layers.0.mlp.fc1``)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # a transformers without conversion mappings loads keys as they are
+        return header
+    mapping = get_model_conversion_mapping(model) if header else []
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    if not (renamings or converters):
+        return header
+    return {rename_source_key(k, renamings, converters)[0]: meta for k, meta in header.items()}
+
+
 def _in_dtype(spec: dict, dtype: torch.dtype | None) -> dict:
     """``spec`` with its floating ``dtype`` replaced by ``dtype`` (a floating one), as transformers casts dense layers."""
     have = getattr(torch, spec.get("dtype") or "", None) if isinstance(spec.get("dtype"), str) else None
@@ -516,7 +533,7 @@ def _prepare(model: nn.Module, qc: Any, checkpoint_files, dtype: torch.dtype | N
     for k in own:
         groups.setdefault(root[k], []).append(k)
 
-    header = _header(checkpoint_files)
+    header = _as_loaded(model, _header(checkpoint_files))
     source = {r: members[0] for r, members in groups.items()}  # the key each group is loaded from
     if header is not None:
         present: dict[str, tuple] = {}

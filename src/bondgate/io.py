@@ -425,6 +425,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, report: Any = None, 
     try:
         weights = tmp / WEIGHTS_NAME
         save_file(tensors, str(weights), metadata={"format": "pt"})
+        os.chmod(weights, 0o666 & ~_umask())  # safetensors writes 0600; the other files follow the umask
         hf = _hf_base()
         if hf is not None and isinstance(model, hf):
             from . import hf as bondgate_hf
@@ -499,6 +500,12 @@ _STALE = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "py
           "tf_model.h5", "flax_model.msgpack", "config.json", "generation_config.json", META_NAME)
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def _link_or_copy(src: str, dst: str) -> None:
     """A hard link (no data copied: a Trainer's output directory holds gigabytes of checkpoints), else a copy."""
     try:
@@ -513,8 +520,7 @@ def _swap_in(new: Path, target: Path) -> None:
     carried over, as hard links where the file system allows, except an earlier checkpoint's weights and configs
     (:data:`_STALE`); then the two directories trade places in one atomic exchange where the OS offers it, else by
     two renames (the old one is restored if the second fails)."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _umask()
     if not target.exists():
         os.chmod(new, 0o777 & ~umask)
         os.rename(new, target)

@@ -383,6 +383,13 @@ class MPOLinear(nn.Module):
         return MPO([c.detach() for c in self.cores], self.out_features, self.in_features,
                    error=self.error, error_exact=False)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """A meta tensor of the weight's shape ``(out_features, in_features)`` and dtype, without values: code
+        written for ``nn.Linear`` reads ``weight.dtype`` to cast its inputs (transformers' T5 feed-forward reads
+        ``wo.weight``). Computing with it fails; :meth:`weight_matrix` builds the dense weight."""
+        return torch.empty(self.out_features, self.in_features, dtype=self._masters()[0].dtype, device="meta")
+
     def weight_matrix(self) -> torch.Tensor:
         """The dense weight ``(out_features, in_features)``, differentiable w.r.t. the cores (of a quantized layer:
         the weight its forward uses, from the fake-quantized cores)."""

@@ -127,6 +127,13 @@ class LowRankLinear(nn.Module):
         """Stored weights, ``rank * (in_features + out_features)`` (bias excluded)."""
         return self.U.numel() + self.V.numel()
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """A meta tensor of the weight's shape ``(out_features, in_features)`` and dtype, without values: code
+        written for ``nn.Linear`` reads ``weight.dtype`` to cast its inputs (transformers' T5 feed-forward reads
+        ``wo.weight``). Computing with it fails; :meth:`weight_matrix` builds the dense weight."""
+        return torch.empty(self.out_features, self.in_features, dtype=self.U.dtype, device="meta")
+
     def weight_matrix(self) -> torch.Tensor:
         """``U @ V``, shape ``(out_features, in_features)``."""
         return self.U @ self.V

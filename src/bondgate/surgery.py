@@ -105,8 +105,10 @@ class CompressionConfig:
         damping: relative ridge on each input-leg covariance.
         policy: the new MPO layers' kernels: ``"memory"`` (never keep a dense weight), ``"speed"`` (keep it where
             that is faster), or ``"auto"`` (default): speed for the layers whose factored plans (autotuned) are slower
-            than the dense layer at 1 or ``deploy_rows`` rows, memory for the others — so the compressed model is not
-            slower than the dense one; the report says which each layer got (and the µs the decision saw).
+            than the dense layer at 1 or ``deploy_rows`` rows, memory for the others (a compressed table's tied MPO
+            head is judged the same way) — so the compressed layers are not slower than the dense ones (a table's
+            lookup costs more than ``nn.Embedding``'s: see ``embeddings``); the report says which each layer got
+            (and the µs the decision saw).
         max_calibration_rows: stop the statistics pass once every layer has seen this many rows. The calibration
             iterable itself is read in full (and held, since later passes re-read it): pass a finite, sized one.
         quantize: ``None`` (default) or ``"int8"``: every new MPO layer is quantized (per-channel int8 cores,
@@ -333,6 +335,7 @@ class CompressionReport:
                 "weight err | output err | FLOPs vs dense |" + (" kernel | µs pred / meas / dense |" if timed else ""))
         rows = [head, "|---" * (head.count("|") - 1) + "|"]
         us = (lambda v: "-" if v is None else f"{v:.0f}")
+        flops = (lambda r: "-" if not r.flops_dense else f"{r.flops_mpo / r.flops_dense:.2f}x")  # a table: a lookup
         for r in self.layers:
             if r.status != "compressed":
                 rows.append(f"| {r.name} | {r.out_features}x{r.in_features} | {r.status} | | | {r.params_before:,} | "
@@ -346,7 +349,7 @@ class CompressionReport:
                 f"| {r.name} | {r.out_features}x{r.in_features} | {r.form}{' ' + r.quant if r.quant else ''} | "
                 f"{factors} | {bonds} | "
                 f"{r.params_before:,} -> {r.params_after:,} | {r.params_after / r.params_before:.1%} | "
-                f"{fmt(r.weight_error)} | {fmt(r.output_error)} | {r.flops_mpo / max(r.flops_dense, 1):.2f}x |"
+                f"{fmt(r.weight_error)} | {fmt(r.output_error)} | {flops(r)} |"
                 + (f" {r.policy or '-'} | {us(r.time_pred_us)} / {us(r.time_us)} / {us(r.time_dense_us)} |"
                    if timed else ""))
         kept = f"{self.ratio:.1%}" if self.params_before else "-"
@@ -421,9 +424,15 @@ def module_names(model: nn.Module) -> dict[int, list[str]]:
     return names
 
 
+# nn.Linear subclasses whose own forward computes the same map, ``x @ W.T + b`` (checked against their source)
+_SAME_MAP_AS_LINEAR = {"transformers.models.falcon.modeling_falcon.FalconLinear"}
+
+
 def _own_forward(mod: nn.Module) -> bool:
     """Whether ``mod``'s class replaces the ``forward`` of the dense layer it derives from (a LoRA-style wrapper,
     a quantized linear ...): swapping it for an MPO layer would drop whatever that forward adds."""
+    if f"{type(mod).__module__}.{type(mod).__qualname__}" in _SAME_MAP_AS_LINEAR:
+        return False
     base = nn.Linear if isinstance(mod, nn.Linear) else nn.Embedding if isinstance(mod, nn.Embedding) else \
         sys.modules["transformers.pytorch_utils"].Conv1D
     return type(mod).forward is not base.forward
@@ -463,7 +472,7 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str,
             why = "nn.MultiheadAttention reads out_proj.weight directly, so an MPO layer cannot replace it"
         elif _own_forward(mod):
             why = (f"its class {type(mod).__qualname__} overrides forward(); an MPO layer would drop what that forward "
-                   f"adds (exclude it, or compress the plain layer inside it)")
+                   f"adds (exclude it to silence this; for a wrapper around a plain layer, target that layer)")
         if why is not None:
             skipped[name] = why
             warnings.warn(f"compress: skipping {name}: {why}", stacklevel=3)
@@ -968,11 +977,13 @@ def _build_embedding(model: nn.Module, w: _Work, wid, config: CompressionConfig,
     for name in names[id(w.module)]:
         model.set_submodule(name, layer)
     for _, head in heads:
-        tied = layer.as_linear(bias=head.bias is not None)
+        tied = layer.as_linear(bias=head.bias is not None, policy="memory" if config.policy == "auto" else config.policy)
         if head.bias is not None:
             with torch.no_grad():
                 tied.bias.copy_(head.bias)
         tied.quantize_(config.quantize)
+        if config.policy == "auto":  # a vocabulary-wide head is the costliest layer of a small LM: judged like the rest
+            tied.policy = _auto_policy(tied, config.deploy_rows)[0]
         tied.train(head.training)
         for alias in names[id(head)]:
             model.set_submodule(alias, tied)

@@ -308,3 +308,31 @@ def test_no_dense_weight_attribute_says_why():
         _ = m.weight
     with pytest.raises(AttributeError, match="no attribute 'weights'"):
         _ = m.weights
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_every_lookup_path_returns_the_tables_rows(grad, monkeypatch):
+    # few tokens without autograd gather each token's core slices (decoding), many go through the grouped lookup;
+    # both must return the table's rows, for no token at all too
+    from bondgate import embedding
+    from bondgate.embedding import traced_lookup
+
+    gathered = []
+    monkeypatch.setattr(embedding, "traced_lookup", lambda c, ids, d: gathered.append(ids.numel()) or
+                        traced_lookup(c, ids, d))
+    torch.manual_seed(0)
+    emb = nn.Embedding(1000, 48, padding_idx=3)
+    layer = MPOEmbedding.from_embedding(emb, max_bond=6)
+    layer.keep_rows_(torch.tensor([5, 7]), emb.weight.detach()[[5, 7]])
+    table = layer.weight_matrix().detach()
+    table[3] = 0
+    for n in (0, 1, 2, 5, 40, 300):
+        ids = torch.randint(0, 1000, (n,))
+        ids[: min(n, 3)] = torch.tensor([3, 5, 5])[: min(n, 3)]
+        with torch.set_grad_enabled(grad):
+            out = layer(ids.reshape(1, n))
+        assert out.shape == (1, n, 48) and out.requires_grad == grad
+        torch.testing.assert_close(out[0].detach(), table[ids], atol=1e-6, rtol=1e-5)
+    # without autograd: up to ~the cores' output digits of (non-kept, distinct) tokens are gathered
+    assert gathered == ([] if grad else [0, 1, 1, 3])  # 5 ids: 3, 5, 5 (kept) and two others
+    assert traced_lookup(layer._lookup_cores(), torch.zeros(0, dtype=torch.long), 48).shape == (0, 48)

@@ -99,12 +99,12 @@ def traced_lookup(cores: Sequence[torch.Tensor], ids: torch.Tensor, embedding_di
     T = ids.shape[0]
     acc = cores[0][0].index_select(0, digits[0])  # (T, in_0, r_1)
     for core, digit in zip(cores[1:], digits[1:]):
-        r, o, i, s = core.shape
+        (r, o, i, s), n = core.shape, acc.shape[1]  # sizes spelled out: no -1, which zero tokens make ambiguous
         if o == 1:
-            acc = (acc.reshape(-1, r) @ core.reshape(r, i * s)).reshape(T, -1, s)
+            acc = (acc.reshape(T * n, r) @ core.reshape(r, i * s)).reshape(T, n * i, s)
         else:  # (T, r, i * s): token t's slice G_k[:, o_k(t)]
-            acc = torch.bmm(acc, core.index_select(1, digit).transpose(0, 1).reshape(T, r, i * s)).reshape(T, -1, s)
-    return acc.reshape(T, -1)[:, :embedding_dim]
+            acc = torch.bmm(acc, core.index_select(1, digit).transpose(0, 1).reshape(T, r, i * s)).reshape(T, n * i, s)
+    return acc.reshape(T, acc.shape[1] * acc.shape[2])[:, :embedding_dim]
 
 
 class MPOEmbedding(nn.Module):
@@ -411,16 +411,13 @@ class MPOEmbedding(nn.Module):
             hit = self.kept_ids[pos] == uniq
             kept, uniq_all, uniq = self._kept_rows()[pos[hit]], uniq, uniq[~hit]
         cores = self._lookup_cores()
-        # Intermediates hold prod(in_<=k) * r_k numbers per token; without autograd (which keeps them anyway),
-        # chunk the tokens so that they stay under ~2**20 numbers.
-        chunk = uniq.numel()
-        if not (torch.is_grad_enabled() and any(c.requires_grad for c in self.cores)):
-            width = per_token = 1
-            for c in cores:
-                width *= c.shape[2]
-                per_token = max(per_token, width * c.shape[3])
-            chunk = 2**20 // per_token
-        rows = torch.cat([lookup(cores, u, self.embedding_dim) for u in uniq.split(max(chunk, 1))])
+        grad = torch.is_grad_enabled() and any(c.requires_grad for c in self.cores)
+        if not grad and uniq.numel() * sum(c[:, 0].numel() for c in cores[1:]) <= sum(c.numel() for c in cores[1:]):
+            # a few tokens (decoding): gathering each token's core slices copies less than the cores hold, and
+            # beats one small matmul per output digit
+            rows = traced_lookup(cores, uniq, self.embedding_dim)
+        else:
+            rows = self._grouped_lookup(cores, uniq, grad)
         if hit is not None:  # the kept rows and the MPO's, in the order of uniq
             merged = rows.new_empty(hit.shape[0], rows.shape[1])
             merged[hit], merged[~hit] = kept.to(rows.dtype), rows
@@ -428,6 +425,19 @@ class MPOEmbedding(nn.Module):
         if self.padding_idx is not None:
             rows = rows.masked_fill((uniq == self.padding_idx)[:, None], 0)
         return rows[inverse]
+
+    def _grouped_lookup(self, cores: list[torch.Tensor], uniq: torch.Tensor, grad: bool) -> torch.Tensor:
+        """:func:`lookup` of the ids ``uniq``, in chunks when no autograd graph is kept."""
+        # Intermediates hold prod(in_<=k) * r_k numbers per token; without autograd (which keeps them anyway),
+        # chunk the tokens so that they stay under ~2**20 numbers.
+        chunk = uniq.numel()
+        if not grad:
+            width = per_token = 1
+            for c in cores:
+                width *= c.shape[2]
+                per_token = max(per_token, width * c.shape[3])
+            chunk = 2**20 // per_token
+        return torch.cat([lookup(cores, u, self.embedding_dim) for u in uniq.split(max(chunk, 1))])
 
     @torch.compiler.disable
     def _eager_forward(self, ids: torch.Tensor) -> torch.Tensor:

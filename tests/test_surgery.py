@@ -694,3 +694,18 @@ def test_common_calibration_mistakes_are_named():
     with pytest.warns(UserWarning, match=r"target_modules \['fc_typo'\] match no module"):
         compress(mlp(), CompressionConfig(param_ratio=0.5, target_modules=["2", "fc_typo"]), calibration=[x],
                  progress=False)
+
+
+def test_lowrank_without_damping_on_a_rank_deficient_covariance():
+    # damping=0 with fewer input directions than inputs: the whitening inverted eigenvalues of rounding noise
+    # (floor 1e-30) and a rank-6 pair of a rank-5 input lost the layer (mean output error 385 instead of ~0)
+    torch.manual_seed(0)
+    X = torch.randn(500, 5, dtype=torch.float64) @ torch.randn(5, 16, dtype=torch.float64) + 3
+    lin = nn.Linear(16, 20).double()
+    model = nn.Sequential(lin)
+    ref = model(X).detach()
+    cfg = CompressionConfig(param_ratio=6 * 36 / 320, kinds="lowrank", allocation="uniform", damping=0.0)
+    compress(model, cfg, calibration=[X], progress=False)
+    assert isinstance(model[0], bondgate.LowRankLinear) and model[0].rank == 6
+    err = float((model(X).detach() - ref).norm() / ref.norm())
+    assert err < 1e-6

@@ -180,8 +180,10 @@ def _cost(menus: Sequence[LayerMenu], choice: Sequence[int]) -> float:
 
 def allocate(menus: Sequence[LayerMenu], budget: int, cost_budget: float | None = None) -> list[Choice]:
     """One :data:`Choice` per layer (``None`` = keep dense, bond widths = MPO, an int = low-rank) with total params
-    ``<= budget``, total cost ``<= cost_budget`` (when given; every menu needs ``costs``) and minimal weighted
-    error (see the module doc). Raises ``ValueError`` when even the smallest entries do not fit.
+    ``<= budget``, total cost ``<= cost_budget`` (when given; every menu needs ``costs``) and a low weighted
+    error (see the module doc): a heuristic — a price picks from each menu's lower convex hull, then what is left
+    is spent greedily — not an exact minimum, and in rare cases a larger budget ends a little worse. Raises
+    ``ValueError`` when even the smallest entries do not fit.
     """
     usual = [_usual_entries(m) for m in menus]
     if budget >= sum(min(m.params) for m in usual) and (cost_budget is None or any(m.costs is None for m in usual)

@@ -1,7 +1,8 @@
 """Per-input bond gating: a tiny controller picks, for every input row, how much of each bond to use.
 
 The cores of an :class:`~bondgate.MPOLinear` are canonical, so every bond's channels are sorted by
-Schmidt value and keeping a prefix of each bond is the best truncation of that size. A gated layer
+Schmidt value and keeping a prefix of one bond is the best truncation of that bond alone (cutting every bond
+at once, a re-canonicalizing sweep, :meth:`~bondgate.MPO.truncate`, does a few percent better). A gated layer
 offers a few *levels* (fractions of every bond, e.g. 25/50/75/100%); level ``l`` is the MPO with
 cores sliced to ``[:w_{k-1}(l), :, :, :w_k(l)]``.
 

@@ -51,8 +51,8 @@ def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 5, min_
                      samples_out: dict[str, list[float]] | None = None) -> dict[str, float]:
     """Median seconds per call for each function, measured in interleaved rounds.
 
-    Every round times every function once (``reps`` calls, enough to last ``min_time``), so slow drifts
-    of a shared machine hit all variants alike; the result is the median over rounds. ``samples_out``
+    Every round times every function once (``reps`` calls, enough to last ``min_time``; every other round in
+    reverse order), so slow drifts of a shared machine hit all variants alike; the result is the median over rounds. ``samples_out``
     (a dict) receives each function's per-round times, in round order (for paired ratios).
     """
     sync = sync or (lambda: None)
@@ -66,8 +66,8 @@ def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 5, min_
         one = time.perf_counter() - t0
         reps[name] = max(min_reps, int(min_time / max(one, 1e-7)))
     samples: dict[str, list[float]] = {n: [] for n in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    for r in range(rounds):
+        for name, fn in (list(fns.items()) if r % 2 == 0 else list(fns.items())[::-1]):  # no variant always first
             n = reps[name]
             t0 = time.perf_counter()
             for _ in range(n):

@@ -3,6 +3,9 @@ LlamaForCausalLM with LLaMA's layer widths (hidden 2048, intermediate 5632, 32 h
 RMSNorm), random weights (speed does not depend on the values), as
 
 * ``dense``     fp32;
+* ``dense_t``   the dense model with every linear weight stored as ``LowRankLinear`` stores ``U`` (the transpose
+                of a contiguous ``(in, out)`` matrix): same values, the layout one-row products run fastest in, so
+                ``mpo`` vs ``dense_t`` takes that layout advantage out of the low-rank model's speed-up;
 * ``int8``      torch's dynamic int8 quantization of the same target layers (``bondgate.quantize_int8``);
 * ``mpo``       the target layers compressed to ``--ratio`` of their weights (``bondgate.compress`` with one bond
                 cap for every layer, ``allocation="uniform"``: random weights have flat spectra, on which the global
@@ -23,7 +26,7 @@ RMSNorm), random weights (speed does not depend on the values), as
 
 The targets are every linear layer: the blocks' and the LM head (``--no-head``: the blocks only; the head is 2048 x
 ``--vocab``, 43% of the weights a decode step reads with 2 layers); the embedding table stays dense (a lookup).
-Variants are timed in interleaved rounds; the figure is the median tokens/s (new tokens of all sequences / wall
+Variants are timed in interleaved rounds (every other round in reverse order); the figure is the median tokens/s (new tokens of all sequences / wall
 time of the ``generate`` call, prefill of a ``--prompt``-token prompt included). The length is not forced
 (``--min-new-tokens`` forces it, as results before 2026-12-04 did, at a vocabulary scan per step); every call is
 checked to have generated ``--new-tokens`` tokens in every sequence.
@@ -76,6 +79,12 @@ def prompts(batch: int, length: int, vocab: int, seed: int) -> torch.Tensor:
 
 def build_variants(dense, args) -> dict:
     variants = {"dense": dense}
+    if "dense_t" in args.variants:
+        variants["dense_t"] = copy.deepcopy(dense)
+        with torch.no_grad():
+            for m in variants["dense_t"].modules():
+                if isinstance(m, torch.nn.Linear):
+                    m.weight = torch.nn.Parameter(m.weight.detach().t().contiguous().t(), requires_grad=False)
     if "int8" in args.variants:
         variants["int8"] = bondgate.quantize_int8(dense, target=lambda name, _: re.fullmatch(args.target, name) is not None)
     if {"mpo", "mpo_int8", "gated"} & set(args.variants):
@@ -208,7 +217,7 @@ def main() -> None:
         for k in gated:  # the FLOPs fraction of this batch's timed calls only
             bondgate.gating.average_flops(variants[k], reset=True)
         for r in range(args.rounds):
-            for name, model in variants.items():
+            for name, model in (list(variants.items()) if r % 2 == 0 else list(variants.items())[::-1]):
                 t0 = time.perf_counter()
                 decode(model, ids, args.new_tokens, args.min_new_tokens)
                 results[name][b].append(b * args.new_tokens / (time.perf_counter() - t0))

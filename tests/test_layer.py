@@ -1,11 +1,13 @@
 """MPOLinear as a drop-in nn.Linear: workshop case, shapes, dtypes, gradients, training, caching."""
 
+import copy
 import math
 
 import pytest
 import torch
 from torch import nn
 
+import bondgate
 from bondgate import MPO, MPOLinear
 
 
@@ -453,3 +455,48 @@ def test_kept_operands_follow_a_fused_optimizer_step(policy, quant):
     with torch.no_grad():
         assert torch.allclose(layer(x), fresh(x), atol=1e-5)
         assert any(not torch.equal(before[k], v) for k, v in layer.state_dict().items())
+
+
+@pytest.mark.parametrize("kind", ["mpo", "lowrank"])
+def test_weight_reports_shape_dtype_device_and_refuses_arithmetic(kind):
+    # code written for nn.Linear reads weight.dtype (transformers' T5); a meta tensor stood in at first, but torch
+    # multiplies a CPU input by a meta tensor and returns uninitialized memory: a tied decoder computed garbage
+    import torch.nn.functional as F
+
+    from bondgate import CompressionConfig, LowRankLinear, compress
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 12).double())
+    compress(model, CompressionConfig(param_ratio=0.6, kinds=kind, num_cores=2, policy="memory"),
+             progress=False)
+    layer = model[0]
+    assert isinstance(layer, LowRankLinear if kind == "lowrank" else MPOLinear)
+    w = layer.weight
+    assert isinstance(w, torch.Tensor) and w.shape == (12, 16) and w.size(1) == 16 and w.dim() == 2
+    assert w.dtype == torch.float64 and w.device == torch.device("cpu") and "12, 16" in repr(w)
+    x = torch.randn(3, 16, dtype=torch.float64)
+    for compute in (lambda: F.linear(x, w), lambda: x @ w.t(), lambda: w + 1, lambda: torch.nn.init.normal_(w)):
+        with pytest.raises(RuntimeError, match="has no dense weight"):
+            compute()
+    assert torch.allclose(layer(x), F.linear(x, layer.weight_matrix(), layer.bias))
+    compiled = torch.compile(lambda t: layer(t.to(layer.weight.dtype)))  # a read of .dtype traces
+    assert torch.allclose(compiled(x.float()), layer(x))
+
+
+def test_nested_tensors_are_taken_as_nn_linear_takes_them():
+    # MPOLinear raised on nested inputs ("NestedTensorImpl doesn't support sizes"; torch's TransformerEncoder makes
+    # them from a padding mask in eval) where nn.Linear and LowRankLinear take them
+    torch.manual_seed(0)
+    layer = MPOLinear.from_linear(nn.Linear(12, 20), max_bond=4)
+    gated = bondgate.gate(nn.Sequential(copy.deepcopy(layer)), bondgate.GatingConfig(levels=(0.5, 1.0)))[0].eval()
+    seqs = [torch.randn(3, 12), torch.randn(5, 12)]
+    with torch.no_grad():
+        for layout in (torch.strided, torch.jagged):
+            x = torch.nested.nested_tensor(seqs, layout=layout)
+            for m in (layer, gated):
+                y = m(x)
+                assert y.is_nested and y.layout == layout
+                for got, s in zip(y.unbind(), seqs):
+                    torch.testing.assert_close(got, m(s))
+        with pytest.raises(TypeError, match="nested tensor only as a whole"):
+            gated(torch.nested.nested_tensor(seqs), levels=torch.zeros(8, dtype=torch.long))

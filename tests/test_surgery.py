@@ -709,3 +709,34 @@ def test_lowrank_without_damping_on_a_rank_deficient_covariance():
     assert isinstance(model[0], bondgate.LowRankLinear) and model[0].rank == 6
     err = float((model(X).detach() - ref).norm() / ref.norm())
     assert err < 1e-6
+
+
+def test_hooks_follow_the_layer_and_parametrized_weights_are_left_alone():
+    # compress and gate dropped a replaced layer's hooks in silence (a clamping forward hook stopped clamping), and
+    # compressed a spectral_norm layer into one without the constraint
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8),
+                          nn.utils.parametrizations.spectral_norm(nn.Linear(8, 8)))
+    calls = []
+    pre = model[0].register_forward_pre_hook(lambda m, args: calls.append("pre"))
+    model[0].register_forward_hook(lambda m, args, out: out.clamp(max=0.1))
+    model[0].register_full_backward_hook(lambda m, gin, gout: calls.append("backward"))
+    x = torch.randn(64, 16)
+    ref = model(x).detach()
+    with pytest.warns(UserWarning, match="skipping 3: its weight is parametrized"):
+        compress(model, CompressionConfig(max_bond=64, num_cores=2, policy="memory"), calibration=[x],
+                 progress=False)
+    assert isinstance(model[0], MPOLinear) and type(model[3]).__name__ == "ParametrizedLinear"
+    assert [r.status.startswith("skipped") for r in model.bondgate_report.layers] == [False, False, True]
+    calls.clear()
+    out = model(x)
+    out.sum().backward()
+    assert calls == ["pre", "backward"] and torch.allclose(out, ref, atol=1e-5)  # exact bonds, hooks on
+    pre.remove()  # a handle from before compress still removes its hook
+    calls.clear()
+    model(x)
+    assert calls == []
+    bondgate.gate(model, bondgate.GatingConfig(levels=(0.5, 1.0)))
+    assert isinstance(model[0], bondgate.GatedMPOLinear)
+    bondgate.set_mode(model, "full")
+    assert torch.allclose(model(x), ref, atol=1e-5)  # the clamp survives gating too

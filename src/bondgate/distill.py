@@ -241,6 +241,7 @@ def distill(
 ) -> DistillResult:
     """Train ``student`` to imitate ``teacher`` on ``data`` (an iterable of batches, re-iterated per epoch).
     The teacher runs in eval mode under ``no_grad``; its parameters and train/eval flags are left as they were.
+    The student is returned in eval mode.
 
     Stops at ``steps``, after ``epochs``, after ``max_minutes`` of training wall time (time spent in
     ``eval_fn`` is not counted; ``DistillResult.eval_seconds`` reports it), or when ``eval_fn``

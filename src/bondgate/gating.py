@@ -69,8 +69,10 @@ from .io import register_layer_type
 from .layer import (
     MPOLinear,
     bad_input,
+    carry_hooks,
     core_versions,
     kept,
+    nested_forward,
     outside_inference_mode,
     own_param,
     replica_without_kept,
@@ -650,7 +652,9 @@ class GatedMPOLinear(MPOLinear):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
         """``levels`` (optional, ``(rows,)`` indices into ``self.levels``) overrides the controller."""
-        if not isinstance(x, torch.Tensor) or not x.dim() or x.shape[-1] != self.in_features:
+        if not isinstance(x, torch.Tensor) or x.is_nested or not x.dim() or x.shape[-1] != self.in_features:
+            if isinstance(x, torch.Tensor) and x.is_nested and levels is None:
+                return nested_forward(self, x)
             raise bad_input(self, x)
         if torch.compiler.is_compiling():
             return self._compiled_forward(x, levels)
@@ -909,6 +913,7 @@ def gate(model: nn.Module, config: GatingConfig) -> nn.Module:
         mpo_layer = layer.to_mpo_linear() if isinstance(layer, LowRankLinear) else layer
         g = GatedMPOLinear.from_mpo_linear(mpo_layer, config)
         g.train(layer.training)
+        carry_hooks(layer, g)
         for alias in names_of[id(layer)]:
             model.set_submodule(alias, g)
     from .hf import attach

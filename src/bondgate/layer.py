@@ -35,10 +35,69 @@ from .planner import (
 )
 from .quant import check_quant, fake_quant_cores, load_quantized_cores, register_state_dict_hook
 
-__all__ = ["MPOLinear", "TrackedParameter"]
+__all__ = ["MPOLinear", "TrackedParameter", "WeightStandIn", "carry_hooks"]
 
 _VERSION = operator.attrgetter("_version")
 _DATA = torch._C.TensorBase.data  # the C descriptor behind Tensor.data
+
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
+
+
+def carry_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Give ``new``, which replaces ``old`` in a model, ``old``'s forward and backward hooks: the same dicts, so the
+    handles ``register_*_hook`` returned still remove them. (A hook that reads ``old.weight`` meets a
+    :class:`WeightStandIn`, which refuses arithmetic.)"""
+    if old is new:
+        return
+    for name in _HOOK_DICTS:
+        object.__setattr__(new, name, getattr(old, name))
+    object.__setattr__(new, "_is_full_backward_hook", old._is_full_backward_hook)
+
+
+def nested_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer`` on a nested tensor, as ``nn.Linear`` takes one: a jagged one's packed rows in one call, a strided
+    one's sequences one by one."""
+    if x.layout == torch.jagged:
+        return torch.nested.nested_tensor_from_jagged(layer(x.values()), x.offsets())
+    return torch.nested.as_nested_tensor([layer(t) for t in x.unbind()])
+
+
+class WeightStandIn(torch.Tensor):
+    """What ``MPOLinear.weight`` and ``LowRankLinear.weight`` return: a factored layer has no dense weight, but
+    code written for ``nn.Linear`` reads its weight's dtype, shape or device (transformers' T5 feed-forward casts
+    its input to ``wo.weight.dtype``). Those it reports; anything computed with it raises (a meta tensor would
+    not: torch multiplies a CPU input by one and returns uninitialized memory). ``weight_matrix()`` builds the
+    dense weight."""
+
+    _READS = frozenset({torch.Tensor.dtype.__get__, torch.Tensor.shape.__get__, torch.Tensor.ndim.__get__,
+                        torch.Tensor.layout.__get__, torch.Tensor.requires_grad.__get__, torch.Tensor.is_meta.__get__,
+                        torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tensor.is_floating_point,
+                        torch.Tensor.__len__})
+
+    @staticmethod
+    def of(owner: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> WeightStandIn:
+        t = torch.empty(shape, dtype=dtype, device="meta").as_subclass(WeightStandIn)
+        t._owner, t._device = owner, device
+        t._is_hf_initialized = True  # transformers' weight-init functions skip it (the layer holds its own values)
+        return t
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func == torch.Tensor.device.__get__:  # (a method-wrapper: a new object per access)
+            return args[0]._device
+        if func in cls._READS:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+        owner = next((a._owner for a in (*args, *(kwargs or {}).values()) if isinstance(a, WeightStandIn)),
+                     "this layer")
+        raise RuntimeError(f"{owner} has no dense weight: its .weight only reports the weight's shape, dtype and "
+                           f"device ({getattr(func, '__name__', func)} was called on it); weight_matrix() builds the "
+                           f"dense weight (a differentiable rebuild from the factors)")
+
+    def __repr__(self, **kwargs) -> str:
+        return f"WeightStandIn(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
 
 
 class TrackedParameter(nn.Parameter):
@@ -192,6 +251,8 @@ def own_param(module: nn.Module, name: str) -> torch.Tensor | None:
 def bad_input(layer: nn.Module, x) -> Exception:
     """The error for an input that is not a ``(*, in_features)`` tensor (a list, a numpy array, a 0-d tensor)."""
     name, want = type(layer).__name__, f"a torch.Tensor of shape (*, {layer.in_features})"
+    if isinstance(x, torch.Tensor) and x.is_nested:  # (a gated layer given levels per row: rows of what?)
+        return TypeError(f"{name} takes a nested tensor only as a whole (no explicit levels)")
     if isinstance(x, torch.Tensor):
         return ValueError(f"{name} expected input with last dimension {layer.in_features}, got shape {tuple(x.shape)}")
     hint = " (convert it with torch.from_numpy or torch.as_tensor)" if hasattr(x, "__array__") or isinstance(
@@ -385,10 +446,10 @@ class MPOLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """A meta tensor of the weight's shape ``(out_features, in_features)`` and dtype, without values: code
-        written for ``nn.Linear`` reads ``weight.dtype`` to cast its inputs (transformers' T5 feed-forward reads
-        ``wo.weight``). Computing with it fails; :meth:`weight_matrix` builds the dense weight."""
-        return torch.empty(self.out_features, self.in_features, dtype=self._masters()[0].dtype, device="meta")
+        """The weight's shape ``(out_features, in_features)``, dtype and device, without values (a
+        :class:`WeightStandIn`: computing with it raises); :meth:`weight_matrix` builds the dense weight."""
+        c0 = self._masters()[0]
+        return WeightStandIn.of(type(self).__name__, (self.out_features, self.in_features), c0.dtype, c0.device)
 
     def weight_matrix(self) -> torch.Tensor:
         """The dense weight ``(out_features, in_features)``, differentiable w.r.t. the cores (of a quantized layer:
@@ -614,7 +675,9 @@ class MPOLinear(nn.Module):
         # Hot path: every line here runs per call (a B=1 GEMV takes ~10 us), so no reshapes of 2-D
         # inputs, no planning after the first call per row bucket, and dtype errors are diagnosed
         # only when the kernel raises.
-        if not isinstance(x, torch.Tensor) or not x.dim() or x.shape[-1] != self.in_features:
+        if not isinstance(x, torch.Tensor) or x.is_nested or not x.dim() or x.shape[-1] != self.in_features:
+            if isinstance(x, torch.Tensor) and x.is_nested:
+                return nested_forward(self, x)
             raise bad_input(self, x)
         if torch.compiler.is_compiling():
             return self._traced_forward(x, tuple(self._core_params.values()), self._traced)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .io import register_layer_type
-from .layer import TrackedParameter, track_parameters
+from .layer import TrackedParameter, WeightStandIn, track_parameters
 
 __all__ = ["LowRankLinear"]
 
@@ -129,10 +129,9 @@ class LowRankLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """A meta tensor of the weight's shape ``(out_features, in_features)`` and dtype, without values: code
-        written for ``nn.Linear`` reads ``weight.dtype`` to cast its inputs (transformers' T5 feed-forward reads
-        ``wo.weight``). Computing with it fails; :meth:`weight_matrix` builds the dense weight."""
-        return torch.empty(self.out_features, self.in_features, dtype=self.U.dtype, device="meta")
+        """The weight's shape ``(out_features, in_features)``, dtype and device, without values (a
+        :class:`~bondgate.layer.WeightStandIn`: computing with it raises); :meth:`weight_matrix` builds the dense weight."""
+        return WeightStandIn.of(type(self).__name__, (self.out_features, self.in_features), self.U.dtype, self.U.device)
 
     def weight_matrix(self) -> torch.Tensor:
         """``U @ V``, shape ``(out_features, in_features)``."""

@@ -52,7 +52,7 @@ from .calibration import (
 from .costmodel import KindTimes, calibrate, calibrate_dense, full_widths, lowrank_flops, measure, mpo_flops
 from .embedding import MPOEmbedding, most_frequent, row_weight_legs, table_factors, table_mpo, table_target
 from .factors import factorize_shape
-from .layer import MPOLinear, outside_inference_mode
+from .layer import MPOLinear, carry_hooks, outside_inference_mode
 from .lowrank import LowRankLinear
 from .mpo import MPO
 from .planner import MAX_CORES
@@ -442,8 +442,9 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str,
     """``(targets, skipped)``: modules to compress by name, and skipped ones with the reason.
 
     A module registered under several names is listed once, under its first (see :func:`module_names`).
-    Layers whose class has a forward of its own, and ``nn.MultiheadAttention``'s ``out_proj`` (whose weight
-    the attention reads directly), are skipped with a warning."""
+    Layers whose class has a forward of its own, layers with a parametrized weight (``weight_norm``,
+    ``spectral_norm``), and ``nn.MultiheadAttention``'s ``out_proj`` (whose weight the attention reads directly)
+    are skipped with a warning. A replaced layer's forward and backward hooks go to its replacement."""
     owners: dict[int, list[str]] = {}
     for name, mod in model.named_modules():
         for pname, p in mod.named_parameters(recurse=False):
@@ -470,6 +471,10 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str,
             why = f"an MPO table cannot do {', '.join(bad)}"
         elif id(mod) in read_directly:
             why = "nn.MultiheadAttention reads out_proj.weight directly, so an MPO layer cannot replace it"
+        elif nn.utils.parametrize.is_parametrized(mod) or any(
+                type(h).__name__ in ("WeightNorm", "SpectralNorm") for h in mod._forward_pre_hooks.values()):
+            why = ("its weight is parametrized (weight_norm, spectral_norm ...): an MPO layer would drop the "
+                   "constraint; remove it first (nn.utils.parametrize.remove_parametrizations) to compress the layer")
         elif _own_forward(mod):
             why = (f"its class {type(mod).__qualname__} overrides forward(); an MPO layer would drop what that forward "
                    f"adds (exclude it to silence this; for a wrapper around a plain layer, target that layer)")
@@ -841,6 +846,7 @@ def _swap(model: nn.Module, w: _Work, names: dict[int, list[str]], layer: nn.Mod
     """Put ``layer`` in the place of ``w.module`` under every name it has (a shared layer stays one layer), in
     the dense layer's mode."""
     layer.train(w.module.training)
+    carry_hooks(w.module, layer)
     for name in names[id(w.module)]:
         model.set_submodule(name, layer)
 
@@ -979,6 +985,7 @@ def _build_embedding(model: nn.Module, w: _Work, wid, config: CompressionConfig,
     w.freeze_like(layer)
     layer.train(w.module.training)
     heads = _tied_heads(model, w.module)
+    carry_hooks(w.module, layer)
     for name in names[id(w.module)]:
         model.set_submodule(name, layer)
     for _, head in heads:
@@ -990,6 +997,7 @@ def _build_embedding(model: nn.Module, w: _Work, wid, config: CompressionConfig,
         if config.policy == "auto":  # a vocabulary-wide head is the costliest layer of a small LM: judged like the rest
             tied.policy = _auto_policy(tied, config.deploy_rows)[0]
         tied.train(head.training)
+        carry_hooks(head, tied)
         for alias in names[id(head)]:
             model.set_submodule(alias, tied)
     row = _layer_report(w, mpo, W_hat, None, rows)

@@ -436,3 +436,30 @@ def test_distill_leaves_the_teacher_as_it_was():
             progress=False)
     assert [m.training for m in teacher.modules()] == [True, True, False, True, True]
     assert [p.requires_grad for p in teacher.parameters()] == [False, True, True, True]
+
+
+def test_sandwich_refuses_gradient_checkpointing(tmp_path):
+    # checkpointed blocks recompute the full-width pass during backward, after the sandwich put the gated layers back
+    # in nested mode: transformers' default (use_reentrant=False) raised a CheckpointError, use_reentrant=True trained
+    # on gradients 68% off, in silence
+    import bondgate
+
+    transformers = pytest.importorskip("transformers")
+    teacher, student, data = _tiny_gpt2_student(transformers)
+    bondgate.gate(student, bondgate.GatingConfig(levels=(0.5, 1.0)))
+    bondgate.set_mode(student, "nested")
+    student.gradient_checkpointing_enable()
+    batches = [{"input_ids": torch.stack([d["input_ids"] for d in data[:4]])}]
+    with pytest.raises(ValueError, match="sandwich=True does not work with gradient checkpointing"):
+        distill(student, teacher, batches, steps=1, sandwich=True, progress=False)
+    student.gradient_checkpointing_disable()
+    assert distill(student, teacher, batches, steps=1, sandwich=True, progress=False).steps == 1
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4,
+                                          gradient_checkpointing=True, report_to=[], use_cpu=True, save_strategy="no")
+    trainer = bondgate.DistillationTrainer(model=student, teacher=teacher, args=args, train_dataset=data,
+                                           sandwich=True)
+    with pytest.raises(ValueError, match="sandwich=True does not work with gradient checkpointing"):
+        trainer.train()
+    from bondgate.distill import aux_losses
+
+    assert bondgate.aux_losses is aux_losses  # for a plain Trainer's loss (bondgate.distill is the function)

@@ -4,7 +4,7 @@ and run them through a planned contraction kernel."""
 from . import hf  # noqa: F401 - registers the transformers integration once transformers loads its quantizers
 from .baselines import latency, magnitude_prune, quantize_int8, size_on_disk, svd_compress
 from .deploy import deploy_int8
-from .distill import DistillLoss, distill
+from .distill import DistillLoss, aux_losses, distill
 from .embedding import MPOEmbedding
 from .factors import choose_factors, factorize_shape
 from .gating import GatedMPOLinear, GatingConfig, fit_controllers, gate, gating_report, set_budget, set_mode
@@ -37,6 +37,7 @@ __all__ = [
     "compress",
     "DistillLoss",
     "distill",
+    "aux_losses",
     "save",
     "load",
     "save_pretrained",

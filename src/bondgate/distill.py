@@ -178,6 +178,17 @@ def _check_sandwich(student: nn.Module) -> None:
 
     if not nested_layers(student):
         raise ValueError("sandwich=True needs gated layers in 'nested' mode (bondgate.set_mode(model, 'nested'))")
+    _no_checkpointing(student)
+
+
+def _no_checkpointing(student: nn.Module) -> None:
+    """The sandwich's full-width pass sets the gated layers' mode only while it runs: activation checkpointing
+    recomputes it during backward, in nested mode — a shape error (use_reentrant=False) or wrong gradients (True)."""
+    inner = getattr(student, "module", student)  # DataParallel / DDP
+    if getattr(inner, "is_gradient_checkpointing", False):
+        raise ValueError("sandwich=True does not work with gradient checkpointing: the checkpointed blocks of the "
+                         "full-width pass are recomputed during backward with the gated layers back in nested mode "
+                         "(wrong gradients, or a CheckpointError); turn one of them off")
 
 
 def _step_loss(student: nn.Module, batch, t_out, loss: Callable, want_hidden: bool, sandwich: bool):
@@ -256,7 +267,8 @@ def distill(
     measured since the last estimate (first at step 20, then every 50 steps). A NaN ``eval_fn`` score never counts as the best; a non-finite loss or gradient norm stops
     with a ``FloatingPointError`` before the weights are touched.
 
-    ``sandwich=True`` (for gated layers in ``"nested"`` mode, :func:`bondgate.set_mode`): every step
+    ``sandwich=True`` (for gated layers in ``"nested"`` mode, :func:`bondgate.set_mode`; not with gradient
+    checkpointing, which would recompute the full-width pass in nested mode): every step
     also runs the student with all gated layers at full width and adds that loss — the sandwich rule of
     slimmable networks. Nested training alone draws each layer's width per row independently, so the
     whole model at full width is almost never trained and drifts below its own truncations; the error
@@ -474,6 +486,8 @@ def _make_trainer_class():
                     self.teacher.to(dev)
             with torch.no_grad():
                 t_out = _call(self.teacher, inputs, want)
+            if self.sandwich and model.training:
+                _no_checkpointing(self.model)  # transformers turns checkpointing on in train(), after __init__
             total, _, s_out = _step_loss(model, inputs, t_out, self.distill_loss, want,
                                          self.sandwich and model.training)
             return (total, s_out) if return_outputs else total

@@ -1,5 +1,8 @@
 """Bad input gets a clear ValueError/TypeError naming the problem, never a silent wrong result."""
 
+import copy
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -126,3 +129,35 @@ def test_lowrank_from_factors_checks_the_bias_shape():
 def test_embedding_options_without_embeddings_are_refused(field):
     with pytest.raises(ValueError, match=f"{next(iter(field))} needs embeddings=True"):
         bondgate.CompressionConfig(param_ratio=0.5, **field)
+
+
+def test_edge_inputs_get_clear_errors_not_wrong_results(tmp_path):
+    # from an edge-input review: each of these was accepted (silently wrong, or a no-op) or failed deep in torch
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    student = bondgate.compress(copy.deepcopy(teacher), bondgate.CompressionConfig(param_ratio=0.5, num_cores=2),
+                                progress=False)
+    data = [torch.randn(4, 8)]
+    loss = bondgate.DistillLoss(hidden=0, output=1)
+    for kw, match in [({"grad_clip": -1.0}, "grad_clip"), ({"grad_clip": math.nan}, "grad_clip"),
+                      ({"weight_decay": math.nan}, "weight_decay"), ({"weight_decay": -0.1}, "weight_decay")]:
+        before = [p.detach().clone() for p in student.parameters()]
+        with pytest.raises(ValueError, match=match):  # grad_clip=-1 climbed the loss (0.81 -> 6990); NaN decay
+            bondgate.distill(student, teacher, data, steps=2, loss=loss, progress=False, **kw)
+        assert all(torch.equal(a, b) for a, b in zip(before, student.parameters()))
+    with pytest.raises(ValueError, match="bare Linear"):  # came back unchanged, ratio 1.0
+        bondgate.compress(nn.Linear(8, 8), bondgate.CompressionConfig(param_ratio=0.5), progress=False)
+
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    with pytest.raises(ValueError, match="overrides forward"):  # the doubling was dropped
+        bondgate.MPOLinear.from_linear(Scaled(8, 8), max_bond=64)
+    for bad in ([None], "abc"):
+        with pytest.raises(TypeError, match="not a tensor|tokenize it first"):
+            bondgate.compress(copy.deepcopy(teacher), bondgate.CompressionConfig(param_ratio=0.5), calibration=bad,
+                              progress=False)
+    gated = bondgate.gate(copy.deepcopy(student), bondgate.GatingConfig(levels=(0.5, 1.0), controller="error"))
+    with pytest.raises(ValueError, match="saw no input rows"):  # a 0-row batch: linalg.eigh on NaN
+        bondgate.fit_controllers(gated, [torch.randn(0, 8)])

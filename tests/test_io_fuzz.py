@@ -102,14 +102,16 @@ def test_damaged_checkpoints_load_identically_or_fail_clearly(built, damage):
 
 
 @pytest.mark.parametrize("field", ["in_features", "out_features"])
-def test_layer_spec_edited_to_zero_features_fails_clearly(field, tmp_path):
+@pytest.mark.parametrize("value", [0, True, 6.0, "6"])
+def test_layer_spec_edited_to_a_bad_size_fails_clearly(field, value, tmp_path):
     """Found by the fuzz test above: a re-stamped spec with ``in_features = 0`` loaded, and the layer refused every
-    input. An MPO must hold a matrix of at least one row and column."""
+    input; ``true`` loaded as a 1-wide layer (``int()`` takes bools, floats and strings)."""
     model = nn.Sequential(MPOLinear.from_linear(nn.Linear(6, 6, bias=False), max_bond=1, num_cores=2, policy=FLOPS))
     out = bondgate.save(model, tmp_path / "ckpt")
     meta = json.loads((out / "bondgate.json").read_text())
-    next(iter(meta["layers"].values()))[field] = 0
+    next(iter(meta["layers"].values()))[field] = value
     meta["meta_sha256"] = _meta_sha256(meta)
     (out / "bondgate.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="at least one row and column"):
+    with pytest.raises(ValueError, match="sizes must be positive integers"):
         bondgate.load(out)
+

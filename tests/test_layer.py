@@ -500,3 +500,12 @@ def test_nested_tensors_are_taken_as_nn_linear_takes_them():
                     torch.testing.assert_close(got, m(s))
         with pytest.raises(TypeError, match="nested tensor only as a whole"):
             gated(torch.nested.nested_tensor(seqs), levels=torch.zeros(8, dtype=torch.long))
+
+
+def test_meta_inputs_give_shapes_as_nn_linear_does():
+    # "unknown device type for autocast" before: nn.Linear on the meta device is how models are sized without memory
+    layer = MPOLinear.from_linear(nn.Linear(12, 6), max_bond=4)
+    assert layer(torch.empty(3, 5, 12, device="meta")).shape == (3, 5, 6)
+    gated = bondgate.gate(nn.Sequential(layer), bondgate.GatingConfig(levels=(0.5, 1.0)))[0]
+    out = gated(torch.empty(2, 12, device="meta"))
+    assert out.is_meta and out.shape == (2, 6)

@@ -84,8 +84,9 @@ def as_batches(data, who: str) -> list:
     arguments is one batch (iterating it would feed the model its rows or its key names)."""
     if isinstance(data, (torch.Tensor, Mapping)):
         return [data]
-    if not isinstance(data, Iterable):
-        raise TypeError(f"{who}: data must be an iterable of model inputs (batches), got {type(data).__name__}")
+    if not isinstance(data, Iterable) or isinstance(data, (str, bytes)):
+        raise TypeError(f"{who}: data must be an iterable of model inputs (batches), got {type(data).__name__}"
+                        + (" (text: tokenize it first)" if isinstance(data, (str, bytes)) else ""))
     return list(data)
 
 
@@ -163,7 +164,11 @@ def _row_mask(batch, x: torch.Tensor) -> torch.Tensor | None:
 
 
 def _layer_input(module: nn.Module, inputs: tuple) -> torch.Tensor:
-    return inputs[0]
+    x = inputs[0] if inputs else None
+    if not isinstance(x, torch.Tensor):  # (the hook runs before the layer, which would refuse it less clearly)
+        raise TypeError(f"{type(module).__name__} was called on {type(x).__name__}, not a tensor: check the "
+                        f"calibration data (each batch is a tensor, a tuple of positional inputs or a dict)")
+    return x
 
 
 @torch.no_grad()

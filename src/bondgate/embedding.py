@@ -50,7 +50,14 @@ from torch import nn
 
 from .factors import factorize_shape
 from .io import register_layer_type
-from .layer import MPOLinear, TrackedParameter, fake_quantized_cores, replica_without_kept, without_kept
+from .layer import (
+    MPOLinear,
+    TrackedParameter,
+    check_spec_sizes,
+    fake_quantized_cores,
+    replica_without_kept,
+    without_kept,
+)
 from .mpo import MPO, BondSpec
 from .planner import PlanPolicy
 from .quant import check_quant, load_quantized_cores, register_state_dict_hook
@@ -263,6 +270,7 @@ class MPOEmbedding(nn.Module):
         dtype = getattr(torch, spec.get("dtype", "float32"), None)
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"unknown dtype {spec.get('dtype')!r} in layer spec")
+        check_spec_sizes(spec, ("num_embeddings", "embedding_dim"), ("out_factors", "in_factors", "bond_dims"))
         out_f, in_f, r = spec["out_factors"], spec["in_factors"], [1, *spec["bond_dims"], 1]
         if len(in_f) != len(out_f) or len(r) != len(out_f) + 1:
             raise ValueError(f"inconsistent layer spec: factors {out_f} x {in_f} with bonds {spec['bond_dims']}")

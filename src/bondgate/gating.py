@@ -658,6 +658,8 @@ class GatedMPOLinear(MPOLinear):
             raise bad_input(self, x)
         if torch.compiler.is_compiling():
             return self._compiled_forward(x, levels)
+        if not x.is_cpu and x.is_meta:  # shape inference, as nn.Linear does on meta tensors
+            return x.new_empty((*x.shape[:-1], self.out_features))
         if torch.is_autocast_enabled("cpu" if x.is_cpu else x.device.type):
             return self._under_autocast(x, levels)
         mode = self.mode
@@ -1194,7 +1196,7 @@ def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256,
         sens = output_sensitivity(model, dict(layers), data, loss=loss) if objective == "model" else {}
     fits = []
     for n, m in layers:
-        if not rows[n]:
+        if not count[n]:  # (batches of 0 rows leave rows[n] non-empty but hold none)
             raise ValueError(f"fit_controllers: layer {n!r} saw no input rows (does data reach it?)")
         X = torch.cat(rows[n])
         if not bool(torch.isfinite(X).all()):

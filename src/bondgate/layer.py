@@ -45,6 +45,27 @@ _HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward
                "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
 
 
+# nn.Linear subclasses whose own forward computes the same map, ``x @ W.T + b`` (checked against their source)
+_SAME_MAP_AS_LINEAR = {"transformers.models.falcon.modeling_falcon.FalconLinear"}
+
+
+def same_map_as_linear(module: nn.Module) -> bool:
+    """Whether ``module``'s class, though it overrides ``forward``, computes ``nn.Linear``'s map."""
+    return f"{type(module).__module__}.{type(module).__qualname__}" in _SAME_MAP_AS_LINEAR
+
+
+def check_spec_sizes(spec: dict, ints: tuple[str, ...], lists: tuple[str, ...] = ()) -> None:
+    """A layer spec's sizes are positive ints (not bools, floats or strings, which ``int()`` would quietly turn into
+    another layer: an edited ``"in_features": true`` loaded as a 1-wide layer)."""
+    def ok(v):
+        return type(v) is int and v >= 1
+
+    bad = {k: spec[k] for k in ints if not ok(spec[k])}
+    bad |= {k: spec[k] for k in lists if not (isinstance(spec[k], (list, tuple)) and all(ok(x) for x in spec[k]))}
+    if bad:
+        raise ValueError(f"layer spec sizes must be positive integers, got {bad}")
+
+
 def carry_hooks(old: nn.Module, new: nn.Module) -> None:
     """Give ``new``, which replaces ``old`` in a model, ``old``'s forward and backward hooks: the same dicts, so the
     handles ``register_*_hook`` returned still remove them. (A hook that reads ``old.weight`` meets a
@@ -379,6 +400,9 @@ class MPOLinear(nn.Module):
         """Decompose a trained ``nn.Linear`` by TT-SVD (see :meth:`bondgate.MPO.from_matrix`)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        if type(linear).forward is not nn.Linear.forward and not same_map_as_linear(linear):
+            raise ValueError(f"from_linear: {type(linear).__qualname__} overrides forward(); an MPO layer would drop "
+                             f"what that forward adds")
         W = linear.weight.detach()
         mpo = MPO.from_matrix(W, num_cores=num_cores, in_factors=in_factors, out_factors=out_factors,
                               max_bond=max_bond, tol=tol)
@@ -414,6 +438,7 @@ class MPOLinear(nn.Module):
         dtype = getattr(torch, spec.get("dtype", "float32"), None)
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"unknown dtype {spec.get('dtype')!r} in layer spec")
+        check_spec_sizes(spec, ("in_features", "out_features"), ("in_factors", "out_factors", "bond_dims"))
         out_f, in_f = tuple(spec["out_factors"]), tuple(spec["in_factors"])
         r = [1, *spec["bond_dims"], 1]
         if len(r) != len(out_f) + 1 or len(in_f) != len(out_f):
@@ -681,6 +706,8 @@ class MPOLinear(nn.Module):
             raise bad_input(self, x)
         if torch.compiler.is_compiling():
             return self._traced_forward(x, tuple(self._core_params.values()), self._traced)
+        if not x.is_cpu and x.is_meta:  # shape inference, as nn.Linear does on meta tensors
+            return x.new_empty((*x.shape[:-1], self.out_features))
         if torch.is_autocast_enabled("cpu" if x.is_cpu else x.device.type):
             return self._under_autocast(x)
         cores = tuple(self._core_params.values())

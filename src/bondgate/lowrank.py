@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .io import register_layer_type
-from .layer import TrackedParameter, WeightStandIn, track_parameters
+from .layer import TrackedParameter, WeightStandIn, check_spec_sizes, track_parameters
 
 __all__ = ["LowRankLinear"]
 
@@ -205,6 +205,7 @@ class LowRankLinear(nn.Module):
         dtype = getattr(torch, spec.get("dtype", "float32"), None)
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"unknown dtype {spec.get('dtype')!r} in layer spec")
+        check_spec_sizes(spec, ("in_features", "out_features", "rank"))
         layer = cls(int(spec["in_features"]), int(spec["out_features"]), int(spec["rank"]), bias=bool(spec["bias"]),
                     dtype=dtype)
         layer.error = float("nan") if spec.get("error") is None else float(spec["error"])

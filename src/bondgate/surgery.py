@@ -52,7 +52,7 @@ from .calibration import (
 from .costmodel import KindTimes, calibrate, calibrate_dense, full_widths, lowrank_flops, measure, mpo_flops
 from .embedding import MPOEmbedding, most_frequent, row_weight_legs, table_factors, table_mpo, table_target
 from .factors import factorize_shape
-from .layer import MPOLinear, carry_hooks, outside_inference_mode
+from .layer import MPOLinear, carry_hooks, outside_inference_mode, same_map_as_linear
 from .lowrank import LowRankLinear
 from .mpo import MPO
 from .planner import MAX_CORES
@@ -424,14 +424,10 @@ def module_names(model: nn.Module) -> dict[int, list[str]]:
     return names
 
 
-# nn.Linear subclasses whose own forward computes the same map, ``x @ W.T + b`` (checked against their source)
-_SAME_MAP_AS_LINEAR = {"transformers.models.falcon.modeling_falcon.FalconLinear"}
-
-
 def _own_forward(mod: nn.Module) -> bool:
     """Whether ``mod``'s class replaces the ``forward`` of the dense layer it derives from (a LoRA-style wrapper,
     a quantized linear ...): swapping it for an MPO layer would drop whatever that forward adds."""
-    if f"{type(mod).__module__}.{type(mod).__qualname__}" in _SAME_MAP_AS_LINEAR:
+    if same_map_as_linear(mod):
         return False
     base = nn.Linear if isinstance(mod, nn.Linear) else nn.Embedding if isinstance(mod, nn.Embedding) else \
         sys.modules["transformers.pytorch_utils"].Conv1D
@@ -588,6 +584,11 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable 
     """
     if not isinstance(config, CompressionConfig):
         raise TypeError(f"config must be a CompressionConfig, got {type(config).__name__}")
+    if isinstance(model, (nn.Linear, nn.Embedding)) or is_conv1d(model):  # (a bare LSTM: a warning names the way)
+        # in place means in a parent: a bare layer cannot replace itself (it came back unchanged, ratio 1.0)
+        raise ValueError(f"compress replaces layers inside a model; this is a bare {type(model).__name__}: wrap it "
+                         f"(nn.Sequential(layer)) or build the layer directly (MPOLinear.from_linear, "
+                         f"MPOEmbedding.from_embedding)")
 
     def selected(name: str, projections: list[str]) -> bool:
         if _matches(name, config.exclude):

@@ -158,3 +158,12 @@ def test_random_mpo_matches_linear_init_variance():
 def test_small_primes_in_many_cores_are_padded_not_left_as_one_leg(n, d):
     padded, legs = choose_factors(n, d)
     assert padded >= n and math.prod(legs) == padded and max(legs) <= 1.5 * padded ** (1 / d)
+
+
+def test_factors_that_overflow_the_weights_dtype_are_refused():
+    # the factorization runs in float64; a float32 weight near float32's maximum gave a core of inf, an output of
+    # NaN, and error == 0.0 (exact)
+    W = torch.full((8, 8), 3e38)
+    with pytest.raises(ValueError, match="overflow torch.float32"):
+        MPO.from_matrix(W, max_bond=4, num_cores=2)
+    assert MPO.from_matrix(W.double(), max_bond=4, num_cores=2).error < 1e-12  # fine in float64

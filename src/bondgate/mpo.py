@@ -240,6 +240,9 @@ class MPO:
             mpo.error = float(torch.linalg.norm(diff)) / w_norm if w_norm > 0 else 0.0
         mpo.error_exact = True
         mpo.cores = [c.to(W.dtype) for c in mpo.cores]
+        if not all(bool(torch.isfinite(c).all()) for c in mpo.cores):  # (computed in float64: a core may not fit)
+            raise ValueError(f"the factors of this weight overflow {W.dtype} (its largest entry is "
+                             f"{float(W.abs().max()):.3g}); factor a rescaled weight, or in float64")
         if torch.finfo(W.dtype).bits < 32 and w_norm > 0:  # the rounding of 16-bit cores is part of the error
             diff = MPO([c.to(torch.float64) for c in mpo.cores], N, M).to_matrix() - A[:N, :M]
             mpo.error = float(torch.linalg.norm(diff)) / w_norm

@@ -420,7 +420,7 @@ class MPOEmbedding(nn.Module):
             kept, uniq_all, uniq = self._kept_rows()[pos[hit]], uniq, uniq[~hit]
         cores = self._lookup_cores()
         grad = torch.is_grad_enabled() and any(c.requires_grad for c in self.cores)
-        if not grad and uniq.numel() * sum(c[:, 0].numel() for c in cores[1:]) <= sum(c.numel() for c in cores[1:]):
+        if not grad and uniq.numel() * sum(c.numel() // c.shape[1] for c in cores[1:]) <= sum(c.numel() for c in cores[1:]):
             # a few tokens (decoding): gathering each token's core slices copies less than the cores hold, and
             # beats one small matmul per output digit
             rows = traced_lookup(cores, uniq, self.embedding_dim)

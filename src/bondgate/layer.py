@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import math
 import operator
+import sys
 import weakref
 from collections.abc import Callable, Sequence
 
@@ -49,9 +50,14 @@ _HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward
 _SAME_MAP_AS_LINEAR = {"transformers.models.falcon.modeling_falcon.FalconLinear"}
 
 
-def same_map_as_linear(module: nn.Module) -> bool:
-    """Whether ``module``'s class, though it overrides ``forward``, computes ``nn.Linear``'s map."""
-    return f"{type(module).__module__}.{type(module).__qualname__}" in _SAME_MAP_AS_LINEAR
+def overrides_forward(mod: nn.Module) -> bool:
+    """Whether ``mod``'s class replaces the ``forward`` of the dense layer it derives from (a LoRA-style wrapper,
+    a quantized linear ...): swapping it for an MPO layer would drop whatever that forward adds."""
+    if f"{type(mod).__module__}.{type(mod).__qualname__}" in _SAME_MAP_AS_LINEAR:
+        return False
+    base = nn.Linear if isinstance(mod, nn.Linear) else nn.Embedding if isinstance(mod, nn.Embedding) else \
+        sys.modules["transformers.pytorch_utils"].Conv1D
+    return type(mod).forward is not base.forward
 
 
 def check_spec_sizes(spec: dict, ints: tuple[str, ...], lists: tuple[str, ...] = ()) -> None:
@@ -400,7 +406,7 @@ class MPOLinear(nn.Module):
         """Decompose a trained ``nn.Linear`` by TT-SVD (see :meth:`bondgate.MPO.from_matrix`)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        if type(linear).forward is not nn.Linear.forward and not same_map_as_linear(linear):
+        if overrides_forward(linear):
             raise ValueError(f"from_linear: {type(linear).__qualname__} overrides forward(); an MPO layer would drop "
                              f"what that forward adds")
         W = linear.weight.detach()

@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import nn
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from .allocation import (
     Choice,
@@ -52,7 +54,7 @@ from .calibration import (
 from .costmodel import KindTimes, calibrate, calibrate_dense, full_widths, lowrank_flops, measure, mpo_flops
 from .embedding import MPOEmbedding, most_frequent, row_weight_legs, table_factors, table_mpo, table_target
 from .factors import factorize_shape
-from .layer import MPOLinear, carry_hooks, outside_inference_mode, same_map_as_linear
+from .layer import MPOLinear, carry_hooks, outside_inference_mode, overrides_forward
 from .lowrank import LowRankLinear
 from .mpo import MPO
 from .planner import MAX_CORES
@@ -424,16 +426,6 @@ def module_names(model: nn.Module) -> dict[int, list[str]]:
     return names
 
 
-def _own_forward(mod: nn.Module) -> bool:
-    """Whether ``mod``'s class replaces the ``forward`` of the dense layer it derives from (a LoRA-style wrapper,
-    a quantized linear ...): swapping it for an MPO layer would drop whatever that forward adds."""
-    if same_map_as_linear(mod):
-        return False
-    base = nn.Linear if isinstance(mod, nn.Linear) else nn.Embedding if isinstance(mod, nn.Embedding) else \
-        sys.modules["transformers.pytorch_utils"].Conv1D
-    return type(mod).forward is not base.forward
-
-
 def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """``(targets, skipped)``: modules to compress by name, and skipped ones with the reason.
 
@@ -468,10 +460,10 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str,
         elif id(mod) in read_directly:
             why = "nn.MultiheadAttention reads out_proj.weight directly, so an MPO layer cannot replace it"
         elif nn.utils.parametrize.is_parametrized(mod) or any(
-                type(h).__name__ in ("WeightNorm", "SpectralNorm") for h in mod._forward_pre_hooks.values()):
+                isinstance(h, (WeightNorm, SpectralNorm)) for h in mod._forward_pre_hooks.values()):  # old-style
             why = ("its weight is parametrized (weight_norm, spectral_norm ...): an MPO layer would drop the "
                    "constraint; remove it first (nn.utils.parametrize.remove_parametrizations) to compress the layer")
-        elif _own_forward(mod):
+        elif overrides_forward(mod):
             why = (f"its class {type(mod).__qualname__} overrides forward(); an MPO layer would drop what that forward "
                    f"adds (exclude it to silence this; for a wrapper around a plain layer, target that layer)")
         if why is not None:

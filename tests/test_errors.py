@@ -161,3 +161,42 @@ def test_edge_inputs_get_clear_errors_not_wrong_results(tmp_path):
     gated = bondgate.gate(copy.deepcopy(student), bondgate.GatingConfig(levels=(0.5, 1.0), controller="error"))
     with pytest.raises(ValueError, match="saw no input rows"):  # a 0-row batch: linalg.eigh on NaN
         bondgate.fit_controllers(gated, [torch.randn(0, 8)])
+
+
+def test_numpy_integers_are_sizes_and_bad_sizes_are_refused():
+    """Sizes computed with numpy (np.int64) work everywhere an int does and come back as Python ints;
+    floats, bools and non-positive sizes are refused with the argument's name."""
+    np = pytest.importorskip("numpy")
+    W = torch.randn(64, 48, dtype=torch.float64)
+    mpo = MPO.from_matrix(W, num_cores=np.int64(3), max_bond=np.int64(6))
+    assert mpo.num_cores == 3 and max(mpo.bond_dims) <= 6
+    assert MPO.from_matrix(W, num_cores=np.int64(3), tol=np.float32(0.5)).error <= 0.5
+    assert bondgate.factorize_shape(np.int64(62), np.int32(48), np.int64(3)) == ((4, 4, 4), (4, 4, 3))
+    assert bondgate.factorize_shape(64, 48, 3, out_factors=[np.int64(4)] * 3)[0] == (4, 4, 4)
+    padded, fac = bondgate.choose_factors(np.int64(62), 3)
+    assert (padded, fac) == (64, (4, 4, 4)) and all(type(f) is int for f in fac)
+    rnd = MPO.random(np.int64(64), np.int64(48), 4, 3)
+    assert type(rnd.out_features) is int and type(rnd.in_features) is int
+    low = bondgate.LowRankLinear(np.int64(10), np.int64(8), np.int64(3))
+    assert low(torch.randn(2, 10)).shape == (2, 8)
+    for bad in (2.0, True, 0, "3"):
+        with pytest.raises(ValueError, match="num_cores must be a positive integer"):
+            bondgate.choose_factors(10, bad)
+        with pytest.raises(ValueError, match="rank must be a positive integer"):
+            bondgate.LowRankLinear(10, 8, bad)
+    with pytest.raises(TypeError, match="floating point"):
+        bondgate.LowRankLinear(10, 8, 3, dtype=torch.int64)
+    with pytest.raises(ValueError, match="out_features must be a positive integer"):
+        MPO([torch.randn(1, 4, 4, 1)], 0, 4)
+
+
+def test_flops_of_a_row_count():
+    """0 rows cost 0 FLOPs; a negative or fractional row count is an error, not the cost of one row."""
+    layer = MPOLinear(48, 64, max_bond=4, num_cores=3)
+    assert layer.flops(0) == 0 and layer.to_mpo().flops(0) == 0
+    assert layer.flops(8) > layer.flops(1) > 0
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="number of input rows"):
+            layer.flops(bad)
+        with pytest.raises(ValueError, match="number of input rows"):
+            layer.to_mpo().flops(bad)

@@ -21,22 +21,30 @@ Policy (used whenever the caller gives no factors):
 from __future__ import annotations
 
 import math
+import numbers
 from functools import lru_cache
 
 __all__ = ["balanced_factors", "choose_factors", "factorize_shape"]
 
 
-def _validate(n: int, d: int) -> None:
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"dimension must be a positive integer, got {n!r}")
-    if not isinstance(d, int) or isinstance(d, bool) or d < 1:
-        raise ValueError(f"num_cores must be a positive integer, got {d!r}")
+def positive_int(value, what: str) -> int:
+    """``value`` as a Python ``int`` (any integral type, numpy's included; never a bool), or a ValueError."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _validate(n: int, d: int) -> tuple[int, int]:
+    return positive_int(n, "dimension"), positive_int(d, "num_cores")
+
+
+def balanced_factors(n: int, d: int) -> tuple[int, ...]:
+    """The most balanced factorization of ``n`` into exactly ``d`` factors (ascending, 1s allowed)."""
+    return _balanced(*_validate(n, d))
 
 
 @lru_cache(maxsize=4096)
-def balanced_factors(n: int, d: int) -> tuple[int, ...]:
-    """The most balanced factorization of ``n`` into exactly ``d`` factors (ascending, 1s allowed)."""
-    _validate(n, d)
+def _balanced(n: int, d: int) -> tuple[int, ...]:
     best: tuple[int, ...] | None = None
 
     def key(f: tuple[int, ...]) -> tuple[int, int]:
@@ -61,25 +69,32 @@ def balanced_factors(n: int, d: int) -> tuple[int, ...]:
     return best
 
 
+def _smooth(m: int, cap: float) -> bool:
+    """Whether every prime factor of ``m`` is at most ``cap``."""
+    for p in range(2, int(cap) + 1):
+        while m % p == 0:
+            m //= p
+    return m == 1
+
+
 def choose_factors(n: int, d: int, max_pad: float = 0.25) -> tuple[int, tuple[int, ...]]:
     """Pick ``(padded_n, factors)`` for one dimension, ascending factors (see the module policy).
 
     ``padded_n >= n`` and ``prod(factors) == padded_n``; ``padded_n == n`` unless ``n`` has a prime
     factor too large for a balanced split.
     """
-    _validate(n, d)
-    f = balanced_factors(n, d)
+    n, d = _validate(n, d)
+    f = _balanced(n, d)
     if d == 1 or max(f) <= 2.0 * n ** (1.0 / d):
         return n, f
-    for m in range(n + 1, int(n * (1 + max_pad)) + 2):
-        g = balanced_factors(m, d)
-        if max(g) <= 1.5 * m ** (1.0 / d):
-            return m, g
-    # small n in many cores (41 in 4: 41 -> (1, 1, 1, 41)): more padding rather than a leg that is all of n
-    for m in range(int(n * (1 + max_pad)) + 2, 2 * n + 1):
-        g = balanced_factors(m, d)
-        if max(g) <= 1.5 * m ** (1.0 / d):
-            return m, g
+    # small n in many cores (41 in 4: 41 -> (1, 1, 1, 41)): the second range pads more rather than keep a leg
+    # that is all of n
+    for m in range(n + 1, max(int(n * (1 + max_pad)) + 2, 2 * n + 1)):
+        cap = 1.5 * m ** (1.0 / d)
+        if _smooth(m, cap):  # necessary for a split with no factor above cap; much cheaper than the search
+            g = _balanced(m, d)
+            if max(g) <= cap:
+                return m, g
     return n, f  # a tiny n in many cores (3 in 5: (1, 1, 1, 1, 3)): nothing padded is more balanced
 
 
@@ -96,11 +111,13 @@ def factorize_shape(
     with ``len(given factors)`` cores (or ``num_cores``). Auto factors may pad (product > dim).
     """
     d = num_cores
+    given = {}
     for name, fac in (("out_factors", out_factors), ("in_factors", in_factors)):
         if fac is not None:
             fac = tuple(fac)
-            if not fac or any((not isinstance(f, int)) or isinstance(f, bool) or f < 1 for f in fac):
+            if not fac or any(not isinstance(f, numbers.Integral) or isinstance(f, bool) or f < 1 for f in fac):
                 raise ValueError(f"{name} must be a non-empty sequence of positive integers, got {fac!r}")
+            given[name] = tuple(int(f) for f in fac)
             if d != len(fac) and (out_factors is None or in_factors is None or name == "out_factors"):
                 d = len(fac)
     if out_factors is not None and in_factors is not None and len(out_factors) != len(in_factors):
@@ -108,8 +125,9 @@ def factorize_shape(
             f"in_factors {tuple(in_factors)} and out_factors {tuple(out_factors)} must have the same length"
             " (one input and one output leg per core)"
         )
-    _validate(out_features, d)
-    _validate(in_features, d)
+    out_features, d = _validate(out_features, d)
+    in_features, d = _validate(in_features, d)
+    out_factors, in_factors = given.get("out_factors"), given.get("in_factors")
     if out_factors is not None:
         out_f = tuple(out_factors)
         if math.prod(out_f) != out_features:

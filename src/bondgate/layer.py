@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 import operator
 import sys
 import weakref
@@ -547,8 +548,10 @@ class MPOLinear(nn.Module):
         return sum(t.numel() * t.element_size() for _, ops, _ in caches if ops for t in ops)
 
     def flops(self, batch: int = 1) -> int:
-        """FLOPs of the plan actually used, for a call of ``batch`` rows (bias add excluded)."""
-        return self.plan(batch).flops_at(batch)
+        """FLOPs of the plan actually used, for a call of ``batch`` rows (bias add excluded; 0 rows cost 0)."""
+        if not isinstance(batch, numbers.Integral) or isinstance(batch, bool) or batch < 0:
+            raise ValueError(f"batch is a number of input rows (an int >= 0), got {batch!r}")
+        return self.plan(batch).flops_at(batch) if batch else 0
 
     # ------------------------------------------------------------------ caches
     def _reset_caches(self) -> None:

@@ -10,6 +10,7 @@ import math
 import torch
 from torch import nn
 
+from .factors import positive_int
 from .io import register_layer_type
 from .layer import TrackedParameter, WeightStandIn, check_spec_sizes, track_parameters
 
@@ -60,9 +61,13 @@ class LowRankLinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if not 1 <= rank <= min(in_features, out_features):
+        in_features, out_features = positive_int(in_features, "in_features"), positive_int(out_features, "out_features")
+        rank = positive_int(rank, "rank")
+        if rank > min(in_features, out_features):
             raise ValueError(f"rank must lie in [1, {min(in_features, out_features)}], got {rank}")
-        self.in_features, self.out_features = int(in_features), int(out_features)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"a LowRankLinear's factors are floating point; got dtype={dtype!r}")
+        self.in_features, self.out_features = in_features, out_features
         kw = {"device": device, "dtype": dtype or torch.get_default_dtype()}
         # Var(V) = 1/(3 in), Var(U) = 1/rank  =>  Var((U V)_ij) = 1/(3 in), nn.Linear's default.
         u_bound = math.sqrt(3 / rank)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .factors import factorize_shape
+from .factors import factorize_shape, positive_int
 
 __all__ = ["MPO"]
 
@@ -73,7 +73,7 @@ def _bond_caps(max_bond: BondSpec, nbonds: int) -> list[int | None]:
 def _check_tol(tol: float | None) -> None:
     if tol is None:
         return
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (0.0 <= float(tol) < 1.0):
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not (0.0 <= float(tol) < 1.0):
         raise ValueError(f"tol is a relative Frobenius error and must lie in [0, 1), got {tol!r}")
 
 
@@ -121,9 +121,12 @@ class MPO:
             prev = c.shape[3]
         if prev != 1:
             raise ValueError(f"the last core must have right bond 1, got {prev}")
-        if self.out_features < 1 or self.in_features < 1:
-            raise ValueError(f"an MPO holds a matrix with at least one row and column, got "
-                             f"({self.out_features}, {self.in_features})")
+        for name in ("out_features", "in_features"):
+            size = getattr(self, name)
+            if not isinstance(size, numbers.Integral) or isinstance(size, bool) or size < 1:
+                raise ValueError(f"an MPO holds a matrix with at least one row and column; {name} must be a "
+                                 f"positive integer, got {size!r}")
+            setattr(self, name, int(size))
         if self.padded_out < self.out_features or self.padded_in < self.in_features:
             raise ValueError(
                 f"factors {self.out_factors} x {self.in_factors} cannot hold a "
@@ -198,8 +201,7 @@ class MPO:
         """
         W = _check_matrix(W)
         _check_tol(tol)
-        if not isinstance(num_cores, int) or isinstance(num_cores, bool) or num_cores < 1:
-            raise ValueError(f"num_cores must be a positive integer, got {num_cores!r}")
+        num_cores = positive_int(num_cores, "num_cores")
         N, M = W.shape
         out_f, in_f = factorize_shape(N, M, num_cores, out_factors, in_factors)
         d = len(out_f)
@@ -350,7 +352,7 @@ class MPO:
         cores = list(right_orthogonal) if right_orthogonal is not None else self.right_orthogonal_cores()
         d = len(cores)
         norm_sq = float((cores[0] ** 2).sum())
-        budget_sq = None if tol is None else (tol**2) * norm_sq
+        budget_sq = None if tol is None else (float(tol) ** 2) * norm_sq
         discarded_sq = 0.0
         spectra = []
         for k in range(d - 1):
@@ -393,6 +395,10 @@ class MPO:
         """
         from .planner import min_flops  # local import: planner is the only module that knows paths
 
+        if not isinstance(batch, numbers.Integral) or isinstance(batch, bool) or batch < 0:
+            raise ValueError(f"batch is a number of input rows (an int >= 0), got {batch!r}")
+        if batch == 0:
+            return 0
         return min_flops(self.out_factors, self.in_factors, self.bond_dims, batch)
 
     def to(self, *args, **kwargs) -> "MPO":

@@ -2,6 +2,7 @@
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -1206,3 +1207,55 @@ def test_padding_rows_are_left_out_of_fitting_and_pricing():
         got.append((set_budget(model, 0.5, [batch]), float(model.net[2].budget_lambda),
                     model.net[2].controller.coef.detach().clone()))
     assert got[0][:2] == pytest.approx(got[1][:2], rel=1e-9) and torch.allclose(got[0][2], got[1][2])
+
+
+def test_set_budget_returns_what_the_same_data_spends():
+    """The returned fraction is what inference on the calibration data spends at the final prices: the price sits
+    inside a step of the routing (not on a tie two levels share, where float32 scoring breaks the tie another way and
+    with max_groups=1 a whole call flips: returned 0.481, spent 0.573), and it is measured after the last round."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 64))
+    bondgate.compress(m, bondgate.CompressionConfig(param_ratio=0.5), calibration=[torch.randn(256, 64)],
+                      progress=False)
+    gate(m, GatingConfig(budget=0.5, controller="error"))
+    data = [torch.randn(64, 64) for _ in range(8)]
+    bondgate.fit_controllers(m, data)
+    m.eval()
+    for kw in ({"max_groups": 1, "cost_rows": 64}, {}, {"per_layer": True}):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a coarse budget under max_groups=1 may warn
+            returned = set_budget(m, 0.5, data, **kw)
+        gating_report(m, reset=True)
+        with torch.no_grad():
+            for x in data:
+                m(x)
+        assert average_flops(m, reset=True) == pytest.approx(returned, abs=1e-9), kw
+        assert abs(returned - 0.5) < 0.05, kw
+
+
+def test_set_budget_warns_when_it_ends_far_under_the_budget():
+    torch.manual_seed(0)
+    m = model_with_mpo()
+    gate(m, GatingConfig(budget=0.5, levels=(0.001, 1.0), controller="error"))
+    data = [torch.randn(32, m[0].in_features)]
+    with pytest.warns(UserWarning, match="under the budget of 0.5"):
+        returned = set_budget(m, 0.5, data, max_groups=1, cost_rows=32)
+    assert returned < 0.49
+    for bad in ({"per_layer": "yes"}, {"rounds": 1.5}):
+        with pytest.raises((TypeError, ValueError), match="per_layer|rounds"):
+            set_budget(m, 0.5, data, **bad)
+    with pytest.raises(TypeError, match="levels"):
+        GatingConfig(levels=(True,))
+
+
+def test_gate_leaves_layers_without_a_bond():
+    """A dense weight kept as a one-core MPO (compress(quantize="int8") keeps one so) has one width: gating it
+    would add a controller's FLOPs and a share of the budget for nothing."""
+    torch.manual_seed(0)
+    kept = MPOLinear.from_linear(nn.Linear(32, 48), num_cores=1)
+    assert kept.bond_dims == ()
+    m = nn.Sequential(kept, nn.ReLU(), MPOLinear.from_linear(nn.Linear(48, 64), max_bond=6))
+    gate(m, GatingConfig(budget=0.5))
+    assert type(m[0]) is MPOLinear and isinstance(m[2], GatedMPOLinear)
+    with pytest.raises(ValueError, match="none of the targeted layers has a bond wider than 1"):
+        gate(nn.Sequential(MPOLinear.from_linear(nn.Linear(32, 48), num_cores=1)), GatingConfig(budget=0.5))

@@ -397,3 +397,21 @@ def test_master_state_holds_the_full_precision_masters_and_loads_them_exactly():
     rounded = bondgate.MPOLinear(32, 24, max_bond=4, num_cores=2).quantize_("int8")
     rounded.load_state_dict(layer.state_dict())
     assert not all(torch.equal(a, b) for a, b in zip(rounded.cores, layer.cores, strict=True))
+
+
+def test_scales_outside_float32s_range():
+    """A channel too small for a float32 scale (max below ~1.8e-43) keeps the bound |G - q s| <= s / 2 with the
+    smallest scale instead of scale 0 (which marks all-zero channels); a float64 core whose scales would overflow
+    float32 is refused instead of giving inf scales and NaN values."""
+    torch.manual_seed(0)
+    core = torch.randn(2, 3, 4, 2)
+    for tiny in (core * 1e-44, core.double() * 1e-300):
+        q, s = quantize(tiny)
+        assert bool((s > 0).all())
+        err = (tiny.double() - dequantize(q, s, torch.float64)).abs()
+        assert bool((err <= s.double()[:, :, None, None] / 2).all())
+    zero = core.clone()
+    zero[1, 2] = 0
+    assert int((quantize(zero)[1] == 0).sum()) == 1
+    with pytest.raises(ValueError, match="overflow float32"):
+        quantize(core.double() * 1e300)

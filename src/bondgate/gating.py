@@ -111,6 +111,8 @@ class GatingConfig:
 
     def __post_init__(self) -> None:
         _check_budget(self.budget)
+        if isinstance(self.levels, (str, bytes)) or any(isinstance(v, bool) for v in self.levels):
+            raise TypeError(f"levels are fractions of each bond (numbers), got {self.levels!r}")
         lv = tuple(float(v) for v in self.levels)
         if not lv:
             raise ValueError("levels must not be empty")
@@ -145,7 +147,7 @@ def _check_track(rate: float) -> None:
 class GateController(nn.Module):
     """Scores the levels of one row from its direction ``x / |x|`` and its log-norm: ``(B, in) -> (B, L)``.
 
-    Costs ``2 * (in + 1) * L`` FLOPs per row (plus the norm), about 1% of a 384-wide MPO layer.
+    Costs ``2 * (in + 1) * L + 3 * in`` FLOPs per row (the probe, and the norm): about 1% of a 384-wide MPO layer's FLOPs per row at 64-row calls.
     """
 
     def __init__(self, in_features: int, levels: int) -> None:
@@ -881,6 +883,10 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
             t.seen = seen
 
 
+def _bonds(layer: nn.Module) -> tuple[int, ...]:
+    return (layer.rank,) if isinstance(layer, LowRankLinear) else tuple(layer.bond_dims)
+
+
 def _gated_layers(model: nn.Module) -> list[tuple[str, GatedMPOLinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, GatedMPOLinear)]
 
@@ -888,7 +894,8 @@ def _gated_layers(model: nn.Module) -> list[tuple[str, GatedMPOLinear]]:
 @outside_inference_mode  # controllers made inside inference_mode could never be fitted or trained
 def gate(model: nn.Module, config: GatingConfig) -> nn.Module:
     """Replace the model's MPO layers (and low-rank pairs, as 2-core MPOs whose bond is the rank) by gated
-    ones, in place; returns ``model``.
+    ones, in place; returns ``model``. Layers with no bond wider than 1 (a one-core MPO holds a dense weight, as
+    ``compress(quantize="int8")`` keeps one) have a single width and stay as they are.
 
     The controllers start untrained (preferring wide levels); train them with :func:`set_mode`
     ``"nested"`` then ``"gate"`` and :func:`bondgate.distill` (``controller="linear"``) or fit them with
@@ -906,9 +913,15 @@ def gate(model: nn.Module, config: GatingConfig) -> nn.Module:
         raise ValueError(f"gate: target_modules={config.target_modules!r} matches none of the model's {len(mpo)} MPO "
                          f"or low-rank layers ({', '.join(mpo[:4])}{', ...' if len(mpo) > 4 else ''}); a string is a "
                          f"regex that must match the whole name, a list holds names or dotted suffixes")
+    # a layer without a bond wider than 1 (a dense weight kept as a one-core MPO, e.g. by compress(quantize="int8"))
+    # has one width only: a controller would cost FLOPs and a budget share for nothing
+    if "" in names:
+        raise ValueError("gate: pass a model containing MPO layers, not a bare MPOLinear")
+    names = [n for n in names if max(_bonds(model.get_submodule(n)), default=0) > 1]
+    if not names:
+        raise ValueError("gate: none of the targeted layers has a bond wider than 1 to gate (one-core MPOs hold a "
+                         "dense weight; rank-1 pairs have one width)")
     for n in names:
-        if not n:
-            raise ValueError("gate: pass a model containing MPO layers, not a bare MPOLinear")
         layer = model.get_submodule(n)
         # a low-rank pair U V is the 2-core MPO (out, 1) x (1, in) whose bond is the rank: gated, its levels keep a
         # prefix of the rank (the SVD's leading directions) and run the nested-prefix kernel
@@ -1003,8 +1016,19 @@ def _calibrate_lambda(layers, scores, budget: float) -> float:
             lo = mid
         else:
             hi = mid
-    # of the two sides of the step, take the one closer to the budget
-    return lo if abs(_flops_at(layers, scores, lo) - budget) < abs(_flops_at(layers, scores, hi) - budget) else hi
+    # of the two sides of the step, take the one closer to the budget; lo and hi now straddle a tie between two
+    # levels to rounding, where float32 scoring at inference may break the tie the other way (with max_groups a
+    # whole call flips): move into the chosen plateau, half-way to its next step
+    f_lo, f_hi = _flops_at(layers, scores, lo), _flops_at(layers, scores, hi)
+    edge, f, step = (lo, f_lo, -1.0) if abs(f_lo - budget) < abs(f_hi - budget) else (hi, f_hi, 1.0)
+    far = edge + step * max(abs(edge), 1e-6)
+    if _flops_at(layers, scores, far) == f:
+        return 0.5 * (edge + far)
+    near = edge
+    for _ in range(60):  # the plateau ends between near (on it) and far (past it)
+        mid = 0.5 * (near + far)
+        near, far = (mid, far) if _flops_at(layers, scores, mid) == f else (near, mid)
+    return 0.5 * (edge + near)
 
 
 def _check_scores(scores: dict[str, list[torch.Tensor]], layers) -> None:
@@ -1033,7 +1057,8 @@ def _warn_call_size(scores: dict[str, list[torch.Tensor]], cost_rows: int) -> No
 def set_budget(model: nn.Module, budget: float, data: Iterable, per_layer: bool = False, rounds: int = 3,
                max_groups: int | None = None, cost_rows: int = 1, track: float = 0.0) -> float:
     """Calibrate the price ``lam`` so that the average FLOPs per row on ``data`` (model inputs) equal
-    ``budget`` x full width (controllers included). Returns the achieved fraction (all layers).
+    ``budget`` x full width (controllers included). Returns the fraction spent on ``data`` at the final prices
+    (all layers), measured in one more pass; a fraction more than 2% off the budget warns.
 
     A layer's inputs, hence its controller's scores, depend on the widths the layers before it used,
     i.e. on ``lam`` itself; so scoring and calibration alternate for ``rounds`` rounds (a fixed-point
@@ -1077,8 +1102,9 @@ def set_budget(model: nn.Module, budget: float, data: Iterable, per_layer: bool 
     layers = _gated_layers(model)
     if not layers:
         raise ValueError("the model has no gated layers (call bondgate.gate first)")
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    _positive_int(rounds, "rounds")
+    if not isinstance(per_layer, bool):
+        raise TypeError(f"per_layer must be True or False, got {per_layer!r}")
     data = as_batches(data, "set_budget")
     with _restored_on_error([m for _, m in layers]):
         return _set_budget(model, layers, budget, data, per_layer, rounds, max_groups, cost_rows, track)
@@ -1122,6 +1148,11 @@ def _set_budget(model, layers, budget, data, per_layer, rounds, max_groups, cost
             for _, m in group:
                 m._buffer("budget_lambda").fill_(lam)
                 m.budget = float(budget)
+    # the last round priced scores taken at the previous round's prices: measure at the final ones
+    scores = _collect_scores(model, data)
+    if max_groups is None:
+        scores = {n: [torch.cat(v)] for n, v in scores.items()}
+    achieved = _flops_at(layers, scores)
     if track > 0:
         for group in [[m] for _, m in layers] if per_layer else [[m for _, m in layers]]:
             scale = max(abs(float(group[0].budget_lambda)), 1e-6)  # steps relative to the calibrated price
@@ -1129,11 +1160,18 @@ def _set_budget(model, layers, budget, data, per_layer, rounds, max_groups, cost
             tracker.lam = float(group[0].budget_lambda)
             for m in group:
                 m._tracker = tracker
-    achieved = _flops_at(layers, scores)
-    if achieved > 1.02 * budget:
+    if achieved > 1.02 * budget and any(float(m.budget_lambda) >= PRICE_BOUND for _, m in layers):
         warnings.warn(f"set_budget: a budget of {budget:g} is out of reach on this data: with every row at its "
                       f"cheapest level the gated layers spend {achieved:.3f} of full width (controllers included)",
                       stacklevel=3)
+    elif achieved > 1.02 * budget:
+        warnings.warn(f"set_budget: the gated layers spend {achieved:.3f} of full width on this data at the final "
+                      f"prices, over the budget of {budget:g}: the prices have not settled (each layer's inputs "
+                      f"depend on the widths before it); pass more rounds than {rounds}", stacklevel=3)
+    elif achieved < 0.98 * budget:
+        warnings.warn(f"set_budget: the gated layers spend {achieved:.3f} of full width on this data, under the "
+                      f"budget of {budget:g}: no price meets it more closely (its levels are too coarse for these "
+                      "rows, or max_groups routes whole calls)", stacklevel=3)
     return achieved
 
 

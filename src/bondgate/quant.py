@@ -13,7 +13,8 @@ Exactness. Each scale is rounded *up* to 17 significant bits (power-of-two scale
 that ``q * s`` is exactly representable in the cores' dtype: dequantizing gives the values the fake-quantized
 forward computes bit for bit, and fake quantization is idempotent (``fake_quant(dequantize(*quantize(G)))`` equals
 ``dequantize(*quantize(G))``). That is what makes a quantized layer saved as int8 and loaded back (fp32 master
-cores = the dequantized values) bit-identical to the saved one. All-zero channels get scale 0 (and zeros back).
+cores = the dequantized values) bit-identical to the saved one. All-zero channels get scale 0 (and zeros back); a
+channel below float32's range of scales (max below ~1.8e-43) gets the smallest one, and zeros.
 
 Layers: ``MPOLinear.quantize_("int8")`` / ``MPOEmbedding.quantize_("int8")`` (or :func:`quantize_mpo` for a whole
 model) keep fp32 *master* cores and run the forward on ``fake_quant(master)`` — recomputed per call when training,
@@ -76,6 +77,9 @@ def _scales(core: torch.Tensor) -> torch.Tensor:
     s = (amax.to(_compute_dtype(core.dtype)) / QMAX).float()
     drop = 7 if torch.finfo(core.dtype).eps <= 2.0**-23 else 23  # low significand bits of the fp32 scale to clear
     mask = (1 << drop) - 1
+    # a channel too small for a float32 scale (max below ~1.8e-43) keeps the smallest one, not 0: its values round
+    # to 0 within s / 2, and a scale of 0 stays the mark of an all-zero channel
+    s = torch.where(amax > 0, s.clamp(min=torch.finfo(torch.float32).smallest_normal * 2.0**-23), s)
     # s >= 0: as an int32 its bits grow with its value, so rounding the integer up rounds the float up
     # (a carry out of the significand moves to the next power of two, as it should)
     return ((s.view(torch.int32) + mask) & ~mask).view(torch.float32)
@@ -102,12 +106,17 @@ def _qdq(core: torch.Tensor) -> torch.Tensor:
 
 def quantize(core: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q, scale)``: ``q`` int8 of the core's shape, ``scale`` fp32 ``(r_left, out)``; ``core ~ q * scale[:, :, None,
-    None]`` with ``|core - q * scale| <= scale / 2`` elementwise. Raises ``ValueError`` on NaN or infinite values."""
+    None]`` with ``|core - q * scale| <= scale / 2`` elementwise (except a 16-bit core's values within a level of the
+    dtype's largest, clamped to stay finite). Raises ``ValueError`` on NaN or infinite values, or scales beyond float32."""
     _check_core(core)
     core = core.detach()
     if core.device.type != "meta" and not bool(torch.isfinite(core).all()):
         raise ValueError("cannot quantize a core holding NaN or infinite values")
-    return _quantize(core)
+    q, s = _quantize(core)
+    if core.device.type != "meta" and not bool(torch.isfinite(s).all()):
+        raise ValueError(f"cannot quantize a core whose values reach {float(core.abs().max()):.3g}: its scales "
+                         "overflow float32 (max|value| / 127 must stay below ~3.4e38)")
+    return q, s
 
 
 def _quantize(core: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,7 @@
 """A recurrent language model, compressed: 2-layer LSTM on Penn Treebank (the "Deep Learning from Scratch 2" model).
 
 1. ``train``: word-level LSTM LM (tied input/output embeddings, dropout), trained for ``--minutes`` on PTB train with
-   Adam on windows of ``--bptt`` tokens, saved with ``bondgate.save``.
+   Adam on windows of 35 tokens, saved with ``bondgate.save``.
 2. ``compress``: loads it, compresses the LSTM's weight matrices (``nn.LSTM`` -> :class:`bondgate.Recurrent`,
    whose ``ih_l*`` / ``hh_l*`` projections become MPO layers) to ``--ratio`` of their weights with calibration on PTB
    train, heals the student by distillation from the dense model (KL to the teacher's next-token distribution plus
@@ -74,6 +74,9 @@ def windows(ids: torch.Tensor, length: int, batch: int, seed: int = 0) -> list[d
     """One epoch of training batches: ``{"ids": (batch, length), "targets": (batch, length)}`` (next tokens),
     from non-overlapping windows in a shuffled order."""
     n = (ids.numel() - 1) // length
+    if n < batch:  # an epoch without a batch: a training loop over epochs would never end
+        raise ValueError(f"{ids.numel():,} tokens hold {n} windows of {length} (+1) tokens, fewer than one batch of "
+                         f"{batch}")
     starts = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) * length
     out = []
     for k in range(0, n - batch + 1, batch):
@@ -120,6 +123,8 @@ def perplexity(model: nn.Module, ids: torch.Tensor, batch: int = 10, bptt: int =
     """exp(mean next-token cross entropy) over ``ids`` laid out in ``batch`` columns, state carried across windows."""
     was = model.training
     model.eval()
+    if ids.numel() < 2 * batch:
+        raise ValueError(f"perplexity needs at least {2 * batch} tokens ({batch} columns of 2), got {ids.numel()}")
     cols = ids[: (ids.numel() // batch) * batch].view(batch, -1)
     total, count, hidden = 0.0, 0, None
     for s in range(0, cols.shape[1] - 1, bptt):
@@ -323,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
              f"{fig['baselines']['magnitude prune']:.2f} |",
              f"| compressed, healed | {rep.params_after:,} | {result['model_weights_compressed']:,} | {bytes_student:,} | "
              f"{fig['ppl_healed']:.2f} |", "",
-             "Eval forward, tokens/s (35-token sequences, median of 5 interleaved rounds):", "",
+             "Eval forward, tokens/s (35-token sequences, median of 5 interleaved rounds; a quick check, noisy at "
+             "this length: the speed figures are `python examples/ptb_lstm.py speed`'s, ptb_lstm_speed<tag>.md):", "",
              "| sequences | dense | compressed | ratio |", "|---|---|---|---|"]
     for rows, s in speed.items():
         lines.append(f"| {rows} | {s['dense']:.0f} | {s['compressed']:.0f} | {s['compressed'] / s['dense']:.2f}x |")

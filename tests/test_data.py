@@ -8,6 +8,7 @@ import json
 import re
 import sys
 import urllib.request
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -20,6 +21,8 @@ pytest.importorskip("pandas")
 pytest.importorskip("sklearn")
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+# small hand-written files under the published names: the loaders warn that they are not the published files
+pytestmark = pytest.mark.filterwarnings("ignore:.*differs from the published:UserWarning")
 
 
 @pytest.fixture(autouse=True)
@@ -361,3 +364,47 @@ def test_bank_rows_with_empty_cells_or_other_labels_are_refused(tmp_path, data_d
     csv.write_text("\n".join([src[0], *(line.rsplit(";", 1)[0] + ';"No"' for line in src[1:50])]) + "\n")
     with pytest.raises(ValueError, match="column 'y' must hold 'yes' or 'no'"):
         bd.load_bank_marketing(tmp_path, download=False)
+
+
+def test_copies_that_are_not_the_published_files(tmp_path, data_dir):
+    """A truncated copy under a published name loads with a warning (every figure on it would change); the same
+    bytes with Windows line ends do not warn; an empty corpus, a header without pairs, a download that is not a
+    zip archive and a constant column of a subset of the bank table are errors or handled, never silent."""
+    src = (data_dir / "stsb" / "sts-dev.tsv").read_bytes()
+    p = tmp_path / REL
+    p.parent.mkdir(parents=True)
+    p.write_bytes(src[: len(src) // 2].rsplit(b"\n", 1)[0] + b"\n")
+    with pytest.warns(UserWarning, match="differs from the published sts-dev.tsv"):
+        assert len(bd.load_stsb(tmp_path)) < 1500
+    p.write_bytes(src.replace(b"\n", b"\r\n"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(bd.load_stsb(tmp_path)) == 1500
+    p.write_text("score\tsentence1\tsentence2\n")
+    with pytest.raises(ValueError, match="a header but no sentence pairs"):
+        bd.load_stsb(tmp_path)
+    _put(tmp_path, "\n \n", "ptb/ptb.valid.txt")
+    with pytest.raises(ValueError, match="ptb.valid.txt: the file holds no text"):
+        bd.load_text("ptb", "valid", tmp_path)
+
+    archive = tmp_path / "error-page.html"
+    archive.write_text("<html>503 Service Unavailable</html>")
+    env = {"BONDGATE_CACHE": str(tmp_path / "cache")}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        mp.delenv("BONDGATE_DATA", raising=False)
+        mp.setitem(bd.REMOTES, bd.BANK_FILE, bd._Remote(archive.as_uri(), bd.BANK_MEMBERS, "0" * 64))
+        with pytest.raises(FileNotFoundError, match="is not a zip archive"):
+            bd.resolve(bd.BANK_FILE)
+
+    rows = bd.resolve(bd.BANK_FILE, data_dir / "bank-marketing", download=False).read_text().splitlines()
+    head = rows[0].split(";")
+    col = head.index('"campaign"')
+    same = [";".join(f if i != col else "1" for i, f in enumerate(r.split(";"))) for r in rows[1:]]
+    csv = tmp_path / bd.BANK_FILE
+    csv.parent.mkdir(parents=True)
+    csv.write_text("\n".join([rows[0], *same]) + "\n")
+    bank = bd.load_bank_marketing(tmp_path, download=False)
+    assert bool(torch.isfinite(bank.X_train).all())
+    assert float(bank.X_train.min()) >= 0.0 and float(bank.X_train.max()) <= 1.0

@@ -74,3 +74,12 @@ def test_train_compress_heal_end_to_end(corpus, tmp_path):
     bondgate.save(student, tmp_path / "s")
     back = bondgate.load(tmp_path / "s", model=ptb.build(len(vocab), dim=32))
     assert math.isclose(ptb.perplexity(back, valid), fig["ppl_healed"], rel_tol=1e-6)
+
+
+def test_too_little_text_is_an_error_not_a_hang(corpus):
+    vocab, train, valid = corpus
+    model = ptb.build(len(vocab), dim=16)
+    with pytest.raises(ValueError, match="fewer than one batch of 32"):
+        ptb.train_dense(model, train[:500], minutes=0.01, progress=False)  # 14 windows: no batch, ran forever
+    with pytest.raises(ValueError, match="at least 20 tokens"):
+        ptb.perplexity(model, valid[:5])

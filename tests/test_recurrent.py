@@ -437,3 +437,44 @@ def test_inference_runner_follows_replaced_tensors_and_stays_out_of_copies():
         c.rnn.hh_l0.bias.mul_(0.5)  # an in-place write: the runner shares the storage
     a, b = _fused_and_loop(c, data[0])
     assert (a - b).abs().max() < 1e-5
+
+
+def test_autocast_init_and_the_given_models_dropout(tmp_path):
+    """Under CPU bfloat16 autocast a compressed LSTM runs (its factored projections' dense weights are built in the
+    parameters' dtype, as torch's LSTM holds them: built under autocast they were bfloat16 beside float32 ones, which
+    oneDNN refused, and stayed cached for the float32 calls after); Recurrent is initialized as nn.LSTM is; load
+    into a given model keeps that model's dropout."""
+    torch.manual_seed(0)
+
+    class M(nn.Module):
+        def __init__(self, dropout=0.0):
+            super().__init__()
+            self.rnn = nn.LSTM(16, 32, 2, batch_first=True, dropout=dropout)
+
+        def forward(self, x):
+            return self.rnn(x)[0]
+
+    m = M().eval()
+    bondgate.compress(m, bondgate.CompressionConfig(param_ratio=0.5, target_modules=["rnn"]),
+                      calibration=[torch.randn(4, 9, 16)], progress=False)
+    factored = [mod for mod in m.rnn.children() if hasattr(mod, "weight_matrix")]
+    assert factored
+    x = torch.randn(4, 9, 16)
+    with torch.no_grad():
+        ref = copy.deepcopy(m)(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = m(x)
+            assert all(mod.weight_matrix().dtype == torch.float32 for mod in factored)
+        assert (low.float() - ref).abs().max() < 0.05
+        assert torch.equal(m(x), ref)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # training: gradients reach the cores
+        m.train()(x).float().sum().backward()
+    assert all(p.grad is not None for mod in factored for p in mod.parameters())
+
+    r, t = Recurrent("LSTM", 512, 16), nn.LSTM(512, 16)
+    for p in r.parameters():
+        assert 0.9 * 0.25 < float(p.abs().max()) <= 0.25  # nn.LSTM: U(-1/sqrt(16), 1/sqrt(16))
+    assert float(t.weight_ih_l0.abs().max()) <= 0.25
+
+    bondgate.save(m, tmp_path / "ck")
+    assert bondgate.load(tmp_path / "ck", model=M(dropout=0.5)).rnn.dropout == 0.5

@@ -25,6 +25,7 @@ import io
 import os
 import tempfile
 import urllib.request
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,19 @@ BANK_NUMERIC = ("age", "campaign", "pdays", "previous", "emp.var.rate", "cons.pr
                 "euribor3m", "nr.employed")
 BANK_NUM_FEATURES = 62
 
+#: sha256 of the published files (from each dataset's SOURCE.md): a local copy that differs (truncated, edited)
+#: loads with a warning, since every published figure was computed on these bytes
+KNOWN_SHA256 = {
+    BANK_FILE: BANK_SHA256,
+    "stsb/sts-train.tsv": "d46b45477888dd90b914ef6cf502bd8f4b27d52c792b6e54baec729705a14441",
+    "stsb/sts-dev.tsv": "9847c811e123501874b7296eb2780c2e6864f19c51342590cc9db7abefe9840e",
+    "wikitext-2/wiki.train.tokens": "9e9fa1ad55b1c2c95b08e37dd8e653f638fac2c6de904b79e813611eefbc985f",
+    "wikitext-2/wiki.valid.tokens": "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8",
+    "ptb/ptb.train.txt": "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf",
+    "ptb/ptb.valid.txt": "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2",
+    "ptb/ptb.test.txt": "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0",
+}
+
 STSB_SPLITS = ("train", "dev")
 TEXT_FILES = {
     "wikitext-2": {"train": "wikitext-2/wiki.train.tokens", "valid": "wikitext-2/wiki.valid.tokens"},
@@ -78,6 +92,21 @@ def cache_dir() -> Path:
     """The download cache: ``$BONDGATE_CACHE`` if set, else ``~/.cache/bondgate``."""
     env = os.environ.get("BONDGATE_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "bondgate"
+
+
+def _check_published(p: Path, relpath: str) -> None:
+    """Warn when a file under its published name is not the published file (a truncated or edited copy loads
+    fine and silently changes every figure computed on it)."""
+    known = KNOWN_SHA256.get(relpath)
+    if known is None or p.name != Path(relpath).name:
+        return
+    blob = p.read_bytes()
+    digest = hashlib.sha256(blob).hexdigest()
+    # Windows line ends or a BOM load to the same text: the same file for every figure
+    if digest != known and hashlib.sha256(blob.removeprefix(b"\xef\xbb\xbf").replace(b"\r\n", b"\n")).hexdigest() != known:
+        warnings.warn(f"{p} differs from the published {Path(relpath).name} (sha256 {digest[:12]}..., published "
+                      f"{known[:12]}...; {p.stat().st_size:,} bytes): a truncated or edited copy changes every "
+                      "figure computed on it", stacklevel=3)
 
 
 def resolve(relpath: str, path: str | os.PathLike | None = None, *, download: bool = True) -> Path:
@@ -140,8 +169,12 @@ def _download(remote: _Remote, dest: Path) -> None:
     except OSError as exc:  # URLError is an OSError
         raise OSError(f"could not download {remote.url}: {exc}") from exc
     for member in remote.members:
-        with zipfile.ZipFile(io.BytesIO(blob)) as zf:
-            blob = zf.read(_find_member(zf, member, remote.url))
+        try:
+            with zipfile.ZipFile(io.BytesIO(blob)) as zf:
+                blob = zf.read(_find_member(zf, member, remote.url))
+        except zipfile.BadZipFile as exc:  # an HTML error page, a cut transfer: not an OSError of its own
+            raise OSError(f"what {remote.url} sent is not a zip archive holding {member!r} ({len(blob):,} bytes: "
+                          f"{exc}); nothing was written") from exc
     digest = hashlib.sha256(blob).hexdigest()
     if digest != remote.sha256:
         raise OSError(f"checksum mismatch for {dest.name} from {remote.url}: sha256 {digest}, "
@@ -207,6 +240,7 @@ def load_bank_marketing(path: str | os.PathLike | None = None, *, download: bool
                           "pip install 'bondgate[data]'") from exc
 
     csv = resolve(BANK_FILE, path, download=download)
+    _check_published(csv, BANK_FILE)
     expected = "the unmodified UCI bank-additional-full.csv: ';'-separated, a header row, then one row per call"
     try:
         df = pd.read_csv(csv, sep=";")
@@ -232,7 +266,7 @@ def load_bank_marketing(path: str | os.PathLike | None = None, *, download: bool
     df = pd.get_dummies(df, columns=list(BANK_CATEGORICAL))
     for col in BANK_NUMERIC:
         lo, hi = df[col].min(), df[col].max()
-        df[col] = (df[col] - lo) / (hi - lo)
+        df[col] = (df[col] - lo) / (hi - lo) if hi > lo else 0.0  # a constant column (a subset of rows) -> 0, not NaN
     if df.shape[1] != BANK_NUM_FEATURES:
         raise ValueError(f"expected {BANK_NUM_FEATURES} features after preprocessing, got {df.shape[1]} "
                          f"from {csv}; is it the unmodified bank-additional-full.csv?")
@@ -270,6 +304,7 @@ def load_stsb(path: str | os.PathLike | None = None, split: str = "dev") -> list
     if split not in STSB_SPLITS:
         raise ValueError(f"STS-B split must be one of {STSB_SPLITS}, got {split!r}")
     p = resolve(f"stsb/sts-{split}.tsv", path, download=False)
+    _check_published(p, f"stsb/sts-{split}.tsv")
     lines = [line.removesuffix("\r") for line in _read_text(p).split("\n")]  # "\r": Windows line ends
     while lines and lines[-1] == "":  # trailing blank lines
         lines.pop()
@@ -287,6 +322,8 @@ def load_stsb(path: str | os.PathLike | None = None, split: str = "dev") -> list
         if not 0.0 <= score <= 5.0:
             raise ValueError(f"{p}:{lineno}: score {score} outside [0, 5]")
         pairs.append((fields[1], fields[2], score))
+    if not pairs:
+        raise ValueError(f"{p}: a header but no sentence pairs")
     return pairs
 
 
@@ -300,4 +337,9 @@ def load_text(name: str, split: str, path: str | os.PathLike | None = None) -> s
     files = TEXT_FILES[name]
     if split not in files:
         raise ValueError(f"{name} split must be one of {tuple(files)}, got {split!r}")
-    return _read_text(resolve(files[split], path, download=False))
+    p = resolve(files[split], path, download=False)
+    _check_published(p, files[split])
+    text = _read_text(p)
+    if not text.strip():
+        raise ValueError(f"{p}: the file holds no text")
+    return text

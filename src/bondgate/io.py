@@ -997,10 +997,15 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *,
     if built:
         model = new[""] if arch["kind"] == "bondgate_layer" else _skeleton(directory, arch)
     if not built:
+        from .recurrent import Recurrent
+
         for name in new:
-            device = _module_device(model.get_submodule(name))
+            old = model.get_submodule(name)
+            device = _module_device(old)
             if device is not None:
                 new[name].to(device)
+            if isinstance(new[name], Recurrent) and isinstance(old, (nn.RNNBase, Recurrent)):
+                new[name].dropout = float(old.dropout)  # a training setting, not structure: the given model's wins
     with saved_form():
         _validate(_virtual_state(model, new), tensors, meta, adapt_dtypes=built)
         _check_finite(_virtual_state(model, new), tensors, new)

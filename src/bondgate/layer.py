@@ -8,6 +8,7 @@ in-place update (optimizer step, ``load_state_dict``) invalidates it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -231,6 +232,13 @@ def stamp(tensors: Sequence[torch.Tensor]) -> int:
     if any((isinstance(t, nn.Parameter) and not isinstance(t, TrackedParameter)) or t.is_inference() for t in tensors):
         return -1
     return core_versions(tensors)
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` disabled for ``device_type`` (nothing to disable where autocast does not exist: meta)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def kept(cache: dict, key, tensors: Sequence[torch.Tensor], build: Callable[[], object]):
@@ -484,9 +492,12 @@ class MPOLinear(nn.Module):
         return WeightStandIn.of(type(self).__name__, (self.out_features, self.in_features), c0.dtype, c0.device)
 
     def weight_matrix(self) -> torch.Tensor:
-        """The dense weight ``(out_features, in_features)``, differentiable w.r.t. the cores (of a quantized layer:
-        the weight its forward uses, from the fake-quantized cores)."""
-        return MPO(list(self._core_tuple()), self.out_features, self.in_features).to_matrix()
+        """The dense weight ``(out_features, in_features)`` in the cores' dtype (also inside ``torch.autocast``, as
+        ``nn.Linear.weight``), differentiable w.r.t. the cores (of a quantized layer: the weight its forward uses,
+        from the fake-quantized cores)."""
+        cores = list(self._core_tuple())
+        with autocast_off(cores[0].device.type):
+            return MPO(cores, self.out_features, self.in_features).to_matrix()
 
     def to_linear(self) -> nn.Linear:
         """An ``nn.Linear`` with the reconstructed weight (same dtype/device; of a quantized layer, the fake-quantized

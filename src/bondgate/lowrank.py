@@ -12,7 +12,7 @@ from torch import nn
 
 from .factors import positive_int
 from .io import register_layer_type
-from .layer import TrackedParameter, WeightStandIn, check_spec_sizes, track_parameters
+from .layer import TrackedParameter, WeightStandIn, autocast_off, check_spec_sizes, track_parameters
 
 __all__ = ["LowRankLinear"]
 
@@ -139,8 +139,9 @@ class LowRankLinear(nn.Module):
         return WeightStandIn.of(type(self).__name__, (self.out_features, self.in_features), self.U.dtype, self.U.device)
 
     def weight_matrix(self) -> torch.Tensor:
-        """``U @ V``, shape ``(out_features, in_features)``."""
-        return self.U @ self.V
+        """``U @ V``, shape ``(out_features, in_features)``, in the factors' dtype (also inside ``torch.autocast``)."""
+        with autocast_off(self.U.device.type):
+            return self.U @ self.V
 
     def to_linear(self) -> nn.Linear:
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,

@@ -21,6 +21,7 @@ or a ``PackedSequence``; ``hx`` (an ``(h_0, c_0)`` pair for an LSTM) is ``(D * n
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -106,6 +107,11 @@ class Recurrent(nn.Module):
                 setattr(self, f"hh_l{k}{sfx}", nn.Linear(out, gates, bias=bias, dtype=dtype))
                 if proj_size:
                     setattr(self, f"hr_l{k}{sfx}", nn.Linear(hidden_size, proj_size, bias=False, dtype=dtype))
+        # torch's initialization, not nn.Linear's: every weight and bias U(-1/sqrt(hidden), 1/sqrt(hidden))
+        bound = 1.0 / math.sqrt(hidden_size)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.uniform_(-bound, bound)
 
     def _shell(self) -> nn.RNNBase:
         """torch's module of the same structure, on the meta device (its parameters are passed per call); rebuilt

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -44,6 +45,7 @@ from common import banner, machine_info, write_json  # noqa: E402
 
 import bondgate as bg  # noqa: E402
 from bondgate.calibration import model_device, to_device  # noqa: E402
+from bondgate.cli import number_arg  # noqa: E402
 from bondgate.llama2c import (  # noqa: E402
     BOS_ID,
     Llama2cTokenizer,
@@ -209,6 +211,9 @@ def packed_batches(stories: list[list[int]], block: int, batch: int, seed: int =
     stream = torch.tensor([t for i in perm for t in stories[i]])
     rows = stream[: len(stream) // block * block].view(-1, block)
     rows = rows[torch.randperm(rows.shape[0], generator=g)]
+    if rows.shape[0] < batch:
+        raise SystemExit(f"the training stories ({len(stream):,} tokens) make {rows.shape[0]} rows of {block} tokens, "
+                         f"not one batch of {batch}: lower --batch or --block, or raise --samples")
     return [{"input_ids": rows[i:i + batch]} for i in range(0, rows.shape[0] - batch + 1, batch)]
 
 
@@ -255,6 +260,12 @@ def cores_of(student) -> int:
                if isinstance(m, (bg.MPOLinear, bg.LowRankLinear)))
 
 
+def forms_of(student) -> str:
+    """The layer forms of a student, for labels: ``"2-core MPO"``, ``"low-rank"``, ``"3-core MPO + low-rank"``."""
+    return " + ".join(sorted({f"{len(m.cores)}-core MPO" if isinstance(m, bg.MPOLinear) else "low-rank"
+                              for m in student.modules() if isinstance(m, (bg.MPOLinear, bg.LowRankLinear))}))
+
+
 def warm_up(student, batch: dict) -> None:
     """One forward/backward pass of ``student`` on a training batch, gradients dropped.
 
@@ -285,6 +296,9 @@ def run(args) -> dict:
     print(banner(info), flush=True)
     t_all = time.perf_counter()
     dense, tok, sample = load(Path(args.model_dir))
+    if args.block > dense.config.max_position_embeddings:
+        raise SystemExit(f"--block {args.block} is longer than the model's {dense.config.max_position_embeddings} "
+                         "positions")
     dense.to(device)
     sample_text = sample.read_text(encoding="utf-8")
     dense_ppl, n_tokens = tinystories_perplexity(dense, tok, sample)
@@ -321,15 +335,16 @@ def run(args) -> dict:
                                args.allocation)
             report = student.bondgate_report
         compress_s = time.perf_counter() - t0
+        forms = forms_of(student)
         before = tinystories_perplexity(student, tok, sample).perplexity
         before_valid = story_perplexity(student, valid_st)
-        print(f"{nc} cores, {weighting}: {block_weights(student):,} block weights "
+        print(f"{forms}, {weighting}: {block_weights(student):,} block weights "
               f"({block_weights(student) / block_weights(dense):.4f}), {'loaded' if args.resume else 'compressed'} in "
               f"{compress_s:.1f}s; sample ppl before healing {before:.3f} (validation {before_valid:.3f})", flush=True)
         res = heal(student, dense, train, args, valid_st)
         after = tinystories_perplexity(student, tok, sample).perplexity
         after_valid = story_perplexity(student, valid_st)
-        row = {"num_cores": nc, "weighting": weighting, "block_weights": block_weights(student),
+        row = {"num_cores": nc, "forms": forms, "weighting": weighting, "block_weights": block_weights(student),
                "ratio": block_weights(student) / block_weights(dense), "ppl_before": before,
                "valid_ppl_before": before_valid, "ppl_after": after, "valid_ppl_after": after_valid,
                "ppl_vs_dense": after / dense_ppl, "compress_seconds": compress_s,
@@ -338,7 +353,7 @@ def run(args) -> dict:
                "history": res.history, "layers": report.to_dict()["layers"] if report else None,
                "table": report.table() if report else f"(the layers of the student loaded from `{args.resume}`)"}
         rows.append(row)
-        print(f"{nc} cores, {weighting}: after {res.steps} steps ({row['distill_seconds'] / 60:.1f} min wall, "
+        print(f"{forms}, {weighting}: after {res.steps} steps ({row['distill_seconds'] / 60:.1f} min wall, "
               f"{res.budget_seconds / 60:.1f} min {args.clock}; best step {res.best_step}): sample ppl "
               f"{after:.4f} ({after / dense_ppl - 1:+.1%} vs dense), validation {after_valid:.4f}", flush=True)
         if best is None or after_valid < best[0]["valid_ppl_after"]:
@@ -352,10 +367,11 @@ def run(args) -> dict:
         reloaded = bg.load(args.out)  # on the CPU, whatever --device trained it
         ppl_reloaded = tinystories_perplexity(reloaded, tok, sample).perplexity
         assert abs(ppl_reloaded - row["ppl_after"]) <= 1e-4 * row["ppl_after"], (ppl_reloaded, row["ppl_after"])
-        out["saved"] = {"path": str(args.out), "num_cores": row["num_cores"], "weighting": row["weighting"],
+        out["saved"] = {"path": str(args.out), "num_cores": row["num_cores"], "forms": row["forms"],
+                        "weighting": row["weighting"],
                         "ppl_reloaded": ppl_reloaded,
                         "bytes": sum(f.stat().st_size for f in Path(args.out).iterdir() if f.is_file())}
-        print(f"saved the {row['num_cores']}-core {row['weighting']} model to {args.out}; reloaded: sample ppl {ppl_reloaded:.4f}",
+        print(f"saved the {row['forms']} {row['weighting']} model to {args.out}; reloaded: sample ppl {ppl_reloaded:.4f}",
               flush=True)
     out["total_seconds"] = time.perf_counter() - t_all
     if args.tag:
@@ -383,36 +399,36 @@ def markdown(out: dict) -> str:
              f"AdamW lr {a['lr']}, warmup {a['warmup']}, batch {a['batch']}, {a['minutes']} min on the "
              f"{a['clock']} clock, {a['threads']} thread(s), on {a.get('device', 'cpu')}; the weights of the step with the best validation "
              f"perplexity (evaluated every {a['eval_every']} steps) are kept.", "",
-             "| cores | layer weighting | block weights | ratio | sample ppl before healing | after healing | vs dense "
+             "| layer form | layer weighting | block weights | ratio | sample ppl before healing | after healing | vs dense "
              "| validation ppl before / after | steps (best) | compress s | distill min (budget clock / wall) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in out["rows"]:
-        lines.append(f"| {r['num_cores']} | {r['weighting']} | {r['block_weights']:,} | {r['ratio']:.4f} | "
+        lines.append(f"| {r.get('forms', r['num_cores'])} | {r['weighting']} | {r['block_weights']:,} | {r['ratio']:.4f} | "
                      f"{r['ppl_before']:.3f} | **{r['ppl_after']:.4f}** | {r['ppl_vs_dense'] - 1:+.1%} | "
                      f"{r['valid_ppl_before']:.3f} / {r['valid_ppl_after']:.4f} | {r['steps']} ({r['best_step']}) | "
                      f"{r['compress_seconds']:.1f} | {r['distill_budget_seconds'] / 60:.1f} / {r['distill_seconds'] / 60:.1f} |")
     if "saved" in out:
         s = out["saved"]
-        lines += ["", f"Saved the {s['num_cores']}-core, {s.get('weighting', 'relative')} model (best validation perplexity) to `{s['path']}` "
+        lines += ["", f"Saved the {s.get('forms', str(s['num_cores']) + '-core')}, {s.get('weighting', 'relative')} model (best validation perplexity) to `{s['path']}` "
                       f"({s['bytes'] / 1e3:.0f} kB); `bondgate.load` gives sample perplexity {s['ppl_reloaded']:.4f}."]
     lines += ["", f"Total wall time {out['total_seconds'] / 60:.1f} min."]
     for r in out["rows"]:
-        lines += ["", f"Layers, {r['num_cores']} cores, {r['weighting']} weighting:", "", r["table"]]
+        lines += ["", f"Layers, {r.get('forms', r['num_cores'])}, {r['weighting']} weighting:", "", r["table"]]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ratio", type=float, default=0.5, help="fraction of the block weights to keep")
-    ap.add_argument("--num-cores", type=int, nargs="+", default=[2, 3], help="MPO cores per layer (each is tried)")
-    ap.add_argument("--minutes", type=float, default=6.0, help="healing budget per configuration")
-    ap.add_argument("--samples", type=int, default=1600, help="stories to sample from the dense model")
+    ap.add_argument("--ratio", type=number_arg(float, 0, 1, low_open=True, what="ratio"), default=0.5, help="fraction of the block weights to keep")
+    ap.add_argument("--num-cores", type=number_arg(int, 1, 17, what="cores"), nargs="+", default=[2, 3], help="MPO cores per layer (each is tried)")
+    ap.add_argument("--minutes", type=number_arg(float, 0, low_open=True, what="minutes"), default=6.0, help="healing budget per configuration")
+    ap.add_argument("--samples", type=number_arg(int, 1, what="samples"), default=1600, help="stories to sample from the dense model")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--gen-batch", type=int, default=32, help="stories generated per generate() call (above 32 "
+    ap.add_argument("--gen-batch", type=number_arg(int, 1, what="gen-batch"), default=32, help="stories generated per generate() call (above 32 "
                     "with a static KV cache)")
     ap.add_argument("--stories-cache", default="", help="JSON file the generated stories are saved to, and read "
                     "back from when samples / seed / max-len / gen-batch match")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=number_arg(int, 1, what="threads"), default=1)
     ap.add_argument("--device", default="cpu", help="where to generate, heal and measure; "
                     "the factorization runs on the CPU and the saved model is re-scored there")
     ap.add_argument("--out", default=str(ROOT / "runs" / "stories260K-50"), help="where to save the best model "
@@ -423,34 +439,36 @@ def main(argv=None) -> dict:
     ap.add_argument("--shuffle-seed", type=int, default=None, help="order of the training rows (default: --seed; "
                     "a resumed heal on the same stories may want a new order)")
     ap.add_argument("--model-dir", default=str(MODEL_DIR))
-    ap.add_argument("--max-len", type=int, default=None, help="longest generated story (default: the model's 512)")
-    ap.add_argument("--calib-stories", type=int, default=64)
-    ap.add_argument("--valid-stories", type=int, default=40)
+    ap.add_argument("--max-len", type=number_arg(int, 2, what="max-len"), default=None, help="longest generated story (default: the model's 512)")
+    ap.add_argument("--calib-stories", type=number_arg(int, 1, what="calib-stories"), default=64)
+    ap.add_argument("--valid-stories", type=number_arg(int, 1, what="valid-stories"), default=40)
     ap.add_argument("--weighting", nargs="+", default=["relative"], choices=["relative", "sensitivity", "absolute"],
                     help="CompressionConfig.layer_weighting (each is tried)")
     ap.add_argument("--allocation", choices=["global", "uniform"], default="global",
                     help="CompressionConfig.allocation: one budget over all bonds, or one bond cap for every layer")
-    ap.add_argument("--refine-steps", type=int, default=30)
+    ap.add_argument("--refine-steps", type=number_arg(int, 0, what="refine-steps"), default=30)
     ap.add_argument("--kinds", nargs="+", choices=["mpo", "lowrank"], default=None,
                     help="CompressionConfig.kinds: the forms a layer may take (default: MPO)")
     # 512 = the model's context, as llama2.c trained it. Rows of 128 tokens (the default before) never show the student
     # a position past 127, while the evaluation scores whole stories (~360 tokens, up to 512) from BOS: with 128 the
     # validation perplexity rose from step ~1700 on while the training loss kept falling.
-    ap.add_argument("--block", type=int, default=512, help="train on packed rows of this many tokens (0: one story "
+    ap.add_argument("--block", type=number_arg(int, 0, what="block"), default=512, help="train on packed rows of this many tokens (0: one story "
                     "per row, padded)")
-    ap.add_argument("--batch", type=int, default=4, help="rows per step (4 x 512 tokens)")
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--warmup", type=float, default=0.05)
-    ap.add_argument("--hidden", type=float, default=1.0, help="weight of the hidden-state loss")
-    ap.add_argument("--logits", type=float, default=1.0, help="weight of the logits KL")
-    ap.add_argument("--temperature", type=float, default=1.0, help="KL temperature")
+    ap.add_argument("--batch", type=number_arg(int, 1, what="batch"), default=4, help="rows per step (4 x 512 tokens)")
+    ap.add_argument("--lr", type=number_arg(float, 0, low_open=True, what="lr"), default=3e-3)
+    ap.add_argument("--warmup", type=number_arg(float, 0, 1, high_open=True, what="warmup"), default=0.05)
+    ap.add_argument("--hidden", type=number_arg(float, 0, what="hidden"), default=1.0, help="weight of the hidden-state loss")
+    ap.add_argument("--logits", type=number_arg(float, 0, what="logits"), default=1.0, help="weight of the logits KL")
+    ap.add_argument("--temperature", type=number_arg(float, 0, low_open=True, what="temperature"), default=1.0, help="KL temperature")
     ap.add_argument("--clock", choices=["wall", "cpu"], default=None,
                     help="budget clock: cpu = process CPU time / threads (fair on a shared machine; the default on "
                     "--device cpu), wall (the default on a GPU, where the CPU clock does not count the work)")
-    ap.add_argument("--eval-every", type=int, default=50)
-    ap.add_argument("--log-every", type=int, default=25)
+    ap.add_argument("--eval-every", type=number_arg(int, 1, what="eval-every"), default=50)
+    ap.add_argument("--log-every", type=number_arg(int, 1, what="log-every"), default=25)
     args = ap.parse_args(argv)
-    args.argv = " ".join(sys.argv[1:] if argv is None else argv)
+    args.argv = shlex.join(sys.argv[1:] if argv is None else argv)
+    if not Path(args.model_dir).is_dir():
+        ap.error(f"--model-dir {args.model_dir!r} is not a directory")
     if args.clock is None:
         args.clock = "cpu" if torch.device(args.device).type == "cpu" else "wall"
     if not args.out:

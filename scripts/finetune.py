@@ -15,7 +15,8 @@ Tasks:
   encoder  sentence encoder (default teacher: the packaged all-MiniLM-L6-v2). Data: unlabeled STS-B train
            sentences + WikiText-2 train sentences. Loss: DistillLoss(hidden=1, pooled=1). Eval: STS-B dev
            Spearman x100 on --eval-pairs pairs (rank 0).
-  lm       causal LM. Data: WikiText-2 train cut into blocks of config.n_positions tokens. Loss:
+  lm       causal LM (any transformers one: GPT-2, LLaMA ...). Data: WikiText-2 train cut into blocks of the context
+           length (config.n_positions or max_position_embeddings) tokens. Loss:
            DistillLoss(hidden=1, logits=1, temperature=1). Eval: validation perplexity on --eval-blocks blocks.
 
 Output (--output-dir): checkpoint-<step>/ (Trainer checkpoints, written by rank 0; each process also stores its
@@ -57,6 +58,11 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+#: files one of which a saved transformers tokenizer holds
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
 def _one_line(message: object) -> str:
     return " ".join(str(message).split())
 
@@ -65,9 +71,9 @@ def _number(kind: type, low: float, high: float | None = None, *, low_open: bool
     """An argparse ``type``: parses ``kind`` (int or float; a float must be finite) and checks ``low <= value``
     (``low < value`` if ``low_open``) and ``value <= high``; argparse prefixes the message with the flag.
 
-    A local twin of ``bondgate.cli._number``: that one is private to the CLI module (not in its ``__all__``), and
-    importing ``bondgate.cli`` would import torch and all of bondgate before the arguments are even parsed, while this
-    script keeps its top level (and ``--help``) on the standard library."""
+    A local twin of ``bondgate.cli.number_arg``, which the examples use: importing ``bondgate.cli`` would import torch
+    and all of bondgate before the arguments are even parsed, while this script keeps its top level (and ``--help``)
+    on the standard library."""
 
     def parse(text: str):
         try:
@@ -148,7 +154,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="seed of Trainer and data shuffling (default %(default)s)")
     ap.add_argument("--max-length", type=_number(int, MIN_LENGTH), default=None,
                     help="encoder: tokens per sentence, at most the student's max_position_embeddings (default "
-                         "128); lm: not accepted, blocks are config.n_positions tokens")
+                         "128); lm: not accepted, blocks are the context length")
     ap.add_argument("--limit-sentences", type=POSITIVE_INT, default=None,
                     help="use only N training sentences (encoder: of the shuffled pool) or the first N "
                          "WikiText-2 lines (lm); for tests")
@@ -288,7 +294,10 @@ def lm_task(args: argparse.Namespace, tok, model) -> Task:
     import bondgate as bg
     from bondgate.data import load_text
 
-    block = model.config.n_positions
+    block = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    if not block:
+        raise SystemExit(f"{PROG}: error: the student's config names no context length (n_positions or "
+                         "max_position_embeddings) to cut the text into")
     lines = list(lm.iter_lines(load_text("wikitext-2", "train")))
     try:
         blocks = lm.encode_blocks(lines[: args.limit_sentences] if args.limit_sentences else lines, tok, block)
@@ -707,10 +716,25 @@ def main(argv: list[str] | None = None) -> None:
     cb = _callbacks()
     recorder = cb.RankRecorder(out, Path(os.environ[DEBUG_ENV])) if os.environ.get(DEBUG_ENV) else None
 
-    tok = AutoTokenizer.from_pretrained(args.student)
+    # transformers builds an empty tokenizer (one token) for a directory without tokenizer files, and would train on it
+    no_tokenizer = (f"{PROG}: error: --student {args.student} holds no tokenizer transformers can load{{}}; save the "
+                    "student with bondgate.save_pretrained(model, dir, tokenizer=tok)")
+    if not any((Path(args.student) / name).is_file() for name in TOKENIZER_FILES):
+        raise SystemExit(no_tokenizer.format(f" (none of {', '.join(TOKENIZER_FILES)})"))
+    try:
+        tok = AutoTokenizer.from_pretrained(args.student)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(no_tokenizer.format(f" ({_one_line(exc)[:200]})")) from None
     # The skeleton (MPOLinear layers with the saved core shapes, tied embeddings) always comes from the bondgate
     # checkpoint; on --resume Trainer then overwrites its weights with those of the Trainer checkpoint.
     student = bg.load(args.student).train()
+    if len(tok) > student.config.vocab_size:
+        raise SystemExit(f"{PROG}: error: the tokenizer in {args.student} has {len(tok)} tokens, the student's "
+                         f"vocabulary {student.config.vocab_size}: not the student's tokenizer")
+    if student.can_generate() != (args.task == "lm"):
+        raise SystemExit(f"{PROG}: error: --task {args.task} needs "
+                         f"{'a causal LM' if args.task == 'lm' else 'a sentence encoder'} student; --student "
+                         f"{args.student} holds a {type(student).__name__}")
     if args.resume_from is not None:
         try:
             tied = check_resumable(args.resume_from, student)

@@ -194,6 +194,14 @@ def test_svd_compress_targets():
         svd_compress(model, param_ratio=0.3, params={"0": 100})
     with pytest.raises(ValueError):
         svd_compress(model, params={"0": 100}, target=["0"])
+    # a string is a regex over whole names, as CompressionConfig.target_modules takes it (was: one exact name)
+    _, info = svd_compress(model, param_ratio=0.3, target=r"[02]")
+    assert set(info["layers"]) == {"0", "2"}
+    assert set(magnitude_prune(model, param_ratio=0.3, target="2")[1]["layers"]) == {"2"}
+    with pytest.raises(KeyError, match="matches none"):
+        svd_compress(model, param_ratio=0.3, target=r"enc.*")
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        svd_compress(model, param_ratio=0.3, target="(")
 
 
 def test_replacing_baselines_skip_torch_transformer_layers():

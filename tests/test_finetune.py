@@ -435,3 +435,31 @@ def test_resume_fails_when_no_checkpoint_is_good(two_checkpoints, tmp_path):
     assert "warning" not in proc.stderr and "Traceback" not in proc.stderr
     assert sorted(p.name for p in out.iterdir()) == before  # nothing moved, nothing written
     assert not any(x.get("event") == "resume" for x in log_records(out))
+
+
+def test_lm_task_takes_any_causal_lm_and_refuses_a_mismatched_student(models, tmp_path, monkeypatch):
+    """--task lm cuts the text at the context length of any causal LM (a LLaMA config has max_position_embeddings,
+    not GPT-2's n_positions: it failed with an AttributeError after loading both models); a student of the other
+    task, or one saved without a tokenizer, is a one-line error."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    ft = _script_module()
+    monkeypatch.setenv("BONDGATE_DATA", str(DATA))
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    tok = AutoTokenizer.from_pretrained(models["gpt2-student"])
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                         max_position_embeddings=24))
+    bg.compress(llama, bg.CompressionConfig(param_ratio=0.5, target_modules=r"model\.layers\..*"), progress=False)
+    task = ft.lm_task(ft.parse_args(lm_args(models, tmp_path / "out")), tok, llama)
+    assert {len(b) for b in task.train} == {24}
+
+    proc = run_script(lm_args(models, tmp_path / "o1", "--student", str(models["bert-student"]), "--teacher",
+                              str(models["bert-teacher"])))
+    assert proc.returncode != 0
+    assert "--task lm needs a causal LM student" in proc.stderr and "BertModel" in proc.stderr
+    bare = tmp_path / "no-tokenizer"
+    bg.save(bg.load(models["gpt2-student"]), bare)
+    proc = run_script(lm_args(models, tmp_path / "o2", "--student", str(bare)))
+    assert proc.returncode != 0 and "holds no tokenizer transformers can load" in proc.stderr

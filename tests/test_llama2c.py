@@ -401,3 +401,15 @@ def test_bad_arguments(files, tok, model):
     small.config.vocab_size = 300
     with pytest.raises(ValueError, match="512 tokens, the model only 300"):
         tinystories_perplexity(small, tok, "Once upon a time there was a cat.")
+
+
+def test_padding_decodes_to_nothing_and_block_must_be_an_int(model, tok):
+    """Batched generate() pads finished or shorter rows with id 0 (<unk>), which decode leaves out (it decoded as
+    literal '<unk>' text); encode never produces id 0."""
+    ids = tok.encode("Once upon a time, there was a cat.", bos=True)
+    assert 0 not in ids
+    text = tok.decode(ids)
+    assert tok.decode([0, 0, *ids]) == text == "Once upon a time, there was a cat."
+    assert tok.decode([*ids, 0, 0]) == text
+    with pytest.raises(ValueError, match="block must be an int"):
+        tinystories_perplexity(model, tok, "Once upon a time.", block=3.5)

@@ -186,3 +186,20 @@ def test_factors_plus_sparse_baseline(sc, tmp_path):
     out = _benchmark("stories_prune_heal", tmp_path, 6, "--mpo-share", "0.25")
     assert 0.49 < out["nonzero_block_weights"] / 226_560 <= 0.5 and out["steps"] == 6
     assert out["sample_ppl"] < out["ppl_before"] / 2, out  # measured 176 -> 35.8 after 6 steps
+
+
+@pytest.mark.parametrize("flags", [["--ratio", "1.5"], ["--batch", "0"], ["--minutes", "-1"], ["--num-cores", "0"],
+                                   ["--valid-stories", "0"], ["--lr", "nan"], ["--model-dir", "/nonexistent"]])
+def test_script_refuses_bad_flags_before_loading(sc, flags, capsys):
+    """A bad flag is a one-line usage error (exit 2) before the model is loaded or a story generated."""
+    with pytest.raises(SystemExit) as exc:
+        sc.main(flags)
+    assert exc.value.code == 2
+    assert flags[0] in capsys.readouterr().err
+
+
+def test_too_few_rows_for_a_batch_is_an_error(sc):
+    stories = [[1, *range(3, 40)]] * 4  # 152 tokens: one row of 128
+    assert len(sc.packed_batches(stories, 64, 2)) == 1
+    with pytest.raises(SystemExit, match="not one batch of 2"):
+        sc.packed_batches(stories, 128, 2)

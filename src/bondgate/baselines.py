@@ -18,8 +18,9 @@ LM head tied to the embedding: pruning it in place would prune the embedding, re
 untie and grow the model) and, for the replacing baselines (SVD, int8), layers inside torch's
 ``nn.MultiheadAttention`` / ``nn.Transformer*`` modules (their fused fast paths read the children's
 ``.weight`` tensors directly; even plain ``quantize_dynamic`` breaks ``nn.TransformerEncoderLayer``).
-A callable ``(name, module) -> bool`` filters those candidates; a list of module names selects
-exactly those and raises if one cannot be compressed. Skipped layers are listed in ``info["skipped"]``.
+A callable ``(name, module) -> bool`` or a string (a regex that must match the whole name, as
+:class:`bondgate.CompressionConfig`'s ``target_modules`` takes it) filters those candidates; a list of module names
+selects exactly those and raises if one cannot be compressed. Skipped layers are listed in ``info["skipped"]``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import io
 import json
 import math
 import os
+import re
 import statistics
 import struct
 import time
@@ -119,9 +121,20 @@ def _select(model: nn.Module, target: Target, replace: bool) -> tuple[dict[str, 
                 owners[_storage_key(t)].add(id(m))
     aliases = _aliases(model)
 
+    if isinstance(target, str):  # a regex over the names, as CompressionConfig.target_modules takes one
+        try:
+            pattern = re.compile(target)
+        except re.error as exc:
+            raise ValueError(f"target {target!r} is not a valid regular expression: {exc}") from None
+        dense = [n for n, m in model.named_modules() if _is_dense_layer(m)]
+        if not any(pattern.fullmatch(n) for n in dense):
+            raise KeyError(f"target {target!r} (a regex that must match a whole name) matches none of the "
+                           f"{len(dense)} nn.Linear / Conv1D layers of {type(model).__name__} "
+                           f"({', '.join(dense[:4])}{', ...' if len(dense) > 4 else ''})")
+        target = lambda n, _: pattern.fullmatch(n) is not None  # noqa: E731
     explicit = target is not None and not callable(target)
     if explicit:
-        names = [target] if isinstance(target, str) else list(target)
+        names = list(target)
         candidates = []
         for name in names:
             try:

@@ -48,7 +48,7 @@ MAX_CORES = 17  # planner.MAX_CORES (torch.einsum's 52 letters), here so that pa
 COMPRESS_LATENCY_REPS = 20
 LATENCY_ROUNDS = 5  # dense and compressed alternate: a slow stretch of a shared machine hits both alike
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "number_arg"]
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -93,9 +93,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ---------------------------------------------------------------------------------------------- argument types
-def _number(kind: type, low: float, high: float | None = None, *, low_open: bool = False,
-            high_open: bool = False, what: str = "value"):
-    """An argparse ``type`` that parses ``kind`` and checks ``low <= value <= high`` (or strict, if open)."""
+def number_arg(kind: type, low: float, high: float | None = None, *, low_open: bool = False,
+               high_open: bool = False, what: str = "value"):
+    """An argparse ``type`` that parses ``kind`` and checks ``low <= value <= high`` (or strict, if open); the
+    examples' scripts use it too, so that a bad flag is a one-line usage error before anything is loaded."""
 
     def parse(text: str):
         try:
@@ -766,30 +767,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"local Hugging Face model directory (default: the packaged {PACKAGED_MODEL}, "
                         f"from {PACKAGED_HINT})")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--ratio", type=_number(float, 0, 1, low_open=True, what="ratio"), metavar="R",
+    budget.add_argument("--ratio", type=number_arg(float, 0, 1, low_open=True, what="ratio"), metavar="R",
                         help="keep this fraction of the targeted weights, in (0, 1] (default: 0.5)")
-    budget.add_argument("--max-bond", type=_number(int, 1, what="max bond"), metavar="N",
+    budget.add_argument("--max-bond", type=number_arg(int, 1, what="max bond"), metavar="N",
                         help="cap every bond dimension of every layer at N")
-    budget.add_argument("--tol", type=_number(float, 0, 1, high_open=True, what="tol"), metavar="T",
+    budget.add_argument("--tol", type=number_arg(float, 0, 1, high_open=True, what="tol"), metavar="T",
                         help="per-layer relative error tolerance, in [0, 1)")
-    p.add_argument("--num-cores", type=_number(int, 2, MAX_CORES, what="num cores"), default=3, metavar="D",
+    p.add_argument("--num-cores", type=number_arg(int, 2, MAX_CORES, what="num cores"), default=3, metavar="D",
                    help=f"cores per MPO, 2 to {MAX_CORES} (default: 3)")
     p.add_argument("--calibration", metavar="FILE",
                    help="UTF-8 text file, one calibration sample per non-empty line (default: built-in English)")
-    p.add_argument("--calibration-size", type=_number(int, 1, what="calibration size"), default=256,
+    p.add_argument("--calibration-size", type=number_arg(int, 1, what="calibration size"), default=256,
                    metavar="N", help="use the first N lines (default: 256)")
     p.add_argument("--target", type=_regex, metavar="REGEX",
                    help="compress the Linear/Conv1D layers whose full name matches REGEX (default: see above)")
     p.add_argument("--exclude", type=_regex, metavar="REGEX", help="leave the layers matching REGEX dense")
     p.add_argument("--embeddings", action="store_true",
                    help="also compress the input token embedding table (and an LM head tied to it) into an MPO table")
-    p.add_argument("--embedding-ratio", type=_number(float, 0, 1, low_open=True, what="embedding ratio"),
+    p.add_argument("--embedding-ratio", type=number_arg(float, 0, 1, low_open=True, what="embedding ratio"),
                    metavar="R", help="with --ratio and --embeddings: the fraction of the table's weights it keeps "
                    "(default: --ratio)")
     p.add_argument("--embedding-form", choices=("mpo", "lowrank"), default="mpo",
                    help="with --embeddings: the table as an MPO (default) or two low-rank factors; either is fitted "
                         "to how often the calibration text uses each token")
-    p.add_argument("--embedding-rows", type=_number(int, 0, what="embedding rows"), default=0, metavar="K",
+    p.add_argument("--embedding-rows", type=number_arg(int, 0, what="embedding rows"), default=0, metavar="K",
                    help="with --embeddings: keep the exact rows of the K tokens the calibration text uses most "
                         "(not for a table tied to the LM head)")
     p.add_argument("--int8", action="store_true",
@@ -801,15 +802,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "layers are never slower; a compressed table's lookups cost more than a dense table's; "
                         "default)")
     cost = p.add_mutually_exclusive_group()
-    cost.add_argument("--max-latency-ratio", type=_number(float, 0, low_open=True, what="max latency ratio"),
+    cost.add_argument("--max-latency-ratio", type=number_arg(float, 0, low_open=True, what="max latency ratio"),
                       metavar="L", help="also keep the compressed layers' predicted time per call within L x dense: "
                       "each layer becomes an MPO, a low-rank pair or stays dense (time measured on this machine)")
-    cost.add_argument("--flops-ratio", type=_number(float, 0, low_open=True, what="flops ratio"), metavar="F",
+    cost.add_argument("--flops-ratio", type=number_arg(float, 0, low_open=True, what="flops ratio"), metavar="F",
                       help="the same with FLOPs (deterministic)")
     p.add_argument("--out", metavar="DIR",
                    help="output directory (default: ./bondgate-<model name>); an existing bondgate checkpoint "
                         "there is overwritten, any other non-empty directory is refused")
-    p.add_argument("--threads", type=_number(int, 1, what="threads"), default=2, metavar="T",
+    p.add_argument("--threads", type=number_arg(int, 1, what="threads"), default=2, metavar="T",
                    help="torch threads for compression and latency (default: 2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compress)
@@ -844,13 +845,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("dir", metavar="DIR", help="bondgate checkpoint directory")
     p.add_argument("--dense", metavar="DIR", help="dense Hugging Face model directory to compare with")
-    p.add_argument("--batch", type=_number(int, 1, what="batch"), default=32, metavar="B",
+    p.add_argument("--batch", type=number_arg(int, 1, what="batch"), default=32, metavar="B",
                    help="rows per batch (default: 32)")
-    p.add_argument("--seq", type=_number(int, 1, what="seq"), default=128, metavar="L",
+    p.add_argument("--seq", type=number_arg(int, 1, what="seq"), default=128, metavar="L",
                    help="tokens per row (default: 128)")
-    p.add_argument("--threads", type=_number(int, 1, what="threads"), default=2, metavar="T",
+    p.add_argument("--threads", type=number_arg(int, 1, what="threads"), default=2, metavar="T",
                    help="torch threads (default: 2)")
-    p.add_argument("--reps", type=_number(int, 1, what="reps"), default=20, metavar="N",
+    p.add_argument("--reps", type=number_arg(int, 1, what="reps"), default=20, metavar="N",
                    help="timed calls per model (default: 20)")
     p.set_defaults(func=cmd_bench)
     return parser

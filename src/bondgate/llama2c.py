@@ -430,7 +430,8 @@ class Llama2cTokenizer:
     def decode(self, ids: Iterable[int] | torch.Tensor) -> str:
         """Text of token ids (a 1-D sequence or tensor).
 
-        BOS and EOS produce no text; byte-fallback tokens are reassembled into UTF-8 (invalid sequences
+        BOS, EOS and ``<unk>`` (id 0: never produced by :meth:`encode`, whose byte fallback covers every character,
+        and the pad id :func:`load_llama2c` gives ``generate()``) produce no text; byte-fallback tokens are reassembled into UTF-8 (invalid sequences
         become U+FFFD); as in ``run.c``, a token right after BOS loses its leading space (the dummy prefix
         that :meth:`encode` added), so ``decode(encode(text))`` is ``text``. Without BOS the dummy space stays.
         """
@@ -448,6 +449,8 @@ class Llama2cTokenizer:
             t = int(t)
             if not 0 <= t < self.vocab_size:
                 raise ValueError(f"token id {t} is outside the vocabulary (size {self.vocab_size})")
+            if t == self.unk_id:  # padding: as if absent
+                continue
             if t in (self.bos_id, self.eos_id):
                 prev = t
                 continue
@@ -534,8 +537,8 @@ def tinystories_perplexity(model: torch.nn.Module, tokenizer: Llama2cTokenizer, 
         raise ValueError("no stories in the text (nothing but separators and whitespace)")
     if block is None:
         block = int(getattr(getattr(model, "config", None), "max_position_embeddings", 0) or 0) or 512
-    if block < 2:
-        raise ValueError(f"block must be at least 2 tokens, got {block}")
+    if isinstance(block, bool) or not isinstance(block, int) or block < 2:
+        raise ValueError(f"block must be an int of at least 2 tokens, got {block!r}")
     device = next(model.parameters()).device
     model_vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if isinstance(model_vocab, int) and tokenizer.vocab_size > model_vocab:

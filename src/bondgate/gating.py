@@ -147,7 +147,8 @@ def _check_track(rate: float) -> None:
 class GateController(nn.Module):
     """Scores the levels of one row from its direction ``x / |x|`` and its log-norm: ``(B, in) -> (B, L)``.
 
-    Costs ``2 * (in + 1) * L + 3 * in`` FLOPs per row (the probe, and the norm): about 1% of a 384-wide MPO layer's FLOPs per row at 64-row calls.
+    Costs ``2 * (in + 1) * L + 3 * in`` FLOPs per row (the probe, and the norm): about 1% of a 384-wide MPO
+    layer's FLOPs per row at 64-row calls.
     """
 
     def __init__(self, in_features: int, levels: int) -> None:

@@ -34,6 +34,7 @@ from common import banner, machine_info, time_interleaved, write_json  # noqa: E
 
 import bondgate as bg  # noqa: E402
 from bondgate.calibration import capture_inputs  # noqa: E402
+from bondgate.cli import number_arg  # noqa: E402
 from bondgate.gating import _calibrate_lambda, _gated_layers  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -46,10 +47,10 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default="runs/gating-minilm-model")
-    p.add_argument("--sentences", type=int, default=1024)
-    p.add_argument("--rows", type=int, default=256)
-    p.add_argument("--budget", type=float, default=0.5)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--sentences", type=number_arg(int, 1, what="sentences"), default=1024)
+    p.add_argument("--rows", type=number_arg(int, 1, what="rows"), default=256)
+    p.add_argument("--budget", type=number_arg(float, 0, 1, low_open=True, what="budget"), default=0.5)
+    p.add_argument("--threads", type=number_arg(int, 1, what="threads"), default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     info = machine_info()

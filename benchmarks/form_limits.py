@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 from common import banner, machine_info, write_json  # noqa: E402
 
 from bondgate.calibration import collect_input_stats  # noqa: E402
+from bondgate.cli import number_arg  # noqa: E402
 from bondgate.factors import factorize_shape  # noqa: E402
 
 
@@ -155,12 +156,12 @@ def markdown(out: dict) -> str:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", choices=["stories260K", "minilm"], default=["stories260K", "minilm"])
-    ap.add_argument("--shares", nargs="+", type=float, default=[0.25, 0.5, 0.75])
-    ap.add_argument("--perms", type=int, default=20, help="random permutations tried per layer and share")
+    ap.add_argument("--shares", nargs="+", type=number_arg(float, 0, 1, low_open=True, what="share"),
+                    default=[0.25, 0.5, 0.75])
+    ap.add_argument("--perms", type=number_arg(int, 0, what="perms"), default=20,
+                    help="random permutations tried per layer and share")
     ap.add_argument("--tag", default="form_limits", help="results name ('' = write none)")
     args = ap.parse_args(argv)
-    if any(not 0 < s <= 1 for s in args.shares):
-        ap.error("--shares must lie in (0, 1]")
     out = dict(machine=machine_info(), argv=" ".join(sys.argv[1:] if argv is None else argv), perms=args.perms,
                models={})
     for name in args.models:

@@ -62,6 +62,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 from common import banner, machine_info, time_interleaved, write_json  # noqa: E402
 
 import bondgate as bg  # noqa: E402
+from bondgate.cli import number_arg  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 KERNELS = ", int8 kernels"  # a method name ending so: the model of the method before it, through deploy_int8
@@ -267,14 +268,16 @@ def plot(out: dict, path: Path) -> None:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--subjects", nargs="+", default=["minilm", "stories"], choices=["minilm", "stories"])
-    ap.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25])
+    ap.add_argument("--ratios", type=number_arg(float, 0, 1, low_open=True, what="ratio"), nargs="+",
+                    default=[0.5, 0.25])
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--healed", nargs="*", default=None, help="healed checkpoint dirs (default: runs/minilm-*, "
                     "runs/stories260K-*); give none to skip")
-    ap.add_argument("--calibration", type=int, default=512, help="MiniLM calibration sentences")
+    ap.add_argument("--calibration", type=number_arg(int, 1, what="calibration"), default=512,
+                    help="MiniLM calibration sentences")
     ap.add_argument("--shared", default=str(ROOT.parent / "shared"))
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=number_arg(int, 1, what="threads"), default=torch.get_num_threads())
+    ap.add_argument("--rounds", type=number_arg(int, 1, what="rounds"), default=5)
     ap.add_argument("--no-latency", dest="latency", action="store_false")
     ap.add_argument("--tag", default="frontier")
     args = ap.parse_args(argv)

@@ -55,6 +55,7 @@ from common import banner, machine_info, time_interleaved, write_json  # noqa: E
 
 import bondgate as bg  # noqa: E402
 from bondgate.calibration import capture_inputs  # noqa: E402
+from bondgate.cli import number_arg  # noqa: E402
 from bondgate.data import load_stsb  # noqa: E402
 from bondgate.gating import _gated_layers, _widths, average_flops, gating_report, width_error_curve  # noqa: E402
 from bondgate.planner import min_flops  # noqa: E402
@@ -528,32 +529,33 @@ def run_speed(args) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=number_arg(int, 1, what="threads"), default=2)
     ap.add_argument("--no-progress", action="store_true")
     sub = ap.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("minilm")
     m.add_argument("--checkpoint", default=str(ROOT / "runs" / "minilm-50"))
-    m.add_argument("--nested-minutes", type=float, default=10)
-    m.add_argument("--gate-minutes", type=float, default=10)
-    m.add_argument("--lr", type=float, default=5e-5)
-    m.add_argument("--train-sentences", type=int, default=60000)
-    m.add_argument("--dev-pairs", type=int, default=0, help="0 = all 1500 (a smaller number is for smoke tests)")
+    m.add_argument("--nested-minutes", type=number_arg(float, 0, what="nested-minutes"), default=10)
+    m.add_argument("--gate-minutes", type=number_arg(float, 0, low_open=True, what="gate-minutes"), default=10)
+    m.add_argument("--lr", type=number_arg(float, 0, low_open=True, what="lr"), default=5e-5)
+    m.add_argument("--train-sentences", type=number_arg(int, 1, what="train-sentences"), default=60000)
+    m.add_argument("--dev-pairs", type=number_arg(int, 0, what="dev-pairs"), default=0,
+                   help="0 = all 1500 (a smaller number is for smoke tests)")
     m.add_argument("--eval-split", choices=["dev", "train"], default="dev",
                    help="pairs the frontier is scored on: STS-B dev, or 1500 STS-B train pairs that share no "
                         "sentence with the calibration set (a second check; their sentences may have been "
                         "distilled on, unlabeled)")
-    m.add_argument("--calib-sentences", type=int, default=512,
+    m.add_argument("--calib-sentences", type=number_arg(int, 1, what="calib-sentences"), default=512,
                    help="STS-B train sentences for the prices and the controller fits")
     m.add_argument("--out", default=str(ROOT / "runs" / "gating-minilm"))
     for p in (m, g := sub.add_parser("gpt2")):
         p.add_argument("--controller", choices=["linear", "error", "oracle"], default="linear")
         p.add_argument("--per-layer", action="store_true", help="one price per layer (default: one shared price)")
-        p.add_argument("--track", type=float, default=0.0,
+        p.add_argument("--track", type=number_arg(float, 0, 10, what="track"), default=0.0,
                        help="gain of the online price correction on the held-out calls (0: calibrated prices fixed)")
         p.add_argument("--nested-out", default=None, help="also save the model right after nested training")
         p.add_argument("--sandwich", action="store_true",
                        help="nested training also trains the full width every step (distill(sandwich=True))")
-        p.add_argument("--levels", type=int, default=0,
+        p.add_argument("--levels", type=number_arg(int, 0, what="levels"), default=0,
                        help="re-gate with N evenly spaced levels 1/N..1 before the controllers (0: keep 25/50/75/100%%)")
         p.add_argument("--tag", default="", help="suffix of the result files (e.g. the checkpoint's name)")
         p.add_argument("--objective", choices=["layer", "model"], default="model",
@@ -561,17 +563,18 @@ def main(argv=None) -> None:
                             "(LM loss Fisher for GPT-2, embedding probes for MiniLM)")
     g.add_argument("--checkpoint", default=str(ROOT / "runs" / "gpt2-wt2-50"))
     g.add_argument("--teacher", default=str(ROOT / "runs" / "gpt2-wt2"))
-    g.add_argument("--nested-minutes", type=float, default=8)
-    g.add_argument("--gate-minutes", type=float, default=8)
-    g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--valid-blocks", type=int, default=0)
+    g.add_argument("--nested-minutes", type=number_arg(float, 0, what="nested-minutes"), default=8)
+    g.add_argument("--gate-minutes", type=number_arg(float, 0, low_open=True, what="gate-minutes"), default=8)
+    g.add_argument("--lr", type=number_arg(float, 0, low_open=True, what="lr"), default=1e-4)
+    g.add_argument("--valid-blocks", type=number_arg(int, 0, what="valid-blocks"), default=0)
     g.add_argument("--out", default=str(ROOT / "runs" / "gating-gpt2"))
     s = sub.add_parser("speed")
     s.add_argument("--checkpoint", default=str(ROOT / "runs" / "gating-minilm"))
-    s.add_argument("--budget", type=float, default=0.5)
-    s.add_argument("--rows", type=int, nargs="+", default=[1, 32, 256])
-    s.add_argument("--rounds", type=int, default=5)
-    s.add_argument("--sentences", type=int, default=512, help="real sentences whose layer inputs are timed")
+    s.add_argument("--budget", type=number_arg(float, 0, 1, low_open=True, what="budget"), default=0.5)
+    s.add_argument("--rows", type=number_arg(int, 1, what="rows"), nargs="+", default=[1, 32, 256])
+    s.add_argument("--rounds", type=number_arg(int, 1, what="rounds"), default=5)
+    s.add_argument("--sentences", type=number_arg(int, 1, what="sentences"), default=512,
+                   help="real sentences whose layer inputs are timed")
     s.add_argument("--layers", nargs="+", default=["layer.0.attention.self.query", "layer.0.intermediate.dense",
                                                     "layer.0.output.dense"])
     s.add_argument("--tag", default="", help="suffix of the result files (gating_speed_<tag>.*)")

@@ -31,6 +31,7 @@ from common import banner, machine_info, write_json  # noqa: E402
 from gating import BUDGETS, RESULTS, static_fraction  # noqa: E402
 
 import bondgate as bg  # noqa: E402
+from bondgate.cli import number_arg  # noqa: E402
 from bondgate.data import load_stsb  # noqa: E402
 from bondgate.gating import average_flops  # noqa: E402
 
@@ -39,9 +40,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="a gated MiniLM saved by benchmarks/gating.py --out")
     ap.add_argument("--per-layer", action="store_true", help="one price per layer (as the run that made it)")
-    ap.add_argument("--calib-sentences", type=int, default=512)
+    ap.add_argument("--calib-sentences", type=number_arg(int, 1, what="calib-sentences"), default=512)
     ap.add_argument("--tag", default="")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=number_arg(int, 1, what="threads"), default=2)
     args = ap.parse_args(argv)
     import minilm_stsb as ms
 

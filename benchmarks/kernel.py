@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import banner, machine_info, time_interleaved, write_json  # noqa: E402
 
 import bondgate as bg  # noqa: E402
+from bondgate.cli import number_arg  # noqa: E402
 
 SHAPES = [(256, 256), (1024, 1024), (1024, 4096), (4096, 1024)]  # (in, out)
 BONDS = [8, 16, 32, 64]
@@ -227,9 +228,10 @@ def plot(cells: list[dict], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--min-time", type=float, default=0.05, help="seconds per variant per round")
+    ap.add_argument("--threads", type=number_arg(int, 1, what="threads"), default=2)
+    ap.add_argument("--rounds", type=number_arg(int, 1, what="rounds"), default=5)
+    ap.add_argument("--min-time", type=number_arg(float, 0, what="min-time"), default=0.05,
+                    help="seconds per variant per round")
     ap.add_argument("--quick", action="store_true", help="3 cells only")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (results get a _cuda suffix)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")

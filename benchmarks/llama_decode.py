@@ -58,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import banner, machine_info, write_json  # noqa: E402
 
 import bondgate  # noqa: E402
+from bondgate.cli import number_arg  # noqa: E402
 
 BLOCKS = r"model\.layers\..*"
 HEAD = r"lm_head"
@@ -167,29 +168,34 @@ def decode(model, ids: torch.Tensor, new_tokens: int, min_new_tokens: bool = Fal
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--ratio", type=float, default=0.25, help="kept fraction of the block layers' weights")
-    ap.add_argument("--num-cores", type=int, default=3)
-    ap.add_argument("--budget", type=float, nargs="+", default=[0.5], help="gated: average FLOPs fraction of the "
-                    "full width (several: one gated variant per budget, named gated@B)")
-    ap.add_argument("--max-groups", type=int, default=None, help="gated: at most this many distinct levels per "
-                    "call (set_budget max_groups; default: each token its own level)")
-    ap.add_argument("--track", type=float, default=0.0, help="gated: set_budget track (online price correction "
-                    "holding the budget on the decode tokens; 0 = the price calibrated on the prompts stays)")
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--prompt", type=int, default=16)
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--layers", type=number_arg(int, 1, what="layers"), default=2)
+    ap.add_argument("--vocab", type=number_arg(int, 1, what="vocab"), default=32000)
+    ap.add_argument("--ratio", type=number_arg(float, 0, 1, low_open=True, what="ratio"), default=0.25,
+                    help="kept fraction of the block layers' weights")
+    ap.add_argument("--num-cores", type=number_arg(int, 1, 17, what="num-cores"), default=3)
+    ap.add_argument("--budget", type=number_arg(float, 0, 1, low_open=True, what="budget"), nargs="+", default=[0.5],
+                    help="gated: average FLOPs fraction of the full width (several: one gated variant per budget, "
+                    "named gated@B)")
+    ap.add_argument("--max-groups", type=number_arg(int, 1, what="max-groups"), default=None,
+                    help="gated: at most this many distinct levels per call (set_budget max_groups; default: each "
+                    "token its own level)")
+    ap.add_argument("--track", type=number_arg(float, 0, 10, what="track"), default=0.0,
+                    help="gated: set_budget track (online price correction holding the budget on the decode "
+                    "tokens; 0 = the price calibrated on the prompts stays)")
+    ap.add_argument("--batches", type=number_arg(int, 1, what="batch"), nargs="+", default=[1, 4, 16])
+    ap.add_argument("--prompt", type=number_arg(int, 1, what="prompt"), default=16)
+    ap.add_argument("--new-tokens", type=number_arg(int, 1, what="new-tokens"), default=32)
+    ap.add_argument("--rounds", type=number_arg(int, 1, what="rounds"), default=3)
     ap.add_argument("--min-new-tokens", action="store_true", help="force the length with generate's min_new_tokens "
                     "(how results before 2026-12-04 were measured; adds a vocabulary scan per step)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=number_arg(int, 1, what="threads"), default=2)
     ap.add_argument("--variants", nargs="+", default=["dense", "int8", "mpo", "mpo_int8", "gated"])
     ap.add_argument("--no-head", dest="head", action="store_false", help="leave the LM head dense")
     ap.add_argument("--allocation", choices=["uniform", "global"], default="uniform")
     ap.add_argument("--kinds", nargs="+", choices=["mpo", "lowrank"], default=None,
                     help="CompressionConfig.kinds (forms a layer may take; needs --allocation global)")
-    ap.add_argument("--max-latency-ratio", type=float, default=None,
+    ap.add_argument("--max-latency-ratio", type=number_arg(float, 0, low_open=True, what="max-latency-ratio"),
+                    default=None,
                     help="CompressionConfig.max_latency_ratio at deploy_rows = the largest batch (needs global)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--tag", default="")

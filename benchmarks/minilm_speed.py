@@ -36,17 +36,18 @@ sys.path.insert(0, str(ROOT / "examples"))
 from common import banner, machine_info, time_interleaved, write_json  # noqa: E402
 
 import bondgate as bg  # noqa: E402
+from bondgate.cli import number_arg  # noqa: E402
 
 
 def main(argv=None) -> dict:
     import minilm_stsb as ms
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ratio", type=float, default=0.5)
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32, 256])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--calibration", type=int, default=512)
+    ap.add_argument("--ratio", type=number_arg(float, 0, 1, low_open=True, what="ratio"), default=0.5)
+    ap.add_argument("--batches", type=number_arg(int, 1, what="batch"), nargs="+", default=[1, 32, 256])
+    ap.add_argument("--threads", type=number_arg(int, 1, what="threads"), default=2)
+    ap.add_argument("--rounds", type=number_arg(int, 1, what="rounds"), default=7)
+    ap.add_argument("--calibration", type=number_arg(int, 1, what="calibration"), default=512)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     info = machine_info()

@@ -33,6 +33,7 @@ import stories_compress as sc  # noqa: E402
 from common import banner, machine_info, write_json  # noqa: E402
 
 import bondgate as bg  # noqa: E402
+from bondgate.cli import number_arg  # noqa: E402
 from bondgate.llama2c import tinystories_perplexity  # noqa: E402
 from bondgate.mpo import MPO  # noqa: E402
 
@@ -49,14 +50,16 @@ def setup(ap: argparse.ArgumentParser, argv) -> tuple:
     """The arguments the stories ablations share, parsed; ``(args, machine info, (dense, tokenizer, sample path),
     (calibration stories, validation stories, training batches))`` with the stories, split and rows of
     ``examples/stories_compress.py`` (seed 0, 512-token rows, 4 per step)."""
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--steps", type=int, default=None, help="a budget in steps instead of --minutes (tests)")
-    ap.add_argument("--samples", type=int, default=4096, help="as examples/stories_compress.py")
+    ap.add_argument("--lr", type=number_arg(float, 0, low_open=True, what="lr"), default=3e-3)
+    ap.add_argument("--steps", type=number_arg(int, 1, what="steps"), default=None,
+                    help="a budget in steps instead of --minutes (tests)")
+    ap.add_argument("--samples", type=number_arg(int, 1, what="samples"), default=4096,
+                    help="as examples/stories_compress.py")
     ap.add_argument("--stories-cache", default=str(ROOT / "runs" / "stories_4096.json"))
-    ap.add_argument("--max-len", type=int, default=None)
-    ap.add_argument("--calib-stories", type=int, default=64)
-    ap.add_argument("--valid-stories", type=int, default=100)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--max-len", type=number_arg(int, 2, what="max-len"), default=None)
+    ap.add_argument("--calib-stories", type=number_arg(int, 1, what="calib-stories"), default=64)
+    ap.add_argument("--valid-stories", type=number_arg(int, 1, what="valid-stories"), default=100)
+    ap.add_argument("--threads", type=number_arg(int, 1, what="threads"), default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -81,9 +84,11 @@ def report(out: dict, script: str, body: str, tag: str) -> None:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--minutes", type=float, default=20.0, help="whole budget (annealing + healing), CPU clock")
-    ap.add_argument("--anneal", type=float, default=0.5, help="fraction of the budget spent annealing")
-    ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--minutes", type=number_arg(float, 0, low_open=True, what="minutes"), default=20.0,
+                    help="whole budget (annealing + healing), CPU clock")
+    ap.add_argument("--anneal", type=number_arg(float, 0, 1, low_open=True, high_open=True, what="anneal"), default=0.5,
+                    help="fraction of the budget spent annealing")
+    ap.add_argument("--ratio", type=number_arg(float, 0, 1, low_open=True, what="ratio"), default=0.5)
     ap.add_argument("--tag", default="anneal")
     args, info, (dense, tok, sample), (calib_st, valid_st, train) = setup(ap, argv)
     one_shot = sc.compress(dense, sc.story_batches(calib_st, 16, seed=0), args.ratio, 2)

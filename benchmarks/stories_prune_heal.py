@@ -36,6 +36,7 @@ from stories_anneal import factor, report, setup  # noqa: E402
 
 import bondgate as bg  # noqa: E402
 from bondgate.baselines import magnitude_prune  # noqa: E402
+from bondgate.cli import number_arg  # noqa: E402
 from bondgate.factors import factorize_shape  # noqa: E402
 from bondgate.llama2c import tinystories_perplexity  # noqa: E402
 
@@ -63,9 +64,11 @@ class FactorsPlusSparse(torch.nn.Module):
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--minutes", type=float, default=20.0)
-    ap.add_argument("--ratio", type=float, default=0.5, help="fraction of the block weights kept non-zero")
-    ap.add_argument("--mpo-share", type=float, default=0.0, help="fraction of each layer's weights in MPO factors")
+    ap.add_argument("--minutes", type=number_arg(float, 0, low_open=True, what="minutes"), default=20.0)
+    ap.add_argument("--ratio", type=number_arg(float, 0, 1, low_open=True, what="ratio"), default=0.5,
+                    help="fraction of the block weights kept non-zero")
+    ap.add_argument("--mpo-share", type=number_arg(float, 0, 1, what="mpo-share"), default=0.0,
+                    help="fraction of each layer's weights in MPO factors")
     ap.add_argument("--tag", default="prune_heal")
     args, info, (dense, tok, sample), (_, valid_st, train) = setup(ap, argv)
 

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from bondgate import MPOLinear, PlanPolicy
+from bondgate.cli import number_arg
 from bondgate.data import BankMarketing, load_bank_marketing
 
 MIDDLE = 2  # index of the 256x256 Linear in build_mlp()'s Sequential
@@ -228,31 +229,33 @@ def _print_table(stages: dict[str, list[dict]], params: dict[str, int]) -> None:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (init and batch order)")
-    ap.add_argument("--epochs", type=int, default=1000, help="max epochs per training (default 1000)")
-    ap.add_argument("--patience", type=int, default=20, help="early-stopping patience in epochs")
-    ap.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate for the baseline")
-    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--seeds", type=number_arg(int, 0, what="seed"), nargs="+", default=[0],
+                    help="seeds (init and batch order)")
+    ap.add_argument("--epochs", type=number_arg(int, 1, what="epochs"), default=1000,
+                    help="max epochs per training (default 1000)")
+    ap.add_argument("--patience", type=number_arg(int, 1, what="patience"), default=20,
+                    help="early-stopping patience in epochs")
+    ap.add_argument("--lr", type=number_arg(float, 0, low_open=True, what="lr"), default=1e-4,
+                    help="Adam learning rate for the baseline")
+    ap.add_argument("--batch-size", type=number_arg(int, 1, what="batch-size"), default=128)
     ap.add_argument("--mpo-middle", action="store_true",
                     help="also replace the middle layer by an MPO, evaluate, fine-tune, evaluate")
-    ap.add_argument("--max-bond", type=int, default=32, help="bond cap for --mpo-middle (0 = exact)")
-    ap.add_argument("--ft-lr", type=float, default=1e-5, help="Adam learning rate for fine-tuning")
-    ap.add_argument("--whole", type=float, default=None, metavar="RATIO",
+    ap.add_argument("--max-bond", type=number_arg(int, 0, what="max-bond"), default=32,
+                    help="bond cap for --mpo-middle (0 = exact)")
+    ap.add_argument("--ft-lr", type=number_arg(float, 0, low_open=True, what="ft-lr"), default=1e-5,
+                    help="Adam learning rate for fine-tuning")
+    ap.add_argument("--whole", type=number_arg(float, 0, 1, low_open=True, what="whole"), default=None, metavar="RATIO",
                     help="also compress ALL linear layers to RATIO of their weights (e.g. 0.1) and fine-tune")
-    ap.add_argument("--whole-ft-lr", type=float, default=1e-4, help="fine-tuning learning rate for --whole")
+    ap.add_argument("--whole-ft-lr", type=number_arg(float, 0, low_open=True, what="whole-ft-lr"), default=1e-4,
+                    help="fine-tuning learning rate for --whole")
     ap.add_argument("--data", default=None, help="bank-additional-full.csv or a data root (else resolver)")
     ap.add_argument("--no-download", action="store_true", help="fail instead of downloading the data")
-    ap.add_argument("--max-train-rows", type=int, default=None,
+    ap.add_argument("--max-train-rows", type=number_arg(int, 1, what="max-train-rows"), default=None,
                     help="train on the first N training rows only (quick smoke runs)")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--threads", type=number_arg(int, 1, what="threads"), default=None, help="torch.set_num_threads")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("-v", "--verbose", action="store_true", help="print every epoch")
     args = ap.parse_args(argv)
-    for flag, value in (("--threads", args.threads), ("--max-train-rows", args.max_train_rows)):
-        if value is not None and value < 1:
-            ap.error(f"{flag} must be >= 1, got {value}")
-    if args.whole is not None and not 0 < args.whole <= 1:
-        ap.error(f"--whole must lie in (0, 1], got {args.whole}")
     if args.threads:
         torch.set_num_threads(args.threads)
 

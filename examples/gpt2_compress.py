@@ -33,6 +33,7 @@ import gpt2_wikitext as lm  # noqa: E402
 from common import banner, machine_info, write_json  # noqa: E402
 
 import bondgate as bg  # noqa: E402
+from bondgate.cli import number_arg  # noqa: E402
 from bondgate.data import load_text  # noqa: E402
 
 TARGET = r"transformer\.h\..*"
@@ -165,27 +166,27 @@ def cmd_heal(args) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=number_arg(int, 1, what="threads"), default=2)
     ap.add_argument("--model", default=str(ROOT / "runs" / "gpt2-wt2"))
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("compare")
-    c.add_argument("--ratios", type=float, nargs="+", default=[0.5])
+    c.add_argument("--ratios", type=number_arg(float, 0, 1, low_open=True, what="ratio"), nargs="+", default=[0.5])
     c.add_argument("--methods", nargs="+", default=["bondgate", "tt-svd uniform", "svd", "magnitude prune",
                                                      "int8 dynamic"])
-    c.add_argument("--calibration-batches", type=int, default=16)
-    c.add_argument("--valid-blocks", type=int, default=0, help="0 = all")
+    c.add_argument("--calibration-batches", type=number_arg(int, 1, what="calibration-batches"), default=16)
+    c.add_argument("--valid-blocks", type=number_arg(int, 0, what="valid-blocks"), default=0, help="0 = all")
     c.add_argument("--tag", default="", help="suffix of the results files (default: the published gpt2_compare.*)")
     h = sub.add_parser("heal")
-    h.add_argument("--ratio", type=float, default=0.5)
-    h.add_argument("--minutes", type=float, default=15.0)
-    h.add_argument("--lr", type=float, default=3e-4)
+    h.add_argument("--ratio", type=number_arg(float, 0, 1, low_open=True, what="ratio"), default=0.5)
+    h.add_argument("--minutes", type=number_arg(float, 0, low_open=True, what="minutes"), default=15.0)
+    h.add_argument("--lr", type=number_arg(float, 0, low_open=True, what="lr"), default=3e-4)
     h.add_argument("--clock", choices=["wall", "cpu"], default="cpu",
                    help="budget clock: cpu = process CPU time / threads (fair on a shared machine)")
-    h.add_argument("--batch", type=int, default=16)
-    h.add_argument("--calibration-batches", type=int, default=16)
-    h.add_argument("--eval-every", type=int, default=100)
-    h.add_argument("--probe-blocks", type=int, default=200)
-    h.add_argument("--patience", type=int, default=4)
+    h.add_argument("--batch", type=number_arg(int, 1, what="batch"), default=16)
+    h.add_argument("--calibration-batches", type=number_arg(int, 1, what="calibration-batches"), default=16)
+    h.add_argument("--eval-every", type=number_arg(int, 1, what="eval-every"), default=100)
+    h.add_argument("--probe-blocks", type=number_arg(int, 1, what="probe-blocks"), default=200)
+    h.add_argument("--patience", type=number_arg(int, 1, what="patience"), default=4)
     h.add_argument("--out", default=None)
     h.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)

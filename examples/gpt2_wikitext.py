@@ -41,6 +41,8 @@ import transformers  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast  # noqa: E402
 
+from bondgate.cli import number_arg  # noqa: E402
+
 EOS_TOKEN = "<|endoftext|>"
 # $BONDGATE_DATA (as bondgate's loaders read it), else the shared data beside the checkout
 DEFAULT_DATA_DIR = (Path(os.environ["BONDGATE_DATA"]) if os.environ.get("BONDGATE_DATA")
@@ -426,15 +428,16 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--n-layer", type=int, default=6)
-    p.add_argument("--n-embd", type=int, default=384)
-    p.add_argument("--n-head", type=int, default=6)
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--dropout", type=float, default=0.0, help="0: the budget allows well under one epoch")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--batch-size", type=int, default=16, help="blocks per step")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocab-size", type=number_arg(int, 1, what="vocab-size"), default=8192)
+    p.add_argument("--n-layer", type=number_arg(int, 1, what="n-layer"), default=6)
+    p.add_argument("--n-embd", type=number_arg(int, 1, what="n-embd"), default=384)
+    p.add_argument("--n-head", type=number_arg(int, 1, what="n-head"), default=6)
+    p.add_argument("--block-size", type=number_arg(int, 2, what="block-size"), default=128)
+    p.add_argument("--dropout", type=number_arg(float, 0, 1, what="dropout"), default=0.0,
+                   help="0: the budget allows well under one epoch")
+    p.add_argument("--lr", type=number_arg(float, 0, low_open=True, what="lr"), default=2e-3)
+    p.add_argument("--batch-size", type=number_arg(int, 1, what="batch-size"), default=16, help="blocks per step")
+    p.add_argument("--seed", type=number_arg(int, 0, what="seed"), default=0)
     p.add_argument(
         "--amp", choices=["bf16", "none"], default="bf16",
         help="autocast dtype for training matmuls (bf16 is ~1.6x faster on AVX512-BF16 CPUs); eval is float32",
@@ -443,17 +446,19 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    common.add_argument("--threads", type=number_arg(int, 1, what="threads"), default=2, help="torch.set_num_threads")
     common.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="folder with wiki.*.tokens")
-    common.add_argument("--eval-batch-size", type=int, default=32)
+    common.add_argument("--eval-batch-size", type=number_arg(int, 1, what="eval-batch-size"), default=32)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("train", parents=[common], help="train tokenizer + model, save to --out")
     _add_model_args(p)
-    p.add_argument("--minutes", type=float, default=18.0, help="wall-clock budget of the training loop")
-    p.add_argument("--warmup", type=int, default=50, help="linear warmup steps")
-    p.add_argument("--log-every", type=int, default=25, help="steps between loss logs and schedule re-plans")
+    p.add_argument("--minutes", type=number_arg(float, 0, low_open=True, what="minutes"), default=18.0,
+                   help="wall-clock budget of the training loop")
+    p.add_argument("--warmup", type=number_arg(int, 0, what="warmup"), default=50, help="linear warmup steps")
+    p.add_argument("--log-every", type=number_arg(int, 1, what="log-every"), default=25,
+                   help="steps between loss logs and schedule re-plans")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=cmd_train)
 
@@ -463,7 +468,7 @@ def main(argv: list[str] | None = None) -> None:
 
     p = sub.add_parser("bench", parents=[common], help="training throughput of one shape")
     _add_model_args(p)
-    p.add_argument("--seconds", type=float, default=45.0)
+    p.add_argument("--seconds", type=number_arg(float, 0, low_open=True, what="seconds"), default=45.0)
     p.set_defaults(func=cmd_bench)
 
     args = parser.parse_args(argv)

@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import banner, machine_info, write_json  # noqa: E402
 
 import bondgate as bg  # noqa: E402
+from bondgate.cli import number_arg  # noqa: E402
 from bondgate.data import load_stsb, load_text  # noqa: E402
 
 TARGET = r"encoder\..*"  # the encoder's linear layers (the pooler is not used for embeddings)
@@ -244,35 +245,39 @@ def cmd_heal(args) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=number_arg(int, 1, what="threads"), default=2)
     sub = ap.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("eval", help="STS-B dev score of the dense model or a bondgate checkpoint")
     e.add_argument("--checkpoint", default=None)
     e.add_argument("--int8-kernels", action="store_true", help="also score it converted by bondgate.deploy_int8")
     c = sub.add_parser("compare", help="ours vs baselines at equal encoder weights, before healing")
-    c.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25])
+    c.add_argument("--ratios", type=number_arg(float, 0, 1, low_open=True, what="ratio"), nargs="+",
+                   default=[0.5, 0.25])
     c.add_argument("--methods", nargs="+", default=["bondgate", "tt-svd uniform", "svd", "magnitude prune",
                                                      "int8 dynamic"],
                    choices=["bondgate", "tt-svd uniform", "uniform, calibrated", "svd", "magnitude prune",
                             "int8 dynamic"])
     c.add_argument("--tag", default="", help="suffix of the result files (minilm_compare<tag>.json / .md)")
-    c.add_argument("--calibration", type=int, default=512, help="calibration sentences")
+    c.add_argument("--calibration", type=number_arg(int, 1, what="calibration"), default=512,
+                   help="calibration sentences")
     h = sub.add_parser("heal", help="compress with bondgate, distill from the dense model, evaluate, save")
-    h.add_argument("--ratio", type=float, default=0.5)
-    h.add_argument("--minutes", type=float, default=30.0)
-    h.add_argument("--lr", type=float, default=1e-4)
+    h.add_argument("--ratio", type=number_arg(float, 0, 1, low_open=True, what="ratio"), default=0.5)
+    h.add_argument("--minutes", type=number_arg(float, 0, low_open=True, what="minutes"), default=30.0)
+    h.add_argument("--lr", type=number_arg(float, 0, low_open=True, what="lr"), default=1e-4)
     h.add_argument("--clock", choices=["wall", "cpu"], default="cpu",
                    help="budget clock: cpu = process CPU time / threads (fair on a shared machine)")
-    h.add_argument("--batch", type=int, default=32)
-    h.add_argument("--calibration", type=int, default=512)
-    h.add_argument("--eval-every", type=int, default=300)
-    h.add_argument("--probe-pairs", type=int, default=500)
-    h.add_argument("--patience", type=int, default=4)
+    h.add_argument("--batch", type=number_arg(int, 1, what="batch"), default=32)
+    h.add_argument("--calibration", type=number_arg(int, 1, what="calibration"), default=512)
+    h.add_argument("--eval-every", type=number_arg(int, 1, what="eval-every"), default=300)
+    h.add_argument("--probe-pairs", type=number_arg(int, 2, what="probe-pairs"), default=500)
+    h.add_argument("--patience", type=number_arg(int, 1, what="patience"), default=4)
     h.add_argument("--embeddings", action="store_true", help="compress the word embedding table too")
     h.add_argument("--int8", action="store_true", help="int8 MPO cores (quantization-aware healing)")
-    h.add_argument("--embedding-ratio", type=float, default=None, help="the table's share of its weights")
+    h.add_argument("--embedding-ratio", type=number_arg(float, 0, 1, low_open=True, what="embedding-ratio"),
+                   default=None, help="the table's share of its weights")
     h.add_argument("--embedding-form", choices=["mpo", "lowrank"], default="mpo")
-    h.add_argument("--embedding-rows", type=int, default=0, help="exact rows kept for the most frequent ids")
+    h.add_argument("--embedding-rows", type=number_arg(int, 0, what="embedding-rows"), default=0,
+                   help="exact rows kept for the most frequent ids")
     h.add_argument("--tag", default="", help="suffix of the result files")
     h.add_argument("--out", default=None)
     h.add_argument("--no-progress", action="store_true")

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 import bondgate
+from bondgate.cli import number_arg
 from bondgate.data import load_text
 from bondgate.io import read_metadata
 
@@ -245,14 +246,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train the dense LSTM LM and save it")
-    t.add_argument("--minutes", type=float, default=20.0, help="CPU-time budget (process time / threads)")
-    t.add_argument("--dim", type=int, default=256)
+    t.add_argument("--minutes", type=number_arg(float, 0, low_open=True, what="minutes"), default=20.0,
+                   help="CPU-time budget (process time / threads)")
+    t.add_argument("--dim", type=number_arg(int, 1, what="dim"), default=256)
     t.add_argument("--out", default="runs/ptb-lstm")
     c = sub.add_parser("compress", help="compress the saved dense model's LSTM, heal it, report valid perplexity")
     c.add_argument("--dense", default="runs/ptb-lstm")
-    c.add_argument("--ratio", type=float, default=0.5, help="fraction of the LSTM's weights kept")
-    c.add_argument("--minutes", type=float, default=15.0, help="healing budget (CPU time); 0 = no healing")
-    c.add_argument("--steps", type=int, default=None, help="heal for this many steps instead of --minutes")
+    c.add_argument("--ratio", type=number_arg(float, 0, 1, low_open=True, what="ratio"), default=0.5,
+                   help="fraction of the LSTM's weights kept")
+    c.add_argument("--minutes", type=number_arg(float, 0, what="minutes"), default=15.0,
+                   help="healing budget (CPU time); 0 = no healing")
+    c.add_argument("--steps", type=number_arg(int, 1, what="steps"), default=None,
+                   help="heal for this many steps instead of --minutes")
     c.add_argument("--kinds", nargs="+", default=None, choices=["mpo", "lowrank"],
                    help="the forms a matrix may take (CompressionConfig.kinds; default: MPO only)")
     c.add_argument("--tag", default="")
@@ -261,16 +266,17 @@ def main(argv: list[str] | None = None) -> int:
                        "truncated SVD at the compressed model's weights per matrix")
     k.add_argument("--dense", default="runs/ptb-lstm")
     k.add_argument("--compressed", default="runs/ptb-lstm-50", help="the compressed model (its weights per matrix)")
-    k.add_argument("--steps", type=int, required=True, help="healing steps (the compress run's heal_steps)")
+    k.add_argument("--steps", type=number_arg(int, 1, what="steps"), required=True,
+                   help="healing steps (the compress run's heal_steps)")
     k.add_argument("--tag", default="")
     v = sub.add_parser("speed", help="eval tokens/s of the dense and the compressed model (interleaved rounds)")
     v.add_argument("--dense", default="runs/ptb-lstm")
     v.add_argument("--compressed", default="runs/ptb-lstm-50")
-    v.add_argument("--rounds", type=int, default=15)
+    v.add_argument("--rounds", type=number_arg(int, 1, what="rounds"), default=15)
     v.add_argument("--tag", default="")
     for q in (t, c, k, v):
         q.add_argument("--data", default=None, help="data root (default: $BONDGATE_DATA or the cache)")
-        q.add_argument("--threads", type=int, default=None)
+        q.add_argument("--threads", type=number_arg(int, 1, what="threads"), default=None)
         q.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     # the command as given, for the reports (every flag that shaped the figures, --compressed and --out included)

@@ -423,7 +423,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--num-cores", type=number_arg(int, 1, 17, what="cores"), nargs="+", default=[2, 3], help="MPO cores per layer (each is tried)")
     ap.add_argument("--minutes", type=number_arg(float, 0, low_open=True, what="minutes"), default=6.0, help="healing budget per configuration")
     ap.add_argument("--samples", type=number_arg(int, 1, what="samples"), default=1600, help="stories to sample from the dense model")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=number_arg(int, 0, what="seed"), default=0)
     ap.add_argument("--gen-batch", type=number_arg(int, 1, what="gen-batch"), default=32, help="stories generated per generate() call (above 32 "
                     "with a static KV cache)")
     ap.add_argument("--stories-cache", default="", help="JSON file the generated stories are saved to, and read "
@@ -436,7 +436,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--tag", default="compress", help="results name: benchmarks/results/stories_TAG.{json,md} ('' = write none)")
     ap.add_argument("--resume", default="", help="heal a student saved by this script (its --out folder) further "
                     "instead of compressing: one row, --num-cores / --weighting / --ratio unused")
-    ap.add_argument("--shuffle-seed", type=int, default=None, help="order of the training rows (default: --seed; "
+    ap.add_argument("--shuffle-seed", type=number_arg(int, 0, what="shuffle-seed"), default=None, help="order of the training rows (default: --seed; "
                     "a resumed heal on the same stories may want a new order)")
     ap.add_argument("--model-dir", default=str(MODEL_DIR))
     ap.add_argument("--max-len", type=number_arg(int, 2, what="max-len"), default=None, help="longest generated story (default: the model's 512)")

@@ -32,7 +32,8 @@ def models(draw):
                                         policy=FLOPS)
         layers += [lin] if i == 0 else [nn.ReLU(), lin]
     model = nn.Sequential(*layers)
-    if any(isinstance(m, MPOLinear) for m in model) and draw(st.booleans()):
+    gateable = any(isinstance(m, MPOLinear) and max(m.bond_dims, default=0) > 1 for m in model)  # bonds of 1: one width
+    if gateable and draw(st.booleans()):
         bondgate.gate(model, GatingConfig(controller=draw(st.sampled_from(["linear", "error"]))))
         bondgate.set_mode(model, draw(st.sampled_from(["full", 0.5])))
     dtype = draw(st.sampled_from([torch.float32, torch.float64]))

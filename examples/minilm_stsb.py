@@ -228,8 +228,10 @@ def cmd_heal(args) -> None:
                      patience=args.patience, progress=not args.no_progress)
     after = stsb_score(student, tok, dev)
     train_s = res.seconds - res.eval_seconds
-    print(f"after {res.steps} steps / {res.seconds / 60:.1f} min ({res.stopped}): STS-B {after:.2f}", flush=True)
-    tag = f"{int(args.ratio * 100)}" + ("-emb" if args.embeddings else "") + ("-int8" if args.int8 else "") + args.tag
+    kept = ("" if res.best_step is None or res.best_step == res.steps else
+            f"; the weights are step {res.best_step}'s (best probe score {res.best_metric:.2f})")
+    print(f"after {res.steps} steps / {res.seconds / 60:.1f} min ({res.stopped}): STS-B {after:.2f}{kept}", flush=True)
+    tag = f"{round(args.ratio * 100)}" + ("-emb" if args.embeddings else "") + ("-int8" if args.int8 else "") + args.tag
     out_dir = Path(args.out or ROOT / "runs" / f"minilm-{tag}")
     bg.save_pretrained(student, out_dir, tokenizer=tok)
     result = {"machine": info, "ratio": args.ratio, "weights": linear_weights(student),
@@ -237,7 +239,8 @@ def cmd_heal(args) -> None:
               "dense_model_bytes": bg.size_on_disk(dense), "report": student.bondgate_report.to_dict(),
               "dense_weights": linear_weights(dense), "stsb_before": before, "stsb_after": after,
               "compress_seconds": compress_s, "distill_seconds": train_s, "distill_budget_seconds": res.budget_seconds,
-              "budget_clock": args.clock, "steps": res.steps, "stopped": res.stopped,
+              "budget_clock": args.clock, "steps": res.steps, "stopped": res.stopped, "best_step": res.best_step,
+              "best_probe_metric": res.best_metric,
               "history": res.history, "args": vars(args), "checkpoint": str(out_dir)}
     write_json(RESULTS / f"minilm_heal_{tag}.json", result)
     print(json.dumps({k: v for k, v in result.items() if k not in ("history", "machine")}, indent=1, default=str))
@@ -282,6 +285,12 @@ def main(argv=None) -> None:
     h.add_argument("--out", default=None)
     h.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    if args.cmd == "heal" and not args.embeddings:
+        table = [f for f, on in (("--embedding-ratio", args.embedding_ratio is not None),
+                                 ("--embedding-form", args.embedding_form != "mpo"),
+                                 ("--embedding-rows", args.embedding_rows > 0)) if on]
+        if table:
+            h.error(f"{', '.join(table)} needs --embeddings")
     {"eval": cmd_eval, "compare": cmd_compare, "heal": cmd_heal}[args.cmd](args)
 
 

@@ -172,7 +172,7 @@ def test_compress_a_lowrank_table_with_kept_rows(tiny_dir, tmp_path):
     assert code == 2 and "embedding rows" in stderr
     # an error the library raises names the flags, not its Python parameters (was "embedding_rows=30000 ...")
     code, _, stderr = run(["compress", "--model", str(tiny_dir), "--ratio", "0.5", "--embeddings",
-                           "--embedding-ratio", "0.05", "--embedding-rows", "30000", "--out", str(tmp_path / "bad"),
+                           "--embedding-ratio", "0.001", "--embedding-rows", "30000", "--out", str(tmp_path / "bad"),
                            "--calibration-size", "8", "--no-progress", "--threads", "1"])
     assert code == 1 and "--embedding-rows 30000 kept rows" in stderr and "raise --embedding-ratio" in stderr, stderr
     assert "embedding_rows" not in stderr

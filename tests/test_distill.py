@@ -2,6 +2,9 @@
 
 import copy
 import math
+import sys
+import time
+import types
 
 import pytest
 import torch
@@ -179,6 +182,12 @@ def test_time_budget_schedule_warms_up_on_the_budget_clock(monkeypatch):
         return step(self, *a, **k)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    # a clock that advances 1 ms per reading: the schedule is tested, not this machine's speed (a loaded machine took
+    # so few steps that none landed near the peak)
+    ticks = iter(range(10**9))
+    module = sys.modules["bondgate.distill"]  # (bondgate.distill is the function)
+    monkeypatch.setattr(module, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks) * 1e-3,
+                                                                         process_time=time.process_time))
     res = distill(student, teacher, data * 1000, loss=DistillLoss(hidden=0, output=1.0), max_minutes=0.01, lr=1e-3,
                   warmup=0.2, budget_clock="wall", progress=False)
     assert res.stopped == "time budget" and len(lrs) == res.steps > 10
@@ -463,3 +472,68 @@ def test_sandwich_refuses_gradient_checkpointing(tmp_path):
     from bondgate.distill import aux_losses
 
     assert bondgate.aux_losses is aux_losses  # for a plain Trainer's loss (bondgate.distill is the function)
+
+
+def test_distill_review_fixes():
+    """From a plain-PyTorch review of distill: int8 masters kept through the best-step restore (they were rounded to
+    the int8 grid: 4e-3 off), plain dict outputs for the hidden term, a tensor as one batch (was one row per step),
+    the caller's random state given back, a student training the teacher's parameters refused, no gradients left,
+    a custom loss's return checked."""
+    import bondgate
+    from bondgate.quant import master_state
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 16)).eval()
+    x = [torch.randn(32, 32) for _ in range(4)]
+    student = compress(copy.deepcopy(teacher), CompressionConfig(param_ratio=0.5, quantize="int8"), calibration=x,
+                       progress=False)
+    loss = DistillLoss(hidden=0, output=1)
+    twin = copy.deepcopy(student)
+    distill(student, teacher, x, steps=12, loss=loss, lr=3e-3, progress=False)
+    calls = []  # a score that improves at every evaluation: the last step is the best
+    res = distill(twin, teacher, x, steps=12, loss=loss, lr=3e-3, progress=False, eval_every=12,
+                  eval_fn=lambda m: calls.append(1) or -len(calls), higher_is_better=False)
+    assert res.best_step == 12
+    with master_state():
+        a, b = student.state_dict(), twin.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the restored masters are the trained ones
+    assert all(p.grad is None for p in student.parameters())
+
+    class DictOut(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, inp):
+            h1 = torch.relu(self.net[0](inp))
+            h2 = torch.relu(self.net[2](h1))
+            return {"logits": self.net[4](h2), "hidden_states": (inp, h1, h2)}
+
+    res = distill(DictOut(copy.deepcopy(student)), DictOut(teacher), x, steps=2, loss=DistillLoss(hidden=1),
+                  progress=False)
+    assert res.steps == 2
+
+    counted = []
+    res = distill(copy.deepcopy(student), teacher, torch.randn(16, 32), epochs=1, loss=loss, progress=False,
+                  eval_fn=lambda m: counted.append(1) or 0.0)
+    assert res.steps == 1  # one batch of 16 rows, not 16 one-row steps
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    distill(copy.deepcopy(student), teacher, x, steps=2, loss=loss, progress=False, seed=7)
+    assert torch.equal(torch.rand(3), expected)
+
+    shared = nn.Sequential(*list(teacher))  # the same modules: training it trains the teacher
+    with pytest.raises(ValueError, match="trains parameters of the teacher"):
+        distill(shared, teacher, x, steps=1, loss=loss, progress=False)
+    with pytest.raises(TypeError, match="returns \\(total, \\{term: float\\}\\)"):
+        distill(copy.deepcopy(student), teacher, x, steps=1, progress=False,
+                loss=lambda s, t, b: ((s - t) ** 2).mean())
+    gated = bondgate.gate(compress(copy.deepcopy(teacher), CompressionConfig(max_bond=8), progress=False),
+                          bondgate.GatingConfig(controller="error"))
+    bondgate.fit_controllers(gated, x)
+    bondgate.set_budget(gated, 0.5, x)
+    bondgate.gating_report(gated, reset=True)
+    distill(gated, teacher, x, steps=1, loss=loss, progress=False, eval_fn=lambda m: float(m(x[0]).sum()))
+    assert all(r["rows"] == 0 for r in bondgate.gating_report(gated))  # evaluation is not gating traffic

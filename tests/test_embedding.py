@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -336,3 +337,41 @@ def test_every_lookup_path_returns_the_tables_rows(grad, monkeypatch):
     # without autograd: up to ~the cores' output digits of (non-kept, distinct) tokens are gathered
     assert gathered == ([] if grad else [0, 1, 1, 3])  # 5 ids: 3, 5, 5 (kept) and two others
     assert traced_lookup(layer._lookup_cores(), torch.zeros(0, dtype=torch.long), 48).shape == (0, 48)
+
+
+def test_uniform_allocation_keeps_the_tables_budget_rules():
+    """allocation='uniform' gave a table the linear layers' share whatever embedding_ratio said (0.277 for 0.05 and
+    for 0.9) and did not charge its kept rows (0.444 of the table at param_ratio=0.3)."""
+    torch.manual_seed(0)
+    table = torch.randn(600, 32) @ torch.randn(32, 32) * 0.3
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e, self.l = nn.Embedding(600, 32), nn.Linear(32, 8)
+            self.e.weight.data = table.clone()
+
+        def forward(self, x):
+            return self.l(self.e(x))
+
+    calib = [torch.randint(0, 600, (8, 64)) for _ in range(4)]
+    for alloc in ("uniform", "global"):
+        for ratio in (0.05, 0.9):
+            net = Net()
+            bondgate.compress(net, bondgate.CompressionConfig(param_ratio=0.3, allocation=alloc, embeddings=True,
+                                                              embedding_ratio=ratio), calibration=calib, progress=False)
+            assert 0.7 * ratio <= net.e.num_params / table.numel() <= ratio, (alloc, ratio)
+        net = Net()
+        bondgate.compress(net, bondgate.CompressionConfig(param_ratio=0.3, allocation=alloc, embeddings=True,
+                                                          embedding_rows=50), calibration=calib, progress=False)
+        assert net.e.kept_rows.shape[0] == 50
+        assert net.e.num_params <= 0.3 * table.numel(), alloc
+
+
+def test_kept_rows_only_for_ids_that_occur():
+    emb = nn.Embedding(100, 16)
+    counts = torch.zeros(100)
+    counts[[3, 7, 9]] = torch.tensor([5.0, 2.0, 1.0])
+    with pytest.warns(UserWarning, match="only 3 distinct ids occur"):
+        layer = MPOEmbedding.from_embedding(emb, max_bond=4, counts=counts, keep_rows=np.int64(10))
+    assert layer.kept_ids.tolist() == [3, 7, 9]

@@ -158,7 +158,9 @@ def test_edge_inputs_get_clear_errors_not_wrong_results(tmp_path):
         with pytest.raises(TypeError, match="not a tensor|tokenize it first"):
             bondgate.compress(copy.deepcopy(teacher), bondgate.CompressionConfig(param_ratio=0.5), calibration=bad,
                               progress=False)
-    gated = bondgate.gate(copy.deepcopy(student), bondgate.GatingConfig(levels=(0.5, 1.0), controller="error"))
+    wide = bondgate.compress(copy.deepcopy(teacher), bondgate.CompressionConfig(max_bond=4, num_cores=2),
+                             progress=False)  # bonds wider than 1: gate leaves bond-1 layers as they are
+    gated = bondgate.gate(wide, bondgate.GatingConfig(levels=(0.5, 1.0), controller="error"))
     with pytest.raises(ValueError, match="saw no input rows"):  # a 0-row batch: linalg.eigh on NaN
         bondgate.fit_controllers(gated, [torch.randn(0, 8)])
 

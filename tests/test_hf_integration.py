@@ -312,7 +312,7 @@ def test_broken_weights_fail_through_from_pretrained(tmp_path, writer, breakage,
         tensors[key] = tensors[key].reshape(-1).clone()
     save_file(tensors, str(path), metadata={"format": "pt"})
     if writer == "bondgate":  # re-recorded: the checksum check would refuse the file before the key checks
-        with pytest.raises(ValueError, match="corrupt or truncated"):
+        with pytest.raises(ValueError, match="is not the file bondgate saved"):
             AutoModel.from_pretrained(out)
         meta = json.loads((out / "bondgate.json").read_text())
         meta["weights"].update(bytes=path.stat().st_size, sha256=_sha256(path))
@@ -404,3 +404,55 @@ def test_automodel_checks_the_checksums_bondgate_save_pretrained_wrote(tmp_path)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="sha256"):
         AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_models_sharing_one_config_object_save_apart(tmp_path):
+    """A teacher and a student built from one config object: compressing the student recorded its layers on the
+    shared object, so the dense teacher's config.json described them (unloadable), and saving the teacher with
+    bondgate.save_pretrained deleted them, so the student's own save came back dense with random weights."""
+    from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
+
+    cfg = BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128,
+                     vocab_size=100, max_position_embeddings=32, num_labels=3)
+    torch.manual_seed(0)
+    teacher, student = BertForSequenceClassification(cfg).eval(), BertForSequenceClassification(cfg).eval()
+    bondgate.compress(student, SMALL, progress=False)
+    assert student.config is not cfg and teacher.config is cfg
+    assert student.bert.config is student.config  # every module that held the shared object has the copy
+    bondgate.save_pretrained(teacher, tmp_path / "teacher_bg")
+    teacher.save_pretrained(tmp_path / "teacher_hf")
+    student.save_pretrained(tmp_path / "student_hf")
+    assert "quantization_config" not in json.loads((tmp_path / "teacher_hf" / "config.json").read_text())
+    ids = torch.randint(0, 100, (2, 8))
+    for d in ("teacher_bg", "teacher_hf"):
+        loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / d)
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, teacher(ids).logits)
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "student_hf")
+    assert any(isinstance(m, MPOLinear) for m in loaded.modules())
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, student(ids).logits, atol=1e-6)
+
+
+def test_another_head_class_leaves_the_compressed_head_out(tmp_path):
+    """A causal LM whose lm_head was compressed, loaded as a sequence classifier: the head is left out with a
+    warning, as transformers leaves out a dense head's weights (it was an error); offloading to disk is refused
+    with the reason (it was 'not loaded from the checkpoint')."""
+    from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False,
+                                      pad_token_id=0)).eval()
+    bondgate.compress(lm, bondgate.CompressionConfig(max_bond=4, num_cores=2), progress=False)
+    assert isinstance(lm.lm_head, MPOLinear)
+    bondgate.save_pretrained(lm, tmp_path / "lm")
+    with pytest.warns(UserWarning, match="has no module lm_head"):
+        cls = AutoModelForSequenceClassification.from_pretrained(tmp_path / "lm", num_labels=2)
+    assert isinstance(cls.model.layers[0].mlp.up_proj, MPOLinear)
+    with torch.no_grad():
+        assert torch.equal(cls.model(torch.arange(1, 9)[None]).last_hidden_state,
+                           lm.model(torch.arange(1, 9)[None]).last_hidden_state)
+    with pytest.raises(ValueError, match="offloading to disk"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "lm", device_map="auto", max_memory={"cpu": "20KB"},
+                                             offload_folder=str(tmp_path / "off"))

@@ -350,7 +350,7 @@ def test_truncated_safetensors(mlp_ckpt):
     path = mlp_ckpt / "model.safetensors"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="corrupt or truncated checkpoint.*bytes"):
+    with pytest.raises(ValueError, match="is not the file bondgate saved.*bytes"):
         bondgate.load(mlp_ckpt)
 
 
@@ -359,7 +359,7 @@ def test_bit_flipped_safetensors(mlp_ckpt):
     data = bytearray(path.read_bytes())
     data[-5] ^= 0x10
     path.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="corrupt or truncated checkpoint.*sha256"):
+    with pytest.raises(ValueError, match="is not the file bondgate saved.*sha256"):
         bondgate.load(mlp_ckpt)
 
 
@@ -455,7 +455,7 @@ def test_failed_load_leaves_user_model_untouched(mlp_ckpt, breakage):
         data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 1
         path.write_bytes(bytes(data))
-        message = "corrupt or truncated"
+        message = "is not the file bondgate saved"
     user = dense_mlp()
     snap = state_snapshot(user)
     with pytest.raises(ValueError, match=message):

@@ -463,8 +463,9 @@ def test_tables_fit_the_calibration_ids_and_keep_their_most_frequent_rows():
         compress(tied, CompressionConfig(**cfg, embedding_rows=4), calibration=calib, progress=False)
     with pytest.raises(ValueError, match="needs calibration data"):
         compress(copy.deepcopy(model), CompressionConfig(**cfg, embedding_rows=4), progress=False)
+    every_id = [torch.arange(512).reshape(32, 16)]  # kept rows are only ids the data shows
     with pytest.raises(ValueError, match="whole budget"):
-        compress(copy.deepcopy(model), CompressionConfig(**cfg, embedding_rows=300), calibration=calib,
+        compress(copy.deepcopy(model), CompressionConfig(**cfg, embedding_rows=300), calibration=every_id,
                  progress=False)
     with pytest.raises(ValueError, match="embeddings=True"):
         CompressionConfig(param_ratio=0.5, embedding_rows=4)
@@ -740,3 +741,73 @@ def test_hooks_follow_the_layer_and_parametrized_weights_are_left_alone():
     assert isinstance(model[0], bondgate.GatedMPOLinear)
     bondgate.set_mode(model, "full")
     assert torch.allclose(model(x), ref, atol=1e-5)  # the clamp survives gating too
+
+
+def test_flop_budget_holds_for_the_plans_the_layers_run():
+    """flops_ratio counts the FLOP-minimal contraction; the layers now choose their plans by FLOPs (timed plans ran
+    up to 3x more FLOPs: 0.19 of dense for a 0.1 budget); the report's FLOP column is at deploy_rows (was 128)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(128, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+                      nn.Linear(512, 64))
+    rows = 64
+    bondgate.compress(m, bondgate.CompressionConfig(param_ratio=0.5, flops_ratio=0.1, kinds=("mpo",),
+                                                    deploy_rows=rows), calibration=[torch.randn(1024, 128)],
+                      progress=False)
+    report = m.bondgate_report
+    assert report.flop_rows == rows and f"FLOPs vs dense ({rows} rows)" in report.table()
+    used = dense = 0
+    for r in report.layers:
+        layer = m.get_submodule(r.name)
+        dense += 2 * rows * r.in_features * r.out_features
+        if isinstance(layer, MPOLinear):
+            assert layer.policy.select == "flops"
+            assert layer.flops(rows) == r.flops_mpo
+            used += layer.flops(rows)
+        else:
+            used += 2 * rows * r.in_features * r.out_features
+    assert used <= 0.1 * dense
+
+
+def test_options_that_cannot_act_are_refused_or_warned():
+    with pytest.raises(ValueError, match="allocation='uniform' spreads a param_ratio budget"):
+        bondgate.CompressionConfig(max_bond=4, allocation="uniform")
+    with pytest.raises(ValueError, match="layer_weighting='sensitivity' weighs layers"):
+        bondgate.CompressionConfig(tol=0.1, layer_weighting="sensitivity")
+    with pytest.raises(ValueError, match="layer_weighting='absolute' weighs layers"):
+        bondgate.CompressionConfig(param_ratio=0.5, allocation="uniform", layer_weighting="absolute")
+    with pytest.raises(ValueError, match="num_cores=1 is the dense weight itself"):
+        bondgate.CompressionConfig(param_ratio=0.5, num_cores=1)
+    assert bondgate.CompressionConfig(param_ratio=0.5, num_cores=1, kinds=("lowrank",)).num_cores == 1
+
+    def model():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Embedding(50, 32), nn.Sequential(nn.Linear(32, 64), nn.ReLU()), nn.Linear(64, 32))
+        return net
+
+    ids = [torch.randint(0, 50, (64,))]
+    with pytest.warns(UserWarning, match=r"exclude \['qeury'\] match no module"):
+        bondgate.compress(model(), bondgate.CompressionConfig(param_ratio=0.5, exclude=["qeury"]), calibration=ids,
+                          progress=False)
+    with pytest.warns(UserWarning, match=r"not layers: .*1 \(Sequential\)"):
+        bondgate.compress(model(), bondgate.CompressionConfig(param_ratio=0.5, target_modules=["1", "2"]),
+                          calibration=ids, progress=False)
+    with pytest.warns(UserWarning, match="no nn.Embedding table is selected"):
+        bondgate.compress(model(), bondgate.CompressionConfig(param_ratio=0.5, embeddings=True, exclude=["0"]),
+                          calibration=ids, progress=False)
+    with pytest.raises(ValueError, match="with calibrate=True"):
+        bondgate.compress(model(), bondgate.CompressionConfig(param_ratio=0.5, calibrate=False,
+                                                              layer_weighting="sensitivity"), calibration=ids)
+    tied = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 64))
+    tied[2].weight = tied[0].weight
+    with pytest.warns(UserWarning, match="skipping 2: weight is tied to 0.weight"):
+        bondgate.compress(tied, bondgate.CompressionConfig(param_ratio=0.5), calibration=[torch.randn(128, 32)],
+                          progress=False)
+
+
+def test_fewer_calibration_rows_than_inputs_warn():
+    """With 3 rows the report said output error 0.000 where 1,024 held-out rows gave 0.7."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    with pytest.warns(UserWarning, match="fewer calibration rows than inputs"):
+        bondgate.compress(m, bondgate.CompressionConfig(param_ratio=0.5), calibration=[torch.randn(3, 64)],
+                          progress=False)

@@ -34,9 +34,10 @@ def mpo_flops(out_f: Sequence[int], in_f: Sequence[int], widths: Sequence[int], 
     """FLOPs of an MPO layer's call of ``rows`` rows: the cheaper sweep, or rebuilding the weight and one GEMM
     (what the planner falls back to at large row counts). Closed form, cheap enough for every menu entry.
 
-    An upper bound on the planner's cost: its plans also contract cores with each other before the input
-    (``planner.min_flops``, ~5 ms per call, too slow for a menu), which for 4 or more cores, or uneven factors, can
-    be cheaper (measured on model layers at 1-16 rows: 1.0x-1.1x for 3 cores, 1.3x-1.9x for 4; on random shapes
+    An upper bound on the FLOP-minimal plan's cost (a plan chosen by timing may run more FLOPs where that is faster;
+    ``CompressionConfig(flops_ratio=...)`` therefore has its layers choose by FLOPs): the planner's plans also
+    contract cores with each other before the input (``planner.min_flops``, ~5 ms per call, too slow for a menu),
+    which for 4 or more cores, or uneven factors, can be cheaper (measured on model layers at 1-16 rows: 1.0x-1.1x for 3 cores, 1.3x-1.9x for 4; on random shapes
     up to 2.1x, 4.6x and 10x for 3, 4 and 5 cores). A FLOP budget is then met with
     that margin, and a time budget's fitted throughput absorbs part of it."""
     r = [1, *widths, 1]

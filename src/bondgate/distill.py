@@ -42,15 +42,20 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 class DistillLoss:
     """Weights of the loss terms (0 disables a term).
 
-    hidden: relative MSE ``||h_s - h_t||^2 / mean(h_t^2)`` averaged over all hidden states, paired layer by
-        layer (needs a model that returns ``hidden_states``; :func:`distill` asks transformers models for them
-        when the batches are dicts of model inputs). An encoder-decoder's encoder and decoder states are both
+    hidden: relative MSE ``||h_s - h_t||^2 / mean(h_t^2)`` averaged over the hidden states but the first, paired
+        layer by layer (``hidden_states[0]`` is a transformers model's embedding output; a model returning one state
+        is matched on it); needs a model that returns ``hidden_states`` (a field, attribute or dict key;
+        :func:`distill` asks transformers models for them when the batches are dicts of model inputs). An encoder-decoder's encoder and decoder states are both
         matched, each over its own mask (``attention_mask``, ``decoder_attention_mask``).
     logits: ``T^2 * KL(softmax(z_t/T) || softmax(z_s/T))`` per token (an encoder-decoder's: per decoder token).
     pooled: ``1 - cos`` between mask-mean-pooled last hidden states (sentence embeddings; an encoder-decoder's
         encoder states).
-    output: relative MSE between the model outputs when they are plain tensors (e.g. an MLP).
+    output: relative MSE between the model outputs when they are plain tensors (e.g. an MLP); over every position
+        (no mask: for a transformers model use ``hidden`` / ``logits`` / ``pooled``, which skip padding).
     task: the student's own ``loss`` (transformers models compute it when the batch has ``labels``).
+
+    A loss of your own passed to :func:`distill` is called as ``loss(student_out, teacher_out, batch)`` and returns
+    ``(total, {term: float})``: the scalar tensor to minimize and the values to log.
     """
 
     hidden: float = 1.0
@@ -78,9 +83,11 @@ class DistillLoss:
         out_mask = masks.get("decoder_attention_mask") if seq2seq else masks.get("attention_mask")
         terms: dict[str, torch.Tensor] = {}
         if self.hidden > 0:
+            # hs[0] is a transformers model's embedding output, left out (uncompressed, unless embeddings=True: then
+            # the next state carries its error); a model with a single hidden state is matched on it
             per = [_masked_mean((a - b) ** 2, mask) / _masked_mean(b**2, mask).clamp_min(1e-12)
                    for hs, ht, mask in _hidden_states(student_out, teacher_out, "hidden", masks)
-                   for a, b in zip(hs[1:], ht[1:])]  # hs[0] is the embedding output: not compressed
+                   for a, b in zip(hs[1:] if len(hs) > 1 else hs, ht[1:] if len(ht) > 1 else ht)]
             terms["hidden"] = torch.stack(per).mean()
         if self.logits > 0:
             zs, zt = _same_shape(model_output(student_out), model_output(teacher_out), "logits")
@@ -101,7 +108,7 @@ class DistillLoss:
             ys, yt = _same_shape(model_output(student_out), model_output(teacher_out), "output")
             terms["output"] = ((ys - yt) ** 2).mean() / (yt**2).mean().clamp_min(1e-12)
         if self.task > 0:
-            loss = getattr(student_out, "loss", None)
+            loss = _field(student_out, "loss")
             if loss is None:
                 raise ValueError("DistillLoss(task>0) needs a student output with .loss (pass labels)")
             terms["task"] = loss
@@ -119,6 +126,8 @@ def _is_seq2seq(out) -> bool:
 
 
 def _field(out, name: str):
+    if isinstance(out, Mapping):  # a plain dict output (transformers' ModelOutput is one too: same keys)
+        return out.get(name)
     try:
         return getattr(out, name, None)
     except KeyError:  # a dict-like output whose __getattr__ reads its keys
@@ -197,7 +206,7 @@ def _step_loss(student: nn.Module, batch, t_out, loss: Callable, want_hidden: bo
     s_out = _call(student, batch, want_hidden)
     device = model_device(student)
     batch, t_out = to_device(batch, device), to_device(t_out, device)  # a teacher may sit on another device
-    total, parts = loss(s_out, t_out, batch)
+    total, parts = _loss_value(loss(s_out, t_out, batch))
     aux = aux_losses(student)  # of this forward, before the full-width pass
     if aux is not None:
         total = total + aux
@@ -206,14 +215,28 @@ def _step_loss(student: nn.Module, batch, t_out, loss: Callable, want_hidden: bo
         from .gating import full_width
 
         with full_width(student):
-            full_total, _ = loss(_call(student, batch, want_hidden), t_out, batch)
+            full_total, _ = _loss_value(loss(_call(student, batch, want_hidden), t_out, batch))
         parts["full_width"] = float(full_total.detach())
         total = total + full_total
     return total, parts, s_out
 
 
+def _loss_value(value) -> tuple[torch.Tensor, dict]:
+    if not (isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], torch.Tensor)
+            and isinstance(value[1], Mapping)):
+        raise TypeError(f"a distill loss returns (total, {{term: float}}): the scalar tensor to minimize and the values "
+                        f"to log; got {type(value).__name__}")
+    return value
+
+
 @dataclass
 class DistillResult:
+    """What :func:`distill` did: ``steps`` taken, ``stopped`` (why it ended), ``best_step`` / ``best_metric`` (with an
+    ``eval_fn``: the weights returned are that step's), ``planned_steps`` (the schedule's length; estimated under a
+    time budget) and ``history``: loss records ``{"step", "loss": {term: value}, "seconds"}`` every ``log_every``
+    steps (each value a moving average, ``0.9 * previous + 0.1 * this step``) and evaluation records
+    ``{"step", "metric", "seconds"}``."""
+
     steps: int = 0
     seconds: float = 0.0  # wall time of the whole call
     eval_seconds: float = 0.0  # of which spent in eval_fn
@@ -250,9 +273,12 @@ def distill(
     seed: int = 0,
     sandwich: bool = False,
 ) -> DistillResult:
-    """Train ``student`` to imitate ``teacher`` on ``data`` (an iterable of batches, re-iterated per epoch).
-    The teacher runs in eval mode under ``no_grad``; its parameters and train/eval flags are left as they were.
-    The student is returned in eval mode.
+    """Train ``student`` to imitate ``teacher`` on ``data`` (an iterable of batches, re-iterated per epoch; one tensor
+    or dict is one batch). The teacher runs in eval mode under ``no_grad``; its parameters and train/eval flags are
+    left as they were (a student that would train one of its parameters is refused). The student trains in train
+    mode — its dropout is on, as in any fine-tuning, so the logged losses include that noise — and is returned in
+    eval mode. ``seed`` seeds this call only (the caller's random state is restored). ``loss``: a
+    :class:`DistillLoss` or a callable ``(student_out, teacher_out, batch) -> (total, {term: float})``.
 
     Stops at ``steps``, after ``epochs``, after ``max_minutes`` of training wall time (time spent in
     ``eval_fn`` is not counted; ``DistillResult.eval_seconds`` reports it), or when ``eval_fn``
@@ -288,9 +314,15 @@ def distill(
     if max_minutes is not None and (isinstance(max_minutes, bool) or not isinstance(max_minutes, (int, float))
                                     or not math.isfinite(max_minutes) or max_minutes <= 0):
         raise ValueError(f"max_minutes must be a positive finite number, got {max_minutes!r}")
-    if isinstance(data, Iterator) and (epochs or 0) != 1:
+    if isinstance(data, (torch.Tensor, Mapping)):  # one batch, as compress reads calibration data (not its rows)
+        data = [data]
+    if isinstance(data, Iterator) and steps is None and max_minutes is None and (epochs or 0) != 1:
         warnings.warn("distill: data is a one-shot iterator, so it can be read for one epoch only; pass a list or "
                       "a DataLoader to train for more", stacklevel=2)
+    if steps is None and max_minutes is None and not hasattr(data, "__len__"):
+        warnings.warn("distill: with epochs on data of unknown length the schedule has no end to plan for: the "
+                      "learning rate stays at lr (no warmup or decay); give steps, or data with a length",
+                      stacklevel=2)
     for name, value in (("eval_every", eval_every), ("log_every", log_every), ("patience", 1 if patience is None else patience)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int{' or None' if name == 'patience' else ''}, got {value!r}")
@@ -312,7 +344,27 @@ def distill(
     if sandwich:
         _check_sandwich(student)
     want_hidden = isinstance(loss, DistillLoss) and loss.wants_hidden()
-    torch.manual_seed(seed)
+    teacher_params = {id(p) for p in teacher.parameters()}
+    shared = [n for n, p in student.named_parameters() if p.requires_grad and id(p) in teacher_params]
+    if shared:
+        raise ValueError(f"the student trains parameters of the teacher ({', '.join(shared[:3])}"
+                         f"{', ...' if len(shared) > 3 else ''}): distilling would change the teacher; give the "
+                         "student its own copy (copy.deepcopy(teacher) before compressing)")
+    device = model_device(student)
+    # seeded for this call only: the caller's random state is given back afterwards
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return _distill(student, teacher, data, loss, steps, epochs, max_minutes, clock, lr, weight_decay, warmup,
+                        grad_clip, eval_fn, eval_every, higher_is_better, patience, log_every, progress, sandwich,
+                        want_hidden, tqdm)
+
+
+def _distill(student, teacher, data, loss, steps, epochs, max_minutes, clock, lr, weight_decay, warmup, grad_clip,
+             eval_fn, eval_every, higher_is_better, patience, log_every, progress, sandwich, want_hidden,
+             tqdm) -> DistillResult:
+    from .gating import preserved_state
+    from .quant import master_state
+
     # the teacher runs under no_grad in eval mode; its parameters and train/eval flags are left as they were
     with eval_mode(teacher):
         params = [p for p in student.parameters() if p.requires_grad]
@@ -349,7 +401,7 @@ def distill(
                 return False
             te, ce = time.perf_counter(), clock()
             student.eval()
-            with torch.no_grad():
+            with torch.no_grad(), preserved_state(student):  # evaluation is not gating traffic (counts, price)
                 metric = float(eval_fn(student))
             student.train()
             res.eval_seconds += time.perf_counter() - te
@@ -359,7 +411,8 @@ def distill(
                 metric > res.best_metric if higher_is_better else metric < res.best_metric))  # NaN is never the best
             if better:
                 res.best_metric, res.best_step = metric, step
-                best_state = copy.deepcopy(student.state_dict())
+                with master_state():  # an int8 layer's full-precision masters, not their int8 grid values
+                    best_state = copy.deepcopy(student.state_dict())
             # history also holds the loss logs: count evaluations only
             evals_since = sum(1 for h in res.history if "metric" in h and h["step"] > (res.best_step or 0))
             return patience is not None and evals_since >= patience
@@ -440,6 +493,7 @@ def distill(
             evaluate(step)
         if best_state is not None:
             student.load_state_dict(best_state)
+        opt.zero_grad(set_to_none=True)  # no gradients left holding memory
         student.eval()
         res.steps, res.seconds, res.planned_steps = step, time.perf_counter() - t0, planned
         res.budget_seconds = spent()

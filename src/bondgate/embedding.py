@@ -43,6 +43,8 @@ frequency-weighted; the 4096 most frequent rows kept (85% of dev tokens) + weigh
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -210,8 +212,10 @@ class MPOEmbedding(nn.Module):
             raise ValueError(f"the row of padding_idx={emb.padding_idx} is nonzero; MPOEmbedding supports only a "
                              "zero padding row (its lookup returns zeros there)")
         out_f, in_f = table_factors(*E.shape, num_cores, form)
-        if isinstance(keep_rows, bool) or not isinstance(keep_rows, int) or not 0 <= keep_rows <= E.shape[0]:
+        if isinstance(keep_rows, bool) or not isinstance(keep_rows, numbers.Integral) \
+                or not 0 <= keep_rows <= E.shape[0]:
             raise ValueError(f"keep_rows must be an int in [0, {E.shape[0]}], got {keep_rows!r}")
+        keep_rows = int(keep_rows)
         if keep_rows and counts is None:
             raise ValueError("keep_rows needs counts (it keeps the most frequent ids' rows)")
         if counts is not None:
@@ -220,6 +224,7 @@ class MPOEmbedding(nn.Module):
                 raise ValueError(f"counts must be num_embeddings={E.shape[0]} finite non-negative frequencies "
                                  f"(one per row), got shape {tuple(counts.shape)}")
         kept = most_frequent(counts, keep_rows) if keep_rows else None
+        kept = kept if kept is not None and kept.numel() else None
         legs = None if counts is None else row_weight_legs(counts, out_f)
         mpo = MPO.from_matrix(table_target(E.double(), out_f, in_f, legs, kept), out_factors=out_f, in_factors=in_f,
                               max_bond=max_bond, tol=tol)
@@ -488,9 +493,13 @@ def table_factors(num_embeddings: int, embedding_dim: int, num_cores: int = 3,
 
 
 def most_frequent(counts: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k`` ids with the largest ``counts`` (ties: the lower id), sorted: int64 ``(k,)``."""
+    """The ``k`` ids with the largest ``counts`` (ties: the lower id), sorted: int64 ``(k,)``; fewer, with a warning,
+    when fewer than ``k`` ids were seen (an exact row of an id never seen buys nothing the counts know of)."""
     counts = torch.as_tensor(counts, dtype=torch.float64).cpu()
-    order = torch.sort(-counts, stable=True).indices[:k]
+    seen = int((counts > 0).sum())
+    if seen < k:
+        warnings.warn(f"only {seen} distinct ids occur in the counts: keeping {seen} exact rows, not {k}", stacklevel=3)
+    order = torch.sort(-counts, stable=True).indices[:min(k, seen)]
     return order.sort().values
 
 

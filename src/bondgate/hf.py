@@ -250,6 +250,7 @@ def _define() -> dict[str, type]:
             return config
 
         def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs: Any):
+            _no_disk_offload(kwargs.get("device_map"))
             self._plan = _prepare(model, self.quantization_config, checkpoint_files, self._dtype)
             return model
 
@@ -331,7 +332,8 @@ def attach(model: nn.Module) -> nn.Module:
         return model
     layers, _ = _io._collect_layers(model)
     if not layers:
-        if current is not None:
+        # a record bound to another model (one config object shared by a teacher and its student) is that model's
+        if current is not None and getattr(current, "model", None) in (model, None):
             del config.quantization_config
         return model
     _drop_weight_ties(model, layers)
@@ -341,8 +343,27 @@ def attach(model: nn.Module) -> nn.Module:
         warnings.warn(f"{exc}: config.json will not describe the bondgate layers", stacklevel=2)
         return model
     if not (isinstance(current, _define()["BondgateConfig"]) and current.model is model):
+        config = _own_config(model)
         config.quantization_config = _define()["BondgateConfig"]().bind(model)
     return model
+
+
+def _own_config(model: nn.Module):
+    """Give ``model`` a config object of its own before recording its bondgate layers there: a config shared with
+    another model (a teacher and a student built from one ``BertConfig``) would describe this model's layers in the
+    other's ``config.json``. Every module of ``model`` that held the shared object gets the copy."""
+    old = model.config
+    quant = old.__dict__.pop("quantization_config", None)  # not copied: it is bound to a model
+    try:
+        new = copy.deepcopy(old)
+    finally:
+        if quant is not None:
+            old.quantization_config = quant
+    for module in model.modules():
+        for name, value in list(vars(module).items()):
+            if value is old:
+                setattr(module, name, new)
+    return new
 
 
 def _drop_weight_ties(model: nn.Module, layers: dict) -> None:
@@ -479,13 +500,29 @@ def _prepare(model: nn.Module, qc: Any, checkpoint_files, dtype: torch.dtype | N
                          f"bondgate.from_pretrained(dir) (int8 models must be saved that way: one written by "
                          f"transformers' own save_pretrained has no bondgate.json and cannot be read back)")
     _verify_checkpoint(checkpoint_files)
-    # a head-less class (AutoModel) reading a checkpoint of a model with a head: the head's layers are left out,
-    # as transformers leaves out a dense head's weights
+    # a class without a module the checkpoint's model had (AutoModel reading a model with a head, a classifier reading
+    # a causal LM whose lm_head was compressed): those layers are left out, as transformers leaves out a dense
+    # module's weights (its load report lists their keys as unexpected)
     prefix = getattr(model, "base_model_prefix", "") or ""
     headless = bool(prefix) and getattr(model, "base_model", None) is model \
         and any(n.startswith(prefix + ".") for n in qc.layers)  # saved from a model around this base
-    dropped = {n for n in [*qc.layers, *qc.layer_aliases]
-               if headless and not n.startswith(prefix + ".") and _resolve(model, n) is None}
+    base = getattr(model, prefix, None) if prefix else None  # a head model's base (None in the base model itself)
+
+    def absent(n: str) -> bool:
+        """A module this class does not build: one outside the base model (another head), or one whose parent is
+        missing too (e.g. a pooler the class leaves out). A missing layer inside a block the model has is an error
+        below: a config naming a layer the architecture does not have."""
+        if _resolve(model, n) is not None:
+            return False
+        parent = n.rpartition(".")[0]
+        outside = (headless or isinstance(base, nn.Module)) and not n.startswith(prefix + ".")
+        return outside or (bool(parent) and _resolve(model, parent) is None)
+
+    dropped = {n for n in [*qc.layers, *qc.layer_aliases] if absent(n)}
+    if dropped and not (headless and all(not n.startswith(prefix + ".") for n in dropped)):
+        warnings.warn(f"{where}: this model has no module {', '.join(sorted(dropped)[:4])}"
+                      f"{', ...' if len(dropped) > 4 else ''}, which the checkpoint compressed: left out (loaded with "
+                      f"another class than the one saved; its own new modules are initialized as usual)", stacklevel=2)
     layer_aliases = {a: t for a, t in qc.layer_aliases.items() if a not in dropped}
     tensor_aliases = {k: t for k, t in qc.tensor_aliases.items()
                       if _under(k, dropped) is None and _under(t, dropped) is None}
@@ -581,6 +618,13 @@ def _map_key(model: nn.Module, key: str, keys) -> str | None:
     return next((c for c in _candidates(model, key) if c in keys), None)
 
 
+def _no_disk_offload(device_map) -> None:
+    if isinstance(device_map, dict) and ("disk" in device_map.values()):
+        raise ValueError("offloading to disk (a device_map with 'disk', e.g. from a small max_memory) is not supported "
+                         "for bondgate layers: give the model room in memory (max_memory) or load it with "
+                         "device_map='cpu' (a compressed model needs less of it than the dense one)")
+
+
 def _finish(model: nn.Module, plan: dict[str, Any]) -> None:
     """Replace the loaded empty layers by layers built by their classes, holding the loaded tensors."""
     if not plan:
@@ -592,6 +636,7 @@ def _finish(model: nn.Module, plan: dict[str, Any]) -> None:
     names, groups, source = plan["names"], plan["groups"], plan["source"]
     state = model.state_dict(keep_vars=True)
     value = {}
+    _no_disk_offload(getattr(model, "hf_device_map", None))  # "auto" is resolved to a map only after the layers
     for r, members in groups.items():
         t = state[source[r]]
         if t.is_meta or not getattr(t, "_is_hf_initialized", False):

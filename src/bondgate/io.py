@@ -651,10 +651,21 @@ def _verify_file(path: Path, record: dict) -> None:
         raise FileNotFoundError(f"checkpoint file not found: {path} (listed in {META_NAME})")
     size, want = path.stat().st_size, record["bytes"]
     if size != want:
-        raise ValueError(f"corrupt or truncated checkpoint: {path} has {size} bytes, {META_NAME} records {want}")
+        raise ValueError(f"{path} is not the file bondgate saved: {size} bytes, {META_NAME} records {want}"
+                         + _remedy(path))
     sha, want_sha = _sha256(path), record["sha256"].lower()
     if sha != want_sha:
-        raise ValueError(f"corrupt or truncated checkpoint: sha256 of {path} is {sha}, {META_NAME} records {want_sha}")
+        raise ValueError(f"{path} is not the file bondgate saved: sha256 {sha}, {META_NAME} records {want_sha}"
+                         + _remedy(path))
+
+
+def _remedy(path: Path) -> str:
+    """A file that differs from the record is damaged, or the directory was saved into again after bondgate saved it
+    (by transformers' save_pretrained, a tokenizer's or generation config's, an edit): say what to do in either case."""
+    return (f". Either the file is damaged (a truncated copy, a bad disk), or the directory was saved into again "
+            f"after bondgate.save_pretrained (transformers' or a tokenizer's save_pretrained, an edited config.json): "
+            f"then save the model again with bondgate.save_pretrained, or delete {path.parent / META_NAME} to load "
+            f"the directory as transformers wrote it (from_pretrained after `import bondgate`)")
 
 
 def _verify_files(directory: Path, meta: dict) -> None:

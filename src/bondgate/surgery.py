@@ -57,7 +57,7 @@ from .factors import factorize_shape
 from .layer import MPOLinear, carry_hooks, outside_inference_mode, overrides_forward
 from .lowrank import LowRankLinear
 from .mpo import MPO
-from .planner import MAX_CORES
+from .planner import MAX_CORES, PlanPolicy
 from .quant import check_quant, fake_quant
 from .recurrent import Recurrent, reroll, unroll
 
@@ -124,8 +124,10 @@ class CompressionConfig:
             ``U @ V``). Default: ``("mpo",)``, or ``("mpo", "lowrank")`` when a time or FLOP budget is given.
         max_latency_ratio: the targeted layers' predicted time per call at ``deploy_rows`` rows must be at most this
             fraction of the dense layers' (time measured on this machine: not deterministic).
-        flops_ratio: the same with FLOPs (deterministic). Give at most one of the two.
-        deploy_rows: the rows per layer call (tokens of a batch) the time, FLOPs and ``"auto"`` policy are judged at.
+        flops_ratio: the same with FLOPs (deterministic): the new layers then choose their contraction plans by
+            FLOPs instead of timing them, so that they run the FLOPs the budget counted. Give at most one of the two.
+        deploy_rows: the rows per layer call (tokens of a batch) the time, FLOPs (also the report's) and ``"auto"``
+            policy are judged at.
     """
 
     param_ratio: float | None = None
@@ -228,6 +230,15 @@ class CompressionConfig:
             raise ValueError(f"deploy_rows must be a positive int, got {self.deploy_rows!r}")
         if self.kinds is not None and self.kinds != ("mpo",) and self.param_ratio is None:
             raise ValueError("kinds other than 'mpo' need a param_ratio budget")
+        # options of the param_ratio budget's allocation: with max_bond / tol every layer is cut by itself
+        if self.allocation != "global" and self.param_ratio is None:
+            raise ValueError(f"allocation={self.allocation!r} spreads a param_ratio budget; with max_bond / tol every "
+                             "layer is cut by its own cap")
+        if self.layer_weighting != "relative" and (self.param_ratio is None or self.allocation != "global"):
+            raise ValueError(f"layer_weighting={self.layer_weighting!r} weighs layers in the global allocation of a "
+                             "param_ratio budget; it does nothing with max_bond / tol or allocation='uniform'")
+        if self.num_cores == 1 and ("mpo" in self.forms or (self.embeddings and self.embedding_form == "mpo")):
+            raise ValueError("num_cores=1 is the dense weight itself: an MPO needs at least 2 cores")
         if self.refine_steps < 0 or not (0 <= self.damping < math.inf):
             raise ValueError(f"refine_steps and damping must be >= 0 (damping finite), got {self.refine_steps!r} "
                              f"and {self.damping!r}")
@@ -334,7 +345,8 @@ class CompressionReport:
         """Markdown table, one row per targeted layer, with a totals row."""
         timed = any(r.time_us is not None for r in self.layers)
         head = ("| layer | shape (out x in) | form | factors (out / in) | bonds / rank | weights | kept | "
-                "weight err | output err | FLOPs vs dense |" + (" kernel | µs pred / meas / dense |" if timed else ""))
+                f"weight err | output err | FLOPs vs dense ({self.flop_rows} rows) |"
+                + (" kernel | µs pred / meas / dense |" if timed else ""))
         rows = [head, "|---" * (head.count("|") - 1) + "|"]
         us = (lambda v: "-" if v is None else f"{v:.0f}")
         flops = (lambda r: "-" if not r.flops_dense else f"{r.flops_mpo / r.flops_dense:.2f}x")  # a table: a lookup
@@ -479,12 +491,17 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str,
             tied = []  # LM heads tied to the table: they become its tied MPO head
         if tied:
             skipped[name] = f"weight is tied to {', '.join(tied)}; compressing it would untie them"
+            if not any(isinstance(model.get_submodule(o.rpartition(".")[0]), nn.Embedding) for o in tied):
+                # an LM head tied to its embedding is the usual case (the report lists it); two tied layers are not
+                warnings.warn(f"compress: skipping {name}: {skipped[name]} (the budget applies to the other layers)",
+                              stacklevel=3)
             continue
         if w.is_meta:
             raise ValueError(f"compress: {name}.weight is on the meta device (no values to factor); materialize the "
                              f"model first (e.g. load its weights, or model.to_empty(device='cpu') and load_state_dict)")
         if not torch.isfinite(w).all():
             skipped[name] = "weight contains NaN/Inf"
+            warnings.warn(f"compress: skipping {name}: its weight contains NaN/Inf", stacklevel=3)
             continue
         W = dense_weight(mod)
         out_f, in_f = factorize_shape(W.shape[0], W.shape[1], config.num_cores)
@@ -493,16 +510,39 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str,
             skipped[name] = f"no {len(out_f)}-core MPO of a {W.shape[0]}x{W.shape[1]} matrix is smaller than it"
             continue
         targets[name] = mod
-    if isinstance(config.target_modules, (list, tuple)):  # a name that matches no module is likely a typo
-        names = [n for n, _ in model.named_modules()]
-        unmatched = [s for s in config.target_modules if not any(_matches(n, [s]) for n in names)]
-        if unmatched:
-            warnings.warn(f"compress: target_modules {unmatched} match no module of the model", stacklevel=3)
+    _warn_selectors(model, config)
     if not targets:
         log.warning("compress: no layer to compress (skipped: %s)", skipped or "none matched")
+    elif config.embeddings and not any(isinstance(m, nn.Embedding) for m in targets.values()):
+        warnings.warn("compress: embeddings=True, but no nn.Embedding table is selected (target_modules / exclude)",
+                      stacklevel=3)
     for name, why in skipped.items():
         log.info("compress: skipping %s: %s", name, why)
     return targets, skipped
+
+
+def _warn_selectors(model: nn.Module, config: CompressionConfig) -> None:
+    """A selector entry that matches no module is likely a typo; a list entry naming a container selects nothing
+    (a list names layers, not subtrees)."""
+    modules = dict(model.named_modules())
+    for option in ("target_modules", "exclude"):
+        sel = getattr(config, option)
+        if sel is None:
+            continue
+        entries = [sel] if isinstance(sel, str) else list(sel)
+        unmatched = [e for e in entries if not any(_matches(n, e if isinstance(sel, str) else [e]) for n in modules if n)]
+        if unmatched:
+            warnings.warn(f"compress: {option} {unmatched if not isinstance(sel, str) else repr(sel)} match"
+                          f"{'es' if isinstance(sel, str) else ''} no module of the model", stacklevel=4)
+        if isinstance(sel, str):
+            continue
+        layer_types = (nn.Linear, nn.Embedding, nn.RNNBase, Recurrent, MPOLinear, LowRankLinear, MPOEmbedding)
+        containers = sorted({f"{e} ({type(m).__name__})" for e in entries for n, m in modules.items()
+                             if n and _matches(n, [e]) and not isinstance(m, layer_types) and not is_conv1d(m)})
+        if containers:
+            warnings.warn(f"compress: {option} entries name modules that are not layers: {', '.join(containers[:4])}; "
+                          "a list selects layers by name or dotted suffix, not what is inside a module: list the "
+                          r"layers, or give a regex such as 'encoder\.layer\.0\..*'", stacklevel=4)
 
 
 # ---------------------------------------------------------------------------------------------- compress
@@ -608,7 +648,7 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
 
     targets, skipped = find_targets(model, config)
     skipped.update(extra_skipped)
-    report = CompressionReport(config=config.to_dict())
+    report = CompressionReport(config=config.to_dict(), flop_rows=config.deploy_rows)
     names = module_names(model)
     data = as_batches(calibration, "compress") if (calibration is not None and config.calibrate) else None
     if data is not None and not data:
@@ -625,14 +665,16 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
             del tables[n], targets[n]
     if config.embedding_rows and tables:
         if not token_counts:
-            raise ValueError("embedding_rows needs calibration data (it keeps the most frequent ids' rows)")
+            raise ValueError("embedding_rows needs calibration data with calibrate=True (it keeps the most frequent "
+                             "ids' rows)")
         tied = [n for n, m in tables.items() if _tied_heads(model, m)]
         if tied:
             raise ValueError(f"embedding_rows cannot keep rows of {', '.join(tied)}: tied to an LM head, whose MPO "
                              "head would miss them (exclude the table or set embedding_rows=0)")
     sens = {}
     if not data and linear and config.layer_weighting == "sensitivity":
-        raise ValueError("layer_weighting='sensitivity' needs calibration data (the sensitivities are measured on it)")
+        raise ValueError("layer_weighting='sensitivity' needs calibration data with calibrate=True (the sensitivities "
+                         "are measured on it)")
     if data and linear and config.layer_weighting == "sensitivity" and config.param_ratio is not None \
             and config.allocation == "global":
         sens = layer_sensitivity(model, linear, data[: max(1, min(len(data), 8))])
@@ -651,7 +693,8 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
         if counts is not None:
             works[-1].counts, works[-1].legs = counts, row_weight_legs(counts, out_f)
             if config.embedding_rows:
-                works[-1].kept = most_frequent(counts, min(config.embedding_rows, W.shape[0]))
+                kept = most_frequent(counts, min(config.embedding_rows, W.shape[0]))
+                works[-1].kept = kept if kept.numel() else None
 
     widths: dict[str, Choice] = {}
     bar = (lambda it, desc: tqdm(it, desc=desc, leave=False)) if progress else (lambda it, desc: it)
@@ -668,19 +711,19 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
                 w.exact = MPO.from_matrix(w.whitened_padded(S), in_factors=w.in_f, out_factors=w.out_f)
             if "lowrank" in config.forms and not w.is_embedding:
                 w.svd = _whitened_svd(w, config.damping)
-        budget = int(config.param_ratio * sum(w.W.numel() for w in works))
-        if config.allocation == "global" and any(w.is_embedding for w in works):
-            # tables and linear layers are allocated separately (see CompressionConfig.embedding_ratio)
-            e_ratio = config.param_ratio if config.embedding_ratio is None else config.embedding_ratio
-            groups = [([w for w in works if not w.is_embedding], config.param_ratio),
-                      ([w for w in works if w.is_embedding], e_ratio)]
-            groups = [(g, int(r * sum(w.W.numel() for w in g)) - sum(w.kept.numel() * w.W.shape[1] for w in g
-                                                                       if w.kept is not None)) for g, r in groups if g]
-            if any(b <= 0 for _, b in groups):
+        # tables and linear layers are allocated separately (see CompressionConfig.embedding_ratio), under either
+        # allocation; a table's kept rows count against its group's budget
+        e_ratio = config.param_ratio if config.embedding_ratio is None else config.embedding_ratio
+        groups = [(g, r) for g, r in (([w for w in works if not w.is_embedding], config.param_ratio),
+                                      ([w for w in works if w.is_embedding], e_ratio)) if g]
+
+        def group_budget(group: list[_Work], ratio: float) -> int:
+            kept = sum(w.kept.numel() * w.W.shape[1] for w in group if w.kept is not None)
+            budget = int(ratio * sum(w.W.numel() for w in group)) - kept
+            if kept and budget <= 0:
                 raise ValueError(f"embedding_rows={config.embedding_rows} kept rows take the tables' whole budget: "
                                  "raise embedding_ratio or keep fewer rows")
-        else:
-            groups = [(works, budget)]
+            return budget
         if config.allocation == "global":
             menus = []
             for w in bar(works, "menus"):
@@ -704,29 +747,30 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
             if cost is not None and all(w.is_embedding for w in works):
                 raise ValueError("a time or FLOP budget needs linear layers among the targets")
             menu_of = {w.name: m for w, m in zip(works, menus)}
-            for group, group_budget in groups:
+            for group, ratio in groups:
                 gm = [menu_of[w.name] for w in group]
                 cost_budget = None
                 if cost is not None and not group[0].is_embedding:
                     cost_budget = cost[1] * sum(m.costs[0] for m in gm)  # entry 0 of every menu: stay dense
                     if cost_budget <= 0:
                         raise ValueError("a time or FLOP budget needs linear layers among the targets")
-                for w, wid in zip(group, allocate(gm, group_budget, cost_budget)):
+                for w, wid in zip(group, allocate(gm, group_budget(group, ratio), cost_budget)):
                     widths[w.name] = list(wid) if isinstance(wid, tuple) else wid
         else:
-            capped = [w for w in works if w.exact is not None]
-            for w in works:
-                if w.exact is None:  # kinds=("lowrank",): every layer the same fraction of its weights
-                    m, n = w.W.shape
-                    # at least rank 1 (a tiny budget must not leave the layer dense); dense where the rank saves nothing
-                    rank = max(1, int(config.param_ratio * m * n // (m + n)))
-                    widths[w.name] = rank if rank < min(m, n) else None
-            spectra = [LayerSpectrum([o * i for o, i in zip(w.out_f, w.in_f)], w.exact.bond_spectra or [],
-                                     w.weight, w.W.numel()) for w in capped]
-            if spectra:
-                cap = uniform_cap(spectra, int(config.param_ratio * sum(w.W.numel() for w in capped)))
-                for w, s in zip(capped, spectra):
-                    widths[w.name] = [min(cap, f) for f in s.full_widths]
+            for group, ratio in groups:
+                capped = [w for w in group if w.exact is not None]
+                for w in group:
+                    if w.exact is None:  # kinds=("lowrank",): every layer the same fraction of its weights
+                        m, n = w.W.shape
+                        # at least rank 1 (a tiny budget must not leave the layer dense); dense where it saves nothing
+                        rank = max(1, int(ratio * m * n // (m + n)))
+                        widths[w.name] = rank if rank < min(m, n) else None
+                spectra = [LayerSpectrum([o * i for o, i in zip(w.out_f, w.in_f)], w.exact.bond_spectra or [],
+                                         w.weight, w.W.numel()) for w in capped]
+                if spectra:
+                    cap = uniform_cap(spectra, group_budget(capped, ratio))
+                    for w, s in zip(capped, spectra):
+                        widths[w.name] = [min(cap, f) for f in s.full_widths]
 
     for w in bar(works, "compress"):
         wid = widths.get(w.name, [])
@@ -747,6 +791,8 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
                 layer, W_hat, bias = _dense_quantized(w, config.quantize)
                 row.output_error = _layer_report(w, None, W_hat, bias, report.flop_rows).output_error
                 row.weight_error = w.weight_error(W_hat)
+                if row.time_us is not None:  # the int8 layer it became, not the dense one
+                    row.time_us = measure(layer, config.deploy_rows) * 1e6
                 _swap(model, w, names, layer)
             continue
         ref = w.module.weight
@@ -779,13 +825,13 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
             mpo.error_exact = True
             layer = MPOLinear.from_mpo(mpo.to(dtype=ref.dtype, device=ref.device),
                                        None if bias is None else bias.to(dtype=ref.dtype, device=ref.device),
-                                       policy="memory" if config.policy == "auto" else config.policy)
+                                       policy=_plan_policy(config, "memory" if config.policy == "auto" else None))
             layer.quantize_(config.quantize)
             row = _layer_report(w, mpo, W_hat, bias, report.flop_rows)
             row.quant = config.quantize
             if config.policy == "auto":
                 policy, mpo_us, dense_us = _auto_policy(layer, config.deploy_rows)
-                layer.policy = policy
+                layer.policy = _plan_policy(config, policy)
                 row.time_dense_us = dense_us
                 row.time_us = min(mpo_us, dense_us) if policy == "speed" and mpo_us is not None else mpo_us
             row.policy = "speed" if layer.policy.cache_dense else "memory"
@@ -929,6 +975,14 @@ def _price(menu: LayerMenu, w: _Work, config: CompressionConfig, times: KindTime
     menu.cost_of, menu.rank_cost = mpo, low
 
 
+def _plan_policy(config: CompressionConfig, mode: str | None = None) -> str | PlanPolicy:
+    """A new layer's plan policy: ``mode`` (``"memory"`` / ``"speed"``; default: the config's). Under a FLOP budget
+    its plans are chosen by FLOPs, not timed, so that the layers run the FLOPs the budget counted (a timed plan may
+    run more FLOPs where they are faster on this machine)."""
+    mode = mode or config.policy
+    return PlanPolicy(cache_dense=mode == "speed", select="flops") if config.flops_ratio is not None else mode
+
+
 def _auto_policy(layer: MPOLinear, rows: int) -> tuple[str, float | None, float | None]:
     """``("speed" | "memory", MPO µs, dense µs at rows)``: speed if the layer's memory-mode plan is slower (or, when
     not timed, costlier in FLOPs) than its dense layer at 1 or ``rows`` rows."""
@@ -982,13 +1036,14 @@ def _build_embedding(model: nn.Module, w: _Work, wid, config: CompressionConfig,
     for name in names[id(w.module)]:
         model.set_submodule(name, layer)
     for _, head in heads:
-        tied = layer.as_linear(bias=head.bias is not None, policy="memory" if config.policy == "auto" else config.policy)
+        tied = layer.as_linear(bias=head.bias is not None,
+                               policy=_plan_policy(config, "memory" if config.policy == "auto" else None))
         if head.bias is not None:
             with torch.no_grad():
                 tied.bias.copy_(head.bias)
         tied.quantize_(config.quantize)
         if config.policy == "auto":  # a vocabulary-wide head is the costliest layer of a small LM: judged like the rest
-            tied.policy = _auto_policy(tied, config.deploy_rows)[0]
+            tied.policy = _plan_policy(config, _auto_policy(tied, config.deploy_rows)[0])
         tied.train(head.training)
         carry_hooks(head, tied)
         for alias in names[id(head)]:
@@ -1032,6 +1087,12 @@ def _check_stats(stats: dict[str, InputStats], targets: dict[str, nn.Module]) ->
         raise ValueError(f"the calibration data gives {len(dead)} layer(s) inputs that are all zero or do not vary "
                          f"between rows ({_short_list(dead)}): whitening by them would discard the weights. Pass real "
                          f"model inputs, or CompressionConfig(calibrate=False)")
+    few = [f"{n} ({st.rows} rows, {st.second.shape[0]} inputs)" for n, st in stats.items()
+           if st.rows < st.second.shape[0]]
+    if few:  # the fit and the reported errors only see the span of those rows (3 rows: error 0.000, 0.7 held out)
+        warnings.warn(f"compress: {len(few)} layer(s) saw fewer calibration rows than inputs ({_short_list(few, 3)}): "
+                      "the factorization fits, and the report's output errors measure, only the directions those rows "
+                      "span, so both understate the error on other inputs; pass more calibration rows", stacklevel=4)
 
 
 def _short_list(names: list[str], n: int = 5) -> str:

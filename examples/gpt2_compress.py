@@ -152,7 +152,7 @@ def cmd_heal(args) -> None:
                      lr=args.lr, eval_fn=lambda m: lm.evaluate_ppl(m, probe), higher_is_better=False,
                      eval_every=args.eval_every, patience=args.patience, progress=not args.no_progress)
     after = lm.evaluate_ppl(student, valid)
-    out_dir = Path(args.out or ROOT / "runs" / f"gpt2-wt2-{int(args.ratio * 100)}")
+    out_dir = Path(args.out or ROOT / "runs" / f"gpt2-wt2-{round(args.ratio * 100)}{args.tag}")
     bg.save_pretrained(student, out_dir, tokenizer=tok)
     result = {"machine": info, "ratio": args.ratio, "weights": block_weights(student),
               "dense_weights": block_weights(dense), "dense_ppl": dense_ppl, "ppl_before": before,
@@ -160,7 +160,7 @@ def cmd_heal(args) -> None:
               "distill_seconds": res.seconds - res.eval_seconds, "distill_budget_seconds": res.budget_seconds,
               "budget_clock": args.clock, "steps": res.steps, "stopped": res.stopped,
               "history": res.history, "args": vars(args), "checkpoint": str(out_dir)}
-    write_json(RESULTS / f"gpt2_heal_{int(args.ratio * 100)}.json", result)
+    write_json(RESULTS / f"gpt2_heal_{round(args.ratio * 100)}{args.tag}.json", result)
     print({k: v for k, v in result.items() if k not in ("history", "machine")})
 
 
@@ -178,6 +178,8 @@ def main(argv=None) -> None:
     c.add_argument("--tag", default="", help="suffix of the results files (default: the published gpt2_compare.*)")
     h = sub.add_parser("heal")
     h.add_argument("--ratio", type=number_arg(float, 0, 1, low_open=True, what="ratio"), default=0.5)
+    h.add_argument("--tag", default="", help="suffix of the results file and run folder (default: the published "
+                                            "gpt2_heal_<ratio>.json)")
     h.add_argument("--minutes", type=number_arg(float, 0, low_open=True, what="minutes"), default=15.0)
     h.add_argument("--lr", type=number_arg(float, 0, low_open=True, what="lr"), default=3e-4)
     h.add_argument("--clock", choices=["wall", "cpu"], default="cpu",

@@ -330,7 +330,7 @@ print(f"chi=32 MPO model trained from scratch   ROC-AUC {scratch_auc:.4f}")
 fine-tuning the other two layers gets close to the baseline (and the plain MLP's ROC-AUC is limited by
 the features, not by capacity). A properly initialized MPO model trained from scratch also lands close
 to the baseline — unlike the workshop, which found the from-scratch MPO model much worse (its
-initialization was not matched to `nn.Linear`'s scale). So the bank-marketing experiment is a **workflow check** — decompose, truncate,
+initialization may not have matched `nn.Linear`'s scale: our guess, not shown). So the bank-marketing experiment is a **workflow check** — decompose, truncate,
 evaluate, fine-tune, save — and not evidence of how well MPOs compress; notebook 03 does that on a
 transformer, where every layer matters. (In quick mode every training is cut to a few epochs, so the
 numbers are noisier; run with `BONDGATE_QUICK=0` for the full version.)

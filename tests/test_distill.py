@@ -527,6 +527,9 @@ def test_distill_review_fixes():
     shared = nn.Sequential(*list(teacher))  # the same modules: training it trains the teacher
     with pytest.raises(ValueError, match="trains parameters of the teacher"):
         distill(shared, teacher, x, steps=1, loss=loss, progress=False)
+    listed = distill(copy.deepcopy(student), teacher, x, steps=1, progress=False,  # a list works as a pair does
+                     loss=lambda s, t, b: [((s - t) ** 2).mean(), {"mse": 0.0}])
+    assert listed.steps == 1
     with pytest.raises(TypeError, match="returns \\(total, \\{term: float\\}\\)"):
         distill(copy.deepcopy(student), teacher, x, steps=1, progress=False,
                 loss=lambda s, t, b: ((s - t) ** 2).mean())

@@ -1255,7 +1255,10 @@ def test_gate_leaves_layers_without_a_bond():
     kept = MPOLinear.from_linear(nn.Linear(32, 48), num_cores=1)
     assert kept.bond_dims == ()
     m = nn.Sequential(kept, nn.ReLU(), MPOLinear.from_linear(nn.Linear(48, 64), max_bond=6))
+    named = copy.deepcopy(m)
     gate(m, GatingConfig(budget=0.5))
     assert type(m[0]) is MPOLinear and isinstance(m[2], GatedMPOLinear)
+    with pytest.warns(UserWarning, match="0 has no bond wider than 1"):  # named by the user: said, not silent
+        gate(named, GatingConfig(budget=0.5, target_modules=["0", "2"]))
     with pytest.raises(ValueError, match="none of the targeted layers has a bond wider than 1"):
         gate(nn.Sequential(MPOLinear.from_linear(nn.Linear(32, 48), num_cores=1)), GatingConfig(budget=0.5))

@@ -456,3 +456,33 @@ def test_another_head_class_leaves_the_compressed_head_out(tmp_path):
     with pytest.raises(ValueError, match="offloading to disk"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "lm", device_map="auto", max_memory={"cpu": "20KB"},
                                              offload_folder=str(tmp_path / "off"))
+
+
+def test_compressing_the_base_of_a_head_model_keeps_their_config_shared(tmp_path):
+    """The config copy for models built from one object must not separate a head model from its own base (its save
+    lost the layers: reloaded with random weights) nor an encoder-decoder from its sub-configs."""
+    from transformers import (
+        AutoModelForSequenceClassification,
+        BertForSequenceClassification,
+        EncoderDecoderConfig,
+        EncoderDecoderModel,
+    )
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, num_labels=2)
+    outer = BertForSequenceClassification(cfg).eval()
+    bondgate.compress(outer.bert, bondgate.CompressionConfig(max_bond=4, calibrate=False), progress=False)
+    assert outer.config is outer.bert.config is cfg
+    outer.save_pretrained(tmp_path / "outer")
+    back = AutoModelForSequenceClassification.from_pretrained(tmp_path / "outer").eval()
+    ids = torch.randint(0, 100, (2, 8))
+    assert isinstance(back.bert.encoder.layer[0].attention.self.query, MPOLinear)
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, outer(ids).logits)
+
+    sub = dict(vocab_size=100, hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128)
+    pair = EncoderDecoderModel(EncoderDecoderConfig.from_encoder_decoder_configs(
+        BertConfig(**sub), BertConfig(**sub, is_decoder=True, add_cross_attention=True)))
+    bondgate.compress(pair, bondgate.CompressionConfig(max_bond=4, calibrate=False), progress=False)
+    assert pair.encoder.config is pair.config.encoder and pair.decoder.config is pair.config.decoder

@@ -222,11 +222,11 @@ def _step_loss(student: nn.Module, batch, t_out, loss: Callable, want_hidden: bo
 
 
 def _loss_value(value) -> tuple[torch.Tensor, dict]:
-    if not (isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], torch.Tensor)
+    if not (isinstance(value, (tuple, list)) and len(value) == 2 and isinstance(value[0], torch.Tensor)
             and isinstance(value[1], Mapping)):
         raise TypeError(f"a distill loss returns (total, {{term: float}}): the scalar tensor to minimize and the values "
                         f"to log; got {type(value).__name__}")
-    return value
+    return value[0], value[1]
 
 
 @dataclass
@@ -352,7 +352,7 @@ def distill(
                          "student its own copy (copy.deepcopy(teacher) before compressing)")
     device = model_device(student)
     # seeded for this call only: the caller's random state is given back afterwards
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device.index or 0] if device is not None and device.type == "cuda" else []):
         torch.manual_seed(seed)
         return _distill(student, teacher, data, loss, steps, epochs, max_minutes, clock, lr, weight_decay, warmup,
                         grad_clip, eval_fn, eval_every, higher_is_better, patience, log_every, progress, sandwich,

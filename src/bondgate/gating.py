@@ -918,7 +918,12 @@ def gate(model: nn.Module, config: GatingConfig) -> nn.Module:
     # has one width only: a controller would cost FLOPs and a budget share for nothing
     if "" in names:
         raise ValueError("gate: pass a model containing MPO layers, not a bare MPOLinear")
-    names = [n for n in names if max(_bonds(model.get_submodule(n)), default=0) > 1]
+    one_width = [n for n in names if max(_bonds(model.get_submodule(n)), default=0) <= 1]
+    names = [n for n in names if n not in one_width]
+    if one_width and config.target_modules is not None and names:  # named by the user: say why it stays
+        warnings.warn(f"gate: {', '.join(one_width[:3])}{', ...' if len(one_width) > 3 else ''} ha"
+                      f"{'s' if len(one_width) == 1 else 've'} no bond wider than 1 (one width only): not gated",
+                      stacklevel=2)
     if not names:
         raise ValueError("gate: none of the targeted layers has a bond wider than 1 to gate (one-core MPOs hold a "
                          "dense weight; rank-1 pairs have one width)")
@@ -1149,6 +1154,7 @@ def _set_budget(model, layers, budget, data, per_layer, rounds, max_groups, cost
             for _, m in group:
                 m._buffer("budget_lambda").fill_(lam)
                 m.budget = float(budget)
+    predicted = _flops_at(layers, scores)  # on the scores the last round priced
     # the last round priced scores taken at the previous round's prices: measure at the final ones
     scores = _collect_scores(model, data)
     if max_groups is None:
@@ -1161,10 +1167,19 @@ def _set_budget(model, layers, budget, data, per_layer, rounds, max_groups, cost
             tracker.lam = float(group[0].budget_lambda)
             for m in group:
                 m._tracker = tracker
-    if achieved > 1.02 * budget and any(float(m.budget_lambda) >= PRICE_BOUND for _, m in layers):
+    at_bound = [n for n, m in layers if float(m.budget_lambda) >= PRICE_BOUND]
+    if achieved > 1.02 * budget and at_bound and len(at_bound) == (len(layers) if per_layer else len(at_bound)):
         warnings.warn(f"set_budget: a budget of {budget:g} is out of reach on this data: with every row at its "
                       f"cheapest level the gated layers spend {achieved:.3f} of full width (controllers included)",
                       stacklevel=3)
+    elif achieved > 1.02 * budget and at_bound:
+        warnings.warn(f"set_budget: the gated layers spend {achieved:.3f} of full width on this data, over the budget "
+                      f"of {budget:g}: {len(at_bound)} layer(s) cannot meet it even with every row at its cheapest "
+                      f"level ({', '.join(at_bound[:3])}{', ...' if len(at_bound) > 3 else ''})", stacklevel=3)
+    elif achieved > 1.02 * budget and predicted > 1.02 * budget:
+        warnings.warn(f"set_budget: the gated layers spend {achieved:.3f} of full width on this data, over the budget "
+                      f"of {budget:g}: no price meets it more closely (its levels are too coarse for these rows, or "
+                      "max_groups routes whole calls)", stacklevel=3)
     elif achieved > 1.02 * budget:
         warnings.warn(f"set_budget: the gated layers spend {achieved:.3f} of full width on this data at the final "
                       f"prices, over the budget of {budget:g}: the prices have not settled (each layer's inputs "

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import importlib.abc
 import json
 import re
@@ -349,22 +350,43 @@ def attach(model: nn.Module) -> nn.Module:
 
 
 def _own_config(model: nn.Module):
-    """Give ``model`` a config object of its own before recording its bondgate layers there: a config shared with
-    another model (a teacher and a student built from one ``BertConfig``) would describe this model's layers in the
-    other's ``config.json``. Every module of ``model`` that held the shared object gets the copy."""
+    """The config object to record ``model``'s bondgate layers on: its own, or — when another model was built from
+    the same object (a teacher and a student from one ``BertConfig``) — a copy that every module of ``model`` then
+    holds (the other model's ``config.json`` would describe this model's layers). A head model around ``model`` (its
+    base) shares the object legitimately: it is the same model."""
     old = model.config
+    if not _shared_with_another_model(model, old):
+        return old
     quant = old.__dict__.pop("quantization_config", None)  # not copied: it is bound to a model
     try:
         new = copy.deepcopy(old)
     finally:
         if quant is not None:
             old.quantization_config = quant
+    from transformers import PretrainedConfig
+
+    swap = {id(old): new}  # sub-configs (an encoder-decoder's encoder / decoder) go with their parent's copy
+    for name, value in vars(old).items():
+        if isinstance(value, PretrainedConfig):
+            swap[id(value)] = getattr(new, name)
     for module in model.modules():
         for name, value in list(vars(module).items()):
-            if value is old:
-                setattr(module, name, new)
+            if id(value) in swap and not isinstance(value, (nn.Module, torch.Tensor)):
+                setattr(module, name, swap[id(value)])
     return new
 
+
+def _shared_with_another_model(model: nn.Module, config) -> bool:
+    """Whether a module outside ``model``, and not a module containing it, holds ``config`` (a one-time scan of the
+    objects referring to it, when a model's layers are first recorded)."""
+    inside = {id(vars(m)) for m in model.modules()}
+    for ref in gc.get_referrers(config):
+        if not (isinstance(ref, dict) and id(ref) not in inside and "_modules" in ref and "_parameters" in ref):
+            continue
+        owners = [o for o in gc.get_referrers(ref) if isinstance(o, nn.Module) and vars(o) is ref]
+        if owners and not any(m is model for o in owners for m in o.modules()):
+            return True
+    return False
 
 def _drop_weight_ties(model: nn.Module, layers: dict) -> None:
     """transformers' ties of ``weight`` keys under bondgate layers (a tied LM head: ``lm_head.weight`` -> the token
@@ -508,11 +530,15 @@ def _prepare(model: nn.Module, qc: Any, checkpoint_files, dtype: torch.dtype | N
         and any(n.startswith(prefix + ".") for n in qc.layers)  # saved from a model around this base
     base = getattr(model, prefix, None) if prefix else None  # a head model's base (None in the base model itself)
 
+    saved = getattr(getattr(model, "config", None), "architectures", None) or []
+    other_class = type(model).__name__ not in saved  # loaded with another class than the checkpoint's model
+
     def absent(n: str) -> bool:
-        """A module this class does not build: one outside the base model (another head), or one whose parent is
-        missing too (e.g. a pooler the class leaves out). A missing layer inside a block the model has is an error
-        below: a config naming a layer the architecture does not have."""
-        if _resolve(model, n) is not None:
+        """A module another class than the saved one does not build: one outside the base model (another head), or
+        one whose parent is missing too (e.g. a pooler the class leaves out). A layer the saved class itself lacks,
+        or a missing layer inside a block the model has, is an error below (a config naming a layer the architecture
+        does not have)."""
+        if _resolve(model, n) is not None or not (other_class or headless):
             return False
         parent = n.rpartition(".")[0]
         outside = (headless or isinstance(base, nn.Module)) and not n.startswith(prefix + ".")

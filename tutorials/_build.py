@@ -1259,7 +1259,7 @@ converts a loaded model for CPU inference: each MPO layer becomes an int8 layer 
 pairs and plain linear layers become int8 too, each timed at `rows` rows per call and kept as it was where int8 is not
 faster (`deployed.bondgate_int8` says what each layer became). Ship the small bondgate checkpoint and convert after
 loading. The outputs change slightly (the activations' rounding, the weight rounded again per channel): measure the
-quality after converting, as `benchmarks/minilm_speed.py` does on MiniLM (STS-B dev 83.72 -> 83.40, 0.31-0.40x the
+quality after converting, as `benchmarks/minilm_speed.py` does on MiniLM (STS-B dev 83.72 -> 83.40, 0.30-0.40x the
 dense time, the speed of torch's int8 model from a 9% smaller checkpoint).
 '''),
     code('''

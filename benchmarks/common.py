@@ -79,6 +79,14 @@ def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 5, min_
     return {n: statistics.median(s) for n, s in samples.items()}
 
 
+def forward_fn(model: torch.nn.Module, inputs: dict) -> Callable[[], object]:
+    """A timeable call: ``model(**inputs)`` under ``torch.inference_mode``."""
+    @torch.inference_mode()
+    def run():
+        return model(**inputs)
+    return run
+
+
 def write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=1, default=str))

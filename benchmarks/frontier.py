@@ -59,7 +59,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "examples"))
-from common import banner, machine_info, time_interleaved, write_json  # noqa: E402
+from common import banner, forward_fn, machine_info, time_interleaved, write_json  # noqa: E402
 
 import bondgate as bg  # noqa: E402
 from bondgate.cli import number_arg  # noqa: E402
@@ -93,10 +93,7 @@ class MiniLM:
         return self.ms.stsb_score(model, self.tok, self.dev)
 
     def timer(self, model):
-        @torch.inference_mode()
-        def run():
-            model(**self.example)
-        return run
+        return forward_fn(model, self.example)
 
 
 class Stories:

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "examples"))
-from common import banner, machine_info, time_interleaved, write_json  # noqa: E402
+from common import banner, forward_fn, machine_info, time_interleaved, write_json  # noqa: E402
 
 import bondgate as bg  # noqa: E402
 from bondgate.cli import number_arg  # noqa: E402
@@ -52,13 +52,8 @@ def main(argv=None) -> dict:
               for k, v in batches.items()}
     models = {"dense": dense, "int8 dynamic": bg.quantize_int8(dense, target=ms.encoder_target)}
 
-    def runner(model, x):
-        @torch.inference_mode()
-        def run():
-            model(**x)
-        return run
 
-    fns = {(m, b): runner(models[m], inputs[b]) for m in models for b in inputs}
+    fns = {(m, b): forward_fn(models[m], inputs[b]) for m in models for b in inputs}
     samples: dict[str, list[float]] = {}
     times = time_interleaved({f"{m} | {b}": f for (m, b), f in fns.items()}, rounds=args.rounds, min_time=0.2,
                              samples_out=samples)

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "examples"))
-from common import banner, machine_info, time_interleaved, write_json  # noqa: E402
+from common import banner, forward_fn, machine_info, time_interleaved, write_json  # noqa: E402
 
 import bondgate as bg  # noqa: E402
 from bondgate.cli import number_arg  # noqa: E402
@@ -80,16 +80,11 @@ def main(argv=None) -> dict:
         policies[key] = policies.get(key, 0) + 1
     print(f"compressed in {compress_s:.0f} s; layer forms: {policies}", flush=True)
 
-    def runner(model, x):
-        @torch.inference_mode()
-        def run():
-            model(**x)
-        return run
 
     times, paired = {}, {}
     for b in args.batches:
         samples: dict[str, list[float]] = {}
-        times[b] = time_interleaved({k: runner(m, inputs[b]) for k, m in variants.items()}, rounds=args.rounds,
+        times[b] = time_interleaved({k: forward_fn(m, inputs[b]) for k, m in variants.items()}, rounds=args.rounds,
                                     min_time=0.3, samples_out=samples)
         paired[b] = {k: sorted(t / d for t, d in zip(v, samples["dense"])) for k, v in samples.items()}
         print(f"{b} sentences ({tuple(inputs[b]['input_ids'].shape)}): "

@@ -97,13 +97,13 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "bondgate"
 
 
-def _check_published(p: Path, relpath: str) -> None:
+def _check_published(p: Path, relpath: str, blob: bytes | None = None) -> None:
     """Warn when a file under its published name is not the published file (a truncated or edited copy loads
     fine and silently changes every figure computed on it)."""
     known = KNOWN_SHA256.get(relpath)
     if known is None or p.name != Path(relpath).name:
         return
-    blob = p.read_bytes()
+    blob = p.read_bytes() if blob is None else blob
     digest = hashlib.sha256(blob).hexdigest()
     # Windows line ends or a BOM load to the same text: the same file for every figure
     same_text = blob.removeprefix(b"\xef\xbb\xbf").replace(b"\r\n", b"\n")
@@ -286,10 +286,11 @@ def load_bank_marketing(path: str | os.PathLike | None = None, *, download: bool
 
 
 # ---------------------------------------------------------------------------------------- text
-def _read_text(p: Path) -> str:
+def _read_text(p: Path, relpath: str) -> str:
     # Decode bytes ourselves: no newline translation, so the text is byte-faithful to the file (but for a BOM,
-    # which editors that save "UTF-8" put first).
+    # which editors that save "UTF-8" put first). Checked against the published file (``relpath``) on the same bytes.
     blob = p.read_bytes()
+    _check_published(p, relpath, blob)
     try:
         return blob.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -308,8 +309,7 @@ def load_stsb(path: str | os.PathLike | None = None, split: str = "dev") -> list
     if split not in STSB_SPLITS:
         raise ValueError(f"STS-B split must be one of {STSB_SPLITS}, got {split!r}")
     p = resolve(f"stsb/sts-{split}.tsv", path, download=False)
-    _check_published(p, f"stsb/sts-{split}.tsv")
-    lines = [line.removesuffix("\r") for line in _read_text(p).split("\n")]  # "\r": Windows line ends
+    lines = [line.removesuffix("\r") for line in _read_text(p, f"stsb/sts-{split}.tsv").split("\n")]  # "\r": Windows line ends
     while lines and lines[-1] == "":  # trailing blank lines
         lines.pop()
     if not lines or lines[0].split("\t") != ["score", "sentence1", "sentence2"]:
@@ -342,8 +342,7 @@ def load_text(name: str, split: str, path: str | os.PathLike | None = None) -> s
     if split not in files:
         raise ValueError(f"{name} split must be one of {tuple(files)}, got {split!r}")
     p = resolve(files[split], path, download=False)
-    _check_published(p, files[split])
-    text = _read_text(p)
+    text = _read_text(p, files[split])
     if not text.strip():
         raise ValueError(f"{p}: the file holds no text")
     return text

@@ -351,22 +351,14 @@ def distill(
                          f"{', ...' if len(shared) > 3 else ''}): distilling would change the teacher; give the "
                          "student its own copy (copy.deepcopy(teacher) before compressing)")
     device = model_device(student)
-    # seeded for this call only: the caller's random state is given back afterwards
-    with torch.random.fork_rng(devices=[device.index or 0] if device is not None and device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        return _distill(student, teacher, data, loss, steps, epochs, max_minutes, clock, lr, weight_decay, warmup,
-                        grad_clip, eval_fn, eval_every, higher_is_better, patience, log_every, progress, sandwich,
-                        want_hidden, tqdm)
-
-
-def _distill(student, teacher, data, loss, steps, epochs, max_minutes, clock, lr, weight_decay, warmup, grad_clip,
-             eval_fn, eval_every, higher_is_better, patience, log_every, progress, sandwich, want_hidden,
-             tqdm) -> DistillResult:
     from .gating import preserved_state
     from .quant import master_state
 
-    # the teacher runs under no_grad in eval mode; its parameters and train/eval flags are left as they were
-    with eval_mode(teacher):
+    # seeded for this call only (the caller's random state is given back afterwards); the teacher runs under no_grad
+    # in eval mode, its parameters and train/eval flags left as they were
+    with torch.random.fork_rng(devices=[device.index or 0] if device is not None and device.type == "cuda" else []), \
+            eval_mode(teacher):
+        torch.manual_seed(seed)
         params = [p for p in student.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the student has no trainable parameters")

@@ -27,10 +27,10 @@ from functools import lru_cache
 __all__ = ["balanced_factors", "choose_factors", "factorize_shape"]
 
 
-def positive_int(value, what: str) -> int:
-    """``value`` as a Python ``int`` (any integral type, numpy's included; never a bool), or a ValueError."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+def positive_int(value, what: str, low: int = 1) -> int:
+    """``value`` as a Python ``int`` >= ``low`` (any integral type, numpy's included; never a bool), or a ValueError."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{what} must be {'a positive integer' if low == 1 else f'an integer >= {low}'}, got {value!r}")
     return int(value)
 
 

@@ -69,7 +69,6 @@ from .io import register_layer_type
 from .layer import (
     MPOLinear,
     bad_input,
-    carry_hooks,
     core_versions,
     kept,
     nested_forward,
@@ -80,7 +79,7 @@ from .layer import (
 )
 from .lowrank import LowRankLinear
 from .planner import get_plan, min_flops, sweep_views
-from .surgery import _matches, check_selector, module_names
+from .surgery import _matches, check_selector, module_names, swap_module
 
 __all__ = ["GatingConfig", "GatedMPOLinear", "gate", "set_mode", "set_budget", "fit_controllers", "gating_report",
            "average_flops", "width_error_curve", "route", "PriceTracker"]
@@ -933,10 +932,7 @@ def gate(model: nn.Module, config: GatingConfig) -> nn.Module:
         # prefix of the rank (the SVD's leading directions) and run the nested-prefix kernel
         mpo_layer = layer.to_mpo_linear() if isinstance(layer, LowRankLinear) else layer
         g = GatedMPOLinear.from_mpo_linear(mpo_layer, config)
-        g.train(layer.training)
-        carry_hooks(layer, g)
-        for alias in names_of[id(layer)]:
-            model.set_submodule(alias, g)
+        swap_module(model, layer, names_of, g)
     from .hf import attach
 
     return attach(model)  # a transformers model: config.quantization_config records the layers for save_pretrained
@@ -1168,26 +1164,26 @@ def _set_budget(model, layers, budget, data, per_layer, rounds, max_groups, cost
             for m in group:
                 m._tracker = tracker
     at_bound = [n for n, m in layers if float(m.budget_lambda) >= PRICE_BOUND]
-    if achieved > 1.02 * budget and at_bound and len(at_bound) == (len(layers) if per_layer else len(at_bound)):
-        warnings.warn(f"set_budget: a budget of {budget:g} is out of reach on this data: with every row at its "
-                      f"cheapest level the gated layers spend {achieved:.3f} of full width (controllers included)",
-                      stacklevel=3)
-    elif achieved > 1.02 * budget and at_bound:
-        warnings.warn(f"set_budget: the gated layers spend {achieved:.3f} of full width on this data, over the budget "
-                      f"of {budget:g}: {len(at_bound)} layer(s) cannot meet it even with every row at its cheapest "
-                      f"level ({', '.join(at_bound[:3])}{', ...' if len(at_bound) > 3 else ''})", stacklevel=3)
-    elif achieved > 1.02 * budget and predicted > 1.02 * budget:
-        warnings.warn(f"set_budget: the gated layers spend {achieved:.3f} of full width on this data, over the budget "
-                      f"of {budget:g}: no price meets it more closely (its levels are too coarse for these rows, or "
-                      "max_groups routes whole calls)", stacklevel=3)
-    elif achieved > 1.02 * budget:
-        warnings.warn(f"set_budget: the gated layers spend {achieved:.3f} of full width on this data at the final "
-                      f"prices, over the budget of {budget:g}: the prices have not settled (each layer's inputs "
-                      f"depend on the widths before it); pass more rounds than {rounds}", stacklevel=3)
+    spent = f"the gated layers spend {achieved:.3f} of full width on this data"
+    coarse = ("no price meets it more closely (its levels are too coarse for these rows, or max_groups routes whole "
+              "calls)")
+    why = None
+    if achieved > 1.02 * budget:
+        if at_bound and (not per_layer or len(at_bound) == len(layers)):
+            why = (f"a budget of {budget:g} is out of reach on this data: with every row at its cheapest level the "
+                   f"gated layers spend {achieved:.3f} of full width (controllers included)")
+        elif at_bound:
+            why = (f"{spent}, over the budget of {budget:g}: {len(at_bound)} layer(s) cannot meet it even with "
+                   f"every row at its cheapest level ({', '.join(at_bound[:3])}{', ...' if len(at_bound) > 3 else ''})")
+        elif predicted > 1.02 * budget:
+            why = f"{spent}, over the budget of {budget:g}: {coarse}"
+        else:
+            why = (f"{spent} at the final prices, over the budget of {budget:g}: the prices have not settled "
+                   f"(each layer's inputs depend on the widths before it); pass more rounds than {rounds}")
     elif achieved < 0.98 * budget:
-        warnings.warn(f"set_budget: the gated layers spend {achieved:.3f} of full width on this data, under the "
-                      f"budget of {budget:g}: no price meets it more closely (its levels are too coarse for these "
-                      "rows, or max_groups routes whole calls)", stacklevel=3)
+        why = f"{spent}, under the budget of {budget:g}: {coarse}"
+    if why is not None:
+        warnings.warn(f"set_budget: {why}", stacklevel=3)
     return achieved
 
 

@@ -357,12 +357,7 @@ def _own_config(model: nn.Module):
     old = model.config
     if not _shared_with_another_model(model, old):
         return old
-    quant = old.__dict__.pop("quantization_config", None)  # not copied: it is bound to a model
-    try:
-        new = copy.deepcopy(old)
-    finally:
-        if quant is not None:
-            old.quantization_config = quant
+    new = copy.deepcopy(old)  # (a bondgate record in it comes out unbound; attach binds a new one)
     from transformers import PretrainedConfig
 
     swap = {id(old): new}  # sub-configs (an encoder-decoder's encoder / decoder) go with their parent's copy
@@ -371,7 +366,7 @@ def _own_config(model: nn.Module):
             swap[id(value)] = getattr(new, name)
     for module in model.modules():
         for name, value in list(vars(module).items()):
-            if id(value) in swap and not isinstance(value, (nn.Module, torch.Tensor)):
+            if id(value) in swap:
                 setattr(module, name, swap[id(value)])
     return new
 

@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import functools
 import math
-import numbers
 import operator
 import sys
 import weakref
@@ -23,6 +22,7 @@ from torch import nn
 from torch.autograd.graph import increment_version
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from .factors import positive_int
 from .mpo import MPO, BondSpec
 from .planner import (
     MAX_CORES,
@@ -560,8 +560,7 @@ class MPOLinear(nn.Module):
 
     def flops(self, batch: int = 1) -> int:
         """FLOPs of the plan actually used, for a call of ``batch`` rows (bias add excluded; 0 rows cost 0)."""
-        if not isinstance(batch, numbers.Integral) or isinstance(batch, bool) or batch < 0:
-            raise ValueError(f"batch is a number of input rows (an int >= 0), got {batch!r}")
+        batch = positive_int(batch, "batch (a number of input rows)", low=0)
         return self.plan(batch).flops_at(batch) if batch else 0
 
     # ------------------------------------------------------------------ caches

@@ -121,12 +121,8 @@ class MPO:
             prev = c.shape[3]
         if prev != 1:
             raise ValueError(f"the last core must have right bond 1, got {prev}")
-        for name in ("out_features", "in_features"):
-            size = getattr(self, name)
-            if not isinstance(size, numbers.Integral) or isinstance(size, bool) or size < 1:
-                raise ValueError(f"an MPO holds a matrix with at least one row and column; {name} must be a "
-                                 f"positive integer, got {size!r}")
-            setattr(self, name, int(size))
+        self.out_features, self.in_features = (positive_int(self.out_features, "out_features"),
+                                               positive_int(self.in_features, "in_features"))
         if self.padded_out < self.out_features or self.padded_in < self.in_features:
             raise ValueError(
                 f"factors {self.out_factors} x {self.in_factors} cannot hold a "
@@ -395,9 +391,7 @@ class MPO:
         """
         from .planner import min_flops  # local import: planner is the only module that knows paths
 
-        if not isinstance(batch, numbers.Integral) or isinstance(batch, bool) or batch < 0:
-            raise ValueError(f"batch is a number of input rows (an int >= 0), got {batch!r}")
-        if batch == 0:
+        if positive_int(batch, "batch (a number of input rows)", low=0) == 0:
             return 0
         return min_flops(self.out_factors, self.in_factors, self.bond_dims, batch)
 

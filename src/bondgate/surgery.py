@@ -793,7 +793,7 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
                 row.weight_error = w.weight_error(W_hat)
                 if row.time_us is not None:  # the int8 layer it became, not the dense one
                     row.time_us = measure(layer, config.deploy_rows) * 1e6
-                _swap(model, w, names, layer)
+                swap_module(model, w.module, names, layer)
             continue
         ref = w.module.weight
         if w.is_embedding:
@@ -825,7 +825,7 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
             mpo.error_exact = True
             layer = MPOLinear.from_mpo(mpo.to(dtype=ref.dtype, device=ref.device),
                                        None if bias is None else bias.to(dtype=ref.dtype, device=ref.device),
-                                       policy=_plan_policy(config, "memory" if config.policy == "auto" else None))
+                                       policy=_plan_policy(config))
             layer.quantize_(config.quantize)
             row = _layer_report(w, mpo, W_hat, bias, report.flop_rows)
             row.quant = config.quantize
@@ -844,7 +844,7 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
                 t = times[w.name]
                 row.time_pred_us = 1e6 * (t.lowrank_s(*w.W.shape, wid) if isinstance(wid, int) else
                                           min(t.mpo_s(w.out_f, w.in_f, wid), t.dense_s))
-        _swap(model, w, names, layer)
+        swap_module(model, w.module, names, layer)
         row.aliases = names[id(w.module)][1:]
         report.layers.append(row)
     if cost is not None and cost[0] == "time":
@@ -881,12 +881,12 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
     attach(model)  # a transformers model: config.quantization_config records the layers for save_pretrained
 
 
-def _swap(model: nn.Module, w: _Work, names: dict[int, list[str]], layer: nn.Module) -> None:
-    """Put ``layer`` in the place of ``w.module`` under every name it has (a shared layer stays one layer), in
-    the dense layer's mode."""
-    layer.train(w.module.training)
-    carry_hooks(w.module, layer)
-    for name in names[id(w.module)]:
+def swap_module(model: nn.Module, old: nn.Module, names: dict[int, list[str]], layer: nn.Module) -> None:
+    """Put ``layer`` in the place of ``old`` under every name it has (a shared layer stays one layer), in ``old``'s
+    mode and with its hooks."""
+    layer.train(old.training)
+    carry_hooks(old, layer)
+    for name in names[id(old)]:
         model.set_submodule(name, layer)
 
 
@@ -976,10 +976,10 @@ def _price(menu: LayerMenu, w: _Work, config: CompressionConfig, times: KindTime
 
 
 def _plan_policy(config: CompressionConfig, mode: str | None = None) -> str | PlanPolicy:
-    """A new layer's plan policy: ``mode`` (``"memory"`` / ``"speed"``; default: the config's). Under a FLOP budget
-    its plans are chosen by FLOPs, not timed, so that the layers run the FLOPs the budget counted (a timed plan may
-    run more FLOPs where they are faster on this machine)."""
-    mode = mode or config.policy
+    """A new layer's plan policy: ``mode`` (``"memory"`` / ``"speed"``; default: the config's, memory under
+    ``"auto"`` until the layer is judged). Under a FLOP budget its plans are chosen by FLOPs, not timed, so that the
+    layers run the FLOPs the budget counted (a timed plan may run more FLOPs where they are faster on this machine)."""
+    mode = mode or ("memory" if config.policy == "auto" else config.policy)
     return PlanPolicy(cache_dense=mode == "speed", select="flops") if config.flops_ratio is not None else mode
 
 
@@ -1030,24 +1030,17 @@ def _build_embedding(model: nn.Module, w: _Work, wid, config: CompressionConfig,
         layer.keep_rows_(w.kept, ref.detach()[w.kept.to(ref.device)])
     layer.quantize_(config.quantize)
     w.freeze_like(layer)
-    layer.train(w.module.training)
     heads = _tied_heads(model, w.module)
-    carry_hooks(w.module, layer)
-    for name in names[id(w.module)]:
-        model.set_submodule(name, layer)
+    swap_module(model, w.module, names, layer)
     for _, head in heads:
-        tied = layer.as_linear(bias=head.bias is not None,
-                               policy=_plan_policy(config, "memory" if config.policy == "auto" else None))
+        tied = layer.as_linear(bias=head.bias is not None, policy=_plan_policy(config))
         if head.bias is not None:
             with torch.no_grad():
                 tied.bias.copy_(head.bias)
         tied.quantize_(config.quantize)
         if config.policy == "auto":  # a vocabulary-wide head is the costliest layer of a small LM: judged like the rest
             tied.policy = _plan_policy(config, _auto_policy(tied, config.deploy_rows)[0])
-        tied.train(head.training)
-        carry_hooks(head, tied)
-        for alias in names[id(head)]:
-            model.set_submodule(alias, tied)
+        swap_module(model, head, names, tied)
     row = _layer_report(w, mpo, W_hat, None, rows)
     row.kind, row.quant = "Embedding", config.quantize
     if config.embedding_form == "lowrank":  # two cores (vocab, 1) x (1, dim): a factor pair, its bond the rank

@@ -1262,3 +1262,23 @@ def test_gate_leaves_layers_without_a_bond():
         gate(named, GatingConfig(budget=0.5, target_modules=["0", "2"]))
     with pytest.raises(ValueError, match="none of the targeted layers has a bond wider than 1"):
         gate(nn.Sequential(MPOLinear.from_linear(nn.Linear(32, 48), num_cores=1)), GatingConfig(budget=0.5))
+
+
+def test_frozen_gated_layer_runs_its_inference_operands_for_an_input_that_needs_a_gradient():
+    # the input's gradient alone made every call rebuild the level's operands (the grad path) instead of the kept ones
+    net, layer = gated_layer()
+    net.eval()
+    x = torch.randn(30, 96)
+    layer.requires_grad_(True)
+    xr = x.clone().requires_grad_(True)
+    layer(xr).pow(2).sum().backward()
+    want = xr.grad
+    layer.requires_grad_(False)
+    layer._level_plans.clear()
+    xr = x.clone().requires_grad_(True)
+    y = layer(xr)
+    with torch.no_grad():
+        assert torch.allclose(y, layer(x), atol=1e-6)
+    y.pow(2).sum().backward()
+    assert layer._level_plans and not any(key[2] for key in layer._level_plans)
+    assert torch.allclose(xr.grad, want, rtol=1e-4, atol=1e-5) and want.abs().max() > 0

@@ -434,6 +434,37 @@ def test_models_sharing_one_config_object_save_apart(tmp_path):
         assert torch.allclose(loaded(ids).logits, student(ids).logits, atol=1e-6)
 
 
+def test_dense_model_from_a_compressed_models_config_loads_dense(tmp_path):
+    """from_config(compressed.config) shares the config object (transformers 5 does not copy it): the dense model's
+    transformers save_pretrained writes the compressed model's record beside dense weights, which failed to load
+    ("missing keys ... cores"); the layers the checkpoint holds as the model's own dense weights now load dense, with
+    a warning, and the record is gone from the loaded model."""
+    from transformers import AutoModel
+
+    model = tiny_bert()
+    torch.manual_seed(1)
+    dense = AutoModel.from_config(model.config).eval()
+    assert dense.config is model.config and not layer_types(dense)
+    dense.save_pretrained(tmp_path / "dense")
+    assert "quantization_config" in json.loads((tmp_path / "dense" / "config.json").read_text())
+    with pytest.warns(UserWarning, match="holds as this model's own dense weights: loaded dense") as record:
+        loaded = AutoModel.from_pretrained(tmp_path / "dense")
+    assert {w.filename for w in record if "loaded dense" in str(w.message)} == {__file__}  # the caller's line
+    assert not layer_types(loaded) and getattr(loaded.config, "quantization_config", None) is None
+    ids = torch.randint(0, 100, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).last_hidden_state, dense(ids).last_hidden_state)
+    # a real mismatch is still an error: one core replaced by a dense weight of another shape
+    model.save_pretrained(tmp_path / "bad")
+    weights = load_file(tmp_path / "bad" / "model.safetensors")
+    key = next(k for k in weights if k.endswith("intermediate.dense.cores.0"))
+    weights.pop(key)
+    weights[key.replace("cores.0", "weight")] = torch.zeros(3, 3)
+    save_file(weights, tmp_path / "bad" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="does not match its bondgate layers"):
+        AutoModel.from_pretrained(tmp_path / "bad")
+
+
 def test_another_head_class_leaves_the_compressed_head_out(tmp_path):
     """A causal LM whose lm_head was compressed, loaded as a sequence classifier: the head is left out with a
     warning, as transformers leaves out a dense head's weights (it was an error); offloading to disk is refused
@@ -486,3 +517,21 @@ def test_compressing_the_base_of_a_head_model_keeps_their_config_shared(tmp_path
         BertConfig(**sub), BertConfig(**sub, is_decoder=True, add_cross_attention=True)))
     bondgate.compress(pair, bondgate.CompressionConfig(max_bond=4, calibrate=False), progress=False)
     assert pair.encoder.config is pair.config.encoder and pair.decoder.config is pair.config.decoder
+
+
+def test_a_compressed_head_of_another_size_names_the_way_out(tmp_path):
+    # ignore_mismatched_sizes re-initializes a dense head of another size; transformers does not pass it to the
+    # quantizer, so a compressed one cannot be: the error now says so and what to do instead
+    from torch import nn
+    from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
+
+    cfg = BertConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=2, intermediate_size=128,
+                     vocab_size=100, max_position_embeddings=32, num_labels=64)
+    model = BertForSequenceClassification(cfg).eval()
+    model.classifier = MPOLinear.from_linear(model.classifier, max_bond=4)
+    bondgate.save_pretrained(model, tmp_path / "m")
+    with pytest.raises(ValueError, match="out_features 3 in the model, 64 in the checkpoint.*ignore_mismatched_sizes"):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path / "m", num_labels=3, ignore_mismatched_sizes=True)
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m")
+    loaded.classifier = nn.Linear(64, 3)  # the way out the message gives
+    assert loaded(torch.randint(0, 100, (2, 8))).logits.shape == (2, 3)

@@ -349,6 +349,21 @@ def test_a_frozen_first_core_leaves_the_other_cores_trainable(policy):
 
 
 @pytest.mark.parametrize("policy", ["memory", "speed"])
+def test_a_frozen_layer_keeps_its_inference_operands_for_an_input_that_needs_a_gradient(policy):
+    # a frozen compressed backbone behind trainable parts: the forward planned for a gradient because the input
+    # needed one, so speed mode dropped its cached dense weight (1.8x nn.Linear's time at 256 x 512)
+    torch.manual_seed(0)
+    layer = MPOLinear(64, 48, max_bond=8, num_cores=3, policy=policy).requires_grad_(False)
+    x = torch.randn(40, 64, requires_grad=True)
+    y = layer(x)
+    assert y.requires_grad and all(key & 1 == 0 for key in layer._plans)  # the inference plans only
+    (y * torch.linspace(-1, 1, 48)).sum().backward()
+    ref = torch.linspace(-1, 1, 48) @ layer.weight_matrix()
+    assert torch.allclose(x.grad, ref.expand(40, -1), atol=1e-5)
+    assert all(c.grad is None for c in layer.cores)
+
+
+@pytest.mark.parametrize("policy", ["memory", "speed"])
 def test_copies_and_pickles_never_reuse_the_originals_kept_operands(policy):
     # a copy's parameters start new version counters: the operands copied with their stamps matched again after as
     # many writes (torch.optim.swa_utils.AveragedModel gave outputs 3.2 away from its parameters'), and a pickle
@@ -509,3 +524,29 @@ def test_meta_inputs_give_shapes_as_nn_linear_does():
     gated = bondgate.gate(nn.Sequential(layer), bondgate.GatingConfig(levels=(0.5, 1.0)))[0]
     out = gated(torch.empty(2, 12, device="meta"))
     assert out.is_meta and out.shape == (2, 6)
+
+
+def test_float64_under_autocast_plan_sizes_dtypes_and_low_rank_inputs_as_nn_linear():
+    # autocast leaves float64 alone: a float64 layer gave bf16 (nn.Linear keeps float64), and a float32 layer took a
+    # float64 input silently; plan(-1) / plan(2.5) planned 1 / 2 rows; an int dtype failed in torch's init kernel;
+    # LowRankLinear's wrong input was torch's "mat1 and mat2 shapes cannot be multiplied"
+    from bondgate import LowRankLinear
+
+    torch.manual_seed(0)
+    layer = MPOLinear(64, 48, max_bond=8).double()
+    x = torch.randn(3, 64, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        with pytest.raises(TypeError, match="does not match the layer's dtype"):
+            MPOLinear(64, 48)(x)
+    assert y.dtype == torch.float64 and torch.allclose(y, x @ layer.weight_matrix().T + layer.bias)
+    for bad in (-1, 2.5):
+        with pytest.raises(ValueError, match="batch must be an integer >= 0"):
+            layer.plan(bad)
+    with pytest.raises(TypeError, match="cores are floating point"):
+        MPOLinear(64, 48, dtype=torch.int64)
+    low = LowRankLinear(64, 48, 4)
+    with pytest.raises(ValueError, match="expected input with last dimension 64, got shape \\(5, 63\\)"):
+        low(torch.randn(5, 63))
+    with pytest.raises(TypeError, match="got list"):
+        low([1.0] * 64)

@@ -811,3 +811,34 @@ def test_fewer_calibration_rows_than_inputs_warn():
     with pytest.warns(UserWarning, match="fewer calibration rows than inputs"):
         bondgate.compress(m, bondgate.CompressionConfig(param_ratio=0.5), calibration=[torch.randn(3, 64)],
                           progress=False)
+
+
+def test_a_model_with_peft_adapters_is_refused_with_the_way_out():
+    # compress factored LoRA's adapter matrices (lora_A / lora_B are plain nn.Linear children of PEFT's wrapper) and
+    # its base layer: PEFT then reloaded the adapter as zeros (missing keys, a warning) and merge_and_unload failed
+    BaseTunerLayer = type("BaseTunerLayer", (), {"__module__": "peft.tuners.tuners_utils"})
+
+    class LoraLinear(nn.Module, BaseTunerLayer):  # the shape of peft.tuners.lora.Linear
+        def __init__(self, base):
+            super().__init__()
+            self.base_layer = base
+            self.lora_A, self.lora_B = nn.Linear(base.in_features, 4, bias=False), nn.Linear(4, base.out_features)
+
+        def forward(self, x):
+            return self.base_layer(x) + self.lora_B(self.lora_A(x))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
+    model[0] = LoraLinear(model[0])
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"PEFT adapter layers \(0\).*merge_and_unload"):
+        compress(model, CompressionConfig(param_ratio=0.3), calibration=[torch.randn(64, 32)], progress=False)
+    assert type(model[2]) is nn.Linear and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    try:  # the real thing, where peft is installed
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        return
+    peft_model = get_peft_model(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32)),
+                                LoraConfig(r=4, target_modules=["0"]))
+    with pytest.raises(ValueError, match="PEFT adapter layers"):
+        compress(peft_model, CompressionConfig(param_ratio=0.3), calibration=[torch.randn(64, 32)], progress=False)

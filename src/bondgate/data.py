@@ -28,12 +28,13 @@ import io
 import os
 import tempfile
 import urllib.request
-import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ._warn import warn_user
 
 __all__ = [
     "BankMarketing",
@@ -108,9 +109,9 @@ def _check_published(p: Path, relpath: str, blob: bytes | None = None) -> None:
     # Windows line ends or a BOM load to the same text: the same file for every figure
     same_text = blob.removeprefix(b"\xef\xbb\xbf").replace(b"\r\n", b"\n")
     if digest != known and hashlib.sha256(same_text).hexdigest() != known:
-        warnings.warn(f"{p} differs from the published {Path(relpath).name} (sha256 {digest[:12]}..., published "
+        warn_user(f"{p} differs from the published {Path(relpath).name} (sha256 {digest[:12]}..., published "
                       f"{known[:12]}...; {p.stat().st_size:,} bytes): a truncated or edited copy changes every "
-                      "figure computed on it", stacklevel=3)
+                      "figure computed on it")
 
 
 def resolve(relpath: str, path: str | os.PathLike | None = None, *, download: bool = True) -> Path:

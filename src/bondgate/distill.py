@@ -15,7 +15,6 @@ import copy
 import math
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._warn import warn_user
 from .calibration import eval_mode, model_device, model_output, run_model, to_device
 
 __all__ = ["DistillLoss", "DistillResult", "distill", "DistillationTrainer"]  # noqa: F822 (built lazily by __getattr__)
@@ -317,12 +317,11 @@ def distill(
     if isinstance(data, (torch.Tensor, Mapping)):  # one batch, as compress reads calibration data (not its rows)
         data = [data]
     if isinstance(data, Iterator) and steps is None and max_minutes is None and (epochs or 0) != 1:
-        warnings.warn("distill: data is a one-shot iterator, so it can be read for one epoch only; pass a list or "
-                      "a DataLoader to train for more", stacklevel=2)
+        warn_user("distill: data is a one-shot iterator, so it can be read for one epoch only; pass a list or "
+                      "a DataLoader to train for more")
     if steps is None and max_minutes is None and not hasattr(data, "__len__"):
-        warnings.warn("distill: with epochs on data of unknown length the schedule has no end to plan for: the "
-                      "learning rate stays at lr (no warmup or decay); give steps, or data with a length",
-                      stacklevel=2)
+        warn_user("distill: with epochs on data of unknown length the schedule has no end to plan for: the "
+                      "learning rate stays at lr (no warmup or decay); give steps, or data with a length")
     for name, value in (("eval_every", eval_every), ("log_every", log_every), ("patience", 1 if patience is None else patience)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int{' or None' if name == 'patience' else ''}, got {value!r}")
@@ -475,8 +474,8 @@ def distill(
                 if epoch == 1:
                     raise ValueError("distill: data yielded no batches")
                 # a one-shot iterator (a generator) is exhausted after one pass: stop instead of looping forever
-                warnings.warn(f"distill: data yielded no batches in epoch {epoch} (a one-shot iterator?); stopping "
-                              f"after {step} steps", stacklevel=2)
+                warn_user(f"distill: data yielded no batches in epoch {epoch} (a one-shot iterator?); stopping "
+                              f"after {step} steps")
                 res.stopped, done = "data exhausted", True
             elif epochs is not None and epoch >= epochs and not done:
                 res.stopped, done = "epochs", True

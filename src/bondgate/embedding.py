@@ -44,12 +44,12 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from ._warn import warn_user
 from .factors import factorize_shape
 from .io import register_layer_type
 from .layer import (
@@ -498,7 +498,7 @@ def most_frequent(counts: torch.Tensor, k: int) -> torch.Tensor:
     counts = torch.as_tensor(counts, dtype=torch.float64).cpu()
     seen = int((counts > 0).sum())
     if seen < k:
-        warnings.warn(f"only {seen} distinct ids occur in the counts: keeping {seen} exact rows, not {k}", stacklevel=3)
+        warn_user(f"only {seen} distinct ids occur in the counts: keeping {seen} exact rows, not {k}")
     order = torch.sort(-counts, stable=True).indices[:min(k, seen)]
     return order.sort().values
 

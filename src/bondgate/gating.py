@@ -56,7 +56,6 @@ import itertools
 import math
 import statistics
 import threading
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -64,6 +63,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._warn import warn_user
 from .calibration import _row_mask, as_batches, capture_inputs, in_calibration_pass
 from .io import register_layer_type
 from .layer import (
@@ -498,12 +498,12 @@ class GatedMPOLinear(MPOLinear):
 
     def width_output(self, x2d: torch.Tensor, widths: tuple[int, ...]) -> torch.Tensor:
         """``x2d @ W(widths).T`` (no bias) through the planner; differentiable when grad is enabled."""
-        enabled = torch.is_grad_enabled()
-        if not enabled and self._rank_form:  # two matmuls on contiguous prefixes of V and U.T; nothing to plan
+        # an input that needs a gradient (frozen cores) runs the inference operands, constants to it
+        grad = torch.is_grad_enabled() and any(c.requires_grad for c in self._core_params.values())
+        if not grad and self._rank_form:  # two matmuls on contiguous prefixes of V and U.T; nothing to plan
             V, Ut = self._rank_operands()
             return torch.mm(torch.nn.functional.linear(x2d, V[: widths[0]]), Ut[: widths[0]])
         c0 = next(iter(self._core_params.values()))
-        grad = enabled and (x2d.requires_grad or any(c.requires_grad for c in self._core_params.values()))
         key = (widths, x2d.shape[0].bit_length(), grad)
         entry = self._level_plans.get(key)  # per layer: no planner key to build on the hot path
         if entry is None:
@@ -511,7 +511,7 @@ class GatedMPOLinear(MPOLinear):
                             self._policy, grad)
             entry = self._level_plans[key] = (plan, widths == self.bond_dims)
         plan, is_full = entry
-        if not enabled:
+        if not grad:
             if plan.executor == "sweep":
                 return plan.run(x2d, self._sweep_views(plan, widths), self.out_features)
             # the level's pre-contracted groups, kept between inference calls (rebuilding them every call cost
@@ -920,9 +920,8 @@ def gate(model: nn.Module, config: GatingConfig) -> nn.Module:
     one_width = [n for n in names if max(_bonds(model.get_submodule(n)), default=0) <= 1]
     names = [n for n in names if n not in one_width]
     if one_width and config.target_modules is not None and names:  # named by the user: say why it stays
-        warnings.warn(f"gate: {', '.join(one_width[:3])}{', ...' if len(one_width) > 3 else ''} ha"
-                      f"{'s' if len(one_width) == 1 else 've'} no bond wider than 1 (one width only): not gated",
-                      stacklevel=2)
+        warn_user(f"gate: {', '.join(one_width[:3])}{', ...' if len(one_width) > 3 else ''} ha"
+                      f"{'s' if len(one_width) == 1 else 've'} no bond wider than 1 (one width only): not gated")
     if not names:
         raise ValueError("gate: none of the targeted layers has a bond wider than 1 to gate (one-core MPOs hold a "
                          "dense weight; rank-1 pairs have one width)")
@@ -1040,8 +1039,7 @@ def _check_scores(scores: dict[str, list[torch.Tensor]], layers) -> None:
         raise ValueError("set_budget: data gave the gated layers no input rows (does it reach them?)")
     missed = [n for n, _ in layers if n not in seen]
     if missed:
-        warnings.warn(f"set_budget: {len(missed)} gated layer(s) saw no rows and keep their price: {missed[:3]}",
-                      stacklevel=3)
+        warn_user(f"set_budget: {len(missed)} gated layer(s) saw no rows and keep their price: {missed[:3]}")
     for n, v in scores.items():
         if not all(bool(torch.isfinite(s).all()) for s in v):
             raise ValueError(f"set_budget: layer {n!r} got non-finite controller scores (NaN or inf in its inputs)")
@@ -1052,8 +1050,8 @@ def _warn_call_size(scores: dict[str, list[torch.Tensor]], cost_rows: int) -> No
     calls of another size than the ones priced on."""
     median = statistics.median_low([s.shape[0] for v in scores.values() for s in v] or [cost_rows])
     if not cost_rows / 2 <= median <= 2 * cost_rows:
-        warnings.warn(f"set_budget(cost_rows={cost_rows}) but the calibration calls have {median} rows per layer "
-                      "(median): batch the data like the inference calls the FLOPs are counted for", stacklevel=3)
+        warn_user(f"set_budget(cost_rows={cost_rows}) but the calibration calls have {median} rows per layer "
+                      "(median): batch the data like the inference calls the FLOPs are counted for")
 
 
 def set_budget(model: nn.Module, budget: float, data: Iterable, per_layer: bool = False, rounds: int = 3,
@@ -1183,7 +1181,7 @@ def _set_budget(model, layers, budget, data, per_layer, rounds, max_groups, cost
     elif achieved < 0.98 * budget:
         why = f"{spent}, under the budget of {budget:g}: {coarse}"
     if why is not None:
-        warnings.warn(f"set_budget: {why}", stacklevel=3)
+        warn_user(f"set_budget: {why}")
     return achieved
 
 

@@ -46,7 +46,6 @@ import importlib.abc
 import json
 import re
 import sys
-import warnings
 import weakref
 from pathlib import Path
 from typing import Any
@@ -55,6 +54,7 @@ import torch
 from torch import nn
 
 from . import io as _io
+from ._warn import warn_user
 
 __all__ = ["QUANT_METHOD", "CONFIG_VERSION", "NEEDS_BONDGATE", "Unsupported", "register", "attach", "mark_config"]
 
@@ -109,8 +109,8 @@ def _register_quietly() -> None:
     except Unsupported:
         pass  # attach() warns when it matters: when a transformers model gets bondgate layers
     except Exception as exc:  # noqa: BLE001 - an import hook must never break the import it watches
-        warnings.warn(f"bondgate could not register its transformers integration ({exc}); compressed models will "
-                      f"not load through from_pretrained", stacklevel=2)
+        warn_user(f"bondgate could not register its transformers integration ({exc}); compressed models will "
+                      f"not load through from_pretrained")
 
 
 class _ImportHook(importlib.abc.MetaPathFinder):
@@ -327,9 +327,9 @@ def attach(model: nn.Module) -> nn.Module:
         del config.transformers_weights
     current = getattr(config, "quantization_config", None)
     if current is not None and not _is_ours(current):
-        warnings.warn(f"{type(model).__name__} carries a {getattr(current, 'quant_method', current)!r} "
+        warn_user(f"{type(model).__name__} carries a {getattr(current, 'quant_method', current)!r} "
                       f"quantization_config, so its bondgate layers are not recorded in config.json: only "
-                      f"bondgate.load will read them back", stacklevel=2)
+                      f"bondgate.load will read them back")
         return model
     layers, _ = _io._collect_layers(model)
     if not layers:
@@ -341,7 +341,7 @@ def attach(model: nn.Module) -> nn.Module:
     try:
         register()
     except Unsupported as exc:
-        warnings.warn(f"{exc}: config.json will not describe the bondgate layers", stacklevel=2)
+        warn_user(f"{exc}: config.json will not describe the bondgate layers")
         return model
     if not (isinstance(current, _define()["BondgateConfig"]) and current.model is model):
         config = _own_config(model)
@@ -541,9 +541,9 @@ def _prepare(model: nn.Module, qc: Any, checkpoint_files, dtype: torch.dtype | N
 
     dropped = {n for n in [*qc.layers, *qc.layer_aliases] if absent(n)}
     if dropped and not (headless and all(not n.startswith(prefix + ".") for n in dropped)):
-        warnings.warn(f"{where}: this model has no module {', '.join(sorted(dropped)[:4])}"
+        warn_user(f"{where}: this model has no module {', '.join(sorted(dropped)[:4])}"
                       f"{', ...' if len(dropped) > 4 else ''}, which the checkpoint compressed: left out (loaded with "
-                      f"another class than the one saved; its own new modules are initialized as usual)", stacklevel=2)
+                      f"another class than the one saved; its own new modules are initialized as usual)")
     layer_aliases = {a: t for a, t in qc.layer_aliases.items() if a not in dropped}
     tensor_aliases = {k: t for k, t in qc.tensor_aliases.items()
                       if _under(k, dropped) is None and _under(t, dropped) is None}
@@ -555,12 +555,30 @@ def _prepare(model: nn.Module, qc: Any, checkpoint_files, dtype: torch.dtype | N
             raise ValueError(f"{where}: the checkpoint's quantization_config replaces module {name!r}, which this "
                              f"model does not have (load it with the class it was saved from)")
         names[name] = found
+    header = _as_loaded(model, _header(checkpoint_files))
+    dense = _saved_dense(model, {n: names[n] for n in specs}, header)
+    if dense:
+        warn_user(f"{where}: config.json records {len(dense)} bondgate layer(s) ({', '.join(sorted(dense)[:3])}"
+                      f"{', ...' if len(dense) > 3 else ''}) that the checkpoint holds as this model's own dense "
+                      f"weights: loaded dense (a dense model saved with a compressed model's config, e.g. one built by "
+                      f"from_config(compressed.config), which shares the config object)")
+        dense |= {a for a, t in layer_aliases.items() if t in dense}
+        specs = {n: s for n, s in specs.items() if n not in dense}
+        layer_aliases = {a: t for a, t in layer_aliases.items() if a not in dense}
+        tensor_aliases = {k: t for k, t in tensor_aliases.items()
+                          if _under(k, dense) is None and _under(t, dense) is None}
+        names = {n: f for n, f in names.items() if n not in dense}
     # one empty layer per name, even for a layer's second name: transformers fills the keys it finds missing with
     # empty tensors, which in a shared layer would overwrite the loaded ones (_finish shares the rebuilt layer)
     every = {**specs, **{alias: specs[target] for alias, target in layer_aliases.items()}}
     shells = _io._build_layers({"layers": every, "layer_aliases": {}}, device="meta")
     shells = {names[n]: layer for n, layer in shells.items()}
-    _io._check_replaced(model, shells, {})
+    try:
+        _io._check_replaced(model, shells, {})
+    except ValueError as exc:  # transformers keeps ignore_mismatched_sizes to itself: the quantizer cannot see it
+        raise ValueError(f"{where}: {exc} (a compressed layer cannot be re-initialized at another size, "
+                         f"ignore_mismatched_sizes=True included: load the checkpoint with its own sizes and replace "
+                         f"the module after, e.g. model.classifier = nn.Linear(...))") from None
     for name, layer in shells.items():
         layer.train(model.training)
         _io._set_submodule(model, name, layer)
@@ -591,7 +609,6 @@ def _prepare(model: nn.Module, qc: Any, checkpoint_files, dtype: torch.dtype | N
     for k in own:
         groups.setdefault(root[k], []).append(k)
 
-    header = _as_loaded(model, _header(checkpoint_files))
     source = {r: members[0] for r, members in groups.items()}  # the key each group is loaded from
     if header is not None:
         present: dict[str, tuple] = {}
@@ -625,6 +642,21 @@ def _prepare(model: nn.Module, qc: Any, checkpoint_files, dtype: torch.dtype | N
         f"^{re.escape(k)}$" for k in skipped}
     return {"names": names, "layers": specs, "layer_aliases": layer_aliases, "groups": groups,
             "source": source, "ignore": ignore, "untied": untied}
+
+
+def _saved_dense(model: nn.Module, names: dict[str, str], header: dict | None) -> set[str]:
+    """The recorded layers (``{saved name: name in model}``) whose checkpoint keys are exactly those of the model's
+    own dense module there, with its shapes, and nothing else."""
+    if not header:
+        return set()
+    saved = {c: shape for k, (shape, _) in header.items() for c in _candidates(model, k)}
+    out = set()
+    for name, found in names.items():
+        own = {f"{found}.{k}": tuple(t.shape) for k, t in model.get_submodule(found).state_dict().items()}
+        held = {k for k in saved if k.startswith(found + ".")}
+        if own and held == set(own) and all(saved[k] == shape for k, shape in own.items()):
+            out.add(name)
+    return out
 
 
 def _candidates(model: nn.Module, key: str) -> list[str]:

@@ -34,7 +34,6 @@ import os
 import shutil
 import sys
 import tempfile
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._warn import warn_user
 from .layer import MPOLinear, outside_inference_mode
 from .quant import SCALE_SUFFIX, master_state, scale_problem
 
@@ -782,8 +782,7 @@ def _transformers_skeleton(directory: Path, arch: dict) -> nn.Module:
             try:
                 model = cls._from_config(config, attn_implementation=attn)
             except (ValueError, ImportError) as exc:
-                warnings.warn(f"attention implementation {attn!r} unavailable ({exc}); using the default",
-                              stacklevel=3)
+                warn_user(f"attention implementation {attn!r} unavailable ({exc}); using the default")
         if model is None:
             model = cls._from_config(config)
     if (directory / "generation_config.json").is_file() and model.can_generate():

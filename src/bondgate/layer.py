@@ -362,6 +362,8 @@ class MPOLinear(nn.Module):
     ) -> None:
         super().__init__()
         dtype = dtype or torch.get_default_dtype()
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"an MPOLinear's cores are floating point; got dtype={dtype!r}")
         if num_cores > MAX_CORES:
             raise ValueError(f"an MPO layer has at most {MAX_CORES} cores (torch.einsum has 52 index letters), "
                              f"got {num_cores}")
@@ -545,8 +547,9 @@ class MPOLinear(nn.Module):
         ``print(layer.plan(64))`` shows the path, FLOPs and peak intermediate size;
         ``.describe()`` gives a dict and ``.candidates`` what the autotuner timed.
         """
+        batch = positive_int(batch, "batch", low=0)
         c0 = self._masters()[0]
-        prefer = self._pinned.get(self._pin_key(max(int(batch), 1).bit_length(), grad))
+        prefer = self._pinned.get(self._pin_key(max(batch, 1).bit_length(), grad))
         return get_plan(self.out_factors, self.in_factors, self.bond_dims, batch, c0.dtype, c0.device,
                         self._policy, grad, prefer=prefer)
 
@@ -734,8 +737,9 @@ class MPOLinear(nn.Module):
         x2d = x.reshape(-1, self.in_features) if flat else x
         if not x2d.shape[0]:
             return self._no_rows(x)
-        # any core: a user may freeze some cores and train the others
-        grad = torch.is_grad_enabled() and (x.requires_grad or any(c.requires_grad for c in cores))
+        # any core: a user may freeze some cores and train the others. An input that needs a gradient does not need
+        # a grad plan: the inference plans' kept operands are constants to it (a frozen compressed backbone)
+        grad = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
         key = x2d.shape[0].bit_length() << 1 | grad  # (planner.row_bucket(rows), grad) packed in an int
         entry = self._plans.get(key)
         if entry is None:
@@ -804,6 +808,8 @@ class MPOLinear(nn.Module):
         autocast off, in the cores' dtype; the output takes autocast's dtype, as ``nn.Linear``'s does."""
         device = x.device.type
         with torch.autocast(device, enabled=False):
+            if x.dtype == torch.float64:  # autocast leaves float64 alone (nn.Linear's float64 layers stay float64)
+                return self.forward(x, *args)
             y = self.forward(x.to(self._masters()[0].dtype), *args)
         return y.to(torch.get_autocast_dtype(device))
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from .factors import positive_int
 from .io import register_layer_type
-from .layer import TrackedParameter, WeightStandIn, autocast_off, check_spec_sizes, track_parameters
+from .layer import TrackedParameter, WeightStandIn, autocast_off, bad_input, check_spec_sizes, track_parameters
 
 __all__ = ["LowRankLinear"]
 
@@ -48,7 +48,8 @@ class LowRankLinear(nn.Module):
     consumer of the dense ``U @ V`` (:class:`bondgate.Recurrent`'s fused path) can keep it between inference calls.
     ``U`` is held transposed (a contiguous ``(rank, out)`` matrix, see ``_u_parameter``): code that flattens
     parameters with ``.view(-1)``, such as ``torch.nn.utils.parameters_to_vector``, needs ``.reshape(-1)`` here
-    (``torch.cat([p.reshape(-1) for p in model.parameters()])``).
+    (``torch.cat([p.reshape(-1) for p in model.parameters()])``), and ``safetensors.torch.save_file`` of its state
+    dict needs contiguous copies (``{k: v.contiguous() for k, v in sd.items()}``; :func:`bondgate.save` does that).
     """
 
     def __init__(
@@ -180,7 +181,12 @@ class LowRankLinear(nn.Module):
         return layer.requires_grad_(self.U.requires_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(nn.functional.linear(x, self.V), self.U, self.bias)
+        try:
+            return nn.functional.linear(nn.functional.linear(x, self.V), self.U, self.bias)
+        except (RuntimeError, TypeError):
+            if not isinstance(x, torch.Tensor) or not x.dim() or x.shape[-1] != self.in_features:
+                raise bad_input(self, x) from None
+            raise
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)

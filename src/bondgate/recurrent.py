@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from ._warn import warn_user
 from .io import LAYER_TYPES, _set_submodule, register_layer_type
 
 __all__ = ["Recurrent", "RECURRENT_TYPES", "structure", "unroll", "reroll"]
@@ -533,7 +534,7 @@ def unroll(model: nn.Module, select: Callable[[str, list[str]], bool]) -> tuple[
         if not name:
             why = "a bare recurrent module cannot be replaced in place: compress bondgate.Recurrent.from_torch(it)"
             skipped[name] = why
-            warnings.warn(f"compress: {why}", stacklevel=3)
+            warn_user(f"compress: {why}")
             continue
         base = next(t for t in RECURRENT_TYPES.values() if isinstance(mod, t))
         projections = _projection_names(mod.num_layers, mod.bidirectional, getattr(mod, "proj_size", 0))
@@ -551,7 +552,7 @@ def unroll(model: nn.Module, select: Callable[[str, list[str]], bool]) -> tuple[
             why = "its weights are not all plain parameters"
         if why is not None:
             skipped[name] = why
-            warnings.warn(f"compress: skipping {name}: {why}", stacklevel=3)
+            warn_user(f"compress: skipping {name}: {why}")
             continue
         try:
             _put(model, names[id(mod)], Recurrent.from_torch(mod))

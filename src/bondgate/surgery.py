@@ -21,7 +21,6 @@ import math
 import numbers
 import re
 import sys
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 
@@ -30,6 +29,7 @@ from torch import nn
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
+from ._warn import warn_user
 from .allocation import (
     Choice,
     LayerMenu,
@@ -438,6 +438,11 @@ def module_names(model: nn.Module) -> dict[int, list[str]]:
     return names
 
 
+def _is_peft_layer(module: nn.Module) -> bool:
+    """A PEFT tuner layer (``peft.tuners.lora.Linear`` ...), recognised without importing peft."""
+    return any(c.__name__ == "BaseTunerLayer" and c.__module__.startswith("peft.") for c in type(module).__mro__)
+
+
 def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """``(targets, skipped)``: modules to compress by name, and skipped ones with the reason.
 
@@ -445,6 +450,13 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str,
     Layers whose class has a forward of its own, layers with a parametrized weight (``weight_norm``,
     ``spectral_norm``), and ``nn.MultiheadAttention``'s ``out_proj`` (whose weight the attention reads directly)
     are skipped with a warning. A replaced layer's forward and backward hooks go to its replacement."""
+    adapters = [n for n, m in model.named_modules() if _is_peft_layer(m)]
+    if adapters:
+        raise ValueError(f"compress: the model has PEFT adapter layers ({', '.join(adapters[:3])}"
+                         f"{', ...' if len(adapters) > 3 else ''}), whose adapter matrices would be factored and whose "
+                         f"base layers PEFT could no longer merge into: merge them first (model = "
+                         f"model.merge_and_unload()) and compress the result, or compress the base model and add the "
+                         f"adapters after (PEFT wraps the layers left dense, not MPO layers)")
     owners: dict[int, list[str]] = {}
     for name, mod in model.named_modules():
         for pname, p in mod.named_parameters(recurse=False):
@@ -480,7 +492,7 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str,
                    f"adds (exclude it to silence this; for a wrapper around a plain layer, target that layer)")
         if why is not None:
             skipped[name] = why
-            warnings.warn(f"compress: skipping {name}: {why}", stacklevel=3)
+            warn_user(f"compress: skipping {name}: {why}")
             continue
         w = mod.weight
         if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.dim() != 2:
@@ -493,15 +505,14 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str,
             skipped[name] = f"weight is tied to {', '.join(tied)}; compressing it would untie them"
             if not any(isinstance(model.get_submodule(o.rpartition(".")[0]), nn.Embedding) for o in tied):
                 # an LM head tied to its embedding is the usual case (the report lists it); two tied layers are not
-                warnings.warn(f"compress: skipping {name}: {skipped[name]} (the budget applies to the other layers)",
-                              stacklevel=3)
+                warn_user(f"compress: skipping {name}: {skipped[name]} (the budget applies to the other layers)")
             continue
         if w.is_meta:
             raise ValueError(f"compress: {name}.weight is on the meta device (no values to factor); materialize the "
                              f"model first (e.g. load its weights, or model.to_empty(device='cpu') and load_state_dict)")
         if not torch.isfinite(w).all():
             skipped[name] = "weight contains NaN/Inf"
-            warnings.warn(f"compress: skipping {name}: its weight contains NaN/Inf", stacklevel=3)
+            warn_user(f"compress: skipping {name}: its weight contains NaN/Inf")
             continue
         W = dense_weight(mod)
         out_f, in_f = factorize_shape(W.shape[0], W.shape[1], config.num_cores)
@@ -514,8 +525,7 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str,
     if not targets:
         log.warning("compress: no layer to compress (skipped: %s)", skipped or "none matched")
     elif config.embeddings and not any(isinstance(m, nn.Embedding) for m in targets.values()):
-        warnings.warn("compress: embeddings=True, but no nn.Embedding table is selected (target_modules / exclude)",
-                      stacklevel=3)
+        warn_user("compress: embeddings=True, but no nn.Embedding table is selected (target_modules / exclude)")
     for name, why in skipped.items():
         log.info("compress: skipping %s: %s", name, why)
     return targets, skipped
@@ -532,17 +542,17 @@ def _warn_selectors(model: nn.Module, config: CompressionConfig) -> None:
         entries = [sel] if isinstance(sel, str) else list(sel)
         unmatched = [e for e in entries if not any(_matches(n, e if isinstance(sel, str) else [e]) for n in modules if n)]
         if unmatched:
-            warnings.warn(f"compress: {option} {unmatched if not isinstance(sel, str) else repr(sel)} match"
-                          f"{'es' if isinstance(sel, str) else ''} no module of the model", stacklevel=4)
+            warn_user(f"compress: {option} {unmatched if not isinstance(sel, str) else repr(sel)} match"
+                          f"{'es' if isinstance(sel, str) else ''} no module of the model")
         if isinstance(sel, str):
             continue
         layer_types = (nn.Linear, nn.Embedding, nn.RNNBase, Recurrent, MPOLinear, LowRankLinear, MPOEmbedding)
         containers = sorted({f"{e} ({type(m).__name__})" for e in entries for n, m in modules.items()
                              if n and _matches(n, [e]) and not isinstance(m, layer_types) and not is_conv1d(m)})
         if containers:
-            warnings.warn(f"compress: {option} entries name modules that are not layers: {', '.join(containers[:4])}; "
+            warn_user(f"compress: {option} entries name modules that are not layers: {', '.join(containers[:4])}; "
                           "a list selects layers by name or dotted suffix, not what is inside a module: list the "
-                          r"layers, or give a regex such as 'encoder\.layer\.0\..*'", stacklevel=4)
+                          r"layers, or give a regex such as 'encoder\.layer\.0\..*'")
 
 
 # ---------------------------------------------------------------------------------------------- compress
@@ -850,16 +860,16 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
     if cost is not None and cost[0] == "time":
         t, td = report.measured_times()
         if td > 0 and t > 1.1 * cost[1] * td:  # the budget holds for predicted times: say when measured ones differ
-            warnings.warn(f"compress: max_latency_ratio={cost[1]:g}, but the compressed layers measured "
+            warn_user(f"compress: max_latency_ratio={cost[1]:g}, but the compressed layers measured "
                           f"{t / td:.2f}x the dense layers' time at deploy_rows={config.deploy_rows} (predicted "
                           f"times, which the budget holds, are in the report's µs column); a loaded machine or a "
-                          f"cost model fitted on another one moves them", stacklevel=3)
+                          f"cost model fitted on another one moves them")
     grown = [r for r in report.layers if r.params_after > r.params_before]
     if grown and config.param_ratio is None:  # max_bond / tol set no size budget: say when they buy nothing
         budget = f"max_bond={config.max_bond}" if config.max_bond is not None else f"tol={config.tol}"
-        warnings.warn(f"compress: at {budget}, {len(grown)} layer(s) hold more weights than dense ("
+        warn_user(f"compress: at {budget}, {len(grown)} layer(s) hold more weights than dense ("
                       + ", ".join(f"{r.name}: {r.params_before:,} -> {r.params_after:,}" for r in grown[:3])
-                      + (", ..." if len(grown) > 3 else "") + "); give a smaller budget or param_ratio", stacklevel=3)
+                      + (", ..." if len(grown) > 3 else "") + "); give a smaller budget or param_ratio")
     for name, why in skipped.items():
         mod = model.get_submodule(name)
         if isinstance(mod, MPOLinear) and why.startswith("weight is tied"):
@@ -1083,9 +1093,9 @@ def _check_stats(stats: dict[str, InputStats], targets: dict[str, nn.Module]) ->
     few = [f"{n} ({st.rows} rows, {st.second.shape[0]} inputs)" for n, st in stats.items()
            if st.rows < st.second.shape[0]]
     if few:  # the fit and the reported errors only see the span of those rows (3 rows: error 0.000, 0.7 held out)
-        warnings.warn(f"compress: {len(few)} layer(s) saw fewer calibration rows than inputs ({_short_list(few, 3)}): "
+        warn_user(f"compress: {len(few)} layer(s) saw fewer calibration rows than inputs ({_short_list(few, 3)}): "
                       "the factorization fits, and the report's output errors measure, only the directions those rows "
-                      "span, so both understate the error on other inputs; pass more calibration rows", stacklevel=4)
+                      "span, so both understate the error on other inputs; pass more calibration rows")
 
 
 def _short_list(names: list[str], n: int = 5) -> str:

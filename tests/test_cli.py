@@ -118,6 +118,26 @@ def test_a_target_that_matches_nothing_is_one_line_error(tiny_dir, tmp_path, cap
     assert not (tmp_path / "x").exists()
 
 
+def test_a_task_head_is_kept(tmp_path):
+    # AutoModel dropped a fine-tuned classifier; config.json still named the head class, whose from_pretrained then
+    # loaded a random head (and the default target for head models, bert.encoder..., never matched)
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                     vocab_size=30522, num_labels=3)
+    dense = BertForSequenceClassification(cfg).eval()
+    src = save_with_minilm_tokenizer(dense, tmp_path / "tiny-cls")
+    code, stdout, stderr = run(["compress", "--model", str(src), "--max-bond", "4", "--out", str(tmp_path / "o"),
+                                "--calibration-size", "1", "--no-progress", "--threads", "1"])
+    assert code == 0, stderr
+    assert r"[^.]+\.encoder\..*" in stdout and "1 sentence from" in stdout
+    for loaded in (bondgate.load(tmp_path / "o"), AutoModelForSequenceClassification.from_pretrained(tmp_path / "o")):
+        assert type(loaded).__name__ == "BertForSequenceClassification"
+        assert torch.equal(loaded.classifier.weight, dense.classifier.weight)
+        assert any(isinstance(m, MPOLinear) for m in loaded.bert.encoder.modules())
+
+
 def test_gpt2_keeps_its_lm_head_and_reads_a_calibration_file(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -270,8 +290,10 @@ def test_bench_against_another_model_shows_no_ratio(compressed, tmp_path, capsys
     (["compress", "--model", "{tmp}/bare"], 1),  # no tokenizer files
     (["compress", "--model", "{tmp}", "--out", "{tmp}"], 1),
     (["compress", "--model", "{tmp}", "--out", "{tmp}/config.json/out"], 1),  # before compressing, not after
-    (["compress", "--model", "{tmp}", "--embedding-ratio", "0.1", "--out", "{tmp}/o"], 1),  # needs --embeddings
-    (["compress", "--model", "{tmp}", "--embedding-form", "lowrank", "--out", "{tmp}/o"], 1),
+    (["compress", "--model", "{tmp}", "--embedding-ratio", "0.1", "--out", "{tmp}/o"], 2),  # needs --embeddings
+    (["compress", "--model", "{tmp}", "--embedding-form", "lowrank", "--out", "{tmp}/o"], 2),
+    (["compress", "--model", "{tmp}", "--calibration", "{tmp}", "--out", "{tmp}/o"], 1),  # a directory
+    (["compress", "--model", "{tmp}", "--out", "/proc/bondgate-out"], 1),  # os.access said writable (as root)
     (["inspect", "{tmp}"], 1),
     (["inspect", "{tmp}/missing"], 1),
     (["compress", "--num-cores", "1"], 2),  # a 1-core MPO is the dense matrix: every layer was skipped
@@ -413,10 +435,22 @@ def test_inspect_counts_a_tied_head_once_and_checks_the_weights_file(tmp_path, c
     weights = out / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     assert main(["inspect", str(out)]) == 1
-    assert "has 100 bytes" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("bondgate: error: ") and "has 100 bytes" in err  # the one-line form
     weights.unlink()
     assert main(["inspect", str(out)]) == 1
-    assert "is missing" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("bondgate: error: ") and "is missing" in err
+    # a spec whose bonds do not fit its factors (checksum re-recorded): one line, not an IndexError traceback
+    meta_path = out / "bondgate.json"
+    meta = json.loads(meta_path.read_text())
+    spec = next(sp for sp in meta["layers"].values() if len(sp.get("bond_dims", ())) > 1)
+    spec["bond_dims"] = spec["bond_dims"][:1]
+    meta["meta_sha256"] = bondgate.io._meta_sha256(meta)
+    meta_path.write_text(json.dumps(meta))
+    assert main(["inspect", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("bondgate: error: ") and len(err.splitlines()) == 1
 
 
 def test_inspect_describes_a_layer_kept_dense_with_int8_weights():

@@ -261,3 +261,22 @@ def test_auto_policy_judges_a_tied_mpo_head_too(monkeypatch):
              progress=False)
     assert model[2].cores is model[0].cores and (400, 32) in judged
     assert model[2].policy.cache_dense and model[1].policy.cache_dense
+
+
+def test_one_stalled_call_does_not_leave_every_timing_sample_one_call(monkeypatch):
+    # reps per sample came from one timed call: a stall there (a busy machine) made it 1, so each of the five samples
+    # was one call exposed to the next stall, and the per-shape cache kept the outlier for every layer of that shape
+    import types
+
+    from bondgate import costmodel
+
+    clock = {"now": 0.0, "calls": 0}
+
+    def fn():
+        clock["calls"] += 1
+        clock["now"] += 0.05 if clock["calls"] == 2 else 1e-5  # the second call (the first timed one) stalls
+
+    monkeypatch.setattr(costmodel, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
+    seconds = costmodel._median_seconds(fn, lambda: None, min_time=0.02, rounds=5)
+    assert seconds == pytest.approx(1e-5)
+    assert clock["calls"] > 5 * 1000  # ~2,000 calls per sample, not 1

@@ -22,12 +22,15 @@ import os
 import platform
 import re
 import sys
+import tempfile
 import textwrap
 import time
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
+
+from ._warn import warn_user
 
 PROG = "bondgate"
 PACKAGED_MODEL = "all-MiniLM-L6-v2"
@@ -82,6 +85,10 @@ def _as_flags(message: str) -> str:
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"{PROG}: warning: {_one_line(str(message))}", file=sys.stderr if file is None else file)
+
+
+class UsageError(ValueError):
+    """Flags that do not go together (exit code 2, as argparse's own usage errors)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -238,12 +245,18 @@ def _dense_model_dir(arg: str | None, option: str) -> tuple[Path, str]:
 
 
 def _load_dense(path: Path) -> Any:
-    """``AutoModel`` (``AutoModelForCausalLM`` when the config's architectures are LMs, to keep the head)."""
+    """The class the config's ``architectures`` names (a task head is kept: ``AutoModel`` would drop a fine-tuned
+    classifier, and the saved config would still name the head class, which then loads a random one), else
+    ``AutoModel``."""
     tf = _transformers()
     config = tf.AutoConfig.from_pretrained(str(path))
     archs = getattr(config, "architectures", None) or []
-    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
-    cls = tf.AutoModelForCausalLM if causal else tf.AutoModel
+    cls = getattr(tf, archs[0], None) if len(archs) == 1 else None
+    if not (isinstance(cls, type) and issubclass(cls, tf.PreTrainedModel)):
+        if archs:
+            warn_user(f"{path}: config.json names architectures {archs}, not one transformers class: loaded with "
+                      f"AutoModel, without a task head")
+        cls = tf.AutoModel
     return cls.from_pretrained(str(path), config=config).eval()
 
 
@@ -290,6 +303,8 @@ def _calibration_lines(file: str | None, size: int) -> tuple[list[str], str]:
         where = "the built-in English set"
     else:
         path = Path(file).expanduser()
+        if path.is_dir():
+            raise FileNotFoundError(f"--calibration: {path} is a directory; give a text file, one sample per line")
         if not path.is_file():
             raise FileNotFoundError(f"--calibration: file not found: {path}")
         try:
@@ -365,22 +380,24 @@ def _check_out_writable(out: Path) -> None:
         base = base.parent
     if not base.is_dir():
         raise NotADirectoryError(f"--out: {base} is not a directory, so {out} cannot be made")
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise PermissionError(f"--out: {base} is not writable")
+    try:  # what save will do there (os.access passes where a write still fails: /proc, a read-only mount as root)
+        os.rmdir(tempfile.mkdtemp(prefix=".bondgate-probe-", dir=base))
+    except OSError as exc:
+        raise PermissionError(f"--out: cannot write in {base} ({exc.strerror or exc})") from None
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
     """``bondgate compress``: compress, report, measure and save."""
-    model_dir, name = _dense_model_dir(args.model, "--model")
-    out = Path(args.out).expanduser() if args.out else Path.cwd() / f"bondgate-{name}"
-    _check_out(out, model_dir)
-    _check_out_writable(out)
     if not args.embeddings:
         given = [flag for flag, on in (("--embedding-ratio", args.embedding_ratio is not None),
                                        ("--embedding-form", args.embedding_form != "mpo"),
                                        ("--embedding-rows", bool(args.embedding_rows))) if on]
         if given:
-            raise ValueError(f"{', '.join(given)} needs --embeddings")
+            raise UsageError(f"{', '.join(given)} needs --embeddings")
+    model_dir, name = _dense_model_dir(args.model, "--model")
+    out = Path(args.out).expanduser() if args.out else Path.cwd() / f"bondgate-{name}"
+    _check_out(out, model_dir)
+    _check_out_writable(out)
     _check_tokenizer_files(model_dir)
     lines, source = _calibration_lines(args.calibration, args.calibration_size)
     budget = ({"param_ratio": args.ratio} if args.ratio is not None else
@@ -433,7 +450,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         max_tokens = min(CALIBRATION_MAX_TOKENS, _max_positions(model.config) or CALIBRATION_MAX_TOKENS)
         batches = _tokenize(tok, lines, max_tokens)
         short = "" if len(lines) >= args.calibration_size else f" (all there are; asked for {args.calibration_size})"
-        print(f"calibration: {len(lines)} sentences from {source}{short}, {_n(len(batches), 'batch')} of <= "
+        print(f"calibration: {_n(len(lines), 'sentence')} from {source}{short}, {_n(len(batches), 'batch')} of <= "
               f"{CALIBRATION_BATCH}, <= {max_tokens} tokens")
 
         bench_batch = batches[0]  # the first (up to) 32 calibration sentences
@@ -555,10 +572,11 @@ def _layer_rows(meta: dict) -> tuple[list[list[str]], int, int]:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """``bondgate inspect``: the layer table of a checkpoint, from its JSON metadata only."""
-    from .io import read_metadata
+    from .io import _build_layers, read_metadata
 
     directory = Path(args.dir).expanduser()
     meta = read_metadata(directory)
+    _build_layers(meta, device="meta")  # every layer spec consistent (sizes, factors, bonds), as load checks them
     arch = meta["architecture"]
     report = meta["report"] if isinstance(meta["report"], dict) else None
     print(f"checkpoint: {directory.resolve()} ({meta['format']} v{meta['format_version']}, "
@@ -572,11 +590,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"weights file: {file.name}, {_mb(weights['bytes'])}")
     # metadata only, but a missing or cut weights file is worth an error (bondgate.load also checks the checksums)
     if not file.is_file():
-        print(f"error: the weights file {file} is missing", file=sys.stderr)
+        _fail(f"the weights file {file} is missing")
         return 1
     if file.stat().st_size != weights["bytes"]:
-        print(f"error: {file} has {file.stat().st_size:,} bytes, bondgate.json records {weights['bytes']:,} "
-              f"(a truncated or replaced file)", file=sys.stderr)
+        _fail(f"{file} has {file.stat().st_size:,} bytes, bondgate.json records {weights['bytes']:,} "
+              f"(a truncated or replaced file)")
         return 1
     if report:
         if report.get("source_model"):
@@ -876,6 +894,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         _fail("interrupted")
         return 130
+    except UsageError as exc:  # flags that do not go together, found before anything is loaded
+        _fail(f"{exc} (see 'bondgate {args.command} --help')")
+        return 2
     except BrokenPipeError:  # e.g. `bondgate inspect DIR | head`: the reader left, nothing to report
         with contextlib.suppress(OSError, ValueError, AttributeError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit

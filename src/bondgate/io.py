@@ -592,7 +592,9 @@ def read_metadata(directory: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"checkpoint directory not found: {directory}")
     path = directory / META_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{META_NAME} not found in checkpoint directory: {path}")
+        dense = (" (it has a config.json: a dense Hugging Face model? `bondgate compress --model DIR` compresses it)"
+                 if (directory / "config.json").is_file() else "")
+        raise FileNotFoundError(f"{META_NAME} not found in checkpoint directory: {path}{dense}")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -263,6 +263,16 @@ def test_bench_defaults_to_the_recorded_source_model(compressed, tiny_dir, capsy
     assert f"dense: {tiny_dir.resolve()}" in stdout and "source recorded at compress time" in stdout
 
 
+def test_bench_checks_seq_before_loading_the_models(compressed, monkeypatch, capsys):
+    def no_load(*args, **kwargs):
+        raise AssertionError("loaded a model before checking --seq")
+
+    monkeypatch.setattr(bondgate.io, "load", no_load)
+    assert main(["bench", str(compressed[3]), "--seq", "100000"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and "--seq 100000 exceeds the model's 512 positions" in captured.err
+
+
 def test_bench_against_another_model_shows_no_ratio(compressed, tmp_path, capsys):
     from transformers import BertConfig, BertModel
 

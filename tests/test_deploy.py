@@ -141,6 +141,14 @@ def test_bad_inputs():
         bg.deploy_int8(copy.deepcopy(_mlp()).double())
 
 
+def test_saving_a_deployed_copy_is_refused_with_the_way_out(tmp_path):
+    # it failed on "state_dict entry '..._packed_params.dtype' is a dtype"
+    deployed = bg.deploy_int8(bg.compress(_mlp(), bg.CompressionConfig(param_ratio=0.5), progress=False), rows=None)
+    with pytest.raises(TypeError, match="cannot save a deploy_int8 copy.*call deploy_int8 after loading"):
+        bg.save(deployed, tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+
+
 @pytest.mark.parametrize("controller", ["linear", "error"])
 def test_gated_layers_controllers_are_not_converted(controller):
     c = bg.compress(_mlp(), bg.CompressionConfig(param_ratio=0.5, kinds="mpo"), progress=False)

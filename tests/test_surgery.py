@@ -791,7 +791,7 @@ def test_options_that_cannot_act_are_refused_or_warned():
     with pytest.warns(UserWarning, match=r"not layers: .*1 \(Sequential\)"):
         bondgate.compress(model(), bondgate.CompressionConfig(param_ratio=0.5, target_modules=["1", "2"]),
                           calibration=ids, progress=False)
-    with pytest.warns(UserWarning, match="no nn.Embedding table is selected"):
+    with pytest.warns(UserWarning, match="no nn.Embedding table is compressed: none is selected"):
         bondgate.compress(model(), bondgate.CompressionConfig(param_ratio=0.5, embeddings=True, exclude=["0"]),
                           calibration=ids, progress=False)
     with pytest.raises(ValueError, match="with calibrate=True"):
@@ -842,3 +842,31 @@ def test_a_model_with_peft_adapters_is_refused_with_the_way_out():
                                 LoraConfig(r=4, target_modules=["0"]))
     with pytest.raises(ValueError, match="PEFT adapter layers"):
         compress(peft_model, CompressionConfig(param_ratio=0.3), calibration=[torch.randn(64, 32)], progress=False)
+
+
+def test_tables_skipped_under_embeddings_true_say_why():
+    # a table shared by two embeddings (T5's encoder / decoder embed_tokens) was skipped in silence, and when every
+    # table was skipped (BART's embeddings override forward) the warning blamed target_modules / exclude
+    class Scaled(nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids) * 2.0
+
+    class Shared(nn.Module):
+        def __init__(self, table):
+            super().__init__()
+            self.enc, self.dec = table(50, 32), table(50, 32)
+            self.dec.weight = self.enc.weight
+            self.mid = nn.Linear(32, 32)
+
+        def forward(self, ids):
+            return self.mid(self.enc(ids) + self.dec(ids))
+
+    ids = [torch.randint(0, 50, (64,))]
+    for table, why in ((nn.Embedding, "weight is tied to dec.weight"), (Scaled, "overrides forward")):
+        torch.manual_seed(0)
+        with pytest.warns(UserWarning) as record:
+            bondgate.compress(Shared(table), bondgate.CompressionConfig(param_ratio=0.5, embeddings=True),
+                              calibration=ids, progress=False)
+        messages = [str(w.message) for w in record]
+        assert any("skipping enc: " in m and why in m for m in messages), messages
+        assert any("no nn.Embedding table is compressed: every selected one was skipped (enc" in m for m in messages)

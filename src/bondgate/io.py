@@ -386,6 +386,9 @@ def save(model: nn.Module, directory: str | os.PathLike, *, report: Any = None, 
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"save expects an nn.Module, got {type(model).__name__}")
+    if getattr(model, "bondgate_int8", None) is not None:
+        raise TypeError("cannot save a deploy_int8 copy: torch's dynamic int8 layers are for inference in this "
+                        "process; save the model it was made from and call deploy_int8 after loading it")
     directory = Path(directory)
     layers, layer_aliases = _collect_layers(model)
     arch = _describe(model, set(layers))

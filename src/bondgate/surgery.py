@@ -503,8 +503,9 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str,
             tied = []  # LM heads tied to the table: they become its tied MPO head
         if tied:
             skipped[name] = f"weight is tied to {', '.join(tied)}; compressing it would untie them"
-            if not any(isinstance(model.get_submodule(o.rpartition(".")[0]), nn.Embedding) for o in tied):
-                # an LM head tied to its embedding is the usual case (the report lists it); two tied layers are not
+            if emb or not any(isinstance(model.get_submodule(o.rpartition(".")[0]), nn.Embedding) for o in tied):
+                # an LM head tied to its embedding is the usual case (the report lists it); two tied layers, or a
+                # table shared by several embeddings (T5's encoder / decoder embed_tokens), are not
                 warn_user(f"compress: skipping {name}: {skipped[name]} (the budget applies to the other layers)")
             continue
         if w.is_meta:
@@ -525,7 +526,10 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str,
     if not targets:
         log.warning("compress: no layer to compress (skipped: %s)", skipped or "none matched")
     elif config.embeddings and not any(isinstance(m, nn.Embedding) for m in targets.values()):
-        warn_user("compress: embeddings=True, but no nn.Embedding table is selected (target_modules / exclude)")
+        tables = [n for n in skipped if isinstance(model.get_submodule(n), nn.Embedding)]
+        warn_user("compress: embeddings=True, but no nn.Embedding table is compressed: " + (
+            f"every selected one was skipped ({', '.join(tables[:3])}{', ...' if len(tables) > 3 else ''}; the report "
+            f"says why)" if tables else "none is selected (target_modules / exclude)"))
     for name, why in skipped.items():
         log.info("compress: skipping %s: %s", name, why)
     return targets, skipped

@@ -138,6 +138,25 @@ def test_a_task_head_is_kept(tmp_path):
         assert any(isinstance(m, MPOLinear) for m in loaded.bert.encoder.modules())
 
 
+def test_a_head_class_the_weights_lack_falls_back_to_the_base_model(tmp_path):
+    # sentence-transformers models made from an MLM checkpoint name BertForMaskedLM over a base model's weights:
+    # loading that class compressed and saved a random MLM head
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                     vocab_size=30522)
+    src = save_with_minilm_tokenizer(BertModel(cfg).eval(), tmp_path / "st")
+    config = json.loads((src / "config.json").read_text())
+    config["architectures"] = ["BertForMaskedLM"]
+    (src / "config.json").write_text(json.dumps(config))
+    code, stdout, stderr = run(["compress", "--model", str(src), "--max-bond", "4", "--out", str(tmp_path / "o"),
+                                "--calibration-size", "4", "--no-progress", "--threads", "1"])
+    assert code == 0, stderr
+    assert "names BertForMaskedLM, but the weights lack its cls.predictions" in stderr
+    assert type(bondgate.load(tmp_path / "o")).__name__ == "BertModel"
+
+
 def test_gpt2_keeps_its_lm_head_and_reads_a_calibration_file(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 

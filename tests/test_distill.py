@@ -5,6 +5,7 @@ import math
 import sys
 import time
 import types
+import warnings
 
 import pytest
 import torch
@@ -316,6 +317,32 @@ def test_distillation_trainer_reports_an_eval_loss_on_unlabelled_data(tmp_path):
     assert metrics["eval_loss"] == pytest.approx(sum(losses) / 2, rel=1e-4)
 
 
+def test_distillation_trainer_evaluation_is_not_gating_traffic(tmp_path):
+    # evaluate() added its rows to the level counts saved with checkpoints and moved a tracked price (distill's
+    # eval_fn left both as they were)
+    transformers = pytest.importorskip("transformers")
+    import bondgate
+
+    teacher, student, ds = _tiny_gpt2_student(transformers)
+    bondgate.gate(student, bondgate.GatingConfig(levels=(0.25, 0.5, 1.0)))
+    student.eval()
+    calib = [{"input_ids": torch.stack([d["input_ids"] for d in ds])}]
+    bondgate.set_budget(student, 0.5, calib, track=0.05)
+    bondgate.gating_report(student, reset=True)
+    price = {n: b.clone() for n, b in student.named_buffers() if n.endswith("budget_lambda")}
+    assert price
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True,
+                                          per_device_eval_batch_size=4, disable_tqdm=True)
+    trainer = bondgate.DistillationTrainer(model=student, teacher=teacher, args=args, eval_dataset=ds,
+                                           distill_loss=DistillLoss(hidden=0, logits=1.0))
+    assert math.isfinite(trainer.evaluate()["eval_loss"])
+    assert all(row["rows"] == 0 for row in bondgate.gating_report(student))
+    assert all(torch.equal(b, price[n]) for n, b in student.named_buffers() if n in price)
+    with torch.no_grad():
+        student(calib[0]["input_ids"])  # ordinary calls still count
+    assert any(row["rows"] > 0 for row in bondgate.gating_report(student))
+
+
 def test_distillation_trainer_checkpoints_hold_int8_layers_masters(tmp_path):
     # resuming from an int8 checkpoint rounded the masters to the int8 grid (resumed and straight runs diverged)
     transformers = pytest.importorskip("transformers")
@@ -459,7 +486,9 @@ def test_sandwich_refuses_gradient_checkpointing(tmp_path):
     bondgate.set_mode(student, "nested")
     student.gradient_checkpointing_enable()
     batches = [{"input_ids": torch.stack([d["input_ids"] for d in data[:4]])}]
-    with pytest.raises(ValueError, match="sandwich=True does not work with gradient checkpointing"):
+    with pytest.raises(ValueError, match="sandwich=True does not work with gradient checkpointing"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the flag's old name warned on every read (transformers 5)
         distill(student, teacher, batches, steps=1, sandwich=True, progress=False)
     student.gradient_checkpointing_disable()
     assert distill(student, teacher, batches, steps=1, sandwich=True, progress=False).steps == 1

@@ -1275,6 +1275,8 @@ def test_frozen_gated_layer_runs_its_inference_operands_for_an_input_that_needs_
     want = xr.grad
     layer.requires_grad_(False)
     layer._level_plans.clear()
+    with torch.inference_mode():  # operands kept there must be normal tensors ("cannot be saved for backward")
+        layer(x)
     xr = x.clone().requires_grad_(True)
     y = layer(xr)
     with torch.no_grad():
@@ -1282,3 +1284,10 @@ def test_frozen_gated_layer_runs_its_inference_operands_for_an_input_that_needs_
     y.pow(2).sum().backward()
     assert layer._level_plans and not any(key[2] for key in layer._level_plans)
     assert torch.allclose(xr.grad, want, rtol=1e-4, atol=1e-5) and want.abs().max() > 0
+
+
+def test_levels_given_as_one_number_or_a_generator():
+    # levels=0.5 was Python's "'float' object is not iterable"; a generator was consumed by the check, then "empty"
+    with pytest.raises(TypeError, match="levels are fractions of each bond \\(a sequence of numbers\\), got 0.5"):
+        GatingConfig(levels=0.5)
+    assert GatingConfig(levels=(v / 4 for v in (1, 2, 4))).levels == (0.25, 0.5, 1.0)

@@ -454,6 +454,18 @@ def test_dense_model_from_a_compressed_models_config_loads_dense(tmp_path):
     ids = torch.randint(0, 100, (2, 8))
     with torch.no_grad():
         assert torch.equal(loaded(ids).last_hidden_state, dense(ids).last_hidden_state)
+    # the head class read from that dense base: the compressed classifier the record names has no keys there, as a
+    # dense head a base checkpoint lacks (was "missing keys ['classifier.bias', 'classifier.cores.0', ...]")
+    from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
+
+    head = BertForSequenceClassification(BertConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=2,
+                                                    intermediate_size=128, vocab_size=100)).eval()
+    bondgate.compress(head, SMALL, progress=False)
+    assert isinstance(head.classifier, MPOLinear)
+    AutoModel.from_config(head.config).save_pretrained(tmp_path / "base")
+    with pytest.warns(UserWarning, match="loaded dense"):
+        loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "base")
+    assert not layer_types(loaded) and loaded.classifier.weight.shape == (2, 64)
     # a real mismatch is still an error: one core replaced by a dense weight of another shape
     model.save_pretrained(tmp_path / "bad")
     weights = load_file(tmp_path / "bad" / "model.safetensors")

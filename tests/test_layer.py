@@ -355,6 +355,8 @@ def test_a_frozen_layer_keeps_its_inference_operands_for_an_input_that_needs_a_g
     torch.manual_seed(0)
     layer = MPOLinear(64, 48, max_bond=8, num_cores=3, policy=policy).requires_grad_(False)
     x = torch.randn(40, 64, requires_grad=True)
+    with torch.inference_mode():  # operands kept there must be normal tensors ("cannot be saved for backward")
+        layer(x.detach())
     y = layer(x)
     assert y.requires_grad and all(key & 1 == 0 for key in layer._plans)  # the inference plans only
     (y * torch.linspace(-1, 1, 48)).sum().backward()

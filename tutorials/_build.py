@@ -598,7 +598,8 @@ size. Nothing is masked: a row at 50% width really runs the smaller contraction.
 ## 2. A model to gate
 
 The bank-marketing MLP of notebook 01 (62–256–256–1), trained briefly, then compressed as a whole with
-`bg.compress` (every linear layer, half of the weights). The dense model is kept as the **teacher**:
+`bg.compress` (half of the weights; every linear layer is a candidate, and the global allocation spends the
+budget where it buys the least output error: the report below shows which layers it kept dense). The dense model is kept as the **teacher**:
 quality below is (a) test ROC-AUC and (b) how far the compressed model's outputs are from the teacher's
 (relative squared error of the logits; lower is better). The second is the more sensitive measure here,
 because on this dataset ROC-AUC hardly depends on the middle layer (see notebook 01).
@@ -633,7 +634,8 @@ print("teacher:", quality(teacher), "| compressed student:", quality(student))
 ## 3. Gate, then train in two stages
 
 `bg.gate(model, bg.GatingConfig(budget=0.5))` replaces every `MPOLinear` by a `GatedMPOLinear` with a
-controller (one small linear map from the row to a score per level: about 1% of the layer's cost).
+controller (one small linear map from the row to a score per level: a small share of the layer's cost,
+the `controller` figure in the report of section 4).
 Training follows `benchmarks/gating.py`:
 
 1. **nested** (`bg.set_mode(model, "nested")`): every row gets a random level, so every prefix learns

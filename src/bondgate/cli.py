@@ -252,12 +252,21 @@ def _load_dense(path: Path) -> Any:
     config = tf.AutoConfig.from_pretrained(str(path))
     archs = getattr(config, "architectures", None) or []
     cls = getattr(tf, archs[0], None) if len(archs) == 1 else None
-    if not (isinstance(cls, type) and issubclass(cls, tf.PreTrainedModel)):
-        if archs:
-            warn_user(f"{path}: config.json names architectures {archs}, not one transformers class: loaded with "
-                      f"AutoModel, without a task head")
-        cls = tf.AutoModel
-    return cls.from_pretrained(str(path), config=config).eval()
+    if isinstance(cls, type) and issubclass(cls, tf.PreTrainedModel):
+        model, info = cls.from_pretrained(str(path), config=config, output_loading_info=True)
+        if not info["missing_keys"]:
+            return model.eval()
+        # a base model's weights under a head class's name (sentence-transformers models made from an MLM checkpoint)
+        warn_user(f"{path}: config.json names {archs[0]}, but the weights lack its "
+                  f"{_short_list(sorted(info['missing_keys']))}: loaded with AutoModel, without that head")
+    elif archs:
+        warn_user(f"{path}: config.json names architectures {archs}, not one transformers class: loaded with "
+                  f"AutoModel, without a task head")
+    return tf.AutoModel.from_pretrained(str(path), config=config).eval()
+
+
+def _short_list(items: Sequence[str], n: int = 3) -> str:
+    return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 
 def _max_positions(config: Any) -> int | None:

@@ -194,7 +194,10 @@ def _no_checkpointing(student: nn.Module) -> None:
     """The sandwich's full-width pass sets the gated layers' mode only while it runs: activation checkpointing
     recomputes it during backward, in nested mode — a shape error (use_reentrant=False) or wrong gradients (True)."""
     inner = getattr(student, "module", student)  # DataParallel / DDP
-    if getattr(inner, "is_gradient_checkpointing", False):
+    # transformers 5 renamed the flag (the old name warns on every read); models outside transformers: neither
+    name = "is_activation_checkpointing" if hasattr(type(inner), "is_activation_checkpointing") \
+        else "is_gradient_checkpointing"
+    if getattr(inner, name, False):
         raise ValueError("sandwich=True does not work with gradient checkpointing: the checkpointed blocks of the "
                          "full-width pass are recomputed during backward with the gated layers back in nested mode "
                          "(wrong gradients, or a CheckpointError); turn one of them off")
@@ -580,6 +583,14 @@ def _make_trainer_class():
             if self.is_deepspeed_enabled or self.is_fsdp_enabled or not _load_bondgate_state(
                     self.model, self.state.best_model_checkpoint):
                 super()._load_best_model()
+
+        def evaluation_loop(self, *args, **kwargs):
+            # evaluation is not gating traffic, as in distill's eval_fn: the level counts saved with checkpoints and a
+            # tracked price would otherwise depend on how often the run evaluated
+            from .gating import preserved_state
+
+            with preserved_state(self.model):
+                return super().evaluation_loop(*args, **kwargs)
 
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
             # the stock step computes a loss only for batches with labels; distillation data usually has none, and

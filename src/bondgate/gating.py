@@ -110,9 +110,11 @@ class GatingConfig:
 
     def __post_init__(self) -> None:
         _check_budget(self.budget)
-        if isinstance(self.levels, (str, bytes)) or any(isinstance(v, bool) for v in self.levels):
-            raise TypeError(f"levels are fractions of each bond (numbers), got {self.levels!r}")
-        lv = tuple(float(v) for v in self.levels)
+        raw = tuple(self.levels) if isinstance(self.levels, Iterable) and not isinstance(self.levels, (str, bytes)) \
+            else None
+        if raw is None or any(isinstance(v, bool) for v in raw):
+            raise TypeError(f"levels are fractions of each bond (a sequence of numbers), got {self.levels!r}")
+        lv = tuple(float(v) for v in raw)
         if not lv:
             raise ValueError("levels must not be empty")
         if any(not (0.0 < v <= 1.0) for v in lv):
@@ -1062,8 +1064,8 @@ def set_budget(model: nn.Module, budget: float, data: Iterable, per_layer: bool 
 
     A layer's inputs, hence its controller's scores, depend on the widths the layers before it used,
     i.e. on ``lam`` itself; so scoring and calibration alternate for ``rounds`` rounds (a fixed-point
-    iteration started from the current prices), and ``data`` must be re-iterable (a list of batches; one tensor
-    or dict is one batch). Rows at padding positions (``attention_mask`` 0 in a dict batch) are left out, as
+    iteration started from the current prices); ``data`` is read into a list once (batches; one tensor or dict
+    is one batch), so a one-shot iterator works. Rows at padding positions (``attention_mask`` 0 in a dict batch) are left out, as
     :func:`bondgate.compress` leaves them out of its statistics; at inference padded rows are routed and counted
     like any other. A call that raises leaves the model's prices and settings as they were; a budget the
     cheapest levels cannot reach warns (the return value is what was reached).

@@ -650,13 +650,20 @@ def _saved_dense(model: nn.Module, names: dict[str, str], header: dict | None) -
     if not header:
         return set()
     saved = {c: shape for k, (shape, _) in header.items() for c in _candidates(model, k)}
-    out = set()
+    out, keyless = set(), set()
     for name, found in names.items():
-        own = {f"{found}.{k}": tuple(t.shape) for k, t in model.get_submodule(found).state_dict().items()}
+        module = model.get_submodule(found)
+        if isinstance(module, tuple(_io.LAYER_TYPES.values())):  # the class builds this layer itself
+            continue
+        own = {f"{found}.{k}": tuple(t.shape) for k, t in module.state_dict().items()}
         held = {k for k in saved if k.startswith(found + ".")}
         if own and held == set(own) and all(saved[k] == shape for k, shape in own.items()):
             out.add(name)
-    return out
+        elif not held:
+            keyless.add(name)
+    # in a dense checkpoint, a layer without keys is transformers' to fill: a head tied to the table (not saved), or
+    # a head this class adds to the saved base model (initialized)
+    return out | keyless if out else out
 
 
 def _candidates(model: nn.Module, key: str) -> list[str]:

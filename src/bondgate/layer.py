@@ -246,7 +246,9 @@ def kept(cache: dict, key, tensors: Sequence[torch.Tensor], build: Callable[[], 
     very tensors, unmodified since (:func:`is_fresh`); rebuilt on every call when their writes cannot all be seen."""
     hit = cache.get(key)
     if not is_fresh(hit, tensors, core_versions(tensors)):
-        hit = cache[key] = (stamp(tensors), build(), tuple(tensors))
+        with torch.inference_mode(False), torch.no_grad():  # normal tensors: an input needing a gradient may meet them
+            value = build()
+        hit = cache[key] = (stamp(tensors), value, tuple(tensors))
     return hit[1]
 
 

@@ -314,8 +314,9 @@ class ContractionPlan:
     def cache_operands(self, cores: Sequence[torch.Tensor], out_features: int | None = None,
                        in_features: int | None = None) -> list[torch.Tensor]:
         """:meth:`group_operands` to keep between calls: detached and contiguous (a pre-contracted group is
-        often a permuted view, which would be re-strided on every call)."""
-        with torch.no_grad():
+        often a permuted view, which would be re-strided on every call). Made outside inference mode: kept operands
+        meet inputs that need a gradient (a frozen layer), which inference tensors cannot."""
+        with torch.inference_mode(False), torch.no_grad():
             return [o.contiguous() for o in self.group_operands(cores, out_features, in_features)]
 
     def run(self, x2d: torch.Tensor, ops: Sequence[torch.Tensor], out_features: int,

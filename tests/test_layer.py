@@ -552,3 +552,27 @@ def test_float64_under_autocast_plan_sizes_dtypes_and_low_rank_inputs_as_nn_line
         low(torch.randn(5, 63))
     with pytest.raises(TypeError, match="got list"):
         low([1.0] * 64)
+
+
+def test_a_state_dict_of_a_layer_of_another_size_with_the_same_padding_is_refused(tmp_path):
+    # 62 and 64 inputs pad to the same factors, so the cores had the same shapes: the 62-wide layer loaded the 64-wide
+    # one's state dict in silence (and dropped its last two input columns); nn.Linear refuses it
+    from bondgate import MPOEmbedding
+
+    torch.manual_seed(0)
+    wide, narrow = MPOLinear(64, 48, max_bond=8), MPOLinear(62, 48, max_bond=8)
+    assert [c.shape for c in wide.cores] == [c.shape for c in narrow.cores]
+    torch.save(wide.state_dict(), tmp_path / "sd.pt")
+    for sd in (wide.state_dict(), torch.load(tmp_path / "sd.pt")):
+        with pytest.raises(RuntimeError, match="in_features=64, out_features=48, this one in_features=62"):
+            narrow.load_state_dict(sd)
+    same = MPOLinear(64, 48, max_bond=8)
+    same.load_state_dict(wide.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(same.cores, wide.cores))
+    outer = nn.Sequential(nn.Linear(3, 62), narrow)
+    with pytest.raises(RuntimeError, match="size mismatch for 1: .*in_features=64"):
+        outer.load_state_dict(nn.Sequential(nn.Linear(3, 62), wide).state_dict(), strict=False)
+    tables = [MPOEmbedding.from_embedding(nn.Embedding(n, 32), max_bond=4) for n in (1000, 999)]
+    assert [c.shape for c in tables[0].cores] == [c.shape for c in tables[1].cores]
+    with pytest.raises(RuntimeError, match="num_embeddings=1000, embedding_dim=32, this one num_embeddings=999"):
+        tables[1].load_state_dict(tables[0].state_dict())

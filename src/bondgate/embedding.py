@@ -55,8 +55,10 @@ from .io import register_layer_type
 from .layer import (
     MPOLinear,
     TrackedParameter,
+    check_sizes,
     check_spec_sizes,
     fake_quantized_cores,
+    record_sizes,
     replica_without_kept,
     without_kept,
 )
@@ -365,8 +367,14 @@ class MPOEmbedding(nn.Module):
         rows = self.kept_rows
         return rows if self._quant is None else fake_quantized_cores(self._rows_cache, (rows,))[0]
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        record_sizes(destination, prefix, (self.num_embeddings, self.embedding_dim))
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        check_sizes(local_metadata, prefix, (self.num_embeddings, self.embedding_dim),
+                    ("num_embeddings", "embedding_dim"), error_msgs)
         load_quantized_cores(self, state_dict, prefix, error_msgs)  # int8 cores + scales -> dequantized cores
         ids = state_dict.get(prefix + "kept_ids")
         if self.kept_ids is not None and isinstance(ids, torch.Tensor) and ids.shape == self.kept_ids.shape:

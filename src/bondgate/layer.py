@@ -286,6 +286,28 @@ def own_param(module: nn.Module, name: str) -> torch.Tensor | None:
     return params[name] if name in params else module.__dict__[name]
 
 
+SIZES_KEY = "bondgate_sizes"  # in a state dict's metadata
+
+
+def record_sizes(destination, prefix: str, sizes: Sequence[int]) -> None:
+    """Note a layer's true sizes in the metadata ``state_dict()`` keeps beside the tensors: the cores hold only the
+    padded factors, so a layer of another size with the same padding (62 and 64 inputs) would load them in silence.
+    (Metadata travels with ``torch.save`` of the dict, not through safetensors, where :func:`bondgate.load` checks
+    the saved specs instead.)"""
+    meta = getattr(destination, "_metadata", None)
+    if meta is not None:
+        meta.setdefault(prefix[:-1], {})[SIZES_KEY] = [int(n) for n in sizes]
+
+
+def check_sizes(local_metadata: dict, prefix: str, sizes: Sequence[int], names: Sequence[str],
+                error_msgs: list[str]) -> None:
+    got = local_metadata.get(SIZES_KEY) if isinstance(local_metadata, dict) else None
+    if got is not None and list(got) != [int(n) for n in sizes]:
+        error_msgs.append(f"size mismatch for {prefix[:-1] or 'the layer'}: the checkpoint's layer has "
+                          + ", ".join(f"{n}={g}" for n, g in zip(names, got)) + ", this one "
+                          + ", ".join(f"{n}={v}" for n, v in zip(names, sizes)))
+
+
 def bad_input(layer: nn.Module, x) -> Exception:
     """The error for an input that is not a ``(*, in_features)`` tensor (a list, a numpy array, a 0-d tensor)."""
     name, want = type(layer).__name__, f"a torch.Tensor of shape (*, {layer.in_features})"
@@ -665,8 +687,14 @@ class MPOLinear(nn.Module):
         self._reset_caches()
         return out
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        record_sizes(destination, prefix, (self.in_features, self.out_features))
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        check_sizes(local_metadata, prefix, (self.in_features, self.out_features), ("in_features", "out_features"),
+                    error_msgs)
         load_quantized_cores(self, state_dict, prefix, error_msgs)  # int8 cores + scales -> dequantized cores
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)

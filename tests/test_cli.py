@@ -138,6 +138,27 @@ def test_a_task_head_is_kept(tmp_path):
         assert any(isinstance(m, MPOLinear) for m in loaded.bert.encoder.modules())
 
 
+def test_a_classifier_without_pooler_weights_keeps_its_head(tmp_path):
+    # the fallback to AutoModel fired on any missing key: a trained classifier whose checkpoint lacks only the
+    # pooler's weights lost its classifier
+    from safetensors.torch import load_file, save_file
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                     vocab_size=30522, num_labels=3)
+    src = save_with_minilm_tokenizer(BertForSequenceClassification(cfg).eval(), tmp_path / "cls")
+    weights = load_file(src / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if "pooler" not in k}, src / "model.safetensors",
+              metadata={"format": "pt"})
+    code, stdout, stderr = run(["compress", "--model", str(src), "--max-bond", "4", "--out", str(tmp_path / "o"),
+                                "--calibration-size", "4", "--no-progress", "--threads", "1"])
+    assert code == 0, stderr
+    loaded = bondgate.load(tmp_path / "o")
+    assert type(loaded).__name__ == "BertForSequenceClassification"
+    assert torch.equal(loaded.classifier.weight, weights["classifier.weight"])
+
+
 def test_a_head_class_the_weights_lack_falls_back_to_the_base_model(tmp_path):
     # sentence-transformers models made from an MLM checkpoint name BertForMaskedLM over a base model's weights:
     # loading that class compressed and saved a random MLM head
@@ -153,7 +174,7 @@ def test_a_head_class_the_weights_lack_falls_back_to_the_base_model(tmp_path):
     code, stdout, stderr = run(["compress", "--model", str(src), "--max-bond", "4", "--out", str(tmp_path / "o"),
                                 "--calibration-size", "4", "--no-progress", "--threads", "1"])
     assert code == 0, stderr
-    assert "names BertForMaskedLM, but the weights lack its cls.predictions" in stderr
+    assert "names BertForMaskedLM, but the weights hold none of its head (cls.predictions" in stderr
     assert type(bondgate.load(tmp_path / "o")).__name__ == "BertModel"
 
 

@@ -220,3 +220,13 @@ def test_warnings_point_at_the_callers_line():
     ours = [w for w in caught if "compress:" in str(w.message)]
     assert len(ours) >= 2  # the selector that matches nothing, the few calibration rows
     assert all(w.filename == __file__ for w in ours), [(w.filename, w.lineno) for w in ours]
+
+
+def test_a_warning_under_python_dash_c_is_a_warning():
+    # warn_explicit(module_globals=__main__'s) asked the -c / REPL loader for the source, which raised ImportError
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", "from bondgate._warn import warn_user; warn_user('careful'); print('ok')"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok" and "UserWarning: careful" in out.stderr, out.stderr

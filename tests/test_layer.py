@@ -564,15 +564,22 @@ def test_a_state_dict_of_a_layer_of_another_size_with_the_same_padding_is_refuse
     assert [c.shape for c in wide.cores] == [c.shape for c in narrow.cores]
     torch.save(wide.state_dict(), tmp_path / "sd.pt")
     for sd in (wide.state_dict(), torch.load(tmp_path / "sd.pt")):
-        with pytest.raises(RuntimeError, match="in_features=64, out_features=48, this one in_features=62"):
+        with pytest.raises(RuntimeError, match="the checkpoint's layer is 48 x 64 \\(out_features x in_features\\), this one 48 x 62"):
             narrow.load_state_dict(sd)
     same = MPOLinear(64, 48, max_bond=8)
     same.load_state_dict(wide.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(same.cores, wide.cores))
     outer = nn.Sequential(nn.Linear(3, 62), narrow)
-    with pytest.raises(RuntimeError, match="size mismatch for 1: .*in_features=64"):
+    with pytest.raises(RuntimeError, match="size mismatch for 1: the checkpoint's layer is 48 x 64"):
         outer.load_state_dict(nn.Sequential(nn.Linear(3, 62), wide).state_dict(), strict=False)
+    # keys deleted from a loaded dict keep its metadata: a dropped layer is missing, not mismatched
+    sd = nn.Sequential(nn.Linear(3, 62), wide).state_dict()
+    for k in [k for k in sd if k.startswith("1.")]:
+        del sd[k]
+    assert set(outer.load_state_dict(sd, strict=False).missing_keys) == {f"1.{k}" for k in narrow.state_dict()}
     tables = [MPOEmbedding.from_embedding(nn.Embedding(n, 32), max_bond=4) for n in (1000, 999)]
     assert [c.shape for c in tables[0].cores] == [c.shape for c in tables[1].cores]
-    with pytest.raises(RuntimeError, match="num_embeddings=1000, embedding_dim=32, this one num_embeddings=999"):
+    with pytest.raises(RuntimeError, match="is 1000 x 32 \\(num_embeddings x embedding_dim\\), this one 999 x 32"):
         tables[1].load_state_dict(tables[0].state_dict())
+    head = tables[0].as_linear()  # the tied head: the same matrix, recorded alike
+    head.load_state_dict(tables[0].state_dict())

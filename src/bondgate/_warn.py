@@ -30,6 +30,6 @@ def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
     while frame.f_back is not None and frame.f_code.co_filename.startswith(skip):
         frame = frame.f_back
     glob = frame.f_globals
+    # no module_globals: under `python -c` and the REPL, __main__'s loader raises when asked for the source
     warnings.warn_explicit(message, category, frame.f_code.co_filename, frame.f_lineno,
-                           module=glob.get("__name__", "<string>"), registry=glob.setdefault("__warningregistry__", {}),
-                           module_globals=glob)
+                           module=glob.get("__name__", "<string>"), registry=glob.setdefault("__warningregistry__", {}))

@@ -254,11 +254,16 @@ def _load_dense(path: Path) -> Any:
     cls = getattr(tf, archs[0], None) if len(archs) == 1 else None
     if isinstance(cls, type) and issubclass(cls, tf.PreTrainedModel):
         model, info = cls.from_pretrained(str(path), config=config, output_loading_info=True)
-        if not info["missing_keys"]:
+        prefix = (getattr(model, "base_model_prefix", "") or "") + "."
+        tied = set(getattr(model, "all_tied_weights_keys", None) or ())  # an MLM decoder is the word table
+        head = {k for k in model.state_dict() if not k.startswith(prefix) and k not in tied} \
+            if model.base_model is not model else set()
+        if not head or not head <= set(info["missing_keys"]):  # the head's weights are there (a pooler may not be)
             return model.eval()
         # a base model's weights under a head class's name (sentence-transformers models made from an MLM checkpoint)
-        warn_user(f"{path}: config.json names {archs[0]}, but the weights lack its "
-                  f"{_short_list(sorted(info['missing_keys']))}: loaded with AutoModel, without that head")
+        del model
+        warn_user(f"{path}: config.json names {archs[0]}, but the weights hold none of its head "
+                  f"({_short_list(sorted(head))}): loaded with AutoModel, without that head")
     elif archs:
         warn_user(f"{path}: config.json names architectures {archs}, not one transformers class: loaded with "
                   f"AutoModel, without a task head")

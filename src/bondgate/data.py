@@ -110,8 +110,8 @@ def _check_published(p: Path, relpath: str, blob: bytes | None = None) -> None:
     same_text = blob.removeprefix(b"\xef\xbb\xbf").replace(b"\r\n", b"\n")
     if digest != known and hashlib.sha256(same_text).hexdigest() != known:
         warn_user(f"{p} differs from the published {Path(relpath).name} (sha256 {digest[:12]}..., published "
-                      f"{known[:12]}...; {p.stat().st_size:,} bytes): a truncated or edited copy changes every "
-                      "figure computed on it")
+                  f"{known[:12]}...; {p.stat().st_size:,} bytes): a truncated or edited copy changes every "
+                  "figure computed on it")
 
 
 def resolve(relpath: str, path: str | os.PathLike | None = None, *, download: bool = True) -> Path:

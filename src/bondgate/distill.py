@@ -321,10 +321,10 @@ def distill(
         data = [data]
     if isinstance(data, Iterator) and steps is None and max_minutes is None and (epochs or 0) != 1:
         warn_user("distill: data is a one-shot iterator, so it can be read for one epoch only; pass a list or "
-                      "a DataLoader to train for more")
+                  "a DataLoader to train for more")
     if steps is None and max_minutes is None and not hasattr(data, "__len__"):
         warn_user("distill: with epochs on data of unknown length the schedule has no end to plan for: the "
-                      "learning rate stays at lr (no warmup or decay); give steps, or data with a length")
+                  "learning rate stays at lr (no warmup or decay); give steps, or data with a length")
     for name, value in (("eval_every", eval_every), ("log_every", log_every), ("patience", 1 if patience is None else patience)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int{' or None' if name == 'patience' else ''}, got {value!r}")
@@ -478,7 +478,7 @@ def distill(
                     raise ValueError("distill: data yielded no batches")
                 # a one-shot iterator (a generator) is exhausted after one pass: stop instead of looping forever
                 warn_user(f"distill: data yielded no batches in epoch {epoch} (a one-shot iterator?); stopping "
-                              f"after {step} steps")
+                          f"after {step} steps")
                 res.stopped, done = "data exhausted", True
             elif epochs is not None and epoch >= epochs and not done:
                 res.stopped, done = "epochs", True

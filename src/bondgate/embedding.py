@@ -373,7 +373,7 @@ class MPOEmbedding(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        check_sizes(local_metadata, prefix, (self.num_embeddings, self.embedding_dim),
+        check_sizes(state_dict, local_metadata, prefix, (self.num_embeddings, self.embedding_dim),
                     ("num_embeddings", "embedding_dim"), error_msgs)
         load_quantized_cores(self, state_dict, prefix, error_msgs)  # int8 cores + scales -> dequantized cores
         ids = state_dict.get(prefix + "kept_ids")

@@ -923,7 +923,7 @@ def gate(model: nn.Module, config: GatingConfig) -> nn.Module:
     names = [n for n in names if n not in one_width]
     if one_width and config.target_modules is not None and names:  # named by the user: say why it stays
         warn_user(f"gate: {', '.join(one_width[:3])}{', ...' if len(one_width) > 3 else ''} ha"
-                      f"{'s' if len(one_width) == 1 else 've'} no bond wider than 1 (one width only): not gated")
+                  f"{'s' if len(one_width) == 1 else 've'} no bond wider than 1 (one width only): not gated")
     if not names:
         raise ValueError("gate: none of the targeted layers has a bond wider than 1 to gate (one-core MPOs hold a "
                          "dense weight; rank-1 pairs have one width)")
@@ -1053,7 +1053,7 @@ def _warn_call_size(scores: dict[str, list[torch.Tensor]], cost_rows: int) -> No
     median = statistics.median_low([s.shape[0] for v in scores.values() for s in v] or [cost_rows])
     if not cost_rows / 2 <= median <= 2 * cost_rows:
         warn_user(f"set_budget(cost_rows={cost_rows}) but the calibration calls have {median} rows per layer "
-                      "(median): batch the data like the inference calls the FLOPs are counted for")
+                  "(median): batch the data like the inference calls the FLOPs are counted for")
 
 
 def set_budget(model: nn.Module, budget: float, data: Iterable, per_layer: bool = False, rounds: int = 3,

@@ -110,7 +110,7 @@ def _register_quietly() -> None:
         pass  # attach() warns when it matters: when a transformers model gets bondgate layers
     except Exception as exc:  # noqa: BLE001 - an import hook must never break the import it watches
         warn_user(f"bondgate could not register its transformers integration ({exc}); compressed models will "
-                      f"not load through from_pretrained")
+                  f"not load through from_pretrained")
 
 
 class _ImportHook(importlib.abc.MetaPathFinder):
@@ -328,8 +328,8 @@ def attach(model: nn.Module) -> nn.Module:
     current = getattr(config, "quantization_config", None)
     if current is not None and not _is_ours(current):
         warn_user(f"{type(model).__name__} carries a {getattr(current, 'quant_method', current)!r} "
-                      f"quantization_config, so its bondgate layers are not recorded in config.json: only "
-                      f"bondgate.load will read them back")
+                  f"quantization_config, so its bondgate layers are not recorded in config.json: only "
+                  f"bondgate.load will read them back")
         return model
     layers, _ = _io._collect_layers(model)
     if not layers:
@@ -542,8 +542,8 @@ def _prepare(model: nn.Module, qc: Any, checkpoint_files, dtype: torch.dtype | N
     dropped = {n for n in [*qc.layers, *qc.layer_aliases] if absent(n)}
     if dropped and not (headless and all(not n.startswith(prefix + ".") for n in dropped)):
         warn_user(f"{where}: this model has no module {', '.join(sorted(dropped)[:4])}"
-                      f"{', ...' if len(dropped) > 4 else ''}, which the checkpoint compressed: left out (loaded with "
-                      f"another class than the one saved; its own new modules are initialized as usual)")
+                  f"{', ...' if len(dropped) > 4 else ''}, which the checkpoint compressed: left out (loaded with "
+                  f"another class than the one saved; its own new modules are initialized as usual)")
     layer_aliases = {a: t for a, t in qc.layer_aliases.items() if a not in dropped}
     tensor_aliases = {k: t for k, t in qc.tensor_aliases.items()
                       if _under(k, dropped) is None and _under(t, dropped) is None}
@@ -556,12 +556,14 @@ def _prepare(model: nn.Module, qc: Any, checkpoint_files, dtype: torch.dtype | N
                              f"model does not have (load it with the class it was saved from)")
         names[name] = found
     header = _as_loaded(model, _header(checkpoint_files))
-    dense = _saved_dense(model, {n: names[n] for n in specs}, header)
+    dense, keyless = _saved_dense(model, {n: names[n] for n in specs}, header)
     if dense:
         warn_user(f"{where}: config.json records {len(dense)} bondgate layer(s) ({', '.join(sorted(dense)[:3])}"
-                      f"{', ...' if len(dense) > 3 else ''}) that the checkpoint holds as this model's own dense "
-                      f"weights: loaded dense (a dense model saved with a compressed model's config, e.g. one built by "
-                      f"from_config(compressed.config), which shares the config object)")
+                  f"{', ...' if len(dense) > 3 else ''}) that the checkpoint holds as this model's own dense "
+                  f"weights: loaded dense (a dense model saved with a compressed model's config, e.g. one built by "
+                  f"from_config(compressed.config), which shares the config object)"
+                  + (f"; {len(keyless)} more it holds no weights for are left to transformers" if keyless else ""))
+        dense |= keyless
         dense |= {a for a, t in layer_aliases.items() if t in dense}
         specs = {n: s for n, s in specs.items() if n not in dense}
         layer_aliases = {a: t for a, t in layer_aliases.items() if a not in dense}
@@ -644,11 +646,12 @@ def _prepare(model: nn.Module, qc: Any, checkpoint_files, dtype: torch.dtype | N
             "source": source, "ignore": ignore, "untied": untied}
 
 
-def _saved_dense(model: nn.Module, names: dict[str, str], header: dict | None) -> set[str]:
+def _saved_dense(model: nn.Module, names: dict[str, str], header: dict | None) -> tuple[set[str], set[str]]:
     """The recorded layers (``{saved name: name in model}``) whose checkpoint keys are exactly those of the model's
-    own dense module there, with its shapes, and nothing else."""
+    own dense module there, with its shapes, and nothing else; and, when there are any, the recorded layers without
+    a key in the checkpoint."""
     if not header:
-        return set()
+        return set(), set()
     saved = {c: shape for k, (shape, _) in header.items() for c in _candidates(model, k)}
     out, keyless = set(), set()
     for name, found in names.items():
@@ -663,7 +666,7 @@ def _saved_dense(model: nn.Module, names: dict[str, str], header: dict | None) -
             keyless.add(name)
     # in a dense checkpoint, a layer without keys is transformers' to fill: a head tied to the table (not saved), or
     # a head this class adds to the saved base model (initialized)
-    return out | keyless if out else out
+    return out, (keyless if out else set())
 
 
 def _candidates(model: nn.Module, key: str) -> list[str]:

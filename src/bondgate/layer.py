@@ -299,13 +299,17 @@ def record_sizes(destination, prefix: str, sizes: Sequence[int]) -> None:
         meta.setdefault(prefix[:-1], {})[SIZES_KEY] = [int(n) for n in sizes]
 
 
-def check_sizes(local_metadata: dict, prefix: str, sizes: Sequence[int], names: Sequence[str],
+def check_sizes(state_dict: dict, local_metadata: dict, prefix: str, sizes: Sequence[int], names: Sequence[str],
                 error_msgs: list[str]) -> None:
+    """Refuse a state dict recorded (:func:`record_sizes`) from a layer of other ``sizes``: the rows and columns of
+    the layer's matrix (``out_features, in_features``; a table's ``num_embeddings, embedding_dim``, so that a table
+    and its tied head compare alike). Only where the dict holds tensors of this layer (keys deleted from a loaded
+    dict keep its metadata: a head dropped to train a new one of another size is missing, not mismatched)."""
     got = local_metadata.get(SIZES_KEY) if isinstance(local_metadata, dict) else None
-    if got is not None and list(got) != [int(n) for n in sizes]:
-        error_msgs.append(f"size mismatch for {prefix[:-1] or 'the layer'}: the checkpoint's layer has "
-                          + ", ".join(f"{n}={g}" for n, g in zip(names, got)) + ", this one "
-                          + ", ".join(f"{n}={v}" for n, v in zip(names, sizes)))
+    if got is None or list(got) == [int(n) for n in sizes] or not any(k.startswith(prefix) for k in state_dict):
+        return
+    error_msgs.append(f"size mismatch for {prefix[:-1] or 'the layer'}: the checkpoint's layer is {got[0]} x {got[1]} "
+                      f"({names[0]} x {names[1]}), this one {sizes[0]} x {sizes[1]}")
 
 
 def bad_input(layer: nn.Module, x) -> Exception:
@@ -689,12 +693,12 @@ class MPOLinear(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        record_sizes(destination, prefix, (self.in_features, self.out_features))
+        record_sizes(destination, prefix, (self.out_features, self.in_features))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        check_sizes(local_metadata, prefix, (self.in_features, self.out_features), ("in_features", "out_features"),
-                    error_msgs)
+        check_sizes(state_dict, local_metadata, prefix, (self.out_features, self.in_features),
+                    ("out_features", "in_features"), error_msgs)
         load_quantized_cores(self, state_dict, prefix, error_msgs)  # int8 cores + scales -> dequantized cores
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)

@@ -547,7 +547,7 @@ def _warn_selectors(model: nn.Module, config: CompressionConfig) -> None:
         unmatched = [e for e in entries if not any(_matches(n, e if isinstance(sel, str) else [e]) for n in modules if n)]
         if unmatched:
             warn_user(f"compress: {option} {unmatched if not isinstance(sel, str) else repr(sel)} match"
-                          f"{'es' if isinstance(sel, str) else ''} no module of the model")
+                      f"{'es' if isinstance(sel, str) else ''} no module of the model")
         if isinstance(sel, str):
             continue
         layer_types = (nn.Linear, nn.Embedding, nn.RNNBase, Recurrent, MPOLinear, LowRankLinear, MPOEmbedding)
@@ -555,8 +555,8 @@ def _warn_selectors(model: nn.Module, config: CompressionConfig) -> None:
                              if n and _matches(n, [e]) and not isinstance(m, layer_types) and not is_conv1d(m)})
         if containers:
             warn_user(f"compress: {option} entries name modules that are not layers: {', '.join(containers[:4])}; "
-                          "a list selects layers by name or dotted suffix, not what is inside a module: list the "
-                          r"layers, or give a regex such as 'encoder\.layer\.0\..*'")
+                      "a list selects layers by name or dotted suffix, not what is inside a module: list the "
+                      r"layers, or give a regex such as 'encoder\.layer\.0\..*'")
 
 
 # ---------------------------------------------------------------------------------------------- compress
@@ -865,15 +865,15 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
         t, td = report.measured_times()
         if td > 0 and t > 1.1 * cost[1] * td:  # the budget holds for predicted times: say when measured ones differ
             warn_user(f"compress: max_latency_ratio={cost[1]:g}, but the compressed layers measured "
-                          f"{t / td:.2f}x the dense layers' time at deploy_rows={config.deploy_rows} (predicted "
-                          f"times, which the budget holds, are in the report's µs column); a loaded machine or a "
-                          f"cost model fitted on another one moves them")
+                      f"{t / td:.2f}x the dense layers' time at deploy_rows={config.deploy_rows} (predicted "
+                      f"times, which the budget holds, are in the report's µs column); a loaded machine or a "
+                      f"cost model fitted on another one moves them")
     grown = [r for r in report.layers if r.params_after > r.params_before]
     if grown and config.param_ratio is None:  # max_bond / tol set no size budget: say when they buy nothing
         budget = f"max_bond={config.max_bond}" if config.max_bond is not None else f"tol={config.tol}"
         warn_user(f"compress: at {budget}, {len(grown)} layer(s) hold more weights than dense ("
-                      + ", ".join(f"{r.name}: {r.params_before:,} -> {r.params_after:,}" for r in grown[:3])
-                      + (", ..." if len(grown) > 3 else "") + "); give a smaller budget or param_ratio")
+                  + ", ".join(f"{r.name}: {r.params_before:,} -> {r.params_after:,}" for r in grown[:3])
+                  + (", ..." if len(grown) > 3 else "") + "); give a smaller budget or param_ratio")
     for name, why in skipped.items():
         mod = model.get_submodule(name)
         if isinstance(mod, MPOLinear) and why.startswith("weight is tied"):
@@ -1098,8 +1098,8 @@ def _check_stats(stats: dict[str, InputStats], targets: dict[str, nn.Module]) ->
            if st.rows < st.second.shape[0]]
     if few:  # the fit and the reported errors only see the span of those rows (3 rows: error 0.000, 0.7 held out)
         warn_user(f"compress: {len(few)} layer(s) saw fewer calibration rows than inputs ({_short_list(few, 3)}): "
-                      "the factorization fits, and the report's output errors measure, only the directions those rows "
-                      "span, so both understate the error on other inputs; pass more calibration rows")
+                  "the factorization fits, and the report's output errors measure, only the directions those rows "
+                  "span, so both understate the error on other inputs; pass more calibration rows")
 
 
 def _short_list(names: list[str], n: int = 5) -> str:

@@ -669,18 +669,6 @@ def _check_seq(configs: Sequence[Any], seq: int) -> None:
         raise ValueError(f"--seq {seq} exceeds the model's {min(limits)} positions")
 
 
-def _config_fields(directory: Path) -> Any:
-    """``config.json`` of a model directory as attributes, read without transformers (checks before loading)."""
-    import json
-    import types
-
-    with contextlib.suppress(OSError, ValueError):
-        data = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-        if isinstance(data, dict):
-            return types.SimpleNamespace(**{k: v for k, v in data.items() if isinstance(k, str)})
-    return types.SimpleNamespace()
-
-
 def _bench_inputs(configs: Sequence[Any], batch: int, seq: int) -> dict:
     """Random token ids (seed 0) from the smaller vocabulary, attention mask of ones."""
     import torch
@@ -688,7 +676,6 @@ def _bench_inputs(configs: Sequence[Any], batch: int, seq: int) -> dict:
     vocab = min(int(getattr(c, "vocab_size", 0) or 0) for c in configs)
     if vocab < 1:
         raise ValueError("cannot build inputs: a model config has no vocab_size")
-    _check_seq(configs, seq)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (batch, seq), generator=gen)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -716,12 +703,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         why = (f"recorded source {recorded} not found; " if recorded else "no source recorded; ") + \
             f"the packaged {PACKAGED_MODEL}"
 
-    _check_seq([_config_fields(directory), _config_fields(Path(dense_dir))], args.seq)  # before loading either
     with _torch_threads(args.threads):
-        _transformers()
+        tf = _transformers()
         from .baselines import paired_latency, size_on_disk
         from .io import load
 
+        # the configs (no weights) before loading either model
+        _check_seq([tf.AutoConfig.from_pretrained(str(d)) for d in (directory, dense_dir)], args.seq)
         print(_versions_line())
         comp = load(directory)
         dense = _load_dense(dense_dir)

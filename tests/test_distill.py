@@ -569,3 +569,74 @@ def test_distill_review_fixes():
     bondgate.gating_report(gated, reset=True)
     distill(gated, teacher, x, steps=1, loss=loss, progress=False, eval_fn=lambda m: float(m(x[0]).sum()))
     assert all(r["rows"] == 0 for r in bondgate.gating_report(gated))  # evaluation is not gating traffic
+
+
+def test_logits_term_is_finite_where_a_vocabulary_entry_is_masked():
+    # kl_div computed 0 * (-inf - x) = NaN for a teacher probability of exactly 0, and distill then blamed the data
+    torch.manual_seed(0)
+    zt, zs = torch.randn(2, 3, 5), torch.randn(2, 3, 5, requires_grad=True)
+    zt_masked = zt.clone()
+    zt_masked[..., 0] = float("-inf")
+    loss = DistillLoss(hidden=0, logits=1.0, temperature=1.0)
+    total, _ = loss({"logits": zs}, {"logits": zt_masked})
+    pt = torch.softmax(zt_masked, -1)
+    ref = (pt[..., 1:] * (torch.log(pt[..., 1:]) - torch.log_softmax(zs, -1)[..., 1:])).sum(-1).mean()
+    assert float(total.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
+    total.backward()
+    assert bool(torch.isfinite(zs.grad).all())
+    both = zs.detach().clone()
+    both[..., 0] = float("-inf")  # masked in both models: no term, no NaN
+    assert math.isfinite(float(loss({"logits": both}, {"logits": zt_masked})[0]))
+    # unmasked, the same value as torch's kl_div
+    ref = torch.nn.functional.kl_div(torch.log_softmax(zs, -1), torch.log_softmax(zt, -1), log_target=True,
+                                     reduction="none").sum(-1).mean()
+    assert float(loss({"logits": zs}, {"logits": zt})[0].detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
+
+
+def test_a_mask_that_does_not_fit_the_states_is_refused():
+    # a (B, T) mask of another shape than the states' was ignored (padding counted) or broke with a broadcasting error
+    torch.manual_seed(0)
+    hs = [torch.randn(2, 4, 8) for _ in range(2)]
+    ht = [torch.randn(2, 4, 8) for _ in range(2)]
+    bad = {"attention_mask": torch.ones(2, 5)}
+    for loss in (DistillLoss(hidden=1.0), DistillLoss(hidden=0, pooled=1.0),
+                 DistillLoss(hidden=0, logits=1.0)):
+        with pytest.raises(ValueError, match="attention mask has shape"):
+            loss({"hidden_states": hs, "logits": hs[-1]}, {"hidden_states": ht, "logits": ht[-1]}, bad)
+    good = {"attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])}
+    assert math.isfinite(float(DistillLoss(hidden=1.0, pooled=1.0)({"hidden_states": hs}, {"hidden_states": ht},
+                                                                    good)[0]))
+    # states with no token axis (a classifier's logits) are averaged plainly beside a sequence mask
+    total, _ = DistillLoss(hidden=0, logits=1.0)({"logits": torch.randn(2, 3)}, {"logits": torch.randn(2, 3)}, good)
+    assert math.isfinite(float(total))
+
+
+def test_distill_returns_the_student_in_eval_mode_when_it_stops_on_a_nan():
+    teacher, student, data = teacher_student()
+    with pytest.raises(FloatingPointError):
+        distill(student, teacher, [torch.full((64, 32), float("nan"))], loss=DistillLoss(hidden=0, output=1.0),
+                steps=2, progress=False)
+    assert not any(m.training for m in student.modules())
+
+
+def test_distillation_trainer_leaves_the_teacher_as_it_was(tmp_path):
+    # constructing the trainer put the caller's teacher in eval mode and froze its parameters for good
+    transformers = pytest.importorskip("transformers")
+    import bondgate
+
+    teacher, student, ds = _tiny_gpt2_student(transformers)
+    teacher.train()
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=2,
+                                          per_device_train_batch_size=4, disable_tqdm=True, save_strategy="no")
+    trainer = bondgate.DistillationTrainer(model=student, teacher=teacher, args=args, train_dataset=ds,
+                                           distill_loss=DistillLoss(hidden=0, logits=1.0))
+    before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    calls = []
+    teacher.register_forward_hook(lambda m, i, o: calls.append(m.training))
+    trainer.train()
+    assert calls and not any(calls)  # run in eval mode
+    assert all(m.training for m in teacher.modules()) and all(p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(p, before[n]) for n, p in teacher.named_parameters())
+    shared = copy.deepcopy(teacher)
+    with pytest.raises(ValueError, match="trains parameters of the teacher"):
+        bondgate.DistillationTrainer(model=shared, teacher=shared, args=args, train_dataset=ds)

@@ -478,3 +478,29 @@ def test_autocast_init_and_the_given_models_dropout(tmp_path):
 
     bondgate.save(m, tmp_path / "ck")
     assert bondgate.load(tmp_path / "ck", model=M(dropout=0.5)).rnn.dropout == 0.5
+
+
+def test_from_torch_refuses_what_it_would_change_and_options_torch_refuses(tmp_path):
+    # from_torch converted a subclass with its own forward (what compress skips) and dropped that forward in silence
+    class Scaled(nn.LSTM):
+        def forward(self, x, hx=None):
+            return super().forward(x * 2, hx)
+
+    with pytest.raises(TypeError, match="overrides forward"):
+        Recurrent.from_torch(Scaled(4, 8))
+    hooked = nn.GRU(4, 8)
+    hooked.register_forward_hook(lambda m, i, o: None)
+    with pytest.raises(TypeError, match="forward hooks"):
+        Recurrent.from_torch(hooked)
+    # nn.GRU / nn.LSTM have no nonlinearity option: accepted here and ignored before
+    with pytest.raises(ValueError, match="mode='RNN' only"):
+        Recurrent("GRU", 3, 4, nonlinearity="relu")
+    assert Recurrent("RNN", 3, 4, nonlinearity="relu").nonlinearity == "relu"
+    # dropout with one layer does nothing, as torch warns; said once, where the module is made
+    with pytest.warns(UserWarning, match="does nothing"):
+        r = Recurrent("LSTM", 3, 4, dropout=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Recurrent.from_torch(r.to_torch())
+        bondgate.save(r, tmp_path / "r")
+        bondgate.load(tmp_path / "r")

@@ -28,14 +28,23 @@ from .calibration import eval_mode, model_device, model_output, run_model, to_de
 __all__ = ["DistillLoss", "DistillResult", "distill", "DistillationTrainer"]  # noqa: F822 (built lazily by __getattr__)
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean over tokens of ``x`` ``(B, T, ...)``, counting only ``mask == 1`` positions."""
-    if mask is None or x.dim() < 2 or mask.shape != x.shape[:2]:
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None, per_token: bool) -> torch.Tensor:
+    """Mean over tokens of ``x`` ``(B, T, ...)``, counting only ``mask == 1`` positions; a plain mean when ``x`` has
+    no token axis (``per_token`` False: a pooled state, a classifier's logits)."""
+    if mask is None or not per_token:
         return x.mean()
+    _check_mask(mask, x)
     m = mask.to(x.dtype).reshape(*mask.shape, *([1] * (x.dim() - 2)))
     # the count in float32 at least: tokens x hidden passes float16's 65504 in one small batch (0 / inf = NaN)
     count = mask.sum(dtype=torch.promote_types(x.dtype, torch.float32)) * math.prod(x.shape[2:])
     return (x * m).sum(dtype=count.dtype) / count.clamp_min(1.0)
+
+
+def _check_mask(mask: torch.Tensor, x: torch.Tensor) -> None:
+    if mask.shape != x.shape[:2]:  # averaging over every position instead would count the padding, silently
+        raise ValueError(f"the attention mask has shape {tuple(mask.shape)}, but the states it masks have "
+                         f"{tuple(x.shape)} (batch, positions, ...): pass the mask of the batch the models read, "
+                         f"or leave it out of the batch to average over every position")
 
 
 @dataclass
@@ -85,19 +94,25 @@ class DistillLoss:
         if self.hidden > 0:
             # hs[0] is a transformers model's embedding output, left out (uncompressed, unless embeddings=True: then
             # the next state carries its error); a model with a single hidden state is matched on it
-            per = [_masked_mean((a - b) ** 2, mask) / _masked_mean(b**2, mask).clamp_min(1e-12)
+            per = [_masked_mean((a - b) ** 2, mask, a.dim() >= 3)
+                   / _masked_mean(b**2, mask, a.dim() >= 3).clamp_min(1e-12)
                    for hs, ht, mask in _hidden_states(student_out, teacher_out, "hidden", masks)
                    for a, b in zip(hs[1:] if len(hs) > 1 else hs, ht[1:] if len(ht) > 1 else ht)]
             terms["hidden"] = torch.stack(per).mean()
         if self.logits > 0:
             zs, zt = _same_shape(model_output(student_out), model_output(teacher_out), "logits")
             T = self.temperature
-            kl = torch.nn.functional.kl_div(torch.log_softmax(zs / T, -1), torch.log_softmax(zt / T, -1),
-                                            log_target=True, reduction="none").sum(-1)
-            terms["logits"] = _masked_mean(kl, out_mask) * T * T
+            ls, lt = torch.log_softmax(zs / T, -1), torch.log_softmax(zt / T, -1)
+            # p log(p / q) is 0 where the teacher's p is 0 (a vocabulary entry masked to -inf): kl_div's
+            # 0 * (-inf - x) is NaN there; the difference is zeroed before the product, so no NaN gradient either
+            pt = lt.exp()
+            kl = (pt * torch.where(pt > 0, lt - ls, torch.zeros((), dtype=ls.dtype, device=ls.device))).sum(-1)
+            terms["logits"] = _masked_mean(kl, out_mask, zs.dim() >= 3) * T * T
         if self.pooled > 0:
             hs, ht, mask = _hidden_states(student_out, teacher_out, "pooled", masks)[0]  # an encoder's, if two
             hs, ht = hs[-1], ht[-1]
+            if mask is not None:
+                _check_mask(mask, hs)
             m = (mask if mask is not None else torch.ones(hs.shape[:2], device=hs.device)).unsqueeze(-1).to(hs.dtype)
             n = m.sum(1).clamp_min(1.0)
             ps, pt = (hs * m).sum(1) / n, (ht * m).sum(1) / n
@@ -279,8 +294,9 @@ def distill(
     """Train ``student`` to imitate ``teacher`` on ``data`` (an iterable of batches, re-iterated per epoch; one tensor
     or dict is one batch). The teacher runs in eval mode under ``no_grad``; its parameters and train/eval flags are
     left as they were (a student that would train one of its parameters is refused). The student trains in train
-    mode — its dropout is on, as in any fine-tuning, so the logged losses include that noise — and is returned in
-    eval mode. ``seed`` seeds this call only (the caller's random state is restored). ``loss``: a
+    mode — its dropout is on, as in any fine-tuning, so the logged losses include that noise; like transformers'
+    Trainer, ``student.train()`` also wakes submodules you had put in eval mode (a BatchNorm that must stay frozen needs a
+    ``train()`` override that keeps it in eval mode) — and is returned in eval mode, also when a ``FloatingPointError`` stops it. ``seed`` seeds this call only (the caller's random state is restored). ``loss``: a
     :class:`DistillLoss` or a callable ``(student_out, teacher_out, batch) -> (total, {term: float})``.
 
     Stops at ``steps``, after ``epochs``, after ``max_minutes`` of training wall time (time spent in
@@ -346,12 +362,7 @@ def distill(
     if sandwich:
         _check_sandwich(student)
     want_hidden = isinstance(loss, DistillLoss) and loss.wants_hidden()
-    teacher_params = {id(p) for p in teacher.parameters()}
-    shared = [n for n, p in student.named_parameters() if p.requires_grad and id(p) in teacher_params]
-    if shared:
-        raise ValueError(f"the student trains parameters of the teacher ({', '.join(shared[:3])}"
-                         f"{', ...' if len(shared) > 3 else ''}): distilling would change the teacher; give the "
-                         "student its own copy (copy.deepcopy(teacher) before compressing)")
+    _check_not_shared(student, teacher)
     device = model_device(student)
     from .gating import preserved_state
     from .quant import master_state
@@ -441,6 +452,7 @@ def distill(
                 total, parts, _ = _step_loss(student, batch, t_out, loss, want_hidden, sandwich)
                 if not bool(torch.isfinite(total.detach())):  # before the step: the weights stay those of the last good one
                     bar.close()
+                    student.eval()  # as on return
                     raise FloatingPointError(f"distill: the loss is {float(total.detach())} at step {step + 1} "
                                              f"({', '.join(f'{k}={v:.4g}' for k, v in parts.items())}); the student "
                                              f"keeps the weights of step {step}. Lower lr, check the data for NaN/inf, "
@@ -450,6 +462,7 @@ def distill(
                 norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf)
                 if not bool(torch.isfinite(norm)):  # a finite loss can still have NaN gradients (sqrt at 0, ...)
                     bar.close()
+                    student.eval()  # as on return
                     raise FloatingPointError(f"distill: the gradient norm is {float(norm)} at step {step + 1} (loss "
                                              f"{float(total.detach()):.4g}); the student keeps the weights of step "
                                              f"{step}. Look for an operation with an infinite derivative in the model, "
@@ -494,6 +507,15 @@ def distill(
         return res
 
 
+def _check_not_shared(student: nn.Module, teacher: nn.Module) -> None:
+    teacher_params = {id(p) for p in teacher.parameters()}
+    shared = [n for n, p in student.named_parameters() if p.requires_grad and id(p) in teacher_params]
+    if shared:
+        raise ValueError(f"the student trains parameters of the teacher ({', '.join(shared[:3])}"
+                         f"{', ...' if len(shared) > 3 else ''}): distilling would change the teacher; give the "
+                         "student its own copy (copy.deepcopy(teacher) before compressing)")
+
+
 def _load_bondgate_state(model: nn.Module, directory: str | os.PathLike | None) -> bool:
     """Load the weights of a bondgate checkpoint in ``directory`` into ``model`` in place (its parameters stay the
     optimizer's), checksums verified, tied tensors included, every key required; False when ``directory`` is not a
@@ -514,7 +536,8 @@ def _make_trainer_class():
 
         ``DistillationTrainer(model=student, teacher=teacher, distill_loss=DistillLoss(...), args=...,
         train_dataset=..., data_collator=...)``; ``sandwich=True`` as in :func:`distill`; everything else is the stock Trainer (DDP under
-        ``torchrun``, accelerate, checkpoints, resume).
+        ``torchrun``, accelerate, checkpoints, resume). The teacher runs in eval mode under ``no_grad`` at each step,
+        its train/eval flags and ``requires_grad`` left as they are; it is moved to the student's device if needed.
         """
 
         # compute_loss returns a per-batch mean and ignores num_items_in_batch, so the stock Trainer must divide
@@ -524,9 +547,8 @@ def _make_trainer_class():
         def __init__(self, *args, teacher: nn.Module, distill_loss: DistillLoss | None = None,
                      sandwich: bool = False, **kwargs):
             super().__init__(*args, **kwargs)
-            self.teacher = teacher.eval()
-            for p in self.teacher.parameters():
-                p.requires_grad_(False)
+            _check_not_shared(self.model, teacher)
+            self.teacher = teacher  # run in eval mode under no_grad per call: its own flags are left as they are
             self.distill_loss = distill_loss or DistillLoss()
             if sandwich:
                 _check_sandwich(self.model)
@@ -538,7 +560,7 @@ def _make_trainer_class():
                 dev = next(model.parameters()).device
                 if next(self.teacher.parameters()).device != dev:
                     self.teacher.to(dev)
-            with torch.no_grad():
+            with torch.no_grad(), eval_mode(self.teacher):
                 t_out = _call(self.teacher, inputs, want)
             if self.sandwich and model.training:
                 _no_checkpointing(self.model)  # transformers turns checkpointing on in train(), after __init__

@@ -93,8 +93,13 @@ class Recurrent(nn.Module):
                              f"(mode {mode!r}, hidden_size {hidden_size})")
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        if nonlinearity != "tanh" and mode != "RNN":  # nn.LSTM / nn.GRU have no such option (torch: a TypeError)
+            raise ValueError(f"nonlinearity={nonlinearity!r} is an option of mode='RNN' only, not of {mode!r}")
         if not (isinstance(dropout, (int, float)) and 0 <= dropout <= 1):
             raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
+        if dropout > 0 and num_layers == 1:
+            warn_user(f"Recurrent: dropout={dropout} with num_layers=1 does nothing (as in torch, dropout is applied "
+                      f"between layers, not after the last)")
         self.fused = True
         self.mode, self.input_size, self.hidden_size, self.num_layers = mode, input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout = bool(bias), bool(batch_first), float(dropout)
@@ -236,15 +241,26 @@ class Recurrent(nn.Module):
 
     # ------------------------------------------------------------------ conversion
     @classmethod
+    def _rebuilt(cls, *args: Any) -> Recurrent:
+        """``cls(*args)`` for a structure that exists already (torch's module, a checkpoint): its user was told of an
+        ineffective dropout when it was made."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Recurrent: dropout=")
+            return cls(*args)
+
+    @classmethod
     def from_torch(cls, rnn: nn.RNNBase) -> Recurrent:
         """The same network as ``rnn`` (an ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``), holding ``rnn``'s very
         parameters (no copy: ``requires_grad`` and optimizer state carry over; ``rnn`` itself is left as is)."""
         mode = next((m for m, t in RECURRENT_TYPES.items() if isinstance(rnn, t)), None)
         if mode is None:
             raise TypeError(f"expected an nn.LSTM, nn.GRU or nn.RNN, got {type(rnn).__name__}")
+        why = unsupported(rnn)
+        if why is not None:
+            raise TypeError(f"Recurrent.from_torch cannot convert this {type(rnn).__name__}: {why}")
         nonlinearity = getattr(rnn, "nonlinearity", "tanh")
         with torch.device("meta"):  # the Linear shells get rnn's parameters below: allocate nothing
-            new = cls(mode, rnn.input_size, rnn.hidden_size, rnn.num_layers, rnn.bias, rnn.batch_first,
+            new = cls._rebuilt(mode, rnn.input_size, rnn.hidden_size, rnn.num_layers, rnn.bias, rnn.batch_first,
                       float(rnn.dropout), rnn.bidirectional, getattr(rnn, "proj_size", 0), nonlinearity)
         for name in new.projection_names():
             weight, bias = _param_names(name)
@@ -305,7 +321,7 @@ class Recurrent(nn.Module):
                                                                  "proj_size"))) if not ok]
         if wrong:
             raise ValueError(f"Recurrent spec has values of the wrong type for {wrong}")
-        new = cls(*(spec[k] for k in keys[:-1]))
+        new = cls._rebuilt(*(spec[k] for k in keys[:-1]))
         projections = spec["projections"]
         if not isinstance(projections, dict) or set(projections) != set(new.projection_names()):
             raise ValueError(f"Recurrent spec must describe the projections {list(new.projection_names())}")
@@ -519,6 +535,20 @@ def _put(model: nn.Module, names: list[str], module: nn.Module) -> None:
         _set_submodule(model, name, module)
 
 
+def unsupported(rnn: nn.RNNBase) -> str | None:
+    """Why ``rnn`` cannot become a :class:`Recurrent` without changing what it computes, or ``None``."""
+    base = next(t for t in RECURRENT_TYPES.values() if isinstance(rnn, t))
+    if type(rnn).forward is not base.forward:
+        return f"its class {type(rnn).__qualname__} overrides forward(); a Recurrent would drop what that forward adds"
+    if parametrize.is_parametrized(rnn):
+        return "its weights are parametrized (weight norm, spectral norm ...)"
+    if rnn._forward_hooks or rnn._forward_pre_hooks:
+        return "it has forward hooks (torch.nn.utils.weight_norm, a user hook ...), which a Recurrent would not run"
+    if not all(isinstance(rnn._parameters.get(n), nn.Parameter) for n in rnn._flat_weights_names):
+        return "its weights are not all plain parameters"
+    return None
+
+
 def unroll(model: nn.Module, select: Callable[[str, list[str]], bool]) -> tuple[dict[str, nn.RNNBase], dict[str, str]]:
     """Replace, in place, the ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` modules of ``model`` that ``select(name, shell)``
     accepts (given its name and the full names its projections will have) by :class:`Recurrent` modules holding the same parameters. Returns ``(converted, skipped)``:
@@ -536,20 +566,10 @@ def unroll(model: nn.Module, select: Callable[[str, list[str]], bool]) -> tuple[
             skipped[name] = why
             warn_user(f"compress: {why}")
             continue
-        base = next(t for t in RECURRENT_TYPES.values() if isinstance(mod, t))
         projections = _projection_names(mod.num_layers, mod.bidirectional, getattr(mod, "proj_size", 0))
         if not select(name, [f"{name}.{p}" for p in projections]):
             continue
-        why = None
-        if type(mod).forward is not base.forward:
-            why = (f"its class {type(mod).__qualname__} overrides forward(); a Recurrent would drop what that forward "
-                   "adds")
-        elif parametrize.is_parametrized(mod):
-            why = "its weights are parametrized (weight norm, spectral norm ...)"
-        elif mod._forward_hooks or mod._forward_pre_hooks:
-            why = "it has forward hooks (torch.nn.utils.weight_norm, a user hook ...), which a Recurrent would not run"
-        elif not all(isinstance(mod._parameters.get(n), nn.Parameter) for n in mod._flat_weights_names):
-            why = "its weights are not all plain parameters"
+        why = unsupported(mod)
         if why is not None:
             skipped[name] = why
             warn_user(f"compress: skipping {name}: {why}")

@@ -130,6 +130,12 @@ def test_large_primes_are_padded_a_little(n):
     assert max(f) <= 1.5 * padded ** 0.25
 
 
+@pytest.mark.parametrize("max_pad", [float("nan"), float("inf"), -0.1, "x", True])
+def test_choose_factors_checks_max_pad(max_pad):
+    with pytest.raises(ValueError, match="max_pad must be a finite number"):
+        choose_factors(997, 2, max_pad=max_pad)
+
+
 def test_factorize_shape_orders_legs():
     out_f, in_f = factorize_shape(1536, 384, 3)
     assert out_f == (8, 12, 16) and in_f == (8, 8, 6)

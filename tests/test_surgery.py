@@ -10,7 +10,7 @@ from torch import nn
 
 import bondgate
 from bondgate import MPO, CompressionConfig, MPOLinear, compress
-from bondgate.allocation import LayerSpectrum, allocate, mpo_params, tolerance_menu, uniform_cap
+from bondgate.allocation import LayerSpectrum, allocate, mpo_params, tolerance_menu, uniform_widths
 from bondgate.calibration import collect_input_stats, kron_whiteners, layer_sensitivity
 
 
@@ -94,6 +94,27 @@ def test_reported_output_error_matches_measurement():
     assert model.bondgate_report.layers[0].output_error == pytest.approx(measured, rel=1e-3)
 
 
+def test_uniform_allocation_never_grows_a_layer_and_keeps_everything_at_ratio_one():
+    # one bond cap for every layer made the 16 x 512 layer an MPO of 9,472 weights (1.16x dense) at 0.5, out of the
+    # big layer's share, and param_ratio=1 still factored the 512 x 512 layer (output error 0.21)
+    torch.manual_seed(0)
+    for ratio in (0.5, 1.0):
+        model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 16))
+        ref = copy.deepcopy(model)
+        compress(model, CompressionConfig(param_ratio=ratio, allocation="uniform"), progress=False)
+        rows = {r.name: r for r in model.bondgate_report.layers}
+        assert all(r.params_after <= r.params_before for r in rows.values())
+        assert rows["2"].status == "kept dense (budget)" and isinstance(model[2], nn.Linear)
+        used = sum(p.numel() for p in model.parameters() if p.dim() >= 2)
+        assert used <= ratio * (512 * 512 + 16 * 512)
+        if ratio == 1.0:
+            assert isinstance(model[0], nn.Linear)
+            x = torch.randn(8, 512)
+            assert torch.equal(model(x), ref(x))
+        else:
+            assert not isinstance(model[0], nn.Linear)
+
+
 def test_global_allocation_beats_uniform():
     torch.manual_seed(0)
     # one layer is nearly an MPO of bond 4, the other is not: a uniform cap wastes weights on the first
@@ -136,8 +157,11 @@ def test_allocator_budget_equal_slopes_and_dense_fallback():
     with pytest.raises(ValueError, match="below the smallest"):
         allocate(menus, 10)
     spectra = [LayerSpectrum([16, 16], [torch.linspace(1, 0.01, 16)], 1.0, 256)]
-    cap = uniform_cap(spectra, 300)
-    assert mpo_params([16, 16], [cap]) <= 300 < mpo_params([16, 16], [cap + 1])
+    (cap,), = uniform_widths(spectra, 200)
+    assert mpo_params([16, 16], [cap]) <= 200 < mpo_params([16, 16], [cap + 1])
+    # a layer whose MPO at the cap is no smaller than its dense weights stays dense: here the cap that fits 300
+    # would give the 256-weight layer 8 x 32 = 256 weights or more
+    assert uniform_widths(spectra, 300) == [None]
 
 
 def test_kron_whiteners_are_exact_for_kronecker_covariances():
@@ -224,6 +248,27 @@ def test_calibration_that_does_not_vary_is_refused(calib):
     with pytest.raises(ValueError, match="all zero or do not vary"):
         compress(model, CompressionConfig(param_ratio=0.5), calibration=[calib], progress=False)
     assert isinstance(model[0], nn.Linear)  # nothing was swapped
+
+
+def test_calibration_checks_hold_for_bias_free_layers_and_name_the_batch():
+    # bias=False layers were checked on the uncentered moment: ones(500, 64) passed, reporting output errors ~1e-6
+    # while the model's error on other inputs was 0.91; a tiny scale (1e-30) was refused as "do not vary"; a float64
+    # batch for a float32 model raised torch's bare "mat1 and mat2 must have the same dtype"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128, bias=False), nn.ReLU(), nn.Linear(128, 64, bias=False))
+    with pytest.raises(ValueError, match="all zero or do not vary"):
+        compress(model, CompressionConfig(param_ratio=0.5), calibration=[torch.ones(500, 64)], progress=False)
+    assert isinstance(model[0], nn.Linear)
+    compress(copy.deepcopy(model), CompressionConfig(param_ratio=0.5), calibration=[torch.randn(500, 64) * 1e-30],
+             progress=False)
+    with pytest.raises(RuntimeError, match=r"calibration batch 1 \(\(8, 64\) float64\); the model's weights are float32"):
+        compress(model, CompressionConfig(param_ratio=0.5), calibration=[torch.randn(500, 64),
+                                                                          torch.randn(8, 64, dtype=torch.float64)],
+                 progress=False)
+    with pytest.raises(ValueError, match="NaN") as info:  # bondgate's own checks keep their message
+        compress(model, CompressionConfig(param_ratio=0.5), calibration=[torch.full((8, 64), float("nan"))],
+                 progress=False)
+    assert "calibration batch 0" not in str(info.value)
 
 
 def test_a_layer_registered_under_two_names_stays_shared():

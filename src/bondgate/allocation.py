@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LayerSpectrum", "LayerMenu", "allocate", "uniform_cap", "mpo_params", "tolerance_menu", "lowrank_menu"]
+__all__ = ["LayerSpectrum", "LayerMenu", "allocate", "uniform_widths", "mpo_params", "tolerance_menu", "lowrank_menu"]
 
 
 @dataclass
@@ -272,20 +272,26 @@ def allocate(menus: Sequence[LayerMenu], budget: int, cost_budget: float | None 
     return [tuple(w) if isinstance(w, list) else w for w in widths]
 
 
-def uniform_cap(layers: Sequence[LayerSpectrum], budget: int) -> int:
-    """The largest single bond cap whose MPOs (every layer, no dense fallback) fit ``budget``."""
+def uniform_widths(layers: Sequence[LayerSpectrum], budget: int) -> list[list[int] | None]:
+    """One bond cap for every layer, the largest that fits ``budget``: each layer's bond widths at that cap, or
+    ``None`` (kept dense) for a layer whose MPO at the cap would hold at least its dense weights (a small layer
+    would otherwise grow, and ``param_ratio=1`` would still factor every layer)."""
+
+    def widths(layer: LayerSpectrum, cap: int) -> list[int]:
+        return [min(cap, f) for f in layer.full_widths]
 
     def total(cap: int) -> int:
-        return sum(mpo_params(layer.leg_sizes, [min(cap, f) for f in layer.full_widths]) for layer in layers)
+        return sum(min(mpo_params(layer.leg_sizes, widths(layer, cap)), layer.dense_params) for layer in layers)
 
     hi = max(max(layer.full_widths, default=1) for layer in layers)
     if total(1) > budget:
         raise ValueError(f"budget of {budget:,} weights is below bond 1 everywhere ({total(1):,} weights)")
     lo = 1
-    while lo < hi:  # largest cap with total(cap) <= budget
+    while lo < hi:  # largest cap with total(cap) <= budget (total grows with the cap)
         mid = (lo + hi + 1) // 2
         if total(mid) <= budget:
             lo = mid
         else:
             hi = mid - 1
-    return lo
+    return [w if mpo_params(layer.leg_sizes, w) < layer.dense_params else None
+            for layer, w in ((layer, widths(layer, lo)) for layer in layers)]

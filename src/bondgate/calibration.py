@@ -182,7 +182,11 @@ def capture_inputs(model: nn.Module, modules: Mapping[str, nn.Module], data: Ite
 
     def hook_for(name: str) -> Callable:
         def hook(mod, inputs):
-            on_input(name, mod, _layer_input(mod, inputs).detach(), current.get("batch"))
+            try:
+                on_input(name, mod, _layer_input(mod, inputs).detach(), current.get("batch"))
+            except Exception as exc:  # bondgate's own message (NaN inputs ...): passed on as it is
+                current["own"] = exc
+                raise
 
         return hook
 
@@ -194,14 +198,42 @@ def capture_inputs(model: nn.Module, modules: Mapping[str, nn.Module], data: Ite
                 from tqdm.auto import tqdm
 
                 it = tqdm(data, desc="calibration", leave=False)
-            for batch in it:
+            for k, batch in enumerate(it):
                 current["batch"] = batch
-                run_model(model, batch)
+                try:
+                    run_model(model, batch)
+                except (RuntimeError, ValueError) as exc:  # torch's own message names neither the data nor a cause
+                    if exc is current.get("own"):
+                        raise
+                    raise _on_batch(exc, model, batch, k) from exc
                 if done is not None and done():
                     break
     finally:
         for h in handles:
             h.remove()
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    values = obj.values() if isinstance(obj, Mapping) else obj if isinstance(obj, (tuple, list)) else ()
+    return [t for v in values for t in _tensors(v)]
+
+
+def _on_batch(exc: Exception, model: nn.Module, batch, k: int) -> Exception:
+    """``exc`` (raised by the model on calibration batch ``k``) with the batch's shapes and dtypes, and the likely
+    cause when a floating tensor's dtype is not the model's."""
+    tensors = _tensors(batch)
+    desc = ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in tensors[:4]) or \
+        type(batch).__name__
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    hint = ""
+    if param is not None and any(t.is_floating_point() and t.dtype != param.dtype for t in tensors):
+        hint = f"; the model's weights are {str(param.dtype).removeprefix('torch.')}: cast the calibration data to it"
+    try:
+        return type(exc)(f"the model failed on calibration batch {k} ({desc}){hint}: {exc}")
+    except Exception:  # an exception type with another constructor: as it was
+        return exc
 
 
 def collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable,

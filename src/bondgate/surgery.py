@@ -38,7 +38,7 @@ from .allocation import (
     lowrank_menu,
     mpo_params,
     tolerance_menu,
-    uniform_cap,
+    uniform_widths,
 )
 from .calibration import (
     InputStats,
@@ -94,7 +94,8 @@ class CompressionConfig:
             to an LM head.
     Method:
         num_cores: cores per MPO. allocation: ``"global"`` (greedy over all bonds of all layers) or
-        ``"uniform"`` (one bond cap for every layer, plain TT-SVD; the classic baseline; with
+        ``"uniform"`` (one bond cap for every layer, plain TT-SVD, dense where the MPO at that cap would not be
+        smaller; the classic baseline; with
         ``kinds=("lowrank",)``: every layer a low-rank pair at ``param_ratio`` of its weights).
         calibrate: use calibration data (whitening, refinement, bias correction, sensitivity) when given.
         refine_steps: L-BFGS iterations on the activation-weighted error per layer (0 = off).
@@ -670,7 +671,7 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
 
     linear = {n: m for n, m in targets.items() if not isinstance(m, nn.Embedding)}  # embeddings' input: token ids
     stats = collect_input_stats(model, linear, data, config.max_calibration_rows, progress) if data and linear else {}
-    _check_stats(stats, linear)
+    _check_stats(stats)
     tables = {n: m for n, m in targets.items() if isinstance(m, nn.Embedding)}
     token_counts = collect_token_counts(model, tables, data, progress) if data and tables else {}
     for n, m in list(tables.items()) if config.embedding_rows else ():
@@ -782,9 +783,8 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
                 spectra = [LayerSpectrum([o * i for o, i in zip(w.out_f, w.in_f)], w.exact.bond_spectra or [],
                                          w.weight, w.W.numel()) for w in capped]
                 if spectra:
-                    cap = uniform_cap(spectra, group_budget(capped, ratio))
-                    for w, s in zip(capped, spectra):
-                        widths[w.name] = [min(cap, f) for f in s.full_widths]
+                    for w, wid in zip(capped, uniform_widths(spectra, group_budget(capped, ratio))):
+                        widths[w.name] = wid
 
     for w in bar(works, "compress"):
         wid = widths.get(w.name, [])
@@ -1081,19 +1081,20 @@ def _lowrank_report(w: _Work, layer: LowRankLinear, W_hat: torch.Tensor, bias: t
     return row
 
 
-def _check_stats(stats: dict[str, InputStats], targets: dict[str, nn.Module]) -> None:
+def _check_stats(stats: dict[str, InputStats]) -> None:
     """Whitening by activations that do not vary would throw the whole weight away (the TT-SVD of ``W S`` with
     ``S ~ 0``) while reporting a zero output error: refuse such calibration data."""
     dead = []
     for name, st in stats.items():
-        has_bias = getattr(targets[name], "bias", None) is not None
-        energy = float((st.cov if has_bias else st.second).diagonal().sum())
-        if not energy > 1e-12 * max(float(st.second.diagonal().sum()), 1e-30):
+        # with or without a bias: inputs that are one vector repeated leave one direction to fit, and the report's
+        # output error (on those rows) near 0 whatever the weights become elsewhere. Relative, so tiny scales pass.
+        if not float(st.cov.diagonal().sum()) > 1e-12 * float(st.second.diagonal().sum()):
             dead.append(name)
     if dead:
         raise ValueError(f"the calibration data gives {len(dead)} layer(s) inputs that are all zero or do not vary "
                          f"between rows ({_short_list(dead)}): whitening by them would discard the weights. Pass real "
-                         f"model inputs, or CompressionConfig(calibrate=False)")
+                         f"model inputs (several rows), exclude layers that only ever see one input "
+                         f"(CompressionConfig(exclude=[...])), or CompressionConfig(calibrate=False)")
     few = [f"{n} ({st.rows} rows, {st.second.shape[0]} inputs)" for n, st in stats.items()
            if st.rows < st.second.shape[0]]
     if few:  # the fit and the reported errors only see the span of those rows (3 rows: error 0.000, 0.7 held out)

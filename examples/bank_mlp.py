@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.metadata
 import json
 import math
 import os
@@ -199,6 +200,7 @@ def machine_info() -> dict:
         "cpus_usable": usable,
         "torch_threads": torch.get_num_threads(),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "bondgate": importlib.metadata.version("bondgate"),
     }
 
 

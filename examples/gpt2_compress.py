@@ -172,7 +172,8 @@ def main(argv=None) -> None:
     c = sub.add_parser("compare")
     c.add_argument("--ratios", type=number_arg(float, 0, 1, low_open=True, what="ratio"), nargs="+", default=[0.5])
     c.add_argument("--methods", nargs="+", default=["bondgate", "tt-svd uniform", "svd", "magnitude prune",
-                                                     "int8 dynamic"])
+                                                     "int8 dynamic"],
+                   choices=["bondgate", "tt-svd uniform", "svd", "magnitude prune", "int8 dynamic"])
     c.add_argument("--calibration-batches", type=number_arg(int, 1, what="calibration-batches"), default=16)
     c.add_argument("--valid-blocks", type=number_arg(int, 0, what="valid-blocks"), default=0, help="0 = all")
     c.add_argument("--tag", default="", help="suffix of the results files (default: the published gpt2_compare.*)")
@@ -187,7 +188,9 @@ def main(argv=None) -> None:
     h.add_argument("--batch", type=number_arg(int, 1, what="batch"), default=16)
     h.add_argument("--calibration-batches", type=number_arg(int, 1, what="calibration-batches"), default=16)
     h.add_argument("--eval-every", type=number_arg(int, 1, what="eval-every"), default=100)
-    h.add_argument("--probe-blocks", type=number_arg(int, 1, what="probe-blocks"), default=200)
+    h.add_argument("--probe-blocks", type=number_arg(int, 1, what="probe-blocks"), default=200,
+                   help="early stopping keeps the best weights on the first N validation blocks (part of the "
+                        "validation perplexity reported)")
     h.add_argument("--patience", type=number_arg(int, 1, what="patience"), default=4)
     h.add_argument("--out", default=None)
     h.add_argument("--no-progress", action="store_true")

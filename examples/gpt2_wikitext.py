@@ -18,6 +18,7 @@ numbers only between models that share both.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import math
 import os
@@ -42,11 +43,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # 
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast  # noqa: E402
 
 from bondgate.cli import number_arg  # noqa: E402
+from bondgate.data import load_text  # noqa: E402
 
 EOS_TOKEN = "<|endoftext|>"
-# $BONDGATE_DATA (as bondgate's loaders read it), else the shared data beside the checkout
-DEFAULT_DATA_DIR = (Path(os.environ["BONDGATE_DATA"]) if os.environ.get("BONDGATE_DATA")
-                    else Path(__file__).resolve().parents[1].parent / "shared" / "data") / "wikitext-2"
+# None: bondgate's loader looks in $BONDGATE_DATA, then its cache; without $BONDGATE_DATA the shared data beside
+# the checkout, where it is
+_SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DEFAULT_DATA_DIR = None if os.environ.get("BONDGATE_DATA") or not _SHARED.is_dir() else _SHARED
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -63,9 +66,10 @@ def iter_lines(text: str | Iterable[str]) -> Iterator[str]:
             yield line
 
 
-def read_split(data_dir: str | Path, split: str) -> str:
-    """Return the raw text of `wiki.{split}.tokens` (split: 'train' or 'valid')."""
-    return (Path(data_dir) / f"wiki.{split}.tokens").read_text(encoding="utf-8")
+def read_split(data_dir: str | Path | None, split: str) -> str:
+    """Return the raw text of `wiki.{split}.tokens` (split: 'train' or 'valid') through bondgate's loader: the
+    published file's checksum is checked (a truncated copy warns), and `data_dir` None looks where the loader does."""
+    return load_text("wikitext-2", split, data_dir)
 
 
 def train_tokenizer(train_text: str | Iterable[str], vocab_size: int = 8192) -> PreTrainedTokenizerFast:
@@ -335,6 +339,7 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "tokenizers": tokenizers.__version__,
+        "bondgate": importlib.metadata.version("bondgate"),
     }
 
 
@@ -449,7 +454,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--threads", type=number_arg(int, 1, what="threads"), default=2, help="torch.set_num_threads")
-    common.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="folder with wiki.*.tokens")
+    common.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="the data root, or the folder with wiki.*.tokens (default: $BONDGATE_DATA, else the "
+                        "shared data beside the checkout, else bondgate's cache)")
     common.add_argument("--eval-batch-size", type=number_arg(int, 1, what="eval-batch-size"), default=32)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)

@@ -284,19 +284,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     vocab, train_ids, valid_ids = _corpus(args.data)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import banner, machine_info
+
     if args.cmd == "train":
+        machine = machine_info()
+        print(banner(machine), flush=True)
         model = build(len(vocab), args.dim)
         info = train_dense(model, train_ids, args.minutes, progress=not args.no_progress)
         ppl = perplexity(model, valid_ids)
         print(f"dense: valid perplexity {ppl:.2f} after {info['steps']} steps ({info['cpu_minutes']:.1f} CPU min)")
-        bondgate.save(model.eval(), args.out, report={"valid_ppl": ppl, "dim": args.dim, **info})
+        bondgate.save(model.eval(), args.out, report={"valid_ppl": ppl, "dim": args.dim, **info, "machine": machine})
         return 0
     meta = read_metadata(args.dense)
     dim = int(meta["report"]["dim"])
     dense = bondgate.load(args.dense, model=build(len(vocab), dim))
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from common import banner, machine_info
-
     info = machine_info()
     if args.cmd == "control":
         return control(args, dense, vocab, train_ids, valid_ids, info, banner(info))

@@ -252,6 +252,29 @@ def test_download_unpacks_nested_zip_and_checks_sha(tmp_path, monkeypatch):
     assert bd.resolve(bd.BANK_FILE, download=False) == got  # now served from the cache
 
 
+def test_a_trickling_download_stops_at_the_deadline(tmp_path, monkeypatch, capsys):
+    # urlopen's timeout bounds each read only: a server sending a byte every 5 s held load_bank_marketing for good
+    class Trickle:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def read1(self, n):
+            return b"x"
+
+    monkeypatch.setattr(bd.urllib.request, "urlopen", lambda url, timeout: Trickle())
+    clock = iter(range(0, 10**6, 7))  # 7 s per read
+    monkeypatch.setattr(bd.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(bd, "DOWNLOAD_SECONDS", 60)
+    dest = tmp_path / "cache" / bd.BANK_FILE
+    with pytest.raises(OSError, match=r"more than 60 s \(9 bytes\); nothing was written"):
+        bd._download(bd.REMOTES[bd.BANK_FILE], dest)
+    assert not dest.parent.exists() or not list(dest.parent.iterdir())
+    assert "bondgate: downloading https://archive.ics.uci.edu" in capsys.readouterr().err
+
+
 def test_real_remote_is_registered():
     r = bd.REMOTES[bd.BANK_FILE]
     assert r.url == "https://archive.ics.uci.edu/static/public/222/bank+marketing.zip"
@@ -364,6 +387,10 @@ def test_bank_rows_with_empty_cells_or_other_labels_are_refused(tmp_path, data_d
     csv.write_text("\n".join([src[0], *(line.rsplit(";", 1)[0] + ';"No"' for line in src[1:50])]) + "\n")
     with pytest.raises(ValueError, match="column 'y' must hold 'yes' or 'no'"):
         bd.load_bank_marketing(tmp_path, download=False)
+    # a word in a number column was a TypeError from inside numpy, naming no file, row or column
+    csv.write_text("\n".join([src[0], *src[1:3], '"unknown";' + src[3].split(";", 1)[1], *src[4:50]]) + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"{csv}:4: column 'age' holds 'unknown', not a number")):
+        bd.load_bank_marketing(tmp_path, download=False)
 
 
 def test_copies_that_are_not_the_published_files(tmp_path, data_dir):
@@ -380,6 +407,11 @@ def test_copies_that_are_not_the_published_files(tmp_path, data_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(bd.load_stsb(tmp_path)) == 1500
+        # a corpus saved that way reads as published (its "\r" stayed in the text, at every line end)
+        ptb = (data_dir / "ptb" / "ptb.valid.txt").read_bytes()
+        (tmp_path / "ptb").mkdir()
+        (tmp_path / "ptb" / "ptb.valid.txt").write_bytes(b"\xef\xbb\xbf" + ptb.replace(b"\n", b"\r\n"))
+        assert bd.load_text("ptb", "valid", tmp_path) == ptb.decode()
     p.write_text("score\tsentence1\tsentence2\n")
     with pytest.raises(ValueError, match="a header but no sentence pairs"):
         bd.load_stsb(tmp_path)

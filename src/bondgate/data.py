@@ -26,7 +26,9 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import sys
 import tempfile
+import time
 import urllib.request
 import zipfile
 from dataclasses import dataclass
@@ -98,20 +100,25 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "bondgate"
 
 
-def _check_published(p: Path, relpath: str, blob: bytes | None = None) -> None:
+def _check_published(p: Path, relpath: str, blob: bytes | None = None) -> bytes | None:
     """Warn when a file under its published name is not the published file (a truncated or edited copy loads
-    fine and silently changes every figure computed on it)."""
+    fine and silently changes every figure computed on it). Returns the published bytes when the file is the
+    published one saved with Windows line ends or a BOM (``None`` otherwise): the text to use, so that every
+    figure is the same."""
     known = KNOWN_SHA256.get(relpath)
     if known is None or p.name != Path(relpath).name:
-        return
+        return None
     blob = p.read_bytes() if blob is None else blob
     digest = hashlib.sha256(blob).hexdigest()
-    # Windows line ends or a BOM load to the same text: the same file for every figure
+    if digest == known:
+        return None
     same_text = blob.removeprefix(b"\xef\xbb\xbf").replace(b"\r\n", b"\n")
-    if digest != known and hashlib.sha256(same_text).hexdigest() != known:
-        warn_user(f"{p} differs from the published {Path(relpath).name} (sha256 {digest[:12]}..., published "
-                  f"{known[:12]}...; {p.stat().st_size:,} bytes): a truncated or edited copy changes every "
-                  "figure computed on it")
+    if hashlib.sha256(same_text).hexdigest() == known:
+        return same_text
+    warn_user(f"{p} differs from the published {Path(relpath).name} (sha256 {digest[:12]}..., published "
+              f"{known[:12]}...; {p.stat().st_size:,} bytes): a truncated or edited copy changes every "
+              "figure computed on it")
+    return None
 
 
 def resolve(relpath: str, path: str | os.PathLike | None = None, *, download: bool = True) -> Path:
@@ -166,13 +173,27 @@ def resolve(relpath: str, path: str | os.PathLike | None = None, *, download: bo
     ) from cause
 
 
+#: the longest a download may take in all (each read may wait 60 s of its own)
+DOWNLOAD_SECONDS = 600
+
+
 def _download(remote: _Remote, dest: Path) -> None:
     """Fetch ``remote``, unpack ``remote.members``, check the sha256 and write ``dest`` atomically."""
+    print(f"bondgate: downloading {remote.url} into {dest.parent}", file=sys.stderr)
+    # urlopen's timeout bounds each socket read, not the transfer: a server trickling bytes would hold the caller
+    # for hours; read1 returns what has arrived, so the deadline is checked at least every `timeout` seconds
+    deadline = time.monotonic() + DOWNLOAD_SECONDS
+    chunks = []
     try:
         with urllib.request.urlopen(remote.url, timeout=60) as resp:  # noqa: S310 - fixed https URL
-            blob = resp.read()
-    except OSError as exc:  # URLError is an OSError
+            while chunk := resp.read1(1 << 16):
+                chunks.append(chunk)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the transfer took more than {DOWNLOAD_SECONDS} s "
+                                       f"({sum(map(len, chunks)):,} bytes); nothing was written")
+    except OSError as exc:  # URLError and TimeoutError are OSErrors
         raise OSError(f"could not download {remote.url}: {exc}") from exc
+    blob = b"".join(chunks)
     for member in remote.members:
         try:
             with zipfile.ZipFile(io.BytesIO(blob)) as zf:
@@ -248,7 +269,7 @@ def load_bank_marketing(path: str | os.PathLike | None = None, *, download: bool
     _check_published(csv, BANK_FILE)
     expected = "the unmodified UCI bank-additional-full.csv: ';'-separated, a header row, then one row per call"
     try:
-        df = pd.read_csv(csv, sep=";")
+        df = pd.read_csv(csv, sep=";", low_memory=False)  # whole-file dtypes: no mixed-type chunk warning
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise ValueError(f"{csv}: cannot read it as a table ({exc}); expected {expected}") from exc
     missing = [c for c in ("y", "duration", *BANK_NUMERIC, *BANK_CATEGORICAL) if c not in df.columns]
@@ -264,6 +285,12 @@ def load_bank_marketing(path: str | os.PathLike | None = None, *, download: bool
     if empty:  # a NaN would pass into X silently
         row = int(df[empty[0]].isna().to_numpy().argmax()) + 2
         raise ValueError(f"{csv}:{row}: empty cell in column {empty[0]!r} (columns with empty cells: {empty})")
+    for col in BANK_NUMERIC:
+        values = pd.to_numeric(df[col], errors="coerce")
+        if values.isna().any():  # a word in a number column: pandas read the column as text
+            row = int(values.isna().to_numpy().argmax())
+            raise ValueError(f"{csv}:{row + 2}: column {col!r} holds {str(df[col].iloc[row])[:40]!r}, not a number")
+        df[col] = values
     labels = set(df["y"].unique()) - {"yes", "no"}
     if labels:
         raise ValueError(f"{csv}: column 'y' must hold 'yes' or 'no', found {sorted(map(str, labels))[:5]}")
@@ -289,9 +316,9 @@ def load_bank_marketing(path: str | os.PathLike | None = None, *, download: bool
 # ---------------------------------------------------------------------------------------- text
 def _read_text(p: Path, relpath: str) -> str:
     # Decode bytes ourselves: no newline translation, so the text is byte-faithful to the file (but for a BOM,
-    # which editors that save "UTF-8" put first). Checked against the published file (``relpath``) on the same bytes.
+    # which editors that save "UTF-8" put first, and a published file saved with Windows line ends, read as published).
     blob = p.read_bytes()
-    _check_published(p, relpath, blob)
+    blob = _check_published(p, relpath, blob) or blob
     try:
         return blob.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

@@ -375,3 +375,38 @@ def test_kept_rows_only_for_ids_that_occur():
     with pytest.warns(UserWarning, match="only 3 distinct ids occur"):
         layer = MPOEmbedding.from_embedding(emb, max_bond=4, counts=counts, keep_rows=np.int64(10))
     assert layer.kept_ids.tolist() == [3, 7, 9]
+
+
+def test_compressed_tables_report_the_errors_of_what_they_look_up_and_their_padding():
+    # with quantize="int8" a table's reported error left out the int8 rounding (3e-8 reported, 0.008 real); a
+    # non-zero padding row lost its padding_idx in silence; embedding_rows kept the (masked, zero) padding row
+    torch.manual_seed(0)
+
+    class M(nn.Module):
+        def __init__(self, pad_row_zero: bool):
+            super().__init__()
+            self.emb, self.lin = nn.Embedding(1024, 64, padding_idx=0), nn.Linear(64, 64)
+            with torch.no_grad():
+                self.emb.weight.copy_(torch.randn(1024, 8) @ torch.randn(8, 64))  # rank 8: the pair is exact
+                if pad_row_zero:
+                    self.emb.weight[0] = 0
+
+        def forward(self, x):
+            return self.lin(self.emb(x))
+
+    ids = torch.randint(1, 1024, (16, 32))
+    ids[:, 24:] = 0  # padding, the most frequent id
+    model = M(pad_row_zero=True)
+    dense = model.emb.weight.detach().clone()
+    cfg = bondgate.CompressionConfig(param_ratio=0.5, embeddings=True, embedding_form="lowrank", quantize="int8",
+                            embedding_rows=4, policy="memory")
+    c = bondgate.compress(model, cfg, calibration=[ids], progress=False)
+    row = next(r for r in c.bondgate_report.layers if r.name == "emb")
+    real = float((c.emb.weight_matrix().detach() - dense).norm() / dense.norm())
+    assert 1e-3 < real < 0.05
+    assert row.weight_error == pytest.approx(real, rel=1e-4) and c.emb.error == pytest.approx(real, rel=1e-4)
+    assert c.emb.padding_idx == 0 and 0 not in c.emb.kept_ids.tolist() and c.emb.kept_ids.numel() == 4
+    with pytest.warns(UserWarning, match="padding row \\(0\\) is not zero"):
+        c = bondgate.compress(M(pad_row_zero=False), bondgate.CompressionConfig(param_ratio=0.5, embeddings=True, policy="memory"),
+                                progress=False)
+    assert c.emb.padding_idx is None

@@ -539,6 +539,7 @@ def test_int8_compression_quantizes_the_layers_it_keeps_dense(tmp_path):
         assert 1e-4 < rel(layer(x), ref(x)) < 0.02  # int8 per output channel
         W, W_hat = ref.weight.detach().double(), layer.weight_matrix().detach().double()
         assert rows[n].weight_error == pytest.approx(float((W - W_hat).norm() / W.norm()), rel=1e-4)
+        assert layer.error == rows[n].weight_error  # the layer said 0.0
         assert 1e-4 < rows[n].output_error < 0.02  # was None
     x = torch.randn(8, 64)
     bondgate.save(m, tmp_path / "q")

@@ -705,6 +705,10 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
         works.append(_Work(name, mod, W, None if b is None else b.detach().to(torch.float64).cpu(), out_f, in_f,
                            stats.get(name), weight=sens.get(name, 1.0)))
         counts = token_counts.get(name)
+        pad = getattr(mod, "padding_idx", None)
+        if counts is not None and pad is not None and not bool(W[pad].any()):
+            counts = counts.clone()  # the padding row is masked to zero in every lookup: neither fitted nor kept
+            counts[pad] = 0
         if counts is not None:
             works[-1].counts, works[-1].legs = counts, row_weight_legs(counts, out_f)
             if config.embedding_rows:
@@ -804,7 +808,7 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
                 row.status, row.quant = f"kept dense (budget), {config.quantize}", config.quantize
                 layer, W_hat, bias = _dense_quantized(w, config.quantize)
                 row.output_error = _layer_report(w, None, W_hat, bias, report.flop_rows).output_error
-                row.weight_error = w.weight_error(W_hat)
+                row.weight_error = layer.error = w.weight_error(W_hat)
                 if row.time_us is not None:  # the int8 layer it became, not the dense one
                     row.time_us = measure(layer, config.deploy_rows) * 1e6
                 swap_module(model, w.module, names, layer)
@@ -1029,20 +1033,22 @@ def _build_embedding(model: nn.Module, w: _Work, wid, config: CompressionConfig,
                               tol=config.tol)
     # the MPO was fitted to the padded (a vocabulary like 30522), row-weighted table
     mpo = table_mpo(mpo, w.legs, *w.W.shape)
-    W_hat = mpo.to_matrix()
-    if w.kept is not None:
-        W_hat[w.kept] = w.W[w.kept]
-    mpo.error = w.weight_error(W_hat)
     ref = w.module.weight
     pad = w.module.padding_idx
     if pad is not None and bool(ref[pad].any()):
         # a trained padding row that is not zero (BERT's [PAD]): looked up like any row, as nn.Embedding does; only
         # its frozen gradient is not kept (an MPO has no per-row storage to freeze)
+        warn_user(f"compress: {w.name}'s padding row ({pad}) is not zero: the MPO table looks it up like any row, "
+                  f"but cannot freeze it as nn.Embedding's padding_idx does (gradients at padding positions now reach "
+                  f"the shared cores); the layer has padding_idx None")
         pad = None
     layer = MPOEmbedding.from_mpo(mpo.to(dtype=ref.dtype, device=ref.device), pad)
     if w.kept is not None:
         layer.keep_rows_(w.kept, ref.detach()[w.kept.to(ref.device)])
     layer.quantize_(config.quantize)
+    with torch.no_grad():  # the errors of the table the lookups use: its dtype's grid, int8 cores and rows included
+        W_hat = layer.weight_matrix().to(device=w.W.device, dtype=w.W.dtype)
+    mpo.error = layer.error = w.weight_error(W_hat)
     w.freeze_like(layer)
     heads = _tied_heads(model, w.module)
     swap_module(model, w.module, names, layer)

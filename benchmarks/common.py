@@ -1,16 +1,23 @@
-"""Shared helpers for the benchmark scripts: machine/version banner and interleaved timing."""
+"""Shared helpers for the benchmark scripts: machine/version banner, interleaved timing, where results go and
+how they were made."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+#: where the scripts write their results by default (``--out DIR`` redirects them, e.g. for a smoke run)
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine_info() -> dict:
@@ -90,3 +97,37 @@ def forward_fn(model: torch.nn.Module, inputs: dict) -> Callable[[], object]:
 def write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=1, default=str))
+
+
+def write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def add_out_arg(parser: argparse.ArgumentParser, flag: str = "--out") -> None:
+    """``--out DIR`` (``dest`` from the flag): the directory the results are written to, default
+    benchmarks/results (created if missing)."""
+    parser.add_argument(flag, type=Path, default=RESULTS, metavar="DIR",
+                        help="directory the result files are written to (created if missing; default: "
+                        "benchmarks/results, the published results)")
+
+
+def command_line(script: str, argv=None) -> str:
+    """The command as run, ``python benchmarks/SCRIPT ARGS``: ``argv`` as given to ``main`` (None: ``sys.argv[1:]``),
+    quoted for a shell."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    return " ".join(["python", f"benchmarks/{Path(script).name}", *([shlex.join(args)] if args else [])])
+
+
+def args_dict(args: argparse.Namespace | dict) -> dict:
+    """``vars(args)`` for a results file: paths as strings."""
+    return {k: str(v) if isinstance(v, os.PathLike) else v for k, v in (args if isinstance(args, dict) else
+                                                                      vars(args)).items()}
+
+
+def check_checkpoint(parser: argparse.ArgumentParser, path, flag: str = "--checkpoint", hint: str = "") -> None:
+    """A usage error (exit 2) unless ``path`` is an existing checkpoint directory."""
+    p = Path(path)
+    if not p.is_dir():
+        parser.error(f"argument {flag}: no checkpoint directory {str(p)!r}"
+                     + (f" (cwd {os.getcwd()})" if not p.is_absolute() else "") + (f"; {hint}" if hint else ""))

@@ -11,7 +11,7 @@ layers of a ``benchmarks/gating.py`` checkpoint, padding dropped, calls of ``B``
 
     python benchmarks/decision_sampling.py --checkpoint runs/gating-minilm-model
 
-Writes benchmarks/results/decision_sampling.{json,md}.
+Writes benchmarks/results/decision_sampling.{json,md} (``--out DIR``: into DIR instead).
 """
 
 from __future__ import annotations
@@ -30,14 +30,23 @@ if (ROOT.parent / "shared" / "data").exists():
     os.environ.setdefault("BONDGATE_DATA", str(ROOT.parent / "shared" / "data"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "examples"))
-from common import banner, machine_info, time_interleaved, write_json  # noqa: E402
+from common import (  # noqa: E402
+    add_out_arg,
+    args_dict,
+    banner,
+    check_checkpoint,
+    command_line,
+    machine_info,
+    time_interleaved,
+    write_json,
+    write_text,
+)
 
 import bondgate as bg  # noqa: E402
 from bondgate.calibration import capture_inputs  # noqa: E402
 from bondgate.cli import number_arg  # noqa: E402
 from bondgate.gating import _calibrate_lambda, _gated_layers  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
 SAMPLE = 32
 
 
@@ -46,12 +55,16 @@ def main() -> None:
     import minilm_stsb as ms
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", default="runs/gating-minilm-model")
+    p.add_argument("--checkpoint", default="runs/gating-minilm-model",
+                   help="a gated MiniLM with error controllers (benchmarks/gating.py minilm --controller error --out DIR)")
     p.add_argument("--sentences", type=number_arg(int, 1, what="sentences"), default=1024)
     p.add_argument("--rows", type=number_arg(int, 1, what="rows"), default=256)
     p.add_argument("--budget", type=number_arg(float, 0, 1, low_open=True, what="budget"), default=0.5)
     p.add_argument("--threads", type=number_arg(int, 1, what="threads"), default=2)
+    add_out_arg(p)
     args = p.parse_args()
+    check_checkpoint(p, args.checkpoint, hint="make one with benchmarks/gating.py minilm --controller error --out DIR")
+    command = command_line(__file__)
     torch.set_num_threads(args.threads)
     info = machine_info()
     print(banner(info), flush=True)
@@ -92,8 +105,9 @@ def main() -> None:
                      "calls_regret_over_half": sum(r > 0.5 for r in regret), "calls_worst_level": worst,
                      "us_all_rows": t["all"] * 1e6, "us_sample": t["sample"] * 1e6})
         print(rows[-1], flush=True)
-    write_json(RESULTS / "decision_sampling.json", {"machine": info, "args": vars(args), "rows": rows})
-    lines = [f"Machine: {banner(info)}", "",
+    write_json(args.out / "decision_sampling.json", {"machine": info, "command": command, "args": args_dict(args),
+                                                     "rows": rows})
+    lines = [f"Machine: {banner(info)}", "", f"Command: `{command}`", "",
              f"Calls of {B} real input rows per gated layer of `{args.checkpoint}`; one level per call, priced per "
              f"layer for a {args.budget:.0%} budget on half of the calls, evaluated on the other half. The sampled "
              f"pick uses every {stride}th row. Regret: (total objective of the sampled pick - best) / (worst - best), "
@@ -105,7 +119,7 @@ def main() -> None:
         lines.append(f"| {r['layer']} | {r['in_features']} | {r['calls']} | {r['same_pick']:.2f} | "
                      f"{r['median_regret']:.3f} | {r['max_regret']:.3f} | {r['calls_regret_over_half']} | "
                      f"{r['calls_worst_level']} | {r['us_all_rows']:.0f} | {r['us_sample']:.0f} |")
-    (RESULTS / "decision_sampling.md").write_text("\n".join(lines) + "\n")
+    write_text(args.out / "decision_sampling.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -20,7 +20,8 @@ real layer inputs X (second moment ``C = E[x x^T]``); two output-space columns b
 - ``sparse out``: the kept entries scored ``|W_ij| * sqrt(C_jj)`` (Wanda), an upper bound of the best sparse form.
 
 Calibration inputs: stories260K, 64 stories sampled from the model (as benchmarks/frontier.py); MiniLM, 512 STS-B /
-WikiText-2 train sentences. Output: benchmarks/results/form_limits.{json,md}.
+WikiText-2 train sentences. Output: benchmarks/results/form_limits.{json,md} (``--tag`` names them, ``--out DIR``:
+into DIR instead).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "examples"))
-from common import banner, machine_info, write_json  # noqa: E402
+from common import add_out_arg, args_dict, banner, command_line, machine_info, write_json, write_text  # noqa: E402
 
 from bondgate.calibration import collect_input_stats  # noqa: E402
 from bondgate.cli import number_arg  # noqa: E402
@@ -138,7 +139,8 @@ def summary(rows: list[dict]) -> list[dict]:
 
 
 def markdown(out: dict) -> str:
-    lines = [f"Machine: {banner(out['machine'])}", "", f"Command: `python benchmarks/form_limits.py {out['argv']}`",
+    command = out.get("command") or f"python benchmarks/form_limits.py {out['argv']}"
+    lines = [f"Machine: {banner(out['machine'])}", "", f"Command: `{command}`",
              "", "Smallest relative weight error `||W - W_form|| / ||W||` each form can reach with the given share of "
              "the layer's weights, and the output error `||(W - W_form) X|| / ||W X||` on calibration inputs (`out` "
              "columns); means over the blocks; see the script's docstring for what each column is. "
@@ -160,10 +162,16 @@ def main(argv=None) -> dict:
                     default=[0.25, 0.5, 0.75])
     ap.add_argument("--perms", type=number_arg(int, 0, what="perms"), default=20,
                     help="random permutations tried per layer and share")
+    ap.add_argument("--threads", type=number_arg(int, 1, what="threads"), default=torch.get_num_threads(),
+                    help="torch intra-op threads (default: torch's, here %(default)s)")
     ap.add_argument("--tag", default="form_limits", help="results name ('' = write none)")
+    add_out_arg(ap)
     args = ap.parse_args(argv)
-    out = dict(machine=machine_info(), argv=" ".join(sys.argv[1:] if argv is None else argv), perms=args.perms,
-               models={})
+    torch.set_num_threads(args.threads)
+    info = machine_info()
+    print(banner(info), flush=True)
+    out = dict(machine=info, argv=" ".join(sys.argv[1:] if argv is None else argv),
+               command=command_line(__file__, argv), args=args_dict(args), perms=args.perms, models={})
     for name in args.models:
         if name == "stories260K":
             import stories_compress as sc
@@ -183,8 +191,8 @@ def main(argv=None) -> dict:
     md = markdown(out)
     print(md)
     if args.tag:
-        write_json(ROOT / "benchmarks" / "results" / f"{args.tag}.json", out)
-        (ROOT / "benchmarks" / "results" / f"{args.tag}.md").write_text(md + "\n")
+        write_json(args.out / f"{args.tag}.json", out)
+        write_text(args.out / f"{args.tag}.md", md + "\n")
     return out
 
 

@@ -39,7 +39,7 @@ variants of a subject timed in the same run, ``--threads`` intra-op threads.
     python benchmarks/frontier.py                        # both subjects; ~25 min on 2 cores
     python benchmarks/frontier.py --subjects stories --ratios 0.5
 
-Writes benchmarks/results/frontier.{json,md,png}.
+Writes benchmarks/results/frontier.{json,md,png} (``--tag`` names them; ``--out DIR``: into DIR instead).
 """
 
 from __future__ import annotations
@@ -59,12 +59,21 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "examples"))
-from common import banner, forward_fn, machine_info, time_interleaved, write_json  # noqa: E402
+from common import (  # noqa: E402
+    add_out_arg,
+    args_dict,
+    banner,
+    command_line,
+    forward_fn,
+    machine_info,
+    time_interleaved,
+    write_json,
+    write_text,
+)
 
 import bondgate as bg  # noqa: E402
 from bondgate.cli import number_arg  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
 KERNELS = ", int8 kernels"  # a method name ending so: the model of the method before it, through deploy_int8
 METHODS = ["svd", "magnitude prune", "bondgate", "bondgate int8", "bondgate int8 + embeddings",
            "bondgate int8 + fitted table", "bondgate int8 + fitted table" + KERNELS]
@@ -207,7 +216,8 @@ def measure_subject(subject, args) -> list[dict]:
 
 # --------------------------------------------------------------------------------------------------- output
 def markdown(out: dict) -> str:
-    lines = [f"Machine: {banner(out['machine'])}", "", f"Command: `python benchmarks/frontier.py {out['argv']}`", "",
+    command = out.get("command") or f"python benchmarks/frontier.py {out['argv']}"
+    lines = [f"Machine: {banner(out['machine'])}", "", f"Command: `{command}`", "",
              "Zero-shot points are compressed in this run and not trained afterwards; `healed` points are checkpoints "
              "from the healing scripts (distilled for minutes), re-loaded and re-measured here.", ""]
     for subj in out["subjects"]:
@@ -277,7 +287,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=number_arg(int, 1, what="rounds"), default=5)
     ap.add_argument("--no-latency", dest="latency", action="store_false")
     ap.add_argument("--tag", default="frontier")
+    add_out_arg(ap)
     args = ap.parse_args(argv)
+    missing = [d for d in args.healed or [] if not Path(d).is_dir()]
+    if missing:  # the default glob finds only directories; a directory named on the command line must exist
+        ap.error(f"argument --healed: no checkpoint directory {', '.join(map(repr, missing))}")
     torch.set_num_threads(args.threads)
     info = machine_info()
     print(banner(info), flush=True)
@@ -288,11 +302,12 @@ def main(argv=None) -> dict:
         subjects.append({"name": subject.name, "metric": subject.metric, "higher_is_better": subject.higher_is_better,
                          "latency_unit": subject.latency_unit})
         rows += measure_subject(subject, args)
-    out = {"machine": info, "argv": " ".join(sys.argv[1:] if argv is None else argv), "subjects": subjects,
+    out = {"machine": info, "argv": " ".join(sys.argv[1:] if argv is None else argv),
+           "command": command_line(__file__, argv), "args": args_dict(args), "subjects": subjects,
            "rows": rows, "total_seconds": time.perf_counter() - t0}
-    write_json(RESULTS / f"{args.tag}.json", out)
-    (RESULTS / f"{args.tag}.md").write_text(markdown(out))
-    plot(out, RESULTS / f"{args.tag}.png")
+    write_json(args.out / f"{args.tag}.json", out)
+    write_text(args.out / f"{args.tag}.md", markdown(out))
+    plot(out, args.out / f"{args.tag}.png")
     print(markdown(out))
     return out
 

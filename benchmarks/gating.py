@@ -28,7 +28,8 @@ examples/gpt2_compress.py heal):
     python benchmarks/gating.py gpt2 --checkpoint runs/gpt2-wt2-50
     python benchmarks/gating.py speed --checkpoint runs/gating-minilm
 
-Writes benchmarks/results/gating_<model>_<controller>.{json,md,png} and gating_speed[_<tag>].{json,md}.
+Writes benchmarks/results/gating_<model>_<controller>.{json,md,png} and gating_speed[_<tag>].{json,md}
+(``--results DIR``: into DIR instead; ``--out`` is where minilm / gpt2 save the gated model).
 """
 
 from __future__ import annotations
@@ -51,7 +52,18 @@ if (ROOT.parent / "shared" / "data").exists():  # a checkout beside the shared d
     os.environ.setdefault("BONDGATE_DATA", str(ROOT.parent / "shared" / "data"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "examples"))
-from common import banner, machine_info, time_interleaved, write_json  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    add_out_arg,
+    args_dict,
+    banner,
+    check_checkpoint,
+    command_line,
+    machine_info,
+    time_interleaved,
+    write_json,
+    write_text,
+)
 
 import bondgate as bg  # noqa: E402
 from bondgate.calibration import capture_inputs  # noqa: E402
@@ -60,7 +72,6 @@ from bondgate.data import load_stsb  # noqa: E402
 from bondgate.gating import _gated_layers, _widths, average_flops, gating_report, width_error_curve  # noqa: E402
 from bondgate.planner import min_flops  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
 BUDGETS = (0.25, 0.5, 0.75)
 
 
@@ -223,19 +234,23 @@ def width_curves(student) -> dict:
     return {n: width_error_curve(m) for n, m in _gated_layers(student)}
 
 
-def report(name: str, info: dict, rows: list[dict], curves: dict, extra: dict, metric: str) -> None:
-    write_json(RESULTS / f"gating_{name}.json", {"machine": info, "rows": rows, "width_error_curves": curves,
-                                                  **extra})
+def report(name: str, info: dict, rows: list[dict], curves: dict, extra: dict, metric: str,
+           directory: Path = RESULTS) -> None:
+    """Write ``DIRECTORY/gating_NAME.{json,md,png}``; ``extra`` (JSON) may hold the ``args`` and ``command``."""
+    write_json(directory / f"gating_{name}.json", {"machine": info, "rows": rows, "width_error_curves": curves,
+                                                    **extra})
     args = extra.get("args", {})
     prices = (f"Prices: calibrated on train inputs, then corrected online on the held-out calls "
               f"(`track={args['track']:g}`)" if args.get("track") else "Prices: calibrated on train inputs, fixed")
     prices += " (one per layer)." if args.get("per_layer") else " (one shared by all layers)."
-    lines = [f"Machine: {banner(info)}", "", f"Metric: {metric}", "", prices, "",
-             "| budget (avg FLOPs / full) | gated | FLOPs on held-out rows | static prefix (width f) | static "
-             "FLOPs | gated vs static (+ = gated better) | per-layer static, same per-layer FLOPs | gated vs "
-             "per-layer static |", "|---|---|---|---|---|---|---|---|"]
+    metric_line = f"Metric: {metric}"
     if any(r.get("margin_vs_static_ci95") for r in rows):
-        lines[2] += ". Brackets: 95% paired-bootstrap interval of the margin over the held-out items."
+        metric_line += ". Brackets: 95% paired-bootstrap interval of the margin over the held-out items."
+    lines = [f"Machine: {banner(info)}", ""] + ([f"Command: `{extra['command']}`", ""] if extra.get("command") else [])
+    lines += [metric_line, "", prices, "",
+              "| budget (avg FLOPs / full) | gated | FLOPs on held-out rows | static prefix (width f) | static "
+              "FLOPs | gated vs static (+ = gated better) | per-layer static, same per-layer FLOPs | gated vs "
+              "per-layer static |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["kind"] == "full width":
             lines.append(f"| 1.00 (full width) | {r['quality']:.3f} | 1.000 | - | - | - | - | - |")
@@ -250,8 +265,8 @@ def report(name: str, info: dict, rows: list[dict], curves: dict, extra: dict, m
               f"{mono}", ""]
     for n, c in list(curves.items())[:6]:
         lines.append(f"- {n}: " + ", ".join(f"{v:.3f}" for v in c))
-    (RESULTS / f"gating_{name}.md").write_text("\n".join(lines) + "\n")
-    plot(name, rows, metric)
+    write_text(directory / f"gating_{name}.md", "\n".join(lines) + "\n")
+    plot(name, rows, metric, directory)
     print("\n".join(lines))
 
 
@@ -259,7 +274,7 @@ def _ci(ci) -> str:
     return "" if ci is None else f" [{ci[0]:+.2f}, {ci[1]:+.2f}]"
 
 
-def plot(name: str, rows: list[dict], metric: str) -> None:
+def plot(name: str, rows: list[dict], metric: str, directory: Path = RESULTS) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -276,7 +291,7 @@ def plot(name: str, rows: list[dict], metric: str) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(RESULTS / f"gating_{name}.png", dpi=110)
+    fig.savefig(directory / f"gating_{name}.png", dpi=110)
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -328,9 +343,10 @@ def run_minilm(args) -> None:
                     interval=spearman_difference_interval(gold), track=args.track)
     if args.controller != "oracle":  # the exact-error diagnostic is not a savable controller
         bg.save_pretrained(student, args.out, tokenizer=tok)
-    report(result_name("minilm", args), info, rows, width_curves(student), {"training": log, "args": vars(args)},
+    report(result_name("minilm", args), info, rows, width_curves(student), {"training": log, "command": args.command,
+                                                                          "args": args_dict(args)},
            "STS-B dev Spearman x100" if args.eval_split == "dev" else
-           "Spearman x100 on 1500 STS-B train pairs sharing no sentence with the calibration set")
+           "Spearman x100 on 1500 STS-B train pairs sharing no sentence with the calibration set", args.results)
 
 
 def run_gpt2(args) -> None:
@@ -356,8 +372,9 @@ def run_gpt2(args) -> None:
     rows = frontier(student, lambda m: lm.evaluate_ppl(m, valid), calib, False, args.per_layer, track=args.track)
     if args.controller != "oracle":  # the exact-error diagnostic is not a savable controller
         bg.save_pretrained(student, args.out, tokenizer=tok)
-    report(result_name("gpt2", args), info, rows, width_curves(student), {"training": log, "args": vars(args)},
-           "WikiText-2 validation perplexity (lower is better)")
+    report(result_name("gpt2", args), info, rows, width_curves(student), {"training": log, "command": args.command,
+                                                                          "args": args_dict(args)},
+           "WikiText-2 validation perplexity (lower is better)", args.results)
 
 
 # ---------------------------------------------------------------------------------------------- speed
@@ -365,6 +382,7 @@ def run_gpt2(args) -> None:
 LIMITS = {"no limit": (None, False), "<=2 groups": (2, False), "1 group": (1, False),
           "1 group, B-row FLOPs": (1, True)}
 ONE_GROUP = [lb for lb, (k, _) in LIMITS.items() if k == 1]  # one level per call: broken down layer by layer
+SPEED_LAYERS = ["layer.0.attention.self.query", "layer.0.intermediate.dense", "layer.0.output.dense"]
 
 
 class SideBySide(torch.nn.Module):
@@ -397,6 +415,12 @@ def run_speed(args) -> None:
     _, tok = ms.load_minilm()
     sentences = ms.unlabeled_sentences(seed=6)[: args.sentences]
     layers = dict(_gated_layers(model))
+    unmatched = [s for s in args.layers if not any(n.endswith(s) for n in layers)]
+    if unmatched and args.layers == SPEED_LAYERS:  # the default: a checkpoint may keep some of them dense
+        print(f"--layers: not gated in this checkpoint: {', '.join(unmatched)}", flush=True)
+    elif unmatched:
+        raise SystemExit(f"gating.py speed: error: argument --layers: no gated layer of {args.checkpoint} ends with "
+                         f"{', '.join(unmatched)} (gated layers: {', '.join(layers)})")
     acts: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
     bg.set_mode(model, "full")  # inputs of the full-width model
     capture_inputs(model, layers, ms.batches(tok, sentences, batch=32),
@@ -478,9 +502,9 @@ def run_speed(args) -> None:
         print(B, {k: round(v) for k, v in t.items() if "|" not in k},
               {lb: f"{cell['speedup_vs_full'][lb]:.2f}x @ {flops[lb]:.3f}" for lb in LIMITS}, flush=True)
     stem = "gating_speed" + (f"_{args.tag}" if args.tag else "")
-    write_json(RESULTS / f"{stem}.json", {"machine": info, "budget": args.budget, "layers": list(layers),
-                                               "cells": cells})
-    lines = [f"Machine: {banner(info)}", "",
+    write_json(args.results / f"{stem}.json", {"machine": info, "command": args.command, "args": args_dict(args),
+                                               "budget": args.budget, "layers": list(layers), "cells": cells})
+    lines = [f"Machine: {banner(info)}", "", f"Command: `{args.command}`", "",
              f"All {len(layers)} gated layers of `{args.checkpoint}` with one shared price so that their average "
              f"FLOPs per row is {args.budget} of full width (controllers included), priced on calls of the timed "
              "row count (one half of each layer's real input rows, padding dropped) and timed on calls from the "
@@ -523,7 +547,7 @@ def run_speed(args) -> None:
                            f"{info_n['flops'][lb]:.2f})" for lb in LIMITS)
             lv = " / ".join(f"{u[f'{n}|level{i}']:.0f}" for i in range(len(info_n["level_widths"])))
             lines.append(f"| {n} | {c['rows']} | {u[f'{n}|dense']:.0f} | {full_us:.0f} | {g} | {lv} |")
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    write_text(args.results / f"{stem}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -575,10 +599,19 @@ def main(argv=None) -> None:
     s.add_argument("--rounds", type=number_arg(int, 1, what="rounds"), default=5)
     s.add_argument("--sentences", type=number_arg(int, 1, what="sentences"), default=512,
                    help="real sentences whose layer inputs are timed")
-    s.add_argument("--layers", nargs="+", default=["layer.0.attention.self.query", "layer.0.intermediate.dense",
-                                                    "layer.0.output.dense"])
+    s.add_argument("--layers", nargs="+", default=SPEED_LAYERS,
+                   help="layers (name endings) broken down one by one in the tables")
     s.add_argument("--tag", default="", help="suffix of the result files (gating_speed_<tag>.*)")
+    for p in (m, g, s):
+        add_out_arg(p, "--results")
     args = ap.parse_args(argv)
+    parser = {"minilm": m, "gpt2": g, "speed": s}[args.cmd]
+    check_checkpoint(parser, args.checkpoint, hint={
+        "minilm": "make one with examples/minilm_stsb.py heal", "gpt2": "make one with examples/gpt2_compress.py heal",
+        "speed": "make one with benchmarks/gating.py minilm --out DIR"}[args.cmd])
+    if args.cmd == "gpt2":
+        check_checkpoint(parser, args.teacher, "--teacher", "make one with examples/gpt2_wikitext.py train")
+    args.command = command_line(__file__, argv)
     if args.cmd != "speed":
         torch.set_num_threads(args.threads)
     {"minilm": run_minilm, "gpt2": run_gpt2, "speed": run_speed}[args.cmd](args)

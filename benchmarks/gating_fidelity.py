@@ -13,7 +13,7 @@ STS-B train sentences as there, and static truncation at the FLOPs the gated mod
 
     python benchmarks/gating_fidelity.py --checkpoint runs/gating-minilm25-perlayer-L16 --per-layer --tag m25_perlayer_L16
 
-Writes benchmarks/results/gating_fidelity_<tag>.{json,md}.
+Writes benchmarks/results/gating_fidelity_<tag>.{json,md} (``--out DIR``: into DIR instead).
 """
 
 from __future__ import annotations
@@ -25,10 +25,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-from common import banner, machine_info, write_json  # noqa: E402
+from common import (  # noqa: E402
+    add_out_arg,
+    args_dict,
+    banner,
+    check_checkpoint,
+    command_line,
+    machine_info,
+    write_json,
+    write_text,
+)
 
 # importing gating sets up the offline hub, the shared data and the examples/ path, as every benchmark does
-from gating import BUDGETS, RESULTS, static_fraction  # noqa: E402
+from gating import BUDGETS, static_fraction  # noqa: E402
 
 import bondgate as bg  # noqa: E402
 from bondgate.cli import number_arg  # noqa: E402
@@ -43,7 +52,10 @@ def main(argv=None) -> None:
     ap.add_argument("--calib-sentences", type=number_arg(int, 1, what="calib-sentences"), default=512)
     ap.add_argument("--tag", default="")
     ap.add_argument("--threads", type=number_arg(int, 1, what="threads"), default=2)
+    add_out_arg(ap)
     args = ap.parse_args(argv)
+    check_checkpoint(ap, args.checkpoint, hint="make one with benchmarks/gating.py minilm --controller error --out DIR")
+    command = command_line(__file__, argv)
     import minilm_stsb as ms
 
     torch.set_num_threads(args.threads)
@@ -107,15 +119,15 @@ def main(argv=None) -> None:
                          **versus(e)})
         print(rows[-2], rows[-1], flush=True)
     name = "gating_fidelity" + (f"_{args.tag}" if args.tag else "")
-    write_json(RESULTS / f"{name}.json", {"machine": info, "args": vars(args), "rows": rows})
-    text = table(info, vars(args), rows, n)
-    (RESULTS / f"{name}.md").write_text(text)
+    write_json(args.out / f"{name}.json", {"machine": info, "command": command, "args": args_dict(args), "rows": rows})
+    text = table(info, vars(args), rows, n, command)
+    write_text(args.out / f"{name}.md", text)
     print(text)
 
 
-def table(info: dict, args: dict, rows: list[dict], n: int) -> str:
-    """The markdown report of one run (rows as in its JSON)."""
-    lines = [f"Machine: {banner(info)}", "",
+def table(info: dict, args: dict, rows: list[dict], n: int, command: str | None = None) -> str:
+    """The markdown report of one run (rows as in its JSON; ``command``: the command line that made it)."""
+    lines = [f"Machine: {banner(info)}", ""] + ([f"Command: `{command}`", ""] if command else []) + [
              f"Checkpoint `{args['checkpoint']}`, prices {'per layer' if args['per_layer'] else 'shared'}, calibrated "
              f"on {args['calib_sentences']} STS-B train sentences; {2 * n} STS-B dev sentences. Distances: mean "
              "|e - e_ref|^2 of the normalized mean-pooled embeddings (2 - 2 cos; 0 = identical); centered: the same "

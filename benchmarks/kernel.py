@@ -13,7 +13,7 @@ For every cell (layer shape x uniform bond r x input rows B), fp32, all variants
 Run:  python benchmarks/kernel.py --rounds 9 (full grid, ~12 min on 2 cores; the README figures)
       python benchmarks/kernel.py --quick    (a few cells, for a smoke test)
       python benchmarks/kernel.py --device cuda --rounds 3   (the grid on a GPU: benchmarks/gpu_check.sh)
-Writes benchmarks/results/kernel.{json,md,png}.
+Writes benchmarks/results/kernel.{json,md,png} (``--out DIR``: into DIR instead).
 """
 
 from __future__ import annotations
@@ -29,7 +29,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import banner, machine_info, time_interleaved, write_json  # noqa: E402
+from common import (  # noqa: E402
+    add_out_arg,
+    args_dict,
+    banner,
+    command_line,
+    machine_info,
+    time_interleaved,
+    write_json,
+    write_text,
+)
 
 import bondgate as bg  # noqa: E402
 from bondgate.cli import number_arg  # noqa: E402
@@ -174,14 +183,15 @@ def summarize(cells: list[dict]) -> dict:
     }
 
 
-def markdown(cells: list[dict], summary: dict, info: dict) -> str:
-    lines = ["# Kernel benchmark", "", f"Machine: {banner(info)}", "",
-             "Times in microseconds per call (median of interleaved rounds), fp32. "
-             "`mem/best` = bondgate memory mode / fastest other MPO variant; `spd/dense` = speed mode / nn.Linear; "
-             "`kept MB (mem)`: what memory mode keeps between calls besides the cores (their sweep layout, if that plan won).",
-             "", "| in x out | r | B | dense | einsum | sweep | tltorch fact | tltorch recon | bg memory | bg speed |"
-             " mem/best | spd/dense | plan (memory) | peak MB (mem) | limit MB | kept MB (mem) | cores MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+def markdown(cells: list[dict], summary: dict, info: dict, command: str | None = None) -> str:
+    lines = ["# Kernel benchmark", "", f"Machine: {banner(info)}", ""]
+    lines += [f"Command: `{command}`", ""] if command else []
+    lines += ["Times in microseconds per call (median of interleaved rounds), fp32. "
+              "`mem/best` = bondgate memory mode / fastest other MPO variant; `spd/dense` = speed mode / nn.Linear; "
+              "`kept MB (mem)`: what memory mode keeps between calls besides the cores (their sweep layout, if that plan won).",
+              "", "| in x out | r | B | dense | einsum | sweep | tltorch fact | tltorch recon | bg memory | bg speed |"
+              " mem/best | spd/dense | plan (memory) | peak MB (mem) | limit MB | kept MB (mem) | cores MB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in cells:
         t = c["us"]
         lines.append(
@@ -233,9 +243,12 @@ def main() -> None:
     ap.add_argument("--min-time", type=number_arg(float, 0, what="min-time"), default=0.05,
                     help="seconds per variant per round")
     ap.add_argument("--quick", action="store_true", help="3 cells only")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda (results get a _cuda suffix)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="results get a _cuda suffix")
+    add_out_arg(ap)
     args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("argument --device: cuda requested, but torch.cuda.is_available() is False on this machine")
+    command = command_line(__file__)
     torch.set_num_threads(args.threads)
     info = machine_info()
     print(banner(info), flush=True)
@@ -253,8 +266,9 @@ def main() -> None:
               f"bg-speed {t['bg_speed']:.0f}us ({c['plan_speed']})  [{time.time() - t0:.0f}s]", flush=True)
     summary = summarize(cells)
     stem = ("kernel_quick" if args.quick else "kernel") + ("" if args.device == "cpu" else f"_{args.device}")
-    write_json(args.out / f"{stem}.json", {"machine": info, "summary": summary, "cells": cells})
-    (args.out / f"{stem}.md").write_text(markdown(cells, summary, info))
+    write_json(args.out / f"{stem}.json", {"machine": info, "command": command, "args": args_dict(args),
+                                           "summary": summary, "cells": cells})
+    write_text(args.out / f"{stem}.md", markdown(cells, summary, info, command))
     plot(cells, args.out / f"{stem}.png")
     print("\n".join(f"{k}: {v}" for k, v in summary.items()))
 

@@ -39,7 +39,7 @@ Run:  python benchmarks/llama_decode.py                      (2 layers; ~12 min 
       (low-rank 25%, its int8 factors, and gated at three FLOPs budgets, one level per call, price held on the decode tokens)
       python benchmarks/llama_decode.py --allocation uniform --kinds lowrank --variants dense mpo gated static --budget 0.5 0.4 0.3 --max-groups 1 --track 0.05 --tag _lowrank_static
       (gated against static truncation at the same FLOPs: what the decisions cost in time)
-Writes benchmarks/results/llama_decode{TAG}.{json,md}.
+Writes benchmarks/results/llama_decode{TAG}.{json,md} (``--out DIR``: into DIR instead).
 """
 
 from __future__ import annotations
@@ -55,13 +55,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import banner, machine_info, write_json  # noqa: E402
+from common import add_out_arg, args_dict, banner, command_line, machine_info, write_json, write_text  # noqa: E402
 
 import bondgate  # noqa: E402
 from bondgate.cli import number_arg  # noqa: E402
 
 BLOCKS = r"model\.layers\..*"
 HEAD = r"lm_head"
+#: what --variants may name (several --budget values make ``gated@B`` / ``static@B`` of gated / static)
+VARIANTS = ["dense", "dense_t", "int8", "mpo", "mpo_int8", "lowrank_int8", "gated", "static"]
 
 
 def build_dense(layers: int, vocab: int, seed: int = 0):
@@ -88,7 +90,7 @@ def build_variants(dense, args) -> dict:
                     m.weight = torch.nn.Parameter(m.weight.detach().t().contiguous().t(), requires_grad=False)
     if "int8" in args.variants:
         variants["int8"] = bondgate.quantize_int8(dense, target=lambda name, _: re.fullmatch(args.target, name) is not None)
-    if {"mpo", "mpo_int8", "gated"} & set(args.variants):
+    if {"mpo", "mpo_int8", "lowrank_int8", "gated"} & set(args.variants):
         t0 = time.perf_counter()
         mpo = bondgate.compress(copy.deepcopy(dense), bondgate.CompressionConfig(
             param_ratio=args.ratio, target_modules=args.target, calibrate=False, num_cores=args.num_cores,
@@ -189,7 +191,8 @@ def main() -> None:
     ap.add_argument("--min-new-tokens", action="store_true", help="force the length with generate's min_new_tokens "
                     "(how results before 2026-12-04 were measured; adds a vocabulary scan per step)")
     ap.add_argument("--threads", type=number_arg(int, 1, what="threads"), default=2)
-    ap.add_argument("--variants", nargs="+", default=["dense", "int8", "mpo", "mpo_int8", "gated"])
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=["dense", "int8", "mpo", "mpo_int8", "gated"],
+                    metavar="VARIANT", help=f"any of {', '.join(VARIANTS)} (see above)")
     ap.add_argument("--no-head", dest="head", action="store_false", help="leave the LM head dense")
     ap.add_argument("--allocation", choices=["uniform", "global"], default="uniform")
     ap.add_argument("--kinds", nargs="+", choices=["mpo", "lowrank"], default=None,
@@ -199,8 +202,9 @@ def main() -> None:
                     help="CompressionConfig.max_latency_ratio at deploy_rows = the largest batch (needs global)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--tag", default="")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    add_out_arg(ap)
     args = ap.parse_args()
+    command = command_line(__file__)
     if "static" in args.variants and "gated" not in args.variants:
         ap.error("the static variants are cut from the gated model: --variants needs gated too")
     args.target = BLOCKS + ("|" + HEAD if args.head else "")
@@ -237,20 +241,22 @@ def main() -> None:
             gating_by_batch[k] = {b: frac for b in args.batches}
     gating = gating_by_batch or None  # {variant: {batch: FLOPs fraction}}
     write_json(args.out / f"llama_decode{args.tag}.json", {
-        "machine": info, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine": info, "command": command, "args": args_dict(args),
         "tokens_per_s": tps, "samples": results, "size_bytes": sizes, "block_params": block_params,
         "gated_flops_fraction": gating,
         "report": variants["mpo"].bondgate_report.to_dict() if "mpo" in variants else None})
     lines = [f"# LLaMA-shape decode ({args.layers} layers, hidden 2048, intermediate 5632, vocab {args.vocab})", "",
-             f"Machine: {banner(info)}", "",
-             f"`python benchmarks/llama_decode.py --layers {args.layers} --ratio {args.ratio} --budget "
+             f"Machine: {banner(info)}", "", f"Command: `{command}`", "",
+             f"All settings: `python benchmarks/llama_decode.py --layers {args.layers} --vocab {args.vocab} "
+             f"--ratio {args.ratio} --num-cores {args.num_cores} --budget "
              f"{' '.join(f'{b:g}' for b in args.budget)}"
              f"{' --max-groups ' + str(args.max_groups) if args.max_groups else ''}"
              f"{' --track ' + str(args.track) if args.track else ''}"
              f"{'' if args.head else ' --no-head'} --allocation {args.allocation}"
              f"{' --kinds ' + ' '.join(args.kinds) if args.kinds else ''}"
              f"{' --max-latency-ratio ' + str(args.max_latency_ratio) if args.max_latency_ratio else ''}"
-             f" --batches {' '.join(map(str, args.batches))} --variants {' '.join(args.variants)}"
+             f" --batches {' '.join(map(str, args.batches))} --prompt {args.prompt} --new-tokens {args.new_tokens}"
+             f" --rounds {args.rounds} --threads {args.threads} --variants {' '.join(args.variants)}"
              f"{' --min-new-tokens' if args.min_new_tokens else ''}"
              f"{' --tag ' + args.tag if args.tag else ''}` (targets `{args.target}`); "
              f"greedy generate, prompt {args.prompt} tokens, {args.new_tokens} new tokens"
@@ -277,7 +283,7 @@ def main() -> None:
             lines += ["", f"{k} vs full width (the ungated `mpo` variant): " + ", ".join(
                 f"{tps[k][b] / tps['mpo'][b]:.2f}x at batch {b}" for b in args.batches)
                 + f" ({what}: " + ", ".join(f"{gating[k][b]:.3f} at batch {b}" for b in args.batches) + ")"]
-    (args.out / f"llama_decode{args.tag}.md").write_text("\n".join(lines) + "\n")
+    write_text(args.out / f"llama_decode{args.tag}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -6,14 +6,13 @@ The frontier run (``benchmarks/frontier.py``: 32 dev *first* sentences, 12 token
 where ``benchmarks/minilm_speed.py`` (the first 16 dev *pairs*, both sentences, 13 tokens) measured 0.38x. This
 script times both batches for dense and int8 dynamic (``bondgate.quantize_int8`` of the encoder's linear layers)
 in one run, interleaved rounds, and reports each ratio to dense on the same batch, median and range of the paired
-per-round ratios. Writes benchmarks/results/minilm_int8_spread.{json,md}.
+per-round ratios. Writes benchmarks/results/minilm_int8_spread.{json,md} (``--out DIR``: into DIR instead).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -25,7 +24,17 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "examples"))
-from common import banner, forward_fn, machine_info, time_interleaved, write_json  # noqa: E402
+from common import (  # noqa: E402
+    add_out_arg,
+    args_dict,
+    banner,
+    command_line,
+    forward_fn,
+    machine_info,
+    time_interleaved,
+    write_json,
+    write_text,
+)
 
 import bondgate as bg  # noqa: E402
 from bondgate.cli import number_arg  # noqa: E402
@@ -37,7 +46,9 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=number_arg(int, 1, what="threads"), default=2)
     ap.add_argument("--rounds", type=number_arg(int, 1, what="rounds"), default=9)
+    add_out_arg(ap)
     args = ap.parse_args(argv)
+    command = command_line(__file__, argv)
     torch.set_num_threads(args.threads)
     info = machine_info()
     print(banner(info), flush=True)
@@ -64,10 +75,9 @@ def main(argv=None) -> dict:
         rows.append({"batch": b, "shape": list(inputs[b]["input_ids"].shape),
                      "dense_ms": 1e3 * times[f"dense | {b}"], "int8_ms": 1e3 * times[f"int8 dynamic | {b}"],
                      "paired_median": statistics.median(paired), "paired_min": paired[0], "paired_max": paired[-1]})
-    out = {"machine": info, "args": vars(args), "rows": rows}
-    write_json(ROOT / "benchmarks" / "results" / "minilm_int8_spread.json", out)
-    lines = [f"Machine: {banner(info)}", "", f"Command: `python benchmarks/minilm_int8_spread.py "
-             f"{shlex.join(sys.argv[1:] if argv is None else argv)}`", "",
+    out = {"machine": info, "command": command, "args": args_dict(args), "rows": rows}
+    write_json(args.out / "minilm_int8_spread.json", out)
+    lines = [f"Machine: {banner(info)}", "", f"Command: `{command}`", "",
              f"all-MiniLM-L6-v2, dense vs torch's int8 dynamic (encoder linear layers), {args.threads} threads, "
              f"{args.rounds} interleaved rounds; ratio = int8 time / dense time of the same round and batch.", "",
              "| batch | tokens (padded) | dense (ms) | int8 dynamic (ms) | paired ratio, median [min, max] |",
@@ -75,7 +85,7 @@ def main(argv=None) -> dict:
     for r in rows:
         lines.append(f"| {r['batch']} | {r['shape'][0]}x{r['shape'][1]} | {r['dense_ms']:.2f} | {r['int8_ms']:.2f} | "
                      f"{r['paired_median']:.3f} [{r['paired_min']:.3f}, {r['paired_max']:.3f}] |")
-    (ROOT / "benchmarks" / "results" / "minilm_int8_spread.md").write_text("\n".join(lines) + "\n")
+    write_text(args.out / "minilm_int8_spread.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return out
 

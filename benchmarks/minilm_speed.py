@@ -12,7 +12,9 @@ Spearman x100 of each variant. Inputs: STS-B dev sentences, padded per batch (ma
 rounds (every variant once per round), ``--threads`` threads, in ``torch.inference_mode``; besides the ratio of
 medians, the per-round paired ratios (variant / dense of the same round): median and range.
 
-Writes benchmarks/results/minilm_speed.{json,md}.
+``--quality-pairs N`` scores quality on the first N dev pairs only (a smoke run; default all 1500).
+
+Writes benchmarks/results/minilm_speed.{json,md} (``--out DIR``: into DIR instead).
 """
 
 from __future__ import annotations
@@ -33,7 +35,17 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "examples"))
-from common import banner, forward_fn, machine_info, time_interleaved, write_json  # noqa: E402
+from common import (  # noqa: E402
+    add_out_arg,
+    args_dict,
+    banner,
+    command_line,
+    forward_fn,
+    machine_info,
+    time_interleaved,
+    write_json,
+    write_text,
+)
 
 import bondgate as bg  # noqa: E402
 from bondgate.cli import number_arg  # noqa: E402
@@ -48,7 +60,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=number_arg(int, 1, what="threads"), default=2)
     ap.add_argument("--rounds", type=number_arg(int, 1, what="rounds"), default=7)
     ap.add_argument("--calibration", type=number_arg(int, 1, what="calibration"), default=512)
+    ap.add_argument("--quality-pairs", type=number_arg(int, 0, what="quality-pairs"), default=0,
+                    help="STS-B dev pairs the quality is scored on (the first N; 0 = all 1500)")
+    add_out_arg(ap)
     args = ap.parse_args(argv)
+    command = command_line(__file__, argv)
     torch.set_num_threads(args.threads)
     info = machine_info()
     print(banner(info), flush=True)
@@ -92,18 +108,21 @@ def main(argv=None) -> dict:
               flush=True)
     shipped = {"bondgate int8, int8 kernels": variants["bondgate int8"]}
     sizes = {k: bg.size_on_disk(shipped.get(k, m)) for k, m in variants.items()}
-    quality = {k: ms.stsb_score(m, tok, dev) for k, m in variants.items() if k != "dense copy"}
+    scored = dev[: args.quality_pairs or None]
+    quality = {k: ms.stsb_score(m, tok, scored) for k, m in variants.items() if k != "dense copy"}
     quality["dense copy"] = quality["dense"]
-    out = {"machine": info, "args": vars(args), "deploy_rows": rows32, "policies": policies, "times_s": times,
+    out = {"machine": info, "command": command, "args": args_dict(args), "quality_pairs": len(scored),
+           "deploy_rows": rows32, "policies": policies, "times_s": times,
            "paired_ratios": paired, "int8_kernels": kernels, "quality": quality,
            "sizes": sizes, "shapes": {b: list(inputs[b]["input_ids"].shape) for b in args.batches},
            "report": report.to_dict()}
-    write_json(ROOT / "benchmarks" / "results" / "minilm_speed.json", out)
-    lines = [f"Machine: {banner(info)}", "", f"Command: `python benchmarks/minilm_speed.py {' '.join(argv or sys.argv[1:])}`",
+    write_json(args.out / "minilm_speed.json", out)
+    scope = f" on the first {len(scored)} of {len(dev)} pairs" if len(scored) < len(dev) else ""
+    lines = [f"Machine: {banner(info)}", "", f"Command: `{command}`",
              "", f"all-MiniLM-L6-v2, encoder linear layers at {args.ratio} of their weights (defaults: policy auto "
              f"judged at deploy_rows={rows32}); bondgate layer forms: {policies}; deploy_int8 of the int8 model: "
              f"{kernels}. Median of {args.rounds} interleaved rounds, {args.threads} threads. Quality: STS-B dev "
-             "Spearman x100.", "",
+             f"Spearman x100{scope}.", "",
              "| variant | size on disk (MB) | quality | " + " | ".join(f"{b} sentences (ms) | vs dense" for b in args.batches) + " |",
              "|---|---|---|" + "---|---|" * len(args.batches)]
     for k in variants:
@@ -117,7 +136,7 @@ def main(argv=None) -> dict:
             lines.append(f"| {k} | " + " | ".join(
                 f"{statistics.median(paired[b][k]):.3f} [{paired[b][k][0]:.3f}, {paired[b][k][-1]:.3f}]"
                 for b in args.batches) + " |")
-    (ROOT / "benchmarks" / "results" / "minilm_speed.md").write_text("\n".join(lines) + "\n")
+    write_text(args.out / "minilm_speed.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return out
 

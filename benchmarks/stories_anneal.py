@@ -9,7 +9,7 @@ weight ``W`` is pulled toward its truncation ``W_r`` (TT-SVD at the bonds the on
 at ``--anneal`` of the budget. There the weights are factored (``W = W_r`` up to the tail the last step
 refilled) and the factored student heals for the rest of the budget. Same data, loss, optimizer, learning-rate
 schedule and CPU-clock budget as the script's one-shot run; the result is compared with that run's figure.
-Writes ``benchmarks/results/stories_anneal.{json,md}``.
+Writes ``benchmarks/results/stories_anneal.{json,md}`` (``--out DIR``: into DIR instead).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "examples"))
 import stories_compress as sc  # noqa: E402
-from common import banner, machine_info, write_json  # noqa: E402
+from common import add_out_arg, args_dict, banner, command_line, machine_info, write_json, write_text  # noqa: E402
 
 import bondgate as bg  # noqa: E402
 from bondgate.cli import number_arg  # noqa: E402
@@ -60,6 +60,7 @@ def setup(ap: argparse.ArgumentParser, argv) -> tuple:
     ap.add_argument("--calib-stories", type=number_arg(int, 1, what="calib-stories"), default=64)
     ap.add_argument("--valid-stories", type=number_arg(int, 1, what="valid-stories"), default=100)
     ap.add_argument("--threads", type=number_arg(int, 1, what="threads"), default=1)
+    add_out_arg(ap)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -70,16 +71,17 @@ def setup(ap: argparse.ArgumentParser, argv) -> tuple:
     return args, info, (dense, tok, sample), sc.healing_data(dense, tok, sample, data)
 
 
-def report(out: dict, script: str, body: str, tag: str) -> None:
+def report(out: dict, script: str, body: str, tag: str, directory: Path) -> None:
     """Print the result (machine, command, ``body``, perplexities); with ``tag`` also write
-    ``benchmarks/results/stories_TAG.{json,md}``."""
-    md = (f"Machine: {banner(out['machine'])}\n\nCommand: `python benchmarks/{script} {out['argv']}`\n\n{body} "
+    ``DIRECTORY/stories_TAG.{json,md}``."""
+    command = out.get("command") or f"python benchmarks/{script} {out['argv']}"
+    md = (f"Machine: {banner(out['machine'])}\n\nCommand: `{command}`\n\n{body} "
           f"**sample ppl {out['sample_ppl']:.4f}** ({out['sample_ppl'] / out['dense_ppl'] - 1:+.1%} vs dense "
           f"{out['dense_ppl']:.4f}), validation {out['valid_ppl']:.4f}.\n")
     print(md)
     if tag:
-        write_json(ROOT / "benchmarks" / "results" / f"stories_{tag}.json", out)
-        (ROOT / "benchmarks" / "results" / f"stories_{tag}.md").write_text(md)
+        write_json(directory / f"stories_{tag}.json", out)
+        write_text(directory / f"stories_{tag}.md", md)
 
 
 def main(argv=None) -> dict:
@@ -138,7 +140,8 @@ def main(argv=None) -> dict:
                       flush=True)
         if step % 200 == 0:
             print(f"step {step}: {f:.0%} of the budget, loss {loss.item():.4f}", flush=True)
-    out = {"machine": info, "args": vars(args), "argv": " ".join(sys.argv[1:] if argv is None else argv),
+    out = {"machine": info, "args": args_dict(args), "argv": " ".join(sys.argv[1:] if argv is None else argv),
+           "command": command_line(__file__, argv),
            "dense_ppl": tinystories_perplexity(dense, tok, sample).perplexity, "steps": step,
            "factored": converted, "block_weights": sc.block_weights(student),
            "one_shot_block_weights": sc.block_weights(one_shot),
@@ -152,7 +155,7 @@ def main(argv=None) -> dict:
             f"{out['one_shot_block_weights']:,}, sample ppl {out['one_shot_ppl']:.1f} before healing), {budget_text}: "
             f"annealed for {args.anneal:.0%} of the budget, factored at step {converted['step']} (sample ppl there "
             f"{converted['sample_ppl']:.3f}), then healed:")
-    report(out, "stories_anneal.py", body, args.tag)
+    report(out, "stories_anneal.py", body, args.tag, args.out)
     return out
 
 

@@ -7,7 +7,8 @@ model the way ``examples/stories_compress.py`` heals the MPO student (same stori
 ``DistillLoss(hidden=1, logits=1)``, AdamW, lr 3e-3, CPU-clock budget, best validation step kept), with the
 pruning mask held fixed (``torch.nn.utils.prune``: pruned weights get no update). ``--ratio`` counts non-zero
 weights; a sparse format also stores their positions, so the bytes of this model are more than ``--ratio`` of
-dense (the frontier counts them). Writes ``benchmarks/results/stories_prune_heal.{json,md}``.
+dense (the frontier counts them). Writes ``benchmarks/results/stories_prune_heal.{json,md}`` (``--out DIR``: into
+DIR instead).
 
 ``--mpo-share s``: factors plus a sparse residual — each layer is first a 2-core MPO with the largest bond that
 stores at most ``s`` of its weights, and the residual ``W - W_mpo`` is magnitude-pruned to the rest of the
@@ -32,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "examples"))
 import stories_compress as sc  # noqa: E402
+from common import args_dict, command_line  # noqa: E402
 from stories_anneal import factor, report, setup  # noqa: E402
 
 import bondgate as bg  # noqa: E402
@@ -94,7 +96,8 @@ def main(argv=None) -> dict:
     for name in pruned["layers"]:
         prune.remove(student.get_submodule(name), "weight")
     nonzero = sum(int(torch.count_nonzero(student.get_submodule(n).weight)) for n in pruned["layers"]) + factored
-    out = {"machine": info, "args": vars(args), "argv": " ".join(sys.argv[1:] if argv is None else argv),
+    out = {"machine": info, "args": args_dict(args), "argv": " ".join(sys.argv[1:] if argv is None else argv),
+           "command": command_line(__file__, argv),
            "dense_ppl": tinystories_perplexity(dense, tok, sample).perplexity, "ppl_before": before,
            "nonzero_block_weights": nonzero, "dense_block_weights": sc.block_weights(dense),
            "steps": res.steps, "best_step": res.best_step,
@@ -105,7 +108,7 @@ def main(argv=None) -> dict:
     body = (f"stories260K, {what}: {nonzero:,} stored block weights of "
             f"{out['dense_block_weights']:,} (sample ppl {before:.3f} before healing), healed "
             f"{'' if args.steps else f'{args.minutes} min on the CPU clock, '}{res.steps} steps (best {res.best_step}):")
-    report(out, "stories_prune_heal.py", body, args.tag)
+    report(out, "stories_prune_heal.py", body, args.tag, args.out)
     return out
 
 

@@ -275,6 +275,27 @@ def test_a_trickling_download_stops_at_the_deadline(tmp_path, monkeypatch, capsy
     assert "bondgate: downloading https://archive.ics.uci.edu" in capsys.readouterr().err
 
 
+def test_a_cut_download_says_so(tmp_path, monkeypatch):
+    # read1 ends a transfer cut short without IncompleteRead: the error blamed the archive ("not a zip file")
+    class Cut:
+        headers = {"Content-Length": "1000"}
+        sent = [b"x" * 400, b""]
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def read1(self, n):
+            return self.sent.pop(0)
+
+    monkeypatch.setattr(bd.urllib.request, "urlopen", lambda url, timeout: Cut())
+    with pytest.raises(OSError, match="cut at 400 of 1,000 bytes; nothing was written"):
+        bd._download(bd.REMOTES[bd.BANK_FILE], tmp_path / "cache" / bd.BANK_FILE)
+    assert not (tmp_path / "cache").exists()
+
+
 def test_real_remote_is_registered():
     r = bd.REMOTES[bd.BANK_FILE]
     assert r.url == "https://archive.ics.uci.edu/static/public/222/bank+marketing.zip"

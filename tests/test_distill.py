@@ -609,6 +609,17 @@ def test_a_mask_that_does_not_fit_the_states_is_refused():
     # states with no token axis (a classifier's logits) are averaged plainly beside a sequence mask
     total, _ = DistillLoss(hidden=0, logits=1.0)({"logits": torch.randn(2, 3)}, {"logits": torch.randn(2, 3)}, good)
     assert math.isfinite(float(total))
+    # pooled states already (B, H) are matched as they are (were broadcast against a (B, H) "mask")
+    ps, pt = torch.randn(2, 8), torch.randn(2, 8)
+    total, _ = DistillLoss(hidden=0, pooled=1.0)({"hidden_states": [ps]}, {"hidden_states": [pt]},
+                                                {"attention_mask": torch.ones(2, 8)})
+    ref = (1 - torch.nn.functional.cosine_similarity(ps, pt, dim=-1)).mean()
+    assert float(total) == pytest.approx(float(ref), rel=1e-5)
+    # a padded position whose teacher logits are all -inf (NaN there) is left out, not spread into the mean
+    zt, zs = torch.randn(2, 4, 5), torch.randn(2, 4, 5)
+    zt[1, 3] = float("-inf")
+    total, _ = DistillLoss(hidden=0, logits=1.0)({"logits": zs}, {"logits": zt}, good)
+    assert math.isfinite(float(total))
 
 
 def test_distill_returns_the_student_in_eval_mode_when_it_stops_on_a_nan():

@@ -406,6 +406,16 @@ def test_compressed_tables_report_the_errors_of_what_they_look_up_and_their_padd
     assert 1e-3 < real < 0.05
     assert row.weight_error == pytest.approx(real, rel=1e-4) and c.emb.error == pytest.approx(real, rel=1e-4)
     assert c.emb.padding_idx == 0 and 0 not in c.emb.kept_ids.tolist() and c.emb.kept_ids.numel() == 4
+    # an MPO table: the fit leaves the padding row non-zero, the lookups return it as zeros
+    full = M(pad_row_zero=True)
+    dense = full.emb.weight.detach().clone()
+    c = bondgate.compress(full, bondgate.CompressionConfig(param_ratio=0.5, embeddings=True, policy="memory"),
+                          calibration=[ids], progress=False)
+    row = next(r for r in c.bondgate_report.layers if r.name == "emb")
+    with torch.no_grad():
+        assert float(c.emb.weight_matrix()[0].norm()) > 1e-3  # the fitted row itself is not zero
+        looked = float((c.emb(torch.arange(1024)) - dense).norm() / dense.norm())
+    assert row.weight_error == pytest.approx(looked, rel=1e-6)
     with pytest.warns(UserWarning, match="padding row \\(0\\) is not zero"):
         c = bondgate.compress(M(pad_row_zero=False), bondgate.CompressionConfig(param_ratio=0.5, embeddings=True, policy="memory"),
                                 progress=False)

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import tensorly as tl
 import torch
@@ -134,6 +135,7 @@ def test_large_primes_are_padded_a_little(n):
 def test_choose_factors_checks_max_pad(max_pad):
     with pytest.raises(ValueError, match="max_pad must be a finite number"):
         choose_factors(997, 2, max_pad=max_pad)
+    assert choose_factors(997, 2, max_pad=np.float32(0.25)) == choose_factors(997, 2)  # any real number
 
 
 def test_factorize_shape_orders_legs():

@@ -184,7 +184,7 @@ def capture_inputs(model: nn.Module, modules: Mapping[str, nn.Module], data: Ite
         def hook(mod, inputs):
             try:
                 on_input(name, mod, _layer_input(mod, inputs).detach(), current.get("batch"))
-            except Exception as exc:  # bondgate's own message (NaN inputs ...): passed on as it is
+            except Exception as exc:  # bondgate's own message (a table's ids out of range ...): passed on as it is
                 current["own"] = exc
                 raise
 
@@ -203,9 +203,10 @@ def capture_inputs(model: nn.Module, modules: Mapping[str, nn.Module], data: Ite
                 try:
                     run_model(model, batch)
                 except (RuntimeError, ValueError) as exc:  # torch's own message names neither the data nor a cause
-                    if exc is current.get("own"):
+                    said = None if exc is current.get("own") else _on_batch(exc, model, batch, k)
+                    if said is None:
                         raise
-                    raise _on_batch(exc, model, batch, k) from exc
+                    raise said from exc
                 if done is not None and done():
                     break
     finally:
@@ -220,20 +221,21 @@ def _tensors(obj) -> list[torch.Tensor]:
     return [t for v in values for t in _tensors(v)]
 
 
-def _on_batch(exc: Exception, model: nn.Module, batch, k: int) -> Exception:
-    """``exc`` (raised by the model on calibration batch ``k``) with the batch's shapes and dtypes, and the likely
-    cause when a floating tensor's dtype is not the model's."""
+def _on_batch(exc: Exception, model: nn.Module, batch, k: int) -> Exception | None:
+    """A ``RuntimeError`` / ``ValueError`` like ``exc`` (raised by the model on calibration batch ``k``) that names
+    the batch's shapes and dtypes, and the likely cause when the error is about dtypes and a floating tensor's dtype
+    is not the model's; ``None`` for a subclass (its constructor may take other arguments: re-raised as it is)."""
+    if type(exc) not in (RuntimeError, ValueError):
+        return None
     tensors = _tensors(batch)
     desc = ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in tensors[:4]) or \
         type(batch).__name__
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
     hint = ""
-    if param is not None and any(t.is_floating_point() and t.dtype != param.dtype for t in tensors):
+    about_dtypes = any(w in str(exc).lower() for w in ("dtype", "scalar type", "should be the same"))
+    if about_dtypes and param is not None and any(t.is_floating_point() and t.dtype != param.dtype for t in tensors):
         hint = f"; the model's weights are {str(param.dtype).removeprefix('torch.')}: cast the calibration data to it"
-    try:
-        return type(exc)(f"the model failed on calibration batch {k} ({desc}){hint}: {exc}")
-    except Exception:  # an exception type with another constructor: as it was
-        return exc
+    return type(exc)(f"the model failed on calibration batch {k} ({desc}){hint}: {exc}")
 
 
 def collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable,

@@ -191,6 +191,9 @@ def _download(remote: _Remote, dest: Path) -> None:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"the transfer took more than {DOWNLOAD_SECONDS} s "
                                        f"({sum(map(len, chunks)):,} bytes); nothing was written")
+            size, got = resp.headers.get("Content-Length"), sum(map(len, chunks))
+            if size is not None and size.isdigit() and got < int(size):  # read1 ends a cut transfer quietly
+                raise ConnectionError(f"the transfer was cut at {got:,} of {int(size):,} bytes; nothing was written")
     except OSError as exc:  # URLError and TimeoutError are OSErrors
         raise OSError(f"could not download {remote.url}: {exc}") from exc
     blob = b"".join(chunks)

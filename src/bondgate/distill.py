@@ -34,10 +34,12 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None, per_token: bool) ->
     if mask is None or not per_token:
         return x.mean()
     _check_mask(mask, x)
-    m = mask.to(x.dtype).reshape(*mask.shape, *([1] * (x.dim() - 2)))
+    m = mask.reshape(*mask.shape, *([1] * (x.dim() - 2))).bool()
     # the count in float32 at least: tokens x hidden passes float16's 65504 in one small batch (0 / inf = NaN)
-    count = mask.sum(dtype=torch.promote_types(x.dtype, torch.float32)) * math.prod(x.shape[2:])
-    return (x * m).sum(dtype=count.dtype) / count.clamp_min(1.0)
+    count = mask.bool().sum(dtype=torch.promote_types(x.dtype, torch.float32)) * math.prod(x.shape[2:])
+    # where, not a product: a padded position's NaN (a teacher row masked to -inf everywhere) stays out
+    return torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(dtype=count.dtype) \
+        / count.clamp_min(1.0)
 
 
 def _check_mask(mask: torch.Tensor, x: torch.Tensor) -> None:
@@ -111,12 +113,16 @@ class DistillLoss:
         if self.pooled > 0:
             hs, ht, mask = _hidden_states(student_out, teacher_out, "pooled", masks)[0]  # an encoder's, if two
             hs, ht = hs[-1], ht[-1]
-            if mask is not None:
-                _check_mask(mask, hs)
-            m = (mask if mask is not None else torch.ones(hs.shape[:2], device=hs.device)).unsqueeze(-1).to(hs.dtype)
-            n = m.sum(1).clamp_min(1.0)
-            ps, pt = (hs * m).sum(1) / n, (ht * m).sum(1) / n
-            rows = m.sum((1, 2)) > 0  # a row with no real token has no embedding to match
+            if hs.dim() == 2:  # pooled already (one vector per row): matched as it is
+                ps, pt, rows = hs, ht, torch.ones(hs.shape[0], dtype=torch.bool, device=hs.device)
+            else:
+                if mask is not None:
+                    _check_mask(mask, hs)
+                m = (mask if mask is not None else torch.ones(hs.shape[:2], device=hs.device)).unsqueeze(-1)
+                m = m.to(hs.dtype)
+                n = m.sum(1).clamp_min(1.0)
+                ps, pt = (hs * m).sum(1) / n, (ht * m).sum(1) / n
+                rows = m.sum((1, 2)) > 0  # a row with no real token has no embedding to match
             terms["pooled"] = (1 - torch.nn.functional.cosine_similarity(ps[rows], pt[rows], dim=-1)).sum() \
                 / rows.sum().clamp_min(1)
         if self.output > 0:

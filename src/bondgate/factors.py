@@ -84,7 +84,7 @@ def choose_factors(n: int, d: int, max_pad: float = 0.25) -> tuple[int, tuple[in
     factor too large for a balanced split.
     """
     n, d = _validate(n, d)
-    if isinstance(max_pad, bool) or not isinstance(max_pad, (int, float)) or not 0 <= max_pad < math.inf:
+    if isinstance(max_pad, bool) or not isinstance(max_pad, numbers.Real) or not 0 <= max_pad < math.inf:
         raise ValueError(f"max_pad must be a finite number >= 0 (the extra size allowed, a fraction of n), got "
                          f"{max_pad!r}")
     f = _balanced(n, d)

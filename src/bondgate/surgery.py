@@ -1048,6 +1048,8 @@ def _build_embedding(model: nn.Module, w: _Work, wid, config: CompressionConfig,
     layer.quantize_(config.quantize)
     with torch.no_grad():  # the errors of the table the lookups use: its dtype's grid, int8 cores and rows included
         W_hat = layer.weight_matrix().to(device=w.W.device, dtype=w.W.dtype)
+        if layer.padding_idx is not None:  # looked up as zeros (the row it replaces is zero)
+            W_hat[layer.padding_idx] = 0
     mpo.error = layer.error = w.weight_error(W_hat)
     w.freeze_like(layer)
     heads = _tied_heads(model, w.module)

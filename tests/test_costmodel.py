@@ -106,7 +106,13 @@ def test_layers_kept_dense_count_in_the_reported_totals(monkeypatch):
     t, td = rep.measured_times()
     assert td == pytest.approx(1e-3 * sum(r.out_features * r.in_features for r in rep.layers))
     assert t == pytest.approx(sum(r.time_us for r in rep.layers))
-    assert rep.table().splitlines()[-1].endswith(f"= {t / td:.2f}x of dense |")
+    assert rep.table().splitlines()[-1].endswith(f"= {t / td:.2f}x of dense (timed layers) |")
+    # policy "memory": predicted at the MPO's own time, as the budget priced it (was the smaller of it and dense's)
+    rows = cfg.deploy_rows
+    for r in rep.compressed:
+        mpo_us = 1e6 * mpo_flops(r.out_factors, r.in_factors, r.bond_dims, rows) / (2.0 * rows / 1e-9)
+        assert r.time_pred_us == pytest.approx(mpo_us, rel=1e-9)
+    assert any(r.time_pred_us > 1e-3 * r.out_features * r.in_features for r in rep.compressed)  # dearer than dense
 
 
 def test_allocator_respects_both_budgets_and_trades_error_for_cost():
@@ -128,6 +134,13 @@ def test_allocator_respects_both_budgets_and_trades_error_for_cost():
     assert costly[0] > costly[1]  # the cheap layer got the weights
     with pytest.raises(ValueError, match="below the cheapest"):
         allocate(menus, budget, cost_budget=1.0)
+    # through compress, the config field and the least ratio these layers reach (was raw FLOPs / seconds)
+    model = nn.Sequential(nn.Linear(384, 384), nn.ReLU(), nn.Linear(384, 1536))
+    least = 2 * 1 * (384 + 384) + 2 * 1 * (384 + 1536)  # rank 1 at one row, over the dense FLOPs
+    with pytest.raises(ValueError, match=r"flops_ratio=0.001 is out of reach: .*\(kinds=\['lowrank'\]\) take "
+                                         f"{least / (2 * (384 * 384 + 384 * 1536)):.3g} of the dense layers' FLOPs"):
+        compress(model, CompressionConfig(param_ratio=0.5, flops_ratio=0.001, kinds=("lowrank",), deploy_rows=1),
+                 progress=False)
 
 
 def test_auto_policy_keeps_the_dense_weight_where_the_mpo_costs_more():
@@ -280,3 +293,30 @@ def test_one_stalled_call_does_not_leave_every_timing_sample_one_call(monkeypatc
     seconds = costmodel._median_seconds(fn, lambda: None, min_time=0.02, rounds=5)
     assert seconds == pytest.approx(1e-5)
     assert clock["calls"] > 5 * 1000  # ~2,000 calls per sample, not 1
+
+
+def test_timings_follow_the_thread_count_and_clear_with_the_plans(monkeypatch):
+    # the cost model's cached timings had no thread count in their key and survived clear_plan_cache, which README
+    # recommends after changing thread counts: compress's time budget and policy="auto" read the old ones
+    from bondgate import costmodel
+
+    calls = []
+    monkeypatch.setattr(costmodel, "_median_seconds", lambda fn, sync, *a, **k: calls.append(1) or 1e-3)
+    costmodel.clear_timings()
+    threads = torch.get_num_threads()
+    try:
+        costmodel.calibrate_dense(32, 32, 4)
+        costmodel.calibrate_dense(32, 32, 4)
+        assert len(calls) == 1  # cached
+        torch.set_num_threads(1 if threads > 1 else 2)
+        costmodel.calibrate_dense(32, 32, 4)
+        assert len(calls) == 2  # another thread count: measured again
+        torch.set_num_threads(threads)
+        costmodel.calibrate_dense(32, 32, 4)
+        assert len(calls) == 2
+        bondgate.clear_plan_cache()
+        costmodel.calibrate_dense(32, 32, 4)
+        assert len(calls) == 3  # cleared with the plans
+    finally:
+        torch.set_num_threads(threads)
+        costmodel.clear_timings()

@@ -124,11 +124,17 @@ def _fit(points: list[tuple[int, float]]) -> tuple[float, float]:
     return 0.0, f1 / max(t1, 1e-9)  # noise made the line fall: no overhead, the larger point's throughput
 
 
-@functools.lru_cache(maxsize=256)
 def calibrate_dense(out_features: int, in_features: int, rows: int, dtype: torch.dtype = torch.float32,
                     device: torch.device | str = "cpu") -> float:
-    """Median seconds of a dense layer's call (``F.linear``) of ``rows`` rows (cached per shape)."""
-    device = torch.device(device)
+    """Median seconds of a dense layer's call (``F.linear``) of ``rows`` rows (cached per shape, dtype, device and
+    torch's thread count)."""
+    return _calibrate_dense(int(out_features), int(in_features), int(rows), dtype, torch.device(device),
+                            torch.get_num_threads())
+
+
+@functools.lru_cache(maxsize=256)
+def _calibrate_dense(out_features: int, in_features: int, rows: int, dtype: torch.dtype, device: torch.device,
+                     threads: int) -> float:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(rows, in_features, generator=gen).to(device=device, dtype=dtype)
@@ -139,7 +145,8 @@ def calibrate_dense(out_features: int, in_features: int, rows: int, dtype: torch
 
 @functools.lru_cache(maxsize=256)
 def _calibrate(out_features: int, in_features: int, out_f: tuple[int, ...], in_f: tuple[int, ...],
-               full_widths: tuple[int, ...], rows: int, dtype: torch.dtype, device: torch.device) -> KindTimes:
+               full_widths: tuple[int, ...], rows: int, dtype: torch.dtype, device: torch.device,
+               threads: int) -> KindTimes:
     from .layer import MPOLinear
     from .lowrank import LowRankLinear
     from .mpo import MPO
@@ -168,6 +175,13 @@ def _calibrate(out_features: int, in_features: int, out_f: tuple[int, ...], in_f
 def calibrate(out_features: int, in_features: int, out_f: Sequence[int], in_f: Sequence[int],
               full_widths: Sequence[int], rows: int, dtype: torch.dtype = torch.float32,
               device: torch.device | str = "cpu") -> KindTimes:
-    """The fitted :class:`KindTimes` of a layer shape (cached per shape, row count, dtype and device)."""
+    """The fitted :class:`KindTimes` of a layer shape (cached per shape, row count, dtype, device and torch's thread
+    count)."""
     return _calibrate(int(out_features), int(in_features), tuple(out_f), tuple(in_f), tuple(full_widths),
-                      int(rows), dtype, torch.device(device))
+                      int(rows), dtype, torch.device(device), torch.get_num_threads())
+
+
+def clear_timings() -> None:
+    """Forget the cached timings (:func:`calibrate`, :func:`calibrate_dense`): the next call measures again."""
+    _calibrate.cache_clear()
+    _calibrate_dense.cache_clear()

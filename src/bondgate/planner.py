@@ -696,11 +696,14 @@ def get_plan(
 
 def clear_plan_cache() -> None:
     """Forget every cached plan (e.g. after changing thread counts), the layers' own tables included: each layer
-    plans again at its next call (its pinned plans, from a checkpoint, stay pinned)."""
+    plans again at its next call (its pinned plans, from a checkpoint, stay pinned); and the cost model's timings,
+    which ``compress``'s time budgets and ``policy="auto"`` read."""
+    from .costmodel import clear_timings
     from .layer import forget_layer_plans  # layer.py builds on this module
 
     _PLAN_CACHE.clear()
     forget_layer_plans()
+    clear_timings()
 
 
 def plan_cache_info() -> dict:

@@ -109,9 +109,12 @@ class CompressionConfig:
         policy: the new MPO layers' kernels: ``"memory"`` (never keep a dense weight), ``"speed"`` (keep it where
             that is faster), or ``"auto"`` (default): speed for the layers whose factored plans (autotuned) are slower
             than the dense layer at 1 or ``deploy_rows`` rows, memory for the others (a compressed table's tied MPO
-            head is judged the same way) — so the compressed layers are not slower than the dense ones (a table's
-            lookup costs more than ``nn.Embedding``'s: see ``embeddings``); the report says which each layer got
-            (and the µs the decision saw).
+            head is judged the same way) — so at those row counts the compressed layers' kernels are not slower than
+            the dense ones'. What that leaves: each MPO layer call adds ~2-3 µs of Python to its kernel (on a CPU,
+            1.1-1.15x ``nn.Linear``'s time for a 384-wide layer at one row, 1.4x for a 64-wide one; within noise from
+            32 rows up at 384 wide); a memory-mode layer can be slower at row counts it was not judged at; a table's
+            lookup costs more than ``nn.Embedding``'s (see ``embeddings``). The report says which policy each layer
+            got, and the kernel µs the decision saw.
         max_calibration_rows: stop the statistics pass once every layer has seen this many rows. The calibration
             iterable itself is read in full (and held, since later passes re-read it): pass a finite, sized one.
         quantize: ``None`` (default) or ``"int8"``: every new MPO layer is quantized (per-channel int8 cores,
@@ -289,8 +292,11 @@ class LayerReport:
     rank: int | None = None  # low-rank layers
     policy: str | None = None  # the MPO layer's kernel policy ("memory" | "speed")
     time_pred_us: float | None = None  # predicted time per call at the report's rows (with a time budget)
-    time_us: float | None = None  # measured at the plan's rows: the smallest count of deploy_rows' power-of-two bucket
-    time_dense_us: float | None = None  # the dense layer, measured the same way
+    # measured at the plan's rows (the smallest count of deploy_rows' power-of-two bucket): with a time or FLOP budget,
+    # the layer's call; under policy "auto" otherwise, the kernel the decision saw (the memory plan's autotuned time,
+    # or in speed mode the faster of it and F.linear's), without the layer's ~2-3 µs of Python per call
+    time_us: float | None = None
+    time_dense_us: float | None = None  # F.linear of the dense weight, timed the same way
     quant: str | None = None  # the MPO cores' quantization ("int8"), None for full precision
 
 
@@ -321,8 +327,9 @@ class CompressionReport:
         return self.params_after / self.params_before if self.params_before else 1.0
 
     def measured_times(self) -> tuple[float, float]:
-        """Summed measured µs per call of the timed layers (layers kept dense included, at their dense time) and of
-        their dense originals."""
+        """Summed measured µs per call of the timed layers and of their dense originals (layers kept dense count at
+        their dense time when a time or FLOP budget timed them; without one they have no time, and the sums cover the
+        compressed layers only)."""
         meas = [r for r in self.layers if r.time_us is not None and r.time_dense_us is not None]
         return sum(r.time_us for r in meas), sum(r.time_dense_us for r in meas)
 
@@ -371,7 +378,7 @@ class CompressionReport:
         total = f"| **total** | | | | | {self.params_before:,} -> {self.params_after:,} | {kept} | | | |"
         if timed:
             t, td = self.measured_times()
-            total += f" | {us(t)} / {us(td)} = {t / max(td, 1e-9):.2f}x of dense |"
+            total += f" | {us(t)} / {us(td)} = {t / max(td, 1e-9):.2f}x of dense (timed layers) |"
         rows.append(total)
         return "\n".join(rows)
 
@@ -773,6 +780,13 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
                     cost_budget = cost[1] * sum(m.costs[0] for m in gm)  # entry 0 of every menu: stay dense
                     if cost_budget <= 0:
                         raise ValueError("a time or FLOP budget needs linear layers among the targets")
+                    least = sum(min(m.costs) for m in gm) / sum(m.costs[0] for m in gm)
+                    if least > cost[1]:
+                        what = ("max_latency_ratio", "time") if cost[0] == "time" else ("flops_ratio", "FLOPs")
+                        raise ValueError(f"{what[0]}={cost[1]:g} is out of reach: the cheapest forms of these layers "
+                                         f"(kinds={list(config.forms)}) take {least:.3g} of the dense layers' "
+                                         f"{what[1]} at deploy_rows={config.deploy_rows}; give at least that, or "
+                                         f"more kinds")
                 for w, wid in zip(group, allocate(gm, group_budget(group, ratio), cost_budget)):
                     widths[w.name] = list(wid) if isinstance(wid, tuple) else wid
         else:
@@ -860,8 +874,10 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
             row.time_dense_us = calibrate_dense(*w.W.shape, config.deploy_rows, ref.dtype, ref.device) * 1e6
             if w.name in times:
                 t = times[w.name]
+                # as the budget priced it (_price): under policy "memory" an MPO has no dense weight to fall back on
                 row.time_pred_us = 1e6 * (t.lowrank_s(*w.W.shape, wid) if isinstance(wid, int) else
-                                          min(t.mpo_s(w.out_f, w.in_f, wid), t.dense_s))
+                                          min(t.mpo_s(w.out_f, w.in_f, wid), t.dense_s)
+                                          if config.policy != "memory" else t.mpo_s(w.out_f, w.in_f, wid))
         swap_module(model, w.module, names, layer)
         row.aliases = names[id(w.module)][1:]
         report.layers.append(row)

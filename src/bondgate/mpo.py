@@ -100,6 +100,9 @@ class MPO:
             from (exact when ``error_exact``; otherwise an upper bound).
         bond_spectra: per bond, the Schmidt (singular) values of the MPO across that cut, descending,
             when the MPO is in canonical form; ``None`` otherwise.
+        source_norm: ``||W||_F`` of that matrix while the MPO is an orthogonal projection of it (TT-SVD by
+            :meth:`from_matrix` in 32 or 64 bits, and truncations since), else ``None``; :meth:`truncate` then
+            reports the error against ``W`` from the norms alone.
     """
 
     cores: list[torch.Tensor]
@@ -108,6 +111,7 @@ class MPO:
     error: float = 0.0
     error_exact: bool = True
     bond_spectra: list[torch.Tensor] | None = field(default=None, repr=False)
+    source_norm: float | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.cores:
@@ -244,6 +248,8 @@ class MPO:
         if torch.finfo(W.dtype).bits < 32 and w_norm > 0:  # the rounding of 16-bit cores is part of the error
             diff = MPO([c.to(torch.float64) for c in mpo.cores], N, M).to_matrix() - A[:N, :M]
             mpo.error = float(torch.linalg.norm(diff)) / w_norm
+        elif w_norm > 0:  # (16-bit cores are no longer a projection of W)
+            mpo.source_norm = w_norm
         return mpo
 
     @classmethod
@@ -320,15 +326,25 @@ class MPO:
         """A smaller MPO: bond caps and/or a relative tolerance on this MPO's own matrix.
 
         Truncation happens in a canonical sweep, so the discarded Schmidt mass is exactly the error
-        against this MPO. ``error`` of the result is against the original matrix: exact if this MPO
-        was exact, otherwise the triangle-inequality bound. ``right_orthogonal``: the output of
-        :meth:`right_orthogonal_cores`, when truncating the same MPO many times.
+        against this MPO. ``error`` of the result is against the original matrix ``W``: exact when this MPO
+        reproduces ``W`` exactly; for a TT-SVD projection of ``W`` (``source_norm`` known) the result is one too,
+        so ``||W - W'||^2 = ||W||^2 - ||W'||^2`` (exact without padding; with padding an upper bound, the sliced-off
+        block's part counted); otherwise the triangle-inequality bound ``error + rel`` (``rel``: the cut's error
+        against this MPO), which holds while this MPO's norm is at most ``W``'s and may exceed 1.
+        ``right_orthogonal``: the output of :meth:`right_orthogonal_cores`, when truncating the same MPO many times.
         """
         _check_tol(tol)
         caps = _bond_caps(max_bond, self.num_cores - 1)
         out, rel = self._sweep(caps=caps, tol=tol, right_orthogonal=right_orthogonal)
-        out.error = self.error + rel if self.error > 0 else rel
-        out.error_exact = self.error == 0 and self.error_exact
+        if self.source_norm and self.error == self.error:  # a projection of W, projected again: nested, one projection
+            kept_sq = float(out.cores[-1].to(torch.float64).square().sum())  # the others are left-orthonormal
+            out.error = math.sqrt(max(0.0, 1.0 - kept_sq / self.source_norm**2))
+            out.error_exact = self.error_exact and (self.padded_out, self.padded_in) == (self.out_features,
+                                                                                      self.in_features)
+            out.source_norm = self.source_norm
+        else:
+            out.error = self.error + rel if self.error > 0 else rel
+            out.error_exact = self.error == 0 and self.error_exact
         return out
 
     def right_orthogonal_cores(self) -> list[torch.Tensor]:
@@ -367,6 +383,7 @@ class MPO:
             error=self.error,
             error_exact=self.error_exact,
             bond_spectra=spectra,
+            source_norm=self.source_norm,  # the same matrix when nothing is cut (truncate sets its own)
         )
         rel = math.sqrt(discarded_sq / norm_sq) if norm_sq > 0 else 0.0
         return out, rel
@@ -396,11 +413,8 @@ class MPO:
         return min_flops(self.out_factors, self.in_factors, self.bond_dims, batch)
 
     def to(self, *args, **kwargs) -> "MPO":
-        return MPO(
-            [c.to(*args, **kwargs) for c in self.cores],
-            self.out_features,
-            self.in_features,
-            self.error,
-            self.error_exact,
-            self.bond_spectra,
-        )
+        """The same MPO with every core ``.to(*args, **kwargs)`` (a dtype, a device)."""
+        cores = [c.to(*args, **kwargs) for c in self.cores]
+        projection = all(c.dtype in (torch.float32, torch.float64) for c in cores)  # 16 bits: rounded
+        return MPO(cores, self.out_features, self.in_features, self.error, self.error_exact, self.bond_spectra,
+                   self.source_norm if projection else None)

@@ -230,3 +230,15 @@ def test_a_warning_under_python_dash_c_is_a_warning():
     out = subprocess.run([sys.executable, "-c", "from bondgate._warn import warn_user; warn_user('careful'); print('ok')"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok" and "UserWarning: careful" in out.stderr, out.stderr
+
+
+def test_a_path_for_a_model_or_a_name_for_a_loss_is_refused_clearly():
+    # compress("model", ...) was "'str' object has no attribute 'named_modules'"; distill(loss="mse") was
+    # "'str' object is not callable" from inside the training loop
+    import bondgate
+
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str"):
+        bondgate.compress("model", bondgate.CompressionConfig(param_ratio=0.5))
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    with pytest.raises(TypeError, match="loss must be a DistillLoss or a callable"):
+        bondgate.distill(net, net, [torch.randn(4, 8)], loss="mse", steps=1, progress=False)

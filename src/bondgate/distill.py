@@ -365,6 +365,9 @@ def distill(
     threads = max(torch.get_num_threads(), 1)
     clock = time.perf_counter if budget_clock == "wall" else (lambda: time.process_time() / threads)
     loss = loss or DistillLoss()
+    if not callable(loss):
+        raise TypeError(f"loss must be a DistillLoss or a callable (student_out, teacher_out, batch) -> (total, "
+                        f"{{term: float}}), got {loss!r}")
     if sandwich:
         _check_sandwich(student)
     want_hidden = isinstance(loss, DistillLoss) and loss.wants_hidden()

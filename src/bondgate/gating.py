@@ -902,7 +902,10 @@ def gate(model: nn.Module, config: GatingConfig) -> nn.Module:
     The controllers start untrained (preferring wide levels); train them with :func:`set_mode`
     ``"nested"`` then ``"gate"`` and :func:`bondgate.distill` (``controller="linear"``) or fit them with
     :func:`fit_controllers` (``controller="error"``), then call :func:`set_budget`. Gating an already
-    gated model replaces its controllers and levels and keeps the (e.g. nested-trained) cores.
+    gated model replaces its controllers and levels and keeps the (e.g. nested-trained) cores; its prices,
+    tracker and ``max_groups`` start afresh (call :func:`set_budget` again). For exactly the full width use
+    ``set_mode(model, "full")``: a budget of 1.0 also pays for the controllers, so a few rows take narrower levels.
+    A gated layer goes back to a plain one with ``MPOLinear.from_mpo(layer.to_mpo(), layer.bias)``.
     """
     if not isinstance(config, GatingConfig):
         raise TypeError(f"config must be a GatingConfig, got {type(config).__name__}")
@@ -1005,6 +1008,42 @@ def _flops_at(layers, scores, lam: float | None = None) -> float:
             used += float(m.rel_cost[lv].sum()) * m.full_cost + m.controller_cost * s.shape[0]
             full += m.full_cost * s.shape[0]
     return used / full
+
+
+def _measured_flops(model: nn.Module, layers, data: list, max_groups: int | None) -> float:
+    """The FLOPs fraction ``layers`` spend on ``data`` at their current prices (one scoring pass)."""
+    scores = _collect_scores(model, data)
+    if max_groups is None:
+        scores = {n: [torch.cat(v)] for n, v in scores.items()}
+    return _flops_at(layers, scores)
+
+
+def _search_shared_price(model: nn.Module, layers, data: list, max_groups: int | None, budget: float, lam: float,
+                         spent: float, steps: int = 12) -> tuple[float, float]:
+    """``(price, fraction)``: the shared price whose measured fraction on ``data`` is closest to ``budget`` among
+    those a bracket-and-bisect search visits (the fraction falls as the price rises), starting from ``lam`` which
+    spends ``spent``; one scoring pass per price tried."""
+    def at(price: float) -> float:
+        for _, m in layers:
+            m._buffer("budget_lambda").fill_(price)
+        return _measured_flops(model, layers, data, max_groups)
+
+    tried = [(lam, spent)]
+    over = spent > budget  # the price must rise
+    step = max(abs(lam), 0.1) * 0.25
+    other = lam
+    while abs(other) < PRICE_BOUND:  # bracket: a price on the other side of the budget
+        other = min(max(other + (step if over else -step), -PRICE_BOUND), PRICE_BOUND)
+        tried.append((other, at(other)))
+        if (tried[-1][1] > budget) != over:
+            break
+        step *= 2
+    lo, hi = (lam, other) if over else (other, lam)  # at(lo) > budget >= at(hi), if bracketed
+    for _ in range(steps if (tried[-1][1] > budget) != over else 0):
+        mid = 0.5 * (lo + hi)
+        tried.append((mid, at(mid)))
+        lo, hi = (mid, hi) if tried[-1][1] > budget else (lo, mid)
+    return min(tried, key=lambda t: abs(t[1] - budget))
 
 
 def _calibrate_lambda(layers, scores, budget: float) -> float:
@@ -1152,10 +1191,15 @@ def _set_budget(model, layers, budget, data, per_layer, rounds, max_groups, cost
                 m.budget = float(budget)
     predicted = _flops_at(layers, scores)  # on the scores the last round priced
     # the last round priced scores taken at the previous round's prices: measure at the final ones
-    scores = _collect_scores(model, data)
-    if max_groups is None:
-        scores = {n: [torch.cat(v)] for n, v in scores.items()}
-    achieved = _flops_at(layers, scores)
+    achieved = _measured_flops(model, layers, data, max_groups)
+    if not per_layer and abs(achieved - budget) > 0.02 * budget:
+        # the score-then-price iteration need not settle (each layer's scores follow the widths before it, and
+        # max_groups moves whole calls between levels): search the shared price on measured passes instead
+        lam, achieved = _search_shared_price(model, layers, data, max_groups, budget,
+                                             float(layers[0][1].budget_lambda), achieved)
+        for _, m in layers:
+            m._buffer("budget_lambda").fill_(lam)
+        predicted = achieved  # what the search could reach: off the budget only where no price comes closer
     if track > 0:
         for group in [[m] for _, m in layers] if per_layer else [[m for _, m in layers]]:
             scale = max(abs(float(group[0].budget_lambda)), 1e-6)  # steps relative to the calibrated price

@@ -636,6 +636,9 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable 
     (``lstm.ih_l0``, ``lstm.hh_l0`` ...) are compressed like any linear layer; one whose matrices all stay dense
     is given back as torch's module (its rows then read ``lstm.weight_ih_l0`` ...).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__} (load it first, e.g. with "
+                        f"transformers' from_pretrained; the CLI's `bondgate compress` takes a path)")
     if not isinstance(config, CompressionConfig):
         raise TypeError(f"config must be a CompressionConfig, got {type(config).__name__}")
     if isinstance(model, (nn.Linear, nn.Embedding)) or is_conv1d(model):  # (a bare LSTM: a warning names the way)

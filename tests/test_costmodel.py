@@ -137,10 +137,16 @@ def test_allocator_respects_both_budgets_and_trades_error_for_cost():
     # through compress, the config field and the least ratio these layers reach (was raw FLOPs / seconds)
     model = nn.Sequential(nn.Linear(384, 384), nn.ReLU(), nn.Linear(384, 1536))
     least = 2 * 1 * (384 + 384) + 2 * 1 * (384 + 1536)  # rank 1 at one row, over the dense FLOPs
+    frac = least / (2 * (384 * 384 + 384 * 1536))
+    up = math.ceil(frac * 10 ** (2 - math.floor(math.log10(frac)))) / 10 ** (2 - math.floor(math.log10(frac)))
+    assert up >= frac  # the figure to give is rounded up, so that giving it works
     with pytest.raises(ValueError, match=r"flops_ratio=0.001 is out of reach: .*\(kinds=\['lowrank'\]\) take "
-                                         f"{least / (2 * (384 * 384 + 384 * 1536)):.3g} of the dense layers' FLOPs"):
+                                         f"{frac:.4g} of the dense layers' FLOPs at deploy_rows=1; give at least "
+                                         f"{up:g}, or more kinds"):
         compress(model, CompressionConfig(param_ratio=0.5, flops_ratio=0.001, kinds=("lowrank",), deploy_rows=1),
                  progress=False)
+    compress(model, CompressionConfig(param_ratio=0.5, flops_ratio=up, kinds=("lowrank",), deploy_rows=1),
+             progress=False)
 
 
 def test_auto_policy_keeps_the_dense_weight_where_the_mpo_costs_more():

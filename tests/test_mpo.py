@@ -202,3 +202,26 @@ def test_truncating_a_truncated_mpo_reports_its_error_against_the_matrix(shape):
     t = bare.truncate(max_bond=2)
     rel = float((t.to_tensor() - m.to_tensor()).norm() / m.to_tensor().norm())  # on the padded operator
     assert t.error == pytest.approx(m.error + rel) and not t.error_exact
+
+
+def test_cut_errors_of_an_mpo_that_has_its_own_error_and_of_float32_cores():
+    # the menus subtracted two errors that now add in squares (37.1 for a cut of 125.9); float32 cores reported a
+    # ~1e-4 error floor, flagged exact, from 1 - ||W'||^2 / ||W||^2
+    from bondgate.allocation import tolerance_menu
+
+    torch.manual_seed(0)
+    W = torch.randn(64, 96, dtype=torch.float64)
+    m = MPO.from_matrix(W, num_cores=3, tol=0.3)
+    assert m.error > 0.2
+    menu = tolerance_menu(m, W.numel())
+    for widths, err in zip(menu.widths[1:], menu.errors[1:]):
+        cut = m.truncate(max_bond=list(widths))
+        true = float((m.to_matrix() - cut.to_matrix()).square().sum())
+        assert err == pytest.approx(true, rel=1e-6, abs=1e-10 * float(W.square().sum()))  # (float64 rounding)
+    f = torch.randn(64, 64)
+    m32 = MPO.from_matrix(f, num_cores=3)
+    assert m32.truncate(max_bond=1000).error == m32.error == 0.0
+    for cut in ({"tol": 3e-3}, {"max_bond": 12}):
+        t = m32.truncate(**cut)
+        measured = float((t.to_matrix().double() - f.double()).norm() / f.double().norm())
+        assert abs(t.error - measured) < 1e-6  # no cancellation floor (the old form: ~1e-4)

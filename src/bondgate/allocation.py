@@ -101,19 +101,17 @@ def tolerance_menu(mpo, dense_params: int, grid: Sequence[float] | None = None) 
     allocator could pick them freely).
     """
     grid = grid if grid is not None else [float(t) for t in torch.logspace(-3, math.log10(0.995), 40)]
-    # Schmidt values across any cut of a canonical MPO hold its whole squared norm
     spectra = mpo.bond_spectra or []
-    norm_sq = float((spectra[0].double() ** 2).sum()) if spectra else float((mpo.to_matrix().double() ** 2).sum())
     params, errors, widths, last = [dense_params], [0.0], [None], [False]
     seen = set()
     rc = mpo.right_orthogonal_cores()
-    cuts = [(mpo.truncate(tol=t, right_orthogonal=rc), False) for t in grid]
-    for cut, resort in (*cuts, (mpo.truncate(max_bond=1, right_orthogonal=rc), True)):
+    cuts = [(*mpo.cut(tol=t, right_orthogonal=rc), False) for t in grid]
+    for cut, dropped_sq, resort in (*cuts, (*mpo.cut(max_bond=1, right_orthogonal=rc), True)):
         if cut.bond_dims in seen:
             continue
         seen.add(cut.bond_dims)
         params.append(cut.num_params)
-        errors.append(max(cut.error - mpo.error, 0.0) ** 2 * norm_sq)  # cut.error adds this MPO's own
+        errors.append(dropped_sq)  # against this MPO (not cut.error, which is against the matrix it came from)
         widths.append(cut.bond_dims)
         last.append(resort)
     legs = [o * i for o, i in zip(mpo.out_factors, mpo.in_factors)]

@@ -1029,19 +1029,23 @@ def _search_shared_price(model: nn.Module, layers, data: list, max_groups: int |
         return _measured_flops(model, layers, data, max_groups)
 
     tried = [(lam, spent)]
+    close = (lambda f: abs(f - budget) <= 0.02 * budget)  # set_budget's own tolerance: stop there
     over = spent > budget  # the price must rise
     step = max(abs(lam), 0.1) * 0.25
     other = lam
-    while abs(other) < PRICE_BOUND:  # bracket: a price on the other side of the budget
+    while (other < PRICE_BOUND) if over else (other > -PRICE_BOUND):  # bracket: a price past the budget
         other = min(max(other + (step if over else -step), -PRICE_BOUND), PRICE_BOUND)
         tried.append((other, at(other)))
-        if (tried[-1][1] > budget) != over:
+        if (tried[-1][1] > budget) != over or close(tried[-1][1]):
             break
         step *= 2
     lo, hi = (lam, other) if over else (other, lam)  # at(lo) > budget >= at(hi), if bracketed
-    for _ in range(steps if (tried[-1][1] > budget) != over else 0):
+    bracketed = (tried[-1][1] > budget) != over
+    for _ in range(steps if bracketed and not close(tried[-1][1]) else 0):
         mid = 0.5 * (lo + hi)
         tried.append((mid, at(mid)))
+        if close(tried[-1][1]):
+            break
         lo, hi = (mid, hi) if tried[-1][1] > budget else (lo, mid)
     return min(tried, key=lambda t: abs(t[1] - budget))
 

@@ -328,24 +328,34 @@ class MPO:
         Truncation happens in a canonical sweep, so the discarded Schmidt mass is exactly the error
         against this MPO. ``error`` of the result is against the original matrix ``W``: exact when this MPO
         reproduces ``W`` exactly; for a TT-SVD projection of ``W`` (``source_norm`` known) the result is one too,
-        so ``||W - W'||^2 = ||W||^2 - ||W'||^2`` (exact without padding; with padding an upper bound, the sliced-off
-        block's part counted); otherwise the triangle-inequality bound ``error + rel`` (``rel``: the cut's error
-        against this MPO), which holds while this MPO's norm is at most ``W``'s and may exceed 1.
-        ``right_orthogonal``: the output of :meth:`right_orthogonal_cores`, when truncating the same MPO many times.
+        and the two errors add in squares (exact without padding; with padding an upper bound); otherwise the
+        triangle-inequality bound ``error + rel`` (``rel``: the cut's error against this MPO), which holds while
+        this MPO's norm is at most ``W``'s and may exceed 1. ``right_orthogonal``: the output of
+        :meth:`right_orthogonal_cores`, when truncating the same MPO many times.
         """
+        return self.cut(max_bond, tol, right_orthogonal)[0]
+
+    def cut(self, max_bond: BondSpec = None, tol: float | None = None,
+            right_orthogonal: list[torch.Tensor] | None = None) -> tuple["MPO", float]:
+        """``(truncate(...), d)`` with ``d`` the squared Frobenius norm of what the cut drops from this MPO's
+        matrix (exactly the discarded Schmidt mass, in this MPO's own units)."""
         _check_tol(tol)
         caps = _bond_caps(max_bond, self.num_cores - 1)
-        out, rel = self._sweep(caps=caps, tol=tol, right_orthogonal=right_orthogonal)
+        out, rel, norm_sq = self._sweep(caps=caps, tol=tol, right_orthogonal=right_orthogonal)
         if self.source_norm and self.error == self.error:  # a projection of W, projected again: nested, one projection
-            kept_sq = float(out.cores[-1].to(torch.float64).square().sum())  # the others are left-orthonormal
-            out.error = math.sqrt(max(0.0, 1.0 - kept_sq / self.source_norm**2))
-            out.error_exact = self.error_exact and (self.padded_out, self.padded_in) == (self.out_features,
-                                                                                      self.in_features)
+            cut_sq = rel * rel * norm_sq / self.source_norm**2  # what this cut drops, relative to ||W||^2
+            if (self.padded_out, self.padded_in) == (self.out_features, self.in_features):
+                # the two errors are orthogonal: summed in squares (not 1 - ||W'||^2/||W||^2, which cancels)
+                out.error, out.error_exact = math.sqrt(self.error**2 + cut_sq), self.error_exact
+            else:  # the padded operator's error bounds the sliced one's; the triangle inequality too: the smaller
+                padded = math.sqrt(max(0.0, 1.0 - norm_sq / self.source_norm**2 + cut_sq))
+                out.error = min(padded, self.error + math.sqrt(cut_sq))
+                out.error_exact = self.error_exact and cut_sq == 0.0
             out.source_norm = self.source_norm
         else:
             out.error = self.error + rel if self.error > 0 else rel
             out.error_exact = self.error == 0 and self.error_exact
-        return out
+        return out, rel * rel * norm_sq
 
     def right_orthogonal_cores(self) -> list[torch.Tensor]:
         """float64 cores of the same operator with cores ``2..d`` right-orthogonal (the norm in core 1)."""
@@ -358,9 +368,10 @@ class MPO:
         return cores
 
     def _sweep(self, caps: list[int | None], tol: float | None,
-               right_orthogonal: list[torch.Tensor] | None = None) -> tuple["MPO", float]:
+               right_orthogonal: list[torch.Tensor] | None = None) -> tuple["MPO", float, float]:
         """Left-to-right SVD sweep (truncating by ``caps``/``tol``) over right-orthogonal cores, which
-        may be passed in to truncate one MPO many ways without redoing the QR sweep."""
+        may be passed in to truncate one MPO many ways without redoing the QR sweep. Returns ``(mpo, rel,
+        norm_sq)``: the cut's relative error against this MPO, and this MPO's squared norm."""
         cores = list(right_orthogonal) if right_orthogonal is not None else self.right_orthogonal_cores()
         d = len(cores)
         norm_sq = float((cores[0] ** 2).sum())
@@ -386,7 +397,7 @@ class MPO:
             source_norm=self.source_norm,  # the same matrix when nothing is cut (truncate sets its own)
         )
         rel = math.sqrt(discarded_sq / norm_sq) if norm_sq > 0 else 0.0
-        return out, rel
+        return out, rel, norm_sq
 
     def slice_bonds(self, widths: Sequence[int]) -> "MPO":
         """Keep the first ``widths[k]`` channels of every bond ``k`` (a view, no copy)."""

@@ -786,10 +786,11 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
                     least = sum(min(m.costs) for m in gm) / sum(m.costs[0] for m in gm)
                     if least > cost[1]:
                         what = ("max_latency_ratio", "time") if cost[0] == "time" else ("flops_ratio", "FLOPs")
+                        digits = 2 - math.floor(math.log10(least))  # three significant digits, rounded up
                         raise ValueError(f"{what[0]}={cost[1]:g} is out of reach: the cheapest forms of these layers "
-                                         f"(kinds={list(config.forms)}) take {least:.3g} of the dense layers' "
-                                         f"{what[1]} at deploy_rows={config.deploy_rows}; give at least that, or "
-                                         f"more kinds")
+                                         f"(kinds={list(config.forms)}) take {least:.4g} of the dense layers' "
+                                         f"{what[1]} at deploy_rows={config.deploy_rows}; give at least "
+                                         f"{math.ceil(least * 10**digits) / 10**digits:g}, or more kinds")
                 for w, wid in zip(group, allocate(gm, group_budget(group, ratio), cost_budget)):
                     widths[w.name] = list(wid) if isinstance(wid, tuple) else wid
         else:

@@ -1012,10 +1012,13 @@ def _flops_at(layers, scores, lam: float | None = None) -> float:
 
 def _measured_flops(model: nn.Module, layers, data: list, max_groups: int | None) -> float:
     """The FLOPs fraction ``layers`` spend on ``data`` at their current prices (one scoring pass)."""
-    scores = _collect_scores(model, data)
-    if max_groups is None:
-        scores = {n: [torch.cat(v)] for n, v in scores.items()}
-    return _flops_at(layers, scores)
+    return _flops_at(layers, _as_calls(_collect_scores(model, data), max_groups))
+
+
+def _as_calls(scores: dict[str, list[torch.Tensor]], max_groups: int | None) -> dict[str, list[torch.Tensor]]:
+    """The scores grouped as routing sees them: per call under ``max_groups``, else all rows as one (calls need not
+    be kept apart)."""
+    return scores if max_groups is not None else {n: [torch.cat(v)] for n, v in scores.items()}
 
 
 def _search_shared_price(model: nn.Module, layers, data: list, max_groups: int | None, budget: float, lam: float,
@@ -1185,8 +1188,7 @@ def _set_budget(model, layers, budget, data, per_layer, rounds, max_groups, cost
             _check_scores(scores, layers)
             if cost_rows > 1:
                 _warn_call_size(scores, cost_rows)
-        if max_groups is None:  # calls need not be kept apart
-            scores = {n: [torch.cat(v)] for n, v in scores.items()}
+        scores = _as_calls(scores, max_groups)
         layers = [(n, m) for n, m in layers if n in scores]
         for group in [[nm] for nm in layers] if per_layer else [layers]:
             lam = _calibrate_lambda(group, scores, budget)

@@ -500,6 +500,72 @@ def test_weight_reports_shape_dtype_device_and_refuses_arithmetic(kind):
     assert torch.allclose(compiled(x.float()), layer(x))
 
 
+@pytest.mark.parametrize("kind", ["mpo", "lowrank"])
+def test_weight_stand_in_answers_trainability_and_metadata(kind):
+    # code that lists trainable layers reads weight.requires_grad: it was False on every factored layer
+    from bondgate import CompressionConfig, compress
+
+    model = nn.Sequential(nn.Linear(16, 12))
+    compress(model, CompressionConfig(param_ratio=0.6, kinds=kind, num_cores=2), progress=False)
+    layer = model[0]
+    assert layer.weight.requires_grad and not layer.weight.is_cuda and layer.weight.element_size() == 4
+    layer.requires_grad_(False)
+    assert not layer.weight.requires_grad
+    with pytest.raises(RuntimeError, match=r"\(\.T was read\)"):
+        layer.weight.T
+
+
+def test_pruned_or_parametrized_cores_are_refused_and_prune_remove_is_honoured():
+    # torch's prune keeps the pruned core under "k_orig" and sets the masked one from a hook of the core list,
+    # which is never called: the layer computed with unpruned (or re-ordered, "left bond 8, expected 1") cores
+    import torch.nn.utils.parametrize as parametrize
+    import torch.nn.utils.prune as prune
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 64)
+    for k in range(3):
+        layer = MPOLinear.from_linear(nn.Linear(64, 32), max_bond=8, num_cores=3)
+        prune.l1_unstructured(layer.cores, str(k), amount=0.5)
+        for call in (lambda: layer(x), layer.weight_matrix):
+            with pytest.raises(RuntimeError, match="pruned or parametrized"):
+                call()
+        prune.remove(layer.cores, str(k))  # the masked core, re-registered last: taken in its place
+        masked = [c.detach().clone() for c in layer.cores]
+        assert int((masked[k] == 0).sum()) == masked[k].numel() // 2
+        want = torch.nn.functional.linear(x, MPO(masked, 32, 64).to_matrix(), layer.bias)
+        with torch.no_grad():
+            assert torch.allclose(layer(x), want, atol=1e-5)
+    layer = MPOLinear.from_linear(nn.Linear(64, 32), max_bond=8, num_cores=3)
+    parametrize.register_parametrization(layer.cores, "2", nn.Identity())
+    with pytest.raises(RuntimeError, match="pruned or parametrized"):
+        layer(x)
+
+    class Double(nn.Module):
+        def forward(self, b):
+            return 2 * b
+
+    layer = MPOLinear.from_linear(nn.Linear(64, 32), max_bond=8, num_cores=3)
+    parametrize.register_parametrization(layer, "bias", Double())  # the layer's own parameters: honoured
+    want = torch.nn.functional.linear(x, layer.weight_matrix(), 2 * layer.parametrizations.bias.original)
+    assert torch.allclose(layer(x), want, atol=1e-5)
+    table = bondgate.MPOEmbedding(100, 16, max_bond=4)
+    prune.random_unstructured(table.cores, "1", amount=0.5)
+    with pytest.raises(RuntimeError, match="pruned or parametrized"):
+        table(torch.tensor([1, 2]))
+
+
+@pytest.mark.parametrize("kind", ["mpo", "lowrank"])
+def test_integer_input_under_autocast_is_refused_as_outside(kind):
+    # autocast cast any input to the cores' dtype: a long input gave a bfloat16 output (nn.Linear raises)
+    from bondgate import CompressionConfig, compress
+
+    model = nn.Sequential(nn.Linear(16, 12))
+    compress(model, CompressionConfig(param_ratio=0.6, kinds=kind, num_cores=2), progress=False)
+    ids = torch.ones(3, 16, dtype=torch.long)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises((TypeError, RuntimeError), match="dtype"):
+        model(ids)
+
+
 def test_nested_tensors_are_taken_as_nn_linear_takes_them():
     # MPOLinear raised on nested inputs ("NestedTensorImpl doesn't support sizes"; torch's TransformerEncoder makes
     # them from a padding mask in eval) where nn.Linear and LowRankLinear take them

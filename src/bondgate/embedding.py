@@ -57,6 +57,7 @@ from .layer import (
     TrackedParameter,
     check_sizes,
     check_spec_sizes,
+    core_dict,
     fake_quantized_cores,
     record_sizes,
     replica_without_kept,
@@ -360,7 +361,7 @@ class MPOEmbedding(nn.Module):
     def _lookup_cores(self) -> list[torch.Tensor]:
         """The cores lookups use: the parameters, or their fake-quantized values (kept between calls without
         autograd, version-checked) when the layer is quantized."""
-        cores = tuple(self.cores)
+        cores = tuple(core_dict(self, self.cores).values())
         return list(cores if self._quant is None else fake_quantized_cores(self._quant_cache, cores))
 
     def _kept_rows(self) -> torch.Tensor:

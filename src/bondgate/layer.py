@@ -103,11 +103,15 @@ class WeightStandIn(torch.Tensor):
     _READS = frozenset({torch.Tensor.dtype.__get__, torch.Tensor.shape.__get__, torch.Tensor.ndim.__get__,
                         torch.Tensor.layout.__get__, torch.Tensor.requires_grad.__get__, torch.Tensor.is_meta.__get__,
                         torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tensor.is_floating_point,
-                        torch.Tensor.__len__})
+                        torch.Tensor.__len__, torch.Tensor.element_size, torch.Tensor.is_complex})
 
     @staticmethod
-    def of(owner: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> WeightStandIn:
-        t = torch.empty(shape, dtype=dtype, device="meta").as_subclass(WeightStandIn)
+    def of(owner: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+           requires_grad: bool = False) -> WeightStandIn:
+        """``requires_grad``: whether the layer's factors train (code that lists trainable layers reads it)."""
+        # (not under a tracer: dynamo wraps a grad-requiring tensor with reads the stand-in refuses)
+        rg = requires_grad and not torch.compiler.is_compiling()
+        t = torch.empty(shape, dtype=dtype, device="meta", requires_grad=rg).as_subclass(WeightStandIn)
         t._owner, t._device = owner, device
         t._is_hf_initialized = True  # transformers' weight-init functions skip it (the layer holds its own values)
         return t
@@ -116,14 +120,21 @@ class WeightStandIn(torch.Tensor):
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         if func == torch.Tensor.device.__get__:  # (a method-wrapper: a new object per access)
             return args[0]._device
+        if func == torch.Tensor.is_cuda.__get__:  # a meta tensor's own answer would be False
+            return args[0]._device.type == "cuda"
         if func in cls._READS:
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **(kwargs or {}))
         owner = next((a._owner for a in (*args, *(kwargs or {}).values()) if isinstance(a, WeightStandIn)),
                      "this layer")
+        name = getattr(func, "__name__", func)
+        if name == "__get__":  # an attribute read (.T, .data, .grad): name the attribute, not its getter
+            name = f".{getattr(getattr(func, '__self__', None), '__name__', '?')} was read"
+        else:
+            name = f"{name} was called on it"
         raise RuntimeError(f"{owner} has no dense weight: its .weight only reports the weight's shape, dtype and "
-                           f"device ({getattr(func, '__name__', func)} was called on it); weight_matrix() builds the "
-                           f"dense weight (a differentiable rebuild from the factors)")
+                           f"device ({name}); weight_matrix() builds the dense weight (a differentiable rebuild "
+                           f"from the factors)")
 
     def __repr__(self, **kwargs) -> str:
         return f"WeightStandIn(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
@@ -279,11 +290,47 @@ def replica_without_kept(replica: nn.Module, names: Sequence[str]) -> nn.Module:
 
 
 def own_param(module: nn.Module, name: str) -> torch.Tensor | None:
-    """``module``'s parameter ``name`` read from its dict (``nn.Module.__getattr__`` costs ~0.4 us per read); in an
-    ``nn.DataParallel`` replica, whose parameters are plain attributes (its dict keeps only the ``None`` ones),
-    the attribute."""
+    """``module``'s parameter ``name`` read from its dict (``nn.Module.__getattr__`` costs ~0.4 us per read); else
+    the attribute: in an ``nn.DataParallel`` replica, whose parameters are plain attributes (its dict keeps only the
+    ``None`` ones), or a parametrized one (``torch.nn.utils.parametrize``)."""
     params = module._parameters
-    return params[name] if name in params else module.__dict__[name]
+    return params[name] if name in params else getattr(module, name)
+
+
+class _Names(dict):
+    def __missing__(self, n: int) -> tuple[str, ...]:
+        names = self[n] = tuple(map(str, range(n)))
+        return names
+
+
+CORE_NAMES = _Names()  # n -> ("0", ..., "n-1"), the names of n cores in a ParameterList
+
+
+def core_dict(owner: nn.Module, cores: nn.ParameterList) -> dict[str, torch.Tensor]:
+    """The cores of ``owner`` (an MPO layer or table) by name, ``"0"`` to ``"n-1"`` in order: the ParameterList's
+    own dict when it holds exactly those (one tuple comparison per call). Cores pruned or parametrized through
+    torch (``torch.nn.utils.prune`` / ``parametrize``) are refused: the list is never called as a module, so the
+    hooks that apply a mask or a parametrization never run and the layer would compute with stale values."""
+    params = cores._parameters
+    if params and not cores._modules and tuple(params) == CORE_NAMES[len(params)]:
+        return params
+    names = CORE_NAMES[len(cores)]
+    n = len(names)
+    if ("parametrizations" in cores._modules or any(k.endswith("_orig") for k in params)
+            or any(k.endswith("_mask") for k in cores._buffers)):
+        raise RuntimeError(
+            f"{type(owner).__name__}'s cores are pruned or parametrized (torch.nn.utils.prune / parametrize), which "
+            f"it does not support: it computes with the core parameters directly, so a mask or a parametrization "
+            f"would be ignored. Prune or parametrize the dense model before bondgate.compress (or undo it with "
+            f"prune.remove / parametrize.remove_parametrizations; an MPO's cores pruned entry by entry save no time)")
+    if not params:  # an nn.DataParallel replica: the cores are plain attributes
+        return {k: cores.__dict__[k] for k in names}
+    if set(params) != set(names):
+        raise RuntimeError(f"{type(owner).__name__}'s cores list holds parameters named {sorted(params)}, "
+                           f"expected '0' to '{n - 1}'")
+    for k in names:  # the right names out of order (prune.remove re-registers the parameter last): put in order
+        params[k] = params.pop(k)
+    return params
 
 
 SIZES_KEY = "bondgate_sizes"  # in a state dict's metadata
@@ -519,7 +566,8 @@ class MPOLinear(nn.Module):
         """The weight's shape ``(out_features, in_features)``, dtype and device, without values (a
         :class:`WeightStandIn`: computing with it raises); :meth:`weight_matrix` builds the dense weight."""
         c0 = self._masters()[0]
-        return WeightStandIn.of(type(self).__name__, (self.out_features, self.in_features), c0.dtype, c0.device)
+        return WeightStandIn.of(type(self).__name__, (self.out_features, self.in_features), c0.dtype, c0.device,
+                                any(c.requires_grad for c in self._masters()))
 
     def weight_matrix(self) -> torch.Tensor:
         """The dense weight ``(out_features, in_features)`` in the cores' dtype (also inside ``torch.autocast``, as
@@ -613,8 +661,10 @@ class MPOLinear(nn.Module):
         # seen; it is also ~10x faster than iterating the list.
         cores = self._modules["cores"]
         params = cores._parameters
-        # an nn.DataParallel replica's list holds its cores (copies on its device) as plain attributes
-        return params if params else {k: cores.__dict__[k] for k in map(str, range(len(cores)))}
+        # the names in order, no submodule: not pruned or parametrized through torch (see core_dict)
+        if params and not cores._modules and tuple(params) == CORE_NAMES[len(params)]:
+            return params
+        return core_dict(self, cores)
 
     def _masters(self) -> tuple[torch.Tensor, ...]:
         """The core parameters (of a quantized layer: the full-precision masters); for shapes, dtype and device."""
@@ -841,6 +891,8 @@ class MPOLinear(nn.Module):
         does not (``tensordot``, opt_einsum's merges), which would meet in two dtypes, so the kernel runs with
         autocast off, in the cores' dtype; the output takes autocast's dtype, as ``nn.Linear``'s does."""
         device = x.device.type
+        if not x.is_floating_point():  # autocast casts floating inputs only: an integer one is refused as outside
+            self._check_dtype(x)
         with torch.autocast(device, enabled=False):
             if x.dtype == torch.float64:  # autocast leaves float64 alone (nn.Linear's float64 layers stay float64)
                 return self.forward(x, *args)

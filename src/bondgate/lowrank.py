@@ -137,7 +137,8 @@ class LowRankLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         """The weight's shape ``(out_features, in_features)``, dtype and device, without values (a
         :class:`~bondgate.layer.WeightStandIn`: computing with it raises); :meth:`weight_matrix` builds the dense weight."""
-        return WeightStandIn.of(type(self).__name__, (self.out_features, self.in_features), self.U.dtype, self.U.device)
+        return WeightStandIn.of(type(self).__name__, (self.out_features, self.in_features), self.U.dtype, self.U.device,
+                                self.U.requires_grad or self.V.requires_grad)
 
     def weight_matrix(self) -> torch.Tensor:
         """``U @ V``, shape ``(out_features, in_features)``, in the factors' dtype (also inside ``torch.autocast``)."""

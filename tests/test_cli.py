@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from importlib.resources import files
@@ -212,9 +213,71 @@ def test_compress_with_embeddings_and_int8_cores(tiny_dir, tmp_path):
     assert isinstance(loaded.embeddings.position_embeddings, nn.Embedding)  # only the token table
     mpo = [m for m in loaded.modules() if isinstance(m, MPOLinear)]
     assert mpo and all(m.quant == "int8" for m in mpo)
+    code, stdout, _ = run(["inspect", str(out)])  # inspect said nothing of int8 cores, which AutoModel refuses
+    assert code == 0 and "quantize=int8" in stdout and "(int8 cores)" in stdout
+    assert f"int8 cores: {len(mpo) + 1} of {len(mpo) + 1} layers" in stdout
     code, _, stderr = run(["compress", "--model", str(tiny_dir), "--ratio", "0.5", "--embedding-ratio", "2",
                            "--out", str(tmp_path / "bad")])
     assert code == 2 and "embedding ratio" in stderr
+
+
+def test_sentence_transformers_modules_are_carried_over(tmp_path):
+    # the demo's packaged MiniLM is a sentence-transformers folder: without modules.json and 1_Pooling the output
+    # loaded through SentenceTransformer built its own mean pooling (no Normalize: norms 5.65, 3.96; 512 tokens)
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                     vocab_size=30522)
+    src = save_with_minilm_tokenizer(BertModel(cfg).eval(), tmp_path / "tiny-st")
+    gt_dir = Path(gt.get_model_path())
+    for name in ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json"):
+        shutil.copyfile(gt_dir / name, src / name)
+    (src / "1_Pooling").mkdir()
+    (src / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32,
+                                                               "pooling_mode_mean_tokens": True}))
+    out = tmp_path / "o"
+    code, stdout, stderr = run(["compress", "--model", str(src), "--max-bond", "4", "--out", str(out),
+                                "--calibration-size", "4", "--no-progress", "--threads", "1"])
+    assert code == 0, stderr
+    assert "sentence-transformers modules carried over" in stdout
+    for name in ("modules.json", "sentence_bert_config.json", "1_Pooling/config.json"):
+        assert (out / name).read_bytes() == (src / name).read_bytes()
+    assert "1_Pooling/config.json" in read_metadata(out)["files"]  # checksummed with the rest
+    st = pytest.importorskip("sentence_transformers")
+    model = st.SentenceTransformer(str(out), device="cpu")
+    assert [type(m).__name__ for m in model] == ["Transformer", "Pooling", "Normalize"]
+    assert model.max_seq_length == 256
+    emb = model.encode(["a short sentence", "another one"], convert_to_tensor=True)
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(2), rtol=0, atol=1e-5)
+
+
+def test_llama_blocks_are_the_default_target(tmp_path):
+    # no default pattern matched model.layers.N: every Linear was targeted and the global budget compressed lm_head
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=False)
+    src = save_with_minilm_tokenizer(LlamaForCausalLM(cfg).eval(), tmp_path / "tiny-llama")
+    code, stdout, stderr = run(["compress", "--model", str(src), "--max-bond", "4", "--out", str(tmp_path / "o"),
+                                "--calibration-size", "4", "--no-progress", "--threads", "1"])
+    assert code == 0, stderr
+    assert r"(?:model\.)?layers\..*" in stdout
+    names = [n for n, m in bondgate.load(tmp_path / "o").named_modules() if isinstance(m, MPOLinear)]
+    assert names and all(n.startswith("model.layers.0.") for n in names)
+
+
+def test_calibration_file_is_read_up_to_the_lines_it_needs(tmp_path):
+    # the whole file was read (a multi-GB corpus would not fit): a bad byte past the lines taken is never read
+    from bondgate.cli import _calibration_lines
+
+    cal = tmp_path / "cal.txt"
+    head = b"\xef\xbb\xbffirst\n\n second \r\n" + b"x\n" * 50_000
+    cal.write_bytes(head + b"\xff" * 10)
+    assert _calibration_lines(str(cal), 2) == (["first", "second"], str(cal))
+    with pytest.raises(ValueError, match=f"not UTF-8 text \\(invalid start byte at byte {len(head)}\\)"):
+        _calibration_lines(str(cal), 50_003)
 
 
 def test_compress_a_lowrank_table_with_kept_rows(tiny_dir, tmp_path):

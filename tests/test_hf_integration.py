@@ -392,6 +392,31 @@ def test_automodel_reads_the_base_of_a_compressed_causal_lm(tmp_path):
                                    model.transformer(input_ids=ids).last_hidden_state, rtol=0, atol=0)
 
 
+def test_automodel_reads_a_causal_lm_whose_head_alone_was_compressed(tmp_path):
+    """Only ``lm_head`` compressed (no layer under the base's prefix): AutoModel refused ("replaces module
+    'lm_head', which this model does not have"), and bondgate.save_pretrained wrote no ``architectures`` for a model
+    built from a config, which transformers' save records."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                         num_key_value_heads=2, intermediate_size=64,
+                                         tie_word_embeddings=False)).eval()
+    bondgate.compress(model, bondgate.CompressionConfig(max_bond=4, target_modules="lm_head"), progress=False)
+    assert isinstance(model.lm_head, MPOLinear)
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model.model(input_ids=ids).last_hidden_state
+    for how in ("bondgate", "transformers"):
+        path = tmp_path / how
+        bondgate.save_pretrained(model, path) if how == "bondgate" else model.save_pretrained(path)
+        assert json.loads((path / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+        base = AutoModel.from_pretrained(path)
+        assert type(base).__name__ == "LlamaModel"
+        with torch.no_grad():
+            torch.testing.assert_close(base(input_ids=ids).last_hidden_state, want, rtol=0, atol=0)
+
+
 def test_automodel_checks_the_checksums_bondgate_save_pretrained_wrote(tmp_path):
     # a damaged core loaded through AutoModel as NaN weights without a word (bondgate.load refused it)
     model = tiny_gpt2()

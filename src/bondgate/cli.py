@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import math
 import os
 import platform
 import re
+import shutil
 import sys
 import tempfile
 import textwrap
@@ -40,8 +42,12 @@ DEFAULT_TARGETS = (
     r"encoder\..*",            # BERT-like base models (BertModel: encoder.layer.N....)
     r"[^.]+\.encoder\..*",     # BERT-like models with a task head (bert.encoder.layer.N....)
     r"transformer\.h\..*",     # GPT-2 style blocks (transformer.h.N....)
+    r"(?:model\.)?layers\..*",  # LLaMA-style decoders (LlamaForCausalLM: model.layers.N....; LlamaModel: layers.N....)
 )
 CALIBRATION_RESOURCE = "calibration_en.txt"
+ERROR_LEGEND = ("(weight err: ||W - W'|| / ||W||; output err: the same for the layer's outputs on the calibration "
+                "inputs, what the calibrated fit minimises, so a weight error can exceed 1 where those inputs leave "
+                "directions of W unused)")
 # Without any of these, transformers 5 quietly builds an empty tokenizer that maps every word to [UNK].
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
                    "tokenizer.model", "sentencepiece.bpe.model")
@@ -314,22 +320,74 @@ def _calibration_lines(file: str | None, size: int) -> tuple[list[str], str]:
         from importlib.resources import files
 
         text = (files("bondgate") / "resources" / CALIBRATION_RESOURCE).read_text(encoding="utf-8")
-        where = "the built-in English set"
+        lines, where = [line.strip() for line in text.splitlines() if line.strip()][:size], "the built-in English set"
     else:
         path = Path(file).expanduser()
         if path.is_dir():
             raise FileNotFoundError(f"--calibration: {path} is a directory; give a text file, one sample per line")
         if not path.is_file():
             raise FileNotFoundError(f"--calibration: file not found: {path}")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"--calibration: {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-        where = str(path)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+        lines, where = _first_lines(path, size), str(path)
     if not lines:
         raise ValueError(f"--calibration: {where} holds no non-empty line")
-    return lines[:size], where
+    return lines, where
+
+
+def _first_lines(path: Path, size: int) -> list[str]:
+    """The first ``size`` non-empty lines of a UTF-8 text file, read line by line (a corpus file may be larger
+    than memory); a UTF-8 byte-order mark is dropped."""
+    lines: list[str] = []
+    offset = 0
+    with path.open("rb") as f:
+        for raw in f:
+            try:
+                line = raw.decode("utf-8-sig" if not offset else "utf-8").strip()
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"--calibration: {path} is not UTF-8 text ({exc.reason} at byte "
+                                 f"{offset + exc.start})") from None
+            offset += len(raw)
+            if line:
+                lines.append(line)
+                if len(lines) == size:
+                    break
+    return lines
+
+
+# sentence-transformers' description of a model folder (its modules: pooling, normalization, maximum length)
+SENTENCE_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+
+
+def _sentence_modules(path: Path) -> list[str]:
+    """The sentence-transformers files and module folders of a model folder whose transformer sits at its root
+    (``modules.json`` lists it with path ``""``), relative to it; ``[]`` for any other folder. Without them
+    ``SentenceTransformer(out)`` would build a mean pooling of its own: no normalization, another maximum length."""
+    try:
+        modules = json.loads((path / "modules.json").read_text(encoding="utf-8"))
+        paths = [str(m["path"]) for m in modules]
+    except (OSError, ValueError, TypeError, KeyError):
+        return []
+    if "" not in paths:
+        return []
+    folders = [p for p in paths if p and (path / p).is_dir() and not Path(p).is_absolute() and ".." not in Path(p).parts]
+    return [*(f for f in SENTENCE_FILES if (path / f).is_file()), *folders]
+
+
+class _TokenizerAndModules:
+    """What ``save_pretrained(tokenizer=...)`` saves beside the weights: the tokenizer, and the source folder's
+    sentence-transformers files (copied into the checkpoint before it is swapped in, so it lands whole or not at
+    all)."""
+
+    def __init__(self, tokenizer: Any, source: Path, files: list[str]):
+        self.tokenizer, self.source, self.files = tokenizer, source, files
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        self.tokenizer.save_pretrained(directory)
+        for name in self.files:
+            src, dst = self.source / name, Path(directory) / name
+            if src.is_dir():
+                shutil.copytree(src, dst, dirs_exist_ok=True)
+            else:
+                shutil.copyfile(src, dst)
 
 
 def _check_tokenizer_files(path: Path) -> None:
@@ -477,6 +535,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         report = model.bondgate_report
         print(f"compressed in {seconds:.1f} s\n")
         print(report.table())
+        print(ERROR_LEGEND)
         print()
 
         comp_bytes = size_on_disk(model)
@@ -504,7 +563,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
             "latency_ms": {"dense": dense_lat["median"] * 1e3, "compressed": comp_lat["median"] * 1e3,
                            "batch_shape": list(bench_shape), "threads": args.threads},
         }
-        save_pretrained(model, out, tokenizer=tok, report=saved)
+        sentence = _sentence_modules(model_dir)
+        save_pretrained(model, out, tokenizer=_TokenizerAndModules(tok, model_dir, sentence) if sentence else tok,
+                        report=saved)
+        if sentence:
+            print(f"sentence-transformers modules carried over ({', '.join(sentence)}): SentenceTransformer(out) "
+                  f"pools and normalizes as the source model does, after import bondgate")
     print(f"saved to {out.resolve()} (bondgate inspect {out} | bondgate bench {out} | bondgate.load(...))")
     return 0
 
@@ -578,6 +642,8 @@ def _layer_rows(meta: dict) -> tuple[list[list[str]], int, int]:
             continue
         n_before = n_out * n_in
         before, after = before + n_before, after + n_after
+        if spec.get("quant") and str(spec["quant"]) not in form:
+            form += f" ({spec['quant']} cores)"
         rows.append([name, f"{n_out}x{n_in}", form, bonds, f"{n_before:,} -> {n_after:,}",
                      f"{n_after / max(n_before, 1):.1%}", _fmt_err(rep.get("weight_error", spec.get("error"))),
                      _fmt_err(rep.get("output_error"))])
@@ -618,7 +684,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             budget = ", ".join(f"{k}={cfg[k]}" for k in ("param_ratio", "max_bond", "tol", "max_latency_ratio",
                                                           "flops_ratio") if cfg.get(k) is not None)
             print(f"config: {budget} | num_cores={cfg.get('num_cores')} | allocation={cfg.get('allocation')} | "
-                  f"policy={cfg.get('policy')} | target={cfg.get('target_modules')} | exclude={cfg.get('exclude')}")
+                  f"policy={cfg.get('policy')} | target={cfg.get('target_modules')} | exclude={cfg.get('exclude')}"
+                  + (f" | quantize={cfg['quantize']}" if cfg.get("quantize") else ""))
     else:
         print("(no compression report saved: errors unknown)")
 
@@ -632,12 +699,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print("| " + " | ".join(row) + " |")
     kept = f"{after / before:.1%}" if before else "-"
     print(f"| **total** | | | | {before:,} -> {after:,} | {kept} | | |")
+    print(ERROR_LEGEND)
     for alias, target in meta["layer_aliases"].items():
         print(f"shared layer: {alias} is {target}")
     print()
-    n = len(_flat_layers(meta["layers"]))
+    flat = _flat_layers(meta["layers"])
+    n = len(flat)
     print(f"{n} bondgate layer{'s' if n != 1 else ''}; targeted weights: {before:,} -> {after:,} "
           + (f"(ratio {after / before:.3f})" if before else "(no layer targeted)"))
+    quantized = sum(isinstance(spec, dict) and bool(spec.get("quant")) for spec in flat.values())
+    if quantized:
+        print(f"int8 cores: {quantized} of {n} layers; load with bondgate.load or bondgate.from_pretrained "
+              f"(AutoModel.from_pretrained and SentenceTransformer refuse int8 cores)")
     for line in _gating_lines(_flat_layers(meta["layers"])):
         print(line)
     return 0

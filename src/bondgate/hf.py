@@ -408,12 +408,22 @@ def _drop_weight_ties(model: nn.Module, layers: dict) -> None:
                 cfg.tie_word_embeddings = False
 
 
-def mark_config(path: str | Path) -> None:
-    """Add :data:`NEEDS_BONDGATE` to a ``config.json`` holding a bondgate ``quantization_config``."""
+def mark_config(path: str | Path, architecture: str | None = None) -> None:
+    """Add :data:`NEEDS_BONDGATE` to a ``config.json`` holding a bondgate ``quantization_config``; with
+    ``architecture``, record it as the model's class (``architectures``), as transformers' ``save_pretrained``
+    does: a model built from a config has none, and an ``AutoModel`` reading a checkpoint then cannot tell a
+    head model's checkpoint from its own."""
     path = Path(path)
     data = json.loads(path.read_text(encoding="utf-8"))
-    if isinstance(data, dict) and _is_ours(data.get("quantization_config")):
+    if not isinstance(data, dict):
+        return
+    changed = architecture is not None and data.get("architectures") != [architecture]
+    if changed:
+        data["architectures"] = [architecture]
+    if _is_ours(data.get("quantization_config")):
         data["transformers_weights"] = NEEDS_BONDGATE
+        changed = True
+    if changed:
         path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -521,12 +531,13 @@ def _prepare(model: nn.Module, qc: Any, checkpoint_files, dtype: torch.dtype | N
     # a causal LM whose lm_head was compressed): those layers are left out, as transformers leaves out a dense
     # module's weights (its load report lists their keys as unexpected)
     prefix = getattr(model, "base_model_prefix", "") or ""
-    headless = bool(prefix) and getattr(model, "base_model", None) is model \
-        and any(n.startswith(prefix + ".") for n in qc.layers)  # saved from a model around this base
-    base = getattr(model, prefix, None) if prefix else None  # a head model's base (None in the base model itself)
-
     saved = getattr(getattr(model, "config", None), "architectures", None) or []
     other_class = type(model).__name__ not in saved  # loaded with another class than the checkpoint's model
+    # saved from a model around this base: its layers are named under the prefix, or (only a head compressed)
+    # the config names another class
+    headless = bool(prefix) and getattr(model, "base_model", None) is model \
+        and (any(n.startswith(prefix + ".") for n in qc.layers) or (other_class and bool(saved)))
+    base = getattr(model, prefix, None) if prefix else None  # a head model's base (None in the base model itself)
 
     def absent(n: str) -> bool:
         """A module another class than the saved one does not build: one outside the base model (another head), or

@@ -437,7 +437,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, report: Any = None, 
             if getattr(model.config, "dtype", None) is None:  # else transformers loads in the first tensor's dtype
                 model.config.dtype = model.dtype              # (a gated layer's float64 price, say)
             model.config.save_pretrained(tmp)
-            bondgate_hf.mark_config(tmp / "config.json")
+            bondgate_hf.mark_config(tmp / "config.json", architecture=type(model).__name__)
             if callable(getattr(model, "can_generate", None)) and model.can_generate() \
                     and getattr(model, "generation_config", None) is not None:
                 model.generation_config.save_pretrained(tmp)  # as transformers' save_pretrained does

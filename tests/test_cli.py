@@ -512,6 +512,23 @@ def test_default_minilm_compress(tmp_path):
     assert len(report["layers"]) == 36  # 6 blocks x 6 linears; the budget may keep some dense
     loaded = bondgate.load(tmp_path / "minilm")
     assert 0 < sum(isinstance(m, MPOLinear) for m in loaded.modules()) <= 36
+    # the demo's output through sentence-transformers: the source's modules (normalized, 256 tokens), the same
+    # embeddings as bondgate.load + mean pooling
+    st = pytest.importorskip("sentence_transformers")
+    from transformers import AutoTokenizer
+
+    model = st.SentenceTransformer(str(tmp_path / "minilm"), device="cpu")
+    assert [type(m).__name__ for m in model] == ["Transformer", "Pooling", "Normalize"]
+    assert model.max_seq_length == 256
+    texts = ["A man is playing a guitar.", "A long sentence, over and over. " * 80]
+    emb = model.encode(texts, convert_to_tensor=True)
+    batch = AutoTokenizer.from_pretrained(tmp_path / "minilm")(texts, padding=True, truncation=True, max_length=256,
+                                                               return_tensors="pt")
+    with torch.no_grad():
+        h = loaded(**batch).last_hidden_state
+    mask = batch["attention_mask"][..., None].to(h.dtype)
+    want = torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=1)
+    torch.testing.assert_close(emb, want, rtol=0, atol=1e-5)
 
 
 

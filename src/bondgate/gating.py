@@ -85,6 +85,8 @@ __all__ = ["GatingConfig", "GatedMPOLinear", "gate", "set_mode", "set_budget", "
            "average_flops", "width_error_curve", "route", "PriceTracker"]
 
 _REPLICA_LOCK = threading.Lock()  # nn.DataParallel's replicas report to their layer from threads
+# one model served from several threads: the level counts and the price tracker are read-modify-writes
+_COUNT_LOCK = threading.Lock()
 #: prices beyond this change no decision (every row at the cheapest or the widest level): the calibration's search
 #: range and the online tracker's bound (it would otherwise grow without limit while a budget is out of reach)
 PRICE_BOUND = 1e3
@@ -724,15 +726,17 @@ class GatedMPOLinear(MPOLinear):
                 origin._count(level, counts, rows)
             return
         if level is not None:
-            if self.record:
-                self._pending[level] += rows
             used = (self.level_cost[level] + self.controller_cost) * rows
         else:
-            if self.record:
-                self._pending = [a + b for a, b in zip(self._pending, counts)]
             used = sum(c * f for c, f in zip(counts, self.level_cost)) + self.controller_cost * rows
-        if self._tracker is not None:
-            self._tracker.report(self, used, rows)
+        with _COUNT_LOCK:
+            if self.record:
+                if level is not None:
+                    self._pending[level] += rows
+                else:
+                    self._pending = [a + b for a, b in zip(self._pending, counts)]
+            if self._tracker is not None:
+                self._tracker.report(self, used, rows)
 
     def _replicate_for_data_parallel(self):
         # nn.DataParallel replicates the model for every call and runs the replicas in threads, on row shards: they
@@ -792,10 +796,11 @@ class GatedMPOLinear(MPOLinear):
 
     def flush_counts(self) -> torch.Tensor:
         """``level_counts`` including the rows routed since the last flush."""
-        if any(self._pending):
+        with _COUNT_LOCK:
+            pending, self._pending = self._pending, [0] * len(self.levels)
+        if any(pending):
             counts = self._buffer("level_counts")
-            counts += torch.tensor(self._pending, dtype=counts.dtype, device=counts.device)
-            self._pending = [0] * len(self.levels)
+            counts += torch.tensor(pending, dtype=counts.dtype, device=counts.device)
         return self.level_counts
 
     def _buffer(self, name: str) -> torch.Tensor:

@@ -208,3 +208,24 @@ def test_onnx_export_of_a_compressed_table_runs_in_onnxruntime(tmp_path):
     got = session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0]
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(got), table(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_torchscript_is_refused_clearly_and_a_traced_lowrank_layer_is_exact():
+    # script failed on "try blocks aren't supported" / type annotations, trace on "'Tensor' object has no attribute
+    # 'bit_length'"; an MPOEmbedding trace baked in the distinct ids of the example call
+    from bondgate import LowRankLinear, MPOEmbedding, MPOLinear, Recurrent
+
+    torch.manual_seed(0)
+    layer = MPOLinear.from_linear(nn.Linear(16, 16), max_bond=4)
+    table = MPOEmbedding(100, 16, max_bond=4)
+    for module in (layer, nn.Sequential(nn.Linear(16, 16), layer), table, LowRankLinear.from_linear(nn.Linear(16, 16), rank=4),
+                   Recurrent.from_torch(nn.LSTM(8, 8))):
+        with pytest.raises(RuntimeError, match="does not support TorchScript"):
+            torch.jit.script(module)
+    for module, x in ((layer, torch.randn(3, 16)), (table, torch.tensor([1, 2]))):
+        with pytest.raises(RuntimeError, match="does not support TorchScript"):
+            torch.jit.trace(module, (x,))
+    low = LowRankLinear.from_linear(nn.Linear(16, 16), rank=4)  # two matrix products: traces fine
+    traced = torch.jit.trace(low, (torch.randn(3, 16),))
+    x = torch.randn(7, 16)
+    torch.testing.assert_close(traced(x), low(x), rtol=0, atol=0)

@@ -55,10 +55,12 @@ from .io import register_layer_type
 from .layer import (
     MPOLinear,
     TrackedParameter,
+    _refuse_script,
     check_sizes,
     check_spec_sizes,
     core_dict,
     fake_quantized_cores,
+    no_torchscript,
     record_sizes,
     replica_without_kept,
     without_kept,
@@ -132,6 +134,8 @@ class MPOEmbedding(nn.Module):
     (parameter ``(K, embedding_dim)``) hold exact rows that lookups of those ids return instead of the MPO's (int8
     per row when quantized). A layer with kept rows has no tied head (:meth:`as_linear`).
     """
+
+    __prepare_scriptable__ = _refuse_script  # torch.jit.script: a clear refusal
 
     _quant: str | None = None
 
@@ -419,6 +423,8 @@ class MPOEmbedding(nn.Module):
             raise TypeError(f"MPOEmbedding expects a tensor of integer ids, got {type(ids).__name__}")
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise TypeError(f"MPOEmbedding expects integer ids (torch.long or torch.int), got dtype {ids.dtype}")
+        if torch.jit.is_tracing():  # a trace would bake in this call's distinct ids
+            raise no_torchscript(self)
         if torch.compiler.is_exporting():
             return self._exported_forward(ids)
         if torch.compiler.is_compiling():

@@ -359,6 +359,16 @@ def check_sizes(state_dict: dict, local_metadata: dict, prefix: str, sizes: Sequ
                       f"({names[0]} x {names[1]}), this one {sizes[0]} x {sizes[1]}")
 
 
+def no_torchscript(layer: nn.Module) -> Exception:
+    """The error for TorchScript (``torch.jit.script`` / ``trace``), which bondgate's layers do not support."""
+    return RuntimeError(f"{type(layer).__name__} does not support TorchScript (torch.jit.script / torch.jit.trace): "
+                        f"use torch.compile, torch.export, or torch.onnx.export(..., dynamo=True), which trace it")
+
+
+def _refuse_script(self: nn.Module) -> nn.Module:
+    raise no_torchscript(self)
+
+
 def bad_input(layer: nn.Module, x) -> Exception:
     """The error for an input that is not a ``(*, in_features)`` tensor (a list, a numpy array, a 0-d tensor)."""
     name, want = type(layer).__name__, f"a torch.Tensor of shape (*, {layer.in_features})"
@@ -419,6 +429,8 @@ class MPOLinear(nn.Module):
     Quantization: :meth:`quantize_` ``("int8")`` runs the forward on fake-quantized cores (per-channel int8,
     :mod:`bondgate.quant`) with fp32 master cores, and saves the cores as int8 (``quant`` tells the mode).
     """
+
+    __prepare_scriptable__ = _refuse_script  # torch.jit.script: a clear refusal
 
     _quant: str | None = None  # the class default: layers built before quantization existed are not quantized
 
@@ -824,7 +836,12 @@ class MPOLinear(nn.Module):
         # any core: a user may freeze some cores and train the others. An input that needs a gradient does not need
         # a grad plan: the inference plans' kept operands are constants to it (a frozen compressed backbone)
         grad = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
-        key = x2d.shape[0].bit_length() << 1 | grad  # (planner.row_bucket(rows), grad) packed in an int
+        try:
+            key = x2d.shape[0].bit_length() << 1 | grad  # (planner.row_bucket(rows), grad) packed in an int
+        except AttributeError:  # torch.jit.trace: sizes are tensors
+            if torch.jit.is_tracing():
+                raise no_torchscript(self) from None
+            raise
         entry = self._plans.get(key)
         if entry is None:
             entry = self._plans[key] = self._new_entry(x, x2d.shape[0], grad)

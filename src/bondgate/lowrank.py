@@ -12,7 +12,15 @@ from torch import nn
 
 from .factors import positive_int
 from .io import register_layer_type
-from .layer import TrackedParameter, WeightStandIn, autocast_off, bad_input, check_spec_sizes, track_parameters
+from .layer import (
+    TrackedParameter,
+    WeightStandIn,
+    _refuse_script,
+    autocast_off,
+    bad_input,
+    check_spec_sizes,
+    track_parameters,
+)
 
 __all__ = ["LowRankLinear"]
 
@@ -51,6 +59,8 @@ class LowRankLinear(nn.Module):
     (``torch.cat([p.reshape(-1) for p in model.parameters()])``), and ``safetensors.torch.save_file`` of its state
     dict needs contiguous copies (``{k: v.contiguous() for k, v in sd.items()}``; :func:`bondgate.save` does that).
     """
+
+    __prepare_scriptable__ = _refuse_script  # torch.jit.script: a clear refusal
 
     def __init__(
         self,

@@ -34,6 +34,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from ._warn import warn_user
 from .io import LAYER_TYPES, _set_submodule, register_layer_type
+from .layer import _refuse_script
 
 __all__ = ["Recurrent", "RECURRENT_TYPES", "structure", "unroll", "reroll"]
 
@@ -77,6 +78,8 @@ class Recurrent(nn.Module):
     Built by :meth:`from_torch` (sharing the torch module's parameters) or like ``nn.LSTM``; ``forward`` has
     torch's signature and results (to float rounding).
     """
+
+    __prepare_scriptable__ = _refuse_script  # torch.jit.script: a clear refusal
 
     def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,

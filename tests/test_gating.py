@@ -177,20 +177,42 @@ def test_distillation_trainer_sandwich_adds_the_full_width_loss(tmp_path):
         bondgate.DistillationTrainer(model=student, teacher=teacher, args=args, sandwich=True)
 
 
-def test_controller_training_and_budget_on_held_out_rows():
+def _controller_student(penalty=5.0):
     torch.manual_seed(0)
     teacher = nn.Sequential(nn.Linear(96, 96), nn.Tanh(), nn.Linear(96, 80))
     student = copy.deepcopy(teacher)
     student[2] = MPOLinear.from_linear(student[2], max_bond=16, num_cores=3)
-    gate(student, GatingConfig(budget=0.5, controller="linear"))  # the Gumbel-trained probe
+    gate(student, GatingConfig(budget=0.5, controller="linear", penalty=penalty))  # the Gumbel-trained probe
     set_mode(student, "gate")
+    return teacher, student
+
+
+def _expected_controller_cost(student, x):
+    """The controller's expected relative cost on ``x`` (softmax of its scores over the levels' relative costs, plus
+    the controller itself): what the budget penalty ``penalty * (expected - budget)^2`` pushes toward the budget."""
+    layer = student[2]
+    with torch.no_grad():
+        probs = torch.softmax(layer.controller(torch.tanh(student[0](x))) / layer.temperature, -1)
+        return float((probs * layer.rel_cost).sum(-1).mean() + layer.controller_cost / layer.full_cost)
+
+
+def test_controller_training_and_budget_on_held_out_rows():
+    teacher, student = _controller_student()
     # easy rows (small inputs) and hard rows (large inputs): the controller can tell them apart
     def batch(n):
         scale = torch.where(torch.rand(n, 1) < 0.5, 0.1, 3.0)
         return torch.randn(n, 96) * scale
+    probe = torch.cat([batch(256) for _ in range(4)])
+    assert _expected_controller_cost(student, probe) > 0.7  # untrained: far above the 0.5 budget
     res = bondgate.distill(student, teacher, [batch(128) for _ in range(10)],
-                           loss=bondgate.DistillLoss(hidden=0, output=1.0), epochs=10, lr=3e-3, progress=False)
-    assert any("aux" in h.get("loss", {}) for h in res.history) or res.steps == 100
+                           loss=bondgate.DistillLoss(hidden=0, output=1.0), epochs=10, lr=3e-3, progress=False,
+                           log_every=10)
+    logs = [h["loss"] for h in res.history if "loss" in h]
+    assert len(logs) == 10 and all("aux" in h for h in logs)  # the budget penalty is part of every step's loss
+    assert logs[-1]["aux"] < 0.1 * logs[0]["aux"]
+    # trained with the penalty, the controller's expected cost sits at the budget (measured 0.495; without the
+    # penalty reaching the loss 0.91: the output loss alone pushes every row to the widest level)
+    assert _expected_controller_cost(student, probe) == pytest.approx(0.5, abs=0.04)
     achieved = set_budget(student, 0.5, [batch(256) for _ in range(4)])
     assert achieved == pytest.approx(0.5, abs=0.05)
     student.eval()
@@ -202,6 +224,22 @@ def test_controller_training_and_budget_on_held_out_rows():
     rep = gating_report(student)[0]
     assert rep["rows"] == 1024 and abs(sum(rep["histogram"]) - 1) < 1e-9
     assert rep["controller_fraction"] < 0.05
+
+
+def test_without_the_budget_penalty_the_controller_drifts_to_the_widest_levels():
+    # the control for the test above: the same training with penalty=0 ends far above the budget, so the expected
+    # cost near 0.5 there is the penalty's doing (and a penalty that never reaches the loss is caught)
+    teacher, student = _controller_student(penalty=0.0)
+
+    def batch(n):
+        scale = torch.where(torch.rand(n, 1) < 0.5, 0.1, 3.0)
+        return torch.randn(n, 96) * scale
+    probe = torch.cat([batch(256) for _ in range(4)])
+    res = bondgate.distill(student, teacher, [batch(128) for _ in range(10)],
+                           loss=bondgate.DistillLoss(hidden=0, output=1.0), epochs=10, lr=3e-3, progress=False,
+                           log_every=10)
+    assert all(h["loss"].get("aux") == 0.0 for h in res.history if "loss" in h)  # reported, and zero
+    assert _expected_controller_cost(student, probe) > 0.75
 
 
 def _anisotropic_rows(n, gen, d=96):
@@ -1345,3 +1383,26 @@ def test_level_counts_are_exact_when_one_model_serves_several_threads():
     with torch.inference_mode():
         for x, ys in zip(xs, outs):
             assert all(torch.allclose(y, model(x), atol=1e-6) for y in ys)
+
+
+def test_a_gated_layer_built_directly_runs_and_gates():
+    # GatedMPOLinear(16, 16) (the exported class, MPOLinear's constructor) had no gating: "no attribute 'mode'"
+    torch.manual_seed(0)
+    x = torch.randn(5, 16)
+    dense = nn.Linear(16, 16)
+    built = (GatedMPOLinear(16, 16, max_bond=4), GatedMPOLinear.from_linear(dense, max_bond=4),
+             GatedMPOLinear.from_mpo(bondgate.MPO.from_matrix(dense.weight.detach(), max_bond=4), dense.bias,
+                                     gating=GatingConfig(levels=(0.5, 1.0), budget=0.3)))
+    for layer in built:
+        layer.eval()
+        assert layer.mode == "gate" and isinstance(layer.controller, nn.Module)
+        set_mode(layer, "full")
+        with torch.no_grad():
+            full = torch.nn.functional.linear(x, layer.weight_matrix(), layer.bias)
+            torch.testing.assert_close(layer(x), full, rtol=0, atol=1e-5)
+            set_mode(layer, 0.5)  # half of every bond: the sliced MPO's product
+            half = layer.to_mpo().slice_bonds([max(1, b // 2) for b in layer.bond_dims]).to_matrix()
+            torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, half, layer.bias), rtol=0, atol=1e-5)
+    assert built[2].levels == (0.5, 1.0) and built[2].budget == 0.3
+    with pytest.raises(TypeError, match="GatingConfig"):
+        GatedMPOLinear(16, 16, gating={"budget": 0.5})

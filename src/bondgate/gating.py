@@ -78,7 +78,8 @@ from .layer import (
     track_parameters,
 )
 from .lowrank import LowRankLinear
-from .planner import get_plan, min_flops, sweep_views
+from .mpo import MPO
+from .planner import PlanPolicy, get_plan, min_flops, sweep_views
 from .surgery import _matches, check_selector, module_names, swap_module
 
 __all__ = ["GatingConfig", "GatedMPOLinear", "gate", "set_mode", "set_budget", "fit_controllers", "gating_report",
@@ -389,8 +390,40 @@ class GatedMPOLinear(MPOLinear):
 
     A gated low-rank pair (:meth:`bondgate.LowRankLinear.to_mpo_linear`: legs ``(out, 1) x (1, in)``, the bond
     is the rank) keeps a prefix of the rank per row; its inference runs two matmuls per level on contiguous
-    prefixes, and a call whose rows take several levels runs the nested-prefix kernel (:meth:`_rank_grouped`).
+    prefixes, and a call whose rows take several levels runs the nested-prefix kernel.
+
+    Build one with :func:`gate` (every MPO layer of a model), :meth:`from_mpo_linear` (an existing layer, sharing its
+    parameters), :meth:`from_linear`, or the constructor (``MPOLinear``'s arguments, randomly initialized cores);
+    ``gating`` (a :class:`GatingConfig`, default ``GatingConfig()``) sets the levels and the controller.
     """
+
+    def __init__(self, *args, gating: GatingConfig | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_config(gating)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, *args, gating: GatingConfig | None = None,
+                    **kwargs) -> "GatedMPOLinear":
+        """:meth:`MPOLinear.from_linear` (TT-SVD of a trained ``nn.Linear``), gated as ``gating`` says."""
+        layer = super().from_linear(linear, *args, **kwargs)
+        layer._init_config(gating)
+        return layer
+
+    @classmethod
+    def from_mpo(cls, mpo: MPO, bias: torch.Tensor | None = None, policy: str | PlanPolicy = "memory", *,
+                 gating: GatingConfig | None = None) -> "GatedMPOLinear":
+        """:meth:`MPOLinear.from_mpo` (the cores copied), gated as ``gating`` says."""
+        layer = cls._wrap(mpo, bias, policy)
+        layer._init_config(gating)
+        return layer
+
+    def _init_config(self, config: GatingConfig | None) -> None:
+        if config is None:
+            config = GatingConfig()
+        elif not isinstance(config, GatingConfig):
+            raise TypeError(f"gating must be a GatingConfig, got {type(config).__name__}")
+        self._init_gating(config.levels, config.temperature, config.penalty, config.budget, config.controller,
+                          config.rank)
 
     def _init_gating(self, levels: Sequence[float], temperature: float, penalty: float, budget: float,
                      controller: str = "linear", rank: int = 8, cost_rows: int = 1) -> None:
@@ -432,7 +465,9 @@ class GatedMPOLinear(MPOLinear):
 
     @classmethod
     def from_mpo_linear(cls, layer: MPOLinear, config: GatingConfig) -> "GatedMPOLinear":
-        g = cls.from_mpo(layer.to_mpo(), None if layer.bias is None else layer.bias.detach(), policy=layer.policy)
+        """``layer`` gated as ``config`` says: the gated layer holds ``layer``'s very core and bias parameters (not
+        copies), its plan policy and its int8 quantization."""
+        g = cls._wrap(layer.to_mpo(), None if layer.bias is None else layer.bias.detach(), layer.policy)
         # the layer's very parameters, not copies: a head tied to its table's cores stays tied, frozen cores stay
         # frozen, an optimizer built before gating still holds them
         g.cores, g.bias = layer.cores, layer.bias

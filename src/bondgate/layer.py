@@ -472,6 +472,11 @@ class MPOLinear(nn.Module):
     def from_mpo(cls, mpo: MPO, bias: torch.Tensor | None = None, policy: str | PlanPolicy = "memory") -> "MPOLinear":
         """Wrap an :class:`MPO` (contiguous copies of its cores become parameters — a checkpoint's copy then has
         the same memory layout, hence the same floating-point results; ``bias`` shape ``(out_features,)``)."""
+        return cls._wrap(mpo, bias, policy)
+
+    @classmethod
+    def _wrap(cls, mpo: MPO, bias: torch.Tensor | None, policy: str | PlanPolicy) -> "MPOLinear":
+        """:meth:`from_mpo`'s layer, whatever a subclass's ``from_mpo`` adds (a gated layer's default gating)."""
         if mpo.num_cores > MAX_CORES:
             raise ValueError(f"an MPO layer has at most {MAX_CORES} cores (torch.einsum has 52 index letters), "
                              f"got {mpo.num_cores}")
@@ -510,7 +515,7 @@ class MPOLinear(nn.Module):
         W = linear.weight.detach()
         mpo = MPO.from_matrix(W, num_cores=num_cores, in_factors=in_factors, out_factors=out_factors,
                               max_bond=max_bond, tol=tol)
-        layer = cls.from_mpo(mpo.to(device=W.device), linear.bias, policy=policy)
+        layer = cls._wrap(mpo.to(device=W.device), linear.bias, policy)
         return layer
 
     def spec(self) -> dict:
@@ -550,7 +555,7 @@ class MPOLinear(nn.Module):
         cores = [torch.zeros(r[k], out_f[k], in_f[k], r[k + 1], dtype=dtype) for k in range(len(out_f))]
         mpo = MPO(cores, int(spec["out_features"]), int(spec["in_features"]))
         bias = torch.zeros(int(spec["out_features"]), dtype=dtype) if spec["bias"] else None
-        layer = cls.from_mpo(mpo, bias, policy=spec.get("policy", "memory"))
+        layer = cls._wrap(mpo, bias, spec.get("policy", "memory"))
         layer.error = float("nan") if spec.get("error") is None else float(spec["error"])
         plans = spec.get("plans") or {}
         if not isinstance(plans, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in plans.items()):

@@ -242,3 +242,26 @@ def test_a_path_for_a_model_or_a_name_for_a_loss_is_refused_clearly():
     net = torch.nn.Sequential(torch.nn.Linear(8, 8))
     with pytest.raises(TypeError, match="loss must be a DistillLoss or a callable"):
         bondgate.distill(net, net, [torch.randn(4, 8)], loss="mse", steps=1, progress=False)
+
+
+def test_non_finite_calibration_inputs_name_the_first_bad_batch():
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 16))
+    data = [torch.randn(256, 64) for _ in range(5)]
+    data[3][7, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"module '0' got non-finite calibration inputs \(NaN or inf\) from batch 3 "):
+        bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5), calibration=data, progress=False)
+
+
+def test_the_most_cores_allowed_calibrate():
+    # kron_whiteners named the legs with 16 letters while a layer may have 17 cores: IndexError
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 128))
+    x = torch.randn(512, 128)
+    with torch.no_grad():
+        want = model(x)
+    bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5, num_cores=17), calibration=[x],
+                      progress=False)
+    assert len(model[0].cores) == 17
+    with torch.no_grad():
+        err = float((model(x) - want).norm() / want.norm())
+    assert err == pytest.approx(model.bondgate_report.layers[0].output_error, rel=1e-3)

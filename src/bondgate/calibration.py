@@ -249,12 +249,19 @@ def collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], data
     seconds: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {n: 0 for n in modules}
 
+    state: dict = {"batch": None, "index": -1}
+    first_bad: dict[str, int] = {}  # module -> index of the first batch that gave it a NaN/inf input
+
     def accumulate(name, mod, x, batch):
+        if batch is not state["batch"]:
+            state["batch"], state["index"] = batch, state["index"] + 1
         x2 = x.reshape(-1, x.shape[-1])
         keep = _row_mask(batch, x)
         if keep is not None:
             x2 = x2[keep]
         x2 = x2.to(torch.float64).cpu()
+        if name not in first_bad and not bool(torch.isfinite(x2).all()):
+            first_bad[name] = state["index"]
         if name not in sums:
             sums[name] = torch.zeros(x2.shape[1], dtype=torch.float64)
             seconds[name] = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float64)
@@ -272,7 +279,8 @@ def collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], data
             bad = [n for n, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
             cause = (f"the model has NaN/inf parameters ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}), "
                      f"which the forward spreads" if bad else "check the data")
-            raise ValueError(f"module {name!r} got non-finite calibration inputs (NaN or inf): {cause}")
+            where = f" from batch {first_bad[name]} (counting from 0) on" if name in first_bad else ""
+            raise ValueError(f"module {name!r} got non-finite calibration inputs (NaN or inf){where}: {cause}")
         n = counts[name]
         out[name] = InputStats(mean=sums[name] / n, second=seconds[name] / n, rows=n)
     return out
@@ -315,7 +323,7 @@ def kron_whiteners(cov: torch.Tensor, in_factors: Sequence[int], damping: float 
         C = torch.nn.functional.pad(C, (0, M - C.shape[0], 0, M - C.shape[0]))
     d = len(in_factors)
     T = C.reshape(*in_factors, *in_factors)
-    letters = "abcdefghijklmnop"[:d]
+    letters = "abcdefghijklmnopqrstuvwxy"[:d]  # "z" is the open leg; d <= MAX_CORES (17)
     total = float(torch.diagonal(C).sum())
     factors = []
     for k in range(d):

@@ -70,3 +70,9 @@ def __getattr__(name: str):
 
         return DistillationTrainer
     raise AttributeError(f"module 'bondgate' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The module's names plus ``DistillationTrainer``, which ``__getattr__`` builds on first access (so that
+    ``dir(bondgate)`` and tab completion list it)."""
+    return sorted({*globals(), "DistillationTrainer"})

@@ -8,8 +8,8 @@ modified) and returns the new model plus a per-layer report:
 * :func:`quantize_int8` -- ``torch.ao`` dynamic int8 quantization (weights int8, activations fp32).
 
 "Equal stored size" means the same number of stored weight values in the targeted layers (biases
-excluded, as in :attr:`bondgate.MPOLinear.num_params`); :func:`mpo_budget` reads those numbers off an
-MPO model so a baseline can be matched to it layer by layer. :func:`size_on_disk` and :func:`latency`
+excluded, as in :attr:`bondgate.MPOLinear.num_params`); :func:`bondgate.baselines.mpo_budget` reads those numbers
+off an MPO model so a baseline can be matched to it layer by layer. :func:`size_on_disk` and :func:`latency`
 measure what a user would ship and wait for.
 
 Targets: ``None`` selects every ``nn.Linear`` and HF ``transformers.pytorch_utils.Conv1D`` (GPT-2's
@@ -223,8 +223,15 @@ def svd_compress(
     """Replace targeted layers of a copy of ``model`` by truncated-SVD :class:`LowRankLinear` layers.
 
     Give one of: ``param_ratio`` (each layer keeps about that fraction of its ``out*in`` weights),
-    ``params`` (``{layer name: weights to store}``, e.g. :func:`mpo_budget`), or ``rank`` (an int for
-    every targeted layer, clipped to ``min(out, in)``, or ``{name: rank}``).
+    ``params`` (``{layer name: weights to store}``, e.g. :func:`bondgate.baselines.mpo_budget`), or ``rank`` (an int
+    for every targeted layer, clipped to ``min(out, in)``, or ``{name: rank}``).
+
+    ``target`` (with ``param_ratio`` or an int ``rank``; ``params`` and a ``rank`` dict name the layers themselves):
+    ``None``: every ``nn.Linear`` and HF ``Conv1D`` except layers whose weight is tied to another module and layers
+    inside torch's ``nn.MultiheadAttention`` / ``nn.Transformer*`` modules (listed in ``info["skipped"]``); a
+    string: a regex that must match a whole module name, filtering those (``KeyError`` when it matches no layer); a
+    callable ``(name, module) -> bool``, filtering them too; or a list of module names: exactly those layers
+    (one that does not exist, is not a linear layer or cannot be replaced raises).
 
     With a budget ``n`` the rank is ``max(1, n // (in + out))``, so a layer never stores more than its
     budget unless even rank 1 does. If the budget covers the dense ``out*in`` weights, or the rank
@@ -290,11 +297,17 @@ def magnitude_prune(
     """Zero all but the ``budget`` largest-``|w|`` weights of each targeted layer in a copy of ``model``.
 
     Budgets: ``param_ratio`` (``round(ratio * numel)`` per layer) or ``params`` (``{name: n}``, e.g.
-    :func:`mpo_budget`). Ties in ``|w|`` keep the entry with the lower flat index of the stored weight,
-    so the result is deterministic and the non-zero count is exactly the budget (unless the weight
+    :func:`bondgate.baselines.mpo_budget`). Ties in ``|w|`` keep the entry with the lower flat index of the stored
+    weight, so the result is deterministic and the non-zero count is exactly the budget (unless the weight
     already had fewer non-zeros). The zeros are written into the weight itself: no
     ``torch.nn.utils.prune`` masks or hooks remain, and the layers stay dense modules (no speed-up;
     see :func:`size_on_disk` with ``sparse=`` for the storage cost of the non-zeros).
+
+    ``target`` (with ``param_ratio``; the keys of ``params`` name the layers themselves): ``None``: every
+    ``nn.Linear`` and HF ``Conv1D`` except layers whose weight is tied to another module (listed in
+    ``info["skipped"]``); a string: a regex that must match a whole module name, filtering those (``KeyError`` when
+    it matches no layer); a callable ``(name, module) -> bool``, filtering them too; or a list of module names:
+    exactly those layers (one that does not exist, is not a linear layer or is tied raises).
 
     Returns ``(new_model, info)``; ``info["layers"][name]`` holds ``budget``, ``params`` (non-zeros
     kept), ``dense_params``, ``density`` and ``error`` (relative Frobenius weight error).
@@ -347,10 +360,10 @@ def quantize_int8(model: nn.Module, target: Target = None) -> nn.Module:
     fly per batch, outputs are fp32. HF ``Conv1D`` is not an ``nn.Linear`` (``quantize_dynamic``
     matches exact module types and would leave GPT-2's layers in fp32), so targeted ``Conv1D`` layers
     are first converted to the equivalent ``nn.Linear`` (weight transposed) and then quantized.
-    Targets follow the module docstring; ``target=None`` differs from the bare
-    ``quantize_dynamic(m, {nn.Linear})`` in leaving tied layers (an LM head; ``quantize_dynamic``
-    would copy a tied head into an untied int8 one) and layers inside ``nn.Transformer*`` modules
-    (which ``quantize_dynamic`` breaks) in fp32.
+    ``target`` takes what :func:`bondgate.svd_compress`'s does (None, a regex, a callable, a list of names);
+    ``target=None`` differs from the bare ``quantize_dynamic(m, {nn.Linear})`` in leaving tied layers (an LM head;
+    ``quantize_dynamic`` would copy a tied head into an untied int8 one) and layers inside ``nn.Transformer*``
+    modules (which ``quantize_dynamic`` breaks) in fp32.
 
     Caveats: CPU only (fbgemm/x86/qnnpack engines), fp32 models only, inference only (the result is
     in eval mode and has no gradients), :class:`LowRankLinear` / :class:`MPOLinear` are left as they
@@ -491,11 +504,16 @@ def stored_bytes(model: nn.Module, sparse: bool | Iterable[str] = False) -> int:
 
 
 def size_on_disk(model: nn.Module, path: str | os.PathLike | None = None, sparse: bool | Iterable[str] = False) -> int:
-    """Like :func:`stored_bytes`; with ``path`` the file is also written there and its size returned.
+    """Bytes (an int, not MB) of the model's state dict as shipped: the size of the safetensors file of
+    :func:`bondgate.baselines.sparse_state_dict` (tied weights stored once); a dynamic int8 model
+    (:func:`bondgate.quantize_int8`) is measured as its ``torch.save`` state dict instead. With ``path`` the file is
+    also written there and its size on disk returned (the same number); without, nothing is written
+    (:func:`bondgate.baselines.stored_bytes` gives the same count).
 
-    Compare a pruned model both ways: ``sparse=False`` (the zeros stored densely, what
-    ``save_file(model.state_dict())`` gives) and ``sparse=info["layers"]`` (the non-zeros in CSR:
-    8 bytes per fp32 non-zero plus 4 bytes per row).
+    ``sparse``: ``True`` stores every ``nn.Linear`` / ``Conv1D`` weight (tied ones excepted) in CSR form, a list of
+    module names those layers' weights (not for int8 models). Compare a pruned model both ways: ``sparse=False``
+    (the zeros stored densely, what ``save_file(model.state_dict())`` gives) and ``sparse=info["layers"]`` (the
+    non-zeros in CSR: 8 bytes per fp32 non-zero plus 4 bytes per row).
     """
     data = _serialize(model, sparse)
     if path is None:
@@ -526,8 +544,10 @@ def latency(
     arguments. The model runs in eval mode (its train/eval flags are restored afterwards, and so is the routing state
     of gated layers: their price and level counts are as before the timing calls); with
     ``threads`` the intra-op thread count is set for the measurement and restored. CUDA is
-    synchronized around each call. Returns ``median``, ``p10``, ``p90``, ``mean``, ``min`` (seconds),
-    ``reps`` and ``threads`` (the count in effect). To compare models, :func:`paired_latency`.
+    synchronized around each call. ``reps``: timed calls (default 50); ``warmup``: untimed calls made first
+    (default 5, so that one-time work such as a layer's first-call planning is not timed). Returns ``median``,
+    ``p10``, ``p90``, ``mean``, ``min`` (seconds), ``reps`` and ``threads`` (the count in effect). To compare
+    models, :func:`bondgate.baselines.paired_latency`.
     """
     return paired_latency({"model": model}, example_inputs, reps=reps, rounds=1, warmup=warmup,
                           threads=threads)["model"]

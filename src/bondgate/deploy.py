@@ -102,7 +102,7 @@ def deploy_int8(model: nn.Module, rows: int | None = 32, dense: bool = True) -> 
             fused ``nn.Transformer*`` / ``nn.MultiheadAttention`` modules, are left as they are).
 
     Returns the copy in eval mode; ``copy.bondgate_int8`` maps each candidate layer's name to its
-    :class:`Int8Choice`.
+    :class:`bondgate.deploy.Int8Choice`.
     """
     _check(model, rows)
     new = copy.deepcopy(model).eval()

@@ -64,6 +64,7 @@ class DistillLoss:
     output: relative MSE between the model outputs when they are plain tensors (e.g. an MLP); over every position
         (no mask: for a transformers model use ``hidden`` / ``logits`` / ``pooled``, which skip padding).
     task: the student's own ``loss`` (transformers models compute it when the batch has ``labels``).
+    temperature: the ``T`` of the ``logits`` term (default 2.0; must be > 0).
 
     A loss of your own passed to :func:`distill` is called as ``loss(student_out, teacher_out, batch)`` and returns
     ``(total, {term: float})``: the scalar tensor to minimize and the values to log.
@@ -85,6 +86,8 @@ class DistillLoss:
             raise ValueError(f"DistillLoss.temperature must be > 0, got {self.temperature!r}")
 
     def wants_hidden(self) -> bool:
+        """Whether a term needs the models' hidden states (``hidden > 0`` or ``pooled > 0``): :func:`distill` then
+        calls transformers models with ``output_hidden_states=True`` (for dict batches)."""
         return self.hidden > 0 or self.pooled > 0
 
     def __call__(self, student_out, teacher_out, batch=None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -303,7 +306,15 @@ def distill(
     mode — its dropout is on, as in any fine-tuning, so the logged losses include that noise; like transformers'
     Trainer, ``student.train()`` also wakes submodules you had put in eval mode (a BatchNorm that must stay frozen needs a
     ``train()`` override that keeps it in eval mode) — and is returned in eval mode, also when a ``FloatingPointError`` stops it. ``seed`` seeds this call only (the caller's random state is restored). ``loss``: a
-    :class:`DistillLoss` or a callable ``(student_out, teacher_out, batch) -> (total, {term: float})``.
+    :class:`DistillLoss` or a callable ``(student_out, teacher_out, batch) -> (total, {term: float})``; ``None``
+    means ``DistillLoss()``, i.e. ``hidden=1.0`` and every other term 0, which needs outputs with ``hidden_states``
+    (a transformers model): for a model returning a plain tensor pass ``DistillLoss(hidden=0, output=1)``.
+
+    Optimizer: AdamW with peak learning rate ``lr`` (default 1e-4) and decoupled ``weight_decay`` (default 0.0),
+    which applies to the trainable parameters with 2 or more dimensions only (biases and other 1-D parameters get
+    none). ``grad_clip``: the largest L2 norm of all trainable parameters' gradients together (default 1.0; 0 or
+    ``None``: no clipping). ``log_every``: steps between the loss records of ``DistillResult.history`` and the
+    progress bar's loss display (default 50).
 
     Stops at ``steps``, after ``epochs``, after ``max_minutes`` of training wall time (time spent in
     ``eval_fn`` is not counted; ``DistillResult.eval_seconds`` reports it), or when ``eval_fn``
@@ -563,7 +574,11 @@ def _make_trainer_class():
                 _check_sandwich(self.model)
             self.sandwich = sandwich
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False,
+                         num_items_in_batch=None) -> torch.Tensor | tuple[torch.Tensor, object]:
+            """The distillation loss of ``model`` (the student) against the teacher on ``inputs``, plus the modules'
+            auxiliary losses (and the full-width pass with ``sandwich``): a scalar per-batch mean, or ``(loss, student
+            outputs)`` with ``return_outputs``. ``num_items_in_batch`` is ignored."""
             want = self.distill_loss.wants_hidden()
             if self.teacher is not None:
                 dev = next(model.parameters()).device
@@ -577,7 +592,8 @@ def _make_trainer_class():
                                          self.sandwich and model.training)
             return (total, s_out) if return_outputs else total
 
-        def _save_checkpoint(self, model, trial, *args, **kwargs):
+        def _save_checkpoint(self, model: nn.Module, trial, *args, **kwargs) -> None:
+            """The stock checkpoint, written with int8 layers' full-precision master cores (to resume from)."""
             # checkpoints to resume from hold int8 layers' full-precision masters (an int8 checkpoint rounds them)
             from .quant import master_state
 
@@ -585,6 +601,8 @@ def _make_trainer_class():
                 return super()._save_checkpoint(model, trial, *args, **kwargs)
 
         def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+            """A bondgate checkpoint (the files of :func:`bondgate.save`, the tokenizer, ``training_args.bin``) when the
+            model holds bondgate layers and no ``state_dict`` is given; the stock ``_save`` otherwise."""
             # a bondgate checkpoint (bondgate.json beside the weights): transformers' save_pretrained refuses a table
             # compressed with its tied head (shared tensors) and writes int8 cores that nothing reads back;
             # bondgate.from_pretrained / bondgate.load read this one. A state_dict handed in (FSDP, DeepSpeed: the
@@ -607,15 +625,19 @@ def _make_trainer_class():
             return None
 
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+            """Resume from a bondgate checkpoint in place (checksums verified); any other the stock way."""
             if not _load_bondgate_state(model if model is not None else self.model, resume_from_checkpoint):
                 super()._load_from_checkpoint(resume_from_checkpoint, model=model)
 
         def _load_best_model(self) -> None:
+            """Load the best checkpoint in place when it is a bondgate one (not under DeepSpeed / FSDP); else the
+            stock way."""
             if self.is_deepspeed_enabled or self.is_fsdp_enabled or not _load_bondgate_state(
                     self.model, self.state.best_model_checkpoint):
                 super()._load_best_model()
 
         def evaluation_loop(self, *args, **kwargs):
+            """The stock evaluation loop, leaving the gated layers' routing state (level counts, price) as it was."""
             # evaluation is not gating traffic, as in distill's eval_fn: the level counts saved with checkpoints and a
             # tracked price would otherwise depend on how often the run evaluated
             from .gating import preserved_state
@@ -623,7 +645,11 @@ def _make_trainer_class():
             with preserved_state(self.model):
                 return super().evaluation_loop(*args, **kwargs)
 
-        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        def prediction_step(self, model: nn.Module, inputs: dict, prediction_loss_only: bool,
+                            ignore_keys: list[str] | None = None
+                            ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+            """The stock step for batches with labels; otherwise ``(distillation loss, None, None)``, so that
+            evaluation reports an ``eval_loss``."""
             # the stock step computes a loss only for batches with labels; distillation data usually has none, and
             # then evaluation reported no eval_loss (load_best_model_at_end failed on the missing metric): the
             # distillation loss is the eval loss here

@@ -133,6 +133,13 @@ class MPOEmbedding(nn.Module):
     Kept rows (optional, :meth:`keep_rows_`): ``kept_ids`` (buffer, sorted int64 ``(K,)``) and ``kept_rows``
     (parameter ``(K, embedding_dim)``) hold exact rows that lookups of those ids return instead of the MPO's (int8
     per row when quantized). A layer with kept rows has no tied head (:meth:`as_linear`).
+
+    Constructor (random cores; :meth:`from_embedding` decomposes a trained table): ``max_bond``: cap on every bond
+    (int, default 8) or per bond (sequence of ``num_cores - 1`` ints/None). ``num_cores``: number of cores (default
+    3). The factors are chosen by :func:`bondgate.factorize_shape` (the vocabulary may be padded). ``padding_idx``:
+    an id in ``[-num_embeddings, num_embeddings)`` (negative ones count from the end) whose lookup returns zeros
+    and sends no gradient, as in ``nn.Embedding``; ``None``: none. ``device``, ``dtype``: of the cores (default
+    ``torch.get_default_dtype()``).
     """
 
     __prepare_scriptable__ = _refuse_script  # torch.jit.script: a clear refusal
@@ -325,14 +332,17 @@ class MPOEmbedding(nn.Module):
     # ------------------------------------------------------------------ facts
     @property
     def out_factors(self) -> tuple[int, ...]:
+        """Vocabulary leg sizes ``(out_1, ..., out_d)`` (an id's mixed-radix digits); product ``>= num_embeddings``."""
         return tuple(int(c.shape[1]) for c in self.cores)
 
     @property
     def in_factors(self) -> tuple[int, ...]:
+        """Embedding-dimension leg sizes ``(in_1, ..., in_d)``; product ``>= embedding_dim``."""
         return tuple(int(c.shape[2]) for c in self.cores)
 
     @property
     def bond_dims(self) -> tuple[int, ...]:
+        """Inner bond dimensions ``(r_1, ..., r_{d-1})`` of the cores."""
         return tuple(int(c.shape[3]) for c in self.cores[:-1])
 
     @property
@@ -419,6 +429,9 @@ class MPOEmbedding(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of the table: integer ``ids`` (``torch.long`` or ``torch.int``) of any shape ``-> (*ids.shape,
+        embedding_dim)`` in the cores' dtype; ids outside ``[0, num_embeddings)`` raise ``IndexError``, float ids
+        ``TypeError``. ``padding_idx`` positions are exact zeros."""
         if not isinstance(ids, torch.Tensor):
             raise TypeError(f"MPOEmbedding expects a tensor of integer ids, got {type(ids).__name__}")
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:

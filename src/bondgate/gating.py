@@ -13,7 +13,7 @@ cores in the sweep's matrix layout, since a bond prefix is a prefix of those mat
 Nothing is masked: a row at 50% width really runs the smaller contraction. Every level
 present in a call is a separate contraction with a fixed cost of its own, so for batched inference
 ``set_budget(..., max_groups=k)`` lets each call use at most ``k`` levels, the ``k`` that serve its rows
-best (:func:`route`; ``k=1`` gives every row of a call one width, i.e. per-input routing when a call
+best (:func:`bondgate.gating.route`; ``k=1`` gives every row of a call one width, i.e. per-input routing when a call
 is one input's tokens). A call that takes one level (one row, or ``k=1``) takes it as a Python int, and a
 one-row call on the CPU computes the controller's handful of numbers in numpy, whose per-operation
 overhead is a third of torch's: at one row, dispatch rather than arithmetic is what a decision costs.
@@ -29,8 +29,8 @@ expected FLOPs (reported by :meth:`GatedMPOLinear.bondgate_aux_loss`, which :fun
 adds to its loss) pulls the average toward the budget. After training, :func:`set_budget` calibrates
 one global price ``lam`` on inputs so that the average FLOPs per row hit any budget exactly — the
 budget can be changed at inference without retraining. A fixed price holds the budget on inputs like the
-calibration data; ``set_budget(..., track=g)`` adds a :class:`PriceTracker` that corrects the price online
-from the FLOPs the inference calls spend, so that their average stays at the budget on shifted inputs too.
+calibration data; ``set_budget(..., track=g)`` adds a :class:`bondgate.gating.PriceTracker` that corrects the price
+online from the FLOPs the inference calls spend, so that their average stays at the budget on shifted inputs too.
 
 Two controllers: ``"linear"`` (default) is the probe above, trained with the Gumbel estimator;
 ``"error"`` predicts every level's output error for the row, ``|(W - W_l) x|^2``, from a few squared
@@ -479,6 +479,8 @@ class GatedMPOLinear(MPOLinear):
 
     # ------------------------------------------------------------------ structure for checkpoints
     def spec(self) -> dict:
+        """:meth:`MPOLinear.spec` plus the gating settings (levels, temperature, penalty, budget, mode, controller,
+        max_groups, cost_rows, price tracker); JSON-serializable."""
         spec = super().spec()
         spec.update({"levels": list(self.levels), "temperature": self.temperature, "penalty": self.penalty,
                      "budget": self.budget, "mode": self.mode, "controller": self.controller_kind,
@@ -489,6 +491,8 @@ class GatedMPOLinear(MPOLinear):
 
     @classmethod
     def from_spec(cls, spec: dict) -> "GatedMPOLinear":
+        """An uninitialized layer with the structure and gating settings of :meth:`spec` (fill it with
+        ``load_state_dict``, which also restores the controller, price and level counts)."""
         if "levels" not in spec:
             raise ValueError("GatedMPOLinear spec is missing 'levels'")
         layer = super().from_spec(spec)
@@ -633,7 +637,7 @@ class GatedMPOLinear(MPOLinear):
     def decide(self, x2d: torch.Tensor) -> torch.Tensor:
         """Inference decisions, ``(B,)`` level indices: per row the level minimizing predicted error +
         ``lam`` x relative cost (``argmax(score - lam * cost)``), with at most ``max_groups`` distinct
-        levels in the call if that is set (see :func:`route`)."""
+        levels in the call if that is set (see :func:`bondgate.gating.route`)."""
         return route(self._objective(x2d), self.max_groups)
 
     def _one_level(self, x2d: torch.Tensor) -> int:
@@ -1162,7 +1166,7 @@ def set_budget(model: nn.Module, budget: float, data: Iterable, per_layer: bool 
     static truncation does; only the split between rows of a layer is decided per input.
 
     ``max_groups``: at most this many distinct levels per forward call in inference (None: no limit; see
-    :func:`route`), for batched inference where each extra group costs a separate contraction.
+    :func:`bondgate.gating.route`), for batched inference where each extra group costs a separate contraction.
     Calibration routes ``data``'s own batches under the same limit, so batch it like the inference inputs.
 
     ``cost_rows``: the call size at which a row's FLOPs are counted (the cheapest plan for that many rows,
@@ -1174,7 +1178,7 @@ def set_budget(model: nn.Module, budget: float, data: Iterable, per_layer: bool 
     share of the FLOPs as counted when they were fitted: for a shared price at a new ``cost_rows``, call
     ``set_budget`` with it once, then :func:`fit_controllers`, then ``set_budget`` again.)
 
-    ``track``: gain of an online price correction (:class:`PriceTracker`; 0 = the calibrated price stays
+    ``track``: gain of an online price correction (:class:`bondgate.gating.PriceTracker`; 0 = the calibrated price stays
     fixed). A fixed price meets the budget on inputs like ``data``; with ``track > 0`` every inference call
     moves the price against the FLOPs spent over or under the budget, so the average over the calls that
     follow is the budget even when their inputs differ from ``data``, at the price of decisions that

@@ -376,11 +376,12 @@ def save(model: nn.Module, directory: str | os.PathLike, *, report: Any = None, 
     """Write ``model`` (compressed or not) to ``directory`` as a bondgate checkpoint; return its path.
 
     ``report`` (a dict or an object with ``.to_dict()``) defaults to ``model.bondgate_report``.
-    ``tokenizer`` (anything with ``save_pretrained``) is saved beside it. Saving into an existing directory replaces
-    its checkpoint — weights files (``*.safetensors``, ``pytorch_model*.bin`` and their indexes), ``config.json``,
-    ``generation_config.json`` and ``bondgate.json`` — and keeps everything else (a README, tokenizer files, a
-    Trainer's ``checkpoint-*`` directories); the new checkpoint appears in one step, the old one stays intact if the
-    save fails.
+    ``tokenizer`` (keyword-only; anything with ``save_pretrained``, e.g. a transformers tokenizer or processor; a
+    ``TypeError`` otherwise) is saved into the same directory with its own ``save_pretrained``. Saving into an
+    existing directory replaces its checkpoint — weights files (``*.safetensors``, ``pytorch_model*.bin`` and their
+    indexes), ``config.json``, ``generation_config.json`` and ``bondgate.json`` — and keeps everything else (a README,
+    tokenizer files, a Trainer's ``checkpoint-*`` directories); the new checkpoint appears in one step, the old one
+    stays intact if the save fails.
     """
     from . import __version__
 
@@ -1080,6 +1081,10 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, tokenizer: A
     :func:`from_pretrained`, or with ``AutoModel.from_pretrained`` (and so sentence-transformers) in a process that
     imported bondgate (:mod:`bondgate.hf`) — except a model with int8 cores, which only :func:`from_pretrained`
     reads (transformers would load the int8 values into float parameters).
+
+    ``tokenizer`` (the third positional argument, or by keyword; anything with ``save_pretrained``): saved into the
+    same directory, as :func:`save` does, so that ``AutoTokenizer.from_pretrained(directory)`` reads it.
+    ``report``: as in :func:`save` (default ``model.bondgate_report``).
     """
     hf = _hf_base()
     if hf is None or not isinstance(model, hf):
@@ -1091,7 +1096,8 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, tokenizer: A
 def from_pretrained(directory: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> nn.Module:
     """Load a checkpoint written by :func:`save_pretrained` (the transformers model, in eval mode).
 
-    Tokenizer files, if saved, load with ``AutoTokenizer.from_pretrained(directory)``.
+    ``map_location``: the device (``"cpu"``, ``"cuda:0"``, a ``torch.device``) the rebuilt model is moved to after
+    loading (default ``"cpu"``). Tokenizer files, if saved, load with ``AutoTokenizer.from_pretrained(directory)``.
     """
     path = Path(directory)
     if path.is_dir() and not (path / META_NAME).is_file() and (path / "config.json").is_file():

@@ -420,6 +420,12 @@ class MPOLinear(nn.Module):
     (``1 / (3 in_features)``), see :meth:`bondgate.MPO.random`; the bias follows ``nn.Linear``.
 
     Args:
+        max_bond: bond cap of the random cores: one int for every bond (default 8) or a sequence of
+            ``num_cores - 1`` ints/None (None = uncapped); each bond is at most its cut's full rank.
+        num_cores: number of cores (default 4, at most 17); ignored when factors are given (their length wins).
+        in_factors / out_factors: leg sizes per core, multiplying exactly to ``in_features`` / ``out_features``;
+            chosen by :func:`bondgate.factorize_shape` when omitted (which may pad a dimension).
+        bias, device, dtype: as ``nn.Linear`` (``dtype`` floating point; default ``torch.get_default_dtype()``).
         policy: ``"memory"`` (never keep a dense weight or merged cores; default) or ``"speed"``
             (inference may keep the reconstructed weight or merged cores when that measured faster), or
             a :class:`bondgate.planner.PlanPolicy`. Either may keep, for inference, a copy of the cores
@@ -506,7 +512,25 @@ class MPOLinear(nn.Module):
         out_factors: Sequence[int] | None = None,
         policy: str | PlanPolicy = "memory",
     ) -> "MPOLinear":
-        """Decompose a trained ``nn.Linear`` by TT-SVD (see :meth:`bondgate.MPO.from_matrix`)."""
+        """Decompose a trained ``nn.Linear`` by TT-SVD (see :meth:`bondgate.MPO.from_matrix`).
+
+        ``max_bond``: cap on every bond (int) or per bond (sequence of ``d-1`` ints/None). ``tol``: relative
+        Frobenius tolerance, ``||W - W_mpo||_F <= tol * ||W||_F``, in ``[0, 1)``; with ``max_bond`` as well the caps
+        win and the error may exceed ``tol``. ``num_cores``: number of cores ``d`` (default 4; ignored when factors
+        are given). ``in_factors`` / ``out_factors``: leg sizes per core, multiplying exactly to ``in_features`` /
+        ``out_features``; chosen by :func:`bondgate.factorize_shape` when omitted (may pad). ``policy``: as in the
+        constructor (``"memory"``, ``"speed"`` or a :class:`~bondgate.PlanPolicy`).
+
+        With neither ``max_bond`` nor ``tol`` the decomposition is exact (full-rank bonds) and may hold MORE
+        weights than the dense layer: a 768 x 768 layer in 4 cores gets bonds ``(32, 768, 32)``, 1,181,696 weights
+        vs 589,824. Pass ``max_bond`` or ``tol`` to compress. (The plain constructor instead draws random cores
+        with ``max_bond=8``.)
+
+        The cores get the weight's dtype and device; the bias is copied. ``error`` (float) is the relative Frobenius
+        error ``||W - W_mpo||_F / ||W||_F`` of the weight as :meth:`bondgate.MPO.from_matrix` reports it: computed
+        in float64 and exact, not a bound (in float32 the cores' own rounding is left out; in float16/bfloat16 it is
+        included). A layer built by the constructor has ``error = nan``.
+        """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         if overrides_forward(linear):
@@ -581,7 +605,8 @@ class MPOLinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The weight's shape ``(out_features, in_features)``, dtype and device, without values (a
-        :class:`WeightStandIn`: computing with it raises); :meth:`weight_matrix` builds the dense weight."""
+        :class:`bondgate.layer.WeightStandIn`: computing with it raises); :meth:`weight_matrix` builds the dense
+        weight."""
         c0 = self._masters()[0]
         return WeightStandIn.of(type(self).__name__, (self.out_features, self.in_features), c0.dtype, c0.device,
                                 any(c.requires_grad for c in self._masters()))
@@ -609,14 +634,17 @@ class MPOLinear(nn.Module):
     # ------------------------------------------------------------------ facts
     @property
     def out_factors(self) -> tuple[int, ...]:
+        """Output leg sizes ``(out_1, ..., out_d)``; their product is ``>= out_features`` (padded rows are dropped)."""
         return tuple(int(c.shape[1]) for c in self._masters())
 
     @property
     def in_factors(self) -> tuple[int, ...]:
+        """Input leg sizes ``(in_1, ..., in_d)``; their product is ``>= in_features`` (the input is zero-padded)."""
         return tuple(int(c.shape[2]) for c in self._masters())
 
     @property
     def bond_dims(self) -> tuple[int, ...]:
+        """Inner bond dimensions ``(r_1, ..., r_{d-1})`` of the cores."""
         return tuple(int(c.shape[3]) for c in self._masters()[:-1])
 
     @property
@@ -626,6 +654,8 @@ class MPOLinear(nn.Module):
 
     @property
     def policy(self) -> PlanPolicy:
+        """The :class:`~bondgate.PlanPolicy` the plans are chosen under; settable with ``"memory"``, ``"speed"`` or a
+        ``PlanPolicy`` (setting it drops the plans and kept operands)."""
         return self._policy
 
     @policy.setter
@@ -773,7 +803,8 @@ class MPOLinear(nn.Module):
 
     def refresh(self) -> None:
         """Drop every operand kept between calls. Only needed after a write that bypasses torch (through a
-        numpy view or DLPack): torch's in-place writes, ``.data`` included, are seen (:class:`TrackedParameter`)."""
+        numpy view or DLPack): torch's in-place writes, ``.data`` included, are seen (the cores are
+        :class:`bondgate.layer.TrackedParameter` s)."""
         self._reset_caches()
 
     def set_cores(self, cores: Sequence[torch.Tensor]) -> None:
@@ -820,6 +851,9 @@ class MPOLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T + b``: ``(*, in_features) -> (*, out_features)`` (a nested tensor too). ``x`` must have the
+        cores' dtype (``TypeError`` otherwise); inside ``torch.autocast`` the contraction runs in the cores' dtype
+        and the output has autocast's dtype (a float64 input is not cast: it needs float64 cores)."""
         # Hot path: every line here runs per call (a B=1 GEMV takes ~10 us), so no reshapes of 2-D
         # inputs, no planning after the first call per row bucket, and dtype errors are diagnosed
         # only when the kernel raises.

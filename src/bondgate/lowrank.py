@@ -6,6 +6,7 @@ a layer's latency budget favours two GEMMs over an MPO contraction; :func:`bondg
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -21,6 +22,9 @@ from .layer import (
     check_spec_sizes,
     track_parameters,
 )
+
+if TYPE_CHECKING:  # for to_mpo_linear's annotation
+    from .layer import MPOLinear
 
 __all__ = ["LowRankLinear"]
 
@@ -54,8 +58,9 @@ class LowRankLinear(nn.Module):
 
     The parameters are :class:`~bondgate.layer.TrackedParameter` s (every write is seen, ``.data`` included), so that a
     consumer of the dense ``U @ V`` (:class:`bondgate.Recurrent`'s fused path) can keep it between inference calls.
-    ``U`` is held transposed (a contiguous ``(rank, out)`` matrix, see ``_u_parameter``): code that flattens
-    parameters with ``.view(-1)``, such as ``torch.nn.utils.parameters_to_vector``, needs ``.reshape(-1)`` here
+    ``U`` is held transposed (the transpose of a contiguous ``(rank, out)`` matrix, strides ``(1, out)``: faster
+    with few rows and a wide output on CPU BLAS): code that flattens parameters with ``.view(-1)``, such as
+    ``torch.nn.utils.parameters_to_vector``, needs ``.reshape(-1)`` here
     (``torch.cat([p.reshape(-1) for p in model.parameters()])``), and ``safetensors.torch.save_file`` of its state
     dict needs contiguous copies (``{k: v.contiguous() for k, v in sd.items()}``; :func:`bondgate.save` does that).
     """
@@ -136,6 +141,7 @@ class LowRankLinear(nn.Module):
 
     @property
     def rank(self) -> int:
+        """The inner dimension of ``U @ V`` (``U.shape[1] == V.shape[0]``)."""
         return int(self.U.shape[1])
 
     @property
@@ -156,6 +162,7 @@ class LowRankLinear(nn.Module):
             return self.U @ self.V
 
     def to_linear(self) -> nn.Linear:
+        """An ``nn.Linear`` (a copy) with weight ``U @ V`` and this layer's bias, same dtype and device."""
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=self.U.device, dtype=self.U.dtype)
         with torch.no_grad():
@@ -177,10 +184,12 @@ class LowRankLinear(nn.Module):
                 second.bias.copy_(self.bias)
         return nn.Sequential(first, second)
 
-    def to_mpo_linear(self, policy: str = "speed"):
+    def to_mpo_linear(self, policy: str = "speed") -> MPOLinear:
         """The same map as a 2-core :class:`~bondgate.MPOLinear` whose bond is the rank: legs
         ``(out_features, 1) x (1, in_features)``, cores ``U`` as ``(1, out, 1, rank)`` and ``V`` as
-        ``(rank, 1, in, 1)`` (copies). :func:`bondgate.gate` uses it to gate the rank per input row."""
+        ``(rank, 1, in, 1)`` (copies). :func:`bondgate.gate` uses it to gate the rank per input row. ``policy``: the
+        new layer's plan policy (``"speed"`` by default here, ``"memory"``, or a :class:`~bondgate.PlanPolicy`);
+        its ``error`` is this layer's, its ``requires_grad`` ``U``'s."""
         from .layer import MPOLinear
         from .mpo import MPO
 
@@ -192,6 +201,8 @@ class LowRankLinear(nn.Module):
         return layer.requires_grad_(self.U.requires_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x @ V.T) @ U.T + b``: ``(*, in_features) -> (*, out_features)``, with ``nn.Linear``'s dtype rules (``x``
+        must have the factors' dtype; under ``torch.autocast`` the output has autocast's dtype)."""
         try:
             return nn.functional.linear(nn.functional.linear(x, self.V), self.U, self.bias)
         except (RuntimeError, TypeError):

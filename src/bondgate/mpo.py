@@ -136,22 +136,27 @@ class MPO:
     # ------------------------------------------------------------------ shape facts
     @property
     def num_cores(self) -> int:
+        """Number of cores ``d`` (``len(cores)``)."""
         return len(self.cores)
 
     @property
     def out_factors(self) -> tuple[int, ...]:
+        """Output leg sizes ``(out_1, ..., out_d)``; their product is :attr:`padded_out`."""
         return tuple(int(c.shape[1]) for c in self.cores)
 
     @property
     def in_factors(self) -> tuple[int, ...]:
+        """Input leg sizes ``(in_1, ..., in_d)``; their product is :attr:`padded_in`."""
         return tuple(int(c.shape[2]) for c in self.cores)
 
     @property
     def padded_out(self) -> int:
+        """``prod(out_factors)``: rows of the operator, ``>= out_features`` (larger when the rows are padded)."""
         return math.prod(self.out_factors)
 
     @property
     def padded_in(self) -> int:
+        """``prod(in_factors)``: columns of the operator, ``>= in_features`` (larger when the columns are padded)."""
         return math.prod(self.in_factors)
 
     @property
@@ -161,10 +166,12 @@ class MPO:
 
     @property
     def num_params(self) -> int:
+        """Entries held by the cores, ``sum_k r_{k-1} out_k in_k r_k`` (a count of numbers, not bytes)."""
         return sum(c.numel() for c in self.cores)
 
     @property
     def dtype(self) -> torch.dtype:
+        """The cores' dtype (read from the first core)."""
         return self.cores[0].dtype
 
     def max_bond_dims(self) -> tuple[int, ...]:
@@ -271,6 +278,12 @@ class MPO:
         uncorrelated, so choosing ``s_k^2 = (1/(3 in))^(1/d) / sqrt(r_{k-1} r_k)`` reproduces the
         dense layer's output variance for any input (unlike plain ``torch.randn`` cores, whose
         output variance grows like ``prod_k r_k``).
+
+        ``bond``: cap on every bond (int) or per bond (sequence of ``d-1`` ints/None, None = uncapped); every bond
+        is also capped at its cut's full rank (:meth:`max_bond_dims`). ``num_cores``, ``in_factors`` /
+        ``out_factors``: as in :meth:`from_matrix`. ``generator``: the ``torch.Generator`` the Gaussian cores are
+        drawn from (``None``: torch's global RNG); it must be on the CPU, where the cores are made. ``error`` of
+        the result is ``nan`` (there is no matrix to compare with).
         """
         out_f, in_f = factorize_shape(out_features, in_features, num_cores, out_factors, in_factors)
         d = len(out_f)

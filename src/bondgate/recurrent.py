@@ -77,6 +77,17 @@ class Recurrent(nn.Module):
 
     Built by :meth:`from_torch` (sharing the torch module's parameters) or like ``nn.LSTM``; ``forward`` has
     torch's signature and results (to float rounding).
+
+    Constructor, with torch's meanings and defaults: ``mode``: ``"LSTM"``, ``"GRU"`` or ``"RNN"`` (uppercase, as
+    torch's class names; the Elman RNN's activation is ``nonlinearity``). ``input_size``: features of the
+    input. ``hidden_size``: features of the hidden state. ``num_layers``: stacked layers (default 1). ``bias``:
+    the ``ih`` / ``hh`` projections have biases (default True). ``batch_first``: inputs and outputs are ``(N, L,
+    H)`` instead of ``(L, N, H)`` (``hx`` is not affected). ``dropout``: dropout probability in ``[0, 1]`` on the
+    outputs of every layer but the last, in training. ``bidirectional``: run each layer in both directions
+    (outputs concatenated: ``2 * output_size`` features). ``proj_size``: an LSTM's output projection size (0 = none;
+    ``< hidden_size``). ``nonlinearity``: ``"tanh"`` or ``"relu"``, for ``mode="RNN"`` only. ``dtype``: of the
+    projections' parameters (default ``torch.get_default_dtype()``). Every weight and bias is drawn from
+    ``U(-1/sqrt(hidden_size), 1/sqrt(hidden_size))``, as torch does. The projections are plain ``nn.Linear``.
     """
 
     __prepare_scriptable__ = _refuse_script  # torch.jit.script: a clear refusal
@@ -218,6 +229,7 @@ class Recurrent(nn.Module):
 
     @property
     def num_directions(self) -> int:
+        """2 when ``bidirectional``, else 1 (torch's ``D``)."""
         return 2 if self.bidirectional else 1
 
     @property
@@ -429,7 +441,8 @@ class Recurrent(nn.Module):
             outs.append(h.new_zeros(h.shape).index_copy(0, live, h_live))
         return torch.stack(outs), h, c
 
-    def forward(self, input: torch.Tensor | PackedSequence, hx: Any = None):
+    def forward(self, input: torch.Tensor | PackedSequence, hx: Any = None
+                ) -> tuple[torch.Tensor | PackedSequence, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
         """torch's ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` forward: ``(output, h_n)``, ``(output, (h_n, c_n))``.
 
         With ``fused`` (default) and projections that are ``nn.Linear``, ``MPOLinear`` or ``LowRankLinear`` without

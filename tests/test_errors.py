@@ -254,14 +254,56 @@ def test_non_finite_calibration_inputs_name_the_first_bad_batch():
 
 def test_the_most_cores_allowed_calibrate():
     # kron_whiteners named the legs with 16 letters while a layer may have 17 cores: IndexError
+    from bondgate.calibration import kron_whiteners
+
+    torch.manual_seed(0)
+    x = torch.randn(400, 16, dtype=torch.float64) * torch.linspace(0.5, 2, 16, dtype=torch.float64)
+    cov = x.T @ x / 400
+    legs = (2, 2, 2, 2) + (1,) * 13  # 17 legs, as compress may give a layer's input side
+    S, S_inv = kron_whiteners(cov, legs, damping=0.0)
+    few = kron_whiteners(cov, (2, 2, 2, 2), damping=0.0)[0]
+    for k in range(17):  # legs of 1 are scalars; the 2-legs are the 4-leg whiteners' up to scale (same partial traces)
+        if k < 4:
+            torch.testing.assert_close(S[k], few[k] * S[k][0, 0] / few[k][0, 0])
+        assert S[k].shape == (legs[k], legs[k])
+        torch.testing.assert_close(S[k] @ S_inv[k], torch.eye(legs[k], dtype=S[k].dtype))
+
+
+def test_a_layer_gets_no_more_cores_than_its_legs_allow():
+    # 128 x 128 at 12 cores was legs of 1 on one side or both (the middle bonds a cut between all inputs and all
+    # outputs): 0.208 of the weights kept for param_ratio=0.5, held-out error 0.92; 7 cores of legs 2 now
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(128, 128))
     x = torch.randn(512, 128)
-    with torch.no_grad():
-        want = model(x)
-    bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5, num_cores=17), calibration=[x],
+    bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5, num_cores=12), calibration=[x],
                       progress=False)
-    assert len(model[0].cores) == 17
+    layer = model[0]
+    assert layer.in_factors == layer.out_factors == (2,) * 7
+    assert model.bondgate_report.ratio == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("where", ["2.weight", "4.bias"])
+@pytest.mark.parametrize("calibrate", [True, False])
+def test_a_model_with_non_finite_parameters_is_refused(where, calibrate):
+    # a NaN/inf weight was skipped with a warning (the call returned a NaN model) and a NaN bias went unchecked,
+    # its layer reported with output error 0.0
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 64))
     with torch.no_grad():
-        err = float((model(x) - want).norm() / want.norm())
-    assert err == pytest.approx(model.bondgate_report.layers[0].output_error, rel=1e-3)
+        model.get_parameter(where).view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match=rf"compress: {where} contains NaN or inf \(1 entries\)"):
+        bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5),
+                          calibration=[torch.randn(512, 64)] if calibrate else None, progress=False)
+    assert all(type(m) is not MPOLinear for m in model)  # nothing swapped
+
+
+def test_lowrank_alone_needs_no_mpo_cores_and_an_empty_target_list_warns():
+    # kinds=("lowrank",) with num_cores=1 skipped every layer: "no 1-core MPO ... is smaller"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 128))
+    bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5, num_cores=1, kinds=("lowrank",)),
+                      calibration=[torch.randn(512, 128)], progress=False)
+    assert isinstance(model[0], bondgate.LowRankLinear) and model[0].rank == 32
+    model = nn.Sequential(nn.Linear(16, 16))
+    with pytest.warns(UserWarning, match=r"target_modules=\[\] selects no layer"):
+        bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5, target_modules=[]), progress=False)
+    assert isinstance(model[0], nn.Linear)

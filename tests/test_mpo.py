@@ -133,9 +133,20 @@ def test_large_primes_are_padded_a_little(n):
 
 @pytest.mark.parametrize("max_pad", [float("nan"), float("inf"), -0.1, "x", True])
 def test_choose_factors_checks_max_pad(max_pad):
-    with pytest.raises(ValueError, match="max_pad must be a finite number"):
+    with pytest.raises(ValueError, match="max_pad must be None or a finite number"):
         choose_factors(997, 2, max_pad=max_pad)
     assert choose_factors(997, 2, max_pad=np.float32(0.25)) == choose_factors(997, 2)  # any real number
+
+
+def test_choose_factors_max_pad_bounds_the_padding():
+    # max_pad below 1 had no effect: the search always ran to 2n (62 in 3 padded to 64 with max_pad=0)
+    assert choose_factors(62, 3, max_pad=0) == (62, (1, 2, 31))  # no padding allowed: 62's balanced factors
+    assert choose_factors(62, 3, max_pad=0.05) == (64, (4, 4, 4))  # 64 <= 62 * 1.05
+    assert choose_factors(41, 4) == (54, (2, 3, 3, 3))  # default: up to 2n (32% here)
+    assert choose_factors(41, 4, max_pad=0.25) == (41, (1, 1, 1, 41))  # nothing up to 51 is balanced enough
+    for n, d, pad in ((97, 3, 0.1), (4099, 3, 0.01), (30522, 4, 0.002)):
+        padded, legs = choose_factors(n, d, max_pad=pad)
+        assert n <= padded <= n * (1 + pad) and math.prod(legs) == padded
 
 
 def test_factorize_shape_orders_legs():
@@ -225,3 +236,38 @@ def test_cut_errors_of_an_mpo_that_has_its_own_error_and_of_float32_cores():
         t = m32.truncate(**cut)
         measured = float((t.to_matrix().double() - f.double()).norm() / f.double().norm())
         assert abs(t.error - measured) < 1e-6  # no cancellation floor (the old form: ~1e-4)
+
+
+def _from_unfolding(A, out_f, in_f):
+    """The matrix whose 2-core unfolding ``(o1 i1, o2 i2)`` is ``A`` (the inverse of :func:`_unfolding`, k = 0)."""
+    (o1, o2), (i1, i2) = out_f, in_f
+    return A.reshape(o1, i1, o2, i2).permute(0, 2, 1, 3).reshape(o1 * o2, i1 * i2)
+
+
+def test_tol_keeps_the_smallest_rank_that_meets_it():
+    # the rank kept for a tolerance is the least one whose discarded mass fits, not one more
+    out_f, in_f = (4, 6), (5, 4)
+    gen = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(20, 20, generator=gen, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(24, 24, generator=gen, dtype=torch.float64))[0]
+    s = torch.tensor([2.0 ** -j for j in range(20)], dtype=torch.float64)  # 1, 1/2, 1/4, ...
+    W = _from_unfolding(U @ torch.diag(s) @ V[:, :20].T, out_f, in_f)
+    assert torch.allclose(_unfolding(W, out_f, in_f, 0), U @ torch.diag(s) @ V[:, :20].T)
+    norm = float(s.square().sum().sqrt())
+    for k in (1, 3, 7):
+        tail_k, tail_k1 = float(s[k:].square().sum().sqrt()), float(s[k - 1:].square().sum().sqrt())
+        tol = math.sqrt(tail_k * tail_k1) / norm  # between the error of rank k and of rank k - 1
+        mpo = MPO.from_matrix(W, out_factors=out_f, in_factors=in_f, tol=tol)
+        assert mpo.bond_dims == (k,), (k, mpo.bond_dims)
+        assert mpo.error == pytest.approx(tail_k / norm, rel=1e-9)  # Eckart-Young: the tail's norm
+        assert MPO.from_matrix(W, out_factors=out_f, in_factors=in_f).truncate(tol=tol).bond_dims == (k,)
+    # exactly rank 5 (per bond): a tiny tol keeps exactly 5
+    low = _from_unfolding(U[:, :5] @ torch.diag(s[:5]) @ V[:, :5].T, out_f, in_f)
+    assert MPO.from_matrix(low, out_factors=out_f, in_factors=in_f, tol=1e-9).bond_dims == (5,)
+    # a Kronecker product of three factors is an MPO with every bond 1
+    A, B, C = (torch.randn(o, i, generator=gen, dtype=torch.float64) for o, i in ((2, 3), (4, 2), (3, 4)))
+    kron = torch.kron(torch.kron(A, B), C)
+    exact = MPO.from_matrix(kron, out_factors=(2, 4, 3), in_factors=(3, 2, 4), tol=1e-9)
+    assert exact.bond_dims == (1, 1) and rel(exact.to_matrix(), kron) < 1e-12
+    full = MPO.from_matrix(kron, out_factors=(2, 4, 3), in_factors=(3, 2, 4))
+    assert full.bond_dims == (6, 12) and full.truncate(tol=1e-9).bond_dims == (1, 1)

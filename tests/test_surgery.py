@@ -45,11 +45,11 @@ def test_targets_regex_list_exclude_and_skips():
     model = mlp()
     compress(model, CompressionConfig(max_bond=8, target_modules=r"\d", exclude=["4"]), progress=False)
     assert isinstance(model[0], MPOLinear) and isinstance(model[4], nn.Linear)
-    # a 1x256 output layer cannot shrink below its dense size with 3 cores at bond 1? it can: check skip logic
-    tiny = nn.Sequential(nn.Linear(3, 2))
+    # a 2x2 layer: no MPO is smaller (its legs allow 2 cores: 2 + 2 weights at bond 1, as many as dense)
+    tiny = nn.Sequential(nn.Linear(2, 2))
     compress(tiny, CompressionConfig(max_bond=1), progress=False)
     assert isinstance(tiny[0], nn.Linear)
-    assert tiny.bondgate_report.layers[0].status.startswith("skipped: no 3-core MPO")
+    assert tiny.bondgate_report.layers[0].status.startswith("skipped: no 2-core MPO")
 
 
 def test_compress_inside_inference_mode_matches_and_trains():
@@ -162,6 +162,58 @@ def test_allocator_budget_equal_slopes_and_dense_fallback():
     # a layer whose MPO at the cap is no smaller than its dense weights stays dense: here the cap that fits 300
     # would give the 256-weight layer 8 x 32 = 256 weights or more
     assert uniform_widths(spectra, 300) == [None]
+
+
+def _best_by_enumeration(menus, budget):
+    """The least total weighted error over every combination of menu entries that fits ``budget`` (brute force)."""
+    import itertools
+
+    best = None
+    for js in itertools.product(*(range(len(m.params)) for m in menus)):
+        if sum(m.params[j] for m, j in zip(menus, js)) <= budget:
+            err = sum(m.weight * m.errors[j] for m, j in zip(menus, js))
+            best = err if best is None else min(best, err)
+    return best
+
+
+def test_allocator_spends_the_leftover_on_the_best_error_per_weight_upgrade():
+    from bondgate.allocation import LayerMenu
+
+    # by hand: layer A offers (10 weights, error 100), (20, 40), (24, 30); layer B (10, 100), (15, 85), (30, 20);
+    # both can stay dense (1000, 0). At budget 35 the price that fits picks A at 20 and B at 10 (B's (30, 20) does
+    # not fit), 5 weights left. Two upgrades fit, not both: B 10 -> 15 gains 15 for 5 weights (3 per weight), A 20
+    # -> 24 gains 10 for 4 (2.5 per weight). The better rate wins: errors 40 + 85 = 125, the optimum at 35 weights
+    # (A 24 + B 10 would end at 130).
+    a = LayerMenu([1000, 10, 20, 24], [0.0, 100.0, 40.0, 30.0], [None, 1, 2, 3])
+    b = LayerMenu([1000, 10, 15, 30], [0.0, 100.0, 85.0, 20.0], [None, 1, 2, 3])
+    assert allocate([a, b], 35) == [2, 2]
+    assert _best_by_enumeration([a, b], 35) == 125.0
+    assert allocate([a, b], 30) == [2, 1]  # nothing left over: the price's pick
+
+
+def test_allocator_grows_the_bond_with_the_largest_schmidt_value_per_weight():
+    from bondgate.allocation import LayerMenu
+
+    # two 2-core MPOs of 16 x 16 legs: a channel of the one bond costs 16 + 16 = 32 weights; layer A's Schmidt
+    # values 5, 3, 1, 0.5 (next channel gains 9), layer B's 5, 2, 1.5, 0.5 (gains 4, then 2.25). The menus hold
+    # only bond 1 and "dense"; the leftover grows single channels, the largest squared Schmidt value first.
+    sa, sb = torch.tensor([5.0, 3.0, 1.0, 0.5]), torch.tensor([5.0, 2.0, 1.5, 0.5])
+
+    def menu(s):
+        return LayerMenu([256, 32], [0.0, float(s[1:].square().sum())], [None, (1,)], leg_sizes=[16, 16],
+                         spectra=[s])
+
+    menus = [menu(sa), menu(sb)]
+    assert allocate(menus, 64) == [(1,), (1,)]
+    assert allocate(menus, 96) == [(2,), (1,)]  # A's 9 before B's 4
+    assert allocate(menus, 128) == [(2,), (2,)]  # then B's 4 before A's 1
+    assert allocate(menus, 160) == [(2,), (3,)]  # then B's 2.25 before A's 1
+    for budget in (96, 128, 160):  # each is the least error at that budget (brute force over the widths)
+        widths = allocate(menus, budget)
+        err = sum(float(s[w[0]:].square().sum()) for s, w in zip((sa, sb), widths))
+        best = min(float(sa[i:].square().sum() + sb[j:].square().sum()) for i in range(1, 5) for j in range(1, 5)
+                   if 32 * (i + j) <= budget)
+        assert err == pytest.approx(best)
 
 
 def test_kron_whiteners_are_exact_for_kronecker_covariances():
@@ -744,12 +796,14 @@ def test_common_calibration_mistakes_are_named():
     with pytest.raises(TypeError, match=r"list of 2, passed as 2 positional arguments.*inputs only"):
         compress(mlp(), CompressionConfig(param_ratio=0.5), calibration=DataLoader(TensorDataset(x, y), batch_size=64),
                  progress=False)
-    # a NaN weight (that layer is skipped) blamed the finite data of the layer after it
+    # a NaN weight blamed the finite data of the layer after it; a targeted layer's NaN weight is refused itself now
     model = mlp()
     with torch.no_grad():
         model[2].weight[0, 0] = float("nan")
-    with pytest.raises(ValueError, match=r"module '4' got non-finite calibration inputs.*NaN/inf parameters \(2.weight\)"):
+    with pytest.raises(ValueError, match=r"compress: 2.weight contains NaN or inf"):
         compress(model, CompressionConfig(param_ratio=0.5), calibration=[x], progress=False)
+    with pytest.raises(ValueError, match=r"module '4' got non-finite calibration inputs.*NaN/inf parameters \(2.weight\)"):
+        compress(model, CompressionConfig(param_ratio=0.5, exclude=["2"]), calibration=[x], progress=False)
     # one tensor is one batch (it was iterated row by row: token ids reached the model as 1-D rows)
     model, calls = mlp(), []
     model.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape))

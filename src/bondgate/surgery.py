@@ -53,7 +53,7 @@ from .calibration import (
 )
 from .costmodel import KindTimes, calibrate, calibrate_dense, full_widths, lowrank_flops, measure, mpo_flops
 from .embedding import MPOEmbedding, most_frequent, row_weight_legs, table_factors, table_mpo, table_target
-from .factors import factorize_shape
+from .factors import choose_factors, factorize_shape
 from .layer import MPOLinear, carry_hooks, outside_inference_mode, overrides_forward
 from .lowrank import LowRankLinear
 from .mpo import MPO
@@ -93,7 +93,9 @@ class CompressionConfig:
             data, which it needs) beside the factors; they count against the table's budget. Not for a table tied
             to an LM head.
     Method:
-        num_cores: cores per MPO. allocation: ``"global"`` (greedy over all bonds of all layers) or
+        num_cores: cores per MPO, at most: a layer whose sizes cannot give that many legs above 1 on either side
+            gets as many cores as its larger side has such legs (128x128 at 12 cores: 7 cores of legs 2, not
+            legs of 1 that leave the middle bonds one cut between all inputs and all outputs). allocation: ``"global"`` (greedy over all bonds of all layers) or
         ``"uniform"`` (one bond cap for every layer, plain TT-SVD, dense where the MPO at that cap would not be
         smaller; the classic baseline; with
         ``kinds=("lowrank",)``: every layer a low-rank pair at ``param_ratio`` of its weights).
@@ -266,6 +268,7 @@ class CompressionConfig:
         return ("mpo", "lowrank") if self.cost_budget is not None else ("mpo",)
 
     def to_dict(self) -> dict:
+        """The fields as a JSON-serializable dict; ``CompressionConfig(**d)`` rebuilds the config."""
         return asdict(self)
 
 
@@ -311,14 +314,17 @@ class CompressionReport:
 
     @property
     def compressed(self) -> list[LayerReport]:
+        """The rows of the layers that were replaced (``status == "compressed"``; not those kept dense or skipped)."""
         return [r for r in self.layers if r.status == "compressed"]
 
     @property
     def params_before(self) -> int:
+        """Weights (a count, biases excluded) of the targeted layers before compression; skipped layers not counted."""
         return sum(r.params_before for r in self.layers if not r.status.startswith("skipped"))
 
     @property
     def params_after(self) -> int:
+        """Weights the same layers store after it (cores, factors, kept rows, or the dense weight a layer kept)."""
         return sum(r.params_after for r in self.layers if not r.status.startswith("skipped"))
 
     @property
@@ -344,6 +350,9 @@ class CompressionReport:
                    history=list(d.get("history", [])))
 
     def to_dict(self) -> dict:
+        """A JSON-serializable dict: ``config``, ``history``, ``flop_rows``, ``params_before``, ``params_after``,
+        ``ratio`` and ``layers`` (one dict per :class:`bondgate.surgery.LayerReport`); :meth:`from_dict` reads it
+        back."""
         return {"config": self.config, "history": self.history, "flop_rows": self.flop_rows,
                 "params_before": self.params_before,
                 "params_after": self.params_after, "ratio": self.ratio,
@@ -519,15 +528,23 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str,
         if w.is_meta:
             raise ValueError(f"compress: {name}.weight is on the meta device (no values to factor); materialize the "
                              f"model first (e.g. load its weights, or model.to_empty(device='cpu') and load_state_dict)")
-        if not torch.isfinite(w).all():
-            skipped[name] = "weight contains NaN/Inf"
-            warn_user(f"compress: skipping {name}: its weight contains NaN/Inf")
-            continue
+        bias = getattr(mod, "bias", None)
+        for what, t in (("weight", w), ("bias", bias)):
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                # a broken model: its outputs are NaN whatever compress does, and a NaN bias would report errors of 0
+                raise ValueError(f"compress: {name}.{what} contains NaN or inf ({int((~torch.isfinite(t)).sum())} "
+                                 f"entries): fix or reload the model first (exclude= leaves a layer out)")
         W = dense_weight(mod)
-        out_f, in_f = factorize_shape(W.shape[0], W.shape[1], config.num_cores)
-        smallest = mpo_params([o * i for o, i in zip(out_f, in_f)], [1] * (len(out_f) - 1))
+        smallest, what = math.inf, []
+        if "mpo" in config.forms:
+            out_f, in_f = layer_factors(W.shape[0], W.shape[1], config.num_cores)
+            smallest = mpo_params([o * i for o, i in zip(out_f, in_f)], [1] * (len(out_f) - 1))
+            what.append(f"{len(out_f)}-core MPO")
+        if "lowrank" in config.forms:  # a rank-1 pair; the number of cores does not matter
+            smallest = min(smallest, W.shape[0] + W.shape[1])
+            what.append("low-rank pair")
         if smallest >= W.numel():
-            skipped[name] = f"no {len(out_f)}-core MPO of a {W.shape[0]}x{W.shape[1]} matrix is smaller than it"
+            skipped[name] = f"no {' or '.join(what)} of a {W.shape[0]}x{W.shape[1]} matrix is smaller than it"
             continue
         targets[name] = mod
     _warn_selectors(model, config)
@@ -543,6 +560,13 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str,
     return targets, skipped
 
 
+def layer_factors(out_features: int, in_features: int, num_cores: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """:func:`~bondgate.factorize_shape` with at most as many cores as the larger side has legs above 1 at
+    ``num_cores`` (at least 2): more cores would only add legs of 1 on both sides."""
+    legs = max(sum(f > 1 for f in choose_factors(n, num_cores)[1]) for n in (out_features, in_features))
+    return factorize_shape(out_features, in_features, max(2, min(num_cores, legs)))
+
+
 def _warn_selectors(model: nn.Module, config: CompressionConfig) -> None:
     """A selector entry that matches no module is likely a typo; a list entry naming a container selects nothing
     (a list names layers, not subtrees)."""
@@ -552,6 +576,9 @@ def _warn_selectors(model: nn.Module, config: CompressionConfig) -> None:
         if sel is None:
             continue
         entries = [sel] if isinstance(sel, str) else list(sel)
+        if not entries and option == "target_modules":
+            warn_user("compress: target_modules=[] selects no layer: nothing is compressed (None selects every "
+                      "linear layer)")
         unmatched = [e for e in entries if not any(_matches(n, e if isinstance(sel, str) else [e]) for n in modules if n)]
         if unmatched:
             warn_user(f"compress: {option} {unmatched if not isinstance(sel, str) else repr(sel)} match"
@@ -635,6 +662,10 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable 
     names, see :mod:`bondgate.recurrent`) become :class:`~bondgate.Recurrent` modules whose weight matrices
     (``lstm.ih_l0``, ``lstm.hh_l0`` ...) are compressed like any linear layer; one whose matrices all stay dense
     is given back as torch's module (its rows then read ``lstm.weight_ih_l0`` ...).
+
+    On a model already compressed, the targets are the layers still dense: a second ``compress`` with
+    ``param_ratio=0.5`` halves those again (0.484 of the weights -> 0.288 on a small MLP); the factored layers
+    are left as they are (to go smaller, compress the dense model again at the smaller ratio).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__} (load it first, e.g. with "
@@ -710,7 +741,7 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
         if isinstance(mod, nn.Embedding):
             out_f, in_f = table_factors(W.shape[0], W.shape[1], config.num_cores, config.embedding_form)
         else:
-            out_f, in_f = factorize_shape(W.shape[0], W.shape[1], config.num_cores)
+            out_f, in_f = layer_factors(W.shape[0], W.shape[1], config.num_cores)
         b = getattr(mod, "bias", None)
         works.append(_Work(name, mod, W, None if b is None else b.detach().to(torch.float64).cpu(), out_f, in_f,
                            stats.get(name), weight=sens.get(name, 1.0)))
@@ -1122,7 +1153,9 @@ def _check_stats(stats: dict[str, InputStats]) -> None:
         raise ValueError(f"the calibration data gives {len(dead)} layer(s) inputs that are all zero or do not vary "
                          f"between rows ({_short_list(dead)}): whitening by them would discard the weights. Pass real "
                          f"model inputs (several rows), exclude layers that only ever see one input "
-                         f"(CompressionConfig(exclude=[...])), or CompressionConfig(calibrate=False)")
+                         f"(CompressionConfig(exclude=[...])), or CompressionConfig(calibrate=False). Where the data "
+                         f"varies, the cause is upstream: a layer before these with an all-zero weight, or an "
+                         f"activation that is 0 on every row")
     few = [f"{n} ({st.rows} rows, {st.second.shape[0]} inputs)" for n, st in stats.items()
            if st.rows < st.second.shape[0]]
     if few:  # the fit and the reported errors only see the span of those rows (3 rows: error 0.000, 0.7 held out)

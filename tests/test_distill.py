@@ -51,19 +51,29 @@ def test_distill_trains_whatever_the_callers_grad_mode(ambient):
 def test_early_stopping_restores_the_best_weights():
     teacher, student, data = teacher_student()
     held_out = [torch.randn(64, 32) for _ in range(2)]
-    calls = []
+    seen = []  # the weights each evaluation saw
 
     def metric(model):
-        calls.append(1)
+        seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
         # a metric that peaks at the 2nd evaluation, then falls: training must stop and roll back
-        return [0.0, 1.0, 0.5, 0.4, 0.3, 0.2, 0.1][min(len(calls) - 1, 6)]
+        return [0.0, 1.0, 0.5, 0.4, 0.3, 0.2, 0.1][min(len(seen) - 1, 6)]
 
     res = distill(student, teacher, data, loss=DistillLoss(hidden=0, output=1.0), steps=1000, lr=1e-3,
                   eval_fn=metric, eval_every=2, patience=3, progress=False)
     assert res.stopped == "early stopping" and res.best_metric == 1.0 and res.best_step == 2
     assert res.steps == 8
-    # the restored weights are those of step 2, not of step 8
-    assert output_gap(student, teacher, held_out) >= 0  # model still runs
+    assert [h["step"] for h in res.history if "metric" in h] == [0, 2, 4, 6, 8] and len(seen) == 5
+    # the restored weights are exactly those the step-2 evaluation saw, not those of step 8 (which differ)
+    final = student.state_dict()
+    assert set(final) == set(seen[1])
+    assert all(torch.equal(final[k], seen[1][k]) for k in final)
+    assert not all(torch.equal(final[k], seen[4][k]) for k in final)
+    with torch.no_grad():
+        x = held_out[0]
+        twin = copy.deepcopy(student)
+        twin.load_state_dict(seen[1])
+        assert torch.equal(student(x), twin(x))
+    assert output_gap(student, teacher, held_out) > 0  # a compressed model: not the teacher
 
 
 def test_patience_counts_evaluations_not_loss_logs():
@@ -81,11 +91,38 @@ def test_patience_counts_evaluations_not_loss_logs():
     assert len(calls) == 5
 
 
-def test_time_budget_stops():
+def _step_clock(monkeypatch, student, seconds_of_call):
+    """A fake wall clock for distill that advances only when ``student`` runs: call ``n`` (1, 2, ...) of its forward
+    takes ``seconds_of_call(n)`` seconds. Returns the clock's state (``now``, ``calls``)."""
+    clock = {"now": 0.0, "calls": 0}
+
+    def tick(module, args, output):
+        clock["calls"] += 1
+        clock["now"] += seconds_of_call(clock["calls"])
+
+    student.register_forward_hook(tick)
+    module = sys.modules["bondgate.distill"]  # (bondgate.distill is the function)
+    monkeypatch.setattr(module, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"],
+                                                               process_time=time.process_time))
+    return clock
+
+
+def test_time_budget_stops(monkeypatch):
     teacher, student, data = teacher_student()
-    res = distill(student, teacher, data * 1000, loss=DistillLoss(hidden=0, output=1.0), max_minutes=0.02,
-                  progress=False)
-    assert res.stopped == "time budget" and 1.0 <= res.seconds < 10
+    # every training step takes 0.125 s on the fake clock (binary fractions: the sums are exact); an evaluation,
+    # which is not charged to the budget, 10 s
+    clock = _step_clock(monkeypatch, student, lambda n: 0.125)
+
+    def slow_eval(model):
+        clock["now"] += 10.0
+        return 0.0
+
+    res = distill(student, teacher, data * 1000, loss=DistillLoss(hidden=0, output=1.0), max_minutes=1 / 32,
+                  eval_fn=slow_eval, eval_every=5, patience=None, progress=False)
+    # 60 / 32 = 1.875 s of budget = 15 steps of 0.125 s; evaluations at steps 0, 5, 10, 15
+    assert res.stopped == "time budget" and res.steps == 15 and clock["calls"] == 15
+    assert res.budget_seconds == 1.875 and res.eval_seconds == 40.0 and res.seconds == 41.875
+    assert [h["step"] for h in res.history if "metric" in h] == [0, 5, 10, 15]
 
 
 def test_needs_a_stopping_rule():
@@ -244,29 +281,19 @@ def test_distill_moves_batches_to_the_models_device(device):
     assert res.steps == 3 and next(student.parameters()).device.type == device.type
 
 
-def test_time_budgeted_schedule_is_replanned_when_the_first_steps_are_slow():
+def test_time_budgeted_schedule_is_replanned_when_the_first_steps_are_slow(monkeypatch):
     # the first 20 steps (plan autotuning, allocator warm-up) are slower than the rest; a schedule planned from them
     # alone ended at learning rate 0 halfway through MiniLM's 40-minute heal (2055 steps, planned ~900)
-    import time
-
     teacher, student, data = teacher_student()
-
-    class SlowStart:
-        def __init__(self):
-            self.served = 0
-
-        def __iter__(self):
-            for x in data:
-                self.served += 1
-                if self.served <= 20:
-                    time.sleep(0.03)
-                yield x
-
-    res = distill(student, teacher, SlowStart(), loss=DistillLoss(hidden=0, output=1.0), max_minutes=0.04,
+    # on a fake clock: the first 20 steps take 0.125 s each (2.5 s), the rest 1/128 s; a 3.75 s budget leaves
+    # 1.25 s for 160 fast steps: 180 in all (binary fractions: every sum is exact)
+    _step_clock(monkeypatch, student, lambda n: 0.125 if n <= 20 else 1 / 128)
+    res = distill(student, teacher, data * 30, loss=DistillLoss(hidden=0, output=1.0), max_minutes=1 / 16,
                   budget_clock="wall", progress=False)
-    assert res.stopped == "time budget" and res.steps > 60
-    # planned from the first 20 steps alone: ~20 * 2.4 s / 0.6 s = 80 steps, a fraction of those run
-    assert abs((res.planned_steps or 0) - res.steps) <= 0.2 * res.steps, (res.planned_steps, res.steps)
+    assert res.stopped == "time budget" and res.steps == 180 and res.budget_seconds == 3.75
+    # planned at step 20 from the slow steps alone: 20 + 8 steps/s * 1.25 s = 30; re-planned at step 50 from the 30
+    # steps since (128 steps/s): 50 + 128 * (3.75 - 2.734375) = 180, where it stays
+    assert res.planned_steps == 180
 
 
 def test_masked_hidden_loss_with_a_float16_teacher():
@@ -651,3 +678,33 @@ def test_distillation_trainer_leaves_the_teacher_as_it_was(tmp_path):
     shared = copy.deepcopy(teacher)
     with pytest.raises(ValueError, match="trains parameters of the teacher"):
         bondgate.DistillationTrainer(model=shared, teacher=shared, args=args, train_dataset=ds)
+
+
+@pytest.mark.parametrize("T", [2.0, 3.0, 0.5])
+def test_logits_term_is_the_temperature_scaled_kl_times_t_squared(T):
+    # T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) per real token, averaged over the tokens the mask keeps; every
+    # earlier test ran at T = 1, where T and T^2 agree
+    gen = torch.Generator().manual_seed(3)
+    zs, zt = torch.randn(2, 4, 6, generator=gen, dtype=torch.float64), 2 * torch.randn(2, 4, 6, generator=gen,
+                                                                                      dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+
+    def kl(t_row, s_row):  # by hand, one position: sum_v p_v (log p_v - log q_v)
+        pt = [math.exp(v / T) for v in t_row]
+        ps = [math.exp(v / T) for v in s_row]
+        zp, zq = sum(pt), sum(ps)
+        return sum(a / zp * (math.log(a / zp) - math.log(b / zq)) for a, b in zip(pt, ps))
+
+    kept = [(b, i) for b in range(2) for i in range(4) if mask[b, i]]
+    ref = T * T * sum(kl(zt[b, i].tolist(), zs[b, i].tolist()) for b, i in kept) / len(kept)
+    loss = DistillLoss(hidden=0, logits=1.0, temperature=T)
+    total, parts = loss({"logits": zs}, {"logits": zt}, {"attention_mask": mask})
+    assert parts["logits"] == pytest.approx(ref, rel=1e-9) and float(total) == pytest.approx(ref, rel=1e-9)
+    # weighted by the logits weight; a (B, V) classifier output is a plain mean over its rows
+    assert float(DistillLoss(hidden=0, logits=0.5, temperature=T)({"logits": zs}, {"logits": zt},
+                                                                  {"attention_mask": mask})[0]) == \
+        pytest.approx(0.5 * ref, rel=1e-9)
+    rows = [(0, 0), (1, 2)]
+    flat_s, flat_t = torch.stack([zs[b, i] for b, i in rows]), torch.stack([zt[b, i] for b, i in rows])
+    ref2 = T * T * sum(kl(zt[b, i].tolist(), zs[b, i].tolist()) for b, i in rows) / 2
+    assert float(loss({"logits": flat_s}, {"logits": flat_t})[0]) == pytest.approx(ref2, rel=1e-9)

@@ -12,7 +12,6 @@ import bondgate
 from bondgate import GatedMPOLinear, GatingConfig, MPOLinear, gate, gating_report, set_budget, set_mode
 from bondgate.gating import average_flops, width_error_curve
 from bondgate.layer import TrackedParameter
-from bondgate.planner import min_flops
 
 
 def model_with_mpo(seed=0):
@@ -661,20 +660,55 @@ def test_max_groups_limits_levels_per_call_and_keeps_the_budget(tmp_path, kind):
             set_budget(net, 0.5, calib, max_groups=bad)
 
 
+def _cheapest_contraction(out_f, in_f, widths, rows):
+    """FLOPs (2 per multiply-add) of the cheapest order of pairwise contractions of the input ``(rows, in legs)`` and
+    the MPO's cores, by brute force over every order: an independent count of what the cheapest plan costs."""
+    import itertools
+    import math
+
+    d, r = len(out_f), [1, *widths, 1]
+    size = {"b": rows}
+    tensors = [frozenset({"b", *(f"i{k}" for k in range(d))})]
+    for k in range(d):
+        size[f"o{k}"], size[f"i{k}"], size[f"r{k}"], size[f"r{k + 1}"] = out_f[k], in_f[k], r[k], r[k + 1]
+        tensors.append(frozenset({f"o{k}", f"i{k}"} | {f"r{j}" for j in (k, k + 1) if 0 < j < d}))
+    final = {"b", *(f"o{k}" for k in range(d))}
+
+    def best(ts):
+        if len(ts) == 1:
+            return 0
+        out = math.inf
+        for a, b in itertools.combinations(range(len(ts)), 2):
+            rest = [t for j, t in enumerate(ts) if j not in (a, b)]
+            keep = set(final).union(*rest)
+            union = ts[a] | ts[b]
+            out = min(out, 2 * math.prod(size[i] for i in union) + best([*rest, frozenset(union & keep)]))
+        return out
+
+    return best(tensors)
+
+
 def test_cost_rows_prices_levels_at_the_call_size_and_keeps_the_budget(tmp_path):
     gen = torch.Generator().manual_seed(3)
     net = nn.Sequential(MPOLinear.from_linear(nn.Linear(96, 80), max_bond=16, num_cores=3))
     gate(net, GatingConfig(levels=tuple(i / 8 for i in range(1, 9)), controller="error"))
     layer = net[0]
     bondgate.fit_controllers(net, [_anisotropic_rows(256, gen) for _ in range(4)])
-    one_row = layer.rel_cost.clone()
+    one_row, one_row_cost = layer.rel_cost.clone(), list(layer.level_cost)
     calib = [_anisotropic_rows(64, gen) for _ in range(64)]
     held = [_anisotropic_rows(64, gen) for _ in range(64)]
     achieved = set_budget(net, 0.5, calib, cost_rows=64, max_groups=1)
     assert layer.cost_rows == 64 and achieved == pytest.approx(0.5, abs=0.03)
-    # a level's cost is the cheapest plan for a 64-row call, per row
-    for w, c in zip(layer.level_widths, layer.level_cost):
-        assert c == pytest.approx(min_flops(layer.out_factors, layer.in_factors, w, 64) / 64)
+    # a level's cost is the cheapest plan for a 64-row call, per row: the cheapest order of pairwise contractions of
+    # the input and the three cores, by brute force (at one row it is the left-to-right sweep, written out below)
+    assert (layer.out_factors, layer.in_factors) == ((4, 4, 5), (6, 4, 4))
+    for w, c, c1 in zip(layer.level_widths, layer.level_cost, one_row_cost):
+        assert c == pytest.approx(_cheapest_contraction(layer.out_factors, layer.in_factors, w, 64) / 64)
+        r1, r2 = w  # the sweep: core 1 on (6 | 4 4) inputs, core 2 on (r1 4 | 4) with 4 outputs done, core 3
+        assert c1 == 2 * (r1 * 4 * 6 * 16 + r2 * 4 * (r1 * 4) * 4 * 4 + 5 * (r2 * 4) * 16)
+    # e.g. (4, 4) at 64 rows: merge cores 2 and 3 (10240), contract the input with core 1 (196608), then with the
+    # merged pair (655360), 862208 in all: less than 64 sweeps (64 * 13824)
+    assert layer.level_cost[1] == 862208 / 64
     # merged plans amortize over the rows: thin levels save less of the full width's cost than at one row
     assert torch.all(layer.rel_cost[:-1] > one_row[:-1]) and float(layer.rel_cost[-1]) == 1.0
     net.eval()
@@ -1019,7 +1053,10 @@ def test_set_cores_with_new_bonds_moves_the_levels():
     mpo = bondgate.MPO.from_matrix(torch.randn(80, 96), num_cores=3, max_bond=20)
     layer.set_cores(mpo.cores)
     assert layer.level_widths[-1] == layer.bond_dims == mpo.bond_dims
-    assert layer.full_cost == min_flops(layer.out_factors, layer.in_factors, layer.bond_dims, 1)
+    # one row through the left-to-right sweep of (4, 4, 5) x (6, 4, 4) at bonds (20, 20), written out
+    assert (layer.out_factors, layer.in_factors, layer.bond_dims) == ((4, 4, 5), (6, 4, 4), (20, 20))
+    assert layer.full_cost == 2 * (20 * 4 * 6 * 16 + 20 * 4 * (20 * 4) * 4 * 4 + 5 * (20 * 4) * 16) == 232960
+    assert layer.full_cost == _cheapest_contraction(layer.out_factors, layer.in_factors, layer.bond_dims, 1)
     ref = MPOLinear.from_mpo(mpo, layer.bias.detach())
     x = torch.randn(5, 96)
     layer.eval()

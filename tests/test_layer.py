@@ -512,7 +512,7 @@ def test_weight_stand_in_answers_trainability_and_metadata(kind):
     layer.requires_grad_(False)
     assert not layer.weight.requires_grad
     with pytest.raises(RuntimeError, match=r"\(\.T was read\)"):
-        layer.weight.T
+        _ = layer.weight.T
 
 
 def test_pruned_or_parametrized_cores_are_refused_and_prune_remove_is_honoured():

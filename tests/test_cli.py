@@ -251,6 +251,13 @@ def test_sentence_transformers_modules_are_carried_over(tmp_path):
     emb = model.encode(["a short sentence", "another one"], convert_to_tensor=True)
     torch.testing.assert_close(emb.norm(dim=1), torch.ones(2), rtol=0, atol=1e-5)
 
+    from bondgate.cli import _sentence_modules  # only direct child folders: "." would copy the dense model over
+
+    odd = json.loads((src / "modules.json").read_text())
+    (src / "modules.json").write_text(json.dumps([*odd, *({"path": p} for p in (".", "1_Pooling/.", "..", "/tmp"))]))
+    assert _sentence_modules(src) == ["modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+                                      "1_Pooling"]
+
 
 def test_llama_blocks_are_the_default_target(tmp_path):
     # no default pattern matched model.layers.N: every Linear was targeted and the global budget compressed lm_head
@@ -273,6 +280,8 @@ def test_calibration_file_is_read_up_to_the_lines_it_needs(tmp_path):
     from bondgate.cli import _calibration_lines
 
     cal = tmp_path / "cal.txt"
+    cal.write_bytes(b"alpha\rbeta\r\rgamma\xe2\x80\xa8delta\n")  # old Mac line ends and U+2028 split as splitlines does
+    assert _calibration_lines(str(cal), 10)[0] == ["alpha", "beta", "gamma", "delta"]
     head = b"\xef\xbb\xbffirst\n\n second \r\n" + b"x\n" * 50_000
     cal.write_bytes(head + b"\xff" * 10)
     assert _calibration_lines(str(cal), 2) == (["first", "second"], str(cal))

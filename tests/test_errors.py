@@ -250,6 +250,9 @@ def test_non_finite_calibration_inputs_name_the_first_bad_batch():
     data[3][7, 2] = float("nan")
     with pytest.raises(ValueError, match=r"module '0' got non-finite calibration inputs \(NaN or inf\) from batch 3 "):
         bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5), calibration=data, progress=False)
+    data = [data[0]] * 3 + [data[3]]  # the same batch object three times: counted as read, not by identity
+    with pytest.raises(ValueError, match=r"from batch 3 "):
+        bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5), calibration=data, progress=False)
 
 
 def test_the_most_cores_allowed_calibrate():

@@ -529,6 +529,7 @@ def test_pruned_or_parametrized_cores_are_refused_and_prune_remove_is_honoured()
         for call in (lambda: layer(x), layer.weight_matrix):
             with pytest.raises(RuntimeError, match="pruned or parametrized"):
                 call()
+        assert layer.bond_dims == (8, 8) and "bond_dims=(8, 8)" in repr(layer)  # it still prints
         prune.remove(layer.cores, str(k))  # the masked core, re-registered last: taken in its place
         masked = [c.detach().clone() for c in layer.cores]
         assert int((masked[k] == 0).sum()) == masked[k].numel() // 2

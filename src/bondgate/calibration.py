@@ -238,6 +238,22 @@ def _on_batch(exc: Exception, model: nn.Module, batch, k: int) -> Exception | No
     return type(exc)(f"the model failed on calibration batch {k} ({desc}){hint}: {exc}")
 
 
+class _Counted:
+    """``data`` with the index of the batch being read put in ``state["index"]`` (its length, if it has one, kept
+    for progress bars)."""
+
+    def __init__(self, data: Iterable, state: dict):
+        self.data, self.state = data, state
+
+    def __iter__(self) -> Iterator:
+        for k, batch in enumerate(self.data):
+            self.state["index"] = k
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
 def collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable,
                         max_rows: int | None = None, progress: bool = False) -> dict[str, InputStats]:
     """One pass of ``data`` through ``model``, accumulating each listed module's input statistics.
@@ -249,12 +265,10 @@ def collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], data
     seconds: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {n: 0 for n in modules}
 
-    state: dict = {"batch": None, "index": -1}
+    state: dict = {"index": -1}  # the batch being run (counted as it is read: the same object may come twice)
     first_bad: dict[str, int] = {}  # module -> index of the first batch that gave it a NaN/inf input
 
     def accumulate(name, mod, x, batch):
-        if batch is not state["batch"]:
-            state["batch"], state["index"] = batch, state["index"] + 1
         x2 = x.reshape(-1, x.shape[-1])
         keep = _row_mask(batch, x)
         if keep is not None:
@@ -269,7 +283,7 @@ def collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], data
         seconds[name] += x2.T @ x2
         counts[name] += x2.shape[0]
 
-    capture_inputs(model, modules, data, accumulate,
+    capture_inputs(model, modules, _Counted(data, state), accumulate,
                    None if max_rows is None else (lambda: min(counts.values(), default=0) >= max_rows), progress)
     out = {}
     for name in modules:

@@ -339,17 +339,18 @@ def _first_lines(path: Path, size: int) -> list[str]:
     lines: list[str] = []
     offset = 0
     with path.open("rb") as f:
-        for raw in f:
+        for raw in f:  # split at b"\n"; each piece splits further as str.splitlines does (\r, \u2028, ...)
             try:
-                line = raw.decode("utf-8-sig" if not offset else "utf-8").strip()
+                text = raw.decode("utf-8-sig" if not offset else "utf-8")
             except UnicodeDecodeError as exc:
                 raise ValueError(f"--calibration: {path} is not UTF-8 text ({exc.reason} at byte "
                                  f"{offset + exc.start})") from None
             offset += len(raw)
-            if line:
-                lines.append(line)
-                if len(lines) == size:
-                    break
+            for line in text.splitlines():
+                if line.strip():
+                    lines.append(line.strip())
+                    if len(lines) == size:
+                        return lines
     return lines
 
 
@@ -368,7 +369,9 @@ def _sentence_modules(path: Path) -> list[str]:
         return []
     if "" not in paths:
         return []
-    folders = [p for p in paths if p and (path / p).is_dir() and not Path(p).is_absolute() and ".." not in Path(p).parts]
+    root = path.resolve()  # module folders: direct children of the model folder only (not ".", "a/..", a link out)
+    folders = list(dict.fromkeys(str(Path(p)) for p in paths if len(Path(p).parts) == 1 and Path(p).name != ".."
+                                 and (path / p).is_dir() and (path / p).resolve().parent == root))
     return [*(f for f in SENTENCE_FILES if (path / f).is_file()), *folders]
 
 

@@ -533,10 +533,11 @@ def _prepare(model: nn.Module, qc: Any, checkpoint_files, dtype: torch.dtype | N
     prefix = getattr(model, "base_model_prefix", "") or ""
     saved = getattr(getattr(model, "config", None), "architectures", None) or []
     other_class = type(model).__name__ not in saved  # loaded with another class than the checkpoint's model
-    # saved from a model around this base: its layers are named under the prefix, or (only a head compressed)
-    # the config names another class
-    headless = bool(prefix) and getattr(model, "base_model", None) is model \
-        and (any(n.startswith(prefix + ".") for n in qc.layers) or (other_class and bool(saved)))
+    is_base = bool(prefix) and getattr(model, "base_model", None) is model
+    headless = is_base and any(n.startswith(prefix + ".") for n in qc.layers)  # saved from a model around this base
+    # a base model reading a checkpoint of another class whose compressed layers are none of the base's (a causal LM
+    # with only its head compressed): those may be left out too, with the warning below
+    other_outside = is_base and other_class and bool(saved)
     base = getattr(model, prefix, None) if prefix else None  # a head model's base (None in the base model itself)
 
     def absent(n: str) -> bool:
@@ -547,7 +548,7 @@ def _prepare(model: nn.Module, qc: Any, checkpoint_files, dtype: torch.dtype | N
         if _resolve(model, n) is not None or not (other_class or headless):
             return False
         parent = n.rpartition(".")[0]
-        outside = (headless or isinstance(base, nn.Module)) and not n.startswith(prefix + ".")
+        outside = (headless or other_outside or isinstance(base, nn.Module)) and not n.startswith(prefix + ".")
         return outside or (bool(parent) and _resolve(model, parent) is None)
 
     dropped = {n for n in [*qc.layers, *qc.layer_aliases] if absent(n)}

@@ -714,8 +714,13 @@ class MPOLinear(nn.Module):
         return core_dict(self, cores)
 
     def _masters(self) -> tuple[torch.Tensor, ...]:
-        """The core parameters (of a quantized layer: the full-precision masters); for shapes, dtype and device."""
-        return tuple(self._core_params.values())
+        """The core parameters (of a quantized layer: the full-precision masters); for shapes, dtype and device
+        (read through the list, so that a layer whose cores torch pruned still prints; its calls refuse)."""
+        cores = self._modules["cores"]
+        params = cores._parameters
+        if params and not cores._modules and tuple(params) == CORE_NAMES[len(params)]:
+            return tuple(params.values())
+        return tuple(cores)  # by index: a replica's attributes, torch's pruned values, names out of order
 
     def _core_tuple(self) -> tuple[torch.Tensor, ...]:
         """The cores the forward computes with: the parameters, or their fake-quantized values when the layer is

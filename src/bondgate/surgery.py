@@ -95,7 +95,8 @@ class CompressionConfig:
     Method:
         num_cores: cores per MPO, at most: a layer whose sizes cannot give that many legs above 1 on either side
             gets as many cores as its larger side has such legs (128x128 at 12 cores: 7 cores of legs 2, not
-            legs of 1 that leave the middle bonds one cut between all inputs and all outputs). allocation: ``"global"`` (greedy over all bonds of all layers) or
+            legs of 1 that leave the middle bonds one cut between all inputs and all outputs; embedding tables
+            keep ``num_cores``). allocation: ``"global"`` (greedy over all bonds of all layers) or
         ``"uniform"`` (one bond cap for every layer, plain TT-SVD, dense where the MPO at that cap would not be
         smaller; the classic baseline; with
         ``kinds=("lowrank",)``: every layer a low-rank pair at ``param_ratio`` of its weights).

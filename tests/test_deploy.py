@@ -159,3 +159,23 @@ def test_gated_layers_controllers_are_not_converted(controller):
     with torch.no_grad():  # one row (the host decision reads the controller's weight) and a batch
         for rows in (x[:1], x):
             assert deployed(rows).shape[0] == rows.shape[0]
+
+
+def test_a_layer_kept_dense_with_int8_weights_keeps_them_exactly():
+    # a one-core int8 layer (kept dense by the budget) was dequantized and rounded again by torch: 0.39% off
+    from bondgate.quant import quantize
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    bg.compress(model, bg.CompressionConfig(param_ratio=0.5, quantize="int8"), calibration=[torch.randn(256, 16)],
+                progress=False)
+    ones = [i for i, m in enumerate(model) if isinstance(m, bg.MPOLinear) and len(m.cores) == 1]
+    assert ones, "the budget kept no layer dense: the case is not exercised"
+    deployed = bg.deploy_int8(model, rows=None)
+    for i in ones:
+        levels, scales = quantize(model[i].cores[0].detach())
+        w = deployed[i].weight()
+        assert torch.equal(w.int_repr(), levels[0, :, :, 0])
+        assert torch.equal(w.q_per_channel_scales().float(), scales[0])
+        with torch.no_grad():
+            assert torch.equal(w.dequantize(), model[i].weight_matrix())

@@ -310,3 +310,12 @@ def test_lowrank_alone_needs_no_mpo_cores_and_an_empty_target_list_warns():
     with pytest.warns(UserWarning, match=r"target_modules=\[\] selects no layer"):
         bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5, target_modules=[]), progress=False)
     assert isinstance(model[0], nn.Linear)
+
+
+def test_int8_with_lowrank_layers_says_they_stay_full_precision():
+    # kinds=("lowrank",) with quantize="int8" gave an all-fp32 model without a word
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    with pytest.warns(UserWarning, match=r"the 2 low-rank layer\(s\) \(0, 2\) stay in full precision"):
+        bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5, kinds=("lowrank",), quantize="int8"),
+                          calibration=[torch.randn(256, 64)], progress=False)
+    assert all(isinstance(model[i], bondgate.LowRankLinear) for i in (0, 2))

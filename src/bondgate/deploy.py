@@ -10,14 +10,17 @@ Each bondgate layer becomes the plain layers that compute the same map, then ``q
 weights per output channel:
 
 * ``MPOLinear``: one layer holding its dense weight ``W`` (of a quantized layer, the product of the int8 cores,
-  which is not itself on an int8 grid: it is quantized again, per output channel);
+  which is not itself on an int8 grid: it is quantized again, per output channel; a one-core int8 layer — a layer
+  the budget kept dense — keeps its own int8 weight and scales, exactly);
 * ``LowRankLinear``: its two factors ``x -> V x -> U (V x)``, or one layer holding ``U V`` where that is faster;
 * plain ``nn.Linear`` / HF ``Conv1D`` layers (``dense=True``), as :func:`bondgate.quantize_int8` does but per
   output channel.
 
 With ``rows`` every candidate is timed on ``rows`` random rows against the layer as it is, and a layer whose
 int8 form is not faster stays as it is (at widths of 64 the per-call activation quantization costs more than it
-saves). Gated layers (their bond widths change per input), embeddings and tied dense layers are left alone; a
+saves). Those choices are timings: where the two forms are within a few percent, two runs can choose differently
+(8 runs on a small GPT-2 gave 3 different sets, output changes 0.028-0.032): ``rows=None`` converts every layer,
+the same every time. Gated layers (their bond widths change per input), embeddings and tied dense layers are left alone; a
 tied MPO head (``compress(embeddings=True)``) is converted like any MPO layer: the table keeps its cores for the
 lookup, the head gets its own int8 weight (``vocab x dim`` bytes), since the copy is for inference only. The
 result is for inference: eval mode, the int8 layers without gradients, not savable with :func:`bondgate.save` (keep the bondgate
@@ -38,6 +41,7 @@ from .baselines import _aliases, _conv1d_to_linear, _select, _set_module, latenc
 from .gating import GatedMPOLinear
 from .layer import MPOLinear
 from .lowrank import LowRankLinear
+from .quant import dequantize, quantize
 from .surgery import is_conv1d
 
 __all__ = ["Int8Choice", "deploy_int8"]
@@ -55,17 +59,34 @@ class Int8Choice:
     int8_us: dict[str, float] | None = None
 
 
-def _int8(layer: nn.Module) -> nn.Module:
+def _int8(layer: nn.Module, source: nn.Module | None = None) -> nn.Module:
     """An ``nn.Linear`` or a ``Sequential`` of them (a fresh copy: converted in place) as dynamic int8, per channel."""
     if isinstance(layer, nn.Sequential):
         return quantize_dynamic(layer, [str(i) for i in range(len(layer))], per_channel=True)
-    return quantize_dynamic(layer, [""], per_channel=True)
+    q = quantize_dynamic(layer, [""], per_channel=True)
+    return _exact_int8(source, q) if isinstance(source, MPOLinear) else q
 
 
 def _seconds(layer: nn.Module, rows: int, in_features: int) -> float:
     # the fastest of 20 calls: another process on the cores only ever adds time, so the minimum compares the
     # two kernels where a median would compare the moments the scheduler gave them
     return latency(layer, torch.randn(rows, in_features), reps=20, warmup=3)["min"]
+
+
+def _exact_int8(m: MPOLinear, q: nn.Module) -> nn.Module:
+    """``q`` (torch's int8 form of ``m``) holding ``m``'s own int8 weight where ``m`` is one int8 core (a layer the
+    budget kept dense, stored int8 per output channel): torch would round the dequantized weight again."""
+    if m.quant != "int8" or len(m.cores) != 1 or not isinstance(q, torch.ao.nn.quantized.dynamic.Linear):
+        return q
+    core = m.cores[0].detach()
+    if core.shape != (1, m.out_features, m.in_features, 1):  # (a padded layer: not the stored matrix itself)
+        return q
+    levels, scales = quantize(core)
+    scales = scales.reshape(-1).to(torch.float64)
+    weight = torch.quantize_per_channel(dequantize(levels, scales.reshape(1, -1).float())[0, :, :, 0], scales,
+                                        torch.zeros_like(scales, dtype=torch.int64), 0, torch.qint8)
+    q.set_weight_bias(weight, None if m.bias is None else m.bias.detach().clone())
+    return q
 
 
 def _candidates(m: nn.Module) -> tuple[str, dict[str, nn.Module]]:
@@ -117,10 +138,10 @@ def deploy_int8(model: nn.Module, rows: int | None = 32, dense: bool = True) -> 
         form, plain = _candidates(m)
         if rows is None:
             chosen, lin = next(iter(plain.items()))
-            report[name], q = Int8Choice(form, chosen), _int8(lin)
+            report[name], q = Int8Choice(form, chosen), _int8(lin, m)
         else:
             in_features = m.weight.shape[0] if is_conv1d(m) else m.in_features
-            int8 = {k: _int8(p) for k, p in plain.items()}
+            int8 = {k: _int8(p, m) for k, p in plain.items()}
             us = _seconds(m, rows, in_features) * 1e6
             int8_us = {k: _seconds(q, rows, in_features) * 1e6 for k, q in int8.items()}
             best = min(int8_us, key=int8_us.get)

@@ -319,3 +319,37 @@ def test_int8_with_lowrank_layers_says_they_stay_full_precision():
         bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5, kinds=("lowrank",), quantize="int8"),
                           calibration=[torch.randn(256, 64)], progress=False)
     assert all(isinstance(model[i], bondgate.LowRankLinear) for i in (0, 2))
+
+
+class _ReadsWeight(nn.Module):
+    """A block that calls one layer and reads another's weight directly (Mamba's dt_proj: weight @ x), and holds
+    fused experts as a 3-D parameter (transformers 5's MoE blocks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.called, self.read = nn.Linear(32, 32), nn.Linear(32, 32)
+        self.experts = nn.Parameter(torch.randn(4, 32, 32) / 6)
+
+    def forward(self, x):
+        h = torch.relu(self.called(x))
+        return h @ self.read.weight.T + torch.einsum("bi,eoi->bo", h, self.experts) / 4
+
+
+def test_a_layer_whose_weight_is_read_directly_is_skipped_and_fused_experts_are_named():
+    # with calibration: "module 'read' saw no calibration rows" aborted compress; fused 3-D expert weights were left
+    # dense without a word (the report still said 50% kept)
+    torch.manual_seed(0)
+    model = _ReadsWeight()
+    x = torch.randn(256, 32)
+    with torch.no_grad():
+        want = model(x)
+    with pytest.warns(UserWarning) as record:
+        bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5), calibration=[x], progress=False)
+    said = " | ".join(str(w.message) for w in record)
+    assert "skipping read: its forward never ran on the calibration data" in said
+    assert "1 weight(s) are 3-D parameters, not linear layers (experts (4, 32, 32)" in said
+    assert isinstance(model.called, MPOLinear) and type(model.read) is nn.Linear
+    with torch.no_grad():
+        got = model(x)  # runs: the weight read directly is still a dense one
+    assert float((got - want).norm() / want.norm()) < 1
+    assert {r.name: r.status for r in model.bondgate_report.layers}["read"].startswith("skipped: its forward never ran")

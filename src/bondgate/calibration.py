@@ -255,11 +255,13 @@ class _Counted:
 
 
 def collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable,
-                        max_rows: int | None = None, progress: bool = False) -> dict[str, InputStats]:
+                        max_rows: int | None = None, progress: bool = False,
+                        unseen: str = "raise") -> dict[str, InputStats]:
     """One pass of ``data`` through ``model``, accumulating each listed module's input statistics.
 
     ``data`` yields model inputs (see :func:`run_model`). Rows are the flattened leading dims of a
-    module's input; padding rows are dropped when the batch has an ``attention_mask``.
+    module's input; padding rows are dropped when the batch has an ``attention_mask``. A module whose forward
+    never ran raises (``unseen="raise"``) or is left out of the result (``unseen="skip"``).
     """
     sums: dict[str, torch.Tensor] = {}
     seconds: dict[str, torch.Tensor] = {}
@@ -288,6 +290,8 @@ def collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], data
     out = {}
     for name in modules:
         if counts[name] == 0:
+            if unseen == "skip":
+                continue
             raise ValueError(f"module {name!r} saw no calibration rows: is it used by the model's forward?")
         if not bool(torch.isfinite(seconds[name]).all()):
             bad = [n for n, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]

@@ -549,6 +549,7 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str,
             continue
         targets[name] = mod
     _warn_selectors(model, config)
+    _warn_fused(model, config)
     if not targets:
         log.warning("compress: no layer to compress (skipped: %s)", skipped or "none matched")
     elif config.embeddings and not any(isinstance(m, nn.Embedding) for m in targets.values()):
@@ -566,6 +567,21 @@ def layer_factors(out_features: int, in_features: int, num_cores: int) -> tuple[
     ``num_cores`` (at least 2): more cores would only add legs of 1 on both sides."""
     legs = max(sum(f > 1 for f in choose_factors(n, num_cores)[1]) for n in (out_features, in_features))
     return factorize_shape(out_features, in_features, max(2, min(num_cores, legs)))
+
+
+def _warn_fused(model: nn.Module, config: CompressionConfig) -> None:
+    """Weights held as 3-D parameters outside any layer (transformers 5's fused MoE experts, ``(experts, out, in)``)
+    are not linear layers, so nothing selects them: say so rather than leave them dense unseen."""
+    convs = (nn.modules.conv._ConvNd,)
+    fused = [f"{n + '.' if n else ''}{p} {tuple(t.shape)}" for n, m in model.named_modules()
+             if not isinstance(m, convs) and "parametrizations" not in n.split(".")
+             and (config.target_modules is None or _matches(n, config.target_modules))
+             and not _matches(n, config.exclude)
+             for p, t in m._parameters.items() if t is not None and t.dim() == 3 and t.is_floating_point()]
+    if fused:
+        warn_user(f"compress: {len(fused)} weight(s) are 3-D parameters, not linear layers ({_short_list(fused, 3)}: "
+                  f"fused experts of a mixture-of-experts model?): compress does not factor them, they stay dense and "
+                  f"outside the report's totals")
 
 
 def _warn_selectors(model: nn.Module, config: CompressionConfig) -> None:
@@ -712,7 +728,15 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
         raise ValueError("calibration data is empty")
 
     linear = {n: m for n, m in targets.items() if not isinstance(m, nn.Embedding)}  # embeddings' input: token ids
-    stats = collect_input_stats(model, linear, data, config.max_calibration_rows, progress) if data and linear else {}
+    stats = (collect_input_stats(model, linear, data, config.max_calibration_rows, progress, unseen="skip")
+             if data and linear else {})
+    for n in [n for n in linear if data and n not in stats]:
+        # a layer whose forward never ran: the model reads its weight directly (Mamba's dt_proj: weight @ x;
+        # MobileBERT's head: weight.t()) or never uses it; factored, its next use would fail (no dense weight)
+        skipped[n] = ("its forward never ran on the calibration data (the model reads its weight directly, or does "
+                      "not use it): left dense")
+        warn_user(f"compress: skipping {n}: {skipped[n]}")
+        del linear[n], targets[n]
     _check_stats(stats)
     tables = {n: m for n, m in targets.items() if isinstance(m, nn.Embedding)}
     token_counts = collect_token_counts(model, tables, data, progress) if data and tables else {}

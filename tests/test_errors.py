@@ -346,10 +346,42 @@ def test_a_layer_whose_weight_is_read_directly_is_skipped_and_fused_experts_are_
     with pytest.warns(UserWarning) as record:
         bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5), calibration=[x], progress=False)
     said = " | ".join(str(w.message) for w in record)
-    assert "skipping read: its forward never ran on the calibration data" in said
+    assert "skipping 1 layer(s) whose forward never ran on the calibration data (read)" in said
     assert "1 weight(s) are 3-D parameters, not linear layers (experts (4, 32, 32)" in said
     assert isinstance(model.called, MPOLinear) and type(model.read) is nn.Linear
     with torch.no_grad():
         got = model(x)  # runs: the weight read directly is still a dense one
     assert float((got - want).norm() / want.norm()) < 1
     assert {r.name: r.status for r in model.bondgate_report.layers}["read"].startswith("skipped: its forward never ran")
+
+
+def test_unseen_layers_do_not_hold_the_calibration_pass_open_and_no_run_layer_is_refused():
+    # a layer read directly kept max_calibration_rows from stopping the pass (all 40 batches ran instead of 1); a
+    # pass that ran no targeted layer at all is wrong data, not 12 skips; ViT's (1, 1, d) cls token is no expert
+    torch.manual_seed(0)
+    model, batches = _ReadsWeight(), [torch.randn(64, 32) for _ in range(40)]
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(1))
+    with pytest.warns(UserWarning):
+        bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5, max_calibration_rows=64),
+                          calibration=batches, progress=False)
+    assert len(seen) < 5  # the calibration pass stopped after the first batch (later passes: refinement etc.)
+
+    class Bypass(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+            self.cls = nn.Parameter(torch.zeros(1, 1, 8))
+
+        def forward(self, x):
+            return x * 2  # a branch that uses no layer
+
+    with pytest.raises(ValueError, match=r"no targeted layer ran on the calibration data \(a, b\)"):
+        bondgate.compress(Bypass(), bondgate.CompressionConfig(param_ratio=0.5), calibration=[torch.randn(64, 8)],
+                          progress=False)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        bondgate.compress(Bypass(), bondgate.CompressionConfig(param_ratio=0.5, calibrate=False), progress=False)
+    assert not any("3-D parameters" in str(w.message) for w in record)

@@ -285,8 +285,11 @@ def collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], data
         seconds[name] += x2.T @ x2
         counts[name] += x2.shape[0]
 
-    capture_inputs(model, modules, _Counted(data, state), accumulate,
-                   None if max_rows is None else (lambda: min(counts.values(), default=0) >= max_rows), progress)
+    def done() -> bool:  # with unseen="skip", a module not called yet does not hold the pass open
+        seen = [c for c in counts.values() if c or unseen != "skip"]
+        return bool(seen) and min(seen) >= max_rows
+
+    capture_inputs(model, modules, _Counted(data, state), accumulate, None if max_rows is None else done, progress)
     out = {}
     for name in modules:
         if counts[name] == 0:

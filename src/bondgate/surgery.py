@@ -572,12 +572,14 @@ def layer_factors(out_features: int, in_features: int, num_cores: int) -> tuple[
 def _warn_fused(model: nn.Module, config: CompressionConfig) -> None:
     """Weights held as 3-D parameters outside any layer (transformers 5's fused MoE experts, ``(experts, out, in)``)
     are not linear layers, so nothing selects them: say so rather than leave them dense unseen."""
-    convs = (nn.modules.conv._ConvNd,)
+    # (not convolutions or nn.Bilinear; a size-1 axis is a broadcast vector: ViT's cls token, RWKV's time mixing)
+    others = (nn.modules.conv._ConvNd, nn.Bilinear)
     fused = [f"{n + '.' if n else ''}{p} {tuple(t.shape)}" for n, m in model.named_modules()
-             if not isinstance(m, convs) and "parametrizations" not in n.split(".")
+             if not isinstance(m, others) and "parametrizations" not in n.split(".")
              and (config.target_modules is None or _matches(n, config.target_modules))
              and not _matches(n, config.exclude)
-             for p, t in m._parameters.items() if t is not None and t.dim() == 3 and t.is_floating_point()]
+             for p, t in m._parameters.items()
+             if t is not None and t.dim() == 3 and min(t.shape) > 1 and t.is_floating_point()]
     if fused:
         warn_user(f"compress: {len(fused)} weight(s) are 3-D parameters, not linear layers ({_short_list(fused, 3)}: "
                   f"fused experts of a mixture-of-experts model?): compress does not factor them, they stay dense and "
@@ -730,13 +732,21 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
     linear = {n: m for n, m in targets.items() if not isinstance(m, nn.Embedding)}  # embeddings' input: token ids
     stats = (collect_input_stats(model, linear, data, config.max_calibration_rows, progress, unseen="skip")
              if data and linear else {})
-    for n in [n for n in linear if data and n not in stats]:
+    unseen = [n for n in linear if data and n not in stats]
+    if unseen and len(unseen) == len(linear):
+        raise ValueError(f"no targeted layer ran on the calibration data ({_short_list(unseen)}): is it the model's "
+                         f"input (the batches are passed to model(...))?")
+    for n in unseen:
         # a layer whose forward never ran: the model reads its weight directly (Mamba's dt_proj: weight @ x;
-        # MobileBERT's head: weight.t()) or never uses it; factored, its next use would fail (no dense weight)
-        skipped[n] = ("its forward never ran on the calibration data (the model reads its weight directly, or does "
-                      "not use it): left dense")
-        warn_user(f"compress: skipping {n}: {skipped[n]}")
+        # MobileBERT's head: weight.t()), the data never reached it (an expert no token was routed to), or it is
+        # unused; factored, a weight read directly would fail at its next use (no dense weight)
+        skipped[n] = ("its forward never ran on the calibration data (the model reads its weight directly, the data "
+                      "never reached it, or it is unused): left dense")
         del linear[n], targets[n]
+    if unseen:
+        warn_user(f"compress: skipping {len(unseen)} layer(s) whose forward never ran on the calibration data "
+                  f"({_short_list(unseen, 3)}): the model reads their weight directly, the data never reached them, "
+                  f"or they are unused; left dense")
     _check_stats(stats)
     tables = {n: m for n, m in targets.items() if isinstance(m, nn.Embedding)}
     token_counts = collect_token_counts(model, tables, data, progress) if data and tables else {}

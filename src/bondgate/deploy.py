@@ -81,10 +81,9 @@ def _exact_int8(m: MPOLinear, q: nn.Module) -> nn.Module:
     core = m.cores[0].detach()
     if core.shape != (1, m.out_features, m.in_features, 1):  # (a padded layer: not the stored matrix itself)
         return q
-    levels, scales = quantize(core)
-    scales = scales.reshape(-1).to(torch.float64)
-    weight = torch.quantize_per_channel(dequantize(levels, scales.reshape(1, -1).float())[0, :, :, 0], scales,
-                                        torch.zeros_like(scales, dtype=torch.int64), 0, torch.qint8)
+    levels, scales = quantize(core)  # scales (1, out)
+    weight = torch.quantize_per_channel(dequantize(levels, scales)[0, :, :, 0], scales[0].double(),
+                                        torch.zeros(scales.shape[1], dtype=torch.int64), 0, torch.qint8)
     q.set_weight_bias(weight, None if m.bias is None else m.bias.detach().clone())
     return q
 

@@ -375,7 +375,7 @@ class MPOEmbedding(nn.Module):
     def _lookup_cores(self) -> list[torch.Tensor]:
         """The cores lookups use: the parameters, or their fake-quantized values (kept between calls without
         autograd, version-checked) when the layer is quantized."""
-        cores = tuple(core_dict(self, self.cores).values())
+        cores = tuple(core_dict(self, self._modules["cores"]).values())
         return list(cores if self._quant is None else fake_quantized_cores(self._quant_cache, cores))
 
     def _kept_rows(self) -> torch.Tensor:

@@ -85,9 +85,9 @@ from .surgery import _matches, check_selector, module_names, swap_module
 __all__ = ["GatingConfig", "GatedMPOLinear", "gate", "set_mode", "set_budget", "fit_controllers", "gating_report",
            "average_flops", "width_error_curve", "route", "PriceTracker"]
 
-_REPLICA_LOCK = threading.Lock()  # nn.DataParallel's replicas report to their layer from threads
-# one model served from several threads: the level counts and the price tracker are read-modify-writes
-_COUNT_LOCK = threading.Lock()
+# the level counts, the price tracker and a replica's penalty terms are read-modify-writes from threads (one model
+# served from several threads; nn.DataParallel's replicas reporting to their layer)
+_LOCK = threading.Lock()
 #: prices beyond this change no decision (every row at the cheapest or the widest level): the calibration's search
 #: range and the online tracker's bound (it would otherwise grow without limit while a budget is out of reach)
 PRICE_BOUND = 1e3
@@ -472,8 +472,7 @@ class GatedMPOLinear(MPOLinear):
         # frozen, an optimizer built before gating still holds them
         g.cores, g.bias = layer.cores, layer.bias
         g.error = layer.error
-        g._init_gating(config.levels, config.temperature, config.penalty, config.budget, config.controller,
-                       config.rank)
+        g._init_config(config)
         g.quantize_(layer.quant)  # int8 cores stay int8 when gated
         return g
 
@@ -761,14 +760,12 @@ class GatedMPOLinear(MPOLinear):
         the level counts, its FLOPs to the price tracker."""
         origin = self.__dict__.get("_origin")
         if origin is not None:  # an nn.DataParallel replica (one thread per device): counted on the layer itself
-            with _REPLICA_LOCK:
-                origin._count(level, counts, rows)
-            return
+            return origin._count(level, counts, rows)
         if level is not None:
             used = (self.level_cost[level] + self.controller_cost) * rows
         else:
             used = sum(c * f for c, f in zip(counts, self.level_cost)) + self.controller_cost * rows
-        with _COUNT_LOCK:
+        with _LOCK:
             if self.record:
                 if level is not None:
                     self._pending[level] += rows
@@ -829,13 +826,13 @@ class GatedMPOLinear(MPOLinear):
         if origin is None:
             self._aux = self.penalty * (expected - self.budget) ** 2
         else:  # an nn.DataParallel replica: the penalty is of the whole batch's expected cost (bondgate_aux_loss)
-            with _REPLICA_LOCK:
+            with _LOCK:
                 origin._aux_parts.append((expected, x2d.shape[0]))
         return self._soft_route(x2d, q)
 
     def flush_counts(self) -> torch.Tensor:
         """``level_counts`` including the rows routed since the last flush."""
-        with _COUNT_LOCK:
+        with _LOCK:
             pending, self._pending = self._pending, [0] * len(self.levels)
         if any(pending):
             counts = self._buffer("level_counts")

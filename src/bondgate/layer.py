@@ -306,13 +306,20 @@ class _Names(dict):
 CORE_NAMES = _Names()  # n -> ("0", ..., "n-1"), the names of n cores in a ParameterList
 
 
+def plain_cores(cores: nn.ParameterList) -> bool:
+    """Whether the list's own dict holds the cores as they are: named ``"0"`` to ``"n-1"`` in order, nothing
+    attached by torch's prune / parametrize (one tuple comparison)."""
+    params = cores._parameters
+    return bool(params) and not cores._modules and tuple(params) == CORE_NAMES[len(params)]
+
+
 def core_dict(owner: nn.Module, cores: nn.ParameterList) -> dict[str, torch.Tensor]:
     """The cores of ``owner`` (an MPO layer or table) by name, ``"0"`` to ``"n-1"`` in order: the ParameterList's
     own dict when it holds exactly those (one tuple comparison per call). Cores pruned or parametrized through
     torch (``torch.nn.utils.prune`` / ``parametrize``) are refused: the list is never called as a module, so the
     hooks that apply a mask or a parametrization never run and the layer would compute with stale values."""
     params = cores._parameters
-    if params and not cores._modules and tuple(params) == CORE_NAMES[len(params)]:
+    if plain_cores(cores):
         return params
     names = CORE_NAMES[len(cores)]
     n = len(names)
@@ -708,7 +715,7 @@ class MPOLinear(nn.Module):
         # seen; it is also ~10x faster than iterating the list.
         cores = self._modules["cores"]
         params = cores._parameters
-        # the names in order, no submodule: not pruned or parametrized through torch (see core_dict)
+        # plain_cores inlined (the hot path: one function call less per read)
         if params and not cores._modules and tuple(params) == CORE_NAMES[len(params)]:
             return params
         return core_dict(self, cores)
@@ -717,9 +724,8 @@ class MPOLinear(nn.Module):
         """The core parameters (of a quantized layer: the full-precision masters); for shapes, dtype and device
         (read through the list, so that a layer whose cores torch pruned still prints; its calls refuse)."""
         cores = self._modules["cores"]
-        params = cores._parameters
-        if params and not cores._modules and tuple(params) == CORE_NAMES[len(params)]:
-            return tuple(params.values())
+        if plain_cores(cores):
+            return tuple(cores._parameters.values())
         return tuple(cores)  # by index: a replica's attributes, torch's pruned values, names out of order
 
     def _core_tuple(self) -> tuple[torch.Tensor, ...]:

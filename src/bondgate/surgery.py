@@ -945,12 +945,9 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
         if cost is not None:  # a time or FLOP budget: measure what the budget bought
             row.time_us = measure(layer, config.deploy_rows) * 1e6
             row.time_dense_us = calibrate_dense(*w.W.shape, config.deploy_rows, ref.dtype, ref.device) * 1e6
-            if w.name in times:
-                t = times[w.name]
-                # as the budget priced it (_price): under policy "memory" an MPO has no dense weight to fall back on
-                row.time_pred_us = 1e6 * (t.lowrank_s(*w.W.shape, wid) if isinstance(wid, int) else
-                                          min(t.mpo_s(w.out_f, w.in_f, wid), t.dense_s)
-                                          if config.policy != "memory" else t.mpo_s(w.out_f, w.in_f, wid))
+            if w.name in times:  # as the budget priced it (_price's functions on the layer's menu)
+                menu = menu_of[w.name]
+                row.time_pred_us = 1e6 * (menu.rank_cost(wid) if isinstance(wid, int) else menu.cost_of(wid))
         swap_module(model, w.module, names, layer)
         row.aliases = names[id(w.module)][1:]
         report.layers.append(row)

@@ -592,6 +592,55 @@ def test_inspect_counts_a_tied_head_once_and_checks_the_weights_file(tmp_path, c
     assert err.startswith("bondgate: error: ") and len(err.splitlines()) == 1
 
 
+def test_inspect_prints_a_checkpoints_strings_as_text(tmp_path, capsys):
+    # terminal codes in a stranger's bondgate.json reached the terminal (a screen cleared, "all checks passed"
+    # faked), and the JSON's weights 'file' was read (../../etc/hostname: "has 3 bytes")
+    torch.manual_seed(0)
+    out = bondgate.save(nn.Sequential(MPOLinear.from_linear(nn.Linear(16, 16), max_bond=2)), tmp_path / "ckpt")
+    meta_path = out / "bondgate.json"
+    meta = json.loads(meta_path.read_text())
+    meta["bondgate_version"] = "\x1b[2J\x1b[32mall checks passed\x1b[0m\x07"
+    meta["weights"]["file"] = "../../../etc/hostname"
+    meta["meta_sha256"] = bondgate.io._meta_sha256(meta)
+    meta_path.write_text(json.dumps(meta))
+    assert main(["inspect", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "?[2J?[32mall checks passed?[0m?" in stdout
+    assert not any(ord(c) < 32 and c != "\n" or 127 <= ord(c) < 160 for c in stdout)
+    assert "weights file: model.safetensors" in stdout
+
+
+def test_sentence_files_that_link_out_of_the_model_folder_are_refused(tmp_path):
+    # `compress` copied what they point to into the checkpoint (a token file into a model made to be shared)
+    from bondgate.cli import _sentence_modules
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("hunter2")
+    src = tmp_path / "model"
+    (src / "1_Pooling").mkdir(parents=True)
+    (src / "modules.json").write_text(json.dumps([{"path": ""}, {"path": "1_Pooling"}]))
+    (src / "1_Pooling" / "config.json").write_text("{}")
+    assert _sentence_modules(src) == ["modules.json", "1_Pooling"]
+    (src / "1_Pooling" / "leak.txt").symlink_to(secret)
+    with pytest.raises(ValueError, match=r"leak.txt links to .*secret.txt, outside the model folder"):
+        _sentence_modules(src)
+    (src / "1_Pooling" / "leak.txt").unlink()
+    (src / "sentence_bert_config.json").symlink_to(secret)
+    with pytest.raises(ValueError, match="sentence_bert_config.json links to"):
+        _sentence_modules(src)
+    # a hub cache's snapshot: every file is a link into the repository's blobs/, which is fine
+    repo = tmp_path / "models--org--name"
+    snap = repo / "snapshots" / "abc123"
+    (repo / "blobs").mkdir(parents=True)
+    (snap / "1_Pooling").mkdir(parents=True)
+    for rel, text in [("modules.json", json.dumps([{"path": ""}, {"path": "1_Pooling"}])),
+                      ("1_Pooling/config.json", "{}")]:
+        blob = repo / "blobs" / rel.replace("/", "_")
+        blob.write_text(text)
+        (snap / rel).symlink_to(os.path.relpath(blob, (snap / rel).parent))
+    assert _sentence_modules(snap) == ["modules.json", "1_Pooling"]
+
+
 def test_inspect_describes_a_layer_kept_dense_with_int8_weights():
     from bondgate.cli import _layer_rows
 

@@ -819,6 +819,10 @@ def test_saved_mode_is_validated_on_load():
             GatedMPOLinear.from_spec({**layer.spec(), "mode": bad})
     for good in ("nested", "full", 0.5, 1):
         assert GatedMPOLinear.from_spec({**layer.spec(), "mode": good}).mode == good
+    # a NaN temperature loaded and gave NaN outputs in training mode
+    for key, bad in (("temperature", float("nan")), ("temperature", 0.0), ("penalty", -1.0), ("penalty", "5")):
+        with pytest.raises(ValueError, match=key):
+            GatedMPOLinear.from_spec({**layer.spec(), key: bad})
 
 
 @pytest.mark.parametrize("executor", ["autotuned", "sweep-l2r"])

@@ -359,7 +359,37 @@ def test_bit_flipped_safetensors(mlp_ckpt):
     data = bytearray(path.read_bytes())
     data[-5] ^= 0x10
     path.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="is not the file bondgate saved.*sha256"):
+    with pytest.raises(ValueError, match="is not the file bondgate saved.*sha256") as err:
+        bondgate.load(mlp_ckpt)
+    # neither the file's own hash (an oracle for a file a link points to) nor advice for transformers directories
+    assert _sha256(path) not in str(err.value) and "bondgate.json to load" not in str(err.value)
+
+
+def test_file_records_are_checked_in_every_format_version(mlp_ckpt, tmp_path):
+    # version 1 took any 'files' entry: a path out of the checkpoint was hashed, its hash printed
+    outside = tmp_path / "secret.txt"
+    outside.write_text("secret")
+    for rel in (str(outside), "../secret.txt"):
+        edit_json(mlp_ckpt, lambda m: m.update(format_version=1, files={rel: {"bytes": 6, "sha256": "0" * 64}}))
+        with pytest.raises(ValueError, match="leaves the checkpoint directory"):
+            bondgate.load(mlp_ckpt)
+    edit_json(mlp_ckpt, lambda m: m.update(files={"x": {}}))
+    with pytest.raises(ValueError, match="'files' must map file names"):
+        bondgate.load(mlp_ckpt)
+
+
+def test_a_key_given_twice_in_the_metadata_is_refused(mlp_ckpt):
+    # json keeps the last of two keys, a reader of the file may see the first: an architecture shown and one loaded
+    path = mlp_ckpt / "bondgate.json"
+    text = path.read_text()
+    path.write_text(text.replace('{', '{"architecture": {"kind": "module", "class": "harmless.Model"}, ', 1))
+    with pytest.raises(ValueError, match="not valid JSON: key 'architecture' given twice"):
+        bondgate.load(mlp_ckpt)
+    path.write_text(text.replace('"format_version": 2', '"format_version": ' + "9" * 5000))
+    with pytest.raises(ValueError, match="bondgate.json is not valid JSON"):  # (named the file too)
+        bondgate.load(mlp_ckpt)
+    path.write_text('{"a": ' + "[" * 5000 + "]" * 5000 + "}")
+    with pytest.raises(ValueError, match="nests deeper than"):
         bondgate.load(mlp_ckpt)
 
 
@@ -402,6 +432,30 @@ def test_unknown_sequential_layer(mlp_ckpt):
     edit_json(mlp_ckpt, lambda m: m["architecture"]["layers"][1][1].update(type="Eval"))
     with pytest.raises(ValueError, match="unknown layer type 'Eval'"):
         bondgate.load(mlp_ckpt)
+
+
+@pytest.mark.parametrize("entry, message", [
+    # a LayerNorm with eps NaN or < 0 loaded and gave NaN outputs; a child named like a Module attribute: KeyError
+    (["n", {"type": "LayerNorm", "normalized_shape": [1], "eps": float("nan")}], "eps must be a finite number >= 0"),
+    (["n", {"type": "LayerNorm", "normalized_shape": [1], "eps": -1.0}], "eps must be a finite number >= 0"),
+    (["d", {"type": "Dropout", "p": float("inf")}], "p must be a finite number >= 0"),
+    (["forward", {"type": "ReLU"}], "a module cannot be named 'forward'"),
+    (["__class__", {"type": "ReLU"}], "a module cannot be named '__class__'"),
+])
+def test_sequential_arguments_are_checked(mlp_ckpt, entry, message):
+    edit_json(mlp_ckpt, lambda m: m["architecture"]["layers"].append(entry))
+    with pytest.raises(ValueError, match=message):
+        bondgate.load(mlp_ckpt)
+
+
+def test_a_sequential_too_deep_to_read_back_is_not_saved(tmp_path):
+    # depth 330 was saved and then refused by load (RecursionError decoding the JSON)
+    model = nn.Linear(2, 2)
+    for _ in range(330):
+        model = nn.Sequential(model)
+    with pytest.raises(ValueError, match="too deep to be described in JSON and read back"):
+        bondgate.save(model, tmp_path / "deep")
+    assert not list(tmp_path.iterdir())
 
 
 @needs_hf
@@ -618,6 +672,9 @@ def test_save_refuses_what_load_would_refuse(tmp_path, monkeypatch):
     for target in (".", "sub/..", str(work), ".."):
         with pytest.raises(ValueError, match="working directory or one of its parents"):
             bondgate.save(mlp(), target)
+    (tmp_path / "link").symlink_to(tmp_path)  # the working directory through a link among its parents
+    with pytest.raises(ValueError, match="working directory or one of its parents"):
+        bondgate.save(mlp(), tmp_path / "link" / "work")
     assert sorted(p.name for p in work.iterdir()) == ["sub"]
     assert bondgate.save(mlp(), "sub/../ckpt").resolve() == work / "ckpt"
     assert isinstance(bondgate.load(work / "ckpt")[2], MPOLinear)
@@ -713,12 +770,17 @@ def test_save_over_a_directory_replaces_the_checkpoint_and_links_the_rest(tmp_pa
                  "config.json", "generation_config.json"):
         (out / name).write_text("stale")
     (out / "README.md").write_text("my notes")
+    # the user's files that only look like weights stay (were deleted: every *.safetensors, pytorch_model*.bin, *.tmp)
+    mine = ("adapter_model.safetensors", "teacher_dense.safetensors", "pytorch_model_backup.bin", "notes.tmp")
+    for name in mine:
+        (out / name).write_text(name)
     inode = (out / "checkpoint-500" / "optimizer.pt").stat().st_ino
     model = mlp().eval()
     bondgate.save(model, out)
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "bondgate.json", "checkpoint-500",
-                                                     "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["README.md", "bondgate.json", "checkpoint-500",
+                                                            "model.safetensors", *mine])
     assert (out / "README.md").read_text() == "my notes"
+    assert all((out / name).read_text() == name for name in mine)
     assert (out / "checkpoint-500" / "optimizer.pt").stat().st_ino == inode  # linked, not copied
     x = torch.randn(3, 62)
     assert torch.equal(bondgate.load(out)(x), model(x))

@@ -247,6 +247,10 @@ def test_corrupt_spec_is_refused():
     bad["projections"]["ih_l0"]["type"] = "Recurrent"
     with pytest.raises(ValueError, match="unknown layer type"):
         Recurrent.from_spec(bad)
+    # num_layers is checked against the projections before the layers are built (10**6 layers: ~10 minutes), and
+    # the error does not list the million names it expected
+    with pytest.raises(ValueError, match=r"must describe 2000000 projections \(ih, hh per layer and direction\)$"):
+        Recurrent.from_spec({**spec, "num_layers": 10**6})
 
 
 def test_cli_inspect_lists_the_factored_projections(tmp_path, capsys):

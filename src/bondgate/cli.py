@@ -372,7 +372,16 @@ def _sentence_modules(path: Path) -> list[str]:
     root = path.resolve()  # module folders: direct children of the model folder only (not ".", "a/..", a link out)
     folders = list(dict.fromkeys(str(Path(p)) for p in paths if len(Path(p).parts) == 1 and Path(p).name != ".."
                                  and (path / p).is_dir() and (path / p).resolve().parent == root))
-    return [*(f for f in SENTENCE_FILES if (path / f).is_file()), *folders]
+    names = [*(f for f in SENTENCE_FILES if (path / f).is_file()), *folders]
+    # the copies are read through links: a link out of the model's folder would copy what it points to (a token
+    # file, say) into a checkpoint made to be shared. A hub cache's snapshot links into its repository's blobs/.
+    allowed = root.parent.parent if root.parent.name == "snapshots" else root
+    for name in names:
+        for file in [path / name, *(path / name).rglob("*")]:
+            if file.is_file() and not file.resolve().is_relative_to(allowed):
+                raise ValueError(f"{file} links to {file.resolve()}, outside the model folder {root}: bondgate copies "
+                                 f"the sentence-transformers files into the checkpoint and does not follow links out")
+    return names
 
 
 class _TokenizerAndModules:
@@ -474,6 +483,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     _check_out(out, model_dir)
     _check_out_writable(out)
     _check_tokenizer_files(model_dir)
+    sentence = _sentence_modules(model_dir)  # (before the work: it refuses links out of the folder)
     lines, source = _calibration_lines(args.calibration, args.calibration_size)
     budget = ({"param_ratio": args.ratio} if args.ratio is not None else
               {"max_bond": args.max_bond} if args.max_bond is not None else
@@ -566,7 +576,6 @@ def cmd_compress(args: argparse.Namespace) -> int:
             "latency_ms": {"dense": dense_lat["median"] * 1e3, "compressed": comp_lat["median"] * 1e3,
                            "batch_shape": list(bench_shape), "threads": args.threads},
         }
-        sentence = _sentence_modules(model_dir)
         save_pretrained(model, out, tokenizer=_TokenizerAndModules(tok, model_dir, sentence) if sentence else tok,
                         report=saved)
         if sentence:
@@ -653,24 +662,33 @@ def _layer_rows(meta: dict) -> tuple[list[list[str]], int, int]:
     return rows, before, after
 
 
+#: control characters (C0 but newline, DEL, C1): a checkpoint's strings are printed as text, never as terminal codes
+_CONTROL = {c: "?" for c in (*range(10), *range(11, 32), *range(127, 160))}
+
+
+def _show(text: str = "") -> None:
+    """``print`` for text that holds a checkpoint's strings (a class name, a source model, versions)."""
+    print(text.translate(_CONTROL))
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     """``bondgate inspect``: the layer table of a checkpoint, from its JSON metadata only."""
-    from .io import _build_layers, read_metadata
+    from .io import WEIGHTS_NAME, _build_layers, read_metadata
 
     directory = Path(args.dir).expanduser()
     meta = read_metadata(directory)
     _build_layers(meta, device="meta")  # every layer spec consistent (sizes, factors, bonds), as load checks them
     arch = meta["architecture"]
     report = meta["report"] if isinstance(meta["report"], dict) else None
-    print(f"checkpoint: {directory.resolve()} ({meta['format']} v{meta['format_version']}, "
+    _show(f"checkpoint: {directory.resolve()} ({meta['format']} v{meta['format_version']}, "
           f"bondgate {meta.get('bondgate_version', '?')}, torch {meta.get('torch_version', '?')})")
     model = arch.get("class", arch["kind"])
     if arch.get("transformers_version"):
         model += f" (transformers {arch['transformers_version']})"
-    print(f"model: {model}")
+    _show(f"model: {model}")
     weights = meta["weights"]
-    file = directory / str(weights.get("file", "model.safetensors"))
-    print(f"weights file: {file.name}, {_mb(weights['bytes'])}")
+    file = directory / WEIGHTS_NAME  # (the name load reads, not one the JSON gives)
+    _show(f"weights file: {file.name}, {_mb(weights['bytes'])}")
     # metadata only, but a missing or cut weights file is worth an error (bondgate.load also checks the checksums)
     if not file.is_file():
         _fail(f"the weights file {file} is missing")
@@ -681,41 +699,41 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return 1
     if report:
         if report.get("source_model"):
-            print(f"source model: {report['source_model']}")
+            _show(f"source model: {report['source_model']}")
         cfg = report.get("config") or {}
         if cfg:
             budget = ", ".join(f"{k}={cfg[k]}" for k in ("param_ratio", "max_bond", "tol", "max_latency_ratio",
                                                           "flops_ratio") if cfg.get(k) is not None)
-            print(f"config: {budget} | num_cores={cfg.get('num_cores')} | allocation={cfg.get('allocation')} | "
+            _show(f"config: {budget} | num_cores={cfg.get('num_cores')} | allocation={cfg.get('allocation')} | "
                   f"policy={cfg.get('policy')} | target={cfg.get('target_modules')} | exclude={cfg.get('exclude')}"
                   + (f" | quantize={cfg['quantize']}" if cfg.get("quantize") else ""))
     else:
-        print("(no compression report saved: errors unknown)")
+        _show("(no compression report saved: errors unknown)")
 
     rows, before, after = _layer_rows(meta)
     head = ["layer", "shape (out x in)", "factors (out / in)", "bonds", "weights", "kept", "weight err",
             "output err"]
-    print()
-    print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
+    _show()
+    _show("| " + " | ".join(head) + " |")
+    _show("|" + "---|" * len(head))
     for row in rows:
-        print("| " + " | ".join(row) + " |")
+        _show("| " + " | ".join(row) + " |")
     kept = f"{after / before:.1%}" if before else "-"
-    print(f"| **total** | | | | {before:,} -> {after:,} | {kept} | | |")
-    print(ERROR_LEGEND)
+    _show(f"| **total** | | | | {before:,} -> {after:,} | {kept} | | |")
+    _show(ERROR_LEGEND)
     for alias, target in meta["layer_aliases"].items():
-        print(f"shared layer: {alias} is {target}")
-    print()
+        _show(f"shared layer: {alias} is {target}")
+    _show()
     flat = _flat_layers(meta["layers"])
     n = len(flat)
-    print(f"{n} bondgate layer{'s' if n != 1 else ''}; targeted weights: {before:,} -> {after:,} "
+    _show(f"{n} bondgate layer{'s' if n != 1 else ''}; targeted weights: {before:,} -> {after:,} "
           + (f"(ratio {after / before:.3f})" if before else "(no layer targeted)"))
     quantized = sum(isinstance(spec, dict) and bool(spec.get("quant")) for spec in flat.values())
     if quantized:
-        print(f"int8 cores: {quantized} of {n} layers; load with bondgate.load or bondgate.from_pretrained "
+        _show(f"int8 cores: {quantized} of {n} layers; load with bondgate.load or bondgate.from_pretrained "
               f"(AutoModel.from_pretrained and SentenceTransformer refuse int8 cores)")
     for line in _gating_lines(_flat_layers(meta["layers"])):
-        print(line)
+        _show(line)
     return 0
 
 

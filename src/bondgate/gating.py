@@ -497,9 +497,10 @@ class GatedMPOLinear(MPOLinear):
         layer = super().from_spec(spec)
         # checkpoints written before the error controller existed hold the linear one
         kind, rank = spec.get("controller", "linear"), spec.get("controller_rank", 8)
-        GatingConfig(budget=spec.get("budget", 0.5), levels=tuple(spec["levels"]), controller=kind, rank=rank)
-        layer._init_gating(spec["levels"], spec.get("temperature", 1.0), spec.get("penalty", 5.0),
-                           spec.get("budget", 0.5), kind, rank, spec.get("cost_rows", 1))
+        cfg = GatingConfig(budget=spec.get("budget", 0.5), levels=tuple(spec["levels"]), controller=kind, rank=rank,
+                           temperature=spec.get("temperature", 1.0), penalty=spec.get("penalty", 5.0))
+        layer._init_gating(spec["levels"], cfg.temperature, cfg.penalty, cfg.budget, kind, rank,
+                           spec.get("cost_rows", 1))
         layer.mode = _check_mode(spec.get("mode", "gate"))
         layer.max_groups = _positive_int(spec.get("max_groups"), "max_groups", none_ok=True)
         track = spec.get("track")

@@ -30,6 +30,7 @@ import contextlib
 import ctypes
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -256,6 +257,8 @@ def _json_arg(value: Any, typ: str, where: str) -> Any:
     }[typ]
     if not ok:
         raise ValueError(f"{where} must be of type {typ}, got {value!r}")
+    if typ == "float" and not 0 <= value < math.inf:  # (a dropout rate, an eps: NaN or < 0 gives NaN outputs)
+        raise ValueError(f"{where} must be a finite number >= 0, got {value!r}")
     return float(value) if typ == "float" else value
 
 
@@ -284,7 +287,11 @@ def _build_sequential(desc: dict) -> nn.Module:
                 if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str) and item[0]
                         and "." not in item[0]):
                     raise ValueError(f"{where}: each entry of 'layers' must be [name, description], got {item!r}")
-                mod.add_module(item[0], build(item[1], _join(path, item[0])))
+                child = build(item[1], _join(path, item[0]))
+                try:
+                    mod.add_module(item[0], child)
+                except KeyError as exc:  # a name nn.Module has as an attribute ("forward", "__class__")
+                    raise ValueError(f"{where}: a module cannot be named {item[0]!r}") from exc
             return mod
         elif kind in _SEQ_LAYERS:
             cls, params = _SEQ_LAYERS[kind]
@@ -305,7 +312,11 @@ def _build_sequential(desc: dict) -> nn.Module:
         built[path] = mod
         return mod
 
-    return build({"type": "Sequential", "layers": desc.get("layers")}, "")
+    try:
+        return build({"type": "Sequential", "layers": desc.get("layers")}, "")
+    except RecursionError:
+        raise ValueError(f"the architecture in {META_NAME} nests Sequentials deeper than this Python's recursion "
+                         f"limit ({sys.getrecursionlimit()}) allows") from None
 
 
 # ---------------------------------------------------------------------------------------- save
@@ -378,9 +389,10 @@ def save(model: nn.Module, directory: str | os.PathLike, *, report: Any = None, 
     ``report`` (a dict or an object with ``.to_dict()``) defaults to ``model.bondgate_report``.
     ``tokenizer`` (keyword-only; anything with ``save_pretrained``, e.g. a transformers tokenizer or processor; a
     ``TypeError`` otherwise) is saved into the same directory with its own ``save_pretrained``. Saving into an
-    existing directory replaces its checkpoint — weights files (``*.safetensors``, ``pytorch_model*.bin`` and their
-    indexes), ``config.json``, ``generation_config.json`` and ``bondgate.json`` — and keeps everything else (a README,
-    tokenizer files, a Trainer's ``checkpoint-*`` directories); the new checkpoint appears in one step, the old one
+    existing directory replaces its checkpoint — a model's weights files (``model.safetensors``,
+    ``pytorch_model.bin``, their shards and indexes), ``config.json``, ``generation_config.json`` and
+    ``bondgate.json`` — and keeps everything else (a README, tokenizer files, an adapter, a Trainer's
+    ``checkpoint-*`` directories); the new checkpoint appears in one step, the old one
     stays intact if the save fails.
     """
     from . import __version__
@@ -411,9 +423,12 @@ def save(model: nn.Module, directory: str | os.PathLike, *, report: Any = None, 
         "report": _report_dict(model, report),
     }
     try:
-        json.dumps(meta)
+        json.loads(json.dumps(meta))  # (read back too: a structure nested too deeply saves but does not load)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"checkpoint metadata is not JSON-serializable (check the layers' spec()): {exc}") from exc
+    except RecursionError:
+        raise ValueError("cannot save: the model's nn.Sequential nesting is too deep to be described in JSON and "
+                         f"read back under this Python's recursion limit ({sys.getrecursionlimit()})") from None
     if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
         raise TypeError(f"tokenizer must have save_pretrained(), got {type(tokenizer).__name__}")
 
@@ -497,11 +512,12 @@ def _exchange(a: Path, b: Path) -> bool:
     return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
-#: files of an earlier checkpoint in the target directory that a new save does not carry over: weights and configs
-#: describing another model (a dense model's shards would ship beside the compressed one, and transformers would
-#: read an index or config.json that no longer matches)
-_STALE = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model*.bin.index.json",
-          "tf_model.h5", "flax_model.msgpack", "config.json", "generation_config.json", META_NAME)
+#: files of an earlier checkpoint in the target directory that a new save does not carry over: the names a model's
+#: save writes for its weights and configs (a dense model's shards would ship beside the compressed one, and
+#: transformers would read an index or config.json that no longer matches); any other file is the user's and stays
+_STALE = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+          "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack",
+          "config.json", "generation_config.json", META_NAME)
 
 
 def _umask() -> int:
@@ -531,7 +547,7 @@ def _swap_in(new: Path, target: Path) -> None:
         return
     os.chmod(new, target.stat().st_mode & 0o7777)
     for old in target.iterdir():
-        if (new / old.name).exists() or old.name.endswith(".tmp"):
+        if (new / old.name).exists():
             continue
         if old.is_dir() and not old.is_symlink():
             shutil.copytree(old, new / old.name, symlinks=True, copy_function=_link_or_copy)
@@ -587,6 +603,15 @@ def _check_layers(layers: Any, layer_aliases: Any, where: str) -> None:
             raise ValueError(f"{where}: layer {name!r} lies inside layer {outer[0]!r}")
 
 
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    """A JSON object, refusing a key given twice (json keeps the last one, a reader of the file may see the first)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        twice = sorted({k for k, _ in pairs if sum(k == j for j, _ in pairs) > 1})
+        raise json.JSONDecodeError(f"key {twice[0]!r} given twice in one object", "", 0)
+    return out
+
+
 def read_metadata(directory: str | os.PathLike) -> dict:
     """Read and validate ``bondgate.json`` of a checkpoint directory (no tensors are read)."""
     directory = Path(directory)
@@ -600,9 +625,12 @@ def read_metadata(directory: str | os.PathLike) -> dict:
                  if (directory / "config.json").is_file() else "")
         raise FileNotFoundError(f"{META_NAME} not found in checkpoint directory: {path}{dense}")
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        meta = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates)
+    except ValueError as exc:  # (not UTF-8, not JSON, a key twice, an integer of thousands of digits)
         raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise ValueError(f"{path} nests deeper than this Python's recursion limit ({sys.getrecursionlimit()}) "
+                         f"allows") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{path} must hold a JSON object")
     if meta.get("format") != FORMAT_NAME:
@@ -616,15 +644,14 @@ def read_metadata(directory: str | os.PathLike) -> dict:
         if not isinstance(want, str) or want != _meta_sha256(meta):
             raise ValueError(f"corrupt checkpoint: the content of {path} does not match its checksum (meta_sha256); "
                              f"was it edited by hand or damaged?")
-        files = meta.get("files")
-        if not (isinstance(files, dict) and all(
-                isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("sha256"), str)
-                and isinstance(v.get("bytes"), int) and not isinstance(v["bytes"], bool) for k, v in files.items())):
-            raise ValueError(f"{path}: 'files' must map file names to their 'bytes' and 'sha256'")
-        for rel in files:
-            if rel.startswith("/") or ".." in Path(rel).parts or "\\" in rel:
-                raise ValueError(f"{path}: file name {rel!r} leaves the checkpoint directory")
-    meta.setdefault("files", {})
+    files = meta.setdefault("files", {})
+    if not (isinstance(files, dict) and all(
+            isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("sha256"), str)
+            and isinstance(v.get("bytes"), int) and not isinstance(v["bytes"], bool) for k, v in files.items())):
+        raise ValueError(f"{path}: 'files' must map file names to their 'bytes' and 'sha256'")
+    for rel in files:
+        if rel.startswith("/") or ".." in Path(rel).parts or "\\" in rel:
+            raise ValueError(f"{path}: file name {rel!r} leaves the checkpoint directory")
     missing = {"architecture", "layers", "weights"} - set(meta)
     if missing:
         raise ValueError(f"{path} is missing the fields {sorted(missing)}")
@@ -652,37 +679,40 @@ def read_metadata(directory: str | os.PathLike) -> dict:
     return meta
 
 
-def _verify_file(path: Path, record: dict) -> None:
+def _verify_file(directory: Path, rel: str, record: dict, transformers: bool) -> None:
+    path = directory / rel
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path} (listed in {META_NAME})")
     size, want = path.stat().st_size, record["bytes"]
     if size != want:
         raise ValueError(f"{path} is not the file bondgate saved: {size} bytes, {META_NAME} records {want}"
-                         + _remedy(path))
-    sha, want_sha = _sha256(path), record["sha256"].lower()
-    if sha != want_sha:
-        raise ValueError(f"{path} is not the file bondgate saved: sha256 {sha}, {META_NAME} records {want_sha}"
-                         + _remedy(path))
+                         + _remedy(directory, transformers))
+    if _sha256(path) != record["sha256"].lower():
+        raise ValueError(f"{path} is not the file bondgate saved: its sha256 differs from the one {META_NAME} records"
+                         + _remedy(directory, transformers))
 
 
-def _remedy(path: Path) -> str:
-    """A file that differs from the record is damaged, or the directory was saved into again after bondgate saved it
-    (by transformers' save_pretrained, a tokenizer's or generation config's, an edit): say what to do in either case."""
-    return (f". Either the file is damaged (a truncated copy, a bad disk), or the directory was saved into again "
-            f"after bondgate.save_pretrained (transformers' or a tokenizer's save_pretrained, an edited config.json): "
-            f"then save the model again with bondgate.save_pretrained, or delete {path.parent / META_NAME} to load "
-            f"the directory as transformers wrote it (from_pretrained after `import bondgate`)")
+def _remedy(directory: Path, transformers: bool) -> str:
+    """A file that differs from the record is damaged, or (a transformers model's directory) was saved into again
+    after bondgate saved it (by transformers' save_pretrained, a tokenizer's or generation config's, an edit): say
+    what to do in either case."""
+    damaged = ". The file is damaged (a truncated copy, a bad disk) or was changed after bondgate saved it"
+    if not transformers:
+        return damaged + ": save the model again, or copy the checkpoint again from where it came"
+    return (f"{damaged}: if the directory was saved into again after bondgate.save_pretrained (transformers' or a "
+            f"tokenizer's save_pretrained, an edited config.json), save the model again with "
+            f"bondgate.save_pretrained, or delete {directory / META_NAME} to load the directory as transformers wrote "
+            f"it (from_pretrained after `import bondgate`)")
 
 
 def _verify_files(directory: Path, meta: dict) -> None:
     """Size and sha256 of the weights file and of every other file the checkpoint lists (config.json, the
     tokenizer's), before any of them is read."""
-    path = directory / WEIGHTS_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    _verify_file(path, meta["weights"])
-    for rel, record in meta["files"].items():
-        _verify_file(directory / rel, record)
+    if not (directory / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"weights file not found: {directory / WEIGHTS_NAME}")
+    transformers = meta["architecture"]["kind"] == "transformers"
+    for rel, record in [(WEIGHTS_NAME, meta["weights"]), *meta["files"].items()]:
+        _verify_file(directory, rel, record, transformers)
 
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -849,8 +879,8 @@ def save_target(directory: Path) -> Path:
     directory or one of its parents (a checkpoint directory is replaced as a whole)."""
     if directory.is_symlink() or directory.name in ("", ".", "..") or ".." in directory.parts:
         directory = directory.resolve()  # a link: write beside what it points to (the link stays); "..": its parent
-    cwd = Path.cwd().resolve()
-    if directory == cwd or directory in cwd.parents:
+    cwd, real = Path.cwd().resolve(), directory.resolve()  # (a link among the parents reaches the cwd too)
+    if real == cwd or real in cwd.parents:
         raise ValueError(f"cannot save into {directory}: it is the working directory or one of its parents (a "
                          "checkpoint directory is replaced as a whole); give a subdirectory")
     return directory

@@ -336,9 +336,13 @@ class Recurrent(nn.Module):
                                                                  "proj_size"))) if not ok]
         if wrong:
             raise ValueError(f"Recurrent spec has values of the wrong type for {wrong}")
-        new = cls._rebuilt(*(spec[k] for k in keys[:-1]))
         projections = spec["projections"]
-        if not isinstance(projections, dict) or set(projections) != set(new.projection_names()):
+        count = spec["num_layers"] * (1 + spec["bidirectional"]) * (2 + (spec["proj_size"] > 0))
+        if not isinstance(projections, dict) or len(projections) != count:  # (before building num_layers layers)
+            raise ValueError(f"Recurrent spec must describe {count} projections (ih, hh{', hr' * (spec['proj_size'] > 0)}"
+                             f" per layer and direction)")
+        new = cls._rebuilt(*(spec[k] for k in keys[:-1]))
+        if set(projections) != set(new.projection_names()):
             raise ValueError(f"Recurrent spec must describe the projections {list(new.projection_names())}")
         for name, sub in projections.items():
             shell = getattr(new, name)

@@ -1447,3 +1447,62 @@ def test_a_gated_layer_built_directly_runs_and_gates():
     assert built[2].levels == (0.5, 1.0) and built[2].budget == 0.3
     with pytest.raises(TypeError, match="GatingConfig"):
         GatedMPOLinear(16, 16, gating={"budget": 0.5})
+
+
+def test_training_keeps_a_fitted_error_controller_and_its_budget():
+    # training in mode "gate" sampled levels by Gumbel noise around the tiny predicted errors and moved the fitted
+    # coefficients (negative after 30 Adam steps): a budget of 0.25 spent 0.11 afterwards, at the same price
+    net, data = _error_gated()
+    spent = set_budget(net, 0.25, data)
+    layer = net[2]
+    coef, proj = layer.controller.coef.clone(), layer.controller.proj.weight.clone()
+    core = layer.cores[0].detach().clone()
+    assert not any(p.requires_grad for p in layer.controller.parameters())
+    with torch.no_grad():
+        expected = net(data[0])  # eval: routed by the controller at its price
+    net.train()
+    torch.testing.assert_close(net(data[0]), expected, rtol=0, atol=1e-6)  # training routes the rows alike
+    with torch.no_grad(), bondgate.gating.full_width(net):
+        targets = [net(x) for x in data]  # heal toward the full width (a loss that shrank the outputs moved the inputs)
+    net[0].requires_grad_(False)  # the gated layer's inputs stay: its decisions depend on them and the controller
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    for x, t in list(zip(data, targets)) * 5:
+        loss = (net(x) - t).square().mean()
+        aux = layer.bondgate_aux_loss()
+        assert aux is None  # no penalty to train: the controller is not trained
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert torch.equal(layer.controller.coef, coef) and torch.equal(layer.controller.proj.weight, proj)
+    assert not torch.equal(layer.cores[0], core)  # the cores trained
+    set_mode(net, "gate")  # set_mode keeps an error controller frozen
+    assert not any(p.requires_grad for p in layer.controller.parameters())
+    net.eval()
+    average_flops(net, reset=True)
+    with torch.no_grad():
+        for x in data:
+            net(x)
+    assert average_flops(net) == pytest.approx(spent, rel=1e-9)
+
+
+def test_a_copy_made_in_inference_mode_decides_with_grad_enabled():
+    # the decision built a graph through the controller: "Inference tensors cannot be saved for backward"
+    import copy
+
+    net, data = _error_gated()
+    set_budget(net, 0.5, data)
+    with torch.inference_mode():
+        twin = copy.deepcopy(net)
+    torch.testing.assert_close(twin(data[0]), net(data[0]).detach(), rtol=0, atol=0)
+
+
+def test_set_budget_on_untrained_controllers_warns():
+    net = gate(model_with_mpo(), GatingConfig(controller="error", levels=(0.25, 0.5, 1.0)))
+    net.eval()
+    data = [torch.randn(64, 96)]
+    with pytest.warns(UserWarning, match=r"controller of 2 has not been fitted or trained.*fit_controllers first"):
+        set_budget(net, 0.5, data)
+    bondgate.fit_controllers(net, data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        set_budget(net, 0.5, data)

@@ -21,12 +21,13 @@ overhead is a third of torch's: at one row, dispatch rather than arithmetic is w
 Training: ``mode="nested"`` samples a random level per row (nested dropout / Matryoshka), which makes
 every prefix a good truncation — with ``distill(..., sandwich=True)`` the whole model also trains at full
 width every step, without which the full width, which the error controllers approximate, falls below its
-own truncations; ``mode="gate"`` trains the controller with a straight-through
+own truncations; ``mode="gate"`` trains a linear controller with a straight-through
 Gumbel-max estimator: the forward pass uses the sampled (hard) level of each row — the same value as
 inference — while the gradient flows through the softmax of the level scores, with every level's
 output computed so the controller sees what each choice would have given. A budget penalty on the
 expected FLOPs (reported by :meth:`GatedMPOLinear.bondgate_aux_loss`, which :func:`bondgate.distill`
-adds to its loss) pulls the average toward the budget. After training, :func:`set_budget` calibrates
+adds to its loss) pulls the average toward the budget. (An error controller is fitted, not trained: in
+``mode="gate"`` training routes rows by it and its price as inference does, and trains the cores.) After training, :func:`set_budget` calibrates
 one global price ``lam`` on inputs so that the average FLOPs per row hit any budget exactly — the
 budget can be changed at inference without retraining. A fixed price holds the budget on inputs like the
 calibration data; ``set_budget(..., track=g)`` adds a :class:`bondgate.gating.PriceTracker` that corrects the price
@@ -80,7 +81,7 @@ from .layer import (
 from .lowrank import LowRankLinear
 from .mpo import MPO
 from .planner import PlanPolicy, get_plan, min_flops, sweep_views
-from .surgery import _matches, check_selector, module_names, swap_module
+from .surgery import _matches, _short_list, check_selector, module_names, swap_module
 
 __all__ = ["GatingConfig", "GatedMPOLinear", "gate", "set_mode", "set_budget", "fit_controllers", "gating_report",
            "average_flops", "width_error_curve", "route", "PriceTracker"]
@@ -96,7 +97,8 @@ PRICE_BOUND = 1e3
 @dataclass
 class GatingConfig:
     """``budget``: target average FLOPs per row as a fraction of the full-width FLOPs (controller
-    included); ``levels``: kept fraction of every bond, strictly increasing in (0, 1];
+    included) for training a linear controller (its budget penalty); what inference spends is set by
+    :func:`set_budget`; ``levels``: kept fraction of every bond, strictly increasing in (0, 1];
     ``target_modules``: which MPO layers (regex on the full name, or a list of names/suffixes; None =
     all); ``temperature``: Gumbel-softmax temperature; ``penalty``: weight of the squared budget gap;
     ``controller``: ``"linear"`` (a linear probe trained with the Gumbel estimator in ``mode="gate"``)
@@ -190,7 +192,8 @@ class ErrorController(nn.Module):
     quadratic form ``|D_l x|^2`` with ``D_l = W - W_l``; the ``u_j`` (rows of ``proj``) are its dominant
     directions and the last term covers the rest. The decision ``argmax(score - lam * cost)`` then picks,
     per row, the level that minimizes ``error + lam * FLOPs``. Costs ``2 * in * (rank + 1) + 2 * (rank + 1) * L``
-    FLOPs per row. Until :func:`fit_controllers` runs, it prefers wide levels (error ~ 1 - level).
+    FLOPs per row. Until :func:`fit_controllers` runs, it prefers wide levels (error ~ 1 - level). Its parameters
+    do not require grad: training (``mode="gate"``) routes rows by it as inference does and trains the cores.
     """
 
     def __init__(self, in_features: int, levels: Sequence[float], rank: int = 8) -> None:
@@ -201,6 +204,7 @@ class ErrorController(nn.Module):
         coef = torch.zeros(len(levels), self.rank + 1)
         coef[:, -1] = torch.tensor([1.0 - v for v in levels]) / in_features
         self.coef = nn.Parameter(coef)
+        self.requires_grad_(False)  # fitted in closed form: an optimizer must not move the predicted errors
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """``[(u_j . x)^2, |x|^2]``, ``(B, rank + 1)``; float32 for float16/bfloat16 ``x`` (in float16, ``|x|^2``
@@ -638,6 +642,9 @@ class GatedMPOLinear(MPOLinear):
         """Inference decisions, ``(B,)`` level indices: per row the level minimizing predicted error +
         ``lam`` x relative cost (``argmax(score - lam * cost)``), with at most ``max_groups`` distinct
         levels in the call if that is set (see :func:`bondgate.gating.route`)."""
+        if torch.is_grad_enabled():  # a decision has no gradient: no graph through the controller
+            with torch.no_grad():
+                return route(self._objective(x2d), self.max_groups)
         return route(self._objective(x2d), self.max_groups)
 
     def _one_level(self, x2d: torch.Tensor) -> int:
@@ -647,7 +654,8 @@ class GatedMPOLinear(MPOLinear):
             level = self._host_level(x2d)
             if level is not None:
                 return level
-        objective = self._objective(x2d)
+        with torch.no_grad():
+            objective = self._objective(x2d)
         return to_host((objective if x2d.shape[0] == 1 else _total(objective)).argmin())
 
     def _host_level(self, x2d: torch.Tensor) -> int | None:
@@ -815,6 +823,8 @@ class GatedMPOLinear(MPOLinear):
         return (q.to(outs.dtype).unsqueeze(-1) * outs).sum(1)
 
     def _train_gate(self, x2d: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.controller, ErrorController):  # fitted, not trained: rows go where inference sends them
+            return self.grouped_output(x2d, self.decide(x2d))
         scores = self.controller(x2d)
         gumbel = -torch.empty_like(scores).exponential_().log()
         soft = torch.softmax((scores + gumbel) / self.temperature, -1)
@@ -948,6 +958,12 @@ def gate(model: nn.Module, config: GatingConfig) -> nn.Module:
     tracker and ``max_groups`` start afresh (call :func:`set_budget` again). For exactly the full width use
     ``set_mode(model, "full")``: a budget of 1.0 also pays for the controllers, so a few rows take narrower levels.
     A gated layer goes back to a plain one with ``MPOLinear.from_mpo(layer.to_mpo(), layer.bias)``.
+
+    A gated MPO layer keeps the layer's own parameters; a gated low-rank pair holds copies of ``U`` and ``V``
+    (it becomes a 2-core MPO): build an optimizer after ``gate``. ``bondgate.save`` / ``load`` and ``deepcopy`` keep
+    every gating setting; a plain ``load_state_dict`` into a freshly gated model restores the controllers, prices
+    and level counts but not the routing settings of :func:`set_budget` (``max_groups``, ``cost_rows``, ``track``):
+    call ``set_budget`` again.
     """
     if not isinstance(config, GatingConfig):
         raise TypeError(f"config must be a GatingConfig, got {type(config).__name__}")
@@ -1002,8 +1018,8 @@ def set_mode(model: nn.Module, mode: str | float) -> nn.Module:
         raise ValueError("the model has no gated layers (call bondgate.gate first)")
     for _, m in layers:
         m.mode = mode
-        for p in m.controller.parameters():
-            p.requires_grad_(mode == "gate")
+        for p in m.controller.parameters():  # (an error controller is fitted, never trained)
+            p.requires_grad_(mode == "gate" and not isinstance(m.controller, ErrorController))
     return model
 
 
@@ -1195,6 +1211,12 @@ def set_budget(model: nn.Module, budget: float, data: Iterable, per_layer: bool 
     _positive_int(rounds, "rounds")
     if not isinstance(per_layer, bool):
         raise TypeError(f"per_layer must be True or False, got {per_layer!r}")
+    untrained = [n for n, m in layers if not bool(m.controller.proj.weight.any())]  # (as gate() made them)
+    if untrained:
+        warn_user(f"set_budget: the controller{'s' if len(untrained) > 1 else ''} of {_short_list(untrained, 3)} ha"
+                  f"{'ve' if len(untrained) > 1 else 's'} not been fitted or trained: {'they score' if len(untrained) > 1 else 'it scores'} "
+                  f"the levels by the input's norm alone (an error controller) or alike for every row (a linear "
+                  f"one); call fit_controllers first (controller='error'), or train with mode 'gate' (distill)")
     data = as_batches(data, "set_budget")
     with _restored_on_error([m for _, m in layers]):
         return _set_budget(model, layers, budget, data, per_layer, rounds, max_groups, cost_rows, track)

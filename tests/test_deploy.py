@@ -179,3 +179,32 @@ def test_a_layer_kept_dense_with_int8_weights_keeps_them_exactly():
         assert torch.equal(w.q_per_channel_scales().float(), scales[0])
         with torch.no_grad():
             assert torch.equal(w.dequantize(), model[i].weight_matrix())
+
+
+class _LSTMHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(32, 64, num_layers=2)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0])
+
+
+def test_a_recurrents_projections_stay_on_the_fused_kernel():
+    # they became torch's int8 layers, which the fused LSTM kernel cannot take: the recurrence stepped through time
+    # in Python (1.6x slower than before deploy_int8), with no word
+    torch.manual_seed(0)
+    model = _LSTMHead()
+    x = torch.randn(12, 3, 32)
+    bg.compress(model, bg.CompressionConfig(param_ratio=0.5, target_modules=r"rnn\..*", kinds=("mpo", "lowrank")),
+                calibration=[x], progress=False)
+    rnn = model.rnn
+    assert isinstance(rnn, bg.Recurrent) and rnn._dense_weights() is not None
+    for rows in (None, 8):
+        dep = bg.deploy_int8(model, rows=rows)
+        assert set(dep.bondgate_int8) <= {"head"}
+        assert [type(m) for m in dep.rnn.modules()] == [type(m) for m in rnn.modules()]
+        assert dep.rnn._dense_weights() is not None  # still runs torch's fused kernel
+    with torch.no_grad():
+        assert _rel(bg.deploy_int8(model, rows=None)(x), model(x)) < 0.02

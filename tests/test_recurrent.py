@@ -98,6 +98,13 @@ def test_bad_input_errors():
         rec(torch.randn(3, 2, 4), torch.zeros(2, 2, 6))
     with pytest.raises(ValueError, match="2-D .* or 3-D"):
         rec(torch.randn(4))
+    # the shapes as given (an unbatched input's h_0 was reported after its own unsqueeze: "(2, 1, 6), got
+    # (2, 1, 1, 6)"), and the dtype named as torch names it (was "mat1 and mat2 must have the same dtype")
+    with pytest.raises(ValueError, match=r"h_0 must have shape \(2, 6\), got \(2, 1, 6\)"):
+        rec(torch.randn(3, 4), (torch.zeros(2, 1, 6), torch.zeros(2, 1, 6)))
+    assert rec(torch.randn(3, 4), (torch.zeros(2, 6), torch.zeros(2, 6)))[0].shape == (3, 6)
+    with pytest.raises(ValueError, match="input dtype torch.float64 does not match the LSTM's parameters' torch.float32"):
+        rec(torch.randn(3, 2, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="proj_size"):
         Recurrent("GRU", 4, 6, proj_size=2)
     with pytest.raises(ValueError, match="mode"):

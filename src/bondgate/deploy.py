@@ -20,7 +20,9 @@ With ``rows`` every candidate is timed on ``rows`` random rows against the layer
 int8 form is not faster stays as it is (at widths of 64 the per-call activation quantization costs more than it
 saves). Those choices are timings: where the two forms are within a few percent, two runs can choose differently
 (8 runs on a small GPT-2 gave 3 different sets, output changes 0.028-0.032): ``rows=None`` converts every layer,
-the same every time. Gated layers (their bond widths change per input), embeddings and tied dense layers are left alone; a
+the same every time. Gated layers (their bond widths change per input), embeddings, tied dense layers and the
+projections of a :class:`bondgate.Recurrent` (its recurrence runs torch's fused kernel on their dense weights; int8
+layers there would make it step through time in Python, ~1.6x slower) are left alone; a
 tied MPO head (``compress(embeddings=True)``) is converted like any MPO layer: the table keeps its cores for the
 lookup, the head gets its own int8 weight (``vocab x dim`` bytes), since the copy is for inference only. The
 result is for inference: eval mode, the int8 layers without gradients, not savable with :func:`bondgate.save` (keep the bondgate
@@ -42,6 +44,7 @@ from .gating import GatedMPOLinear
 from .layer import MPOLinear
 from .lowrank import LowRankLinear
 from .quant import dequantize, quantize
+from .recurrent import Recurrent
 from .surgery import is_conv1d
 
 __all__ = ["Int8Choice", "deploy_int8"]
@@ -127,10 +130,11 @@ def deploy_int8(model: nn.Module, rows: int | None = 32, dense: bool = True) -> 
     _check(model, rows)
     new = copy.deepcopy(model).eval()
     aliases = _aliases(new)
-    layers = {n: m for n, m in new.named_modules()
-              if isinstance(m, (MPOLinear, LowRankLinear)) and not isinstance(m, GatedMPOLinear)}
-    if dense:  # not the plain layers inside a bondgate layer (a gated layer's controller reads its weight)
-        owners = tuple(n + "." for n, m in new.named_modules() if isinstance(m, (MPOLinear, LowRankLinear)))
+    # not the plain layers inside a bondgate layer (a gated layer's controller reads its weight), nor a Recurrent's
+    owners = tuple(n + "." for n, m in new.named_modules() if isinstance(m, (MPOLinear, LowRankLinear, Recurrent)))
+    layers = {n: m for n, m in new.named_modules() if isinstance(m, (MPOLinear, LowRankLinear))
+              and not isinstance(m, GatedMPOLinear) and not n.startswith(owners)}
+    if dense:
         layers.update({n: m for n, m in _select(new, None, replace=True)[0].items() if not n.startswith(owners)})
     report: dict[str, Int8Choice] = {}
     for name, m in layers.items():

@@ -379,11 +379,18 @@ class Recurrent(nn.Module):
                 cls.after_load(model)
 
     # ------------------------------------------------------------------ forward
-    def _check(self, x: torch.Tensor, hx: Any, batch: int) -> None:
+    def _check(self, x: torch.Tensor, hx: Any, batch: int | None) -> None:
+        """The input's features and dtype, and ``hx``'s shapes as given (``batch`` None: unbatched)."""
         if x.size(-1) != self.input_size:
             raise ValueError(f"input has {x.size(-1)} features, this {self.mode} expects input_size={self.input_size}")
-        want_h = (self.num_layers * self.num_directions, batch, self.output_size)
-        want_c = (self.num_layers * self.num_directions, batch, self.hidden_size)
+        dtype = next(self.parameters()).dtype
+        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):  # (as torch's own check words it)
+            raise ValueError(f"input dtype {x.dtype} does not match the {self.mode}'s parameters' {dtype}: convert "
+                             f"the input (or the module, e.g. .to({x.dtype}))")
+        if hx is None:
+            return
+        lead = (self.num_layers * self.num_directions, *(() if batch is None else (batch,)))
+        want_h, want_c = (*lead, self.output_size), (*lead, self.hidden_size)
         if self.mode == "LSTM":
             if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
                 raise ValueError("an LSTM's hx must be a pair (h_0, c_0)")
@@ -480,9 +487,9 @@ class Recurrent(nn.Module):
             x = input if batched else input.unsqueeze(1)
             if batched and self.batch_first:
                 x = x.transpose(0, 1)
-            if hx is not None and not batched:
-                hx = tuple(t.unsqueeze(1) for t in hx) if self.mode == "LSTM" and isinstance(hx, (tuple, list)) \
-                    else hx.unsqueeze(1) if isinstance(hx, torch.Tensor) else hx
+        self._check(x, hx, x.shape[1] if batched else None)  # hx as given
+        if hx is not None and not batched:
+            hx = tuple(t.unsqueeze(1) for t in hx) if self.mode == "LSTM" else hx.unsqueeze(1)
         L, N = x.shape[0], x.shape[1]
         D = self.num_directions
         if L == 0:
@@ -490,7 +497,6 @@ class Recurrent(nn.Module):
         if hx is None:
             h0 = x.new_zeros(self.num_layers * D, N, self.output_size)
             hx = (h0, x.new_zeros(self.num_layers * D, N, self.hidden_size)) if self.mode == "LSTM" else h0
-        self._check(x, hx, N)
         h0, c0 = (hx[0], hx[1]) if self.mode == "LSTM" else (hx, None)
         if lengths is not None:
             # time index of step t of each sequence read backwards (padding stays in place): an involution

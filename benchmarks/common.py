@@ -112,6 +112,17 @@ def add_out_arg(parser: argparse.ArgumentParser, flag: str = "--out") -> None:
                         "benchmarks/results, the published results)")
 
 
+def check_out_dir(parser: argparse.ArgumentParser, path, flag: str = "--out") -> None:
+    """A usage error (exit 2) unless ``path`` is a writable directory, made here if missing: checked before the run
+    rather than found out when its results are written."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"argument {flag}: cannot make the directory {str(path)!r}: {exc.strerror or exc}")
+    if not os.access(path, os.W_OK):
+        parser.error(f"argument {flag}: the directory {str(path)!r} is not writable")
+
+
 def command_line(script: str, argv=None) -> str:
     """The command as run, ``python benchmarks/SCRIPT ARGS``: ``argv`` as given to ``main`` (None: ``sys.argv[1:]``),
     quoted for a shell."""

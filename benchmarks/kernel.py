@@ -33,6 +33,7 @@ from common import (  # noqa: E402
     add_out_arg,
     args_dict,
     banner,
+    check_out_dir,
     command_line,
     machine_info,
     time_interleaved,
@@ -248,6 +249,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("argument --device: cuda requested, but torch.cuda.is_available() is False on this machine")
+    check_out_dir(ap, args.out)
     command = command_line(__file__)
     torch.set_num_threads(args.threads)
     info = machine_info()

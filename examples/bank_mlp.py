@@ -264,7 +264,10 @@ def main(argv: list[str] | None = None) -> dict:
     info = machine_info()
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
     t_start = time.perf_counter()
-    data = load_bank_marketing(args.data, download=not args.no_download)
+    try:
+        data = load_bank_marketing(args.data, download=not args.no_download)
+    except FileNotFoundError as exc:  # the loader's message says where it looked
+        ap.exit(1, f"{ap.prog}: error: {exc}\n")
     if args.max_train_rows:
         data = replace(data, X_train=data.X_train[:args.max_train_rows], y_train=data.y_train[:args.max_train_rows])
     print(f"data: train {len(data.y_train)}, valid {len(data.y_valid)}, test {len(data.y_test)}, "

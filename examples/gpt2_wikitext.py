@@ -470,9 +470,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", parents=[common], help="re-evaluate validation perplexity of a saved model")
-    p.add_argument("--model", type=Path, required=True)
-    p.set_defaults(func=cmd_eval)
+    ev = sub.add_parser("eval", parents=[common], help="re-evaluate validation perplexity of a saved model")
+    ev.add_argument("--model", type=Path, required=True)
+    ev.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", parents=[common], help="training throughput of one shape")
     _add_model_args(p)
@@ -480,7 +480,15 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(func=cmd_bench)
 
     args = parser.parse_args(argv)
-    args.func(args)
+    if args.cmd == "eval":  # a missing folder would reach the hub as a repo id
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+        from common import check_checkpoint
+
+        check_checkpoint(ev, args.model, "--model", "make one with python examples/gpt2_wikitext.py train --out DIR")
+    try:
+        args.func(args)
+    except FileNotFoundError as exc:  # a data file (the loader's message says where it looked)
+        parser.exit(1, f"{parser.prog}: error: {exc}\n")
 
 
 if __name__ == "__main__":

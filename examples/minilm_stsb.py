@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if (ROOT.parent / "shared" / "data").exists():  # a checkout beside the shared data: use it
     os.environ.setdefault("BONDGATE_DATA", str(ROOT.parent / "shared" / "data"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import banner, machine_info, write_json  # noqa: E402
+from common import banner, check_checkpoint, machine_info, write_json  # noqa: E402
 
 import bondgate as bg  # noqa: E402
 from bondgate.cli import number_arg  # noqa: E402
@@ -154,10 +154,10 @@ def latency_ms(model, tok, sentences, threads: int) -> float:
 def cmd_eval(args) -> None:
     torch.set_num_threads(args.threads)
     print(banner(machine_info()), flush=True)
+    dev = load_stsb(split="dev")
     model, tok = load_minilm()
     if args.checkpoint:
         model = bg.load(args.checkpoint)
-    dev = load_stsb(split="dev")
     print(f"STS-B dev Spearman x100: {stsb_score(model, tok, dev):.2f}")
     if args.int8_kernels:  # as benchmarks/frontier.py deploys it: each layer timed at one 32-sentence batch's rows
         enc = tok([p[0] for p in dev[:32]], padding=True, truncation=True, max_length=128, return_tensors="pt")
@@ -169,8 +169,8 @@ def cmd_compare(args) -> None:
     torch.set_num_threads(args.threads)
     info = machine_info()
     print(banner(info), flush=True)
-    dense, tok = load_minilm()
     dev = load_stsb(split="dev")
+    dense, tok = load_minilm()
     calib = batches(tok, unlabeled_sentences(args.calibration, seed=1))
     lat_sents = [p[0] for p in dev[:32]]
     size = {}
@@ -210,8 +210,8 @@ def cmd_heal(args) -> None:
     torch.set_num_threads(args.threads)
     info = machine_info()
     print(banner(info), flush=True)
-    dense, tok = load_minilm()
     dev = load_stsb(split="dev")
+    dense, tok = load_minilm()
     pool = unlabeled_sentences()
     calib = batches(tok, pool[:args.calibration])
     t0 = time.time()
@@ -295,7 +295,12 @@ def main(argv=None) -> None:
                                  ("--embedding-rows", args.embedding_rows > 0)) if on]
         if table:
             h.error(f"{', '.join(table)} needs --embeddings")
-    {"eval": cmd_eval, "compare": cmd_compare, "heal": cmd_heal}[args.cmd](args)
+    if args.cmd == "eval" and args.checkpoint:
+        check_checkpoint(e, args.checkpoint, hint="make one with python examples/minilm_stsb.py heal")
+    try:
+        {"eval": cmd_eval, "compare": cmd_compare, "heal": cmd_heal}[args.cmd](args)
+    except FileNotFoundError as exc:  # a data file (the loader's message says where it looked)
+        ap.exit(1, f"{ap.prog}: error: {exc}\n")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from bondgate.data import load_text
 from bondgate.io import read_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "runs"  # where the default model folders are, wherever the script is run from
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -249,9 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--minutes", type=number_arg(float, 0, low_open=True, what="minutes"), default=20.0,
                    help="CPU-time budget (process time / threads)")
     t.add_argument("--dim", type=number_arg(int, 1, what="dim"), default=256)
-    t.add_argument("--out", default="runs/ptb-lstm")
+    t.add_argument("--out", default=str(RUNS / "ptb-lstm"))
     c = sub.add_parser("compress", help="compress the saved dense model's LSTM, heal it, report valid perplexity")
-    c.add_argument("--dense", default="runs/ptb-lstm")
+    c.add_argument("--dense", default=str(RUNS / "ptb-lstm"))
     c.add_argument("--ratio", type=number_arg(float, 0, 1, low_open=True, what="ratio"), default=0.5,
                    help="fraction of the LSTM's weights kept")
     c.add_argument("--minutes", type=number_arg(float, 0, what="minutes"), default=15.0,
@@ -264,14 +265,14 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--out", default=None, help="save the healed model here")
     k = sub.add_parser("control", help="the same healing recipe for as many steps on the dense model and on "
                        "truncated SVD at the compressed model's weights per matrix")
-    k.add_argument("--dense", default="runs/ptb-lstm")
-    k.add_argument("--compressed", default="runs/ptb-lstm-50", help="the compressed model (its weights per matrix)")
+    k.add_argument("--dense", default=str(RUNS / "ptb-lstm"))
+    k.add_argument("--compressed", default=str(RUNS / "ptb-lstm-50"), help="the compressed model (its weights per matrix)")
     k.add_argument("--steps", type=number_arg(int, 1, what="steps"), required=True,
                    help="healing steps (the compress run's heal_steps)")
     k.add_argument("--tag", default="")
     v = sub.add_parser("speed", help="eval tokens/s of the dense and the compressed model (interleaved rounds)")
-    v.add_argument("--dense", default="runs/ptb-lstm")
-    v.add_argument("--compressed", default="runs/ptb-lstm-50")
+    v.add_argument("--dense", default=str(RUNS / "ptb-lstm"))
+    v.add_argument("--compressed", default=str(RUNS / "ptb-lstm-50"))
     v.add_argument("--rounds", type=number_arg(int, 1, what="rounds"), default=15)
     v.add_argument("--tag", default="")
     for q in (t, c, k, v):
@@ -281,12 +282,21 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     # the command as given, for the reports (every flag that shaped the figures, --compressed and --out included)
     args.command = "python examples/ptb_lstm.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import banner, check_checkpoint, machine_info
+
+    parser = {"train": t, "compress": c, "control": k, "speed": v}[args.cmd]
+    if args.cmd != "train":
+        check_checkpoint(parser, args.dense, "--dense", "make one with python examples/ptb_lstm.py train")
+    if args.cmd in ("control", "speed"):
+        check_checkpoint(parser, args.compressed, "--compressed", "make one with python examples/ptb_lstm.py "
+                         "compress --out DIR")
     if args.threads:
         torch.set_num_threads(args.threads)
-    vocab, train_ids, valid_ids = _corpus(args.data)
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from common import banner, machine_info
-
+    try:
+        vocab, train_ids, valid_ids = _corpus(args.data)
+    except FileNotFoundError as exc:  # the loader's message says where it looked
+        p.exit(1, f"{p.prog}: error: {exc}\n")
     if args.cmd == "train":
         machine = machine_info()
         print(banner(machine), flush=True)

@@ -41,7 +41,7 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import banner, machine_info, write_json  # noqa: E402
+from common import banner, check_checkpoint, machine_info, write_json  # noqa: E402
 
 import bondgate as bg  # noqa: E402
 from bondgate.calibration import model_device, to_device  # noqa: E402
@@ -469,11 +469,16 @@ def main(argv=None) -> dict:
     args.argv = shlex.join(sys.argv[1:] if argv is None else argv)
     if not Path(args.model_dir).is_dir():
         ap.error(f"--model-dir {args.model_dir!r} is not a directory")
+    if args.resume:
+        check_checkpoint(ap, args.resume, "--resume", "give the --out folder of an earlier run")
     if args.clock is None:
         args.clock = "cpu" if torch.device(args.device).type == "cpu" else "wall"
     if not args.out:
         args.out = None
-    return run(args)
+    try:
+        return run(args)
+    except FileNotFoundError as exc:  # a file of --model-dir or --resume
+        ap.exit(1, f"{ap.prog}: error: {exc}\n")
 
 
 if __name__ == "__main__":

@@ -319,14 +319,27 @@ def test_kept_rows_save_as_int8_and_reload_bit_exactly(tmp_path):
         fresh.load_state_dict(bad)
 
 
-def test_no_dense_weight_attribute_says_why():
-    # transformers' resize_token_embeddings read .weight: "'MPOEmbedding' object has no attribute 'weight'"
-    m = MPOEmbedding.from_embedding(nn.Embedding(50, 8), max_bond=4)
-    assert not hasattr(m, "weight")  # still an AttributeError: hasattr-style probes keep working
-    with pytest.raises(AttributeError, match="before compressing"):
-        _ = m.weight
+def test_the_weight_reports_the_tables_shape_dtype_and_device_only():
+    # it was an AttributeError: FSMT's forward reads embed_tokens.weight.dtype (every training step failed)
+    m = MPOEmbedding.from_embedding(nn.Embedding(50, 8, dtype=torch.float64), max_bond=4)
+    w = m.weight
+    assert (w.shape, w.dtype, w.device, w.requires_grad) == ((50, 8), torch.float64, torch.device("cpu"), True)
+    with pytest.raises(RuntimeError, match="MPOEmbedding has no dense weight.*weight_matrix"):
+        _ = w.data
+    with pytest.raises(RuntimeError, match="no dense weight"):
+        _ = w + 1
+    m.requires_grad_(False)
+    assert not m.weight.requires_grad
     with pytest.raises(AttributeError, match="no attribute 'weights'"):
         _ = m.weights
+    transformers = pytest.importorskip("transformers")
+    # transformers' resize_token_embeddings refuses it (not an nn.Embedding) before changing anything
+    model = transformers.BertModel(transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                           intermediate_size=32, vocab_size=50))
+    model.embeddings.word_embeddings = m
+    with pytest.raises(TypeError, match="not an instance of"):
+        model.resize_token_embeddings(60)
+    assert model.config.vocab_size == 50 and model.get_input_embeddings() is m
 
 
 @pytest.mark.parametrize("grad", [False, True])

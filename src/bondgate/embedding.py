@@ -55,6 +55,7 @@ from .io import register_layer_type
 from .layer import (
     MPOLinear,
     TrackedParameter,
+    WeightStandIn,
     _refuse_script,
     check_sizes,
     check_spec_sizes,
@@ -416,16 +417,15 @@ class MPOEmbedding(nn.Module):
         # copies and pickles leave the kept fake-quantized cores out (see MPOLinear.__getstate__)
         return without_kept(super().__getstate__(), self._KEPT)
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name != "weight":
-                raise
-        # code written for nn.Embedding (transformers' resize_token_embeddings) reads .weight: say why there is none
-        raise AttributeError("MPOEmbedding has no dense 'weight': its table is factored (rows are looked up from the "
-                             "cores). Resize or edit the table before compressing it (resize_token_embeddings "
-                             "included); weight_matrix() builds the dense table, to_embedding() an nn.Embedding")
+    @property
+    def weight(self) -> torch.Tensor:
+        """The table's shape ``(num_embeddings, embedding_dim)``, dtype and device, without values (a
+        :class:`bondgate.layer.WeightStandIn`: computing with it raises). Code written for ``nn.Embedding`` reads
+        them (FSMT's causal mask takes the table's dtype); :meth:`weight_matrix` builds the dense table,
+        :meth:`to_embedding` an ``nn.Embedding``. Resize the table (``resize_token_embeddings``) before compressing."""
+        c0 = self._modules["cores"][0]
+        return WeightStandIn.of(type(self).__name__, (self.num_embeddings, self.embedding_dim), c0.dtype, c0.device,
+                                any(p.requires_grad for p in self.parameters()))
 
     # ------------------------------------------------------------------ forward
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

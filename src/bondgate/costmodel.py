@@ -38,8 +38,10 @@ def mpo_flops(out_f: Sequence[int], in_f: Sequence[int], widths: Sequence[int], 
     ``CompressionConfig(flops_ratio=...)`` therefore has its layers choose by FLOPs): the planner's plans also
     contract cores with each other before the input (``planner.min_flops``, ~5 ms per call, too slow for a menu),
     which for 4 or more cores, or uneven factors, can be cheaper (measured on model layers at 1-16 rows: 1.0x-1.1x for 3 cores, 1.3x-1.9x for 4; on random shapes
-    up to 2.1x, 4.6x and 10x for 3, 4 and 5 cores). A FLOP budget is then met with
-    that margin, and a time budget's fitted throughput absorbs part of it."""
+    up to 2.1x, 4.6x and 10x for 3, 4 and 5 cores; a bond of width 1 splits the MPO into a Kronecker product whose
+    cores-first contraction this form misses: 10-12x at 3 cores, e.g. 512x1024 at bonds (1, 64)). A FLOP budget is
+    then met with that margin (such layers look costlier than they run, so a tight ``flops_ratio`` can take more of
+    their weights than it needs), and a time budget's fitted throughput absorbs part of it."""
     r = [1, *widths, 1]
     rebuild, acc = 0, out_f[0] * in_f[0] * r[1]
     for k in range(1, len(out_f)):

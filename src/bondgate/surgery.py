@@ -241,6 +241,9 @@ class CompressionConfig:
         if self.allocation != "global" and self.param_ratio is None:
             raise ValueError(f"allocation={self.allocation!r} spreads a param_ratio budget; with max_bond / tol every "
                              "layer is cut by its own cap")
+        if self.allocation == "uniform" and len(self.forms) > 1:  # (it gives every layer the one form; lowrank went unseen)
+            raise ValueError(f"allocation='uniform' gives every layer one form: kinds=('mpo',) or ('lowrank',), got "
+                             f"{self.forms}; the global allocation chooses between forms")
         if self.layer_weighting != "relative" and (self.param_ratio is None or self.allocation != "global"):
             raise ValueError(f"layer_weighting={self.layer_weighting!r} weighs layers in the global allocation of a "
                              "param_ratio budget; it does nothing with max_bond / tol or allocation='uniform'")
@@ -289,8 +292,8 @@ class LayerReport:
     params_after: int = 0
     weight_error: float | None = None
     output_error: float | None = None
-    flops_dense: int = 0
-    flops_mpo: int = 0
+    flops_dense: int = 0  # a call of flop_rows rows (the config's deploy_rows)
+    flops_mpo: int = 0  # the same call through the plan the layer runs (speed mode's dense weight: flops_dense)
     aliases: list[str] = field(default_factory=list)  # other names of the same (shared) layer
     form: str = "mpo"  # "mpo" | "lowrank" | "dense"
     rank: int | None = None  # low-rank layers
@@ -862,12 +865,18 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
         else:
             for group, ratio in groups:
                 capped = [w for w in group if w.exact is not None]
-                for w in group:
-                    if w.exact is None:  # kinds=("lowrank",): every layer the same fraction of its weights
-                        m, n = w.W.shape
-                        # at least rank 1 (a tiny budget must not leave the layer dense); dense where it saves nothing
-                        rank = max(1, int(ratio * m * n // (m + n)))
-                        widths[w.name] = rank if rank < min(m, n) else None
+                pairs = [w for w in group if w.exact is None]  # kinds=("lowrank",): each the same share of its weights
+                for w in pairs:
+                    m, n = w.W.shape
+                    # at least rank 1 (a tiny budget must not leave the layer dense); dense where it saves nothing
+                    rank = max(1, int(ratio * m * n // (m + n)))
+                    widths[w.name] = rank if rank * (m + n) < m * n else None
+                kept = sum(w.W.numel() if widths[w.name] is None else widths[w.name] * sum(w.W.shape) for w in pairs)
+                if pairs and kept > group_budget(pairs, ratio):
+                    total = sum(w.W.numel() for w in pairs)
+                    raise ValueError(f"param_ratio={ratio:g} is out of reach for low-rank pairs: rank 1 (or dense where "
+                                     f"a pair saves nothing) keeps {kept:,} of these layers' {total:,} weights; give "
+                                     f"at least {math.ceil(kept / total * 1e4) / 1e4:g}")
                 spectra = [LayerSpectrum([o * i for o, i in zip(w.out_f, w.in_f)], w.exact.bond_spectra or [],
                                          w.weight, w.W.numel()) for w in capped]
                 if spectra:
@@ -942,6 +951,8 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
             row.policy = "speed" if layer.policy.cache_dense else "memory"
         layer = layer.to(dtype=ref.dtype, device=ref.device)
         w.freeze_like(layer)
+        if isinstance(layer, MPOLinear):  # the plan it runs (speed mode's dense weight, a cached merge), not the MPO's least
+            row.flops_mpo = layer.flops(report.flop_rows)
         if cost is not None:  # a time or FLOP budget: measure what the budget bought
             row.time_us = measure(layer, config.deploy_rows) * 1e6
             row.time_dense_us = calibrate_dense(*w.W.shape, config.deploy_rows, ref.dtype, ref.device) * 1e6

@@ -625,6 +625,11 @@ def test_sentence_files_that_link_out_of_the_model_folder_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"leak.txt links to .*secret.txt, outside the model folder"):
         _sentence_modules(src)
     (src / "1_Pooling" / "leak.txt").unlink()
+    (tmp_path / "secrets").mkdir()
+    (src / "1_Pooling" / "sub").symlink_to(tmp_path / "secrets")  # a linked folder: copytree would copy its files
+    with pytest.raises(ValueError, match=r"sub links to .*secrets, outside the model folder"):
+        _sentence_modules(src)
+    (src / "1_Pooling" / "sub").unlink()
     (src / "sentence_bert_config.json").symlink_to(secret)
     with pytest.raises(ValueError, match="sentence_bert_config.json links to"):
         _sentence_modules(src)

@@ -208,3 +208,5 @@ def test_a_recurrents_projections_stay_on_the_fused_kernel():
         assert dep.rnn._dense_weights() is not None  # still runs torch's fused kernel
     with torch.no_grad():
         assert _rel(bg.deploy_int8(model, rows=None)(x), model(x)) < 0.02
+    bare = bg.deploy_int8(rnn, rows=None)  # the Recurrent itself as the model ('' was no prefix of its children)
+    assert bare.bondgate_int8 == {} and bare._dense_weights() is not None

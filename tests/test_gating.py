@@ -1502,6 +1502,10 @@ def test_set_budget_on_untrained_controllers_warns():
     data = [torch.randn(64, 96)]
     with pytest.warns(UserWarning, match=r"controller of 2 has not been fitted or trained.*fit_controllers first"):
         set_budget(net, 0.5, data)
+    with torch.no_grad():  # transformers' init_weights draws the projections: still not fitted
+        net[2].controller.proj.weight.normal_()
+    with pytest.warns(UserWarning, match="not been fitted or trained"):
+        set_budget(net, 0.5, data)
     bondgate.fit_controllers(net, data)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -448,6 +448,12 @@ def test_sequential_arguments_are_checked(mlp_ckpt, entry, message):
         bondgate.load(mlp_ckpt)
 
 
+def test_a_report_load_would_refuse_is_not_saved(tmp_path):
+    # keys 1 and "1" are both "1" in JSON: saved, then refused by load (a key given twice)
+    with pytest.raises(TypeError, match="key '1' given twice"):
+        bondgate.save(mlp(), tmp_path / "ck", report={1: "a", "1": "b"})
+
+
 def test_a_sequential_too_deep_to_read_back_is_not_saved(tmp_path):
     # depth 330 was saved and then refused by load (RecursionError decoding the JSON)
     model = nn.Linear(2, 2)
@@ -767,7 +773,9 @@ def test_save_over_a_directory_replaces_the_checkpoint_and_links_the_rest(tmp_pa
     (out / "checkpoint-500").mkdir(parents=True)
     (out / "checkpoint-500" / "optimizer.pt").write_bytes(b"x" * 4096)
     for name in ("model-00001-of-00002.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "config.json", "generation_config.json"):
+                 "config.json", "generation_config.json",  # and transformers' variants (variant="fp16"), which
+                 "model.fp16-00001-of-00002.safetensors", "model.safetensors.index.fp16.json",  # it would load
+                 "model.fp16.safetensors", "pytorch_model.fp16.bin", "bondgate.json.tmp"):
         (out / name).write_text("stale")
     (out / "README.md").write_text("my notes")
     # the user's files that only look like weights stay (were deleted: every *.safetensors, pytorch_model*.bin, *.tmp)

@@ -256,7 +256,7 @@ def test_corrupt_spec_is_refused():
         Recurrent.from_spec(bad)
     # num_layers is checked against the projections before the layers are built (10**6 layers: ~10 minutes), and
     # the error does not list the million names it expected
-    with pytest.raises(ValueError, match=r"must describe 2000000 projections \(ih, hh per layer and direction\)$"):
+    with pytest.raises(ValueError, match=r"must describe 2000000 projections \(ih_l0, hh_l0 per layer\)$"):
         Recurrent.from_spec({**spec, "num_layers": 10**6})
 
 

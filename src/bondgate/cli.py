@@ -378,7 +378,7 @@ def _sentence_modules(path: Path) -> list[str]:
     allowed = root.parent.parent if root.parent.name == "snapshots" else root
     for name in names:
         for file in [path / name, *(path / name).rglob("*")]:
-            if file.is_file() and not file.resolve().is_relative_to(allowed):
+            if not file.resolve().is_relative_to(allowed):  # (a linked folder too: rglob does not enter it)
                 raise ValueError(f"{file} links to {file.resolve()}, outside the model folder {root}: bondgate copies "
                                  f"the sentence-transformers files into the checkpoint and does not follow links out")
     return names

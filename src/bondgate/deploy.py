@@ -113,6 +113,11 @@ def _check(model: nn.Module, rows: int | None) -> None:
         raise RuntimeError("this torch build has no quantized engine (fbgemm / x86 / qnnpack)")
 
 
+def _inside(name: str, owners: tuple[str, ...]) -> bool:
+    """Whether module ``name`` lies inside one of the modules whose prefixes are ``owners`` (``""``: the model)."""
+    return any(name.startswith(o) and name != o for o in owners)
+
+
 def deploy_int8(model: nn.Module, rows: int | None = 32, dense: bool = True) -> nn.Module:
     """A copy of ``model`` whose linear layers run torch's dynamic int8 kernels on the CPU (see the module docs).
 
@@ -131,11 +136,12 @@ def deploy_int8(model: nn.Module, rows: int | None = 32, dense: bool = True) -> 
     new = copy.deepcopy(model).eval()
     aliases = _aliases(new)
     # not the plain layers inside a bondgate layer (a gated layer's controller reads its weight), nor a Recurrent's
-    owners = tuple(n + "." for n, m in new.named_modules() if isinstance(m, (MPOLinear, LowRankLinear, Recurrent)))
+    owners = tuple(n and n + "." for n, m in new.named_modules()  # ("": the model itself is one)
+                   if isinstance(m, (MPOLinear, LowRankLinear, Recurrent)))
     layers = {n: m for n, m in new.named_modules() if isinstance(m, (MPOLinear, LowRankLinear))
-              and not isinstance(m, GatedMPOLinear) and not n.startswith(owners)}
+              and not isinstance(m, GatedMPOLinear) and not _inside(n, owners)}
     if dense:
-        layers.update({n: m for n, m in _select(new, None, replace=True)[0].items() if not n.startswith(owners)})
+        layers.update({n: m for n, m in _select(new, None, replace=True)[0].items() if not _inside(n, owners)})
     report: dict[str, Int8Choice] = {}
     for name, m in layers.items():
         form, plain = _candidates(m)

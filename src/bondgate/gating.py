@@ -139,6 +139,17 @@ class GatingConfig:
         _positive_int(self.rank, "rank")
 
 
+def _fitted(layer: "GatedMPOLinear") -> bool:
+    """Whether a layer's controller was fitted (an error controller's coefficients moved from the ones it starts
+    with; its projections may have been re-initialized by transformers' init_weights) or trained (a linear probe's
+    weight, 0 until then)."""
+    ctrl = layer.controller
+    if isinstance(ctrl, ErrorController):
+        start = (torch.tensor([1.0 - v for v in layer.levels]) / layer.in_features).to(ctrl.coef.dtype)
+        return bool(ctrl.coef[:, : ctrl.rank].any()) or not torch.equal(ctrl.coef[:, -1].detach().cpu(), start)
+    return bool(ctrl.proj.weight.any())
+
+
 def _check_budget(budget: float) -> None:
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not (0.0 < float(budget) <= 1.0):
         raise ValueError(f"budget is a fraction of the full-width FLOPs and must lie in (0, 1], got {budget!r}")
@@ -642,9 +653,6 @@ class GatedMPOLinear(MPOLinear):
         """Inference decisions, ``(B,)`` level indices: per row the level minimizing predicted error +
         ``lam`` x relative cost (``argmax(score - lam * cost)``), with at most ``max_groups`` distinct
         levels in the call if that is set (see :func:`bondgate.gating.route`)."""
-        if torch.is_grad_enabled():  # a decision has no gradient: no graph through the controller
-            with torch.no_grad():
-                return route(self._objective(x2d), self.max_groups)
         return route(self._objective(x2d), self.max_groups)
 
     def _one_level(self, x2d: torch.Tensor) -> int:
@@ -654,8 +662,7 @@ class GatedMPOLinear(MPOLinear):
             level = self._host_level(x2d)
             if level is not None:
                 return level
-        with torch.no_grad():
-            objective = self._objective(x2d)
+        objective = self._objective(x2d)
         return to_host((objective if x2d.shape[0] == 1 else _total(objective)).argmin())
 
     def _host_level(self, x2d: torch.Tensor) -> int | None:
@@ -685,7 +692,10 @@ class GatedMPOLinear(MPOLinear):
 
     def _objective(self, x2d: torch.Tensor) -> torch.Tensor:
         """``(B, L)``: each row's predicted error at each level (minus the linear controller's score) plus
-        ``lam`` x the level's relative FLOPs."""
+        ``lam`` x the level's relative FLOPs; no autograd graph (a decision has no gradient)."""
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return self._objective(x2d)
         ctrl = self.controller
         if isinstance(ctrl, ErrorController):  # predicted error + price, in one addmm
             f = ctrl.features(x2d)  # float32 for a half-precision x2d
@@ -1211,10 +1221,11 @@ def set_budget(model: nn.Module, budget: float, data: Iterable, per_layer: bool 
     _positive_int(rounds, "rounds")
     if not isinstance(per_layer, bool):
         raise TypeError(f"per_layer must be True or False, got {per_layer!r}")
-    untrained = [n for n, m in layers if not bool(m.controller.proj.weight.any())]  # (as gate() made them)
+    untrained = [n for n, m in layers if not _fitted(m)]
     if untrained:
-        warn_user(f"set_budget: the controller{'s' if len(untrained) > 1 else ''} of {_short_list(untrained, 3)} ha"
-                  f"{'ve' if len(untrained) > 1 else 's'} not been fitted or trained: {'they score' if len(untrained) > 1 else 'it scores'} "
+        many = len(untrained) > 1
+        warn_user(f"set_budget: the controller{'s' if many else ''} of {_short_list(untrained, 3)} ha"
+                  f"{'ve' if many else 's'} not been fitted or trained: {'they score' if many else 'it scores'} "
                   f"the levels by the input's norm alone (an error controller) or alike for every row (a linear "
                   f"one); call fit_controllers first (controller='error'), or train with mode 'gate' (distill)")
     data = as_batches(data, "set_budget")

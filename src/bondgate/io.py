@@ -423,7 +423,8 @@ def save(model: nn.Module, directory: str | os.PathLike, *, report: Any = None, 
         "report": _report_dict(model, report),
     }
     try:
-        json.loads(json.dumps(meta))  # (read back too: a structure nested too deeply saves but does not load)
+        # read back as load reads it: a structure nested too deeply, or keys 1 and "1" of a report, save but do not load
+        json.loads(json.dumps(meta), object_pairs_hook=_no_duplicates)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"checkpoint metadata is not JSON-serializable (check the layers' spec()): {exc}") from exc
     except RecursionError:
@@ -517,7 +518,11 @@ def _exchange(a: Path, b: Path) -> bool:
 #: transformers would read an index or config.json that no longer matches); any other file is the user's and stays
 _STALE = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
           "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack",
-          "config.json", "generation_config.json", META_NAME)
+          "config.json", "generation_config.json", META_NAME,
+          # transformers' variants (save_pretrained(variant="fp16"): model.fp16.safetensors, its shards and index)
+          "model.*.safetensors", "model.safetensors.index.*.json", "pytorch_model.*.bin", "pytorch_model.bin.index.*.json",
+          # what bondgate versions before the swapped-in directory wrote inside the target
+          "model.safetensors.tmp", f"{META_NAME}.tmp")
 
 
 def _umask() -> int:
@@ -607,8 +612,9 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
     """A JSON object, refusing a key given twice (json keeps the last one, a reader of the file may see the first)."""
     out = dict(pairs)
     if len(out) != len(pairs):
-        twice = sorted({k for k, _ in pairs if sum(k == j for j, _ in pairs) > 1})
-        raise json.JSONDecodeError(f"key {twice[0]!r} given twice in one object", "", 0)
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"key {twice!r} given twice in one object")
     return out
 
 

@@ -337,13 +337,14 @@ class Recurrent(nn.Module):
         if wrong:
             raise ValueError(f"Recurrent spec has values of the wrong type for {wrong}")
         projections = spec["projections"]
-        count = spec["num_layers"] * (1 + spec["bidirectional"]) * (2 + (spec["proj_size"] > 0))
-        if not isinstance(projections, dict) or len(projections) != count:  # (before building num_layers layers)
-            raise ValueError(f"Recurrent spec must describe {count} projections (ih, hh{', hr' * (spec['proj_size'] > 0)}"
-                             f" per layer and direction)")
+        per_layer = _projection_names(1, spec["bidirectional"], spec["proj_size"])
+        count = spec["num_layers"] * len(per_layer)  # checked first: a huge num_layers is not listed, nor built
+        if not isinstance(projections, dict) or len(projections) != count:
+            raise ValueError(f"Recurrent spec must describe {count} projections ({', '.join(per_layer)} per layer)")
+        names = _projection_names(spec["num_layers"], spec["bidirectional"], spec["proj_size"])
+        if set(projections) != set(names):
+            raise ValueError(f"Recurrent spec must describe the projections {list(names)}")
         new = cls._rebuilt(*(spec[k] for k in keys[:-1]))
-        if set(projections) != set(new.projection_names()):
-            raise ValueError(f"Recurrent spec must describe the projections {list(new.projection_names())}")
         for name, sub in projections.items():
             shell = getattr(new, name)
             if not isinstance(sub, dict) or sub.get("type") not in ("Linear", *LAYER_TYPES) \

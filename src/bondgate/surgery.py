@@ -241,7 +241,7 @@ class CompressionConfig:
         if self.allocation != "global" and self.param_ratio is None:
             raise ValueError(f"allocation={self.allocation!r} spreads a param_ratio budget; with max_bond / tol every "
                              "layer is cut by its own cap")
-        if self.allocation == "uniform" and len(self.forms) > 1:  # (it gives every layer the one form; lowrank went unseen)
+        if self.allocation == "uniform" and len(self.forms) > 1:  # it gives every layer one form: lowrank would go unused
             raise ValueError(f"allocation='uniform' gives every layer one form: kinds=('mpo',) or ('lowrank',), got "
                              f"{self.forms}; the global allocation chooses between forms")
         if self.layer_weighting != "relative" and (self.param_ratio is None or self.allocation != "global"):
@@ -293,7 +293,8 @@ class LayerReport:
     weight_error: float | None = None
     output_error: float | None = None
     flops_dense: int = 0  # a call of flop_rows rows (the config's deploy_rows)
-    flops_mpo: int = 0  # the same call through the plan the layer runs (speed mode's dense weight: flops_dense)
+    flops_mpo: int = 0  # the same call through the plan the layer runs (speed mode's dense weight: flops_dense;
+    #                      a plan chosen by timing: may differ between runs and machines)
     aliases: list[str] = field(default_factory=list)  # other names of the same (shared) layer
     form: str = "mpo"  # "mpo" | "lowrank" | "dense"
     rank: int | None = None  # low-rank layers
@@ -1231,5 +1232,5 @@ def _layer_report(w: _Work, mpo: MPO | None, W_hat: torch.Tensor, bias: torch.Te
                          flops_dense=2 * rows * w.W.numel())
     if mpo is not None:
         report.out_factors, report.in_factors, report.bond_dims = mpo.out_factors, mpo.in_factors, mpo.bond_dims
-        report.params_after, report.weight_error, report.flops_mpo = mpo.num_params, mpo.error, mpo.flops(rows)
+        report.params_after, report.weight_error = mpo.num_params, mpo.error  # (FLOPs: the layer's plan, set after)
     return report

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+# ~40 s of interpreter starts: run with the slow tests (CI runs them), keeping the default suite short
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 MISSING = "/nonexistent-bondgate-test"
 

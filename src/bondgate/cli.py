@@ -268,16 +268,14 @@ def _load_dense(path: Path) -> Any:
             return model.eval()
         # a base model's weights under a head class's name (sentence-transformers models made from an MLM checkpoint)
         del model
+        from .surgery import _short_list
+
         warn_user(f"{path}: config.json names {archs[0]}, but the weights hold none of its head "
-                  f"({_short_list(sorted(head))}): loaded with AutoModel, without that head")
+                  f"({_short_list(sorted(head), 3)}): loaded with AutoModel, without that head")
     elif archs:
         warn_user(f"{path}: config.json names architectures {archs}, not one transformers class: loaded with "
                   f"AutoModel, without a task head")
     return tf.AutoModel.from_pretrained(str(path), config=config).eval()
-
-
-def _short_list(items: Sequence[str], n: int = 3) -> str:
-    return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 
 def _max_positions(config: Any) -> int | None:

@@ -145,7 +145,7 @@ def _fitted(layer: "GatedMPOLinear") -> bool:
     weight, 0 until then)."""
     ctrl = layer.controller
     if isinstance(ctrl, ErrorController):
-        start = (torch.tensor([1.0 - v for v in layer.levels]) / layer.in_features).to(ctrl.coef.dtype)
+        start = ErrorController.start_coef(layer.levels, layer.in_features).to(ctrl.coef.dtype)
         return bool(ctrl.coef[:, : ctrl.rank].any()) or not torch.equal(ctrl.coef[:, -1].detach().cpu(), start)
     return bool(ctrl.proj.weight.any())
 
@@ -213,9 +213,14 @@ class ErrorController(nn.Module):
         self.proj = nn.Linear(in_features, self.rank, bias=False)
         nn.init.zeros_(self.proj.weight)
         coef = torch.zeros(len(levels), self.rank + 1)
-        coef[:, -1] = torch.tensor([1.0 - v for v in levels]) / in_features
+        coef[:, -1] = self.start_coef(levels, in_features)
         self.coef = nn.Parameter(coef)
         self.requires_grad_(False)  # fitted in closed form: an optimizer must not move the predicted errors
+
+    @staticmethod
+    def start_coef(levels: Sequence[float], in_features: int) -> torch.Tensor:
+        """The norm term's coefficients before fitting, ``(L,)``: error ~ (1 - level) of a unit-energy row."""
+        return torch.tensor([1.0 - v for v in levels]) / in_features
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """``[(u_j . x)^2, |x|^2]``, ``(B, rank + 1)``; float32 for float16/bfloat16 ``x`` (in float16, ``|x|^2``
@@ -432,13 +437,13 @@ class GatedMPOLinear(MPOLinear):
         layer._init_config(gating)
         return layer
 
-    def _init_config(self, config: GatingConfig | None) -> None:
+    def _init_config(self, config: GatingConfig | None, cost_rows: int = 1) -> None:
         if config is None:
             config = GatingConfig()
         elif not isinstance(config, GatingConfig):
             raise TypeError(f"gating must be a GatingConfig, got {type(config).__name__}")
         self._init_gating(config.levels, config.temperature, config.penalty, config.budget, config.controller,
-                          config.rank)
+                          config.rank, cost_rows)
 
     def _init_gating(self, levels: Sequence[float], temperature: float, penalty: float, budget: float,
                      controller: str = "linear", rank: int = 8, cost_rows: int = 1) -> None:
@@ -512,10 +517,9 @@ class GatedMPOLinear(MPOLinear):
         layer = super().from_spec(spec)
         # checkpoints written before the error controller existed hold the linear one
         kind, rank = spec.get("controller", "linear"), spec.get("controller_rank", 8)
-        cfg = GatingConfig(budget=spec.get("budget", 0.5), levels=tuple(spec["levels"]), controller=kind, rank=rank,
-                           temperature=spec.get("temperature", 1.0), penalty=spec.get("penalty", 5.0))
-        layer._init_gating(spec["levels"], cfg.temperature, cfg.penalty, cfg.budget, kind, rank,
-                           spec.get("cost_rows", 1))
+        layer._init_config(GatingConfig(budget=spec.get("budget", 0.5), levels=tuple(spec["levels"]), controller=kind,
+                                        rank=rank, temperature=spec.get("temperature", 1.0),
+                                        penalty=spec.get("penalty", 5.0)), spec.get("cost_rows", 1))
         layer.mode = _check_mode(spec.get("mode", "gate"))
         layer.max_groups = _positive_int(spec.get("max_groups"), "max_groups", none_ok=True)
         track = spec.get("track")

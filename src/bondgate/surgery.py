@@ -884,7 +884,6 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
                     for w, wid in zip(capped, uniform_widths(spectra, group_budget(capped, ratio))):
                         widths[w.name] = wid
 
-    lowrank_fp: list[str] = []  # low-rank layers left in full precision under quantize="int8"
     for w in bar(works, "compress"):
         wid = widths.get(w.name, [])
         if config.param_ratio is not None and wid is None:
@@ -916,8 +915,6 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
         if isinstance(wid, int):  # a low-rank pair
             layer, W_hat, bias = _build_lowrank(w, wid)
             row = _lowrank_report(w, layer, W_hat, bias, report.flop_rows)
-            if config.quantize is not None:
-                lowrank_fp.append(w.name)
         else:
             if config.param_ratio is not None:
                 mpo_w = w.exact.truncate(max_bond=list(wid))
@@ -970,6 +967,9 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
                       f"{t / td:.2f}x the dense layers' time at deploy_rows={config.deploy_rows} (predicted "
                       f"times, which the budget holds, are in the report's µs column); a loaded machine or a "
                       f"cost model fitted on another one moves them")
+    # low-rank layers stay in full precision under quantize="int8" (a low-rank table's cores are quantized)
+    lowrank_fp = [r.name for r in report.layers if r.form == "lowrank" and r.kind != "Embedding"] \
+        if config.quantize is not None else []
     if lowrank_fp:
         warn_user(f"compress: quantize={config.quantize!r} covers MPO cores and layers kept dense; the "
                   f"{len(lowrank_fp)} low-rank layer(s) ({_short_list(lowrank_fp, 3)}) stay in full precision")

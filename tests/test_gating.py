@@ -1495,10 +1495,14 @@ def test_a_copy_made_in_inference_mode_decides_with_grad_enabled():
         twin = copy.deepcopy(net)
     with torch.no_grad():
         h = net[1](net[0](data[0]))  # the gated layer's input
-    # the copy decides as the original with grad enabled. (The whole forward was compared before: whether its
-    # contraction with inference-mode cores fails depends on the plan timed — CI's failed; this form does not
-    # reproduce the original failure either: a known gap)
+    # the copy decides as the original with grad enabled
     assert torch.equal(twin[2].decide(h), net[2].decide(h))
+    # an input that requires grad: the decision must build no graph (it saved the copy's inference tensors for
+    # backward and failed; on the original it kept a graph nobody would use)
+    x = h.clone().requires_grad_()
+    assert torch.equal(twin[2].decide(x), net[2].decide(h))
+    assert not net[2]._objective(x).requires_grad
+    assert not twin[2]._objective(x).requires_grad
 
 
 def test_set_budget_on_untrained_controllers_warns():

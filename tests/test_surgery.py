@@ -1024,3 +1024,63 @@ def test_the_reports_flops_are_those_of_the_plan_each_layer_runs():
     for r in mpo:
         assert r.flops_mpo == model.get_submodule(r.name).flops(report.flop_rows)
     assert sum(r.flops_mpo for r in report.layers) <= 0.9 * sum(r.flops_dense for r in report.layers)
+
+
+def test_stats_keep_the_spread_under_a_large_offset():
+    # E[x x^T] - mu mu^T of raw sums lost the covariance to cancellation: an offset of 1e7 over a spread of 1 was
+    # refused as "do not vary" (relative error 5e-3 in the covariance at 1e7, 4e-5 at 1e6)
+    torch.manual_seed(0)
+    x = torch.randn(512, 8, dtype=torch.float64)
+    toy = nn.Linear(8, 4).double()
+    ref = torch.cov(x.T, correction=0)
+    for offset in (0.0, 1e6, 1e7):
+        st = collect_input_stats(toy, {"": toy}, [x[:200] + offset, x[200:] + offset])[""]
+        torch.testing.assert_close(st.cov, ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(st.mean, x.mean(0) + offset, rtol=1e-12, atol=1e-9)
+        torch.testing.assert_close(st.second, st.cov + torch.outer(st.mean, st.mean))
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64)).double()
+    compress(model, CompressionConfig(param_ratio=0.5), calibration=[torch.randn(500, 64, dtype=torch.float64) + 1e7],
+             progress=False)
+    assert isinstance(model[0], MPOLinear)
+
+
+def test_stats_name_the_batch_whose_width_changed():
+    toy = nn.Identity()
+    with pytest.raises(ValueError, match=r"module '' got inputs of width 15 from calibration batch 1 .*16 before"):
+        collect_input_stats(toy, {"": toy}, [torch.randn(8, 16), torch.randn(8, 15)])
+
+
+def test_stats_skip_padding_rows_of_flattened_inputs():
+    # a layer fed (batch * tokens, features), as MoE routers and custom blocks do, counted the padding rows
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x, attention_mask=None):
+            return self.lin(x.reshape(-1, 4))
+
+    toy = Flat()
+    x = torch.ones(2, 3, 4)
+    x[0, 2] = 100.0  # a padding position
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    st = collect_input_stats(toy, {"lin": toy.lin}, [{"x": x, "attention_mask": mask}])["lin"]
+    assert st.rows == 5 and torch.allclose(st.mean, torch.ones(4, dtype=torch.float64))
+
+
+def test_sensitivity_is_per_model_call_for_per_token_and_pooled_layers():
+    # layer_sensitivity divided by each layer's own rows: a per-token layer (T rows per sample) was weighed T times
+    # too little against a pooled one. Here both feed f through the same unit gain, the per-token layer on 16 rows
+    # per sample: an error e on each of its rows moves f by e summed over 16 tokens, 16x the squared effect
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok, self.pool = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):  # (B, T, 4): f = sum over tokens of tok(x) + pool(x summed over tokens)
+            return self.tok(x).sum(1) + self.pool(x.sum(1))
+
+    torch.manual_seed(0)
+    net = Net()
+    s = layer_sensitivity(net, {"tok": net.tok, "pool": net.pool}, [torch.randn(8, 16, 4)], probes=4)
+    assert s["tok"] == pytest.approx(16 * s["pool"], rel=1e-9) and s["pool"] > 0

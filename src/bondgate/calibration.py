@@ -36,17 +36,17 @@ __all__ = ["InputStats", "collect_input_stats", "collect_token_counts", "kron_wh
 class InputStats:
     """Input statistics of one layer over the calibration rows (float64, CPU).
 
-    ``mean``: ``(in,)``; ``second``: uncentered ``E[x x^T]``, ``(in, in)``; ``rows``: row count.
+    ``mean``: ``(in,)``; ``cov``: centered covariance ``E[(x - mu)(x - mu)^T]``, ``(in, in)``; ``rows``: row count.
     """
 
     mean: torch.Tensor
-    second: torch.Tensor
+    cov: torch.Tensor
     rows: int
 
     @property
-    def cov(self) -> torch.Tensor:
-        """Centered covariance ``E[x x^T] - mu mu^T``."""
-        return self.second - torch.outer(self.mean, self.mean)
+    def second(self) -> torch.Tensor:
+        """Uncentered second moment ``E[x x^T] = cov + mu mu^T``."""
+        return self.cov + torch.outer(self.mean, self.mean)
 
 
 def to_device(obj, device: torch.device | None):
@@ -156,10 +156,12 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 def _row_mask(batch, x: torch.Tensor) -> torch.Tensor | None:
     """Boolean row selector dropping padding tokens, when the batch has a matching attention mask."""
-    if isinstance(batch, Mapping) and "attention_mask" in batch and x.dim() == 3:
-        m = batch["attention_mask"]
-        if isinstance(m, torch.Tensor) and m.shape == x.shape[:2]:
-            return m.reshape(-1).bool()
+    m = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    if not isinstance(m, torch.Tensor) or m.dim() != 2:
+        return None
+    # (batch, tokens, features), or the same rows flattened to (batch * tokens, features) in that order
+    if (x.dim() == 3 and m.shape == x.shape[:2]) or (x.dim() == 2 and m.numel() == x.shape[0]):
+        return m.reshape(-1).bool().to(x.device)
     return None
 
 
@@ -263,6 +265,9 @@ def collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], data
     module's input; padding rows are dropped when the batch has an ``attention_mask``. A module whose forward
     never ran raises (``unseen="raise"``) or is left out of the result (``unseen="skip"``).
     """
+    # sums around each module's first input row: E[x x^T] - mu mu^T of raw sums loses the covariance to
+    # cancellation when the mean is large against the spread (an offset of 1e7 over a spread of 1 read as constant)
+    shifts: dict[str, torch.Tensor] = {}
     sums: dict[str, torch.Tensor] = {}
     seconds: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {n: 0 for n in modules}
@@ -278,9 +283,16 @@ def collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], data
         x2 = x2.to(torch.float64).cpu()
         if name not in first_bad and not bool(torch.isfinite(x2).all()):
             first_bad[name] = state["index"]
+        if name in sums and x2.shape[1] != sums[name].shape[0]:
+            raise ValueError(f"module {name!r} got inputs of width {x2.shape[1]} from calibration batch "
+                             f"{state['index']} (counting from 0), {sums[name].shape[0]} before: check that batch")
         if name not in sums:
+            if not x2.shape[0]:
+                return
+            shifts[name] = x2[0].clone()
             sums[name] = torch.zeros(x2.shape[1], dtype=torch.float64)
             seconds[name] = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float64)
+        x2 = x2 - shifts[name]
         sums[name] += x2.sum(0)
         seconds[name] += x2.T @ x2
         counts[name] += x2.shape[0]
@@ -303,7 +315,9 @@ def collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], data
             where = f" from batch {first_bad[name]} (counting from 0) on" if name in first_bad else ""
             raise ValueError(f"module {name!r} got non-finite calibration inputs (NaN or inf){where}: {cause}")
         n = counts[name]
-        out[name] = InputStats(mean=sums[name] / n, second=seconds[name] / n, rows=n)
+        centered = sums[name] / n  # the mean around the shift
+        out[name] = InputStats(mean=shifts[name] + centered, cov=seconds[name] / n - torch.outer(centered, centered),
+                               rows=n)
     return out
 
 
@@ -437,8 +451,18 @@ def output_sensitivity(model: nn.Module, modules: Mapping[str, nn.Module], data:
     is that loss (one pass per batch), and the weights are the diagonal empirical Fisher of the layer
     output. Parameters get no gradients (only the layer outputs are differentiated).
     """
+    sums, rows, _ = _sensitivity_sums(model, modules, data, loss, probes, max_batches, seed)
+    return {n: sums[n] / rows[n] for n in modules if rows[n]}
+
+
+def _sensitivity_sums(model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable,
+                      loss: Callable[[object, object], torch.Tensor] | None, probes: int, max_batches: int | None,
+                      seed: int) -> tuple[dict[str, torch.Tensor], dict[str, int], int]:
+    """:func:`output_sensitivity`'s sums of ``(d s / d y_j)^2`` over rows, per module, the rows summed and
+    the passes (batches x probes) run."""
     sums: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {n: 0 for n in modules}
+    passes = 0
     outs: dict[str, torch.Tensor] = {}
 
     def hook_for(name):
@@ -458,6 +482,7 @@ def output_sensitivity(model: nn.Module, modules: Mapping[str, nn.Module], data:
                 if max_batches is not None and bi >= max_batches:
                     break
                 for _ in range(1 if loss is not None else probes):
+                    passes += 1
                     outs.clear()
                     with torch.enable_grad():
                         out = run_model(model, batch)
@@ -480,7 +505,7 @@ def output_sensitivity(model: nn.Module, modules: Mapping[str, nn.Module], data:
             h.remove()
         for p in frozen:
             p.requires_grad_(False)
-    return {n: sums[n] / rows[n] for n in modules if rows[n]}
+    return sums, rows, passes
 
 
 def layer_sensitivity(model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable, probes: int = 4,
@@ -488,8 +513,10 @@ def layer_sensitivity(model: nn.Module, modules: Mapping[str, nn.Module], data: 
     """How strongly each module's output moves the model's output, per unit of output error.
 
     For random unit probes ``r`` of the model output ``f``, ``E_r ||d<r, f>/dy_l||^2 = ||J_l||_F^2 / dim(f)``
-    (``J_l`` the Jacobian of ``f`` w.r.t. layer ``l``'s output ``y_l``). We return its mean per output
-    element of ``y_l``, so ``sensitivity * E||dy_l||^2`` estimates ``E||df||^2`` up to one global factor.
+    (``J_l`` the Jacobian of ``f`` w.r.t. layer ``l``'s output ``y_l``, all of its rows in one model call). We
+    return its mean per output channel of ``y_l``, per model call: with ``E||dy_l||^2`` the squared error of
+    one row, ``sensitivity * E||dy_l||^2`` estimates ``E||df||^2`` up to one global factor, whether the layer
+    runs on every token of a sample or once per sample (a pooler, a head).
     """
-    w = output_sensitivity(model, modules, data, probes=probes, max_batches=max_batches, seed=seed)
-    return {n: (float(w[n].mean()) if n in w else 0.0) for n in modules}
+    sums, _, passes = _sensitivity_sums(model, modules, data, None, probes, max_batches, seed)
+    return {n: (float(sums[n].mean()) / passes if n in sums else 0.0) for n in modules}

@@ -401,17 +401,24 @@ def weighted_error(W: torch.Tensor, W_hat: torch.Tensor, cov: torch.Tensor) -> t
 
 
 def refine_cores(cores: Sequence[torch.Tensor], W: torch.Tensor, cov: torch.Tensor, out_features: int,
-                 in_features: int, steps: int = 50) -> tuple[list[torch.Tensor], float, float]:
-    """L-BFGS on ``tr((W - W_mpo) cov (W - W_mpo)^T)`` over the cores (float64).
+                 in_features: int, steps: int = 50, damping: float = 0.0) -> tuple[list[torch.Tensor], float, float]:
+    """L-BFGS on ``tr((W - W_mpo) C (W - W_mpo)^T)`` over the cores (float64), ``C = cov + damping x mean(diag
+    cov) x I`` (the ridge the whitening uses: with fewer rows than inputs, ``cov`` alone lets the fit overfit them).
 
-    Returns ``(cores, error_before, error_after)``; never returns worse cores than it was given.
+    Returns ``(cores, error_before, error_after)`` on that objective; never returns worse cores than it was given.
     """
     from .mpo import MPO
 
     W = W.to(torch.float64)
     cov = cov.to(torch.float64)
-    params = [c.detach().to(torch.float64).clone(memory_format=torch.contiguous_format).requires_grad_(True)
-              for c in cores]
+    if damping:
+        cov = cov + damping * float(cov.diagonal().mean()) * torch.eye(cov.shape[0], dtype=cov.dtype)
+    # the same product with every core of one norm: whitening folded into the cores leaves them scaled by
+    # powers of the inputs' scale (norms 1e-3 and 4e3 for inputs of 1e6), where L-BFGS stalls
+    norms = [float(c.detach().norm()) for c in cores]
+    mean_log = sum(math.log(n) for n in norms) / len(norms) if all(n > 0 for n in norms) else None
+    params = [(c.detach().to(torch.float64) * (1.0 if mean_log is None else math.exp(mean_log) / n))
+              .contiguous().requires_grad_(True) for c, n in zip(cores, norms)]
     # Normalize the objective so L-BFGS's tolerances mean the same thing for every layer.
     scale = float(((W @ cov) * W).sum()).__abs__() or 1.0
 

@@ -108,7 +108,7 @@ class CompressionConfig:
             the factorization uses — Kronecker-factored per input leg for an MPO, the full input covariance for a
             low-rank pair — an approximation of the layer's output energy ``tr(W C W^T)``, not that energy itself),
             ``"absolute"``.
-        damping: relative ridge on each input-leg covariance.
+        damping: relative ridge on each input-leg covariance, and on the covariance the refinement fits.
         policy: the new MPO layers' kernels: ``"memory"`` (never keep a dense weight), ``"speed"`` (keep it where
             that is faster), or ``"auto"`` (default): speed for the layers whose factored plans (autotuned) are slower
             than the dense layer at 1 or ``deploy_rows`` rows, memory for the others (a compressed table's tied MPO
@@ -926,7 +926,8 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
                                         max_bond=config.max_bond, tol=config.tol)
             cores = mpo_w.cores if w.S_inv is None else fold_into_cores(mpo_w.cores, w.S_inv)
             if w.cov is not None and config.refine_steps > 0:
-                cores, _, _ = refine_cores(cores, w.W, w.cov, w.W.shape[0], w.W.shape[1], config.refine_steps)
+                cores, _, _ = refine_cores(cores, w.W, w.cov, w.W.shape[0], w.W.shape[1], config.refine_steps,
+                                            config.damping)
             # on the grid of the layer's dtype: the errors and the bias re-fit are those of the cores it gets
             mpo = MPO([c.to(ref.dtype).to(torch.float64) for c in cores], w.W.shape[0], w.W.shape[1])
             if config.quantize is not None:  # on the grid of the layer's dtype: the errors and bias re-fit include it

@@ -229,3 +229,19 @@ def test_torchscript_is_refused_clearly_and_a_traced_lowrank_layer_is_exact():
     traced = torch.jit.trace(low, (torch.randn(3, 16),))
     x = torch.randn(7, 16)
     torch.testing.assert_close(traced(x), low(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_compiled_layers_under_autocast_compute_and_return_as_eager(gated):
+    # compiled, the sweep's products ran in bf16 and the float32 bias made the output float32 (eager: bf16 out of a
+    # float32 contraction, as nn.Linear's dtype)
+    net = mlp(gated)
+    if gated:
+        bondgate.set_mode(net, 0.5)
+    x = torch.randn(6, 32)
+    compiled = torch.compile(net, backend="aot_eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = net(x), compiled(x)
+        one = torch.compile(net[2], backend="aot_eager")(torch.randn(3, 96))
+    assert got.dtype == want.dtype == one.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

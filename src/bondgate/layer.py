@@ -836,7 +836,14 @@ class MPOLinear(nn.Module):
     def _traced_forward(self, x: torch.Tensor, cores: Sequence[torch.Tensor], traced: tuple[bool, list]) -> torch.Tensor:
         """``forward`` while torch.compile or torch.export traces it: no planning, autotuning or kept operands
         (they are Python-side state a graph cannot hold), only tensor ops on static factors with a dynamic number
-        of rows — the sweep, with the cores laid out as matrices inside the graph (the compiler fuses that)."""
+        of rows — the sweep, with the cores laid out as matrices inside the graph (the compiler fuses that).
+        Inside ``torch.autocast`` it computes in the cores' dtype and returns autocast's, as the eager forward."""
+        device = x.device.type
+        if torch.is_autocast_enabled(device) and x.is_floating_point() and x.dtype != torch.float64:
+            # autocast would run the sweep's products in bf16 and a float32 bias would then make the output float32
+            with torch.autocast(device, enabled=False):
+                y = self._traced_forward(x.to(cores[0].dtype), cores, traced)
+            return y.to(torch.get_autocast_dtype(device))
         reverse, steps = traced
         if self._quant is not None:
             cores = self._traced_quant(cores)

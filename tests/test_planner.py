@@ -1,5 +1,7 @@
 """Every candidate plan computes the same product; the cache and policies behave."""
 
+import math
+
 import pytest
 import torch
 
@@ -173,3 +175,16 @@ def test_speed_mode_keeps_the_dense_weight_unless_a_factored_plan_wins_by_the_ma
     assert fastest([dense, close]) is dense
     assert fastest([close, dense, clear]) is clear
     assert fastest([close, clear]) is clear  # memory mode: no dense weight to keep
+
+
+@pytest.mark.parametrize("plan_id", ["rebuild+gemm|linear", "dense-cached|linear"])
+def test_layer_flops_of_a_dense_plan_count_the_layers_own_size(plan_id):
+    # a padded layer (62 -> 34 on legs 9x7 / 5x7) multiplies its dense weight cut to 34 x 62: the padded GEMM
+    # (35 x 63) was counted, 4.6% over
+    layer = MPOLinear.from_linear(torch.nn.Linear(62, 34), max_bond=4, num_cores=2, policy="speed")
+    assert math.prod(layer.out_factors) * math.prod(layer.in_factors) > 34 * 62
+    layer._pinned = {"cpu:float32:7:0": plan_id}  # 64 rows: bucket 7
+    plan = layer.plan(64)
+    assert plan.id == plan_id
+    merge = 0 if plan.cached else plan.group_flops
+    assert layer.flops(64) == 2 * 64 * 34 * 62 + merge

@@ -694,7 +694,12 @@ class MPOLinear(nn.Module):
     def flops(self, batch: int = 1) -> int:
         """FLOPs of the plan actually used, for a call of ``batch`` rows (bias add excluded; 0 rows cost 0)."""
         batch = positive_int(batch, "batch (a number of input rows)", low=0)
-        return self.plan(batch).flops_at(batch) if batch else 0
+        if not batch:
+            return 0
+        plan = self.plan(batch)
+        if plan.dense:  # the weight it multiplies is cut to the layer's size (the plan counts the padded one)
+            return 2 * batch * self.out_features * self.in_features + (0 if plan.cached else plan.group_flops)
+        return plan.flops_at(batch)
 
     # ------------------------------------------------------------------ caches
     def _reset_caches(self) -> None:

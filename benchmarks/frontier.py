@@ -5,7 +5,8 @@ Methods, each applied to a copy of the dense model in this run:
 * ``dense``                       fp32;
 * ``int8 dynamic``                torch's dynamic int8 quantization of the targeted linear layers;
 * ``svd``                         truncated SVD of each targeted layer at ``ratio`` of its weights;
-* ``magnitude prune``             ``ratio`` of each targeted layer's weights kept, stored in CSR (8 bytes/non-zero);
+* ``magnitude prune``             ``ratio`` of each targeted layer's weights kept, stored sparse (the smallest of a
+                                  bitmask and CSR: ``bondgate.baselines.sparse_state_dict``);
 * ``bondgate``                    ``bondgate.compress`` at ``ratio`` of the targeted weights (calibrated, default
                                   policy ``auto``: MPO / dense kernels chosen per layer for speed);
 * ``bondgate int8``               the same with int8 cores (``quantize="int8"``);
@@ -33,7 +34,7 @@ Subjects:
                batch 1 (KV cache), per token. Calibration: 64 stories sampled from the dense model.
 
 Size = bytes of the whole model's state dict as shipped (``bondgate.size_on_disk``: safetensors, tied weights
-once, CSR for the pruned layers, ``torch.save`` for dynamic int8). Latency: median over interleaved rounds, all
+once, the pruned layers sparse, ``torch.save`` for dynamic int8). Latency: median over interleaved rounds, all
 variants of a subject timed in the same run, ``--threads`` intra-op threads.
 
     python benchmarks/frontier.py                        # both subjects; ~25 min on 2 cores
@@ -179,6 +180,12 @@ def healed_points(subject, dirs: list[Path]) -> list[tuple[str, torch.nn.Module,
     return out
 
 
+def _add(models: dict, key: str, model) -> None:
+    if key in models:  # the latencies are matched to the rows by key: a second point of one key would shift them
+        raise SystemExit(f"two points are named {key!r} (a repeated --ratios value, or --healed folders of one name)")
+    models[key] = model
+
+
 def measure_subject(subject, args) -> list[dict]:
     rows, models = [], {}
     plan = [("dense", None), ("int8 dynamic", None)] + [(m, r) for r in args.ratios for m in args.methods]
@@ -194,7 +201,7 @@ def measure_subject(subject, args) -> list[dict]:
         if hasattr(model, "bondgate_report"):
             row["report_ratio"] = model.bondgate_report.ratio
         rows.append(row)
-        models[key] = model
+        _add(models, key, model)
         print(f"[{subject.name}] {key}: {row['bytes'] / 1e6:.2f} MB, {subject.metric} {row['quality']:.3f} "
               f"({build_s:.0f} s)", flush=True)
     dirs = [Path(d) for d in args.healed] if args.healed is not None else sorted((ROOT / "runs").glob(subject.healed_glob))
@@ -203,7 +210,7 @@ def measure_subject(subject, args) -> list[dict]:
                                                                          "ratio", None),
                "healed": True, "bytes": bg.size_on_disk(shipped), "quality": subject.quality(model)}
         rows.append(row)
-        models[key] = model
+        _add(models, key, model)
         print(f"[{subject.name}] {key}: {row['bytes'] / 1e6:.2f} MB, {subject.metric} {row['quality']:.3f}", flush=True)
     if args.latency:
         times = time_interleaved({k: subject.timer(m) for k, m in models.items()}, rounds=args.rounds, min_time=0.2)
@@ -292,6 +299,8 @@ def main(argv=None) -> dict:
     missing = [d for d in args.healed or [] if not Path(d).is_dir()]
     if missing:  # the default glob finds only directories; a directory named on the command line must exist
         ap.error(f"argument --healed: no checkpoint directory {', '.join(map(repr, missing))}")
+    if len({f"{r:g}" for r in args.ratios}) != len(args.ratios):  # points are keyed "method @ ratio"
+        ap.error(f"argument --ratios: a ratio given twice ({' '.join(f'{r:g}' for r in args.ratios)})")
     torch.set_num_threads(args.threads)
     info = machine_info()
     print(banner(info), flush=True)

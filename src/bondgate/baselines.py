@@ -65,6 +65,7 @@ __all__ = [
 Target = None | str | Callable[[str, nn.Module], bool] | Iterable[str]
 
 _CSR_META_KEY = "bondgate.csr"  # safetensors metadata: JSON {state_dict key: dense shape}
+_MASK_META_KEY = "bondgate.mask"  # the same, for the weights stored as values + bitmask
 
 
 # ---------------------------------------------------------------------------------------- layer helpers
@@ -412,17 +413,45 @@ def _is_quantized(model: nn.Module) -> bool:
     return any(not isinstance(t, torch.Tensor) or t.is_quantized for t in model.state_dict().values())
 
 
+def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """``(ceil(n / 8),)`` uint8: a flat bool tensor, eight entries a byte, the first the highest bit."""
+    flat = torch.nn.functional.pad(mask.reshape(-1).to(torch.uint8), (0, -mask.numel() % 8)).reshape(-1, 8)
+    return (flat << torch.arange(7, -1, -1, dtype=torch.uint8)).sum(1, dtype=torch.uint8)
+
+
+def _unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    return ((packed[:, None] >> torch.arange(7, -1, -1, dtype=torch.uint8)) & 1).reshape(-1)[:n].bool()
+
+
+def _sparse_forms(key: str, t: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+    """The candidate sparse encodings of 2-D ``t``, by form: ``"mask"`` (the non-zeros in row-major order and a
+    bit per entry) and ``"csr"`` (the non-zeros, their columns as int16 where the width allows else int32, and
+    int32 row pointers)."""
+    nz = t != 0
+    rows, cols = nz.nonzero(as_tuple=True)  # row-major order, as CSR needs
+    values = t[rows, cols].contiguous()
+    counts = torch.bincount(rows, minlength=t.shape[0])
+    crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    col_type = torch.int16 if t.shape[1] <= 2**15 else torch.int32
+    return {"mask": {f"{key}.sparse_values": values, f"{key}.sparse_mask": _pack_bits(nz)},
+            "csr": {f"{key}.csr_values": values, f"{key}.csr_col_indices": cols.to(col_type),
+                    f"{key}.csr_crow_indices": crow.to(torch.int32)}}
+
+
 def sparse_state_dict(
     model: nn.Module, sparse: bool | Iterable[str] = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``(tensors, metadata)`` ready for ``safetensors.torch.save``: contiguous CPU clones of the
     state dict, tied tensors (same storage view) stored once under their first key.
 
-    ``sparse``: ``True`` stores every ``nn.Linear`` / ``Conv1D`` weight (tied ones excepted) in CSR
-    form, an iterable of module names stores those (e.g. ``info["layers"]`` of
-    :func:`magnitude_prune`). A CSR weight ``key`` with stored 2-D shape ``(rows, cols)`` becomes
-    ``key.csr_values`` (nnz, weight dtype), ``key.csr_col_indices`` (nnz, int32) and
-    ``key.csr_crow_indices`` (rows + 1, int32); its shape goes into the metadata.
+    ``sparse``: ``True`` considers every ``nn.Linear`` / ``Conv1D`` weight (tied ones excepted), an iterable of
+    module names those layers (e.g. ``info["layers"]`` of :func:`magnitude_prune`). Each such weight ``key`` is
+    stored in the smallest of three forms: dense (where no sparse form is smaller: a layer that was not pruned);
+    a bitmask — ``key.sparse_values`` (the non-zeros in row-major order, the weight's dtype) and
+    ``key.sparse_mask`` (uint8, one bit per entry): ``4 x nnz + numel / 8`` bytes in fp32; or CSR —
+    ``key.csr_values``, ``key.csr_col_indices`` (int16 up to 32,768 columns, else int32) and
+    ``key.csr_crow_indices`` (rows + 1, int32), the smaller below ~6% non-zeros. The sparse forms' shapes go into
+    the metadata.
     """
     if sparse is True:
         layers, _ = _select(model, None, replace=False)
@@ -430,10 +459,10 @@ def sparse_state_dict(
         layers = {}
     else:
         layers, _ = _select(model, list(sparse), replace=False)
-    csr_views = {_view_key(m.weight) for m in layers.values()}
+    sparse_views = {_view_key(m.weight) for m in layers.values()}
 
     tensors: dict[str, torch.Tensor] = {}
-    shapes: dict[str, list[int]] = {}
+    shapes: dict[str, dict[str, list[int]]] = {"csr": {}, "mask": {}}
     seen: set[tuple] = set()
     for key, t in model.state_dict().items():
         vk = _view_key(t)
@@ -441,42 +470,84 @@ def sparse_state_dict(
             continue
         seen.add(vk)
         t = t.detach().to("cpu")
-        if vk in csr_views:
-            if t.ndim != 2 or t.count_nonzero() >= 2**31:
-                raise ValueError(f"cannot store {key} (shape {tuple(t.shape)}) as int32-indexed CSR")
-            rows, cols = t.nonzero(as_tuple=True)  # row-major order, as CSR needs
-            counts = torch.bincount(rows, minlength=t.shape[0])
-            crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-            tensors[f"{key}.csr_values"] = t[rows, cols].contiguous()
-            tensors[f"{key}.csr_col_indices"] = cols.to(torch.int32)
-            tensors[f"{key}.csr_crow_indices"] = crow.to(torch.int32)
-            shapes[key] = list(t.shape)
-        else:
-            tensors[key] = t.clone(memory_format=torch.contiguous_format)
+        if vk in sparse_views:
+            if t.ndim != 2 or t.numel() >= 2**31:
+                raise ValueError(f"cannot store {key} (shape {tuple(t.shape)}) in a sparse form")
+            forms = _sparse_forms(key, t)
+            nbytes = {f: sum(v.numel() * v.element_size() for v in parts.values()) for f, parts in forms.items()}
+            form = min(nbytes, key=nbytes.get)
+            if nbytes[form] < t.numel() * t.element_size():
+                tensors.update(forms[form])
+                shapes[form][key] = list(t.shape)
+                continue
+        tensors[key] = t.clone(memory_format=torch.contiguous_format)
     metadata = {"format": "pt"}
-    if shapes:
-        metadata[_CSR_META_KEY] = json.dumps(shapes)
+    if shapes["csr"]:
+        metadata[_CSR_META_KEY] = json.dumps(shapes["csr"])
+    if shapes["mask"]:
+        metadata[_MASK_META_KEY] = json.dumps(shapes["mask"])
     return tensors, metadata
 
 
+def _sparse_error(key: str, what: str) -> ValueError:
+    return ValueError(f"sparse weight {key!r} is damaged: {what}")
+
+
+def _dense_from_csr(key: str, shape: list[int], tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    crow = tensors.pop(f"{key}.csr_crow_indices").long()
+    col = tensors.pop(f"{key}.csr_col_indices").long()
+    values = tensors.pop(f"{key}.csr_values")
+    if crow.shape != (shape[0] + 1,) or int(crow[0]) != 0 or int(crow[-1]) != values.numel() != col.numel() \
+            or bool((crow.diff() < 0).any()) or col.shape != values.shape:
+        raise _sparse_error(key, f"row pointers and entries do not describe {values.numel()} values in {shape[0]} rows")
+    if col.numel() and not (0 <= int(col.min()) and int(col.max()) < shape[1]):
+        raise _sparse_error(key, f"a column index outside [0, {shape[1]})")
+    dense = values.new_zeros(shape)
+    dense[torch.repeat_interleave(torch.arange(shape[0]), crow.diff()), col] = values
+    return dense
+
+
+def _dense_from_mask(key: str, shape: list[int], tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    packed, values = tensors.pop(f"{key}.sparse_mask"), tensors.pop(f"{key}.sparse_values")
+    n = math.prod(shape)
+    if packed.dtype != torch.uint8 or packed.shape != (-(-n // 8),) or values.dim() != 1:
+        raise _sparse_error(key, f"its mask is not {-(-n // 8)} bytes")
+    mask = _unpack_bits(packed, n)
+    if int(mask.sum()) != values.numel():
+        raise _sparse_error(key, f"its mask has {int(mask.sum())} entries set for {values.numel()} values")
+    dense = values.new_zeros(n)
+    dense[mask] = values
+    return dense.reshape(shape)
+
+
 def load_sparse_state_dict(data: bytes | str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a file (or its bytes) written from :func:`sparse_state_dict`; CSR weights come back dense."""
+    """Read a file (or its bytes) written from :func:`sparse_state_dict`; sparse weights come back dense.
+    A damaged file raises ``ValueError``."""
+    from safetensors import SafetensorError
     from safetensors.torch import load
 
     if not isinstance(data, bytes):
         with open(data, "rb") as f:
             data = f.read()
     # safetensors layout: u64 little-endian header length, JSON header (with "__metadata__"), data.
-    (n,) = struct.unpack("<Q", data[:8])
-    meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
-    tensors = load(data)
-    for key, shape in json.loads(meta.get(_CSR_META_KEY, "{}")).items():
-        crow = tensors.pop(f"{key}.csr_crow_indices").long()
-        col = tensors.pop(f"{key}.csr_col_indices").long()
-        values = tensors.pop(f"{key}.csr_values")
-        dense = values.new_zeros(shape)
-        dense[torch.repeat_interleave(torch.arange(shape[0]), crow.diff()), col] = values
-        tensors[key] = dense
+    n = struct.unpack("<Q", data[:8])[0] if len(data) >= 8 else -1
+    if not 0 < n <= len(data) - 8:
+        raise ValueError(f"not a safetensors file, or a truncated one ({len(data)} bytes)")
+    try:
+        meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+        tensors = load(data)
+        forms = [(json.loads(meta.get(k, "{}")), build) for k, build in ((_CSR_META_KEY, _dense_from_csr),
+                                                                         (_MASK_META_KEY, _dense_from_mask))]
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, SafetensorError) as exc:
+        raise ValueError(f"not a readable safetensors file: {exc}") from None
+    for shapes, build in forms:
+        for key, shape in shapes.items():
+            if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) and d >= 0 for d in shape)):
+                raise _sparse_error(key, f"its shape {shape!r} is not two sizes")
+            try:
+                tensors[key] = build(key, shape, tensors)
+            except KeyError as exc:
+                raise _sparse_error(key, f"the file has no {exc}") from None
     return tensors
 
 
@@ -498,8 +569,8 @@ def _serialize(model: nn.Module, sparse: bool | Iterable[str]) -> bytes:
 
 def stored_bytes(model: nn.Module, sparse: bool | Iterable[str] = False) -> int:
     """Bytes of the model's state dict as shipped: a safetensors file (tied weights once), pruned
-    weights in CSR when ``sparse`` selects them (see :func:`sparse_state_dict`); dynamic int8 models
-    as their ``torch.save`` state dict."""
+    weights in their smallest sparse form when ``sparse`` selects them (see :func:`sparse_state_dict`); dynamic
+    int8 models as their ``torch.save`` state dict."""
     return len(_serialize(model, sparse))
 
 
@@ -510,10 +581,11 @@ def size_on_disk(model: nn.Module, path: str | os.PathLike | None = None, sparse
     also written there and its size on disk returned (the same number); without, nothing is written
     (:func:`bondgate.baselines.stored_bytes` gives the same count).
 
-    ``sparse``: ``True`` stores every ``nn.Linear`` / ``Conv1D`` weight (tied ones excepted) in CSR form, a list of
-    module names those layers' weights (not for int8 models). Compare a pruned model both ways: ``sparse=False``
-    (the zeros stored densely, what ``save_file(model.state_dict())`` gives) and ``sparse=info["layers"]`` (the
-    non-zeros in CSR: 8 bytes per fp32 non-zero plus 4 bytes per row).
+    ``sparse``: ``True`` stores every ``nn.Linear`` / ``Conv1D`` weight (tied ones excepted) in the smallest of
+    dense, a bitmask and CSR (:func:`sparse_state_dict`), a list of module names those layers' weights (not for
+    int8 models). Compare a pruned model both ways: ``sparse=False`` (the zeros stored densely, what
+    ``save_file(model.state_dict())`` gives) and ``sparse=True`` (at half the weights kept in fp32: the bitmask,
+    4.25 bytes per non-zero).
     """
     data = _serialize(model, sparse)
     if path is None:

@@ -180,12 +180,6 @@ def healed_points(subject, dirs: list[Path]) -> list[tuple[str, torch.nn.Module,
     return out
 
 
-def _add(models: dict, key: str, model) -> None:
-    if key in models:  # the latencies are matched to the rows by key: a second point of one key would shift them
-        raise SystemExit(f"two points are named {key!r} (a repeated --ratios value, or --healed folders of one name)")
-    models[key] = model
-
-
 def measure_subject(subject, args) -> list[dict]:
     rows, models = [], {}
     plan = [("dense", None), ("int8 dynamic", None)] + [(m, r) for r in args.ratios for m in args.methods]
@@ -201,7 +195,7 @@ def measure_subject(subject, args) -> list[dict]:
         if hasattr(model, "bondgate_report"):
             row["report_ratio"] = model.bondgate_report.ratio
         rows.append(row)
-        _add(models, key, model)
+        models[key] = model
         print(f"[{subject.name}] {key}: {row['bytes'] / 1e6:.2f} MB, {subject.metric} {row['quality']:.3f} "
               f"({build_s:.0f} s)", flush=True)
     dirs = [Path(d) for d in args.healed] if args.healed is not None else sorted((ROOT / "runs").glob(subject.healed_glob))
@@ -210,7 +204,7 @@ def measure_subject(subject, args) -> list[dict]:
                                                                          "ratio", None),
                "healed": True, "bytes": bg.size_on_disk(shipped), "quality": subject.quality(model)}
         rows.append(row)
-        _add(models, key, model)
+        models[key] = model
         print(f"[{subject.name}] {key}: {row['bytes'] / 1e6:.2f} MB, {subject.metric} {row['quality']:.3f}", flush=True)
     if args.latency:
         times = time_interleaved({k: subject.timer(m) for k, m in models.items()}, rounds=args.rounds, min_time=0.2)
@@ -299,8 +293,11 @@ def main(argv=None) -> dict:
     missing = [d for d in args.healed or [] if not Path(d).is_dir()]
     if missing:  # the default glob finds only directories; a directory named on the command line must exist
         ap.error(f"argument --healed: no checkpoint directory {', '.join(map(repr, missing))}")
-    if len({f"{r:g}" for r in args.ratios}) != len(args.ratios):  # points are keyed "method @ ratio"
-        ap.error(f"argument --ratios: a ratio given twice ({' '.join(f'{r:g}' for r in args.ratios)})")
+    # the latencies are matched to the rows by the points' names: two points of one name would shift them
+    keys = [f"{m} @ {r:g}" for r in args.ratios for m in args.methods] + [Path(d).name for d in args.healed or []]
+    if dup := sorted({k for k in keys if keys.count(k) > 1}):
+        ap.error(f"two points named {', '.join(map(repr, dup))} (a repeated --ratios or --methods value, or "
+                 f"--healed folders of one name)")
     torch.set_num_threads(args.threads)
     info = machine_info()
     print(banner(info), flush=True)

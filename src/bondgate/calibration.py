@@ -22,13 +22,15 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import statistics
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-__all__ = ["InputStats", "collect_input_stats", "collect_token_counts", "kron_whiteners", "refine_cores", "layer_sensitivity",
+__all__ = ["InputStats", "collect_input_stats", "collect_token_counts", "kron_whiteners", "damped", "refine_cores",
+           "layer_sensitivity",
            "run_model", "model_output", "capture_inputs", "output_sensitivity"]
 
 
@@ -283,15 +285,15 @@ def collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], data
         x2 = x2.to(torch.float64).cpu()
         if name not in first_bad and not bool(torch.isfinite(x2).all()):
             first_bad[name] = state["index"]
-        if name in sums and x2.shape[1] != sums[name].shape[0]:
-            raise ValueError(f"module {name!r} got inputs of width {x2.shape[1]} from calibration batch "
-                             f"{state['index']} (counting from 0), {sums[name].shape[0]} before: check that batch")
         if name not in sums:
             if not x2.shape[0]:
                 return
             shifts[name] = x2[0].clone()
             sums[name] = torch.zeros(x2.shape[1], dtype=torch.float64)
             seconds[name] = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float64)
+        elif x2.shape[1] != sums[name].shape[0]:
+            raise ValueError(f"module {name!r} got inputs of width {x2.shape[1]} from calibration batch "
+                             f"{state['index']} (counting from 0), {sums[name].shape[0]} before: check that batch")
         x2 = x2 - shifts[name]
         sums[name] += x2.sum(0)
         seconds[name] += x2.T @ x2
@@ -400,25 +402,27 @@ def weighted_error(W: torch.Tensor, W_hat: torch.Tensor, cov: torch.Tensor) -> t
     return ((E @ cov) * E).sum()
 
 
-def refine_cores(cores: Sequence[torch.Tensor], W: torch.Tensor, cov: torch.Tensor, out_features: int,
-                 in_features: int, steps: int = 50, damping: float = 0.0) -> tuple[list[torch.Tensor], float, float]:
-    """L-BFGS on ``tr((W - W_mpo) C (W - W_mpo)^T)`` over the cores (float64), ``C = cov + damping x mean(diag
-    cov) x I`` (the ridge the whitening uses: with fewer rows than inputs, ``cov`` alone lets the fit overfit them).
+def damped(cov: torch.Tensor, damping: float) -> torch.Tensor:
+    """``cov + damping x mean(diag cov) x I``: a ridge relative to the inputs' scale."""
+    return cov + damping * float(cov.diagonal().mean()) * torch.eye(cov.shape[0], dtype=cov.dtype)
 
-    Returns ``(cores, error_before, error_after)`` on that objective; never returns worse cores than it was given.
+
+def refine_cores(cores: Sequence[torch.Tensor], W: torch.Tensor, cov: torch.Tensor, out_features: int,
+                 in_features: int, steps: int = 50) -> tuple[list[torch.Tensor], float, float]:
+    """L-BFGS on ``tr((W - W_mpo) cov (W - W_mpo)^T)`` over the cores (float64).
+
+    Returns ``(cores, error_before, error_after)``; never returns worse cores than it was given.
     """
     from .mpo import MPO
 
     W = W.to(torch.float64)
     cov = cov.to(torch.float64)
-    if damping:
-        cov = cov + damping * float(cov.diagonal().mean()) * torch.eye(cov.shape[0], dtype=cov.dtype)
     # the same product with every core of one norm: whitening folded into the cores leaves them scaled by
     # powers of the inputs' scale (norms 1e-3 and 4e3 for inputs of 1e6), where L-BFGS stalls
     norms = [float(c.detach().norm()) for c in cores]
-    mean_log = sum(math.log(n) for n in norms) / len(norms) if all(n > 0 for n in norms) else None
-    params = [(c.detach().to(torch.float64) * (1.0 if mean_log is None else math.exp(mean_log) / n))
-              .contiguous().requires_grad_(True) for c, n in zip(cores, norms)]
+    g = statistics.geometric_mean(norms) if min(norms) > 0 else None
+    params = [(c.detach().to(torch.float64) * (g / n if g else 1.0)).contiguous().requires_grad_(True)
+              for c, n in zip(cores, norms)]
     # Normalize the objective so L-BFGS's tolerances mean the same thing for every layer.
     scale = float(((W @ cov) * W).sum()).__abs__() or 1.0
 

@@ -698,7 +698,7 @@ class MPOLinear(nn.Module):
             return 0
         plan = self.plan(batch)
         if plan.dense:  # the weight it multiplies is cut to the layer's size (the plan counts the padded one)
-            return 2 * batch * self.out_features * self.in_features + (0 if plan.cached else plan.group_flops)
+            return 2 * batch * self.out_features * self.in_features + plan.merge_flops
         return plan.flops_at(batch)
 
     # ------------------------------------------------------------------ caches

@@ -264,13 +264,18 @@ class ContractionPlan:
         """Identifies this plan among the candidates of its key (stable across processes)."""
         return f"{self.name}|{self.executor}"
 
+    @property
+    def merge_flops(self) -> int:
+        """FLOPs of merging the cores into the plan's groups per call (0 where the merged operands are kept)."""
+        return 0 if self.cached else self.group_flops
+
     def flops_at(self, rows: int) -> int:
         """FLOPs of this plan for a call of ``rows`` rows (``flops`` is at ``planned_rows``, the smallest row
         count of its bucket: up to 2x fewer)."""
         rows = max(int(rows), 1)
         if rows == self.planned_rows:
             return self.flops
-        merge = 0 if self.cached else self.group_flops
+        merge = self.merge_flops
         if self.dense:
             return 2 * rows * math.prod(self.out_factors) * self._padded_in + merge
         info = oe.contract_path(self.equation, (rows, *self.in_factors), *self.group_shapes, optimize=list(self.path),

@@ -46,6 +46,7 @@ from .calibration import (
     as_batches,
     collect_input_stats,
     collect_token_counts,
+    damped,
     fold_into_cores,
     kron_whiteners,
     layer_sensitivity,
@@ -926,8 +927,9 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
                                         max_bond=config.max_bond, tol=config.tol)
             cores = mpo_w.cores if w.S_inv is None else fold_into_cores(mpo_w.cores, w.S_inv)
             if w.cov is not None and config.refine_steps > 0:
-                cores, _, _ = refine_cores(cores, w.W, w.cov, w.W.shape[0], w.W.shape[1], config.refine_steps,
-                                            config.damping)
+                # on the ridge _whitened_svd uses: with fewer rows than inputs, the raw covariance is overfitted
+                cores, _, _ = refine_cores(cores, w.W, damped(w.cov, config.damping), w.W.shape[0], w.W.shape[1],
+                                           config.refine_steps)
             # on the grid of the layer's dtype: the errors and the bias re-fit are those of the cores it gets
             mpo = MPO([c.to(ref.dtype).to(torch.float64) for c in cores], w.W.shape[0], w.W.shape[1])
             if config.quantize is not None:  # on the grid of the layer's dtype: the errors and bias re-fit include it
@@ -1036,7 +1038,7 @@ def _whitened_svd(w: _Work, damping: float) -> tuple[torch.Tensor, torch.Tensor,
         P, s, Qh = torch.linalg.svd(w.W, full_matrices=False)
         return P, s, Qh, None
     C = w.cov
-    evals, evecs = torch.linalg.eigh(C + damping * float(C.diagonal().mean()) * torch.eye(C.shape[0], dtype=C.dtype))
+    evals, evecs = torch.linalg.eigh(damped(C, damping))
     # a floor relative to the largest: without damping, a rank-deficient covariance (fewer calibration rows than
     # inputs) has eigenvalues of rounding noise, whose inverse square roots would amplify that noise into V
     evals = evals.clamp_min(float(evals.max()) * 1e-12)
@@ -1199,7 +1201,7 @@ def _check_stats(stats: dict[str, InputStats]) -> None:
         # with or without a bias: inputs that are one vector repeated leave one direction to fit, and the report's
         # output error (on those rows) near 0 whatever the weights become elsewhere. Relative, so tiny scales pass;
         # the statistics are summed around a row of the data, so a spread of 1e-12 x the mean is still seen
-        if not float(st.cov.diagonal().sum()) > 1e-24 * float(st.second.diagonal().sum()):
+        if not float(st.cov.trace()) > 1e-24 * float(st.cov.trace() + st.mean @ st.mean):
             dead.append(name)
     if dead:
         raise ValueError(f"the calibration data gives {len(dead)} layer(s) inputs that are all zero or do not vary "
@@ -1208,8 +1210,7 @@ def _check_stats(stats: dict[str, InputStats]) -> None:
                          f"(CompressionConfig(exclude=[...])), or CompressionConfig(calibrate=False). Where the data "
                          f"varies, the cause is upstream: a layer before these with an all-zero weight, or an "
                          f"activation that is 0 on every row")
-    few = [f"{n} ({st.rows} rows, {st.second.shape[0]} inputs)" for n, st in stats.items()
-           if st.rows < st.second.shape[0]]
+    few = [f"{n} ({st.rows} rows, {st.cov.shape[0]} inputs)" for n, st in stats.items() if st.rows < st.cov.shape[0]]
     if few:  # the fit and the reported errors only see the span of those rows (3 rows: error 0.000, 0.7 held out)
         warn_user(f"compress: {len(few)} layer(s) saw fewer calibration rows than inputs ({_short_list(few, 3)}): "
                   "the factorization fits, and the report's output errors measure, only the directions those rows "

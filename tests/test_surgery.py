@@ -1103,3 +1103,34 @@ def test_refinement_fits_the_damped_covariance():
         assert after <= before
         held[damping] = float(weighted_error(W, MPO(cores, 64, 64).to_matrix(), true_cov))
     assert held[1e-2] < 0.9 * held[0.0], held
+
+
+def test_one_vector_with_rounding_noise_is_refused():
+    # one row repeated, each copy off by float32 rounding: a 1e-24 cut-off took it as varying, the report read
+    # output errors of 0.0 while the error on other inputs was 0.37
+    torch.manual_seed(0)
+    row = torch.randn(64) + 3.0
+    x = (row * (1 + 2e-7 * torch.randn(400, 64))).float()
+    assert len({tuple(r.tolist()) for r in x}) > 300  # the rows do differ, by roundings
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
+    with pytest.raises(ValueError, match="all zero or do not vary"):
+        compress(model, CompressionConfig(param_ratio=0.5), calibration=[x], progress=False)
+
+
+def test_sensitivity_counts_every_call_of_a_shared_layer():
+    # only the last call's output was differentiated: a layer applied to two halves of the tokens read half the
+    # sensitivity of the same function in one call
+    class Twice(nn.Module):
+        def __init__(self, split):
+            super().__init__()
+            self.lin, self.split = nn.Linear(4, 4), split
+
+        def forward(self, x):  # (B, T, 4)
+            return torch.cat([self.lin(x[:, :4]), self.lin(x[:, 4:])], 1) if self.split else self.lin(x)
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 8, 4)
+    split, whole = Twice(True), Twice(False)
+    whole.load_state_dict(split.state_dict())
+    s = [layer_sensitivity(m, {"lin": m.lin}, [x], probes=4)["lin"] for m in (split, whole)]
+    assert s[0] == pytest.approx(s[1], rel=1e-9)

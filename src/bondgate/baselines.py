@@ -465,9 +465,11 @@ def sparse_state_dict(
             if t.ndim != 2 or t.numel() >= 2**31:
                 raise ValueError(f"cannot store {key} (shape {tuple(t.shape)}) in a sparse form")
             forms = _sparse_forms(key, t)
-            nbytes = {f: sum(v.nbytes for v in parts.values()) for f, parts in forms.items()}
+            # each tensor also costs its header entry (~ its name + 64 bytes of JSON): on tiny layers, more than
+            # the zeros saved
+            nbytes = {f: sum(v.nbytes + len(k) + 64 for k, v in parts.items()) for f, parts in forms.items()}
             form = min(nbytes, key=nbytes.get)
-            if nbytes[form] < t.nbytes:
+            if nbytes[form] < t.nbytes + len(key) + 64:
                 tensors.update(forms[form])
                 shapes[form][key] = list(t.shape)
                 continue
@@ -486,12 +488,15 @@ def _dense_from_csr(key: str, shape: list[int], tensors: dict[str, torch.Tensor]
     values = tensors.pop(f"{key}.csr_values")
     nnz = values.numel()
     if crow.shape != (shape[0] + 1,) or int(crow[0]) != 0 or int(crow[-1]) != nnz or col.shape != (nnz,) \
-            or bool((crow.diff() < 0).any()):
+            or values.shape != (nnz,) or bool((crow.diff() < 0).any()):
         raise _sparse_error(key, f"row pointers and entries do not describe {nnz} values in {shape[0]} rows")
     if col.numel() and not (0 <= int(col.min()) and int(col.max()) < shape[1]):
         raise _sparse_error(key, f"a column index outside [0, {shape[1]})")
+    rows = torch.repeat_interleave(torch.arange(shape[0]), crow.diff())
+    if bool(((rows.diff() == 0) & (col.diff() <= 0)).any()):  # one value per entry, in the order written
+        raise _sparse_error(key, "its columns do not increase within a row")
     dense = values.new_zeros(shape)
-    dense[torch.repeat_interleave(torch.arange(shape[0]), crow.diff()), col] = values
+    dense[rows, col] = values
     return dense
 
 
@@ -530,7 +535,7 @@ def load_sparse_state_dict(data: bytes | str | os.PathLike) -> dict[str, torch.T
         if not isinstance(shapes, dict):
             raise ValueError(f"the file's {_META_KEYS[form]!r} metadata is not a mapping of weights to shapes")
         for key, shape in shapes.items():
-            if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) and d >= 0 for d in shape)):
+            if not (isinstance(shape, list) and len(shape) == 2 and all(type(d) is int and d >= 0 for d in shape)):
                 raise _sparse_error(key, f"its shape {shape!r} is not two sizes")
             try:
                 tensors[key] = build(key, shape, tensors)

@@ -20,6 +20,7 @@ re-fitted as ``b' = b + (W - W_mpo) mu``, the expected squared output error per 
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import statistics
@@ -34,18 +35,20 @@ __all__ = ["InputStats", "collect_input_stats", "collect_token_counts", "kron_wh
            "run_model", "model_output", "capture_inputs", "output_sensitivity"]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class InputStats:
     """Input statistics of one layer over the calibration rows (float64, CPU).
 
-    ``mean``: ``(in,)``; ``cov``: centered covariance ``E[(x - mu)(x - mu)^T]``, ``(in, in)``; ``rows``: row count.
+    ``mean``: ``(in,)``; ``cov``: centered covariance ``E[(x - mu)(x - mu)^T]``, ``(in, in)``; ``rows``: row count;
+    ``dtype``: the inputs' own dtype (their rounding bounds the spread that is real).
     """
 
     mean: torch.Tensor
     cov: torch.Tensor
     rows: int
+    dtype: torch.dtype = torch.float64
 
-    @property
+    @functools.cached_property
     def second(self) -> torch.Tensor:
         """Uncentered second moment ``E[x x^T] = cov + mu mu^T``."""
         return self.cov + torch.outer(self.mean, self.mean)
@@ -264,12 +267,14 @@ def collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], data
     """One pass of ``data`` through ``model``, accumulating each listed module's input statistics.
 
     ``data`` yields model inputs (see :func:`run_model`). Rows are the flattened leading dims of a
-    module's input; padding rows are dropped when the batch has an ``attention_mask``. A module whose forward
+    module's input; padding rows are dropped when the batch has an ``attention_mask`` (a dict batch) and the
+    input is ``(batch, tokens, features)`` or those rows flattened batch-major, ``(batch * tokens, features)``. A module whose forward
     never ran raises (``unseen="raise"``) or is left out of the result (``unseen="skip"``).
     """
     # sums around each module's first input row: E[x x^T] - mu mu^T of raw sums loses the covariance to
     # cancellation when the mean is large against the spread (an offset of 1e7 over a spread of 1 read as constant)
     shifts: dict[str, torch.Tensor] = {}
+    dtypes: dict[str, torch.dtype] = {}
     sums: dict[str, torch.Tensor] = {}
     seconds: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {n: 0 for n in modules}
@@ -278,6 +283,7 @@ def collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], data
     first_bad: dict[str, int] = {}  # module -> index of the first batch that gave it a NaN/inf input
 
     def accumulate(name, mod, x, batch):
+        dtypes[name] = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
         keep = _row_mask(batch, x)
         if keep is not None:
@@ -319,7 +325,7 @@ def collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], data
         n = counts[name]
         centered = sums[name] / n  # the mean around the shift
         out[name] = InputStats(mean=shifts[name] + centered, cov=seconds[name] / n - torch.outer(centered, centered),
-                               rows=n)
+                               rows=n, dtype=dtypes[name])
     return out
 
 
@@ -474,11 +480,11 @@ def _sensitivity_sums(model: nn.Module, modules: Mapping[str, nn.Module], data: 
     sums: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {n: 0 for n in modules}
     passes = 0
-    outs: dict[str, torch.Tensor] = {}
+    outs: dict[str, list[torch.Tensor]] = {}
 
     def hook_for(name):
-        def hook(mod, inputs, output):
-            outs[name] = output
+        def hook(mod, inputs, output):  # every call of the module in the forward (a shared layer: several)
+            outs.setdefault(name, []).append(output)
 
         return hook
 
@@ -503,9 +509,9 @@ def _sensitivity_sums(model: nn.Module, modules: Mapping[str, nn.Module], data: 
                             f = model_output(out)
                             r = torch.randn(f.shape, generator=gen).to(f)
                             s = (f * r / r.norm()).sum()
-                        names = [n for n, y in outs.items() if y.requires_grad]
-                        grads = torch.autograd.grad(s, [outs[n] for n in names], allow_unused=True)
-                    for n, g in zip(names, grads):
+                        names = [(n, y) for n, ys in outs.items() for y in ys if y.requires_grad]
+                        grads = torch.autograd.grad(s, [y for _, y in names], allow_unused=True)
+                    for (n, _), g in zip(names, grads):
                         if g is None:
                             continue
                         g = g.detach().reshape(-1, g.shape[-1]).double()

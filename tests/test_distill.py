@@ -708,3 +708,18 @@ def test_logits_term_is_the_temperature_scaled_kl_times_t_squared(T):
     flat_s, flat_t = torch.stack([zs[b, i] for b, i in rows]), torch.stack([zt[b, i] for b, i in rows])
     ref2 = T * T * sum(kl(zt[b, i].tolist(), zs[b, i].tolist()) for b, i in rows) / 2
     assert float(loss({"logits": flat_s}, {"logits": flat_t})[0]) == pytest.approx(ref2, rel=1e-9)
+
+
+def test_16_bit_students_are_refused_or_warned():
+    # float16: AdamW's first step wrote inf into every weight, and the FloatingPointError that followed said the
+    # student kept the weights of step 1; bfloat16: most updates below the weights' precision were lost, silently
+    student = nn.Sequential(nn.Linear(8, 8))
+    teacher = copy.deepcopy(student)
+    data = [torch.randn(4, 8)]
+    before = student[0].weight.detach().clone()
+    with pytest.raises(TypeError, match="float16 parameters, which AdamW cannot train"):
+        distill(student.half(), teacher.half(), data, loss=DistillLoss(hidden=0, output=1), steps=1, progress=False)
+    assert torch.equal(student[0].weight.float(), before.half().float())  # not touched
+    with pytest.warns(UserWarning, match="bfloat16 parameters: AdamW updates below"):
+        distill(student.bfloat16(), teacher.bfloat16(), [d.bfloat16() for d in data],
+                loss=DistillLoss(hidden=0, output=1), steps=1, progress=False)

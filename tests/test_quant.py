@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -415,3 +416,21 @@ def test_scales_outside_float32s_range():
     assert int((quantize(zero)[1] == 0).sum()) == 1
     with pytest.raises(ValueError, match="overflow float32"):
         quantize(core.double() * 1e300)
+
+
+def test_casting_int8_cores_across_grids_warns():
+    # a bfloat16 int8 layer cast up with .float() moved its weight by 4.9% without a word (the 16-bit grid's
+    # power-of-two scales against float32's 17-bit ones); a cast within one grid keeps the weight and says nothing
+    torch.manual_seed(0)
+    layer = MPOLinear.from_linear(nn.Linear(64, 48), max_bond=8, num_cores=2).bfloat16().quantize_("int8")
+    x = torch.randn(4, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer.to("cpu")
+        twin = copy.deepcopy(layer).half()  # one grid (power-of-two scales) for both 16-bit types
+    with pytest.warns(UserWarning, match="casting an int8 MPO layer from torch.bfloat16 to torch.float32 re-rounds"):
+        layer.float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer.double()  # float32 -> float64: the same 17-bit scales
+    assert twin.weight.dtype == torch.float16 and layer(x.double()).dtype == torch.float64

@@ -68,7 +68,7 @@ from .layer import (
 )
 from .mpo import MPO, BondSpec
 from .planner import PlanPolicy
-from .quant import check_quant, load_quantized_cores, register_state_dict_hook
+from .quant import check_quant, load_quantized_cores, register_state_dict_hook, warn_on_regrid
 
 __all__ = ["MPOEmbedding", "lookup", "table_factors"]
 
@@ -406,7 +406,11 @@ class MPOEmbedding(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         self._quant_cache, self._rows_cache = {}, {}  # hold the old tensors
-        return super()._apply(fn, recurse)
+        before = self.cores[0].dtype
+        out = super()._apply(fn, recurse)
+        if self._quant is not None:
+            warn_on_regrid("MPO table", before, self.cores[0].dtype)
+        return out
 
     _KEPT = ("_quant_cache", "_rows_cache")  # the fake-quantized cores and kept rows kept between calls
 

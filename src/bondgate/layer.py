@@ -36,7 +36,7 @@ from .planner import (
     sweep_matrix,
     sweep_steps,
 )
-from .quant import check_quant, fake_quant_cores, load_quantized_cores, register_state_dict_hook
+from .quant import check_quant, fake_quant_cores, load_quantized_cores, register_state_dict_hook, warn_on_regrid
 
 __all__ = ["MPOLinear", "TrackedParameter", "WeightStandIn", "carry_hooks"]
 
@@ -799,9 +799,12 @@ class MPOLinear(nn.Module):
         self._reset_caches()  # a layer pickled before __getstate__ left the kept operands out holds them
 
     def _apply(self, fn, recurse: bool = True):  # .to(), .half(), .cuda() ...
+        before = self._masters()[0].dtype
         out = super()._apply(fn, recurse)
         track_parameters(self)  # torch may have made new, plain parameters
         self._reset_caches()
+        if self._quant is not None:
+            warn_on_regrid("MPO layer", before, self._masters()[0].dtype)
         return out
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -104,6 +104,18 @@ def _qdq(core: torch.Tensor) -> torch.Tensor:
     return _levels(core, s).mul_(s.to(_compute_dtype(core.dtype))).add_(0.0).to(core.dtype)  # + 0.0: -0.0 -> 0.0
 
 
+def warn_on_regrid(what: str, before: torch.dtype, after: torch.dtype) -> None:
+    """Warn when int8 cores cast from ``before`` to ``after`` land on another grid: 16-bit floats use power-of-two
+    scales, float32/64 17-bit ones, so the cast re-rounds them (a bfloat16 LLaMA layer's weight moved 4.9% up to
+    float32, a GPT-2 layer's 1.4% down to float16)."""
+    if before != after and (torch.finfo(before).bits == 16) != (torch.finfo(after).bits == 16):
+        from ._warn import warn_user
+
+        warn_user(f"casting an int8 {what} from {before} to {after} re-rounds its cores onto the int8 grid of "
+                  f"{after} (16-bit cores use power-of-two scales): the weights move by up to a few percent. "
+                  f"Quantize in the dtype you deploy")
+
+
 def quantize(core: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q, scale)``: ``q`` int8 of the core's shape, ``scale`` fp32 ``(r_left, out)``; ``core ~ q * scale[:, :, None,
     None]`` with ``|core - q * scale| <= scale / 2`` elementwise (except a 16-bit core's values within a level of the

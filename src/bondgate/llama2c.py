@@ -279,7 +279,14 @@ def load_llama2c(path: str | os.PathLike, dtype: torch.dtype = torch.float32) ->
     model.generation_config.eos_token_id = [BOS_ID, EOS_ID]
     model.generation_config.pad_token_id = PAD_ID
     model.config.dtype = dtype  # saved in config.json: transformers then loads it in this dtype, whatever it reads first
-    return model.to(dtype).eval()
+    # the weights only: buffers that are not saved (the rotary inv_freq) stay float32, as every loader rebuilds them
+    # (cast, a bfloat16 model's logits moved by 0.19 through any save and load)
+    unsaved = {n: b for n, b in model.named_buffers() if n not in model.state_dict()}
+    model.to(dtype)
+    for name, buf in unsaved.items():
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner).register_buffer(leaf, buf, persistent=False)
+    return model.eval()
 
 
 # ------------------------------------------------------------------------------------------- tokenizer

@@ -23,7 +23,8 @@ SCRIPTS = ["examples/gpt2_compress.py", "examples/gpt2_wikitext.py", "examples/m
            "examples/ptb_lstm.py", "benchmarks/decision_sampling.py", "benchmarks/form_limits.py",
            "benchmarks/frontier.py", "benchmarks/gating.py", "benchmarks/gating_fidelity.py", "benchmarks/kernel.py",
            "benchmarks/llama_decode.py", "benchmarks/minilm_speed.py", "benchmarks/stories_anneal.py",
-           "benchmarks/stories_prune_heal.py", "examples/stories_compress.py", "benchmarks/minilm_int8_spread.py"]
+           "benchmarks/stories_prune_heal.py", "examples/stories_compress.py", "benchmarks/minilm_int8_spread.py",
+           "benchmarks/compress_cost.py"]
 NO_ARGV = {"benchmarks/decision_sampling.py", "benchmarks/kernel.py", "benchmarks/llama_decode.py"}
 
 #: (script, argv, the flag the error must name)
@@ -57,6 +58,7 @@ BAD = [
     ("benchmarks/form_limits.py", ["--shares", "0.5", "0"], "--shares"),
     ("benchmarks/form_limits.py", ["--perms", "-1"], "--perms"),
     ("benchmarks/frontier.py", ["--ratios", "1.5"], "--ratios"),
+    ("benchmarks/compress_cost.py", ["--layers", "0"], "--layers"),
     ("benchmarks/minilm_int8_spread.py", ["--rounds", "0"], "--rounds"),
     ("benchmarks/frontier.py", ["--rounds", "0"], "--rounds"),
     ("benchmarks/gating.py", ["--threads", "0", "speed"], "--threads"),

@@ -20,7 +20,6 @@ re-fitted as ``b' = b + (W - W_mpo) mu``, the expected squared output error per 
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import math
 import statistics
@@ -48,8 +47,8 @@ class InputStats:
     rows: int
     dtype: torch.dtype = torch.float64
 
-    @functools.cached_property
-    def second(self) -> torch.Tensor:
+    @property
+    def second(self) -> torch.Tensor:  # (not kept: a second in x in matrix per layer, 254 MB at LLaMA's 5632)
         """Uncentered second moment ``E[x x^T] = cov + mu mu^T``."""
         return self.cov + torch.outer(self.mean, self.mean)
 

@@ -1134,3 +1134,29 @@ def test_sensitivity_counts_every_call_of_a_shared_layer():
     whole.load_state_dict(split.state_dict())
     s = [layer_sensitivity(m, {"lin": m.lin}, [x], probes=4)["lin"] for m in (split, whole)]
     assert s[0] == pytest.approx(s[1], rel=1e-9)
+
+
+def test_sensitivity_counts_an_output_handed_back_twice_once():
+    # a module returning its cached output on a second call: the one tensor was differentiated twice (2x)
+    class Cached(nn.Linear):
+        def forward(self, x):
+            if getattr(self, "_last", None) is None:
+                self._last = super().forward(x)
+            return self._last
+
+    class Net(nn.Module):
+        def __init__(self, twice):
+            super().__init__()
+            self.lin, self.twice = Cached(4, 4), twice
+
+        def forward(self, x):
+            self.lin._last = None
+            y = self.lin(x)
+            return y + 0 * self.lin(x) if self.twice else y
+
+    torch.manual_seed(0)
+    a, b = Net(True), Net(False)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(8, 4)
+    s = [layer_sensitivity(m, {"lin": m.lin}, [x], probes=4)["lin"] for m in (a, b)]
+    assert s[0] == pytest.approx(s[1], rel=1e-9)

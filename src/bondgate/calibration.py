@@ -508,14 +508,19 @@ def _sensitivity_sums(model: nn.Module, modules: Mapping[str, nn.Module], data: 
                             f = model_output(out)
                             r = torch.randn(f.shape, generator=gen).to(f)
                             s = (f * r / r.norm()).sum()
-                        names = [(n, y) for n, ys in outs.items() for y in ys if y.requires_grad]
-                        grads = torch.autograd.grad(s, [y for _, y in names], allow_unused=True)
-                    for (n, _), g in zip(names, grads):
+                        # each output once (a module may hand back one cached tensor twice)
+                        ys = {id(y): (n, y) for n, calls in outs.items() for y in calls if y.requires_grad}
+                        names = [n for n, _ in ys.values()]
+                        grads = torch.autograd.grad(s, [y for _, y in ys.values()], allow_unused=True)
+                    outs.clear()  # (nothing of this pass is kept through the next forward)
+                    del ys, out, s
+                    for n, g in zip(names, grads):
                         if g is None:
                             continue
                         g = g.detach().reshape(-1, g.shape[-1]).double()
                         sums[n] = sums.get(n, 0) + (g * g).sum(0).cpu()
                         rows[n] += g.shape[0]
+                    del grads
     finally:
         for h in handles:
             h.remove()

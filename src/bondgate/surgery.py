@@ -801,16 +801,18 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
     cost = config.cost_budget
     times: dict[str, KindTimes] = {}
     if config.param_ratio is not None:
+        if config.allocation == "global" and cost is not None and all(w.is_embedding for w in works):
+            raise ValueError("a time or FLOP budget needs linear layers among the targets")
+        menu_of: dict[str, LayerMenu] = {}
         for w in bar(works, "decompose"):
-            S = None
-            if w.cov is not None:
-                S, w.S_inv = kron_whiteners(w.cov, w.in_f, config.damping)
-            if w.is_embedding:
-                w.exact = MPO.from_matrix(w.table_target(), in_factors=w.in_f, out_factors=w.out_f)
-            elif "mpo" in config.forms:
-                w.exact = MPO.from_matrix(w.whitened_padded(S), in_factors=w.in_f, out_factors=w.out_f)
+            w.exact = _exact(w, config)
             if "lowrank" in config.forms and not w.is_embedding:
                 w.svd = _whitened_svd(w, config.damping)
+            if config.allocation == "global":
+                menu_of[w.name] = _menu(w, config, cost, times)
+                # factored again at the layer's turn below: every layer's full-rank MPO held at once was ~0.4 GB a
+                # layer at LLaMA widths (the time: ~2% of compress)
+                w.exact = None
         # tables and linear layers are allocated separately (see CompressionConfig.embedding_ratio), under either
         # allocation; a table's kept rows count against its group's budget
         e_ratio = config.param_ratio if config.embedding_ratio is None else config.embedding_ratio
@@ -825,28 +827,6 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
                                  "raise embedding_ratio or keep fewer rows")
             return budget
         if config.allocation == "global":
-            menus = []
-            for w in bar(works, "menus"):
-                menu = tolerance_menu(w.exact, w.W.numel()) if w.exact is not None else None
-                if w.svd is not None:
-                    low = lowrank_menu(w.svd[1], *w.W.shape)
-                    menu = low if menu is None else menu.extend(low)
-                # the squared norm of the whitened weight: the relative weighting's unit
-                norm_sq = (float(w.svd[1].square().sum()) if w.svd is not None
-                           else float((w.exact.bond_spectra[0] ** 2).sum()) if w.exact.bond_spectra else 1.0)
-                menu.weight = {"relative": 1.0 / max(norm_sq, 1e-300), "absolute": 1.0,
-                               "sensitivity": w.weight}[config.layer_weighting]
-                if cost is not None and w.is_embedding:
-                    menu.costs = [0.0] * len(menu.params)  # a lookup: outside the time/FLOP budget
-                    menu.cost_of = lambda widths: 0.0
-                elif cost is not None:
-                    if cost[0] == "time":
-                        times[w.name] = _kind_times(w, config)
-                    _price(menu, w, config, times.get(w.name))
-                menus.append(menu)
-            if cost is not None and all(w.is_embedding for w in works):
-                raise ValueError("a time or FLOP budget needs linear layers among the targets")
-            menu_of = {w.name: m for w, m in zip(works, menus)}
             for group, ratio in groups:
                 gm = [menu_of[w.name] for w in group]
                 cost_budget = None
@@ -918,7 +898,7 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
             row = _lowrank_report(w, layer, W_hat, bias, report.flop_rows)
         else:
             if config.param_ratio is not None:
-                mpo_w = w.exact.truncate(max_bond=list(wid))
+                mpo_w = (w.exact if w.exact is not None else _exact(w, config)).truncate(max_bond=list(wid))
             else:
                 S = None
                 if w.cov is not None:
@@ -1063,6 +1043,40 @@ def _build_lowrank(w: _Work, rank: int) -> tuple[LowRankLinear, torch.Tensor, to
     return layer, W_hat, bias
 
 
+def _exact(w: _Work, config: CompressionConfig) -> MPO | None:
+    """The canonical MPO of the layer's weight (whitened by its inputs where calibrated, zero-padded; a table's
+    row-weighted target), ``None`` where only low-rank forms are allowed; sets ``w.S_inv``."""
+    S = None
+    if w.cov is not None:
+        S, w.S_inv = kron_whiteners(w.cov, w.in_f, config.damping)
+    if w.is_embedding:
+        return MPO.from_matrix(w.table_target(), in_factors=w.in_f, out_factors=w.out_f)
+    if "mpo" in config.forms:
+        return MPO.from_matrix(w.whitened_padded(S), in_factors=w.in_f, out_factors=w.out_f)
+    return None
+
+
+def _menu(w: _Work, config: CompressionConfig, cost, times: dict[str, KindTimes]) -> LayerMenu:
+    """The global allocation's menu of one layer (its MPO truncations and low-rank pairs, weighted, priced)."""
+    menu = tolerance_menu(w.exact, w.W.numel()) if w.exact is not None else None
+    if w.svd is not None:
+        low = lowrank_menu(w.svd[1], *w.W.shape)
+        menu = low if menu is None else menu.extend(low)
+    # the squared norm of the whitened weight: the relative weighting's unit
+    norm_sq = (float(w.svd[1].square().sum()) if w.svd is not None
+               else float((w.exact.bond_spectra[0] ** 2).sum()) if w.exact.bond_spectra else 1.0)
+    menu.weight = {"relative": 1.0 / max(norm_sq, 1e-300), "absolute": 1.0,
+                   "sensitivity": w.weight}[config.layer_weighting]
+    if cost is not None and w.is_embedding:
+        menu.costs = [0.0] * len(menu.params)  # a lookup: outside the time/FLOP budget
+        menu.cost_of = lambda widths: 0.0
+    elif cost is not None:
+        if cost[0] == "time":
+            times[w.name] = _kind_times(w, config)
+        _price(menu, w, config, times.get(w.name))
+    return menu
+
+
 def _kind_times(w: _Work, config: CompressionConfig) -> KindTimes:
     ref = w.module.weight
     full = w.exact.bond_dims if w.exact is not None else full_widths(w.out_f, w.in_f)
@@ -1131,7 +1145,7 @@ def _build_embedding(model: nn.Module, w: _Work, wid, config: CompressionConfig,
     """The :class:`MPOEmbedding` of a table at the allocated widths (or the config's bond cap / tolerance), swapped
     in at every name, and every ``nn.Linear`` head tied to the table swapped for its tied MPO head."""
     if config.param_ratio is not None:
-        mpo = w.exact.truncate(max_bond=list(wid))
+        mpo = (w.exact if w.exact is not None else _exact(w, config)).truncate(max_bond=list(wid))
     else:
         mpo = MPO.from_matrix(w.table_target(), in_factors=w.in_f, out_factors=w.out_f, max_bond=config.max_bond,
                               tol=config.tol)

@@ -623,7 +623,6 @@ def _warn_selectors(model: nn.Module, config: CompressionConfig) -> None:
 class _Work:
     name: str
     module: nn.Module
-    W: torch.Tensor  # (out, in) float64
     bias: torch.Tensor | None
     out_f: tuple[int, ...]
     in_f: tuple[int, ...]
@@ -641,6 +640,20 @@ class _Work:
         return isinstance(self.module, nn.Embedding)
 
     @property
+    def W(self) -> torch.Tensor:
+        """``(out, in)`` float64 on the CPU, read from the layer when asked: kept for every layer at once, these
+        copies were twice an fp32 model (0.35 GB a layer at LLaMA widths)."""
+        return dense_weight(self.module).to(torch.float64).cpu()
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(dense_weight(self.module).shape)
+
+    @property
+    def numel(self) -> int:
+        return dense_weight(self.module).numel()
+
+    @property
     def cov(self) -> torch.Tensor | None:
         if self.stats is None:
             return None
@@ -651,7 +664,8 @@ class _Work:
 
     def weight_error(self, W_hat: torch.Tensor) -> float:
         """``||W - W_hat|| / ||W||``: the relative error of the weight the layer gets."""
-        return float(torch.linalg.norm(self.W - W_hat) / torch.linalg.norm(self.W).clamp_min(1e-300))
+        W = self.W
+        return float(torch.linalg.norm(W - W_hat) / torch.linalg.norm(W).clamp_min(1e-300))
 
     def refit_bias(self, W_hat: torch.Tensor) -> torch.Tensor | None:
         """The bias with the output's mean shift ``(W - W_hat) mu`` over the calibration rows absorbed."""
@@ -668,7 +682,7 @@ class _Work:
 
     def whitened_padded(self, S: list[torch.Tensor] | None) -> torch.Tensor:
         Np, Mp = math.prod(self.out_f), math.prod(self.in_f)
-        Wp = torch.nn.functional.pad(self.W, (0, Mp - self.W.shape[1], 0, Np - self.W.shape[0]))
+        Wp = torch.nn.functional.pad(self.W, (0, Mp - self.shape[1], 0, Np - self.shape[0]))
         return Wp if S is None else apply_leg_maps(Wp, S, self.in_f)
 
 
@@ -777,13 +791,13 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
 
     works: list[_Work] = []
     for name, mod in targets.items():
-        W = dense_weight(mod).to(torch.float64).cpu()
+        W = dense_weight(mod)
         if isinstance(mod, nn.Embedding):
             out_f, in_f = table_factors(W.shape[0], W.shape[1], config.num_cores, config.embedding_form)
         else:
             out_f, in_f = layer_factors(W.shape[0], W.shape[1], config.num_cores)
         b = getattr(mod, "bias", None)
-        works.append(_Work(name, mod, W, None if b is None else b.detach().to(torch.float64).cpu(), out_f, in_f,
+        works.append(_Work(name, mod, None if b is None else b.detach().to(torch.float64).cpu(), out_f, in_f,
                            stats.get(name), weight=sens.get(name, 1.0)))
         counts = token_counts.get(name)
         pad = getattr(mod, "padding_idx", None)
@@ -820,8 +834,8 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
                                       ([w for w in works if w.is_embedding], e_ratio)) if g]
 
         def group_budget(group: list[_Work], ratio: float) -> int:
-            kept = sum(w.kept.numel() * w.W.shape[1] for w in group if w.kept is not None)
-            budget = int(ratio * sum(w.W.numel() for w in group)) - kept
+            kept = sum(w.kept.numel() * w.shape[1] for w in group if w.kept is not None)
+            budget = int(ratio * sum(w.numel for w in group)) - kept
             if kept and budget <= 0:
                 raise ValueError(f"embedding_rows={config.embedding_rows} kept rows take the tables' whole budget: "
                                  "raise embedding_ratio or keep fewer rows")
@@ -849,18 +863,18 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
                 capped = [w for w in group if w.exact is not None]
                 pairs = [w for w in group if w.exact is None]  # kinds=("lowrank",): each the same share of its weights
                 for w in pairs:
-                    m, n = w.W.shape
+                    m, n = w.shape
                     # at least rank 1 (a tiny budget must not leave the layer dense); dense where it saves nothing
                     rank = max(1, int(ratio * m * n // (m + n)))
                     widths[w.name] = rank if rank * (m + n) < m * n else None
-                kept = sum(w.W.numel() if widths[w.name] is None else widths[w.name] * sum(w.W.shape) for w in pairs)
+                kept = sum(w.numel if widths[w.name] is None else widths[w.name] * sum(w.shape) for w in pairs)
                 if pairs and kept > group_budget(pairs, ratio):
-                    total = sum(w.W.numel() for w in pairs)
+                    total = sum(w.numel for w in pairs)
                     raise ValueError(f"param_ratio={ratio:g} is out of reach for low-rank pairs: rank 1 (or dense where "
                                      f"a pair saves nothing) keeps {kept:,} of these layers' {total:,} weights; give "
                                      f"at least {math.ceil(kept / total * 1e4) / 1e4:g}")
                 spectra = [LayerSpectrum([o * i for o, i in zip(w.out_f, w.in_f)], w.exact.bond_spectra or [],
-                                         w.weight, w.W.numel()) for w in capped]
+                                         w.weight, w.numel) for w in capped]
                 if spectra:
                     for w, wid in zip(capped, uniform_widths(spectra, group_budget(capped, ratio))):
                         widths[w.name] = wid
@@ -868,14 +882,14 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
     for w in bar(works, "compress"):
         wid = widths.get(w.name, [])
         if config.param_ratio is not None and wid is None:
-            flops = 2 * report.flop_rows * w.W.numel()
-            row = LayerReport(w.name, type(w.module).__name__, w.W.shape[0], w.W.shape[1],
-                              status="kept dense (budget)", params_before=w.W.numel(),
-                              params_after=w.W.numel(), form="dense", flops_dense=flops, flops_mpo=flops)
+            flops = 2 * report.flop_rows * w.numel
+            row = LayerReport(w.name, type(w.module).__name__, w.shape[0], w.shape[1],
+                              status="kept dense (budget)", params_before=w.numel,
+                              params_after=w.numel, form="dense", flops_dense=flops, flops_mpo=flops)
             report.layers.append(row)
             if cost is not None and not w.is_embedding:  # its time counts in the budget's totals
                 ref = w.module.weight
-                row.time_us = row.time_dense_us = calibrate_dense(*w.W.shape, config.deploy_rows, ref.dtype,
+                row.time_us = row.time_dense_us = calibrate_dense(*w.shape, config.deploy_rows, ref.dtype,
                                                                   ref.device) * 1e6
                 if w.name in times:
                     row.time_pred_us = 1e6 * times[w.name].dense_s
@@ -908,12 +922,12 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
             cores = mpo_w.cores if w.S_inv is None else fold_into_cores(mpo_w.cores, w.S_inv)
             if w.cov is not None and config.refine_steps > 0:
                 # on the ridge _whitened_svd uses: with fewer rows than inputs, the raw covariance is overfitted
-                cores, _, _ = refine_cores(cores, w.W, damped(w.cov, config.damping), w.W.shape[0], w.W.shape[1],
+                cores, _, _ = refine_cores(cores, w.W, damped(w.cov, config.damping), w.shape[0], w.shape[1],
                                            config.refine_steps)
             # on the grid of the layer's dtype: the errors and the bias re-fit are those of the cores it gets
-            mpo = MPO([c.to(ref.dtype).to(torch.float64) for c in cores], w.W.shape[0], w.W.shape[1])
+            mpo = MPO([c.to(ref.dtype).to(torch.float64) for c in cores], w.shape[0], w.shape[1])
             if config.quantize is not None:  # on the grid of the layer's dtype: the errors and bias re-fit include it
-                mpo = MPO([fake_quant(c.to(ref.dtype)).to(torch.float64) for c in mpo.cores], *w.W.shape)
+                mpo = MPO([fake_quant(c.to(ref.dtype)).to(torch.float64) for c in mpo.cores], *w.shape)
             W_hat = mpo.to_matrix()
             bias = w.refit_bias(W_hat)
             mpo.error = w.weight_error(W_hat)
@@ -936,7 +950,7 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
             row.flops_mpo = layer.flops(report.flop_rows)
         if cost is not None:  # a time or FLOP budget: measure what the budget bought
             row.time_us = measure(layer, config.deploy_rows) * 1e6
-            row.time_dense_us = calibrate_dense(*w.W.shape, config.deploy_rows, ref.dtype, ref.device) * 1e6
+            row.time_dense_us = calibrate_dense(*w.shape, config.deploy_rows, ref.dtype, ref.device) * 1e6
             if w.name in times:  # as the budget priced it (_price's functions on the layer's menu)
                 menu = menu_of[w.name]
                 row.time_pred_us = 1e6 * (menu.rank_cost(wid) if isinstance(wid, int) else menu.cost_of(wid))
@@ -996,9 +1010,9 @@ def _dense_quantized(w: _Work, mode: str) -> tuple[MPOLinear, torch.Tensor, torc
     """A layer kept dense, quantized: a one-core MPO layer (per-output-channel scales), bias re-fit to the mean
     shift of the output as for a compressed layer; with its weight and bias (float64) for the report's errors."""
     ref = w.module.weight
-    core = fake_quant(w.W.reshape(1, *w.W.shape, 1).to(ref.dtype)).to(torch.float64)
+    core = fake_quant(w.W.reshape(1, *w.shape, 1).to(ref.dtype)).to(torch.float64)
     bias = w.refit_bias(core[0, :, :, 0])
-    mpo = MPO([core], *w.W.shape)
+    mpo = MPO([core], *w.shape)
     layer = MPOLinear.from_mpo(mpo.to(dtype=ref.dtype, device=ref.device),
                                None if bias is None else bias.to(dtype=ref.dtype, device=ref.device), policy="memory")
     layer.quantize_(mode)
@@ -1058,9 +1072,9 @@ def _exact(w: _Work, config: CompressionConfig) -> MPO | None:
 
 def _menu(w: _Work, config: CompressionConfig, cost, times: dict[str, KindTimes]) -> LayerMenu:
     """The global allocation's menu of one layer (its MPO truncations and low-rank pairs, weighted, priced)."""
-    menu = tolerance_menu(w.exact, w.W.numel()) if w.exact is not None else None
+    menu = tolerance_menu(w.exact, w.numel) if w.exact is not None else None
     if w.svd is not None:
-        low = lowrank_menu(w.svd[1], *w.W.shape)
+        low = lowrank_menu(w.svd[1], *w.shape)
         menu = low if menu is None else menu.extend(low)
     # the squared norm of the whitened weight: the relative weighting's unit
     norm_sq = (float(w.svd[1].square().sum()) if w.svd is not None
@@ -1080,13 +1094,13 @@ def _menu(w: _Work, config: CompressionConfig, cost, times: dict[str, KindTimes]
 def _kind_times(w: _Work, config: CompressionConfig) -> KindTimes:
     ref = w.module.weight
     full = w.exact.bond_dims if w.exact is not None else full_widths(w.out_f, w.in_f)
-    return calibrate(w.W.shape[0], w.W.shape[1], w.out_f, w.in_f, full, config.deploy_rows, ref.dtype, ref.device)
+    return calibrate(w.shape[0], w.shape[1], w.out_f, w.in_f, full, config.deploy_rows, ref.dtype, ref.device)
 
 
 def _price(menu: LayerMenu, w: _Work, config: CompressionConfig, times: KindTimes | None) -> None:
     """Each entry's cost per call at ``deploy_rows``: seconds (``times``) or FLOPs. An MPO slower than the dense
     layer costs the dense layer's time under the speed / auto policies (its plans may keep the dense weight)."""
-    out_features, in_features = w.W.shape
+    out_features, in_features = w.shape
     rows, fallback = config.deploy_rows, config.policy != "memory"
     if times is not None:
         dense = times.dense_s
@@ -1150,7 +1164,7 @@ def _build_embedding(model: nn.Module, w: _Work, wid, config: CompressionConfig,
         mpo = MPO.from_matrix(w.table_target(), in_factors=w.in_f, out_factors=w.out_f, max_bond=config.max_bond,
                               tol=config.tol)
     # the MPO was fitted to the padded (a vocabulary like 30522), row-weighted table
-    mpo = table_mpo(mpo, w.legs, *w.W.shape)
+    mpo = table_mpo(mpo, w.legs, *w.shape)
     ref = w.module.weight
     pad = w.module.padding_idx
     if pad is not None and bool(ref[pad].any()):
@@ -1165,7 +1179,7 @@ def _build_embedding(model: nn.Module, w: _Work, wid, config: CompressionConfig,
         layer.keep_rows_(w.kept, ref.detach()[w.kept.to(ref.device)])
     layer.quantize_(config.quantize)
     with torch.no_grad():  # the errors of the table the lookups use: its dtype's grid, int8 cores and rows included
-        W_hat = layer.weight_matrix().to(device=w.W.device, dtype=w.W.dtype)
+        W_hat = layer.weight_matrix().to(device="cpu", dtype=torch.float64)
         if layer.padding_idx is not None:  # looked up as zeros (the row it replaces is zero)
             W_hat[layer.padding_idx] = 0
     mpo.error = layer.error = w.weight_error(W_hat)
@@ -1187,8 +1201,9 @@ def _build_embedding(model: nn.Module, w: _Work, wid, config: CompressionConfig,
         row.form, row.rank = "lowrank", mpo.bond_dims[0]
     row.params_after = layer.num_params
     if w.counts is not None:  # the error on the calibration data's ids: rows weighted by their counts
-        num = float((w.counts * (w.W - W_hat).square().sum(1)).sum())
-        row.output_error = math.sqrt(num / max(float((w.counts * w.W.square().sum(1)).sum()), 1e-300))
+        W = w.W
+        num = float((w.counts * (W - W_hat).square().sum(1)).sum())
+        row.output_error = math.sqrt(num / max(float((w.counts * W.square().sum(1)).sum()), 1e-300))
     row.flops_mpo = row.flops_dense = 0  # a lookup
     row.aliases = names[id(w.module)][1:] + [n for n, _ in heads]  # other names, and tied heads sharing the cores
     return layer, row
@@ -1203,7 +1218,7 @@ def _lowrank_report(w: _Work, layer: LowRankLinear, W_hat: torch.Tensor, bias: t
                     rows: int) -> LayerReport:
     row = _layer_report(w, None, W_hat, bias, rows)
     row.form, row.rank, row.params_after, row.weight_error = "lowrank", layer.rank, layer.num_params, layer.error
-    row.flops_mpo = lowrank_flops(*w.W.shape, layer.rank, rows)
+    row.flops_mpo = lowrank_flops(*w.shape, layer.rank, rows)
     return row
 
 
@@ -1241,14 +1256,15 @@ def _layer_report(w: _Work, mpo: MPO | None, W_hat: torch.Tensor, bias: torch.Te
                   rows: int) -> LayerReport:
     out_err = None
     if w.stats is not None:  # E||(W - W_hat) x + (b - b')||^2 / E||W x + b||^2 over the calibration rows
-        E = w.W - W_hat
+        W = w.W
+        E = W - W_hat
         num = float(((E @ w.cov) * E).sum())  # with a bias, its re-fit removes the mean term exactly
-        b0 = w.bias if w.bias is not None else torch.zeros(w.W.shape[0], dtype=torch.float64)
-        den = float(((w.W @ w.stats.second) * w.W).sum() + 2 * b0 @ (w.W @ w.stats.mean) + b0 @ b0)
+        b0 = w.bias if w.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+        den = float(((W @ w.stats.second) * W).sum() + 2 * b0 @ (W @ w.stats.mean) + b0 @ b0)
         out_err = math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
-    report = LayerReport(name=w.name, kind=type(w.module).__name__, out_features=w.W.shape[0],
-                         in_features=w.W.shape[1], params_before=w.W.numel(), output_error=out_err,
-                         flops_dense=2 * rows * w.W.numel())
+    report = LayerReport(name=w.name, kind=type(w.module).__name__, out_features=w.shape[0],
+                         in_features=w.shape[1], params_before=w.numel, output_error=out_err,
+                         flops_dense=2 * rows * w.numel)
     if mpo is not None:
         report.out_factors, report.in_factors, report.bond_dims = mpo.out_factors, mpo.in_factors, mpo.bond_dims
         report.params_after, report.weight_error = mpo.num_params, mpo.error  # (FLOPs: the layer's plan, set after)

@@ -1160,3 +1160,31 @@ def test_sensitivity_counts_an_output_handed_back_twice_once():
     x = torch.randn(8, 4)
     s = [layer_sensitivity(m, {"lin": m.lin}, [x], probes=4)["lin"] for m in (a, b)]
     assert s[0] == pytest.approx(s[1], rel=1e-9)
+
+
+def test_full_rank_mpos_are_not_all_held_until_the_allocation(monkeypatch):
+    # every layer's full-rank TT-SVD was kept until the last layer was compressed (~0.4 GB a layer at LLaMA widths):
+    # by the time the budget is allocated, none is alive
+    import gc
+    import weakref
+
+    from bondgate import surgery
+
+    made, alive_at_allocation = [], []
+    real_from_matrix, real_allocate = MPO.from_matrix.__func__, surgery.allocate
+
+    def from_matrix(cls, *args, **kwargs):
+        mpo = real_from_matrix(cls, *args, **kwargs)
+        made.append(weakref.ref(mpo))
+        return mpo
+
+    def allocate(*args, **kwargs):
+        gc.collect()
+        alive_at_allocation.append(sum(r() is not None for r in made))
+        return real_allocate(*args, **kwargs)
+
+    monkeypatch.setattr(MPO, "from_matrix", classmethod(from_matrix))
+    monkeypatch.setattr(surgery, "allocate", allocate)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 64))
+    compress(model, CompressionConfig(param_ratio=0.5), calibration=[torch.randn(256, 64)], progress=False)
+    assert len(made) >= 3 and alive_at_allocation == [0]

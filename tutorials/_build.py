@@ -479,7 +479,7 @@ prune_before = auc(pruned)
 mask = (pruned[2].weight != 0).float()
 train(pruned, lr=1e-5, epochs=FT_EPOCHS, hook=lambda: pruned[2].weight.data.mul_(mask))
 rows.append(("magnitude prune", prune_info["params"], prune_info["layers"]["2"]["error"], prune_before, auc(pruned),
-             bg.size_on_disk(pruned, sparse=prune_info["layers"])))  # the pruned layer in CSR, the others dense
+             bg.size_on_disk(pruned, sparse=prune_info["layers"])))  # the pruned layer sparse, the others dense
 w_int8 = int8[2].weight().dequantize()
 rows.append(("int8 dynamic", W.numel(), float((w_int8 - W).norm() / W.norm()), auc(int8), float("nan"),
              bg.size_on_disk(int8)))
@@ -502,8 +502,8 @@ fig.tight_layout()
 '''),
     md('''
 How to read it: "rel. error" is the weight error of the middle layer, "model bytes" what
-`bg.size_on_disk` writes for the whole model (the pruned model stored sparse: values plus indices, so
-16,896 kept weights cost about twice their fp32 size). int8 needs no training and no choice of
+`bg.size_on_disk` writes for the whole model (the pruned layer stored sparse, in the smaller of CSR and a
+bitmask: here its 16,896 kept values plus one bit for each of the 65,536 entries). int8 needs no training and no choice of
 shape, but has no knob beyond 8 bits; SVD and MPO trade size for error continuously. Because the
 middle layer is nearly redundant here (see the honesty controls), the ROC-AUC column cannot separate
 the methods; notebook 03 makes the same comparison on a transformer.

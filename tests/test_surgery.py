@@ -1188,3 +1188,64 @@ def test_full_rank_mpos_are_not_all_held_until_the_allocation(monkeypatch):
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 64))
     compress(model, CompressionConfig(param_ratio=0.5), calibration=[torch.randn(256, 64)], progress=False)
     assert len(made) >= 3 and alive_at_allocation == [0]
+
+
+class _Fork(nn.Module):
+    """a, b on one tensor (and c on one of its views); ``split`` batches (a flag in the data) feed b another tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 3), nn.Linear(6, 3), nn.Linear(6, 3)
+
+    def forward(self, x, split=False):
+        h = torch.tanh(x)
+        return self.a(h) + self.b(h * 2 if split else h) + self.c(h[:, :])
+
+
+def _separate(model, modules, data):  # the statistics module by module, each on its own pass (no sharing possible)
+    return {n: collect_input_stats(model, {n: m}, data)[n] for n, m in modules.items()}
+
+
+def test_modules_on_one_tensor_share_their_statistics():
+    # q/k/v (or gate/up) each kept an (in x in) float64 covariance of the same rows: three copies, three x^T x
+    torch.manual_seed(0)
+    net = _Fork()
+    mods = {"a": net.a, "b": net.b, "c": net.c}
+    data = [torch.randn(5, 6), torch.randn(7, 6)]
+    st = collect_input_stats(net, mods, data)
+    assert st["a"] is st["b"] and st["c"] is not st["a"]  # a view is another tensor: not taken as the same
+    ref = _separate(net, mods, data)
+    for n in mods:
+        assert st[n].rows == ref[n].rows == 12
+        torch.testing.assert_close(st[n].cov, ref[n].cov, rtol=0, atol=0)
+    # a later batch feeds b another tensor: the pass runs again without sharing, the figures exact
+    data = [(torch.randn(5, 6),), (torch.randn(7, 6), True)]
+    st, ref = collect_input_stats(net, mods, data), _separate(net, mods, data)
+    assert st["a"] is not st["b"]
+    for n in mods:
+        torch.testing.assert_close(st[n].cov, ref[n].cov, rtol=0, atol=0)
+    assert not torch.allclose(st["a"].cov, st["b"].cov)
+    # data read once (an iterator) is never shared: one pass
+    st = collect_input_stats(net, mods, iter([torch.randn(5, 6), torch.randn(7, 6)]))
+    assert st["a"] is not st["b"] and torch.equal(st["a"].cov, st["b"].cov)
+
+
+def test_a_positional_attention_mask_drops_padding_rows():
+    # a tuple batch (input_ids, attention_mask) counted its padding rows; an additive mask (0 / -inf) is not 0/1
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x, attention_mask=None):
+            return self.lin(x)
+
+    toy = Toy()
+    x = torch.ones(2, 3, 4)
+    x[0, 2] = 100.0  # a padding position
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    st = collect_input_stats(toy, {"lin": toy.lin}, [(x, mask)])["lin"]
+    assert st.rows == 5 and torch.allclose(st.mean, torch.ones(4, dtype=torch.float64))
+    additive = (1.0 - mask) * torch.finfo(torch.float32).min
+    st = collect_input_stats(toy, {"lin": toy.lin}, [(x, additive)])["lin"]
+    assert st.rows == 6 and float(st.mean[0]) == pytest.approx(99 / 6 + 1)

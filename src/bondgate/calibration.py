@@ -20,9 +20,11 @@ re-fitted as ``b' = b + (W - W_mpo) mu``, the expected squared output error per 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import math
 import statistics
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -158,10 +160,23 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = training
 
 
+def named_batch(model: nn.Module, batch):
+    """A tuple/list batch as ``{argument name: value}`` by ``model.forward``'s signature, so that an attention mask
+    passed positionally (``(input_ids, attention_mask)`` to a transformers model) is found as a dict batch's is;
+    any other batch, or one that does not bind, as it is."""
+    if isinstance(batch, (tuple, list)):
+        try:
+            return inspect.signature(model.forward).bind(*batch).arguments
+        except (TypeError, ValueError):
+            return batch
+    return batch
+
+
 def _row_mask(batch, x: torch.Tensor) -> torch.Tensor | None:
-    """Boolean row selector dropping padding tokens, when the batch has a matching attention mask."""
+    """Boolean row selector dropping padding tokens, when the batch (a dict, or a :func:`named_batch`) has a
+    matching attention mask of 0/1 entries (an additive mask, 0 and -inf, is not one: it is left alone)."""
     m = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-    if not isinstance(m, torch.Tensor) or m.dim() != 2:
+    if not isinstance(m, torch.Tensor) or m.dim() != 2 or not bool(((m == 0) | (m == 1)).all()):
         return None
     # (batch, tokens, features), or the same rows flattened to (batch * tokens, features) in that order
     if (x.dim() == 3 and m.shape == x.shape[:2]) or (x.dim() == 2 and m.numel() == x.shape[0]):
@@ -182,14 +197,15 @@ def capture_inputs(model: nn.Module, modules: Mapping[str, nn.Module], data: Ite
                    on_input: Callable[[str, nn.Module, torch.Tensor, object], None],
                    done: Callable[[], bool] | None = None, progress: bool = False) -> None:
     """Run ``data`` through ``model`` in eval mode (its mode is restored after), calling
-    ``on_input(name, module, x, batch)`` with each listed module's input ``x`` as it is computed;
-    stops early once ``done()`` is true after a batch."""
+    ``on_input(name, module, x, batch)`` with each listed module's input ``x`` as it is computed (the tensor the
+    module was called on: two modules called on one tensor get the same object) and the batch (a tuple batch as
+    :func:`named_batch`); stops early once ``done()`` is true after a batch."""
     current: dict = {}
 
     def hook_for(name: str) -> Callable:
         def hook(mod, inputs):
             try:
-                on_input(name, mod, _layer_input(mod, inputs).detach(), current.get("batch"))
+                on_input(name, mod, _layer_input(mod, inputs), current.get("batch"))
             except Exception as exc:  # bondgate's own message (a table's ids out of range ...): passed on as it is
                 current["own"] = exc
                 raise
@@ -205,7 +221,7 @@ def capture_inputs(model: nn.Module, modules: Mapping[str, nn.Module], data: Ite
 
                 it = tqdm(data, desc="calibration", leave=False)
             for k, batch in enumerate(it):
-                current["batch"] = batch
+                current["batch"] = named_batch(model, batch)
                 try:
                     run_model(model, batch)
                 except (RuntimeError, ValueError) as exc:  # torch's own message names neither the data nor a cause
@@ -260,16 +276,41 @@ class _Counted:
         return len(self.data)
 
 
+class _Unshared(Exception):
+    """Two modules that shared their first batch's input did not share a later one's."""
+
+
+def _version(x: torch.Tensor) -> int | None:
+    try:
+        return x._version
+    except RuntimeError:  # an inference tensor keeps no version counter: never taken as shared
+        return None
+
+
 def collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable,
                         max_rows: int | None = None, progress: bool = False,
                         unseen: str = "raise") -> dict[str, InputStats]:
     """One pass of ``data`` through ``model``, accumulating each listed module's input statistics.
 
     ``data`` yields model inputs (see :func:`run_model`). Rows are the flattened leading dims of a
-    module's input; padding rows are dropped when the batch has an ``attention_mask`` (a dict batch) and the
-    input is ``(batch, tokens, features)`` or those rows flattened batch-major, ``(batch * tokens, features)``. A module whose forward
-    never ran raises (``unseen="raise"``) or is left out of the result (``unseen="skip"``).
+    module's input; padding rows are dropped when the batch has an ``attention_mask`` (a dict batch, or a tuple
+    batch whose positions bind to the forward's ``attention_mask``; 0/1 entries) and the input is ``(batch, tokens,
+    features)`` or those rows flattened batch-major, ``(batch * tokens, features)``. A module whose forward never ran
+    raises (``unseen="raise"``) or is left out of the result (``unseen="skip"``). When ``data`` is a sequence,
+    modules called on the very same tensor on every call (a transformer's query / key / value projections, a gated
+    MLP's gate and up projections) are given one shared :class:`InputStats` (one ``in x in`` covariance, not three);
+    should a later batch feed them different tensors, the pass runs again without sharing.
     """
+    if isinstance(data, Sequence):
+        try:
+            return _collect_input_stats(model, modules, data, max_rows, progress, unseen, share=True)
+        except _Unshared:
+            pass
+    return _collect_input_stats(model, modules, data, max_rows, progress, unseen, share=False)
+
+
+def _collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable, max_rows: int | None,
+                         progress: bool, unseen: str, share: bool) -> dict[str, InputStats]:
     # sums around each module's first input row: E[x x^T] - mu mu^T of raw sums loses the covariance to
     # cancellation when the mean is large against the spread (an offset of 1e7 over a spread of 1 read as constant)
     shifts: dict[str, torch.Tensor] = {}
@@ -280,8 +321,42 @@ def collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], data
 
     state: dict = {"index": -1}  # the batch being run (counted as it is read: the same object may come twice)
     first_bad: dict[str, int] = {}  # module -> index of the first batch that gave it a NaN/inf input
+    # sharing: a module whose first call in the first batch takes the tensor another module's first call took
+    # follows that module; its k-th call in every batch must then take the tensor of the other's k-th call, unchanged
+    leader: dict[str, str] = {}
+    taken: dict[str, list] = {}  # this batch: module -> (weak reference, version) of each input it accumulated
+    followed: dict[str, int] = {}  # this batch: follower -> calls
+    batch_of_calls = [-1]
+
+    def check_counts() -> None:
+        if any(followed.get(f, 0) != len(taken.get(lead, ())) for f, lead in leader.items()):
+            raise _Unshared
+
+    def follows(name: str, x: torch.Tensor) -> bool:
+        """Whether this call of ``name`` takes a tensor another module's call took (no statistics to add)."""
+        if state["index"] != batch_of_calls[0]:
+            check_counts()
+            batch_of_calls[0] = state["index"]
+            taken.clear()
+            followed.clear()
+        version = _version(x)
+        if name in leader:
+            k = followed[name] = followed.get(name, 0) + 1
+            calls = taken.get(leader[name], ())
+            if version is None or k > len(calls) or calls[k - 1][0]() is not x or calls[k - 1][1] != version:
+                raise _Unshared
+            return True
+        if state["index"] == 0 and name not in taken and version is not None:
+            first = next((n for n, c in taken.items() if c[0][0]() is x and c[0][1] == version), None)
+            if first is not None:
+                leader[name], followed[name] = first, 1
+                return True
+        taken.setdefault(name, []).append((weakref.ref(x), version))
+        return False
 
     def accumulate(name, mod, x, batch):
+        if share and follows(name, x):
+            return
         dtypes[name] = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
         keep = _row_mask(batch, x)
@@ -305,12 +380,17 @@ def collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], data
         counts[name] += x2.shape[0]
 
     def done() -> bool:  # with unseen="skip", a module not called yet does not hold the pass open
-        seen = [c for c in counts.values() if c or unseen != "skip"]
+        seen = [counts[leader.get(n, n)] for n in counts]
+        seen = [c for c in seen if c or unseen != "skip"]
         return bool(seen) and min(seen) >= max_rows
 
     capture_inputs(model, modules, _Counted(data, state), accumulate, None if max_rows is None else done, progress)
+    if share:
+        check_counts()
     out = {}
     for name in modules:
+        if name in leader:
+            continue
         if counts[name] == 0:
             if unseen == "skip":
                 continue
@@ -325,7 +405,10 @@ def collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], data
         centered = sums[name] / n  # the mean around the shift
         out[name] = InputStats(mean=shifts[name] + centered, cov=seconds[name] / n - torch.outer(centered, centered),
                                rows=n, dtype=dtypes[name])
-    return out
+    for name, first in leader.items():
+        if first in out:
+            out[name] = out[first]
+    return {name: out[name] for name in modules if name in out}
 
 
 def collect_token_counts(model: nn.Module, tables: Mapping[str, nn.Module], data: Iterable,

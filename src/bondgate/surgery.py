@@ -21,7 +21,7 @@ import math
 import numbers
 import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -634,6 +634,7 @@ class _Work:
     counts: torch.Tensor | None = None  # a table's id frequencies over the calibration data
     legs: list[torch.Tensor] | None = None  # a table's row weights (see bondgate.embedding.row_weight_legs)
     kept: torch.Tensor | None = None  # a table's kept ids (exact rows)
+    held: torch.Tensor | None = None  # W during the layer's turn (see _turns)
 
     @property
     def is_embedding(self) -> bool:
@@ -641,9 +642,9 @@ class _Work:
 
     @property
     def W(self) -> torch.Tensor:
-        """``(out, in)`` float64 on the CPU, read from the layer when asked: kept for every layer at once, these
-        copies were twice an fp32 model (0.35 GB a layer at LLaMA widths)."""
-        return dense_weight(self.module).to(torch.float64).cpu()
+        """``(out, in)`` float64 on the CPU, read from the layer when asked (held only during its turn): kept for
+        every layer at once, these copies were twice an fp32 model (0.35 GB a layer at LLaMA widths)."""
+        return self.held if self.held is not None else dense_weight(self.module).to(torch.float64).cpu()
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -818,7 +819,7 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
         if config.allocation == "global" and cost is not None and all(w.is_embedding for w in works):
             raise ValueError("a time or FLOP budget needs linear layers among the targets")
         menu_of: dict[str, LayerMenu] = {}
-        for w in bar(works, "decompose"):
+        for w in _turns(works, bar, "decompose"):
             w.exact = _exact(w, config)
             if "lowrank" in config.forms and not w.is_embedding:
                 w.svd = _whitened_svd(w, config.damping)
@@ -879,7 +880,7 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
                     for w, wid in zip(capped, uniform_widths(spectra, group_budget(capped, ratio))):
                         widths[w.name] = wid
 
-    for w in bar(works, "compress"):
+    for w in _turns(works, bar, "compress"):
         wid = widths.get(w.name, [])
         if config.param_ratio is not None and wid is None:
             flops = 2 * report.flop_rows * w.numel
@@ -1220,6 +1221,16 @@ def _lowrank_report(w: _Work, layer: LowRankLinear, W_hat: torch.Tensor, bias: t
     row.form, row.rank, row.params_after, row.weight_error = "lowrank", layer.rank, layer.num_params, layer.error
     row.flops_mpo = lowrank_flops(*w.shape, layer.rank, rows)
     return row
+
+
+def _turns(works: list[_Work], bar: Callable, desc: str) -> Iterator[_Work]:
+    """Each layer in turn, its float64 weight held for the turn (read about five times in it) and let go after."""
+    for w in bar(works, desc):
+        w.held = w.W
+        try:
+            yield w
+        finally:
+            w.held = None
 
 
 def _check_stats(stats: dict[str, InputStats]) -> None:

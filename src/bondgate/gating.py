@@ -77,6 +77,7 @@ from .layer import (
     own_param,
     replica_without_kept,
     track_parameters,
+    without_kept,
 )
 from .lowrank import LowRankLinear
 from .mpo import MPO
@@ -261,6 +262,13 @@ class ErrorController(nn.Module):
     def _apply(self, fn, recurse: bool = True):  # .to() / .double() swap coef's data without a version bump
         self.__dict__.pop("_kept", None)
         return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:  # as MPOLinear's: a copy's coef starts a new version counter, which the copied
+        return without_kept(super().__getstate__(), ("_kept",))  # stamp would match again after as many writes
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.pop("_kept", None)  # pickled before __getstate__ left it out
 
     def _replicate_for_data_parallel(self):
         return replica_without_kept(super()._replicate_for_data_parallel(), ("_kept",))
@@ -573,11 +581,12 @@ class GatedMPOLinear(MPOLinear):
                             self._policy, grad)
             entry = self._level_plans[key] = (plan, widths == self.bond_dims)
         plan, is_full = entry
-        if not grad:
-            if plan.executor == "sweep":
-                return plan.run(x2d, self._sweep_views(plan, widths), self.out_features)
-            # the level's pre-contracted groups, kept between inference calls (rebuilding them every call cost
-            # a decode step more than the contraction itself)
+        if not grad and plan.executor == "sweep":
+            return plan.run(x2d, self._sweep_views(plan, widths), self.out_features)
+        if not grad and plan.cached:
+            # speed mode: the level's pre-contracted groups, kept between inference calls (rebuilding them every
+            # call cost a decode step more than the contraction itself). Memory mode keeps none (a dense weight
+            # per level was 5x the dense layer at LLaMA widths): its plans were chosen with the merge paid per call
             return plan.run(x2d, self._kept(("ops", widths, plan.operand_key), lambda cs: plan.cache_operands(
                 cs if is_full else self._level_cores(widths), self.out_features, self.in_features)),
                 self.out_features)
@@ -587,12 +596,14 @@ class GatedMPOLinear(MPOLinear):
     @property
     def cache_nbytes(self) -> int:
         """Bytes kept between inference calls besides the parameters: the full-width kernel's operands,
-        one copy of the cores per sweep direction the levels use (their views share it), and the
-        pre-contracted operands of levels whose fastest plan is not a sweep (up to a dense weight per level
-        whose plan is dense)."""
-        own = sum(t.numel() * t.element_size() for key, (_, ops, _) in self._slices.items()
-                  if key[0] != "views" for t in ops)
-        return super().cache_nbytes + own
+        one copy of the cores per sweep direction the levels use (their views share it), and in speed mode
+        the pre-contracted operands of levels whose fastest plan is not a sweep (up to a dense weight per level
+        whose plan is dense). Each storage counted once, none that is a parameter's."""
+        return super().cache_nbytes
+
+    def _kept_tensors(self) -> list[torch.Tensor]:
+        return [*super()._kept_tensors(), *(t for key, (_, ops, _) in self._slices.items() if key[0] != "views"
+                                            for t in ops)]
 
     def _sweep_views(self, plan, widths: tuple[int, ...]) -> list[torch.Tensor]:
         """Inference operands of a sweep plan at ``widths``: views of ONE copy of the full-width cores in

@@ -15,7 +15,7 @@ import math
 import operator
 import sys
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -261,6 +261,14 @@ def kept(cache: dict, key, tensors: Sequence[torch.Tensor], build: Callable[[], 
             value = build()
         hit = cache[key] = (stamp(tensors), value, tuple(tensors))
     return hit[1]
+
+
+def storage_nbytes(tensors: Iterable[torch.Tensor], exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views of one storage counted once), leaving out the
+    storages of ``exclude`` (a kept operand that is a parameter's own memory costs nothing)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    sizes = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(n for ptr, n in sizes.items() if ptr not in skip)
 
 
 _LIVE_LAYERS: weakref.WeakSet = weakref.WeakSet()  # every MPOLinear, for clear_plan_cache
@@ -688,8 +696,11 @@ class MPOLinear(nn.Module):
         """Bytes kept between inference calls besides the parameters: pre-contracted cores or the dense
         weight (speed mode), the cores in the sweep's matrix layout (either mode); a quantized layer whose plan
         contracts the cores directly also keeps their fake-quantized values (one copy of the cores)."""
+        return storage_nbytes(self._kept_tensors(), exclude=self.parameters())
+
+    def _kept_tensors(self) -> list[torch.Tensor]:
         caches = (*self._ops_cache.values(), *self._quant_cache.values())
-        return sum(t.numel() * t.element_size() for _, ops, _ in caches if ops for t in ops)
+        return [t for _, ops, _ in caches if ops for t in ops]
 
     def flops(self, batch: int = 1) -> int:
         """FLOPs of the plan actually used, for a call of ``batch`` rows (bias add excluded; 0 rows cost 0)."""

@@ -9,7 +9,7 @@ from torch import nn
 
 import bondgate
 from bondgate import CompressionConfig, LowRankLinear, MPOLinear, compress
-from bondgate.allocation import allocate, lowrank_menu
+from bondgate.allocation import BudgetConflict, LayerMenu, allocate, lowrank_menu
 from bondgate.costmodel import full_widths, lowrank_flops, mpo_flops
 
 
@@ -400,3 +400,20 @@ def test_timings_follow_the_thread_count_and_clear_with_the_plans(monkeypatch):
     finally:
         torch.set_num_threads(threads)
         costmodel.clear_timings()
+
+
+def test_budgets_that_cannot_both_be_met_are_refused_not_broken():
+    # each budget within reach alone, not both: allocate gave back a choice over the cost budget, silently (a
+    # 256 x 256 layer at param_ratio=0.0046, flops_ratio=0.01 came back at 0.0469 of dense's FLOPs)
+    def menus():  # per layer: dense (100 weights, cost 100), A (10, cost 50), B (50, cost 5)
+        return [LayerMenu([100, 10, 50], [0.0, 1.0, 0.5], [None, (1,), (5,)], costs=[100.0, 50.0, 5.0])
+                for _ in range(2)]
+
+    for budget, cost_budget in [(20, 10.0), (20, 60.0), (60, 20.0), (25, 60.0)]:
+        with pytest.raises(BudgetConflict, match="cannot both be met"):
+            allocate(menus(), budget, cost_budget)
+    assert sorted(allocate(menus(), 60, 60.0)) == [(1,), (5,)]  # A + B: 60 weights, cost 55, found by the upgrades
+    model = nn.Sequential(nn.Linear(256, 256))
+    with pytest.raises(ValueError, match=r"flops_ratio=0.01 and param_ratio=0.0046 cannot both be met"):
+        compress(model, CompressionConfig(param_ratio=0.0046, flops_ratio=0.01), progress=False)
+    assert isinstance(model[0], nn.Linear)

@@ -179,12 +179,22 @@ def _cost(menus: Sequence[LayerMenu], choice: Sequence[int]) -> float:
     return sum(m.costs[j] for m, j in zip(menus, choice))
 
 
+class BudgetConflict(ValueError):
+    """Each budget can be met alone, but no choice found meets both; ``least``: the least cost found within the
+    weight budget."""
+
+    def __init__(self, message: str, least: float):
+        super().__init__(message)
+        self.least = least
+
+
 def allocate(menus: Sequence[LayerMenu], budget: int, cost_budget: float | None = None) -> list[Choice]:
     """One :data:`Choice` per layer (``None`` = keep dense, bond widths = MPO, an int = low-rank) with total params
     ``<= budget``, total cost ``<= cost_budget`` (when given; every menu needs ``costs``) and a low weighted
     error (see the module doc): a heuristic — a price picks from each menu's lower convex hull, then what is left
     is spent greedily — not an exact minimum, and in rare cases a larger budget ends a little worse. Raises
-    ``ValueError`` when even the smallest entries do not fit.
+    ``ValueError`` when even the smallest entries do not fit, :class:`BudgetConflict` when each budget can be met
+    but no choice found meets both.
     """
     usual = [_usual_entries(m) for m in menus]
     if budget >= sum(min(m.params) for m in usual) and (cost_budget is None or any(m.costs is None for m in usual)
@@ -270,6 +280,12 @@ def allocate(menus: Sequence[LayerMenu], budget: int, cost_budget: float | None 
         else:
             widths[li][k] += 1
         left, spare = left - extra, spare - more
+    if left < 0 or spare < 0:  # the upgrades above can lower the cost; what is still over is a conflict
+        if cost_budget is None:
+            raise ValueError(f"no choice found within {budget:,} weights")
+        raise BudgetConflict(f"the cost budget {cost_budget:.4g} and the weight budget {budget:,} cannot both be "
+                             f"met: the choice found costs {cost_budget - spare:.4g} with {budget - left:,} weights",
+                             cost_budget - spare)
     return [tuple(w) if isinstance(w, list) else w for w in widths]
 
 

@@ -31,6 +31,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from ._warn import warn_user
 from .allocation import (
+    BudgetConflict,
     Choice,
     LayerMenu,
     LayerSpectrum,
@@ -845,19 +846,26 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
             for group, ratio in groups:
                 gm = [menu_of[w.name] for w in group]
                 cost_budget = None
+                what = ("max_latency_ratio", "time") if cost and cost[0] == "time" else ("flops_ratio", "FLOPs")
                 if cost is not None and not group[0].is_embedding:
-                    cost_budget = cost[1] * sum(m.costs[0] for m in gm)  # entry 0 of every menu: stay dense
+                    dense_cost = sum(m.costs[0] for m in gm)  # entry 0 of every menu: stay dense
+                    cost_budget = cost[1] * dense_cost
                     if cost_budget <= 0:
                         raise ValueError("a time or FLOP budget needs linear layers among the targets")
-                    least = sum(min(m.costs) for m in gm) / sum(m.costs[0] for m in gm)
+                    least = sum(min(m.costs) for m in gm) / dense_cost
                     if least > cost[1]:
-                        what = ("max_latency_ratio", "time") if cost[0] == "time" else ("flops_ratio", "FLOPs")
-                        digits = 2 - math.floor(math.log10(least))  # three significant digits, rounded up
                         raise ValueError(f"{what[0]}={cost[1]:g} is out of reach: the cheapest forms of these layers "
                                          f"(kinds={list(config.forms)}) take {least:.4g} of the dense layers' "
                                          f"{what[1]} at deploy_rows={config.deploy_rows}; give at least "
-                                         f"{math.ceil(least * 10**digits) / 10**digits:g}, or more kinds")
-                for w, wid in zip(group, allocate(gm, group_budget(group, ratio), cost_budget)):
+                                         f"{_round_up(least):g}, or more kinds")
+                try:
+                    picks = allocate(gm, group_budget(group, ratio), cost_budget)
+                except BudgetConflict as exc:  # each budget alone is within reach, not both (checked, never broken)
+                    raise ValueError(f"{what[0]}={cost[1]:g} and param_ratio={ratio:g} cannot both be met: within "
+                                     f"the weights, the forms found take {exc.least / dense_cost:.4g} of the dense "
+                                     f"layers' {what[1]} at deploy_rows={config.deploy_rows}; give a larger "
+                                     f"param_ratio or {what[0]}") from exc
+                for w, wid in zip(group, picks):
                     widths[w.name] = list(wid) if isinstance(wid, tuple) else wid
         else:
             for group, ratio in groups:
@@ -1257,6 +1265,12 @@ def _check_stats(stats: dict[str, InputStats]) -> None:
         warn_user(f"compress: {len(few)} layer(s) saw fewer calibration rows than inputs ({_short_list(few, 3)}): "
                   "the factorization fits, and the report's output errors measure, only the directions those rows "
                   "span, so both understate the error on other inputs; pass more calibration rows")
+
+
+def _round_up(x: float) -> float:
+    """``x`` rounded up to three significant digits (a ratio to suggest that is surely within reach)."""
+    digits = 2 - math.floor(math.log10(x))
+    return math.ceil(x * 10**digits) / 10**digits
 
 
 def _short_list(names: list[str], n: int = 5) -> str:

@@ -419,6 +419,10 @@ def test_damaged_sparse_files_are_refused():
     with pytest.raises(ValueError, match="mask has 2048 entries set for 2047 values"):
         load_sparse_state_dict(save({**tensors, "0.weight.sparse_values": tensors["0.weight.sparse_values"][1:]},
                                     meta))
+    # values as a column (2048, 1): the entry count matched, and filling the weight raised torch's RuntimeError
+    with pytest.raises(ValueError, match=r"values are not a list \(shape \(2048, 1\)\)"):
+        load_sparse_state_dict(save({**tensors, "0.weight.sparse_values": tensors["0.weight.sparse_values"][:, None]},
+                                    meta))
 
 
 def test_int8_model_is_over_3x_smaller():
@@ -565,9 +569,38 @@ def test_csr_files_with_entries_out_of_order_are_refused():
     tensors, meta = sparse_state_dict(pruned, sparse=True)
     col = tensors["0.weight.csr_col_indices"].clone()
     col[[0, 1]] = col[[1, 0]]  # two entries of row 0 swapped: the same values would land elsewhere
+    repeated = tensors["0.weight.csr_col_indices"].clone()
+    repeated[1] = repeated[0]  # one column written twice in row 0: the second value overwrote the first, silently
     for edit, match in [({"0.weight.csr_col_indices": col}, "do not increase within a row"),
+                        ({"0.weight.csr_col_indices": repeated}, "do not increase within a row"),
                         ({"0.weight.csr_values": tensors["0.weight.csr_values"][:, None]}, "row pointers")]:
         with pytest.raises(ValueError, match=match):
             load_sparse_state_dict(save({**tensors, **edit}, meta))
     with pytest.raises(ValueError, match="is not two sizes"):
         load_sparse_state_dict(save(tensors, {**meta, "bondgate.csr": '{"0.weight": [true, 300]}'}))
+
+
+def test_wide_pruned_layers_store_int32_columns():
+    # int16 column indices hold up to 32,767: a layer 40,000 inputs wide must store int32 ones (int16 wrapped
+    # columns past 32,767 to negatives, and the file could not be read back)
+    from safetensors.torch import save
+
+    from bondgate.baselines import sparse_state_dict
+
+    torch.manual_seed(0)
+    pruned, info = magnitude_prune(nn.Sequential(nn.Linear(40_000, 2, bias=False)), param_ratio=0.02)
+    assert info["layers"]["0"]["params"] == 1_600  # 2% of 80,000
+    tensors, meta = sparse_state_dict(pruned, sparse=True)
+    cols = tensors["0.weight.csr_col_indices"]
+    assert cols.dtype == torch.int32 and int(cols.max()) > 2**15
+    back = load_sparse_state_dict(save(tensors, meta))
+    assert torch.equal(back["0.weight"], pruned[0].weight)
+
+
+def test_a_sparse_form_smaller_than_the_dense_file_is_taken():
+    # both forms pay a header entry per tensor (~ name + 64 bytes): counting it for the sparse tensors but not for the
+    # dense one kept a 16x16 layer at 208 of 256 weights dense, although its bitmask (208 x 4 + 256 / 8 = 864 bytes
+    # of data in two tensors) makes a file 32 bytes smaller than the dense 1,024 bytes in one tensor
+    pruned, info = magnitude_prune(nn.Sequential(nn.Linear(16, 16, bias=False)), param_ratio=208 / 256)
+    assert info["layers"]["0"]["params"] == 208
+    assert size_on_disk(pruned, sparse=True) < size_on_disk(pruned)

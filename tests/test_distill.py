@@ -723,3 +723,26 @@ def test_16_bit_students_are_refused_or_warned():
     with pytest.warns(UserWarning, match="bfloat16 parameters: AdamW updates below"):
         distill(student.bfloat16(), teacher.bfloat16(), [d.bfloat16() for d in data],
                 loss=DistillLoss(hidden=0, output=1), steps=1, progress=False)
+
+
+def test_a_student_with_some_16_bit_layers_is_refused_or_warned():
+    # every parameter's dtype counts: looking at the first parameter only (or refusing float16 only when every
+    # parameter is) let a float32 student with one float16 layer train, and its first AdamW step wrote inf there
+    class Mixed(nn.Module):
+        def __init__(self, dtype):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8).to(dtype)
+
+        def forward(self, x):
+            return self.b(self.a(x).to(self.b.weight.dtype)).float()
+
+    torch.manual_seed(0)
+    teacher = nn.Linear(8, 8)
+    data = [torch.randn(4, 8)]
+    student = Mixed(torch.float16)
+    before = [p.detach().clone() for p in student.parameters()]
+    with pytest.raises(TypeError, match="float16 parameters, which AdamW cannot train"):
+        distill(student, teacher, data, loss=DistillLoss(hidden=0, output=1), steps=1, progress=False)
+    assert all(torch.equal(p, b) for p, b in zip(student.parameters(), before))  # no step taken
+    with pytest.warns(UserWarning, match="bfloat16 parameters: AdamW updates below"):
+        distill(Mixed(torch.bfloat16), teacher, data, loss=DistillLoss(hidden=0, output=1), steps=1, progress=False)

@@ -434,3 +434,8 @@ def test_casting_int8_cores_across_grids_warns():
         warnings.simplefilter("error")
         layer.double()  # float32 -> float64: the same 17-bit scales
     assert twin.weight.dtype == torch.float16 and layer(x.double()).dtype == torch.float64
+    # downward too: a float32 int8 layer cast to float16 lands on the power-of-two grid (a GPT-2 layer's weight moved
+    # 1.4%), which a check for upward casts only would let pass without a word
+    layer = MPOLinear.from_linear(nn.Linear(64, 48), max_bond=8, num_cores=2).quantize_("int8")
+    with pytest.warns(UserWarning, match="casting an int8 MPO layer from torch.float32 to torch.float16 re-rounds"):
+        layer.half()

@@ -1249,3 +1249,127 @@ def test_a_positional_attention_mask_drops_padding_rows():
     additive = (1.0 - mask) * torch.finfo(torch.float32).min
     st = collect_input_stats(toy, {"lin": toy.lin}, [(x, additive)])["lin"]
     assert st.rows == 6 and float(st.mean[0]) == pytest.approx(99 / 6 + 1)
+
+
+def test_a_bias_free_layer_on_offset_inputs_reports_its_measured_error():
+    # a layer without a bias has nothing to absorb the inputs' mean: its error is weighed by E[x x^T], not by the
+    # centered covariance (taken as zero-mean, the report read 0.58 where the output error was 0.77)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(96, 48, bias=False))
+    x = torch.randn(1024, 96) * torch.linspace(0.1, 3, 96) + 2.0
+    st = collect_input_stats(model, {"0": model[0]}, [x])["0"]
+    xd = x.double()
+    torch.testing.assert_close(st.second, xd.T @ xd / len(x), rtol=1e-9, atol=1e-9)
+    y = model(x).detach()
+    compress(model, CompressionConfig(param_ratio=0.4, num_cores=2), calibration=[x], progress=False)
+    with torch.no_grad():
+        measured = float(((model(x) - y) ** 2).sum() / (y**2).sum()) ** 0.5
+    assert model.bondgate_report.layers[0].output_error == pytest.approx(measured, rel=1e-3)
+
+
+@pytest.mark.parametrize("k", [5, 20])
+def test_sensitivity_of_one_linear_is_one_over_its_outputs(k):
+    # the model output is the layer's output and each probe r has unit norm, so the squared gradients of <r, f>
+    # sum to 1 over the output's entries: per output channel, 1/k a pass (summed over channels it read 1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, k))
+    s = layer_sensitivity(model, {"0": model[0]}, [torch.randn(16, 8)], probes=4)
+    assert s["0"] == pytest.approx(1 / k, rel=1e-6)
+
+
+def test_relative_weighting_does_not_depend_on_a_layers_scale():
+    # "relative" weighs each layer's squared error by its whitened weight's squared norm (sum of squared singular
+    # values): errors and norm both scale by c^2, so a layer's weight x 10 changes nothing. By the sum of singular
+    # values the weight scaled as c and the allocation moved (layer 0: 2,560 params -> 384)
+    allocations = []
+    for scale in (1.0, 10.0):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+        with torch.no_grad():
+            model[2].weight *= scale
+        x = torch.randn(512, 64)
+        compress(model, CompressionConfig(param_ratio=0.4, kinds=("mpo", "lowrank")), calibration=[x],
+                 progress=False)
+        allocations.append([(r.name, r.form, r.params_after) for r in model.bondgate_report.layers])
+    assert allocations[0] == allocations[1]
+    assert all(p < 64 * 64 for _, _, p in allocations[0])
+
+
+def test_a_real_spread_far_below_the_mean_is_accepted():
+    # float32 inputs of 1000 +- 0.1: the spread is ~1,600 roundings of the mean, real variation (the cut-off is a
+    # few roundings, relative to the squared scale: (4 eps)^2 of it, not 4 eps, which refused these)
+    torch.manual_seed(0)
+    x = 1000 + 0.1 * torch.randn(256, 8)
+    assert x.dtype == torch.float32
+    model = nn.Sequential(nn.Linear(8, 8))
+    compress(model, CompressionConfig(param_ratio=0.5, num_cores=2), calibration=[x], progress=False)
+    assert model.bondgate_report.layers[0].output_error is not None
+
+
+def test_compress_refines_on_the_damped_covariance(monkeypatch):
+    # the refinement must fit the ridge the whitening uses, cov + damping x mean(diag cov) x I (on the raw
+    # covariance of few rows it overfits them; see test_refinement_fits_the_damped_covariance)
+    from bondgate import surgery
+
+    real, seen = surgery.refine_cores, []
+
+    def recording(cores, W, cov, *args, **kwargs):
+        seen.append(cov.clone())
+        return real(cores, W, cov, *args, **kwargs)
+
+    monkeypatch.setattr(surgery, "refine_cores", recording)
+    torch.manual_seed(0)
+    x = torch.randn(300, 16) * torch.linspace(0.5, 2.0, 16) + 1.0
+    model = nn.Sequential(nn.Linear(16, 16))
+    compress(model, CompressionConfig(param_ratio=0.5, num_cores=2, damping=0.05), calibration=[x], progress=False)
+    xd = x.double()
+    cov = (xd - xd.mean(0)).T @ (xd - xd.mean(0)) / len(x)  # a layer with a bias: the centered covariance
+    expected = cov + 0.05 * float(cov.trace() / 16) * torch.eye(16, dtype=torch.float64)
+    assert seen
+    for got in seen:
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def _refine_problem():
+    from bondgate.calibration import refine_cores
+
+    torch.manual_seed(0)
+    W = torch.randn(16, 16, dtype=torch.float64)
+    x = torch.randn(200, 16, dtype=torch.float64) * 3
+    cov = x.T @ x / 200
+    start = MPO.from_matrix(W, in_factors=(4, 4), out_factors=(4, 4), max_bond=2).cores
+    return refine_cores, W, cov, start
+
+
+def _weighted_error(W, cores, cov):  # tr((W - W_hat) cov (W - W_hat)^T), W_hat from the two cores by hand
+    a, b = cores  # (1, o1, i1, r), (r, o2, i2, 1)
+    W_hat = torch.einsum("xaiy,ybjz->abij", a, b).reshape(16, 16)
+    E = W - W_hat
+    return float(torch.trace(E @ cov @ E.T))
+
+
+def test_refine_cores_returns_the_errors_in_the_inputs_units():
+    # the L-BFGS objective is normalized by tr(W cov W^T); the errors it returns are not (they read 0.633 / 0.610
+    # where the weighted errors were 1484 / 1430)
+    refine_cores, W, cov, start = _refine_problem()
+    cores, before, after = refine_cores(start, W, cov, 16, 16, steps=20)
+    assert before == pytest.approx(_weighted_error(W, start, cov), rel=1e-9)
+    assert after == pytest.approx(_weighted_error(W, cores, cov), rel=1e-9)
+    assert after < before
+
+
+def test_refinement_that_ends_in_nan_keeps_the_starting_cores(monkeypatch):
+    # "never worse than it was given": an L-BFGS run that leaves NaN cores (after = NaN) must hand back the input
+    # cores and the starting error; `after > before` is False for NaN and let the NaN cores through
+    refine_cores, W, cov, start = _refine_problem()
+
+    def step(self, closure):
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.fill_(float("nan"))
+
+    monkeypatch.setattr(torch.optim.LBFGS, "step", step)
+    cores, before, after = refine_cores(start, W, cov, 16, 16, steps=20)
+    assert all(torch.equal(c, s.double()) for c, s in zip(cores, start))
+    assert after == before == pytest.approx(_weighted_error(W, start, cov), rel=1e-9)

@@ -658,3 +658,22 @@ def test_a_state_dict_of_a_layer_of_another_size_with_the_same_padding_is_refuse
         tables[1].load_state_dict(tables[0].state_dict())
     head = tables[0].as_linear()  # the tied head: the same matrix, recorded alike
     head.load_state_dict(tables[0].state_dict())
+
+
+def test_low_rank_pair_refuses_inf_and_reports_16_bit_rounding():
+    # an inf weight gave inf factors and error 0.0 (MPOLinear refuses it); a bf16 pair at full rank reported 0
+    # where its factors' rounding leaves 2.3e-3
+    from bondgate import LowRankLinear
+
+    lin = nn.Linear(32, 24)
+    with torch.no_grad():
+        lin.weight[1, 1] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        LowRankLinear.from_linear(lin, 4)
+    torch.manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16):
+        lin = nn.Linear(64, 64).to(dtype)
+        pair = LowRankLinear.from_linear(lin, 64)
+        W = lin.weight.detach().double()
+        true = float(torch.linalg.norm(W - pair.U.detach().double() @ pair.V.detach().double()) / torch.linalg.norm(W))
+        assert true > 1e-4 and pair.error == pytest.approx(true, rel=1e-9)

@@ -34,8 +34,14 @@ def positive_int(value, what: str, low: int = 1) -> int:
     return int(value)
 
 
+MAX_LEGS = 256  # the factor search recurses once per leg (2,000 legs ran out of Python's stack)
+
+
 def _validate(n: int, d: int) -> tuple[int, int]:
-    return positive_int(n, "dimension"), positive_int(d, "num_cores")
+    n, d = positive_int(n, "dimension"), positive_int(d, "num_cores")
+    if d > MAX_LEGS:
+        raise ValueError(f"num_cores must be at most {MAX_LEGS}, got {d} (an MPO layer takes at most 17)")
+    return n, d
 
 
 def balanced_factors(n: int, d: int) -> tuple[int, ...]:

@@ -104,9 +104,10 @@ class LowRankLinear(nn.Module):
         The SVD ``W = P diag(s) Q^T`` is cut to ``rank`` and ``sqrt(s)`` goes into both factors
         (``U = P sqrt(s)``, ``V = sqrt(s) Q^T``) so neither factor carries all the scale.
         """
+        from .mpo import _check_matrix
         from .surgery import dense_weight  # surgery builds low-rank layers: import at call time
 
-        W = dense_weight(linear)
+        W = _check_matrix(dense_weight(linear))  # (an inf weight gave inf factors and error 0.0)
         out_f, in_f = W.shape
         layer = cls(in_f, out_f, rank, bias=linear.bias is not None, device=W.device, dtype=W.dtype)
         # float64 SVD: the discarded tail of a float32 SVD is noisy, and fp16/bf16 have no SVD kernel.
@@ -118,7 +119,12 @@ class LowRankLinear(nn.Module):
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias.detach())
         total = float(s.square().sum())
-        layer.error = math.sqrt(float(s[rank:].square().sum()) / total) if total > 0 else 0.0
+        if torch.finfo(W.dtype).bits < 32:  # the factors' rounding counts (bf16 at full rank: 2.3e-3, not 0)
+            Wd = W.to(torch.float64)
+            err = torch.linalg.norm(Wd - layer.U.detach().double() @ layer.V.detach().double())
+            layer.error = float(err / torch.linalg.norm(Wd)) if total > 0 else 0.0
+        else:
+            layer.error = math.sqrt(float(s[rank:].square().sum()) / total) if total > 0 else 0.0
         return layer
 
     @classmethod

@@ -340,10 +340,10 @@ class MPO:
 
         Truncation happens in a canonical sweep, so the discarded Schmidt mass is exactly the error
         against this MPO. ``error`` of the result is against the original matrix ``W``: exact when this MPO
-        reproduces ``W`` exactly; for a TT-SVD projection of ``W`` (``source_norm`` known) the result is one too,
-        and the two errors add in squares (exact without padding; with padding an upper bound); otherwise the
-        triangle-inequality bound ``error + rel`` (``rel``: the cut's error against this MPO), which holds while
-        this MPO's norm is at most ``W``'s and may exceed 1. ``right_orthogonal``: the output of
+        reproduces ``W`` exactly; for a TT-SVD projection of ``W`` (``source_norm`` known) with two or three cores
+        the result is one too, and the two errors add in squares (exact without padding; with padding an upper
+        bound); otherwise the triangle-inequality bound ``error + rel`` (``rel``: the cut's error against this MPO,
+        relative to ``W`` where ``source_norm`` is known), which may exceed 1. ``right_orthogonal``: the output of
         :meth:`right_orthogonal_cores`, when truncating the same MPO many times.
         """
         return self.cut(max_bond, tol, right_orthogonal)[0]
@@ -355,7 +355,11 @@ class MPO:
         _check_tol(tol)
         caps = _bond_caps(max_bond, self.num_cores - 1)
         out, rel, norm_sq = self._sweep(caps=caps, tol=tol, right_orthogonal=right_orthogonal)
-        if self.source_norm and self.error == self.error:  # a projection of W, projected again: nested, one projection
+        # a projection of W projected again is one projection (the errors orthogonal) for two or three cores, whose
+        # projections act on disjoint legs; from four cores on the middle ones overlap: added in squares, the two
+        # errors read up to 0.2% under the truth
+        nested = self.num_cores <= 3 or self.error == 0
+        if self.source_norm and self.error == self.error and nested:
             cut_sq = rel * rel * norm_sq / self.source_norm**2  # what this cut drops, relative to ||W||^2
             if (self.padded_out, self.padded_in) == (self.out_features, self.in_features):
                 # the two errors are orthogonal: summed in squares (not 1 - ||W'||^2/||W||^2, which cancels)
@@ -366,8 +370,11 @@ class MPO:
                 out.error_exact = self.error_exact and cut_sq == 0.0
             out.source_norm = self.source_norm
         else:
-            out.error = self.error + rel if self.error > 0 else rel
+            # rel is against this MPO's norm; in units of ||W|| where that is known
+            step = rel * math.sqrt(norm_sq) / self.source_norm if self.source_norm and self.error == self.error else rel
+            out.error = self.error + step if self.error > 0 else step
             out.error_exact = self.error == 0 and self.error_exact
+            out.source_norm = self.source_norm
         return out, rel * rel * norm_sq
 
     def right_orthogonal_cores(self) -> list[torch.Tensor]:

@@ -573,3 +573,46 @@ def test_a_compressed_head_of_another_size_names_the_way_out(tmp_path):
     loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m")
     loaded.classifier = nn.Linear(64, 3)  # the way out the message gives
     assert loaded(torch.randint(0, 100, (2, 8))).logits.shape == (2, 3)
+
+
+def test_layers_transformers_keeps_in_float32_stay_float32(tmp_path):
+    # T5 keeps its FF output projection `wo` in float32 when loaded in float16 (`_keep_in_fp32_modules`: its
+    # activations overflow float16); the compressed `wo` was cast to float16 anyway (logits 2.48 off where dense's
+    # were 0.003 off, with the FF weights at a real T5's scale)
+    from transformers import AutoModelForSeq2SeqLM, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4,
+                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    dense = T5ForConditionalGeneration(cfg).eval()
+    dense.save_pretrained(tmp_path / "dense")
+    model = copy.deepcopy(dense)
+    bondgate.compress(model, bondgate.CompressionConfig(max_bond=4, num_cores=2, target_modules=r".*\.wo"),
+                      progress=False)
+    model.save_pretrained(tmp_path / "mpo")
+    for dtype in (torch.float16, torch.bfloat16):
+        ref = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "dense", dtype=dtype)
+        got = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "mpo", dtype=dtype)
+        want = ref.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype
+        layer = got.encoder.block[0].layer[1].DenseReluDense.wo
+        assert isinstance(layer, MPOLinear) and want == (torch.float32 if dtype == torch.float16 else dtype)
+        assert {c.dtype for c in layer.cores} == {want}
+        assert got.encoder.block[0].layer[1].DenseReluDense.wi.weight.dtype == dtype
+
+
+def test_int8_cores_on_a_transformers_model_warn_about_its_own_save(tmp_path):
+    # transformers' model.save_pretrained (a plain Trainer's checkpoints) of an int8 model wrote a directory neither
+    # loader reads, without a word: the user found out at load time
+    def bert():
+        return BertModel(BertConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=2, intermediate_size=128,
+                                    vocab_size=100, max_position_embeddings=32)).eval()
+
+    model = bert()
+    with pytest.warns(UserWarning, match="save it with bondgate.save_pretrained"):
+        bondgate.compress(model, bondgate.CompressionConfig(max_bond=4, num_cores=2, quantize="int8"), progress=False)
+    model = bert()
+    bondgate.compress(model, bondgate.CompressionConfig(max_bond=4, num_cores=2), progress=False)
+    with pytest.warns(UserWarning, match="neither AutoModel nor bondgate.from_pretrained can read back"):
+        bondgate.quantize_mpo(model)
+    bondgate.save_pretrained(model, tmp_path / "int8")  # the way that reads back
+    assert bondgate.from_pretrained(tmp_path / "int8") is not None

@@ -48,6 +48,7 @@ import re
 import sys
 import weakref
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -349,6 +350,21 @@ def attach(model: nn.Module) -> nn.Module:
     return model
 
 
+def warn_int8_saving(model: nn.Module) -> None:
+    """Warn, for a transformers model that now holds int8 MPO cores, that transformers' own ``save_pretrained``
+    (which a plain ``Trainer`` calls for its checkpoints) writes a directory neither loader reads back; the warning
+    comes when the cores are quantized, not when the checkpoint is found unreadable."""
+    hf = _io._hf_base()
+    if hf is None or not isinstance(model, hf):
+        return
+    layers, _ = _io._collect_layers(model)
+    if any(spec.get("quant") for spec in layers.values()):
+        warn_user(f"{type(model).__name__} now has int8 MPO cores: save it with bondgate.save_pretrained(model, dir) "
+                  f"(or train with bondgate.DistillationTrainer, whose checkpoints are bondgate's); transformers' own "
+                  f"model.save_pretrained, which a plain Trainer calls for its checkpoints, writes a directory that "
+                  f"neither AutoModel nor bondgate.from_pretrained can read back")
+
+
 def _own_config(model: nn.Module):
     """The config object to record ``model``'s bondgate layers on: its own, or — when another model was built from
     the same object (a teacher and a student from one ``BertConfig``) — a copy that every module of ``model`` then
@@ -517,6 +533,19 @@ def _in_dtype(spec: dict, dtype: torch.dtype | None) -> dict:
     return spec
 
 
+def _kept_in_fp32(model: nn.Module, dtype: torch.dtype | None) -> Callable[[str], bool]:
+    """Whether transformers keeps the dense module ``name`` in float32 when loading at ``dtype``: the class's
+    ``_keep_in_fp32_modules`` at float16, ``_keep_in_fp32_modules_strict`` at float16 and bfloat16 (T5's ``wo``,
+    whose activations overflow float16), matched as transformers matches them, by regex search in the weight's key."""
+    globs = [*(getattr(model, "_keep_in_fp32_modules", None) or () if dtype == torch.float16 else ()),
+             *(getattr(model, "_keep_in_fp32_modules_strict", None) or ()
+               if dtype in (torch.float16, torch.bfloat16) else ())]
+    if not globs:
+        return lambda name: False
+    pattern = re.compile("|".join(f"(?:{g.replace('*', '.*')})" for g in globs))
+    return lambda name: pattern.search(f"{name}.weight") is not None
+
+
 def _prepare(model: nn.Module, qc: Any, checkpoint_files, dtype: torch.dtype | None = None) -> dict[str, Any]:
     """Swap empty bondgate layers (meta device) into ``model`` and check the checkpoint's keys for them."""
     where = f"{type(model).__name__}.from_pretrained"
@@ -559,7 +588,9 @@ def _prepare(model: nn.Module, qc: Any, checkpoint_files, dtype: torch.dtype | N
     layer_aliases = {a: t for a, t in qc.layer_aliases.items() if a not in dropped}
     tensor_aliases = {k: t for k, t in qc.tensor_aliases.items()
                       if _under(k, dropped) is None and _under(t, dropped) is None}
-    specs = {name: _in_dtype(spec, dtype) for name, spec in qc.layers.items() if name not in dropped}
+    fp32 = _kept_in_fp32(model, dtype)
+    specs = {name: _in_dtype(spec, torch.float32 if fp32(name) else dtype) for name, spec in qc.layers.items()
+             if name not in dropped}
     names = {}
     for name in [*specs, *layer_aliases]:
         found = _resolve(model, name)

@@ -287,4 +287,8 @@ def quantize_mpo(model: nn.Module, mode: str | None = "int8") -> nn.Module:
     for m in model.modules():
         if isinstance(m, (MPOLinear, MPOEmbedding)):
             m.quantize_(mode)
+    if mode is not None:
+        from .hf import warn_int8_saving
+
+        warn_int8_saving(model)
     return model

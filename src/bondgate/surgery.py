@@ -1001,9 +1001,11 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
         report.layers = [r for r in previous.layers if r.name not in now] + report.layers
         report.history = [*previous.history, previous.config]
     model.bondgate_report = report
-    from .hf import attach
+    from .hf import attach, warn_int8_saving
 
     attach(model)  # a transformers model: config.quantization_config records the layers for save_pretrained
+    if config.quantize is not None:
+        warn_int8_saving(model)
 
 
 def swap_module(model: nn.Module, old: nn.Module, names: dict[int, list[str]], layer: nn.Module) -> None:

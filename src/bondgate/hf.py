@@ -47,8 +47,8 @@ import json
 import re
 import sys
 import weakref
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch

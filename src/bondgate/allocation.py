@@ -8,9 +8,13 @@ minimizing ``sum_l alpha_l * err_l`` subject to ``sum_l params_l <= budget`` (an
 by the Lagrangian (equal-slope) rule of rate-distortion theory: every layer takes the entry minimizing
 ``alpha_l * err + lam * params + mu * cost``; ``lam`` is bisected until the weights fit, and ``mu`` (outside it)
 until the cost fits; the leftover is then spent greedily on the best error-per-weight upgrades that keep both
-budgets. Moving along a tolerance curve keeps each MPO's bonds balanced; a per-channel greedy over single bonds
-does not (it cuts the cheapest bond to width 1 because each of its channels frees ``n_k r_{k+1}`` weights, which
-destroys the layer).
+budgets, first between menu entries, then one bond channel at a time. The price picks along each layer's tolerance
+curve, which keeps bonds balanced where its spectra allow (a greedy that *cuts* single bonds sends the cheapest
+one to width 1, because each of its channels frees ``n_k r_{k+1}`` weights, which destroys the layer); the
+channel-by-channel growth after it can still leave a bond far narrower than its neighbour (widths (29, 1) on a
+small MLP's layer, from a (10, 1) menu entry). It is not the exact optimum: against an exhaustive search over every
+bond tuple of a 64-128-128-32 MLP (a review's measurement) its summed squared output error was 0-18% higher
+depending on the ratio, ~2% against the best choice among its own menus.
 """
 
 from __future__ import annotations

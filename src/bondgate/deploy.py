@@ -52,9 +52,10 @@ __all__ = ["Int8Choice", "deploy_int8"]
 
 @dataclass
 class Int8Choice:
-    """What :func:`deploy_int8` did with one layer: ``form`` it had (``"mpo"``, ``"lowrank"``, ``"dense"``),
-    ``chosen`` form (``"int8"``, ``"int8 factors"``, ``"int8 product"`` or ``"kept"``) and, when timed, the
-    microseconds per call at ``rows`` rows as it was and of each int8 candidate."""
+    """What :func:`deploy_int8` did with one layer: ``form`` it had (``"mpo"``, ``"lowrank"``, ``"dense"``,
+    ``"gated"``), ``chosen`` form (``"int8"``, ``"int8 factors"``, ``"int8 product"``, ``"kept"``, or for a gated
+    layer ``"kept (gated)"``) and, when timed, the microseconds per call at ``rows`` rows as it was and of each int8
+    candidate."""
 
     form: str
     chosen: str
@@ -142,7 +143,9 @@ def deploy_int8(model: nn.Module, rows: int | None = 32, dense: bool = True) -> 
               and not isinstance(m, GatedMPOLinear) and not _inside(n, owners)}
     if dense:
         layers.update({n: m for n, m in _select(new, None, replace=True)[0].items() if not _inside(n, owners)})
-    report: dict[str, Int8Choice] = {}
+    # gated layers stay (their widths change per input): listed, so that the report names every bondgate layer
+    report: dict[str, Int8Choice] = {n: Int8Choice("gated", "kept (gated)") for n, m in new.named_modules()
+                                     if isinstance(m, GatedMPOLinear) and not _inside(n, owners)}
     for name, m in layers.items():
         form, plain = _candidates(m)
         if rows is None:

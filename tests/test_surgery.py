@@ -1373,3 +1373,69 @@ def test_refinement_that_ends_in_nan_keeps_the_starting_cores(monkeypatch):
     cores, before, after = refine_cores(start, W, cov, 16, 16, steps=20)
     assert all(torch.equal(c, s.double()) for c, s in zip(cores, start))
     assert after == before == pytest.approx(_weighted_error(W, start, cov), rel=1e-9)
+
+
+class _Sneaky(nn.Module):
+    """a and b on one tensor; on ``split`` batches h changes between the calls without a version bump (``.data``),
+    or b's call happens in a ``try`` whose failure the model swallows."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.a, self.b, self.how = nn.Linear(6, 3), nn.Linear(6, 3), how
+
+    def forward(self, x, split=False):
+        h = torch.tanh(x)
+        y = self.a(h)
+        if split and self.how == "data":
+            h.data.mul_(3)
+        if self.how == "catch":
+            try:
+                return y + self.b(h * 2 if split else h)
+            except Exception:  # noqa: BLE001 - the model's own fallback
+                return y
+        return y + self.b(h)
+
+
+@pytest.mark.parametrize("how", ["data", "catch"])
+def test_sharing_sees_writes_the_version_counter_misses_and_survives_models_that_catch(how):
+    # b was credited with a's statistics after `h.data.mul_(3)` between the calls (covariance 3.8 off), and a model
+    # that caught the internal "not shared" exception kept the sharing (0.58 off) or, re-raising it, failed
+    torch.manual_seed(0)
+    net = _Sneaky(how)
+    mods = {"a": net.a, "b": net.b}
+    data = [(torch.randn(5, 6),), (torch.randn(4, 6), True)]
+    st, ref = collect_input_stats(net, mods, data), _separate(net, mods, data)
+    assert st["a"] is not st["b"]
+    for n in mods:
+        torch.testing.assert_close(st[n].cov, ref[n].cov, rtol=0, atol=0)
+
+
+def test_masks_that_are_not_padding_masks_and_encoder_decoder_rows():
+    # an additive mask without padding (all zeros) passed the 0/1 check and dropped every row; a T5 decoder as long
+    # as its encoder had its rows dropped by the encoder's mask (8 of 12 counted)
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    x = torch.randn(2, 3, 4)
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x, attention_mask=None):
+            return self.lin(x)
+
+    toy = Masked()
+    st = collect_input_stats(toy, {"lin": toy.lin}, [(x, torch.zeros(2, 3))])["lin"]
+    assert st.rows == 6
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                             num_decoder_layers=1, num_heads=4, decoder_start_token_id=0,
+                                             pad_token_id=0)).eval()
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 2:] = 0
+    batch = dict(input_ids=torch.randint(2, 64, (2, 6)), attention_mask=mask,
+                 decoder_input_ids=torch.randint(2, 64, (2, 6)))
+    names = ["encoder.block.0.layer.0.SelfAttention.q", "decoder.block.0.layer.0.SelfAttention.q"]
+    st = collect_input_stats(t5, {n: t5.get_submodule(n) for n in names}, [batch])
+    assert [st[n].rows for n in names] == [8, 12]

@@ -184,8 +184,9 @@ def _cost(menus: Sequence[LayerMenu], choice: Sequence[int]) -> float:
 
 
 class BudgetConflict(ValueError):
-    """Each budget can be met alone, but no choice found meets both; ``least``: the least cost found within the
-    weight budget."""
+    """Each budget can be met alone, but the choice the heuristic found does not meet both (a choice meeting both
+    may exist: 1 of 242 such refusals in a review's brute force over small menus); ``least``: the cost of the
+    choice found within the weight budget."""
 
     def __init__(self, message: str, least: float):
         super().__init__(message)
@@ -198,7 +199,7 @@ def allocate(menus: Sequence[LayerMenu], budget: int, cost_budget: float | None 
     error (see the module doc): a heuristic — a price picks from each menu's lower convex hull, then what is left
     is spent greedily — not an exact minimum, and in rare cases a larger budget ends a little worse. Raises
     ``ValueError`` when even the smallest entries do not fit, :class:`BudgetConflict` when each budget can be met
-    but no choice found meets both.
+    but the choice found does not meet both (never a choice over either budget).
     """
     usual = [_usual_entries(m) for m in menus]
     if budget >= sum(min(m.params) for m in usual) and (cost_budget is None or any(m.costs is None for m in usual)
@@ -287,8 +288,8 @@ def allocate(menus: Sequence[LayerMenu], budget: int, cost_budget: float | None 
     if left < 0 or spare < 0:  # the upgrades above can lower the cost; what is still over is a conflict
         if cost_budget is None:
             raise ValueError(f"no choice found within {budget:,} weights")
-        raise BudgetConflict(f"the cost budget {cost_budget:.4g} and the weight budget {budget:,} cannot both be "
-                             f"met: the choice found costs {cost_budget - spare:.4g} with {budget - left:,} weights",
+        raise BudgetConflict(f"no choice found meets both the cost budget {cost_budget:.4g} and the weight budget "
+                             f"{budget:,}: the one found costs {cost_budget - spare:.4g} with {budget - left:,} weights",
                              cost_budget - spare)
     return [tuple(w) if isinstance(w, list) else w for w in widths]
 

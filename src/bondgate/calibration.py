@@ -165,8 +165,8 @@ def named_batch(model: nn.Module, batch):
     passed positionally (``(input_ids, attention_mask)`` to a transformers model) is found as a dict batch's is;
     any other batch, or one that does not bind, as it is."""
     if isinstance(batch, (tuple, list)):
-        try:
-            return inspect.signature(model.forward).bind(*batch).arguments
+        try:  # (a torch.compile'd model's forward takes *args: its original module's names the positions)
+            return inspect.signature(getattr(model, "_orig_mod", model).forward).bind(*batch).arguments
         except (TypeError, ValueError):
             return batch
     return batch
@@ -174,9 +174,11 @@ def named_batch(model: nn.Module, batch):
 
 def _row_mask(batch, x: torch.Tensor) -> torch.Tensor | None:
     """Boolean row selector dropping padding tokens, when the batch (a dict, or a :func:`named_batch`) has a
-    matching attention mask of 0/1 entries (an additive mask, 0 and -inf, is not one: it is left alone)."""
+    matching attention mask of 0/1 entries with a 1 among them (an additive mask, 0 and -inf, is not one, nor its
+    all-zero form without padding: it is left alone)."""
     m = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-    if not isinstance(m, torch.Tensor) or m.dim() != 2 or not bool(((m == 0) | (m == 1)).all()):
+    if not isinstance(m, torch.Tensor) or m.dim() != 2 or not bool(((m == 0) | (m == 1)).all()) \
+            or not bool((m == 1).any()):
         return None
     # (batch, tokens, features), or the same rows flattened to (batch * tokens, features) in that order
     if (x.dim() == 3 and m.shape == x.shape[:2]) or (x.dim() == 2 and m.numel() == x.shape[0]):
@@ -199,13 +201,14 @@ def capture_inputs(model: nn.Module, modules: Mapping[str, nn.Module], data: Ite
     """Run ``data`` through ``model`` in eval mode (its mode is restored after), calling
     ``on_input(name, module, x, batch)`` with each listed module's input ``x`` as it is computed (the tensor the
     module was called on: two modules called on one tensor get the same object) and the batch (a tuple batch as
-    :func:`named_batch`); stops early once ``done()`` is true after a batch."""
+    :func:`named_batch`; ``None`` for calls outside an encoder-decoder model's encoder, whose rows the encoder's
+    attention mask does not describe); stops early once ``done()`` is true after a batch."""
     current: dict = {}
 
     def hook_for(name: str) -> Callable:
         def hook(mod, inputs):
             try:
-                on_input(name, mod, _layer_input(mod, inputs), current.get("batch"))
+                on_input(name, mod, _layer_input(mod, inputs), None if current.get("outside") else current.get("batch"))
             except Exception as exc:  # bondgate's own message (a table's ids out of range ...): passed on as it is
                 current["own"] = exc
                 raise
@@ -213,6 +216,11 @@ def capture_inputs(model: nn.Module, modules: Mapping[str, nn.Module], data: Ite
         return hook
 
     handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in modules.items()]
+    encoder = _encoder_of(model)
+    if encoder is not None:  # the mask describes the encoder's tokens only (a decoder of the same length would match)
+        current["outside"] = True
+        handles += [encoder.register_forward_pre_hook(lambda *_: current.__setitem__("outside", False)),
+                    encoder.register_forward_hook(lambda *_: current.__setitem__("outside", True))]
     try:
         with eval_mode(model), calibration_pass():
             it = data
@@ -234,6 +242,14 @@ def capture_inputs(model: nn.Module, modules: Mapping[str, nn.Module], data: Ite
     finally:
         for h in handles:
             h.remove()
+
+
+def _encoder_of(model: nn.Module) -> nn.Module | None:
+    """An encoder-decoder transformers model's encoder (``get_encoder()``), else ``None``."""
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
+    encoder = model.get_encoder() if callable(getattr(model, "get_encoder", None)) else None
+    return encoder if isinstance(encoder, nn.Module) and encoder is not model else None
 
 
 def _tensors(obj) -> list[torch.Tensor]:
@@ -276,15 +292,17 @@ class _Counted:
         return len(self.data)
 
 
-class _Unshared(Exception):
-    """Two modules that shared their first batch's input did not share a later one's."""
-
-
 def _version(x: torch.Tensor) -> int | None:
     try:
         return x._version
     except RuntimeError:  # an inference tensor keeps no version counter: never taken as shared
         return None
+
+
+def _fingerprint(x: torch.Tensor) -> tuple[float, float]:
+    """Sum and norm of ``x`` in float64: a write the version counter does not see (``.data``, numpy, a kernel of
+    its own) changes them."""
+    return float(x.sum(dtype=torch.float64)), float(torch.linalg.vector_norm(x, dtype=torch.float64))
 
 
 def collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable,
@@ -295,22 +313,23 @@ def collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], data
     ``data`` yields model inputs (see :func:`run_model`). Rows are the flattened leading dims of a
     module's input; padding rows are dropped when the batch has an ``attention_mask`` (a dict batch, or a tuple
     batch whose positions bind to the forward's ``attention_mask``; 0/1 entries) and the input is ``(batch, tokens,
-    features)`` or those rows flattened batch-major, ``(batch * tokens, features)``. A module whose forward never ran
+    features)`` or those rows flattened batch-major, ``(batch * tokens, features)``; in an encoder-decoder model only
+    inside the encoder (a decoder's rows all count, and so do the padded encoder rows its cross-attention reads). A module whose forward never ran
     raises (``unseen="raise"``) or is left out of the result (``unseen="skip"``). When ``data`` is a sequence,
     modules called on the very same tensor on every call (a transformer's query / key / value projections, a gated
     MLP's gate and up projections) are given one shared :class:`InputStats` (one ``in x in`` covariance, not three);
     should a later batch feed them different tensors, the pass runs again without sharing.
     """
     if isinstance(data, Sequence):
-        try:
-            return _collect_input_stats(model, modules, data, max_rows, progress, unseen, share=True)
-        except _Unshared:
-            pass
+        stats = _collect_input_stats(model, modules, data, max_rows, progress, unseen, share=True)
+        if stats is not None:
+            return stats
     return _collect_input_stats(model, modules, data, max_rows, progress, unseen, share=False)
 
 
 def _collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable, max_rows: int | None,
-                         progress: bool, unseen: str, share: bool) -> dict[str, InputStats]:
+                         progress: bool, unseen: str, share: bool) -> dict[str, InputStats] | None:
+    """:func:`collect_input_stats`' pass; with ``share``, ``None`` when a later batch broke the sharing."""
     # sums around each module's first input row: E[x x^T] - mu mu^T of raw sums loses the covariance to
     # cancellation when the mean is large against the spread (an offset of 1e7 over a spread of 1 read as constant)
     shifts: dict[str, torch.Tensor] = {}
@@ -323,19 +342,21 @@ def _collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], dat
     first_bad: dict[str, int] = {}  # module -> index of the first batch that gave it a NaN/inf input
     # sharing: a module whose first call in the first batch takes the tensor another module's first call took
     # follows that module; its k-th call in every batch must then take the tensor of the other's k-th call, unchanged
+    # (the same version and fingerprint). A mismatch sets a flag, not an exception (the model's forward may catch
+    # exceptions): the pass then stops after the batch and runs again without sharing
     leader: dict[str, str] = {}
-    taken: dict[str, list] = {}  # this batch: module -> (weak reference, version) of each input it accumulated
+    taken: dict[str, list] = {}  # this batch: module -> (weak reference, version, fingerprint) of each input
     followed: dict[str, int] = {}  # this batch: follower -> calls
     batch_of_calls = [-1]
+    broken = [False]
 
-    def check_counts() -> None:
-        if any(followed.get(f, 0) != len(taken.get(lead, ())) for f, lead in leader.items()):
-            raise _Unshared
+    def counts_match() -> bool:
+        return all(followed.get(f, 0) == len(taken.get(lead, ())) for f, lead in leader.items())
 
     def follows(name: str, x: torch.Tensor) -> bool:
         """Whether this call of ``name`` takes a tensor another module's call took (no statistics to add)."""
         if state["index"] != batch_of_calls[0]:
-            check_counts()
+            broken[0] = broken[0] or not counts_match()
             batch_of_calls[0] = state["index"]
             taken.clear()
             followed.clear()
@@ -343,19 +364,22 @@ def _collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], dat
         if name in leader:
             k = followed[name] = followed.get(name, 0) + 1
             calls = taken.get(leader[name], ())
-            if version is None or k > len(calls) or calls[k - 1][0]() is not x or calls[k - 1][1] != version:
-                raise _Unshared
+            if version is None or k > len(calls) or calls[k - 1][0]() is not x or calls[k - 1][1] != version \
+                    or calls[k - 1][2] != _fingerprint(x):
+                broken[0] = True
             return True
         if state["index"] == 0 and name not in taken and version is not None:
-            first = next((n for n, c in taken.items() if c[0][0]() is x and c[0][1] == version), None)
+            mark = _fingerprint(x)
+            first = next((n for n, c in taken.items() if c[0][0]() is x and c[0][1:] == (version, mark)), None)
             if first is not None:
                 leader[name], followed[name] = first, 1
                 return True
-        taken.setdefault(name, []).append((weakref.ref(x), version))
+        if state["index"] == 0 or name in leader.values():
+            taken.setdefault(name, []).append((weakref.ref(x), version, None if version is None else _fingerprint(x)))
         return False
 
     def accumulate(name, mod, x, batch):
-        if share and follows(name, x):
+        if share and (broken[0] or follows(name, x)):
             return
         dtypes[name] = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
@@ -380,13 +404,15 @@ def _collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], dat
         counts[name] += x2.shape[0]
 
     def done() -> bool:  # with unseen="skip", a module not called yet does not hold the pass open
+        if broken[0]:
+            return True
         seen = [counts[leader.get(n, n)] for n in counts]
         seen = [c for c in seen if c or unseen != "skip"]
-        return bool(seen) and min(seen) >= max_rows
+        return max_rows is not None and bool(seen) and min(seen) >= max_rows
 
-    capture_inputs(model, modules, _Counted(data, state), accumulate, None if max_rows is None else done, progress)
-    if share:
-        check_counts()
+    capture_inputs(model, modules, _Counted(data, state), accumulate, done, progress)
+    if share and (broken[0] or not counts_match()):
+        return None
     out = {}
     for name in modules:
         if name in leader:

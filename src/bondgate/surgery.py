@@ -860,9 +860,9 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
                                          f"{_round_up(least):g}, or more kinds")
                 try:
                     picks = allocate(gm, group_budget(group, ratio), cost_budget)
-                except BudgetConflict as exc:  # each budget alone is within reach, not both (checked, never broken)
-                    raise ValueError(f"{what[0]}={cost[1]:g} and param_ratio={ratio:g} cannot both be met: within "
-                                     f"the weights, the forms found take {exc.least / dense_cost:.4g} of the dense "
+                except BudgetConflict as exc:  # each budget alone is within reach, not both as found (never broken)
+                    raise ValueError(f"{what[0]}={cost[1]:g} and param_ratio={ratio:g}: no choice found meets both; "
+                                     f"within the weights, the forms found take {exc.least / dense_cost:.4g} of the dense "
                                      f"layers' {what[1]} at deploy_rows={config.deploy_rows}; give a larger "
                                      f"param_ratio or {what[0]}") from exc
                 for w, wid in zip(group, picks):

@@ -81,7 +81,7 @@ from .layer import (
 )
 from .lowrank import LowRankLinear
 from .mpo import MPO
-from .planner import PlanPolicy, get_plan, min_flops, sweep_views
+from .planner import ContractionPlan, PlanPolicy, get_plan, min_flops, sweep_views
 from .surgery import _matches, _short_list, check_selector, module_names, swap_module
 
 __all__ = ["GatingConfig", "GatedMPOLinear", "gate", "set_mode", "set_budget", "fit_controllers", "gating_report",
@@ -583,22 +583,38 @@ class GatedMPOLinear(MPOLinear):
         plan, is_full = entry
         if not grad and plan.executor == "sweep":
             return plan.run(x2d, self._sweep_views(plan, widths), self.out_features)
-        if not grad and plan.cached:
-            # speed mode: the level's pre-contracted groups, kept between inference calls (rebuilding them every
-            # call cost a decode step more than the contraction itself). Memory mode keeps none (a dense weight
-            # per level was 5x the dense layer at LLaMA widths): its plans were chosen with the merge paid per call
+        if not grad and self._keeps(plan, widths):
+            # the level's pre-contracted groups, kept between inference calls (rebuilding them every call cost a
+            # decode step more than the contraction itself)
             return plan.run(x2d, self._kept(("ops", widths, plan.operand_key), lambda cs: plan.cache_operands(
                 cs if is_full else self._level_cores(widths), self.out_features, self.in_features)),
                 self.out_features)
         cores = list(self._core_tuple()) if is_full else self._level_cores(widths)
         return plan.run(x2d, plan.group_operands(cores, self.out_features, self.in_features), self.out_features)
 
+    def _keeps(self, plan: ContractionPlan, widths: tuple[int, ...]) -> bool:
+        """Whether a level's pre-contracted operands are kept between inference calls: in speed mode what its plan
+        caches; in memory mode while the levels' kept operands stay within the cores' own size (one more copy).
+        Rebuilt every call, they cost a gated MiniLM 8-12% of its time at 32-256 rows; every level's kept whatever
+        its size, they took 238 MB (a dense weight per level) against a 2048 x 5632 layer's 23 MB of cores."""
+        if plan.cached or self._policy.cache_dense:
+            return plan.cached
+        if ("ops", widths, plan.operand_key) in self._slices:
+            return True
+        w = [1, *widths, 1]
+        need = self.out_features * self.in_features if plan.dense else sum(
+            w[lo] * w[hi + 1] * math.prod(o * i for o, i in zip(self.out_factors[lo:hi + 1], self.in_factors[lo:hi + 1]))
+            for lo, hi in plan.groups)
+        have = sum(t.numel() for key, (_, ops, _) in self._slices.items() if key[0] == "ops" for t in ops)
+        return have + need <= sum(c.numel() for c in self._core_params.values())
+
     @property
     def cache_nbytes(self) -> int:
         """Bytes kept between inference calls besides the parameters: the full-width kernel's operands,
-        one copy of the cores per sweep direction the levels use (their views share it), and in speed mode
-        the pre-contracted operands of levels whose fastest plan is not a sweep (up to a dense weight per level
-        whose plan is dense). Each storage counted once, none that is a parameter's."""
+        one copy of the cores per sweep direction the levels use (their views share it), and the pre-contracted
+        operands of levels whose fastest plan is not a sweep: in speed mode up to a dense weight per level whose plan
+        is dense, in memory mode up to the cores' size in all (see ``_keeps``). Each storage counted once, none that
+        is a parameter's."""
         return super().cache_nbytes
 
     def _kept_tensors(self) -> list[torch.Tensor]:

@@ -227,22 +227,26 @@ def test_kron_whiteners_are_exact_for_kronecker_covariances():
     assert torch.allclose(S[0] @ S_inv[0], torch.eye(4, dtype=torch.float64), atol=1e-10)
 
 
+class _Masked(nn.Module):
+    def __init__(self, flat=False):
+        super().__init__()
+        self.lin, self.flat = nn.Linear(4, 4), flat
+
+    def forward(self, x, attention_mask=None):
+        return self.lin(x.reshape(-1, 4) if self.flat else x)
+
+
+@pytest.mark.parametrize("positional", [False, True])
 @pytest.mark.parametrize("flat", [False, True])
-def test_stats_skip_padding_rows(flat):
-    # flat: a layer fed (batch * tokens, features), as MoE routers and custom blocks are (its padding rows counted)
-    class Toy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(4, 4)
-
-        def forward(self, x, attention_mask=None):
-            return self.lin(x.reshape(-1, 4) if flat else x)
-
-    toy = Toy()
+def test_stats_skip_padding_rows(flat, positional):
+    # flat: a layer fed (batch * tokens, features), as MoE routers and custom blocks are (its padding rows counted);
+    # positional: a tuple batch (x, attention_mask) counted its padding rows
+    toy = _Masked(flat)
     x = torch.ones(2, 3, 4)
     x[0, 2] = 100.0  # a padding position
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
-    st = collect_input_stats(toy, {"lin": toy.lin}, [{"x": x, "attention_mask": mask}])["lin"]
+    batch = (x, mask) if positional else {"x": x, "attention_mask": mask}
+    st = collect_input_stats(toy, {"lin": toy.lin}, [batch])["lin"]
     assert st.rows == 5 and torch.allclose(st.mean, torch.ones(4, dtype=torch.float64))
 
 
@@ -1230,27 +1234,6 @@ def test_modules_on_one_tensor_share_their_statistics():
     assert st["a"] is not st["b"] and torch.equal(st["a"].cov, st["b"].cov)
 
 
-def test_a_positional_attention_mask_drops_padding_rows():
-    # a tuple batch (input_ids, attention_mask) counted its padding rows; an additive mask (0 / -inf) is not 0/1
-    class Toy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(4, 4)
-
-        def forward(self, x, attention_mask=None):
-            return self.lin(x)
-
-    toy = Toy()
-    x = torch.ones(2, 3, 4)
-    x[0, 2] = 100.0  # a padding position
-    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
-    st = collect_input_stats(toy, {"lin": toy.lin}, [(x, mask)])["lin"]
-    assert st.rows == 5 and torch.allclose(st.mean, torch.ones(4, dtype=torch.float64))
-    additive = (1.0 - mask) * torch.finfo(torch.float32).min
-    st = collect_input_stats(toy, {"lin": toy.lin}, [(x, additive)])["lin"]
-    assert st.rows == 6 and float(st.mean[0]) == pytest.approx(99 / 6 + 1)
-
-
 def test_a_bias_free_layer_on_offset_inputs_reports_its_measured_error():
     # a layer without a bias has nothing to absorb the inputs' mean: its error is weighed by E[x x^T], not by the
     # centered covariance (taken as zero-mean, the report read 0.58 where the output error was 0.77)
@@ -1388,6 +1371,8 @@ class _Sneaky(nn.Module):
         y = self.a(h)
         if split and self.how == "data":
             h.data.mul_(3)
+        if split and self.how == "flip":  # the sum and the norm unchanged: the features' sums are not
+            h.data.copy_(h.data.flip(-1))
         if self.how == "catch":
             try:
                 return y + self.b(h * 2 if split else h)
@@ -1396,7 +1381,7 @@ class _Sneaky(nn.Module):
         return y + self.b(h)
 
 
-@pytest.mark.parametrize("how", ["data", "catch"])
+@pytest.mark.parametrize("how", ["data", "flip", "catch"])
 def test_sharing_sees_writes_the_version_counter_misses_and_survives_models_that_catch(how):
     # b was credited with a's statistics after `h.data.mul_(3)` between the calls (covariance 3.8 off), and a model
     # that caught the internal "not shared" exception kept the sharing (0.58 off) or, re-raising it, failed
@@ -1411,23 +1396,17 @@ def test_sharing_sees_writes_the_version_counter_misses_and_survives_models_that
 
 
 def test_masks_that_are_not_padding_masks_and_encoder_decoder_rows():
-    # an additive mask without padding (all zeros) passed the 0/1 check and dropped every row; a T5 decoder as long
-    # as its encoder had its rows dropped by the encoder's mask (8 of 12 counted)
+    # a T5 decoder as long as its encoder had its rows dropped by the encoder's mask (8 of 12 counted)
     from transformers import T5Config, T5ForConditionalGeneration
 
-    x = torch.randn(2, 3, 4)
-
-    class Masked(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(4, 4)
-
-        def forward(self, x, attention_mask=None):
-            return self.lin(x)
-
-    toy = Masked()
-    st = collect_input_stats(toy, {"lin": toy.lin}, [(x, torch.zeros(2, 3))])["lin"]
-    assert st.rows == 6
+    # an additive mask (0 / -inf) is not 0/1; its all-zero form (no padding) passed the 0/1 check and dropped every row
+    toy = _Masked()
+    x = torch.ones(2, 3, 4)
+    x[0, 2] = 100.0
+    additive = torch.tensor([[0, 0, 1], [0, 0, 0]]) * torch.finfo(torch.float32).min
+    for mask in (additive, torch.zeros(2, 3)):
+        st = collect_input_stats(toy, {"lin": toy.lin}, [(x, mask)])["lin"]
+        assert st.rows == 6 and float(st.mean[0]) == pytest.approx(99 / 6 + 1)
     torch.manual_seed(0)
     t5 = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1,
                                              num_decoder_layers=1, num_heads=4, decoder_start_token_id=0,
@@ -1439,3 +1418,26 @@ def test_masks_that_are_not_padding_masks_and_encoder_decoder_rows():
     names = ["encoder.block.0.layer.0.SelfAttention.q", "decoder.block.0.layer.0.SelfAttention.q"]
     st = collect_input_stats(t5, {n: t5.get_submodule(n) for n in names}, [batch])
     assert [st[n].rows for n in names] == [8, 12]
+
+
+def test_token_counts_read_a_positional_mask_as_padding_only_when_it_is_one():
+    # counting ids took any `attention_mask` as 0/1: an additive one (0 / -inf) kept only the padding ids, and its
+    # all-zero form none ("saw no calibration ids")
+    from bondgate.calibration import collect_token_counts, named_batch
+
+    class Emb(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(8, 4)
+
+        def forward(self, ids, attention_mask=None):
+            return self.emb(ids)
+
+    model, ids = Emb(), torch.tensor([[1, 2, 3], [4, 5, 6]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    for m, want in [(mask, [0, 1, 1, 0, 1, 1, 1, 0]), ((1 - mask) * -1e9, [0, 1, 1, 1, 1, 1, 1, 0]),
+                    (torch.zeros(2, 3), [0, 1, 1, 1, 1, 1, 1, 0])]:
+        counts = collect_token_counts(model, {"emb": model.emb}, [(ids, m)])["emb"]
+        assert counts.tolist() == want
+    # a torch.compile'd model's forward takes (*args, **kwargs): its module's signature names the positions
+    assert list(named_batch(torch.compile(model), (ids, mask))) == ["ids", "attention_mask"]

@@ -172,13 +172,19 @@ def named_batch(model: nn.Module, batch):
     return batch
 
 
-def _row_mask(batch, x: torch.Tensor) -> torch.Tensor | None:
-    """Boolean row selector dropping padding tokens, when the batch (a dict, or a :func:`named_batch`) has a
-    matching attention mask of 0/1 entries with a 1 among them (an additive mask, 0 and -inf, is not one, nor its
-    all-zero form without padding: it is left alone)."""
+def _padding_mask(batch) -> torch.Tensor | None:
+    """The batch's (a dict, or a :func:`named_batch`) 2-D ``attention_mask`` when it is a padding mask: 0/1 entries
+    with a 1 among them (an additive mask, 0 and -inf, is not one, nor its all-zero form without padding)."""
     m = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-    if not isinstance(m, torch.Tensor) or m.dim() != 2 or not bool(((m == 0) | (m == 1)).all()) \
-            or not bool((m == 1).any()):
+    if isinstance(m, torch.Tensor) and m.dim() == 2 and bool(((m == 0) | (m == 1)).all()) and bool((m == 1).any()):
+        return m
+    return None
+
+
+def _row_mask(batch, x: torch.Tensor) -> torch.Tensor | None:
+    """Boolean row selector dropping padding tokens, when the batch has a :func:`_padding_mask` matching ``x``."""
+    m = _padding_mask(batch)
+    if m is None:
         return None
     # (batch, tokens, features), or the same rows flattened to (batch * tokens, features) in that order
     if (x.dim() == 3 and m.shape == x.shape[:2]) or (x.dim() == 2 and m.numel() == x.shape[0]):
@@ -299,10 +305,11 @@ def _version(x: torch.Tensor) -> int | None:
         return None
 
 
-def _fingerprint(x: torch.Tensor) -> tuple[float, float]:
-    """Sum and norm of ``x`` in float64: a write the version counter does not see (``.data``, numpy, a kernel of
-    its own) changes them."""
-    return float(x.sum(dtype=torch.float64)), float(torch.linalg.vector_norm(x, dtype=torch.float64))
+def _fingerprint(x: torch.Tensor) -> bytes:
+    """Per-feature sums of ``x`` in float64 (as bytes, to compare): a write the version counter does not see
+    (``.data``, numpy, a kernel of its own) changes them unless it keeps every feature's sum (a permutation of the
+    rows does, which leaves the statistics as they were but for masked rows)."""
+    return x.reshape(-1, x.shape[-1]).sum(0, dtype=torch.float64).cpu().numpy().tobytes()
 
 
 def collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable,
@@ -341,45 +348,36 @@ def _collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], dat
     state: dict = {"index": -1}  # the batch being run (counted as it is read: the same object may come twice)
     first_bad: dict[str, int] = {}  # module -> index of the first batch that gave it a NaN/inf input
     # sharing: a module whose first call in the first batch takes the tensor another module's first call took
-    # follows that module; its k-th call in every batch must then take the tensor of the other's k-th call, unchanged
-    # (the same version and fingerprint). A mismatch sets a flag, not an exception (the model's forward may catch
-    # exceptions): the pass then stops after the batch and runs again without sharing
+    # follows that module; in every batch its k-th call must then take the tensor of the other's k-th call, unchanged
+    # (the same version and fingerprint), and it must make as many calls. A mismatch sets state["broken"], not an
+    # exception (the model's forward may catch exceptions): the pass then stops after the batch and runs again
+    # without sharing
     leader: dict[str, str] = {}
     taken: dict[str, list] = {}  # this batch: module -> (weak reference, version, fingerprint) of each input
     followed: dict[str, int] = {}  # this batch: follower -> calls
-    batch_of_calls = [-1]
-    broken = [False]
-
-    def counts_match() -> bool:
-        return all(followed.get(f, 0) == len(taken.get(lead, ())) for f, lead in leader.items())
 
     def follows(name: str, x: torch.Tensor) -> bool:
         """Whether this call of ``name`` takes a tensor another module's call took (no statistics to add)."""
-        if state["index"] != batch_of_calls[0]:
-            broken[0] = broken[0] or not counts_match()
-            batch_of_calls[0] = state["index"]
-            taken.clear()
-            followed.clear()
+        if state["index"] > 0 and name not in leader and name not in leader.values():
+            return False
         version = _version(x)
+        call = (version, None if version is None else _fingerprint(x))
         if name in leader:
             k = followed[name] = followed.get(name, 0) + 1
             calls = taken.get(leader[name], ())
-            if version is None or k > len(calls) or calls[k - 1][0]() is not x or calls[k - 1][1] != version \
-                    or calls[k - 1][2] != _fingerprint(x):
-                broken[0] = True
+            if version is None or k > len(calls) or calls[k - 1][0]() is not x or calls[k - 1][1:] != call:
+                state["broken"] = True
             return True
         if state["index"] == 0 and name not in taken and version is not None:
-            mark = _fingerprint(x)
-            first = next((n for n, c in taken.items() if c[0][0]() is x and c[0][1:] == (version, mark)), None)
+            first = next((n for n, c in taken.items() if c[0][0]() is x and c[0][1:] == call), None)
             if first is not None:
                 leader[name], followed[name] = first, 1
                 return True
-        if state["index"] == 0 or name in leader.values():
-            taken.setdefault(name, []).append((weakref.ref(x), version, None if version is None else _fingerprint(x)))
+        taken.setdefault(name, []).append((weakref.ref(x), *call))
         return False
 
     def accumulate(name, mod, x, batch):
-        if share and (broken[0] or follows(name, x)):
+        if share and (state.get("broken") or follows(name, x)):
             return
         dtypes[name] = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
@@ -403,15 +401,19 @@ def _collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], dat
         seconds[name] += x2.T @ x2
         counts[name] += x2.shape[0]
 
-    def done() -> bool:  # with unseen="skip", a module not called yet does not hold the pass open
-        if broken[0]:
+    def done() -> bool:  # after each batch; with unseen="skip", a module not called yet does not hold the pass open
+        if any(followed.get(f, 0) != len(taken.get(lead, ())) for f, lead in leader.items()):
+            state["broken"] = True
+        taken.clear()
+        followed.clear()
+        if state.get("broken"):
             return True
         seen = [counts[leader.get(n, n)] for n in counts]
         seen = [c for c in seen if c or unseen != "skip"]
         return max_rows is not None and bool(seen) and min(seen) >= max_rows
 
     capture_inputs(model, modules, _Counted(data, state), accumulate, done, progress)
-    if share and (broken[0] or not counts_match()):
+    if state.get("broken"):
         return None
     out = {}
     for name in modules:
@@ -431,10 +433,7 @@ def _collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], dat
         centered = sums[name] / n  # the mean around the shift
         out[name] = InputStats(mean=shifts[name] + centered, cov=seconds[name] / n - torch.outer(centered, centered),
                                rows=n, dtype=dtypes[name])
-    for name, first in leader.items():
-        if first in out:
-            out[name] = out[first]
-    return {name: out[name] for name in modules if name in out}
+    return {n: out[leader.get(n, n)] for n in modules if leader.get(n, n) in out}
 
 
 def collect_token_counts(model: nn.Module, tables: Mapping[str, nn.Module], data: Iterable,
@@ -445,8 +444,8 @@ def collect_token_counts(model: nn.Module, tables: Mapping[str, nn.Module], data
     counts = {n: torch.zeros(m.weight.shape[0], dtype=torch.float64) for n, m in tables.items()}
 
     def count(name, mod, ids, batch):
-        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-        if isinstance(mask, torch.Tensor) and mask.shape == ids.shape:
+        mask = _padding_mask(batch)
+        if mask is not None and mask.shape == ids.shape:
             ids = ids[mask.bool()]
         ids = ids.reshape(-1).long().cpu()
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= counts[name].numel()):

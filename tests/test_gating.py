@@ -957,15 +957,17 @@ def test_gated_forward_reads_the_device_at_most_once_per_call(path, monkeypatch)
 @pytest.mark.parametrize("executor", ["dense", "tensordot"])
 def test_gated_eval_keeps_each_levels_precontracted_operands(executor, monkeypatch):
     # a LLaMA-shape decode ran 15x slower gated than full-width: every inference call re-contracted the level's
-    # groups (for a dense plan: rebuilt the whole weight). They are kept now, like the full-width layer's
+    # groups (for a dense plan: rebuilt the whole weight). In speed mode they are kept, like the full-width layer's
+    # (memory mode: test_memory_mode_levels_keep_at_most_the_cores_size)
     from bondgate.planner import SPEED, ContractionPlan, _build_candidates
 
     def pick(out_f, in_f, ranks, rows, dtype, device, policy, grad):
         cands = _build_candidates(tuple(out_f), tuple(in_f), tuple(ranks), rows, SPEED, grad)
-        return next(c for c in cands if (c.dense if executor == "dense" else c.executor == "tensordot" and not c.dense))
+        return next(c for c in cands if c.cached and (c.dense if executor == "dense" else c.executor == "tensordot"))
 
     monkeypatch.setattr(bondgate.gating, "get_plan", pick)
     net, layer = gated_layer()
+    layer.policy = "speed"
     layer.eval()
     calls = []
     real = ContractionPlan.group_operands
@@ -1585,3 +1587,43 @@ def test_a_copied_error_controller_does_not_route_by_its_original_coefficients(h
         while c2.coef._version < ctrl.coef._version:
             c2.coef.copy_(new)
     assert torch.equal(c2.coef_t(), new.T)
+
+
+@pytest.mark.parametrize("quant", [None, "int8"])
+def test_memory_mode_level_operands_stay_within_the_cores_size_across_writes(quant, monkeypatch):
+    # the bound counted elements: parameters' own views (free) used it up, so levels that fit were rebuilt every
+    # call; and with int8 cores, entries of levels not run since a write pinned the old fake-quantized cores (1.95x
+    # the cores' bytes). Storages are counted now, and a write drops every stale entry
+    from bondgate.layer import storage_nbytes
+    from bondgate.planner import MEMORY, _build_candidates
+
+    def get_plan(out_f, in_f, ranks, rows, dtype, device, policy, grad):
+        cands = _build_candidates(tuple(out_f), tuple(in_f), tuple(ranks), rows, MEMORY, grad)
+        return next((c for c in cands if c.name == "merge01/optimal"), next(c for c in cands if c.name == "cores/optimal"))
+
+    monkeypatch.setattr(bondgate.gating, "get_plan", get_plan)
+    torch.manual_seed(0)
+    net = nn.Sequential(MPOLinear.from_linear(nn.Linear(96, 80), max_bond=12, num_cores=3, out_factors=(2, 2, 20),
+                                              in_factors=(2, 2, 24)))
+    gate(net, GatingConfig(levels=(0.25, 0.5, 0.75, 1.0)))
+    layer = net[0]
+    layer.policy = "memory"
+    layer.quantize_(quant)
+    bound = 4 * sum(c.numel() for c in layer.cores)
+    opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=1e-3)
+    x = torch.randn(5, 96)
+    for level in range(4):
+        layer.eval()
+        with torch.no_grad():
+            y = layer(x, levels=torch.full((5,), level))
+        ref = x @ layer.to_mpo().slice_bonds(layer.level_widths[level]).to_matrix().T + layer.bias
+        if quant is None:
+            torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+        layer.train()
+        layer(x, levels=torch.full((5,), 3)).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        ops = [t for k, (_, o, _) in layer._slices.items() if k[0] == "ops" for t in o]
+        assert storage_nbytes(ops, exclude=layer.parameters()) <= bound
+    if quant is None:  # the float cores' slices are views of the parameters: every level's operands kept
+        assert sum(k[0] == "ops" for k in layer._slices) == 4

@@ -1373,6 +1373,8 @@ class _Sneaky(nn.Module):
             h.data.mul_(3)
         if split and self.how == "flip":  # the sum and the norm unchanged: the features' sums are not
             h.data.copy_(h.data.flip(-1))
+        if split and self.how == "swap":  # two rows' entries of one feature swapped: every feature's sum unchanged
+            h.data[[0, 1], 0] = h.data[[1, 0], 0]
         if self.how == "catch":
             try:
                 return y + self.b(h * 2 if split else h)
@@ -1381,7 +1383,7 @@ class _Sneaky(nn.Module):
         return y + self.b(h)
 
 
-@pytest.mark.parametrize("how", ["data", "flip", "catch"])
+@pytest.mark.parametrize("how", ["data", "flip", "swap", "catch"])
 def test_sharing_sees_writes_the_version_counter_misses_and_survives_models_that_catch(how):
     # b was credited with a's statistics after `h.data.mul_(3)` between the calls (covariance 3.8 off), and a model
     # that caught the internal "not shared" exception kept the sharing (0.58 off) or, re-raising it, failed
@@ -1441,3 +1443,42 @@ def test_token_counts_read_a_positional_mask_as_padding_only_when_it_is_one():
         assert counts.tolist() == want
     # a torch.compile'd model's forward takes (*args, **kwargs): its module's signature names the positions
     assert list(named_batch(torch.compile(model), (ids, mask))) == ["ids", "attention_mask"]
+
+
+def test_sharing_does_not_cross_an_encoder_boundary():
+    # a decoder layer called on the very tensor an encoder layer took followed it, and got the encoder's masked rows
+    # (9 of 12): the mask applies inside the encoder only
+    import types
+
+    class Enc(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.aux = nn.Embedding(50, 8), nn.Linear(8, 8)
+
+        def forward(self, ids, attention_mask=None):
+            h = self.emb(ids)
+            self.aux(h)
+            return h
+
+    class Seq2Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = types.SimpleNamespace(is_encoder_decoder=True)
+            self.enc, self.cross = Enc(), nn.Linear(8, 8)
+
+        def get_encoder(self):
+            return self.enc
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.cross(self.enc(input_ids, attention_mask))
+
+    torch.manual_seed(0)
+    model = Seq2Seq()
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, 3:] = 0
+    mods = {"enc.aux": model.enc.aux, "cross": model.cross}
+    data = [{"input_ids": torch.randint(0, 50, (2, 6)), "attention_mask": mask}]
+    st, ref = collect_input_stats(model, mods, data), _separate(model, mods, data)
+    assert (st["enc.aux"].rows, st["cross"].rows) == (9, 12)
+    for n in mods:
+        torch.testing.assert_close(st[n].cov, ref[n].cov, rtol=0, atol=0)

@@ -306,10 +306,12 @@ def _version(x: torch.Tensor) -> int | None:
 
 
 def _fingerprint(x: torch.Tensor) -> bytes:
-    """Per-feature sums of ``x`` in float64 (as bytes, to compare): a write the version counter does not see
-    (``.data``, numpy, a kernel of its own) changes them unless it keeps every feature's sum (a permutation of the
-    rows does, which leaves the statistics as they were but for masked rows)."""
-    return x.reshape(-1, x.shape[-1]).sum(0, dtype=torch.float64).cpu().numpy().tobytes()
+    """Per-feature sums of ``x``, plain and with fixed random row weights (as bytes, to compare): a write the version
+    counter does not see (``.data``, numpy, a kernel of its own) changes them, a permutation of rows or entries too."""
+    rows = x.reshape(-1, x.shape[-1])
+    w = torch.rand(rows.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    weighted = w.to(rows.device, rows.dtype) @ rows
+    return torch.cat([rows.sum(0, dtype=torch.float64), weighted.double()]).cpu().numpy().tobytes()
 
 
 def collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable,
@@ -353,15 +355,16 @@ def _collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], dat
     # exception (the model's forward may catch exceptions): the pass then stops after the batch and runs again
     # without sharing
     leader: dict[str, str] = {}
-    taken: dict[str, list] = {}  # this batch: module -> (weak reference, version, fingerprint) of each input
+    taken: dict[str, list] = {}  # this batch: module -> (weak reference, version, fingerprint, outside) per input
     followed: dict[str, int] = {}  # this batch: follower -> calls
 
-    def follows(name: str, x: torch.Tensor) -> bool:
+    def follows(name: str, x: torch.Tensor, batch) -> bool:
         """Whether this call of ``name`` takes a tensor another module's call took (no statistics to add)."""
         if state["index"] > 0 and name not in leader and name not in leader.values():
             return False
         version = _version(x)
-        call = (version, None if version is None else _fingerprint(x))
+        # (batch None: a call outside an encoder-decoder model's encoder, whose rows are masked otherwise)
+        call = (version, None if version is None else _fingerprint(x), batch is None)
         if name in leader:
             k = followed[name] = followed.get(name, 0) + 1
             calls = taken.get(leader[name], ())
@@ -377,7 +380,7 @@ def _collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], dat
         return False
 
     def accumulate(name, mod, x, batch):
-        if share and (state.get("broken") or follows(name, x)):
+        if share and (state.get("broken") or follows(name, x, batch)):
             return
         dtypes[name] = x.dtype
         x2 = x.reshape(-1, x.shape[-1])

@@ -71,17 +71,19 @@ from .layer import (
     MPOLinear,
     bad_input,
     core_versions,
+    is_fresh,
     kept,
     nested_forward,
     outside_inference_mode,
     own_param,
     replica_without_kept,
+    storage_nbytes,
     track_parameters,
     without_kept,
 )
 from .lowrank import LowRankLinear
 from .mpo import MPO
-from .planner import ContractionPlan, PlanPolicy, get_plan, min_flops, sweep_views
+from .planner import PlanPolicy, get_plan, min_flops, sweep_views
 from .surgery import _matches, _short_list, check_selector, module_names, swap_module
 
 __all__ = ["GatingConfig", "GatedMPOLinear", "gate", "set_mode", "set_budget", "fit_controllers", "gating_report",
@@ -583,37 +585,47 @@ class GatedMPOLinear(MPOLinear):
         plan, is_full = entry
         if not grad and plan.executor == "sweep":
             return plan.run(x2d, self._sweep_views(plan, widths), self.out_features)
-        if not grad and self._keeps(plan, widths):
-            # the level's pre-contracted groups, kept between inference calls (rebuilding them every call cost a
-            # decode step more than the contraction itself)
-            return plan.run(x2d, self._kept(("ops", widths, plan.operand_key), lambda cs: plan.cache_operands(
-                cs if is_full else self._level_cores(widths), self.out_features, self.in_features)),
-                self.out_features)
+        if not grad:
+            # the level's pre-contracted groups, kept between inference calls where the policy allows (rebuilding
+            # them every call cost a decode step more than the contraction itself)
+            key = ("ops", widths, plan.operand_key)
+            ops = self._slices.get(key)
+            if ops is not None and not plan.cached:
+                cores = self._core_tuple()
+                versions = core_versions(cores)
+                if not is_fresh(ops, cores, versions):
+                    # the cores changed: every level's kept operands are stale (holding the old cores' memory) and
+                    # are built again, each within the bound, when its level runs
+                    for k in [k for k, e in self._slices.items() if k[0] == "ops" and not is_fresh(e, cores, versions)]:
+                        del self._slices[k]
+                    ops = None
+            if plan.cached or ops is not None:
+                ops = self._kept(key, lambda cs: plan.cache_operands(cs if is_full else self._level_cores(widths),
+                                                                    self.out_features, self.in_features))
+            else:
+                cores = list(self._core_tuple()) if is_full else self._level_cores(widths)
+                ops = plan.cache_operands(cores, self.out_features, self.in_features)
+                if not self._policy.cache_dense and self._fits(ops):
+                    self._kept(key, lambda cs: ops)
+            return plan.run(x2d, ops, self.out_features)
         cores = list(self._core_tuple()) if is_full else self._level_cores(widths)
         return plan.run(x2d, plan.group_operands(cores, self.out_features, self.in_features), self.out_features)
 
-    def _keeps(self, plan: ContractionPlan, widths: tuple[int, ...]) -> bool:
-        """Whether a level's pre-contracted operands are kept between inference calls: in speed mode what its plan
-        caches; in memory mode while the levels' kept operands stay within the cores' own size (one more copy).
+    def _fits(self, ops: list[torch.Tensor]) -> bool:
+        """Memory mode: whether a level's new operands may be kept, the levels' kept operands then taking no more
+        memory than the cores themselves (one more copy; storages counted once, parameters' views free).
         Rebuilt every call, they cost a gated MiniLM 8-12% of its time at 32-256 rows; every level's kept whatever
         its size, they took 238 MB (a dense weight per level) against a 2048 x 5632 layer's 23 MB of cores."""
-        if plan.cached or self._policy.cache_dense:
-            return plan.cached
-        if ("ops", widths, plan.operand_key) in self._slices:
-            return True
-        w = [1, *widths, 1]
-        need = self.out_features * self.in_features if plan.dense else sum(
-            w[lo] * w[hi + 1] * math.prod(o * i for o, i in zip(self.out_factors[lo:hi + 1], self.in_factors[lo:hi + 1]))
-            for lo, hi in plan.groups)
-        have = sum(t.numel() for key, (_, ops, _) in self._slices.items() if key[0] == "ops" for t in ops)
-        return have + need <= sum(c.numel() for c in self._core_params.values())
+        masters = list(self._core_params.values())
+        kept_ops = [t for key, (_, o, _) in self._slices.items() if key[0] == "ops" for t in o]
+        return storage_nbytes([*kept_ops, *ops], exclude=masters) <= sum(c.numel() * c.element_size() for c in masters)
 
     @property
     def cache_nbytes(self) -> int:
         """Bytes kept between inference calls besides the parameters: the full-width kernel's operands,
         one copy of the cores per sweep direction the levels use (their views share it), and the pre-contracted
         operands of levels whose fastest plan is not a sweep: in speed mode up to a dense weight per level whose plan
-        is dense, in memory mode up to the cores' size in all (see ``_keeps``). Each storage counted once, none that
+        is dense, in memory mode up to the cores' size in all (see ``_fits``). Each storage counted once, none that
         is a parameter's."""
         return super().cache_nbytes
 

@@ -48,6 +48,8 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import torch
 
+from ._warn import warn_user
+
 if TYPE_CHECKING:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -168,8 +170,11 @@ def read_llama2c_header(path: str | os.PathLike) -> Llama2cHeader:
                            shared_classifier=vocab_size > 0)
     expected = header.file_size()
     if size < expected:
+        unshared = "" if header.shared_classifier else (
+            f" (its vocab_size {vocab_size} is negative: a separate ({header.vocab_size}, {dim}) classifier is "
+            "expected after the rotary tables)")
         raise ValueError(f"{path}: truncated llama2.c checkpoint: {size} bytes, but the header {fields} "
-                         f"implies {expected} bytes")
+                         f"implies {expected} bytes{unshared}")
     if size > expected:
         raise ValueError(f"{path}: {size - expected} trailing bytes after the llama2.c checkpoint ({size} bytes, "
                          f"header {fields} implies {expected}); not a legacy checkpoint, or corrupt")
@@ -551,6 +556,10 @@ def tinystories_perplexity(model: torch.nn.Module, tokenizer: Llama2cTokenizer, 
     if isinstance(model_vocab, int) and tokenizer.vocab_size > model_vocab:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model only {model_vocab}: "
                          "they do not belong together")
+    if isinstance(model_vocab, int) and tokenizer.vocab_size < model_vocab:  # (a cut tokenizer file: 1.8e11)
+        warn_user(f"the tokenizer has {tokenizer.vocab_size} tokens, the model {model_vocab}: text encodes into "
+                  f"other ids than the model was trained on, and the perplexity is meaningless unless the model's "
+                  f"vocabulary is only padded; load the model's tokenizer with vocab_size={model_vocab}")
     nll, count = 0.0, 0
     with torch.no_grad():
         for story in stories:

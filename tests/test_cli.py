@@ -251,6 +251,12 @@ def test_sentence_transformers_modules_are_carried_over(tmp_path):
     emb = model.encode(["a short sentence", "another one"], convert_to_tensor=True)
     torch.testing.assert_close(emb.norm(dim=1), torch.ones(2), rtol=0, atol=1e-5)
 
+    # with int8 cores SentenceTransformer refuses the folder: the message said it loads
+    code, stdout, stderr = run(["compress", "--model", str(src), "--max-bond", "4", "--int8", "--out",
+                                str(tmp_path / "o8"), "--calibration-size", "4", "--no-progress", "--threads", "1"])
+    assert code == 0, stderr
+    assert "SentenceTransformer refuses int8 cores" in stdout and "carried over" not in stdout
+
     from bondgate.cli import _sentence_modules  # only direct child folders: "." would copy the dense model over
 
     odd = json.loads((src / "modules.json").read_text())
@@ -416,6 +422,7 @@ def test_bench_against_another_model_shows_no_ratio(compressed, tmp_path, capsys
     (["compress", "--model", "{tmp}", "--embedding-form", "lowrank", "--out", "{tmp}/o"], 2),
     (["compress", "--model", "{tmp}", "--calibration", "{tmp}", "--out", "{tmp}/o"], 1),  # a directory
     (["compress", "--model", "{tmp}", "--out", "/proc/bondgate-out"], 1),  # os.access said writable (as root)
+    (["compress", "--model", "{tmp}", "--out", ""], 1),  # an empty variable in a script: wrote ./bondgate-<model>
     (["inspect", "{tmp}"], 1),
     (["inspect", "{tmp}/missing"], 1),
     (["compress", "--num-cores", "1"], 2),  # a 1-core MPO is the dense matrix: every layer was skipped
@@ -656,3 +663,19 @@ def test_inspect_describes_a_layer_kept_dense_with_int8_weights():
         meta = {"layers": {"a": spec}, "report": {"layers": [{"name": "a", "status": status}]} if status else None}
         rows, before, after = _layer_rows(meta)
         assert rows[0][2:5] == [form, "", "64 -> 64"] and before == after == 64
+
+
+def test_an_existing_out_is_probed_where_save_writes(tmp_path, monkeypatch):
+    # save writes a new directory beside --out and swaps it in: the probe wrote inside an existing --out, so a
+    # read-only parent failed only after the whole compression
+    import tempfile
+
+    from bondgate.cli import _check_out_writable
+
+    probed = []
+    real = tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: probed.append(Path(k["dir"])) or real(*a, **k))
+    (tmp_path / "ck").mkdir()
+    _check_out_writable(tmp_path / "ck")
+    _check_out_writable(tmp_path / "new" / "deeper")
+    assert probed == [tmp_path, tmp_path]

@@ -454,10 +454,11 @@ def _check_out_writable(out: Path) -> None:
     from .io import save_target
 
     try:
-        save_target(out)
+        target = save_target(out)
     except ValueError as exc:
         raise ValueError(f"--out: {exc}") from exc
-    base = out
+    # save writes a new directory beside the target and swaps it in: the parent is where it must write
+    base = target.parent
     while not base.exists():
         base = base.parent
     if not base.is_dir():
@@ -477,7 +478,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
         if given:
             raise UsageError(f"{', '.join(given)} needs --embeddings")
     model_dir, name = _dense_model_dir(args.model, "--model")
-    out = Path(args.out).expanduser() if args.out else Path.cwd() / f"bondgate-{name}"
+    if args.out is not None and not args.out.strip():  # (an empty variable in a script: not "the default")
+        raise ValueError("--out is empty: give a directory, or leave --out out for ./bondgate-<model>")
+    out = Path(args.out).expanduser() if args.out is not None else Path.cwd() / f"bondgate-{name}"
     _check_out(out, model_dir)
     _check_out_writable(out)
     _check_tokenizer_files(model_dir)
@@ -576,7 +579,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
         }
         save_pretrained(model, out, tokenizer=_TokenizerAndModules(tok, model_dir, sentence) if sentence else tok,
                         report=saved)
-        if sentence:
+        if sentence and args.int8:
+            print(f"sentence-transformers modules copied ({', '.join(sentence)}); SentenceTransformer refuses int8 "
+                  f"cores: load with bondgate.from_pretrained(out)")
+        elif sentence:
             print(f"sentence-transformers modules carried over ({', '.join(sentence)}): SentenceTransformer(out) "
                   f"pools and normalizes as the source model does, after import bondgate")
     print(f"saved to {out.resolve()} (bondgate inspect {out} | bondgate bench {out} | bondgate.load(...))")

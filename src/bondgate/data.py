@@ -91,7 +91,8 @@ REMOTES: dict[str, _Remote] = {BANK_FILE: _Remote(BANK_URL, BANK_MEMBERS, BANK_S
 
 
 # ---------------------------------------------------------------------------------------- resolver
-_KNOWN_FILES = {f"sts-{s}.tsv" for s in STSB_SPLITS} | {Path(f).name for fs in TEXT_FILES.values() for f in fs.values()}
+_KNOWN_FILES = {f"sts-{s}.tsv" for s in STSB_SPLITS} | {Path(f).name for fs in TEXT_FILES.values() for f in fs.values()} \
+    | {Path(f).name for f in KNOWN_SHA256}  # (the bank CSV too: given as PTB it loaded as text)
 
 
 def cache_dir() -> Path:

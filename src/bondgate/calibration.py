@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .layer import core_versions
+
 __all__ = ["InputStats", "collect_input_stats", "collect_token_counts", "kron_whiteners", "damped", "refine_cores",
            "layer_sensitivity",
            "run_model", "model_output", "capture_inputs", "output_sensitivity"]
@@ -298,13 +300,6 @@ class _Counted:
         return len(self.data)
 
 
-def _version(x: torch.Tensor) -> int | None:
-    try:
-        return x._version
-    except RuntimeError:  # an inference tensor keeps no version counter: never taken as shared
-        return None
-
-
 def _fingerprint(x: torch.Tensor) -> bytes:
     """Per-feature sums of ``x``, plain and with fixed random row weights (as bytes, to compare): a write the version
     counter does not see (``.data``, numpy, a kernel of its own) changes them, a permutation of rows or entries too."""
@@ -362,16 +357,16 @@ def _collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], dat
         """Whether this call of ``name`` takes a tensor another module's call took (no statistics to add)."""
         if state["index"] > 0 and name not in leader and name not in leader.values():
             return False
-        version = _version(x)
+        version = core_versions((x,))  # -1: an inference tensor keeps no version counter, never taken as shared
         # (batch None: a call outside an encoder-decoder model's encoder, whose rows are masked otherwise)
-        call = (version, None if version is None else _fingerprint(x), batch is None)
+        call = (version, None if version < 0 else _fingerprint(x), batch is None)
         if name in leader:
             k = followed[name] = followed.get(name, 0) + 1
             calls = taken.get(leader[name], ())
-            if version is None or k > len(calls) or calls[k - 1][0]() is not x or calls[k - 1][1:] != call:
+            if version < 0 or k > len(calls) or calls[k - 1][0]() is not x or calls[k - 1][1:] != call:
                 state["broken"] = True
             return True
-        if state["index"] == 0 and name not in taken and version is not None:
+        if state["index"] == 0 and name not in taken and version >= 0:
             first = next((n for n, c in taken.items() if c[0][0]() is x and c[0][1:] == call), None)
             if first is not None:
                 leader[name], followed[name] = first, 1

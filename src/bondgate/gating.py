@@ -77,6 +77,7 @@ from .layer import (
     outside_inference_mode,
     own_param,
     replica_without_kept,
+    stamp,
     storage_nbytes,
     track_parameters,
     without_kept,
@@ -586,48 +587,41 @@ class GatedMPOLinear(MPOLinear):
         if not grad and plan.executor == "sweep":
             return plan.run(x2d, self._sweep_views(plan, widths), self.out_features)
         if not grad:
-            # the level's pre-contracted groups, kept between inference calls where the policy allows (rebuilding
-            # them every call cost a decode step more than the contraction itself)
+            # the level's pre-contracted groups, kept between inference calls (rebuilding them every call cost a
+            # decode step more than the contraction itself): in speed mode what its plan caches, in memory mode
+            # within a bound (_bounded_kept)
             key = ("ops", widths, plan.operand_key)
-            ops = self._slices.get(key)
-            if ops is not None and not plan.cached:
-                cores = self._core_tuple()
-                versions = core_versions(cores)
-                if not is_fresh(ops, cores, versions):
-                    # the cores changed: every level's kept operands are stale (holding the old cores' memory) and
-                    # are built again, each within the bound, when its level runs
-                    for k in [k for k, e in self._slices.items() if k[0] == "ops" and not is_fresh(e, cores, versions)]:
-                        del self._slices[k]
-                    ops = None
-            if plan.cached or ops is not None:
-                ops = self._kept(key, lambda cs: plan.cache_operands(cs if is_full else self._level_cores(widths),
-                                                                    self.out_features, self.in_features))
-            else:
-                cores = list(self._core_tuple()) if is_full else self._level_cores(widths)
-                ops = plan.cache_operands(cores, self.out_features, self.in_features)
-                if not self._policy.cache_dense and self._fits(ops):
-                    self._kept(key, lambda cs: ops)
-            return plan.run(x2d, ops, self.out_features)
+
+            def build(cs):
+                return plan.cache_operands(cs if is_full else self._level_cores(widths), self.out_features,
+                                           self.in_features)
+
+            return plan.run(x2d, self._kept(key, build) if plan.cached else self._bounded_kept(key, build),
+                            self.out_features)
         cores = list(self._core_tuple()) if is_full else self._level_cores(widths)
         return plan.run(x2d, plan.group_operands(cores, self.out_features, self.in_features), self.out_features)
 
-    def _fits(self, ops: list[torch.Tensor]) -> bool:
-        """Memory mode: whether a level's new operands may be kept, the levels' kept operands then taking no more
-        memory than the cores themselves (one more copy; storages counted once, parameters' views free).
-        Rebuilt every call, they cost a gated MiniLM 8-12% of its time at 32-256 rows; every level's kept whatever
-        its size, they took 238 MB (a dense weight per level) against a 2048 x 5632 layer's 23 MB of cores."""
+    def _bounded_kept(self, key: tuple, build: Callable) -> list[torch.Tensor]:
+        """``build(cores)``, kept in ``_slices[key]`` in memory mode while the levels' kept operands take no more
+        memory than the cores themselves (one more copy; storages counted once, parameters' views free); a write to
+        the cores drops every stale level entry (held, they would pin the old cores' memory). Rebuilt every call, a
+        level's operands cost a gated MiniLM 8-12% of its time at 32-256 rows; every level's kept whatever its size,
+        they took 238 MB (a dense weight per level) against a 2048 x 5632 layer's 23 MB of cores."""
+        cores = self._core_tuple()
+        versions = core_versions(cores)
+        hit = self._slices.get(key)
+        if is_fresh(hit, cores, versions):
+            return hit[1]
+        if hit is not None:
+            for k in [k for k, e in self._slices.items() if k[0] == "ops" and not is_fresh(e, cores, versions)]:
+                del self._slices[k]
+        ops = build(cores)
         masters = list(self._core_params.values())
-        kept_ops = [t for key, (_, o, _) in self._slices.items() if key[0] == "ops" for t in o]
-        return storage_nbytes([*kept_ops, *ops], exclude=masters) <= sum(c.numel() * c.element_size() for c in masters)
-
-    @property
-    def cache_nbytes(self) -> int:
-        """Bytes kept between inference calls besides the parameters: the full-width kernel's operands,
-        one copy of the cores per sweep direction the levels use (their views share it), and the pre-contracted
-        operands of levels whose fastest plan is not a sweep: in speed mode up to a dense weight per level whose plan
-        is dense, in memory mode up to the cores' size in all (see ``_fits``). Each storage counted once, none that
-        is a parameter's."""
-        return super().cache_nbytes
+        kept_ops = [t for k, (_, o, _) in self._slices.items() if k[0] == "ops" for t in o]
+        if not self._policy.cache_dense and storage_nbytes([*kept_ops, *ops], exclude=masters) <= sum(
+                c.numel() * c.element_size() for c in masters):
+            self._slices[key] = (stamp(cores), ops, tuple(cores))
+        return ops
 
     def _kept_tensors(self) -> list[torch.Tensor]:
         return [*super()._kept_tensors(), *(t for key, (_, ops, _) in self._slices.items() if key[0] != "views"

@@ -695,7 +695,9 @@ class MPOLinear(nn.Module):
     def cache_nbytes(self) -> int:
         """Bytes kept between inference calls besides the parameters: pre-contracted cores or the dense
         weight (speed mode), the cores in the sweep's matrix layout (either mode); a quantized layer whose plan
-        contracts the cores directly also keeps their fake-quantized values (one copy of the cores)."""
+        contracts the cores directly also keeps their fake-quantized values (one copy of the cores). A gated layer
+        adds its levels' pre-contracted operands: in speed mode up to a dense weight per level whose plan is dense,
+        in memory mode up to the cores' size in all. Each storage counted once, none that is a parameter's."""
         return storage_nbytes(self._kept_tensors(), exclude=self.parameters())
 
     def _kept_tensors(self) -> list[torch.Tensor]:

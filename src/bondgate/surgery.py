@@ -636,6 +636,7 @@ class _Work:
     legs: list[torch.Tensor] | None = None  # a table's row weights (see bondgate.embedding.row_weight_legs)
     kept: torch.Tensor | None = None  # a table's kept ids (exact rows)
     held: torch.Tensor | None = None  # W during the layer's turn (see _turns)
+    held_cov: torch.Tensor | None = None  # cov during the layer's turn
 
     @property
     def is_embedding(self) -> bool:
@@ -657,8 +658,12 @@ class _Work:
 
     @property
     def cov(self) -> torch.Tensor | None:
+        """The input covariance the weight is fitted on: centered with a bias (its re-fit absorbs the mean), the
+        second moment without one (computed when read: held during the layer's turn)."""
         if self.stats is None:
             return None
+        if self.held_cov is not None:
+            return self.held_cov
         return self.stats.cov if self.bias is not None else self.stats.second
 
     def table_target(self) -> torch.Tensor:
@@ -1234,13 +1239,14 @@ def _lowrank_report(w: _Work, layer: LowRankLinear, W_hat: torch.Tensor, bias: t
 
 
 def _turns(works: list[_Work], bar: Callable, desc: str) -> Iterator[_Work]:
-    """Each layer in turn, its float64 weight held for the turn (read about five times in it) and let go after."""
+    """Each layer in turn, its float64 weight and covariance held for the turn (read several times in it; a bias-free
+    layer's second moment is computed when read) and let go after."""
     for w in bar(works, desc):
-        w.held = w.W
+        w.held, w.held_cov = w.W, w.cov
         try:
             yield w
         finally:
-            w.held = None
+            w.held = w.held_cov = None
 
 
 def _check_stats(stats: dict[str, InputStats]) -> None:
@@ -1287,7 +1293,8 @@ def _layer_report(w: _Work, mpo: MPO | None, W_hat: torch.Tensor, bias: torch.Te
         E = W - W_hat
         num = float(((E @ w.cov) * E).sum())  # with a bias, its re-fit removes the mean term exactly
         b0 = w.bias if w.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
-        den = float(((W @ w.stats.second) * W).sum() + 2 * b0 @ (W @ w.stats.mean) + b0 @ b0)
+        second = w.cov if w.bias is None else w.stats.second  # (a bias-free layer's cov is its second moment)
+        den = float(((W @ second) * W).sum() + 2 * b0 @ (W @ w.stats.mean) + b0 @ b0)
         out_err = math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
     report = LayerReport(name=w.name, kind=type(w.module).__name__, out_features=w.shape[0],
                          in_features=w.shape[1], params_before=w.numel, output_error=out_err,

@@ -295,6 +295,29 @@ def test_calibration_file_is_read_up_to_the_lines_it_needs(tmp_path):
         _calibration_lines(str(cal), 50_003)
 
 
+def test_calibration_reads_a_pipe_and_standard_input(tmp_path, monkeypatch):
+    # a pipe is no regular file: /dev/stdin or <(cmd) was refused as "file not found"
+    import io
+    import threading
+
+    from bondgate.cli import _calibration_lines
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    # a daemon: should the read fail, its writer stays blocked in open() and must not hold the process
+    writer = threading.Thread(target=lambda: fifo.write_bytes(b"one\n\ntwo\nthree\n"), daemon=True)
+    writer.start()
+    assert _calibration_lines(str(fifo), 2) == (["one", "two"], str(fifo))
+    writer.join(10)
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"\xef\xbb\xbfa b\n c \n")))
+    assert _calibration_lines("-", 5) == (["a b", "c"], "standard input")
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"ok\n\xff\n")))
+    with pytest.raises(ValueError, match="standard input is not UTF-8 text"):
+        _calibration_lines("-", 5)
+    with pytest.raises(FileNotFoundError, match="file not found"):
+        _calibration_lines(str(tmp_path / "missing"), 5)
+
+
 def test_compress_a_lowrank_table_with_kept_rows(tiny_dir, tmp_path):
     out = tmp_path / "emb-low"
     code, stdout, stderr = run(["compress", "--model", str(tiny_dir), "--ratio", "0.5", "--embeddings",

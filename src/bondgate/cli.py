@@ -30,7 +30,7 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, BinaryIO, NoReturn
 
 from ._warn import warn_user
 
@@ -319,36 +319,38 @@ def _calibration_lines(file: str | None, size: int) -> tuple[list[str], str]:
 
         text = (files("bondgate") / "resources" / CALIBRATION_RESOURCE).read_text(encoding="utf-8")
         lines, where = [line.strip() for line in text.splitlines() if line.strip()][:size], "the built-in English set"
+    elif file == "-":
+        lines, where = _first_lines(sys.stdin.buffer, size, "standard input"), "standard input"
     else:
         path = Path(file).expanduser()
         if path.is_dir():
             raise FileNotFoundError(f"--calibration: {path} is a directory; give a text file, one sample per line")
-        if not path.is_file():
+        if not path.exists():  # a pipe (/dev/stdin, <(cmd)) is no regular file but reads as one
             raise FileNotFoundError(f"--calibration: file not found: {path}")
-        lines, where = _first_lines(path, size), str(path)
+        with path.open("rb") as f:
+            lines, where = _first_lines(f, size, str(path)), str(path)
     if not lines:
         raise ValueError(f"--calibration: {where} holds no non-empty line")
     return lines, where
 
 
-def _first_lines(path: Path, size: int) -> list[str]:
-    """The first ``size`` non-empty lines of a UTF-8 text file, read line by line (a corpus file may be larger
-    than memory); a UTF-8 byte-order mark is dropped."""
+def _first_lines(f: BinaryIO, size: int, where: str) -> list[str]:
+    """The first ``size`` non-empty lines of a UTF-8 text stream, read line by line (a corpus file may be larger
+    than memory, a pipe endless); a UTF-8 byte-order mark is dropped."""
     lines: list[str] = []
     offset = 0
-    with path.open("rb") as f:
-        for raw in f:  # split at b"\n"; each piece splits further as str.splitlines does (\r, \u2028, ...)
-            try:
-                text = raw.decode("utf-8-sig" if not offset else "utf-8")
-            except UnicodeDecodeError as exc:
-                raise ValueError(f"--calibration: {path} is not UTF-8 text ({exc.reason} at byte "
-                                 f"{offset + exc.start})") from None
-            offset += len(raw)
-            for line in text.splitlines():
-                if line.strip():
-                    lines.append(line.strip())
-                    if len(lines) == size:
-                        return lines
+    for raw in f:  # split at b"\n"; each piece splits further as str.splitlines does (\r, \u2028, ...)
+        try:
+            text = raw.decode("utf-8-sig" if not offset else "utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"--calibration: {where} is not UTF-8 text ({exc.reason} at byte "
+                             f"{offset + exc.start})") from None
+        offset += len(raw)
+        for line in text.splitlines():
+            if line.strip():
+                lines.append(line.strip())
+                if len(lines) == size:
+                    return lines
     return lines
 
 
@@ -911,7 +913,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-cores", type=number_arg(int, 2, MAX_CORES, what="num cores"), default=3, metavar="D",
                    help=f"cores per MPO, 2 to {MAX_CORES} (default: 3)")
     p.add_argument("--calibration", metavar="FILE",
-                   help="UTF-8 text file, one calibration sample per non-empty line (default: built-in English)")
+                   help="UTF-8 text file, one calibration sample per non-empty line; - reads standard input "
+                        "(default: built-in English)")
     p.add_argument("--calibration-size", type=number_arg(int, 1, what="calibration size"), default=256,
                    metavar="N", help="use the first N lines (default: 256)")
     p.add_argument("--target", type=_regex, metavar="REGEX",

@@ -619,7 +619,7 @@ def _prepare(model: nn.Module, qc: Any, checkpoint_files, dtype: torch.dtype | N
     shells = _io._build_layers({"layers": every, "layer_aliases": {}}, device="meta")
     shells = {names[n]: layer for n, layer in shells.items()}
     try:
-        _io._check_replaced(model, shells, {})
+        _io._check_replaced(model, shells)
     except ValueError as exc:  # transformers keeps ignore_mismatched_sizes to itself: the quantizer cannot see it
         raise ValueError(f"{where}: {exc} (a compressed layer cannot be re-initialized at another size, "
                          f"ignore_mismatched_sizes=True included: load the checkpoint with its own sizes and replace "

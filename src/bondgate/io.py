@@ -262,7 +262,8 @@ def _json_arg(value: Any, typ: str, where: str) -> Any:
     return float(value) if typ == "float" else value
 
 
-def _build_sequential(desc: dict) -> nn.Module:
+def _build_sequential(desc: dict, layer_names: set[str]) -> nn.Module:
+    """The ``nn.Sequential`` tree ``desc`` describes, an ``nn.Identity`` where a saved layer (``layer_names``) goes."""
     built: dict[str, nn.Module] = {}
 
     def build(d: Any, path: str) -> nn.Module:
@@ -276,6 +277,8 @@ def _build_sequential(desc: dict) -> nn.Module:
                 raise ValueError(f"{where} refers to {target!r}, which is not an earlier module")
             return built[target]
         if kind == "bondgate":
+            if path not in layer_names:  # the placeholder would stay an Identity
+                raise ValueError(f"{where} is a bondgate layer, but 'layers' holds none of that name")
             mod: nn.Module = nn.Identity()  # placeholder, replaced from `layers`
         elif kind == "Sequential":
             items = d.get("layers")
@@ -403,6 +406,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, report: Any = None, 
         raise TypeError("cannot save a deploy_int8 copy: torch's dynamic int8 layers are for inference in this "
                         "process; save the model it was made from and call deploy_int8 after loading it")
     directory = Path(directory)
+    _no_meta_tensors(model, "save")
     layers, layer_aliases = _collect_layers(model)
     arch = _describe(model, set(layers))
     # before the state dict is made (an int8 layer's would fail to quantize a NaN core without naming it)
@@ -467,7 +471,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, report: Any = None, 
         (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         _swap_in(tmp, directory)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _rmtree(tmp)
         raise
     return directory
 
@@ -485,7 +489,7 @@ def save_files(model: nn.Module, directory: str | os.PathLike, *, tokenizer: Any
         for path in sorted(written.iterdir(), key=lambda p: p.name == META_NAME):
             os.replace(path, directory / path.name)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _rmtree(tmp)
     return directory
 
 
@@ -550,7 +554,6 @@ def _swap_in(new: Path, target: Path) -> None:
         os.chmod(new, 0o777 & ~umask)
         os.rename(new, target)
         return
-    os.chmod(new, target.stat().st_mode & 0o7777)
     for old in target.iterdir():
         if (new / old.name).exists():
             continue
@@ -562,8 +565,9 @@ def _swap_in(new: Path, target: Path) -> None:
             shutil.copy2(old, new / old.name, follow_symlinks=False)
         else:
             _link_or_copy(str(old), str(new / old.name))
+    os.chmod(new, target.stat().st_mode & 0o7777)  # after the carry-over: a read-only target's mode takes no links
     if _exchange(new, target):
-        shutil.rmtree(new, ignore_errors=True)  # `new` now holds the old checkpoint
+        _rmtree(new)  # `new` now holds the old checkpoint
         return
     backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
     os.rmdir(backup)
@@ -573,7 +577,19 @@ def _swap_in(new: Path, target: Path) -> None:
     except BaseException:
         os.rename(backup, target)
         raise
-    shutil.rmtree(backup, ignore_errors=True)
+    _rmtree(backup)
+
+
+def _rmtree(path: Path) -> None:
+    """Remove ``path``, read-only directories in it included (a 0555 checkpoint swapped out: ``shutil.rmtree``
+    alone leaves a full hidden copy beside it); what still cannot go is left, as ``rmtree(ignore_errors=True)``."""
+    for root, dirs, _ in os.walk(path):
+        for d in (root, *(os.path.join(root, d) for d in dirs if not os.path.islink(os.path.join(root, d)))):
+            try:
+                os.chmod(d, os.stat(d).st_mode | 0o700)
+            except OSError:
+                pass
+    shutil.rmtree(path, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------- load
@@ -835,13 +851,14 @@ def _transformers_skeleton(directory: Path, arch: dict) -> nn.Module:
     return model
 
 
-def _skeleton(directory: Path, arch: dict, device: str | None = None) -> nn.Module:
+def _skeleton(directory: Path, meta: dict, device: str | None = None) -> nn.Module:
     """The dense model the checkpoint's layers go into, rebuilt from its description (on ``device``)."""
+    arch = meta["architecture"]
     with torch.device(device) if device else contextlib.nullcontext():
         if arch["kind"] == "transformers":
             return _transformers_skeleton(directory, arch)
         with torch.random.fork_rng(devices=[]):  # building initializes weights; keep the caller's RNG stream
-            return _build_sequential(arch)
+            return _build_sequential(arch, {*meta["layers"], *meta["layer_aliases"]})
 
 
 def _features(mod: nn.Module) -> dict[str, Any]:
@@ -860,8 +877,20 @@ def _features(mod: nn.Module) -> dict[str, Any]:
     return sizes
 
 
-def _check_replaced(model: nn.Module, shells: dict[str, nn.Module], meta: dict) -> None:
-    """Every module the checkpoint replaces exists, and has the sizes of the layer that replaces it."""
+def _no_meta_tensors(model: nn.Module, what: str) -> None:
+    """``ValueError`` naming a tensor of ``model`` on the meta device (no data: a save cannot read it, a load's copy
+    into it does nothing)."""
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    key = next((k for k, t in tensors if t.device.type == "meta"), None)  # (no state_dict: an int8 one quantizes)
+    if key is not None:
+        raise ValueError(f"cannot {what} a model with tensors on the meta device ({key!r} has no data): "
+                         f"materialize it first, e.g. model.to_empty(device='cpu')")
+
+
+def _check_replaced(model: nn.Module, shells: dict[str, nn.Module], rebuilt_sequential: bool = False) -> None:
+    """Every module the checkpoint replaces exists, states every size of the layer that replaces it (a layer of
+    another kind — a block, a convolution, an ``nn.Identity`` — states none) and has those sizes.
+    ``rebuilt_sequential``: ``model`` is :func:`_build_sequential`'s, an ``nn.Identity`` placeholder at each layer."""
     for name, shell in shells.items():
         if name == "":
             continue
@@ -874,6 +903,12 @@ def _check_replaced(model: nn.Module, shells: dict[str, nn.Module], meta: dict) 
         if old is None:
             raise ValueError(f"the checkpoint replaces module {name!r}, but the model has no such module")
         have, want = _features(old), _features(shell)
+        if rebuilt_sequential and type(old) is nn.Identity:
+            continue
+        if not want.keys() <= have.keys():
+            raise ValueError(f"module {name!r} of the model is a {type(old).__name__}, which the checkpoint's "
+                             f"{type(shell).__name__} cannot replace (it does not have "
+                             f"{', '.join(sorted(want.keys() - have.keys()))}): a model of another architecture?")
         wrong = {k: (have[k], want[k]) for k in have.keys() & want.keys() if have[k] != want[k]}
         if wrong:
             raise ValueError(f"module {name!r} of the model ({type(old).__name__}) does not fit the checkpoint's layer: "
@@ -1032,13 +1067,15 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *,
                          f"pass model=<a freshly constructed dense instance> to load()")
     if not built and "" in meta["layers"]:
         raise ValueError("this checkpoint holds a single bondgate layer; call load() without model=")
+    if not built:
+        _no_meta_tensors(model, "load into")
 
     # Shapes first, on the meta device: a checkpoint that does not fit allocates nothing (a 14 KB JSON
     # naming a 2 GB core, or a config.json describing a huge model, fails here).
     shells = _build_layers(meta, device="meta")
     skeleton = model if not built else shells[""] if arch["kind"] == "bondgate_layer" else _skeleton(
-        directory, arch, device="meta")
-    _check_replaced(skeleton, shells, meta)
+        directory, meta, device="meta")
+    _check_replaced(skeleton, shells, rebuilt_sequential=built and arch["kind"] == "sequential")
     # int8 layers' tensors as int8 cores + scales, or their full-precision masters (saved inside master_state)
     saved_form = _saved_form(skeleton, shells, header)
     with saved_form():
@@ -1047,7 +1084,7 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *,
     tensors = _read_tensors(directory, meta)
     new = _build_layers(meta)
     if built:
-        model = new[""] if arch["kind"] == "bondgate_layer" else _skeleton(directory, arch)
+        model = new[""] if arch["kind"] == "bondgate_layer" else _skeleton(directory, meta)
     if not built:
         from .recurrent import Recurrent
 

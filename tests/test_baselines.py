@@ -604,3 +604,99 @@ def test_a_sparse_form_smaller_than_the_dense_file_is_taken():
     pruned, info = magnitude_prune(nn.Sequential(nn.Linear(16, 16, bias=False)), param_ratio=208 / 256)
     assert info["layers"]["0"]["params"] == 208
     assert size_on_disk(pruned, sparse=True) < size_on_disk(pruned)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_forms_keep_negative_zeros_and_nans(dtype):
+    # a -0.0 entry was taken for a zero (t != 0) and came back +0.0: its sign bit flipped
+    from safetensors.torch import save
+
+    from bondgate.baselines import sparse_state_dict
+
+    bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16}[dtype]
+    torch.manual_seed(0)
+    for ratio, form in ((0.5, "mask"), (0.02, "csr")):
+        pruned, _ = magnitude_prune(nn.Sequential(nn.Linear(128, 128, bias=False)).to(dtype), param_ratio=ratio)
+        w = pruned[0].weight.detach()
+        rows, cols = (w == 0).nonzero(as_tuple=True)
+        negative = (torch.cat([rows[:3], torch.tensor([7, 7])]), torch.cat([cols[:3], torch.tensor([0, 1])]))
+        w[negative] = -0.0  # three pruned entries, then two of row 7
+        w[5, 9], w[6, 0] = float("nan"), -float("nan")
+        tensors, meta = sparse_state_dict(pruned, sparse=True)
+        assert f"bondgate.{form}" in meta
+        back = load_sparse_state_dict(save(tensors, meta))["0.weight"]
+        assert back.dtype == dtype and torch.equal(back.view(bits), w.view(bits))
+        assert bool(torch.signbit(back[negative]).all()) and int(back.isnan().sum()) == 2
+
+
+def test_tied_weights_round_trip_through_sparse_files(tmp_path):
+    # a tied tensor was written once under its first key and nothing else: the file came back without head.weight,
+    # and a strict load_state_dict of it failed
+    import json
+
+    from safetensors.torch import save
+
+    from bondgate.baselines import sparse_state_dict
+
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.mid, self.head = nn.Embedding(50, 16), nn.Linear(16, 16), nn.Linear(16, 50, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.head(torch.relu(self.mid(self.emb(x))))
+
+    torch.manual_seed(0)
+    pruned, _ = magnitude_prune(LM(), param_ratio=0.25)
+    path = tmp_path / "tied.safetensors"
+    n = size_on_disk(pruned, path, sparse=True)
+    back = load_sparse_state_dict(path)
+    assert back.keys() == pruned.state_dict().keys() and back["head.weight"] is back["emb.weight"]
+    fresh = LM()
+    fresh.load_state_dict(back, strict=True)
+    ids = torch.arange(50)
+    assert fresh.head.weight is fresh.emb.weight and torch.equal(fresh(ids), pruned(ids))
+    # the alias costs its metadata only: the file is the one without it plus that entry (headers pad to 8 bytes)
+    tensors, meta = sparse_state_dict(pruned, sparse=True)
+    assert "head.weight" not in tensors and json.loads(meta["bondgate.aliases"]) == {"head.weight": "emb.weight"}
+    entry = len(json.dumps({"bondgate.aliases": meta["bondgate.aliases"]}, separators=(",", ":"))) - 1
+    without = len(save(tensors, {k: v for k, v in meta.items() if k != "bondgate.aliases"}))
+    assert n == stored_bytes(pruned, sparse=True) == len(save(tensors, meta)) and 0 <= n - without - entry < 8
+    for aliases in ('{"head.weight": "nothing"}', '{"mid.bias": "emb.weight"}', '["head.weight"]'):
+        with pytest.raises(ValueError, match="tied key|bondgate.aliases"):
+            load_sparse_state_dict(save(tensors, {**meta, "bondgate.aliases": aliases}))
+
+
+@pytest.mark.parametrize("damage", ["dense twin", "int values", "shifted row pointer"])
+def test_sparse_files_with_a_dense_twin_int_values_or_a_shifted_row_pointer_are_refused(damage):
+    # a dense "0.weight" next to its sparse parts was dropped for them silently; int32 values gave an int32 weight;
+    # a row pointer moved by one was reported as columns out of order
+    from safetensors.torch import save
+
+    from bondgate.baselines import sparse_state_dict
+
+    model = nn.Sequential(nn.Linear(300, 40, bias=False))
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].weight[0, [10, 200]] = 1.0
+        model[0].weight[1, [5, 100]] = 2.0
+        model[0].weight[2:, 7] = 3.0
+    pruned, _ = magnitude_prune(nn.Sequential(nn.Linear(64, 64, bias=False)), param_ratio=0.5)
+    for m, values in ((model, "0.weight.csr_values"), (pruned, "0.weight.sparse_values")):
+        tensors, meta = sparse_state_dict(m, sparse=True)
+        if damage == "dense twin":
+            edit, match = {"0.weight": torch.zeros(m[0].weight.shape)}, "the file holds it both dense and in a sparse"
+        elif damage == "int values":
+            edit, match = {values: tensors[values].to(torch.int32)}, "its values are torch.int32, not floating point"
+        elif m is model:
+            crow = tensors["0.weight.csr_crow_indices"].clone()
+            assert crow[:3].tolist() == [0, 2, 4]
+            crow[1] += 1  # row 0 takes row 1's first entry (column 5 after 200)
+            edit = {"0.weight.csr_crow_indices": crow}
+            match = (r"its columns do not increase within a row \(row 0: entries 0 to 2 by its row pointers\): "
+                     "a row pointer or a column index is wrong")
+        else:
+            continue
+        with pytest.raises(ValueError, match="'0.weight' is damaged: " + match):
+            load_sparse_state_dict(save({**tensors, **edit}, meta))

@@ -67,6 +67,10 @@ Target = None | str | Callable[[str, nn.Module], bool] | Iterable[str]
 
 # safetensors metadata, per sparse form: JSON {state_dict key: dense shape}
 _META_KEYS = {"csr": "bondgate.csr", "mask": "bondgate.mask"}
+# safetensors metadata: JSON {state_dict key: the key its tied tensor is stored under}
+_ALIASES_KEY = "bondgate.aliases"
+# integer dtypes by byte width: an entry is a non-zero when its bits are (-0.0 included)
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 # ---------------------------------------------------------------------------------------- layer helpers
@@ -298,10 +302,10 @@ def magnitude_prune(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Zero all but the ``budget`` largest-``|w|`` weights of each targeted layer in a copy of ``model``.
 
-    Budgets: ``param_ratio`` (``round(ratio * numel)`` per layer) or ``params`` (``{name: n}``, e.g.
-    :func:`bondgate.baselines.mpo_budget`). Ties in ``|w|`` keep the entry with the lower flat index of the stored
-    weight, so the result is deterministic and the non-zero count is exactly the budget (unless the weight
-    already had fewer non-zeros). The zeros are written into the weight itself: no
+    Budgets: ``param_ratio`` (``floor(ratio * numel + 0.5)`` per layer: halves round up, unlike Python's ``round``) or
+    ``params`` (``{name: n}``, e.g. :func:`bondgate.baselines.mpo_budget`). Ties in ``|w|`` keep the entry with the
+    lower flat index of the stored weight, so the result is deterministic and the non-zero count is exactly the
+    budget (unless the weight already had fewer non-zeros). The zeros are written into the weight itself: no
     ``torch.nn.utils.prune`` masks or hooks remain, and the layers stay dense modules (no speed-up;
     see :func:`size_on_disk` with ``sparse=`` for the storage cost of the non-zeros).
 
@@ -417,8 +421,8 @@ def _is_quantized(model: nn.Module) -> bool:
 def _sparse_forms(key: str, t: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
     """The candidate sparse encodings of 2-D ``t``, by form: ``"mask"`` (the non-zeros in row-major order and a
     bit per entry) and ``"csr"`` (the non-zeros, their columns as int16 where the width allows else int32, and
-    int32 row pointers)."""
-    nz = t != 0
+    int32 row pointers). An entry is kept when its bits are not all zero: -0.0 and NaN come back as they were."""
+    nz = t.view(_BITS[t.element_size()]) != 0
     rows, cols = nz.nonzero(as_tuple=True)  # row-major order, as CSR needs
     values = t[rows, cols].contiguous()
     counts = torch.bincount(rows, minlength=t.shape[0])
@@ -433,7 +437,8 @@ def sparse_state_dict(
     model: nn.Module, sparse: bool | Iterable[str] = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``(tensors, metadata)`` ready for ``safetensors.torch.save``: contiguous CPU clones of the
-    state dict, tied tensors (same storage view) stored once under their first key.
+    state dict, tied tensors (same storage view) stored once under their first key, their other keys recorded in
+    the metadata (``"bondgate.aliases"``: ``{key: first key}``).
 
     ``sparse``: ``True`` considers every ``nn.Linear`` / ``Conv1D`` weight (tied ones excepted), an iterable of
     module names those layers (e.g. ``info["layers"]`` of :func:`magnitude_prune`). Each such weight ``key`` is
@@ -454,12 +459,14 @@ def sparse_state_dict(
 
     tensors: dict[str, torch.Tensor] = {}
     shapes: dict[str, dict[str, list[int]]] = {form: {} for form in _META_KEYS}
-    seen: set[tuple] = set()
+    seen: dict[tuple, str] = {}
+    aliases: dict[str, str] = {}
     for key, t in model.state_dict().items():
         vk = _view_key(t)
         if vk in seen and t.numel() > 0:  # empty tensors may all report data_ptr 0
+            aliases[key] = seen[vk]
             continue
-        seen.add(vk)
+        seen[vk] = key
         t = t.detach().to("cpu")
         if vk in sparse_views:
             if t.ndim != 2 or t.numel() >= 2**31:
@@ -475,6 +482,8 @@ def sparse_state_dict(
                 continue
         tensors[key] = t.clone(memory_format=torch.contiguous_format)
     metadata = {"format": "pt", **{_META_KEYS[f]: json.dumps(sh) for f, sh in shapes.items() if sh}}
+    if aliases:
+        metadata[_ALIASES_KEY] = json.dumps(aliases)
     return tensors, metadata
 
 
@@ -482,10 +491,16 @@ def _sparse_error(key: str, what: str) -> ValueError:
     return ValueError(f"sparse weight {key!r} is damaged: {what}")
 
 
+def _check_values(key: str, values: torch.Tensor) -> None:
+    if not values.is_floating_point():  # the weights stored sparse are; int values gave an int weight back
+        raise _sparse_error(key, f"its values are {values.dtype}, not floating point")
+
+
 def _dense_from_csr(key: str, shape: list[int], tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     crow = tensors.pop(f"{key}.csr_crow_indices").long()
     col = tensors.pop(f"{key}.csr_col_indices").long()
     values = tensors.pop(f"{key}.csr_values")
+    _check_values(key, values)
     nnz = values.numel()
     if crow.shape != (shape[0] + 1,) or int(crow[0]) != 0 or int(crow[-1]) != nnz or col.shape != (nnz,) \
             or values.shape != (nnz,) or bool((crow.diff() < 0).any()):
@@ -493,8 +508,14 @@ def _dense_from_csr(key: str, shape: list[int], tensors: dict[str, torch.Tensor]
     if col.numel() and not (0 <= int(col.min()) and int(col.max()) < shape[1]):
         raise _sparse_error(key, f"a column index outside [0, {shape[1]})")
     rows = torch.repeat_interleave(torch.arange(shape[0]), crow.diff())
-    if bool(((rows.diff() == 0) & (col.diff() <= 0)).any()):  # one value per entry, in the order written
-        raise _sparse_error(key, "its columns do not increase within a row")
+    bad = ((rows.diff() == 0) & (col.diff() <= 0)).nonzero()  # one value per entry, in the order written
+    if bad.numel():
+        # a shifted row pointer moves an entry into the next row, where its column breaks the order: the file
+        # cannot tell which of the two is wrong
+        r = int(rows[int(bad[0, 0])])
+        raise _sparse_error(key, f"its columns do not increase within a row (row {r}: entries {int(crow[r])} to "
+                                 f"{int(crow[r + 1]) - 1} by its row pointers): a row pointer or a column index is "
+                                 "wrong")
     dense = values.new_zeros(shape)
     dense[rows, col] = values
     return dense
@@ -507,6 +528,7 @@ def _dense_from_mask(key: str, shape: list[int], tensors: dict[str, torch.Tensor
         raise _sparse_error(key, f"its mask is not {(n + 7) // 8} bytes")
     if values.dim() != 1:
         raise _sparse_error(key, f"its values are not a list (shape {tuple(values.shape)})")
+    _check_values(key, values)
     mask = torch.from_numpy(np.unpackbits(packed.numpy(), count=n)).bool()
     if int(mask.sum()) != values.numel():
         raise _sparse_error(key, f"its mask has {int(mask.sum())} entries set for {values.numel()} values")
@@ -516,8 +538,8 @@ def _dense_from_mask(key: str, shape: list[int], tensors: dict[str, torch.Tensor
 
 
 def load_sparse_state_dict(data: bytes | str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a file (or its bytes) written from :func:`sparse_state_dict`; sparse weights come back dense.
-    A damaged file raises ``ValueError``."""
+    """Read a file (or its bytes) written from :func:`sparse_state_dict`; sparse weights come back dense, tied keys
+    as the tensor of the key they are tied to (the same object). A damaged file raises ``ValueError``."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
@@ -530,6 +552,7 @@ def load_sparse_state_dict(data: bytes | str | os.PathLike) -> dict[str, torch.T
         raise ValueError(f"not a readable safetensors file: {exc}") from None
     (n,) = struct.unpack("<Q", data[:8])  # u64 header length, JSON header (with "__metadata__"), data
     meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+    stored = set(tensors)
     for form, build in (("csr", _dense_from_csr), ("mask", _dense_from_mask)):
         shapes = json.loads(meta.get(_META_KEYS[form], "{}"))
         if not isinstance(shapes, dict):
@@ -537,10 +560,19 @@ def load_sparse_state_dict(data: bytes | str | os.PathLike) -> dict[str, torch.T
         for key, shape in shapes.items():
             if not (isinstance(shape, list) and len(shape) == 2 and all(type(d) is int and d >= 0 for d in shape)):
                 raise _sparse_error(key, f"its shape {shape!r} is not two sizes")
+            if key in stored:
+                raise _sparse_error(key, "the file holds it both dense and in a sparse form")
             try:
                 tensors[key] = build(key, shape, tensors)
             except KeyError as exc:
                 raise _sparse_error(key, f"the file has no {exc}") from None
+    aliases = json.loads(meta.get(_ALIASES_KEY, "{}"))
+    if not (isinstance(aliases, dict) and all(isinstance(v, str) for v in aliases.values())):
+        raise ValueError(f"the file's {_ALIASES_KEY!r} metadata is not a mapping of keys to keys")
+    for alias, target in aliases.items():
+        if alias in tensors or target not in tensors or target in aliases:
+            raise ValueError(f"the file's tied key {alias!r} -> {target!r} does not point to a stored tensor")
+        tensors[alias] = tensors[target]
     return tensors
 
 

@@ -12,9 +12,11 @@ add a fifth to the int8 bytes; rebalancing the bond gauge before quantizing gain
 Exactness. Each scale is rounded *up* to 17 significant bits (power-of-two scales for float16/bfloat16 cores), so
 that ``q * s`` is exactly representable in the cores' dtype: dequantizing gives the values the fake-quantized
 forward computes bit for bit, and fake quantization is idempotent (``fake_quant(dequantize(*quantize(G)))`` equals
-``dequantize(*quantize(G))``). That is what makes a quantized layer saved as int8 and loaded back (fp32 master
-cores = the dequantized values) bit-identical to the saved one. All-zero channels get scale 0 (and zeros back); a
-channel below float32's range of scales (max below ~1.8e-43) gets the smallest one, and zeros.
+``dequantize(*quantize(G))``). That is what makes a quantized layer saved as int8 and loaded back into a layer of
+the same dtype (master cores = the dequantized values) bit-identical to the saved one; loaded into a layer on the
+other grid (16-bit against float32/64), the cores are re-rounded onto its grid, with a warning. All-zero channels
+get scale 0 (and zeros back); a channel below float32's range of scales (max below ~1.8e-43) gets the smallest one,
+and zeros.
 
 Layers: ``MPOLinear.quantize_("int8")`` / ``MPOEmbedding.quantize_("int8")`` (or :func:`quantize_mpo` for a whole
 model) keep fp32 *master* cores and run the forward on ``fake_quant(master)`` — recomputed per call when training,
@@ -112,8 +114,11 @@ def warn_on_regrid(what: str, before: torch.dtype, after: torch.dtype) -> None:
         from ._warn import warn_user
 
         warn_user(f"casting an int8 {what} from {before} to {after} re-rounds its cores onto the int8 grid of "
-                  f"{after} (16-bit cores use power-of-two scales): the weights move by up to a few percent. "
-                  f"Quantize in the dtype you deploy")
+                  f"{after} {_REGRID_WHY}")
+
+
+_REGRID_WHY = ("(16-bit cores use power-of-two scales): the weights move by up to a few percent. Quantize in the dtype "
+               "you deploy")
 
 
 def quantize(core: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,7 +235,9 @@ def register_state_dict_hook(module: nn.Module) -> None:
 
 def load_quantized_cores(module: nn.Module, state_dict: dict, prefix: str, error_msgs: list[str]) -> None:
     """Before an MPO layer loads ``state_dict``: replace int8 cores and their ``_scale`` entries by dequantized
-    cores of the layer's dtype (in place; ``load_state_dict`` works on its own copy of the dict)."""
+    cores of the layer's dtype (in place; ``load_state_dict`` works on its own copy of the dict). Warns, as a cast
+    does (:func:`warn_on_regrid`), when the scales are on the other grid than the layer's dtype and the cores move."""
+    regrid = None
     for name, (master, ndim) in _quantized_params(module).items():
         key = prefix + name
         skey = key + SCALE_SUFFIX
@@ -257,7 +264,18 @@ def load_quantized_cores(module: nn.Module, state_dict: dict, prefix: str, error
             error_msgs.append(problem)
             del state_dict[key]
             continue
-        state_dict[key] = dequantize(q, scale, master.dtype if master is not None else torch.float32)
+        dtype = master.dtype if master is not None else torch.float32
+        state_dict[key] = dequantize(q, scale, dtype)
+        if scale.device.type != "meta" and q.numel():
+            # 16-bit grids have power-of-two scales (the low 23 bits of a float32 clear); float32/64's keep 17 bits
+            pow2 = bool(((scale.float().view(torch.int32) & ((1 << 23) - 1)) == 0).all())
+            if pow2 != (torch.finfo(dtype).bits == 16) and not torch.equal(_qdq(state_dict[key]), state_dict[key]):
+                regrid = ("a 16-bit float" if pow2 else "float32/float64", dtype)
+    if regrid is not None:
+        from ._warn import warn_user
+
+        warn_user(f"loading int8 cores quantized in {regrid[0]} into a {regrid[1]} {type(module).__name__} re-rounds "
+                  f"them onto the int8 grid of {regrid[1]} {_REGRID_WHY}")
 
 
 def scale_problem(skey: str, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> str | None:

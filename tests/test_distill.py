@@ -189,7 +189,7 @@ def test_loss_refuses_outputs_that_do_not_correspond():
         DistillLoss(pooled=1.0)(_Out([h[0], h[1][..., :4], h[2]]), _Out(h))
     with pytest.raises(ValueError, match=r"output has shape \(8, 1\), the teacher's \(8, 4\)"):
         DistillLoss(hidden=0, output=1.0)(torch.randn(8, 1), torch.randn(8, 4))
-    with pytest.raises(ValueError, match="distill asks transformers models for them when the batches are dicts"):
+    with pytest.raises(ValueError, match="distill asks transformers models for them .* when the loss wants them"):
         DistillLoss()(torch.randn(8, 4), torch.randn(8, 4))
     # a row without a real token has no embedding to match: the pooled term skips it instead of going NaN
     mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]])
@@ -462,6 +462,78 @@ def test_encoder_decoder_outputs_match_both_streams_with_their_own_masks():
     pooled = lambda h: (h * enc_mask.unsqueeze(-1)).sum(1) / enc_mask.sum(1, keepdim=True)  # noqa: E731
     cos = torch.nn.functional.cosine_similarity(pooled(enc_s[-1]), pooled(enc_t[-1]), dim=-1)
     assert parts["pooled"] == pytest.approx(float((1 - cos).mean()), rel=1e-5)  # the encoder's sentence embedding
+
+
+def test_encoder_decoder_decoder_padding_is_read_from_labels_without_a_decoder_mask():
+    # a seq2seq collator pads labels with -100 and gives no decoder_attention_mask: the padded decoder positions
+    # counted in the logits and decoder hidden terms (changing the student only there moved the loss 0.06 -> 25.6)
+    outputs = pytest.importorskip("transformers.modeling_outputs")
+    torch.manual_seed(0)
+    B, S, T, H, V = 2, 4, 5, 3, 7
+
+    def out(enc, dec, logits):
+        return outputs.Seq2SeqLMOutput(logits=logits, encoder_last_hidden_state=enc[-1],
+                                       encoder_hidden_states=tuple(enc), decoder_hidden_states=tuple(dec))
+
+    enc, dec_t, z_t = [torch.randn(B, S, H) for _ in range(2)], [torch.randn(B, T, H) for _ in range(2)], \
+        torch.randn(B, T, V)
+    labels = torch.randint(0, V, (B, T))
+    labels[0, 3:] = -100
+    labels[1, 4:] = -100
+    pad = (labels == -100).unsqueeze(-1)
+    dec_s = [h + 0.2 * torch.randn_like(h) for h in dec_t]
+    z_s = z_t + 0.2 * torch.randn_like(z_t)
+    far = out(enc, [torch.where(pad, h + 50, h) for h in dec_s], torch.where(pad, 5 * torch.randn_like(z_s), z_s))
+    loss = DistillLoss(hidden=1.0, logits=1.0)
+    parts = loss(out(enc, dec_s, z_s), out(enc, dec_t, z_t), {"labels": labels})[1]
+    assert loss(far, out(enc, dec_t, z_t), {"labels": labels})[1] == pytest.approx(parts, rel=1e-6)
+    explicit = {"labels": labels, "decoder_attention_mask": (labels != -100).long()}
+    assert loss(out(enc, dec_s, z_s), out(enc, dec_t, z_t), explicit)[1] == pytest.approx(parts, rel=1e-6)
+    # a given decoder mask wins over the labels
+    all_on = {"labels": labels, "decoder_attention_mask": torch.ones(B, T, dtype=torch.long)}
+    assert loss(far, out(enc, dec_t, z_t), all_on)[1]["logits"] > 20 * parts["logits"]
+
+
+def test_a_tuple_batch_is_masked_like_the_dict_batch_and_gets_hidden_states():
+    # (input_ids, attention_mask) was averaged over the padding (3.2x the dict batch's first loss) and, with
+    # hidden > 0, refused for want of hidden states; a loss of one's own could not ask for them at all
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    teacher = transformers.BertForMaskedLM(cfg).eval()
+    ids = torch.randint(0, 100, (4, 10))
+    mask = torch.ones_like(ids)
+    mask[0, 4:] = 0
+    mask[2, 2:] = 0
+    student = copy.deepcopy(teacher)
+    compress(student, CompressionConfig(param_ratio=0.5), progress=False)
+
+    def first_parts(batch, loss):
+        res = distill(copy.deepcopy(student), teacher, [batch], loss=loss, steps=1, lr=1e-12, log_every=1,
+                      progress=False)
+        return {k: v for k, v in res.history[0]["loss"].items() if k in ("hidden", "logits")}
+
+    for loss in (DistillLoss(hidden=0, logits=1), DistillLoss(hidden=1, logits=1)):
+        as_dict = first_parts({"input_ids": ids, "attention_mask": mask}, loss)
+        assert first_parts((ids, mask), loss) == pytest.approx(as_dict, rel=1e-6)
+    with torch.no_grad():
+        s, t = student(input_ids=ids, attention_mask=mask), teacher(input_ids=ids, attention_mask=mask)
+    unmasked = DistillLoss(hidden=0, logits=1)(s, t, None)[1]["logits"]
+    assert abs(as_dict["logits"] - unmasked) > 0.05 * unmasked  # the padding weighs in this batch (11%)
+
+    class Own:
+        inner = DistillLoss(hidden=1)
+
+        def wants_hidden(self):
+            return True
+
+        def __call__(self, s_out, t_out, batch):
+            return self.inner(s_out, t_out, batch)
+
+    assert first_parts({"input_ids": ids, "attention_mask": mask}, Own())["hidden"] == pytest.approx(
+        as_dict["hidden"], rel=1e-6)
 
 
 def test_distill_heals_an_encoder_decoder_with_the_default_loss():

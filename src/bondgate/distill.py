@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ._warn import warn_user
-from .calibration import eval_mode, model_device, model_output, run_model, to_device
+from .calibration import eval_mode, model_device, model_output, named_batch, run_model, to_device
 
 __all__ = ["DistillLoss", "DistillResult", "distill", "DistillationTrainer"]  # noqa: F822 (built lazily by __getattr__)
 
@@ -56,9 +56,13 @@ class DistillLoss:
     hidden: relative MSE ``||h_s - h_t||^2 / mean(h_t^2)`` averaged over the hidden states but the first, paired
         layer by layer (``hidden_states[0]`` is a transformers model's embedding output; a model returning one state
         is matched on it); needs a model that returns ``hidden_states`` (a field, attribute or dict key;
-        :func:`distill` asks transformers models for them when the batches are dicts of model inputs). An encoder-decoder's encoder and decoder states are both
-        matched, each over its own mask (``attention_mask``, ``decoder_attention_mask``).
+        :func:`distill` asks transformers models for them when the batches are dicts or tuples of model inputs). An
+        encoder-decoder's encoder and decoder states are both matched, each over its own mask (``attention_mask``;
+        ``decoder_attention_mask``, else ``labels != -100`` when the batch has labels).
     logits: ``T^2 * KL(softmax(z_t/T) || softmax(z_s/T))`` per token (an encoder-decoder's: per decoder token).
+
+    Padding: a batch's masks are read when it is a dict, or a tuple bound to the model's arguments by :func:`distill`
+    (``(input_ids, attention_mask)``).
     pooled: ``1 - cos`` between mask-mean-pooled last hidden states (sentence embeddings; an encoder-decoder's
         encoder states).
     output: relative MSE between the model outputs when they are plain tensors (e.g. an MLP); over every position
@@ -67,7 +71,8 @@ class DistillLoss:
     temperature: the ``T`` of the ``logits`` term (default 2.0; must be > 0).
 
     A loss of your own passed to :func:`distill` is called as ``loss(student_out, teacher_out, batch)`` and returns
-    ``(total, {term: float})``: the scalar tensor to minimize and the values to log.
+    ``(total, {term: float})``: the scalar tensor to minimize and the values to log; give it a ``wants_hidden()``
+    method returning True to have transformers models called with ``output_hidden_states=True``.
     """
 
     hidden: float = 1.0
@@ -91,8 +96,8 @@ class DistillLoss:
         return self.hidden > 0 or self.pooled > 0
 
     def __call__(self, student_out, teacher_out, batch=None) -> tuple[torch.Tensor, dict[str, float]]:
-        masks = batch if isinstance(batch, Mapping) else {}
         seq2seq = _is_seq2seq(teacher_out)
+        masks = _masks(batch, seq2seq)
         # an encoder-decoder's logits are the decoder's positions: the encoder's attention_mask does not fit them
         out_mask = masks.get("decoder_attention_mask") if seq2seq else masks.get("attention_mask")
         terms: dict[str, torch.Tensor] = {}
@@ -144,6 +149,18 @@ class DistillLoss:
         return total, {k: float(v.detach()) for k, v in terms.items()}
 
 
+def _masks(batch, seq2seq: bool) -> dict[str, torch.Tensor]:
+    """The batch's ``attention_mask`` and, of an encoder-decoder, its decoder mask: ``decoder_attention_mask``, else
+    ``labels != -100`` (a seq2seq collator pads labels with -100 and gives no decoder mask; the decoder's padded
+    positions would count)."""
+    masks = {k: batch[k] for k in ("attention_mask", "decoder_attention_mask")
+             if isinstance(batch, Mapping) and isinstance(batch.get(k), torch.Tensor)}
+    labels = batch.get("labels") if isinstance(batch, Mapping) else None
+    if seq2seq and "decoder_attention_mask" not in masks and isinstance(labels, torch.Tensor) and labels.dim() == 2:
+        masks["decoder_attention_mask"] = labels != -100
+    return masks
+
+
 def _is_seq2seq(out) -> bool:
     """An encoder-decoder's output (transformers' ``Seq2Seq*Output``): its hidden states come in two streams."""
     return _field(out, "encoder_last_hidden_state") is not None
@@ -160,7 +177,7 @@ def _field(out, name: str):
 
 def _hidden_states(student_out, teacher_out, term: str, masks: Mapping) -> list[tuple]:
     """``[(student states, teacher states, attention mask)]``: one stream, or an encoder-decoder's encoder and
-    decoder streams (the decoder's mask is ``decoder_attention_mask``)."""
+    decoder streams (``masks``: :func:`_masks`)."""
     if _is_seq2seq(teacher_out):
         keys = [("encoder_hidden_states", "attention_mask"), ("decoder_hidden_states", "decoder_attention_mask")]
     else:
@@ -171,9 +188,11 @@ def _hidden_states(student_out, teacher_out, term: str, masks: Mapping) -> list[
         if hs is None or ht is None:
             have = list(teacher_out.keys()) if isinstance(teacher_out, Mapping) else type(teacher_out).__name__
             raise ValueError(f"DistillLoss({term}>0) needs outputs with {key} (the teacher's output has {have}): "
-                             f"distill asks transformers models for them when the batches are dicts of model inputs "
-                             f"(output_hidden_states=True; a plain tensor batch is passed positionally); "
-                             f"otherwise use DistillLoss(hidden=0, logits=1) / output=1, or a loss of your own")
+                             f"distill asks transformers models for them (output_hidden_states=True) when the loss "
+                             f"wants them (a DistillLoss with hidden or pooled > 0, or a loss with a wants_hidden() "
+                             f"method returning True) and the batches are dicts or tuples of model inputs (a plain "
+                             f"tensor batch is passed positionally); otherwise use DistillLoss(hidden=0, logits=1) / "
+                             f"output=1, or a loss of your own")
         if len(hs) != len(ht):
             raise ValueError(f"DistillLoss({term}>0): the student returns {len(hs)} {key.replace('_', ' ')}, the teacher "
                              f"{len(ht)}; they are matched layer by layer, so the models must have the same depth")
@@ -200,10 +219,21 @@ def aux_losses(model: nn.Module) -> torch.Tensor | None:
 def _call(model: nn.Module, batch, want_hidden: bool):
     # A DDP / DataParallel wrapper hides the transformers model's ``config``; call the wrapper anyway
     # (it synchronizes gradients) but recognize the model inside it.
-    inner = model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
-    if want_hidden and isinstance(batch, Mapping) and hasattr(inner, "config"):
-        return model(**to_device(batch, model_device(inner)), output_hidden_states=True)
+    inner = _inner(model)
+    named = named_batch(inner, batch)  # a tuple batch as {argument: value}, where it binds
+    if want_hidden and isinstance(named, Mapping) and hasattr(inner, "config"):
+        return model(**to_device(named, model_device(inner)), output_hidden_states=True)
     return run_model(model, batch)  # moves the batch to the model's device
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
+
+
+def _wants_hidden(loss) -> bool:
+    """Whether ``loss`` (a :class:`DistillLoss` or a callable with a ``wants_hidden()`` method) reads hidden states."""
+    fn = getattr(loss, "wants_hidden", None)
+    return bool(fn()) if callable(fn) else False
 
 
 def _check_sandwich(student: nn.Module) -> None:
@@ -233,6 +263,8 @@ def _step_loss(student: nn.Module, batch, t_out, loss: Callable, want_hidden: bo
     s_out = _call(student, batch, want_hidden)
     device = model_device(student)
     batch, t_out = to_device(batch, device), to_device(t_out, device)  # a teacher may sit on another device
+    if isinstance(loss, DistillLoss):  # its masks, from a tuple batch too (a loss of your own gets the batch as given)
+        batch = named_batch(_inner(student), batch)
     total, parts = _loss_value(loss(s_out, t_out, batch))
     aux = aux_losses(student)  # of this forward, before the full-width pass
     if aux is not None:
@@ -333,7 +365,8 @@ def distill(
 
     Stops at ``steps``, after ``epochs``, after ``max_minutes`` of training wall time (time spent in
     ``eval_fn`` is not counted; ``DistillResult.eval_seconds`` reports it), or when ``eval_fn``
-    (called every ``eval_every`` steps and at the end; higher is better unless ``higher_is_better``
+    (called before the first step, every ``eval_every`` steps and at the end — a student that never beats its starting
+    score comes back as it was, ``best_step`` 0; higher is better unless ``higher_is_better``
     is False) has not improved for ``patience`` evaluations. ``budget_clock="cpu"`` measures the time
     budget as process CPU time divided by torch's thread count, i.e. the wall time the same work takes
     on an otherwise idle machine — a fair budget when other jobs share the CPU. With ``eval_fn`` the best weights are
@@ -397,7 +430,7 @@ def distill(
                         f"{{term: float}}), got {loss!r}")
     if sandwich:
         _check_sandwich(student)
-    want_hidden = isinstance(loss, DistillLoss) and loss.wants_hidden()
+    want_hidden = _wants_hidden(loss)
     _check_not_shared(student, teacher)
     device = model_device(student)
     from .gating import preserved_state
@@ -596,7 +629,7 @@ def _make_trainer_class():
             """The distillation loss of ``model`` (the student) against the teacher on ``inputs``, plus the modules'
             auxiliary losses (and the full-width pass with ``sandwich``): a scalar per-batch mean, or ``(loss, student
             outputs)`` with ``return_outputs``. ``num_items_in_batch`` is ignored."""
-            want = self.distill_loss.wants_hidden()
+            want = _wants_hidden(self.distill_loss)
             if self.teacher is not None:
                 dev = next(model.parameters()).device
                 if next(self.teacher.parameters()).device != dev:

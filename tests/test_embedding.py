@@ -451,3 +451,29 @@ def test_compressed_tables_report_the_errors_of_what_they_look_up_and_their_padd
         c = bondgate.compress(M(pad_row_zero=False), bondgate.CompressionConfig(param_ratio=0.5, embeddings=True, policy="memory"),
                                 progress=False)
     assert c.emb.padding_idx is None
+
+
+class _HeadSubclass(nn.Linear):  # no forward of its own
+    pass
+
+
+def test_a_tied_head_the_table_cannot_take_along_keeps_the_table_dense():
+    # a subclass head was left dense on the old Parameter while the table became an MPO: untied, inputs and logits
+    # from two tables (logits 5.2 off the MPO table's), the model larger than before; an excluded tied head was
+    # compressed anyway
+    cfg = dict(param_ratio=0.5, embeddings=True, calibrate=False)
+    for make, kw, why in ((lambda m: setattr(m, "head", _HeadSubclass(16, 300, bias=False)), {},
+                           "weight is tied to head.weight"),
+                          (lambda m: None, {"exclude": ["head"]}, "its tied head head is excluded")):
+        torch.manual_seed(0)
+        model = TinyLM()
+        make(model)
+        model.head.weight = model.emb.weight
+        with pytest.warns(UserWarning, match=f"skipping emb: {why}"):
+            bondgate.compress(model, bondgate.CompressionConfig(**cfg, **kw), progress=False)
+        assert type(model.emb) is nn.Embedding and model.head.weight is model.emb.weight
+        assert {r.name: r.status for r in model.bondgate_report.layers}["mix"] == "compressed"
+    torch.manual_seed(0)
+    model = TinyLM()  # the plain tied head still goes along
+    bondgate.compress(model, bondgate.CompressionConfig(**cfg), progress=False)
+    assert isinstance(model.emb, MPOEmbedding) and model.head.cores is model.emb.cores

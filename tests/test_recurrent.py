@@ -515,3 +515,52 @@ def test_from_torch_refuses_what_it_would_change_and_options_torch_refuses(tmp_p
         Recurrent.from_torch(r.to_torch())
         bondgate.save(r, tmp_path / "r")
         bondgate.load(tmp_path / "r")
+
+
+def test_a_flop_budget_buys_nothing_in_a_recurrent_layers_matrices():
+    # torch's fused kernel runs a compressed LSTM's dense weights at inference: the budget priced and the report
+    # counted its factored matrices at 0.30x dense FLOPs (measured whole-LSTM time: 1.04-1.06x dense)
+    from bondgate import CompressionConfig, compress
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(64, 64)
+            self.head = nn.Linear(64, 512)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0])
+
+    torch.manual_seed(0)
+    calib = [torch.randn(6, 4, 64)]
+    only_rnn = CompressionConfig(param_ratio=0.5, flops_ratio=0.6, target_modules=["rnn"], deploy_rows=32)
+    with pytest.raises(ValueError, match=r"flops_ratio=0.6 is out of reach: .* take 1 of the dense layers' FLOPs .*"
+                                         r"recurrent layers — rnn.ih_l0, rnn.hh_l0 — run dense"):
+        compress(Net(), only_rnn, calibration=calib, progress=False)
+    model = Net()
+    compress(model, CompressionConfig(param_ratio=0.5, flops_ratio=0.6, deploy_rows=32), calibration=calib,
+             progress=False)
+    rows = {r.name: r for r in model.bondgate_report.layers}
+    assert {n for n, r in rows.items() if n.startswith("rnn.")} == {"rnn.ih_l0", "rnn.hh_l0"}
+    for n in ("rnn.ih_l0", "rnn.hh_l0"):
+        assert rows[n].flops_mpo == rows[n].flops_dense > 0
+    flops = sum(r.flops_mpo for r in rows.values())
+    dense = sum(r.flops_dense for r in rows.values())
+    assert flops <= 0.6 * dense + 1  # the head alone carries the cut
+    assert rows["head"].flops_mpo <= 0.6 * dense - (dense - rows["head"].flops_dense) + 1
+
+
+def test_refresh_drops_the_kept_dense_weights_after_a_write_torch_cannot_see():
+    torch.manual_seed(0)
+    rec = Recurrent.from_torch(nn.LSTM(8, 8))
+    rec.ih_l0 = bondgate.MPOLinear.from_linear(rec.ih_l0, max_bond=4)
+    rec.eval()
+    x = torch.randn(5, 2, 8)
+    with torch.no_grad():
+        before = rec(x)[0]
+        rec.ih_l0.cores[0].numpy()[...] *= 0.25  # no version counter moves
+        assert torch.equal(rec(x)[0], before)  # the kept dense weight: stale
+        rec.refresh()
+        after = rec(x)[0]
+        rec.fused = False
+        assert torch.allclose(after, rec(x)[0], atol=1e-6) and not torch.allclose(after, before, atol=1e-3)

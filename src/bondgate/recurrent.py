@@ -174,6 +174,15 @@ class Recurrent(nn.Module):
             replica.__dict__.pop(name, None)
         return replica
 
+    def refresh(self) -> None:
+        """Drop the dense weights kept between inference calls (and the projections' own kept operands): only needed
+        after a write that bypasses torch (a numpy view, DLPack), which no version counter sees."""
+        for name in self._CACHES:
+            self.__dict__.pop(name, None)
+        for m in self.children():
+            if callable(getattr(m, "refresh", None)):
+                m.refresh()
+
     def flatten_parameters(self) -> None:
         """Nothing to do (``nn.LSTM``'s cuDNN weight layout); here so that code calling it keeps working."""
 

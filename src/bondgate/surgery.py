@@ -523,8 +523,17 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str,
             skipped[name] = f"weight is not a floating-point matrix ({type(w).__name__})"
             continue
         tied = [o for o in owners.get(id(w), []) if o != f"{name}.weight"]
-        if emb and all(isinstance(model.get_submodule(o.rpartition(".")[0]), nn.Linear) for o in tied):
-            tied = []  # LM heads tied to the table: they become its tied MPO head
+        heads = [o.rpartition(".")[0] for o in tied]
+        # LM heads tied to the table become its tied MPO head: plain nn.Linear ones, as _tied_heads swaps (a
+        # subclass stayed dense on the old Parameter, untied), and not one the caller excluded
+        if emb and tied and all(type(model.get_submodule(h)) is nn.Linear for h in heads) \
+                and any(_matches(h, config.exclude) for h in heads):
+            skipped[name] = (f"its tied head {', '.join(heads)} is excluded, and compressing the table compresses "
+                             f"the head it shares its weight with")
+            warn_user(f"compress: skipping {name}: {skipped[name]} (exclude the table too to silence this)")
+            continue
+        if emb and all(type(model.get_submodule(h)) is nn.Linear for h in heads):
+            tied = []
         if tied:
             skipped[name] = f"weight is tied to {', '.join(tied)}; compressing it would untie them"
             if emb or not any(isinstance(model.get_submodule(o.rpartition(".")[0]), nn.Embedding) for o in tied):
@@ -637,6 +646,7 @@ class _Work:
     kept: torch.Tensor | None = None  # a table's kept ids (exact rows)
     held: torch.Tensor | None = None  # W during the layer's turn (see _turns)
     held_cov: torch.Tensor | None = None  # cov during the layer's turn
+    fused: bool = False  # a Recurrent's matrix: at inference torch's fused kernel runs its dense weight, whatever the form
 
     @property
     def is_embedding(self) -> bool:
@@ -797,6 +807,7 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
         sens = layer_sensitivity(model, linear, data[: max(1, min(len(data), 8))])
 
     works: list[_Work] = []
+    recurrent = {n for n, m in model.named_modules() if isinstance(m, Recurrent)}
     for name, mod in targets.items():
         W = dense_weight(mod)
         if isinstance(mod, nn.Embedding):
@@ -805,7 +816,7 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
             out_f, in_f = layer_factors(W.shape[0], W.shape[1], config.num_cores)
         b = getattr(mod, "bias", None)
         works.append(_Work(name, mod, None if b is None else b.detach().to(torch.float64).cpu(), out_f, in_f,
-                           stats.get(name), weight=sens.get(name, 1.0)))
+                           stats.get(name), weight=sens.get(name, 1.0), fused=name.rpartition(".")[0] in recurrent))
         counts = token_counts.get(name)
         pad = getattr(mod, "padding_idx", None)
         if counts is not None and pad is not None and not bool(W[pad].any()):
@@ -859,10 +870,14 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
                         raise ValueError("a time or FLOP budget needs linear layers among the targets")
                     least = sum(min(m.costs) for m in gm) / dense_cost
                     if least > cost[1]:
+                        fused = [w.name for w in group if w.fused]
                         raise ValueError(f"{what[0]}={cost[1]:g} is out of reach: the cheapest forms of these layers "
                                          f"(kinds={list(config.forms)}) take {least:.4g} of the dense layers' "
                                          f"{what[1]} at deploy_rows={config.deploy_rows}; give at least "
-                                         f"{_round_up(least):g}, or more kinds")
+                                         f"{_round_up(least):g}, or more kinds" + (
+                                             f" (the matrices of recurrent layers — {_short_list(fused, 3)} — run "
+                                             f"dense in torch's fused kernel whatever their form: no budget of "
+                                             f"{what[1]} is bought there)" if fused else ""))
                 try:
                     picks = allocate(gm, group_budget(group, ratio), cost_budget)
                 except BudgetConflict as exc:  # each budget alone is within reach, not both as found (never broken)
@@ -968,6 +983,9 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
             if w.name in times:  # as the budget priced it (_price's functions on the layer's menu)
                 menu = menu_of[w.name]
                 row.time_pred_us = 1e6 * (menu.rank_cost(wid) if isinstance(wid, int) else menu.cost_of(wid))
+        if w.fused:  # what runs at inference: the dense weight, in torch's fused kernel
+            row.flops_mpo = row.flops_dense
+            row.time_us = row.time_dense_us
         swap_module(model, w.module, names, layer)
         row.aliases = names[id(w.module)][1:]
         report.layers.append(row)
@@ -1115,7 +1133,8 @@ def _kind_times(w: _Work, config: CompressionConfig) -> KindTimes:
 
 def _price(menu: LayerMenu, w: _Work, config: CompressionConfig, times: KindTimes | None) -> None:
     """Each entry's cost per call at ``deploy_rows``: seconds (``times``) or FLOPs. An MPO slower than the dense
-    layer costs the dense layer's time under the speed / auto policies (its plans may keep the dense weight)."""
+    layer costs the dense layer's time under the speed / auto policies (its plans may keep the dense weight); every
+    form of a recurrent layer's matrix costs the dense one's (:attr:`_Work.fused`)."""
     out_features, in_features = w.shape
     rows, fallback = config.deploy_rows, config.policy != "memory"
     if times is not None:
@@ -1137,6 +1156,8 @@ def _price(menu: LayerMenu, w: _Work, config: CompressionConfig, times: KindTime
         def low(rank):
             return float(lowrank_flops(out_features, in_features, rank, rows))
 
+    if w.fused:  # no form buys time or FLOPs there (README: a compressed recurrent layer saves weights, not time)
+        mpo = low = lambda _: dense  # noqa: E731
     menu.costs = [dense if c is None else low(c) if isinstance(c, int) else mpo(c) for c in menu.widths]
     menu.cost_of, menu.rank_cost = mpo, low
 

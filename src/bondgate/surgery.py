@@ -135,6 +135,8 @@ class CompressionConfig:
             fraction of the dense layers' (time measured on this machine: not deterministic).
         flops_ratio: the same with FLOPs (deterministic): the new layers then choose their contraction plans by
             FLOPs instead of timing them, so that they run the FLOPs the budget counted. Give at most one of the two.
+            A recurrent layer's matrices count at their dense cost whatever their form (torch's fused kernel runs
+            their dense weights).
         deploy_rows: the rows per layer call (tokens of a batch) the time, FLOPs (also the report's) and ``"auto"``
             policy are judged at.
     """

@@ -188,3 +188,81 @@ def test_layer_flops_of_a_dense_plan_count_the_layers_own_size(plan_id):
     assert plan.id == plan_id
     merge = 0 if plan.cached else plan.group_flops
     assert layer.flops(64) == 2 * 64 * 34 * 62 + merge
+
+
+def _peak_at(plan, rows):
+    """Largest intermediate (elements) of ``plan`` at ``rows`` rows, merged groups included."""
+    import opt_einsum as oe
+
+    if plan.dense:
+        return plan.peak_elements
+    info = oe.contract_path(plan.equation, (rows, *plan.in_factors), *plan.group_shapes, optimize=list(plan.path),
+                            shapes=True)[1]
+    return max(int(info.largest_intermediate), plan.peak_elements)
+
+
+def test_memory_mode_limit_holds_at_every_row_count_of_the_bucket():
+    # admissibility was checked at the bucket's smallest row count only: at 127 rows (bucket 64..127) merge12/r2l took
+    # 2,080,768 elements against a limit of 1,048,576 (1.98x)
+    out_f, in_f, ranks = (8, 8, 4, 4), (16, 2, 16, 2), (8, 356, 4)
+    cands = _build_candidates(out_f, in_f, ranks, 64, PlanPolicy(), False)
+    assert len(cands) > 10
+    for rows in (64, 100, 127):
+        limit = max(1024 * 1024, 4 * rows * (1024 + 1024))
+        over = [(c.id, _peak_at(c, rows)) for c in cands if _peak_at(c, rows) > limit]
+        assert not over, (rows, limit, over)
+    assert "merge12/r2l|aten" not in {c.id for c in cands}
+    speed = _build_candidates(out_f, in_f, ranks, 64, PlanPolicy(cache_dense=True), False)
+    assert "merge12/r2l|aten" in {c.id for c in speed}  # speed mode has no memory limit
+    # the plan select="flops" picks at 7 rows (bucket 4..7) of a 128 x 64 layer took 14,336 elements, limit 8,192
+    plan = get_plan((16, 8), (16, 4), (32,), 7, torch.float32, torch.device("cpu"), PlanPolicy(select="flops"))
+    assert plan.planned_rows == 4 and _peak_at(plan, 7) <= max(128 * 64, 4 * 7 * (128 + 64)) == 8192
+
+
+def test_many_cores_plan_without_the_dynamic_programming_search(monkeypatch):
+    # dp-size on the 15-operand contraction of 14 cores took 0.6 s per row bucket, 11 s at 17 cores
+    from bondgate import planner
+
+    sizes = []
+
+    class Recording(planner.oe.DynamicProgramming):
+        def __call__(self, inputs, *args, **kwargs):
+            sizes.append(len(inputs))
+            return super().__call__(inputs, *args, **kwargs)
+
+    monkeypatch.setattr(planner.oe, "DynamicProgramming", Recording)
+    d = 14
+    out_f, in_f, ranks = (2,) * d, (1,) * (d - 2) + (2, 2), (2,) + (3,) * (d - 3) + (2,)
+    cands = _build_candidates(out_f, in_f, ranks, 3, PlanPolicy(cache_dense=True), False)
+    assert sizes and max(sizes) <= 12  # the "pairs" grouping (8 operands) is still searched
+    assert planner.DP_MAX_OPERANDS == 12
+    assert "cores/greedy|aten" in {c.id for c in cands}
+    gen = torch.Generator().manual_seed(0)
+    r = [1, *ranks, 1]
+    cores = [torch.randn(r[k], out_f[k], in_f[k], r[k + 1], dtype=torch.float64, generator=gen) for k in range(d)]
+    x = torch.randn(3, 4, dtype=torch.float64, generator=gen)
+    ref = x @ MPO(cores, 2**d, 4).to_matrix().T
+    for c in cands:
+        assert torch.allclose(c.run(x, c.group_operands(cores), 2**d), ref, atol=1e-9), c.id
+
+
+def test_pinned_plans_survive_a_functional_call_with_cores_of_other_widths():
+    # a functional_call with narrower cores dropped a loaded layer's pinned plans for good; the plan made for the
+    # narrower cores (cores/optimal, which runs at any widths) then stayed in use after the call
+    from torch.func import functional_call
+
+    layer = MPOLinear(96, 80, max_bond=6, num_cores=3, policy=PlanPolicy(select="flops"))
+    pins = {"cpu:float32:3:0": "cores/sweep-l2r/cached|sweep"}
+    twin = MPOLinear.from_spec({**layer.spec(), "plans": pins})
+    twin.load_state_dict(layer.state_dict())
+    x = torch.randn(5, 96)
+    with torch.no_grad():
+        y = twin(x)
+        for _ in range(2):
+            small = twin.to_mpo().slice_bonds((2, 3))
+            swapped = {f"cores.{k}": c for k, c in enumerate(small.cores)}
+            ys = functional_call(twin, swapped, (x,))
+            assert torch.allclose(ys, x @ small.to_matrix().T + twin.bias, atol=1e-5)
+            assert twin._pinned == pins and twin.plan(5).id == pins["cpu:float32:3:0"]
+            assert torch.equal(twin(x), y)
+    assert twin.spec()["plans"] == pins

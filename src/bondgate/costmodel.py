@@ -37,11 +37,14 @@ def mpo_flops(out_f: Sequence[int], in_f: Sequence[int], widths: Sequence[int], 
     An upper bound on the FLOP-minimal plan's cost (a plan chosen by timing may run more FLOPs where that is faster;
     ``CompressionConfig(flops_ratio=...)`` therefore has its layers choose by FLOPs): the planner's plans also
     contract cores with each other before the input (``planner.min_flops``, ~5 ms per call, too slow for a menu),
-    which for 4 or more cores, or uneven factors, can be cheaper (measured on model layers at 1-16 rows: 1.0x-1.1x for 3 cores, 1.3x-1.9x for 4; on random shapes
-    up to 2.1x, 4.6x and 10x for 3, 4 and 5 cores; a bond of width 1 splits the MPO into a Kronecker product whose
-    cores-first contraction this form misses: 10-12x at 3 cores, e.g. 512x1024 at bonds (1, 64)). A FLOP budget is
-    then met with that margin (such layers look costlier than they run, so a tight ``flops_ratio`` can take more of
-    their weights than it needs), and a time budget's fitted throughput absorbs part of it."""
+    which for 4 or more cores, or uneven factors, can be cheaper (measured on model layers at 1-16 rows: 1.0x-1.1x for
+    3 cores, 1.3x-1.9x for 4; on random shapes, 1,000 per core count with factors from {2, 3, 4, 5, 8}, every bond
+    uniform in [2, its full width], each at 1, 16 and 256 rows: median 1.0x, 1.25x, 1.7x and 2.6x for 3, 4, 5 and 6
+    cores, 99th percentile 2.8x, 6.5x, 11x and 27x, worst 7.5x, 19x, 61x and 99x, each where a bond of 2 or 3 sits
+    beside a wide one; a bond of width 1 splits the MPO into a Kronecker product whose cores-first contraction this
+    form misses: 10-12x at 3 cores, e.g. 512x1024 at bonds (1, 64)). A FLOP budget is then met with that margin
+    (such layers look costlier than they run, so a tight ``flops_ratio`` can take more of their weights than it
+    needs), and a time budget's fitted throughput absorbs part of it."""
     r = [1, *widths, 1]
     rebuild, acc = 0, out_f[0] * in_f[0] * r[1]
     for k in range(1, len(out_f)):
@@ -84,7 +87,10 @@ def _median_seconds(fn: Callable[[], object], sync: Callable[[], None], min_time
 def measure(layer: nn.Module, rows: int, dtype: torch.dtype | None = None, device: torch.device | None = None,
             min_time: float = 0.02) -> float:
     """Median seconds of one inference call of ``layer`` on ``rows`` random rows (eval, no grad; plans made first)."""
-    p = next(layer.parameters())
+    p = next(layer.parameters(), None)
+    if p is None and (dtype is None or device is None):
+        raise ValueError(f"measure: {type(layer).__name__} has no parameters to take the dtype and device from; "
+                         "pass dtype= and device=")
     dtype, device = dtype or p.dtype, device or p.device
     x = torch.randn(rows, layer.in_features, dtype=dtype, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -117,11 +123,17 @@ class KindTimes:
         return a + mpo_flops(out_f, in_f, widths, self.rows) / thr
 
 
+FIT_MAX_SPEEDUP = 10.0  # the fitted throughput is at most this many times the larger point's flops / seconds
+
+
 def _fit(points: list[tuple[int, float]]) -> tuple[float, float]:
-    """``(overhead, throughput)`` of ``t = a + flops / thr`` through two (flops, seconds) points (clamped sane)."""
+    """``(overhead, throughput)`` of ``t = a + flops / thr`` through two (flops, seconds) points (clamped sane:
+    ``a >= 0``, ``thr <= FIT_MAX_SPEEDUP * flops / seconds`` of the larger point)."""
     (f0, t0), (f1, t1) = sorted(points)
     if f1 > f0 and t1 > t0:
-        thr = (f1 - f0) / (t1 - t0)
+        # a time difference lost in the noise gave any throughput (6.7e12 FLOP/s on one CPU thread); capped, the
+        # line passes at most t1 / FIT_MAX_SPEEDUP above the larger point
+        thr = min((f1 - f0) / (t1 - t0), FIT_MAX_SPEEDUP * f1 / t1)
         return max(t0 - f0 / thr, 0.0), thr
     return 0.0, f1 / max(t1, 1e-9)  # noise made the line fall: no overhead, the larger point's throughput
 

@@ -454,6 +454,7 @@ class MPOLinear(nn.Module):
     __prepare_scriptable__ = _refuse_script  # torch.jit.script: a clear refusal
 
     _quant: str | None = None  # the class default: layers built before quantization existed are not quantized
+    _pin_dims: tuple[int, ...] | None = None  # the bond widths the pinned plans are for (None: any, older pickles)
 
     def __init__(
         self,
@@ -572,7 +573,7 @@ class MPOLinear(nn.Module):
             "error": None if math.isnan(self.error) else self.error,
             # plans used so far, "<device type>:<dtype>:<row bucket>:<grad>" -> plan id: a loaded copy on the
             # same kind of device runs the same contractions, so its outputs are bit-identical to this layer's
-            "plans": {**self._pinned, **{self._pin_key(k >> 1, k & 1): p.id for k, (p, _) in self._plans.items()}},
+            "plans": {**self._pins(), **{self._pin_key(k >> 1, k & 1): p.id for k, (p, _) in self._plans.items()}},
             **({"quant": self._quant} if self._quant is not None else {}),
         }
 
@@ -611,6 +612,11 @@ class MPOLinear(nn.Module):
         type and dtype is no choice for another."""
         c0 = self._masters()[0]
         return f"{c0.device.type}:{str(c0.dtype).removeprefix('torch.')}:{bucket}:{int(grad)}"
+
+    def _pins(self) -> dict[str, str]:
+        """The pinned plans while the cores have the widths they were pinned at (not while a functional_call runs the
+        layer with cores of other widths, nor after a core was given other widths through ``.data``)."""
+        return self._pinned if self._pin_dims in (None, self.bond_dims) else {}
 
     def to_mpo(self) -> MPO:
         """The weight as a detached :class:`MPO` (of a quantized layer: its full-precision master cores)."""
@@ -687,7 +693,7 @@ class MPOLinear(nn.Module):
         """
         batch = positive_int(batch, "batch", low=0)
         c0 = self._masters()[0]
-        prefer = self._pinned.get(self._pin_key(max(batch, 1).bit_length(), grad))
+        prefer = self._pins().get(self._pin_key(max(batch, 1).bit_length(), grad))
         return get_plan(self.out_factors, self.in_factors, self.bond_dims, batch, c0.dtype, c0.device,
                         self._policy, grad, prefer=prefer)
 
@@ -718,6 +724,7 @@ class MPOLinear(nn.Module):
     def _reset_caches(self) -> None:
         if "_pinned" not in self.__dict__:
             self._pinned: dict[str, str] = {}
+            self._pin_dims = self.bond_dims if "cores" in self._modules else None
             # load_state_dict(assign=True) puts plain parameters in, after this module's own hook has run
             self.register_load_state_dict_post_hook(_retrack)
         self._plans: dict[int, tuple[ContractionPlan, list | None]] = {}
@@ -777,8 +784,9 @@ class MPOLinear(nn.Module):
         ``fake_quant(master)``: recomputed per training call with a straight-through gradient to the masters
         (quantization-aware training, e.g. :func:`bondgate.distill`), kept between inference calls.
         ``state_dict()`` holds the cores as int8 plus ``cores.<k>_scale`` fp32 scales ``(r_left, out)``; loading
-        such a dict sets the masters to the dequantized values, which quantize to themselves, so a saved and
-        reloaded layer computes bit-identical outputs. The bias stays in full precision. A tied head shares its
+        such a dict sets the masters to the dequantized values, which quantize to themselves, so a layer saved and
+        reloaded into a layer of the same dtype computes bit-identical outputs (a 16-bit layer loading float32 int8
+        cores, or the reverse, re-rounds them onto its own grid, with a warning). The bias stays in full precision. A tied head shares its
         cores with an :class:`~bondgate.MPOEmbedding`: quantize both (:func:`bondgate.quantize_mpo`).
         """
         mode = check_quant(mode)
@@ -843,7 +851,7 @@ class MPOLinear(nn.Module):
         """Replace the cores (e.g. after truncation); shapes may change."""
         mpo = MPO([c.detach() for c in cores], self.out_features, self.in_features)
         self.cores = nn.ParameterList([TrackedParameter(c.clone(memory_format=torch.contiguous_format)) for c in mpo.cores])
-        self._pinned = {}
+        self._pinned, self._pin_dims = {}, self.bond_dims
         self._reset_caches()
 
     # ------------------------------------------------------------------ traced forward (torch.compile / export)
@@ -922,7 +930,11 @@ class MPOLinear(nn.Module):
             raise
         entry = self._plans.get(key)
         if entry is None:
-            entry = self._plans[key] = self._new_entry(x, x2d.shape[0], grad)
+            entry = self._new_entry(x, x2d.shape[0], grad)
+            # not kept for cores of other widths than the pinned plans' (a functional_call): a plan that runs at any
+            # widths would otherwise stay in use after the call instead of the pinned one
+            if not self._pinned or self._pins():
+                self._plans[key] = entry
         plan, slot = entry
         bias = own_param(self, "bias")
         try:
@@ -950,12 +962,12 @@ class MPOLinear(nn.Module):
 
     def _replan_reshaped(self, plan: ContractionPlan) -> bool:
         """After a failed call: whether the cores' shapes differ from ``plan``'s (a core given a new shape through
-        ``.data``), in which case the plans are dropped, once the new shapes are checked to form an MPO of this
-        layer's size (a clear error otherwise)."""
+        ``.data``, or cores of other widths given by ``torch.func.functional_call``), in which case the plans are
+        dropped, once the new shapes are checked to form an MPO of this layer's size (a clear error otherwise). The
+        pinned plans stay, for the widths they were pinned at (:meth:`_pins`)."""
         mpo = MPO([c.detach() for c in self._masters()], self.out_features, self.in_features)  # raises if inconsistent
         if (plan.out_factors, plan.in_factors, plan.ranks) == (mpo.out_factors, mpo.in_factors, mpo.bond_dims):
             return False
-        self._pinned = {}
         self._reset_caches()
         return True
 

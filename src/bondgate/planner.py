@@ -23,7 +23,8 @@ Every way of doing so is a *plan*:
   cores' matrix layout (as many elements as the cores) and is allowed in memory mode too.
 
 Candidates are: FLOP-optimal paths from several opt_einsum optimizers (``optimal``/``dp`` under the
-flops, size, write and combo objectives, ``greedy``, ``branch-2``), the left-to-right and
+flops, size, write and combo objectives, ``greedy``, ``branch-2``; only ``dp`` by size and ``greedy`` above 9
+operands, only ``greedy`` above :data:`DP_MAX_OPERANDS`), the left-to-right and
 right-to-left sweeps, merged neighbouring cores, and rebuild-then-GEMM. FLOP-optimal is not
 time-optimal on a CPU (thin GEMMs and permutes dominate), so by default (``select="time"``) the
 candidates that survive a FLOP and memory screen are timed on the real shapes and the fastest wins
@@ -35,7 +36,9 @@ row bucket is ``B.bit_length()`` (powers of two), so nothing is planned on the h
 call for a key, and layers of the same shape share one plan.
 
 Memory: in memory mode (``cache_dense=False``) a plan is admissible only if none of its intermediates
-exceeds ``max(dense weight, 4 * (input + output activations))`` elements; rebuild-then-GEMM always is,
+exceeds ``max(dense weight, 4 * (input + output activations))`` elements at any row count of its bucket (checked
+at the bucket's smallest and largest: an intermediate is either fixed or proportional to the rows, and so is the
+limit); rebuild-then-GEMM always is,
 so there is always a candidate. What a memory-mode layer may keep between inference calls is its cores in
 the sweeps' matrix layout — one copy per sweep direction its row buckets' plans use (at most two) — never a
 dense weight.
@@ -451,6 +454,9 @@ def _group_shape(shapes, lo, hi, d, out_f, in_f, ranks) -> tuple[int, ...]:
     return tuple(s + ([r[hi + 1]] if hi < d - 1 else []))
 
 
+DP_MAX_OPERANDS = 12  # contractions of more operands (x and 12+ core groups) take their path from greedy alone
+
+
 def _build_candidates(out_f, in_f, ranks, rows, policy: PlanPolicy, grad: bool) -> list[ContractionPlan]:
     d = len(out_f)
     L = _Letters(d)
@@ -504,6 +510,8 @@ def _build_candidates(out_f, in_f, ranks, rows, policy: PlanPolicy, grad: bool) 
         }
         if n_ops > 9:  # many cores: the exhaustive searches take ~1 s per group set; keep the fast ones
             optimizers = {k: optimizers[k] for k in ("dp-size", "greedy")}
+        if n_ops > DP_MAX_OPERANDS:  # dp-size's time grows ~2.5x per operand: 0.1 s at 13, 11 s at 18 (17 cores)
+            optimizers = {"greedy": "greedy"}
         for oname, opt in optimizers.items():
             p, info = oe.contract_path(eq, x_shape, *gshapes, optimize=opt, shapes=True)
             paths.setdefault(tuple(map(tuple, p)), (oname, info))
@@ -540,7 +548,24 @@ def _build_candidates(out_f, in_f, ranks, rows, policy: PlanPolicy, grad: bool) 
                         )
                     )
     if not policy.cache_dense:
-        admissible = [c for c in cands if c.peak_elements <= act_limit]
+        # the plan serves its whole bucket: the intermediates that grow with the rows are checked at its top row count
+        top = (1 << row_bucket(rows)) - 1
+        top_limit = max(N * M, 4 * top * (N + M))
+        top_peaks: dict[tuple, int] = {}
+
+        def fits(c: ContractionPlan) -> bool:
+            if c.peak_elements > act_limit:
+                return False
+            if c.dense or top == rows:
+                return True
+            key = (c.equation, c.path)
+            if key not in top_peaks:
+                info = oe.contract_path(c.equation, (top, *in_f), *c.group_shapes, optimize=list(c.path),
+                                        shapes=True)[1]
+                top_peaks[key] = int(info.largest_intermediate)
+            return top_peaks[key] <= top_limit
+
+        admissible = [c for c in cands if fits(c)]
         cands = admissible or [c for c in cands if c.name == "rebuild+gemm"]
     return cands
 

@@ -193,8 +193,12 @@ def fake_timings(monkeypatch):
     def dense_seconds(out_features, in_features, rows, dtype=torch.float32, device="cpu"):
         return 1e-9 * ns["dense_ns"] * 2 * rows * out_features * in_features
 
+    def paired(layer, rows):  # the auto policy's paired timing: the plan's fake time beside the dense one
+        return 1e-6 * layer.plan(rows).time_us, dense_seconds(layer.out_features, layer.in_features, rows)
+
     monkeypatch.setattr(planner, "_autotune", autotune)
     monkeypatch.setattr(surgery, "calibrate_dense", dense_seconds)
+    monkeypatch.setattr(surgery, "paired_seconds", paired)
     bondgate.clear_plan_cache()  # no plan timed for real by an earlier test
     yield ns
     bondgate.clear_plan_cache()  # nor one timed here for a later test
@@ -232,6 +236,28 @@ def test_auto_policy_keeps_the_dense_weight_where_the_mpo_costs_more(fake_timing
     bondgate.clear_plan_cache()
     assert _auto_policy(wide, 128)[0] == "speed"
     assert CompressionConfig(max_bond=4).policy == "auto"
+
+
+def test_auto_policy_times_the_layer_and_its_dense_weight_together(monkeypatch):
+    # the dense time came from a per-shape cache measured once, apart from the layer: one burst of load during it
+    # (9x too slow) put 7 of MiniLM's 12 MPO layers in memory mode at 1.6-2.0x dense time, reported as 0.42x
+    from bondgate import costmodel, surgery
+
+    def stale(*args, **kwargs):
+        raise AssertionError("the decision read a dense time measured apart from the layer")
+
+    monkeypatch.setattr(surgery, "calibrate_dense", stale)
+    torch.manual_seed(0)
+    layer = MPOLinear.from_linear(nn.Linear(64, 64), max_bond=4)
+    seen = []
+    for mpo_s, dense_s, want in ((2e-6, 1e-6, "speed"), (1e-6, 2e-6, "memory")):
+        monkeypatch.setattr(surgery, "paired_seconds", lambda lay, rows: seen.append((lay, rows)) or (mpo_s, dense_s))
+        assert surgery._auto_policy(layer, 8) == (want, 1e6 * mpo_s, 1e6 * dense_s)
+    assert all(lay is layer for lay, _ in seen) and {r for _, r in seen} == {8, 1}
+    # the paired timing itself: both calls on the same rows, the layer back in its mode
+    layer.train()
+    t_layer, t_dense = costmodel.paired_seconds(layer, 8, rounds=3, min_time=1e-4)
+    assert t_layer > 0 and t_dense > 0 and layer.training
 
 
 def test_lowrank_layers_save_and_load_bit_exactly(tmp_path):

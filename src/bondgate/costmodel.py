@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["mpo_flops", "lowrank_flops", "full_widths", "KindTimes", "calibrate", "calibrate_dense", "measure"]
+__all__ = ["mpo_flops", "lowrank_flops", "full_widths", "KindTimes", "calibrate", "calibrate_dense", "measure",
+           "paired_seconds"]
 
 
 def _sweep(out_f: Sequence[int], in_f: Sequence[int], widths: Sequence[int], rows: int) -> int:
@@ -101,6 +102,45 @@ def measure(layer: nn.Module, rows: int, dtype: torch.dtype | None = None, devic
             return _median_seconds(lambda: layer(x), sync, min_time)
     finally:
         layer.train(was)
+
+
+def paired_seconds(layer: nn.Module, rows: int, rounds: int = 7, min_time: float = 0.01) -> tuple[float, float]:
+    """``(layer, dense)``: median seconds of one inference call of ``layer`` (an MPO or low-rank layer) and of
+    ``F.linear`` with its dense weight and bias, on the same ``rows`` random rows, timed in ``rounds`` rounds of
+    alternating order, so that a slow stretch of a shared machine hits both alike (a dense time measured apart,
+    under a burst of load, was 9x too slow and made slower factors look faster)."""
+    p = next(layer.parameters())
+    x = torch.randn(rows, layer.in_features, dtype=p.dtype, device=p.device)
+    sync = torch.cuda.synchronize if p.device.type == "cuda" else (lambda: None)
+    was = layer.training
+    layer.eval()
+    try:
+        with torch.no_grad():
+            W = layer.weight_matrix().detach()
+            b = None if layer.bias is None else layer.bias.detach()
+            fns = [lambda: layer(x), lambda: torch.nn.functional.linear(x, W, b)]
+            reps = []
+            for fn in fns:
+                fn()  # plans made, kept operands built
+                sync()
+                one = float("inf")
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    fn()
+                    sync()
+                    one = min(one, time.perf_counter() - t0)
+                reps.append(max(1, int(min_time / max(one, 1e-7))))
+            samples: list[list[float]] = [[], []]
+            for k in range(rounds):
+                for i in ((0, 1) if k % 2 == 0 else (1, 0)):
+                    t0 = time.perf_counter()
+                    for _ in range(reps[i]):
+                        fns[i]()
+                    sync()
+                    samples[i].append((time.perf_counter() - t0) / reps[i])
+    finally:
+        layer.train(was)
+    return statistics.median(samples[0]), statistics.median(samples[1])
 
 
 @dataclass

@@ -53,7 +53,16 @@ from .calibration import (
     layer_sensitivity,
     refine_cores,
 )
-from .costmodel import KindTimes, calibrate, calibrate_dense, full_widths, lowrank_flops, measure, mpo_flops
+from .costmodel import (
+    KindTimes,
+    calibrate,
+    calibrate_dense,
+    full_widths,
+    lowrank_flops,
+    measure,
+    mpo_flops,
+    paired_seconds,
+)
 from .embedding import MPOEmbedding, most_frequent, row_weight_legs, table_factors, table_mpo, table_target
 from .factors import choose_factors, factorize_shape
 from .layer import MPOLinear, carry_hooks, outside_inference_mode, overrides_forward
@@ -1173,19 +1182,18 @@ def _plan_policy(config: CompressionConfig, mode: str | None = None) -> str | Pl
 
 
 def _auto_policy(layer: MPOLinear, rows: int) -> tuple[str, float | None, float | None]:
-    """``("speed" | "memory", MPO µs, dense µs at rows)``: speed if the layer's memory-mode plan is slower (or, when
-    not timed, costlier in FLOPs) than its dense layer at 1 or ``rows`` rows."""
-    p = layer.cores[0]
+    """``("speed" | "memory", MPO µs, dense µs at rows)``: speed if the layer in memory mode is slower (or, when its
+    plans are not timed, costlier in FLOPs) than its dense layer at 1 or ``rows`` rows, the two timed together
+    (:func:`bondgate.costmodel.paired_seconds`)."""
     policy, times = "memory", (None, None)
     for r in (rows, 1):
         plan = layer.plan(r)
         if plan.time_us is not None:
             # at the rows the plan was timed at (its bucket's smallest count), not r
-            dense_us = 1e6 * calibrate_dense(layer.out_features, layer.in_features, min(plan.planned_rows, 4096),
-                                             p.dtype, p.device)
+            mpo_s, dense_s = paired_seconds(layer, min(plan.planned_rows, 4096))
             if r == rows:
-                times = (plan.time_us, dense_us)
-            slower = plan.time_us > dense_us
+                times = (1e6 * mpo_s, 1e6 * dense_s)
+            slower = mpo_s > dense_s
         else:
             slower = layer.flops(r) > 2 * r * layer.out_features * layer.in_features
         if slower:

@@ -700,3 +700,18 @@ def test_sparse_files_with_a_dense_twin_int_values_or_a_shifted_row_pointer_are_
             continue
         with pytest.raises(ValueError, match="'0.weight' is damaged: " + match):
             load_sparse_state_dict(save({**tensors, **edit}, meta))
+
+
+def test_baselines_refuse_a_ratio_above_one_a_non_module_and_say_when_nothing_is_quantized():
+    # param_ratio=2.0 was accepted (CompressionConfig refuses it); size_on_disk(None) failed deep inside with an
+    # AttributeError; quantize_mpo on a model without MPO layers returned it unchanged without a word
+    import bondgate
+
+    model = nn.Sequential(nn.Linear(8, 8))
+    for fn in (bondgate.magnitude_prune, bondgate.svd_compress):
+        with pytest.raises(ValueError, match=r"param_ratio must be a number in \[0, 1\], got 2.0"):
+            fn(model, param_ratio=2.0)
+    with pytest.raises(TypeError, match="expected an nn.Module, got NoneType"):
+        bondgate.size_on_disk(None)
+    with pytest.warns(UserWarning, match="quantize_mpo: the model has no MPO layer"):
+        assert bondgate.quantize_mpo(model) is model

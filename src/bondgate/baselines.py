@@ -187,8 +187,8 @@ def _budgets(
                 raise ValueError(f"params[{name!r}] must be a non-negative integer, got {n!r}")
             budgets[name] = int(n)
         return selected, budgets, skipped
-    if not 0 <= param_ratio < math.inf:
-        raise ValueError(f"param_ratio must be a finite number >= 0, got {param_ratio!r}")
+    if isinstance(param_ratio, bool) or not isinstance(param_ratio, (int, float)) or not 0 <= param_ratio <= 1:
+        raise ValueError(f"param_ratio must be a number in [0, 1], got {param_ratio!r}")
     selected, skipped = _select(model, target, replace)
     budgets = {n: math.floor(param_ratio * m.weight.numel() + 0.5) for n, m in selected.items()}
     return selected, budgets, skipped
@@ -577,6 +577,8 @@ def load_sparse_state_dict(data: bytes | str | os.PathLike) -> dict[str, torch.T
 
 
 def _serialize(model: nn.Module, sparse: bool | Iterable[str]) -> bytes:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     if _is_quantized(model):
         # Dynamic int8 layers keep packed params (not plain tensors), which safetensors cannot hold;
         # their native format is torch.save. This is only used to measure the baseline's size:

@@ -302,9 +302,14 @@ def quantize_mpo(model: nn.Module, mode: str | None = "int8") -> nn.Module:
     check_quant(mode)
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_mpo expects an nn.Module, got {type(model).__name__}")
-    for m in model.modules():
-        if isinstance(m, (MPOLinear, MPOEmbedding)):
-            m.quantize_(mode)
+    layers = [m for m in model.modules() if isinstance(m, (MPOLinear, MPOEmbedding))]
+    for m in layers:
+        m.quantize_(mode)
+    if mode is not None and not layers:
+        from ._warn import warn_user
+
+        warn_user("quantize_mpo: the model has no MPO layer (run bondgate.compress first): nothing was quantized; "
+                  "for dense layers see bondgate.quantize_int8 and bondgate.deploy_int8")
     if mode is not None:
         from .hf import warn_int8_saving
 

@@ -480,8 +480,9 @@ def test_pruning_refuses_nan_weights_and_ratios_must_be_finite():
     with pytest.raises(ValueError, match=r"0\.weight holds NaN"):
         magnitude_prune(model, param_ratio=0.5)
     for fn in (magnitude_prune, svd_compress):
-        with pytest.raises(ValueError, match="finite"):
-            fn(_mlp(), param_ratio=float("inf"))
+        for bad in (float("inf"), float("nan"), -0.5):
+            with pytest.raises(ValueError, match=r"a number in \[0, 1\]"):
+                fn(_mlp(), param_ratio=bad)
 
 
 def test_latency_leaves_a_gated_model_as_it_was():

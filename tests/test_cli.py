@@ -316,6 +316,9 @@ def test_calibration_reads_a_pipe_and_standard_input(tmp_path, monkeypatch):
         _calibration_lines("-", 5)
     with pytest.raises(FileNotFoundError, match="file not found"):
         _calibration_lines(str(tmp_path / "missing"), 5)
+    if os.path.exists("/dev/zero"):  # a device that never ends a line
+        with pytest.raises(FileNotFoundError, match="/dev/zero is neither a file nor a pipe"):
+            _calibration_lines("/dev/zero", 5)
 
 
 def test_compress_a_lowrank_table_with_kept_rows(tiny_dir, tmp_path):

@@ -818,3 +818,28 @@ def test_a_student_with_some_16_bit_layers_is_refused_or_warned():
     assert all(torch.equal(p, b) for p, b in zip(student.parameters(), before))  # no step taken
     with pytest.warns(UserWarning, match="bfloat16 parameters: AdamW updates below"):
         distill(Mixed(torch.bfloat16), teacher, data, loss=DistillLoss(hidden=0, output=1), steps=1, progress=False)
+
+
+def test_sandwich_with_a_tuple_batch_for_a_forward_taking_star_args():
+    # the tuple batch bound to the forward's names ({"xs": (a, b)}) was passed on to the full-width pass, which
+    # called forward(xs=...): a TypeError where it had worked
+    bondgate = pytest.importorskip("bondgate")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(32, 64), nn.Linear(64, 32)
+
+        def forward(self, *xs):
+            return self.b(torch.relu(self.a(xs[0] + xs[1])))
+
+    torch.manual_seed(0)
+    teacher = Net()
+    batches = [(torch.randn(16, 32), torch.randn(16, 32)) for _ in range(2)]
+    student = compress(copy.deepcopy(teacher), CompressionConfig(param_ratio=0.5), calibration=batches,
+                       progress=False)
+    bondgate.gate(student, bondgate.GatingConfig(levels=(0.5, 1.0)))
+    bondgate.set_mode(student, "nested")
+    res = distill(student, teacher, batches, steps=2, loss=DistillLoss(hidden=0, output=1), sandwich=True,
+                  log_every=1, progress=False)
+    assert res.steps == 2 and "full_width" in res.history[0]["loss"]

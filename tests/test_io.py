@@ -869,6 +869,9 @@ def test_meta_device_models_are_refused_by_save_and_load(mlp_ckpt, tmp_path):
     with pytest.raises(ValueError, match=r"cannot save a model with tensors on the meta device \('0.weight'"):
         bondgate.save(model, tmp_path / "meta")
     assert not (tmp_path / "meta").exists()
+    scratch = mlp()  # a non-persistent buffer is no part of a checkpoint: where it lives does not matter
+    scratch[1].register_buffer("scratch", torch.empty(3, device="meta"), persistent=False)
+    bondgate.load(bondgate.save(scratch, tmp_path / "scratch"), model=scratch)
 
 
 def test_a_layer_placeholder_without_its_layer_is_refused(mlp_ckpt):

@@ -266,3 +266,15 @@ def test_pinned_plans_survive_a_functional_call_with_cores_of_other_widths():
             assert twin._pinned == pins and twin.plan(5).id == pins["cpu:float32:3:0"]
             assert torch.equal(twin(x), y)
     assert twin.spec()["plans"] == pins
+    # cores given other widths for good (.data): planned once, as any layer (each call planned anew at first, and a
+    # speed-mode layer rebuilt its dense weight per call)
+    calls = []
+    new_entry = twin._new_entry
+    twin._new_entry = lambda *a: calls.append(1) or new_entry(*a)
+    small = twin.to_mpo().slice_bonds((2, 3))
+    with torch.no_grad():
+        for core, c in zip(twin.cores, small.cores):
+            core.data = c.clone()
+        for _ in range(5):
+            assert torch.allclose(twin(x), x @ small.to_matrix().T + twin.bias, atol=1e-5)
+    assert len(calls) == 1 and twin.spec()["plans"] == {}

@@ -445,16 +445,19 @@ def test_loading_int8_cores_on_another_grid_warns():
     # a float32 int8 state dict loaded into a float16 / bfloat16 layer was re-quantized onto the power-of-two grid
     # without a word (the weight moved 1.0-1.1% here, where rounding it to the dtype moves it 0.02% / 0.16%), while
     # .half() on the same layer warns; a load within one grid keeps the weight bit for bit and says nothing
+    def int8(dtype=torch.float32):
+        return MPOLinear.from_linear(nn.Linear(64, 48), max_bond=8, num_cores=2, policy=MEMORY).to(dtype).quantize_()
+
     torch.manual_seed(0)
-    layer = MPOLinear.from_linear(nn.Linear(64, 48), max_bond=8, num_cores=2, policy=MEMORY).quantize_()
+    layer = int8()
     sd, w32 = layer.state_dict(), layer.weight_matrix().detach()
     for dtype in (torch.float16, torch.bfloat16):
-        twin = MPOLinear.from_linear(nn.Linear(64, 48), max_bond=8, num_cores=2, policy=MEMORY).to(dtype).quantize_()
+        twin = int8(dtype)
         with pytest.warns(UserWarning, match=f"loading int8 cores quantized in float32/float64 into a {dtype} "
                                              f"MPOLinear re-rounds them onto the int8 grid of {dtype}"):
             twin.load_state_dict(sd)
         assert rel(twin.weight_matrix().detach().float(), w32) > 0.008 and rel(w32.to(dtype).float(), w32) < 0.002
-    back = MPOLinear.from_linear(nn.Linear(64, 48), max_bond=8, num_cores=2, policy=MEMORY).quantize_()
+    back = int8()
     with pytest.warns(UserWarning, match="quantized in a 16-bit float into a torch.float32 MPOLinear"):
         back.load_state_dict(twin.state_dict())  # bfloat16 up to float32: the 17-bit grid
     rows = MPOEmbedding.from_embedding(nn.Embedding(40, 16), max_bond=4).quantize_()
@@ -464,8 +467,7 @@ def test_loading_int8_cores_on_another_grid_warns():
     x = torch.randn(4, 64)
     for src, dst in [(torch.float32, torch.float32), (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
                      (torch.float32, torch.float64), (torch.float16, torch.bfloat16)]:
-        saved = MPOLinear.from_linear(nn.Linear(64, 48), max_bond=8, num_cores=2, policy=MEMORY).to(src).quantize_()
-        loaded = MPOLinear.from_linear(nn.Linear(64, 48), max_bond=8, num_cores=2, policy=MEMORY).to(dst).quantize_()
+        saved, loaded = int8(src), int8(dst)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             loaded.load_state_dict(saved.state_dict())

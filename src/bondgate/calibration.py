@@ -168,9 +168,14 @@ def named_batch(model: nn.Module, batch):
     any other batch, or one that does not bind, as it is."""
     if isinstance(batch, (tuple, list)):
         try:  # (a torch.compile'd model's forward takes *args: its original module's names the positions)
-            return inspect.signature(getattr(model, "_orig_mod", model).forward).bind(*batch).arguments
+            sig = inspect.signature(getattr(model, "_orig_mod", model).forward)
+            named = sig.bind(*batch).arguments
         except (TypeError, ValueError):
             return batch
+        # only names the call can take back as keywords (not *args, not positional-only parameters)
+        if all(sig.parameters[n].kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+               for n in named):
+            return named
     return batch
 
 

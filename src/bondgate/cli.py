@@ -325,8 +325,10 @@ def _calibration_lines(file: str | None, size: int) -> tuple[list[str], str]:
         path = Path(file).expanduser()
         if path.is_dir():
             raise FileNotFoundError(f"--calibration: {path} is a directory; give a text file, one sample per line")
-        if not path.exists():  # a pipe (/dev/stdin, <(cmd)) is no regular file but reads as one
+        if not path.exists():
             raise FileNotFoundError(f"--calibration: file not found: {path}")
+        if not (path.is_file() or path.is_fifo()):  # a pipe (/dev/stdin, <(cmd)) reads as a file; /dev/zero never ends
+            raise FileNotFoundError(f"--calibration: {path} is neither a file nor a pipe")
         with path.open("rb") as f:
             lines, where = _first_lines(f, size, str(path)), str(path)
     if not lines:

@@ -64,8 +64,8 @@ def full_widths(out_f: Sequence[int], in_f: Sequence[int]) -> tuple[int, ...]:
     return tuple(min(math.prod(legs[: k + 1]), math.prod(legs[k + 1 :])) for k in range(len(legs) - 1))
 
 
-def _median_seconds(fn: Callable[[], object], sync: Callable[[], None], min_time: float = 0.02,
-                    rounds: int = 5) -> float:
+def _reps(fn: Callable[[], object], sync: Callable[[], None], min_time: float) -> int:
+    """Calls per timed sample: enough to last ``min_time`` at the fastest of three calls, after a warm-up call."""
     fn()
     sync()
     one = float("inf")
@@ -74,15 +74,22 @@ def _median_seconds(fn: Callable[[], object], sync: Callable[[], None], min_time
         fn()
         sync()
         one = min(one, time.perf_counter() - t0)
-    reps = max(1, int(min_time / max(one, 1e-7)))
-    samples = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        sync()
-        samples.append((time.perf_counter() - t0) / reps)
-    return statistics.median(samples)
+    return max(1, int(min_time / max(one, 1e-7)))
+
+
+def _sample(fn: Callable[[], object], sync: Callable[[], None], reps: int) -> float:
+    """Seconds per call of ``reps`` calls of ``fn`` in a row."""
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / reps
+
+
+def _median_seconds(fn: Callable[[], object], sync: Callable[[], None], min_time: float = 0.02,
+                    rounds: int = 5) -> float:
+    reps = _reps(fn, sync, min_time)
+    return statistics.median(_sample(fn, sync, reps) for _ in range(rounds))
 
 
 def measure(layer: nn.Module, rows: int, dtype: torch.dtype | None = None, device: torch.device | None = None,
@@ -104,7 +111,7 @@ def measure(layer: nn.Module, rows: int, dtype: torch.dtype | None = None, devic
         layer.train(was)
 
 
-def paired_seconds(layer: nn.Module, rows: int, rounds: int = 7, min_time: float = 0.01) -> tuple[float, float]:
+def paired_seconds(layer: nn.Module, rows: int, rounds: int = 5, min_time: float = 0.004) -> tuple[float, float]:
     """``(layer, dense)``: median seconds of one inference call of ``layer`` (an MPO or low-rank layer) and of
     ``F.linear`` with its dense weight and bias, on the same ``rows`` random rows, timed in ``rounds`` rounds of
     alternating order, so that a slow stretch of a shared machine hits both alike (a dense time measured apart,
@@ -119,25 +126,11 @@ def paired_seconds(layer: nn.Module, rows: int, rounds: int = 7, min_time: float
             W = layer.weight_matrix().detach()
             b = None if layer.bias is None else layer.bias.detach()
             fns = [lambda: layer(x), lambda: torch.nn.functional.linear(x, W, b)]
-            reps = []
-            for fn in fns:
-                fn()  # plans made, kept operands built
-                sync()
-                one = float("inf")
-                for _ in range(3):
-                    t0 = time.perf_counter()
-                    fn()
-                    sync()
-                    one = min(one, time.perf_counter() - t0)
-                reps.append(max(1, int(min_time / max(one, 1e-7))))
+            reps = [_reps(fn, sync, min_time) for fn in fns]  # plans made, kept operands built
             samples: list[list[float]] = [[], []]
             for k in range(rounds):
-                for i in ((0, 1) if k % 2 == 0 else (1, 0)):
-                    t0 = time.perf_counter()
-                    for _ in range(reps[i]):
-                        fns[i]()
-                    sync()
-                    samples[i].append((time.perf_counter() - t0) / reps[i])
+                for i in (0, 1) if k % 2 == 0 else (1, 0):
+                    samples[i].append(_sample(fns[i], sync, reps[i]))
     finally:
         layer.train(was)
     return statistics.median(samples[0]), statistics.median(samples[1])

@@ -60,15 +60,15 @@ class DistillLoss:
         encoder-decoder's encoder and decoder states are both matched, each over its own mask (``attention_mask``;
         ``decoder_attention_mask``, else ``labels != -100`` when the batch has labels).
     logits: ``T^2 * KL(softmax(z_t/T) || softmax(z_s/T))`` per token (an encoder-decoder's: per decoder token).
-
-    Padding: a batch's masks are read when it is a dict, or a tuple bound to the model's arguments by :func:`distill`
-    (``(input_ids, attention_mask)``).
     pooled: ``1 - cos`` between mask-mean-pooled last hidden states (sentence embeddings; an encoder-decoder's
         encoder states).
     output: relative MSE between the model outputs when they are plain tensors (e.g. an MLP); over every position
         (no mask: for a transformers model use ``hidden`` / ``logits`` / ``pooled``, which skip padding).
     task: the student's own ``loss`` (transformers models compute it when the batch has ``labels``).
     temperature: the ``T`` of the ``logits`` term (default 2.0; must be > 0).
+
+    Padding: a batch's masks are read when it is a dict, or a tuple bound to the model's arguments by :func:`distill`
+    (``(input_ids, attention_mask)``).
 
     A loss of your own passed to :func:`distill` is called as ``loss(student_out, teacher_out, batch)`` and returns
     ``(total, {term: float})``: the scalar tensor to minimize and the values to log; give it a ``wants_hidden()``
@@ -153,9 +153,11 @@ def _masks(batch, seq2seq: bool) -> dict[str, torch.Tensor]:
     """The batch's ``attention_mask`` and, of an encoder-decoder, its decoder mask: ``decoder_attention_mask``, else
     ``labels != -100`` (a seq2seq collator pads labels with -100 and gives no decoder mask; the decoder's padded
     positions would count)."""
+    if not isinstance(batch, Mapping):
+        return {}
     masks = {k: batch[k] for k in ("attention_mask", "decoder_attention_mask")
-             if isinstance(batch, Mapping) and isinstance(batch.get(k), torch.Tensor)}
-    labels = batch.get("labels") if isinstance(batch, Mapping) else None
+             if isinstance(batch.get(k), torch.Tensor)}
+    labels = batch.get("labels")
     if seq2seq and "decoder_attention_mask" not in masks and isinstance(labels, torch.Tensor) and labels.dim() == 2:
         masks["decoder_attention_mask"] = labels != -100
     return masks
@@ -263,9 +265,9 @@ def _step_loss(student: nn.Module, batch, t_out, loss: Callable, want_hidden: bo
     s_out = _call(student, batch, want_hidden)
     device = model_device(student)
     batch, t_out = to_device(batch, device), to_device(t_out, device)  # a teacher may sit on another device
-    if isinstance(loss, DistillLoss):  # its masks, from a tuple batch too (a loss of your own gets the batch as given)
-        batch = named_batch(_inner(student), batch)
-    total, parts = _loss_value(loss(s_out, t_out, batch))
+    # DistillLoss reads the masks of a tuple batch too; a loss of your own gets the batch as given
+    seen = named_batch(_inner(student), batch) if isinstance(loss, DistillLoss) else batch
+    total, parts = _loss_value(loss(s_out, t_out, seen))
     aux = aux_losses(student)  # of this forward, before the full-width pass
     if aux is not None:
         total = total + aux
@@ -274,7 +276,7 @@ def _step_loss(student: nn.Module, batch, t_out, loss: Callable, want_hidden: bo
         from .gating import full_width
 
         with full_width(student):
-            full_total, _ = _loss_value(loss(_call(student, batch, want_hidden), t_out, batch))
+            full_total, _ = _loss_value(loss(_call(student, batch, want_hidden), t_out, seen))
         parts["full_width"] = float(full_total.detach())
         total = total + full_total
     return total, parts, s_out

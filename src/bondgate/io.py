@@ -880,8 +880,11 @@ def _features(mod: nn.Module) -> dict[str, Any]:
 def _no_meta_tensors(model: nn.Module, what: str) -> None:
     """``ValueError`` naming a tensor of ``model`` on the meta device (no data: a save cannot read it, a load's copy
     into it does nothing)."""
-    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-    key = next((k for k, t in tensors if t.device.type == "meta"), None)  # (no state_dict: an int8 one quantizes)
+    # named_parameters and persistent buffers, not state_dict(): an int8 layer's state_dict() quantizes its cores
+    tensors = [*model.named_parameters(remove_duplicate=False),
+               *((n, b) for n, b in model.named_buffers(remove_duplicate=False)
+                 if n.rpartition(".")[2] not in model.get_submodule(n.rpartition(".")[0])._non_persistent_buffers_set)]
+    key = next((k for k, t in tensors if t.device.type == "meta"), None)
     if key is not None:
         raise ValueError(f"cannot {what} a model with tensors on the meta device ({key!r} has no data): "
                          f"materialize it first, e.g. model.to_empty(device='cpu')")
@@ -902,14 +905,14 @@ def _check_replaced(model: nn.Module, shells: dict[str, nn.Module], rebuilt_sequ
         old = None if owner is None else owner._modules.get(child)
         if old is None:
             raise ValueError(f"the checkpoint replaces module {name!r}, but the model has no such module")
-        have, want = _features(old), _features(shell)
         if rebuilt_sequential and type(old) is nn.Identity:
             continue
+        have, want = _features(old), _features(shell)
         if not want.keys() <= have.keys():
             raise ValueError(f"module {name!r} of the model is a {type(old).__name__}, which the checkpoint's "
                              f"{type(shell).__name__} cannot replace (it does not have "
                              f"{', '.join(sorted(want.keys() - have.keys()))}): a model of another architecture?")
-        wrong = {k: (have[k], want[k]) for k in have.keys() & want.keys() if have[k] != want[k]}
+        wrong = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
         if wrong:
             raise ValueError(f"module {name!r} of the model ({type(old).__name__}) does not fit the checkpoint's layer: "
                              + ", ".join(f"{k} {a} in the model, {b} in the checkpoint" for k, (a, b) in wrong.items()))

@@ -573,7 +573,8 @@ class MPOLinear(nn.Module):
             "error": None if math.isnan(self.error) else self.error,
             # plans used so far, "<device type>:<dtype>:<row bucket>:<grad>" -> plan id: a loaded copy on the
             # same kind of device runs the same contractions, so its outputs are bit-identical to this layer's
-            "plans": {**self._pins(), **{self._pin_key(k >> 1, k & 1): p.id for k, (p, _) in self._plans.items()}},
+            "plans": {**self._pins(), **{self._pin_key(k >> 1, k & 1): p.id for k, (p, _) in self._plans.items()
+                                         if isinstance(k, int)}},  # (not plans kept for other widths)
             **({"quant": self._quant} if self._quant is not None else {}),
         }
 
@@ -727,7 +728,8 @@ class MPOLinear(nn.Module):
             self._pin_dims = self.bond_dims if "cores" in self._modules else None
             # load_state_dict(assign=True) puts plain parameters in, after this module's own hook has run
             self.register_load_state_dict_post_hook(_retrack)
-        self._plans: dict[int, tuple[ContractionPlan, list | None]] = {}
+        # (row bucket, grad) packed in an int -> (plan, kept operands); (that int, widths) for other widths than pinned
+        self._plans: dict[int | tuple, tuple[ContractionPlan, list | None]] = {}
         _LIVE_LAYERS.add(self)
         self._ops_cache: dict[tuple, list] = {}  # plan.operand_key -> [version sum, operands, cores]
         self._quant_cache: dict = {}  # the fake-quantized cores kept for inference (see _fake_quantized)
@@ -786,8 +788,9 @@ class MPOLinear(nn.Module):
         ``state_dict()`` holds the cores as int8 plus ``cores.<k>_scale`` fp32 scales ``(r_left, out)``; loading
         such a dict sets the masters to the dequantized values, which quantize to themselves, so a layer saved and
         reloaded into a layer of the same dtype computes bit-identical outputs (a 16-bit layer loading float32 int8
-        cores, or the reverse, re-rounds them onto its own grid, with a warning). The bias stays in full precision. A tied head shares its
-        cores with an :class:`~bondgate.MPOEmbedding`: quantize both (:func:`bondgate.quantize_mpo`).
+        cores, or the reverse, re-rounds them onto its own grid, with a warning). The bias stays in full precision.
+        A tied head shares its cores with an :class:`~bondgate.MPOEmbedding`: quantize both
+        (:func:`bondgate.quantize_mpo`).
         """
         mode = check_quant(mode)
         if mode is not None:
@@ -930,11 +933,14 @@ class MPOLinear(nn.Module):
             raise
         entry = self._plans.get(key)
         if entry is None:
-            entry = self._new_entry(x, x2d.shape[0], grad)
-            # not kept for cores of other widths than the pinned plans' (a functional_call): a plan that runs at any
-            # widths would otherwise stay in use after the call instead of the pinned one
-            if not self._pinned or self._pins():
-                self._plans[key] = entry
+            widths = tuple(c.shape[3] for c in cores[:-1]) if self._pinned else None
+            if widths is not None and self._pin_dims not in (None, widths):
+                # cores of other widths than the pinned plans' (a functional_call, a .data reshape): kept under their
+                # widths, or a plan that runs at any widths would stay in use instead of the pinned one after the call
+                key = (key, widths)
+                entry = self._plans.get(key)
+            if entry is None:
+                entry = self._plans[key] = self._new_entry(x, x2d.shape[0], grad)
         plan, slot = entry
         bias = own_param(self, "bias")
         try:

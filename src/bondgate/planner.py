@@ -551,19 +551,14 @@ def _build_candidates(out_f, in_f, ranks, rows, policy: PlanPolicy, grad: bool) 
         # the plan serves its whole bucket: the intermediates that grow with the rows are checked at its top row count
         top = (1 << row_bucket(rows)) - 1
         top_limit = max(N * M, 4 * top * (N + M))
-        top_peaks: dict[tuple, int] = {}
 
         def fits(c: ContractionPlan) -> bool:
             if c.peak_elements > act_limit:
                 return False
             if c.dense or top == rows:
                 return True
-            key = (c.equation, c.path)
-            if key not in top_peaks:
-                info = oe.contract_path(c.equation, (top, *in_f), *c.group_shapes, optimize=list(c.path),
-                                        shapes=True)[1]
-                top_peaks[key] = int(info.largest_intermediate)
-            return top_peaks[key] <= top_limit
+            info = oe.contract_path(c.equation, (top, *in_f), *c.group_shapes, optimize=list(c.path), shapes=True)[1]
+            return info.largest_intermediate <= top_limit
 
         admissible = [c for c in cands if fits(c)]
         cands = admissible or [c for c in cands if c.name == "rebuild+gemm"]

@@ -106,6 +106,10 @@ def _qdq(core: torch.Tensor) -> torch.Tensor:
     return _levels(core, s).mul_(s.to(_compute_dtype(core.dtype))).add_(0.0).to(core.dtype)  # + 0.0: -0.0 -> 0.0
 
 
+_REGRID_WHY = ("(16-bit cores use power-of-two scales): the weights move by up to a few percent. Quantize in the dtype "
+               "you deploy")
+
+
 def warn_on_regrid(what: str, before: torch.dtype, after: torch.dtype) -> None:
     """Warn when int8 cores cast from ``before`` to ``after`` land on another grid: 16-bit floats use power-of-two
     scales, float32/64 17-bit ones, so the cast re-rounds them (a bfloat16 LLaMA layer's weight moved 4.9% up to
@@ -115,10 +119,6 @@ def warn_on_regrid(what: str, before: torch.dtype, after: torch.dtype) -> None:
 
         warn_user(f"casting an int8 {what} from {before} to {after} re-rounds its cores onto the int8 grid of "
                   f"{after} {_REGRID_WHY}")
-
-
-_REGRID_WHY = ("(16-bit cores use power-of-two scales): the weights move by up to a few percent. Quantize in the dtype "
-               "you deploy")
 
 
 def quantize(core: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,6 +251,7 @@ def load_quantized_cores(module: nn.Module, state_dict: dict, prefix: str, error
         if not isinstance(q, torch.Tensor):
             error_msgs.append(f"{skey!r} holds scales for a missing core {key!r}")
             continue
+        dtype = master.dtype if master is not None else torch.float32
         problem = None
         if q.dtype != torch.int8 or q.dim() != ndim:
             problem = f"{key!r} must be a {ndim}-D int8 tensor next to its scales, got {q.dtype} {tuple(q.shape)}"
@@ -259,12 +260,11 @@ def load_quantized_cores(module: nn.Module, state_dict: dict, prefix: str, error
             what = f"{scale.dtype} {tuple(scale.shape)}" if isinstance(scale, torch.Tensor) else type(scale).__name__
             problem = f"{skey!r} must be floating-point scales of shape {tuple(q.shape[:_lead(q)])}, got {what}"
         else:
-            problem = scale_problem(skey, q, scale, master.dtype if master is not None else torch.float32)
+            problem = scale_problem(skey, q, scale, dtype)
         if problem is not None:
             error_msgs.append(problem)
             del state_dict[key]
             continue
-        dtype = master.dtype if master is not None else torch.float32
         state_dict[key] = dequantize(q, scale, dtype)
         if scale.device.type != "meta" and q.numel():
             # 16-bit grids have power-of-two scales (the low 23 bits of a float32 clear); float32/64's keep 17 bits

@@ -537,17 +537,16 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str,
         heads = [o.rpartition(".")[0] for o in tied]
         # LM heads tied to the table become its tied MPO head: plain nn.Linear ones, as _tied_heads swaps (a
         # subclass stayed dense on the old Parameter, untied), and not one the caller excluded
-        if emb and tied and all(type(model.get_submodule(h)) is nn.Linear for h in heads) \
-                and any(_matches(h, config.exclude) for h in heads):
-            skipped[name] = (f"its tied head {', '.join(heads)} is excluded, and compressing the table compresses "
-                             f"the head it shares its weight with")
-            warn_user(f"compress: skipping {name}: {skipped[name]} (exclude the table too to silence this)")
-            continue
         if emb and all(type(model.get_submodule(h)) is nn.Linear for h in heads):
+            if any(_matches(h, config.exclude) for h in heads):
+                skipped[name] = (f"its tied head {', '.join(heads)} is excluded, and compressing the table "
+                                 f"compresses the head it shares its weight with")
+                warn_user(f"compress: skipping {name}: {skipped[name]} (exclude the table too to silence this)")
+                continue
             tied = []
         if tied:
             skipped[name] = f"weight is tied to {', '.join(tied)}; compressing it would untie them"
-            if emb or not any(isinstance(model.get_submodule(o.rpartition(".")[0]), nn.Embedding) for o in tied):
+            if emb or not any(isinstance(model.get_submodule(h), nn.Embedding) for h in heads):
                 # an LM head tied to its embedding is the usual case (the report lists it); two tied layers, or a
                 # table shared by several embeddings (T5's encoder / decoder embed_tokens), are not
                 warn_user(f"compress: skipping {name}: {skipped[name]} (the budget applies to the other layers)")
@@ -657,7 +656,7 @@ class _Work:
     kept: torch.Tensor | None = None  # a table's kept ids (exact rows)
     held: torch.Tensor | None = None  # W during the layer's turn (see _turns)
     held_cov: torch.Tensor | None = None  # cov during the layer's turn
-    fused: bool = False  # a Recurrent's matrix: at inference torch's fused kernel runs its dense weight, whatever the form
+    fused: bool = False  # a Recurrent's matrix: torch's fused kernel runs its dense weight at inference, any form
 
     @property
     def is_embedding(self) -> bool:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .calibration import eval_mode
+
 __all__ = ["mpo_flops", "lowrank_flops", "full_widths", "KindTimes", "calibrate", "calibrate_dense", "measure",
            "paired_seconds"]
 
@@ -102,13 +104,8 @@ def measure(layer: nn.Module, rows: int, dtype: torch.dtype | None = None, devic
     dtype, device = dtype or p.dtype, device or p.device
     x = torch.randn(rows, layer.in_features, dtype=dtype, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    was = layer.training
-    layer.eval()
-    try:
-        with torch.no_grad():
-            return _median_seconds(lambda: layer(x), sync, min_time)
-    finally:
-        layer.train(was)
+    with eval_mode(layer), torch.no_grad():
+        return _median_seconds(lambda: layer(x), sync, min_time)
 
 
 def paired_seconds(layer: nn.Module, rows: int, rounds: int = 5, min_time: float = 0.004) -> tuple[float, float]:
@@ -119,20 +116,15 @@ def paired_seconds(layer: nn.Module, rows: int, rounds: int = 5, min_time: float
     p = next(layer.parameters())
     x = torch.randn(rows, layer.in_features, dtype=p.dtype, device=p.device)
     sync = torch.cuda.synchronize if p.device.type == "cuda" else (lambda: None)
-    was = layer.training
-    layer.eval()
-    try:
-        with torch.no_grad():
-            W = layer.weight_matrix().detach()
-            b = None if layer.bias is None else layer.bias.detach()
-            fns = [lambda: layer(x), lambda: torch.nn.functional.linear(x, W, b)]
-            reps = [_reps(fn, sync, min_time) for fn in fns]  # plans made, kept operands built
-            samples: list[list[float]] = [[], []]
-            for k in range(rounds):
-                for i in (0, 1) if k % 2 == 0 else (1, 0):
-                    samples[i].append(_sample(fns[i], sync, reps[i]))
-    finally:
-        layer.train(was)
+    with eval_mode(layer), torch.no_grad():
+        W = layer.weight_matrix().detach()
+        b = None if layer.bias is None else layer.bias.detach()
+        fns = [lambda: layer(x), lambda: torch.nn.functional.linear(x, W, b)]
+        reps = [_reps(fn, sync, min_time) for fn in fns]  # plans made, kept operands built
+        samples: list[list[float]] = [[], []]
+        for k in range(rounds):
+            for i in (0, 1) if k % 2 == 0 else (1, 0):
+                samples[i].append(_sample(fns[i], sync, reps[i]))
     return statistics.median(samples[0]), statistics.median(samples[1])
 
 

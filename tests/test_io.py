@@ -924,3 +924,26 @@ def test_saving_over_a_read_only_checkpoint_leaves_nothing_behind(tmp_path):
         os.chmod(d, 0o755)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "['plain', 'readme']"
+
+
+@pytest.mark.parametrize("wrap", [nn.DataParallel, torch.compile], ids=["DataParallel", "compile"])
+def test_a_wrapped_model_is_saved_as_the_model_inside(tmp_path, wrap):
+    # saved with the wrapper, the names ('module.0...', '_orig_mod.0...') fit neither load() nor the dense model
+    torch.manual_seed(0)
+    model = mlp().eval()
+    x = torch.randn(4, 62)
+    bondgate.save(wrap(model), tmp_path / "ck")
+    back = bondgate.load(tmp_path / "ck")
+    assert type(back) is nn.Sequential and isinstance(back[2], MPOLinear)
+    assert torch.equal(back(x), model(x))
+    dense = nn.Sequential(nn.Linear(62, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 1))
+    assert torch.equal(bondgate.load(tmp_path / "ck", model=dense)(x), model(x))
+
+
+@needs_hf
+def test_save_pretrained_takes_a_wrapped_transformers_model(tmp_path):
+    model = tiny_bert()
+    ids = torch.randint(0, 100, (2, 7))
+    bondgate.save_pretrained(nn.DataParallel(model), tmp_path / "ck")
+    back = bondgate.from_pretrained(tmp_path / "ck")
+    assert torch.equal(back(ids).last_hidden_state, model(ids).last_hidden_state)

@@ -396,12 +396,14 @@ def save(model: nn.Module, directory: str | os.PathLike, *, report: Any = None, 
     ``pytorch_model.bin``, their shards and indexes), ``config.json``, ``generation_config.json`` and
     ``bondgate.json`` — and keeps everything else (a README, tokenizer files, an adapter, a Trainer's
     ``checkpoint-*`` directories); the new checkpoint appears in one step, the old one
-    stays intact if the save fails.
+    stays intact if the save fails. A model wrapped in ``nn.DataParallel``, ``DistributedDataParallel`` or
+    ``torch.compile`` is saved as the model inside (what ``load`` rebuilds).
     """
     from . import __version__
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"save expects an nn.Module, got {type(model).__name__}")
+    model = unwrapped(model)
     if getattr(model, "bondgate_int8", None) is not None:
         raise TypeError("cannot save a deploy_int8 copy: torch's dynamic int8 layers are for inference in this "
                         "process; save the model it was made from and call deploy_int8 after loading it")
@@ -877,6 +879,20 @@ def _features(mod: nn.Module) -> dict[str, Any]:
     return sizes
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside torch's wrappers — ``nn.DataParallel`` / ``DistributedDataParallel`` (``.module``) and
+    ``torch.compile`` (``._orig_mod``) — which is what a checkpoint holds, as transformers' ``save_pretrained``
+    saves the model a Trainer wrapped: saved with the wrapper, its names (``module.``, ``_orig_mod.``) would fit
+    neither ``load`` nor the dense model."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def _no_meta_tensors(model: nn.Module, what: str) -> None:
     """``ValueError`` naming a tensor of ``model`` on the meta device (no data: a save cannot read it, a load's copy
     into it does nothing)."""
@@ -1163,6 +1179,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, tokenizer: A
     ``report``: as in :func:`save` (default ``model.bondgate_report``).
     """
     hf = _hf_base()
+    model = unwrapped(model)
     if hf is None or not isinstance(model, hf):
         raise TypeError(f"save_pretrained expects a transformers PreTrainedModel, got {type(model).__name__}; "
                         f"use bondgate.save for other models")

@@ -385,3 +385,43 @@ def test_unseen_layers_do_not_hold_the_calibration_pass_open_and_no_run_layer_is
         warnings.simplefilter("always")
         bondgate.compress(Bypass(), bondgate.CompressionConfig(param_ratio=0.5, calibrate=False), progress=False)
     assert not any("3-D parameters" in str(w.message) for w in record)
+
+
+@pytest.mark.parametrize("batch, holds", [
+    (["a man plays a guitar", "the cat sat on the mat"], "list of 2 str"),             # text, not tokenized
+    ({"input_ids": [[5, 6, 7]], "attention_mask": [[1, 1, 1]]}, "input_ids: list"),    # a tokenizer without return_tensors
+    ({"input_ids": __import__("numpy").array([[5, 6, 7]])}, "input_ids: ndarray"),     # return_tensors="np"
+])
+def test_calibration_items_without_tensors_are_named(batch, holds):
+    # each failed deep inside transformers ("'str' object has no attribute 'size'", "'int' object is not callable")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.BertModel(transformers.BertConfig(
+        vocab_size=32, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).eval()
+    with pytest.raises(TypeError, match=f"holds no torch tensor: it is a .*{holds}.*return_tensors='pt'"):
+        bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5), calibration=[batch], progress=False)
+
+
+def test_numpy_numbers_are_numbers_in_gating_distill_deploy_and_latency():
+    # refused as "out of range" ("must lie in (0, 1], got np.float32(0.5)"), where CompressionConfig took them
+    np = pytest.importorskip("numpy")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
+    x = torch.randn(128, 32)
+    bondgate.compress(model, bondgate.CompressionConfig(max_bond=4, policy="memory", refine_steps=0),
+                      calibration=[x], progress=False)
+    cfg = bondgate.GatingConfig(budget=np.float64(0.5), rank=np.int64(4), controller="error")
+    assert (type(cfg.budget), type(cfg.rank)) == (float, int)
+    gated = bondgate.gate(copy.deepcopy(model), cfg)
+    bondgate.fit_controllers(gated, [x], rows_per_batch=np.int64(128))
+    bondgate.set_mode(gated, np.float32(0.5))
+    bondgate.set_mode(gated, "gate")
+    achieved = bondgate.set_budget(gated, np.float32(0.5), [x], max_groups=np.int64(1))
+    assert abs(achieved - 0.5) < 0.1
+    loss = bondgate.DistillLoss(hidden=0, output=np.float32(1))
+    assert type(loss.output) is float
+    history = bondgate.distill(copy.deepcopy(model), model, [x], loss=loss, steps=np.int64(2), lr=np.float32(1e-3),
+                               progress=False)
+    assert history is not None
+    assert isinstance(bondgate.deploy_int8(copy.deepcopy(model), rows=np.int64(8)), nn.Module)
+    assert bondgate.latency(model, x, reps=np.int64(2), warmup=np.int64(0))["reps"] == 2

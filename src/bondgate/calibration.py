@@ -102,18 +102,32 @@ def run_model(model: nn.Module, batch) -> object:
     """Call ``model`` on one calibration item, moved to the model's device: a dict is passed as keyword
     arguments, a tuple/list positionally, anything else as the single positional argument."""
     batch = to_device(batch, model_device(model))
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        try:
+    try:
+        if isinstance(batch, Mapping):
+            return model(**batch)
+        if isinstance(batch, (tuple, list)):
             return model(*batch)
-        except TypeError as exc:  # the usual cause: a dataset of (inputs, labels) pairs
-            if len(batch) > 1 and "positional argument" in str(exc):
-                raise TypeError(f"{exc} (a calibration item is a {type(batch).__name__} of {len(batch)}, passed as "
-                                f"{len(batch)} positional arguments: for a dataset of (inputs, labels) pairs give the "
-                                f"inputs only, e.g. [x for x, _ in loader])") from exc
-            raise
-    return model(batch)
+        return model(batch)
+    except (TypeError, AttributeError) as exc:
+        if isinstance(batch, (tuple, list)) and len(batch) > 1 and "positional argument" in str(exc):
+            # the usual cause: a dataset of (inputs, labels) pairs
+            raise TypeError(f"{exc} (a calibration item is a {type(batch).__name__} of {len(batch)}, passed as "
+                            f"{len(batch)} positional arguments: for a dataset of (inputs, labels) pairs give the "
+                            f"inputs only, e.g. [x for x, _ in loader])") from exc
+        if not _tensors(batch):  # text, token lists, numpy arrays: the model failed somewhere inside
+            raise TypeError(f"{type(exc).__name__}: {exc} (the calibration item holds no torch tensor: it is "
+                            f"{_describe(batch)}; tokenize with return_tensors='pt', or convert with "
+                            f"torch.as_tensor)") from exc
+        raise
+
+
+def _describe(batch) -> str:
+    """A few words on what a batch without tensors holds, e.g. ``a dict of input_ids: list, attention_mask: list``."""
+    if isinstance(batch, Mapping):
+        return f"a {type(batch).__name__} of " + ", ".join(f"{k}: {type(v).__name__}" for k, v in list(batch.items())[:4])
+    if isinstance(batch, (tuple, list)) and batch:
+        return f"a {type(batch).__name__} of {len(batch)} {type(batch[0]).__name__}"
+    return f"a {type(batch).__name__}"
 
 
 def model_output(out) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 import copy
 import io
+import math
 import warnings
 
 import pytest
@@ -1627,3 +1628,34 @@ def test_memory_mode_level_operands_stay_within_the_cores_size_across_writes(qua
         assert storage_nbytes(ops, exclude=layer.parameters()) <= bound
     if quant is None:  # the float cores' slices are views of the parameters: every level's operands kept
         assert sum(k[0] == "ops" for k in layer._slices) == 4
+
+
+def _gated_mlp_for_fit():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    x = torch.randn(256, 32)
+    bondgate.compress(model, bondgate.CompressionConfig(max_bond=8, policy="memory", refine_steps=0),
+                      calibration=[x], progress=False)
+    return bondgate.gate(model.eval(), bondgate.GatingConfig(controller="error", rank=4)), x
+
+
+def test_fit_controllers_warns_on_few_rows_and_claims_no_fit_it_cannot_know():
+    # as many rows as features: R^2 = 1.0 was reported for every level, with no word (one row, refused now: held-out
+    # output error 0.51 at the budget vs 0.41 from 256 rows)
+    model, x = _gated_mlp_for_fit()
+    with pytest.warns(UserWarning, match=r"few input rows .*\(3 rows\).*fewer than 10 per feature"):
+        report = bondgate.fit_controllers(model, [x[:3]])  # rank 4 + 1 features: fit exactly
+    assert all(math.isnan(v) for r in report for v in r["r2"][:-1]) and all(r["r2"][-1] == 1.0 for r in report)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = bondgate.fit_controllers(model, [x[:50]])  # 10 rows per feature (rank 4 + 1)
+    assert all(-1 < v <= 1 for r in report for v in r["r2"])
+
+
+def test_fit_controllers_refuses_input_rows_that_do_not_vary():
+    # 64 copies of one row: R^2 of -6 to -78 reported without a word
+    model, x = _gated_mlp_for_fit()
+    with pytest.raises(ValueError, match=r"input rows of layer '0' do not vary \(64 rows, one vector repeated\)"):
+        bondgate.fit_controllers(model, [x[:1].repeat(64, 1)])
+    with pytest.raises(ValueError, match=r"input rows of layer '0' do not vary \(a single row\)"):
+        bondgate.fit_controllers(model, [x[:1]])

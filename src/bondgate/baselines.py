@@ -157,6 +157,9 @@ def _select(model: nn.Module, target: Target, replace: bool) -> tuple[dict[str, 
     selected: dict[str, nn.Module] = {}
     skipped: dict[str, str] = {}
     for name, m in candidates:
+        if m.weight.is_meta:  # every meta tensor's storage is at 0: it would pass for a weight tied to all others
+            raise ValueError(f"{name}.weight is on the meta device (no values); materialize the model first, e.g. "
+                             f"model.to_empty(device='cpu') and load its weights")
         reason = None
         if len(owners[_storage_key(m.weight)]) > 1:
             reason = "weight is tied to another module"
@@ -450,6 +453,9 @@ def sparse_state_dict(
     ``key.csr_crow_indices`` (rows + 1, int32), the smaller below ~6% non-zeros. The sparse forms' shapes go into
     the metadata.
     """
+    if isinstance(sparse, str):  # list("10") would select layers "1" and "0"
+        raise TypeError(f"sparse takes True, False or a list of module names, got the string {sparse!r} (for one "
+                        f"layer: [{sparse!r}])")
     if sparse is True:
         layers, _ = _select(model, None, replace=False)
     elif sparse is False:
@@ -668,8 +674,10 @@ def paired_latency(
     :func:`latency` returns, over all of that model's calls (each model first gets ``warmup`` untimed calls)."""
     for name, value, low in (("reps", reps, 1), ("rounds", rounds, 1), ("warmup", warmup, 0),
                              ("threads", 1 if threads is None else threads, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    reps, rounds, warmup = int(reps), int(rounds), int(warmup)
+    threads = None if threads is None else int(threads)
     if not isinstance(models, Mapping) or not models or not all(isinstance(m, nn.Module) for m in models.values()):
         raise ValueError("models must be a non-empty mapping of names to nn.Modules")
     if isinstance(example_inputs, Mapping):

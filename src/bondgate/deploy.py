@@ -34,6 +34,7 @@ rounding of an int8 MPO's weight change the outputs slightly; measure the qualit
 from __future__ import annotations
 
 import copy
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -104,7 +105,7 @@ def _candidates(m: nn.Module) -> tuple[str, dict[str, nn.Module]]:
 def _check(model: nn.Module, rows: int | None) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"deploy_int8 expects an nn.Module, got {type(model).__name__}")
-    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, numbers.Integral) or rows < 1):
         raise ValueError(f"rows must be a positive int or None, got {rows!r}")
     bad = {(p.device.type, p.dtype) for p in model.parameters()} - {("cpu", torch.float32)}
     if bad:
@@ -134,6 +135,7 @@ def deploy_int8(model: nn.Module, rows: int | None = 32, dense: bool = True) -> 
     :class:`bondgate.deploy.Int8Choice`.
     """
     _check(model, rows)
+    rows = None if rows is None else int(rows)
     new = copy.deepcopy(model).eval()
     aliases = _aliases(new)
     # not the plain layers inside a bondgate layer (a gated layer's controller reads its weight), nor a Recurrent's

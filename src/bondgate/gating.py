@@ -55,6 +55,7 @@ import copy
 import functools
 import itertools
 import math
+import numbers
 import statistics
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -118,7 +119,7 @@ class GatingConfig:
     rank: int = 8
 
     def __post_init__(self) -> None:
-        _check_budget(self.budget)
+        self.budget = _check_budget(self.budget)
         raw = tuple(self.levels) if isinstance(self.levels, Iterable) and not isinstance(self.levels, (str, bytes)) \
             else None
         if raw is None or any(isinstance(v, bool) for v in raw):
@@ -133,14 +134,15 @@ class GatingConfig:
         self.levels = lv
         for name in ("temperature", "penalty"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
+            setattr(self, name, float(value))
         if self.temperature <= 0 or self.penalty < 0:
             raise ValueError(f"temperature must be > 0 and penalty >= 0, got {self.temperature!r} and {self.penalty!r}")
         check_selector(self.target_modules, "target_modules")
         if self.controller not in CONTROLLERS:
             raise ValueError(f"controller must be one of {sorted(CONTROLLERS)}, got {self.controller!r}")
-        _positive_int(self.rank, "rank")
+        self.rank = _positive_int(self.rank, "rank")
 
 
 def _fitted(layer: "GatedMPOLinear") -> bool:
@@ -154,15 +156,18 @@ def _fitted(layer: "GatedMPOLinear") -> bool:
     return bool(ctrl.proj.weight.any())
 
 
-def _check_budget(budget: float) -> None:
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not (0.0 < float(budget) <= 1.0):
+def _check_budget(budget: float) -> float:
+    """``budget`` as a float (numpy's numbers too), or a ValueError."""
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not (0.0 < float(budget) <= 1.0):
         raise ValueError(f"budget is a fraction of the full-width FLOPs and must lie in (0, 1], got {budget!r}")
+    return float(budget)
 
 
-def _check_track(rate: float) -> None:
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (0.0 <= float(rate) <= 10.0):
+def _check_track(rate: float) -> float:
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not (0.0 <= float(rate) <= 10.0):
         raise ValueError(f"track is the gain of the online price correction and must lie in [0, 10] "
                          f"(0: fixed price), got {rate!r}")
+    return float(rate)
 
 
 class GateController(nn.Module):
@@ -292,9 +297,9 @@ def _positive_int(value, name: str, none_ok: bool = False):
     """``value`` if it is a positive int (or None when ``none_ok``), else a ValueError naming ``name``."""
     if value is None and none_ok:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be {'None or ' if none_ok else ''}a positive int, got {value!r}")
-    return value
+    return int(value)
 
 
 @functools.lru_cache(maxsize=64)
@@ -1052,7 +1057,7 @@ def _check_mode(mode) -> str | float:
         if mode not in ("gate", "nested", "full"):
             raise ValueError(f"mode must be 'gate', 'nested', 'full' or a fraction, got {mode!r}")
         return mode
-    if isinstance(mode, bool) or not isinstance(mode, (int, float)) or not 0.0 < mode <= 1.0:
+    if isinstance(mode, bool) or not isinstance(mode, numbers.Real) or not 0.0 < mode <= 1.0:
         raise ValueError(f"a static mode is the kept fraction of every bond and must lie in (0, 1], got {mode!r}")
     return float(mode)
 
@@ -1248,14 +1253,14 @@ def set_budget(model: nn.Module, budget: float, data: Iterable, per_layer: bool 
     (0.5) makes every call spend about the budget, which removes the adaptivity between inputs (on
     length-sorted STS-B batches it cost 25-33 Spearman points at a 25% budget). Saved with the model.
     """
-    _check_budget(budget)
-    _positive_int(max_groups, "max_groups", none_ok=True)
-    _positive_int(cost_rows, "cost_rows")
-    _check_track(track)
+    budget = _check_budget(budget)
+    max_groups = _positive_int(max_groups, "max_groups", none_ok=True)
+    cost_rows = _positive_int(cost_rows, "cost_rows")
+    track = _check_track(track)
     layers = _gated_layers(model)
     if not layers:
         raise ValueError("the model has no gated layers (call bondgate.gate first)")
-    _positive_int(rounds, "rounds")
+    rounds = _positive_int(rounds, "rounds")
     if not isinstance(per_layer, bool):
         raise TypeError(f"per_layer must be True or False, got {per_layer!r}")
     untrained = [n for n, m in layers if not _fitted(m)]
@@ -1349,6 +1354,9 @@ def _set_budget(model, layers, budget, data, per_layer, rounds, max_groups, cost
     return achieved
 
 
+FIT_ROWS_PER_FEATURE = 10  # fewer rows per fitted coefficient warn: the fit (and its R^2) follows those rows
+
+
 @torch.no_grad()
 @outside_inference_mode  # the model objective's sensitivities need autograd
 def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256, max_rows: int = 8192,
@@ -1372,7 +1380,9 @@ def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256,
     ``proj`` holds the top-``rank`` eigenvectors of ``sum_l D_l^T S D_l / mean target_l`` (the directions
     along which the errors vary most) and ``coef[l]`` a non-negative least-squares fit of the target on
     ``[(u_j . x)^2, |x|^2]``. Returns, per layer, the rows used and the R^2 of the per-row error
-    prediction of each level (1.0 for the full level, whose error is zero). Call :func:`set_budget` after.
+    prediction of each level (1.0 for the full level, whose error is zero; NaN where the rows are no more than
+    the ``rank + 1`` features, which any targets fit exactly). Fewer than 10 rows per feature warn; input rows that
+    do not vary are refused. Call :func:`set_budget` after.
     """
     from scipy.optimize import nnls
 
@@ -1382,19 +1392,21 @@ def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256,
         raise ValueError(f"objective must be 'layer' or 'model', got {objective!r}")
     if loss is not None and objective != "model":
         raise ValueError("loss is only used with objective='model'")
-    _positive_int(rows_per_batch, "rows_per_batch")
-    _positive_int(max_rows, "max_rows")
+    rows_per_batch = _positive_int(rows_per_batch, "rows_per_batch")
+    max_rows = _positive_int(max_rows, "max_rows")
     layers = [(n, m) for n, m in _gated_layers(model) if m.controller_kind == "error"]
     if not layers:
         raise ValueError("fit_controllers: the model has no gated layers with controller='error'")
     gen = torch.Generator().manual_seed(seed)
     rows: dict[str, list[torch.Tensor]] = {n: [] for n, _ in layers}
     count = dict.fromkeys(rows, 0)
+    dtypes: dict[str, torch.dtype] = {}
     data = as_batches(data, "fit_controllers")
 
     def sample(n, mod, x, batch):
         if count[n] >= max_rows:
             return
+        dtypes[n] = x.dtype
         keep = _row_mask(batch, x)  # no padding rows
         x = x.reshape(-1, mod.in_features)
         if keep is not None:
@@ -1413,6 +1425,14 @@ def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256,
         X = torch.cat(rows[n])
         if not bool(torch.isfinite(X).all()):
             raise ValueError(f"fit_controllers: layer {n!r} got non-finite inputs (NaN or inf)")
+        # one vector repeated (up to the inputs' rounding, as compress judges it): every row has the same error at
+        # every level, so nothing tells inputs apart (R^2 of -78 was reported for 64 copies of one row)
+        eps = torch.finfo(dtypes[n] if dtypes[n].is_floating_point else torch.float64).eps
+        if not float((X - X.mean(0)).pow(2).sum()) > (4 * eps) ** 2 * float(X.pow(2).sum()):
+            what = "a single row" if X.shape[0] == 1 else f"{X.shape[0]} rows, one vector repeated"
+            raise ValueError(f"fit_controllers: the input rows of layer {n!r} do not vary ({what}): a controller "
+                             f"tells inputs apart by their errors, which are then all equal; pass real model inputs "
+                             f"(several different rows)")
         mpo = m.to_mpo().to(device="cpu", dtype=torch.float64)  # the fit runs on the CPU in float64, like X
         W = mpo.to_matrix()
         if objective == "model":
@@ -1436,9 +1456,11 @@ def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256,
     unit = 1.0
     if objective == "model":
         unit = sum(float(t[0].mean()) for *_, t, _ in fits) / len(fits) or 1.0
-    report = []
+    report, few = [], []
     for n, m, X, targets, G in fits:
         ctrl = m.controller
+        if X.shape[0] < FIT_ROWS_PER_FEATURE * (ctrl.rank + 1):
+            few.append(f"{n} ({X.shape[0]} rows)")
         U = torch.linalg.eigh(G).eigenvectors[:, -ctrl.rank:].T  # (rank, in)
         feats = torch.cat([(X @ U.T).pow(2), X.pow(2).sum(1, keepdim=True)], 1)
         fscale = feats.pow(2).mean(0).sqrt().clamp_min(1e-30)
@@ -1452,11 +1474,18 @@ def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256,
             c, _ = nnls((feats / fscale).numpy(), t.numpy())
             c = torch.from_numpy(c) / fscale
             pred = feats @ c
-            r2.append(float(1 - (pred - t).pow(2).sum() / (t - t.mean()).pow(2).sum().clamp_min(1e-30)))
+            exact = X.shape[0] <= feats.shape[1]  # as many features as rows: any targets are fit exactly
+            r2.append(math.nan if exact else
+                      float(1 - (pred - t).pow(2).sum() / (t - t.mean()).pow(2).sum().clamp_min(1e-30)))
             coef.append(c)
         ctrl.proj.weight.copy_(U.to(ctrl.proj.weight))
         ctrl.coef.copy_(torch.stack(coef).to(ctrl.coef))
         report.append({"name": n, "rows": int(X.shape[0]), "r2": r2})
+    if few:  # one row gave R^2 = 1.0 everywhere, and a held-out output error of 0.51 at the budget (256 rows: 0.41)
+        warn_user(f"fit_controllers: {len(few)} layer(s) saw few input rows for a fit of rank + 1 features "
+                  f"({', '.join(few[:3])}{', ...' if len(few) > 3 else ''}; fewer than {FIT_ROWS_PER_FEATURE} per "
+                  f"feature): the controllers may rank other inputs poorly and the R^2 figures are optimistic (NaN "
+                  f"where the fit is exact); pass more data")
     return report
 
 

@@ -313,9 +313,6 @@ def _check_config(qc: Any) -> None:
         raise ValueError(f"{where}: unsupported bondgate format_version {version!r}; this bondgate reads up to "
                          f"{CONFIG_VERSION} (upgrade bondgate)")
     _io._check_layers(qc.layers, qc.layer_aliases, where)
-    if not qc.layers:  # attach() removes the config from a model without layers: an edited or damaged file
-        raise ValueError(f"{where} names no bondgate layers (quant_method 'bondgate' with an empty or missing "
-                         f"'layers'): the compressed layers would load as freshly initialized dense ones")
     _io._check_str_map(qc.tensor_aliases, "tensor_aliases", where)
 
 

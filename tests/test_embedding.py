@@ -5,7 +5,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import bondgate
-from bondgate.embedding import MPOEmbedding, lookup
+from bondgate.embedding import MPOEmbedding, lookup, most_frequent
 from bondgate.mpo import MPO
 from bondgate.planner import PlanPolicy
 
@@ -477,3 +477,125 @@ def test_a_tied_head_the_table_cannot_take_along_keeps_the_table_dense():
     model = TinyLM()  # the plain tied head still goes along
     bondgate.compress(model, bondgate.CompressionConfig(**cfg), progress=False)
     assert isinstance(model.emb, MPOEmbedding) and model.head.cores is model.emb.cores
+
+
+# ---- cases a mutation run of embedding.py showed untested
+def _layer(n=50, dim=8, **kw):
+    torch.manual_seed(0)
+    return MPOEmbedding.from_embedding(nn.Embedding(n, dim), max_bond=3, **kw)
+
+
+def test_keep_rows_in_any_order_pairs_each_id_with_its_own_row():
+    # keep_rows_ sorts the ids; the rows must follow them (rows given for ids [7, 2] were kept as 2's and 7's)
+    torch.manual_seed(0)
+    E = torch.randn(50, 8)
+    m = _layer()
+    m.keep_rows_(torch.tensor([7, 2, 31]), E[[7, 2, 31]])
+    assert m.kept_ids.tolist() == [2, 7, 31]
+    ids = torch.tensor([31, 2, 7, 2])
+    with torch.no_grad():
+        assert torch.equal(m(ids), E[ids])
+        assert torch.equal(m.weight_matrix()[[2, 7, 31]], E[[2, 7, 31]])
+
+
+def test_padding_idx_out_of_range_is_refused_and_negative_one_counts_from_the_end():
+    # nn.Embedding refuses padding_idx=num_embeddings; accepting it here wrapped it round to id 0 in silence
+    for bad in (50, 51, -51):
+        with pytest.raises(ValueError, match="padding_idx"):
+            MPOEmbedding(50, 8, padding_idx=bad)
+    m = MPOEmbedding(50, 8, max_bond=3, padding_idx=-1)
+    assert m.padding_idx == 49 == nn.Embedding(50, 8, padding_idx=-1).padding_idx
+    with torch.no_grad():
+        y = m(torch.tensor([49, 0]))
+    assert torch.equal(y[0], torch.zeros(8)) and y[1].abs().sum() > 0
+    assert MPOEmbedding.from_spec(m.spec()).padding_idx == 49
+
+
+def test_kept_ids_must_lie_inside_the_vocabulary():
+    m = _layer()
+    with pytest.raises(ValueError, match=r"distinct and lie in \[0, 50\)"):
+        m.keep_rows_(torch.tensor([3, 50]), torch.zeros(2, 8))
+    with pytest.raises(ValueError, match=r"lie in"):
+        m.keep_rows_(torch.tensor([-1, 3]), torch.zeros(2, 8))
+
+
+@pytest.mark.parametrize("ids", [[3, 3, 9], [3, 9, 50], [3, 9, 10**6]])
+def test_a_state_dict_with_duplicate_or_out_of_range_kept_ids_is_refused(ids):
+    # duplicates break the lookup's binary search (one id, two rows); an id == num_embeddings makes
+    # weight_matrix() index out of the table
+    m = _layer()
+    m.keep_rows_(torch.tensor([1, 4, 9]), torch.randn(3, 8))
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    sd["kept_ids"] = torch.tensor(ids)
+    fresh = MPOEmbedding.from_spec(m.spec())
+    with pytest.raises(RuntimeError, match="kept_ids"):
+        fresh.load_state_dict(sd)
+
+
+def test_kept_rows_follow_the_cores_trainability():
+    # a frozen table (cores requires_grad=False) must not grow trainable kept rows
+    m = _layer()
+    for c in m.cores:
+        c.requires_grad_(False)
+    m.keep_rows_(torch.tensor([1, 2]), torch.randn(2, 8))
+    assert not m.kept_rows.requires_grad
+    assert not any(p.requires_grad for p in m.parameters())
+
+
+def test_most_frequent_breaks_ties_by_the_lower_id():
+    counts = torch.zeros(4000)
+    counts[100:3000] = 5.0  # 2900 tied ids, more than a small-array sort keeps in order by accident
+    counts[3500] = 9.0
+    got = most_frequent(counts, 10)
+    assert got.tolist() == [100, 101, 102, 103, 104, 105, 106, 107, 108, 3500]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_kept_rows_are_refused(value):
+    m = _layer()
+    rows = torch.randn(2, 8)
+    rows[1, 3] = value
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        m.keep_rows_(torch.tensor([1, 2]), rows)
+    assert m.kept_ids is None
+
+
+def test_a_numpy_padding_idx_becomes_a_python_int_and_the_spec_serializes():
+    # torch accepts nn.Embedding(padding_idx=np.int64(3)); the MPO table kept the numpy int and bondgate.save failed
+    # ("Object of type int64 is not JSON serializable")
+    import json
+
+    np = pytest.importorskip("numpy")
+    torch.manual_seed(0)
+    m = MPOEmbedding.from_embedding(nn.Embedding(50, 8, padding_idx=np.int64(3)), max_bond=3)
+    assert type(m.padding_idx) is int and m.padding_idx == 3
+    assert json.loads(json.dumps(m.spec()))["padding_idx"] == 3
+    assert type(MPOEmbedding(50, 8, padding_idx=np.int64(-1)).padding_idx) is int
+    with pytest.raises((TypeError, ValueError)):
+        MPOEmbedding(50, 8, padding_idx=3.0)  # nn.Embedding refuses a float padding_idx too
+
+
+def test_uniform_counts_on_a_padded_vocabulary_give_the_unweighted_fit():
+    # every row equally frequent: the weighting must be uniform, also where the vocabulary is padded (1009 rows in a
+    # larger grid; the padded cells' weight is free and must not tilt the real rows' weights)
+    from bondgate.embedding import row_weight_legs, table_factors
+
+    out_f, _ = table_factors(1009, 48)
+    assert len(out_f) == 3 and torch.tensor(out_f).prod() > 1009
+    legs = row_weight_legs(torch.full((1009,), 41.0), out_f)
+    assert all(float(a.abs().max()) < 1e-12 for a in legs)
+    torch.manual_seed(0)
+    emb = nn.Embedding(1009, 48)
+    plain = MPOEmbedding.from_embedding(emb, max_bond=6)
+    weighted = MPOEmbedding.from_embedding(emb, max_bond=6, counts=torch.full((1009,), 41.0))
+    W0, W1 = plain.weight_matrix().detach(), weighted.weight_matrix().detach()
+    assert float((W1 - W0).norm() / W0.norm()) < 1e-4
+    assert weighted.error == pytest.approx(plain.error, rel=1e-4)
+
+
+@pytest.mark.parametrize("k", [-1, 51])
+def test_a_spec_with_a_kept_row_count_outside_the_vocabulary_is_refused(k):
+    spec = _layer().spec()
+    with pytest.raises(ValueError, match=r"kept_rows must be an int in \[0, 50\]"):
+        MPOEmbedding.from_spec({**spec, "kept_rows": k})
+    assert MPOEmbedding.from_spec({**spec, "kept_rows": 50}).kept_ids.numel() == 50

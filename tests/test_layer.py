@@ -9,6 +9,7 @@ from torch import nn
 
 import bondgate
 from bondgate import MPO, MPOLinear
+from bondgate.planner import PlanPolicy
 
 
 def test_workshop_case_in_one_line():
@@ -677,3 +678,56 @@ def test_low_rank_pair_refuses_inf_and_reports_16_bit_rounding():
         W = lin.weight.detach().double()
         true = float(torch.linalg.norm(W - pair.U.detach().double() @ pair.V.detach().double()) / torch.linalg.norm(W))
         assert true > 1e-4 and pair.error == pytest.approx(true, rel=1e-9)
+
+
+# ---- cases a mutation run of layer.py showed untested
+FLOPS = PlanPolicy(select="flops")
+
+
+def test_from_mpo_casts_the_bias_to_the_cores_dtype_and_checks_its_shape():
+    torch.manual_seed(0)
+    mpo = MPO.random(80, 96, bond=4, num_cores=3, dtype=torch.float64)
+    b = torch.randn(80)  # float32
+    layer = MPOLinear.from_mpo(mpo, bias=b, policy=FLOPS)
+    assert layer.bias.dtype == torch.float64
+    x = torch.randn(5, 96, dtype=torch.float64)
+    ref = x @ mpo.to_matrix().T + b.double()
+    with torch.no_grad():
+        y = layer(x)
+    assert y.dtype == torch.float64 and float((y - ref).norm() / ref.norm()) < 1e-12
+    with pytest.raises(ValueError, match=r"bias must have shape \(80,\)"):
+        MPOLinear.from_mpo(mpo, bias=torch.zeros(81, dtype=torch.float64))
+
+
+def test_setting_the_policy_drops_the_pinned_plans():
+    # documented: "setting it drops the plans and kept operands"; pins chosen under the old policy must not outlive it
+    layer = MPOLinear(96, 80, max_bond=6, num_cores=3, policy=FLOPS)
+    pins = {"cpu:float32:3:0": "rebuild+gemm|linear"}
+    twin = MPOLinear.from_spec({**layer.spec(), "plans": pins})
+    twin.load_state_dict(layer.state_dict())
+    assert twin.plan(5).id == "rebuild+gemm|linear"
+    twin.policy = FLOPS
+    assert twin.spec()["plans"] == {}
+    fresh = MPOLinear(96, 80, max_bond=6, num_cores=3, policy=FLOPS)
+    assert twin.plan(5).id == fresh.plan(5).id != "rebuild+gemm|linear"
+
+
+def test_a_spec_whose_factor_lists_differ_in_length_is_refused():
+    spec = MPOLinear(48, 40, max_bond=3, num_cores=3).spec()
+    for in_f in (spec["in_factors"] + [1], spec["in_factors"][:2]):
+        with pytest.raises(ValueError, match="inconsistent layer spec"):
+            MPOLinear.from_spec({**spec, "in_factors": in_f})
+
+
+def test_no_rows_with_only_the_bias_trainable_still_reaches_the_bias_like_linear():
+    # bias-only fine-tuning (cores frozen) on an empty batch: nn.Linear's output needs a gradient and the bias gets a
+    # zero one; the layer's zero-row path must keep the bias in the graph
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 40)
+    layer = MPOLinear.from_linear(lin, max_bond=3, policy=FLOPS)
+    for m in (lin, layer):
+        m.weight.requires_grad_(False) if m is lin else [c.requires_grad_(False) for c in m.cores]
+        y = m(torch.zeros(0, 48))
+        assert y.shape == (0, 40) and y.requires_grad
+        y.sum().backward()
+        assert m.bias.grad is not None and not m.bias.grad.any()

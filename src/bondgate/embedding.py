@@ -158,6 +158,9 @@ class MPOEmbedding(nn.Module):
     def _setup(self, mpo: MPO, padding_idx: int | None) -> None:
         n = mpo.out_features
         if padding_idx is not None:
+            if isinstance(padding_idx, bool) or not isinstance(padding_idx, numbers.Integral):
+                raise TypeError(f"padding_idx must be an int or None, got {padding_idx!r}")
+            padding_idx = int(padding_idx)  # a numpy integer (torch accepts one) would not serialize in spec()
             if not -n <= padding_idx < n:
                 raise ValueError(f"padding_idx must be within num_embeddings ({n}), got {padding_idx}")
             padding_idx %= n

@@ -398,8 +398,29 @@ def test_calibration_items_without_tensors_are_named(batch, holds):
     torch.manual_seed(0)
     model = transformers.BertModel(transformers.BertConfig(
         vocab_size=32, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).eval()
-    with pytest.raises(TypeError, match=f"holds no torch tensor: it is a .*{holds}.*return_tensors='pt'"):
+    with pytest.raises((TypeError, AttributeError), match=f"holds no torch tensor: it is a .*{holds}.*"
+                                                          f"return_tensors='pt'"):
         bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5), calibration=[batch], progress=False)
+
+
+def test_a_batch_of_other_objects_keeps_the_models_own_error():
+    # a batch object the library cannot see into is no evidence of a missing tokenization: the error stays as raised
+    class Batch:
+        def __init__(self, x):
+            self.x = x
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, b):
+            return self.fc(b.x).nonexistent_helper()
+
+    with pytest.raises(AttributeError) as info:
+        bondgate.compress(Net(), bondgate.CompressionConfig(param_ratio=0.5), calibration=[Batch(torch.randn(4, 8))],
+                          progress=False)
+    assert "nonexistent_helper" in str(info.value) and "no torch tensor" not in str(info.value)
 
 
 def test_numpy_numbers_are_numbers_in_gating_distill_deploy_and_latency():

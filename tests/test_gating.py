@@ -1639,23 +1639,23 @@ def _gated_mlp_for_fit():
     return bondgate.gate(model.eval(), bondgate.GatingConfig(controller="error", rank=4)), x
 
 
-def test_fit_controllers_warns_on_few_rows_and_claims_no_fit_it_cannot_know():
-    # as many rows as features: R^2 = 1.0 was reported for every level, with no word (one row, refused now: held-out
-    # output error 0.51 at the budget vs 0.41 from 256 rows)
+def test_fit_controllers_warns_on_few_rows():
+    # 3 rows for rank 4 + 1 features: R^2 near 1 reported with no word (one row: 1.0 everywhere, and a held-out output
+    # error of 0.51 at the budget vs 0.41 from 256 rows)
     model, x = _gated_mlp_for_fit()
     with pytest.warns(UserWarning, match=r"few input rows .*\(3 rows\).*fewer than 10 per feature"):
-        report = bondgate.fit_controllers(model, [x[:3]])  # rank 4 + 1 features: fit exactly
-    assert all(math.isnan(v) for r in report for v in r["r2"][:-1]) and all(r["r2"][-1] == 1.0 for r in report)
+        bondgate.fit_controllers(model, [x[:3]])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        report = bondgate.fit_controllers(model, [x[:50]])  # 10 rows per feature (rank 4 + 1)
+        report = bondgate.fit_controllers(model, [x[:50]])  # 10 rows per feature
     assert all(-1 < v <= 1 for r in report for v in r["r2"])
 
 
-def test_fit_controllers_refuses_input_rows_that_do_not_vary():
-    # 64 copies of one row: R^2 of -6 to -78 reported without a word
+def test_fit_controllers_warns_on_input_rows_that_do_not_vary_and_reports_no_r2_for_them():
+    # 64 copies of one row: R^2 of -6 to -78 reported without a word; warned (not refused: a layer fed a class
+    # embedding sees one vector when the data holds one class, and fit_controllers cannot leave a layer out)
     model, x = _gated_mlp_for_fit()
-    with pytest.raises(ValueError, match=r"input rows of layer '0' do not vary \(64 rows, one vector repeated\)"):
-        bondgate.fit_controllers(model, [x[:1].repeat(64, 1)])
-    with pytest.raises(ValueError, match=r"input rows of layer '0' do not vary \(a single row\)"):
-        bondgate.fit_controllers(model, [x[:1]])
+    for data, what in (([x[:1].repeat(64, 1)], r"0 \(64 rows, one vector\)"), ([x[:1]], r"0 \(a single row\)")):
+        with pytest.warns(UserWarning, match=f"input rows of 3 layer\\(s\\) do not vary \\({what}"):
+            report = bondgate.fit_controllers(model, data)
+        assert all(math.isnan(v) for r in report for v in r["r2"][:-1]) and all(r["r2"][-1] == 1.0 for r in report)

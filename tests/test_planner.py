@@ -192,12 +192,28 @@ def test_the_dense_weight_is_timed_again_with_the_finalists_it_is_compared_with(
         return 120.0 + 0.01 * len(calls)  # every factored plan: 1.2x the dense GEMM
 
     monkeypatch.setattr(planner, "_time_call", scripted)
+    # no real work: every first call is instant, so no plan is left at its cold first-call time and all are scripted
+    monkeypatch.setattr(planner.ContractionPlan, "run", lambda self, x, ops, n: None)
     cands = planner._build_candidates((4, 4, 4), (4, 4, 4), (8, 8), 64, planner.SPEED, grad=False)
-    assert sum(c.name != "dense-cached" for c in cands) > planner.FINALISTS  # the dense plan can rank out of the top
     best = planner._autotune(cands, (4, 4, 4), (4, 4, 4), (8, 8), 64, torch.float32, torch.device("cpu"),
                              planner.SPEED)
     assert best.name == "dense-cached" and best.time_us == 100.0
     assert calls[best.id] == 1 + planner.FINAL_ROUNDS
+    ranked = sorted((c for c in cands if c.time_us is not None), key=lambda c: c.time_us)
+    assert sum(c.name != "dense-cached" and c.time_us < 150 for c in ranked) >= planner.FINALISTS  # it ranked out
+
+
+def test_finalists_are_the_fastest_and_the_dense_weight_wherever_it_ranked():
+    from types import SimpleNamespace
+
+    from bondgate.planner import FINALISTS, finalists
+
+    plans = [SimpleNamespace(name=f"cores/{i}", time_us=float(i)) for i in range(FINALISTS + 3)]
+    dense = SimpleNamespace(name="dense-cached", time_us=FINALISTS + 1.5)
+    assert finalists([*plans, dense]) == [*plans[:FINALISTS], dense]
+    assert finalists(plans) == plans[:FINALISTS]  # memory mode: no dense weight
+    fast_dense = SimpleNamespace(name="dense-cached", time_us=0.5)
+    assert finalists([*plans, fast_dense]) == [plans[0], fast_dense, *plans[1:FINALISTS - 1]]
 
 
 @pytest.mark.parametrize("plan_id", ["rebuild+gemm|linear", "dense-cached|linear"])

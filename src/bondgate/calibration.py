@@ -28,6 +28,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -114,11 +115,21 @@ def run_model(model: nn.Module, batch) -> object:
             raise TypeError(f"{exc} (a calibration item is a {type(batch).__name__} of {len(batch)}, passed as "
                             f"{len(batch)} positional arguments: for a dataset of (inputs, labels) pairs give the "
                             f"inputs only, e.g. [x for x, _ in loader])") from exc
-        if not _tensors(batch):  # text, token lists, numpy arrays: the model failed somewhere inside
-            raise TypeError(f"{type(exc).__name__}: {exc} (the calibration item holds no torch tensor: it is "
-                            f"{_describe(batch)}; tokenize with return_tensors='pt', or convert with "
+        if type(exc) in (TypeError, AttributeError) and _untensored(batch):
+            # text, token lists, numpy arrays: a model that takes tensors failed somewhere inside
+            raise type(exc)(f"{exc} (the calibration item holds no torch tensor: it is {_describe(batch)}; if the "
+                            f"model takes tensors, tokenize with return_tensors='pt' or convert with "
                             f"torch.as_tensor)") from exc
         raise
+
+
+def _untensored(batch) -> bool:
+    """Whether ``batch`` is made of text, numbers and numpy arrays only (in dicts, lists and tuples)."""
+    if isinstance(batch, Mapping):
+        return all(_untensored(v) for v in batch.values())
+    if isinstance(batch, (tuple, list)):
+        return all(_untensored(v) for v in batch)
+    return isinstance(batch, (str, bytes, int, float, np.ndarray, np.generic))
 
 
 def _describe(batch) -> str:

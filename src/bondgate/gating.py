@@ -1380,9 +1380,9 @@ def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256,
     ``proj`` holds the top-``rank`` eigenvectors of ``sum_l D_l^T S D_l / mean target_l`` (the directions
     along which the errors vary most) and ``coef[l]`` a non-negative least-squares fit of the target on
     ``[(u_j . x)^2, |x|^2]``. Returns, per layer, the rows used and the R^2 of the per-row error
-    prediction of each level (1.0 for the full level, whose error is zero; NaN where the rows are no more than
-    the ``rank + 1`` features, which any targets fit exactly). Fewer than 10 rows per feature warn; input rows that
-    do not vary are refused. Call :func:`set_budget` after.
+    prediction of each level (1.0 for the full level, whose error is zero; NaN where the target does not vary
+    between rows: one row, or rows alike). Input rows that do not vary, and fewer than
+    :data:`FIT_ROWS_PER_FEATURE` rows per fitted feature (``rank + 1``), warn. Call :func:`set_budget` after.
     """
     from scipy.optimize import nnls
 
@@ -1418,7 +1418,7 @@ def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256,
     with full_width(model):  # the inputs (and sensitivities) of the full-width model
         capture_inputs(model, dict(layers), data, sample, lambda: all(c >= max_rows for c in count.values()))
         sens = output_sensitivity(model, dict(layers), data, loss=loss) if objective == "model" else {}
-    fits = []
+    fits, constant = [], []
     for n, m in layers:
         if not count[n]:  # (batches of 0 rows leave rows[n] non-empty but hold none)
             raise ValueError(f"fit_controllers: layer {n!r} saw no input rows (does data reach it?)")
@@ -1429,10 +1429,7 @@ def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256,
         # every level, so nothing tells inputs apart (R^2 of -78 was reported for 64 copies of one row)
         eps = torch.finfo(dtypes[n] if dtypes[n].is_floating_point else torch.float64).eps
         if not float((X - X.mean(0)).pow(2).sum()) > (4 * eps) ** 2 * float(X.pow(2).sum()):
-            what = "a single row" if X.shape[0] == 1 else f"{X.shape[0]} rows, one vector repeated"
-            raise ValueError(f"fit_controllers: the input rows of layer {n!r} do not vary ({what}): a controller "
-                             f"tells inputs apart by their errors, which are then all equal; pass real model inputs "
-                             f"(several different rows)")
+            constant.append(f"{n} ({'a single row' if X.shape[0] == 1 else f'{X.shape[0]} rows, one vector'})")
         mpo = m.to_mpo().to(device="cpu", dtype=torch.float64)  # the fit runs on the CPU in float64, like X
         W = mpo.to_matrix()
         if objective == "model":
@@ -1474,18 +1471,22 @@ def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256,
             c, _ = nnls((feats / fscale).numpy(), t.numpy())
             c = torch.from_numpy(c) / fscale
             pred = feats @ c
-            exact = X.shape[0] <= feats.shape[1]  # as many features as rows: any targets are fit exactly
-            r2.append(math.nan if exact else
-                      float(1 - (pred - t).pow(2).sum() / (t - t.mean()).pow(2).sum().clamp_min(1e-30)))
+            spread = float((t - t.mean()).pow(2).sum())
+            # R^2 is undefined for a target that does not vary (one row, or rows alike): 1.0 or -78 was reported
+            r2.append(float(1 - (pred - t).pow(2).sum() / spread) if spread > 1e-24 * float(t.pow(2).sum())
+                      else math.nan)
             coef.append(c)
         ctrl.proj.weight.copy_(U.to(ctrl.proj.weight))
         ctrl.coef.copy_(torch.stack(coef).to(ctrl.coef))
         report.append({"name": n, "rows": int(X.shape[0]), "r2": r2})
+    if constant:  # real inputs can do that (a layer fed a class embedding, one class in the data): warned, not refused
+        warn_user(f"fit_controllers: the input rows of {len(constant)} layer(s) do not vary ({_short_list(constant, 3)}"
+                  f"): their controllers cannot tell inputs apart (R^2 NaN) and will pick by the input's norm "
+                  f"alone; pass data with several different rows for them")
     if few:  # one row gave R^2 = 1.0 everywhere, and a held-out output error of 0.51 at the budget (256 rows: 0.41)
         warn_user(f"fit_controllers: {len(few)} layer(s) saw few input rows for a fit of rank + 1 features "
-                  f"({', '.join(few[:3])}{', ...' if len(few) > 3 else ''}; fewer than {FIT_ROWS_PER_FEATURE} per "
-                  f"feature): the controllers may rank other inputs poorly and the R^2 figures are optimistic (NaN "
-                  f"where the fit is exact); pass more data")
+                  f"({_short_list(few, 3)}; fewer than {FIT_ROWS_PER_FEATURE} per feature): the controllers may "
+                  f"rank other inputs poorly and their R^2 figures are optimistic; pass more data")
     return report
 
 

@@ -883,11 +883,12 @@ def unwrapped(model: nn.Module) -> nn.Module:
     """The model inside torch's wrappers — ``nn.DataParallel`` / ``DistributedDataParallel`` (``.module``) and
     ``torch.compile`` (``._orig_mod``) — which is what a checkpoint holds, as transformers' ``save_pretrained``
     saves the model a Trainer wrapped: saved with the wrapper, its names (``module.``, ``_orig_mod.``) would fit
-    neither ``load`` nor the dense model."""
+    neither ``load`` nor the dense model. Only the outermost wrappers: a wrapped submodule keeps its names."""
     while True:
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             model = model.module
-        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        elif (dynamo := sys.modules.get("torch._dynamo.eval_frame")) is not None \
+                and isinstance(model, dynamo.OptimizedModule):  # (imported by torch.compile, so by any such model)
             model = model._orig_mod
         else:
             return model

@@ -661,6 +661,10 @@ def _autotune(cands: list[ContractionPlan], out_f, in_f, ranks, rows, dtype, dev
     return best
 
 
+def _dense_cached(timed: Sequence[ContractionPlan]) -> ContractionPlan | None:
+    return next((c for c in timed if c.name == "dense-cached"), None)  # speed mode's one kept dense weight
+
+
 def finalists(timed: Sequence[ContractionPlan]) -> list[ContractionPlan]:
     """The plans the final rounds time again: the :data:`FINALISTS` fastest of the first pass, and the cached dense
     weight wherever it ranked. :func:`fastest` compares the winner with that plan, so both need times of the same
@@ -668,7 +672,7 @@ def finalists(timed: Sequence[ContractionPlan]) -> list[ContractionPlan]:
     and the best of three interleaved rounds of a factored plan then "beat" it (MiniLM at 256 sentences: 6 of 12
     layers factored, the model 1.09x dense)."""
     front = sorted(timed, key=lambda c: c.time_us)[:FINALISTS]
-    dense = next((c for c in timed if c.name == "dense-cached"), None)
+    dense = _dense_cached(timed)
     return front if dense is None or dense in front else [*front, dense]
 
 
@@ -677,7 +681,7 @@ def fastest(timed: Sequence[ContractionPlan]) -> ContractionPlan:
     fastest factored plan beats it by :data:`DENSE_MARGIN` — a win inside the timing noise is no win, and the dense
     plan is ``nn.Linear``'s own GEMM."""
     best = min(timed, key=lambda c: c.time_us)
-    dense = next((c for c in timed if c.name == "dense-cached"), None)
+    dense = _dense_cached(timed)
     if dense is not None and best.time_us > (1 - DENSE_MARGIN) * dense.time_us:
         return dense
     return best

@@ -3,6 +3,7 @@
 import copy
 import io
 import math
+import re
 import warnings
 
 import pytest
@@ -509,8 +510,11 @@ def test_latency_leaves_a_gated_model_as_it_was():
 
 def test_latency_and_quantize_int8_argument_checks():
     lin = nn.Linear(8, 8)
-    for kwargs in ({"threads": 0}, {"reps": 2.0}, {"reps": 0}, {"warmup": -1}):
-        with pytest.raises(ValueError, match="must be an int"):
+    for kwargs, match in (({"threads": 0}, "threads must be None or a positive integer, got 0"),
+                          ({"reps": 2.0}, "reps must be a positive integer, got a float"),
+                          ({"reps": 0}, "reps must be a positive integer, got 0"),
+                          ({"warmup": -1}, "warmup must be an integer >= 0, got -1")):
+        with pytest.raises(ValueError, match=re.escape(match)):
             latency(lin, torch.randn(2, 8), **kwargs)
     with pytest.raises(ValueError, match="needs float32 layers"):
         quantize_int8(nn.Sequential(nn.Linear(8, 8)).to(torch.bfloat16))

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 import bondgate
-from bondgate import CompressionConfig, LowRankLinear, MPOLinear, compress
+from bondgate import CompressionConfig, LowRankLinear, MPOLinear, compress, costmodel
 from bondgate.allocation import BudgetConflict, LayerMenu, allocate, lowrank_menu
-from bondgate.costmodel import full_widths, lowrank_flops, mpo_flops
+from bondgate.costmodel import KindTimes, _fit, full_widths, lowrank_flops, measure, mpo_flops
 
 
 def structured_model():
@@ -484,3 +484,59 @@ def test_mpo_flops_documents_its_worst_measured_margin_over_the_planner():
     for (out_f, in_f, widths), x in zip(worst, stated.groups()):
         ratio = mpo_flops(out_f, in_f, widths, 16) / min_flops(out_f, in_f, widths, 16)
         assert abs(ratio / float(x) - 1) < 0.03, (len(out_f), ratio, x)
+
+
+def test_fit_never_gives_a_negative_overhead():
+    # kills K3 (the a >= 0 clamp dropped): a line through (1e6 FLOPs, 1 ms) and (2e6, 3 ms) crosses 0 FLOPs at -1 ms;
+    # a negative overhead predicts negative times for small layers, which the latency budget then prefers
+    a, thr = _fit([(1e6, 1e-3), (2e6, 3e-3)])
+    assert thr == pytest.approx(5e8) and a == 0.0
+
+
+def test_kind_times_use_each_kinds_own_fit_at_the_deployed_rows():
+    # kills K5 (mpo_s read the low-rank fit) and K11 (lowrank_s priced one row, not `rows`)
+    kt = KindTimes(rows=8, dense_s=1.0, dense_flops=2 * 8 * 40 * 48, lowrank=(1e-4, 1e9), mpo=(3e-4, 2e8))
+    assert kt.lowrank_s(40, 48, 8) == pytest.approx(1e-4 + lowrank_flops(40, 48, 8, 8) / 1e9, rel=1e-12)
+    want = 3e-4 + mpo_flops((5, 8), (6, 8), (4,), 8) / 2e8
+    assert kt.mpo_s((5, 8), (6, 8), (4,)) == pytest.approx(want, rel=1e-12)
+
+
+def test_timings_are_the_median_of_the_rounds(monkeypatch):
+    # kills K8 (median -> min): the documented "median seconds" became the luckiest round. The rounds' samples are
+    # scripted; the reps per sample come from _reps and go to every sample
+    samples, reps_seen = iter([5e-3, 1e-3, 3e-3, 2e-3, 4e-3]), []
+    monkeypatch.setattr(costmodel, "_reps", lambda fn, sync, min_time: 7)
+    monkeypatch.setattr(costmodel, "_sample", lambda fn, sync, reps: reps_seen.append(reps) or next(samples))
+    assert costmodel._median_seconds(lambda: None, lambda: None, rounds=5) == 3e-3
+    assert reps_seen == [7] * 5
+
+
+def test_dense_timings_run_in_the_requested_dtype(monkeypatch):
+    # kills K13 (the dtype not passed on): a float64 (or bfloat16) model's dense layers were timed in float32
+    seen = []
+
+    def fake(fn, sync, *a, **k):
+        seen.append(fn().dtype)
+        return 1e-3
+
+    monkeypatch.setattr(costmodel, "_median_seconds", fake)
+    costmodel.clear_timings()
+    try:
+        costmodel.calibrate_dense(8, 8, 2, dtype=torch.float64)
+        costmodel.calibrate_dense(8, 8, 2, dtype=torch.float32)
+    finally:
+        costmodel.clear_timings()
+    assert seen == [torch.float64, torch.float32]
+
+
+def test_measure_times_inference_mode_and_restores_the_flag():
+    # kills K7 (no eval_mode): measure's docstring times "one inference call (eval, no grad)"
+    class Recording(nn.Linear):
+        def forward(self, x):
+            modes.append(self.training)
+            return super().forward(x)
+
+    modes = []
+    layer = Recording(8, 4).train()
+    assert measure(layer, 2, min_time=1e-4) > 0
+    assert modes and not any(modes) and layer.training

@@ -843,3 +843,149 @@ def test_sandwich_with_a_tuple_batch_for_a_forward_taking_star_args():
     res = distill(student, teacher, batches, steps=2, loss=DistillLoss(hidden=0, output=1), sandwich=True,
                   log_every=1, progress=False)
     assert res.steps == 2 and "full_width" in res.history[0]["loss"]
+
+
+def _mut_distill_pair(seed=0, dropout=0.0):
+    torch.manual_seed(seed)
+    teacher = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Dropout(dropout), nn.Linear(16, 4))
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    data = [torch.randn(16, 8) for _ in range(4)]
+    return teacher, student, data
+
+
+def test_hidden_term_leaves_out_the_embedding_output():
+    # kills D2 (hidden_states[0] matched too): the docstring leaves the embedding output out of the hidden term
+    torch.manual_seed(0)
+    h1, h2 = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    student = {"hidden_states": (torch.randn(2, 3, 8), h1, h2)}
+    teacher = {"hidden_states": (torch.randn(2, 3, 8), h1.clone(), h2 + 0.5)}
+    _, parts = DistillLoss(hidden=1.0)(student, teacher)
+    expect = (0 + float((0.5**2) / (teacher["hidden_states"][2] ** 2).mean())) / 2
+    assert parts["hidden"] == pytest.approx(expect, rel=1e-6)
+
+
+def test_output_term_is_relative_to_the_teachers_scale():
+    # kills D5 (the normalization dropped): the docstring's "relative MSE between the model outputs"
+    torch.manual_seed(0)
+    yt = 100.0 * torch.randn(6, 5)
+    ys = yt + torch.randn(6, 5)
+    _, parts = DistillLoss(hidden=0, output=1.0)(ys, yt)
+    assert parts["output"] == pytest.approx(float(((ys - yt) ** 2).mean() / (yt**2).mean()), rel=1e-6)
+    _, scaled = DistillLoss(hidden=0, output=1.0)(10 * ys, 10 * yt)
+    assert scaled["output"] == pytest.approx(parts["output"], rel=1e-5)  # no units
+
+
+class _MutZeroGradExtras(nn.Module):
+    """A linear layer plus a 1-D and a 2-D parameter whose gradients are exactly zero (they do not move the output):
+    only weight decay can change them."""
+
+    def __init__(self, lin):
+        super().__init__()
+        self.lin = lin
+        self.vec = nn.Parameter(torch.ones(4))
+        self.mat = nn.Parameter(torch.ones(4, 4))
+
+    def forward(self, x):
+        return self.lin(x) + 0 * self.vec.sum() + 0 * self.mat.sum()
+
+
+def test_weight_decay_spares_one_dimensional_parameters():
+    # kills D7 (every trainable parameter in the decayed group): biases and norms decayed toward 0, against the
+    # docstring ("biases and other 1-D parameters get none")
+    torch.manual_seed(0)
+    teacher = nn.Linear(8, 4)
+    student = _MutZeroGradExtras(copy.deepcopy(teacher))
+    distill(student, _MutZeroGradExtras(teacher), [torch.randn(16, 8)], loss=DistillLoss(hidden=0, output=1.0),
+            steps=5, lr=1e-2, weight_decay=0.5, progress=False)
+    assert torch.equal(student.vec.detach(), torch.ones(4))  # 1-D: no decay
+    assert float(student.mat.detach().max()) < 1.0  # 2-D: decayed
+
+
+def test_schedule_warms_up_from_the_first_step_and_decays(monkeypatch):
+    # kills D8 (`(step + 1) / w` -> `step / w`): the first step ran at learning rate 0, i.e. was wasted
+    lrs, adamw_step = [], torch.optim.AdamW.step
+
+    def record(self, *a, **k):
+        lrs.append(self.param_groups[0]["lr"])
+        return adamw_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    teacher, student, data = _mut_distill_pair()
+    distill(student, teacher, data, loss=DistillLoss(hidden=0, output=1.0), steps=100, lr=1e-3, warmup=0.1,
+            progress=False)
+    assert len(lrs) == 100
+    assert lrs[:10] == pytest.approx([1e-3 * (k + 1) / 10 for k in range(10)], rel=1e-12)
+    assert lrs[10] == pytest.approx(1e-3) and lrs[-1] < 1e-5
+
+
+def test_grad_clip_bounds_the_gradient_norm(monkeypatch):
+    # kills D10 (grad_clip ignored): the norm of the gradients AdamW saw was unbounded
+    norms, adamw_step = [], torch.optim.AdamW.step
+
+    def record(self, *a, **k):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return adamw_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    teacher, student, data = _mut_distill_pair()
+    distill(student, teacher, data, loss=DistillLoss(hidden=0, output=1.0), steps=4, grad_clip=1e-3, progress=False)
+    assert len(norms) == 4 and max(norms) <= 1e-3 * (1 + 1e-5)
+
+
+def test_logged_losses_are_the_documented_moving_average():
+    # kills D14 (0.1 / 0.9 swapped): DistillResult documents 0.9 * previous + 0.1 * this step
+    teacher, student, data = _mut_distill_pair()
+    seen = []
+
+    def loss(s, t, b):
+        seen.append(float(len(seen)))
+        return ((s - t) ** 2).mean(), {"v": seen[-1]}
+
+    res = distill(student, teacher, data, loss=loss, steps=4, log_every=1, progress=False)
+    want, run = [], None
+    for v in seen:
+        run = v if run is None else 0.9 * run + 0.1 * v
+        want.append(run)
+    assert [h["loss"]["v"] for h in res.history] == pytest.approx(want, rel=1e-12)
+
+
+def test_seed_decides_the_run_not_the_callers_random_state():
+    # kills D15 (seed ignored): with dropout in the student, runs with one seed differ by the caller's random state
+    def run(global_seed, seed):
+        teacher, student, data = _mut_distill_pair(dropout=0.5)
+        torch.manual_seed(global_seed)
+        distill(student, teacher, data, loss=DistillLoss(hidden=0, output=1.0), steps=3, lr=1e-2, seed=seed,
+                progress=False)
+        return torch.cat([p.detach().reshape(-1) for p in student.parameters()])
+
+    assert torch.equal(run(1, 5), run(2, 5))
+    assert not torch.equal(run(1, 5), run(1, 6))
+
+
+def test_a_student_may_share_frozen_parameters_with_the_teacher():
+    # kills D18 (every shared parameter refused): the docstring refuses only a student that would *train* one of the
+    # teacher's parameters; a frozen shared embedding is fine and the teacher stays as it was
+    torch.manual_seed(0)
+    emb = nn.Embedding(10, 8).requires_grad_(False)
+    teacher = nn.Sequential(emb, nn.Linear(8, 4))
+    student = nn.Sequential(emb, nn.Linear(8, 4))
+    before = copy.deepcopy(teacher.state_dict())
+    res = distill(student, teacher, [torch.randint(0, 10, (4, 3))], loss=DistillLoss(hidden=0, output=1.0), steps=2,
+                  progress=False)
+    assert res.steps == 2
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())
+
+
+def test_eval_fn_runs_at_the_end_when_the_last_step_is_off_the_grid():
+    # kills D19 (no final evaluation): documented "called before the first step, every eval_every steps and at the
+    # end"; the weights of the last step were never scored, and could not be chosen as the best
+    teacher, student, data = _mut_distill_pair()
+    calls = []
+    res = distill(student, teacher, data, loss=DistillLoss(hidden=0, output=1.0), steps=7, eval_every=5,
+                  eval_fn=lambda m: calls.append(1) or float(len(calls)), progress=False)
+    assert [h["step"] for h in res.history if "metric" in h] == [0, 5, 7]
+    assert res.best_step == 7

@@ -2,6 +2,7 @@
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -446,3 +447,52 @@ def test_numpy_numbers_are_numbers_in_gating_distill_deploy_and_latency():
     assert history is not None
     assert isinstance(bondgate.deploy_int8(copy.deepcopy(model), rows=np.int64(8)), nn.Module)
     assert bondgate.latency(model, x, reps=np.int64(2), warmup=np.int64(0))["reps"] == 2
+
+
+def test_wrong_number_types_are_named_apart_from_values_out_of_range():
+    # one checker for the public API's numbers: a string, a bool, a 0-d tensor or array was refused as "out of
+    # range" ("must lie in (0, 1], got tensor(0.5000)"), a string level or numpy bool taken, probes=0 gave
+    # every layer a sensitivity of 0 without a word
+    np = pytest.importorskip("numpy")
+    from bondgate._checks import NumberTypeError
+    from bondgate.calibration import collect_input_stats, layer_sensitivity, output_sensitivity
+
+    cases = [
+        (lambda: bondgate.GatingConfig(budget=torch.tensor(0.5)), "budget must be a number in (0, 1] (a fraction of "
+         "the full-width FLOPs), got a 0-d Tensor (0.5; pass .item())"),
+        (lambda: bondgate.GatingConfig(budget=np.array(0.5)), "got a 0-d ndarray (0.5; pass .item())"),
+        (lambda: bondgate.GatingConfig(levels=(0.25, "0.5", 1.0)), "each of levels must be a number in (0, 1] (a "
+         "fraction of each bond), got the string '0.5'"),
+        (lambda: bondgate.CompressionConfig(max_bond=np.True_), "max_bond must be None or a positive integer, got a "
+         "bool (np.True_)"),
+        (lambda: bondgate.CompressionConfig(param_ratio="0.5"), "param_ratio must be None or a number in (0, 1], got "
+         "the string '0.5'"),
+        (lambda: bondgate.DistillLoss(temperature=True), "DistillLoss.temperature must be a finite number > 0, got a "
+         "bool (True)"),
+    ]
+    for make, message in cases:
+        with pytest.raises(NumberTypeError, match=re.escape(message)) as info:
+            make()
+        assert isinstance(info.value, TypeError) and isinstance(info.value, ValueError)  # (ValueError as before)
+    for make, message in [
+        (lambda: bondgate.GatingConfig(budget=1.5), "budget must be a number in (0, 1] (a fraction of the full-width "
+         "FLOPs), got 1.5"),
+        (lambda: bondgate.CompressionConfig(max_bond=0), "max_bond must be None or a positive integer, got 0"),
+        (lambda: bondgate.DistillLoss(hidden=math.nan), "DistillLoss.hidden must be a finite number >= 0, got nan"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)) as info:
+            make()
+        assert not isinstance(info.value, TypeError)
+
+    net = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+    modules, data = {"0": net[0]}, [torch.randn(16, 8)]
+    assert layer_sensitivity(net, modules, data, probes=1)["0"] > 0
+    for call, message in [
+        (lambda: layer_sensitivity(net, modules, data, probes=0), "probes must be a positive integer, got 0"),
+        (lambda: layer_sensitivity(net, modules, data, max_batches=0), "max_batches must be None or a positive"),
+        (lambda: output_sensitivity(net, modules, data, probes=-1), "probes must be a positive integer, got -1"),
+        (lambda: collect_input_stats(net, modules, data, max_rows=0), "max_rows must be None or a positive integer"),
+        (lambda: collect_input_stats(net, modules, data, unseen="Skip"), "unseen must be 'raise' or 'skip'"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            call()

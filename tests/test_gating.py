@@ -11,7 +11,7 @@ from torch import nn
 
 import bondgate
 from bondgate import GatedMPOLinear, GatingConfig, MPOLinear, gate, gating_report, set_budget, set_mode
-from bondgate.gating import average_flops, width_error_curve
+from bondgate.gating import PriceTracker, average_flops, width_error_curve
 from bondgate.layer import TrackedParameter
 
 
@@ -1627,6 +1627,10 @@ def test_memory_mode_level_operands_stay_within_the_cores_size_across_writes(qua
         ops = [t for k, (_, o, _) in layer._slices.items() if k[0] == "ops" for t in o]
         assert storage_nbytes(ops, exclude=layer.parameters()) <= bound
     if quant is None:  # the float cores' slices are views of the parameters: every level's operands kept
+        layer.eval()
+        with torch.no_grad():
+            for level in range(4):  # (the last step's write left every entry stale: they go at the next miss)
+                layer(x, levels=torch.full((5,), level))
         assert sum(k[0] == "ops" for k in layer._slices) == 4
 
 
@@ -1659,3 +1663,363 @@ def test_fit_controllers_warns_on_input_rows_that_do_not_vary_and_reports_no_r2_
         with pytest.warns(UserWarning, match=f"input rows of 3 layer\\(s\\) do not vary \\({what}"):
             report = bondgate.fit_controllers(model, data)
         assert all(math.isnan(v) for r in report for v in r["r2"][:-1]) and all(r["r2"][-1] == 1.0 for r in report)
+
+
+# ------------------------------------------------ from a mutation run of gating.py (each kills a mutant that lived)
+def _mut_flops_planned_model():
+    net = model_with_mpo()
+    net[2].policy = bondgate.PlanPolicy(select="flops")  # plans by FLOPs: no autotuning (kept on save and load)
+    return net
+
+
+def _mut_two_gated_layers(controller="error"):
+    torch.manual_seed(0)
+    net = nn.Sequential(MPOLinear.from_linear(nn.Linear(64, 64), max_bond=16), nn.ReLU(),
+                        MPOLinear.from_linear(nn.Linear(64, 64), max_bond=16))
+    for m in (net[0], net[2]):
+        m.policy = bondgate.PlanPolicy(select="flops")  # plans by FLOPs: no autotuning of a shape only these tests use
+    gate(net, GatingConfig(controller=controller))
+    net.eval()
+    return net
+
+
+def test_controller_cost_is_the_documented_flops_and_enters_the_report():
+    # kills mutant M08
+    # mutant: _linear_cost without the norm's 3 * in FLOPs (the budget then under-counts every row)
+    net = gate(model_with_mpo(), GatingConfig(levels=(0.25, 0.5, 0.75, 1.0)))
+    layer = net[2]
+    assert layer.controller_cost == 2 * (96 + 1) * 4 + 3 * 96  # GateController's docstring
+    err = gate(model_with_mpo(), GatingConfig(controller="error", rank=5))[2]
+    assert err.controller_cost == 2 * 96 * 6 + 2 * 6 * 4  # ErrorController's docstring
+    net.eval()
+    x = torch.randn(20, 96)
+    gating_report(net, reset=True)
+    with torch.no_grad():
+        net[2](torch.relu(net[0](x)))  # one routed call, counted
+    counts = layer.flush_counts().tolist()
+    want = (sum(c * f for c, f in zip(counts, layer.level_cost)) + 20 * layer.controller_cost) / (20 * layer.full_cost)
+    rep = gating_report(net)[0]
+    assert rep["rows"] == 20 and rep["avg_flops_fraction"] == pytest.approx(want, rel=1e-12)
+    assert rep["controller_fraction"] == pytest.approx(layer.controller_cost / layer.full_cost, rel=1e-12)
+
+
+def test_a_shared_tracker_closes_a_round_when_one_layer_reports_twice():
+    # kills mutant M11
+    # PriceTracker: a round ends when every layer has reported "or one reports a second time". Mutant: the second
+    # report does not close the round: a shared price never moves while one of its layers gets no calls
+    net = _mut_two_gated_layers()
+    for m in (net[0], net[2]):
+        m.budget_lambda.fill_(1e-3)  # (nearly) free FLOPs: the untrained controllers take the full level
+    tracker = PriceTracker([net[0], net[2]], budget=0.5, rate=0.5, scale=1.0, shared=True)
+    net[0]._tracker = net[2]._tracker = tracker
+    with torch.no_grad():
+        for _ in range(5):
+            net[0](torch.randn(8, 64))  # only the first layer
+    assert tracker.rounds == 4 and tracker.seen == {id(net[0])}
+    assert float(net[0].budget_lambda) == float(net[2].budget_lambda) > 1e-3  # over budget: the price rose
+    with torch.no_grad():
+        net(torch.randn(8, 64))  # both layers: the round closes at the second
+    assert tracker.rounds == 6 and not tracker.seen
+
+
+def test_the_trackers_typical_call_follows_the_recent_call_size():
+    # kills mutant M12
+    # typical_full is a running mean over the last ~100 rounds (min(rounds, 100)), so the step's scale follows the
+    # call size of the stream now. Mutant: a cumulative mean (/ rounds) stays at the average since the start
+    layer = gate(model_with_mpo(), GatingConfig())[2]
+    layer.budget_lambda.fill_(1.0)
+    tracker = PriceTracker([layer], budget=0.5, rate=0.01, scale=1.0, shared=False)
+    for rows in [1] * 150 + [16] * 300:
+        tracker.report(layer, used=0.5 * layer.full_cost * rows, rows=rows)  # on budget: the price stays
+    assert tracker.rounds == 450 and float(layer.budget_lambda) == pytest.approx(1.0, rel=1e-12)
+    # window of 100 rounds: 16 - 15 * 0.99**300 = 15.26 full-width rows; a cumulative mean gives 11
+    assert tracker.typical_full / layer.full_cost == pytest.approx(16 - 15 * 0.99 ** 300, rel=1e-9)
+    # hence a round 10% over budget moves the price by exp(0.01 * 0.1 * 16 / 15.26), not exp(0.01 * 0.1 * 16 / 11)
+    tracker.report(layer, used=0.55 * layer.full_cost * 16, rows=16)
+    typical = tracker.typical_full
+    assert float(layer.budget_lambda) == pytest.approx(math.exp(0.01 * 0.05 * 16 * layer.full_cost / (0.5 * typical)))
+
+
+def test_a_non_positive_price_moves_by_the_step_times_the_calibrated_scale():
+    # kills mutant M13
+    # PriceTracker docstring: "a price <= 0 ... moves by rate * step * scale". Mutant: the scale is ignored
+    layer = gate(model_with_mpo(), GatingConfig())[2]
+    layer.budget_lambda.fill_(-0.5)
+    tracker = PriceTracker([layer], budget=0.5, rate=0.1, scale=4.0, shared=False)
+    tracker.report(layer, used=0.75 * layer.full_cost * 10, rows=10)  # a round spending 0.75 of full width
+    # step = 0.1 * (0.75 - 0.5) / 0.5 = 0.05; price -0.5 + 0.05 * 4
+    assert tracker.rounds == 1 and float(layer.budget_lambda) == pytest.approx(-0.3, rel=1e-12)
+    layer.budget_lambda.fill_(2.0)
+    tracker.lam = None
+    tracker.report(layer, used=0.75 * layer.full_cost * 10, rows=10)  # a positive price: multiplicative
+    assert float(layer.budget_lambda) == pytest.approx(2.0 * math.exp(0.05), rel=1e-12)
+
+
+def _mut_merge_plan(monkeypatch):
+    from bondgate.planner import MEMORY, _build_candidates
+
+    def get_plan(out_f, in_f, ranks, rows, dtype, device, policy, grad):
+        cands = _build_candidates(tuple(out_f), tuple(in_f), tuple(ranks), rows, MEMORY, grad)
+        return next((c for c in cands if c.name == "merge01/optimal"),
+                    next(c for c in cands if c.name == "cores/optimal"))
+
+    monkeypatch.setattr(bondgate.gating, "get_plan", get_plan)
+    torch.manual_seed(0)
+    net = nn.Sequential(MPOLinear.from_linear(nn.Linear(96, 80), max_bond=12, num_cores=3, out_factors=(2, 2, 20),
+                                              in_factors=(2, 2, 24)))
+    gate(net, GatingConfig(levels=(0.25, 0.5, 0.75, 1.0)))
+    layer = net[0]
+    layer.policy = "memory"
+    layer.eval()
+    return layer
+
+
+def _mut_ops_entries(layer):
+    from bondgate.layer import core_versions, is_fresh
+
+    cores = layer._core_tuple()
+    versions = core_versions(cores)
+    return {k[1]: is_fresh(e, cores, versions) for k, e in layer._slices.items() if k[0] == "ops"}
+
+
+def test_a_write_to_the_cores_drops_the_stale_level_operands(monkeypatch):
+    # kills mutant M18
+    # _bounded_kept: "a write to the cores drops every stale level entry (held, they would pin the old cores'
+    # memory)". Mutant: stale entries are never dropped (they also count against the memory bound)
+    layer = _mut_merge_plan(monkeypatch)
+    x = torch.randn(5, 96)
+    with torch.no_grad():
+        for level in range(4):
+            layer(x, levels=torch.full((5,), level))
+        assert list(_mut_ops_entries(layer).values()) == [True] * 4
+        layer.cores[0].mul_(1.01)  # an in-place edit of the cores
+        y = layer(x, levels=torch.full((5,), 3))
+    assert _mut_ops_entries(layer) == {layer.level_widths[3]: True}
+    ref = x @ layer.to_mpo().to_matrix().T + layer.bias
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_a_write_drops_stale_level_operands_when_the_next_calls_take_another_level(monkeypatch):
+    # stale entries were dropped only when the level that hits one is called again: after a write followed by calls
+    # at one level, the int8 layer held 23,616 bytes of operands built from the old cores (the memory bound's whole
+    # allowance, 23,872) for as long as the other levels were not run, and the level called was rebuilt every call
+    layer = _mut_merge_plan(monkeypatch)
+    layer.quantize_("int8")
+    x = torch.randn(5, 96)
+    with torch.no_grad():
+        for level in range(4):
+            layer(x, levels=torch.full((5,), level))
+        assert _mut_ops_entries(layer) and all(_mut_ops_entries(layer).values())
+        layer.cores[0].mul_(1.01)
+        builds = []
+        build = layer._bounded_kept
+        monkeypatch.setattr(layer, "_bounded_kept", lambda key, b: build(key, lambda cs: builds.append(key) or b(cs)))
+        for _ in range(5):
+            layer(x, levels=torch.full((5,), 3))  # the widest level only
+        entries = _mut_ops_entries(layer)  # (under no_grad: int8 cores outside it are new fake-quantized tensors)
+    assert entries and all(entries.values()), entries  # before: {(1, 3): False, (2, 6): False}
+    assert len(builds) == 1  # before: 5 (the stale entries used up the bound: the level was rebuilt every call)
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+def test_the_tracker_is_charged_the_controllers_flops(rows):
+    # kills mutant M24 (rows=1); rows=8 kills the same bug in the grouped path
+    # the budget counts the controller's FLOPs on every row (set_budget, gating_report); so must the online tracker.
+    # Mutant: the one-level path (one row) reports the level's FLOPs only
+    net = _mut_two_gated_layers()
+    for m in (net[0], net[2]):
+        m.budget_lambda.fill_(0.0)  # free FLOPs: the untrained error controllers take the full level
+    tracker = PriceTracker([net[0], net[2]], budget=0.5, rate=0.5, scale=1.0, shared=True)
+    net[0]._tracker = net[2]._tracker = tracker
+    layer = net[0]
+    with torch.no_grad():
+        layer(torch.randn(rows, 64))  # one layer of two: the round stays open and holds the call's FLOPs
+    assert tracker.seen == {id(layer)}
+    assert tracker.used == pytest.approx(rows * (layer.full_cost + layer.controller_cost), rel=1e-12)
+    assert tracker.full == pytest.approx(rows * layer.full_cost, rel=1e-12)
+
+
+def test_the_budget_penalty_is_of_the_tempered_level_distribution():
+    # kills mutant M25 and M26 (the controller's FLOPs left out of E[cost])
+    # _train_gate: the penalty is penalty * (E[cost] - budget)^2 with E over softmax(scores / temperature).
+    # Mutant: the temperature is left out of the expectation
+    torch.manual_seed(0)
+    net = gate(model_with_mpo(), GatingConfig(temperature=0.3, penalty=2.0, budget=0.4))
+    layer = net[2]
+    bondgate.set_mode(net, "gate")
+    with torch.no_grad():
+        layer.controller.proj.weight.normal_(0.0, 0.5)
+    layer.train()
+    x = torch.randn(16, 96)
+    layer(x)
+    aux = layer.bondgate_aux_loss()
+    with torch.no_grad():
+        scores = layer.controller(x).double()
+    probs = torch.softmax(scores / 0.3, -1)
+    expected = (probs * layer.rel_cost).sum(-1).mean() + layer.controller_cost / layer.full_cost
+    assert aux.requires_grad
+    assert float(aux.detach()) == pytest.approx(float(2.0 * (expected - 0.4) ** 2), rel=1e-5)
+
+
+def test_load_state_dict_replaces_the_rows_routed_before():
+    # kills mutant M28
+    # _load_from_state_dict: "the loaded counts replace everything routed before". Mutant: rows routed but not yet
+    # flushed into level_counts are added on top of the loaded counts
+    net = gate(model_with_mpo(), GatingConfig())
+    other = gate(model_with_mpo(), GatingConfig())
+    net.eval()
+    other.eval()
+    with torch.no_grad():
+        other(torch.randn(7, 96))
+        state = other.state_dict()  # flushed on save: 7 rows
+        for _ in range(3):
+            net(torch.randn(5, 96))  # 15 rows pending in net
+    net.load_state_dict(state)
+    assert net[2].flush_counts().tolist() == other[2].level_counts.tolist()
+    assert gating_report(net)[0]["rows"] == 7
+
+
+@pytest.mark.filterwarnings("ignore:set_budget")
+@pytest.mark.parametrize("budget", [0.4, 0.5, 0.85])
+def test_a_coarse_budget_lands_on_the_closest_reachable_fraction(budget):
+    # kills mutant M32
+    # rows alike: the fraction spent is a step function of the price (every row at one level), and no price meets
+    # the budget; _calibrate_lambda takes "the side closer to the budget". Mutant: the farther side
+    torch.manual_seed(0)
+    net = nn.Sequential(MPOLinear.from_linear(nn.Linear(96, 80), max_bond=12, num_cores=3))
+    gate(net, GatingConfig(controller="error"))
+    layer = net[0]
+    data = [torch.randn(1, 96).expand(16, 96).contiguous()]
+    reachable = [float(c) + layer.controller_cost / layer.full_cost for c in layer.rel_cost]
+    got = set_budget(net, budget, data, per_layer=True)
+    closest = min(reachable, key=lambda f: abs(f - budget))
+    assert got == pytest.approx(closest, rel=1e-9), (reachable, got)
+
+
+@pytest.mark.filterwarnings("ignore:fit_controllers")
+def test_a_tracked_model_keeps_set_budgets_budget_through_save_and_load(tmp_path):
+    # kills mutant M33
+    # set_budget records the budget on the layers; a loaded tracker is rebuilt from it (from_spec). Mutant: the
+    # layers keep GatingConfig's budget (0.5): the loaded model's tracker steers to 0.5 instead of 0.3
+    net = gate(_mut_flops_planned_model(), GatingConfig(controller="error"))
+    data = [torch.randn(32, 96)]  # one row count throughout: one plan to tune
+    bondgate.fit_controllers(net, data)
+    net.eval()
+    set_budget(net, 0.3, data, track=0.5, rounds=1)
+    assert net[2].budget == 0.3 and net[2].spec()["budget"] == 0.3
+    bondgate.save(net, tmp_path / "g")
+    back = bondgate.load(tmp_path / "g", model=_mut_flops_planned_model())
+    assert back[2]._tracker.budget == net[2]._tracker.budget == 0.3
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _ in range(3):  # the same prices, hence the same decisions, call after call
+            x = 2.0 * torch.randn(32, 96, generator=gen)
+            assert torch.equal(net(x), back(x))
+    assert float(back[2].budget_lambda) == float(net[2].budget_lambda)
+
+
+def test_set_budget_interrupted_after_pricing_leaves_the_price_as_it_was():
+    # kills mutant M34
+    # "A call that raises leaves the model's prices and settings as they were". Mutant: the price written by the
+    # rounds before the error stays. The existing test raises in the first scoring pass, before any price is set
+    net = gate(_mut_flops_planned_model(), GatingConfig(controller="error"))
+    data = [torch.randn(64, 96) for _ in range(3)]
+    bondgate.fit_controllers(net, data)
+    net.eval()
+    set_budget(net, 0.5, data)
+    layer = net[2]
+    before = (float(layer.budget_lambda), layer.budget)
+    calls = []
+
+    def interrupt(mod, args):
+        calls.append(1)
+        if len(calls) > len(data):  # the second scoring pass: round 0 has priced already
+            raise KeyboardInterrupt
+
+    handle = net[0].register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        set_budget(net, 0.2, data)
+    handle.remove()
+    assert (float(layer.budget_lambda), layer.budget) == before
+
+
+def test_fit_controllers_projects_on_the_dominant_error_directions():
+    # kills mutant M35
+    # fit_controllers: "proj holds the top-rank eigenvectors of sum_l D_l^T S D_l / mean target_l". Mutant: the
+    # bottom ones. The existing test's rows have log-normal norms, which the |x|^2 term explains alone (R^2 > 0.9
+    # either way); rows of one scale need the directions (min R^2 0.59 here, 0.41 with the bottom ones)
+    torch.manual_seed(0)
+    net = nn.Sequential(MPOLinear.from_linear(nn.Linear(96, 80), max_bond=16, num_cores=3))
+    net[0].policy = bondgate.PlanPolicy(select="flops")  # plans by FLOPs: no autotuning of a shape only this test uses
+    gate(net, GatingConfig(levels=(0.25, 0.5, 0.75, 1.0), controller="error", rank=8))
+    layer = net[0]
+    gen = torch.Generator().manual_seed(1)
+    data = [torch.randn(256, 96, generator=gen) for _ in range(4)]
+    fit = bondgate.fit_controllers(net, data)  # 256 rows per batch: every row is used
+    assert fit[0]["rows"] == 1024 and min(fit[0]["r2"][:-1]) > 0.5, fit
+    X = torch.cat(data).double()
+    mpo = layer.to_mpo().to(dtype=torch.float64)
+    W = mpo.to_matrix()
+    G = torch.zeros(96, 96, dtype=torch.float64)
+    for w in layer.level_widths[:-1]:
+        D = W - mpo.slice_bonds(w).to_matrix()
+        G += D.T @ D / float((X @ D.T).pow(2).sum(1).mean())
+    top = torch.linalg.eigh(G).eigenvectors[:, -8:]  # (96, 8)
+    U = layer.controller.proj.weight.detach().double()  # (8, 96), orthonormal rows
+    assert float(torch.linalg.matrix_norm(U @ top) ** 2) == pytest.approx(8.0, rel=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:fit_controllers")
+def test_refitting_after_set_budget_fits_on_the_full_width_models_inputs():
+    # kills mutant M36
+    # fit_controllers samples "the full-width model's layer inputs". Mutant: the inputs of the gated model at its
+    # current prices; a refit after set_budget then fits the second layer on inputs its first layer truncated
+    net = _mut_two_gated_layers()
+    gen = torch.Generator().manual_seed(2)
+    data = [torch.randn(64, 64, generator=gen)]
+    first = bondgate.fit_controllers(net, data)
+    coefs = [m.controller.coef.detach().clone() for m in (net[0], net[2])]
+    set_budget(net, 0.3, data, rounds=1)
+    second = bondgate.fit_controllers(net, data)
+    assert second == first
+    for m, c in zip((net[0], net[2]), coefs):
+        assert torch.equal(m.controller.coef, c)
+
+
+def test_width_error_curve_is_the_relative_weight_error():
+    # kills mutant M39
+    # "Relative weight error of keeping each fraction of every bond". Mutant: the absolute error
+    torch.manual_seed(0)
+    layer = MPOLinear.from_linear(nn.Linear(96, 80), max_bond=12, num_cores=3)
+    with torch.no_grad():
+        layer.cores[0].mul_(7.0)  # a weight of norm far from 1
+    curve = bondgate.gating.width_error_curve(layer, (0.25, 0.5, 1.0))
+    W = layer.to_mpo().to(dtype=torch.float64).to_matrix()
+    ref = []
+    for f in (0.25, 0.5, 1.0):
+        widths = tuple(max(1, math.ceil(f * r - 1e-9)) for r in layer.bond_dims)
+        Wf = layer.to_mpo().to(dtype=torch.float64).slice_bonds(widths).to_matrix()
+        ref.append(float(torch.linalg.norm(Wf - W) / torch.linalg.norm(W)))
+    assert curve == pytest.approx(ref, rel=1e-4, abs=1e-6)
+    assert curve[0] > curve[1] > curve[2] and curve[2] < 1e-6 and curve[0] < 1.0
+
+
+def test_gating_an_int8_layer_keeps_it_int8():
+    # kills mutant M40
+    # from_mpo_linear: "the gated layer holds layer's very core and bias parameters, ... and its int8 quantization".
+    # Mutant: the gated layer runs the float cores (outputs off the int8 model's by the quantization error)
+    torch.manual_seed(0)
+    net = model_with_mpo()
+    net[2].quantize_("int8")
+    x = torch.relu(net[0](torch.randn(9, 96)))
+    with torch.no_grad():
+        y_int8 = net[2](x)
+    gate(net, GatingConfig())
+    layer = net[2]
+    assert layer.quant == "int8"
+    bondgate.set_mode(net, "full")
+    net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), y_int8, rtol=0, atol=1e-6)
+        y_top = layer(x, levels=torch.full((9,), 3))
+    torch.testing.assert_close(y_top, y_int8, rtol=1e-5, atol=1e-5)

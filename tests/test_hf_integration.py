@@ -333,6 +333,34 @@ def test_config_naming_a_module_the_model_lacks_fails(tmp_path):
         AutoModel.from_pretrained(tmp_path / "hf")
 
 
+def test_cores_the_config_does_not_list_are_refused(tmp_path):
+    # loaded with transformers' MISSING table only: the compressed layers came back as freshly initialized dense ones
+    model = tiny_bert()
+    model.save_pretrained(tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for edit in ("empty", "missing"):
+        if edit == "empty":
+            cfg["quantization_config"]["layers"] = {}
+        else:
+            del cfg["quantization_config"]["layers"]
+        (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(ValueError, match=r"holds MPO cores for \d+ module\(s\) \(embeddings.word_embeddings, "
+                                             r"encoder.layer.0.*does not list as bondgate layers"):
+            AutoModel.from_pretrained(tmp_path / "hf")
+    # a model turned back into plain layers keeps the config (layers {}) and saves dense weights: still loads
+    for name, module in list(model.named_modules()):
+        if isinstance(module, MPOLinear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.to_linear())
+    model.embeddings.word_embeddings = model.embeddings.word_embeddings.to_embedding()
+    model.config.quantization_config = copy.deepcopy(model.config.quantization_config)
+    model.config.quantization_config.layers = {}
+    model.save_pretrained(tmp_path / "plain")
+    ids = torch.randint(0, 100, (2, 7))
+    back = AutoModel.from_pretrained(tmp_path / "plain").eval()
+    assert torch.allclose(back(ids).last_hidden_state, model(ids).last_hidden_state, atol=1e-6)
+
+
 def test_int8_checkpoints_refuse_automodel_loudly_and_load_with_bondgate(tmp_path):
     import transformers
 

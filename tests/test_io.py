@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import bondgate
-from bondgate import MPOLinear
+from bondgate import MPOLinear, PlanPolicy
 from bondgate.io import LAYER_TYPES, _sha256
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download
@@ -938,6 +938,12 @@ def test_a_wrapped_model_is_saved_as_the_model_inside(tmp_path, wrap):
     assert torch.equal(back(x), model(x))
     dense = nn.Sequential(nn.Linear(62, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 1))
     assert torch.equal(bondgate.load(tmp_path / "ck", model=dense)(x), model(x))
+    # and loaded into a wrapped dense model: inside the wrapper, which is returned (it failed: no 'module.0')
+    dense = nn.Sequential(nn.Linear(62, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 1))
+    wrapped = nn.DataParallel(dense)
+    back = bondgate.load(tmp_path / "ck", model=wrapped)
+    assert back is wrapped and isinstance(dense[2], MPOLinear) and not dense.training
+    assert torch.equal(back(x), model(x))
 
 
 @needs_hf
@@ -947,3 +953,74 @@ def test_save_pretrained_takes_a_wrapped_transformers_model(tmp_path):
     bondgate.save_pretrained(nn.DataParallel(model), tmp_path / "ck")
     back = bondgate.from_pretrained(tmp_path / "ck")
     assert torch.equal(back(ids).last_hidden_state, model(ids).last_hidden_state)
+
+
+# ------------------------------------------------ from a mutation run of io.py (each kills a mutant that lived)
+
+def _small_mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    layer = MPOLinear.from_linear(nn.Linear(32, 32), max_bond=4, policy=PlanPolicy(select="flops"))
+    return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), layer, nn.Linear(32, 3)).eval()
+
+
+def test_layernorm_without_bias_round_trips(tmp_path):
+    # I01: nn.LayerNorm(bias=False) (torch >= 2.1) must be described as such, or load() rebuilds a LayerNorm with a
+    # bias that the checkpoint does not hold
+    model = _small_mlp()
+    model.append(nn.LayerNorm(3, bias=False))
+    with torch.no_grad():
+        model[-1].weight.uniform_(0.5, 1.5)
+    x = torch.randn(4, 12)
+    loaded = bondgate.load(bondgate.save(model, tmp_path / "ln"))
+    assert loaded[-1].bias is None and loaded[-1].elementwise_affine
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_a_layer_nested_inside_another_is_refused(tmp_path):
+    # I21: 'layers' naming a module inside another saved layer is refused with a clear message
+    out = bondgate.save(_small_mlp(), tmp_path / "ckpt")
+    edit_json(out, lambda m: m["layer_aliases"].update({"2.inner": "2"}))
+    with pytest.raises(ValueError, match="lies inside layer '2'"):
+        bondgate.io.read_metadata(out)
+    with pytest.raises(ValueError, match="lies inside layer '2'"):
+        bondgate.load(out)
+
+
+class _Views(nn.Module):
+    """Buffers that view the storage of a bias with other shapes (not a tie, which is the same view)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+        self.register_buffer("square", torch.zeros(2, 2))
+        self.register_buffer("row", torch.zeros(1, 4))
+
+    def forward(self, x):
+        return self.fc(x) + self.square.sum() + self.row.sum()
+
+
+def test_tensors_viewing_one_storage_differently_save_as_copies(tmp_path):
+    # I28: safetensors refuses tensors that share memory; save() must give each such view its own copy
+    model = _Views()
+    model.fc = MPOLinear.from_linear(model.fc, max_bond=2, policy=PlanPolicy(select="flops"))
+    model.square = model.fc.bias.detach().view(2, 2)
+    model.row = model.fc.bias.detach().view(1, 4)
+    out = bondgate.save(model, tmp_path / "views")
+    loaded = bondgate.load(out, model=_Views())
+    assert torch.equal(loaded.square, model.square) and torch.equal(loaded.row, model.row)
+    assert torch.equal(loaded.fc.bias, model.fc.bias)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_layers_loaded_into_a_model_go_to_the_device_of_the_module_they_replace(tmp_path):
+    # I26: load(..., model=m) places each new layer on the device of the module it replaces (docstring)
+    out = bondgate.save(_small_mlp(), tmp_path / "ckpt")
+    torch.manual_seed(1)
+    user = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 32), nn.Linear(32, 3)).cuda()
+    loaded = bondgate.load(out, model=user)
+    assert isinstance(loaded[2], MPOLinear)
+    assert {p.device.type for p in loaded.parameters()} == {"cuda"}
+    x = torch.randn(4, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x.cuda()).cpu(), _small_mlp()(x), atol=1e-5, rtol=1e-5)

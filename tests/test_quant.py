@@ -475,3 +475,116 @@ def test_loading_int8_cores_on_another_grid_warns():
             assert torch.equal(a, fake_quant(b).to(dst)) and torch.equal(fake_quant(a), a)
         with torch.no_grad():
             assert src != dst or torch.equal(loaded(x.to(dst)), saved(x.to(dst)))
+
+
+# ------------------------------------------------ from a mutation run of quant.py (each kills a mutant that lived)
+
+def _int8_layer(dtype=torch.float32) -> MPOLinear:
+    torch.manual_seed(0)
+    return MPOLinear.from_linear(nn.Linear(64, 48), max_bond=8, num_cores=2, policy=MEMORY).to(dtype).quantize_()
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int32, torch.int64, torch.bool])
+def test_quantize_refuses_non_float_cores_with_a_value_error(dtype):
+    # Q02: the docstring promises a ValueError naming the problem for anything but a floating-point core
+    core = torch.ones(2, 3, 4, 2, dtype=dtype)
+    with pytest.raises(ValueError, match="floating-point MPO core"):
+        quantize(core)
+    with pytest.raises(ValueError, match="floating-point MPO core"):
+        quantize(torch.ones(5, 7, dtype=dtype))  # a table of rows, too
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1e-7])
+def test_dequantize_in_float16_keeps_scales_below_float16s_range(scale):
+    # Q14: a float16 core of small values gets power-of-two scales below float16's smallest subnormal (2**-24);
+    # q * s must be formed in float32 and then cast (exact), not in float16, where the scales flush to zero
+    torch.manual_seed(0)
+    core = (torch.randn(2, 3, 4, 2) * scale).half()
+    q, s = quantize(core)
+    assert bool((s < 2.0**-24).any())  # the case under test
+    back = dequantize(q, s, torch.float16)
+    assert back.dtype == torch.float16 and torch.equal(back, fake_quant(core))
+    err = (back.double() - core.double()).abs()
+    assert bool((err <= s.double()[:, :, None, None] / 2).all())
+    assert float(back.abs().max()) > 0.5 * float(core.abs().max())
+
+
+def test_state_dict_follows_an_in_place_update_of_the_masters():
+    # Q17: the int8 tensors handed out per core are reused only while the master is unmodified (version check);
+    # an optimizer step between two state_dict() calls must show up while the first dict is still alive
+    layer = _int8_layer()
+    first = layer.state_dict()  # kept alive: its int8 tensors stay in the weak cache
+    with torch.no_grad():
+        layer.cores[0].mul_(-0.5)
+    second = layer.state_dict()
+    q, s = quantize(layer.cores[0])
+    assert torch.equal(second["cores.0"], q) and torch.equal(second["cores.0_scale"], s)
+    assert not torch.equal(first["cores.0"], second["cores.0"])
+    fresh = _int8_layer()
+    fresh.load_state_dict(second)
+    assert torch.equal(fresh.cores[0], fake_quant(layer.cores[0]))
+
+
+def test_fake_quant_matches_dequantize_bit_for_bit_including_the_sign_of_zero():
+    # Q09: values that round to level 0 must come back as +0.0 from both paths (the module docstring: dequantizing
+    # gives the values the fake-quantized forward computes "bit for bit"); torch.equal cannot see -0.0 vs 0.0
+    core = torch.tensor([1.0, -1e-4, 1e-4, -0.3]).reshape(1, 1, 4, 1)
+    fq, dq = fake_quant(core), dequantize(*quantize(core))
+    assert torch.equal(fq.view(torch.int32), dq.view(torch.int32))
+    assert not bool(fq.signbit()[0, 0, 1, 0])
+
+
+def test_state_dict_sees_a_write_through_data_of_a_plain_parameter_core():
+    # Q18: a core the user set to a plain nn.Parameter: writes through .data bypass its version counter, so the
+    # int8 tensors of an earlier state_dict() must not be handed out again
+    layer = _int8_layer()
+    layer.cores[0] = nn.Parameter(layer.cores[0].detach().clone())
+    assert type(layer.cores[0]) is nn.Parameter
+    first = layer.state_dict()
+    layer.cores[0].data.mul_(-0.5)
+    second = layer.state_dict()
+    assert torch.equal(second["cores.0"], quantize(layer.cores[0])[0])
+    assert torch.equal(second["cores.0_scale"], quantize(layer.cores[0])[1])
+    assert not torch.equal(first["cores.0"], second["cores.0"])
+
+
+def test_an_all_zero_channel_round_trips_through_the_int8_state_dict():
+    # Q23: an all-zero (r_left, out) channel gets scale 0 (module docstring); loading such a state dict must work
+    layer = _int8_layer()
+    with torch.no_grad():
+        layer.cores[1][0, 2] = 0.0  # e.g. a pruned output row
+    sd = layer.state_dict()
+    assert float(sd["cores.1_scale"][0, 2]) == 0.0
+    fresh = _int8_layer()
+    fresh.load_state_dict(sd)
+    assert all(torch.equal(a, fake_quant(b)) for a, b in zip(fresh.cores, layer.cores, strict=True))
+    assert bool((fresh.cores[1][0, 2] == 0).all())
+
+
+def test_scales_that_overflow_a_float16_layer_are_refused_on_load():
+    # Q24: scale_problem checks the values in the *layer's* dtype: 127 * 1000 overflows float16 (max 65504) though
+    # not float32; without the check the float16 layer would load inf cores silently
+    layer = _int8_layer(torch.float16)
+    sd = layer.state_dict()
+    sd["cores.1_scale"] = sd["cores.1_scale"].clone()
+    sd["cores.1_scale"][0, 0] = 1000.0
+    sd["cores.1"] = sd["cores.1"].clone()
+    sd["cores.1"][0, 0] = 127
+    fresh = _int8_layer(torch.float16)
+    with pytest.raises(RuntimeError, match="overflow float16"):
+        fresh.load_state_dict(sd)
+    assert all(torch.isfinite(c).all() for c in fresh.cores)  # (torch copies the other keys, as always)
+
+
+def test_dequantize_defaults_to_float32():
+    # Q13: the signature's default dtype is float32 (torch.equal compares across dtypes, so the suite's
+    # torch.equal(fake_quant(core), dequantize(q, s)) did not notice a float64 default)
+    torch.manual_seed(0)
+    core = torch.randn(2, 3, 4, 2)
+    q, s = quantize(core)
+    back = dequantize(q, s)
+    assert back.dtype == torch.float32 and back.shape == core.shape
+    rows = dequantize(*quantize(torch.randn(5, 7)))
+    assert rows.dtype == torch.float32 and rows.shape == (5, 7)
+    x = torch.randn(3, 7)
+    assert (x @ rows.T).shape == (3, 5)  # usable with float32 activations as is

@@ -29,7 +29,6 @@ import copy
 import io
 import json
 import math
-import numbers
 import os
 import re
 import statistics
@@ -44,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._checks import number
 from .calibration import eval_mode
 from .gating import preserved_state
 from .layer import MPOLinear
@@ -189,9 +189,7 @@ def _budgets(
                 raise ValueError(f"params[{name!r}] must be a non-negative integer, got {n!r}")
             budgets[name] = int(n)
         return selected, budgets, skipped
-    if isinstance(param_ratio, bool) or not isinstance(param_ratio, numbers.Real) or not 0 <= param_ratio <= 1:
-        raise ValueError(f"param_ratio must be a number in [0, 1], got {param_ratio!r}")
-    param_ratio = float(param_ratio)  # (a numpy scalar too)
+    param_ratio = number(param_ratio, "param_ratio", low=0, high=1)
     selected, skipped = _select(model, target, replace)
     budgets = {n: math.floor(param_ratio * m.weight.numel() + 0.5) for n, m in selected.items()}
     return selected, budgets, skipped
@@ -672,12 +670,9 @@ def paired_latency(
     rounds (in alternating order), so that a slow stretch of a shared machine hits every model alike — two
     measurements taken one after the other can differ by more than the models do. Returns, per name, the dict
     :func:`latency` returns, over all of that model's calls (each model first gets ``warmup`` untimed calls)."""
-    for name, value, low in (("reps", reps, 1), ("rounds", rounds, 1), ("warmup", warmup, 0),
-                             ("threads", 1 if threads is None else threads, 1)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    reps, rounds, warmup = int(reps), int(rounds), int(warmup)
-    threads = None if threads is None else int(threads)
+    reps, rounds = number(reps, "reps", low=1, integer=True), number(rounds, "rounds", low=1, integer=True)
+    warmup = number(warmup, "warmup", low=0, integer=True)
+    threads = number(threads, "threads", low=1, integer=True, none_ok=True)
     if not isinstance(models, Mapping) or not models or not all(isinstance(m, nn.Module) for m in models.values()):
         raise ValueError("models must be a non-empty mapping of names to nn.Modules")
     if isinstance(example_inputs, Mapping):

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._checks import number
 from .layer import core_versions
 
 __all__ = ["InputStats", "collect_input_stats", "collect_token_counts", "kron_whiteners", "damped", "refine_cores",
@@ -354,6 +355,9 @@ def collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], data
     MLP's gate and up projections) are given one shared :class:`InputStats` (one ``in x in`` covariance, not three);
     should a later batch feed them different tensors, the pass runs again without sharing.
     """
+    if unseen not in ("raise", "skip"):
+        raise ValueError(f"collect_input_stats: unseen must be 'raise' or 'skip', got {unseen!r}")
+    max_rows = number(max_rows, "collect_input_stats: max_rows", low=1, integer=True, none_ok=True)
     if isinstance(data, Sequence):
         stats = _collect_input_stats(model, modules, data, max_rows, progress, unseen, share=True)
         if stats is not None:
@@ -612,6 +616,8 @@ def _sensitivity_sums(model: nn.Module, modules: Mapping[str, nn.Module], data: 
                       seed: int) -> tuple[dict[str, torch.Tensor], dict[str, int], int]:
     """:func:`output_sensitivity`'s sums of ``(d s / d y_j)^2`` over rows, per module, the rows summed and
     the passes (batches x probes) run."""
+    probes = number(probes, "probes", low=1, integer=True)
+    max_batches = number(max_batches, "max_batches", low=1, integer=True, none_ok=True)
     sums: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {n: 0 for n in modules}
     passes = 0

@@ -34,12 +34,12 @@ rounding of an int8 MPO's weight change the outputs slightly; measure the qualit
 from __future__ import annotations
 
 import copy
-import numbers
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ._checks import number
 from .baselines import _aliases, _conv1d_to_linear, _select, _set_module, latency, quantize_dynamic
 from .gating import GatedMPOLinear
 from .layer import MPOLinear
@@ -102,17 +102,18 @@ def _candidates(m: nn.Module) -> tuple[str, dict[str, nn.Module]]:
     return "dense", {"int8": _conv1d_to_linear(m) if is_conv1d(m) else copy.deepcopy(m)}
 
 
-def _check(model: nn.Module, rows: int | None) -> None:
+def _check(model: nn.Module, rows: int | None) -> int | None:
+    """``rows`` as a Python int (or None) once the model is one deploy_int8 can convert."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"deploy_int8 expects an nn.Module, got {type(model).__name__}")
-    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, numbers.Integral) or rows < 1):
-        raise ValueError(f"rows must be a positive int or None, got {rows!r}")
+    rows = number(rows, "rows", low=1, integer=True, none_ok=True)
     bad = {(p.device.type, p.dtype) for p in model.parameters()} - {("cpu", torch.float32)}
     if bad:
         raise ValueError(f"deploy_int8 needs an fp32 model on the CPU (torch's dynamic int8 kernels), got "
                          f"parameters as {sorted(f'{d}/{t}' for d, t in bad)}")
     if torch.backends.quantized.engine == "none":
         raise RuntimeError("this torch build has no quantized engine (fbgemm / x86 / qnnpack)")
+    return rows
 
 
 def _inside(name: str, owners: tuple[str, ...]) -> bool:
@@ -134,8 +135,7 @@ def deploy_int8(model: nn.Module, rows: int | None = 32, dense: bool = True) -> 
     Returns the copy in eval mode; ``copy.bondgate_int8`` maps each candidate layer's name to its
     :class:`bondgate.deploy.Int8Choice`.
     """
-    _check(model, rows)
-    rows = None if rows is None else int(rows)
+    rows = _check(model, rows)
     new = copy.deepcopy(model).eval()
     aliases = _aliases(new)
     # not the plain layers inside a bondgate layer (a gated layer's controller reads its weight), nor a Recurrent's

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import math
-import numbers
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._checks import number
 from ._warn import warn_user
 from .calibration import eval_mode, model_device, model_output, named_batch, run_model, to_device
 
@@ -85,12 +85,7 @@ class DistillLoss:
 
     def __post_init__(self) -> None:
         for name in ("hidden", "logits", "pooled", "output", "task", "temperature"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"DistillLoss.{name} must be a finite number >= 0, got {v!r}")
-            setattr(self, name, float(v))
-        if self.temperature <= 0:
-            raise ValueError(f"DistillLoss.temperature must be > 0, got {self.temperature!r}")
+            setattr(self, name, number(getattr(self, name), f"DistillLoss.{name}", low=0, low_open=name == "temperature"))
 
     def wants_hidden(self) -> bool:
         """Whether a term needs the models' hidden states (``hidden > 0`` or ``pooled > 0``): :func:`distill` then
@@ -397,12 +392,10 @@ def distill(
 
     if steps is None and epochs is None and max_minutes is None:
         raise ValueError("give at least one of steps, epochs, max_minutes")
-    for name, value in (("steps", steps), ("epochs", epochs)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if max_minutes is not None and (isinstance(max_minutes, bool) or not isinstance(max_minutes, numbers.Real)
-                                    or not math.isfinite(max_minutes) or max_minutes <= 0):
-        raise ValueError(f"max_minutes must be a positive finite number, got {max_minutes!r}")
+    # Python numbers from here on (numpy's are taken), as the history and the optimizer record them
+    steps = number(steps, "steps", low=1, integer=True, none_ok=True)
+    epochs = number(epochs, "epochs", low=1, integer=True, none_ok=True)
+    max_minutes = number(max_minutes, "max_minutes", low=0, low_open=True, none_ok=True)
     if isinstance(data, (torch.Tensor, Mapping)):  # one batch, as compress reads calibration data (not its rows)
         data = [data]
     if isinstance(data, Iterator) and steps is None and max_minutes is None and (epochs or 0) != 1:
@@ -411,26 +404,16 @@ def distill(
     if steps is None and max_minutes is None and not hasattr(data, "__len__"):
         warn_user("distill: with epochs on data of unknown length the schedule has no end to plan for: the "
                   "learning rate stays at lr (no warmup or decay); give steps, or data with a length")
-    for name, value in (("eval_every", eval_every), ("log_every", log_every), ("patience", 1 if patience is None else patience)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"{name} must be a positive int{' or None' if name == 'patience' else ''}, got {value!r}")
-    if isinstance(warmup, bool) or not isinstance(warmup, numbers.Real) or not 0 <= warmup < 1:
-        raise ValueError(f"warmup must be a fraction in [0, 1), got {warmup!r}")
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real) or not math.isfinite(weight_decay) \
-            or weight_decay < 0:
-        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
-    if grad_clip is not None and (isinstance(grad_clip, bool) or not isinstance(grad_clip, numbers.Real)
-                                  or math.isnan(grad_clip) or grad_clip < 0):
-        raise ValueError(f"grad_clip must be a number >= 0 (0 or None: no clipping), got {grad_clip!r}")
+    eval_every = number(eval_every, "eval_every", low=1, integer=True)
+    log_every = number(log_every, "log_every", low=1, integer=True)
+    patience = number(patience, "patience", low=1, integer=True, none_ok=True)
+    warmup = number(warmup, "warmup", low=0, high=1, high_open=True, hint="a fraction of the steps")
+    lr = number(lr, "lr", low=0, low_open=True)
+    weight_decay = number(weight_decay, "weight_decay", low=0)
+    grad_clip = number(grad_clip, "grad_clip", low=0, none_ok=True, finite=False,
+                       hint="0 or None: no clipping")
     if budget_clock not in ("wall", "cpu"):
         raise ValueError(f"budget_clock must be 'wall' or 'cpu', got {budget_clock!r}")
-    # Python numbers from here on (numpy's pass the checks above), as the history and the optimizer record them
-    steps, epochs, patience = (None if v is None else int(v) for v in (steps, epochs, patience))
-    max_minutes, grad_clip = (None if v is None else float(v) for v in (max_minutes, grad_clip))
-    eval_every, log_every, warmup, lr, weight_decay = (int(eval_every), int(log_every), float(warmup), float(lr),
-                                                       float(weight_decay))
     threads = max(torch.get_num_threads(), 1)
     clock = time.perf_counter if budget_clock == "wall" else (lambda: time.process_time() / threads)
     loss = loss or DistillLoss()

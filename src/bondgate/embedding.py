@@ -43,12 +43,12 @@ frequency-weighted; the 4096 most frequent rows kept (85% of dev tokens) + weigh
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from ._checks import number
 from ._warn import warn_user
 from .factors import factorize_shape
 from .io import register_layer_type
@@ -158,12 +158,9 @@ class MPOEmbedding(nn.Module):
     def _setup(self, mpo: MPO, padding_idx: int | None) -> None:
         n = mpo.out_features
         if padding_idx is not None:
-            if isinstance(padding_idx, bool) or not isinstance(padding_idx, numbers.Integral):
-                raise TypeError(f"padding_idx must be an int or None, got {padding_idx!r}")
-            padding_idx = int(padding_idx)  # a numpy integer (torch accepts one) would not serialize in spec()
-            if not -n <= padding_idx < n:
-                raise ValueError(f"padding_idx must be within num_embeddings ({n}), got {padding_idx}")
-            padding_idx %= n
+            # a Python int: a numpy integer (torch accepts one) would not serialize in spec()
+            padding_idx = number(padding_idx, "padding_idx", low=-n, high=n, high_open=True, integer=True,
+                                 hint=f"a row of the {n} of num_embeddings") % n
         self.num_embeddings, self.embedding_dim, self.padding_idx = n, mpo.in_features, padding_idx
         contiguous = torch.contiguous_format
         self.cores = nn.ParameterList([TrackedParameter(c.detach().clone(memory_format=contiguous)) for c in mpo.cores])
@@ -230,10 +227,7 @@ class MPOEmbedding(nn.Module):
             raise ValueError(f"the row of padding_idx={emb.padding_idx} is nonzero; MPOEmbedding supports only a "
                              "zero padding row (its lookup returns zeros there)")
         out_f, in_f = table_factors(*E.shape, num_cores, form)
-        if isinstance(keep_rows, bool) or not isinstance(keep_rows, numbers.Integral) \
-                or not 0 <= keep_rows <= E.shape[0]:
-            raise ValueError(f"keep_rows must be an int in [0, {E.shape[0]}], got {keep_rows!r}")
-        keep_rows = int(keep_rows)
+        keep_rows = number(keep_rows, "keep_rows", low=0, high=E.shape[0], integer=True)
         if keep_rows and counts is None:
             raise ValueError("keep_rows needs counts (it keeps the most frequent ids' rows)")
         if counts is not None:

@@ -24,14 +24,14 @@ import math
 import numbers
 from functools import lru_cache
 
+from ._checks import number
+
 __all__ = ["balanced_factors", "choose_factors", "factorize_shape"]
 
 
 def positive_int(value, what: str, low: int = 1) -> int:
     """``value`` as a Python ``int`` >= ``low`` (any integral type, numpy's included; never a bool), or a ValueError."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{what} must be {'a positive integer' if low == 1 else f'an integer >= {low}'}, got {value!r}")
-    return int(value)
+    return number(value, what, low=low, integer=True)
 
 
 MAX_LEGS = 256  # the factor search recurses once per leg (2,000 legs ran out of Python's stack)
@@ -95,10 +95,8 @@ def choose_factors(n: int, d: int, max_pad: float | None = None) -> tuple[int, t
     its balanced factors.
     """
     n, d = _validate(n, d)
-    if max_pad is not None and (isinstance(max_pad, bool) or not isinstance(max_pad, numbers.Real)
-                                or not 0 <= max_pad < math.inf):
-        raise ValueError(f"max_pad must be None or a finite number >= 0 (the extra size allowed, a fraction of n), "
-                         f"got {max_pad!r}")
+    max_pad = number(max_pad, "max_pad", low=0, none_ok=True,
+                     hint="the extra size allowed, a fraction of n")
     f = _balanced(n, d)
     if d == 1 or max(f) <= 2.0 * n ** (1.0 / d):
         return n, f

@@ -55,7 +55,6 @@ import copy
 import functools
 import itertools
 import math
-import numbers
 import statistics
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -65,6 +64,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._checks import number
 from ._warn import warn_user
 from .calibration import _row_mask, as_batches, capture_inputs, in_calibration_pass
 from .io import register_layer_type
@@ -122,23 +122,17 @@ class GatingConfig:
         self.budget = _check_budget(self.budget)
         raw = tuple(self.levels) if isinstance(self.levels, Iterable) and not isinstance(self.levels, (str, bytes)) \
             else None
-        if raw is None or any(isinstance(v, bool) for v in raw):
+        if raw is None:
             raise TypeError(f"levels are fractions of each bond (a sequence of numbers), got {self.levels!r}")
-        lv = tuple(float(v) for v in raw)
-        if not lv:
+        if not raw:
             raise ValueError("levels must not be empty")
-        if any(not (0.0 < v <= 1.0) for v in lv):
-            raise ValueError(f"levels are fractions of each bond and must lie in (0, 1], got {lv}")
+        lv = tuple(number(v, "each of levels", low=0, high=1, low_open=True, hint="a fraction of each bond")
+                   for v in raw)
         if any(b <= a for a, b in zip(lv, lv[1:])):
             raise ValueError(f"levels must be strictly increasing (sorted, no duplicates), got {lv}")
         self.levels = lv
-        for name in ("temperature", "penalty"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
-            setattr(self, name, float(value))
-        if self.temperature <= 0 or self.penalty < 0:
-            raise ValueError(f"temperature must be > 0 and penalty >= 0, got {self.temperature!r} and {self.penalty!r}")
+        self.temperature = number(self.temperature, "temperature", low=0, low_open=True)
+        self.penalty = number(self.penalty, "penalty", low=0)
         check_selector(self.target_modules, "target_modules")
         if self.controller not in CONTROLLERS:
             raise ValueError(f"controller must be one of {sorted(CONTROLLERS)}, got {self.controller!r}")
@@ -158,16 +152,13 @@ def _fitted(layer: "GatedMPOLinear") -> bool:
 
 def _check_budget(budget: float) -> float:
     """``budget`` as a float (numpy's numbers too), or a ValueError."""
-    if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not (0.0 < float(budget) <= 1.0):
-        raise ValueError(f"budget is a fraction of the full-width FLOPs and must lie in (0, 1], got {budget!r}")
-    return float(budget)
+    return number(budget, "budget", low=0, high=1, low_open=True,
+                  hint="a fraction of the full-width FLOPs")
 
 
 def _check_track(rate: float) -> float:
-    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not (0.0 <= float(rate) <= 10.0):
-        raise ValueError(f"track is the gain of the online price correction and must lie in [0, 10] "
-                         f"(0: fixed price), got {rate!r}")
-    return float(rate)
+    return number(rate, "track", low=0, high=10,
+                  hint="the gain of the online price correction; 0: a fixed price")
 
 
 class GateController(nn.Module):
@@ -295,11 +286,7 @@ def _widths(bonds: Sequence[int], frac: float) -> tuple[int, ...]:
 
 def _positive_int(value, name: str, none_ok: bool = False):
     """``value`` if it is a positive int (or None when ``none_ok``), else a ValueError naming ``name``."""
-    if value is None and none_ok:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be {'None or ' if none_ok else ''}a positive int, got {value!r}")
-    return int(value)
+    return number(value, name, low=1, integer=True, none_ok=none_ok)
 
 
 @functools.lru_cache(maxsize=64)
@@ -617,9 +604,9 @@ class GatedMPOLinear(MPOLinear):
         hit = self._slices.get(key)
         if is_fresh(hit, cores, versions):
             return hit[1]
-        if hit is not None:
-            for k in [k for k, e in self._slices.items() if k[0] == "ops" and not is_fresh(e, cores, versions)]:
-                del self._slices[k]
+        # any level's: an entry of a level not run since the write would pin the old cores and use up the bound
+        for k in [k for k, e in self._slices.items() if k[0] == "ops" and not is_fresh(e, cores, versions)]:
+            del self._slices[k]
         ops = build(cores)
         masters = list(self._core_params.values())
         kept_ops = [t for k, (_, o, _) in self._slices.items() if k[0] == "ops" for t in o]
@@ -1057,9 +1044,8 @@ def _check_mode(mode) -> str | float:
         if mode not in ("gate", "nested", "full"):
             raise ValueError(f"mode must be 'gate', 'nested', 'full' or a fraction, got {mode!r}")
         return mode
-    if isinstance(mode, bool) or not isinstance(mode, numbers.Real) or not 0.0 < mode <= 1.0:
-        raise ValueError(f"a static mode is the kept fraction of every bond and must lie in (0, 1], got {mode!r}")
-    return float(mode)
+    return number(mode, "mode", low=0, high=1, low_open=True, hint="the kept fraction of every bond; "
+                  "or 'gate', 'nested', 'full'")
 
 
 def set_mode(model: nn.Module, mode: str | float) -> nn.Module:

@@ -599,6 +599,12 @@ def _prepare(model: nn.Module, qc: Any, checkpoint_files, dtype: torch.dtype | N
                              f"model does not have (load it with the class it was saved from)")
         names[name] = found
     header = _as_loaded(model, _header(checkpoint_files))
+    orphans = _unlisted_cores(model, header, set(names.values()))
+    if orphans:  # else their dense weights come back freshly initialized, listed in transformers' MISSING table only
+        raise ValueError(f"{where}: the checkpoint holds MPO cores for {len(orphans)} module(s) "
+                         f"({', '.join(orphans[:3])}{', ...' if len(orphans) > 3 else ''}) that config.json's "
+                         f"quantization_config does not list as bondgate layers (an edited or truncated config); a "
+                         f"directory written by bondgate.save_pretrained loads with bondgate.from_pretrained(dir)")
     dense, keyless = _saved_dense(model, {n: names[n] for n in specs}, header)
     if dense:
         warn_user(f"{where}: config.json records {len(dense)} bondgate layer(s) ({', '.join(sorted(dense)[:3])}"
@@ -687,6 +693,19 @@ def _prepare(model: nn.Module, qc: Any, checkpoint_files, dtype: torch.dtype | N
         f"^{re.escape(k)}$" for k in skipped}
     return {"names": names, "layers": specs, "layer_aliases": layer_aliases, "groups": groups,
             "source": source, "ignore": ignore, "untied": untied}
+
+
+def _unlisted_cores(model: nn.Module, header: dict | None, listed: set[str]) -> list[str]:
+    """The modules of ``model`` (names in it) the checkpoint holds MPO cores for (``<module>.cores.0``) that are
+    none of the ``listed`` layers and are a plain module of the model, one without cores of its own."""
+    out = set()
+    for key in header or ():
+        if not key.endswith(".cores.0"):
+            continue
+        found = _resolve(model, key[: -len(".cores.0")])
+        if found is not None and found not in listed and not hasattr(model.get_submodule(found), "cores"):
+            out.add(found)
+    return sorted(out)
 
 
 def _saved_dense(model: nn.Module, names: dict[str, str], header: dict | None) -> tuple[set[str], set[str]]:

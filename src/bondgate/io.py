@@ -1065,7 +1065,8 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *,
     ``nn.Sequential`` trees and bare bondgate layers) and moved to ``map_location``. With ``model``
     (required for any other module: pass a freshly constructed *dense* instance), its modules named
     in the checkpoint are replaced by bondgate layers (placed on the device of the module they
-    replace) and all tensors are loaded into it in place; ``map_location`` is then unused. Every
+    replace) and all tensors are loaded into it in place; ``map_location`` is then unused. A ``model``
+    in ``nn.DataParallel`` / DDP / ``torch.compile`` is loaded inside the wrapper and returned wrapped. Every
     check (JSON, file integrity, keys, shapes, dtypes) runs before ``model`` is modified, so a
     failed load leaves it untouched.
 
@@ -1082,6 +1083,9 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *,
     built = model is None
     if not built and not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    given = model
+    if not built:  # the checkpoint's names are those of the model inside DataParallel / torch.compile (save's too)
+        model = unwrapped(model)
     if built and arch["kind"] == "module":
         raise ValueError(f"this checkpoint holds a {arch['class']}, which bondgate cannot rebuild by itself; "
                          f"pass model=<a freshly constructed dense instance> to load()")
@@ -1149,7 +1153,7 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *,
         from .hf import attach
 
         attach(model)  # model.save_pretrained (transformers') writes a directory from_pretrained reads back
-    return model.eval()
+    return model.eval() if built else given.eval()
 
 
 def _attach_report(model: nn.Module, report: Any) -> None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ._checks import number
 from .factors import factorize_shape, positive_int
 
 __all__ = ["MPO"]
@@ -73,8 +74,7 @@ def _bond_caps(max_bond: BondSpec, nbonds: int) -> list[int | None]:
 def _check_tol(tol: float | None) -> None:
     if tol is None:
         return
-    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not (0.0 <= float(tol) < 1.0):
-        raise ValueError(f"tol is a relative Frobenius error and must lie in [0, 1), got {tol!r}")
+    number(tol, "tol", low=0, high=1, high_open=True, hint="a relative Frobenius error")
 
 
 def _keep_rank(S: torch.Tensor, cap: int | None, allowed_sq: float | None) -> int:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -29,6 +28,7 @@ from torch import nn
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
+from ._checks import number
 from ._warn import warn_user
 from .allocation import (
     BudgetConflict,
@@ -174,46 +174,31 @@ class CompressionConfig:
     quantize: str | None = None
 
     def __post_init__(self) -> None:
-        # numpy scalars (a sweep over np.linspace / np.arange) become Python numbers: the config is saved as JSON
-        for name in ("max_bond", "num_cores", "refine_steps", "max_calibration_rows", "embedding_rows", "deploy_rows"):
-            value = getattr(self, name)
-            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-                setattr(self, name, int(value))
-        for name in ("param_ratio", "tol", "damping", "embedding_ratio", "max_latency_ratio", "flops_ratio"):
-            value = getattr(self, name)
-            if _is_number(value) and not isinstance(value, int):
-                setattr(self, name, float(value))
         check_quant(self.quantize)
-        for name in ("param_ratio", "tol", "damping"):
-            value = getattr(self, name)
-            if value is not None and not _is_number(value):
-                raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-        for name in ("refine_steps", "max_calibration_rows"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        # Python numbers from here on (numpy's are taken, from a sweep over np.linspace): the config is saved as JSON
+        self.param_ratio = number(self.param_ratio, "param_ratio", low=0, high=1, low_open=True, none_ok=True)
+        self.max_bond = number(self.max_bond, "max_bond", low=1, integer=True, none_ok=True)
+        self.tol = number(self.tol, "tol", low=0, high=1, high_open=True, none_ok=True)
+        self.num_cores = number(self.num_cores, "num_cores", low=1, high=MAX_CORES, integer=True,
+                                hint="torch.einsum has 52 index letters")
+        self.refine_steps = number(self.refine_steps, "refine_steps", low=0, integer=True)
+        self.damping = number(self.damping, "damping", low=0)
+        self.max_calibration_rows = number(self.max_calibration_rows, "max_calibration_rows", low=1, integer=True,
+                                           none_ok=True)
+        self.embedding_ratio = number(self.embedding_ratio, "embedding_ratio", low=0, high=1, low_open=True,
+                                      none_ok=True)
+        self.embedding_rows = number(self.embedding_rows, "embedding_rows", low=0, integer=True)
+        self.max_latency_ratio = number(self.max_latency_ratio, "max_latency_ratio", low=0, low_open=True,
+                                        none_ok=True)
+        self.flops_ratio = number(self.flops_ratio, "flops_ratio", low=0, low_open=True, none_ok=True)
+        self.deploy_rows = number(self.deploy_rows, "deploy_rows", low=1, integer=True)
         check_selector(self.target_modules, "target_modules")
         check_selector(self.exclude, "exclude")
         given = [k for k in ("param_ratio", "max_bond", "tol") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one budget: param_ratio, max_bond or tol (got {given or 'none'})")
-        if self.param_ratio is not None and not (0.0 < float(self.param_ratio) <= 1.0):
-            raise ValueError(f"param_ratio must lie in (0, 1], got {self.param_ratio!r}")
-        if self.embedding_ratio is not None:
-            if not _is_number(self.embedding_ratio):
-                raise TypeError(f"embedding_ratio must be a number, got {self.embedding_ratio!r}")
-            if not (0.0 < float(self.embedding_ratio) <= 1.0):
-                raise ValueError(f"embedding_ratio must lie in (0, 1], got {self.embedding_ratio!r}")
-            if self.param_ratio is None:
-                raise ValueError("embedding_ratio needs a param_ratio budget")
-        if self.max_bond is not None and (isinstance(self.max_bond, bool) or not isinstance(self.max_bond, int)
-                                          or self.max_bond < 1):
-            raise ValueError(f"max_bond must be an integer >= 1, got {self.max_bond!r}")
-        if self.tol is not None and not (0.0 <= float(self.tol) < 1.0):
-            raise ValueError(f"tol must lie in [0, 1), got {self.tol!r}")
-        if isinstance(self.num_cores, bool) or not isinstance(self.num_cores, int) or not 1 <= self.num_cores <= MAX_CORES:
-            raise ValueError(f"num_cores must be an integer in [1, {MAX_CORES}] (torch.einsum has 52 index letters), "
-                             f"got {self.num_cores!r}")
+        if self.embedding_ratio is not None and self.param_ratio is None:
+            raise ValueError("embedding_ratio needs a param_ratio budget")
         if self.allocation not in ("global", "uniform"):
             raise ValueError(f"allocation must be 'global' or 'uniform', got {self.allocation!r}")
         if self.layer_weighting not in ("sensitivity", "relative", "absolute"):
@@ -222,9 +207,6 @@ class CompressionConfig:
             raise TypeError(f"embeddings must be a bool, got {self.embeddings!r}")
         if self.embedding_form not in ("mpo", "lowrank"):
             raise ValueError(f"embedding_form must be 'mpo' or 'lowrank', got {self.embedding_form!r}")
-        if isinstance(self.embedding_rows, bool) or not isinstance(self.embedding_rows, numbers.Integral) \
-                or self.embedding_rows < 0:
-            raise ValueError(f"embedding_rows must be an int >= 0, got {self.embedding_rows!r}")
         unused = [f for f, on in (("embedding_ratio", self.embedding_ratio is not None),
                                   ("embedding_form", self.embedding_form != "mpo"),
                                   ("embedding_rows", bool(self.embedding_rows))) if on]
@@ -237,17 +219,10 @@ class CompressionConfig:
             if not kinds or not set(kinds) <= {"mpo", "lowrank"} or len(set(kinds)) != len(kinds):
                 raise ValueError(f"kinds must be a non-empty selection of 'mpo' and 'lowrank', got {self.kinds!r}")
             self.kinds = kinds
-        for name in ("max_latency_ratio", "flops_ratio"):
-            value = getattr(self, name)
-            if value is not None and (not _is_number(value) or not 0 < value < math.inf):
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
         if self.max_latency_ratio is not None and self.flops_ratio is not None:
             raise ValueError("give at most one of max_latency_ratio and flops_ratio")
         if self.cost_budget is not None and (self.param_ratio is None or self.allocation != "global"):
             raise ValueError("max_latency_ratio / flops_ratio need param_ratio with allocation='global'")
-        if isinstance(self.deploy_rows, bool) or not isinstance(self.deploy_rows, numbers.Integral) \
-                or self.deploy_rows < 1:
-            raise ValueError(f"deploy_rows must be a positive int, got {self.deploy_rows!r}")
         if self.kinds is not None and self.kinds != ("mpo",) and self.param_ratio is None:
             raise ValueError("kinds other than 'mpo' need a param_ratio budget")
         # options of the param_ratio budget's allocation: with max_bond / tol every layer is cut by itself
@@ -262,11 +237,6 @@ class CompressionConfig:
                              "param_ratio budget; it does nothing with max_bond / tol or allocation='uniform'")
         if self.num_cores == 1 and ("mpo" in self.forms or (self.embeddings and self.embedding_form == "mpo")):
             raise ValueError("num_cores=1 is the dense weight itself: an MPO needs at least 2 cores")
-        if self.refine_steps < 0 or not (0 <= self.damping < math.inf):
-            raise ValueError(f"refine_steps and damping must be >= 0 (damping finite), got {self.refine_steps!r} "
-                             f"and {self.damping!r}")
-        if self.max_calibration_rows is not None and self.max_calibration_rows < 1:
-            raise ValueError(f"max_calibration_rows must be None or >= 1, got {self.max_calibration_rows!r}")
 
     @property
     def cost_budget(self) -> tuple[str, float] | None:
@@ -423,10 +393,6 @@ def check_selector(value, name: str) -> None:
             re.compile(value)
         except re.error as exc:
             raise ValueError(f"{name} is not a valid regular expression: {value!r} ({exc})") from None
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 # ---------------------------------------------------------------------------------------------- targets

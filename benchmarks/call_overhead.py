@@ -1,0 +1,92 @@
+"""Per-call overhead of an ``MPOLinear`` that runs its cached dense weight (speed mode, plan ``dense-cached``) against
+``nn.Linear`` holding the same weight: the time the compressed MiniLM spends on top of dense where every MPO layer
+runs one ``F.linear`` (benchmarks/minilm_speed.py).
+
+    python benchmarks/call_overhead.py          # ~1 min on 2 cores
+
+Shapes: MiniLM's (384 -> 384, 384 -> 1536, 1536 -> 384), at 11 rows (one 11-token sentence) and 416 rows (32
+sentences of 13 tokens). Timing: median of interleaved rounds (``time_interleaved``), ``torch.inference_mode``,
+``--threads`` threads; reported in microseconds per call, with the difference and the ratio.
+
+Writes benchmarks/results/call_overhead.{json,md} (``--out DIR``: into DIR instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    add_out_arg,
+    args_dict,
+    banner,
+    check_out_dir,
+    command_line,
+    machine_info,
+    time_interleaved,
+    write_json,
+    write_text,
+)
+
+import bondgate as bg  # noqa: E402
+from bondgate.cli import number_arg  # noqa: E402
+
+SHAPES = [(384, 384), (384, 1536), (1536, 384)]  # (in, out)
+ROWS = [11, 416]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=number_arg(int, 1, what="rounds"), default=15)
+    parser.add_argument("--threads", type=number_arg(int, 1, what="threads"), default=2)
+    add_out_arg(parser)
+    args = parser.parse_args(argv)
+    check_out_dir(parser, args.out)
+    torch.set_num_threads(args.threads)
+    info = machine_info()
+    print(banner(info))
+    rows_out = []
+    for n_in, n_out in SHAPES:
+        torch.manual_seed(0)
+        # a layer the size budget keeps at a 3-core MPO whose dense product is the faster plan (MiniLM's 12)
+        mpo = bg.MPOLinear.from_linear(nn.Linear(n_in, n_out), max_bond=64,
+                                       policy=bg.PlanPolicy(cache_dense=True, select="flops")).eval()
+        dense = mpo.to_linear().eval()
+        for rows in ROWS:
+            x = torch.randn(rows, n_in)
+            with torch.inference_mode():
+                mpo(x)
+                plan = mpo.plan(rows).name
+
+            def call(m, x=x):
+                with torch.inference_mode():
+                    return m(x)
+
+            t = time_interleaved({"nn.Linear": lambda: call(dense), "MPOLinear": lambda: call(mpo)},
+                                 rounds=args.rounds, min_time=0.05)
+            us = {k: v * 1e6 for k, v in t.items()}
+            row = {"in": n_in, "out": n_out, "rows": rows, "plan": plan, "linear_us": us["nn.Linear"],
+                   "mpo_us": us["MPOLinear"], "extra_us": us["MPOLinear"] - us["nn.Linear"],
+                   "ratio": us["MPOLinear"] / us["nn.Linear"]}
+            rows_out.append(row)
+            print(f"{n_in}->{n_out} at {rows} rows: nn.Linear {row['linear_us']:.1f} us, MPOLinear "
+                  f"{row['mpo_us']:.1f} us (+{row['extra_us']:.1f} us, {row['ratio']:.3f}x)", flush=True)
+    lines = [f"Machine: {banner(info)}", "", f"Command: `{command_line(__file__, argv)}`", "",
+             f"Median of {args.rounds} interleaved rounds, {args.threads} threads, torch.inference_mode; the MPO layer "
+             "runs its cached dense weight (one F.linear) at these rows.", "",
+             "| layer (in -> out) | rows | nn.Linear (us) | MPOLinear (us) | extra (us) | ratio |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['in']} -> {r['out']} | {r['rows']} | {r['linear_us']:.1f} | {r['mpo_us']:.1f} | "
+              f"{r['extra_us']:+.1f} | {r['ratio']:.3f} |" for r in rows_out]
+    write_text(args.out / "call_overhead.md", "\n".join(lines) + "\n")
+    write_json(args.out / "call_overhead.json", {"machine": info, "args": args_dict(args),
+                                                 "command": command_line(__file__, argv), "rows": rows_out})
+    print(f"wrote {args.out / 'call_overhead.md'}")
+
+
+if __name__ == "__main__":
+    main()

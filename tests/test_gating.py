@@ -1596,19 +1596,8 @@ def test_memory_mode_level_operands_stay_within_the_cores_size_across_writes(qua
     # call; and with int8 cores, entries of levels not run since a write pinned the old fake-quantized cores (1.95x
     # the cores' bytes). Storages are counted now, and a write drops every stale entry
     from bondgate.layer import storage_nbytes
-    from bondgate.planner import MEMORY, _build_candidates
 
-    def get_plan(out_f, in_f, ranks, rows, dtype, device, policy, grad):
-        cands = _build_candidates(tuple(out_f), tuple(in_f), tuple(ranks), rows, MEMORY, grad)
-        return next((c for c in cands if c.name == "merge01/optimal"), next(c for c in cands if c.name == "cores/optimal"))
-
-    monkeypatch.setattr(bondgate.gating, "get_plan", get_plan)
-    torch.manual_seed(0)
-    net = nn.Sequential(MPOLinear.from_linear(nn.Linear(96, 80), max_bond=12, num_cores=3, out_factors=(2, 2, 20),
-                                              in_factors=(2, 2, 24)))
-    gate(net, GatingConfig(levels=(0.25, 0.5, 0.75, 1.0)))
-    layer = net[0]
-    layer.policy = "memory"
+    layer = _gated_merge01_layer(monkeypatch)
     layer.quantize_(quant)
     bound = 4 * sum(c.numel() for c in layer.cores)
     opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=1e-3)
@@ -1755,7 +1744,9 @@ def test_a_non_positive_price_moves_by_the_step_times_the_calibrated_scale():
     assert float(layer.budget_lambda) == pytest.approx(2.0 * math.exp(0.05), rel=1e-12)
 
 
-def _mut_merge_plan(monkeypatch):
+def _gated_merge01_layer(monkeypatch):
+    """A gated 96 -> 80 layer (3 cores, levels 1/4..1) in memory mode, eval, its level plans forced to merge01 (one
+    kept operand per level that is no view of the cores)."""
     from bondgate.planner import MEMORY, _build_candidates
 
     def get_plan(out_f, in_f, ranks, rows, dtype, device, policy, grad):
@@ -1786,7 +1777,7 @@ def test_a_write_to_the_cores_drops_the_stale_level_operands(monkeypatch):
     # kills mutant M18
     # _bounded_kept: "a write to the cores drops every stale level entry (held, they would pin the old cores'
     # memory)". Mutant: stale entries are never dropped (they also count against the memory bound)
-    layer = _mut_merge_plan(monkeypatch)
+    layer = _gated_merge01_layer(monkeypatch)
     x = torch.randn(5, 96)
     with torch.no_grad():
         for level in range(4):
@@ -1803,7 +1794,7 @@ def test_a_write_drops_stale_level_operands_when_the_next_calls_take_another_lev
     # stale entries were dropped only when the level that hits one is called again: after a write followed by calls
     # at one level, the int8 layer held 23,616 bytes of operands built from the old cores (the memory bound's whole
     # allowance, 23,872) for as long as the other levels were not run, and the level called was rebuilt every call
-    layer = _mut_merge_plan(monkeypatch)
+    layer = _gated_merge01_layer(monkeypatch)
     layer.quantize_("int8")
     x = torch.randn(5, 96)
     with torch.no_grad():

@@ -1110,7 +1110,7 @@ def test_refinement_does_not_depend_on_the_inputs_scale():
 def test_refinement_fits_the_damped_covariance():
     # refined on the raw covariance of 8 rows (64 inputs) the cores fitted those rows' span and ended worse on new
     # inputs than before refinement (held-out 1.50 against 0.996); the ridge the whitening uses holds them back
-    from bondgate.calibration import damped, refine_cores, weighted_error
+    from bondgate.calibration import damped, weighted_error
 
     torch.manual_seed(6)
     W = torch.randn(64, 64, dtype=torch.float64)
@@ -1332,14 +1332,12 @@ def test_compress_refines_on_the_damped_covariance(monkeypatch):
 
 
 def _refine_problem():
-    from bondgate.calibration import refine_cores
-
     torch.manual_seed(0)
     W = torch.randn(16, 16, dtype=torch.float64)
     x = torch.randn(200, 16, dtype=torch.float64) * 3
     cov = x.T @ x / 200
     start = MPO.from_matrix(W, in_factors=(4, 4), out_factors=(4, 4), max_bond=2).cores
-    return refine_cores, W, cov, start
+    return W, cov, start
 
 
 def _weighted_error(W, cores, cov):  # tr((W - W_hat) cov (W - W_hat)^T), W_hat from the two cores by hand
@@ -1352,7 +1350,7 @@ def _weighted_error(W, cores, cov):  # tr((W - W_hat) cov (W - W_hat)^T), W_hat 
 def test_refine_cores_returns_the_errors_in_the_inputs_units():
     # the L-BFGS objective is normalized by tr(W cov W^T); the errors it returns are not (they read 0.633 / 0.610
     # where the weighted errors were 1484 / 1430)
-    refine_cores, W, cov, start = _refine_problem()
+    W, cov, start = _refine_problem()
     cores, before, after = refine_cores(start, W, cov, 16, 16, steps=20)
     assert before == pytest.approx(_weighted_error(W, start, cov), rel=1e-9)
     assert after == pytest.approx(_weighted_error(W, cores, cov), rel=1e-9)
@@ -1362,7 +1360,7 @@ def test_refine_cores_returns_the_errors_in_the_inputs_units():
 def test_refinement_that_ends_in_nan_keeps_the_starting_cores(monkeypatch):
     # "never worse than it was given": an L-BFGS run that leaves NaN cores (after = NaN) must hand back the input
     # cores and the starting error; `after > before` is False for NaN and let the NaN cores through
-    refine_cores, W, cov, start = _refine_problem()
+    W, cov, start = _refine_problem()
 
     def step(self, closure):
         with torch.no_grad():
@@ -1576,11 +1574,7 @@ def test_apply_leg_maps_is_the_kronecker_product_on_three_legs():
 
 def test_one_refinement_step_improves():
     # kills C19 (`steps > 0` -> `steps > 1`): refine_steps=1 silently did nothing
-    torch.manual_seed(0)
-    W = torch.randn(16, 16, dtype=torch.float64)
-    x = torch.randn(200, 16, dtype=torch.float64) * 3
-    cov = x.T @ x / 200
-    start = MPO.from_matrix(W, in_factors=(4, 4), out_factors=(4, 4), max_bond=2).cores
+    W, cov, start = _refine_problem()
     cores, before, after = refine_cores(start, W, cov, 16, 16, steps=1)
     assert after < before  # measured 1480.97 against 1484.30 after one L-BFGS iteration
     assert not all(torch.equal(c, s.double()) for c, s in zip(cores, start))

@@ -106,13 +106,17 @@ def main(argv=None) -> dict:
         print(f"{b} sentences ({tuple(inputs[b]['input_ids'].shape)}): "
               + "  ".join(f"{k} {1e3 * v:.2f} ms ({v / times[b]['dense']:.2f}x)" for k, v in times[b].items()),
               flush=True)
+    # the plan each MPO layer of the default model ran at each size (rows per call: the batch's tokens)
+    mpos = [m for m in variants["bondgate"].modules() if isinstance(m, bg.MPOLinear)]
+    plans = {b: dict(Counter(m.plan(int(inputs[b]["input_ids"].numel())).name for m in mpos)) for b in args.batches}
+    print(f"bondgate MPO layers' plans per size: {plans}", flush=True)
     shipped = {"bondgate int8, int8 kernels": variants["bondgate int8"]}
     sizes = {k: bg.size_on_disk(shipped.get(k, m)) for k, m in variants.items()}
     scored = dev[: args.quality_pairs or None]
     quality = {k: ms.stsb_score(m, tok, scored) for k, m in variants.items() if k != "dense copy"}
     quality["dense copy"] = quality["dense"]
     out = {"machine": info, "command": command, "args": args_dict(args), "quality_pairs": len(scored),
-           "deploy_rows": rows32, "policies": policies, "times_s": times,
+           "deploy_rows": rows32, "policies": policies, "plans": plans, "times_s": times,
            "paired_ratios": paired, "int8_kernels": kernels, "quality": quality,
            "sizes": sizes, "shapes": {b: list(inputs[b]["input_ids"].shape) for b in args.batches},
            "report": report.to_dict()}
@@ -120,7 +124,8 @@ def main(argv=None) -> dict:
     scope = f" on the first {len(scored)} of {len(dev)} pairs" if len(scored) < len(dev) else ""
     lines = [f"Machine: {banner(info)}", "", f"Command: `{command}`",
              "", f"all-MiniLM-L6-v2, encoder linear layers at {args.ratio} of their weights (defaults: policy auto "
-             f"judged at deploy_rows={rows32}); bondgate layer forms: {policies}; deploy_int8 of the int8 model: "
+             f"judged at deploy_rows={rows32}); bondgate layer forms: {policies}, its MPO layers' plans per size (sentences): "
+             f"{plans}; deploy_int8 of the int8 model: "
              f"{kernels}. Median of {args.rounds} interleaved rounds, {args.threads} threads. Quality: STS-B dev "
              f"Spearman x100{scope}.", "",
              "| variant | size on disk (MB) | quality | " + " | ".join(f"{b} sentences (ms) | vs dense" for b in args.batches) + " |",

@@ -474,6 +474,9 @@ def test_wrong_number_types_are_named_apart_from_values_out_of_range():
         with pytest.raises(NumberTypeError, match=re.escape(message)) as info:
             make()
         assert isinstance(info.value, TypeError) and isinstance(info.value, ValueError)  # (ValueError as before)
+    np_levels, torch_levels = np.linspace(0.25, 1, 4), torch.linspace(0.25, 1, 4)  # 1-D: their numbers are taken
+    assert bondgate.GatingConfig(levels=np_levels).levels == bondgate.GatingConfig(levels=torch_levels).levels == (
+        0.25, 0.5, 0.75, 1.0)
     for make, message in [
         (lambda: bondgate.GatingConfig(budget=1.5), "budget must be a number in (0, 1] (a fraction of the full-width "
          "FLOPs), got 1.5"),

@@ -946,6 +946,23 @@ def test_a_wrapped_model_is_saved_as_the_model_inside(tmp_path, wrap):
     assert torch.equal(back(x), model(x))
 
 
+def test_load_into_a_ddp_model_is_refused(tmp_path):
+    # DDP registered the parameters it was built with: the layers load puts in would train unsynchronized (their
+    # gradients differed between ranks) or fail at the next step with a message about unused parameters
+    import torch.distributed as dist
+
+    bondgate.save(mlp().eval(), tmp_path / "ck")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        dense = nn.Sequential(nn.Linear(62, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 1))
+        ddp = nn.parallel.DistributedDataParallel(dense)
+        with pytest.raises(TypeError, match="load into the model itself, then wrap it in DistributedDataParallel"):
+            bondgate.load(tmp_path / "ck", model=ddp)
+        assert isinstance(dense[2], nn.Linear)
+    finally:
+        dist.destroy_process_group()
+
+
 @needs_hf
 def test_save_pretrained_takes_a_wrapped_transformers_model(tmp_path):
     model = tiny_bert()

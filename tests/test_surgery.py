@@ -1741,7 +1741,8 @@ def test_reported_output_error_of_a_biased_layer_on_offset_inputs():
         model[0].bias.normal_(0.0, 1.0)
     x = torch.randn(1024, 96) * torch.linspace(0.1, 3, 96) + 2.0
     y = model(x).detach()
-    compress(model, CompressionConfig(param_ratio=0.4, num_cores=2, policy="memory"), calibration=[x], progress=False)
+    compress(model, CompressionConfig(param_ratio=0.4, num_cores=2, policy="memory", refine_steps=0), calibration=[x],
+             progress=False)  # (no refinement: 0.2 s instead of 2.2 s; the report's formula is the same)
     assert model.bondgate_report.layers[0].output_error == pytest.approx(_mutrun_output_error(model, x, y), rel=1e-3)
 
 

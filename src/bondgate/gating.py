@@ -120,8 +120,10 @@ class GatingConfig:
 
     def __post_init__(self) -> None:
         self.budget = _check_budget(self.budget)
-        raw = tuple(self.levels) if isinstance(self.levels, Iterable) and not isinstance(self.levels, (str, bytes)) \
-            else None
+        levels = self.levels
+        if getattr(levels, "ndim", None) == 1 and hasattr(levels, "tolist"):  # a 1-D tensor or array: its numbers
+            levels = levels.tolist()
+        raw = tuple(levels) if isinstance(levels, Iterable) and not isinstance(levels, (str, bytes)) else None
         if raw is None:
             raise TypeError(f"levels are fractions of each bond (a sequence of numbers), got {self.levels!r}")
         if not raw:
@@ -605,11 +607,12 @@ class GatedMPOLinear(MPOLinear):
         if is_fresh(hit, cores, versions):
             return hit[1]
         # any level's: an entry of a level not run since the write would pin the old cores and use up the bound
-        for k in [k for k, e in self._slices.items() if k[0] == "ops" and not is_fresh(e, cores, versions)]:
-            del self._slices[k]
+        # (a copy of the items and pop: another thread may insert or drop entries meanwhile)
+        for k in [k for k, e in list(self._slices.items()) if k[0] == "ops" and not is_fresh(e, cores, versions)]:
+            self._slices.pop(k, None)
         ops = build(cores)
         masters = list(self._core_params.values())
-        kept_ops = [t for k, (_, o, _) in self._slices.items() if k[0] == "ops" for t in o]
+        kept_ops = [t for k, (_, o, _) in list(self._slices.items()) if k[0] == "ops" for t in o]
         if not self._policy.cache_dense and storage_nbytes([*kept_ops, *ops], exclude=masters) <= sum(
                 c.numel() * c.element_size() for c in masters):
             self._slices[key] = (stamp(cores), ops, tuple(cores))

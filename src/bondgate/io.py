@@ -1066,7 +1066,8 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *,
     (required for any other module: pass a freshly constructed *dense* instance), its modules named
     in the checkpoint are replaced by bondgate layers (placed on the device of the module they
     replace) and all tensors are loaded into it in place; ``map_location`` is then unused. A ``model``
-    in ``nn.DataParallel`` / DDP / ``torch.compile`` is loaded inside the wrapper and returned wrapped. Every
+    in ``nn.DataParallel`` or ``torch.compile`` is loaded inside the wrapper and returned wrapped (DDP is refused: wrap
+    the loaded model). Every
     check (JSON, file integrity, keys, shapes, dtypes) runs before ``model`` is modified, so a
     failed load leaves it untouched.
 
@@ -1083,6 +1084,9 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *,
     built = model is None
     if not built and not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(model, nn.parallel.DistributedDataParallel):  # it registered the parameters it was built with
+        raise TypeError("load into the model itself, then wrap it in DistributedDataParallel: DDP would not "
+                        "synchronize the gradients of the layers load puts in")
     given = model
     if not built:  # the checkpoint's names are those of the model inside DataParallel / torch.compile (save's too)
         model = unwrapped(model)

@@ -10,9 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+import bondgate
 from bondgate import (
     LowRankLinear,
     MPOLinear,
+    PlanPolicy,
     latency,
     magnitude_prune,
     quantize_int8,
@@ -742,3 +744,66 @@ def test_baselines_refuse_a_model_on_the_meta_device(method):
     fn = (lambda m: svd_compress(m, 0.5)) if method == "svd" else (lambda m: magnitude_prune(m, 0.5))
     with pytest.raises(ValueError, match=r"0\.weight is on the meta device .* materialize"):
         fn(model)
+
+
+# ------------------------------------------------ from a mutation run of lowrank.py (each kills a mutant that lived)
+def _mp_float64_pair(out_f=10, in_f=12, rank=4, bias=True):
+    gen = torch.Generator().manual_seed(0)
+    U = torch.randn(out_f, rank, dtype=torch.float64, generator=gen)
+    V = torch.randn(rank, in_f, dtype=torch.float64, generator=gen)
+    b = torch.randn(out_f, dtype=torch.float64, generator=gen) if bias else None
+    x = torch.randn(5, in_f, dtype=torch.float64, generator=gen)
+    return U, V, b, x
+
+
+# kills L01 (from_factors: V not copied), L02 (from_factors: bias not copied), L10 (from_factors: dtype dropped)
+@pytest.mark.parametrize("bias", [True, False])
+def test_from_factors_holds_the_given_factors_and_bias(bias):
+    U, V, b, x = _mp_float64_pair(bias=bias)
+    layer = LowRankLinear.from_factors(U, V, b)
+    assert layer.U.dtype == layer.V.dtype == torch.float64 and (layer.bias is None) == (not bias)
+    assert torch.equal(layer.U, U) and torch.equal(layer.V, V)
+    ref = x @ (U @ V).T + (0 if b is None else b)
+    assert torch.allclose(layer(x), ref, rtol=1e-12, atol=1e-12)
+
+
+# kills L03 (to_linear: bias not copied), L14 (to_linear: dtype dropped, float64 factors rounded to float32)
+def test_to_linear_is_the_same_map_in_the_same_dtype():
+    U, V, b, x = _mp_float64_pair()
+    layer = LowRankLinear.from_factors(U, V, b)
+    lin = layer.to_linear()
+    assert lin.weight.dtype == torch.float64 and lin.weight.shape == (10, 12)
+    assert torch.allclose(lin(x), x @ (U @ V).T + b, rtol=1e-12, atol=1e-12)
+
+
+# kills L07 (to_mpo_linear: bias dropped), L13 (to_mpo_linear: U's values laid out transposed), L08 (requires_grad)
+def test_to_mpo_linear_is_the_same_map_and_keeps_the_error_and_the_freezing():
+    U, V, b, x = _mp_float64_pair(out_f=10, in_f=12, rank=4)
+    layer = LowRankLinear.from_factors(U, V, b)
+    layer.error = 0.25
+    ref = x @ (U @ V).T + b
+    mpo = layer.to_mpo_linear(policy=PlanPolicy(select="flops"))
+    assert mpo.bond_dims == (4,) and mpo.error == 0.25
+    with torch.no_grad():
+        assert torch.allclose(mpo(x), ref, rtol=1e-10, atol=1e-10)
+    assert all(p.requires_grad for p in mpo.parameters())
+    frozen = layer.requires_grad_(False).to_mpo_linear(policy=PlanPolicy(select="flops"))
+    assert not any(c.requires_grad for c in frozen.cores)
+
+
+# kills L04 (spec: dtype always "float32"), L12 (from_spec: dtype ignored), L05 (spec: error dropped)
+def test_a_float64_pair_saves_and_loads_in_float64_with_its_error(tmp_path):
+    torch.manual_seed(0)
+    lin = nn.Linear(24, 20, dtype=torch.float64)
+    low = LowRankLinear.from_linear(lin, 5)
+    assert 0 < low.error < 1
+    spec = low.spec()
+    assert spec["dtype"] == "float64" and spec["error"] == low.error
+    twin = LowRankLinear.from_spec(spec)
+    assert twin.U.dtype == torch.float64 and twin.error == low.error and twin.rank == 5
+    loaded = bondgate.load(bondgate.save(nn.Sequential(low), tmp_path / "ckpt"),
+                           model=nn.Sequential(nn.Linear(24, 20)))[0]
+    x = torch.randn(3, 24, dtype=torch.float64)
+    assert loaded.U.dtype == torch.float64 and loaded.error == low.error
+    with torch.no_grad():
+        assert torch.equal(loaded(x), low(x))

@@ -2,6 +2,7 @@
 
 import math
 
+import opt_einsum as oe
 import pytest
 import torch
 
@@ -231,8 +232,6 @@ def test_layer_flops_of_a_dense_plan_count_the_layers_own_size(plan_id):
 
 def _peak_at(plan, rows):
     """Largest intermediate (elements) of ``plan`` at ``rows`` rows, merged groups included."""
-    import opt_einsum as oe
-
     if plan.dense:
         return plan.peak_elements
     info = oe.contract_path(plan.equation, (rows, *plan.in_factors), *plan.group_shapes, optimize=list(plan.path),
@@ -317,3 +316,96 @@ def test_pinned_plans_survive_a_functional_call_with_cores_of_other_widths():
         for _ in range(5):
             assert torch.allclose(twin(x), x @ small.to_matrix().T + twin.bias, atol=1e-5)
     assert len(calls) == 1 and twin.spec()["plans"] == {}
+
+
+# ------------------------------------------------ from a mutation run of planner.py (each kills a mutant that lived)
+# kills P01 (planner.py get_plan: `grad` dropped from the plan cache key)
+def test_a_training_call_after_an_inference_call_gets_gradients_through_the_cores():
+    # an inference plan keeps detached operands (here the dense weight); a training call of the same bucket that got
+    # it would leave the cores without gradients
+    clear_plan_cache()
+    torch.manual_seed(0)
+    layer = MPOLinear(256, 256, max_bond=64, policy=PlanPolicy(cache_dense=True, select="flops")).double()
+    x = torch.randn(512, 256, dtype=torch.float64)
+    with torch.no_grad():
+        layer(x)
+    assert layer.plan(512).cached
+    assert not layer.plan(512, grad=True).cached
+    layer(x).square().sum().backward()
+    got = [c.grad.clone() for c in layer.cores]
+    layer.zero_grad()
+    (x @ layer.weight_matrix().T + layer.bias).square().sum().backward()
+    for g, want in zip(got, (c.grad for c in layer.cores)):
+        assert torch.allclose(g, want, rtol=1e-9, atol=1e-9)
+    clear_plan_cache()
+
+
+# kills P03 (planner.py ContractionPlan.flops_at: `merge = self.group_flops`, a kept merge counted per call)
+def test_flops_at_of_a_kept_merge_grows_with_the_rows_only():
+    cands = _build_candidates((4, 4, 4), (4, 4, 4), (8, 8), 64, PlanPolicy(cache_dense=True), grad=False)
+    kept = [p for p in cands if p.cached and not p.dense and p.group_flops > 0]
+    assert kept  # merge01/.../cached and the like
+    for p in cands:
+        assert p.flops_at(64) == p.flops
+        # linear in the rows: 64 more rows cost the same whatever the starting point
+        assert 2 * (p.flops_at(128) - p.flops) == p.flops_at(256) - p.flops_at(128), p.id
+    for p in kept:  # the same path uncached costs its merge on top, at any row count
+        twin = next(c for c in cands if c.id == p.id.replace("/cached", "") and not c.cached)
+        for rows in (64, 100, 256):
+            assert twin.flops_at(rows) - p.flops_at(rows) == p.group_flops, (p.id, rows)
+
+
+# kills P08 (planner.py _build_candidates: the bucket's top row count off by one, `top = 2 * rows - 2`)
+@pytest.mark.parametrize("out_f,in_f,ranks", [((4, 8), (8, 2), (32,)), ((2, 8, 8), (2, 8, 4), (32, 32))])
+def test_memory_mode_limit_holds_at_the_top_of_the_two_row_bucket(out_f, in_f, ranks):
+    # bucket 2..3: a sweep whose 2-row intermediate is at the limit is 1.5x over it at 3 rows
+    N, M = math.prod(out_f), math.prod(in_f)
+    cands = _build_candidates(out_f, in_f, ranks, 2, PlanPolicy(), False)
+    assert cands
+    for rows in (2, 3):
+        limit = max(N * M, 4 * rows * (N + M))
+        over = [(c.id, _peak_at(c, rows)) for c in cands if _peak_at(c, rows) > limit]
+        assert not over, (rows, limit, over)
+
+
+# kills P11 (planner.py get_plan: the pinned-plan cache keyed by the plan id alone, `pkey = (prefer,)`)
+def test_pinned_plans_of_the_same_id_are_kept_per_shape_and_bucket():
+    clear_plan_cache()
+    torch.manual_seed(0)
+    pid = "cores/sweep-l2r|sweep"
+    a = MPOLinear(96, 80, max_bond=6, num_cores=3, policy=PlanPolicy(select="flops")).double()
+    b = MPOLinear(64, 48, max_bond=4, num_cores=2, policy=PlanPolicy(select="flops")).double()
+    cpu = torch.device("cpu")
+    pa = get_plan(a.out_factors, a.in_factors, a.bond_dims, 5, torch.float64, cpu, prefer=pid)
+    pb = get_plan(b.out_factors, b.in_factors, b.bond_dims, 5, torch.float64, cpu, prefer=pid)
+    pb9 = get_plan(b.out_factors, b.in_factors, b.bond_dims, 9, torch.float64, cpu, prefer=pid)
+    assert pa.id == pb.id == pb9.id == pid
+    assert (pb.out_factors, pb.in_factors, pb.ranks) == (b.out_factors, b.in_factors, b.bond_dims)
+    assert (pa.planned_rows, pb.planned_rows, pb9.planned_rows) == (4, 4, 8)
+    for layer in (a, b):  # both pinned to the same id under the same key: each runs its own plan
+        layer._pinned = {"cpu:float64:3:0": pid}
+        x = torch.randn(5, layer.in_features, dtype=torch.float64)
+        with torch.no_grad():
+            assert layer.plan(5).id == pid
+            assert torch.allclose(layer(x), x @ layer.weight_matrix().T + layer.bias, rtol=1e-10, atol=1e-10)
+    clear_plan_cache()
+
+
+# kills P21 (planner.py _Letters: `self.d >= MAX_CORES`, the largest allowed layer refused)
+def test_the_most_cores_allowed_plan_and_run_and_one_more_is_refused():
+    from bondgate import MPO
+    from bondgate.planner import MAX_CORES
+
+    d = MAX_CORES
+    assert d == 17
+    out_f, in_f = (2,) * d, (1,) * (d - 2) + (2, 2)
+    ranks = (2,) * (d - 1)
+    gen = torch.Generator().manual_seed(0)
+    r = [1, *ranks, 1]
+    cores = [torch.randn(r[k], out_f[k], in_f[k], r[k + 1], dtype=torch.float64, generator=gen) for k in range(d)]
+    x = torch.randn(3, 4, dtype=torch.float64, generator=gen)
+    ref = x @ MPO(cores, 2**d, 4).to_matrix().T
+    plan = get_plan(out_f, in_f, ranks, 3, torch.float64, torch.device("cpu"), PlanPolicy(select="flops"))
+    assert torch.allclose(plan.run(x, plan.group_operands(cores), 2**d), ref, atol=1e-9)
+    with pytest.raises(ValueError, match="at most 17 cores"):
+        _build_candidates((2,) * (d + 1), (1,) * (d - 1) + (2, 2), (2,) * d, 3, PlanPolicy(select="flops"), False)

@@ -564,3 +564,83 @@ def test_refresh_drops_the_kept_dense_weights_after_a_write_torch_cannot_see():
         after = rec(x)[0]
         rec.fused = False
         assert torch.allclose(after, rec(x)[0], atol=1e-6) and not torch.allclose(after, before, atol=1e-3)
+
+
+# ------------------------------------------------ from a mutation run of recurrent.py (each kills a mutant that lived)
+@pytest.mark.parametrize("fused", [True, False])
+def test_dropout_only_between_layers_and_only_in_training(fused):
+    # kills R06 (dropout also after the last layer) and R07 (dropout in eval too) on the Python loop path
+    torch.manual_seed(0)
+    ref = nn.GRU(4, 6, num_layers=2, dropout=0.5).double()
+    rec = Recurrent.from_torch(ref)
+    rec.fused = fused
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    ref.eval(), rec.eval()
+    assert _max_diff(ref(x), rec(x)) < 1e-12  # eval: no dropout at all
+    rec.train()
+    torch.manual_seed(1)
+    out, h_n = rec(x)
+    # the last layer's output is not dropped: its last step is h_n of the top layer, exactly
+    assert torch.equal(out[-1], h_n[-1])
+    assert (out != 0).all()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_unbatched_input_with_a_given_state_matches_torch(fused):
+    # kills R08 (an unbatched LSTM's c_0 taken from h_0): the suite passed only zero states to unbatched inputs
+    torch.manual_seed(0)
+    ref = nn.LSTM(5, 7, num_layers=2, bidirectional=True).double()
+    rec = Recurrent.from_torch(ref)
+    rec.fused = fused
+    xu = torch.randn(6, 5, dtype=torch.float64)
+    hx = (torch.randn(4, 7, dtype=torch.float64), torch.randn(4, 7, dtype=torch.float64))
+    assert _max_diff(ref(xu, hx), rec(xu, hx)) < 1e-12
+    ref = nn.GRU(5, 7).double()
+    rec = Recurrent.from_torch(ref)
+    rec.fused = fused
+    h = torch.randn(1, 7, dtype=torch.float64)
+    assert _max_diff(ref(xu, h), rec(xu, h)) < 1e-12
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_relu_rnn_matches_torch(fused):
+    # kills R11 (the loop's cell ignores nonlinearity='relu') and R12 (the fused module built without it):
+    # the suite compared only tanh RNNs with torch
+    torch.manual_seed(0)
+    ref = nn.RNN(5, 7, num_layers=2, nonlinearity="relu", bidirectional=True).double()
+    rec = Recurrent.from_torch(ref)
+    rec.fused = fused
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    assert _max_diff(ref(x), rec(x)) < 1e-12
+    assert _max_diff(ref(x), Recurrent.from_torch(ref).to_torch()(x)) < 1e-12
+
+
+def test_from_torch_and_to_torch_keep_the_training_mode():
+    # kills R10 (from_torch leaves the Recurrent in training mode whatever rnn's) and R16 (to_torch's module in
+    # training mode whatever the Recurrent's): an eval model with dropout would drop units at inference, in silence
+    torch.manual_seed(0)
+    ref = nn.LSTM(4, 6, num_layers=2, dropout=0.5).double().eval()
+    rec = Recurrent.from_torch(ref)
+    assert not rec.training
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    with torch.no_grad():
+        assert _max_diff(ref(x), rec(x)) < 1e-12
+        back = rec.to_torch()
+        assert not back.training
+        assert _max_diff(ref(x), back(x)) < 1e-12
+    assert Recurrent.from_torch(ref.train()).training and rec.train().to_torch().training
+
+
+def test_projected_multilayer_lstm_built_and_saved(tmp_path):
+    # kills R19 (layer k > 0's input projection sized hidden_size * D instead of proj_size * D): the suite built
+    # projected multi-layer LSTMs only with from_torch, which hands over torch's (correctly shaped) weights
+    torch.manual_seed(0)
+    rec = Recurrent("LSTM", 5, 8, num_layers=2, bidirectional=True, proj_size=3).double()
+    assert rec.ih_l1.in_features == rec.ih_l1.weight.shape[1] == 6
+    x = torch.randn(4, 2, 5, dtype=torch.float64)
+    back = rec.to_torch()
+    assert _max_diff(back(x), rec(x)) < 1e-12
+    ref = nn.LSTM(5, 8, num_layers=2, bidirectional=True, proj_size=3).double()
+    bondgate.save(Recurrent.from_torch(ref), tmp_path / "r")
+    loaded = bondgate.load(tmp_path / "r")
+    assert _max_diff(ref(x), loaded(x)) < 1e-12

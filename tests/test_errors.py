@@ -474,6 +474,12 @@ def test_wrong_number_types_are_named_apart_from_values_out_of_range():
         with pytest.raises(NumberTypeError, match=re.escape(message)) as info:
             make()
         assert isinstance(info.value, TypeError) and isinstance(info.value, ValueError)  # (ValueError as before)
+    from bondgate.recurrent import Recurrent
+
+    with pytest.raises(NumberTypeError, match=re.escape("dropout must be a number in [0, 1], got a bool (True)")):
+        Recurrent("LSTM", 8, 16, num_layers=2, dropout=True)  # (taken as dropout 1.0 before)
+    rec = Recurrent("LSTM", np.int64(8), np.int64(16), num_layers=np.int64(2))  # refused before
+    assert (type(rec.input_size), type(rec.hidden_size), type(rec.num_layers)) == (int, int, int)
     np_levels, torch_levels = np.linspace(0.25, 1, 4), torch.linspace(0.25, 1, 4)  # 1-D: their numbers are taken
     assert bondgate.GatingConfig(levels=np_levels).levels == bondgate.GatingConfig(levels=torch_levels).levels == (
         0.25, 0.5, 0.75, 1.0)

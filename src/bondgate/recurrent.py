@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from ._checks import number
 from ._warn import warn_user
 from .io import LAYER_TYPES, _set_submodule, register_layer_type
 from .layer import _refuse_script
@@ -98,10 +99,10 @@ class Recurrent(nn.Module):
         super().__init__()
         if mode not in _GATES:
             raise ValueError(f"mode must be one of {sorted(_GATES)}, got {mode!r}")
-        for name, value, low in (("input_size", input_size, 1), ("hidden_size", hidden_size, 1),
-                                 ("num_layers", num_layers, 1), ("proj_size", proj_size, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        input_size, hidden_size = number(input_size, "input_size", low=1, integer=True), number(
+            hidden_size, "hidden_size", low=1, integer=True)
+        num_layers = number(num_layers, "num_layers", low=1, integer=True)
+        proj_size = number(proj_size, "proj_size", low=0, integer=True)
         if proj_size and (mode != "LSTM" or proj_size >= hidden_size):
             raise ValueError(f"proj_size needs mode='LSTM' and proj_size < hidden_size, got {proj_size} "
                              f"(mode {mode!r}, hidden_size {hidden_size})")
@@ -109,8 +110,7 @@ class Recurrent(nn.Module):
             raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
         if nonlinearity != "tanh" and mode != "RNN":  # nn.LSTM / nn.GRU have no such option (torch: a TypeError)
             raise ValueError(f"nonlinearity={nonlinearity!r} is an option of mode='RNN' only, not of {mode!r}")
-        if not (isinstance(dropout, (int, float)) and 0 <= dropout <= 1):
-            raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
+        dropout = number(dropout, "dropout", low=0, high=1)
         if dropout > 0 and num_layers == 1:
             warn_user(f"Recurrent: dropout={dropout} with num_layers=1 does nothing (as in torch, dropout is applied "
                       f"between layers, not after the last)")

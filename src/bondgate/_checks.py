@@ -62,3 +62,8 @@ def number(value, name: str, *, low: float | None = None, high: float | None = N
     if bad:
         raise ValueError(f"{name} must be {noun}, got {value!r}")
     return out
+
+
+def positive_int(value, name: str, low: int = 1, none_ok: bool = False) -> int | None:
+    """``value`` as a Python ``int`` >= ``low`` (any integral type, numpy's included; never a bool); :func:`number`."""
+    return number(value, name, low=low, integer=True, none_ok=none_ok)

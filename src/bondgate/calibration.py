@@ -547,6 +547,14 @@ def weighted_error(W: torch.Tensor, W_hat: torch.Tensor, cov: torch.Tensor) -> t
     return ((E @ cov) * E).sum()
 
 
+def rows_vary(spread: float, second_moment: float, dtype: torch.dtype) -> bool:
+    """Whether rows whose squared deviations from their mean sum to ``spread`` (their squares, on the same scale, to
+    ``second_moment``) are more than one vector with rounding noise: a relative spread within a few roundings of
+    ``dtype`` is one vector (float32: 1e-7 of the mean is not a spread, while float64 rows of 1e7 +- 1 are)."""
+    eps = torch.finfo(dtype if dtype.is_floating_point else torch.float64).eps
+    return spread > (4 * eps) ** 2 * second_moment
+
+
 def damped(cov: torch.Tensor, damping: float) -> torch.Tensor:
     """``cov + damping x mean(diag cov) x I``: a ridge relative to the inputs' scale."""
     return cov + damping * float(cov.diagonal().mean()) * torch.eye(cov.shape[0], dtype=cov.dtype)

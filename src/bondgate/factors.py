@@ -24,14 +24,9 @@ import math
 import numbers
 from functools import lru_cache
 
-from ._checks import number
+from ._checks import number, positive_int
 
 __all__ = ["balanced_factors", "choose_factors", "factorize_shape"]
-
-
-def positive_int(value, what: str, low: int = 1) -> int:
-    """``value`` as a Python ``int`` >= ``low`` (any integral type, numpy's included; never a bool), or a ValueError."""
-    return number(value, what, low=low, integer=True)
 
 
 MAX_LEGS = 256  # the factor search recurses once per leg (2,000 legs ran out of Python's stack)

@@ -64,9 +64,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._checks import number
+from ._checks import number, positive_int
 from ._warn import warn_user
-from .calibration import _row_mask, as_batches, capture_inputs, in_calibration_pass
+from .calibration import _row_mask, as_batches, capture_inputs, in_calibration_pass, rows_vary
 from .io import register_layer_type
 from .layer import (
     MPOLinear,
@@ -138,7 +138,7 @@ class GatingConfig:
         check_selector(self.target_modules, "target_modules")
         if self.controller not in CONTROLLERS:
             raise ValueError(f"controller must be one of {sorted(CONTROLLERS)}, got {self.controller!r}")
-        self.rank = _positive_int(self.rank, "rank")
+        self.rank = positive_int(self.rank, "rank")
 
 
 def _fitted(layer: "GatedMPOLinear") -> bool:
@@ -284,11 +284,6 @@ CONTROLLERS = {"error", "linear"}
 
 def _widths(bonds: Sequence[int], frac: float) -> tuple[int, ...]:
     return tuple(max(1, min(r, math.ceil(frac * r - 1e-9))) for r in bonds)
-
-
-def _positive_int(value, name: str, none_ok: bool = False):
-    """``value`` if it is a positive int (or None when ``none_ok``), else a ValueError naming ``name``."""
-    return number(value, name, low=1, integer=True, none_ok=none_ok)
 
 
 @functools.lru_cache(maxsize=64)
@@ -463,7 +458,7 @@ class GatedMPOLinear(MPOLinear):
         self.register_buffer("level_counts", torch.zeros(len(self.levels), dtype=torch.float64, device=c0.device))
         self.mode: str | float = "gate"
         self.max_groups: int | None = None  # distinct levels per forward call in inference (set_budget)
-        self.cost_rows = _positive_int(cost_rows, "cost_rows")  # FLOPs per row counted for calls of this many rows
+        self.cost_rows = positive_int(cost_rows, "cost_rows")  # FLOPs per row counted for calls of this many rows
         self.record = True
         self._pending = [0] * len(self.levels)  # rows per level not yet added to level_counts (no tensor op per call)
         self._refresh_costs()
@@ -526,7 +521,7 @@ class GatedMPOLinear(MPOLinear):
                                         rank=rank, temperature=spec.get("temperature", 1.0),
                                         penalty=spec.get("penalty", 5.0)), spec.get("cost_rows", 1))
         layer.mode = _check_mode(spec.get("mode", "gate"))
-        layer.max_groups = _positive_int(spec.get("max_groups"), "max_groups", none_ok=True)
+        layer.max_groups = positive_int(spec.get("max_groups"), "max_groups", none_ok=True)
         track = spec.get("track")
         if track is not None:
             if (not isinstance(track, dict) or set(track) != {"rate", "scale", "shared", "rounds", "typical_full"}
@@ -1243,13 +1238,13 @@ def set_budget(model: nn.Module, budget: float, data: Iterable, per_layer: bool 
     length-sorted STS-B batches it cost 25-33 Spearman points at a 25% budget). Saved with the model.
     """
     budget = _check_budget(budget)
-    max_groups = _positive_int(max_groups, "max_groups", none_ok=True)
-    cost_rows = _positive_int(cost_rows, "cost_rows")
+    max_groups = positive_int(max_groups, "max_groups", none_ok=True)
+    cost_rows = positive_int(cost_rows, "cost_rows")
     track = _check_track(track)
     layers = _gated_layers(model)
     if not layers:
         raise ValueError("the model has no gated layers (call bondgate.gate first)")
-    rounds = _positive_int(rounds, "rounds")
+    rounds = positive_int(rounds, "rounds")
     if not isinstance(per_layer, bool):
         raise TypeError(f"per_layer must be True or False, got {per_layer!r}")
     untrained = [n for n, m in layers if not _fitted(m)]
@@ -1381,8 +1376,8 @@ def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256,
         raise ValueError(f"objective must be 'layer' or 'model', got {objective!r}")
     if loss is not None and objective != "model":
         raise ValueError("loss is only used with objective='model'")
-    rows_per_batch = _positive_int(rows_per_batch, "rows_per_batch")
-    max_rows = _positive_int(max_rows, "max_rows")
+    rows_per_batch = positive_int(rows_per_batch, "rows_per_batch")
+    max_rows = positive_int(max_rows, "max_rows")
     layers = [(n, m) for n, m in _gated_layers(model) if m.controller_kind == "error"]
     if not layers:
         raise ValueError("fit_controllers: the model has no gated layers with controller='error'")
@@ -1416,8 +1411,7 @@ def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256,
             raise ValueError(f"fit_controllers: layer {n!r} got non-finite inputs (NaN or inf)")
         # one vector repeated (up to the inputs' rounding, as compress judges it): every row has the same error at
         # every level, so nothing tells inputs apart (R^2 of -78 was reported for 64 copies of one row)
-        eps = torch.finfo(dtypes[n] if dtypes[n].is_floating_point else torch.float64).eps
-        if not float((X - X.mean(0)).pow(2).sum()) > (4 * eps) ** 2 * float(X.pow(2).sum()):
+        if not rows_vary(float((X - X.mean(0)).pow(2).sum()), float(X.pow(2).sum()), dtypes[n]):
             constant.append(f"{n} ({'a single row' if X.shape[0] == 1 else f'{X.shape[0]} rows, one vector'})")
         mpo = m.to_mpo().to(device="cpu", dtype=torch.float64)  # the fit runs on the CPU in float64, like X
         W = mpo.to_matrix()

@@ -22,7 +22,7 @@ from torch import nn
 from torch.autograd.graph import increment_version
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .factors import positive_int
+from ._checks import positive_int
 from .mpo import MPO, BondSpec
 from .planner import (
     MAX_CORES,

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .factors import positive_int
+from ._checks import positive_int
 from .io import register_layer_type
 from .layer import (
     TrackedParameter,

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._checks import number
-from .factors import factorize_shape, positive_int
+from ._checks import number, positive_int
+from .factors import factorize_shape
 
 __all__ = ["MPO"]
 

@@ -52,6 +52,7 @@ from .calibration import (
     kron_whiteners,
     layer_sensitivity,
     refine_cores,
+    rows_vary,
 )
 from .costmodel import (
     KindTimes,
@@ -1251,11 +1252,9 @@ def _check_stats(stats: dict[str, InputStats]) -> None:
     dead = []
     for name, st in stats.items():
         # with or without a bias: inputs that are one vector repeated leave one direction to fit, and the report's
-        # output error (on those rows) near 0 whatever the weights become elsewhere. Relative, so tiny scales pass;
-        # a spread within a few roundings of the inputs' dtype is one vector with rounding noise (float32: 1e-7 of
-        # the mean refused, while float64 inputs of 1e7 +- 1 pass: the statistics are summed around a data row)
-        eps = torch.finfo(st.dtype if st.dtype.is_floating_point else torch.float64).eps
-        if not float(st.cov.trace()) > (4 * eps) ** 2 * float(st.cov.trace() + st.mean @ st.mean):
+        # output error (on those rows) near 0 whatever the weights become elsewhere. Relative, so tiny scales pass
+        # (the statistics are summed around a data row)
+        if not rows_vary(float(st.cov.trace()), float(st.cov.trace() + st.mean @ st.mean), st.dtype):
             dead.append(name)
     if dead:
         raise ValueError(f"the calibration data gives {len(dead)} layer(s) inputs that are all zero or do not vary "

@@ -731,3 +731,90 @@ def test_no_rows_with_only_the_bias_trainable_still_reaches_the_bias_like_linear
         assert y.shape == (0, 40) and y.requires_grad
         y.sum().backward()
         assert m.bias.grad is not None and not m.bias.grad.any()
+
+
+def _warm_dense_cached_layer(seed: int = 0) -> MPOLinear:
+    """A speed-mode layer whose 3-row calls run the dense-cached plan, called once under no_grad: its next
+    inference calls of 3 rows take forward's short path (the kept dense weight, fewest checks)."""
+    torch.manual_seed(seed)
+    layer = MPOLinear.from_mpo(MPO.from_matrix(torch.randn(80, 96), num_cores=3, max_bond=6), torch.randn(80),
+                               policy="speed")
+    layer._pinned = {"cpu:float32:2:0": "dense-cached|linear"}  # bucket 2: 2-3 rows
+    with torch.no_grad():
+        layer(torch.randn(3, 96))
+    assert layer._hot, "the dense-cached inference call should have armed the short path"
+    return layer
+
+
+def test_short_path_gives_the_general_paths_bits_for_any_leading_shape(monkeypatch):
+    # the short path (kept dense weight, no freshness scan through is_fresh) must be the one taken, and give the
+    # same bits as the general path and as nn.Linear holding that weight, whatever the input's leading dims
+    import bondgate.layer as L
+
+    layer = _warm_dense_cached_layer()
+    weight = next(iter(layer._hot.values()))[0][1][0]
+    xs = [torch.randn(3, 96), torch.randn(1, 3, 96), torch.randn(3, 1, 96), torch.randn(96, 3).T,
+          torch.randn(3, 1, 2, 96)[:, :, 0], torch.randn(1, 1, 3, 96)]
+    with torch.inference_mode():
+        general = []
+        for x in xs:  # the general path, the short one disarmed
+            layer._hot.clear()
+            general.append(layer(x))
+        assert layer._hot
+        monkeypatch.setattr(L, "is_fresh", lambda *a: pytest.fail("the general path ran"))
+        for x, want in zip(xs, general):
+            got = layer(x)
+            assert got.shape == (*x.shape[:-1], 80) and torch.equal(got, want)
+            assert torch.equal(got, torch.nn.functional.linear(x, weight, layer.bias))
+
+
+def test_short_path_sees_an_appended_core_a_parametrized_bias_and_refuses_what_the_general_path_refuses():
+    from torch.nn.utils import parametrize
+
+    from bondgate.layer import TrackedParameter
+
+    x = torch.randn(3, 96)
+    layer = _warm_dense_cached_layer()
+    with torch.no_grad():
+        y = layer(x)
+        # a core appended to the list (a trivial factor of 1 scaling by 2): its version sum and the first cores'
+        # identities are unchanged; both paths returned the old map
+        layer.cores.append(TrackedParameter(torch.full((1, 1, 1, 1), 2.0)))
+        torch.testing.assert_close(layer(x) - layer.bias, 2 * (y - layer.bias))
+        torch.testing.assert_close(layer(x), layer.to_linear()(x))
+
+    class Double(nn.Module):
+        def forward(self, b):
+            return 2 * b
+
+    layer = _warm_dense_cached_layer()
+    parametrize.register_parametrization(layer, "bias", Double())  # no longer in the layer's own parameters
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x) - y, layer.parametrizations.bias.original.expand(3, 80))
+
+    layer = _warm_dense_cached_layer()
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"last dimension 96, got shape \(3, 95\)"):
+            layer(torch.randn(3, 95))
+        with pytest.raises(TypeError, match="input dtype torch.float64 does not match"):
+            layer(x.double())
+        with pytest.raises(RuntimeError, match="does not support TorchScript"):
+            torch.jit.trace(layer, (x,))
+        assert layer(x.to("meta")).shape == (3, 80)
+        seqs = [torch.randn(3, 96), torch.randn(2, 96)]
+        for layout in (torch.strided, torch.jagged):
+            out = layer(torch.nested.nested_tensor(seqs, layout=layout))
+            assert out.is_nested and out.layout == layout
+            for got, s in zip(out.unbind(), seqs):
+                torch.testing.assert_close(got, layer(s))
+
+
+def test_a_layer_compiled_after_eager_inference_traces_its_cores_and_sees_writes():
+    # eager inference armed the short path; a compiled graph must not bake its kept weight in
+    layer = _warm_dense_cached_layer()
+    compiled = torch.compile(layer, backend="eager", fullgraph=True, dynamic=False)
+    x = torch.randn(3, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), layer.to_linear()(x))
+        layer.cores[1].mul_(-2.0)
+        torch.testing.assert_close(compiled(x), layer.to_linear()(x))

@@ -5,7 +5,9 @@
 Variants: ``dense`` (fp32), ``dense copy`` (a second copy of the dense model: the control, whose ratio to ``dense``
 is this machine's noise floor), ``bondgate`` (``bondgate.compress`` at ``--ratio`` of the encoder's linear weights with
 the defaults: calibrated, policy ``auto`` judged at ``deploy_rows`` = the tokens of a 32-sentence batch),
-``bondgate int8`` (the same with int8 cores), ``bondgate int8, int8 kernels`` (that model through
+``bondgate, deploy_float`` (that model through ``bondgate.deploy_float`` at ``deploy_rows``: its MPO layers that run
+their dense product as ``nn.Linear``; its size is the checkpoint it is converted from), ``bondgate int8`` (the same
+with int8 cores), ``bondgate int8, int8 kernels`` (that model through
 ``bondgate.deploy_int8`` at ``deploy_rows``: torch's dynamic int8 kernels; its size is the checkpoint it is converted
 from) and ``int8 dynamic`` (torch's dynamic quantization of the same layers, for reference). Quality: STS-B dev
 Spearman x100 of each variant. Inputs: STS-B dev sentences, padded per batch (max 128 tokens). Timing: median of interleaved
@@ -85,6 +87,7 @@ def main(argv=None) -> dict:
                                             **kw), calibration=calib, progress=False)
         variants[name] = m.eval()
     compress_s = time.perf_counter() - t0
+    variants["bondgate, deploy_float"] = bg.deploy_float(variants["bondgate"], rows=rows32)
     variants["bondgate int8, int8 kernels"] = bg.deploy_int8(variants["bondgate int8"], rows=rows32)
     variants["int8 dynamic"] = bg.quantize_int8(dense, target=ms.encoder_target)
     kernels = dict(Counter(c.chosen for c in variants["bondgate int8, int8 kernels"].bondgate_int8.values()))
@@ -110,7 +113,7 @@ def main(argv=None) -> dict:
     mpos = [m for m in variants["bondgate"].modules() if isinstance(m, bg.MPOLinear)]
     plans = {b: dict(Counter(m.plan(int(inputs[b]["input_ids"].numel())).name for m in mpos)) for b in args.batches}
     print(f"bondgate MPO layers' plans per size: {plans}", flush=True)
-    shipped = {"bondgate int8, int8 kernels": variants["bondgate int8"]}
+    shipped = {"bondgate int8, int8 kernels": variants["bondgate int8"], "bondgate, deploy_float": variants["bondgate"]}
     sizes = {k: bg.size_on_disk(shipped.get(k, m)) for k, m in variants.items()}
     scored = dev[: args.quality_pairs or None]
     quality = {k: ms.stsb_score(m, tok, scored) for k, m in variants.items() if k != "dense copy"}

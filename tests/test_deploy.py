@@ -274,3 +274,94 @@ def test_int8_weights_are_per_output_channel():
     x = torch.randn(16, 64)
     with torch.no_grad():
         assert _rel(model(x), deployed(x)) < 0.03
+
+
+def _speed_mlp() -> nn.Sequential:
+    """The MLP compressed at 0.5 with its MPO layers in speed mode (their dense product kept)."""
+    model = bg.compress(_mlp(), bg.CompressionConfig(param_ratio=0.5, kinds="mpo", num_cores=2, policy="speed"),
+                        progress=False)
+    assert any(isinstance(m, bg.MPOLinear) for m in model)
+    return model
+
+
+def test_deploy_float_turns_layers_that_run_their_dense_product_into_linear_and_computes_the_same_map():
+    model = _speed_mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mpos = {str(i) for i, m in enumerate(model) if isinstance(m, bg.MPOLinear)}
+    x = torch.randn(8, 96)
+    with torch.no_grad():
+        ref = model(x)
+    deployed = bg.deploy_float(model, rows=8)
+    assert set(deployed.bondgate_float) == mpos and not deployed.training
+    for name, (plan, dense) in deployed.bondgate_float.items():
+        assert dense == model[int(name)].plan(8).dense and plan == model[int(name)].plan(8).name
+        assert isinstance(deployed[int(name)], nn.Linear if dense else bg.MPOLinear)
+    assert any(dense for _, dense in deployed.bondgate_float.values()), "no layer ran its dense product"
+    with torch.no_grad():
+        assert _rel(ref, deployed(x)) < 1e-5
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the model is untouched
+    assert all(isinstance(m, bg.MPOLinear) for i, m in enumerate(model) if str(i) in mpos)
+
+
+def test_deploy_float_keeps_factored_plans_gated_layers_and_shares_aliases():
+    torch.manual_seed(0)
+    memory = bg.MPOLinear.from_linear(nn.Linear(256, 256), max_bond=4, num_cores=4)  # a factored plan is cheaper
+    speed = bg.MPOLinear.from_linear(nn.Linear(32, 48), max_bond=8, num_cores=2, policy="speed")
+    model = nn.ModuleDict({"memory": memory, "a": speed, "b": speed})
+    deployed = bg.deploy_float(model, rows=4)
+    assert not memory.plan(4).dense and isinstance(deployed["memory"], bg.MPOLinear)
+    assert deployed.bondgate_float["memory"] == (memory.plan(4).name, False)
+    assert speed.plan(4).dense and isinstance(deployed["a"], nn.Linear) and deployed["a"] is deployed["b"]
+    assert set(deployed.bondgate_float) == {"memory", "a"}  # one entry per layer, under its first name
+    gated = bg.gate(_speed_mlp(), bg.GatingConfig(levels=(0.5, 1.0))).eval()
+    out = bg.deploy_float(gated)
+    assert {c for c in out.bondgate_float.values()} == {("gated", False)}
+    assert not any(".controller" in n for n in out.bondgate_float)
+    assert sum(isinstance(m, bg.GatedMPOLinear) for m in out.modules()) == sum(
+        isinstance(m, bg.GatedMPOLinear) for m in gated.modules())
+
+
+def test_deploy_float_of_an_int8_layer_holds_the_weight_its_forward_uses():
+    model, ones = _one_core_int8_model()
+    x = torch.randn(5, 16)
+    deployed = bg.deploy_float(model, rows=5)
+    with torch.no_grad():
+        assert _rel(model(x), deployed(x)) < 1e-6
+        for i in ones:  # a one-core int8 layer is its dequantized matrix: the same weight, exactly
+            assert isinstance(deployed[i], nn.Linear)
+            assert torch.equal(deployed[i].weight, model[i].weight_matrix())
+
+
+@pytest.mark.parametrize("rows", [0, -1, True, 2.0, None])
+def test_deploy_float_bad_arguments(rows, tmp_path):
+    with pytest.raises((ValueError, TypeError), match="rows"):
+        bg.deploy_float(_mlp(), rows=rows)
+    with pytest.raises(TypeError, match="nn.Module"):
+        bg.deploy_float(torch.zeros(3))
+    with pytest.raises(TypeError, match="cannot save a deploy_float copy.*call deploy_float after loading"):
+        bg.save(bg.deploy_float(_speed_mlp()), tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+
+
+def test_deploy_float_leaves_a_recurrents_projections_alone():
+    torch.manual_seed(0)
+    model = _LSTMHead()
+    x = torch.randn(12, 3, 32)
+    bg.compress(model, bg.CompressionConfig(param_ratio=0.5, target_modules=r"rnn\..*", kinds="mpo", policy="speed"),
+                calibration=[x], progress=False)
+    rnn = model.rnn
+    assert any(isinstance(m, bg.MPOLinear) for m in rnn.modules())
+    for m in (model, rnn):  # in a model, and the Recurrent itself as the model
+        dep = bg.deploy_float(m, rows=8)
+        assert dep.bondgate_float == {}
+        assert [type(c) for c in dep.modules()] == [type(c) for c in m.modules()]
+    with torch.no_grad():
+        assert _rel(bg.deploy_float(model, rows=8)(x), model(x)) < 1e-6
+
+
+def test_deploy_float_keeps_whether_the_weights_train():
+    for frozen in (False, True):
+        model = _speed_mlp().requires_grad_(not frozen)
+        deployed = bg.deploy_float(model, rows=8)
+        lins = [deployed[int(n)] for n, (_, dense) in deployed.bondgate_float.items() if dense]
+        assert lins and all(p.requires_grad is not frozen for m in lins for p in m.parameters())

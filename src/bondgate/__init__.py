@@ -3,7 +3,7 @@ and run them through a planned contraction kernel."""
 
 from . import hf  # noqa: F401 - registers the transformers integration once transformers loads its quantizers
 from .baselines import latency, magnitude_prune, quantize_int8, size_on_disk, svd_compress
-from .deploy import deploy_int8
+from .deploy import deploy_float, deploy_int8
 from .distill import DistillLoss, aux_losses, distill
 from .embedding import MPOEmbedding
 from .factors import choose_factors, factorize_shape
@@ -45,6 +45,7 @@ __all__ = [
     "register_layer_type",
     # int8 MPO cores, int8 kernels
     "quantize_mpo",
+    "deploy_float",
     "deploy_int8",
     # per-input bond gating
     "GatingConfig",

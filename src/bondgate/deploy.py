@@ -1,4 +1,5 @@
-"""CPU deployment with int8 matrix products: :func:`deploy_int8`.
+"""Inference-only copies of a loaded model: :func:`deploy_int8` (CPU int8 matrix products) and :func:`deploy_float`
+(the MPO layers that multiply by their dense product become ``nn.Linear``).
 
 An int8 checkpoint (``compress(..., quantize="int8")``) stores int8 cores, but an :class:`MPOLinear` computes in
 floating point (from the dequantized cores, or in speed mode from their product), so on disk it is smaller than
@@ -29,6 +30,13 @@ result is for inference: eval mode, the int8 layers without gradients, not savab
 checkpoint and convert again after loading). Numerics: the activations' per-call quantization and the second
 rounding of an int8 MPO's weight change the outputs slightly; measure the quality after converting
 (``benchmarks/frontier.py`` does).
+
+:func:`deploy_float` is the floating-point counterpart for layers whose factors do not pay: an MPO layer whose plan
+at ``rows`` rows per call is its dense product (speed mode's ``dense-cached``; at MiniLM's widths every MPO layer
+of a 50% model) computes one ``F.linear`` per call anyway, but each call first checks that the kept weight is still
+its cores' product (a few microseconds warm, tens inside a model, where every call starts with cold caches: the
+compressed MiniLM ran ~1% slower than dense at one sentence). The copy holds those layers as ``nn.Linear`` (the cores
+dropped: the memory of the dense layer, not both), the other layers as they are.
 """
 
 from __future__ import annotations
@@ -48,7 +56,7 @@ from .quant import dequantize, quantize
 from .recurrent import Recurrent
 from .surgery import is_conv1d
 
-__all__ = ["Int8Choice", "deploy_int8"]
+__all__ = ["Int8Choice", "deploy_float", "deploy_int8"]
 
 
 @dataclass
@@ -165,4 +173,42 @@ def deploy_int8(model: nn.Module, rows: int | None = 32, dense: bool = True) -> 
             for alias in aliases[id(m)]:
                 new = _set_module(new, alias, q)
     new.bondgate_int8 = report
+    return new
+
+
+def deploy_float(model: nn.Module, rows: int = 32) -> nn.Module:
+    """A copy of ``model`` for inference whose MPO layers that multiply by their dense product at ``rows`` rows per
+    call (their plan's ``dense``: ``dense-cached`` in speed mode) are ``nn.Linear`` holding that product (of an int8
+    layer, the dequantized weight its forward uses), in the cores' dtype and device; see the module docs.
+
+    Args:
+        model: a model with :class:`bondgate.MPOLinear` layers (any dtype or device); not modified.
+        rows: rows per layer call (tokens of a batch) the plans are looked up at: a layer whose plan there is a
+            contraction of its factors stays as it is.
+
+    Gated layers (their widths change per input), low-rank pairs and the layers inside a bondgate layer stay. The
+    copy is in eval mode and for inference: its linear layers have no cores to train or to save with
+    :func:`bondgate.save` (keep the bondgate checkpoint and convert after loading). ``copy.bondgate_float`` maps each
+    MPO layer's name to its plan's name at ``rows`` and whether it became ``nn.Linear``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"deploy_float expects an nn.Module, got {type(model).__name__}")
+    rows = number(rows, "rows", low=1, integer=True)
+    new = copy.deepcopy(model).eval()
+    aliases = _aliases(new)
+    owners = tuple(n and n + "." for n, m in new.named_modules() if isinstance(m, (MPOLinear, LowRankLinear, Recurrent)))
+    report: dict[str, tuple[str, bool]] = {}
+    for name, m in list(new.named_modules()):
+        if not isinstance(m, MPOLinear) or _inside(name, owners):
+            continue
+        if isinstance(m, GatedMPOLinear):
+            report[name] = ("gated", False)
+            continue
+        plan = m.plan(rows)
+        report[name] = (plan.name, plan.dense)
+        if plan.dense:
+            lin = m.to_linear().eval().requires_grad_(m.cores[0].requires_grad)
+            for alias in aliases[id(m)]:
+                new = _set_module(new, alias, lin)
+    new.bondgate_float = report
     return new

@@ -407,6 +407,9 @@ def save(model: nn.Module, directory: str | os.PathLike, *, report: Any = None, 
     if getattr(model, "bondgate_int8", None) is not None:
         raise TypeError("cannot save a deploy_int8 copy: torch's dynamic int8 layers are for inference in this "
                         "process; save the model it was made from and call deploy_int8 after loading it")
+    if getattr(model, "bondgate_float", None) is not None:  # it would save dense weights where the cores were
+        raise TypeError("cannot save a deploy_float copy: its layers hold dense weights in place of the cores; save "
+                        "the model it was made from and call deploy_float after loading it")
     directory = Path(directory)
     _no_meta_tensors(model, "save")
     layers, layer_aliases = _collect_layers(model)

@@ -977,7 +977,7 @@ class MPOLinear(nn.Module):
             else:
                 ops = plan.group_operands(cores if self._quant is None else self._fake_quantized(cores),
                                           self.out_features, self.in_features)
-            if plan.dense:  # the product nn.Linear computes (the fast path above gives the same bits)
+            if plan.dense:  # the product nn.Linear computes (the short path above gives the same bits)
                 y = torch.nn.functional.linear(x, ops[0], bias)
                 if slot is not None and key not in self._hot:  # (a key of other widths is never looked up)
                     self._hot[key] = (slot, x.device.type)

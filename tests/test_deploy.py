@@ -359,9 +359,32 @@ def test_deploy_float_leaves_a_recurrents_projections_alone():
         assert _rel(bg.deploy_float(model, rows=8)(x), model(x)) < 1e-6
 
 
-def test_deploy_float_keeps_whether_the_weights_train():
+def test_deploy_float_keeps_whether_the_weights_train_and_the_hooks():
     for frozen in (False, True):
         model = _speed_mlp().requires_grad_(not frozen)
         deployed = bg.deploy_float(model, rows=8)
         lins = [deployed[int(n)] for n, (_, dense) in deployed.bondgate_float.items() if dense]
         assert lins and all(p.requires_grad is not frozen for m in lins for p in m.parameters())
+    model = _speed_mlp()
+    name = next(n for n, (_, dense) in bg.deploy_float(model, rows=8).bondgate_float.items() if dense)
+    model[int(name)].bias.requires_grad_(False)  # cores train, the bias is frozen
+    seen = []
+    model[int(name)].register_forward_hook(lambda mod, args, out: seen.append(type(mod)))
+    deployed = bg.deploy_float(model, rows=8)
+    lin = deployed[int(name)]
+    assert lin.weight.requires_grad and not lin.bias.requires_grad
+    with torch.no_grad():
+        deployed(torch.randn(8, 96))
+    assert seen == [nn.Linear]  # the hook moved to the layer that replaced its own
+
+
+@pytest.mark.parametrize("deploy", ["float", "int8"])
+def test_a_part_of_a_deployed_copy_is_refused_by_save_too(deploy, tmp_path):
+    model = _speed_mlp()
+    deployed = bg.deploy_float(model, rows=8) if deploy == "float" else bg.deploy_int8(model, rows=None)
+    part = deployed[0]  # a converted layer, saved on its own: it held dense weights in place of the cores
+    assert isinstance(part, nn.Linear if deploy == "float" else DynamicLinear)
+    with pytest.raises(TypeError, match=f"cannot save a deploy_{deploy} copy"):
+        bg.save(nn.Sequential(part), tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+    bg.save(model, tmp_path / "m")  # the model it came from still saves

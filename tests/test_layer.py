@@ -739,7 +739,7 @@ def _warm_dense_cached_layer(seed: int = 0) -> MPOLinear:
     torch.manual_seed(seed)
     layer = MPOLinear.from_mpo(MPO.from_matrix(torch.randn(80, 96), num_cores=3, max_bond=6), torch.randn(80),
                                policy="speed")
-    layer._pinned = {"cpu:float32:2:0": "dense-cached|linear"}  # bucket 2: 2-3 rows
+    layer._pinned = {"cpu:float32:2:0": "dense-cached|linear", "cpu:float32:3:0": "dense-cached|linear"}  # 2-7 rows
     with torch.no_grad():
         layer(torch.randn(3, 96))
     assert layer._hot, "the dense-cached inference call should have armed the short path"
@@ -801,12 +801,18 @@ def test_short_path_sees_an_appended_core_a_parametrized_bias_and_refuses_what_t
         with pytest.raises(RuntimeError, match="does not support TorchScript"):
             torch.jit.trace(layer, (x,))
         assert layer(x.to("meta")).shape == (3, 80)
-        seqs = [torch.randn(3, 96), torch.randn(2, 96)]
+        # a nested input goes as nn.Linear takes it (a strided one's sequences one by one, a jagged one's packed rows
+        # in one call), whichever buckets earlier calls armed (its total rows, 7, in bucket 3 here: F.linear on the
+        # whole strided nested tensor gave other bits, ~4e-6 off)
+        seqs = [torch.randn(3, 96), torch.randn(4, 96)]
+        layer(torch.randn(7, 96))
+        assert len(layer._hot) == 2
         for layout in (torch.strided, torch.jagged):
             out = layer(torch.nested.nested_tensor(seqs, layout=layout))
             assert out.is_nested and out.layout == layout
-            for got, s in zip(out.unbind(), seqs):
-                torch.testing.assert_close(got, layer(s))
+            want = [layer(s) for s in seqs] if layout == torch.strided else layer(torch.cat(seqs)).split([3, 4])
+            for got, w in zip(out.unbind(), want):
+                assert torch.equal(got, w)
 
 
 def test_a_layer_compiled_after_eager_inference_traces_its_cores_and_sees_writes():

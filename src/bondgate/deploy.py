@@ -50,7 +50,7 @@ from torch import nn
 from ._checks import number
 from .baselines import _aliases, _conv1d_to_linear, _select, _set_module, latency, quantize_dynamic
 from .gating import GatedMPOLinear
-from .layer import MPOLinear
+from .layer import MPOLinear, carry_hooks
 from .lowrank import LowRankLinear
 from .quant import dequantize, quantize
 from .recurrent import Recurrent
@@ -170,6 +170,8 @@ def deploy_int8(model: nn.Module, rows: int | None = 32, dense: bool = True) -> 
             chosen = best if int8_us[best] < us else "kept"
             report[name], q = Int8Choice(form, chosen, us, int8_us), int8.get(chosen)
         if q is not None:
+            for part in q.modules():  # (bondgate.save refuses a model holding one)
+                part._bondgate_deployed = "deploy_int8"
             for alias in aliases[id(m)]:
                 new = _set_module(new, alias, q)
     new.bondgate_int8 = report
@@ -186,8 +188,8 @@ def deploy_float(model: nn.Module, rows: int = 32) -> nn.Module:
         rows: rows per layer call (tokens of a batch) the plans are looked up at: a layer whose plan there is a
             contraction of its factors stays as it is.
 
-    Gated layers (their widths change per input), low-rank pairs and the layers inside a bondgate layer stay. The
-    copy is in eval mode and for inference: its linear layers have no cores to train or to save with
+    Gated layers (their widths change per input), low-rank pairs and the layers inside a bondgate layer stay. A
+    converted layer keeps the hooks registered on the layer it replaces. The copy is in eval mode and for inference: its linear layers have no cores to train or to save with
     :func:`bondgate.save` (keep the bondgate checkpoint and convert after loading). ``copy.bondgate_float`` maps each
     MPO layer's name to its plan's name at ``rows`` and whether it became ``nn.Linear``.
     """
@@ -207,7 +209,12 @@ def deploy_float(model: nn.Module, rows: int = 32) -> nn.Module:
         plan = m.plan(rows)
         report[name] = (plan.name, plan.dense)
         if plan.dense:
-            lin = m.to_linear().eval().requires_grad_(m.cores[0].requires_grad)
+            lin = m.to_linear().eval()
+            lin.weight.requires_grad_(any(c.requires_grad for c in m.cores))
+            if lin.bias is not None:
+                lin.bias.requires_grad_(m.bias.requires_grad)
+            lin._bondgate_deployed = "deploy_float"  # (bondgate.save refuses a model holding one)
+            carry_hooks(m, lin)
             for alias in aliases[id(m)]:
                 new = _set_module(new, alias, lin)
     new.bondgate_float = report

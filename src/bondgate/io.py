@@ -404,10 +404,14 @@ def save(model: nn.Module, directory: str | os.PathLike, *, report: Any = None, 
     if not isinstance(model, nn.Module):
         raise TypeError(f"save expects an nn.Module, got {type(model).__name__}")
     model = unwrapped(model)
-    if getattr(model, "bondgate_int8", None) is not None:
+    # a copy made by deploy_int8 / deploy_float, or a part of one (its converted layers are marked)
+    deployed = ("deploy_int8" if getattr(model, "bondgate_int8", None) is not None else
+                "deploy_float" if getattr(model, "bondgate_float", None) is not None else
+                next((m.__dict__["_bondgate_deployed"] for m in model.modules() if "_bondgate_deployed" in m.__dict__), None))
+    if deployed == "deploy_int8":
         raise TypeError("cannot save a deploy_int8 copy: torch's dynamic int8 layers are for inference in this "
                         "process; save the model it was made from and call deploy_int8 after loading it")
-    if getattr(model, "bondgate_float", None) is not None:  # it would save dense weights where the cores were
+    if deployed == "deploy_float":  # it would save dense weights where the cores were
         raise TypeError("cannot save a deploy_float copy: its layers hold dense weights in place of the cores; save "
                         "the model it was made from and call deploy_float after loading it")
     directory = Path(directory)

@@ -913,9 +913,10 @@ class MPOLinear(nn.Module):
         # caches, where every read and call costs microseconds: the general path below cost ~15 us per call more than
         # nn.Linear (MiniLM at one sentence 4-7% slower than dense). Anything else (another bucket, cores written or
         # swapped, a wrong input, on which the product raises) takes the general path. is_compiling comes first: a
-        # tracer must not read the kept state (it would break the graph there and guard on it).
-        # (A nested input takes it too: F.linear computes it as nn.Linear does.)
-        if not torch.compiler.is_compiling() and self._hot and type(x) is torch.Tensor and not torch.is_grad_enabled():
+        # tracer must not read the kept state (it would break the graph there and guard on it). A nested input goes
+        # through nested_forward (a strided one's sequences one by one, a jagged one's packed rows in one call).
+        if (not torch.compiler.is_compiling() and self._hot and type(x) is torch.Tensor and not torch.is_grad_enabled()
+                and not x.is_nested):
             try:
                 entry = self._hot.get((x.numel() // self.in_features).bit_length() << 1)
                 if entry is not None:

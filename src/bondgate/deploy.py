@@ -35,7 +35,7 @@ rounding of an int8 MPO's weight change the outputs slightly; measure the qualit
 at ``rows`` rows per call is its dense product (speed mode's ``dense-cached``; at MiniLM's widths every MPO layer
 of a 50% model) computes one ``F.linear`` per call anyway, but each call first checks that the kept weight is still
 its cores' product (a few microseconds warm, tens inside a model, where every call starts with cold caches: the
-compressed MiniLM ran ~1% slower than dense at one sentence). The copy holds those layers as ``nn.Linear`` (the cores
+compressed MiniLM ran 1-5% slower than dense at one sentence). The copy holds those layers as ``nn.Linear`` (the cores
 dropped: the memory of the dense layer, not both), the other layers as they are.
 """
 
@@ -124,6 +124,19 @@ def _check(model: nn.Module, rows: int | None) -> int | None:
     return rows
 
 
+def _owners(model: nn.Module) -> tuple[str, ...]:
+    """The name prefixes of the bondgate layers in ``model`` whose submodules are theirs to run (a gated layer's
+    controller reads its weight, a Recurrent's projections feed torch's fused kernel): ``""`` for the model itself."""
+    return tuple(n and n + "." for n, m in model.named_modules() if isinstance(m, (MPOLinear, LowRankLinear, Recurrent)))
+
+
+def _mark(copy_: nn.Module, layers: list[nn.Module], how: str) -> None:
+    """Mark a deployed copy and the layers it converted, which :func:`bondgate.save` refuses (they are for inference
+    in this process; a part of the copy saved on its own would hold them too)."""
+    for m in (copy_, *layers):
+        m._bondgate_deployed = how
+
+
 def _inside(name: str, owners: tuple[str, ...]) -> bool:
     """Whether module ``name`` lies inside one of the modules whose prefixes are ``owners`` (``""``: the model)."""
     return any(name.startswith(o) and name != o for o in owners)
@@ -146,9 +159,8 @@ def deploy_int8(model: nn.Module, rows: int | None = 32, dense: bool = True) -> 
     rows = _check(model, rows)
     new = copy.deepcopy(model).eval()
     aliases = _aliases(new)
-    # not the plain layers inside a bondgate layer (a gated layer's controller reads its weight), nor a Recurrent's
-    owners = tuple(n and n + "." for n, m in new.named_modules()  # ("": the model itself is one)
-                   if isinstance(m, (MPOLinear, LowRankLinear, Recurrent)))
+    owners = _owners(new)  # not the plain layers inside a bondgate layer
+    converted: list[nn.Module] = []
     layers = {n: m for n, m in new.named_modules() if isinstance(m, (MPOLinear, LowRankLinear))
               and not isinstance(m, GatedMPOLinear) and not _inside(n, owners)}
     if dense:
@@ -170,11 +182,11 @@ def deploy_int8(model: nn.Module, rows: int | None = 32, dense: bool = True) -> 
             chosen = best if int8_us[best] < us else "kept"
             report[name], q = Int8Choice(form, chosen, us, int8_us), int8.get(chosen)
         if q is not None:
-            for part in q.modules():  # (bondgate.save refuses a model holding one)
-                part._bondgate_deployed = "deploy_int8"
+            converted += q.modules()
             for alias in aliases[id(m)]:
                 new = _set_module(new, alias, q)
     new.bondgate_int8 = report
+    _mark(new, converted, "deploy_int8")
     return new
 
 
@@ -189,17 +201,19 @@ def deploy_float(model: nn.Module, rows: int = 32) -> nn.Module:
             contraction of its factors stays as it is.
 
     Gated layers (their widths change per input), low-rank pairs and the layers inside a bondgate layer stay. A
-    converted layer keeps the hooks registered on the layer it replaces. The copy is in eval mode and for inference: its linear layers have no cores to train or to save with
-    :func:`bondgate.save` (keep the bondgate checkpoint and convert after loading). ``copy.bondgate_float`` maps each
-    MPO layer's name to its plan's name at ``rows`` and whether it became ``nn.Linear``.
+    converted layer keeps the hooks registered on the layer it replaces. The copy is in eval mode and for inference:
+    its linear layers have no cores to train or to save with :func:`bondgate.save` (keep the bondgate checkpoint and
+    convert after loading). ``copy.bondgate_float`` maps each MPO layer's name to its plan's name at ``rows`` and
+    whether it became ``nn.Linear``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"deploy_float expects an nn.Module, got {type(model).__name__}")
     rows = number(rows, "rows", low=1, integer=True)
     new = copy.deepcopy(model).eval()
     aliases = _aliases(new)
-    owners = tuple(n and n + "." for n, m in new.named_modules() if isinstance(m, (MPOLinear, LowRankLinear, Recurrent)))
+    owners = _owners(new)
     report: dict[str, tuple[str, bool]] = {}
+    converted: list[nn.Module] = []
     for name, m in list(new.named_modules()):
         if not isinstance(m, MPOLinear) or _inside(name, owners):
             continue
@@ -213,9 +227,10 @@ def deploy_float(model: nn.Module, rows: int = 32) -> nn.Module:
             lin.weight.requires_grad_(any(c.requires_grad for c in m.cores))
             if lin.bias is not None:
                 lin.bias.requires_grad_(m.bias.requires_grad)
-            lin._bondgate_deployed = "deploy_float"  # (bondgate.save refuses a model holding one)
             carry_hooks(m, lin)
+            converted.append(lin)
             for alias in aliases[id(m)]:
                 new = _set_module(new, alias, lin)
     new.bondgate_float = report
+    _mark(new, converted, "deploy_float")
     return new

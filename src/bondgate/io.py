@@ -404,16 +404,14 @@ def save(model: nn.Module, directory: str | os.PathLike, *, report: Any = None, 
     if not isinstance(model, nn.Module):
         raise TypeError(f"save expects an nn.Module, got {type(model).__name__}")
     model = unwrapped(model)
-    # a copy made by deploy_int8 / deploy_float, or a part of one (its converted layers are marked)
-    deployed = ("deploy_int8" if getattr(model, "bondgate_int8", None) is not None else
-                "deploy_float" if getattr(model, "bondgate_float", None) is not None else
-                next((m.__dict__["_bondgate_deployed"] for m in model.modules() if "_bondgate_deployed" in m.__dict__), None))
-    if deployed == "deploy_int8":
-        raise TypeError("cannot save a deploy_int8 copy: torch's dynamic int8 layers are for inference in this "
-                        "process; save the model it was made from and call deploy_int8 after loading it")
-    if deployed == "deploy_float":  # it would save dense weights where the cores were
-        raise TypeError("cannot save a deploy_float copy: its layers hold dense weights in place of the cores; save "
-                        "the model it was made from and call deploy_float after loading it")
+    # a copy made by deploy_int8 / deploy_float, or a part of one: the copy and its converted layers are marked
+    deployed = next((m.__dict__["_bondgate_deployed"] for m in model.modules() if "_bondgate_deployed" in m.__dict__),
+                    None)
+    if deployed is not None:
+        why = {"deploy_int8": "torch's dynamic int8 layers are for inference in this process",
+               "deploy_float": "its layers hold dense weights in place of the cores"}[deployed]
+        raise TypeError(f"cannot save a {deployed} copy: {why}; save the model it was made from and call {deployed} "
+                        f"after loading it")
     directory = Path(directory)
     _no_meta_tensors(model, "save")
     layers, layer_aliases = _collect_layers(model)

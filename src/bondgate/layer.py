@@ -921,13 +921,11 @@ class MPOLinear(nn.Module):
                 entry = self._hot.get((x.numel() // self.in_features).bit_length() << 1)
                 if entry is not None:
                     slot, device = entry
-                    cores = tuple(self._modules["cores"]._parameters.values())
-                    kept = slot[2]
+                    cores, kept = tuple(self._core_params.values()), slot[2]
+                    # is_fresh's test written out (two calls fewer on the hot path; inference-tensor cores raise here)
                     if (len(cores) == len(kept) and all(map(operator.is_, cores, kept))
                             and slot[0] == sum(map(_VERSION, cores)) and not torch.is_autocast_enabled(device)):
-                        params = self._parameters
-                        return torch.nn.functional.linear(
-                            x, slot[1][0], params["bias"] if "bias" in params else self.bias)
+                        return torch.nn.functional.linear(x, slot[1][0], own_param(self, "bias"))
             except (AttributeError, RuntimeError):  # jit.trace's tensor sizes; inference-tensor cores; bad input
                 pass  # diagnosed by the general path
         if not isinstance(x, torch.Tensor) or x.is_nested or not x.dim() or x.shape[-1] != self.in_features:

@@ -628,6 +628,56 @@ def test_layers_transformers_keeps_in_float32_stay_float32(tmp_path):
         assert got.encoder.block[0].layer[1].DenseReluDense.wi.weight.dtype == dtype
 
 
+def test_bondgate_from_pretrained_casts_to_a_dtype_as_automodel_does(tmp_path):
+    # bondgate.from_pretrained had no dtype: an int8-core model (which only it reads) could not be loaded in 16 bits
+    # the way AutoModel.from_pretrained(dtype=...) loads others, keeping T5's wo in float32
+    from transformers import AutoModelForSeq2SeqLM, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4,
+                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    model = T5ForConditionalGeneration(cfg).eval()
+    bondgate.compress(model, bondgate.CompressionConfig(max_bond=4, num_cores=2, target_modules=r".*\.w[io]"),
+                      progress=False)
+    bondgate.save_pretrained(model, tmp_path / "mpo")
+    ids = torch.randint(2, 64, (2, 7))
+    for dtype in (torch.float16, "bfloat16"):
+        want = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "mpo", dtype=dtype).eval()
+        got = bondgate.from_pretrained(tmp_path / "mpo", dtype=dtype)
+        ff = got.encoder.block[0].layer[1].DenseReluDense
+        assert {c.dtype for c in ff.wo.cores} == {want.encoder.block[0].layer[1].DenseReluDense.wo.cores[0].dtype}
+        assert {c.dtype for c in ff.wi.cores} == {getattr(torch, dtype) if isinstance(dtype, str) else dtype}
+        assert sorted(str(t.dtype) for t in got.state_dict().values()) \
+            == sorted(str(t.dtype) for t in want.state_dict().values())
+        assert got.config.dtype == want.config.dtype
+        with torch.no_grad():
+            out = got(input_ids=ids, decoder_input_ids=ids).logits
+            assert torch.equal(out, want(input_ids=ids, decoder_input_ids=ids).logits)
+    for same in (None, "auto"):
+        assert {t.dtype for t in bondgate.from_pretrained(tmp_path / "mpo", dtype=same).state_dict().values()
+                if t.is_floating_point()} == {torch.float32}
+    for bad in (torch.int8, "int8", "half precision", 16):
+        with pytest.raises(ValueError, match="dtype must be a floating torch dtype"):
+            bondgate.from_pretrained(tmp_path / "mpo", dtype=bad)
+
+
+def test_bondgate_from_pretrained_casts_an_int8_model_with_the_regrid_warning(tmp_path):
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=2, intermediate_size=128,
+                                 vocab_size=100, max_position_embeddings=32)).eval()
+    bondgate.compress(model, bondgate.CompressionConfig(max_bond=4, num_cores=2, quantize="int8"), progress=False)
+    bondgate.save_pretrained(model, tmp_path / "int8")
+    with pytest.warns(UserWarning, match="re-round"):
+        got = bondgate.from_pretrained(tmp_path / "int8", dtype=torch.bfloat16)
+    layer = got.encoder.layer[0].intermediate.dense
+    assert isinstance(layer, MPOLinear) and {c.dtype for c in layer.cores} == {torch.bfloat16}
+    ids = torch.randint(0, 100, (2, 8))
+    with torch.no_grad():
+        ref = bondgate.from_pretrained(tmp_path / "int8")(ids).last_hidden_state
+        out = got(ids).last_hidden_state
+    assert out.dtype == torch.bfloat16 and (out.float() - ref).abs().max() < 0.1 * ref.abs().max()
+
+
 def test_int8_cores_on_a_transformers_model_warn_about_its_own_save(tmp_path):
     # transformers' model.save_pretrained (a plain Trainer's checkpoints) of an int8 model wrote a directory neither
     # loader reads, without a word: the user found out at load time

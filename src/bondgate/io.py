@@ -1200,12 +1200,18 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, tokenizer: A
     return save(model, directory, report=report, tokenizer=tokenizer)
 
 
-def from_pretrained(directory: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> nn.Module:
+def from_pretrained(directory: str | os.PathLike, *, map_location: str | torch.device = "cpu",
+                    dtype: torch.dtype | str | None = None) -> nn.Module:
     """Load a checkpoint written by :func:`save_pretrained` (the transformers model, in eval mode).
 
     ``map_location``: the device (``"cpu"``, ``"cuda:0"``, a ``torch.device``) the rebuilt model is moved to after
-    loading (default ``"cpu"``). Tokenizer files, if saved, load with ``AutoTokenizer.from_pretrained(directory)``.
+    loading (default ``"cpu"``). ``dtype``: a floating dtype (``torch.bfloat16`` or ``"bfloat16"``) to cast the
+    floating tensors to, before the move, as ``AutoModel.from_pretrained(dtype=...)`` does: modules the model's class
+    keeps in float32 at that dtype (``_keep_in_fp32_modules``, e.g. T5's ``wo``) stay float32; ``None`` or ``"auto"``
+    (default) keeps the saved dtypes. An int8-core model cast to 16 bits re-rounds its cores (and warns; see
+    README's limits). Tokenizer files, if saved, load with ``AutoTokenizer.from_pretrained(directory)``.
     """
+    dtype = _floating_dtype(dtype)
     path = Path(directory)
     if path.is_dir() and not (path / META_NAME).is_file() and (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no {META_NAME}: it was not written by bondgate.save_pretrained (a dense "
@@ -1216,4 +1222,48 @@ def from_pretrained(directory: str | os.PathLike, *, map_location: str | torch.d
     if meta["architecture"]["kind"] != "transformers":
         raise TypeError(f"{directory} holds a {meta['architecture']['kind']!r} checkpoint, not a transformers "
                         f"model; use bondgate.load")
-    return load(directory, map_location=map_location)
+    if dtype is None:
+        return load(directory, map_location=map_location)
+    model = load(directory, map_location="cpu")
+    _cast_floating(model, dtype)
+    config = getattr(model, "config", None)  # as transformers records it (saved again into config.json)
+    for c in [config, *(getattr(config, k, None) for k in getattr(config, "sub_configs", None) or ())]:
+        if c is not None:
+            c.dtype = dtype
+    return model.to(map_location)
+
+
+def _floating_dtype(dtype: Any) -> torch.dtype | None:
+    """``dtype`` as a floating ``torch.dtype`` (its name accepted), or None for ``None`` / ``"auto"``."""
+    if dtype is None or dtype == "auto":
+        return None
+    found = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(found, torch.dtype) or not found.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype (torch.bfloat16, 'float16', ...) or 'auto', "
+                         f"got {dtype!r}")
+    return found
+
+
+def _cast_floating(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast ``model``'s floating tensors to ``dtype`` in place, leaving the modules its transformers class keeps in
+    float32 at that dtype in float32. A bondgate layer is cast whole (its ``_apply`` resets its kept operands)."""
+    from .hf import _kept_in_fp32
+
+    keep = _kept_in_fp32(model, dtype)
+    registered = tuple(LAYER_TYPES.values())
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype) if t.is_floating_point() else t
+
+    def visit(mod: nn.Module, path: str) -> None:
+        if path and keep(path):
+            return
+        if isinstance(mod, registered):
+            mod._apply(cast)
+            return
+        for name, child in mod._modules.items():
+            if child is not None:
+                visit(child, _join(path, name))
+        mod._apply(cast, recurse=False)
+
+    visit(model, "")

@@ -514,13 +514,17 @@ def test_help_has_examples_and_exits_zero(command, capsys):
     assert "usage: bondgate" in stdout and "examples:" in stdout
 
 
-def test_module_entry_point_help():
+@pytest.mark.parametrize("module", ["bondgate", "bondgate.cli"])  # python -m bondgate: a notebook's "!python -m"
+def test_module_entry_point_help(module, tmp_path):
     src = str(Path(bondgate.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "bondgate.cli", "--help"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True,
                           env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "compress" in proc.stdout and "inspect" in proc.stdout and "bench" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", module, "inspect", str(tmp_path / "none")], capture_output=True,
+                          text=True, env=env, timeout=120)  # the exit code and one-line error come through
+    assert proc.returncode == 1 and proc.stderr.startswith("bondgate: error:") and len(proc.stderr.splitlines()) == 1
 
 
 def test_builtin_calibration_set():

@@ -1,0 +1,5 @@
+"""``python -m bondgate``: the ``bondgate`` command (for environments where the console script is not on PATH)."""
+
+from .cli import main
+
+raise SystemExit(main())

@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -694,3 +696,140 @@ def test_int8_cores_on_a_transformers_model_warn_about_its_own_save(tmp_path):
         bondgate.quantize_mpo(model)
     bondgate.save_pretrained(model, tmp_path / "int8")  # the way that reads back
     assert bondgate.from_pretrained(tmp_path / "int8") is not None
+
+
+# ---------------------------------------------------------------------------------------- config checks (mutation holes)
+def one_layer_bert() -> BertModel:
+    """The smallest compressed BertModel (one block, hidden 32): for tests of config.json and checkpoint checks."""
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                                 vocab_size=50, max_position_embeddings=16)).eval()
+    bondgate.compress(model, SMALL, progress=False)
+    return model
+
+
+def test_a_quantization_config_this_bondgate_cannot_read_is_refused(tmp_path):
+    # a config.json from a newer bondgate (or edited by hand) must fail before any weight is loaded, naming the field
+    model = one_layer_bert()
+    model.save_pretrained(tmp_path / "hf")
+    good = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert good["quantization_config"]["format_version"] == 1
+    query = "encoder.layer.0.attention.self.query"
+    edits = [
+        (lambda qc: qc.update(format_version=2), "unsupported bondgate format_version 2; this bondgate reads up to 1"),
+        (lambda qc: qc.update(format_version=0), "unsupported bondgate format_version 0"),
+        (lambda qc: qc.update(format_version=True), "unsupported bondgate format_version True"),
+        (lambda qc: qc["layers"][query].update(type="NoSuchLayer"), f"unknown layer type 'NoSuchLayer' for module '{query}'"),
+        (lambda qc: qc.update(layer_aliases={"pooler.dense": "nowhere"}), "layer alias 'pooler.dense' -> 'nowhere' does not"),
+        (lambda qc: qc.update(tensor_aliases={"a.cores.0": 1}), "'tensor_aliases' must map strings to strings"),
+    ]
+    for edit, message in edits:
+        cfg = copy.deepcopy(good)
+        edit(cfg["quantization_config"])
+        (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(ValueError, match=message):
+            AutoModel.from_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(good))
+    assert isinstance(AutoModel.from_pretrained(tmp_path / "hf").encoder.layer[0].attention.self.query, MPOLinear)
+
+
+def test_config_json_records_the_bondgate_version_that_wrote_it(tmp_path):
+    model = one_layer_bert()
+    for how in ("bondgate", "transformers"):
+        path = tmp_path / how
+        bondgate.save_pretrained(model, path) if how == "bondgate" else model.save_pretrained(path)
+        qc = json.loads((path / "config.json").read_text())["quantization_config"]
+        assert (qc["format_version"], qc["bondgate_version"]) == (1, bondgate.__version__)
+    # a checkpoint an older bondgate wrote is re-recorded as this version's when the loaded model is saved again
+    cfg = json.loads((tmp_path / "transformers" / "config.json").read_text())
+    cfg["quantization_config"]["bondgate_version"] = "0.0.1"
+    (tmp_path / "transformers" / "config.json").write_text(json.dumps(cfg))
+    AutoModel.from_pretrained(tmp_path / "transformers").save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"][
+        "bondgate_version"] == bondgate.__version__
+
+
+def test_a_config_snapshot_survives_pickle_and_edits_of_its_dict():
+    model = one_layer_bert()
+    qc = model.config.quantization_config
+    want = qc.to_dict()
+    assert want["layers"] and want["bondgate_version"] == bondgate.__version__
+    # a pickled config (multiprocessing, torch.save of a config) keeps the layers, as a copied-alone one does
+    back = pickle.loads(pickle.dumps(model.config)).quantization_config
+    assert back.model is None and back.to_dict() == want
+    # the dict handed out is the caller's: editing it leaves the (unbound) snapshot as it was
+    alone = copy.deepcopy(model.config).quantization_config
+    out = alone.to_dict()
+    out["layers"]["encoder.layer.0.attention.self.query"]["max_bond"] = 1
+    out["layers"].clear()
+    assert alone.to_dict() == want
+
+
+def test_a_model_with_another_quantization_config_keeps_it_and_says_so():
+    # a foreign quantization_config (another method's) must not be silently replaced by bondgate's record
+    model = BertModel(BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                                 vocab_size=50, max_position_embeddings=16)).eval()
+    foreign = {"quant_method": "someone_else", "bits": 4}
+    model.config.quantization_config = foreign
+    with pytest.warns(UserWarning, match="carries a .*quantization_config, so its bondgate layers are not recorded"):
+        bondgate.compress(model, SMALL, progress=False)
+    assert isinstance(model.encoder.layer[0].intermediate.dense, MPOLinear)
+    assert model.config.quantization_config is foreign
+
+
+def test_register_refuses_a_quant_method_another_package_took(monkeypatch):
+    from transformers.quantizers import auto
+
+    bondgate.hf.register()  # idempotent
+    assert auto.AUTO_QUANTIZER_MAPPING["bondgate"] is bondgate.hf.BondgateHfQuantizer
+
+    class Impostor:
+        pass
+
+    monkeypatch.setitem(auto.AUTO_QUANTIZER_MAPPING, "bondgate", Impostor)
+    with pytest.raises(ValueError, match=r"quant_method 'bondgate' is already registered to .*Impostor"):
+        bondgate.hf.register()
+    assert auto.AUTO_QUANTIZER_MAPPING["bondgate"] is Impostor  # not overwritten
+
+
+def test_cores_saved_as_integers_are_refused(tmp_path):
+    # a floating dtype may differ (cast, as transformers casts dense weights), an integer one may not: transformers
+    # would copy the truncated values into the float cores without a word
+    model = one_layer_bert()
+    model.save_pretrained(tmp_path / "hf")
+    path = tmp_path / "hf" / "model.safetensors"
+    tensors = load_file(str(path))
+    key = "encoder.layer.0.output.dense.cores.1"
+    shape = list(tensors[key].shape)
+    tensors[key] = (tensors[key] * 100).to(torch.int32)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"'{key}' is torch.int32 {re.escape(str(shape))} in the checkpoint, "
+                                         f"but its bondgate layer expects torch.float32"):
+        AutoModel.from_pretrained(tmp_path / "hf")
+    tensors[key] = tensors[key].to(torch.float16)  # a floating dtype is cast
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    assert AutoModel.from_pretrained(tmp_path / "hf").encoder.layer[0].output.dense.cores[1].dtype == torch.float32
+
+
+def test_loading_leaves_no_load_time_state_on_the_model(tmp_path):
+    # from_pretrained adds the tied keys it fills to the instance's _keys_to_ignore_on_load_missing: only for the load
+    model = tiny_gpt2(tied_mpo_head=True)
+    loaded = AutoModelForCausalLM.from_pretrained(bondgate.save_pretrained(model, tmp_path / "bg"))
+    # (GPT-2 ignores none: the instance's set, empty, is restored; the head's cores.* patterns are gone)
+    assert not loaded._keys_to_ignore_on_load_missing
+
+
+def test_a_pickled_model_records_its_new_gating_mode_and_int8_cores(tmp_path):
+    # after pickle (torch.save of the whole model, multiprocessing) the config's record was a snapshot bound to
+    # nothing: set_mode then left config.json saying "gate", and the model transformers loaded back ran another mode
+    model = tiny_gpt2()
+    bondgate.gate(model, bondgate.GatingConfig())
+    back = pickle.loads(pickle.dumps(model))
+    bondgate.set_mode(back, 0.25)
+    back.save_pretrained(tmp_path / "mode")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "mode").transformer.h[0].attn.c_attn.mode == 0.25
+    back = pickle.loads(pickle.dumps(tiny_gpt2()))
+    with pytest.warns(UserWarning, match="int8 MPO cores"):
+        bondgate.quantize_mpo(back)
+    assert back.config.quantization_config.model is back
+    assert back.config.quantization_config.to_dict()["layers"]["transformer.h.0.attn.c_attn"]["quant"]

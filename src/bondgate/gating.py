@@ -1056,7 +1056,9 @@ def set_mode(model: nn.Module, mode: str | float) -> nn.Module:
         m.mode = mode
         for p in m.controller.parameters():  # (an error controller is fitted, never trained)
             p.requires_grad_(mode == "gate" and not isinstance(m.controller, ErrorController))
-    return model
+    from .hf import attach
+
+    return attach(model)  # the mode is in config.json's record: bound again after a pickle round trip unbound it
 
 
 def nested_layers(model: nn.Module) -> list[GatedMPOLinear]:

@@ -463,3 +463,82 @@ def test_copies_that_are_not_the_published_files(tmp_path, data_dir):
     bank = bd.load_bank_marketing(tmp_path, download=False)
     assert bool(torch.isfinite(bank.X_train).all())
     assert float(bank.X_train.min()) >= 0.0 and float(bank.X_train.max()) <= 1.0
+
+
+# ------------------------------------------------------------------------------------ mutation-test additions
+def test_bank_splits_are_the_published_ones(bank):
+    """The rows of each split are pinned (random_state=0 twice): another seed or split order keeps every shape and
+    the positive rate, but changes every published figure."""
+    assert (bank.y_train.sum().item(), bank.y_valid.sum().item(), bank.y_test.sum().item()) == (2972, 749, 919)
+    assert bank.X_test[0, 0].item() * (98 - 17) + 17 == pytest.approx(39)  # age of the first test row (min 17, max 98)
+    assert bank.X_test[0].nonzero().flatten().tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 10, 22, 27, 33, 38, 39, 42, 47,
+                                                           54, 60]
+
+
+def test_bank_header_only_or_a_subset_of_rows_is_refused(tmp_path, data_dir):
+    src = (data_dir / bd.BANK_FILE).read_text().splitlines()
+    csv = tmp_path / bd.BANK_FILE
+    csv.parent.mkdir(parents=True)
+    csv.write_text(src[0] + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"{csv}: a header but no rows")):
+        bd.load_bank_marketing(tmp_path, download=False)
+    # 200 rows lack some categories (e.g. months): fewer one-hot columns, a model of another input width
+    csv.write_text("\n".join(src[:201]) + "\n")
+    with pytest.raises(ValueError, match=r"expected 62 features after preprocessing, got \d+ from"):
+        bd.load_bank_marketing(tmp_path, download=False)
+
+
+def test_stsb_malformed_files_name_the_file_and_line(tmp_path):
+    cases = [
+        ("4.0\tA cat.\tA dog.\n1.0\tB.\tC.\n", re.escape(": expected the header 'score<TAB>sentence1<TAB>sentence2'")),
+        ("score\tsentence\tsentence2\n4.0\tA.\tB.\n", ": expected the header"),
+        ("score\tsentence1\tsentence2\n4.0\tA.\tB.\n1.0\tB.\tC.\textra\n", ":3: expected 3 tab-separated fields, got 4"),
+        ("score\tsentence1\tsentence2\n5.5\tA.\tB.\n", ":2: score 5.5 outside \\[0, 5\\]"),
+        ("score\tsentence1\tsentence2\n4.0\tA.\tB.\n-0.5\tA.\tB.\n", ":3: score -0.5 outside \\[0, 5\\]"),
+        ("score\tsentence1\tsentence2\nnan\tA.\tB.\n", ":2: score nan outside"),
+    ]
+    for text, match in cases:
+        p = _put(tmp_path, text)
+        with pytest.raises(ValueError, match=re.escape(str(p)) + match):
+            bd.load_stsb(tmp_path)
+    p.write_text("score\tsentence1\tsentence2\n0\tA.\tB.\n5.0\tC.\tD.\n")  # both ends of the range are valid
+    assert bd.load_stsb(tmp_path) == [("A.", "B.", 0.0), ("C.", "D.", 5.0)]
+
+
+def test_a_file_under_another_name_is_not_checked_against_the_published_hash(tmp_path, monkeypatch):
+    own = tmp_path / "my-pairs.tsv"
+    own.write_text("score\tsentence1\tsentence2\n4.0\tA.\tB.\n")
+    (tmp_path / "home" / "stsb").mkdir(parents=True)
+    (tmp_path / "home" / "stsb" / "my-pairs.tsv").write_bytes(own.read_bytes())
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a user's own file is not "a truncated copy of sts-dev.tsv"
+        assert bd.load_stsb(own) == [("A.", "B.", 4.0)]
+        assert bd.load_stsb("~/stsb/my-pairs.tsv") == [("A.", "B.", 4.0)]  # "~" is the home folder
+    assert bd.resolve(REL, "~/stsb/my-pairs.tsv") == tmp_path / "home" / "stsb" / "my-pairs.tsv"
+
+
+def _bank_archive(path, members):
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w") as zf:
+        for name, blob in members.items():
+            zf.writestr(name, blob)
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("bank-additional.zip", inner.getvalue())
+
+
+def test_a_download_under_another_top_folder_picks_the_one_real_member(tmp_path, monkeypatch):
+    archive = tmp_path / "bank+marketing.zip"
+    monkeypatch.delenv("BONDGATE_DATA", raising=False)
+    monkeypatch.setenv("BONDGATE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(bd.REMOTES, bd.BANK_FILE,
+                        bd._Remote(archive.as_uri(), bd.BANK_MEMBERS, hashlib.sha256(b"real").hexdigest()))
+    # another top folder is tolerated, a macOS copy beside it is never taken
+    _bank_archive(archive, {"__MACOSX/v2/bank-additional-full.csv": b"fork", "v2/bank-additional-full.csv": b"real"})
+    assert bd.resolve(bd.BANK_FILE).read_bytes() == b"real"
+    (tmp_path / "cache" / bd.BANK_FILE).unlink()
+    # two candidates and no exact match: refused, nothing written
+    _bank_archive(archive, {"old/bank-additional-full.csv": b"real", "new/bank-additional-full.csv": b"other"})
+    with pytest.raises(FileNotFoundError, match="has no unique member 'bank-additional/bank-additional-full.csv'"):
+        bd.resolve(bd.BANK_FILE)
+    assert not (tmp_path / "cache" / bd.BANK_FILE).exists()

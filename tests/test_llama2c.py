@@ -430,3 +430,98 @@ def test_padding_decodes_to_nothing_and_block_must_be_an_int(model, tok):
     assert tok.decode([*ids, 0, 0]) == text
     with pytest.raises(ValueError, match="block must be an int"):
         tinystories_perplexity(model, tok, "Once upon a time.", block=3.5)
+
+
+# ------------------------------------------------------------------------------------ mutation-test additions
+def _tiny_checkpoint(path, dim=8, hidden=12, n_layers=1, n_heads=2, n_kv_heads=1, vocab=16, seq_len=6,
+                     shared=True, seed=0):
+    """A small valid llama2.c legacy checkpoint with random weights and the true rotary tables; returns its arrays."""
+    g = np.random.default_rng(seed)
+    hs = dim // n_heads
+    kv = n_kv_heads * hs
+    shapes = [("emb", (vocab, dim)), ("rms_att", (n_layers, dim)), ("wq", (n_layers, dim, dim)),
+              ("wk", (n_layers, kv, dim)), ("wv", (n_layers, kv, dim)), ("wo", (n_layers, dim, dim)),
+              ("rms_ffn", (n_layers, dim)), ("w1", (n_layers, hidden, dim)), ("w2", (n_layers, dim, hidden)),
+              ("w3", (n_layers, hidden, dim)), ("rms_final", (dim,))]
+    arrays = {name: g.standard_normal(shape).astype("<f4") for name, shape in shapes}
+    angles = np.arange(seq_len)[:, None] * 10000.0 ** (-np.arange(0, hs, 2) / hs)
+    arrays["cos"], arrays["sin"] = np.cos(angles).astype("<f4"), np.sin(angles).astype("<f4")
+    if not shared:
+        arrays["wcls"] = g.standard_normal((vocab, dim)).astype("<f4")
+    header = struct.pack("<7i", dim, hidden, n_layers, n_heads, n_kv_heads, vocab if shared else -vocab, seq_len)
+    path.write_bytes(header + b"".join(a.tobytes() for a in arrays.values()))
+    return arrays
+
+
+def test_an_unshared_classifier_is_loaded_from_wcls(tmp_path):
+    path = tmp_path / "unshared.bin"
+    w = _tiny_checkpoint(path, shared=False)
+    h = read_llama2c_header(path)
+    assert (h.vocab_size, h.shared_classifier, h.file_size()) == (16, False, path.stat().st_size)
+    m = load_llama2c(path)
+    assert m.config.tie_word_embeddings is False
+    assert m.lm_head.weight is not m.model.embed_tokens.weight
+    assert torch.equal(m.lm_head.weight, torch.from_numpy(w["wcls"]))
+    assert torch.equal(m.model.embed_tokens.weight, torch.from_numpy(w["emb"]))
+    # the logits use wcls: the llama2.c forward with the classifier swapped in
+    tokens = torch.tensor([1, 5, 9, 3, 15, 0])
+    ref = _llama2c_forward({k: torch.from_numpy(v) for k, v in w.items()}, (2, 1, 4), tokens)  # rms(x) @ emb.T
+    with torch.no_grad():
+        got = m(tokens[None], use_cache=False).logits[0]
+        hidden = m.model(tokens[None], use_cache=False).last_hidden_state[0]
+    assert torch.allclose(got, hidden @ torch.from_numpy(w["wcls"]).T, atol=1e-5)
+    assert not torch.allclose(got, ref, atol=1e-2)  # not the embedding as classifier
+    # the same weights stored shared: the classifier is the embedding, and a direct llama2.c forward agrees
+    _tiny_checkpoint(path, shared=True)
+    m = load_llama2c(path)
+    assert m.config.tie_word_embeddings and m.lm_head.weight is m.model.embed_tokens.weight
+    with torch.no_grad():
+        assert torch.allclose(m(tokens[None], use_cache=False).logits[0], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_an_odd_head_size_is_refused(tmp_path):
+    # dim 6, 2 heads: head size 3; the file has exactly the size the header implies, so only the odd check catches it
+    path = tmp_path / "odd.bin"
+    hs, L, dim, hid, vocab, seq = 3, 1, 6, 4, 8, 2
+    n = vocab * dim + L * dim + L * dim * dim + 2 * L * hs * dim + L * dim * dim + L * dim + 3 * L * hid * dim + dim \
+        + 2 * seq * (hs // 2)
+    path.write_bytes(struct.pack("<7i", dim, hid, L, 2, 1, vocab, seq) + np.zeros(n, "<f4").tobytes())
+    with pytest.raises(ValueError, match="head size 3 is odd, rotary embeddings need it even"):
+        read_llama2c_header(path)
+
+
+def test_the_dtype_is_recorded_and_8_bit_floats_are_refused(files):
+    # config.dtype is what bondgate.save_pretrained / transformers reload the model in: not "the first tensor's dtype"
+    assert load_llama2c(files[0], dtype=torch.bfloat16).config.dtype == torch.bfloat16
+    assert load_llama2c(files[0]).config.dtype == torch.float32
+    for bad in (torch.float8_e4m3fn, torch.int8):
+        with pytest.raises(TypeError, match="floating dtype of 16 bits or more"):
+            load_llama2c(files[0], dtype=bad)
+
+
+def test_decode_bytes_at_both_ends_and_negative_ids(tok):
+    assert tok.pieces[258] == b"<0xFF>" and tok.pieces[3] == b"<0x00>"
+    # every byte token is a byte, the last (0xFF, never valid UTF-8) too: not the literal text "<0xFF>"
+    assert tok.decode([1, 0xFF + 3]) == "\ufffd"
+    assert tok.decode([1, 0x00 + 3, 0x41 + 3]) == "\x00A"
+    assert tok.decode([1, *(b + 3 for b in "🙂".encode())]) == "🙂"
+    for bad in ([-1], torch.tensor([1, -512])):  # a negative id indexed the vocabulary from its end
+        with pytest.raises(ValueError, match="token id -(1|512) is outside the vocabulary"):
+            tok.decode(bad)
+
+
+def test_only_bos_strips_the_dummy_space(tok):
+    hi = tok.encode("hi", bos=False)
+    assert tok.decode([1, *hi]) == "hi"
+    assert tok.decode([2, *hi]) == " hi"  # after EOS (not a story start, as in run.c) the space stays
+    assert tok.decode([*tok.encode("a", eos=True), *hi]) == "a hi"
+
+
+def test_default_block_is_the_models_context(model, tok, files):
+    story = split_stories(files[2].read_text(encoding="utf-8"))[0][:300].rstrip()
+    assert 100 < len(tok.encode(story)) < 200
+    short = copy.deepcopy(model)
+    short.config.max_position_embeddings = 32  # a model trained on 32-token windows is scored in such windows
+    got = tinystories_perplexity(short, tok, story)
+    assert got == tinystories_perplexity(model, tok, story, block=32)
+    assert got.n_tokens == len(tok.encode(story)) - 1 and got.perplexity > tinystories_perplexity(model, tok, story).perplexity

@@ -266,6 +266,24 @@ def test_minilm_round_trip_with_tokenizer(tmp_path):
         assert torch.equal(loaded(**batch2).last_hidden_state, ref)
 
 
+def test_load_casts_a_rebuilt_model_to_a_dtype(tmp_path, mlp_ckpt, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # plain models: no transformers needed for the cast either
+    want = bondgate.load(mlp_ckpt)
+    got = bondgate.load(mlp_ckpt, dtype="float64")
+    assert {t.dtype for t in got.state_dict().values()} == {torch.float64}
+    x = torch.randn(16, 62, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(got(x), want(x.float()).double(), rtol=1e-5, atol=1e-6)
+        for w, g in zip(want.state_dict().values(), got.state_dict().values()):
+            assert torch.equal(w.double(), g)  # the saved values, exactly
+    half = bondgate.load(mlp_ckpt, dtype=torch.bfloat16)
+    assert half[2].cores[0].dtype == torch.bfloat16 and half(x.bfloat16()).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype applies to a model load rebuilds"):
+        bondgate.load(mlp_ckpt, model=mlp(), dtype=torch.float64)
+    with pytest.raises(ValueError, match="dtype must be a floating torch dtype"):
+        bondgate.load(mlp_ckpt, dtype=torch.int64)
+
+
 def test_plain_models_need_no_transformers(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # any `import transformers` now fails
     model = mlp().eval()

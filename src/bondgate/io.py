@@ -1063,11 +1063,12 @@ def _tie(model: nn.Module, key: str, target_key: str) -> None:
 @outside_inference_mode  # loaded inside inference mode (a server), the model still gets normal tensors, whose
 # version counters let the layers reuse their kept operands between calls instead of rebuilding them on each
 def load(directory: str | os.PathLike, model: nn.Module | None = None, *,
-         map_location: str | torch.device = "cpu") -> nn.Module:
+         map_location: str | torch.device = "cpu", dtype: torch.dtype | str | None = None) -> nn.Module:
     """Load a checkpoint written by :func:`save`; returns the model in eval mode.
 
     Without ``model`` the skeleton is rebuilt from the checkpoint (transformers models, plain
-    ``nn.Sequential`` trees and bare bondgate layers) and moved to ``map_location``. With ``model``
+    ``nn.Sequential`` trees and bare bondgate layers), cast to ``dtype`` if given (see :func:`from_pretrained`)
+    and moved to ``map_location``. With ``model``
     (required for any other module: pass a freshly constructed *dense* instance), its modules named
     in the checkpoint are replaced by bondgate layers (placed on the device of the module they
     replace) and all tensors are loaded into it in place; ``map_location`` is then unused. A ``model``
@@ -1083,10 +1084,14 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *,
             checkpoint that does not fit the model (key, shape or dtype).
     """
     directory = Path(directory)
+    dtype = _floating_dtype(dtype)
     meta = verify_checkpoint(directory)
     header = _weights_header(directory, meta)
     arch = meta["architecture"]
     built = model is None
+    if not built and dtype is not None:
+        raise ValueError("dtype applies to a model load rebuilds: the checkpoint loads into the dtypes of the model "
+                         "you pass (cast it before or after)")
     if not built and not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(model, nn.parallel.DistributedDataParallel):  # it registered the parameters it was built with
@@ -1155,6 +1160,8 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *,
         if callable(getattr(cls, "after_load", None)):
             cls.after_load(model)
     if built:
+        if dtype is not None:
+            _cast_floating(model, dtype)
         model.to(map_location)
     _attach_report(model, meta.get("report"))
     hf = _hf_base()
@@ -1211,7 +1218,6 @@ def from_pretrained(directory: str | os.PathLike, *, map_location: str | torch.d
     (default) keeps the saved dtypes. An int8-core model cast to 16 bits re-rounds its cores (and warns; see
     README's limits). Tokenizer files, if saved, load with ``AutoTokenizer.from_pretrained(directory)``.
     """
-    dtype = _floating_dtype(dtype)
     path = Path(directory)
     if path.is_dir() and not (path / META_NAME).is_file() and (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no {META_NAME}: it was not written by bondgate.save_pretrained (a dense "
@@ -1222,15 +1228,7 @@ def from_pretrained(directory: str | os.PathLike, *, map_location: str | torch.d
     if meta["architecture"]["kind"] != "transformers":
         raise TypeError(f"{directory} holds a {meta['architecture']['kind']!r} checkpoint, not a transformers "
                         f"model; use bondgate.load")
-    if dtype is None:
-        return load(directory, map_location=map_location)
-    model = load(directory, map_location="cpu")
-    _cast_floating(model, dtype)
-    config = getattr(model, "config", None)  # as transformers records it (saved again into config.json)
-    for c in [config, *(getattr(config, k, None) for k in getattr(config, "sub_configs", None) or ())]:
-        if c is not None:
-            c.dtype = dtype
-    return model.to(map_location)
+    return load(directory, map_location=map_location, dtype=dtype)
 
 
 def _floating_dtype(dtype: Any) -> torch.dtype | None:
@@ -1267,3 +1265,9 @@ def _cast_floating(model: nn.Module, dtype: torch.dtype) -> None:
         mod._apply(cast, recurse=False)
 
     visit(model, "")
+    hf = _hf_base()
+    if hf is not None and isinstance(model, hf):  # recorded as transformers records it (saved into config.json)
+        config = model.config
+        for c in [config, *(getattr(config, k, None) for k in getattr(config, "sub_configs", None) or ())]:
+            if c is not None:
+                c.dtype = dtype

@@ -663,6 +663,23 @@ def test_bondgate_from_pretrained_casts_to_a_dtype_as_automodel_does(tmp_path):
             bondgate.from_pretrained(tmp_path / "mpo", dtype=bad)
 
 
+def test_bondgate_from_pretrained_in_16_bits_leaves_unsaved_buffers_as_transformers_does(tmp_path):
+    # LLaMA's rotary inv_freq is not saved and stays float32 in AutoModel's 16-bit load; cast, logits moved by 1e-3
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    bondgate.compress(model, bondgate.CompressionConfig(max_bond=4, num_cores=2), progress=False)
+    bondgate.save_pretrained(model, tmp_path / "llama")
+    ids = torch.randint(0, 64, (2, 12))
+    want = AutoModelForCausalLM.from_pretrained(tmp_path / "llama", dtype=torch.bfloat16).eval()
+    got = bondgate.from_pretrained(tmp_path / "llama", dtype=torch.bfloat16)
+    assert got.model.rotary_emb.inv_freq.dtype == want.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert {n: b.dtype for n, b in got.named_buffers()} == {n: b.dtype for n, b in want.named_buffers()}
+    with torch.no_grad():
+        assert torch.equal(got(ids).logits, want(ids).logits)
+
+
 def test_bondgate_from_pretrained_casts_an_int8_model_with_the_regrid_warning(tmp_path):
     torch.manual_seed(0)
     model = BertModel(BertConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=2, intermediate_size=128,

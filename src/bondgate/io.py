@@ -1214,7 +1214,8 @@ def from_pretrained(directory: str | os.PathLike, *, map_location: str | torch.d
     ``map_location``: the device (``"cpu"``, ``"cuda:0"``, a ``torch.device``) the rebuilt model is moved to after
     loading (default ``"cpu"``). ``dtype``: a floating dtype (``torch.bfloat16`` or ``"bfloat16"``) to cast the
     floating tensors to, before the move, as ``AutoModel.from_pretrained(dtype=...)`` does: modules the model's class
-    keeps in float32 at that dtype (``_keep_in_fp32_modules``, e.g. T5's ``wo``) stay float32; ``None`` or ``"auto"``
+    keeps in float32 at that dtype (``_keep_in_fp32_modules``, e.g. T5's ``wo``) and buffers that are not saved (the
+    rotary ``inv_freq``) stay as built (float32); ``None`` or ``"auto"``
     (default) keeps the saved dtypes. An int8-core model cast to 16 bits re-rounds its cores (and warns; see
     README's limits). Tokenizer files, if saved, load with ``AutoTokenizer.from_pretrained(directory)``.
     """
@@ -1243,8 +1244,9 @@ def _floating_dtype(dtype: Any) -> torch.dtype | None:
 
 
 def _cast_floating(model: nn.Module, dtype: torch.dtype) -> None:
-    """Cast ``model``'s floating tensors to ``dtype`` in place, leaving the modules its transformers class keeps in
-    float32 at that dtype in float32. A bondgate layer is cast whole (its ``_apply`` resets its kept operands)."""
+    """Cast ``model``'s floating parameters and saved buffers to ``dtype`` in place, leaving the modules its
+    transformers class keeps in float32 at that dtype in float32. A bondgate layer is cast whole (its ``_apply`` resets
+    its kept operands)."""
     from .hf import _kept_in_fp32
 
     keep = _kept_in_fp32(model, dtype)
@@ -1262,7 +1264,11 @@ def _cast_floating(model: nn.Module, dtype: torch.dtype) -> None:
         for name, child in mod._modules.items():
             if child is not None:
                 visit(child, _join(path, name))
+        # buffers that are not saved (the rotary inv_freq) stay as the model built them, as transformers leaves them
+        # (cast, a bfloat16 LLaMA's logits moved by 1e-3 against AutoModel's load at that dtype)
+        unsaved = {n: mod._buffers[n] for n in mod._non_persistent_buffers_set if mod._buffers.get(n) is not None}
         mod._apply(cast, recurse=False)
+        mod._buffers.update(unsaved)
 
     visit(model, "")
     hf = _hf_base()

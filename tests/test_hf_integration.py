@@ -658,7 +658,7 @@ def test_bondgate_from_pretrained_casts_to_a_dtype_as_automodel_does(tmp_path):
     for same in (None, "auto"):
         assert {t.dtype for t in bondgate.from_pretrained(tmp_path / "mpo", dtype=same).state_dict().values()
                 if t.is_floating_point()} == {torch.float32}
-    for bad in (torch.int8, "int8", "half precision", 16):
+    for bad in (torch.int8, "int8", "half precision", 16, torch.float8_e4m3fn):
         with pytest.raises(ValueError, match="dtype must be a floating torch dtype"):
             bondgate.from_pretrained(tmp_path / "mpo", dtype=bad)
 
@@ -678,6 +678,34 @@ def test_bondgate_from_pretrained_in_16_bits_leaves_unsaved_buffers_as_transform
     assert {n: b.dtype for n, b in got.named_buffers()} == {n: b.dtype for n, b in want.named_buffers()}
     with torch.no_grad():
         assert torch.equal(got(ids).logits, want(ids).logits)
+
+
+def test_bondgate_from_pretrained_keeps_in_float32_what_transformers_keeps(tmp_path):
+    # transformers matches _keep_in_fp32_modules in each tensor's key (RWKV names parameters: time_decay, time_first)
+    # and puts those tensors in float32 whatever the checkpoint's dtype (a bfloat16 T5 loaded at float16: wo float32)
+    from transformers import AutoModelForSeq2SeqLM, RwkvConfig, RwkvForCausalLM, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    rwkv = RwkvForCausalLM(RwkvConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
+                                      intermediate_size=64, context_length=32)).eval()
+    bondgate.compress(rwkv, bondgate.CompressionConfig(max_bond=4, num_cores=2, target_modules=r".*feed_forward\.key"),
+                      progress=False)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                             num_decoder_layers=1, num_heads=4, decoder_start_token_id=0,
+                                             pad_token_id=0, eos_token_id=1)).eval()
+    bondgate.compress(t5, bondgate.CompressionConfig(max_bond=4, num_cores=2, target_modules=r".*\.wi"), progress=False)
+    t5.to(torch.bfloat16)
+    ids = torch.randint(2, 64, (1, 6))
+    for model, auto, kwargs in ((rwkv, AutoModelForCausalLM, {"input_ids": ids}),
+                                (t5, AutoModelForSeq2SeqLM, {"input_ids": ids, "decoder_input_ids": ids})):
+        out = bondgate.save_pretrained(model, tmp_path / type(model).__name__)
+        want = auto.from_pretrained(out, dtype=torch.float16).eval()
+        got = bondgate.from_pretrained(out, dtype=torch.float16)
+        dtypes = {k: t.dtype for k, t in got.state_dict().items()}
+        assert dtypes == {k: t.dtype for k, t in want.state_dict().items()}
+        assert torch.float32 in dtypes.values() and torch.float16 in dtypes.values()
+        with torch.no_grad():
+            assert torch.equal(got(**kwargs).logits, want(**kwargs).logits)
 
 
 def test_bondgate_from_pretrained_casts_an_int8_model_with_the_regrid_warning(tmp_path):
@@ -845,8 +873,33 @@ def test_a_pickled_model_records_its_new_gating_mode_and_int8_cores(tmp_path):
     bondgate.set_mode(back, 0.25)
     back.save_pretrained(tmp_path / "mode")
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "mode").transformer.h[0].attn.c_attn.mode == 0.25
+    back = pickle.loads(pickle.dumps(model))
+    bondgate.set_mode(back.transformer, 0.5)  # the base model: the record describes the head model around it
+    assert back.config.quantization_config.model is None
+    bondgate.set_mode(torch.nn.DataParallel(back), 0.5)  # wrapped: the model inside is bound
+    assert back.config.quantization_config.model is back
     back = pickle.loads(pickle.dumps(tiny_gpt2()))
     with pytest.warns(UserWarning, match="int8 MPO cores"):
         bondgate.quantize_mpo(back)
     assert back.config.quantization_config.model is back
     assert back.config.quantization_config.to_dict()["layers"]["transformer.h.0.attn.c_attn"]["quant"]
+
+
+def test_set_mode_on_the_base_model_keeps_the_head_models_record(tmp_path):
+    # set_mode(model.transformer) bound the shared record to the base model: config.json lost the compressed
+    # lm_head, and AutoModelForCausalLM refused the checkpoint
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=100, n_positions=32,
+                                       bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)).eval()
+    bondgate.compress(model, bondgate.CompressionConfig(max_bond=4, num_cores=2,
+                                                        target_modules=r"(transformer\.h\..*|lm_head)$"), progress=False)
+    bondgate.gate(model, bondgate.GatingConfig())
+    bondgate.set_mode(model.transformer, "full")
+    bondgate.quantize_mpo(model.transformer, mode=None)
+    assert model.config.quantization_config.model is model
+    model.save_pretrained(tmp_path / "m")
+    assert "lm_head" in json.loads((tmp_path / "m" / "config.json").read_text())["quantization_config"]["layers"]
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    ids = torch.randint(0, 100, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, model(ids).logits)

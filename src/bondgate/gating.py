@@ -1056,9 +1056,10 @@ def set_mode(model: nn.Module, mode: str | float) -> nn.Module:
         m.mode = mode
         for p in m.controller.parameters():  # (an error controller is fitted, never trained)
             p.requires_grad_(mode == "gate" and not isinstance(m.controller, ErrorController))
-    from .hf import attach
+    from .hf import rebind
 
-    return attach(model)  # the mode is in config.json's record: bound again after a pickle round trip unbound it
+    rebind(model)  # the mode is in config.json's record: bound again after a pickle round trip unbound it
+    return model
 
 
 def nested_layers(model: nn.Module) -> list[GatedMPOLinear]:

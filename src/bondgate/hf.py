@@ -350,6 +350,27 @@ def attach(model: nn.Module) -> nn.Module:
     return model
 
 
+def rebind(model: nn.Module) -> None:
+    """Bind ``model``'s ``quantization_config`` record to it again where a pickle round trip left it bound to nothing
+    and it describes ``model`` (its layer names are modules of ``model``: not the base model inside the head model
+    the record describes). A record bound to a model (e.g. the head model around this base) stays with it."""
+    model = _io.unwrapped(model)
+    hf = _io._hf_base()
+    current = getattr(getattr(model, "config", None), "quantization_config", None) if hf is not None \
+        and isinstance(model, hf) else None
+    if _is_ours(current) and getattr(current, "model", ...) is None \
+            and all(_has_module(model, name) for name in current.layers):
+        attach(model)
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
 def warn_int8_saving(model: nn.Module) -> None:
     """Warn, for a transformers model that now holds int8 MPO cores, that transformers' own ``save_pretrained``
     (which a plain ``Trainer`` calls for its checkpoints) writes a directory neither loader reads back; the warning
@@ -533,17 +554,25 @@ def _in_dtype(spec: dict, dtype: torch.dtype | None) -> dict:
     return spec
 
 
-def _kept_in_fp32(model: nn.Module, dtype: torch.dtype | None) -> Callable[[str], bool]:
-    """Whether transformers keeps the dense module ``name`` in float32 when loading at ``dtype``: the class's
-    ``_keep_in_fp32_modules`` at float16, ``_keep_in_fp32_modules_strict`` at float16 and bfloat16 (T5's ``wo``,
-    whose activations overflow float16), matched as transformers matches them, by regex search in the weight's key."""
+def _fp32_keys(model: nn.Module, dtype: torch.dtype | None) -> Callable[[str], bool]:
+    """Whether transformers keeps the tensor ``key`` (``"encoder.block.0...wo.weight"``) in float32 when loading at
+    ``dtype``: the class's ``_keep_in_fp32_modules`` at float16, ``_keep_in_fp32_modules_strict`` at float16 and
+    bfloat16 (T5's ``wo``, whose activations overflow float16; RWKV's ``time_decay``), matched as transformers matches
+    them, by regex search in the key."""
     globs = [*(getattr(model, "_keep_in_fp32_modules", None) or () if dtype == torch.float16 else ()),
              *(getattr(model, "_keep_in_fp32_modules_strict", None) or ()
                if dtype in (torch.float16, torch.bfloat16) else ())]
     if not globs:
-        return lambda name: False
+        return lambda key: False
     pattern = re.compile("|".join(f"(?:{g.replace('*', '.*')})" for g in globs))
-    return lambda name: pattern.search(f"{name}.weight") is not None
+    return lambda key: pattern.search(key) is not None
+
+
+def _kept_in_fp32(model: nn.Module, dtype: torch.dtype | None) -> Callable[[str], bool]:
+    """Whether transformers keeps the dense module ``name`` in float32 when loading at ``dtype`` (its weight's key,
+    :func:`_fp32_keys`)."""
+    keys = _fp32_keys(model, dtype)
+    return lambda name: keys(f"{name}.weight")
 
 
 def _prepare(model: nn.Module, qc: Any, checkpoint_files, dtype: torch.dtype | None = None) -> dict[str, Any]:

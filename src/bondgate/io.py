@@ -1237,38 +1237,34 @@ def _floating_dtype(dtype: Any) -> torch.dtype | None:
     if dtype is None or dtype == "auto":
         return None
     found = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-    if not isinstance(found, torch.dtype) or not found.is_floating_point:
-        raise ValueError(f"dtype must be a floating torch dtype (torch.bfloat16, 'float16', ...) or 'auto', "
-                         f"got {dtype!r}")
+    if not isinstance(found, torch.dtype) or not found.is_floating_point or found.itemsize < 2:
+        raise ValueError(f"dtype must be a floating torch dtype of 16 bits or more (torch.bfloat16, 'float16', ...) "
+                         f"or 'auto', got {dtype!r}")
     return found
 
 
 def _cast_floating(model: nn.Module, dtype: torch.dtype) -> None:
-    """Cast ``model``'s floating parameters and saved buffers to ``dtype`` in place, leaving the modules its
-    transformers class keeps in float32 at that dtype in float32. A bondgate layer is cast whole (its ``_apply`` resets
-    its kept operands)."""
-    from .hf import _kept_in_fp32
+    """Cast ``model``'s floating parameters and saved buffers to ``dtype`` in place, as transformers loads at a dtype:
+    the tensors its class keeps in float32 at that dtype (T5's ``wo``, RWKV's ``time_decay``) to float32, buffers
+    that are not saved (the rotary ``inv_freq``) left as built. A bondgate layer is cast whole (its ``_apply`` resets
+    its kept operands), to float32 where transformers would keep the dense layer's weight."""
+    from .hf import _fp32_keys
 
-    keep = _kept_in_fp32(model, dtype)
+    fp32 = _fp32_keys(model, dtype)
     registered = tuple(LAYER_TYPES.values())
 
-    def cast(t: torch.Tensor) -> torch.Tensor:
-        return t.to(dtype) if t.is_floating_point() else t
-
     def visit(mod: nn.Module, path: str) -> None:
-        if path and keep(path):
-            return
         if isinstance(mod, registered):
-            mod._apply(cast)
+            whole = torch.float32 if fp32(_join(path, "weight")) else dtype
+            mod._apply(lambda t: t.to(whole) if t.is_floating_point() else t)
             return
         for name, child in mod._modules.items():
             if child is not None:
                 visit(child, _join(path, name))
-        # buffers that are not saved (the rotary inv_freq) stay as the model built them, as transformers leaves them
-        # (cast, a bfloat16 LLaMA's logits moved by 1e-3 against AutoModel's load at that dtype)
-        unsaved = {n: mod._buffers[n] for n in mod._non_persistent_buffers_set if mod._buffers.get(n) is not None}
-        mod._apply(cast, recurse=False)
-        mod._buffers.update(unsaved)
+        saved = [*mod._parameters.items(), *((n, b) for n, b in mod._buffers.items()
+                                             if n not in mod._non_persistent_buffers_set)]
+        target = {id(t): torch.float32 if fp32(_join(path, n)) else dtype for n, t in saved if t is not None}
+        mod._apply(lambda t: t.to(target[id(t)]) if id(t) in target and t.is_floating_point() else t, recurse=False)
 
     visit(model, "")
     hf = _hf_base()

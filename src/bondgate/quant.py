@@ -310,9 +310,9 @@ def quantize_mpo(model: nn.Module, mode: str | None = "int8") -> nn.Module:
 
         warn_user("quantize_mpo: the model has no MPO layer (run bondgate.compress first): nothing was quantized; "
                   "for dense layers see bondgate.quantize_int8 and bondgate.deploy_int8")
-    from .hf import attach, warn_int8_saving
+    from .hf import rebind, warn_int8_saving
 
-    attach(model)  # config.json's record holds each layer's quant (bound again if a pickle round trip unbound it)
+    rebind(model)  # config.json's record holds each layer's quant (bound again if a pickle round trip unbound it)
     if mode is not None:
         warn_int8_saving(model)
     return model

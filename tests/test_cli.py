@@ -709,3 +709,228 @@ def test_an_existing_out_is_probed_where_save_writes(tmp_path, monkeypatch):
     _check_out_writable(tmp_path / "ck")
     _check_out_writable(tmp_path / "new" / "deeper")
     assert probed == [tmp_path, tmp_path]
+
+
+# ---------------------------------------------------------------------------------------- mutation-test additions
+@pytest.fixture(scope="module")
+def micro_dir(tmp_path_factory) -> Path:
+    """A one-block BERT (hidden 32) with the MiniLM tokenizer: compresses in about a second."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                     vocab_size=30522)
+    return save_with_minilm_tokenizer(BertModel(cfg).eval(), tmp_path_factory.mktemp("dense") / "micro-bert")
+
+
+def _fake_latency(calls: list):
+    """A stand-in for ``bondgate.baselines.paired_latency``: records its keyword arguments, times nothing, and says
+    the first model takes 4 ms and the second 2 ms."""
+
+    def paired_latency(models, inputs, **kwargs):
+        calls.append(kwargs)
+        return {name: {"median": t, "p10": t, "p90": t} for name, t in zip(models, (0.004, 0.002))}
+
+    return paired_latency
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["compress", "--ratio", "0"], "argument --ratio: ratio must lie in (0, 1], got 0"),  # open at 0
+    (["compress", "--ratio", "nan"], "argument --ratio: ratio must be finite, got 'nan'"),  # nan passes < and >
+    (["compress", "--tol", "1"], "argument --tol: tol must lie in [0, 1), got 1"),  # open at 1
+    (["compress", "--max-latency-ratio", "inf"], "max latency ratio must be finite"),
+    (["compress", "--embedding-rows", "5"], "--embedding-rows needs --embeddings"),  # (found before any loading)
+])
+def test_flag_boundaries_are_usage_errors(argv, message, capsys):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bondgate: error: ") and message in lines[0], captured.err
+    assert captured.out == ""
+
+
+def _no_loading(monkeypatch):
+    import bondgate.cli as cli
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(cli, "_load_dense", refuse)
+
+
+def test_model_and_out_mistakes_are_named_before_loading(micro_dir, tmp_path, monkeypatch, capsys):
+    # each mistake is reported as itself, and before the model is loaded (minutes for a large one)
+    _no_loading(monkeypatch)
+    ckpt = bondgate.save(nn.Sequential(MPOLinear.from_linear(nn.Linear(16, 16), max_bond=2)), tmp_path / "ckpt")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copyfile(micro_dir / name, bare / name)
+    (tmp_path / "afile").write_text("x", encoding="utf-8")
+    cases = [
+        (["--model", str(ckpt)], "is a bondgate checkpoint, not a dense model"),
+        (["--model", str(micro_dir), "--out", str(micro_dir)], "is the model directory itself"),
+        (["--model", str(bare), "--out", str(tmp_path / "o")], "no tokenizer files in"),
+        (["--model", str(micro_dir), "--out", str(tmp_path / "afile" / "o")], "--out: "),
+        (["--model", str(micro_dir), "--out", ""], "--out is empty"),
+    ]
+    for argv, message in cases:
+        assert main(["compress", *argv]) == 1, argv
+        captured = capsys.readouterr()
+        assert captured.out == "" and len(captured.err.splitlines()) == 1, captured.err
+        assert captured.err.startswith("bondgate: error: ") and message in captured.err, (argv, captured.err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_tol_num_cores_policy_and_threads_reach_the_checkpoint(micro_dir, tmp_path, monkeypatch):
+    import bondgate.baselines as baselines
+    import bondgate.cli as cli
+
+    calls = []
+    monkeypatch.setattr(baselines, "paired_latency", _fake_latency(calls))
+    pinned = cli._torch_threads
+    monkeypatch.setattr(cli, "_torch_threads", lambda n: pinned(1))  # --threads 2 is passed on, but 1 is used
+    out = tmp_path / "o"
+    code, stdout, stderr = run(["compress", "--model", str(micro_dir), "--tol", "0.3", "--num-cores", "2",
+                                "--policy", "memory", "--out", str(out), "--calibration-size", "4",
+                                "--no-progress", "--threads", "2"])
+    assert code == 0, stderr
+    assert "budget: tol=0.3 | num_cores=2 | policy=memory" in stdout
+    # exactly the lines asked for: no "(all there are; ...)" note
+    assert "4 sentences from the built-in English set, 1 batch of" in stdout and "all there are" not in stdout
+    assert "dense 4.00 ms -> compressed 2.00 ms (2.00x faster)" in stdout
+    assert calls and all(c["threads"] == 2 for c in calls)
+    meta = read_metadata(out)
+    cfg = meta["report"]["config"]
+    assert cfg["tol"] == 0.3 and cfg["param_ratio"] is None and cfg["max_bond"] is None
+    assert cfg["num_cores"] == 2 and cfg["policy"] == "memory"
+    specs = [s for s in meta["layers"].values() if s.get("bond_dims")]
+    assert specs and all(len(s["in_factors"]) == 2 and len(s["bond_dims"]) == 1 for s in specs)
+    assert all(s.get("policy", "memory") == "memory" for s in meta["layers"].values())
+    assert sum(isinstance(m, MPOLinear) for m in bondgate.load(out).modules()) == len(specs)
+
+
+def test_calibration_is_truncated_at_the_models_positions(tmp_path, monkeypatch):
+    # a GPT-2 with 16 positions: the built-in sentences (up to ~50 tokens) are cut at 16, not at 128
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import bondgate.baselines as baselines
+
+    monkeypatch.setattr(baselines, "paired_latency", _fake_latency([]))
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=16, vocab_size=30522, bos_token_id=101,
+                     eos_token_id=102)
+    src = save_with_minilm_tokenizer(GPT2LMHeadModel(cfg).eval(), tmp_path / "gpt2-16")
+    out = tmp_path / "o"
+    code, stdout, stderr = run(["compress", "--model", str(src), "--max-bond", "4", "--policy", "memory", "--out",
+                                str(out), "--calibration-size", "8", "--no-progress", "--threads", "1"])
+    assert code == 0, stderr
+    assert "<= 16 tokens" in stdout
+    assert read_metadata(out)["report"]["cli"]["calibration"]["max_tokens"] == 16
+    cal = tmp_path / "cal.txt"
+    cal.write_text("one\ntwo\n", encoding="utf-8")  # fewer lines than asked for: said so
+    code, stdout, stderr = run(["compress", "--model", str(src), "--max-bond", "4", "--policy", "memory", "--out",
+                                str(out), "--calibration", str(cal), "--calibration-size", "8", "--no-progress",
+                                "--threads", "1"])
+    assert code == 0, stderr
+    assert f"2 sentences from {cal} (all there are; asked for 8)" in stdout
+
+
+def test_only_a_root_transformer_folder_carries_sentence_modules(tmp_path):
+    # modules.json whose transformer sits in a subfolder (0_Transformer): the checkpoint is that transformer alone,
+    # so the folder's sentence-transformers files do not describe it
+    from bondgate.cli import _sentence_modules
+
+    src = tmp_path / "model"
+    (src / "1_Pooling").mkdir(parents=True)
+    (src / "0_Transformer").mkdir()
+    (src / "modules.json").write_text(json.dumps([{"path": "0_Transformer"}, {"path": "1_Pooling"}]))
+    (src / "sentence_bert_config.json").write_text("{}")
+    assert _sentence_modules(src) == []
+    (src / "modules.json").write_text(json.dumps([{"path": ""}, {"path": "1_Pooling"}]))
+    assert _sentence_modules(src) == ["modules.json", "sentence_bert_config.json", "1_Pooling"]
+    (src / "modules.json").write_text("not json")
+    assert _sentence_modules(src) == []
+
+
+def test_a_tokenizer_without_pad_pads_with_eos(tmp_path):
+    # GPT-2 style tokenizers have no pad token: calibration batches pad with eos; with neither it is one clear error
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from bondgate.cli import _load_tokenizer, _tokenize
+
+    vocab = {"[UNK]": 0, "</s>": 1, "a": 2, "short": 3, "longer": 4, "sentence": 5}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="</s>").save_pretrained(
+        tmp_path / "eos")
+    tok = _load_tokenizer(tmp_path / "eos")
+    assert tok.pad_token == "</s>"
+    batch = _tokenize(tok, ["a short sentence", "a longer short sentence"], 16)[0]
+    assert batch["input_ids"].shape == (2, 4) and batch["attention_mask"].sum() == 7
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(tmp_path / "none")
+    with pytest.raises(ValueError, match="has neither a pad nor an eos token"):
+        _load_tokenizer(tmp_path / "none")
+
+
+def test_bench_prints_the_size_and_speed_ratios(compressed, tiny_dir, monkeypatch, capsys):
+    import bondgate.baselines as baselines
+
+    calls = []
+    monkeypatch.setattr(baselines, "paired_latency", _fake_latency(calls))  # dense 4 ms, compressed 2 ms
+    monkeypatch.setattr(baselines, "size_on_disk",
+                        lambda m: 250 if any(isinstance(x, MPOLinear) for x in m.modules()) else 1000)
+    # --seq at the model's 512 positions is allowed (only past them is refused)
+    assert main(["bench", str(compressed[3]), "--dense", str(tiny_dir), "--batch", "1", "--seq", "512",
+                 "--reps", "3", "--threads", "1"]) == 0
+    stdout = capsys.readouterr().out
+    assert "size: compressed / dense = 0.250" in stdout
+    assert "speed: dense / compressed median = 2.00 (compressed is 2.00x faster)" in stdout
+    assert "| dense | 0.00 MB | 4.00 ms | 4.00 ms | 4.00 ms |" in stdout
+    assert calls == [{"reps": 3, "rounds": 3, "threads": 1}]
+
+
+def test_interrupt_and_broken_pipe_exit_codes(monkeypatch, capsys):
+    import bondgate.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_inspect", interrupted)
+    assert main(["inspect", "x"]) == 130
+    assert capsys.readouterr().err == "bondgate: error: interrupted\n"
+    with pytest.raises(KeyboardInterrupt):
+        main(["--debug", "inspect", "x"])
+
+    def reader_left(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "cmd_inspect", reader_left)
+    code, stdout, stderr = run(["inspect", "x"])  # (stdout a StringIO: nothing to redirect)
+    assert code == 1 and stderr == ""  # `bondgate inspect DIR | head`: no error line for the reader leaving
+
+
+def test_inspect_totals_leave_out_skipped_layers_and_show_the_kept_fraction(tmp_path, capsys):
+    from bondgate.cli import _layer_rows
+
+    meta = {"layers": {}, "report": {"layers": [
+        {"name": "a", "status": "skipped (too small)", "params_before": 100, "out_features": 10, "in_features": 10},
+        {"name": "b", "status": "kept dense (budget)", "params_before": 50, "out_features": 5, "in_features": 10}]}}
+    rows, before, after = _layer_rows(meta)
+    assert before == after == 50 and [r[0] for r in rows] == ["a", "b"]
+    torch.manual_seed(0)
+    layer = MPOLinear.from_linear(nn.Linear(16, 16), max_bond=2)
+    out = bondgate.save(nn.Sequential(layer), tmp_path / "ckpt")
+    assert main(["inspect", str(out)]) == 0
+    total = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| **total** |"))
+    assert f"| 256 -> {layer.num_params:,} | {layer.num_params / 256:.1%} |" in total
+
+
+def test_the_cli_goes_offline(monkeypatch, capsys):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    assert main(["--version"]) == 0
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["TRANSFORMERS_OFFLINE"] == "1"
+    assert capsys.readouterr().out.startswith("bondgate ")

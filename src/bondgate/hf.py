@@ -11,8 +11,9 @@ structure. Copying the model binds the copy's config to the copy; a config copie
 Reading: ``from_pretrained`` looks ``quant_method`` up in transformers' registry of quantizers, where bondgate
 registers ``"bondgate"``. Its quantizer, before the weights are loaded, replaces each named module of the freshly
 built (meta-device) dense model by an empty layer of its spec — in the dtype ``from_pretrained`` loads the model
-in, as transformers casts dense layers — and checks the weight files' headers against those layers: a missing,
-unexpected or misshapen key of a bondgate layer is a ``ValueError``, never a randomly initialized layer.
+in, as transformers casts dense layers — and checks the weight files' headers (a ``pytorch_model.bin``'s tensors
+read onto the meta device) against those layers: a missing, unexpected, misshapen or integer-typed key of a bondgate
+layer is a ``ValueError``, never a randomly initialized layer.
 transformers then loads the tensors by key as for any model; afterwards each layer is rebuilt by its class
 (``from_spec`` + ``load_state_dict``, as :func:`bondgate.load` does, so non-persistent state, parameter tracking
 and kept operands are right), the ties are restored, the layer types' ``after_load`` hooks run, and the model
@@ -44,6 +45,7 @@ import copy
 import gc
 import importlib.abc
 import json
+import pickle
 import re
 import sys
 import weakref
@@ -514,17 +516,28 @@ def _verify_checkpoint(files) -> None:
 
 
 def _header(files) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]] | None:
-    """``{key: (shape, dtype)}`` over the safetensors checkpoint files (``None`` if some are not safetensors)."""
-    if not files or not all(str(f).endswith(".safetensors") for f in files):
+    """``{key: (shape, dtype)}`` over the checkpoint files: safetensors headers, or a ``pytorch_model.bin``'s tensors
+    read onto the meta device (no data; as transformers reads it, ``weights_only``). ``None`` where a file cannot be
+    read that way (a legacy non-zip .bin): then only the check after loading applies."""
+    if not files:
         return None
     from safetensors import safe_open
 
     out = {}
     for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            for k in st.keys():
-                sl = st.get_slice(k)
-                out[k] = (tuple(sl.get_shape()), _io._ST_DTYPES.get(sl.get_dtype()))
+        if str(f).endswith(".safetensors"):
+            with safe_open(str(f), framework="pt") as st:
+                for k in st.keys():
+                    sl = st.get_slice(k)
+                    out[k] = (tuple(sl.get_shape()), _io._ST_DTYPES.get(sl.get_dtype()))
+            continue
+        try:
+            state = torch.load(str(f), map_location="meta", weights_only=True, mmap=True)
+        except (RuntimeError, OSError, ValueError, pickle.UnpicklingError):
+            return None
+        if not isinstance(state, dict):
+            return None
+        out.update({k: (tuple(t.shape), t.dtype) for k, t in state.items() if isinstance(t, torch.Tensor)})
     return out
 
 

@@ -52,14 +52,19 @@ def save_with_minilm_tokenizer(model: nn.Module, path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
+def random_bert_dir(tmp_path_factory, name: str, layers: int, hidden: int) -> Path:
+    """A randomly initialized BERT (2 heads, FF 2x hidden, MiniLM's vocabulary) saved with the MiniLM tokenizer."""
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    cfg = BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128,
+    cfg = BertConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=2, intermediate_size=2 * hidden,
                      vocab_size=30522)
-    return save_with_minilm_tokenizer(BertModel(cfg).eval(), tmp_path_factory.mktemp("dense") / "tiny-bert")
+    return save_with_minilm_tokenizer(BertModel(cfg).eval(), tmp_path_factory.mktemp("dense") / name)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return random_bert_dir(tmp_path_factory, "tiny-bert", layers=2, hidden=64)
 
 
 @pytest.fixture(scope="module")
@@ -715,12 +720,7 @@ def test_an_existing_out_is_probed_where_save_writes(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def micro_dir(tmp_path_factory) -> Path:
     """A one-block BERT (hidden 32) with the MiniLM tokenizer: compresses in about a second."""
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    cfg = BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
-                     vocab_size=30522)
-    return save_with_minilm_tokenizer(BertModel(cfg).eval(), tmp_path_factory.mktemp("dense") / "micro-bert")
+    return random_bert_dir(tmp_path_factory, "micro-bert", layers=1, hidden=32)
 
 
 def _fake_latency(calls: list):

@@ -708,6 +708,32 @@ def test_bondgate_from_pretrained_keeps_in_float32_what_transformers_keeps(tmp_p
             assert torch.equal(got(**kwargs).logits, want(**kwargs).logits)
 
 
+@pytest.mark.parametrize("order", [("keep", "other"), ("other", "keep")])
+def test_a_tensor_tied_to_a_module_kept_in_float32_stays_float32_whichever_comes_first(order):
+    # the cast's target was per module, so a weight tied between a kept and another module got the last one's
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    from bondgate.io import _cast_floating
+
+    class Toy(PreTrainedModel):
+        config_class = PretrainedConfig
+        _keep_in_fp32_modules_strict = ["keep"]
+
+        def __init__(self, config):
+            super().__init__(config)
+            for name in order:
+                self.add_module(name, torch.nn.Linear(4, 4))
+            self.other.weight = self.keep.weight
+            self.post_init()
+
+    model = Toy(PretrainedConfig())
+    model.other.bias.grad = torch.ones(4)
+    _cast_floating(model, torch.bfloat16)
+    assert model.other.weight is model.keep.weight and model.keep.weight.dtype == torch.float32
+    assert (model.keep.bias.dtype, model.other.bias.dtype, model.other.bias.grad.dtype) \
+        == (torch.float32, torch.bfloat16, torch.bfloat16)
+
+
 def test_bondgate_from_pretrained_casts_an_int8_model_with_the_regrid_warning(tmp_path):
     torch.manual_seed(0)
     model = BertModel(BertConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=2, intermediate_size=128,
@@ -874,7 +900,8 @@ def test_a_pickled_model_records_its_new_gating_mode_and_int8_cores(tmp_path):
     back.save_pretrained(tmp_path / "mode")
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "mode").transformer.h[0].attn.c_attn.mode == 0.25
     back = pickle.loads(pickle.dumps(model))
-    bondgate.set_mode(back.transformer, 0.5)  # the base model: the record describes the head model around it
+    with pytest.warns(UserWarning, match="call bondgate.set_mode .* on the whole model"):
+        bondgate.set_mode(back.transformer, 0.5)  # the base model: the record describes the head model around it
     assert back.config.quantization_config.model is None
     bondgate.set_mode(torch.nn.DataParallel(back), 0.5)  # wrapped: the model inside is bound
     assert back.config.quantization_config.model is back
@@ -908,8 +935,8 @@ def test_set_mode_on_the_base_model_keeps_the_head_models_record(tmp_path):
 # ---------------------------------------------------------------------------------------- hf.py mutation holes, second run
 def test_a_pytorch_bin_checkpoint_missing_a_core_is_refused(tmp_path):
     # transformers 5 still reads pytorch_model.bin (a checkpoint from torch.save(model.state_dict()), DeepSpeed's
-    # zero_to_fp32, the hub); its header is not read, so only the check after loading stands between a missing core
-    # and a freshly initialized one (transformers' MISSING table, and a model that runs on random cores)
+    # zero_to_fp32, the hub); its tensors are read onto the meta device and checked before loading, and where that
+    # fails the check after loading stands between a missing core and a freshly initialized one
     model = one_layer_bert()
     model.config.save_pretrained(tmp_path / "bin")
     weights = model.state_dict()
@@ -922,11 +949,15 @@ def test_a_pytorch_bin_checkpoint_missing_a_core_is_refused(tmp_path):
     torch.save({k: v for k, v in weights.items() if k != key}, tmp_path / "bin" / "pytorch_model.bin")
     with pytest.raises(ValueError, match=rf"missing keys \['{re.escape(key)}'\]"):  # its tensors read on meta
         AutoModel.from_pretrained(tmp_path / "bin")
-    # a legacy (non-zip) .bin cannot be read on the meta device: the check after loading catches it
     torch.save({k: v for k, v in weights.items() if k != key}, tmp_path / "bin" / "pytorch_model.bin",
-               _use_new_zipfile_serialization=False)
-    with pytest.raises(ValueError, match=f"'{re.escape(key)}' of a bondgate layer was not loaded from the checkpoint"):
+               _use_new_zipfile_serialization=False)  # a legacy (non-zip) .bin too
+    with pytest.raises(ValueError, match=rf"missing keys \['{re.escape(key)}'\]"):
         AutoModel.from_pretrained(tmp_path / "bin")
+    # a file whose tensors cannot be listed beforehand: the check after loading catches the missing core
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bondgate.hf, "_header", lambda files: None)
+        with pytest.raises(ValueError, match=f"'{re.escape(key)}' of a bondgate layer was not loaded from the checkp"):
+            AutoModel.from_pretrained(tmp_path / "bin")
     # the .bin's shapes and dtypes are checked as a safetensors header is (read onto the meta device): an integer
     # core loaded as truncated floats, an extra core showed up only in transformers' load report
     torch.save({**weights, key: (weights[key] * 100).to(torch.int32)}, tmp_path / "bin" / "pytorch_model.bin")

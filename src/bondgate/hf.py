@@ -360,9 +360,14 @@ def rebind(model: nn.Module) -> None:
     hf = _io._hf_base()
     current = getattr(getattr(model, "config", None), "quantization_config", None) if hf is not None \
         and isinstance(model, hf) else None
-    if _is_ours(current) and getattr(current, "model", ...) is None \
-            and all(_has_module(model, name) for name in current.layers):
+    if not _is_ours(current) or getattr(current, "model", ...) is not None:
+        return
+    if all(_has_module(model, name) for name in current.layers):
         attach(model)
+    else:  # the base model of a head model whose record a pickle round trip unbound: the head model must be bound
+        warn_user(f"{type(model).__name__}'s config records the bondgate layers of the model around it, and that "
+                  f"record is not bound to it (after pickling): call bondgate.set_mode (or quantize_mpo) on the whole "
+                  f"model as well, or its config.json keeps the layers as they were")
 
 
 def _has_module(model: nn.Module, name: str) -> bool:
@@ -517,7 +522,7 @@ def _verify_checkpoint(files) -> None:
 
 def _header(files) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]] | None:
     """``{key: (shape, dtype)}`` over the checkpoint files: safetensors headers, or a ``pytorch_model.bin``'s tensors
-    read onto the meta device (no data; as transformers reads it, ``weights_only``). ``None`` where a file cannot be
+    read onto the meta device (the pickled index only, no tensor data; ``weights_only``, as transformers reads it). ``None`` where a file cannot be
     read that way (a legacy non-zip .bin): then only the check after loading applies."""
     if not files:
         return None
@@ -532,7 +537,7 @@ def _header(files) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]] | No
                     out[k] = (tuple(sl.get_shape()), _io._ST_DTYPES.get(sl.get_dtype()))
             continue
         try:
-            state = torch.load(str(f), map_location="meta", weights_only=True, mmap=True)
+            state = torch.load(str(f), map_location="meta", weights_only=True)
         except (RuntimeError, OSError, ValueError, pickle.UnpicklingError):
             return None
         if not isinstance(state, dict):

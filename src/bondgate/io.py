@@ -1245,28 +1245,46 @@ def _floating_dtype(dtype: Any) -> torch.dtype | None:
 
 def _cast_floating(model: nn.Module, dtype: torch.dtype) -> None:
     """Cast ``model``'s floating parameters and saved buffers to ``dtype`` in place, as transformers loads at a dtype:
-    the tensors its class keeps in float32 at that dtype (T5's ``wo``, RWKV's ``time_decay``) to float32, buffers
-    that are not saved (the rotary ``inv_freq``) left as built. A bondgate layer is cast whole (its ``_apply`` resets
-    its kept operands), to float32 where transformers would keep the dense layer's weight."""
+    the tensors its class keeps in float32 at that dtype (T5's ``wo``, RWKV's ``time_decay``; a tensor tied under
+    several names if any of them is kept) to float32, buffers that are not saved (the rotary ``inv_freq``) left as
+    built. A bondgate layer is cast whole (its ``_apply`` resets its kept operands), to float32 where transformers
+    would keep the dense layer's weight."""
     from .hf import _fp32_keys
 
     fp32 = _fp32_keys(model, dtype)
     registered = tuple(LAYER_TYPES.values())
+    layers: list[tuple[str, nn.Module]] = []
+    modules: list[tuple[str, nn.Module]] = []
 
     def visit(mod: nn.Module, path: str) -> None:
         if isinstance(mod, registered):
-            whole = torch.float32 if fp32(_join(path, "weight")) else dtype
-            mod._apply(lambda t: t.to(whole) if t.is_floating_point() else t)
+            layers.append((path, mod))
             return
         for name, child in mod._modules.items():
             if child is not None:
                 visit(child, _join(path, name))
-        saved = [*mod._parameters.items(), *((n, b) for n, b in mod._buffers.items()
-                                             if n not in mod._non_persistent_buffers_set)]
-        target = {id(t): torch.float32 if fp32(_join(path, n)) else dtype for n, t in saved if t is not None}
-        mod._apply(lambda t: t.to(target[id(t)]) if id(t) in target and t.is_floating_point() else t, recurse=False)
+        modules.append((path, mod))
 
     visit(model, "")
+    kept: set[int] = set()  # ids of the tensors (and their gradients) that go to float32
+    for path, mod in layers:
+        if fp32(_join(path, "weight")):
+            kept.update(id(t) for p in mod.parameters() for t in (p, p.grad) if t is not None)
+            kept.update(id(b) for b in mod.buffers())
+    for path, mod in modules:
+        kept.update(id(t) for n, p in mod._parameters.items() if p is not None and fp32(_join(path, n))
+                    for t in (p, p.grad) if t is not None)
+        kept.update(id(b) for n, b in mod._buffers.items() if b is not None and fp32(_join(path, n)))
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(torch.float32 if id(t) in kept else dtype) if t.is_floating_point() else t
+
+    for _, mod in layers:
+        mod._apply(cast)
+    for _, mod in modules:
+        unsaved = {n: mod._buffers[n] for n in mod._non_persistent_buffers_set if mod._buffers.get(n) is not None}
+        mod._apply(cast, recurse=False)
+        mod._buffers.update(unsaved)  # as the model built them, as transformers leaves them
     hf = _hf_base()
     if hf is not None and isinstance(model, hf):  # recorded as transformers records it (saved into config.json)
         config = model.config

@@ -358,8 +358,9 @@ def rebind(model: nn.Module) -> None:
     the record describes). A record bound to a model (e.g. the head model around this base) stays with it."""
     model = _io.unwrapped(model)
     hf = _io._hf_base()
-    current = getattr(getattr(model, "config", None), "quantization_config", None) if hf is not None \
-        and isinstance(model, hf) else None
+    if hf is None or not isinstance(model, hf):
+        return
+    current = getattr(model.config, "quantization_config", None)
     if not _is_ours(current) or getattr(current, "model", ...) is not None:
         return
     if all(_has_module(model, name) for name in current.layers):
@@ -521,9 +522,9 @@ def _verify_checkpoint(files) -> None:
 
 
 def _header(files) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]] | None:
-    """``{key: (shape, dtype)}`` over the checkpoint files: safetensors headers, or a ``pytorch_model.bin``'s tensors
-    read onto the meta device (the pickled index only, no tensor data; ``weights_only``, as transformers reads it). ``None`` where a file cannot be
-    read that way (a legacy non-zip .bin): then only the check after loading applies."""
+    """``{key: (shape, dtype)}`` over the checkpoint files: safetensors headers, or a ``.bin``'s tensors read onto
+    the meta device (``weights_only``, as transformers reads it; no tensor data is read). ``None`` where a file
+    cannot be read that way: then only the check after loading applies."""
     if not files:
         return None
     from safetensors import safe_open

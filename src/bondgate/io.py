@@ -1213,10 +1213,10 @@ def from_pretrained(directory: str | os.PathLike, *, map_location: str | torch.d
 
     ``map_location``: the device (``"cpu"``, ``"cuda:0"``, a ``torch.device``) the rebuilt model is moved to after
     loading (default ``"cpu"``). ``dtype``: a floating dtype (``torch.bfloat16`` or ``"bfloat16"``) to cast the
-    floating tensors to, before the move, as ``AutoModel.from_pretrained(dtype=...)`` does: modules the model's class
-    keeps in float32 at that dtype (``_keep_in_fp32_modules``, e.g. T5's ``wo``) and buffers that are not saved (the
-    rotary ``inv_freq``) stay as built (float32); ``None`` or ``"auto"``
-    (default) keeps the saved dtypes. An int8-core model cast to 16 bits re-rounds its cores (and warns; see
+    floating tensors to, before the move, as ``AutoModel.from_pretrained(dtype=...)`` does: tensors the model's class
+    keeps in float32 at that dtype (``_keep_in_fp32_modules``, e.g. T5's ``wo``) go to float32 whatever the saved
+    dtype, and buffers that are not saved (the rotary ``inv_freq``) stay as built; ``None`` or ``"auto"`` (default)
+    keeps the saved dtypes. An int8-core model cast to 16 bits re-rounds its cores (and warns; see
     README's limits). Tokenizer files, if saved, load with ``AutoTokenizer.from_pretrained(directory)``.
     """
     path = Path(directory)

@@ -644,3 +644,16 @@ def test_projected_multilayer_lstm_built_and_saved(tmp_path):
     bondgate.save(Recurrent.from_torch(ref), tmp_path / "r")
     loaded = bondgate.load(tmp_path / "r")
     assert _max_diff(ref(x), loaded(x)) < 1e-12
+
+
+def test_excluding_a_recurrent_module_leaves_its_dense_projections_dense():
+    """exclude=["rnn"] on a model whose LSTM is already a Recurrent must not factor the projections left dense."""
+    model, data = _lm()
+    cfg = dict(param_ratio=0.5, policy="memory", refine_steps=0)
+    bondgate.compress(model, bondgate.CompressionConfig(**cfg, target_modules=["hh_l1"]), calibration=data,
+                      progress=False)
+    assert isinstance(model.rnn, Recurrent) and type(model.rnn.ih_l0) is nn.Linear
+    bondgate.compress(model, bondgate.CompressionConfig(**cfg, exclude=["rnn"]), calibration=data, progress=False)
+    assert [type(getattr(model.rnn, n)) for n in ("ih_l0", "hh_l0", "ih_l1")] == [nn.Linear] * 3
+    assert isinstance(model.head, bondgate.MPOLinear)
+    assert [r.name for r in model.bondgate_report.layers if r.status == "compressed"] == ["rnn.hh_l1", "head"]

@@ -1811,3 +1811,237 @@ def test_a_flop_budget_under_policy_memory_prices_mpos_at_their_own_flops():
         used += layer.flops(rows)
     assert used <= dense
     assert sum(r.params_after for r in model.bondgate_report.layers) <= 0.5 * 2 * 64 * 64
+
+
+@pytest.mark.parametrize("kw, err, match", [
+    ({"param_ratio": 0.5, "damping": -0.1}, ValueError, r"damping must be a finite number >= 0, got -0.1"),
+    ({"param_ratio": 0.5, "kinds": ("mpo", "mpo")}, ValueError, "kinds must be a non-empty selection"),
+    ({"max_bond": 4, "kinds": ("lowrank",)}, ValueError, "kinds other than 'mpo' need a param_ratio budget"),
+    ({"param_ratio": 0.5, "num_cores": 1, "kinds": ("lowrank",), "embeddings": True}, ValueError,
+     "num_cores=1 is the dense weight itself"),
+    ({"param_ratio": 0.5, "target_modules": ["fc", 1]}, TypeError, "target_modules must be None, a regex string or a"),
+    ({"param_ratio": 0.5, "exclude": ("fc", None)}, TypeError, "exclude must be None, a regex string or a list"),
+])
+def test_config_values_that_cannot_work_are_refused_up_front(kw, err, match):
+    """A negative ridge, a repeated kind, low-rank under a bond cap, a 1-core MPO table, a non-string name."""
+    with pytest.raises(err, match=match):
+        CompressionConfig(**kw)
+
+
+def test_selectors_match_whole_names_and_dotted_suffixes_only():
+    """A regex must match the full module name; a list entry a name or a suffix after a dot, not any name ending."""
+    def model():
+        torch.manual_seed(0)
+        m = nn.Module()
+        m.fc, m.fc2, m.out_fc, m.block = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Module()
+        m.block.fc = nn.Linear(16, 16)
+        return m
+
+    for sel, want in (("fc", {"fc"}), (["fc"], {"fc", "block.fc"}), (r"block\..*", {"block.fc"})):
+        m = model()
+        compress(m, CompressionConfig(max_bond=2, target_modules=sel, policy="memory"), progress=False)
+        got = {n for n, mod in m.named_modules() if isinstance(mod, MPOLinear)}
+        assert got == want, sel
+        assert {r.name for r in m.bondgate_report.layers} == want
+
+
+def test_compress_leaves_a_gated_layers_controller_alone():
+    """Compressing a gated model again must not factor the nn.Linear inside a gated layer's controller."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64))
+    compress(model, CompressionConfig(max_bond=8, policy="memory"), progress=False)
+    bondgate.gate(model, bondgate.GatingConfig(controller="error"))
+    model.append(nn.Linear(64, 64))
+    compress(model, CompressionConfig(max_bond=8, policy="memory"), progress=False)
+    assert type(model[0].controller.proj) is nn.Linear and type(model[2].controller.proj) is nn.Linear
+    assert isinstance(model[3], MPOLinear)
+    assert [r.name for r in model.bondgate_report.layers] == ["0", "2", "3"]
+
+
+def test_tables_with_options_an_mpo_cannot_do_and_old_style_weight_norm_are_skipped():
+    """An nn.Embedding with max_norm, or a layer under the deprecated nn.utils.weight_norm, is left dense and said so."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(64, 16, max_norm=1.0), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32))
+    with pytest.warns(FutureWarning):  # torch deprecates the old-style hook, which models still carry
+        model[3] = nn.utils.weight_norm(model[3])
+    with pytest.warns(UserWarning) as record:
+        compress(model, CompressionConfig(max_bond=4, embeddings=True, policy="memory"), progress=False)
+    messages = " ".join(str(w.message) for w in record)
+    assert "skipping 0: an MPO table cannot do max_norm" in messages
+    assert "skipping 3: its weight is parametrized" in messages
+    assert type(model[0]) is nn.Embedding and type(model[3]) is nn.Linear and isinstance(model[1], MPOLinear)
+    status = {r.name: r.status for r in model.bondgate_report.layers}
+    assert status["0"] == "skipped: an MPO table cannot do max_norm" and status["1"] == "compressed"
+
+
+def test_broadcast_parameters_with_a_size_one_axis_are_not_reported_as_fused_experts(recwarn):
+    """A (1, 1, d) parameter (a ViT cls token) is no 3-D weight stack: no 'fused experts' warning for it."""
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cls, self.fc = nn.Parameter(torch.zeros(1, 1, 16)), nn.Linear(16, 16)
+            self.experts = nn.Parameter(torch.randn(2, 16, 16))
+
+        def forward(self, x):
+            return self.fc(x + self.cls)
+
+    compress(Tokens(), CompressionConfig(max_bond=4, policy="memory"), progress=False)
+    fused = [str(w.message) for w in recwarn if "3-D parameters" in str(w.message)]
+    assert len(fused) == 1 and "1 weight(s) are 3-D parameters, not linear layers (experts (2, 16, 16)" in fused[0]
+
+
+def test_empty_calibration_data_is_refused_not_ignored():
+    """calibration=[] (an exhausted iterator, an empty split) must not quietly compress without calibration."""
+    model = mlp()
+    with pytest.raises(ValueError, match="calibration data is empty"):
+        compress(model, CompressionConfig(param_ratio=0.5), calibration=[], progress=False)
+    assert type(model[0]) is nn.Linear
+
+
+def test_a_table_with_exactly_embedding_rows_rows_stays_dense():
+    """A table whose rows embedding_rows would all keep is skipped at equality too (factors would only add weights)."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok, self.typ, self.lin = nn.Embedding(256, 16), nn.Embedding(8, 16), nn.Linear(16, 16)
+
+        def forward(self, ids, types):
+            return self.lin(self.tok(ids) + self.typ(types))
+
+    torch.manual_seed(0)
+    model = M()
+    compress(model, CompressionConfig(param_ratio=0.5, embeddings=True, embedding_rows=8, num_cores=2,
+                                      policy="memory"),
+             calibration=[(torch.randint(0, 256, (8, 32)), torch.randint(0, 8, (8, 32)))], progress=False)
+    rows = {r.name: r for r in model.bondgate_report.layers}
+    assert type(model.typ) is nn.Embedding and rows["typ"].status == "skipped: embedding_rows=8 would keep all its 8 rows"
+    assert isinstance(model.tok, bondgate.MPOEmbedding) and model.tok.kept_ids.numel() == 8
+
+
+def test_a_trained_padding_row_counts_its_ids_and_can_be_kept():
+    """A nonzero padding row is looked up like any row, so its id's frequency counts: the most frequent id is kept."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(64, 16, padding_idx=0), nn.Linear(16, 4))
+    with torch.no_grad():
+        model[0].weight[0].normal_()
+    pad_row = model[0].weight[0].detach().clone()
+    ids = torch.randint(1, 64, (8, 16))
+    ids[:, 8:] = 0  # half the positions are padding: id 0 is by far the most frequent
+    with pytest.warns(UserWarning, match=r"padding row \(0\) is not zero"):
+        compress(model, CompressionConfig(param_ratio=0.5, embeddings=True, embedding_rows=2, num_cores=2,
+                                          target_modules=["0"], policy="memory"), calibration=[ids], progress=False)
+    emb = model[0]
+    assert isinstance(emb, bondgate.MPOEmbedding) and emb.padding_idx is None
+    assert 0 in emb.kept_ids.tolist() and emb.kept_ids.numel() == 2
+    with torch.no_grad():
+        assert torch.equal(emb(torch.tensor([0]))[0], pad_row)  # a kept row is exact
+
+
+def test_a_tied_head_keeps_its_bias_and_its_row_says_it_shares_the_tables_cores():
+    """A tied LM head with a bias becomes the table's MPO head with that bias; its report row says what it became."""
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(64, 16), nn.Linear(16, 64)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(self.emb(ids))
+
+    torch.manual_seed(0)
+    model = LM()
+    bias = model.head.bias.detach().clone()
+    compress(model, CompressionConfig(param_ratio=0.5, embeddings=True, num_cores=2, policy="memory"), progress=False)
+    assert isinstance(model.head, MPOLinear) and model.head.cores is model.emb.cores
+    assert torch.equal(model.head.bias.detach(), bias)
+    h = torch.randn(4, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model.head(h), h @ model.emb.weight_matrix().T + bias)
+    rows = {r.name: r for r in model.bondgate_report.layers}
+    assert rows["head"].status == "skipped: tied to a compressed embedding: its MPO head shares the table's cores"
+    assert (rows["head"].form, rows["head"].out_features, rows["head"].in_features) == ("mpo", 64, 16)
+    assert rows["emb"].aliases == ["head"] and rows["emb"].flops_dense == rows["emb"].flops_mpo == 0
+
+
+def test_as_many_calibration_rows_as_inputs_do_not_warn(recwarn):
+    """A bias-free layer with as many rows as inputs has a full-rank second moment: only fewer rows warn."""
+    def run(rows):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 64, bias=False))
+        compress(model, CompressionConfig(param_ratio=0.5, num_cores=2, refine_steps=0, policy="memory"),
+                 calibration=[torch.randn(rows, 64)], progress=False)
+
+    run(64)
+    assert not [w for w in recwarn if "fewer calibration rows" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"fewer calibration rows than inputs \(0 \(63 rows, 64 inputs\)\)"):
+        run(63)
+
+
+def test_a_report_with_fields_from_a_newer_version_still_loads():
+    """CompressionReport.from_dict ignores layer fields it does not know (a report saved by a newer bondgate)."""
+    from bondgate.surgery import CompressionReport
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    compress(model, CompressionConfig(max_bond=4, policy="memory"), progress=False)
+    d = json.loads(json.dumps(model.bondgate_report.to_dict()))
+    d["layers"][0]["added_later"] = 1.5
+    back = CompressionReport.from_dict(d)
+    assert back.to_dict() == model.bondgate_report.to_dict()
+    assert back.layers[0].bond_dims == model.bondgate_report.layers[0].bond_dims and back.ratio == d["ratio"]
+
+
+def test_sensitivity_is_measured_on_up_to_eight_calibration_batches(monkeypatch):
+    """layer_weighting='sensitivity' measures on the first 8 batches (all of them when fewer), not on one."""
+    import bondgate.surgery as surgery
+
+    seen = []
+
+    def spy(model, layers, data, *args, **kwargs):
+        seen.append([b.shape[0] for b in data])
+        return layer_sensitivity(model, layers, data, *args, **kwargs)
+
+    monkeypatch.setattr(surgery, "layer_sensitivity", spy)
+    for n in (10, 3):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
+        calib = [torch.randn(40 + i, 32) for i in range(n)]
+        compress(model, CompressionConfig(param_ratio=0.5, layer_weighting="sensitivity", refine_steps=0,
+                                          policy="memory"), calibration=calib, progress=False)
+    assert seen == [[40, 41, 42, 43, 44, 45, 46, 47], [40, 41, 42]]
+
+
+def test_a_frozen_table_stays_frozen():
+    """A table with requires_grad=False becomes an MPO table whose cores are frozen too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(64, 16), nn.Linear(16, 16))
+    model[0].weight.requires_grad_(False)
+    compress(model, CompressionConfig(param_ratio=0.5, embeddings=True, num_cores=2, policy="memory"), progress=False)
+    assert isinstance(model[0], bondgate.MPOEmbedding) and len(model[0].cores) == 2
+    assert not any(p.requires_grad for p in model[0].parameters())
+    assert all(p.requires_grad for p in model[1].parameters())
+
+
+def test_a_lowrank_table_is_reported_as_a_rank():
+    """embedding_form='lowrank' reports the table as a low-rank pair of its rank, not as an MPO."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(64, 16), nn.Linear(16, 16))
+    compress(model, CompressionConfig(param_ratio=0.25, embeddings=True, embedding_form="lowrank", policy="memory"),
+             progress=False)
+    emb, row = model[0], model.bondgate_report.layers[0]
+    assert emb.out_factors == (64, 1) and emb.in_factors == (1, 16)
+    assert (row.name, row.form, row.rank) == ("0", "lowrank", emb.bond_dims[0])
+    assert row.params_after == emb.num_params == emb.bond_dims[0] * (64 + 16)
+    assert f"| rank {emb.bond_dims[0]} |" in model.bondgate_report.table()
+
+
+def test_every_earlier_config_stays_in_the_reports_history():
+    """A third compress keeps both earlier configs in the history, oldest first, and every layer's row."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+    for bond, name in ((6, "0"), (4, "2"), (2, "4")):
+        compress(model, CompressionConfig(max_bond=bond, target_modules=[name], policy="memory"), progress=False)
+    rep = model.bondgate_report
+    assert [c["max_bond"] for c in rep.history] == [6, 4] and rep.config["max_bond"] == 2
+    assert [c["target_modules"] for c in rep.history] == [["0"], ["2"]]
+    assert {r.name: max(r.bond_dims) for r in rep.layers} == {"0": 6, "2": 4, "4": 2}

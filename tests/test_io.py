@@ -1059,3 +1059,210 @@ def test_layers_loaded_into_a_model_go_to_the_device_of_the_module_they_replace(
     x = torch.randn(4, 12)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x.cuda()).cpu(), _small_mlp()(x), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------ from a second mutation run of io.py (each kills a mutant that lived)
+def test_a_zero_dropout_rate_round_trips(tmp_path):
+    """A model with nn.Dropout(0.0) (a config's dropout of 0) loads back; 0 is a valid rate."""
+    model = _small_mlp()
+    model.insert(1, nn.Dropout(0.0))
+    loaded = bondgate.load(bondgate.save(model, tmp_path / "ck"))
+    assert type(loaded[1]) is nn.Dropout and loaded[1].p == 0.0
+    x = torch.randn(4, 12)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("entry, message", [
+    (["z", {"type": "ref", "target": "9"}], r"'z' refers to '9', which is not an earlier module"),
+    (["z", {"type": "ReLU", "evil": 1}], r"unknown arguments \['evil'\] for ReLU"),
+])
+def test_architecture_entries_that_do_not_describe_a_module_are_refused(mlp_ckpt, entry, message):
+    """A hand-edited architecture naming a later module or an unknown argument fails clearly instead of loading."""
+    edit_json(mlp_ckpt, lambda m: m["architecture"]["layers"].append(entry))
+    with pytest.raises(ValueError, match=message):
+        bondgate.load(mlp_ckpt)
+
+
+class _Halves(nn.Module):
+    """Two buffers viewing the two halves of one tensor: same shape and stride, different offsets."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        base = torch.zeros(4)
+        self.register_buffer("lo", base[:2])
+        self.register_buffer("hi", base[2:])
+
+
+def test_buffers_viewing_two_halves_of_one_tensor_keep_their_own_values(tmp_path):
+    """Views at different offsets of one storage are not a tie: each half loads back with its own values."""
+    model = _Halves()
+    model.fc = MPOLinear.from_linear(model.fc, max_bond=2, policy=PlanPolicy(select="flops"))
+    model.lo.copy_(torch.tensor([1.0, 2.0]))
+    model.hi.copy_(torch.tensor([3.0, 4.0]))
+    out = bondgate.save(model, tmp_path / "halves")
+    assert json.loads((out / "bondgate.json").read_text())["tensor_aliases"] == {}
+    loaded = bondgate.load(out, model=_Halves())
+    assert loaded.lo.tolist() == [1.0, 2.0] and loaded.hi.tolist() == [3.0, 4.0]
+
+
+def test_save_refuses_a_tokenizer_without_save_pretrained(tmp_path):
+    """A tokenizer argument that cannot save itself is a TypeError before anything is written."""
+    with pytest.raises(TypeError, match="tokenizer must have save_pretrained"):
+        bondgate.save(mlp(), tmp_path / "ck", tokenizer="gpt2")
+    assert not list(tmp_path.iterdir())
+
+
+def test_save_onto_a_file_is_refused_and_leaves_the_file(tmp_path):
+    """Saving to the path of an existing file raises FileExistsError and keeps the file as it was."""
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    with pytest.raises(FileExistsError, match="exists and is not a directory"):
+        bondgate.save(mlp(), target)
+    assert target.read_text() == "mine" and [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_the_metadata_checksum_covers_the_report(mlp_ckpt):
+    """A report edited in bondgate.json (without re-stamping its checksum) is refused as corrupt."""
+    edit_json(mlp_ckpt, lambda m: m.update(report={"ratio": 99.0}), restamp=False)
+    with pytest.raises(ValueError, match=r"does not match its checksum \(meta_sha256\)"):
+        bondgate.load(mlp_ckpt)
+
+
+class _Tokenizer:
+    def __init__(self, text: str):
+        self.text = text
+
+    def save_pretrained(self, directory):
+        (Path(directory) / "tokenizer.json").write_text(self.text)
+
+
+def test_saving_again_with_a_new_tokenizer_replaces_its_files(tmp_path):
+    """A second save with another tokenizer writes that tokenizer's files, and the checkpoint still loads."""
+    out = bondgate.save(mlp(), tmp_path / "ck", tokenizer=_Tokenizer('{"v": 1}'))
+    model = mlp().eval()
+    bondgate.save(model, out, tokenizer=_Tokenizer('{"v": 2}'))
+    assert (out / "tokenizer.json").read_text() == '{"v": 2}'
+    x = torch.randn(2, 62)
+    with torch.no_grad():
+        assert torch.equal(bondgate.load(out)(x), model(x))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["layer_aliases"].update({"1": "9"}), r"layer alias '1' -> '9' does not point to a saved layer"),
+    (lambda m: m.update(architecture={"kind": "module"}), r"architecture of kind 'module' needs a 'class' string"),
+    (lambda m: m.update(tensor_aliases=["0.weight"]), r"'tensor_aliases' must map strings to strings"),
+    (lambda m: m.update(architecture={"kind": "bondgate_layer"}), r"of kind 'bondgate_layer' needs the layer ''"),
+    (lambda m: m.update(format_version=True), r"unsupported checkpoint format version True"),
+], ids=["layer_alias", "module_class", "tensor_aliases", "bare_layer", "bool_version"])
+def test_inconsistent_metadata_is_refused_by_read_metadata(mlp_ckpt, edit, message):
+    """Hand-edited (re-stamped) metadata that contradicts itself is a ValueError naming the field, not a KeyError."""
+    edit_json(mlp_ckpt, edit)
+    with pytest.raises(ValueError, match=message):
+        bondgate.io.read_metadata(mlp_ckpt)
+    with pytest.raises(ValueError, match=message):
+        bondgate.load(mlp_ckpt)
+
+
+def test_a_tensor_alias_to_a_missing_tensor_is_refused_by_load_and_read_state(mlp_ckpt):
+    """A tensor alias whose target the weights file lacks is a ValueError in load() and in read_state()."""
+    edit_json(mlp_ckpt, lambda m: m["tensor_aliases"].update({"5.weight": "9.weight"}))
+    message = r"tensor alias '5.weight' -> '9.weight' does not point to a stored tensor"
+    with pytest.raises(ValueError, match=message):
+        bondgate.load(mlp_ckpt)
+    with pytest.raises(ValueError, match=message):
+        bondgate.io.read_state(mlp_ckpt)
+
+
+def test_a_bare_layer_checkpoint_cannot_load_into_a_model(tmp_path):
+    """load(model=...) of a checkpoint holding one bare layer says to call load() without model=."""
+    out = bondgate.save(MPOLinear.from_linear(nn.Linear(16, 8), max_bond=2), tmp_path / "layer")
+    user = nn.Sequential(nn.Linear(16, 8))
+    snap = state_snapshot(user)
+    with pytest.raises(ValueError, match="holds a single bondgate layer; call load"):
+        bondgate.load(out, model=user)
+    assert_untouched(user, snap)
+
+
+def test_load_moves_a_rebuilt_model_to_map_location(mlp_ckpt):
+    """map_location is applied to the rebuilt model (the meta device: every tensor moves)."""
+    loaded = bondgate.load(mlp_ckpt, map_location="meta")
+    assert {t.device.type for t in loaded.state_dict().values()} == {"meta"}
+    assert isinstance(loaded[2], MPOLinear) and not loaded.training
+
+
+class _Masked(nn.Module):
+    """A causal mask buffer of -inf above the diagonal, as attention models hold."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("mask", torch.full((3, 3), float("-inf")).triu(1))
+
+
+def test_a_buffer_holding_inf_loads_only_parameters_must_be_finite(tmp_path):
+    """A persistent -inf mask buffer saves and loads (only parameters are refused for NaN/inf)."""
+    model = _Masked()
+    model.fc = MPOLinear.from_linear(model.fc, max_bond=2, policy=PlanPolicy(select="flops"))
+    loaded = bondgate.load(bondgate.save(model, tmp_path / "masked"), model=_Masked())
+    assert torch.equal(loaded.mask, model.mask) and loaded.mask[0, 1].item() == float("-inf")
+
+
+class _Rnn(nn.Module):
+    def __init__(self, dropout: float):
+        super().__init__()
+        self.rnn = nn.LSTM(4, 6, num_layers=2, dropout=dropout)
+
+
+def test_load_into_a_model_keeps_its_recurrent_dropout(tmp_path):
+    """A Recurrent layer loaded into a model takes the dropout of the nn.LSTM it replaces, not the saved one."""
+    from bondgate.recurrent import Recurrent
+
+    saved = _Rnn(0.0)
+    saved.rnn = Recurrent.from_torch(saved.rnn)
+    out = bondgate.save(saved, tmp_path / "rnn")
+    loaded = bondgate.load(out, model=_Rnn(0.25))
+    assert isinstance(loaded.rnn, Recurrent) and loaded.rnn.dropout == 0.25
+    assert torch.equal(loaded.rnn.state_dict()["ih_l0.weight"], saved.rnn.state_dict()["ih_l0.weight"])
+
+
+def test_a_float8_tensor_is_refused_by_a_float32_model(mlp_ckpt):
+    """A float8 tensor (a dtype the header check does not name) is a dtype mismatch, not a silent cast of the model."""
+    rewrite_weights(mlp_ckpt, lambda t: t.update({"4.weight": t["4.weight"].to(torch.float8_e4m3fn)}))
+    user = dense_mlp()
+    snap = state_snapshot(user)
+    with pytest.raises(ValueError, match="dtype mismatch for '4.weight': checkpoint has torch.float8_e4m3fn"):
+        bondgate.load(mlp_ckpt, model=user)
+    assert_untouched(user, snap)
+
+
+class _SharedBuffer(nn.Module):
+    """Two submodules holding one buffer under two names (``tie``), or each its own (``tie=False``)."""
+
+    def __init__(self, tie: bool = True):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.a, self.b = nn.Module(), nn.Module()
+        self.a.register_buffer("s", torch.zeros(3))
+        self.b.register_buffer("s", self.a.s if tie else torch.zeros(3))
+
+
+def test_a_buffer_tie_is_restored_in_a_model_that_lacks_it(tmp_path):
+    """A buffer saved under two names comes back as one tensor, even in a model built with two separate ones."""
+    model = _SharedBuffer()
+    model.fc = MPOLinear.from_linear(model.fc, max_bond=2, policy=PlanPolicy(select="flops"))
+    model.a.s.copy_(torch.tensor([1.0, 2.0, 3.0]))
+    out = bondgate.save(model, tmp_path / "tied")
+    assert json.loads((out / "bondgate.json").read_text())["tensor_aliases"] == {"b.s": "a.s"}
+    loaded = bondgate.load(out, model=_SharedBuffer(tie=False))
+    assert loaded.b.s is loaded.a.s and loaded.b.s.tolist() == [1.0, 2.0, 3.0]
+
+
+@needs_hf
+def test_config_json_records_the_models_dtype(tmp_path):
+    """config.json names the dtype the model was saved in, which transformers' from_pretrained(dtype="auto") reads."""
+    model = tiny_bert().to(torch.bfloat16)
+    assert getattr(model.config, "dtype", None) is None  # as built from a config: nothing recorded yet
+    out = bondgate.save(model, tmp_path / "bert")
+    assert json.loads((out / "config.json").read_text()).get("dtype") == "bfloat16"

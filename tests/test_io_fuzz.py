@@ -1,6 +1,7 @@
 """Fuzzing checkpoints (issue 18): random models round-trip bit-exactly, and a randomly damaged or edited
 checkpoint either loads the very same model or fails with a clear ``ValueError`` / ``FileNotFoundError`` —
-never another exception, never a silently different model."""
+never another exception, never a silently different model. (An edit with a re-stamped checksum may also load the model
+the edited file describes: a setting such as a gated layer's ``mode`` edited to another valid value.)"""
 
 import json
 import shutil
@@ -52,8 +53,10 @@ def damages(draw):
     return kind, draw(st.integers(0, 2**31)), draw(st.integers(0, 7)), draw(_json_values())
 
 
-def _damage(out: Path, damage) -> None:
+def _damage(out: Path, damage) -> tuple[str | None, str] | None:
+    """Damages the checkpoint ``out``; returns ``(layer name or None for the top level, key)`` of an edited field."""
     kind, where, bit, value = damage
+    edited = None
     files = sorted(p for p in out.iterdir() if p.is_file())
     path = files[where % len(files)]
     data = bytearray(path.read_bytes())
@@ -65,18 +68,30 @@ def _damage(out: Path, damage) -> None:
         data += bytes([bit]) * (1 + where % 5)
     elif kind == "delete":
         path.unlink()
-        return
+        return None
     elif kind.startswith("edit"):
         path = out / "bondgate.json"
         meta = json.loads(path.read_text())
         # a random field of a random layer spec, or of the top level
-        spec = next(iter(meta["layers"].values()), meta) if where % 2 else meta
+        layer = next(iter(meta["layers"]), None) if where % 2 else None
+        spec = meta["layers"][layer] if layer is not None else meta
         keys = sorted(spec)
-        spec[keys[where % len(keys)]] = value
+        edited = layer, keys[where % len(keys)]
+        spec[edited[1]] = value
         if kind == "edit_restamped":  # consistent checksum: only the content is wrong
             meta["meta_sha256"] = _meta_sha256(meta)
         data = bytearray(json.dumps(meta).encode())
     path.write_bytes(bytes(data))
+    return edited if kind == "edit_restamped" else None
+
+
+def _describes(model: nn.Module, edited: tuple[str | None, str], value, tmp: Path) -> bool:
+    """Whether ``model``, saved again, records ``value`` at the edited field (JSON-normalized): the loaded model is
+    the one the edited file describes."""
+    meta = json.loads((bondgate.save(model, tmp / "again") / "bondgate.json").read_text())
+    layer, key = edited
+    spec = meta["layers"].get(layer, {}) if layer is not None else meta
+    return key in spec and spec[key] == json.loads(json.dumps(value))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -91,15 +106,37 @@ def test_damaged_checkpoints_load_identically_or_fail_clearly(built, damage):
         out = bondgate.save(model, tmp / "ckpt")
         with torch.no_grad():
             assert torch.equal(bondgate.load(out)(x), want)  # the round trip is bit-exact
-        _damage(out, damage)
+        edited = _damage(out, damage)
         try:
             loaded = bondgate.load(out)
         except CLEAR:
             return
-        with torch.no_grad():  # whatever loads must be the same model
-            assert torch.equal(loaded(x), want), damage
+        with torch.no_grad():  # whatever loads must be the same model, or the one a re-stamped edit describes
+            same = torch.equal(loaded(x), want)
+        assert same or (edited is not None and _describes(loaded, edited, damage[3], tmp)), damage
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_a_restamped_setting_edit_loads_the_model_it_describes(tmp_path):
+    """Found by the fuzz test above (it called this a silently different model): a gated layer's ``mode`` edited from
+    ``"full"`` to 0.5 with a re-stamped checksum is a valid setting, and loads as written."""
+    torch.manual_seed(0)
+    model = nn.Sequential(MPOLinear.from_linear(nn.Linear(6, 6, bias=False), max_bond=2, num_cores=2, policy=FLOPS))
+    bondgate.gate(model, GatingConfig(controller="linear"))
+    bondgate.set_mode(model, "full")
+    out = bondgate.save(model.eval(), tmp_path / "ckpt")
+    meta = json.loads((out / "bondgate.json").read_text())
+    next(iter(meta["layers"].values()))["mode"] = 0.5
+    meta["meta_sha256"] = _meta_sha256(meta)
+    (out / "bondgate.json").write_text(json.dumps(meta))
+    loaded = bondgate.load(out)
+    bondgate.set_mode(model, 0.5)
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        assert loaded[0].mode == 0.5 and torch.equal(loaded(x), model(x))
+        bondgate.set_mode(model, "full")
+        assert not torch.equal(loaded(x), model(x))  # the edit is not a no-op
 
 
 @pytest.mark.parametrize("field", ["in_features", "out_features"])

@@ -989,3 +989,257 @@ def test_eval_fn_runs_at_the_end_when_the_last_step_is_off_the_grid():
                   eval_fn=lambda m: calls.append(1) or float(len(calls)), progress=False)
     assert [h["step"] for h in res.history if "metric" in h] == [0, 5, 7]
     assert res.best_step == 7
+
+
+def test_a_fully_padded_batch_adds_zero_not_nan():
+    """A batch whose attention mask is all 0 (no real token) gives hidden and logits terms of 0, not 0 / 0 = NaN."""
+    torch.manual_seed(0)
+    hs, ht = [torch.randn(2, 4, 8) for _ in range(2)], [torch.randn(2, 4, 8) for _ in range(2)]
+    empty = {"attention_mask": torch.zeros(2, 4, dtype=torch.long)}
+    total, parts = DistillLoss(hidden=1.0, logits=1.0)({"hidden_states": hs, "logits": hs[-1]},
+                                                       {"hidden_states": ht, "logits": ht[-1]}, empty)
+    assert parts == {"hidden": 0.0, "logits": 0.0} and float(total) == 0.0
+
+
+def test_a_model_with_two_hidden_states_is_matched_on_the_second_only():
+    """hidden_states (embeddings, one layer): the embedding output is left out, the layer's state is matched."""
+    torch.manual_seed(0)
+    h1 = torch.randn(2, 3, 8)
+    student = {"hidden_states": (torch.randn(2, 3, 8), h1 + 0.5)}
+    teacher = {"hidden_states": (torch.randn(2, 3, 8), h1)}
+    _, parts = DistillLoss(hidden=1.0)(student, teacher)
+    assert parts["hidden"] == pytest.approx(0.25 / float((h1**2).mean()), rel=1e-6)
+    _, single = DistillLoss(hidden=1.0)({"hidden_states": (h1 + 0.5,)}, {"hidden_states": (h1,)})
+    assert single["hidden"] == pytest.approx(parts["hidden"], rel=1e-6)  # one state: matched on itself
+
+
+def test_hidden_states_without_a_token_axis_are_averaged_plainly_beside_a_sequence_mask():
+    """(batch, features) hidden states with a (batch, tokens) attention mask in the batch: a plain relative MSE."""
+    torch.manual_seed(0)
+    hs, ht = [torch.randn(2, 8) for _ in range(2)], [torch.randn(2, 8) for _ in range(2)]
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    _, parts = DistillLoss(hidden=1.0)({"hidden_states": hs}, {"hidden_states": ht}, {"attention_mask": mask})
+    assert parts["hidden"] == pytest.approx(float(((hs[1] - ht[1]) ** 2).mean() / (ht[1] ** 2).mean()), rel=1e-6)
+
+
+def test_pooled_term_has_finite_gradients_with_a_row_of_padding_only():
+    """A row with no real token is skipped by the pooled term without a NaN gradient (distill would stop on it)."""
+    torch.manual_seed(0)
+    ht = torch.randn(2, 5, 8)
+    hs = (ht + 0.1 * torch.randn(2, 5, 8)).requires_grad_()
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]])
+    total, _ = DistillLoss(hidden=0, pooled=1.0)({"hidden_states": [hs]}, {"hidden_states": [ht]},
+                                                 {"attention_mask": mask})
+    total.backward()
+    assert bool(torch.isfinite(hs.grad).all()) and float(hs.grad[0, :3].abs().sum()) > 0
+    assert float(hs.grad[0, 3:].abs().sum()) == 0 and float(hs.grad[1].abs().sum()) == 0
+
+
+def test_task_term_needs_a_student_loss_and_is_weighted():
+    """DistillLoss(task>0) on an output without .loss: a ValueError saying to pass labels; with one, weight * loss."""
+    z = {"logits": torch.randn(2, 3)}
+    with pytest.raises(ValueError, match=r"needs a student output with \.loss"):
+        DistillLoss(hidden=0, task=1.0)(z, z)
+    total, parts = DistillLoss(hidden=0, task=0.5)({"loss": torch.tensor(2.0), **z}, z)
+    assert parts == {"task": 2.0} and float(total) == 1.0
+
+
+def test_a_loss_with_every_weight_at_zero_is_refused():
+    """DistillLoss(hidden=0) and nothing else: a ValueError, not a constant 0 loss that trains nothing."""
+    with pytest.raises(ValueError, match="every weight at 0"):
+        DistillLoss(hidden=0)(torch.randn(2, 3), torch.randn(2, 3))
+
+
+def test_a_student_without_hidden_states_is_refused():
+    """A student returning a plain tensor against a teacher with hidden states: a ValueError naming the field."""
+    h = [torch.randn(2, 5, 8) for _ in range(2)]
+    with pytest.raises(ValueError, match="needs outputs with hidden_states"):
+        DistillLoss()(torch.randn(2, 5, 8), _Out(h))
+
+
+def test_distill_asks_transformers_for_hidden_states_for_a_pooled_only_loss():
+    """DistillLoss(hidden=0, pooled=1) on a transformers model: distill requests the hidden states it needs."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16)
+    teacher = transformers.GPT2LMHeadModel(cfg).eval()
+    student = transformers.GPT2LMHeadModel(cfg)  # another initialization: a gap to close
+    batch = {"input_ids": torch.randint(0, 32, (4, 8))}
+    res = distill(student, teacher, [batch], loss=DistillLoss(hidden=0, pooled=1.0), steps=1, log_every=1,
+                  progress=False)
+    assert res.steps == 1 and set(res.history[0]["loss"]) == {"pooled"} and res.history[0]["loss"]["pooled"] > 0
+
+
+def test_a_generator_read_for_one_epoch_warns_only_about_the_schedule():
+    """epochs=1 over a generator: no one-shot warning (one pass is all it needs), but the schedule's unknown end."""
+    teacher, student, data = _mut_distill_pair()
+    with pytest.warns(UserWarning) as record:
+        res = distill(student, teacher, (x for x in data), loss=DistillLoss(hidden=0, output=1.0), epochs=1,
+                      progress=False)
+    messages = [str(w.message) for w in record]
+    assert res.steps == len(data) and res.stopped == "epochs"
+    assert any("no end to plan" in m for m in messages) and not any("one-shot" in m for m in messages)
+    with pytest.warns(UserWarning) as record:
+        distill(student, teacher, (x for x in data), loss=DistillLoss(hidden=0, output=1.0), epochs=2,
+                progress=False)
+    assert any("one-shot iterator, so it can be read for one epoch only" in str(w.message) for w in record)
+
+
+def test_time_budgeted_warmup_starts_at_a_hundredth_of_lr_not_zero(monkeypatch):
+    """Under a time budget the first step (no time spent yet) trains at lr / 100, then warms up linearly."""
+    lrs, adamw_step = [], torch.optim.AdamW.step
+
+    def record(self, *a, **k):
+        lrs.append(self.param_groups[0]["lr"])
+        return adamw_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    teacher, student, data = _mut_distill_pair()
+    _step_clock(monkeypatch, student, lambda n: 0.125)  # 1.875 s of budget: 15 steps, f = step / 15
+    res = distill(student, teacher, data * 10, loss=DistillLoss(hidden=0, output=1.0), max_minutes=1 / 32, lr=1e-3,
+                  warmup=0.5, progress=False)
+    assert res.steps == 15 and res.stopped == "time budget"
+    assert lrs[:3] == pytest.approx([1e-5, 1e-3 * 2 / 15, 1e-3 * 4 / 15], rel=1e-9)
+
+
+def test_a_score_that_only_ties_its_best_does_not_count_as_better():
+    """A flat eval score: the starting weights stay the best (best_step 0), and patience runs out."""
+    teacher, student, data = _mut_distill_pair()
+    before = copy.deepcopy(student.state_dict())
+    res = distill(student, teacher, data, loss=DistillLoss(hidden=0, output=1.0), steps=100, lr=1e-2,
+                  eval_fn=lambda m: 1.0, eval_every=2, patience=2, progress=False)
+    assert res.stopped == "early stopping" and res.best_step == 0 and res.steps == 4
+    assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
+
+
+def test_distill_leaves_no_gradients_on_the_teacher():
+    """The teacher runs under no_grad: after distill its parameters hold no .grad (no graph through it either)."""
+    teacher, student, data = _mut_distill_pair()
+    distill(student, teacher, data, loss=DistillLoss(hidden=0, output=1.0), steps=2, progress=False)
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_each_step_uses_its_own_gradient_not_a_running_sum(monkeypatch):
+    """Gradients are zeroed every step: a loss with a constant gradient hands AdamW the same gradient each time."""
+    grads, adamw_step = [], torch.optim.AdamW.step
+
+    def record(self, *a, **k):
+        grads.append(self.param_groups[0]["params"][0].grad.clone())
+        return adamw_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    torch.manual_seed(0)
+    student, teacher = nn.Linear(4, 1, bias=False), nn.Linear(4, 1, bias=False)
+    distill(student, teacher, [torch.ones(3, 4)], loss=lambda s, t, b: (s.sum(), {"sum": 0.0}), steps=3,
+            grad_clip=None, progress=False)
+    assert len(grads) == 3 and all(torch.equal(g, torch.full((1, 4), 3.0)) for g in grads)
+
+
+def test_losses_are_logged_every_log_every_steps():
+    """log_every=3 over 7 steps: loss records at steps 3 and 6 only."""
+    teacher, student, data = _mut_distill_pair()
+    res = distill(student, teacher, data, loss=DistillLoss(hidden=0, output=1.0), steps=7, log_every=3,
+                  progress=False)
+    assert [h["step"] for h in res.history] == [3, 6] and all(set(h["loss"]) == {"output"} for h in res.history)
+
+
+def test_distill_returns_the_student_in_eval_mode():
+    """After a normal run (no eval_fn) the student comes back in eval mode, dropout off."""
+    teacher, student, data = _mut_distill_pair(dropout=0.5)
+    distill(student, teacher, data, loss=DistillLoss(hidden=0, output=1.0), steps=2, progress=False)
+    assert not any(m.training for m in student.modules())
+
+
+def test_cpu_budget_clock_divides_cpu_time_by_the_thread_count(monkeypatch):
+    """budget_clock="cpu": 0.5 s of CPU time per step on 4 threads is 0.125 s of budget (15 steps in 1.875 s)."""
+    teacher, student, data = _mut_distill_pair()
+    clock = {"now": 0.0}
+    student.register_forward_hook(lambda m, i, o: clock.update(now=clock["now"] + 0.5))
+    module = sys.modules["bondgate.distill"]  # (bondgate.distill is the function)
+    monkeypatch.setattr(module, "time", types.SimpleNamespace(perf_counter=time.perf_counter,
+                                                               process_time=lambda: clock["now"]))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    res = distill(student, teacher, data * 10, loss=DistillLoss(hidden=0, output=1.0), max_minutes=1 / 32,
+                  budget_clock="cpu", progress=False)
+    assert res.stopped == "time budget" and res.steps == 15 and res.budget_seconds == 1.875
+
+
+def test_distillation_trainer_predicts_logits_on_labelled_data(tmp_path):
+    """Batches with labels take the stock prediction step: predict() returns the logits and label ids."""
+    transformers = pytest.importorskip("transformers")
+    import bondgate
+
+    teacher, student, ds = _tiny_gpt2_student(transformers)
+    ds = [{**d, "labels": d["input_ids"]} for d in ds]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True,
+                                          per_device_eval_batch_size=4, disable_tqdm=True)
+    trainer = bondgate.DistillationTrainer(model=student, teacher=teacher, args=args,
+                                           distill_loss=DistillLoss(hidden=0, logits=1.0))
+    out = trainer.predict(ds)
+    assert out.predictions.shape == (8, 12, 64) and out.label_ids.shape == (8, 12)
+    assert math.isfinite(out.metrics["test_loss"]) and out.metrics["test_loss"] > 0
+
+
+def test_a_student_with_every_parameter_frozen_is_refused():
+    """distill on a student with no trainable parameter: a ValueError saying so, not a backward error."""
+    teacher, student, data = _mut_distill_pair()
+    student.requires_grad_(False)
+    with pytest.raises(ValueError, match="the student has no trainable parameters"):
+        distill(student, teacher, data, loss=DistillLoss(hidden=0, output=1.0), steps=1, progress=False)
+
+
+class _MutAux(nn.Linear):
+    """A linear layer reporting a fixed auxiliary loss (as a gated layer reports its budget penalty)."""
+
+    def __init__(self, value):
+        super().__init__(8, 8)
+        self.value = value
+
+    def bondgate_aux_loss(self):
+        return 0 * self.weight.sum() + self.value
+
+
+def test_auxiliary_losses_of_every_module_are_summed_into_the_loss():
+    """Two modules reporting aux losses 1.0 and 2.0: aux_losses is their sum, 3.0, and distill adds and logs it."""
+    from bondgate.distill import aux_losses
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    student = nn.Sequential(_MutAux(1.0), _MutAux(2.0))
+    assert float(aux_losses(student).detach()) == 3.0
+    res = distill(student, teacher, [torch.randn(4, 8)], loss=DistillLoss(hidden=0, output=1.0), steps=1,
+                  log_every=1, progress=False)
+    assert res.history[0]["loss"]["aux"] == 3.0
+
+
+def test_grad_clip_zero_means_no_clipping():
+    """grad_clip=0 is documented as no clipping: the run equals grad_clip=None (not gradients clipped to 0)."""
+    def run(clip):
+        teacher, student, data = _mut_distill_pair()
+        distill(student, teacher, data, loss=DistillLoss(hidden=0, output=1.0), steps=3, lr=1e-2, grad_clip=clip,
+                progress=False)
+        return torch.cat([p.detach().reshape(-1) for p in student.parameters()])
+
+    _, start, _ = _mut_distill_pair()
+    unclipped = run(None)
+    assert torch.equal(run(0), unclipped)
+    assert not torch.equal(unclipped, torch.cat([p.detach().reshape(-1) for p in start.parameters()]))
+
+
+class _KeyOut:
+    """A dict-like output whose attribute access reads its keys (KeyError, not AttributeError, for a missing one)."""
+
+    def __init__(self, **fields):
+        self.__dict__["_fields"] = fields
+
+    def __getattr__(self, name):
+        return self._fields[name]
+
+
+def test_an_output_whose_attributes_raise_key_error_is_read():
+    """An output class raising KeyError for a missing attribute: its hidden states are matched as a dict's are."""
+    torch.manual_seed(0)
+    hs, ht = [torch.randn(2, 3, 8) for _ in range(2)], [torch.randn(2, 3, 8) for _ in range(2)]
+    _, want = DistillLoss(hidden=1.0)({"hidden_states": hs}, {"hidden_states": ht})
+    _, got = DistillLoss(hidden=1.0)(_KeyOut(hidden_states=hs), _KeyOut(hidden_states=ht))
+    assert got == want and got["hidden"] > 0

@@ -1973,8 +1973,22 @@ def test_as_many_calibration_rows_as_inputs_do_not_warn(recwarn):
 
     run(64)
     assert not [w for w in recwarn if "fewer calibration rows" in str(w.message)]
-    with pytest.warns(UserWarning, match=r"fewer calibration rows than inputs \(0 \(63 rows, 64 inputs\)\)"):
+    with pytest.warns(UserWarning, match=r"fewer calibration rows than inputs .*\(0 \(63 rows, 64 inputs\)\)"):
         run(63)
+
+
+def test_a_layer_with_a_bias_warns_at_as_many_rows_as_inputs(recwarn):
+    """With a bias the fit reads the centred covariance (rank rows - 1): 64 rows cannot span 64 inputs, 65 can."""
+    def run(rows):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 64))
+        compress(model, CompressionConfig(param_ratio=0.5, num_cores=2, refine_steps=0, policy="memory"),
+                 calibration=[torch.randn(rows, 64)], progress=False)
+
+    run(65)
+    assert not [w for w in recwarn if "fewer calibration rows" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"\(0 \(64 rows, 64 inputs, and a bias\)\)"):
+        run(64)
 
 
 def test_a_report_with_fields_from_a_newer_version_still_loads():

@@ -760,7 +760,7 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
         warn_user(f"compress: skipping {len(unseen)} layer(s) whose forward never ran on the calibration data "
                   f"({_short_list(unseen, 3)}): the model reads their weight directly, the data never reached them, "
                   f"or they are unused; left dense")
-    _check_stats(stats)
+    _check_stats(stats, {n: getattr(m, "bias", None) is not None for n, m in linear.items()})
     tables = {n: m for n, m in targets.items() if isinstance(m, nn.Embedding)}
     token_counts = collect_token_counts(model, tables, data, progress) if data and tables else {}
     for n, m in list(tables.items()) if config.embedding_rows else ():
@@ -1246,9 +1246,10 @@ def _turns(works: list[_Work], bar: Callable, desc: str) -> Iterator[_Work]:
             w.held = w.held_cov = None
 
 
-def _check_stats(stats: dict[str, InputStats]) -> None:
+def _check_stats(stats: dict[str, InputStats], biased: dict[str, bool]) -> None:
     """Whitening by activations that do not vary would throw the whole weight away (the TT-SVD of ``W S`` with
-    ``S ~ 0``) while reporting a zero output error: refuse such calibration data."""
+    ``S ~ 0``) while reporting a zero output error: refuse such calibration data. Warn where the rows cannot span the
+    inputs (``biased[name]``: the layer has a bias, so its fit reads the centred covariance, of rank rows - 1)."""
     dead = []
     for name, st in stats.items():
         # with or without a bias: inputs that are one vector repeated leave one direction to fit, and the report's
@@ -1263,11 +1264,13 @@ def _check_stats(stats: dict[str, InputStats]) -> None:
                          f"(CompressionConfig(exclude=[...])), or CompressionConfig(calibrate=False). Where the data "
                          f"varies, the cause is upstream: a layer before these with an all-zero weight, or an "
                          f"activation that is 0 on every row")
-    few = [f"{n} ({st.rows} rows, {st.cov.shape[0]} inputs)" for n, st in stats.items() if st.rows < st.cov.shape[0]]
+    few = [f"{n} ({st.rows} rows, {st.cov.shape[0]} inputs{', and a bias' if biased.get(n) else ''})"
+           for n, st in stats.items() if st.rows - biased.get(n, False) < st.cov.shape[0]]
     if few:  # the fit and the reported errors only see the span of those rows (3 rows: error 0.000, 0.7 held out)
-        warn_user(f"compress: {len(few)} layer(s) saw fewer calibration rows than inputs ({_short_list(few, 3)}): "
-                  "the factorization fits, and the report's output errors measure, only the directions those rows "
-                  "span, so both understate the error on other inputs; pass more calibration rows")
+        warn_user(f"compress: {len(few)} layer(s) saw fewer calibration rows than inputs (one more with a bias: "
+                  f"centred, the rows span one direction less) ({_short_list(few, 3)}): the factorization fits, and "
+                  "the report's output errors measure, only the directions those rows span, so both understate the "
+                  "error on other inputs; pass more calibration rows")
 
 
 def _round_up(x: float) -> float:

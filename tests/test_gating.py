@@ -2014,3 +2014,215 @@ def test_gating_an_int8_layer_keeps_it_int8():
         torch.testing.assert_close(layer(x), y_int8, rtol=0, atol=1e-6)
         y_top = layer(x, levels=torch.full((9,), 3))
     torch.testing.assert_close(y_top, y_int8, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------ from a second mutation run of gating.py (each kills a mutant)
+def test_an_error_controller_rank_above_the_input_width_is_capped():
+    """rank=200 on a 96-wide layer: the controller holds 96 projections (its cost and spec say so)."""
+    layer = gate(model_with_mpo(), GatingConfig(controller="error", rank=200))[2]
+    assert layer.controller_rank == 96 and layer.spec()["controller_rank"] == 96
+    assert tuple(layer.controller.proj.weight.shape) == (96, 96) and tuple(layer.controller.coef.shape) == (4, 97)
+    assert layer.controller_cost == 2 * 96 * 97 + 2 * 97 * 4
+
+
+def test_level_widths_round_each_bond_fraction_up_despite_float_error():
+    """levels (0.15, 0.1 * 3, 1) of a bond of 10 keep 2 (1.5 up) and 3 (3.0000000000000004 is 3) channels."""
+    # kills mutants G06 (no float tolerance: 0.1 * 3 of 10 kept 4) and G07 (fractions rounded down: 0.15 of 10 kept 1)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(96, 96), nn.ReLU(), nn.Linear(96, 80))
+    net[2] = MPOLinear.from_linear(net[2], max_bond=10, num_cores=3)
+    layer = gate(net, GatingConfig(levels=(0.15, 0.1 * 3, 1.0)))[2]
+    assert layer.bond_dims == (10, 10)
+    assert layer.level_widths == [(2, 2), (3, 3), (10, 10)]
+    assert gating_report(net)[0]["level_widths"] == [[2, 2], [3, 3], [10, 10]]
+    layer.eval()
+    x = torch.randn(3, 96)
+    with torch.no_grad():
+        y = layer(x, levels=torch.tensor([0, 1, 2]))
+    for i, w in enumerate([(2, 2), (3, 3), (10, 10)]):  # each row really runs at its level's widths
+        ref = x[i] @ layer.to_mpo().slice_bonds(w).to_matrix().T + layer.bias
+        torch.testing.assert_close(y[i], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_a_zero_price_moves_additively_by_the_step_times_the_scale():
+    """A tracked price of exactly 0 (a fresh layer's) must move: multiplying it would keep it at 0 forever."""
+    layer = gate(model_with_mpo(), GatingConfig())[2]
+    assert float(layer.budget_lambda) == 0.0
+    tracker = PriceTracker([layer], budget=0.5, rate=0.1, scale=4.0, shared=False)
+    tracker.report(layer, used=0.75 * layer.full_cost * 10, rows=10)  # step = 0.1 * (0.75 - 0.5) / 0.5 = 0.05
+    assert float(layer.budget_lambda) == pytest.approx(0.2, rel=1e-12)
+
+
+def test_a_copy_made_mid_round_drops_the_rounds_spent_flops():
+    """A model copied mid-round: the copy's first round counts only its own calls, not the original's."""
+    net = _mut_two_gated_layers()
+    a, b = net[0], net[2]
+    for m in (a, b):
+        m.budget_lambda.fill_(1.0)
+    tracker = PriceTracker([a, b], budget=0.5, rate=0.1, scale=1.0, shared=True)
+    a._tracker = b._tracker = tracker
+    tracker.report(a, used=a.full_cost * 10, rows=10)  # the original's round in progress: full width, over budget
+    twin = copy.deepcopy(net)
+    t2 = twin[0]._tracker
+    assert t2 is twin[2]._tracker and (t2.used, t2.full, t2.seen) == (0.0, 0.0, set())
+    for m in (twin[0], twin[2]):
+        t2.report(m, used=0.5 * m.full_cost * 10, rows=10)  # exactly at the budget: the price stays
+    assert t2.rounds == 1 and float(twin[0].budget_lambda) == float(twin[2].budget_lambda) == 1.0
+    assert tracker.used == a.full_cost * 10  # the original's round goes on
+
+
+def test_a_gated_spec_without_levels_is_a_clear_error():
+    """A checkpoint record of a gated layer that lost its 'levels' entry: a ValueError naming it, not a KeyError."""
+    spec = gated_layer()[1].spec()
+    del spec["levels"]
+    with pytest.raises(ValueError, match="missing 'levels'"):
+        GatedMPOLinear.from_spec(spec)
+
+
+def test_explicit_levels_override_the_full_mode():
+    """forward(x, levels=...) in mode 'full' runs the given levels' widths, as in every other mode."""
+    net, layer = gated_layer()
+    set_mode(net, "full")
+    layer.eval()
+    x = torch.randn(4, 96)
+    with torch.no_grad():
+        y = layer(x, levels=torch.tensor([0, 0, 1, 3]))
+    for i, lv in enumerate([0, 0, 1, 3]):
+        ref = x[i] @ layer.to_mpo().slice_bonds(layer.level_widths[lv]).to_matrix().T + layer.bias
+        torch.testing.assert_close(y[i], ref, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(y[0], layer.weight_matrix() @ x[0] + layer.bias, atol=1e-3)  # not the full width
+
+
+def test_a_level_override_past_the_last_level_is_refused():
+    """levels=[4] on a 4-level layer is out of range: a ValueError, not a silent run at some other width."""
+    net, layer = gated_layer()
+    layer.eval()
+    with pytest.raises(ValueError, match=r"levels must be 3 indices in \[0, 4\)"):
+        layer(torch.randn(3, 96), levels=torch.tensor([0, 3, 4]))
+    with pytest.raises(ValueError, match=r"indices in \[0, 4\)"):
+        layer(torch.randn(3, 96), levels=torch.tensor([4, 4, 4]))
+
+
+def test_one_group_calibration_passes_stay_out_of_the_report():
+    """set_budget(max_groups=1) routes each calibration call at one level: those rows are not counted as traffic."""
+    net = gate(model_with_mpo(), GatingConfig(controller="error")).eval()
+    bondgate.fit_controllers(net, [torch.randn(128, 96)])
+    with warnings.catch_warnings():  # whole calls at one level: the budget is met only coarsely (not checked here)
+        warnings.simplefilter("ignore")
+        set_budget(net, 0.6, [torch.randn(16, 96) for _ in range(4)], rounds=2, max_groups=1)
+    assert gating_report(net)[0]["rows"] == 0
+    with torch.no_grad():
+        net(torch.randn(10, 96))
+        net(torch.randn(1, 96))
+    assert gating_report(net)[0]["rows"] == 11
+
+
+def test_gate_leaves_layers_whose_bonds_are_all_one():
+    """An MPO whose every bond is 1 (or a rank-1 pair) has one width only: gate keeps it a plain layer."""
+    torch.manual_seed(0)
+    m = nn.Sequential(MPOLinear.from_linear(nn.Linear(32, 48), max_bond=1, num_cores=2), nn.ReLU(),
+                      MPOLinear.from_linear(nn.Linear(48, 64), max_bond=6))
+    assert m[0].bond_dims == (1,)
+    gate(m, GatingConfig())
+    assert type(m[0]) is MPOLinear and isinstance(m[2], GatedMPOLinear)
+    with pytest.raises(ValueError, match="none of the targeted layers has a bond wider than 1"):
+        gate(nn.Sequential(MPOLinear.from_linear(nn.Linear(32, 48), max_bond=1, num_cores=2)), GatingConfig())
+
+
+def test_gating_a_bare_mpo_layer_is_refused():
+    """gate(MPOLinear(...)) cannot swap the model itself: a ValueError says to pass a model containing it."""
+    layer = model_with_mpo()[2]
+    with pytest.raises(ValueError, match="pass a model containing MPO layers, not a bare MPOLinear"):
+        gate(layer, GatingConfig())
+    assert type(layer) is MPOLinear
+
+
+def test_an_unreachable_budget_prices_at_the_bound_not_past_it():
+    """set_budget(0.01) that no price can meet sets the price to PRICE_BOUND, the end of its search range."""
+    net = gate(model_with_mpo(), GatingConfig(controller="error"))
+    data = [torch.randn(64, 96) for _ in range(3)]
+    bondgate.fit_controllers(net, data)
+    net.eval()
+    with pytest.warns(UserWarning, match="budget of 0.01 is out of reach"):
+        set_budget(net, 0.01, data)
+    assert float(net[2].budget_lambda) == bondgate.gating.PRICE_BOUND
+    assert gating_report(net)[0]["lambda"] == bondgate.gating.PRICE_BOUND
+
+
+def test_latency_keeps_a_shared_trackers_round_in_progress():
+    """bondgate.latency mid-round: the tracker's round (which layers reported, their FLOPs) is as before after it."""
+    net = _mut_two_gated_layers()
+    a, b = net[0], net[2]
+    tracker = PriceTracker([a, b], budget=0.5, rate=0.1, scale=1.0, shared=True)
+    a._tracker = b._tracker = tracker
+    with torch.no_grad():
+        a(torch.randn(4, 64))  # layer 0 of 2 has reported: a round in progress
+    state = (set(tracker.seen), tracker.used, tracker.full, tracker.rounds)
+    assert state[0] == {id(a)} and state[3] == 0
+    bondgate.latency(net, torch.randn(4, 64), reps=3, warmup=0)
+    assert (tracker.seen, tracker.used, tracker.full, tracker.rounds) == state
+    with torch.no_grad():
+        b(torch.randn(4, 64))  # the other layer closes that round
+    assert tracker.rounds == 1 and not tracker.seen
+
+
+def test_fit_controllers_samples_at_most_max_rows():
+    """fit_controllers(max_rows=100, rows_per_batch=64) fits on exactly 100 rows: the last batch gives the rest."""
+    net = gate(model_with_mpo(), GatingConfig(controller="error", rank=4))
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(80, 96, generator=gen) for _ in range(3)]
+    report = bondgate.fit_controllers(net, data, rows_per_batch=64, max_rows=100)
+    assert [r["rows"] for r in report] == [100]
+    assert [r["rows"] for r in bondgate.fit_controllers(net, data, rows_per_batch=64, max_rows=1000)] == [192]
+
+
+@pytest.mark.parametrize("kind", ["linear", "error"])
+def test_a_float64_layer_gets_a_float64_controller(kind):
+    """Gating a float64 MPO layer: its controller is float64 too, so a batch of float64 rows routes and runs."""
+    net = model_with_mpo().double()
+    layer = gate(net, GatingConfig(controller=kind))[2]
+    assert {p.dtype for p in layer.controller.parameters()} == {torch.float64}
+    layer.eval()
+    x = torch.randn(5, 96, dtype=torch.float64)
+    with torch.no_grad():
+        y = layer(x)
+    assert y.dtype == torch.float64 and gating_report(net)[0]["rows"] == 5
+    lv = int(torch.tensor(gating_report(net)[0]["histogram"]).argmax())
+    torch.testing.assert_close(y, layer(x, levels=torch.full((5,), lv)).detach())
+
+
+def test_an_error_controller_fitted_on_the_norm_alone_counts_as_fitted():
+    """A fit that moved only the norm term's coefficients (no projection matters) is a fit: set_budget does not warn."""
+    net = gate(model_with_mpo(), GatingConfig(controller="error"))
+    with torch.no_grad():
+        net[2].controller.coef[:, -1] = torch.tensor([0.3, 0.2, 0.1, 0.0]) / 96
+    assert not net[2].controller.coef[:, :-1].any()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        set_budget(net, 0.5, [torch.randn(64, 96)])
+    assert [str(w.message) for w in caught if "not been fitted" in str(w.message)] == []
+    with torch.no_grad():
+        net[2].controller.coef[:, -1] = bondgate.gating.ErrorController.start_coef(net[2].levels, 96)
+    with pytest.warns(UserWarning, match="not been fitted or trained"):  # back at its start: unfitted
+        set_budget(net, 0.5, [torch.randn(64, 96)])
+
+
+def test_distillation_trainer_sandwich_adds_no_full_width_loss_in_evaluation(tmp_path):
+    """The sandwich's full-width pass is a training rule: an eval-mode compute_loss is the plain distillation loss."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+    from transformers import TrainingArguments
+
+    teacher, student = _three_layer_nested()
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    loss = bondgate.DistillLoss(hidden=0, output=1.0)
+    x = torch.randn(64, 96)
+    plain = bondgate.DistillationTrainer(model=student, teacher=teacher, distill_loss=loss, args=args)
+    sandwich = bondgate.DistillationTrainer(model=student, teacher=teacher, distill_loss=loss, args=args, sandwich=True)
+    student.eval()
+    with torch.no_grad():
+        torch.manual_seed(1)
+        alone = float(plain.compute_loss(student, x))
+        torch.manual_seed(1)
+        evaluated = float(sandwich.compute_loss(student, x))
+    assert alone > 0 and evaluated == alone

@@ -904,15 +904,20 @@ def test_weight_decay_spares_one_dimensional_parameters():
     assert float(student.mat.detach().max()) < 1.0  # 2-D: decayed
 
 
-def test_schedule_warms_up_from_the_first_step_and_decays(monkeypatch):
-    # kills D8 (`(step + 1) / w` -> `step / w`): the first step ran at learning rate 0, i.e. was wasted
-    lrs, adamw_step = [], torch.optim.AdamW.step
+def _record_adamw(monkeypatch, read) -> list:
+    """A list that gets ``read(optimizer)`` before each AdamW step (the learning rate, a gradient)."""
+    seen, adamw_step = [], torch.optim.AdamW.step
 
     def record(self, *a, **k):
-        lrs.append(self.param_groups[0]["lr"])
+        seen.append(read(self))
         return adamw_step(self, *a, **k)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    return seen
+
+def test_schedule_warms_up_from_the_first_step_and_decays(monkeypatch):
+    # kills D8 (`(step + 1) / w` -> `step / w`): the first step ran at learning rate 0, i.e. was wasted
+    lrs = _record_adamw(monkeypatch, lambda opt: opt.param_groups[0]["lr"])
     teacher, student, data = _mut_distill_pair()
     distill(student, teacher, data, loss=DistillLoss(hidden=0, output=1.0), steps=100, lr=1e-3, warmup=0.1,
             progress=False)
@@ -1087,13 +1092,7 @@ def test_a_generator_read_for_one_epoch_warns_only_about_the_schedule():
 
 def test_time_budgeted_warmup_starts_at_a_hundredth_of_lr_not_zero(monkeypatch):
     """Under a time budget the first step (no time spent yet) trains at lr / 100, then warms up linearly."""
-    lrs, adamw_step = [], torch.optim.AdamW.step
-
-    def record(self, *a, **k):
-        lrs.append(self.param_groups[0]["lr"])
-        return adamw_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    lrs = _record_adamw(monkeypatch, lambda opt: opt.param_groups[0]["lr"])
     teacher, student, data = _mut_distill_pair()
     _step_clock(monkeypatch, student, lambda n: 0.125)  # 1.875 s of budget: 15 steps, f = step / 15
     res = distill(student, teacher, data * 10, loss=DistillLoss(hidden=0, output=1.0), max_minutes=1 / 32, lr=1e-3,
@@ -1121,13 +1120,7 @@ def test_distill_leaves_no_gradients_on_the_teacher():
 
 def test_each_step_uses_its_own_gradient_not_a_running_sum(monkeypatch):
     """Gradients are zeroed every step: a loss with a constant gradient hands AdamW the same gradient each time."""
-    grads, adamw_step = [], torch.optim.AdamW.step
-
-    def record(self, *a, **k):
-        grads.append(self.param_groups[0]["params"][0].grad.clone())
-        return adamw_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    grads = _record_adamw(monkeypatch, lambda opt: opt.param_groups[0]["params"][0].grad.clone())
     torch.manual_seed(0)
     student, teacher = nn.Linear(4, 1, bias=False), nn.Linear(4, 1, bias=False)
     distill(student, teacher, [torch.ones(3, 4)], loss=lambda s, t, b: (s.sum(), {"sum": 0.0}), steps=3,

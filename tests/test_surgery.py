@@ -780,17 +780,20 @@ def test_bond_one_mpos_are_a_last_resort():
     assert m.last_resort == [w == (1, 1) for w in m.widths] and m.last_resort[-1]
 
 
+class _TwoTables(nn.Module):
+    """Token and type tables summed into a linear layer (BERT's embeddings in small)."""
+
+    def __init__(self, vocab: int, types: int, width: int):
+        super().__init__()
+        self.tok, self.typ, self.lin = nn.Embedding(vocab, width), nn.Embedding(types, width), nn.Linear(width, width)
+
+    def forward(self, ids, types):
+        return self.lin(self.tok(ids) + self.typ(types))
+
+
 def test_a_table_whose_rows_embedding_rows_all_keeps_stays_dense():
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.tok, self.typ, self.lin = nn.Embedding(1000, 64), nn.Embedding(2, 64), nn.Linear(64, 64)
-
-        def forward(self, ids, types):
-            return self.lin(self.tok(ids) + self.typ(types))
-
     torch.manual_seed(0)
-    model = M()
+    model = _TwoTables(1000, 2, 64)
     compress(model, CompressionConfig(param_ratio=0.3, embeddings=True, embedding_rows=50),
              calibration=[(torch.randint(0, 1000, (8, 32)), torch.randint(0, 2, (8, 32)))], progress=False)
     rows = {r.name: r for r in model.bondgate_report.layers}
@@ -1900,16 +1903,8 @@ def test_empty_calibration_data_is_refused_not_ignored():
 
 def test_a_table_with_exactly_embedding_rows_rows_stays_dense():
     """A table whose rows embedding_rows would all keep is skipped at equality too (factors would only add weights)."""
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.tok, self.typ, self.lin = nn.Embedding(256, 16), nn.Embedding(8, 16), nn.Linear(16, 16)
-
-        def forward(self, ids, types):
-            return self.lin(self.tok(ids) + self.typ(types))
-
     torch.manual_seed(0)
-    model = M()
+    model = _TwoTables(256, 8, 16)
     compress(model, CompressionConfig(param_ratio=0.5, embeddings=True, embedding_rows=8, num_cores=2,
                                       policy="memory"),
              calibration=[(torch.randint(0, 256, (8, 32)), torch.randint(0, 8, (8, 32)))], progress=False)
@@ -1963,32 +1958,24 @@ def test_a_tied_head_keeps_its_bias_and_its_row_says_it_shares_the_tables_cores(
     assert rows["emb"].aliases == ["head"] and rows["emb"].flops_dense == rows["emb"].flops_mpo == 0
 
 
-def test_as_many_calibration_rows_as_inputs_do_not_warn(recwarn):
-    """A bias-free layer with as many rows as inputs has a full-rank second moment: only fewer rows warn."""
+@pytest.mark.parametrize("bias, enough, message", [
+    (False, 64, r"fewer calibration rows than inputs .*\(0 \(63 rows, 64 inputs\)\)"),
+    (True, 65, r"\(0 \(64 rows, 64 inputs, and a bias\)\)"),
+])
+def test_the_few_calibration_rows_warning_starts_where_the_rows_no_longer_span_the_inputs(bias, enough, message,
+                                                                                         recwarn):
+    """64 inputs: a bias-free layer's second moment is full rank at 64 rows; with a bias the fit reads the centred
+    covariance (rank rows - 1), which needs 65."""
     def run(rows):
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(64, 64, bias=False))
+        model = nn.Sequential(nn.Linear(64, 64, bias=bias))
         compress(model, CompressionConfig(param_ratio=0.5, num_cores=2, refine_steps=0, policy="memory"),
                  calibration=[torch.randn(rows, 64)], progress=False)
 
-    run(64)
+    run(enough)
     assert not [w for w in recwarn if "fewer calibration rows" in str(w.message)]
-    with pytest.warns(UserWarning, match=r"fewer calibration rows than inputs .*\(0 \(63 rows, 64 inputs\)\)"):
-        run(63)
-
-
-def test_a_layer_with_a_bias_warns_at_as_many_rows_as_inputs(recwarn):
-    """With a bias the fit reads the centred covariance (rank rows - 1): 64 rows cannot span 64 inputs, 65 can."""
-    def run(rows):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(64, 64))
-        compress(model, CompressionConfig(param_ratio=0.5, num_cores=2, refine_steps=0, policy="memory"),
-                 calibration=[torch.randn(rows, 64)], progress=False)
-
-    run(65)
-    assert not [w for w in recwarn if "fewer calibration rows" in str(w.message)]
-    with pytest.warns(UserWarning, match=r"\(0 \(64 rows, 64 inputs, and a bias\)\)"):
-        run(64)
+    with pytest.warns(UserWarning, match=message):
+        run(enough - 1)
 
 
 def test_a_report_with_fields_from_a_newer_version_still_loads():

@@ -194,6 +194,34 @@ def test_compressed_table_compiles_and_exports_like_eager(kind):
         assert ep.module()(ids)[0, :3].abs().max() == 0  # padding rows
 
 
+
+def test_an_exported_table_looks_up_its_kept_rows_exactly():
+    """The exported lookup returns a kept id's exact row (the MPO's approximate one only for the others)."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(200, 16)
+    table = bondgate.MPOEmbedding.from_embedding(emb, max_bond=3, counts=torch.arange(200.0), keep_rows=20)
+    assert table.kept_ids.tolist() == list(range(180, 200))
+    ids = torch.tensor([[199, 5, 190], [180, 181, 7]])
+    kept = ids >= 180
+    with torch.no_grad():
+        ep = torch.export.export(table, (ids,), dynamic_shapes=({0: DYNAMIC, 1: DYNAMIC},))
+        out = ep.module()(ids)
+        assert torch.equal(out[kept], emb.weight[ids[kept]])
+        torch.testing.assert_close(out, table(ids), rtol=1e-6, atol=1e-6)
+        assert not torch.equal(out[~kept], emb.weight[ids[~kept]])
+
+
+def test_an_exported_table_refuses_negative_ids():
+    """A negative id fails the exported graph's range check, as eager refuses it, instead of wrapping to a row."""
+    torch.manual_seed(0)
+    table = bondgate.MPOEmbedding.from_embedding(torch.nn.Embedding(60, 8), max_bond=3)
+    ids = torch.tensor([[3, 59, 0], [7, 7, 21]])
+    with torch.no_grad():
+        ep = torch.export.export(table, (ids,), dynamic_shapes=({0: DYNAMIC, 1: DYNAMIC},))
+        torch.testing.assert_close(ep.module()(ids), table(ids), rtol=1e-6, atol=1e-6)
+        with pytest.raises(RuntimeError, match="index out of range"):
+            ep.module()(torch.tensor([[4, 5], [-1, 5]]))
+
 @needs_onnx
 def test_onnx_export_of_a_compressed_table_runs_in_onnxruntime(tmp_path):
     import onnxruntime

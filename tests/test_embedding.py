@@ -519,7 +519,7 @@ def test_kept_ids_must_lie_inside_the_vocabulary():
         m.keep_rows_(torch.tensor([-1, 3]), torch.zeros(2, 8))
 
 
-@pytest.mark.parametrize("ids", [[3, 3, 9], [3, 9, 50], [3, 9, 10**6]])
+@pytest.mark.parametrize("ids", [[3, 3, 9], [3, 9, 50], [3, 9, 10**6], [-1, 4, 9]])
 def test_a_state_dict_with_duplicate_or_out_of_range_kept_ids_is_refused(ids):
     # duplicates break the lookup's binary search (one id, two rows); an id == num_embeddings makes
     # weight_matrix() index out of the table
@@ -599,3 +599,83 @@ def test_a_spec_with_a_kept_row_count_outside_the_vocabulary_is_refused(k):
     with pytest.raises(ValueError, match=r"kept_rows must be an int in \[0, 50\]"):
         MPOEmbedding.from_spec({**spec, "kept_rows": k})
     assert MPOEmbedding.from_spec({**spec, "kept_rows": 50}).kept_ids.numel() == 50
+
+
+def test_a_fresh_table_has_rows_of_unit_variance_like_nn_embedding():
+    """A randomly initialized MPOEmbedding draws entries of variance ~1, as nn.Embedding's N(0, 1) does."""
+    torch.manual_seed(0)
+    W = MPOEmbedding(2000, 64).weight_matrix().detach()
+    assert 0.5 < float(W.var()) < 2.0
+
+
+def test_from_mpo_copies_the_cores():
+    """Training the layer built by from_mpo must not write into the MPO it was built from."""
+    torch.manual_seed(0)
+    mpo = MPO.random(50, 8, bond=3, num_cores=3)
+    before = [c.clone() for c in mpo.cores]
+    m = MPOEmbedding.from_mpo(mpo)
+    with torch.no_grad():
+        m.cores[0].mul_(2.0)
+    assert all(torch.equal(a, b) for a, b in zip(mpo.cores, before, strict=True))
+
+
+@pytest.mark.parametrize("ids", [torch.tensor([1.0, 2.0]), torch.tensor([True, False])])
+def test_kept_ids_must_be_integers(ids):
+    """keep_rows_ with float or bool ids raises a TypeError instead of keeping rows under truncated ids."""
+    m = _layer()
+    with pytest.raises(TypeError, match="kept ids must be integers"):
+        m.keep_rows_(ids, torch.zeros(2, 8))
+    assert m.kept_ids is None and m.kept_rows is None
+
+
+def test_keeping_no_rows_removes_the_kept_rows():
+    """keep_rows_ with zero ids drops the kept rows: lookups and the state dict are the plain MPO's again."""
+    m = _layer()
+    ids = torch.tensor([1, 2, 30])
+    with torch.no_grad():
+        plain = m(ids)
+        m.keep_rows_(torch.tensor([1, 2]), torch.ones(2, 8))
+        assert torch.equal(m(ids)[:2], torch.ones(2, 8))
+        assert m.keep_rows_(torch.zeros(0, dtype=torch.long), torch.zeros(0, 8)) is m
+        assert m.kept_ids is None and m.kept_rows is None
+        assert torch.equal(m(ids), plain)
+    assert not any(k.startswith("kept") for k in m.state_dict())
+    assert m.as_linear(policy=FLOPS).out_features == 50
+
+
+def test_kept_rows_take_the_cores_dtype():
+    """Rows given in another dtype are stored in the table's dtype (its state dict stays one dtype)."""
+    m = _layer()
+    rows = torch.randn(2, 8, dtype=torch.float64)
+    m.keep_rows_(torch.tensor([4, 1]), rows)
+    assert m.kept_rows.dtype == torch.float32 and m.state_dict()["kept_rows"].dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(m(torch.tensor([1, 4])), rows.flip(0).float())
+
+
+@pytest.mark.parametrize("k", [-1, 51])
+def test_a_keep_rows_count_outside_the_vocabulary_is_refused(k):
+    """from_embedding(keep_rows=-1) raised nothing and kept all rows but one; keep_rows must lie in [0, vocab]."""
+    with pytest.raises(ValueError, match="keep_rows"):
+        _layer(counts=torch.arange(50.0), keep_rows=k)
+
+
+def test_rows_whose_intermediates_exceed_a_chunk_are_looked_up_one_token_at_a_time():
+    """A table whose per-token intermediates exceed the 2**20-number chunk still returns the table's rows."""
+    torch.manual_seed(0)
+    cores = [torch.randn(1, 2, 64, 8), torch.randn(8, 2, 64, 300) / 20, torch.randn(300, 2, 1, 1) / 20]
+    m = MPOEmbedding.from_mpo(MPO(cores, 8, 4096))  # 64 * 64 * 300 > 2**20 numbers per token after core 2
+    ids = torch.tensor([5, 0, 7, 3, 1, 6, 2, 4])
+    with torch.no_grad():
+        out = m(ids)
+        torch.testing.assert_close(out, m.weight_matrix()[ids], atol=1e-6, rtol=1e-5)
+    assert out.shape == (8, 4096)
+
+
+@pytest.mark.parametrize("change", [{"dtype": "float17"}, {"in_factors": [2, 2, 2, 1]}, {"in_factors": [2, 2]}])
+def test_a_malformed_spec_is_refused(change):
+    """A spec with an unknown dtype or factor lists of different lengths raises instead of building another table."""
+    spec = _layer().spec()
+    assert spec["in_factors"] == [2, 2, 2] and spec["dtype"] == "float32"
+    with pytest.raises(ValueError, match="unknown dtype|inconsistent layer spec"):
+        MPOEmbedding.from_spec({**spec, **change})

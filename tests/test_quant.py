@@ -588,3 +588,28 @@ def test_dequantize_defaults_to_float32():
     assert rows.dtype == torch.float32 and rows.shape == (5, 7)
     x = torch.randn(3, 7)
     assert (x @ rows.T).shape == (3, 5)  # usable with float32 activations as is
+
+
+def test_scales_without_their_core_are_refused_on_load():
+    """A state dict holding a core's scales but not the core fails with a message naming both, not an AttributeError."""
+    sd = {k: v for k, v in _int8_layer().state_dict().items() if k != "cores.1"}
+    with pytest.raises(RuntimeError, match=r"'cores\.1_scale' holds scales for a missing core 'cores\.1'"):
+        _int8_layer().load_state_dict(sd)
+
+
+def test_quantize_mpo_checks_its_arguments_even_without_mpo_layers():
+    """quantize_mpo refuses an unknown mode or a non-module up front, also for a model with no MPO layer."""
+    with pytest.raises(ValueError, match="quantization must be"):
+        quantize_mpo(nn.Linear(4, 4), "int4")
+    with pytest.raises(TypeError, match="quantize_mpo expects an nn.Module, got Tensor"):
+        quantize_mpo(torch.zeros(3))
+
+
+def test_quantize_mpo_back_to_full_precision_is_silent_on_a_dense_model():
+    """quantize_mpo(model, None) on a model without MPO layers has nothing to undo: no warning."""
+    model = nn.Sequential(nn.Linear(4, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert quantize_mpo(model, None) is model
+    with pytest.warns(UserWarning, match="no MPO layer"):
+        quantize_mpo(model)

@@ -824,3 +824,97 @@ def test_a_layer_compiled_after_eager_inference_traces_its_cores_and_sees_writes
         torch.testing.assert_close(compiled(x), layer.to_linear()(x))
         layer.cores[1].mul_(-2.0)
         torch.testing.assert_close(compiled(x), layer.to_linear()(x))
+
+
+# ---- cases a second mutation run of layer.py showed untested
+def test_cores_loaded_with_assign_are_tracked_and_their_kept_weight_is_reused():
+    """load_state_dict(assign=True) puts plain parameters in: they must become TrackedParameters whose kept
+    dense weight is reused, not rebuilt on every inference call."""
+    from bondgate.layer import TrackedParameter
+
+    layer = _warm_dense_cached_layer()
+    layer.load_state_dict({k: v.clone() for k, v in layer.state_dict().items()}, assign=True)
+    assert all(type(p) is TrackedParameter for p in layer.parameters())
+    x = torch.randn(3, 96)
+    with torch.no_grad():
+        y = layer(x)
+        kept = next(iter(layer._hot.values()))[0][1][0]
+        assert torch.equal(layer(x), y) and next(iter(layer._hot.values()))[0][1][0] is kept
+
+
+def test_cores_made_anew_by_to_are_tracked():
+    """With torch's overwrite-on-conversion flag, .double() makes new parameters: they must be TrackedParameters."""
+    from bondgate.layer import TrackedParameter
+
+    layer = MPOLinear(12, 10, max_bond=3, num_cores=2)
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        layer.double()
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(False)
+    assert all(type(p) is TrackedParameter and p.dtype == torch.float64 for p in layer.parameters())
+
+
+def test_a_plan_pinned_for_float32_is_not_run_after_double():
+    """.double() drops the plans chosen for float32: a float64 call plans for float64 (and spec records that)."""
+    layer = MPOLinear(96, 80, max_bond=6, num_cores=3, policy=FLOPS)
+    layer._pinned = {"cpu:float32:2:0": "rebuild+gemm|linear"}
+    x = torch.randn(3, 96)
+    with torch.no_grad():
+        layer(x)
+        assert layer.spec()["plans"]["cpu:float32:2:0"] == "rebuild+gemm|linear"
+        layer.double()
+        y = layer(x.double())
+    assert layer.spec()["plans"]["cpu:float64:2:0"] == layer.plan(3).id != "rebuild+gemm|linear"
+    torch.testing.assert_close(y, layer.to_linear()(x.double()))
+
+
+def test_an_empty_batch_without_input_grad_gives_the_cores_zero_gradients_like_linear():
+    """nn.Linear on zero rows still gives its weight a zero gradient; the cores must get one too."""
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 40, bias=False)
+    layer = MPOLinear.from_linear(lin, max_bond=3, policy=FLOPS)
+    for m in (lin, layer):
+        y = m(torch.zeros(0, 48))
+        assert y.shape == (0, 40) and y.requires_grad
+        y.sum().backward()
+    assert all(c.grad is not None and c.grad.shape == c.shape and not c.grad.any() for c in layer.cores)
+
+
+def test_weight_matrix_keeps_the_cores_dtype_under_autocast():
+    """weight_matrix() inside torch.autocast is the float32 weight, as nn.Linear.weight is, not a bfloat16 product."""
+    torch.manual_seed(0)
+    layer = MPOLinear(64, 48, max_bond=8, num_cores=3)
+    want = layer.weight_matrix()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer.weight_matrix()
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+def test_refresh_drops_a_kept_weight_after_a_write_torch_cannot_see():
+    """A write through a numpy view bypasses the version counters; refresh() makes the next call use it."""
+    layer = _warm_dense_cached_layer()
+    x = torch.randn(3, 96)
+    with torch.no_grad():
+        y = layer(x)
+        layer.cores[1].detach().numpy()[...] *= 2.0  # unseen by torch: the kept weight is stale until refresh()
+        layer.refresh()
+        got = layer(x)
+    torch.testing.assert_close(got, layer.to_linear()(x))
+    torch.testing.assert_close(got - layer.bias, 2 * (y - layer.bias))
+
+
+def test_cores_assigned_with_other_bonds_are_compiled_at_their_bonds():
+    """layer.cores = a new ParameterList of other bond widths: a compiled forward must trace the new bonds."""
+    from bondgate.layer import TrackedParameter
+
+    torch.manual_seed(0)
+    layer = MPOLinear(96, 80, max_bond=6, num_cores=3, policy=FLOPS)
+    mpo = MPO.from_matrix(torch.randn(80, 96), num_cores=3, max_bond=3)
+    assert (mpo.out_factors, mpo.in_factors) == (layer.out_factors, layer.in_factors)
+    layer.cores = nn.ParameterList([TrackedParameter(c.clone()) for c in mpo.cores])
+    assert layer.bond_dims == (3, 3)
+    compiled = torch.compile(layer, backend="eager", fullgraph=True, dynamic=False)
+    x = torch.randn(3, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), x @ mpo.to_matrix().T + layer.bias)

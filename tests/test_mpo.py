@@ -294,3 +294,82 @@ def test_too_many_cores_is_a_clear_error():
     with pytest.raises(ValueError, match="num_cores must be at most 256"):
         MPO.from_matrix(torch.randn(8, 8), num_cores=2000)
     assert MPO.from_matrix(torch.randn(8, 8, dtype=torch.float64), num_cores=70).error < 1e-12
+
+
+# ---- cases a mutation run of mpo.py showed untested
+def test_tol_passes_an_exact_bonds_unused_budget_to_the_next_bond():
+    """A bond that discards nothing leaves its share of the tol budget to the next bond (the smallest ranks)."""
+    gen = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(20, 20, generator=gen, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(24, 24, generator=gen, dtype=torch.float64))[0]
+    s = torch.tensor([2.0 ** -j for j in range(20)], dtype=torch.float64)
+    A = torch.randn(2, 3, generator=gen, dtype=torch.float64)
+    W = torch.kron(A / A.norm(), _from_unfolding(U @ torch.diag(s) @ V[:, :20].T, (4, 6), (5, 4)))  # bond 0: rank 1
+    legs = {"out_factors": (2, 4, 6), "in_factors": (3, 5, 4)}
+    norm = float(s.square().sum().sqrt())
+    for k in (2, 5):
+        tail = float(s[k:].square().sum().sqrt())
+        tol = math.sqrt(1.5) * tail / norm  # fits rank k on the last bond with the whole budget, not with half of it
+        mpo = MPO.from_matrix(W, tol=tol, **legs)
+        assert mpo.bond_dims == (1, k) and mpo.error == pytest.approx(tail / norm, rel=1e-9)
+        assert MPO.from_matrix(W, **legs).truncate(tol=tol).bond_dims == (1, k)
+
+
+def test_a_cut_that_drops_nothing_keeps_a_padded_mpos_exact_error():
+    """Truncating a padded MPO within its bonds reports its own exact error, not the padded operator's larger one."""
+    torch.manual_seed(0)
+    W = torch.randn(61, 97, dtype=torch.float64)
+    m = MPO.from_matrix(W, num_cores=3, max_bond=8)
+    assert (m.padded_out, m.padded_in) != (61, 97)
+    t = m.truncate(max_bond=1000)
+    assert t.bond_dims == m.bond_dims and t.error_exact
+    assert t.error == m.error == pytest.approx(rel(t.to_matrix(), W), rel=1e-9)
+
+
+def test_truncated_bond_spectra_are_the_results_schmidt_values_or_none():
+    """bond_spectra of a truncation are the result's Schmidt values; where a later bond's cut changed an earlier
+    bond's values (read before that cut: 20.7 where the result's are 14.9), they are None and canonicalize() has them."""
+    torch.manual_seed(0)
+    m = MPO.from_matrix(torch.randn(64, 96, dtype=torch.float64), num_cores=3)
+
+    def schmidt(mpo, k, n):
+        return torch.linalg.svdvals(_unfolding(mpo.to_matrix(), mpo.out_factors, mpo.in_factors, k))[:n]
+
+    first_only = m.truncate(max_bond=[4, None])  # nothing cut after bond 0: every bond's values are the result's
+    assert first_only.bond_dims[0] == 4 and [s.numel() for s in first_only.bond_spectra] == list(first_only.bond_dims)
+    for k, s in enumerate(first_only.bond_spectra):
+        assert torch.allclose(s, schmidt(first_only, k, s.numel()), rtol=1e-8, atol=1e-10)
+    both = m.truncate(max_bond=4)
+    assert both.bond_dims == (4, 4) and both.bond_spectra is None
+    canon = both.canonicalize()
+    assert torch.allclose(canon.to_matrix(), both.to_matrix(), atol=1e-10)
+    for k, s in enumerate(canon.bond_spectra):
+        assert torch.allclose(s, schmidt(both, k, 4), rtol=1e-8, atol=1e-10)
+    assert float(canon.bond_spectra[0][0]) < 0.8 * float(m.bond_spectra[0][0])  # the stale value it would have had
+    two = MPO.from_matrix(torch.randn(64, 96, dtype=torch.float64), num_cores=2).truncate(max_bond=5)
+    assert torch.allclose(two.bond_spectra[0], schmidt(two, 0, 5), rtol=1e-8, atol=1e-10)
+
+
+def test_inconsistent_cores_and_bad_bond_arguments_are_refused():
+    """Cores whose last bond is not 1 or whose legs cannot hold the shape, max_bond=True and a width of 0 raise."""
+    with pytest.raises(ValueError, match="the last core must have right bond 1, got 2"):
+        MPO([torch.randn(1, 2, 2, 3), torch.randn(3, 2, 2, 2)], 4, 4)
+    with pytest.raises(ValueError, match=r"factors \(2, 2\) x \(2, 2\) cannot hold a \(5, 4\) matrix"):
+        MPO([torch.randn(1, 2, 2, 3), torch.randn(3, 2, 2, 1)], 5, 4)
+    with pytest.raises(TypeError, match="max_bond must be an int"):
+        MPO.from_matrix(torch.randn(16, 16), num_cores=2, max_bond=True)
+    mpo = MPO.from_matrix(torch.randn(16, 16), num_cores=3, max_bond=2)
+    with pytest.raises(ValueError, match=r"width 0 for bond 1 is outside \[1, 2\]"):
+        mpo.slice_bonds([2, 0])
+
+
+def test_16_bit_cores_are_no_longer_a_projection_of_the_matrix():
+    """MPO.to(float16) drops source_norm (rounded cores); float32 keeps it, so truncate's error stays a bound."""
+    torch.manual_seed(0)
+    W = torch.randn(64, 96, dtype=torch.float64)
+    m = MPO.from_matrix(W, num_cores=3, max_bond=8)
+    assert m.to(torch.float32).source_norm == m.source_norm > 0
+    half = m.to(torch.float16)
+    assert half.source_norm is None
+    t = half.truncate(max_bond=4)
+    assert not t.error_exact and t.error >= rel(t.to_matrix().double(), W)

@@ -99,7 +99,8 @@ class MPO:
         error: relative Frobenius error ``||W - W_mpo||_F / ||W||_F`` against the matrix it was built
             from (exact when ``error_exact``; otherwise an upper bound).
         bond_spectra: per bond, the Schmidt (singular) values of the MPO across that cut, descending,
-            when the MPO is in canonical form; ``None`` otherwise.
+            when the MPO is in canonical form (:meth:`from_matrix`, :meth:`canonicalize`, and a :meth:`truncate`
+            that cut nothing after its first bond); ``None`` otherwise.
         source_norm: ``||W||_F`` of that matrix while the MPO is an orthogonal projection of it (TT-SVD by
             :meth:`from_matrix` in 32 or 64 bits, and truncations since), else ``None``; :meth:`truncate` then
             reports the error against ``W`` from the norms alone.
@@ -344,7 +345,9 @@ class MPO:
         the result is one too, and the two errors add in squares (exact without padding; with padding an upper
         bound); otherwise the triangle-inequality bound ``error + rel`` (``rel``: the cut's error against this MPO,
         relative to ``W`` where ``source_norm`` is known), which may exceed 1. ``right_orthogonal``: the output of
-        :meth:`right_orthogonal_cores`, when truncating the same MPO many times.
+        :meth:`right_orthogonal_cores`, when truncating the same MPO many times. ``bond_spectra`` of the result is
+        ``None`` where a bond after the first lost channels (the sweep read the earlier bonds' values before that cut):
+        call :meth:`canonicalize` on the result for its Schmidt values and Schmidt-ordered channels.
         """
         return self.cut(max_bond, tol, right_orthogonal)[0]
 
@@ -397,14 +400,20 @@ class MPO:
         norm_sq = float((cores[0] ** 2).sum())
         budget_sq = None if tol is None else (float(tol) ** 2) * norm_sq
         discarded_sq = 0.0
-        spectra = []
+        spectra: list[torch.Tensor] | None = []
         for k in range(d - 1):
             c = cores[k]
             U, S, Vh = torch.linalg.svd(c.reshape(-1, c.shape[3]), full_matrices=False)
             allowed = None if budget_sq is None else max(budget_sq - discarded_sq, 0.0) / (d - 1 - k)
             r = S.numel() if caps[k] is None and allowed is None else _keep_rank(S, caps[k], allowed)
-            discarded_sq += float((S[r:] ** 2).sum())
-            spectra.append(S[:r].clone())
+            dropped = float((S[r:] ** 2).sum())
+            discarded_sq += dropped
+            if dropped > 0 and k > 0:
+                # the earlier bonds' values were taken before this cut, which changes the Schmidt values there (and
+                # their channels are no longer Schmidt-ordered): not the result's; canonicalize() gives those
+                spectra = None
+            if spectra is not None:
+                spectra.append(S[:r].clone())
             cores[k] = U[:, :r].reshape(*c.shape[:3], r)
             cores[k + 1] = torch.tensordot(S[:r, None] * Vh[:r], cores[k + 1], dims=([1], [0]))
         out = MPO(

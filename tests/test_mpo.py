@@ -348,6 +348,14 @@ def test_truncated_bond_spectra_are_the_results_schmidt_values_or_none():
     assert float(canon.bond_spectra[0][0]) < 0.8 * float(m.bond_spectra[0][0])  # the stale value it would have had
     two = MPO.from_matrix(torch.randn(64, 96, dtype=torch.float64), num_cores=2).truncate(max_bond=5)
     assert torch.allclose(two.bond_spectra[0], schmidt(two, 0, 5), rtol=1e-8, atol=1e-10)
+    # dropping only the zero Schmidt values of a rank-deficient MPO is rounding: its spectra stay (and are right)
+    low = MPO.from_matrix(m.truncate(max_bond=[6, 3]).to_matrix(), num_cores=3, out_factors=m.out_factors,
+                          in_factors=m.in_factors)
+    assert max(low.bond_dims) > 6
+    kept = low.truncate(tol=1e-10)
+    assert kept.bond_dims == (6, 3) and kept.bond_spectra is not None
+    for k, s in enumerate(kept.bond_spectra):
+        assert torch.allclose(s, schmidt(kept, k, s.numel()), rtol=1e-8, atol=1e-10)
 
 
 def test_inconsistent_cores_and_bad_bond_arguments_are_refused():

@@ -974,7 +974,7 @@ def test_fewer_calibration_rows_than_inputs_warn():
     """With 3 rows the report said output error 0.000 where 1,024 held-out rows gave 0.7."""
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
-    with pytest.warns(UserWarning, match="fewer calibration rows than inputs"):
+    with pytest.warns(UserWarning, match=r"too few calibration rows to span their inputs .*\(0 \(3 rows, 64 inputs, "):
         bondgate.compress(m, bondgate.CompressionConfig(param_ratio=0.5), calibration=[torch.randn(3, 64)],
                           progress=False)
 
@@ -1959,7 +1959,7 @@ def test_a_tied_head_keeps_its_bias_and_its_row_says_it_shares_the_tables_cores(
 
 
 @pytest.mark.parametrize("bias, enough, message", [
-    (False, 64, r"fewer calibration rows than inputs .*\(0 \(63 rows, 64 inputs\)\)"),
+    (False, 64, r"too few calibration rows to span their inputs .*\(0 \(63 rows, 64 inputs\)\)"),
     (True, 65, r"\(0 \(64 rows, 64 inputs, and a bias\)\)"),
 ])
 def test_the_few_calibration_rows_warning_starts_where_the_rows_no_longer_span_the_inputs(bias, enough, message,
@@ -1973,7 +1973,7 @@ def test_the_few_calibration_rows_warning_starts_where_the_rows_no_longer_span_t
                  calibration=[torch.randn(rows, 64)], progress=False)
 
     run(enough)
-    assert not [w for w in recwarn if "fewer calibration rows" in str(w.message)]
+    assert not [w for w in recwarn if "too few calibration rows" in str(w.message)]
     with pytest.warns(UserWarning, match=message):
         run(enough - 1)
 

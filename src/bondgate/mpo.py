@@ -30,6 +30,9 @@ from .factors import factorize_shape
 __all__ = ["MPO"]
 
 BondSpec = int | Sequence[int | None] | None
+# a truncation keeps its sweep's bond spectra while what its later bonds drop is at most this fraction of its norm
+# (float64 rounding: zero Schmidt values of a rank-deficient MPO); beyond, they are not the result's (None)
+SPECTRA_RTOL = 1e-12
 
 
 def _check_matrix(W: torch.Tensor) -> torch.Tensor:
@@ -100,7 +103,8 @@ class MPO:
             from (exact when ``error_exact``; otherwise an upper bound).
         bond_spectra: per bond, the Schmidt (singular) values of the MPO across that cut, descending,
             when the MPO is in canonical form (:meth:`from_matrix`, :meth:`canonicalize`, and a :meth:`truncate`
-            that cut nothing after its first bond); ``None`` otherwise.
+            that cut nothing after its first bond but rounding: within ``SPECTRA_RTOL`` of the norm); ``None``
+            otherwise.
         source_norm: ``||W||_F`` of that matrix while the MPO is an orthogonal projection of it (TT-SVD by
             :meth:`from_matrix` in 32 or 64 bits, and truncations since), else ``None``; :meth:`truncate` then
             reports the error against ``W`` from the norms alone.
@@ -346,8 +350,8 @@ class MPO:
         bound); otherwise the triangle-inequality bound ``error + rel`` (``rel``: the cut's error against this MPO,
         relative to ``W`` where ``source_norm`` is known), which may exceed 1. ``right_orthogonal``: the output of
         :meth:`right_orthogonal_cores`, when truncating the same MPO many times. ``bond_spectra`` of the result is
-        ``None`` where a bond after the first lost channels (the sweep read the earlier bonds' values before that cut):
-        call :meth:`canonicalize` on the result for its Schmidt values and Schmidt-ordered channels.
+        ``None`` where a bond after the first lost more than rounding (the sweep read the earlier bonds' values before
+        that cut): call :meth:`canonicalize` on the result for its Schmidt values and Schmidt-ordered channels.
         """
         return self.cut(max_bond, tol, right_orthogonal)[0]
 
@@ -399,8 +403,8 @@ class MPO:
         d = len(cores)
         norm_sq = float((cores[0] ** 2).sum())
         budget_sq = None if tol is None else (float(tol) ** 2) * norm_sq
-        discarded_sq = 0.0
-        spectra: list[torch.Tensor] | None = []
+        discarded_sq = later_sq = 0.0
+        spectra = []
         for k in range(d - 1):
             c = cores[k]
             U, S, Vh = torch.linalg.svd(c.reshape(-1, c.shape[3]), full_matrices=False)
@@ -408,14 +412,15 @@ class MPO:
             r = S.numel() if caps[k] is None and allowed is None else _keep_rank(S, caps[k], allowed)
             dropped = float((S[r:] ** 2).sum())
             discarded_sq += dropped
-            if dropped > 0 and k > 0:
-                # the earlier bonds' values were taken before this cut, which changes the Schmidt values there (and
-                # their channels are no longer Schmidt-ordered): not the result's; canonicalize() gives those
-                spectra = None
-            if spectra is not None:
-                spectra.append(S[:r].clone())
+            later_sq += dropped if k > 0 else 0.0
+            spectra.append(S[:r].clone())
             cores[k] = U[:, :r].reshape(*c.shape[:3], r)
             cores[k + 1] = torch.tensordot(S[:r, None] * Vh[:r], cores[k + 1], dims=([1], [0]))
+        # Bond k's values were read before the later bonds were cut, which moves the Schmidt values there (by at most
+        # sqrt(later_sq), Weyl) and leaves its channels no longer Schmidt-ordered: kept only where that is rounding
+        # (dropped zeros of a rank-deficient MPO); canonicalize() gives the result's
+        if later_sq > SPECTRA_RTOL**2 * norm_sq:
+            spectra = None
         out = MPO(
             [c.to(self.dtype) for c in cores],
             self.out_features,

@@ -1267,10 +1267,11 @@ def _check_stats(stats: dict[str, InputStats], biased: dict[str, bool]) -> None:
     few = [f"{n} ({st.rows} rows, {st.cov.shape[0]} inputs{', and a bias' if biased.get(n) else ''})"
            for n, st in stats.items() if st.rows - biased.get(n, False) < st.cov.shape[0]]
     if few:  # the fit and the reported errors only see the span of those rows (3 rows: error 0.000, 0.7 held out)
-        warn_user(f"compress: {len(few)} layer(s) saw fewer calibration rows than inputs (one more with a bias: "
-                  f"centred, the rows span one direction less) ({_short_list(few, 3)}): the factorization fits, and "
-                  "the report's output errors measure, only the directions those rows span, so both understate the "
-                  "error on other inputs; pass more calibration rows")
+        warn_user(f"compress: {len(few)} layer(s) saw too few calibration rows to span their inputs (fewer rows "
+                  f"than inputs; with a bias, whose fit centres the rows, no more rows than inputs) "
+                  f"({_short_list(few, 3)}): the factorization fits, and the report's output errors measure, only the "
+                  "directions those rows span, so both understate the error on other inputs; pass more calibration "
+                  "rows")
 
 
 def _round_up(x: float) -> float:

@@ -297,6 +297,19 @@ def test_controller_cost_is_small_for_a_real_layer():
     assert layer.level_cost == sorted(layer.level_cost) and layer.level_cost[-1] == pytest.approx(layer.full_cost)
 
 
+@pytest.mark.parametrize("mode", ["full", 0.5, "nested", "gate"])
+def test_a_loaded_layer_trains_its_controller_only_where_set_mode_does(tmp_path, mode):
+    """set_mode freezes a linear controller outside 'gate'; a loaded model in that mode had it trainable again (an
+    optimizer, DDP's unused-parameter check and trainable-parameter counts saw parameters the mode never uses)."""
+    net = gate(model_with_mpo(), GatingConfig(controller="linear"))
+    set_mode(net, mode)
+    want = [p.requires_grad for p in net[2].controller.parameters()]
+    assert want and set(want) == {mode == "gate"}
+    back = bondgate.load(bondgate.save(net, tmp_path / "g"))
+    assert [p.requires_grad for p in back[2].controller.parameters()] == want
+    assert all(p.requires_grad for n, p in back.named_parameters() if "controller" not in n)
+
+
 @pytest.mark.parametrize("kind", ["linear", "error"])
 def test_save_load_reproduces_decisions_and_outputs(tmp_path, kind):
     net = gate(model_with_mpo(), GatingConfig(levels=(0.25, 0.5, 0.75, 1.0), controller=kind))

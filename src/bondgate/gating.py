@@ -508,6 +508,12 @@ class GatedMPOLinear(MPOLinear):
                      "track": None if self._tracker is None else self._tracker.spec()})
         return spec
 
+    def _set_mode(self, mode: str | float) -> None:
+        """Set a checked ``mode``; the controller trains only in ``"gate"`` (an error controller is fitted, never)."""
+        self.mode = mode
+        for p in self.controller.parameters():
+            p.requires_grad_(mode == "gate" and not isinstance(self.controller, ErrorController))
+
     @classmethod
     def from_spec(cls, spec: dict) -> "GatedMPOLinear":
         """An uninitialized layer with the structure and gating settings of :meth:`spec` (fill it with
@@ -520,7 +526,7 @@ class GatedMPOLinear(MPOLinear):
         layer._init_config(GatingConfig(budget=spec.get("budget", 0.5), levels=tuple(spec["levels"]), controller=kind,
                                         rank=rank, temperature=spec.get("temperature", 1.0),
                                         penalty=spec.get("penalty", 5.0)), spec.get("cost_rows", 1))
-        layer.mode = _check_mode(spec.get("mode", "gate"))
+        layer._set_mode(_check_mode(spec.get("mode", "gate")))  # a loaded fixed-mode layer's controller: frozen
         layer.max_groups = positive_int(spec.get("max_groups"), "max_groups", none_ok=True)
         track = spec.get("track")
         if track is not None:
@@ -1053,9 +1059,7 @@ def set_mode(model: nn.Module, mode: str | float) -> nn.Module:
     if not layers:
         raise ValueError("the model has no gated layers (call bondgate.gate first)")
     for _, m in layers:
-        m.mode = mode
-        for p in m.controller.parameters():  # (an error controller is fitted, never trained)
-            p.requires_grad_(mode == "gate" and not isinstance(m.controller, ErrorController))
+        m._set_mode(mode)
     from .hf import rebind
 
     rebind(model)  # the mode is in config.json's record: bound again after a pickle round trip unbound it

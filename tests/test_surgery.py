@@ -2046,3 +2046,202 @@ def test_every_earlier_config_stays_in_the_reports_history():
     assert [c["max_bond"] for c in rep.history] == [6, 4] and rep.config["max_bond"] == 2
     assert [c["target_modules"] for c in rep.history] == [["0"], ["2"]]
     assert {r.name: max(r.bond_dims) for r in rep.layers} == {"0": 6, "2": 4, "4": 2}
+
+
+# ------------------------------------------------------------------ calibration.py: batches, devices, hooks, rows
+
+
+def test_batches_reach_the_models_device_in_their_own_containers():
+    """A dict / namedtuple / list batch has every tensor moved to the model's device and keeps its container types."""
+    from collections import namedtuple
+
+    from bondgate.calibration import to_device
+
+    Pair = namedtuple("Pair", "x y")
+    batch = {"a": torch.ones(2), "p": Pair(torch.zeros(3), 5), "l": [torch.ones(1), "t"]}
+    moved = to_device(batch, torch.device("meta"))
+    assert moved["a"].is_meta and moved["l"][0].is_meta and moved["l"][1] == "t"
+    assert type(moved["p"]) is Pair and moved["p"].x.is_meta and moved["p"].y == 5
+    assert to_device(batch, torch.device("cpu")) is batch  # nothing to move: the very same object
+
+
+def test_one_dict_of_inputs_is_one_calibration_batch():
+    """calibration={"x": t} is one batch of keyword arguments, not its key names; text is refused."""
+    from bondgate.calibration import as_batches
+
+    x = torch.randn(4, 6)
+    batches = as_batches({"x": x}, "compress")
+    assert len(batches) == 1 and batches[0]["x"] is x
+    with pytest.raises(TypeError, match=r"compress: data must be an iterable.*tokenize it first"):
+        as_batches("some text", "compress")
+
+
+def test_an_empty_first_batch_adds_no_rows():
+    """A first batch of zero rows is skipped: the statistics are those of the rows that follow (float64 reference)."""
+    torch.manual_seed(0)
+    toy = nn.Linear(4, 2).double()
+    x = torch.randn(6, 4, dtype=torch.float64) + 3.0
+    st = collect_input_stats(toy, {"": toy}, [x[:0], x])[""]
+    assert st.rows == 6 and st.dtype == torch.float64
+    torch.testing.assert_close(st.mean, x.mean(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(st.cov, torch.cov(x.T, correction=0), rtol=1e-10, atol=1e-12)
+
+
+class _WritesIntoInput(nn.Module):
+    """Overwrites its layer's (float64) input after the call, as an in-place activation on a shared buffer would."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2).double()
+
+    def forward(self, x):
+        h = torch.tanh(x)
+        y = self.lin(h)
+        h.zero_()
+        return y
+
+
+def test_stats_do_not_change_when_the_model_later_writes_into_the_layers_input():
+    """A model writing into a layer's float64 input after the call leaves the statistics those of the rows it saw."""
+    torch.manual_seed(0)
+    net = _WritesIntoInput()
+    data = [torch.randn(5, 3, dtype=torch.float64) + 2.0, torch.randn(7, 3, dtype=torch.float64) - 1.0]
+    rows = torch.tanh(torch.cat(data))
+    st = collect_input_stats(net, {"lin": net.lin}, data)["lin"]
+    assert st.rows == 12
+    torch.testing.assert_close(st.mean, rows.mean(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(st.cov, torch.cov(rows.T, correction=0), rtol=1e-10, atol=1e-12)
+
+
+class _TwiceAndOnce(nn.Module):
+    """``a`` is called twice on one tensor, ``b`` once on the same tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 2), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(x)
+        return self.a(h) + self.b(h) + self.a(h)
+
+
+def test_a_layer_called_fewer_times_on_a_shared_tensor_keeps_its_own_row_count():
+    """b, called once on the tensor a is called on twice, gets its own rows (not a's doubled count)."""
+    torch.manual_seed(0)
+    net = _TwiceAndOnce()
+    st = collect_input_stats(net, {"a": net.a, "b": net.b}, [torch.randn(5, 4), torch.randn(3, 4)])
+    assert (st["a"].rows, st["b"].rows) == (16, 8)
+
+
+class _LateBranch(nn.Module):
+    """``b`` runs only on batches flagged ``late``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x, late=False):
+        return self.b(self.a(x)) if late else self.a(x)
+
+
+def test_max_rows_waits_for_a_layer_not_run_yet():
+    """With unseen='raise' a layer that runs only from the third batch on still gets its rows; 'skip' stops early."""
+    torch.manual_seed(0)
+    net = _LateBranch()
+    data = [(torch.randn(8, 4),), (torch.randn(8, 4),), (torch.randn(8, 4), True), (torch.randn(8, 4), True)]
+    st = collect_input_stats(net, {"a": net.a, "b": net.b}, data, max_rows=8)
+    assert (st["a"].rows, st["b"].rows) == (24, 8)
+    st = collect_input_stats(net, {"a": net.a, "b": net.b}, data, max_rows=8, unseen="skip")
+    assert st["a"].rows == 8 and "b" not in st
+
+
+def test_token_counts_refuse_a_negative_id():
+    """An id of -1 in the calibration data is refused with the table's range, not a bare bincount error."""
+    emb = nn.Sequential(nn.Embedding(8, 4))
+    with pytest.raises(ValueError, match=r"table '0' got ids outside \[0, 8\)"):
+        collect_token_counts(emb, {"0": emb[0]}, [torch.tensor([[1, 2, -1]])])
+
+
+def test_a_table_the_forward_never_reads_is_refused():
+    """A listed embedding table the model never looks up raises 'saw no calibration ids'."""
+    emb, spare = nn.Sequential(nn.Embedding(8, 4)), nn.Embedding(8, 4)
+    with pytest.raises(ValueError, match=r"table 'spare' saw no calibration ids"):
+        collect_token_counts(emb, {"0": emb[0], "spare": spare}, [torch.tensor([[1, 2]])])
+
+
+def test_a_mask_with_entries_other_than_0_and_1_is_not_read_as_padding():
+    """An attention_mask holding sequence ids (1, 2, 0 of packed sequences) is not a 0/1 padding mask: all rows count."""
+    toy = _Masked()
+    x = torch.ones(2, 3, 4)
+    x[1, 2] = 7.0
+    st = collect_input_stats(toy, {"lin": toy.lin}, [(x, torch.tensor([[1, 1, 2], [1, 2, 0]]))])["lin"]
+    assert st.rows == 6 and float(st.mean[0]) == pytest.approx(1 + 6 / 6)
+
+
+# ---------------------------------------------------------------- allocation.py: exact budgets and menu edges
+
+
+def test_lowrank_menu_stops_at_the_number_of_singular_values():
+    """A layer with 3 singular values offers ranks 1-3 only, however many its shape would allow."""
+    menu = lowrank_menu(torch.tensor([3.0, 2.0, 1.0]), 32, 32)
+    assert menu.widths == [None, 1, 2, 3] and menu.errors == [0.0, 5.0, 1.0, 0.0]
+
+
+def test_tolerance_menu_lists_each_bond_tuple_once():
+    """Tolerances that cut the MPO to the same bonds give one menu entry, not several."""
+    torch.manual_seed(0)
+    mpo = MPO.from_matrix(torch.randn(16, 16, dtype=torch.float64), num_cores=2)
+    menu = tolerance_menu(mpo, 256, grid=[0.5, 0.5, 0.5])
+    assert len(menu.widths) == len(set(menu.widths)) and menu.widths[0] is None
+    assert menu.last_resort == [False, False, True] and menu.widths[2] == (1,)
+
+
+def test_last_resort_entries_stay_out_at_a_cost_budget_the_others_meet_exactly():
+    """A cost budget equal to the usual entries' cheapest total keeps the bond-1 last resort out."""
+    a = LayerMenu([1000, 200, 20], [0.0, 0.96, 0.99], [None, (10, 10), (1, 1)], costs=[10.0, 2.0, 1.0],
+                  last_resort=[False, False, True])
+    b = LayerMenu([1000, 200, 380], [0.0, 0.9, 0.1], [None, (5,), (9,)], costs=[10.0, 2.0, 3.0])
+    assert allocate([a, b], 400, cost_budget=4.0) == [(10, 10), (5,)]
+
+
+def test_a_cost_budget_needs_every_entrys_cost():
+    """A cost budget over menus without costs is refused by name."""
+    with pytest.raises(ValueError, match="a cost budget needs the cost of every menu entry"):
+        allocate([LayerMenu([100, 10], [0.0, 1.0], [None, 1])], 50, cost_budget=1.0)
+
+
+def test_rank_growth_stops_at_the_last_singular_value():
+    """A low-rank entry at its full rank is not grown past its spectrum, however much budget is left."""
+    menu = LayerMenu([4096, 128, 256], [0.0, 1.0, 0.0], [None, 1, 2], sv2=[4.0, 1.0], rank_params=128)
+    assert allocate([menu], 4000) == [2]
+
+
+def test_uniform_widths_cap_each_bond_at_its_own_full_width():
+    """A cap larger than a layer's spectrum leaves that bond at its full width, and the budget counts it so."""
+    layers = [LayerSpectrum([16, 16], [torch.linspace(1, 0.1, 16)], 1.0, 256),
+              LayerSpectrum([16, 16], [torch.tensor([1.0, 0.5])], 1.0, 256)]
+    assert uniform_widths(layers, 64 + 5 * 32) == [[5], [2]]
+
+
+def test_the_cost_price_accepts_a_choice_that_meets_the_cost_budget_exactly():
+    """At 14 weights / cost 12 the optimum (error 7) costs exactly 12: it is the one returned, not a worse cheaper one."""
+    a = LayerMenu([100, 3, 1], [0.0, 6.0, 2.0], [None, 1, 2], costs=[50.0, 5.0, 6.0])
+    b = LayerMenu([100, 2, 9], [0.0, 1.0, 6.0], [None, 1, 2], costs=[50.0, 7.0, 6.0])
+    choice = allocate([a, b], 14, cost_budget=12.0)
+    assert choice == [1, 1]
+    assert _mutrun_menu_error([a, b], choice) == _mutrun_best_menu_error([a, b], 14, 12.0) == 7.0
+
+
+def test_a_leftover_upgrade_that_uses_up_the_cost_budget_exactly_is_taken():
+    """An upgrade whose extra cost equals what is left of the cost budget is taken (B 10 -> 15 weights, cost 3 -> 4)."""
+    a = LayerMenu([1000, 10, 20, 24], [0.0, 100.0, 40.0, 30.0], [None, 1, 2, 3], costs=[50.0, 1.0, 2.0, 3.0])
+    b = LayerMenu([1000, 10, 15, 30], [0.0, 100.0, 85.0, 20.0], [None, 1, 2, 3], costs=[50.0, 1.0, 2.0, 3.0])
+    assert allocate([a, b], 35, cost_budget=4.0) == [2, 2]
+
+
+def test_uniform_widths_refuse_a_budget_below_bond_one_everywhere():
+    """A uniform budget smaller than every layer at bond 1 is refused with that floor, not answered with bond 1."""
+    spectra = [LayerSpectrum([16, 16], [torch.linspace(1, 0.1, 16)], 1.0, 256)]
+    assert uniform_widths(spectra, 32) == [[1]]
+    with pytest.raises(ValueError, match=r"below bond 1 everywhere \(32 weights\)"):
+        uniform_widths(spectra, 31)

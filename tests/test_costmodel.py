@@ -540,3 +540,62 @@ def test_measure_times_inference_mode_and_restores_the_flag():
     layer = Recording(8, 4).train()
     assert measure(layer, 2, min_time=1e-4) > 0
     assert modes and not any(modes) and layer.training
+
+
+def test_reps_are_at_least_one_call_when_one_call_outlasts_min_time():
+    """A call slower than min_time still gets one rep per sample, not zero."""
+    assert costmodel._reps(lambda: None, lambda: None, 0.0) == 1
+    assert costmodel._median_seconds(lambda: None, lambda: None, min_time=0.0, rounds=1) >= 0
+
+
+def test_measure_takes_dtype_and_device_for_a_layer_without_parameters():
+    """A parameterless layer is measured when dtype= and device= are both given."""
+    class Passthrough(nn.Module):
+        in_features = 4
+
+        def forward(self, x):
+            return x * 2
+
+    seconds = measure(Passthrough(), 2, dtype=torch.float64, device=torch.device("cpu"), min_time=1e-4)
+    assert seconds > 0
+    with pytest.raises(ValueError, match="pass dtype= and device="):
+        measure(Passthrough(), 2, dtype=torch.float64)
+
+
+def test_paired_seconds_alternate_which_call_goes_first(monkeypatch):
+    """Rounds alternate layer-first and dense-first, so a slow stretch hits both alike."""
+    order = []
+    monkeypatch.setattr(costmodel, "_reps", lambda fn, sync, min_time: 1)
+    monkeypatch.setattr(costmodel, "_sample", lambda fn, sync, reps: order.append(fn) or 1e-3)
+    torch.manual_seed(0)
+    layer = MPOLinear.from_linear(nn.Linear(16, 16), max_bond=2, num_cores=2)
+    assert costmodel.paired_seconds(layer, 2, rounds=4) == (1e-3, 1e-3)
+    first = order[0]
+    assert [fn is first for fn in order] == [True, False, False, True, True, False, False, True]
+
+
+def test_fit_of_two_equal_times_uses_the_larger_points_throughput():
+    """Equal times at two FLOP counts give no overhead and the larger point's throughput."""
+    assert _fit([(1e6, 2e-3), (4e6, 2e-3)]) == (0.0, 2e9)
+
+
+def test_calibrate_fits_each_kind_from_its_own_timings(monkeypatch):
+    """A 1-wide layer is timed at rank 1 only (its second point twice the first); each kind gets its own fit."""
+    ranks = []
+    monkeypatch.setattr(costmodel, "_median_seconds", lambda fn, sync, *a, **k: 0.5)
+    real = LowRankLinear.__init__
+
+    def spy(self, in_features, out_features, rank, *a, **k):
+        ranks.append(rank)
+        real(self, in_features, out_features, rank, *a, **k)
+
+    monkeypatch.setattr(LowRankLinear, "__init__", spy)
+    costmodel.clear_timings()
+    try:
+        kt = costmodel.calibrate(1, 8, (1, 1), (4, 2), (2,), rows=3)
+    finally:
+        costmodel.clear_timings()
+    assert ranks == [1]
+    assert kt.lowrank == (0.0, lowrank_flops(1, 8, 1, 3) / 0.5)
+    assert kt.mpo == (0.0, mpo_flops((1, 1), (4, 2), (1,), 3) / 0.5)
+    assert kt.dense_s == 0.5 and kt.dense_flops == 2 * 3 * 8

@@ -381,3 +381,37 @@ def test_16_bit_cores_are_no_longer_a_projection_of_the_matrix():
     assert half.source_norm is None
     t = half.truncate(max_bond=4)
     assert not t.error_exact and t.error >= rel(t.to_matrix().double(), W)
+
+
+def test_the_most_legs_allowed_is_256():
+    """num_cores of exactly 256 is accepted; 257 is refused."""
+    assert choose_factors(2, 256) == (2, (1,) * 255 + (2,))
+    with pytest.raises(ValueError, match="num_cores must be at most 256, got 257"):
+        choose_factors(2, 257)
+
+
+def test_an_exact_split_within_twice_the_balanced_leg_is_kept_unpadded():
+    """A largest leg up to 2 * n**(1/d) keeps n exact (10 -> (2, 5), 5 <= 6.32)."""
+    assert choose_factors(10, 2) == (10, (2, 5))
+    assert choose_factors(14, 2) == (14, (2, 7))
+
+
+def test_default_padding_may_reach_twice_n():
+    """With no max_pad the search runs up to 2 * n (5 in 3 cores pads to 8, 60% more)."""
+    assert choose_factors(5, 3) == (8, (2, 2, 2))
+    assert choose_factors(10, 4) == (16, (2, 2, 2, 2))
+
+
+def test_max_pad_allows_a_padded_size_exactly_at_its_bound():
+    """padded_n == n * (1 + max_pad) is allowed, also where the float product falls just below it."""
+    assert choose_factors(62, 3, max_pad=2 / 62) == (64, (4, 4, 4))
+    assert choose_factors(13, 2, max_pad=2 / 13) == (15, (3, 5))
+    assert choose_factors(42, 4, max_pad=12 / 42) == (54, (2, 3, 3, 3))
+
+
+def test_bool_factors_are_refused():
+    """True is not a leg size, though it equals 1."""
+    with pytest.raises(ValueError, match="out_factors must be a non-empty sequence of positive integers"):
+        factorize_shape(64, 48, 3, out_factors=(True, 8, 8))
+    with pytest.raises(ValueError, match="in_factors must be a non-empty sequence of positive integers"):
+        factorize_shape(64, 48, 3, in_factors=(4, 4, 3, True))

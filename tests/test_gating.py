@@ -1065,6 +1065,14 @@ def test_lowrank_pairs_are_gated_by_rank_prefix_with_the_nested_kernel(tmp_path,
 
 
 # ---------------------------------------------------------------------------------- review fixes (gating)
+def _fitted_error_net():
+    """``model_with_mpo()`` gated with a fitted error controller, and its three ``(64, 96)`` fitting batches."""
+    net = gate(model_with_mpo(), GatingConfig(controller="error"))
+    data = [torch.randn(64, 96) for _ in range(3)]
+    bondgate.fit_controllers(net, data)
+    return net, data
+
+
 def _error_gated(seed=0, scale=1.0):
     """A fitted error-controlled model and model inputs ``(64, 96)`` (``scale`` x standard normal)."""
     net = gate(model_with_mpo(seed), GatingConfig(controller="error", levels=(0.25, 0.5, 1.0)))
@@ -1230,9 +1238,7 @@ def test_a_budget_penalty_without_gradient_is_an_error_not_a_silent_zero():
 def test_set_budget_is_all_or_nothing_and_takes_one_batch():
     # a call that raised left the tracker dropped and max_groups / cost_rows replaced (0.506 -> 0.567 of full FLOPs
     # on the same traffic afterwards); one dict or tensor batch was iterated (its keys / rows went to the model)
-    net = gate(model_with_mpo(), GatingConfig(controller="error"))
-    data = [torch.randn(64, 96) for _ in range(3)]
-    bondgate.fit_controllers(net, data)
+    net, data = _fitted_error_net()
     set_budget(net, 0.5, data, track=0.05)
     layer = net[2]
     before = (layer._tracker, layer.max_groups, layer.cost_rows, float(layer.budget_lambda), layer.level_cost)
@@ -1248,9 +1254,7 @@ def test_set_budget_is_all_or_nothing_and_takes_one_batch():
 
 def test_an_unreachable_budget_warns_and_the_tracked_price_stays_bounded():
     # budgets below the cheapest levels returned ~0.14 without a word; the tracker then grew the price to inf
-    net = gate(model_with_mpo(), GatingConfig(controller="error"))
-    data = [torch.randn(64, 96) for _ in range(3)]
-    bondgate.fit_controllers(net, data)
+    net, data = _fitted_error_net()
     net.eval()
     with pytest.warns(UserWarning, match="budget of 0.01 is out of reach"):
         got = set_budget(net, 0.01, data, track=0.5)
@@ -2158,9 +2162,7 @@ def test_gating_a_bare_mpo_layer_is_refused():
 
 def test_an_unreachable_budget_prices_at_the_bound_not_past_it():
     """set_budget(0.01) that no price can meet sets the price to PRICE_BOUND, the end of its search range."""
-    net = gate(model_with_mpo(), GatingConfig(controller="error"))
-    data = [torch.randn(64, 96) for _ in range(3)]
-    bondgate.fit_controllers(net, data)
+    net, data = _fitted_error_net()
     net.eval()
     with pytest.warns(UserWarning, match="budget of 0.01 is out of reach"):
         set_budget(net, 0.01, data)

@@ -1630,6 +1630,13 @@ def _mutrun_best_menu_error(menus, budget, cost_budget=None):
                and (cost_budget is None or sum(m.costs[j] for m, j in zip(menus, js)) <= cost_budget))
 
 
+def _mutrun_assert_optimal(menus, budget, cost_budget, choice, error):
+    """``allocate`` returns ``choice``, whose weighted error ``error`` is the brute-force optimum within the budgets."""
+    got = allocate(menus, budget, cost_budget=cost_budget)
+    assert got == choice
+    assert _mutrun_menu_error(menus, got) == _mutrun_best_menu_error(menus, budget, cost_budget) == error
+
+
 def _mutrun_output_error(model, x, y):
     """The measured relative output error ||model(x) - y|| / ||y||."""
     with torch.no_grad():
@@ -1696,9 +1703,7 @@ def test_menu_upgrades_weigh_the_gain_by_the_layer_weight():
     # weighted optimum is A's 20 + B's 27 (2*35 + 3*48 = 214); unweighted it ends at A's 32 + B's 12 (2*5 + 3*79 = 247)
     a = LayerMenu([1000, 12, 20, 32], [0.0, 81.0, 35.0, 5.0], [None, 1, 2, 3], weight=2.0)
     b = LayerMenu([1000, 12, 27, 29], [0.0, 79.0, 48.0, 38.0], [None, 1, 2, 3], weight=3.0)
-    choice = allocate([a, b], 48)
-    assert choice == [2, 2]
-    assert _mutrun_menu_error([a, b], choice) == _mutrun_best_menu_error([a, b], 48) == 214.0
+    _mutrun_assert_optimal([a, b], 48, None, [2, 2], 214.0)
 
 
 def test_a_weight_budget_met_exactly_is_accepted_under_a_cost_budget():
@@ -1707,9 +1712,7 @@ def test_a_weight_budget_met_exactly_is_accepted_under_a_cost_budget():
     # (2) at 9 weights / cost 9 the only choice meeting both (A2 + B1, exactly 9 weights) was refused (BudgetConflict)
     a = LayerMenu([100, 1, 5], [0.0, 8.0, 3.0], [None, 1, 2], costs=[50.0, 1.0, 5.0])
     b = LayerMenu([100, 4, 5], [0.0, 9.0, 5.0], [None, 1, 2], costs=[50.0, 3.0, 8.0])
-    choice = allocate([a, b], 10, cost_budget=11.0)
-    assert choice == [2, 1]
-    assert _mutrun_menu_error([a, b], choice) == _mutrun_best_menu_error([a, b], 10, 11.0) == 12.0
+    _mutrun_assert_optimal([a, b], 10, 11.0, [2, 1], 12.0)
     a = LayerMenu([100, 6, 8], [0.0, 6.0, 6.0], [None, 1, 2], costs=[50.0, 6.0, 1.0])
     b = LayerMenu([100, 1, 4], [0.0, 6.0, 2.0], [None, 1, 2], costs=[50.0, 7.0, 2.0])
     assert allocate([a, b], 9, cost_budget=9.0) == [2, 1]
@@ -2227,9 +2230,7 @@ def test_the_cost_price_accepts_a_choice_that_meets_the_cost_budget_exactly():
     """At 14 weights / cost 12 the optimum (error 7) costs exactly 12: it is the one returned, not a worse cheaper one."""
     a = LayerMenu([100, 3, 1], [0.0, 6.0, 2.0], [None, 1, 2], costs=[50.0, 5.0, 6.0])
     b = LayerMenu([100, 2, 9], [0.0, 1.0, 6.0], [None, 1, 2], costs=[50.0, 7.0, 6.0])
-    choice = allocate([a, b], 14, cost_budget=12.0)
-    assert choice == [1, 1]
-    assert _mutrun_menu_error([a, b], choice) == _mutrun_best_menu_error([a, b], 14, 12.0) == 7.0
+    _mutrun_assert_optimal([a, b], 14, 12.0, [1, 1], 7.0)
 
 
 def test_a_leftover_upgrade_that_uses_up_the_cost_budget_exactly_is_taken():

@@ -205,6 +205,7 @@ def test_gpt2_keeps_its_lm_head_and_reads_a_calibration_file(tmp_path):
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
 
 
+@pytest.mark.slow
 def test_compress_with_embeddings_and_int8_cores(tiny_dir, tmp_path):
     out = tmp_path / "emb-int8"
     code, stdout, stderr = run(["compress", "--model", str(tiny_dir), "--ratio", "0.5", "--embeddings",
@@ -326,6 +327,7 @@ def test_calibration_reads_a_pipe_and_standard_input(tmp_path, monkeypatch):
             _calibration_lines("/dev/zero", 5)
 
 
+@pytest.mark.slow
 def test_compress_a_lowrank_table_with_kept_rows(tiny_dir, tmp_path):
     out = tmp_path / "emb-low"
     code, stdout, stderr = run(["compress", "--model", str(tiny_dir), "--ratio", "0.5", "--embeddings",

@@ -56,6 +56,7 @@ def _compiled_gpt2_matches_eager_and_generates(backend: str) -> None:
     assert torch.equal(got, want_tokens)
 
 
+@pytest.mark.slow
 def test_compiled_gpt2_with_dynamic_shapes_matches_eager_and_generates():
     _compiled_gpt2_matches_eager_and_generates("aot_eager")  # traced and functionalized like inductor's input
 

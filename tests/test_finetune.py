@@ -119,6 +119,7 @@ def lm_args(models: dict[str, Path], out: Path, *extra: str) -> list[str]:
             "--threads", "1", "--data-dir", str(DATA), *extra]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(models, tmp_path):
     out, debug = tmp_path / "out", tmp_path / "debug"
     # --minutes (not reached) runs rank 0's stop decision through a broadcast every step
@@ -156,6 +157,7 @@ def test_torchrun_two_processes(models, tmp_path):
     assert logs[0]["event"] == "start" and logs[0]["world_size"] == 2 and logs[-1]["event"] == "final"
 
 
+@pytest.mark.slow
 def test_crash_then_resume_keeps_tied_weights_and_mpo_cores(models, tmp_path):
     out, debug = tmp_path / "out", tmp_path / "debug"
     args = lm_args(models, out, "--max-steps", "6", "--save-steps", "2")
@@ -193,6 +195,7 @@ def test_crash_then_resume_keeps_tied_weights_and_mpo_cores(models, tmp_path):
                for a, b in zip(model.get_submodule(n).cores, student.get_submodule(n).cores))  # it trained
 
 
+@pytest.mark.slow
 def test_single_process(models, tmp_path):
     out = tmp_path / "out"
     proc = run_script(encoder_args(models, out, "--max-steps", "2", "--save-steps", "2", "--eval-pairs", "16"))
@@ -389,6 +392,7 @@ def _copy_run(two_checkpoints, tmp_path: Path) -> tuple[Path, list[str]]:
     return out, [str(out) if a == str(src) else a for a in args]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CORRUPTIONS)
 def test_resume_skips_a_corrupt_checkpoint(two_checkpoints, tmp_path, case):
     ft = _script_module()
@@ -401,6 +405,7 @@ def test_resume_skips_a_corrupt_checkpoint(two_checkpoints, tmp_path, case):
     assert why in skipped["checkpoint-4"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["model-truncated", "optimizer-missing"])  # Trainer: a traceback / a silent reset
 def test_resume_falls_back_to_the_older_checkpoint(two_checkpoints, tmp_path, case):
     out, args = _copy_run(two_checkpoints, tmp_path)
@@ -422,6 +427,7 @@ def test_resume_falls_back_to_the_older_checkpoint(two_checkpoints, tmp_path, ca
     assert_final_equals(out, "checkpoint-4")
 
 
+@pytest.mark.slow
 def test_resume_fails_when_no_checkpoint_is_good(two_checkpoints, tmp_path):
     out, args = _copy_run(two_checkpoints, tmp_path)
     (out / "checkpoint-4" / "trainer_state.json").unlink()
@@ -437,6 +443,7 @@ def test_resume_fails_when_no_checkpoint_is_good(two_checkpoints, tmp_path):
     assert not any(x.get("event") == "resume" for x in log_records(out))
 
 
+@pytest.mark.slow
 def test_lm_task_takes_any_causal_lm_and_refuses_a_mismatched_student(models, tmp_path, monkeypatch):
     """--task lm cuts the text at the context length of any causal LM (a LLaMA config has max_position_embeddings,
     not GPT-2's n_positions: it failed with an AttributeError after loading both models); a student of the other

@@ -251,6 +251,7 @@ def test_sentence_transformers_round_trip(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- failing loudly
+@pytest.mark.slow
 def test_fresh_process_needs_import_bondgate_and_gets_a_clear_error_without(tmp_path):
     model = tiny_bert()
     ids = torch.randint(0, 100, (1, 7))

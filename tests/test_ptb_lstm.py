@@ -58,6 +58,7 @@ def test_perplexity_is_exp_mean_cross_entropy(corpus):
     assert math.isclose(got, math.exp(float(ce)), rel_tol=1e-5)
 
 
+@pytest.mark.slow
 def test_train_compress_heal_end_to_end(corpus, tmp_path):
     vocab, train, valid = corpus
     torch.manual_seed(0)

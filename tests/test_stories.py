@@ -129,6 +129,7 @@ def test_uniform_allocation(setup):
     assert 0.45 < sc.block_weights(student) / 226_560 <= 0.5
 
 
+@pytest.mark.slow
 def test_script_end_to_end(sc, tmp_path):
     """The script's whole pipeline on a tiny budget: generate, clean, compress, heal, save, reload on the CPU."""
     threads = torch.get_num_threads()
@@ -165,6 +166,7 @@ def _benchmark(name: str, tmp_path, steps: int, *extra: str) -> dict:
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_anneal_ablation(sc, tmp_path):
     """benchmarks/stories_anneal.py on a tiny budget: annealed, factored at the one-shot bonds, healed."""
     out = _benchmark("stories_anneal", tmp_path, 8)
@@ -174,6 +176,7 @@ def test_anneal_ablation(sc, tmp_path):
     assert out["sample_ppl"] < out["one_shot_ppl"] / 2, out  # measured 154 vs the one-shot start's 519
 
 
+@pytest.mark.slow
 def test_prune_heal_baseline(sc, tmp_path):
     """benchmarks/stories_prune_heal.py on a tiny budget: the pruning mask holds through healing."""
     out = _benchmark("stories_prune_heal", tmp_path, 6)
@@ -181,6 +184,7 @@ def test_prune_heal_baseline(sc, tmp_path):
     assert out["sample_ppl"] < out["ppl_before"], out  # measured 43.5 -> 12.2 after 6 steps
 
 
+@pytest.mark.slow
 def test_factors_plus_sparse_baseline(sc, tmp_path):
     """``--mpo-share``: each layer an MPO within the share plus a pruned residual; the total stays in budget."""
     out = _benchmark("stories_prune_heal", tmp_path, 6, "--mpo-share", "0.25")

@@ -815,6 +815,20 @@ def test_short_path_sees_an_appended_core_a_parametrized_bias_and_refuses_what_t
                 assert torch.equal(got, w)
 
 
+def test_short_path_refuses_cores_pruned_after_it_was_armed():
+    """A warm layer whose cores torch then prunes refuses its next call, as a cold one does, whichever core: pruning
+    the last core (or the last two, in order) leaves the kept tensors in the list's dict in their order, renamed."""
+    import torch.nn.utils.prune as prune
+
+    x = torch.randn(3, 96)
+    for pruned in (["0"], ["1"], ["2"], ["1", "2"]):
+        layer = _warm_dense_cached_layer()
+        for name in pruned:
+            prune.l1_unstructured(layer.cores, name, amount=0.5)
+        with torch.no_grad(), pytest.raises(RuntimeError, match="pruned or parametrized"):
+            layer(x)
+
+
 def test_a_layer_compiled_after_eager_inference_traces_its_cores_and_sees_writes():
     # eager inference armed the short path; a compiled graph must not bake its kept weight in
     layer = _warm_dense_cached_layer()

@@ -41,6 +41,10 @@ from .quant import check_quant, fake_quant_cores, load_quantized_cores, register
 __all__ = ["MPOLinear", "TrackedParameter", "WeightStandIn", "carry_hooks"]
 
 _VERSION = operator.attrgetter("_version")
+# torch functions the short path in MPOLinear.forward calls, bound once: each torch.<name> lookup is a cache miss in a
+# cold call (dynamo knows these by identity, so compiled code sees them as before)
+_IS_COMPILING, _GRAD_ON, _AUTOCAST_ON = torch.compiler.is_compiling, torch.is_grad_enabled, torch.is_autocast_enabled
+_LINEAR, _TENSOR = torch.nn.functional.linear, torch.Tensor
 _DATA = torch._C.TensorBase.data  # the C descriptor behind Tensor.data
 
 
@@ -915,17 +919,19 @@ class MPOLinear(nn.Module):
         # swapped, a wrong input, on which the product raises) takes the general path. is_compiling comes first: a
         # tracer must not read the kept state (it would break the graph there and guard on it). A nested input goes
         # through nested_forward (a strided one's sequences one by one, a jagged one's packed rows in one call).
-        if (not torch.compiler.is_compiling() and self._hot and type(x) is torch.Tensor and not torch.is_grad_enabled()
-                and not x.is_nested):
+        if not _IS_COMPILING() and not _GRAD_ON() and type(x) is _TENSOR and not x.is_nested:
             try:
                 entry = self._hot.get((x.numel() // self.in_features).bit_length() << 1)
                 if entry is not None:
                     slot, device = entry
-                    cores, kept = tuple(self._core_params.values()), slot[2]
-                    # is_fresh's test written out (two calls fewer on the hot path; inference-tensor cores raise here)
-                    if (len(cores) == len(kept) and all(map(operator.is_, cores, kept))
-                            and slot[0] == sum(map(_VERSION, cores)) and not torch.is_autocast_enabled(device)):
-                        return torch.nn.functional.linear(x, slot[1][0], own_param(self, "bias"))
+                    kept, params = slot[2], self._modules["cores"]._parameters
+                    # is_fresh's test on the list's own dict, written out (no calls; each costs microseconds cold):
+                    # the very tensors kept, exactly under the names "0".."n-1" (so as many; torch's prune renames a
+                    # core "k_orig", parametrize moves it out of the dict), unmodified since (inference-tensor cores
+                    # raise here)
+                    if (all(map(operator.is_, params.values(), kept)) and tuple(params) == CORE_NAMES[len(kept)]
+                            and slot[0] == sum(map(_VERSION, kept)) and not _AUTOCAST_ON(device)):
+                        return _LINEAR(x, slot[1][0], own_param(self, "bias"))
             except (AttributeError, RuntimeError):  # jit.trace's tensor sizes; inference-tensor cores; bad input
                 pass  # diagnosed by the general path
         if not isinstance(x, torch.Tensor) or x.is_nested or not x.dim() or x.shape[-1] != self.in_features:

@@ -919,9 +919,9 @@ class MPOLinear(nn.Module):
         # swapped, a wrong input, on which the product raises) takes the general path. is_compiling comes first: a
         # tracer must not read the kept state (it would break the graph there and guard on it). A nested input goes
         # through nested_forward (a strided one's sequences one by one, a jagged one's packed rows in one call).
-        if not _IS_COMPILING() and not _GRAD_ON() and type(x) is _TENSOR and not x.is_nested:
+        if not _IS_COMPILING() and (hot := self._hot) and not _GRAD_ON() and type(x) is _TENSOR and not x.is_nested:
             try:
-                entry = self._hot.get((x.numel() // self.in_features).bit_length() << 1)
+                entry = hot.get((x.numel() // self.in_features).bit_length() << 1)
                 if entry is not None:
                     slot, device = entry
                     kept, params = slot[2], self._modules["cores"]._parameters

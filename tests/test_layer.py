@@ -829,6 +829,31 @@ def test_short_path_refuses_cores_pruned_after_it_was_armed():
             layer(x)
 
 
+def test_short_path_refuses_a_cores_list_holding_a_module_and_calls_a_patched_linear(monkeypatch):
+    """A module appended to a warm layer's cores list, or a parametrized non-core tensor of it (names "0".."n-1"
+    intact), is refused as on a cold call; F.linear patched after import (as DeepSpeed's zero.Init does) is the one
+    the short path calls."""
+    from torch.nn.utils import parametrize
+
+    x = torch.randn(3, 96)
+    layer = _warm_dense_cached_layer()
+    layer.cores.append(nn.Identity())
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"named \['0', '1', '2'\], expected '0' to '3'"):
+        layer(x)
+    layer = _warm_dense_cached_layer()
+    layer.cores.register_buffer("scale", torch.ones(1))
+    parametrize.register_parametrization(layer.cores, "scale", nn.Identity())
+    with torch.no_grad(), pytest.raises(RuntimeError, match="pruned or parametrized"):
+        layer(x)
+
+    layer = _warm_dense_cached_layer()
+    calls, linear = [], torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: calls.append(1) or linear(*a))
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer.to_linear()(x))
+    assert layer._hot and len(calls) == 2  # the layer's call (the short path) and the reference nn.Linear's
+
+
 def test_a_layer_compiled_after_eager_inference_traces_its_cores_and_sees_writes():
     # eager inference armed the short path; a compiled graph must not bake its kept weight in
     layer = _warm_dense_cached_layer()

@@ -42,9 +42,10 @@ __all__ = ["MPOLinear", "TrackedParameter", "WeightStandIn", "carry_hooks"]
 
 _VERSION = operator.attrgetter("_version")
 # torch functions the short path in MPOLinear.forward calls, bound once: each torch.<name> lookup is a cache miss in a
-# cold call (dynamo knows these by identity, so compiled code sees them as before)
-_IS_COMPILING, _GRAD_ON, _AUTOCAST_ON = torch.compiler.is_compiling, torch.is_grad_enabled, torch.is_autocast_enabled
-_LINEAR, _TENSOR = torch.nn.functional.linear, torch.Tensor
+# cold call (dynamo knows these by identity, so compiled code sees them as before). Not F.linear: it is looked up per
+# call in both paths, as nn.Linear does, so that a library patching it (DeepSpeed's zero.Init, a mock) is seen
+_IS_COMPILING, _GRAD_ON, _AUTOCAST_ON, _TENSOR = (torch.compiler.is_compiling, torch.is_grad_enabled,
+                                                  torch.is_autocast_enabled, torch.Tensor)
 _DATA = torch._C.TensorBase.data  # the C descriptor behind Tensor.data
 
 
@@ -924,14 +925,17 @@ class MPOLinear(nn.Module):
                 entry = hot.get((x.numel() // self.in_features).bit_length() << 1)
                 if entry is not None:
                     slot, device = entry
-                    kept, params = slot[2], self._modules["cores"]._parameters
-                    # is_fresh's test on the list's own dict, written out (no calls; each costs microseconds cold):
-                    # the very tensors kept, exactly under the names "0".."n-1" (so as many; torch's prune renames a
-                    # core "k_orig", parametrize moves it out of the dict), unmodified since (inference-tensor cores
-                    # raise here)
+                    kept, cores = slot[2], self._modules["cores"]
+                    params = cores._parameters
+                    # is_fresh's test on the list's own dict and plain_cores' test of the list, written out (no
+                    # Python-level calls; each costs microseconds cold): the very tensors kept, exactly under the
+                    # names "0".."n-1" (so as many; torch's prune renames a core "k_orig", parametrize moves it out of
+                    # the dict), no module in the list (one appended, or a parametrization of another tensor of it,
+                    # which core_dict refuses), unmodified since (inference-tensor cores raise here)
                     if (all(map(operator.is_, params.values(), kept)) and tuple(params) == CORE_NAMES[len(kept)]
-                            and slot[0] == sum(map(_VERSION, kept)) and not _AUTOCAST_ON(device)):
-                        return _LINEAR(x, slot[1][0], own_param(self, "bias"))
+                            and not cores._modules and slot[0] == sum(map(_VERSION, kept))
+                            and not _AUTOCAST_ON(device)):
+                        return torch.nn.functional.linear(x, slot[1][0], own_param(self, "bias"))
             except (AttributeError, RuntimeError):  # jit.trace's tensor sizes; inference-tensor cores; bad input
                 pass  # diagnosed by the general path
         if not isinstance(x, torch.Tensor) or x.is_nested or not x.dim() or x.shape[-1] != self.in_features:

@@ -195,7 +195,6 @@ def test_compressed_table_compiles_and_exports_like_eager(kind):
         assert ep.module()(ids)[0, :3].abs().max() == 0  # padding rows
 
 
-
 def test_an_exported_table_looks_up_its_kept_rows_exactly():
     """The exported lookup returns a kept id's exact row (the MPO's approximate one only for the others)."""
     torch.manual_seed(0)
@@ -222,6 +221,7 @@ def test_an_exported_table_refuses_negative_ids():
         torch.testing.assert_close(ep.module()(ids), table(ids), rtol=1e-6, atol=1e-6)
         with pytest.raises(RuntimeError, match="index out of range"):
             ep.module()(torch.tensor([[4, 5], [-1, 5]]))
+
 
 @needs_onnx
 def test_onnx_export_of_a_compressed_table_runs_in_onnxruntime(tmp_path):

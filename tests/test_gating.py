@@ -1064,6 +1064,111 @@ def test_lowrank_pairs_are_gated_by_rank_prefix_with_the_nested_kernel(tmp_path,
         assert torch.equal(back(x), y) and torch.equal(back(x[:1]), net(x[:1]))
 
 
+def _tracked_rank_net(kind: str):
+    """A low-rank pair gated by rank prefix (5 levels), its controller fitted (error) or random (linear), priced by
+    an online tracker, in eval mode."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(96, 96), nn.ReLU(), bondgate.LowRankLinear.from_linear(nn.Linear(96, 80), 40))
+    gate(net, GatingConfig(levels=(0.125, 0.25, 0.5, 0.75, 1.0), controller=kind))
+    calib = [torch.randn(256, 96)]
+    if kind == "error":
+        bondgate.fit_controllers(net, calib)
+    else:
+        with torch.no_grad():
+            net[2].controller.proj.weight.normal_()
+    set_budget(net, 0.6, calib, track=0.5)
+    return net.eval()
+
+
+@pytest.mark.parametrize("kind", ["error", "linear"])
+def test_one_row_decode_short_path_equals_the_general_path(kind, monkeypatch):
+    """A gated rank-form layer's one-row inference calls (an LLM decode step) take a short path after the first
+    (_decode_step): the same outputs to the bit, the same decisions, counts and tracked price as the general path,
+    whatever changes between calls (cores or controller written in place or replaced, the price moved, the mode,
+    train / eval, autocast, an input needing a gradient or of another shape); it is refused where it does not apply."""
+    net = _tracked_rank_net(kind)
+    ref = copy.deepcopy(net)  # the general path only: never armed
+    monkeypatch.setattr(ref[2], "_arm_decode", lambda x2d: None)
+    layer, general = net[2], []
+    real = GatedMPOLinear._one_level
+    monkeypatch.setattr(GatedMPOLinear, "_one_level", lambda self, x2d: general.append(self is layer) or real(self, x2d))
+    gen = torch.Generator().manual_seed(1)
+
+    def step(shape=(1, 96), **kw):
+        x = (torch.randn(shape, generator=gen) * torch.rand((), generator=gen) * 3).to(**kw)
+        h, h_ref = torch.relu(net[0](x)), torch.relu(ref[0](x))
+        y, y_ref = layer(h), ref[2](h_ref)
+        assert torch.equal(y, y_ref) and y.shape == (*shape[:-1], 80)
+        assert torch.equal(layer.budget_lambda, ref[2].budget_lambda)
+        return y
+
+    def short_calls(n, **kw):  # n calls, all on the short path (the general path's decision never runs)
+        before = general.count(True)
+        for i in range(n):
+            step((1, 96) if i % 3 else (1, 1, 96), **kw)
+        assert general.count(True) == before
+
+    with torch.no_grad():
+        step()  # the general path arms the short one
+        assert "decode" in layer._host
+        short_calls(40)
+        for write, refused in ((lambda m: m.cores[0].mul_(0.9), 1),  # cores, controller written or replaced
+                               (lambda m: m.controller.proj.weight.mul_(-1.5), 1),
+                               (lambda m: m.controller.host_params()[-1].mul_(3.0), 1),  # coef / the linear's bias
+                               (lambda m: m.cores.__setitem__(1, nn.Parameter(m.cores[1] * 1.1)), 1),
+                               (lambda m: m.budget_lambda.mul_(1.7), 0),  # re-priced: the short path re-reads it
+                               (lambda m: setattr(m.controller.proj, "weight",
+                                                  nn.Parameter(m.controller.proj.weight * 0.5)), 1)):
+            for m in (layer, ref[2]):
+                write(m)
+            before = general.count(True)
+            step()
+            assert general.count(True) == before + refused  # refused once, then armed again
+            if any(type(p) is nn.Parameter for p in layer.parameters()):  # a plain parameter's .data writes go unseen
+                step()
+                assert general.count(True) == before + 2  # never armed
+                for m in (layer, ref[2]):
+                    bondgate.layer.track_parameters(m)
+                step()
+            short_calls(10)
+        step((96,))  # a 1-d row: (out,)
+        step((2, 96))  # two rows: the general path
+        x = torch.randn(1, 96)
+        for mode in ("full", 0.5):
+            set_mode(net, mode)
+            set_mode(ref, mode)
+            step()
+        set_mode(net, "gate")
+        set_mode(ref, "gate")
+        step()
+        short_calls(5)
+        h = torch.relu(net[0](torch.randn(1, 96)))
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # a float32 row: autocast's dtype out
+            y = layer(h)
+            assert y.dtype == torch.bfloat16 and torch.equal(y, ref[2](h))
+        x = torch.randn(1, 96, requires_grad=True)
+        assert torch.equal(layer(x), ref[2](x))
+        assert layer(torch.empty(1, 96, device="meta")).shape == (1, 80)  # shape inference, as nn.Linear
+        with pytest.raises(TypeError):
+            layer(torch.randn(1, 96, dtype=torch.float64))
+        with pytest.raises(ValueError):
+            layer(torch.randn(1, 95))
+    with torch.inference_mode():  # inference-tensor inputs: the short path as well
+        short_calls(5)
+    counts, ref_counts = layer.flush_counts(), ref[2].flush_counts()
+    assert torch.equal(counts, ref_counts) and int((counts > 0).sum()) >= 3, counts
+    step()  # grad enabled: the general path
+    net.train()
+    ref.train()
+    x = torch.randn(1, 96)
+    for grad in (False, True):  # training: the general path (the linear controller samples its level)
+        with torch.set_grad_enabled(grad):
+            torch.manual_seed(5)
+            y = layer(x)
+            torch.manual_seed(5)
+            assert torch.equal(y, ref[2](x)) and y.requires_grad == grad
+
+
 # ---------------------------------------------------------------------------------- review fixes (gating)
 def _fitted_error_net():
     """``model_with_mpo()`` gated with a fitted error controller, and its three ``(64, 96)`` fitting batches."""

@@ -591,6 +591,7 @@ class GatedMPOLinear(MPOLinear):
         return y if bias is None else y + bias
 
     def _width_product(self, x2d: torch.Tensor, widths: tuple[int, ...], grad: bool) -> torch.Tensor:
+        """``x2d @ W(widths).T`` (no bias) of an MPO-form layer, or of a rank-form one whose call needs a gradient."""
         c0 = next(iter(self._core_params.values()))
         key = (widths, x2d.shape[0].bit_length(), grad)
         entry = self._level_plans.get(key)  # per layer: no planner key to build on the hot path

@@ -60,6 +60,7 @@ import statistics
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -337,6 +338,30 @@ def _rank_product(x2d: torch.Tensor, V: torch.Tensor, Ut: torch.Tensor, r: int,
     bias is added by the second GEMM (one op and one output allocation less than adding it after)."""
     h = torch.nn.functional.linear(x2d, V[:r])
     return torch.mm(h, Ut[:r]) if bias is None else torch.addmm(bias, h, Ut[:r])
+
+
+def _host_price(lam: torch.Tensor, rel: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``lam`` x each level's relative FLOPs ``rel`` (float64), in ``dtype``: what :meth:`GatedMPOLinear._price_vector`
+    computes (the float64 product, then the dtype), in numpy for the one-row host decision."""
+    return (float(lam) * rel).astype(dtype)
+
+
+class _DecodeEntry(NamedTuple):
+    """What :meth:`GatedMPOLinear._decode_step` reads (built by ``_arm_decode``): valid while ``cores`` and the
+    controller's ``src`` tensors are these very ones with these version sums; ``price`` holds ``(buffer, version,
+    price vector)`` of the price it was computed from (``None`` until then), replaced when the price moves."""
+    dtype: torch.dtype
+    cores: tuple
+    versions: int
+    V: torch.Tensor
+    Ut: torch.Tensor
+    ranks: list
+    src: tuple
+    src_versions: int
+    ops: list
+    host_cost: Callable
+    rel: np.ndarray
+    price: list
 
 
 def _total(objective: torch.Tensor) -> torch.Tensor:
@@ -735,9 +760,9 @@ class GatedMPOLinear(MPOLinear):
             return None
         # kept apart: the online tracker moves the price every round, the controller's operands stay
         ops = kept(self._host, ("ops", x2d.dtype), source[:-1], lambda: ctrl.host_operands(x2d.dtype))
-        # what _price_vector computes (float64 product, then the dtype), in numpy: ~1 us against torch's ~10
-        price = kept(self._host, ("price", x2d.dtype), source[-1:], lambda: (
-            float(source[-1]) * self.rel_cost.numpy()).astype(x2d.numpy().dtype))
+        # in numpy: ~1 us against torch's ~10
+        price = kept(self._host, ("price", x2d.dtype), source[-1:], lambda: _host_price(
+            source[-1], self.rel_cost.numpy(), ops[0].dtype))
         # numpy's BLAS has its own thread pool, which must stay idle beside torch's: matrix-vector products of
         # this size run on one thread (OpenBLAS 0.3.31: same time with the pool limited to 1, up to 8 x 16384)
         return int((ctrl.host_cost(ops, x2d.numpy()[0]) + price).argmin())
@@ -846,15 +871,15 @@ class GatedMPOLinear(MPOLinear):
         if (torch.is_grad_enabled() or self._quant is not None or not x2d.is_cpu or x2d.requires_grad
                 or x2d.dtype not in (torch.float32, torch.float64)):
             return
-        cores = tuple(self._core_params.values())
-        src = self._modules["controller"].host_params()
-        if cores[0].dtype != x2d.dtype or stamp(cores) < 0 or stamp(src) < 0:
+        cores, ctrl = tuple(self._core_params.values()), self._modules["controller"]
+        src = ctrl.host_params()
+        versions, src_versions = stamp(cores), stamp(src)  # their version sums, or -1 where a write could go unseen
+        if cores[0].dtype != x2d.dtype or versions < 0 or src_versions < 0:
             return
-        ctrl = self._modules["controller"]
         V, Ut = self._rank_operands()
-        self._host["decode"] = (x2d.dtype, cores, core_versions(cores), V, Ut, [w[0] for w in self.level_widths], src,
-                                core_versions(src), ctrl.host_operands(x2d.dtype), ctrl.host_cost,
-                                self.rel_cost.numpy(), [None])
+        self._host["decode"] = _DecodeEntry(x2d.dtype, cores, versions, V, Ut, [w[0] for w in self.level_widths], src,
+                                            src_versions, ctrl.host_operands(x2d.dtype), ctrl.host_cost,
+                                            self.rel_cost.numpy(), [None])
 
     def _set_price(self, lam: float) -> None:
         """``budget_lambda = lam``, and the price vector :meth:`_decode_step` reads: the online tracker moves the price
@@ -864,10 +889,9 @@ class GatedMPOLinear(MPOLinear):
         buf.fill_(lam)
         entry = self._host.get("decode")
         if entry is not None and not buf.is_inference():  # (an inference tensor has no version: the general path)
-            *_, ops, _, rel, cell = entry
-            cell[0] = (buf, buf._version, (float(buf) * rel).astype(ops[0].dtype))
+            entry.price[0] = (buf, buf._version, _host_price(buf, entry.rel, entry.ops[0].dtype))
 
-    def _decode_step(self, x: torch.Tensor, entry: tuple) -> torch.Tensor | None:
+    def _decode_step(self, x: torch.Tensor, entry: _DecodeEntry) -> torch.Tensor | None:
         """One row in inference (an LLM's decode step) of a gated rank-form layer in ``"gate"`` mode, or ``None`` where
         this path does not apply (the general path then runs, and diagnoses bad input). Same decision (numpy, as
         :meth:`_host_level`), same count and same product as the general path, after as few reads as possible: in a
@@ -876,7 +900,7 @@ class GatedMPOLinear(MPOLinear):
         model ~60 us per gated layer in its decision alone, against ~10 us with warm caches. ``entry``:
         :meth:`_arm_decode`'s, valid while the very cores and controller parameters it was built from are unmodified
         (identity and version counters, as :func:`~bondgate.layer.is_fresh`) and the price is the one it holds."""
-        dtype, kept_cores, versions, V, Ut, ranks, src, src_versions, ops, host_cost, rel, cell = entry
+        dtype, kept_cores, versions, V, Ut, ranks, src, src_versions, ops, host_cost, rel, cell = entry  # (one unpack)
         n = self.in_features
         try:
             if (x.dtype is not dtype or x.is_nested or not x.is_cpu or x.requires_grad or x.numel() != n
@@ -894,9 +918,8 @@ class GatedMPOLinear(MPOLinear):
             lam = self._buffers["budget_lambda"]
             lam_version = lam._version  # (an inference-tensor price has none: RuntimeError, the general path)
             price = cell[0]
-            if price is None or price[0] is not lam or price[1] != lam_version:  # re-priced (the tracker's round)
-                # what _host_level computes: the float64 product, then the dtype
-                price = cell[0] = (lam, lam_version, (float(lam) * rel).astype(ops[0].dtype))
+            if price is None or price[0] is not lam or price[1] != lam_version:  # re-priced, not by the tracker
+                price = cell[0] = (lam, lam_version, _host_price(lam, rel, ops[0].dtype))
         except (AttributeError, IndexError, KeyError, RuntimeError):  # a 0-d x (IndexError); a module's parts removed
             return None
         level = int((host_cost(ops, x.numpy().reshape(-1)) + price[2]).argmin())

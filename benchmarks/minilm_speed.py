@@ -4,10 +4,11 @@
 
 Variants: ``dense`` (fp32), ``dense copy`` (a second copy of the dense model: the control, whose ratio to ``dense``
 is this machine's noise floor), ``bondgate`` (``bondgate.compress`` at ``--ratio`` of the encoder's linear weights with
-the defaults: calibrated, policy ``auto`` judged at ``deploy_rows`` = the tokens of a 32-sentence batch),
+the defaults: calibrated, each layer an MPO, a low-rank pair or dense by the global allocation, policy ``auto`` of the
+MPO layers judged at ``deploy_rows`` = the tokens of a 32-sentence batch),
 ``bondgate, deploy_float`` (that model through ``bondgate.deploy_float`` at ``deploy_rows``: its MPO layers that run
 their dense product as ``nn.Linear``; its size is the checkpoint it is converted from), ``bondgate int8`` (the same
-with int8 cores), ``bondgate int8, int8 kernels`` (that model through
+with int8 cores: MPO layers only, the default under ``quantize="int8"``), ``bondgate int8, int8 kernels`` (that model through
 ``bondgate.deploy_int8`` at ``deploy_rows``: torch's dynamic int8 kernels; its size is the checkpoint it is converted
 from) and ``int8 dynamic`` (torch's dynamic quantization of the same layers, for reference). Quality: STS-B dev
 Spearman x100 of each variant. Inputs: STS-B dev sentences, padded per batch (max 128 tokens). Timing: median of interleaved

@@ -30,7 +30,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from bondgate import MPOLinear, PlanPolicy
+from bondgate import LowRankLinear, MPOLinear, PlanPolicy
 from bondgate.cli import number_arg
 from bondgate.data import BankMarketing, load_bank_marketing
 
@@ -161,19 +161,20 @@ def count_params(model: nn.Module) -> int:
 
 
 def linear_weights(model: nn.Module) -> int:
-    """Weight values stored by the linear layers (dense or MPO), biases excluded."""
-    return sum(m.num_params if isinstance(m, MPOLinear) else m.weight.numel()
-               for m in model.modules() if isinstance(m, (nn.Linear, MPOLinear)))
+    """Weight values stored by the linear layers (dense, MPO or low-rank), biases excluded."""
+    return sum(m.num_params if isinstance(m, (MPOLinear, LowRankLinear)) else m.weight.numel()
+               for m in model.modules() if isinstance(m, (nn.Linear, MPOLinear, LowRankLinear)))
 
 
 def compress_whole_model(model: nn.Module, param_ratio: float, calibration: torch.Tensor,
                          num_cores: int = 3) -> nn.Module:
     """A copy of ``model`` with ALL its linear layers (62-wide input included) compressed by
-    ``bondgate.compress`` to ``param_ratio`` of their weights, calibrated on ``calibration`` rows."""
+    ``bondgate.compress`` to ``param_ratio`` of their weights as MPOs (the reference workflow's form; the library's
+    default would also let a layer become a low-rank pair), calibrated on ``calibration`` rows."""
     import bondgate
 
     out = copy.deepcopy(model)
-    cfg = bondgate.CompressionConfig(param_ratio=param_ratio, num_cores=num_cores, policy=MPO_POLICY)
+    cfg = bondgate.CompressionConfig(param_ratio=param_ratio, num_cores=num_cores, policy=MPO_POLICY, kinds="mpo")
     bondgate.compress(out, cfg, calibration=[calibration], progress=False)
     return out
 

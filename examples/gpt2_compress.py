@@ -72,7 +72,8 @@ def as_batches(blocks: torch.Tensor, batch: int, seed: int = 0) -> list[torch.Te
 def compress_method(name: str, dense, calib, ratio: float):
     if name == "bondgate":
         m = copy.deepcopy(dense)
-        bg.compress(m, bg.CompressionConfig(param_ratio=ratio, target_modules=TARGET), calibration=calib,
+        # MPO layers only, as the published figures were made (the library's default may also choose low-rank pairs)
+        bg.compress(m, bg.CompressionConfig(param_ratio=ratio, target_modules=TARGET, kinds="mpo"), calibration=calib,
                     progress=False)
         return m
     if name == "tt-svd uniform":

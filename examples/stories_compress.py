@@ -234,8 +234,9 @@ def story_perplexity(model, stories: list[list[int]], batch: int = 16) -> float:
 
 # ---------------------------------------------------------------------------------------------- pipeline
 def compress(dense, calib: list[dict], ratio: float, num_cores: int, weighting: str = "relative",
-             refine_steps: int = 30, kinds: list[str] | None = None, allocation: str = "global"):
-    """A compressed copy of ``dense``, on ``dense``'s device (the factorization itself runs on the CPU)."""
+             refine_steps: int = 30, kinds: list[str] | None = ("mpo",), allocation: str = "global"):
+    """A compressed copy of ``dense``, on ``dense``'s device (the factorization itself runs on the CPU). ``kinds``: MPO
+    layers only by default, as the published figures were made (``None``: the library's default)."""
     device = model_device(dense)
     # distill() freezes its teacher's parameters and compress() keeps a frozen layer frozen: unfreeze the copy
     student = copy.deepcopy(dense).cpu().requires_grad_(True)
@@ -447,7 +448,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--allocation", choices=["global", "uniform"], default="global",
                     help="CompressionConfig.allocation: one budget over all bonds, or one bond cap for every layer")
     ap.add_argument("--refine-steps", type=number_arg(int, 0, what="refine-steps"), default=30)
-    ap.add_argument("--kinds", nargs="+", choices=["mpo", "lowrank"], default=None,
+    ap.add_argument("--kinds", nargs="+", choices=["mpo", "lowrank"], default=["mpo"],
                     help="CompressionConfig.kinds: the forms a layer may take (default: MPO)")
     # 512 = the model's context, as llama2.c trained it. Rows of 128 tokens (the default before) never show the student
     # a position past 127, while the evaluation scores whole stories (~360 tokens, up to 512) from BOS: with 128 the

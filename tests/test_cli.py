@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import bondgate
-from bondgate import MPOLinear
+from bondgate import LowRankLinear, MPOLinear
 from bondgate.cli import main
 from bondgate.io import read_metadata
 
@@ -38,10 +38,10 @@ def run(argv: list[str]) -> tuple[int, str, str]:
 
 
 def linear_weights(model: nn.Module, prefix: str) -> int:
-    """Weights of the Linear / MPO layers under ``prefix`` (cores for MPOs, biases not counted)."""
-    return sum(m.num_params if isinstance(m, MPOLinear) else m.weight.numel()
+    """Weights of the Linear / MPO / low-rank layers under ``prefix`` (cores for MPOs, biases not counted)."""
+    return sum(m.num_params if isinstance(m, (MPOLinear, LowRankLinear)) else m.weight.numel()
                for name, m in model.named_modules()
-               if name.startswith(prefix) and isinstance(m, (nn.Linear, MPOLinear)))
+               if name.startswith(prefix) and isinstance(m, (nn.Linear, MPOLinear, LowRankLinear)))
 
 
 def save_with_minilm_tokenizer(model: nn.Module, path: Path) -> Path:
@@ -89,7 +89,7 @@ def test_compress_reports_and_saves_half_the_weights(compressed, tiny_dir):
 
     loaded = bondgate.load(out)
     assert type(loaded).__name__ == "BertModel"
-    assert any(isinstance(m, MPOLinear) for m in loaded.modules())
+    assert any(isinstance(m, (MPOLinear, LowRankLinear)) for m in loaded.modules())
     dense = BertModel.from_pretrained(str(tiny_dir))
     ratio = linear_weights(loaded, "encoder.") / linear_weights(dense, "encoder.")
     assert ratio == pytest.approx(0.5, abs=0.03)
@@ -355,8 +355,9 @@ def test_inspect_prints_the_layer_table_from_metadata(compressed, capsys):
     assert main(["inspect", str(out)]) == 0
     stdout = capsys.readouterr().out
     meta = read_metadata(out)
-    # the global allocation may keep some of the 12 targeted layers dense; the metadata lists exactly the MPO ones
-    mpo_names = {n for n, m in bondgate.load(out).named_modules() if isinstance(m, MPOLinear)}
+    # the global allocation may keep some of the 12 targeted layers dense; the metadata lists exactly the compressed
+    # ones (MPO layers and low-rank pairs)
+    mpo_names = {n for n, m in bondgate.load(out).named_modules() if isinstance(m, (MPOLinear, LowRankLinear))}
     assert 1 <= len(mpo_names) <= 12 and set(meta["layers"]) == mpo_names
     for name in meta["layers"]:
         assert f"| {name} |" in stdout
@@ -883,7 +884,7 @@ def test_bench_prints_the_size_and_speed_ratios(compressed, tiny_dir, monkeypatc
     calls = []
     monkeypatch.setattr(baselines, "paired_latency", _fake_latency(calls))  # dense 4 ms, compressed 2 ms
     monkeypatch.setattr(baselines, "size_on_disk",
-                        lambda m: 250 if any(isinstance(x, MPOLinear) for x in m.modules()) else 1000)
+                        lambda m: 250 if any(isinstance(x, (MPOLinear, LowRankLinear)) for x in m.modules()) else 1000)
     # --seq at the model's 512 positions is allowed (only past them is refused)
     assert main(["bench", str(compressed[3]), "--dense", str(tiny_dir), "--batch", "1", "--seq", "512",
                  "--reps", "3", "--threads", "1"]) == 0

@@ -44,13 +44,15 @@ def _mpo_flops_by_hand(out_f, in_f, widths, rows):
     return min(fwd, rev, rebuild + 2 * rows * math.prod(out_f) * math.prod(in_f))
 
 
-def test_each_layer_takes_the_form_that_fits_its_structure():
+@pytest.mark.parametrize("kinds", [("mpo", "lowrank"), None])  # None: the default of a param_ratio budget
+def test_each_layer_takes_the_form_that_fits_its_structure(kinds):
     model = structured_model()
     x = torch.randn(512, 256)
     with torch.no_grad():
         want = {n: m(x) for n, m in model.named_children()}
-    compress(model, CompressionConfig(param_ratio=0.4, kinds=("mpo", "lowrank"), calibrate=False, policy="memory",
-                                      num_cores=3), progress=False)
+    cfg = CompressionConfig(param_ratio=0.4, kinds=kinds, calibrate=False, policy="memory", num_cores=3)
+    assert cfg.forms == ("mpo", "lowrank")
+    compress(model, cfg, progress=False)
     rows = {r.name: r for r in model.bondgate_report.layers}
     assert isinstance(model.lowrank, LowRankLinear) and rows["lowrank"].form == "lowrank"
     assert rows["lowrank"].rank >= 8 and rows["lowrank"].weight_error < 1e-6
@@ -376,7 +378,8 @@ def test_auto_policy_judges_a_tied_mpo_head_too(monkeypatch):
     emb, head = nn.Embedding(400, 32), nn.Linear(32, 400, bias=False)
     head.weight = emb.weight
     model = nn.Sequential(emb, nn.Linear(32, 32), head)
-    compress(model, CompressionConfig(param_ratio=0.5, embeddings=True), calibration=[torch.randint(0, 400, (4, 8))],
+    compress(model, CompressionConfig(param_ratio=0.5, embeddings=True, kinds="mpo"),
+             calibration=[torch.randint(0, 400, (4, 8))],
              progress=False)
     assert model[2].cores is model[0].cores and (400, 32) in judged
     assert model[2].policy.cache_dense and model[1].policy.cache_dense
@@ -599,3 +602,21 @@ def test_calibrate_fits_each_kind_from_its_own_timings(monkeypatch):
     assert kt.lowrank == (0.0, lowrank_flops(1, 8, 1, 3) / 0.5)
     assert kt.mpo == (0.0, mpo_flops((1, 1), (4, 2), (1,), 3) / 0.5)
     assert kt.dense_s == 0.5 and kt.dense_flops == 2 * 3 * 8
+
+
+def test_the_default_forms_follow_the_budget():
+    # a param_ratio under the global allocation may choose low-rank pairs; the budgets and options that cut MPO
+    # bonds, give every layer one form or quantize cores keep MPO layers; an explicit kinds is kept as given
+    assert CompressionConfig(param_ratio=0.5).forms == ("mpo", "lowrank")
+    assert CompressionConfig(param_ratio=0.5, max_latency_ratio=0.8).forms == ("mpo", "lowrank")
+    assert CompressionConfig(max_bond=8).forms == ("mpo",)
+    assert CompressionConfig(tol=0.1).forms == ("mpo",)
+    assert CompressionConfig(param_ratio=0.5, allocation="uniform").forms == ("mpo",)
+    assert CompressionConfig(param_ratio=0.5, quantize="int8").forms == ("mpo",)
+    assert CompressionConfig(param_ratio=0.5, kinds="mpo").forms == ("mpo",)
+    assert CompressionConfig(param_ratio=0.5, kinds=["lowrank"]).forms == ("lowrank",)
+    assert CompressionConfig(param_ratio=0.5, kinds=("lowrank",), quantize="int8").forms == ("lowrank",)
+    with pytest.raises(ValueError, match="kinds other than 'mpo' need a param_ratio budget"):
+        CompressionConfig(max_bond=8, kinds=("mpo", "lowrank"))
+    # the saved config keeps kinds=None, so a reloaded config resolves the same forms
+    assert CompressionConfig(**CompressionConfig(param_ratio=0.5).to_dict()).forms == ("mpo", "lowrank")

@@ -18,7 +18,7 @@ def teacher_student():
     torch.manual_seed(0)
     teacher = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 16))
     student = copy.deepcopy(teacher)
-    compress(student, CompressionConfig(param_ratio=0.25, num_cores=2), progress=False)
+    compress(student, CompressionConfig(param_ratio=0.25, num_cores=2, kinds="mpo"), progress=False)
     data = [torch.randn(64, 32) for _ in range(8)]
     return teacher, student, data
 

@@ -279,7 +279,7 @@ def test_a_layer_gets_no_more_cores_than_its_legs_allow():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(128, 128))
     x = torch.randn(512, 128)
-    bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5, num_cores=12), calibration=[x],
+    bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5, num_cores=12, kinds="mpo"), calibration=[x],
                       progress=False)
     layer = model[0]
     assert layer.in_factors == layer.out_factors == (2,) * 7
@@ -345,7 +345,8 @@ def test_a_layer_whose_weight_is_read_directly_is_skipped_and_fused_experts_are_
     with torch.no_grad():
         want = model(x)
     with pytest.warns(UserWarning) as record:
-        bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5), calibration=[x], progress=False)
+        bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5, kinds="mpo"), calibration=[x],
+                          progress=False)
     said = " | ".join(str(w.message) for w in record)
     assert "skipping 1 layer(s) whose forward never ran on the calibration data (read)" in said
     assert "1 weight(s) are 3-D parameters, not linear layers (experts (4, 32, 32)" in said

@@ -79,7 +79,7 @@ def test_falcon_linear_layers_are_compressed_and_the_model_matches_its_report():
     assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))  # the map it claims
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "overrides forward()" skip
-        bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5, num_cores=2, policy="memory"),
+        bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5, num_cores=2, policy="memory", kinds="mpo"),
                           calibration=[{"input_ids": ids}], progress=False)
     report = model.bondgate_report
     falcon = [r for r in report.layers if r.kind == "FalconLinear"]
@@ -103,7 +103,7 @@ def test_a_checkpoint_transformers_saved_under_its_legacy_key_names_loads(tmp_pa
     torch.manual_seed(0)
     model = transformers.ViTForImageClassification(cfg).eval()
     x = torch.randn(2, 3, 16, 16)
-    bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5, num_cores=2, policy="memory"),
+    bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5, num_cores=2, policy="memory", kinds="mpo"),
                       calibration=[{"pixel_values": x}], progress=False)
     names = {n for n, m in model.named_modules() if isinstance(m, bondgate.MPOLinear)}
     model.save_pretrained(tmp_path)

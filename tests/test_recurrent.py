@@ -131,7 +131,7 @@ def _lm(mode="LSTM"):
 def test_compress_lstm_lm_and_save_load(tmp_path, mode):
     model, data = _lm(mode)
     ref = model(data[0])
-    c = bondgate.compress(copy.deepcopy(model), bondgate.CompressionConfig(param_ratio=0.5, target_modules=["rnn"]),
+    c = bondgate.compress(copy.deepcopy(model), bondgate.CompressionConfig(kinds="mpo", param_ratio=0.5, target_modules=["rnn"]),
                           calibration=data, progress=False)
     assert isinstance(c.rnn, Recurrent)
     rows = {r.name: r for r in c.bondgate_report.layers}
@@ -159,7 +159,7 @@ def test_compress_lstm_lm_and_save_load(tmp_path, mode):
 
 def test_training_reaches_the_cores():
     model, data = _lm()
-    c = bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.4, target_modules=["rnn"]),
+    c = bondgate.compress(model, bondgate.CompressionConfig(kinds="mpo", param_ratio=0.4, target_modules=["rnn"]),
                           calibration=data, progress=False)
     c.train()
     mpo = next(m for m in c.rnn.children() if isinstance(m, bondgate.MPOLinear))
@@ -182,16 +182,16 @@ def test_training_reaches_the_cores():
 def test_selection_and_dense_leftovers():
     model, data = _lm()
     # excluded: torch's module stays
-    c = bondgate.compress(copy.deepcopy(model), bondgate.CompressionConfig(param_ratio=0.5, exclude=["rnn"]),
+    c = bondgate.compress(copy.deepcopy(model), bondgate.CompressionConfig(kinds="mpo", param_ratio=0.5, exclude=["rnn"]),
                           calibration=data, progress=False)
     assert type(c.rnn) is nn.LSTM and [r.name for r in c.bondgate_report.layers] == ["head"]
     # one projection by its name
-    c = bondgate.compress(copy.deepcopy(model), bondgate.CompressionConfig(param_ratio=0.5, target_modules=["hh_l1"]),
+    c = bondgate.compress(copy.deepcopy(model), bondgate.CompressionConfig(kinds="mpo", param_ratio=0.5, target_modules=["hh_l1"]),
                           calibration=data, progress=False)
     assert isinstance(c.rnn, Recurrent) and isinstance(c.rnn.hh_l1, bondgate.MPOLinear)
     assert type(c.rnn.ih_l0) is nn.Linear
     # a budget that keeps every projection dense gives torch's module back, its rows named after its parameters
-    c = bondgate.compress(copy.deepcopy(model), bondgate.CompressionConfig(param_ratio=1.0, target_modules=["rnn"]),
+    c = bondgate.compress(copy.deepcopy(model), bondgate.CompressionConfig(kinds="mpo", param_ratio=1.0, target_modules=["rnn"]),
                           calibration=data, progress=False)
     assert type(c.rnn) is nn.LSTM
     assert sorted(r.name for r in c.bondgate_report.layers) == ["rnn.weight_hh_l0", "rnn.weight_hh_l1",
@@ -203,7 +203,7 @@ def test_failed_compress_gives_torch_module_back():
     model, data = _lm()
     lstm = model.rnn
     with pytest.raises(IndexError):  # an id beyond the table: the calibration pass fails inside the model
-        bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5), calibration=[torch.full((2, 3), 999)],
+        bondgate.compress(model, bondgate.CompressionConfig(kinds="mpo", param_ratio=0.5), calibration=[torch.full((2, 3), 999)],
                           progress=False)
     assert model.rnn is lstm
 
@@ -217,7 +217,7 @@ def test_subclass_with_own_forward_is_skipped():
     model.rnn = MyLSTM(32, 32, 2, batch_first=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        c = bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5), calibration=data, progress=False)
+        c = bondgate.compress(model, bondgate.CompressionConfig(kinds="mpo", param_ratio=0.5), calibration=data, progress=False)
     assert type(c.rnn) is MyLSTM
     assert any("overrides forward" in str(w.message) for w in caught)
     assert any(r.name == "rnn" and r.status.startswith("skipped") for r in c.bondgate_report.layers)
@@ -225,7 +225,7 @@ def test_subclass_with_own_forward_is_skipped():
 
 def test_gated_projections_loop_and_save(tmp_path):
     model, data = _lm()
-    c = bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5, target_modules=["rnn"]),
+    c = bondgate.compress(model, bondgate.CompressionConfig(kinds="mpo", param_ratio=0.5, target_modules=["rnn"]),
                           calibration=data, progress=False)
     bondgate.gate(c, bondgate.GatingConfig())
     assert any(isinstance(m, bondgate.GatedMPOLinear) for m in c.rnn.children())
@@ -264,7 +264,7 @@ def test_cli_inspect_lists_the_factored_projections(tmp_path, capsys):
     from bondgate.cli import main
 
     model, data = _lm()
-    c = bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5, target_modules=["rnn"]),
+    c = bondgate.compress(model, bondgate.CompressionConfig(kinds="mpo", param_ratio=0.5, target_modules=["rnn"]),
                           calibration=data, progress=False)
     bondgate.save(c, tmp_path / "ck")
     assert main(["inspect", str(tmp_path / "ck")]) == 0
@@ -281,8 +281,8 @@ def test_a_bare_lstm_says_how_and_from_torch_compresses():
     lstm = nn.LSTM(16, 32)
     x = torch.randn(6, 3, 16)
     with pytest.warns(UserWarning, match="Recurrent.from_torch"):
-        bondgate.compress(lstm, bondgate.CompressionConfig(param_ratio=0.5), calibration=[x], progress=False)
-    rec = bondgate.compress(Recurrent.from_torch(copy.deepcopy(lstm)), bondgate.CompressionConfig(param_ratio=0.5),
+        bondgate.compress(lstm, bondgate.CompressionConfig(kinds="mpo", param_ratio=0.5), calibration=[x], progress=False)
+    rec = bondgate.compress(Recurrent.from_torch(copy.deepcopy(lstm)), bondgate.CompressionConfig(kinds="mpo", param_ratio=0.5),
                             calibration=[x], progress=False)
     assert isinstance(rec.hh_l0, bondgate.MPOLinear) or isinstance(rec.ih_l0, bondgate.MPOLinear)
     err = (rec(x)[0] - lstm(x)[0]).norm() / lstm(x)[0].norm()
@@ -292,6 +292,7 @@ def test_a_bare_lstm_says_how_and_from_torch_compresses():
 # ------------------------------------------------------------------------------------------- review fixes
 def _compressed_lm(**cfg):
     model, data = _lm()
+    cfg = {"kinds": "mpo", **cfg}
     c = bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5, target_modules=["rnn"], **cfg),
                           calibration=data, progress=False)
     return c.eval(), data
@@ -397,7 +398,7 @@ def test_hooked_lstm_is_skipped_and_a_sequence_needs_a_step():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         m.b = torch.nn.utils.weight_norm(m.b, "weight_hh_l0")
-        bondgate.compress(m, bondgate.CompressionConfig(param_ratio=0.5), calibration=[torch.randn(4, 2, 8)],
+        bondgate.compress(m, bondgate.CompressionConfig(kinds="mpo", param_ratio=0.5), calibration=[torch.randn(4, 2, 8)],
                           progress=False)
     assert isinstance(m.a, Recurrent) and type(m.b) is nn.LSTM
     assert any(r.name == "b" and "hooks" in r.status for r in m.bondgate_report.layers)
@@ -466,7 +467,7 @@ def test_autocast_init_and_the_given_models_dropout(tmp_path):
             return self.rnn(x)[0]
 
     m = M().eval()
-    bondgate.compress(m, bondgate.CompressionConfig(param_ratio=0.5, target_modules=["rnn"]),
+    bondgate.compress(m, bondgate.CompressionConfig(kinds="mpo", param_ratio=0.5, target_modules=["rnn"]),
                       calibration=[torch.randn(4, 9, 16)], progress=False)
     factored = [mod for mod in m.rnn.children() if hasattr(mod, "weight_matrix")]
     assert factored
@@ -649,7 +650,7 @@ def test_projected_multilayer_lstm_built_and_saved(tmp_path):
 def test_excluding_a_recurrent_module_leaves_its_dense_projections_dense():
     """exclude=["rnn"] on a model whose LSTM is already a Recurrent must not factor the projections left dense."""
     model, data = _lm()
-    cfg = dict(param_ratio=0.5, policy="memory", refine_steps=0)
+    cfg = dict(param_ratio=0.5, policy="memory", refine_steps=0, kinds="mpo")
     bondgate.compress(model, bondgate.CompressionConfig(**cfg, target_modules=["hh_l1"]), calibration=data,
                       progress=False)
     assert isinstance(model.rnn, Recurrent) and type(model.rnn.ih_l0) is nn.Linear

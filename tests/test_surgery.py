@@ -46,7 +46,8 @@ def test_whole_mlp_to_ten_percent():
     model = mlp()
     before = linear_weights(model)
     x = torch.randn(512, 62)
-    compress(model, CompressionConfig(param_ratio=0.10, num_cores=3), calibration=[x[:256], x[256:]], progress=False)
+    compress(model, CompressionConfig(param_ratio=0.10, num_cores=3, kinds="mpo"), calibration=[x[:256], x[256:]],
+             progress=False)
     rep = model.bondgate_report
     assert linear_weights(model) <= 0.10 * before
     assert linear_weights(model) >= 0.09 * before  # the budget is used, not wasted
@@ -469,7 +470,8 @@ def test_compress_restores_every_submodules_mode():
                           nn.Linear(64, 4)).train()
     model[1].eval()  # a frozen BatchNorm, a disabled Dropout: calibration's eval() must not turn them back on
     model[4].eval()
-    compress(model, CompressionConfig(param_ratio=0.5, layer_weighting="sensitivity"), calibration=[torch.randn(64, 16)],
+    compress(model, CompressionConfig(param_ratio=0.5, layer_weighting="sensitivity", kinds="mpo"),
+             calibration=[torch.randn(64, 16)],
              progress=False)
     assert isinstance(model[3], MPOLinear)
     assert [m.training for m in model] == [True, False, True, True, False, True]
@@ -755,7 +757,7 @@ def test_skipped_rows_say_their_form_and_subclassed_tables_with_a_forward_are_sk
 def test_global_allocation_meets_a_budget_only_bond_one_mpos_fit():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 32))
-    compress(model, CompressionConfig(param_ratio=0.02, policy="memory"), progress=False)
+    compress(model, CompressionConfig(param_ratio=0.02, policy="memory", kinds="mpo"), progress=False)
     report = model.bondgate_report
     assert report.params_after <= 0.02 * report.params_before and all(r.form == "mpo" for r in report.layers)
 
@@ -1065,7 +1067,8 @@ def test_stats_keep_the_spread_under_a_large_offset():
         torch.testing.assert_close(st.cov, ref, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(st.mean, x.mean(0) + offset, rtol=1e-12, atol=1e-9)
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64)).double()
-    compress(model, CompressionConfig(param_ratio=0.5), calibration=[torch.randn(500, 64, dtype=torch.float64) + 1e7],
+    compress(model, CompressionConfig(param_ratio=0.5, kinds="mpo"),
+             calibration=[torch.randn(500, 64, dtype=torch.float64) + 1e7],
              progress=False)
     assert isinstance(model[0], MPOLinear)
 

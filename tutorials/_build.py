@@ -355,7 +355,8 @@ whole_rows = []
 dense_linear = sum(m.weight.numel() for m in baseline if isinstance(m, nn.Linear))
 for ratio in (0.25, 0.1):
     m = copy.deepcopy(baseline)
-    bg.compress(m, bg.CompressionConfig(param_ratio=ratio, num_cores=3, policy="memory"),
+    # kinds="mpo": every compressed layer an MPO (by default a layer may also become a low-rank pair)
+    bg.compress(m, bg.CompressionConfig(param_ratio=ratio, num_cores=3, policy="memory", kinds="mpo"),
                 calibration=[data.X_train[:4096]], progress=False)
     kept = m.bondgate_report.params_after
     a0 = auc(m)
@@ -682,8 +683,9 @@ def quality(model, X=data.X_test, y=data.y_test):
 
 
 student = copy.deepcopy(teacher)
-bg.compress(student, bg.CompressionConfig(param_ratio=0.5, num_cores=3), calibration=[data.X_train[:4096]],
-            progress=False)
+# kinds="mpo": every compressed layer an MPO (by default a layer may also become a low-rank pair)
+bg.compress(student, bg.CompressionConfig(param_ratio=0.5, num_cores=3, kinds="mpo"),
+            calibration=[data.X_train[:4096]], progress=False)
 print(student.bondgate_report)
 print("teacher:", quality(teacher), "| compressed student:", quality(student))
 '''),
@@ -1052,6 +1054,12 @@ In the report, "weight err" (`‖W − W'‖ / ‖W‖`) can exceed 1: the white
 of each layer's **outputs on the calibration inputs**, not the weight error, so weight directions those
 inputs never excite can come out badly. "output err" is the column that matters. The "kernel" column
 says which plan policy each layer runs (speed or memory mode, notebook 04).
+
+`kinds="mpo"` keeps every compressed layer an MPO, the form this tutorial is about. Without it, a
+`param_ratio` budget lets each layer become an MPO or a low-rank pair (`U @ V`), whichever keeps its outputs
+better at its share of the budget. On this model that default turns all 12 compressed layers into low-rank
+pairs: 84.38 STS-B dev before healing (83.67 as MPOs) and 0.69-0.73x the dense model's time at 1, 32 and 256
+sentences, where the MPO layers run their dense product (`benchmarks/minilm_speed.py`, an Intel Xeon).
 '''),
     code('''
 train_sents = [s for a, b, _ in load_stsb(split="train") for s in (a, b)]
@@ -1067,7 +1075,8 @@ print("one calibration batch:", {k: tuple(v.shape) for k, v in calibration[0].it
 
 t0 = time.perf_counter()
 student = copy.deepcopy(dense)
-config = bg.CompressionConfig(param_ratio=0.5, target_modules=r"encoder\\..*", refine_steps=0 if QUICK else 30)
+config = bg.CompressionConfig(param_ratio=0.5, target_modules=r"encoder\\..*", refine_steps=0 if QUICK else 30,
+                              kinds="mpo")  # MPO layers only: see the note above
 bg.compress(student, config, calibration=calibration, progress=False)
 compress_s = time.perf_counter() - t0
 if QUICK:  # shorter autotuning of each contraction (notebook 04): keeps quick mode quick. Only the tuning time
@@ -1227,7 +1236,7 @@ the dense model on the logits and hidden states.
     code('''
 lm_student = copy.deepcopy(lm)
 lm_calib = [{"input_ids": b} for b in train_blocks[:256].split(16)]
-bg.compress(lm_student, bg.CompressionConfig(param_ratio=0.5, target_modules=r"transformer\\.h\\..*"),
+bg.compress(lm_student, bg.CompressionConfig(param_ratio=0.5, target_modules=r"transformer\\.h\\..*", kinds="mpo"),
             calibration=lm_calib, progress=False)
 print(lm_student.bondgate_report)
 lm_before = perplexity(lm_student)
@@ -1478,11 +1487,13 @@ quality after converting.
 
 For a whole model, the README's "Fast inference against dense and int8" section reports
 `python benchmarks/minilm_speed.py` (results in `benchmarks/results/minilm_speed.md`; MiniLM, 2 threads,
-zero-shot compression to 50%, no healing): the dense model scores 86.72 on STS-B dev at 90.9 MB; the
-bondgate int8-core model 83.72 at 53.8 MB, and 83.40 after `deploy_int8`, running at 0.348 / 0.355 /
-0.308 of the dense time at 1 / 32 / 256 sentences. torch's plain int8 dynamic quantization of the dense
-model runs at the same speed (0.345 / 0.351 / 0.306) and scores **86.36 at 59.1 MB**: the bondgate
-checkpoint is 9% smaller but 3 STS-B points worse, a trade only worth it where size matters more.
+zero-shot compression to 50%, no healing; an Intel Xeon): the dense model scores 86.72 on STS-B dev at 90.9 MB.
+The default fp32 compression (its 12 compressed layers low-rank pairs) scores 84.38 at 69.6 MB and runs at
+0.712 / 0.686 / 0.725 of the dense time at 1 / 32 / 256 sentences (paired medians). The bondgate int8-core
+model (MPO layers) scores 83.66 at 53.8 MB, and 83.40 after `deploy_int8`, running at 0.665 / 0.611 / 0.691.
+torch's plain int8 dynamic quantization of the dense model runs at the same speed (0.661 / 0.607 / 0.687) and
+scores **86.36 at 59.1 MB**: the bondgate int8 checkpoint is 9% smaller but 3 STS-B points worse, a trade only
+worth it where size matters more.
 
 The cell below times one layer: the int8-core MPO layer computing in fp32 (its plan in speed mode),
 the same layer after `deploy_int8` (int8 kernels on the same matrix), and, as the baseline, torch's int8

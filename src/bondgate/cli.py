@@ -74,7 +74,7 @@ _FLAGS = {"param_ratio": "--ratio", "max_bond": "--max-bond", "tol": "--tol", "n
           "target_modules": "--target", "exclude": "--exclude", "embeddings": "--embeddings",
           "embedding_ratio": "--embedding-ratio", "embedding_form": "--embedding-form",
           "embedding_rows": "--embedding-rows", "policy": "--policy", "max_latency_ratio": "--max-latency-ratio",
-          "flops_ratio": "--flops-ratio", "quantize": "--int8"}
+          "flops_ratio": "--flops-ratio", "quantize": "--int8", "kinds": "--kinds"}
 
 
 def _as_flags(message: str) -> str:
@@ -514,7 +514,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
             else:
                 target = f"(?:{target})|{re.escape(table_name)}"
         config = CompressionConfig(**budget, target_modules=target, exclude=args.exclude,
-                                   num_cores=args.num_cores, policy=args.policy,
+                                   num_cores=args.num_cores, policy=args.policy, kinds=args.kinds,
                                    max_latency_ratio=args.max_latency_ratio, flops_ratio=args.flops_ratio,
                                    embeddings=args.embeddings, embedding_ratio=args.embedding_ratio,
                                    embedding_form=args.embedding_form, embedding_rows=args.embedding_rows,
@@ -883,10 +883,11 @@ def build_parser() -> argparse.ArgumentParser:
     # ---- compress
     p = sub.add_parser(
         "compress", parents=[common], formatter_class=_FORMATTER,
-        help="compress a model's dense layers into MPOs and save a bondgate checkpoint",
+        help="compress a model's dense layers into MPOs (or low-rank pairs) and save a bondgate checkpoint",
         description=_paragraphs(
             "Load a local Hugging Face model, replace its targeted Linear/Conv1D layers by MPOs under a global "
-            "budget (calibrated on tokenized text), print the per-layer report, the weights, sizes on disk and "
+            "budget (calibrated on tokenized text; with --ratio a layer may become a low-rank pair instead where "
+            "that keeps its outputs better, see --kinds), print the per-layer report, the weights, sizes on disk and "
             "latency of dense vs compressed, and save a bondgate checkpoint (with the tokenizer) to --out. "
             "Models whose config names a ...ForCausalLM / ...LMHeadModel architecture load with their LM head.",
             "Default targets (the first pattern that matches a layer): " + ", ".join(DEFAULT_TARGETS)
@@ -914,6 +915,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="per-layer relative error tolerance, in [0, 1)")
     p.add_argument("--num-cores", type=number_arg(int, 2, MAX_CORES, what="num cores"), default=3, metavar="D",
                    help=f"cores per MPO, 2 to {MAX_CORES} (default: 3)")
+    p.add_argument("--kinds", nargs="+", choices=("mpo", "lowrank"), metavar="KIND",
+                   help="the forms a compressed layer may take: mpo and/or lowrank (two factors); default with --ratio: "
+                        "both, each layer the one with the smaller predicted error (mpo only with --int8, --max-bond "
+                        "or --tol); --kinds mpo keeps every compressed layer an MPO")
     p.add_argument("--calibration", metavar="FILE",
                    help="UTF-8 text file, one calibration sample per non-empty line; - reads standard input "
                         "(default: built-in English)")

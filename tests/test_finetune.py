@@ -91,7 +91,8 @@ def models(tmp_path_factory) -> dict[str, Path]:
     bert.save_pretrained(root / "bert-teacher")
     tok.save_pretrained(root / "bert-teacher")
     student = copy.deepcopy(bert)
-    bg.compress(student, bg.CompressionConfig(param_ratio=0.5, target_modules=r"encoder\..*"), progress=False)
+    bg.compress(student, bg.CompressionConfig(param_ratio=0.5, target_modules=r"encoder\..*", kinds="mpo"),
+                progress=False)  # MPO layers: the tests check their cores
     bg.save_pretrained(student, root / "bert-student", tokenizer=tok)
 
     with open(DATA / "wikitext-2" / "wiki.train.tokens", encoding="utf-8") as f:
@@ -101,7 +102,8 @@ def models(tmp_path_factory) -> dict[str, Path]:
     gpt.save_pretrained(root / "gpt2-teacher")
     gtok.save_pretrained(root / "gpt2-teacher")
     gstudent = copy.deepcopy(gpt)
-    bg.compress(gstudent, bg.CompressionConfig(param_ratio=0.5, target_modules=r"transformer\.h\..*"), progress=False)
+    bg.compress(gstudent, bg.CompressionConfig(param_ratio=0.5, target_modules=r"transformer\.h\..*", kinds="mpo"),
+                progress=False)
     assert gstudent.lm_head.weight is gstudent.transformer.wte.weight
     bg.save_pretrained(gstudent, root / "gpt2-student", tokenizer=gtok)
     return {name: root / name for name in ("bert-teacher", "bert-student", "gpt2-teacher", "gpt2-student")}

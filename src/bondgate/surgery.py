@@ -689,7 +689,8 @@ class _Work:
 @outside_inference_mode  # inside inference mode the refinement's autograd and trainable new layers are impossible
 def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable | None = None,
              progress: bool = True) -> nn.Module:
-    """Replace the targeted dense layers of ``model`` by MPO layers, in place; returns ``model``.
+    """Replace the targeted dense layers of ``model`` by MPO layers (or low-rank pairs, see
+    :class:`CompressionConfig`'s ``kinds``), in place; returns ``model``.
 
     ``calibration``: optional iterable of model inputs (tensors, tuples, or dicts of keyword arguments
     such as tokenized batches; a tuple is passed as positional arguments, so give inputs without labels; a

@@ -222,7 +222,8 @@ def cmd_heal(args) -> None:
         extra = {"embeddings": True, "target_modules": TARGET + r"|embeddings\.word_embeddings",
                  "embedding_ratio": args.embedding_ratio, "embedding_form": args.embedding_form,
                  "embedding_rows": args.embedding_rows}
-    student = compress_ours(dense, calib, args.ratio, quantize="int8" if args.int8 else None, **extra)
+    student = compress_ours(dense, calib, args.ratio, quantize="int8" if args.int8 else None, kinds=tuple(args.kinds),
+                            **extra)
     compress_s = time.time() - t0
     before = stsb_score(student, tok, dev)
     print(f"ratio {args.ratio}: compressed in {compress_s:.0f}s, STS-B before healing {before:.2f}", flush=True)
@@ -280,6 +281,9 @@ def main(argv=None) -> None:
     h.add_argument("--probe-pairs", type=number_arg(int, 2, what="probe-pairs"), default=500,
                    help="early stopping keeps the best weights on the first N dev pairs (part of the dev score)")
     h.add_argument("--patience", type=number_arg(int, 1, what="patience"), default=4)
+    h.add_argument("--kinds", nargs="+", choices=["mpo", "lowrank"], default=["mpo"],
+                   help="the forms a compressed layer may take (CompressionConfig.kinds; default: mpo, as the published "
+                        "figures were made; 'mpo lowrank' is the library's default with a param_ratio)")
     h.add_argument("--embeddings", action="store_true", help="compress the word embedding table too")
     h.add_argument("--int8", action="store_true", help="int8 MPO cores (quantization-aware healing)")
     h.add_argument("--embedding-ratio", type=number_arg(float, 0, 1, low_open=True, what="embedding-ratio"),

@@ -613,3 +613,23 @@ def test_quantize_mpo_back_to_full_precision_is_silent_on_a_dense_model():
         assert quantize_mpo(model, None) is model
     with pytest.warns(UserWarning, match="no MPO layer"):
         quantize_mpo(model)
+
+
+def test_quantize_mpo_names_the_low_rank_pairs_it_leaves_in_full_precision():
+    """compress's default with a param_ratio may choose low-rank pairs: quantize_mpo quantizes the MPO layers and
+    says which pairs stay float (it said "run bondgate.compress first" on a model with pairs only)."""
+    from bondgate import LowRankLinear
+
+    torch.manual_seed(0)
+    model = nn.Sequential(MPOLinear.from_linear(nn.Linear(16, 16), num_cores=2, max_bond=2),
+                          LowRankLinear.from_linear(nn.Linear(16, 16), rank=2))
+    with pytest.warns(UserWarning, match=r"1 low-rank pair\(s\) \(1\) stay in full precision") as record:
+        quantize_mpo(model)
+    assert not any("no MPO layer" in str(w.message) for w in record)
+    assert model[0].quant == "int8" and model[1].U.dtype == torch.float32
+    pairs = nn.Sequential(*(LowRankLinear.from_linear(nn.Linear(8, 8), rank=1) for _ in range(5)))
+    with pytest.warns(UserWarning, match=r"5 low-rank pair\(s\) \(0, 1, 2 and 2 more\)"):
+        quantize_mpo(pairs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantize_mpo(pairs, None)  # back to full precision: nothing to say

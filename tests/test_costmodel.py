@@ -613,6 +613,7 @@ def test_the_default_forms_follow_the_budget():
     assert CompressionConfig(tol=0.1).forms == ("mpo",)
     assert CompressionConfig(param_ratio=0.5, allocation="uniform").forms == ("mpo",)
     assert CompressionConfig(param_ratio=0.5, quantize="int8").forms == ("mpo",)
+    assert CompressionConfig(param_ratio=0.5, quantize="int8", flops_ratio=0.5).forms == ("mpo", "lowrank")
     assert CompressionConfig(param_ratio=0.5, kinds="mpo").forms == ("mpo",)
     assert CompressionConfig(param_ratio=0.5, kinds=["lowrank"]).forms == ("lowrank",)
     assert CompressionConfig(param_ratio=0.5, kinds=("lowrank",), quantize="int8").forms == ("lowrank",)

@@ -143,9 +143,10 @@ class CompressionConfig:
             ``U @ V``). Default: both with a ``param_ratio`` budget under the global allocation (each layer takes the
             form with the smaller predicted error at its share of the budget: on all-MiniLM-L6-v2 at 0.5 every
             compressed layer became a low-rank pair, with a lower error and fewer FLOPs than the MPO, which at those
-            widths would run its dense product), ``("mpo",)`` otherwise (``max_bond`` / ``tol`` cut MPO bonds; the
-            uniform allocation gives every layer one form; ``quantize="int8"`` quantizes MPO cores, and low-rank
-            pairs would stay in full precision). ``kinds=("mpo",)`` keeps every compressed layer an MPO.
+            widths would run its dense product), and with a time or FLOP budget; ``("mpo",)`` otherwise (``max_bond``
+            / ``tol`` cut MPO bonds; the uniform allocation gives every layer one form; ``quantize="int8"`` without a
+            time or FLOP budget quantizes MPO cores, and low-rank pairs would stay in full precision).
+            ``kinds=("mpo",)`` keeps every compressed layer an MPO.
         max_latency_ratio: the targeted layers' predicted time per call at ``deploy_rows`` rows must be at most this
             fraction of the dense layers' (time measured on this machine: not deterministic).
         flops_ratio: the same with FLOPs (deterministic): the new layers then choose their contraction plans by
@@ -258,6 +259,8 @@ class CompressionConfig:
         """The forms the allocation may give a layer (see ``kinds``)."""
         if self.kinds is not None:
             return self.kinds
+        if self.cost_budget is not None:  # (it needs param_ratio and the global allocation)
+            return ("mpo", "lowrank")
         both = self.param_ratio is not None and self.allocation == "global" and self.quantize is None
         return ("mpo", "lowrank") if both else ("mpo",)
 

@@ -33,9 +33,10 @@ rounding of an int8 MPO's weight change the outputs slightly; measure the qualit
 
 :func:`deploy_float` is the floating-point counterpart for layers whose factors do not pay: an MPO layer whose plan
 at ``rows`` rows per call is its dense product (speed mode's ``dense-cached``; at MiniLM's widths every MPO layer
-of a 50% model) computes one ``F.linear`` per call anyway, but each call first checks that the kept weight is still
-its cores' product (a few microseconds warm, ~15-20 with cold caches, as calls inside a model start: the
-compressed MiniLM ran 1-5% slower than dense at one sentence). The copy holds those layers as ``nn.Linear`` (the cores
+of a 50% model compressed with ``kinds=("mpo",)``) computes one ``F.linear`` per call anyway, but each call first
+checks that the kept weight is still its cores' product (a few microseconds warm, ~15-20 with cold caches, as calls
+inside a model start: such a MiniLM ran 1-5% slower than dense at one sentence; the default's low-rank pairs run
+faster than dense instead). The copy holds those layers as ``nn.Linear`` (the cores
 dropped: the memory of the dense layer, not both), the other layers as they are.
 """
 

@@ -937,3 +937,18 @@ def test_the_cli_goes_offline(monkeypatch, capsys):
     assert main(["--version"]) == 0
     assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["TRANSFORMERS_OFFLINE"] == "1"
     assert capsys.readouterr().out.startswith("bondgate ")
+
+
+def test_compress_kinds_flag(tiny_dir, tmp_path):
+    # --kinds mpo keeps every compressed layer an MPO (the default with --ratio may choose low-rank pairs); a form
+    # the budget cannot take is an error that names the flags
+    out = tmp_path / "mpo-only"
+    code, _, stderr = run(["compress", "--model", str(tiny_dir), "--ratio", "0.5", "--kinds", "mpo", "--out", str(out),
+                           "--calibration-size", "16", "--no-progress", "--threads", "1"])
+    assert code == 0, stderr
+    layers = [m for m in bondgate.load(out).modules() if isinstance(m, (MPOLinear, LowRankLinear))]
+    assert layers and all(type(m) is MPOLinear for m in layers)
+    assert read_metadata(out)["report"]["config"]["kinds"] == ["mpo"]
+    code, _, stderr = run(["compress", "--model", str(tiny_dir), "--max-bond", "4", "--kinds", "lowrank",
+                           "--out", str(tmp_path / "bad")])
+    assert code == 1 and "--kinds ('lowrank',): forms other than 'mpo' need a --ratio budget" in stderr, stderr

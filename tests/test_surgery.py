@@ -1825,7 +1825,7 @@ def test_a_flop_budget_under_policy_memory_prices_mpos_at_their_own_flops():
 @pytest.mark.parametrize("kw, err, match", [
     ({"param_ratio": 0.5, "damping": -0.1}, ValueError, r"damping must be a finite number >= 0, got -0.1"),
     ({"param_ratio": 0.5, "kinds": ("mpo", "mpo")}, ValueError, "kinds must be a non-empty selection"),
-    ({"max_bond": 4, "kinds": ("lowrank",)}, ValueError, "kinds other than 'mpo' need a param_ratio budget"),
+    ({"max_bond": 4, "kinds": ("lowrank",)}, ValueError, r"kinds=\('lowrank',\): forms other than 'mpo' need a param_ratio budget"),
     ({"param_ratio": 0.5, "num_cores": 1, "kinds": ("lowrank",), "embeddings": True}, ValueError,
      "num_cores=1 is the dense weight itself"),
     ({"param_ratio": 0.5, "target_modules": ["fc", 1]}, TypeError, "target_modules must be None, a regex string or a"),

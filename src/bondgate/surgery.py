@@ -231,7 +231,7 @@ class CompressionConfig:
         if self.cost_budget is not None and (self.param_ratio is None or self.allocation != "global"):
             raise ValueError("max_latency_ratio / flops_ratio need param_ratio with allocation='global'")
         if self.kinds is not None and self.kinds != ("mpo",) and self.param_ratio is None:
-            raise ValueError("kinds other than 'mpo' need a param_ratio budget")
+            raise ValueError(f"kinds={self.kinds!r}: forms other than 'mpo' need a param_ratio budget")
         # options of the param_ratio budget's allocation: with max_bond / tol every layer is cut by itself
         if self.allocation != "global" and self.param_ratio is None:
             raise ValueError(f"allocation={self.allocation!r} spreads a param_ratio budget; with max_bond / tol every "

@@ -340,6 +340,11 @@ def _rank_product(x2d: torch.Tensor, V: torch.Tensor, Ut: torch.Tensor, r: int,
     return torch.mm(h, Ut[:r]) if bias is None else torch.addmm(bias, h, Ut[:r])
 
 
+def _plus(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``y + bias`` (``y`` without a bias)."""
+    return y if bias is None else y + bias
+
+
 def _host_price(lam: torch.Tensor, rel: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """``lam`` x each level's relative FLOPs ``rel`` (float64), in ``dtype``: what :meth:`GatedMPOLinear._price_vector`
     computes (the float64 product, then the dtype), in numpy for the one-row host decision."""
@@ -612,8 +617,7 @@ class GatedMPOLinear(MPOLinear):
         if not grad and self._rank_form:  # two matmuls on contiguous prefixes of V and U.T; nothing to plan
             V, Ut = self._rank_operands()
             return _rank_product(x2d, V, Ut, widths[0], bias)
-        y = self._width_product(x2d, widths, grad)
-        return y if bias is None else y + bias
+        return _plus(self._width_product(x2d, widths, grad), bias)
 
     def _width_product(self, x2d: torch.Tensor, widths: tuple[int, ...], grad: bool) -> torch.Tensor:
         """``x2d @ W(widths).T`` (no bias) of an MPO-form layer, or of a rank-form one whose call needs a gradient."""
@@ -717,8 +721,7 @@ class GatedMPOLinear(MPOLinear):
         if len(present) == 1:
             return self.width_output(x2d, self.level_widths[present[0]], bias)
         if self._rank_form and not torch.is_grad_enabled():
-            y = self._rank_grouped(x2d, levels, counts)
-            return y if bias is None else y + bias
+            return _plus(self._rank_grouped(x2d, levels, counts), bias)
         order = torch.argsort(levels, stable=True)
         xs = x2d.index_select(0, order)
         parts, start = [], 0
@@ -727,9 +730,8 @@ class GatedMPOLinear(MPOLinear):
                 parts.append(self.width_output(xs[start:start + n], self.level_widths[lv]))
                 start += n
         y_sorted = torch.cat(parts, 0)
-        y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted) if not y_sorted.requires_grad \
-            else torch.zeros_like(y_sorted).index_copy(0, order, y_sorted)
-        return y if bias is None else y + bias
+        return _plus(torch.empty_like(y_sorted).index_copy_(0, order, y_sorted) if not y_sorted.requires_grad
+                     else torch.zeros_like(y_sorted).index_copy(0, order, y_sorted), bias)
 
     def decide(self, x2d: torch.Tensor) -> torch.Tensor:
         """Inference decisions, ``(B,)`` level indices: per row the level minimizing predicted error +
@@ -832,26 +834,24 @@ class GatedMPOLinear(MPOLinear):
             return self._no_rows(x)
         if x.dtype != next(iter(self._core_params.values())).dtype:  # a clear TypeError, before a decision is counted
             self._check_dtype(x)
-        bias = own_param(self, "bias")
+        bias = own_param(self, "bias")  # inference products add it in their GEMM where they can
         if levels is not None:
-            if not self.training:
-                y, bias = self.grouped_output(x2d, levels, counts, bias), None
-            else:
-                y = self._soft_route(x2d, torch.nn.functional.one_hot(levels, len(self.levels)).to(x2d.dtype))
+            y = self.grouped_output(x2d, levels, counts, bias) if not self.training else _plus(
+                self._soft_route(x2d, torch.nn.functional.one_hot(levels, len(self.levels)).to(x2d.dtype)), bias)
         elif isinstance(mode, float):
-            y, bias = self.width_output(x2d, _widths(self.bond_dims, mode), bias), None
+            y = self.width_output(x2d, _widths(self.bond_dims, mode), bias)
         elif self.training and mode == "nested":
             lv = torch.randint(len(self.levels), (x2d.shape[0],), device=x2d.device)
-            y = self.grouped_output(x2d, lv)
+            y = _plus(self.grouped_output(x2d, lv), bias)
         elif self.training and mode == "gate":
-            y = self._train_gate(x2d)
+            y = _plus(self._train_gate(x2d), bias)
         elif mode == "nested":  # eval of a nested-trained model without a controller: full width
             return super().forward(x)
         elif x2d.shape[0] == 1 or self.max_groups == 1:  # one level for the call: no grouping, one Python int
             i = self._one_level(x2d)
             if (self.record or self._tracker is not None) and not in_calibration_pass():  # traffic: counted
                 self._count(i, None, x2d.shape[0])
-            y, bias = self.width_output(x2d, self.level_widths[i], bias), None
+            y = self.width_output(x2d, self.level_widths[i], bias)
             if x2d.shape[0] == 1 and self._rank_form:
                 self._arm_decode(x2d)
         else:
@@ -859,9 +859,7 @@ class GatedMPOLinear(MPOLinear):
             counts = to_host(torch.bincount(lv, minlength=len(self.levels)))
             if (self.record or self._tracker is not None) and not in_calibration_pass():  # traffic: counted
                 self._count(None, counts, x2d.shape[0])
-            y, bias = self.grouped_output(x2d, lv, counts, bias), None
-        if bias is not None:
-            y = y + bias
+            y = self.grouped_output(x2d, lv, counts, bias)
         return y.reshape(*x.shape[:-1], self.out_features) if flat else y
 
     def _arm_decode(self, x2d: torch.Tensor) -> None:

@@ -308,16 +308,14 @@ def quantize_mpo(model: nn.Module, mode: str | None = "int8") -> nn.Module:
     pairs = [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
     for m in layers:
         m.quantize_(mode)
-    if mode is not None and pairs:  # compress's default with a param_ratio may have chosen them
-        from ._warn import warn_user
+    from ._warn import warn_user
 
+    if mode is not None and pairs:  # compress's default with a param_ratio may have chosen them
         shown = ", ".join(pairs[:3]) + (f" and {len(pairs) - 3} more" if len(pairs) > 3 else "")
         warn_user(f"quantize_mpo: {len(pairs)} low-rank pair(s) ({shown}) stay in full precision: only MPO layers "
                   "are quantized; compress with quantize='int8' (MPO layers only) or kinds=('mpo',) for int8 cores "
                   "throughout, or convert after loading with bondgate.deploy_int8")
     elif mode is not None and not layers:
-        from ._warn import warn_user
-
         warn_user("quantize_mpo: the model has no MPO layer (run bondgate.compress first): nothing was quantized; "
                   "for dense layers see bondgate.quantize_int8 and bondgate.deploy_int8")
     from .hf import rebind, warn_int8_saving

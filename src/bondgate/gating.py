@@ -102,6 +102,7 @@ __all__ = ["GatingConfig", "GatedMPOLinear", "gate", "set_mode", "set_budget", "
 # the level counts, the price tracker and a replica's penalty terms are read-modify-writes from threads (one model
 # served from several threads; nn.DataParallel's replicas reporting to their layer)
 _LOCK = threading.Lock()
+_LINEAR = torch.nn.functional.linear
 #: prices beyond this change no decision (every row at the cheapest or the widest level): the calibration's search
 #: range and the online tracker's bound (it would otherwise grow without limit while a budget is out of reach)
 PRICE_BOUND = 1e3
@@ -345,7 +346,7 @@ def _plus(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return y if bias is None else y + bias
 
 
-def _host_price(lam: torch.Tensor, rel: np.ndarray, dtype: np.dtype) -> np.ndarray:
+def _host_price(lam: torch.Tensor | float, rel: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """``lam`` x each level's relative FLOPs ``rel`` (float64), in ``dtype``: what :meth:`GatedMPOLinear._price_vector`
     computes (the float64 product, then the dtype), in numpy for the one-row host decision."""
     return (float(lam) * rel).astype(dtype)
@@ -358,9 +359,7 @@ class _DecodeEntry(NamedTuple):
     dtype: torch.dtype
     cores: tuple
     versions: int
-    V: torch.Tensor
-    Ut: torch.Tensor
-    ranks: list
+    factors: list  # per level, the views (V[:r], U[:, :r]) of the kept rank operands: nn.Linear's weight layout
     src: tuple
     src_versions: int
     ops: list
@@ -875,9 +874,11 @@ class GatedMPOLinear(MPOLinear):
         if cores[0].dtype != x2d.dtype or versions < 0 or src_versions < 0:
             return
         V, Ut = self._rank_operands()
-        self._host["decode"] = _DecodeEntry(x2d.dtype, cores, versions, V, Ut, [w[0] for w in self.level_widths], src,
-                                            src_versions, ctrl.host_operands(x2d.dtype), ctrl.host_cost,
-                                            self.rel_cost.numpy(), [None])
+        # views made once: slicing two operands per call (and reshaping a 3-d row) cost a decode call ~5 us
+        factors = [(V[:w[0]], Ut[:w[0]].t()) for w in self.level_widths]
+        self._host["decode"] = _DecodeEntry(x2d.dtype, cores, versions, factors, src, src_versions,
+                                            ctrl.host_operands(x2d.dtype), ctrl.host_cost, self.rel_cost.numpy(),
+                                            [None])
 
     def _set_price(self, lam: float) -> None:
         """``budget_lambda = lam``, and the price vector :meth:`_decode_step` reads: the online tracker moves the price
@@ -887,7 +888,8 @@ class GatedMPOLinear(MPOLinear):
         buf.fill_(lam)
         entry = self._host.get("decode")
         if entry is not None and not buf.is_inference():  # (an inference tensor has no version: the general path)
-            entry.price[0] = (buf, buf._version, _host_price(buf, entry.rel, entry.ops[0].dtype))
+            # lam, not the buffer: the same float64 value without a read of the tensor
+            entry.price[0] = (buf, buf._version, _host_price(lam, entry.rel, entry.ops[0].dtype))
 
     def _decode_step(self, x: torch.Tensor, entry: _DecodeEntry) -> torch.Tensor | None:
         """One row in inference (an LLM's decode step) of a gated rank-form layer in ``"gate"`` mode, or ``None`` where
@@ -898,7 +900,7 @@ class GatedMPOLinear(MPOLinear):
         model ~60 us per gated layer in its decision alone, against ~10 us with warm caches. ``entry``:
         :meth:`_arm_decode`'s, valid while the very cores and controller parameters it was built from are unmodified
         (identity and version counters, as :func:`~bondgate.layer.is_fresh`) and the price is the one it holds."""
-        dtype, kept_cores, versions, V, Ut, ranks, src, src_versions, ops, host_cost, rel, cell = entry  # (one unpack)
+        dtype, kept_cores, versions, factors, src, src_versions, ops, host_cost, rel, cell = entry  # (one unpack)
         n = self.in_features
         try:
             if (x.dtype is not dtype or x.is_nested or not x.is_cpu or x.requires_grad or x.numel() != n
@@ -923,8 +925,12 @@ class GatedMPOLinear(MPOLinear):
         level = int((host_cost(ops, x.numpy().reshape(-1)) + price[2]).argmin())
         if (self.record or self._tracker is not None) and not in_calibration_pass():  # traffic: counted
             self._count(level, None, 1)
-        y = _rank_product(x if x.dim() == 2 else x.reshape(1, n), V, Ut, ranks[level], own_param(self, "bias"))
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+        V, U = factors[level]
+        # F.linear takes x's leading dims as they are and runs the GEMMs of _rank_product (mm, addmm with the bias);
+        # a 1-d row as one 2-d row: F.linear would run matrix-vector kernels (other rounding than the general path)
+        if x.dim() == 1:
+            return _LINEAR(_LINEAR(x.reshape(1, n), V), U, own_param(self, "bias")).reshape(-1)
+        return _LINEAR(_LINEAR(x, V), U, own_param(self, "bias"))
 
     def _count(self, level: int | None, counts: list[int] | None, rows: int) -> None:
         """One inference call's traffic: its ``rows`` per level (all at ``level``, or ``counts`` rows per level) into

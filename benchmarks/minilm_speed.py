@@ -8,9 +8,11 @@ the defaults: calibrated, each layer an MPO, a low-rank pair or dense by the glo
 MPO layers judged at ``deploy_rows`` = the tokens of a 32-sentence batch),
 ``bondgate, deploy_float`` (that model through ``bondgate.deploy_float`` at ``deploy_rows``: its MPO layers that run
 their dense product as ``nn.Linear``; its size is the checkpoint it is converted from), ``bondgate int8`` (the same
-with int8 cores: MPO layers only, the default under ``quantize="int8"``), ``bondgate int8, int8 kernels`` (that model through
-``bondgate.deploy_int8`` at ``deploy_rows``: torch's dynamic int8 kernels; its size is the checkpoint it is converted
-from) and ``int8 dynamic`` (torch's dynamic quantization of the same layers, for reference). Quality: STS-B dev
+with ``quantize="int8"``: int8 MPO cores, int8 low-rank pairs held as two-core MPO layers, the layers kept dense as
+one-core int8 ones), ``bondgate int8, deploy_float`` (that model through ``bondgate.deploy_float``: its layers running
+their dense product as ``nn.Linear``, its pairs as ``LowRankLinear``, the dequantized weights in fp32; its size is the
+int8 checkpoint), ``bondgate int8, int8 kernels`` (that model through ``bondgate.deploy_int8`` at ``deploy_rows``:
+torch's dynamic int8 kernels; its size is the checkpoint it is converted from) and ``int8 dynamic`` (torch's dynamic quantization of the same layers, for reference). Quality: STS-B dev
 Spearman x100 of each variant. Inputs: STS-B dev sentences, padded per batch (max 128 tokens). Timing: median of interleaved
 rounds (every variant once per round), ``--threads`` threads, in ``torch.inference_mode``; besides the ratio of
 medians, the per-round paired ratios (variant / dense of the same round): median and range.
@@ -89,6 +91,7 @@ def main(argv=None) -> dict:
         variants[name] = m.eval()
     compress_s = time.perf_counter() - t0
     variants["bondgate, deploy_float"] = bg.deploy_float(variants["bondgate"], rows=rows32)
+    variants["bondgate int8, deploy_float"] = bg.deploy_float(variants["bondgate int8"], rows=rows32)
     variants["bondgate int8, int8 kernels"] = bg.deploy_int8(variants["bondgate int8"], rows=rows32)
     variants["int8 dynamic"] = bg.quantize_int8(dense, target=ms.encoder_target)
     kernels = dict(Counter(c.chosen for c in variants["bondgate int8, int8 kernels"].bondgate_int8.values()))
@@ -98,7 +101,8 @@ def main(argv=None) -> dict:
     for r in report.layers:
         key = r.form if r.form != "mpo" else f"mpo ({r.policy})"
         policies[key] = policies.get(key, 0) + 1
-    print(f"compressed in {compress_s:.0f} s; layer forms: {policies}", flush=True)
+    int8_forms = dict(Counter(r.form for r in variants["bondgate int8"].bondgate_report.layers))
+    print(f"compressed in {compress_s:.0f} s; layer forms: {policies}; int8 model's: {int8_forms}", flush=True)
 
 
     times, paired = {}, {}
@@ -114,13 +118,14 @@ def main(argv=None) -> dict:
     mpos = [m for m in variants["bondgate"].modules() if isinstance(m, bg.MPOLinear)]
     plans = {b: dict(Counter(m.plan(int(inputs[b]["input_ids"].numel())).name for m in mpos)) for b in args.batches}
     print(f"bondgate MPO layers' plans per size: {plans}", flush=True)
-    shipped = {"bondgate int8, int8 kernels": variants["bondgate int8"], "bondgate, deploy_float": variants["bondgate"]}
+    shipped = {"bondgate int8, int8 kernels": variants["bondgate int8"], "bondgate, deploy_float": variants["bondgate"],
+               "bondgate int8, deploy_float": variants["bondgate int8"]}
     sizes = {k: bg.size_on_disk(shipped.get(k, m)) for k, m in variants.items()}
     scored = dev[: args.quality_pairs or None]
     quality = {k: ms.stsb_score(m, tok, scored) for k, m in variants.items() if k != "dense copy"}
     quality["dense copy"] = quality["dense"]
     out = {"machine": info, "command": command, "args": args_dict(args), "quality_pairs": len(scored),
-           "deploy_rows": rows32, "policies": policies, "plans": plans, "times_s": times,
+           "deploy_rows": rows32, "policies": policies, "int8_forms": int8_forms, "plans": plans, "times_s": times,
            "paired_ratios": paired, "int8_kernels": kernels, "quality": quality,
            "sizes": sizes, "shapes": {b: list(inputs[b]["input_ids"].shape) for b in args.batches},
            "report": report.to_dict()}
@@ -129,7 +134,7 @@ def main(argv=None) -> dict:
     lines = [f"Machine: {banner(info)}", "", f"Command: `{command}`",
              "", f"all-MiniLM-L6-v2, encoder linear layers at {args.ratio} of their weights (defaults: policy auto "
              f"judged at deploy_rows={rows32}); bondgate layer forms: {policies}, its MPO layers' plans per size (sentences): "
-             f"{plans}; deploy_int8 of the int8 model: "
+             f"{plans}; int8 model's layer forms: {int8_forms}; deploy_int8 of the int8 model: "
              f"{kernels}. Median of {args.rounds} interleaved rounds, {args.threads} threads. Quality: STS-B dev "
              f"Spearman x100{scope}.", "",
              "| variant | size on disk (MB) | quality | " + " | ".join(f"{b} sentences (ms) | vs dense" for b in args.batches) + " |",

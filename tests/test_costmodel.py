@@ -605,14 +605,14 @@ def test_calibrate_fits_each_kind_from_its_own_timings(monkeypatch):
 
 
 def test_the_default_forms_follow_the_budget():
-    # a param_ratio under the global allocation may choose low-rank pairs; the budgets and options that cut MPO
-    # bonds, give every layer one form or quantize cores keep MPO layers; an explicit kinds is kept as given
+    # a param_ratio under the global allocation may choose low-rank pairs (int8 ones with quantize="int8"); the
+    # budgets that cut MPO bonds and the uniform allocation keep MPO layers; an explicit kinds is kept as given
     assert CompressionConfig(param_ratio=0.5).forms == ("mpo", "lowrank")
     assert CompressionConfig(param_ratio=0.5, max_latency_ratio=0.8).forms == ("mpo", "lowrank")
     assert CompressionConfig(max_bond=8).forms == ("mpo",)
     assert CompressionConfig(tol=0.1).forms == ("mpo",)
     assert CompressionConfig(param_ratio=0.5, allocation="uniform").forms == ("mpo",)
-    assert CompressionConfig(param_ratio=0.5, quantize="int8").forms == ("mpo",)
+    assert CompressionConfig(param_ratio=0.5, quantize="int8").forms == ("mpo", "lowrank")  # int8 pairs too
     assert CompressionConfig(param_ratio=0.5, quantize="int8", flops_ratio=0.5).forms == ("mpo", "lowrank")
     assert CompressionConfig(param_ratio=0.5, kinds="mpo").forms == ("mpo",)
     assert CompressionConfig(param_ratio=0.5, kinds=["lowrank"]).forms == ("lowrank",)

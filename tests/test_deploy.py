@@ -8,6 +8,7 @@ from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
 import bondgate as bg
+from bondgate.quant import quantize
 
 
 def _mlp() -> nn.Sequential:
@@ -37,16 +38,22 @@ def test_every_layer_becomes_int8_and_computes_the_same_map(kinds):
     # no bondgate layer is left, and a low-rank pair keeps its two factors (rank x (in + out) int8 weights)
     assert not any(isinstance(m, (bg.MPOLinear, bg.LowRankLinear)) for m in deployed.modules())
     assert _int8_layers(deployed) == (3 if kinds == "mpo" else 5)
-    if kinds == "lowrank":
+    if kinds == "lowrank":  # an int8 pair is a rank-form MPO layer: its factors keep their int8 values and scales
+        assert model[0].is_rank_form and model[0].quant == "int8"
         first, second = deployed[0]
-        assert (first.in_features, second.out_features) == (96, 128) and first.out_features == model[0].rank
+        assert (first.in_features, second.out_features) == (96, 128) and first.out_features == model[0].bond_dims[0]
+        for q, core, rows in ((first, model[0].cores[1], lambda t: t[:, 0, :, 0]),
+                              (second, model[0].cores[0], lambda t: t[0, :, 0, :])):
+            levels, scales = quantize(core.detach())
+            assert torch.equal(q.weight().int_repr(), rows(levels))
+            assert torch.equal(q.weight().q_per_channel_scales().float(), scales.reshape(-1))
     with torch.no_grad():
         out = deployed(x)
     assert _rel(ref, out) < 0.03  # activations quantized per call + the weights rounded again per channel
     assert not deployed.training
     # the input model is untouched
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert isinstance(model[0], bg.MPOLinear if kinds == "mpo" else bg.LowRankLinear)
+    assert isinstance(model[0], bg.MPOLinear)
     again = bg.deploy_int8(deployed, rows=None)  # nothing left to convert
     assert again.bondgate_int8 == {} and _int8_layers(again) == _int8_layers(deployed)
 
@@ -330,6 +337,29 @@ def test_deploy_float_of_an_int8_layer_holds_the_weight_its_forward_uses():
         for i in ones:  # a one-core int8 layer is its dequantized matrix: the same weight, exactly
             assert isinstance(deployed[i], nn.Linear)
             assert torch.equal(deployed[i].weight, model[i].weight_matrix())
+
+
+def test_deploy_float_runs_an_int8_pair_as_a_low_rank_pair():
+    # compress(quantize="int8") stores a pair as a two-core MPO layer (int8 cores); in memory mode its plan is a
+    # contraction, which deploy_float hands to LowRankLinear: the same dequantized factors, two F.linear calls
+    model = bg.compress(_mlp(), bg.CompressionConfig(param_ratio=0.5, kinds="lowrank", quantize="int8",
+                                                     policy="memory"), progress=False).eval()
+    pairs = [str(i) for i, m in enumerate(model) if isinstance(m, bg.MPOLinear) and m.is_rank_form]
+    assert pairs == ["0", "2"] and len(model[4].cores) == 1  # the 96 x 10 head: kept dense (budget), one int8 core
+    x = torch.randn(8, 96)
+    deployed = bg.deploy_float(model, rows=8)
+    for i in pairs:
+        m, d = model[int(i)], deployed[int(i)]
+        assert deployed.bondgate_float[i] == (m.plan(8).name, True) and not m.plan(8).dense
+        assert type(d) is bg.LowRankLinear and d.rank == m.bond_dims[0]
+        assert torch.allclose(d.U @ d.V, m.weight_matrix(), atol=1e-6)
+        U, V = m.cores[0].detach(), m.cores[1].detach()  # the masters are on the int8 grid: what the forward uses
+        assert torch.equal(d.U, U.reshape(U.shape[1], -1)) and torch.equal(d.V, V.reshape(V.shape[0], -1))
+        assert torch.equal(d.bias, m.bias) and d.U.requires_grad == d.V.requires_grad == m.cores[0].requires_grad
+    with torch.no_grad():
+        assert _rel(model(x), deployed(x)) < 1e-5
+    with pytest.raises(ValueError, match="rank-form MPOLinear"):
+        bg.LowRankLinear.from_mpo_linear(bg.MPOLinear.from_linear(nn.Linear(32, 32), max_bond=4, num_cores=2))
 
 
 @pytest.mark.parametrize("rows", [0, -1, True, 2.0, None])

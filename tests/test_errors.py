@@ -3,6 +3,7 @@
 import copy
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 
 import bondgate
 from bondgate import MPO, MPOLinear, PlanPolicy
+from bondgate.quant import dequantize, quantize
 
 
 def test_input_last_dim_mismatch():
@@ -313,13 +315,38 @@ def test_lowrank_alone_needs_no_mpo_cores_and_an_empty_target_list_warns():
     assert isinstance(model[0], nn.Linear)
 
 
-def test_int8_with_lowrank_layers_says_they_stay_full_precision():
-    # kinds=("lowrank",) with quantize="int8" gave an all-fp32 model without a word
-    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
-    with pytest.warns(UserWarning, match=r"the 2 low-rank layer\(s\) \(0, 2\) stay in full precision"):
+def test_int8_low_rank_pairs_are_stored_as_int8_two_core_layers(tmp_path):
+    # kinds=("lowrank",) with quantize="int8" used to give an all-fp32 model (with a warning): the pairs are now
+    # rank-form MPO layers (legs (out, 1) x (1, in), the bond the rank) with int8 cores, a scale per factor row
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 80), nn.ReLU(), nn.Linear(80, 64))
+    dense = copy.deepcopy(model)
+    x = torch.randn(256, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about any more
         bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5, kinds=("lowrank",), quantize="int8"),
-                          calibration=[torch.randn(256, 64)], progress=False)
-    assert all(isinstance(model[i], bondgate.LowRankLinear) for i in (0, 2))
+                          calibration=[x], progress=False)
+    report = model.bondgate_report
+    for i, (out_f, in_f) in ((0, (80, 64)), (2, (64, 80))):
+        m, row = model[i], report.layers[i // 2]
+        assert type(m) is MPOLinear and m.is_rank_form and m.quant == "int8"
+        r = m.bond_dims[0]
+        assert (row.form, row.quant, row.rank, row.params_after) == ("lowrank", "int8", r, r * (in_f + out_f))
+        for core in m.cores:  # the master cores are the int8 values themselves: quantizing again changes nothing
+            assert torch.equal(dequantize(*quantize(core.detach())), core.detach())
+        W = dense[i].weight.detach().double()
+        err = float((W - m.weight_matrix().double()).norm() / W.norm())
+        assert row.weight_error == pytest.approx(err, rel=1e-4) and 0 < err < 1
+    # the int8 cores are what the checkpoint holds, and the loaded model computes the same outputs, bit for bit
+    bondgate.save(model, tmp_path / "q")
+    from safetensors.torch import load_file
+
+    sd = load_file(tmp_path / "q" / "model.safetensors")
+    assert sd["0.cores.0"].dtype == sd["0.cores.1"].dtype == torch.int8
+    assert sd["0.cores.0_scale"].shape == (1, 80) and sd["0.cores.1_scale"].shape == (model[0].bond_dims[0], 1)
+    loaded = bondgate.load(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
 
 
 class _ReadsWeight(nn.Module):

@@ -13,7 +13,9 @@ weights per output channel:
 * ``MPOLinear``: one layer holding its dense weight ``W`` (of a quantized layer, the product of the int8 cores,
   which is not itself on an int8 grid: it is quantized again, per output channel; a one-core int8 layer — a layer
   the budget kept dense — keeps its own int8 weight and scales, exactly);
-* ``LowRankLinear``: its two factors ``x -> V x -> U (V x)``, or one layer holding ``U V`` where that is faster;
+* ``LowRankLinear``, and a rank-form ``MPOLinear`` (a pair held as two cores, as ``compress(..., quantize="int8")``
+  stores pairs): its two factors ``x -> V x -> U (V x)``, or one layer holding ``U V`` where that is faster (an int8
+  pair's factors keep their own int8 values and scales, exactly);
 * plain ``nn.Linear`` / HF ``Conv1D`` layers (``dense=True``), as :func:`bondgate.quantize_int8` does but per
   output channel.
 
@@ -31,7 +33,9 @@ checkpoint and convert again after loading). Numerics: the activations' per-call
 rounding of an int8 MPO's weight change the outputs slightly; measure the quality after converting
 (``benchmarks/frontier.py`` does).
 
-:func:`deploy_float` is the floating-point counterpart for layers whose factors do not pay: an MPO layer whose plan
+:func:`deploy_float` is the floating-point counterpart for layers whose factors do not pay (and for int8 low-rank
+pairs, held as two-core MPO layers, which it turns into ``LowRankLinear``: the pair's two GEMMs without the MPO
+layer's per-call checks, ~20 against ~30 us for one row of a 384 x 1536 rank-100 pair): an MPO layer whose plan
 at ``rows`` rows per call is its dense product (speed mode's ``dense-cached``; at MiniLM's widths every MPO layer
 of a 50% model compressed with ``kinds=("mpo",)``) computes one ``F.linear`` per call anyway, but each call first
 checks that the kept weight is still its cores' product (a few microseconds warm, ~15-20 with cold caches, as calls
@@ -76,8 +80,9 @@ class Int8Choice:
 def _int8(layer: nn.Module, source: nn.Module | None = None) -> nn.Module:
     """An ``nn.Linear`` or a ``Sequential`` of them (a fresh copy: converted in place) as dynamic int8, per channel."""
     if isinstance(layer, nn.Sequential):
-        return quantize_dynamic(layer, [str(i) for i in range(len(layer))], per_channel=True)
-    q = quantize_dynamic(layer, [""], per_channel=True)
+        q = quantize_dynamic(layer, [str(i) for i in range(len(layer))], per_channel=True)
+    else:
+        q = quantize_dynamic(layer, [""], per_channel=True)
     return _exact_int8(source, q) if isinstance(source, MPOLinear) else q
 
 
@@ -88,22 +93,36 @@ def _seconds(layer: nn.Module, rows: int, in_features: int) -> float:
 
 
 def _exact_int8(m: MPOLinear, q: nn.Module) -> nn.Module:
-    """``q`` (torch's int8 form of ``m``) holding ``m``'s own int8 weight where ``m`` is one int8 core (a layer the
-    budget kept dense, stored int8 per output channel): torch would round the dequantized weight again."""
-    if m.quant != "int8" or len(m.cores) != 1 or not isinstance(q, torch.ao.nn.quantized.dynamic.Linear):
+    """``q`` (torch's int8 form of ``m``) holding ``m``'s own int8 weights where ``m`` stores its matrices as int8 cores
+    (torch would round the dequantized values again): one core (a layer the budget kept dense, per output channel),
+    or the two factors of a rank-form layer (an int8 low-rank pair, one scale per row of each) as ``q``'s two layers."""
+    if m.quant != "int8":
         return q
-    core = m.cores[0].detach()
-    if core.shape != (1, m.out_features, m.in_features, 1):  # (a padded layer: not the stored matrix itself)
-        return q
-    levels, scales = quantize(core)  # scales (1, out)
-    weight = torch.quantize_per_channel(dequantize(levels, scales)[0, :, :, 0], scales[0].double(),
-                                        torch.zeros(scales.shape[1], dtype=torch.int64), 0, torch.qint8)
-    q.set_weight_bias(weight, None if m.bias is None else m.bias.detach().clone())
-    return q
+    cores = [c.detach() for c in m.cores]
+    dyn = torch.ao.nn.quantized.dynamic.Linear
+    if len(cores) == 1 and isinstance(q, dyn) and cores[0].shape == (1, m.out_features, m.in_features, 1):
+        q.set_weight_bias(_stored_int8(cores[0], lambda t: t[0, :, :, 0]),
+                          None if m.bias is None else m.bias.detach().clone())
+    elif m.is_rank_form and isinstance(q, nn.Sequential) and len(q) == 2 and all(isinstance(p, dyn) for p in q):
+        q[0].set_weight_bias(_stored_int8(cores[1], lambda t: t[:, 0, :, 0]), None)  # V: (rank, in), a scale per rank
+        q[1].set_weight_bias(_stored_int8(cores[0], lambda t: t[0, :, 0, :]),  # U: (out, rank), a scale per output
+                             None if m.bias is None else m.bias.detach().clone())
+    return q  # (a padded one-core layer: not the stored matrix itself; torch's own rounding)
+
+
+def _stored_int8(core: torch.Tensor, matrix) -> torch.Tensor:
+    """The int8 values and scales ``core`` is stored as (:func:`bondgate.quant.quantize`), as torch's per-channel
+    ``qint8`` tensor of the matrix ``matrix(core)`` (rows = the core's scale channels)."""
+    levels, scales = quantize(core)
+    s = scales.reshape(-1)
+    return torch.quantize_per_channel(matrix(dequantize(levels, scales)), s.double(),
+                                      torch.zeros(s.numel(), dtype=torch.int64), 0, torch.qint8)
 
 
 def _candidates(m: nn.Module) -> tuple[str, dict[str, nn.Module]]:
     """``(form, {int8 candidate: fresh plain layers to quantize})``, the first candidate the untimed choice."""
+    if isinstance(m, MPOLinear) and m.is_rank_form:  # a low-rank pair held as two cores (int8 ones, by compress)
+        return "lowrank", {"int8 factors": LowRankLinear.from_mpo_linear(m).to_linears(), "int8 product": m.to_linear()}
     if isinstance(m, MPOLinear):
         return "mpo", {"int8": m.to_linear()}
     if isinstance(m, LowRankLinear):
@@ -150,7 +169,7 @@ def deploy_int8(model: nn.Module, rows: int | None = 32, dense: bool = True) -> 
         model: an fp32 CPU model (a compressed one, or any); not modified.
         rows: rows per layer call (tokens of a batch) to time each layer at, keeping the fastest of its form as
             it is and its int8 candidates; ``None``: convert without timing (MPO -> int8 dense weight,
-            low-rank -> int8 factors, dense -> int8).
+            low-rank, a pair or a rank-form MPO layer -> int8 factors, dense -> int8).
         dense: also convert the plain ``nn.Linear`` / ``Conv1D`` layers (tied ones, and those inside torch's
             fused ``nn.Transformer*`` / ``nn.MultiheadAttention`` modules, are left as they are).
 
@@ -194,7 +213,9 @@ def deploy_int8(model: nn.Module, rows: int | None = 32, dense: bool = True) -> 
 def deploy_float(model: nn.Module, rows: int = 32) -> nn.Module:
     """A copy of ``model`` for inference whose MPO layers that multiply by their dense product at ``rows`` rows per
     call (their plan's ``dense``: ``dense-cached`` in speed mode) are ``nn.Linear`` holding that product (of an int8
-    layer, the dequantized weight its forward uses), in the cores' dtype and device; see the module docs.
+    layer, the dequantized weight its forward uses), in the cores' dtype and device, and whose rank-form layers
+    (low-rank pairs held as two cores: ``compress(..., quantize="int8")``'s) that do not are
+    :class:`~bondgate.LowRankLinear` (two ``F.linear`` calls, the dequantized factors); see the module docs.
 
     Args:
         model: a model with :class:`bondgate.MPOLinear` layers (any dtype or device); not modified.
@@ -205,7 +226,7 @@ def deploy_float(model: nn.Module, rows: int = 32) -> nn.Module:
     converted layer keeps the hooks registered on the layer it replaces. The copy is in eval mode and for inference:
     its linear layers have no cores to train or to save with :func:`bondgate.save` (keep the bondgate checkpoint and
     convert after loading). ``copy.bondgate_float`` maps each MPO layer's name to its plan's name at ``rows`` and
-    whether it became ``nn.Linear``.
+    whether it was converted (to ``nn.Linear``, or a rank-form layer to ``LowRankLinear``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"deploy_float expects an nn.Module, got {type(model).__name__}")
@@ -222,10 +243,13 @@ def deploy_float(model: nn.Module, rows: int = 32) -> nn.Module:
             report[name] = ("gated", False)
             continue
         plan = m.plan(rows)
-        report[name] = (plan.name, plan.dense)
-        if plan.dense:
-            lin = m.to_linear().eval()
-            lin.weight.requires_grad_(any(c.requires_grad for c in m.cores))
+        report[name] = (plan.name, plan.dense or m.is_rank_form)
+        if plan.dense or m.is_rank_form:
+            if plan.dense:
+                lin = m.to_linear().eval()
+                lin.weight.requires_grad_(any(c.requires_grad for c in m.cores))
+            else:  # a low-rank pair held as two cores (compress's int8 pairs): the pair's two F.linear calls
+                lin = LowRankLinear.from_mpo_linear(m).eval()
             if lin.bias is not None:
                 lin.bias.requires_grad_(m.bias.requires_grad)
             carry_hooks(m, lin)

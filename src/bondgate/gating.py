@@ -516,7 +516,7 @@ class GatedMPOLinear(MPOLinear):
         full, rows = self.bond_dims, self.cost_rows
         self._costed = (full, self.out_factors, self.in_factors)
         # a low-rank pair U V as a 2-core MPO (out, 1) x (1, in): inference runs the nested-prefix kernel
-        self._rank_form = (self.in_factors == (1, self.in_features) and self.out_factors == (self.out_features, 1))
+        self._rank_form = self.is_rank_form
         self.level_widths = [_widths(full, f) for f in self.levels]
         self.full_cost = min_flops(self.out_factors, self.in_factors, full, rows) / rows
         self.level_cost = [min_flops(self.out_factors, self.in_factors, w, rows) / rows for w in self.level_widths]

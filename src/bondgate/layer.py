@@ -661,6 +661,13 @@ class MPOLinear(nn.Module):
 
     # ------------------------------------------------------------------ facts
     @property
+    def is_rank_form(self) -> bool:
+        """Whether the layer is a low-rank pair as two cores, legs ``(out_features, 1) x (1, in_features)``, the bond
+        its rank (:meth:`bondgate.LowRankLinear.to_mpo_linear`; ``compress(..., quantize="int8")`` stores its pairs
+        so, as int8 cores with one scale per row of each factor)."""
+        return self.in_factors == (1, self.in_features) and self.out_factors == (self.out_features, 1)
+
+    @property
     def out_factors(self) -> tuple[int, ...]:
         """Output leg sizes ``(out_1, ..., out_d)``; their product is ``>= out_features`` (padded rows are dropped)."""
         return tuple(int(c.shape[1]) for c in self._masters())

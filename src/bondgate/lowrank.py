@@ -145,6 +145,26 @@ class LowRankLinear(nn.Module):
                 layer.bias.copy_(bias)
         return layer
 
+    @classmethod
+    def from_mpo_linear(cls, layer: "MPOLinear") -> "LowRankLinear":
+        """The pair a rank-form :class:`~bondgate.MPOLinear` computes (:attr:`~bondgate.MPOLinear.is_rank_form`: the
+        inverse of :meth:`to_mpo_linear`; ``compress(..., quantize="int8")`` stores its pairs so): ``U`` and ``V`` its
+        cores as its forward uses them (of an int8 layer, the dequantized values), copied, with its bias, ``error``,
+        dtype, device and ``requires_grad``. Raises ``ValueError`` for any other MPO layer."""
+        from .layer import MPOLinear
+
+        if not isinstance(layer, MPOLinear) or not layer.is_rank_form:
+            what = (f"legs {layer.out_factors} x {layer.in_factors}" if isinstance(layer, MPOLinear)
+                    else type(layer).__name__)
+            raise ValueError(f"from_mpo_linear needs a rank-form MPOLinear (legs (out_features, 1) x (1, in_features)), "
+                             f"got {what}")
+        U, V = (c.detach() for c in layer._core_tuple())
+        rank = int(V.shape[0])
+        pair = cls.from_factors(U.reshape(layer.out_features, rank), V.reshape(rank, layer.in_features),
+                                None if layer.bias is None else layer.bias.detach())
+        pair.error = layer.error
+        return pair.requires_grad_(any(c.requires_grad for c in layer.cores))
+
     @property
     def rank(self) -> int:
         """The inner dimension of ``U @ V`` (``U.shape[1] == V.shape[0]``)."""

@@ -313,7 +313,7 @@ def quantize_mpo(model: nn.Module, mode: str | None = "int8") -> nn.Module:
     if mode is not None and pairs:  # compress's default with a param_ratio may have chosen them
         shown = ", ".join(pairs[:3]) + (f" and {len(pairs) - 3} more" if len(pairs) > 3 else "")
         warn_user(f"quantize_mpo: {len(pairs)} low-rank pair(s) ({shown}) stay in full precision: only MPO layers "
-                  "are quantized; compress with quantize='int8' (MPO layers only) or kinds=('mpo',) for int8 cores "
+                  "are quantized; compress with quantize='int8' (its pairs are int8 too) for int8 weights "
                   "throughout, or convert after loading with bondgate.deploy_int8")
     elif mode is not None and not layers:
         warn_user("quantize_mpo: the model has no MPO layer (run bondgate.compress first): nothing was quantized; "

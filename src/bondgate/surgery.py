@@ -135,18 +135,19 @@ class CompressionConfig:
         quantize: ``None`` (default) or ``"int8"``: every new MPO layer is quantized (per-channel int8 cores,
             :meth:`bondgate.MPOLinear.quantize_`; saved as int8: ~3.5-3.9x fewer bytes, scales included). Its
             reported errors and its bias re-fit include the quantization. Linear layers the budget keeps dense
-            become one-core int8 MPO layers (per-output-channel int8 weights), so bytes follow the weight budget.
-            Biases and low-rank layers stay in full precision (for dense layers see :func:`bondgate.quantize_int8`);
+            become one-core int8 MPO layers (per-output-channel int8 weights), so bytes follow the weight budget,
+            and low-rank pairs two-core ones (legs ``(out, 1) x (1, in)``, the bond the rank: one scale per row of
+            each factor; :func:`bondgate.deploy_float` / :func:`bondgate.deploy_int8` run them as pairs). Biases
+            stay in full precision (for dense layers see :func:`bondgate.quantize_int8`);
             :func:`bondgate.quantize_mpo` quantizes the MPO layers of a model compressed before.
     Latency (with ``param_ratio`` and global allocation; see :mod:`bondgate.costmodel`):
         kinds: the forms a layer may take besides staying dense: ``"mpo"`` and/or ``"lowrank"`` (two factors,
             ``U @ V``). Default: both with a ``param_ratio`` budget under the global allocation (each layer takes the
             form with the smaller predicted error at its share of the budget: on all-MiniLM-L6-v2 at 0.5 every
             compressed layer became a low-rank pair, with a lower error and fewer FLOPs than the MPO, which at those
-            widths would run its dense product), and with a time or FLOP budget; ``("mpo",)`` otherwise (``max_bond``
-            / ``tol`` cut MPO bonds; the uniform allocation gives every layer one form; ``quantize="int8"`` without a
-            time or FLOP budget quantizes MPO cores, and low-rank pairs would stay in full precision).
-            ``kinds=("mpo",)`` keeps every compressed layer an MPO.
+            widths would run its dense product), with or without ``quantize="int8"``, and with a time or FLOP
+            budget; ``("mpo",)`` otherwise (``max_bond`` / ``tol`` cut MPO bonds; the uniform allocation gives every
+            layer one form). ``kinds=("mpo",)`` keeps every compressed layer an MPO.
         max_latency_ratio: the targeted layers' predicted time per call at ``deploy_rows`` rows must be at most this
             fraction of the dense layers' (time measured on this machine: not deterministic).
         flops_ratio: the same with FLOPs (deterministic): the new layers then choose their contraction plans by
@@ -261,7 +262,7 @@ class CompressionConfig:
             return self.kinds
         if self.cost_budget is not None:  # (it needs param_ratio and the global allocation)
             return ("mpo", "lowrank")
-        both = self.param_ratio is not None and self.allocation == "global" and self.quantize is None
+        both = self.param_ratio is not None and self.allocation == "global"
         return ("mpo", "lowrank") if both else ("mpo",)
 
     def to_dict(self) -> dict:
@@ -923,23 +924,15 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
             layer, row = _build_embedding(model, w, wid, config, report.flop_rows, names)
             report.layers.append(row)
             continue
-        if isinstance(wid, int):  # a low-rank pair
+        if isinstance(wid, int) and config.quantize is None:  # a low-rank pair
             layer, W_hat, bias = _build_lowrank(w, wid)
-            row = _lowrank_report(w, layer, W_hat, bias, report.flop_rows)
+            row = _lowrank_report(w, layer.rank, layer.error, W_hat, bias, report.flop_rows)
         else:
-            if config.param_ratio is not None:
-                mpo_w = (w.exact if w.exact is not None else _exact(w, config)).truncate(max_bond=list(wid))
+            if isinstance(wid, int):  # an int8 low-rank pair: two cores (out, 1) x (1, in), the bond its rank
+                U, V = _pair_factors(w, wid)
+                cores = [U.reshape(1, w.shape[0], 1, wid), V.reshape(wid, 1, w.shape[1], 1)]
             else:
-                S = None
-                if w.cov is not None:
-                    S, w.S_inv = kron_whiteners(w.cov, w.in_f, config.damping)
-                mpo_w = MPO.from_matrix(w.whitened_padded(S), in_factors=w.in_f, out_factors=w.out_f,
-                                        max_bond=config.max_bond, tol=config.tol)
-            cores = mpo_w.cores if w.S_inv is None else fold_into_cores(mpo_w.cores, w.S_inv)
-            if w.cov is not None and config.refine_steps > 0:
-                # on the ridge _whitened_svd uses: with fewer rows than inputs, the raw covariance is overfitted
-                cores, _, _ = refine_cores(cores, w.W, damped(w.cov, config.damping), w.shape[0], w.shape[1],
-                                           config.refine_steps)
+                cores = _mpo_cores(w, wid, config)
             # on the grid of the layer's dtype: the errors and the bias re-fit are those of the cores it gets
             mpo = MPO([c.to(ref.dtype).to(torch.float64) for c in cores], w.shape[0], w.shape[1])
             if config.quantize is not None:  # on the grid of the layer's dtype: the errors and bias re-fit include it
@@ -952,7 +945,8 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
                                        None if bias is None else bias.to(dtype=ref.dtype, device=ref.device),
                                        policy=_plan_policy(config))
             layer.quantize_(config.quantize)
-            row = _layer_report(w, mpo, W_hat, bias, report.flop_rows)
+            row = _layer_report(w, mpo, W_hat, bias, report.flop_rows) if not isinstance(wid, int) else \
+                _lowrank_report(w, wid, mpo.error, W_hat, bias, report.flop_rows)
             row.quant = config.quantize
             if config.policy == "auto":
                 policy, mpo_us, dense_us = _auto_policy(layer, config.deploy_rows)
@@ -983,12 +977,6 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
                       f"{t / td:.2f}x the dense layers' time at deploy_rows={config.deploy_rows} (predicted "
                       f"times, which the budget holds, are in the report's µs column); a loaded machine or a "
                       f"cost model fitted on another one moves them")
-    # low-rank layers stay in full precision under quantize="int8" (a low-rank table's cores are quantized)
-    lowrank_fp = [r.name for r in report.layers if r.form == "lowrank" and r.kind != "Embedding"] \
-        if config.quantize is not None else []
-    if lowrank_fp:
-        warn_user(f"compress: quantize={config.quantize!r} covers MPO cores and layers kept dense; the "
-                  f"{len(lowrank_fp)} low-rank layer(s) ({_short_list(lowrank_fp, 3)}) stay in full precision")
     grown = [r for r in report.layers if r.params_after > r.params_before]
     if grown and config.param_ratio is None:  # max_bond / tol set no size budget: say when they buy nothing
         budget = f"max_bond={config.max_bond}" if config.max_bond is not None else f"tol={config.tol}"
@@ -1062,14 +1050,38 @@ def _whitened_svd(w: _Work, damping: float) -> tuple[torch.Tensor, torch.Tensor,
     return P, s, Qh, isqrt
 
 
-def _build_lowrank(w: _Work, rank: int) -> tuple[LowRankLinear, torch.Tensor, torch.Tensor | None]:
-    """The rank-``rank`` layer of :func:`_whitened_svd` (``sqrt(s)`` in both factors), its matrix and bias (the
-    mean shift of the output absorbed, as for an MPO)."""
+def _mpo_cores(w: _Work, widths: list[int] | None, config: CompressionConfig) -> list[torch.Tensor]:
+    """The float64 cores of a layer's MPO: its canonical MPO cut to ``widths`` (a ``param_ratio`` budget's) or TT-SVD at
+    ``max_bond`` / ``tol``, whitened by its inputs where calibrated (and refined, with ``refine_steps``)."""
+    if config.param_ratio is not None:
+        mpo_w = (w.exact if w.exact is not None else _exact(w, config)).truncate(max_bond=list(widths))
+    else:
+        S = None
+        if w.cov is not None:
+            S, w.S_inv = kron_whiteners(w.cov, w.in_f, config.damping)
+        mpo_w = MPO.from_matrix(w.whitened_padded(S), in_factors=w.in_f, out_factors=w.out_f,
+                                max_bond=config.max_bond, tol=config.tol)
+    cores = mpo_w.cores if w.S_inv is None else fold_into_cores(mpo_w.cores, w.S_inv)
+    if w.cov is not None and config.refine_steps > 0:
+        # on the ridge _whitened_svd uses: with fewer rows than inputs, the raw covariance is overfitted
+        cores, _, _ = refine_cores(cores, w.W, damped(w.cov, config.damping), w.shape[0], w.shape[1],
+                                   config.refine_steps)
+    return cores
+
+
+def _pair_factors(w: _Work, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U, V)`` float64, ``(out, rank)`` and ``(rank, in)``: the rank-``rank`` cut of :func:`_whitened_svd` with
+    ``sqrt(s)`` in both factors (neither carries all the scale: per-row int8 scales of both stay fine)."""
     P, s, Qh, isqrt = w.svd
     root = s[:rank].sqrt()
     U, V = P[:, :rank] * root, root[:, None] * Qh[:rank]
-    if isqrt is not None:
-        V = V @ isqrt
+    return U, (V if isqrt is None else V @ isqrt)
+
+
+def _build_lowrank(w: _Work, rank: int) -> tuple[LowRankLinear, torch.Tensor, torch.Tensor | None]:
+    """The rank-``rank`` layer of :func:`_pair_factors`, its matrix and bias (the mean shift of the output absorbed,
+    as for an MPO)."""
+    U, V = _pair_factors(w, rank)
     W_hat = U @ V
     bias = w.refit_bias(W_hat)
     ref = w.module.weight
@@ -1237,11 +1249,11 @@ def _tied_heads(model: nn.Module, table: nn.Embedding) -> list[tuple[str, nn.Lin
     return [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and m.weight is table.weight]
 
 
-def _lowrank_report(w: _Work, layer: LowRankLinear, W_hat: torch.Tensor, bias: torch.Tensor | None,
+def _lowrank_report(w: _Work, rank: int, error: float, W_hat: torch.Tensor, bias: torch.Tensor | None,
                     rows: int) -> LayerReport:
     row = _layer_report(w, None, W_hat, bias, rows)
-    row.form, row.rank, row.params_after, row.weight_error = "lowrank", layer.rank, layer.num_params, layer.error
-    row.flops_mpo = lowrank_flops(*w.shape, layer.rank, rows)
+    row.form, row.rank, row.params_after, row.weight_error = "lowrank", rank, rank * sum(w.shape), error
+    row.flops_mpo = lowrank_flops(*w.shape, rank, rows)
     return row
 
 

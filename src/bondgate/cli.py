@@ -917,8 +917,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"cores per MPO, 2 to {MAX_CORES} (default: 3)")
     p.add_argument("--kinds", nargs="+", choices=("mpo", "lowrank"), metavar="KIND",
                    help="the forms a compressed layer may take: mpo and/or lowrank (two factors); default with --ratio: "
-                        "both, each layer the one with the smaller predicted error (mpo only with --max-bond / --tol, "
-                        "or --int8 without a latency / FLOP budget); --kinds mpo keeps every compressed layer an MPO")
+                        "both, each layer the one with the smaller predicted error, with or without --int8 (mpo only with "
+                        "--max-bond / --tol); --kinds mpo keeps every compressed layer an MPO")
     p.add_argument("--calibration", metavar="FILE",
                    help="UTF-8 text file, one calibration sample per non-empty line; - reads standard input "
                         "(default: built-in English)")

@@ -244,18 +244,19 @@ def deploy_float(model: nn.Module, rows: int = 32) -> nn.Module:
             continue
         plan = m.plan(rows)
         report[name] = (plan.name, plan.dense or m.is_rank_form)
-        if plan.dense or m.is_rank_form:
-            if plan.dense:
-                lin = m.to_linear().eval()
-                lin.weight.requires_grad_(any(c.requires_grad for c in m.cores))
-            else:  # a low-rank pair held as two cores (compress's int8 pairs): the pair's two F.linear calls
-                lin = LowRankLinear.from_mpo_linear(m).eval()
-            if lin.bias is not None:
-                lin.bias.requires_grad_(m.bias.requires_grad)
-            carry_hooks(m, lin)
-            converted.append(lin)
-            for alias in aliases[id(m)]:
-                new = _set_module(new, alias, lin)
+        if plan.dense:
+            lin = m.to_linear().eval()
+            lin.weight.requires_grad_(any(c.requires_grad for c in m.cores))
+        elif m.is_rank_form:  # a low-rank pair held as two cores (compress's int8 pairs): the pair's two F.linear calls
+            lin = LowRankLinear.from_mpo_linear(m).eval()
+        else:
+            continue
+        if lin.bias is not None:
+            lin.bias.requires_grad_(m.bias.requires_grad)
+        carry_hooks(m, lin)
+        converted.append(lin)
+        for alias in aliases[id(m)]:
+            new = _set_module(new, alias, lin)
     new.bondgate_float = report
     _mark(new, converted, "deploy_float")
     return new

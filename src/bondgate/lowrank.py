@@ -40,6 +40,12 @@ def _u_parameter(U: torch.Tensor, requires_grad: bool = True) -> TrackedParamete
     return TrackedParameter(U.detach().t().contiguous().t(), requires_grad=requires_grad)
 
 
+def rank_cores(U: torch.Tensor, V: torch.Tensor) -> list[torch.Tensor]:
+    """A pair's factors ``U`` ``(out, rank)`` and ``V`` ``(rank, in)`` as the two cores of a rank-form MPO (legs
+    ``(out, 1) x (1, in)``, the bond the rank): ``(1, out, 1, rank)`` and ``(rank, 1, in, 1)``."""
+    return [U.reshape(1, U.shape[0], 1, U.shape[1]), V.reshape(V.shape[0], 1, V.shape[1], 1)]
+
+
 def _keep_u_layout(module: "LowRankLinear", _incompatible) -> None:
     """After ``load_state_dict(assign=True)`` (which puts the loaded tensors in as they are): restore ``U``'s layout
     and make the new parameters tracked ones."""
@@ -220,8 +226,7 @@ class LowRankLinear(nn.Module):
         from .mpo import MPO
 
         U, V = self.U.detach(), self.V.detach()
-        mpo = MPO([U.reshape(1, self.out_features, 1, self.rank), V.reshape(self.rank, 1, self.in_features, 1)],
-                  self.out_features, self.in_features)
+        mpo = MPO(rank_cores(U, V), self.out_features, self.in_features)
         layer = MPOLinear.from_mpo(mpo, None if self.bias is None else self.bias.detach(), policy=policy)
         layer.error = self.error  # nan when the pair was not fitted to a layer
         return layer.requires_grad_(self.U.requires_grad)

@@ -67,7 +67,7 @@ from .costmodel import (
 from .embedding import MPOEmbedding, most_frequent, row_weight_legs, table_factors, table_mpo, table_target
 from .factors import choose_factors, factorize_shape
 from .layer import MPOLinear, carry_hooks, outside_inference_mode, overrides_forward
-from .lowrank import LowRankLinear
+from .lowrank import LowRankLinear, rank_cores
 from .mpo import MPO
 from .planner import MAX_CORES, PlanPolicy
 from .quant import check_quant, fake_quant
@@ -924,15 +924,13 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
             layer, row = _build_embedding(model, w, wid, config, report.flop_rows, names)
             report.layers.append(row)
             continue
-        if isinstance(wid, int) and config.quantize is None:  # a low-rank pair
+        pair = isinstance(wid, int)  # a low-rank pair of rank wid (else MPO bonds, or None: max_bond / tol)
+        if pair and config.quantize is None:
             layer, W_hat, bias = _build_lowrank(w, wid)
             row = _lowrank_report(w, layer.rank, layer.error, W_hat, bias, report.flop_rows)
         else:
-            if isinstance(wid, int):  # an int8 low-rank pair: two cores (out, 1) x (1, in), the bond its rank
-                U, V = _pair_factors(w, wid)
-                cores = [U.reshape(1, w.shape[0], 1, wid), V.reshape(wid, 1, w.shape[1], 1)]
-            else:
-                cores = _mpo_cores(w, wid, config)
+            # an int8 pair is a rank-form MPO: two cores (out, 1) x (1, in), the bond its rank
+            cores = rank_cores(*_pair_factors(w, wid)) if pair else _mpo_cores(w, wid, config)
             # on the grid of the layer's dtype: the errors and the bias re-fit are those of the cores it gets
             mpo = MPO([c.to(ref.dtype).to(torch.float64) for c in cores], w.shape[0], w.shape[1])
             if config.quantize is not None:  # on the grid of the layer's dtype: the errors and bias re-fit include it
@@ -945,8 +943,8 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
                                        None if bias is None else bias.to(dtype=ref.dtype, device=ref.device),
                                        policy=_plan_policy(config))
             layer.quantize_(config.quantize)
-            row = _layer_report(w, mpo, W_hat, bias, report.flop_rows) if not isinstance(wid, int) else \
-                _lowrank_report(w, wid, mpo.error, W_hat, bias, report.flop_rows)
+            row = _lowrank_report(w, wid, mpo.error, W_hat, bias, report.flop_rows) if pair else \
+                _layer_report(w, mpo, W_hat, bias, report.flop_rows)
             row.quant = config.quantize
             if config.policy == "auto":
                 policy, mpo_us, dense_us = _auto_policy(layer, config.deploy_rows)
@@ -963,7 +961,7 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
             row.time_dense_us = calibrate_dense(*w.shape, config.deploy_rows, ref.dtype, ref.device) * 1e6
             if w.name in times:  # as the budget priced it (_price's functions on the layer's menu)
                 menu = menu_of[w.name]
-                row.time_pred_us = 1e6 * (menu.rank_cost(wid) if isinstance(wid, int) else menu.cost_of(wid))
+                row.time_pred_us = 1e6 * (menu.rank_cost(wid) if pair else menu.cost_of(wid))
         if w.fused:  # what runs at inference: the dense weight, in torch's fused kernel
             row.flops_mpo = row.flops_dense
             row.time_us = row.time_dense_us

@@ -768,6 +768,33 @@ def test_short_path_gives_the_general_paths_bits_for_any_leading_shape(monkeypat
             assert torch.equal(got, torch.nn.functional.linear(x, weight, layer.bias))
 
 
+@pytest.mark.parametrize("quant", [None, "int8"])
+def test_a_rank_form_layer_runs_its_pairs_two_products_on_the_short_path(quant, monkeypatch):
+    # a low-rank pair as two cores (compress's int8 pairs) must compute what the pair computes, bit for bit, on every
+    # inference call: the first (general path, plan.chain) and the later ones (short path, no freshness scan), for
+    # any leading shape; a write to a core is seen by the next call
+    import bondgate.layer as L
+
+    torch.manual_seed(0)
+    layer = bondgate.LowRankLinear.from_linear(nn.Linear(96, 80), rank=12).to_mpo_linear(policy=PlanPolicy(select="flops"))
+    if quant:
+        bondgate.quantize_mpo(layer)
+    pair = bondgate.LowRankLinear.from_mpo_linear(layer)
+    xs = [torch.randn(3, 96), torch.randn(1, 96), torch.randn(2, 3, 96), torch.randn(96, 3).T, torch.randn(40, 96)]
+    with torch.inference_mode():
+        first = [layer(x) for x in xs]  # arms the short path for each row bucket
+        assert layer.plan(3).chain and len(layer._hot) == 4
+        with monkeypatch.context() as m:
+            m.setattr(L, "is_fresh", lambda *a: pytest.fail("the general path ran"))
+            for x, want in zip(xs, first):
+                got = layer(x)
+                assert got.shape == (*x.shape[:-1], 80) and torch.equal(got, want) and torch.equal(got, pair(x))
+    with torch.no_grad():
+        layer.cores[1].mul_(2.0)  # V doubled: the output less the bias doubles
+        x = xs[0]
+        torch.testing.assert_close(layer(x) - layer.bias, 2 * (first[0] - layer.bias), rtol=1e-5, atol=1e-5)
+
+
 def test_short_path_sees_an_appended_core_a_parametrized_bias_and_refuses_what_the_general_path_refuses():
     from torch.nn.utils import parametrize
 

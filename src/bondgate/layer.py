@@ -746,7 +746,7 @@ class MPOLinear(nn.Module):
         _LIVE_LAYERS.add(self)
         self._ops_cache: dict[tuple, list] = {}  # plan.operand_key -> [version sum, operands, cores]
         self._quant_cache: dict = {}  # the fake-quantized cores kept for inference (see _fake_quantized)
-        self._hot: dict[int, tuple] = {}  # row bucket -> (slot, device type) of dense-cached inference plans
+        self._hot: dict[int, tuple] = {}  # row bucket -> (slot, device type) of dense-cached or pair inference plans
         self._traced = self._traced_sweep(self.bond_dims) if "cores" in self._modules else None
 
     @property
@@ -921,7 +921,7 @@ class MPOLinear(nn.Module):
         # Hot path: every line here runs per call (a B=1 GEMV takes ~10 us), so no reshapes of 2-D
         # inputs, no planning after the first call per row bucket, and dtype errors are diagnosed
         # only when the kernel raises. First the shortest path: inference with speed mode's kept dense weight (a
-        # dense-cached plan, the usual deployment) after the fewest reads. In a model each call starts with cold
+        # dense-cached plan, the usual deployment), or a pair's two kept factors (plan.chain), after the fewest reads. In a model each call starts with cold
         # caches, where every read and call costs microseconds: the general path below cost ~15 us per call more than
         # nn.Linear (MiniLM at one sentence 4-7% slower than dense). Anything else (another bucket, cores written or
         # swapped, a wrong input, on which the product raises) takes the general path. is_compiling comes first: a
@@ -942,7 +942,11 @@ class MPOLinear(nn.Module):
                     if (all(map(operator.is_, params.values(), kept)) and tuple(params) == CORE_NAMES[len(kept)]
                             and not cores._modules and slot[0] == sum(map(_VERSION, kept))
                             and not _AUTOCAST_ON(device)):
-                        return torch.nn.functional.linear(x, slot[1][0], own_param(self, "bias"))
+                        ops = slot[1]
+                        if len(ops) == 1:
+                            return torch.nn.functional.linear(x, ops[0], own_param(self, "bias"))
+                        return torch.nn.functional.linear(torch.nn.functional.linear(x, ops[0]), ops[1],
+                                                          own_param(self, "bias"))
             except (AttributeError, RuntimeError):  # jit.trace's tensor sizes; inference-tensor cores; bad input
                 pass  # diagnosed by the general path
         if not isinstance(x, torch.Tensor) or x.is_nested or not x.dim() or x.shape[-1] != self.in_features:
@@ -999,6 +1003,9 @@ class MPOLinear(nn.Module):
                     self._hot[key] = (slot, x.device.type)
                 return y
             y = plan.run(x2d, ops, self.out_features, bias)
+            if (plan.chain and slot is not None and key not in self._hot
+                    and (ops[1].shape[0], ops[0].shape[1]) == (self.out_features, self.in_features)):
+                self._hot[key] = (slot, x.device.type)  # a pair as two cores: its two products, as plan.run's
         except RuntimeError:
             self._check_dtype(x)
             if self._replan_reshaped(plan):

@@ -291,8 +291,15 @@ class ContractionPlan:
         self.dense = len(self.groups) == 1 and self.groups[0] == (0, len(self.out_factors) - 1)
         if self.executor == "tensordot":
             self._steps, self._perm = _tensordot_program(self.equation, self.path)
+        # True when the sweep is two plain products, x @ A0.T @ A1.T: two cores whose first step contracts the whole
+        # input into the bond and whose second maps the bond onto the whole output (a low-rank pair as an MPO,
+        # ``MPOLinear.is_rank_form``), run as two ``linear`` calls without the sweep's reshapes (a plain attribute: hot path)
+        self.chain = False
         if self.executor == "sweep":
             self._sweep = sweep_steps(self.out_factors, self.in_factors, self.ranks, self.reverse)
+            first, second = (1, 0) if self.reverse else (0, 1)
+            self.chain = (len(self.in_factors) == 2 and self.out_factors[first] == 1
+                          and self.in_factors[second] == 1)
 
     @property
     def operand_key(self) -> tuple:
@@ -325,7 +332,10 @@ class ContractionPlan:
         often a permuted view, which would be re-strided on every call). Made outside inference mode: kept operands
         meet inputs that need a gradient (a frozen layer), which inference tensors cannot."""
         with torch.inference_mode(False), torch.no_grad():
-            return [o.contiguous() for o in self.group_operands(cores, out_features, in_features)]
+            ops = [o.contiguous() for o in self.group_operands(cores, out_features, in_features)]
+            if self.chain:  # the second factor column-major, as LowRankLinear keeps U: its GEMM runs faster on CPU
+                ops[1] = ops[1].t().contiguous().t()
+            return ops
 
     def run(self, x2d: torch.Tensor, ops: Sequence[torch.Tensor], out_features: int,
             bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -333,6 +343,8 @@ class ContractionPlan:
         if self.dense:
             return torch.nn.functional.linear(x2d, ops[0], bias)
         pad = self._padded_in - x2d.shape[1]
+        if self.chain and not pad and ops[1].shape[0] == out_features:  # the bits of MPOLinear's short path
+            return torch.nn.functional.linear(torch.nn.functional.linear(x2d, ops[0]), ops[1], bias)
         if pad:
             x2d = torch.nn.functional.pad(x2d, (0, pad))
         if self.executor == "sweep":
@@ -727,7 +739,8 @@ def get_plan(
     if plan is None:
         cands = _build_candidates(tuple(out_factors), tuple(in_factors), tuple(ranks), rows, policy, grad)
         if policy.select == "flops" or len(cands) == 1:
-            plan = min(cands, key=lambda c: (c.flops, c.peak_elements, c.executor != "aten"))
+            # at equal cost a pair's two products with kept factors (MPOLinear's short path) before any einsum
+            plan = min(cands, key=lambda c: (c.flops, c.peak_elements, not (c.chain and c.cached), c.executor != "aten"))
         else:
             plan = _autotune(cands, out_factors, in_factors, ranks, rows, dtype, device, policy)
         _PLAN_CACHE[key] = plan

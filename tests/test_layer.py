@@ -795,6 +795,32 @@ def test_a_rank_form_layer_runs_its_pairs_two_products_on_the_short_path(quant, 
         torch.testing.assert_close(layer(x) - layer.bias, 2 * (first[0] - layer.bias), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("quant", [None, "int8"])
+def test_a_one_core_layer_takes_the_short_path_in_memory_mode_without_a_copy(quant, monkeypatch):
+    # a one-core layer (compress's kept-dense layers under quantize="int8") is its weight: memory mode keeps it as the
+    # short path's operand, a view of the core (float) or the one fake-quantized weight (int8) and nothing more
+    import bondgate.layer as L
+
+    torch.manual_seed(1)
+    lin = nn.Linear(96, 80)
+    layer = MPOLinear.from_mpo(MPO.from_matrix(lin.weight.detach(), num_cores=1), lin.bias.detach(), policy="memory")
+    if quant:
+        bondgate.quantize_mpo(layer)
+    x = torch.randn(2, 3, 96)
+    with torch.inference_mode():
+        first = layer(x)
+        assert layer.plan(6).cached and len(layer._hot) == 1
+        (slot, _), = layer._hot.values()
+        kept = slot[1][0]
+        if quant is None:
+            assert kept.untyped_storage().data_ptr() == layer.cores[0].untyped_storage().data_ptr()
+        assert not layer._quant_cache  # the fake-quantized weight is held once, by the short path's slot
+        with monkeypatch.context() as m:
+            m.setattr(L, "is_fresh", lambda *a: pytest.fail("the general path ran"))
+            assert torch.equal(layer(x), first)
+        torch.testing.assert_close(first, nn.functional.linear(x, layer.weight_matrix(), layer.bias))
+
+
 def test_short_path_sees_an_appended_core_a_parametrized_bias_and_refuses_what_the_general_path_refuses():
     from torch.nn.utils import parametrize
 

@@ -20,7 +20,9 @@ Every way of doing so is a *plan*:
   fastest depends on the shapes, so all are timed.
 * ``cached``: pre-contracted groups are kept between calls (speed mode, inference only). With the
   all-cores group this is the classic "cache the dense weight" fallback. A cached sweep keeps the
-  cores' matrix layout (as many elements as the cores) and is allowed in memory mode too.
+  cores' matrix layout (as many elements as the cores) and is allowed in memory mode too, as is a one-core
+  layer's kept weight (a view of its core). A two-core sweep that is a low-rank pair (``chain``: the input
+  into the bond, the bond onto the output) runs as two ``linear`` calls.
 
 Candidates are: FLOP-optimal paths from several opt_einsum optimizers (``optimal``/``dp`` under the
 flops, size, write and combo objectives, ``greedy``, ``branch-2``; only ``dp`` by size and ``greedy`` above 9
@@ -41,7 +43,7 @@ at the bucket's smallest and largest: an intermediate is either fixed or proport
 limit); rebuild-then-GEMM always is,
 so there is always a candidate. What a memory-mode layer may keep between inference calls is its cores in
 the sweeps' matrix layout — one copy per sweep direction its row buckets' plans use (at most two) — never a
-dense weight.
+dense weight other than a one-core layer's own core.
 """
 
 from __future__ import annotations
@@ -295,11 +297,14 @@ class ContractionPlan:
         # input into the bond and whose second maps the bond onto the whole output (a low-rank pair as an MPO,
         # ``MPOLinear.is_rank_form``), run as two ``linear`` calls without the sweep's reshapes (a plain attribute: hot path)
         self.chain = False
+        # True when MPOLinear's short path runs it after the first inference call: kept operands, one or two products
+        self.short = False
         if self.executor == "sweep":
             self._sweep = sweep_steps(self.out_factors, self.in_factors, self.ranks, self.reverse)
             first, second = (1, 0) if self.reverse else (0, 1)
             self.chain = (len(self.in_factors) == 2 and self.out_factors[first] == 1
                           and self.in_factors[second] == 1)
+        self.short = self.cached and (self.dense or self.chain)
 
     @property
     def operand_key(self) -> tuple:
@@ -494,7 +499,10 @@ def _build_candidates(out_f, in_f, ranks, rows, policy: PlanPolicy, grad: bool) 
             _, info = oe.contract_path(eq, *shapes[lo : hi + 1], optimize=chain, shapes=True)
             g_flops += int(info.opt_cost)
             g_peak = max(g_peak, int(info.largest_intermediate))
-        cached_variants = [False, True] if cache_ok and any(lo != hi for lo, hi in groups) else [False]
+        # a one-core layer's weight is a view of its core: keeping it costs no memory in either mode, and a kept
+        # operand is what arms MPOLinear's short path (the layers compress keeps dense, int8 ones among them)
+        cached_variants = ([False, True] if (cache_ok and any(lo != hi for lo, hi in groups)) or (d == 1 and not grad)
+                           else [False])
         if gname == "dense":
             flops = 2 * rows * N * M
             for cached in cached_variants:
@@ -739,8 +747,8 @@ def get_plan(
     if plan is None:
         cands = _build_candidates(tuple(out_factors), tuple(in_factors), tuple(ranks), rows, policy, grad)
         if policy.select == "flops" or len(cands) == 1:
-            # at equal cost a pair's two products with kept factors (MPOLinear's short path) before any einsum
-            plan = min(cands, key=lambda c: (c.flops, c.peak_elements, not (c.chain and c.cached), c.executor != "aten"))
+            # at equal cost a plan MPOLinear's short path runs (a pair's two products, a one-core layer's weight) first
+            plan = min(cands, key=lambda c: (c.flops, c.peak_elements, not c.short, c.executor != "aten"))
         else:
             plan = _autotune(cands, out_factors, in_factors, ranks, rows, dtype, device, policy)
         _PLAN_CACHE[key] = plan

@@ -1489,11 +1489,12 @@ For a whole model, the README's "Fast inference against dense and int8" section 
 `python benchmarks/minilm_speed.py` (results in `benchmarks/results/minilm_speed.md`; MiniLM, 2 threads,
 zero-shot compression to 50%, no healing; an Intel Xeon): the dense model scores 86.72 on STS-B dev at 90.9 MB.
 The default fp32 compression (its 12 compressed layers low-rank pairs) scores 84.38 at 69.6 MB and runs at
-0.656 / 0.682 / 0.703 of the dense time at 1 / 32 / 256 sentences (paired medians). With `quantize="int8"` the
-same forms are stored as int8 (the pairs as two-core int8 layers): 84.35 at 53.8 MB, and 84.21 after `deploy_int8`,
-running at 0.637 / 0.568 / 0.577. torch's plain int8 dynamic quantization of the dense model runs at
-0.577 / 0.608 / 0.589 and scores **86.36 at 59.1 MB**: the bondgate int8 checkpoint is 9% smaller and faster from
-32 sentences up, but 2 STS-B points worse before healing, a trade only worth it where size matters more.
+0.669 / 0.694 / 0.746 of the dense time at 1 / 32 / 256 sentences (paired medians). With `quantize="int8"` the
+same forms are stored as int8 (the pairs as two-core int8 layers): 84.35 at 53.8 MB, running in float as loaded at
+0.728 / 0.708 / 0.755, and 84.20 after `deploy_int8`, running at 0.645 / 0.532 / 0.598. torch's plain int8 dynamic
+quantization of the dense model runs at 0.642 / 0.604 / 0.684 and scores **86.36 at 59.1 MB**: the bondgate int8
+checkpoint is 9% smaller and faster from 32 sentences up, but 2 STS-B points worse before healing, a trade only worth
+it where size matters more.
 
 The cell below times one layer: the int8-core MPO layer computing in fp32 (its plan in speed mode),
 the same layer after `deploy_int8` (int8 kernels on the same matrix), and, as the baseline, torch's int8

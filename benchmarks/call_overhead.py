@@ -1,6 +1,8 @@
 """Per-call overhead of an ``MPOLinear`` that runs its cached dense weight (speed mode, plan ``dense-cached``) against
 ``nn.Linear`` holding the same weight: the time the compressed MiniLM spends on top of dense where every MPO layer
-runs one ``F.linear`` (benchmarks/minilm_speed.py).
+runs one ``F.linear`` (benchmarks/minilm_speed.py). And of a rank-form ``MPOLinear`` (a low-rank pair as two cores,
+as ``compress(..., quantize="int8")`` stores its pairs; rank ``--rank``) against ``LowRankLinear`` holding the same
+two factors: two ``F.linear`` calls each.
 
     python benchmarks/call_overhead.py          # ~1 min on 2 cores
 
@@ -69,6 +71,8 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=number_arg(int, 1, what="rounds"), default=15)
     parser.add_argument("--threads", type=number_arg(int, 1, what="threads"), default=2)
     parser.add_argument("--cold-calls", type=number_arg(int, 1, what="cold-calls"), default=200)
+    parser.add_argument("--rank", type=number_arg(int, 1, what="rank"), default=96,
+                        help="rank of the low-rank pair (MiniLM's default compression at 50%%: ranks 2-147)")
     add_out_arg(parser)
     args = parser.parse_args(argv)
     check_out_dir(parser, args.out)
@@ -76,12 +80,16 @@ def main(argv=None) -> None:
     info = machine_info()
     print(banner(info))
     rows_out = []
-    for n_in, n_out in SHAPES:
+    for (n_in, n_out), form in ((shape, form) for shape in SHAPES for form in ("dense-cached", "rank-form")):
         torch.manual_seed(0)
-        # a layer the size budget keeps at a 3-core MPO whose dense product is the faster plan (MiniLM's 12)
-        mpo = bg.MPOLinear.from_linear(nn.Linear(n_in, n_out), max_bond=64,
-                                       policy=bg.PlanPolicy(cache_dense=True, select="flops")).eval()
-        dense = mpo.to_linear().eval()
+        if form == "dense-cached":
+            # a layer the size budget keeps at a 3-core MPO whose dense product is the faster plan (MiniLM's 12)
+            mpo = bg.MPOLinear.from_linear(nn.Linear(n_in, n_out), max_bond=64,
+                                           policy=bg.PlanPolicy(cache_dense=True, select="flops")).eval()
+            ref, ref_name = mpo.to_linear().eval(), "nn.Linear"
+        else:
+            ref = bg.LowRankLinear.from_linear(nn.Linear(n_in, n_out), rank=min(args.rank, n_in, n_out)).eval()
+            mpo, ref_name = ref.to_mpo_linear(policy=bg.PlanPolicy(select="flops")).eval(), "LowRankLinear"
         for rows in ROWS:
             x = torch.randn(rows, n_in)
             with torch.inference_mode():
@@ -90,32 +98,38 @@ def main(argv=None) -> None:
             if plan == "dense-cached":  # nn.Linear holds the very tensor the MPO layer keeps: the same memory, so
                 # only the per-call code differs (a weight allocated elsewhere runs a few percent apart either way)
                 (kept,) = [ops[0] for _, ops, _ in mpo._ops_cache.values()]
-                dense.weight = nn.Parameter(kept, requires_grad=False)
+                ref.weight = nn.Parameter(kept, requires_grad=False)
+            elif mpo.plan(rows).chain:  # the pair holds the very factors the rank-form layer keeps (V, then U)
+                (kept,) = [ops for _, ops, _ in mpo._ops_cache.values()]
+                ref.V, ref.U = (nn.Parameter(t, requires_grad=False) for t in kept)
 
             def call(m, x=x):
                 with torch.inference_mode():
                     return m(x)
 
-            t = time_interleaved({"nn.Linear": lambda: call(dense), "MPOLinear": lambda: call(mpo)},
+            t = time_interleaved({"nn.Linear": lambda: call(ref), "MPOLinear": lambda: call(mpo)},
                                  rounds=args.rounds, min_time=0.05)
             us = {k: v * 1e6 for k, v in t.items()}
-            cold = cold_us({"nn.Linear": dense, "MPOLinear": mpo}, x, args.cold_calls)
-            row = {"in": n_in, "out": n_out, "rows": rows, "plan": plan, "linear_us": us["nn.Linear"],
+            cold = cold_us({"nn.Linear": ref, "MPOLinear": mpo}, x, args.cold_calls)
+            row = {"form": form, "baseline": ref_name, "in": n_in, "out": n_out, "rows": rows, "plan": plan,
+                   "linear_us": us["nn.Linear"],
                    "mpo_us": us["MPOLinear"], "extra_us": us["MPOLinear"] - us["nn.Linear"],
                    "ratio": us["MPOLinear"] / us["nn.Linear"], "cold_linear_us": cold["nn.Linear"],
                    "cold_mpo_us": cold["MPOLinear"], "cold_extra_us": cold["MPOLinear"] - cold["nn.Linear"]}
             rows_out.append(row)
-            print(f"{n_in}->{n_out} at {rows} rows: warm nn.Linear {row['linear_us']:.1f} us, MPOLinear "
+            print(f"{form} {n_in}->{n_out} at {rows} rows ({plan}): warm {ref_name} {row['linear_us']:.1f} us, MPOLinear "
                   f"{row['mpo_us']:.1f} us ({row['extra_us']:+.1f} us, {row['ratio']:.3f}x); cold "
                   f"{row['cold_linear_us']:.1f} / {row['cold_mpo_us']:.1f} us ({row['cold_extra_us']:+.1f} us)",
                   flush=True)
     lines = [f"Machine: {banner(info)}", "", f"Command: `{command_line(__file__, argv)}`", "",
              f"Warm: median of {args.rounds} interleaved rounds; cold: median of {args.cold_calls} single calls, each "
-             f"after writing a 64 MB buffer. {args.threads} threads, torch.inference_mode; the MPO layer runs its "
-             "cached dense weight (one F.linear) at these rows.", "",
-             "| layer (in -> out) | rows | warm nn.Linear (us) | warm MPOLinear (us) | extra (us) | ratio "
-             "| cold nn.Linear (us) | cold MPOLinear (us) | extra (us) |", "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['in']} -> {r['out']} | {r['rows']} | {r['linear_us']:.1f} | {r['mpo_us']:.1f} | "
+             f"after writing a 64 MB buffer. {args.threads} threads, torch.inference_mode. `dense-cached`: a 3-core MPO "
+             "layer running its cached dense weight (one F.linear) against nn.Linear holding that tensor; `rank-form`: "
+             f"a low-rank pair of rank {args.rank} as a two-core MPO layer against LowRankLinear holding the factors it "
+             "keeps (two F.linear each). `baseline` is the reference layer of the row.", "",
+             "| form | layer (in -> out) | rows | plan | warm baseline (us) | warm MPOLinear (us) | extra (us) | ratio "
+             "| cold baseline (us) | cold MPOLinear (us) | extra (us) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['form']} | {r['in']} -> {r['out']} | {r['rows']} | {r['plan']} | {r['linear_us']:.1f} | {r['mpo_us']:.1f} | "
               f"{r['extra_us']:+.1f} | {r['ratio']:.3f} | {r['cold_linear_us']:.1f} | {r['cold_mpo_us']:.1f} | "
               f"{r['cold_extra_us']:+.1f} |" for r in rows_out]
     write_text(args.out / "call_overhead.md", "\n".join(lines) + "\n")

@@ -136,6 +136,23 @@ def test_pinned_plans_are_keyed_by_device_and_dtype():
     assert legacy._pinned == {"cpu:float32:3:0": "rebuild+gemm|linear"} and legacy.plan(5).id == "rebuild+gemm|linear"
 
 
+def test_a_one_core_layer_pinned_to_rebuild_plans_its_kept_weight_in_inference():
+    # a checkpoint saved before one-core layers kept their weight pins "rebuild+gemm|linear" for them (MiniLM's int8
+    # kept-dense layers): that names no inference candidate now, so the reloaded layer plans the kept weight, which
+    # MPOLinear's short path runs; training still rebuilds (the core itself, as nn.Linear's weight)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 80)
+    layer = MPOLinear.from_mpo(MPO.from_matrix(lin.weight.detach(), num_cores=1), lin.bias.detach(), policy="memory")
+    twin = MPOLinear.from_spec({**layer.spec(), "plans": {"cpu:float32:3:0": "rebuild+gemm|linear"}})
+    twin.load_state_dict(layer.state_dict())
+    x = torch.randn(5, 96)
+    with torch.inference_mode():
+        y = twin(x)
+        assert twin.plan(5).id == "dense-cached|linear" and len(twin._hot) == 1
+    torch.testing.assert_close(y, lin(x))
+    assert twin.plan(5, grad=True).id == "rebuild+gemm|linear"
+
+
 def test_a_pinned_plan_is_the_same_path_whatever_rows_plan_it():
     # a reloaded layer plans its pinned id at the rows of its first call; built at those rows, "cores/optimal" could
     # take another contraction path than in the saving process (first call 7 rows vs 5: same bucket, other rounding)

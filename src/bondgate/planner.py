@@ -499,10 +499,13 @@ def _build_candidates(out_f, in_f, ranks, rows, policy: PlanPolicy, grad: bool) 
             _, info = oe.contract_path(eq, *shapes[lo : hi + 1], optimize=chain, shapes=True)
             g_flops += int(info.opt_cost)
             g_peak = max(g_peak, int(info.largest_intermediate))
-        # a one-core layer's weight is a view of its core: keeping it costs no memory in either mode, and a kept
-        # operand is what arms MPOLinear's short path (the layers compress keeps dense, int8 ones among them)
-        cached_variants = ([False, True] if (cache_ok and any(lo != hi for lo, hi in groups)) or (d == 1 and not grad)
-                           else [False])
+        cached_variants = [False, True] if cache_ok and any(lo != hi for lo, hi in groups) else [False]
+        if d == 1 and not grad:
+            # a one-core layer's weight is a view of its core (of an int8 one, its fake-quantized weight, which the
+            # layer keeps anyway): in inference, in either mode, it is kept, which arms MPOLinear's short path (the
+            # layers compress keeps dense, int8 ones among them). A checkpoint's pinned "rebuild+gemm" for such a
+            # layer names no candidate now, so it is planned again, to this one
+            cached_variants = [True]
         if gname == "dense":
             flops = 2 * rows * N * M
             for cached in cached_variants:

@@ -921,8 +921,9 @@ class MPOLinear(nn.Module):
         # Hot path: every line here runs per call (a B=1 GEMV takes ~10 us), so no reshapes of 2-D
         # inputs, no planning after the first call per row bucket, and dtype errors are diagnosed
         # only when the kernel raises. First the shortest path: inference with speed mode's kept dense weight (a
-        # dense-cached plan, the usual deployment), or a pair's two kept factors (plan.chain), after the fewest reads. In a model each call starts with cold
-        # caches, where every read and call costs microseconds: the general path below cost ~15 us per call more than
+        # dense-cached plan, the usual deployment; a one-core layer's weight in either mode) or a pair's two kept
+        # factors (plan.chain), after the fewest reads. In a model each call starts with cold caches, where every
+        # read and call costs microseconds: the general path below cost ~15 us per call more than
         # nn.Linear (MiniLM at one sentence 4-7% slower than dense). Anything else (another bucket, cores written or
         # swapped, a wrong input, on which the product raises) takes the general path. is_compiling comes first: a
         # tracer must not read the kept state (it would break the graph there and guard on it). A nested input goes

@@ -293,17 +293,16 @@ class ContractionPlan:
         self.dense = len(self.groups) == 1 and self.groups[0] == (0, len(self.out_factors) - 1)
         if self.executor == "tensordot":
             self._steps, self._perm = _tensordot_program(self.equation, self.path)
-        # True when the sweep is two plain products, x @ A0.T @ A1.T: two cores whose first step contracts the whole
-        # input into the bond and whose second maps the bond onto the whole output (a low-rank pair as an MPO,
-        # ``MPOLinear.is_rank_form``), run as two ``linear`` calls without the sweep's reshapes (a plain attribute: hot path)
+        # True when the sweep is two plain products, x @ A0.T @ A1.T: two cores whose first step contracts the
+        # whole input into the bond and whose second maps the bond onto the whole output (a low-rank pair as an
+        # MPO, ``MPOLinear.is_rank_form``), run as two ``linear`` calls without the sweep's reshapes
         self.chain = False
-        # True when MPOLinear's short path runs it after the first inference call: kept operands, one or two products
-        self.short = False
         if self.executor == "sweep":
             self._sweep = sweep_steps(self.out_factors, self.in_factors, self.ranks, self.reverse)
             first, second = (1, 0) if self.reverse else (0, 1)
             self.chain = (len(self.in_factors) == 2 and self.out_factors[first] == 1
                           and self.in_factors[second] == 1)
+        # True when MPOLinear's short path runs it after the first inference call: kept operands, one or two products
         self.short = self.cached and (self.dense or self.chain)
 
     @property

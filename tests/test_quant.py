@@ -615,21 +615,47 @@ def test_quantize_mpo_back_to_full_precision_is_silent_on_a_dense_model():
         quantize_mpo(model)
 
 
-def test_quantize_mpo_names_the_low_rank_pairs_it_leaves_in_full_precision():
-    """compress's default with a param_ratio may choose low-rank pairs: quantize_mpo quantizes the MPO layers and
-    says which pairs stay float (it said "run bondgate.compress first" on a model with pairs only)."""
+def test_quantize_mpo_stores_low_rank_pairs_as_int8_two_core_layers(tmp_path):
+    """compress's default with a param_ratio may choose low-rank pairs: quantize_mpo makes each an int8 two-core
+    MPOLinear (at every name it has, hooks and training mode kept), as compress(quantize="int8") stores its pairs:
+    one scale per row of each factor, saved as int8, the map within int8 rounding of the pair's; silently."""
     from bondgate import LowRankLinear
+    from bondgate.lowrank import rank_cores
+    from bondgate.quant import dequantize, quantize
 
     torch.manual_seed(0)
-    model = nn.Sequential(MPOLinear.from_linear(nn.Linear(16, 16), num_cores=2, max_bond=2),
-                          LowRankLinear.from_linear(nn.Linear(16, 16), rank=2))
-    with pytest.warns(UserWarning, match=r"1 low-rank pair\(s\) \(1\) stay in full precision") as record:
-        quantize_mpo(model)
-    assert not any("no MPO layer" in str(w.message) for w in record)
-    assert model[0].quant == "int8" and model[1].U.dtype == torch.float32
-    pairs = nn.Sequential(*(LowRankLinear.from_linear(nn.Linear(8, 8), rank=1) for _ in range(5)))
-    with pytest.warns(UserWarning, match=r"5 low-rank pair\(s\) \(0, 1, 2 and 2 more\)"):
-        quantize_mpo(pairs)
+    pair = LowRankLinear.from_linear(nn.Linear(16, 12), rank=3)
+    model = nn.Sequential(MPOLinear.from_linear(nn.Linear(16, 16), num_cores=2, max_bond=2), pair.eval())
+    model.tied = pair  # a second name for the same pair
+    calls = []
+    pair.register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        want = pair(model[0](x))
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        quantize_mpo(pairs, None)  # back to full precision: nothing to say
+        warnings.simplefilter("error")  # nothing stays float: nothing to warn about
+        assert quantize_mpo(model) is model
+    layer = model[1]
+    assert isinstance(layer, MPOLinear) and layer.is_rank_form and model.tied is layer and not layer.training
+    assert layer.quant == "int8" and model[0].quant == "int8" and layer.bond_dims == (3,)
+    cores = rank_cores(pair.U.detach(), pair.V.detach())
+    assert [tuple(quantize(c)[1].shape) for c in cores] == [(1, 12), (3, 1)]  # one scale per row of U and of V
+    for got, core in zip(layer._core_tuple(), cores):
+        assert torch.equal(got, dequantize(*quantize(core)))
+    with torch.no_grad():
+        got = model[1](model[0](x))
+    assert calls[-1] == (5, 12)  # the pair's hook moved to the new layer
+    assert float((got - want).norm() / want.norm()) < 0.05
+    bondgate.save(model, tmp_path / "m")
+    stored = load_file(tmp_path / "m" / "model.safetensors")
+    assert sorted(tuple(t.shape) for t in stored.values() if t.dtype == torch.int8) == sorted(
+        tuple(c.shape) for c in (*model[0].cores, *layer.cores))  # both layers' cores, int8 on disk
+    reloaded = bondgate.load(tmp_path / "m")
+    assert reloaded[1].quant == "int8" and reloaded.tied is reloaded[1]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded[1](reloaded[0](x)), got)
+    float_pairs = nn.Sequential(LowRankLinear.from_linear(nn.Linear(8, 8), rank=1))
+    assert quantize_mpo(float_pairs, None)[0].__class__ is LowRankLinear  # back to full precision: pairs stay pairs
+    alone = LowRankLinear.from_linear(nn.Linear(8, 8), rank=1)
+    new = quantize_mpo(alone)  # a model that is a pair: the new layer, in the pair's (training) mode
+    assert new is not alone and isinstance(new, MPOLinear) and new.quant == "int8" and new.training

@@ -295,27 +295,28 @@ def quantize_mpo(model: nn.Module, mode: str | None = "int8") -> nn.Module:
     """Quantize every MPO layer of ``model`` in place (``MPOLinear`` and its gated subclass, ``MPOEmbedding``;
     ``mode=None`` goes back to full precision); returns ``model``. Biases, controllers and non-MPO layers are
     not quantized (dense ``nn.Linear`` layers: :func:`bondgate.quantize_int8`). The master cores stay in full
-    precision until saved: a checkpoint holds them as int8."""
+    precision until saved: a checkpoint holds them as int8.
+
+    With ``mode="int8"``, each low-rank pair (:class:`~bondgate.LowRankLinear`, e.g. from ``compress``'s default) is
+    replaced, at every name it has, by the same pair as a two-core ``MPOLinear`` (:meth:`~bondgate.LowRankLinear.
+    to_mpo_linear`; its hooks and training mode carried), quantized with one scale per row of each factor, as
+    ``compress(..., quantize="int8")`` stores its pairs: new modules with new parameters, so build an optimizer after
+    this call. Unlike ``compress``'s, their bias is not re-fitted to the rounding. ``mode=None`` leaves such layers
+    MPO layers (the same map, in full precision). A model that is itself a pair is returned as the new layer."""
     from .embedding import MPOEmbedding
     from .layer import MPOLinear
 
     check_quant(mode)
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_mpo expects an nn.Module, got {type(model).__name__}")
-    from .lowrank import LowRankLinear
-
+    if mode is not None:
+        model = _pairs_as_mpo(model)
     layers = [m for m in model.modules() if isinstance(m, (MPOLinear, MPOEmbedding))]
-    pairs = [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
     for m in layers:
         m.quantize_(mode)
     from ._warn import warn_user
 
-    if mode is not None and pairs:  # compress's default with a param_ratio may have chosen them
-        shown = ", ".join(pairs[:3]) + (f" and {len(pairs) - 3} more" if len(pairs) > 3 else "")
-        warn_user(f"quantize_mpo: {len(pairs)} low-rank pair(s) ({shown}) stay in full precision: only MPO layers "
-                  "are quantized; compress with quantize='int8' (its pairs are int8 too) for int8 weights "
-                  "throughout, or convert after loading with bondgate.deploy_int8")
-    elif mode is not None and not layers:
+    if mode is not None and not layers:
         warn_user("quantize_mpo: the model has no MPO layer (run bondgate.compress first): nothing was quantized; "
                   "for dense layers see bondgate.quantize_int8 and bondgate.deploy_int8")
     from .hf import rebind, warn_int8_saving
@@ -323,4 +324,25 @@ def quantize_mpo(model: nn.Module, mode: str | None = "int8") -> nn.Module:
     rebind(model)  # config.json's record holds each layer's quant (bound again if a pickle round trip unbound it)
     if mode is not None:
         warn_int8_saving(model)
+    return model
+
+
+def _pairs_as_mpo(model: nn.Module) -> nn.Module:
+    """``model`` with each :class:`~bondgate.LowRankLinear` not inside another bondgate layer replaced, at every name
+    it has, by :meth:`~bondgate.LowRankLinear.to_mpo_linear` (speed policy; hooks and training mode carried); the
+    (possibly new) root."""
+    from .baselines import _aliases, _set_module
+    from .deploy import _inside, _owners
+    from .layer import carry_hooks
+    from .lowrank import LowRankLinear
+
+    owners, aliases = _owners(model), None
+    for name, m in list(model.named_modules()):
+        if not isinstance(m, LowRankLinear) or _inside(name, owners):
+            continue
+        aliases = aliases or _aliases(model)
+        new = m.to_mpo_linear().train(m.training)
+        carry_hooks(m, new)
+        for alias in aliases[id(m)]:
+            model = _set_module(model, alias, new)
     return model

@@ -139,7 +139,7 @@ class CompressionConfig:
             and low-rank pairs two-core ones (legs ``(out, 1) x (1, in)``, the bond the rank: one scale per row of
             each factor; :func:`bondgate.deploy_float` / :func:`bondgate.deploy_int8` run them as pairs). Biases
             stay in full precision (for dense layers see :func:`bondgate.quantize_int8`);
-            :func:`bondgate.quantize_mpo` quantizes the MPO layers of a model compressed before.
+            :func:`bondgate.quantize_mpo` quantizes the MPO layers and pairs of a model compressed before.
     Latency (with ``param_ratio`` and global allocation; see :mod:`bondgate.costmodel`):
         kinds: the forms a layer may take besides staying dense: ``"mpo"`` and/or ``"lowrank"`` (two factors,
             ``U @ V``). Default: both with a ``param_ratio`` budget under the global allocation (each layer takes the

@@ -80,7 +80,8 @@ class PlanPolicy:
     Args:
         cache_dense: allow keeping pre-contracted cores between calls (the dense weight, or merged
             neighbouring cores) in inference. ``False`` = memory mode, ``True`` = speed mode. Either
-            mode may keep the cores' sweep layout (same size as the cores) when a sweep plan wins.
+            mode may keep the cores' sweep layout (same size as the cores) when a sweep plan wins, and a one-core
+            layer's weight (a view of its core).
         select: ``"time"`` (autotune: time the screened candidates on the actual shapes) or ``"flops"``
             (pick the fewest FLOPs; no timing).
         flop_slack: candidates with more than ``flop_slack`` x the minimal FLOPs are not timed

@@ -34,8 +34,8 @@ rounding of an int8 MPO's weight change the outputs slightly; measure the qualit
 (``benchmarks/frontier.py`` does).
 
 :func:`deploy_float` is the floating-point counterpart for layers whose factors do not pay (and for int8 low-rank
-pairs, held as two-core MPO layers, which it turns into ``LowRankLinear``: the pair's two GEMMs without the MPO
-layer's per-call checks, ~20 against ~30 us for one row of a 384 x 1536 rank-100 pair): an MPO layer whose plan
+pairs, held as two-core MPO layers, which it turns into ``LowRankLinear``: the same two GEMMs, which the MPO layer
+also runs, without its per-call checks): an MPO layer whose plan
 at ``rows`` rows per call is its dense product (speed mode's ``dense-cached``; at MiniLM's widths every MPO layer
 of a 50% model compressed with ``kinds=("mpo",)``) computes one ``F.linear`` per call anyway, but each call first
 checks that the kept weight is still its cores' product (a few microseconds warm, ~15-20 with cold caches, as calls

@@ -303,8 +303,12 @@ class ContractionPlan:
             first, second = (1, 0) if self.reverse else (0, 1)
             self.chain = (len(self.in_factors) == 2 and self.out_factors[first] == 1
                           and self.in_factors[second] == 1)
-        # True when MPOLinear's short path runs it after the first inference call: kept operands, one or two products
-        self.short = self.cached and (self.dense or self.chain)
+
+    @property
+    def short(self) -> bool:
+        """Whether MPOLinear's short path runs it after the first inference call (kept operands, one or two
+        products)."""
+        return self.cached and (self.dense or self.chain)
 
     @property
     def operand_key(self) -> tuple:

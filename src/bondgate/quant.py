@@ -331,18 +331,18 @@ def _pairs_as_mpo(model: nn.Module) -> nn.Module:
     """``model`` with each :class:`~bondgate.LowRankLinear` not inside another bondgate layer replaced, at every name
     it has, by :meth:`~bondgate.LowRankLinear.to_mpo_linear` (speed policy; hooks and training mode carried); the
     (possibly new) root."""
-    from .baselines import _aliases, _set_module
     from .deploy import _inside, _owners
     from .layer import carry_hooks
     from .lowrank import LowRankLinear
+    from .surgery import module_names, swap_module
 
-    owners, aliases = _owners(model), None
+    if isinstance(model, LowRankLinear):  # the model is a pair: it has no name to be swapped under
+        new = model.to_mpo_linear().train(model.training)
+        carry_hooks(model, new)
+        return new
+    owners, names = _owners(model), None
     for name, m in list(model.named_modules()):
-        if not isinstance(m, LowRankLinear) or _inside(name, owners):
-            continue
-        aliases = aliases or _aliases(model)
-        new = m.to_mpo_linear().train(m.training)
-        carry_hooks(m, new)
-        for alias in aliases[id(m)]:
-            model = _set_module(model, alias, new)
+        if isinstance(m, LowRankLinear) and not _inside(name, owners):
+            names = names or module_names(model)
+            swap_module(model, m, names, m.to_mpo_linear())
     return model

@@ -48,7 +48,7 @@ from .calibration import eval_mode
 from .gating import preserved_state
 from .layer import MPOLinear
 from .lowrank import LowRankLinear
-from .surgery import dense_weight, is_conv1d
+from .surgery import dense_weight, is_conv1d, module_names
 
 __all__ = [
     "LowRankLinear",
@@ -94,13 +94,6 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return root
 
 
-def _aliases(model: nn.Module) -> dict[int, list[str]]:
-    names: dict[int, list[str]] = defaultdict(list)
-    for name, m in model.named_modules(remove_duplicate=False):
-        names[id(m)].append(name)
-    return names
-
-
 # torch's own attention/transformer modules read their children's ``.weight`` tensors directly (fused
 # fast paths), so a child swapped for a module without a plain weight tensor breaks them.
 _READS_CHILD_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
@@ -124,7 +117,7 @@ def _select(model: nn.Module, target: Target, replace: bool) -> tuple[dict[str, 
         for t in (*m._parameters.values(), *m._buffers.values()):
             if t is not None and t.numel() > 0:
                 owners[_storage_key(t)].add(id(m))
-    aliases = _aliases(model)
+    aliases = module_names(model)
 
     if isinstance(target, str):  # a regex over the names, as CompressionConfig.target_modules takes one
         try:
@@ -267,7 +260,7 @@ def svd_compress(
         selected, budgets, skipped = _budgets(new, param_ratio, params, target, replace=True)
         ranks = {}
 
-    aliases = _aliases(new)
+    aliases = module_names(new)
     layers: dict[str, dict] = {}
     for name, m in selected.items():
         out_f, in_f = dense_weight(m).shape
@@ -385,7 +378,7 @@ def quantize_int8(model: nn.Module, target: Target = None) -> nn.Module:
     if wrong:  # torch's dynamic int8 layers compute in float32: a bf16 bias would fail on every call
         name, dtype = next(iter(wrong.items()))
         raise ValueError(f"quantize_int8 needs float32 layers; {name} is {dtype} (convert with model.float() first)")
-    aliases = _aliases(new)
+    aliases = module_names(new)
     names: set[str] = set()
     for m in selected.values():
         lin = _conv1d_to_linear(m) if is_conv1d(m) else m

@@ -53,13 +53,13 @@ import torch
 from torch import nn
 
 from ._checks import number
-from .baselines import _aliases, _conv1d_to_linear, _select, _set_module, latency, quantize_dynamic
+from .baselines import _conv1d_to_linear, _select, _set_module, latency, quantize_dynamic
 from .gating import GatedMPOLinear
 from .layer import MPOLinear, carry_hooks
 from .lowrank import LowRankLinear
 from .quant import dequantize, quantize
 from .recurrent import Recurrent
-from .surgery import is_conv1d
+from .surgery import is_conv1d, module_names
 
 __all__ = ["Int8Choice", "deploy_float", "deploy_int8"]
 
@@ -178,7 +178,7 @@ def deploy_int8(model: nn.Module, rows: int | None = 32, dense: bool = True) -> 
     """
     rows = _check(model, rows)
     new = copy.deepcopy(model).eval()
-    aliases = _aliases(new)
+    aliases = module_names(new)
     owners = _owners(new)  # not the plain layers inside a bondgate layer
     converted: list[nn.Module] = []
     layers = {n: m for n, m in new.named_modules() if isinstance(m, (MPOLinear, LowRankLinear))
@@ -232,7 +232,7 @@ def deploy_float(model: nn.Module, rows: int = 32) -> nn.Module:
         raise TypeError(f"deploy_float expects an nn.Module, got {type(model).__name__}")
     rows = number(rows, "rows", low=1, integer=True)
     new = copy.deepcopy(model).eval()
-    aliases = _aliases(new)
+    aliases = module_names(new)
     owners = _owners(new)
     report: dict[str, tuple[str, bool]] = {}
     converted: list[nn.Module] = []

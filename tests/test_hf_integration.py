@@ -558,6 +558,46 @@ def test_another_head_class_leaves_the_compressed_head_out(tmp_path):
                                              offload_folder=str(tmp_path / "off"))
 
 
+def test_compressing_tables_leaves_the_config_a_teacher_and_the_user_hold(tmp_path):
+    """compress(embeddings=True) cleared tie_word_embeddings on the config object before copying it: the dense teacher
+    built from the same object saved an untied config.json without lm_head.weight (reloaded with a random head), and
+    a model built from the user's config after compress came out untied and carrying the student's record."""
+    cfg = GPT2Config(n_layer=1, n_embd=64, n_head=4, vocab_size=256, n_positions=32, bos_token_id=0, eos_token_id=0)
+    before = cfg.to_dict()
+    torch.manual_seed(0)
+    teacher, student = GPT2LMHeadModel(cfg).eval(), GPT2LMHeadModel(cfg).eval()
+    bondgate.compress(student, bondgate.CompressionConfig(param_ratio=0.5, embeddings=True),
+                      calibration=[torch.randint(0, 256, (4, 16))], progress=False)
+    assert isinstance(student.transformer.wte, MPOEmbedding) and not student.config.tie_word_embeddings
+    assert cfg.to_dict() == before and teacher.config is cfg and student.config is not cfg
+    teacher.save_pretrained(tmp_path / "teacher")
+    back = GPT2LMHeadModel.from_pretrained(tmp_path / "teacher").eval()
+    ids = torch.randint(0, 256, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, teacher(ids).logits)
+    fresh = GPT2LMHeadModel(cfg)
+    assert fresh.lm_head.weight is fresh.transformer.wte.weight and not hasattr(fresh.config, "quantization_config")
+
+
+@pytest.mark.parametrize("save", ["save", "save_pretrained"])
+def test_saving_writes_the_parameters_dtype_into_config_json(tmp_path, save):
+    """config.json carried the dtype the config held before a cast (float32 after from_pretrained of a float32
+    checkpoint), so AutoModel loaded a bfloat16 checkpoint as float32; it is the parameters' dtype now, as
+    transformers' own save_pretrained writes it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=32)
+    cfg.dtype = torch.float32
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    bondgate.compress(model, bondgate.CompressionConfig(max_bond=4, calibrate=False), progress=False)
+    getattr(bondgate, save)(model, tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["dtype"] == "bfloat16"
+    for back in (bondgate.load(tmp_path / "m"), AutoModelForCausalLM.from_pretrained(tmp_path / "m")):
+        assert {p.dtype for p in back.parameters()} == {torch.bfloat16}
+
+
 def test_compressing_the_base_of_a_head_model_keeps_their_config_shared(tmp_path):
     """The config copy for models built from one object must not separate a head model from its own base (its save
     lost the layers: reloaded with random weights) nor an encoder-decoder from its sub-configs."""
@@ -573,7 +613,8 @@ def test_compressing_the_base_of_a_head_model_keeps_their_config_shared(tmp_path
                      intermediate_size=128, num_labels=2)
     outer = BertForSequenceClassification(cfg).eval()
     bondgate.compress(outer.bert, bondgate.CompressionConfig(max_bond=4, calibrate=False), progress=False)
-    assert outer.config is outer.bert.config is cfg
+    assert outer.config is outer.bert.config is not cfg  # a copy both hold; the user's object is left as it was
+    assert not hasattr(cfg, "quantization_config")
     outer.save_pretrained(tmp_path / "outer")
     back = AutoModelForSequenceClassification.from_pretrained(tmp_path / "outer").eval()
     ids = torch.randint(0, 100, (2, 8))

@@ -340,14 +340,16 @@ def attach(model: nn.Module) -> nn.Module:
         if current is not None and getattr(current, "model", None) in (model, None):
             del config.quantization_config
         return model
+    bound = _is_ours(current) and getattr(current, "model", None) is model
+    if not bound:  # first record of this model's layers: from here on its config is its own (not changed under others)
+        config = _own_config(model)
     _drop_weight_ties(model, layers)
     try:
         register()
     except Unsupported as exc:
         warn_user(f"{exc}: config.json will not describe the bondgate layers")
         return model
-    if not (isinstance(current, _define()["BondgateConfig"]) and current.model is model):
-        config = _own_config(model)
+    if not bound:
         config.quantization_config = _define()["BondgateConfig"]().bind(model)
     return model
 
@@ -395,13 +397,12 @@ def warn_int8_saving(model: nn.Module) -> None:
 
 
 def _own_config(model: nn.Module):
-    """The config object to record ``model``'s bondgate layers on: its own, or — when another model was built from
-    the same object (a teacher and a student from one ``BertConfig``) — a copy that every module of ``model`` then
-    holds (the other model's ``config.json`` would describe this model's layers). A head model around ``model`` (its
-    base) shares the object legitimately: it is the same model."""
+    """A copy of ``model``'s config that every module of ``model``, and every module containing it (a head model around
+    its base: the same model), holds from now on; the config to record ``model``'s bondgate layers on. The object
+    ``model`` was built from is left as it was: it may be another model's (a teacher and a student built from one
+    ``BertConfig``: the teacher's ``config.json`` would describe the student's layers) or the user's own, to build
+    more models from (a second model built from it would carry this one's record and untied head)."""
     old = model.config
-    if not _shared_with_another_model(model, old):
-        return old
     new = copy.deepcopy(old)  # (a bondgate record in it comes out unbound; attach binds a new one)
     from transformers import PretrainedConfig
 
@@ -409,24 +410,24 @@ def _own_config(model: nn.Module):
     for name, value in vars(old).items():
         if isinstance(value, PretrainedConfig):
             swap[id(value)] = getattr(new, name)
-    for module in model.modules():
+    for module in [*model.modules(), *_containers(model, old)]:
         for name, value in list(vars(module).items()):
             if id(value) in swap:
                 setattr(module, name, swap[id(value)])
     return new
 
 
-def _shared_with_another_model(model: nn.Module, config) -> bool:
-    """Whether a module outside ``model``, and not a module containing it, holds ``config`` (a one-time scan of the
-    objects referring to it, when a model's layers are first recorded)."""
+def _containers(model: nn.Module, config) -> list[nn.Module]:
+    """The modules holding ``config`` that contain ``model`` and are not inside it (a head model around its base),
+    found by a one-time scan of the objects referring to ``config``, when a model's layers are first recorded."""
     inside = {id(vars(m)) for m in model.modules()}
+    found = []
     for ref in gc.get_referrers(config):
         if not (isinstance(ref, dict) and id(ref) not in inside and "_modules" in ref and "_parameters" in ref):
             continue
-        owners = [o for o in gc.get_referrers(ref) if isinstance(o, nn.Module) and vars(o) is ref]
-        if owners and not any(m is model for o in owners for m in o.modules()):
-            return True
-    return False
+        found += [o for o in gc.get_referrers(ref) if isinstance(o, nn.Module) and vars(o) is ref
+                  and any(m is model for m in o.modules())]
+    return found
 
 def _drop_weight_ties(model: nn.Module, layers: dict) -> None:
     """transformers' ties of ``weight`` keys under bondgate layers (a tied LM head: ``lm_head.weight`` -> the token

@@ -462,8 +462,9 @@ def save(model: nn.Module, directory: str | os.PathLike, *, report: Any = None, 
             from . import hf as bondgate_hf
 
             bondgate_hf.attach(model)  # config.json records the layers (quantization_config) for from_pretrained
-            if getattr(model.config, "dtype", None) is None:  # else transformers loads in the first tensor's dtype
-                model.config.dtype = model.dtype              # (a gated layer's float64 price, say)
+            # the parameters' dtype now, as transformers' save_pretrained writes it: a config left at None would load
+            # in the first tensor's dtype (a gated layer's float64 price, say), one from before a cast in the old one
+            model.config.dtype = model.dtype
             model.config.save_pretrained(tmp)
             bondgate_hf.mark_config(tmp / "config.json", architecture=type(model).__name__)
             if callable(getattr(model, "can_generate", None)) and model.can_generate() \

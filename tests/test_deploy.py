@@ -408,6 +408,22 @@ def test_deploy_float_keeps_whether_the_weights_train_and_the_hooks():
     assert seen == [nn.Linear]  # the hook moved to the layer that replaced its own
 
 
+def test_deploy_int8_moves_each_layers_hooks_to_its_int8_form():
+    # a factored layer's int8 form is built from new plain layers: its hooks were lost (torch's quantize_dynamic carries
+    # a plain nn.Linear's); every hook fires once, on the layer that replaced its own
+    torch.manual_seed(0)
+    model = nn.Sequential(bg.MPOLinear.from_linear(nn.Linear(64, 64), max_bond=8), nn.ReLU(),
+                          bg.LowRankLinear.from_linear(nn.Linear(64, 64), 8), nn.Linear(64, 4))
+    seen = []
+    for i in (0, 2, 3):
+        model[i].register_forward_hook(lambda mod, args, out, i=i: seen.append((i, type(mod).__name__)))
+    deployed = bg.deploy_int8(model, rows=None)
+    assert {n: c.chosen for n, c in deployed.bondgate_int8.items()} == {"0": "int8", "2": "int8 factors", "3": "int8"}
+    with torch.no_grad():
+        deployed(torch.randn(2, 64))
+    assert seen == [(0, "Linear"), (2, "Sequential"), (3, "Linear")]
+
+
 @pytest.mark.parametrize("deploy", ["float", "int8"])
 def test_a_part_of_a_deployed_copy_is_refused_by_save_too(deploy, tmp_path):
     model = _speed_mlp()

@@ -202,6 +202,7 @@ def deploy_int8(model: nn.Module, rows: int | None = 32, dense: bool = True) -> 
             chosen = best if int8_us[best] < us else "kept"
             report[name], q = Int8Choice(form, chosen, us, int8_us), int8.get(chosen)
         if q is not None:
+            carry_hooks(m, q)  # (torch's quantize_dynamic carries a plain layer's; a factored layer's int8 form is new)
             converted += q.modules()
             for alias in aliases[id(m)]:
                 new = _set_module(new, alias, q)

@@ -174,7 +174,7 @@ def deploy_int8(model: nn.Module, rows: int | None = 32, dense: bool = True) -> 
             fused ``nn.Transformer*`` / ``nn.MultiheadAttention`` modules, are left as they are).
 
     Returns the copy in eval mode; ``copy.bondgate_int8`` maps each candidate layer's name to its
-    :class:`bondgate.deploy.Int8Choice`.
+    :class:`bondgate.deploy.Int8Choice`. A converted layer keeps the hooks registered on the layer it replaces.
     """
     rows = _check(model, rows)
     new = copy.deepcopy(model).eval()

@@ -789,6 +789,15 @@ def test_to_mpo_linear_is_the_same_map_and_keeps_the_error_and_the_freezing():
     assert all(p.requires_grad for p in mpo.parameters())
     frozen = layer.requires_grad_(False).to_mpo_linear(policy=PlanPolicy(select="flops"))
     assert not any(c.requires_grad for c in frozen.cores)
+    # each parameter keeps its own flag, both ways (a frozen pair with a trainable bias; a trainable U, frozen V):
+    # the layer's flag was U's for all of them, so gate / quantize_mpo froze a BitFit bias or thawed a frozen V
+    for flags in [(False, False, True), (True, False, False), (False, True, True)]:
+        for p, f in zip((layer.U, layer.V, layer.bias), flags):
+            p.requires_grad_(f)
+        mpo = layer.to_mpo_linear()
+        assert tuple(p.requires_grad for p in (*mpo.cores, mpo.bias)) == flags
+        back = LowRankLinear.from_mpo_linear(mpo)
+        assert tuple(p.requires_grad for p in (back.U, back.V, back.bias)) == flags
 
 
 # kills L04 (spec: dtype always "float32"), L12 (from_spec: dtype ignored), L05 (spec: error dropped)

@@ -156,7 +156,7 @@ class LowRankLinear(nn.Module):
         """The pair a rank-form :class:`~bondgate.MPOLinear` computes (:attr:`~bondgate.MPOLinear.is_rank_form`: the
         inverse of :meth:`to_mpo_linear`; ``compress(..., quantize="int8")`` stores its pairs so): ``U`` and ``V`` its
         cores as its forward uses them (of an int8 layer, the dequantized values), copied, with its bias, ``error``,
-        dtype, device and ``requires_grad``. Raises ``ValueError`` for any other MPO layer."""
+        dtype and device, each parameter training where its source does. Raises ``ValueError`` for any other MPO layer."""
         from .layer import MPOLinear
 
         if not isinstance(layer, MPOLinear) or not layer.is_rank_form:
@@ -169,7 +169,10 @@ class LowRankLinear(nn.Module):
         pair = cls.from_factors(U.reshape(layer.out_features, rank), V.reshape(rank, layer.in_features),
                                 None if layer.bias is None else layer.bias.detach())
         pair.error = layer.error
-        return pair.requires_grad_(any(c.requires_grad for c in layer.cores))
+        for new, own in zip((pair.U, pair.V, pair.bias), (*layer.cores, layer.bias)):
+            if new is not None:
+                new.requires_grad_(own.requires_grad)
+        return pair
 
     @property
     def rank(self) -> int:
@@ -221,7 +224,8 @@ class LowRankLinear(nn.Module):
         ``(out_features, 1) x (1, in_features)``, cores ``U`` as ``(1, out, 1, rank)`` and ``V`` as
         ``(rank, 1, in, 1)`` (copies). :func:`bondgate.gate` uses it to gate the rank per input row. ``policy``: the
         new layer's plan policy (``"speed"`` by default here, ``"memory"``, or a :class:`~bondgate.PlanPolicy`);
-        its ``error`` is this layer's, its ``requires_grad`` ``U``'s."""
+        its ``error`` is this layer's; each parameter trains where its source does (core 0 ``U``, core 1 ``V``, the
+        bias the bias)."""
         from .layer import MPOLinear
         from .mpo import MPO
 
@@ -229,7 +233,10 @@ class LowRankLinear(nn.Module):
         mpo = MPO(rank_cores(U, V), self.out_features, self.in_features)
         layer = MPOLinear.from_mpo(mpo, None if self.bias is None else self.bias.detach(), policy=policy)
         layer.error = self.error  # nan when the pair was not fitted to a layer
-        return layer.requires_grad_(self.U.requires_grad)
+        for new, own in zip((*layer.cores, layer.bias), (self.U, self.V, self.bias)):
+            if new is not None:
+                new.requires_grad_(own.requires_grad)
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(x @ V.T) @ U.T + b``: ``(*, in_features) -> (*, out_features)``, with ``nn.Linear``'s dtype rules (``x``

@@ -800,6 +800,15 @@ def test_to_mpo_linear_is_the_same_map_and_keeps_the_error_and_the_freezing():
         assert tuple(p.requires_grad for p in (back.U, back.V, back.bias)) == flags
 
 
+def test_a_pair_refuses_an_input_of_another_dtype_as_mpo_layers_do():
+    # torch's "expected m1 and m2 to have the same dtype" named neither the layer's dtype nor the input's
+    layer = LowRankLinear.from_linear(nn.Linear(16, 12), 4)
+    with pytest.raises(TypeError, match="input dtype torch.float64 does not match the layer's dtype torch.float32"):
+        layer(torch.randn(3, 16, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's casts still apply
+        assert layer(torch.randn(3, 16)).dtype == torch.bfloat16
+
+
 # kills L04 (spec: dtype always "float32"), L12 (from_spec: dtype ignored), L05 (spec: error dropped)
 def test_a_float64_pair_saves_and_loads_in_float64_with_its_error(tmp_path):
     torch.manual_seed(0)

@@ -495,6 +495,19 @@ def test_no_rows_and_bad_calibration_data(kind):
             bondgate.set_mode(net, bad)
 
 
+@pytest.mark.parametrize("rows", [3, 100])
+def test_data_of_the_wrong_width_is_refused_by_the_layer_not_a_reshape(rows):
+    # 3 x 47 is no multiple of 48: the capture hooks' reshape raised "shape '[-1, 48]' is invalid for input of size
+    # 141" before the layer could name the batch and the width it expects (as it did for 100 x 24)
+    torch.manual_seed(0)
+    net = gate(nn.Sequential(MPOLinear.from_linear(nn.Linear(48, 40), max_bond=8), nn.Tanh()),
+               GatingConfig(controller="error"))
+    bad = [torch.randn(rows, 47 if rows == 3 else 24)]
+    for call in (lambda: bondgate.fit_controllers(net, bad), lambda: set_budget(net, 0.5, bad)):
+        with pytest.raises(ValueError, match=r"calibration batch 0 .*expected input with last dimension 48"):
+            call()
+
+
 def test_set_budget_warns_about_gated_layers_the_data_does_not_reach():
     class TwoPaths(nn.Module):
         def __init__(self):

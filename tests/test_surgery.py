@@ -1905,6 +1905,10 @@ def test_empty_calibration_data_is_refused_not_ignored():
     with pytest.raises(ValueError, match="calibration data is empty"):
         compress(model, CompressionConfig(param_ratio=0.5), calibration=[], progress=False)
     assert type(model[0]) is nn.Linear
+    # batches of no rows: said so (it was "no targeted layer ran on the calibration data", which they did)
+    with pytest.raises(ValueError, match=r"the calibration batches hold no rows \(first batch: \(0, 62\)\)"):
+        compress(model, CompressionConfig(param_ratio=0.5), calibration=[torch.randn(0, 62)] * 2, progress=False)
+    assert type(model[0]) is nn.Linear
 
 
 def test_a_table_with_exactly_embedding_rows_rows_stays_dense():

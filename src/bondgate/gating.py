@@ -1216,6 +1216,8 @@ def _collect_scores(model: nn.Module, data: Iterable) -> dict[str, list[torch.Te
     scores: dict[str, list[torch.Tensor]] = {}
 
     def score(name, mod, x, batch):
+        if not x.dim() or x.shape[-1] != mod.in_features:  # the layer's own call refuses it, naming the batch
+            return
         keep = _row_mask(batch, x)  # padding rows (attention_mask 0) left out, as compress' statistics leave them
         x2 = x.reshape(-1, mod.in_features)
         scores.setdefault(name, []).append(mod.scores(x2 if keep is None else x2[keep.to(x2.device)]).cpu())
@@ -1520,8 +1522,8 @@ def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256,
     data = as_batches(data, "fit_controllers")
 
     def sample(n, mod, x, batch):
-        if count[n] >= max_rows:
-            return
+        if count[n] >= max_rows or not x.dim() or x.shape[-1] != mod.in_features:  # (a wrong width: the layer's
+            return                                                                 # own call refuses it by name)
         dtypes[n] = x.dtype
         keep = _row_mask(batch, x)  # no padding rows
         x = x.reshape(-1, mod.in_features)

@@ -246,6 +246,8 @@ class LowRankLinear(nn.Module):
         except (RuntimeError, TypeError):
             if not isinstance(x, torch.Tensor) or not x.dim() or x.shape[-1] != self.in_features:
                 raise bad_input(self, x) from None
+            if x.dtype != self.V.dtype:  # as MPOLinear says it (torch's own message names m1 and m2)
+                raise TypeError(f"input dtype {x.dtype} does not match the layer's dtype {self.V.dtype}") from None
             raise
 
     def __setstate__(self, state: dict) -> None:

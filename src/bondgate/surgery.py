@@ -43,6 +43,7 @@ from .allocation import (
 )
 from .calibration import (
     InputStats,
+    _tensors,
     apply_leg_maps,
     as_batches,
     collect_input_stats,
@@ -757,6 +758,10 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
     stats = (collect_input_stats(model, linear, data, config.max_calibration_rows, progress, unseen="skip")
              if data and linear else {})
     unseen = [n for n in linear if data and n not in stats]
+    if unseen and len(unseen) == len(linear) and all(t.numel() == 0 for b in data for t in _tensors(b)):
+        raise ValueError(f"the calibration batches hold no rows (first batch: "
+                         f"{_short_list([str(tuple(t.shape)) for t in _tensors(data[0])])}): give real inputs, a few "
+                         f"hundred rows in all")
     if unseen and len(unseen) == len(linear):
         raise ValueError(f"no targeted layer ran on the calibration data ({_short_list(unseen)}): is it the model's "
                          f"input (the batches are passed to model(...))?")

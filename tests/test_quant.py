@@ -75,6 +75,18 @@ def test_quantize_error_bound_and_per_channel_scales():
     assert rel(dequantize(q, s)[1], rows[1]) < 0.01 and torch.equal(fake_quant(rows), dequantize(q, s))
 
 
+def test_state_dict_of_a_diverged_int8_layer_names_the_entry():
+    # a NaN master core (a diverged QAT step) cannot be stored as int8: the error said so without naming the key
+    torch.manual_seed(0)
+    model = nn.Sequential(MPOLinear.from_linear(nn.Linear(32, 32), max_bond=4), nn.ReLU(),
+                          MPOLinear.from_linear(nn.Linear(32, 32), max_bond=4))
+    bondgate.quantize_mpo(model)
+    with torch.no_grad():
+        model[2].cores[1][0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"state_dict entry '2\.cores\.1': cannot quantize a core holding NaN"):
+        model.state_dict()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_fake_quant_is_exact_and_idempotent(dtype):
     # q * scale is representable in the cores' dtype: dequantizing what was saved gives the forward's values, and

@@ -224,7 +224,10 @@ def state_dict_hook(module: nn.Module, state_dict: dict, prefix: str, local_meta
     for name, (core, _) in _quantized_params(module).items():
         key = prefix + name
         if key in state_dict and core is not None:
-            state_dict[key], state_dict[key + SCALE_SUFFIX] = int8_state(core)
+            try:
+                state_dict[key], state_dict[key + SCALE_SUFFIX] = int8_state(core)
+            except ValueError as exc:  # NaN / inf (a diverged step): say which entry
+                raise ValueError(f"state_dict entry {key!r}: {exc}") from None
 
 
 def register_state_dict_hook(module: nn.Module) -> None:

@@ -658,3 +658,32 @@ def test_excluding_a_recurrent_module_leaves_its_dense_projections_dense():
     assert [type(getattr(model.rnn, n)) for n in ("ih_l0", "hh_l0", "ih_l1")] == [nn.Linear] * 3
     assert isinstance(model.head, bondgate.MPOLinear)
     assert [r.name for r in model.bondgate_report.layers if r.status == "compressed"] == ["rnn.hh_l1", "head"]
+
+
+def test_packed_sequences_are_one_input_to_calibration_and_distillation():
+    # a PackedSequence is a named tuple: calibration and distillation passed its four fields as four arguments
+    # (TypeError), so a model over packed batches needed each wrapped as (packed,)
+    from torch.nn.utils.rnn import pad_packed_sequence
+
+    class Packed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = nn.LSTM(16, 48), nn.Linear(48, 32)
+
+        def forward(self, packed):
+            return self.head(pad_packed_sequence(self.rnn(packed)[0])[0])
+
+    torch.manual_seed(0)
+    batches = [pack_padded_sequence(torch.randn(9, 6, 16), torch.randint(1, 10, (6,)), enforce_sorted=False)
+               for _ in range(6)]
+    dense = Packed().eval()
+    cfg = bondgate.CompressionConfig(param_ratio=0.5)
+    packed = bondgate.compress(copy.deepcopy(dense), cfg, calibration=batches, progress=False)
+    wrapped = bondgate.compress(copy.deepcopy(dense), cfg, calibration=[(b,) for b in batches], progress=False)
+    with torch.no_grad():
+        y, ref = packed(batches[0]), dense(batches[0])
+        assert torch.equal(y, wrapped(batches[0]))  # the same statistics either way
+        assert 0 < (y - ref).norm() / ref.norm() < 0.2
+    before = copy.deepcopy(packed.state_dict())
+    bondgate.distill(packed, dense, batches, loss=bondgate.DistillLoss(hidden=0, output=1), steps=3, progress=False)
+    assert any(not torch.equal(before[k], v) for k, v in packed.state_dict().items())

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 
 from ._checks import number
 from .layer import core_versions
@@ -66,6 +67,8 @@ def to_device(obj, device: torch.device | None):
         return obj
     if isinstance(obj, torch.Tensor):
         return obj if obj.device == device else obj.to(device, non_blocking=True)
+    if isinstance(obj, PackedSequence):  # its batch_sizes stay on the CPU
+        return obj if obj.data.device == device else obj.to(device)
     if isinstance(obj, Mapping):
         moved = {k: to_device(v, device) for k, v in obj.items()}
         if all(moved[k] is v for k, v in obj.items()):
@@ -100,18 +103,24 @@ def as_batches(data, who: str) -> list:
     return list(data)
 
 
+def _arguments(batch) -> bool:
+    """Whether ``batch`` is a tuple / list of positional arguments (a ``PackedSequence``, a named tuple, is one)."""
+    return isinstance(batch, (tuple, list)) and not isinstance(batch, PackedSequence)
+
+
 def run_model(model: nn.Module, batch) -> object:
     """Call ``model`` on one calibration item, moved to the model's device: a dict is passed as keyword
-    arguments, a tuple/list positionally, anything else as the single positional argument."""
+    arguments, a tuple/list positionally, anything else (a tensor, a ``PackedSequence``) as the single positional
+    argument."""
     batch = to_device(batch, model_device(model))
     try:
         if isinstance(batch, Mapping):
             return model(**batch)
-        if isinstance(batch, (tuple, list)):
+        if _arguments(batch):
             return model(*batch)
         return model(batch)
     except (TypeError, AttributeError) as exc:
-        if isinstance(batch, (tuple, list)) and len(batch) > 1 and "positional argument" in str(exc):
+        if _arguments(batch) and len(batch) > 1 and "positional argument" in str(exc):
             # the usual cause: a dataset of (inputs, labels) pairs
             raise TypeError(f"{exc} (a calibration item is a {type(batch).__name__} of {len(batch)}, passed as "
                             f"{len(batch)} positional arguments: for a dataset of (inputs, labels) pairs give the "
@@ -192,7 +201,7 @@ def named_batch(model: nn.Module, batch):
     """A tuple/list batch as ``{argument name: value}`` by ``model.forward``'s signature, so that an attention mask
     passed positionally (``(input_ids, attention_mask)`` to a transformers model) is found as a dict batch's is;
     any other batch, or one that does not bind, as it is."""
-    if isinstance(batch, (tuple, list)):
+    if _arguments(batch):
         try:  # (a torch.compile'd model's forward takes *args: its original module's names the positions)
             sig = inspect.signature(getattr(model, "_orig_mod", model).forward)
             named = sig.bind(*batch).arguments

@@ -555,6 +555,19 @@ def test_a_tokenizer_that_does_not_know_the_words_is_refused(tmp_path):
         _tokenize(tok, ["the quick brown fox jumps over the lazy dog"] * 3, 128)
 
 
+def test_a_tokenizer_with_ids_past_the_models_table_is_refused(tmp_path):
+    # another model's tokenizer saved with the model: calibration died on an IndexError inside the embedding lookup,
+    # which the CLI printed as a traceback
+    from transformers import AutoTokenizer
+
+    from bondgate.cli import _tokenize
+
+    tok = AutoTokenizer.from_pretrained(gt.get_model_path())  # MiniLM's: "the" is 1996, [SEP] 102
+    with pytest.raises(ValueError, match="token id 1996 but the model's embedding table has 1996 rows"):
+        _tokenize(tok, ["the the"] * 3, 16, vocab=1996)
+    assert int(_tokenize(tok, ["the the"] * 3, 16, vocab=1997)[0]["input_ids"].max()) == 1996
+
+
 # ---------------------------------------------------------------------------------------- the real default
 @pytest.mark.slow
 def test_default_minilm_compress(tmp_path):

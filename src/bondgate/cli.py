@@ -423,11 +423,16 @@ def _load_tokenizer(path: Path) -> Any:
     return tok
 
 
-def _tokenize(tok: Any, lines: list[str], max_tokens: int) -> list[dict]:
-    """Padded batches of tokenized lines; refuses a tokenizer that does not know the text's words."""
+def _tokenize(tok: Any, lines: list[str], max_tokens: int, vocab: int | None = None) -> list[dict]:
+    """Padded batches of tokenized lines; refuses a tokenizer that does not know the text's words, or one whose ids
+    reach past the model's ``vocab`` rows (another model's tokenizer)."""
     batches = [dict(tok(lines[i:i + CALIBRATION_BATCH], padding=True, truncation=True, max_length=max_tokens,
                         return_tensors="pt"))
                for i in range(0, len(lines), CALIBRATION_BATCH)]
+    top = max(int(b["input_ids"].max()) for b in batches if b["input_ids"].numel()) if batches else -1
+    if vocab is not None and top >= vocab:
+        raise ValueError(f"the tokenizer gives token id {top} but the model's embedding table has {vocab} rows: it "
+                         f"is not this model's tokenizer (save the model with its own)")
     unk = getattr(tok, "unk_token_id", None)
     if unk is not None:
         real = sum(int(b["attention_mask"].sum()) for b in batches)
@@ -538,7 +543,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
               + f" | num_cores={args.num_cores} | policy={args.policy}")
 
         max_tokens = min(CALIBRATION_MAX_TOKENS, _max_positions(model.config) or CALIBRATION_MAX_TOKENS)
-        batches = _tokenize(tok, lines, max_tokens)
+        table = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
+        batches = _tokenize(tok, lines, max_tokens, getattr(table, "num_embeddings", None))
         short = "" if len(lines) >= args.calibration_size else f" (all there are; asked for {args.calibration_size})"
         print(f"calibration: {_n(len(lines), 'sentence')} from {source}{short}, {_n(len(batches), 'batch')} of <= "
               f"{CALIBRATION_BATCH}, <= {max_tokens} tokens")

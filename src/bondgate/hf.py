@@ -429,6 +429,7 @@ def _containers(model: nn.Module, config) -> list[nn.Module]:
                   and any(m is model for m in o.modules())]
     return found
 
+
 def _drop_weight_ties(model: nn.Module, layers: dict) -> None:
     """transformers' ties of ``weight`` keys under bondgate layers (a tied LM head: ``lm_head.weight`` -> the token
     table's ``weight``) name tensors those layers do not have: ``model.tie_weights()`` would fail on them (it is

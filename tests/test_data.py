@@ -392,8 +392,10 @@ def test_a_file_of_another_split_is_refused_and_bom_and_blank_tails_are_read(tmp
         bd.load_stsb(data_dir / "stsb" / "sts-dev.tsv", split="train")
     with pytest.raises(ValueError, match="is the wiki.valid.tokens file"):
         bd.load_text("wikitext-2", "train", data_dir / "wikitext-2" / "wiki.valid.tokens")
-    with pytest.raises(ValueError, match="is the bank-additional-full.csv file"):  # loaded as PTB text before
-        bd.load_text("ptb", "train", data_dir / "bank-marketing" / "bank-additional-full.csv")
+    with pytest.raises(ValueError, match="is the bank-additional-full.csv file of bank-marketing, not a ptb file"):
+        bd.load_text("ptb", "train", data_dir / "bank-marketing" / "bank-additional-full.csv")  # (loaded as text once)
+    with pytest.raises(ValueError, match="is the sts-dev.tsv file of stsb, not a bank-marketing file"):  # (said "the
+        bd.load_bank_marketing(data_dir / "stsb" / "sts-dev.tsv")  # split comes from the file": the bank has none)
     p = tmp_path / REL
     p.parent.mkdir(parents=True)
     p.write_bytes(b"\xef\xbb\xbfscore\tsentence1\tsentence2\r\n4.0\tA.\tB.\r\n\r\n\r\n")  # BOM, blank lines at the end

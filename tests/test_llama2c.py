@@ -357,6 +357,11 @@ def test_corrupt_tokenizer(files, tmp_path):
         path.write_bytes(blob)
         with pytest.raises(ValueError, match=match):
             Llama2cTokenizer(path, vocab_size=vocab_size)
+    # a folder (the model's, say) for either file: the message says which file is wanted (was a bare errno 21)
+    with pytest.raises(IsADirectoryError, match="is a directory: give the llama2.c tokenizer file itself"):
+        Llama2cTokenizer(tmp_path)
+    with pytest.raises(IsADirectoryError, match="is a directory: give the llama2.c checkpoint file itself"):
+        load_llama2c(tmp_path)
 
 
 # ------------------------------------------------------------------------------------------- review fixes

@@ -91,8 +91,9 @@ REMOTES: dict[str, _Remote] = {BANK_FILE: _Remote(BANK_URL, BANK_MEMBERS, BANK_S
 
 
 # ---------------------------------------------------------------------------------------- resolver
-_KNOWN_FILES = {f"sts-{s}.tsv" for s in STSB_SPLITS} | {Path(f).name for fs in TEXT_FILES.values() for f in fs.values()} \
-    | {Path(f).name for f in KNOWN_SHA256}  # (the bank CSV too: given as PTB it loaded as text)
+#: each known file's name -> its path under the data folder (the bank CSV too: given as PTB it loaded as text)
+_KNOWN_FILES = {Path(f).name: f for f in [*(f"stsb/sts-{s}.tsv" for s in STSB_SPLITS), *KNOWN_SHA256,
+                                          *(f for fs in TEXT_FILES.values() for f in fs.values())]}
 
 
 def cache_dir() -> Path:
@@ -133,6 +134,10 @@ def resolve(relpath: str, path: str | os.PathLike | None = None, *, download: bo
     if path is not None:
         p = Path(path).expanduser()
         if p.is_file() and p.name != name and p.name in _KNOWN_FILES:  # e.g. the dev file asked for as train
+            known = Path(_KNOWN_FILES[p.name]).parent
+            if known != Path(relpath).parent:  # another dataset's file altogether
+                raise ValueError(f"{p} is the {p.name} file of {known}, not a {Path(relpath).parent} file ({name} "
+                                 f"was asked for): pass that dataset's folder or file")
             raise ValueError(f"{p} is the {p.name} file, but {name} was asked for (the split comes from the file "
                              f"when a file is given: pass its folder, or the file of that split)")
         candidates = [p] if not p.is_dir() else [p / relpath, p / name]

@@ -142,6 +142,8 @@ def read_llama2c_header(path: str | os.PathLike) -> Llama2cHeader:
         ValueError: not a valid legacy checkpoint (the message says why).
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory: give the llama2.c checkpoint file itself (e.g. stories260K.bin)")
     size = path.stat().st_size
     if size < HEADER_BYTES:
         raise ValueError(f"{path}: {size} bytes is too short for a llama2.c checkpoint header ({HEADER_BYTES} bytes)")
@@ -317,6 +319,8 @@ class Llama2cTokenizer:
             raise ValueError(f"vocab_size must be an int >= 259 (<unk>, BOS, EOS and 256 byte tokens), got "
                              f"{vocab_size!r}")
         path = Path(path)
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a directory: give the llama2.c tokenizer file itself (e.g. tok512.bin)")
         data = path.read_bytes()
         if len(data) < 4:
             raise ValueError(f"{path}: {len(data)} bytes is too short for a llama2.c tokenizer")

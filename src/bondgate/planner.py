@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import math
 import string
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -715,6 +716,9 @@ def fastest(timed: Sequence[ContractionPlan]) -> ContractionPlan:
 
 
 _PLAN_CACHE: dict[tuple, ContractionPlan] = {}
+# Held while a missing plan is chosen: two threads making a key's first call at once would each time the
+# candidates and could pick different ones (other rounding), the last one kept; one plan per key instead.
+_PLANNING = threading.RLock()
 
 
 def get_plan(
@@ -747,18 +751,22 @@ def get_plan(
             cands = _build_candidates(tuple(out_factors), tuple(in_factors), tuple(ranks), rows, policy, grad)
             plan = next((c for c in cands if c.id == prefer), None)
             if plan is not None:
-                _PLAN_CACHE[pkey] = plan
+                plan = _PLAN_CACHE.setdefault(pkey, plan)
         if plan is not None:
             return plan
     plan = _PLAN_CACHE.get(key)
     if plan is None:
-        cands = _build_candidates(tuple(out_factors), tuple(in_factors), tuple(ranks), rows, policy, grad)
-        if policy.select == "flops" or len(cands) == 1:
-            # at equal cost a plan MPOLinear's short path runs (a pair's two products, a one-core layer's weight) first
-            plan = min(cands, key=lambda c: (c.flops, c.peak_elements, not c.short, c.executor != "aten"))
-        else:
-            plan = _autotune(cands, out_factors, in_factors, ranks, rows, dtype, device, policy)
-        _PLAN_CACHE[key] = plan
+        with _PLANNING:
+            plan = _PLAN_CACHE.get(key)  # (chosen by another thread meanwhile)
+            if plan is None:
+                cands = _build_candidates(tuple(out_factors), tuple(in_factors), tuple(ranks), rows, policy, grad)
+                if policy.select == "flops" or len(cands) == 1:
+                    # at equal cost a plan MPOLinear's short path runs (a pair's two products, a one-core layer's
+                    # weight) first
+                    plan = min(cands, key=lambda c: (c.flops, c.peak_elements, not c.short, c.executor != "aten"))
+                else:
+                    plan = _autotune(cands, out_factors, in_factors, ranks, rows, dtype, device, policy)
+                _PLAN_CACHE[key] = plan
     return plan
 
 

@@ -1169,3 +1169,18 @@ def test_a_registered_layer_type_without_a_weight_loads_where_transformers_inits
     assert type(layer) is _Factored and not hasattr(layer, "weight")  # the stand-in went with the empty layer
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, ref)
+
+
+def test_bondgate_load_of_a_transformers_save_says_what_reads_it(tmp_path):
+    # a compressed model's transformers save (a plain Trainer's checkpoint) was called "a dense Hugging Face model"
+    # to be compressed again; its config.json records the layers, and AutoModel reads it
+    model = BertModel(BertConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=2, intermediate_size=128,
+                                 vocab_size=100, max_position_embeddings=32)).eval()
+    model.save_pretrained(tmp_path / "dense")
+    bondgate.compress(model, SMALL, progress=False)
+    model.save_pretrained(tmp_path / "compressed")
+    with pytest.raises(FileNotFoundError, match="a dense Hugging Face model"):
+        bondgate.load(tmp_path / "dense")
+    with pytest.raises(FileNotFoundError, match="records bondgate layers.*AutoModel.from_pretrained reads it"):
+        bondgate.load(tmp_path / "compressed")
+    assert any(isinstance(m, MPOLinear) for m in AutoModel.from_pretrained(tmp_path / "compressed").modules())

@@ -642,6 +642,20 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
     return out
 
 
+def _what_it_holds(directory: Path) -> str:
+    """Why a directory without ``bondgate.json`` may still be a model, and what reads it (``""``: no config.json)."""
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ""
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    if isinstance(qc, dict) and qc.get("quant_method") == "bondgate":
+        return (" (its config.json records bondgate layers: a compressed model written by transformers' own "
+                "save_pretrained, a plain Trainer's checkpoint say; AutoModel.from_pretrained reads it after "
+                "import bondgate)")
+    return " (it has a config.json: a dense Hugging Face model? `bondgate compress --model DIR` compresses it)"
+
+
 def read_metadata(directory: str | os.PathLike) -> dict:
     """Read and validate ``bondgate.json`` of a checkpoint directory (no tensors are read)."""
     directory = Path(directory)
@@ -651,9 +665,7 @@ def read_metadata(directory: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"checkpoint directory not found: {directory}")
     path = directory / META_NAME
     if not path.is_file():
-        dense = (" (it has a config.json: a dense Hugging Face model? `bondgate compress --model DIR` compresses it)"
-                 if (directory / "config.json").is_file() else "")
-        raise FileNotFoundError(f"{META_NAME} not found in checkpoint directory: {path}{dense}")
+        raise FileNotFoundError(f"{META_NAME} not found in checkpoint directory: {path}{_what_it_holds(directory)}")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates)
     except ValueError as exc:  # (not UTF-8, not JSON, a key twice, an integer of thousands of digits)

@@ -388,6 +388,19 @@ def test_distillation_trainer_checkpoints_hold_int8_layers_masters(tmp_path):
     assert student.state_dict()[f"{next(iter(mpo))}.cores.0"].dtype == torch.int8  # outside checkpoints: int8
 
 
+def test_distillation_trainer_refuses_a_frozen_student_as_distill_does(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import bondgate
+
+    teacher, student, ds = _tiny_gpt2_student(transformers)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=1,
+                                          per_device_train_batch_size=4, disable_tqdm=True)
+    trainer = bondgate.DistillationTrainer(model=student.requires_grad_(False), teacher=teacher, args=args,
+                                           train_dataset=ds)
+    with pytest.raises(ValueError, match="the student has no trainable parameters"):
+        trainer.train()
+
+
 def test_distillation_trainer_writes_bondgate_checkpoints_that_resume_and_load(tmp_path):
     # transformers' save_pretrained refused a table compressed with its tied head (shared tensors: the first
     # checkpoint crashed training) and wrote int8 cores that neither bondgate.from_pretrained nor transformers read

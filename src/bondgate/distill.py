@@ -616,6 +616,13 @@ def _make_trainer_class():
                 _check_sandwich(self.model)
             self.sandwich = sandwich
 
+        def train(self, *args, **kwargs):
+            """The stock ``train``, after the check :func:`distill` makes: a student with no trainable parameter is
+            refused by name (torch's "element 0 of tensors does not require grad" otherwise, at the first step)."""
+            if not any(p.requires_grad for p in self.model.parameters()):
+                raise ValueError("the student has no trainable parameters")
+            return super().train(*args, **kwargs)
+
         def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False,
                          num_items_in_batch=None) -> torch.Tensor | tuple[torch.Tensor, object]:
             """The distillation loss of ``model`` (the student) against the teacher on ``inputs``, plus the modules'

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,7 +19,10 @@ def test_quickstart_runs_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # it saves "mlp-mpo" into the working directory
     torch.manual_seed(0)
     ns: dict = {}
-    exec(compile(code, "README quickstart", "exec"), ns)
+    with warnings.catch_warnings(record=True) as seen:  # as written, it is told nothing to do differently
+        warnings.simplefilter("always")
+        exec(compile(code, "README quickstart", "exec"), ns)
+    assert not [str(w.message) for w in seen if issubclass(w.category, UserWarning)]
     layer, model2 = ns["layer"], ns["model2"]
     assert layer.num_params == 16_896 and layer.bond_dims == (16, 32, 16)  # its comments' figures
     assert "65,536 -> 16,896 weights" in code and "(16, 32, 16)" in code

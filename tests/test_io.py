@@ -342,8 +342,27 @@ def test_unregistered_subclass_refused_at_save(tmp_path):
         pass
 
     layer = Sub.from_linear(nn.Linear(16, 16), max_bond=4)
-    with pytest.raises(ValueError, match="register_layer_type"):
+    with pytest.raises(ValueError, match=r"call bondgate.register_layer_type\(Sub\)$"):
         bondgate.save(nn.Sequential(layer), tmp_path / "sub")
+
+    class Parent(MPOLinear):  # a spec() that reports another registered class's type
+        def spec(self):
+            return {**super().spec(), "type": "MPOLinear"}
+
+    with pytest.raises(ValueError, match="'MPOLinear' names MPOLinear: give Parent a spec.. that reports its own"):
+        bondgate.save(nn.Sequential(Parent.from_linear(nn.Linear(16, 16), max_bond=4)), tmp_path / "parent")
+
+    class Own(MPOLinear):  # registered under another name than its spec() reports: the message named the call made
+        def spec(self):
+            return {**super().spec(), "type": "OwnLayer"}
+
+    bondgate.register_layer_type(Own, "Own")
+    try:
+        with pytest.raises(ValueError, match="registered as 'Own': make its spec.. report 'Own', or register it as "
+                                             "bondgate.register_layer_type.Own, 'OwnLayer'."):
+            bondgate.save(nn.Sequential(Own.from_linear(nn.Linear(16, 16), max_bond=4)), tmp_path / "own")
+    finally:
+        LAYER_TYPES.pop("Own")
 
 
 # ---------------------------------------------------------------------------------------- failure modes

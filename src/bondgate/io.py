@@ -92,6 +92,18 @@ def register_layer_type(cls: type[nn.Module], name: str | None = None) -> type[n
 register_layer_type(MPOLinear)
 
 
+def _registry_fix(cls: type, kind: Any) -> str:
+    """What makes ``cls``, whose ``spec()`` reports type ``kind``, savable."""
+    other, names = LAYER_TYPES.get(kind), [n for n, c in LAYER_TYPES.items() if c is cls]
+    if other is not None:  # (a subclass that inherits its parent's spec)
+        return (f"{kind!r} names {other.__name__}: give {cls.__name__} a spec() that reports its own type name, "
+                f"and register it under that name")
+    if names:
+        return (f"the class is registered as {names[0]!r}: make its spec() report {names[0]!r}, or register it as "
+                f"bondgate.register_layer_type({cls.__name__}, {kind!r})")
+    return f"call bondgate.register_layer_type({cls.__name__}" + (")" if kind == cls.__name__ else f", {kind!r})")
+
+
 # ---------------------------------------------------------------------------------------- helpers
 def _hf_base() -> type | None:
     """``transformers.PreTrainedModel`` if transformers is already imported (else no model can be one)."""
@@ -157,10 +169,8 @@ def _collect_layers(model: nn.Module) -> tuple[dict[str, dict], dict[str, str]]:
             spec = mod.spec()
             kind = spec.get("type") if isinstance(spec, dict) else None
             if LAYER_TYPES.get(kind) is not type(mod):
-                raise ValueError(
-                    f"module {path or '<root>'!r} is a {type(mod).__name__} whose spec() type is {kind!r}, which is "
-                    f"not registered to that class; call bondgate.register_layer_type({type(mod).__name__})"
-                )
+                raise ValueError(f"module {path or '<root>'!r} is a {type(mod).__name__} whose spec() type is "
+                                 f"{kind!r}, which is not registered to that class; {_registry_fix(type(mod), kind)}")
             first[id(mod)] = path
             layers[path] = spec
             return  # a registered layer rebuilds its own children

@@ -965,3 +965,10 @@ def test_compress_kinds_flag(tiny_dir, tmp_path):
     code, _, stderr = run(["compress", "--model", str(tiny_dir), "--max-bond", "4", "--kinds", "lowrank",
                            "--out", str(tmp_path / "bad")])
     assert code == 1 and "--kinds ('lowrank',): forms other than 'mpo' need a --ratio budget" in stderr, stderr
+
+
+def test_speed_ratios_that_round_to_one_read_as_fast():
+    from bondgate.cli import _speed
+
+    assert _speed(1.0, 1.004) == "as fast" and _speed(1.004, 1.0) == "as fast"  # was "1.00x slower"
+    assert _speed(1.0, 1.5) == "1.50x slower" and _speed(3.0, 1.5) == "2.00x faster"

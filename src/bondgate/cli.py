@@ -216,6 +216,8 @@ def _n(count: int, noun: str) -> str:
 
 def _speed(dense_s: float, comp_s: float) -> str:
     r = dense_s / comp_s if comp_s > 0 else float("inf")
+    if round(r, 2) == 1 or round(1 / r, 2) == 1:  # (not "1.00x slower")
+        return "as fast"
     return f"{r:.2f}x faster" if r >= 1 else f"{1 / r:.2f}x slower"
 
 
@@ -869,8 +871,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG, formatter_class=_FORMATTER,
         description=_paragraphs(
-            "Compress the dense layers of Hugging Face models into matrix-product operators (MPOs), inspect the "
-            "checkpoints and benchmark them against the dense model. Runs offline: models come from local "
+            "Compress the dense layers of Hugging Face models into matrix-product operators (MPOs) or low-rank "
+            "pairs, inspect the checkpoints and benchmark them against the dense model. Runs offline: models come from local "
             "directories only. Errors are one line on stderr; exit code 2 for usage errors, 1 for runtime errors."),
         epilog="examples:\n"
                "  bondgate compress --out ./minilm-mpo            # packaged all-MiniLM-L6-v2, half the weights\n"
@@ -934,7 +936,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compress the Linear/Conv1D layers whose full name matches REGEX (default: see above)")
     p.add_argument("--exclude", type=_regex, metavar="REGEX", help="leave the layers matching REGEX dense")
     p.add_argument("--embeddings", action="store_true",
-                   help="also compress the input token embedding table (and an LM head tied to it) into an MPO table")
+                   help="also compress the input token embedding table (and an LM head tied to it): an MPO or "
+                        "low-rank table, see --embedding-form")
     p.add_argument("--embedding-ratio", type=number_arg(float, 0, 1, low_open=True, what="embedding ratio"),
                    metavar="R", help="with --ratio and --embeddings: the fraction of the table's weights it keeps "
                    "(default: --ratio)")
@@ -945,7 +948,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --embeddings: keep the exact rows of the K tokens the calibration text uses most "
                         "(not for a table tied to the LM head)")
     p.add_argument("--int8", action="store_true",
-                   help="int8 MPO cores, and int8 weights for the layers the budget keeps dense (about 4x fewer bytes)")
+                   help="int8 MPO cores and low-rank factors, and int8 weights for the layers the budget keeps dense "
+                        "(about 4x fewer bytes)")
     p.add_argument("--policy", choices=("auto", "memory", "speed"), default="auto",
                    help="kernel policy of the MPO layers: memory (never hold more than the cores), speed (may cache "
                         "pre-contracted cores, up to the dense weight, at inference) or auto (speed for the layers, a "

@@ -2253,3 +2253,20 @@ def test_uniform_widths_refuse_a_budget_below_bond_one_everywhere():
     assert uniform_widths(spectra, 32) == [[1]]
     with pytest.raises(ValueError, match=r"below bond 1 everywhere \(32 weights\)"):
         uniform_widths(spectra, 31)
+
+
+def test_a_16_bit_pairs_reported_errors_are_those_of_the_factors_it_stores():
+    # the pair's error, output error and bias re-fit came from the float64 factors before their rounding to
+    # bfloat16: 0.00128 reported for 0.00265 (the MPO and int8 paths measured what the layer gets)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 128))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(128, 8) @ torch.randn(8, 128) / 30 + 1e-5 * torch.randn(128, 128))
+    model = model.to(torch.bfloat16)
+    W = model[0].weight.detach().double().clone()
+    x = torch.randn(400, 128).to(torch.bfloat16)
+    compress(model, CompressionConfig(param_ratio=0.3, kinds=("lowrank",)), calibration=[x], progress=False)
+    row, layer = model.bondgate_report.layers[0], model[0]
+    assert isinstance(layer, bondgate.LowRankLinear)
+    actual = float(torch.linalg.norm(W - layer.U.double() @ layer.V.double()) / torch.linalg.norm(W))
+    assert row.weight_error == pytest.approx(actual, rel=1e-3) and layer.error == pytest.approx(actual, rel=1e-3)

@@ -1085,10 +1085,11 @@ def _build_lowrank(w: _Work, rank: int) -> tuple[LowRankLinear, torch.Tensor, to
     """The rank-``rank`` layer of :func:`_pair_factors`, its matrix and bias (the mean shift of the output absorbed,
     as for an MPO)."""
     U, V = _pair_factors(w, rank)
-    W_hat = U @ V
-    bias = w.refit_bias(W_hat)
     ref = w.module.weight
-    layer = LowRankLinear.from_factors(U.to(ref), V.to(ref), None if bias is None else bias.to(ref))
+    U, V = U.to(ref), V.to(ref)
+    W_hat = U.to(torch.float64) @ V.to(torch.float64)  # the factors the layer gets (a 16-bit grid): their errors
+    bias = w.refit_bias(W_hat)
+    layer = LowRankLinear.from_factors(U, V, None if bias is None else bias.to(ref))
     layer.error = w.weight_error(W_hat)
     return layer, W_hat, bias
 

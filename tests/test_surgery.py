@@ -2270,3 +2270,16 @@ def test_a_16_bit_pairs_reported_errors_are_those_of_the_factors_it_stores():
     assert isinstance(layer, bondgate.LowRankLinear)
     actual = float(torch.linalg.norm(W - layer.U.double() @ layer.V.double()) / torch.linalg.norm(W))
     assert row.weight_error == pytest.approx(actual, rel=1e-3) and layer.error == pytest.approx(actual, rel=1e-3)
+
+
+def test_a_param_ratio_below_every_factored_form_names_the_ratio_that_reaches_one():
+    # allocate's "budget of 8 weights is below the smallest possible factored layers (96 weights)" left the user
+    # to work out the ratio; the suggested one compresses
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    calib = [torch.randn(300, 64)]
+    with pytest.raises(ValueError, match=r"param_ratio=0.001 \(8 of 8,192 weights\) is below the smallest factored "
+                                         r"forms of these layers \(96 weights\): give at least 0.0118"):
+        compress(model, CompressionConfig(param_ratio=0.001), calibration=calib, progress=False)
+    assert type(model[0]) is nn.Linear
+    compress(model, CompressionConfig(param_ratio=0.0118), calibration=calib, progress=False)
+    assert 0 < model.bondgate_report.params_after <= 0.0118 * 8192

@@ -871,8 +871,17 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
                                              f" (the matrices of recurrent layers — {_short_list(fused, 3)} — run "
                                              f"dense in torch's fused kernel whatever their form: no budget of "
                                              f"{what[1]} is bought there)" if fused else ""))
+                budget = group_budget(group, ratio)
+                floor = sum(min(m.params) for m in gm)
+                if budget < floor:  # (allocate says it in weights; here it is said as the ratio that reaches it)
+                    total = sum(w.numel for w in group)
+                    name = "embedding_ratio" if group[0].is_embedding and config.embedding_ratio is not None \
+                        else "param_ratio"
+                    raise ValueError(f"{name}={ratio:g} ({budget:,} of {total:,} weights) is below the smallest "
+                                     f"factored forms of these layers ({floor:,} weights): give at least "
+                                     f"{_round_up(floor / total):g}")
                 try:
-                    picks = allocate(gm, group_budget(group, ratio), cost_budget)
+                    picks = allocate(gm, budget, cost_budget)
                 except BudgetConflict as exc:  # each budget alone is within reach, not both as found (never broken)
                     raise ValueError(f"{what[0]}={cost[1]:g} and param_ratio={ratio:g}: no choice found meets both; "
                                      f"within the weights, the forms found take {exc.least / dense_cost:.4g} of the dense "

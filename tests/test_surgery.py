@@ -1965,6 +1965,10 @@ def test_a_tied_head_keeps_its_bias_and_its_row_says_it_shares_the_tables_cores(
     rows = {r.name: r for r in model.bondgate_report.layers}
     assert rows["head"].status == "skipped: tied to a compressed embedding: its MPO head shares the table's cores"
     assert (rows["head"].form, rows["head"].out_features, rows["head"].in_features) == ("mpo", 64, 16)
+    # no weights of its own (the row said "1,024 | 100.0%": the table's, counted on its row)
+    assert rows["head"].params_before == rows["head"].params_after == 0
+    assert "| head | 64x16 | skipped: tied to a compressed embedding: its MPO head shares the table's cores | | | 0 " \
+           "| - |" in model.bondgate_report.table()
     assert rows["emb"].aliases == ["head"] and rows["emb"].flops_dense == rows["emb"].flops_mpo == 0
 
 

@@ -369,8 +369,9 @@ class CompressionReport:
         flops = (lambda r: "-" if not r.flops_dense else f"{r.flops_mpo / r.flops_dense:.2f}x")  # a table: a lookup
         for r in self.layers:
             if r.status != "compressed":
+                kept = f"{r.params_after / r.params_before:.1%}" if r.params_before else "-"
                 rows.append(f"| {r.name} | {r.out_features}x{r.in_features} | {r.status} | | | {r.params_before:,} | "
-                            f"{r.params_after / max(r.params_before, 1):.1%} | | | |" + (" | |" if timed else ""))
+                            f"{kept} | | | |" + (" | |" if timed else ""))
                 continue
             fmt = (lambda v: "-" if v is None else f"{v:.4f}")
             factors = (f"{'x'.join(map(str, r.out_factors))} / {'x'.join(map(str, r.in_factors))}"
@@ -997,10 +998,11 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
                   + (", ..." if len(grown) > 3 else "") + "); give a smaller budget or param_ratio")
     for name, why in skipped.items():
         mod = model.get_submodule(name)
-        if isinstance(mod, MPOLinear) and why.startswith("weight is tied"):
+        tied_head = isinstance(mod, MPOLinear) and why.startswith("weight is tied")
+        if tied_head:
             why = "tied to a compressed embedding: its MPO head shares the table's cores"
         w = getattr(mod, "weight", None)
-        n = w.numel() if isinstance(w, torch.Tensor) else 0
+        n = w.numel() if isinstance(w, torch.Tensor) and not tied_head else 0  # (the table's weights, counted there)
         out_f, in_f = _shape(mod)
         report.layers.append(LayerReport(name, type(mod).__name__, out_f, in_f, status=f"skipped: {why}",
                                          params_before=n, params_after=n,

@@ -1184,3 +1184,26 @@ def test_bondgate_load_of_a_transformers_save_says_what_reads_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="records bondgate layers.*AutoModel.from_pretrained reads it"):
         bondgate.load(tmp_path / "compressed")
     assert any(isinstance(m, MPOLinear) for m in AutoModel.from_pretrained(tmp_path / "compressed").modules())
+
+
+def test_a_table_the_model_freezes_stays_frozen_after_loading(tmp_path):
+    # Whisper's encoder freezes its sinusoidal position table in __init__; compressed (frozen cores) and saved, it
+    # came back trainable from either loader: a layer built from its spec trains by default
+    from transformers import AutoModelForSpeechSeq2Seq, WhisperConfig, WhisperForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = WhisperConfig(vocab_size=120, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8,
+                        max_source_positions=16, max_target_positions=32, decoder_start_token_id=3, pad_token_id=1,
+                        bos_token_id=0, eos_token_id=2)
+    model = WhisperForConditionalGeneration(cfg).eval()
+    batch = {"input_features": torch.randn(2, 8, 32), "decoder_input_ids": torch.randint(3, 120, (2, 5))}
+    bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5, embeddings=True), calibration=[batch],
+                      progress=False)
+    table = model.model.encoder.embed_positions
+    assert isinstance(table, MPOEmbedding) and not any(p.requires_grad for p in table.parameters())
+    bondgate.save_pretrained(model, tmp_path / "w")
+    for back in (bondgate.from_pretrained(tmp_path / "w"), AutoModelForSpeechSeq2Seq.from_pretrained(tmp_path / "w")):
+        assert isinstance(back.model.encoder.embed_positions, MPOEmbedding)
+        assert not any(p.requires_grad for p in back.model.encoder.embed_positions.parameters())
+        assert all(p.requires_grad for p in back.model.decoder.layers[0].fc1.parameters())  # the others train

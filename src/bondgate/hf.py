@@ -680,8 +680,10 @@ def _prepare(model: nn.Module, qc: Any, checkpoint_files, dtype: torch.dtype | N
         raise ValueError(f"{where}: {exc} (a compressed layer cannot be re-initialized at another size, "
                          f"ignore_mismatched_sizes=True included: load the checkpoint with its own sizes and replace "
                          f"the module after, e.g. model.classifier = nn.Linear(...))") from None
+    frozen = {}  # what the model's own modules freeze (transformers' loading makes the shells' parameters anew)
     for name, layer in shells.items():
         layer.train(model.training)
+        frozen[name] = _io.frozen_parts(model.get_submodule(name))
         _io._set_submodule(model, name, layer)
         # Some models' _init_weights reach into a child's weight (GPT-2: attn.c_proj.weight); give the empty layer
         # a stand-in that transformers' guarded init functions skip (it goes with the layer after loading).
@@ -742,7 +744,7 @@ def _prepare(model: nn.Module, qc: Any, checkpoint_files, dtype: torch.dtype | N
     model._keys_to_ignore_on_load_missing = set(model._keys_to_ignore_on_load_missing or ()) | {
         f"^{re.escape(k)}$" for k in skipped}
     return {"names": names, "layers": specs, "layer_aliases": layer_aliases, "groups": groups,
-            "source": source, "ignore": ignore, "untied": untied}
+            "source": source, "ignore": ignore, "untied": untied, "frozen": frozen}
 
 
 def _unlisted_cores(model: nn.Module, header: dict | None, listed: set[str]) -> list[str]:
@@ -831,6 +833,7 @@ def _finish(model: nn.Module, plan: dict[str, Any]) -> None:
         if sd:
             layer.to(next(iter(sd.values())).device)
         fresh[mname] = layer.train(model.get_submodule(mname).training)
+        _io.carry_frozen(plan["frozen"].get(mname), layer)
     for alias, target in plan["layer_aliases"].items():
         fresh[names[alias]] = fresh[names[target]]
     for name, layer in fresh.items():

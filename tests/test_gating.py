@@ -2345,3 +2345,22 @@ def test_an_error_controller_fitted_on_the_norm_alone_counts_as_fitted():
     with pytest.warns(UserWarning, match="not been fitted or trained"):  # back at its start: unfitted
         set_budget(net, 0.5, [torch.randn(64, 96)])
 
+
+
+@pytest.mark.parametrize("mode", ["nested", "full", 0.5])
+def test_set_budget_prices_and_leaves_the_gate_mode(mode):
+    # called in another mode (nested after sandwich training), set_budget priced a routing that never ran: it
+    # returned the budget while the model then spent 100%, or 0.24 / 0.48 once switched to "gate"
+    torch.manual_seed(0)
+    net = gate(model_with_mpo(), GatingConfig(controller="error"))
+    data = [torch.randn(64, 96) for _ in range(4)]
+    bondgate.fit_controllers(net, data)
+    set_mode(net, mode)
+    got = set_budget(net, 0.3, data)
+    assert all(m.mode == "gate" for m in net.modules() if isinstance(m, GatedMPOLinear))
+    net.eval()
+    average_flops(net, reset=True)
+    with torch.no_grad():
+        for x in data:
+            net(x)
+    assert average_flops(net) == pytest.approx(got, abs=1e-6) and got == pytest.approx(0.3, abs=0.02)

@@ -346,10 +346,10 @@ class MPO:
         Truncation happens in a canonical sweep, so the discarded Schmidt mass is exactly the error
         against this MPO's operator; on a padded MPO not known to be a TT-SVD projection (random or trained cores,
         whose padded block holds values that mass would count) the error and ``tol`` are measured on the matrices
-        themselves, padding removed (a dense rebuild). ``error`` of the result is against the original matrix ``W``: exact when this MPO
-        reproduces ``W`` exactly; for a TT-SVD projection of ``W`` (``source_norm`` known) with two or three cores
-        the result is one too, and the two errors add in squares (exact without padding; with padding an upper
-        bound); otherwise the triangle-inequality bound ``error + rel`` (``rel``: the cut's error against this MPO,
+        themselves, padding removed (a dense rebuild; the result's ``bond_spectra`` is ``None``). ``error`` of the
+        result is against the original matrix ``W``: exact when this MPO reproduces ``W`` exactly; for a TT-SVD
+        projection of ``W`` (``source_norm`` known) with two or three cores the result is one too, and the two errors
+        add in squares (exact without padding; with padding an upper bound); otherwise the triangle-inequality bound ``error + rel`` (``rel``: the cut's error against this MPO,
         relative to ``W`` where ``source_norm`` is known), which may exceed 1. ``right_orthogonal``: the output of
         :meth:`right_orthogonal_cores`, when truncating the same MPO many times. ``bond_spectra`` of the result is
         ``None`` where a bond after the first lost more than rounding (the sweep read the earlier bonds' values before

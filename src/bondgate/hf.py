@@ -58,6 +58,7 @@ from torch import nn
 
 from . import io as _io
 from ._warn import warn_user
+from .layer import freeze_like, trains
 
 __all__ = ["QUANT_METHOD", "CONFIG_VERSION", "NEEDS_BONDGATE", "Unsupported", "register", "attach", "mark_config"]
 
@@ -683,7 +684,7 @@ def _prepare(model: nn.Module, qc: Any, checkpoint_files, dtype: torch.dtype | N
     frozen = {}  # what the model's own modules freeze (transformers' loading makes the shells' parameters anew)
     for name, layer in shells.items():
         layer.train(model.training)
-        frozen[name] = _io.frozen_parts(model.get_submodule(name))
+        frozen[name] = trains(model.get_submodule(name))
         _io._set_submodule(model, name, layer)
         # Some models' _init_weights reach into a child's weight (GPT-2: attn.c_proj.weight); give the empty layer
         # a stand-in that transformers' guarded init functions skip (it goes with the layer after loading).
@@ -833,7 +834,8 @@ def _finish(model: nn.Module, plan: dict[str, Any]) -> None:
         if sd:
             layer.to(next(iter(sd.values())).device)
         fresh[mname] = layer.train(model.get_submodule(mname).training)
-        _io.carry_frozen(plan["frozen"].get(mname), layer)
+        if mname in plan["frozen"]:
+            freeze_like(plan["frozen"][mname], layer)
     for alias, target in plan["layer_aliases"].items():
         fresh[names[alias]] = fresh[names[target]]
     for name, layer in fresh.items():

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ._warn import warn_user
-from .layer import MPOLinear, outside_inference_mode
+from .layer import MPOLinear, freeze_like, outside_inference_mode, trains
 from .quant import SCALE_SUFFIX, master_state, scale_problem
 
 __all__ = [
@@ -1032,26 +1032,6 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent), child, module)
 
 
-def frozen_parts(old: nn.Module) -> str | None:
-    """What of ``old`` (a model's own module, as its ``__init__`` built it) does not train: ``"all"`` (none of its
-    parameters: Whisper's fixed position table), ``"bias"``, or ``None``; for :func:`carry_frozen`."""
-    params = list(old.parameters())
-    if params and not any(p.requires_grad for p in params):
-        return "all"
-    bias = getattr(old, "bias", None)
-    return "bias" if isinstance(bias, nn.Parameter) and not bias.requires_grad else None
-
-
-def carry_frozen(parts: str | None, new: nn.Module) -> None:
-    """Freeze ``new``, which replaces a module at load, where that module was (:func:`frozen_parts`): a layer built
-    from a spec trains by default, so a table its model freezes came back trainable."""
-    bias = getattr(new, "bias", None)
-    if parts == "all":
-        new.requires_grad_(False)
-    elif parts == "bias" and isinstance(bias, nn.Parameter):
-        bias.requires_grad_(False)
-
-
 def _tensor_ident(t: torch.Tensor) -> tuple | None:
     if t.numel() == 0:
         return None
@@ -1189,7 +1169,7 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *,
             old = {name: model.get_submodule(name) for name in new}
             try:
                 for name, layer in new.items():
-                    carry_frozen(frozen_parts(old[name]), layer)
+                    freeze_like(trains(old[name]), layer)
                     _set_submodule(model, name, layer)
                 model.load_state_dict(tensors, strict=True)
             except BaseException:

@@ -79,6 +79,33 @@ def check_spec_sizes(spec: dict, ints: tuple[str, ...], lists: tuple[str, ...] =
         raise ValueError(f"layer spec sizes must be positive integers, got {bad}")
 
 
+def trains(module: nn.Module) -> tuple[bool, bool | None]:
+    """``(weight, bias)``: whether ``module``'s weight trains (a module without one: any of its parameters; ``True``
+    with none) and its bias (``None`` without one), what :func:`freeze_like` gives the layer that replaces it."""
+    w = getattr(module, "weight", None)
+    if isinstance(w, torch.Tensor):
+        weight = w.requires_grad
+    else:
+        params = list(module.parameters())
+        weight = any(p.requires_grad for p in params) if params else True
+    b = getattr(module, "bias", None)
+    return weight, (b.requires_grad if isinstance(b, torch.Tensor) else None)
+
+
+def freeze_like(flags: tuple[bool, bool | None], new: nn.Module) -> None:
+    """Freeze ``new``, which replaces a module, where that module was (:func:`trains`): its other parameters with the
+    weight, its bias with the bias (a frozen layer stays frozen; a BitFit bias keeps training). Freezes only: a
+    layer's own frozen parts (a fitted controller) stay frozen."""
+    weight, bias = flags
+    b = getattr(new, "bias", None)
+    if not weight:
+        for p in new.parameters():
+            if p is not b:
+                p.requires_grad_(False)
+    if (bias is False or (bias is None and not weight)) and isinstance(b, torch.Tensor):
+        b.requires_grad_(False)
+
+
 def carry_hooks(old: nn.Module, new: nn.Module) -> None:
     """Give ``new``, which replaces ``old`` in a model, ``old``'s forward and backward hooks: the same dicts, so the
     handles ``register_*_hook`` returned still remove them. (A hook that reads ``old.weight`` meets a

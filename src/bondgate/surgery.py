@@ -67,7 +67,7 @@ from .costmodel import (
 )
 from .embedding import MPOEmbedding, most_frequent, row_weight_legs, table_factors, table_mpo, table_target
 from .factors import choose_factors, factorize_shape
-from .layer import MPOLinear, carry_hooks, outside_inference_mode, overrides_forward
+from .layer import MPOLinear, carry_hooks, freeze_like, outside_inference_mode, overrides_forward, trains
 from .lowrank import LowRankLinear, rank_cores
 from .mpo import MPO
 from .planner import MAX_CORES, PlanPolicy
@@ -679,13 +679,6 @@ class _Work:
             return self.bias
         return self.bias + (self.W - W_hat) @ self.stats.mean
 
-    def freeze_like(self, layer: nn.Module) -> None:
-        """A frozen dense layer stays frozen: ``layer``'s weights (and bias) take its ``requires_grad``."""
-        for p in layer.parameters():
-            p.requires_grad_(self.module.weight.requires_grad)
-        if getattr(layer, "bias", None) is not None and self.module.bias is not None:
-            layer.bias.requires_grad_(self.module.bias.requires_grad)
-
     def whitened_padded(self, S: list[torch.Tensor] | None) -> torch.Tensor:
         Np, Mp = math.prod(self.out_f), math.prod(self.in_f)
         Wp = torch.nn.functional.pad(self.W, (0, Mp - self.shape[1], 0, Np - self.shape[0]))
@@ -968,7 +961,7 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
                 row.time_us = min(mpo_us, dense_us) if policy == "speed" and mpo_us is not None else mpo_us
             row.policy = "speed" if layer.policy.cache_dense else "memory"
         layer = layer.to(dtype=ref.dtype, device=ref.device)
-        w.freeze_like(layer)
+        freeze_like(trains(w.module), layer)
         if isinstance(layer, MPOLinear):  # the plan it runs (speed mode's dense weight, a cached merge), not the MPO's least
             row.flops_mpo = layer.flops(report.flop_rows)
         if cost is not None:  # a time or FLOP budget: measure what the budget bought
@@ -1039,7 +1032,7 @@ def _dense_quantized(w: _Work, mode: str) -> tuple[MPOLinear, torch.Tensor, torc
     layer = MPOLinear.from_mpo(mpo.to(dtype=ref.dtype, device=ref.device),
                                None if bias is None else bias.to(dtype=ref.dtype, device=ref.device), policy="memory")
     layer.quantize_(mode)
-    w.freeze_like(layer)
+    freeze_like(trains(w.module), layer)
     return layer, core[0, :, :, 0], bias
 
 
@@ -1233,7 +1226,7 @@ def _build_embedding(model: nn.Module, w: _Work, wid, config: CompressionConfig,
         if layer.padding_idx is not None:  # looked up as zeros (the row it replaces is zero)
             W_hat[layer.padding_idx] = 0
     mpo.error = layer.error = w.weight_error(W_hat)
-    w.freeze_like(layer)
+    freeze_like(trains(w.module), layer)
     heads = _tied_heads(model, w.module)
     swap_module(model, w.module, names, layer)
     for _, head in heads:

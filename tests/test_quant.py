@@ -560,6 +560,39 @@ def test_state_dict_sees_a_write_through_data_of_a_plain_parameter_core():
     assert not torch.equal(first["cores.0"], second["cores.0"])
 
 
+def test_state_dict_and_save_of_an_int8_model_under_inference_mode(tmp_path):
+    # an eval function under @torch.inference_mode that saves the best model: the int8 tensors made there have no
+    # version counter (reading it raised "Inference tensors do not track version counter")
+    layer = _int8_layer()
+    with torch.inference_mode():
+        state = layer.state_dict()
+        bondgate.save(nn.Sequential(layer), tmp_path / "ck")
+        size = bondgate.size_on_disk(nn.Sequential(layer))
+    q, s = quantize(layer.cores[0])
+    assert torch.equal(state["cores.0"], q) and torch.equal(state["cores.0_scale"], s)
+    assert size > 0
+    x = torch.randn(3, layer.in_features)
+    assert torch.equal(bondgate.load(tmp_path / "ck")(x), layer(x))
+
+
+@pytest.mark.parametrize("kind", ["linear", "embedding"])
+def test_refresh_after_a_numpy_write_hands_out_new_int8_tensors(kind):
+    # a write through a numpy view bypasses the version counter; refresh() is the documented step after it, and a
+    # state dict taken while an earlier one is alive must hold the new values (it held the old int8 cores)
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer = _int8_layer()
+    else:
+        layer = MPOEmbedding.from_embedding(nn.Embedding(64, 16), max_bond=4).quantize_("int8")
+    earlier = layer.state_dict()  # kept alive
+    layer.cores[0].detach().numpy()[...] *= 2.0
+    layer.refresh()
+    now = layer.state_dict()
+    q, s = quantize(layer.cores[0])
+    assert torch.equal(now["cores.0"], q) and torch.equal(now["cores.0_scale"], s)
+    assert torch.allclose(now["cores.0_scale"], 2 * earlier["cores.0_scale"])
+
+
 def test_an_all_zero_channel_round_trips_through_the_int8_state_dict():
     # Q23: an all-zero (r_left, out) channel gets scale 0 (module docstring); loading such a state dict must work
     layer = _int8_layer()

@@ -68,7 +68,7 @@ from .layer import (
 )
 from .mpo import MPO, BondSpec
 from .planner import PlanPolicy
-from .quant import check_quant, load_quantized_cores, register_state_dict_hook, warn_on_regrid
+from .quant import check_quant, forget_int8, load_quantized_cores, register_state_dict_hook, warn_on_regrid
 
 __all__ = ["MPOEmbedding", "lookup", "table_factors"]
 
@@ -369,6 +369,12 @@ class MPOEmbedding(nn.Module):
         self._quant = mode
         self._quant_cache, self._rows_cache = {}, {}
         return self
+
+    def refresh(self) -> None:
+        """Drop the fake-quantized cores and rows kept between calls, and the int8 tensors handed out to state dicts:
+        only needed after a write that bypasses torch (a numpy view, DLPack), which no version counter sees."""
+        self._quant_cache, self._rows_cache = {}, {}
+        forget_int8([*self._modules["cores"]._parameters.values(), self._parameters.get("kept_rows")])
 
     def _lookup_cores(self) -> list[torch.Tensor]:
         """The cores lookups use: the parameters, or their fake-quantized values (kept between calls without

@@ -36,7 +36,14 @@ from .planner import (
     sweep_matrix,
     sweep_steps,
 )
-from .quant import check_quant, fake_quant_cores, load_quantized_cores, register_state_dict_hook, warn_on_regrid
+from .quant import (
+    check_quant,
+    fake_quant_cores,
+    forget_int8,
+    load_quantized_cores,
+    register_state_dict_hook,
+    warn_on_regrid,
+)
 
 __all__ = ["MPOLinear", "TrackedParameter", "WeightStandIn", "carry_hooks"]
 
@@ -890,6 +897,7 @@ class MPOLinear(nn.Module):
         numpy view or DLPack): torch's in-place writes, ``.data`` included, are seen (the cores are
         :class:`bondgate.layer.TrackedParameter` s)."""
         self._reset_caches()
+        forget_int8(self._core_params.values())
 
     def set_cores(self, cores: Sequence[torch.Tensor]) -> None:
         """Replace the cores (e.g. after truncation); shapes may change."""

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -186,9 +186,17 @@ def int8_state(core: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if q is not None and s is not None and (q._version, s._version) == hit[3]:  # nobody wrote into them
             return q, s
     q, s = quantize(core)
-    if version >= 0:
+    if version >= 0 and not q.is_inference():  # (made under torch.inference_mode: no version counter to check)
         _HANDED_OUT[core] = (version, weakref.ref(q), weakref.ref(s), (q._version, s._version))
     return q, s
+
+
+def forget_int8(tensors: Iterable[torch.Tensor]) -> None:
+    """Hand out freshly quantized tensors for these at the next state dict: after a write that no version counter
+    saw (through a numpy view or DLPack; a layer's ``refresh()``). ``None`` entries are skipped."""
+    for t in tensors:
+        if t is not None:
+            _HANDED_OUT.pop(t, None)
 
 
 def _quantized_params(module: nn.Module) -> dict[str, tuple[torch.Tensor | None, int]]:

@@ -48,6 +48,21 @@ def test_distill_trains_whatever_the_callers_grad_mode(ambient):
     assert res.steps == 10 * len(data) and output_gap(student, teacher, data) < 0.7 * before
 
 
+def test_data_made_under_inference_mode_trains_and_calibrates():
+    # features cached under torch.inference_mode: autograd cannot save inference tensors for backward, so distill
+    # and compress's sensitivity pass (a backward per batch) failed with torch's error; they are cloned at the call
+    teacher, student, _ = teacher_student()
+    with torch.inference_mode():
+        data = [torch.randn(64, 32) for _ in range(8)]
+        packed = [(torch.randn(64, 32),)]
+    before = output_gap(student, teacher, data)
+    distill(student, teacher, data, loss=DistillLoss(hidden=0, output=1.0), epochs=10, lr=3e-3, progress=False)
+    assert output_gap(student, teacher, data) < 0.7 * before
+    sens = compress(copy.deepcopy(teacher), CompressionConfig(param_ratio=0.4, layer_weighting="sensitivity"),
+                    calibration=data + packed, progress=False)
+    assert 0.3 < sens.bondgate_report.ratio <= 0.4 and all(not t.is_inference() for t in sens.state_dict().values())
+
+
 def test_early_stopping_restores_the_best_weights():
     teacher, student, data = teacher_student()
     held_out = [torch.randn(64, 32) for _ in range(2)]

@@ -62,15 +62,27 @@ class InputStats:
 
 def to_device(obj, device: torch.device | None):
     """``obj`` (a tensor, or dicts / tuples / lists / model outputs of them) with every tensor on ``device``
-    (None: unchanged). Containers are rebuilt only where something moved."""
-    if device is None:
+    (None: unchanged). Where autograd records (grad enabled, outside ``torch.inference_mode``), a tensor made under
+    ``torch.inference_mode`` (cached features, say) is cloned into a normal one: autograd cannot save it for a
+    backward pass. Containers are rebuilt only where something changed."""
+    thaw = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    if device is None and not thaw:
         return obj
+    return _moved(obj, device, thaw)
+
+
+def _moved(obj, device: torch.device | None, thaw: bool):
     if isinstance(obj, torch.Tensor):
-        return obj if obj.device == device else obj.to(device, non_blocking=True)
+        if thaw and obj.is_inference():
+            obj = obj.clone()
+        return obj if device is None or obj.device == device else obj.to(device, non_blocking=True)
     if isinstance(obj, PackedSequence):  # its batch_sizes stay on the CPU
-        return obj if obj.data.device == device else obj.to(device)
+        if thaw and any(t is not None and t.is_inference() for t in obj):
+            obj = obj._replace(**{k: t.clone() for k, t in obj._asdict().items()
+                                  if t is not None and t.is_inference()})
+        return obj if device is None or obj.data.device == device else obj.to(device)
     if isinstance(obj, Mapping):
-        moved = {k: to_device(v, device) for k, v in obj.items()}
+        moved = {k: _moved(v, device, thaw) for k, v in obj.items()}
         if all(moved[k] is v for k, v in obj.items()):
             return obj
         try:  # dict, transformers' BatchEncoding and ModelOutput take their items as keyword arguments
@@ -78,7 +90,7 @@ def to_device(obj, device: torch.device | None):
         except TypeError:
             return moved
     if isinstance(obj, (tuple, list)):
-        moved = [to_device(v, device) for v in obj]
+        moved = [_moved(v, device, thaw) for v in obj]
         if all(a is b for a, b in zip(moved, obj)):
             return obj
         return type(obj)(moved) if not hasattr(obj, "_fields") else type(obj)(*moved)  # namedtuple

@@ -128,6 +128,39 @@ def test_lowrank_from_factors_checks_the_bias_shape():
             bondgate.LowRankLinear.from_factors(U, V, bias)
 
 
+def test_lowrank_from_factors_names_the_inner_size_it_refuses():
+    # was "rank must lie in [1, 4], got 6": the user passed factors, not a rank
+    with pytest.raises(ValueError, match=r"factors \(8, 6\) and \(6, 4\) have inner size 6: .*\[1, min\(out, in\) = 4\]"):
+        bondgate.LowRankLinear.from_factors(torch.randn(8, 6), torch.randn(6, 4))
+
+
+@pytest.mark.parametrize("params", [float("nan"), float("inf"), "12", -5, 2.5])
+def test_baseline_budgets_that_are_not_counts_are_refused_by_name(params):
+    # NaN / inf raised Python's "cannot convert float NaN to integer" / OverflowError
+    mlp = nn.Sequential(nn.Linear(32, 32))
+    for baseline in (bondgate.svd_compress, bondgate.magnitude_prune):
+        with pytest.raises(ValueError, match=r"params\['0'\] must be a non-negative integer"):
+            baseline(mlp, params={"0": params})
+
+
+@pytest.mark.parametrize("rank", [2.7, True, 0, {"0": 1.5}])
+def test_svd_compress_refuses_a_rank_that_is_not_a_positive_integer(rank):
+    # int() took 2.7 as rank 2 and True as rank 1 without a word (LowRankLinear refuses both)
+    with pytest.raises(ValueError, match=r"rank(\['0'\])? must be a positive integer"):
+        bondgate.svd_compress(nn.Sequential(nn.Linear(32, 32)), rank=rank)
+
+
+def test_factor_sizes_name_the_dimension_and_stop_at_two_to_the_32():
+    with pytest.raises(ValueError, match="in_features must be a positive integer, got 0"):
+        bondgate.factorize_shape(64, 0, 3)
+    with pytest.raises(ValueError, match="out_features must be a positive integer, got 0"):
+        bondgate.factorize_shape(0, 64, 3)
+    # the factor search of 2**61 - 1 in 3 legs ran for minutes
+    with pytest.raises(ValueError, match=r"dimension must be at most 2\*\*32 = 4294967296"):
+        bondgate.choose_factors(2**61 - 1, 3)
+    assert bondgate.choose_factors(2**32, 2) == (2**32, (2**16, 2**16))
+
+
 @pytest.mark.parametrize("field", [{"embedding_ratio": 0.1}, {"embedding_form": "lowrank"}, {"embedding_rows": 4}])
 def test_embedding_options_without_embeddings_are_refused(field):
     with pytest.raises(ValueError, match=f"{next(iter(field))} needs embeddings=True"):

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._checks import number
+from ._checks import number, positive_int
 from .calibration import eval_mode
 from .gating import preserved_state
 from .layer import MPOLinear
@@ -178,7 +178,8 @@ def _budgets(
         selected, skipped = _select(model, list(params), replace)
         budgets = {}
         for name, n in params.items():
-            if int(n) != n or n < 0:
+            if isinstance(n, bool) or not isinstance(n, (int, float, np.integer, np.floating)) or not math.isfinite(n) \
+                    or int(n) != n or n < 0:  # (NaN / inf / a string reached int() and raised its own error)
                 raise ValueError(f"params[{name!r}] must be a non-negative integer, got {n!r}")
             budgets[name] = int(n)
         return selected, budgets, skipped
@@ -251,10 +252,11 @@ def svd_compress(
             if target is not None:
                 raise ValueError("rank already names the layers; do not pass target as well")
             selected, skipped = _select(new, list(rank), replace=True)
-            ranks = {n: int(r) for n, r in rank.items()}
+            ranks = {n: positive_int(r, f"rank[{n!r}]") for n, r in rank.items()}
         else:
+            rank = positive_int(rank, "rank")  # (int() took 2.7 as 2 and True as 1)
             selected, skipped = _select(new, target, replace=True)
-            ranks = {n: int(rank) for n in selected}
+            ranks = {n: rank for n in selected}
         budgets: dict[str, int | None] = dict.fromkeys(selected)
     else:
         selected, budgets, skipped = _budgets(new, param_ratio, params, target, replace=True)
@@ -267,10 +269,7 @@ def svd_compress(
         dense, full = out_f * in_f, min(out_f, in_f)
         budget = budgets[name]
         if budget is None:
-            k = ranks[name]
-            if k < 1:
-                raise ValueError(f"rank for {name!r} must be >= 1, got {k}")
-            k = min(k, full)
+            k = min(ranks[name], full)
         else:
             k = max(1, budget // (in_f + out_f))
             if budget >= dense or k >= full or k * (in_f + out_f) >= dense:

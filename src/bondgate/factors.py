@@ -30,10 +30,13 @@ __all__ = ["balanced_factors", "choose_factors", "factorize_shape"]
 
 
 MAX_LEGS = 256  # the factor search recurses once per leg (2,000 legs ran out of Python's stack)
+MAX_DIM = 2**32  # the largest dimension factored (every size up to it takes well under a second)
 
 
-def _validate(n: int, d: int) -> tuple[int, int]:
-    n, d = positive_int(n, "dimension"), positive_int(d, "num_cores")
+def _validate(n: int, d: int, name: str = "dimension") -> tuple[int, int]:
+    n, d = positive_int(n, name), positive_int(d, "num_cores")
+    if n > MAX_DIM:  # the factor search takes time that grows with n: minutes past 2**60
+        raise ValueError(f"{name} must be at most 2**32 = {MAX_DIM} (a weight dimension bondgate factors), got {n}")
     if d > MAX_LEGS:
         raise ValueError(f"num_cores must be at most {MAX_LEGS}, got {d} (an MPO layer takes at most 17)")
     return n, d
@@ -134,8 +137,8 @@ def factorize_shape(
             f"in_factors {tuple(in_factors)} and out_factors {tuple(out_factors)} must have the same length"
             " (one input and one output leg per core)"
         )
-    out_features, d = _validate(out_features, d)
-    in_features, d = _validate(in_features, d)
+    out_features, d = _validate(out_features, d, "out_features")
+    in_features, d = _validate(in_features, d, "in_features")
     out_factors, in_factors = given.get("out_factors"), given.get("in_factors")
     if out_factors is not None:
         out_f = tuple(out_factors)

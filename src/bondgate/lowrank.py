@@ -135,7 +135,8 @@ class LowRankLinear(nn.Module):
 
     @classmethod
     def from_factors(cls, U: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None) -> "LowRankLinear":
-        """A layer holding ``U`` ``(out, rank)`` and ``V`` ``(rank, in)`` (copied), and ``bias`` ``(out,)``."""
+        """A layer holding ``U`` ``(out, rank)`` and ``V`` ``(rank, in)`` (copied), and ``bias`` ``(out,)``;
+        ``1 <= rank <= min(out, in)``."""
         if not all(isinstance(t, torch.Tensor) for t in (U, V)) or U.dim() != 2 or V.dim() != 2 \
                 or U.shape[1] != V.shape[0]:
             shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in (U, V)]
@@ -143,6 +144,11 @@ class LowRankLinear(nn.Module):
         if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (U.shape[0],)):
             what = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
             raise ValueError(f"bias must have shape ({U.shape[0]},), got {what}")
+        if U.shape[1] > min(U.shape[0], V.shape[1]) or not U.shape[1]:
+            raise ValueError(f"factors {tuple(U.shape)} and {tuple(V.shape)} have inner size {U.shape[1]}: a "
+                             f"LowRankLinear's rank lies in [1, min(out, in) = {min(U.shape[0], V.shape[1])}]" + (
+                                 " (a wider pair stores more than its dense weight: use nn.Linear with weight U @ V)"
+                                 if U.shape[1] else ""))
         layer = cls(V.shape[1], U.shape[0], U.shape[1], bias=bias is not None, device=U.device, dtype=U.dtype)
         with torch.no_grad():
             layer.U.copy_(U)

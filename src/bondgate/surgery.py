@@ -1300,8 +1300,8 @@ def _check_stats(stats: dict[str, InputStats], biased: dict[str, bool]) -> None:
         warn_user(f"compress: {len(few)} layer(s) saw too few calibration rows to span their inputs (fewer rows "
                   f"than inputs; with a bias, whose fit centres the rows, no more rows than inputs) "
                   f"({_short_list(few, 3)}): the factorization fits, and the report's output errors measure, only the "
-                  "directions those rows span, so both understate the error on other inputs; pass more calibration "
-                  "rows")
+                  "directions those rows span, so both understate the error on other inputs, which can come out worse "
+                  "than with calibrate=False; pass more calibration rows")
 
 
 def _round_up(x: float) -> float:

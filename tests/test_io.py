@@ -533,9 +533,13 @@ def dense_mlp() -> nn.Sequential:
     return nn.Sequential(nn.Linear(62, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 1))
 
 
-@pytest.mark.parametrize("breakage", ["bond_dims", "extra_key", "dtype", "missing_key", "bit_flip"])
+@pytest.mark.parametrize("breakage", ["bond_dims", "extra_key", "dtype", "missing_key", "bit_flip", "model_dtype"])
 def test_failed_load_leaves_user_model_untouched(mlp_ckpt, breakage):
-    if breakage == "bond_dims":
+    user = dense_mlp()
+    if breakage == "model_dtype":  # a replaced layer of another dtype came back float32 in a float64 model
+        user[2].double()
+        message = r"dtype mismatch for '2': checkpoint has torch.float32, model has torch.float64 \(Linear\)"
+    elif breakage == "bond_dims":
         edit_json(mlp_ckpt, lambda m: m["layers"]["2"].update(bond_dims=[8, 8, 8]))
         message = "shape mismatch for '2.cores.0'"
     elif breakage == "extra_key":
@@ -553,7 +557,6 @@ def test_failed_load_leaves_user_model_untouched(mlp_ckpt, breakage):
         data[len(data) // 2] ^= 1
         path.write_bytes(bytes(data))
         message = "is not the file bondgate saved"
-    user = dense_mlp()
     snap = state_snapshot(user)
     with pytest.raises(ValueError, match=message):
         bondgate.load(mlp_ckpt, model=user)
@@ -561,6 +564,8 @@ def test_failed_load_leaves_user_model_untouched(mlp_ckpt, breakage):
     assert user.training  # not even switched to eval
 
     # the intact parts still load into the same model afterwards
+    if breakage == "model_dtype":
+        user[2].float()
     fresh = bondgate.save(mlp(), mlp_ckpt.parent / "fresh")
     assert isinstance(bondgate.load(fresh, model=user)[2], MPOLinear)
 

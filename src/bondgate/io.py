@@ -1151,6 +1151,11 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *,
 
         for name in new:
             old = model.get_submodule(name)
+            was, now = _floating_dtype_of(old), _floating_dtype_of(new[name])
+            if was is not None and now is not None and was != now:  # (a kept dense tensor is checked by _validate)
+                raise ValueError(f"dtype mismatch for {name!r}: checkpoint has {now}, model has {was} "
+                                 f"({type(old).__name__}): load into a model of the checkpoint's dtypes and cast it "
+                                 f"after, or load without model= and pass dtype=")
             device = _module_device(old)
             if device is not None:
                 new[name].to(device)
@@ -1194,6 +1199,14 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *,
 
         attach(model)  # model.save_pretrained (transformers') writes a directory from_pretrained reads back
     return model.eval() if built else given.eval()
+
+
+def _floating_dtype_of(module: nn.Module) -> torch.dtype | None:
+    """The dtype of ``module``'s first floating parameter (None: it has none, or they are not materialized yet)."""
+    for p in module.parameters():
+        if not isinstance(p, nn.parameter.UninitializedParameter) and p.is_floating_point():
+            return p.dtype
+    return None
 
 
 def _attach_report(model: nn.Module, report: Any) -> None:

@@ -104,6 +104,25 @@ def test_flops_budget_is_met_and_spent(ratio, binding):
     assert "µs pred / meas / dense" in rep.table()
 
 
+def test_a_speed_mode_mpo_is_priced_at_its_own_dense_call_not_the_bare_dense_product(monkeypatch):
+    # under policy auto / speed an MPO slower than dense was priced at exactly the dense time (a bare F.linear without
+    # bias or module call), so max_latency_ratio=1.0 passed on paper while the model ran 1.14x its nn.Linear one
+    import bondgate.surgery as surgery
+    from bondgate.costmodel import KindTimes
+
+    def slow(out_features, in_features, out_f, in_f, full, rows, dtype, device):
+        dense = 1e-9 * out_features * in_features
+        return KindTimes(rows, dense, 2 * rows * out_features * in_features, (1.0, 1e9), (1.0, 1e9), 1.2 * dense)
+
+    monkeypatch.setattr(surgery, "calibrate", slow)
+    model = nn.Sequential(nn.Linear(256, 256))
+    cfg = CompressionConfig(param_ratio=0.5, max_latency_ratio=1.0, kinds=("mpo",), refine_steps=0)
+    with pytest.raises(ValueError, match=r"max_latency_ratio=1 and param_ratio=0.5: no choice found meets both; "
+                                         r"within the weights, the forms found take 1.2 of the dense layers' time"):
+        compress(model, cfg, calibration=[torch.randn(300, 256)], progress=False)
+    assert isinstance(model[0], nn.Linear)
+
+
 def test_layers_kept_dense_count_in_the_reported_totals(monkeypatch):
     # the timed total summed compressed rows only (0.27x "of dense" where all targeted layers measured 0.46x), and
     # kept-dense rows had no FLOPs; a measured time past max_latency_ratio is now said
@@ -177,6 +196,10 @@ def test_allocator_respects_both_budgets_and_trades_error_for_cost():
                  progress=False)
     compress(model, CompressionConfig(param_ratio=0.5, flops_ratio=up, kinds=("lowrank",), deploy_rows=1),
              progress=False)
+    # with every kind allowed there are no more kinds to suggest (the message said "or more kinds" all the same)
+    with pytest.raises(ValueError, match=r"flops_ratio=1e-09 is out of reach: .*give at least [\d.e-]+$"):
+        compress(nn.Sequential(nn.Linear(384, 384)), CompressionConfig(param_ratio=0.5, flops_ratio=1e-9),
+                 progress=False)
 
 
 @pytest.fixture
@@ -459,7 +482,10 @@ def test_fit_caps_the_throughput_a_noisy_pair_of_timings_gives():
     assert thr == pytest.approx(10 * 4e6 / 1.000001e-3) == 4e10  # costmodel.FIT_MAX_SPEEDUP x the larger point's
     assert a == pytest.approx(1e-3 - 1e6 / 4e10) == 0.975e-3
     assert 1.000001e-3 < a + 4e6 / thr < 1.1 * 1.000001e-3  # within a tenth of the larger point's time
-    assert _fit([(1e6, 2e-3), (4e6, 1e-3)]) == (0.0, 4e9)  # falling line: the larger point's throughput
+    # falling line: the flattest allowed, through the faster point (a line through the origin predicted 4e6 FLOPs
+    # at 1 ms and 1e6 at 0.25 ms, faster than both timings)
+    a, thr = _fit([(1e6, 2e-3), (4e6, 1e-3)])
+    assert thr == pytest.approx(4e10) and a == pytest.approx(0.9e-3)
 
 
 def test_measure_says_a_layer_without_parameters_cannot_be_measured():
@@ -577,9 +603,15 @@ def test_paired_seconds_alternate_which_call_goes_first(monkeypatch):
     assert [fn is first for fn in order] == [True, False, False, True, True, False, False, True]
 
 
-def test_fit_of_two_equal_times_uses_the_larger_points_throughput():
-    """Equal times at two FLOP counts give no overhead and the larger point's throughput."""
-    assert _fit([(1e6, 2e-3), (4e6, 2e-3)]) == (0.0, 2e9)
+def test_a_fit_whose_line_falls_never_predicts_below_nine_tenths_of_its_faster_point():
+    """Noise that makes the larger point the faster (a small layer's call is mostly overhead) gave a line through the
+    origin: a pair timed at ~20 us both times was predicted at 4 us for fewer FLOPs, and compress met a latency
+    budget of 0.9x on paper with a layer 3.7x slower than dense."""
+    for points in ([(1e6, 2e-3), (4e6, 2e-3)], [(1024, 21.0e-6), (4096, 20.5e-6)]):
+        a, thr = _fit(points)
+        faster = min(t for _, t in points)
+        for flops in (0, 768, points[0][0], points[1][0]):
+            assert 0.9 * faster - 1e-15 <= a + flops / thr <= 1.0 * faster + 1e-15
 
 
 def test_calibrate_fits_each_kind_from_its_own_timings(monkeypatch):
@@ -600,8 +632,9 @@ def test_calibrate_fits_each_kind_from_its_own_timings(monkeypatch):
         costmodel.clear_timings()
     assert ranks == [1]
     assert kt.lowrank == (0.0, lowrank_flops(1, 8, 1, 3) / 0.5)
-    assert kt.mpo == (0.0, mpo_flops((1, 1), (4, 2), (1,), 3) / 0.5)
-    assert kt.dense_s == 0.5 and kt.dense_flops == 2 * 3 * 8
+    f = mpo_flops((1, 1), (4, 2), (1,), 3)  # both MPO points at bond 1: equal times, the flat line
+    assert kt.mpo == pytest.approx((0.45, 10 * f / 0.5))
+    assert kt.dense_s == 0.5 and kt.dense_flops == 2 * 3 * 8 and kt.speed_s == 0.5
 
 
 def test_the_default_forms_follow_the_budget():

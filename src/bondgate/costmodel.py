@@ -110,16 +110,20 @@ def measure(layer: nn.Module, rows: int, dtype: torch.dtype | None = None, devic
 
 def paired_seconds(layer: nn.Module, rows: int, rounds: int = 5, min_time: float = 0.004) -> tuple[float, float]:
     """``(layer, dense)``: median seconds of one inference call of ``layer`` (an MPO or low-rank layer) and of
-    ``F.linear`` with its dense weight and bias, on the same ``rows`` random rows, timed in ``rounds`` rounds of
+    an ``nn.Linear`` with its dense weight and bias (a module call, as ``layer``'s), on the same ``rows`` random rows,
+    timed in ``rounds`` rounds of
     alternating order, so that a slow stretch of a shared machine hits both alike (a dense time measured apart,
     under a burst of load, was 9x too slow and made slower factors look faster)."""
     p = next(layer.parameters())
     x = torch.randn(rows, layer.in_features, dtype=p.dtype, device=p.device)
     sync = torch.cuda.synchronize if p.device.type == "cuda" else (lambda: None)
     with eval_mode(layer), torch.no_grad():
-        W = layer.weight_matrix().detach()
-        b = None if layer.bias is None else layer.bias.detach()
-        fns = [lambda: layer(x), lambda: torch.nn.functional.linear(x, W, b)]
+        dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=p.device,
+                          dtype=p.dtype)
+        dense.weight.copy_(layer.weight_matrix())
+        if layer.bias is not None:
+            dense.bias.copy_(layer.bias)
+        fns = [lambda: layer(x), lambda: dense(x)]
         reps = [_reps(fn, sync, min_time) for fn in fns]  # plans made, kept operands built
         samples: list[list[float]] = [[], []]
         for k in range(rounds):
@@ -131,13 +135,15 @@ def paired_seconds(layer: nn.Module, rows: int, rounds: int = 5, min_time: float
 @dataclass
 class KindTimes:
     """Fitted time model of one layer shape at ``rows`` rows: seconds of the dense layer, and
-    ``(overhead seconds, FLOPs per second)`` of its low-rank and MPO forms."""
+    ``(overhead seconds, FLOPs per second)`` of its low-rank and MPO forms; ``speed_s``: seconds of an MPO layer that
+    runs its kept dense weight (speed mode: the dense product behind the MPO layer's call)."""
 
     rows: int
     dense_s: float
     dense_flops: int
     lowrank: tuple[float, float]
     mpo: tuple[float, float]
+    speed_s: float | None = None
 
     def lowrank_s(self, out_features: int, in_features: int, rank: int) -> float:
         a, thr = self.lowrank
@@ -160,13 +166,18 @@ def _fit(points: list[tuple[int, float]]) -> tuple[float, float]:
         # line passes at most t1 / FIT_MAX_SPEEDUP above the larger point
         thr = min((f1 - f0) / (t1 - t0), FIT_MAX_SPEEDUP * f1 / t1)
         return max(t0 - f0 / thr, 0.0), thr
-    return 0.0, f1 / max(t1, 1e-9)  # noise made the line fall: no overhead, the larger point's throughput
+    # noise made the line fall: the time hardly depends on the FLOPs here (a small layer's call is mostly overhead).
+    # The flattest line allowed through the faster point; a line through the origin predicted a pair timed at 20 us
+    # at 4 us, and a latency budget was met on paper by a layer 3.7x slower than dense.
+    t = max(min(t0, t1), 1e-9)
+    thr = FIT_MAX_SPEEDUP * f1 / t
+    return t - f1 / thr, thr
 
 
 def calibrate_dense(out_features: int, in_features: int, rows: int, dtype: torch.dtype = torch.float32,
                     device: torch.device | str = "cpu") -> float:
-    """Median seconds of a dense layer's call (``F.linear``) of ``rows`` rows (cached per shape, dtype, device and
-    torch's thread count)."""
+    """Median seconds of a dense layer's call (an ``nn.Linear`` with a bias, called as a module, as the factored forms
+    are timed) of ``rows`` rows (cached per shape, dtype, device and torch's thread count)."""
     return _calibrate_dense(int(out_features), int(in_features), int(rows), dtype, torch.device(device),
                             torch.get_num_threads())
 
@@ -177,9 +188,9 @@ def _calibrate_dense(out_features: int, in_features: int, rows: int, dtype: torc
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(rows, in_features, generator=gen).to(device=device, dtype=dtype)
-    W = torch.randn(out_features, in_features, generator=gen).to(device=device, dtype=dtype)
+    dense = nn.Linear(in_features, out_features, device=device, dtype=dtype).eval()
     with torch.no_grad():
-        return _median_seconds(lambda: torch.nn.functional.linear(x, W), sync)
+        return _median_seconds(lambda: dense(x), sync)
 
 
 @functools.lru_cache(maxsize=256)
@@ -198,17 +209,21 @@ def _calibrate(out_features: int, in_features: int, out_f: tuple[int, ...], in_f
         lr_points, mpo_points = [], []
         top = min(out_features, in_features)
         for rank in sorted({max(1, top // 16), min(top, max(2, top // 4))}):  # a 1-wide layer has rank 1 only
-            lr = LowRankLinear(in_features, out_features, rank, bias=False, device=device, dtype=dtype).eval()
+            lr = LowRankLinear(in_features, out_features, rank, device=device, dtype=dtype).eval()
             lr_points.append((lowrank_flops(out_features, in_features, rank, rows), _median_seconds(lambda: lr(x), sync)))
         for frac in (0.125, 0.5):
             widths = tuple(max(1, math.ceil(frac * w)) for w in full_widths)
             mpo = MPO.random(math.prod(out_f), math.prod(in_f), list(widths), in_factors=in_f, out_factors=out_f,
                              dtype=dtype, generator=gen)
-            layer = MPOLinear.from_mpo(MPO(mpo.cores, out_features, in_features)).to(device).eval()
+            bias = torch.zeros(out_features, dtype=dtype)
+            layer = MPOLinear.from_mpo(MPO(mpo.cores, out_features, in_features), bias).to(device).eval()
             mpo_points.append((mpo_flops(out_f, in_f, widths, rows), _median_seconds(lambda: layer(x), sync)))
+        layer = MPOLinear.from_mpo(MPO(mpo.cores, out_features, in_features), bias, policy="speed").to(device).eval()
+        speed_s = _median_seconds(lambda: layer(x), sync)
     if len(lr_points) == 1:
         lr_points.append((2 * lr_points[0][0], 2 * lr_points[0][1]))
-    return KindTimes(rows, dense_s, 2 * rows * out_features * in_features, _fit(lr_points), _fit(mpo_points))
+    return KindTimes(rows, dense_s, 2 * rows * out_features * in_features, _fit(lr_points), _fit(mpo_points),
+                     speed_s)
 
 
 def calibrate(out_features: int, in_features: int, out_f: Sequence[int], in_f: Sequence[int],

@@ -860,8 +860,10 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
                         fused = [w.name for w in group if w.fused]
                         raise ValueError(f"{what[0]}={cost[1]:g} is out of reach: the cheapest forms of these layers "
                                          f"(kinds={list(config.forms)}) take {least:.4g} of the dense layers' "
-                                         f"{what[1]} at deploy_rows={config.deploy_rows}; give at least "
-                                         f"{_round_up(least):g}, or more kinds" + (
+                                         f"{what[1]} at deploy_rows={config.deploy_rows}" + (
+                                             " (no form is cheaper than dense there)" if least >= 1 else "") +
+                                         f"; give at least {_round_up(least):g}" + (
+                                             ", or more kinds" if set(config.forms) != {"mpo", "lowrank"} else "") + (
                                              f" (the matrices of recurrent layers — {_short_list(fused, 3)} — run "
                                              f"dense in torch's fused kernel whatever their form: no budget of "
                                              f"{what[1]} is bought there)" if fused else ""))
@@ -1140,16 +1142,18 @@ def _kind_times(w: _Work, config: CompressionConfig) -> KindTimes:
 
 def _price(menu: LayerMenu, w: _Work, config: CompressionConfig, times: KindTimes | None) -> None:
     """Each entry's cost per call at ``deploy_rows``: seconds (``times``) or FLOPs. An MPO slower than the dense
-    layer costs the dense layer's time under the speed / auto policies (its plans may keep the dense weight); every
+    layer costs, under the speed / auto policies (its plans may keep the dense weight), the measured time of an MPO
+    layer running its dense weight (``times.speed_s``: the dense product plus the layer's call) or the dense FLOPs; every
     form of a recurrent layer's matrix costs the dense one's (:attr:`_Work.fused`)."""
     out_features, in_features = w.shape
     rows, fallback = config.deploy_rows, config.policy != "memory"
     if times is not None:
         dense = times.dense_s
+        speed = dense if times.speed_s is None else times.speed_s
 
         def mpo(widths):
             t = times.mpo_s(w.out_f, w.in_f, widths)
-            return min(t, dense) if fallback else t
+            return min(t, speed) if fallback else t
 
         def low(rank):
             return times.lowrank_s(out_features, in_features, rank)

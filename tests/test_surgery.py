@@ -880,6 +880,34 @@ def test_lowrank_without_damping_on_a_rank_deficient_covariance():
     assert err < 1e-6
 
 
+def test_torch_pruned_and_bias_parametrized_layers_are_skipped_with_their_own_reason():
+    # a layer pruned by torch.nn.utils.prune (before prune.remove) was compressed and the model failed at its next call
+    # ("'MPOLinear' object has no attribute 'weight_mask'": the pruning hook went along); a layer whose bias alone is
+    # parametrized was skipped as "its weight is parametrized"
+    from torch.nn.utils import parametrize, prune
+
+    class Clamp(nn.Module):
+        def forward(self, b):
+            return b.clamp(-0.05, 0.05)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 64))
+    prune.l1_unstructured(model[2], "weight", amount=0.5)
+    parametrize.register_parametrization(model[4], "bias", Clamp())
+    x = torch.randn(512, 64)
+    ref = model(x).detach()
+    with pytest.warns(UserWarning) as record:
+        compress(model, CompressionConfig(max_bond=64, num_cores=2), calibration=[x], progress=False)
+    messages = " | ".join(str(w.message) for w in record)
+    assert "skipping 2: it is pruned by torch.nn.utils.prune" in messages and "prune.remove(module, 'weight')" in messages
+    assert "skipping 4: its bias is parametrized" in messages and "weight is parametrized" not in messages
+    assert isinstance(model[0], MPOLinear) and type(model[2]) is nn.Linear
+    assert torch.allclose(model(x), ref, atol=1e-4)  # runs; exact bonds on the compressed layer
+    prune.remove(model[2], "weight")
+    compress(model, CompressionConfig(max_bond=128, num_cores=2, target_modules=["2"]), calibration=[x], progress=False)
+    assert isinstance(model[2], MPOLinear) and torch.allclose(model(x), ref, atol=1e-4)
+
+
 def test_hooks_follow_the_layer_and_parametrized_weights_are_left_alone():
     # compress and gate dropped a replaced layer's hooks in silence (a clamping forward hook stopped clamping), and
     # compressed a spectral_norm layer into one without the constraint

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import nn
+from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
@@ -462,7 +463,7 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str,
 
     A module registered under several names is listed once, under its first (see :func:`module_names`).
     Layers whose class has a forward of its own, layers with a parametrized weight (``weight_norm``,
-    ``spectral_norm``), and ``nn.MultiheadAttention``'s ``out_proj`` (whose weight the attention reads directly)
+    ``spectral_norm``) or bias, layers pruned by ``torch.nn.utils.prune`` (before ``prune.remove``), and ``nn.MultiheadAttention``'s ``out_proj`` (whose weight the attention reads directly)
     are skipped with a warning. A replaced layer's forward and backward hooks go to its replacement."""
     adapters = [n for n, m in model.named_modules() if _is_peft_layer(m)]
     if adapters:
@@ -497,10 +498,18 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str,
             why = f"an MPO table cannot do {', '.join(bad)}"
         elif id(mod) in read_directly:
             why = "nn.MultiheadAttention reads out_proj.weight directly, so an MPO layer cannot replace it"
-        elif nn.utils.parametrize.is_parametrized(mod) or any(
+        elif any(isinstance(h, BasePruningMethod) for h in mod._forward_pre_hooks.values()):
+            why = ("it is pruned by torch.nn.utils.prune, whose hook an MPO layer cannot run (it has no weight_mask): "
+                   "make the pruning permanent first (prune.remove(module, 'weight')) to compress the layer")
+        elif nn.utils.parametrize.is_parametrized(mod, "weight") or any(
                 isinstance(h, (WeightNorm, SpectralNorm)) for h in mod._forward_pre_hooks.values()):  # old-style
             why = ("its weight is parametrized (weight_norm, spectral_norm ...): an MPO layer would drop the "
                    "constraint; remove it first (nn.utils.parametrize.remove_parametrizations) to compress the layer")
+        elif nn.utils.parametrize.is_parametrized(mod):
+            kinds = ", ".join(sorted(mod.parametrizations.keys()))
+            why = (f"its {kinds} is parametrized: the new layer would drop the parametrization; remove it first "
+                   f"(nn.utils.parametrize.remove_parametrizations), compress, then register it on the new layer's "
+                   f"{kinds} (a parametrized bias works there)")
         elif overrides_forward(mod):
             why = (f"its class {type(mod).__qualname__} overrides forward(); an MPO layer would drop what that forward "
                    f"adds (exclude it to silence this; for a wrapper around a plain layer, target that layer)")

@@ -78,6 +78,27 @@ def test_export_with_a_dynamic_batch_matches_eager(batch):
         torch.testing.assert_close(ep2.module()(x), net(x), rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_forward_follows_cores_of_other_widths():
+    # the traced sweep was the one kept at the layer's bonds: cores of other widths through functional_call, or set
+    # through .data after a compiled call, failed ("shape '[4, 3, 16, 5, 1]' is invalid"); eager handled both
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    layer = bondgate.MPOLinear(64, 48, num_cores=3, max_bond=4)
+    other = bondgate.MPO.random(48, 64, bond=2, num_cores=3, in_factors=layer.in_factors, out_factors=layer.out_factors)
+    params = {f"cores.{k}": c for k, c in enumerate(other.cores)} | {"bias": layer.bias.detach()}
+    x = torch.randn(5, 64)
+    ref = x @ other.to_matrix().T + layer.bias.detach()
+    with torch.no_grad():
+        fn = torch.compile(lambda x: functional_call(layer, params, (x,)), backend="eager")
+        torch.testing.assert_close(fn(x), ref, rtol=1e-5, atol=1e-5)
+        compiled = torch.compile(layer, backend="eager")
+        compiled(x)
+        for core, new in zip(layer.cores, other.cores):
+            core.data = new.clone()
+        torch.testing.assert_close(compiled(x), ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 def test_export_with_a_named_batch_dim_in_either_sweep_direction(reverse):
     # a named Dim (the usual spelling) failed: splitting the merged (rest * B) axis made a guard torch could not prove

@@ -1010,3 +1010,21 @@ def test_cores_assigned_with_other_bonds_are_compiled_at_their_bonds():
     x = torch.randn(3, 96)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), x @ mpo.to_matrix().T + layer.bias)
+
+
+@pytest.mark.parametrize("policy", ["memory", "speed"])
+def test_set_cores_of_another_dtype_is_refused(policy):
+    # float64 cores in a float32 layer ran in memory mode and with grad, but speed-mode inference failed inside
+    # F.linear (the float32 bias): one behaviour, a clear refusal before anything changes
+    torch.manual_seed(0)
+    layer = MPOLinear(60, 40, num_cores=3, max_bond=4, policy=policy)
+    before = [c.detach().clone() for c in layer.cores]
+    other = MPO.random(40, 60, bond=3, num_cores=3, dtype=torch.float64).cores
+    with pytest.raises(TypeError, match="set_cores: cores of dtype torch.float64 for a layer of dtype torch.float32"):
+        layer.set_cores(other)
+    assert all(torch.equal(a, b) for a, b in zip(layer.cores, before))
+    layer.set_cores([c.float() for c in other])
+    x = torch.randn(3, 60)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), x @ layer.weight_matrix().T + layer.bias, rtol=1e-5, atol=1e-5)
+    assert layer.bond_dims == (3, 3)

@@ -968,7 +968,8 @@ class GatedMPOLinear(MPOLinear):
         if levels is None and (mode == "full" or isinstance(mode, float) or (mode == "nested" and not self.training)):
             widths = _widths(self.bond_dims, mode) if isinstance(mode, float) else self.bond_dims
             if widths == self.bond_dims:
-                return self._traced_forward(x, tuple(self._core_params.values()), self._traced)
+                cores = tuple(self._core_params.values())
+                return self._traced_forward(x, cores, self._traced_for(cores))
             traced = self._traced_widths.get(widths)
             if traced is None:
                 traced = self._traced_widths[widths] = self._traced_sweep(widths)

@@ -781,7 +781,8 @@ class MPOLinear(nn.Module):
         self._ops_cache: dict[tuple, list] = {}  # plan.operand_key -> [version sum, operands, cores]
         self._quant_cache: dict = {}  # the fake-quantized cores kept for inference (see _fake_quantized)
         self._hot: dict[int, tuple] = {}  # row bucket -> (slot, device type) of dense-cached or pair inference plans
-        self._traced = self._traced_sweep(self.bond_dims) if "cores" in self._modules else None
+        self._traced_dims = self.bond_dims if "cores" in self._modules else None
+        self._traced = self._traced_sweep(self._traced_dims) if "cores" in self._modules else None
 
     @property
     def _core_params(self) -> dict[str, torch.Tensor]:
@@ -900,7 +901,13 @@ class MPOLinear(nn.Module):
         forget_int8(self._core_params.values())
 
     def set_cores(self, cores: Sequence[torch.Tensor]) -> None:
-        """Replace the cores (e.g. after truncation); shapes may change."""
+        """Replace the cores (e.g. after truncation); shapes may change, the dtype may not (the bias and kept
+        operands are in the layer's: cast the cores, or the layer first)."""
+        now = next(iter(self._core_params.values())).dtype
+        dtypes = {c.dtype for c in cores if isinstance(c, torch.Tensor)}
+        if dtypes - {now}:
+            raise TypeError(f"set_cores: cores of dtype {', '.join(sorted(map(str, dtypes)))} for a layer of dtype "
+                            f"{now}: cast them (or the layer, with .to(dtype), first)")
         mpo = MPO([c.detach() for c in cores], self.out_features, self.in_features)
         self.cores = nn.ParameterList([TrackedParameter(c.clone(memory_format=torch.contiguous_format)) for c in mpo.cores])
         self._pinned, self._pin_dims = {}, self.bond_dims
@@ -913,6 +920,13 @@ class MPOLinear(nn.Module):
         out_f, in_f = self.out_factors, self.in_factors
         reverse = sweep_flops(out_f, in_f, ranks, True) < sweep_flops(out_f, in_f, ranks, False)
         return reverse, sweep_steps(out_f, in_f, ranks, reverse)
+
+    def _traced_for(self, cores: Sequence[torch.Tensor]) -> tuple[bool, list]:
+        """The traced sweep for these cores: the one kept at the layer's bonds, or one made for other bonds (cores of
+        other widths passed by ``torch.func.functional_call``, or reshaped through ``.data`` since the last eager
+        call, which is what resets the kept one)."""
+        ranks = tuple(int(c.shape[3]) for c in cores[:-1])
+        return self._traced if ranks == self._traced_dims else self._traced_sweep(ranks)
 
     def _traced_forward(self, x: torch.Tensor, cores: Sequence[torch.Tensor], traced: tuple[bool, list]) -> torch.Tensor:
         """``forward`` while torch.compile or torch.export traces it: no planning, autotuning or kept operands
@@ -990,7 +1004,8 @@ class MPOLinear(nn.Module):
                 return nested_forward(self, x)
             raise bad_input(self, x)
         if torch.compiler.is_compiling():
-            return self._traced_forward(x, tuple(self._core_params.values()), self._traced)
+            cores = tuple(self._core_params.values())
+            return self._traced_forward(x, cores, self._traced_for(cores))
         if not x.is_cpu and x.is_meta:  # shape inference, as nn.Linear does on meta tensors
             return x.new_empty((*x.shape[:-1], self.out_features))
         if torch.is_autocast_enabled("cpu" if x.is_cpu else x.device.type):

@@ -124,6 +124,31 @@ def test_export_of_a_compressed_gpt2_matches_eager():
         torch.testing.assert_close(got, model(other, use_cache=False).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["mpo", "lowrank"])
+def test_non_strict_export_of_code_that_reads_the_weight_matches_eager(kind):
+    # export's default (non-strict) tracing failed at .weight: "Creating a new Tensor subclass WeightStandIn but the
+    # raw Tensor object is already associated to a python object of type FakeTensor" (T5's feed-forward casts to
+    # wo.weight.dtype, nn.TransformerEncoderLayer reads linear1.weight)
+    class Cast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(48, 40)
+
+        def forward(self, x):
+            return self.fc(x.to(self.fc.weight.dtype))
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(32, 48), Cast(), nn.ReLU())
+    compress(net, CompressionConfig(param_ratio=0.5, kinds=kind, num_cores=2), progress=False)
+    assert isinstance(net[1].fc, MPOLinear if kind == "mpo" else bondgate.LowRankLinear)
+    net.eval()
+    ep = torch.export.export(net, (torch.randn(5, 32),), strict=False, dynamic_shapes=({0: DYNAMIC},))
+    assert torch.ops.aten.empty.memory_format not in {n.target for n in ep.graph.nodes}  # the stand-in is no node
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), net(x), rtol=1e-5, atol=1e-5)
+
+
 @needs_onnx
 def test_onnx_export_runs_in_onnxruntime_and_matches_eager(tmp_path):
     import onnxruntime

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.autograd.graph import increment_version
 from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils._python_dispatch import _disable_current_modes
 
 from ._checks import positive_int
 from .mpo import MPO, BondSpec
@@ -148,9 +149,16 @@ class WeightStandIn(torch.Tensor):
     def of(owner: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
            requires_grad: bool = False) -> WeightStandIn:
         """``requires_grad``: whether the layer's factors train (code that lists trainable layers reads it)."""
-        # (not under a tracer: dynamo wraps a grad-requiring tensor with reads the stand-in refuses)
-        rg = requires_grad and not torch.compiler.is_compiling()
-        t = torch.empty(shape, dtype=dtype, device="meta", requires_grad=rg).as_subclass(WeightStandIn)
+        tracing = _IS_COMPILING()
+        if tracing and not torch.compiler.is_dynamo_compiling():
+            # non-strict export runs the forward under fake-tensor modes, where empty() gives a FakeTensor (which
+            # cannot become a stand-in) and a graph node: the stand-in holds no values, so it is made outside them
+            with _disable_current_modes():
+                t = torch.empty(shape, dtype=dtype, device="meta")
+        else:
+            # (not under a tracer: dynamo wraps a grad-requiring tensor with reads the stand-in refuses)
+            t = torch.empty(shape, dtype=dtype, device="meta", requires_grad=requires_grad and not tracing)
+        t = t.as_subclass(WeightStandIn)
         t._owner, t._device = owner, device
         t._is_hf_initialized = True  # transformers' weight-init functions skip it (the layer holds its own values)
         return t

@@ -156,12 +156,37 @@ def test_layers_kept_dense_count_in_the_reported_totals(monkeypatch):
     assert td == pytest.approx(1e-3 * sum(r.out_features * r.in_features for r in rep.layers))
     assert t == pytest.approx(sum(r.time_us for r in rep.layers))
     assert rep.table().splitlines()[-1].endswith(f"= {t / td:.2f}x of dense (timed layers) |")
+    # the table shows the kept rows' FLOPs and times that its total counts (their cells were blank)
+    for r in kept:
+        line = next(x for x in rep.table().splitlines() if x.startswith(f"| {r.name} |"))
+        assert "| 1.00x |" in line and line.endswith(f" / {r.time_us:.0f} / {r.time_dense_us:.0f} |")
     # policy "memory": predicted at the MPO's own time, as the budget priced it (was the smaller of it and dense's)
     rows = cfg.deploy_rows
     for r in rep.compressed:
         mpo_us = 1e6 * mpo_flops(r.out_factors, r.in_factors, r.bond_dims, rows) / (2.0 * rows / 1e-9)
         assert r.time_pred_us == pytest.approx(mpo_us, rel=1e-9)
     assert any(r.time_pred_us > 1e-3 * r.out_features * r.in_features for r in rep.compressed)  # dearer than dense
+
+
+def test_compressing_again_at_other_deploy_rows_restates_the_earlier_rows():
+    # the second call's table said "(32 rows)" while the first call's rows held FLOPs and times at 64 rows, and the
+    # totals added the two
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256), nn.GELU(), nn.Linear(256, 128))
+    data = [torch.randn(128, 256)]
+    compress(model, CompressionConfig(param_ratio=0.5, flops_ratio=0.5, deploy_rows=64, target_modules=["0", "2"]),
+             data, progress=False)
+    first = {r.name: r.flops_mpo for r in model.bondgate_report.layers}
+    compress(model, CompressionConfig(param_ratio=0.5, flops_ratio=0.5, deploy_rows=32, target_modules=["4"]),
+             data, progress=False)
+    rep = model.bondgate_report
+    assert rep.flop_rows == 32 and [r.name for r in rep.layers] == ["0", "2", "4"]
+    for r in rep.layers:
+        assert r.flops_dense == 2 * 32 * r.out_features * r.in_features
+        layer = model.get_submodule(r.name)
+        assert r.flops_mpo == 2 * 32 * layer.rank * (r.in_features + r.out_features)
+    assert all(first[n] == 2 * model.bondgate_report.layers[i].flops_mpo for i, n in enumerate(["0", "2"]))
+    assert [r.time_us is None for r in rep.layers] == [True, True, False]  # times measured at 64 rows are dropped
 
 
 def test_allocator_respects_both_budgets_and_trades_error_for_cost():

@@ -300,7 +300,7 @@ class LayerReport:
     # the layer's call; under policy "auto" otherwise, the kernel the decision saw (the memory plan's autotuned time,
     # or in speed mode the faster of it and F.linear's), without the layer's ~2-3 µs of Python per call
     time_us: float | None = None
-    time_dense_us: float | None = None  # F.linear of the dense weight, timed the same way
+    time_dense_us: float | None = None  # the dense layer (an nn.Linear call), timed the same way
     quant: str | None = None  # the MPO cores' quantization ("int8"), None for full precision
 
 
@@ -371,8 +371,11 @@ class CompressionReport:
         for r in self.layers:
             if r.status != "compressed":
                 kept = f"{r.params_after / r.params_before:.1%}" if r.params_before else "-"
+                # a layer kept dense under a time or FLOP budget: its FLOPs and time, which the totals count
+                times = f" {us(r.time_pred_us)} / {us(r.time_us)} / {us(r.time_dense_us)} |" if r.time_us is not None \
+                    else " |"
                 rows.append(f"| {r.name} | {r.out_features}x{r.in_features} | {r.status} | | | {r.params_before:,} | "
-                            f"{kept} | | | |" + (" | |" if timed else ""))
+                            f"{kept} | | | {flops(r) if r.flops_dense else ''} |" + (f" |{times}" if timed else ""))
                 continue
             fmt = (lambda v: "-" if v is None else f"{v:.4f}")
             factors = (f"{'x'.join(map(str, r.out_factors))} / {'x'.join(map(str, r.in_factors))}"
@@ -1014,7 +1017,11 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
     previous = getattr(model, "bondgate_report", None)
     if isinstance(previous, CompressionReport):  # compressing again: the layers compressed before stay reported
         now = {r.name for r in report.layers}
-        report.layers = [r for r in previous.layers if r.name not in now] + report.layers
+        kept = [r for r in previous.layers if r.name not in now]
+        if previous.flop_rows != report.flop_rows:  # one row count in the table: theirs was another deploy_rows
+            for r in kept:
+                _at_rows(r, model, previous.flop_rows, report.flop_rows)
+        report.layers = kept + report.layers
         report.history = [*previous.history, previous.config]
     model.bondgate_report = report
     from .hf import attach, warn_int8_saving
@@ -1180,6 +1187,16 @@ def _price(menu: LayerMenu, w: _Work, config: CompressionConfig, times: KindTime
         mpo = low = lambda _: dense  # noqa: E731
     menu.costs = [dense if c is None else low(c) if isinstance(c, int) else mpo(c) for c in menu.widths]
     menu.cost_of, menu.rank_cost = mpo, low
+
+
+def _at_rows(row: LayerReport, model: nn.Module, was: int, rows: int) -> None:
+    """A report row from an earlier :func:`compress` at ``was`` rows, restated at ``rows``: its FLOPs recounted (an MPO
+    layer's by its plan at ``rows``; the others are linear in the rows), its times dropped (measured at ``was``)."""
+    mod = model.get_submodule(row.name) if row.name else model
+    scale = (lambda f: f // was * rows)  # noqa: E731 - 2 * was * ... divides exactly
+    row.flops_mpo = mod.flops(rows) if isinstance(mod, MPOLinear) and row.flops_mpo else scale(row.flops_mpo)
+    row.flops_dense = scale(row.flops_dense)
+    row.time_us = row.time_dense_us = row.time_pred_us = None
 
 
 def _plan_policy(config: CompressionConfig, mode: str | None = None) -> str | PlanPolicy:

@@ -819,8 +819,10 @@ def test_a_float64_pair_saves_and_loads_in_float64_with_its_error(tmp_path):
     assert spec["dtype"] == "float64" and spec["error"] == low.error
     twin = LowRankLinear.from_spec(spec)
     assert twin.U.dtype == torch.float64 and twin.error == low.error and twin.rank == 5
-    loaded = bondgate.load(bondgate.save(nn.Sequential(low), tmp_path / "ckpt"),
-                           model=nn.Sequential(nn.Linear(24, 20)))[0]
+    ckpt = bondgate.save(nn.Sequential(low), tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="dtype mismatch for '0': checkpoint has torch.float64, model has torch.float32"):
+        bondgate.load(ckpt, model=nn.Sequential(nn.Linear(24, 20)))  # the model's dtypes, as load's docstring says
+    loaded = bondgate.load(ckpt, model=nn.Sequential(nn.Linear(24, 20, dtype=torch.float64)))[0]
     x = torch.randn(3, 24, dtype=torch.float64)
     assert loaded.U.dtype == torch.float64 and loaded.error == low.error
     with torch.no_grad():

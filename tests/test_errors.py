@@ -566,3 +566,22 @@ def test_wrong_number_types_are_named_apart_from_values_out_of_range():
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             call()
+
+
+def test_torch_dynamic_int8_models_are_refused_by_save_with_the_way_out(tmp_path):
+    # was "state_dict entry '0._packed_params.dtype' is a dtype; bondgate checkpoints hold tensors only"
+    model = bondgate.quantize_int8(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)))
+    with pytest.raises(TypeError, match=r"torch's dynamic int8 layers \(0: .*save the float model and quantize after "
+                                        r"loading, or use compress\(\.\.\., quantize='int8'\)"):
+        bondgate.save(model, tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+
+
+def test_int8_conversions_refuse_nan_weights_by_name():
+    # both returned a model whose first call failed inside torch ("min should be less than or equal to max")
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")
+    for convert in (bondgate.quantize_int8, bondgate.deploy_int8):
+        with pytest.raises(ValueError, match=r"2\.weight contains NaN or inf \(1 entries\)"):
+            convert(model)

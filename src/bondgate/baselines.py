@@ -352,6 +352,16 @@ def _conv1d_to_linear(conv: nn.Module) -> nn.Linear:
     return lin
 
 
+def check_finite(layers: Mapping[str, nn.Module], who: str) -> None:
+    """Refuse layers holding NaN or inf: torch's dynamic int8 layers take them and fail at their first call (its
+    ``ChooseQuantizationParams`` error, naming no layer)."""
+    for name, m in layers.items():
+        for pname, p in m.named_parameters():
+            if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+                raise ValueError(f"{who}: {name}.{pname} contains NaN or inf ({int((~torch.isfinite(p)).sum())} "
+                                 f"entries): fix or reload the model first")
+
+
 def quantize_int8(model: nn.Module, target: Target = None) -> nn.Module:
     """Dynamic int8 quantization of a copy of ``model`` with ``torch.ao.quantization.quantize_dynamic``.
 
@@ -377,6 +387,7 @@ def quantize_int8(model: nn.Module, target: Target = None) -> nn.Module:
     if wrong:  # torch's dynamic int8 layers compute in float32: a bf16 bias would fail on every call
         name, dtype = next(iter(wrong.items()))
         raise ValueError(f"quantize_int8 needs float32 layers; {name} is {dtype} (convert with model.float() first)")
+    check_finite(selected, "quantize_int8")
     aliases = module_names(new)
     names: set[str] = set()
     for m in selected.values():

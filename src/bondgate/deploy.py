@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from ._checks import number
-from .baselines import _conv1d_to_linear, _select, _set_module, latency, quantize_dynamic
+from .baselines import _conv1d_to_linear, _select, _set_module, check_finite, latency, quantize_dynamic
 from .gating import GatedMPOLinear
 from .layer import MPOLinear, carry_hooks
 from .lowrank import LowRankLinear
@@ -188,6 +188,7 @@ def deploy_int8(model: nn.Module, rows: int | None = 32, dense: bool = True) -> 
     # gated layers stay (their widths change per input): listed, so that the report names every bondgate layer
     report: dict[str, Int8Choice] = {n: Int8Choice("gated", "kept (gated)") for n, m in new.named_modules()
                                      if isinstance(m, GatedMPOLinear) and not _inside(n, owners)}
+    check_finite(layers, "deploy_int8")
     for name, m in layers.items():
         form, plain = _candidates(m)
         if rows is None:

@@ -396,6 +396,9 @@ def _report_dict(model: nn.Module, report: Any) -> dict | None:
     return report
 
 
+_DYNAMIC_INT8 = ("torch.ao.nn.quantized.dynamic", "torch.ao.nn.quantized.modules", "torch.nn.quantized.dynamic")
+
+
 def save(model: nn.Module, directory: str | os.PathLike, *, report: Any = None, tokenizer: Any = None) -> Path:
     """Write ``model`` (compressed or not) to ``directory`` as a bondgate checkpoint; return its path.
 
@@ -422,6 +425,12 @@ def save(model: nn.Module, directory: str | os.PathLike, *, report: Any = None, 
                "deploy_float": "its layers hold dense weights in place of the cores"}[deployed]
         raise TypeError(f"cannot save a {deployed} copy: {why}; save the model it was made from and call {deployed} "
                         f"after loading it")
+    dynamic = next((n for n, m in model.named_modules() if type(m).__module__.startswith(_DYNAMIC_INT8)), None)
+    if dynamic is not None:  # bondgate.quantize_int8 / torch's quantize_dynamic: packed params, not tensors
+        raise TypeError(f"cannot save a model with torch's dynamic int8 layers ({dynamic or 'the model'}: "
+                        f"bondgate.quantize_int8, torch.ao's quantize_dynamic), which are for inference in this "
+                        f"process; save the float model and quantize after loading, or use compress(..., "
+                        f"quantize='int8') for int8 weights on disk")
     directory = Path(directory)
     _no_meta_tensors(model, "save")
     layers, layer_aliases = _collect_layers(model)

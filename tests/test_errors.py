@@ -585,3 +585,22 @@ def test_int8_conversions_refuse_nan_weights_by_name():
     for convert in (bondgate.quantize_int8, bondgate.deploy_int8):
         with pytest.raises(ValueError, match=r"2\.weight contains NaN or inf \(1 entries\)"):
             convert(model)
+
+
+def test_fx_symbolic_trace_is_told_to_use_export_or_compile():
+    # the message advised torch.from_numpy for the fx Proxy it got
+    model = nn.Sequential(bondgate.MPOLinear(64, 32, max_bond=4, num_cores=2), nn.ReLU())
+    with pytest.raises(TypeError, match="torch.fx.symbolic_trace cannot trace MPOLinear .*use torch.export.export or "
+                                        "torch.compile"):
+        torch.fx.symbolic_trace(model)
+
+
+def test_compress_of_a_model_with_lazy_layers_says_to_run_it_first():
+    # torch's "Attempted to use an uninitialized parameter in <method 'dim' ...>", naming no layer
+    model = nn.Sequential(nn.LazyLinear(64), nn.ReLU(), nn.Linear(64, 32))
+    with pytest.raises(ValueError, match=r"uninitialized parameters \(0.weight, 0.bias\): .*run the model on one input"):
+        bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5), progress=False)
+    model(torch.randn(2, 16))
+    bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5), calibration=[torch.randn(256, 16)],
+                      progress=False)
+    assert [r.name for r in model.bondgate_report.layers] == ["0", "2"]

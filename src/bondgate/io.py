@@ -41,6 +41,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils.prune import BasePruningMethod
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from ._warn import warn_user
 from .layer import MPOLinear, freeze_like, outside_inference_mode, trains
@@ -228,9 +231,14 @@ def _seq_args(mod: nn.Module, kind: str) -> dict[str, Any]:
     return {arg: getattr(mod, arg) for arg, _, _ in _SEQ_LAYERS[kind][1]}
 
 
-def _describe_sequential(model: nn.Module, layer_names: set[str]) -> dict | None:
-    """JSON description of a plain ``nn.Sequential`` tree, or ``None`` if it holds anything else."""
+_REPARAMETRIZING = (WeightNorm, SpectralNorm, BasePruningMethod)
+
+
+def _describe_sequential(model: nn.Module, layer_names: set[str], why: list[str] | None = None) -> dict | None:
+    """JSON description of a plain ``nn.Sequential`` tree, or ``None`` if it holds anything else (what, into
+    ``why``)."""
     seen: dict[int, str] = {}
+    why = [] if why is None else why
 
     def describe(mod: nn.Module, path: str) -> dict | None:
         if id(mod) in seen:  # the same module at two places: rebuild it once and share it
@@ -239,6 +247,9 @@ def _describe_sequential(model: nn.Module, layer_names: set[str]) -> dict | None
         if path in layer_names:
             return {"type": "bondgate"}
         kind = type(mod).__name__
+        if any(isinstance(h, _REPARAMETRIZING) for h in mod._forward_pre_hooks.values()):  # its keys are not a Linear's
+            why.append(f"{path} is reparametrized by a hook (weight_norm, spectral_norm or prune)")
+            return None
         if type(mod) is nn.Sequential:
             items = []
             for name, child in mod._modules.items():
@@ -249,6 +260,7 @@ def _describe_sequential(model: nn.Module, layer_names: set[str]) -> dict | None
             return {"type": "Sequential", "layers": items}
         if kind in _SEQ_LAYERS and type(mod) is _SEQ_LAYERS[kind][0]:
             return {"type": kind, **_seq_args(mod, kind)}
+        why.append(f"{path} is a {_qualname(type(mod))}")
         return None
 
     if type(model) is not nn.Sequential:
@@ -346,10 +358,11 @@ def _describe(model: nn.Module, layer_names: set[str]) -> dict:
         return {"kind": "module", "class": _qualname(type(model))}
     if "" in layer_names:
         return {"kind": "bondgate_layer"}
-    seq = _describe_sequential(model, layer_names)
+    why: list[str] = []
+    seq = _describe_sequential(model, layer_names, why)
     if seq is not None:
         return seq
-    return {"kind": "module", "class": _qualname(type(model))}
+    return {"kind": "module", "class": _qualname(type(model))} | ({"why": why[0]} if why else {})
 
 
 def _dedup_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -1133,8 +1146,9 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *,
     if not built:  # the checkpoint's names are those of the model inside DataParallel / torch.compile (save's too)
         model = unwrapped(model)
     if built and arch["kind"] == "module":
-        raise ValueError(f"this checkpoint holds a {arch['class']}, which bondgate cannot rebuild by itself; "
-                         f"pass model=<a freshly constructed dense instance> to load()")
+        raise ValueError(f"this checkpoint holds a {arch['class']}, which bondgate cannot rebuild by itself"
+                         + (f" ({arch['why']})" if isinstance(arch.get("why"), str) else "") + "; "
+                         "pass model=<a freshly constructed dense instance> to load()")
     if not built and "" in meta["layers"]:
         raise ValueError("this checkpoint holds a single bondgate layer; call load() without model=")
     if not built:

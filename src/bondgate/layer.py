@@ -439,6 +439,10 @@ def bad_input(layer: nn.Module, x) -> Exception:
         return TypeError(f"{name} takes a nested tensor only as a whole (no explicit levels)")
     if isinstance(x, torch.Tensor):
         return ValueError(f"{name} expected input with last dimension {layer.in_features}, got shape {tuple(x.shape)}")
+    if isinstance(x, torch.fx.Proxy):  # (a Proxy has every attribute: checked before __array__)
+        return TypeError(f"torch.fx.symbolic_trace cannot trace {name} (its forward chooses a contraction by the "
+                         f"input's shape, a gated layer also by its values); use torch.export.export or "
+                         f"torch.compile, which trace it")
     hint = " (convert it with torch.from_numpy or torch.as_tensor)" if hasattr(x, "__array__") or isinstance(
         x, (list, tuple)) else ""
     return TypeError(f"{name} expects {want}, got {type(x).__name__}{hint}")

@@ -468,6 +468,10 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str,
     Layers whose class has a forward of its own, layers with a parametrized weight (``weight_norm``,
     ``spectral_norm``) or bias, layers pruned by ``torch.nn.utils.prune`` (before ``prune.remove``), and ``nn.MultiheadAttention``'s ``out_proj`` (whose weight the attention reads directly)
     are skipped with a warning. A replaced layer's forward and backward hooks go to its replacement."""
+    lazy = [n for n, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
+    if lazy:  # (every read of their shape raises torch's generic "uninitialized parameter" error, naming none)
+        raise ValueError(f"compress: the model has uninitialized parameters ({_short_list(lazy, 3)}): a lazy layer "
+                         f"(nn.LazyLinear) learns its sizes at its first call; run the model on one input first")
     adapters = [n for n, m in model.named_modules() if _is_peft_layer(m)]
     if adapters:
         raise ValueError(f"compress: the model has PEFT adapter layers ({', '.join(adapters[:3])}"

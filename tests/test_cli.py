@@ -495,12 +495,14 @@ def test_when_every_selected_layer_is_skipped_the_reasons_are_given(tiny_dir, tm
 def test_cost_budgets_are_shown_and_library_warnings_are_one_line(tiny_dir, tmp_path):
     out = tmp_path / "fr"
     code, stdout, stderr = run(["compress", "--model", str(tiny_dir), "--flops-ratio", "0.5", "--policy", "memory",
-                                "--out", str(out), "--calibration-size", "8", "--no-progress", "--threads", "1"])
+                                "--out", str(out), "--calibration-size", "8", "--no-progress", "--threads", "1",
+                                "--deploy-rows", "32"])  # (the budget was judged at 128 rows whatever the use)
     assert code == 0, stderr
-    assert "budget: param_ratio=0.5, flops_ratio=0.5 |" in stdout
+    assert "budget: param_ratio=0.5, flops_ratio=0.5 |" in stdout and "| deploy_rows=32" in stdout
+    assert bondgate.load(out).bondgate_report.flop_rows == 32
     assert "reps in 5 interleaved rounds: dense" in stdout
     code, stdout, _ = run(["inspect", str(out)])
-    assert code == 0 and "config: param_ratio=0.5, flops_ratio=0.5 |" in stdout
+    assert code == 0 and "config: param_ratio=0.5, flops_ratio=0.5 |" in stdout and "deploy_rows=32" in stdout
     code, _, stderr = run(["compress", "--model", str(tiny_dir), "--max-bond", "100000", "--policy", "memory",
                            "--out", str(tmp_path / "big"), "--calibration-size", "8", "--no-progress",
                            "--threads", "1"])

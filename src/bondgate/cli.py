@@ -74,7 +74,7 @@ _FLAGS = {"param_ratio": "--ratio", "max_bond": "--max-bond", "tol": "--tol", "n
           "target_modules": "--target", "exclude": "--exclude", "embeddings": "--embeddings",
           "embedding_ratio": "--embedding-ratio", "embedding_form": "--embedding-form",
           "embedding_rows": "--embedding-rows", "policy": "--policy", "max_latency_ratio": "--max-latency-ratio",
-          "flops_ratio": "--flops-ratio", "quantize": "--int8", "kinds": "--kinds"}
+          "flops_ratio": "--flops-ratio", "quantize": "--int8", "kinds": "--kinds", "deploy_rows": "--deploy-rows"}
 
 
 def _as_flags(message: str) -> str:
@@ -525,7 +525,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
                                    max_latency_ratio=args.max_latency_ratio, flops_ratio=args.flops_ratio,
                                    embeddings=args.embeddings, embedding_ratio=args.embedding_ratio,
                                    embedding_form=args.embedding_form, embedding_rows=args.embedding_rows,
-                                   quantize="int8" if args.int8 else None)
+                                   quantize="int8" if args.int8 else None,
+                                   **({} if args.deploy_rows is None else {"deploy_rows": args.deploy_rows}))
         targets, skipped = _find_targets(model, config)
         if not targets:
             if skipped:  # the selection matched, but every layer in it is skipped: say why, not "no match"
@@ -542,7 +543,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         cost = {k: v for k, v in (("max_latency_ratio", args.max_latency_ratio), ("flops_ratio", args.flops_ratio))
                 if v is not None}
         print("budget: " + ", ".join(f"{k}={v}" for k, v in {**budget, **cost}.items())
-              + f" | num_cores={args.num_cores} | policy={args.policy}")
+              + f" | num_cores={args.num_cores} | policy={args.policy} | deploy_rows={config.deploy_rows}")
 
         max_tokens = min(CALIBRATION_MAX_TOKENS, _max_positions(model.config) or CALIBRATION_MAX_TOKENS)
         table = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
@@ -721,7 +722,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             budget = ", ".join(f"{k}={cfg[k]}" for k in ("param_ratio", "max_bond", "tol", "max_latency_ratio",
                                                           "flops_ratio") if cfg.get(k) is not None)
             _show(f"config: {budget} | num_cores={cfg.get('num_cores')} | allocation={cfg.get('allocation')} | "
-                  f"policy={cfg.get('policy')} | target={cfg.get('target_modules')} | exclude={cfg.get('exclude')}"
+                  f"policy={cfg.get('policy')} | deploy_rows={cfg.get('deploy_rows')} | "
+                  f"target={cfg.get('target_modules')} | exclude={cfg.get('exclude')}"
                   + (f" | quantize={cfg['quantize']}" if cfg.get("quantize") else ""))
     else:
         _show("(no compression report saved: errors unknown)")
@@ -962,6 +964,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "each layer becomes an MPO, a low-rank pair or stays dense (time measured on this machine)")
     cost.add_argument("--flops-ratio", type=number_arg(float, 0, low_open=True, what="flops ratio"), metavar="F",
                       help="the same with FLOPs (deterministic)")
+    p.add_argument("--deploy-rows", type=number_arg(int, 1, what="deploy rows"), metavar="N",
+                   help="rows (tokens) per layer call the time / FLOP budget and --policy auto judge at, e.g. a batch's "
+                        "tokens (default: 128)")
     p.add_argument("--out", metavar="DIR",
                    help="output directory (default: ./bondgate-<model name>); an existing bondgate checkpoint "
                         "there is overwritten, any other non-empty directory is refused")

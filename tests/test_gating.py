@@ -2364,3 +2364,35 @@ def test_set_budget_prices_and_leaves_the_gate_mode(mode):
         for x in data:
             net(x)
     assert average_flops(net) == pytest.approx(got, abs=1e-6) and got == pytest.approx(0.3, abs=0.02)
+
+
+class _ByKeyword(nn.Module):
+    def __init__(self, net, keyword):
+        super().__init__()
+        self.net, self.keyword = net, keyword
+
+    def forward(self, x):
+        if self.keyword:  # nn.Linear.forward(input): valid torch, which some models write
+            return self.net[2](input=torch.relu(self.net[0](input=x)))
+        return self.net[2](torch.relu(self.net[0](x)))
+
+
+def test_gated_layers_called_by_keyword_are_fitted_budgeted_and_run_as_called_by_position():
+    # the calibration passes read positional inputs only ("GatedMPOLinear was called on NoneType"), and the gated
+    # forward took x
+    data = [torch.randn(128, 96, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    coefs, spent, outs = [], [], []
+    for keyword in (True, False):
+        model = _ByKeyword(gate(model_with_mpo(), GatingConfig(controller="error")), keyword)
+        bondgate.fit_controllers(model, data)
+        spent.append(set_budget(model, 0.5, data))
+        coefs.append(model.net[2].controller.coef.detach().clone())
+        model.eval()
+        with torch.no_grad():
+            outs.append([model(data[0]), model(data[0][:1]), model(data[0][:1])])  # the decode step: second call
+    assert torch.equal(coefs[0], coefs[1]) and coefs[0].abs().sum() > 0 and spent[0] == spent[1]
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+    layer, h = model.net[2], torch.relu(model.net[0](data[0]))
+    levels = torch.arange(h.shape[0]) % len(layer.levels)
+    with torch.no_grad():
+        assert torch.equal(layer(input=h, levels=levels), layer(h, levels))

@@ -2316,3 +2316,50 @@ def test_a_param_ratio_below_every_factored_form_names_the_ratio_that_reaches_on
     assert type(model[0]) is nn.Linear
     compress(model, CompressionConfig(param_ratio=0.0118), calibration=calib, progress=False)
     assert 0 < model.bondgate_report.params_after <= 0.0118 * 8192
+
+
+class _ByKeyword(nn.Module):
+    def __init__(self, keyword):
+        super().__init__()
+        self.fc1, self.fc2, self.keyword = nn.Linear(64, 128), nn.Linear(128, 64), keyword
+
+    def forward(self, x):
+        if self.keyword:  # nn.Linear.forward(input): valid torch, which some models write
+            return self.fc2(input=torch.relu(self.fc1(input=x)))
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("calibrate", [False, True])
+@pytest.mark.parametrize("kind", ["mpo", "lowrank"])
+def test_layers_called_by_keyword_compress_and_run_as_called_by_position(kind, calibrate):
+    # the replaced layers' forward took x (TypeError at the first forward), and calibration read positional inputs
+    # only ("Linear was called on NoneType")
+    x = torch.randn(256, 64, generator=torch.Generator().manual_seed(1))
+    outs = []
+    for keyword in (True, False):
+        torch.manual_seed(0)
+        model = _ByKeyword(keyword)
+        compress(model, CompressionConfig(param_ratio=0.3, kinds=(kind,)), calibration=[x] if calibrate else None,
+                 progress=False)
+        assert isinstance(model.fc1, MPOLinear if kind == "mpo" else bondgate.LowRankLinear)
+        outs.append(model(x))
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(model.fc1(input=x[:1]), model.fc1(x[:1]))
+
+
+def test_a_table_called_by_keyword_compresses_and_runs():
+    # nn.Embedding.forward(input) by keyword: calibration read it, then MPOEmbedding.forward took ids only
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(256, 64), nn.Linear(64, 64)
+
+        def forward(self, ids):
+            return self.fc(input=self.emb(input=ids))
+
+    model, ids = Net(), torch.randint(0, 256, (16, 32))
+    compress(model, CompressionConfig(param_ratio=0.5, embeddings=True), calibration=[ids], progress=False)
+    assert type(model.emb).__name__ == "MPOEmbedding"
+    assert torch.equal(model(ids), model.fc(model.emb(ids)))

@@ -246,8 +246,15 @@ def _row_mask(batch, x: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
-def _layer_input(module: nn.Module, inputs: tuple) -> torch.Tensor:
-    x = inputs[0] if inputs else None
+def _layer_input(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    """The tensor ``module`` is called on: its first positional argument, or the keyword naming its forward's first
+    parameter (``linear(input=x)``, valid torch)."""
+    if args:
+        x = args[0]
+    else:
+        first = next(iter(inspect.signature(module.forward).parameters.values()), None)
+        named = first is not None and first.kind in (first.POSITIONAL_OR_KEYWORD, first.KEYWORD_ONLY)
+        x = kwargs.get(first.name) if named else None
     if not isinstance(x, torch.Tensor):  # (the hook runs before the layer, which would refuse it less clearly)
         raise TypeError(f"{type(module).__name__} was called on {type(x).__name__}, not a tensor: check the "
                         f"calibration data (each batch is a tensor, a tuple of positional inputs or a dict)")
@@ -266,16 +273,17 @@ def capture_inputs(model: nn.Module, modules: Mapping[str, nn.Module], data: Ite
     current: dict = {}
 
     def hook_for(name: str) -> Callable:
-        def hook(mod, inputs):
+        def hook(mod, args, kwargs):
             try:
-                on_input(name, mod, _layer_input(mod, inputs), None if current.get("outside") else current.get("batch"))
+                on_input(name, mod, _layer_input(mod, args, kwargs),
+                         None if current.get("outside") else current.get("batch"))
             except Exception as exc:  # bondgate's own message (a table's ids out of range ...): passed on as it is
                 current["own"] = exc
                 raise
 
         return hook
 
-    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in modules.items()]
+    handles = [m.register_forward_pre_hook(hook_for(n), with_kwargs=True) for n, m in modules.items()]
     encoder = _encoder_of(model)
     if encoder is not None:  # the mask describes the encoder's tokens only (a decoder of the same length would match)
         current["outside"] = True

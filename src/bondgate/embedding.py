@@ -435,10 +435,12 @@ class MPOEmbedding(nn.Module):
                                 any(p.requires_grad for p in self.parameters()))
 
     # ------------------------------------------------------------------ forward
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows of the table: integer ``ids`` (``torch.long`` or ``torch.int``) of any shape ``-> (*ids.shape,
-        embedding_dim)`` in the cores' dtype; ids outside ``[0, num_embeddings)`` raise ``IndexError``, float ids
-        ``TypeError``. ``padding_idx`` positions are exact zeros."""
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """Rows of the table: integer ``ids = input`` (by position or keyword, as ``nn.Embedding``'s; ``torch.long``
+        or ``torch.int``) of any shape ``-> (*ids.shape, embedding_dim)`` in the cores' dtype; ids outside
+        ``[0, num_embeddings)`` raise ``IndexError``, float ids ``TypeError``. ``padding_idx`` positions are exact
+        zeros."""
+        ids = input
         if not isinstance(ids, torch.Tensor):
             raise TypeError(f"MPOEmbedding expects a tensor of integer ids, got {type(ids).__name__}")
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:

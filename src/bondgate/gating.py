@@ -796,8 +796,10 @@ class GatedMPOLinear(MPOLinear):
         return ctrl(x2d).to(torch.float64)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
-        """``levels`` (optional, ``(rows,)`` indices into ``self.levels``) overrides the controller."""
+    def forward(self, input: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
+        """``input`` as :meth:`MPOLinear.forward`'s; ``levels`` (optional, ``(rows,)`` indices into ``self.levels``)
+        overrides the controller."""
+        x = input
         # the decode step's short path (see _decode_step); is_compiling first: a tracer must not read the kept state
         if not _IS_COMPILING() and levels is None and (e := self._host.get("decode")) is not None and not _GRAD_ON() \
                 and type(x) is _TENSOR and (y := self._decode_step(x, e)) is not None:

@@ -704,3 +704,32 @@ def test_quantize_mpo_stores_low_rank_pairs_as_int8_two_core_layers(tmp_path):
     alone = LowRankLinear.from_linear(nn.Linear(8, 8), rank=1)
     new = quantize_mpo(alone)  # a model that is a pair: the new layer, in the pair's (training) mode
     assert new is not alone and isinstance(new, MPOLinear) and new.quant == "int8" and new.training
+
+
+def test_quantize_mpo_stores_a_recurrent_layers_pairs_as_int8_too(tmp_path):
+    # the pairs inside a bondgate.Recurrent (the default form of its projections) were skipped in silence: the LSTM's
+    # matrices stayed float32 on disk while compress(quantize="int8") makes them int8
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = nn.LSTM(16, 32), nn.Linear(32, 32)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0])
+
+    x = torch.randn(10, 4, 16)
+    model = bondgate.compress(Net().eval(), bondgate.CompressionConfig(param_ratio=0.6), [x], progress=False)
+    assert isinstance(model.rnn.ih_l0, bondgate.LowRankLinear)
+    with torch.no_grad():
+        before = model(x)
+    bondgate.quantize_mpo(model, "int8")
+    assert all(isinstance(m, MPOLinear) and m.quant == "int8" for m in (model.rnn.ih_l0, model.rnn.hh_l0, model.head))
+    with torch.no_grad():
+        after = model(x)
+    assert 0 < float((after - before).norm() / before.norm()) < 0.02  # the int8 grid, through the LSTM's kernel
+    out = bondgate.save(model, tmp_path / "q")
+    assert load_file(out / "model.safetensors")["rnn.ih_l0.cores.0"].dtype == torch.int8
+    with torch.no_grad():
+        assert torch.equal(bondgate.load(out, model=Net())(x), after)

@@ -339,7 +339,8 @@ def quantize_mpo(model: nn.Module, mode: str | None = "int8") -> nn.Module:
 
 
 def _pairs_as_mpo(model: nn.Module) -> nn.Module:
-    """``model`` with each :class:`~bondgate.LowRankLinear` not inside another bondgate layer replaced, at every name
+    """``model`` with each :class:`~bondgate.LowRankLinear` not inside another bondgate layer (a
+    :class:`~bondgate.Recurrent`'s projections are replaced too) replaced, at every name
     it has, by :meth:`~bondgate.LowRankLinear.to_mpo_linear` (speed policy; hooks and training mode carried); the
     (possibly new) root."""
     from .deploy import _inside, _owners
@@ -351,9 +352,18 @@ def _pairs_as_mpo(model: nn.Module) -> nn.Module:
         new = model.to_mpo_linear().train(model.training)
         carry_hooks(model, new)
         return new
-    owners, names = _owners(model), None
+    from .recurrent import Recurrent
+
+    # a Recurrent's pairs are its projections, which an MPO layer may be (as compress(quantize="int8") makes them)
+    owners = tuple(o for o in _owners(model) if not isinstance(model.get_submodule(o[:-1]) if o else model, Recurrent))
+    names, swapped = None, False
     for name, m in list(model.named_modules()):
         if isinstance(m, LowRankLinear) and not _inside(name, owners):
             names = names or module_names(model)
             swap_module(model, m, names, m.to_mpo_linear())
+            swapped = True
+    if swapped:
+        for m in model.modules():
+            if isinstance(m, Recurrent):  # its kept dense weights were made from the pairs
+                m.refresh()
     return model

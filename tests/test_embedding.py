@@ -679,3 +679,31 @@ def test_a_malformed_spec_is_refused(change):
     assert spec["in_factors"] == [2, 2, 2] and spec["dtype"] == "float32"
     with pytest.raises(ValueError, match="unknown dtype|inconsistent layer spec"):
         MPOEmbedding.from_spec({**spec, **change})
+
+
+def test_the_ratio_a_too_small_embedding_budget_names_counts_the_kept_rows():
+    # the hint asked for "at least 0.0333" when 0.05 was given: it left out the 640 weights of the 20 kept rows
+    import warnings
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.lin = nn.Embedding(500, 32), nn.Linear(32, 32)
+
+        def forward(self, ids):
+            return self.lin(self.emb(ids))
+
+    torch.manual_seed(0)
+    calib = [torch.randint(0, 500, (8, 16)) for _ in range(4)]
+
+    def run(ratio):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return bondgate.compress(Net(), bondgate.CompressionConfig(param_ratio=0.3, embedding_ratio=ratio, embeddings=True,
+                                                              embedding_form="lowrank", embedding_rows=20,
+                                                              target_modules=["emb"]), calib, progress=False)
+
+    with pytest.raises(ValueError, match=r"embedding_ratio=0.05 \(800 of 16,000 weights, 640 of them the kept rows'\) "
+                                         r".*\(532 weights besides the kept rows\): give at least 0.0733"):
+        run(0.05)
+    assert run(0.0733).bondgate_report.layers[0].params_after <= 0.0733 * 16000

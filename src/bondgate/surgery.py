@@ -854,8 +854,11 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
         groups = [(g, r) for g, r in (([w for w in works if not w.is_embedding], config.param_ratio),
                                       ([w for w in works if w.is_embedding], e_ratio)) if g]
 
+        def kept_weights(group: list[_Work]) -> int:  # the exact rows kept from the tables (embedding_rows)
+            return sum(w.kept.numel() * w.shape[1] for w in group if w.kept is not None)
+
         def group_budget(group: list[_Work], ratio: float) -> int:
-            kept = sum(w.kept.numel() * w.shape[1] for w in group if w.kept is not None)
+            kept = kept_weights(group)
             budget = int(ratio * sum(w.numel for w in group)) - kept
             if kept and budget <= 0:
                 raise ValueError(f"embedding_rows={config.embedding_rows} kept rows take the tables' whole budget: "
@@ -886,12 +889,14 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
                 budget = group_budget(group, ratio)
                 floor = sum(min(m.params) for m in gm)
                 if budget < floor:  # (allocate says it in weights; here it is said as the ratio that reaches it)
-                    total = sum(w.numel for w in group)
+                    total, kept = sum(w.numel for w in group), kept_weights(group)
                     name = "embedding_ratio" if group[0].is_embedding and config.embedding_ratio is not None \
                         else "param_ratio"
-                    raise ValueError(f"{name}={ratio:g} ({budget:,} of {total:,} weights) is below the smallest "
-                                     f"factored forms of these layers ({floor:,} weights): give at least "
-                                     f"{_round_up(floor / total):g}")
+                    rows = f", {kept:,} of them the kept rows'" if kept else ""
+                    raise ValueError(f"{name}={ratio:g} ({budget + kept:,} of {total:,} weights{rows}) is below the "
+                                     f"smallest factored forms of these layers ({floor:,} weights"
+                                     f"{' besides the kept rows' if kept else ''}): give at least "
+                                     f"{_round_up((floor + kept) / total):g}")
                 try:
                     picks = allocate(gm, budget, cost_budget)
                 except BudgetConflict as exc:  # each budget alone is within reach, not both as found (never broken)

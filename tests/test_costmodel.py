@@ -189,6 +189,31 @@ def test_compressing_again_at_other_deploy_rows_restates_the_earlier_rows():
     assert [r.time_us is None for r in rep.layers] == [True, True, False]  # times measured at 64 rows are dropped
 
 
+def test_compressing_again_at_other_deploy_rows_passes_rows_that_name_no_module():
+    # an LSTM kept dense is reported by its matrices' names (lstm.weight_ih_l0: a parameter, not a module): restating
+    # those rows raised "Recurrent has no attribute 'weight_ih_l0'" after the second call had changed the model
+    import warnings
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm, self.a = nn.LSTM(1, 1, batch_first=True), nn.Linear(1, 64)
+            self.b, self.c = nn.Linear(64, 64), nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.c(self.b(torch.relu(self.a(self.lstm(x)[0]))))
+
+    torch.manual_seed(0)
+    model = Net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compress(model, CompressionConfig(param_ratio=0.5, calibrate=False, exclude=["c"]), progress=False)
+        compress(model, CompressionConfig(param_ratio=0.5, calibrate=False, deploy_rows=32), progress=False)
+    rep = model.bondgate_report
+    assert rep.flop_rows == 32 and "c" in {r.name for r in rep.layers}
+    assert all(r.flops_dense in (0, 2 * 32 * r.out_features * r.in_features) for r in rep.layers)
+
+
 def test_allocator_respects_both_budgets_and_trades_error_for_cost():
     # two layers with identical spectra; layer 1's entries cost 10x more: the cost budget moves weights to layer 0
     sv = torch.logspace(0, -2, 64)

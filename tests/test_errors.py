@@ -571,7 +571,7 @@ def test_wrong_number_types_are_named_apart_from_values_out_of_range():
 def test_torch_dynamic_int8_models_are_refused_by_save_with_the_way_out(tmp_path):
     # was "state_dict entry '0._packed_params.dtype' is a dtype; bondgate checkpoints hold tensors only"
     model = bondgate.quantize_int8(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)))
-    with pytest.raises(TypeError, match=r"torch's dynamic int8 layers \(0: .*save the float model and quantize after "
+    with pytest.raises(TypeError, match=r"torch's quantized layers \(0: .*save the float model and quantize after "
                                         r"loading, or use compress\(\.\.\., quantize='int8'\)"):
         bondgate.save(model, tmp_path / "q")
     assert not (tmp_path / "q").exists()
@@ -598,8 +598,14 @@ def test_fx_symbolic_trace_is_told_to_use_export_or_compile():
 def test_compress_of_a_model_with_lazy_layers_says_to_run_it_first():
     # torch's "Attempted to use an uninitialized parameter in <method 'dim' ...>", naming no layer
     model = nn.Sequential(nn.LazyLinear(64), nn.ReLU(), nn.Linear(64, 32))
-    with pytest.raises(ValueError, match=r"uninitialized parameters \(0.weight, 0.bias\): .*run the model on one input"):
+    with pytest.raises(ValueError, match=r"compress: 0 is a lazy layer not initialized yet .*run the model on one "
+                                         r"input first, or exclude it"):
         bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5), progress=False)
+    # one the selection leaves out is no obstacle
+    bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5, target_modules=["2"], calibrate=False),
+                      progress=False)
+    assert type(model[0]) is nn.LazyLinear and [r.name for r in model.bondgate_report.layers] == ["2"]
+    model = nn.Sequential(nn.LazyLinear(64), nn.ReLU(), nn.Linear(64, 32))
     model(torch.randn(2, 16))
     bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5), calibration=[torch.randn(256, 16)],
                       progress=False)

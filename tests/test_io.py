@@ -1314,3 +1314,54 @@ def test_a_sequential_with_a_reparametrized_layer_names_it_when_it_cannot_be_reb
     x = torch.randn(4, 64)
     with torch.no_grad():
         assert torch.equal(bondgate.load(out, model=build())(x), model(x))
+
+
+def test_float_models_with_float_functional_save_and_a_mixed_dtype_layer_loads(tmp_path):
+    # the refusal of torch's quantized layers matched FloatFunctional (a float model's quantization stub), and the
+    # load-time dtype check compared a registered layer's first parameter (float32 scales beside bfloat16 weights)
+    from torch.ao.nn.quantized import FloatFunctional
+
+    class Res(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.skip_add = nn.Linear(64, 64), nn.Linear(64, 64), FloatFunctional()
+
+        def forward(self, x):
+            return self.skip_add.add(x, self.fc2(torch.relu(self.fc1(x))))
+
+    torch.manual_seed(0)
+    model = bondgate.compress(Res(), bondgate.CompressionConfig(param_ratio=0.5, calibrate=False), progress=False)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert torch.equal(bondgate.load(bondgate.save(model, tmp_path / "ff"), model=Res())(x), model(x))
+
+    class Scaled(nn.Module):  # float32 scales, bfloat16 bias
+        def __init__(self, n):
+            super().__init__()
+            self.n = n
+            self.scale = nn.Parameter(torch.ones(n), requires_grad=False)
+            self.bias = nn.Parameter(torch.zeros(n, dtype=torch.bfloat16))
+
+        def forward(self, x):
+            return x * self.scale.to(x.dtype) + self.bias
+
+        def spec(self):
+            return {"type": "Scaled", "n": self.n}
+
+        @classmethod
+        def from_spec(cls, spec):
+            return cls(spec["n"])
+
+    bondgate.register_layer_type(Scaled)
+    try:
+        def build():
+            return nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).to(torch.bfloat16)
+
+        mixed = build()
+        mixed[0] = Scaled(16)
+        out = bondgate.save(mixed, tmp_path / "mixed")
+        assert isinstance(bondgate.load(out, model=build())[0], Scaled)
+    finally:
+        from bondgate.io import LAYER_TYPES
+
+        LAYER_TYPES.pop("Scaled", None)

@@ -2347,6 +2347,28 @@ def test_layers_called_by_keyword_compress_and_run_as_called_by_position(kind, c
     assert torch.equal(model.fc1(input=x[:1]), model.fc1(x[:1]))
 
 
+@pytest.mark.parametrize("calibrate", [False, True])
+def test_a_conv1d_called_by_its_own_keyword_compresses_and_runs(calibrate):
+    # transformers' Conv1D.forward(x): renaming the replacements' input to nn.Linear's 'input' broke conv(x=h)
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_fc, self.c_proj = Conv1D(128, 64), Conv1D(64, 128)
+
+        def forward(self, h):
+            return self.c_proj(x=torch.relu(self.c_fc(x=h)))
+
+    torch.manual_seed(0)
+    model, h = Block(), torch.randn(256, 64)
+    compress(model, CompressionConfig(param_ratio=0.5, calibrate=calibrate), calibration=[h] if calibrate else None,
+             progress=False)
+    assert not isinstance(model.c_fc, Conv1D)
+    assert torch.equal(model(h), model.c_proj(torch.relu(model.c_fc(h))))
+
+
 def test_a_table_called_by_keyword_compresses_and_runs():
     # nn.Embedding.forward(input) by keyword: calibration read it, then MPOEmbedding.forward took ids only
     torch.manual_seed(0)

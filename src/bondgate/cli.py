@@ -722,7 +722,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             budget = ", ".join(f"{k}={cfg[k]}" for k in ("param_ratio", "max_bond", "tol", "max_latency_ratio",
                                                           "flops_ratio") if cfg.get(k) is not None)
             _show(f"config: {budget} | num_cores={cfg.get('num_cores')} | allocation={cfg.get('allocation')} | "
-                  f"policy={cfg.get('policy')} | deploy_rows={cfg.get('deploy_rows')} | "
+                  f"policy={cfg.get('policy')} | "
+                  + (f"deploy_rows={cfg['deploy_rows']} | " if cfg.get("deploy_rows") is not None else "") +
                   f"target={cfg.get('target_modules')} | exclude={cfg.get('exclude')}"
                   + (f" | quantize={cfg['quantize']}" if cfg.get("quantize") else ""))
     else:

@@ -796,10 +796,12 @@ class GatedMPOLinear(MPOLinear):
         return ctrl(x2d).to(torch.float64)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, input: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
-        """``input`` as :meth:`MPOLinear.forward`'s; ``levels`` (optional, ``(rows,)`` indices into ``self.levels``)
-        overrides the controller."""
-        x = input
+    def forward(self, input: torch.Tensor | None = None, levels: torch.Tensor | None = None, *,
+                x: torch.Tensor | None = None) -> torch.Tensor:
+        """The input as :meth:`MPOLinear.forward`'s (``input`` or ``x``); ``levels`` (optional, ``(rows,)`` indices
+        into ``self.levels``) overrides the controller."""
+        if x is None:
+            x = input
         # the decode step's short path (see _decode_step); is_compiling first: a tracer must not read the kept state
         if not _IS_COMPILING() and levels is None and (e := self._host.get("decode")) is not None and not _GRAD_ON() \
                 and type(x) is _TENSOR and (y := self._decode_step(x, e)) is not None:

@@ -409,9 +409,6 @@ def _report_dict(model: nn.Module, report: Any) -> dict | None:
     return report
 
 
-_DYNAMIC_INT8 = ("torch.ao.nn.quantized.dynamic", "torch.ao.nn.quantized.modules", "torch.nn.quantized.dynamic")
-
-
 def save(model: nn.Module, directory: str | os.PathLike, *, report: Any = None, tokenizer: Any = None) -> Path:
     """Write ``model`` (compressed or not) to ``directory`` as a bondgate checkpoint; return its path.
 
@@ -438,11 +435,11 @@ def save(model: nn.Module, directory: str | os.PathLike, *, report: Any = None, 
                "deploy_float": "its layers hold dense weights in place of the cores"}[deployed]
         raise TypeError(f"cannot save a {deployed} copy: {why}; save the model it was made from and call {deployed} "
                         f"after loading it")
-    dynamic = next((n for n, m in model.named_modules() if type(m).__module__.startswith(_DYNAMIC_INT8)), None)
-    if dynamic is not None:  # bondgate.quantize_int8 / torch's quantize_dynamic: packed params, not tensors
-        raise TypeError(f"cannot save a model with torch's dynamic int8 layers ({dynamic or 'the model'}: "
-                        f"bondgate.quantize_int8, torch.ao's quantize_dynamic), which are for inference in this "
-                        f"process; save the float model and quantize after loading, or use compress(..., "
+    packed = next((n for n, m in model.named_modules() if "_packed_params" in m._modules), None)
+    if packed is not None:  # bondgate.quantize_int8 / torch.ao quantization: packed params, not tensors
+        raise TypeError(f"cannot save a model with torch's quantized layers ({packed or 'the model'}: "
+                        f"bondgate.quantize_int8, torch.ao's quantize_dynamic or convert), which are for inference in "
+                        f"this process; save the float model and quantize after loading, or use compress(..., "
                         f"quantize='int8') for int8 weights on disk")
     directory = Path(directory)
     _no_meta_tensors(model, "save")
@@ -1174,8 +1171,11 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *,
 
         for name in new:
             old = model.get_submodule(name)
-            was, now = _floating_dtype_of(old), _floating_dtype_of(new[name])
-            if was is not None and now is not None and was != now:  # (a kept dense tensor is checked by _validate)
+            was, now = _floating_dtypes(old), _floating_dtypes(new[name])
+            # (a kept dense tensor is checked by _validate; a layer of several floating dtypes, e.g. float32 scales
+            # beside bfloat16 weights, is left to the tensors' own checks)
+            if len(was) == len(now) == 1 and was != now:
+                (was,), (now,) = was, now
                 raise ValueError(f"dtype mismatch for {name!r}: checkpoint has {now}, model has {was} "
                                  f"({type(old).__name__}): load into a model of the checkpoint's dtypes and cast it "
                                  f"after, or load without model= and pass dtype=")
@@ -1224,12 +1224,10 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *,
     return model.eval() if built else given.eval()
 
 
-def _floating_dtype_of(module: nn.Module) -> torch.dtype | None:
-    """The dtype of ``module``'s first floating parameter (None: it has none, or they are not materialized yet)."""
-    for p in module.parameters():
-        if not isinstance(p, nn.parameter.UninitializedParameter) and p.is_floating_point():
-            return p.dtype
-    return None
+def _floating_dtypes(module: nn.Module) -> set[torch.dtype]:
+    """The dtypes of ``module``'s floating parameters (lazy ones, not materialized yet, left out)."""
+    return {p.dtype for p in module.parameters()
+            if not isinstance(p, nn.parameter.UninitializedParameter) and p.is_floating_point()}
 
 
 def _attach_report(model: nn.Module, report: Any) -> None:

@@ -975,12 +975,13 @@ class MPOLinear(nn.Module):
         return [f if f.shape == c.shape else f[: c.shape[0], :, :, : c.shape[3]] for f, c in zip(full, cores)]
 
     # ------------------------------------------------------------------ forward
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        """``x @ W.T + b`` of ``x = input`` (by position or keyword, as ``nn.Linear``'s): ``(*, in_features) ->
-        (*, out_features)`` (a nested tensor too). ``x`` must have the cores' dtype (``TypeError`` otherwise); inside
-        ``torch.autocast`` the contraction runs in the cores' dtype and the output has autocast's dtype (a float64
-        input is not cast: it needs float64 cores)."""
-        x = input
+    def forward(self, input: torch.Tensor | None = None, *, x: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ W.T + b``: ``(*, in_features) -> (*, out_features)`` (a nested tensor too), the input by position or
+        by the keyword of the layer it replaces (``input``, as ``nn.Linear``'s; ``x``, as transformers' ``Conv1D``'s).
+        ``x`` must have the cores' dtype (``TypeError`` otherwise); inside ``torch.autocast`` the contraction runs in
+        the cores' dtype and the output has autocast's dtype (a float64 input is not cast: it needs float64 cores)."""
+        if x is None:
+            x = input
         # Hot path: every line here runs per call (a B=1 GEMV takes ~10 us), so no reshapes of 2-D
         # inputs, no planning after the first call per row bucket, and dtype errors are diagnosed
         # only when the kernel raises. First the shortest path: inference with speed mode's kept dense weight (a

@@ -244,11 +244,12 @@ class LowRankLinear(nn.Module):
                 new.requires_grad_(own.requires_grad)
         return layer
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        """``(x @ V.T) @ U.T + b`` of ``x = input`` (by position or keyword, as ``nn.Linear``'s): ``(*, in_features) ->
-        (*, out_features)``, with ``nn.Linear``'s dtype rules (``x`` must have the factors' dtype; under
-        ``torch.autocast`` the output has autocast's dtype)."""
-        x = input
+    def forward(self, input: torch.Tensor | None = None, *, x: torch.Tensor | None = None) -> torch.Tensor:
+        """``(x @ V.T) @ U.T + b``: ``(*, in_features) -> (*, out_features)``, the input by position or by keyword
+        (``input`` or ``x``, as :meth:`bondgate.MPOLinear.forward`), with ``nn.Linear``'s dtype rules (``x`` must have
+        the factors' dtype; under ``torch.autocast`` the output has autocast's dtype)."""
+        if x is None:
+            x = input
         try:
             return nn.functional.linear(nn.functional.linear(x, self.V), self.U, self.bias)
         except (RuntimeError, TypeError):

@@ -468,10 +468,6 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str,
     Layers whose class has a forward of its own, layers with a parametrized weight (``weight_norm``,
     ``spectral_norm``) or bias, layers pruned by ``torch.nn.utils.prune`` (before ``prune.remove``), and ``nn.MultiheadAttention``'s ``out_proj`` (whose weight the attention reads directly)
     are skipped with a warning. A replaced layer's forward and backward hooks go to its replacement."""
-    lazy = [n for n, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
-    if lazy:  # (every read of their shape raises torch's generic "uninitialized parameter" error, naming none)
-        raise ValueError(f"compress: the model has uninitialized parameters ({_short_list(lazy, 3)}): a lazy layer "
-                         f"(nn.LazyLinear) learns its sizes at its first call; run the model on one input first")
     adapters = [n for n, m in model.named_modules() if _is_peft_layer(m)]
     if adapters:
         raise ValueError(f"compress: the model has PEFT adapter layers ({', '.join(adapters[:3])}"
@@ -525,6 +521,9 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str,
             warn_user(f"compress: skipping {name}: {why}")
             continue
         w = mod.weight
+        if isinstance(w, nn.parameter.UninitializedParameter):  # (its dim() raises torch's error, naming no layer)
+            raise ValueError(f"compress: {name} is a lazy layer not initialized yet (nn.LazyLinear learns its sizes at "
+                             f"its first call): run the model on one input first, or exclude it")
         if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.dim() != 2:
             skipped[name] = f"weight is not a floating-point matrix ({type(w).__name__})"
             continue
@@ -599,7 +598,8 @@ def _warn_fused(model: nn.Module, config: CompressionConfig) -> None:
              and (config.target_modules is None or _matches(n, config.target_modules))
              and not _matches(n, config.exclude)
              for p, t in m._parameters.items()
-             if t is not None and t.dim() == 3 and min(t.shape) > 1 and t.is_floating_point()]
+             if t is not None and not isinstance(t, nn.parameter.UninitializedParameter) and t.dim() == 3
+             and min(t.shape) > 1 and t.is_floating_point()]
     if fused:
         warn_user(f"compress: {len(fused)} weight(s) are 3-D parameters, not linear layers ({_short_list(fused, 3)}: "
                   f"fused experts of a mixture-of-experts model?): compress does not factor them, they stay dense and "
@@ -1201,7 +1201,10 @@ def _price(menu: LayerMenu, w: _Work, config: CompressionConfig, times: KindTime
 def _at_rows(row: LayerReport, model: nn.Module, was: int, rows: int) -> None:
     """A report row from an earlier :func:`compress` at ``was`` rows, restated at ``rows``: its FLOPs recounted (an MPO
     layer's by its plan at ``rows``; the others are linear in the rows), its times dropped (measured at ``was``)."""
-    mod = model.get_submodule(row.name) if row.name else model
+    try:
+        mod = model.get_submodule(row.name) if row.name else model
+    except AttributeError:  # a name that is no module any more (an LSTM's matrix, handed back to torch's layer)
+        mod = None
     scale = (lambda f: f // was * rows)  # noqa: E731 - 2 * was * ... divides exactly
     row.flops_mpo = mod.flops(rows) if isinstance(mod, MPOLinear) and row.flops_mpo else scale(row.flops_mpo)
     row.flops_dense = scale(row.flops_dense)

@@ -32,14 +32,15 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import banner, machine_info, time_interleaved  # noqa: E402
 
 import bondgate  # noqa: E402
+from bondgate.cli import number_arg  # noqa: E402
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dim", type=int, default=2048)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=9)
-    args = ap.parse_args()
+    ap.add_argument("--dim", type=number_arg(int, 16, what="dim"), default=2048, help="the layer's width (default 2048)")
+    ap.add_argument("--threads", type=number_arg(int, 1, what="threads"), default=2)
+    ap.add_argument("--rounds", type=number_arg(int, 1, what="rounds"), default=9)
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(banner(machine_info()))
     torch.manual_seed(0)

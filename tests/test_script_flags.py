@@ -24,7 +24,7 @@ SCRIPTS = ["examples/gpt2_compress.py", "examples/gpt2_wikitext.py", "examples/m
            "benchmarks/frontier.py", "benchmarks/gating.py", "benchmarks/gating_fidelity.py", "benchmarks/kernel.py",
            "benchmarks/llama_decode.py", "benchmarks/minilm_speed.py", "benchmarks/stories_anneal.py",
            "benchmarks/stories_prune_heal.py", "examples/stories_compress.py", "benchmarks/minilm_int8_spread.py",
-           "benchmarks/compress_cost.py", "benchmarks/call_overhead.py"]
+           "benchmarks/compress_cost.py", "benchmarks/call_overhead.py", "benchmarks/gated_call.py"]
 NO_ARGV = {"benchmarks/decision_sampling.py", "benchmarks/kernel.py", "benchmarks/llama_decode.py"}
 
 #: (script, argv, the flag the error must name)
@@ -69,6 +69,8 @@ BAD = [
     ("benchmarks/gating_fidelity.py", ["--checkpoint", "x", "--calib-sentences", "0"], "--calib-sentences"),
     ("benchmarks/kernel.py", ["--rounds", "0"], "--rounds"),
     ("benchmarks/call_overhead.py", ["--threads", "0"], "--threads"),
+    ("benchmarks/gated_call.py", ["--dim", "8"], "--dim"),
+    ("benchmarks/gated_call.py", ["--rounds", "0"], "--rounds"),
     ("benchmarks/llama_decode.py", ["--budget", "0.5", "1.5"], "--budget"),
     ("benchmarks/minilm_speed.py", ["--batches", "1", "0"], "--batches"),
     ("benchmarks/minilm_speed.py", ["--ratio", "-0.5"], "--ratio"),

@@ -247,16 +247,10 @@ def _row_mask(batch, x: torch.Tensor) -> torch.Tensor | None:
 
 
 def _layer_input(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-    """The tensor ``module`` is called on: its first positional argument, or the keyword naming its forward's first
-    parameter (``linear(input=x)``, valid torch)."""
-    if args:
-        x = args[0]
-    else:
-        first = next(iter(inspect.signature(module.forward).parameters.values()), None)
-        named = first is not None and first.kind in (first.POSITIONAL_OR_KEYWORD, first.KEYWORD_ONLY)
-        x = kwargs.get(first.name) if named else None
-        if x is None:  # a replacement called by the keyword of the layer it replaced (Conv1D's x, nn.Linear's input)
-            x = kwargs.get("input", kwargs.get("x"))
+    """The tensor ``module`` is called on: its first positional argument, or its input by keyword (``linear(input=x)``,
+    valid torch: ``input`` for nn.Linear / nn.Embedding / torch's recurrent layers and bondgate's, ``x`` for
+    transformers' Conv1D, which bondgate's layers take too)."""
+    x = args[0] if args else kwargs.get("input", kwargs.get("x"))
     if not isinstance(x, torch.Tensor):  # (the hook runs before the layer, which would refuse it less clearly)
         raise TypeError(f"{type(module).__name__} was called on {type(x).__name__}, not a tensor: check the "
                         f"calibration data (each batch is a tensor, a tuple of positional inputs or a dict)")

@@ -144,10 +144,11 @@ def _check(model: nn.Module, rows: int | None) -> int | None:
     return rows
 
 
-def _owners(model: nn.Module) -> tuple[str, ...]:
-    """The name prefixes of the bondgate layers in ``model`` whose submodules are theirs to run (a gated layer's
-    controller reads its weight, a Recurrent's projections feed torch's fused kernel): ``""`` for the model itself."""
-    return tuple(n and n + "." for n, m in model.named_modules() if isinstance(m, (MPOLinear, LowRankLinear, Recurrent)))
+def _owners(model: nn.Module, kinds: tuple[type, ...] = (MPOLinear, LowRankLinear, Recurrent)) -> tuple[str, ...]:
+    """The name prefixes of the bondgate layers (of ``kinds``) in ``model`` whose submodules are theirs to run (a gated
+    layer's controller reads its weight, a Recurrent's projections feed torch's fused kernel): ``""`` for the model
+    itself."""
+    return tuple(n and n + "." for n, m in model.named_modules() if isinstance(m, kinds))
 
 
 def _mark(copy_: nn.Module, layers: list[nn.Module], how: str) -> None:

@@ -41,12 +41,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils.prune import BasePruningMethod
-from torch.nn.utils.spectral_norm import SpectralNorm
-from torch.nn.utils.weight_norm import WeightNorm
 
 from ._warn import warn_user
-from .layer import MPOLinear, freeze_like, outside_inference_mode, trains
+from .layer import MPOLinear, freeze_like, outside_inference_mode, reparametrizing_hook, trains
 from .quant import SCALE_SUFFIX, master_state, scale_problem
 
 __all__ = [
@@ -231,9 +228,6 @@ def _seq_args(mod: nn.Module, kind: str) -> dict[str, Any]:
     return {arg: getattr(mod, arg) for arg, _, _ in _SEQ_LAYERS[kind][1]}
 
 
-_REPARAMETRIZING = (WeightNorm, SpectralNorm, BasePruningMethod)
-
-
 def _describe_sequential(model: nn.Module, layer_names: set[str], why: list[str] | None = None) -> dict | None:
     """JSON description of a plain ``nn.Sequential`` tree, or ``None`` if it holds anything else (what, into
     ``why``)."""
@@ -247,7 +241,7 @@ def _describe_sequential(model: nn.Module, layer_names: set[str], why: list[str]
         if path in layer_names:
             return {"type": "bondgate"}
         kind = type(mod).__name__
-        if any(isinstance(h, _REPARAMETRIZING) for h in mod._forward_pre_hooks.values()):  # its keys are not a Linear's
+        if reparametrizing_hook(mod) is not None:  # its state dict's keys are not a plain layer's
             why.append(f"{path} is reparametrized by a hook (weight_norm, spectral_norm or prune)")
             return None
         if type(mod) is nn.Sequential:

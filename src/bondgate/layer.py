@@ -20,6 +20,9 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 from torch.autograd.graph import increment_version
+from torch.nn.utils.prune import BasePruningMethod
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils._python_dispatch import _disable_current_modes
 
@@ -123,6 +126,14 @@ def carry_hooks(old: nn.Module, new: nn.Module) -> None:
     for name in _HOOK_DICTS:
         object.__setattr__(new, name, getattr(old, name))
     object.__setattr__(new, "_is_full_backward_hook", old._is_full_backward_hook)
+
+
+def reparametrizing_hook(module: nn.Module) -> object | None:
+    """The hook of a torch reparametrization in the old, hook style on ``module`` (``weight_norm``, ``spectral_norm``,
+    ``prune`` before ``prune.remove``), if any: its weight is then rebuilt from other tensors (``weight_g`` /
+    ``weight_v``, ``weight_orig`` x ``weight_mask``) before every call."""
+    return next((h for h in module._forward_pre_hooks.values()
+                 if isinstance(h, (WeightNorm, SpectralNorm, BasePruningMethod))), None)
 
 
 def nested_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -344,7 +344,7 @@ def _pairs_as_mpo(model: nn.Module) -> nn.Module:
     it has, by :meth:`~bondgate.LowRankLinear.to_mpo_linear` (speed policy; hooks and training mode carried); the
     (possibly new) root."""
     from .deploy import _inside, _owners
-    from .layer import carry_hooks
+    from .layer import MPOLinear, carry_hooks
     from .lowrank import LowRankLinear
     from .surgery import module_names, swap_module
 
@@ -355,7 +355,7 @@ def _pairs_as_mpo(model: nn.Module) -> nn.Module:
     from .recurrent import Recurrent
 
     # a Recurrent's pairs are its projections, which an MPO layer may be (as compress(quantize="int8") makes them)
-    owners = tuple(o for o in _owners(model) if not isinstance(model.get_submodule(o[:-1]) if o else model, Recurrent))
+    owners = _owners(model, (MPOLinear, LowRankLinear))
     names, swapped = None, False
     for name, m in list(model.named_modules()):
         if isinstance(m, LowRankLinear) and not _inside(name, owners):

@@ -26,8 +26,6 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from torch import nn
 from torch.nn.utils.prune import BasePruningMethod
-from torch.nn.utils.spectral_norm import SpectralNorm
-from torch.nn.utils.weight_norm import WeightNorm
 
 from ._checks import number
 from ._warn import warn_user
@@ -68,7 +66,15 @@ from .costmodel import (
 )
 from .embedding import MPOEmbedding, most_frequent, row_weight_legs, table_factors, table_mpo, table_target
 from .factors import choose_factors, factorize_shape
-from .layer import MPOLinear, carry_hooks, freeze_like, outside_inference_mode, overrides_forward, trains
+from .layer import (
+    MPOLinear,
+    carry_hooks,
+    freeze_like,
+    outside_inference_mode,
+    overrides_forward,
+    reparametrizing_hook,
+    trains,
+)
 from .lowrank import LowRankLinear, rank_cores
 from .mpo import MPO
 from .planner import MAX_CORES, PlanPolicy
@@ -495,17 +501,16 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str,
             continue
         if _matches(name, config.exclude) or (parent is not None and _matches(parent, config.exclude)):
             continue
-        why = None
+        why, hook = None, reparametrizing_hook(mod)
         bad = [a for a in ("max_norm", "sparse", "scale_grad_by_freq") if getattr(mod, a)] if emb else []
         if bad:
             why = f"an MPO table cannot do {', '.join(bad)}"
         elif id(mod) in read_directly:
             why = "nn.MultiheadAttention reads out_proj.weight directly, so an MPO layer cannot replace it"
-        elif any(isinstance(h, BasePruningMethod) for h in mod._forward_pre_hooks.values()):
+        elif isinstance(hook, BasePruningMethod):
             why = ("it is pruned by torch.nn.utils.prune, whose hook an MPO layer cannot run (it has no weight_mask): "
                    "make the pruning permanent first (prune.remove(module, 'weight')) to compress the layer")
-        elif nn.utils.parametrize.is_parametrized(mod, "weight") or any(
-                isinstance(h, (WeightNorm, SpectralNorm)) for h in mod._forward_pre_hooks.values()):  # old-style
+        elif nn.utils.parametrize.is_parametrized(mod, "weight") or hook is not None:  # (hook: the old style)
             why = ("its weight is parametrized (weight_norm, spectral_norm ...): an MPO layer would drop the "
                    "constraint; remove it first (nn.utils.parametrize.remove_parametrizations) to compress the layer")
         elif nn.utils.parametrize.is_parametrized(mod):

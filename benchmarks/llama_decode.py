@@ -196,7 +196,8 @@ def main() -> None:
     ap.add_argument("--no-head", dest="head", action="store_false", help="leave the LM head dense")
     ap.add_argument("--allocation", choices=["uniform", "global"], default="uniform")
     ap.add_argument("--kinds", nargs="+", choices=["mpo", "lowrank"], default=None,
-                    help="CompressionConfig.kinds (forms a layer may take; needs --allocation global)")
+                    help="CompressionConfig.kinds (forms a layer may take; --allocation uniform takes one form, global "
+                    "chooses between them)")
     ap.add_argument("--max-latency-ratio", type=number_arg(float, 0, low_open=True, what="max-latency-ratio"),
                     default=None,
                     help="CompressionConfig.max_latency_ratio at deploy_rows = the largest batch (needs global)")

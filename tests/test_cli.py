@@ -758,8 +758,15 @@ def _fake_latency(calls: list):
     (["compress", "--tol", "1"], "argument --tol: tol must lie in [0, 1), got 1"),  # open at 1
     (["compress", "--max-latency-ratio", "inf"], "max latency ratio must be finite"),
     (["compress", "--embedding-rows", "5"], "--embedding-rows needs --embeddings"),  # (found before any loading)
+    # flags the library's CompressionConfig refuses together: usage errors too, found before any loading (were exit
+    # code 1, after the model had loaded)
+    (["compress", "--max-bond", "8", "--kinds", "lowrank"], "forms other than 'mpo' need a --ratio budget"),
+    (["compress", "--max-bond", "8", "--flops-ratio", "0.5"], "--max-latency-ratio / --flops-ratio need --ratio"),
+    (["compress", "--max-bond", "8", "--embeddings", "--embedding-ratio", "0.1"],
+     "--embedding-ratio needs a --ratio budget"),
 ])
-def test_flag_boundaries_are_usage_errors(argv, message, capsys):
+def test_flag_boundaries_are_usage_errors(argv, message, capsys, monkeypatch):
+    _no_loading(monkeypatch)
     assert main(argv) == 2
     captured = capsys.readouterr()
     lines = captured.err.splitlines()
@@ -966,7 +973,7 @@ def test_compress_kinds_flag(tiny_dir, tmp_path):
     assert read_metadata(out)["report"]["config"]["kinds"] == ["mpo"]
     code, _, stderr = run(["compress", "--model", str(tiny_dir), "--max-bond", "4", "--kinds", "lowrank",
                            "--out", str(tmp_path / "bad")])
-    assert code == 1 and "--kinds ('lowrank',): forms other than 'mpo' need a --ratio budget" in stderr, stderr
+    assert code == 2 and "--kinds ('lowrank',): forms other than 'mpo' need a --ratio budget" in stderr, stderr
 
 
 def test_speed_ratios_that_round_to_one_read_as_fast():

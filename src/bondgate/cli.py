@@ -500,12 +500,23 @@ def cmd_compress(args: argparse.Namespace) -> int:
     budget = ({"param_ratio": args.ratio} if args.ratio is not None else
               {"max_bond": args.max_bond} if args.max_bond is not None else
               {"tol": args.tol} if args.tol is not None else {"param_ratio": 0.5})
+    from .surgery import CompressionConfig, compress
+
+    settings = dict(**budget, num_cores=args.num_cores, policy=args.policy, kinds=args.kinds,
+                    max_latency_ratio=args.max_latency_ratio, flops_ratio=args.flops_ratio,
+                    embeddings=args.embeddings, embedding_ratio=args.embedding_ratio,
+                    embedding_form=args.embedding_form, embedding_rows=args.embedding_rows,
+                    quantize="int8" if args.int8 else None,
+                    **({} if args.deploy_rows is None else {"deploy_rows": args.deploy_rows}))
+    try:  # flags that do not go together (e.g. --kinds lowrank with --max-bond): a usage error, before any loading
+        CompressionConfig(**settings)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(_as_flags(str(exc))) from None
 
     with _torch_threads(args.threads):
         _transformers()
         from .baselines import paired_latency, size_on_disk
         from .io import save_pretrained
-        from .surgery import CompressionConfig, compress
 
         print(_versions_line())
         model = _load_dense(model_dir)
@@ -520,13 +531,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                 target = [*_find_targets(model, CompressionConfig(param_ratio=1.0))[0], table_name]
             else:
                 target = f"(?:{target})|{re.escape(table_name)}"
-        config = CompressionConfig(**budget, target_modules=target, exclude=args.exclude,
-                                   num_cores=args.num_cores, policy=args.policy, kinds=args.kinds,
-                                   max_latency_ratio=args.max_latency_ratio, flops_ratio=args.flops_ratio,
-                                   embeddings=args.embeddings, embedding_ratio=args.embedding_ratio,
-                                   embedding_form=args.embedding_form, embedding_rows=args.embedding_rows,
-                                   quantize="int8" if args.int8 else None,
-                                   **({} if args.deploy_rows is None else {"deploy_rows": args.deploy_rows}))
+        config = CompressionConfig(**settings, target_modules=target, exclude=args.exclude)
         targets, skipped = _find_targets(model, config)
         if not targets:
             if skipped:  # the selection matched, but every layer in it is skipped: say why, not "no match"
@@ -952,19 +957,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "(not for a table tied to the LM head)")
     p.add_argument("--int8", action="store_true",
                    help="int8 MPO cores and low-rank factors, and int8 weights for the layers the budget keeps dense "
-                        "(about 4x fewer bytes)")
+                        "(3.5-3.9x fewer bytes than float32, scales included)")
     p.add_argument("--policy", choices=("auto", "memory", "speed"), default="auto",
-                   help="kernel policy of the MPO layers: memory (never hold more than the cores), speed (may cache "
-                        "pre-contracted cores, up to the dense weight, at inference) or auto (speed for the layers, a "
-                        "tied MPO LM head included, whose factored kernels are slower than dense, so that those "
-                        "layers are never slower; a compressed table's lookups cost more than a dense table's; "
-                        "default)")
+                   help="kernel policy of the MPO layers: memory (no pre-contracted cores; the cores may be kept "
+                        "a second time in the sweep's layout), speed (may cache pre-contracted cores, up to the dense "
+                        "weight, at inference) or auto (speed for the layers, a tied MPO LM head included, whose "
+                        "factored kernels are slower than dense at 1 row or at --deploy-rows, as timed on this "
+                        "machine; other row counts can still be slower; a compressed table's lookups cost more than "
+                        "a dense table's; default)")
     cost = p.add_mutually_exclusive_group()
     cost.add_argument("--max-latency-ratio", type=number_arg(float, 0, low_open=True, what="max latency ratio"),
-                      metavar="L", help="also keep the compressed layers' predicted time per call within L x dense: "
+                      metavar="L", help="with --ratio: also keep the compressed layers' predicted time per call within L x dense: "
                       "each layer becomes an MPO, a low-rank pair or stays dense (time measured on this machine)")
     cost.add_argument("--flops-ratio", type=number_arg(float, 0, low_open=True, what="flops ratio"), metavar="F",
-                      help="the same with FLOPs (deterministic)")
+                      help="with --ratio: the same with FLOPs (deterministic)")
     p.add_argument("--deploy-rows", type=number_arg(int, 1, what="deploy rows"), metavar="N",
                    help="rows (tokens) per layer call the time / FLOP budget and --policy auto judge at, e.g. a batch's "
                         "tokens (default: 128)")

@@ -69,7 +69,8 @@ class DistillLoss:
     temperature: the ``T`` of the ``logits`` term (default 2.0; must be > 0).
 
     Padding: a batch's masks are read when it is a dict, or a tuple bound to the model's arguments by :func:`distill`
-    (``(input_ids, attention_mask)``).
+    (``(input_ids, attention_mask)`` for a model whose second positional argument is the mask, as BERT's; a tuple is
+    passed positionally, so for GPT-2, whose second argument is ``past_key_values``, give dict batches).
 
     A loss of your own passed to :func:`distill` is called as ``loss(student_out, teacher_out, batch)`` and returns
     ``(total, {term: float})``: the scalar tensor to minimize and the values to log; give it a ``wants_hidden()``

@@ -12,8 +12,9 @@ Policy (used whenever the caller gives no factors):
    multiplies a core's size by that prime. The padded input columns only ever see zeros (the input is
    zero-padded) and the padded output rows are sliced off, so nothing padded reaches an output.
 3. Order: input factors descending, output factors ascending. For a left-to-right contraction the
-   cost of core k is proportional to ``r_{k-1} r_k / (prod_{i<k} m_i * prod_{i>k} n_i)`` (see
-   ``prior-art.md`` C1), so large input legs first and large output legs last keep the middle cores,
+   cost of core k is proportional to ``r_{k-1} r_k / (prod_{i<k} m_i * prod_{i>k} n_i)`` (the FLOP
+   law of a left-to-right sweep: core k meets the row's input legs not yet contracted and the output
+   legs made so far), so large input legs first and large output legs last keep the middle cores,
    where the bonds are widest, cheap; it also keeps ``m_k * n_k`` balanced, which keeps the maximal
    bond ranks balanced.
 """

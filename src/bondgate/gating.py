@@ -1637,7 +1637,8 @@ def average_flops(model: nn.Module, reset: bool = False) -> float:
 def gating_report(model: nn.Module, reset: bool = False) -> list[dict]:
     """Per gated layer: level histogram (fraction of rows since the last reset), average FLOPs per row
     vs full width, the controller's cost as a fraction of the layer's full-width FLOPs, ``lambda`` (its
-    current value) and ``track`` (the gain of its online price correction, 0 if the price is fixed)."""
+    current value) and ``track`` (the gain of its online price correction, 0 if the price is fixed). Only calls
+    in eval mode are counted: a model still in training mode reports ``rows`` 0 and a NaN fraction."""
     rows = []
     for n, m in _gated_layers(model):
         counts = m.flush_counts().clone()

@@ -649,6 +649,40 @@ def test_route_with_max_groups_is_the_best_subset_of_levels():
     assert torch.equal(route(obj[:2], max_groups=2), obj[:2].argmin(-1))  # fewer rows than groups: free
 
 
+def test_route_searches_beyond_the_enumeration_limit():
+    """16 levels and max_groups=8 (12,870 subsets: enumerating them took ~15 ms a 32-row call): a swap search instead,
+    at most k levels, within 2% of the best subset's total on these objectives (error falling with the level, a
+    price rising with it) and never worse than the k levels best on their own; at most EXACT_SUBSETS: exact."""
+    import itertools
+
+    from bondgate.gating import EXACT_SUBSETS, _subsets, route
+
+    assert math.comb(16, 4) <= EXACT_SUBSETS < math.comb(16, 8)
+    gen = torch.Generator().manual_seed(4)
+    lv = torch.linspace(1 / 16, 1, 16, dtype=torch.float64)
+    gaps = []
+    for trial in range(12):
+        scale = torch.rand(48, 1, generator=gen, dtype=torch.float64) * 3
+        noise = torch.rand(48, 16, generator=gen, dtype=torch.float64) * 0.2 + 0.9
+        obj = scale * (1 - lv) ** 2 * noise + 0.5 * lv
+        obj[trial % 48] = float("nan")  # a NaN row (a NaN input): left out of the totals, as the exact search does
+        k = (5, 6, 8)[trial % 3]
+        got = route(obj, max_groups=k)
+        assert len(set(got.tolist())) <= k and got.shape == (48,)
+        fin = obj.nan_to_num(0.0)
+        total = float(fin.gather(1, got[:, None]).sum())
+        subsets = _subsets(16, k)
+        best = float(fin[:, subsets].amin(-1).sum(0).min())
+        top = fin.sum(0).topk(k, largest=False).indices
+        assert best * (1 - 1e-12) <= total <= float(fin[:, top].amin(1).sum()) * (1 + 1e-12)
+        gaps.append(total / best - 1)
+    assert max(gaps) < 0.02 and sorted(gaps)[len(gaps) // 2] < 1e-9, gaps  # mostly the best subset itself
+    small = torch.rand(40, 8, generator=gen, dtype=torch.float64)  # C(8, 4) = 70: the exact enumeration
+    total = float(small.gather(1, route(small, max_groups=4)[:, None]).sum())
+    assert total == pytest.approx(min(float(small[:, list(c)].min(-1).values.sum())
+                                      for c in itertools.combinations(range(8), 4)), rel=1e-12)
+
+
 @pytest.mark.parametrize("kind", ["linear", "error"])
 def test_max_groups_limits_levels_per_call_and_keeps_the_budget(tmp_path, kind):
     gen = torch.Generator().manual_seed(2)

@@ -495,6 +495,42 @@ def test_no_rows_and_bad_calibration_data(kind):
             bondgate.set_mode(net, bad)
 
 
+def test_one_level_is_refused_and_levels_of_one_width_are_named():
+    """``levels=(1.0,)`` gated (a controller for nothing; set_budget then warned of unfitted controllers and an
+    unreachable budget); levels that round to the same widths on narrow bonds were accepted in silence."""
+    with pytest.raises(ValueError, match=r"at least two levels.*set_mode\(model, 0.5\)"):
+        GatingConfig(levels=(0.5,))
+    net = nn.Sequential(MPOLinear.from_linear(nn.Linear(64, 64), max_bond=2, num_cores=3))
+    with pytest.warns(UserWarning, match=r"same bond widths on 1 layer\(s\) \(0 \(bonds \(2, 2\)\)\)"):
+        gate(net, GatingConfig(levels=(0.01, 0.02, 1.0)))
+    assert net[0].level_widths == [(1, 1), (1, 1), (2, 2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gate(nn.Sequential(MPOLinear.from_linear(nn.Linear(64, 64), max_bond=8, num_cores=3)), GatingConfig())
+
+
+def test_a_mode_assigned_directly_is_checked_as_set_mode_checks_it(tmp_path):
+    """``layer.mode = 1`` routed rows by the controller (an int is neither a fraction nor a name; saved as 1, loaded
+    as 1.0: the loaded model ran full width, 0.6 off), and ``"Full"`` saved a checkpoint load refused."""
+    net = gate(model_with_mpo(), GatingConfig(controller="error"))
+    layer = net[2]
+    layer.mode = 1
+    assert layer.mode == 1.0 and isinstance(layer.mode, float)
+    net.eval()
+    x = torch.randn(16, 96)
+    with torch.no_grad():
+        y = net(x)
+        set_mode(net, "full")
+        assert torch.equal(y, net(x))
+        layer.mode = 1
+        back = bondgate.load(bondgate.save(net, tmp_path / "m"))
+        assert back[2].mode == 1.0 and torch.equal(back(x), y)
+    for bad in ("Full", 0, 2, True, None):
+        with pytest.raises((ValueError, TypeError), match="mode"):
+            layer.mode = bad
+    assert layer.mode == 1.0  # a refused assignment leaves it as it was
+
+
 @pytest.mark.parametrize("rows", [3, 100])
 def test_data_of_the_wrong_width_is_refused_by_the_layer_not_a_reshape(rows):
     # 3 x 47 is no multiple of 48: the capture hooks' reshape raised "shape '[-1, 48]' is invalid for input of size

@@ -141,6 +141,9 @@ class GatingConfig:
                    for v in raw)
         if any(b <= a for a, b in zip(lv, lv[1:])):
             raise ValueError(f"levels must be strictly increasing (sorted, no duplicates), got {lv}")
+        if len(lv) < 2:  # nothing to choose: a controller would cost FLOPs, and set_budget could never move
+            raise ValueError(f"levels={lv}: gating chooses between at least two levels; one fixed width is the "
+                             f"static truncation, bondgate.set_mode(model, {lv[0]:g}) on a gated model")
         self.levels = lv
         self.temperature = number(self.temperature, "temperature", low=0, low_open=True)
         self.penalty = number(self.penalty, "penalty", low=0)
@@ -591,6 +594,11 @@ class GatedMPOLinear(MPOLinear):
                      "cost_rows": self.cost_rows,
                      "track": None if self._tracker is None else self._tracker.spec()})
         return spec
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "mode":  # an assignment of its own (layer.mode = 1) is checked as set_mode's (1 -> 1.0, full width):
+            value = _check_mode(value)  # unchecked, an int or "Full" routed by the controller and broke save / load
+        super().__setattr__(name, value)
 
     def _set_mode(self, mode: str | float) -> None:
         """Set a checked ``mode``; the controller trains only in ``"gate"`` (an error controller is fitted, never)."""
@@ -1201,6 +1209,7 @@ def gate(model: nn.Module, config: GatingConfig) -> nn.Module:
     if not names:
         raise ValueError("gate: none of the targeted layers has a bond wider than 1 to gate (one-core MPOs hold a "
                          "dense weight; rank-1 pairs have one width)")
+    same = []
     for n in names:
         layer = model.get_submodule(n)
         # a low-rank pair U V is the 2-core MPO (out, 1) x (1, in) whose bond is the rank: gated, its levels keep a
@@ -1208,6 +1217,12 @@ def gate(model: nn.Module, config: GatingConfig) -> nn.Module:
         mpo_layer = layer.to_mpo_linear() if isinstance(layer, LowRankLinear) else layer
         g = GatedMPOLinear.from_mpo_linear(mpo_layer, config)
         swap_module(model, layer, names_of, g)
+        if len(set(g.level_widths)) < len(g.level_widths):
+            same.append(f"{n} (bonds {g.bond_dims})")
+    if same:  # bonds too narrow for the levels' fractions: two levels, one width (a controller output for nothing)
+        warn_user(f"gate: some levels give the same bond widths on {len(same)} layer(s) ({_short_list(same, 3)}): "
+                  f"levels {config.levels} round up to whole channels, so those levels are one width there; fewer "
+                  "or coarser levels avoid it")
     from .hf import attach
 
     return attach(model)  # a transformers model: config.quantization_config records the layers for save_pretrained

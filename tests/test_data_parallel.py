@@ -156,3 +156,21 @@ def test_price_tracking_sees_every_shard(data_parallel):
     # the same traffic (twice the reports, each of half the rows) moves the price the same way, by a similar step
     for a, b in zip(*lams):
         assert b == pytest.approx(a, rel=0.1)
+
+
+def test_a_replica_is_in_the_calibration_pass_of_its_layers_model(data_parallel):
+    # replicas are made per call: a pass marks the model's own layers, and a replica is asked about as its origin
+    from bondgate.calibration import calibration_pass, in_calibration_pass
+
+    net, other = _gated(), _gated(seed=1)
+    net.eval()
+    x = torch.randn(64, 64)
+    with torch.no_grad():
+        with calibration_pass(net):
+            assert in_calibration_pass(net[0]) and not in_calibration_pass(other[0])
+            data_parallel(net, x)
+        assert not in_calibration_pass(net[0])
+        assert [r["rows"] for r in bondgate.gating_report(net)] == [0, 0]
+        with calibration_pass(other):  # another model's pass: this one's traffic is counted
+            data_parallel(net, x)
+    assert [r["rows"] for r in bondgate.gating_report(net)] == [64, 64]

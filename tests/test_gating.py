@@ -1401,6 +1401,61 @@ def test_calibration_passes_are_not_inference_traffic():
     assert sum(r["rows"] for r in gating_report(net)) == 0
 
 
+def test_a_calibration_pass_leaves_out_only_the_model_it_calibrates():
+    # the pass was process-global: while one thread ran fit_controllers / set_budget on model A, model B's inference
+    # in another thread was left out of B's level counts and price tracker (2760 of 4800 rows counted, 345 of 600
+    # tracker rounds)
+    import threading
+
+    a, data_a = _error_gated(0)
+    b, data_b = _error_gated(1)
+    set_budget(b, 0.5, data_b, track=0.05)
+    gating_report(b, reset=True)
+    tracker, rounds = b[2]._tracker, b[2]._tracker.rounds
+    inside, stop, errors = threading.Event(), threading.Event(), []
+    busy = [0]  # A's forward calls running now (inside its calibration passes)
+
+    def enter(*_):
+        busy[0] += 1
+        inside.set()
+
+    def leave(*_):
+        busy[0] -= 1
+
+    handles = [a.register_forward_pre_hook(enter), a.register_forward_hook(leave)]
+
+    def calibrate():
+        try:
+            while not stop.is_set():
+                bondgate.fit_controllers(a, data_a)
+                set_budget(a, 0.4, data_a)
+        except Exception as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+            inside.set()
+
+    thread = threading.Thread(target=calibrate)
+    thread.start()
+    calls = overlapped = 0
+    try:
+        assert inside.wait(60)
+        with torch.no_grad():
+            for k in range(300):  # one-row calls (one level per call) and multi-row calls (grouped)
+                x = torch.randn(1 if k % 3 == 0 else 8, 96)
+                overlapped += busy[0] > 0
+                b(x)
+                calls += x.shape[0]
+    finally:
+        stop.set()
+        thread.join()
+        for h in handles:
+            h.remove()
+    assert not errors
+    assert overlapped > 0  # B ran while A's calibration passes were open
+    assert gating_report(b)[0]["rows"] == calls == 100 + 200 * 8
+    assert tracker.rounds == rounds + 300  # one gated layer: a round per call
+    assert sum(r["rows"] for r in gating_report(a)) == 0  # A's own passes stay out of A's counts
+
+
 def test_a_budget_penalty_without_gradient_is_an_error_not_a_silent_zero():
     # reentrant activation checkpointing runs the forward under no_grad: the penalty reached the loss without a graph
     # and the controllers got ~0 budget gradient (3.55 -> 0.0098) in silence

@@ -24,6 +24,7 @@ import inspect
 import itertools
 import math
 import statistics
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -177,23 +178,40 @@ def model_output(out) -> torch.Tensor:
     raise TypeError(f"cannot find an output tensor in {type(out).__name__}")
 
 
-_passes = 0  # calibration passes running now (see calibration_pass)
+_marked: dict[int, int] = {}  # id(module) -> calibration passes running over it now (see calibration_pass)
+_marked_lock = threading.Lock()
 
 
 @contextlib.contextmanager
-def calibration_pass() -> Iterator[None]:
-    """Marks the block as a calibration pass, which is not inference traffic: gated layers leave it out of
-    their routing counts and online price tracking (:func:`in_calibration_pass`)."""
-    global _passes
-    _passes += 1
+def calibration_pass(model: nn.Module) -> Iterator[None]:
+    """Marks the block as a calibration pass of ``model``, which is not inference traffic: ``model``'s gated layers
+    leave it out of their routing counts and online price tracking (:func:`in_calibration_pass`). Only ``model``'s
+    modules are marked: another model's inference meanwhile (in other threads) is counted as usual; a layer shared
+    with ``model`` is in its pass."""
+    modules = list(model.modules())  # held until the pass ends: no marked id can be reused by a new module
+    keys = [id(m) for m in modules]
+    with _marked_lock:
+        for k in keys:
+            _marked[k] = _marked.get(k, 0) + 1
     try:
         yield
     finally:
-        _passes -= 1
+        with _marked_lock:
+            for k in keys:
+                left = _marked[k] - 1
+                if left:
+                    _marked[k] = left
+                else:
+                    del _marked[k]
 
 
-def in_calibration_pass() -> bool:
-    return _passes > 0
+def in_calibration_pass(module: nn.Module) -> bool:
+    """Whether a :func:`calibration_pass` of a model holding ``module`` runs now (an ``nn.DataParallel`` replica, made
+    per call, is asked about as the layer it replicates, its ``__dict__["_origin"]``)."""
+    if not _marked:  # no pass anywhere (a gated layer asks on every counted inference call): one read
+        return False
+    origin = module.__dict__.get("_origin")
+    return id(module if origin is None else origin) in _marked
 
 
 @contextlib.contextmanager
@@ -286,7 +304,7 @@ def capture_inputs(model: nn.Module, modules: Mapping[str, nn.Module], data: Ite
         handles += [encoder.register_forward_pre_hook(lambda *_: current.__setitem__("outside", False)),
                     encoder.register_forward_hook(lambda *_: current.__setitem__("outside", True))]
     try:
-        with eval_mode(model), calibration_pass():
+        with eval_mode(model), calibration_pass(model):
             it = data
             if progress:
                 from tqdm.auto import tqdm
@@ -668,7 +686,7 @@ def _sensitivity_sums(model: nn.Module, modules: Mapping[str, nn.Module], data: 
     for p in frozen:  # the outputs must be part of a graph
         p.requires_grad_(True)
     try:
-        with eval_mode(model), calibration_pass():
+        with eval_mode(model), calibration_pass(model):
             for bi, batch in enumerate(data):
                 if max_batches is not None and bi >= max_batches:
                     break

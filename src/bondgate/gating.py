@@ -900,7 +900,7 @@ class GatedMPOLinear(MPOLinear):
             return super().forward(x)
         elif x2d.shape[0] == 1 or self.max_groups == 1:  # one level for the call: no grouping, one Python int
             i = self._one_level(x2d)
-            if (self.record or self._tracker is not None) and not in_calibration_pass():  # traffic: counted
+            if (self.record or self._tracker is not None) and not in_calibration_pass(self):  # traffic: counted
                 self._count(i, None, x2d.shape[0])
             y = self.width_output(x2d, self.level_widths[i], bias)
             if x2d.shape[0] == 1 and self._rank_form:
@@ -908,7 +908,7 @@ class GatedMPOLinear(MPOLinear):
         else:
             lv = self.decide(x2d)
             counts = to_host(torch.bincount(lv, minlength=len(self.levels)))
-            if (self.record or self._tracker is not None) and not in_calibration_pass():  # traffic: counted
+            if (self.record or self._tracker is not None) and not in_calibration_pass(self):  # traffic: counted
                 self._count(None, counts, x2d.shape[0])
             y = self.grouped_output(x2d, lv, counts, bias)
         return y.reshape(*x.shape[:-1], self.out_features) if flat else y
@@ -975,7 +975,7 @@ class GatedMPOLinear(MPOLinear):
         except (AttributeError, IndexError, KeyError, RuntimeError):  # a 0-d x (IndexError); a module's parts removed
             return None
         level = int((host_cost(ops, x.numpy().reshape(-1)) + price[2]).argmin())
-        if (self.record or self._tracker is not None) and not in_calibration_pass():  # traffic: counted
+        if (self.record or self._tracker is not None) and not in_calibration_pass(self):  # traffic: counted
             self._count(level, None, 1)
         V, U = factors[level]
         # F.linear takes x's leading dims as they are and runs the GEMMs of _rank_product (mm, addmm with the bias);

@@ -1389,6 +1389,38 @@ def test_gate_inside_inference_mode_then_fit_outside():
     assert fit[0]["rows"] > 0
 
 
+def test_fit_controllers_fits_a_model_copied_under_inference_mode():
+    # the copy's controller parameters are inference tensors: writing them outside inference mode raised torch's raw
+    # "Inplace update to inference tensor outside InferenceMode is not allowed" (set_budget clones such buffers)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 128))
+    bondgate.compress(m, bondgate.CompressionConfig(param_ratio=0.5, calibrate=False, kinds=("mpo",)), progress=False)
+    gate(m, GatingConfig(controller="error"))
+    data = [torch.randn(32, 128) for _ in range(8)]
+    with torch.inference_mode():
+        frozen = copy.deepcopy(m)
+    assert frozen[2].controller.coef.is_inference()
+    fresh = copy.deepcopy(m)
+    want = bondgate.fit_controllers(fresh, data)
+    got = bondgate.fit_controllers(frozen, data)
+    assert [r["rows"] for r in got] == [r["rows"] for r in want]
+    for a, b in ((fresh[k], frozen[k]) for k in (0, 2)):
+        for name, p in b.controller.named_parameters():
+            assert type(p) is TrackedParameter and not p.is_inference() and not p.requires_grad, name
+            assert torch.equal(p, a.controller.get_parameter(name)), name
+    frozen.eval()
+    set_budget(frozen, 0.5, data)
+    assert frozen[2]._host_level(torch.randn(1, 256)) is not None  # normal tensors again: the one-row decision's numpy path applies
+    with torch.no_grad():
+        frozen(torch.randn(4, 128))
+    assert gating_report(frozen)[0]["rows"] == 4
+    # the model objective differentiates the model, whose other tensors are inference tensors too: refused, clearly
+    with torch.inference_mode():
+        frozen = copy.deepcopy(m)
+    with pytest.raises(RuntimeError, match=r"objective='model'.*torch.inference_mode \(0.bias; .*objective='layer'"):
+        bondgate.fit_controllers(frozen, data, objective="model")
+
+
 def test_calibration_passes_are_not_inference_traffic():
     net, data = _error_gated()
     set_budget(net, 0.5, data, track=0.05)

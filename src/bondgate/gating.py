@@ -1539,6 +1539,27 @@ def _set_budget(model, layers, budget, data, per_layer, rounds, max_groups, cost
     return achieved
 
 
+def _writable_parameter(module: nn.Module, name: str) -> nn.Parameter:
+    """Parameter ``name`` of ``module`` to write in place: one made in inference mode (e.g. by a ``deepcopy`` there)
+    cannot be written outside it, so it is first replaced by a normal copy of the same type (a TrackedParameter stays
+    one), as :meth:`GatedMPOLinear._buffer` replaces such buffers."""
+    p = module._parameters[name]
+    if p.is_inference() and not torch.is_inference_mode_enabled():
+        p = module._parameters[name] = type(p)(p.detach().clone(), requires_grad=p.requires_grad)
+    return p
+
+
+def _an_inference_tensor(model: nn.Module) -> str | None:
+    """The name of a parameter or buffer of ``model`` made under ``torch.inference_mode``, which autograd cannot save
+    for a backward pass (a gated layer's price and level counts, read without autograd, left out); ``None`` if none."""
+    own = {id(m._buffers[n]) for _, m in _gated_layers(model) for n in ("budget_lambda", "level_counts")
+           if m._buffers.get(n) is not None}
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if t.is_inference() and id(t) not in own:
+            return name
+    return None
+
+
 FIT_ROWS_PER_FEATURE = 10  # fewer rows per fitted coefficient warn: the fit (and its R^2) follows those rows
 
 
@@ -1568,6 +1589,9 @@ def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256,
     prediction of each level (1.0 for the full level, whose error is zero; NaN where the target does not vary
     between rows: one row, or rows alike). Input rows that do not vary, and fewer than
     :data:`FIT_ROWS_PER_FEATURE` rows per fitted feature (``rank + 1``), warn. Call :func:`set_budget` after.
+    A model whose tensors were made under ``torch.inference_mode`` (a ``deepcopy`` there) is fitted with
+    ``objective="layer"``, its controllers' parameters first replaced by normal copies of the same type;
+    ``objective="model"`` needs autograd through the model and refuses it.
     """
     from scipy.optimize import nnls
 
@@ -1582,6 +1606,11 @@ def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256,
     layers = [(n, m) for n, m in _gated_layers(model) if m.controller_kind == "error"]
     if not layers:
         raise ValueError("fit_controllers: the model has no gated layers with controller='error'")
+    if objective == "model" and (frozen := _an_inference_tensor(model)) is not None:
+        raise RuntimeError(f"fit_controllers: objective='model' differentiates the model's output, and the model holds "
+                           f"tensors made under torch.inference_mode ({frozen}; e.g. by a copy.deepcopy there), which "
+                           f"autograd cannot use: copy or build the model outside torch.inference_mode, or fit with "
+                           f"objective='layer' (which runs on such a model)")
     gen = torch.Generator().manual_seed(seed)
     rows: dict[str, list[torch.Tensor]] = {n: [] for n, _ in layers}
     count = dict.fromkeys(rows, 0)
@@ -1660,8 +1689,9 @@ def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256,
             r2.append(float(1 - (pred - t).pow(2).sum() / spread) if spread > 1e-24 * float(t.pow(2).sum())
                       else math.nan)
             coef.append(c)
-        ctrl.proj.weight.copy_(U.to(ctrl.proj.weight))
-        ctrl.coef.copy_(torch.stack(coef).to(ctrl.coef))
+        proj_weight, ctrl_coef = _writable_parameter(ctrl.proj, "weight"), _writable_parameter(ctrl, "coef")
+        proj_weight.copy_(U.to(proj_weight))
+        ctrl_coef.copy_(torch.stack(coef).to(ctrl_coef))
         report.append({"name": n, "rows": int(X.shape[0]), "r2": r2})
     if constant:  # real inputs can do that (a layer fed a class embedding, one class in the data): warned, not refused
         warn_user(f"fit_controllers: the input rows of {len(constant)} layer(s) do not vary ({_short_list(constant, 3)}"

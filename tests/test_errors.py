@@ -610,3 +610,38 @@ def test_compress_of_a_model_with_lazy_layers_says_to_run_it_first():
     bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5), calibration=[torch.randn(256, 16)],
                       progress=False)
     assert [r.name for r in model.bondgate_report.layers] == ["0", "2"]
+
+
+def test_type_errors_on_a_calibration_batch_name_the_batch():
+    # a wrong dtype ("input dtype torch.int64 does not match the layer's dtype torch.float32") or a dict key the forward
+    # does not take (torch's "unexpected keyword argument 'x'") named no batch, where a wrong width did; set_budget's
+    # scoring raised torch's "expected m1 and m2 to have the same dtype" for an integer batch
+    class Keyword(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input):
+            return self.inner(input)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
+    bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5, calibrate=False, kinds=("mpo",)),
+                      progress=False)
+    bondgate.gate(model, bondgate.GatingConfig(controller="error"))
+    good = [torch.randn(4, 64) for _ in range(5)]
+    for call in (bondgate.fit_controllers, lambda m, data: bondgate.set_budget(m, 0.5, data)):
+        with pytest.raises(TypeError, match=r"^the model failed on calibration batch 5 \(\(4, 64\) int64\): input "
+                                            r"dtype torch.int64 does not match the layer's dtype torch.float32$"):
+            call(model, [*good, torch.randint(0, 5, (4, 64))])
+        with pytest.raises(TypeError, match=r"^the model failed on calibration batch 0 \(\(4, 64\) float64\); the "
+                                            r"model's weights are float32: cast the calibration data to it: input "
+                                            r"dtype torch.float64"):
+            call(model, [torch.randn(4, 64, dtype=torch.float64)])
+        with pytest.raises(TypeError, match=r"^the model failed on calibration batch 1 \(x: \(4, 64\) float32\): "
+                                            r".*unexpected keyword argument 'x'"):
+            call(Keyword(model), [{"input": good[0]}, {"x": good[1]}])
+    with pytest.raises(TypeError, match=r"^the model failed on calibration batch 0 \(x: \(4, 64\) float32\): "
+                                        r".*unexpected keyword argument 'x'"):
+        bondgate.compress(Keyword(nn.Linear(64, 64)), bondgate.CompressionConfig(param_ratio=0.5),
+                          calibration=[{"x": good[0]}], progress=False)

@@ -314,7 +314,7 @@ def capture_inputs(model: nn.Module, modules: Mapping[str, nn.Module], data: Ite
                 current["batch"] = named_batch(model, batch)
                 try:
                     run_model(model, batch)
-                except (RuntimeError, ValueError) as exc:  # torch's own message names neither the data nor a cause
+                except (RuntimeError, ValueError, TypeError) as exc:  # torch's message names neither data nor cause
                     said = None if exc is current.get("own") else _on_batch(exc, model, batch, k)
                     if said is None:
                         raise
@@ -342,14 +342,21 @@ def _tensors(obj) -> list[torch.Tensor]:
 
 
 def _on_batch(exc: Exception, model: nn.Module, batch, k: int) -> Exception | None:
-    """A ``RuntimeError`` / ``ValueError`` like ``exc`` (raised by the model on calibration batch ``k``) that names
-    the batch's shapes and dtypes, and the likely cause when the error is about dtypes and a floating tensor's dtype
-    is not the model's; ``None`` for a subclass (its constructor may take other arguments: re-raised as it is)."""
-    if type(exc) not in (RuntimeError, ValueError):
+    """A ``RuntimeError`` / ``ValueError`` / ``TypeError`` like ``exc`` (raised by the model on calibration batch ``k``:
+    a wrong width, a wrong dtype, a dict batch's key the forward does not take) that names the batch's shapes and
+    dtypes, and the likely cause when the error is about dtypes and a floating tensor's dtype is not the model's;
+    ``None`` for a subclass (its constructor may take other arguments: re-raised as it is)."""
+    if type(exc) not in (RuntimeError, ValueError, TypeError):
         return None
     tensors = _tensors(batch)
-    desc = ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in tensors[:4]) or \
-        type(batch).__name__
+
+    def shown(t: torch.Tensor) -> str:
+        return f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+
+    if isinstance(batch, Mapping) and batch and all(isinstance(v, torch.Tensor) for v in batch.values()):
+        desc = ", ".join(f"{k}: {shown(v)}" for k, v in list(batch.items())[:4])  # a dict batch: its keys too
+    else:
+        desc = ", ".join(shown(t) for t in tensors[:4]) or type(batch).__name__
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
     hint = ""
     about_dtypes = any(w in str(exc).lower() for w in ("dtype", "scalar type", "should be the same"))

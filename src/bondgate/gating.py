@@ -1276,7 +1276,10 @@ def _collect_scores(model: nn.Module, data: Iterable) -> dict[str, list[torch.Te
     scores: dict[str, list[torch.Tensor]] = {}
 
     def score(name, mod, x, batch):
-        if not x.dim() or x.shape[-1] != mod.in_features:  # the layer's own call refuses it, naming the batch
+        # a wrong width or dtype: the layer's own call refuses it, naming the batch (the controller's product here
+        # would raise torch's message about mismatched matrices instead)
+        if not x.dim() or x.shape[-1] != mod.in_features or not x.is_floating_point() or (
+                x.dtype != next(iter(mod._core_params.values())).dtype and not torch.is_autocast_enabled(x.device.type)):
             return
         keep = _row_mask(batch, x)  # padding rows (attention_mask 0) left out, as compress' statistics leave them
         x2 = x.reshape(-1, mod.in_features)

@@ -509,6 +509,26 @@ def test_one_level_is_refused_and_levels_of_one_width_are_named():
         gate(nn.Sequential(MPOLinear.from_linear(nn.Linear(64, 64), max_bond=8, num_cores=3)), GatingConfig())
 
 
+def test_a_new_cost_rows_restarts_the_level_counts():
+    """set_budget(cost_rows=32) kept the counts of rows served at cost_rows=1 and re-priced them: average_flops of
+    the same 512 rows went 0.504 -> 0.722 with no new call. Those counts restart; same cost_rows: kept."""
+    net, data = _error_gated()
+    set_budget(net, 0.5, data)
+    net.eval()
+    with torch.no_grad():
+        for x in data:
+            net(x)
+    before = average_flops(net)
+    set_budget(net, 0.5, data)  # the same cost_rows: the counts stay
+    assert average_flops(net) == before and gating_report(net)[0]["rows"] == 4 * 64
+    set_budget(net, 0.5, data, cost_rows=32)
+    assert gating_report(net)[0]["rows"] == 0 and math.isnan(average_flops(net))
+    with torch.no_grad():
+        for x in data:
+            net(x)
+    assert gating_report(net)[0]["rows"] == 4 * 64 and 0 < average_flops(net) <= 1.0
+
+
 def test_a_mode_assigned_directly_is_checked_as_set_mode_checks_it(tmp_path):
     """``layer.mode = 1`` routed rows by the controller (an int is neither a fraction nor a name; saved as 1, loaded
     as 1.0: the loaded model ran full width, 0.6 off), and ``"Full"`` saved a checkpoint load refused."""

@@ -491,7 +491,9 @@ class GatedMPOLinear(MPOLinear):
     ``mode``: ``"gate"`` (controller), ``"nested"`` (random level per row when training; full width
     in eval), ``"full"`` (the static MPO), or a float ``f`` (static prefix truncation to ``f`` of every
     bond, the baseline gating must beat). Buffers: ``budget_lambda`` (price of a FLOP fraction in score
-    units, set by :func:`set_budget`), ``level_counts`` (rows routed to each level in eval since the
+    units, set by :func:`set_budget`; written by hand, write it in place, ``fill_`` / ``copy_``: a write through
+    ``.data`` is not seen by the decisions, which keep the price vector until the buffer's version moves),
+    ``level_counts`` (rows routed to each level in eval since the
     last :func:`gating_report` reset; read it through :meth:`flush_counts` or :func:`gating_report`: a call adds
     its rows to the buffer lazily, to spare a tensor op per call).
 
@@ -1178,7 +1180,8 @@ def gate(model: nn.Module, config: GatingConfig) -> nn.Module:
     gated model replaces its controllers and levels and keeps the (e.g. nested-trained) cores; its prices,
     tracker and ``max_groups`` start afresh (call :func:`set_budget` again). For exactly the full width use
     ``set_mode(model, "full")``: a budget of 1.0 also pays for the controllers, so a few rows take narrower levels.
-    A gated layer goes back to a plain one with ``MPOLinear.from_mpo(layer.to_mpo(), layer.bias)``.
+    A gated layer goes back to a plain one with ``MPOLinear.from_mpo(layer.to_mpo(), layer.bias)``, followed by
+    ``.quantize_(layer.quant)`` where its cores are int8 (:func:`quantize_mpo`; ``from_mpo`` alone gives float cores).
 
     A gated MPO layer keeps the layer's own parameters; a gated low-rank pair holds copies of ``U`` and ``V``
     (it becomes a 2-core MPO): build an optimizer after ``gate``. ``bondgate.save`` / ``load`` and ``deepcopy`` keep
@@ -1423,7 +1426,8 @@ def set_budget(model: nn.Module, budget: float, data: Iterable, per_layer: bool 
     cuts it ~4x). A call of many rows is cheaper per row with plans that merge cores or rebuild the weight
     and run one GEMM, and those barely shrink with the bonds: at 256 rows a quarter-width level can still
     cost ~75% of full width. For batched inference pass the batch size, so that the budget counts the FLOPs
-    the calls actually execute. (Error controllers fitted with ``objective="model"`` weigh each layer by its
+    the calls actually execute. A layer whose ``cost_rows`` changes restarts its level counts (the rows before were
+    served at another call size's FLOPs, which the counts cannot be re-priced to). (Error controllers fitted with ``objective="model"`` weigh each layer by its
     share of the FLOPs as counted when they were fitted: for a shared price at a new ``cost_rows``, call
     ``set_budget`` with it once, then :func:`fit_controllers`, then ``set_budget`` again.)
 
@@ -1481,12 +1485,14 @@ def _restored_on_error(layers: Sequence["GatedMPOLinear"]) -> Iterator[None]:
 
 
 def _set_budget(model, layers, budget, data, per_layer, rounds, max_groups, cost_rows, track) -> float:
+    recosted = []
     for _, m in layers:
         m._tracker = None  # calibration runs at fixed prices
         m.max_groups = max_groups
         if m.cost_rows != cost_rows:
             m.cost_rows = cost_rows
             m._refresh_costs()
+            recosted.append(m)
     for r in range(rounds):
         scores = _collect_scores(model, data)
         if r == 0:
@@ -1511,6 +1517,9 @@ def _set_budget(model, layers, budget, data, per_layer, rounds, max_groups, cost
         for _, m in layers:
             m._buffer("budget_lambda").fill_(lam)
         predicted = achieved  # what the search could reach: off the budget only where no price comes closer
+    for m in recosted:  # their rows so far were served at the FLOPs per row of another call size: counted afresh
+        m.flush_counts()
+        m._buffer("level_counts").zero_()
     if track > 0:
         for group in [[m] for _, m in layers] if per_layer else [[m for _, m in layers]]:
             scale = max(abs(float(group[0].budget_lambda)), 1e-6)  # steps relative to the calibrated price

@@ -606,6 +606,8 @@ def main(argv=None) -> None:
         add_out_arg(p, "--results")
     args = ap.parse_args(argv)
     parser = {"minilm": m, "gpt2": g, "speed": s}[args.cmd]
+    if getattr(args, "levels", 0) == 1:
+        parser.error("--levels 1: gating chooses between at least two levels (0 keeps 25/50/75/100%)")
     check_checkpoint(parser, args.checkpoint, hint={
         "minilm": "make one with examples/minilm_stsb.py heal", "gpt2": "make one with examples/gpt2_compress.py heal",
         "speed": "make one with benchmarks/gating.py minilm --out DIR"}[args.cmd])

@@ -498,8 +498,11 @@ def test_no_rows_and_bad_calibration_data(kind):
 def test_one_level_is_refused_and_levels_of_one_width_are_named():
     """``levels=(1.0,)`` gated (a controller for nothing; set_budget then warned of unfitted controllers and an
     unreachable budget); levels that round to the same widths on narrow bonds were accepted in silence."""
+    one = nn.Sequential(MPOLinear.from_linear(nn.Linear(64, 64), max_bond=8, num_cores=2))
     with pytest.raises(ValueError, match=r"at least two levels.*set_mode\(model, 0.5\)"):
-        GatingConfig(levels=(0.5,))
+        gate(one, GatingConfig(levels=(0.5,)))
+    # a checkpoint saved with one level (gate took it before) still loads: GatingConfig itself takes one level
+    assert GatingConfig(levels=(0.5,)).levels == (0.5,)
     net = nn.Sequential(MPOLinear.from_linear(nn.Linear(64, 64), max_bond=2, num_cores=3))
     with pytest.warns(UserWarning, match=r"same bond widths on 1 layer\(s\) \(0 \(bonds \(2, 2\)\)\)"):
         gate(net, GatingConfig(levels=(0.01, 0.02, 1.0)))
@@ -521,6 +524,11 @@ def test_a_new_cost_rows_restarts_the_level_counts():
     before = average_flops(net)
     set_budget(net, 0.5, data)  # the same cost_rows: the counts stay
     assert average_flops(net) == before and gating_report(net)[0]["rows"] == 4 * 64
+    with warnings.catch_warnings():  # a call that raises at its end (here a warning as an error) keeps them too
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="out of reach"):
+            set_budget(net, 0.01, data, cost_rows=64)
+    assert gating_report(net)[0]["rows"] == 4 * 64 and net[2].cost_rows == 1 and average_flops(net) == before
     set_budget(net, 0.5, data, cost_rows=32)
     assert gating_report(net)[0]["rows"] == 0 and math.isnan(average_flops(net))
     with torch.no_grad():
@@ -711,7 +719,7 @@ def test_route_searches_beyond_the_enumeration_limit():
     price rising with it) and never worse than the k levels best on their own; at most EXACT_SUBSETS: exact."""
     import itertools
 
-    from bondgate.gating import EXACT_SUBSETS, _subsets, route
+    from bondgate.gating import EXACT_SUBSETS, _subsets, _total, route
 
     assert math.comb(16, 4) <= EXACT_SUBSETS < math.comb(16, 8)
     gen = torch.Generator().manual_seed(4)
@@ -733,6 +741,13 @@ def test_route_searches_beyond_the_enumeration_limit():
         assert best * (1 - 1e-12) <= total <= float(fin[:, top].amin(1).sum()) * (1 + 1e-12)
         gaps.append(total / best - 1)
     assert max(gaps) < 0.02 and sorted(gaps)[len(gaps) // 2] < 1e-9, gaps  # mostly the best subset itself
+    # entries that overflowed (inf at some levels of a row) cost that row, not nothing: the search stays near the best
+    obj = torch.rand(32, 16, generator=gen, dtype=torch.float64)
+    obj[torch.rand(32, 16, generator=gen) < 0.05] = math.inf
+    got = route(obj, max_groups=8)
+    cost = obj.gather(1, got[:, None])
+    best = float(_total(obj[:, _subsets(16, 8)].amin(-1)).min())
+    assert bool(torch.isfinite(cost).all()) and float(cost.sum()) <= best * 1.1  # (13% over on average before)
     small = torch.rand(40, 8, generator=gen, dtype=torch.float64)  # C(8, 4) = 70: the exact enumeration
     total = float(small.gather(1, route(small, max_groups=4)[:, None]).sum())
     assert total == pytest.approx(min(float(small[:, list(c)].min(-1).values.sum())

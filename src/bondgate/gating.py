@@ -141,9 +141,6 @@ class GatingConfig:
                    for v in raw)
         if any(b <= a for a, b in zip(lv, lv[1:])):
             raise ValueError(f"levels must be strictly increasing (sorted, no duplicates), got {lv}")
-        if len(lv) < 2:  # nothing to choose: a controller would cost FLOPs, and set_budget could never move
-            raise ValueError(f"levels={lv}: gating chooses between at least two levels; one fixed width is the "
-                             f"static truncation, bondgate.set_mode(model, {lv[0]:g}) on a gated model")
         self.levels = lv
         self.temperature = number(self.temperature, "temperature", low=0, low_open=True)
         self.penalty = number(self.penalty, "penalty", low=0)
@@ -318,9 +315,15 @@ def _subsets(levels: int, k: int) -> torch.Tensor:
 def _subset_search(objective: torch.Tensor, k: int) -> torch.Tensor:
     """A ``k``-subset of the levels with a small total of each row's best objective within it, ``(k,)`` sorted, where
     enumerating all ``C(L, k)`` costs too much: the ``k`` levels with the least totals, then the best single swap (a
-    level out, another in; all ``k x L`` of them scored at once) while one lowers the total. Rows whose objective is
-    not finite count 0, as in :func:`_total`."""
-    obj = objective.nan_to_num(0.0, 0.0, 0.0)  # (B, L)
+    level out, another in; all ``k x L`` of them scored at once) while one lowers the total. Rows not finite at
+    any level count 0, as in :func:`_total`; a level where a row is not finite costs it more than any finite total."""
+    bad = ~torch.isfinite(objective)
+    obj = objective.masked_fill(bad, 0.0)  # (B, L)
+    if bool(bad.any()):
+        # a row not finite anywhere (a NaN / inf input) is free, as in _total; a row not finite at some levels only
+        # (overflow at its widest ones) must not find those free: they cost more than any finite total
+        worst = float(obj.abs().max()) * 2 * obj.shape[0] + 1.0
+        obj = torch.where(bad & ~bad.all(1, keepdim=True), torch.full_like(obj, worst), obj)
     L = obj.shape[1]
     chosen = obj.sum(0).topk(k, largest=False).indices  # (k,)
     best = obj[:, chosen].amin(1).sum()
@@ -1191,6 +1194,11 @@ def gate(model: nn.Module, config: GatingConfig) -> nn.Module:
     """
     if not isinstance(config, GatingConfig):
         raise TypeError(f"config must be a GatingConfig, got {type(config).__name__}")
+    if len(config.levels) < 2:  # nothing to choose: a controller would cost FLOPs, set_budget could never move the
+        # widths (refused here, not by GatingConfig: a checkpoint saved with one level still loads)
+        raise ValueError(f"gate: levels={config.levels}: gating chooses between at least two levels; one fixed "
+                         f"width is the static truncation, bondgate.set_mode(model, {config.levels[0]:g}) on a "
+                         "model gated with two or more")
     names_of = module_names(model)  # a layer shared by two parents is gated once and stays shared
     mpo = [n for n, m in model.named_modules() if isinstance(m, (MPOLinear, LowRankLinear))]
     names = [n for n in mpo if config.target_modules is None or _matches(n, config.target_modules)]
@@ -1517,9 +1525,6 @@ def _set_budget(model, layers, budget, data, per_layer, rounds, max_groups, cost
         for _, m in layers:
             m._buffer("budget_lambda").fill_(lam)
         predicted = achieved  # what the search could reach: off the budget only where no price comes closer
-    for m in recosted:  # their rows so far were served at the FLOPs per row of another call size: counted afresh
-        m.flush_counts()
-        m._buffer("level_counts").zero_()
     if track > 0:
         for group in [[m] for _, m in layers] if per_layer else [[m for _, m in layers]]:
             scale = max(abs(float(group[0].budget_lambda)), 1e-6)  # steps relative to the calibrated price
@@ -1547,7 +1552,10 @@ def _set_budget(model, layers, budget, data, per_layer, rounds, max_groups, cost
     elif achieved < 0.98 * budget:
         why = f"{spent}, under the budget of {budget:g}: {coarse}"
     if why is not None:
-        warn_user(f"set_budget: {why}")
+        warn_user(f"set_budget: {why}")  # (raises under warnings-as-errors: the counts below must still be there)
+    for m in recosted:  # their rows so far were served at the FLOPs per row of another call size: counted afresh
+        m.flush_counts()
+        m._buffer("level_counts").zero_()
     return achieved
 
 

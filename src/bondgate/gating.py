@@ -253,7 +253,7 @@ class ErrorController(nn.Module):
     def host_operands(self, dtype: torch.dtype) -> list:
         """``proj.weight`` with a row of zeros below, ``(rank + 1, in)``, and ``coef.T``, ``(rank + 1, L)``."""
         w, c = self.host_params()
-        u = torch.cat([w.detach(), w.new_zeros(1, w.shape[1])])
+        u = torch.nn.functional.pad(w.detach(), (0, 0, 0, 1))  # the zero row below
         return [t.to(dtype).contiguous().numpy() for t in (u, c.detach().T)]
 
     @staticmethod
@@ -338,7 +338,6 @@ def _subset_search(objective: torch.Tensor, k: int) -> torch.Tensor:
         i, j = divmod(flat, L)
         if not bool(totals[i, j] < best):
             break
-        chosen = chosen.clone()
         chosen[i], best = j, totals[i, j]
     return chosen.sort().values
 
@@ -357,7 +356,7 @@ def route(objective: torch.Tensor, max_groups: int | None = None) -> torch.Tenso
     Unconstrained (``max_groups=None``) every row takes its own argmin. With ``max_groups=k`` the call
     uses at most ``k`` distinct levels: the ``k``-subset of levels with the least total objective (exact,
     by enumerating the ``C(L, k)`` subsets, up to :data:`EXACT_SUBSETS` of them; beyond, e.g. 16 levels and
-    ``k = 8``, a greedy-and-swap search, :func:`_subset_search`) and each row's best level within it. Why: every
+    ``k = 8``, a swap search, :func:`_subset_search`) and each row's best level within it. Why: every
     level present in a batch is a separate contraction, and at tens to hundreds of rows the fixed cost of each
     (a few small GEMMs and permutes) eats the saving of routing rows finely.
     """

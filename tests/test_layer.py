@@ -28,6 +28,34 @@ def test_exact_decomposition_reproduces_linear():
     assert torch.allclose(layer(x), lin(x), atol=1e-5)
 
 
+def test_from_linear_takes_a_transformers_conv1d_as_low_rank_does():
+    # Conv1D stores its weight as (in, out): the MPO must factor the transpose (was refused; LowRankLinear took it)
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    conv = Conv1D(80, 96)  # nf=80 outputs, nx=96 inputs
+    nn.init.normal_(conv.bias)
+    x = torch.randn(7, 96)
+    for cls in (MPOLinear, bondgate.GatedMPOLinear):
+        layer = cls.from_linear(conv, num_cores=3)
+        if isinstance(layer, bondgate.GatedMPOLinear):
+            layer.mode = "full"  # an untrained controller would cut the bonds
+        assert (layer.in_features, layer.out_features) == (96, 80)
+        assert layer.error < 1e-6
+        torch.testing.assert_close(layer(x), conv(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer(x=x), conv(x=x), atol=1e-5, rtol=1e-5)
+    cut = MPOLinear.from_linear(conv, num_cores=3, max_bond=4)
+    with torch.no_grad():
+        lin = nn.Linear(96, 80)
+        lin.weight.copy_(conv.weight.T)
+        lin.bias.copy_(conv.bias)
+    ref = MPOLinear.from_linear(lin, num_cores=3, max_bond=4)
+    assert cut.error == pytest.approx(ref.error, rel=1e-9)
+    torch.testing.assert_close(cut(x), ref(x))
+    with pytest.raises(TypeError, match="nn.Linear or a transformers Conv1D, got Conv1d"):
+        MPOLinear.from_linear(nn.Conv1d(3, 4, 1))
+
+
 @pytest.mark.parametrize("policy", ["memory", "speed"])
 def test_leading_dims_and_no_bias(policy):
     lin = nn.Linear(62, 40, bias=False)

@@ -591,7 +591,7 @@ class MPOLinear(nn.Module):
         out_factors: Sequence[int] | None = None,
         policy: str | PlanPolicy = "memory",
     ) -> "MPOLinear":
-        """Decompose a trained ``nn.Linear`` by TT-SVD (see :meth:`bondgate.MPO.from_matrix`).
+        """Decompose a trained ``nn.Linear`` or HF ``Conv1D`` by TT-SVD (see :meth:`bondgate.MPO.from_matrix`).
 
         ``max_bond``: cap on every bond (int) or per bond (sequence of ``d-1`` ints/None). ``tol``: relative
         Frobenius tolerance, ``||W - W_mpo||_F <= tol * ||W||_F``, in ``[0, 1)``; with ``max_bond`` as well the caps
@@ -610,12 +610,14 @@ class MPOLinear(nn.Module):
         in float64 and exact, not a bound (in float32 the cores' own rounding is left out; in float16/bfloat16 it is
         included). A layer built by the constructor has ``error = nan``.
         """
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        from .surgery import dense_weight, is_conv1d  # surgery builds MPO layers: import at call time
+
+        if not (isinstance(linear, nn.Linear) or is_conv1d(linear)):
+            raise TypeError(f"from_linear expects an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
         if overrides_forward(linear):
             raise ValueError(f"from_linear: {type(linear).__qualname__} overrides forward(); an MPO layer would drop "
                              f"what that forward adds")
-        W = linear.weight.detach()
+        W = dense_weight(linear)  # (out, in); a Conv1D stores its transpose
         mpo = MPO.from_matrix(W, num_cores=num_cores, in_factors=in_factors, out_factors=out_factors,
                               max_bond=max_bond, tol=tol)
         layer = cls._wrap(mpo.to(device=W.device), linear.bias, policy)

@@ -416,6 +416,16 @@ def test_bank_rows_with_empty_cells_or_other_labels_are_refused(tmp_path, data_d
     csv.write_text("\n".join([src[0], *src[1:3], '"unknown";' + src[3].split(";", 1)[1], *src[4:50]]) + "\n")
     with pytest.raises(ValueError, match=re.escape(f"{csv}:4: column 'age' holds 'unknown', not a number")):
         bd.load_bank_marketing(tmp_path, download=False)
+    # inf / -inf / 1e400 passed pd.to_numeric and the NaN check, then the min-max scaling made NaN features (-inf:
+    # every age NaN); a blank line above a bad row shifted the line the message named
+    for value in ("inf", "-inf", "1e400"):
+        csv.write_text("\n".join([src[0], *src[1:3], "", f"{value};" + src[3].split(";", 1)[1], *src[4:50]]) + "\n")
+        shown = "inf" if value == "1e400" else value  # pandas reads 1e400 as inf
+        with pytest.raises(ValueError, match=re.escape(f"{csv}:5: column 'age' holds '{shown}', not a finite number")):
+            bd.load_bank_marketing(tmp_path, download=False)
+    csv.write_text("\n".join([src[0], *src[1:3], "", ";" + src[3].split(";", 1)[1], *src[4:50]]) + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"{csv}:5: empty cell in column 'age'")):
+        bd.load_bank_marketing(tmp_path, download=False)
 
 
 def test_copies_that_are_not_the_published_files(tmp_path, data_dir):
@@ -454,6 +464,21 @@ def test_copies_that_are_not_the_published_files(tmp_path, data_dir):
         mp.setitem(bd.REMOTES, bd.BANK_FILE, bd._Remote(archive.as_uri(), bd.BANK_MEMBERS, "0" * 64))
         with pytest.raises(FileNotFoundError, match="is not a zip archive"):
             bd.resolve(bd.BANK_FILE)
+
+    # the bank CSV is published with CRLF line ends: an LF copy (or one with a BOM) is the same table and must not
+    # warn, a CRLF file converted again ("\r\r\n") is not the published file (it passed as one)
+    bank_src = bd.resolve(bd.BANK_FILE, data_dir / "bank-marketing", download=False).read_bytes()
+    assert b"\r\n" in bank_src
+    bank_copy = tmp_path / "bank-copy" / bd.BANK_FILE
+    bank_copy.parent.mkdir(parents=True)
+    for blob in (bank_src.replace(b"\r\n", b"\n"), b"\xef\xbb\xbf" + bank_src):
+        bank_copy.write_bytes(blob)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            bd._check_published(bank_copy, bd.BANK_FILE)
+    bank_copy.write_bytes(bank_src.replace(b"\n", b"\r\n"))
+    with pytest.warns(UserWarning, match="differs from the published bank-additional-full.csv"):
+        bd._check_published(bank_copy, bd.BANK_FILE)
 
     rows = bd.resolve(bd.BANK_FILE, data_dir / "bank-marketing", download=False).read_text().splitlines()
     head = rows[0].split(";")

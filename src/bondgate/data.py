@@ -114,9 +114,13 @@ def _check_published(p: Path, relpath: str, blob: bytes | None = None) -> bytes 
     digest = hashlib.sha256(blob).hexdigest()
     if digest == known:
         return None
-    same_text = blob.removeprefix(b"\xef\xbb\xbf").replace(b"\r\n", b"\n")
-    if hashlib.sha256(same_text).hexdigest() == known:
-        return same_text
+    # the same lines with a BOM, or saved with the other line ends (the bank CSV is published with CRLF, the text
+    # files with LF); a stray CR left after CRLF -> LF (a CRLF file converted again, "\r\r\n") is not the same text
+    lf = blob.removeprefix(b"\xef\xbb\xbf").replace(b"\r\n", b"\n")
+    if b"\r" not in lf:
+        for same_text in (lf, lf.replace(b"\n", b"\r\n")):
+            if hashlib.sha256(same_text).hexdigest() == known:
+                return same_text
     warn_user(f"{p} differs from the published {Path(relpath).name} (sha256 {digest[:12]}..., published "
               f"{known[:12]}...; {p.stat().st_size:,} bytes): a truncated or edited copy changes every "
               "figure computed on it")
@@ -268,6 +272,7 @@ def load_bank_marketing(path: str | os.PathLike | None = None, *, download: bool
     (41,188 rows -> 26,360 / 6,590 / 8,238).
     """
     try:
+        import numpy as np
         import pandas as pd
         from sklearn.model_selection import train_test_split
     except ImportError as exc:
@@ -278,7 +283,9 @@ def load_bank_marketing(path: str | os.PathLike | None = None, *, download: bool
     _check_published(csv, BANK_FILE)
     expected = "the unmodified UCI bank-additional-full.csv: ';'-separated, a header row, then one row per call"
     try:
-        df = pd.read_csv(csv, sep=";", low_memory=False)  # whole-file dtypes: no mixed-type chunk warning
+        # whole-file dtypes (no mixed-type chunk warning); blank lines read as empty rows and dropped below, so that
+        # a row's index + 2 stays its line in the file for the messages
+        df = pd.read_csv(csv, sep=";", low_memory=False, skip_blank_lines=False)
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise ValueError(f"{csv}: cannot read it as a table ({exc}); expected {expected}") from exc
     missing = [c for c in ("y", "duration", *BANK_NUMERIC, *BANK_CATEGORICAL) if c not in df.columns]
@@ -287,18 +294,23 @@ def load_bank_marketing(path: str | os.PathLike | None = None, *, download: bool
                          f"expected {expected}")
     if missing:
         raise ValueError(f"{csv}: no column(s) {', '.join(map(repr, missing))}; expected {expected}")
+    df = df.dropna(how="all")  # blank lines (their index, the line, is kept by the rows after them)
     if df.empty:
         raise ValueError(f"{csv}: a header but no rows; expected {expected}")
     df = df.drop(columns="duration")
     empty = df.columns[df.isna().any()].tolist()
     if empty:  # a NaN would pass into X silently
-        row = int(df[empty[0]].isna().to_numpy().argmax()) + 2
-        raise ValueError(f"{csv}:{row}: empty cell in column {empty[0]!r} (columns with empty cells: {empty})")
+        line = df.index[df[empty[0]].isna().to_numpy().argmax()] + 2
+        raise ValueError(f"{csv}:{line}: empty cell in column {empty[0]!r} (columns with empty cells: {empty})")
     for col in BANK_NUMERIC:
         values = pd.to_numeric(df[col], errors="coerce")
-        if values.isna().any():  # a word in a number column: pandas read the column as text
-            row = int(values.isna().to_numpy().argmax())
-            raise ValueError(f"{csv}:{row + 2}: column {col!r} holds {str(df[col].iloc[row])[:40]!r}, not a number")
+        # a word in a number column (pandas read the column as text), or inf / 1e400, which the scaling below would
+        # turn into NaN features (an -inf age: every age)
+        bad = ~np.isfinite(values.to_numpy(dtype="float64"))
+        if bad.any():
+            row = int(bad.argmax())
+            what = "not a number" if pd.isna(values.iloc[row]) else "not a finite number"
+            raise ValueError(f"{csv}:{df.index[row] + 2}: column {col!r} holds {str(df[col].iloc[row])[:40]!r}, {what}")
         df[col] = values
     labels = set(df["y"].unique()) - {"yes", "no"}
     if labels:

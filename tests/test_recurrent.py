@@ -111,6 +111,36 @@ def test_bad_input_errors():
         Recurrent("LSTMCell", 4, 6)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_an_hx_of_the_wrong_kind_or_dtype_and_string_flags_are_clear_errors(fused):
+    # the fused path passed torch's kernel messages through ("index 1 is out of bounds", "get_mkldnn_dtype:
+    # unsupported data type"); the stepped path checked no dtype ("mat1 and mat2 must have the same dtype")
+    rec = Recurrent("LSTM", 4, 6, num_layers=2)
+    rec.fused = fused
+    x = torch.randn(3, 2, 4)
+    with pytest.raises(ValueError, match="an LSTM's hx must be a pair \\(h_0, c_0\\), got Tensor"):
+        rec(x, torch.zeros(2, 2, 6))
+    with pytest.raises(ValueError, match="h_0 dtype torch.float64 does not match the LSTM's parameters' torch.float32"):
+        rec(x, (torch.zeros(2, 2, 6, dtype=torch.float64), torch.zeros(2, 2, 6)))
+    with pytest.raises(ValueError, match="c_0 must be a tensor, got list"):
+        rec(x, (torch.zeros(2, 2, 6), [0.0]))
+    gru = Recurrent("GRU", 4, 6)
+    gru.fused = fused
+    with pytest.raises(ValueError, match="hx dtype torch.float64 does not match the GRU's"):
+        gru(x, torch.zeros(1, 2, 6, dtype=torch.float64))
+    h = torch.randn(2, 2, 6)
+    out, (hn, cn) = rec(x, (h, h.clone()))  # a right hx still runs, as torch's LSTM would
+    ref = nn.LSTM(4, 6, 2)
+    ref.load_state_dict(rec.to_torch().state_dict())
+    want, (hn_ref, _) = ref(x, (h, h.clone()))
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(hn, hn_ref)
+    for flag in ("bias", "batch_first", "bidirectional"):  # bool("no") is True: bias="no" built biases
+        with pytest.raises(TypeError, match=f"{flag} must be True or False, got 'no'"):
+            Recurrent("LSTM", 4, 6, **{flag: "no"})
+    assert Recurrent("LSTM", 4, 6, bias=0).bias is False
+
+
 class LM(nn.Module):
     def __init__(self, vocab=60, dim=32, mode="LSTM"):
         super().__init__()

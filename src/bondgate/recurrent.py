@@ -110,6 +110,9 @@ class Recurrent(nn.Module):
             raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
         if nonlinearity != "tanh" and mode != "RNN":  # nn.LSTM / nn.GRU have no such option (torch: a TypeError)
             raise ValueError(f"nonlinearity={nonlinearity!r} is an option of mode='RNN' only, not of {mode!r}")
+        for flag, value in (("bias", bias), ("batch_first", batch_first), ("bidirectional", bidirectional)):
+            if isinstance(value, str) or value not in (0, 1):  # bool("no") is True: a string built biases
+                raise TypeError(f"{flag} must be True or False, got {value!r}")
         dropout = number(dropout, "dropout", low=0, high=1)
         if dropout > 0 and num_layers == 1:
             warn_user(f"Recurrent: dropout={dropout} with num_layers=1 does nothing (as in torch, dropout is applied "
@@ -401,16 +404,27 @@ class Recurrent(nn.Module):
             return
         lead = (self.num_layers * self.num_directions, *(() if batch is None else (batch,)))
         want_h, want_c = (*lead, self.output_size), (*lead, self.hidden_size)
+        for (what, t), want in zip(self._hx_parts(hx, dtype, x.device), (want_h, want_c)):
+            if tuple(t.shape) != want:
+                raise ValueError(f"{what} must have shape {want}, got {tuple(t.shape)}")
+
+    def _hx_parts(self, hx: Any, dtype: torch.dtype, device: torch.device) -> list[tuple[str, torch.Tensor]]:
+        """``hx`` as ``[(name, tensor)]`` after checking its kind and dtype (torch's fused kernel says "index 1 is
+        out of bounds" for an LSTM given one tensor and "get_mkldnn_dtype: unsupported data type" for a float64
+        ``h_0`` of a float32 module)."""
         if self.mode == "LSTM":
             if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
-                raise ValueError("an LSTM's hx must be a pair (h_0, c_0)")
-            pairs = [("h_0", hx[0], want_h), ("c_0", hx[1], want_c)]
+                raise ValueError(f"an LSTM's hx must be a pair (h_0, c_0), got {type(hx).__name__}")
+            parts = [("h_0", hx[0]), ("c_0", hx[1])]
         else:
-            pairs = [("hx", hx, want_h)]
-        for what, t, want in pairs:
-            if not isinstance(t, torch.Tensor) or tuple(t.shape) != want:
-                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"{what} must have shape {want}, got {got}")
+            parts = [("hx", hx)]
+        for what, t in parts:
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{what} must be a tensor, got {type(t).__name__}")
+            if t.dtype != dtype and not torch.is_autocast_enabled(device.type):
+                raise ValueError(f"{what} dtype {t.dtype} does not match the {self.mode}'s parameters' {dtype}: "
+                                 f"convert it (or the module)")
+        return parts
 
     def _cell(self, gi: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None, hh: nn.Module,
               hr: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -474,6 +488,9 @@ class Recurrent(nn.Module):
         """
         weights = self._dense_weights() if self.fused else None
         if weights is not None:
+            if hx is not None:  # torch's fused kernel checks shapes clearly, not an hx of the wrong kind or dtype
+                x0 = input.data if isinstance(input, PackedSequence) else input
+                self._hx_parts(hx, next(iter(weights.values())).dtype, x0.device)
             args = (input,) if hx is None else (input, hx)
             runner = self._runner(weights)
             if runner is not None:  # inference on kept weights: torch's module holding them, called directly

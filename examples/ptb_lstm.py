@@ -25,6 +25,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import shlex
 import sys
 import time
@@ -37,7 +38,7 @@ from torch import nn
 import bondgate
 from bondgate.cli import number_arg
 from bondgate.data import load_text
-from bondgate.io import read_metadata
+from bondgate.io import read_metadata, save_target
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs"  # where the default model folders are, wherever the script is run from
@@ -239,10 +240,77 @@ def compress_and_heal(dense: LSTMLM, vocab: Vocab, train_ids: torch.Tensor, vali
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+DATA_LAYOUT = ("a data root: a folder holding ptb/ptb.train.txt and ptb/ptb.valid.txt (or the ptb folder itself, "
+               "holding ptb.train.txt and ptb.valid.txt)")
+
+
+def _data_file_error(data: str | None) -> str | None:
+    """Why ``data`` cannot be the data root (it is a file), else None. The loader takes a file as-is for any split,
+    so one file would be read as train and as valid, and "valid" perplexity measured on the training text."""
+    if data is not None and Path(data).expanduser().is_file():
+        return f"{str(data)!r} is a file, not a folder; pass {DATA_LAYOUT} (one file would be read as both splits)"
+    return None
+
+
 def _corpus(data: str | None) -> tuple[Vocab, torch.Tensor, torch.Tensor]:
+    """The vocabulary (of train) and the train and valid ids of PTB under the data root ``data`` (None:
+    ``$BONDGATE_DATA`` or the cache). ``ValueError`` for a file: see :func:`_data_file_error`."""
+    problem = _data_file_error(data)
+    if problem:
+        raise ValueError(problem)
     train_text = load_text("ptb", "train", data)
     vocab = Vocab(train_text)
     return vocab, vocab.encode(train_text), vocab.encode(load_text("ptb", "valid", data))
+
+
+def _result_files(name: str, tag: str) -> tuple[Path, Path]:
+    """The .json and .md files a report ``name`` + ``tag`` goes to in benchmarks/results: the suffix appended, so a
+    tag with a dot keeps it (``Path.with_suffix`` made ``ptb_lstm_0.5`` ``ptb_lstm_0.json``, another run's file)."""
+    out = ROOT / "benchmarks" / "results" / f"{name}{tag}"
+    return out.parent / (out.name + ".json"), out.parent / (out.name + ".md")
+
+
+def _check_tag(parser: argparse.ArgumentParser, tag: str) -> None:
+    """A usage error (exit 2) for a ``--tag`` that is no part of a file name, before the run rather than at its end."""
+    bad = next((c for c in ("/", os.sep, os.altsep, "\0") if c and c in tag), None)
+    if bad is not None:
+        parser.error(f"argument --tag: {tag!r} holds {bad!r}; the tag ends the results' file names "
+                     "(benchmarks/results/ptb_lstm<tag>.json), it cannot name a folder")
+
+
+def _check_save_dir(parser: argparse.ArgumentParser, path: str, flag: str = "--out") -> None:
+    """A usage error (exit 2) unless ``bondgate.save`` can make or replace the checkpoint directory ``path``: found
+    out before the run rather than when its model is saved at the end."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        parser.error(f"argument {flag}: {path!r} exists and is not a directory (a checkpoint is a directory)")
+    try:
+        p = save_target(p)
+    except ValueError as exc:  # the working directory or one of its parents
+        parser.error(f"argument {flag}: {exc}")
+    parent = p.parent  # save writes beside the target, then swaps it in: its nearest existing folder must take files
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        parser.error(f"argument {flag}: cannot make the directory {path!r}: {str(parent)!r} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        parser.error(f"argument {flag}: cannot make the directory {path!r}: {str(parent)!r} is not writable")
+
+
+def _dense_dim(parser: argparse.ArgumentParser, path: str) -> int:
+    """The hidden size the ``train`` subcommand recorded in the dense checkpoint ``path``'s report; a usage error
+    (exit 2) for any other checkpoint (a compressed one, say)."""
+    what = "--dense must be the output folder of python examples/ptb_lstm.py train (the dense model)"
+    try:
+        meta = read_metadata(path)
+    except (FileNotFoundError, ValueError) as exc:
+        parser.error(f"argument --dense: {exc}; {what}")
+    report = meta.get("report")
+    dim = report.get("dim") if isinstance(report, dict) else None
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+        parser.error(f"argument --dense: the checkpoint {path!r} records no hidden size ('dim' in its report), so it "
+                     f"is not a dense model made by the train subcommand; {what}")
+    return dim
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -278,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--rounds", type=number_arg(int, 1, what="rounds"), default=15)
     v.add_argument("--tag", default="")
     for q in (t, c, k, v):
-        q.add_argument("--data", default=None, help="data root (default: $BONDGATE_DATA or the cache)")
+        q.add_argument("--data", default=None, help="data root, a folder holding ptb/ptb.train.txt and "
+                       "ptb/ptb.valid.txt (default: $BONDGATE_DATA or the cache)")
         q.add_argument("--threads", type=number_arg(int, 1, what="threads"), default=None)
         q.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -288,16 +357,24 @@ def main(argv: list[str] | None = None) -> int:
     from common import banner, check_checkpoint, machine_info
 
     parser = {"train": t, "compress": c, "control": k, "speed": v}[args.cmd]
+    # the flags' checks, all before the corpus is read and any work starts
+    problem = _data_file_error(args.data)
+    if problem:
+        parser.error(f"argument --data: {problem}")
+    if args.cmd in ("train", "compress") and args.out:
+        _check_save_dir(parser, args.out)
     if args.cmd != "train":
+        _check_tag(parser, args.tag)
         check_checkpoint(parser, args.dense, "--dense", "make one with python examples/ptb_lstm.py train")
     if args.cmd in ("control", "speed"):
         check_checkpoint(parser, args.compressed, "--compressed", "make one with python examples/ptb_lstm.py "
                          "compress --out DIR")
+    dim = None if args.cmd == "train" else _dense_dim(parser, args.dense)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         vocab, train_ids, valid_ids = _corpus(args.data)
-    except FileNotFoundError as exc:  # the loader's message says where it looked
+    except (FileNotFoundError, ValueError) as exc:  # the loader's message says where it looked, or what is wrong
         p.exit(1, f"{p.prog}: error: {exc}\n")
     if args.cmd == "train":
         machine = machine_info()
@@ -308,8 +385,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dense: valid perplexity {ppl:.2f} after {info['steps']} steps ({info['cpu_minutes']:.1f} CPU min)")
         bondgate.save(model.eval(), args.out, report={"valid_ppl": ppl, "dim": args.dim, **info, "machine": machine})
         return 0
-    meta = read_metadata(args.dense)
-    dim = int(meta["report"]["dim"])
     dense = bondgate.load(args.dense, model=build(len(vocab), dim))
     info = machine_info()
     if args.cmd == "control":
@@ -333,8 +408,8 @@ def main(argv: list[str] | None = None) -> int:
               "model_weights_compressed": sum(p.numel() for p in student.parameters()),
               "bytes_dense": bytes_dense, "bytes_compressed": bytes_student,
               "tokens_per_s": {str(k): v for k, v in speed.items()}}
-    out = ROOT / "benchmarks" / "results" / f"ptb_lstm{args.tag}"
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
+    out_json, out_md = _result_files("ptb_lstm", args.tag)
+    out_json.write_text(json.dumps(result, indent=1, default=str))
     healed = f"{args.steps} steps" if args.steps else f"{args.minutes:g} CPU min"
     lines = [f"# PTB LSTM LM, LSTM weights at {args.ratio:.0%}, healed {healed}", "",
              f"`{args.command}`", "", banner(info), "",
@@ -354,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     for rows, s in speed.items():
         lines.append(f"| {rows} | {s['dense']:.0f} | {s['compressed']:.0f} | {s['compressed'] / s['dense']:.2f}x |")
     lines += ["", str(rep)]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out_md.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     if args.out:
         bondgate.save(student, args.out)
@@ -383,9 +458,9 @@ def speed_report(args, dense: LSTMLM, vocab: Vocab, valid_ids: torch.Tensor, inf
             step = f"{r['stepped']:.0f} | {r['stepped'] / r['dense']:.3f}x" if "stepped" in r else "| "
             lines.append(f"| {rows} | {part} | {r['dense']:.0f} | {r['compressed']:.0f} | "
                          f"{r['compressed'] / r['dense']:.3f}x | {step} |")
-    out = ROOT / "benchmarks" / "results" / f"ptb_lstm_speed{args.tag}"
-    out.with_suffix(".json").write_text(json.dumps({"machine": info, "tokens_per_s": result}, indent=1))
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out_json, out_md = _result_files("ptb_lstm_speed", args.tag)
+    out_json.write_text(json.dumps({"machine": info, "tokens_per_s": result}, indent=1))
+    out_md.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
@@ -417,14 +492,14 @@ def control(args, dense: LSTMLM, vocab: Vocab, train_ids: torch.Tensor, valid_id
         rows[name] = perplexity(student, valid_ids)
         rows[name + " (before)"] = before
         print(f"{name}: {before:.2f} -> {rows[name]:.2f} after {steps} steps", flush=True)
-    out = ROOT / "benchmarks" / "results" / f"ptb_lstm_control{args.tag}"
-    out.with_suffix(".json").write_text(json.dumps({"machine": info, "steps": args.steps, "valid_ppl": rows},
+    out_json, out_md = _result_files("ptb_lstm_control", args.tag)
+    out_json.write_text(json.dumps({"machine": info, "steps": args.steps, "valid_ppl": rows},
                                                    indent=1))
     lines = [f"# PTB LSTM LM: the healing recipe alone ({args.steps} steps)", "",
              f"`{args.command}`",
              "", machine, "", "| model | valid ppl |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in rows.items()]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out_md.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -1215,6 +1215,17 @@ def test_load_moves_a_rebuilt_model_to_map_location(mlp_ckpt):
     loaded = bondgate.load(mlp_ckpt, map_location="meta")
     assert {t.device.type for t in loaded.state_dict().values()} == {"meta"}
     assert isinstance(loaded[2], MPOLinear) and not loaded.training
+    # a device torch does not know, or this machine lacks, is refused before the files are read (torch's own error
+    # came after every checksum, the read and the build: "Expected one of cpu, cuda, ..." / an AssertionError)
+    reads = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bondgate.io, "verify_checkpoint", lambda *a, **k: reads.append(a) or pytest.fail("read"))
+        with pytest.raises(ValueError, match="map_location must be a device such as 'cpu'.*got 'nope'"):
+            bondgate.load(mlp_ckpt, map_location="nope")
+        missing = "cuda:0" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+        with pytest.raises(ValueError, match=f"map_location '{missing}' is not available on this machine"):
+            bondgate.load(mlp_ckpt, map_location=missing)
+    assert not reads
 
 
 class _Masked(nn.Module):

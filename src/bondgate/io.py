@@ -1121,10 +1121,12 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *,
     """
     directory = Path(directory)
     dtype = _floating_dtype(dtype)
+    built = model is None
+    if built:  # before the files are read and the model built: torch's errors came at the end, and "meta" moved it
+        map_location = _target_device(map_location)
     meta = verify_checkpoint(directory)
     header = _weights_header(directory, meta)
     arch = meta["architecture"]
-    built = model is None
     if not built and dtype is not None:
         raise ValueError("dtype applies to a model load rebuilds: the checkpoint loads into the dtypes of the model "
                          "you pass (cast it before or after)")
@@ -1282,6 +1284,21 @@ def from_pretrained(directory: str | os.PathLike, *, map_location: str | torch.d
         raise TypeError(f"{directory} holds a {meta['architecture']['kind']!r} checkpoint, not a transformers "
                         f"model; use bondgate.load")
     return load(directory, map_location=map_location, dtype=dtype)
+
+
+def _target_device(map_location: Any) -> torch.device:
+    """``map_location`` as a device a rebuilt model can be moved to: one torch knows and this machine has (``meta``
+    too: the model's structure without its data)."""
+    try:
+        device = torch.device(map_location)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"map_location must be a device such as 'cpu', 'cuda:0' or a torch.device, got "
+                         f"{map_location!r} ({exc})") from None
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as exc:  # CPU-only torch asserts "not compiled with CUDA enabled"
+        raise ValueError(f"map_location {str(device)!r} is not available on this machine: {exc}") from None
+    return device
 
 
 def _floating_dtype(dtype: Any) -> torch.dtype | None:

@@ -1975,6 +1975,9 @@ def test_fit_controllers_warns_on_few_rows():
         warnings.simplefilter("error")
         report = bondgate.fit_controllers(model, [x[:50]])  # 10 rows per feature
     assert all(-1 < v <= 1 for r in report for v in r["r2"])
+    # repeated rows add no information: 3 rows passed 20 times were 60 rows and silenced the warning
+    with pytest.warns(UserWarning, match=r"few input rows .*\(60 rows, 3 distinct\).*fewer than 10 per feature"):
+        bondgate.fit_controllers(model, [x[:3]] * 20)
 
 
 def test_fit_controllers_warns_on_input_rows_that_do_not_vary_and_reports_no_r2_for_them():

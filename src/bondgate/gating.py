@@ -1651,7 +1651,7 @@ def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256,
     with full_width(model):  # the inputs (and sensitivities) of the full-width model
         capture_inputs(model, dict(layers), data, sample, lambda: all(c >= max_rows for c in count.values()))
         sens = output_sensitivity(model, dict(layers), data, loss=loss) if objective == "model" else {}
-    fits, constant = [], []
+    fits, constant, constant_names = [], [], set()
     for n, m in layers:
         if not count[n]:  # (batches of 0 rows leave rows[n] non-empty but hold none)
             raise ValueError(f"fit_controllers: layer {n!r} saw no input rows (does data reach it?)")
@@ -1662,6 +1662,7 @@ def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256,
         # every level, so nothing tells inputs apart (R^2 of -78 was reported for 64 copies of one row)
         if not rows_vary(float((X - X.mean(0)).pow(2).sum()), float(X.pow(2).sum()), dtypes[n]):
             constant.append(f"{n} ({'a single row' if X.shape[0] == 1 else f'{X.shape[0]} rows, one vector'})")
+            constant_names.add(n)
         mpo = m.to_mpo().to(device="cpu", dtype=torch.float64)  # the fit runs on the CPU in float64, like X
         W = mpo.to_matrix()
         if objective == "model":
@@ -1688,8 +1689,13 @@ def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256,
     report, few = [], []
     for n, m, X, targets, G in fits:
         ctrl = m.controller
-        if X.shape[0] < FIT_ROWS_PER_FEATURE * (ctrl.rank + 1):
+        need = FIT_ROWS_PER_FEATURE * (ctrl.rank + 1)
+        if X.shape[0] < need:
             few.append(f"{n} ({X.shape[0]} rows)")
+        elif n not in constant_names:  # repeated rows (a batch passed 8 times) count once: they add no information
+            distinct = torch.unique(X, dim=0).shape[0]
+            if distinct < need:
+                few.append(f"{n} ({X.shape[0]} rows, {distinct} distinct)")
         U = torch.linalg.eigh(G).eigenvectors[:, -ctrl.rank:].T  # (rank, in)
         feats = torch.cat([(X @ U.T).pow(2), X.pow(2).sum(1, keepdim=True)], 1)
         fscale = feats.pow(2).mean(0).sqrt().clamp_min(1e-30)

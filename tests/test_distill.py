@@ -1264,3 +1264,99 @@ def test_an_output_whose_attributes_raise_key_error_is_read():
     _, want = DistillLoss(hidden=1.0)({"hidden_states": hs}, {"hidden_states": ht})
     _, got = DistillLoss(hidden=1.0)(_KeyOut(hidden_states=hs), _KeyOut(hidden_states=ht))
     assert got == want and got["hidden"] > 0
+
+
+def test_distill_takes_a_dataloader_over_an_iterable_dataset_for_epochs():
+    # DataLoader always has __len__, which raises TypeError over an IterableDataset: epochs=2 crashed on len(data)
+    from torch.utils.data import DataLoader, IterableDataset
+
+    teacher, student, _ = teacher_student()
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            g = torch.Generator().manual_seed(0)
+            return (torch.randn(32, generator=g) for _ in range(32))
+
+    with pytest.warns(UserWarning, match="data of unknown length"):
+        res = distill(student, teacher, DataLoader(Stream(), batch_size=8), epochs=2,
+                      loss=DistillLoss(hidden=0, output=1.0), progress=False)
+    assert res.steps == 8 and res.stopped == "epochs" and res.planned_steps is None
+
+
+def test_a_teachers_nan_at_padded_positions_reaches_neither_loss_nor_gradient():
+    # hidden: the loss was finite but 0 * 2(a - b) put NaN in the gradient; pooled: the product with the mask put
+    # NaN in the loss itself. The padded slot must count for nothing: the same as a finite value there
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    torch.manual_seed(0)
+    hs = [torch.randn(2, 4, 8, requires_grad=True) for _ in range(2)]
+    ht = [torch.randn(2, 4, 8) for _ in range(2)]
+    finite = [t.clone() for t in ht]
+    ht[1][0, 3] = float("nan")
+    finite[1][0, 3] = 123.0
+    for kw in ({"hidden": 1.0}, {"hidden": 0.0, "pooled": 1.0}):
+        got, want = (DistillLoss(**kw)({"hidden_states": hs}, {"hidden_states": t}, {"attention_mask": mask})[0]
+                     for t in (ht, finite))
+        assert math.isfinite(float(got.detach())) and float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-6)
+        g, g_want = (torch.autograd.grad(v, hs[1])[0] for v in (got, want))
+        assert bool(torch.isfinite(g).all())
+        torch.testing.assert_close(g, g_want)
+        assert float(g[0, 3].abs().max()) == 0.0  # the padded slot gets no gradient
+
+
+def test_logits_term_runs_in_float32_for_a_bfloat16_teacher():
+    # log_softmax in bfloat16: the teacher's probabilities do not sum to 1; the KL of a student holding the teacher's
+    # own logits in float32 was ~2.5x its float32 floor
+    torch.manual_seed(0)
+    zt = (torch.randn(2, 5, 512) * 3).to(torch.bfloat16)
+    zs = zt.float()
+    kl, _ = DistillLoss(hidden=0, logits=1.0, temperature=1.0)({"logits": zs}, {"logits": zt})
+    assert abs(float(kl)) < 1e-6  # the same logits: 0 up to float32 rounding (was -9e-4 through bfloat16's softmax)
+
+
+def test_a_shared_frozen_module_runs_in_eval_mode_in_the_teachers_forward_and_shared_batchnorm_is_refused():
+    # student.train() flipped modules shared with the teacher back to training: the teacher's forward ran a shared
+    # Dropout active, and a shared BatchNorm's running statistics (the teacher's) moved with the student's steps
+    torch.manual_seed(0)
+    drop = nn.Dropout(0.5)
+    teacher = nn.Sequential(nn.Linear(8, 16), drop, nn.Linear(16, 8)).requires_grad_(False)
+    student = nn.Sequential(copy.deepcopy(teacher[0]), drop, copy.deepcopy(teacher[2])).requires_grad_(True)
+    seen = []
+    teacher[2].register_forward_pre_hook(lambda m, a: seen.append(drop.training))
+    distill(student, teacher, [torch.randn(16, 8) for _ in range(3)], steps=3,
+            loss=DistillLoss(hidden=0, output=1.0), progress=False)
+    assert seen == [False, False, False] and teacher.training and drop.training  # flags as they were
+    bn = nn.BatchNorm1d(16)
+    teacher = nn.Sequential(nn.Linear(8, 16), bn, nn.Linear(16, 8)).eval().requires_grad_(False)
+    student = nn.Sequential(teacher[0], bn, copy.deepcopy(teacher[2]).requires_grad_(True))
+    with pytest.raises(ValueError, match="shares 1 with the teacher, a normalization with running statistics"):
+        distill(student, teacher, [torch.randn(16, 8)], steps=1, loss=DistillLoss(hidden=0, output=1.0),
+                progress=False)
+    assert int(bn.num_batches_tracked) == 0
+
+
+def test_distillation_trainer_evaluation_returns_logits_not_hidden_states_and_needs_a_teacher(tmp_path):
+    # with the default loss (hidden states) the student's output of the output_hidden_states=True call went to the
+    # stock prediction step: predictions were (logits, (hidden states...)) and compute_metrics broke on them
+    transformers = pytest.importorskip("transformers")
+    import bondgate
+
+    teacher, student, ds = _tiny_gpt2_student(transformers)
+    ds = [{**d, "labels": d["input_ids"]} for d in ds]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True,
+                                          per_device_eval_batch_size=4, disable_tqdm=True)
+    trainer = bondgate.DistillationTrainer(model=student, teacher=teacher, args=args)  # DistillLoss(): hidden=1
+    out = trainer.predict(ds)
+    assert out.predictions.shape == (8, 12, 64)
+    with pytest.raises(TypeError, match="needs teacher=<the dense model, an nn.Module>, got NoneType"):
+        bondgate.DistillationTrainer(model=student, teacher=None, args=args)
+
+
+def test_a_tuple_batch_that_binds_a_tensor_to_past_key_values_is_refused_by_name():
+    # GPT-2's second positional argument is past_key_values: (input_ids, attention_mask) failed inside the model
+    # with "'Tensor' object has no attribute 'get_seq_length'"
+    transformers = pytest.importorskip("transformers")
+    teacher, student, ds = _tiny_gpt2_student(transformers)
+    ids = torch.stack([d["input_ids"] for d in ds[:4]])
+    with pytest.raises(ValueError, match="argument '(past_key_values|cache)', a key/value cache, got a tensor .*give dict"):
+        distill(student, teacher, [(ids, torch.ones_like(ids))], steps=1, loss=DistillLoss(hidden=0, logits=1.0),
+                progress=False)

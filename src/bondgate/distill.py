@@ -11,6 +11,7 @@ restores the best weights, and a tqdm bar. For multi-process training use
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -41,6 +42,16 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None, per_token: bool) ->
     # where, not a product: a padded position's NaN (a teacher row masked to -inf everywhere) stays out
     return torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(dtype=count.dtype) \
         / count.clamp_min(1.0)
+
+
+def _real(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``x`` ``(B, T, ...)`` with its padded positions (``mask == 0``) set to 0 by ``where``, before any arithmetic: a
+    NaN there (a teacher's state at a padded slot) then reaches neither the loss nor, through ``0 * NaN`` in the
+    backward pass of a product or square, the gradient."""
+    if mask is None or x.dim() < 3 or mask.shape != x.shape[:2]:  # (_masked_mean reports a mask that does not fit)
+        return x
+    m = mask.reshape(*mask.shape, *([1] * (x.dim() - 2))).bool()
+    return torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def _check_mask(mask: torch.Tensor, x: torch.Tensor) -> None:
@@ -102,15 +113,18 @@ class DistillLoss:
         if self.hidden > 0:
             # hs[0] is a transformers model's embedding output, left out (uncompressed, unless embeddings=True: then
             # the next state carries its error); a model with a single hidden state is matched on it
-            per = [_masked_mean((a - b) ** 2, mask, a.dim() >= 3)
-                   / _masked_mean(b**2, mask, a.dim() >= 3).clamp_min(1e-12)
+            per = [_masked_mean(_real(a - b, mask) ** 2, mask, a.dim() >= 3)
+                   / _masked_mean(_real(b, mask) ** 2, mask, a.dim() >= 3).clamp_min(1e-12)
                    for hs, ht, mask in _hidden_states(student_out, teacher_out, "hidden", masks)
                    for a, b in zip(hs[1:] if len(hs) > 1 else hs, ht[1:] if len(ht) > 1 else ht)]
             terms["hidden"] = torch.stack(per).mean()
         if self.logits > 0:
             zs, zt = _same_shape(model_output(student_out), model_output(teacher_out), "logits")
             T = self.temperature
-            ls, lt = torch.log_softmax(zs / T, -1), torch.log_softmax(zt / T, -1)
+            # in float32 at least: a bfloat16 teacher's softmax does not sum to 1 (a 2.5x KL floor for a student
+            # with the teacher's own weights in float32)
+            wide = torch.promote_types(torch.promote_types(zs.dtype, zt.dtype), torch.float32)
+            ls, lt = torch.log_softmax(zs.to(wide) / T, -1), torch.log_softmax(zt.to(wide) / T, -1)
             # p log(p / q) is 0 where the teacher's p is 0 (a vocabulary entry masked to -inf): kl_div's
             # 0 * (-inf - x) is NaN there; the difference is zeroed before the product, so no NaN gradient either
             pt = lt.exp()
@@ -127,7 +141,7 @@ class DistillLoss:
                 m = (mask if mask is not None else torch.ones(hs.shape[:2], device=hs.device)).unsqueeze(-1)
                 m = m.to(hs.dtype)
                 n = m.sum(1).clamp_min(1.0)
-                ps, pt = (hs * m).sum(1) / n, (ht * m).sum(1) / n
+                ps, pt = _real(hs, mask).sum(1) / n, _real(ht, mask).sum(1) / n
                 rows = m.sum((1, 2)) > 0  # a row with no real token has no embedding to match
             terms["pooled"] = (1 - torch.nn.functional.cosine_similarity(ps[rows], pt[rows], dim=-1)).sum() \
                 / rows.sum().clamp_min(1)
@@ -221,9 +235,26 @@ def _call(model: nn.Module, batch, want_hidden: bool):
     # (it synchronizes gradients) but recognize the model inside it.
     inner = _inner(model)
     named = named_batch(inner, batch)  # a tuple batch as {argument: value}, where it binds
+    cache = next((k for k in ("past_key_values", "cache") if named is not batch
+                  and isinstance(named.get(k), torch.Tensor)), None)  # (transformers 5 renamed it to cache)
+    if cache is not None:
+        raise ValueError(f"a tuple batch is passed positionally, and {type(inner).__name__}'s argument {cache!r}, a "
+                         f"key/value cache, got a tensor (an attention mask?): give dict batches, "
+                         f"{{'input_ids': ..., 'attention_mask': ...}}")
     if want_hidden and isinstance(named, Mapping) and hasattr(inner, "config"):
         return model(**to_device(named, model_device(inner)), output_hidden_states=True)
     return run_model(model, batch)  # moves the batch to the model's device
+
+
+def _without_added_states(out, model: nn.Module):
+    """A transformers output without the hidden states the loss asked for (``output_hidden_states=True``) when the
+    model would not return them itself: the Trainer's prediction step gathers every field of the output it is given,
+    so evaluation returned ``(logits, (hidden states...))`` for the predictions and kept every layer's states."""
+    config = getattr(_inner(model), "config", None)
+    drop = ("hidden_states", "encoder_hidden_states", "decoder_hidden_states")
+    if getattr(config, "output_hidden_states", True) or not isinstance(out, Mapping) or not any(k in out for k in drop):
+        return out
+    return type(out)(**{k: v for k, v in out.items() if k not in drop})
 
 
 def _inner(model: nn.Module) -> nn.Module:
@@ -349,7 +380,8 @@ def distill(
 ) -> DistillResult:
     """Train ``student`` to imitate ``teacher`` on ``data`` (an iterable of batches, re-iterated per epoch; one tensor
     or dict is one batch). The teacher runs in eval mode under ``no_grad``; its parameters and train/eval flags are
-    left as they were (a student that would train one of its parameters is refused). The student trains in train
+    left as they were (a student that would train one of its parameters, or share a module with running
+    statistics such as a BatchNorm, is refused; frozen modules both share run in eval mode in the teacher's calls). The student trains in train
     mode — its dropout is on, as in any fine-tuning, so the logged losses include that noise; like transformers'
     Trainer, ``student.train()`` also wakes submodules you had put in eval mode (a BatchNorm that must stay frozen needs a
     ``train()`` override that keeps it in eval mode) — and is returned in eval mode, also when a ``FloatingPointError`` stops it. ``seed`` seeds this call only (the caller's random state is restored). ``loss``: a
@@ -402,7 +434,8 @@ def distill(
     if isinstance(data, Iterator) and steps is None and max_minutes is None and (epochs or 0) != 1:
         warn_user("distill: data is a one-shot iterator, so it can be read for one epoch only; pass a list or "
                   "a DataLoader to train for more")
-    if steps is None and max_minutes is None and not hasattr(data, "__len__"):
+    batches = _length(data)
+    if steps is None and max_minutes is None and batches is None:
         warn_user("distill: with epochs on data of unknown length the schedule has no end to plan for: the "
                   "learning rate stays at lr (no warmup or decay); give steps, or data with a length")
     eval_every = number(eval_every, "eval_every", low=1, integer=True)
@@ -424,7 +457,8 @@ def distill(
     if sandwich:
         _check_sandwich(student)
     want_hidden = _wants_hidden(loss)
-    _check_not_shared(student, teacher)
+    # frozen modules the two share were put back in train mode by student.train(): the teacher's calls set eval
+    teacher_mode = (lambda: eval_mode(teacher)) if _check_not_shared(student, teacher) else contextlib.nullcontext
     device = model_device(student)
     from .gating import preserved_state
     from .quant import master_state
@@ -443,8 +477,8 @@ def distill(
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=lr)
         planned = steps
-        if planned is None and epochs is not None and hasattr(data, "__len__"):
-            planned = epochs * len(data)
+        if planned is None and epochs is not None and batches is not None:
+            planned = epochs * batches
 
         def lr_at(step: int, total: int | None) -> float:
             if timed:  # only a time budget: the schedule runs on the budget clock (a step count is only estimated)
@@ -510,7 +544,7 @@ def distill(
                     bar.total = planned
                 for g in opt.param_groups:
                     g["lr"] = lr_at(step, planned)
-                with torch.no_grad():
+                with torch.no_grad(), teacher_mode():
                     t_out = _call(teacher, batch, want_hidden)
                 total, parts, _ = _step_loss(student, batch, t_out, loss, want_hidden, sandwich)
                 if not bool(torch.isfinite(total.detach())):  # before the step: the weights stay those of the last good one
@@ -570,13 +604,34 @@ def distill(
         return res
 
 
-def _check_not_shared(student: nn.Module, teacher: nn.Module) -> None:
+def _length(data) -> int | None:
+    """``len(data)``, or None for data of unknown length (a ``DataLoader`` over an ``IterableDataset`` has a
+    ``__len__`` that raises ``TypeError``)."""
+    try:
+        return len(data)
+    except TypeError:
+        return None
+
+
+def _check_not_shared(student: nn.Module, teacher: nn.Module) -> bool:
+    """Refuse a student that would change its teacher: one training the teacher's parameters, or sharing a module
+    with running statistics (a BatchNorm, which the student's train-mode forward updates). Returns whether the two
+    share any module (frozen ones may be shared: the teacher's forward must then put them in eval mode itself)."""
     teacher_params = {id(p) for p in teacher.parameters()}
     shared = [n for n, p in student.named_parameters() if p.requires_grad and id(p) in teacher_params]
     if shared:
         raise ValueError(f"the student trains parameters of the teacher ({', '.join(shared[:3])}"
                          f"{', ...' if len(shared) > 3 else ''}): distilling would change the teacher; give the "
                          "student its own copy (copy.deepcopy(teacher) before compressing)")
+    teacher_modules = {id(m) for m in teacher.modules()}
+    common = [(n, m) for n, m in student.named_modules() if id(m) in teacher_modules]
+    stats = [n or type(m).__name__ for n, m in common
+             if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
+    if stats:
+        raise ValueError(f"the student shares {', '.join(stats[:3])}{', ...' if len(stats) > 3 else ''} with the "
+                         f"teacher, a normalization with running statistics: the student's training forward would "
+                         f"update the teacher's; give the student its own copy")
+    return bool(common)
 
 
 def _load_bondgate_state(model: nn.Module, directory: str | os.PathLike | None) -> bool:
@@ -609,6 +664,9 @@ def _make_trainer_class():
 
         def __init__(self, *args, teacher: nn.Module, distill_loss: DistillLoss | None = None,
                      sandwich: bool = False, **kwargs):
+            if not isinstance(teacher, nn.Module):  # (None failed at the first step: 'NoneType' has no 'parameters')
+                raise TypeError(f"DistillationTrainer needs teacher=<the dense model, an nn.Module>, got "
+                                f"{type(teacher).__name__}")
             super().__init__(*args, **kwargs)
             _check_not_shared(self.model, teacher)
             self.teacher = teacher  # run in eval mode under no_grad per call: its own flags are left as they are
@@ -630,17 +688,16 @@ def _make_trainer_class():
             auxiliary losses (and the full-width pass with ``sandwich``): a scalar per-batch mean, or ``(loss, student
             outputs)`` with ``return_outputs``. ``num_items_in_batch`` is ignored."""
             want = _wants_hidden(self.distill_loss)
-            if self.teacher is not None:
-                dev = next(model.parameters()).device
-                if next(self.teacher.parameters()).device != dev:
-                    self.teacher.to(dev)
+            dev = next(model.parameters()).device
+            if next(self.teacher.parameters()).device != dev:
+                self.teacher.to(dev)
             with torch.no_grad(), eval_mode(self.teacher):
                 t_out = _call(self.teacher, inputs, want)
             if self.sandwich and model.training:
                 _no_checkpointing(self.model)  # transformers turns checkpointing on in train(), after __init__
             total, _, s_out = _step_loss(model, inputs, t_out, self.distill_loss, want,
                                          self.sandwich and model.training)
-            return (total, s_out) if return_outputs else total
+            return (total, _without_added_states(s_out, model) if want else s_out) if return_outputs else total
 
         def _save_checkpoint(self, model: nn.Module, trial, *args, **kwargs) -> None:
             """The stock checkpoint, written with int8 layers' full-precision master cores (to resume from)."""

@@ -498,6 +498,15 @@ def test_keep_rows_in_any_order_pairs_each_id_with_its_own_row():
         assert torch.equal(m.weight_matrix()[[2, 7, 31]], E[[2, 7, 31]])
 
 
+def test_an_empty_table_is_refused_by_the_embeddings_own_names():
+    # was "out_features must be a positive integer, got 0": the MPO's name for the number of rows
+    for make, name in ((lambda: MPOEmbedding(0, 4), "num_embeddings"), (lambda: MPOEmbedding(4, 0), "embedding_dim"),
+                       (lambda: MPOEmbedding.from_embedding(nn.Embedding(0, 4)), "num_embeddings"),
+                       (lambda: MPOEmbedding.from_embedding(nn.Embedding(4, 0)), "embedding_dim")):
+        with pytest.raises(ValueError, match=f"{name} must be a positive integer, got 0"):
+            make()
+
+
 def test_padding_idx_out_of_range_is_refused_and_negative_one_counts_from_the_end():
     # nn.Embedding refuses padding_idx=num_embeddings; accepting it here wrapped it round to id 0 in silence
     for bad in (50, 51, -51):

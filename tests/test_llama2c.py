@@ -414,6 +414,8 @@ def test_bad_arguments(files, tok, model):
         Llama2cTokenizer(files[1], vocab_size=0)
     with pytest.raises(ValueError, match="more tokens than vocab_size=300"):
         Llama2cTokenizer(files[1], vocab_size=300)
+    # a numpy integer (a count, a config value read by numpy) is taken, as compress takes one
+    assert Llama2cTokenizer(files[1], vocab_size=np.int64(512)).decode(tok.encode("Hi there")) == "Hi there"
     with pytest.raises(TypeError, match="must be ints"):
         tok.decode([1.7])
     with pytest.raises(TypeError, match="must be ints"):

@@ -122,6 +122,12 @@ def traced_lookup(cores: Sequence[torch.Tensor], ids: torch.Tensor, embedding_di
     return acc.reshape(T, acc.shape[1] * acc.shape[2])[:, :embedding_dim]
 
 
+def _check_table_size(num_embeddings: int, embedding_dim: int) -> None:
+    """Name the table's sizes as an embedding user knows them (the MPO underneath calls them out / in_features)."""
+    number(num_embeddings, "num_embeddings", low=1, integer=True)
+    number(embedding_dim, "embedding_dim", low=1, integer=True)
+
+
 class MPOEmbedding(nn.Module):
     """``nn.Embedding(num_embeddings, embedding_dim)`` with the table stored as MPO cores.
 
@@ -151,6 +157,7 @@ class MPOEmbedding(nn.Module):
                  padding_idx: int | None = None, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        _check_table_size(num_embeddings, embedding_dim)
         mpo = MPO.random(num_embeddings, embedding_dim, max_bond, num_cores, dtype=dtype or torch.get_default_dtype())
         mpo.cores[0] = mpo.cores[0] * math.sqrt(3 * embedding_dim)  # MPO.random has Var 1/(3 in); nn.Embedding 1
         self._setup(mpo.to(device), padding_idx)
@@ -223,6 +230,7 @@ class MPOEmbedding(nn.Module):
                 raise ValueError(f"MPOEmbedding does not support {attr}={getattr(emb, attr)!r}: the MPO has no "
                                  "per-row storage to renormalize or update sparsely")
         E = emb.weight.detach()
+        _check_table_size(*E.shape)
         if emb.padding_idx is not None and E[emb.padding_idx].any():
             raise ValueError(f"the row of padding_idx={emb.padding_idx} is nonzero; MPOEmbedding supports only a "
                              "zero padding row (its lookup returns zeros there)")

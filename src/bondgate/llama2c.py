@@ -314,6 +314,8 @@ class Llama2cTokenizer:
     """
 
     def __init__(self, path: str | os.PathLike, vocab_size: int | None = None) -> None:
+        if isinstance(vocab_size, np.integer):  # (model.config values, numpy counts: taken as compress takes them)
+            vocab_size = int(vocab_size)
         if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)
                                        or vocab_size < 259):
             raise ValueError(f"vocab_size must be an int >= 259 (<unk>, BOS, EOS and 256 byte tokens), got "

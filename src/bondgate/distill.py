@@ -380,9 +380,9 @@ def distill(
 ) -> DistillResult:
     """Train ``student`` to imitate ``teacher`` on ``data`` (an iterable of batches, re-iterated per epoch; one tensor
     or dict is one batch). The teacher runs in eval mode under ``no_grad``; its parameters and train/eval flags are
-    left as they were (a student that would train one of its parameters, or share a module with running
-    statistics such as a BatchNorm, is refused; frozen modules both share run in eval mode in the teacher's calls). The student trains in train
-    mode — its dropout is on, as in any fine-tuning, so the logged losses include that noise; like transformers'
+    left as they were (a student that would train one of its parameters, or share a module with running statistics
+    such as a BatchNorm, is refused; frozen modules both share run in eval mode in the teacher's calls). The student
+    trains in train mode — its dropout is on, as in any fine-tuning, so the logged losses include that noise; like transformers'
     Trainer, ``student.train()`` also wakes submodules you had put in eval mode (a BatchNorm that must stay frozen needs a
     ``train()`` override that keeps it in eval mode) — and is returned in eval mode, also when a ``FloatingPointError`` stops it. ``seed`` seeds this call only (the caller's random state is restored). ``loss``: a
     :class:`DistillLoss` or a callable ``(student_out, teacher_out, batch) -> (total, {term: float})``; ``None``

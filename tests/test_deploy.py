@@ -437,3 +437,55 @@ def test_a_part_of_a_deployed_copy_is_refused_by_save_too(deploy, tmp_path):
         bg.save(nn.Sequential(part), tmp_path / "c")
     assert not (tmp_path / "c").exists()
     bg.save(model, tmp_path / "m")  # the model it came from still saves
+
+
+@pytest.mark.parametrize("kinds", [("lowrank",), ("mpo",)])
+def test_factored_layers_inside_torchs_fused_transformer_modules_are_kept(kinds):
+    # nn.TransformerEncoderLayer reads its children's .weight tensors itself: an int8 pair (a Sequential) has none and
+    # torch's int8 Linear has a method of that name, so the deployed copy failed on its first call
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0)
+    enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval()
+    c = bg.compress(copy.deepcopy(enc), bg.CompressionConfig(param_ratio=0.5, kinds=kinds),
+                    [torch.randn(16, 5, 32)], progress=False).eval()
+    x = torch.randn(2, 5, 32)
+    for rows in (None, 8):
+        d = bg.deploy_int8(c, rows=rows)
+        torch.testing.assert_close(d(x), c(x))  # every factored layer kept: the same map
+        kept = {n: r.chosen for n, r in d.bondgate_int8.items()}
+        factored = [n for n, m in c.named_modules() if isinstance(m, (bg.MPOLinear, bg.LowRankLinear))]
+        assert factored and all(kept[n] == "kept (inside TransformerEncoder, which reads its weights)"
+                                for n in factored)
+
+
+def test_timing_does_not_call_the_users_hooks_and_the_converted_layer_keeps_them():
+    # the timed choice called each candidate ~23 times on random rows with the user's hooks attached
+    torch.manual_seed(0)
+    for make in (lambda: nn.Linear(64, 64), lambda: bg.LowRankLinear.from_linear(nn.Linear(64, 64), 16)):
+        model = nn.Sequential(make())
+        calls = []
+        model[0].register_forward_hook(lambda m, i, o: calls.append(1))
+        d = bg.deploy_int8(model, rows=8)
+        assert calls == []
+        d(torch.randn(3, 64))
+        assert calls == [1]  # the hook moved to what runs now, and still fires
+        assert len(model[0]._forward_hooks) == 1
+
+
+def test_a_gated_model_copies_and_deploys_after_a_training_forward_whose_penalty_was_not_collected():
+    # the penalty kept its autograd graph: deepcopy (and so deploy_int8 / deploy_float) raised torch's
+    # "Only Tensors created explicitly by the user ... support the deepcopy protocol"
+    from bondgate.gating import GatedMPOLinear, GatingConfig, set_mode
+
+    torch.manual_seed(0)
+    g = GatedMPOLinear.from_mpo_linear(bg.MPOLinear.from_linear(nn.Linear(32, 32), max_bond=8), GatingConfig())
+    m = nn.Sequential(g, nn.ReLU(), nn.Linear(32, 8)).train()
+    set_mode(m, "gate")
+    m(torch.randn(6, 32)).pow(2).sum().backward()
+    m.eval()
+    x = torch.randn(4, 32)
+    c = copy.deepcopy(m)
+    assert c[0]._aux is None and g._aux is not None  # the original keeps its penalty for the loss to collect
+    torch.testing.assert_close(c(x), m(x))
+    for deploy in (bg.deploy_int8, bg.deploy_float):
+        assert deploy(m)(x).shape == (4, 8)

@@ -46,16 +46,26 @@ dropped: the memory of the dense layer, not both), the other layers as they are.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ._checks import number
-from .baselines import _conv1d_to_linear, _select, _set_module, check_finite, latency, quantize_dynamic
+from .baselines import (
+    _conv1d_to_linear,
+    _select,
+    _set_module,
+    _weight_reader,
+    check_finite,
+    latency,
+    quantize_dynamic,
+)
 from .gating import GatedMPOLinear
-from .layer import MPOLinear, carry_hooks
+from .layer import _HOOK_DICTS, MPOLinear, carry_hooks
 from .lowrank import LowRankLinear
 from .quant import dequantize, quantize
 from .recurrent import Recurrent
@@ -67,8 +77,9 @@ __all__ = ["Int8Choice", "deploy_float", "deploy_int8"]
 @dataclass
 class Int8Choice:
     """What :func:`deploy_int8` did with one layer: ``form`` it had (``"mpo"``, ``"lowrank"``, ``"dense"``,
-    ``"gated"``), ``chosen`` form (``"int8"``, ``"int8 factors"``, ``"int8 product"``, ``"kept"``, or for a gated
-    layer ``"kept (gated)"``) and, when timed, the microseconds per call at ``rows`` rows as it was and of each int8
+    ``"gated"``), ``chosen`` form (``"int8"``, ``"int8 factors"``, ``"int8 product"``, ``"kept"``, for a gated
+    layer ``"kept (gated)"``, for a factored layer inside torch's fused ``nn.Transformer*`` /
+    ``nn.MultiheadAttention`` modules ``"kept (inside ...)"``) and, when timed, the microseconds per call at ``rows`` rows as it was and of each int8
     candidate."""
 
     form: str
@@ -89,7 +100,21 @@ def _int8(layer: nn.Module, source: nn.Module | None = None) -> nn.Module:
 def _seconds(layer: nn.Module, rows: int, in_features: int) -> float:
     # the fastest of 20 calls: another process on the cores only ever adds time, so the minimum compares the
     # two kernels where a median would compare the moments the scheduler gave them
-    return latency(layer, torch.randn(rows, in_features), reps=20, warmup=3)["min"]
+    with _hooks_off(layer):  # the user's hooks would see the random timing rows (and add their own time)
+        return latency(layer, torch.randn(rows, in_features), reps=20, warmup=3)["min"]
+
+
+@contextlib.contextmanager
+def _hooks_off(layer: nn.Module) -> Iterator[None]:
+    """``layer`` and its submodules with no forward / backward hooks for the block, every hook back after it."""
+    saved = [(m, name, getattr(m, name)) for m in layer.modules() for name in _HOOK_DICTS if getattr(m, name, None)]
+    for m, name, hooks in saved:
+        setattr(m, name, type(hooks)())
+    try:
+        yield
+    finally:
+        for m, name, hooks in saved:
+            setattr(m, name, hooks)
 
 
 def _exact_int8(m: MPOLinear, q: nn.Module) -> nn.Module:
@@ -171,11 +196,13 @@ def deploy_int8(model: nn.Module, rows: int | None = 32, dense: bool = True) -> 
         rows: rows per layer call (tokens of a batch) to time each layer at, keeping the fastest of its form as
             it is and its int8 candidates; ``None``: convert without timing (MPO -> int8 dense weight,
             low-rank, a pair or a rank-form MPO layer -> int8 factors, dense -> int8).
-        dense: also convert the plain ``nn.Linear`` / ``Conv1D`` layers (tied ones, and those inside torch's
-            fused ``nn.Transformer*`` / ``nn.MultiheadAttention`` modules, are left as they are).
+        dense: also convert the plain ``nn.Linear`` / ``Conv1D`` layers (tied ones are left as they are). Layers
+            inside torch's fused ``nn.Transformer*`` / ``nn.MultiheadAttention`` modules, which read their children's
+            ``.weight`` tensors themselves, are left as they are, factored or plain.
 
     Returns the copy in eval mode; ``copy.bondgate_int8`` maps each candidate layer's name to its
-    :class:`bondgate.deploy.Int8Choice`. A converted layer keeps the hooks registered on the layer it replaces.
+    :class:`bondgate.deploy.Int8Choice`. A converted layer keeps the hooks registered on the layer it replaces (the
+    timing calls run without them).
     """
     rows = _check(model, rows)
     new = copy.deepcopy(model).eval()
@@ -184,11 +211,18 @@ def deploy_int8(model: nn.Module, rows: int | None = 32, dense: bool = True) -> 
     converted: list[nn.Module] = []
     layers = {n: m for n, m in new.named_modules() if isinstance(m, (MPOLinear, LowRankLinear))
               and not isinstance(m, GatedMPOLinear) and not _inside(n, owners)}
+    # torch's fused attention / transformer modules read their children's .weight tensors themselves: an int8
+    # module there has none (a Sequential of two) or a method of that name, and the model failed on its first call
+    fused = {n: reader for n, m in layers.items() if (reader := _weight_reader(new, aliases[id(m)]))}
     if dense:
         layers.update({n: m for n, m in _select(new, None, replace=True)[0].items() if not _inside(n, owners)})
     # gated layers stay (their widths change per input): listed, so that the report names every bondgate layer
     report: dict[str, Int8Choice] = {n: Int8Choice("gated", "kept (gated)") for n, m in new.named_modules()
                                      if isinstance(m, GatedMPOLinear) and not _inside(n, owners)}
+    for n, reader in fused.items():
+        m = layers.pop(n)
+        form = "mpo" if isinstance(m, MPOLinear) and not m.is_rank_form else "lowrank"
+        report[n] = Int8Choice(form, f"kept (inside {reader}, which reads its weights)")
     check_finite(layers, "deploy_int8")
     for name, m in layers.items():
         form, plain = _candidates(m)

@@ -1122,6 +1122,14 @@ class GatedMPOLinear(MPOLinear):
 
     _KEPT = (*MPOLinear._KEPT, "_level_plans", "_traced_widths", "_slices", "_price", "_host")
 
+    def __getstate__(self) -> dict:
+        # the budget penalty of a training forward not yet collected holds its autograd graph, which deepcopy refuses
+        # ("Only Tensors created explicitly by the user ... support the deepcopy protocol"): a copy starts without it
+        state = super().__getstate__()
+        state["_aux"] = None
+        state.pop("_aux_parts", None)
+        return state
+
     def _reset_caches(self) -> None:
         super()._reset_caches()
         self._level_plans: dict[tuple, tuple] = {}

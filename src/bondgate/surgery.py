@@ -137,7 +137,10 @@ class CompressionConfig:
             1.1-1.15x ``nn.Linear``'s time for a 384-wide layer at one row, 1.4x for a 64-wide one; within noise from
             32 rows up at 384 wide); a memory-mode layer can be slower at row counts it was not judged at; a table's
             lookup costs more than ``nn.Embedding``'s (see ``embeddings``). The report says which policy each layer
-            got, and the kernel µs the decision saw.
+            got, and the kernel µs the decision saw. Low-rank pairs have one kernel (two ``F.linear`` calls) and no
+            policy: under ``"auto"`` the report gives their µs beside the dense layer's at ``deploy_rows``; on small
+            layers the second call's overhead can make a pair slower than ``nn.Linear`` (a 64 x 64 layer at rank 28:
+            ~1.7x at 1 and 128 rows; 384 x 384 at rank 96: ~1.1x at 1 row, ~0.6x at 128, on a 2-core CPU).
         max_calibration_rows: stop the statistics pass once every layer has seen this many rows. The calibration
             iterable itself is read in full (and held, since later passes re-read it): pass a finite, sized one.
         quantize: ``None`` (default) or ``"int8"``: every new MPO layer is quantized (per-channel int8 cores,
@@ -964,6 +967,9 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
         if pair and config.quantize is None:
             layer, W_hat, bias = _build_lowrank(w, wid)
             row = _lowrank_report(w, layer.rank, layer.error, W_hat, bias, report.flop_rows)
+            if config.policy == "auto":  # a pair has one kernel (two F.linear calls): timed for the report, as MPOs are
+                pair_s, dense_s = paired_seconds(layer, min(config.deploy_rows, 4096))
+                row.time_us, row.time_dense_us = 1e6 * pair_s, 1e6 * dense_s
         else:
             # an int8 pair is a rank-form MPO: two cores (out, 1) x (1, in), the bond its rank
             cores = rank_cores(*_pair_factors(w, wid)) if pair else _mpo_cores(w, wid, config)

@@ -726,3 +726,32 @@ def test_under_auto_a_low_rank_pairs_row_reports_its_time_beside_the_dense_layer
     model = nn.Sequential(nn.Linear(96, 96), nn.ReLU(), nn.Linear(96, 96))
     compress(model, CompressionConfig(param_ratio=0.5, kinds="lowrank", policy="memory"), [x], progress=False)
     assert seen == [] and all(r.time_us is None for r in model.bondgate_report.compressed)
+
+
+class _TiedLM(nn.Module):
+    def __init__(self, vocab=500, dim=64):
+        super().__init__()
+        self.emb, self.fc, self.fc2 = nn.Embedding(vocab, dim), nn.Linear(dim, 128), nn.Linear(128, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(self.fc2(torch.relu(self.fc(self.emb(x)))))
+
+
+def test_a_head_tied_to_a_compressed_table_reports_what_it_runs_and_a_cost_budget_names_it():
+    # its row said "skipped" with 0 FLOPs while the MPO head ran 1.25x its dense FLOPs, outside flops_ratio, unnamed
+    torch.manual_seed(0)
+    ids = [torch.randint(0, 500, (8, 64))]
+    m = _TiedLM()
+    with pytest.warns(UserWarning, match=r"FLOPs budget leaves out the head\(s\) tied to the compressed table "
+                                         r"\(head: \d\.\d\dx its dense FLOPs at deploy_rows=128\)"):
+        compress(m, CompressionConfig(param_ratio=0.5, embeddings=True, flops_ratio=0.6, policy="memory"), ids,
+                 progress=False)
+    row = next(r for r in m.bondgate_report.layers if r.name == "head")
+    assert isinstance(m.head, MPOLinear) and row.policy == "memory"
+    assert row.flops_dense == 2 * 128 * 500 * 64 and row.flops_mpo == m.head.flops(128) > 0
+    m = _TiedLM()
+    compress(m, CompressionConfig(param_ratio=0.5, embeddings=True), ids, progress=False)  # auto: timed, no budget
+    row = next(r for r in m.bondgate_report.layers if r.name == "head")
+    assert row.policy in ("speed", "memory") and row.time_us > 0 and row.time_dense_us > 0

@@ -935,6 +935,7 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
                     for w, wid in zip(capped, uniform_widths(spectra, group_budget(capped, ratio))):
                         widths[w.name] = wid
 
+    head_times: dict[int, tuple] = {}  # a tied MPO head's (µs, dense µs) as policy "auto" timed it
     for w in _turns(works, bar, "compress"):
         wid = widths.get(w.name, [])
         if config.param_ratio is not None and wid is None:
@@ -960,7 +961,7 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
             continue
         ref = w.module.weight
         if w.is_embedding:
-            layer, row = _build_embedding(model, w, wid, config, report.flop_rows, names)
+            layer, row = _build_embedding(model, w, wid, config, report.flop_rows, names, head_times)
             report.layers.append(row)
             continue
         pair = isinstance(wid, int)  # a low-rank pair of rank wid (else MPO bonds, or None: max_bond / tol)
@@ -1023,6 +1024,7 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
         warn_user(f"compress: at {budget}, {len(grown)} layer(s) hold more weights than dense ("
                   + ", ".join(f"{r.name}: {r.params_before:,} -> {r.params_after:,}" for r in grown[:3])
                   + (", ..." if len(grown) > 3 else "") + "); give a smaller budget or param_ratio")
+    heads = []
     for name, why in skipped.items():
         mod = model.get_submodule(name)
         tied_head = isinstance(mod, MPOLinear) and why.startswith("weight is tied")
@@ -1031,9 +1033,19 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
         w = getattr(mod, "weight", None)
         n = w.numel() if isinstance(w, torch.Tensor) and not tied_head else 0  # (the table's weights, counted there)
         out_f, in_f = _shape(mod)
-        report.layers.append(LayerReport(name, type(mod).__name__, out_f, in_f, status=f"skipped: {why}",
-                                         params_before=n, params_after=n,
-                                         form="mpo" if isinstance(mod, MPOLinear) else "dense"))
+        row = LayerReport(name, type(mod).__name__, out_f, in_f, status=f"skipped: {why}", params_before=n,
+                          params_after=n, form="mpo" if isinstance(mod, MPOLinear) else "dense")
+        if tied_head:  # it runs (a vocabulary-wide product, often the costliest call of a small LM): its cost shown
+            row.flops_dense, row.flops_mpo = 2 * report.flop_rows * out_f * in_f, mod.flops(report.flop_rows)
+            row.policy = "speed" if mod.policy.cache_dense else "memory"
+            row.time_us, row.time_dense_us = head_times.get(id(mod), (None, None))
+            heads.append(row)
+        report.layers.append(row)
+    if heads and cost is not None:  # the budgets price the layers they allocate; a tied head follows its table
+        warn_user(f"compress: the {'FLOPs' if cost[0] == 'flops' else 'time'} budget leaves out the head(s) tied to "
+                  f"the compressed table ({', '.join(f'{r.name}: {r.flops_mpo / r.flops_dense:.2f}x its dense FLOPs' for r in heads)} "
+                  f"at deploy_rows={config.deploy_rows}): their MPO shares the table's cores, sized by the weight "
+                  f"budget; see the report's rows")
     previous = getattr(model, "bondgate_report", None)
     if isinstance(previous, CompressionReport):  # compressing again: the layers compressed before stay reported
         now = {r.name for r in report.layers}
@@ -1251,9 +1263,10 @@ def _auto_policy(layer: MPOLinear, rows: int) -> tuple[str, float | None, float 
 
 
 def _build_embedding(model: nn.Module, w: _Work, wid, config: CompressionConfig, rows: int,
-                     names: dict[int, list[str]]) -> tuple[MPOEmbedding, LayerReport]:
+                     names: dict[int, list[str]], head_times: dict) -> tuple[MPOEmbedding, LayerReport]:
     """The :class:`MPOEmbedding` of a table at the allocated widths (or the config's bond cap / tolerance), swapped
-    in at every name, and every ``nn.Linear`` head tied to the table swapped for its tied MPO head."""
+    in at every name, and every ``nn.Linear`` head tied to the table swapped for its tied MPO head (under policy
+    ``"auto"`` its µs and the dense layer's into ``head_times[id(head)]``, for the report)."""
     if config.param_ratio is not None:
         mpo = (w.exact if w.exact is not None else _exact(w, config)).truncate(max_bond=list(wid))
     else:
@@ -1289,7 +1302,10 @@ def _build_embedding(model: nn.Module, w: _Work, wid, config: CompressionConfig,
                 tied.bias.copy_(head.bias)
         tied.quantize_(config.quantize)
         if config.policy == "auto":  # a vocabulary-wide head is the costliest layer of a small LM: judged like the rest
-            tied.policy = _plan_policy(config, _auto_policy(tied, config.deploy_rows)[0])
+            policy, mpo_us, dense_us = _auto_policy(tied, config.deploy_rows)
+            tied.policy = _plan_policy(config, policy)
+            head_times[id(tied)] = (min(mpo_us, dense_us) if policy == "speed" and mpo_us is not None else mpo_us,
+                                    dense_us)
         swap_module(model, head, names, tied)
     row = _layer_report(w, mpo, W_hat, None, rows)
     row.kind, row.quant = "Embedding", config.quantize

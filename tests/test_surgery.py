@@ -2286,6 +2286,12 @@ def test_uniform_widths_refuse_a_budget_below_bond_one_everywhere():
     assert uniform_widths(spectra, 32) == [[1]]
     with pytest.raises(ValueError, match=r"below bond 1 everywhere \(32 weights\)"):
         uniform_widths(spectra, 31)
+    # through compress: named as the global path names it, with a ratio that works (was raw weights, no ratio)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256))
+    with pytest.raises(ValueError, match=r"param_ratio=0.001 \(81 of 81,920 weights\) is below bond 1 on every layer "
+                                         r"\(208 weights\); give at least 0.00254"):
+        compress(model, CompressionConfig(param_ratio=0.001, allocation="uniform", kinds=("mpo",)), progress=False)
+    compress(model, CompressionConfig(param_ratio=0.00254, allocation="uniform", kinds=("mpo",)), progress=False)
 
 
 def test_a_16_bit_pairs_reported_errors_are_those_of_the_factors_it_stores():

@@ -183,6 +183,14 @@ def _cost(menus: Sequence[LayerMenu], choice: Sequence[int]) -> float:
     return sum(m.costs[j] for m, j in zip(menus, choice))
 
 
+class BudgetTooSmall(ValueError):
+    """The budget is below the smallest form of every layer; ``floor``: the weights of that smallest form."""
+
+    def __init__(self, message: str, floor: int):
+        super().__init__(message)
+        self.floor = floor
+
+
 class BudgetConflict(ValueError):
     """Each budget can be met alone, but the choice the heuristic found does not meet both (a choice meeting both
     may exist: 1 of 242 such refusals in a review's brute force over small menus); ``least``: the cost of the
@@ -307,7 +315,8 @@ def uniform_widths(layers: Sequence[LayerSpectrum], budget: int) -> list[list[in
 
     hi = max(max(layer.full_widths, default=1) for layer in layers)
     if total(1) > budget:
-        raise ValueError(f"budget of {budget:,} weights is below bond 1 everywhere ({total(1):,} weights)")
+        raise BudgetTooSmall(f"budget of {budget:,} weights is below bond 1 everywhere ({total(1):,} weights)",
+                             total(1))
     lo = 1
     while lo < hi:  # largest cap with total(cap) <= budget (total grows with the cap)
         mid = (lo + hi + 1) // 2

@@ -31,6 +31,7 @@ from ._checks import number
 from ._warn import warn_user
 from .allocation import (
     BudgetConflict,
+    BudgetTooSmall,
     Choice,
     LayerMenu,
     LayerSpectrum,
@@ -932,7 +933,14 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
                 spectra = [LayerSpectrum([o * i for o, i in zip(w.out_f, w.in_f)], w.exact.bond_spectra or [],
                                          w.weight, w.numel) for w in capped]
                 if spectra:
-                    for w, wid in zip(capped, uniform_widths(spectra, group_budget(capped, ratio))):
+                    try:
+                        picked = uniform_widths(spectra, group_budget(capped, ratio))
+                    except BudgetTooSmall as exc:  # as the global path words it: the ratio and one that works
+                        kept, total = kept_weights(capped), sum(w.numel for w in capped)
+                        raise ValueError(f"param_ratio={ratio:g} ({int(ratio * total) - kept:,} of {total:,} weights) "
+                                         f"is below bond 1 on every layer ({exc.floor:,} weights); give at least "
+                                         f"{_round_up((exc.floor + kept) / total):g}") from None
+                    for w, wid in zip(capped, picked):
                         widths[w.name] = wid
 
     head_times: dict[int, tuple] = {}  # a tied MPO head's (µs, dense µs) as policy "auto" timed it

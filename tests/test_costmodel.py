@@ -706,28 +706,6 @@ def test_the_default_forms_follow_the_budget():
     assert CompressionConfig(**CompressionConfig(param_ratio=0.5).to_dict()).forms == ("mpo", "lowrank")
 
 
-def test_under_auto_a_low_rank_pairs_row_reports_its_time_beside_the_dense_layers(monkeypatch):
-    # a pair has no policy to choose; under auto its row had no time at all, so a pair slower than nn.Linear (small
-    # layers: ~1.7x at 64 x 64) went unreported while MPO rows showed theirs
-    import bondgate.surgery as surgery
-
-    seen = []
-    monkeypatch.setattr(surgery, "paired_seconds", lambda lay, rows: seen.append((type(lay), rows)) or (3e-5, 2e-5))
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(96, 96), nn.ReLU(), nn.Linear(96, 96))
-    x = torch.randn(400, 96)
-    compress(model, CompressionConfig(param_ratio=0.5, kinds="lowrank", deploy_rows=64), [x], progress=False)
-    rows = model.bondgate_report.compressed
-    assert rows and all(r.form == "lowrank" for r in rows)
-    assert all((r.time_us, r.time_dense_us) == (pytest.approx(30.0), pytest.approx(20.0)) for r in rows)
-    assert seen == [(LowRankLinear, 64)] * len(rows)
-    assert "| - / 30 / 20 |" in model.bondgate_report.table()
-    seen.clear()
-    model = nn.Sequential(nn.Linear(96, 96), nn.ReLU(), nn.Linear(96, 96))
-    compress(model, CompressionConfig(param_ratio=0.5, kinds="lowrank", policy="memory"), [x], progress=False)
-    assert seen == [] and all(r.time_us is None for r in model.bondgate_report.compressed)
-
-
 class _TiedLM(nn.Module):
     def __init__(self, vocab=500, dim=64):
         super().__init__()

@@ -426,6 +426,13 @@ def test_bank_rows_with_empty_cells_or_other_labels_are_refused(tmp_path, data_d
     csv.write_text("\n".join([src[0], *src[1:3], "", ";" + src[3].split(";", 1)[1], *src[4:50]]) + "\n")
     with pytest.raises(ValueError, match=re.escape(f"{csv}:5: empty cell in column 'age'")):
         bd.load_bank_marketing(tmp_path, download=False)
+    # a row of empty cells is refused (not taken for a blank line), and a blank line above the header is skipped
+    csv.write_text("\n".join([src[0], *src[1:3], ";" * src[0].count(";"), *src[3:50]]) + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"{csv}:4: empty cell in column 'age'")):
+        bd.load_bank_marketing(tmp_path, download=False)
+    csv.write_text("\n".join(["", src[0], *src[1:3], "inf;" + src[3].split(";", 1)[1], *src[4:50]]) + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"{csv}:5: column 'age' holds 'inf', not a finite number")):
+        bd.load_bank_marketing(tmp_path, download=False)
 
 
 def test_copies_that_are_not_the_published_files(tmp_path, data_dir):

@@ -1328,10 +1328,22 @@ def test_a_shared_frozen_module_runs_in_eval_mode_in_the_teachers_forward_and_sh
     bn = nn.BatchNorm1d(16)
     teacher = nn.Sequential(nn.Linear(8, 16), bn, nn.Linear(16, 8)).eval().requires_grad_(False)
     student = nn.Sequential(teacher[0], bn, copy.deepcopy(teacher[2]).requires_grad_(True))
-    with pytest.raises(ValueError, match="shares 1 with the teacher, a normalization with running statistics"):
+    with pytest.raises(ValueError, match="shares 1 with the teacher, a normalization with running statistics in "
+                                         "train mode"):
         distill(student, teacher, [torch.randn(16, 8)], steps=1, loss=DistillLoss(hidden=0, output=1.0),
                 progress=False)
-    assert int(bn.num_batches_tracked) == 0
+    assert int(bn.num_batches_tracked) == 0 and not student.training
+
+    class FrozenBN(nn.BatchNorm1d):  # what distill's docstring advises for a BatchNorm that must stay frozen
+        def train(self, mode=True):
+            return super().train(False)
+
+    bn = FrozenBN(16).eval()
+    teacher = nn.Sequential(nn.Linear(8, 16), bn, nn.Linear(16, 8)).eval().requires_grad_(False)
+    student = nn.Sequential(teacher[0], bn, copy.deepcopy(teacher[2]).requires_grad_(True))
+    before = copy.deepcopy(teacher.state_dict())
+    distill(student, teacher, [torch.randn(16, 8)], steps=2, loss=DistillLoss(hidden=0, output=1.0), progress=False)
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())
 
 
 def test_distillation_trainer_evaluation_returns_logits_not_hidden_states_and_needs_a_teacher(tmp_path):
@@ -1360,3 +1372,36 @@ def test_a_tuple_batch_that_binds_a_tensor_to_past_key_values_is_refused_by_name
     with pytest.raises(ValueError, match="argument '(past_key_values|cache)', a key/value cache, got a tensor .*give dict"):
         distill(student, teacher, [(ids, torch.ones_like(ids))], steps=1, loss=DistillLoss(hidden=0, logits=1.0),
                 progress=False)
+
+
+def test_a_plain_modules_argument_named_cache_takes_a_tuple_batchs_tensor():
+    # the key/value-cache refusal is for transformers models: a plain module's own `cache` argument is its business
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x, cache):
+            return self.fc(x) + cache
+
+    teacher = Net()
+    student = copy.deepcopy(teacher)
+    res = distill(student, teacher, [(torch.randn(4, 8), torch.randn(4, 8))], steps=2,
+                  loss=DistillLoss(hidden=0, output=1.0), progress=False)
+    assert res.steps == 2
+
+
+def test_data_whose_length_is_unknown_trains_for_steps():
+    # len() raising NotImplementedError (or TypeError) means an unknown length; with steps it is not even asked
+    teacher, student, data = teacher_student()
+
+    class NoLength(list):
+        def __len__(self):
+            raise NotImplementedError
+
+    res = distill(student, teacher, NoLength(data), steps=2, loss=DistillLoss(hidden=0, output=1.0), progress=False)
+    assert res.steps == 2
+    with pytest.warns(UserWarning, match="data of unknown length"):
+        res = distill(student, teacher, NoLength(data), epochs=1, loss=DistillLoss(hidden=0, output=1.0),
+                      progress=False)
+    assert res.steps == len(data)

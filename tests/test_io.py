@@ -1220,12 +1220,14 @@ def test_load_moves_a_rebuilt_model_to_map_location(mlp_ckpt):
     reads = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(bondgate.io, "verify_checkpoint", lambda *a, **k: reads.append(a) or pytest.fail("read"))
-        with pytest.raises(ValueError, match="map_location must be a device such as 'cpu'.*got 'nope'"):
+        with pytest.raises(ValueError, match="map_location must be a device such as 'cpu'.* got 'nope'"):
             bondgate.load(mlp_ckpt, map_location="nope")
         missing = "cuda:0" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
         with pytest.raises(ValueError, match=f"map_location '{missing}' is not available on this machine"):
             bondgate.load(mlp_ckpt, map_location=missing)
     assert not reads
+    loaded = bondgate.load(mlp_ckpt, map_location=None)  # None: where it is built (model.to(None) before)
+    assert {t.device.type for t in loaded.state_dict().values()} == {"cpu"}
 
 
 class _Masked(nn.Module):

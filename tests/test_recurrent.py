@@ -139,6 +139,7 @@ def test_an_hx_of_the_wrong_kind_or_dtype_and_string_flags_are_clear_errors(fuse
         with pytest.raises(TypeError, match=f"{flag} must be True or False, got 'no'"):
             Recurrent("LSTM", 4, 6, **{flag: "no"})
     assert Recurrent("LSTM", 4, 6, bias=0).bias is False
+    assert Recurrent("LSTM", 4, 6, batch_first=None).batch_first is False  # torch's LSTM takes None as False too
 
 
 class LM(nn.Module):

@@ -2289,9 +2289,15 @@ def test_uniform_widths_refuse_a_budget_below_bond_one_everywhere():
     # through compress: named as the global path names it, with a ratio that works (was raw weights, no ratio)
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256))
     with pytest.raises(ValueError, match=r"param_ratio=0.001 \(81 of 81,920 weights\) is below bond 1 on every layer "
-                                         r"\(208 weights\); give at least 0.00254"):
+                                         r"\(208 weights\): give at least 0.00254"):
         compress(model, CompressionConfig(param_ratio=0.001, allocation="uniform", kinds=("mpo",)), progress=False)
     compress(model, CompressionConfig(param_ratio=0.00254, allocation="uniform", kinds=("mpo",)), progress=False)
+    # a table's own ratio is named as the global path names it
+    lm = nn.Sequential(nn.Embedding(1000, 32), nn.Linear(32, 32))
+    with pytest.raises(ValueError, match=r"embedding_ratio=0.0005 \(16 of 32,000 weights\) is below bond 1 on every "
+                                         r"layer"):
+        compress(lm, CompressionConfig(param_ratio=0.5, embeddings=True, embedding_ratio=0.0005, allocation="uniform",
+                                       kinds=("mpo",)), [torch.randint(0, 1000, (4, 8))], progress=False)
 
 
 def test_a_16_bit_pairs_reported_errors_are_those_of_the_factors_it_stores():

@@ -283,9 +283,7 @@ def load_bank_marketing(path: str | os.PathLike | None = None, *, download: bool
     _check_published(csv, BANK_FILE)
     expected = "the unmodified UCI bank-additional-full.csv: ';'-separated, a header row, then one row per call"
     try:
-        # whole-file dtypes (no mixed-type chunk warning); blank lines read as empty rows and dropped below, so that
-        # a row's index + 2 stays its line in the file for the messages
-        df = pd.read_csv(csv, sep=";", low_memory=False, skip_blank_lines=False)
+        df = pd.read_csv(csv, sep=";", low_memory=False)  # whole-file dtypes: no mixed-type chunk warning
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise ValueError(f"{csv}: cannot read it as a table ({exc}); expected {expected}") from exc
     missing = [c for c in ("y", "duration", *BANK_NUMERIC, *BANK_CATEGORICAL) if c not in df.columns]
@@ -294,13 +292,18 @@ def load_bank_marketing(path: str | os.PathLike | None = None, *, download: bool
                          f"expected {expected}")
     if missing:
         raise ValueError(f"{csv}: no column(s) {', '.join(map(repr, missing))}; expected {expected}")
-    df = df.dropna(how="all")  # blank lines (their index, the line, is kept by the rows after them)
     if df.empty:
         raise ValueError(f"{csv}: a header but no rows; expected {expected}")
     df = df.drop(columns="duration")
+    # the file's line of each row, for the messages: pandas skips blank lines, so a row's index + 2 is not its line
+    lines = [n for n, line in enumerate(csv.read_bytes().split(b"\n"), 1) if line.strip(b"\r")]
+
+    def line_of(row: int) -> int:
+        return lines[row + 1] if row + 1 < len(lines) else row + 2
+
     empty = df.columns[df.isna().any()].tolist()
     if empty:  # a NaN would pass into X silently
-        line = df.index[df[empty[0]].isna().to_numpy().argmax()] + 2
+        line = line_of(int(df[empty[0]].isna().to_numpy().argmax()))
         raise ValueError(f"{csv}:{line}: empty cell in column {empty[0]!r} (columns with empty cells: {empty})")
     for col in BANK_NUMERIC:
         values = pd.to_numeric(df[col], errors="coerce")
@@ -310,7 +313,7 @@ def load_bank_marketing(path: str | os.PathLike | None = None, *, download: bool
         if bad.any():
             row = int(bad.argmax())
             what = "not a number" if pd.isna(values.iloc[row]) else "not a finite number"
-            raise ValueError(f"{csv}:{df.index[row] + 2}: column {col!r} holds {str(df[col].iloc[row])[:40]!r}, {what}")
+            raise ValueError(f"{csv}:{line_of(row)}: column {col!r} holds {str(df[col].iloc[row])[:40]!r}, {what}")
         df[col] = values
     labels = set(df["y"].unique()) - {"yes", "no"}
     if labels:

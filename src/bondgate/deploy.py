@@ -33,9 +33,10 @@ checkpoint and convert again after loading). Numerics: the activations' per-call
 rounding of an int8 MPO's weight change the outputs slightly; measure the quality after converting
 (``benchmarks/frontier.py`` does). That quantization is torch's, one range per call over all its rows: a row's
 outputs move with the other rows of the batch (a row 1000x larger moved a small row's outputs by about their own
-size in a review's test), a NaN input row comes out finite and wrong, an inf input fails the call ("min should be
-less than or equal to max"), and weights below ~1e-5 in magnitude round to zero (torch's smallest scale). Batch rows
-of like scale, and check inputs for non-finite values before the call.
+size in a review's test), a NaN input row comes out finite and wrong, an inf in one row makes every row of the
+batch inf / NaN with the x86 / fbgemm engines (others fail the call: "min should be less than or equal to max"), and
+weights below ~1e-5 in magnitude round to zero (torch's smallest scale). Batch rows of like scale, and check inputs
+for non-finite values before the call.
 
 :func:`deploy_float` is the floating-point counterpart for layers whose factors do not pay (and for int8 low-rank
 pairs, held as two-core MPO layers, which it turns into ``LowRankLinear``: the same two GEMMs, which the MPO layer

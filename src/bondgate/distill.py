@@ -30,25 +30,24 @@ from .calibration import eval_mode, model_device, model_output, named_batch, run
 __all__ = ["DistillLoss", "DistillResult", "distill", "DistillationTrainer"]  # noqa: F822 (built lazily by __getattr__)
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None, per_token: bool) -> torch.Tensor:
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None, per_token: bool, zeroed: bool = False) -> torch.Tensor:
     """Mean over tokens of ``x`` ``(B, T, ...)``, counting only ``mask == 1`` positions; a plain mean when ``x`` has
-    no token axis (``per_token`` False: a pooled state, a classifier's logits)."""
+    no token axis (``per_token`` False: a pooled state, a classifier's logits). ``zeroed``: ``x`` is 0 at the padded
+    positions already (:func:`_real` made it), so only the count needs the mask."""
     if mask is None or not per_token:
         return x.mean()
     _check_mask(mask, x)
-    m = mask.reshape(*mask.shape, *([1] * (x.dim() - 2))).bool()
     # the count in float32 at least: tokens x hidden passes float16's 65504 in one small batch (0 / inf = NaN)
     count = mask.bool().sum(dtype=torch.promote_types(x.dtype, torch.float32)) * math.prod(x.shape[2:])
     # where, not a product: a padded position's NaN (a teacher row masked to -inf everywhere) stays out
-    return torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(dtype=count.dtype) \
-        / count.clamp_min(1.0)
+    return (x if zeroed else _real(x, mask)).sum(dtype=count.dtype) / count.clamp_min(1.0)
 
 
 def _real(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """``x`` ``(B, T, ...)`` with its padded positions (``mask == 0``) set to 0 by ``where``, before any arithmetic: a
     NaN there (a teacher's state at a padded slot) then reaches neither the loss nor, through ``0 * NaN`` in the
     backward pass of a product or square, the gradient."""
-    if mask is None or x.dim() < 3 or mask.shape != x.shape[:2]:  # (_masked_mean reports a mask that does not fit)
+    if mask is None or x.dim() < 2 or mask.shape != x.shape[:2]:  # (_masked_mean reports a mask that does not fit)
         return x
     m = mask.reshape(*mask.shape, *([1] * (x.dim() - 2))).bool()
     return torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device))
@@ -113,8 +112,9 @@ class DistillLoss:
         if self.hidden > 0:
             # hs[0] is a transformers model's embedding output, left out (uncompressed, unless embeddings=True: then
             # the next state carries its error); a model with a single hidden state is matched on it
-            per = [_masked_mean(_real(a - b, mask) ** 2, mask, a.dim() >= 3)
-                   / _masked_mean(_real(b, mask) ** 2, mask, a.dim() >= 3).clamp_min(1e-12)
+            # the padded positions zeroed before the square: a NaN there reaches neither the loss nor the gradient
+            per = [_masked_mean(_real(a - b, mask) ** 2, mask, a.dim() >= 3, zeroed=True)
+                   / _masked_mean(_real(b, mask) ** 2, mask, a.dim() >= 3, zeroed=True).clamp_min(1e-12)
                    for hs, ht, mask in _hidden_states(student_out, teacher_out, "hidden", masks)
                    for a, b in zip(hs[1:] if len(hs) > 1 else hs, ht[1:] if len(ht) > 1 else ht)]
             terms["hidden"] = torch.stack(per).mean()
@@ -141,7 +141,7 @@ class DistillLoss:
                 m = (mask if mask is not None else torch.ones(hs.shape[:2], device=hs.device)).unsqueeze(-1)
                 m = m.to(hs.dtype)
                 n = m.sum(1).clamp_min(1.0)
-                ps, pt = _real(hs, mask).sum(1) / n, _real(ht, mask).sum(1) / n
+                ps, pt = (_real(hs, mask) * m).sum(1) / n, (_real(ht, mask) * m).sum(1) / n  # (a NaN there: zeroed)
                 rows = m.sum((1, 2)) > 0  # a row with no real token has no embedding to match
             terms["pooled"] = (1 - torch.nn.functional.cosine_similarity(ps[rows], pt[rows], dim=-1)).sum() \
                 / rows.sum().clamp_min(1)
@@ -235,7 +235,7 @@ def _call(model: nn.Module, batch, want_hidden: bool):
     # (it synchronizes gradients) but recognize the model inside it.
     inner = _inner(model)
     named = named_batch(inner, batch)  # a tuple batch as {argument: value}, where it binds
-    cache = next((k for k in ("past_key_values", "cache") if named is not batch
+    cache = next((k for k in ("past_key_values", "cache") if named is not batch and hasattr(inner, "config")
                   and isinstance(named.get(k), torch.Tensor)), None)  # (transformers 5 renamed it to cache)
     if cache is not None:
         raise ValueError(f"a tuple batch is passed positionally, and {type(inner).__name__}'s argument {cache!r}, a "
@@ -434,7 +434,7 @@ def distill(
     if isinstance(data, Iterator) and steps is None and max_minutes is None and (epochs or 0) != 1:
         warn_user("distill: data is a one-shot iterator, so it can be read for one epoch only; pass a list or "
                   "a DataLoader to train for more")
-    batches = _length(data)
+    batches = _length(data) if steps is None else None  # (only the schedule of an epochs run needs it)
     if steps is None and max_minutes is None and batches is None:
         warn_user("distill: with epochs on data of unknown length the schedule has no end to plan for: the "
                   "learning rate stays at lr (no warmup or decay); give steps, or data with a length")
@@ -458,7 +458,8 @@ def distill(
         _check_sandwich(student)
     want_hidden = _wants_hidden(loss)
     # frozen modules the two share were put back in train mode by student.train(): the teacher's calls set eval
-    teacher_mode = (lambda: eval_mode(teacher)) if _check_not_shared(student, teacher) else contextlib.nullcontext
+    common = _check_not_shared(student, teacher)
+    teacher_mode = (lambda: eval_mode(teacher)) if common else contextlib.nullcontext
     device = model_device(student)
     from .gating import preserved_state
     from .quant import master_state
@@ -526,6 +527,11 @@ def distill(
             return clock() - c0 - eval_budget[0]
 
         student.train()
+        try:
+            _check_shared_stats(common)
+        except ValueError:
+            student.eval()  # as on return
+            raise
         bar = tqdm(total=planned, desc="distill", disable=not progress, leave=False)
         step, epoch, running = 0, 0, {}
         timed = planned is None and max_minutes is not None
@@ -609,14 +615,13 @@ def _length(data) -> int | None:
     ``__len__`` that raises ``TypeError``)."""
     try:
         return len(data)
-    except TypeError:
+    except (TypeError, NotImplementedError):
         return None
 
 
-def _check_not_shared(student: nn.Module, teacher: nn.Module) -> bool:
-    """Refuse a student that would change its teacher: one training the teacher's parameters, or sharing a module
-    with running statistics (a BatchNorm, which the student's train-mode forward updates). Returns whether the two
-    share any module (frozen ones may be shared: the teacher's forward must then put them in eval mode itself)."""
+def _check_not_shared(student: nn.Module, teacher: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Refuse a student that would train the teacher's parameters. Returns the modules the two share (frozen ones
+    may be shared: the teacher's calls must then put them in eval mode themselves; see :func:`_check_shared_stats`)."""
     teacher_params = {id(p) for p in teacher.parameters()}
     shared = [n for n, p in student.named_parameters() if p.requires_grad and id(p) in teacher_params]
     if shared:
@@ -624,14 +629,18 @@ def _check_not_shared(student: nn.Module, teacher: nn.Module) -> bool:
                          f"{', ...' if len(shared) > 3 else ''}): distilling would change the teacher; give the "
                          "student its own copy (copy.deepcopy(teacher) before compressing)")
     teacher_modules = {id(m) for m in teacher.modules()}
-    common = [(n, m) for n, m in student.named_modules() if id(m) in teacher_modules]
+    return [(n, m) for n, m in student.named_modules() if id(m) in teacher_modules]
+
+
+def _check_shared_stats(common: list[tuple[str, nn.Module]]) -> None:
+    """Refuse shared modules that the student's training forward would change: a normalization with running
+    statistics in train mode (one whose ``train()`` keeps it in eval mode, as distill's docs advise, is fine)."""
     stats = [n or type(m).__name__ for n, m in common
-             if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
+             if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats and m.training]
     if stats:
         raise ValueError(f"the student shares {', '.join(stats[:3])}{', ...' if len(stats) > 3 else ''} with the "
-                         f"teacher, a normalization with running statistics: the student's training forward would "
-                         f"update the teacher's; give the student its own copy")
-    return bool(common)
+                         f"teacher, a normalization with running statistics in train mode: the student's training "
+                         f"forward would update the teacher's; give the student its own copy, or keep it in eval mode")
 
 
 def _load_bondgate_state(model: nn.Module, directory: str | os.PathLike | None) -> bool:
@@ -668,7 +677,7 @@ def _make_trainer_class():
                 raise TypeError(f"DistillationTrainer needs teacher=<the dense model, an nn.Module>, got "
                                 f"{type(teacher).__name__}")
             super().__init__(*args, **kwargs)
-            _check_not_shared(self.model, teacher)
+            self._shared = _check_not_shared(self.model, teacher)
             self.teacher = teacher  # run in eval mode under no_grad per call: its own flags are left as they are
             self.distill_loss = distill_loss or DistillLoss()
             if sandwich:
@@ -693,6 +702,8 @@ def _make_trainer_class():
                 self.teacher.to(dev)
             with torch.no_grad(), eval_mode(self.teacher):
                 t_out = _call(self.teacher, inputs, want)
+            if model.training:
+                _check_shared_stats(self._shared)  # (the Trainer sets the modes itself, after __init__)
             if self.sandwich and model.training:
                 _no_checkpointing(self.model)  # transformers turns checkpointing on in train(), after __init__
             total, _, s_out = _step_loss(model, inputs, t_out, self.distill_loss, want,

@@ -515,7 +515,8 @@ class GatedMPOLinear(MPOLinear):
     @classmethod
     def from_linear(cls, linear: nn.Module, *args, gating: GatingConfig | None = None,
                     **kwargs) -> "GatedMPOLinear":
-        """:meth:`MPOLinear.from_linear` (TT-SVD of a trained ``nn.Linear``), gated as ``gating`` says."""
+        """:meth:`MPOLinear.from_linear` (TT-SVD of a trained ``nn.Linear`` or HF ``Conv1D``), gated as ``gating``
+        says."""
         layer = super().from_linear(linear, *args, **kwargs)
         layer._init_config(gating)
         return layer
@@ -1701,9 +1702,12 @@ def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256,
         if X.shape[0] < need:
             few.append(f"{n} ({X.shape[0]} rows)")
         elif n not in constant_names:  # repeated rows (a batch passed 8 times) count once: they add no information
-            distinct = torch.unique(X, dim=0).shape[0]
-            if distinct < need:
-                few.append(f"{n} ({X.shape[0]} rows, {distinct} distinct)")
+            # enough distinct rows among the first 2 * need settle it without sorting them all (0.1-0.75 s per layer
+            # at 8192 rows, 768-4096 wide)
+            if torch.unique(X[: 2 * need], dim=0).shape[0] < need:
+                distinct = torch.unique(X, dim=0).shape[0]
+                if distinct < need:
+                    few.append(f"{n} ({X.shape[0]} rows, {distinct} distinct)")
         U = torch.linalg.eigh(G).eigenvectors[:, -ctrl.rank:].T  # (rank, in)
         feats = torch.cat([(X @ U.T).pow(2), X.pow(2).sum(1, keepdim=True)], 1)
         fscale = feats.pow(2).mean(0).sqrt().clamp_min(1e-30)

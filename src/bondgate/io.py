@@ -1122,8 +1122,8 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *,
     directory = Path(directory)
     dtype = _floating_dtype(dtype)
     built = model is None
-    if built:  # before the files are read and the model built: torch's errors came at the end, and "meta" moved it
-        map_location = _target_device(map_location)
+    if built and map_location is not None:  # before the files are read and the model built (torch's errors came at
+        map_location = _target_device(map_location)  # the end); None: where it is built, the CPU, as model.to(None)
     meta = verify_checkpoint(directory)
     header = _weights_header(directory, meta)
     arch = meta["architecture"]
@@ -1292,8 +1292,10 @@ def _target_device(map_location: Any) -> torch.device:
     try:
         device = torch.device(map_location)
     except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"map_location must be a device such as 'cpu', 'cuda:0' or a torch.device, got "
-                         f"{map_location!r} ({exc})") from None
+        # (torch.device(0) is the accelerator's first device, refused by torch when the machine has none)
+        what = "is not available on this machine" if isinstance(map_location, int) else \
+            "must be a device such as 'cpu', 'cuda:0' or a torch.device, got"
+        raise ValueError(f"map_location {what} {map_location!r} ({str(exc).splitlines()[0]})") from None
     try:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as exc:  # CPU-only torch asserts "not compiled with CUDA enabled"

@@ -111,7 +111,7 @@ class Recurrent(nn.Module):
         if nonlinearity != "tanh" and mode != "RNN":  # nn.LSTM / nn.GRU have no such option (torch: a TypeError)
             raise ValueError(f"nonlinearity={nonlinearity!r} is an option of mode='RNN' only, not of {mode!r}")
         for flag, value in (("bias", bias), ("batch_first", batch_first), ("bidirectional", bidirectional)):
-            if isinstance(value, str) or value not in (0, 1):  # bool("no") is True: a string built biases
+            if isinstance(value, str) or value not in (0, 1, None):  # bool("no") is True: a string built biases
                 raise TypeError(f"{flag} must be True or False, got {value!r}")
         dropout = number(dropout, "dropout", low=0, high=1)
         if dropout > 0 and num_layers == 1:

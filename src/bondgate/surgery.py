@@ -138,10 +138,11 @@ class CompressionConfig:
             1.1-1.15x ``nn.Linear``'s time for a 384-wide layer at one row, 1.4x for a 64-wide one; within noise from
             32 rows up at 384 wide); a memory-mode layer can be slower at row counts it was not judged at; a table's
             lookup costs more than ``nn.Embedding``'s (see ``embeddings``). The report says which policy each layer
-            got, and the kernel µs the decision saw. Low-rank pairs have one kernel (two ``F.linear`` calls) and no
-            policy: under ``"auto"`` the report gives their µs beside the dense layer's at ``deploy_rows``; on small
+            got, and the kernel µs the decision saw. Low-rank pairs have one kernel (two ``F.linear`` calls), no policy
+            and no timing (timing every pair made compress several times slower on models of small layers): on small
             layers the second call's overhead can make a pair slower than ``nn.Linear`` (a 64 x 64 layer at rank 28:
-            ~1.7x at 1 and 128 rows; 384 x 384 at rank 96: ~1.1x at 1 row, ~0.6x at 128, on a 2-core CPU).
+            ~1.7x at 1 and 128 rows; 384 x 384 at rank 96: ~1.1x at 1 row, ~0.6x at 128, on a 2-core CPU); a time
+            budget (``max_latency_ratio``) prices and measures them.
         max_calibration_rows: stop the statistics pass once every layer has seen this many rows. The calibration
             iterable itself is read in full (and held, since later passes re-read it): pass a finite, sized one.
         quantize: ``None`` (default) or ``"int8"``: every new MPO layer is quantized (per-channel int8 cores,
@@ -873,6 +874,16 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
                 raise ValueError(f"embedding_rows={config.embedding_rows} kept rows take the tables' whole budget: "
                                  "raise embedding_ratio or keep fewer rows")
             return budget
+        def below_floor(group: list[_Work], ratio: float, floor: int, smallest: str) -> None:
+            """Refuse a ratio whose budget is below ``floor`` weights (``smallest``: what takes them), naming it and
+            a ratio that reaches the floor."""
+            total, kept = sum(w.numel for w in group), kept_weights(group)
+            name = "embedding_ratio" if group[0].is_embedding and config.embedding_ratio is not None else "param_ratio"
+            rows = f", {kept:,} of them the kept rows'" if kept else ""
+            raise ValueError(f"{name}={ratio:g} ({group_budget(group, ratio) + kept:,} of {total:,} weights{rows}) is "
+                             f"below {smallest} ({floor:,} weights{' besides the kept rows' if kept else ''}): give "
+                             f"at least {_round_up((floor + kept) / total):g}")
+
         if config.allocation == "global":
             for group, ratio in groups:
                 gm = [menu_of[w.name] for w in group]
@@ -898,14 +909,7 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
                 budget = group_budget(group, ratio)
                 floor = sum(min(m.params) for m in gm)
                 if budget < floor:  # (allocate says it in weights; here it is said as the ratio that reaches it)
-                    total, kept = sum(w.numel for w in group), kept_weights(group)
-                    name = "embedding_ratio" if group[0].is_embedding and config.embedding_ratio is not None \
-                        else "param_ratio"
-                    rows = f", {kept:,} of them the kept rows'" if kept else ""
-                    raise ValueError(f"{name}={ratio:g} ({budget + kept:,} of {total:,} weights{rows}) is below the "
-                                     f"smallest factored forms of these layers ({floor:,} weights"
-                                     f"{' besides the kept rows' if kept else ''}): give at least "
-                                     f"{_round_up((floor + kept) / total):g}")
+                    below_floor(group, ratio, floor, "the smallest factored forms of these layers")
                 try:
                     picks = allocate(gm, budget, cost_budget)
                 except BudgetConflict as exc:  # each budget alone is within reach, not both as found (never broken)
@@ -936,10 +940,7 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
                     try:
                         picked = uniform_widths(spectra, group_budget(capped, ratio))
                     except BudgetTooSmall as exc:  # as the global path words it: the ratio and one that works
-                        kept, total = kept_weights(capped), sum(w.numel for w in capped)
-                        raise ValueError(f"param_ratio={ratio:g} ({int(ratio * total) - kept:,} of {total:,} weights) "
-                                         f"is below bond 1 on every layer ({exc.floor:,} weights); give at least "
-                                         f"{_round_up((exc.floor + kept) / total):g}") from None
+                        below_floor(capped, ratio, exc.floor, "bond 1 on every layer")
                     for w, wid in zip(capped, picked):
                         widths[w.name] = wid
 
@@ -976,9 +977,6 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
         if pair and config.quantize is None:
             layer, W_hat, bias = _build_lowrank(w, wid)
             row = _lowrank_report(w, layer.rank, layer.error, W_hat, bias, report.flop_rows)
-            if config.policy == "auto":  # a pair has one kernel (two F.linear calls): timed for the report, as MPOs are
-                pair_s, dense_s = paired_seconds(layer, min(config.deploy_rows, 4096))
-                row.time_us, row.time_dense_us = 1e6 * pair_s, 1e6 * dense_s
         else:
             # an int8 pair is a rank-form MPO: two cores (out, 1) x (1, in), the bond its rank
             cores = rank_cores(*_pair_factors(w, wid)) if pair else _mpo_cores(w, wid, config)

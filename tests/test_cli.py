@@ -115,6 +115,19 @@ def test_compress_refuses_to_overwrite_a_foreign_directory(tiny_dir, tmp_path):
     assert (tmp_path / "notes.txt").read_text(encoding="utf-8") == "keep me"
 
 
+def test_compress_refuses_to_leave_another_models_sentence_transformers_files_in_the_checkpoint(tiny_dir, tmp_path):
+    # overwriting a MiniLM checkpoint with a model that has none kept its modules.json and 1_Pooling (384 dims):
+    # SentenceTransformer(out) then built the new model with the old model's pooling
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "bondgate.json").write_text("{}", encoding="utf-8")
+    (out / "modules.json").write_text("[]", encoding="utf-8")
+    code, stdout, stderr = run(["compress", "--model", str(tiny_dir), "--out", str(out), "--threads", "1"])
+    assert code == 1 and stdout == ""
+    assert "holds sentence-transformers files of the model saved there before (modules.json)" in stderr
+    assert sorted(p.name for p in out.iterdir()) == ["bondgate.json", "modules.json"]
+
+
 def test_a_target_that_matches_nothing_is_one_line_error(tiny_dir, tmp_path, capsys):
     argv = ["compress", "--model", str(tiny_dir), "--target", r"pooler\..*", "--exclude", "pooler.*",
             "--out", str(tmp_path / "x"), "--threads", "1"]

@@ -496,6 +496,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
     _check_out_writable(out)
     _check_tokenizer_files(model_dir)
     sentence = _sentence_modules(model_dir)  # (before the work: it refuses links out of the folder)
+    stale = [f for f in SENTENCE_FILES if (out / f).is_file() and f not in sentence] if out.is_dir() else []
+    if stale:  # the save keeps files it does not write: SentenceTransformer(out) would build the old model's modules
+        raise ValueError(f"--out: {out} holds sentence-transformers files of the model saved there before "
+                         f"({', '.join(stale)}), which {name} does not have: they would describe the new checkpoint "
+                         f"wrongly; give another --out, or remove them")
     lines, source = _calibration_lines(args.calibration, args.calibration_size)
     budget = ({"param_ratio": args.ratio} if args.ratio is not None else
               {"max_bond": args.max_bond} if args.max_bond is not None else

@@ -1185,8 +1185,11 @@ def test_cpu_budget_clock_divides_cpu_time_by_the_thread_count(monkeypatch):
     assert res.stopped == "time budget" and res.steps == 15 and res.budget_seconds == 1.875
 
 
-def test_distillation_trainer_predicts_logits_on_labelled_data(tmp_path):
-    """Batches with labels take the stock prediction step: predict() returns the logits and label ids."""
+@pytest.mark.parametrize("loss", [DistillLoss(hidden=0, logits=1.0), DistillLoss()])
+def test_distillation_trainer_predicts_logits_on_labelled_data(tmp_path, loss):
+    """Batches with labels take the stock prediction step: predict() returns the logits and label ids. With the
+    default loss (hidden states) the output of the output_hidden_states=True call reached that step: predictions
+    were (logits, (hidden states...)) and compute_metrics broke on them."""
     transformers = pytest.importorskip("transformers")
     import bondgate
 
@@ -1194,8 +1197,7 @@ def test_distillation_trainer_predicts_logits_on_labelled_data(tmp_path):
     ds = [{**d, "labels": d["input_ids"]} for d in ds]
     args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True,
                                           per_device_eval_batch_size=4, disable_tqdm=True)
-    trainer = bondgate.DistillationTrainer(model=student, teacher=teacher, args=args,
-                                           distill_loss=DistillLoss(hidden=0, logits=1.0))
+    trainer = bondgate.DistillationTrainer(model=student, teacher=teacher, args=args, distill_loss=loss)
     out = trainer.predict(ds)
     assert out.predictions.shape == (8, 12, 64) and out.label_ids.shape == (8, 12)
     assert math.isfinite(out.metrics["test_loss"]) and out.metrics["test_loss"] > 0
@@ -1346,21 +1348,14 @@ def test_a_shared_frozen_module_runs_in_eval_mode_in_the_teachers_forward_and_sh
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())
 
 
-def test_distillation_trainer_evaluation_returns_logits_not_hidden_states_and_needs_a_teacher(tmp_path):
-    # with the default loss (hidden states) the student's output of the output_hidden_states=True call went to the
-    # stock prediction step: predictions were (logits, (hidden states...)) and compute_metrics broke on them
+def test_distillation_trainer_needs_a_teacher(tmp_path):
+    # teacher=None failed at the first step with "'NoneType' object has no attribute 'parameters'"
     transformers = pytest.importorskip("transformers")
     import bondgate
 
-    teacher, student, ds = _tiny_gpt2_student(transformers)
-    ds = [{**d, "labels": d["input_ids"]} for d in ds]
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True,
-                                          per_device_eval_batch_size=4, disable_tqdm=True)
-    trainer = bondgate.DistillationTrainer(model=student, teacher=teacher, args=args)  # DistillLoss(): hidden=1
-    out = trainer.predict(ds)
-    assert out.predictions.shape == (8, 12, 64)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, disable_tqdm=True)
     with pytest.raises(TypeError, match="needs teacher=<the dense model, an nn.Module>, got NoneType"):
-        bondgate.DistillationTrainer(model=student, teacher=None, args=args)
+        bondgate.DistillationTrainer(model=nn.Linear(2, 2), teacher=None, args=args)
 
 
 def test_a_tuple_batch_that_binds_a_tensor_to_past_key_values_is_refused_by_name():

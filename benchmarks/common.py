@@ -142,3 +142,29 @@ def check_checkpoint(parser: argparse.ArgumentParser, path, flag: str = "--check
     if not p.is_dir():
         parser.error(f"argument {flag}: no checkpoint directory {str(p)!r}"
                      + (f" (cwd {os.getcwd()})" if not p.is_absolute() else "") + (f"; {hint}" if hint else ""))
+
+
+def check_dense_model(parser: argparse.ArgumentParser, path, flag: str = "--model", hint: str = "") -> None:
+    """:func:`check_checkpoint`, and a usage error (exit 2) where ``path`` is a bondgate checkpoint (it has a
+    ``bondgate.json``) rather than the dense model the script loads with transformers -- as ``bondgate compress``
+    refuses one: transformers' dense loader does not read bondgate's compressed layers."""
+    check_checkpoint(parser, path, flag, hint)
+    if (Path(path) / "bondgate.json").is_file():
+        parser.error(f"argument {flag}: {str(path)!r} is a bondgate checkpoint, not a dense model; give the original "
+                     "model")
+
+
+def check_new_out(parser: argparse.ArgumentParser, path, flag: str = "--out") -> None:
+    """A usage error (exit 2) where ``path`` exists and is not an empty directory: a file, a bondgate checkpoint (its
+    ``bondgate.json`` would be left beside the new weights) or any other non-empty directory -- checked before the
+    run, as ``bondgate compress`` refuses a non-empty ``--out``."""
+    p = Path(path)
+    if not p.exists():
+        return
+    if not p.is_dir():
+        parser.error(f"argument {flag}: {str(p)!r} exists and is not a directory")
+    if (p / "bondgate.json").is_file():
+        parser.error(f"argument {flag}: {str(p)!r} holds a bondgate checkpoint; choose a new or empty directory")
+    if any(p.iterdir()):
+        parser.error(f"argument {flag}: {str(p)!r} is a non-empty directory; refusing to write into it "
+                     "(choose a new or empty directory)")

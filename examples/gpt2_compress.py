@@ -30,7 +30,7 @@ if (ROOT.parent / "shared" / "data").exists():  # a checkout beside the shared d
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "examples"))
 import gpt2_wikitext as lm  # noqa: E402
-from common import banner, check_checkpoint, machine_info, write_json  # noqa: E402
+from common import banner, check_dense_model, machine_info, write_json  # noqa: E402
 
 import bondgate as bg  # noqa: E402
 from bondgate.cli import number_arg  # noqa: E402
@@ -196,7 +196,7 @@ def main(argv=None) -> None:
     h.add_argument("--out", default=None)
     h.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    check_checkpoint(ap, args.model, "--model", "train it first: python examples/gpt2_wikitext.py train --out "
+    check_dense_model(ap, args.model, "--model", "train it first: python examples/gpt2_wikitext.py train --out "
                      "runs/gpt2-wt2")
     try:
         {"compare": cmd_compare, "heal": cmd_heal}[args.cmd](args)

@@ -460,14 +460,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
 
-    p = sub.add_parser("train", parents=[common], help="train tokenizer + model, save to --out")
+    p = train_parser = sub.add_parser("train", parents=[common], help="train tokenizer + model, save to --out")
     _add_model_args(p)
     p.add_argument("--minutes", type=number_arg(float, 0, low_open=True, what="minutes"), default=18.0,
                    help="wall-clock budget of the training loop")
     p.add_argument("--warmup", type=number_arg(int, 0, what="warmup"), default=50, help="linear warmup steps")
     p.add_argument("--log-every", type=number_arg(int, 1, what="log-every"), default=25,
                    help="steps between loss logs and schedule re-plans")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="a new or empty directory for the model, tokenizer and "
+                   "metrics.json")
     p.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", parents=[common], help="re-evaluate validation perplexity of a saved model")
@@ -480,11 +481,14 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(func=cmd_bench)
 
     args = parser.parse_args(argv)
-    if args.cmd == "eval":  # a missing folder would reach the hub as a repo id
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-        from common import check_checkpoint
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from common import check_dense_model, check_new_out
 
-        check_checkpoint(ev, args.model, "--model", "make one with python examples/gpt2_wikitext.py train --out DIR")
+    if args.cmd == "eval":  # a missing folder would reach the hub as a repo id; a bondgate checkpoint is not the
+        # dense model load_model reads
+        check_dense_model(ev, args.model, "--model", "make one with python examples/gpt2_wikitext.py train --out DIR")
+    if args.cmd == "train":  # before minutes of training: never mix new weights into an old folder
+        check_new_out(train_parser, args.out)
     try:
         args.func(args)
     except FileNotFoundError as exc:  # a data file (the loader's message says where it looked)

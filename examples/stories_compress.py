@@ -45,7 +45,7 @@ from common import banner, check_checkpoint, machine_info, write_json  # noqa: E
 
 import bondgate as bg  # noqa: E402
 from bondgate.calibration import model_device, to_device  # noqa: E402
-from bondgate.cli import number_arg  # noqa: E402
+from bondgate.cli import MAX_CORES, number_arg  # noqa: E402
 from bondgate.llama2c import (  # noqa: E402
     BOS_ID,
     Llama2cTokenizer,
@@ -421,7 +421,7 @@ def markdown(out: dict) -> str:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ratio", type=number_arg(float, 0, 1, low_open=True, what="ratio"), default=0.5, help="fraction of the block weights to keep")
-    ap.add_argument("--num-cores", type=number_arg(int, 1, 17, what="cores"), nargs="+", default=[2, 3], help="MPO cores per layer (each is tried)")
+    ap.add_argument("--num-cores", type=number_arg(int, 2, MAX_CORES, what="cores"), nargs="+", default=[2, 3], help=f"MPO cores per layer, 2 to {MAX_CORES} (each is tried)")
     ap.add_argument("--minutes", type=number_arg(float, 0, low_open=True, what="minutes"), default=6.0, help="healing budget per configuration")
     ap.add_argument("--samples", type=number_arg(int, 1, what="samples"), default=1600, help="stories to sample from the dense model")
     ap.add_argument("--seed", type=number_arg(int, 0, what="seed"), default=0)

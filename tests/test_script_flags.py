@@ -78,6 +78,8 @@ BAD = [
     ("benchmarks/stories_anneal.py", ["--steps", "0"], "--steps"),
     ("benchmarks/stories_prune_heal.py", ["--mpo-share", "1.5"], "--mpo-share"),
     ("benchmarks/stories_prune_heal.py", ["--minutes", "0"], "--minutes"),
+    ("examples/stories_compress.py", ["--num-cores", "1"], "--num-cores"),  # 1 core is the dense weight: as the CLI
+    ("examples/stories_compress.py", ["--num-cores", "2", "18"], "--num-cores"),
 ]
 
 #: documented "0 = none/off/all" values (and other boundaries) that must still parse: (script, argv, {dest: value})
@@ -91,6 +93,7 @@ GOOD = [
     ("benchmarks/gating.py", ["minilm", "--nested-minutes", "0", "--dev-pairs", "0", "--levels", "0", "--track", "0"],
      {"nested_minutes": 0.0, "dev_pairs": 0, "levels": 0, "track": 0.0}),
     ("benchmarks/stories_prune_heal.py", ["--mpo-share", "0"], {"mpo_share": 0.0}),
+    ("examples/stories_compress.py", ["--num-cores", "2", "17"], {"num_cores": [2, 17]}),
 ]
 
 
@@ -202,3 +205,75 @@ def test_documented_boundaries_still_parse(script, argv, expected, scripts, monk
         _run_main(scripts(script), script, argv, monkeypatch)
     namespace = vars(exc.value.namespace)
     assert {k: namespace[k] for k in expected} == expected
+
+
+def _not_called(*args, **kwargs):
+    raise AssertionError("the script went on past its argument checks")
+
+
+def _usage_error(module, argv: list[str], monkeypatch, capsys) -> str:
+    """``module.main(argv)`` must end in a usage error (exit 2, one ``error: ...`` line, no traceback) and the
+    line."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    with pytest.raises(SystemExit) as exc:
+        module.main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def bondgate_checkpoint(tmp_path):
+    """A folder that reads as a bondgate checkpoint (what the scripts look at: its bondgate.json)."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for name in ("bondgate.json", "config.json"):
+        (folder / name).write_text("{}")
+    return folder
+
+
+@pytest.mark.parametrize("cmd", ["compare", "heal"])
+def test_gpt2_compress_refuses_a_bondgate_checkpoint_as_the_dense_model(cmd, bondgate_checkpoint, scripts,
+                                                                         monkeypatch, capsys):
+    module = scripts("examples/gpt2_compress.py")
+    monkeypatch.setattr(module.lm, "load_model", _not_called)
+    line = _usage_error(module, ["--model", str(bondgate_checkpoint), cmd], monkeypatch, capsys)
+    assert "argument --model: " in line and "is a bondgate checkpoint, not a dense model" in line, line
+
+
+def test_gpt2_wikitext_eval_refuses_a_bondgate_checkpoint(bondgate_checkpoint, scripts, monkeypatch, capsys):
+    module = scripts("examples/gpt2_wikitext.py")
+    monkeypatch.setattr(module, "load_model", _not_called)
+    line = _usage_error(module, ["eval", "--model", str(bondgate_checkpoint)], monkeypatch, capsys)
+    assert "argument --model: " in line and "is a bondgate checkpoint, not a dense model" in line, line
+
+
+@pytest.mark.parametrize("kind,message", [("checkpoint", "holds a bondgate checkpoint"),
+                                          ("non-empty", "is a non-empty directory"),
+                                          ("file", "exists and is not a directory")])
+def test_gpt2_wikitext_train_refuses_an_out_in_use(kind, message, bondgate_checkpoint, tmp_path, scripts,
+                                                   monkeypatch, capsys):
+    """Before training: an old bondgate.json beside the new weights would make the folder a broken checkpoint."""
+    out = {"checkpoint": bondgate_checkpoint, "non-empty": tmp_path / "full", "file": tmp_path / "file"}[kind]
+    if kind == "non-empty":
+        out.mkdir()
+        (out / "notes.txt").write_text("keep me")
+    elif kind == "file":
+        out.write_text("")
+    module = scripts("examples/gpt2_wikitext.py")
+    monkeypatch.setattr(module, "cmd_train", _not_called)
+    line = _usage_error(module, ["train", "--out", str(out)], monkeypatch, capsys)
+    assert "argument --out: " in line and message in line, line
+
+
+@pytest.mark.parametrize("kind", ["new", "empty"])
+def test_gpt2_wikitext_train_takes_a_new_or_empty_out(kind, tmp_path, scripts, monkeypatch):
+    out = tmp_path / "model"
+    if kind == "empty":
+        out.mkdir()
+    module = scripts("examples/gpt2_wikitext.py")
+    started = []
+    monkeypatch.setattr(module, "cmd_train", lambda args: started.append(args.out))
+    module.main(["train", "--out", str(out)])
+    assert started == [out]

@@ -212,7 +212,8 @@ def _summary(rows: list[dict]) -> dict:
     out = {}
     for k in METRICS:
         vals = [r[k] for r in rows]
-        out[k] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
+        # a sample std needs two seeds: None for one (0.0 read as "no spread")
+        out[k] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else None}
     return out
 
 
@@ -225,7 +226,8 @@ def _print_table(stages: dict[str, list[dict]], params: dict[str, int]) -> None:
     print("-" * len(head))
     for name, rows in stages.items():
         s = _summary(rows)
-        cells = "".join(f"{s[k]['mean']:>12.4f} ± {s[k]['std']:.4f}" for k in METRICS)
+        cells = "".join(f"{s[k]['mean']:>12.4f} ± {s[k]['std']:.4f}" if s[k]["std"] is not None
+                        else f"{s[k]['mean']:>12.4f} ± {'n/a':<6}" for k in METRICS)
         print(f"{name:<{width}}{params[name]:>9,}{cells}")
 
 

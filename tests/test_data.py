@@ -387,6 +387,17 @@ def test_bank_mlp_cli(data_dir, bank_mlp, tmp_path, capsys, monkeypatch):
     assert res["runs"][0]["mpo"]["bond_dims"] == [8, 8, 8]
 
 
+def test_bank_mlp_one_seed_has_no_spread_to_show(bank_mlp, capsys):
+    # one seed printed "± 0.0000" and stored std 0.0, as if the seeds had agreed
+    rows = [{k: 0.5 for k in bank_mlp.METRICS}]
+    assert all(v["std"] is None for v in bank_mlp._summary(rows).values())
+    bank_mlp._print_table({"baseline": rows}, {"baseline": 10})
+    out = capsys.readouterr().out
+    assert "± n/a" in out and "± 0.0000" not in out
+    two = bank_mlp._summary(rows + [{k: 0.7 for k in bank_mlp.METRICS}])
+    assert all(v["std"] == pytest.approx(0.1414, abs=1e-4) for v in two.values())
+
+
 def test_a_file_of_another_split_is_refused_and_bom_and_blank_tails_are_read(tmp_path, data_dir):
     with pytest.raises(ValueError, match="is the sts-dev.tsv file, but sts-train.tsv was asked for"):
         bd.load_stsb(data_dir / "stsb" / "sts-dev.tsv", split="train")

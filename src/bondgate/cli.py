@@ -567,7 +567,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
         dense_bytes = size_on_disk(model)
 
         t0 = time.perf_counter()
-        compress(model, config, calibration=batches, progress=not args.no_progress)
+        with warnings.catch_warnings():  # the advice to save with bondgate.save_pretrained: this command does so
+            warnings.filterwarnings("ignore", message=".* now has int8 MPO cores: save it with bondgate.save_pretrained")
+            compress(model, config, calibration=batches, progress=not args.no_progress)
         seconds = time.perf_counter() - t0
         report = model.bondgate_report
         print(f"compressed in {seconds:.1f} s\n")

@@ -149,15 +149,22 @@ def _stored_int8(core: torch.Tensor, matrix) -> torch.Tensor:
                                       torch.zeros(s.numel(), dtype=torch.int64), 0, torch.qint8)
 
 
+def _form(m: nn.Module) -> str:
+    """``"lowrank"`` (a pair, or one held as two cores: int8 ones, by compress), ``"mpo"`` or ``"dense"``."""
+    if isinstance(m, LowRankLinear) or (isinstance(m, MPOLinear) and m.is_rank_form):
+        return "lowrank"
+    return "mpo" if isinstance(m, MPOLinear) else "dense"
+
+
 def _candidates(m: nn.Module) -> tuple[str, dict[str, nn.Module]]:
     """``(form, {int8 candidate: fresh plain layers to quantize})``, the first candidate the untimed choice."""
-    if isinstance(m, MPOLinear) and m.is_rank_form:  # a low-rank pair held as two cores (int8 ones, by compress)
-        return "lowrank", {"int8 factors": LowRankLinear.from_mpo_linear(m).to_linears(), "int8 product": m.to_linear()}
-    if isinstance(m, MPOLinear):
-        return "mpo", {"int8": m.to_linear()}
-    if isinstance(m, LowRankLinear):
-        return "lowrank", {"int8 factors": m.to_linears(), "int8 product": m.to_linear()}
-    return "dense", {"int8": _conv1d_to_linear(m) if is_conv1d(m) else copy.deepcopy(m)}
+    form = _form(m)
+    if form == "lowrank":
+        pair = LowRankLinear.from_mpo_linear(m) if isinstance(m, MPOLinear) else m
+        return form, {"int8 factors": pair.to_linears(), "int8 product": m.to_linear()}
+    if form == "mpo":
+        return form, {"int8": m.to_linear()}
+    return form, {"int8": _conv1d_to_linear(m) if is_conv1d(m) else copy.deepcopy(m)}
 
 
 def _check(model: nn.Module, rows: int | None) -> int | None:
@@ -225,9 +232,7 @@ def deploy_int8(model: nn.Module, rows: int | None = 32, dense: bool = True) -> 
     report: dict[str, Int8Choice] = {n: Int8Choice("gated", "kept (gated)") for n, m in new.named_modules()
                                      if isinstance(m, GatedMPOLinear) and not _inside(n, owners)}
     for n, reader in fused.items():
-        m = layers.pop(n)
-        form = "mpo" if isinstance(m, MPOLinear) and not m.is_rank_form else "lowrank"
-        report[n] = Int8Choice(form, f"kept (inside {reader}, which reads its weights)")
+        report[n] = Int8Choice(_form(layers.pop(n)), f"kept (inside {reader}, which reads its weights)")
     check_finite(layers, "deploy_int8")
     for name, m in layers.items():
         form, plain = _candidates(m)

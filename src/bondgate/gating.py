@@ -1660,7 +1660,7 @@ def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256,
     with full_width(model):  # the inputs (and sensitivities) of the full-width model
         capture_inputs(model, dict(layers), data, sample, lambda: all(c >= max_rows for c in count.values()))
         sens = output_sensitivity(model, dict(layers), data, loss=loss) if objective == "model" else {}
-    fits, constant, constant_names = [], [], set()
+    fits, constant = [], {}  # constant: {layer: what its rows are}
     for n, m in layers:
         if not count[n]:  # (batches of 0 rows leave rows[n] non-empty but hold none)
             raise ValueError(f"fit_controllers: layer {n!r} saw no input rows (does data reach it?)")
@@ -1670,8 +1670,7 @@ def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256,
         # one vector repeated (up to the inputs' rounding, as compress judges it): every row has the same error at
         # every level, so nothing tells inputs apart (R^2 of -78 was reported for 64 copies of one row)
         if not rows_vary(float((X - X.mean(0)).pow(2).sum()), float(X.pow(2).sum()), dtypes[n]):
-            constant.append(f"{n} ({'a single row' if X.shape[0] == 1 else f'{X.shape[0]} rows, one vector'})")
-            constant_names.add(n)
+            constant[n] = f"{n} ({'a single row' if X.shape[0] == 1 else f'{X.shape[0]} rows, one vector'})"
         mpo = m.to_mpo().to(device="cpu", dtype=torch.float64)  # the fit runs on the CPU in float64, like X
         W = mpo.to_matrix()
         if objective == "model":
@@ -1701,7 +1700,7 @@ def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256,
         need = FIT_ROWS_PER_FEATURE * (ctrl.rank + 1)
         if X.shape[0] < need:
             few.append(f"{n} ({X.shape[0]} rows)")
-        elif n not in constant_names:  # repeated rows (a batch passed 8 times) count once: they add no information
+        elif n not in constant:  # repeated rows (a batch passed 8 times) count once: they add no information
             # enough distinct rows among the first 2 * need settle it without sorting them all (0.1-0.75 s per layer
             # at 8192 rows, 768-4096 wide)
             if torch.unique(X[: 2 * need], dim=0).shape[0] < need:
@@ -1731,7 +1730,8 @@ def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256,
         ctrl_coef.copy_(torch.stack(coef).to(ctrl_coef))
         report.append({"name": n, "rows": int(X.shape[0]), "r2": r2})
     if constant:  # real inputs can do that (a layer fed a class embedding, one class in the data): warned, not refused
-        warn_user(f"fit_controllers: the input rows of {len(constant)} layer(s) do not vary ({_short_list(constant, 3)}"
+        warn_user(f"fit_controllers: the input rows of {len(constant)} layer(s) do not vary "
+                  f"({_short_list(list(constant.values()), 3)}"
                   f"): their controllers cannot tell inputs apart (R^2 NaN) and will pick by the input's norm "
                   f"alone; pass data with several different rows for them")
     if few:  # one row gave R^2 = 1.0 everywhere, and a held-out output error of 0.51 at the budget (256 rows: 0.41)

@@ -996,10 +996,9 @@ def _compress(model: nn.Module, config: CompressionConfig, calibration: Iterable
                 _layer_report(w, mpo, W_hat, bias, report.flop_rows)
             row.quant = config.quantize
             if config.policy == "auto":
-                policy, mpo_us, dense_us = _auto_policy(layer, config.deploy_rows)
+                policy, mpo_us, row.time_dense_us = _auto_policy(layer, config.deploy_rows)
                 layer.policy = _plan_policy(config, policy)
-                row.time_dense_us = dense_us
-                row.time_us = min(mpo_us, dense_us) if policy == "speed" and mpo_us is not None else mpo_us
+                row.time_us = _run_us(policy, mpo_us, row.time_dense_us)
             row.policy = "speed" if layer.policy.cache_dense else "memory"
         layer = layer.to(dtype=ref.dtype, device=ref.device)
         freeze_like(trains(w.module), layer)
@@ -1268,6 +1267,11 @@ def _auto_policy(layer: MPOLinear, rows: int) -> tuple[str, float | None, float 
     return (policy, *times)
 
 
+def _run_us(policy: str, mpo_us: float | None, dense_us: float | None) -> float | None:
+    """The µs of the kernel a layer judged by :func:`_auto_policy` runs: in speed mode the faster of the two."""
+    return min(mpo_us, dense_us) if policy == "speed" and mpo_us is not None else mpo_us
+
+
 def _build_embedding(model: nn.Module, w: _Work, wid, config: CompressionConfig, rows: int,
                      names: dict[int, list[str]], head_times: dict) -> tuple[MPOEmbedding, LayerReport]:
     """The :class:`MPOEmbedding` of a table at the allocated widths (or the config's bond cap / tolerance), swapped
@@ -1310,8 +1314,7 @@ def _build_embedding(model: nn.Module, w: _Work, wid, config: CompressionConfig,
         if config.policy == "auto":  # a vocabulary-wide head is the costliest layer of a small LM: judged like the rest
             policy, mpo_us, dense_us = _auto_policy(tied, config.deploy_rows)
             tied.policy = _plan_policy(config, policy)
-            head_times[id(tied)] = (min(mpo_us, dense_us) if policy == "speed" and mpo_us is not None else mpo_us,
-                                    dense_us)
+            head_times[id(tied)] = (_run_us(policy, mpo_us, dense_us), dense_us)
         swap_module(model, head, names, tied)
     row = _layer_report(w, mpo, W_hat, None, rows)
     row.kind, row.quant = "Embedding", config.quantize

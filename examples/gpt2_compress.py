@@ -30,14 +30,13 @@ if (ROOT.parent / "shared" / "data").exists():  # a checkout beside the shared d
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "examples"))
 import gpt2_wikitext as lm  # noqa: E402
-from common import banner, check_dense_model, machine_info, write_json  # noqa: E402
+from common import add_out_arg, banner, check_dense_model, check_out_dir, machine_info, write_json  # noqa: E402
 
 import bondgate as bg  # noqa: E402
 from bondgate.cli import number_arg  # noqa: E402
 from bondgate.data import load_text  # noqa: E402
 
 TARGET = r"transformer\.h\..*"
-RESULTS = ROOT / "benchmarks" / "results"
 
 
 def block_target(name: str, module) -> bool:
@@ -118,7 +117,7 @@ def cmd_compare(args) -> None:
                          "latency_ms": 1e3 * bg.latency(m, lat_in, reps=10, threads=args.threads)["median"],
                          "compress_s": secs})
             print(rows[-1], flush=True)
-    write_json(RESULTS / f"gpt2_compare{args.tag}.json", {"machine": info, "rows": rows, "valid_blocks": int(valid.shape[0])})
+    write_json(args.results / f"gpt2_compare{args.tag}.json", {"machine": info, "rows": rows, "valid_blocks": int(valid.shape[0])})
     lines = [f"Machine: {banner(info)}", "", f"Validation blocks: {int(valid.shape[0])} x {block} tokens.", "",
              "| method | target ratio | block linear weights | val perplexity | size on disk (MB) | "
              f"latency, 8x{block} tokens (ms) |", "|---|---|---|---|---|---|"]
@@ -126,7 +125,7 @@ def cmd_compare(args) -> None:
         w = "-" if r["weights"] is None else f"{r['weights']:,}"
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
         lines.append(f"| {r['method']} | {ratio} | {w} | {r['ppl']:.2f} | {r['mb']:.1f} | {r['latency_ms']:.0f} |")
-    (RESULTS / f"gpt2_compare{args.tag}.md").write_text("\n".join(lines) + "\n")
+    (args.results / f"gpt2_compare{args.tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -161,7 +160,7 @@ def cmd_heal(args) -> None:
               "distill_seconds": res.seconds - res.eval_seconds, "distill_budget_seconds": res.budget_seconds,
               "budget_clock": args.clock, "steps": res.steps, "stopped": res.stopped,
               "history": res.history, "args": vars(args), "checkpoint": str(out_dir)}
-    write_json(RESULTS / f"gpt2_heal_{round(args.ratio * 100)}{args.tag}.json", result)
+    write_json(args.results / f"gpt2_heal_{round(args.ratio * 100)}{args.tag}.json", result)
     print({k: v for k, v in result.items() if k not in ("history", "machine")})
 
 
@@ -195,7 +194,10 @@ def main(argv=None) -> None:
     h.add_argument("--patience", type=number_arg(int, 1, what="patience"), default=4)
     h.add_argument("--out", default=None)
     h.add_argument("--no-progress", action="store_true")
+    for p in (c, h):
+        add_out_arg(p, "--results")
     args = ap.parse_args(argv)
+    check_out_dir({"compare": c, "heal": h}[args.cmd], args.results, "--results")
     check_dense_model(ap, args.model, "--model", "train it first: python examples/gpt2_wikitext.py train --out "
                      "runs/gpt2-wt2")
     try:

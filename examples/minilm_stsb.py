@@ -10,7 +10,7 @@ those pairs included: a dev figure, not a held-out one (STS-B's test split is no
     python examples/minilm_stsb.py compare --ratios 0.5 0.25             # ours vs uniform TT-SVD vs SVD vs pruning vs int8
     python examples/minilm_stsb.py heal --ratio 0.5 --minutes 30         # compress, distill, evaluate, save
 
-Results go to benchmarks/results/minilm_*.{json,md}.
+Results go to benchmarks/results/minilm_*.{json,md} (``--results DIR``: into DIR instead).
 """
 
 from __future__ import annotations
@@ -34,14 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if (ROOT.parent / "shared" / "data").exists():  # a checkout beside the shared data: use it
     os.environ.setdefault("BONDGATE_DATA", str(ROOT.parent / "shared" / "data"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import banner, check_checkpoint, machine_info, write_json  # noqa: E402
+from common import add_out_arg, banner, check_checkpoint, check_out_dir, machine_info, write_json  # noqa: E402
 
 import bondgate as bg  # noqa: E402
 from bondgate.cli import number_arg  # noqa: E402
 from bondgate.data import load_stsb, load_text  # noqa: E402
 
 TARGET = r"encoder\..*"  # the encoder's linear layers (the pooler is not used for embeddings)
-RESULTS = ROOT / "benchmarks" / "results"
 
 
 def load_minilm():
@@ -196,7 +195,7 @@ def cmd_compare(args) -> None:
             size[method] = row["mb"]
     out = {"machine": info, "dense_weights": rows[0]["weights"], "rows": rows,
            "calibration_sentences": args.calibration}
-    write_json(RESULTS / f"minilm_compare{args.tag}.json", out)
+    write_json(args.results / f"minilm_compare{args.tag}.json", out)
     lines = [f"Machine: {banner(info)}", "", f"Command: `python examples/minilm_stsb.py {shlex.join(sys.argv[1:])}`", "",
              "| method | target ratio | encoder linear weights | STS-B dev Spearman x100 | size on disk (MB) | "
              "latency, 32 sentences (ms) |", "|---|---|---|---|---|---|"]
@@ -204,7 +203,7 @@ def cmd_compare(args) -> None:
         w = "-" if r["weights"] is None else f"{r['weights']:,}"
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
         lines.append(f"| {r['method']} | {ratio} | {w} | {r['stsb']:.2f} | {r['mb']:.1f} | {r['latency_ms']:.0f} |")
-    (RESULTS / f"minilm_compare{args.tag}.md").write_text("\n".join(lines) + "\n")
+    (args.results / f"minilm_compare{args.tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -248,7 +247,7 @@ def cmd_heal(args) -> None:
               "budget_clock": args.clock, "steps": res.steps, "stopped": res.stopped, "best_step": res.best_step,
               "best_probe_metric": res.best_metric,
               "history": res.history, "args": vars(args), "checkpoint": str(out_dir)}
-    write_json(RESULTS / f"minilm_heal_{tag}.json", result)
+    write_json(args.results / f"minilm_heal_{tag}.json", result)
     print(json.dumps({k: v for k, v in result.items() if k not in ("history", "machine")}, indent=1, default=str))
 
 
@@ -294,7 +293,11 @@ def main(argv=None) -> None:
     h.add_argument("--tag", default="", help="suffix of the result files")
     h.add_argument("--out", default=None)
     h.add_argument("--no-progress", action="store_true")
+    for p in (c, h):
+        add_out_arg(p, "--results")
     args = ap.parse_args(argv)
+    if args.cmd in ("compare", "heal"):
+        check_out_dir({"compare": c, "heal": h}[args.cmd], args.results, "--results")
     if args.cmd == "heal" and not args.embeddings:
         table = [f for f, on in (("--embedding-ratio", args.embedding_ratio is not None),
                                  ("--embedding-form", args.embedding_form != "mpo"),

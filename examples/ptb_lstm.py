@@ -6,7 +6,7 @@
    whose ``ih_l*`` / ``hh_l*`` projections become MPO layers) to ``--ratio`` of their weights with calibration on PTB
    train, heals the student by distillation from the dense model (KL to the teacher's next-token distribution plus
    the task loss) for ``--minutes``, and reports PTB **valid** perplexity, weights, bytes on disk and eval speed
-   against the dense model, in ``benchmarks/results/ptb_lstm<tag>.{json,md}``; beside it, truncated SVD and
+   against the dense model, in ``benchmarks/results/ptb_lstm<tag>.{json,md}`` (``--results DIR``: in DIR); beside it, truncated SVD and
    magnitude pruning of the same matrices at the same weights per matrix (before healing).
 
 Perplexity is measured over the whole valid stream laid out in 10 columns, read in windows of 70 tokens, the hidden
@@ -263,10 +263,10 @@ def _corpus(data: str | None) -> tuple[Vocab, torch.Tensor, torch.Tensor]:
     return vocab, vocab.encode(train_text), vocab.encode(load_text("ptb", "valid", data))
 
 
-def _result_files(name: str, tag: str) -> tuple[Path, Path]:
-    """The .json and .md files a report ``name`` + ``tag`` goes to in benchmarks/results: the suffix appended, so a
+def _result_files(name: str, tag: str, folder: Path = ROOT / "benchmarks" / "results") -> tuple[Path, Path]:
+    """The .json and .md files a report ``name`` + ``tag`` goes to in ``folder``: the suffix appended, so a
     tag with a dot keeps it (``Path.with_suffix`` made ``ptb_lstm_0.5`` ``ptb_lstm_0.json``, another run's file)."""
-    out = ROOT / "benchmarks" / "results" / f"{name}{tag}"
+    out = Path(folder) / f"{name}{tag}"
     return out.parent / (out.name + ".json"), out.parent / (out.name + ".md")
 
 
@@ -345,6 +345,10 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--compressed", default=str(RUNS / "ptb-lstm-50"))
     v.add_argument("--rounds", type=number_arg(int, 1, what="rounds"), default=15)
     v.add_argument("--tag", default="")
+    for q in (c, k, v):
+        q.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results", metavar="DIR",
+                       help="directory the result files are written to (created if missing; default: "
+                       "benchmarks/results, the published results)")
     for q in (t, c, k, v):
         q.add_argument("--data", default=None, help="data root, a folder holding ptb/ptb.train.txt and "
                        "ptb/ptb.valid.txt (default: $BONDGATE_DATA or the cache)")
@@ -354,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     # the command as given, for the reports (every flag that shaped the figures, --compressed and --out included)
     args.command = "python examples/ptb_lstm.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from common import banner, check_checkpoint, machine_info
+    from common import banner, check_checkpoint, check_out_dir, machine_info
 
     parser = {"train": t, "compress": c, "control": k, "speed": v}[args.cmd]
     # the flags' checks, all before the corpus is read and any work starts
@@ -365,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         _check_save_dir(parser, args.out)
     if args.cmd != "train":
         _check_tag(parser, args.tag)
+        check_out_dir(parser, args.results, "--results")
         check_checkpoint(parser, args.dense, "--dense", "make one with python examples/ptb_lstm.py train")
     if args.cmd in ("control", "speed"):
         check_checkpoint(parser, args.compressed, "--compressed", "make one with python examples/ptb_lstm.py "
@@ -408,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
               "model_weights_compressed": sum(p.numel() for p in student.parameters()),
               "bytes_dense": bytes_dense, "bytes_compressed": bytes_student,
               "tokens_per_s": {str(k): v for k, v in speed.items()}}
-    out_json, out_md = _result_files("ptb_lstm", args.tag)
+    out_json, out_md = _result_files("ptb_lstm", args.tag, args.results)
     out_json.write_text(json.dumps(result, indent=1, default=str))
     healed = f"{args.steps} steps" if args.steps else f"{args.minutes:g} CPU min"
     lines = [f"# PTB LSTM LM, LSTM weights at {args.ratio:.0%}, healed {healed}", "",
@@ -458,7 +463,7 @@ def speed_report(args, dense: LSTMLM, vocab: Vocab, valid_ids: torch.Tensor, inf
             step = f"{r['stepped']:.0f} | {r['stepped'] / r['dense']:.3f}x" if "stepped" in r else "| "
             lines.append(f"| {rows} | {part} | {r['dense']:.0f} | {r['compressed']:.0f} | "
                          f"{r['compressed'] / r['dense']:.3f}x | {step} |")
-    out_json, out_md = _result_files("ptb_lstm_speed", args.tag)
+    out_json, out_md = _result_files("ptb_lstm_speed", args.tag, args.results)
     out_json.write_text(json.dumps({"machine": info, "tokens_per_s": result}, indent=1))
     out_md.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -492,7 +497,7 @@ def control(args, dense: LSTMLM, vocab: Vocab, train_ids: torch.Tensor, valid_id
         rows[name] = perplexity(student, valid_ids)
         rows[name + " (before)"] = before
         print(f"{name}: {before:.2f} -> {rows[name]:.2f} after {steps} steps", flush=True)
-    out_json, out_md = _result_files("ptb_lstm_control", args.tag)
+    out_json, out_md = _result_files("ptb_lstm_control", args.tag, args.results)
     out_json.write_text(json.dumps({"machine": info, "steps": args.steps, "valid_ppl": rows},
                                                    indent=1))
     lines = [f"# PTB LSTM LM: the healing recipe alone ({args.steps} steps)", "",

@@ -19,7 +19,7 @@ For each ``--num-cores`` the script compresses a copy of the dense model to ``--
 heals it for ``--minutes`` (``DistillLoss(hidden=..., logits=...)``, AdamW, budget on the CPU clock), and
 measures. The configuration with the lowest perplexity on the generated validation stories is saved with
 ``bondgate.save`` to ``--out``, reloaded with ``bondgate.load`` and re-scored. Results go to
-``benchmarks/results/stories_compress.{json,md}`` (``--tag`` changes the name).
+``benchmarks/results/stories_compress.{json,md}`` (``--tag`` changes the name, ``--results DIR`` the folder).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import banner, check_checkpoint, machine_info, write_json  # noqa: E402
+from common import add_out_arg, banner, check_checkpoint, check_out_dir, machine_info, write_json  # noqa: E402
 
 import bondgate as bg  # noqa: E402
 from bondgate.calibration import model_device, to_device  # noqa: E402
@@ -56,7 +56,6 @@ from bondgate.llama2c import (  # noqa: E402
 
 SHARED = Path(os.environ.get("BONDGATE_SHARED", ROOT.parent / "shared"))
 MODEL_DIR = SHARED / "models" / "stories260K"
-RESULTS = ROOT / "benchmarks" / "results"
 #: the blocks' linear layers (the embedding / tied LM head are not targeted)
 TARGET = r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
 PAD_ID = 0  # <unk>: never generated after the story ends, and masked out everywhere
@@ -376,8 +375,8 @@ def run(args) -> dict:
               flush=True)
     out["total_seconds"] = time.perf_counter() - t_all
     if args.tag:
-        write_json(RESULTS / f"stories_{args.tag}.json", out)
-        (RESULTS / f"stories_{args.tag}.md").write_text(markdown(out))
+        write_json(args.results / f"stories_{args.tag}.json", out)
+        (args.results / f"stories_{args.tag}.md").write_text(markdown(out))
         print(markdown(out))
     return out
 
@@ -435,6 +434,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=str(ROOT / "runs" / "stories260K-50"), help="where to save the best model "
                     "('' = do not save)")
     ap.add_argument("--tag", default="compress", help="results name: benchmarks/results/stories_TAG.{json,md} ('' = write none)")
+    add_out_arg(ap, "--results")
     ap.add_argument("--resume", default="", help="heal a student saved by this script (its --out folder) further "
                     "instead of compressing: one row, --num-cores / --weighting / --ratio unused")
     ap.add_argument("--shuffle-seed", type=number_arg(int, 0, what="shuffle-seed"), default=None, help="order of the training rows (default: --seed; "
@@ -468,6 +468,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--log-every", type=number_arg(int, 1, what="log-every"), default=25)
     args = ap.parse_args(argv)
     args.argv = shlex.join(sys.argv[1:] if argv is None else argv)
+    if args.tag:
+        check_out_dir(ap, args.results, "--results")
     if not Path(args.model_dir).is_dir():
         ap.error(f"--model-dir {args.model_dir!r} is not a directory")
     if args.resume:

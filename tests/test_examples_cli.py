@@ -97,3 +97,21 @@ def test_kernel_out_that_cannot_be_made(tmp_path):
     proc = _run("benchmarks/kernel.py", "--quick", "--out", str(tmp_path / "file" / "results"))
     assert proc.returncode == 2
     _assert_error(proc, "kernel.py", "argument --out: cannot make the directory")
+
+
+@pytest.mark.parametrize("script,argv", [("examples/minilm_stsb.py", ["compare"]),
+                                         ("examples/minilm_stsb.py", ["heal"]),
+                                         ("examples/gpt2_compress.py", ["--model", MISSING, "heal"]),
+                                         ("examples/stories_compress.py", []),
+                                         ("examples/ptb_lstm.py", ["control", "--steps", "1"])])
+def test_results_folder_that_cannot_be_made(script, argv, tmp_path):
+    """``--results DIR`` (the result files' folder; they all went to benchmarks/results, over the published figures)
+    is checked before a model is loaded."""
+    (tmp_path / "file").write_text("")
+    data = tmp_path / "data"
+    (data / "ptb").mkdir(parents=True)
+    for split in ("train", "valid"):
+        (data / "ptb" / f"ptb.{split}.txt").write_text(" a b c <unk>\n")
+    proc = _run(script, *argv, "--results", str(tmp_path / "file" / "results"), data=str(data))
+    assert proc.returncode == 2, proc.stderr
+    _assert_error(proc, Path(script).name, "argument --results: cannot make the directory")

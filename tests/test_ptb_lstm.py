@@ -211,3 +211,10 @@ def test_a_tag_with_a_dot_keeps_it_in_the_file_names(root, dense_dir, tmp_path, 
     assert (results / "ptb_lstm_speed_0.json").read_text() == "another run"
     assert {"1 whole model", "32 LSTM only"} <= set(json.loads((results / "ptb_lstm_speed_0.5.json").read_text())
                                                     ["tokens_per_s"])
+    # --results DIR: the same files in DIR (made if missing), the repository's results untouched
+    assert ptb.main(["speed", "--dense", str(dense_dir), "--compressed", str(dense_dir), "--data", str(root),
+                     "--rounds", "1", "--tag", "_0.5", "--results", str(tmp_path / "mine" / "r")]) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in (tmp_path / "mine" / "r").iterdir()) == ["ptb_lstm_speed_0.5.json",
+                                                                          "ptb_lstm_speed_0.5.md"]
+    assert len(list(results.iterdir())) == 3

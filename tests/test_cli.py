@@ -135,6 +135,10 @@ def test_a_target_that_matches_nothing_is_one_line_error(tiny_dir, tmp_path, cap
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("bondgate: error: no compressible Linear/Conv1D layer matches")
     assert not (tmp_path / "x").exists()
+    # a pattern that matches no module at all: the error alone (compress's "matches no module" warning came first)
+    assert main([*argv[:3], "--target", "nothing_here", *argv[7:]]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["bondgate: error: no compressible Linear/Conv1D layer matches --target 'nothing_here'"], lines
 
 
 def test_a_task_head_is_kept(tmp_path):
@@ -520,8 +524,9 @@ def test_cost_budgets_are_shown_and_library_warnings_are_one_line(tiny_dir, tmp_
     assert code == 0 and "config: param_ratio=0.5, flops_ratio=0.5 |" in stdout and "deploy_rows=32" in stdout
     code, _, stderr = run(["compress", "--model", str(tiny_dir), "--max-bond", "100000", "--policy", "memory",
                            "--out", str(tmp_path / "big"), "--calibration-size", "8", "--no-progress",
-                           "--threads", "1"])
+                           "--threads", "1", "--exclude", "nothing_x"])
     assert code == 0 and "bondgate: warning: compress: at max_bond=100000" in stderr
+    assert stderr.count("exclude 'nothing_x' matches no module") == 1, stderr  # was shown twice
     assert "UserWarning" not in stderr and "return fn(" not in stderr
 
 

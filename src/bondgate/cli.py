@@ -289,15 +289,18 @@ def _max_positions(config: Any) -> int | None:
 
 
 def _find_targets(model: Any, config: Any) -> tuple[dict, dict]:
-    """``find_targets`` (targets, skipped with the reason) without its log lines: the CLI reports an empty selection
-    itself, on one line."""
+    """``find_targets`` (targets, skipped with the reason) without its log lines and warnings: the CLI reports an
+    empty selection itself, on one line, and ``compress`` gives the warnings (a selector that matches nothing...) once
+    (they were shown twice, once from here)."""
     from .surgery import find_targets
 
     log = logging.getLogger("bondgate")
     old = log.disabled
     log.disabled = True
     try:
-        return find_targets(model, config)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return find_targets(model, config)
     finally:
         log.disabled = old
 

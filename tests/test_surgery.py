@@ -379,6 +379,30 @@ def test_a_layer_registered_under_two_names_stays_shared():
     assert model.bondgate_report.params_before == 64 * 64 + 64 * 8  # the shared weight counted once
 
 
+@pytest.mark.parametrize("option", ["exclude", "target_modules"])
+@pytest.mark.parametrize("form", [["again"], "again"])
+def test_a_shared_layer_is_selected_by_any_of_its_names(recwarn, option, form):
+    """``exclude=["again"]`` was ignored (the layer compressed) and ``target_modules="again"`` selected nothing, each
+    with a warning that the name matches no module: selection saw only the first name of a shared layer."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared = nn.Linear(32, 32)
+            self.again, self.out = self.shared, nn.Linear(32, 32)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.again(torch.relu(self.shared(x)))))
+
+    torch.manual_seed(0)
+    model = Net()
+    compress(model, CompressionConfig(param_ratio=0.5, **{option: form}), calibration=[torch.randn(64, 32)],
+             progress=False)
+    assert model.again is model.shared
+    assert isinstance(model.shared, nn.Linear) == (option == "exclude"), model
+    assert isinstance(model.out, nn.Linear) == (option == "target_modules"), model
+    assert not [w for w in recwarn if "no module" in str(w.message)], [str(w.message) for w in recwarn]
+
+
 class ScaledLinear(nn.Linear):  # a subclass with its own forward: what it adds must not be dropped
     def forward(self, x):
         return 2 * super().forward(x)
@@ -698,6 +722,30 @@ def test_a_time_budget_handles_a_layer_with_one_output():
     compress(model, CompressionConfig(param_ratio=0.3, max_latency_ratio=0.8), calibration=[torch.randn(32, 62)],
              progress=False)
     assert model.bondgate_report.layers
+
+
+def test_a_time_budget_never_picks_an_mpo_larger_than_its_dense_layer(monkeypatch):
+    """A measured time of an MPO layer running its dense product (``speed_s``) a little under the dense layer's (timing
+    noise) priced a speed-mode MPO with more weights than the dense layer as the faster form, and compress chose it
+    under ``max_latency_ratio``: more weights and no time saved. It is priced at the dense time at least."""
+    import dataclasses
+
+    import bondgate.surgery as surgery
+
+    real = surgery.calibrate
+
+    def noisy(*args, **kwargs):
+        times = real(*args, **kwargs)
+        return dataclasses.replace(times, speed_s=0.9 * times.dense_s)
+
+    monkeypatch.setattr(surgery, "calibrate", noisy)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 16))
+        compress(model, CompressionConfig(param_ratio=0.5, max_latency_ratio=0.6), calibration=[torch.randn(400, 64)],
+                 progress=False)
+        rows = model.bondgate_report.layers
+        assert all(r.params_after <= r.params_before for r in rows), [(r.name, r.form, r.params_after) for r in rows]
 
 
 def test_no_budget_is_spent_growing_a_layer_without_error():

@@ -475,7 +475,8 @@ def _is_peft_layer(module: nn.Module) -> bool:
 def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """``(targets, skipped)``: modules to compress by name, and skipped ones with the reason.
 
-    A module registered under several names is listed once, under its first (see :func:`module_names`).
+    A module registered under several names is listed once, under its first (see :func:`module_names`), and
+    ``target_modules`` / ``exclude`` select it by any of them.
     Layers whose class has a forward of its own, layers with a parametrized weight (``weight_norm``,
     ``spectral_norm``) or bias, layers pruned by ``torch.nn.utils.prune`` (before ``prune.remove``), and ``nn.MultiheadAttention``'s ``out_proj`` (whose weight the attention reads directly)
     are skipped with a warning. A replaced layer's forward and backward hooks go to its replacement."""
@@ -493,18 +494,22 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str,
     targets, skipped = {}, {}
     inside_mpo = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, MPOLinear) and n)
     read_directly = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
-    recurrent = {n for n, m in model.named_modules() if isinstance(m, Recurrent)}
+    recurrent = {n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, Recurrent)}
+    aliases = module_names(model)
+
+    def chosen(mod: nn.Module, spec) -> bool:  # by any name the layer has (or its Recurrent's), not the first alone
+        return any(_matches(n, spec) or (n.rpartition(".")[0] in recurrent and _matches(n.rpartition(".")[0], spec))
+                   for n in aliases[id(mod)])
+
     for name, mod in model.named_modules():
         emb = config.embeddings and isinstance(mod, nn.Embedding)  # subclasses too: skipped below if they add a forward
         if not name or not (isinstance(mod, nn.Linear) or is_conv1d(mod) or emb) or isinstance(mod, MPOLinear):
             continue
         if name.startswith(inside_mpo):  # e.g. a gating controller: part of an MPO layer, not a target
             continue
-        parent = name.rpartition(".")[0] if name.rpartition(".")[0] in recurrent else None  # selected with it
-        if config.target_modules is not None and not _matches(name, config.target_modules) \
-                and not (parent is not None and _matches(parent, config.target_modules)):
+        if config.target_modules is not None and not chosen(mod, config.target_modules):
             continue
-        if _matches(name, config.exclude) or (parent is not None and _matches(parent, config.exclude)):
+        if chosen(mod, config.exclude):
             continue
         why, hook = None, reparametrizing_hook(mod)
         bad = [a for a in ("max_norm", "sparse", "scale_grad_by_freq") if getattr(mod, a)] if emb else []
@@ -619,7 +624,7 @@ def _warn_fused(model: nn.Module, config: CompressionConfig) -> None:
 def _warn_selectors(model: nn.Module, config: CompressionConfig) -> None:
     """A selector entry that matches no module is likely a typo; a list entry naming a container selects nothing
     (a list names layers, not subtrees)."""
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))  # a shared layer's every name
     for option in ("target_modules", "exclude"):
         sel = getattr(config, option)
         if sel is None:
@@ -1202,7 +1207,9 @@ def _price(menu: LayerMenu, w: _Work, config: CompressionConfig, times: KindTime
     rows, fallback = config.deploy_rows, config.policy != "memory"
     if times is not None:
         dense = times.dense_s
-        speed = dense if times.speed_s is None else times.speed_s
+        # never below dense: a dense product plus a call cannot beat the dense product (a lower speed_s is timing
+        # noise, which made an MPO larger than the dense layer the "faster" choice under max_latency_ratio)
+        speed = dense if times.speed_s is None else max(times.speed_s, dense)
 
         def mpo(widths):
             t = times.mpo_s(w.out_f, w.in_f, widths)

@@ -2445,3 +2445,86 @@ def test_a_table_called_by_keyword_compresses_and_runs():
     compress(model, CompressionConfig(param_ratio=0.5, embeddings=True), calibration=[ids], progress=False)
     assert type(model.emb).__name__ == "MPOEmbedding"
     assert torch.equal(model(ids), model.fc(model.emb(ids)))
+
+
+# ---------------------------------------------------------------------------------------- review fixes (thirty-seventh stop)
+def test_config_flags_and_fields_set_after_construction_are_checked():
+    """``calibrate="no"`` (truthy) calibrated, ``kinds=[["mpo"]]`` raised "unhashable type", and a field set after
+    construction (``config.param_ratio = 3.0``) went unchecked into compress."""
+    with pytest.raises(TypeError, match="calibrate must be a bool, got 'no'"):
+        CompressionConfig(param_ratio=0.5, calibrate="no")
+    with pytest.raises(ValueError, match=r"kinds must be a non-empty selection of 'mpo' and 'lowrank', got \[\['mpo'\]\]"):
+        CompressionConfig(param_ratio=0.5, kinds=[["mpo"]])
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
+    config = CompressionConfig(param_ratio=0.5)
+    config.param_ratio = 3.0
+    with pytest.raises(ValueError, match=r"param_ratio must be None or a number in \(0, 1\], got 3.0"):
+        compress(model, config, calibration=[torch.randn(16, 32)], progress=False)
+    config = CompressionConfig(param_ratio=0.5)
+    config.max_bond = 4
+    with pytest.raises(ValueError, match="give exactly one budget"):
+        compress(model, config, progress=False)
+    assert isinstance(model[0], nn.Linear) and isinstance(model[2], nn.Linear)
+
+
+def test_int8_layers_kept_dense_show_their_rounding_errors_in_the_table():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    compress(model, CompressionConfig(param_ratio=0.6, quantize="int8"), calibration=[torch.randn(200, 32)],
+             progress=False)
+    rep = model.bondgate_report
+    kept = [r for r in rep.layers if r.status.startswith("kept dense")]
+    assert kept and all(0 < r.weight_error < 0.01 and 0 < r.output_error < 0.01 for r in kept)
+    lines = {line.split(" | ")[0][2:]: line for line in str(rep).splitlines()}
+    for r in kept:  # (the cells were blank)
+        assert f"| {r.weight_error:.4f} | {r.output_error:.4f} |" in lines[r.name], lines[r.name]
+
+
+class _Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.ModuleList([nn.Linear(32, 32) for _ in range(2)])
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        for layer in self.enc:
+            x = torch.relu(layer(x))
+        return self.head(x)
+
+
+def test_an_empty_selection_says_why(caplog):
+    """A regex that names only a container selected nothing with no warning (the list form warned), and a second
+    compress of the same layers logged "none matched" where they were compressed already."""
+    torch.manual_seed(0)
+    x = torch.randn(100, 32)
+    model = _Stack()
+    with pytest.warns(UserWarning, match=r"target_modules 'enc' matches only modules that are not layers: enc "
+                                         r"\(ModuleList\); .* \('enc\\\.\.\*' selects the layers inside enc\)"):
+        compress(model, CompressionConfig(param_ratio=0.5, target_modules="enc"), calibration=[x], progress=False)
+    assert all(isinstance(m, nn.Linear) for m in model.enc)
+    compress(model, CompressionConfig(param_ratio=0.5, target_modules=r"enc\..*"), calibration=[x], progress=False)
+    assert not any(isinstance(m, nn.Linear) for m in model.enc)
+    caplog.clear()
+    compress(model, CompressionConfig(param_ratio=0.5, target_modules=r"enc\..*"), calibration=[x], progress=False)
+    assert "no layer to compress (skipped: the 2 selected layers are compressed already)" in caplog.text
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_a_layer_with_an_empty_weight_is_skipped_with_the_reason():
+    """``nn.Linear(32, 0)`` failed compress with "dimension must be a positive integer, got 0", naming no layer."""
+    class WithEmpty(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.z, self.b = nn.Linear(16, 32), nn.Linear(32, 0), nn.Linear(32, 8)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.b(h), self.z(h)
+
+    torch.manual_seed(0)
+    for config in (CompressionConfig(param_ratio=0.5), CompressionConfig(max_bond=2)):
+        model = WithEmpty()
+        compress(model, config, calibration=[torch.randn(100, 16)], progress=False)
+        assert isinstance(model.z, nn.Linear) and not isinstance(model.a, nn.Linear)
+        row = next(r for r in model.bondgate_report.layers if r.name == "z")
+        assert row.status == "skipped: its weight is empty (0x32): nothing to compress"

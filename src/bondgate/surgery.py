@@ -224,8 +224,9 @@ class CompressionConfig:
             raise ValueError(f"allocation must be 'global' or 'uniform', got {self.allocation!r}")
         if self.layer_weighting not in ("sensitivity", "relative", "absolute"):
             raise ValueError(f"layer_weighting must be 'sensitivity', 'relative' or 'absolute', got {self.layer_weighting!r}")
-        if not isinstance(self.embeddings, bool):
-            raise TypeError(f"embeddings must be a bool, got {self.embeddings!r}")
+        for flag in ("embeddings", "calibrate"):  # (calibrate="no" was truthy: it calibrated)
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
         if self.embedding_form not in ("mpo", "lowrank"):
             raise ValueError(f"embedding_form must be 'mpo' or 'lowrank', got {self.embedding_form!r}")
         unused = [f for f, on in (("embedding_ratio", self.embedding_ratio is not None),
@@ -237,7 +238,8 @@ class CompressionConfig:
             raise ValueError(f"policy must be 'auto', 'memory' or 'speed', got {self.policy!r}")
         if self.kinds is not None:
             kinds = (self.kinds,) if isinstance(self.kinds, str) else tuple(self.kinds)
-            if not kinds or not set(kinds) <= {"mpo", "lowrank"} or len(set(kinds)) != len(kinds):
+            if not kinds or not all(isinstance(k, str) for k in kinds) or not set(kinds) <= {"mpo", "lowrank"} \
+                    or len(set(kinds)) != len(kinds):
                 raise ValueError(f"kinds must be a non-empty selection of 'mpo' and 'lowrank', got {self.kinds!r}")
             self.kinds = kinds
         if self.max_latency_ratio is not None and self.flops_ratio is not None:
@@ -379,16 +381,19 @@ class CompressionReport:
         rows = [head, "|---" * (head.count("|") - 1) + "|"]
         us = (lambda v: "-" if v is None else f"{v:.0f}")
         flops = (lambda r: "-" if not r.flops_dense else f"{r.flops_mpo / r.flops_dense:.2f}x")  # a table: a lookup
+        fmt = (lambda v: "-" if v is None else f"{v:.4f}")
         for r in self.layers:
             if r.status != "compressed":
                 kept = f"{r.params_after / r.params_before:.1%}" if r.params_before else "-"
+                # a layer kept dense in int8 has the errors of its rounding (blank for one kept exact)
+                errs = (f"{fmt(r.weight_error)} | {fmt(r.output_error)}" if r.weight_error is not None
+                        or r.output_error is not None else "|")
                 # a layer kept dense under a time or FLOP budget: its FLOPs and time, which the totals count
                 times = f" {us(r.time_pred_us)} / {us(r.time_us)} / {us(r.time_dense_us)} |" if r.time_us is not None \
                     else " |"
                 rows.append(f"| {r.name} | {r.out_features}x{r.in_features} | {r.status} | | | {r.params_before:,} | "
-                            f"{kept} | | | {flops(r) if r.flops_dense else ''} |" + (f" |{times}" if timed else ""))
+                            f"{kept} | {errs} | {flops(r) if r.flops_dense else ''} |" + (f" |{times}" if timed else ""))
                 continue
-            fmt = (lambda v: "-" if v is None else f"{v:.4f}")
             factors = (f"{'x'.join(map(str, r.out_factors))} / {'x'.join(map(str, r.in_factors))}"
                        if r.form == "mpo" else "")
             bonds = ",".join(map(str, r.bond_dims)) if r.form == "mpo" else f"rank {r.rank}"
@@ -542,6 +547,9 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str,
         if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.dim() != 2:
             skipped[name] = f"weight is not a floating-point matrix ({type(w).__name__})"
             continue
+        if not w.numel():  # (factoring it failed on a size of 0, naming no layer)
+            skipped[name] = f"its weight is empty ({w.shape[0]}x{w.shape[1]}): nothing to compress"
+            continue
         tied = [o for o in owners.get(id(w), []) if o != f"{name}.weight"]
         heads = [o.rpartition(".")[0] for o in tied]
         # LM heads tied to the table become its tied MPO head: plain nn.Linear ones, as _tied_heads swaps (a
@@ -585,7 +593,11 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str,
     _warn_selectors(model, config)
     _warn_fused(model, config)
     if not targets:
-        log.warning("compress: no layer to compress (skipped: %s)", skipped or "none matched")
+        done = [n for n, m in model.named_modules() if isinstance(m, (MPOLinear, LowRankLinear, MPOEmbedding))
+                and (config.target_modules is None or _matches(n, config.target_modules))
+                and not _matches(n, config.exclude)]
+        why = skipped or (f"the {len(done)} selected layers are compressed already" if done else "none matched")
+        log.warning("compress: no layer to compress (skipped: %s)", why)
     elif config.embeddings and not any(isinstance(m, nn.Embedding) for m in targets.values()):
         tables = [n for n in skipped if isinstance(model.get_submodule(n), nn.Embedding)]
         warn_user("compress: embeddings=True, but no nn.Embedding table is compressed: " + (
@@ -637,9 +649,15 @@ def _warn_selectors(model: nn.Module, config: CompressionConfig) -> None:
         if unmatched:
             warn_user(f"compress: {option} {unmatched if not isinstance(sel, str) else repr(sel)} match"
                       f"{'es' if isinstance(sel, str) else ''} no module of the model")
-        if isinstance(sel, str):
-            continue
         layer_types = (nn.Linear, nn.Embedding, nn.RNNBase, Recurrent, MPOLinear, LowRankLinear, MPOEmbedding)
+        if isinstance(sel, str):  # a regex that names only containers selects nothing inside them
+            hits = [(n, m) for n, m in modules.items() if n and _matches(n, sel)]
+            if hits and not any(isinstance(m, layer_types) or is_conv1d(m) for _, m in hits):
+                shown = ", ".join(f"{n} ({type(m).__name__})" for n, m in hits[:4])
+                inside = re.escape(hits[0][0]) + r"\..*"
+                warn_user(f"compress: {option} {sel!r} matches only modules that are not layers: {shown}; a regex "
+                          f"must match a layer's full name ('{inside}' selects the layers inside {hits[0][0]})")
+            continue
         containers = sorted({f"{e} ({type(m).__name__})" for e in entries for n, m in modules.items()
                              if n and _matches(n, [e]) and not isinstance(m, layer_types) and not is_conv1d(m)})
         if containers:
@@ -741,6 +759,7 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: Iterable 
                         f"transformers' from_pretrained; the CLI's `bondgate compress` takes a path)")
     if not isinstance(config, CompressionConfig):
         raise TypeError(f"config must be a CompressionConfig, got {type(config).__name__}")
+    config.__post_init__()  # checked again: a field set after construction (config.param_ratio = 3.0) was not
     if isinstance(model, (nn.Linear, nn.Embedding)) or is_conv1d(model):  # (a bare LSTM: a warning names the way)
         # in place means in a parent: a bare layer cannot replace itself (it came back unchanged, ratio 1.0)
         raise ValueError(f"compress replaces layers inside a model; this is a bare {type(model).__name__}: wrap it "

@@ -746,6 +746,111 @@ def test_baselines_refuse_a_model_on_the_meta_device(method):
         fn(model)
 
 
+class _Shared(nn.Module):
+    """One ``nn.Linear(32, 32)`` registered under two names (``a``, ``b``), and ``c``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(32, 32)
+        self.b = self.a
+        self.c = nn.Linear(32, 32)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_quantize_int8_quantizes_every_name_of_a_shared_layer():
+    # quantize_dynamic walks named_children(), which skips a module already seen: alias b stayed an fp32 nn.Linear
+    # (the file grew, 10,249 bytes against the fp32 model's 8,832); under two parents it became two int8 copies
+    from torch.ao.nn.quantized.dynamic import Linear as DynLinear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 128)
+    two_parents = nn.Sequential(nn.Sequential(lin, nn.ReLU()), nn.Sequential(lin))
+    for model, get in ((_Shared(), lambda m: (m.a, m.b)), (two_parents, lambda m: (m[0][0], m[1][0]))):
+        model.eval()
+        q = quantize_int8(model)
+        first, second = get(q)
+        assert isinstance(first, DynLinear) and first is second
+        assert size_on_disk(q) < size_on_disk(model)
+        x = torch.randn(4, first.in_features)
+        with torch.inference_mode():
+            assert _rel(q(x), model(x)) < 0.05
+
+
+def test_baselines_compress_a_shared_layer_once_under_any_of_its_names():
+    # target=["a", "b"] counted the one 32x32 layer twice (dense_params 2048) and SVD factored it twice; the regex
+    # "b" matched none of the names named_modules() lists (a, c)
+    for fn in (svd_compress, magnitude_prune):
+        for target, listed in ((["a", "b"], "a"), (["b", "a"], "b"), ("b", "b"), (lambda n, m: n == "b", "b")):
+            new, info = fn(_Shared(), 0.5, target=target)
+            assert list(info["layers"]) == [listed]
+            assert (info["dense_params"], info["params"]) == (1024, 512)
+            assert new.a is new.b and type(new.c) is nn.Linear
+            if fn is svd_compress:
+                assert isinstance(new.a, LowRankLinear)
+            else:
+                assert int(torch.count_nonzero(new.a.weight)) == 512
+        assert list(fn(_Shared(), 0.5)[1]["layers"]) == ["a", "c"]
+        assert list(fn(_Shared(), params={"a": 512, "b": 512})[1]["layers"]) == ["a"]
+        with pytest.raises(ValueError, match=r"params gives 'a' and 'b', two names of one layer, different values"):
+            fn(_Shared(), params={"a": 512, "b": 256})
+        with pytest.raises(KeyError, match=r"matches none of the names of the 2 nn.Linear / Conv1D layers of _Shared "
+                                           r"\(a, b, c\)"):
+            fn(_Shared(), 0.5, target="d")
+    with pytest.raises(ValueError, match=r"rank gives 'a' and 'b', two names of one layer, different values"):
+        svd_compress(_Shared(), rank={"a": 2, "b": 4})
+    assert svd_compress(_Shared(), rank={"b": 2, "a": 2})[1]["layers"]["b"]["rank"] == 2
+
+
+def test_baselines_keep_a_layers_freezing_mode_and_hooks():
+    # svd_compress's LowRankLinear trained (all requires_grad True), was in training mode and had lost the
+    # replaced layer's forward hook, where bondgate.compress keeps all three
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    model[0].requires_grad_(False)
+    model[2].weight.requires_grad_(False)  # BitFit: the bias still trains
+    calls = []
+    model[0].register_forward_hook(lambda *a: calls.append(1))
+    for fn in (svd_compress, magnitude_prune):
+        calls.clear()
+        new, _ = fn(model, 0.5)
+        if fn is svd_compress:
+            assert isinstance(new[0], LowRankLinear) and isinstance(new[2], LowRankLinear)
+        new(torch.randn(2, 32))
+        assert calls and not new[0].training and not new[2].training
+        assert not any(p.requires_grad for p in new[0].parameters())
+        assert {n: p.requires_grad for n, p in new[2].named_parameters()}.pop("bias") is True
+        assert not any(p.requires_grad for n, p in new[2].named_parameters() if n != "bias")
+    new, _ = svd_compress(nn.Linear(64, 64).requires_grad_(False).eval(), rank=4)  # the model is the layer
+    assert isinstance(new, LowRankLinear) and not new.training and not any(p.requires_grad for p in new.parameters())
+
+
+def test_magnitude_prune_keeps_an_empty_layer_dense_as_svd_compress_does():
+    # nn.Linear(16, 0): "density": nnz / numel divided by zero
+    model = nn.Sequential(nn.Linear(32, 16), nn.Linear(16, 0))
+    _, info = magnitude_prune(model, 0.5)
+    assert info["layers"]["1"] == {"shape": (0, 16), "budget": 0, "dense_params": 0, "params": 0, "density": 1.0,
+                                   "error": 0.0}
+    assert (info["dense_params"], info["params"]) == (512, 256)
+    assert magnitude_prune(model, params={"1": 3})[1]["layers"]["1"]["params"] == 0
+    layer = svd_compress(model, 0.5)[1]["layers"]["1"]
+    assert (layer["kind"], layer["params"], layer["dense_params"]) == ("dense", 0, 0)
+
+
+def test_baselines_refuse_a_target_that_selects_nothing_they_take():
+    # target=123 failed with "'int' object is not iterable"; target=[0] with "no submodule named 0" (there is one)
+    model = nn.Sequential(nn.Linear(8, 8))
+    takes = "target takes None, a regex string, a callable (name, module) -> bool or a list of module names"
+    fns = (lambda t: svd_compress(model, 0.5, target=t), lambda t: magnitude_prune(model, 0.5, target=t),
+           lambda t: quantize_int8(model, target=t))
+    for fn in fns:
+        with pytest.raises(TypeError, match=re.escape(f"{takes}, got int")):
+            fn(123)
+        with pytest.raises(TypeError, match=re.escape("target's module names must be strings, got 0 (int)")):
+            fn([0])
+
+
 # ------------------------------------------------ from a mutation run of lowrank.py (each kills a mutant that lived)
 def _mp_float64_pair(out_f=10, in_f=12, rank=4, bias=True):
     gen = torch.Generator().manual_seed(0)

@@ -20,7 +20,9 @@ untie and grow the model) and, for the replacing baselines (SVD, int8), layers i
 ``.weight`` tensors directly; even plain ``quantize_dynamic`` breaks ``nn.TransformerEncoderLayer``).
 A callable ``(name, module) -> bool`` or a string (a regex that must match the whole name, as
 :class:`bondgate.CompressionConfig`'s ``target_modules`` takes it) filters those candidates; a list of module names
-selects exactly those and raises if one cannot be compressed. Skipped layers are listed in ``info["skipped"]``.
+selects exactly those and raises if one cannot be compressed. Skipped layers are listed in ``info["skipped"]``. A
+layer registered under several names is compressed once (a string or callable is tried on each of its names), listed
+under the first name given or matched; the new layer takes all of them.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from torch import nn
 from ._checks import number, positive_int
 from .calibration import eval_mode
 from .gating import preserved_state
-from .layer import MPOLinear
+from .layer import MPOLinear, carry_hooks, freeze_like, trains
 from .lowrank import LowRankLinear
 from .surgery import dense_weight, is_conv1d, module_names
 
@@ -119,22 +121,29 @@ def _select(model: nn.Module, target: Target, replace: bool) -> tuple[dict[str, 
                 owners[_storage_key(t)].add(id(m))
     aliases = module_names(model)
 
+    # every name of every layer (a shared layer has several), in the order of named_modules()
+    named = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if _is_dense_layer(m)]
     if isinstance(target, str):  # a regex over the names, as CompressionConfig.target_modules takes one
         try:
             pattern = re.compile(target)
         except re.error as exc:
             raise ValueError(f"target {target!r} is not a valid regular expression: {exc}") from None
-        dense = [n for n, m in model.named_modules() if _is_dense_layer(m)]
-        if not any(pattern.fullmatch(n) for n in dense):
-            raise KeyError(f"target {target!r} (a regex that must match a whole name) matches none of the "
-                           f"{len(dense)} nn.Linear / Conv1D layers of {type(model).__name__} "
-                           f"({', '.join(dense[:4])}{', ...' if len(dense) > 4 else ''})")
+        if not any(pattern.fullmatch(n) for n, _ in named):
+            dense = [n for n, _ in named]
+            raise KeyError(f"target {target!r} (a regex that must match a whole name) matches none of the names of "
+                           f"the {len({id(m) for _, m in named})} nn.Linear / Conv1D layers of "
+                           f"{type(model).__name__} ({', '.join(dense[:4])}{', ...' if len(dense) > 4 else ''})")
         target = lambda n, _: pattern.fullmatch(n) is not None  # noqa: E731
     explicit = target is not None and not callable(target)
     if explicit:
+        if not isinstance(target, Iterable):
+            raise TypeError(f"target takes None, a regex string, a callable (name, module) -> bool or a list of "
+                            f"module names, got {type(target).__name__}")
         names = list(target)
         candidates = []
         for name in names:
+            if not isinstance(name, str):
+                raise TypeError(f"target's module names must be strings, got {name!r} ({type(name).__name__})")
             try:
                 m = model.get_submodule(name)
             except AttributeError as exc:
@@ -143,13 +152,15 @@ def _select(model: nn.Module, target: Target, replace: bool) -> tuple[dict[str, 
                 raise TypeError(f"{name!r} is a {type(m).__name__}, not an nn.Linear or transformers Conv1D")
             candidates.append((name, m))
     else:
-        candidates = [(n, m) for n, m in model.named_modules() if _is_dense_layer(m)]
-        if target is not None:
-            candidates = [(n, m) for n, m in candidates if target(n, m)]
+        candidates = [(n, m) for n, m in named if target is None or target(n, m)]
 
     selected: dict[str, nn.Module] = {}
     skipped: dict[str, str] = {}
+    seen: set[int] = set()
     for name, m in candidates:
+        if id(m) in seen:  # a shared layer, once: under the first of its names given or matched
+            continue
+        seen.add(id(m))
         if m.weight.is_meta:  # every meta tensor's storage is at 0: it would pass for a weight tied to all others
             raise ValueError(f"{name}.weight is on the meta device (no values); materialize the model first, e.g. "
                              f"model.to_empty(device='cpu') and load its weights")
@@ -176,17 +187,29 @@ def _budgets(
         if target is not None:
             raise ValueError("params already names the layers; do not pass target as well")
         selected, skipped = _select(model, list(params), replace)
-        budgets = {}
         for name, n in params.items():
             if isinstance(n, bool) or not isinstance(n, (int, float, np.integer, np.floating)) or not math.isfinite(n) \
                     or int(n) != n or n < 0:  # (NaN / inf / a string reached int() and raised its own error)
                 raise ValueError(f"params[{name!r}] must be a non-negative integer, got {n!r}")
-            budgets[name] = int(n)
+        budgets = _per_layer(model, selected, {name: int(n) for name, n in params.items()}, "params")
         return selected, budgets, skipped
     param_ratio = number(param_ratio, "param_ratio", low=0, high=1)
     selected, skipped = _select(model, target, replace)
     budgets = {n: math.floor(param_ratio * m.weight.numel() + 0.5) for n, m in selected.items()}
     return selected, budgets, skipped
+
+
+def _per_layer(model: nn.Module, selected: dict[str, nn.Module], given: Mapping[str, int], what: str) -> dict[str, int]:
+    """``given`` (``{module name: value}``) under the names ``selected`` lists the layers by; the names of one shared
+    layer must give it one value."""
+    listed = {id(m): n for n, m in selected.items()}
+    out: dict[str, int] = {}
+    for name, v in given.items():
+        first = listed[id(model.get_submodule(name))]
+        if out.setdefault(first, v) != v:
+            raise ValueError(f"{what} gives {first!r} and {name!r}, two names of one layer, different values "
+                             f"({out[first]} and {v})")
+    return out
 
 
 def _totals(layers: dict[str, dict], skipped: dict[str, str]) -> dict[str, Any]:
@@ -237,7 +260,8 @@ def svd_compress(
     With a budget ``n`` the rank is ``max(1, n // (in + out))``, so a layer never stores more than its
     budget unless even rank 1 does. If the budget covers the dense ``out*in`` weights, or the rank
     reaches ``min(out, in)``, or the factors would store at least as much as the dense weight, the
-    layer stays dense (lossless and no larger). An explicit ``rank`` is always honoured.
+    layer stays dense (lossless and no larger). An explicit ``rank`` is always honoured. A new layer keeps the
+    replaced one's frozen parameters, train/eval mode and forward/backward hooks, as :func:`bondgate.compress` does.
 
     Returns ``(new_model, info)``; ``info["layers"][name]`` holds ``kind`` (``"low_rank"`` or
     ``"dense"``), ``shape`` ``(out, in)``, ``rank``, ``budget``, ``params``, ``dense_params`` and
@@ -252,7 +276,7 @@ def svd_compress(
             if target is not None:
                 raise ValueError("rank already names the layers; do not pass target as well")
             selected, skipped = _select(new, list(rank), replace=True)
-            ranks = {n: positive_int(r, f"rank[{n!r}]") for n, r in rank.items()}
+            ranks = _per_layer(new, selected, {n: positive_int(r, f"rank[{n!r}]") for n, r in rank.items()}, "rank")
         else:
             rank = positive_int(rank, "rank")  # (int() took 2.7 as 2 and True as 1)
             selected, skipped = _select(new, target, replace=True)
@@ -279,6 +303,9 @@ def svd_compress(
             entry.update(kind="dense", rank=None, params=dense, error=0.0)
         else:
             low = LowRankLinear.from_linear(m, k)
+            freeze_like(trains(m), low)  # as compress replaces a layer (surgery.swap_module)
+            low.train(m.training)
+            carry_hooks(m, low)
             for alias in aliases[id(m)]:
                 new = _set_module(new, alias, low)
             entry.update(kind="low_rank", rank=k, params=low.num_params, error=low.error)
@@ -309,7 +336,7 @@ def magnitude_prune(
     exactly those layers (one that does not exist, is not a linear layer or is tied raises).
 
     Returns ``(new_model, info)``; ``info["layers"][name]`` holds ``budget``, ``params`` (non-zeros
-    kept), ``dense_params``, ``density`` and ``error`` (relative Frobenius weight error).
+    kept), ``dense_params``, ``density`` (1.0 for an empty layer) and ``error`` (relative Frobenius weight error).
     """
     new = copy.deepcopy(model)
     selected, budgets, skipped = _budgets(new, param_ratio, params, target, replace=False)
@@ -335,7 +362,7 @@ def magnitude_prune(
             "budget": budgets[name],
             "dense_params": numel,
             "params": nnz,
-            "density": nnz / numel,
+            "density": nnz / numel if numel else 1.0,  # an empty layer stays dense, as svd_compress keeps it
             "error": math.sqrt(removed / total) if total > 0 else 0.0,
         }
     return new, _totals(layers, skipped)
@@ -389,13 +416,21 @@ def quantize_int8(model: nn.Module, target: Target = None) -> nn.Module:
         raise ValueError(f"quantize_int8 needs float32 layers; {name} is {dtype} (convert with model.float() first)")
     check_finite(selected, "quantize_int8")
     aliases = module_names(new)
-    names: set[str] = set()
+    others: dict[str, list[str]] = {}  # {a layer's first name: its other names}
     for m in selected.values():
         lin = _conv1d_to_linear(m) if is_conv1d(m) else m
         for alias in aliases[id(m)]:
             new = _set_module(new, alias, lin)
-            names.add(alias)
-    return quantize_dynamic(new, names)
+        first, *rest = aliases[id(m)]
+        others[first] = rest
+    # quantize_dynamic swaps a layer under each name it walks to, and named_children() skips a module already seen:
+    # a shared layer's other names kept the fp32 layer (or, under another parent, got an int8 copy of their own)
+    new = quantize_dynamic(new, list(others))
+    for first, rest in others.items():
+        q = new.get_submodule(first)
+        for alias in rest:
+            new = _set_module(new, alias, q)
+    return new
 
 
 def quantize_dynamic(model: nn.Module, names: Iterable[str], per_channel: bool = False) -> nn.Module:

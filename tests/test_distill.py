@@ -1367,6 +1367,13 @@ def test_a_tuple_batch_that_binds_a_tensor_to_past_key_values_is_refused_by_name
     with pytest.raises(ValueError, match="argument '(past_key_values|cache)', a key/value cache, got a tensor .*give dict"):
         distill(student, teacher, [(ids, torch.ones_like(ids))], steps=1, loss=DistillLoss(hidden=0, logits=1.0),
                 progress=False)
+    # compress's calibration pass the same (the raw AttributeError escaped there)
+    import bondgate
+
+    with pytest.raises(ValueError, match="calibration batch 0 .*argument '(past_key_values|cache)', a key/value cache, "
+                                         "got a tensor .*give dict"):
+        bondgate.compress(copy.deepcopy(teacher), bondgate.CompressionConfig(param_ratio=0.5),
+                          calibration=[(ids, torch.ones_like(ids))], progress=False)
 
 
 def test_a_plain_modules_argument_named_cache_takes_a_tuple_batchs_tensor():

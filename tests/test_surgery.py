@@ -267,6 +267,9 @@ def test_stats_skip_padding_rows(flat, positional):
     batch = (x, mask) if positional else {"x": x, "attention_mask": mask}
     st = collect_input_stats(toy, {"lin": toy.lin}, [batch])["lin"]
     assert st.rows == 5 and torch.allclose(st.mean, torch.ones(4, dtype=torch.float64))
+    if not positional:  # one dict is one batch, as compress takes it (its key names were iterated as batches)
+        st = collect_input_stats(toy, {"lin": toy.lin}, batch)["lin"]
+        assert st.rows == 5 and torch.allclose(st.mean, torch.ones(4, dtype=torch.float64))
 
 
 def test_sensitivity_sees_dead_branches():
@@ -907,6 +910,20 @@ def test_common_calibration_mistakes_are_named():
     model.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape))
     compress(model, CompressionConfig(param_ratio=0.5), calibration=x, progress=False)
     assert calls and set(calls) == {torch.Size([128, 32])}
+    # a Dataset (not iterable: "got TensorDataset", no more) and an endless generator (it filled memory)
+    with pytest.raises(TypeError, match=r"got TensorDataset \(a Dataset: wrap it in a torch.utils.data.DataLoader\)"):
+        compress(mlp(), CompressionConfig(param_ratio=0.5), calibration=TensorDataset(x), progress=False)
+
+    def endless():
+        while True:
+            yield x[:4]
+
+    with pytest.raises(ValueError, match=r"yielded more than 10,000 batches and has no length: is it endless\?"):
+        compress(mlp(), CompressionConfig(param_ratio=0.5), calibration=endless(), progress=False)
+    model = mlp()  # a finite generator is read as before
+    compress(model, CompressionConfig(param_ratio=0.5), calibration=(x[i:i + 32] for i in range(0, 128, 32)),
+             progress=False)
+    assert model.bondgate_report.layers[0].output_error is not None
     # a listed target that matches nothing is likely a typo
     with pytest.warns(UserWarning, match=r"target_modules \['fc_typo'\] match no module"):
         compress(mlp(), CompressionConfig(param_ratio=0.5, target_modules=["2", "fc_typo"]), calibration=[x],

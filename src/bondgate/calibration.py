@@ -26,7 +26,7 @@ import math
 import statistics
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,15 +105,28 @@ def model_device(model: nn.Module) -> torch.device | None:
     return None
 
 
+MAX_UNSIZED_BATCHES = 10_000
+
+
 def as_batches(data, who: str) -> list:
     """``data`` as a list of model inputs (read in full: later passes re-read it): one tensor or one dict of keyword
-    arguments is one batch (iterating it would feed the model its rows or its key names)."""
+    arguments is one batch (iterating it would feed the model its rows or its key names). An iterable without a
+    length (a generator) is read up to :data:`MAX_UNSIZED_BATCHES` batches; one that yields more is refused (an endless
+    one filled memory without a word)."""
     if isinstance(data, (torch.Tensor, Mapping)):
         return [data]
     if not isinstance(data, Iterable) or isinstance(data, (str, bytes)):
-        raise TypeError(f"{who}: data must be an iterable of model inputs (batches), got {type(data).__name__}"
-                        + (" (text: tokenize it first)" if isinstance(data, (str, bytes)) else ""))
-    return list(data)
+        hint = (" (text: tokenize it first)" if isinstance(data, (str, bytes)) else
+                " (a Dataset: wrap it in a torch.utils.data.DataLoader)" if hasattr(data, "__getitem__") else "")
+        raise TypeError(f"{who}: data must be an iterable of model inputs (batches), got {type(data).__name__}{hint}")
+    if isinstance(data, Sized):
+        return list(data)
+    batches = list(itertools.islice(data, MAX_UNSIZED_BATCHES + 1))
+    if len(batches) > MAX_UNSIZED_BATCHES:
+        raise ValueError(f"{who}: the data yielded more than {MAX_UNSIZED_BATCHES:,} batches and has no length: is it "
+                         f"endless? It is read in full and held (later passes re-read it): give a finite one, e.g. "
+                         f"itertools.islice(data, n) or a list")
+    return batches
 
 
 def _arguments(batch) -> bool:
@@ -125,6 +138,7 @@ def run_model(model: nn.Module, batch) -> object:
     """Call ``model`` on one calibration item, moved to the model's device: a dict is passed as keyword
     arguments, a tuple/list positionally, anything else (a tensor, a ``PackedSequence``) as the single positional
     argument."""
+    check_cache_binding(model, batch)
     batch = to_device(batch, model_device(model))
     try:
         if isinstance(batch, Mapping):
@@ -242,6 +256,23 @@ def named_batch(model: nn.Module, batch):
                for n in named):
             return named
     return batch
+
+
+def check_cache_binding(model: nn.Module, batch) -> None:
+    """A ValueError for a tuple batch whose tensor binds to a transformers model's key/value cache argument
+    (``(input_ids, attention_mask)`` to GPT-2, whose second argument is the cache): the model failed deep inside
+    (``'Tensor' object has no attribute 'get_seq_length'``)."""
+    wrapped = isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel))
+    inner = model.module if wrapped else model  # (the wrappers hide the transformers model's config)
+    if not _arguments(batch) or not hasattr(inner, "config"):
+        return
+    named = named_batch(inner, batch)
+    cache = next((k for k in ("past_key_values", "cache")  # (transformers 5 renamed it to cache)
+                  if named is not batch and isinstance(named.get(k), torch.Tensor)), None)
+    if cache is not None:
+        raise ValueError(f"a tuple batch is passed positionally, and {type(inner).__name__}'s argument {cache!r}, a "
+                         f"key/value cache, got a tensor (an attention mask?): give dict batches, "
+                         f"{{'input_ids': ..., 'attention_mask': ...}}")
 
 
 def _padding_mask(batch) -> torch.Tensor | None:
@@ -395,7 +426,7 @@ def collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], data
                         unseen: str = "raise") -> dict[str, InputStats]:
     """One pass of ``data`` through ``model``, accumulating each listed module's input statistics.
 
-    ``data`` yields model inputs (see :func:`run_model`). Rows are the flattened leading dims of a
+    ``data`` yields model inputs (see :func:`run_model`); one tensor or dict is one batch. Rows are the flattened leading dims of a
     module's input; padding rows are dropped when the batch has an ``attention_mask`` (a dict batch, or a tuple
     batch whose positions bind to the forward's ``attention_mask``; 0/1 entries) and the input is ``(batch, tokens,
     features)`` or those rows flattened batch-major, ``(batch * tokens, features)``; in an encoder-decoder model only
@@ -408,6 +439,8 @@ def collect_input_stats(model: nn.Module, modules: Mapping[str, nn.Module], data
     if unseen not in ("raise", "skip"):
         raise ValueError(f"collect_input_stats: unseen must be 'raise' or 'skip', got {unseen!r}")
     max_rows = number(max_rows, "collect_input_stats: max_rows", low=1, integer=True, none_ok=True)
+    if isinstance(data, (torch.Tensor, Mapping)):  # one batch (iterated, a dict gave its key names as batches)
+        data = [data]
     if isinstance(data, Sequence):
         stats = _collect_input_stats(model, modules, data, max_rows, progress, unseen, share=True)
         if stats is not None:

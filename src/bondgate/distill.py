@@ -25,7 +25,15 @@ from torch import nn
 
 from ._checks import number
 from ._warn import warn_user
-from .calibration import eval_mode, model_device, model_output, named_batch, run_model, to_device
+from .calibration import (
+    check_cache_binding,
+    eval_mode,
+    model_device,
+    model_output,
+    named_batch,
+    run_model,
+    to_device,
+)
 
 __all__ = ["DistillLoss", "DistillResult", "distill", "DistillationTrainer"]  # noqa: F822 (built lazily by __getattr__)
 
@@ -234,13 +242,8 @@ def _call(model: nn.Module, batch, want_hidden: bool):
     # A DDP / DataParallel wrapper hides the transformers model's ``config``; call the wrapper anyway
     # (it synchronizes gradients) but recognize the model inside it.
     inner = _inner(model)
+    check_cache_binding(inner, batch)
     named = named_batch(inner, batch)  # a tuple batch as {argument: value}, where it binds
-    cache = next((k for k in ("past_key_values", "cache") if named is not batch and hasattr(inner, "config")
-                  and isinstance(named.get(k), torch.Tensor)), None)  # (transformers 5 renamed it to cache)
-    if cache is not None:
-        raise ValueError(f"a tuple batch is passed positionally, and {type(inner).__name__}'s argument {cache!r}, a "
-                         f"key/value cache, got a tensor (an attention mask?): give dict batches, "
-                         f"{{'input_ids': ..., 'attention_mask': ...}}")
     if want_hidden and isinstance(named, Mapping) and hasattr(inner, "config"):
         return model(**to_device(named, model_device(inner)), output_hidden_states=True)
     return run_model(model, batch)  # moves the batch to the model's device

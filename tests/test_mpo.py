@@ -439,3 +439,23 @@ def test_truncating_an_mpo_with_values_in_its_padded_block_meets_tol_on_its_matr
     t = m.truncate(tol=0.5)
     actual = float(torch.linalg.norm(m.to_matrix() - t.to_matrix()) / torch.linalg.norm(m.to_matrix()))
     assert t.bond_dims[0] < m.bond_dims[0] and actual <= 0.5 and t.error == pytest.approx(actual)
+
+
+def test_truncating_a_padded_tt_svd_meets_tol_on_its_matrix():
+    # a cut TT-SVD's padded block is not zero, and tol was measured on the padded operator (its norm is larger than
+    # the matrix's): 13 x 17 on 18 x 18 legs, cut at tol=0.7, landed 0.709 off its matrix
+    torch.manual_seed(41)
+    torch.randn(41, 41, dtype=torch.float64)
+    m = MPO.from_matrix(torch.randn(13, 17, dtype=torch.float64), num_cores=3, max_bond=2)
+    assert m.source_norm and (m.padded_out, m.padded_in) == (18, 18)
+    assert rel(m.truncate(tol=0.7).to_matrix(), m.to_matrix()) <= 0.7
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        for o, i, d in [(13, 17, 3), (7, 11, 3), (9, 9, 2), (11, 41, 4)]:
+            W = torch.randn(o, i, dtype=torch.float64, generator=g)
+            m = MPO.from_matrix(W, num_cores=d, max_bond=2)
+            M = m.to_matrix()
+            for tol in torch.linspace(0.05, 0.95, 46).tolist():
+                t = m.truncate(tol=tol)
+                assert rel(t.to_matrix(), M) <= tol + 1e-12
+                assert rel(t.to_matrix(), W) <= t.error + 1e-12  # (the error against W stays a bound)

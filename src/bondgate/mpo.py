@@ -6,8 +6,10 @@ chain of cores ``G_k`` of shape ``(r_{k-1}, out_k, in_k, r_k)`` with ``r_0 = r_d
     W[(o_1..o_d), (i_1..i_d)] = G_1[:, o_1, i_1, :] @ G_2[:, o_2, i_2, :] @ ... @ G_d[:, o_d, i_d, :]
 
 where ``(o_1..o_d)`` and ``(i_1..i_d)`` are row-major multi-indices. When a dimension is padded (see
-:mod:`bondgate.factors`), the MPO represents the zero-padded matrix and :meth:`MPO.to_matrix` returns
-the leading ``(out_features, in_features)`` block.
+:mod:`bondgate.factors`), the matrix is the operator's leading ``(out_features, in_features)`` block
+(:meth:`MPO.to_matrix`); the rest of the operator is zero for an exact TT-SVD of the zero-padded matrix, but not
+in general once bonds are cut (or for random and trained cores). A layer never uses it: its input is zero-padded
+and its padded output rows are dropped.
 
 Why not ``tensorly.decomposition.tensor_train_matrix``: it takes fixed ranks only, cannot truncate to
 a tolerance and does not report the discarded weight, which the error report and the budget allocator
@@ -344,9 +346,10 @@ class MPO:
         """A smaller MPO: bond caps and/or a relative tolerance on this MPO's own matrix.
 
         Truncation happens in a canonical sweep, so the discarded Schmidt mass is exactly the error
-        against this MPO's operator; on a padded MPO not known to be a TT-SVD projection (random or trained cores,
-        whose padded block holds values that mass would count) the error and ``tol`` are measured on the matrices
-        themselves, padding removed (a dense rebuild; the result's ``bond_spectra`` is ``None``). ``error`` of the
+        against this MPO's operator. On a padded MPO that mass counts the operator's padded block, which may hold
+        values (random or trained cores, a TT-SVD whose bonds were cut): ``tol`` is met on the matrix itself, padding
+        removed, checked by a dense rebuild where the norms cannot bound it (the result's ``bond_spectra`` is then
+        ``None``; without ``source_norm`` the ``rel`` below is measured there too). ``error`` of the
         result is against the original matrix ``W``: exact when this MPO reproduces ``W`` exactly; for a TT-SVD
         projection of ``W`` (``source_norm`` known) with two or three cores the result is one too, and the two errors
         add in squares (exact without padding; with padding an upper bound); otherwise the triangle-inequality bound ``error + rel`` (``rel``: the cut's error against this MPO,
@@ -364,8 +367,14 @@ class MPO:
         _check_tol(tol)
         caps = _bond_caps(max_bond, self.num_cores - 1)
         out, rel, norm_sq = self._sweep(caps=caps, tol=tol, right_orthogonal=right_orthogonal)
-        if not self.source_norm and (self.padded_out, self.padded_in) != (self.out_features, self.in_features):
-            out, rel, norm_sq = self._cut_sliced(caps, tol, right_orthogonal, out, rel)
+        padded = (self.padded_out, self.padded_in) != (self.out_features, self.in_features)
+        if padded and not self.source_norm:
+            out, rel, norm_sq, _ = self._cut_sliced(caps, tol, right_orthogonal, out, rel)
+        elif padded and tol is not None and not rel * math.sqrt(norm_sq) <= tol * (1.0 - self.error) * self.source_norm:
+            # a cut TT-SVD's padded block is not zero: the sweep's tol is on the padded operator, whose norm exceeds
+            # the matrix's; (1 - error) ||W|| <= ||matrix|| bounds it without a dense rebuild, else measured there.
+            # The padded rel and norm_sq stay: the error accounting below is the padded operator's
+            out, _, _, rel = self._cut_sliced(caps, tol, right_orthogonal, out, rel)
         # a projection of W projected again is one projection (the errors orthogonal) for two or three cores, whose
         # projections act on disjoint legs; from four cores on the middle ones overlap: added in squares, the two
         # errors read up to 0.2% under the truth
@@ -394,11 +403,12 @@ class MPO:
         padded block may hold values (random cores, trained ones: a TT-SVD's is a projection, ``source_norm``): the
         sweep's Schmidt masses count that block, which can take up the ``tol`` budget (a cut 0.52 off its matrix at
         ``tol=0.4``, reported 0.37). Where the matrix error exceeds ``tol``, the sweep runs again at smaller
-        tolerances until it does not. Returns ``(out, rel, norm_sq)`` of the matrices."""
+        tolerances until it does not. Returns ``(out, rel, norm_sq)`` of the matrices, then the last sweep's ``rel``
+        (against this MPO's padded operator)."""
         W = self.to_matrix().to(torch.float64)
         norm_sq = float((W * W).sum())
         if norm_sq == 0.0:
-            return out, rel, norm_sq
+            return out, rel, norm_sq, rel
 
         def off(m: "MPO") -> float:
             return math.sqrt(float(((W - m.to_matrix().to(torch.float64)) ** 2).sum()) / norm_sq)
@@ -410,7 +420,7 @@ class MPO:
             out, rel, _ = self._sweep(caps=caps, tol=step, right_orthogonal=right_orthogonal)
             true = off(out)
         out.bond_spectra = None  # (the padded operator's Schmidt values, not the matrix's)
-        return out, true, norm_sq
+        return out, true, norm_sq, rel
 
     def right_orthogonal_cores(self) -> list[torch.Tensor]:
         """float64 cores of the same operator with cores ``2..d`` right-orthogonal (the norm in core 1)."""

@@ -1056,3 +1056,22 @@ def test_set_cores_of_another_dtype_is_refused(policy):
     with torch.no_grad():
         torch.testing.assert_close(layer(x), x @ layer.weight_matrix().T + layer.bias, rtol=1e-5, atol=1e-5)
     assert layer.bond_dims == (3, 3)
+
+
+def test_set_cores_keeps_a_frozen_layer_frozen():
+    # the new cores were parameters with requires_grad=True: a frozen layer's cores trained again after a truncation
+    layer = MPOLinear.from_linear(nn.Linear(64, 32), num_cores=3, max_bond=8)
+    layer.requires_grad_(False)
+    layer.set_cores(layer.to_mpo().truncate(max_bond=4).cores)
+    assert layer.bond_dims == (4, 4)
+    assert not any(c.requires_grad for c in layer.cores) and not layer.bias.requires_grad
+    layer.cores[1].requires_grad_(True)  # partly frozen: each core by position
+    old = list(layer.cores)
+    layer.set_cores(layer.to_mpo().truncate(max_bond=2).cores)
+    assert [c.requires_grad for c in layer.cores] == [False, True, False]
+    assert not any(c is o for c, o in zip(layer.cores, old))  # new parameter objects (an optimizer is rebuilt)
+    layer.set_cores(MPO.from_matrix(layer.weight_matrix().detach(), num_cores=2, max_bond=4).cores)
+    assert [c.requires_grad for c in layer.cores] == [False, False]  # another count: trainable only if all were
+    layer.requires_grad_(True)
+    layer.set_cores(layer.to_mpo().truncate(max_bond=2).cores)
+    assert all(c.requires_grad for c in layer.cores)

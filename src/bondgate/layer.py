@@ -927,14 +927,19 @@ class MPOLinear(nn.Module):
 
     def set_cores(self, cores: Sequence[torch.Tensor]) -> None:
         """Replace the cores (e.g. after truncation); shapes may change, the dtype may not (the bias and kept
-        operands are in the layer's: cast the cores, or the layer first)."""
+        operands are in the layer's: cast the cores, or the layer first). The new cores are new parameter objects:
+        rebuild an optimizer that holds the old ones. Each keeps the ``requires_grad`` of the old core at its
+        position (with another number of cores: ``True`` if every old core had it), so a frozen layer stays frozen."""
+        old = [c.requires_grad for c in self._core_params.values()]
         now = next(iter(self._core_params.values())).dtype
         dtypes = {c.dtype for c in cores if isinstance(c, torch.Tensor)}
         if dtypes - {now}:
             raise TypeError(f"set_cores: cores of dtype {', '.join(sorted(map(str, dtypes)))} for a layer of dtype "
                             f"{now}: cast them (or the layer, with .to(dtype), first)")
         mpo = MPO([c.detach() for c in cores], self.out_features, self.in_features)
-        self.cores = nn.ParameterList([TrackedParameter(c.clone(memory_format=torch.contiguous_format)) for c in mpo.cores])
+        grads = old if len(old) == mpo.num_cores else [all(old)] * mpo.num_cores
+        self.cores = nn.ParameterList([TrackedParameter(c.clone(memory_format=torch.contiguous_format), requires_grad=g)
+                                       for c, g in zip(mpo.cores, grads)])
         self._pinned, self._pin_dims = {}, self.bond_dims
         self._reset_caches()
 

@@ -1075,3 +1075,16 @@ def test_set_cores_keeps_a_frozen_layer_frozen():
     layer.requires_grad_(True)
     layer.set_cores(layer.to_mpo().truncate(max_bond=2).cores)
     assert all(c.requires_grad for c in layer.cores)
+
+
+def test_an_input_given_by_position_and_as_x_is_refused():
+    # the keyword won in silence: layer(a, x=b) returned b's rows (as nn.Linear, which has no x=, a TypeError)
+    a, b = torch.randn(1, 8), torch.randn(5, 8)
+    for layer in (MPOLinear(8, 4), bondgate.LowRankLinear(8, 4, 2),
+                  bondgate.GatedMPOLinear.from_linear(nn.Linear(8, 4), num_cores=2)):
+        name = type(layer).__name__
+        with pytest.raises(TypeError, match=rf"{name}.forward\(\) got the input twice, as input and as x="):
+            layer(a, x=b)
+        with pytest.raises(TypeError, match="got the input twice"):
+            layer(input=a, x=b)
+        assert layer(x=b).shape == layer(b).shape == (5, 4)

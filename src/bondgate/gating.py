@@ -855,6 +855,8 @@ class GatedMPOLinear(MPOLinear):
         into ``self.levels``) overrides the controller."""
         if x is None:
             x = input
+        elif input is not None:
+            raise TypeError(f"{type(self).__name__}.forward() got the input twice, as input and as x=: pass one")
         # the decode step's short path (see _decode_step); is_compiling first: a tracer must not read the kept state
         if not _IS_COMPILING() and levels is None and (e := self._host.get("decode")) is not None and not _GRAD_ON() \
                 and type(x) is _TENSOR and (y := self._decode_step(x, e)) is not None:

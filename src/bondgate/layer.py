@@ -1000,6 +1000,8 @@ class MPOLinear(nn.Module):
         the cores' dtype and the output has autocast's dtype (a float64 input is not cast: it needs float64 cores)."""
         if x is None:
             x = input
+        elif input is not None:
+            raise TypeError(f"{type(self).__name__}.forward() got the input twice, as input and as x=: pass one")
         # Hot path: every line here runs per call (a B=1 GEMV takes ~10 us), so no reshapes of 2-D
         # inputs, no planning after the first call per row bucket, and dtype errors are diagnosed
         # only when the kernel raises. First the shortest path: inference with speed mode's kept dense weight (a

@@ -250,6 +250,8 @@ class LowRankLinear(nn.Module):
         the factors' dtype; under ``torch.autocast`` the output has autocast's dtype)."""
         if x is None:
             x = input
+        elif input is not None:
+            raise TypeError(f"{type(self).__name__}.forward() got the input twice, as input and as x=: pass one")
         try:
             return nn.functional.linear(nn.functional.linear(x, self.V), self.U, self.bias)
         except (RuntimeError, TypeError):

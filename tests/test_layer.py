@@ -1088,3 +1088,23 @@ def test_an_input_given_by_position_and_as_x_is_refused():
         with pytest.raises(TypeError, match="got the input twice"):
             layer(input=a, x=b)
         assert layer(x=b).shape == layer(b).shape == (5, 4)
+
+
+def test_bad_layer_arguments_are_refused_clearly_and_early(monkeypatch):
+    # num_cores="3" was compared with the 17-core limit ("'>' not supported"), a list bias read .shape, a meta
+    # weight reached .item() in the finiteness check, and 18 cores were refused only after the whole TT-SVD
+    for bad in ("3", None):
+        with pytest.raises(TypeError, match="num_cores must be a positive integer"):
+            MPOLinear(8, 8, num_cores=bad)
+    assert len(MPOLinear(8, 8, num_cores=20, in_factors=(2, 4), out_factors=(2, 4)).cores) == 2  # (documented)
+    with pytest.raises(TypeError, match=r"bias must be a tensor of shape \(8,\) or None, got a list"):
+        MPOLinear.from_mpo(MPO.random(8, 8), bias=[0.0] * 8)
+    with pytest.raises(ValueError, match="on the meta device"):
+        MPOLinear.from_linear(nn.Linear(64, 32, device="meta"), max_bond=4)
+
+    def no_tt_svd(*args, **kwargs):
+        raise AssertionError("factored before the core count was checked")
+
+    monkeypatch.setattr(MPO, "from_matrix", no_tt_svd)
+    with pytest.raises(ValueError, match="at most 17 cores"):
+        MPOLinear.from_linear(nn.Linear(2**10, 1), num_cores=18)

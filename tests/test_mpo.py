@@ -459,3 +459,18 @@ def test_truncating_a_padded_tt_svd_meets_tol_on_its_matrix():
                 t = m.truncate(tol=tol)
                 assert rel(t.to_matrix(), M) <= tol + 1e-12
                 assert rel(t.to_matrix(), W) <= t.error + 1e-12  # (the error against W stays a bound)
+
+
+def test_cores_that_are_not_floating_tensors_of_one_dtype_and_device_are_refused():
+    # each failed later and raw: a list ('list' object has no attribute 'ndim'), int64 cores (the layer's "Only
+    # Tensors of floating point ... can require gradients"), float32 with float64 (to_matrix's matmul)
+    with pytest.raises(TypeError, match="cores must be tensors, got a list for core 0"):
+        MPO([[[[1.0]]]], 1, 1)
+    with pytest.raises(TypeError, match="cores must be floating point, got dtype torch.int64 for core 0"):
+        MPO([torch.ones(1, 2, 2, 1, dtype=torch.long)], 2, 2)
+    with pytest.raises(TypeError, match="one dtype and device: core 0 is torch.float32 on cpu, core 1 torch.float64"):
+        MPO([torch.randn(1, 2, 2, 2), torch.randn(2, 2, 2, 1, dtype=torch.float64)], 4, 4)
+    with pytest.raises(TypeError, match="core 1 torch.float32 on meta"):
+        MPO([torch.randn(1, 2, 2, 2), torch.randn(2, 2, 2, 1, device="meta")], 4, 4)
+    with pytest.raises(ValueError, match="is on the meta device: a shape without values, nothing to factor"):
+        MPO.from_matrix(torch.empty(8, 8, device="meta"), num_cores=2)

@@ -27,6 +27,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils._python_dispatch import _disable_current_modes
 
 from ._checks import positive_int
+from .factors import factorize_shape
 from .mpo import MPO, BondSpec
 from .planner import (
     MAX_CORES,
@@ -487,6 +488,11 @@ def _policy_spec(policy: PlanPolicy) -> str | dict:
     return dataclasses.asdict(policy)
 
 
+def _check_num_cores(d: int) -> None:
+    if d > MAX_CORES:
+        raise ValueError(f"an MPO layer has at most {MAX_CORES} cores (torch.einsum has 52 index letters), got {d}")
+
+
 class MPOLinear(nn.Module):
     """``y = x @ W.T + b`` with ``W`` (shape ``(out_features, in_features)``) stored as MPO cores.
 
@@ -536,9 +542,7 @@ class MPOLinear(nn.Module):
         dtype = dtype or torch.get_default_dtype()
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"an MPOLinear's cores are floating point; got dtype={dtype!r}")
-        if num_cores > MAX_CORES:
-            raise ValueError(f"an MPO layer has at most {MAX_CORES} cores (torch.einsum has 52 index letters), "
-                             f"got {num_cores}")
+        _check_num_cores(len(factorize_shape(out_features, in_features, num_cores, out_factors, in_factors)[0]))
         mpo = MPO.random(out_features, in_features, max_bond, num_cores, in_factors, out_factors, dtype=dtype)
         self.in_features = int(in_features)
         self.out_features = int(out_features)
@@ -562,9 +566,10 @@ class MPOLinear(nn.Module):
     @classmethod
     def _wrap(cls, mpo: MPO, bias: torch.Tensor | None, policy: str | PlanPolicy) -> "MPOLinear":
         """:meth:`from_mpo`'s layer, whatever a subclass's ``from_mpo`` adds (a gated layer's default gating)."""
-        if mpo.num_cores > MAX_CORES:
-            raise ValueError(f"an MPO layer has at most {MAX_CORES} cores (torch.einsum has 52 index letters), "
-                             f"got {mpo.num_cores}")
+        _check_num_cores(mpo.num_cores)
+        if bias is not None and not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a tensor of shape ({mpo.out_features},) or None, "
+                            f"got a {type(bias).__name__}")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = mpo.in_features, mpo.out_features
@@ -618,6 +623,7 @@ class MPOLinear(nn.Module):
             raise ValueError(f"from_linear: {type(linear).__qualname__} overrides forward(); an MPO layer would drop "
                              f"what that forward adds")
         W = dense_weight(linear)  # (out, in); a Conv1D stores its transpose
+        _check_num_cores(len(factorize_shape(*W.shape, num_cores, out_factors, in_factors)[0]))  # before the TT-SVD
         mpo = MPO.from_matrix(W, num_cores=num_cores, in_factors=in_factors, out_factors=out_factors,
                               max_bond=max_bond, tol=tol)
         layer = cls._wrap(mpo.to(device=W.device), linear.bias, policy)

@@ -49,6 +49,9 @@ def _check_matrix(W: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"expected a floating-point matrix, got dtype {W.dtype}")
     if W.numel() == 0:
         raise ValueError(f"cannot decompose an empty matrix of shape {tuple(W.shape)}")
+    if W.is_meta:
+        raise ValueError("the matrix (a layer's weight) is on the meta device: a shape without values, nothing to "
+                         "factor; load or materialize the weights first")
     if not torch.isfinite(W).all():
         raise ValueError("the matrix contains NaN or Inf values; refusing to decompose it")
     return W
@@ -123,8 +126,15 @@ class MPO:
     def __post_init__(self) -> None:
         if not self.cores:
             raise ValueError("an MPO needs at least one core")
-        prev = 1
+        prev, c0 = 1, self.cores[0]
         for k, c in enumerate(self.cores):
+            if not isinstance(c, torch.Tensor):
+                raise TypeError(f"cores must be tensors, got a {type(c).__name__} for core {k}")
+            if not c.is_floating_point():
+                raise TypeError(f"cores must be floating point, got dtype {c.dtype} for core {k}")
+            if c.dtype != c0.dtype or c.device != c0.device:
+                raise TypeError(f"cores must share one dtype and device: core 0 is {c0.dtype} on {c0.device}, core {k} "
+                                f"{c.dtype} on {c.device}")
             if c.ndim != 4:
                 raise ValueError(f"core {k} must have 4 dims (r_prev, out_k, in_k, r_next), got {tuple(c.shape)}")
             if c.shape[0] != prev:

@@ -831,7 +831,13 @@ def test_a_quantization_config_this_bondgate_cannot_read_is_refused(tmp_path):
     edits = [
         (lambda qc: qc.update(format_version=2), "unsupported bondgate format_version 2; this bondgate reads up to 1"),
         (lambda qc: qc.update(format_version=0), "unsupported bondgate format_version 0"),
-        (lambda qc: qc.update(format_version=True), "unsupported bondgate format_version True"),
+        # a value of the wrong type is a type error, not a version or an empty record
+        (lambda qc: qc.update(format_version=True), "'format_version' must be an integer, got True"),
+        (lambda qc: qc.update(format_version="1"), r"'format_version' must be an integer, got '1' \(str\)"),
+        (lambda qc: qc.update(layers=[]), "'layers' must be an object"),
+        # a spec error names the file it is in (was bondgate.json, which this directory does not have)
+        (lambda qc: qc["layers"][query].pop("bond_dims"),
+         f"invalid spec for layer '{query}' in quantization_config of config.json: layer spec is missing"),
         (lambda qc: qc["layers"][query].update(type="NoSuchLayer"), f"unknown layer type 'NoSuchLayer' for module '{query}'"),
         (lambda qc: qc.update(layer_aliases={"pooler.dense": "nowhere"}), "layer alias 'pooler.dense' -> 'nowhere' does not"),
         (lambda qc: qc.update(tensor_aliases={"a.cores.0": 1}), "'tensor_aliases' must map strings to strings"),
@@ -1067,8 +1073,14 @@ def test_a_layer_in_a_block_the_model_was_not_built_with_is_an_error(tmp_path):
     cfg["num_hidden_layers"] = 1
     (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"replaces module 'encoder\.layer\.1\.[a-z.]*', which this model "
-                                         "does not have"):
+                                         r"does not have \(load it with the class and config it was saved with"):
         AutoModel.from_pretrained(tmp_path / "hf")
+    # a config override does the same: the advice named only the class, which was already the saved one
+    cfg["num_hidden_layers"] = 2
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="the class and config it was saved with: a config override such as "
+                                         r"from_pretrained\(\.\.\., num_hidden_layers=1\)"):
+        AutoModel.from_pretrained(tmp_path / "hf", num_hidden_layers=1)
 
 
 def test_the_base_of_a_causal_lm_with_a_compressed_head_loads_without_a_warning(tmp_path):
@@ -1207,3 +1219,44 @@ def test_a_table_the_model_freezes_stays_frozen_after_loading(tmp_path):
         assert isinstance(back.model.encoder.embed_positions, MPOEmbedding)
         assert not any(p.requires_grad for p in back.model.encoder.embed_positions.parameters())
         assert all(p.requires_grad for p in back.model.decoder.layers[0].fc1.parameters())  # the others train
+
+
+def test_advice_after_a_sharded_transformers_save_names_bondgates_stale_weights_file(tmp_path):
+    """transformers' sharded save into a directory bondgate.save_pretrained wrote leaves bondgate's model.safetensors
+    beside the shards, and from_pretrained reads it first: following the advice to delete bondgate.json loaded the
+    stale weights in silence. The advice names that file too; an unsharded save replaced it, and is not told so."""
+    model = one_layer_bert()
+    out = bondgate.save_pretrained(model, tmp_path / "m")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    model.save_pretrained(out, max_shard_size="20KB")
+    assert (out / "model.safetensors.index.json").is_file() and (out / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match=r"delete \S*bondgate\.json and the stale \S*model\.safetensors"):
+        AutoModel.from_pretrained(out)
+    for name in ("bondgate.json", "model.safetensors"):  # as advised
+        (out / name).unlink()
+    ids = torch.randint(0, 50, (2, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModel.from_pretrained(out)(ids).last_hidden_state,
+                                   model(ids).last_hidden_state)
+    out = bondgate.save_pretrained(model, tmp_path / "n")
+    model.save_pretrained(out, max_shard_size="20KB")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    model.save_pretrained(out)  # model.safetensors is transformers' now; its old index stays
+    with pytest.raises(ValueError, match="is not the file bondgate saved") as err:
+        AutoModel.from_pretrained(out)
+    assert "stale" not in str(err.value) and "bondgate.json to load the directory" in str(err.value)
+
+
+def test_a_bondgate_quantization_config_for_a_dense_checkpoint_says_it_does_not_compress(tmp_path):
+    # the dense model loaded without a word, as if the config had compressed it
+    BertModel(BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                         vocab_size=50, max_position_embeddings=16)).save_pretrained(tmp_path / "dense")
+    for qc in (bondgate.hf.BondgateConfig(), {"quant_method": "bondgate"}):
+        with pytest.warns(UserWarning, match=r"records no bondgate layers.*does not compress while loading: compress "
+                                             r"the loaded model with bondgate\.compress"):
+            loaded = AutoModel.from_pretrained(tmp_path / "dense", quantization_config=qc)
+        assert not layer_types(loaded) and not hasattr(loaded.config, "quantization_config")

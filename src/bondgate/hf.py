@@ -187,9 +187,10 @@ def _define() -> dict[str, type]:
             self.quant_method = QUANT_METHOD
             self.format_version = format_version
             self.bondgate_version = bondgate_version
-            self.layers = dict(layers or {})
-            self.layer_aliases = dict(layer_aliases or {})
-            self.tensor_aliases = dict(tensor_aliases or {})
+            # a value of another type is kept as it is, for _check_config to name (a list read as no layers)
+            self.layers, self.layer_aliases, self.tensor_aliases = (
+                {} if v is None else dict(v) if isinstance(v, dict) else v
+                for v in (layers, layer_aliases, tensor_aliases))
             self._model: weakref.ref | None = None
 
         def bind(self, model: nn.Module) -> "BondgateConfig":
@@ -256,6 +257,11 @@ def _define() -> dict[str, type]:
 
         def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs: Any):
             _no_disk_offload(kwargs.get("device_map"))
+            if not self.pre_quantized:  # from_pretrained(quantization_config=...) of a checkpoint without one
+                warn_user(f"{type(model).__name__}.from_pretrained: a bondgate quantization_config was passed for a "
+                          f"checkpoint whose config.json records no bondgate layers; it only reads checkpoints of "
+                          f"compressed models and does not compress while loading: compress the loaded model with "
+                          f"bondgate.compress(model, bondgate.CompressionConfig(...))")
             self._plan = _prepare(model, self.quantization_config, checkpoint_files, self._dtype)
             return model
 
@@ -312,7 +318,10 @@ def _is_ours(qc: Any) -> bool:
 def _check_config(qc: Any) -> None:
     where = "quantization_config of config.json"
     version = getattr(qc, "format_version", None)
-    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= CONFIG_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ValueError(f"{where}: 'format_version' must be an integer, got {version!r} "
+                         f"({type(version).__name__})")
+    if not 1 <= version <= CONFIG_VERSION:
         raise ValueError(f"{where}: unsupported bondgate format_version {version!r}; this bondgate reads up to "
                          f"{CONFIG_VERSION} (upgrade bondgate)")
     _io._check_layers(qc.layers, qc.layer_aliases, where)
@@ -647,7 +656,9 @@ def _prepare(model: nn.Module, qc: Any, checkpoint_files, dtype: torch.dtype | N
         found = _resolve(model, name)
         if found is None or layer_aliases.get(name) in dropped:
             raise ValueError(f"{where}: the checkpoint's quantization_config replaces module {name!r}, which this "
-                             f"model does not have (load it with the class it was saved from)")
+                             f"model does not have (load it with the class and config it was saved with: a "
+                             f"config override such as from_pretrained(..., num_hidden_layers=1), or an edited "
+                             f"config.json, builds fewer modules)")
         names[name] = found
     header = _as_loaded(model, _header(checkpoint_files))
     orphans = _unlisted_cores(model, header, set(names.values()))
@@ -673,7 +684,8 @@ def _prepare(model: nn.Module, qc: Any, checkpoint_files, dtype: torch.dtype | N
     # one empty layer per name, even for a layer's second name: transformers fills the keys it finds missing with
     # empty tensors, which in a shared layer would overwrite the loaded ones (_finish shares the rebuilt layer)
     every = {**specs, **{alias: specs[target] for alias, target in layer_aliases.items()}}
-    shells = _io._build_layers({"layers": every, "layer_aliases": {}}, device="meta")
+    shells = _io._build_layers({"layers": every, "layer_aliases": {}}, device="meta",
+                               where="quantization_config of config.json")
     shells = {names[n]: layer for n, layer in shells.items()}
     try:
         _io._check_replaced(model, shells)

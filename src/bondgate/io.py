@@ -182,16 +182,16 @@ def _collect_layers(model: nn.Module) -> tuple[dict[str, dict], dict[str, str]]:
     return layers, aliases
 
 
-def _build_layers(meta: dict, device: str | None = None) -> dict[str, nn.Module]:
+def _build_layers(meta: dict, device: str | None = None, where: str = META_NAME) -> dict[str, nn.Module]:
     """One fresh layer per canonical name in ``meta["layers"]``, aliases mapped to the same instance
-    (``device="meta"``: shapes only, nothing allocated)."""
+    (``device="meta"``: shapes only, nothing allocated; ``where``: the file the specs came from, for the errors)."""
     built: dict[str, nn.Module] = {}
     for name, spec in meta["layers"].items():
         try:
             with torch.device(device) if device else contextlib.nullcontext():
                 layer = LAYER_TYPES[spec["type"]].from_spec(spec)
         except (ValueError, TypeError, KeyError, IndexError, RuntimeError, MemoryError) as exc:
-            raise ValueError(f"invalid spec for layer {name!r} in {META_NAME}: {exc}") from exc
+            raise ValueError(f"invalid spec for layer {name!r} in {where}: {exc}") from exc
         if not isinstance(layer, nn.Module):
             raise ValueError(f"{spec['type']}.from_spec returned {type(layer).__name__}, not an nn.Module")
         built[name] = layer
@@ -751,23 +751,30 @@ def _verify_file(directory: Path, rel: str, record: dict, transformers: bool) ->
     size, want = path.stat().st_size, record["bytes"]
     if size != want:
         raise ValueError(f"{path} is not the file bondgate saved: {size} bytes, {META_NAME} records {want}"
-                         + _remedy(directory, transformers))
+                         + _remedy(directory, rel, transformers))
     if _sha256(path) != record["sha256"].lower():
         raise ValueError(f"{path} is not the file bondgate saved: its sha256 differs from the one {META_NAME} records"
-                         + _remedy(directory, transformers))
+                         + _remedy(directory, rel, transformers))
 
 
-def _remedy(directory: Path, transformers: bool) -> str:
+def _remedy(directory: Path, rel: str, transformers: bool) -> str:
     """A file that differs from the record is damaged, or (a transformers model's directory) was saved into again
     after bondgate saved it (by transformers' save_pretrained, a tokenizer's or generation config's, an edit): say
     what to do in either case."""
     damaged = ". The file is damaged (a truncated copy, a bad disk) or was changed after bondgate saved it"
     if not transformers:
         return damaged + ": save the model again, or copy the checkpoint again from where it came"
+    delete = f"delete {directory / META_NAME}"
+    # the weights file is checked first: another file differing means it is still bondgate's; beside the index of
+    # transformers' sharded save it is stale, and from_pretrained reads it before the shards
+    index = "model.safetensors.index.json"
+    if rel != WEIGHTS_NAME and (directory / index).is_file():
+        delete += (f" and the stale {directory / WEIGHTS_NAME} (bondgate's weights: transformers' save_pretrained "
+                   f"wrote shards since, listed in {index}, and from_pretrained would read {WEIGHTS_NAME} first)")
     return (f"{damaged}: if the directory was saved into again after bondgate.save_pretrained (transformers' or a "
             f"tokenizer's save_pretrained, an edited config.json), save the model again with "
-            f"bondgate.save_pretrained, or delete {directory / META_NAME} to load the directory as transformers wrote "
-            f"it (from_pretrained after `import bondgate`)")
+            f"bondgate.save_pretrained, or {delete} to load the directory as transformers wrote it (from_pretrained "
+            f"after `import bondgate`)")
 
 
 def _verify_files(directory: Path, meta: dict) -> None:

@@ -170,6 +170,65 @@ def test_compressed_table_under_transformers_own_tie(tmp_path):
             torch.testing.assert_close(m(input_ids=ids).logits, ref, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("writer", ["bondgate", "transformers"])
+def test_a_compressed_base_model_read_by_a_head_class_gets_the_tables_tied_head(tmp_path, writer):
+    """A base model whose table was compressed, read by an LM-head class: its head came back a new, randomly
+    initialized, untied nn.Linear (compress had cleared tie_word_embeddings in config.json), where the dense base
+    model's head is tied to its table. It is the table's tied MPO head, as compressing the dense LM makes it."""
+    from transformers import GPT2Model
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16, bos_token_id=0, eos_token_id=0)
+    lm = GPT2LMHeadModel(cfg).eval()
+    base = copy.deepcopy(lm.transformer)
+    for m in (lm, base):
+        bondgate.compress(m, bondgate.CompressionConfig(param_ratio=0.5, embeddings=True, policy="memory"),
+                          progress=False)
+    path = tmp_path / "base"
+    bondgate.save_pretrained(base, path) if writer == "bondgate" else base.save_pretrained(path)
+    assert not json.loads((path / "config.json").read_text())["tie_word_embeddings"]
+    loaded, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert isinstance(loaded.lm_head, MPOLinear) and loaded.lm_head.cores is loaded.transformer.wte.cores
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, lm(ids).logits)
+    # the record goes on with a base model read back and saved again
+    AutoModel.from_pretrained(path).save_pretrained(tmp_path / "again")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again")
+    assert isinstance(again.lm_head, MPOLinear) and again.lm_head.cores is again.transformer.wte.cores
+    # a config that did not tie them: a new head, as for the dense base model
+    untied = GPT2Model(GPT2Config(**{**cfg.to_dict(), "tie_word_embeddings": False})).eval()
+    bondgate.compress(untied, bondgate.CompressionConfig(param_ratio=0.5, embeddings=True), progress=False)
+    loaded, info = AutoModelForCausalLM.from_pretrained(bondgate.save_pretrained(untied, tmp_path / "untied"),
+                                                        output_loading_info=True)
+    assert type(loaded.lm_head) is torch.nn.Linear and info["missing_keys"] == {"lm_head.weight"}
+
+
+def test_a_compressed_bert_read_by_a_masked_lm_ties_its_decoder_unless_the_table_keeps_rows(tmp_path):
+    from transformers import BertForMaskedLM
+
+    torch.manual_seed(0)
+    base = BertModel(BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                                vocab_size=50, max_position_embeddings=16)).eval()
+    dense = base.embeddings.word_embeddings
+    base.embeddings.word_embeddings = MPOEmbedding.from_embedding(dense, max_bond=8)
+    bondgate.hf.attach(base)
+    mlm = BertForMaskedLM.from_pretrained(bondgate.save_pretrained(base, tmp_path / "bg"))
+    decoder, table = mlm.cls.predictions.decoder, mlm.bert.embeddings.word_embeddings
+    assert isinstance(decoder, MPOLinear) and decoder.cores is table.cores
+    h = torch.randn(3, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(decoder(h), h @ table.weight_matrix().T + decoder.bias)
+    # a table with exact rows has no tied MPO head: a new head, and a warning saying why
+    base.embeddings.word_embeddings = MPOEmbedding.from_embedding(dense, max_bond=8, counts=torch.arange(50.0) + 1,
+                                                                  keep_rows=5)
+    with pytest.warns(UserWarning, match="cls.predictions.decoder is initialized as a new untied layer.*keeps exact "
+                                         "rows"):
+        mlm = BertForMaskedLM.from_pretrained(bondgate.save_pretrained(base, tmp_path / "kept"))
+    assert type(mlm.cls.predictions.decoder) is torch.nn.Linear
+
+
 def test_layer_under_two_names_stays_one_layer(tmp_path):
     cfg = BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128,
                      vocab_size=100, max_position_embeddings=32)
@@ -835,6 +894,7 @@ def test_a_quantization_config_this_bondgate_cannot_read_is_refused(tmp_path):
         (lambda qc: qc.update(format_version=True), "'format_version' must be an integer, got True"),
         (lambda qc: qc.update(format_version="1"), r"'format_version' must be an integer, got '1' \(str\)"),
         (lambda qc: qc.update(layers=[]), "'layers' must be an object"),
+        (lambda qc: qc.update(tie_word_embeddings="yes"), "'tie_word_embeddings' must be true or false"),
         # a spec error names the file it is in (was bondgate.json, which this directory does not have)
         (lambda qc: qc["layers"][query].pop("bond_dims"),
          f"invalid spec for layer '{query}' in quantization_config of config.json: layer spec is missing"),

@@ -18,7 +18,9 @@ transformers then loads the tensors by key as for any model; afterwards each lay
 (``from_spec`` + ``load_state_dict``, as :func:`bondgate.load` does, so non-persistent state, parameter tracking
 and kept operands are right), the ties are restored, the layer types' ``after_load`` hooks run, and the model
 comes back in eval mode as an ordinary transformers model, not a "quantized" one: it can be trained (Trainer),
-cast (``.half()``), compiled and saved again, like a freshly compressed one.
+cast (``.half()``), compiled and saved again, like a freshly compressed one. A head class reading a checkpoint without
+its head, whose token table was compressed under a config that tied them (a compressed ``GPT2Model`` read by
+``AutoModelForCausalLM``), gets the table's tied MPO head, as the dense model's head is tied to its table.
 
 **Registration in a fresh process**: ``import bondgate`` must come before ``from_pretrained``, in any order with
 ``import transformers``. Importing bondgate does not import transformers: it registers at once if transformers'
@@ -179,11 +181,14 @@ def _define() -> dict[str, type]:
 
     class BondgateConfig(QuantizationConfigMixin):
         """``quantization_config`` of a model with bondgate layers: their specs, computed from the bound model
-        whenever it is serialized (a snapshot once the model is gone or in a loaded config)."""
+        whenever it is serialized (a snapshot once the model is gone or in a loaded config). ``tie_word_embeddings``:
+        the model's config tied its LM head to the token table before bondgate cleared that (the table compressed);
+        a head class reading a checkpoint without the head gives it the table's tied MPO head, as the dense one ties."""
 
         def __init__(self, layers: dict | None = None, layer_aliases: dict | None = None,
                      tensor_aliases: dict | None = None, format_version: int = CONFIG_VERSION,
-                     bondgate_version: str | None = None, quant_method: str = QUANT_METHOD, **kwargs: Any) -> None:
+                     bondgate_version: str | None = None, quant_method: str = QUANT_METHOD,
+                     tie_word_embeddings: bool = False, **kwargs: Any) -> None:
             self.quant_method = QUANT_METHOD
             self.format_version = format_version
             self.bondgate_version = bondgate_version
@@ -191,6 +196,7 @@ def _define() -> dict[str, type]:
             self.layers, self.layer_aliases, self.tensor_aliases = (
                 {} if v is None else dict(v) if isinstance(v, dict) else v
                 for v in (layers, layer_aliases, tensor_aliases))
+            self.tie_word_embeddings = tie_word_embeddings
             self._model: weakref.ref | None = None
 
         def bind(self, model: nn.Module) -> "BondgateConfig":
@@ -216,7 +222,8 @@ def _define() -> dict[str, type]:
             self.refresh()
             return {"quant_method": QUANT_METHOD, "format_version": self.format_version,
                     "bondgate_version": self.bondgate_version, "layers": copy.deepcopy(self.layers),
-                    "layer_aliases": dict(self.layer_aliases), "tensor_aliases": dict(self.tensor_aliases)}
+                    "layer_aliases": dict(self.layer_aliases), "tensor_aliases": dict(self.tensor_aliases),
+                    **({"tie_word_embeddings": self.tie_word_embeddings} if self.tie_word_embeddings else {})}
 
         def __iter__(self):
             yield from self.to_dict().items()
@@ -326,6 +333,8 @@ def _check_config(qc: Any) -> None:
                          f"{CONFIG_VERSION} (upgrade bondgate)")
     _io._check_layers(qc.layers, qc.layer_aliases, where)
     _io._check_str_map(qc.tensor_aliases, "tensor_aliases", where)
+    if not isinstance(getattr(qc, "tie_word_embeddings", False), bool):
+        raise ValueError(f"{where}: 'tie_word_embeddings' must be true or false, got {qc.tie_word_embeddings!r}")
 
 
 # ---------------------------------------------------------------------------------------- binding
@@ -353,14 +362,19 @@ def attach(model: nn.Module) -> nn.Module:
     bound = _is_ours(current) and getattr(current, "model", None) is model
     if not bound:  # first record of this model's layers: from here on its config is its own (not changed under others)
         config = _own_config(model)
-    _drop_weight_ties(model, layers)
+    cleared = _drop_weight_ties(model, layers)
     try:
         register()
     except Unsupported as exc:
         warn_user(f"{exc}: config.json will not describe the bondgate layers")
         return model
-    if not bound:
-        config.quantization_config = _define()["BondgateConfig"]().bind(model)
+    if not bound:  # a record read with the config (loaded, unpickled) says whether it tied the head it cleared
+        was = current.get("tie_word_embeddings") if isinstance(current, dict) else \
+            getattr(current, "tie_word_embeddings", False)
+        config.quantization_config = _define()["BondgateConfig"](tie_word_embeddings=_is_ours(current) and was is True
+                                                                 ).bind(model)
+    if cleared:
+        config.quantization_config.tie_word_embeddings = True
     return model
 
 
@@ -440,12 +454,12 @@ def _containers(model: nn.Module, config) -> list[nn.Module]:
     return found
 
 
-def _drop_weight_ties(model: nn.Module, layers: dict) -> None:
+def _drop_weight_ties(model: nn.Module, layers: dict) -> bool:
     """transformers' ties of ``weight`` keys under bondgate layers (a tied LM head: ``lm_head.weight`` -> the token
     table's ``weight``) name tensors those layers do not have: ``model.tie_weights()`` would fail on them (it is
     also called by ``resize_token_embeddings``, accelerate, the Trainer). A table's MPO head shares the table's cores
     itself, so these ties are dropped, and ``tie_word_embeddings`` cleared where a compressed table carried it
-    (``tie_weights()`` re-derives the ties from the config)."""
+    (``tie_weights()`` re-derives the ties from the config). Returns whether it cleared it."""
     tied = getattr(model, "all_tied_weights_keys", None)
     if isinstance(tied, dict):
         for key, src in list(tied.items()):
@@ -458,11 +472,14 @@ def _drop_weight_ties(model: nn.Module, layers: dict) -> None:
         table = None
     from .embedding import MPOEmbedding
 
+    cleared = False
     if isinstance(table, MPOEmbedding):
         config = model.config
         for cfg in {id(c): c for c in (config, getattr(config, "get_text_config", lambda: config)())}.values():
             if getattr(cfg, "tie_word_embeddings", False):
                 cfg.tie_word_embeddings = False
+                cleared = True
+    return cleared
 
 
 def mark_config(path: str | Path, architecture: str | None = None) -> None:
@@ -681,6 +698,7 @@ def _prepare(model: nn.Module, qc: Any, checkpoint_files, dtype: torch.dtype | N
         tensor_aliases = {k: t for k, t in tensor_aliases.items()
                           if _under(k, dense) is None and _under(t, dense) is None}
         names = {n: f for n, f in names.items() if n not in dense}
+    tied_head = _table_head(model, qc, {names[n]: s for n, s in specs.items()}, names.values(), header, where)
     # one empty layer per name, even for a layer's second name: transformers fills the keys it finds missing with
     # empty tensors, which in a shared layer would overwrite the loaded ones (_finish shares the rebuilt layer)
     every = {**specs, **{alias: specs[target] for alias, target in layer_aliases.items()}}
@@ -753,11 +771,42 @@ def _prepare(model: nn.Module, qc: Any, checkpoint_files, dtype: torch.dtype | N
               or _under(src, shells) is not None} if isinstance(tied, dict) else {}
     # the other keys of a group are filled from its source: not "missing" in transformers' load report
     skipped = {k for r, members in groups.items() for k in members if k != source[r]}
+    if tied_head:  # made the table's MPO head by _finish
+        skipped.add(f"{tied_head[0]}.weight")
     ignore = model.__dict__.get("_keys_to_ignore_on_load_missing")  # restored by _finish
     model._keys_to_ignore_on_load_missing = set(model._keys_to_ignore_on_load_missing or ()) | {
         f"^{re.escape(k)}$" for k in skipped}
     return {"names": names, "layers": specs, "layer_aliases": layer_aliases, "groups": groups,
-            "source": source, "ignore": ignore, "untied": untied, "frozen": frozen}
+            "source": source, "ignore": ignore, "untied": untied, "frozen": frozen, "tied_head": tied_head}
+
+
+def _table_head(model: nn.Module, qc: Any, specs: dict[str, dict], replaced, header: dict | None,
+                where: str) -> tuple[str, str] | None:
+    """``(head, table)`` names in ``model`` where its LM head is to be the compressed token table's tied MPO head: the
+    checkpoint's model tied them before its table was compressed (``qc.tie_word_embeddings``; its config.json says
+    False since), and holds no head (a compressed base model read by a head class, which the dense one would tie).
+    ``specs``: the layers to be built, by their names in ``model``; ``replaced``: every module bondgate replaces."""
+    if not getattr(qc, "tie_word_embeddings", False) or header is None:
+        return None
+    try:
+        head, table = model.get_output_embeddings(), model.get_input_embeddings()
+    except (NotImplementedError, AttributeError):
+        return None
+    from .embedding import MPOEmbedding
+
+    found = {id(m): n for n, m in model.named_modules()}
+    head_name, table_name = found.get(id(head)), found.get(id(table))
+    spec = specs.get(table_name)
+    if (type(head) is not nn.Linear or head_name in set(replaced) or spec is None
+            or not issubclass(_io.LAYER_TYPES[spec["type"]], MPOEmbedding)
+            or any(f"{head_name}.weight" in _candidates(model, k) for k in header)):
+        return None
+    if spec.get("kept_rows"):
+        warn_user(f"{where}: {head_name} is initialized as a new untied layer: the checkpoint's model tied its LM head "
+                  f"to the token table {table_name}, but that table keeps exact rows, which a tied MPO head cannot "
+                  f"hold (compress the model with its head, or without embedding_rows)")
+        return None
+    return head_name, table_name
 
 
 def _unlisted_cores(model: nn.Module, header: dict | None, listed: set[str]) -> list[str]:
@@ -852,6 +901,14 @@ def _finish(model: nn.Module, plan: dict[str, Any]) -> None:
         fresh[names[alias]] = fresh[names[target]]
     for name, layer in fresh.items():
         _io._set_submodule(model, name, layer)
+    if plan["tied_head"]:  # as compress makes a head tied to the table it compresses
+        head_name, table_name = plan["tied_head"]
+        head = model.get_submodule(head_name)
+        tied = model.get_submodule(table_name).as_linear(bias=head.bias is not None)
+        if head.bias is not None:
+            with torch.no_grad():
+                tied.bias.copy_(head.bias)
+        _io._set_submodule(model, head_name, tied.train(head.training))
     for r, members in groups.items():
         for k in members:
             if k != r:

@@ -204,8 +204,8 @@ def test_counts_weighting_favours_frequent_rows():
     assert plain.error <= weighted.error  # the price: the plain error grows a little
     exact = MPOEmbedding.from_embedding(nn.Embedding(1009, 48), counts=torch.rand(1009) * 100)  # padded vocab
     assert exact.error < 1e-6
-    with pytest.raises(ValueError, match="counts"):
-        MPOEmbedding.from_embedding(emb, counts=-torch.ones(4096))
+    with pytest.raises(ValueError, match=r"counts must be .*got negative values \(min -1\)$"):
+        MPOEmbedding.from_embedding(emb, counts=-torch.ones(4096))  # was "got shape (4096,)", the right shape
 
 
 @pytest.mark.parametrize("n, keep_rows", [(58, 0), (5, 0), (58, 1), (70, 0), (52, 2)])
@@ -215,7 +215,7 @@ def test_counts_must_have_one_entry_per_row(n, keep_rows):
     with pytest.raises(ValueError, match=rf"num_embeddings=53 .*got shape \({n},\)") as info:
         MPOEmbedding.from_embedding(emb, counts=torch.ones(n), keep_rows=keep_rows)
     assert "60" not in str(info.value)
-    with pytest.raises(ValueError, match="num_embeddings=53"):
+    with pytest.raises(ValueError, match="num_embeddings=53 .*got NaN or infinite values"):
         MPOEmbedding.from_embedding(emb, counts=torch.full((53,), float("nan")))
     m = MPOEmbedding.from_embedding(emb, counts=torch.arange(53.0), keep_rows=1)
     assert m.kept_ids.tolist() == [52]
@@ -681,12 +681,15 @@ def test_rows_whose_intermediates_exceed_a_chunk_are_looked_up_one_token_at_a_ti
     assert out.shape == (8, 4096)
 
 
-@pytest.mark.parametrize("change", [{"dtype": "float17"}, {"in_factors": [2, 2, 2, 1]}, {"in_factors": [2, 2]}])
+@pytest.mark.parametrize("change", [{"dtype": "float17"}, {"in_factors": [2, 2, 2, 1]}, {"in_factors": [2, 2]},
+                                    {"dtype": "int64"}, {"dtype": 5}])
 def test_a_malformed_spec_is_refused(change):
-    """A spec with an unknown dtype or factor lists of different lengths raises instead of building another table."""
+    """A spec with an unknown or integer dtype or factor lists of different lengths raises instead of building
+    another table."""
     spec = _layer().spec()
     assert spec["in_factors"] == [2, 2, 2] and spec["dtype"] == "float32"
-    with pytest.raises(ValueError, match="unknown dtype|inconsistent layer spec"):
+    # an integer dtype said "Only Tensors of floating point and complex dtype can require gradients"
+    with pytest.raises(ValueError, match="unknown dtype|inconsistent layer spec|dtype must be a floating-point one"):
         MPOEmbedding.from_spec({**spec, **change})
 
 
@@ -716,3 +719,55 @@ def test_the_ratio_a_too_small_embedding_budget_names_counts_the_kept_rows():
                                          r".*\(532 weights besides the kept rows\): give at least 0.0733"):
         run(0.05)
     assert run(0.0733).bondgate_report.layers[0].params_after <= 0.0733 * 16000
+
+
+# ---- from a helper's review
+def test_from_embedding_neither_keeps_nor_weights_the_padding_row():
+    # the (zero, masked) padding row, the most frequent id of padded batches, took one of the exact rows kept, and
+    # its count weighted the fit; compress leaves it out, from_embedding did not
+    torch.manual_seed(0)
+    emb = nn.Embedding(100, 16, padding_idx=0)
+    ids = torch.randint(1, 100, (32, 20))
+    ids[:, 12:] = 0
+    counts = torch.bincount(ids.reshape(-1), minlength=100).double()
+    m = MPOEmbedding.from_embedding(emb, max_bond=4, counts=counts, keep_rows=4)
+    assert 0 not in m.kept_ids.tolist() and m.kept_ids.numel() == 4
+    assert counts[0] == 32 * 8  # the caller's counts are left alone
+    no_pad = counts.clone()
+    no_pad[0] = 0
+    ref = MPOEmbedding.from_embedding(emb, max_bond=4, counts=no_pad, keep_rows=4)
+    assert torch.equal(m.kept_ids, ref.kept_ids) and all(torch.equal(a, b) for a, b in zip(m.cores, ref.cores))
+    model = nn.Sequential(emb, nn.Linear(16, 4))
+    bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5, embeddings=True, embedding_rows=4,
+                                                        target_modules=["0"], policy="memory"),
+                      calibration=[ids], progress=False)
+    assert torch.equal(model[0].kept_ids, m.kept_ids)  # compress keeps the same rows
+
+
+def test_keep_rows_is_refused_while_a_tied_head_shares_the_cores(tmp_path):
+    # the table then looked the kept rows up while its tied head went on computing with the MPO's: untied in silence
+    import copy
+    import gc
+    import pickle
+
+    torch.manual_seed(0)
+    model = TinyLM(60, 12)
+    model.emb = MPOEmbedding.from_embedding(model.emb, max_bond=3)
+    model.head = model.emb.as_linear(policy=FLOPS)
+    bondgate.save(model, tmp_path)
+    loaded = bondgate.load(tmp_path, model=TinyLM(60, 12))  # after_load ties the head again
+    twins = [model, copy.deepcopy(model), pickle.loads(pickle.dumps(model)), loaded]
+    rows = torch.randn(1, 12)
+    for twin in twins:
+        assert twin.head.cores is twin.emb.cores
+        with pytest.raises(ValueError, match=r"tied head \(as_linear\), which would miss the kept rows: untie it"):
+            twin.emb.keep_rows_(torch.tensor([5]), rows)
+        assert twin.emb.kept_ids is None
+    twins[1].head.set_cores(list(twins[1].head.cores))  # untied: the head has cores of its own
+    twins[1].emb.keep_rows_(torch.tensor([5]), rows)
+    del twins[2].head
+    gc.collect()
+    twins[2].emb.keep_rows_(torch.tensor([5]), rows)
+    copy.deepcopy(model.emb).keep_rows_(torch.tensor([5]), rows)  # a copy of the table alone has no head
+    with torch.no_grad():
+        assert torch.equal(twins[1].emb(torch.tensor([5])), rows)

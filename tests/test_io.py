@@ -1378,3 +1378,73 @@ def test_float_models_with_float_functional_save_and_a_mixed_dtype_layer_loads(t
         from bondgate.io import LAYER_TYPES
 
         LAYER_TYPES.pop("Scaled", None)
+
+
+# ------------------------------------------------ from a helper's review
+class EmbNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(50, 8), nn.Linear(8, 8)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids))
+
+
+@pytest.mark.parametrize("ids", [[7, 2, 3, 4], [1, 1, 3, 4], [1, 2, 3, 50]])
+def test_invalid_kept_ids_are_neither_saved_nor_loaded_into_a_model(tmp_path, ids):
+    # load_state_dict refused them only after copying the model's other tensors (a failed load changed fc), and save
+    # wrote kept ids edited into a state no lookup can use
+    torch.manual_seed(0)
+    net = EmbNet()
+    net.emb = bondgate.MPOEmbedding.from_embedding(net.emb, max_bond=2, counts=torch.arange(50.0, 0, -1), keep_rows=4)
+    assert net.emb.kept_ids.tolist() == [0, 1, 2, 3]
+    out = bondgate.save(net, tmp_path / "ck")
+    with torch.no_grad():
+        net.emb.kept_ids.copy_(torch.tensor(ids))
+    message = r"'emb.kept_ids' of the MPOEmbedding 'emb' must be increasing integer ids in \[0, 50\)"
+    with pytest.raises(ValueError, match=f"cannot save: {message}"):
+        bondgate.save(net, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+    rewrite_weights(out, lambda t: t.update({"emb.kept_ids": torch.tensor(ids)}))
+    user = EmbNet()
+    snap = state_snapshot(user)
+    with pytest.raises(ValueError, match=f"corrupt checkpoint: {message}"):
+        bondgate.load(out, model=user)
+    assert_untouched(user, snap)
+
+
+def test_a_spec_that_is_not_a_dict_with_a_type_is_named_at_save(tmp_path):
+    # a list gave "whose spec() type is None ... make its spec() report 'ListSpec'"
+    class ListSpec(nn.Module):
+        def spec(self):
+            return ["ListSpec"]
+
+        @classmethod
+        def from_spec(cls, spec):
+            return cls()
+
+    class NoType(ListSpec):
+        def spec(self):
+            return {"n": 1}
+
+    bondgate.register_layer_type(ListSpec)
+    bondgate.register_layer_type(NoType)
+    try:
+        for layer, got in ((ListSpec(), "a list"), (NoType(), "a dict whose 'type' is None")):
+            with pytest.raises(ValueError, match=f"'0' is a {type(layer).__name__} whose spec.. returned {got}; spec.. "
+                                                 "must return a dict whose 'type' key is the name it is registered"):
+                bondgate.save(nn.Sequential(layer), tmp_path / "ck")
+    finally:
+        LAYER_TYPES.pop("ListSpec")
+        LAYER_TYPES.pop("NoType")
+
+
+def test_a_spec_with_an_integer_dtype_is_refused_by_name(mlp_ckpt):
+    # was "Only Tensors of floating point and complex dtype can require gradients"
+    edit_json(mlp_ckpt, lambda m: m["layers"]["2"].update(dtype="int64"))
+    with pytest.raises(ValueError, match="invalid spec for layer '2' .*the layer spec's dtype must be a floating-point "
+                                         "one .*got 'int64'"):
+        bondgate.load(mlp_ckpt)
+    lowrank = bondgate.LowRankLinear(8, 6, 2).spec()
+    with pytest.raises(ValueError, match="dtype must be a floating-point one"):
+        bondgate.LowRankLinear.from_spec({**lowrank, "dtype": "int32"})

@@ -43,6 +43,7 @@ frequency-weighted; the 4096 most frequent rows kept (85% of dev tokens) + weigh
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -64,6 +65,7 @@ from .layer import (
     no_torchscript,
     record_sizes,
     replica_without_kept,
+    spec_dtype,
     without_kept,
 )
 from .mpo import MPO, BondSpec
@@ -122,6 +124,14 @@ def traced_lookup(cores: Sequence[torch.Tensor], ids: torch.Tensor, embedding_di
     return acc.reshape(T, acc.shape[1] * acc.shape[2])[:, :embedding_dim]
 
 
+def kept_ids_problem(ids: torch.Tensor, num_embeddings: int) -> str | None:
+    """Why ``ids`` cannot be a table's ``kept_ids`` (increasing integer ids in ``[0, num_embeddings)``), or None."""
+    ok = ids.dim() == 1 and not (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool)
+    if ok and ids.numel() and ids.device.type != "meta":
+        ok = bool((ids[1:] > ids[:-1]).all()) and int(ids[0]) >= 0 and int(ids[-1]) < num_embeddings
+    return None if ok else f"must be increasing integer ids in [0, {num_embeddings})"
+
+
 def _check_table_size(num_embeddings: int, embedding_dim: int) -> None:
     """Name the table's sizes as an embedding user knows them (the MPO underneath calls them out / in_features)."""
     number(num_embeddings, "num_embeddings", low=1, integer=True)
@@ -176,10 +186,12 @@ class MPOEmbedding(nn.Module):
         self._rows_cache: dict = {}
         self.register_buffer("kept_ids", None)
         self.register_parameter("kept_rows", None)
+        self._heads: weakref.WeakSet[MPOLinear] = weakref.WeakSet()  # made by as_linear: tied while they share cores
 
     def keep_rows_(self, ids: torch.Tensor, rows: torch.Tensor) -> "MPOEmbedding":
         """Look up ``ids`` (distinct, ``(K,)``) as the exact ``rows`` ``(K, embedding_dim)`` from now on instead of in
-        the MPO (replacing any kept before; ``K = 0`` removes them); returns the layer."""
+        the MPO (replacing any kept before; ``K = 0`` removes them); returns the layer. Refused while a tied head
+        (:meth:`as_linear`) shares the cores: it would miss the kept rows."""
         ids = torch.as_tensor(ids).reshape(-1)
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise TypeError(f"kept ids must be integers, got {ids.dtype}")
@@ -187,6 +199,9 @@ class MPOEmbedding(nn.Module):
         if ids.numel() == 0:
             self.kept_ids, self.kept_rows = None, None
             return self
+        if any(head.cores is self.cores for head in self._heads):
+            raise ValueError("this table has a tied head (as_linear), which would miss the kept rows: untie it first "
+                             "(head.set_cores(list(head.cores)) gives it cores of its own) or drop it")
         if rows.shape != (ids.numel(), self.embedding_dim):
             raise ValueError(f"kept rows must have shape ({ids.numel()}, {self.embedding_dim}), got {tuple(rows.shape)}")
         order = torch.argsort(ids)
@@ -218,9 +233,10 @@ class MPOEmbedding(nn.Module):
 
         ``counts``: optional token frequencies, shape ``(num_embeddings,)``, to weight the squared error of
         each row by its frequency (through the separable fit described in the module docstring; exact for
-        ``form="lowrank"``); ``tol`` then bounds the weighted error. ``form``: ``"mpo"`` (``num_cores`` cores) or
-        ``"lowrank"`` (two factors, ``max_bond`` = the rank). ``keep_rows``: keep the exact rows of the ``K`` most
-        frequent ids (needs ``counts``). ``error`` is always the plain relative Frobenius error of the table.
+        ``form="lowrank"``; the ``padding_idx`` row, looked up as zeros, counts as never seen); ``tol`` then bounds
+        the weighted error. ``form``: ``"mpo"`` (``num_cores`` cores) or ``"lowrank"`` (two factors, ``max_bond`` =
+        the rank). ``keep_rows``: keep the exact rows of the ``K`` most frequent ids (needs ``counts``). ``error`` is
+        always the plain relative Frobenius error of the table.
         """
         if not isinstance(emb, nn.Embedding):
             raise TypeError(f"from_embedding expects an nn.Embedding, got {type(emb).__name__}")
@@ -240,9 +256,15 @@ class MPOEmbedding(nn.Module):
             raise ValueError("keep_rows needs counts (it keeps the most frequent ids' rows)")
         if counts is not None:
             counts = torch.as_tensor(counts, dtype=torch.float64).cpu()
-            if counts.shape != (E.shape[0],) or not torch.isfinite(counts).all() or (counts < 0).any():
+            got = (f"shape {tuple(counts.shape)}" if counts.shape != (E.shape[0],)
+                   else "NaN or infinite values" if not torch.isfinite(counts).all()
+                   else f"negative values (min {float(counts.min()):g})" if (counts < 0).any() else None)
+            if got is not None:
                 raise ValueError(f"counts must be num_embeddings={E.shape[0]} finite non-negative frequencies "
-                                 f"(one per row), got shape {tuple(counts.shape)}")
+                                 f"(one per row), got {got}")
+            if emb.padding_idx is not None:  # its row is looked up as zeros: neither fitted nor kept (as compress)
+                counts = counts.clone()
+                counts[emb.padding_idx] = 0
         kept = most_frequent(counts, keep_rows) if keep_rows else None
         kept = kept if kept is not None and kept.numel() else None
         legs = None if counts is None else row_weight_legs(counts, out_f)
@@ -264,6 +286,7 @@ class MPOEmbedding(nn.Module):
         head = MPOLinear.from_mpo(self.to_mpo(), c0.new_zeros(self.num_embeddings) if bias else None, policy=policy)
         head.cores = self.cores
         head.error = self.error
+        self._heads.add(head)
         return head.quantize_(self._quant)  # tied cores are quantized alike
 
     @staticmethod
@@ -273,8 +296,9 @@ class MPOEmbedding(nn.Module):
         embs = {tuple(map(id, m.cores)): m for m in model.modules() if isinstance(m, MPOEmbedding)}
         for m in model.modules():
             emb = embs.get(tuple(map(id, m.cores))) if isinstance(m, MPOLinear) else None
-            if emb is not None and m.cores is not emb.cores:
+            if emb is not None:
                 m.cores = emb.cores
+                emb._heads.add(m)
 
     def spec(self) -> dict:
         """JSON-serializable structure of this layer (everything but the tensors)."""
@@ -292,9 +316,7 @@ class MPOEmbedding(nn.Module):
         missing = {"num_embeddings", "embedding_dim", "out_factors", "in_factors", "bond_dims"} - set(spec)
         if missing:
             raise ValueError(f"layer spec is missing {sorted(missing)}")
-        dtype = getattr(torch, spec.get("dtype", "float32"), None)
-        if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"unknown dtype {spec.get('dtype')!r} in layer spec")
+        dtype = spec_dtype(spec)
         check_spec_sizes(spec, ("num_embeddings", "embedding_dim"), ("out_factors", "in_factors", "bond_dims"))
         out_f, in_f, r = spec["out_factors"], spec["in_factors"], [1, *spec["bond_dims"], 1]
         if len(in_f) != len(out_f) or len(r) != len(out_f) + 1:
@@ -405,11 +427,9 @@ class MPOEmbedding(nn.Module):
         load_quantized_cores(self, state_dict, prefix, error_msgs)  # int8 cores + scales -> dequantized cores
         ids = state_dict.get(prefix + "kept_ids")
         if self.kept_ids is not None and isinstance(ids, torch.Tensor) and ids.shape == self.kept_ids.shape:
-            ok = not (ids.is_floating_point() or ids.dtype == torch.bool)
-            if ok and ids.numel() and ids.device.type != "meta":
-                ok = bool((ids[1:] > ids[:-1]).all()) and int(ids[0]) >= 0 and int(ids[-1]) < self.num_embeddings
-            if not ok:
-                error_msgs.append(f"{prefix + 'kept_ids'!r} must be increasing integer ids in [0, {self.num_embeddings})")
+            problem = kept_ids_problem(ids, self.num_embeddings)
+            if problem is not None:
+                error_msgs.append(f"{prefix + 'kept_ids'!r} {problem}")
                 del state_dict[prefix + "kept_ids"]
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
@@ -429,8 +449,14 @@ class MPOEmbedding(nn.Module):
         return replica_without_kept(super()._replicate_for_data_parallel(), self._KEPT)
 
     def __getstate__(self) -> dict:
-        # copies and pickles leave the kept fake-quantized cores out (see MPOLinear.__getstate__)
-        return without_kept(super().__getstate__(), self._KEPT)
+        # copies and pickles leave the kept fake-quantized cores out (see MPOLinear.__getstate__); a copy of the table
+        # and its tied heads (a model's) knows the copied heads
+        state = without_kept(super().__getstate__(), self._KEPT)
+        return {**state, "_heads": [head for head in self._heads if head.cores is self.cores]}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._heads = weakref.WeakSet(state.get("_heads", ()))
 
     @property
     def weight(self) -> torch.Tensor:

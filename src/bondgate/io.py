@@ -167,7 +167,12 @@ def _collect_layers(model: nn.Module) -> tuple[dict[str, dict], dict[str, str]]:
                 aliases[path] = first[id(mod)]
                 return
             spec = mod.spec()
-            kind = spec.get("type") if isinstance(spec, dict) else None
+            if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
+                got = (f"a dict whose 'type' is {spec.get('type')!r}" if isinstance(spec, dict)
+                       else f"a {type(spec).__name__}")
+                raise ValueError(f"module {path or '<root>'!r} is a {type(mod).__name__} whose spec() returned {got}; "
+                                 "spec() must return a dict whose 'type' key is the name it is registered under")
+            kind = spec["type"]
             if LAYER_TYPES.get(kind) is not type(mod):
                 raise ValueError(f"module {path or '<root>'!r} is a {type(mod).__name__} whose spec() type is "
                                  f"{kind!r}, which is not registered to that class; {_registry_fix(type(mod), kind)}")
@@ -444,6 +449,9 @@ def save(model: nn.Module, directory: str | os.PathLike, *, report: Any = None, 
     bad = _nonfinite(params, params)
     if bad is not None:  # load() refuses such a checkpoint, so it must not be written
         raise ValueError(f"cannot save: parameter {bad!r} holds NaN or inf values (diverged training?)")
+    bad = _kept_ids_problem(model)
+    if bad is not None:  # load() refuses them too
+        raise ValueError(f"cannot save: {bad} (were they edited in place?)")
     tensors, tensor_aliases = _dedup_state(model)
     meta = {
         "format": FORMAT_NAME,
@@ -1022,6 +1030,21 @@ def _check_finite(state: dict[str, torch.Tensor], tensors: dict[str, torch.Tenso
                 raise ValueError(f"corrupt checkpoint: {problem}")
 
 
+def _kept_ids_problem(model: nn.Module, tensors: dict[str, torch.Tensor] | None = None, prefix: str = "") -> str | None:
+    """The first ``MPOEmbedding`` in ``model`` whose ``kept_ids`` (in ``tensors``, by state-dict key, if given) are not
+    increasing ids of its table, as a message, else None (``load_state_dict`` would refuse them after copying the
+    rest of a model's tensors)."""
+    from .embedding import MPOEmbedding, kept_ids_problem
+
+    for name, mod in model.named_modules(prefix=prefix):
+        if isinstance(mod, MPOEmbedding) and mod.kept_ids is not None:
+            key = _join(name, "kept_ids")
+            problem = kept_ids_problem(mod.kept_ids if tensors is None else tensors[key], mod.num_embeddings)
+            if problem is not None:
+                return f"{key!r} of the MPOEmbedding {name or '<root>'!r} {problem}"
+    return None
+
+
 def _virtual_state(model: nn.Module, new: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     """The ``state_dict(keep_vars=True)`` that ``model`` would have after swapping in ``new``."""
     if "" in new:
@@ -1190,6 +1213,10 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *,
     with saved_form():
         _validate(_virtual_state(model, new), tensors, meta, adapt_dtypes=built)
         _check_finite(_virtual_state(model, new), tensors, new)
+        for name, layer in new.items():
+            bad = _kept_ids_problem(layer, tensors, name)
+            if bad is not None:
+                raise ValueError(f"corrupt checkpoint: {bad}")
 
     # ---- everything is checked: modify the model. With keys, shapes, dtypes and values verified the copy
     # cannot fail for a data reason; should it fail anyway, at least the module swaps are undone. A model

@@ -91,6 +91,17 @@ def check_spec_sizes(spec: dict, ints: tuple[str, ...], lists: tuple[str, ...] =
         raise ValueError(f"layer spec sizes must be positive integers, got {bad}")
 
 
+def spec_dtype(spec: dict) -> torch.dtype:
+    """The floating-point dtype a layer spec names (``"dtype"``, default float32)."""
+    name = spec.get("dtype", "float32")
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r} in layer spec")
+    if not dtype.is_floating_point:
+        raise ValueError(f"the layer spec's dtype must be a floating-point one (float32, bfloat16, ...), got {name!r}")
+    return dtype
+
+
 def trains(module: nn.Module) -> tuple[bool, bool | None]:
     """``(weight, bias)``: whether ``module``'s weight trains (a module without one: any of its parameters; ``True``
     with none) and its bias (``None`` without one), what :func:`freeze_like` gives the layer that replaces it."""
@@ -656,9 +667,7 @@ class MPOLinear(nn.Module):
         missing = need - set(spec)
         if missing:
             raise ValueError(f"layer spec is missing {sorted(missing)}")
-        dtype = getattr(torch, spec.get("dtype", "float32"), None)
-        if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"unknown dtype {spec.get('dtype')!r} in layer spec")
+        dtype = spec_dtype(spec)
         check_spec_sizes(spec, ("in_features", "out_features"), ("in_factors", "out_factors", "bond_dims"))
         out_f, in_f = tuple(spec["out_factors"]), tuple(spec["in_factors"])
         r = [1, *spec["bond_dims"], 1]

@@ -20,6 +20,7 @@ from .layer import (
     autocast_off,
     bad_input,
     check_spec_sizes,
+    spec_dtype,
     track_parameters,
 )
 
@@ -287,9 +288,7 @@ class LowRankLinear(nn.Module):
         missing = {"in_features", "out_features", "rank", "bias"} - set(spec)
         if missing:
             raise ValueError(f"layer spec is missing {sorted(missing)}")
-        dtype = getattr(torch, spec.get("dtype", "float32"), None)
-        if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"unknown dtype {spec.get('dtype')!r} in layer spec")
+        dtype = spec_dtype(spec)
         check_spec_sizes(spec, ("in_features", "out_features", "rank"))
         layer = cls(int(spec["in_features"]), int(spec["out_features"]), int(spec["rank"]), bias=bool(spec["bias"]),
                     dtype=dtype)

@@ -619,6 +619,21 @@ def load_sparse_state_dict(data: bytes | str | os.PathLike) -> dict[str, torch.T
     return tensors
 
 
+def _shared_once(model: nn.Module) -> dict:
+    """``model.state_dict()`` with the entries of a module's second (third ...) name the very objects of its first:
+    ``torch.save`` then stores them once. A dynamic int8 layer's packed parameters are unpacked into new tensors for
+    each name it has, so a shared int8 layer was stored (and measured) twice; the keys stay, so the file still loads
+    with ``load_state_dict(strict=True)``."""
+    sd = model.state_dict()
+    for names in module_names(model).values():
+        first, *rest = names
+        for alias in rest:
+            src, dst = (f"{first}." if first else ""), f"{alias}."
+            for key in [k for k in sd if k.startswith(dst) and src + k[len(dst):] in sd]:
+                sd[key] = sd[src + key[len(dst):]]
+    return sd
+
+
 def _serialize(model: nn.Module, sparse: bool | Iterable[str]) -> bytes:
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
@@ -629,7 +644,7 @@ def _serialize(model: nn.Module, sparse: bool | Iterable[str]) -> bytes:
         if sparse is not False:
             raise ValueError("sparse storage is not supported for quantized models")
         buf = io.BytesIO()
-        torch.save(model.state_dict(), buf)
+        torch.save(_shared_once(model), buf)
         return buf.getvalue()
     from safetensors.torch import save
 

@@ -1058,7 +1058,7 @@ says which plan policy each layer runs (speed or memory mode, notebook 04).
 `kinds="mpo"` keeps every compressed layer an MPO, the form this tutorial is about. Without it, a
 `param_ratio` budget lets each layer become an MPO or a low-rank pair (`U @ V`), whichever keeps its outputs
 better at its share of the budget. On this model that default turns all 12 compressed layers into low-rank
-pairs: 84.38 STS-B dev before healing (83.67 as MPOs) and 0.69-0.73x the dense model's time at 1, 32 and 256
+pairs: 84.38 STS-B dev before healing (83.67 as MPOs) and 0.67-0.75x the dense model's time at 1, 32 and 256
 sentences, where the MPO layers run their dense product (`benchmarks/minilm_speed.py`, an Intel Xeon).
 '''),
     code('''
@@ -1292,9 +1292,9 @@ relative weight error is printed below): this notebook is about speed and shapes
 
 `layer.plan(rows)` returns the plan used for that many rows: its name
 (`cores/...`: contract the input with the cores one by one along an optimized path, where
-`cores/sweep-l2r|sweep` runs the left-to-right sweep as one matrix product per core with the cores kept
-pre-arranged as matrices; `merge..`: merge two neighbouring cores first; `dense`: rebuild `W` and do one
-matrix product), FLOPs, the largest intermediate tensor (`peak`, in elements) and the measured time.
+`cores/sweep-l2r/cached|sweep` runs the left-to-right sweep as one matrix product per core with the cores kept
+pre-arranged as matrices; `merge..`: merge two neighbouring cores first; `rebuild+gemm`: rebuild `W` and do one
+matrix product; `dense-cached` in speed mode: keep it), FLOPs, the largest intermediate tensor (`peak`, in elements) and the measured time.
 The default policy **autotunes**: it times the promising candidates and keeps the fastest, so the chosen
 plan can do more FLOPs than the FLOP-minimal one (the last column, which section 2's
 `select="flops"` policy would pick) when it runs faster on this machine.
@@ -1477,8 +1477,8 @@ else:
 ## 6. Int8 kernels for deployment
 
 On a CPU the largest speed-up at these widths comes from the arithmetic, not the contraction order: torch's dynamic
-int8 kernels (int8 weights, activations quantized per call). `layer.quantize_("int8")` stores int8 cores (4x fewer
-bytes on disk; training keeps fp32 masters) but still computes in floating point. `bg.deploy_int8(model, rows=...)`
+int8 kernels (int8 weights, activations quantized per call). `layer.quantize_("int8")` stores int8 cores (about 3.8x fewer
+bytes on disk here, scales included; training keeps fp32 masters) but still computes in floating point. `bg.deploy_int8(model, rows=...)`
 converts a loaded model for CPU inference: each MPO layer becomes an int8 layer holding its dense weight, low-rank
 pairs and plain linear layers become int8 too, each timed at `rows` rows per call and kept as it was where int8 is not
 faster (`deployed.bondgate_int8` says what each layer became). Ship the small bondgate checkpoint and convert after

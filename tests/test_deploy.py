@@ -362,6 +362,12 @@ def test_deploy_float_runs_an_int8_pair_as_a_low_rank_pair():
         bg.LowRankLinear.from_mpo_linear(bg.MPOLinear.from_linear(nn.Linear(32, 32), max_bond=4, num_cores=2))
 
 
+def test_deploy_int8_dense_must_be_a_bool():
+    # dense="no" is truthy: it converted the dense layers
+    with pytest.raises(TypeError, match="deploy_int8: dense must be True or False, got 'no'"):
+        bg.deploy_int8(_mlp(), rows=None, dense="no")
+
+
 @pytest.mark.parametrize("rows", [0, -1, True, 2.0, None])
 def test_deploy_float_bad_arguments(rows, tmp_path):
     with pytest.raises((ValueError, TypeError), match="rows"):

@@ -249,6 +249,15 @@ def test_perplexity_errors(model, tok, files, tmp_path):
         tinystories_perplexity(model, tok, "\n<|endoftext|>\n  ")
     with pytest.raises(ValueError, match="block"):
         tinystories_perplexity(model, tok, "Once upon a time.", block=1)
+    # an empty separator was str.split's bare "empty separator"; a numpy block was refused (vocab_size takes one)
+    with pytest.raises(ValueError, match="separator must be a non-empty string, got ''"):
+        tinystories_perplexity(model, tok, "Once upon a time.", separator="")
+    assert tinystories_perplexity(model, tok, "Once upon a time.", block=np.int64(64)) == \
+        tinystories_perplexity(model, tok, "Once upon a time.", block=64)
+    # a block past the model's context scored positions it never trained on, without a word
+    with pytest.warns(UserWarning, match=r"block=4096 is longer than the model's context \(max_position_embeddings="
+                                         r"512\)"):
+        tinystories_perplexity(model, tok, "Once upon a time.", block=4096)
     # a tokenizer file cut at a record boundary loads as a smaller vocabulary: its text scored 1.8e11, silently
     data, off = files[1].read_bytes(), 4
     for _ in range(400):
@@ -352,6 +361,9 @@ def test_corrupt_tokenizer(files, tmp_path):
         (data, 400, "trailing bytes"),
         (data[:44], None, "at least 259"),  # <unk>, BOS, EOS only (4 + 13 + 13 + 14 bytes)
         (data[:44] + struct.pack("<fi", 0.0, 3) + b"abc" + data[44 + 14:], None, "token 3 is b'abc'"),  # not <0x00>
+        # one byte too many: was "truncated ... record header is cut", for a file that is too long
+        (data + b"\0", None, r"token 512's record header is cut at byte \d+ \(1 bytes left\): a truncated file, or "
+                              r"bytes after the last token \(vocab_size= reads only that many tokens\)"),
     ]
     for blob, vocab_size, match in cases:
         path.write_bytes(blob)

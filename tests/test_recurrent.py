@@ -492,6 +492,30 @@ def _bf16_autocast_lstm_runs() -> bool:
     return True
 
 
+@pytest.mark.parametrize("proj_size", [0, 4])
+def test_the_stepped_lstm_returns_torchs_dtypes_under_autocast(proj_size):
+    """Stepped (fused=False: gated or hooked projections, calibration), an LSTM under CPU bfloat16 autocast returned
+    float32 output and states where torch's returns bfloat16 (with proj_size torch keeps c in float32)."""
+    if not _bf16_autocast_lstm_runs():
+        pytest.skip("oneDNN has no bfloat16 LSTM on this CPU")
+    torch.manual_seed(0)
+    ref = nn.LSTM(8, 8, num_layers=2, proj_size=proj_size)
+    rec = Recurrent.from_torch(ref)
+    rec.fused = False
+    x = torch.randn(4, 2, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a, (ha, ca) = ref(x)
+        b, (hb, cb) = rec(x)
+    assert (b.dtype, hb.dtype, cb.dtype) == (a.dtype, ha.dtype, ca.dtype), (b.dtype, hb.dtype, cb.dtype)
+    assert float((b.float() - a.float()).norm() / a.float().norm()) < 0.02
+
+
+def test_a_non_floating_dtype_is_refused_by_name():
+    # was "Only Tensors of floating point and complex dtype can require gradients", naming no argument
+    with pytest.raises(TypeError, match="dtype must be a floating-point torch.dtype, got torch.int32"):
+        Recurrent("LSTM", 3, 4, dtype=torch.int32)
+
+
 def test_autocast_init_and_the_given_models_dropout(tmp_path):
     """Under CPU bfloat16 autocast a compressed LSTM runs (its factored projections' dense weights are built in the
     parameters' dtype, as torch's LSTM holds them: built under autocast they were bfloat16 beside float32 ones, which
@@ -729,3 +753,15 @@ def test_packed_sequences_are_one_input_to_calibration_and_distillation():
     before = copy.deepcopy(packed.state_dict())
     bondgate.distill(packed, dense, batches, loss=bondgate.DistillLoss(hidden=0, output=1), steps=3, progress=False)
     assert any(not torch.equal(before[k], v) for k, v in packed.state_dict().items())
+
+
+def test_a_bare_lstm_is_refused_by_one_warning_not_contradicted_by_the_log(caplog):
+    # the warning said why ("a bare recurrent module cannot be replaced in place"), then the log "no layer to
+    # compress (skipped: none matched)"
+    lstm = nn.LSTM(16, 16)
+    with pytest.warns(UserWarning, match="a bare recurrent module cannot be replaced in place: compress "
+                                         r"bondgate.Recurrent.from_torch\(it\)"):
+        bondgate.compress(lstm, bondgate.CompressionConfig(param_ratio=0.5), calibration=[torch.randn(5, 2, 16)],
+                          progress=False)
+    assert "none matched" not in caplog.text
+    assert isinstance(lstm, nn.LSTM)

@@ -217,6 +217,8 @@ def deploy_int8(model: nn.Module, rows: int | None = 32, dense: bool = True) -> 
     timing calls run without them).
     """
     rows = _check(model, rows)
+    if not isinstance(dense, bool):  # (dense="no" is truthy: it converted the dense layers)
+        raise TypeError(f"deploy_int8: dense must be True or False, got {dense!r}")
     new = copy.deepcopy(model).eval()
     aliases = module_names(new)
     owners = _owners(new)  # not the plain layers inside a bondgate layer

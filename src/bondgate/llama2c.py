@@ -335,7 +335,9 @@ class Llama2cTokenizer:
         while off < len(data) and (vocab_size is None or len(pieces) < vocab_size):
             i = len(pieces)
             if off + 8 > len(data):
-                raise ValueError(f"{path}: truncated llama2.c tokenizer: token {i} record header is cut at byte {off}")
+                raise ValueError(f"{path}: llama2.c tokenizer: token {i}'s record header is cut at byte {off} "
+                                 f"({len(data) - off} bytes left): a truncated file, or bytes after the last token "
+                                 f"(vocab_size= reads only that many tokens)")
             score, n = struct.unpack_from("<fi", data, off)
             off += 8
             if not 0 < n <= max_len:
@@ -550,13 +552,22 @@ def tinystories_perplexity(model: torch.nn.Module, tokenizer: Llama2cTokenizer, 
             ending in a suffix such as ``.txt``, with a path separator or no spaces) but names no file.
         ValueError: no story in the text, or ``block < 2``.
     """
+    if not isinstance(separator, str) or not separator:
+        raise ValueError(f"separator must be a non-empty string, got {separator!r}")
     stories = split_stories(_read_source(text_or_path), separator)
     if not stories:
         raise ValueError("no stories in the text (nothing but separators and whitespace)")
+    positions = int(getattr(getattr(model, "config", None), "max_position_embeddings", 0) or 0)
     if block is None:
-        block = int(getattr(getattr(model, "config", None), "max_position_embeddings", 0) or 0) or 512
+        block = positions or 512
+    if isinstance(block, np.integer):
+        block = int(block)
     if isinstance(block, bool) or not isinstance(block, int) or block < 2:
         raise ValueError(f"block must be an int of at least 2 tokens, got {block!r}")
+    if positions and block > positions:  # (scored, but at positions the model never saw in training)
+        warn_user(f"tinystories_perplexity: block={block} is longer than the model's context "
+                  f"(max_position_embeddings={positions}): tokens past position {positions} are scored where the "
+                  f"model was never trained")
     device = next(model.parameters()).device
     model_vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if isinstance(model_vocab, int) and tokenizer.vocab_size > model_vocab:

@@ -106,6 +106,8 @@ class Recurrent(nn.Module):
         if proj_size and (mode != "LSTM" or proj_size >= hidden_size):
             raise ValueError(f"proj_size needs mode='LSTM' and proj_size < hidden_size, got {proj_size} "
                              f"(mode {mode!r}, hidden_size {hidden_size})")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
         if nonlinearity != "tanh" and mode != "RNN":  # nn.LSTM / nn.GRU have no such option (torch: a TypeError)
@@ -433,6 +435,9 @@ class Recurrent(nn.Module):
         if self.mode == "LSTM":
             i, f, g, o = (gi + gh).chunk(4, dim=-1)
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            if hr is None:  # as torch's LSTM under autocast: its fused kernel returns h and c in the autocast dtype
+                c = c.to(gh.dtype)  # (a float32 state, the zeros of an unset hx, made them float32); with proj_size
+                # torch's own kernel keeps c in the state's dtype, as this step does
             h = torch.sigmoid(o) * torch.tanh(c)
             return (h if hr is None else hr(h)), c
         if self.mode == "GRU":

@@ -592,7 +592,9 @@ def find_targets(model: nn.Module, config: CompressionConfig) -> tuple[dict[str,
         targets[name] = mod
     _warn_selectors(model, config)
     _warn_fused(model, config)
-    if not targets:
+    if not targets and isinstance(model, nn.RNNBase):
+        pass  # a bare recurrent module: unroll's warning says why (not "none matched")
+    elif not targets:
         done = [n for n, m in model.named_modules() if isinstance(m, (MPOLinear, LowRankLinear, MPOEmbedding))
                 and (config.target_modules is None or _matches(n, config.target_modules))
                 and not _matches(n, config.exclude)]

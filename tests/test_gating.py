@@ -2591,3 +2591,191 @@ def test_gated_layers_called_by_keyword_are_fitted_budgeted_and_run_as_called_by
     levels = torch.arange(h.shape[0]) % len(layer.levels)
     with torch.no_grad():
         assert torch.equal(layer(input=h, levels=levels), layer(h, levels))
+
+
+@pytest.mark.parametrize("field,value,error", [
+    ("controller", "Error", ValueError), ("levels", (0.75, 0.25), ValueError), ("levels", (0.5, 2.0), ValueError),
+    ("budget", 5.0, ValueError), ("rank", 0, ValueError), ("temperature", 0.0, ValueError),
+    ("penalty", math.nan, ValueError), ("target_modules", 5, TypeError)])
+def test_a_gating_config_changed_after_construction_is_checked_again(field, value, error):
+    # gate took the changed field as it was: controller "Error" built a linear controller and bondgate.load refused the
+    # checkpoint bondgate.save wrote; target_modules=5 raised "'int' object is not iterable"
+    config = GatingConfig(controller="error")
+    setattr(config, field, value)
+    net = model_with_mpo()
+    with pytest.raises(error, match=field):
+        gate(net, config)
+    assert type(net[2]) is MPOLinear  # untouched
+    with pytest.raises(error, match=field):  # and every other entry that takes a GatingConfig
+        GatedMPOLinear.from_mpo_linear(net[2], config)
+    with pytest.raises(error, match=field):
+        GatedMPOLinear.from_linear(nn.Linear(96, 80), max_bond=8, gating=config)
+    fixed = GatingConfig()
+    fixed.levels = [0.5, 1.0]  # a list: taken, as the constructor takes it
+    assert gate(model_with_mpo(), fixed)[2].levels == (0.5, 1.0) and fixed.levels == (0.5, 1.0)
+
+
+class _Twice(nn.Module):
+    """One gated layer called on ``x`` and then on ``z`` (another row count) in every forward."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.g = MPOLinear.from_linear(nn.Linear(32, 32), max_bond=12)
+
+    def forward(self, x, z):
+        return self.g(x).sum() + self.g(torch.relu(z)).sum()
+
+
+def _penalty_of(layer, inputs):
+    """The budget penalty over every row of ``inputs`` (one tensor per call), row-weighted, differentiable."""
+    means = []
+    for x in inputs:
+        probs = torch.softmax(layer.controller(x) / layer.temperature, -1)
+        means.append((probs * layer.rel_cost.to(probs)).sum(-1).mean() + layer.controller_cost / layer.full_cost)
+    rows = [x.shape[0] for x in inputs]
+    mean = sum(m * n for m, n in zip(means, rows)) / sum(rows)
+    return layer.penalty * (mean - layer.budget) ** 2
+
+
+def test_the_budget_penalty_covers_every_call_of_a_layer_in_a_forward():
+    # each training call overwrote the penalty: a layer called twice (shared) was penalized on its last call alone
+    # (0.0539 where its rows over both calls give 0.1751), a gated Recurrent projection on its last time step only
+    net = gate(_Twice(), GatingConfig(budget=0.3, penalty=5.0))
+    layer = net.g
+    with torch.no_grad():
+        layer.controller.proj.weight.normal_()
+    inputs = []
+    layer.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].detach()))
+    net.train()
+    x, z = torch.randn(8, 32) * 5, torch.randn(3, 32)
+    net(x, z)
+    aux = bondgate.aux_losses(net)
+    want = _penalty_of(layer, inputs)
+    assert len(inputs) == 2 and aux.item() == pytest.approx(want.item(), rel=1e-5)
+    assert aux.item() != pytest.approx(_penalty_of(layer, inputs[1:]).item(), rel=1e-2)  # not the last call's
+    # its gradient reaches the controller from both calls
+    got = torch.autograd.grad(aux, layer.controller.proj.weight)[0]
+    torch.testing.assert_close(got, torch.autograd.grad(want, layer.controller.proj.weight)[0], rtol=1e-4, atol=1e-7)
+    assert layer.bondgate_aux_loss() is None  # consumed
+    # one call: the penalty as before, penalty * (E - budget)^2 of that call
+    layer(x)
+    assert layer.bondgate_aux_loss().item() == pytest.approx(_penalty_of(layer, [x]).item(), rel=1e-6)
+
+
+def test_a_gated_recurrent_projection_is_penalized_at_every_time_step():
+    torch.manual_seed(0)
+    rnn = bondgate.Recurrent.from_torch(nn.GRU(16, 16))
+    rnn.hh_l0 = MPOLinear.from_linear(rnn.hh_l0, max_bond=8)
+    net = gate(nn.Sequential(rnn), GatingConfig(budget=0.3, target_modules=["hh_l0"]))
+    layer = net[0].hh_l0
+    with torch.no_grad():
+        layer.controller.proj.weight.normal_()
+    inputs = []
+    layer.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].detach()))
+    net.train()
+    net(torch.randn(10, 4, 16))
+    assert len(inputs) == 10  # one call per time step
+    assert bondgate.aux_losses(net).item() == pytest.approx(_penalty_of(layer, inputs).item(), rel=1e-5)
+
+
+def test_a_penalty_nobody_collects_is_dropped_after_the_backward_not_kept_step_after_step():
+    # accumulated over the calls since it was collected, a penalty a training loop never collects must not hold every
+    # step's autograd graph: the first call after a backward starts afresh; a no_grad call is not averaged in either
+    import gc
+    import weakref
+
+    net = gate(_Twice(), GatingConfig(budget=0.3))
+    layer = net.g
+    with torch.no_grad():
+        layer.controller.proj.weight.normal_()
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+    net.train()
+    for _ in range(3):
+        opt.zero_grad()
+        net(torch.randn(8, 32), torch.randn(3, 32)).backward()
+        opt.step()
+    assert layer._aux[1] == 11  # one step's rows held
+    with torch.no_grad():
+        net(torch.randn(8, 32), torch.randn(3, 32))
+    inputs = []
+    hook = layer.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].detach()))
+    x, z = torch.randn(8, 32), torch.randn(3, 32)
+    net(x, z)
+    hook.remove()
+    assert bondgate.aux_losses(net).item() == pytest.approx(_penalty_of(layer, [x, torch.relu(z)]).item(), rel=1e-5)
+    net(x, z)  # a penalty held when the model goes: freed with it (its autograd hooks hold the layer weakly)
+    ref = weakref.ref(layer)
+    del net, layer, opt
+    gc.collect()
+    assert ref() is None
+
+
+@pytest.mark.filterwarnings("ignore:fit_controllers")
+def test_fit_controllers_reports_nan_r2_for_a_target_that_is_zero_on_every_row():
+    # all-zero inputs: every level's target is 0, and the branch meant for the full level recorded R^2 = 1.0 where the
+    # docstring and the warning say NaN
+    torch.manual_seed(0)
+    net = nn.Sequential(MPOLinear.from_linear(nn.Linear(32, 32), max_bond=12), nn.ReLU(), nn.Linear(32, 8))
+    gate(net, GatingConfig(controller="error"))
+    with pytest.warns(UserWarning, match="R\\^2 NaN"):
+        report = bondgate.fit_controllers(net, [torch.zeros(64, 32)])
+    r2 = report[0]["r2"]
+    assert all(math.isnan(v) for v in r2[:-1]) and r2[-1] == 1.0
+
+
+def test_gate_warns_of_target_entries_that_select_no_mpo_layer():
+    # a typo ("22" for "2") or a dense nn.Linear in target_modules was ignored in silence (compress warns of both)
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(MPOLinear.from_linear(nn.Linear(32, 32), max_bond=12), nn.ReLU(), nn.Linear(32, 32),
+                             MPOLinear.from_linear(nn.Linear(32, 32), max_bond=12))
+
+    with pytest.warns(UserWarning, match=r"target_modules \['22'\] match no module"):
+        m = gate(net(), GatingConfig(target_modules=["0", "22"]))
+    assert [type(x).__name__ for x in m] == ["GatedMPOLinear", "ReLU", "Linear", "MPOLinear"]
+    with pytest.warns(UserWarning, match=r"select no MPO or low-rank layer, only 2 \(Linear\)"):
+        gate(net(), GatingConfig(target_modules=["0", "2"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gate(net(), GatingConfig(target_modules=["0", "3"]))  # both MPO layers: no warning
+        gate(net(), GatingConfig(target_modules="[03]"))  # a regex matching dense layers too is a pattern: fine
+    # a layer shared by two parents is selected by either of its names (the second one selected nothing)
+    shared = nn.Module()
+    shared.a = shared.b = MPOLinear.from_linear(nn.Linear(32, 32), max_bond=12)
+    gate(shared, GatingConfig(target_modules=["b"]))
+    assert isinstance(shared.a, GatedMPOLinear) and shared.a is shared.b
+
+
+@pytest.mark.parametrize("fractions,error", [((0.0, 1.0), ValueError), ((2.0,), ValueError), ((-1,), ValueError),
+                                             ((math.nan,), ValueError), (("a",), TypeError), (0.5, TypeError)])
+def test_width_error_curve_refuses_fractions_outside_zero_one(fractions, error):
+    # 0, -1 and 2.0 gave numbers; NaN raised "cannot convert float NaN to integer"; "a" a raw TypeError
+    _, layer = gated_layer()
+    with pytest.raises(error, match="fractions"):
+        width_error_curve(layer, fractions)
+    assert width_error_curve(layer, torch.tensor([0.5, 1.0])) == width_error_curve(layer, (0.5, 1.0))
+
+
+@pytest.mark.parametrize("rank_form", [False, True])
+def test_a_gated_layers_flops_follow_its_fixed_width_mode(rank_form):
+    # in mode 0.25 flops() returned the full width's FLOPs (14336 where the level's contraction costs 1280)
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 64)
+    net = gate(nn.Sequential(bondgate.LowRankLinear.from_linear(lin, rank=16) if rank_form
+                             else MPOLinear.from_linear(lin, max_bond=16)), GatingConfig())
+    layer = net[0]
+    full = [layer.flops(r) for r in (1, 8, 64)]
+    for mode in ("full", "nested"):
+        set_mode(net, mode)
+        assert [layer.flops(r) for r in (1, 8, 64)] == full
+    for frac in (0.25, 0.5):
+        set_mode(net, frac)
+        w = layer.level_widths[layer.levels.index(frac)]
+        if rank_form:  # two matmuls on the rank's prefix
+            want = [2 * r * w[0] * (64 + 64) for r in (1, 8, 64)]
+        else:  # the plan of the level's sliced cores
+            want = [MPOLinear.from_mpo(layer.to_mpo().slice_bonds(w), policy=layer.policy).flops(r) for r in (1, 8, 64)]
+        got = [layer.flops(r) for r in (1, 8, 64)]
+        assert got == want and got[0] < full[0] and layer.flops(0) == 0
+        assert got[0] == layer.level_cost[layer.levels.index(frac)]  # one row: the level's cost per row

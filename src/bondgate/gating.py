@@ -58,6 +58,7 @@ import math
 import operator
 import statistics
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -534,6 +535,8 @@ class GatedMPOLinear(MPOLinear):
             config = GatingConfig()
         elif not isinstance(config, GatingConfig):
             raise TypeError(f"gating must be a GatingConfig, got {type(config).__name__}")
+        else:
+            config.__post_init__()  # checked again: a field set after construction (config.controller = "Error")
         self._init_gating(config.levels, config.temperature, config.penalty, config.budget, config.controller,
                           config.rank, cost_rows)
 
@@ -554,7 +557,8 @@ class GatedMPOLinear(MPOLinear):
         self.record = True
         self._pending = [0] * len(self.levels)  # rows per level not yet added to level_counts (no tensor op per call)
         self._refresh_costs()
-        self._aux: torch.Tensor | None = None
+        self._aux: tuple[torch.Tensor, int] | None = None  # the penalty's (mean expected cost, rows) since collected
+        self._aux_stale = False  # a backward ran through a call since: the next training call starts afresh
         self._slices: dict = {}  # inference operands: sliced cores, sweep matrices and their views
         self._tracker: PriceTracker | None = None  # set_budget(track=...): online price correction
 
@@ -1015,7 +1019,7 @@ class GatedMPOLinear(MPOLinear):
         # count their traffic and report their budget penalty's terms to this layer (where the loss reads them)
         replica = super()._replicate_for_data_parallel()
         replica.__dict__["_origin"] = self  # not a submodule: __dict__, not setattr
-        self._aux, self._aux_parts = None, []
+        self._aux, self._aux_stale = None, False
         return replica
 
     def _compiled_forward(self, x: torch.Tensor, levels: torch.Tensor | None) -> torch.Tensor:
@@ -1061,13 +1065,26 @@ class GatedMPOLinear(MPOLinear):
         probs = torch.softmax(scores / self.temperature, -1)
         cost = self.rel_cost.to(probs)
         expected = (probs * cost).sum(-1).mean() + self.controller_cost / self.full_cost
+        # an nn.DataParallel replica reports to its layer: the penalty is of the whole batch's expected cost
         origin = self.__dict__.get("_origin")
-        if origin is None:
-            self._aux = self.penalty * (expected - self.budget) ** 2
-        else:  # an nn.DataParallel replica: the penalty is of the whole batch's expected cost (bondgate_aux_loss)
-            with _LOCK:
-                origin._aux_parts.append((expected, x2d.shape[0]))
+        layer = self if origin is None else origin
+        if scores.requires_grad:  # a backward through this call ends the step whose penalty it was
+            scores.register_hook(functools.partial(_penalty_spent, weakref.ref(layer)))  # (weak: no cycle via _aux)
+        layer._add_penalty(expected, x2d.shape[0])
         return self._soft_route(x2d, q)
+
+    def _add_penalty(self, expected: torch.Tensor, rows: int) -> None:
+        """Fold one training call's expected relative cost (mean over its ``rows`` rows) into the row-weighted mean
+        that :meth:`bondgate_aux_loss` penalizes. Starts afresh after a backward through an earlier call (the penalty
+        of a step nobody collected: held, it would keep every step's graph) and where autograd was on for one of the
+        two and not the other (a forward under no_grad adds no gradient, and must not dilute one that does)."""
+        with _LOCK:
+            aux = self._aux
+            if aux is None or self.__dict__.get("_aux_stale") or aux[0].requires_grad != expected.requires_grad:
+                self._aux, self._aux_stale = (expected, rows), False
+            else:
+                mean, n = aux
+                self._aux = (mean + (expected.to(mean.device) - mean) * (rows / (n + rows)), n + rows)
 
     def flush_counts(self) -> torch.Tensor:
         """``level_counts`` including the rows routed since the last flush."""
@@ -1106,13 +1123,16 @@ class GatedMPOLinear(MPOLinear):
         return out
 
     def bondgate_aux_loss(self) -> torch.Tensor | None:
-        """The budget penalty of the last training forward (consumed: returns it once)."""
-        aux, self._aux = self._aux, None
-        parts = self.__dict__.pop("_aux_parts", None)
-        if parts:  # from nn.DataParallel's replicas: each shard's mean expected cost and rows
-            device = parts[0][0].device
-            expected = sum(e.to(device) * n for e, n in parts) / sum(n for _, n in parts)
-            aux = self.penalty * (expected - self.budget) ** 2
+        """The budget penalty ``penalty * (E - budget)^2`` of the training calls (``mode="gate"``, a linear controller)
+        since it was last collected, ``E`` the expected relative FLOPs per row averaged over every row those calls
+        processed: a layer called several times in a forward (shared, or a :class:`~bondgate.Recurrent`'s projection
+        at every time step) is penalized on all its calls, not the last; ``None`` if there were none. Consumed: returns
+        it once. A penalty nobody collects is dropped by the first training call after a backward pass through the
+        layer (a training loop that never collects holds one step's penalty, not every step's); a call under no_grad
+        and one with autograd are not averaged together (the later starts afresh)."""
+        with _LOCK:
+            held, self._aux = self._aux, None
+        aux = None if held is None else self.penalty * (held[0] - self.budget) ** 2
         if aux is not None and not aux.requires_grad and torch.is_grad_enabled() \
                 and any(p.requires_grad for p in self.controller.parameters()):
             # asked for to train on, but made without grad: reentrant activation checkpointing runs the forward
@@ -1129,8 +1149,7 @@ class GatedMPOLinear(MPOLinear):
         # the budget penalty of a training forward not yet collected holds its autograd graph, which deepcopy refuses
         # ("Only Tensors created explicitly by the user ... support the deepcopy protocol"): a copy starts without it
         state = super().__getstate__()
-        state["_aux"] = None
-        state.pop("_aux_parts", None)
+        state["_aux"], state["_aux_stale"] = None, False
         return state
 
     def _reset_caches(self) -> None:
@@ -1141,6 +1160,28 @@ class GatedMPOLinear(MPOLinear):
             self._slices, self._price, self._host = {}, {}, {}
             if self._costed != (self.bond_dims, self.out_factors, self.in_factors):  # set_cores with new shapes
                 self._refresh_costs()
+
+    def flops(self, batch: int = 1) -> int:
+        """FLOPs of the plan an inference call of ``batch`` rows runs (bias add excluded; 0 rows cost 0): in a fixed
+        fraction mode the truncated width's, in ``"full"`` and ``"nested"`` (eval: full width) the full width's, and in
+        ``"gate"``, where each row's level varies, the full width's: an upper bound (:func:`gating_report` and
+        :func:`bondgate.gating.average_flops` give what the routed rows spent). The controller's FLOPs are not in it."""
+        mode = self.mode
+        if not isinstance(mode, float):
+            return super().flops(batch)
+        batch = positive_int(batch, "batch (a number of input rows)", low=0)
+        widths = _widths(self.bond_dims, mode)
+        if not batch:
+            return 0
+        if self._rank_form:  # two matmuls on the rank's prefix (width_output), no plan
+            return 2 * batch * widths[0] * (self.in_features + self.out_features)
+        if widths == self.bond_dims:
+            return super().flops(batch)
+        c0 = next(iter(self._core_params.values()))
+        plan = get_plan(self.out_factors, self.in_factors, widths, batch, c0.dtype, c0.device, self._policy, False)
+        if plan.dense:  # as MPOLinear.flops: the weight it multiplies is the layer's size
+            return 2 * batch * self.out_features * self.in_features + plan.merge_flops
+        return plan.flops_at(batch)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", levels={self.levels}, mode={self.mode!r}"
@@ -1199,11 +1240,14 @@ def gate(model: nn.Module, config: GatingConfig) -> nn.Module:
     A gated MPO layer keeps the layer's own parameters; a gated low-rank pair holds copies of ``U`` and ``V``
     (it becomes a 2-core MPO): build an optimizer after ``gate``. ``bondgate.save`` / ``load`` and ``deepcopy`` keep
     every gating setting; a plain ``load_state_dict`` into a freshly gated model restores the controllers, prices
-    and level counts but not the routing settings of :func:`set_budget` (``max_groups``, ``cost_rows``, ``track``):
-    call ``set_budget`` again.
+    and level counts but not the routing settings of :func:`set_budget` (``max_groups``, ``cost_rows``, ``track``)
+    nor the mode (:func:`set_mode`; a freshly gated layer is in ``"gate"``): call ``set_budget`` / ``set_mode`` again.
     """
     if not isinstance(config, GatingConfig):
         raise TypeError(f"config must be a GatingConfig, got {type(config).__name__}")
+    # checked again: a field set after construction (config.controller = "Error") was taken as it was (a linear
+    # controller), and bondgate.load refused the checkpoint that bondgate.save wrote
+    config.__post_init__()
     if len(config.levels) < 2:  # nothing to choose: a controller would cost FLOPs, set_budget could never move the
         # widths (refused here, not by GatingConfig: a checkpoint saved with one level still loads)
         raise ValueError(f"gate: levels={config.levels}: gating chooses between at least two levels; one fixed "
@@ -1211,7 +1255,9 @@ def gate(model: nn.Module, config: GatingConfig) -> nn.Module:
                          "model gated with two or more")
     names_of = module_names(model)  # a layer shared by two parents is gated once and stays shared
     mpo = [n for n, m in model.named_modules() if isinstance(m, (MPOLinear, LowRankLinear))]
-    names = [n for n in mpo if config.target_modules is None or _matches(n, config.target_modules)]
+    # a shared layer is selected by any of its names
+    names = [n for n in mpo if config.target_modules is None
+             or any(_matches(a, config.target_modules) for a in names_of[id(model.get_submodule(n))])]
     if not mpo:
         raise ValueError("gate: the model has no MPO or low-rank layers to gate (run bondgate.compress first)")
     if not names:
@@ -1222,6 +1268,8 @@ def gate(model: nn.Module, config: GatingConfig) -> nn.Module:
     # has one width only: a controller would cost FLOPs and a budget share for nothing
     if "" in names:
         raise ValueError("gate: pass a model containing MPO layers, not a bare MPOLinear")
+    if isinstance(config.target_modules, (list, tuple)):
+        _warn_targets(model, config.target_modules)
     one_width = [n for n in names if max(_bonds(model.get_submodule(n)), default=0) <= 1]
     names = [n for n in names if n not in one_width]
     if one_width and config.target_modules is not None and names:  # named by the user: say why it stays
@@ -1247,6 +1295,32 @@ def gate(model: nn.Module, config: GatingConfig) -> nn.Module:
     from .hf import attach
 
     return attach(model)  # a transformers model: config.quantization_config records the layers for save_pretrained
+
+
+def _warn_targets(model: nn.Module, entries: Sequence[str]) -> None:
+    """A ``target_modules`` list entry that selects no MPO or low-rank layer is likely a typo, or names a layer still
+    dense: say so (as :func:`bondgate.compress` does for its selectors) rather than leave it ungated unseen."""
+    modules = dict(model.named_modules(remove_duplicate=False))  # a shared layer's every name
+    unmatched, other = [], []
+    for e in entries:
+        hits = [(n, m) for n, m in modules.items() if n and _matches(n, [e])]
+        if not hits:
+            unmatched.append(e)
+        elif not any(isinstance(m, (MPOLinear, LowRankLinear)) for _, m in hits):
+            other += [f"{n} ({type(m).__name__})" for n, m in hits]
+    if unmatched:
+        warn_user(f"gate: target_modules {unmatched} match no module of the model")
+    if other:
+        warn_user(f"gate: target_modules entries select no MPO or low-rank layer, only {_short_list(other, 4)}: gate "
+                  "gates those layers alone (bondgate.compress a dense layer first)")
+
+
+def _penalty_spent(layer: "weakref.ref[GatedMPOLinear]", grad: torch.Tensor) -> None:
+    """Gradient hook of a training call's scores: a backward has run through the call, so the layer's next training
+    call starts a new penalty (:meth:`GatedMPOLinear._add_penalty`)."""
+    g = layer()
+    if g is not None:
+        g._aux_stale = True
 
 
 def _check_mode(mode) -> str | float:
@@ -1713,11 +1787,11 @@ def fit_controllers(model: nn.Module, data: Iterable, rows_per_batch: int = 256,
         feats = torch.cat([(X @ U.T).pow(2), X.pow(2).sum(1, keepdim=True)], 1)
         fscale = feats.pow(2).mean(0).sqrt().clamp_min(1e-30)
         coef, r2 = [], []
-        for t in targets:
+        for w, t in zip(m.level_widths, targets):
             t = t / unit
-            if not bool(t.any()):
+            if not bool(t.any()):  # no error at any row: the full level's R^2 is 1.0; another's target does not vary
                 coef.append(torch.zeros(feats.shape[1], dtype=torch.float64))
-                r2.append(1.0)
+                r2.append(1.0 if w == m.bond_dims else math.nan)  # (all-zero inputs gave 1.0, against the warning)
                 continue
             c, _ = nnls((feats / fscale).numpy(), t.numpy())
             c = torch.from_numpy(c) / fscale
@@ -1774,7 +1848,13 @@ def gating_report(model: nn.Module, reset: bool = False) -> list[dict]:
 
 
 def width_error_curve(layer: MPOLinear, fractions: Sequence[float] = (0.25, 0.5, 0.75, 1.0)) -> list[float]:
-    """Relative weight error of keeping each fraction of every bond (should fall monotonically)."""
+    """Relative weight error of keeping each fraction (in (0, 1]) of every bond (should fall monotonically)."""
+    if getattr(fractions, "ndim", None) == 1 and hasattr(fractions, "tolist"):  # a 1-D tensor or array: its numbers
+        fractions = fractions.tolist()
+    if isinstance(fractions, (str, bytes)) or not isinstance(fractions, Iterable):
+        raise TypeError(f"fractions are fractions of each bond (a sequence of numbers), got {fractions!r}")
+    fractions = [number(f, "each of fractions", low=0, high=1, low_open=True, hint="a fraction of each bond")
+                 for f in fractions]
     W = layer.weight_matrix().detach()
     out = []
     for f in fractions:

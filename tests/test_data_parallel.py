@@ -146,16 +146,18 @@ def test_price_tracking_sees_every_shard(data_parallel):
         net.eval()
         bondgate.set_budget(net, 0.5, calib, track=0.05)
     x = torch.randn(64, 64) * 3  # harder rows than the calibration's: the price moves
+    start = [float(m.budget_lambda) for m in nets[0].modules() if isinstance(m, GatedMPOLinear)]  # as set_budget set it
     with torch.no_grad():
         for _ in range(5):
             nets[0](x)
             data_parallel(nets[1], x)
     lams = [[float(m.budget_lambda) for m in net.modules() if isinstance(m, GatedMPOLinear)] for net in nets]
-    start = [float(m.budget_lambda) for m in _gated(seed=2).modules() if isinstance(m, GatedMPOLinear)]
-    assert lams[1] != start and lams[0] != start
-    # the same traffic (twice the reports, each of half the rows) moves the price the same way, by a similar step
-    for a, b in zip(*lams):
-        assert b == pytest.approx(a, rel=0.1)
+    # the shards of a call report as one call: the same traffic moves the price the same way. Reported one by one,
+    # the tracker's rounds mixed the two layers' shards in the threads' order: 0.0003, 0.0124 or 0.025 for the
+    # serial 0.0125 (the assertions before, a move from the unset price 0.0 within 10% of the price, passed anyway)
+    serial, parallel = lams[0][0] - start[0], lams[1][0] - start[0]
+    assert serial > 0.005 and parallel == pytest.approx(serial, rel=1e-6), (start, lams)
+    assert lams[0][0] == lams[0][1] and lams[1][0] == lams[1][1]  # one shared price
 
 
 def test_a_replica_is_in_the_calibration_pass_of_its_layers_model(data_parallel):

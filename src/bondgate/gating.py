@@ -995,12 +995,12 @@ class GatedMPOLinear(MPOLinear):
             return _LINEAR(_LINEAR(x.reshape(1, n), V), U, own_param(self, "bias")).reshape(-1)
         return _LINEAR(_LINEAR(x, V), U, own_param(self, "bias"))
 
-    def _count(self, level: int | None, counts: list[int] | None, rows: int) -> None:
+    def _count(self, level: int | None, counts: list[int] | None, rows: int, shard: bool = False) -> None:
         """One inference call's traffic: its ``rows`` per level (all at ``level``, or ``counts`` rows per level) into
         the level counts, its FLOPs to the price tracker."""
         origin = self.__dict__.get("_origin")
         if origin is not None:  # an nn.DataParallel replica (one thread per device): counted on the layer itself
-            return origin._count(level, counts, rows)
+            return origin._count(level, counts, rows, shard=True)
         if level is not None:
             used = (self.level_cost[level] + self.controller_cost) * rows
         else:
@@ -1012,14 +1012,32 @@ class GatedMPOLinear(MPOLinear):
                 else:
                     self._pending = [a + b for a, b in zip(self._pending, counts)]
             if self._tracker is not None:
+                if shard:  # one report per call of the layer, as unsharded (see _replicate_for_data_parallel)
+                    self.__dict__["_replicating"] = False
+                    part = self.__dict__.setdefault("_shard_calls", [0.0, 0, 0])
+                    part[0], part[1], part[2] = part[0] + used, part[1] + rows, part[2] + 1
+                    if part[2] < self.__dict__.get("_shards", 1):
+                        return
+                    used, rows = part[0], part[1]
+                    self.__dict__["_shard_calls"] = [0.0, 0, 0]
                 self._tracker.report(self, used, rows)
 
     def _replicate_for_data_parallel(self):
         # nn.DataParallel replicates the model for every call and runs the replicas in threads, on row shards: they
-        # count their traffic and report their budget penalty's terms to this layer (where the loss reads them)
+        # count their traffic and report their budget penalty's terms to this layer (where the loss reads them). The
+        # shards of one call report to the price tracker as one call: reported one by one, the tracker's rounds
+        # mixed shards of different layers in an order the threads chose, and the price moved 0.0003 or 0.025 for
+        # the same traffic
         replica = super()._replicate_for_data_parallel()
         replica.__dict__["_origin"] = self  # not a submodule: __dict__, not setattr
         self._aux, self._aux_stale = None, False
+        with _LOCK:
+            if not self.__dict__.get("_replicating"):  # the first replica of a new call (the rest come before it runs)
+                part = self.__dict__.get("_shard_calls")
+                if part is not None and part[2] and self._tracker is not None:  # an earlier call's, not all reported
+                    self._tracker.report(self, part[0], part[1])
+                self.__dict__.update(_shard_calls=[0.0, 0, 0], _shards=0, _replicating=True)
+            self.__dict__["_shards"] += 1
         return replica
 
     def _compiled_forward(self, x: torch.Tensor, levels: torch.Tensor | None) -> torch.Tensor:

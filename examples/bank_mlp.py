@@ -168,9 +168,10 @@ def linear_weights(model: nn.Module) -> int:
 
 def compress_whole_model(model: nn.Module, param_ratio: float, calibration: torch.Tensor,
                          num_cores: int = 3) -> nn.Module:
-    """A copy of ``model`` with ALL its linear layers (62-wide input included) compressed by
-    ``bondgate.compress`` to ``param_ratio`` of their weights as MPOs (the reference workflow's form; the library's
-    default would also let a layer become a low-rank pair), calibrated on ``calibration`` rows."""
+    """A copy of ``model`` with ALL its linear layers (62-wide input included) targeted by ``bondgate.compress`` at
+    ``param_ratio`` of their weights as MPOs (the reference workflow's form; the library's default would also let a
+    layer become a low-rank pair), calibrated on ``calibration`` rows. The budget may keep a layer dense (the 256 -> 1
+    output layer, whose MPO is no smaller)."""
     import bondgate
 
     out = copy.deepcopy(model)

@@ -77,6 +77,7 @@ def test_falcon_linear_layers_are_compressed_and_the_model_matches_its_report():
     layer = model.transformer.h[0].mlp.dense_h_to_4h
     x = torch.randn(5, 32)
     assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))  # the map it claims
+    dense = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "overrides forward()" skip
         bondgate.compress(model, bondgate.CompressionConfig(param_ratio=0.5, num_cores=2, policy="memory", kinds="mpo"),
@@ -86,8 +87,12 @@ def test_falcon_linear_layers_are_compressed_and_the_model_matches_its_report():
     assert len(falcon) == 4 and not any(r.status.startswith("skipped") for r in falcon)
     assert len(report.compressed) >= 2
     assert 0.45 < report.ratio < 0.55
-    for r in report.compressed:
-        assert isinstance(model.get_submodule(r.name), bondgate.MPOLinear)
+    for r in report.compressed:  # each layer is the MPO its report row describes
+        layer = model.get_submodule(r.name)
+        assert isinstance(layer, bondgate.MPOLinear)
+        W = dense[r.name]
+        err = float((layer.weight_matrix().detach() - W).norm() / W.norm())
+        assert err == pytest.approx(r.weight_error, rel=1e-4), (r.name, err, r.weight_error)
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
 

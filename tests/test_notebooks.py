@@ -5,8 +5,8 @@ Deselected by default (``addopts`` excludes the ``notebooks`` marker); run them 
     python -m pytest -q -m notebooks tests/test_notebooks.py -s
 
 Each notebook runs in a fresh kernel whose working directory is ``tutorials/``; the test fails on any
-cell error, on a notebook without a single ``image/png`` output, or on a run longer than
-``MAX_SECONDS``. Timings are printed to stdout.
+cell error or on a notebook without a single ``image/png`` output. Timings are printed to stdout, not asserted
+(a timed test fails on a loaded machine without a bug; ``nbclient``'s per-cell timeout stops a hung one).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ pytestmark = pytest.mark.notebooks
 
 TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
 NOTEBOOKS = sorted(p.name for p in TUTORIALS.glob("[0-9][0-9]_*.ipynb"))
-MAX_SECONDS = 180.0
 TIMINGS: dict[str, float] = {}
 
 
@@ -52,4 +51,3 @@ def test_notebook_runs_in_quick_mode(name, monkeypatch):
     assert not errors, f"{name}: {errors[0].get('ename')}: {errors[0].get('evalue')}"
     pngs = [o for o in outputs if "image/png" in o.get("data", {})]
     assert pngs, f"{name} produced no image/png output"
-    assert seconds < MAX_SECONDS, f"{name} took {seconds:.0f} s in quick mode (limit {MAX_SECONDS:.0f} s)"

@@ -176,3 +176,28 @@ def test_a_replica_is_in_the_calibration_pass_of_its_layers_model(data_parallel)
         with calibration_pass(other):  # another model's pass: this one's traffic is counted
             data_parallel(net, x)
     assert [r["rows"] for r in bondgate.gating_report(net)] == [64, 64]
+
+
+def test_price_tracking_after_parallel_training_steps_matches_the_serial_net(data_parallel):
+    # a training call does not count: the replicas' "call in progress" mark stayed set, the shard count grew with every
+    # step (6 after 3), and the evaluation calls after reported a call late (the price off the serial net's)
+    torch.manual_seed(1)
+    calib = [torch.randn(32, 64) for _ in range(4)]
+    nets = [_gated(seed=2), _gated(seed=2)]
+    for net in nets:
+        net.eval()
+        bondgate.set_budget(net, 0.5, calib, track=0.05)
+        net.train()
+    x = torch.randn(64, 64) * 3
+    for _ in range(3):
+        nets[0](x).sum().backward()
+        data_parallel(nets[1], x).sum().backward()
+    for net in nets:
+        bondgate.aux_losses(net)
+        net.eval()
+    with torch.no_grad():
+        for _ in range(3):
+            nets[0](x)
+            data_parallel(nets[1], x)
+            prices = [float(net[0].budget_lambda) for net in nets]
+            assert prices[1] == pytest.approx(prices[0], rel=1e-9), prices

@@ -2779,3 +2779,41 @@ def test_a_gated_layers_flops_follow_its_fixed_width_mode(rank_form):
         got = [layer.flops(r) for r in (1, 8, 64)]
         assert got == want and got[0] < full[0] and layer.flops(0) == 0
         assert got[0] == layer.level_cost[layer.levels.index(frac)]  # one row: the level's cost per row
+
+
+def test_distill_drops_the_penalty_a_failed_forward_left():
+    # the penalty is a mean over a layer's training calls since collected: a forward that raised (an out-of-memory
+    # retry) left its calls in, and the next step's penalty averaged them in
+    torch.manual_seed(0)
+    layer = bondgate.MPOLinear.from_linear(nn.Linear(32, 32), max_bond=12)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.g, self.fail = layer, False
+
+        def forward(self, x):
+            y = self.g(x)
+            if self.fail:
+                raise RuntimeError("out of memory")
+            return y
+
+    student = Net()
+    bondgate.gate(student, GatingConfig(budget=0.3, penalty=5.0))
+    with torch.no_grad():
+        student.g.controller.proj.weight.normal_()
+    teacher = nn.Sequential(nn.Linear(32, 32)).eval()
+    student.train()
+    student.fail = True
+    with pytest.raises(RuntimeError, match="out of memory"):
+        student(torch.randn(64, 32) * 5)  # its rows' expected cost, held
+    student.fail = False
+    x = torch.randn(8, 32)
+    from bondgate.distill import _step_loss  # one step of distill's loop
+
+    with torch.no_grad():
+        t_out = teacher(x)
+    _, parts, _ = _step_loss(student, x, t_out, bondgate.DistillLoss(hidden=0, output=1.0), False, False)
+    student(x)  # the same step's penalty on its own rows alone
+    alone = float(bondgate.aux_losses(student))
+    assert parts["aux"] == pytest.approx(alone, rel=1e-6), (parts["aux"], alone)

@@ -294,6 +294,8 @@ def _no_checkpointing(student: nn.Module) -> None:
 def _step_loss(student: nn.Module, batch, t_out, loss: Callable, want_hidden: bool, sandwich: bool):
     """One step's loss: the student's, its modules' auxiliary losses, and (``sandwich``) the loss of the same
     batch with every gated layer at full width. Returns ``(total, parts, student output)``."""
+    with torch.no_grad():  # a penalty left by a forward that raised (an out-of-memory retry): not this step's
+        aux_losses(student)
     s_out = _call(student, batch, want_hidden)
     device = model_device(student)
     batch, t_out = to_device(batch, device), to_device(t_out, device)  # a teacher may sit on another device

@@ -861,6 +861,8 @@ class GatedMPOLinear(MPOLinear):
             x = input
         elif input is not None:
             raise TypeError(f"{type(self).__name__}.forward() got the input twice, as input and as x=: pass one")
+        if (origin := self.__dict__.get("_origin")) is not None:  # an nn.DataParallel replica runs: its call's
+            origin.__dict__["_replicating"] = False  # replicas are all made (see _replicate_for_data_parallel)
         # the decode step's short path (see _decode_step); is_compiling first: a tracer must not read the kept state
         if not _IS_COMPILING() and levels is None and (e := self._host.get("decode")) is not None and not _GRAD_ON() \
                 and type(x) is _TENSOR and (y := self._decode_step(x, e)) is not None:
@@ -1013,7 +1015,6 @@ class GatedMPOLinear(MPOLinear):
                     self._pending = [a + b for a, b in zip(self._pending, counts)]
             if self._tracker is not None:
                 if shard:  # one report per call of the layer, as unsharded (see _replicate_for_data_parallel)
-                    self.__dict__["_replicating"] = False
                     part = self.__dict__.setdefault("_shard_calls", [0.0, 0, 0])
                     part[0], part[1], part[2] = part[0] + used, part[1] + rows, part[2] + 1
                     if part[2] < self.__dict__.get("_shards", 1):
@@ -1147,7 +1148,9 @@ class GatedMPOLinear(MPOLinear):
         at every time step) is penalized on all its calls, not the last; ``None`` if there were none. Consumed: returns
         it once. A penalty nobody collects is dropped by the first training call after a backward pass through the
         layer (a training loop that never collects holds one step's penalty, not every step's); a call under no_grad
-        and one with autograd are not averaged together (the later starts afresh)."""
+        and one with autograd are not averaged together (the later starts afresh). A forward that raised (no
+        backward) leaves its calls in until collected: :func:`bondgate.distill` drops such leftovers before each
+        step; a loop of your own can call :func:`bondgate.aux_losses` to drop them."""
         with _LOCK:
             held, self._aux = self._aux, None
         aux = None if held is None else self.penalty * (held[0] - self.budget) ** 2
@@ -1168,6 +1171,8 @@ class GatedMPOLinear(MPOLinear):
         # ("Only Tensors created explicitly by the user ... support the deepcopy protocol"): a copy starts without it
         state = super().__getstate__()
         state["_aux"], state["_aux_stale"] = None, False
+        for k in ("_shard_calls", "_shards", "_replicating"):  # an nn.DataParallel call's pending traffic: not a copy's
+            state.pop(k, None)
         return state
 
     def _reset_caches(self) -> None:

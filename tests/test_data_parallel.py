@@ -138,13 +138,19 @@ def test_gating_counts_and_budget_penalty_reach_the_layers(data_parallel):
     assert b.bondgate_aux_loss() is None  # consumed
 
 
-def test_price_tracking_sees_every_shard(data_parallel):
+def _tracked_pair() -> list[nn.Module]:
+    """Two identical gated nets, each priced by set_budget with an online price tracker, in eval mode."""
     torch.manual_seed(1)
     calib = [torch.randn(32, 64) for _ in range(4)]
     nets = [_gated(seed=2), _gated(seed=2)]
     for net in nets:
         net.eval()
         bondgate.set_budget(net, 0.5, calib, track=0.05)
+    return nets
+
+
+def test_price_tracking_sees_every_shard(data_parallel):
+    nets = _tracked_pair()
     x = torch.randn(64, 64) * 3  # harder rows than the calibration's: the price moves
     start = [float(m.budget_lambda) for m in nets[0].modules() if isinstance(m, GatedMPOLinear)]  # as set_budget set it
     with torch.no_grad():
@@ -181,12 +187,8 @@ def test_a_replica_is_in_the_calibration_pass_of_its_layers_model(data_parallel)
 def test_price_tracking_after_parallel_training_steps_matches_the_serial_net(data_parallel):
     # a training call does not count: the replicas' "call in progress" mark stayed set, the shard count grew with every
     # step (6 after 3), and the evaluation calls after reported a call late (the price off the serial net's)
-    torch.manual_seed(1)
-    calib = [torch.randn(32, 64) for _ in range(4)]
-    nets = [_gated(seed=2), _gated(seed=2)]
+    nets = _tracked_pair()
     for net in nets:
-        net.eval()
-        bondgate.set_budget(net, 0.5, calib, track=0.05)
         net.train()
     x = torch.randn(64, 64) * 3
     for _ in range(3):

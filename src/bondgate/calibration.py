@@ -258,12 +258,16 @@ def named_batch(model: nn.Module, batch):
     return batch
 
 
+def unwrap_parallel(model: nn.Module) -> nn.Module:
+    """The model inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper, else ``model``."""
+    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
+
+
 def check_cache_binding(model: nn.Module, batch) -> None:
     """A ValueError for a tuple batch whose tensor binds to a transformers model's key/value cache argument
     (``(input_ids, attention_mask)`` to GPT-2, whose second argument is the cache): the model failed deep inside
     (``'Tensor' object has no attribute 'get_seq_length'``)."""
-    wrapped = isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel))
-    inner = model.module if wrapped else model  # (the wrappers hide the transformers model's config)
+    inner = unwrap_parallel(model)  # (the wrappers hide the transformers model's config)
     if not _arguments(batch) or not hasattr(inner, "config"):
         return
     named = named_batch(inner, batch)

@@ -33,6 +33,7 @@ from .calibration import (
     named_batch,
     run_model,
     to_device,
+    unwrap_parallel,
 )
 
 __all__ = ["DistillLoss", "DistillResult", "distill", "DistillationTrainer"]  # noqa: F822 (built lazily by __getattr__)
@@ -241,7 +242,7 @@ def aux_losses(model: nn.Module) -> torch.Tensor | None:
 def _call(model: nn.Module, batch, want_hidden: bool):
     # A DDP / DataParallel wrapper hides the transformers model's ``config``; call the wrapper anyway
     # (it synchronizes gradients) but recognize the model inside it.
-    inner = _inner(model)
+    inner = unwrap_parallel(model)
     check_cache_binding(inner, batch)
     named = named_batch(inner, batch)  # a tuple batch as {argument: value}, where it binds
     if want_hidden and isinstance(named, Mapping) and hasattr(inner, "config"):
@@ -253,15 +254,11 @@ def _without_added_states(out, model: nn.Module):
     """A transformers output without the hidden states the loss asked for (``output_hidden_states=True``) when the
     model would not return them itself: the Trainer's prediction step gathers every field of the output it is given,
     so evaluation returned ``(logits, (hidden states...))`` for the predictions and kept every layer's states."""
-    config = getattr(_inner(model), "config", None)
+    config = getattr(unwrap_parallel(model), "config", None)
     drop = ("hidden_states", "encoder_hidden_states", "decoder_hidden_states")
     if getattr(config, "output_hidden_states", True) or not isinstance(out, Mapping) or not any(k in out for k in drop):
         return out
     return type(out)(**{k: v for k, v in out.items() if k not in drop})
-
-
-def _inner(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
 
 
 def _wants_hidden(loss) -> bool:
@@ -300,7 +297,7 @@ def _step_loss(student: nn.Module, batch, t_out, loss: Callable, want_hidden: bo
     device = model_device(student)
     batch, t_out = to_device(batch, device), to_device(t_out, device)  # a teacher may sit on another device
     # DistillLoss reads the masks of a tuple batch too; a loss of your own gets the batch as given
-    seen = named_batch(_inner(student), batch) if isinstance(loss, DistillLoss) else batch
+    seen = named_batch(unwrap_parallel(student), batch) if isinstance(loss, DistillLoss) else batch
     total, parts = _loss_value(loss(s_out, t_out, seen))
     aux = aux_losses(student)  # of this forward, before the full-width pass
     if aux is not None:
